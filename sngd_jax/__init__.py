@@ -1,0 +1,26 @@
+"""sngd_jax: structured natural gradient descent (SNGD) for JAX, Optax and Flax."""
+
+from sngd_jax.alias import sngd_momentum
+from sngd_jax.capture import Activations, Captured, capture
+from sngd_jax.factors import PRIORS
+from sngd_jax.flax_nnx import capture_nnx
+from sngd_jax.layers import FISHER_KINDS, LayerSpec, discover
+from sngd_jax.matfun import METHODS as INVERSE_METHODS
+from sngd_jax.transform import SNGDState, sngd
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Activations",
+    "Captured",
+    "FISHER_KINDS",
+    "INVERSE_METHODS",
+    "LayerSpec",
+    "PRIORS",
+    "SNGDState",
+    "capture",
+    "capture_nnx",
+    "discover",
+    "sngd",
+    "sngd_momentum",
+]

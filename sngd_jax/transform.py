@@ -1,0 +1,278 @@
+"""The ``sngd`` gradient transformation: local Fisher preconditioning.
+
+Structured natural gradient descent (W. Liu et al., "Reconstructing Deep Neural
+Networks: Unleashing the Optimization Potential of Natural Gradient Descent",
+arXiv:2412.07441) replaces the Fisher matrix of natural gradient descent by
+small *local* Fisher matrices built from each layer's inputs. For a layer with
+augmented weights ``W~ = [W; b^T]`` (``d x O``) and local Fisher ``G``::
+
+    Delta W~ = (G + (damping * tr(G) + abs_damping) I)^{-1} grad_W~ L,
+
+or column by column with ``G_j`` for ``fisher="rfim"``. This is plain gradient
+descent on a *reconstructed* network whose layers are preceded by
+``x~ -> G^{-1/2} x~`` and whose weights are ``G^{1/2} W~``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from sngd_jax import factors as factors_lib
+from sngd_jax import layers as layers_lib
+from sngd_jax import matfun
+from sngd_jax import paths
+from sngd_jax.capture import Activations
+
+
+class SNGDState(NamedTuple):
+  """State of :func:`sngd`: arrays only, so it is a pytree for jit, scan and checkpoints.
+
+  Attributes:
+    count: steps taken (non-finite steps not counted), int32.
+    factors: per layer path, the running local Fisher sum ``G_t``
+      (``(d, d)`` or ``(O, d, d)``), float32 (float64 under x64).
+    weights: per layer path, the weight ``w_t`` of ``G_t`` (use ``G_t / w_t``).
+    inverses: per layer path, the cached inverse representation.
+    has_inverse: whether an inverse has been computed yet.
+    num_refresh_failures: blocks whose refresh failed and kept the old inverse.
+    num_skipped_steps: steps with non-finite gradients or activations, which
+      left the state unchanged and produced a zero update.
+  """
+
+  count: chex.Array
+  factors: dict[str, chex.Array]
+  weights: dict[str, chex.Array]
+  inverses: dict[str, Any]
+  has_inverse: chex.Array
+  num_refresh_failures: chex.Array
+  num_skipped_steps: chex.Array
+
+
+def _value(x: optax.ScalarOrSchedule, count: chex.Array):
+  return x(count) if callable(x) else x
+
+
+def _check_number(name: str, value, low: float, high: float = math.inf,
+                  low_open: bool = False) -> None:
+  """Validates a hyperparameter given as a Python number (arrays pass: traced)."""
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    bad = value <= low if low_open else value < low
+    if bad or value > high or math.isnan(value):
+      raise ValueError(f"sngd: `{name}` must be in {'(' if low_open else '['}{low}, {high}], "
+                       f"got {value}")
+
+
+def _layer_dtype(leaf: Any) -> jnp.dtype:
+  return jnp.result_type(jnp.float32, leaf.dtype)
+
+
+def _flatten(tree: Any) -> tuple[list[Any], Any, dict[tuple[str, ...], int]]:
+  leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  index = {paths.leaf_parts(p): i for i, (p, _) in enumerate(leaves_with_path)}
+  return [leaf for _, leaf in leaves_with_path], treedef, index
+
+
+def _init_state(params: Any, specs: dict[str, layers_lib.LayerSpec],
+                method: matfun.InverseMethod) -> SNGDState:
+  leaves, _, index = _flatten(params)
+  factors, weights, inverses = {}, {}, {}
+  for path, spec in specs.items():
+    dtype = _layer_dtype(leaves[index[spec.kernel]])
+    shape = (spec.num_blocks, spec.dim, spec.dim)
+    factors[path] = jnp.zeros(shape if spec.fisher == "rfim" else shape[1:], dtype)
+    weights[path] = jnp.zeros((), dtype)
+    inverses[path] = method.identity(spec.num_blocks, spec.dim, dtype)
+  zero = jnp.zeros((), jnp.int32)
+  return SNGDState(count=zero, factors=factors, weights=weights, inverses=inverses,
+                   has_inverse=jnp.zeros((), bool), num_refresh_failures=zero,
+                   num_skipped_steps=zero)
+
+
+def _check_structure(specs, state: SNGDState, activations: Optional[Activations],
+                     all_layers) -> None:
+  """Raises clear errors for a state, params or activations that do not fit."""
+  if set(specs) != set(state.factors):
+    missing = sorted(set(state.factors) - set(specs))
+    extra = sorted(set(specs) - set(state.factors))
+    raise ValueError(
+        "sngd: the updates tree does not match the optimizer state "
+        f"(layers in the state but not in the updates: {missing}; in the updates but not in "
+        f"the state: {extra}). Was the state made by `init` on the same params?")
+  if activations is None:
+    raise ValueError(
+        "sngd: `update` needs `activations=`: wrap the loss with `sngd_jax.capture` (linen) "
+        "or `sngd_jax.capture_nnx` (NNX) and pass what it returns, e.g. "
+        "`tx.update(grads, state, params, activations=acts)`.")
+  for path, spec in specs.items():
+    if path not in activations or not activations[path]:
+      raise ValueError(
+          f"sngd: no activations were captured for layer {path!r} (params "
+          f"{paths.join(spec.kernel)!r}). Is it a layer type that `capture` records, called "
+          f"inside the captured function? To leave it unpreconditioned pass "
+          f"`fisher={{{path!r}: None}}`. Captured layers: {sorted(activations)}")
+  unknown = sorted(set(activations) - set(all_layers))
+  if unknown:
+    raise ValueError(
+        f"sngd: activations were captured for {unknown}, which match no kernel in the params "
+        f"(layers with params: {sorted(all_layers)}). Do params and activations come from the "
+        "same model?")
+
+
+def _tree_all_finite(tree: Any) -> chex.Array:
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+def _refresh_inverses(specs, factors, weights, old_inverses, method, damping, abs_damping):
+  """Refreshes all inverses, one batched kernel call per (size, dtype) group."""
+  groups: dict[tuple[int, Any], list[str]] = {}
+  for path, spec in specs.items():
+    groups.setdefault((spec.dim, factors[path].dtype), []).append(path)
+  new_inverses, failures = {}, jnp.zeros((), jnp.int32)
+  for paths_in_group in groups.values():
+    blocks = [factors_lib.normalized(factors[p], weights[p]).reshape(
+        (-1,) + factors[p].shape[-2:]) for p in paths_in_group]
+    sizes = [b.shape[0] for b in blocks]
+    stacked = matfun.damp(jnp.concatenate(blocks), damping, abs_damping)
+    rep, ok = method.refresh(stacked)
+    failures += jnp.sum(~ok).astype(jnp.int32)
+    start = 0
+    for p, size in zip(paths_in_group, sizes):
+      sl = slice(start, start + size)
+      start += size
+      keep = ok[sl]
+      new_inverses[p] = jax.tree.map(
+          lambda new, old, keep=keep: jnp.where(
+              keep.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
+          jax.tree.map(lambda r, sl=sl: r[sl], rep), old_inverses[p])
+  return new_inverses, failures
+
+
+def sngd(
+    fisher: layers_lib.FisherSpec = "linear",
+    damping: optax.ScalarOrSchedule = 1e-4,
+    abs_damping: optax.ScalarOrSchedule = 0.0,
+    decay: float = 0.995,
+    factor_every: int = 1,
+    inverse_every: int = 100,
+    prior: str = "scaled_identity",
+    inverse: str = "cholesky",
+) -> optax.GradientTransformationExtraArgs:
+  """Preconditions each layer's gradient by its damped local Fisher inverse.
+
+  For every layer found in the params (a ``kernel`` with an optional ``bias``;
+  see :mod:`sngd_jax.layers`) the transform keeps a running local Fisher
+  ``G`` and a cached inverse, and maps the layer's gradient to::
+
+      [dW; db^T] <- (G + (damping * tr(G) + abs_damping) I)^{-1} [gW; gb^T]
+
+  (per output unit ``j`` with ``G_j`` when ``fisher="rfim"``). Leaves that are
+  not part of such a layer pass through unchanged. A step whose gradients or
+  activations are not finite returns zero updates and leaves the state as it
+  was (counted in ``num_skipped_steps``).
+
+  Args:
+    fisher: ``"linear"`` (``G = E[x~ x~^T]``), ``"rfim"``
+      (``G_j = E[sigmoid(z_j)^2 x~ x~^T]``), a mapping from layer path to kind
+      (unlisted layers get ``"linear"``, ``None`` leaves a layer alone) or a
+      callable from layer path to kind.
+    damping: relative damping, adds ``damping * tr(G) * I``; a schedule of the
+      step count is accepted.
+    abs_damping: absolute damping, adds ``abs_damping * I``.
+    decay: EMA decay of ``G``; ``0.0`` uses the current batch's estimate alone.
+    factor_every: update ``G`` every this many steps (the ``x^T x`` cost is
+      paid only then).
+    inverse_every: refresh the cached inverse every this many steps; the first
+      step always computes one.
+    prior: how the average of ``G`` starts, one of
+      :data:`sngd_jax.factors.PRIORS` (``"identity"`` is the reference code).
+    inverse: the inverse method, a key of :data:`sngd_jax.matfun.METHODS`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,
+    params=None, *, activations=None, **extra_args)`` takes the activations
+    from :func:`sngd_jax.capture` and ignores other keyword arguments.
+  """
+  _check_number("damping", damping, 0.0)
+  _check_number("abs_damping", abs_damping, 0.0)
+  _check_number("decay", decay, 0.0, 1.0)
+  _check_number("factor_every", factor_every, 0, low_open=True)
+  _check_number("inverse_every", inverse_every, 0, low_open=True)
+  if prior not in factors_lib.PRIORS:
+    raise ValueError(f"sngd: unknown prior {prior!r}; expected one of {factors_lib.PRIORS}")
+  if isinstance(damping, (int, float)) and isinstance(abs_damping, (int, float)) \
+      and damping == 0 and abs_damping == 0:
+    raise ValueError("sngd: `damping` and `abs_damping` are both 0; the local Fisher of a "
+                     "batch is singular in general, so at least one must be positive")
+  method = matfun.get_method(inverse)
+
+  def init_fn(params):
+    return _init_state(params, layers_lib.discover(params, fisher), method)
+
+  def update_fn(updates, state, params=None, *, activations=None, **extra_args):
+    del params, extra_args
+    specs = layers_lib.discover(updates, fisher)
+    all_layers = layers_lib.discover(updates, "linear")
+    _check_structure(specs, state, activations, all_layers)
+    activations = {p: activations[p] for p in specs}
+
+    leaves, treedef, index = _flatten(updates)
+    finite = _tree_all_finite(leaves) & _tree_all_finite(activations)
+    count = state.count
+
+    def new_factors(_):
+      out_f, out_w = {}, {}
+      for path, spec in specs.items():
+        estimate = factors_lib.batch_factor(spec, activations[path])
+        out_f[path], out_w[path] = factors_lib.ema_update(
+            state.factors[path], state.weights[path], estimate, decay, prior)
+      return out_f, out_w
+
+    do_factor = finite & (count % factor_every == 0)
+    fac, wts = jax.lax.cond(do_factor, new_factors,
+                            lambda _: (state.factors, state.weights), None)
+
+    def new_inverses(_):
+      return _refresh_inverses(specs, fac, wts, state.inverses, method,
+                               _value(damping, count), _value(abs_damping, count))
+
+    do_inverse = finite & ((count % inverse_every == 0) | ~state.has_inverse)
+    inv, failures = jax.lax.cond(
+        do_inverse, new_inverses, lambda _: (state.inverses, jnp.zeros((), jnp.int32)), None)
+
+    out = list(leaves)
+    for path, spec in specs.items():
+      k_leaf = leaves[index[spec.kernel]]
+      dtype = fac[path].dtype
+      g = k_leaf.reshape(spec.in_dim, spec.out_dim).astype(dtype)
+      if spec.bias is not None:
+        b_leaf = leaves[index[spec.bias]]
+        g = jnp.concatenate([g, b_leaf.reshape(1, spec.out_dim).astype(dtype)])
+      if spec.fisher == "rfim":
+        pre = method.apply(inv[path], g.T[:, :, None])[:, :, 0].T
+      else:
+        pre = method.apply(inv[path], g[None])[0]
+      out[index[spec.kernel]] = pre[:spec.in_dim].reshape(k_leaf.shape).astype(k_leaf.dtype)
+      if spec.bias is not None:
+        out[index[spec.bias]] = pre[spec.in_dim].reshape(b_leaf.shape).astype(b_leaf.dtype)
+    out = [jnp.where(finite, u, jnp.zeros_like(u)) for u in out]
+
+    new_state = SNGDState(
+        count=count + finite.astype(jnp.int32),
+        factors=fac,
+        weights=wts,
+        inverses=inv,
+        has_inverse=state.has_inverse | do_inverse,
+        num_refresh_failures=state.num_refresh_failures + failures,
+        num_skipped_steps=state.num_skipped_steps + (~finite).astype(jnp.int32),
+    )
+    return jax.tree_util.tree_unflatten(treedef, out), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
