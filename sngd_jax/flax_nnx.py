@@ -15,8 +15,8 @@ from typing import Any, Callable, Iterator
 
 from flax import nnx
 
-from sngd_jax import capture as capture_lib
 from sngd_jax import paths
+from sngd_jax.capture import freeze, record
 
 NNX_LAYERS: dict[type, str] = {nnx.Linear: "dense"}
 
@@ -33,7 +33,7 @@ def _recording(owner_paths: dict[int, str], store: dict) -> Iterator[None]:
       out = original(self, x, *args, **kwargs)
       path = owner_paths.get(id(self))
       if path is not None:
-        capture_lib.record(store, path, x, out, kind)
+        record(store, path, x, out, kind)
       return out
 
     return call
@@ -75,7 +75,7 @@ def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable[..
     store: dict = {}
     with _recording(owner_paths, store):
       result = fn(model, *args, **kwargs)
-    acts = capture_lib.freeze(store)
+    acts = freeze(store)
     if has_aux:
       value, aux = result
       return value, (aux, acts)

@@ -1,0 +1,129 @@
+"""The optax contrib common-test properties that apply to sngd()."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers_mlp import grads_and_acts, make_problem
+
+import sngd_jax
+
+
+def _problem(dtype=jnp.float32):
+  return make_problem(dtype=dtype)
+
+
+def test_unknown_extra_kwargs_are_ignored():
+  _, params, x, y, loss_fn = _problem()
+  _, grads, acts = grads_and_acts(loss_fn, params, x, y)
+  tx = optax.chain(sngd_jax.sngd(), optax.sgd(0.1))
+  state = tx.init(params)
+  a, _ = tx.update(grads, state, params, activations=acts)
+  b, _ = tx.update(grads, state, params, activations=acts, value=1.0, grad=grads, foo="bar")
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_no_recompilation_on_second_call():
+  _, params, x, y, loss_fn = _problem()
+  tx = optax.chain(sngd_jax.sngd(inverse_every=2), optax.sgd(0.1, momentum=0.9))
+  traces = []
+
+  @jax.jit
+  def step(params, state, x, y):
+    traces.append(1)
+    _, grads, acts = grads_and_acts(loss_fn, params, x, y)
+    updates, state = tx.update(grads, state, params, activations=acts)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for _ in range(4):  # crosses refresh and no-refresh steps
+    params, state = step(params, state, x, y)
+  assert len(traces) == 1
+
+
+def test_inject_hyperparams_gives_identical_results():
+  _, params, x, y, loss_fn = _problem()
+  sched = optax.linear_schedule(1e-2, 1e-4, 5)
+  plain = optax.chain(sngd_jax.sngd(damping=sched, decay=0.9, inverse_every=2),
+                      optax.sgd(0.1))
+  injected = optax.chain(
+      optax.inject_hyperparams(sngd_jax.sngd, static_args=("fisher",))(
+          damping=sched, decay=0.9, inverse_every=2),
+      optax.inject_hyperparams(optax.sgd)(learning_rate=0.1))
+  sp, si = plain.init(params), injected.init(params)
+  pp = pi = params
+  for _ in range(5):
+    _, gp, ap = grads_and_acts(loss_fn, pp, x, y)
+    up, sp = plain.update(gp, sp, pp, activations=ap)
+    pp = optax.apply_updates(pp, up)
+    _, gi, ai = grads_and_acts(loss_fn, pi, x, y)
+    ui, si = injected.update(gi, si, pi, activations=ai)
+    pi = optax.apply_updates(pi, ui)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), pp, pi)
+  assert float(si[0].hyperparams["damping"]) == pytest.approx(float(sched(4)), rel=1e-6)
+
+
+def test_learning_rate_and_damping_schedules_are_accepted():
+  _, params, x, y, loss_fn = _problem()
+  tx = sngd_jax.sngd_momentum(optax.cosine_decay_schedule(0.1, 10),
+                              damping=optax.exponential_decay(1e-2, 5, 0.5))
+  state = tx.init(params)
+  _, grads, acts = grads_and_acts(loss_fn, params, x, y)
+  for _ in range(3):
+    updates, state = jax.jit(lambda g, s, a: tx.update(g, s, params, activations=a))(
+        grads, state, acts)
+  assert all(np.isfinite(u).all() for u in jax.tree.leaves(updates))
+
+
+def test_multisteps_accumulates_then_preconditions():
+  _, params, x, y, loss_fn = _problem()
+  x1, x2, y1, y2 = x[:8], x[8:], y[:8], y[8:]
+  inner = lambda: optax.chain(sngd_jax.sngd(decay=0.0), optax.sgd(0.1))
+  ms = optax.MultiSteps(inner(), every_k_schedule=2)
+  state = ms.init(params)
+  _, g1, a1 = grads_and_acts(loss_fn, params, x1, y1)
+  _, g2, a2 = grads_and_acts(loss_fn, params, x2, y2)
+  u1, state = ms.update(g1, state, params, activations=a1)
+  assert all(np.all(u == 0) for u in jax.tree.leaves(u1))
+  u2, state = ms.update(g2, state, params, activations=a2)
+  # Same as one inner update on the mean gradient, with the last micro-batch's statistics.
+  ref_tx = inner()
+  mean_g = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
+  ref, _ = ref_tx.update(mean_g, ref_tx.init(params), params, activations=a2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), u2, ref)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dtypes_are_preserved(dtype):
+  _, params, x, y, loss_fn = _problem(dtype)
+  _, grads, acts = grads_and_acts(loss_fn, params, x, y)
+  tx = sngd_jax.sngd()
+  state = tx.init(params)
+  updates, new_state = jax.jit(lambda g, s, a: tx.update(g, s, activations=a))(
+      grads, state, acts)
+  for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+    assert u.dtype == p.dtype
+  assert all(f.dtype == jnp.float32 for f in jax.tree.leaves(state.factors))
+  chex.assert_trees_all_equal_shapes_and_dtypes(state, new_state)
+
+
+def test_state_is_stable_under_lax_cond_and_scan():
+  _, params, x, y, loss_fn = _problem()
+  tx = optax.chain(sngd_jax.sngd(inverse_every=3), optax.sgd(0.05, momentum=0.9))
+  state = tx.init(params)
+
+  def body(carry, i):
+    params, state = carry
+    loss, grads, acts = grads_and_acts(loss_fn, params, x, y)
+    updates, new_state = tx.update(grads, state, params, activations=acts)
+    # Skipping an update under lax.cond needs identical state structure and dtypes.
+    state = jax.lax.cond(i % 2 == 0, lambda: new_state, lambda: state)
+    return (optax.apply_updates(params, updates), state), loss
+
+  (params2, state2), losses = jax.jit(
+      lambda p, s: jax.lax.scan(body, (p, s), jnp.arange(30)))(params, state)
+  chex.assert_trees_all_equal_shapes_and_dtypes(state, state2)
+  assert float(losses[-1]) < 0.7 * float(losses[0])
+  assert int(state2[0].count) == 15
