@@ -102,7 +102,7 @@ def patches(x: jax.Array, config: ConvConfig) -> jax.Array:
   rank = len(kernel_size)
   x = x.reshape((-1,) + x.shape[x.ndim - rank - 1:])
   if padding in ("CIRCULAR", "REFLECT"):
-    dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation)]
+    dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation, strict=True)]
     pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
     x = jnp.pad(x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
     padding = "VALID"

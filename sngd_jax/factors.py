@@ -170,7 +170,7 @@ def batch_factor(spec: LayerSpec, calls: Sequence[Captured]) -> jax.Array:
           f"Leave it to the next transform with `fisher={{{spec.path!r}: None}}`.")
     return embed_counts(spec, calls, jax.dtypes.canonicalize_dtype(jnp.float64))
   if spec.structure == "per_channel":
-    xs, zs = zip(*(norm_rows(c) for c in calls))
+    xs, zs = zip(*(norm_rows(c) for c in calls), strict=True)
     dtype = stat_dtype(*xs)
     x = jnp.concatenate(xs).astype(dtype)
     z = jnp.concatenate(zs).astype(dtype)

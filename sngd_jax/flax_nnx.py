@@ -28,8 +28,15 @@ from flax import nnx
 
 from sngd_jax import conv as conv_lib
 from sngd_jax import paths
-from sngd_jax.capture import (Recorder, StepRecords, contract_config, einsum_config, freeze,
-                              rnn_time_axis, untag)
+from sngd_jax.capture import (
+  Recorder,
+  StepRecords,
+  contract_config,
+  einsum_config,
+  freeze,
+  rnn_time_axis,
+  untag,
+)
 
 
 def _linear(module, x, args, kwargs, out):
