@@ -142,8 +142,9 @@ def discover(params: Any, fisher: FisherSpec = "linear") -> dict[str, LayerSpec]
   groups: dict[tuple[str, ...], dict[str, Any]] = {}
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     parts = paths.leaf_parts(key_path)
-    if len(parts) < 2:
+    if not parts:
       continue
+    # A layer at the root (the model is one layer) has the empty path ''.
     groups.setdefault(parts[:-1], {})[parts[-1]] = leaf
   specs = {}
   for parent, leaves in groups.items():
