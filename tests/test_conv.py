@@ -70,9 +70,10 @@ def test_patches_match_loops_and_reproduce_the_conv(name):
   np.testing.assert_allclose(np.asarray(y).reshape(-1, y.shape[-1]), expect, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["1d_causal_dilated", "2d_explicit_groups_dilated",
-                                  "2d_circular", "3d_valid_stride", "2d_input_dilation"])
-@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("name,use_bias", [
+    ("1d_causal_dilated", True), ("2d_explicit_groups_dilated", True),
+    ("2d_explicit_groups_dilated", False), ("2d_circular", True), ("3d_valid_stride", True),
+    ("2d_input_dilation", False)])
 def test_one_update_matches_reference(name, use_bias):
   """Under jit + value_and_grad: update = (G + damping tr(G) I)^{-1} [gK; gb], G from loops."""
   cfg = CONFIGS[name]
@@ -133,9 +134,9 @@ def _fashion_subset(n):
   labels = os.path.join(FASHION, "train-labels-idx1-ubyte.gz")
   if os.path.exists(images) and os.path.exists(labels):
     with gzip.open(images) as f:
-      x = np.frombuffer(f.read(), np.uint8, offset=16)[:n * 784]
+      x = np.frombuffer(f.read(16 + n * 784), np.uint8, offset=16)
     with gzip.open(labels) as f:
-      y = np.frombuffer(f.read(), np.uint8, offset=8)[:n]
+      y = np.frombuffer(f.read(8 + n), np.uint8, offset=8)
     return x.reshape(n, 28, 28, 1).astype(np.float32) / 255.0, y.astype(np.int32)
   rng = np.random.default_rng(0)
   return rng.random((n, 28, 28, 1), np.float32), rng.integers(0, 10, n).astype(np.int32)
