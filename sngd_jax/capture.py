@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from typing import Any, Callable, Iterator, Optional
 
 import flax
@@ -77,9 +78,33 @@ def record(store: dict[str, list[Captured]], path: str, inputs: Any, outputs: An
                outputs=jax.lax.stop_gradient(outputs), kind=kind, config=config))
 
 
+def _escaped(x: Any) -> bool:
+  """Whether ``x`` is a tracer of a trace that has ended (it leaked out of a transform)."""
+  trace = getattr(x, "_trace", None) if isinstance(x, jax.core.Tracer) else None
+  return trace is not None and hasattr(trace, "is_valid") and not trace.is_valid()
+
+
 def freeze(store: dict[str, list[Captured]]) -> Activations:
-  """Turns a record store into the immutable activations dict."""
-  return {path: tuple(calls) for path, calls in store.items()}
+  """Turns a record store into the immutable activations dict.
+
+  A record holding a tracer of a transform that has already finished (the
+  layer ran inside ``nn.scan``/``nnx.scan`` other than ``nn.RNN``/``nnx.RNN``,
+  ``nn.remat``, ``nn.vmap``, ...) cannot be used: it is dropped with a
+  warning naming the layer, so ``update`` reports the layer as not captured
+  (and ``fisher={path: None}`` leaves it to the next transform) instead of
+  failing later on a leaked tracer.
+  """
+  out = {}
+  for path, calls in store.items():
+    if any(_escaped(x) for x in jax.tree.leaves(calls)):
+      warnings.warn(
+          f"sngd: layer {path!r} was called inside a JAX transform (a scan, remat or vmap "
+          "other than nn.RNN / nnx.RNN) whose values cannot leave it; its calls are not "
+          "captured. Run the cell with nn.RNN / nnx.RNN, or pass "
+          f"`fisher={{{path!r}: None}}`.", stacklevel=3)
+      continue
+    out[path] = tuple(calls)
+  return out
 
 
 # ---------------------------------------------------------------------------

@@ -10,8 +10,9 @@ params, and lists every parameter leaf with
 * ``pass-through`` for leaves that are part of no layer (they reach the next
   transform unchanged), or ``pass-through (fisher=None)`` for a layer left
   alone on purpose;
-* ``MISSING`` for a layer whose calls were not captured: ``update`` would
-  raise for it (pass ``fisher={path: None}`` or use a supported layer);
+* ``MISSING`` for a layer whose calls were not captured, or whose captured
+  feature sizes do not fit its params: ``update`` would raise for it (pass
+  ``fisher={path: None}`` or use a supported layer);
 
 and the bytes of optimizer state its factor takes (running factor plus a dense
 cached inverse), on the layer's weight leaf.
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sngd_jax import factors as factors_lib
 from sngd_jax import layers as layers_lib
 from sngd_jax import paths
 from sngd_jax.capture import capture
@@ -107,6 +109,26 @@ def _describe(spec: layers_lib.LayerSpec, kinds: set[str]) -> str:
   return f"{name}/{source} " + "x".join(map(str, spec.factor_shape))
 
 
+def _mismatch(spec: layers_lib.LayerSpec, calls) -> Optional[str]:
+  """Why ``update`` would reject these calls for this layer, or None."""
+  for call in calls:
+    if call.kind not in factors_lib.STRUCTURE_KINDS[spec.structure]:
+      return f"{call.kind} calls for a {spec.structure} layer"
+    if call.kind == "embed":
+      continue
+    x, z = jax.eval_shape(factors_lib.ROWS[call.kind], call)
+    want_in = 1 if spec.structure == "per_channel" else spec.in_dim
+    if x.shape[-1] != (spec.out_dim if spec.structure == "per_channel" else want_in) or \
+        z.shape[-1] != spec.out_dim:
+      hint = ""
+      if call.kind == "dense":
+        hint = (f"; pass fisher={{{spec.path!r}: ('linear', "
+                f"{len(call.config[0]) if call.config else 1})}}")
+      return (f"calls give {x.shape[-1]} input / {z.shape[-1]} output features, params "
+              f"{spec.in_dim} / {spec.out_dim}{hint}")
+  return None
+
+
 def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "linear"
            ) -> CoverageReport:
   """Builds the report from params and (possibly abstract) captured activations.
@@ -118,6 +140,10 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
 
   Returns:
     A :class:`CoverageReport`.
+
+  Note: a kernel without bias is split as inputs = all axes but the last; for
+  one with several output axes (bias-free attention projections) the report
+  says ``MISSING`` and gives the ``fisher={path: (kind, n_input_axes)}`` fix.
   """
   specs = layers_lib.discover(params, fisher)
   all_layers = layers_lib.discover(params, "linear")
@@ -137,6 +163,8 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
       desc = f"{PASS_THROUGH} (fisher=None)"
     elif not activations.get(layer):
       desc = f"{MISSING}: no calls captured"
+    elif (why := _mismatch(specs[layer], activations[layer])) is not None:
+      desc = f"{MISSING}: {why}"
     else:
       spec = specs[layer]
       desc = _describe(spec, {c.kind for c in activations[layer]})

@@ -96,7 +96,7 @@ def norm_rows(call: Captured) -> tuple[jax.Array, jax.Array]:
 
 ROWS: dict[str, RowFn] = {"dense": dense_rows, "conv": conv_rows, "norm": norm_rows}
 # Which row kinds each layer structure accepts.
-_STRUCTURE_KINDS = {"dense": ("dense", "conv"), "per_channel": ("norm",),
+STRUCTURE_KINDS = {"dense": ("dense", "conv"), "per_channel": ("norm",),
                     "diagonal": ("embed",)}
 
 
@@ -140,10 +140,10 @@ def layer_rows(spec: LayerSpec, calls: Sequence[Captured]) -> tuple[jax.Array, j
 
 
 def _check_kind(spec: LayerSpec, call: Captured) -> None:
-  if call.kind not in _STRUCTURE_KINDS[spec.structure]:
+  if call.kind not in STRUCTURE_KINDS[spec.structure]:
     raise ValueError(
         f"sngd: layer {spec.path!r} ({spec.structure} local Fisher from its params) got "
-        f"activations of kind {call.kind!r}; expected {_STRUCTURE_KINDS[spec.structure]}")
+        f"activations of kind {call.kind!r}; expected {STRUCTURE_KINDS[spec.structure]}")
 
 
 def embed_counts(spec: LayerSpec, calls: Sequence[Captured], dtype) -> jax.Array:

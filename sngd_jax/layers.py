@@ -98,20 +98,8 @@ class LayerSpec:
     return self.out_dim if self.per_unit else 1
 
 
-def resolve_fisher(fisher: FisherSpec, path: str) -> Optional[str]:
-  """Returns the Fisher kind a layer gets, or None to leave it unchanged.
-
-  Args:
-    fisher: a kind name, a mapping from layer path to kind (layers not in it
-      get ``'linear'``), or a callable from layer path to kind.
-    path: the layer path.
-
-  Returns:
-    ``'linear'``, ``'rfim'`` or None.
-
-  Raises:
-    ValueError: for an unknown kind, naming the layer path.
-  """
+def _resolve(fisher: FisherSpec, path: str) -> tuple[Optional[str], Optional[int]]:
+  """``(kind or None, number of input axes or None)`` for a layer."""
   if isinstance(fisher, str):
     kind = fisher
   elif isinstance(fisher, Mapping):
@@ -120,17 +108,48 @@ def resolve_fisher(fisher: FisherSpec, path: str) -> Optional[str]:
     kind = fisher(path)
   else:
     raise TypeError(f"sngd: `fisher` must be a str, mapping or callable, got {type(fisher)}")
+  in_axes = None
+  if isinstance(kind, tuple):
+    if len(kind) != 2 or not isinstance(kind[1], int) or kind[1] < 1:
+      raise ValueError(
+          f"sngd: fisher for layer {path!r} must be a kind or (kind, number of input axes), "
+          f"got {kind!r}")
+    kind, in_axes = kind
   if kind in (None, "none"):
-    return None
+    return None, None
   if kind not in FISHER_KINDS:
     raise ValueError(
         f"sngd: unknown fisher kind {kind!r} for layer {path!r}; expected one of "
         f"{FISHER_KINDS} or None")
-  return kind
+  return kind, in_axes
+
+
+def resolve_fisher(fisher: FisherSpec, path: str) -> Optional[str]:
+  """Returns the Fisher kind a layer gets, or None to leave it unchanged.
+
+  Args:
+    fisher: a kind name, a mapping from layer path to kind (layers not in it
+      get ``'linear'``), or a callable from layer path to kind. A kind may be
+      given as ``(kind, n)``: the kernel's first ``n`` axes are its inputs
+      (needed only for a kernel without bias and several output axes, e.g.
+      the ``(D, heads, head_dim)`` projections of bias-free attention, which
+      the params alone do not tell apart from a conv kernel).
+    path: the layer path.
+
+  Returns:
+    ``'linear'``, ``'rfim'`` or None.
+
+  Raises:
+    ValueError: for an unknown kind, naming the layer path.
+  """
+  return _resolve(fisher, path)[0]
 
 
 def discover(params: Any, fisher: FisherSpec = "linear") -> dict[str, LayerSpec]:
   """Finds the layers of a params tree.
+
+  A layer is a ``kernel`` (ndim >= 2, optional ``bias``), an ``embedding``
+  (``V x D``) or a ``scale`` (optional ``bias``); see the module docstring.
 
   Args:
     params: a params pytree (linen ``params`` or ``variables``, NNX state).
@@ -162,16 +181,20 @@ def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any],
   embedding = leaves.get("embedding")
   scale = leaves.get("scale")
   if kernel is not None and getattr(kernel, "ndim", 0) >= 2:
-    kind = resolve_fisher(fisher, path)
+    kind, in_axes = _resolve(fisher, path)
     if kind is None:
       return None
     bias = leaves.get("bias")
-    out_ndim = bias.ndim if bias is not None else 1
-    if out_ndim >= kernel.ndim or tuple(kernel.shape[kernel.ndim - out_ndim:]) != tuple(
-        getattr(bias, "shape", kernel.shape[-1:])):
+    if in_axes is not None:
+      out_ndim = kernel.ndim - in_axes
+    else:
+      out_ndim = bias.ndim if bias is not None else 1
+    if not 1 <= out_ndim < kernel.ndim or (bias is not None and tuple(
+        kernel.shape[kernel.ndim - out_ndim:]) != tuple(bias.shape)):
       raise ValueError(
           f"sngd: layer {path!r}: bias shape {getattr(bias, 'shape', None)} does not match "
-          f"the trailing axes of kernel shape {kernel.shape}")
+          f"the trailing axes of kernel shape {kernel.shape}"
+          + (f" after its {in_axes} input axes" if in_axes is not None else ""))
     return LayerSpec(
         path=path,
         kernel=parent + ("kernel",),

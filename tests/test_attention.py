@@ -196,3 +196,26 @@ def test_one_block_transformer_trains_and_every_parameter_is_covered():
       params, state, _ = step(params, state, *batch())
     after = float(full(params, eval_x, eval_y))
     assert np.isfinite(after) and after < 0.5 * before, (before, after)
+
+
+def test_bias_free_projections_need_and_accept_their_input_axes():
+  """(D, heads, head_dim) kernels without bias: the report says how to split them."""
+  class NoBias(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.MultiHeadDotProductAttention(num_heads=2, use_bias=False, name="attn", **F64)(x)
+
+  x = jax.random.normal(jax.random.key(1), (2, 5, 4), jnp.float64)
+  model = NoBias()
+  params = model.init(jax.random.key(0), x)["params"]
+  loss = lambda p, x: jnp.sum(model.apply({"params": p}, x))
+  report = sngd_jax.coverage(loss, params, x)
+  kinds = {p.path: p.fisher for p in report.params}
+  assert "fisher={'attn/query': ('linear', 1)}" in kinds["attn/query/kernel"]
+  assert kinds["attn/out/kernel"] == "linear/dense 4x4"      # single output axis: fine
+  fisher = {f"attn/{n}": ("linear", 1) for n in ("query", "key", "value")}
+  assert sngd_jax.coverage(loss, params, x, fisher=fisher).missing == []
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x)
+  tx = sngd_jax.sngd(fisher=fisher, **ref.one_step_kwargs())
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  _check(np.asarray(x).reshape(-1, 4), grads["attn"]["query"], updates["attn"]["query"])

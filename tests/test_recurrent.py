@@ -161,3 +161,26 @@ def test_char_lstm_trains_and_every_parameter_is_covered():
       params, state, _ = step(params, state, *batch())
     after = float(full(params, eval_x, eval_y))
     assert np.isfinite(after) and after < 0.6 * before, (before, after)
+
+
+def test_hand_written_scan_is_reported_not_leaked():
+  """Layers inside a plain nn.scan cannot be captured: a warning, then a clear error."""
+  class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, xs):
+      cell = nn.scan(nn.LSTMCell, variable_broadcast="params", split_rngs={"params": False},
+                     in_axes=1, out_axes=1)(3)
+      carry = cell.initialize_carry(jax.random.key(0), xs[:, 0].shape)
+      return cell(carry, xs)[1]
+
+  with jax.enable_x64(False):
+    xs = jnp.ones((2, 4, 3))
+    model = Scanned()
+    params = model.init(jax.random.key(0), xs)["params"]
+    loss = lambda p, xs: jnp.sum(model.apply({"params": p}, xs))
+    with pytest.warns(UserWarning, match="ScanLSTMCell_0/hi"):
+      (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, xs)
+    assert acts == {}
+    tx = sngd_jax.sngd()
+    with pytest.raises(ValueError, match="no activations were captured"):
+      tx.update(grads, tx.init(params), params, activations=acts)
