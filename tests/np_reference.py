@@ -92,7 +92,7 @@ def conv_patches(x, kernel_size, strides, padding, kernel_dilation, input_dilati
       x = y
   if padding == "CIRCULAR":
     pads = [((k - 1) * d // 2, ((k - 1) * d + 1) // 2)
-            for k, d in zip(kernel_size, kernel_dilation)]
+            for k, d in zip(kernel_size, kernel_dilation, strict=True)]
     x = np.pad(x, [(0, 0)] + pads + [(0, 0)], mode="wrap")
   elif padding == "CAUSAL":
     x = np.pad(x, [(0, 0), (kernel_dilation[0] * (kernel_size[0] - 1), 0), (0, 0)])

@@ -6,11 +6,11 @@ import itertools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import np_reference as ref
 import numpy as np
 import optax
 import pytest
 
-import np_reference as ref
 import sngd_jax
 
 F64 = dict(param_dtype=jnp.float64)

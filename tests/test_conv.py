@@ -7,11 +7,11 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import np_reference as ref
 import numpy as np
 import optax
 import pytest
 
-import np_reference as ref
 import sngd_jax
 from sngd_jax import conv as conv_lib
 

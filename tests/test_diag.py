@@ -4,10 +4,10 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import np_reference as ref
 import numpy as np
 import pytest
 
-import np_reference as ref
 import sngd_jax
 from sngd_jax import diagonal, factors
 

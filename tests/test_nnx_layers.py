@@ -3,12 +3,12 @@
 
 import jax
 import jax.numpy as jnp
+import np_reference as ref
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
-import np_reference as ref
 import sngd_jax
 
 F64 = dict(param_dtype=jnp.float64)

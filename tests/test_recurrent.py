@@ -4,11 +4,11 @@ per-time-step reference, no leaked tracers, and a char-level LSTM smoke test."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import np_reference as ref
 import numpy as np
 import optax
 import pytest
 
-import np_reference as ref
 import sngd_jax
 
 
