@@ -195,6 +195,7 @@ def test_one_block_transformer_trains_and_every_parameter_is_covered():
     for _ in range(40):
       params, state, _ = step(params, state, *batch())
     after = float(full(params, eval_x, eval_y))
+    print(f"loss {before:.3f} -> {after:.3f}")
     assert np.isfinite(after) and after < 0.5 * before, (before, after)
 
 

@@ -184,4 +184,5 @@ def test_small_cnn_trains_and_every_parameter_is_covered():
       sl = slice((i % 4) * 64, (i % 4 + 1) * 64)
       params, state, _ = step(params, state, x[sl], y[sl])
     after = float(full(params, x, y))
+    print(f"loss {before:.3f} -> {after:.3f}")
     assert np.isfinite(after) and after < 0.8 * before, (before, after)

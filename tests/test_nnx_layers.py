@@ -203,4 +203,5 @@ def test_nnx_cnn_trains_through_optimizer():
       return loss
 
     losses = [float(step(model, opt, x, y)) for _ in range(30)]
+    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert np.isfinite(losses[-1]) and losses[-1] < 0.5 * losses[0], losses[::5]

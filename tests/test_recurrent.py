@@ -160,6 +160,7 @@ def test_char_lstm_trains_and_every_parameter_is_covered():
     for _ in range(60):
       params, state, _ = step(params, state, *batch())
     after = float(full(params, eval_x, eval_y))
+    print(f"loss {before:.3f} -> {after:.3f}")
     assert np.isfinite(after) and after < 0.6 * before, (before, after)
 
 
