@@ -10,6 +10,7 @@ statistics are pooled.
 Supported layers (:data:`LINEN_LAYERS`): ``Dense``, ``DenseGeneral`` (hence
 the q/k/v/out projections of ``MultiHeadDotProductAttention``), ``Einsum``
 (kernels laid out as contracted axes then output axes), ``Conv`` (1-3-D),
+``ConvTranspose`` (``transpose_kernel=False``, not ``'CIRCULAR'``),
 ``Embed``, the ``DenseParams`` of ``OptimizedLSTMCell``, and the
 normalization layers (``LayerNorm``, ``BatchNorm``, ``GroupNorm``,
 ``RMSNorm``, ``InstanceNorm``), whose normalized input ``xhat`` is taken from
@@ -187,6 +188,11 @@ def _conv(module, args, kwargs, out) -> Record:
   return args[0], out, "conv", conv_lib.conv_config(module)
 
 
+def _conv_transpose(module, args, kwargs, out) -> Record:
+  config = conv_lib.conv_transpose_config(module)
+  return None if config is None else (args[0], out, "conv_transpose", config)
+
+
 def _dense_params(module, args, kwargs, out) -> Record:
   # OptimizedLSTMCell's DenseParams returns (kernel, bias); the cell fuses the
   # matmuls, so the pre-activation is recomputed here (used by rfim only).
@@ -203,6 +209,7 @@ LINEN_LAYERS: dict[type, Callable[..., Record]] = {
     nn.DenseGeneral: _dense_general,
     nn.Einsum: _einsum,
     nn.Conv: _conv,
+    nn.ConvTranspose: _conv_transpose,
     nn.recurrent.DenseParams: _dense_params,
 }
 """Layer class -> recorder ``(module, args, kwargs, output) -> (x, z, kind, config)``.

@@ -154,3 +154,39 @@ def conv_output_rows(z: jax.Array, config: ConvConfig) -> jax.Array:
   rows = jnp.where(mask[None], z[:, None, :], -jnp.inf)
   return rows.reshape(-1, out_channels)
 
+
+
+# Transposed convolutions: ``lax.conv_transpose`` is a convolution of the
+# stride-dilated input with the kernel (``transpose_kernel=False``), so its
+# patches come from the same call with an identity kernel, whose output feature
+# ``k_index * C_in + c`` copies input channel ``c`` at window offset ``k``: the
+# kernel's own row order, and Flax's padding rules by construction.
+ConvTransposeConfig = tuple
+
+
+def conv_transpose_config(module: Any) -> Any:
+  """``(kernel_size, strides, padding, kernel_dilation)`` of a ``ConvTranspose``.
+
+  Returns None for what is not a plain transposed conv over shared kernel rows
+  (``transpose_kernel=True``, or ``'CIRCULAR'`` padding, which folds the output).
+  """
+  kernel_size = module.kernel_size
+  kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
+  rank = len(kernel_size)
+  padding = _canonical_padding(module.padding, rank)
+  if getattr(module, "transpose_kernel", False) or padding == "CIRCULAR":
+    return None
+  return (kernel_size, _broadcast(module.strides, rank), padding,
+          _broadcast(module.kernel_dilation, rank))
+
+
+def transpose_patches(x: jax.Array, config: ConvTransposeConfig) -> jax.Array:
+  """Input patches of a transposed conv, ``(n * positions, prod(k) * C_in)``."""
+  kernel_size, strides, padding, kernel_dilation = config
+  rank = len(kernel_size)
+  x = x.reshape((-1,) + x.shape[x.ndim - rank - 1:])
+  size = math.prod(kernel_size) * x.shape[-1]
+  eye = jnp.eye(size, dtype=x.dtype).reshape(kernel_size + (x.shape[-1], size))
+  out = lax.conv_transpose(x, eye, strides, padding, rhs_dilation=kernel_dilation,
+                           precision=lax.Precision.HIGHEST)
+  return out.reshape(-1, size)

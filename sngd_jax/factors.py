@@ -20,7 +20,8 @@ Rows by layer type (each captured call has a ``kind``, see :data:`ROWS`):
   axes but the contracted ones) is a row; ``DenseGeneral``/``Einsum``
   contract several axes, flattened in the kernel's order.
 * ``conv``: one row per (example, output position, feature group): the input
-  patch, in the kernel's row order (:mod:`sngd_jax.conv`).
+  patch, in the kernel's row order (:mod:`sngd_jax.conv`); ``conv_transpose``
+  likewise over the stride-dilated input.
 * ``norm`` (``structure="per_channel"``): per channel ``c`` the rows
   ``[xhat_c; 1]``; ``G_c = E[w x~_c x~_c^T]`` with ``w = 1`` (linear) or
   ``sigmoid(y_c)^2`` (rfim), a ``2 x 2`` block per channel.
@@ -94,9 +95,16 @@ def norm_rows(call: Captured) -> tuple[jax.Array, jax.Array]:
   return rows(call.inputs), rows(call.outputs)
 
 
-ROWS: dict[str, RowFn] = {"dense": dense_rows, "conv": conv_rows, "norm": norm_rows}
+def conv_transpose_rows(call: Captured) -> tuple[jax.Array, jax.Array]:
+  """Rows of a transposed conv call: patches of the stride-dilated input."""
+  return (conv_lib.transpose_patches(call.inputs, call.config),
+          call.outputs.reshape(-1, call.outputs.shape[-1]))
+
+
+ROWS: dict[str, RowFn] = {"dense": dense_rows, "conv": conv_rows,
+                          "conv_transpose": conv_transpose_rows, "norm": norm_rows}
 # Which row kinds each layer structure accepts.
-STRUCTURE_KINDS = {"dense": ("dense", "conv"), "per_channel": ("norm",),
+STRUCTURE_KINDS = {"dense": ("dense", "conv", "conv_transpose"), "per_channel": ("norm",),
                     "diagonal": ("embed",)}
 
 

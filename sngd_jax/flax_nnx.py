@@ -7,7 +7,8 @@ also on error). Layers are named by their path in the model graph
 (``'layers/0'``), which is the path of their params in ``nnx.state(model)``.
 
 Supported (:data:`NNX_LAYERS`): ``Linear``, ``LinearGeneral`` (hence the
-projections of ``MultiHeadAttention``), ``Einsum``, ``Conv``, ``Embed``,
+projections of ``MultiHeadAttention``), ``Einsum``, ``Conv``, ``ConvTranspose``
+(as in linen), ``Embed``,
 ``LayerNorm``, ``BatchNorm``, ``GroupNorm``, ``RMSNorm``, ``InstanceNorm``,
 and the ``Linear`` layers inside ``LSTMCell``, ``OptimizedLSTMCell``,
 ``GRUCell`` and ``SimpleCell``. As in :mod:`sngd_jax.capture`, records made
@@ -59,6 +60,11 @@ def _conv(module, x, args, kwargs, out):
   return x, out, "conv", conv_lib.conv_config(module)
 
 
+def _conv_transpose(module, x, args, kwargs, out):
+  config = conv_lib.conv_transpose_config(module)
+  return None if config is None else (x, out, "conv_transpose", config)
+
+
 def _embed(module, x, args, kwargs, out):
   return x, out, "embed", ()
 
@@ -68,6 +74,7 @@ NNX_LAYERS: dict[type, Callable[..., Any]] = {
     nnx.LinearGeneral: _linear_general,
     nnx.Einsum: _einsum,
     nnx.Conv: _conv,
+    nnx.ConvTranspose: _conv_transpose,
     nnx.Embed: _embed,
 }
 """Layer class -> recorder ``(module, x, args, kwargs, output) -> (x, z, kind, config)``."""

@@ -123,6 +123,50 @@ def test_rfim_per_channel_blocks_for_grouped_conv():
     np.testing.assert_allclose(updates["bias"][j], pre[-1], rtol=1e-8)
 
 
+# --- transposed convolutions ----------------------------------------------------
+
+def _transpose_pads(k, s, d, padding):
+  """lax.conv_transpose's padding of the stride-dilated input (documented rule)."""
+  k = (k - 1) * d + 1
+  if padding == "SAME":
+    total = k + s - 2
+    low = k - 1 if s > k - 1 else -(-total // 2)
+  else:  # VALID
+    total = k + s - 2 + max(k - s, 0)
+    low = k - 1
+  return low, total - low
+
+
+TRANSPOSE = {
+    "2d_same_stride2": ((3, 3), (2, 2), "SAME", (1, 1), (4, 3)),
+    "1d_valid_dilated": ((3,), (2,), "VALID", (2,), (5,)),
+    "2d_explicit": ((2, 2), (2, 1), ((1, 0), (0, 1)), (1, 1), (3, 3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSPOSE))
+def test_conv_transpose_update_matches_reference(name):
+  k, s, pad, kd, spatial = TRANSPOSE[name]
+  x = jax.random.normal(jax.random.key(4), (2,) + spatial + (2,), jnp.float64)
+  layer = nn.ConvTranspose(3, k, strides=s, padding=pad, kernel_dilation=kd,
+                           param_dtype=jnp.float64)
+  params = layer.init(jax.random.key(0), x)["params"]
+  y = layer.apply({"params": params}, x)
+  pads = pad if not isinstance(pad, str) else [
+      _transpose_pads(k[i], s[i], kd[i], pad) for i in range(len(k))]
+  rows, _ = ref.conv_patches(np.asarray(x), k, (1,) * len(k), pads, kd, s, 1)
+  kernel = np.asarray(params["kernel"]).reshape(rows.shape[1], -1)
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, 3), rows @ kernel + np.asarray(
+      params["bias"]), atol=1e-10)
+  loss = lambda p, x: jnp.sum(jnp.tanh(layer.apply({"params": p}, x)) ** 2)
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x)
+  tx = sngd_jax.sngd(**ref.one_step_kwargs())
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params, activations=acts)
+  kernel_u, bias_u = ref.dense_update(rows, grads["kernel"], grads["bias"])
+  np.testing.assert_allclose(updates["kernel"], kernel_u, rtol=1e-8, atol=1e-10)
+  np.testing.assert_allclose(updates["bias"], bias_u, rtol=1e-8, atol=1e-10)
+
+
 # --- training smoke test ------------------------------------------------------
 
 FASHION = "/usr/share/datasets/fashion-mnist"

@@ -17,7 +17,7 @@ class Mixed(nn.Module):
     h = nn.LayerNorm()(h)
     h = h * self.param("temperature", nn.initializers.ones, ())
     e = nn.Embed(7, 4)(tokens).mean(1)
-    up = nn.ConvTranspose(2, (2, 2))(x)                     # not modelled by sngd
+    up = nn.ConvTranspose(2, (2, 2), transpose_kernel=True)(x)   # not modelled by sngd
     return nn.Dense(3)(h + e).sum() + nn.Dense(2, name="head")(h).sum() + up.sum()
 
 
