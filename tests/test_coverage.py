@@ -17,7 +17,7 @@ class Mixed(nn.Module):
     h = nn.LayerNorm()(h)
     h = h * self.param("temperature", nn.initializers.ones, ())
     e = nn.Embed(7, 4)(tokens).mean(1)
-    up = nn.ConvTranspose(2, (2, 2), transpose_kernel=True)(x)   # not modelled by sngd
+    up = nn.Einsum((2, 1), "bhwc,kc->bhwk", use_bias=False)(x)   # layout not modelled
     return nn.Dense(3)(h + e).sum() + nn.Dense(2, name="head")(h).sum() + up.sum()
 
 
@@ -45,14 +45,14 @@ def test_every_leaf_is_listed_with_its_kind():
   assert kinds["Dense_0/kernel"] == "linear/dense 5x5"
   assert kinds["temperature"] == "pass-through"
   assert kinds["head/kernel"] == "pass-through (fisher=None)"
-  assert report.missing == ["ConvTranspose_0/bias", "ConvTranspose_0/kernel"]
+  assert report.missing == ["Einsum_0/kernel"]
   table = str(report)
   assert "parameter" in table and "Conv_0/kernel" in table and "total" in table
 
 
 def test_factor_bytes_equal_the_optimizer_state():
   loss, params, x, tokens = _setup()
-  fisher = {"ConvTranspose_0": None}
+  fisher = {"Einsum_0": None}
   report = sngd_jax.coverage(loss, params, x, tokens, fisher=fisher)
   assert report.missing == []
   state = sngd_jax.sngd(fisher=fisher).init(params)
