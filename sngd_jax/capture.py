@@ -120,21 +120,20 @@ def contract_config(axes: Any, ndim: int) -> tuple:
   return (axes, None)
 
 
-def einsum_config(einsum_str: str, x_ndim: int, kernel_ndim: int,
-                  use_bias: bool) -> Optional[tuple]:
+def einsum_config(einsum_str: str, x_ndim: int, kernel_ndim: int) -> Optional[tuple]:
   """Dense config of an einsum layer, or None if its layout is not a dense layer's.
 
   Supported: ``lhs,rhs->out`` where the kernel ``rhs`` is the contracted
   letters followed by output letters, every other ``lhs`` letter is a row
   (batch/position) letter kept in ``out``, and no letter is shared by all three.
-  Without a bias the kernel must have a single output letter (the params do
-  not say where its input axes end otherwise).
+  (Without a bias and with several output letters the params do not say where
+  the kernel's input axes end: :func:`sngd_jax.coverage` then gives the
+  ``fisher={path: (kind, n_input_axes)}`` to pass.)
 
   Args:
     einsum_str: the equation (explicit, two operands).
     x_ndim: rank of the input.
     kernel_ndim: rank of the kernel.
-    use_bias: whether the layer has a bias.
 
   Returns:
     ``(contract_axes, out_perm)`` for :func:`sngd_jax.factors.dense_rows`.
@@ -155,8 +154,6 @@ def einsum_config(einsum_str: str, x_ndim: int, kernel_ndim: int,
   rows = [c for c in lhs if c not in rhs]
   if (list(rhs) != contracted + kernel_out or not contracted or not kernel_out
       or any(c not in out for c in rows) or sorted(out) != sorted(rows + kernel_out)):
-    return None
-  if not use_bias and len(kernel_out) != 1:
     return None
   axes = tuple(lhs.index(c) for c in contracted)  # in kernel order
   out_perm = tuple(out.index(c) for c in rows + kernel_out)
@@ -180,7 +177,7 @@ def _dense_general(module, args, kwargs, out) -> Record:
 def _einsum(module, args, kwargs, out) -> Record:
   x = args[0]
   eq = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or module.einsum_str
-  config = einsum_config(eq, x.ndim, len(module.shape), module.use_bias)
+  config = einsum_config(eq, x.ndim, len(module.shape))
   return None if config is None else (x, out, "dense", config)
 
 

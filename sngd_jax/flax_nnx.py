@@ -52,7 +52,7 @@ def _linear_general(module, x, args, kwargs, out):
 
 def _einsum(module, x, args, kwargs, out):
   eq = kwargs.get("einsum_str", args[0] if args else None) or module.einsum_str
-  config = einsum_config(eq, x.ndim, module.kernel.ndim, module.bias is not None)
+  config = einsum_config(eq, x.ndim, module.kernel.ndim)
   return None if config is None else (x, out, "dense", config)
 
 
