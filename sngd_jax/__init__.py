@@ -2,6 +2,7 @@
 
 from sngd_jax.alias import sngd_momentum
 from sngd_jax.capture import Activations, Captured, capture
+from sngd_jax.coverage import CoverageReport, ParamCoverage, coverage
 from sngd_jax.factors import PRIORS
 from sngd_jax.flax_nnx import capture_nnx
 from sngd_jax.layers import FISHER_KINDS, LayerSpec, discover
@@ -13,13 +14,16 @@ __version__ = "0.1.0"
 __all__ = [
     "Activations",
     "Captured",
+    "CoverageReport",
     "FISHER_KINDS",
     "INVERSE_METHODS",
     "LayerSpec",
     "PRIORS",
+    "ParamCoverage",
     "SNGDState",
     "capture",
     "capture_nnx",
+    "coverage",
     "discover",
     "sngd",
     "sngd_momentum",

@@ -13,15 +13,31 @@ The running estimate is an exponential moving average with a prior ``P``::
 
 read through the weight ``w`` as ``G_t / w_t``. The prior decides how the
 average starts (see :data:`PRIORS`).
+
+Rows by layer type (each captured call has a ``kind``, see :data:`ROWS`):
+
+* ``dense``: every position of the input (batch, time, tokens, heads: all
+  axes but the contracted ones) is a row; ``DenseGeneral``/``Einsum``
+  contract several axes, flattened in the kernel's order.
+* ``conv``: one row per (example, output position, feature group): the input
+  patch, in the kernel's row order (:mod:`sngd_jax.conv`); ``conv_transpose``
+  likewise over the stride-dilated input.
+* ``norm`` (``structure="per_channel"``): per channel ``c`` the rows
+  ``[xhat_c; 1]``; ``G_c = E[w x~_c x~_c^T]`` with ``w = 1`` (linear) or
+  ``sigmoid(y_c)^2`` (rfim), a ``2 x 2`` block per channel.
+* ``embed`` (``structure="diagonal"``): ``G_vv = (count of token v) / n``,
+  the exact (diagonal) ``E[onehot onehot^T]``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from sngd_jax import conv as conv_lib
 from sngd_jax.capture import Captured
 from sngd_jax.layers import LayerSpec
 
@@ -41,13 +57,55 @@ RowFn = Callable[[Captured], tuple[jax.Array, jax.Array]]
 
 
 def dense_rows(call: Captured) -> tuple[jax.Array, jax.Array]:
-  """Rows of a dense call: every leading axis (batch, time, tokens) is a sample."""
-  x = call.inputs.reshape(-1, call.inputs.shape[-1])
-  z = call.outputs.reshape(x.shape[0], -1)
-  return x, z
+  """Rows of a dense call: every non-contracted position is a sample.
+
+  ``call.config`` is ``()`` (contract the last axis, ``nn.Dense``) or
+  ``(axes, out_perm)``: the input axes the kernel contracts, in the kernel's
+  order, and the output transpose that puts the row axes first in input order
+  and the kernel's output axes last in kernel order (None when already so).
+  """
+  x = call.inputs
+  if call.config:
+    axes, out_perm = call.config
+    x = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
+    x = x.reshape((-1, math.prod(x.shape[x.ndim - len(axes):])))
+    z = call.outputs if out_perm is None else jnp.transpose(call.outputs, out_perm)
+  else:
+    x = x.reshape(-1, x.shape[-1])
+    z = call.outputs
+  return x, z.reshape(x.shape[0], -1)
 
 
-ROWS: dict[str, RowFn] = {"dense": dense_rows}
+def conv_rows(call: Captured) -> tuple[jax.Array, jax.Array]:
+  """Rows of a conv call: input patches (kernel row order) and their outputs."""
+  return (conv_lib.patches(call.inputs, call.config),
+          conv_lib.conv_output_rows(call.outputs, call.config))
+
+
+def norm_rows(call: Captured) -> tuple[jax.Array, jax.Array]:
+  """Rows of a normalization call: ``xhat`` and ``y``, channels last, ``(n, C)``.
+
+  ``call.config`` is ``(feature_axes,)``; ``call.inputs`` is the normalized
+  ``xhat`` (before scale and bias), ``call.outputs`` is ``y``.
+  """
+  (feature_axes,) = call.config
+  def rows(a):
+    a = jnp.moveaxis(a, feature_axes, tuple(range(a.ndim - len(feature_axes), a.ndim)))
+    return a.reshape(-1, math.prod(a.shape[a.ndim - len(feature_axes):]))
+  return rows(call.inputs), rows(call.outputs)
+
+
+def conv_transpose_rows(call: Captured) -> tuple[jax.Array, jax.Array]:
+  """Rows of a transposed conv call: patches of the stride-dilated input."""
+  return (conv_lib.transpose_patches(call.inputs, call.config),
+          call.outputs.reshape(-1, call.outputs.shape[-1]))
+
+
+ROWS: dict[str, RowFn] = {"dense": dense_rows, "conv": conv_rows,
+                          "conv_transpose": conv_transpose_rows, "norm": norm_rows}
+# Which row kinds each layer structure accepts.
+STRUCTURE_KINDS = {"dense": ("dense", "conv", "conv_transpose"), "per_channel": ("norm",),
+                    "diagonal": ("embed",)}
 
 
 def stat_dtype(*arrays: jax.Array) -> jnp.dtype:
@@ -71,6 +129,7 @@ def layer_rows(spec: LayerSpec, calls: Sequence[Captured]) -> tuple[jax.Array, j
   """
   xs, zs = [], []
   for call in calls:
+    _check_kind(spec, call)
     x, z = ROWS[call.kind](call)
     if x.shape[-1] != spec.in_dim or z.shape[-1] != spec.out_dim:
       raise ValueError(
@@ -88,8 +147,49 @@ def layer_rows(spec: LayerSpec, calls: Sequence[Captured]) -> tuple[jax.Array, j
   return x, z
 
 
+def _check_kind(spec: LayerSpec, call: Captured) -> None:
+  if call.kind not in STRUCTURE_KINDS[spec.structure]:
+    raise ValueError(
+        f"sngd: layer {spec.path!r} ({spec.structure} local Fisher from its params) got "
+        f"activations of kind {call.kind!r}; expected {STRUCTURE_KINDS[spec.structure]}")
+
+
+def embed_counts(spec: LayerSpec, calls: Sequence[Captured], dtype) -> jax.Array:
+  """Token frequencies ``count(v) / n`` over all calls of an embedding, ``(V,)``."""
+  ids = jnp.concatenate([c.inputs.reshape(-1) for c in calls])
+  counts = jnp.zeros((spec.in_dim,), dtype).at[ids].add(1.0, mode="drop")
+  return counts / ids.shape[0]
+
+
 def batch_factor(spec: LayerSpec, calls: Sequence[Captured]) -> jax.Array:
-  """The batch estimate ``G^`` of a layer: ``(d, d)`` or ``(O, d, d)`` for rfim."""
+  """The batch estimate ``G^`` of a layer.
+
+  Returns:
+    ``(d, d)``; ``(O, d, d)`` for rfim and for norm channels; ``(V,)`` for an
+    embedding.
+  """
+  for call in calls:
+    _check_kind(spec, call)
+  if spec.structure == "diagonal":
+    if any(c.config == ("attend",) for c in calls):
+      raise ValueError(
+          f"sngd: embedding {spec.path!r} is also used as an output layer (`attend`, tied "
+          "weights); its local Fisher is then not diagonal, which sngd does not model. "
+          f"Leave it to the next transform with `fisher={{{spec.path!r}: None}}`.")
+    return embed_counts(spec, calls, jax.dtypes.canonicalize_dtype(jnp.float64))
+  if spec.structure == "per_channel":
+    xs, zs = zip(*(norm_rows(c) for c in calls), strict=True)
+    dtype = stat_dtype(*xs)
+    x = jnp.concatenate(xs).astype(dtype)
+    z = jnp.concatenate(zs).astype(dtype)
+    if x.shape[-1] != spec.out_dim:
+      raise ValueError(
+          f"sngd: layer {spec.path!r}: captured {x.shape[-1]} channels, params have "
+          f"{spec.out_dim}")
+    parts = [x] + ([jnp.ones_like(x)] if spec.bias is not None else [])
+    rows = jnp.stack(parts, axis=-1)  # (n, C, d)
+    w = jax.nn.sigmoid(z) ** 2 if spec.fisher == "rfim" else jnp.ones_like(z)
+    return jnp.einsum("nc,nca,ncb->cab", w, rows, rows) / x.shape[0]
   x, z = layer_rows(spec, calls)
   n = x.shape[0]
   if spec.fisher == "rfim":
@@ -99,7 +199,15 @@ def batch_factor(spec: LayerSpec, calls: Sequence[Captured]) -> jax.Array:
 
 
 def prior_of(prior: str, estimate: jax.Array) -> jax.Array:
-  """The prior ``P(G^)`` for a (stack of) ``d x d`` estimate(s)."""
+  """The prior ``P(G^)`` for a (stack of) ``d x d`` estimate(s), or a diagonal (vector)."""
+  if estimate.ndim == 1:  # a diagonal factor stored as its diagonal
+    if prior == "identity":
+      return jnp.ones_like(estimate)
+    if prior == "scaled_identity":
+      return jnp.full_like(estimate, jnp.mean(estimate))
+    if prior == "none":
+      return jnp.zeros_like(estimate)
+    raise ValueError(f"sngd: unknown prior {prior!r}; expected one of {PRIORS}")
   d = estimate.shape[-1]
   eye = jnp.eye(d, dtype=estimate.dtype)
   if prior == "identity":

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sngd_jax import diagonal as diagonal_lib
 from sngd_jax import factors as factors_lib
 from sngd_jax import layers as layers_lib
 from sngd_jax import matfun
@@ -84,10 +85,12 @@ def _init_state(params: Any, specs: dict[str, layers_lib.LayerSpec],
   factors, weights, inverses = {}, {}, {}
   for path, spec in specs.items():
     dtype = _layer_dtype(leaves[index[spec.kernel]])
-    shape = (spec.num_blocks, spec.dim, spec.dim)
-    factors[path] = jnp.zeros(shape if spec.fisher == "rfim" else shape[1:], dtype)
+    factors[path] = jnp.zeros(spec.factor_shape, dtype)
     weights[path] = jnp.zeros((), dtype)
-    inverses[path] = method.identity(spec.num_blocks, spec.dim, dtype)
+    if spec.structure == "diagonal":
+      inverses[path] = diagonal_lib.identity(spec.in_dim, dtype)
+    else:
+      inverses[path] = method.identity(spec.num_blocks, spec.dim, dtype)
   zero = jnp.zeros((), jnp.int32)
   return SNGDState(count=zero, factors=factors, weights=weights, inverses=inverses,
                    has_inverse=jnp.zeros((), bool), num_refresh_failures=zero,
@@ -133,9 +136,15 @@ def _tree_all_finite(tree: Any) -> chex.Array:
 def _refresh_inverses(specs, factors, weights, old_inverses, method, damping, abs_damping):
   """Refreshes all inverses, one batched kernel call per (size, dtype) group."""
   groups: dict[tuple[int, Any], list[str]] = {}
-  for path, spec in specs.items():
-    groups.setdefault((spec.dim, factors[path].dtype), []).append(path)
   new_inverses, failures = {}, jnp.zeros((), jnp.int32)
+  for path, spec in specs.items():
+    if spec.structure == "diagonal":
+      rep, ok = diagonal_lib.refresh(factors_lib.normalized(factors[path], weights[path]),
+                                     damping, abs_damping)
+      new_inverses[path] = jnp.where(ok, rep, old_inverses[path])
+      failures += (~ok).astype(jnp.int32)
+      continue
+    groups.setdefault((spec.dim, factors[path].dtype), []).append(path)
   for paths_in_group in groups.values():
     blocks = [factors_lib.normalized(factors[p], weights[p]).reshape(
         (-1,) + factors[p].shape[-2:]) for p in paths_in_group]
@@ -255,7 +264,9 @@ def sngd(
       if spec.bias is not None:
         b_leaf = leaves[index[spec.bias]]
         g = jnp.concatenate([g, b_leaf.reshape(1, spec.out_dim).astype(dtype)])
-      if spec.fisher == "rfim":
+      if spec.structure == "diagonal":
+        pre = diagonal_lib.apply(inv[path], g)
+      elif spec.per_unit:
         pre = method.apply(inv[path], g.T[:, :, None])[:, :, 0].T
       else:
         pre = method.apply(inv[path], g[None])[0]

@@ -1,0 +1,192 @@
+"""Input patches of a convolution, in the layout of its kernel.
+
+A convolution with kernel ``K`` of shape ``(k_1, ..., k_s, C_in/g, C_out)``
+(``g = feature_group_count``) is a dense layer applied at every output
+position to the *patch* of input values under the (dilated) window. Its
+one-sided local Fisher is the dense one over patches (K-FAC's treatment of
+convolutions, METHOD.md section 6)::
+
+    G = E[p~ p~^T],   p~ = [patch; 1],   patch of size k_1 * ... * k_s * C_in/g,
+
+the expectation taken over the batch and every output position.
+
+Patches come from :func:`jax.lax.conv_general_dilated_patches`, whose output
+features are ordered channel-major (``c * prod(k) + k_index``); the kernel
+flattens as ``k_index * C_in/g + c``. :func:`patches` reorders them to the
+kernel's layout, so ``G`` indexes the rows of ``K.reshape(-1, C_out)``
+directly and the preconditioned gradient needs no remapping.
+
+Feature groups (``g > 1``, depthwise when ``g = C_in``): output channels of
+group ``j`` only see input channels of group ``j``, all through the same
+``(k, C_in/g)`` kernel rows. We keep **one factor shared by all groups**: the
+patch of each group is one more sample (``n * positions * g`` rows). This
+costs ``d^2`` like an ungrouped layer, and equals per-group factors when the
+groups' input statistics agree; per-group factors would cost ``g d^2``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Static description of a call: (kernel_size, strides, padding, input_dilation,
+# kernel_dilation, feature_group_count), all tuples / strings (hashable).
+ConvConfig = tuple
+
+
+def _broadcast(x: Any, rank: int) -> tuple[int, ...]:
+  if x is None:
+    x = 1
+  if isinstance(x, int):
+    return (x,) * rank
+  return tuple(int(v) for v in x)
+
+
+def _canonical_padding(padding: Any, rank: int) -> Any:
+  """Flax's padding spellings, as a hashable lax padding (string or pairs)."""
+  if isinstance(padding, str):
+    return padding.upper()
+  if isinstance(padding, int):
+    return ((padding, padding),) * rank
+  pads = []
+  for p in padding:
+    pads.append((p, p) if isinstance(p, int) else (int(p[0]), int(p[1])))
+  if len(pads) != rank:
+    raise ValueError(f"sngd: conv padding {padding!r} does not fit {rank} spatial dims")
+  return tuple(pads)
+
+
+def conv_config(module: Any) -> ConvConfig:
+  """The static config of a linen ``nn.Conv`` or an ``nnx.Conv``.
+
+  Args:
+    module: the conv module (reads ``kernel_size``, ``strides``, ``padding``,
+      ``input_dilation``, ``kernel_dilation``, ``feature_group_count``).
+
+  Returns:
+    ``(kernel_size, strides, padding, input_dilation, kernel_dilation, groups)``.
+  """
+  kernel_size = module.kernel_size
+  kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
+  rank = len(kernel_size)
+  return (kernel_size, _broadcast(module.strides, rank),
+          _canonical_padding(module.padding, rank), _broadcast(module.input_dilation, rank),
+          _broadcast(module.kernel_dilation, rank), int(module.feature_group_count))
+
+
+def patch_size(config: ConvConfig, in_channels: int) -> int:
+  """Number of kernel rows ``prod(kernel_size) * C_in / groups``."""
+  return math.prod(config[0]) * in_channels // config[5]
+
+
+def patches(x: jax.Array, config: ConvConfig) -> jax.Array:
+  """The input patches of a conv call, one row per (example, position, group).
+
+  Reproduces the padding of Flax's ``Conv`` (``'SAME'``, ``'VALID'``,
+  ``'CIRCULAR'``, ``'REFLECT'``, ``'CAUSAL'``, explicit pairs), then
+  extracts windows with ``lax.conv_general_dilated_patches`` and orders each
+  row like the kernel's rows ``(k_1, ..., k_s, c)``.
+
+  Args:
+    x: the conv input, ``(*batch, *spatial, C_in)`` (channels last).
+    config: from :func:`conv_config`.
+
+  Returns:
+    ``(n * positions * groups, prod(kernel_size) * C_in / groups)`` rows.
+  """
+  kernel_size, strides, padding, input_dilation, kernel_dilation, groups = config
+  rank = len(kernel_size)
+  x = x.reshape((-1,) + x.shape[x.ndim - rank - 1:])
+  if padding in ("CIRCULAR", "REFLECT"):
+    dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation, strict=True)]
+    pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
+    x = jnp.pad(x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
+    padding = "VALID"
+  elif padding == "CAUSAL":
+    if rank != 1:
+      raise ValueError("sngd: CAUSAL padding exists for 1-D convolutions only")
+    x = jnp.pad(x, [(0, 0), (kernel_dilation[0] * (kernel_size[0] - 1), 0), (0, 0)])
+    padding = "VALID"
+  spatial = "DHW"[3 - rank:] if rank <= 3 else None
+  if spatial is None:
+    raise ValueError(f"sngd: {rank}-D convolutions are not supported (1-D to 3-D are)")
+  lhs_spec = "N" + spatial + "C"
+  out = lax.conv_general_dilated_patches(
+      x, kernel_size, strides, padding, lhs_dilation=input_dilation,
+      rhs_dilation=kernel_dilation,
+      dimension_numbers=(lhs_spec, spatial + "IO", lhs_spec),
+      precision=lax.Precision.HIGHEST)
+  channels = x.shape[-1]
+  volume = math.prod(kernel_size)
+  # (..., C_in * volume) channel-major -> (..., groups, volume, C_in/groups).
+  out = out.reshape((-1, groups, channels // groups, volume))
+  out = jnp.swapaxes(out, -1, -2)
+  return out.reshape(-1, volume * channels // groups)
+
+
+def conv_output_rows(z: jax.Array, config: ConvConfig) -> jax.Array:
+  """Pre-activations as rows aligned with :func:`patches`.
+
+  Row ``(i, group j)`` of the patches feeds only output channels of group
+  ``j``; the other channels get ``-inf`` there, so their rfim weight
+  ``sigmoid(z)^2`` is 0 (each channel's rfim block is then an average over
+  its own group's rows, scaled by ``1/groups``, which relative damping and the
+  scale-free prior do not see).
+
+  Args:
+    z: the conv output, ``(*batch, *spatial_out, C_out)``.
+    config: from :func:`conv_config`.
+
+  Returns:
+    ``(n * positions * groups, C_out)``.
+  """
+  groups = config[5]
+  out_channels = z.shape[-1]
+  z = z.reshape(-1, out_channels)
+  if groups == 1:
+    return z
+  owner = jnp.arange(out_channels) // (out_channels // groups)
+  mask = owner[None, :] == jnp.arange(groups)[:, None]  # (groups, C_out)
+  rows = jnp.where(mask[None], z[:, None, :], -jnp.inf)
+  return rows.reshape(-1, out_channels)
+
+
+
+# Transposed convolutions: ``lax.conv_transpose`` is a convolution of the
+# stride-dilated input with the kernel (``transpose_kernel=False``), so its
+# patches come from the same call with an identity kernel, whose output feature
+# ``k_index * C_in + c`` copies input channel ``c`` at window offset ``k``: the
+# kernel's own row order, and Flax's padding rules by construction.
+ConvTransposeConfig = tuple
+
+
+def conv_transpose_config(module: Any) -> Any:
+  """``(kernel_size, strides, padding, kernel_dilation)`` of a ``ConvTranspose``.
+
+  Returns None for what is not a plain transposed conv over shared kernel rows
+  (``transpose_kernel=True``, or ``'CIRCULAR'`` padding, which folds the output).
+  """
+  kernel_size = module.kernel_size
+  kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
+  rank = len(kernel_size)
+  padding = _canonical_padding(module.padding, rank)
+  if getattr(module, "transpose_kernel", False) or padding == "CIRCULAR":
+    return None
+  return (kernel_size, _broadcast(module.strides, rank), padding,
+          _broadcast(module.kernel_dilation, rank))
+
+
+def transpose_patches(x: jax.Array, config: ConvTransposeConfig) -> jax.Array:
+  """Input patches of a transposed conv, ``(n * positions, prod(k) * C_in)``."""
+  kernel_size, strides, padding, kernel_dilation = config
+  rank = len(kernel_size)
+  x = x.reshape((-1,) + x.shape[x.ndim - rank - 1:])
+  size = math.prod(kernel_size) * x.shape[-1]
+  eye = jnp.eye(size, dtype=x.dtype).reshape(kernel_size + (x.shape[-1], size))
+  out = lax.conv_transpose(x, eye, strides, padding, rhs_dilation=kernel_dilation,
+                           precision=lax.Precision.HIGHEST)
+  return out.reshape(-1, size)

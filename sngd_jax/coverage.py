@@ -1,0 +1,217 @@
+"""Which local Fisher every parameter gets: a report for a model and a batch.
+
+:func:`coverage` traces one call of the loss (shapes only, nothing is
+computed), matches the captured layer calls to the layers found in the
+params, and lists every parameter leaf with
+
+* the local Fisher it gets, e.g. ``linear/conv 28x28`` (structure, the kind of
+  rows it is built from, the factor shape), ``per-channel/norm 6x2x2``,
+  ``diagonal/embed 11``;
+* ``pass-through`` for leaves that are part of no layer (they reach the next
+  transform unchanged), or ``pass-through (fisher=None)`` for a layer left
+  alone on purpose;
+* ``MISSING`` for a layer whose calls were not captured, or whose captured
+  feature sizes do not fit its params: ``update`` would raise for it (pass
+  ``fisher={path: None}`` or use a supported layer);
+
+and the bytes of optimizer state its factor takes (running factor plus a dense
+cached inverse), on the layer's weight leaf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sngd_jax import factors as factors_lib
+from sngd_jax import layers as layers_lib
+from sngd_jax import paths
+from sngd_jax.capture import capture
+from sngd_jax.flax_nnx import capture_nnx
+
+PASS_THROUGH = "pass-through"
+MISSING = "MISSING"
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCoverage:
+  """One parameter leaf.
+
+  Attributes:
+    path: the leaf path, e.g. ``'Conv_0/kernel'``.
+    shape: the leaf shape.
+    layer: the layer path it belongs to, or None.
+    fisher: the local Fisher it gets (see the module docstring).
+    factor_bytes: state bytes of the layer's factor and inverse (on the weight
+      leaf of a preconditioned layer; 0 elsewhere).
+  """
+
+  path: str
+  shape: tuple[int, ...]
+  layer: Optional[str]
+  fisher: str
+  factor_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CoverageReport:
+  """The coverage of a params tree; ``str()`` gives a table."""
+
+  params: tuple[ParamCoverage, ...]
+  unmatched: tuple[str, ...] = ()
+
+  @property
+  def preconditioned(self) -> list[str]:
+    """Paths of leaves that get a local Fisher."""
+    return [p.path for p in self.params if p.layer is not None and
+            not p.fisher.startswith((PASS_THROUGH, MISSING))]
+
+  @property
+  def pass_through(self) -> list[str]:
+    """Paths of leaves that reach the next transform unchanged."""
+    return [p.path for p in self.params if p.fisher.startswith(PASS_THROUGH)]
+
+  @property
+  def missing(self) -> list[str]:
+    """Paths of leaves of layers with no captured calls (``update`` raises)."""
+    return [p.path for p in self.params if p.fisher.startswith(MISSING)]
+
+  @property
+  def total_factor_bytes(self) -> int:
+    return sum(p.factor_bytes for p in self.params)
+
+  def __str__(self) -> str:
+    head = ("parameter", "shape", "local Fisher", "factor bytes")
+    rows = [(p.path, "x".join(map(str, p.shape)) or "()", p.fisher,
+             f"{p.factor_bytes:,}" if p.factor_bytes else "") for p in self.params]
+    rows.append(("total", "", "", f"{self.total_factor_bytes:,}"))
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+    lines = [fmt(head), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows]
+    if self.unmatched:
+      lines.append(f"captured but matching no params (update raises): {list(self.unmatched)}")
+    return "\n".join(lines)
+
+
+def _describe(spec: layers_lib.LayerSpec, kinds: set[str]) -> str:
+  source = "+".join(sorted(kinds))
+  if spec.structure == "diagonal":
+    name = "diagonal"
+  elif spec.structure == "per_channel":
+    name = "per-channel" + ("/rfim" if spec.fisher == "rfim" else "")
+  else:
+    name = spec.fisher
+  return f"{name}/{source} " + "x".join(map(str, spec.factor_shape))
+
+
+def _mismatch(spec: layers_lib.LayerSpec, calls) -> Optional[str]:
+  """Why ``update`` would reject these calls for this layer, or None."""
+  for call in calls:
+    if call.kind not in factors_lib.STRUCTURE_KINDS[spec.structure]:
+      return f"{call.kind} calls for a {spec.structure} layer"
+    if call.kind == "embed":
+      continue
+    x, z = jax.eval_shape(factors_lib.ROWS[call.kind], call)
+    want_in = 1 if spec.structure == "per_channel" else spec.in_dim
+    if x.shape[-1] != (spec.out_dim if spec.structure == "per_channel" else want_in) or \
+        z.shape[-1] != spec.out_dim:
+      hint = ""
+      if call.kind == "dense":
+        hint = (f"; pass fisher={{{spec.path!r}: ('linear', "
+                f"{len(call.config[0]) if call.config else 1})}}")
+      return (f"calls give {x.shape[-1]} input / {z.shape[-1]} output features, params "
+              f"{spec.in_dim} / {spec.out_dim}{hint}")
+  return None
+
+
+def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "linear"
+           ) -> CoverageReport:
+  """Builds the report from params and (possibly abstract) captured activations.
+
+  Args:
+    params: the params tree given to ``tx.init``.
+    activations: what :func:`sngd_jax.capture` returned (arrays or shapes).
+    fisher: the ``fisher`` argument of :func:`sngd_jax.sngd`.
+
+  Returns:
+    A :class:`CoverageReport`.
+
+  Note: a kernel without bias is split as inputs = all axes but the last; for
+  one with several output axes (bias-free attention projections) the report
+  says ``MISSING`` and gives the ``fisher={path: (kind, n_input_axes)}`` fix.
+  """
+  specs = layers_lib.discover(params, fisher)
+  all_layers = layers_lib.discover(params, "linear")
+  owner: dict[tuple[str, ...], str] = {}
+  for spec in all_layers.values():
+    owner[spec.kernel] = spec.path
+    if spec.bias is not None:
+      owner[spec.bias] = spec.path
+  out = []
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    parts = paths.leaf_parts(key_path)
+    layer = owner.get(parts)
+    nbytes = 0
+    if layer is None:
+      desc = PASS_THROUGH
+    elif layer not in specs:
+      desc = f"{PASS_THROUGH} (fisher=None)"
+    elif not activations.get(layer):
+      desc = f"{MISSING}: no calls captured"
+    elif (why := _mismatch(specs[layer], activations[layer])) is not None:
+      desc = f"{MISSING}: {why}"
+    else:
+      spec = specs[layer]
+      desc = _describe(spec, {c.kind for c in activations[layer]})
+      if parts == spec.kernel:
+        itemsize = jnp.dtype(jnp.result_type(jnp.float32, leaf.dtype)).itemsize
+        nbytes = 2 * math.prod(spec.factor_shape) * itemsize
+      else:
+        desc = f"(with {paths.join(spec.kernel)})"
+    out.append(ParamCoverage(paths.join(parts), tuple(leaf.shape), layer, desc, nbytes))
+  unmatched = tuple(sorted(set(activations) - set(all_layers)))
+  return CoverageReport(tuple(out), unmatched)
+
+
+def coverage(loss_fn: Callable[..., Any], params_or_model: Any, *args: Any,
+             fisher: layers_lib.FisherSpec = "linear", **kwargs: Any) -> CoverageReport:
+  """Lists every parameter with the local Fisher it gets and its factor memory.
+
+  Traces ``loss_fn`` once with abstract values (``jax.eval_shape``: no FLOPs,
+  and an NNX model's state, e.g. batch statistics, is not changed).
+
+  Example::
+
+    print(sngd_jax.coverage(loss_fn, params, x, y))        # linen
+    print(sngd_jax.coverage(loss_fn, model, x, y))         # NNX: loss_fn(model, x, y)
+
+  Args:
+    loss_fn: ``loss_fn(params, *args)`` applying linen modules, or
+      ``loss_fn(model, *args)`` for an NNX model.
+    params_or_model: the params tree given to ``tx.init``, or an ``nnx.Module``
+      (its ``nnx.Param`` state is reported).
+    *args: a batch, as passed to ``loss_fn``.
+    fisher: the ``fisher`` argument of :func:`sngd_jax.sngd`.
+    **kwargs: keyword arguments for ``loss_fn``.
+
+  Returns:
+    A :class:`CoverageReport`; ``print`` it for a table.
+  """
+  if isinstance(params_or_model, nnx.Module):
+    graphdef, state = nnx.split(params_or_model)
+
+    def run(state, *args):
+      return capture_nnx(loss_fn)(nnx.merge(graphdef, state), *args, **kwargs)[1]
+
+    acts = jax.eval_shape(run, state, *args)
+    params = nnx.state(params_or_model, nnx.Param)
+  else:
+    acts = jax.eval_shape(lambda p, *a: capture(loss_fn)(p, *a, **kwargs)[1],
+                          params_or_model, *args)
+    params = params_or_model
+  return report(params, acts, fisher)

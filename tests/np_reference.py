@@ -1,0 +1,206 @@
+"""Independent float64 numpy references for the layer-coverage tests.
+
+Everything here is written from the layer's math with explicit loops or
+plain numpy, without sngd_jax, so the tests compare two implementations.
+"""
+
+import itertools
+
+import numpy as np
+
+DAMPING = 1e-3
+
+
+def one_step_kwargs():
+  """sngd() settings under which one update is exactly the damped batch solve."""
+  return dict(decay=0.0, prior="none", damping=DAMPING, inverse_every=1)
+
+
+def damped_solve(g_factor, grad, damping=DAMPING):
+  """``(G + damping * tr(G) I)^{-1} grad`` for one ``d x d`` block."""
+  g_factor = np.asarray(g_factor, np.float64)
+  d = g_factor.shape[-1]
+  return np.linalg.solve(g_factor + damping * np.trace(g_factor) * np.eye(d), grad)
+
+
+def augmented(kernel_grad, bias_grad, in_dim):
+  """``[gW; gb^T]`` of shape ``(in_dim (+1), out)`` from leaf gradients."""
+  g = np.asarray(kernel_grad, np.float64).reshape(in_dim, -1)
+  if bias_grad is None:
+    return g
+  return np.concatenate([g, np.asarray(bias_grad, np.float64).reshape(1, -1)])
+
+
+def linear_factor(rows, bias=True):
+  """``E[x~ x~^T]`` over rows (one sample per row), by a sum of outer products."""
+  rows = np.asarray(rows, np.float64)
+  if bias:
+    rows = np.concatenate([rows, np.ones((rows.shape[0], 1))], axis=1)
+  g = np.zeros((rows.shape[1], rows.shape[1]))
+  for r in rows:
+    g += np.outer(r, r)
+  return g / rows.shape[0]
+
+
+def dense_update(rows, kernel_grad, bias_grad):
+  """Expected preconditioned ``(kernel, bias)`` of a dense-structured layer."""
+  kernel_grad = np.asarray(kernel_grad, np.float64)
+  in_dim = rows.shape[1]
+  g = augmented(kernel_grad, bias_grad, in_dim)
+  pre = damped_solve(linear_factor(rows, bias_grad is not None), g)
+  kernel = pre[:in_dim].reshape(kernel_grad.shape)
+  bias = None if bias_grad is None else pre[in_dim].reshape(np.shape(bias_grad))
+  return kernel, bias
+
+
+# --- convolution ------------------------------------------------------------
+
+def same_padding(size, k, stride, dilation):
+  """lax's 'SAME' padding for one spatial dim (input already dilated)."""
+  k_eff = (k - 1) * dilation + 1
+  out = -(-size // stride)
+  total = max((out - 1) * stride + k_eff - size, 0)
+  return total // 2, total - total // 2
+
+
+def conv_patches(x, kernel_size, strides, padding, kernel_dilation, input_dilation,
+                 groups):
+  """Conv input patches by loops, rows ordered (example, position, group).
+
+  Args:
+    x: ``(n, *spatial, C)``.
+    kernel_size, strides, kernel_dilation, input_dilation: per spatial dim.
+    padding: ``'SAME'``, ``'VALID'``, ``'CIRCULAR'``, ``'CAUSAL'`` or pairs.
+    groups: feature groups.
+
+  Returns:
+    ``(rows, out_spatial)``; each row lists ``x[..., c]`` for kernel offsets
+    ``k`` (row-major) then channels ``c`` of the group, the kernel's layout.
+  """
+  x = np.asarray(x, np.float64)
+  rank = len(kernel_size)
+  # input dilation: zeros between input pixels
+  for i, d in enumerate(input_dilation):
+    if d > 1:
+      size = x.shape[1 + i]
+      shape = list(x.shape)
+      shape[1 + i] = (size - 1) * d + 1
+      y = np.zeros(shape)
+      idx = [slice(None)] * x.ndim
+      idx[1 + i] = slice(None, None, d)
+      y[tuple(idx)] = x
+      x = y
+  if padding == "CIRCULAR":
+    pads = [((k - 1) * d // 2, ((k - 1) * d + 1) // 2)
+            for k, d in zip(kernel_size, kernel_dilation, strict=True)]
+    x = np.pad(x, [(0, 0)] + pads + [(0, 0)], mode="wrap")
+  elif padding == "CAUSAL":
+    x = np.pad(x, [(0, 0), (kernel_dilation[0] * (kernel_size[0] - 1), 0), (0, 0)])
+  elif padding == "SAME":
+    pads = [same_padding(x.shape[1 + i], kernel_size[i], strides[i], kernel_dilation[i])
+            for i in range(rank)]
+    x = np.pad(x, [(0, 0)] + pads + [(0, 0)])
+  elif padding != "VALID":
+    x = np.pad(x, [(0, 0)] + [tuple(p) for p in padding] + [(0, 0)])
+  cg = x.shape[-1] // groups
+  out = [(x.shape[1 + i] - (kernel_size[i] - 1) * kernel_dilation[i] - 1) // strides[i] + 1
+         for i in range(rank)]
+  rows = []
+  for b in range(x.shape[0]):
+    for pos in itertools.product(*[range(s) for s in out]):
+      for g in range(groups):
+        row = []
+        for k in itertools.product(*[range(s) for s in kernel_size]):
+          idx = tuple(pos[i] * strides[i] + k[i] * kernel_dilation[i] for i in range(rank))
+          for c in range(cg):
+            row.append(x[(b,) + idx + (g * cg + c,)])
+        rows.append(row)
+  return np.asarray(rows), tuple(out)
+
+
+# --- recurrent cells ----------------------------------------------------------
+
+def sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-x))
+
+
+def lstm_forward(p, xs, names=("ii", "if", "ig", "io", "hi", "hf", "hg", "ho")):
+  """LSTM over time (batch-major ``xs (B, T, I)``); returns the h_{t-1} of every step.
+
+  ``p[name]`` holds ``kernel`` (and ``bias`` for the hidden layers):
+  ``i = s(x Wii + h Whi + bhi)``, f, ``g = tanh(...)``, o;
+  ``c' = f c + i g``, ``h' = o tanh(c')``.
+  """
+  ii, if_, ig, io, hi, hf, hg, ho = names
+  b, t, _ = xs.shape
+  hdim = np.asarray(p[hi]["kernel"]).shape[0]
+  h, c = np.zeros((b, hdim)), np.zeros((b, hdim))
+  lin = lambda name, v: v @ np.asarray(p[name]["kernel"], np.float64) + (
+      np.asarray(p[name]["bias"], np.float64) if "bias" in p[name] else 0.0)
+  prev, outs = [], []
+  for step in range(t):
+    x = xs[:, step]
+    prev.append(h)
+    i = sigmoid(lin(ii, x) + lin(hi, h))
+    f = sigmoid(lin(if_, x) + lin(hf, h))
+    g = np.tanh(lin(ig, x) + lin(hg, h))
+    o = sigmoid(lin(io, x) + lin(ho, h))
+    c = f * c + i * g
+    h = o * np.tanh(c)
+    outs.append(h)
+  return np.stack(prev, 1), np.stack(outs, 1)
+
+
+def gru_forward(p, xs):
+  """Flax's GRU over time: returns (h_{t-1} per step, outputs), batch-major.
+
+  ``r = s(x Wir + bir + h Whr)``, ``z = s(x Wiz + biz + h Whz)``,
+  ``n = tanh(x Win + bin + r (h Whn + bhn))``, ``h' = (1 - z) n + z h``.
+  """
+  b, t, _ = xs.shape
+  hdim = np.asarray(p["hr"]["kernel"]).shape[0]
+  h = np.zeros((b, hdim))
+  lin = lambda name, v: v @ np.asarray(p[name]["kernel"], np.float64) + (
+      np.asarray(p[name]["bias"], np.float64) if "bias" in p[name] else 0.0)
+  prev, outs = [], []
+  for step in range(t):
+    x = xs[:, step]
+    prev.append(h)
+    r = sigmoid(lin("ir", x) + lin("hr", h))
+    z = sigmoid(lin("iz", x) + lin("hz", h))
+    n = np.tanh(lin("in", x) + r * lin("hn", h))
+    h = (1.0 - z) * n + z * h
+    outs.append(h)
+  return np.stack(prev, 1), np.stack(outs, 1)
+
+
+# --- attention ---------------------------------------------------------------
+
+def mha_forward(p, x, num_heads):
+  """Self-attention in numpy; returns the per-head output fed to ``out`` (B, T, H, hd)."""
+  x = np.asarray(x, np.float64)
+  proj = lambda name: np.einsum("btd,dhk->bthk", x, np.asarray(p[name]["kernel"], np.float64)) \
+      + np.asarray(p[name]["bias"], np.float64)
+  q, k, v = proj("query"), proj("key"), proj("value")
+  hd = q.shape[-1]
+  logits = np.einsum("bqhd,bkhd->bhqk", q / np.sqrt(hd), k)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  return np.einsum("bhqk,bkhd->bqhd", w, v)
+
+
+# --- normalization --------------------------------------------------------------
+
+def channel_update(xhat, g_scale, g_bias):
+  """Per channel c: solve the damped ``E[[xhat^2, xhat], [xhat, 1]]`` (n, C) rows."""
+  xhat = np.asarray(xhat, np.float64)
+  out_s, out_b = np.zeros(xhat.shape[1]), np.zeros(xhat.shape[1])
+  for c in range(xhat.shape[1]):
+    col = xhat[:, c]
+    if g_bias is None:
+      gm = np.array([[np.mean(col * col)]])
+      out_s[c] = damped_solve(gm, np.array([g_scale[c]]))[0]
+    else:
+      gm = np.array([[np.mean(col * col), np.mean(col)], [np.mean(col), 1.0]])
+      out_s[c], out_b[c] = damped_solve(gm, np.array([g_scale[c], g_bias[c]]))
+  return out_s, (None if g_bias is None else out_b)

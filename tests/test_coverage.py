@@ -1,0 +1,100 @@
+"""The coverage report: every leaf listed with its local Fisher (or pass-through /
+MISSING) and the bytes its factor really takes in the optimizer state."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import sngd_jax
+
+
+class Mixed(nn.Module):
+  @nn.compact
+  def __call__(self, x, tokens):
+    h = nn.Conv(4, (3, 3))(x).mean((1, 2))
+    h = nn.LayerNorm()(h)
+    h = h * self.param("temperature", nn.initializers.ones, ())
+    e = nn.Embed(7, 4)(tokens).mean(1)
+    up = nn.Einsum((2, 1), "bhwc,kc->bhwk", use_bias=False)(x)   # layout not modelled
+    return nn.Dense(3)(h + e).sum() + nn.Dense(2, name="head")(h).sum() + up.sum()
+
+
+def _setup():
+  x = jnp.ones((2, 5, 5, 1))
+  tokens = jnp.array([[1, 2, 3], [3, 4, 5]])
+  model = Mixed()
+  params = model.init(jax.random.key(0), x, tokens)["params"]
+  loss = lambda p, x, t: model.apply({"params": p}, x, t)
+  return loss, params, x, tokens
+
+
+def test_every_leaf_is_listed_with_its_kind():
+  loss, params, x, tokens = _setup()
+  report = sngd_jax.coverage(loss, params, x, tokens, fisher={"head": None})
+  listed = [p.path for p in report.params]
+  leaves = ["/".join(str(k.key) for k in path)
+            for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  assert sorted(listed) == sorted(leaves)            # every leaf exactly once
+  kinds = {p.path: p.fisher for p in report.params}
+  assert kinds["Conv_0/kernel"] == "linear/conv 10x10"
+  assert kinds["Conv_0/bias"] == "(with Conv_0/kernel)"
+  assert kinds["LayerNorm_0/scale"] == "per-channel/norm 4x2x2"
+  assert kinds["Embed_0/embedding"] == "diagonal/embed 7"
+  assert kinds["Dense_0/kernel"] == "linear/dense 5x5"
+  assert kinds["temperature"] == "pass-through"
+  assert kinds["head/kernel"] == "pass-through (fisher=None)"
+  assert report.missing == ["Einsum_0/kernel"]
+  table = str(report)
+  assert "parameter" in table and "Conv_0/kernel" in table and "total" in table
+
+
+def test_factor_bytes_equal_the_optimizer_state():
+  loss, params, x, tokens = _setup()
+  fisher = {"Einsum_0": None}
+  report = sngd_jax.coverage(loss, params, x, tokens, fisher=fisher)
+  assert report.missing == []
+  state = sngd_jax.sngd(fisher=fisher).init(params)
+  per_layer = {path: state.factors[path].nbytes + jax.tree.leaves(state.inverses[path])[0].nbytes
+               for path in state.factors}
+  got = {p.layer: p.factor_bytes for p in report.params if p.factor_bytes}
+  assert got == per_layer
+  assert report.total_factor_bytes == sum(per_layer.values())
+
+
+def test_rfim_is_reported_per_unit():
+  loss, params, x, tokens = _setup()
+  report = sngd_jax.coverage(loss, params, x, tokens, fisher="rfim")
+  kinds = {p.path: p.fisher for p in report.params}
+  assert kinds["Dense_0/kernel"] == "rfim/dense 3x5x5"
+  assert kinds["LayerNorm_0/scale"] == "per-channel/rfim/norm 4x2x2"
+  assert kinds["Embed_0/embedding"] == "diagonal/embed 7"   # one-hot rows: always linear
+
+
+class NNXNet(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+    self.bn = nnx.BatchNorm(4, rngs=rngs)
+    self.lin = nnx.Linear(4, 2, rngs=rngs)
+    self.gain = nnx.Param(jnp.ones(()))
+
+  def __call__(self, x):
+    return self.lin(self.bn(self.conv(x)).mean((1, 2))).sum() * self.gain
+
+
+def test_nnx_model_report_matches_state_and_leaves_the_model_alone():
+  model = NNXNet(nnx.Rngs(0))
+  x = jnp.arange(50.0).reshape(2, 5, 5, 1)
+  before = jax.tree.map(np.asarray, nnx.state(model))
+  report = sngd_jax.coverage(lambda m, x: m(x), model, x)
+  after = jax.tree.map(np.asarray, nnx.state(model))
+  jax.tree.map(np.testing.assert_array_equal, before, after)   # batch stats unchanged
+  kinds = {p.path: p.fisher for p in report.params}
+  assert kinds == {"bn/bias": "(with bn/scale)", "bn/scale": "per-channel/norm 4x2x2",
+                   "conv/bias": "(with conv/kernel)", "conv/kernel": "linear/conv 10x10",
+                   "gain": "pass-through", "lin/bias": "(with lin/kernel)",
+                   "lin/kernel": "linear/dense 5x5"}
+  state = sngd_jax.sngd().init(nnx.state(model, nnx.Param))
+  assert report.total_factor_bytes == sum(
+      a.nbytes for a in jax.tree.leaves((state.factors, state.inverses)))

@@ -1,0 +1,178 @@
+"""Embeddings (diagonal factor from token counts) and normalization scale/bias
+(per-channel 2x2 blocks over [xhat; 1]): one update vs a float64 reference."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import np_reference as ref
+import numpy as np
+import pytest
+
+import sngd_jax
+from sngd_jax import diagonal, factors
+
+F64 = dict(param_dtype=jnp.float64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+def _grads_updates(model, params, *inputs, tx=None, state=None, **kwargs):
+  loss = lambda p, *a: jnp.sum(jnp.sin(model.apply({"params": p}, *a, **kwargs)))
+  tx = tx or sngd_jax.sngd(**ref.one_step_kwargs())
+  state = tx.init(params) if state is None else state
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, *inputs)
+  updates, state = jax.jit(tx.update)(grads, state, params, activations=acts)
+  return grads, updates, state
+
+
+class Emb(nn.Module):
+  @nn.compact
+  def __call__(self, tokens):
+    return nn.Embed(9, 3, name="emb", **F64)(tokens)
+
+
+def test_embedding_update_divides_each_row_by_its_damped_frequency():
+  tokens = jnp.array([[1, 4, 4, 0], [4, 1, 2, 7]])  # 3, 5, 6, 8 never appear
+  model = Emb()
+  params = model.init(jax.random.key(0), tokens)["params"]
+  grads, updates, _ = _grads_updates(model, params, tokens)
+  counts = np.zeros(9)
+  for t in np.asarray(tokens).ravel():
+    counts[t] += 1
+  freq = counts / counts.sum()
+  expect = np.asarray(grads["emb"]["embedding"]) / (
+      freq + ref.DAMPING * freq.sum())[:, None]
+  np.testing.assert_allclose(updates["emb"]["embedding"], expect, rtol=1e-10)
+  # a row's update is its mean per-occurrence gradient (up to damping); unseen rows stay 0
+  assert np.all(np.asarray(updates["emb"]["embedding"])[[3, 5, 6, 8]] == 0)
+
+
+def test_embedding_average_starts_from_its_scaled_identity_prior():
+  """Default prior and decay: f_1 = d P + (1 - d) f^_1, P = mean(f^_1) on every token."""
+  tokens = jnp.array([[1, 4, 4, 0, 4, 2]])
+  model = Emb()
+  params = model.init(jax.random.key(0), tokens)["params"]
+  tx = sngd_jax.sngd(damping=1e-3, decay=0.9)
+  grads, updates, state = _grads_updates(model, params, tokens, tx=tx)
+  f_hat = np.bincount(np.asarray(tokens).ravel(), minlength=9) / 6
+  f = 0.9 * f_hat.mean() + 0.1 * f_hat
+  np.testing.assert_allclose(state.factors["emb"], f, rtol=1e-12)
+  expect = np.asarray(grads["emb"]["embedding"]) / (f + 1e-3 * f.sum())[:, None]
+  np.testing.assert_allclose(updates["emb"]["embedding"], expect, rtol=1e-10)
+
+
+def test_tied_embedding_is_refused_with_the_fix():
+  class Tied(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+      emb = nn.Embed(9, 3)
+      return emb.attend(emb(tokens))
+
+  tokens = jnp.array([[1, 2]])
+  model = Tied()
+  params = model.init(jax.random.key(0), tokens)["params"]
+  with pytest.raises(ValueError, match=r"attend.*fisher=\{'Embed_0': None\}"):
+    _grads_updates(model, params, tokens)
+  tx = sngd_jax.sngd(fisher={"Embed_0": None})
+  _, updates, _ = _grads_updates(model, params, tokens, tx=tx)   # passes through
+  assert updates["Embed_0"]["embedding"].shape == (9, 3)
+
+
+def test_diagonal_refresh_and_apply():
+  f = jnp.array([0.5, 0.25, 0.25, 0.0])
+  inv, ok = diagonal.refresh(f, 0.1, 0.01)
+  np.testing.assert_allclose(inv, 1.0 / (np.asarray(f) + 0.1 + 0.01))
+  assert bool(ok)
+  g = jnp.arange(8.0).reshape(4, 2)
+  np.testing.assert_allclose(diagonal.apply(inv, g), np.asarray(g) * np.asarray(inv)[:, None])
+  assert factors.prior_of("scaled_identity", f).tolist() == [0.25] * 4
+
+
+# --- normalization ------------------------------------------------------------------
+
+def _xhat_layer(x, eps=1e-6):
+  mu = x.mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(x.var(-1, keepdims=True) + eps)
+
+
+def _xhat_rms(x, eps=1e-6):
+  return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+
+
+def _xhat_batch(x, eps=1e-5):
+  axes = tuple(range(x.ndim - 1))
+  return (x - x.mean(axes)) / np.sqrt(x.var(axes) + eps)
+
+
+def _xhat_group(x, groups, eps=1e-6):
+  b, c = x.shape[0], x.shape[-1]
+  xg = x.reshape(b, -1, groups, c // groups)
+  mu = xg.mean(axis=(1, 3), keepdims=True)
+  var = xg.var(axis=(1, 3), keepdims=True)
+  return ((xg - mu) / np.sqrt(var + eps)).reshape(x.shape)
+
+
+NORMS = {
+    "layer": (lambda: nn.LayerNorm(**F64), _xhat_layer, {}),
+    "rms": (lambda: nn.RMSNorm(**F64), _xhat_rms, {}),
+    "batch": (lambda: nn.BatchNorm(use_running_average=False, **F64), _xhat_batch, {}),
+    "group": (lambda: nn.GroupNorm(num_groups=2, **F64), lambda x: _xhat_group(x, 2), {}),
+    "layer_no_bias": (lambda: nn.LayerNorm(use_bias=False, **F64), _xhat_layer, {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NORMS))
+@pytest.mark.parametrize("zero_scale", [False, True])
+def test_norm_update_matches_per_channel_reference(name, zero_scale):
+  """[d scale_c; d bias_c] = (G_c + damping tr(G_c) I)^{-1} [g scale_c; g bias_c],
+  G_c = E[[xhat_c^2, xhat_c], [xhat_c, 1]], xhat from the raw input (also at scale 0)."""
+  make, xhat_fn, _ = NORMS[name]
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return make()(x)
+
+  x = 2.0 + 3.0 * jax.random.normal(jax.random.key(1), (3, 4, 4), jnp.float64)
+  model = Net()
+  variables = model.init(jax.random.key(0), x)
+  params = variables["params"]
+  (norm,) = params
+  if zero_scale:   # "zero-gamma" init: y does not reveal xhat, the capture must not need it
+    params = {norm: {**params[norm], "scale": jnp.zeros_like(params[norm]["scale"])}}
+  rest = {k: v for k, v in variables.items() if k != "params"}
+  mutable = list(rest) or False
+
+  def loss(p, x):
+    y = model.apply({"params": p, **rest}, x, mutable=mutable)
+    y = y[0] if mutable else y
+    return jnp.sum(jnp.sin(y + 0.3 * x))
+
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x)
+  tx = sngd_jax.sngd(**ref.one_step_kwargs())
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params, activations=acts)
+  xhat = xhat_fn(np.asarray(x)).reshape(-1, 4)
+  g = grads[norm]
+  scale, bias = ref.channel_update(xhat, np.asarray(g["scale"]),
+                                   None if "bias" not in g else np.asarray(g["bias"]))
+  np.testing.assert_allclose(updates[norm]["scale"], scale, rtol=1e-8, atol=1e-12)
+  if bias is not None:
+    np.testing.assert_allclose(updates[norm]["bias"], bias, rtol=1e-8, atol=1e-12)
+
+
+def test_norm_without_scale_passes_bias_through():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.LayerNorm(use_scale=False)(x)
+
+  x = jnp.ones((2, 3))
+  model = Net()
+  params = model.init(jax.random.key(0), x)["params"]
+  loss = lambda p, x: jnp.sum(model.apply({"params": p}, x))
+  report = sngd_jax.coverage(loss, params, x)
+  assert report.pass_through == ["LayerNorm_0/bias"]

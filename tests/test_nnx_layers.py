@@ -1,0 +1,207 @@
+"""Flax NNX layers: one update vs the same float64 references as the linen tests
+(conv patches by loops, token counts, xhat per channel, numpy MHA, per-time-step LSTM/GRU)."""
+
+import jax
+import jax.numpy as jnp
+import np_reference as ref
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import sngd_jax
+
+F64 = dict(param_dtype=jnp.float64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+def _one_step(model, *inputs):
+  """Grads and one sngd update of ``sum(sin(model(*inputs)))``, under nnx.jit."""
+  tx = sngd_jax.sngd(**ref.one_step_kwargs())
+  loss = lambda m, *a: jnp.sum(jnp.sin(m(*a)))
+
+  @nnx.jit
+  def step(model, *inputs):
+    (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss), has_aux=True)(
+        model, *inputs)
+    params = nnx.state(model, nnx.Param)
+    updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+    return grads, updates
+
+  with jax.checking_leaks():
+    grads, updates = step(model, *inputs)
+  pure = lambda s: jax.tree.map(np.asarray, nnx.to_pure_dict(s))
+  return pure(grads), pure(updates)
+
+
+def _check(rows, g, u, name="", rtol=1e-8):
+  kernel, bias = ref.dense_update(rows, g["kernel"], g.get("bias"))
+  np.testing.assert_allclose(u["kernel"], kernel, rtol=rtol, atol=1e-12, err_msg=name)
+  if bias is not None:
+    np.testing.assert_allclose(u["bias"], bias, rtol=rtol, atol=1e-12, err_msg=name)
+
+
+def _value(v):
+  return np.asarray(v[...])
+
+
+class Mixed(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(4, 4, (3, 2), strides=(2, 1), padding=((1, 0), (2, 1)),
+                         kernel_dilation=(2, 1), feature_group_count=2, rngs=rngs, **F64)
+    self.emb = nnx.Embed(9, 4, rngs=rngs, **F64)
+    self.ln = nnx.LayerNorm(4, rngs=rngs, **F64)
+    self.lin = nnx.Linear(4, 3, rngs=rngs, **F64)
+
+  def __call__(self, x, tokens):
+    h = self.conv(x).mean((1, 2))
+    e = self.ln(self.emb(tokens))
+    return self.lin(e + h[:, None])
+
+
+def test_linear_conv_embed_layernorm():
+  model = Mixed(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 7, 6, 4), jnp.float64)
+  tokens = jnp.array([[1, 4, 4], [0, 4, 2]])
+  grads, updates = _one_step(model, x, tokens)
+  rows, _ = ref.conv_patches(np.asarray(x), (3, 2), (2, 1), ((1, 0), (2, 1)), (2, 1), (1, 1), 2)
+  _check(rows, grads["conv"], updates["conv"], "conv")
+  counts = np.bincount(np.asarray(tokens).ravel(), minlength=9)
+  freq = counts / counts.sum()
+  np.testing.assert_allclose(
+      updates["emb"]["embedding"],
+      grads["emb"]["embedding"] / (freq + ref.DAMPING * freq.sum())[:, None], rtol=1e-10)
+  e = _value(model.emb.embedding)[np.asarray(tokens)]
+  xhat = (e - e.mean(-1, keepdims=True)) / np.sqrt(e.var(-1, keepdims=True) + 1e-6)
+  scale, bias = ref.channel_update(xhat.reshape(-1, 4), grads["ln"]["scale"],
+                                   grads["ln"]["bias"])
+  np.testing.assert_allclose(updates["ln"]["scale"], scale, rtol=1e-8, atol=1e-12)
+  np.testing.assert_allclose(updates["ln"]["bias"], bias, rtol=1e-8, atol=1e-12)
+  ln_out = xhat * _value(model.ln.scale) + _value(model.ln.bias)
+  h = np.asarray(model.conv(x)).mean((1, 2))
+  _check((ln_out + h[:, None]).reshape(-1, 4), grads["lin"], updates["lin"], "lin")
+
+
+class Attn(nnx.Module):
+  def __init__(self, rngs):
+    self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=4, qkv_features=6,
+                                       decode=False, rngs=rngs, **F64)
+
+  def __call__(self, x):
+    return self.attn(x)
+
+
+def test_multi_head_attention():
+  model = Attn(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 5, 4), jnp.float64)
+  grads, updates = _one_step(model, x)
+  p = {name: {"kernel": _value(getattr(model.attn, name).kernel),
+              "bias": _value(getattr(model.attn, name).bias)}
+       for name in ("query", "key", "value", "out")}
+  heads = ref.mha_forward(p, x, num_heads=2)
+  out = np.einsum("bthk,hkd->btd", heads, p["out"]["kernel"]) + p["out"]["bias"]
+  # NNX's attention is not exact in float64 (the model differs from numpy by ~1e-7
+  # relative), so the `out` rows, which are its per-head outputs, match to 1e-5.
+  np.testing.assert_allclose(model(x), out, rtol=1e-5, atol=1e-9)
+  for name in ("query", "key", "value"):
+    _check(np.asarray(x).reshape(-1, 4), grads["attn"][name], updates["attn"][name], name)
+  _check(heads.reshape(10, -1), grads["attn"]["out"], updates["attn"]["out"], "out", rtol=1e-5)
+
+
+class Seq(nnx.Module):
+  def __init__(self, cell, rngs):
+    cells = {"lstm": nnx.LSTMCell, "optimized_lstm": nnx.OptimizedLSTMCell,
+             "gru": nnx.GRUCell}
+    self.rnn = nnx.RNN(cells[cell](4, 3, rngs=rngs, **F64), rngs=rngs)
+
+  def __call__(self, xs):
+    return self.rnn(xs)
+
+
+def _gru_forward(ki, bi, kh, xs):
+  """NNX's GRU: fused [r z n] input (with bias) and hidden (no bias) layers."""
+  b, t, _ = xs.shape
+  hd = kh.shape[0]
+  h, prev, outs = np.zeros((b, hd)), [], []
+  for step in range(t):
+    prev.append(h)
+    xr, xz, xn = np.split(xs[:, step] @ ki + bi, 3, axis=-1)
+    hr, hz, hn = np.split(h @ kh, 3, axis=-1)
+    r, z = ref.sigmoid(xr + hr), ref.sigmoid(xz + hz)
+    h = (1 - z) * np.tanh(xn + r * hn) + z * h
+    outs.append(h)
+  return np.stack(prev, 1), np.stack(outs, 1)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "optimized_lstm", "gru"])
+def test_rnn_cells_pool_every_time_step(cell):
+  model = Seq(cell, nnx.Rngs(0))
+  xs = jax.random.normal(jax.random.key(1), (3, 5, 4), jnp.float64)
+  grads, updates = _one_step(model, xs)
+  c = model.rnn.cell
+  xn = np.asarray(xs)
+  if cell == "lstm":
+    names = ("ii", "if_", "ig", "io", "hi", "hf", "hg", "ho")
+    p = {n: {"kernel": _value(getattr(c, n).kernel)} for n in names}
+    for n in names[4:]:
+      p[n]["bias"] = _value(getattr(c, n).bias)
+    h_prev, outs = ref.lstm_forward(p, xn, names)
+    input_layers, hidden_layers = names[:4], names[4:]
+  elif cell == "optimized_lstm":
+    ki, kh, bh = _value(c.dense_i.kernel), _value(c.dense_h.kernel), _value(c.dense_h.bias)
+    gates = lambda k: np.split(k, 4, axis=-1)
+    p = {f"i{g}": {"kernel": k} for g, k in zip("ifgo", gates(ki), strict=True)}
+    p.update({f"h{g}": {"kernel": k, "bias": b}
+              for g, k, b in zip("ifgo", gates(kh), gates(bh), strict=True)})
+    h_prev, outs = ref.lstm_forward(p, xn)
+    input_layers, hidden_layers = ("dense_i",), ("dense_h",)
+  else:
+    h_prev, outs = _gru_forward(_value(c.dense_i.kernel), _value(c.dense_i.bias),
+                                _value(c.dense_h.kernel), xn)
+    input_layers, hidden_layers = ("dense_i",), ("dense_h",)
+  np.testing.assert_allclose(model(xs), outs, atol=1e-12)
+  g, u = grads["rnn"]["cell"], updates["rnn"]["cell"]
+  for name in input_layers:
+    _check(xn.reshape(-1, 4), g[name], u[name], name)
+  for name in hidden_layers:
+    _check(h_prev.reshape(-1, 3), g[name], u[name], name)
+
+
+# --- an NNX CNN through nnx.Optimizer ---------------------------------------------
+
+class CNN(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(1, 8, (3, 3), strides=2, rngs=rngs)
+    self.bn = nnx.BatchNorm(8, rngs=rngs)
+    self.out = nnx.Linear(8, 10, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(nnx.relu(self.bn(self.conv(x))).mean((1, 2)))
+
+
+def test_nnx_cnn_trains_through_optimizer():
+  with jax.enable_x64(False):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 12, 12, 1)).astype(np.float32)
+    y = (x[:, :6].mean((1, 2, 3)) > x[:, 6:].mean((1, 2, 3))).astype(np.int32) * 3
+    model = CNN(nnx.Rngs(0))
+    loss_fn = lambda m, x, y: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+    report = sngd_jax.coverage(loss_fn, model, x, y)
+    assert report.missing == [] and report.pass_through == []
+    opt = nnx.Optimizer(model, sngd_jax.sngd_momentum(0.05, inverse_every=5), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, x, y):
+      (loss, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(
+          model, x, y)
+      opt.update(model, grads, activations=acts)
+      return loss
+
+    losses = [float(step(model, opt, x, y)) for _ in range(30)]
+    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert np.isfinite(losses[-1]) and losses[-1] < 0.5 * losses[0], losses[::5]

@@ -1,0 +1,187 @@
+"""Recurrent cells under nn.RNN: statistics of every time step, one update vs a float64
+per-time-step reference, no leaked tracers, and a char-level LSTM smoke test."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import np_reference as ref
+import numpy as np
+import optax
+import pytest
+
+import sngd_jax
+
+
+@pytest.fixture(autouse=True, scope="module")
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+CELLS = {
+    "lstm": lambda h: nn.LSTMCell(h, param_dtype=jnp.float64),
+    "optimized_lstm": lambda h: nn.OptimizedLSTMCell(h, param_dtype=jnp.float64),
+    "gru": lambda h: nn.GRUCell(h, param_dtype=jnp.float64),
+}
+INPUT_LAYERS = {"lstm": ("ii", "if", "ig", "io"), "optimized_lstm": ("ii", "if", "ig", "io"),
+                "gru": ("ir", "iz", "in")}
+HIDDEN_LAYERS = {"lstm": ("hi", "hf", "hg", "ho"), "optimized_lstm": ("hi", "hf", "hg", "ho"),
+                 "gru": ("hr", "hz", "hn")}
+
+
+class Seq(nn.Module):
+  cell: str
+  hidden: int = 3
+
+  @nn.compact
+  def __call__(self, xs):
+    return nn.RNN(CELLS[self.cell](self.hidden), name="rnn")(xs)
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_one_update_pools_every_time_step(cell):
+  """jit + value_and_grad through nn.RNN: each gate's G sums x_t (or h_{t-1}) over all t."""
+  model = Seq(cell)
+  xs = jax.random.normal(jax.random.key(1), (3, 5, 4), jnp.float64)
+  params = model.init(jax.random.key(0), xs)["params"]
+  target = jax.random.normal(jax.random.key(2), (3, 5, 3), jnp.float64)
+  loss = lambda p, xs: jnp.sum((model.apply({"params": p}, xs) - target) ** 2)
+  tx = sngd_jax.sngd(**ref.one_step_kwargs())
+
+  @jax.jit
+  def step(params, xs):
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, xs)
+    updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+    return grads, updates, acts
+
+  with jax.checking_leaks():
+    grads, updates, acts = step(params, xs)
+  (cell_name,) = params  # the cell is a child of Seq, shared by the scan
+  cell_params = jax.tree.map(np.asarray, params[cell_name])
+  forward = ref.gru_forward if cell == "gru" else ref.lstm_forward
+  h_prev, outs = forward(cell_params, np.asarray(xs))
+  # the numpy forward is the cell's: it reproduces the model's outputs
+  np.testing.assert_allclose(model.apply({"params": params}, xs), outs, atol=1e-12)
+  for names, rows in ((INPUT_LAYERS[cell], np.asarray(xs).reshape(-1, 4)),
+                      (HIDDEN_LAYERS[cell], h_prev.reshape(-1, 3))):
+    for name in names:
+      path = f"{cell_name}/{name}"
+      assert sum(c.inputs.shape[0] for c in acts[path]) == 15  # 3 sequences x 5 steps
+      g, u = grads[cell_name][name], updates[cell_name][name]
+      kernel, bias = ref.dense_update(rows, g["kernel"], g.get("bias"))
+      np.testing.assert_allclose(u["kernel"], kernel, rtol=1e-8, atol=1e-12, err_msg=path)
+      if bias is not None:
+        np.testing.assert_allclose(u["bias"], bias, rtol=1e-8, atol=1e-12, err_msg=path)
+  # the last step alone would give another factor
+  last_only = ref.dense_update(h_prev[:, -1], grads[cell_name][HIDDEN_LAYERS[cell][0]][
+      "kernel"], grads[cell_name][HIDDEN_LAYERS[cell][0]].get("bias"))[0]
+  assert not np.allclose(updates[cell_name][HIDDEN_LAYERS[cell][0]]["kernel"], last_only)
+
+
+class BiSeq(nn.Module):
+  @nn.compact
+  def __call__(self, xs, lengths):
+    fwd = nn.RNN(nn.LSTMCell(3), return_carry=True, time_major=True)
+    carry, ys = fwd(jnp.swapaxes(xs, 0, 1), seq_lengths=lengths)
+    bi = nn.Bidirectional(nn.RNN(nn.GRUCell(2)), nn.RNN(nn.GRUCell(2)))
+    return jnp.sum(carry[1]) + jnp.sum(ys) + jnp.sum(bi(xs, seq_lengths=lengths))
+
+
+def test_time_major_bidirectional_and_seq_lengths_record_every_step():
+  """Options that change the scan's output layout: each layer still gets B*T rows."""
+  with jax.enable_x64(False):
+    xs = jax.random.normal(jax.random.key(1), (2, 6, 4))
+    lengths = jnp.array([6, 4])
+    model = BiSeq()
+    params = model.init(jax.random.key(0), xs, lengths)["params"]
+    fn = sngd_jax.capture(lambda p, xs, n: model.apply({"params": p}, xs, n))
+    with jax.checking_leaks():
+      (_, acts), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(params, xs, lengths)
+    layers = sngd_jax.discover(params)
+    assert set(acts) == set(layers)
+    for path, calls in acts.items():
+      assert sum(c.inputs.shape[0] for c in calls) == 12, path
+    tx = sngd_jax.sngd()
+    updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+# --- char-level LSTM smoke test ---------------------------------------------------
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 40
+
+
+class CharLSTM(nn.Module):
+  vocab: int
+
+  @nn.compact
+  def __call__(self, tokens):
+    h = nn.Embed(self.vocab, 16)(tokens)
+    h = nn.RNN(nn.LSTMCell(32))(h)
+    return nn.Dense(self.vocab)(h)
+
+
+def test_char_lstm_trains_and_every_parameter_is_covered():
+  with jax.enable_x64(False):
+    chars = sorted(set(TEXT))
+    data = np.array([chars.index(c) for c in TEXT], np.int32)
+    model = CharLSTM(len(chars))
+    rng = np.random.default_rng(0)
+
+    def batch():
+      starts = rng.integers(0, len(data) - 17, 32)
+      seq = np.stack([data[s:s + 17] for s in starts])
+      return seq[:, :-1], seq[:, 1:]
+
+    x, y = batch()
+    params = model.init(jax.random.key(0), x)["params"]
+
+    def loss_fn(params, x, y):
+      logits = model.apply({"params": params}, x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    report = sngd_jax.coverage(loss_fn, params, x, y)
+    assert report.missing == [] and report.pass_through == []
+    assert len(report.preconditioned) == len(jax.tree.leaves(params))
+
+    tx = sngd_jax.sngd_momentum(0.1, momentum=0.9, inverse_every=10)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, x, y):
+      (loss, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(
+          params, x, y)
+      updates, state = tx.update(grads, state, params, activations=acts)
+      return optax.apply_updates(params, updates), state, loss
+
+    eval_x, eval_y = batch()
+    full = jax.jit(loss_fn)
+    before = float(full(params, eval_x, eval_y))
+    for _ in range(60):
+      params, state, _ = step(params, state, *batch())
+    after = float(full(params, eval_x, eval_y))
+    print(f"loss {before:.3f} -> {after:.3f}")
+    assert np.isfinite(after) and after < 0.6 * before, (before, after)
+
+
+def test_hand_written_scan_is_reported_not_leaked():
+  """Layers inside a plain nn.scan cannot be captured: a warning, then a clear error."""
+  class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, xs):
+      cell = nn.scan(nn.LSTMCell, variable_broadcast="params", split_rngs={"params": False},
+                     in_axes=1, out_axes=1)(3)
+      carry = cell.initialize_carry(jax.random.key(0), xs[:, 0].shape)
+      return cell(carry, xs)[1]
+
+  with jax.enable_x64(False):
+    xs = jnp.ones((2, 4, 3))
+    model = Scanned()
+    params = model.init(jax.random.key(0), xs)["params"]
+    loss = lambda p, xs: jnp.sum(model.apply({"params": p}, xs))
+    with pytest.warns(UserWarning, match="ScanLSTMCell_0/hi"):
+      (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, xs)
+    assert acts == {}
+    tx = sngd_jax.sngd()
+    with pytest.raises(ValueError, match="no activations were captured"):
+      tx.update(grads, tx.init(params), params, activations=acts)
