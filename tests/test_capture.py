@@ -152,7 +152,10 @@ def test_discover_reads_input_size_from_bias_shape():
   assert (specs["dense"].in_dim, specs["dense"].out_dim, specs["dense"].dim) == (4, 3, 5)
   assert (specs["conv"].in_dim, specs["conv"].out_dim) == (18, 8)
   assert (specs["general"].in_dim, specs["general"].out_dim) == (6, 10)
-  assert specs["nobias"].dim == 4 and "scale" not in specs
+  assert specs["nobias"].dim == 4
+  # A lone `scale` is a normalization layer: one 1x1 block per channel.
+  assert (specs["scale"].structure, specs["scale"].in_dim, specs["scale"].out_dim) == (
+      "per_channel", 1, 4)
 
 
 def test_make_problem_is_usable():
