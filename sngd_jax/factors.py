@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from sngd_jax.capture import Captured
+from sngd_jax.distributed import replicated_out_sharding
 from sngd_jax.layers import LayerSpec
 
 PRIORS = ("scaled_identity", "identity", "none")
@@ -92,10 +93,11 @@ def batch_factor(spec: LayerSpec, calls: Sequence[Captured]) -> jax.Array:
   """The batch estimate ``G^`` of a layer: ``(d, d)`` or ``(O, d, d)`` for rfim."""
   x, z = layer_rows(spec, calls)
   n = x.shape[0]
+  out_sharding = replicated_out_sharding(x)  # rows may be sharded over devices
   if spec.fisher == "rfim":
     w = jax.nn.sigmoid(z) ** 2
-    return jnp.einsum("nj,na,nb->jab", w, x, x) / n
-  return x.T @ x / n
+    return jnp.einsum("nj,na,nb->jab", w, x, x, out_sharding=out_sharding) / n
+  return jnp.matmul(x.T, x, out_sharding=out_sharding) / n
 
 
 def prior_of(prior: str, estimate: jax.Array) -> jax.Array:
