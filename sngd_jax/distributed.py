@@ -42,6 +42,31 @@ from sngd_jax import matfun
 AxisName = Union[str, Sequence[str]]
 
 
+def _explicit_mesh(x: jax.Array):
+  """The mesh of ``x``'s sharding type if it has explicit axes, else None."""
+  mesh = getattr(jax.typeof(x).sharding, "mesh", None)
+  if mesh is None or mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
+    return None
+  return mesh
+
+
+def replicate(x: jax.Array) -> jax.Array:
+  """Reshards an explicitly sharded array to replicated; any other array is returned as is.
+
+  The cached inverses are replicated; a gradient block sharded over a model
+  axis (explicit mesh) is gathered before it meets them.
+  """
+  mesh = _explicit_mesh(x)
+  return x if mesh is None else jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec()))
+
+
+def reshard_like(x: jax.Array, like: jax.Array) -> jax.Array:
+  """Gives ``x`` the sharding type of ``like`` under an explicit mesh; else returns ``x``."""
+  if _explicit_mesh(like) is None:
+    return x
+  return jax.sharding.reshard(x, jax.typeof(like).sharding)
+
+
 def replicated_out_sharding(x: jax.Array) -> Optional[NamedSharding]:
   """The ``out_sharding`` for a contraction over the rows of ``x``.
 
@@ -56,10 +81,8 @@ def replicated_out_sharding(x: jax.Array) -> Optional[NamedSharding]:
   Returns:
     A replicated ``NamedSharding`` on ``x``'s mesh, or None.
   """
-  mesh = getattr(jax.typeof(x).sharding, "mesh", None)
-  if mesh is None or mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
-    return None
-  return NamedSharding(mesh, PartitionSpec())
+  mesh = _explicit_mesh(x)
+  return None if mesh is None else NamedSharding(mesh, PartitionSpec())
 
 
 def axis_mean(x: Any, axis_name: Optional[AxisName]) -> Any:

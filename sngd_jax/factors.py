@@ -85,7 +85,7 @@ def layer_rows(spec: LayerSpec, calls: Sequence[Captured]) -> tuple[jax.Array, j
   x = jnp.concatenate(xs).astype(dtype)
   z = jnp.concatenate(zs).astype(dtype)
   if spec.bias is not None:
-    x = jnp.concatenate([x, jnp.ones((x.shape[0], 1), dtype)], axis=1)
+    x = jnp.concatenate([x, jnp.ones_like(x[:, :1])], axis=1)  # keeps x's row sharding
   return x, z
 
 

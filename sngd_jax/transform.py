@@ -276,13 +276,16 @@ def sngd(
       if spec.bias is not None:
         b_leaf = leaves[index[spec.bias]]
         g = jnp.concatenate([g, b_leaf.reshape(1, spec.out_dim).astype(dtype)])
+      g = distributed.replicate(g)  # as the inverses, under an explicit mesh
       if spec.fisher == "rfim":
         pre = method.apply(inv[path], g.T[:, :, None])[:, :, 0].T
       else:
         pre = method.apply(inv[path], g[None])[0]
-      out[index[spec.kernel]] = pre[:spec.in_dim].reshape(k_leaf.shape).astype(k_leaf.dtype)
+      out[index[spec.kernel]] = distributed.reshard_like(
+          pre[:spec.in_dim].reshape(k_leaf.shape).astype(k_leaf.dtype), k_leaf)
       if spec.bias is not None:
-        out[index[spec.bias]] = pre[spec.in_dim].reshape(b_leaf.shape).astype(b_leaf.dtype)
+        out[index[spec.bias]] = distributed.reshard_like(
+            pre[spec.in_dim].reshape(b_leaf.shape).astype(b_leaf.dtype), b_leaf)
     out = [jnp.where(finite, u, jnp.zeros_like(u)) for u in out]
 
     new_state = SNGDState(
