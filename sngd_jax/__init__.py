@@ -2,6 +2,7 @@
 
 from sngd_jax.alias import sngd_momentum
 from sngd_jax.capture import Activations, Captured, capture
+from sngd_jax.cost import LayerCost, cost_estimate, format_costs
 from sngd_jax.factors import PRIORS
 from sngd_jax.flax_nnx import capture_nnx
 from sngd_jax.layers import FISHER_KINDS, LayerSpec, discover
@@ -15,12 +16,15 @@ __all__ = [
     "Captured",
     "FISHER_KINDS",
     "INVERSE_METHODS",
+    "LayerCost",
     "LayerSpec",
     "PRIORS",
     "SNGDState",
     "capture",
     "capture_nnx",
+    "cost_estimate",
     "discover",
+    "format_costs",
     "sngd",
     "sngd_momentum",
 ]
