@@ -237,6 +237,7 @@ def test_state_sharding_type_unchanged_by_update_explicit_mesh():
   mesh = jax.make_mesh((NUM_DEVICES,), ("x",), axis_types=(AxisType.Explicit,))
   params, acts, fisher = _layer_problem(sizes=((7, 8, "linear"), (8, 16, "rfim")))
   tx = sngd_jax.sngd(fisher=fisher, inverse_every=1)
+  reference, _ = tx.update(params, tx.init(params), params, activations=acts)  # one device
   with jax.set_mesh(mesh):
     params = jax.device_put(params, jax.tree.map(
         lambda a: P(None, "x") if a.ndim == 2 else P("x"), params))
@@ -245,11 +246,16 @@ def test_state_sharding_type_unchanged_by_update_explicit_mesh():
     type0 = jax.tree.map(jax.typeof, state0)
     assert jax.tree.map(jax.typeof, jax.jit(tx.init)(params)) == type0
     _, state1 = tx.update(params, state0, params, activations=acts)
-    _, state2 = jax.jit(lambda g, s, a: tx.update(g, s, activations=a))(params, state0, acts)
+    updates, state2 = jax.jit(lambda g, s, a: tx.update(g, s, activations=a))(
+        params, state0, acts)
     _, state3 = jax.jit(lambda g, s, a: tx.update(g, s, activations=a))(params, state2, acts)
   for state in (state1, state2, state3):
     assert jax.tree.map(jax.typeof, state) == type0
   assert int(state3.count) == 2 and bool(state3.has_inverse)
+  # Model-sharded gradients meet replicated inverses and keep their sharding.
+  assert jax.tree.map(jax.typeof, updates) == jax.tree.map(jax.typeof, params)
+  scale = max(float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(reference))
+  assert _max_abs_diff(updates, reference) < 1e-5 * scale
 
 
 @multi
