@@ -3,6 +3,7 @@
 from sngd_jax.alias import sngd_momentum
 from sngd_jax.capture import Activations, Captured, capture
 from sngd_jax.coverage import CoverageReport, ParamCoverage, coverage
+from sngd_jax.cost import LayerCost, cost_estimate, format_costs
 from sngd_jax.factors import PRIORS
 from sngd_jax.flax_nnx import capture_nnx
 from sngd_jax.layers import FISHER_KINDS, LayerSpec, discover
@@ -17,6 +18,7 @@ __all__ = [
     "CoverageReport",
     "FISHER_KINDS",
     "INVERSE_METHODS",
+    "LayerCost",
     "LayerSpec",
     "PRIORS",
     "ParamCoverage",
@@ -24,7 +26,9 @@ __all__ = [
     "capture",
     "capture_nnx",
     "coverage",
+    "cost_estimate",
     "discover",
+    "format_costs",
     "sngd",
     "sngd_momentum",
 ]

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from sngd_jax import conv as conv_lib
 from sngd_jax.capture import Captured
+from sngd_jax.distributed import replicated_out_sharding
 from sngd_jax.layers import LayerSpec
 
 PRIORS = ("scaled_identity", "identity", "none")
@@ -143,7 +144,7 @@ def layer_rows(spec: LayerSpec, calls: Sequence[Captured]) -> tuple[jax.Array, j
   x = jnp.concatenate(xs).astype(dtype)
   z = jnp.concatenate(zs).astype(dtype)
   if spec.bias is not None:
-    x = jnp.concatenate([x, jnp.ones((x.shape[0], 1), dtype)], axis=1)
+    x = jnp.concatenate([x, jnp.ones_like(x[:, :1])], axis=1)  # keeps x's row sharding
   return x, z
 
 
@@ -192,10 +193,11 @@ def batch_factor(spec: LayerSpec, calls: Sequence[Captured]) -> jax.Array:
     return jnp.einsum("nc,nca,ncb->cab", w, rows, rows) / x.shape[0]
   x, z = layer_rows(spec, calls)
   n = x.shape[0]
+  out_sharding = replicated_out_sharding(x)  # rows may be sharded over devices
   if spec.fisher == "rfim":
     w = jax.nn.sigmoid(z) ** 2
-    return jnp.einsum("nj,na,nb->jab", w, x, x) / n
-  return x.T @ x / n
+    return jnp.einsum("nj,na,nb->jab", w, x, x, out_sharding=out_sharding) / n
+  return jnp.matmul(x.T, x, out_sharding=out_sharding) / n
 
 
 def prior_of(prior: str, estimate: jax.Array) -> jax.Array:

@@ -16,7 +16,7 @@ descent on a *reconstructed* network whose layers are preceded by
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Union
 
 import chex
 import jax
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from sngd_jax import diagonal as diagonal_lib
+from sngd_jax import distributed
 from sngd_jax import factors as factors_lib
 from sngd_jax import layers as layers_lib
 from sngd_jax import matfun
@@ -173,6 +174,8 @@ def sngd(
     inverse_every: int = 100,
     prior: str = "scaled_identity",
     inverse: str = "cholesky",
+    axis_name: Optional[distributed.AxisName] = None,
+    shard_refresh: Union[bool, jax.sharding.Mesh] = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Preconditions each layer's gradient by its damped local Fisher inverse.
 
@@ -203,6 +206,19 @@ def sngd(
     prior: how the average of ``G`` starts, one of
       :data:`sngd_jax.factors.PRIORS` (``"identity"`` is the reference code).
     inverse: the inverse method, a key of :data:`sngd_jax.matfun.METHODS`.
+    axis_name: for use inside ``shard_map``/``pmap`` with the batch split over
+      this axis (or tuple of axes): batch estimates are averaged with
+      ``lax.pmean`` so every device holds the global batch's statistics, and a
+      step is skipped on all devices if it is not finite on one. Gradients
+      must be averaged by the caller, as for any optax optimizer. Leave None
+      under plain ``jax.jit`` with sharded arrays, where XLA inserts the
+      all-reduce itself. See :mod:`sngd_jax.distributed`.
+    shard_refresh: split each inverse refresh over devices (each refreshes a
+      slice of the stacked blocks, then all-gather) instead of repeating it on
+      every device: ``True`` splits over ``axis_name`` inside
+      ``shard_map``/``pmap``, or over the mesh set by ``jax.set_mesh`` under
+      ``jit``; a ``jax.sharding.Mesh`` splits over all its devices under
+      ``jit``. The cached inverses stay replicated.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,
@@ -221,6 +237,9 @@ def sngd(
     raise ValueError("sngd: `damping` and `abs_damping` are both 0; the local Fisher of a "
                      "batch is singular in general, so at least one must be positive")
   method = matfun.get_method(inverse)
+  if shard_refresh is not False:
+    mesh = shard_refresh if isinstance(shard_refresh, jax.sharding.Mesh) else None
+    method = distributed.shard_method(method, axis_name=axis_name, mesh=mesh)
 
   def init_fn(params):
     return _init_state(params, layers_lib.discover(params, fisher), method)
@@ -233,13 +252,15 @@ def sngd(
     activations = {p: activations[p] for p in specs}
 
     leaves, treedef, index = _flatten(updates)
-    finite = _tree_all_finite(leaves) & _tree_all_finite(activations)
+    finite = distributed.all_agree(
+        _tree_all_finite(leaves) & _tree_all_finite(activations), axis_name)
     count = state.count
 
     def new_factors(_):
       out_f, out_w = {}, {}
       for path, spec in specs.items():
-        estimate = factors_lib.batch_factor(spec, activations[path])
+        estimate = distributed.axis_mean(
+            factors_lib.batch_factor(spec, activations[path]), axis_name)
         out_f[path], out_w[path] = factors_lib.ema_update(
             state.factors[path], state.weights[path], estimate, decay, prior)
       return out_f, out_w
@@ -264,15 +285,18 @@ def sngd(
       if spec.bias is not None:
         b_leaf = leaves[index[spec.bias]]
         g = jnp.concatenate([g, b_leaf.reshape(1, spec.out_dim).astype(dtype)])
+      g = distributed.replicate(g)  # as the inverses, under an explicit mesh
       if spec.structure == "diagonal":
         pre = diagonal_lib.apply(inv[path], g)
       elif spec.per_unit:
         pre = method.apply(inv[path], g.T[:, :, None])[:, :, 0].T
       else:
         pre = method.apply(inv[path], g[None])[0]
-      out[index[spec.kernel]] = pre[:spec.in_dim].reshape(k_leaf.shape).astype(k_leaf.dtype)
+      out[index[spec.kernel]] = distributed.reshard_like(
+          pre[:spec.in_dim].reshape(k_leaf.shape).astype(k_leaf.dtype), k_leaf)
       if spec.bias is not None:
-        out[index[spec.bias]] = pre[spec.in_dim].reshape(b_leaf.shape).astype(b_leaf.dtype)
+        out[index[spec.bias]] = distributed.reshard_like(
+            pre[spec.in_dim].reshape(b_leaf.shape).astype(b_leaf.dtype), b_leaf)
     out = [jnp.where(finite, u, jnp.zeros_like(u)) for u in out]
 
     new_state = SNGDState(

@@ -1,0 +1,60 @@
+"""Tests of the per-layer cost estimate against the real state and formulas."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sngd_jax
+from sngd_jax import factors as factors_lib
+from sngd_jax import layers as layers_lib
+from sngd_jax.capture import Captured
+
+
+def _params(shapes=((784, 256), (256, 256), (256, 10))):
+  return {f"Dense_{i}": {"kernel": jnp.zeros(s, jnp.float32), "bias": jnp.zeros(s[1:], jnp.float32)}
+          for i, s in enumerate(shapes)}
+
+
+def _nbytes(tree):
+  return sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree))
+
+
+def test_linear_layer_costs_match_the_formulas():
+  costs = sngd_jax.cost_estimate(_params(), batch_rows=128, inverse_every=100, factor_every=2)
+  c = costs["Dense_0"]
+  d = 785
+  assert (c.dim, c.num_blocks, c.fisher) == (d, 1, "linear")
+  assert c.factor_bytes == c.inverse_bytes == d * d * 4
+  assert c.state_bytes == 2 * d * d * 4
+  assert c.allreduce_bytes == d * d * 4
+  assert c.factor_flops == 2 * 128 * d * d
+  assert c.refresh_flops == pytest.approx(d ** 3 / 3 + 2 * d ** 3)
+  assert c.apply_flops == 2 * d * d * 256
+  assert c.flops_per_step == pytest.approx(
+      2 * 128 * d * d / 2 + (d ** 3 / 3 + 2 * d ** 3) / 100 + 2 * d * d * 256)
+
+
+def test_state_bytes_are_those_of_the_real_state():
+  params = _params(((20, 8), (8, 6), (6, 3)))
+  kwargs = dict(fisher={"Dense_1": "rfim"})
+  costs = sngd_jax.cost_estimate(params, **kwargs)
+  state = sngd_jax.sngd(**kwargs).init(params)
+  for path, c in costs.items():
+    assert c.factor_bytes == _nbytes(state.factors[path])
+    assert c.inverse_bytes == _nbytes(state.inverses[path])
+  assert costs["Dense_1"].num_blocks == 6 and costs["Dense_1"].factor_bytes == 6 * 9 * 9 * 4
+  # The all-reduced estimate is what batch_factor returns, byte for byte.
+  spec = layers_lib.discover(params, kwargs["fisher"])["Dense_1"]
+  call = Captured(inputs=jnp.ones((5, 8)), outputs=jnp.ones((5, 6)))
+  assert costs["Dense_1"].allreduce_bytes == _nbytes(factors_lib.batch_factor(spec, [call]))
+
+
+def test_abstract_params_and_unknown_parts():
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _params())
+  costs = sngd_jax.cost_estimate(params, fisher={"Dense_2": None})
+  assert list(costs) == ["Dense_0", "Dense_1"]  # a layer left alone has no cost
+  assert costs["Dense_0"].factor_flops is None and costs["Dense_0"].flops_per_step is None
+  table = sngd_jax.format_costs(costs)
+  assert "| Dense_0 | linear | 785 x 785 x 1 | 4.93 MB |" in table
+  assert "**total**" in table and table.count("\n") == 4

@@ -1,0 +1,387 @@
+"""Data-parallel SNGD on 8 host CPU devices: jit + NamedSharding, shard_map, pmap.
+
+The multi-device tests need ``XLA_FLAGS=--xla_force_host_platform_device_count=8``
+set before JAX is imported, which must not leak into the rest of the suite
+(other tests assume the default single device). So in a normal (1-device)
+session ``test_on_8_forced_devices`` runs this file again in a subprocess with
+the flag set, and fails if any test there fails or is skipped; the
+multi-device tests themselves are skipped in the 1-device session. Run them
+directly with::
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m pytest -q tests/test_sharding.py
+"""
+
+import functools
+import os
+import re
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import sngd_jax
+from sngd_jax import distributed
+from sngd_jax.capture import Captured
+
+NUM_DEVICES = 8
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+multi = pytest.mark.skipif(
+    jax.device_count() < NUM_DEVICES,
+    reason="needs 8 devices: run in a subprocess by test_on_8_forced_devices")
+
+
+def test_on_8_forced_devices():
+  if jax.device_count() >= NUM_DEVICES:
+    pytest.skip("this session already has 8 devices; the tests below run directly")
+  flag = f"--xla_force_host_platform_device_count={NUM_DEVICES}"
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flag).strip())
+  proc = subprocess.run(
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+       os.path.abspath(__file__)],
+      env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+  assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+  # Only this runner may skip there; every multi-device test must have run.
+  assert re.search(r"\d+ passed, 1 skipped", summary), proc.stdout[-3000:]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(16)(x))
+    x = nn.relu(nn.Dense(16)(x))
+    return nn.Dense(4)(x)
+
+
+MODEL = MLP()
+STEPS, BATCH, FEATURES = 20, 64, 6
+FISHER = {"Dense_1": "rfim"}  # one per-unit layer: groups of 16 blocks of size 17
+
+
+@functools.lru_cache(maxsize=None)
+def _data():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(STEPS, BATCH, FEATURES)).astype(np.float32)
+  y = rng.integers(0, 4, size=(STEPS, BATCH))
+  params = MODEL.init(jax.random.key(0), x[0])["params"]
+  return x, y, params
+
+
+def _loss(params, x, y):
+  logits = MODEL.apply({"params": params}, x)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def _optimizer(**kwargs):
+  return sngd_jax.sngd_momentum(0.05, momentum=0.9, fisher=FISHER, inverse_every=5, **kwargs)
+
+
+def _train(tx, step_wrapper=None, put=None, axis_name=None):
+  """20 steps; returns (params, state). ``put(tree, batch)`` places arrays."""
+  put = put or (lambda tree, batch: tree)
+  xs, ys, params = _data()
+
+  def step(params, state, x, y):
+    loss_fn = _loss
+    if axis_name is not None:
+      # Under shard_map the loss is the global batch mean, so its gradient is too.
+      loss_fn = lambda *a: jax.lax.pmean(_loss(*a), axis_name)
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x, y)
+    updates, state = tx.update(grads, state, params, activations=acts)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(step_wrapper(step) if step_wrapper else step)
+  params, state = put(params, False), put(tx.init(params), False)
+  for t in range(STEPS):
+    params, state = step(params, state, put(xs[t], True), put(ys[t], True))
+  return params, state
+
+
+@functools.lru_cache(maxsize=None)
+def _one_device_run():
+  return _train(_optimizer())
+
+
+def _max_abs_diff(a, b):
+  return max(float(np.max(np.abs(np.asarray(u, np.float64) - np.asarray(v, np.float64))))
+             for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def _placer(mesh):
+  def put(tree, batch):
+    return jax.device_put(tree, NamedSharding(mesh, P("data") if batch else P()))
+  return put
+
+
+def _check_same_training(params, state):
+  params1, state1 = _one_device_run()
+  _, _, params0 = _data()
+  assert _max_abs_diff(params1, params0) > 1e-2  # training moved the parameters
+  assert int(state[0].count) == STEPS and bool(state[0].has_inverse)
+  assert _max_abs_diff(params, params1) < 1e-5
+  for path in state1[0].factors:  # factors relative to their scale
+    scale = float(jnp.max(jnp.abs(state1[0].factors[path])))
+    assert _max_abs_diff(state[0].factors[path], state1[0].factors[path]) < 1e-5 * scale
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def _layer_problem(seed=0, n=BATCH, sizes=((5, 3, "linear"), (5, 6, "rfim"), (12, 2, "linear"))):
+  """Params and captured activations of three dense layers, without a model."""
+  rng = np.random.default_rng(seed)
+  params, acts = {}, {}
+  for i, (d_in, d_out, _) in enumerate(sizes):
+    params[f"L{i}"] = {"kernel": jnp.asarray(rng.normal(size=(d_in, d_out)), jnp.float32),
+                       "bias": jnp.zeros((d_out,), jnp.float32)}
+    x = rng.normal(size=(n, d_in)).astype(np.float32)
+    z = (x @ np.asarray(params[f"L{i}"]["kernel"])).astype(np.float32)
+    acts[f"L{i}"] = (Captured(inputs=jnp.asarray(x), outputs=jnp.asarray(z)),)
+  fisher = {f"L{i}": kind for i, (_, _, kind) in enumerate(sizes)}
+  return params, acts, fisher
+
+
+def _reference_factor(call, kind):
+  """float64 local Fisher of the whole batch."""
+  x = np.asarray(call.inputs, np.float64)
+  x = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+  if kind == "rfim":
+    s = 1.0 / (1.0 + np.exp(-np.asarray(call.outputs, np.float64)))
+    return np.einsum("nj,na,nb->jab", s ** 2, x, x) / x.shape[0]
+  return x.T @ x / x.shape[0]
+
+
+def _batch_spec(tree):
+  return jax.tree.map(lambda _: P("data"), tree)
+
+
+@multi
+@pytest.mark.parametrize("mode", ["jit_auto", "jit_explicit", "shard_map", "pmap"])
+def test_local_statistics_are_those_of_the_global_batch(mode):
+  params, acts, fisher = _layer_problem()
+  grads = jax.tree.map(jnp.ones_like, params)
+  kwargs = dict(fisher=fisher, decay=0.0, prior="none")
+  if mode.startswith("jit"):
+    axis_type = AxisType.Auto if mode == "jit_auto" else AxisType.Explicit
+    mesh = jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(axis_type,))
+    put = _placer(mesh)
+    tx = sngd_jax.sngd(**kwargs)
+    state = jax.jit(lambda g, s, a: tx.update(g, s, activations=a)[1])(
+        put(grads, False), put(tx.init(params), False), put(acts, True))
+    factors = state.factors
+  elif mode == "shard_map":
+    mesh = jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(AxisType.Explicit,))
+    put = _placer(mesh)
+    tx = sngd_jax.sngd(axis_name="data", **kwargs)
+    fn = jax.shard_map(lambda g, s, a: tx.update(g, s, activations=a)[1], mesh=mesh,
+                       in_specs=(P(), P(), _batch_spec(acts)), out_specs=P())
+    factors = jax.jit(fn)(put(grads, False), put(tx.init(params), False), put(acts, True)).factors
+  else:
+    tx = sngd_jax.sngd(axis_name="data", **kwargs)
+    shards = jax.tree.map(lambda a: a.reshape((NUM_DEVICES, -1) + a.shape[1:]), acts)
+    rep = lambda t: jax.tree.map(lambda a: jnp.broadcast_to(a, (NUM_DEVICES,) + a.shape), t)
+    out = jax.pmap(lambda g, s, a: tx.update(g, s, activations=a)[1], axis_name="data")(
+        rep(grads), rep(tx.init(params)), shards)
+    for leaf in jax.tree.leaves(out.factors):  # identical on every device
+      np.testing.assert_array_equal(np.asarray(leaf[0]), np.asarray(leaf[-1]))
+    factors = jax.tree.map(lambda a: a[0], out.factors)
+  for path, kind in fisher.items():
+    ref = _reference_factor(acts[path][0], kind)
+    np.testing.assert_allclose(np.asarray(factors[path], np.float64), ref,
+                               rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+# ---------------------------------------------------------------- training
+
+
+@multi
+@pytest.mark.parametrize("axis_type,shard_refresh",
+                         [(AxisType.Auto, False), (AxisType.Explicit, True)],
+                         ids=["auto_replicated_refresh", "explicit_sharded_refresh"])
+def test_jit_sharded_batch_20_steps_match_one_device(axis_type, shard_refresh):
+  mesh = jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(axis_type,))
+  tx = _optimizer(shard_refresh=mesh if shard_refresh else False)
+  params, state = _train(tx, put=_placer(mesh))
+  _check_same_training(params, state)
+
+
+@multi
+@pytest.mark.parametrize("shard_refresh", [False, True])
+def test_shard_map_20_steps_match_one_device(shard_refresh):
+  mesh = jax.make_mesh((NUM_DEVICES,), ("data",))
+  tx = _optimizer(axis_name="data", shard_refresh=shard_refresh)
+  wrapper = lambda f: jax.shard_map(f, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
+                                    out_specs=(P(), P()))
+  params, state = _train(tx, step_wrapper=wrapper, put=_placer(mesh), axis_name="data")
+  _check_same_training(params, state)
+
+
+# ---------------------------------------------------------------- state sharding
+
+
+@multi
+def test_state_sharding_type_unchanged_by_update_explicit_mesh():
+  # As optax's sharding test: sharding-in-types of the state is the same after
+  # init and after an update, eager and jitted, with params sharded over 'x'.
+  mesh = jax.make_mesh((NUM_DEVICES,), ("x",), axis_types=(AxisType.Explicit,))
+  params, acts, fisher = _layer_problem(sizes=((7, 8, "linear"), (8, 16, "rfim")))
+  tx = sngd_jax.sngd(fisher=fisher, inverse_every=1)
+  reference, _ = tx.update(params, tx.init(params), params, activations=acts)  # one device
+  with jax.set_mesh(mesh):
+    params = jax.device_put(params, jax.tree.map(
+        lambda a: P(None, "x") if a.ndim == 2 else P("x"), params))
+    acts = jax.device_put(acts, jax.tree.map(lambda _: P("x"), acts))
+    state0 = tx.init(params)
+    type0 = jax.tree.map(jax.typeof, state0)
+    assert jax.tree.map(jax.typeof, jax.jit(tx.init)(params)) == type0
+    _, state1 = tx.update(params, state0, params, activations=acts)
+    updates, state2 = jax.jit(lambda g, s, a: tx.update(g, s, activations=a))(
+        params, state0, acts)
+    _, state3 = jax.jit(lambda g, s, a: tx.update(g, s, activations=a))(params, state2, acts)
+  for state in (state1, state2, state3):
+    assert jax.tree.map(jax.typeof, state) == type0
+  assert int(state3.count) == 2 and bool(state3.has_inverse)
+  # Model-sharded gradients meet replicated inverses and keep their sharding.
+  assert jax.tree.map(jax.typeof, updates) == jax.tree.map(jax.typeof, params)
+  scale = max(float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(reference))
+  assert _max_abs_diff(updates, reference) < 1e-5 * scale
+
+
+@multi
+@pytest.mark.parametrize("shard_refresh", [False, True])
+def test_replicated_state_stays_replicated_under_jit(shard_refresh):
+  mesh = jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(AxisType.Auto,))
+  put = _placer(mesh)
+  params, acts, fisher = _layer_problem()
+  tx = sngd_jax.sngd(fisher=fisher, inverse_every=1, shard_refresh=mesh if shard_refresh else False)
+  state0 = put(tx.init(params), False)
+  step = jax.jit(lambda g, s, a: tx.update(g, s, activations=a))
+  _, state1 = step(put(params, False), state0, put(acts, True))
+  _, state2 = step(put(params, False), state1, put(acts, True))
+  for before, after in zip(jax.tree.leaves(state0), jax.tree.leaves(state2), strict=True):
+    assert after.sharding.is_equivalent_to(before.sharding, after.ndim), (before, after)
+    assert after.sharding.is_fully_replicated
+  assert int(state2.count) == 2
+
+
+# ---------------------------------------------------------------- sharded refresh
+
+
+def _damped_inverse_reference(factor, damping):
+  g = np.asarray(factor, np.float64)
+  g = 0.5 * (g + np.swapaxes(g, -1, -2))
+  shift = damping * np.trace(g, axis1=-2, axis2=-1)
+  return np.linalg.inv(g + shift[..., None, None] * np.eye(g.shape[-1]))
+
+
+@multi
+@pytest.mark.parametrize("mode", ["mesh", "set_mesh", "shard_map_2d"])
+def test_sharded_refresh_gives_the_same_inverses(mode):
+  # Groups of 1+5 blocks (d=6: a linear and a 5-unit rfim layer) and 2 blocks
+  # (d=13): neither is a multiple of 8, so padding is exercised.
+  params, acts, fisher = _layer_problem(
+      sizes=((5, 3, "linear"), (5, 5, "rfim"), (12, 2, "rfim")))
+  grads = jax.tree.map(jnp.ones_like, params)
+  kwargs = dict(fisher=fisher, damping=1e-3, inverse_every=1)
+  plain = sngd_jax.sngd(**kwargs)
+  ref_updates, ref_state = jax.jit(lambda g, s, a: plain.update(g, s, activations=a))(
+      grads, plain.init(params), acts)
+  if mode == "mesh":
+    mesh = jax.make_mesh((NUM_DEVICES,), ("data",))
+    tx = sngd_jax.sngd(shard_refresh=mesh, **kwargs)
+    updates, state = jax.jit(lambda g, s, a: tx.update(g, s, activations=a))(
+        grads, tx.init(params), acts)
+  elif mode == "set_mesh":
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    tx = sngd_jax.sngd(shard_refresh=True, **kwargs)
+    with jax.set_mesh(mesh):
+      updates, state = jax.jit(lambda g, s, a: tx.update(g, s, activations=a))(
+          grads, tx.init(params), acts)
+  else:  # inside the user's shard_map over two axes, replicated inputs
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    tx = sngd_jax.sngd(shard_refresh=True, axis_name=("data", "model"), **kwargs)
+    fn = jax.shard_map(lambda g, s, a: tx.update(g, s, activations=a), mesh=mesh,
+                       in_specs=P(), out_specs=P())
+    updates, state = jax.jit(fn)(grads, tx.init(params), acts)
+  assert int(state.num_refresh_failures) == 0
+  for path in fisher:
+    inv, ref_inv = np.asarray(state.inverses[path]), np.asarray(ref_state.inverses[path])
+    np.testing.assert_allclose(inv, ref_inv, rtol=1e-6, atol=1e-6 * np.abs(ref_inv).max())
+    exact = _damped_inverse_reference(ref_state.factors[path], 1e-3).reshape(inv.shape)
+    np.testing.assert_allclose(inv, exact, rtol=1e-3, atol=1e-4 * np.abs(exact).max())
+  assert _max_abs_diff(updates, ref_updates) < 1e-6 * (1 + _max_abs_diff(ref_updates, grads))
+
+
+@multi
+def test_split_refresh_pads_and_gathers():
+  mesh = jax.make_mesh((NUM_DEVICES,), ("data",))
+  rng = np.random.default_rng(1)
+  a = rng.normal(size=(3, 4, 4))
+  blocks = jnp.asarray(a @ np.swapaxes(a, 1, 2) + np.eye(4), jnp.float32)
+  seen = []
+
+  def refresh(local):
+    seen.append(local.shape)
+    return {"inv": jnp.linalg.inv(local)}, jnp.all(jnp.isfinite(local), axis=(1, 2))
+
+  fn = jax.shard_map(lambda s: distributed.split_refresh(refresh, s, "data"), mesh=mesh,
+                     in_specs=P(), out_specs=P())
+  rep, ok = jax.jit(fn)(blocks)
+  assert seen == [(1, 4, 4)]  # ceil(3 / 8) block per device
+  assert rep["inv"].shape == (3, 4, 4) and ok.shape == (3,) and bool(jnp.all(ok))
+  np.testing.assert_allclose(np.asarray(rep["inv"]), np.linalg.inv(np.asarray(blocks, np.float64)),
+                             rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- agreement
+
+
+@multi
+def test_nonfinite_shard_skips_the_step_on_every_device():
+  mesh = jax.make_mesh((NUM_DEVICES,), ("data",))
+  put = _placer(mesh)
+  params, acts, fisher = _layer_problem()
+  bad = acts["L0"][0].inputs.at[BATCH - 1, 0].set(jnp.nan)  # in the last shard only
+  acts = dict(acts, L0=(Captured(inputs=bad, outputs=acts["L0"][0].outputs),))
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = sngd_jax.sngd(fisher=fisher, axis_name="data")
+  state0 = tx.init(params)
+  fn = jax.shard_map(lambda g, s, a: tx.update(g, s, activations=a), mesh=mesh,
+                     in_specs=(P(), P(), _batch_spec(acts)), out_specs=(P(), P()))
+  updates, state = jax.jit(fn)(put(grads, False), put(state0, False), put(acts, True))
+  assert int(state.num_skipped_steps) == 1 and int(state.count) == 0
+  assert not bool(state.has_inverse)
+  assert _max_abs_diff(state.factors, state0.factors) == 0.0
+  assert all(float(jnp.max(jnp.abs(u))) == 0.0 for u in jax.tree.leaves(updates))
+
+
+# ---------------------------------------------------------------- one device
+
+
+def test_replicated_out_sharding_is_none_without_a_mesh():
+  assert distributed.replicated_out_sharding(jnp.ones((4, 3))) is None
+
+
+def test_axis_helpers_are_identity_without_axis_name():
+  x = jnp.arange(3.0)
+  assert distributed.axis_mean(x, None) is x
+  flag = jnp.array(False)
+  assert distributed.all_agree(flag, None) is flag
+
+
+def test_shard_refresh_without_mesh_or_axis_raises():
+  params, acts, fisher = _layer_problem()
+  tx = sngd_jax.sngd(fisher=fisher, shard_refresh=True)
+  with pytest.raises(ValueError, match="shard_refresh=True"):
+    tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), activations=acts)
