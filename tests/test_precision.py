@@ -137,16 +137,18 @@ def test_low_precision_model_trains(dtype):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   @jax.jit
+  def step(params, state):
+    (loss, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(
+        params, x, y)
+    updates, state = tx.update(grads, state, params, activations=acts)
+    return optax.apply_updates(params, updates), state, loss
+
   def train(params):
-    state = tx.init(params)
-    losses = []
+    state, losses = tx.init(params), []
     for _ in range(20):
-      (loss, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(
-          params, x, y)
-      updates, state = tx.update(grads, state, params, activations=acts)
-      params = optax.apply_updates(params, updates)
+      params, state, loss = step(params, state)
       losses.append(loss)
-    return params, state, jnp.stack(losses)
+    return params, state, losses
 
   new_params, state, losses = train(params)
   for p in jax.tree.leaves(new_params):
