@@ -65,7 +65,7 @@ def _assert_bitwise_equal(a, b):
   la, ta = jax.tree.flatten(a)
   lb, tb = jax.tree.flatten(b)
   assert ta == tb
-  for u, v in zip(la, lb):
+  for u, v in zip(la, lb, strict=True):
     u, v = np.asarray(u), np.asarray(v)
     assert u.dtype == v.dtype and u.shape == v.shape
     # Compare the bytes, so that -0.0 vs 0.0 or NaN payloads would also be caught.

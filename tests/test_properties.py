@@ -66,7 +66,7 @@ def test_update_matches_float64_reference(n, d_in, d_out, bias, fisher, damping,
   tx = sngd_jax.sngd(fisher=fisher, damping=damping, decay=0.0, inverse_every=1, prior=prior)
   updates, state = jax.jit(tx.update)(grads, tx.init(params), params,
                                       activations={"Dense_0": (Captured(x, z),)})
-  for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+  for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
     assert u.dtype == p.dtype and u.shape == p.shape
   assert int(state.num_skipped_steps) == 0 and int(state.num_refresh_failures) == 0
 
@@ -120,7 +120,7 @@ def test_outputs_finite_and_schedule_for_any_periods(d_in, d_out, bias, fisher, 
     before = state
     updates, state = update(grads, state, params, activations={"Dense_0": (Captured(x, z),)})
     skipped = int(state.num_skipped_steps) - int(before.num_skipped_steps)
-    for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+    for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
       assert u.dtype == p.dtype
       assert bool(jnp.all(jnp.isfinite(u)))
       if skipped:

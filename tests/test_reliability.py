@@ -47,11 +47,13 @@ def _setup(hidden_bias_init=0.0, **sngd_kwargs):
 def _leaves_equal(a, b):
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   assert len(la) == len(lb)
-  return all(np.array_equal(np.asarray(u), np.asarray(v), equal_nan=True) for u, v in zip(la, lb))
+  return all(np.array_equal(np.asarray(u), np.asarray(v), equal_nan=True)
+             for u, v in zip(la, lb, strict=True))
 
 
 def _all_finite(tree):
-  return all(bool(np.all(np.isfinite(np.asarray(leaf, np.float64)))) for leaf in jax.tree.leaves(tree)
+  return all(bool(np.all(np.isfinite(np.asarray(leaf, np.float64))))
+             for leaf in jax.tree.leaves(tree)
              if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact))
 
 
