@@ -29,6 +29,7 @@ from sngd_jax import factors as factors_lib
 from sngd_jax import layers as layers_lib
 from sngd_jax import matfun
 from sngd_jax import paths
+from sngd_jax import validation
 from sngd_jax.capture import Activations
 
 
@@ -150,8 +151,11 @@ def _refresh_inverses(specs, factors, weights, old_inverses, method, damping, ab
     blocks = [factors_lib.normalized(factors[p], weights[p]).reshape(
         (-1,) + factors[p].shape[-2:]) for p in paths_in_group]
     sizes = [b.shape[0] for b in blocks]
-    stacked = matfun.damp(jnp.concatenate(blocks), damping, abs_damping)
+    undamped = jnp.concatenate(blocks)
+    stacked = matfun.damp(undamped, damping, abs_damping)
     rep, ok = method.refresh(stacked)
+    shift = damping * jnp.trace(undamped, axis1=-2, axis2=-1) + abs_damping
+    ok = validation.accept_refresh(method.apply, rep, stacked, shift, ok)
     failures += jnp.sum(~ok).astype(jnp.int32)
     start = 0
     for p, size in zip(paths_in_group, sizes):
@@ -176,6 +180,7 @@ def sngd(
     inverse: str = "cholesky",
     axis_name: Optional[distributed.AxisName] = None,
     shard_refresh: Union[bool, jax.sharding.Mesh] = False,
+    max_factor_ratio: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Preconditions each layer's gradient by its damped local Fisher inverse.
 
@@ -188,7 +193,10 @@ def sngd(
   (per output unit ``j`` with ``G_j`` when ``fisher="rfim"``). Leaves that are
   not part of such a layer pass through unchanged. A step whose gradients or
   activations are not finite returns zero updates and leaves the state as it
-  was (counted in ``num_skipped_steps``).
+  was (counted in ``num_skipped_steps``); so does a step whose preconditioned
+  update would overflow. Refreshed inverses that fail the checks of
+  :func:`sngd_jax.validation.accept_refresh` keep the previous inverse (the
+  identity before the first), counted in ``num_refresh_failures``.
 
   Args:
     fisher: ``"linear"`` (``G = E[x~ x~^T]``), ``"rfim"``
@@ -219,6 +227,10 @@ def sngd(
       ``shard_map``/``pmap``, or over the mesh set by ``jax.set_mesh`` under
       ``jit``; a ``jax.sharding.Mesh`` splits over all its devices under
       ``jit``. The cached inverses stay replicated.
+    max_factor_ratio: if set, a batch estimate whose trace exceeds this many
+      times the running factor's is scaled down to it, so that one outlier
+      batch cannot dominate the moving average (see
+      :func:`sngd_jax.validation.limit_outlier`); ``None`` (default) disables it.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,
@@ -230,19 +242,25 @@ def sngd(
   _check_number("decay", decay, 0.0, 1.0)
   _check_number("factor_every", factor_every, 0, low_open=True)
   _check_number("inverse_every", inverse_every, 0, low_open=True)
+  if max_factor_ratio is not None:
+    _check_number("max_factor_ratio", max_factor_ratio, 1.0)
   if prior not in factors_lib.PRIORS:
     raise ValueError(f"sngd: unknown prior {prior!r}; expected one of {factors_lib.PRIORS}")
   if isinstance(damping, (int, float)) and isinstance(abs_damping, (int, float)) \
       and damping == 0 and abs_damping == 0:
     raise ValueError("sngd: `damping` and `abs_damping` are both 0; the local Fisher of a "
                      "batch is singular in general, so at least one must be positive")
+  validation.check_fisher_arg(fisher)
   method = matfun.get_method(inverse)
   if shard_refresh is not False:
     mesh = shard_refresh if isinstance(shard_refresh, jax.sharding.Mesh) else None
     method = distributed.shard_method(method, axis_name=axis_name, mesh=mesh)
 
   def init_fn(params):
-    return _init_state(params, layers_lib.discover(params, fisher), method)
+    specs = layers_lib.discover(params, fisher)
+    leaves, _, index = _flatten(params)
+    validation.check_param_dtypes(specs, leaves, index, "params")
+    return _init_state(params, specs, method)
 
   def update_fn(updates, state, params=None, *, activations=None, **extra_args):
     del params, extra_args
@@ -252,6 +270,9 @@ def sngd(
     activations = {p: activations[p] for p in specs}
 
     leaves, treedef, index = _flatten(updates)
+    validation.check_param_dtypes(specs, leaves, index, "updates")
+    validation.check_state_shapes(specs, state.factors)
+    validation.check_activations(specs, activations)
     finite = distributed.all_agree(
         _tree_all_finite(leaves) & _tree_all_finite(activations), axis_name)
     count = state.count
@@ -261,6 +282,9 @@ def sngd(
       for path, spec in specs.items():
         estimate = distributed.axis_mean(
             factors_lib.batch_factor(spec, activations[path]), axis_name)
+        if max_factor_ratio is not None:
+          estimate = validation.limit_outlier(estimate, state.factors[path],
+                                              state.weights[path], max_factor_ratio)
         out_f[path], out_w[path] = factors_lib.ema_update(
             state.factors[path], state.weights[path], estimate, decay, prior)
       return out_f, out_w
@@ -297,17 +321,23 @@ def sngd(
       if spec.bias is not None:
         out[index[spec.bias]] = distributed.reshard_like(
             pre[spec.in_dim].reshape(b_leaf.shape).astype(b_leaf.dtype), b_leaf)
-    out = [jnp.where(finite, u, jnp.zeros_like(u)) for u in out]
+    # Finite inputs can still overflow (e.g. a float16 update of a tiny-scale layer): such a
+    # step is skipped like a non-finite one, so no non-finite value ever leaves the transform.
+    ok = distributed.all_agree(finite & _tree_all_finite(out), axis_name)
+    out = [jnp.where(ok, u, jnp.zeros_like(u)) for u in out]
 
     new_state = SNGDState(
-        count=count + finite.astype(jnp.int32),
+        count=count + 1,
         factors=fac,
         weights=wts,
         inverses=inv,
         has_inverse=state.has_inverse | do_inverse,
         num_refresh_failures=state.num_refresh_failures + failures,
-        num_skipped_steps=state.num_skipped_steps + (~finite).astype(jnp.int32),
+        num_skipped_steps=state.num_skipped_steps,
     )
+    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+    new_state = new_state._replace(
+        num_skipped_steps=state.num_skipped_steps + (~ok).astype(jnp.int32))
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

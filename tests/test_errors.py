@@ -1,0 +1,186 @@
+"""Bad inputs raise errors that name the layer path and the expected and actual shapes."""
+
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sngd_jax
+from sngd_jax.capture import Captured
+
+
+def _params(d_in=4, d_out=3, dtype=jnp.float32):
+  return {"Dense_0": {"kernel": jnp.ones((d_in, d_out), dtype), "bias": jnp.zeros(d_out, dtype)},
+          "head": {"Dense_1": {"kernel": jnp.ones((d_out, 2), dtype)}}}
+
+
+def _acts(params, n=5, d_in=None, dtype=jnp.float32):
+  k0 = params["Dense_0"]["kernel"]
+  d_in = k0.shape[0] if d_in is None else d_in
+  x0 = jnp.ones((n, d_in), dtype)
+  return {"Dense_0": (Captured(x0, jnp.ones((n, k0.shape[1]), dtype)),),
+          "head/Dense_1": (Captured(jnp.ones((n, k0.shape[1]), dtype), jnp.ones((n, 2), dtype)),)}
+
+
+def _update(params, acts, state=None, grads=None, **kwargs):
+  tx = sngd_jax.sngd(**kwargs)
+  state = tx.init(params) if state is None else state
+  return tx.update(params if grads is None else grads, state, params, activations=acts)
+
+
+def test_good_inputs_pass():
+  p = _params()
+  updates, state = _update(p, _acts(p))
+  assert int(state.count) == 1
+
+
+def test_missing_activations_name_the_layer():
+  p = _params()
+  acts = _acts(p)
+  del acts["head/Dense_1"]
+  with pytest.raises(ValueError, match=r"no activations were captured for layer 'head/Dense_1'"
+                                       r".*params 'head/Dense_1/kernel'"):
+    _update(p, acts)
+
+
+def test_no_activations_at_all():
+  p = _params()
+  tx = sngd_jax.sngd()
+  with pytest.raises(ValueError, match=r"needs `activations=`"):
+    tx.update(p, tx.init(p), p)
+
+
+def test_extra_activations_name_the_unknown_layer():
+  p = _params()
+  acts = _acts(p)
+  acts["Dense_7"] = acts["Dense_0"]
+  with pytest.raises(ValueError, match=r"activations were captured for \['Dense_7'\], which "
+                                       r"match no kernel"):
+    _update(p, acts)
+
+
+def test_wrong_input_features_name_layer_and_shapes():
+  p = _params()
+  acts = _acts(p)
+  acts["Dense_0"] = (Captured(jnp.ones((5, 6)), jnp.ones((5, 3))),)
+  with pytest.raises(ValueError, match=re.escape(
+      "layer 'Dense_0': captured activations have 6 input and 3 output features per row "
+      "(inputs (5, 6), outputs (5, 3)), but its kernel expects 4 inputs and 3 outputs")):
+    _update(p, acts)
+
+
+def test_wrong_output_features():
+  p = _params()
+  acts = _acts(p)
+  acts["head/Dense_1"] = (Captured(jnp.ones((5, 3)), jnp.ones((5, 7))),)
+  with pytest.raises(ValueError, match=r"layer 'head/Dense_1'.*3 input and 7 output.*expects 3 "
+                                       r"inputs and 2 outputs"):
+    _update(p, acts)
+
+
+def test_scalar_activations():
+  p = _params()
+  acts = _acts(p)
+  acts["Dense_0"] = (Captured(jnp.ones(()), jnp.ones((5, 3))),)
+  with pytest.raises(ValueError, match=r"layer 'Dense_0': call 0 captured scalar inputs; "
+                                       r"expected shape \(\.\.\., 4\)"):
+    _update(p, acts)
+
+
+def test_params_tree_with_other_layers_than_the_state():
+  p = _params()
+  tx = sngd_jax.sngd()
+  state = tx.init(p)
+  other = {"Dense_0": p["Dense_0"], "Dense_2": p["head"]["Dense_1"]}
+  acts = {"Dense_0": _acts(p)["Dense_0"], "Dense_2": _acts(p)["head/Dense_1"]}
+  with pytest.raises(ValueError, match=r"does not match the optimizer state.*"
+                                       r"\['head/Dense_1'\].*\['Dense_2'\]"):
+    tx.update(other, state, other, activations=acts)
+
+
+def test_params_tree_with_other_shapes_than_the_state():
+  p = _params()
+  tx = sngd_jax.sngd()
+  state = tx.init(p)
+  wider = _params(d_in=6)
+  with pytest.raises(ValueError, match=re.escape(
+      "layer 'Dense_0': the optimizer state holds a factor of shape (5, 5), but params with "
+      "kernel 'Dense_0/kernel' of 6 inputs and 3 outputs and a bias need (7, 7)")):
+    tx.update(wider, state, wider, activations=_acts(wider))
+
+
+def test_state_made_for_another_fisher_kind():
+  p = _params()
+  state = sngd_jax.sngd(fisher="linear").init(p)
+  tx = sngd_jax.sngd(fisher="rfim")
+  with pytest.raises(ValueError, match=r"layer 'Dense_0'.*shape \(5, 5\).*need \(3, 5, 5\) "
+                                       r"\(fisher='rfim'\)"):
+    tx.update(p, state, p, activations=_acts(p))
+
+
+@pytest.mark.parametrize("fisher", ["kfac", {"head/Dense_1": "diag"}])
+def test_unknown_fisher_kind(fisher):
+  with pytest.raises(ValueError, match=r"unknown fisher kind '(kfac|diag)' for layer "
+                                       r"'(<every layer>|head/Dense_1)'; expected one of"):
+    sngd_jax.sngd(fisher=fisher)
+
+
+def test_unknown_fisher_kind_from_a_callable_names_the_layer():
+  tx = sngd_jax.sngd(fisher=lambda path: "rfim" if path == "Dense_0" else "bogus")
+  with pytest.raises(ValueError, match=r"unknown fisher kind 'bogus' for layer 'head/Dense_1'"):
+    tx.init(_params())
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(damping=-1e-4), r"`damping` must be in \[0.0, inf\], got -0.0001"),
+    (dict(abs_damping=-1.0), r"`abs_damping` must be in \[0.0, inf\], got -1.0"),
+    (dict(damping=float("nan")), r"`damping` must be in .*got nan"),
+    (dict(damping=0.0, abs_damping=0.0), r"`damping` and `abs_damping` are both 0"),
+    (dict(decay=1.5), r"`decay` must be in \[0.0, 1.0\], got 1.5"),
+    (dict(inverse_every=0), r"`inverse_every` must be in \(0, inf\], got 0"),
+    (dict(factor_every=-2), r"`factor_every` must be in \(0, inf\], got -2"),
+    (dict(max_factor_ratio=0.5), r"`max_factor_ratio` must be in \[1.0, inf\], got 0.5"),
+    (dict(prior="zeros"), r"unknown prior 'zeros'"),
+    (dict(inverse="svd"), r"unknown inverse method 'svd'"),
+])
+def test_bad_hyperparameters(kwargs, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    sngd_jax.sngd(**kwargs)
+
+
+def test_integer_params_name_the_leaf():
+  p = _params()
+  p["head"]["Dense_1"]["kernel"] = jnp.ones((3, 2), jnp.int32)
+  with pytest.raises(TypeError, match=r"params leaf 'head/Dense_1/kernel' of layer "
+                                      r"'head/Dense_1' has dtype int32"):
+    sngd_jax.sngd().init(p)
+
+
+def test_integer_gradients_name_the_leaf():
+  p = _params()
+  tx = sngd_jax.sngd()
+  state = tx.init(p)
+  grads = {**p, "Dense_0": {**p["Dense_0"], "bias": np.zeros(3, np.int32)}}
+  with pytest.raises(TypeError, match=r"updates leaf 'Dense_0/bias' of layer 'Dense_0' has "
+                                      r"dtype int32"):
+    tx.update(grads, state, p, activations=_acts(p))
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
+def test_integer_activations_name_the_layer(dtype):
+  p = _params()
+  acts = _acts(p)
+  acts["Dense_0"] = (Captured(jnp.ones((5, 4), dtype), jnp.ones((5, 3))),)
+  with pytest.raises(TypeError, match=r"layer 'Dense_0': call 0 captured inputs of dtype "
+                                      r"(int32|bool) and shape \(5, 4\); activations must be "
+                                      r"floating point"):
+    _update(p, acts)
+
+
+def test_bias_not_matching_kernel():
+  p = _params()
+  p["Dense_0"]["bias"] = jnp.zeros(5)
+  with pytest.raises(ValueError, match=r"layer 'Dense_0': bias shape \(5,\) does not match "
+                                       r"the trailing axes of kernel shape \(4, 3\)"):
+    sngd_jax.sngd().init(p)

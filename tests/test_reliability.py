@@ -1,0 +1,383 @@
+"""Faults and degenerate inputs: skipped steps, failed refreshes, finite outputs.
+
+References: a skipped step must leave every state leaf bitwise equal to the
+input state and emit exact zeros; a rejected refresh must leave the previous
+inverse bitwise (or the identity); all outputs on finite inputs are checked
+with ``np.isfinite``; the preconditioned update after a clean refresh is
+compared with the float64 formula ``(G + (damping tr G + abs) I)^{-1} g``.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sngd_jax
+from sngd_jax import matfun, validation
+from sngd_jax.capture import Captured
+
+
+class MLP(nn.Module):
+  hidden_bias_init: float = 0.0
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(6, bias_init=nn.initializers.constant(self.hidden_bias_init))(x))
+    return nn.Dense(3)(x)
+
+
+def _setup(hidden_bias_init=0.0, **sngd_kwargs):
+  model = MLP(hidden_bias_init)
+  x = jax.random.normal(jax.random.PRNGKey(0), (16, 4))
+  y = jnp.arange(16) % 3
+  params = model.init(jax.random.PRNGKey(1), x)["params"]
+
+  def loss_fn(p, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
+
+  grad_fn = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)
+  kwargs = dict(inverse_every=1)
+  kwargs.update(sngd_kwargs)
+  tx = sngd_jax.sngd(**kwargs)
+  return model, params, grad_fn, tx, x, y
+
+
+def _leaves_equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  return all(np.array_equal(np.asarray(u), np.asarray(v), equal_nan=True)
+             for u, v in zip(la, lb, strict=True))
+
+
+def _all_finite(tree):
+  return all(bool(np.all(np.isfinite(np.asarray(leaf, np.float64))))
+             for leaf in jax.tree.leaves(tree)
+             if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact))
+
+
+@pytest.mark.parametrize("fault,jit", [("nan_grad", False), ("nan_grad", True),
+                                       ("inf_grad", True), ("inf_act", False), ("inf_act", True),
+                                       ("nan_output", True)])
+def test_nonfinite_step_is_skipped(fault, jit):
+  _, params, grad_fn, tx, x, y = _setup()
+  state = tx.init(params)
+  (_, acts), grads = grad_fn(params, x, y)
+  # One clean step first, so the state holds non-trivial factors and inverses.
+  _, state = tx.update(grads, state, params, activations=acts)
+  if fault == "nan_grad":
+    grads = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads)
+  elif fault == "inf_grad":
+    grads["Dense_1"]["bias"] = grads["Dense_1"]["bias"].at[0].set(jnp.inf)
+  elif fault == "inf_act":
+    call = acts["Dense_1"][0]
+    acts = {**acts, "Dense_1": (call.replace(inputs=call.inputs.at[3, 2].set(jnp.inf)),)}
+  else:
+    call = acts["Dense_0"][0]
+    acts = {**acts, "Dense_0": (call.replace(outputs=call.outputs.at[0, 0].set(jnp.nan)),)}
+  update = jax.jit(tx.update) if jit else tx.update
+  updates, new_state = update(grads, state, params, activations=acts)
+  for u in jax.tree.leaves(updates):
+    np.testing.assert_array_equal(np.asarray(u), 0.0)
+  assert int(new_state.num_skipped_steps) == 1
+  assert int(new_state.count) == int(state.count) == 1
+  assert _leaves_equal(new_state._replace(num_skipped_steps=state.num_skipped_steps), state)
+
+
+def test_skipped_steps_do_not_shift_the_refresh_schedule():
+  _, params, grad_fn, tx, x, y = _setup(inverse_every=2)
+  state = tx.init(params)
+  (_, acts), grads = grad_fn(params, x, y)
+  bad = jax.tree.map(lambda g: g * jnp.nan, grads)
+  update = jax.jit(tx.update)
+  for _ in range(3):
+    _, state = update(bad, state, params, activations=acts)
+  assert int(state.count) == 0 and not bool(state.has_inverse)
+  _, state = update(grads, state, params, activations=acts)
+  assert int(state.count) == 1 and bool(state.has_inverse)
+  assert int(state.num_skipped_steps) == 3
+
+
+def test_composes_with_apply_if_finite():
+  """apply_if_finite rejects NaN gradients first; once it gives up, sngd still skips them."""
+  _, params, grad_fn, _, x, y = _setup()
+  tx = optax.apply_if_finite(
+      optax.chain(sngd_jax.sngd(inverse_every=1), optax.sgd(0.1, momentum=0.9)),
+      max_consecutive_errors=2)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  (_, acts), grads = grad_fn(params, x, y)
+  updates, state = update(grads, state, params, activations=acts)
+  params = optax.apply_updates(params, updates)
+  bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads)
+  for step in range(4):
+    inner_before = state.inner_state
+    updates, state = update(bad, state, params, activations=acts)
+    assert _all_finite(updates)
+    params = optax.apply_updates(params, updates)
+    sngd_state = state.inner_state[0]
+    if step < 2:  # rejected by apply_if_finite: the inner state is untouched
+      assert _leaves_equal(state.inner_state, inner_before)
+      assert int(sngd_state.num_skipped_steps) == 0
+    else:  # apply_if_finite gave up: sngd skips the step itself
+      assert int(sngd_state.num_skipped_steps) == step - 1
+  assert int(state.total_notfinite) == 4
+  assert _all_finite(params) and _all_finite(state)
+  # Without sngd, apply_if_finite gives up and writes the NaN into the params.
+  plain = optax.apply_if_finite(optax.sgd(0.1), max_consecutive_errors=2)
+  plain_state, p = plain.init(params), params
+  for _ in range(3):
+    u, plain_state = plain.update(bad, plain_state, p)
+    p = optax.apply_updates(p, u)
+  assert not _all_finite(p)
+
+
+def _single_layer_update(x, fisher, prior, bias, zshift=0.0, steps=2, decay=0.995,
+                         abs_damping=0.0, jit=False):
+  """Runs `steps` updates of one Dense layer (kernel, optional bias) on activations `x`.
+
+  With `bias="both"` the tree holds two layers, `with_bias` and `no_bias`, fed the
+  same inputs (one compile covers both).
+  """
+  d_in = _D if x is None else x.shape[-1]
+  k = jax.random.normal(jax.random.PRNGKey(2), (d_in, 3))
+  names = {True: ["Dense_0"], False: ["Dense_0"], "both": ["with_bias", "no_bias"]}[bias]
+  params = {name: {"kernel": k} for name in names}
+  if bias is True or bias == "both":
+    params[names[0]]["bias"] = jnp.zeros(3)
+  tx = sngd_jax.sngd(fisher=fisher, prior=prior, decay=decay, inverse_every=1,
+                     abs_damping=abs_damping, damping=1e-4)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+
+  def run(x, zshift):
+    state = tx.init(params)
+    acts = {name: (Captured(x, x @ k + zshift),) for name in names}
+    for _ in range(steps):
+      updates, state = tx.update(grads, state, params, activations=acts)
+    return updates, state
+
+  run = jax.jit(run) if jit else run
+  return run(x, zshift) if x is not None else run
+
+
+_N, _D = 12, 5
+_R = np.random.default_rng(0).standard_normal((_N, _D)).astype(np.float32)
+DEGENERATE = {
+    "zeros": np.zeros((_N, _D), np.float32),
+    "constant": np.full((_N, _D), 3.0, np.float32),
+    "rank_one": np.outer(np.arange(_N), np.ones(_D)).astype(np.float32),
+    "duplicate_column": np.concatenate([_R[:, :3], _R[:, :2]], axis=1),
+    "scale_1e6": 1e6 * _R,
+    "scale_1e-6": 1e-6 * _R,
+    "one_row_repeated": np.repeat(_R[:1], _N, axis=0),
+}
+
+
+@pytest.mark.parametrize("fisher", ["linear", "rfim"])
+@pytest.mark.parametrize("prior", ["scaled_identity", "identity", "none"])
+def test_finite_inputs_give_finite_outputs(fisher, prior):
+  """Degenerate but finite activations never produce a non-finite update or state."""
+  run = _single_layer_update(None, fisher, prior, "both", jit=True)
+  for name, x in DEGENERATE.items():
+    for zshift in ([0.0, -200.0] if fisher == "rfim" else [0.0]):  # -200: dead units
+      updates, state = run(jnp.asarray(x), zshift)
+      assert _all_finite(updates) and _all_finite(state), (name, zshift)
+      assert int(state.num_skipped_steps) == 0, (name, zshift)
+      assert int(state.count) == 2
+
+
+def test_dead_relu_layer_and_constant_inputs_in_a_model():
+  """A hidden layer with all units dead (bias -100) and constant inputs train finitely."""
+  model, params, grad_fn, _, x, y = _setup(hidden_bias_init=-100.0)
+  x = jnp.ones_like(x) * 2.0
+  for fisher, prior in (("linear", "none"), ("rfim", "scaled_identity"), ("rfim", "none")):
+    if True:
+      tx = optax.chain(sngd_jax.sngd(fisher=fisher, prior=prior, inverse_every=2), optax.sgd(0.1))
+      @jax.jit
+      def train(p, tx=tx):
+        state = tx.init(p)
+        for _ in range(4):
+          (_, acts), grads = grad_fn(p, x, y)
+          updates, state = tx.update(grads, state, p, activations=acts)
+          p = optax.apply_updates(p, updates)
+        return p, state
+
+      p, state = train(params)
+      assert _all_finite(p) and _all_finite(state), (fisher, prior)
+      assert int(state[0].num_skipped_steps) == 0
+
+
+def test_zero_factor_prior_none_fails_cleanly_and_keeps_identity():
+  """G = 0, prior none, abs_damping 0: the damped matrix is 0; the refresh fails, I is kept."""
+  x = jnp.zeros((8, 4))
+  updates, state = _single_layer_update(x, "linear", "none", bias=False, steps=1)
+  assert int(state.num_refresh_failures) == 1
+  np.testing.assert_array_equal(np.asarray(state.inverses["Dense_0"][0]), np.eye(4))
+  np.testing.assert_array_equal(np.asarray(updates["Dense_0"]["kernel"]), 0.5)  # identity
+  assert bool(state.has_inverse)
+
+
+def test_zero_factor_with_abs_damping_is_fine():
+  updates, state = _single_layer_update(jnp.zeros((8, 4)), "linear", "none", bias=False,
+                                        steps=1, abs_damping=0.5)
+  assert int(state.num_refresh_failures) == 0
+  np.testing.assert_allclose(np.asarray(updates["Dense_0"]["kernel"]), 1.0, rtol=1e-6)
+
+
+def _linear_params_and_acts(seed=0, n=16, d_in=4, d_out=3):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((n, d_in)).astype(np.float32)
+  k = rng.standard_normal((d_in, d_out)).astype(np.float32)
+  params = {"Dense_0": {"kernel": jnp.asarray(k), "bias": jnp.zeros(d_out)}}
+  acts = {"Dense_0": (Captured(jnp.asarray(x), jnp.asarray(x @ k)),)}
+  grads = {"Dense_0": {"kernel": jnp.asarray(rng.standard_normal((d_in, d_out)), jnp.float32),
+                       "bias": jnp.asarray(rng.standard_normal(d_out), jnp.float32)}}
+  return params, acts, grads, x
+
+
+def test_poisoned_factor_keeps_last_good_inverse():
+  """A NaN factor (crafted state) makes the refresh fail; the last good inverse stays."""
+  params, acts, grads, x = _linear_params_and_acts()
+  tx = sngd_jax.sngd(inverse_every=1, decay=0.0, factor_every=1000)  # factors only at step 0
+  state = tx.init(params)
+  _, state = tx.update(grads, state, params, activations=acts)
+  good = np.asarray(state.inverses["Dense_0"])
+  poisoned = state._replace(factors={"Dense_0": state.factors["Dense_0"].at[1, 1].set(jnp.nan)})
+  updates, new_state = tx.update(grads, poisoned, params, activations=acts)
+  assert int(new_state.num_refresh_failures) == 1
+  np.testing.assert_array_equal(np.asarray(new_state.inverses["Dense_0"]), good)
+  # The update used the last good inverse: (G + 1e-4 tr(G) I)^{-1} g in float64.
+  xt = np.concatenate([x, np.ones((x.shape[0], 1))], 1).astype(np.float64)
+  g = xt.T @ xt / x.shape[0]
+  a = g + 1e-4 * np.trace(g) * np.eye(g.shape[0])
+  gw = np.concatenate([np.asarray(grads["Dense_0"]["kernel"]),
+                       np.asarray(grads["Dense_0"]["bias"])[None]]).astype(np.float64)
+  want = np.linalg.solve(a, gw)
+  got = np.concatenate([np.asarray(updates["Dense_0"]["kernel"]),
+                        np.asarray(updates["Dense_0"]["bias"])[None]])
+  np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+def _method_returning(bad_rep_fn):
+  base = matfun.METHODS["cholesky"]
+
+  def refresh(g_damped):
+    rep, ok = base.refresh(g_damped)
+    return bad_rep_fn(rep), ok
+
+  return matfun.InverseMethod(base.identity, refresh, base.apply)
+
+
+@pytest.mark.parametrize("corruption", ["nan", "huge", "negative", "reported_failure"])
+def test_inaccurate_refresh_is_rejected(monkeypatch, corruption):
+  """A method whose refresh is non-finite, unbounded or indefinite keeps the old inverse."""
+  if corruption == "reported_failure":
+    base = matfun.METHODS["cholesky"]
+    method = matfun.InverseMethod(
+        base.identity, lambda g: (base.refresh(g)[0], jnp.zeros(g.shape[0], bool)), base.apply)
+  else:
+    bad = {"nan": lambda r: r * jnp.nan, "huge": lambda r: r * 1e12,
+           "negative": lambda r: -r}[corruption]
+    method = _method_returning(bad)
+  monkeypatch.setitem(matfun.METHODS, "corrupt", method)
+  params, acts, grads, _ = _linear_params_and_acts()
+  tx = sngd_jax.sngd(inverse_every=1, inverse="corrupt")
+  state, update = tx.init(params), jax.jit(tx.update)
+  for step in range(3):
+    updates, state = update(grads, state, params, activations=acts)
+    assert int(state.num_refresh_failures) == step + 1
+    np.testing.assert_array_equal(np.asarray(state.inverses["Dense_0"][0]), np.eye(5))
+    np.testing.assert_array_equal(np.asarray(updates["Dense_0"]["kernel"]),
+                                  np.asarray(grads["Dense_0"]["kernel"]))
+
+
+def test_refresh_failures_counted_per_block_rfim():
+  """rfim: only the dead unit's block fails; live units get their own inverse."""
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((16, 4)).astype(np.float32)
+  z = np.full((16, 3), 5.0, np.float32)
+  z[:, 1] = -200.0  # unit 1 is dead: sigmoid(z)^2 underflows to 0, G_1 = 0
+  params = {"Dense_0": {"kernel": jnp.ones((4, 3))}}
+  tx = sngd_jax.sngd(fisher="rfim", inverse_every=1, prior="none")
+  state = tx.init(params)
+  acts = {"Dense_0": (Captured(jnp.asarray(x), jnp.asarray(z)),)}
+  _, state = tx.update(params, state, params, activations=acts)
+  assert int(state.num_refresh_failures) == 1
+  inv = np.asarray(state.inverses["Dense_0"])
+  np.testing.assert_array_equal(inv[1], np.eye(4))
+  s2 = (1.0 / (1.0 + np.exp(-5.0))) ** 2
+  g = s2 * x.astype(np.float64).T @ x / 16
+  want = np.linalg.inv(g + 1e-4 * np.trace(g) * np.eye(4))
+  np.testing.assert_allclose(inv[0], want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+
+
+def test_overflowing_update_is_skipped():
+  """float16 params with inputs of scale 1e-3: G^{-1} g ~ 1e6 overflows float16 -> skipped."""
+  x = (1e-3 * _R).astype(np.float16)
+  k = jnp.ones((_D, 2), jnp.float16)
+  params = {"Dense_0": {"kernel": k}}
+  tx = sngd_jax.sngd(inverse_every=1)
+  state = tx.init(params)
+  acts = {"Dense_0": (Captured(jnp.asarray(x), jnp.asarray(x) @ k),)}
+  grads = {"Dense_0": {"kernel": jnp.full((_D, 2), 100.0, jnp.float16)}}
+  updates, new_state = tx.update(grads, state, params, activations=acts)
+  assert int(new_state.num_skipped_steps) == 1
+  np.testing.assert_array_equal(np.asarray(updates["Dense_0"]["kernel"]), 0.0)
+  assert _leaves_equal(new_state._replace(num_skipped_steps=state.num_skipped_steps), state)
+
+
+def test_accept_refresh_bounds():
+  """Direct check of the acceptance rule on hand-made blocks."""
+  a = jnp.asarray(np.diag([1.0, 2.0, 4.0]).astype(np.float32))[None].repeat(4, 0)
+  inv = jnp.linalg.inv(a)
+  shift = jnp.array([0.5, 0.5, 0.0, jnp.inf])
+  apply = matfun.METHODS["cholesky"].apply
+  ok = validation.accept_refresh(apply, inv, a, shift, jnp.ones(4, bool))
+  np.testing.assert_array_equal(np.asarray(ok), [True, True, False, False])
+  # ||A^{-1} v|| <= 2 / s is violated once s is large: the inverse is then wrong for A.
+  ok = validation.accept_refresh(apply, inv, a, jnp.full(4, 3.0), jnp.ones(4, bool))
+  np.testing.assert_array_equal(np.asarray(ok), [False] * 4)
+  ok = validation.accept_refresh(apply, -inv, a, jnp.full(4, 0.5), jnp.ones(4, bool))
+  np.testing.assert_array_equal(np.asarray(ok), [False] * 4)
+
+
+def test_limit_outlier_matches_formula():
+  rng = np.random.default_rng(3)
+  m = rng.standard_normal((5, 5))
+  g_run = (m @ m.T).astype(np.float32)
+  weight = np.float32(0.5)
+  est = (1e6 * g_run).astype(np.float32)
+  out = np.asarray(validation.limit_outlier(jnp.asarray(est), jnp.asarray(g_run),
+                                            jnp.asarray(weight), 100.0))
+  running_trace = np.trace(g_run.astype(np.float64)) / 0.5
+  np.testing.assert_allclose(np.trace(out.astype(np.float64)), 100.0 * running_trace, rtol=1e-5)
+  np.testing.assert_allclose(out / np.trace(out), est / np.trace(est), rtol=1e-5, atol=1e-8)
+  # In range, before the first update (w = 0), or from a zero factor: unchanged.
+  small = 50.0 * g_run
+  for factor, w, e in [(g_run, weight, small), (0 * g_run, np.float32(0), est),
+                       (0 * g_run, np.float32(1), est)]:
+    np.testing.assert_array_equal(
+        np.asarray(validation.limit_outlier(jnp.asarray(e), jnp.asarray(factor),
+                                            jnp.asarray(w), 100.0)), e)
+
+
+def test_max_factor_ratio_guards_the_average_against_an_outlier_batch():
+  """One batch of scale 1e6 freezes the layer without the guard, not with it."""
+  params, acts, grads, x = _linear_params_and_acts()
+  big = {"Dense_0": (Captured(acts["Dense_0"][0].inputs * 1e6, acts["Dense_0"][0].outputs),)}
+  norms = {}
+  for ratio in (None, 100.0):
+    tx = sngd_jax.sngd(inverse_every=1, max_factor_ratio=ratio)
+    state, update = tx.init(params), jax.jit(tx.update)
+    for a in (acts, acts, big, acts):
+      updates, state = update(grads, state, params, activations=a)
+    assert _all_finite(updates) and _all_finite(state)
+    norms[ratio] = float(jnp.linalg.norm(updates["Dense_0"]["kernel"]))
+  tx = sngd_jax.sngd(inverse_every=1)
+  state, update = tx.init(params), jax.jit(tx.update)
+  for a in (acts, acts, acts):
+    clean, state = update(grads, state, params, activations=a)
+  clean_norm = float(jnp.linalg.norm(clean["Dense_0"]["kernel"]))
+  assert norms[None] < 1e-6 * clean_norm  # frozen: the EMA holds 0.005 * 1e12 G
+  assert norms[100.0] > 1e-2 * clean_norm
