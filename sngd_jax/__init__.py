@@ -5,7 +5,8 @@ from sngd_jax.capture import Activations, Captured, capture
 from sngd_jax.factors import PRIORS
 from sngd_jax.flax_nnx import capture_nnx
 from sngd_jax.layers import FISHER_KINDS, LayerSpec, discover
-from sngd_jax.matfun import METHODS as INVERSE_METHODS
+from sngd_jax.matfun import InverseMethod
+from sngd_jax.methods import METHODS as INVERSE_METHODS
 from sngd_jax.transform import SNGDState, sngd
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ __all__ = [
     "Captured",
     "FISHER_KINDS",
     "INVERSE_METHODS",
+    "InverseMethod",
     "LayerSpec",
     "PRIORS",
     "SNGDState",

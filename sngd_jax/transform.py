@@ -16,7 +16,7 @@ descent on a *reconstructed* network whose layers are preceded by
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Union
 
 import chex
 import jax
@@ -28,6 +28,7 @@ from sngd_jax import layers as layers_lib
 from sngd_jax import matfun
 from sngd_jax import paths
 from sngd_jax.capture import Activations
+from sngd_jax.methods import get_method
 
 
 class SNGDState(NamedTuple):
@@ -140,8 +141,8 @@ def _refresh_inverses(specs, factors, weights, old_inverses, method, damping, ab
     blocks = [factors_lib.normalized(factors[p], weights[p]).reshape(
         (-1,) + factors[p].shape[-2:]) for p in paths_in_group]
     sizes = [b.shape[0] for b in blocks]
-    stacked = matfun.damp(jnp.concatenate(blocks), damping, abs_damping)
-    rep, ok = method.refresh(stacked)
+    stacked = matfun.symmetrize(jnp.concatenate(blocks))
+    rep, ok = method.refresh(stacked, matfun.damping_shift(stacked, damping, abs_damping))
     failures += jnp.sum(~ok).astype(jnp.int32)
     start = 0
     for p, size in zip(paths_in_group, sizes):
@@ -163,7 +164,7 @@ def sngd(
     factor_every: int = 1,
     inverse_every: int = 100,
     prior: str = "scaled_identity",
-    inverse: str = "cholesky",
+    inverse: Union[str, matfun.InverseMethod] = "cholesky",
 ) -> optax.GradientTransformationExtraArgs:
   """Preconditions each layer's gradient by its damped local Fisher inverse.
 
@@ -193,7 +194,10 @@ def sngd(
       step always computes one.
     prior: how the average of ``G`` starts, one of
       :data:`sngd_jax.factors.PRIORS` (``"identity"`` is the reference code).
-    inverse: the inverse method, a key of :data:`sngd_jax.matfun.METHODS`.
+    inverse: the inverse method, a key of :data:`sngd_jax.methods.METHODS`
+      (``"cholesky"``, ``"eigh"``, ``"denman_beavers"``, ``"newton_schulz"``,
+      ``"nystrom"``, ``"blocks"``, ``"auto"``) or an
+      :class:`sngd_jax.matfun.InverseMethod` (e.g. ``sngd_jax.methods.auto(max_dim=1024)``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,
@@ -211,7 +215,7 @@ def sngd(
       and damping == 0 and abs_damping == 0:
     raise ValueError("sngd: `damping` and `abs_damping` are both 0; the local Fisher of a "
                      "batch is singular in general, so at least one must be positive")
-  method = matfun.get_method(inverse)
+  method = get_method(inverse)
 
   def init_fn(params):
     return _init_state(params, layers_lib.discover(params, fisher), method)
