@@ -7,6 +7,13 @@ from sngd_jax.flax_nnx import capture_nnx
 from sngd_jax.layers import FISHER_KINDS, LayerSpec, discover
 from sngd_jax.matfun import InverseMethod
 from sngd_jax.methods import METHODS as INVERSE_METHODS
+from sngd_jax.reconstruct import (
+    factor_roots,
+    fisher_layer,
+    from_reconstructed,
+    reconstructed_dense,
+    to_reconstructed,
+)
 from sngd_jax.transform import SNGDState, sngd
 
 __version__ = "0.1.0"
@@ -23,6 +30,11 @@ __all__ = [
     "capture",
     "capture_nnx",
     "discover",
+    "factor_roots",
+    "fisher_layer",
+    "from_reconstructed",
+    "reconstructed_dense",
     "sngd",
     "sngd_momentum",
+    "to_reconstructed",
 ]

@@ -26,19 +26,23 @@ from sngd_jax.matfun import InverseMethod
 LARGE = ("nystrom", "blocks")
 
 
-def _pad(d: int, block_size: int) -> tuple[int, int]:
-  num = -(-d // block_size)
-  return num, num * block_size - d
+def _split(d: int, block_size: int) -> tuple[int, int, int]:
+  """``(n, s, pad)``: ``n`` sub-blocks of size ``s = min(block_size, d)``, ``pad`` rows added."""
+  size = min(block_size, d)
+  num = -(-d // size)
+  return num, size, num * size - d
 
 
 def diagonal_blocks(g: jax.Array, block_size: int) -> jax.Array:
-  """The diagonal blocks of a stack ``(b, d, d)`` as ``(b, n, s, s)``, ``n = ceil(d / s)``.
+  """The diagonal blocks of a stack ``(b, d, d)`` as ``(b, n, s, s)``.
+
+  ``s = min(block_size, d)`` and ``n = ceil(d / s)``.
 
   The last block is padded with an identity so that it stays invertible and
   its padding decouples from the real coordinates.
   """
   b, d = g.shape[0], g.shape[-1]
-  num, pad = _pad(d, block_size)
+  num, block_size, pad = _split(d, block_size)
   if pad:
     g = jnp.pad(g, ((0, 0), (0, pad), (0, pad)))
     g = g.at[:, d:, d:].set(jnp.eye(pad, dtype=g.dtype))
@@ -66,8 +70,8 @@ def block_diagonal(block_size: int = 1024,
   inner = inner or matfun.cholesky()
 
   def identity(b, d, dtype):
-    num, _ = _pad(d, block_size)
-    rep = inner.identity(b * num, block_size, dtype)
+    num, size, _ = _split(d, block_size)
+    rep = inner.identity(b * num, size, dtype)
     return jax.tree.map(lambda r: r.reshape((b, num) + r.shape[1:]), rep)
 
   def refresh(g, shift):
@@ -81,10 +85,10 @@ def block_diagonal(block_size: int = 1024,
 
   def apply(rep, v):
     b, d, k = v.shape
-    num, pad = _pad(d, block_size)
-    v = jnp.pad(v, ((0, 0), (0, pad), (0, 0))).reshape(b * num, block_size, k)
+    num, size, pad = _split(d, block_size)
+    v = jnp.pad(v, ((0, 0), (0, pad), (0, 0))).reshape(b * num, size, k)
     flat = jax.tree.map(lambda r: r.reshape((b * num,) + r.shape[2:]), rep)
-    return inner.apply(flat, v).reshape(b, num * block_size, k)[:, :d]
+    return inner.apply(flat, v).reshape(b, num * size, k)[:, :d]
 
   return InverseMethod(identity, refresh, apply)
 
