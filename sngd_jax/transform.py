@@ -164,7 +164,7 @@ def sngd(
     factor_every: int = 1,
     inverse_every: int = 100,
     prior: str = "scaled_identity",
-    inverse: Union[str, matfun.InverseMethod] = "cholesky",
+    inverse: Union[str, matfun.InverseMethod] = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   """Preconditions each layer's gradient by its damped local Fisher inverse.
 
@@ -198,6 +198,8 @@ def sngd(
       (``"cholesky"``, ``"eigh"``, ``"denman_beavers"``, ``"newton_schulz"``,
       ``"nystrom"``, ``"blocks"``, ``"auto"``) or an
       :class:`sngd_jax.matfun.InverseMethod` (e.g. ``sngd_jax.methods.auto(max_dim=1024)``).
+      The default ``"auto"`` is exact Cholesky for ``d <= 4096`` and a rank-256
+      Nystrom model above (:func:`sngd_jax.methods.auto`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,
