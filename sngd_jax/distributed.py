@@ -103,17 +103,18 @@ def _axis_tuple(axis_name: AxisName) -> tuple[str, ...]:
   return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
 
 
-def split_refresh(refresh, stacked: jax.Array, axis_name: AxisName):
+def split_refresh(refresh, stacked: jax.Array, shift: jax.Array, axis_name: AxisName):
   """Runs a block refresh with the blocks split over a bound axis.
 
   Must be called where ``axis_name`` is bound (inside ``shard_map`` or
   ``pmap``), with the same ``stacked`` on every device.
 
   Args:
-    refresh: ``refresh((b, d, d)) -> (rep, ok)`` of an
+    refresh: ``refresh((b, d, d), (b,)) -> (rep, ok)`` of an
       :class:`sngd_jax.matfun.InverseMethod`; ``rep`` is a pytree whose
       leaves have leading axis ``b``.
-    stacked: the damped blocks, ``(b, d, d)``, replicated.
+    stacked: the symmetrized blocks ``G``, ``(b, d, d)``, replicated.
+    shift: the damping shift ``rho`` per block, ``(b,)``, replicated.
     axis_name: the axis (or tuple of axes) to split over.
 
   Returns:
@@ -128,8 +129,10 @@ def split_refresh(refresh, stacked: jax.Array, axis_name: AxisName):
     # Identity blocks are well conditioned for every method; dropped below.
     eye = jnp.broadcast_to(jnp.eye(d, dtype=stacked.dtype), (pad, d, d))
     stacked = jnp.concatenate([stacked, eye])
-  local = jax.lax.dynamic_slice_in_dim(stacked, jax.lax.axis_index(axes) * chunk, chunk)
-  rep, ok = refresh(local)
+    shift = jnp.concatenate([shift, jnp.ones((pad,), shift.dtype)])
+  start = jax.lax.axis_index(axes) * chunk
+  local = jax.lax.dynamic_slice_in_dim(stacked, start, chunk)
+  rep, ok = refresh(local, jax.lax.dynamic_slice_in_dim(shift, start, chunk))
   gather = lambda v: jax.lax.all_gather(v, axes, tiled=True, to="invarying")[:b]
   return jax.tree.map(gather, rep), gather(ok)
 
@@ -151,17 +154,17 @@ def shard_method(method: matfun.InverseMethod, axis_name: Optional[AxisName] = N
     unchanged. The refreshed representation is replicated.
   """
   if axis_name is not None:
-    def refresh(stacked):
-      return split_refresh(method.refresh, stacked, axis_name)
+    def refresh(stacked, shift):
+      return split_refresh(method.refresh, stacked, shift, axis_name)
   else:
-    def refresh(stacked):
+    def refresh(stacked, shift):
       use = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
       if use is None or use.empty:
         raise ValueError(
             "sngd: `shard_refresh=True` without `axis_name` needs a mesh: pass "
             "`shard_refresh=mesh` or call inside `with jax.set_mesh(mesh):`")
       axes = tuple(use.axis_names)
-      fn = jax.shard_map(lambda s: split_refresh(method.refresh, s, axes), mesh=mesh,
-                         in_specs=PartitionSpec(), out_specs=PartitionSpec())
-      return fn(stacked)
+      fn = jax.shard_map(lambda s, r: split_refresh(method.refresh, s, r, axes), mesh=mesh,
+                         in_specs=(PartitionSpec(), PartitionSpec()), out_specs=PartitionSpec())
+      return fn(stacked, shift)
   return method._replace(refresh=refresh)

@@ -24,13 +24,11 @@ import jax.numpy as jnp
 import optax
 
 from sngd_jax import diagonal as diagonal_lib
-from sngd_jax import distributed
+from sngd_jax import distributed, matfun, paths, validation
 from sngd_jax import factors as factors_lib
 from sngd_jax import layers as layers_lib
-from sngd_jax import matfun
-from sngd_jax import paths
-from sngd_jax import validation
 from sngd_jax.capture import Activations
+from sngd_jax.methods import get_method
 
 
 class SNGDState(NamedTuple):
@@ -151,14 +149,13 @@ def _refresh_inverses(specs, factors, weights, old_inverses, method, damping, ab
     blocks = [factors_lib.normalized(factors[p], weights[p]).reshape(
         (-1,) + factors[p].shape[-2:]) for p in paths_in_group]
     sizes = [b.shape[0] for b in blocks]
-    undamped = jnp.concatenate(blocks)
-    stacked = matfun.damp(undamped, damping, abs_damping)
-    rep, ok = method.refresh(stacked)
-    shift = damping * jnp.trace(undamped, axis1=-2, axis2=-1) + abs_damping
+    stacked = matfun.symmetrize(jnp.concatenate(blocks))
+    shift = matfun.damping_shift(stacked, damping, abs_damping)
+    rep, ok = method.refresh(stacked, shift)
     ok = validation.accept_refresh(method.apply, rep, stacked, shift, ok)
     failures += jnp.sum(~ok).astype(jnp.int32)
     start = 0
-    for p, size in zip(paths_in_group, sizes):
+    for p, size in zip(paths_in_group, sizes, strict=True):
       sl = slice(start, start + size)
       start += size
       keep = ok[sl]
@@ -177,7 +174,7 @@ def sngd(
     factor_every: int = 1,
     inverse_every: int = 100,
     prior: str = "scaled_identity",
-    inverse: str = "cholesky",
+    inverse: Union[str, matfun.InverseMethod] = "auto",
     axis_name: Optional[distributed.AxisName] = None,
     shard_refresh: Union[bool, jax.sharding.Mesh] = False,
     max_factor_ratio: Optional[float] = None,
@@ -213,7 +210,12 @@ def sngd(
       step always computes one.
     prior: how the average of ``G`` starts, one of
       :data:`sngd_jax.factors.PRIORS` (``"identity"`` is the reference code).
-    inverse: the inverse method, a key of :data:`sngd_jax.matfun.METHODS`.
+    inverse: the inverse method, a key of :data:`sngd_jax.methods.METHODS`
+      (``"cholesky"``, ``"eigh"``, ``"denman_beavers"``, ``"newton_schulz"``,
+      ``"nystrom"``, ``"blocks"``, ``"auto"``) or an
+      :class:`sngd_jax.matfun.InverseMethod` (e.g. ``sngd_jax.methods.auto(max_dim=1024)``).
+      The default ``"auto"`` is exact Cholesky for ``d <= 4096`` and a rank-256
+      Nystrom model above (:func:`sngd_jax.methods.auto`).
     axis_name: for use inside ``shard_map``/``pmap`` with the batch split over
       this axis (or tuple of axes): batch estimates are averaged with
       ``lax.pmean`` so every device holds the global batch's statistics, and a
@@ -251,7 +253,7 @@ def sngd(
     raise ValueError("sngd: `damping` and `abs_damping` are both 0; the local Fisher of a "
                      "batch is singular in general, so at least one must be positive")
   validation.check_fisher_arg(fisher)
-  method = matfun.get_method(inverse)
+  method = get_method(inverse)
   if shard_refresh is not False:
     mesh = shard_refresh if isinstance(shard_refresh, jax.sharding.Mesh) else None
     method = distributed.shard_method(method, axis_name=axis_name, mesh=mesh)

@@ -129,22 +129,22 @@ def _probe(d: int, dtype) -> jax.Array:
   return v / jnp.linalg.norm(v)
 
 
-def accept_refresh(apply_fn, rep: Any, g_damped: jax.Array, shift: jax.Array,
+def accept_refresh(apply_fn, rep: Any, blocks: jax.Array, shift: jax.Array,
                    ok: jax.Array) -> jax.Array:
   """Per-block acceptance of a refreshed inverse (see the module docstring).
 
   Args:
     apply_fn: the method's ``apply(rep, g)`` for ``g`` of shape ``(b, d, k)``.
     rep: the new representation of ``A^{-1}`` (leading axis ``b``).
-    g_damped: the damped blocks ``A``, shape ``(b, d, d)``.
+    blocks: the refreshed blocks, shape ``(b, d, d)`` (only shape and dtype are used).
     shift: the damping shift ``s`` per block, shape ``(b,)``.
     ok: the method's own flags, shape ``(b,)``.
 
   Returns:
     ``(b,)`` bool: the blocks whose new inverse may be used.
   """
-  b, d, _ = g_damped.shape
-  dtype = g_damped.dtype
+  b, d, _ = blocks.shape
+  dtype = blocks.dtype
   v = jnp.broadcast_to(_probe(d, dtype)[None, :, None], (b, d, 1))
   y = apply_fn(rep, v)[..., 0].astype(dtype)
   inv_shift = 1.0 / shift.astype(dtype)

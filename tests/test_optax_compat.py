@@ -103,7 +103,7 @@ def test_dtypes_are_preserved(dtype):
   state = tx.init(params)
   updates, new_state = jax.jit(lambda g, s, a: tx.update(g, s, activations=a))(
       grads, state, acts)
-  for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+  for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
     assert u.dtype == p.dtype
   assert all(f.dtype == jnp.float32 for f in jax.tree.leaves(state.factors))
   chex.assert_trees_all_equal_shapes_and_dtypes(state, new_state)

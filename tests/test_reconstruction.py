@@ -34,7 +34,7 @@ def _fixed_factors(params, x, fisher):
   """A fixed SPD local Fisher per layer (the batch statistics at the start)."""
   xs, zs = dense_inputs(params, x, FEATURES)
   out = {}
-  for i, (h, z) in enumerate(zip(xs, zs)):
+  for i, (h, z) in enumerate(zip(xs, zs, strict=True)):
     xa = np.concatenate([h, np.ones((h.shape[0], 1))], 1)
     if fisher == "linear":
       out[f"Dense_{i}"] = xa.T @ xa / xa.shape[0]

@@ -331,17 +331,20 @@ def test_split_refresh_pads_and_gathers():
   blocks = jnp.asarray(a @ np.swapaxes(a, 1, 2) + np.eye(4), jnp.float32)
   seen = []
 
-  def refresh(local):
-    seen.append(local.shape)
-    return {"inv": jnp.linalg.inv(local)}, jnp.all(jnp.isfinite(local), axis=(1, 2))
+  shift = jnp.asarray([0.5, 1.0, 2.0], jnp.float32)
 
-  fn = jax.shard_map(lambda s: distributed.split_refresh(refresh, s, "data"), mesh=mesh,
-                     in_specs=P(), out_specs=P())
-  rep, ok = jax.jit(fn)(blocks)
+  def refresh(local, local_shift):
+    seen.append(local.shape)
+    damped = local + local_shift[:, None, None] * jnp.eye(4)
+    return {"inv": jnp.linalg.inv(damped)}, jnp.all(jnp.isfinite(local), axis=(1, 2))
+
+  fn = jax.shard_map(lambda s, r: distributed.split_refresh(refresh, s, r, "data"), mesh=mesh,
+                     in_specs=(P(), P()), out_specs=P())
+  rep, ok = jax.jit(fn)(blocks, shift)
   assert seen == [(1, 4, 4)]  # ceil(3 / 8) block per device
   assert rep["inv"].shape == (3, 4, 4) and ok.shape == (3,) and bool(jnp.all(ok))
-  np.testing.assert_allclose(np.asarray(rep["inv"]), np.linalg.inv(np.asarray(blocks, np.float64)),
-                             rtol=1e-4, atol=1e-5)
+  damped = np.asarray(blocks, np.float64) + np.asarray(shift)[:, None, None] * np.eye(4)
+  np.testing.assert_allclose(np.asarray(rep["inv"]), np.linalg.inv(damped), rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- agreement

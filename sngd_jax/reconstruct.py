@@ -1,0 +1,175 @@
+"""The reconstructed network: ``W' = G^{1/2} W~`` behind a local Fisher layer.
+
+W. Liu et al. (arXiv:2412.07441) show that SNGD is plain gradient descent on a
+*reconstructed* network. For a layer with augmented input ``x~ = [x; 1]``,
+weights ``W~ = [W; b^T]`` (``d x O``) and damped local Fisher
+``G_rho = G + rho I``::
+
+    W' = G_rho^{1/2} W~,     x' = G_rho^{-1/2} x~   (the local Fisher layer),
+    z  = x'^T W' = x~^T W~                          (the same function),
+    grad_W' L = G_rho^{-1/2} grad_W~ L,
+
+so a gradient step on ``W'`` mapped back by ``W~ = G_rho^{-1/2} W'`` is
+``W~ - eta G_rho^{-1} grad_W~ L``. For ``fisher="rfim"`` the same holds column
+by column with ``G_j``: ``w'_j = G_j^{1/2} w~_j`` and ``x'_j = G_j^{-1/2} x~``.
+
+These functions take the factors from an :class:`sngd_jax.SNGDState` (the
+running ``G_t / w_t``) with the damping the transform used, so users can
+inspect or train the reconstructed network. Recipe for training it with
+``G`` held fixed::
+
+    roots = factor_roots(state, damping=1e-4)          # G^{1/2}, G^{-1/2}
+    p = to_reconstructed(params, roots)                 # W'
+    # forward: each Dense layer -> reconstructed_dense(x, k', b', roots[path].inv_sqrt)
+    # train p with SGD; then params = from_reconstructed(p, roots)
+
+When ``G`` changes, remap ``W' <- G_new^{1/2} G_old^{-1/2} W'``, i.e.
+``to_reconstructed(from_reconstructed(p, old_roots), new_roots)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from sngd_jax import factors as factors_lib
+from sngd_jax import layers as layers_lib
+from sngd_jax import matfun, paths
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def damped_factors(state: Any, damping=1e-4, abs_damping=0.0) -> dict[str, jax.Array]:
+  """``G + (damping * tr(G) + abs_damping) I`` per layer, from the state's factors.
+
+  Args:
+    state: an :class:`sngd_jax.SNGDState` (or anything with ``factors`` and
+      ``weights`` dicts keyed by layer path).
+    damping: the relative damping the transform used (a value, not a schedule).
+    abs_damping: the absolute damping.
+
+  Returns:
+    Per layer path, ``(d, d)`` (linear) or ``(O, d, d)`` (rfim) damped blocks.
+  """
+  return {path: matfun.damp(factors_lib.normalized(f, state.weights[path]), damping,
+                            abs_damping)
+          for path, f in state.factors.items()}
+
+
+def factor_roots(state: Any, damping=1e-4, abs_damping=0.0, method: str = "eigh",
+                 **kwargs) -> dict[str, matfun.Roots]:
+  """``G_rho^{1/2}`` and ``G_rho^{-1/2}`` per layer (see :func:`damped_factors`).
+
+  Args:
+    state: an :class:`sngd_jax.SNGDState`.
+    damping: relative damping.
+    abs_damping: absolute damping.
+    method: a key of :data:`sngd_jax.matfun.ROOTS` (``"eigh"`` is exact).
+    **kwargs: passed to the root method (e.g. ``num_iters``).
+
+  Returns:
+    Per layer path, :class:`sngd_jax.matfun.Roots` with the factor's shape.
+  """
+  return {path: matfun.sqrt_and_inv_sqrt(g, method, **kwargs)
+          for path, g in damped_factors(state, damping, abs_damping).items()}
+
+
+def _map_layers(params: Any, roots: dict[str, matfun.Roots],
+                fn: Callable[[matfun.Roots, jax.Array], jax.Array]) -> Any:
+  """Replaces ``W~`` of every layer in ``roots`` by ``fn(roots, W~)`` (``d x O``)."""
+  specs = layers_lib.discover(params, "linear")
+  missing = sorted(set(roots) - set(specs))
+  if missing:
+    raise ValueError(f"sngd: layers {missing} have factors but no kernel in the params "
+                     f"(layers found: {sorted(specs)})")
+  leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+  index = {paths.leaf_parts(p): i for i, (p, _) in enumerate(leaves_with_path)}
+  leaves = [leaf for _, leaf in leaves_with_path]
+  for path, r in roots.items():
+    spec = specs[path]
+    kernel = leaves[index[spec.kernel]]
+    dtype = r.sqrt.dtype
+    w = kernel.reshape(spec.in_dim, spec.out_dim).astype(dtype)
+    if spec.bias is not None:
+      bias = leaves[index[spec.bias]]
+      w = jnp.concatenate([w, bias.reshape(1, spec.out_dim).astype(dtype)])
+    if w.shape[0] != r.sqrt.shape[-1]:
+      raise ValueError(f"sngd: layer {path!r}: factor of size {r.sqrt.shape[-1]} does not "
+                       f"match the {w.shape[0]} rows of its augmented kernel")
+    w = fn(r, w)
+    leaves[index[spec.kernel]] = w[:spec.in_dim].reshape(kernel.shape).astype(kernel.dtype)
+    if spec.bias is not None:
+      leaves[index[spec.bias]] = w[spec.in_dim].reshape(bias.shape).astype(bias.dtype)
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _left_multiply(m: jax.Array, w: jax.Array) -> jax.Array:
+  """``M W`` (linear, ``M`` of shape ``(d, d)``) or ``M_j w_j`` per column (``(O, d, d)``)."""
+  if m.ndim == 3:
+    return jnp.einsum("jab,bj->aj", m, w, precision=_HIGHEST)
+  return jnp.matmul(m, w, precision=_HIGHEST)
+
+
+def to_reconstructed(params: Any, roots: dict[str, matfun.Roots]) -> Any:
+  """Maps params to the reconstructed network's: ``W' = G_rho^{1/2} W~`` per layer.
+
+  Args:
+    params: the params tree (as given to :func:`sngd_jax.sngd`).
+    roots: per layer path, from :func:`factor_roots`.
+
+  Returns:
+    A params tree of the same structure and dtypes whose kernels and biases
+    hold ``W' = [W'; b'^T]``; other leaves are unchanged.
+  """
+  return _map_layers(params, roots, lambda r, w: _left_multiply(r.sqrt, w))
+
+
+def from_reconstructed(params_prime: Any, roots: dict[str, matfun.Roots]) -> Any:
+  """The inverse of :func:`to_reconstructed`: ``W~ = G_rho^{-1/2} W'``."""
+  return _map_layers(params_prime, roots, lambda r, w: _left_multiply(r.inv_sqrt, w))
+
+
+def fisher_layer(x: jax.Array, inv_sqrt: jax.Array, bias: bool = True) -> jax.Array:
+  """The local Fisher layer ``x' = G_rho^{-1/2} x~``.
+
+  Args:
+    x: inputs ``(..., I)``.
+    inv_sqrt: ``G_rho^{-1/2}``, ``(d, d)`` or ``(O, d, d)`` for rfim.
+    bias: whether the layer has a bias (then ``x~ = [x; 1]``, ``d = I + 1``).
+
+  Returns:
+    ``(..., d)``, or ``(..., O, d)`` for rfim (one transformed input per unit).
+  """
+  if bias:
+    x = jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
+  x = x.astype(inv_sqrt.dtype)
+  if inv_sqrt.ndim == 3:
+    return jnp.einsum("jab,...b->...ja", inv_sqrt, x, precision=_HIGHEST)
+  return jnp.einsum("ab,...b->...a", inv_sqrt, x, precision=_HIGHEST)
+
+
+def reconstructed_dense(x: jax.Array, kernel_prime: jax.Array, bias_prime: Optional[jax.Array],
+                        inv_sqrt: jax.Array) -> jax.Array:
+  """A dense layer of the reconstructed network: ``z = (G_rho^{-1/2} x~)^T W'``.
+
+  Equals ``x @ W + b`` for the original weights ``W~ = G_rho^{-1/2} W'``.
+
+  Args:
+    x: inputs ``(..., I)``.
+    kernel_prime: ``W'`` rows for the inputs, ``(I, O)``.
+    bias_prime: the last row of ``W'``, ``(O,)``, or None for a layer without bias.
+    inv_sqrt: ``G_rho^{-1/2}``, ``(d, d)`` or ``(O, d, d)``.
+
+  Returns:
+    The pre-activations ``(..., O)``.
+  """
+  w = kernel_prime
+  if bias_prime is not None:
+    w = jnp.concatenate([w, bias_prime[None]], axis=0)
+  xp = fisher_layer(x, inv_sqrt, bias_prime is not None)
+  w = w.astype(xp.dtype)
+  if inv_sqrt.ndim == 3:
+    return jnp.einsum("...ja,aj->...j", xp, w, precision=_HIGHEST)
+  return jnp.matmul(xp, w, precision=_HIGHEST)

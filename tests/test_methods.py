@@ -1,0 +1,200 @@
+"""Inverse methods inside ``sngd``: equal updates, batching, blocks, the size rule, failures."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sngd_jax
+from sngd_jax import factors as factors_lib
+from sngd_jax import matfun, methods, nystrom
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _x64():
+  old = jax.config.jax_enable_x64
+  jax.config.update("jax_enable_x64", True)
+  yield
+  jax.config.update("jax_enable_x64", old)
+
+
+class MLP(nn.Module):
+  features: tuple = (16, 16, 16, 3)
+
+  @nn.compact
+  def __call__(self, x):
+    for i, f in enumerate(self.features):
+      x = nn.Dense(f, param_dtype=x.dtype)(x)
+      if i < len(self.features) - 1:
+        x = nn.relu(x)
+    return x
+
+
+def problem(features=(16, 16, 16, 3), in_dim=15, batch=12, seed=0):
+  rng = np.random.default_rng(seed)
+  model = MLP(features)
+  x = jnp.asarray(rng.normal(size=(batch, in_dim)))
+  y = jnp.asarray(rng.normal(size=(batch, features[-1])))
+  params = model.init(jax.random.key(seed), x)["params"]
+
+  def loss_fn(p, x, y):
+    return jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+
+  return params, x, y, loss_fn
+
+
+def run(tx, steps=3, fisher_problem=None):
+  """Runs ``steps`` updates (new data each step); returns the updates and the state."""
+  params, x, y, loss_fn = fisher_problem or problem()
+  state = tx.init(params)
+  grad_fn = jax.grad(sngd_jax.capture(loss_fn), has_aux=True)
+
+  @jax.jit
+  def step(params, state, x, y):
+    grads, acts = grad_fn(params, x, y)
+    updates, state = tx.update(grads, state, params, activations=acts)
+    return optax.apply_updates(params, jax.tree.map(lambda u: -0.1 * u, updates)), \
+        state, updates
+
+  out = []
+  for i in range(steps):
+    params, state, updates = step(params, state, x + 0.1 * i, y)
+    out.append(updates)
+  return out, state
+
+
+def tree_rel(a, b):
+  pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  num = sum(float(jnp.sum((x - y) ** 2)) for x, y in pairs)
+  den = sum(float(jnp.sum(y ** 2)) for y in jax.tree.leaves(b))
+  return np.sqrt(num / den)
+
+
+@functools.lru_cache(maxsize=None)
+def _cholesky_updates(fisher):
+  return run(sngd_jax.sngd(fisher=fisher, inverse="cholesky", inverse_every=1, damping=1e-3),
+             steps=2)[0]
+
+
+@pytest.mark.parametrize("fisher", ["linear", "rfim"])
+@pytest.mark.parametrize("name", sorted(set(methods.METHODS) - {"cholesky"}))
+def test_every_method_matches_cholesky(name, fisher):
+  """On layers of size <= 17 every named method is exact (Nystrom's default rank and the
+  block size exceed d), so its updates equal Cholesky's over several refreshes."""
+  kw = dict(fisher=fisher, inverse_every=1, damping=1e-3)
+  ref = _cholesky_updates(fisher)
+  got, state = run(sngd_jax.sngd(inverse=name, **kw), steps=2)
+  assert int(state.num_refresh_failures) == 0
+  for r, g in zip(ref, got, strict=True):
+    assert tree_rel(g, r) < 1e-8
+
+
+def _eqns(jaxpr):
+  for e in jaxpr.eqns:
+    yield e
+    for v in e.params.values():
+      for x in v if isinstance(v, (tuple, list)) else (v,):
+        sub = x.jaxpr if hasattr(x, "jaxpr") and hasattr(x.jaxpr, "eqns") else x
+        if hasattr(sub, "eqns"):
+          yield from _eqns(sub)
+
+
+def count_primitive(tx, name, fisher_problem=None):
+  params, x, y, loss_fn = fisher_problem or problem()
+  state = tx.init(params)
+  grads, acts = jax.grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x, y)
+  jaxpr = jax.make_jaxpr(lambda g, s, a: tx.update(g, s, params, activations=a))(
+      grads, state, acts)
+  return sum(e.primitive.name == name for e in _eqns(jaxpr.jaxpr))
+
+
+@pytest.mark.parametrize("inverse,primitive", [("cholesky", "cholesky"), ("eigh", "eigh"),
+                                               ("newton_schulz", "while")])
+@pytest.mark.parametrize("fisher", ["linear", "rfim"])
+def test_equal_sizes_share_one_kernel_call(inverse, primitive, fisher):
+  """Four layers with two distinct factor sizes (16 and 17): one batched kernel per size."""
+  tx = sngd_jax.sngd(fisher=fisher, inverse=inverse)
+  assert count_primitive(tx, primitive) == 2
+  # Three distinct sizes: three calls (the count follows sizes, not layers).
+  assert count_primitive(tx, primitive, problem(features=(16, 20, 16, 3))) == 3
+
+
+def test_blocks_match_block_diagonal_reference():
+  """``block_diagonal(5)``: the update is blockdiag(G_ii + rho I)^{-1} g, rho from all of G."""
+  kw = dict(inverse=methods.block_diagonal(5), inverse_every=1, decay=0.0, damping=1e-2,
+            prior="none")
+  params, x, y, loss_fn = problem()
+  updates, state = run(sngd_jax.sngd(**kw), steps=1)
+  grads, _ = jax.grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x, y)
+  for path in ("Dense_0", "Dense_2"):
+    g = np.asarray(factors_lib.normalized(state.factors[path], state.weights[path]))
+    d = g.shape[0]
+    rho = 1e-2 * np.trace(g)
+    inv = np.zeros_like(g)
+    for s in range(0, d, 5):
+      sl = slice(s, min(s + 5, d))
+      inv[sl, sl] = np.linalg.inv(g[sl, sl] + rho * np.eye(sl.stop - sl.start))
+    grad = np.concatenate([grads[path]["kernel"], grads[path]["bias"][None]])
+    ref = inv @ grad
+    got = np.concatenate([updates[0][path]["kernel"], updates[0][path]["bias"][None]])
+    np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12)
+  assert state.inverses["Dense_0"].shape == (1, 4, 5, 5)  # d=16 -> 4 blocks of 5 (padded)
+
+
+def test_auto_switches_large_layers():
+  tx = sngd_jax.sngd(inverse=methods.auto(max_dim=16, large="nystrom", rank=4),
+                     inverse_every=1)
+  updates, state = run(tx, steps=2)
+  ref, _ = run(sngd_jax.sngd(inverse="cholesky", inverse_every=1), steps=2)
+  assert state.inverses["Dense_0"].shape == (1, 16, 16)       # d = 16: exact
+  rep = state.inverses["Dense_1"]                             # d = 17: rank 4
+  assert isinstance(rep, nystrom.NystromRep) and rep.basis.shape == (1, 17, 4)
+  assert int(state.num_refresh_failures) == 0
+  # Step 0 sees the same params; later steps differ through the other layers' updates.
+  assert tree_rel(updates[0]["Dense_0"], ref[0]["Dense_0"]) < 1e-8
+  assert tree_rel(updates[0]["Dense_1"], ref[0]["Dense_1"]) > 1e-6
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize("fisher,blocks", [("linear", 4), ("rfim", 16 + 16 + 16 + 3)])
+def test_failed_refresh_keeps_identity_and_counts(fisher, blocks):
+  """A refresh whose error estimate exceeds the bound keeps the previous inverse (here the
+  identity: updates are the plain gradients) and counts every failed block."""
+  never = matfun.newton_schulz_inverse(num_iters=1, tol=None, error_bound=1e-12)
+  updates, state = run(sngd_jax.sngd(fisher=fisher, inverse=never, inverse_every=1), steps=2)
+  params, x, y, loss_fn = problem()
+  grads, _ = jax.grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x, y)
+  assert tree_rel(updates[0], grads) < 1e-12
+  assert int(state.num_refresh_failures) == 2 * blocks
+
+
+def test_failed_block_keeps_previous_inverse():
+  """Blocks that fail at a later refresh keep the inverse of the earlier one."""
+  calls = {"n": 0}
+  base = matfun.cholesky()
+
+  def refresh(g, shift):
+    rep, ok = base.refresh(g, shift)
+    calls["n"] += 1
+    return rep, ok & (shift < 0)  # ok only where shift < 0, i.e. never
+
+  failing = matfun.InverseMethod(base.identity, refresh, base.apply)
+  tx_ok = sngd_jax.sngd(inverse="cholesky", inverse_every=1)
+  params, x, y, loss_fn = problem()
+  state = tx_ok.init(params)
+  grads, acts = jax.grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x, y)
+  _, state = tx_ok.update(grads, state, params, activations=acts)
+  tx_fail = sngd_jax.sngd(inverse=failing, inverse_every=1)
+  _, state2 = tx_fail.update(grads, state, params, activations=acts)
+  for path in state.inverses:
+    np.testing.assert_array_equal(state2.inverses[path], state.inverses[path])
+  assert int(state2.num_refresh_failures) == 4 and calls["n"] == 2
+
+
+def test_unknown_method_error():
+  with pytest.raises(ValueError, match="unknown inverse method"):
+    sngd_jax.sngd(inverse="qr")
