@@ -86,9 +86,7 @@ def check_state_shapes(specs: Mapping[str, layers_lib.LayerSpec],
     ValueError: naming the layer path and the expected and actual factor shapes.
   """
   for path, spec in specs.items():
-    want = (spec.dim, spec.dim)
-    if spec.fisher == "rfim":
-      want = (spec.num_blocks,) + want
+    want = spec.factor_shape
     got = tuple(factors[path].shape)
     if got != want:
       raise ValueError(
@@ -99,7 +97,7 @@ def check_state_shapes(specs: Mapping[str, layers_lib.LayerSpec],
 
 
 def check_activations(specs: Mapping[str, layers_lib.LayerSpec], activations: Mapping) -> None:
-  """Requires floating-point activations with at least one axis.
+  """Requires floating-point activations with at least one axis (token ids excepted).
 
   Args:
     specs: the layers.
@@ -117,6 +115,8 @@ def check_activations(specs: Mapping[str, layers_lib.LayerSpec], activations: Ma
           raise ValueError(
               f"sngd: layer {path!r}: call {i} captured scalar {name}; expected shape "
               f"(..., {spec.in_dim if name == 'inputs' else spec.out_dim})")
+        if name == "inputs" and call.kind == "embed":
+          continue  # token ids: integers by design
         if not jnp.issubdtype(x.dtype, jnp.floating):
           raise TypeError(
               f"sngd: layer {path!r}: call {i} captured {name} of dtype {x.dtype} and shape "
