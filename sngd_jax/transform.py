@@ -130,6 +130,11 @@ def _tree_all_finite(tree: Any) -> chex.Array:
   return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
 
+def _sub_batch(calls, size: int):
+  """The first ``size`` examples (leading axis) of every captured call."""
+  return tuple(c.replace(inputs=c.inputs[:size], outputs=c.outputs[:size]) for c in calls)
+
+
 def _refresh_inverses(specs, factors, weights, old_inverses, method, damping, abs_damping):
   """Refreshes all inverses, one batched kernel call per (size, dtype) group."""
   groups: dict[tuple[int, Any], list[str]] = {}
@@ -164,6 +169,7 @@ def sngd(
     inverse_every: int = 100,
     prior: str = "scaled_identity",
     inverse: str = "cholesky",
+    stats_batch_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Preconditions each layer's gradient by its damped local Fisher inverse.
 
@@ -194,6 +200,9 @@ def sngd(
     prior: how the average of ``G`` starts, one of
       :data:`sngd_jax.factors.PRIORS` (``"identity"`` is the reference code).
     inverse: the inverse method, a key of :data:`sngd_jax.matfun.METHODS`.
+    stats_batch_size: if set, ``G^`` is estimated from the first this many
+      examples of the batch only (the leading axis of every captured array),
+      which cuts the ``X~^T X~`` cost; None uses the whole batch.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,
@@ -211,6 +220,7 @@ def sngd(
       and damping == 0 and abs_damping == 0:
     raise ValueError("sngd: `damping` and `abs_damping` are both 0; the local Fisher of a "
                      "batch is singular in general, so at least one must be positive")
+  _check_number("stats_batch_size", stats_batch_size, 0, low_open=True)
   method = matfun.get_method(inverse)
 
   def init_fn(params):
@@ -226,6 +236,8 @@ def sngd(
     leaves, treedef, index = _flatten(updates)
     finite = _tree_all_finite(leaves) & _tree_all_finite(activations)
     count = state.count
+    if stats_batch_size is not None:  # statistics from a sub-batch (after the finite check)
+      activations = {p: _sub_batch(calls, stats_batch_size) for p, calls in activations.items()}
 
     def new_factors(_):
       out_f, out_w = {}, {}
