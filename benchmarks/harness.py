@@ -186,10 +186,63 @@ def make_eval(task: Task, loss_fn: Callable, chunk: int = 1000):
   return evaluate
 
 
-def train(task: Task, opt_name: str, lr: float, seed: int, steps: int, *,
-          eval_every: int = 500, optimizer=None, progress=None,
-          stop_at_targets: bool = False, time_budget_s: Optional[float] = None) -> dict:
+def train(task: Task, opt_name: str, lr: float, seed: int, steps: int, **kwargs) -> dict:
   """Trains ``task`` with one optimizer, learning rate and seed; returns the record.
+
+  Arguments as :func:`train_steps`, which this runs to the end.
+  """
+  gen = train_steps(task, opt_name, lr, seed, steps, **kwargs)
+  while True:
+    try:
+      next(gen)
+    except StopIteration as stop:
+      return stop.value
+
+
+def interleaved(runs: list[dict], chunk: int = 50, progress=None) -> list[dict]:
+  """Runs several trainings in one process, round robin, ``chunk`` steps at a time.
+
+  Machine load (other processes, thermal state) then hits every run alike,
+  which matters for comparing wall times on a shared machine.
+
+  Args:
+    runs: keyword arguments of :func:`train_steps`, one dict per run.
+    chunk: steps per turn.
+    progress: optional tqdm bar, advanced by each run as in :func:`train_steps`.
+
+  Returns:
+    The records, in the order of ``runs``.
+  """
+  gens = [train_steps(progress=progress, **r) for r in runs]
+  records: list[Optional[dict]] = [None] * len(gens)
+  active = list(range(len(gens)))
+  while active:
+    for i in list(active):
+      try:
+        for _ in range(chunk):
+          next(gens[i])
+      except StopIteration as stop:
+        records[i] = stop.value
+        active.remove(i)
+  return records
+
+
+_DEVICE_DATA: dict[int, tuple] = {}
+
+
+def _device_data(task: Task):
+  """The task's training arrays on the device, shared by all runs of the task."""
+  key = id(task.x_train)
+  if key not in _DEVICE_DATA:
+    _DEVICE_DATA.clear()
+    _DEVICE_DATA[key] = (jnp.asarray(task.x_train), jnp.asarray(task.y_train))
+  return _DEVICE_DATA[key]
+
+
+def train_steps(task: Task, opt_name: str, lr: float, seed: int, steps: int, *,
+                eval_every: int = 500, optimizer=None, progress=None,
+                stop_at_targets: bool = False, time_budget_s: Optional[float] = None):
+  """A generator that trains, yielding after every step; its return value is the record.
 
   Args:
     task: the problem.
@@ -209,7 +262,7 @@ def train(task: Task, opt_name: str, lr: float, seed: int, steps: int, *,
   """
   builder, wants_acts = optimizer or OPTIMIZERS[opt_name]
   loss_fn, metric = loss_and_metric(task)
-  xs, ys = jnp.asarray(task.x_train), jnp.asarray(task.y_train)
+  xs, ys = _device_data(task)
   params = task.model.init(jax.random.PRNGKey(seed), xs[:2])["params"]
   tx = builder(lr)
   # Fresh buffers: an init may share one buffer between leaves, which donation rejects.
@@ -225,7 +278,7 @@ def train(task: Task, opt_name: str, lr: float, seed: int, steps: int, *,
   compile_s = time.perf_counter() - t0
 
   losses, times, emas, evals = [], [], [], []
-  ema, wall = EMA(), 0.0
+  ema, wall, used = EMA(), 0.0, 0.0
   m0, l0 = evaluate(params)
   evals.append({"step": 0, "wall": 0.0, "metric": m0, "loss": l0})
   diverged = False
@@ -241,7 +294,8 @@ def train(task: Task, opt_name: str, lr: float, seed: int, steps: int, *,
     times.append(dt)
     emas.append(ema.update(loss))
     if progress is not None:  # seconds under a time budget, else steps
-      progress.update(min(dt, time_budget_s - progress.n) if time_budget_s else 1)
+      progress.update(max(0.0, min(dt, time_budget_s - used)) if time_budget_s else 1)
+    used = wall
     if not np.isfinite(loss):
       diverged = True
     if t % eval_every == 0 or t == steps or diverged:
@@ -260,8 +314,9 @@ def train(task: Task, opt_name: str, lr: float, seed: int, steps: int, *,
           [e["metric"] for e in evals], task.acc_target, below=metric != "accuracy") is not None
       if hit_loss and hit_acc:
         break
-  if progress is not None and progress.total and progress.n < progress.total:
-    progress.update(progress.total - progress.n)
+    yield
+  if progress is not None:  # the rest of this run's share of the bar
+    progress.update(max(0.0, time_budget_s - used) if time_budget_s else steps - len(losses))
 
   record = {
       "task": task.name, "optimizer": opt_name, "lr": lr, "seed": seed,

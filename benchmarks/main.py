@@ -5,9 +5,11 @@
     python3 -m benchmarks.main --steps 5       # smoke test
 
 An MLP 784-256-256-10 (64-256-256-10 on the digits fallback), batch 128, is
-trained by each optimizer for the same budget of step time (default
-50 s each; ``--steps`` caps the steps instead; ``sngd-amortized`` is SNGD with
-``factor_every=10, inverse_every=300, decay=0.95``). Prints a table (final EMA train
+trained by each optimizer for the same budget of step time (default 50 s
+each; the runs are interleaved in one process, 50 steps a turn, so that load
+from other processes hits them alike; ``--steps`` caps the steps instead;
+``sngd-amortized`` is SNGD with ``factor_every=10, inverse_every=300,
+decay=0.95``). Prints a table (final EMA train
 loss, test accuracy, median step time and its ratio to Adam's, wall time and
 steps to the EMA train-loss target), and writes ``benchmarks/out/main.png``
 (loss vs steps and vs wall time) and ``benchmarks/out/main.json``.
@@ -73,19 +75,20 @@ def main(argv=None) -> int:
         f"{f'{args.steps} steps' if args.steps else f'{args.budget_s:g} s of steps'} per run")
   budget = None if args.steps else args.budget_s
   max_steps = args.steps or 10**7
-  records = []
-  for seed in range(args.seeds):
-    for name, lr in opts:
-      desc = f"{name} lr={lr:g} seed={seed}"
-      with tqdm(total=budget if budget else max_steps, desc=desc, leave=False,
-                unit="s" if budget else "step", file=sys.stderr,
-                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} {unit}") as bar:
-        rec = harness.train(task, name, lr, seed, max_steps, time_budget_s=budget,
-                            eval_every=min(args.eval_every, max_steps), progress=bar)
-      rec["label"] = name
-      records.append(rec)
-      print(f"  {desc}: {rec['steps']} steps, EMA loss {rec['final_ema_loss']:.4f}, "
-            f"test acc {rec['final_metric']:.4f}, {rec['median_step_s'] * 1e3:.2f} ms/step")
+  runs = [dict(task=task, opt_name=name, lr=lr, seed=seed, steps=max_steps,
+               time_budget_s=budget, eval_every=min(args.eval_every, max_steps))
+          for seed in range(args.seeds) for name, lr in opts]
+  # Interleaved (round robin, 50 steps a turn) so that load from other processes hits all
+  # optimizers alike.
+  with tqdm(total=len(runs) * (budget if budget else max_steps), desc="all runs",
+            unit="s" if budget else "step", file=sys.stderr,
+            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} {unit}") as bar:
+    records = harness.interleaved(runs, chunk=50, progress=bar)
+  for rec in records:
+    rec["label"] = rec["optimizer"]
+    print(f"  {rec['optimizer']} lr={rec['lr']:g} seed={rec['seed']}: {rec['steps']} steps, "
+          f"EMA loss {rec['final_ema_loss']:.4f}, test acc {rec['final_metric']:.4f}, "
+          f"{rec['median_step_s'] * 1e3:.2f} ms/step")
 
   rows = report.summarize(records)
   table = report.markdown_table(rows)

@@ -50,6 +50,8 @@ def variants(include_methods: bool = True) -> dict[str, tuple]:
       "sngd factor_every=10": {"factor_every": 10},
       "sngd stats_batch_size=32": {"stats_batch_size": 32},
       "sngd factor_every=10, inverse_every=300": {"factor_every": 10, "inverse_every": 300},
+      "sngd factor_every=10, inverse_every=300, stats_batch_size=128": {
+          "factor_every": 10, "inverse_every": 300, "stats_batch_size": 128},
   }
   if include_methods:
     for m in sngd_jax.INVERSE_METHODS:

@@ -24,6 +24,7 @@ and the tables between the markers in ``benchmarks/README.md``.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import subprocess
@@ -97,21 +98,27 @@ def mlp_sizes(task: harness.Task):
   return None
 
 
-def update_readme(all_rows: dict, notes: dict, machine: dict, args) -> str:
-  """Rewrites the tables between the markers of benchmarks/README.md."""
-  lines = [MARK_START, "",
-           f"Measured {machine['date']} on {machine.get('cpu_model', machine['processor'])} "
-           f"({machine['cpu_count']} cores; load average at start "
-           f"{tuple(round(x, 1) for x in machine.get('loadavg_at_start', ()))}), "
-           f"JAX {machine['jax']}, optax {machine['optax']}; budget {args.budget_s:g} s of "
-           f"step time per run, {args.seeds} seed(s), median over seeds at each optimizer's "
-           "best learning rate.", ""]
-  for task_name, (desc, rows) in all_rows.items():
-    lines += [f"### {task_name}", "", desc, ""]
-    if rows:
-      lines += [report.markdown_table(rows, best_only=True), ""]
-      lines += [f"![{task_name}](results/{task_name}.png)", ""]
-    for n in notes.get(task_name, []):
+def update_readme() -> str:
+  """Rewrites the tables between the markers of benchmarks/README.md from results/*.json."""
+  lines = [MARK_START, ""]
+  order = {name: i for i, name in enumerate(tasks.TASKS)}
+  files = sorted(glob.glob(os.path.join(RESULTS, "*.json")),
+                 key=lambda f: order.get(os.path.basename(f)[:-5], 99))
+  for path in files:
+    with open(path) as f:
+      res = json.load(f)
+    name, m, a = os.path.basename(path)[:-5], res["machine"], res["args"]
+    lines += [f"### {name}", "", res["task"] + ".", "",
+              f"Measured {m['date']} on {m.get('cpu_model', m['processor'])} "
+              f"({m['cpu_count']} cores, load average at start "
+              f"{tuple(round(x, 1) for x in m.get('loadavg_at_start', ()))}), JAX {m['jax']}; "
+              f"budget {a['budget_s']:g} s of step time per run, {a['seeds']} seed(s); "
+              f"learning-rate grids {res['grids']}; median over seeds at each optimizer's "
+              "best learning rate (`python3 -m benchmarks.run --tasks " + name + "`).", ""]
+    if res["rows"]:
+      lines += [report.markdown_table(res["rows"], best_only=True), ""]
+      lines += [f"![{name}](results/{name}.png)", ""]
+    for n in res["notes"]:
       lines.append(f"- {n}")
     lines.append("")
   lines.append(MARK_END)
@@ -165,12 +172,10 @@ def main(argv=None) -> int:
   machine = harness.machine_info()
   kfac_reason = kfac_available() if "kfac_jax" in opt_names else ""
   os.makedirs(RESULTS, exist_ok=True)
-  all_rows, notes = {}, {}
+  notes = {}
   for task_name in args.tasks.split(","):
     task, why = tasks.build(task_name, ds, args.batch_size)
     if task is None:
-      notes[task_name] = [f"not run: {why}"]
-      all_rows[task_name] = ("", [])
       print(f"{task_name}: not run: {why}")
       continue
     notes[task_name] = []
@@ -214,7 +219,6 @@ def main(argv=None) -> int:
       rec["label"] = name
       records.append(rec)
     rows = report.summarize(records)
-    all_rows[task_name] = (task.description, rows)
     if rows:
       print(report.markdown_table(rows))
       report.plot(records, os.path.join(RESULTS, f"{task_name}.png"), title=task.description)
@@ -225,7 +229,7 @@ def main(argv=None) -> int:
         "grids": {k: grids[k] for k in opt_names if k in grids}, "rows": rows,
         "notes": notes[task_name], "runs": records})
   if not args.no_readme:
-    update_readme(all_rows, notes, machine, args)
+    update_readme()
     print(f"\nupdated {os.path.join(HERE, 'README.md')}")
   return 0
 
