@@ -19,7 +19,8 @@ Config keys: ``task`` (name), ``sizes`` (MLP widths after the input),
 ``loss`` (``'xent'`` or ``'sigmoid_xent'`` for the autoencoder), ``data_dir``,
 ``batch_size``, ``lr``, ``seed``, ``steps``, ``time_budget_s`` (or null),
 ``eval_every``, ``loss_target``, ``acc_target``, ``damping``,
-``inverse_update_period`` (default 5), ``curvature_ema`` (default 0.95).
+``inverse_update_period`` (default 5), ``curvature_ema`` (default 0.95),
+``linear_layers`` (indices of layers with no ReLU after them; default: the last).
 
 kfac-jax is used with a fixed learning rate and momentum 0.9, fixed damping
 (its adaptive mode, with learning rate and momentum from the quadratic model,
@@ -85,10 +86,12 @@ def main(argv=None) -> int:
   sizes = [xs_np.shape[1], *cfg["sizes"]]
   autoencoder = cfg["loss"] == "sigmoid_xent"
 
+  linear = set(cfg.get("linear_layers") or [len(sizes) - 2])  # layers without a ReLU
+
   def apply(params, x):
     for i, layer in enumerate(params):
       x = jnp.dot(x, layer["kernel"]) + layer["bias"]
-      if i < len(params) - 1:
+      if i not in linear:
         x = jax.nn.relu(x)
     return x
 

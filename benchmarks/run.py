@@ -72,7 +72,8 @@ def run_kfac(task: harness.Task, sizes, lr: float, seed: int, steps: int,
   cfg = {"task": task.name, "sizes": list(sizes), "loss": task.loss, "data_dir": data_dir,
          "batch_size": task.batch_size, "lr": lr, "seed": seed, "steps": steps,
          "time_budget_s": budget, "eval_every": eval_every, "loss_target": task.loss_target,
-         "acc_target": task.acc_target, "damping": 1e-2}
+         "acc_target": task.acc_target, "damping": 1e-2,
+         "linear_layers": linear_layers(task)}
   with tempfile.TemporaryDirectory() as tmp:
     cfg_path, out_path = os.path.join(tmp, "cfg.json"), os.path.join(tmp, "rec.json")
     with open(cfg_path, "w") as f:
@@ -95,6 +96,14 @@ def mlp_sizes(task: harness.Task):
   if task.name == "autoencoder":
     w = list(model.widths)
     return w + w[-2::-1] + [task.x_train.shape[1]]
+  return None
+
+
+def linear_layers(task: harness.Task):
+  """Indices of the layers with no ReLU after them (the code and the output of the AE)."""
+  if task.name == "autoencoder":
+    n = len(task.model.widths)
+    return [n - 1, 2 * n - 1]
   return None
 
 
