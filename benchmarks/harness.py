@@ -13,7 +13,9 @@ Timing protocol (the same for every optimizer, in one process):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import math
 import time
 from typing import Any, Callable, Optional
@@ -274,7 +276,8 @@ def train_steps(task: Task, opt_name: str, lr: float, seed: int, steps: int, *,
   sampler = batches(len(task.x_train), task.batch_size, batch_seed(seed))
   idx0 = next(sampler)
   t0 = time.perf_counter()
-  step = step.lower(params, state, xs, ys, idx0).compile()
+  with contextlib.redirect_stdout(io.StringIO()):  # some peers print while tracing
+    step = step.lower(params, state, xs, ys, idx0).compile()
   compile_s = time.perf_counter() - t0
 
   losses, times, emas, evals = [], [], [], []

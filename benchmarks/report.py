@@ -78,7 +78,8 @@ def markdown_table(rows: Sequence[dict], best_only: bool = False) -> str:
     for r in rows:
       by.setdefault((r["task"], r["label"]), []).append(r)
     rows = [best_of(v) for v in by.values() if best_of(v)]
-  head = ("| task | optimizer | lr | seeds | step ms | x Adam | final EMA loss | test metric "
+  head = ("| task | optimizer | lr | seeds | steps run | step ms | x Adam | final EMA loss "
+          "| test metric "
           "| s to loss target | steps to loss target | x Adam (time) | s to test target "
           "| opt. state MB |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -88,6 +89,7 @@ def markdown_table(rows: Sequence[dict], best_only: bool = False) -> str:
     mname = {"accuracy": "acc", "bpc": "bpc", "loss": "loss"}[r["metric"]]
     lines.append(
         f"| {r['task']} | {r['label']} | {r['lr']:g} | {r['seeds']} "
+        f"| {_fmt(r['steps'], '.0f')} "
         f"| {_fmt(r['median_step_s'] and r['median_step_s'] * 1e3, '.2f')} "
         f"| {_fmt(r.get('step_ratio_to_adam'), '.2f')} "
         f"| {_fmt(r['final_ema_loss'], '.4f')}{nan_note} "
