@@ -91,10 +91,11 @@ def _init_state(params: Any, specs: dict[str, layers_lib.LayerSpec],
       inverses[path] = diagonal_lib.identity(spec.in_dim, dtype)
     else:
       inverses[path] = method.identity(spec.num_blocks, spec.dim, dtype)
-  zero = jnp.zeros((), jnp.int32)
-  return SNGDState(count=zero, factors=factors, weights=weights, inverses=inverses,
-                   has_inverse=jnp.zeros((), bool), num_refresh_failures=zero,
-                   num_skipped_steps=zero)
+  # Separate buffers for each counter, so a jitted step may donate the state.
+  zero = lambda: jnp.zeros((), jnp.int32)
+  return SNGDState(count=zero(), factors=factors, weights=weights, inverses=inverses,
+                   has_inverse=jnp.zeros((), bool), num_refresh_failures=zero(),
+                   num_skipped_steps=zero())
 
 
 def _check_structure(specs, state: SNGDState, activations: Optional[Activations],
@@ -131,6 +132,11 @@ def _tree_all_finite(tree: Any) -> chex.Array:
   flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
   return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+def _sub_batch(calls, size: int):
+  """The first ``size`` examples (leading axis) of every captured call."""
+  return tuple(c.replace(inputs=c.inputs[:size], outputs=c.outputs[:size]) for c in calls)
 
 
 def _refresh_inverses(specs, factors, weights, old_inverses, method, damping, abs_damping):
@@ -178,6 +184,7 @@ def sngd(
     axis_name: Optional[distributed.AxisName] = None,
     shard_refresh: Union[bool, jax.sharding.Mesh] = False,
     max_factor_ratio: Optional[float] = None,
+    stats_batch_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Preconditions each layer's gradient by its damped local Fisher inverse.
 
@@ -233,6 +240,9 @@ def sngd(
       times the running factor's is scaled down to it, so that one outlier
       batch cannot dominate the moving average (see
       :func:`sngd_jax.validation.limit_outlier`); ``None`` (default) disables it.
+    stats_batch_size: if set, ``G^`` is estimated from the first this many
+      examples of the batch only (the leading axis of every captured array),
+      which cuts the ``X~^T X~`` cost; None uses the whole batch.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,
@@ -252,6 +262,7 @@ def sngd(
       and damping == 0 and abs_damping == 0:
     raise ValueError("sngd: `damping` and `abs_damping` are both 0; the local Fisher of a "
                      "batch is singular in general, so at least one must be positive")
+  _check_number("stats_batch_size", stats_batch_size, 0, low_open=True)
   validation.check_fisher_arg(fisher)
   method = get_method(inverse)
   if shard_refresh is not False:
@@ -278,6 +289,8 @@ def sngd(
     finite = distributed.all_agree(
         _tree_all_finite(leaves) & _tree_all_finite(activations), axis_name)
     count = state.count
+    if stats_batch_size is not None:  # statistics from a sub-batch (after the finite check)
+      activations = {p: _sub_batch(calls, stats_batch_size) for p, calls in activations.items()}
 
     def new_factors(_):
       out_f, out_w = {}, {}

@@ -1,5 +1,7 @@
 """The optax contrib common-test properties that apply to sngd()."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -127,3 +129,19 @@ def test_state_is_stable_under_lax_cond_and_scan():
   chex.assert_trees_all_equal_shapes_and_dtypes(state, state2)
   assert float(losses[-1]) < 0.7 * float(losses[0])
   assert int(state2[0].count) == 15
+
+
+def test_state_can_be_donated_to_a_jitted_step():
+  _, params, x, y, loss_fn = _problem()
+  tx = optax.chain(sngd_jax.sngd(), optax.sgd(0.1, momentum=0.9))
+
+  @functools.partial(jax.jit, donate_argnums=(1,))
+  def step(params, state):
+    _, grads, acts = grads_and_acts(loss_fn, params, x, y)
+    updates, state = tx.update(grads, state, params, activations=acts)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for _ in range(2):
+    params, state = step(params, state)
+  assert int(state[0].count) == 2

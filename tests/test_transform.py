@@ -167,3 +167,27 @@ def test_sngd_momentum_alias_equals_chain():
   ua, _ = alias.update(grads, alias.init(params), params, activations=acts)
   np.testing.assert_array_equal(up["Dense_0"]["bias"], ua["Dense_0"]["bias"])
   assert not np.array_equal(up["Dense_0"]["kernel"], ua["Dense_0"]["kernel"])
+
+
+@pytest.mark.parametrize("fisher", ["linear", "rfim"])
+@pytest.mark.parametrize("size", [5, 16, 100])
+def test_stats_batch_size_uses_first_examples(fisher, size):
+  # G^ from the first `size` rows only; the gradient still from the whole batch of 16.
+  _, params, x, y, loss_fn = make_problem(features=FEATURES)
+  tx = sngd_jax.sngd(fisher=fisher, damping=1e-3, decay=0.0, stats_batch_size=size)
+  _, grads, acts = grads_and_acts(loss_fn, params, x, y)
+  out, _ = jax.jit(tx.update)(grads, tx.init(params), params, activations=acts)
+  xs, zs = dense_inputs(params, x, FEATURES)
+  for i in range(len(FEATURES)):
+    name = f"Dense_{i}"
+    ref_w, ref_b = reference_update(
+        xs[i][:size], zs[i][:size], np.asarray(grads[name]["kernel"]),
+        np.asarray(grads[name]["bias"]), fisher, 1e-3)
+    np.testing.assert_allclose(out[name]["kernel"], ref_w, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(out[name]["bias"], ref_b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [0, -3])
+def test_stats_batch_size_rejects_nonpositive(size):
+  with pytest.raises(ValueError, match="stats_batch_size"):
+    sngd_jax.sngd(stats_batch_size=size)

@@ -1,0 +1,106 @@
+"""The benchmark networks, as plain Flax linen modules (nothing SNGD specific)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class MLP(nn.Module):
+  """Dense ReLU layers; the last layer is linear (logits or a code)."""
+
+  sizes: Sequence[int]  # hidden and output widths (input width comes from the data)
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    for i, width in enumerate(self.sizes):
+      x = nn.Dense(width)(x)
+      if i < len(self.sizes) - 1:
+        x = nn.relu(x)
+    return x
+
+
+class Autoencoder(nn.Module):
+  """The classic deep autoencoder (Hinton and Salakhutdinov, 2006), ReLU, linear code.
+
+  ``784-1000-500-250-30`` and back; returns reconstruction logits (sigmoid
+  cross-entropy against pixel intensities in ``[0, 1]``).
+  """
+
+  widths: Sequence[int] = (1000, 500, 250, 30)
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    out = x.shape[-1]
+    for i, w in enumerate(self.widths):
+      x = nn.Dense(w)(x)
+      if i < len(self.widths) - 1:
+        x = nn.relu(x)
+    for w in list(self.widths[-2::-1]) + [out]:
+      x = nn.Dense(w)(x)
+      if w != out:
+        x = nn.relu(x)
+    return x
+
+
+class CNN(nn.Module):
+  """Two 3x3 conv layers with 2x2 max pooling, then a dense head."""
+
+  image_shape: Sequence[int]
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape((x.shape[0],) + tuple(self.image_shape))
+    for ch in (32, 64):
+      x = nn.relu(nn.Conv(ch, (3, 3))(x))
+      x = nn.max_pool(x, (2, 2), (2, 2))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(128)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class ResBlock(nn.Module):
+  channels: int
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.relu(nn.Conv(self.channels, (3, 3))(x))
+    y = nn.Conv(self.channels, (3, 3))(y)
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """A small ResNet-style network: stem, residual blocks, pooling, dense head (no norm)."""
+
+  image_shape: Sequence[int]
+  num_classes: int = 10
+  channels: int = 32
+  blocks: int = 2
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape((x.shape[0],) + tuple(self.image_shape))
+    x = nn.relu(nn.Conv(self.channels, (3, 3), strides=(2, 2))(x))
+    for _ in range(self.blocks):
+      x = ResBlock(self.channels)(x)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes)(x)
+
+
+class CharLSTM(nn.Module):
+  """Character-level language model: embedding, one LSTM layer, dense softmax head."""
+
+  vocab: int
+  hidden: int = 128
+  embed: int = 32
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(self.vocab, self.embed)(tokens)
+    x = nn.RNN(nn.OptimizedLSTMCell(self.hidden))(x)
+    return nn.Dense(self.vocab)(x)

@@ -1,0 +1,220 @@
+"""Where an SNGD step's time goes: step variants and isolated pieces, side by side.
+
+    python3 -m benchmarks.profile_step                       # batch 128 and 1024, ~6 min
+    python3 -m benchmarks.profile_step --batch-sizes 128 --rounds 3
+    python3 -m benchmarks.profile_step --trace /tmp/trace    # also a jax.profiler trace
+
+MLP 784-256-256-10 on Fashion-MNIST (digits if absent). Every variant's jitted
+step is compiled first; then the variants run in interleaved rounds of
+``--steps-per-round`` steps (default 100, so each round holds exactly one
+inverse refresh at ``inverse_every=100``), so that load from other processes
+hits all variants alike. Reported per variant: the median step time (what a
+step costs between refreshes), the mean (refreshes amortized), both as ratios
+to Adam's, and an analytic FLOP count with its floor time at this machine's
+measured GEMM rate (a 1024^3 float32 matmul, the best case).
+
+Pieces are timed alone at the layer shapes: the factor ``X~^T X~``, the
+preconditioning product ``G^{-1} g``, the inverse refresh, and the forward /
+backward pass. Writes ``benchmarks/out/profile_step.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+import sngd_jax
+from benchmarks import harness, models, report
+from sngd_jax import datasets, matfun
+
+SIZES = (256, 256, 10)
+
+
+def variants(include_methods: bool = True) -> dict[str, tuple]:
+  """name -> (builder(lr), wants_acts, sngd kwargs or None)."""
+  out = {
+      "adam": (lambda lr: optax.adam(1e-3), False, None),
+      "sgd(momentum)": (lambda lr: optax.sgd(0.01, momentum=0.9), False, None),
+  }
+  sngd_cfgs = {
+      "sngd defaults": {},
+      "sngd apply only (no factor/refresh)": {"factor_every": 10**9, "inverse_every": 10**9},
+      "sngd factor_every=10": {"factor_every": 10},
+      "sngd stats_batch_size=32": {"stats_batch_size": 32},
+      "sngd factor_every=10, inverse_every=300": {"factor_every": 10, "inverse_every": 300},
+      "sngd factor_every=10, inverse_every=300, stats_batch_size=128": {
+          "factor_every": 10, "inverse_every": 300, "stats_batch_size": 128},
+  }
+  if include_methods:
+    for m in sngd_jax.INVERSE_METHODS:
+      if m != "cholesky":
+        sngd_cfgs[f"sngd inverse={m}"] = {"inverse": m}
+  for name, kw in sngd_cfgs.items():
+    out[name] = ((lambda lr, kw=kw: sngd_jax.sngd_momentum(0.01, **kw)), True, kw)
+  return out
+
+
+def flops_per_step(in_dim: int, batch: int, kind: str, kw: dict | None) -> dict:
+  """Analytic FLOPs of one step (multiply-add = 2), by part.
+
+  fwd+bwd: ``6 B sum(I O)``; Adam: ~12 per parameter; SNGD factor:
+  ``2 B_s d^2`` per layer every ``factor_every`` steps; apply: ``2 d^2 O`` per
+  layer; refresh (Cholesky + two triangular solves against I): ``(7/3) d^3``
+  per layer every ``inverse_every`` steps.
+  """
+  dims = [in_dim, *SIZES]
+  layers = list(zip(dims[:-1], dims[1:], strict=True))
+  params = sum((i + 1) * o for i, o in layers)
+  out = {"fwd_bwd": 6 * batch * sum(i * o for i, o in layers)}
+  out["update"] = 12 * params if kind != "sgd" else 4 * params
+  if kw is not None:
+    fe = kw.get("factor_every", 1)
+    ie = kw.get("inverse_every", 100)
+    bs = min(batch, kw.get("stats_batch_size") or batch)
+    out["factor"] = sum(2 * bs * (i + 1) ** 2 for i, _ in layers) / fe
+    out["apply"] = sum(2 * (i + 1) ** 2 * o for i, o in layers)
+    out["refresh"] = sum(7 / 3 * (i + 1) ** 3 for i, _ in layers) / ie
+  out["total"] = sum(out.values())
+  return out
+
+
+def _time(f, *args, n=20):
+  jax.block_until_ready(f(*args))
+  ts = []
+  for _ in range(n):
+    t = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    ts.append(time.perf_counter() - t)
+  return float(np.median(ts))
+
+
+def gemm_rate() -> float:
+  """FLOP/s of a 1024^3 float32 matmul (median of 20)."""
+  a = jnp.ones((1024, 1024), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  return 2 * 1024**3 / _time(f, a)
+
+
+def pieces(in_dim: int, batch: int) -> dict:
+  """Isolated timings (ms) of the SNGD pieces at the MLP's shapes."""
+  dims = [in_dim, *SIZES]
+  out = {}
+  key = jax.random.PRNGKey(0)
+  for i, (din, dout) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+    d = din + 1
+    x = jax.random.normal(key, (batch, d))
+    g = jax.random.normal(key, (d, dout))
+    gm = x.T @ x / batch + jnp.eye(d)
+    inv = jnp.linalg.inv(gm)
+    out[f"layer{i} {d}x{dout}: factor X^T X"] = _time(jax.jit(lambda x: x.T @ x / x.shape[0]), x)
+    out[f"layer{i} {d}x{dout}: apply G^-1 g"] = _time(
+        jax.jit(lambda a, b: matfun.METHODS["cholesky"].apply(a[None], b[None])), inv, g)
+    for name, method in matfun.METHODS.items():
+      out[f"layer{i} {d}x{dout}: refresh {name}"] = _time(
+          jax.jit(lambda m, method=method: method.refresh(m[None])), gm, n=5)
+  return {k: v * 1e3 for k, v in out.items()}
+
+
+def run(batch: int, rounds: int, steps_per_round: int, trace: str | None, ds) -> dict:
+  task = harness.Task("mlp", models.MLP(SIZES), "xent", ds.x_train, ds.y_train, ds.x_test,
+                      ds.y_test, batch_size=batch)
+  loss_fn, _ = harness.loss_and_metric(task)
+  xs, ys = jnp.asarray(task.x_train), jnp.asarray(task.y_train)
+  sampler = harness.batches(len(xs), batch, 0)
+  vs = variants()
+  runs = {}
+  for name, (builder, wants, kw) in vs.items():
+    params = task.model.init(jax.random.PRNGKey(0), xs[:2])["params"]
+    tx = builder(None)
+    state = jax.tree.map(lambda a: jnp.array(a, copy=True), tx.init(params))
+    step = harness.make_step(loss_fn, tx, wants)
+    idx = next(sampler)
+    step = step.lower(params, state, xs, ys, idx).compile()
+    runs[name] = {"step": step, "params": params, "state": state, "times": [], "kw": kw}
+  with tqdm(total=rounds * steps_per_round * len(runs), desc=f"batch {batch}",
+            file=sys.stderr, leave=False) as bar:
+    for _ in range(rounds):
+      for r in runs.values():
+        p, s = r["params"], r["state"]
+        for _ in range(steps_per_round):
+          idx = next(sampler)
+          t = time.perf_counter()
+          p, s, loss = r["step"](p, s, xs, ys, idx)
+          float(loss)
+          r["times"].append(time.perf_counter() - t)
+          bar.update(1)
+        r["params"], r["state"] = p, s
+  if trace:
+    r = runs["sngd defaults"]
+    p, s = r["params"], r["state"]
+    with jax.profiler.trace(os.path.join(trace, f"batch{batch}")):
+      for _ in range(steps_per_round):
+        p, s, loss = r["step"](p, s, xs, ys, next(sampler))
+      float(loss)
+  rate = gemm_rate()
+  adam = runs["adam"]["times"]
+  rows = []
+  for name, r in runs.items():
+    ts = np.asarray(r["times"][1:])
+    kind = "sgd" if name.startswith("sgd") else "adam"
+    fl = flops_per_step(ds.x_train.shape[1], batch, kind, r["kw"])
+    rows.append({
+        "variant": name, "median_ms": float(np.median(ts) * 1e3), "mean_ms": float(ts.mean() * 1e3),
+        "median_x_adam": float(np.median(ts) / np.median(adam[1:])),
+        "mean_x_adam": float(ts.mean() / np.mean(adam[1:])),
+        "mflop": {k: v / 1e6 for k, v in fl.items()},
+        "floor_ms": fl["total"] / rate * 1e3,
+        "state_mb": harness.tree_bytes(r["state"]) / 2**20,
+    })
+  return {"batch": batch, "gemm_gflops": rate / 1e9, "rows": rows,
+          "pieces_ms": pieces(ds.x_train.shape[1], batch)}
+
+
+def print_result(res: dict) -> None:
+  print(f"\n## batch {res['batch']} (GEMM rate {res['gemm_gflops']:.1f} GFLOP/s, 1024^3 f32)")
+  print("| variant | median ms | x Adam | mean ms (refresh amortized) | x Adam | MFLOP/step "
+        "(fwd+bwd / factor / apply / refresh) | FLOP floor ms |")
+  print("|---|---|---|---|---|---|---|")
+  for r in res["rows"]:
+    m = r["mflop"]
+    parts = " / ".join(f"{m.get(k, 0):.0f}" for k in ("fwd_bwd", "factor", "apply", "refresh"))
+    print(f"| {r['variant']} | {r['median_ms']:.2f} | {r['median_x_adam']:.2f} | "
+          f"{r['mean_ms']:.2f} | {r['mean_x_adam']:.2f} | {m['total']:.0f} ({parts}) | "
+          f"{r['floor_ms']:.2f} |")
+  print("\npieces alone (ms, median):")
+  for k, v in res["pieces_ms"].items():
+    print(f"  {k}: {v:.2f}")
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--batch-sizes", default="128,1024")
+  p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--steps-per-round", type=int, default=100)
+  p.add_argument("--trace", default=None, help="write a jax.profiler trace here")
+  p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
+  args = p.parse_args(argv)
+  ds = datasets.default_dataset()
+  print(f"MLP {ds.x_train.shape[1]}-256-256-10 on {ds.name}; {args.rounds} interleaved rounds "
+        f"of {args.steps_per_round} steps per variant; load average {os.getloadavg()}")
+  results = []
+  for b in [int(s) for s in args.batch_sizes.split(",")]:
+    res = run(b, args.rounds, args.steps_per_round, args.trace, ds)
+    print_result(res)
+    results.append(res)
+  path = os.path.join(args.out, "profile_step.json")
+  report.write_json(path, {"machine": harness.machine_info(), "results": results})
+  print(f"\nwrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
