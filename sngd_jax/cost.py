@@ -32,8 +32,11 @@ from sngd_jax import layers as layers_lib
 from sngd_jax.transform import sngd
 
 # Flops of one refresh of one (d x d) block, for the methods we can count.
+_CHOLESKY_FLOPS = lambda d: d ** 3 / 3 + 2 * d ** 3
 REFRESH_FLOPS_PER_BLOCK = {
-    "cholesky": lambda d: d ** 3 / 3 + 2 * d ** 3,
+    "cholesky": _CHOLESKY_FLOPS,
+    # The default rule (sngd_jax.methods.auto): exact Cholesky up to d = 4096.
+    "auto": lambda d: _CHOLESKY_FLOPS(d) if d <= 4096 else None,
 }
 
 
@@ -116,7 +119,8 @@ def cost_estimate(params: Any, batch_rows: Optional[int] = None,
     factor_bytes = _nbytes(state.factors[path])
     inverse_bytes = _nbytes(state.inverses[path])
     factor_flops = None if batch_rows is None else 2.0 * batch_rows * b * d * d
-    refresh_flops = None if per_block is None else b * per_block(d)
+    block_flops = None if per_block is None else per_block(d)
+    refresh_flops = None if block_flops is None else b * block_flops
     apply_flops = 2.0 * d * d * spec.out_dim
     per_step = None
     if factor_flops is not None and refresh_flops is not None:
