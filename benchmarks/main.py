@@ -27,7 +27,7 @@ from tqdm import tqdm
 from benchmarks import harness, models, report
 from sngd_jax import datasets
 
-DEFAULT_OPTIMIZERS = "sngd:0.1,sngd-amortized:0.1,adam:0.001,adam:0.003,sgd:0.1"
+DEFAULT_OPTIMIZERS = "sngd:0.01,sngd-amortized:0.01,adam:0.001,adam:0.003,sgd:0.1"
 
 
 def main_task(ds: datasets.Dataset, batch_size: int = 128) -> harness.Task:

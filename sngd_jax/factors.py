@@ -42,16 +42,16 @@ from sngd_jax.capture import Captured
 from sngd_jax.distributed import replicated_out_sharding
 from sngd_jax.layers import LayerSpec
 
-PRIORS = ("identity", "scaled_identity", "none")
+PRIORS = ("scaled_identity", "identity", "none")
 """How the factor average starts.
 
-* ``"identity"`` (default, the reference code): starts from ``I``, so early
-  steps are close to plain SGD and the preconditioner moves in as batches
-  accumulate (weight ``1 - decay^t``).
-* ``"scaled_identity"``: starts from ``(tr(G^_1)/d) I``, an isotropic matrix
-  with the first batch's scale: invariant to input scale, but the early step of
-  a layer with small inputs is ``lr / (tr(G^_1)/d)``, which diverged on deep
-  narrow MLPs (``benchmarks/results/prior_stability.md``).
+* ``"scaled_identity"`` (default): starts from ``(tr(G^_1)/d) I``, an
+  isotropic matrix with the first batch's scale: invariant to input scale, but
+  the early step of a layer with small inputs is ``lr / (tr(G^_1)/d)``, which
+  failed on deep narrow MLPs (``benchmarks/results/prior_stability.md``).
+* ``"identity"`` (the reference code): starts from ``I``, so early steps are
+  close to plain SGD and the preconditioner moves in as batches accumulate
+  (weight ``1 - decay^t``); the safer choice for deep narrow networks.
 * ``"none"``: a bias-corrected average of batch estimates only
   (``w_t = 1 - decay^t``); with ``decay=0`` the factor is the current batch's.
 """

@@ -179,7 +179,7 @@ def sngd(
     decay: float = 0.995,
     factor_every: int = 1,
     inverse_every: int = 100,
-    prior: str = "identity",
+    prior: str = "scaled_identity",
     inverse: Union[str, matfun.InverseMethod] = "auto",
     axis_name: Optional[distributed.AxisName] = None,
     shard_refresh: Union[bool, jax.sharding.Mesh] = False,
@@ -216,8 +216,8 @@ def sngd(
     inverse_every: refresh the cached inverse every this many steps; the first
       step always computes one.
     prior: how the average of ``G`` starts, one of
-      :data:`sngd_jax.factors.PRIORS`; the default ``"identity"`` is the
-      reference code's (see ``benchmarks/results/prior_stability.md``).
+      :data:`sngd_jax.factors.PRIORS` (``"identity"`` is the reference code's;
+      prefer it for deep narrow MLPs: ``benchmarks/results/prior_stability.md``).
     inverse: the inverse method, a key of :data:`sngd_jax.methods.METHODS`
       (``"cholesky"``, ``"eigh"``, ``"denman_beavers"``, ``"newton_schulz"``,
       ``"nystrom"``, ``"blocks"``, ``"auto"``) or an
