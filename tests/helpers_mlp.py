@@ -78,3 +78,17 @@ def grads_and_acts(loss_fn, params, x, y):
 def sgd_chain(lr, **kw):
   import sngd_jax
   return optax.chain(sngd_jax.sngd(**kw), optax.sgd(lr))
+
+
+def sngd_train_step(tx, loss_fn):
+  """A jitted step ``(params, state, x, y) -> (params, state, loss)`` with captured activations."""
+  import sngd_jax
+
+  @jax.jit
+  def step(params, state, x, y):
+    (loss, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(
+        params, x, y)
+    updates, state = tx.update(grads, state, params, activations=acts)
+    return optax.apply_updates(params, updates), state, loss
+
+  return step

@@ -8,6 +8,7 @@ import np_reference as ref
 import numpy as np
 import optax
 import pytest
+from helpers_mlp import sngd_train_step
 
 import sngd_jax
 
@@ -147,12 +148,7 @@ def test_char_lstm_trains_and_every_parameter_is_covered():
     tx = sngd_jax.sngd_momentum(0.1, momentum=0.9, inverse_every=10)
     state = tx.init(params)
 
-    @jax.jit
-    def step(params, state, x, y):
-      (loss, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(
-          params, x, y)
-      updates, state = tx.update(grads, state, params, activations=acts)
-      return optax.apply_updates(params, updates), state, loss
+    step = sngd_train_step(tx, loss_fn)
 
     eval_x, eval_y = batch()
     full = jax.jit(loss_fn)
