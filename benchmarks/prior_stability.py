@@ -1,11 +1,12 @@
 """Early-training stability of the factor priors (the choice of `sngd(prior=...)`).
 
-    python3 -m benchmarks.prior_stability            # ~4 minutes on 2 CPU cores
+    python3 -m benchmarks.prior_stability            # ~12 minutes on 2 CPU cores
 
 Trains MLPs on the default data set (Fashion-MNIST when installed, else digits),
-batch 128, `chain(sngd(prior=P), sgd(lr, momentum=0.9))` with every other
-argument at its default, for each prior and learning rate, and records the EMA
-train loss (0.98) at a few step counts. Writes
+batch 128, `chain(sngd(prior=P, max_norm=M), sgd(lr, momentum=0.9))` with every
+other argument at its default, for each prior, trust-region radius (`None` =
+off, `1.0` = the default) and learning rate, and records the EMA train loss
+(0.98) at a few step counts. Writes
 `benchmarks/results/prior_stability.json` and `.md` (date, machine, versions).
 """
 
@@ -28,7 +29,8 @@ from sngd_jax import datasets
 
 SHAPES = {"784-80x6-10": (80,) * 6, "784-256-256-10": (256, 256)}
 PRIORS = ("identity", "scaled_identity", "none")
-MARKS = (20, 50, 100, 200, 400)
+MAX_NORMS = (None, 1.0)
+MARKS = (20, 50, 100, 200, 400, 1000)
 
 
 class MLP(nn.Module):
@@ -41,12 +43,12 @@ class MLP(nn.Module):
     return nn.Dense(10)(x)
 
 
-def ema_losses(widths, prior, lr, steps, x, y, seed=0):
+def ema_losses(widths, prior, max_norm, lr, steps, x, y, seed=0):
   model = MLP(widths)
   params = model.init(jax.random.key(seed), x[:1])["params"]
   loss_fn = lambda p, xb, yb: optax.softmax_cross_entropy_with_integer_labels(
       model.apply({"params": p}, xb), yb).mean()
-  tx = optax.chain(sngd_jax.sngd(prior=prior), optax.sgd(lr, momentum=0.9))
+  tx = optax.chain(sngd_jax.sngd(prior=prior, max_norm=max_norm), optax.sgd(lr, momentum=0.9))
 
   def body(carry, key):
     p, s, ema = carry
@@ -65,8 +67,8 @@ def ema_losses(widths, prior, lr, steps, x, y, seed=0):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--lrs", default="0.01,0.1")
-  ap.add_argument("--steps", type=int, default=400)
+  ap.add_argument("--lrs", default="0.01,0.03,0.1")
+  ap.add_argument("--steps", type=int, default=1000)
   args = ap.parse_args(argv)
   ds = datasets.default_dataset()
   x = jnp.asarray(ds.x_train.reshape(len(ds.x_train), -1), jnp.float32)
@@ -75,13 +77,15 @@ def main(argv=None):
   rows = []
   for shape, widths in SHAPES.items():
     for prior in PRIORS:
-      for lr in [float(v) for v in args.lrs.split(",")]:
-        emas = ema_losses(widths, prior, lr, args.steps, x, y)
-        row = {"model": shape, "prior": prior, "lr": lr,
-               "ema_loss": {m: float(emas[m - 1]) for m in marks},
-               "finite": bool(np.isfinite(emas).all())}
-        rows.append(row)
-        print(shape, prior, lr, np.round(emas[[m - 1 for m in marks]], 3), flush=True)
+      for max_norm in MAX_NORMS:
+        for lr in [float(v) for v in args.lrs.split(",")]:
+          emas = ema_losses(widths, prior, max_norm, lr, args.steps, x, y)
+          row = {"model": shape, "prior": prior, "max_norm": max_norm, "lr": lr,
+                 "ema_loss": {m: float(emas[m - 1]) for m in marks},
+                 "finite": bool(np.isfinite(emas).all())}
+          rows.append(row)
+          print(shape, prior, max_norm, lr, np.round(emas[[m - 1 for m in marks]], 3),
+                flush=True)
   meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
           "jax": jax.__version__, "dataset": ds.name, "batch": 128, "momentum": 0.9}
@@ -91,10 +95,10 @@ def main(argv=None):
   lines = [f"# Prior stability ({meta['date']}, {meta['machine']}, jax {meta['jax']}, "
            f"{meta['dataset']}, batch 128, SGD momentum 0.9, other sngd args default)", "",
            "EMA train loss (0.98) after N steps; `nan` = diverged.", "",
-           "| model | prior | lr | " + " | ".join(f"{m} steps" for m in marks) + " |",
-           "| --- | --- | --- | " + " | ".join("---" for _ in marks) + " |"]
+           "| model | prior | max_norm | lr | " + " | ".join(f"{m} steps" for m in marks) + " |",
+           "| --- | --- | --- | --- | " + " | ".join("---" for _ in marks) + " |"]
   for r in rows:
-    lines.append(f"| {r['model']} | `{r['prior']}` | {r['lr']} | " + " | ".join(
+    lines.append(f"| {r['model']} | `{r['prior']}` | {r['max_norm']} | {r['lr']} | " + " | ".join(
         f"{r['ema_loss'][m]:.3f}" for m in marks) + " |")
   with open(os.path.join(out_dir, "prior_stability.md"), "w") as f:
     f.write("\n".join(lines) + "\n")

@@ -33,10 +33,27 @@ from sngd_jax.transform import sngd
 
 # Flops of one refresh of one (d x d) block, for the methods we can count.
 _CHOLESKY_FLOPS = lambda d: d ** 3 / 3 + 2 * d ** 3
+
+
+def _nystrom_flops(d: int, rank: int) -> float:
+  """Sketch ``G Omega`` (``2 d^2 r``), the small Cholesky, solve, Gram, eigh and basis."""
+  r = min(rank, d)
+  return 2 * d * d * r + 7 * d * r * r + 10 * r ** 3
+
+
 REFRESH_FLOPS_PER_BLOCK = {
     "cholesky": _CHOLESKY_FLOPS,
-    # The default rule (sngd_jax.methods.auto): exact Cholesky up to d = 4096.
-    "auto": lambda d: _CHOLESKY_FLOPS(d) if d <= 4096 else None,
+    "nystrom": lambda d: _nystrom_flops(d, 256),
+    # The default rule (sngd_jax.methods.auto): exact Cholesky up to d = 512, rank-128 Nystrom.
+    "auto": lambda d: _CHOLESKY_FLOPS(d) if d <= 512 else _nystrom_flops(d, 128),
+}
+
+# Flops of applying a block's cached inverse to a (d x k) gradient, by method.
+_DENSE_APPLY = lambda d, k: 2.0 * d * d * k
+_NYSTROM_APPLY = lambda d, k, rank: 4.0 * d * min(rank, d) * k + 2.0 * d * k
+APPLY_FLOPS = {
+    "nystrom": lambda d, k: _NYSTROM_APPLY(d, k, 256),
+    "auto": lambda d, k: _DENSE_APPLY(d, k) if d <= 512 else _NYSTROM_APPLY(d, k, 128),
 }
 
 
@@ -121,7 +138,7 @@ def cost_estimate(params: Any, batch_rows: Optional[int] = None,
     factor_flops = None if batch_rows is None else 2.0 * batch_rows * b * d * d
     block_flops = None if per_block is None else per_block(d)
     refresh_flops = None if block_flops is None else b * block_flops
-    apply_flops = 2.0 * d * d * spec.out_dim
+    apply_flops = APPLY_FLOPS.get(options["inverse"], _DENSE_APPLY)(d, spec.out_dim)
     per_step = None
     if factor_flops is not None and refresh_flops is not None:
       per_step = (factor_flops / options["factor_every"]

@@ -93,17 +93,24 @@ def block_diagonal(block_size: int = 512,
   return InverseMethod(identity, refresh, apply)
 
 
-def auto(max_dim: int = 4096, large: str = "nystrom", rank: int = 256,
+def auto(max_dim: int = 512, large: str = "nystrom", rank: int = 128,
          block_size: int = 512, small: InverseMethod | None = None) -> InverseMethod:
   """Chooses the method by block size ``d`` (static, so each size compiles its own).
 
   ``d <= max_dim``: ``small`` (Cholesky, exact). ``d > max_dim``: a Nystrom
   model of rank ``rank`` (``large="nystrom"``) or the diagonal blocks of at most
-  ``block_size`` (``large="blocks"``). The defaults come from
-  ``benchmarks/matfun.py`` (README, *Matrix functions*): Cholesky is the
-  fastest exact method at every size measured, and its refresh (amortized
-  over ``inverse_every`` steps) and ``d^2`` memory are affordable up to 4096;
-  beyond, its ``d^3`` cost grows past the Nystrom refresh by a large factor.
+  ``block_size`` (``large="blocks"``).
+
+  Why 512 and 128: every step multiplies each gradient by the cached inverse,
+  ``2 d^2 O`` FLOPs dense against ``4 d r O`` for the Nystrom model, whatever
+  the batch size. On the README's MLP (batch 128) the dense product for the
+  785-wide input layer cost more than the whole forward and backward pass
+  (``benchmarks/README.md``, *Where the time goes*); rank 128 cut the SNGD step
+  by ~40% and reached the loss target in 5% more steps than the exact inverse
+  (``benchmarks/results/defaults.md``). Up to ``d = 4 r = 512`` the dense
+  product costs at most twice the Nystrom one and stays exact. The Nystrom
+  refresh is ``O(d^2 r)`` instead of ``O(d^3)``, and Cholesky is the fastest
+  exact method at every size measured (``benchmarks/matfun.py``).
 
   Args:
     max_dim: the largest block inverted exactly.

@@ -13,7 +13,7 @@ DAMPING = 1e-3
 
 def one_step_kwargs():
   """sngd() settings under which one update is exactly the damped batch solve."""
-  return dict(decay=0.0, prior="none", damping=DAMPING, inverse_every=1)
+  return dict(decay=0.0, prior="none", damping=DAMPING, inverse_every=1, max_norm=None)
 
 
 def damped_solve(g_factor, grad, damping=DAMPING):

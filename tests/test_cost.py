@@ -21,7 +21,8 @@ def _nbytes(tree):
 
 
 def test_linear_layer_costs_match_the_formulas():
-  costs = sngd_jax.cost_estimate(_params(), batch_rows=128, inverse_every=100, factor_every=2)
+  costs = sngd_jax.cost_estimate(_params(), batch_rows=128, inverse_every=100, factor_every=2,
+                                 inverse="cholesky")
   c = costs["Dense_0"]
   d = 785
   assert (c.dim, c.num_blocks, c.fisher) == (d, 1, "linear")
@@ -33,6 +34,21 @@ def test_linear_layer_costs_match_the_formulas():
   assert c.apply_flops == 2 * d * d * 256
   assert c.flops_per_step == pytest.approx(
       2 * 128 * d * d / 2 + (d ** 3 / 3 + 2 * d ** 3) / 100 + 2 * d * d * 256)
+
+
+def test_default_rule_is_nystrom_above_512():
+  """The default ``inverse="auto"``: rank-128 Nystrom for the 785-wide layer, dense below."""
+  costs = sngd_jax.cost_estimate(_params(), batch_rows=128)
+  d, r = 785, 128
+  c = costs["Dense_0"]
+  assert c.inverse_bytes == (d * r + r + 2) * 4  # U, lam, tau, rho
+  assert c.refresh_flops == pytest.approx(2 * d * d * r + 7 * d * r * r + 10 * r ** 3)
+  assert c.apply_flops == 4 * d * r * 256 + 2 * d * 256
+  assert c.flops_per_step == pytest.approx(
+      2 * 128 * d * d / 5 + c.refresh_flops / 100 + c.apply_flops)
+  small = costs["Dense_1"]
+  assert small.dim == 257 and small.apply_flops == 2 * 257 * 257 * 256
+  assert small.refresh_flops == pytest.approx(257 ** 3 / 3 + 2 * 257 ** 3)
 
 
 def test_state_bytes_are_those_of_the_real_state():
@@ -56,5 +72,5 @@ def test_abstract_params_and_unknown_parts():
   assert list(costs) == ["Dense_0", "Dense_1"]  # a layer left alone has no cost
   assert costs["Dense_0"].factor_flops is None and costs["Dense_0"].flops_per_step is None
   table = sngd_jax.format_costs(costs)
-  assert "| Dense_0 | linear | 785 x 785 x 1 | 4.93 MB |" in table
+  assert "| Dense_0 | linear | 785 x 785 x 1 | 2.87 MB |" in table  # factor + rank-128 Nystrom
   assert "**total**" in table and table.count("\n") == 4

