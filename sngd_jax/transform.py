@@ -344,7 +344,7 @@ def sngd(
         do_inverse, new_inverses, lambda _: (state.inverses, jnp.zeros((), jnp.int32)), None)
 
     out = list(leaves)
-    sq_norm = jnp.zeros((), jnp.float32)
+    sq_norm = jnp.zeros((), jnp.float32)  # in the widest factor dtype (float64 under x64)
     for path, spec in specs.items():
       k_leaf = leaves[index[spec.kernel]]
       dtype = fac[path].dtype
@@ -360,14 +360,14 @@ def sngd(
       else:
         pre = method.apply(inv[path], g[None])[0]
       if max_norm is not None:
-        sq_norm = sq_norm + jnp.vdot(g, pre).astype(jnp.float32)
+        sq_norm = sq_norm + jnp.vdot(g, pre)
       out[index[spec.kernel]] = distributed.reshard_like(
           pre[:spec.in_dim].reshape(k_leaf.shape).astype(k_leaf.dtype), k_leaf)
       if spec.bias is not None:
         out[index[spec.bias]] = distributed.reshard_like(
             pre[spec.in_dim].reshape(b_leaf.shape).astype(b_leaf.dtype), b_leaf)
     if max_norm is not None:  # the trust region: ||u||_G <= max_norm
-      radius = jnp.asarray(_value(max_norm, count), jnp.float32)
+      radius = jnp.asarray(_value(max_norm, count), sq_norm.dtype)
       scale = jnp.minimum(1.0, radius * jax.lax.rsqrt(jnp.maximum(sq_norm, 1e-30)))
       scale = jnp.where(jnp.isfinite(scale), scale, 1.0)  # a non-finite q is skipped below
       for spec in specs.values():

@@ -1,0 +1,86 @@
+"""The trust region ``max_norm``: ``u <- u min(1, max_norm / ||u||_G)`` against float64 numpy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers_mlp import dense_inputs, grads_and_acts, make_problem, reference_update
+
+import sngd_jax
+
+FEATURES = (7, 5, 3)
+
+
+@pytest.fixture(autouse=True)
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+def _reference(params, x, grads, fisher, damping):
+  """Per layer the exact preconditioned update, and ``q = sum_l <g_l, u_l>``."""
+  xs, zs = dense_inputs(params, x, FEATURES)
+  ups, q = {}, 0.0
+  for i in range(len(FEATURES)):
+    name = f"Dense_{i}"
+    gw, gb = np.asarray(grads[name]["kernel"]), np.asarray(grads[name]["bias"])
+    uw, ub = reference_update(xs[i], zs[i], gw, gb, fisher, damping)
+    ups[name] = (uw, ub)
+    q += float(np.sum(gw * uw) + np.sum(gb * ub))
+  return ups, q
+
+
+@pytest.mark.parametrize("fisher", ["linear", "rfim"])
+@pytest.mark.parametrize("fraction", [0.1, 0.7, 1.5])
+def test_update_is_scaled_into_the_trust_region(fisher, fraction):
+  """``max_norm = fraction * ||u||_G``: scaled by ``fraction`` below 1, untouched above."""
+  _, params, x, y, loss_fn = make_problem(features=FEATURES)
+  _, grads, acts = grads_and_acts(loss_fn, params, x, y)
+  damping = 1e-3
+  ups, q = _reference(params, x, grads, fisher, damping)
+  assert q > 0
+  radius = fraction * np.sqrt(q)
+  tx = sngd_jax.sngd(fisher=fisher, damping=damping, decay=0.0, max_norm=radius)
+  out, _ = jax.jit(tx.update)(grads, tx.init(params), params, activations=acts)
+  scale = min(1.0, fraction)  # min(1, max_norm / sqrt(q))
+  for name, (uw, ub) in ups.items():
+    np.testing.assert_allclose(out[name]["kernel"], scale * uw, rtol=1e-8, atol=1e-13)
+    np.testing.assert_allclose(out[name]["bias"], scale * ub, rtol=1e-8, atol=1e-13)
+  # ||u'||_G^2 = scale^2 q = scale <g, u'>: the radius itself when clipped.
+  g_dot_u = sum(float(np.sum(np.asarray(grads[n]["kernel"]) * np.asarray(out[n]["kernel"]))
+                      + np.sum(np.asarray(grads[n]["bias"]) * np.asarray(out[n]["bias"])))
+                for n in ups)
+  np.testing.assert_allclose(np.sqrt(scale * g_dot_u), min(radius, np.sqrt(q)), rtol=1e-8)
+
+
+def test_schedule_and_none():
+  """A schedule is evaluated at the step count; ``None`` is the plain update."""
+  _, params, x, y, loss_fn = make_problem(features=FEATURES)
+  _, grads, acts = grads_and_acts(loss_fn, params, x, y)
+  ups, q = _reference(params, x, grads, "linear", 1e-3)
+  plain = sngd_jax.sngd(damping=1e-3, decay=0.0, max_norm=None)
+  out, _ = plain.update(grads, plain.init(params), params, activations=acts)
+  np.testing.assert_allclose(out["Dense_1"]["kernel"], ups["Dense_1"][0], rtol=1e-9)
+  schedule = optax.linear_schedule(0.25 * np.sqrt(q), 100.0, 10)
+  tx = sngd_jax.sngd(damping=1e-3, decay=0.0, max_norm=schedule)
+  out, _ = jax.jit(tx.update)(grads, tx.init(params), params, activations=acts)
+  np.testing.assert_allclose(out["Dense_1"]["kernel"], 0.25 * ups["Dense_1"][0], rtol=1e-8)
+
+
+def test_pass_through_leaves_are_not_scaled():
+  """Only preconditioned layers are scaled (and only they enter ``q``)."""
+  _, params, x, y, loss_fn = make_problem(features=FEATURES)
+  _, grads, acts = grads_and_acts(loss_fn, params, x, y)
+  params = {**params, "temperature": jnp.ones(())}
+  grads = {**grads, "temperature": jnp.full((), 123.0)}
+  tx = sngd_jax.sngd(damping=1e-3, decay=0.0, max_norm=1e-6)
+  out, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  assert float(out["temperature"]) == 123.0
+  assert float(jnp.max(jnp.abs(out["Dense_0"]["kernel"]))) < 1e-5
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
+def test_bad_max_norm_is_refused(bad):
+  with pytest.raises(ValueError, match="max_norm"):
+    sngd_jax.sngd(max_norm=bad)
