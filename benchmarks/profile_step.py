@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 import sngd_jax
 from benchmarks import harness, models, report
-from sngd_jax import datasets, matfun
+from benchmarks.defaults import PREVIOUS as PREVIOUS_DEFAULTS
+from sngd_jax import datasets, methods
 
 SIZES = (256, 256, 10)
 
@@ -46,29 +47,33 @@ def variants(include_methods: bool = True) -> dict[str, tuple]:
   }
   sngd_cfgs = {
       "sngd defaults": {},
+      "sngd previous defaults (factor_every=1, decay=0.995, Cholesky, no trust region)":
+          dict(PREVIOUS_DEFAULTS),
       "sngd apply only (no factor/refresh)": {"factor_every": 10**9, "inverse_every": 10**9},
-      "sngd factor_every=10": {"factor_every": 10},
-      "sngd stats_batch_size=32": {"stats_batch_size": 32},
-      "sngd factor_every=10, inverse_every=300": {"factor_every": 10, "inverse_every": 300},
+      "sngd inverse=auto(rank=64)": {"inverse": "auto64"},
+      "sngd factor_every=10, inverse_every=300": {"factor_every": 10, "inverse_every": 300,
+                                                  "decay": 0.95},
       "sngd factor_every=10, inverse_every=300, stats_batch_size=128": {
-          "factor_every": 10, "inverse_every": 300, "stats_batch_size": 128},
+          "factor_every": 10, "inverse_every": 300, "decay": 0.95, "stats_batch_size": 128},
   }
   if include_methods:
     for m in sngd_jax.INVERSE_METHODS:
       if m != "cholesky":
         sngd_cfgs[f"sngd inverse={m}"] = {"inverse": m}
   for name, kw in sngd_cfgs.items():
-    out[name] = ((lambda lr, kw=kw: sngd_jax.sngd_momentum(0.01, **kw)), True, kw)
+    run_kw = {**kw, "inverse": methods.auto(rank=64)} if kw.get("inverse") == "auto64" else kw
+    out[name] = ((lambda lr, kw=run_kw: sngd_jax.sngd_momentum(0.01, **kw)), True, kw)
   return out
 
 
 def flops_per_step(in_dim: int, batch: int, kind: str, kw: dict | None) -> dict:
   """Analytic FLOPs of one step (multiply-add = 2), by part.
 
-  fwd+bwd: ``6 B sum(I O)``; Adam: ~12 per parameter; SNGD factor:
-  ``2 B_s d^2`` per layer every ``factor_every`` steps; apply: ``2 d^2 O`` per
-  layer; refresh (Cholesky + two triangular solves against I): ``(7/3) d^3``
-  per layer every ``inverse_every`` steps.
+  fwd+bwd: ``6 B sum(I O)``; Adam: ~12 per parameter; the SNGD parts come from
+  :func:`sngd_jax.cost_estimate` with the variant's arguments (factor
+  ``2 B_s d^2`` per layer every ``factor_every`` steps; the product with the
+  cached inverse every step, ``2 d^2 O`` dense or ``4 d r O`` Nystrom; the
+  refresh every ``inverse_every`` steps).
   """
   dims = [in_dim, *SIZES]
   layers = list(zip(dims[:-1], dims[1:], strict=True))
@@ -76,12 +81,27 @@ def flops_per_step(in_dim: int, batch: int, kind: str, kw: dict | None) -> dict:
   out = {"fwd_bwd": 6 * batch * sum(i * o for i, o in layers)}
   out["update"] = 12 * params if kind != "sgd" else 4 * params
   if kw is not None:
-    fe = kw.get("factor_every", 1)
+    shapes = {f"Dense_{n}": {"kernel": jax.ShapeDtypeStruct((i, o), jnp.float32),
+                             "bias": jax.ShapeDtypeStruct((o,), jnp.float32)}
+              for n, (i, o) in enumerate(layers)}
+    rows = min(batch, kw.get("stats_batch_size") or batch)
+    rank64 = kw.get("inverse") == "auto64"
+    costs = sngd_jax.cost_estimate(shapes, batch_rows=rows,
+                                   **{**kw, "inverse": "auto"} if rank64 else kw)
+    fe = kw.get("factor_every", 5)
     ie = kw.get("inverse_every", 100)
-    bs = min(batch, kw.get("stats_batch_size") or batch)
-    out["factor"] = sum(2 * bs * (i + 1) ** 2 for i, _ in layers) / fe
-    out["apply"] = sum(2 * (i + 1) ** 2 * o for i, o in layers)
-    out["refresh"] = sum(7 / 3 * (i + 1) ** 3 for i, _ in layers) / ie
+    out["factor"] = sum(c.factor_flops for c in costs.values()) / fe
+    apply, refresh = [], []
+    for c in costs.values():
+      if rank64 and c.dim > 512:  # the rank-64 Nystrom model (cost_estimate knows rank 128)
+        o = c.apply_flops / (4 * c.dim * 128 + 2 * c.dim)
+        apply.append(4 * c.dim * 64 * o + 2 * c.dim * o)
+        refresh.append(2 * c.dim ** 2 * 64 + 7 * c.dim * 64 ** 2 + 10 * 64 ** 3)
+      else:
+        apply.append(c.apply_flops)
+        refresh.append(c.refresh_flops or 0.0)
+    out["apply"] = sum(apply)
+    out["refresh"] = sum(refresh) / ie
   out["total"] = sum(out.values())
   return out
 
@@ -113,23 +133,26 @@ def pieces(in_dim: int, batch: int) -> dict:
     x = jax.random.normal(key, (batch, d))
     g = jax.random.normal(key, (d, dout))
     gm = x.T @ x / batch + jnp.eye(d)
-    inv = jnp.linalg.inv(gm)
     out[f"layer{i} {d}x{dout}: factor X^T X"] = _time(jax.jit(lambda x: x.T @ x / x.shape[0]), x)
-    out[f"layer{i} {d}x{dout}: apply G^-1 g"] = _time(
-        jax.jit(lambda a, b: matfun.METHODS["cholesky"].apply(a[None], b[None])), inv, g)
-    for name, method in matfun.METHODS.items():
+    shift = 1e-4 * jnp.trace(gm)[None]
+    for name in ("cholesky", "eigh", "nystrom", "auto"):
+      method = methods.METHODS[name]
+      rep, _ = jax.jit(method.refresh)(gm[None], shift)
+      out[f"layer{i} {d}x{dout}: apply G^-1 g, {name}"] = _time(
+          jax.jit(lambda r, b, method=method: method.apply(r, b[None])), rep, g)
       out[f"layer{i} {d}x{dout}: refresh {name}"] = _time(
-          jax.jit(lambda m, method=method: method.refresh(m[None])), gm, n=5)
+          jax.jit(lambda m, s, method=method: method.refresh(m[None], s)), gm, shift, n=5)
   return {k: v * 1e3 for k, v in out.items()}
 
 
-def run(batch: int, rounds: int, steps_per_round: int, trace: str | None, ds) -> dict:
+def run(batch: int, rounds: int, steps_per_round: int, trace: str | None, ds,
+        methods: bool = False) -> dict:
   task = harness.Task("mlp", models.MLP(SIZES), "xent", ds.x_train, ds.y_train, ds.x_test,
                       ds.y_test, batch_size=batch)
   loss_fn, _ = harness.loss_and_metric(task)
   xs, ys = jnp.asarray(task.x_train), jnp.asarray(task.y_train)
   sampler = harness.batches(len(xs), batch, 0)
-  vs = variants()
+  vs = variants(include_methods=methods)
   runs = {}
   for name, (builder, wants, kw) in vs.items():
     params = task.model.init(jax.random.PRNGKey(0), xs[:2])["params"]
