@@ -46,14 +46,17 @@ PRIORS = ("scaled_identity", "identity", "none")
 """How the factor average starts.
 
 * ``"scaled_identity"`` (default): starts from ``(tr(G^_1)/d) I``, an
-  isotropic matrix with the first batch's scale: invariant to input scale, but
-  the early step of a layer with small inputs is ``lr / (tr(G^_1)/d)``, which
-  failed on deep narrow MLPs (``benchmarks/results/prior_stability.md``).
+  isotropic matrix with the first batch's scale: invariant to input scale. The
+  early step of a layer with small inputs is ``lr / (tr(G^_1)/d)``, which blew
+  up deep narrow MLPs unless the trust region (``sngd(max_norm=...)``, on by
+  default) bounds it (``benchmarks/results/prior_stability.md``).
 * ``"identity"`` (the reference code): starts from ``I``, so early steps are
   close to plain SGD and the preconditioner moves in as batches accumulate
-  (weight ``1 - decay^t``); the safer choice for deep narrow networks.
+  (weight ``1 - decay^t``).
 * ``"none"``: a bias-corrected average of batch estimates only
   (``w_t = 1 - decay^t``); with ``decay=0`` the factor is the current batch's.
+  Its first inverses are those of one rank-deficient batch: it diverged
+  everywhere without the trust region.
 """
 
 # kind -> function(Captured) -> (inputs (n, I), outputs (n, O)) as rows.

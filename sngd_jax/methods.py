@@ -105,9 +105,10 @@ def auto(max_dim: int = 512, large: str = "nystrom", rank: int = 128,
   ``2 d^2 O`` FLOPs dense against ``4 d r O`` for the Nystrom model, whatever
   the batch size. On the README's MLP (batch 128) the dense product for the
   785-wide input layer cost more than the whole forward and backward pass
-  (``benchmarks/README.md``, *Where the time goes*); rank 128 cut the SNGD step
-  by ~40% and reached the loss target in 5% more steps than the exact inverse
-  (``benchmarks/results/defaults.md``). Up to ``d = 4 r = 512`` the dense
+  (``benchmarks/README.md``, *Where the time goes*); rank 128 cuts that
+  product from 316 to 103 MFLOP and the step by ~16%, for an EMA loss after
+  1,500 steps of 0.171 instead of 0.161 (``benchmarks/results/defaults.md``).
+  Up to ``d = 4 r = 512`` the dense
   product costs at most twice the Nystrom one and stays exact. The Nystrom
   refresh is ``O(d^2 r)`` instead of ``O(d^3)``, and Cholesky is the fastest
   exact method at every size measured (``benchmarks/matfun.py``).

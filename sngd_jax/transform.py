@@ -228,14 +228,15 @@ def sngd(
       ``factor_every / (1 - decay)`` (200 with the defaults, as the reference
       code's ``0.995`` every step).
     factor_every: update ``G`` every this many steps (the ``X~^T X~`` cost is
-      paid only then). The default 5 took 3% more steps than 1 to the loss
-      target of the README's MLP and cut the step time by ~25%
-      (``benchmarks/README.md``).
+      paid only then). On the README's MLP the default 5 reached the same
+      loss after 1,500 steps as 1 (0.167 vs 0.171) and cut the step time by
+      ~30% (``benchmarks/results/defaults.md``).
     inverse_every: refresh the cached inverse every this many steps; the first
       step always computes one.
     prior: how the average of ``G`` starts, one of
       :data:`sngd_jax.factors.PRIORS` (``"identity"`` is the reference code's;
-      prefer it for deep narrow MLPs: ``benchmarks/results/prior_stability.md``).
+      with the default trust region every prior trained both a wide and a deep
+      narrow MLP: ``benchmarks/results/prior_stability.md``).
     inverse: the inverse method, a key of :data:`sngd_jax.methods.METHODS`
       (``"cholesky"``, ``"eigh"``, ``"denman_beavers"``, ``"newton_schulz"``,
       ``"nystrom"``, ``"blocks"``, ``"auto"``) or an
@@ -264,10 +265,11 @@ def sngd(
       examples of the batch only (the leading axis of every captured array),
       which cuts the ``X~^T X~`` cost; None uses the whole batch.
     max_norm: the trust-region radius above (a float or a schedule of the
-      step count); ``None`` disables it. The default 1.0 lets a loss-target
-      run on the README's MLP proceed as without it while preventing the
-      early blow-ups of deep narrow networks
-      (``benchmarks/results/trust_region.md``).
+      step count); ``None`` disables it. With the default 1.0 the README's
+      MLP reaches its loss target as fast as without it (at lr 0.03; a little
+      slower at lr 0.01), and deep narrow networks that blow up in the first
+      steps without it train at lr 0.01-0.1 with every prior
+      (``benchmarks/results/prior_stability.md``, ``defaults.md``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,
