@@ -346,14 +346,12 @@ def sngd(
         do_inverse, new_inverses, lambda _: (state.inverses, jnp.zeros((), jnp.int32)), None)
 
     out = list(leaves)
-    sq_norm = jnp.zeros((), jnp.float32)  # in the widest factor dtype (float64 under x64)
+    pres, sq_norm = {}, jnp.zeros((), jnp.float32)  # q in the widest factor dtype
     for path, spec in specs.items():
-      k_leaf = leaves[index[spec.kernel]]
       dtype = fac[path].dtype
-      g = k_leaf.reshape(spec.in_dim, spec.out_dim).astype(dtype)
+      g = leaves[index[spec.kernel]].reshape(spec.in_dim, spec.out_dim).astype(dtype)
       if spec.bias is not None:
-        b_leaf = leaves[index[spec.bias]]
-        g = jnp.concatenate([g, b_leaf.reshape(1, spec.out_dim).astype(dtype)])
+        g = jnp.concatenate([g, leaves[index[spec.bias]].reshape(1, spec.out_dim).astype(dtype)])
       g = distributed.replicate(g)  # as the inverses, under an explicit mesh
       if spec.structure == "diagonal":
         pre = diagonal_lib.apply(inv[path], g)
@@ -363,20 +361,21 @@ def sngd(
         pre = method.apply(inv[path], g[None])[0]
       if max_norm is not None:
         sq_norm = sq_norm + jnp.vdot(g, pre)
-      out[index[spec.kernel]] = distributed.reshard_like(
-          pre[:spec.in_dim].reshape(k_leaf.shape).astype(k_leaf.dtype), k_leaf)
-      if spec.bias is not None:
-        out[index[spec.bias]] = distributed.reshard_like(
-            pre[spec.in_dim].reshape(b_leaf.shape).astype(b_leaf.dtype), b_leaf)
-    if max_norm is not None:  # the trust region: ||u||_G <= max_norm
+      pres[path] = pre
+    scale = None
+    if max_norm is not None:  # the trust region ||u||_G <= max_norm, applied before the cast
       radius = jnp.asarray(_value(max_norm, count), sq_norm.dtype)
       scale = jnp.minimum(1.0, radius * jax.lax.rsqrt(jnp.maximum(sq_norm, 1e-30)))
       scale = jnp.where(jnp.isfinite(scale), scale, 1.0)  # a non-finite q is skipped below
-      for spec in specs.values():
-        for leaf_path in (spec.kernel, spec.bias):
-          if leaf_path is not None:
-            i = index[leaf_path]
-            out[i] = (out[i] * scale).astype(out[i].dtype)
+    for path, spec in specs.items():
+      pre = pres[path] if scale is None else pres[path] * scale.astype(pres[path].dtype)
+      k_leaf = leaves[index[spec.kernel]]
+      out[index[spec.kernel]] = distributed.reshard_like(
+          pre[:spec.in_dim].reshape(k_leaf.shape).astype(k_leaf.dtype), k_leaf)
+      if spec.bias is not None:
+        b_leaf = leaves[index[spec.bias]]
+        out[index[spec.bias]] = distributed.reshard_like(
+            pre[spec.in_dim].reshape(b_leaf.shape).astype(b_leaf.dtype), b_leaf)
     # Finite inputs can still overflow (e.g. a float16 update of a tiny-scale layer): such a
     # step is skipped like a non-finite one, so no non-finite value ever leaves the transform.
     # Its statistics were finite and are kept; only the update is zeroed.

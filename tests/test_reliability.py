@@ -342,6 +342,20 @@ def test_overflowing_update_is_skipped():
                              np.asarray(state32.factors["Dense_0"]), rtol=1e-3)
 
 
+def test_trust_region_keeps_the_overflowing_step_finite():
+  """The same float16 step with the default trust region: scaled before the cast, so taken."""
+  x = (1e-3 * _R).astype(np.float16)
+  k = jnp.ones((_D, 2), jnp.float16)
+  params = {"Dense_0": {"kernel": k}}
+  tx = sngd_jax.sngd(inverse_every=1)  # max_norm=1.0
+  acts = {"Dense_0": (Captured(jnp.asarray(x), jnp.asarray(x) @ k),)}
+  grads = {"Dense_0": {"kernel": jnp.full((_D, 2), 100.0, jnp.float16)}}
+  updates, state = tx.update(grads, tx.init(params), params, activations=acts)
+  u = np.asarray(updates["Dense_0"]["kernel"], np.float32)
+  assert int(state.num_skipped_steps) == 0
+  assert np.all(np.isfinite(u)) and np.any(u != 0)
+
+
 def test_accept_refresh_bounds():
   """Direct check of the acceptance rule on hand-made blocks."""
   a = jnp.asarray(np.diag([1.0, 2.0, 4.0]).astype(np.float32))[None].repeat(4, 0)
