@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from exact import exact_sngd
 from flax import nnx
 from helpers_mlp import make_problem, reference_update
 
@@ -74,7 +75,7 @@ def test_has_aux_nests_activations():
 def test_shared_layer_statistics_pool_all_calls():
   model, params, x, y, loss_fn = _setup()
   (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x, y)
-  tx = sngd_jax.sngd(decay=0.0)
+  tx = exact_sngd(decay=0.0)
   out, _ = tx.update(grads, tx.init(params), params, activations=acts)
   rows = np.concatenate([np.asarray(c.inputs) for c in acts["shared"]])
   zs = np.concatenate([np.asarray(c.outputs) for c in acts["shared"]])
