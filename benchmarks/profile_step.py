@@ -34,6 +34,7 @@ from tqdm import tqdm
 import sngd_jax
 from benchmarks import harness, models, report
 from benchmarks.defaults import PREVIOUS as PREVIOUS_DEFAULTS
+from sngd_jax import cost as cost_lib
 from sngd_jax import datasets, methods
 
 SIZES = (256, 256, 10)
@@ -92,11 +93,10 @@ def flops_per_step(in_dim: int, batch: int, kind: str, kw: dict | None) -> dict:
     ie = kw.get("inverse_every", 100)
     out["factor"] = sum(c.factor_flops for c in costs.values()) / fe
     apply, refresh = [], []
-    for c in costs.values():
-      if rank64 and c.dim > 512:  # the rank-64 Nystrom model (cost_estimate knows rank 128)
-        o = c.apply_flops / (4 * c.dim * 128 + 2 * c.dim)
-        apply.append(4 * c.dim * 64 * o + 2 * c.dim * o)
-        refresh.append(2 * c.dim ** 2 * 64 + 7 * c.dim * 64 ** 2 + 10 * 64 ** 3)
+    for c, (_, o) in zip(costs.values(), layers, strict=True):
+      if rank64 and c.dim > 512:  # rank-64 Nystrom; cost_estimate's "auto" is rank 128
+        apply.append(cost_lib.nystrom_apply_flops(c.dim, o, 64))
+        refresh.append(cost_lib.nystrom_refresh_flops(c.dim, 64))
       else:
         apply.append(c.apply_flops)
         refresh.append(c.refresh_flops or 0.0)

@@ -35,25 +35,32 @@ from sngd_jax.transform import sngd
 _CHOLESKY_FLOPS = lambda d: d ** 3 / 3 + 2 * d ** 3
 
 
-def _nystrom_flops(d: int, rank: int) -> float:
-  """Sketch ``G Omega`` (``2 d^2 r``), the small Cholesky, solve, Gram, eigh and basis."""
+def nystrom_refresh_flops(d: int, rank: int) -> float:
+  """Refresh of one rank-``r`` Nystrom block: sketch ``G Omega`` (``2 d^2 r``), the small
+  Cholesky, solve, Gram, eigh and basis."""
   r = min(rank, d)
   return 2 * d * d * r + 7 * d * r * r + 10 * r ** 3
 
 
 REFRESH_FLOPS_PER_BLOCK = {
     "cholesky": _CHOLESKY_FLOPS,
-    "nystrom": lambda d: _nystrom_flops(d, 256),
+    "nystrom": lambda d: nystrom_refresh_flops(d, 256),
     # The default rule (sngd_jax.methods.auto): exact Cholesky up to d = 512, rank-128 Nystrom.
-    "auto": lambda d: _CHOLESKY_FLOPS(d) if d <= 512 else _nystrom_flops(d, 128),
+    "auto": lambda d: _CHOLESKY_FLOPS(d) if d <= 512 else nystrom_refresh_flops(d, 128),
 }
 
 # Flops of applying a block's cached inverse to a (d x k) gradient, by method.
 _DENSE_APPLY = lambda d, k: 2.0 * d * d * k
-_NYSTROM_APPLY = lambda d, k, rank: 4.0 * d * min(rank, d) * k + 2.0 * d * k
+
+
+def nystrom_apply_flops(d: int, k: int, rank: int) -> float:
+  """``(M + rho I)^{-1} v`` for a ``d x k`` ``v``: ``U^T v``, ``U (c * .)``, plus the tail term."""
+  return 4.0 * d * min(rank, d) * k + 2.0 * d * k
+
+
 APPLY_FLOPS = {
-    "nystrom": lambda d, k: _NYSTROM_APPLY(d, k, 256),
-    "auto": lambda d, k: _DENSE_APPLY(d, k) if d <= 512 else _NYSTROM_APPLY(d, k, 128),
+    "nystrom": lambda d, k: nystrom_apply_flops(d, k, 256),
+    "auto": lambda d, k: _DENSE_APPLY(d, k) if d <= 512 else nystrom_apply_flops(d, k, 128),
 }
 
 

@@ -313,25 +313,31 @@ def test_refresh_failures_counted_per_block_rfim():
   np.testing.assert_allclose(inv[0], want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
 
 
+def _float16_overflow_step():
+  """``(params, grads, acts)``: float16, inputs of scale 1e-3, so ``G^{-1} g ~ 1e6``."""
+  x = (1e-3 * _R).astype(np.float16)
+  k = jnp.ones((_D, 2), jnp.float16)
+  params = {"Dense_0": {"kernel": k}}
+  acts = {"Dense_0": (Captured(jnp.asarray(x), jnp.asarray(x) @ k),)}
+  grads = {"Dense_0": {"kernel": jnp.full((_D, 2), 100.0, jnp.float16)}}
+  return params, grads, acts
+
+
 def test_overflowing_update_is_skipped():
   """float16 params with inputs of scale 1e-3: G^{-1} g ~ 1e6 overflows float16 -> skipped.
 
   The update is zero and counted; the statistics of the step were finite and are kept
   (the same as a step with a normal update: checked against a float32 run).
   """
-  x = (1e-3 * _R).astype(np.float16)
-  k = jnp.ones((_D, 2), jnp.float16)
-  params = {"Dense_0": {"kernel": k}}
+  params, grads, acts = _float16_overflow_step()
   tx = exact_sngd(inverse_every=1)
   state = tx.init(params)
-  acts = {"Dense_0": (Captured(jnp.asarray(x), jnp.asarray(x) @ k),)}
-  grads = {"Dense_0": {"kernel": jnp.full((_D, 2), 100.0, jnp.float16)}}
   updates, new_state = tx.update(grads, state, params, activations=acts)
   assert int(new_state.num_skipped_steps) == 1
   np.testing.assert_array_equal(np.asarray(updates["Dense_0"]["kernel"]), 0.0)
   assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(new_state))
   # The same step in float32 does not overflow; its statistics are the kept ones.
-  params32 = {"Dense_0": {"kernel": k.astype(jnp.float32)}}
+  params32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
   acts32 = jax.tree.map(lambda a: a.astype(jnp.float32), acts)
   grads32 = jax.tree.map(lambda a: a.astype(jnp.float32), grads)
   updates32, state32 = tx.update(grads32, tx.init(params32), params32, activations=acts32)
@@ -344,12 +350,8 @@ def test_overflowing_update_is_skipped():
 
 def test_trust_region_keeps_the_overflowing_step_finite():
   """The same float16 step with the default trust region: scaled before the cast, so taken."""
-  x = (1e-3 * _R).astype(np.float16)
-  k = jnp.ones((_D, 2), jnp.float16)
-  params = {"Dense_0": {"kernel": k}}
+  params, grads, acts = _float16_overflow_step()
   tx = sngd_jax.sngd(inverse_every=1)  # max_norm=1.0
-  acts = {"Dense_0": (Captured(jnp.asarray(x), jnp.asarray(x) @ k),)}
-  grads = {"Dense_0": {"kernel": jnp.full((_D, 2), 100.0, jnp.float16)}}
   updates, state = tx.update(grads, tx.init(params), params, activations=acts)
   u = np.asarray(updates["Dense_0"]["kernel"], np.float32)
   assert int(state.num_skipped_steps) == 0
