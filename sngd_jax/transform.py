@@ -131,9 +131,18 @@ def _check_structure(specs, state: SNGDState, activations: Optional[Activations]
 
 
 def _tree_all_finite(tree: Any) -> chex.Array:
-  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-           if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+  """Whether every floating leaf of ``tree`` is finite, from one sum per leaf.
+
+  A NaN or an infinity makes the sum non-finite (``inf - inf`` is NaN), so
+  ``isfinite(sum(x))`` is False whenever ``x`` holds one; it is also False when
+  finite values sum past the float32 range (``|x| ~ 1e38 / x.size``), which
+  then skips a step that was finite: the conservative side. On CPU a float sum
+  costs about half of ``all(isfinite(x))`` (a predicate reduction), and this
+  check runs on every gradient leaf every step.
+  """
+  sums = [jnp.sum(x, dtype=jnp.result_type(jnp.float32, x.dtype)).astype(jnp.float32)
+          for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.isfinite(sum(sums)) if sums else jnp.array(True)
 
 
 def _sub_batch(calls, size: int):
@@ -207,9 +216,11 @@ def sngd(
 
   which bounds the first-order change of every layer's outputs per unit of
   learning rate (the norm constraint of K-FAC, Ba et al. 2017, without the
-  learning rate: this transform does not know it). A step whose gradients or
-  activations are not finite returns zero updates and leaves the state as it
-  was (counted in ``num_skipped_steps``); a step whose preconditioned update
+  learning rate: this transform does not know it). A step whose gradients are
+  not finite, or a factor step (one of every ``factor_every``, the only steps
+  that read the activations) whose activations are not finite, returns zero
+  updates and leaves the state as it was (counted in ``num_skipped_steps``); a
+  step whose preconditioned update
   would overflow its dtype also returns zero updates and is counted, keeping its
   (finite) statistics. Refreshed inverses that fail the checks of
   :func:`sngd_jax.validation.accept_refresh` keep the previous inverse (the
@@ -318,17 +329,16 @@ def sngd(
     validation.check_param_dtypes(specs, leaves, index, "updates")
     validation.check_state_shapes(specs, state.factors)
     validation.check_activations(specs, activations)
-    finite = distributed.all_agree(
-        _tree_all_finite(leaves) & _tree_all_finite(activations), axis_name)
+    # Gradients are checked every step; activations only on factor steps, the only steps that
+    # read them (inside the factor branch below).
+    grads_finite = distributed.all_agree(_tree_all_finite(leaves), axis_name)
     count = state.count
-    if stats_batch_size is not None:  # statistics from a sub-batch (after the finite check)
-      activations = {p: _sub_batch(calls, stats_batch_size) for p, calls in activations.items()}
+    keep_factors = lambda _: (state.factors, state.weights)
 
-    def new_factors(_):
+    def update_factors(acts):
       out_f, out_w = {}, {}
       for path, spec in specs.items():
-        estimate = distributed.axis_mean(
-            factors_lib.batch_factor(spec, activations[path]), axis_name)
+        estimate = distributed.axis_mean(factors_lib.batch_factor(spec, acts[path]), axis_name)
         if max_factor_ratio is not None:
           estimate = validation.limit_outlier(estimate, state.factors[path],
                                               state.weights[path], max_factor_ratio)
@@ -336,9 +346,17 @@ def sngd(
             state.factors[path], state.weights[path], estimate, decay, prior)
       return out_f, out_w
 
-    do_factor = finite & (count % factor_every == 0)
-    fac, wts = jax.lax.cond(do_factor, new_factors,
-                            lambda _: (state.factors, state.weights), None)
+    def new_factors(_):
+      acts = activations
+      if stats_batch_size is not None:  # statistics from a sub-batch
+        acts = {p: _sub_batch(calls, stats_batch_size) for p, calls in acts.items()}
+      acts_finite = distributed.all_agree(_tree_all_finite(acts), axis_name)
+      return jax.lax.cond(acts_finite, update_factors, keep_factors, acts) + (acts_finite,)
+
+    do_factor = grads_finite & (count % factor_every == 0)
+    fac, wts, acts_finite = jax.lax.cond(
+        do_factor, new_factors, lambda _: keep_factors(None) + (jnp.array(True),), None)
+    finite = grads_finite & acts_finite
 
     def new_inverses(_):
       return _refresh_inverses(specs, fac, wts, state.inverses, method,
@@ -350,6 +368,7 @@ def sngd(
 
     out = list(leaves)
     pres, sq_norm = {}, jnp.zeros((), jnp.float32)  # q in the widest factor dtype
+    narrowed = []  # outputs cast to a narrower dtype than their factor's (may overflow)
     for path, spec in specs.items():
       dtype = fac[path].dtype
       g = leaves[index[spec.kernel]].reshape(spec.in_dim, spec.out_dim).astype(dtype)
@@ -362,8 +381,7 @@ def sngd(
         pre = method.apply(inv[path], g.T[:, :, None])[:, :, 0].T
       else:
         pre = method.apply(inv[path], g[None])[0]
-      if max_norm is not None:
-        sq_norm = sq_norm + jnp.vdot(g, pre)
+      sq_norm = sq_norm + jnp.vdot(g, pre)  # also the finiteness check of `pre`, see below
       pres[path] = pre
     scale = None
     if max_norm is not None:  # the trust region ||u||_G <= max_norm, applied before the cast
@@ -379,10 +397,17 @@ def sngd(
         b_leaf = leaves[index[spec.bias]]
         out[index[spec.bias]] = distributed.reshard_like(
             pre[spec.in_dim].reshape(b_leaf.shape).astype(b_leaf.dtype), b_leaf)
+      narrowed += [out[index[k]] for k in (spec.kernel, spec.bias) if k is not None
+                   and jnp.finfo(leaves[index[k]].dtype).bits < jnp.finfo(pre.dtype).bits]
     # Finite inputs can still overflow (e.g. a float16 update of a tiny-scale layer): such a
     # step is skipped like a non-finite one, so no non-finite value ever leaves the transform.
-    # Its statistics were finite and are kept; only the update is zeroed.
-    ok = distributed.all_agree(finite & _tree_all_finite(out), axis_name)
+    # Its statistics were finite and are kept; only the update is zeroed. The check costs no
+    # pass over the updates: a non-finite entry of any `pre` makes q = sum <g, pre> non-finite
+    # (inf * 0 and inf - inf are NaN), the scale is at most 1, leaves that are not
+    # preconditioned are the (checked) gradients, and only outputs cast to a narrower dtype
+    # are summed again.
+    ok = finite & jnp.isfinite(sq_norm) & _tree_all_finite(narrowed)
+    ok = distributed.all_agree(ok, axis_name)
     out = [jnp.where(ok, u, jnp.zeros_like(u)) for u in out]
 
     # A non-finite step changed no factor or inverse (both conds are gated on `finite`), so

@@ -127,7 +127,8 @@ def test_outputs_finite_and_schedule_for_any_periods(d_in, d_out, bias, fisher, 
         assert not bool(jnp.any(u != 0))
     for leaf in jax.tree.leaves(state):
       assert bool(jnp.all(jnp.isfinite(leaf)))
-    finite_input = bool(jnp.all(jnp.isfinite(x)))
+    # Activations are read on factor steps only: there a non-finite input skips the step.
+    finite_input = bool(jnp.all(jnp.isfinite(x))) or int(before.count) % factor_every != 0
     if skipped:
       # Only a non-finite input, or a float16 overflow of a finite one, may skip a step.
       assert dtype == "float16" or not finite_input

@@ -86,6 +86,63 @@ def test_nonfinite_step_is_skipped(fault, jit):
   assert _leaves_equal(new_state._replace(num_skipped_steps=state.num_skipped_steps), state)
 
 
+def test_activations_are_checked_on_factor_steps_only():
+  """Between factor updates the activations are not read: a non-finite one changes nothing.
+
+  On the factor step the same activations skip the step (statistics untouched).
+  """
+  _, params, grad_fn, tx, x, y = _setup(factor_every=2)
+  (_, acts), grads = grad_fn(params, x, y)
+  call = acts["Dense_1"][0]
+  bad = {**acts, "Dense_1": (call.replace(inputs=call.inputs.at[3, 2].set(jnp.nan)),)}
+  update = jax.jit(tx.update)
+  _, state = update(grads, tx.init(params), params, activations=acts)  # count 0: factor step
+  want, want_state = update(grads, state, params, activations=acts)  # count 1: no factors
+  got, got_state = update(grads, state, params, activations=bad)
+  assert int(got_state.num_skipped_steps) == 0 and int(got_state.count) == 2
+  assert _leaves_equal(got, want) and _leaves_equal(got_state, want_state)
+  skipped, skipped_state = update(grads, got_state, params, activations=bad)  # factor step
+  assert int(skipped_state.num_skipped_steps) == 1 and int(skipped_state.count) == 2
+  assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(skipped))
+  assert _leaves_equal(skipped_state.factors, got_state.factors)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, "inf-inf"])
+def test_nonfinite_gradient_of_a_leaf_without_layer_skips_the_step(bad):
+  """Leaves that are not preconditioned pass through; a non-finite one still skips the step."""
+  _, params, grad_fn, tx, x, y = _setup()
+  (_, acts), grads = grad_fn(params, x, y)
+  params = {**params, "temperature": jnp.ones((3,))}
+  grads = {**grads, "temperature": jnp.array([1.0, np.inf, -np.inf]) if bad == "inf-inf"
+           else jnp.array([1.0, bad, 2.0])}
+  state = tx.init(params)
+  updates, new_state = jax.jit(tx.update)(grads, state, params, activations=acts)
+  assert int(new_state.num_skipped_steps) == 1 and int(new_state.count) == 0
+  assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(updates))
+  assert _leaves_equal(new_state._replace(num_skipped_steps=state.num_skipped_steps), state)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+def test_tree_all_finite_matches_numpy(dtype):
+  """The sum-based check agrees with np.isfinite on every placement of NaN/inf."""
+  from sngd_jax.transform import _tree_all_finite
+  rng = np.random.default_rng(0)
+  base = rng.standard_normal((5, 7)).astype(np.float32)
+  cases = [base]
+  for value in (np.nan, np.inf, -np.inf):
+    for idx in ((0, 0), (4, 6), (2, 3)):
+      bad = base.copy()
+      bad[idx] = value
+      cases.append(bad)
+  both = base.copy()
+  both[0, 0], both[1, 1] = np.inf, -np.inf
+  cases.append(both)
+  for case in cases:
+    tree = {"a": jnp.asarray(case, dtype), "ids": jnp.arange(3), "b": jnp.ones((2,), dtype)}
+    assert bool(_tree_all_finite(tree)) == bool(np.all(np.isfinite(case)))
+  assert bool(_tree_all_finite({"ids": jnp.arange(3)}))
+
+
 def test_skipped_steps_do_not_shift_the_refresh_schedule():
   _, params, grad_fn, tx, x, y = _setup(inverse_every=2)
   state = tx.init(params)
