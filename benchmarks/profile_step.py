@@ -91,15 +91,17 @@ def flops_per_step(in_dim: int, batch: int, kind: str, kw: dict | None) -> dict:
                                    **{**kw, "inverse": "auto"} if rank64 else kw)
     fe = kw.get("factor_every", 5)
     ie = kw.get("inverse_every", 100)
-    out["factor"] = sum(c.factor_flops for c in costs.values()) / fe
-    apply, refresh = [], []
+    factor, apply, refresh = [], [], []
     for c, (_, o) in zip(costs.values(), layers, strict=True):
       if rank64 and c.dim > 512:  # rank-64 Nystrom; cost_estimate's "auto" is rank 128
+        factor.append(cost_lib.sketch_factor_flops(rows, c.dim, 64))
         apply.append(cost_lib.nystrom_apply_flops(c.dim, o, 64))
-        refresh.append(cost_lib.nystrom_refresh_flops(c.dim, 64))
+        refresh.append(cost_lib.nystrom_refresh_flops(c.dim, 64, from_sketch=True))
       else:
+        factor.append(c.factor_flops)
         apply.append(c.apply_flops)
         refresh.append(c.refresh_flops or 0.0)
+    out["factor"] = sum(factor) / fe
     out["apply"] = sum(apply)
     out["refresh"] = sum(refresh) / ie
   out["total"] = sum(out.values())

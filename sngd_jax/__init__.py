@@ -16,6 +16,7 @@ from sngd_jax.reconstruct import (
     reconstructed_dense,
     to_reconstructed,
 )
+from sngd_jax.sketch import Sketch
 from sngd_jax.transform import SNGDState, sngd
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "PRIORS",
     "ParamCoverage",
     "SNGDState",
+    "Sketch",
     "capture",
     "capture_nnx",
     "coverage",

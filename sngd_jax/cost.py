@@ -4,14 +4,16 @@ For a layer with a local Fisher of size ``d`` (``d = I + 1`` with a bias) held
 as ``b`` blocks (``b = 1`` for ``fisher="linear"``, ``b = O`` for ``"rfim"``),
 ``O`` outputs, ``n`` rows per global batch and ``s`` bytes per entry:
 
-* state: the running factor, ``b d^2 s`` bytes, plus the cached inverse (its
-  size depends on the method; read exactly from ``jax.eval_shape`` of
-  ``init``: ``b d^2 s`` for ``"cholesky"``);
+* state: the running factor, ``b d^2 s`` bytes (``(d r + 1) s`` for a layer
+  kept as a rank-``r`` sketch, :mod:`sngd_jax.sketch`), plus the cached
+  inverse (its size depends on the method; read exactly from
+  ``jax.eval_shape`` of ``init``: ``b d^2 s`` for ``"cholesky"``);
 * data-parallel communication: one all-reduce of the batch estimate per factor
   update, ``b d^2 s`` bytes (the gradients' own all-reduce, ``d O s``, is the
   same as for any optimizer and is not counted); with ``shard_refresh`` one
   all-gather of the inverse per refresh;
-* compute: the batch estimate ``2 n b d^2`` flops per factor update, the
+* compute: the batch estimate ``2 n b d^2`` flops per factor update
+  (``4 n d r + 2 n d`` sketched), the
   refresh per inverse update (``"cholesky"``: Cholesky ``d^3/3`` plus two
   triangular solves against ``I``, ``2 d^3``, per block), and the
   preconditioning ``2 d^2 O`` per step.
@@ -29,17 +31,24 @@ import jax
 import numpy as np
 
 from sngd_jax import layers as layers_lib
+from sngd_jax import sketch as sketch_lib
 from sngd_jax.transform import sngd
 
 # Flops of one refresh of one (d x d) block, for the methods we can count.
 _CHOLESKY_FLOPS = lambda d: d ** 3 / 3 + 2 * d ** 3
 
 
-def nystrom_refresh_flops(d: int, rank: int) -> float:
-  """Refresh of one rank-``r`` Nystrom block: sketch ``G Omega`` (``2 d^2 r``), the small
-  Cholesky, solve, Gram, eigh and basis."""
+def nystrom_refresh_flops(d: int, rank: int, from_sketch: bool = False) -> float:
+  """Refresh of one rank-``r`` Nystrom block: sketch ``G Omega`` (``2 d^2 r``; not needed
+  when the state keeps the sketch), the small Cholesky, solve, Gram, eigh and basis."""
   r = min(rank, d)
-  return 2 * d * d * r + 7 * d * r * r + 10 * r ** 3
+  return (0 if from_sketch else 2 * d * d * r) + 7 * d * r * r + 10 * r ** 3
+
+
+def sketch_factor_flops(rows: int, d: int, rank: int) -> float:
+  """Batch estimate of a sketched factor: ``X~ Omega`` and ``X~^T (.)`` (``2 n d r`` each)
+  and the trace ``sum X~^2`` (``2 n d``)."""
+  return 4.0 * rows * d * rank + 2.0 * rows * d
 
 
 REFRESH_FLOPS_PER_BLOCK = {
@@ -140,10 +149,16 @@ def cost_estimate(params: Any, batch_rows: Optional[int] = None,
   costs = {}
   for path, spec in specs.items():
     d, b = spec.dim, spec.num_blocks
-    factor_bytes = _nbytes(state.factors[path])
+    factor = state.factors[path]
+    factor_bytes = _nbytes(factor)
     inverse_bytes = _nbytes(state.inverses[path])
-    factor_flops = None if batch_rows is None else 2.0 * batch_rows * b * d * d
-    block_flops = None if per_block is None else per_block(d)
+    if sketch_lib.is_sketch(factor):  # a rank-r Nystrom layer whose state is G Omega
+      rank = factor.y.shape[-1]
+      factor_flops = None if batch_rows is None else sketch_factor_flops(batch_rows, d, rank)
+      block_flops = nystrom_refresh_flops(d, rank, from_sketch=True)
+    else:
+      factor_flops = None if batch_rows is None else 2.0 * batch_rows * b * d * d
+      block_flops = None if per_block is None else per_block(d)
     refresh_flops = None if block_flops is None else b * block_flops
     apply_flops = APPLY_FLOPS.get(options["inverse"], _DENSE_APPLY)(d, spec.out_dim)
     per_step = None

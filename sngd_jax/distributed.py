@@ -113,7 +113,8 @@ def split_refresh(refresh, stacked: jax.Array, shift: jax.Array, axis_name: Axis
     refresh: ``refresh((b, d, d), (b,)) -> (rep, ok)`` of an
       :class:`sngd_jax.matfun.InverseMethod`; ``rep`` is a pytree whose
       leaves have leading axis ``b``.
-    stacked: the symmetrized blocks ``G``, ``(b, d, d)``, replicated.
+    stacked: the symmetrized blocks ``G``, ``(b, d, d)``, or a stacked
+      :class:`sngd_jax.sketch.Sketch`, replicated.
     shift: the damping shift ``rho`` per block, ``(b,)``, replicated.
     axis_name: the axis (or tuple of axes) to split over.
 
@@ -122,16 +123,17 @@ def split_refresh(refresh, stacked: jax.Array, shift: jax.Array, axis_name: Axis
   """
   axes = _axis_tuple(axis_name)
   num = jax.lax.axis_size(axes)
-  b, d = stacked.shape[0], stacked.shape[-1]
+  b = shift.shape[0]
   chunk = -(-b // num)
   pad = chunk * num - b
   if pad:
-    # Identity blocks are well conditioned for every method; dropped below.
-    eye = jnp.broadcast_to(jnp.eye(d, dtype=stacked.dtype), (pad, d, d))
-    stacked = jnp.concatenate([stacked, eye])
-    shift = jnp.concatenate([shift, jnp.ones((pad,), shift.dtype)])
+    # Copies of the first block (any method handles them as it does that block); their
+    # results are dropped below. `stacked` may be a pytree (a stacked sketch).
+    stacked = jax.tree.map(
+        lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, axis=0)]), stacked)
+    shift = jnp.concatenate([shift, jnp.repeat(shift[:1], pad)])
   start = jax.lax.axis_index(axes) * chunk
-  local = jax.lax.dynamic_slice_in_dim(stacked, start, chunk)
+  local = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, chunk), stacked)
   rep, ok = refresh(local, jax.lax.dynamic_slice_in_dim(shift, start, chunk))
   gather = lambda v: jax.lax.all_gather(v, axes, tiled=True, to="invarying")[:b]
   return jax.tree.map(gather, rep), gather(ok)

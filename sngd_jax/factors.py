@@ -32,12 +32,13 @@ Rows by layer type (each captured call has a ``kind``, see :data:`ROWS`):
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from sngd_jax import conv as conv_lib
+from sngd_jax import sketch as sketch_lib
 from sngd_jax.capture import Captured
 from sngd_jax.distributed import replicated_out_sharding
 from sngd_jax.layers import LayerSpec
@@ -206,8 +207,38 @@ def batch_factor(spec: LayerSpec, calls: Sequence[Captured]) -> jax.Array:
   return jnp.matmul(x.T, x, out_sharding=out_sharding) / n
 
 
-def prior_of(prior: str, estimate: jax.Array) -> jax.Array:
-  """The prior ``P(G^)`` for a (stack of) ``d x d`` estimate(s), or a diagonal (vector)."""
+def batch_sketch(spec: LayerSpec, calls: Sequence[Captured],
+                 omega: jax.Array) -> sketch_lib.Sketch:
+  """The batch estimate of a sketched layer: ``((1/n) X~^T (X~ Omega), tr G^)``.
+
+  Only for ``fisher="linear"`` dense layers (one ``d x d`` block); the numbers
+  are those of :func:`batch_factor` sketched, ``G^ Omega``, in ``4 n d r``
+  FLOPs instead of ``2 n d^2`` (see :mod:`sngd_jax.sketch`).
+  """
+  for call in calls:
+    _check_kind(spec, call)
+  if spec.structure == "diagonal" or spec.per_unit:
+    raise ValueError(f"sngd: layer {spec.path!r}: only single-block (linear) factors are "
+                     "kept as sketches")
+  x, _ = layer_rows(spec, calls)
+  return sketch_lib.from_rows(x, omega, out_sharding=replicated_out_sharding(x))
+
+
+def prior_of(prior: str, estimate, omega: Optional[jax.Array] = None):
+  """The prior ``P(G^)`` for a (stack of) ``d x d`` estimate(s), a diagonal (vector),
+  or a :class:`sngd_jax.sketch.Sketch` (then ``P(G^) Omega`` and ``tr P(G^)``)."""
+  if sketch_lib.is_sketch(estimate):
+    if omega is None:
+      raise ValueError("sngd: the prior of a sketched factor needs its test matrix `omega`")
+    d = omega.shape[0]
+    unit = sketch_lib.identity(omega, estimate.y.dtype)
+    if prior == "identity":
+      return unit
+    if prior == "scaled_identity":
+      return jax.tree.map(lambda a: (estimate.trace / d) * a, unit)
+    if prior == "none":
+      return jax.tree.map(jnp.zeros_like, estimate)
+    raise ValueError(f"sngd: unknown prior {prior!r}; expected one of {PRIORS}")
   if estimate.ndim == 1:  # a diagonal factor stored as its diagonal
     if prior == "identity":
       return jnp.ones_like(estimate)
@@ -228,23 +259,27 @@ def prior_of(prior: str, estimate: jax.Array) -> jax.Array:
   raise ValueError(f"sngd: unknown prior {prior!r}; expected one of {PRIORS}")
 
 
-def ema_update(factor: jax.Array, weight: jax.Array, estimate: jax.Array, decay,
-               prior: str) -> tuple[jax.Array, jax.Array]:
+def ema_update(factor, weight: jax.Array, estimate, decay, prior: str,
+               omega: Optional[jax.Array] = None):
   """One step of the prior-started moving average.
 
   Args:
-    factor: the running sum ``G_{t-1}`` (unnormalized).
+    factor: the running sum ``G_{t-1}`` (unnormalized), an array or a
+      :class:`sngd_jax.sketch.Sketch` (the update is linear, so a sketch is
+      updated leaf by leaf).
     weight: its weight ``w_{t-1}`` (0 before the first update).
-    estimate: the batch estimate ``G^``.
+    estimate: the batch estimate ``G^`` (of the same kind as ``factor``).
     decay: the EMA decay in ``[0, 1]``.
     prior: one of :data:`PRIORS`.
+    omega: the test matrix of a sketched factor (for its prior).
 
   Returns:
     ``(G_t, w_t)``; the factor in use is ``G_t / w_t``.
   """
-  estimate = estimate.astype(factor.dtype)
-  filled = factor + (1.0 - weight) * prior_of(prior, estimate)
-  new_factor = decay * filled + (1.0 - decay) * estimate
+  estimate = jax.tree.map(lambda e, f: e.astype(f.dtype), estimate, factor)
+  new_factor = jax.tree.map(
+      lambda f, p, e: decay * (f + (1.0 - weight) * p) + (1.0 - decay) * e,
+      factor, prior_of(prior, estimate, omega), estimate)
   if prior == "none":
     new_weight = decay * weight + (1.0 - decay)
   else:
@@ -252,6 +287,6 @@ def ema_update(factor: jax.Array, weight: jax.Array, estimate: jax.Array, decay,
   return new_factor, new_weight
 
 
-def normalized(factor: jax.Array, weight: jax.Array) -> jax.Array:
-  """The factor in use, ``G_t / w_t`` (the zero matrix while ``w_t = 0``)."""
-  return factor / jnp.maximum(weight, jnp.finfo(factor.dtype).tiny)
+def normalized(factor, weight: jax.Array):
+  """The factor in use, ``G_t / w_t`` (zero while ``w_t = 0``); an array or a sketch."""
+  return jax.tree.map(lambda f: f / jnp.maximum(weight, jnp.finfo(f.dtype).tiny), factor)

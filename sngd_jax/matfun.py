@@ -38,7 +38,7 @@ Both keep ``Y_k = A Z_k``, so ``Y Z - I = A Z^2 - I`` measures convergence.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -62,11 +62,18 @@ class InverseMethod(NamedTuple):
       pytree with leading axis ``b`` and ``ok`` a bool array of shape ``(b,)``.
     apply: ``apply(rep, g)`` with ``g`` of shape ``(b, d, k)`` ->
       ``(G + rho I)^{-1} g`` (or the method's approximation of it).
+    sketch: optional; ``sketch(d, dtype)`` -> a ``d x r`` test matrix
+      ``Omega`` for blocks of size ``d`` whose statistics the method reads only
+      through ``(G Omega, tr G)``, or None. For such blocks the transform keeps
+      the running factor as a :class:`sngd_jax.sketch.Sketch` and ``refresh``
+      receives a stacked ``Sketch`` (``y`` of shape ``(b, d, r)``, ``trace``
+      of shape ``(b,)``) instead of ``G``.
   """
 
   identity: Callable[[int, int, Any], Rep]
   refresh: Callable[[jax.Array, jax.Array], tuple[Rep, jax.Array]]
   apply: Callable[[Rep, jax.Array], jax.Array]
+  sketch: Optional[Callable[[int, Any], Optional[jax.Array]]] = None
 
 
 class Roots(NamedTuple):

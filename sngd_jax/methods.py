@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from sngd_jax import matfun
 from sngd_jax import nystrom as nystrom_lib
+from sngd_jax import sketch as sketch_lib
 from sngd_jax.matfun import InverseMethod
 
 LARGE = ("nystrom", "blocks")
@@ -131,10 +132,18 @@ def auto(max_dim: int = 512, large: str = "nystrom", rank: int = 128,
   def pick(d: int) -> InverseMethod:
     return small if d <= max_dim else big
 
+  def sketch(d, dtype):
+    method = pick(d)
+    return method.sketch(d, dtype) if method.sketch is not None else None
+
+  def dim(g):  # a dense stack (b, d, d) or a sketch with y of shape (b, d, r)
+    return g.y.shape[-2] if sketch_lib.is_sketch(g) else g.shape[-1]
+
   return InverseMethod(
       identity=lambda b, d, dtype: pick(d).identity(b, d, dtype),
-      refresh=lambda g, shift: pick(g.shape[-1]).refresh(g, shift),
+      refresh=lambda g, shift: pick(dim(g)).refresh(g, shift),
       apply=lambda rep, v: pick(v.shape[-2]).apply(rep, v),
+      sketch=sketch,
   )
 
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sngd_jax import matfun
+from sngd_jax import sketch as sketch_lib
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 TAILS = ("mean", "zero")
@@ -99,14 +100,35 @@ def approximate(g: jax.Array, rank: int, seed: int = 0,
   """
   if tail not in TAILS:
     raise ValueError(f"sngd: unknown Nystrom tail {tail!r}; expected one of {TAILS}")
-  dtype = g.dtype
-  work = matfun.compute_dtype(dtype)
-  g = g.astype(work)
+  work = matfun.compute_dtype(g.dtype)
   d = g.shape[-1]
-  rank = min(rank, d)
+  omega = test_matrix(d, min(rank, d), seed, work)
+  return from_sketch(sketch_lib.of_dense(g.astype(work), omega), seed, tail, g.dtype)
+
+
+def from_sketch(s: sketch_lib.Sketch, seed: int = 0, tail: str = "mean",
+                dtype=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """:func:`approximate` from the sketch ``(Y, tr G) = (G Omega, tr G)`` alone.
+
+  Args:
+    s: a stacked :class:`sngd_jax.sketch.Sketch`, ``y`` of shape ``(b, d, r)``,
+      ``trace`` of shape ``(b,)``, made with ``test_matrix(d, r, seed)``.
+    seed: the seed of that test matrix.
+    tail: ``"mean"`` or ``"zero"``.
+    dtype: the dtype of the result (default ``s.y``'s).
+
+  Returns:
+    ``(U, lam, tau)`` as :func:`approximate`.
+  """
+  if tail not in TAILS:
+    raise ValueError(f"sngd: unknown Nystrom tail {tail!r}; expected one of {TAILS}")
+  dtype = dtype or s.y.dtype
+  work = matfun.compute_dtype(s.y.dtype)
+  y = s.y.astype(work)
+  trace = s.trace.astype(work)
+  d, rank = y.shape[-2:]
   eps = jnp.finfo(work).eps
   omega = test_matrix(d, rank, seed, work)
-  y = jnp.matmul(g, omega, precision=_HIGHEST)
   nu = math.sqrt(d) * eps * jnp.linalg.norm(y, axis=(-2, -1))
   y_nu = y + nu[:, None, None] * omega
   core = matfun.symmetrize(jnp.einsum("dr,bds->brs", omega, y_nu, precision=_HIGHEST))
@@ -122,10 +144,10 @@ def approximate(g: jax.Array, rank: int, seed: int = 0,
   lam = jnp.where(reliable, jnp.maximum(s2 - nu[:, None], 0.0), 0.0)
   kept = jnp.sum(reliable, axis=-1)
   if tail == "mean":
-    rest = jnp.trace(g, axis1=-2, axis2=-1) - jnp.sum(lam, axis=-1)
+    rest = trace - jnp.sum(lam, axis=-1)
     tau = jnp.where(kept < d, jnp.maximum(rest, 0.0) / jnp.maximum(d - kept, 1), 0.0)
   else:
-    tau = jnp.zeros(g.shape[:1], work)
+    tau = jnp.zeros(y.shape[:1], work)
   return u.astype(dtype), lam.astype(dtype), tau.astype(dtype)
 
 
@@ -170,13 +192,22 @@ def nystrom(rank: int = 256, seed: int = 0, tail: str = "mean") -> matfun.Invers
                       jnp.zeros((b,), dtype), jnp.ones((b,), dtype))
 
   def refresh(g, shift):
-    u, lam, tau = approximate(g, rank, seed, tail)
-    rep = NystromRep(u, lam, tau, shift.astype(g.dtype))
-    ok = matfun.all_finite_per_block(g) & matfun.all_finite_per_block(u) \
+    if sketch_lib.is_sketch(g):
+      u, lam, tau = from_sketch(g, seed, tail)
+      finite_input = matfun.all_finite_per_block(g.y) & jnp.isfinite(g.trace)
+    else:
+      u, lam, tau = approximate(g, rank, seed, tail)
+      finite_input = matfun.all_finite_per_block(g)
+    rep = NystromRep(u, lam, tau, shift.astype(u.dtype))
+    ok = finite_input & matfun.all_finite_per_block(u) \
         & jnp.all(jnp.isfinite(lam), axis=-1) & jnp.isfinite(tau) & (tau + shift > 0)
     return rep, ok
 
   def apply(rep, v):
     return power_apply(rep, v, -1.0)
 
-  return matfun.InverseMethod(identity, refresh, apply)
+  def sketch(d, dtype):
+    # Sketch only where it saves memory and work: at r >= d the model is the dense G.
+    return test_matrix(d, rank, seed, dtype) if rank < d else None
+
+  return matfun.InverseMethod(identity, refresh, apply, sketch)

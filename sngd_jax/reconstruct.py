@@ -37,25 +37,51 @@ import jax.numpy as jnp
 from sngd_jax import factors as factors_lib
 from sngd_jax import layers as layers_lib
 from sngd_jax import matfun, paths
+from sngd_jax import nystrom as nystrom_lib
+from sngd_jax import sketch as sketch_lib
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def damped_factors(state: Any, damping=1e-4, abs_damping=0.0) -> dict[str, jax.Array]:
+def _sketched_model(s: sketch_lib.Sketch, damping, abs_damping, seed: int,
+                    tail: str) -> jax.Array:
+  """The dense ``M + rho I`` of the Nystrom model that a refresh makes from a sketch."""
+  stacked = jax.tree.map(lambda a: a[None], s)
+  u, lam, tau = nystrom_lib.from_sketch(stacked, seed, tail)
+  shift = jnp.asarray(damping * stacked.trace + abs_damping, u.dtype)
+  return nystrom_lib.dense(nystrom_lib.NystromRep(u, lam, tau, shift))[0]
+
+
+def damped_factors(state: Any, damping=1e-4, abs_damping=0.0, nystrom_seed: int = 0,
+                   nystrom_tail: str = "mean") -> dict[str, jax.Array]:
   """``G + (damping * tr(G) + abs_damping) I`` per layer, from the state's factors.
+
+  A layer whose state keeps only the sketch ``(G Omega, tr G)`` (the rank-``r``
+  Nystrom layers of ``inverse="auto"``, :mod:`sngd_jax.sketch`) gets the dense
+  Nystrom model ``M + rho I`` that the transform's refresh builds from that
+  sketch, ``M = U diag(lam) U^T + tau (I - U U^T)``: the matrix whose inverse
+  it preconditions with, so the reconstructed network stays exact for it.
 
   Args:
     state: an :class:`sngd_jax.SNGDState` (or anything with ``factors`` and
       ``weights`` dicts keyed by layer path).
     damping: the relative damping the transform used (a value, not a schedule).
     abs_damping: the absolute damping.
+    nystrom_seed: the test-matrix seed of the Nystrom method (default 0, that
+      of ``inverse="auto"``); used for sketched layers only.
+    nystrom_tail: its tail rule (default ``"mean"``).
 
   Returns:
     Per layer path, ``(d, d)`` (linear) or ``(O, d, d)`` (rfim) damped blocks.
   """
-  return {path: matfun.damp(factors_lib.normalized(f, state.weights[path]), damping,
-                            abs_damping)
-          for path, f in state.factors.items()}
+  out = {}
+  for path, f in state.factors.items():
+    g = factors_lib.normalized(f, state.weights[path])
+    if sketch_lib.is_sketch(g):
+      out[path] = _sketched_model(g, damping, abs_damping, nystrom_seed, nystrom_tail)
+    else:
+      out[path] = matfun.damp(g, damping, abs_damping)
+  return out
 
 
 def factor_roots(state: Any, damping=1e-4, abs_damping=0.0, method: str = "eigh",

@@ -27,6 +27,7 @@ from sngd_jax import diagonal as diagonal_lib
 from sngd_jax import distributed, matfun, paths, validation
 from sngd_jax import factors as factors_lib
 from sngd_jax import layers as layers_lib
+from sngd_jax import sketch as sketch_lib
 from sngd_jax.capture import Activations
 from sngd_jax.methods import get_method
 
@@ -37,7 +38,10 @@ class SNGDState(NamedTuple):
   Attributes:
     count: steps taken (non-finite steps not counted), int32.
     factors: per layer path, the running local Fisher sum ``G_t``
-      (``(d, d)`` or ``(O, d, d)``), float32 (float64 under x64).
+      (``(d, d)`` or ``(O, d, d)``), float32 (float64 under x64); for layers
+      whose inverse method is a rank-``r`` Nystrom model (``inverse="auto"``
+      above ``d = 512``) its sketch ``(G_t Omega, tr G_t)``, a
+      :class:`sngd_jax.sketch.Sketch` with ``y`` of shape ``(d, r)``.
     weights: per layer path, the weight ``w_t`` of ``G_t`` (use ``G_t / w_t``).
     inverses: per layer path, the cached inverse representation.
     has_inverse: whether an inverse has been computed yet.
@@ -81,13 +85,36 @@ def _flatten(tree: Any) -> tuple[list[Any], Any, dict[tuple[str, ...], int]]:
   return [leaf for _, leaf in leaves_with_path], treedef, index
 
 
+def _sketch_omegas(specs: dict[str, layers_lib.LayerSpec], leaves, index,
+                   method: matfun.InverseMethod) -> dict[str, jax.Array]:
+  """The test matrix ``Omega`` of every layer whose factor is kept as a sketch.
+
+  Those are the single-block (``fisher="linear"``) layers for whose size the
+  inverse method reads ``G`` only through ``(G Omega, tr G)`` (the Nystrom
+  model of ``inverse="auto"`` above ``max_dim``; see :mod:`sngd_jax.sketch`).
+  """
+  if method.sketch is None:
+    return {}
+  out = {}
+  for path, spec in specs.items():
+    if spec.structure == "dense" and not spec.per_unit:
+      omega = method.sketch(spec.dim, _layer_dtype(leaves[index[spec.kernel]]))
+      if omega is not None:
+        out[path] = omega
+  return out
+
+
 def _init_state(params: Any, specs: dict[str, layers_lib.LayerSpec],
                 method: matfun.InverseMethod) -> SNGDState:
   leaves, _, index = _flatten(params)
+  omegas = _sketch_omegas(specs, leaves, index, method)
   factors, weights, inverses = {}, {}, {}
   for path, spec in specs.items():
     dtype = _layer_dtype(leaves[index[spec.kernel]])
-    factors[path] = jnp.zeros(spec.factor_shape, dtype)
+    if path in omegas:
+      factors[path] = sketch_lib.zeros(spec.dim, omegas[path].shape[1], dtype)
+    else:
+      factors[path] = jnp.zeros(spec.factor_shape, dtype)
     weights[path] = jnp.zeros((), dtype)
     if spec.structure == "diagonal":
       inverses[path] = diagonal_lib.identity(spec.in_dim, dtype)
@@ -152,7 +179,7 @@ def _sub_batch(calls, size: int):
 
 def _refresh_inverses(specs, factors, weights, old_inverses, method, damping, abs_damping):
   """Refreshes all inverses, one batched kernel call per (size, dtype) group."""
-  groups: dict[tuple[int, Any], list[str]] = {}
+  groups: dict[tuple[int, Any, bool], list[str]] = {}
   new_inverses, failures = {}, jnp.zeros((), jnp.int32)
   for path, spec in specs.items():
     if spec.structure == "diagonal":
@@ -161,15 +188,25 @@ def _refresh_inverses(specs, factors, weights, old_inverses, method, damping, ab
       new_inverses[path] = jnp.where(ok, rep, old_inverses[path])
       failures += (~ok).astype(jnp.int32)
       continue
-    groups.setdefault((spec.dim, factors[path].dtype), []).append(path)
-  for paths_in_group in groups.values():
-    blocks = [factors_lib.normalized(factors[p], weights[p]).reshape(
-        (-1,) + factors[p].shape[-2:]) for p in paths_in_group]
-    sizes = [b.shape[0] for b in blocks]
-    stacked = matfun.symmetrize(jnp.concatenate(blocks))
-    shift = matfun.damping_shift(stacked, damping, abs_damping)
+    sketched = sketch_lib.is_sketch(factors[path])
+    dtype = jax.tree.leaves(factors[path])[0].dtype
+    groups.setdefault((spec.dim, dtype, sketched), []).append(path)
+  for (d, dtype, sketched), paths_in_group in groups.items():
+    if sketched:  # stacked Sketch: y (b, d, r), trace (b,)
+      blocks = [jax.tree.map(lambda a: a[None], factors_lib.normalized(factors[p], weights[p]))
+                for p in paths_in_group]
+      stacked = jax.tree.map(lambda *a: jnp.concatenate(a), *blocks)
+      shift = jnp.asarray(damping * stacked.trace + abs_damping).astype(dtype)
+      sizes = [1] * len(blocks)
+    else:
+      blocks = [factors_lib.normalized(factors[p], weights[p]).reshape(
+          (-1,) + factors[p].shape[-2:]) for p in paths_in_group]
+      sizes = [b.shape[0] for b in blocks]
+      stacked = matfun.symmetrize(jnp.concatenate(blocks))
+      shift = matfun.damping_shift(stacked, damping, abs_damping)
     rep, ok = method.refresh(stacked, shift)
-    ok = validation.accept_refresh(method.apply, rep, stacked, shift, ok)
+    ok = validation.accept_refresh(method.apply, rep,
+                                   jax.ShapeDtypeStruct((sum(sizes), d, d), dtype), shift, ok)
     failures += jnp.sum(~ok).astype(jnp.int32)
     start = 0
     for p, size in zip(paths_in_group, sizes, strict=True):
@@ -327,7 +364,9 @@ def sngd(
 
     leaves, treedef, index = _flatten(updates)
     validation.check_param_dtypes(specs, leaves, index, "updates")
-    validation.check_state_shapes(specs, state.factors)
+    omegas = _sketch_omegas(specs, leaves, index, method)
+    validation.check_state_shapes(specs, state.factors,
+                                  {p: o.shape[1] for p, o in omegas.items()})
     validation.check_activations(specs, activations)
     # Gradients are checked every step; activations only on factor steps, the only steps that
     # read them (inside the factor branch below).
@@ -338,12 +377,17 @@ def sngd(
     def update_factors(acts):
       out_f, out_w = {}, {}
       for path, spec in specs.items():
-        estimate = distributed.axis_mean(factors_lib.batch_factor(spec, acts[path]), axis_name)
+        if path in omegas:
+          estimate = factors_lib.batch_sketch(spec, acts[path], omegas[path])
+        else:
+          estimate = factors_lib.batch_factor(spec, acts[path])
+        estimate = distributed.axis_mean(estimate, axis_name)
         if max_factor_ratio is not None:
           estimate = validation.limit_outlier(estimate, state.factors[path],
                                               state.weights[path], max_factor_ratio)
         out_f[path], out_w[path] = factors_lib.ema_update(
-            state.factors[path], state.weights[path], estimate, decay, prior)
+            state.factors[path], state.weights[path], estimate, decay, prior,
+            omegas.get(path))
       return out_f, out_w
 
     def new_factors(_):
@@ -370,7 +414,7 @@ def sngd(
     pres, sq_norm = {}, jnp.zeros((), jnp.float32)  # q in the widest factor dtype
     narrowed = []  # outputs cast to a narrower dtype than their factor's (may overflow)
     for path, spec in specs.items():
-      dtype = fac[path].dtype
+      dtype = jax.tree.leaves(fac[path])[0].dtype
       g = leaves[index[spec.kernel]].reshape(spec.in_dim, spec.out_dim).astype(dtype)
       if spec.bias is not None:
         g = jnp.concatenate([g, leaves[index[spec.bias]].reshape(1, spec.out_dim).astype(dtype)])

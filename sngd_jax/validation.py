@@ -24,13 +24,14 @@ Two kinds of guard live here:
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 
 from sngd_jax import layers as layers_lib
 from sngd_jax import paths
+from sngd_jax import sketch as sketch_lib
 
 
 def check_fisher_arg(fisher: layers_lib.FisherSpec) -> None:
@@ -75,19 +76,27 @@ def check_param_dtypes(specs: Mapping[str, layers_lib.LayerSpec], leaves: list[A
 
 
 def check_state_shapes(specs: Mapping[str, layers_lib.LayerSpec],
-                       factors: Mapping[str, Any]) -> None:
+                       factors: Mapping[str, Any],
+                       sketch_ranks: Optional[Mapping[str, int]] = None) -> None:
   """Requires every state factor to have the shape the layer's params need.
 
   Args:
     specs: the layers of the updates tree.
     factors: the state's factors, by layer path.
+    sketch_ranks: the rank ``r`` of each layer kept as a sketch (its factor is
+      a :class:`sngd_jax.sketch.Sketch` with ``y`` of shape ``(d, r)``).
 
   Raises:
     ValueError: naming the layer path and the expected and actual factor shapes.
   """
+  sketch_ranks = sketch_ranks or {}
+  shape = lambda f: (("sketch",) + tuple(f.y.shape)) if sketch_lib.is_sketch(f) \
+      else tuple(f.shape)
   for path, spec in specs.items():
     want = spec.factor_shape
-    got = tuple(factors[path].shape)
+    if path in sketch_ranks:
+      want = ("sketch", spec.dim, sketch_ranks[path])
+    got = shape(factors[path])
     if got != want:
       raise ValueError(
           f"sngd: layer {path!r}: the optimizer state holds a factor of shape {got}, but "
@@ -176,12 +185,11 @@ def limit_outlier(estimate: jax.Array, factor: jax.Array, weight: jax.Array,
   Returns:
     The (possibly scaled) estimate.
   """
-  dtype = factor.dtype
-  estimate = estimate.astype(dtype)
-  running = jnp.sum(jnp.trace(factor, axis1=-2, axis2=-1)) / jnp.maximum(
-      weight, jnp.finfo(dtype).tiny)
-  new = jnp.sum(jnp.trace(estimate, axis1=-2, axis2=-1))
+  dtype = jax.tree.leaves(factor)[0].dtype
+  estimate = jax.tree.map(lambda e: e.astype(dtype), estimate)
+  running = sketch_lib.trace(factor) / jnp.maximum(weight, jnp.finfo(dtype).tiny)
+  new = sketch_lib.trace(estimate)
   limit = max_ratio * running
   outlier = (weight > 0) & (running > 0) & (new > limit)
   scale = jnp.where(outlier, limit / jnp.where(outlier, new, 1.0), 1.0)
-  return estimate * scale.astype(dtype)
+  return jax.tree.map(lambda e: e * scale.astype(dtype), estimate)

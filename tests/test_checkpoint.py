@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import sngd_jax
+from sngd_jax import methods
 
 TOTAL, STOP = 15, 7  # inverse_every=5: refreshes at counts 0, 5, 10 straddle the stop
 
@@ -28,7 +29,10 @@ class MLP(nn.Module):
 
 
 MODEL = MLP()
-TX = optax.chain(sngd_jax.sngd(inverse_every=5, fisher={"Dense_0": "rfim"}),
+# Nystrom above d = 4: Dense_0 (rfim, d = 6) keeps dense blocks, Dense_1 (linear, d = 9)
+# keeps its factor as a rank-3 sketch, so the state holds both kinds of factor.
+TX = optax.chain(sngd_jax.sngd(inverse_every=5, fisher={"Dense_0": "rfim"},
+                               inverse=methods.auto(max_dim=4, rank=3)),
                  optax.sgd(0.05, momentum=0.9))
 
 
@@ -99,6 +103,7 @@ def test_orbax_round_trip_of_full_state(tmp_path):
   restored = _save_restore_orbax(tree, tmp_path / "ckpt")
   _assert_bitwise_equal(restored, tree)
   assert isinstance(restored["opt_state"][0], sngd_jax.SNGDState)
+  assert isinstance(restored["opt_state"][0].factors["Dense_1"], sngd_jax.Sketch)
   assert int(restored["opt_state"][0].count) == STOP
 
 

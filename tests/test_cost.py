@@ -42,10 +42,13 @@ def test_default_rule_is_nystrom_above_512():
   d, r = 785, 128
   c = costs["Dense_0"]
   assert c.inverse_bytes == (d * r + r + 2) * 4  # U, lam, tau, rho
-  assert c.refresh_flops == pytest.approx(2 * d * d * r + 7 * d * r * r + 10 * r ** 3)
+  # The factor is kept as its sketch (G Omega, tr G): no d x d matrix, no G Omega at refresh.
+  assert c.factor_bytes == c.allreduce_bytes == (d * r + 1) * 4
+  assert c.factor_flops == 4 * 128 * d * r + 2 * 128 * d
+  assert c.refresh_flops == pytest.approx(7 * d * r * r + 10 * r ** 3)
   assert c.apply_flops == 4 * d * r * 256 + 2 * d * 256
   assert c.flops_per_step == pytest.approx(
-      2 * 128 * d * d / 5 + c.refresh_flops / 100 + c.apply_flops)
+      c.factor_flops / 5 + c.refresh_flops / 100 + c.apply_flops)
   small = costs["Dense_1"]
   assert small.dim == 257 and small.apply_flops == 2 * 257 * 257 * 256
   assert small.refresh_flops == pytest.approx(257 ** 3 / 3 + 2 * 257 ** 3)
@@ -72,5 +75,5 @@ def test_abstract_params_and_unknown_parts():
   assert list(costs) == ["Dense_0", "Dense_1"]  # a layer left alone has no cost
   assert costs["Dense_0"].factor_flops is None and costs["Dense_0"].flops_per_step is None
   table = sngd_jax.format_costs(costs)
-  assert "| Dense_0 | linear | 785 x 785 x 1 | 2.87 MB |" in table  # factor + rank-128 Nystrom
+  assert "| Dense_0 | linear | 785 x 785 x 1 | 804 KB |" in table  # rank-128 sketch + Nystrom
   assert "**total**" in table and table.count("\n") == 4

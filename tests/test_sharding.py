@@ -324,6 +324,46 @@ def test_sharded_refresh_gives_the_same_inverses(mode):
 
 
 @multi
+@pytest.mark.parametrize("mode", ["jit_mesh", "shard_map"])
+def test_sketched_layers_on_8_devices_match_one_device(mode):
+  """Layers kept as Nystrom sketches (d = 13 > max_dim): the sketch of the global batch,
+  and a refresh split over devices (a group of 2 sketch blocks, padded to 8)."""
+  from sngd_jax import methods, nystrom
+  params, acts, fisher = _layer_problem(
+      sizes=((12, 3, "linear"), (12, 2, "linear"), (5, 3, "linear")))
+  grads = jax.tree.map(jnp.ones_like, params)
+  kwargs = dict(fisher=fisher, damping=1e-3, inverse_every=1, decay=0.0, prior="none",
+                inverse=methods.auto(max_dim=8, rank=4))
+  plain = sngd_jax.sngd(**kwargs)
+  ref_updates, ref_state = jax.jit(lambda g, s, a: plain.update(g, s, activations=a))(
+      grads, plain.init(params), acts)
+  mesh = jax.make_mesh((NUM_DEVICES,), ("data",))
+  put = _placer(mesh)
+  if mode == "jit_mesh":
+    tx = sngd_jax.sngd(shard_refresh=mesh, **kwargs)
+    updates, state = jax.jit(lambda g, s, a: tx.update(g, s, activations=a))(
+        put(grads, False), put(tx.init(params), False), put(acts, True))
+  else:
+    tx = sngd_jax.sngd(shard_refresh=True, axis_name="data", **kwargs)
+    fn = jax.shard_map(lambda g, s, a: tx.update(g, s, activations=a), mesh=mesh,
+                       in_specs=(P(), P(), _batch_spec(acts)), out_specs=(P(), P()))
+    updates, state = jax.jit(fn)(put(grads, False), put(tx.init(params), False),
+                                 put(acts, True))
+  assert int(state.num_refresh_failures) == 0
+  omega = np.asarray(nystrom.test_matrix(13, 4, 0, jnp.float32), np.float64)
+  for path in ("L0", "L1"):
+    sk = state.factors[path]
+    assert isinstance(sk, sngd_jax.Sketch) and sk.y.shape == (13, 4)
+    ref = _reference_factor(acts[path][0], "linear")
+    np.testing.assert_allclose(np.asarray(sk.y, np.float64), ref @ omega, rtol=1e-5,
+                               atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(float(sk.trace), np.trace(ref), rtol=1e-5)
+  assert state.factors["L2"].shape == (6, 6)
+  assert _max_abs_diff(state.inverses, ref_state.inverses) < 1e-5
+  assert _max_abs_diff(updates, ref_updates) < 1e-5 * (1 + _max_abs_diff(ref_updates, grads))
+
+
+@multi
 def test_split_refresh_pads_and_gathers():
   mesh = jax.make_mesh((NUM_DEVICES,), ("data",))
   rng = np.random.default_rng(1)

@@ -1,0 +1,166 @@
+"""Large layers' factors kept as a Nystrom sketch ``(G Omega, tr G)``.
+
+References: the sketch of a batch against ``X~^T X~ Omega / n`` in float64; the
+running sketch against the sketch of the dense running factor (the update is
+linear); a whole training run with sketched state against the same method with
+the dense state (``InverseMethod.sketch=None``), which sketches ``G_t Omega`` at
+each refresh instead; the reconstructed network of a sketched layer against the
+update it must reproduce.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from exact import exact_sngd
+
+import sngd_jax
+from sngd_jax import factors as factors_lib
+from sngd_jax import layers as layers_lib
+from sngd_jax import methods, nystrom, reconstruct
+from sngd_jax import sketch as sketch_lib
+from sngd_jax.capture import Captured
+
+RANK = 6
+METHOD = methods.auto(max_dim=16, rank=RANK)  # d = 31 below: sketched; d = 9: dense
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.tanh(nn.Dense(8)(x))
+    return nn.Dense(3)(x)
+
+
+def _problem(seed=0, n=32, d_in=30):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((n, d_in)) * rng.uniform(0.2, 3.0, d_in), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, n))
+  model = MLP()
+  params = model.init(jax.random.PRNGKey(seed), x)["params"]
+
+  def loss_fn(p, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
+
+  return params, x, y, jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)
+
+
+def test_batch_sketch_matches_float64():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((40, 30))
+  params = {"Dense_0": {"kernel": jnp.zeros((30, 4)), "bias": jnp.zeros(4)}}
+  spec = layers_lib.discover(params, "linear")["Dense_0"]
+  omega = nystrom.test_matrix(31, RANK, 0, jnp.float32)
+  call = Captured(inputs=jnp.asarray(x, jnp.float32), outputs=jnp.zeros((40, 4)))
+  got = factors_lib.batch_sketch(spec, [call], omega)
+  xt = np.concatenate([x, np.ones((40, 1))], axis=1)
+  g = xt.T @ xt / 40
+  want_y = g @ np.asarray(omega, np.float64)
+  np.testing.assert_allclose(np.asarray(got.y), want_y, rtol=1e-5, atol=1e-5 * np.abs(want_y).max())
+  np.testing.assert_allclose(float(got.trace), np.trace(g), rtol=1e-6)
+  # The same numbers as sketching batch_factor's dense estimate.
+  dense = sketch_lib.of_dense(factors_lib.batch_factor(spec, [call]), omega)
+  np.testing.assert_allclose(np.asarray(got.y), np.asarray(dense.y), rtol=1e-5,
+                             atol=1e-5 * np.abs(want_y).max())
+
+
+@pytest.mark.parametrize("prior", sngd_jax.PRIORS)
+def test_running_sketch_is_the_sketch_of_the_running_factor(prior):
+  rng = np.random.default_rng(1)
+  d = 12
+  with jax.enable_x64(True):
+    omega = nystrom.test_matrix(d, 4, 0, jnp.float64)
+    factor, weight = jnp.zeros((d, d), jnp.float64), jnp.zeros((), jnp.float64)
+    sk, sk_weight = sketch_lib.zeros(d, 4, jnp.float64), jnp.zeros((), jnp.float64)
+    for _ in range(4):
+      a = rng.standard_normal((20, d)) * rng.uniform(0.1, 5.0)
+      est = jnp.asarray(a.T @ a / 20)
+      factor, weight = factors_lib.ema_update(factor, weight, est, 0.7, prior)
+      sk, sk_weight = factors_lib.ema_update(sk, sk_weight, sketch_lib.of_dense(est, omega),
+                                             0.7, prior, omega)
+    want = sketch_lib.of_dense(factors_lib.normalized(factor, weight), omega)
+    got = factors_lib.normalized(sk, sk_weight)
+    np.testing.assert_allclose(np.asarray(got.y), np.asarray(want.y), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(float(got.trace), float(want.trace), rtol=1e-12)
+  with pytest.raises(ValueError, match="test matrix"):
+    factors_lib.prior_of(prior, sk)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},  # shipped defaults: factors every 5 steps, trust region, scaled_identity prior
+    {"prior": "identity", "factor_every": 2, "inverse_every": 3, "decay": 0.8},
+    {"prior": "none", "max_factor_ratio": 1.5, "inverse_every": 2, "stats_batch_size": 16},
+])
+def test_training_with_sketched_state_matches_dense_state(kwargs):
+  params, x, y, grad_fn = _problem()
+  runs = {}
+  for name, method in (("sketch", METHOD), ("dense", METHOD._replace(sketch=None))):
+    tx = sngd_jax.sngd(inverse=method, **kwargs)
+    state, p, upd = tx.init(params), params, []
+    update = jax.jit(tx.update)
+    for step in range(12):
+      scale = 4.0 if step == 7 else 1.0  # one outlier batch for max_factor_ratio
+      (_, acts), grads = grad_fn(p, x * scale, y)
+      u, state = update(grads, state, p, activations=acts)
+      p = optax.apply_updates(p, jax.tree.map(lambda v: -0.05 * v, u))
+      upd.append(u)
+    runs[name] = (state, upd)
+  state, upd = runs["sketch"]
+  dense_state, dense_upd = runs["dense"]
+  d = 31
+  assert isinstance(state.factors["Dense_0"], sngd_jax.Sketch)
+  assert state.factors["Dense_0"].y.shape == (d, RANK)  # O(d r), not (d, d)
+  assert dense_state.factors["Dense_0"].shape == (d, d)
+  assert state.factors["Dense_1"].shape == (9, 9)  # below max_dim: dense, exact
+  assert int(state.num_refresh_failures) == int(dense_state.num_refresh_failures) == 0
+  for u, v in zip(upd, dense_upd, strict=True):
+    for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(v), strict=True):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4,
+                                 atol=2e-4 * float(jnp.max(jnp.abs(b))))
+  omega = nystrom.test_matrix(d, RANK, 0, jnp.float32)
+  want = sketch_lib.of_dense(factors_lib.normalized(dense_state.factors["Dense_0"],
+                                                    dense_state.weights["Dense_0"]), omega)
+  got = factors_lib.normalized(state.factors["Dense_0"], state.weights["Dense_0"])
+  np.testing.assert_allclose(np.asarray(got.y), np.asarray(want.y), rtol=1e-4,
+                             atol=1e-5 * float(jnp.max(jnp.abs(want.y))))
+
+
+def test_reconstructed_sketched_layer_reproduces_the_update():
+  """damped_factors of a sketched layer is the Nystrom model M + rho I that preconditions."""
+  params, x, y, grad_fn = _problem(seed=2)
+  tx = exact_sngd(inverse=METHOD, inverse_every=1, damping=1e-2)
+  state = tx.init(params)
+  (_, acts), grads = grad_fn(params, x, y)
+  updates, state = tx.update(grads, state, params, activations=acts)
+  damped = reconstruct.damped_factors(state, damping=1e-2)
+  g = np.concatenate([grads["Dense_0"]["kernel"], grads["Dense_0"]["bias"][None]])
+  g = g.astype(np.float64)
+  want = np.linalg.solve(np.asarray(damped["Dense_0"], np.float64), g)
+  got = np.concatenate([updates["Dense_0"]["kernel"], updates["Dense_0"]["bias"][None]])
+  np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+  # The model is symmetric positive definite and keeps the trace of G (tail="mean").
+  m = np.asarray(damped["Dense_0"], np.float64)
+  assert np.allclose(m, m.T, atol=1e-6 * np.abs(m).max()) and np.linalg.eigvalsh(m).min() > 0
+  sk = factors_lib.normalized(state.factors["Dense_0"], state.weights["Dense_0"])
+  np.testing.assert_allclose(np.trace(m), float(sk.trace) * (1 + 1e-2 * 31), rtol=1e-4)
+
+
+def test_state_of_another_method_is_rejected_with_the_layer_path():
+  params, x, y, grad_fn = _problem()
+  state = sngd_jax.sngd(inverse=METHOD).init(params)
+  (_, acts), grads = grad_fn(params, x, y)
+  with pytest.raises(ValueError, match=r"'Dense_0'.*\('sketch', 31, 6\).*\(31, 31\)"):
+    sngd_jax.sngd(inverse="cholesky").update(grads, state, params, activations=acts)
+
+
+def test_default_method_sketches_only_wide_linear_layers():
+  params = {"wide": {"kernel": jnp.zeros((600, 4)), "bias": jnp.zeros(4)},
+            "narrow": {"kernel": jnp.zeros((100, 4)), "bias": jnp.zeros(4)},
+            "wide_rfim": {"kernel": jnp.zeros((600, 2)), "bias": jnp.zeros(2)}}
+  state = sngd_jax.sngd(fisher={"wide_rfim": "rfim"}).init(params)
+  assert state.factors["wide"].y.shape == (601, 128)
+  assert state.factors["narrow"].shape == (101, 101)
+  assert state.factors["wide_rfim"].shape == (2, 601, 601)  # per-unit blocks stay dense
+  assert sngd_jax.sngd(inverse="cholesky").init(params).factors["wide"].shape == (601, 601)
