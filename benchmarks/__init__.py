@@ -13,3 +13,13 @@ def add_xla_flag(flag: str) -> None:
 # (e.g. the Cholesky refresh under lax.cond); XLA's concurrency-optimized scheduler off
 # avoids it (README, *Known issues*). Set before any module here imports JAX.
 add_xla_flag("--xla_cpu_enable_concurrency_optimized_scheduler=false")
+
+# On CPU, jaxlib's LAPACK kernels (every inverse refresh) run in SciPy's OpenBLAS, whose
+# busy-waiting worker threads took the cores from XLA's: 2.5x Adam's step instead of 2x on
+# the README's MLP (README, *Performance on CPU*). Every optimizer here runs with it capped,
+# as the README recommends; `run_kfac` passes the same cap to kfac-jax's process.
+OPENBLAS_CAP = "1"
+
+from sngd_jax.cpu import limit_lapack_threads  # noqa: E402  (after the XLA flag: imports JAX)
+
+limit_lapack_threads(int(OPENBLAS_CAP))

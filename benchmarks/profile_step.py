@@ -35,7 +35,7 @@ import sngd_jax
 from benchmarks import harness, models, report
 from benchmarks.defaults import PREVIOUS as PREVIOUS_DEFAULTS
 from sngd_jax import cost as cost_lib
-from sngd_jax import datasets, methods
+from sngd_jax import datasets, methods, nystrom, sketch
 
 SIZES = (256, 256, 10)
 
@@ -50,6 +50,8 @@ def variants(include_methods: bool = True) -> dict[str, tuple]:
       "sngd defaults": {},
       "sngd previous defaults (factor_every=1, decay=0.995, Cholesky, no trust region)":
           dict(PREVIOUS_DEFAULTS),
+      "sngd defaults with a dense d x d factor for the Nystrom layer (before the sketch)":
+          {"inverse": "auto_dense_factor"},
       "sngd apply only (no factor/refresh)": {"factor_every": 10**9, "inverse_every": 10**9},
       "sngd inverse=auto(rank=64)": {"inverse": "auto64"},
       "sngd factor_every=10, inverse_every=300": {"factor_every": 10, "inverse_every": 300,
@@ -61,8 +63,10 @@ def variants(include_methods: bool = True) -> dict[str, tuple]:
     for m in sngd_jax.INVERSE_METHODS:
       if m != "cholesky":
         sngd_cfgs[f"sngd inverse={m}"] = {"inverse": m}
+  special = {"auto64": methods.auto(rank=64),
+             "auto_dense_factor": methods.auto()._replace(sketch=None)}
   for name, kw in sngd_cfgs.items():
-    run_kw = {**kw, "inverse": methods.auto(rank=64)} if kw.get("inverse") == "auto64" else kw
+    run_kw = {**kw, "inverse": special[kw["inverse"]]} if kw.get("inverse") in special else kw
     out[name] = ((lambda lr, kw=run_kw: sngd_jax.sngd_momentum(0.01, **kw)), True, kw)
   return out
 
@@ -87,8 +91,9 @@ def flops_per_step(in_dim: int, batch: int, kind: str, kw: dict | None) -> dict:
               for n, (i, o) in enumerate(layers)}
     rows = min(batch, kw.get("stats_batch_size") or batch)
     rank64 = kw.get("inverse") == "auto64"
+    dense_factor = kw.get("inverse") == "auto_dense_factor"
     costs = sngd_jax.cost_estimate(shapes, batch_rows=rows,
-                                   **{**kw, "inverse": "auto"} if rank64 else kw)
+                                   **{**kw, "inverse": "auto"} if rank64 or dense_factor else kw)
     fe = kw.get("factor_every", 5)
     ie = kw.get("inverse_every", 100)
     factor, apply, refresh = [], [], []
@@ -97,6 +102,10 @@ def flops_per_step(in_dim: int, batch: int, kind: str, kw: dict | None) -> dict:
         factor.append(cost_lib.sketch_factor_flops(rows, c.dim, 64))
         apply.append(cost_lib.nystrom_apply_flops(c.dim, o, 64))
         refresh.append(cost_lib.nystrom_refresh_flops(c.dim, 64, from_sketch=True))
+      elif dense_factor and c.dim > 512:  # X^T X into a d x d factor, G Omega at refresh
+        factor.append(2.0 * rows * c.dim * c.dim)
+        apply.append(c.apply_flops)
+        refresh.append(cost_lib.nystrom_refresh_flops(c.dim, 128))
       else:
         factor.append(c.factor_flops)
         apply.append(c.apply_flops)
@@ -136,6 +145,10 @@ def pieces(in_dim: int, batch: int) -> dict:
     g = jax.random.normal(key, (d, dout))
     gm = x.T @ x / batch + jnp.eye(d)
     out[f"layer{i} {d}x{dout}: factor X^T X"] = _time(jax.jit(lambda x: x.T @ x / x.shape[0]), x)
+    if d > 512:  # the default keeps this layer's factor as a rank-128 sketch
+      omega = nystrom.test_matrix(d, 128, 0, jnp.float32)
+      out[f"layer{i} {d}x{dout}: sketch X^T (X Omega), r=128"] = _time(
+          jax.jit(lambda x, omega=omega: sketch.from_rows(x, omega)), x)
     shift = 1e-4 * jnp.trace(gm)[None]
     for name in ("cholesky", "eigh", "nystrom", "auto"):
       method = methods.METHODS[name]

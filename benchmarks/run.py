@@ -33,7 +33,7 @@ import tempfile
 
 from tqdm import tqdm
 
-from benchmarks import harness, report, tasks
+from benchmarks import OPENBLAS_CAP, harness, report, tasks
 from sngd_jax import datasets
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -78,7 +78,8 @@ def run_kfac(task: harness.Task, sizes, lr: float, seed: int, steps: int,
     cfg_path, out_path = os.path.join(tmp, "cfg.json"), os.path.join(tmp, "rec.json")
     with open(cfg_path, "w") as f:
       json.dump(cfg, f)
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # The same cap on jaxlib's LAPACK threads as in this process (benchmarks/__init__.py).
+    env = dict(os.environ, JAX_PLATFORMS="cpu", OPENBLAS_NUM_THREADS=OPENBLAS_CAP)
     proc = subprocess.run([KFAC_PYTHON, os.path.join(HERE, "kfac_runner.py"), "--config",
                            cfg_path, "--out", out_path], capture_output=True, text=True,
                           env=env, timeout=3600)

@@ -4,6 +4,7 @@ from sngd_jax.alias import sngd_momentum
 from sngd_jax.capture import Activations, Captured, capture
 from sngd_jax.cost import LayerCost, cost_estimate, format_costs
 from sngd_jax.coverage import CoverageReport, ParamCoverage, coverage
+from sngd_jax.cpu import limit_lapack_threads
 from sngd_jax.factors import PRIORS
 from sngd_jax.flax_nnx import capture_nnx
 from sngd_jax.layers import FISHER_KINDS, LayerSpec, discover
@@ -43,6 +44,7 @@ __all__ = [
     "factor_roots",
     "fisher_layer",
     "from_reconstructed",
+    "limit_lapack_threads",
     "reconstructed_dense",
     "sngd",
     "sngd_momentum",
