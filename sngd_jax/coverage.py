@@ -14,18 +14,17 @@ params, and lists every parameter leaf with
   feature sizes do not fit its params: ``update`` would raise for it (pass
   ``fisher={path: None}`` or use a supported layer);
 
-and the bytes of optimizer state its factor takes (running factor plus a dense
-cached inverse), on the layer's weight leaf.
+and the bytes of optimizer state its factor takes (running factor or sketch, plus
+the cached inverse, read from ``jax.eval_shape`` of ``sngd(...).init``), on the
+layer's weight leaf.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from sngd_jax import factors as factors_lib
@@ -129,14 +128,15 @@ def _mismatch(spec: layers_lib.LayerSpec, calls) -> Optional[str]:
   return None
 
 
-def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "linear"
-           ) -> CoverageReport:
+def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "linear",
+           inverse: Any = "auto") -> CoverageReport:
   """Builds the report from params and (possibly abstract) captured activations.
 
   Args:
     params: the params tree given to ``tx.init``.
     activations: what :func:`sngd_jax.capture` returned (arrays or shapes).
     fisher: the ``fisher`` argument of :func:`sngd_jax.sngd`.
+    inverse: its ``inverse`` argument (the state's size depends on it).
 
   Returns:
     A :class:`CoverageReport`.
@@ -145,8 +145,12 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
   one with several output axes (bias-free attention projections) the report
   says ``MISSING`` and gives the ``fisher={path: (kind, n_input_axes)}`` fix.
   """
+  from sngd_jax.cost import _nbytes  # noqa: PLC0415  (cost imports the transform)
+  from sngd_jax.transform import sngd  # noqa: PLC0415
+
   specs = layers_lib.discover(params, fisher)
   all_layers = layers_lib.discover(params, "linear")
+  state = jax.eval_shape(sngd(fisher=fisher, inverse=inverse).init, params)
   owner: dict[tuple[str, ...], str] = {}
   for spec in all_layers.values():
     owner[spec.kernel] = spec.path
@@ -169,8 +173,7 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
       spec = specs[layer]
       desc = _describe(spec, {c.kind for c in activations[layer]})
       if parts == spec.kernel:
-        itemsize = jnp.dtype(jnp.result_type(jnp.float32, leaf.dtype)).itemsize
-        nbytes = 2 * math.prod(spec.factor_shape) * itemsize
+        nbytes = _nbytes(state.factors[layer]) + _nbytes(state.inverses[layer])
       else:
         desc = f"(with {paths.join(spec.kernel)})"
     out.append(ParamCoverage(paths.join(parts), tuple(leaf.shape), layer, desc, nbytes))
@@ -179,7 +182,8 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
 
 
 def coverage(loss_fn: Callable[..., Any], params_or_model: Any, *args: Any,
-             fisher: layers_lib.FisherSpec = "linear", **kwargs: Any) -> CoverageReport:
+             fisher: layers_lib.FisherSpec = "linear", inverse: Any = "auto",
+             **kwargs: Any) -> CoverageReport:
   """Lists every parameter with the local Fisher it gets and its factor memory.
 
   Traces ``loss_fn`` once with abstract values (``jax.eval_shape``: no FLOPs,
@@ -197,6 +201,7 @@ def coverage(loss_fn: Callable[..., Any], params_or_model: Any, *args: Any,
       (its ``nnx.Param`` state is reported).
     *args: a batch, as passed to ``loss_fn``.
     fisher: the ``fisher`` argument of :func:`sngd_jax.sngd`.
+    inverse: its ``inverse`` argument (for the state bytes).
     **kwargs: keyword arguments for ``loss_fn``.
 
   Returns:
@@ -214,4 +219,4 @@ def coverage(loss_fn: Callable[..., Any], params_or_model: Any, *args: Any,
     acts = jax.eval_shape(lambda p, *a: capture(loss_fn)(p, *a, **kwargs)[1],
                           params_or_model, *args)
     params = params_or_model
-  return report(params, acts, fisher)
+  return report(params, acts, fisher, inverse)

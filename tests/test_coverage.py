@@ -63,6 +63,21 @@ def test_factor_bytes_equal_the_optimizer_state():
   assert report.total_factor_bytes == sum(per_layer.values())
 
 
+def test_factor_bytes_of_a_wide_layer_are_its_sketch_and_nystrom_model():
+  """Above d = 512 the default keeps a rank-128 sketch and model: the bytes of the real state."""
+  model = nn.Dense(4)
+  x = jnp.ones((2, 600))
+  params = model.init(jax.random.key(0), x)["params"]
+  loss = lambda p, x: model.apply({"params": p}, x).sum()
+  report = sngd_jax.coverage(loss, params, x)
+  assert report.missing == []
+  state = sngd_jax.sngd().init(params)
+  want = sum(a.nbytes for a in jax.tree.leaves((state.factors, state.inverses)))
+  assert report.total_factor_bytes == want == 4 * (2 * 601 * 128 + 128 + 3)
+  dense = sngd_jax.coverage(loss, params, x, inverse="cholesky")
+  assert dense.total_factor_bytes == 2 * 601 * 601 * 4
+
+
 def test_rfim_is_reported_per_unit():
   loss, params, x, tokens = _setup()
   report = sngd_jax.coverage(loss, params, x, tokens, fisher="rfim")
