@@ -162,14 +162,15 @@ def _tree_all_finite(tree: Any) -> chex.Array:
 
   A NaN or an infinity makes the sum non-finite (``inf - inf`` is NaN), so
   ``isfinite(sum(x))`` is False whenever ``x`` holds one; it is also False when
-  finite values sum past the float32 range (``|x| ~ 1e38 / x.size``), which
+  finite values sum past the range of the accumulator (float32 for float32 and
+  narrower leaves: ``|x| ~ 1e38 / x.size``; float64 for float64 leaves), which
   then skips a step that was finite: the conservative side. On CPU a float sum
   costs about half of ``all(isfinite(x))`` (a predicate reduction), and this
   check runs on every gradient leaf every step.
   """
-  sums = [jnp.sum(x, dtype=jnp.result_type(jnp.float32, x.dtype)).astype(jnp.float32)
-          for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
-  return jnp.isfinite(sum(sums)) if sums else jnp.array(True)
+  flags = [jnp.isfinite(jnp.sum(x, dtype=jnp.result_type(jnp.float32, x.dtype)))
+           for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
 
 def _sub_batch(calls, size: int):
@@ -292,7 +293,9 @@ def sngd(
       :class:`sngd_jax.matfun.InverseMethod` (e.g. ``sngd_jax.methods.auto(max_dim=1024)``).
       The default ``"auto"`` is exact Cholesky for ``d <= 512`` and a rank-128
       Nystrom model above (:func:`sngd_jax.methods.auto`), whose ``O(d r)``
-      product replaces the ``O(d^2)`` one that dominates a small-batch step.
+      product replaces the ``O(d^2)`` one that dominates a small-batch step;
+      those layers keep the sketch ``(G Omega, tr G)`` in the state instead of
+      ``G`` (:mod:`sngd_jax.sketch`: ``O(d r)`` memory, ``4 n d r`` statistics).
     axis_name: for use inside ``shard_map``/``pmap`` with the batch split over
       this axis (or tuple of axes): batch estimates are averaged with
       ``lax.pmean`` so every device holds the global batch's statistics, and a

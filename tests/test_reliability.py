@@ -143,6 +143,14 @@ def test_tree_all_finite_matches_numpy(dtype):
   assert bool(_tree_all_finite({"ids": jnp.arange(3)}))
 
 
+def test_tree_all_finite_sums_float64_leaves_in_float64():
+  from sngd_jax.transform import _tree_all_finite
+  with jax.enable_x64(True):
+    huge = jnp.full((4,), 1e300, jnp.float64)  # finite in float64, inf once cast to float32
+    assert bool(_tree_all_finite({"a": huge}))
+    assert not bool(_tree_all_finite({"a": huge.at[1].set(jnp.nan)}))
+
+
 def test_skipped_steps_do_not_shift_the_refresh_schedule():
   _, params, grad_fn, tx, x, y = _setup(inverse_every=2)
   state = tx.init(params)
