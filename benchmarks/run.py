@@ -112,8 +112,10 @@ def update_readme() -> str:
   """Rewrites the tables between the markers of benchmarks/README.md from results/*.json."""
   lines = [MARK_START, ""]
   order = {name: i for i, name in enumerate(tasks.TASKS)}
-  files = sorted(glob.glob(os.path.join(RESULTS, "*.json")),
-                 key=lambda f: order.get(os.path.basename(f)[:-5], 99))
+  # Only the suite's task files: results/ also holds other benchmarks' JSON (profile, ...).
+  files = sorted((f for f in glob.glob(os.path.join(RESULTS, "*.json"))
+                  if os.path.basename(f)[:-5] in order),
+                 key=lambda f: order[os.path.basename(f)[:-5]])
   for path in files:
     with open(path) as f:
       res = json.load(f)
