@@ -22,7 +22,7 @@ Two ways to get it, both with XLA's collectives and no host code:
 
 The inverse refresh of a group of ``b`` equal-size blocks (``(b, d, d)``) can
 be split over devices, as Distributed Shampoo and kfac-jax do: the stack is
-padded with identity blocks to a multiple of the device count ``k``, device
+padded with copies of its first block to a multiple of the device count ``k``, device
 ``s`` refreshes blocks ``[s b'/k, (s+1) b'/k)``, and the pieces are all-gathered,
 so the cached inverses stay replicated (:func:`split_refresh`,
 :func:`shard_method`). Work per device drops from ``b`` to ``ceil(b/k)``
