@@ -43,6 +43,8 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 
+from sngd_jax import sketch as sketch_lib
+
 Rep = Any
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -100,10 +102,17 @@ def symmetrize(g: jax.Array) -> jax.Array:
   return 0.5 * (g + jnp.swapaxes(g, -1, -2))
 
 
-def damping_shift(g: jax.Array, damping, abs_damping) -> jax.Array:
-  """``rho = damping * tr(G) + abs_damping`` per block, shape ``g.shape[:-2]``."""
-  shift = damping * jnp.trace(g, axis1=-2, axis2=-1) + abs_damping
-  return jnp.asarray(shift).astype(g.dtype)
+def damping_shift(g, damping, abs_damping) -> jax.Array:
+  """``rho = damping * tr(G) + abs_damping`` per block, shape ``g.shape[:-2]``.
+
+  ``g`` may also be a (stacked) :class:`sngd_jax.sketch.Sketch`, whose ``trace``
+  is ``tr(G)`` per block.
+  """
+  if sketch_lib.is_sketch(g):
+    trace, dtype = g.trace, g.trace.dtype
+  else:
+    trace, dtype = jnp.trace(g, axis1=-2, axis2=-1), g.dtype
+  return jnp.asarray(damping * trace + abs_damping).astype(dtype)
 
 
 def add_shift(g: jax.Array, shift: jax.Array) -> jax.Array:

@@ -98,8 +98,6 @@ def approximate(g: jax.Array, rank: int, seed: int = 0,
     ``(U, lam, tau)`` of shapes ``(b, d, r)``, ``(b, r)``, ``(b,)``; the
     columns of ``U`` of dropped directions are zero (they carry no weight).
   """
-  if tail not in TAILS:
-    raise ValueError(f"sngd: unknown Nystrom tail {tail!r}; expected one of {TAILS}")
   work = matfun.compute_dtype(g.dtype)
   d = g.shape[-1]
   omega = test_matrix(d, min(rank, d), seed, work)

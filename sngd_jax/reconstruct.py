@@ -48,7 +48,7 @@ def _sketched_model(s: sketch_lib.Sketch, damping, abs_damping, seed: int,
   """The dense ``M + rho I`` of the Nystrom model that a refresh makes from a sketch."""
   stacked = jax.tree.map(lambda a: a[None], s)
   u, lam, tau = nystrom_lib.from_sketch(stacked, seed, tail)
-  shift = jnp.asarray(damping * stacked.trace + abs_damping, u.dtype)
+  shift = matfun.damping_shift(stacked, damping, abs_damping).astype(u.dtype)
   return nystrom_lib.dense(nystrom_lib.NystromRep(u, lam, tau, shift))[0]
 
 

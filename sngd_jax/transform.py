@@ -197,14 +197,13 @@ def _refresh_inverses(specs, factors, weights, old_inverses, method, damping, ab
       blocks = [jax.tree.map(lambda a: a[None], factors_lib.normalized(factors[p], weights[p]))
                 for p in paths_in_group]
       stacked = jax.tree.map(lambda *a: jnp.concatenate(a), *blocks)
-      shift = jnp.asarray(damping * stacked.trace + abs_damping).astype(dtype)
       sizes = [1] * len(blocks)
     else:
       blocks = [factors_lib.normalized(factors[p], weights[p]).reshape(
           (-1,) + factors[p].shape[-2:]) for p in paths_in_group]
       sizes = [b.shape[0] for b in blocks]
       stacked = matfun.symmetrize(jnp.concatenate(blocks))
-      shift = matfun.damping_shift(stacked, damping, abs_damping)
+    shift = matfun.damping_shift(stacked, damping, abs_damping)
     rep, ok = method.refresh(stacked, shift)
     ok = validation.accept_refresh(method.apply, rep,
                                    jax.ShapeDtypeStruct((sum(sizes), d, d), dtype), shift, ok)
