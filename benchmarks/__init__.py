@@ -20,6 +20,6 @@ add_xla_flag("--xla_cpu_enable_concurrency_optimized_scheduler=false")
 # as the README recommends; `run_kfac` passes the same cap to kfac-jax's process.
 OPENBLAS_CAP = "1"
 
-from sngd_jax.cpu import limit_lapack_threads  # noqa: E402  (after the XLA flag: imports JAX)
+from sngd_jax import limit_lapack_threads  # noqa: E402  (after the XLA flag: imports JAX)
 
 limit_lapack_threads(int(OPENBLAS_CAP))

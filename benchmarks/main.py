@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks import harness, models, report
-from sngd_jax import datasets
+from benchmarks import datasets
 
 DEFAULT_OPTIMIZERS = "sngd:0.01,sngd:0.03,adam:0.001,adam:0.003,sgd:0.1"
 

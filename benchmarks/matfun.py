@@ -28,7 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sngd_jax import matfun, methods, nystrom
+from sngd_jax import inverse as matfun
+from sngd_jax import inverse as methods
+from sngd_jax import inverse as nystrom
 
 DIMS = (64, 128, 256, 512, 1024, 2048, 4096)
 BATCHES = (1, 4, 16, 64)

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 import sngd_jax
-from sngd_jax import datasets
+from benchmarks import datasets
 
 SHAPES = {"784-80x6-10": (80,) * 6, "784-256-256-10": (256, 256)}
 PRIORS = ("identity", "scaled_identity", "none")

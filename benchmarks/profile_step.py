@@ -34,8 +34,11 @@ from tqdm import tqdm
 import sngd_jax
 from benchmarks import harness, models, report
 from benchmarks.defaults import PREVIOUS as PREVIOUS_DEFAULTS
-from sngd_jax import cost as cost_lib
-from sngd_jax import datasets, methods, nystrom, sketch
+from benchmarks import datasets
+from sngd_jax import inverse as methods
+from sngd_jax._src import cost as cost_lib
+from sngd_jax._src import sketch
+from sngd_jax._src.inverse import nystrom
 
 SIZES = (256, 256, 10)
 
@@ -100,12 +103,12 @@ def flops_per_step(in_dim: int, batch: int, kind: str, kw: dict | None) -> dict:
     for c, (_, o) in zip(costs.values(), layers, strict=True):
       if rank64 and c.dim > 512:  # rank-64 Nystrom; cost_estimate's "auto" is rank 128
         factor.append(cost_lib.sketch_factor_flops(rows, c.dim, 64))
-        apply.append(cost_lib.nystrom_apply_flops(c.dim, o, 64))
-        refresh.append(cost_lib.nystrom_refresh_flops(c.dim, 64, from_sketch=True))
+        apply.append(nystrom.apply_flops(c.dim, 64) * o)
+        refresh.append(nystrom.refresh_flops(c.dim, 64, from_sketch=True))
       elif dense_factor and c.dim > 512:  # X^T X into a d x d factor, G Omega at refresh
         factor.append(2.0 * rows * c.dim * c.dim)
         apply.append(c.apply_flops)
-        refresh.append(cost_lib.nystrom_refresh_flops(c.dim, 128))
+        refresh.append(nystrom.refresh_flops(c.dim, 128))
       else:
         factor.append(c.factor_flops)
         apply.append(c.apply_flops)

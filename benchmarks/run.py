@@ -34,7 +34,7 @@ import tempfile
 from tqdm import tqdm
 
 from benchmarks import OPENBLAS_CAP, harness, report, tasks
-from sngd_jax import datasets
+from benchmarks import datasets
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")

@@ -48,8 +48,9 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from sngd_jax import distributed, matfun  # noqa: E402
-from sngd_jax.methods import get_method  # noqa: E402
+from sngd_jax import inverse as inverse_lib  # noqa: E402
+from sngd_jax._src.inverse import base as matfun  # noqa: E402
+from sngd_jax._src.inverse.registry import get_method  # noqa: E402
 
 # (blocks b, size d): per-unit rfim blocks of a 128-input layer with 64 units;
 # 8 equal layers of width 256 (+ bias); one 785-wide
@@ -89,7 +90,7 @@ def _time(fn, arg, repeats: int) -> list[float]:
 def run(cases, repeats: int) -> list[dict]:
   method = get_method("cholesky")
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
-  sharded = distributed.shard_method(method, mesh=mesh)
+  sharded = inverse_lib.shard_method(method, mesh=mesh)
 
   def plain(g):
     return method.refresh(matfun.symmetrize(g), matfun.damping_shift(g, 1e-4, 0.0))

@@ -16,7 +16,7 @@ import numpy as np
 
 from benchmarks import models
 from benchmarks.harness import Task
-from sngd_jax import datasets
+from benchmarks import datasets
 
 FORTUNES_DIR = "/usr/share/games/fortunes"
 

@@ -1,49 +1,64 @@
-"""sngd_jax: structured natural gradient descent (SNGD) for JAX, Optax and Flax."""
+"""sngd_jax: structured natural gradient descent (SNGD) for JAX, Optax and Flax.
 
-from sngd_jax.alias import sngd_momentum
-from sngd_jax.capture import Activations, Captured, capture
-from sngd_jax.cost import LayerCost, cost_estimate, format_costs
-from sngd_jax.coverage import CoverageReport, ParamCoverage, coverage
-from sngd_jax.cpu import limit_lapack_threads
-from sngd_jax.factors import PRIORS
-from sngd_jax.flax_nnx import capture_nnx
-from sngd_jax.layers import FISHER_KINDS, LayerSpec, discover
-from sngd_jax.matfun import InverseMethod
-from sngd_jax.methods import METHODS as INVERSE_METHODS
-from sngd_jax.reconstruct import (
-    factor_roots,
-    fisher_layer,
-    from_reconstructed,
-    reconstructed_dense,
-    to_reconstructed,
-)
-from sngd_jax.sketch import Sketch
-from sngd_jax.transform import SNGDState, sngd
+Every name the documentation tells users to call is exported here; inverse
+methods and matrix functions are in the public namespace :mod:`sngd_jax.inverse`.
+"""
 
-__version__ = "0.1.0"
+from sngd_jax import inverse as inverse
+from sngd_jax._src.alias import sngd_momentum as sngd_momentum
+from sngd_jax._src.capture.linen import capture as capture
+from sngd_jax._src.capture.nnx import capture_nnx as capture_nnx
+from sngd_jax._src.capture.records import Activations as Activations
+from sngd_jax._src.capture.records import Captured as Captured
+from sngd_jax._src.config import DEFAULTS as DEFAULTS
+from sngd_jax._src.config import SNGDConfig as SNGDConfig
+from sngd_jax._src.cost import LayerCost as LayerCost
+from sngd_jax._src.cost import cost_estimate as cost_estimate
+from sngd_jax._src.cost import format_costs as format_costs
+from sngd_jax._src.coverage import CoverageReport as CoverageReport
+from sngd_jax._src.coverage import ParamCoverage as ParamCoverage
+from sngd_jax._src.coverage import coverage as coverage
+from sngd_jax._src.cpu import limit_lapack_threads as limit_lapack_threads
+from sngd_jax._src.layers import FISHER_KINDS as FISHER_KINDS
+from sngd_jax._src.layers import LayerSpec as LayerSpec
+from sngd_jax._src.layers import discover as discover
+from sngd_jax._src.reconstruct import damped_factors as damped_factors
+from sngd_jax._src.reconstruct import factor_roots as factor_roots
+from sngd_jax._src.reconstruct import fisher_layer as fisher_layer
+from sngd_jax._src.reconstruct import from_reconstructed as from_reconstructed
+from sngd_jax._src.reconstruct import reconstructed_dense as reconstructed_dense
+from sngd_jax._src.reconstruct import to_reconstructed as to_reconstructed
+from sngd_jax._src.sketch import Sketch as Sketch
+from sngd_jax._src.statistics import PRIORS as PRIORS
+from sngd_jax._src.transform import SNGDState as SNGDState
+from sngd_jax._src.transform import sngd as sngd
+
+__version__ = "0.2.0"
 
 __all__ = [
     "Activations",
     "Captured",
     "CoverageReport",
+    "DEFAULTS",
     "FISHER_KINDS",
-    "INVERSE_METHODS",
     "LayerCost",
-    "InverseMethod",
     "LayerSpec",
     "PRIORS",
     "ParamCoverage",
+    "SNGDConfig",
     "SNGDState",
     "Sketch",
     "capture",
     "capture_nnx",
-    "coverage",
     "cost_estimate",
+    "coverage",
+    "damped_factors",
     "discover",
-    "format_costs",
     "factor_roots",
     "fisher_layer",
+    "format_costs",
     "from_reconstructed",
+    "inverse",
     "limit_lapack_threads",
     "reconstructed_dense",
     "sngd",

@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import sngd_jax
-from sngd_jax import methods
+from sngd_jax import inverse as methods
 
 TOTAL, STOP = 15, 7  # inverse_every=5: refreshes at counts 0, 5, 10 straddle the stop
 

@@ -14,7 +14,7 @@ import pytest
 from helpers_mlp import sngd_train_step
 
 import sngd_jax
-from sngd_jax import conv as conv_lib
+from sngd_jax._src import conv as conv_lib
 
 
 @pytest.fixture(autouse=True, scope="module")

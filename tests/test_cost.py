@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import sngd_jax
-from sngd_jax import factors as factors_lib
-from sngd_jax import layers as layers_lib
-from sngd_jax.capture import Captured
+from sngd_jax import Captured
+from sngd_jax._src import layers as layers_lib
+from sngd_jax._src import statistics as factors_lib
 
 
 def _params(shapes=((784, 256), (256, 256), (256, 10))):

@@ -10,7 +10,8 @@ import pytest
 from exact import exact_sngd
 
 import sngd_jax
-from sngd_jax import diagonal, factors
+from sngd_jax._src import statistics as factors
+from sngd_jax._src.inverse import diagonal
 
 F64 = dict(param_dtype=jnp.float64)
 

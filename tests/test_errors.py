@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import sngd_jax
-from sngd_jax.capture import Captured
+from sngd_jax import Captured
 
 
 def _params(d_in=4, d_out=3, dtype=jnp.float32):

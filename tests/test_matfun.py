@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sngd_jax import matfun
+from sngd_jax import inverse as matfun
 
 
 @pytest.fixture(autouse=True, scope="module")

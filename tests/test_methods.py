@@ -11,8 +11,10 @@ import pytest
 from exact import exact_sngd
 
 import sngd_jax
-from sngd_jax import factors as factors_lib
-from sngd_jax import matfun, methods, nystrom
+from sngd_jax import inverse as matfun
+from sngd_jax import inverse as methods
+from sngd_jax._src import statistics as factors_lib
+from sngd_jax._src.inverse import nystrom
 
 
 @pytest.fixture(autouse=True, scope="module")

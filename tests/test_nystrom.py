@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sngd_jax import nystrom
+from sngd_jax._src.inverse import nystrom
 
 
 @pytest.fixture(autouse=True, scope="module")

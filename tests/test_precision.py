@@ -18,7 +18,7 @@ import pytest
 from exact import exact_sngd
 
 import sngd_jax
-from sngd_jax.capture import Captured
+from sngd_jax import Captured
 
 # rtol per parameter dtype: a few ulps of the output dtype (bf16 eps 7.8e-3, f16 9.8e-4).
 RTOL = {jnp.bfloat16: 2e-2, jnp.float16: 3e-3, jnp.float32: 1e-4, jnp.float64: 1e-10}

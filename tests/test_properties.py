@@ -20,7 +20,7 @@ from exact import exact_sngd
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from sngd_jax.capture import Captured
+from sngd_jax import Captured
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 EPS = {"float32": 2.0 ** -23, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}

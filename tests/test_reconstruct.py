@@ -8,7 +8,7 @@ import pytest
 from exact import exact_sngd
 
 import sngd_jax
-from sngd_jax import reconstruct
+from sngd_jax._src import reconstruct
 
 
 @pytest.fixture(autouse=True, scope="module")

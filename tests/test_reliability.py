@@ -16,8 +16,11 @@ import pytest
 from exact import exact_sngd
 
 import sngd_jax
-from sngd_jax import matfun, methods, validation
-from sngd_jax.capture import Captured
+from sngd_jax import Captured
+from sngd_jax import inverse as matfun
+from sngd_jax import inverse as methods
+from sngd_jax._src import statistics
+from sngd_jax._src.inverse import refresh as refresh_lib
 
 
 class MLP(nn.Module):
@@ -125,7 +128,7 @@ def test_nonfinite_gradient_of_a_leaf_without_layer_skips_the_step(bad):
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
 def test_tree_all_finite_matches_numpy(dtype):
   """The sum-based check agrees with np.isfinite on every placement of NaN/inf."""
-  from sngd_jax.transform import _tree_all_finite
+  from sngd_jax._src.transform import tree_all_finite as _tree_all_finite
   rng = np.random.default_rng(0)
   base = rng.standard_normal((5, 7)).astype(np.float32)
   cases = [base]
@@ -144,7 +147,7 @@ def test_tree_all_finite_matches_numpy(dtype):
 
 
 def test_tree_all_finite_sums_float64_leaves_in_float64():
-  from sngd_jax.transform import _tree_all_finite
+  from sngd_jax._src.transform import tree_all_finite as _tree_all_finite
   with jax.enable_x64(True):
     huge = jnp.full((4,), 1e300, jnp.float64)  # finite in float64, inf once cast to float32
     assert bool(_tree_all_finite({"a": huge}))
@@ -429,12 +432,12 @@ def test_accept_refresh_bounds():
   inv = jnp.linalg.inv(a)
   shift = jnp.array([0.5, 0.5, 0.0, jnp.inf])
   apply = methods.METHODS["cholesky"].apply
-  ok = validation.accept_refresh(apply, inv, a, shift, jnp.ones(4, bool))
+  ok = refresh_lib.accept_refresh(apply, inv, a, shift, jnp.ones(4, bool))
   np.testing.assert_array_equal(np.asarray(ok), [True, True, False, False])
   # ||A^{-1} v|| <= 2 / s is violated once s is large: the inverse is then wrong for A.
-  ok = validation.accept_refresh(apply, inv, a, jnp.full(4, 3.0), jnp.ones(4, bool))
+  ok = refresh_lib.accept_refresh(apply, inv, a, jnp.full(4, 3.0), jnp.ones(4, bool))
   np.testing.assert_array_equal(np.asarray(ok), [False] * 4)
-  ok = validation.accept_refresh(apply, -inv, a, jnp.full(4, 0.5), jnp.ones(4, bool))
+  ok = refresh_lib.accept_refresh(apply, -inv, a, jnp.full(4, 0.5), jnp.ones(4, bool))
   np.testing.assert_array_equal(np.asarray(ok), [False] * 4)
 
 
@@ -444,7 +447,7 @@ def test_limit_outlier_matches_formula():
   g_run = (m @ m.T).astype(np.float32)
   weight = np.float32(0.5)
   est = (1e6 * g_run).astype(np.float32)
-  out = np.asarray(validation.limit_outlier(jnp.asarray(est), jnp.asarray(g_run),
+  out = np.asarray(statistics.limit_outlier(jnp.asarray(est), jnp.asarray(g_run),
                                             jnp.asarray(weight), 100.0))
   running_trace = np.trace(g_run.astype(np.float64)) / 0.5
   np.testing.assert_allclose(np.trace(out.astype(np.float64)), 100.0 * running_trace, rtol=1e-5)
@@ -454,7 +457,7 @@ def test_limit_outlier_matches_formula():
   for factor, w, e in [(g_run, weight, small), (0 * g_run, np.float32(0), est),
                        (0 * g_run, np.float32(1), est)]:
     np.testing.assert_array_equal(
-        np.asarray(validation.limit_outlier(jnp.asarray(e), jnp.asarray(factor),
+        np.asarray(statistics.limit_outlier(jnp.asarray(e), jnp.asarray(factor),
                                             jnp.asarray(w), 100.0)), e)
 
 

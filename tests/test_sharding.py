@@ -27,8 +27,9 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sngd_jax
-from sngd_jax import distributed
-from sngd_jax.capture import Captured
+from sngd_jax import Captured
+from sngd_jax._src import distributed
+from sngd_jax._src.inverse import sharded
 
 NUM_DEVICES = 8
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -328,7 +329,8 @@ def test_sharded_refresh_gives_the_same_inverses(mode):
 def test_sketched_layers_on_8_devices_match_one_device(mode):
   """Layers kept as Nystrom sketches (d = 13 > max_dim): the sketch of the global batch,
   and a refresh split over devices (a group of 2 sketch blocks, padded to 8)."""
-  from sngd_jax import methods, nystrom
+  from sngd_jax import inverse as methods
+  from sngd_jax._src.inverse import nystrom
   params, acts, fisher = _layer_problem(
       sizes=((12, 3, "linear"), (12, 2, "linear"), (5, 3, "linear")))
   grads = jax.tree.map(jnp.ones_like, params)
@@ -378,7 +380,7 @@ def test_split_refresh_pads_and_gathers():
     damped = local + local_shift[:, None, None] * jnp.eye(4)
     return {"inv": jnp.linalg.inv(damped)}, jnp.all(jnp.isfinite(local), axis=(1, 2))
 
-  fn = jax.shard_map(lambda s, r: distributed.split_refresh(refresh, s, r, "data"), mesh=mesh,
+  fn = jax.shard_map(lambda s, r: sharded.split_refresh(refresh, s, r, "data"), mesh=mesh,
                      in_specs=(P(), P()), out_specs=P())
   rep, ok = jax.jit(fn)(blocks, shift)
   assert seen == [(1, 4, 4)]  # ceil(3 / 8) block per device

@@ -17,11 +17,13 @@ import pytest
 from exact import exact_sngd
 
 import sngd_jax
-from sngd_jax import factors as factors_lib
-from sngd_jax import layers as layers_lib
-from sngd_jax import methods, nystrom, reconstruct
-from sngd_jax import sketch as sketch_lib
-from sngd_jax.capture import Captured
+from sngd_jax import Captured
+from sngd_jax import inverse as methods
+from sngd_jax._src import layers as layers_lib
+from sngd_jax._src import reconstruct
+from sngd_jax._src import sketch as sketch_lib
+from sngd_jax._src import statistics as factors_lib
+from sngd_jax._src.inverse import nystrom
 
 RANK = 6
 METHOD = methods.auto(max_dim=16, rank=RANK)  # d = 31 below: sketched; d = 9: dense

@@ -78,11 +78,6 @@ def conv_config(module: Any) -> ConvConfig:
           _broadcast(module.kernel_dilation, rank), int(module.feature_group_count))
 
 
-def patch_size(config: ConvConfig, in_channels: int) -> int:
-  """Number of kernel rows ``prod(kernel_size) * C_in / groups``."""
-  return math.prod(config[0]) * in_channels // config[5]
-
-
 def patches(x: jax.Array, config: ConvConfig) -> jax.Array:
   """The input patches of a conv call, one row per (example, position, group).
 
@@ -153,7 +148,6 @@ def conv_output_rows(z: jax.Array, config: ConvConfig) -> jax.Array:
   mask = owner[None, :] == jnp.arange(groups)[:, None]  # (groups, C_out)
   rows = jnp.where(mask[None], z[:, None, :], -jnp.inf)
   return rows.reshape(-1, out_channels)
-
 
 
 # Transposed convolutions: ``lax.conv_transpose`` is a convolution of the

@@ -34,13 +34,26 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from sngd_jax import factors as factors_lib
-from sngd_jax import layers as layers_lib
-from sngd_jax import matfun, paths
-from sngd_jax import nystrom as nystrom_lib
-from sngd_jax import sketch as sketch_lib
+from sngd_jax._src import layers as layers_lib
+from sngd_jax._src import paths, precondition, statistics
+from sngd_jax._src import sketch as sketch_lib
+from sngd_jax._src.config import value_at
+from sngd_jax._src.inverse import base
+from sngd_jax._src.inverse import nystrom as nystrom_lib
+from sngd_jax._src.inverse.base import HIGHEST as _HIGHEST
+from sngd_jax._src.inverse.roots import Roots, sqrt_and_inv_sqrt
 
-_HIGHEST = jax.lax.Precision.HIGHEST
+
+def _configured(state: Any, name: str, value: Any) -> Any:
+  """``value``, or the option ``name`` of the state's configuration at ``state.count``."""
+  if value is not None:
+    return value
+  config = getattr(state, "config", None)
+  value = None if config is None else getattr(config, name)
+  if value is None:
+    raise ValueError(f"sngd: the state does not record `{name}` (it was injected as an array "
+                     f"or the state has no config); pass `{name}=` explicitly")
+  return value_at(value, state.count)
 
 
 def _sketched_model(s: sketch_lib.Sketch, damping, abs_damping, seed: int,
@@ -48,16 +61,16 @@ def _sketched_model(s: sketch_lib.Sketch, damping, abs_damping, seed: int,
   """The dense ``M + rho I`` of the Nystrom model that a refresh makes from a sketch."""
   stacked = jax.tree.map(lambda a: a[None], s)
   u, lam, tau = nystrom_lib.from_sketch(stacked, seed, tail)
-  shift = matfun.damping_shift(stacked, damping, abs_damping).astype(u.dtype)
+  shift = base.damping_shift(stacked, damping, abs_damping).astype(u.dtype)
   return nystrom_lib.dense(nystrom_lib.NystromRep(u, lam, tau, shift))[0]
 
 
-def damped_factors(state: Any, damping=1e-4, abs_damping=0.0, nystrom_seed: int = 0,
+def damped_factors(state: Any, damping=None, abs_damping=None, nystrom_seed: int = 0,
                    nystrom_tail: str = "mean") -> dict[str, jax.Array]:
   """``G + (damping * tr(G) + abs_damping) I`` per layer, from the state's factors.
 
   A layer whose state keeps only the sketch ``(G Omega, tr G)`` (the rank-``r``
-  Nystrom layers of ``inverse="auto"``, :mod:`sngd_jax.sketch`) gets the dense
+  Nystrom layers of ``inverse="auto"``, :mod:`sngd_jax._src.sketch`) gets the dense
   Nystrom model ``M + rho I`` that the transform's refresh builds from that
   sketch, ``M = U diag(lam) U^T + tau (I - U U^T)``: the matrix whose inverse
   it preconditions with, so the reconstructed network stays exact for it.
@@ -65,8 +78,9 @@ def damped_factors(state: Any, damping=1e-4, abs_damping=0.0, nystrom_seed: int 
   Args:
     state: an :class:`sngd_jax.SNGDState` (or anything with ``factors`` and
       ``weights`` dicts keyed by layer path).
-    damping: the relative damping the transform used (a value, not a schedule).
-    abs_damping: the absolute damping.
+    damping: the relative damping; None (default) reads the one the state was
+      made with (``state.config``; a schedule is evaluated at ``state.count``).
+    abs_damping: the absolute damping; None reads it likewise.
     nystrom_seed: the test-matrix seed of the Nystrom method (default 0, that
       of ``inverse="auto"``); used for sketched layers only.
     nystrom_tail: its tail rule (default ``"mean"``).
@@ -74,36 +88,38 @@ def damped_factors(state: Any, damping=1e-4, abs_damping=0.0, nystrom_seed: int 
   Returns:
     Per layer path, ``(d, d)`` (linear) or ``(O, d, d)`` (rfim) damped blocks.
   """
+  damping = _configured(state, "damping", damping)
+  abs_damping = _configured(state, "abs_damping", abs_damping)
   out = {}
   for path, f in state.factors.items():
-    g = factors_lib.normalized(f, state.weights[path])
+    g = statistics.normalized(f, state.weights[path])
     if sketch_lib.is_sketch(g):
       out[path] = _sketched_model(g, damping, abs_damping, nystrom_seed, nystrom_tail)
     else:
-      out[path] = matfun.damp(g, damping, abs_damping)
+      out[path] = base.damp(g, damping, abs_damping)
   return out
 
 
-def factor_roots(state: Any, damping=1e-4, abs_damping=0.0, method: str = "eigh",
-                 **kwargs) -> dict[str, matfun.Roots]:
+def factor_roots(state: Any, damping=None, abs_damping=None, method: str = "eigh",
+                 **kwargs) -> dict[str, Roots]:
   """``G_rho^{1/2}`` and ``G_rho^{-1/2}`` per layer (see :func:`damped_factors`).
 
   Args:
     state: an :class:`sngd_jax.SNGDState`.
-    damping: relative damping.
-    abs_damping: absolute damping.
-    method: a key of :data:`sngd_jax.matfun.ROOTS` (``"eigh"`` is exact).
+    damping: relative damping (None: the state's, see :func:`damped_factors`).
+    abs_damping: absolute damping (None: the state's).
+    method: a key of :data:`sngd_jax.inverse.ROOTS` (``"eigh"`` is exact).
     **kwargs: passed to the root method (e.g. ``num_iters``).
 
   Returns:
-    Per layer path, :class:`sngd_jax.matfun.Roots` with the factor's shape.
+    Per layer path, :class:`sngd_jax.Roots` with the factor's shape.
   """
-  return {path: matfun.sqrt_and_inv_sqrt(g, method, **kwargs)
+  return {path: sqrt_and_inv_sqrt(g, method, **kwargs)
           for path, g in damped_factors(state, damping, abs_damping).items()}
 
 
-def _map_layers(params: Any, roots: dict[str, matfun.Roots],
-                fn: Callable[[matfun.Roots, jax.Array], jax.Array]) -> Any:
+def _map_layers(params: Any, roots: dict[str, Roots],
+                fn: Callable[[Roots, jax.Array], jax.Array]) -> Any:
   """Replaces ``W~`` of every layer in ``roots`` by ``fn(roots, W~)`` (``d x O``)."""
   specs = layers_lib.discover(params, "linear")
   missing = sorted(set(roots) - set(specs))
@@ -113,22 +129,16 @@ def _map_layers(params: Any, roots: dict[str, matfun.Roots],
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
   index = {paths.leaf_parts(p): i for i, (p, _) in enumerate(leaves_with_path)}
   leaves = [leaf for _, leaf in leaves_with_path]
+  out = list(leaves)
   for path, r in roots.items():
     spec = specs[path]
-    kernel = leaves[index[spec.kernel]]
-    dtype = r.sqrt.dtype
-    w = kernel.reshape(spec.in_dim, spec.out_dim).astype(dtype)
-    if spec.bias is not None:
-      bias = leaves[index[spec.bias]]
-      w = jnp.concatenate([w, bias.reshape(1, spec.out_dim).astype(dtype)])
+    w = precondition.augmented(spec, leaves, index, r.sqrt.dtype)
     if w.shape[0] != r.sqrt.shape[-1]:
       raise ValueError(f"sngd: layer {path!r}: factor of size {r.sqrt.shape[-1]} does not "
                        f"match the {w.shape[0]} rows of its augmented kernel")
-    w = fn(r, w)
-    leaves[index[spec.kernel]] = w[:spec.in_dim].reshape(kernel.shape).astype(kernel.dtype)
-    if spec.bias is not None:
-      leaves[index[spec.bias]] = w[spec.in_dim].reshape(bias.shape).astype(bias.dtype)
-  return jax.tree_util.tree_unflatten(treedef, leaves)
+    for i, part in precondition.split(spec, fn(r, w), leaves, index).items():
+      out[i] = part
+  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def _left_multiply(m: jax.Array, w: jax.Array) -> jax.Array:
@@ -138,7 +148,7 @@ def _left_multiply(m: jax.Array, w: jax.Array) -> jax.Array:
   return jnp.matmul(m, w, precision=_HIGHEST)
 
 
-def to_reconstructed(params: Any, roots: dict[str, matfun.Roots]) -> Any:
+def to_reconstructed(params: Any, roots: dict[str, Roots]) -> Any:
   """Maps params to the reconstructed network's: ``W' = G_rho^{1/2} W~`` per layer.
 
   Args:
@@ -152,7 +162,7 @@ def to_reconstructed(params: Any, roots: dict[str, matfun.Roots]) -> Any:
   return _map_layers(params, roots, lambda r, w: _left_multiply(r.sqrt, w))
 
 
-def from_reconstructed(params_prime: Any, roots: dict[str, matfun.Roots]) -> Any:
+def from_reconstructed(params_prime: Any, roots: dict[str, Roots]) -> Any:
   """The inverse of :func:`to_reconstructed`: ``W~ = G_rho^{-1/2} W'``."""
   return _map_layers(params_prime, roots, lambda r, w: _left_multiply(r.inv_sqrt, w))
 

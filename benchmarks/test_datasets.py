@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from sngd_jax import datasets
+from benchmarks import datasets
 
 
 def idx_bytes(array: np.ndarray, code: int) -> bytes:

@@ -1,27 +1,11 @@
-"""Matrix functions of damped local Fisher blocks, batched over stacks of equal size.
+"""Square roots of damped blocks, and the inverse methods built on them.
 
-Every function works on a stack of symmetric positive semi-definite blocks
-``G`` of shape ``(b, d, d)`` and a per-block shift ``rho`` (the damping,
-:func:`damping_shift`)::
-
-    rho = damping * tr(G) + abs_damping,     G_rho = G + rho I,
-
-the reference code's relative rule. Two kinds of functions live here:
-
-* square roots, :func:`eigh_roots`, :func:`denman_beavers` and
-  :func:`newton_schulz`, which return ``Y = A^{1/2}`` and ``Z = A^{-1/2}``
-  together with the error estimate
-  ``max(||Y Z - I||_F / sqrt(d), ||Y Y - A||_F / ||A||_F)``;
-* *inverse methods* (:class:`InverseMethod`), which cache a representation of
-  ``G_rho^{-1}`` at a refresh and apply it to gradient blocks at every step.
-  The dense ones (:data:`METHODS`) cache the explicit inverse; Nystrom
-  (:mod:`sngd_jax.nystrom`) caches a rank-``r`` eigendecomposition; block
-  diagonal and size-dependent (``"auto"``) methods wrap others.
-
-A refresh returns the new representation and an ``ok`` flag per block: False
-when the result is not finite or an error estimate exceeds its bound. The
-caller (:func:`sngd_jax.sngd`) keeps the previous representation of such a
-block and counts the event.
+:func:`eigh_roots`, :func:`denman_beavers` and :func:`newton_schulz` return
+``Y = A^{1/2}`` and ``Z = A^{-1/2}`` of a stack of SPD blocks ``A`` together
+with the error estimate ``max(||Y Z - I||_F / sqrt(d), ||Y Y - A||_F / ||A||_F)``.
+The reconstructed network (:mod:`sngd_jax._src.reconstruct`) uses them for
+``G^{1/2}`` and ``G^{-1/2}``; :func:`root_refresh` turns one into an inverse
+method, ``(G + rho I)^{-1} = Z Z``.
 
 The coupled iterations (W. Liu et al., arXiv:2412.07441, use them for the
 reconstructed network's ``G^{1/2}`` and ``G^{-1/2}``; N. J. Higham, *Functions
@@ -38,44 +22,22 @@ Both keep ``Y_k = A Z_k``, so ``Y Z - I = A Z^2 - I`` measures convergence.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
 
-from sngd_jax import sketch as sketch_lib
-
-Rep = Any
-
-_HIGHEST = jax.lax.Precision.HIGHEST
-
-
-class InverseMethod(NamedTuple):
-  """A way to represent and apply ``(G + rho I)^{-1}`` for stacks of blocks.
-
-  The functions receive static shapes, so a method may choose what to do by
-  the block size ``d`` (see :func:`auto`).
-
-  Attributes:
-    identity: ``identity(b, d, dtype)`` -> the representation of ``I``, used
-      before the first refresh.
-    refresh: ``refresh(G, rho)`` with ``G`` symmetric, shape ``(b, d, d)``,
-      undamped, and ``rho`` of shape ``(b,)`` -> ``(rep, ok)``, ``rep`` a
-      pytree with leading axis ``b`` and ``ok`` a bool array of shape ``(b,)``.
-    apply: ``apply(rep, g)`` with ``g`` of shape ``(b, d, k)`` ->
-      ``(G + rho I)^{-1} g`` (or the method's approximation of it).
-    sketch: optional; ``sketch(d, dtype)`` -> a ``d x r`` test matrix
-      ``Omega`` for blocks of size ``d`` whose statistics the method reads only
-      through ``(G Omega, tr G)``, or None. For such blocks the transform keeps
-      the running factor as a :class:`sngd_jax.sketch.Sketch` and ``refresh``
-      receives a stacked ``Sketch`` (``y`` of shape ``(b, d, r)``, ``trace``
-      of shape ``(b,)``) instead of ``G``.
-  """
-
-  identity: Callable[[int, int, Any], Rep]
-  refresh: Callable[[jax.Array, jax.Array], tuple[Rep, jax.Array]]
-  apply: Callable[[Rep, jax.Array], jax.Array]
-  sketch: Optional[Callable[[int, Any], Optional[jax.Array]]] = None
+from sngd_jax._src.inverse.base import (
+    HIGHEST,
+    InverseMethod,
+    MethodInfo,
+    add_shift,
+    all_finite_per_block,
+    compute_dtype,
+    dense_apply_flops,
+    symmetrize,
+)
+from sngd_jax._src.inverse.dense import dense_apply, dense_identity
 
 
 class Roots(NamedTuple):
@@ -93,65 +55,8 @@ class Roots(NamedTuple):
   error: jax.Array
 
 
-# ---------------------------------------------------------------------------
-# Damping.
-
-
-def symmetrize(g: jax.Array) -> jax.Array:
-  """``(G + G^T) / 2`` over the last two axes."""
-  return 0.5 * (g + jnp.swapaxes(g, -1, -2))
-
-
-def damping_shift(g, damping, abs_damping) -> jax.Array:
-  """``rho = damping * tr(G) + abs_damping`` per block, shape ``g.shape[:-2]``.
-
-  ``g`` may also be a (stacked) :class:`sngd_jax.sketch.Sketch`, whose ``trace``
-  is ``tr(G)`` per block.
-  """
-  if sketch_lib.is_sketch(g):
-    trace, dtype = g.trace, g.trace.dtype
-  else:
-    trace, dtype = jnp.trace(g, axis1=-2, axis2=-1), g.dtype
-  return jnp.asarray(damping * trace + abs_damping).astype(dtype)
-
-
-def add_shift(g: jax.Array, shift: jax.Array) -> jax.Array:
-  """``G + rho I`` for a stack of blocks and a shift of shape ``g.shape[:-2]``."""
-  eye = jnp.eye(g.shape[-1], dtype=g.dtype)
-  return g + jnp.asarray(shift, g.dtype)[..., None, None] * eye
-
-
-def damp(g: jax.Array, damping, abs_damping) -> jax.Array:
-  """Symmetrizes a stack of blocks and adds ``(damping * tr(G) + abs_damping) I``.
-
-  Args:
-    g: blocks of shape ``(..., d, d)``.
-    damping: relative damping (scalar).
-    abs_damping: absolute damping (scalar).
-
-  Returns:
-    The damped blocks, same shape and dtype.
-  """
-  g = symmetrize(g)
-  return add_shift(g, damping_shift(g, damping, abs_damping))
-
-
-def all_finite_per_block(x: jax.Array) -> jax.Array:
-  """``(b,)`` flags: every entry of block ``i`` is finite."""
-  return jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
-
-
-# ---------------------------------------------------------------------------
-# Square roots.
-
-
-def compute_dtype(dtype) -> jnp.dtype:
-  """The working precision: float32 for bfloat16/float16 inputs, else the input's."""
-  return jnp.promote_types(dtype, jnp.float32)
-
-
 def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
-  return jnp.matmul(a, b, precision=_HIGHEST)
+  return jnp.matmul(a, b, precision=HIGHEST)
 
 
 def _inverse_error(y: jax.Array, z: jax.Array) -> jax.Array:
@@ -318,53 +223,6 @@ def sqrt_and_inv_sqrt(a: jax.Array, method: str = "eigh", **kwargs) -> Roots:
   return ROOTS[method](a, **kwargs)
 
 
-# ---------------------------------------------------------------------------
-# Dense inverse methods: the cached representation is the explicit inverse.
-
-
-def _dense_identity(b: int, d: int, dtype) -> jax.Array:
-  return jnp.broadcast_to(jnp.eye(d, dtype=dtype), (b, d, d))
-
-
-def dense_apply(inverse: jax.Array, g: jax.Array) -> jax.Array:
-  """``G^{-1} g`` for a cached explicit inverse: one batched matrix product."""
-  return jnp.matmul(inverse, g.astype(inverse.dtype), precision=_HIGHEST)
-
-
-def cholesky_refresh(g: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Explicit inverse by a Cholesky factorization and two triangular solves.
-
-  ``G + rho I = L L^T``, ``(G + rho I)^{-1} = L^{-T} L^{-1}``; the explicit
-  inverse is cached so that every step's preconditioning is one product.
-
-  Args:
-    g: ``(b, d, d)`` symmetric positive semi-definite blocks.
-    shift: ``(b,)`` damping ``rho``.
-
-  Returns:
-    ``(inverse, ok)``; ``ok`` is False for a block whose factorization failed
-    (not positive definite, or non-finite).
-  """
-  g_damped = add_shift(g, shift)
-  chol = jnp.linalg.cholesky(g_damped)
-  eye = jnp.broadcast_to(jnp.eye(g.shape[-1], dtype=g.dtype), g.shape)
-  inverse = jax.vmap(lambda c, e: jax.scipy.linalg.cho_solve((c, True), e))(chol, eye)
-  inverse = symmetrize(inverse)
-  return inverse, all_finite_per_block(inverse)
-
-
-def eigh_refresh(g: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Explicit inverse ``V diag(1 / (lam + rho)) V^T`` from ``G = V diag(lam) V^T``.
-
-  The eigendecomposition is of the undamped ``G``, so the damping shifts the
-  eigenvalues exactly. ``ok`` is False where ``lam + rho <= 0`` or non-finite.
-  """
-  lam, v = jnp.linalg.eigh(g)
-  shifted = lam + shift[:, None]
-  inverse = symmetrize(_mm(v / shifted[:, None, :], jnp.swapaxes(v, -1, -2)))
-  return inverse, all_finite_per_block(inverse) & jnp.all(shifted > 0, axis=-1)
-
-
 def root_refresh(roots: Callable[..., Roots], error_bound: float, **kwargs):
   """An inverse refresh ``(G + rho I)^{-1} = Z Z`` from an inverse square root ``Z``.
 
@@ -387,22 +245,13 @@ def root_refresh(roots: Callable[..., Roots], error_bound: float, **kwargs):
   return refresh
 
 
-def cholesky() -> InverseMethod:
-  """Cholesky: exact, the cheapest dense method (the default up to ``max_dim``)."""
-  return InverseMethod(_dense_identity, cholesky_refresh, dense_apply)
-
-
-def eigh() -> InverseMethod:
-  """Symmetric eigendecomposition: exact; the eigenvalues are shifted exactly."""
-  return InverseMethod(_dense_identity, eigh_refresh, dense_apply)
-
-
 def denman_beavers_inverse(num_iters: int = 40, tol: Union[float, str, None] = "auto",
                            error_bound: float = 1e-3,
                            scale: str = "frobenius") -> InverseMethod:
   """``(G + rho I)^{-1} = Z Z`` with ``Z`` from :func:`denman_beavers`."""
   refresh = root_refresh(denman_beavers, error_bound, num_iters=num_iters, tol=tol, scale=scale)
-  return InverseMethod(_dense_identity, refresh, dense_apply)
+  info = lambda d: MethodInfo("denman_beavers", None, dense_apply_flops(d))
+  return InverseMethod(dense_identity, refresh, dense_apply, info=info)
 
 
 def newton_schulz_inverse(num_iters: int = 40, tol: Union[float, str, None] = "auto",
@@ -410,4 +259,5 @@ def newton_schulz_inverse(num_iters: int = 40, tol: Union[float, str, None] = "a
                           scale: str = "frobenius") -> InverseMethod:
   """``(G + rho I)^{-1} = Z Z`` with ``Z`` from :func:`newton_schulz` (products only)."""
   refresh = root_refresh(newton_schulz, error_bound, num_iters=num_iters, tol=tol, scale=scale)
-  return InverseMethod(_dense_identity, refresh, dense_apply)
+  info = lambda d: MethodInfo("newton_schulz", None, dense_apply_flops(d))
+  return InverseMethod(dense_identity, refresh, dense_apply, info=info)

@@ -31,10 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sngd_jax import matfun
-from sngd_jax import sketch as sketch_lib
+from sngd_jax._src import sketch as sketch_lib
+from sngd_jax._src.inverse import base
+from sngd_jax._src.inverse.base import HIGHEST
 
-_HIGHEST = jax.lax.Precision.HIGHEST
+DEFAULT_RANK = 128
+"""The rank of ``nystrom()`` and of ``auto()``'s large layers."""
 TAILS = ("mean", "zero")
 
 
@@ -98,7 +100,7 @@ def approximate(g: jax.Array, rank: int, seed: int = 0,
     ``(U, lam, tau)`` of shapes ``(b, d, r)``, ``(b, r)``, ``(b,)``; the
     columns of ``U`` of dropped directions are zero (they carry no weight).
   """
-  work = matfun.compute_dtype(g.dtype)
+  work = base.compute_dtype(g.dtype)
   d = g.shape[-1]
   omega = test_matrix(d, min(rank, d), seed, work)
   return from_sketch(sketch_lib.of_dense(g.astype(work), omega), seed, tail, g.dtype)
@@ -109,7 +111,7 @@ def from_sketch(s: sketch_lib.Sketch, seed: int = 0, tail: str = "mean",
   """:func:`approximate` from the sketch ``(Y, tr G) = (G Omega, tr G)`` alone.
 
   Args:
-    s: a stacked :class:`sngd_jax.sketch.Sketch`, ``y`` of shape ``(b, d, r)``,
+    s: a stacked :class:`sngd_jax.Sketch`, ``y`` of shape ``(b, d, r)``,
       ``trace`` of shape ``(b,)``, made with ``test_matrix(d, r, seed)``.
     seed: the seed of that test matrix.
     tail: ``"mean"`` or ``"zero"``.
@@ -121,7 +123,7 @@ def from_sketch(s: sketch_lib.Sketch, seed: int = 0, tail: str = "mean",
   if tail not in TAILS:
     raise ValueError(f"sngd: unknown Nystrom tail {tail!r}; expected one of {TAILS}")
   dtype = dtype or s.y.dtype
-  work = matfun.compute_dtype(s.y.dtype)
+  work = base.compute_dtype(s.y.dtype)
   y = s.y.astype(work)
   trace = s.trace.astype(work)
   d, rank = y.shape[-2:]
@@ -129,15 +131,15 @@ def from_sketch(s: sketch_lib.Sketch, seed: int = 0, tail: str = "mean",
   omega = test_matrix(d, rank, seed, work)
   nu = math.sqrt(d) * eps * jnp.linalg.norm(y, axis=(-2, -1))
   y_nu = y + nu[:, None, None] * omega
-  core = matfun.symmetrize(jnp.einsum("dr,bds->brs", omega, y_nu, precision=_HIGHEST))
+  core = base.symmetrize(jnp.einsum("dr,bds->brs", omega, y_nu, precision=HIGHEST))
   chol = jnp.linalg.cholesky(core)
   b = jnp.swapaxes(jax.scipy.linalg.solve_triangular(
       chol, jnp.swapaxes(y_nu, -1, -2), lower=True), -1, -2)
-  gram = matfun.symmetrize(jnp.einsum("bdr,bds->brs", b, b, precision=_HIGHEST))
+  gram = base.symmetrize(jnp.einsum("bdr,bds->brs", b, b, precision=HIGHEST))
   s2, w = jnp.linalg.eigh(gram)
   reliable = s2 > 100 * eps * jnp.max(s2, axis=-1, keepdims=True)
   s2_safe = jnp.where(reliable, s2, 1.0)
-  u = jnp.matmul(b, w, precision=_HIGHEST) / jnp.sqrt(s2_safe)[:, None, :]
+  u = jnp.matmul(b, w, precision=HIGHEST) / jnp.sqrt(s2_safe)[:, None, :]
   u = jnp.where(reliable[:, None, :], u, 0.0)
   lam = jnp.where(reliable, jnp.maximum(s2 - nu[:, None], 0.0), 0.0)
   kept = jnp.sum(reliable, axis=-1)
@@ -154,9 +156,9 @@ def power_apply(rep: NystromRep, v: jax.Array, power: float) -> jax.Array:
   lam = (rep.eigenvalues + rep.shift[:, None]) ** power
   rest = (rep.tail + rep.shift) ** power
   v = v.astype(rep.basis.dtype)
-  coeff = jnp.einsum("bdr,bdk->brk", rep.basis, v, precision=_HIGHEST)
+  coeff = jnp.einsum("bdr,bdk->brk", rep.basis, v, precision=HIGHEST)
   coeff = coeff * (lam - rest[:, None])[:, :, None]
-  return jnp.einsum("bdr,brk->bdk", rep.basis, coeff, precision=_HIGHEST) + \
+  return jnp.einsum("bdr,brk->bdk", rep.basis, coeff, precision=HIGHEST) + \
       rest[:, None, None] * v
 
 
@@ -167,7 +169,7 @@ def dense(rep: NystromRep) -> jax.Array:
   return power_apply(rep, jnp.broadcast_to(eye, rep.basis.shape[:1] + (d, d)), 1.0)
 
 
-def nystrom(rank: int = 256, seed: int = 0, tail: str = "mean") -> matfun.InverseMethod:
+def nystrom(rank: int = DEFAULT_RANK, seed: int = 0, tail: str = "mean") -> base.InverseMethod:
   """Nystrom inverse method: ``O(d r)`` cached memory, ``O(d^2 r)`` refresh work.
 
   Args:
@@ -178,7 +180,7 @@ def nystrom(rank: int = 256, seed: int = 0, tail: str = "mean") -> matfun.Invers
       ``"zero"`` is the plain Nystrom model.
 
   Returns:
-    An :class:`sngd_jax.matfun.InverseMethod` whose representation is a
+    An :class:`sngd_jax.base.InverseMethod` whose representation is a
     :class:`NystromRep`; a refresh fails where the result is not finite.
   """
   if tail not in TAILS:
@@ -192,12 +194,12 @@ def nystrom(rank: int = 256, seed: int = 0, tail: str = "mean") -> matfun.Invers
   def refresh(g, shift):
     if sketch_lib.is_sketch(g):
       u, lam, tau = from_sketch(g, seed, tail)
-      finite_input = matfun.all_finite_per_block(g.y) & jnp.isfinite(g.trace)
+      finite_input = base.all_finite_per_block(g.y) & jnp.isfinite(g.trace)
     else:
       u, lam, tau = approximate(g, rank, seed, tail)
-      finite_input = matfun.all_finite_per_block(g)
+      finite_input = base.all_finite_per_block(g)
     rep = NystromRep(u, lam, tau, shift.astype(u.dtype))
-    ok = finite_input & matfun.all_finite_per_block(u) \
+    ok = finite_input & base.all_finite_per_block(u) \
         & jnp.all(jnp.isfinite(lam), axis=-1) & jnp.isfinite(tau) & (tau + shift > 0)
     return rep, ok
 
@@ -208,4 +210,20 @@ def nystrom(rank: int = 256, seed: int = 0, tail: str = "mean") -> matfun.Invers
     # Sketch only where it saves memory and work: at r >= d the model is the dense G.
     return test_matrix(d, rank, seed, dtype) if rank < d else None
 
-  return matfun.InverseMethod(identity, refresh, apply, sketch)
+  def info(d):
+    r = min(rank, d)
+    return base.MethodInfo(f"nystrom(rank={r})", refresh_flops(d, r), apply_flops(d, r))
+
+  return base.InverseMethod(identity, refresh, apply, sketch, info)
+
+
+def refresh_flops(d: int, rank: int, from_sketch: bool = False) -> float:
+  """Refresh of one rank-``r`` block: sketch ``G Omega`` (``2 d^2 r``; not needed
+  when the state keeps the sketch), the small Cholesky, solve, Gram, eigh and basis."""
+  r = min(rank, d)
+  return (0 if from_sketch else 2 * d * d * r) + 7 * d * r * r + 10 * r ** 3
+
+
+def apply_flops(d: int, rank: int) -> float:
+  """``(M + rho I)^{-1} v`` for one column ``v``: ``U^T v``, ``U (c * .)`` and the tail term."""
+  return 4.0 * d * min(rank, d) + 2.0 * d

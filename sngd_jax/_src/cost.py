@@ -5,7 +5,7 @@ as ``b`` blocks (``b = 1`` for ``fisher="linear"``, ``b = O`` for ``"rfim"``),
 ``O`` outputs, ``n`` rows per global batch and ``s`` bytes per entry:
 
 * state: the running factor, ``b d^2 s`` bytes (``(d r + 1) s`` for a layer
-  kept as a rank-``r`` sketch, :mod:`sngd_jax.sketch`), plus the cached
+  kept as a rank-``r`` sketch, :mod:`sngd_jax._src.sketch`), plus the cached
   inverse (its size depends on the method; read exactly from
   ``jax.eval_shape`` of ``init``: ``b d^2 s`` for ``"cholesky"``);
 * data-parallel communication: one all-reduce of the batch estimate per factor
@@ -23,26 +23,17 @@ Amortized per step: ``factor / factor_every + refresh / inverse_every + apply``.
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any, NamedTuple, Optional
 
 import jax
 import numpy as np
 
-from sngd_jax import layers as layers_lib
-from sngd_jax import sketch as sketch_lib
-from sngd_jax.transform import sngd
-
-# Flops of one refresh of one (d x d) block, for the methods we can count.
-_CHOLESKY_FLOPS = lambda d: d ** 3 / 3 + 2 * d ** 3
-
-
-def nystrom_refresh_flops(d: int, rank: int, from_sketch: bool = False) -> float:
-  """Refresh of one rank-``r`` Nystrom block: sketch ``G Omega`` (``2 d^2 r``; not needed
-  when the state keeps the sketch), the small Cholesky, solve, Gram, eigh and basis."""
-  r = min(rank, d)
-  return (0 if from_sketch else 2 * d * d * r) + 7 * d * r * r + 10 * r ** 3
+from sngd_jax._src import layers as layers_lib
+from sngd_jax._src import sketch as sketch_lib
+from sngd_jax._src.inverse import nystrom as nystrom_lib
+from sngd_jax._src.inverse.base import MethodInfo, describe
+from sngd_jax._src.transform import _method_of, sngd
 
 
 def sketch_factor_flops(rows: int, d: int, rank: int) -> float:
@@ -51,34 +42,14 @@ def sketch_factor_flops(rows: int, d: int, rank: int) -> float:
   return 4.0 * rows * d * rank + 2.0 * rows * d
 
 
-REFRESH_FLOPS_PER_BLOCK = {
-    "cholesky": _CHOLESKY_FLOPS,
-    "nystrom": lambda d: nystrom_refresh_flops(d, 256),
-    # The default rule (sngd_jax.methods.auto): exact Cholesky up to d = 512, rank-128 Nystrom.
-    "auto": lambda d: _CHOLESKY_FLOPS(d) if d <= 512 else nystrom_refresh_flops(d, 128),
-}
-
-# Flops of applying a block's cached inverse to a (d x k) gradient, by method.
-_DENSE_APPLY = lambda d, k: 2.0 * d * d * k
-
-
-def nystrom_apply_flops(d: int, k: int, rank: int) -> float:
-  """``(M + rho I)^{-1} v`` for a ``d x k`` ``v``: ``U^T v``, ``U (c * .)``, plus the tail term."""
-  return 4.0 * d * min(rank, d) * k + 2.0 * d * k
-
-
-APPLY_FLOPS = {
-    "nystrom": lambda d, k: nystrom_apply_flops(d, k, 256),
-    "auto": lambda d, k: _DENSE_APPLY(d, k) if d <= 512 else nystrom_apply_flops(d, k, 128),
-}
-
-
 class LayerCost(NamedTuple):
   """Estimated costs of one preconditioned layer.
 
   Attributes:
     path: the layer path.
     fisher: ``"linear"`` or ``"rfim"``.
+    method: how its blocks are inverted, e.g. ``"cholesky"`` or
+      ``"nystrom(rank=128)"`` (from the inverse method's ``info``).
     dim: size ``d`` of each local Fisher block.
     num_blocks: number of ``d x d`` blocks ``b``.
     factor_bytes: bytes of the running factor in the state.
@@ -88,13 +59,15 @@ class LayerCost(NamedTuple):
     allgather_bytes: bytes all-gathered per refresh with ``shard_refresh``.
     factor_flops: flops of one batch estimate (None without ``batch_rows``).
     refresh_flops: flops of one inverse refresh, all blocks (None when the
-      inverse method has no formula in :data:`REFRESH_FLOPS_PER_BLOCK`).
-    apply_flops: flops of preconditioning the gradient, every step.
+      inverse method gives no formula, e.g. the iterative roots).
+    apply_flops: flops of preconditioning the gradient, every step (None
+      when the method gives no formula).
     flops_per_step: amortized flops per step (None if a part is unknown).
   """
 
   path: str
   fisher: str
+  method: str
   dim: int
   num_blocks: int
   factor_bytes: int
@@ -103,7 +76,7 @@ class LayerCost(NamedTuple):
   allgather_bytes: int
   factor_flops: Optional[float]
   refresh_flops: Optional[float]
-  apply_flops: float
+  apply_flops: Optional[float]
   flops_per_step: Optional[float]
 
   @property
@@ -112,7 +85,8 @@ class LayerCost(NamedTuple):
     return self.factor_bytes + self.inverse_bytes
 
 
-def _nbytes(tree: Any) -> int:
+def nbytes(tree: Any) -> int:
+  """Bytes of all leaves of ``tree`` (arrays or ``ShapeDtypeStruct``)."""
   return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
@@ -141,33 +115,38 @@ def cost_estimate(params: Any, batch_rows: Optional[int] = None,
     costs = sngd_jax.cost_estimate(params, batch_rows=128, inverse_every=100)
     print(sngd_jax.format_costs(costs))
   """
-  defaults = {k: p.default for k, p in inspect.signature(sngd).parameters.items()}
-  options = {**defaults, **sngd_kwargs}
-  specs = layers_lib.discover(params, options["fisher"])
   state = jax.eval_shape(sngd(**sngd_kwargs).init, params)
-  per_block = REFRESH_FLOPS_PER_BLOCK.get(options["inverse"])
+  config = state.config
+  method = _method_of(config)
+  specs = layers_lib.discover(params, config.fisher)
   costs = {}
   for path, spec in specs.items():
     d, b = spec.dim, spec.num_blocks
     factor = state.factors[path]
-    factor_bytes = _nbytes(factor)
-    inverse_bytes = _nbytes(state.inverses[path])
-    if sketch_lib.is_sketch(factor):  # a rank-r Nystrom layer whose state is G Omega
+    factor_bytes = nbytes(factor)
+    inverse_bytes = nbytes(state.inverses[path])
+    if spec.structure == "diagonal":  # embeddings: token counts, an elementwise inverse
+      info = MethodInfo("diagonal", 2.0 * d, 1.0)
+      factor_flops = None if batch_rows is None else float(batch_rows)
+      block_flops = info.refresh_flops
+    elif sketch_lib.is_sketch(factor):  # a rank-r Nystrom layer whose state is G Omega
+      info = describe(method, d)
       rank = factor.y.shape[-1]
       factor_flops = None if batch_rows is None else sketch_factor_flops(batch_rows, d, rank)
-      block_flops = nystrom_refresh_flops(d, rank, from_sketch=True)
+      block_flops = nystrom_lib.refresh_flops(d, rank, from_sketch=True)
     else:
+      info = describe(method, d)
       factor_flops = None if batch_rows is None else 2.0 * batch_rows * b * d * d
-      block_flops = None if per_block is None else per_block(d)
+      block_flops = info.refresh_flops
     refresh_flops = None if block_flops is None else b * block_flops
-    apply_flops = APPLY_FLOPS.get(options["inverse"], _DENSE_APPLY)(d, spec.out_dim)
+    apply_flops = None if info.apply_flops is None else info.apply_flops * spec.out_dim
     per_step = None
-    if factor_flops is not None and refresh_flops is not None:
-      per_step = (factor_flops / options["factor_every"]
-                  + refresh_flops / options["inverse_every"] + apply_flops)
+    if None not in (factor_flops, refresh_flops, apply_flops):
+      per_step = (factor_flops / config.factor_every
+                  + refresh_flops / config.inverse_every + apply_flops)
     costs[path] = LayerCost(
-        path=path, fisher=spec.fisher, dim=d, num_blocks=b, factor_bytes=factor_bytes,
-        inverse_bytes=inverse_bytes, allreduce_bytes=factor_bytes,
+        path=path, fisher=spec.fisher, method=info.name, dim=d, num_blocks=b,
+        factor_bytes=factor_bytes, inverse_bytes=inverse_bytes, allreduce_bytes=factor_bytes,
         allgather_bytes=inverse_bytes, factor_flops=factor_flops,
         refresh_flops=refresh_flops, apply_flops=apply_flops, flops_per_step=per_step)
   return costs
@@ -185,17 +164,17 @@ def _human(x: Optional[float], unit: str) -> str:
 
 def format_costs(costs: dict[str, LayerCost]) -> str:
   """A markdown table of :func:`cost_estimate`'s result, with a total row."""
-  head = ("| layer | fisher | d x d x blocks | state | all-reduce / factor update | "
+  head = ("| layer | fisher | method | d x d x blocks | state | all-reduce / factor update | "
           "refresh flops | flops / step (amortized) |")
-  lines = [head, "|" + " --- |" * 7]
-  def row(name, kind, shape, c_state, c_ar, c_ref, c_step):
-    lines.append(f"| {name} | {kind} | {shape} | {_human(c_state, 'B')} | "
+  lines = [head, "|" + " --- |" * 8]
+  def row(name, kind, method, shape, c_state, c_ar, c_ref, c_step):
+    lines.append(f"| {name} | {kind} | {method} | {shape} | {_human(c_state, 'B')} | "
                  f"{_human(c_ar, 'B')} | {_human(c_ref, 'flop')} | {_human(c_step, 'flop')} |")
   for c in costs.values():
-    row(c.path, c.fisher, f"{c.dim} x {c.dim} x {c.num_blocks}", c.state_bytes,
+    row(c.path, c.fisher, c.method, f"{c.dim} x {c.dim} x {c.num_blocks}", c.state_bytes,
         c.allreduce_bytes, c.refresh_flops, c.flops_per_step)
   vals = list(costs.values())
   total = lambda f: None if any(f(c) is None for c in vals) else sum(f(c) for c in vals)
-  row("**total**", "", "", total(lambda c: c.state_bytes), total(lambda c: c.allreduce_bytes),
+  row("**total**", "", "", "", total(lambda c: c.state_bytes), total(lambda c: c.allreduce_bytes),
       total(lambda c: c.refresh_flops), total(lambda c: c.flops_per_step))
   return "\n".join(lines)

@@ -27,11 +27,14 @@ from typing import Any, Callable, Optional
 import jax
 from flax import nnx
 
-from sngd_jax import factors as factors_lib
-from sngd_jax import layers as layers_lib
-from sngd_jax import paths
-from sngd_jax.capture import capture
-from sngd_jax.flax_nnx import capture_nnx
+from sngd_jax._src import layers as layers_lib
+from sngd_jax._src import paths
+from sngd_jax._src import statistics as factors_lib
+from sngd_jax._src.capture.linen import capture
+from sngd_jax._src.capture.nnx import capture_nnx
+from sngd_jax._src.cost import nbytes
+from sngd_jax._src.inverse.base import describe
+from sngd_jax._src.transform import _method_of, sngd
 
 PASS_THROUGH = "pass-through"
 MISSING = "MISSING"
@@ -48,6 +51,8 @@ class ParamCoverage:
     fisher: the local Fisher it gets (see the module docstring).
     factor_bytes: state bytes of the layer's factor and inverse (on the weight
       leaf of a preconditioned layer; 0 elsewhere).
+    inverse: how the layer's blocks are inverted, e.g. ``"cholesky"`` or
+      ``"nystrom(rank=128)"`` (on the weight leaf of a preconditioned layer).
   """
 
   path: str
@@ -55,6 +60,7 @@ class ParamCoverage:
   layer: Optional[str]
   fisher: str
   factor_bytes: int
+  inverse: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,11 +91,11 @@ class CoverageReport:
     return sum(p.factor_bytes for p in self.params)
 
   def __str__(self) -> str:
-    head = ("parameter", "shape", "local Fisher", "factor bytes")
-    rows = [(p.path, "x".join(map(str, p.shape)) or "()", p.fisher,
+    head = ("parameter", "shape", "local Fisher", "inverse", "factor bytes")
+    rows = [(p.path, "x".join(map(str, p.shape)) or "()", p.fisher, p.inverse,
              f"{p.factor_bytes:,}" if p.factor_bytes else "") for p in self.params]
-    rows.append(("total", "", "", f"{self.total_factor_bytes:,}"))
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
+    rows.append(("total", "", "", "", f"{self.total_factor_bytes:,}"))
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(5)]
     fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
     lines = [fmt(head), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows]
     if self.unmatched:
@@ -145,12 +151,10 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
   one with several output axes (bias-free attention projections) the report
   says ``MISSING`` and gives the ``fisher={path: (kind, n_input_axes)}`` fix.
   """
-  from sngd_jax.cost import _nbytes  # noqa: PLC0415  (cost imports the transform)
-  from sngd_jax.transform import sngd  # noqa: PLC0415
-
   specs = layers_lib.discover(params, fisher)
   all_layers = layers_lib.discover(params, "linear")
   state = jax.eval_shape(sngd(fisher=fisher, inverse=inverse).init, params)
+  method = _method_of(state.config)
   owner: dict[tuple[str, ...], str] = {}
   for spec in all_layers.values():
     owner[spec.kernel] = spec.path
@@ -160,7 +164,7 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     parts = paths.leaf_parts(key_path)
     layer = owner.get(parts)
-    nbytes = 0
+    size, how = 0, ""
     if layer is None:
       desc = PASS_THROUGH
     elif layer not in specs:
@@ -173,10 +177,11 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
       spec = specs[layer]
       desc = _describe(spec, {c.kind for c in activations[layer]})
       if parts == spec.kernel:
-        nbytes = _nbytes(state.factors[layer]) + _nbytes(state.inverses[layer])
+        size = nbytes(state.factors[layer]) + nbytes(state.inverses[layer])
+        how = "diagonal" if spec.structure == "diagonal" else describe(method, spec.dim).name
       else:
         desc = f"(with {paths.join(spec.kernel)})"
-    out.append(ParamCoverage(paths.join(parts), tuple(leaf.shape), layer, desc, nbytes))
+    out.append(ParamCoverage(paths.join(parts), tuple(leaf.shape), layer, desc, size, how))
   unmatched = tuple(sorted(set(activations) - set(all_layers)))
   return CoverageReport(tuple(out), unmatched)
 

@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import jax
 
-from sngd_jax import paths
+from sngd_jax._src import paths
 
 FISHER_KINDS = ("linear", "rfim")
 # How a layer's local Fisher is stored and applied:

@@ -1,4 +1,4 @@
-"""Local Fisher statistics of a layer, from its captured activations.
+"""Local Fisher statistics: rows, batch estimates, priors, the moving average.
 
 For a layer with augmented inputs ``x~ = [x; 1]`` (rows of a matrix ``X~``,
 ``n`` rows pooled over the batch, positions and calls) and pre-activations ``z``:
@@ -37,11 +37,11 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from sngd_jax import conv as conv_lib
-from sngd_jax import sketch as sketch_lib
-from sngd_jax.capture import Captured
-from sngd_jax.distributed import replicated_out_sharding
-from sngd_jax.layers import LayerSpec
+from sngd_jax._src import conv as conv_lib
+from sngd_jax._src import sketch as sketch_lib
+from sngd_jax._src.capture.records import Captured
+from sngd_jax._src.distributed import replicated_out_sharding
+from sngd_jax._src.layers import LayerSpec
 
 PRIORS = ("scaled_identity", "identity", "none")
 """How the factor average starts.
@@ -213,7 +213,7 @@ def batch_sketch(spec: LayerSpec, calls: Sequence[Captured],
 
   Only for ``fisher="linear"`` dense layers (one ``d x d`` block); the numbers
   are those of :func:`batch_factor` sketched, ``G^ Omega``, in ``4 n d r``
-  FLOPs instead of ``2 n d^2`` (see :mod:`sngd_jax.sketch`).
+  FLOPs instead of ``2 n d^2`` (see :mod:`sngd_jax._src.sketch`).
   """
   for call in calls:
     _check_kind(spec, call)
@@ -226,7 +226,7 @@ def batch_sketch(spec: LayerSpec, calls: Sequence[Captured],
 
 def prior_of(prior: str, estimate, omega: Optional[jax.Array] = None):
   """The prior ``P(G^)`` for a (stack of) ``d x d`` estimate(s), a diagonal (vector),
-  or a :class:`sngd_jax.sketch.Sketch` (then ``P(G^) Omega`` and ``tr P(G^)``)."""
+  or a :class:`sngd_jax.Sketch` (then ``P(G^) Omega`` and ``tr P(G^)``)."""
   if sketch_lib.is_sketch(estimate):
     if omega is None:
       raise ValueError("sngd: the prior of a sketched factor needs its test matrix `omega`")
@@ -265,7 +265,7 @@ def ema_update(factor, weight: jax.Array, estimate, decay, prior: str,
 
   Args:
     factor: the running sum ``G_{t-1}`` (unnormalized), an array or a
-      :class:`sngd_jax.sketch.Sketch` (the update is linear, so a sketch is
+      :class:`sngd_jax.Sketch` (the update is linear, so a sketch is
       updated leaf by leaf).
     weight: its weight ``w_{t-1}`` (0 before the first update).
     estimate: the batch estimate ``G^`` (of the same kind as ``factor``).
@@ -290,3 +290,33 @@ def ema_update(factor, weight: jax.Array, estimate, decay, prior: str,
 def normalized(factor, weight: jax.Array):
   """The factor in use, ``G_t / w_t`` (zero while ``w_t = 0``); an array or a sketch."""
   return jax.tree.map(lambda f: f / jnp.maximum(weight, jnp.finfo(f.dtype).tiny), factor)
+
+
+def limit_outlier(estimate: jax.Array, factor: jax.Array, weight: jax.Array,
+                  max_ratio: float) -> jax.Array:
+  """Scales down a batch estimate far larger than the running factor.
+
+  With ``T = tr(G_{t-1} / w_{t-1})`` (summed over the blocks of an rfim layer)
+  and ``T^ = tr(G^)``, the estimate is multiplied by ``min(1, max_ratio * T / T^)``.
+  One batch ``c`` times out of scale would otherwise put ``(1 - decay) c^2 G``
+  into the moving average and freeze the layer for about
+  ``2 ln(c) / (1 - decay)`` steps (the inverse scales the gradient down by ``c^2``).
+  Before the first update (``w = 0``) or while ``T = 0`` nothing is limited.
+
+  Args:
+    estimate: the batch estimate ``G^``, ``(d, d)`` or ``(O, d, d)``.
+    factor: the running sum ``G_{t-1}``.
+    weight: its weight ``w_{t-1}``.
+    max_ratio: the largest allowed ``T^ / T``.
+
+  Returns:
+    The (possibly scaled) estimate.
+  """
+  dtype = jax.tree.leaves(factor)[0].dtype
+  estimate = jax.tree.map(lambda e: e.astype(dtype), estimate)
+  running = sketch_lib.trace(factor) / jnp.maximum(weight, jnp.finfo(dtype).tiny)
+  new = sketch_lib.trace(estimate)
+  limit = max_ratio * running
+  outlier = (weight > 0) & (running > 0) & (new > limit)
+  scale = jnp.where(outlier, limit / jnp.where(outlier, new, 1.0), 1.0)
+  return jax.tree.map(lambda e: e * scale.astype(dtype), estimate)

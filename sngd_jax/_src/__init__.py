@@ -1,0 +1,1 @@
+"""The implementation of sngd_jax (private: import from ``sngd_jax``)."""

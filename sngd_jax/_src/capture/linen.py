@@ -1,0 +1,120 @@
+"""Activation capture for Flax linen, by method interception.
+
+``capture(loss_fn)`` runs ``loss_fn`` under :func:`flax.linen.intercept_methods`
+and records, for every supported layer call (:data:`.tables.LAYERS`), what its
+local Fisher needs (the input ``x`` and the pre-activation output ``z``, with
+gradients stopped). Nothing in the model changes. A layer called several times
+(shared weights, a layer applied at every time step) records one entry per
+call; their statistics are pooled.
+
+**Scanned cells.** ``nn.RNN`` runs its cell under ``nn.scan``: the Dense layers
+inside the cell see tracers of the scan body, which must not escape it. While
+an ``nn.RNN`` runs, the records made inside one cell call are returned by the
+cell as an extra scan output (stacked over time by the scan), and unpacked
+when the ``nn.RNN`` call returns (:mod:`.records`). Every time step is
+therefore recorded, and the cell's weights get statistics pooled over all
+steps.
+
+The result is a dict from layer path (``'Block_0/Dense_1'``, the same string
+that names the layer's params) to a tuple of :class:`~sngd_jax.Captured`
+records.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+
+from sngd_jax._src import paths
+from sngd_jax._src.capture import flax_patches, tables
+from sngd_jax._src.capture.records import Recorder, StepRecords, freeze, rnn_time_axis, untag
+
+
+def _rnn_call(rec: Recorder, module: nn.RNN, next_fun, args, kwargs):
+  """Runs an ``nn.RNN`` and unpacks the records its cells returned through the scan."""
+  with rec.rnn():
+    out = next_fun(*args, **kwargs)
+  time_major = kwargs.get("time_major")
+  time_major = module.time_major if time_major is None else time_major
+  out, found = untag(out, rnn_time_axis(args[0], time_major, module.cell))
+  rec.add_all(found)
+  return out
+
+
+def _cell_call(rec: Recorder, next_fun, args, kwargs):
+  """Runs a cell inside an RNN's scan; its records leave the scan with its output."""
+  with rec.cell() as frame:
+    carry, y = next_fun(*args, **kwargs)
+  return (carry, StepRecords(y, frame.records)) if frame.records else (carry, y)
+
+
+def _norm_call(rec: Recorder, module, next_fun, args, kwargs):
+  """Runs a normalization layer and records ``xhat`` (from the patched routine)."""
+  with rec.norm() as slot:
+    out = next_fun(*args, **kwargs)
+  if slot and module.use_scale:
+    xhat, feature_axes = slot[0]
+    rec.add(paths.join(module.path), xhat, out, "norm", (feature_axes,))
+  return out
+
+
+def _interceptor(rec: Recorder):
+  """The ``nn.intercept_methods`` hook that records supported layer calls."""
+
+  def intercept(next_fun, args, kwargs, context):
+    module, method = context.module, context.method_name
+    if method == "__call__" and isinstance(module, nn.RNN) and args:
+      return _rnn_call(rec, module, next_fun, args, kwargs)
+    if method == "__call__" and isinstance(module, nn.RNNCellBase) and rec.rnn_frame():
+      return _cell_call(rec, next_fun, args, kwargs)
+    if method == "__call__" and isinstance(module, tables.NORMS):
+      return _norm_call(rec, module, next_fun, args, kwargs)
+    out = next_fun(*args, **kwargs)
+    if method == "attend" and isinstance(module, nn.Embed) and args:
+      rec.add(paths.join(module.path), args[0], out, "embed", ("attend",))
+      return out
+    recorder = tables.lookup(module)
+    if method == "__call__" and recorder is not None and args:
+      recorded = recorder(module, args, kwargs, out)
+      if recorded is not None:
+        rec.add(paths.join(module.path), *recorded)
+    return out
+
+  return intercept
+
+
+def capture(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable[..., Any]:
+  """Wraps a function that applies Flax linen modules so it also returns activations.
+
+  Example::
+
+    loss_and_acts = sngd_jax.capture(loss_fn)
+    (loss, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(params, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params, activations=acts)
+
+  Args:
+    fn: any function; every call of a supported layer made inside it (through
+      ``module.apply``) is recorded, including every time step of cells run by
+      ``nn.RNN``.
+    has_aux: set when ``fn`` already returns ``(value, aux)``; the wrapped
+      function then returns ``(value, (aux, activations))`` so that it still
+      fits ``jax.value_and_grad(..., has_aux=True)``.
+
+  Returns:
+    A function with ``fn``'s signature returning ``(fn(...), activations)``.
+  """
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    rec = Recorder()
+    with flax_patches.linen_normalize(rec), nn.intercept_methods(_interceptor(rec)):
+      result = fn(*args, **kwargs)
+    acts = freeze(rec.store)
+    if has_aux:
+      value, aux = result
+      return value, (aux, acts)
+    return result, acts
+
+  return wrapped

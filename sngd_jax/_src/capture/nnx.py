@@ -1,0 +1,188 @@
+"""Activation capture for Flax NNX modules.
+
+NNX modules are plain Python objects with no interceptor hook, so
+:func:`capture_nnx` swaps the ``__call__`` of the recorded layer classes for a
+recording wrapper while the wrapped function runs, and restores it after, also
+on error (:mod:`.flax_patches`). Layers are named by their path in the model
+graph (``'layers/0'``), which is the path of their params in
+``nnx.state(model)``.
+
+Recorded: the NNX classes of :data:`.tables.LAYERS` and :data:`.tables.NORMS`,
+``Embed.attend``, and the ``Linear`` layers inside ``LSTMCell``,
+``OptimizedLSTMCell``, ``GRUCell`` and ``SimpleCell``. As in linen capture,
+records made inside a cell run by ``nnx.RNN`` (under ``nnx.scan``) leave the
+scan as extra outputs stacked over time, so every time step is recorded; the
+layers inside the scan are copies of the model's, so they are named through the
+cell's own graph.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+from flax import nnx
+
+from sngd_jax._src import paths
+from sngd_jax._src.capture import flax_patches, tables
+from sngd_jax._src.capture.records import (
+    Recorder,
+    StepRecords,
+    freeze,
+    rnn_time_axis,
+    untag,
+)
+
+_NAMED = flax_patches.NNX_LAYER_CLASSES + tuple(
+    c for c in tables.NORMS if issubclass(c, nnx.Module)) + (nnx.RNN,)
+
+
+def _graph_paths(root: Any, prefix: tuple[str, ...] = ()) -> dict[int, str]:
+  """``id(layer) -> path`` for every recorded layer (and RNN) in ``root``'s graph."""
+  return {id(node): paths.join(prefix + tuple(str(p) for p in path))
+          for path, node in nnx.iter_graph(root) if isinstance(node, _NAMED)}
+
+
+class _NNXRecorder(Recorder):
+  """Adds object-id naming, with per-cell-call maps for the copies inside a scan."""
+
+  def __init__(self, owner_paths: dict[int, str]):
+    super().__init__()
+    self.owner_paths = owner_paths
+    self.local_paths: list[dict[int, str]] = []
+
+  def path_of(self, module: Any):
+    for local in reversed(self.local_paths):
+      if id(module) in local:
+        return local[id(module)]
+    return self.owner_paths.get(id(module))
+
+
+def _layer_call(rec: _NNXRecorder, recorder: tables.LayerRecorder):
+  """Wraps a layer's ``__call__`` to record it with ``recorder``."""
+  def wrap(original):
+    @functools.wraps(original)
+    def call(self, *args, **kwargs):
+      out = original(self, *args, **kwargs)
+      path = rec.path_of(self)
+      if path is not None:
+        recorded = recorder(self, args, kwargs, out)
+        if recorded is not None:
+          rec.add(path, *recorded)
+      return out
+    return call
+  return wrap
+
+
+def _attend(rec: _NNXRecorder):
+  """Wraps ``Embed.attend`` (tied output weights) to record its queries."""
+  def wrap(original):
+    @functools.wraps(original)
+    def attend(self, query, *args, **kwargs):
+      out = original(self, query, *args, **kwargs)
+      path = rec.path_of(self)
+      if path is not None:
+        rec.add(path, query, out, "embed", ("attend",))
+      return out
+    return attend
+  return wrap
+
+
+def _norm_call(rec: _NNXRecorder):
+  """Wraps a normalization layer's ``__call__`` to record ``xhat``."""
+  def wrap(original):
+    @functools.wraps(original)
+    def call(self, x, *args, **kwargs):
+      with rec.norm() as slot:
+        out = original(self, x, *args, **kwargs)
+      path = rec.path_of(self)
+      if path is not None and slot and self.use_scale:
+        xhat, feature_axes = slot[0]
+        rec.add(path, xhat, out, "norm", (feature_axes,))
+      return out
+    return call
+  return wrap
+
+
+def _rnn_call(rec: _NNXRecorder):
+  """Wraps ``nnx.RNN.__call__`` to unpack the records its cells return through the scan."""
+  def wrap(original):
+    @functools.wraps(original)
+    def call(self, inputs, *args, **kwargs):
+      path = rec.path_of(self)
+      with rec.rnn(None if path is None else path + "/cell"):
+        out = original(self, inputs, *args, **kwargs)
+      time_major = kwargs.get("time_major")
+      time_major = self.time_major if time_major is None else time_major
+      out, found = untag(out, rnn_time_axis(inputs, time_major, self.cell))
+      rec.add_all(found)
+      return out
+    return call
+  return wrap
+
+
+def _cell_call(rec: _NNXRecorder):
+  """Wraps a cell's ``__call__``: inside an RNN, names its layer copies and returns records."""
+  def wrap(original):
+    @functools.wraps(original)
+    def call(self, carry, inputs, *args, **kwargs):
+      frame = rec.rnn_frame()
+      if frame is None or frame.cell_prefix is None:
+        return original(self, carry, inputs, *args, **kwargs)
+      rec.local_paths.append(_graph_paths(self, tuple(frame.cell_prefix.split("/"))))
+      try:
+        with rec.cell() as cell:
+          carry, y = original(self, carry, inputs, *args, **kwargs)
+      finally:
+        rec.local_paths.pop()
+      return (carry, StepRecords(y, cell.records)) if cell.records else (carry, y)
+    return call
+  return wrap
+
+
+def _wrappers(rec: _NNXRecorder, cells: tuple[type, ...]) -> dict:
+  wrappers = {(cls, "__call__"): _layer_call(rec, tables.LAYERS[cls])
+              for cls in flax_patches.NNX_LAYER_CLASSES}
+  wrappers[(nnx.Embed, "attend")] = _attend(rec)
+  for cls in tables.NORMS:
+    if issubclass(cls, nnx.Module):
+      wrappers[(cls, "__call__")] = _norm_call(rec)
+  wrappers[(nnx.RNN, "__call__")] = _rnn_call(rec)
+  for cls in cells:
+    if "__call__" in cls.__dict__:
+      wrappers[(cls, "__call__")] = _cell_call(rec)
+  return wrappers
+
+
+def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable[..., Any]:
+  """Wraps ``fn(model, *args)`` so it also returns the activations of ``model``'s layers.
+
+  Example::
+
+    loss_and_acts = sngd_jax.capture_nnx(loss_fn)       # loss_fn(model, x, y)
+    (loss, acts), grads = nnx.value_and_grad(loss_and_acts, has_aux=True)(model, x, y)
+    optimizer.update(model, grads, activations=acts)
+
+  Args:
+    fn: a function whose first argument is an ``nnx.Module``.
+    has_aux: as in :func:`sngd_jax.capture`.
+
+  Returns:
+    A function with ``fn``'s signature returning ``(fn(...), activations)``,
+    activations keyed by the layer's path in ``model``.
+  """
+
+  @functools.wraps(fn)
+  def wrapped(model, *args, **kwargs):
+    rec = _NNXRecorder(_graph_paths(model))
+    cells = tuple({type(node.cell) for _, node in nnx.iter_graph(model)
+                   if isinstance(node, nnx.RNN)} | set(tables.NNX_CELLS))
+    with flax_patches.nnx_normalize(rec), flax_patches.nnx_methods(_wrappers(rec, cells)):
+      result = fn(model, *args, **kwargs)
+    acts = freeze(rec.store)
+    if has_aux:
+      value, aux = result
+      return value, (aux, acts)
+    return result, acts
+
+  return wrapped

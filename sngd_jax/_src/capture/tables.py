@@ -1,0 +1,167 @@
+"""Which layer calls capture records, and what it records for each: one table.
+
+:data:`LAYERS` maps a linen or NNX layer class to its recorder, a function
+``(module, args, kwargs, output) -> (x, z, kind, config)`` (or None for a call
+that sngd cannot model, which is then not recorded), where ``args`` are the
+positional arguments of the call (the input first). Subclasses are matched
+through their MRO (:func:`lookup`). Normalization layers (:data:`NORMS`) are
+recorded from ``xhat``, which Flax's own normalization routine computes
+(:mod:`.flax_patches`); embeddings record token ids (``kind='embed'``).
+
+Supported: ``Dense``/``Linear``, ``DenseGeneral``/``LinearGeneral`` (hence
+the q/k/v/out projections of attention), ``Einsum`` (kernels laid out as
+contracted axes then output axes), ``Conv`` (1-3-D), ``ConvTranspose``
+(``transpose_kernel=False``, not ``'CIRCULAR'``), ``Embed``, linen's
+``DenseParams`` of ``OptimizedLSTMCell``, and the normalization layers
+(``LayerNorm``, ``BatchNorm``, ``GroupNorm``, ``RMSNorm``, ``InstanceNorm``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+from flax import nnx
+
+from sngd_jax._src import conv as conv_lib
+from sngd_jax._src.capture.records import Record
+
+LayerRecorder = Callable[[Any, tuple, dict, Any], Record]
+
+
+def contract_config(axes: Any, ndim: int) -> tuple:
+  """Dense config for a kernel contracting input ``axes`` (kernel order = sorted)."""
+  axes = (axes,) if isinstance(axes, int) else tuple(axes)
+  axes = tuple(sorted(a % ndim for a in axes))
+  if axes == (ndim - 1,):
+    return ()
+  return (axes, None)
+
+
+def einsum_config(einsum_str: str, x_ndim: int, kernel_ndim: int) -> Optional[tuple]:
+  """Dense config of an einsum layer, or None if its layout is not a dense layer's.
+
+  Supported: ``lhs,rhs->out`` where the kernel ``rhs`` is the contracted
+  letters followed by output letters, every other ``lhs`` letter is a row
+  (batch/position) letter kept in ``out``, and no letter is shared by all three.
+  (Without a bias and with several output letters the params do not say where
+  the kernel's input axes end: :func:`sngd_jax.coverage` then gives the
+  ``fisher={path: (kind, n_input_axes)}`` to pass.)
+
+  Args:
+    einsum_str: the equation (explicit, two operands).
+    x_ndim: rank of the input.
+    kernel_ndim: rank of the kernel.
+
+  Returns:
+    ``(contract_axes, out_perm)`` for :func:`sngd_jax.factors.dense_rows`.
+  """
+  eq = einsum_str.replace(" ", "")
+  if "->" not in eq or eq.count(",") != 1:
+    return None
+  operands, out = eq.split("->")
+  lhs, rhs = operands.split(",")
+  if "..." in lhs:
+    free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq]
+    fill = "".join(free[:x_ndim - (len(lhs) - 3)])
+    lhs, out = lhs.replace("...", fill), out.replace("...", fill)
+  if "." in rhs or len(lhs) != x_ndim or len(rhs) != kernel_ndim:
+    return None
+  contracted = [c for c in rhs if c in lhs and c not in out]
+  kernel_out = [c for c in rhs if c in out and c not in lhs]
+  rows = [c for c in lhs if c not in rhs]
+  if (list(rhs) != contracted + kernel_out or not contracted or not kernel_out
+      or any(c not in out for c in rows) or sorted(out) != sorted(rows + kernel_out)):
+    return None
+  axes = tuple(lhs.index(c) for c in contracted)  # in kernel order
+  out_perm = tuple(out.index(c) for c in rows + kernel_out)
+  return (axes, None if out_perm == tuple(range(len(out))) else out_perm)
+
+
+def _dense(module, args, kwargs, out) -> Record:
+  return args[0], out, "dense", ()
+
+
+def _linen_dense_general(module, args, kwargs, out) -> Record:
+  if module.batch_dims:
+    return None  # kernel with batch axes: not one dense layer
+  x = args[0]
+  return x, out, "dense", contract_config(module.axis, x.ndim)
+
+
+def _nnx_linear_general(module, args, kwargs, out) -> Record:
+  if module.batch_axis:
+    return None  # kernel with batch axes: not one dense layer
+  x = args[0]
+  return x, out, "dense", contract_config(module.axis, x.ndim)
+
+
+def _einsum(kernel_ndim: Callable[[Any], int]) -> LayerRecorder:
+  def recorder(module, args, kwargs, out) -> Record:
+    x = args[0]
+    eq = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or module.einsum_str
+    config = einsum_config(eq, x.ndim, kernel_ndim(module))
+    return None if config is None else (x, out, "dense", config)
+  return recorder
+
+
+def _conv(module, args, kwargs, out) -> Record:
+  return args[0], out, "conv", conv_lib.conv_config(module)
+
+
+def _conv_transpose(module, args, kwargs, out) -> Record:
+  config = conv_lib.conv_transpose_config(module)
+  return None if config is None else (args[0], out, "conv_transpose", config)
+
+
+def _embed(module, args, kwargs, out) -> Record:
+  return args[0], out, "embed", ()
+
+
+def _dense_params(module, args, kwargs, out) -> Record:
+  # OptimizedLSTMCell's DenseParams returns (kernel, bias); the cell fuses the
+  # matmuls, so the pre-activation is recomputed here (used by rfim only).
+  x = args[0]
+  kernel, bias = out
+  z = jnp.dot(x, kernel.astype(x.dtype))
+  if bias is not None:
+    z = z + bias.astype(z.dtype)
+  return x, z, "dense", ()
+
+
+LAYERS: dict[type, LayerRecorder] = {
+    # linen
+    nn.Dense: _dense,
+    nn.DenseGeneral: _linen_dense_general,
+    nn.Einsum: _einsum(lambda m: len(m.shape)),
+    nn.Conv: _conv,
+    nn.ConvTranspose: _conv_transpose,
+    nn.Embed: _embed,
+    nn.recurrent.DenseParams: _dense_params,
+    # NNX
+    nnx.Linear: _dense,
+    nnx.LinearGeneral: _nnx_linear_general,
+    nnx.Einsum: _einsum(lambda m: m.kernel.ndim),
+    nnx.Conv: _conv,
+    nnx.ConvTranspose: _conv_transpose,
+    nnx.Embed: _embed,
+}
+"""Layer class (linen or NNX) -> recorder ``(module, args, kwargs, output) -> Record``."""
+
+NORMS: tuple[type, ...] = (nn.LayerNorm, nn.BatchNorm, nn.GroupNorm, nn.RMSNorm,
+                           nn.InstanceNorm, nnx.LayerNorm, nnx.BatchNorm, nnx.GroupNorm,
+                           nnx.RMSNorm, nnx.InstanceNorm)
+"""Normalization layers (linen and NNX), recorded from ``xhat``."""
+
+NNX_CELLS: tuple[type, ...] = (nnx.LSTMCell, nnx.OptimizedLSTMCell, nnx.GRUCell,
+                               nnx.SimpleCell)
+"""NNX recurrent cells whose inner ``Linear`` layers are recorded under ``nnx.RNN``."""
+
+
+def lookup(module: Any) -> Optional[LayerRecorder]:
+  """The recorder of ``module``'s class (or nearest base class in :data:`LAYERS`)."""
+  for cls in type(module).__mro__:
+    if cls in LAYERS:
+      return LAYERS[cls]
+  return None

@@ -1,0 +1,127 @@
+"""The configuration of :func:`sngd_jax.sngd`: every default, and its validation.
+
+:class:`SNGDConfig` is the one home of the transform's defaults: ``sngd`` and
+``sngd_momentum`` take their keyword defaults from :data:`DEFAULTS`, and the
+state records the static part of the configuration it was made with
+(``SNGDState.config``), so that :func:`sngd_jax.cost_estimate`,
+:func:`sngd_jax.coverage` and :func:`sngd_jax.factor_roots` read it instead of
+asking again.
+
+The options, by concern (the hyperparameter table of the docs follows this order):
+
+* **What is preconditioned, and how**: ``fisher`` (kind per layer), ``inverse``
+  (how damped blocks are inverted).
+* **Statistics**: ``decay``, ``factor_every``, ``prior``, ``stats_batch_size``,
+  ``max_factor_ratio``.
+* **Inverse refreshes**: ``inverse_every``, ``damping``, ``abs_damping``.
+* **Step control**: ``max_norm`` (trust region).
+* **Scale-out**: ``axis_name``, ``shard_refresh``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, Optional, Union
+
+import flax
+import jax
+import optax
+
+from sngd_jax._src import layers as layers_lib
+from sngd_jax._src import statistics
+
+AxisName = Union[str, tuple[str, ...]]
+
+
+def _check_number(name: str, value: Any, low: float, high: float = math.inf,
+                  low_open: bool = False) -> None:
+  """Validates a hyperparameter given as a Python number (arrays pass: traced or injected)."""
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    bad = value <= low if low_open else value < low
+    if bad or value > high or math.isnan(value):
+      raise ValueError(f"sngd: `{name}` must be in {'(' if low_open else '['}{low}, {high}], "
+                       f"got {value}")
+
+
+def _check_fisher_arg(fisher: layers_lib.FisherSpec) -> None:
+  """Rejects an unknown ``fisher`` kind at construction time, when it can be known."""
+  if isinstance(fisher, str):
+    layers_lib.resolve_fisher(fisher, "<every layer>")
+  elif isinstance(fisher, Mapping):
+    for path in fisher:
+      layers_lib.resolve_fisher(fisher, path)
+
+
+def _is_number(x: Any) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class SNGDConfig:
+  """The options of :func:`sngd_jax.sngd` (see its docstring for each).
+
+  Construction validates every option that is a Python value (arrays, e.g.
+  hyperparameters injected by ``optax.inject_hyperparams``, are taken as given)
+  and raises a ``ValueError`` naming it.
+  """
+
+  fisher: layers_lib.FisherSpec = "linear"
+  damping: optax.ScalarOrSchedule = 1e-4
+  abs_damping: optax.ScalarOrSchedule = 0.0
+  decay: float = 0.975
+  factor_every: int = 5
+  inverse_every: int = 100
+  prior: str = "scaled_identity"
+  inverse: Any = "auto"  # a key of sngd_jax.inverse.METHODS or an InverseMethod
+  axis_name: Optional[AxisName] = None
+  shard_refresh: Union[bool, jax.sharding.Mesh] = False
+  max_factor_ratio: Optional[float] = None
+  stats_batch_size: Optional[int] = None
+  max_norm: Optional[optax.ScalarOrSchedule] = 1.0
+
+  def __post_init__(self):
+    # Hashable forms, so that the static part can live in the state's tree structure.
+    if isinstance(self.fisher, Mapping) and not isinstance(self.fisher, flax.core.FrozenDict):
+      object.__setattr__(self, "fisher", flax.core.FrozenDict(self.fisher))
+    if self.axis_name is not None and not isinstance(self.axis_name, str):
+      object.__setattr__(self, "axis_name", tuple(self.axis_name))
+    _check_number("damping", self.damping, 0.0)
+    _check_number("abs_damping", self.abs_damping, 0.0)
+    _check_number("decay", self.decay, 0.0, 1.0)
+    _check_number("factor_every", self.factor_every, 0, low_open=True)
+    _check_number("inverse_every", self.inverse_every, 0, low_open=True)
+    if self.max_factor_ratio is not None:
+      _check_number("max_factor_ratio", self.max_factor_ratio, 1.0)
+    if self.prior not in statistics.PRIORS:
+      raise ValueError(f"sngd: unknown prior {self.prior!r}; expected one of "
+                       f"{statistics.PRIORS}")
+    if _is_number(self.damping) and _is_number(self.abs_damping) \
+        and self.damping == 0 and self.abs_damping == 0:
+      raise ValueError("sngd: `damping` and `abs_damping` are both 0; the local Fisher of a "
+                       "batch is singular in general, so at least one must be positive")
+    _check_number("stats_batch_size", self.stats_batch_size, 0, low_open=True)
+    if self.max_norm is not None:
+      _check_number("max_norm", self.max_norm, 0.0, low_open=True)
+    _check_fisher_arg(self.fisher)
+
+  def static(self) -> SNGDConfig:
+    """This configuration with array-valued options (injected hyperparameters) set to None.
+
+    What the state records: everything in it is hashable and known at trace time.
+    """
+    arrays = {f.name: None for f in dataclasses.fields(self)
+              if isinstance(getattr(self, f.name), (jax.Array, jax.core.Tracer))
+              or hasattr(getattr(self, f.name), "__array__")}
+    return dataclasses.replace(self, **arrays) if arrays else self
+
+
+DEFAULTS = SNGDConfig()
+"""The default configuration: the one place where each default is defined."""
+
+
+def value_at(x: optax.ScalarOrSchedule, count: Any) -> Any:
+  """A hyperparameter's value at step ``count`` (schedules are called)."""
+  return x(count) if callable(x) else x
+

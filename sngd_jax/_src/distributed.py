@@ -1,0 +1,91 @@
+"""Data-parallel SNGD with JAX's own sharding: statistics, agreement and resharding.
+
+SNGD's local Fisher of a layer is an average over rows (samples, positions):
+``G = (1/n) sum_i x~_i x~_i^T``. With the batch split over devices, the global
+statistic is the mean of the per-shard statistics (every shard has the same
+static shape under ``jit``, ``shard_map`` and ``pmap``, so plain means weigh
+all rows equally)::
+
+    G = (1/k) sum_s G_s,   G_s = (1/m) X~_s^T X~_s,   n = k m.
+
+Two ways to get it, both with XLA's collectives and no host code:
+
+* ``jax.jit`` with the batch sharded over a mesh axis (``NamedSharding``):
+  ``X~^T X~`` contracts the sharded row axis and XLA inserts the all-reduce.
+  For meshes with explicit axes (the default of ``jax.make_mesh`` in recent
+  JAX) the contraction is told that its output is replicated
+  (:func:`replicated_out_sharding`).
+* ``shard_map``/``pmap``: each device sees its shard only, so ``sngd`` takes an
+  ``axis_name`` and averages the batch estimates with ``lax.pmean``
+  (:func:`axis_mean`), and agrees across the axis on whether a step is finite
+  (:func:`all_agree`) so that every device takes the same ``lax.cond`` branch.
+
+Splitting the inverse refreshes over devices is :mod:`sngd_jax._src.inverse.sharded`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+AxisName = Union[str, Sequence[str]]
+
+
+def _explicit_mesh(x: jax.Array):
+  """The mesh of ``x``'s sharding type if it has explicit axes, else None."""
+  mesh = getattr(jax.typeof(x).sharding, "mesh", None)
+  if mesh is None or mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
+    return None
+  return mesh
+
+
+def replicate(x: jax.Array) -> jax.Array:
+  """Reshards an explicitly sharded array to replicated; any other array is returned as is.
+
+  The cached inverses are replicated; a gradient block sharded over a model
+  axis (explicit mesh) is gathered before it meets them.
+  """
+  mesh = _explicit_mesh(x)
+  return x if mesh is None else jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec()))
+
+
+def reshard_like(x: jax.Array, like: jax.Array) -> jax.Array:
+  """Gives ``x`` the sharding type of ``like`` under an explicit mesh; else returns ``x``."""
+  if _explicit_mesh(like) is None:
+    return x
+  return jax.sharding.reshard(x, jax.typeof(like).sharding)
+
+
+def replicated_out_sharding(x: jax.Array) -> Optional[NamedSharding]:
+  """The ``out_sharding`` for a contraction over the rows of ``x``.
+
+  Under a mesh with explicit axes, contracting an axis that is sharded is
+  ambiguous to JAX's sharding-in-types and must name its output sharding; the
+  local Fisher is replicated (an all-reduce over the row shards). Elsewhere
+  (no mesh, or auto axes, where XLA's partitioner decides) returns None.
+
+  Args:
+    x: an array whose leading (row) axis may be sharded.
+
+  Returns:
+    A replicated ``NamedSharding`` on ``x``'s mesh, or None.
+  """
+  mesh = _explicit_mesh(x)
+  return None if mesh is None else NamedSharding(mesh, PartitionSpec())
+
+
+def axis_mean(x: Any, axis_name: Optional[AxisName]) -> Any:
+  """``lax.pmean`` over a bound axis (``shard_map``/``pmap``); identity for None."""
+  if axis_name is None:
+    return x
+  return jax.lax.pmean(x, axis_name)
+
+
+def all_agree(flag: jax.Array, axis_name: Optional[AxisName]) -> jax.Array:
+  """True only where ``flag`` is True on every device of the axis."""
+  if axis_name is None:
+    return flag
+  return jax.lax.psum((~flag).astype(jnp.int32), axis_name) == 0

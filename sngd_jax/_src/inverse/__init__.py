@@ -1,0 +1,1 @@
+"""Inverse methods (private: the public names are in ``sngd_jax.inverse``)."""

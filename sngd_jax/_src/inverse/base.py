@@ -1,0 +1,138 @@
+"""The inverse-method protocol and the damping rule shared by every method.
+
+Every method works on a stack of symmetric positive semi-definite blocks
+``G`` of shape ``(b, d, d)`` and a per-block shift ``rho`` (the damping,
+:func:`damping_shift`)::
+
+    rho = damping * tr(G) + abs_damping,     G_rho = G + rho I,
+
+the reference code's relative rule. An :class:`InverseMethod` caches a
+representation of ``G_rho^{-1}`` at a refresh and applies it to gradient blocks
+at every step. The dense methods (:mod:`.dense`, :mod:`.roots`) cache the
+explicit inverse; Nystrom (:mod:`.nystrom`) caches a rank-``r``
+eigendecomposition; block-diagonal (:mod:`.blocks`) and size-dependent
+(:func:`.registry.auto`) methods wrap others.
+
+A refresh returns the new representation and an ``ok`` flag per block: False
+when the result is not finite or an error estimate exceeds its bound. The
+transform then keeps the previous representation of such a block and counts
+the event (:mod:`.refresh`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from sngd_jax._src import sketch as sketch_lib
+
+Rep = Any
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class MethodInfo(NamedTuple):
+  """What a method does for blocks of one size ``d``: for reports and cost estimates.
+
+  Attributes:
+    name: e.g. ``"cholesky"`` or ``"nystrom(rank=128)"``.
+    refresh_flops: FLOPs of one refresh of one ``d x d`` block from the dense
+      ``G``, or None where no formula is known (iterative methods).
+    apply_flops: FLOPs of applying one block's representation to one gradient
+      column (multiply by the number of columns), or None.
+  """
+
+  name: str
+  refresh_flops: Optional[float] = None
+  apply_flops: Optional[float] = None
+
+
+class InverseMethod(NamedTuple):
+  """A way to represent and apply ``(G + rho I)^{-1}`` for stacks of blocks.
+
+  The functions receive static shapes, so a method may choose what to do by
+  the block size ``d`` (see :func:`auto`).
+
+  Attributes:
+    identity: ``identity(b, d, dtype)`` -> the representation of ``I``, used
+      before the first refresh.
+    refresh: ``refresh(G, rho)`` with ``G`` symmetric, shape ``(b, d, d)``,
+      undamped, and ``rho`` of shape ``(b,)`` -> ``(rep, ok)``, ``rep`` a
+      pytree with leading axis ``b`` and ``ok`` a bool array of shape ``(b,)``.
+    apply: ``apply(rep, g)`` with ``g`` of shape ``(b, d, k)`` ->
+      ``(G + rho I)^{-1} g`` (or the method's approximation of it).
+    sketch: optional; ``sketch(d, dtype)`` -> a ``d x r`` test matrix
+      ``Omega`` for blocks of size ``d`` whose statistics the method reads only
+      through ``(G Omega, tr G)``, or None. For such blocks the transform keeps
+      the running factor as a :class:`sngd_jax.sketch.Sketch` and ``refresh``
+      receives a stacked ``Sketch`` (``y`` of shape ``(b, d, r)``, ``trace``
+      of shape ``(b,)``) instead of ``G``.
+    info: optional; ``info(d)`` -> :class:`MethodInfo` for blocks of size ``d``.
+  """
+
+  identity: Callable[[int, int, Any], Rep]
+  refresh: Callable[[jax.Array, jax.Array], tuple[Rep, jax.Array]]
+  apply: Callable[[Rep, jax.Array], jax.Array]
+  sketch: Optional[Callable[[int, Any], Optional[jax.Array]]] = None
+  info: Optional[Callable[[int], MethodInfo]] = None
+
+
+def describe(method: InverseMethod, d: int) -> MethodInfo:
+  """``method.info(d)``, or an anonymous :class:`MethodInfo` when it has none."""
+  return method.info(d) if method.info is not None else MethodInfo("custom")
+
+
+def dense_apply_flops(d: int) -> float:
+  """One column of an explicit-inverse product: ``2 d^2``."""
+  return 2.0 * d * d
+
+
+def symmetrize(g: jax.Array) -> jax.Array:
+  """``(G + G^T) / 2`` over the last two axes."""
+  return 0.5 * (g + jnp.swapaxes(g, -1, -2))
+
+
+def damping_shift(g, damping, abs_damping) -> jax.Array:
+  """``rho = damping * tr(G) + abs_damping`` per block, shape ``g.shape[:-2]``.
+
+  ``g`` may also be a (stacked) :class:`sngd_jax.sketch.Sketch`, whose ``trace``
+  is ``tr(G)`` per block.
+  """
+  if sketch_lib.is_sketch(g):
+    trace, dtype = g.trace, g.trace.dtype
+  else:
+    trace, dtype = jnp.trace(g, axis1=-2, axis2=-1), g.dtype
+  return jnp.asarray(damping * trace + abs_damping).astype(dtype)
+
+
+def add_shift(g: jax.Array, shift: jax.Array) -> jax.Array:
+  """``G + rho I`` for a stack of blocks and a shift of shape ``g.shape[:-2]``."""
+  eye = jnp.eye(g.shape[-1], dtype=g.dtype)
+  return g + jnp.asarray(shift, g.dtype)[..., None, None] * eye
+
+
+def damp(g: jax.Array, damping, abs_damping) -> jax.Array:
+  """Symmetrizes a stack of blocks and adds ``(damping * tr(G) + abs_damping) I``.
+
+  Args:
+    g: blocks of shape ``(..., d, d)``.
+    damping: relative damping (scalar).
+    abs_damping: absolute damping (scalar).
+
+  Returns:
+    The damped blocks, same shape and dtype.
+  """
+  g = symmetrize(g)
+  return add_shift(g, damping_shift(g, damping, abs_damping))
+
+
+def all_finite_per_block(x: jax.Array) -> jax.Array:
+  """``(b,)`` flags: every entry of block ``i`` is finite."""
+  return jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+  """The working precision: float32 for bfloat16/float16 inputs, else the input's."""
+  return jnp.promote_types(dtype, jnp.float32)

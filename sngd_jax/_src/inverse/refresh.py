@@ -1,0 +1,122 @@
+"""Refreshing the cached inverses: grouping, the method call, and acceptance.
+
+:func:`refresh_inverses` is the one place where the transform inverts its
+factors. Blocks of equal size and dtype (from every layer, and every unit of an
+rfim layer) are stacked and refreshed in one batched call of the inverse
+method, which keeps the compiled program small and the kernels busy. Each
+refreshed block must then pass :func:`accept_refresh`; a rejected block keeps
+its previous inverse (the identity before the first refresh) and is counted.
+
+Acceptance: a block of ``A = G + s I`` (``G`` positive semi-definite, shift
+``s = damping * tr(G) + abs_damping``) is accepted only if
+
+- ``s > 0`` and ``1 / s`` is finite (a zero or subnormal shift means the
+  damped matrix may be singular: there is nothing safe to invert);
+- the representation is finite and, applied to a fixed probe ``v``, gives
+  ``y = A^{-1} v`` with ``v^T y > 0`` (positive definite along ``v``) and
+  ``||y|| <= 2 ||v|| / s`` (the exact inverse obeys ``||A^{-1}|| <= 1 / s``
+  for any PSD ``G``, also for low-rank approximations of ``G``; an inverse
+  that breaks the bound by a factor 2 is numerically wrong).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sngd_jax._src import sketch as sketch_lib
+from sngd_jax._src import statistics
+from sngd_jax._src.inverse import diagonal as diagonal_lib
+from sngd_jax._src.inverse.base import InverseMethod, damping_shift, symmetrize
+
+
+def _probe(d: int, dtype) -> jax.Array:
+  """A fixed probe vector with no structure aligned to the axes, ``||v|| = 1``."""
+  v = jnp.cos(jnp.arange(1, d + 1, dtype=dtype) * 1.3) + 1.5
+  return v / jnp.linalg.norm(v)
+
+
+def accept_refresh(apply_fn, rep: Any, blocks: jax.Array, shift: jax.Array,
+                   ok: jax.Array) -> jax.Array:
+  """Per-block acceptance of a refreshed inverse (see the module docstring).
+
+  Args:
+    apply_fn: the method's ``apply(rep, g)`` for ``g`` of shape ``(b, d, k)``.
+    rep: the new representation of ``A^{-1}`` (leading axis ``b``).
+    blocks: the refreshed blocks, shape ``(b, d, d)`` (only shape and dtype are used).
+    shift: the damping shift ``s`` per block, shape ``(b,)``.
+    ok: the method's own flags, shape ``(b,)``.
+
+  Returns:
+    ``(b,)`` bool: the blocks whose new inverse may be used.
+  """
+  b, d, _ = blocks.shape
+  dtype = blocks.dtype
+  v = jnp.broadcast_to(_probe(d, dtype)[None, :, None], (b, d, 1))
+  y = apply_fn(rep, v)[..., 0].astype(dtype)
+  inv_shift = 1.0 / shift.astype(dtype)
+  finite_rep = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf.reshape(b, -1)), axis=1)
+                                  for leaf in jax.tree.leaves(rep)]), axis=0)
+  positive = jnp.einsum("bd,bd->b", v[..., 0], y) > 0
+  bounded = jnp.linalg.norm(y, axis=-1) <= 2.0 * inv_shift
+  good_shift = (shift > 0) & jnp.isfinite(inv_shift)
+  return ok & finite_rep & jnp.all(jnp.isfinite(y), axis=-1) & positive & bounded & good_shift
+
+
+def refresh_inverses(specs, factors, weights, old_inverses, method: InverseMethod, damping,
+                     abs_damping):
+  """Refreshes every layer's inverse, one batched method call per (size, dtype) group.
+
+  Args:
+    specs: the layers, by path.
+    factors: the running factors ``G_t`` (arrays or sketches), by path.
+    weights: their weights ``w_t`` (the factor in use is ``G_t / w_t``).
+    old_inverses: the cached representations, kept for rejected blocks.
+    method: the inverse method.
+    damping: relative damping (a value).
+    abs_damping: absolute damping (a value).
+
+  Returns:
+    ``(inverses, failures)``: the new representations by path and the number
+    of rejected blocks (int32).
+  """
+  groups: dict[tuple[int, Any, bool], list[str]] = {}
+  new_inverses, failures = {}, jnp.zeros((), jnp.int32)
+  for path, spec in specs.items():
+    if spec.structure == "diagonal":
+      rep, ok = diagonal_lib.refresh(statistics.normalized(factors[path], weights[path]),
+                                     damping, abs_damping)
+      new_inverses[path] = jnp.where(ok, rep, old_inverses[path])
+      failures += (~ok).astype(jnp.int32)
+      continue
+    sketched = sketch_lib.is_sketch(factors[path])
+    dtype = jax.tree.leaves(factors[path])[0].dtype
+    groups.setdefault((spec.dim, dtype, sketched), []).append(path)
+  for (d, dtype, sketched), paths_in_group in groups.items():
+    if sketched:  # stacked Sketch: y (b, d, r), trace (b,)
+      blocks = [jax.tree.map(lambda a: a[None], statistics.normalized(factors[p], weights[p]))
+                for p in paths_in_group]
+      stacked = jax.tree.map(lambda *a: jnp.concatenate(a), *blocks)
+      sizes = [1] * len(blocks)
+    else:
+      blocks = [statistics.normalized(factors[p], weights[p]).reshape(
+          (-1,) + factors[p].shape[-2:]) for p in paths_in_group]
+      sizes = [b.shape[0] for b in blocks]
+      stacked = symmetrize(jnp.concatenate(blocks))
+    shift = damping_shift(stacked, damping, abs_damping)
+    rep, ok = method.refresh(stacked, shift)
+    ok = accept_refresh(method.apply, rep,
+                                   jax.ShapeDtypeStruct((sum(sizes), d, d), dtype), shift, ok)
+    failures += jnp.sum(~ok).astype(jnp.int32)
+    start = 0
+    for p, size in zip(paths_in_group, sizes, strict=True):
+      sl = slice(start, start + size)
+      start += size
+      keep = ok[sl]
+      new_inverses[p] = jax.tree.map(
+          lambda new, old, keep=keep: jnp.where(
+              keep.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
+          jax.tree.map(lambda r, sl=sl: r[sl], rep), old_inverses[p])
+  return new_inverses, failures

@@ -1,0 +1,101 @@
+"""Applying the cached inverses to a layer's gradient, and the trust region.
+
+A layer's gradient is gathered into the augmented matrix ``[gW; gb^T]``
+(``d x O``, :func:`augmented`), multiplied by the cached inverse of its damped
+local Fisher (:func:`apply_inverse`)::
+
+    U = (G + rho I)^{-1} [gW; gb^T]           (one d x d block, fisher="linear")
+    u_j = (G_j + rho_j I)^{-1} g_j            (a block per output unit: rfim, norms)
+    U = diag(1 / (f + rho)) gE                (diagonal: embeddings)
+
+and split back into kernel and bias (:func:`split`). The trust region
+(:func:`trust_region_scale`) then scales all preconditioned layers jointly so
+that the update's norm in the local-Fisher metric,
+``q = sum_l <g_l, u_l> = sum_l g_l^T (G_l + rho_l I)^{-1} g_l``, is at most
+``max_norm``. The reconstructed network (:mod:`sngd_jax._src.reconstruct`)
+uses the same gather and split.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from sngd_jax._src import distributed
+from sngd_jax._src.inverse import diagonal as diagonal_lib
+from sngd_jax._src.inverse.base import InverseMethod
+from sngd_jax._src.layers import LayerSpec
+
+
+def augmented(spec: LayerSpec, leaves: Sequence[Any], index: Mapping[tuple[str, ...], int],
+              dtype) -> jax.Array:
+  """``W~ = [W; b^T]`` of shape ``(d, O)`` from a layer's kernel and bias leaves.
+
+  Args:
+    spec: the layer.
+    leaves: the flat leaves of a params-shaped tree (params or gradients).
+    index: leaf parts -> position in ``leaves``.
+    dtype: the dtype of the result.
+  """
+  w = leaves[index[spec.kernel]].reshape(spec.in_dim, spec.out_dim).astype(dtype)
+  if spec.bias is not None:
+    w = jnp.concatenate([w, leaves[index[spec.bias]].reshape(1, spec.out_dim).astype(dtype)])
+  return w
+
+
+def split(spec: LayerSpec, w: jax.Array, leaves: Sequence[Any],
+          index: Mapping[tuple[str, ...], int]) -> dict[int, jax.Array]:
+  """The inverse of :func:`augmented`: leaf position -> kernel / bias part of ``w``.
+
+  Each part takes the shape and dtype of the leaf it replaces.
+  """
+  kernel = leaves[index[spec.kernel]]
+  out = {index[spec.kernel]: w[:spec.in_dim].reshape(kernel.shape).astype(kernel.dtype)}
+  if spec.bias is not None:
+    bias = leaves[index[spec.bias]]
+    out[index[spec.bias]] = w[spec.in_dim].reshape(bias.shape).astype(bias.dtype)
+  return out
+
+
+def apply_inverse(spec: LayerSpec, inverse: Any, method: InverseMethod,
+                  g: jax.Array) -> jax.Array:
+  """The preconditioned ``(d, O)`` gradient of one layer (see the module docstring)."""
+  if spec.structure == "diagonal":
+    return diagonal_lib.apply(inverse, g)
+  if spec.per_unit:
+    return method.apply(inverse, g.T[:, :, None])[:, :, 0].T
+  return method.apply(inverse, g[None])[0]
+
+
+def precondition(specs: Mapping[str, LayerSpec], leaves: Sequence[Any],
+                 index: Mapping[tuple[str, ...], int], inverses: Mapping[str, Any],
+                 factor_dtypes: Mapping[str, Any], method: InverseMethod
+                 ) -> tuple[dict[str, jax.Array], jax.Array]:
+  """Every layer's preconditioned gradient ``u_l`` and ``q = sum_l <g_l, u_l>``.
+
+  ``q`` is the squared norm of the update in the local-Fisher metric, which the
+  trust region needs; it is also non-finite whenever any ``u_l`` is
+  (``inf * 0`` and ``inf - inf`` are NaN), which the transform's overflow
+  guard reads instead of passing over every update again.
+
+  Returns:
+    ``(u, q)``: ``(d, O)`` updates by layer path in the factor dtype, and ``q``
+    (float32, or float64 when a factor is).
+  """
+  pres, sq_norm = {}, jnp.zeros((), jnp.float32)
+  for path, spec in specs.items():
+    g = augmented(spec, leaves, index, factor_dtypes[path])
+    g = distributed.replicate(g)  # as the inverses, under an explicit mesh
+    pre = apply_inverse(spec, inverses[path], method, g)
+    sq_norm = sq_norm + jnp.vdot(g, pre)
+    pres[path] = pre
+  return pres, sq_norm
+
+
+def trust_region_scale(sq_norm: jax.Array, max_norm: Any) -> jax.Array:
+  """``min(1, max_norm / sqrt(q))``; 1 where that is not finite (the guard skips such steps)."""
+  radius = jnp.asarray(max_norm, sq_norm.dtype)
+  scale = jnp.minimum(1.0, radius * jax.lax.rsqrt(jnp.maximum(sq_norm, 1e-30)))
+  return jnp.where(jnp.isfinite(scale), scale, 1.0)

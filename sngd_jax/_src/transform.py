@@ -1,0 +1,439 @@
+"""The ``sngd`` gradient transformation: local Fisher preconditioning.
+
+Structured natural gradient descent (W. Liu et al., "Reconstructing Deep Neural
+Networks: Unleashing the Optimization Potential of Natural Gradient Descent",
+arXiv:2412.07441) replaces the Fisher matrix of natural gradient descent by
+small *local* Fisher matrices built from each layer's inputs. For a layer with
+augmented weights ``W~ = [W; b^T]`` (``d x O``) and local Fisher ``G``::
+
+    Delta W~ = (G + (damping * tr(G) + abs_damping) I)^{-1} grad_W~ L,
+
+or column by column with ``G_j`` for ``fisher="rfim"``. This is plain gradient
+descent on a *reconstructed* network whose layers are preceded by
+``x~ -> G^{-1/2} x~`` and whose weights are ``G^{1/2} W~``.
+
+One update is a pipeline of named stages, each a function below:
+check inputs -> update statistics -> refresh inverses -> precondition ->
+trust region -> write back -> guard.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from sngd_jax._src import distributed, paths, precondition, statistics, validation
+from sngd_jax._src import layers as layers_lib
+from sngd_jax._src import sketch as sketch_lib
+from sngd_jax._src.capture.records import Activations
+from sngd_jax._src.config import DEFAULTS, AxisName, SNGDConfig, value_at
+from sngd_jax._src.inverse import diagonal as diagonal_lib
+from sngd_jax._src.inverse.base import InverseMethod
+from sngd_jax._src.inverse.refresh import refresh_inverses
+from sngd_jax._src.inverse.registry import get_method
+from sngd_jax._src.inverse.sharded import shard_method
+
+
+@flax.struct.dataclass
+class SNGDState:
+  """State of :func:`sngd`: arrays only (plus its static configuration), a pytree.
+
+  Attributes:
+    count: steps taken (non-finite steps not counted), int32.
+    factors: per layer path, the running local Fisher sum ``G_t``
+      (``(d, d)`` or ``(O, d, d)``), float32 (float64 under x64); for layers
+      whose inverse method is a rank-``r`` Nystrom model (``inverse="auto"``
+      above ``d = 512``) its sketch ``(G_t Omega, tr G_t)``, a
+      :class:`sngd_jax.Sketch` with ``y`` of shape ``(d, r)``.
+    weights: per layer path, the weight ``w_t`` of ``G_t`` (use ``G_t / w_t``).
+    inverses: per layer path, the cached inverse representation.
+    has_inverse: whether an inverse has been computed yet.
+    num_refresh_failures: blocks whose refresh failed and kept the old inverse.
+    num_skipped_steps: steps that produced a zero update: those with
+      non-finite gradients or activations (which leave the rest of the state
+      unchanged) and those whose preconditioned update overflowed its dtype
+      (whose finite statistics are kept).
+    config: the static :class:`SNGDConfig` the state was made with (part of
+      the tree structure, not a leaf: checkpoints hold the arrays only).
+  """
+
+  count: chex.Array
+  factors: dict[str, Any]
+  weights: dict[str, chex.Array]
+  inverses: dict[str, Any]
+  has_inverse: chex.Array
+  num_refresh_failures: chex.Array
+  num_skipped_steps: chex.Array
+  config: SNGDConfig = flax.struct.field(pytree_node=False, default=DEFAULTS)
+
+  def _replace(self, **kwargs) -> SNGDState:
+    """NamedTuple-style alias of ``replace``."""
+    return self.replace(**kwargs)
+
+
+def _layer_dtype(leaf: Any) -> jnp.dtype:
+  return jnp.result_type(jnp.float32, leaf.dtype)
+
+
+def _flatten(tree: Any) -> tuple[list[Any], Any, dict[tuple[str, ...], int]]:
+  leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  index = {paths.leaf_parts(p): i for i, (p, _) in enumerate(leaves_with_path)}
+  return [leaf for _, leaf in leaves_with_path], treedef, index
+
+
+def _sketch_omegas(specs: dict[str, layers_lib.LayerSpec], leaves, index,
+                   method: InverseMethod) -> dict[str, jax.Array]:
+  """The test matrix ``Omega`` of every layer whose factor is kept as a sketch.
+
+  Those are the single-block (``fisher="linear"``) layers for whose size the
+  inverse method reads ``G`` only through ``(G Omega, tr G)`` (the Nystrom
+  model of ``inverse="auto"`` above ``max_dim``; see :mod:`sngd_jax._src.sketch`).
+  """
+  if method.sketch is None:
+    return {}
+  out = {}
+  for path, spec in specs.items():
+    if spec.structure == "dense" and not spec.per_unit:
+      omega = method.sketch(spec.dim, _layer_dtype(leaves[index[spec.kernel]]))
+      if omega is not None:
+        out[path] = omega
+  return out
+
+
+def _init_state(params: Any, specs: dict[str, layers_lib.LayerSpec], method: InverseMethod,
+                config: SNGDConfig) -> SNGDState:
+  leaves, _, index = _flatten(params)
+  omegas = _sketch_omegas(specs, leaves, index, method)
+  factors, weights, inverses = {}, {}, {}
+  for path, spec in specs.items():
+    dtype = _layer_dtype(leaves[index[spec.kernel]])
+    if path in omegas:
+      factors[path] = sketch_lib.zeros(spec.dim, omegas[path].shape[1], dtype)
+    else:
+      factors[path] = jnp.zeros(spec.factor_shape, dtype)
+    weights[path] = jnp.zeros((), dtype)
+    if spec.structure == "diagonal":
+      inverses[path] = diagonal_lib.identity(spec.in_dim, dtype)
+    else:
+      inverses[path] = method.identity(spec.num_blocks, spec.dim, dtype)
+  # Separate buffers for each counter, so a jitted step may donate the state.
+  zero = lambda: jnp.zeros((), jnp.int32)
+  return SNGDState(count=zero(), factors=factors, weights=weights, inverses=inverses,
+                   has_inverse=jnp.zeros((), bool), num_refresh_failures=zero(),
+                   num_skipped_steps=zero(), config=config.static())
+
+
+def tree_all_finite(tree: Any) -> chex.Array:
+  """Whether every floating leaf of ``tree`` is finite, from one sum per leaf.
+
+  A NaN or an infinity makes the sum non-finite (``inf - inf`` is NaN), so
+  ``isfinite(sum(x))`` is False whenever ``x`` holds one; it is also False when
+  finite values sum past the range of the accumulator (float32 for float32 and
+  narrower leaves: ``|x| ~ 1e38 / x.size``; float64 for float64 leaves), which
+  then skips a step that was finite: the conservative side. A float sum costs
+  about half of ``all(isfinite(x))`` (a predicate reduction) on CPU, and this
+  check runs on every gradient leaf every step.
+  """
+  flags = [jnp.isfinite(jnp.sum(x, dtype=jnp.result_type(jnp.float32, x.dtype)))
+           for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+def _sub_batch(calls, size: int):
+  """The first ``size`` examples (leading axis) of every captured call."""
+  return tuple(c.replace(inputs=c.inputs[:size], outputs=c.outputs[:size]) for c in calls)
+
+
+class _Inputs:
+  """The checked inputs of one update: layers, flat gradient leaves and activations."""
+
+  def __init__(self, specs, leaves, treedef, index, omegas, activations):
+    self.specs = specs
+    self.leaves = leaves
+    self.treedef = treedef
+    self.index = index
+    self.omegas = omegas
+    self.activations = activations
+
+
+def _check_inputs(config: SNGDConfig, method: InverseMethod, updates: Any, state: SNGDState,
+                  activations: Optional[Activations]) -> _Inputs:
+  """Stage 1: finds the layers and raises errors naming the layer for what does not fit."""
+  specs = layers_lib.discover(updates, config.fisher)
+  all_layers = layers_lib.discover(updates, "linear")
+  validation.check_structure(specs, state.factors, activations, all_layers)
+  assert activations is not None  # checked above
+  activations = {p: activations[p] for p in specs}
+  leaves, treedef, index = _flatten(updates)
+  validation.check_param_dtypes(specs, leaves, index, "updates")
+  omegas = _sketch_omegas(specs, leaves, index, method)
+  validation.check_state_shapes(specs, state.factors,
+                                {p: o.shape[1] for p, o in omegas.items()})
+  validation.check_activations(specs, activations)
+  return _Inputs(specs, leaves, treedef, index, omegas, activations)
+
+
+def _update_statistics(config: SNGDConfig, inputs: _Inputs, state: SNGDState,
+                       grads_finite: jax.Array):
+  """Stage 2: on factor steps, folds the batch's local Fisher into the moving average.
+
+  Runs under ``lax.cond``: the ``X~^T X~`` products are paid only on one step
+  in ``factor_every``, the only steps that read the activations (so only then
+  are they checked for finiteness; a non-finite batch leaves the average).
+
+  Returns:
+    ``(factors, weights, acts_finite)``.
+  """
+  specs, omegas, axis_name = inputs.specs, inputs.omegas, config.axis_name
+  keep_factors = lambda _: (state.factors, state.weights)
+
+  def update_factors(acts):
+    out_f, out_w = {}, {}
+    for path, spec in specs.items():
+      if path in omegas:
+        estimate = statistics.batch_sketch(spec, acts[path], omegas[path])
+      else:
+        estimate = statistics.batch_factor(spec, acts[path])
+      estimate = distributed.axis_mean(estimate, axis_name)
+      if config.max_factor_ratio is not None:
+        estimate = statistics.limit_outlier(estimate, state.factors[path],
+                                            state.weights[path], config.max_factor_ratio)
+      out_f[path], out_w[path] = statistics.ema_update(
+          state.factors[path], state.weights[path], estimate, config.decay, config.prior,
+          omegas.get(path))
+    return out_f, out_w
+
+  def new_factors(_):
+    acts = inputs.activations
+    if config.stats_batch_size is not None:  # statistics from a sub-batch
+      acts = {p: _sub_batch(calls, config.stats_batch_size) for p, calls in acts.items()}
+    acts_finite = distributed.all_agree(tree_all_finite(acts), axis_name)
+    return jax.lax.cond(acts_finite, update_factors, keep_factors, acts) + (acts_finite,)
+
+  do_factor = grads_finite & (state.count % config.factor_every == 0)
+  return jax.lax.cond(
+      do_factor, new_factors, lambda _: keep_factors(None) + (jnp.array(True),), None)
+
+
+def _refresh(config: SNGDConfig, method: InverseMethod, specs, factors, weights,
+             state: SNGDState, finite: jax.Array):
+  """Stage 3: every ``inverse_every`` steps (and at the first), refreshes the inverses.
+
+  Returns:
+    ``(inverses, failures, refreshed)``.
+  """
+  count = state.count
+
+  def new_inverses(_):
+    return refresh_inverses(specs, factors, weights, state.inverses, method,
+                            value_at(config.damping, count),
+                            value_at(config.abs_damping, count))
+
+  do_inverse = finite & ((count % config.inverse_every == 0) | ~state.has_inverse)
+  inverses, failures = jax.lax.cond(
+      do_inverse, new_inverses, lambda _: (state.inverses, jnp.zeros((), jnp.int32)), None)
+  return inverses, failures, do_inverse
+
+
+def _write_back(inputs: _Inputs, pres: dict[str, jax.Array], scale: Optional[jax.Array]):
+  """Stage 6: splits each scaled ``(d, O)`` update into its kernel and bias leaves.
+
+  Returns:
+    ``(out, narrowed)``: the flat output leaves (unpreconditioned leaves are the
+    gradients) and the outputs cast to a narrower dtype than their factor's,
+    which may overflow and are checked by the guard.
+  """
+  out, narrowed = list(inputs.leaves), []
+  for path, spec in inputs.specs.items():
+    pre = pres[path] if scale is None else pres[path] * scale.astype(pres[path].dtype)
+    for i, part in precondition.split(spec, pre, inputs.leaves, inputs.index).items():
+      out[i] = distributed.reshard_like(part, inputs.leaves[i])
+      if jnp.finfo(inputs.leaves[i].dtype).bits < jnp.finfo(pre.dtype).bits:
+        narrowed.append(out[i])
+  return out, narrowed
+
+
+def _guard(config: SNGDConfig, finite: jax.Array, sq_norm: jax.Array, narrowed, out):
+  """Stage 7: zero updates for a step that is not finite, or that overflowed.
+
+  Finite inputs can still overflow (e.g. a float16 update of a tiny-scale
+  layer): such a step is skipped like a non-finite one, so no non-finite value
+  ever leaves the transform. Its statistics were finite and are kept; only the
+  update is zeroed. The check costs no pass over the updates: a non-finite
+  entry of any ``u_l`` makes ``q = sum <g, u>`` non-finite, the trust-region
+  scale is at most 1, leaves that are not preconditioned are the (checked)
+  gradients, and only outputs cast to a narrower dtype are summed again.
+
+  Returns:
+    ``(out, ok)``.
+  """
+  ok = finite & jnp.isfinite(sq_norm) & tree_all_finite(narrowed)
+  ok = distributed.all_agree(ok, config.axis_name)
+  return [jnp.where(ok, u, jnp.zeros_like(u)) for u in out], ok
+
+
+def _method_of(config: SNGDConfig) -> InverseMethod:
+  method = get_method(config.inverse)
+  if config.shard_refresh is not False:
+    mesh = config.shard_refresh if isinstance(config.shard_refresh, jax.sharding.Mesh) else None
+    method = shard_method(method, axis_name=config.axis_name, mesh=mesh)
+  return method
+
+
+def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArgs:
+  """:func:`sngd` for a ready :class:`SNGDConfig`."""
+  method = _method_of(config)
+
+  def init_fn(params):
+    specs = layers_lib.discover(params, config.fisher)
+    leaves, _, index = _flatten(params)
+    validation.check_param_dtypes(specs, leaves, index, "params")
+    return _init_state(params, specs, method, config)
+
+  def update_fn(updates, state, params=None, *, activations=None, **extra_args):
+    del params, extra_args
+    inputs = _check_inputs(config, method, updates, state, activations)
+    grads_finite = distributed.all_agree(tree_all_finite(inputs.leaves), config.axis_name)
+    factors, weights, acts_finite = _update_statistics(config, inputs, state, grads_finite)
+    finite = grads_finite & acts_finite
+    inverses, failures, refreshed = _refresh(config, method, inputs.specs, factors, weights,
+                                             state, finite)
+    factor_dtypes = {p: jax.tree.leaves(factors[p])[0].dtype for p in inputs.specs}
+    pres, sq_norm = precondition.precondition(inputs.specs, inputs.leaves, inputs.index,
+                                              inverses, factor_dtypes, method)
+    scale = None
+    if config.max_norm is not None:  # applied before the cast to the param dtype
+      scale = precondition.trust_region_scale(sq_norm, value_at(config.max_norm, state.count))
+    out, narrowed = _write_back(inputs, pres, scale)
+    out, ok = _guard(config, finite, sq_norm, narrowed, out)
+    # A non-finite step changed no factor or inverse (both conds are gated on `finite`), so
+    # only the step counter needs holding back: no select over the large state every step.
+    new_state = state.replace(
+        count=jnp.where(finite, state.count + 1, state.count),
+        factors=factors,
+        weights=weights,
+        inverses=inverses,
+        has_inverse=state.has_inverse | refreshed,
+        num_refresh_failures=state.num_refresh_failures + failures,
+        num_skipped_steps=state.num_skipped_steps + (~ok).astype(jnp.int32),
+    )
+    return jax.tree_util.tree_unflatten(inputs.treedef, out), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def sngd(
+    *,
+    fisher: layers_lib.FisherSpec = DEFAULTS.fisher,
+    inverse: str | InverseMethod = DEFAULTS.inverse,
+    damping: optax.ScalarOrSchedule = DEFAULTS.damping,
+    abs_damping: optax.ScalarOrSchedule = DEFAULTS.abs_damping,
+    decay: float = DEFAULTS.decay,
+    factor_every: int = DEFAULTS.factor_every,
+    inverse_every: int = DEFAULTS.inverse_every,
+    prior: str = DEFAULTS.prior,
+    stats_batch_size: Optional[int] = DEFAULTS.stats_batch_size,
+    max_factor_ratio: Optional[float] = DEFAULTS.max_factor_ratio,
+    max_norm: optax.ScalarOrSchedule | None = DEFAULTS.max_norm,
+    axis_name: Optional[AxisName] = DEFAULTS.axis_name,
+    shard_refresh: bool | jax.sharding.Mesh = DEFAULTS.shard_refresh,
+) -> optax.GradientTransformationExtraArgs:
+  """Preconditions each layer's gradient by its damped local Fisher inverse.
+
+  For every layer found in the params (a ``kernel`` with an optional ``bias``,
+  an ``embedding``, a normalization ``scale``; see :func:`sngd_jax.discover`)
+  the transform keeps a running local Fisher ``G`` and a cached inverse, and
+  maps the layer's gradient to
+
+  .. math::
+
+      [\\Delta W; \\Delta b^T] = (G + (\\mathrm{damping}\\,\\mathrm{tr}(G)
+      + \\mathrm{abs\\_damping})\\, I)^{-1} [g_W; g_b^T]
+
+  (per output unit ``j`` with ``G_j`` when ``fisher="rfim"``). Leaves that are
+  not part of such a layer pass through unchanged. With ``max_norm`` set, the
+  preconditioned layers' updates ``u_l`` are then scaled jointly so that their
+  norm in the local-Fisher metric stays within a trust region::
+
+      q = sum_l <g_l, u_l> = sum_l g_l^T (G_l + rho_l I)^{-1} g_l = ||u||_G^2,
+      u_l <- u_l * min(1, max_norm / sqrt(q)),
+
+  which bounds the first-order change of every layer's outputs per unit of
+  learning rate (the norm constraint of K-FAC, Ba et al. 2017, without the
+  learning rate: this transform does not know it). A step whose gradients are
+  not finite, or a factor step (one of every ``factor_every``, the only steps
+  that read the activations) whose activations are not finite, returns zero
+  updates and leaves the state as it was (counted in ``num_skipped_steps``); a
+  step whose preconditioned update would overflow its dtype also returns zero
+  updates and is counted, keeping its (finite) statistics. Refreshed inverses
+  that fail the acceptance test (``docs/reliability.md``) keep the previous
+  inverse (the identity before the first), counted in ``num_refresh_failures``.
+
+  Args:
+    fisher: ``"linear"`` (``G = E[x~ x~^T]``), ``"rfim"``
+      (``G_j = E[sigmoid(z_j)^2 x~ x~^T]``), a mapping from layer path to kind
+      (unlisted layers get ``"linear"``, ``None`` leaves a layer alone) or a
+      callable from layer path to kind.
+    inverse: the inverse method, a key of :data:`sngd_jax.inverse.METHODS`
+      (``"cholesky"``, ``"eigh"``, ``"denman_beavers"``, ``"newton_schulz"``,
+      ``"nystrom"``, ``"blocks"``, ``"auto"``) or a
+      :class:`sngd_jax.inverse.InverseMethod` (e.g.
+      ``sngd_jax.inverse.auto(max_dim=1024)``). The default ``"auto"`` is exact
+      Cholesky for ``d <= 512`` and a rank-128 Nystrom model above, whose
+      ``O(d r)`` product replaces the ``O(d^2)`` one; those layers keep the
+      sketch ``(G Omega, tr G)`` in the state instead of ``G`` (``O(d r)``
+      memory, ``4 n d r`` statistics).
+    damping: relative damping, adds ``damping * tr(G) * I``; a schedule of the
+      step count is accepted.
+    abs_damping: absolute damping, adds ``abs_damping * I``.
+    decay: EMA decay of ``G`` per factor update; ``0.0`` uses the current
+      batch's estimate alone. The averaging horizon in steps is about
+      ``factor_every / (1 - decay)`` (200 with the defaults, as the reference
+      code's ``0.995`` every step).
+    factor_every: update ``G`` every this many steps (the ``X~^T X~`` cost is
+      paid only then).
+    inverse_every: refresh the cached inverse every this many steps; the first
+      step always computes one.
+    prior: how the average of ``G`` starts, one of :data:`sngd_jax.PRIORS`
+      (``"identity"`` is the reference code's).
+    stats_batch_size: if set, ``G^`` is estimated from the first this many
+      examples of the batch only (the leading axis of every captured array),
+      which cuts the ``X~^T X~`` cost; None uses the whole batch.
+    max_factor_ratio: if set, a batch estimate whose trace exceeds this many
+      times the running factor's is scaled down to it, so that one outlier
+      batch cannot dominate the moving average; ``None`` disables it.
+    max_norm: the trust-region radius above (a float or a schedule of the
+      step count); ``None`` disables it.
+    axis_name: for use inside ``shard_map``/``pmap`` with the batch split over
+      this axis (or tuple of axes): batch estimates are averaged with
+      ``lax.pmean`` so every device holds the global batch's statistics, and a
+      step is skipped on all devices if it is not finite on one. Gradients
+      must be averaged by the caller, as for any optax optimizer. Leave None
+      under plain ``jax.jit`` with sharded arrays, where XLA inserts the
+      all-reduce itself.
+    shard_refresh: split each inverse refresh over devices (each refreshes a
+      slice of the stacked blocks, then all-gather) instead of repeating it on
+      every device: ``True`` splits over ``axis_name`` inside
+      ``shard_map``/``pmap``, or over the mesh set by ``jax.set_mesh`` under
+      ``jit``; a ``jax.sharding.Mesh`` splits over all its devices under
+      ``jit``. The cached inverses stay replicated.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,
+    params=None, *, activations=None, **extra_args)`` takes the activations
+    from :func:`sngd_jax.capture` and ignores other keyword arguments.
+
+  References:
+    W. Liu et al., *Reconstructing Deep Neural Networks: Unleashing the
+    Optimization Potential of Natural Gradient Descent*, arXiv:2412.07441.
+  """
+  return sngd_from_config(SNGDConfig(
+      fisher=fisher, inverse=inverse, damping=damping, abs_damping=abs_damping, decay=decay,
+      factor_every=factor_every, inverse_every=inverse_every, prior=prior,
+      stats_batch_size=stats_batch_size, max_factor_ratio=max_factor_ratio,
+      max_norm=max_norm, axis_name=axis_name, shard_refresh=shard_refresh))

@@ -1,0 +1,130 @@
+"""Static input checks: mistakes become errors that name the layer path.
+
+These run while tracing (shapes and dtypes are known then) and turn a state,
+params tree or activations that do not fit into an error naming the layer path
+and the expected and actual shapes or dtypes, instead of a broadcasting error
+deep in XLA. (The on-device acceptance test of a refreshed inverse is
+:mod:`sngd_jax._src.inverse.refresh`.)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import jax.numpy as jnp
+
+from sngd_jax._src import layers as layers_lib
+from sngd_jax._src import paths
+from sngd_jax._src import sketch as sketch_lib
+
+
+def check_param_dtypes(specs: Mapping[str, layers_lib.LayerSpec], leaves: list[Any],
+                       index: Mapping[tuple[str, ...], int], what: str) -> None:
+  """Requires floating-point kernels and biases for every preconditioned layer.
+
+  Args:
+    specs: the layers.
+    leaves: flat leaves of the params (or updates) tree.
+    index: leaf parts -> position in ``leaves``.
+    what: ``"params"`` or ``"updates"``, for the message.
+
+  Raises:
+    TypeError: naming the leaf path and its dtype.
+  """
+  for spec in specs.values():
+    for parts in (spec.kernel, spec.bias):
+      if parts is None:
+        continue
+      dtype = jnp.asarray(leaves[index[parts]]).dtype
+      if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"sngd: {what} leaf {paths.join(parts)!r} of layer {spec.path!r} has dtype "
+            f"{dtype}; a preconditioned layer needs floating-point params and gradients "
+            "(float16, bfloat16, float32 or float64)")
+
+
+def check_state_shapes(specs: Mapping[str, layers_lib.LayerSpec],
+                       factors: Mapping[str, Any],
+                       sketch_ranks: Optional[Mapping[str, int]] = None) -> None:
+  """Requires every state factor to have the shape the layer's params need.
+
+  Args:
+    specs: the layers of the updates tree.
+    factors: the state's factors, by layer path.
+    sketch_ranks: the rank ``r`` of each layer kept as a sketch (its factor is
+      a :class:`sngd_jax.sketch.Sketch` with ``y`` of shape ``(d, r)``).
+
+  Raises:
+    ValueError: naming the layer path and the expected and actual factor shapes.
+  """
+  sketch_ranks = sketch_ranks or {}
+  shape = lambda f: (("sketch",) + tuple(f.y.shape)) if sketch_lib.is_sketch(f) \
+      else tuple(f.shape)
+  for path, spec in specs.items():
+    want = spec.factor_shape
+    if path in sketch_ranks:
+      want = ("sketch", spec.dim, sketch_ranks[path])
+    got = shape(factors[path])
+    if got != want:
+      raise ValueError(
+          f"sngd: layer {path!r}: the optimizer state holds a factor of shape {got}, but "
+          f"params with kernel {paths.join(spec.kernel)!r} of {spec.in_dim} inputs and "
+          f"{spec.out_dim} outputs{' and a bias' if spec.bias else ''} need {want} "
+          f"(fisher={spec.fisher!r}). Was the state made by `init` on the same params?")
+
+
+def check_activations(specs: Mapping[str, layers_lib.LayerSpec], activations: Mapping) -> None:
+  """Requires floating-point activations with at least one axis (token ids excepted).
+
+  Args:
+    specs: the layers.
+    activations: captured activations by layer path.
+
+  Raises:
+    TypeError: for integer or boolean activations, naming the layer path.
+    ValueError: for scalar (rank 0) activations, naming the layer path.
+  """
+  for path, spec in specs.items():
+    for i, call in enumerate(activations[path]):
+      for name, x in (("inputs", call.inputs), ("outputs", call.outputs)):
+        x = jnp.asarray(x)
+        if x.ndim == 0:
+          raise ValueError(
+              f"sngd: layer {path!r}: call {i} captured scalar {name}; expected shape "
+              f"(..., {spec.in_dim if name == 'inputs' else spec.out_dim})")
+        if name == "inputs" and call.kind == "embed":
+          continue  # token ids: integers by design
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+          raise TypeError(
+              f"sngd: layer {path!r}: call {i} captured {name} of dtype {x.dtype} and shape "
+              f"{x.shape}; activations must be floating point")
+
+
+def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Mapping[str, Any],
+                    activations: Optional[Mapping], all_layers: Mapping) -> None:
+  """Raises clear errors for a state, params or activations that do not fit."""
+  if set(specs) != set(state_factors):
+    missing = sorted(set(state_factors) - set(specs))
+    extra = sorted(set(specs) - set(state_factors))
+    raise ValueError(
+        "sngd: the updates tree does not match the optimizer state "
+        f"(layers in the state but not in the updates: {missing}; in the updates but not in "
+        f"the state: {extra}). Was the state made by `init` on the same params?")
+  if activations is None:
+    raise ValueError(
+        "sngd: `update` needs `activations=`: wrap the loss with `sngd_jax.capture` (linen) "
+        "or `sngd_jax.capture_nnx` (NNX) and pass what it returns, e.g. "
+        "`tx.update(grads, state, params, activations=acts)`.")
+  for path, spec in specs.items():
+    if path not in activations or not activations[path]:
+      raise ValueError(
+          f"sngd: no activations were captured for layer {path!r} (params "
+          f"{paths.join(spec.kernel)!r}). Is it a layer type that `capture` records, called "
+          f"inside the captured function? To leave it unpreconditioned pass "
+          f"`fisher={{{path!r}: None}}`. Captured layers: {sorted(activations)}")
+  unknown = sorted(set(activations) - set(all_layers))
+  if unknown:
+    raise ValueError(
+        f"sngd: activations were captured for {unknown}, which match no kernel in the params "
+        f"(layers with params: {sorted(all_layers)}). Do params and activations come from the "
+        "same model?")

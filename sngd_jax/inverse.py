@@ -1,0 +1,62 @@
+"""Inverse methods and matrix functions of damped local Fisher blocks (public).
+
+``sngd(inverse=...)`` takes a key of :data:`METHODS` or an
+:class:`InverseMethod` made by a factory here, e.g.
+``sngd_jax.inverse.auto(max_dim=1024)`` or ``sngd_jax.inverse.nystrom(rank=64)``.
+
+* Protocol: :class:`InverseMethod` (``identity``, ``refresh``, ``apply``,
+  optional ``sketch`` and ``info``), :class:`MethodInfo`.
+* Exact: :func:`cholesky` (the default up to ``d = 512``), :func:`eigh`.
+* Iterative roots: :func:`denman_beavers_inverse`, :func:`newton_schulz_inverse`
+  (``(G + rho I)^{-1} = Z Z`` from ``Z = (G + rho I)^{-1/2}``); the roots
+  themselves: :func:`eigh_roots`, :func:`denman_beavers`, :func:`newton_schulz`,
+  :func:`sqrt_and_inv_sqrt`, :class:`Roots`, :data:`ROOTS`.
+* Large blocks: :func:`nystrom` (rank-``r`` model, Woodbury apply),
+  :func:`block_diagonal` (block-Jacobi), :func:`auto` (the size rule).
+* Scale-out: :func:`shard_method` (refresh split over devices).
+* Damping: :func:`damping_shift`, :func:`damp`.
+"""
+
+from sngd_jax._src.inverse.base import InverseMethod as InverseMethod
+from sngd_jax._src.inverse.base import MethodInfo as MethodInfo
+from sngd_jax._src.inverse.base import damp as damp
+from sngd_jax._src.inverse.base import damping_shift as damping_shift
+from sngd_jax._src.inverse.blocks import block_diagonal as block_diagonal
+from sngd_jax._src.inverse.dense import cholesky as cholesky
+from sngd_jax._src.inverse.dense import eigh as eigh
+from sngd_jax._src.inverse.nystrom import NystromRep as NystromRep
+from sngd_jax._src.inverse.nystrom import nystrom as nystrom
+from sngd_jax._src.inverse.registry import METHODS as METHODS
+from sngd_jax._src.inverse.registry import auto as auto
+from sngd_jax._src.inverse.roots import ROOTS as ROOTS
+from sngd_jax._src.inverse.roots import Roots as Roots
+from sngd_jax._src.inverse.roots import denman_beavers as denman_beavers
+from sngd_jax._src.inverse.roots import denman_beavers_inverse as denman_beavers_inverse
+from sngd_jax._src.inverse.roots import eigh_roots as eigh_roots
+from sngd_jax._src.inverse.roots import newton_schulz as newton_schulz
+from sngd_jax._src.inverse.roots import newton_schulz_inverse as newton_schulz_inverse
+from sngd_jax._src.inverse.roots import sqrt_and_inv_sqrt as sqrt_and_inv_sqrt
+from sngd_jax._src.inverse.sharded import shard_method as shard_method
+
+__all__ = [
+    "METHODS",
+    "ROOTS",
+    "InverseMethod",
+    "MethodInfo",
+    "NystromRep",
+    "Roots",
+    "auto",
+    "block_diagonal",
+    "cholesky",
+    "damp",
+    "damping_shift",
+    "denman_beavers",
+    "denman_beavers_inverse",
+    "eigh",
+    "eigh_roots",
+    "newton_schulz",
+    "newton_schulz_inverse",
+    "nystrom",
+    "shard_method",
+    "sqrt_and_inv_sqrt",
+]
