@@ -14,6 +14,20 @@ shapes alone: the bias has the output shape, so
 ``kh*kw*C_in``) and ``DenseGeneral`` (``D x H x hd`` with bias ``H x hd``).
 Without a bias the last kernel axis is taken as the output.
 
+**Stacked layers.** A layer applied under ``nn.scan`` over depth, made by
+``nnx.vmap``, or scanned over by Equinox code holds one layer per index of its
+leading *stack* axes: a kernel ``(L, I, O)`` with a bias ``(L, O)``. Each
+layer of the stack gets its own local Fisher, stored stacked
+(``factor_shape = (L, d, d)``) and refreshed with the other blocks of its size.
+The params show the stack where the bias does (its leading axes are the
+kernel's, and its trailing axes the kernel's outputs); a bias-free stacked
+kernel needs ``stacked={path prefix: n}`` (capture reports which).
+
+**Equinox** layers are found by their type (``eqx.nn.Linear``, ``Conv``, ...,
+see :mod:`sngd_jax._src.equinox_layers`), whose weights are stored outputs
+first (``(O, I)``, ``(O, C/g, *k)``): the spec records the permutation that
+brings a weight to the inputs-then-outputs layout used here.
+
 Two more layer structures have no ``kernel`` (see :data:`STRUCTURES`):
 
 * ``embedding`` leaves (``nn.Embed``, ``nnx.Embed``, shape ``V x D``): the
@@ -32,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from typing import Any, Callable, Mapping, Optional, Union
 
 import jax
@@ -47,6 +62,8 @@ STRUCTURES = ("dense", "per_channel", "diagonal")
 # `fisher` argument: one kind for all layers, a mapping from layer path to kind
 # (None to leave that layer alone), or a callable from path to kind.
 FisherSpec = Union[str, Mapping[str, Optional[str]], Callable[[str], Optional[str]]]
+# `stacked` argument: layer path prefix -> number of leading stack axes of its layers.
+StackSpec = Optional[Mapping[str, int]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +79,11 @@ class LayerSpec:
     fisher: ``'linear'`` or ``'rfim'``.
     structure: one of :data:`STRUCTURES`; ``kernel`` then names the
       ``kernel``, ``scale`` or ``embedding`` leaf.
+    stack: the shape of the leading stack axes of the kernel and bias (one
+      layer per index, see the module docstring); ``()`` for one layer.
+    kernel_perm: the permutation of the kernel's axes after the stack axes that
+      puts its input axes first and its output axes last (Equinox stores
+      outputs first); None when they already are.
   """
 
   path: str
@@ -71,6 +93,8 @@ class LayerSpec:
   out_dim: int
   fisher: str
   structure: str = "dense"
+  stack: tuple[int, ...] = ()
+  kernel_perm: Optional[tuple[int, ...]] = None
 
   @property
   def per_unit(self) -> bool:
@@ -80,12 +104,18 @@ class LayerSpec:
 
   @property
   def factor_shape(self) -> tuple[int, ...]:
-    """Shape of the stored factor: ``(d, d)``, ``(O, d, d)`` or ``(in_dim,)``."""
+    """Shape of the stored factor: ``(d, d)``, ``(O, d, d)`` or ``(in_dim,)``, after the
+    stack shape."""
     if self.structure == "diagonal":
-      return (self.in_dim,)
+      return self.stack + (self.in_dim,)
     if self.per_unit:
-      return (self.out_dim, self.dim, self.dim)
-    return (self.dim, self.dim)
+      return self.stack + (self.out_dim, self.dim, self.dim)
+    return self.stack + (self.dim, self.dim)
+
+  @property
+  def num_layers(self) -> int:
+    """How many layers the spec stands for: the size of its stack (1 unstacked)."""
+    return math.prod(self.stack)
 
   @property
   def dim(self) -> int:
@@ -94,8 +124,13 @@ class LayerSpec:
 
   @property
   def num_blocks(self) -> int:
-    """How many ``d x d`` blocks the layer holds: 1, or ``O`` when per unit."""
-    return self.out_dim if self.per_unit else 1
+    """How many ``d x d`` blocks the layer holds: 1, or ``O`` when per unit, times the
+    number of stacked layers."""
+    return self.num_layers * (self.out_dim if self.per_unit else 1)
+
+  def one_layer(self) -> LayerSpec:
+    """The spec of one layer of the stack (itself when not stacked)."""
+    return dataclasses.replace(self, stack=()) if self.stack else self
 
 
 def _resolve(fisher: FisherSpec, path: str) -> tuple[Optional[str], Optional[int]]:
@@ -145,19 +180,39 @@ def resolve_fisher(fisher: FisherSpec, path: str) -> Optional[str]:
   return _resolve(fisher, path)[0]
 
 
-def discover(params: Any, fisher: FisherSpec = "linear") -> dict[str, LayerSpec]:
+def stack_axes_of(stacked: StackSpec, path: str) -> Optional[int]:
+  """The number of stack axes ``stacked`` gives the layer at ``path`` (longest prefix)."""
+  if not stacked:
+    return None
+  best = None
+  for prefix, n in stacked.items():
+    if path == prefix or path.startswith(prefix + "/") or prefix == "":
+      if best is None or len(prefix) > len(best[0]):
+        best = (prefix, n)
+  return None if best is None else best[1]
+
+
+def discover(params: Any, fisher: FisherSpec = "linear",
+             stacked: StackSpec = None) -> dict[str, LayerSpec]:
   """Finds the layers of a params tree.
 
   A layer is a ``kernel`` (ndim >= 2, optional ``bias``), an ``embedding``
-  (``V x D``) or a ``scale`` (optional ``bias``); see the module docstring.
+  (``V x D``) or a ``scale`` (optional ``bias``), or an Equinox layer found by
+  its type; see the module docstring.
 
   Args:
-    params: a params pytree (linen ``params`` or ``variables``, NNX state).
+    params: a params pytree (linen ``params`` or ``variables``, NNX state, an
+      Equinox model filtered to its arrays).
     fisher: see :func:`resolve_fisher`.
+    stacked: layer path prefix -> number of leading stack axes of the kernels
+      under it, for stacked layers the params do not show (no bias).
 
   Returns:
     Layer specs keyed by layer path, in tree order.
   """
+  eqx_specs = _equinox_layers(params, fisher)
+  if eqx_specs is not None:
+    return eqx_specs
   groups: dict[tuple[str, ...], dict[str, Any]] = {}
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     parts = paths.leaf_parts(key_path)
@@ -167,14 +222,40 @@ def discover(params: Any, fisher: FisherSpec = "linear") -> dict[str, LayerSpec]
     groups.setdefault(parts[:-1], {})[parts[-1]] = leaf
   specs = {}
   for parent, leaves in groups.items():
-    spec = _layer_of(parent, leaves, fisher)
+    spec = _layer_of(parent, leaves, fisher, stacked)
     if spec is not None:
       specs[spec.path] = spec
   return specs
 
 
-def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any],
-              fisher: FisherSpec) -> Optional[LayerSpec]:
+def _equinox_layers(params: Any, fisher: FisherSpec) -> Optional[dict[str, LayerSpec]]:
+  """Equinox layers by type, or None when ``params`` holds no Equinox module."""
+  eqx = sys.modules.get("equinox")  # an Equinox model means Equinox is imported
+  if eqx is None or not any(isinstance(n, eqx.Module) for n in jax.tree.leaves(
+      params, is_leaf=lambda n: isinstance(n, eqx.Module))):
+    return None
+  from sngd_jax._src import equinox_layers  # noqa: PLC0415 (optional dependency)
+  return equinox_layers.discover(params, fisher)
+
+
+def _stack_of_bias(kernel: Any, bias: Any) -> int:
+  """The number of leading stack axes a bias shows (0 when it fits the kernel unstacked).
+
+  Unstacked, the bias is the kernel's trailing (output) axes. Stacked over ``s``
+  axes, the bias is ``kernel.shape[:s]`` followed by the kernel's trailing axes.
+  """
+  k, b = tuple(kernel.shape), tuple(bias.shape)
+  if 1 <= len(b) < len(k) and k[len(k) - len(b):] == b:
+    return 0
+  for s in range(1, len(b)):
+    rest = b[s:]
+    if b[:s] == k[:s] and len(k) - s >= len(rest) + 1 and k[len(k) - len(rest):] == rest:
+      return s
+  return 0
+
+
+def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any], fisher: FisherSpec,
+              stacked: StackSpec = None) -> Optional[LayerSpec]:
   """The layer formed by the sibling leaves under ``parent``, or None."""
   path = paths.join(parent)
   kernel = leaves.get("kernel")
@@ -185,23 +266,32 @@ def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any],
     if kind is None:
       return None
     bias = leaves.get("bias")
+    n_stack = stack_axes_of(stacked, path)
+    if n_stack is None:
+      n_stack = _stack_of_bias(kernel, bias) if bias is not None else 0
+    shape = tuple(kernel.shape[n_stack:])
+    bias_shape = None if bias is None else tuple(bias.shape[n_stack:])
     if in_axes is not None:
-      out_ndim = kernel.ndim - in_axes
+      out_ndim = len(shape) - in_axes
     else:
-      out_ndim = bias.ndim if bias is not None else 1
-    if not 1 <= out_ndim < kernel.ndim or (bias is not None and tuple(
-        kernel.shape[kernel.ndim - out_ndim:]) != tuple(bias.shape)):
+      out_ndim = len(bias_shape) if bias is not None else 1
+    if (n_stack >= kernel.ndim - 1 or not 1 <= out_ndim < len(shape)
+        or (bias is not None and (shape[len(shape) - out_ndim:] != bias_shape
+                                  or tuple(bias.shape[:n_stack]) != tuple(
+                                      kernel.shape[:n_stack])))):
       raise ValueError(
           f"sngd: layer {path!r}: bias shape {getattr(bias, 'shape', None)} does not match "
           f"the trailing axes of kernel shape {kernel.shape}"
-          + (f" after its {in_axes} input axes" if in_axes is not None else ""))
+          + (f" after its {in_axes} input axes" if in_axes is not None else "")
+          + (f" and {n_stack} stack axes" if n_stack else ""))
     return LayerSpec(
         path=path,
         kernel=parent + ("kernel",),
         bias=parent + ("bias",) if bias is not None else None,
-        in_dim=math.prod(kernel.shape[:kernel.ndim - out_ndim]),
-        out_dim=math.prod(kernel.shape[kernel.ndim - out_ndim:]),
+        in_dim=math.prod(shape[:len(shape) - out_ndim]),
+        out_dim=math.prod(shape[len(shape) - out_ndim:]),
         fisher=kind,
+        stack=tuple(kernel.shape[:n_stack]),
     )
   if kernel is None and embedding is not None and getattr(embedding, "ndim", 0) == 2:
     kind = resolve_fisher(fisher, path)

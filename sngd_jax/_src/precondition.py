@@ -29,9 +29,20 @@ from sngd_jax._src.inverse.base import InverseMethod
 from sngd_jax._src.layers import LayerSpec
 
 
+def _kernel_perm(spec: LayerSpec) -> tuple[int, ...]:
+  """The full permutation of the kernel leaf (stack axes kept first), or ``()``."""
+  if spec.kernel_perm is None:
+    return ()
+  k = len(spec.stack)
+  return tuple(range(k)) + tuple(p + k for p in spec.kernel_perm)
+
+
 def augmented(spec: LayerSpec, leaves: Sequence[Any], index: Mapping[tuple[str, ...], int],
               dtype) -> jax.Array:
   """``W~ = [W; b^T]`` of shape ``(d, O)`` from a layer's kernel and bias leaves.
+
+  A stacked layer gives ``stack + (d, O)``; an Equinox kernel is first permuted
+  to the inputs-then-outputs layout (``spec.kernel_perm``).
 
   Args:
     spec: the layer.
@@ -39,9 +50,13 @@ def augmented(spec: LayerSpec, leaves: Sequence[Any], index: Mapping[tuple[str, 
     index: leaf parts -> position in ``leaves``.
     dtype: the dtype of the result.
   """
-  w = leaves[index[spec.kernel]].reshape(spec.in_dim, spec.out_dim).astype(dtype)
+  w = leaves[index[spec.kernel]]
+  if perm := _kernel_perm(spec):
+    w = jnp.transpose(w, perm)
+  w = w.reshape(spec.stack + (spec.in_dim, spec.out_dim)).astype(dtype)
   if spec.bias is not None:
-    w = jnp.concatenate([w, leaves[index[spec.bias]].reshape(1, spec.out_dim).astype(dtype)])
+    b = leaves[index[spec.bias]].reshape(spec.stack + (1, spec.out_dim)).astype(dtype)
+    w = jnp.concatenate([w, b], axis=-2)
   return w
 
 
@@ -52,10 +67,15 @@ def split(spec: LayerSpec, w: jax.Array, leaves: Sequence[Any],
   Each part takes the shape and dtype of the leaf it replaces.
   """
   kernel = leaves[index[spec.kernel]]
-  out = {index[spec.kernel]: w[:spec.in_dim].reshape(kernel.shape).astype(kernel.dtype)}
+  part = w[..., :spec.in_dim, :]
+  if perm := _kernel_perm(spec):
+    inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
+    permuted = tuple(kernel.shape[p] for p in perm)
+    part = jnp.transpose(part.reshape(permuted), inverse)
+  out = {index[spec.kernel]: part.reshape(kernel.shape).astype(kernel.dtype)}
   if spec.bias is not None:
     bias = leaves[index[spec.bias]]
-    out[index[spec.bias]] = w[spec.in_dim].reshape(bias.shape).astype(bias.dtype)
+    out[index[spec.bias]] = w[..., spec.in_dim, :].reshape(bias.shape).astype(bias.dtype)
   return out
 
 
@@ -64,9 +84,11 @@ def apply_inverse(spec: LayerSpec, inverse: Any, method: InverseMethod,
   """The preconditioned ``(d, O)`` gradient of one layer (see the module docstring)."""
   if spec.structure == "diagonal":
     return diagonal_lib.apply(inverse, g)
-  if spec.per_unit:
-    return method.apply(inverse, g.T[:, :, None])[:, :, 0].T
-  return method.apply(inverse, g[None])[0]
+  d, o = g.shape[-2:]
+  if spec.per_unit:  # blocks ordered (layer, unit): columns of each layer's (d, O)
+    cols = jnp.swapaxes(g, -1, -2).reshape(-1, d, 1)
+    return jnp.swapaxes(method.apply(inverse, cols).reshape(g.shape[:-2] + (o, d)), -1, -2)
+  return method.apply(inverse, g.reshape(-1, d, o)).reshape(g.shape)
 
 
 def precondition(specs: Mapping[str, LayerSpec], leaves: Sequence[Any],

@@ -31,6 +31,7 @@ Rows by layer type (each captured call has a ``kind``, see :data:`ROWS`):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Optional, Sequence
 
@@ -39,7 +40,7 @@ import jax.numpy as jnp
 
 from sngd_jax._src import conv as conv_lib
 from sngd_jax._src import sketch as sketch_lib
-from sngd_jax._src.capture.records import Captured
+from sngd_jax._src.capture.records import Captured, stack_shape
 from sngd_jax._src.distributed import replicated_out_sharding
 from sngd_jax._src.layers import LayerSpec
 
@@ -64,6 +65,10 @@ PRIORS = ("scaled_identity", "identity", "none")
 RowFn = Callable[[Captured], tuple[jax.Array, jax.Array]]
 
 
+def _rows_of(z: Optional[jax.Array], n_rows: int) -> Optional[jax.Array]:
+  return None if z is None else z.reshape(n_rows, -1)
+
+
 def dense_rows(call: Captured) -> tuple[jax.Array, jax.Array]:
   """Rows of a dense call: every non-contracted position is a sample.
 
@@ -77,17 +82,20 @@ def dense_rows(call: Captured) -> tuple[jax.Array, jax.Array]:
     axes, out_perm = call.config
     x = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
     x = x.reshape((-1, math.prod(x.shape[x.ndim - len(axes):])))
-    z = call.outputs if out_perm is None else jnp.transpose(call.outputs, out_perm)
-  else:
-    x = x.reshape(-1, x.shape[-1])
     z = call.outputs
-  return x, z.reshape(x.shape[0], -1)
+    if z is not None and out_perm is not None:
+      z = jnp.transpose(z, out_perm)
+  else:
+    x = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+    z = call.outputs
+  return x, _rows_of(z, x.shape[0])
 
 
 def conv_rows(call: Captured) -> tuple[jax.Array, jax.Array]:
   """Rows of a conv call: input patches (kernel row order) and their outputs."""
+  z = call.outputs
   return (conv_lib.patches(call.inputs, call.config),
-          conv_lib.conv_output_rows(call.outputs, call.config))
+          None if z is None else conv_lib.conv_output_rows(z, call.config))
 
 
 def norm_rows(call: Captured) -> tuple[jax.Array, jax.Array]:
@@ -98,6 +106,8 @@ def norm_rows(call: Captured) -> tuple[jax.Array, jax.Array]:
   """
   (feature_axes,) = call.config
   def rows(a):
+    if a is None:
+      return None
     a = jnp.moveaxis(a, feature_axes, tuple(range(a.ndim - len(feature_axes), a.ndim)))
     return a.reshape(-1, math.prod(a.shape[a.ndim - len(feature_axes):]))
   return rows(call.inputs), rows(call.outputs)
@@ -105,8 +115,9 @@ def norm_rows(call: Captured) -> tuple[jax.Array, jax.Array]:
 
 def conv_transpose_rows(call: Captured) -> tuple[jax.Array, jax.Array]:
   """Rows of a transposed conv call: patches of the stride-dilated input."""
+  z = call.outputs
   return (conv_lib.transpose_patches(call.inputs, call.config),
-          call.outputs.reshape(-1, call.outputs.shape[-1]))
+          None if z is None else z.reshape(-1, z.shape[-1]))
 
 
 ROWS: dict[str, RowFn] = {"dense": dense_rows, "conv": conv_rows,
@@ -130,7 +141,8 @@ def layer_rows(spec: LayerSpec, calls: Sequence[Captured]) -> tuple[jax.Array, j
 
   Returns:
     ``X~`` of shape ``(n, d)`` (a ones column appended when the layer has a
-    bias) and ``Z`` of shape ``(n, O)``, in the statistics dtype.
+    bias) and ``Z`` of shape ``(n, O)`` (None when some call kept no outputs),
+    in the statistics dtype.
 
   Raises:
     ValueError: naming the layer path, if a call's feature sizes do not match.
@@ -139,17 +151,17 @@ def layer_rows(spec: LayerSpec, calls: Sequence[Captured]) -> tuple[jax.Array, j
   for call in calls:
     _check_kind(spec, call)
     x, z = ROWS[call.kind](call)
-    if x.shape[-1] != spec.in_dim or z.shape[-1] != spec.out_dim:
+    if x.shape[-1] != spec.in_dim or (z is not None and z.shape[-1] != spec.out_dim):
       raise ValueError(
           f"sngd: layer {spec.path!r}: captured activations have {x.shape[-1]} input and "
-          f"{z.shape[-1]} output features per row (inputs {call.inputs.shape}, outputs "
-          f"{call.outputs.shape}), but its kernel expects {spec.in_dim} inputs and "
-          f"{spec.out_dim} outputs")
+          f"{'?' if z is None else z.shape[-1]} output features per row (inputs "
+          f"{call.inputs.shape}, outputs {getattr(call.outputs, 'shape', None)}), but its "
+          f"kernel expects {spec.in_dim} inputs and {spec.out_dim} outputs")
     xs.append(x)
     zs.append(z)
   dtype = stat_dtype(*xs)
   x = jnp.concatenate(xs).astype(dtype)
-  z = jnp.concatenate(zs).astype(dtype)
+  z = None if any(z is None for z in zs) else jnp.concatenate(zs).astype(dtype)
   if spec.bias is not None:
     x = jnp.concatenate([x, jnp.ones_like(x[:, :1])], axis=1)  # keeps x's row sharding
   return x, z
@@ -169,15 +181,78 @@ def embed_counts(spec: LayerSpec, calls: Sequence[Captured], dtype) -> jax.Array
   return counts / ids.shape[0]
 
 
+def _needs_outputs(spec: LayerSpec, calls: Sequence[Captured]) -> None:
+  if spec.fisher == "rfim" and any(c.outputs is None for c in calls):
+    raise ValueError(
+        f"sngd: layer {spec.path!r} has fisher='rfim', which weighs rows by the layer's "
+        "outputs, but they were not captured: capture with `outputs=True` (the default)")
+
+
+def check_stack(spec: LayerSpec, calls: Sequence[Captured]) -> None:
+  """Requires the calls' stack shape to be the one the params give the layer.
+
+  Raises:
+    ValueError: naming the layer path and both shapes, and what to pass.
+  """
+  shapes = {stack_shape(c) for c in calls}
+  if len(shapes) != 1:
+    raise ValueError(
+        f"sngd: layer {spec.path!r} was called both inside and outside a transform over its "
+        f"params (stack shapes {sorted(shapes)}); its calls cannot share one local Fisher")
+  (shape,) = shapes
+  if spec.structure == "per_channel":
+    ok = spec.out_dim % max(math.prod(shape), 1) == 0
+  else:
+    ok = shape == spec.stack
+  if not ok:
+    n = len(shape)
+    hint = (f" The kernel has no bias to show its stack axes: pass "
+            f"`stacked={{{spec.path!r}: {n}}}` to sngd." if n and spec.bias is None else "")
+    raise ValueError(
+        f"sngd: layer {spec.path!r}: its calls are those of a stack of layers of shape "
+        f"{shape} (called under a scan or vmap over its params), but its params give a "
+        f"stack of shape {spec.stack}.{hint}")
+
+
+def _per_layer(fn: Callable, spec: LayerSpec, calls: Sequence[Captured]):
+  """``fn(one-layer spec, calls)`` for each layer of a stack, stacked over the stack axes.
+
+  A norm layer's channels already count every layer of the stack (its params
+  are one ``scale`` per layer and channel), so its result is flattened to
+  ``(layers * channels, d, d)``, the order of its ``scale`` leaf.
+  """
+  check_stack(spec, calls)
+  k = calls[0].stack
+  shape = stack_shape(calls[0])
+  if spec.structure == "per_channel":
+    inner = dataclasses.replace(spec, out_dim=spec.out_dim // math.prod(shape))
+  else:
+    inner = spec.one_layer()
+
+  def one(arrays):
+    return fn(inner, [c.replace(inputs=x, outputs=z, stack=0)
+                      for c, (x, z) in zip(calls, arrays, strict=True)])
+
+  for _ in range(k):
+    one = jax.vmap(one)
+  out = one([(c.inputs, c.outputs) for c in calls])
+  if spec.structure == "per_channel":
+    out = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[k + 1:]), out)
+  return out
+
+
 def batch_factor(spec: LayerSpec, calls: Sequence[Captured]) -> jax.Array:
   """The batch estimate ``G^`` of a layer.
 
   Returns:
     ``(d, d)``; ``(O, d, d)`` for rfim and for norm channels; ``(V,)`` for an
-    embedding.
+    embedding; each after the layer's stack shape.
   """
   for call in calls:
     _check_kind(spec, call)
+  _needs_outputs(spec, calls)
+  if spec.stack or any(c.stack for c in calls):
+    return _per_layer(batch_factor, spec, calls)
   if spec.structure == "diagonal":
     if any(c.config == ("attend",) for c in calls):
       raise ValueError(
@@ -189,14 +264,16 @@ def batch_factor(spec: LayerSpec, calls: Sequence[Captured]) -> jax.Array:
     xs, zs = zip(*(norm_rows(c) for c in calls), strict=True)
     dtype = stat_dtype(*xs)
     x = jnp.concatenate(xs).astype(dtype)
-    z = jnp.concatenate(zs).astype(dtype)
     if x.shape[-1] != spec.out_dim:
       raise ValueError(
           f"sngd: layer {spec.path!r}: captured {x.shape[-1]} channels, params have "
           f"{spec.out_dim}")
     parts = [x] + ([jnp.ones_like(x)] if spec.bias is not None else [])
     rows = jnp.stack(parts, axis=-1)  # (n, C, d)
-    w = jax.nn.sigmoid(z) ** 2 if spec.fisher == "rfim" else jnp.ones_like(z)
+    if spec.fisher == "rfim":
+      w = jax.nn.sigmoid(jnp.concatenate(zs).astype(dtype)) ** 2
+    else:
+      w = jnp.ones_like(x)
     return jnp.einsum("nc,nca,ncb->cab", w, rows, rows) / x.shape[0]
   x, z = layer_rows(spec, calls)
   n = x.shape[0]
@@ -217,7 +294,7 @@ def batch_sketch(spec: LayerSpec, calls: Sequence[Captured],
   """
   for call in calls:
     _check_kind(spec, call)
-  if spec.structure == "diagonal" or spec.per_unit:
+  if spec.structure == "diagonal" or spec.per_unit or spec.stack:
     raise ValueError(f"sngd: layer {spec.path!r}: only single-block (linear) factors are "
                      "kept as sketches")
   x, _ = layer_rows(spec, calls)

@@ -98,7 +98,7 @@ def _sketch_omegas(specs: dict[str, layers_lib.LayerSpec], leaves, index,
     return {}
   out = {}
   for path, spec in specs.items():
-    if spec.structure == "dense" and not spec.per_unit:
+    if spec.structure == "dense" and not spec.per_unit and not spec.stack:
       omega = method.sketch(spec.dim, _layer_dtype(leaves[index[spec.kernel]]))
       if omega is not None:
         out[path] = omega
@@ -145,8 +145,10 @@ def tree_all_finite(tree: Any) -> chex.Array:
 
 
 def _sub_batch(calls, size: int):
-  """The first ``size`` examples (leading axis) of every captured call."""
-  return tuple(c.replace(inputs=c.inputs[:size], outputs=c.outputs[:size]) for c in calls)
+  """The first ``size`` examples (leading axis after the stack axes) of every captured call."""
+  take = lambda a, k: None if a is None else a[(slice(None),) * k + (slice(None, size),)]
+  return tuple(c.replace(inputs=take(c.inputs, c.stack), outputs=take(c.outputs, c.stack))
+               for c in calls)
 
 
 class _Inputs:

@@ -26,10 +26,18 @@ import functools
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 
 from sngd_jax._src import paths
-from sngd_jax._src.capture import flax_patches, tables
-from sngd_jax._src.capture.records import Recorder, StepRecords, freeze, rnn_time_axis, untag
+from sngd_jax._src.capture import flax_patches, tables, transforms
+from sngd_jax._src.capture.records import Recorder, StepRecords, rnn_time_axis, untag
+
+
+def _weight(module: nn.Module) -> Any:
+  """The array ``module`` reads as its weight (to follow it through transforms), or None."""
+  params = module.variables.get("params", {})
+  leaves = jax.tree.leaves(params.get(tables.weight_name(module)))
+  return leaves[0] if leaves else None
 
 
 def _rnn_call(rec: Recorder, module: nn.RNN, next_fun, args, kwargs):
@@ -56,7 +64,7 @@ def _norm_call(rec: Recorder, module, next_fun, args, kwargs):
     out = next_fun(*args, **kwargs)
   if slot and module.use_scale:
     xhat, feature_axes = slot[0]
-    rec.add(paths.join(module.path), xhat, out, "norm", (feature_axes,))
+    rec.add(paths.join(module.path), xhat, out, "norm", (feature_axes,), weight=_weight(module))
   return out
 
 
@@ -73,13 +81,14 @@ def _interceptor(rec: Recorder):
       return _norm_call(rec, module, next_fun, args, kwargs)
     out = next_fun(*args, **kwargs)
     if method == "attend" and isinstance(module, nn.Embed) and args:
-      rec.add(paths.join(module.path), args[0], out, "embed", ("attend",))
+      rec.add(paths.join(module.path), args[0], out, "embed", ("attend",),
+              weight=_weight(module))
       return out
     recorder = tables.lookup(module)
     if method == "__call__" and recorder is not None and args:
       recorded = recorder(module, args, kwargs, out)
       if recorded is not None:
-        rec.add(paths.join(module.path), *recorded)
+        rec.add(paths.join(module.path), *recorded, weight=_weight(module))
     return out
 
   return intercept
@@ -109,9 +118,10 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable[..., A
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
     rec = Recorder()
-    with flax_patches.linen_normalize(rec), nn.intercept_methods(_interceptor(rec)):
+    with (transforms.recording(rec), flax_patches.linen_normalize(rec),
+          nn.intercept_methods(_interceptor(rec))):
       result = fn(*args, **kwargs)
-    acts = freeze(rec.store)
+    acts = rec.freeze()
     if has_aux:
       value, aux = result
       return value, (aux, acts)

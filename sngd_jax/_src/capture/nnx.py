@@ -24,14 +24,8 @@ from typing import Any, Callable
 from flax import nnx
 
 from sngd_jax._src import paths
-from sngd_jax._src.capture import flax_patches, tables
-from sngd_jax._src.capture.records import (
-    Recorder,
-    StepRecords,
-    freeze,
-    rnn_time_axis,
-    untag,
-)
+from sngd_jax._src.capture import flax_patches, tables, transforms
+from sngd_jax._src.capture.records import Recorder, StepRecords, rnn_time_axis, untag
 
 _NAMED = flax_patches.NNX_LAYER_CLASSES + tuple(
     c for c in tables.NORMS if issubclass(c, nnx.Module)) + (nnx.RNN,)
@@ -43,11 +37,29 @@ def _graph_paths(root: Any, prefix: tuple[str, ...] = ()) -> dict[int, str]:
           for path, node in nnx.iter_graph(root) if isinstance(node, _NAMED)}
 
 
-class _NNXRecorder(Recorder):
-  """Adds object-id naming, with per-cell-call maps for the copies inside a scan."""
+def _value(variable: Any) -> Any:
+  """The array a Variable holds (without the deprecated ``.value``)."""
+  return variable.get_value() if hasattr(variable, "get_value") else variable.value
 
-  def __init__(self, owner_paths: dict[int, str]):
-    super().__init__()
+
+def _weight(module: Any) -> Any:
+  """The array ``module`` reads as its weight (to follow it through transforms), or None."""
+  variable = getattr(module, tables.weight_name(module), None)
+  return None if variable is None else _value(variable)
+
+
+def _param_leaves(root: Any) -> dict[int, tuple[str, ...]]:
+  """``id(array) -> path parts`` of every Variable in ``root``'s graph."""
+  return {id(_value(node)): tuple(str(p) for p in path)
+          for path, node in nnx.iter_graph(root) if isinstance(node, nnx.Variable)}
+
+
+class _NNXRecorder(Recorder):
+  """Names layers by object id, by per-cell-call maps for the copies inside an RNN's scan,
+  or by their weight (the copies made by ``nnx.scan``, ``nnx.vmap``, ``nnx.remat``)."""
+
+  def __init__(self, owner_paths: dict[int, str], top: dict[int, tuple[str, ...]]):
+    super().__init__(top)
     self.owner_paths = owner_paths
     self.local_paths: list[dict[int, str]] = []
 
@@ -57,6 +69,14 @@ class _NNXRecorder(Recorder):
         return local[id(module)]
     return self.owner_paths.get(id(module))
 
+  def locate(self, module: Any) -> tuple[Any, tuple[str, ...]]:
+    """``(path or None, roles)`` of a layer call about to be recorded."""
+    roles, parts = self.trace(_weight(module))
+    path = self.path_of(module)
+    if path is None and parts is not None:
+      path = paths.join(parts[:-1])
+    return path, roles
+
 
 def _layer_call(rec: _NNXRecorder, recorder: tables.LayerRecorder):
   """Wraps a layer's ``__call__`` to record it with ``recorder``."""
@@ -64,11 +84,11 @@ def _layer_call(rec: _NNXRecorder, recorder: tables.LayerRecorder):
     @functools.wraps(original)
     def call(self, *args, **kwargs):
       out = original(self, *args, **kwargs)
-      path = rec.path_of(self)
+      path, roles = rec.locate(self)
       if path is not None:
         recorded = recorder(self, args, kwargs, out)
         if recorded is not None:
-          rec.add(path, *recorded)
+          rec.add(path, *recorded, roles=roles)
       return out
     return call
   return wrap
@@ -80,9 +100,9 @@ def _attend(rec: _NNXRecorder):
     @functools.wraps(original)
     def attend(self, query, *args, **kwargs):
       out = original(self, query, *args, **kwargs)
-      path = rec.path_of(self)
+      path, roles = rec.locate(self)
       if path is not None:
-        rec.add(path, query, out, "embed", ("attend",))
+        rec.add(path, query, out, "embed", ("attend",), roles=roles)
       return out
     return attend
   return wrap
@@ -95,10 +115,10 @@ def _norm_call(rec: _NNXRecorder):
     def call(self, x, *args, **kwargs):
       with rec.norm() as slot:
         out = original(self, x, *args, **kwargs)
-      path = rec.path_of(self)
+      path, roles = rec.locate(self)
       if path is not None and slot and self.use_scale:
         xhat, feature_axes = slot[0]
-        rec.add(path, xhat, out, "norm", (feature_axes,))
+        rec.add(path, xhat, out, "norm", (feature_axes,), roles=roles)
       return out
     return call
   return wrap
@@ -174,12 +194,13 @@ def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable[..
 
   @functools.wraps(fn)
   def wrapped(model, *args, **kwargs):
-    rec = _NNXRecorder(_graph_paths(model))
+    rec = _NNXRecorder(_graph_paths(model), _param_leaves(model))
     cells = tuple({type(node.cell) for _, node in nnx.iter_graph(model)
                    if isinstance(node, nnx.RNN)} | set(tables.NNX_CELLS))
-    with flax_patches.nnx_normalize(rec), flax_patches.nnx_methods(_wrappers(rec, cells)):
+    with (transforms.recording(rec), flax_patches.nnx_normalize(rec),
+          flax_patches.nnx_methods(_wrappers(rec, cells))):
       result = fn(model, *args, **kwargs)
-    acts = freeze(rec.store)
+    acts = rec.freeze()
     if has_aux:
       value, aux = result
       return value, (aux, acts)

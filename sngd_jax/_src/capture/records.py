@@ -1,13 +1,38 @@
-"""What capture records, and the recorder that routes records through scanned cells.
+"""What capture records, and the recorder that routes records out of JAX transforms.
 
 A :class:`Captured` record holds what one call of one layer saw (its input and
 pre-activation output, gradients stopped) and how to turn it into rows of the
 local Fisher (``kind`` and static ``config``, see :mod:`sngd_jax._src.statistics`).
-:class:`Recorder` collects records by layer path. Its frame stack tells where a
-record goes: to the output store, or, while a cell runs inside ``nn.RNN`` /
-``nnx.RNN`` (under ``scan``), to that cell call's :class:`CellFrame`, whose
-records leave the scan as an extra output (:class:`StepRecords`), stacked over
-time, and are unpacked by :func:`untag` when the RNN call returns.
+:class:`Recorder` collects records by layer path.
+
+**Records leave transforms as outputs.** A value computed inside ``scan``,
+``vmap`` or ``checkpoint`` is a tracer of that transform and must not escape
+it. While capturing, those transforms run through :mod:`.transforms`: each call
+opens a :class:`TransformFrame`, the records made inside are returned as extra
+outputs (stacked by ``scan`` and ``vmap`` along a new leading axis) and handed
+to the enclosing frame. Each record knows, for every leading axis a transform
+added, its *role* (:func:`Recorder.trace`):
+
+* ``stack``: the layer's weight was sliced by that transform (``xs`` of a
+  scan, a mapped argument of a vmap): the params hold one layer per index
+  (``nn.scan`` over depth, ``nnx.vmap``-made layers), so each index gets its
+  own local Fisher;
+* ``pool``: the weight was closed over or carried (a scan over time, a vmap
+  over the batch): every index is more rows of the same layer's statistics.
+
+The weight is followed through the frames by object identity: a transform's
+wrapper knows which outer leaf each of its inner arguments is.
+
+**Cells under ``nn.RNN`` / ``nnx.RNN``** keep their own route: while a cell
+runs inside the RNN's scan, its records go to that cell call's
+:class:`CellFrame` and leave the scan as an extra output (:class:`StepRecords`),
+unpacked by :func:`untag` when the RNN call returns (time merged into rows).
+
+**What cannot be captured is reported.** A record holding a tracer of a trace
+that has ended (a transform that does not return records: ``jax.jit``, ``fori_loop``,
+a transform made before capture started) is dropped with a warning naming the
+layer, which is then reported as not captured, never given statistics from a
+subset of its calls that the user did not ask for.
 """
 
 from __future__ import annotations
@@ -34,24 +59,67 @@ class Captured:
   Attributes:
     inputs: the layer input: ``x`` (dense, conv), ``xhat`` (norm) or token
       ids (embed).
-    outputs: the layer's pre-activation output ``z``.
+    outputs: the layer's pre-activation output ``z`` (None when capture was
+      asked not to keep outputs).
     kind: how ``inputs`` map to rows of the local Fisher: ``'dense'``,
-      ``'conv'``, ``'norm'`` or ``'embed'`` (see :data:`sngd_jax.factors.ROWS`).
-    config: static layer configuration that the kind needs.
+      ``'conv'``, ``'conv_transpose'``, ``'norm'`` or ``'embed'``.
+    config: static layer configuration that the kind needs, for one layer of
+      the stack (``inputs[i]`` when ``stack = 1``).
+    stack: how many leading axes index the layers of a stack (a layer applied
+      under ``nn.scan`` over depth, ``nnx.scan``, a vmap over its weights):
+      each index has its own local Fisher; 0 for an ordinary layer.
   """
 
   inputs: jax.Array
-  outputs: jax.Array
+  outputs: Optional[jax.Array]
   kind: str = flax.struct.field(pytree_node=False, default="dense")
   config: tuple = flax.struct.field(pytree_node=False, default=())
+  stack: int = flax.struct.field(pytree_node=False, default=0)
 
 
-def record(store: dict[str, list[Captured]], path: str, inputs: Any, outputs: Any,
-           kind: str, config: tuple = ()) -> None:
-  """Appends one call's record to ``store`` (gradients stopped)."""
-  store.setdefault(path, []).append(
-      Captured(inputs=jax.lax.stop_gradient(inputs),
-               outputs=jax.lax.stop_gradient(outputs), kind=kind, config=config))
+@flax.struct.dataclass
+class Pending:
+  """A record on its way out of the transforms it was made in.
+
+  ``roles`` has one entry per leading axis that the enclosing transforms add
+  (outermost first): ``'scan:stack'``, ``'scan:pool'``, ``'vmap:stack'`` or
+  ``'vmap:pool'`` (see the module docstring).
+  """
+
+  captured: Captured
+  roles: tuple = flax.struct.field(pytree_node=False, default=())
+
+
+def _axes_shifted(kind: str, config: tuple, k: int) -> tuple:
+  """``config`` for the same call with ``k`` more leading (row) axes."""
+  if k == 0 or not config:
+    return config
+  if kind == "dense":
+    axes, out_perm = config
+    if out_perm is not None:
+      out_perm = tuple(range(k)) + tuple(p + k for p in out_perm)
+    return (tuple(a + k for a in axes), out_perm)
+  if kind == "norm":
+    (feature_axes,) = config
+    return (tuple(a + k for a in feature_axes),)
+  return config  # conv, conv_transpose, embed: axes counted from the end
+
+
+def _finalized(p: Pending) -> Captured:
+  """The record with its stack axes first and its config shifted past the pooled axes."""
+  c = p.captured
+  if not p.roles:
+    return c
+  stack = [i for i, r in enumerate(p.roles) if r.endswith(":stack")]
+  pooled = len(p.roles) - len(stack)
+
+  def order(a):
+    if a is None or not stack:
+      return a
+    return jnp.moveaxis(a, stack, tuple(range(len(stack))))
+
+  return Captured(inputs=order(c.inputs), outputs=order(c.outputs), kind=c.kind,
+                  config=_axes_shifted(c.kind, c.config, pooled), stack=len(stack))
 
 
 def _escaped(x: Any) -> bool:
@@ -60,26 +128,37 @@ def _escaped(x: Any) -> bool:
   return trace is not None and hasattr(trace, "is_valid") and not trace.is_valid()
 
 
-def freeze(store: dict[str, list[Captured]]) -> Activations:
+def _valid(records: dict[str, list[Pending]], escaped: set[str]) -> dict[str, list[Pending]]:
+  """``records`` without the calls that hold leaked tracers (their paths go to ``escaped``)."""
+  out = {}
+  for path, calls in records.items():
+    if any(_escaped(x) for x in jax.tree.leaves(calls)):
+      escaped.add(path)
+      continue
+    out[path] = calls
+  return out
+
+
+def freeze(store: dict[str, list[Pending]], escaped: set[str] = frozenset()) -> Activations:
   """Turns a record store into the immutable activations dict.
 
-  A record holding a tracer of a transform that has already finished (the
-  layer ran inside ``nn.scan``/``nnx.scan`` other than ``nn.RNN``/``nnx.RNN``,
-  ``nn.remat``, ``nn.vmap``, ...) cannot be used: it is dropped with a
-  warning naming the layer, so ``update`` reports the layer as not captured
-  (and ``fisher={path: None}`` leaves it to the next transform) instead of
-  failing later on a leaked tracer.
+  A layer with a call whose values could not leave a transform (see the module
+  docstring) is dropped with a warning naming it, so ``update`` reports it as
+  not captured (and ``fisher={path: None}`` leaves it to the next transform).
   """
+  escaped = set(escaped)
+  store = _valid(store, escaped)
   out = {}
+  for path in sorted(escaped):
+    warnings.warn(
+        f"sngd: layer {path!r} was called inside a JAX transform whose values cannot leave "
+        "it (a jit, fori_loop or while_loop inside the captured function, or a vmap, scan "
+        "or checkpoint made before capture started); its calls are not captured. Make the "
+        "transform inside the captured function, or pass "
+        f"`fisher={{{path!r}: None}}`.", stacklevel=3)
   for path, calls in store.items():
-    if any(_escaped(x) for x in jax.tree.leaves(calls)):
-      warnings.warn(
-          f"sngd: layer {path!r} was called inside a JAX transform (a scan, remat or vmap "
-          "other than nn.RNN / nnx.RNN) whose values cannot leave it; its calls are not "
-          "captured. Run the cell with nn.RNN / nnx.RNN, or pass "
-          f"`fisher={{{path!r}: None}}`.", stacklevel=3)
-      continue
-    out[path] = tuple(calls)
+    if path not in escaped:
+      out[path] = tuple(_finalized(c) for c in calls)
   return out
 
 
@@ -103,23 +182,23 @@ class StepRecords:
     return cls(*children)
 
 
-def untag(out: Any, time_axis: int) -> tuple[Any, dict[str, list[Captured]]]:
+def untag(out: Any, time_axis: int) -> tuple[Any, dict[str, list[Pending]]]:
   """Strips :class:`StepRecords` nodes from an RNN's output; returns the records.
 
   The records of every time step were stacked by the scan along
   ``time_axis``; the time axis is merged into the leading (batch) axis so each
   record keeps its per-step rank (and its config stays valid).
   """
-  found: dict[str, list[Captured]] = {}
+  found: dict[str, list[Pending]] = {}
 
   def strip(node):
     if isinstance(node, StepRecords):
       for path, calls in node.records.items():
-        for c in calls:
-          merge = lambda a: _merge_time(a, time_axis)
-          found.setdefault(path, []).append(
-              Captured(inputs=merge(c.inputs), outputs=merge(c.outputs), kind=c.kind,
-                       config=c.config))
+        for p in calls:
+          merge = lambda a: None if a is None else _merge_time(a, time_axis)
+          c = p.captured
+          found.setdefault(path, []).append(p.replace(captured=c.replace(
+              inputs=merge(c.inputs), outputs=merge(c.outputs))))
       return node.value
     return node
 
@@ -150,60 +229,145 @@ class RNNFrame:
 class CellFrame:
   """One cell call inside an RNN's scan: its records leave the scan as outputs."""
 
-  records: dict[str, list[Captured]] = dataclasses.field(default_factory=dict)
+  records: dict[str, list[Pending]] = dataclasses.field(default_factory=dict)
 
 
-Frame = Union[RNNFrame, CellFrame]
+@dataclasses.dataclass
+class TransformFrame:
+  """One call of a ``scan``/``vmap``/``checkpoint`` body while capturing.
+
+  Attributes:
+    kind: ``'scan'``, ``'vmap'`` or ``'checkpoint'``.
+    inputs: ``id(inner leaf) -> (outer leaf, role)`` for the body's arguments;
+      role ``'stack'`` (sliced / mapped), ``'pool'`` (carried / unmapped) or
+      ``'none'`` (checkpoint).
+    records: the records made inside, returned by the body as outputs.
+  """
+
+  kind: str
+  inputs: dict[int, tuple[Any, str]]
+  records: dict[str, list[Pending]] = dataclasses.field(default_factory=dict)
+
+  @property
+  def adds_axis(self) -> bool:
+    return self.kind in ("scan", "vmap")
+
+
+@dataclasses.dataclass
+class DiscardFrame:
+  """A trace whose results are thrown away (Flax's invariance pre-trace of ``nn.scan``)."""
+
+
+Frame = Union[RNNFrame, CellFrame, TransformFrame, DiscardFrame]
 
 
 class Recorder:
-  """Routes records to the output store, or to the innermost scanned cell call.
+  """Routes records to the output store, or to the innermost frame that returns them.
 
   Attributes:
-    store: the records of calls outside any scanned cell, by layer path.
-    frames: the RNN and cell calls in progress, innermost last.
+    store: the records of calls outside any frame, by layer path.
+    frames: the RNN, cell and transform calls in progress, innermost last.
     norm_slots: while a normalization layer runs, a slot per layer that the
       patched normalization routine fills with ``(xhat, feature_axes)``.
+    escaped: layers with a call whose values could not leave a transform.
+    top: ``id(leaf) -> leaf path parts`` of the captured function's params
+      argument, to name layers by their weight (NNX copies, Equinox).
   """
 
-  def __init__(self):
-    self.store: dict[str, list[Captured]] = {}
+  def __init__(self, top: Optional[dict[int, tuple[str, ...]]] = None):
+    self.store: dict[str, list[Pending]] = {}
     self.frames: list[Frame] = []
     self.norm_slots: list[list] = []
+    self.escaped: set[str] = set()
+    self.top = top or {}
 
-  def add(self, path: str, inputs, outputs, kind: str, config: tuple = ()) -> None:
-    target = self.store
+  def _target(self):
+    for frame in reversed(self.frames):
+      if isinstance(frame, (CellFrame, TransformFrame)):
+        return frame.records
+      if isinstance(frame, DiscardFrame):
+        return None
+    return self.store
+
+  def trace(self, weight: Any) -> tuple[tuple[str, ...], Optional[tuple[str, ...]]]:
+    """Follows a layer's weight out through the transform frames.
+
+    Args:
+      weight: the weight array the layer read (kernel, scale or embedding), or None.
+
+    Returns:
+      ``(roles, parts)``: the role of each leading axis a record made now will
+      get (outermost first), and the leaf path of the weight in the captured
+      function's params argument (None when it is not one of its leaves).
+    """
+    roles, w, bypass = [], weight, False
     for frame in reversed(self.frames):
       if isinstance(frame, CellFrame):
-        target = frame.records
-        break
-    record(target, path, inputs, outputs, kind, config)
+        bypass = True  # the RNN route merges its own scan's axis
+      elif isinstance(frame, RNNFrame):
+        bypass = False
+      elif isinstance(frame, TransformFrame):
+        entry = frame.inputs.get(id(w)) if w is not None else None
+        role = "pool"
+        if entry is not None:
+          w, role = entry
+        if frame.adds_axis and not bypass:
+          roles.append(f"{frame.kind}:{'stack' if role == 'stack' else 'pool'}")
+    parts = self.top.get(id(w)) if w is not None else None
+    return tuple(reversed(roles)), parts
 
-  def add_all(self, records: dict[str, list[Captured]]) -> None:
+  def add(self, path: str, inputs, outputs, kind: str, config: tuple = (),
+          weight: Any = None, roles: Optional[tuple[str, ...]] = None) -> None:
+    """Records one call (gradients stopped) in the innermost frame that returns records."""
+    if roles is None:
+      roles = self.trace(weight)[0]
+    target = self._target()
+    if target is None:
+      return
+    stop = lambda a: None if a is None else jax.lax.stop_gradient(a)
+    target.setdefault(path, []).append(Pending(
+        Captured(inputs=stop(inputs), outputs=stop(outputs), kind=kind, config=config),
+        roles))
+
+  def add_all(self, records: dict[str, list[Pending]]) -> None:
+    """Adds records that left a frame (their roles were set when they were made)."""
+    target = self._target()
+    if target is None:
+      return
     for path, calls in records.items():
-      for c in calls:
-        self.add(path, c.inputs, c.outputs, c.kind, c.config)
+      target.setdefault(path, []).extend(calls)
 
   def rnn_frame(self) -> Optional[RNNFrame]:
-    """The RNN call whose cell is about to run, if the innermost frame is one."""
-    return self.frames[-1] if self.frames and isinstance(self.frames[-1], RNNFrame) else None
+    """The RNN call whose cell is about to run: the innermost frame, but for the RNN's
+    own transforms (its scan, a remat of the cell)."""
+    for frame in reversed(self.frames):
+      if isinstance(frame, RNNFrame):
+        return frame
+      if not isinstance(frame, TransformFrame):
+        return None
+    return None
 
   @contextlib.contextmanager
-  def rnn(self, cell_prefix: Optional[str] = None) -> Iterator[None]:
-    self.frames.append(RNNFrame(cell_prefix))
-    try:
-      yield
-    finally:
-      self.frames.pop()
-
-  @contextlib.contextmanager
-  def cell(self) -> Iterator[CellFrame]:
-    frame = CellFrame()
+  def frame(self, frame: Frame) -> Iterator[Frame]:
     self.frames.append(frame)
     try:
       yield frame
     finally:
       self.frames.pop()
+
+  @contextlib.contextmanager
+  def rnn(self, cell_prefix: Optional[str] = None) -> Iterator[None]:
+    with self.frame(RNNFrame(cell_prefix)):
+      yield
+
+  @contextlib.contextmanager
+  def cell(self) -> Iterator[CellFrame]:
+    with self.frame(CellFrame()) as frame:
+      yield frame
+
+  def leaving(self, frame: TransformFrame) -> dict[str, list[Pending]]:
+    """The records of a transform body, to return as outputs (leaked calls dropped)."""
+    return _valid(frame.records, self.escaped)
 
   @contextlib.contextmanager
   def norm(self) -> Iterator[list]:
@@ -221,9 +385,18 @@ class Recorder:
       axes = (feature_axes,) if isinstance(feature_axes, int) else tuple(feature_axes)
       self.norm_slots[-1].append((xhat, tuple(sorted(a % ndim for a in axes))))
 
+  def freeze(self) -> Activations:
+    return freeze(self.store, self.escaped)
+
 
 def rnn_time_axis(inputs: Any, time_major: bool, cell: Any) -> int:
   """The time axis ``nn.RNN``/``nnx.RNN`` scans over (same rule as Flax)."""
   ndim = inputs.ndim
   axis = 0 if time_major else ndim - (cell.num_feature_axes + 1)
   return axis % ndim
+
+
+def stack_shape(call: Captured) -> tuple[int, ...]:
+  """The stack shape of a record (``()`` for an ordinary layer)."""
+  return tuple(call.inputs.shape[:call.stack])
+

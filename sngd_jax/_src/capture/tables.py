@@ -159,6 +159,19 @@ NNX_CELLS: tuple[type, ...] = (nnx.LSTMCell, nnx.OptimizedLSTMCell, nnx.GRUCell,
 """NNX recurrent cells whose inner ``Linear`` layers are recorded under ``nnx.RNN``."""
 
 
+WEIGHT_NAMES: dict[type, str] = {nn.Embed: "embedding", nnx.Embed: "embedding",
+                                 **{cls: "scale" for cls in NORMS}}
+"""The param that names a layer's weight, where it is not ``kernel``."""
+
+
+def weight_name(module: Any) -> str:
+  """The name of the param that holds ``module``'s weight (kernel, embedding or scale)."""
+  for cls in type(module).__mro__:
+    if cls in WEIGHT_NAMES:
+      return WEIGHT_NAMES[cls]
+  return "kernel"
+
+
 def lookup(module: Any) -> Optional[LayerRecorder]:
   """The recorder of ``module``'s class (or nearest base class in :data:`LAYERS`)."""
   for cls in type(module).__mro__:

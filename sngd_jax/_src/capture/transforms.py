@@ -1,0 +1,219 @@
+"""The JAX transforms that return records while capturing: scan, vmap, checkpoint.
+
+Values made inside a transform are its tracers and must not escape it. While a
+captured function runs, ``jax.lax.scan``, ``jax.vmap``, ``jax.checkpoint`` and
+``jax.remat`` are replaced by the wrappers below, each a small function: the
+body runs under a :class:`~.records.TransformFrame` that maps its arguments to
+the caller's, and returns the records made inside as extra outputs (``scan``
+and ``vmap`` stack them along a new leading axis, ``checkpoint`` returns them
+as they are). The records then join the enclosing frame (see :mod:`.records`
+for the roles of the new axes). The transforms of Flax (``nn.scan``,
+``nn.vmap``, ``nn.remat``, ``nnx.scan``, ``nnx.vmap``, ``nnx.remat``) and of
+Equinox (``filter_vmap``, ``filter_checkpoint``) call these functions when
+they run, so they are covered too.
+
+The replacement is process-wide while any capture runs (reference counted) and
+acts only on the thread that captures: elsewhere each wrapper calls JAX's own
+function directly. Transforms that do not go through these names (a function
+made by ``jax.vmap`` before capture started, ``jax.jit``, ``fori_loop``) keep
+their records inside, which are then detected as leaked and reported (never
+used).
+
+One Flax internal is patched too: ``flax.core.axes_scan.scan`` traces the body
+of ``nn.scan`` once outside the scan to check its broadcast variables; records
+made in that trace are discarded (:class:`~.records.DiscardFrame`).
+
+Guarded by ``tests/test_transforms.py`` (every transform, nested, against the
+unrolled model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from typing import Any, Callable, Iterator, Optional
+
+import flax.core.axes_scan as flax_axes_scan
+import jax
+
+from sngd_jax._src.capture.records import DiscardFrame, Recorder, TransformFrame
+
+_ORIGINAL = {
+    "scan": jax.lax.scan,
+    "vmap": jax.vmap,
+    "checkpoint": jax.checkpoint,
+    "remat": jax.remat,
+    "axes_scan": flax_axes_scan.scan,
+}
+# (owner, attribute, key of the original in _ORIGINAL)
+_TARGETS = ((jax.lax, "scan", "scan"), (jax, "vmap", "vmap"), (jax, "checkpoint", "checkpoint"),
+            (jax, "remat", "remat"), (flax_axes_scan, "scan", "axes_scan"))
+_LOCAL = threading.local()
+_LOCK = threading.Lock()
+_INSTALLED = [0]
+
+
+def _active() -> Optional[Recorder]:
+  """The recorder of the innermost capture running on this thread, if any."""
+  stack = getattr(_LOCAL, "recorders", None)
+  return stack[-1] if stack else None
+
+
+def _leaves(tree: Any) -> list[Any]:
+  return jax.tree.leaves(tree, is_leaf=lambda x: x is None)
+
+
+def _inputs(inner: Any, outer: Any, roles: list[str]) -> dict[int, tuple[Any, str]]:
+  """``id(inner leaf) -> (outer leaf, role)`` for matching trees of body arguments."""
+  inner_leaves = _leaves(inner)
+  outer_leaves = _leaves(outer)
+  if len(inner_leaves) != len(outer_leaves):
+    return {}
+  return {id(i): (o, r) for i, o, r in zip(inner_leaves, outer_leaves, roles, strict=True)
+          if i is not None}
+
+
+def scan(f: Callable, init: Any, xs: Any = None, length: Optional[int] = None,
+         **kwargs) -> Any:
+  """``jax.lax.scan`` whose body also returns its records (stacked over iterations)."""
+  rec = _active()
+  if rec is None:
+    return _ORIGINAL["scan"](f, init, xs, length, **kwargs)
+  n_carry = len(_leaves(init))
+  n_xs = len(_leaves(xs))
+  roles = ["pool"] * n_carry + ["stack"] * n_xs
+
+  def body(carry, x):
+    frame = TransformFrame("scan", _inputs((carry, x), (init, xs), roles))
+    with rec.frame(frame):
+      carry, y = f(carry, x)
+    return carry, (y, rec.leaving(frame))
+
+  carry, (ys, records) = _ORIGINAL["scan"](body, init, xs, length, **kwargs)
+  rec.add_all(records)
+  return carry, ys
+
+
+def _mapped_roles(in_axes: Any, args: tuple, kwargs: dict) -> list[str]:
+  """Per argument leaf: ``'stack'`` if vmap maps it, else ``'pool'`` (as ``_leaves`` orders)."""
+  if not isinstance(in_axes, (list, tuple)):
+    in_axes = (in_axes,) * len(args)
+  axes = jax.tree.map(lambda ax, sub: jax.tree.map(lambda _: ax, sub,
+                                                   is_leaf=lambda x: x is None),
+                      tuple(in_axes), args, is_leaf=lambda x: x is None)
+  roles = ["pool" if ax is None else "stack" for ax in _leaves(axes)]
+  return roles + ["stack"] * len(_leaves(kwargs))
+
+
+def vmap(fun: Callable, in_axes: Any = 0, out_axes: Any = 0, *args, **kwargs) -> Callable:
+  """``jax.vmap`` whose function also returns its records (stacked over the mapped axis)."""
+  plain = _ORIGINAL["vmap"](fun, in_axes, out_axes, *args, **kwargs)
+
+  @functools.wraps(fun)
+  def call(*a, **kw):
+    rec = _active()
+    if rec is None:
+      return plain(*a, **kw)
+    try:
+      roles = _mapped_roles(in_axes, a, kw)
+    except ValueError:  # an in_axes JAX will reject: let it say so
+      return plain(*a, **kw)
+
+    def body(*inner_a, **inner_kw):
+      frame = TransformFrame("vmap", _inputs((inner_a, inner_kw), (a, kw), roles))
+      with rec.frame(frame):
+        out = fun(*inner_a, **inner_kw)
+      return out, rec.leaving(frame)
+
+    out, records = _ORIGINAL["vmap"](body, in_axes, (out_axes, 0), *args, **kwargs)(*a, **kw)
+    rec.add_all(records)
+    return out
+
+  return call
+
+
+def _checkpoint(name: str) -> Callable:
+  def checkpoint(fun: Callable, **options) -> Callable:
+    plain = _ORIGINAL[name](fun, **options)
+    static = options.get("static_argnums", ())
+    static = (static,) if isinstance(static, int) else tuple(static)
+
+    @functools.wraps(fun)
+    def call(*a, **kw):
+      rec = _active()
+      if rec is None:
+        return plain(*a, **kw)
+      dynamic = lambda args: tuple(x for i, x in enumerate(args) if i not in static)
+
+      def body(*inner_a, **inner_kw):
+        outer = (dynamic(a), kw)
+        frame = TransformFrame("checkpoint", _inputs(
+            (dynamic(inner_a), inner_kw), outer, ["none"] * len(_leaves(outer))))
+        with rec.frame(frame):
+          out = fun(*inner_a, **inner_kw)
+        return out, rec.leaving(frame)
+
+      out, records = _ORIGINAL[name](body, **options)(*a, **kw)
+      rec.add_all(records)
+      return out
+
+    return call
+
+  checkpoint.__doc__ = f"``jax.{name}`` whose function also returns its records."
+  return checkpoint
+
+
+def axes_scan(fn: Callable, *args, **kwargs) -> Callable:
+  """Flax's ``axes_scan.scan``: records of its invariance pre-trace are discarded."""
+  rec = _active()
+  if rec is None:
+    return _ORIGINAL["axes_scan"](fn, *args, **kwargs)
+  depth: list[int] = []
+
+  @functools.wraps(fn)
+  def body(*a, **kw):
+    inside_scan = depth and len(rec.frames) > depth[-1] and isinstance(
+        rec.frames[-1], TransformFrame) and rec.frames[-1].kind == "scan"
+    if inside_scan:
+      return fn(*a, **kw)
+    with rec.frame(DiscardFrame()):
+      return fn(*a, **kw)
+
+  scan_fn = _ORIGINAL["axes_scan"](body, *args, **kwargs)
+
+  def call(*a, **kw):
+    depth.append(len(rec.frames))
+    try:
+      return scan_fn(*a, **kw)
+    finally:
+      depth.pop()
+
+  return call
+
+
+_WRAPPERS = {"scan": scan, "vmap": vmap, "checkpoint": _checkpoint("checkpoint"),
+             "remat": _checkpoint("remat"), "axes_scan": axes_scan}
+
+
+@contextlib.contextmanager
+def recording(rec: Recorder) -> Iterator[None]:
+  """Makes ``rec`` this thread's active recorder and the transforms return records."""
+  with _LOCK:
+    if _INSTALLED[0] == 0:
+      for owner, name, key in _TARGETS:
+        setattr(owner, name, _WRAPPERS[key])
+    _INSTALLED[0] += 1
+  stack = getattr(_LOCAL, "recorders", None)
+  if stack is None:
+    stack = _LOCAL.recorders = []
+  stack.append(rec)
+  try:
+    yield
+  finally:
+    stack.pop()
+    with _LOCK:
+      _INSTALLED[0] -= 1
+      if _INSTALLED[0] == 0:
+        for owner, name, key in _TARGETS:
+          setattr(owner, name, _ORIGINAL[key])
