@@ -6,6 +6,7 @@ methods and matrix functions are in the public namespace :mod:`sngd_jax.inverse`
 
 from sngd_jax import inverse as inverse
 from sngd_jax._src.alias import sngd_momentum as sngd_momentum
+from sngd_jax._src.capture.equinox import capture_eqx as capture_eqx
 from sngd_jax._src.capture.linen import capture as capture
 from sngd_jax._src.capture.nnx import capture_nnx as capture_nnx
 from sngd_jax._src.capture.records import Activations as Activations
@@ -49,6 +50,7 @@ __all__ = [
     "SNGDState",
     "Sketch",
     "capture",
+    "capture_eqx",
     "capture_nnx",
     "cost_estimate",
     "coverage",

@@ -25,6 +25,7 @@ def sngd_momentum(
     nesterov: bool = False,
     weight_decay: optax.ScalarOrSchedule = 0.0,
     fisher: layers_lib.FisherSpec = DEFAULTS.fisher,
+    stacked: layers_lib.StackSpec = DEFAULTS.stacked,
     inverse: str | InverseMethod = DEFAULTS.inverse,
     damping: optax.ScalarOrSchedule = DEFAULTS.damping,
     abs_damping: optax.ScalarOrSchedule = DEFAULTS.abs_damping,
@@ -59,6 +60,7 @@ def sngd_momentum(
     nesterov: use Nesterov momentum.
     weight_decay: decoupled weight decay ``lambda`` on kernels.
     fisher: see :func:`sngd_jax.sngd`.
+    stacked: see :func:`sngd_jax.sngd`.
     inverse: see :func:`sngd_jax.sngd`.
     damping: see :func:`sngd_jax.sngd`.
     abs_damping: see :func:`sngd_jax.sngd`.
@@ -77,8 +79,8 @@ def sngd_momentum(
     ``update``.
   """
   return optax.chain(
-      sngd(fisher=fisher, inverse=inverse, damping=damping, abs_damping=abs_damping,
-           decay=decay, factor_every=factor_every, inverse_every=inverse_every, prior=prior,
+      sngd(fisher=fisher, stacked=stacked, inverse=inverse, damping=damping,
+           abs_damping=abs_damping, decay=decay, factor_every=factor_every, inverse_every=inverse_every, prior=prior,
            stats_batch_size=stats_batch_size, max_factor_ratio=max_factor_ratio,
            max_norm=max_norm, axis_name=axis_name, shard_refresh=shard_refresh),
       optax.add_decayed_weights(weight_decay, mask=_kernel_mask),

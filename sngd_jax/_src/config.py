@@ -9,8 +9,8 @@ asking again.
 
 The options, by concern (the hyperparameter table of the docs follows this order):
 
-* **What is preconditioned, and how**: ``fisher`` (kind per layer), ``inverse``
-  (how damped blocks are inverted).
+* **What is preconditioned, and how**: ``fisher`` (kind per layer), ``stacked``
+  (stack axes the params do not show), ``inverse`` (how damped blocks are inverted).
 * **Statistics**: ``decay``, ``factor_every``, ``prior``, ``stats_batch_size``,
   ``max_factor_ratio``.
 * **Inverse refreshes**: ``inverse_every``, ``damping``, ``abs_damping``.
@@ -68,6 +68,7 @@ class SNGDConfig:
   """
 
   fisher: layers_lib.FisherSpec = "linear"
+  stacked: layers_lib.StackSpec = None
   damping: optax.ScalarOrSchedule = 1e-4
   abs_damping: optax.ScalarOrSchedule = 0.0
   decay: float = 0.975
@@ -85,6 +86,12 @@ class SNGDConfig:
     # Hashable forms, so that the static part can live in the state's tree structure.
     if isinstance(self.fisher, Mapping) and not isinstance(self.fisher, flax.core.FrozenDict):
       object.__setattr__(self, "fisher", flax.core.FrozenDict(self.fisher))
+    if self.stacked is not None:
+      if not isinstance(self.stacked, Mapping) or not all(
+          isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in self.stacked.items()):
+        raise ValueError("sngd: `stacked` must map layer path prefixes to a number of leading "
+                         f"stack axes (an int >= 0), got {self.stacked!r}")
+      object.__setattr__(self, "stacked", flax.core.FrozenDict(self.stacked))
     if self.axis_name is not None and not isinstance(self.axis_name, str):
       object.__setattr__(self, "axis_name", tuple(self.axis_name))
     _check_number("damping", self.damping, 0.0)

@@ -118,7 +118,7 @@ def cost_estimate(params: Any, batch_rows: Optional[int] = None,
   state = jax.eval_shape(sngd(**sngd_kwargs).init, params)
   config = state.config
   method = _method_of(config)
-  specs = layers_lib.discover(params, config.fisher)
+  specs = layers_lib.discover(params, config.fisher, config.stacked)
   costs = {}
   for path, spec in specs.items():
     d, b = spec.dim, spec.num_blocks

@@ -166,8 +166,8 @@ class _Inputs:
 def _check_inputs(config: SNGDConfig, method: InverseMethod, updates: Any, state: SNGDState,
                   activations: Optional[Activations]) -> _Inputs:
   """Stage 1: finds the layers and raises errors naming the layer for what does not fit."""
-  specs = layers_lib.discover(updates, config.fisher)
-  all_layers = layers_lib.discover(updates, "linear")
+  specs = layers_lib.discover(updates, config.fisher, config.stacked)
+  all_layers = layers_lib.discover(updates, "linear", config.stacked)
   validation.check_structure(specs, state.factors, activations, all_layers)
   assert activations is not None  # checked above
   activations = {p: activations[p] for p in specs}
@@ -292,7 +292,7 @@ def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArg
   method = _method_of(config)
 
   def init_fn(params):
-    specs = layers_lib.discover(params, config.fisher)
+    specs = layers_lib.discover(params, config.fisher, config.stacked)
     leaves, _, index = _flatten(params)
     validation.check_param_dtypes(specs, leaves, index, "params")
     return _init_state(params, specs, method, config)
@@ -332,6 +332,7 @@ def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArg
 def sngd(
     *,
     fisher: layers_lib.FisherSpec = DEFAULTS.fisher,
+    stacked: layers_lib.StackSpec = DEFAULTS.stacked,
     inverse: str | InverseMethod = DEFAULTS.inverse,
     damping: optax.ScalarOrSchedule = DEFAULTS.damping,
     abs_damping: optax.ScalarOrSchedule = DEFAULTS.abs_damping,
@@ -381,6 +382,13 @@ def sngd(
       (``G_j = E[sigmoid(z_j)^2 x~ x~^T]``), a mapping from layer path to kind
       (unlisted layers get ``"linear"``, ``None`` leaves a layer alone) or a
       callable from layer path to kind.
+    stacked: for stacked layers whose params do not show their stack axes
+      (a bias-free kernel applied under ``nn.scan`` over depth, ``nnx.scan``
+      or a vmap over its weights): a mapping from layer path prefix to the
+      number of leading stack axes of every kernel under it, e.g.
+      ``{"blocks": 1}``. Each layer of a stack gets its own local Fisher.
+      Stacked layers with a bias, and Equinox layers, are recognized without
+      it; capture and :func:`sngd_jax.coverage` say where it is needed.
     inverse: the inverse method, a key of :data:`sngd_jax.inverse.METHODS`
       (``"cholesky"``, ``"eigh"``, ``"denman_beavers"``, ``"newton_schulz"``,
       ``"nystrom"``, ``"blocks"``, ``"auto"``) or a
@@ -435,7 +443,8 @@ def sngd(
     Optimization Potential of Natural Gradient Descent*, arXiv:2412.07441.
   """
   return sngd_from_config(SNGDConfig(
-      fisher=fisher, inverse=inverse, damping=damping, abs_damping=abs_damping, decay=decay,
+      fisher=fisher, stacked=stacked, inverse=inverse, damping=damping,
+      abs_damping=abs_damping, decay=decay,
       factor_every=factor_every, inverse_every=inverse_every, prior=prior,
       stats_batch_size=stats_batch_size, max_factor_ratio=max_factor_ratio,
       max_norm=max_norm, axis_name=axis_name, shard_refresh=shard_refresh))

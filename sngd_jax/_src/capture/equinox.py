@@ -1,0 +1,209 @@
+"""Activation capture for Equinox models.
+
+Equinox layers are plain pytrees called per example (the batch comes from the
+user's ``jax.vmap``), with no interceptor hook: :func:`capture_eqx` swaps the
+``__call__`` of the layer classes of :func:`recorders` for a recording wrapper
+while the wrapped function runs, and restores it after, also on error. The
+records leave the user's ``jax.vmap``, ``jax.lax.scan`` and ``jax.checkpoint``
+(and Equinox's ``filter_vmap``, ``filter_checkpoint``) as outputs of those
+transforms (:mod:`.transforms`): the batch and time axes become rows, a scan
+or vmap over stacked layers gives one local Fisher per layer.
+
+A layer is named by the path of its weight in the model, the first argument of
+the captured function: ``'layers/0'`` for ``model.layers[0].weight``, and
+``'<cell>/weight_ih'``, ``'<cell>/weight_hh'`` for the two dense layers of a
+recurrent cell (as :mod:`sngd_jax._src.equinox_layers` names them). A call
+whose weight is not a leaf of that argument (a layer built inside the loss, a
+weight computed from params) cannot be named and is not recorded, so its layer
+is reported as not captured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+
+from sngd_jax._src import paths
+from sngd_jax._src.capture import transforms
+from sngd_jax._src.capture.records import Recorder
+
+# A record of one call: (name suffix, weight, inputs, outputs, kind, config).
+_Call = tuple[Optional[str], Any, Any, Any, str, tuple]
+
+
+def _equinox() -> Any:
+  """The ``equinox`` module (an optional dependency: ``pip install "sngd_jax[equinox]"``)."""
+  try:
+    return importlib.import_module("equinox")
+  except ImportError as e:
+    raise ImportError("sngd: capture_eqx needs Equinox: pip install \"sngd_jax[equinox]\"") from e
+
+
+def _first(out: Any) -> Any:
+  """A layer's output array (norm layers called with a state return ``(out, state)``)."""
+  return out[0] if isinstance(out, tuple) else out
+
+
+def _linear(module, args, kwargs, out) -> list[_Call]:
+  x, z = args[0], out
+  if module.in_features == "scalar":
+    x = jnp.reshape(x, (1,))
+  if module.out_features == "scalar":
+    z = jnp.reshape(z, (1,))
+  return [(None, module.weight, x, z, "dense", ())]
+
+
+def _channels_last(a: jax.Array) -> jax.Array:
+  return jnp.moveaxis(a, 0, -1)
+
+
+def _conv(module, args, kwargs, out) -> list[_Call]:
+  x = args[0]
+  r = module.num_spatial_dims
+  if module.padding_mode != "ZEROS":
+    x, padding = module._nonzero_pad(x), "VALID"
+  else:
+    padding = module.padding
+  config = (tuple(module.kernel_size), tuple(module.stride), padding, (1,) * r,
+            tuple(module.dilation), int(module.groups))
+  return [(None, module.weight, _channels_last(x), _channels_last(out), "conv", config)]
+
+
+def _conv_transpose(module, args, kwargs, out) -> list[_Call]:
+  # A transposed convolution is the convolution of the stride-dilated input.
+  x = args[0]
+  r = module.num_spatial_dims
+  padding = module._padding_transpose()
+  if module.padding_mode == "CIRCULAR":
+    x, padding = module._circular_pad(x, padding)
+  config = (tuple(module.kernel_size), (1,) * r, tuple(padding), tuple(module.stride),
+            tuple(module.dilation), int(module.groups))
+  return [(None, module.weight, _channels_last(x), _channels_last(out), "conv", config)]
+
+
+def _embedding(module, args, kwargs, out) -> list[_Call]:
+  return [(None, module.weight, args[0], out, "embed", ())]
+
+
+def _norm(call: Callable) -> Callable:
+  """Records ``xhat``: the layer's own output with unit weight and zero bias."""
+  def recorder(module, args, kwargs, out) -> list[_Call]:
+    eqx = _equinox()
+    if module.weight is None:
+      return []
+    plain = eqx.tree_at(lambda m: m.weight, module, jnp.ones_like(module.weight))
+    if getattr(module, "bias", None) is not None:
+      plain = eqx.tree_at(lambda m: m.bias, plain, jnp.zeros_like(module.bias))
+    xhat = _first(call(plain, *args, **kwargs))
+    if isinstance(module, (eqx.nn.LayerNorm, eqx.nn.RMSNorm)):
+      axes = tuple(range(xhat.ndim))  # normalized over the whole (per-example) shape
+    else:
+      axes = (0,)  # channels first
+    return [(None, module.weight, xhat, _first(out), "norm", (axes,))]
+  return recorder
+
+
+def _cell(module, args, kwargs, out) -> list[_Call]:
+  x, hidden = args[0], args[1]
+  h = hidden[0] if isinstance(hidden, tuple) else hidden
+  z_ih = module.weight_ih @ x
+  if module.bias is not None:
+    z_ih = z_ih + module.bias
+  return [("weight_ih", module.weight_ih, x, z_ih, "dense", ()),
+          ("weight_hh", module.weight_hh, h, module.weight_hh @ h, "dense", ())]
+
+
+@functools.lru_cache(maxsize=None)
+def recorders() -> dict[type, Any]:
+  """Equinox layer class -> recorder ``(module, args, kwargs, out) -> calls`` (``'norm'``:
+  recorded from ``xhat``)."""
+  nn = _equinox().nn
+  return {nn.Linear: _linear, nn.Conv: _conv, nn.ConvTranspose: _conv_transpose,
+          nn.Embedding: _embedding, nn.LayerNorm: "norm", nn.RMSNorm: "norm",
+          nn.GroupNorm: "norm", nn.BatchNorm: "norm", nn.LSTMCell: _cell, nn.GRUCell: _cell}
+
+
+def _wrap(rec: Recorder, original: Callable, recorder: Any) -> Callable:
+  if recorder == "norm":
+    recorder = _norm(original)
+
+  @functools.wraps(original)
+  def call(self, *args, **kwargs):
+    out = original(self, *args, **kwargs)
+    for suffix, weight, x, z, kind, config in recorder(self, args, kwargs, out):
+      roles, parts = rec.trace(weight)
+      if parts is None:
+        continue  # not a weight of the captured model: cannot be named
+      path = paths.join(parts if suffix else parts[:-1])
+      rec.add(path, x, z, kind, config, roles=roles)
+    return out
+
+  return call
+
+
+@contextlib.contextmanager
+def _layer_calls(rec: Recorder) -> Iterator[None]:
+  """Swaps each recorded class's ``__call__`` for a recording one, restoring it after."""
+  originals = {cls: cls.__dict__["__call__"] for cls in recorders()}
+  try:
+    for cls, recorder in recorders().items():
+      cls.__call__ = _wrap(rec, originals[cls], recorder)
+    yield
+  finally:
+    for cls, original in originals.items():
+      cls.__call__ = original
+
+
+def _leaf_paths(tree: Any) -> dict[int, tuple[str, ...]]:
+  """``id(array) -> path parts`` of the array leaves of ``tree``."""
+  return {id(leaf): paths.leaf_parts(key_path)
+          for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+          if isinstance(leaf, jax.Array)}
+
+
+def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable[..., Any]:
+  """Wraps ``fn(model, *args)`` so it also returns the activations of ``model``'s layers.
+
+  Example::
+
+    loss_and_acts = sngd_jax.capture_eqx(loss_fn)           # loss_fn(model, x, y)
+    (loss, acts), grads = eqx.filter_value_and_grad(loss_and_acts, has_aux=True)(
+        model, x, y)
+    updates, opt_state = tx.update(grads, opt_state, eqx.filter(model, eqx.is_array),
+                                   activations=acts)
+    model = eqx.apply_updates(model, updates)
+
+  with ``opt_state = tx.init(eqx.filter(model, eqx.is_inexact_array))``. Layers
+  called per example under the user's ``jax.vmap`` (the Equinox way), under
+  ``jax.lax.scan`` (recurrent cells, stacked layers) or ``jax.checkpoint`` are
+  recorded with every row.
+
+  Args:
+    fn: a function whose first argument is the Equinox model (any pytree
+      holding the layers).
+    has_aux: as in :func:`sngd_jax.capture`.
+
+  Returns:
+    A function with ``fn``'s signature returning ``(fn(...), activations)``,
+    activations keyed by the layer's path in ``model``.
+  """
+
+  _equinox()
+
+  @functools.wraps(fn)
+  def wrapped(model, *args, **kwargs):
+    rec = Recorder(_leaf_paths(model))
+    with transforms.recording(rec), _layer_calls(rec):
+      result = fn(model, *args, **kwargs)
+    acts = rec.freeze()
+    if has_aux:
+      value, aux = result
+      return value, (aux, acts)
+    return result, acts
+
+  return wrapped

@@ -1,0 +1,129 @@
+"""Equinox layers: which leaves of a model form a layer, and in which layout.
+
+Equinox stores weights outputs first and names them ``weight``: ``Linear``
+``(O, I)``, ``Conv``/``ConvTranspose`` ``(O, C/g, *k)``, the cells ``(G H, I)``
+and ``(G H, H)``. A layer is found by its type (:data:`LAYOUTS`), and its
+:class:`~sngd_jax.LayerSpec` records the permutation that brings the weight to
+the inputs-then-outputs layout of the rest of sngd (``kernel_perm``), so the
+statistics, the inverses and the preconditioned update are those of the same
+layer written in Flax. Leading axes beyond a type's own rank are stack axes
+(layers made with ``eqx.filter_vmap`` and scanned over).
+
+* ``Linear``: one dense layer, bias optional.
+* ``Conv`` (1-3-D), ``ConvTranspose``: a dense layer over input patches; a
+  transposed convolution is the convolution of the stride-dilated input.
+* ``Embedding``: a diagonal factor (token frequencies).
+* ``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``BatchNorm``: one ``2 x 2``
+  block per channel (``1 x 1`` without a bias).
+* ``LSTMCell``, ``GRUCell``: two dense layers named by their weight,
+  ``'<cell>/weight_ih'`` (with the cell's ``bias``) over the input and
+  ``'<cell>/weight_hh'`` over the hidden state; ``GRUCell``'s ``bias_n``
+  (added inside the reset gate's product) is left to the next transform.
+* ``MultiheadAttention``, ``MLP``, ``Sequential``: made of the layers above.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import equinox as eqx
+import jax
+
+from sngd_jax._src import layers as layers_lib
+from sngd_jax._src import paths
+
+Parts = tuple[str, ...]
+
+
+def _dense(module: Any, parts: Parts, fisher, weight: str, bias: Optional[str], path: str,
+           base_ndim: int, perm: tuple[int, ...]) -> list[layers_lib.LayerSpec]:
+  """A dense-structured spec for ``module.<weight>`` stored ``(O, I...)``-like."""
+  w = getattr(module, weight, None)
+  if w is None or getattr(w, "ndim", 0) < base_ndim:
+    return []
+  kind = layers_lib.resolve_fisher(fisher, path)
+  if kind is None:
+    return []
+  b = getattr(module, bias, None) if bias else None
+  stack = tuple(w.shape[:w.ndim - base_ndim])
+  shape = w.shape[w.ndim - base_ndim:]
+  return [layers_lib.LayerSpec(
+      path=path, kernel=parts + (weight,), bias=None if b is None else parts + (bias,),
+      in_dim=math.prod(shape[1:]), out_dim=shape[0], fisher=kind, stack=stack,
+      kernel_perm=perm)]
+
+
+def linear(module: Any, parts: Parts, fisher) -> list[layers_lib.LayerSpec]:
+  return _dense(module, parts, fisher, "weight", "bias", paths.join(parts), 2, (1, 0))
+
+
+def conv(module: Any, parts: Parts, fisher) -> list[layers_lib.LayerSpec]:
+  r = module.num_spatial_dims
+  perm = tuple(range(2, 2 + r)) + (1, 0)  # (O, C/g, *k) -> (*k, C/g, O)
+  return _dense(module, parts, fisher, "weight", "bias", paths.join(parts), 2 + r, perm)
+
+
+def cell(module: Any, parts: Parts, fisher) -> list[layers_lib.LayerSpec]:
+  return (_dense(module, parts, fisher, "weight_ih", "bias", paths.join(parts + ("weight_ih",)),
+                 2, (1, 0))
+          + _dense(module, parts, fisher, "weight_hh", None,
+                   paths.join(parts + ("weight_hh",)), 2, (1, 0)))
+
+
+def embedding(module: Any, parts: Parts, fisher) -> list[layers_lib.LayerSpec]:
+  w = module.weight
+  path = paths.join(parts)
+  if w is None or w.ndim != 2 or layers_lib.resolve_fisher(fisher, path) is None:
+    return []
+  return [layers_lib.LayerSpec(path=path, kernel=parts + ("weight",), bias=None,
+                               in_dim=w.shape[0], out_dim=w.shape[1], fisher="linear",
+                               structure="diagonal")]
+
+
+def norm(module: Any, parts: Parts, fisher) -> list[layers_lib.LayerSpec]:
+  w = getattr(module, "weight", None)
+  path = paths.join(parts)
+  kind = layers_lib.resolve_fisher(fisher, path)
+  if w is None or kind is None:
+    return []
+  b = getattr(module, "bias", None)
+  return [layers_lib.LayerSpec(path=path, kernel=parts + ("weight",),
+                               bias=None if b is None else parts + ("bias",), in_dim=1,
+                               out_dim=math.prod(w.shape), fisher=kind,
+                               structure="per_channel")]
+
+
+LAYOUTS: dict[type, Callable[[Any, Parts, Any], list[layers_lib.LayerSpec]]] = {
+    eqx.nn.Linear: linear,
+    eqx.nn.Conv: conv,
+    eqx.nn.ConvTranspose: conv,
+    eqx.nn.Embedding: embedding,
+    eqx.nn.LayerNorm: norm,
+    eqx.nn.RMSNorm: norm,
+    eqx.nn.GroupNorm: norm,
+    eqx.nn.BatchNorm: norm,
+    eqx.nn.LSTMCell: cell,
+    eqx.nn.GRUCell: cell,
+}
+"""Equinox layer type -> ``(module, path parts, fisher) -> specs``."""
+
+
+def layout_of(module: Any) -> Optional[Callable]:
+  for cls in type(module).__mro__:
+    if cls in LAYOUTS:
+      return LAYOUTS[cls]
+  return None
+
+
+def discover(params: Any, fisher: layers_lib.FisherSpec) -> dict[str, layers_lib.LayerSpec]:
+  """The layers of an Equinox model (or of it filtered to arrays, or of its gradients)."""
+  is_layer = lambda n: layout_of(n) is not None
+  specs = {}
+  for key_path, node in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_layer)[0]:
+    layout = layout_of(node)
+    if layout is None:
+      continue
+    for spec in layout(node, paths.leaf_parts(key_path), fisher):
+      specs[spec.path] = spec
+  return specs
