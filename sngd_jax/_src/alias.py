@@ -80,7 +80,8 @@ def sngd_momentum(
   """
   return optax.chain(
       sngd(fisher=fisher, stacked=stacked, inverse=inverse, damping=damping,
-           abs_damping=abs_damping, decay=decay, factor_every=factor_every, inverse_every=inverse_every, prior=prior,
+           abs_damping=abs_damping, decay=decay, factor_every=factor_every,
+           inverse_every=inverse_every, prior=prior,
            stats_batch_size=stats_batch_size, max_factor_ratio=max_factor_ratio,
            max_norm=max_norm, axis_name=axis_name, shard_refresh=shard_refresh),
       optax.add_decayed_weights(weight_decay, mask=_kernel_mask),

@@ -16,12 +16,21 @@ params, and lists every parameter leaf with
 
 and the bytes of optimizer state its factor takes (running factor or sketch, plus
 the cached inverse, read from ``jax.eval_shape`` of ``sngd(...).init``), on the
-layer's weight leaf.
+layer's weight leaf. The report also gives the bytes of the captured
+activations of one batch (``activation_bytes``): what crosses a ``jit``
+boundary when gradients and the update are jitted separately (in one jitted
+step, arrays the update does not read cost nothing).
+
+Stacked layers (``nn.scan`` over depth, ``nnx.vmap``-made, Equinox layers
+scanned over) show their factor shape with the stack first, e.g.
+``linear/dense 4x17x17``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import sys
 from typing import Any, Callable, Optional
 
 import jax
@@ -30,8 +39,10 @@ from flax import nnx
 from sngd_jax._src import layers as layers_lib
 from sngd_jax._src import paths
 from sngd_jax._src import statistics as factors_lib
+from sngd_jax._src.capture.equinox import capture_eqx
 from sngd_jax._src.capture.linen import capture
 from sngd_jax._src.capture.nnx import capture_nnx
+from sngd_jax._src.capture.records import stack_shape
 from sngd_jax._src.cost import nbytes
 from sngd_jax._src.inverse.base import describe
 from sngd_jax._src.transform import _method_of, sngd
@@ -69,6 +80,8 @@ class CoverageReport:
 
   params: tuple[ParamCoverage, ...]
   unmatched: tuple[str, ...] = ()
+  activation_bytes: int = 0
+  output_bytes: int = 0
 
   @property
   def preconditioned(self) -> list[str]:
@@ -98,6 +111,8 @@ class CoverageReport:
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(5)]
     fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
     lines = [fmt(head), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows]
+    lines.append(f"captured activations per batch: {self.activation_bytes:,} bytes "
+                 f"(of which layer outputs {self.output_bytes:,}, read by fisher='rfim' only)")
     if self.unmatched:
       lines.append(f"captured but matching no params (update raises): {list(self.unmatched)}")
     return "\n".join(lines)
@@ -116,26 +131,38 @@ def _describe(spec: layers_lib.LayerSpec, kinds: set[str]) -> str:
 
 def _mismatch(spec: layers_lib.LayerSpec, calls) -> Optional[str]:
   """Why ``update`` would reject these calls for this layer, or None."""
+  try:
+    factors_lib.check_stack(spec, calls)
+  except ValueError as e:
+    return str(e).split(": ", 2)[-1]
+  n_layers = math.prod(stack_shape(calls[0]))
   for call in calls:
     if call.kind not in factors_lib.STRUCTURE_KINDS[spec.structure]:
       return f"{call.kind} calls for a {spec.structure} layer"
     if call.kind == "embed":
       continue
-    x, z = jax.eval_shape(factors_lib.ROWS[call.kind], call)
-    want_in = 1 if spec.structure == "per_channel" else spec.in_dim
-    if x.shape[-1] != (spec.out_dim if spec.structure == "per_channel" else want_in) or \
-        z.shape[-1] != spec.out_dim:
+    first = (0,) * call.stack  # one layer of the stack
+    one = jax.tree.map(lambda a, first=first: a[first], call.replace(stack=0))
+    x, z = jax.eval_shape(factors_lib.ROWS[call.kind], one)
+    out_dim = spec.out_dim // n_layers if spec.structure == "per_channel" else spec.out_dim
+    want_in = out_dim if spec.structure == "per_channel" else spec.in_dim
+    if x.shape[-1] != want_in or (z is not None and z.shape[-1] != out_dim):
       hint = ""
       if call.kind == "dense":
         hint = (f"; pass fisher={{{spec.path!r}: ('linear', "
                 f"{len(call.config[0]) if call.config else 1})}}")
-      return (f"calls give {x.shape[-1]} input / {z.shape[-1]} output features, params "
-              f"{spec.in_dim} / {spec.out_dim}{hint}")
+      return (f"calls give {x.shape[-1]} input / {'?' if z is None else z.shape[-1]} output "
+              f"features, params {spec.in_dim} / {spec.out_dim}{hint}")
   return None
 
 
+def _nbytes(tree: Any) -> int:
+  return sum(math.prod(a.shape) * jax.numpy.dtype(a.dtype).itemsize
+             for a in jax.tree.leaves(tree))
+
+
 def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "linear",
-           inverse: Any = "auto") -> CoverageReport:
+           inverse: Any = "auto", stacked: layers_lib.StackSpec = None) -> CoverageReport:
   """Builds the report from params and (possibly abstract) captured activations.
 
   Args:
@@ -143,6 +170,7 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
     activations: what :func:`sngd_jax.capture` returned (arrays or shapes).
     fisher: the ``fisher`` argument of :func:`sngd_jax.sngd`.
     inverse: its ``inverse`` argument (the state's size depends on it).
+    stacked: its ``stacked`` argument.
 
   Returns:
     A :class:`CoverageReport`.
@@ -151,9 +179,9 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
   one with several output axes (bias-free attention projections) the report
   says ``MISSING`` and gives the ``fisher={path: (kind, n_input_axes)}`` fix.
   """
-  specs = layers_lib.discover(params, fisher)
-  all_layers = layers_lib.discover(params, "linear")
-  state = jax.eval_shape(sngd(fisher=fisher, inverse=inverse).init, params)
+  specs = layers_lib.discover(params, fisher, stacked)
+  all_layers = layers_lib.discover(params, "linear", stacked)
+  state = jax.eval_shape(sngd(fisher=fisher, inverse=inverse, stacked=stacked).init, params)
   method = _method_of(state.config)
   owner: dict[tuple[str, ...], str] = {}
   for spec in all_layers.values():
@@ -183,11 +211,13 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
         desc = f"(with {paths.join(spec.kernel)})"
     out.append(ParamCoverage(paths.join(parts), tuple(leaf.shape), layer, desc, size, how))
   unmatched = tuple(sorted(set(activations) - set(all_layers)))
-  return CoverageReport(tuple(out), unmatched)
+  outputs = [c.outputs for calls in activations.values() for c in calls]
+  return CoverageReport(tuple(out), unmatched, _nbytes(activations), _nbytes(outputs))
 
 
 def coverage(loss_fn: Callable[..., Any], params_or_model: Any, *args: Any,
              fisher: layers_lib.FisherSpec = "linear", inverse: Any = "auto",
+             stacked: layers_lib.StackSpec = None, outputs: bool = True,
              **kwargs: Any) -> CoverageReport:
   """Lists every parameter with the local Fisher it gets and its factor memory.
 
@@ -197,31 +227,42 @@ def coverage(loss_fn: Callable[..., Any], params_or_model: Any, *args: Any,
   Example::
 
     print(sngd_jax.coverage(loss_fn, params, x, y))        # linen
-    print(sngd_jax.coverage(loss_fn, model, x, y))         # NNX: loss_fn(model, x, y)
+    print(sngd_jax.coverage(loss_fn, model, x, y))         # NNX or Equinox model
 
   Args:
     loss_fn: ``loss_fn(params, *args)`` applying linen modules, or
-      ``loss_fn(model, *args)`` for an NNX model.
-    params_or_model: the params tree given to ``tx.init``, or an ``nnx.Module``
-      (its ``nnx.Param`` state is reported).
+      ``loss_fn(model, *args)`` for an NNX or Equinox model.
+    params_or_model: the params tree given to ``tx.init``, an ``nnx.Module``
+      (its ``nnx.Param`` state is reported), or an Equinox model (its
+      floating-point arrays are reported).
     *args: a batch, as passed to ``loss_fn``.
     fisher: the ``fisher`` argument of :func:`sngd_jax.sngd`.
     inverse: its ``inverse`` argument (for the state bytes).
+    stacked: its ``stacked`` argument.
+    outputs: the ``outputs`` argument of the capture (for the activation bytes).
     **kwargs: keyword arguments for ``loss_fn``.
 
   Returns:
     A :class:`CoverageReport`; ``print`` it for a table.
   """
+  eqx = sys.modules.get("equinox")
   if isinstance(params_or_model, nnx.Module):
     graphdef, state = nnx.split(params_or_model)
 
     def run(state, *args):
-      return capture_nnx(loss_fn)(nnx.merge(graphdef, state), *args, **kwargs)[1]
+      return capture_nnx(loss_fn, outputs=outputs)(
+          nnx.merge(graphdef, state), *args, **kwargs)[1]
 
     acts = jax.eval_shape(run, state, *args)
     params = nnx.state(params_or_model, nnx.Param)
+  elif eqx is not None and any(isinstance(n, eqx.Module) for n in jax.tree.leaves(
+      params_or_model, is_leaf=lambda n: isinstance(n, eqx.Module))):
+    acts = eqx.filter_eval_shape(
+        lambda m, *a: capture_eqx(loss_fn, outputs=outputs)(m, *a, **kwargs)[1],
+        params_or_model, *args)
+    params = eqx.filter(params_or_model, eqx.is_inexact_array)
   else:
-    acts = jax.eval_shape(lambda p, *a: capture(loss_fn)(p, *a, **kwargs)[1],
+    acts = jax.eval_shape(lambda p, *a: capture(loss_fn, outputs=outputs)(p, *a, **kwargs)[1],
                           params_or_model, *args)
     params = params_or_model
-  return report(params, acts, fisher, inverse)
+  return report(params, acts, fisher, inverse, stacked)

@@ -166,7 +166,8 @@ def _leaf_paths(tree: Any) -> dict[int, tuple[str, ...]]:
           if isinstance(leaf, jax.Array)}
 
 
-def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable[..., Any]:
+def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False,
+                outputs: bool = True) -> Callable[..., Any]:
   """Wraps ``fn(model, *args)`` so it also returns the activations of ``model``'s layers.
 
   Example::
@@ -187,6 +188,7 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable[..
     fn: a function whose first argument is the Equinox model (any pytree
       holding the layers).
     has_aux: as in :func:`sngd_jax.capture`.
+    outputs: as in :func:`sngd_jax.capture`.
 
   Returns:
     A function with ``fn``'s signature returning ``(fn(...), activations)``,
@@ -197,7 +199,7 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable[..
 
   @functools.wraps(fn)
   def wrapped(model, *args, **kwargs):
-    rec = Recorder(_leaf_paths(model))
+    rec = Recorder(_leaf_paths(model), outputs)
     with transforms.recording(rec), _layer_calls(rec):
       result = fn(model, *args, **kwargs)
     acts = rec.freeze()

@@ -94,7 +94,8 @@ def _interceptor(rec: Recorder):
   return intercept
 
 
-def capture(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable[..., Any]:
+def capture(fn: Callable[..., Any], *, has_aux: bool = False,
+            outputs: bool = True) -> Callable[..., Any]:
   """Wraps a function that applies Flax linen modules so it also returns activations.
 
   Example::
@@ -110,6 +111,12 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable[..., A
     has_aux: set when ``fn`` already returns ``(value, aux)``; the wrapped
       function then returns ``(value, (aux, activations))`` so that it still
       fits ``jax.value_and_grad(..., has_aux=True)``.
+    outputs: keep each layer's output ``z`` in the activations (only
+      ``fisher="rfim"`` reads it). With the default ``fisher="linear"`` pass
+      False when the activations cross a ``jit`` boundary (gradients and the
+      update jitted separately), to carry only the layer inputs; in one jitted
+      step it makes no difference (what the update does not read is not
+      computed).
 
   Returns:
     A function with ``fn``'s signature returning ``(fn(...), activations)``.
@@ -117,7 +124,7 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable[..., A
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
-    rec = Recorder()
+    rec = Recorder(outputs=outputs)
     with (transforms.recording(rec), flax_patches.linen_normalize(rec),
           nn.intercept_methods(_interceptor(rec))):
       result = fn(*args, **kwargs)

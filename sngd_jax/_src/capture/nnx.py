@@ -58,8 +58,9 @@ class _NNXRecorder(Recorder):
   """Names layers by object id, by per-cell-call maps for the copies inside an RNN's scan,
   or by their weight (the copies made by ``nnx.scan``, ``nnx.vmap``, ``nnx.remat``)."""
 
-  def __init__(self, owner_paths: dict[int, str], top: dict[int, tuple[str, ...]]):
-    super().__init__(top)
+  def __init__(self, owner_paths: dict[int, str], top: dict[int, tuple[str, ...]],
+               outputs: bool = True):
+    super().__init__(top, outputs)
     self.owner_paths = owner_paths
     self.local_paths: list[dict[int, str]] = []
 
@@ -174,7 +175,8 @@ def _wrappers(rec: _NNXRecorder, cells: tuple[type, ...]) -> dict:
   return wrappers
 
 
-def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable[..., Any]:
+def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False,
+                outputs: bool = True) -> Callable[..., Any]:
   """Wraps ``fn(model, *args)`` so it also returns the activations of ``model``'s layers.
 
   Example::
@@ -186,6 +188,7 @@ def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable[..
   Args:
     fn: a function whose first argument is an ``nnx.Module``.
     has_aux: as in :func:`sngd_jax.capture`.
+    outputs: as in :func:`sngd_jax.capture`.
 
   Returns:
     A function with ``fn``'s signature returning ``(fn(...), activations)``,
@@ -194,7 +197,7 @@ def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable[..
 
   @functools.wraps(fn)
   def wrapped(model, *args, **kwargs):
-    rec = _NNXRecorder(_graph_paths(model), _param_leaves(model))
+    rec = _NNXRecorder(_graph_paths(model), _param_leaves(model), outputs)
     cells = tuple({type(node.cell) for _, node in nnx.iter_graph(model)
                    if isinstance(node, nnx.RNN)} | set(tables.NNX_CELLS))
     with (transforms.recording(rec), flax_patches.nnx_normalize(rec),

@@ -272,9 +272,12 @@ class Recorder:
     escaped: layers with a call whose values could not leave a transform.
     top: ``id(leaf) -> leaf path parts`` of the captured function's params
       argument, to name layers by their weight (NNX copies, Equinox).
+    outputs: whether records keep the layers' outputs (only ``fisher="rfim"``
+      reads them).
   """
 
-  def __init__(self, top: Optional[dict[int, tuple[str, ...]]] = None):
+  def __init__(self, top: Optional[dict[int, tuple[str, ...]]] = None, outputs: bool = True):
+    self.outputs = outputs
     self.store: dict[str, list[Pending]] = {}
     self.frames: list[Frame] = []
     self.norm_slots: list[list] = []
@@ -325,9 +328,9 @@ class Recorder:
     if target is None:
       return
     stop = lambda a: None if a is None else jax.lax.stop_gradient(a)
+    outputs = stop(outputs) if self.outputs else None
     target.setdefault(path, []).append(Pending(
-        Captured(inputs=stop(inputs), outputs=stop(outputs), kind=kind, config=config),
-        roles))
+        Captured(inputs=stop(inputs), outputs=outputs, kind=kind, config=config), roles))
 
   def add_all(self, records: dict[str, list[Pending]]) -> None:
     """Adds records that left a frame (their roles were set when they were made)."""
