@@ -161,24 +161,33 @@ def test_char_lstm_trains_and_every_parameter_is_covered():
     assert np.isfinite(after) and after < 0.6 * before, (before, after)
 
 
-def test_hand_written_scan_is_reported_not_leaked():
-  """Layers inside a plain nn.scan cannot be captured: a warning, then a clear error."""
+def test_hand_written_scan_over_time_pools_every_step():
+  """A cell under a plain nn.scan over time (params broadcast) gets the statistics of
+  every step, as under nn.RNN: the update is the float64 one over all B*T rows."""
   class Scanned(nn.Module):
     @nn.compact
     def __call__(self, xs):
       cell = nn.scan(nn.LSTMCell, variable_broadcast="params", split_rngs={"params": False},
-                     in_axes=1, out_axes=1)(3)
+                     in_axes=1, out_axes=1)(3, param_dtype=jnp.float64, name="cell")
       carry = cell.initialize_carry(jax.random.key(0), xs[:, 0].shape)
       return cell(carry, xs)[1]
 
-  with jax.enable_x64(False):
-    xs = jnp.ones((2, 4, 3))
-    model = Scanned()
-    params = model.init(jax.random.key(0), xs)["params"]
-    loss = lambda p, xs: jnp.sum(model.apply({"params": p}, xs))
-    with pytest.warns(UserWarning, match="ScanLSTMCell_0/hi"):
-      (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, xs)
-    assert acts == {}
-    tx = exact_sngd()
-    with pytest.raises(ValueError, match="no activations were captured"):
-      tx.update(grads, tx.init(params), params, activations=acts)
+  xs = jax.random.normal(jax.random.key(1), (3, 5, 4), jnp.float64)
+  model = Scanned()
+  params = model.init(jax.random.key(0), xs)["params"]
+  loss = lambda p, xs: jnp.sum(jnp.sin(model.apply({"params": p}, xs)))
+  with jax.checking_leaks():
+    (_, acts), grads = jax.jit(jax.value_and_grad(sngd_jax.capture(loss), has_aux=True))(
+        params, xs)
+  tx = exact_sngd(**ref.one_step_kwargs())
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  h_prev, outs = ref.lstm_forward(jax.tree.map(np.asarray, params["cell"]), np.asarray(xs))
+  np.testing.assert_allclose(model.apply({"params": params}, xs), outs, atol=1e-12)
+  for names, rows in ((INPUT_LAYERS["lstm"], np.asarray(xs).reshape(-1, 4)),
+                      (HIDDEN_LAYERS["lstm"], h_prev.reshape(-1, 3))):
+    for name in names:
+      g, u = grads["cell"][name], updates["cell"][name]
+      kernel, bias = ref.dense_update(rows, g["kernel"], g.get("bias"))
+      np.testing.assert_allclose(u["kernel"], kernel, rtol=1e-8, atol=1e-12, err_msg=name)
+      if bias is not None:
+        np.testing.assert_allclose(u["bias"], bias, rtol=1e-8, atol=1e-12, err_msg=name)

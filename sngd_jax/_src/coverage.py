@@ -129,6 +129,13 @@ def _describe(spec: layers_lib.LayerSpec, kinds: set[str]) -> str:
   return f"{name}/{source} " + "x".join(map(str, spec.factor_shape))
 
 
+def _rows_of_one_layer(call):
+  """The rows of one layer's call (the first layer of a stack)."""
+  first = (0,) * call.stack
+  return factors_lib.ROWS[call.kind](
+      jax.tree.map(lambda a: a[first], call.replace(stack=0)))
+
+
 def _mismatch(spec: layers_lib.LayerSpec, calls) -> Optional[str]:
   """Why ``update`` would reject these calls for this layer, or None."""
   try:
@@ -141,9 +148,7 @@ def _mismatch(spec: layers_lib.LayerSpec, calls) -> Optional[str]:
       return f"{call.kind} calls for a {spec.structure} layer"
     if call.kind == "embed":
       continue
-    first = (0,) * call.stack  # one layer of the stack
-    one = jax.tree.map(lambda a, first=first: a[first], call.replace(stack=0))
-    x, z = jax.eval_shape(factors_lib.ROWS[call.kind], one)
+    x, z = jax.eval_shape(_rows_of_one_layer, call)
     out_dim = spec.out_dim // n_layers if spec.structure == "per_channel" else spec.out_dim
     want_in = out_dim if spec.structure == "per_channel" else spec.in_dim
     if x.shape[-1] != want_in or (z is not None and z.shape[-1] != out_dim):

@@ -122,17 +122,39 @@ def _finalized(p: Pending) -> Captured:
                   config=_axes_shifted(c.kind, c.config, pooled), stack=len(stack))
 
 
-def _escaped(x: Any) -> bool:
+def _live_traces() -> Optional[set[int]]:
+  """Ids of the current trace and the traces it nests in (None if JAX does not say).
+
+  A tracer of any other trace belongs to a transform that has finished: it leaked
+  out of it. (JAX's own ``Trace.is_valid`` is not kept up to date for every trace.)
+  """
+  from jax._src import core  # noqa: PLC0415 (JAX internals: the current trace)
+  trace = getattr(getattr(core, "trace_ctx", None), "trace", None)
+  if trace is None:
+    return None
+  live = set()
+  while trace is not None:
+    live.add(id(trace))
+    trace = getattr(trace, "parent_trace", None)
+  return live
+
+
+def _escaped(x: Any, live: Optional[set[int]]) -> bool:
   """Whether ``x`` is a tracer of a trace that has ended (it leaked out of a transform)."""
   trace = getattr(x, "_trace", None) if isinstance(x, jax.core.Tracer) else None
-  return trace is not None and hasattr(trace, "is_valid") and not trace.is_valid()
+  if trace is None:
+    return False
+  if hasattr(trace, "is_valid") and not trace.is_valid():
+    return True
+  return live is not None and id(trace) not in live
 
 
 def _valid(records: dict[str, list[Pending]], escaped: set[str]) -> dict[str, list[Pending]]:
   """``records`` without the calls that hold leaked tracers (their paths go to ``escaped``)."""
   out = {}
+  live = _live_traces()
   for path, calls in records.items():
-    if any(_escaped(x) for x in jax.tree.leaves(calls)):
+    if any(_escaped(x, live) for x in jax.tree.leaves(calls)):
       escaped.add(path)
       continue
     out[path] = calls

@@ -1,0 +1,314 @@
+"""Capture through JAX transforms: layers scanned over depth train exactly like the
+unrolled model (linen and NNX), time scans and batch vmaps pool rows (float64
+references), and layers whose calls cannot leave a transform are reported, not used."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import np_reference as ref
+import numpy as np
+import optax
+import pytest
+from exact import exact_sngd
+from flax import nnx
+
+import sngd_jax
+from sngd_jax._src.capture import transforms
+
+L, D, H, BATCH, STEPS = 3, 4, 6, 8, 10
+# One rfim layer per block (per-unit blocks, stacked), the others linear.
+FISHER = lambda path: "rfim" if path.endswith("up") else "linear"
+
+
+def _data(dtype=jnp.float32):
+  x = jax.random.normal(jax.random.key(1), (BATCH, D), dtype)
+  y = jax.random.normal(jax.random.key(2), (BATCH, 2), dtype)
+  return x, y
+
+
+def _assert_trees_close(a, b, rtol=2e-5, atol=1e-6):
+  for (path, u), v in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b),
+                          strict=True):
+    np.testing.assert_allclose(u, v, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+# --- linen: nn.scan(nn.remat(Block)) over depth vs the unrolled model ---------------------
+
+class Block(nn.Module):
+  """LayerNorm, a biased rfim layer, a bias-free linear layer, a residual."""
+
+  @nn.compact
+  def __call__(self, x, _):
+    h = nn.relu(nn.Dense(H, name="up")(nn.LayerNorm(name="ln")(x)))
+    return x + nn.Dense(D, use_bias=False, name="down")(h), None
+
+
+class ScannedNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    blocks = nn.scan(nn.remat(Block), variable_axes={"params": 0},
+                     split_rngs={"params": True}, length=L)
+    x, _ = blocks(name="blocks")(x, None)
+    return nn.Dense(2, name="head")(x)
+
+
+class UnrolledNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    for i in range(L):
+      x, _ = Block(name=f"block{i}")(x, None)
+    return nn.Dense(2, name="head")(x)
+
+
+def _linen_train(model, params, stacked=None):
+  x, y = _data()
+  loss = lambda p, x, y: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+  tx = sngd_jax.sngd_momentum(0.05, fisher=FISHER, stacked=stacked, factor_every=2,
+                              inverse_every=3)
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    (value, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(
+        params, x, y)
+    updates, state = tx.update(grads, state, params, activations=acts)
+    return optax.apply_updates(params, updates), state, value
+
+  losses = []
+  for _ in range(STEPS):
+    params, state, value = step(params, state)
+    losses.append(value)
+  return params, np.asarray(losses)
+
+
+def test_linen_scan_over_remat_blocks_trains_like_unrolled_layers():
+  """Same initial weights, 10 steps: every stacked factor equals its unrolled layer's."""
+  x, _ = _data()
+  scanned = ScannedNet().init(jax.random.key(0), x)["params"]
+  unrolled = {f"block{i}": jax.tree.map(lambda a, i=i: a[i], scanned["blocks"])
+              for i in range(L)} | {"head": scanned["head"]}
+  p_scan, l_scan = _linen_train(ScannedNet(), scanned, stacked={"blocks": 1})
+  p_unrolled, l_unrolled = _linen_train(UnrolledNet(), unrolled)
+  np.testing.assert_allclose(l_scan, l_unrolled, rtol=2e-5)
+  assert l_scan[-1] < 0.5 * l_scan[0]
+  restacked = jax.tree.map(lambda *a: jnp.stack(a), *[p_unrolled[f"block{i}"] for i in range(L)])
+  _assert_trees_close(p_scan["blocks"], restacked)
+  _assert_trees_close(p_scan["head"], p_unrolled["head"])
+
+
+def test_scanned_factors_are_stacked_and_refreshed_per_layer():
+  x, y = _data()
+  model = ScannedNet()
+  params = model.init(jax.random.key(0), x)["params"]
+  loss = lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params)
+  assert [c.stack for c in acts["blocks/up"]] == [1]
+  assert acts["blocks/up"][0].inputs.shape == (L, BATCH, D)
+  tx = sngd_jax.sngd(fisher=FISHER, stacked={"blocks": 1})
+  state = tx.init(params)
+  assert state.factors["blocks/up"].shape == (L, H, D + 1, D + 1)  # rfim: a block per unit
+  assert state.factors["blocks/down"].shape == (L, H, H)            # no bias
+  assert state.factors["blocks/ln"].shape == (L * D, 2, 2)          # per channel of each layer
+  _, state = tx.update(grads, state, params, activations=acts)
+  assert int(state.num_refresh_failures) == 0
+
+
+def test_bias_free_stack_without_stacked_option_is_a_clear_error():
+  x, y = _data()
+  model = ScannedNet()
+  params = model.init(jax.random.key(0), x)["params"]
+  loss = lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params)
+  tx = sngd_jax.sngd()
+  with pytest.raises(ValueError, match=r"stacked=\{'blocks/down': 1\}"):
+    tx.update(grads, tx.init(params), params, activations=acts)
+  report = sngd_jax.coverage(lambda p, x: jnp.sum(model.apply({"params": p}, x)), params, x)
+  assert report.missing == ["blocks/down/kernel"]
+  assert "blocks/up/kernel" in report.preconditioned  # its bias shows the stack
+
+
+# --- NNX: nnx.vmap-made blocks applied by nnx.scan over nnx.remat -----------------------
+
+class NNXBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.ln = nnx.LayerNorm(D, rngs=rngs)
+    self.up = nnx.Linear(D, H, rngs=rngs)
+    self.down = nnx.Linear(H, D, use_bias=False, rngs=rngs)
+
+  def __call__(self, x):
+    return x + self.down(nnx.relu(self.up(self.ln(x))))
+
+
+class NNXScanned(nnx.Module):
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=L)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return NNXBlock(rngs)
+
+    self.blocks = make(rngs)
+    self.head = nnx.Linear(D, 2, rngs=rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    @nnx.remat
+    def forward(x, block):
+      return block(x)
+
+    return self.head(forward(x, self.blocks))
+
+
+class NNXUnrolled(nnx.Module):
+  def __init__(self, scanned: NNXScanned):
+    blocks = []
+    for i in range(L):
+      block = NNXBlock(nnx.Rngs(0))
+      nnx.update(block, jax.tree.map(lambda a, i=i: a[i], nnx.state(scanned.blocks)))
+      blocks.append(block)
+    self.blocks = nnx.List(blocks)
+    self.head = nnx.clone(scanned.head)
+
+  def __call__(self, x):
+    for block in self.blocks:
+      x = block(x)
+    return self.head(x)
+
+
+def _nnx_train(model, stacked=None):
+  x, y = _data()
+  loss = lambda m, x, y: jnp.mean((m(x) - y) ** 2)
+  tx = sngd_jax.sngd_momentum(0.05, fisher=FISHER, stacked=stacked, factor_every=2,
+                              inverse_every=3)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer):
+    (value, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss), has_aux=True)(
+        model, x, y)
+    optimizer.update(model, grads, activations=acts)
+    return value
+
+  return np.asarray([step(model, optimizer) for _ in range(STEPS)])
+
+
+def test_nnx_scan_over_vmapped_remat_blocks_trains_like_unrolled_layers():
+  scanned = NNXScanned(nnx.Rngs(0))
+  unrolled = NNXUnrolled(scanned)
+  l_scan = _nnx_train(scanned, stacked={"blocks": 1})
+  l_unrolled = _nnx_train(unrolled)
+  np.testing.assert_allclose(l_scan, l_unrolled, rtol=2e-5)
+  assert l_scan[-1] < 0.5 * l_scan[0]
+  for i in range(L):
+    _assert_trees_close(jax.tree.map(lambda a, i=i: a[i], nnx.state(scanned.blocks, nnx.Param)),
+                        nnx.state(unrolled.blocks[i], nnx.Param))
+
+
+# --- user transforms: rows pooled over a vmap over the batch, a scan over time -----------
+
+@pytest.fixture
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+def _one_update(loss, params, *args):
+  tx = exact_sngd(**ref.one_step_kwargs())
+
+  @jax.jit
+  def step(params, *args):
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, *args)
+    updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+    return grads, updates, acts
+
+  with jax.checking_leaks():
+    return step(params, *args)
+
+
+def _check_dense(rows, g, u, name):
+  kernel, bias = ref.dense_update(rows, g["kernel"], g.get("bias"))
+  np.testing.assert_allclose(u["kernel"], kernel, rtol=1e-8, atol=1e-12, err_msg=name)
+  if bias is not None:
+    np.testing.assert_allclose(u["bias"], bias, rtol=1e-8, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("transform", ["vmap", "scan", "checkpoint", "nested"])
+def test_user_transforms_pool_every_row(transform, x64):
+  """``jax.vmap`` over examples, ``jax.lax.scan`` over time, ``jax.checkpoint``, and all
+  three nested: the Dense layer's factor is the float64 factor of every row it saw."""
+  layer = nn.Dense(3, param_dtype=jnp.float64)
+  xs = jax.random.normal(jax.random.key(1), (5, 4, 2), jnp.float64)  # (batch, time, in)
+  params = {"params": layer.init(jax.random.key(0), xs[0, 0])["params"]}
+  apply = lambda p, x: layer.apply(p, x)
+
+  def scanned(p, x):  # x: (time, in) or (time, batch, in)
+    def step(h, x_t):
+      z = apply(p, x_t)
+      return h + jnp.sin(z), z
+    return jax.lax.scan(step, jnp.zeros(x.shape[1:-1] + (3,)), x)[0]
+
+  def loss(p, xs):
+    if transform == "vmap":
+      return jnp.sum(jnp.sin(jax.vmap(jax.vmap(apply, (None, 0)), (None, 0))(p, xs)))
+    if transform == "scan":
+      return jnp.sum(scanned(p, jnp.swapaxes(xs, 0, 1)))
+    if transform == "checkpoint":
+      return jnp.sum(jnp.sin(jax.checkpoint(apply)(p, xs)))
+    return jnp.sum(jax.vmap(jax.checkpoint(scanned), (None, 0))(p, xs))
+
+  grads, updates, acts = _one_update(loss, params, xs)
+  assert sum(np.prod(c.inputs.shape[:-1]) for c in acts[""]) == 20
+  rows = np.asarray(xs).reshape(-1, 2)
+  _check_dense(rows, grads["params"], updates["params"], transform)
+
+
+class Ensemble(nn.Module):
+  """Two members with their own weights (nn.vmap over params), each a stacked layer."""
+
+  @nn.compact
+  def __call__(self, x):
+    members = nn.vmap(nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=None, out_axes=0, axis_size=2)
+    return members(3, param_dtype=jnp.float64, name="members")(x)
+
+
+def test_vmap_over_weights_gives_each_member_its_own_factor(x64):
+  x = jax.random.normal(jax.random.key(1), (6, 4), jnp.float64)
+  model = Ensemble()
+  params = model.init(jax.random.key(0), x)["params"]
+  loss = lambda p, x: jnp.sum(jnp.sin(model.apply({"params": p}, x) * jnp.array([1.0, 2.0])[
+      :, None, None]))
+  grads, updates, acts = _one_update(loss, params, x)
+  assert acts["members"][0].stack == 1
+  for i in range(2):
+    take = lambda t, i=i: jax.tree.map(lambda a: np.asarray(a)[i], t["members"])
+    _check_dense(np.asarray(x), take(grads), take(updates), f"member {i}")
+
+
+# --- what cannot be captured is reported --------------------------------------------------
+
+def test_layer_under_inner_jit_is_reported_not_used():
+  layer = nn.Dense(3)
+  x = jnp.ones((2, 4))
+  params = layer.init(jax.random.key(0), x)["params"]
+  loss = lambda p, x: jnp.sum(jax.jit(lambda p, x: layer.apply({"params": p}, x))(p, x))
+  with pytest.warns(UserWarning, match="jit"):
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x)
+  assert acts == {}
+  tx = sngd_jax.sngd()
+  with pytest.raises(ValueError, match="no activations were captured"):
+    tx.update(grads, tx.init(params), params, activations=acts)
+
+
+def test_jax_functions_are_restored_after_capture_and_on_error():
+  originals = (jax.vmap, jax.lax.scan, jax.checkpoint, jax.remat)
+  layer = nn.Dense(2)
+  params = layer.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+
+  def failing(p):
+    assert jax.vmap is transforms.vmap
+    raise RuntimeError("inside")
+
+  with pytest.raises(RuntimeError, match="inside"):
+    sngd_jax.capture(failing)(params)
+  sngd_jax.capture(lambda p: jnp.sum(layer.apply({"params": p}, jnp.ones((1, 3)))))(params)
+  assert (jax.vmap, jax.lax.scan, jax.checkpoint, jax.remat) == originals
