@@ -11,7 +11,7 @@ install() {
     (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || \
       echo "run.sh: could not install dataset-fashion-mnist; falling back to scikit-learn digits"
   fi
-  python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
+  python3 -m pip install -q --disable-pip-version-check -e ".[dev,equinox]"
 }
 
 case "${1:-}" in

@@ -134,8 +134,10 @@ def _wrap(rec: Recorder, original: Callable, recorder: Any) -> Callable:
 
   @functools.wraps(original)
   def call(self, *args, **kwargs):
+    # A fresh copy of the arguments for the recorder: an Equinox State is used up by a call.
+    fresh = jax.tree.map(lambda a: a, (args, kwargs))
     out = original(self, *args, **kwargs)
-    for suffix, weight, x, z, kind, config in recorder(self, args, kwargs, out):
+    for suffix, weight, x, z, kind, config in recorder(self, *fresh, out):
       roles, parts = rec.trace(weight)
       if parts is None:
         continue  # not a weight of the captured model: cannot be named

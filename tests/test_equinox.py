@@ -1,0 +1,361 @@
+"""Equinox models through capture_eqx: one update of an MLP, a CNN (Conv, ConvTranspose),
+an LSTM/GRU under the user's lax.scan, embeddings and normalization layers against float64
+numpy references; stacked layers scanned over train like the unrolled ones; coverage."""
+
+import jax
+import jax.numpy as jnp
+import np_reference as ref
+import numpy as np
+import optax
+import pytest
+from exact import exact_sngd
+
+import sngd_jax
+
+eqx = pytest.importorskip("equinox")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+KEYS = jax.random.split(jax.random.key(0), 8)
+
+
+def _one_update(loss, model, *args, fisher="linear"):
+  """Grads and one exact update under filter_jit, through the documented Equinox API."""
+  tx = exact_sngd(**ref.one_step_kwargs(), fisher=fisher)
+
+  @eqx.filter_jit
+  def step(model, *args):
+    (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(loss), has_aux=True)(
+        model, *args)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+    return grads, updates, acts
+
+  with jax.checking_leaks():
+    return step(model, *args)
+
+
+def _np(a):
+  return np.asarray(a, np.float64)
+
+
+def _check_linear(rows, g_layer, u_layer, name, weight="weight", bias="bias"):
+  """``rows (n, I)``; Equinox weights are ``(O, I)``: the reference works on ``W^T``."""
+  g_b = getattr(g_layer, bias) if bias else None
+  kernel, b = ref.dense_update(rows, _np(getattr(g_layer, weight)).T,
+                               None if g_b is None else _np(g_b))
+  np.testing.assert_allclose(_np(getattr(u_layer, weight)), kernel.T, rtol=1e-8, atol=1e-12,
+                             err_msg=name)
+  if b is not None:
+    np.testing.assert_allclose(_np(getattr(u_layer, bias)), b, rtol=1e-8, atol=1e-12,
+                               err_msg=name)
+
+
+def test_mlp_under_vmap():
+  model = eqx.nn.MLP(4, 3, 6, 2, key=KEYS[0], dtype=jnp.float64)
+  x = jax.random.normal(KEYS[1], (10, 4), jnp.float64)
+  loss = lambda m, x: jnp.sum(jnp.sin(jax.vmap(m)(x)))
+  grads, updates, acts = _one_update(loss, model, x)
+  assert set(acts) == {"layers/0", "layers/1", "layers/2"}
+  h = _np(x)
+  for i, layer in enumerate(model.layers):
+    _check_linear(h, grads.layers[i], updates.layers[i], f"layers/{i}")
+    z = h @ _np(layer.weight).T + _np(layer.bias)
+    h = np.maximum(z, 0.0)
+
+
+def test_mlp_rfim_reads_outputs():
+  model = eqx.nn.Linear(3, 2, key=KEYS[0], dtype=jnp.float64)
+  x = jax.random.normal(KEYS[1], (12, 3), jnp.float64)
+  loss = lambda m, x: jnp.sum(jnp.sin(jax.vmap(m)(x)))
+  grads, updates, _ = _one_update(loss, model, x, fisher="rfim")
+  from helpers_mlp import reference_update
+  z = _np(x) @ _np(model.weight).T + _np(model.bias)
+  w, b = reference_update(_np(x), z, _np(grads.weight).T, _np(grads.bias), "rfim",
+                          ref.DAMPING)
+  np.testing.assert_allclose(_np(updates.weight), w.T, rtol=1e-8, atol=1e-12)
+  np.testing.assert_allclose(_np(updates.bias), b, rtol=1e-8, atol=1e-12)
+
+
+class CNN(eqx.Module):
+  conv: eqx.nn.Conv2d
+  reflect: eqx.nn.Conv2d
+  up: eqx.nn.ConvTranspose2d
+  conv1d: eqx.nn.Conv1d
+
+  def __init__(self, key):
+    k = jax.random.split(key, 4)
+    f64 = dict(dtype=jnp.float64)
+    self.conv = eqx.nn.Conv2d(4, 4, (3, 2), stride=(2, 1), padding=((1, 0), (2, 1)),
+                              dilation=(2, 1), groups=2, key=k[0], **f64)
+    self.reflect = eqx.nn.Conv2d(4, 3, 3, padding=1, padding_mode="REFLECT", key=k[1], **f64)
+    self.up = eqx.nn.ConvTranspose2d(3, 2, (2, 3), stride=2, padding=1, key=k[2], **f64)
+    self.conv1d = eqx.nn.Conv1d(2, 2, 3, padding="SAME", use_bias=False, key=k[3], **f64)
+
+  def __call__(self, x):
+    h = jnp.tanh(self.conv(x))
+    h = jnp.tanh(self.reflect(h))
+    h = jnp.tanh(self.up(h))
+    return self.conv1d(h.reshape(h.shape[0], -1))
+
+
+def _patch_rows(x_chw, *args):
+  """Reference patches of channels-first per-example inputs ``(B, C, *spatial)``."""
+  return ref.conv_patches(np.moveaxis(_np(x_chw), 1, -1), *args)[0]
+
+
+def test_cnn_conv_reflect_transpose_1d():
+  model = CNN(KEYS[2])
+  x = jax.random.normal(KEYS[3], (2, 4, 7, 6), jnp.float64)
+  loss = lambda m, x: jnp.sum(jnp.sin(jax.vmap(m)(x)))
+  grads, updates, acts = _one_update(loss, model, x)
+  assert set(acts) == {"conv", "reflect", "up", "conv1d"}
+  h1 = jax.vmap(lambda v: jnp.tanh(model.conv(v)))(x)
+  h2 = jax.vmap(lambda v: jnp.tanh(model.reflect(v)))(h1)
+  h3 = jax.vmap(lambda v: jnp.tanh(model.up(v)))(h2)
+  padded = np.pad(_np(h1), [(0, 0), (0, 0), (1, 1), (1, 1)], mode="reflect")
+  up_padding = tuple(tuple(p) for p in model.up._padding_transpose())
+  cases = {
+      "conv": _patch_rows(x, (3, 2), (2, 1), ((1, 0), (2, 1)), (2, 1), (1, 1), 2),
+      "reflect": _patch_rows(padded, (3, 3), (1, 1), "VALID", (1, 1), (1, 1), 1),
+      "up": _patch_rows(h2, (2, 3), (1, 1), up_padding, (1, 1), (2, 2), 1),
+      "conv1d": _patch_rows(_np(h3).reshape(2, 2, -1), (3,), (1,), "SAME", (1,), (1,), 1),
+  }
+  for name, rows in cases.items():
+    g, u = getattr(grads, name), getattr(updates, name)
+    r = len(g.weight.shape) - 2
+    to_flax = lambda w, r=r: np.transpose(_np(w), tuple(range(2, 2 + r)) + (1, 0))
+    kernel, bias = ref.dense_update(rows, to_flax(g.weight).reshape(rows.shape[1], -1),
+                                    None if g.bias is None else _np(g.bias))
+    np.testing.assert_allclose(to_flax(u.weight).reshape(kernel.shape), kernel, rtol=1e-8,
+                               atol=1e-12, err_msg=name)
+    if bias is not None:
+      np.testing.assert_allclose(_np(u.bias), bias, rtol=1e-8, atol=1e-12, err_msg=name)
+
+
+def _cell_rows(cell, xs):
+  """(inputs, previous hidden states) of every step, in numpy float64, ``xs (B, T, I)``."""
+  def run(x_seq):
+    hidden = jnp.zeros(cell.hidden_size, jnp.float64)
+    state = (hidden, hidden) if isinstance(cell, eqx.nn.LSTMCell) else hidden
+
+    def step(state, x):
+      h = state[0] if isinstance(state, tuple) else state
+      return cell(x, state), h
+    return jax.lax.scan(step, state, x_seq)[1]
+  return _np(xs).reshape(-1, xs.shape[-1]), _np(jax.vmap(run)(xs)).reshape(-1, cell.hidden_size)
+
+
+@pytest.mark.parametrize("cell_type", [eqx.nn.LSTMCell, eqx.nn.GRUCell])
+def test_recurrent_cell_under_users_scan_pools_every_step(cell_type):
+  cell = cell_type(4, 3, key=KEYS[4], dtype=jnp.float64)
+  xs = jax.random.normal(KEYS[5], (3, 5, 4), jnp.float64)
+
+  def loss(cell, xs):
+    def sequence(x_seq):
+      hidden = jnp.zeros(cell.hidden_size, jnp.float64)
+      state = (hidden, hidden) if isinstance(cell, eqx.nn.LSTMCell) else hidden
+      step = lambda state, x: (cell(x, state), None)
+      final, _ = jax.lax.scan(step, state, x_seq)
+      return final[0] if isinstance(final, tuple) else final
+    return jnp.sum(jnp.sin(jax.vmap(sequence)(xs)))
+
+  grads, updates, acts = _one_update(loss, cell, xs)
+  assert set(acts) == {"weight_ih", "weight_hh"}
+  x_rows, h_rows = _cell_rows(cell, xs)
+  assert x_rows.shape[0] == h_rows.shape[0] == 15
+  _check_linear(x_rows, grads, updates, "ih", weight="weight_ih")
+  _check_linear(h_rows, grads, updates, "hh", weight="weight_hh", bias=None)
+  if cell_type is eqx.nn.GRUCell:  # bias_n is left to the next transform
+    np.testing.assert_array_equal(_np(updates.bias_n), _np(grads.bias_n))
+
+
+class Tokens(eqx.Module):
+  emb: eqx.nn.Embedding
+  ln: eqx.nn.LayerNorm
+  rms: eqx.nn.RMSNorm
+  out: eqx.nn.Linear
+
+  def __init__(self, key):
+    k = jax.random.split(key, 2)
+    self.emb = eqx.nn.Embedding(9, 4, key=k[0], dtype=jnp.float64)
+    self.ln = eqx.nn.LayerNorm(4, dtype=jnp.float64)
+    self.rms = eqx.nn.RMSNorm(4, use_bias=True, dtype=jnp.float64)
+    self.out = eqx.nn.Linear(4, 3, key=k[1], dtype=jnp.float64)
+
+  def __call__(self, token):
+    h = self.ln(self.emb(token))
+    return self.out(self.rms(jnp.tanh(h) * 2.0 + 0.5))
+
+
+def test_embedding_and_norms():
+  model = Tokens(KEYS[6])
+  tokens = jnp.array([[1, 4, 4, 0], [8, 1, 1, 1]])
+  loss = lambda m, t: jnp.sum(jnp.sin(jax.vmap(jax.vmap(m))(t)))
+  grads, updates, _ = _one_update(loss, model, tokens)
+  counts = np.bincount(np.asarray(tokens).ravel(), minlength=9) / tokens.size
+  shift = ref.DAMPING * counts.sum()
+  np.testing.assert_allclose(_np(updates.emb.weight),
+                             _np(grads.emb.weight) / (counts + shift)[:, None], rtol=1e-10)
+  e = _np(model.emb.weight)[np.asarray(tokens).ravel()]
+  xhat_ln = (e - e.mean(-1, keepdims=True)) / np.sqrt(e.var(-1, keepdims=True) + 1e-5)
+  s, b = ref.channel_update(xhat_ln, _np(grads.ln.weight), _np(grads.ln.bias))
+  np.testing.assert_allclose(_np(updates.ln.weight), s, rtol=1e-8)
+  np.testing.assert_allclose(_np(updates.ln.bias), b, rtol=1e-8)
+  y = np.tanh(xhat_ln * _np(model.ln.weight) + _np(model.ln.bias)) * 2.0 + 0.5
+  xhat_rms = y / np.sqrt(np.mean(y ** 2, -1, keepdims=True) + 1e-5)
+  s, b = ref.channel_update(xhat_rms, _np(grads.rms.weight), _np(grads.rms.bias))
+  np.testing.assert_allclose(_np(updates.rms.weight), s, rtol=1e-8)
+  np.testing.assert_allclose(_np(updates.rms.bias), b, rtol=1e-8)
+
+
+def test_group_norm_and_batch_norm():
+  gn = eqx.nn.GroupNorm(2, 4, dtype=jnp.float64)
+  bn = eqx.nn.BatchNorm(4, axis_name="batch", mode="batch", dtype=jnp.float64)
+  state = eqx.nn.State(bn)
+  x = jax.random.normal(KEYS[7], (6, 4, 3), jnp.float64) * 2.0 + 1.0
+
+  def loss(model, x):
+    gn, bn = model
+    h = jax.vmap(gn)(x)
+    out, _ = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(h, state)
+    return jnp.sum(jnp.sin(3.0 * out))
+
+  grads, updates, _ = _one_update(loss, (gn, bn), x)
+  xn = _np(x).reshape(6, 2, 6)
+  xhat_gn = ((xn - xn.mean(-1, keepdims=True)) / np.sqrt(xn.var(-1, keepdims=True) + 1e-5))
+  xhat_gn = xhat_gn.reshape(6, 4, 3)
+  rows = lambda a: np.moveaxis(a, 1, -1).reshape(-1, 4)
+  for layer, xhat in ((0, xhat_gn), (1, (xhat_gn - xhat_gn.mean((0, 2), keepdims=True))
+                                      / np.sqrt(xhat_gn.var((0, 2), keepdims=True) + 1e-5))):
+    s, b = ref.channel_update(rows(xhat), _np(grads[layer].weight), _np(grads[layer].bias))
+    np.testing.assert_allclose(_np(updates[layer].weight), s, rtol=1e-7, err_msg=str(layer))
+    np.testing.assert_allclose(_np(updates[layer].bias), b, rtol=1e-7, err_msg=str(layer))
+
+
+def test_multihead_attention_projections():
+  mha = eqx.nn.MultiheadAttention(2, 4, key=KEYS[0], dtype=jnp.float64, use_query_bias=True,
+                                  use_key_bias=True, use_value_bias=True,
+                                  use_output_bias=True)
+  x = jax.random.normal(KEYS[1], (3, 5, 4), jnp.float64)
+  loss = lambda m, x: jnp.sum(jnp.sin(jax.vmap(lambda s: m(s, s, s))(x)))
+  grads, updates, acts = _one_update(loss, mha, x)
+  assert set(acts) == {"query_proj", "key_proj", "value_proj", "output_proj"}
+  rows = _np(x).reshape(-1, 4)
+  for name in ("query_proj", "key_proj", "value_proj"):
+    _check_linear(rows, getattr(grads, name), getattr(updates, name), name)
+  assert acts["output_proj"][0].inputs.shape == (3, 5, 4)  # (batch, tokens, heads * head dim)
+
+
+# --- stacked layers: made by filter_vmap, applied by lax.scan ------------------------------
+
+L, D = 3, 4
+
+
+class Stack(eqx.Module):
+  blocks: eqx.nn.Linear
+  head: eqx.nn.Linear
+
+  def __init__(self, key):
+    keys = jax.random.split(key, L + 1)
+    self.blocks = eqx.filter_vmap(lambda k: eqx.nn.Linear(D, D, key=k))(keys[:L])
+    self.head = eqx.nn.Linear(D, 2, key=keys[L])
+
+  def __call__(self, x):
+    params, static = eqx.partition(self.blocks, eqx.is_array)
+
+    def step(h, p):
+      return h + jnp.tanh(eqx.combine(p, static)(h)), None
+    return self.head(jax.lax.scan(step, x, params)[0])
+
+
+class Unrolled(eqx.Module):
+  blocks: tuple
+  head: eqx.nn.Linear
+
+  def __init__(self, stack):
+    params, static = eqx.partition(stack.blocks, eqx.is_array)
+    self.blocks = tuple(eqx.combine(jax.tree.map(lambda a, i=i: a[i], params), static)
+                        for i in range(L))
+    self.head = stack.head
+
+  def __call__(self, x):
+    for block in self.blocks:
+      x = x + jnp.tanh(block(x))
+    return self.head(x)
+
+
+def _train(model, steps=10):
+  x = jax.random.normal(KEYS[2], (8, D), jnp.float32)
+  y = jax.random.normal(KEYS[3], (8, 2), jnp.float32)
+  loss = lambda m, x, y: jnp.mean((jax.vmap(m)(x) - y) ** 2)
+  tx = sngd_jax.sngd_momentum(0.05, factor_every=2, inverse_every=3)
+  state = tx.init(eqx.filter(model, eqx.is_inexact_array))
+
+  @eqx.filter_jit
+  def step(model, state):
+    (value, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(loss), has_aux=True)(
+        model, x, y)
+    updates, state = tx.update(grads, state, eqx.filter(model, eqx.is_inexact_array),
+                               activations=acts)
+    return eqx.apply_updates(model, updates), state, value
+
+  losses = []
+  for _ in range(steps):
+    model, state, value = step(model, state)
+    losses.append(value)
+  return model, np.asarray(losses)
+
+
+def test_stacked_layers_scanned_over_train_like_unrolled():
+  with jax.enable_x64(False):
+    stack = Stack(KEYS[4])
+    assert stack.blocks.weight.shape == (L, D, D)
+    spec = sngd_jax.discover(eqx.filter(stack, eqx.is_inexact_array))["blocks"]
+    assert spec.stack == (L,) and spec.factor_shape == (L, D + 1, D + 1)
+    trained, l_stack = _train(stack)
+    unrolled, l_unrolled = _train(Unrolled(stack))
+  np.testing.assert_allclose(l_stack, l_unrolled, rtol=2e-5)
+  assert l_stack[-1] < 0.7 * l_stack[0]
+  for i in range(L):
+    np.testing.assert_allclose(trained.blocks.weight[i], unrolled.blocks[i].weight, rtol=2e-5,
+                               atol=1e-6)
+
+
+def test_coverage_lists_every_layer():
+  model = Tokens(KEYS[6])
+  tokens = jnp.array([[1, 4], [8, 1]])
+  report = sngd_jax.coverage(lambda m, t: jnp.sum(jax.vmap(jax.vmap(m))(t)), model, tokens)
+  assert report.missing == [] and report.pass_through == []
+  assert "emb/weight" in report.preconditioned and "out/weight" in report.preconditioned
+  assert "diagonal/embed 9" in str(report) and "per-channel/norm 4x2x2" in str(report)
+
+
+def test_sgd_momentum_training_loss_falls():
+  """The documented loop: filter_value_and_grad, init on the inexact arrays, apply_updates."""
+  with jax.enable_x64(False):
+    model = eqx.nn.MLP(4, 2, 16, 2, key=KEYS[0])
+    x = jax.random.normal(KEYS[1], (64, 4))
+    y = jnp.sin(x[:, :2] * 2.0)
+    loss = lambda m, x, y: jnp.mean((jax.vmap(m)(x) - y) ** 2)
+    tx = optax.chain(sngd_jax.sngd(), optax.sgd(0.05, momentum=0.9))
+    state = tx.init(eqx.filter(model, eqx.is_inexact_array))
+
+    @eqx.filter_jit
+    def step(model, state):
+      (value, acts), grads = eqx.filter_value_and_grad(
+          sngd_jax.capture_eqx(loss), has_aux=True)(model, x, y)
+      updates, state = tx.update(grads, state, eqx.filter(model, eqx.is_inexact_array),
+                                 activations=acts)
+      return eqx.apply_updates(model, updates), state, value
+
+    first = None
+    for _ in range(40):
+      model, state, value = step(model, state)
+      first = value if first is None else first
+    assert float(value) < 0.3 * float(first)
