@@ -2,7 +2,7 @@
 
 A refresh factorizes ``G + rho I`` (Cholesky or a symmetric eigendecomposition)
 and caches ``(G + rho I)^{-1}``, so that every step's preconditioning is one
-batched matrix product (:func:`dense_apply`), ``2 d^2 O`` FLOPs for a ``d x O``
+batched matrix product (``dense_apply``), ``2 d^2 O`` FLOPs for a ``d x O``
 gradient block.
 """
 
