@@ -21,7 +21,7 @@ trust region -> write back -> guard.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import chex
 import flax
@@ -151,16 +151,24 @@ def _sub_batch(calls, size: int):
   return tuple(c.replace(inputs=c.inputs[:size], outputs=c.outputs[:size]) for c in calls)
 
 
-class _Inputs:
-  """The checked inputs of one update: layers, flat gradient leaves and activations."""
+class _Inputs(NamedTuple):
+  """The checked inputs of one update.
 
-  def __init__(self, specs, leaves, treedef, index, omegas, activations):
-    self.specs = specs
-    self.leaves = leaves
-    self.treedef = treedef
-    self.index = index
-    self.omegas = omegas
-    self.activations = activations
+  Attributes:
+    specs: the preconditioned layers, by path.
+    leaves: the flat gradient leaves.
+    treedef: their tree structure.
+    index: leaf parts -> position in ``leaves``.
+    omegas: the sketch test matrix of each sketched layer.
+    activations: the captured calls of each preconditioned layer.
+  """
+
+  specs: dict[str, layers_lib.LayerSpec]
+  leaves: list[Any]
+  treedef: Any
+  index: dict[tuple[str, ...], int]
+  omegas: dict[str, jax.Array]
+  activations: dict[str, Any]
 
 
 def _check_inputs(config: SNGDConfig, method: InverseMethod, updates: Any, state: SNGDState,
