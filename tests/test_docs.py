@@ -68,3 +68,18 @@ def test_every_cited_file_exists(path):
   missing = sorted(c for c in cited if not (ROOT / c).exists()
                    and not c.startswith(outputs) and not any(ch in c for ch in "*<{"))
   assert not missing, f"{path.relative_to(ROOT)} cites missing files: {missing}"
+
+
+SPHINX = re.compile(r":(?:func|class|mod|data|meth|attr|obj|exc):`|^\s*\.\. \w+::|\S::\s*$", re.M)
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_docstrings_are_markdown(path):
+  """mkdocstrings renders docstrings as Markdown: Sphinx roles and directives show verbatim.
+
+  Write ``name`` (a code span) instead of :func:`name`, and a fenced block after ``text:``
+  instead of ``text::`` and an indented literal block or ``.. math::``.
+  """
+  bad = [f"line {path.read_text()[:m.start()].count(chr(10)) + 1}: {m.group(0).strip()}"
+         for m in SPHINX.finditer(path.read_text())]
+  assert not bad, f"{path.relative_to(ROOT)} has Sphinx markup: {bad}"
