@@ -1,6 +1,6 @@
 """Which local Fisher every parameter gets: a report for a model and a batch.
 
-:func:`coverage` traces one call of the loss (shapes only, nothing is
+``coverage`` traces one call of the loss (shapes only, nothing is
 computed), matches the captured layer calls to the layers found in the
 params, and lists every parameter leaf with
 
@@ -172,13 +172,13 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
 
   Args:
     params: the params tree given to ``tx.init``.
-    activations: what :func:`sngd_jax.capture` returned (arrays or shapes).
-    fisher: the ``fisher`` argument of :func:`sngd_jax.sngd`.
+    activations: what ``sngd_jax.capture`` returned (arrays or shapes).
+    fisher: the ``fisher`` argument of ``sngd_jax.sngd``.
     inverse: its ``inverse`` argument (the state's size depends on it).
     stacked: its ``stacked`` argument.
 
   Returns:
-    A :class:`CoverageReport`.
+    A ``CoverageReport``.
 
   Note: a kernel without bias is split as inputs = all axes but the last; for
   one with several output axes (bias-free attention projections) the report
@@ -229,8 +229,8 @@ def coverage(loss_fn: Callable[..., Any], params_or_model: Any, *args: Any,
   Traces ``loss_fn`` once with abstract values (``jax.eval_shape``: no FLOPs,
   and an NNX model's state, e.g. batch statistics, is not changed).
 
-  Example::
-
+  Examples:
+    ```python
     print(sngd_jax.coverage(loss_fn, params, x, y))        # linen
     print(sngd_jax.coverage(loss_fn, model, x, y))         # NNX or Equinox model
 
@@ -241,14 +241,14 @@ def coverage(loss_fn: Callable[..., Any], params_or_model: Any, *args: Any,
       (its ``nnx.Param`` state is reported), or an Equinox model (its
       floating-point arrays are reported).
     *args: a batch, as passed to ``loss_fn``.
-    fisher: the ``fisher`` argument of :func:`sngd_jax.sngd`.
+    fisher: the ``fisher`` argument of ``sngd_jax.sngd``.
     inverse: its ``inverse`` argument (for the state bytes).
     stacked: its ``stacked`` argument.
     outputs: the ``outputs`` argument of the capture (for the activation bytes).
     **kwargs: keyword arguments for ``loss_fn``.
 
   Returns:
-    A :class:`CoverageReport`; ``print`` it for a table.
+    A ``CoverageReport``; ``print`` it for a table.
   """
   eqx = sys.modules.get("equinox")
   if isinstance(params_or_model, nnx.Module):

@@ -2,8 +2,8 @@
 
 Equinox stores weights outputs first and names them ``weight``: ``Linear``
 ``(O, I)``, ``Conv``/``ConvTranspose`` ``(O, C/g, *k)``, the cells ``(G H, I)``
-and ``(G H, H)``. A layer is found by its type (:data:`LAYOUTS`), and its
-:class:`~sngd_jax.LayerSpec` records the permutation that brings the weight to
+and ``(G H, H)``. A layer is found by its type (``LAYOUTS``), and its
+``sngd_jax.LayerSpec`` records the permutation that brings the weight to
 the inputs-then-outputs layout of the rest of sngd (``kernel_perm``), so the
 statistics, the inverses and the preconditioned update are those of the same
 layer written in Flax. Leading axes beyond a type's own rank are stack axes

@@ -24,11 +24,11 @@ kernel's, and its trailing axes the kernel's outputs); a bias-free stacked
 kernel needs ``stacked={path prefix: n}`` (capture reports which).
 
 **Equinox** layers are found by their type (``eqx.nn.Linear``, ``Conv``, ...,
-see :mod:`sngd_jax._src.equinox_layers`), whose weights are stored outputs
+see ``sngd_jax._src.equinox_layers``), whose weights are stored outputs
 first (``(O, I)``, ``(O, C/g, *k)``): the spec records the permutation that
 brings a weight to the inputs-then-outputs layout used here.
 
-Two more layer structures have no ``kernel`` (see :data:`STRUCTURES`):
+Two more layer structures have no ``kernel`` (see ``STRUCTURES``):
 
 * ``embedding`` leaves (``nn.Embed``, ``nnx.Embed``, shape ``V x D``): the
   layer's input is a one-hot token, so its linear local Fisher
@@ -77,7 +77,7 @@ class LayerSpec:
     in_dim: number of input features ``I`` the kernel contracts.
     out_dim: number of outputs ``O`` (product of the output axes).
     fisher: ``'linear'`` or ``'rfim'``.
-    structure: one of :data:`STRUCTURES`; ``kernel`` then names the
+    structure: one of ``STRUCTURES``; ``kernel`` then names the
       ``kernel``, ``scale`` or ``embedding`` leaf.
     stack: the shape of the leading stack axes of the kernel and bias (one
       layer per index, see the module docstring); ``()`` for one layer.
@@ -203,7 +203,7 @@ def discover(params: Any, fisher: FisherSpec = "linear",
   Args:
     params: a params pytree (linen ``params`` or ``variables``, NNX state, an
       Equinox model filtered to its arrays).
-    fisher: see :func:`resolve_fisher`.
+    fisher: see ``resolve_fisher``.
     stacked: layer path prefix -> number of leading stack axes of the kernels
       under it, for stacked layers the params do not show (no bias).
 

@@ -1,18 +1,18 @@
 """Activation capture for Equinox models.
 
 Equinox layers are plain pytrees called per example (the batch comes from the
-user's ``jax.vmap``), with no interceptor hook: :func:`capture_eqx` swaps the
-``__call__`` of the layer classes of :func:`recorders` for a recording wrapper
+user's ``jax.vmap``), with no interceptor hook: ``capture_eqx`` swaps the
+``__call__`` of the layer classes of ``recorders`` for a recording wrapper
 while the wrapped function runs, and restores it after, also on error. The
 records leave the user's ``jax.vmap``, ``jax.lax.scan`` and ``jax.checkpoint``
 (and Equinox's ``filter_vmap``, ``filter_checkpoint``) as outputs of those
-transforms (:mod:`.transforms`): the batch and time axes become rows, a scan
+transforms (``transforms``): the batch and time axes become rows, a scan
 or vmap over stacked layers gives one local Fisher per layer.
 
 A layer is named by the path of its weight in the model, the first argument of
 the captured function: ``'layers/0'`` for ``model.layers[0].weight``, and
 ``'<cell>/weight_ih'``, ``'<cell>/weight_hh'`` for the two dense layers of a
-recurrent cell (as :mod:`sngd_jax._src.equinox_layers` names them). A call
+recurrent cell (as ``sngd_jax._src.equinox_layers`` names them). A call
 whose weight is not a leaf of that argument (a layer built inside the loss, a
 weight computed from params) cannot be named and is not recorded, so its layer
 is reported as not captured.
@@ -172,16 +172,18 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False,
                 outputs: bool = True) -> Callable[..., Any]:
   """Wraps ``fn(model, *args)`` so it also returns the activations of ``model``'s layers.
 
-  Example::
-
+  Examples:
+    ```python
+    opt_state = tx.init(eqx.filter(model, eqx.is_inexact_array))
     loss_and_acts = sngd_jax.capture_eqx(loss_fn)           # loss_fn(model, x, y)
     (loss, acts), grads = eqx.filter_value_and_grad(loss_and_acts, has_aux=True)(
         model, x, y)
-    updates, opt_state = tx.update(grads, opt_state, eqx.filter(model, eqx.is_array),
-                                   activations=acts)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    updates, opt_state = tx.update(grads, opt_state, params, activations=acts)
     model = eqx.apply_updates(model, updates)
+    ```
 
-  with ``opt_state = tx.init(eqx.filter(model, eqx.is_inexact_array))``. Layers
+  Layers
   called per example under the user's ``jax.vmap`` (the Equinox way), under
   ``jax.lax.scan`` (recurrent cells, stacked layers) or ``jax.checkpoint`` are
   recorded with every row.
@@ -189,8 +191,8 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False,
   Args:
     fn: a function whose first argument is the Equinox model (any pytree
       holding the layers).
-    has_aux: as in :func:`sngd_jax.capture`.
-    outputs: as in :func:`sngd_jax.capture`.
+    has_aux: as in ``sngd_jax.capture``.
+    outputs: as in ``sngd_jax.capture``.
 
   Returns:
     A function with ``fn``'s signature returning ``(fn(...), activations)``,

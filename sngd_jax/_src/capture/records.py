@@ -1,17 +1,17 @@
 """What capture records, and the recorder that routes records out of JAX transforms.
 
-A :class:`Captured` record holds what one call of one layer saw (its input and
+A ``Captured`` record holds what one call of one layer saw (its input and
 pre-activation output, gradients stopped) and how to turn it into rows of the
-local Fisher (``kind`` and static ``config``, see :mod:`sngd_jax._src.statistics`).
-:class:`Recorder` collects records by layer path.
+local Fisher (``kind`` and static ``config``, see ``sngd_jax._src.statistics``).
+``Recorder`` collects records by layer path.
 
 **Records leave transforms as outputs.** A value computed inside ``scan``,
 ``vmap`` or ``checkpoint`` is a tracer of that transform and must not escape
-it. While capturing, those transforms run through :mod:`.transforms`: each call
-opens a :class:`TransformFrame`, the records made inside are returned as extra
+it. While capturing, those transforms run through ``transforms``: each call
+opens a ``TransformFrame``, the records made inside are returned as extra
 outputs (stacked by ``scan`` and ``vmap`` along a new leading axis) and handed
 to the enclosing frame. Each record knows, for every leading axis a transform
-added, its *role* (:func:`Recorder.trace`):
+added, its *role* (``Recorder.trace``):
 
 * ``stack``: the layer's weight was sliced by that transform (``xs`` of a
   scan, a mapped argument of a vmap): the params hold one layer per index
@@ -25,8 +25,8 @@ wrapper knows which outer leaf each of its inner arguments is.
 
 **Cells under ``nn.RNN`` / ``nnx.RNN``** keep their own route: while a cell
 runs inside the RNN's scan, its records go to that cell call's
-:class:`CellFrame` and leave the scan as an extra output (:class:`StepRecords`),
-unpacked by :func:`untag` when the RNN call returns (time merged into rows).
+``CellFrame`` and leave the scan as an extra output (``StepRecords``),
+unpacked by ``untag`` when the RNN call returns (time merged into rows).
 
 **What cannot be captured is reported.** A record holding a tracer of a trace
 that has ended (a transform that does not return records: ``jax.jit``, ``fori_loop``,
@@ -205,7 +205,7 @@ class StepRecords:
 
 
 def untag(out: Any, time_axis: int) -> tuple[Any, dict[str, list[Pending]]]:
-  """Strips :class:`StepRecords` nodes from an RNN's output; returns the records.
+  """Strips ``StepRecords`` nodes from an RNN's output; returns the records.
 
   The records of every time step were stacked by the scan along
   ``time_axis``; the time axis is merged into the leading (batch) axis so each

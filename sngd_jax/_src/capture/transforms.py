@@ -3,10 +3,10 @@
 Values made inside a transform are its tracers and must not escape it. While a
 captured function runs, ``jax.lax.scan``, ``jax.vmap``, ``jax.checkpoint`` and
 ``jax.remat`` are replaced by the wrappers below, each a small function: the
-body runs under a :class:`~.records.TransformFrame` that maps its arguments to
+body runs under a ``records.TransformFrame`` that maps its arguments to
 the caller's, and returns the records made inside as extra outputs (``scan``
 and ``vmap`` stack them along a new leading axis, ``checkpoint`` returns them
-as they are). The records then join the enclosing frame (see :mod:`.records`
+as they are). The records then join the enclosing frame (see ``records``
 for the roles of the new axes). The transforms of Flax (``nn.scan``,
 ``nn.vmap``, ``nn.remat``, ``nnx.scan``, ``nnx.vmap``, ``nnx.remat``) and of
 Equinox (``filter_vmap``, ``filter_checkpoint``) call these functions when
@@ -21,7 +21,7 @@ used).
 
 One Flax internal is patched too: ``flax.core.axes_scan.scan`` traces the body
 of ``nn.scan`` once outside the scan to check its broadcast variables; records
-made in that trace are discarded (:class:`~.records.DiscardFrame`).
+made in that trace are discarded (``records.DiscardFrame``).
 
 Guarded by ``tests/test_transforms.py`` (every transform, nested, against the
 unrolled model).
