@@ -5,6 +5,7 @@ methods and matrix functions are in the public namespace :mod:`sngd_jax.inverse`
 """
 
 from sngd_jax import inverse as inverse
+from sngd_jax import presets as presets
 from sngd_jax._src.alias import sngd_momentum as sngd_momentum
 from sngd_jax._src.capture.linen import capture as capture
 from sngd_jax._src.capture.nnx import capture_nnx as capture_nnx
@@ -19,6 +20,7 @@ from sngd_jax._src.coverage import CoverageReport as CoverageReport
 from sngd_jax._src.coverage import ParamCoverage as ParamCoverage
 from sngd_jax._src.coverage import coverage as coverage
 from sngd_jax._src.cpu import limit_lapack_threads as limit_lapack_threads
+from sngd_jax._src.diagnostics import trust_region_scale as trust_region_scale
 from sngd_jax._src.layers import FISHER_KINDS as FISHER_KINDS
 from sngd_jax._src.layers import LayerSpec as LayerSpec
 from sngd_jax._src.layers import discover as discover
@@ -60,8 +62,10 @@ __all__ = [
     "from_reconstructed",
     "inverse",
     "limit_lapack_threads",
+    "presets",
     "reconstructed_dense",
     "sngd",
     "sngd_momentum",
     "to_reconstructed",
+    "trust_region_scale",
 ]

@@ -31,6 +31,7 @@ def sngd_momentum(
     decay: float = DEFAULTS.decay,
     factor_every: int = DEFAULTS.factor_every,
     inverse_every: int = DEFAULTS.inverse_every,
+    inverse_warmup: bool = DEFAULTS.inverse_warmup,
     prior: str = DEFAULTS.prior,
     stats_batch_size: Optional[int] = DEFAULTS.stats_batch_size,
     max_factor_ratio: Optional[float] = DEFAULTS.max_factor_ratio,
@@ -65,6 +66,7 @@ def sngd_momentum(
     decay: see :func:`sngd_jax.sngd`.
     factor_every: see :func:`sngd_jax.sngd`.
     inverse_every: see :func:`sngd_jax.sngd`.
+    inverse_warmup: see :func:`sngd_jax.sngd`.
     prior: see :func:`sngd_jax.sngd`.
     stats_batch_size: see :func:`sngd_jax.sngd`.
     max_factor_ratio: see :func:`sngd_jax.sngd`.
@@ -78,7 +80,8 @@ def sngd_momentum(
   """
   return optax.chain(
       sngd(fisher=fisher, inverse=inverse, damping=damping, abs_damping=abs_damping,
-           decay=decay, factor_every=factor_every, inverse_every=inverse_every, prior=prior,
+           decay=decay, factor_every=factor_every, inverse_every=inverse_every,
+           inverse_warmup=inverse_warmup, prior=prior,
            stats_batch_size=stats_batch_size, max_factor_ratio=max_factor_ratio,
            max_norm=max_norm, axis_name=axis_name, shard_refresh=shard_refresh),
       optax.add_decayed_weights(weight_decay, mask=_kernel_mask),

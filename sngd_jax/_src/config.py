@@ -13,7 +13,7 @@ The options, by concern (the hyperparameter table of the docs follows this order
   (how damped blocks are inverted).
 * **Statistics**: ``decay``, ``factor_every``, ``prior``, ``stats_batch_size``,
   ``max_factor_ratio``.
-* **Inverse refreshes**: ``inverse_every``, ``damping``, ``abs_damping``.
+* **Inverse refreshes**: ``inverse_every``, ``inverse_warmup``, ``damping``, ``abs_damping``.
 * **Step control**: ``max_norm`` (trust region).
 * **Scale-out**: ``axis_name``, ``shard_refresh``.
 """
@@ -27,6 +27,7 @@ from typing import Any, Optional, Union
 
 import flax
 import jax
+import numpy as np
 import optax
 
 from sngd_jax._src import layers as layers_lib
@@ -73,6 +74,7 @@ class SNGDConfig:
   decay: float = 0.975
   factor_every: int = 5
   inverse_every: int = 100
+  inverse_warmup: bool = False
   prior: str = "scaled_identity"
   inverse: Any = "auto"  # a key of sngd_jax.inverse.METHODS or an InverseMethod
   axis_name: Optional[AxisName] = None
@@ -110,10 +112,15 @@ class SNGDConfig:
     """This configuration with array-valued options (injected hyperparameters) set to None.
 
     What the state records: everything in it is hashable and known at trace time.
+    NumPy scalars (e.g. ``np.float64``) are recorded as the Python numbers they hold.
     """
-    arrays = {f.name: None for f in dataclasses.fields(self)
-              if isinstance(getattr(self, f.name), (jax.Array, jax.core.Tracer))
-              or hasattr(getattr(self, f.name), "__array__")}
+    arrays = {}
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if isinstance(value, np.generic):
+        arrays[f.name] = value.item()
+      elif isinstance(value, (jax.Array, jax.core.Tracer)) or hasattr(value, "__array__"):
+        arrays[f.name] = None
     return dataclasses.replace(self, **arrays) if arrays else self
 
 

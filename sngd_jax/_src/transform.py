@@ -224,6 +224,9 @@ def _refresh(config: SNGDConfig, method: InverseMethod, specs, factors, weights,
              state: SNGDState, finite: jax.Array):
   """Stage 3: every ``inverse_every`` steps (and at the first), refreshes the inverses.
 
+  With ``inverse_warmup`` also on the steps of the factor updates number 1, 2, 4,
+  8, ... (``count = factor_every * 2^k``) before ``inverse_every``.
+
   Returns:
     ``(inverses, failures, refreshed)``.
   """
@@ -234,7 +237,12 @@ def _refresh(config: SNGDConfig, method: InverseMethod, specs, factors, weights,
                             value_at(config.damping, count),
                             value_at(config.abs_damping, count))
 
-  do_inverse = finite & ((count % config.inverse_every == 0) | ~state.has_inverse)
+  due = (count % config.inverse_every == 0) | ~state.has_inverse
+  if config.inverse_warmup:  # also after factor updates 1, 2, 4, 8, ... until inverse_every
+    k = count // config.factor_every
+    due |= ((count % config.factor_every == 0) & (k > 0) & ((k & (k - 1)) == 0)
+            & (count < config.inverse_every))
+  do_inverse = finite & due
   inverses, failures = jax.lax.cond(
       do_inverse, new_inverses, lambda _: (state.inverses, jnp.zeros((), jnp.int32)), None)
   return inverses, failures, do_inverse
@@ -336,6 +344,7 @@ def sngd(
     decay: float = DEFAULTS.decay,
     factor_every: int = DEFAULTS.factor_every,
     inverse_every: int = DEFAULTS.inverse_every,
+    inverse_warmup: bool = DEFAULTS.inverse_warmup,
     prior: str = DEFAULTS.prior,
     stats_batch_size: Optional[int] = DEFAULTS.stats_batch_size,
     max_factor_ratio: Optional[float] = DEFAULTS.max_factor_ratio,
@@ -399,6 +408,10 @@ def sngd(
       paid only then).
     inverse_every: refresh the cached inverse every this many steps; the first
       step always computes one.
+    inverse_warmup: also refresh after the factor updates number 1, 2, 4, 8, ...
+      (steps ``factor_every * 2^k``) until ``inverse_every``, so that the
+      early inverses follow the factor's average as it moves away from its
+      prior instead of keeping the first step's for ``inverse_every`` steps.
     prior: how the average of ``G`` starts, one of :data:`sngd_jax.PRIORS`
       (``"identity"`` is the reference code's).
     stats_batch_size: if set, ``G^`` is estimated from the first this many
@@ -434,6 +447,7 @@ def sngd(
   """
   return sngd_from_config(SNGDConfig(
       fisher=fisher, inverse=inverse, damping=damping, abs_damping=abs_damping, decay=decay,
-      factor_every=factor_every, inverse_every=inverse_every, prior=prior,
+      factor_every=factor_every, inverse_every=inverse_every,
+      inverse_warmup=inverse_warmup, prior=prior,
       stats_batch_size=stats_batch_size, max_factor_ratio=max_factor_ratio,
       max_norm=max_norm, axis_name=axis_name, shard_refresh=shard_refresh))
