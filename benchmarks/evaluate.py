@@ -10,8 +10,8 @@ Per task:
    learning-rate grid (:data:`GRIDS`, 5 points a factor ~3.16 apart, containing
    the optimizer's recommended value); all these runs are interleaved in one
    process (round robin, ~0.25 s of steps a turn). An optimizer's best learning
-   rate is the one reaching the test target in the least step time, else the
-   best final test metric. If it is the lowest or highest point tried, the grid
+   rate is the one reaching the test target in the fewest steps (ties: the better
+   final metric), else the best final test metric. If it is the lowest or highest point tried, the grid
    is extended by one point on that side and the new runs are interleaved
    likewise, up to ``--max-extend`` times.
 2. **Seeds**: seeds 1 and 2 at each optimizer's best learning rate, interleaved.
@@ -337,12 +337,16 @@ def _run_batch(task, plan, budget_s, max_steps):
 
 
 def _score(task, r):
-  """Sort key: reached the target first, else the best final metric (diverged last)."""
+  """Sort key among one optimizer's learning rates: fewest steps to the target, then the
+  best final metric; not reached: the best final metric; diverged last. (The step cost does
+  not depend on the lr, so steps rank the grid as step time would, and unlike step time they
+  are not changed by machine load that differs between the grid and extension batches.)"""
   if r["diverged"] or r["final_metric"] is None:
-    return (2, 0.0)
-  if r["wall_to_target"] is not None:
-    return (0, r["wall_to_target"])
-  return (1, -r["final_metric"] if task.higher_is_better else r["final_metric"])
+    return (2, 0.0, 0.0)
+  final = -r["final_metric"] if task.higher_is_better else r["final_metric"]
+  if r["steps_to_target"] is not None:
+    return (0, r["steps_to_target"], final)
+  return (1, final, 0.0)
 
 
 def tune_and_seed(task, opts, seeds, budget_s, max_steps, max_extend, grids):
@@ -389,14 +393,15 @@ def main(argv=None) -> int:
   p.add_argument("--seeds", type=int, default=3)
   p.add_argument("--budget-s", type=float, default=None, help="override each task's budget")
   p.add_argument("--max-steps", type=int, default=None)
-  p.add_argument("--max-extend", type=int, default=2)
+  p.add_argument("--max-extend", type=int, default=1)
   p.add_argument("--lrs", default=None, help="override grids: name=lr:lr,...")
   p.add_argument("--probe", action="store_true", help="60 steps per optimizer, no tuning")
   p.add_argument("--tag", default="", help="suffix of the JSON file names")
   p.add_argument("--report", action="store_true")
+  p.add_argument("--pattern", default="*.json", help="which results/eval files --report reads")
   args = p.parse_args(argv)
   if args.report:
-    print(report())
+    print(report(args.pattern))
     return 0
   grids = dict(GRIDS)
   if args.lrs:
@@ -478,12 +483,15 @@ def _f(x, spec=".2f"):
 def report(pattern: str = "*.json") -> str:
   lines = []
   for path in sorted(glob.glob(os.path.join(OUT, pattern))):
+    if "_tune" in os.path.basename(path) and "tune" not in pattern:
+      continue  # tuning-set studies: --pattern '*_tune*.json'
     with open(path) as f:
       res = json.load(f)
     if not res.get("best_lr"):
       continue
     t = res["task"]
     rows = summarize(res)
+    png = os.path.basename(plot(path))
     adam = next((r for r in rows if r["optimizer"] == "adam"), None)
     lines += [f"### {t['name']}", "", f"{t['description']}; target test {t['metric']} "
               f"{'>=' if t['metric'] == 'accuracy' else '<='} {t['target']}; budget "
@@ -507,11 +515,50 @@ def report(pattern: str = "*.json") -> str:
           f" | {_f(ratio('mean_step_ms'))} | {r['compile_s']:.1f} | "
           f"{r['exec_mb'] + r['state_mb']:.1f} | "
           f"{_f(r['clipped'])} / {_f(r['mean_scale'])} |")
-    lines.append("")
+    lines += ["", f"![{t['name']}](results/eval/{png})", ""]
   text = "\n".join(lines)
-  with open(os.path.join(OUT, "summary.md"), "w") as f:
+  with open(os.path.join(OUT, "summary.md" if pattern == "*.json" else "summary_tuning.md"),
+            "w") as f:
     f.write(text + "\n")
   return text
+
+
+def plot(path: str) -> str:
+  """Test metric vs step time (and vs steps) of every run at each optimizer's best lr."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  with open(path) as f:
+    res = json.load(f)
+  t = res["task"]
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  colors = {}
+  for opt, lr in res["best_lr"].items():
+    for r in res["runs"]:
+      if r["optimizer"] != opt or r["lr"] != lr:
+        continue
+      c = colors.setdefault(opt, f"C{len(colors)}")
+      ev = r["evals"]
+      label = f"{opt} lr={lr:.3g}" if r["seed"] == 0 else None
+      axes[0].plot([e["wall"] for e in ev], [e["metric"] for e in ev], color=c, label=label,
+                   alpha=0.8)
+      axes[1].plot([e["step"] for e in ev], [e["metric"] for e in ev], color=c, alpha=0.8)
+  for ax, xl in zip(axes, ["step time (s, compile excluded)", "steps"], strict=True):
+    ax.axhline(t["target"], color="k", lw=0.8, ls=":")
+    ax.set_xlabel(xl)
+    ax.set_ylabel(f"test {t['metric']} (subset)")
+    if t["metric"] != "accuracy":
+      lo = min(e["metric"] for r in res["runs"] for e in r["evals"] if np.isfinite(e["metric"]))
+      ax.set_ylim(lo * 0.98, t["target"] * 1.4)
+    else:
+      ax.set_ylim(max(0.5, t["target"] - 0.15), min(1.0, t["target"] + 0.05))
+  axes[0].legend(fontsize=8)
+  fig.suptitle(t["description"], fontsize=8)
+  fig.tight_layout()
+  out = path[:-5] + ".png"
+  fig.savefig(out, dpi=90)
+  plt.close(fig)
+  return out
 
 
 if __name__ == "__main__":

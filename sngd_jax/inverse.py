@@ -6,7 +6,7 @@
 
 * Protocol: :class:`InverseMethod` (``identity``, ``refresh``, ``apply``,
   optional ``sketch`` and ``info``), :class:`MethodInfo`.
-* Exact: :func:`cholesky` (the default up to ``d = 512``), :func:`eigh`.
+* Exact: :func:`cholesky` (the default up to 512 layer inputs, ``d = 513``), :func:`eigh`.
 * Iterative roots: :func:`denman_beavers_inverse`, :func:`newton_schulz_inverse`
   (``(G + rho I)^{-1} = Z Z`` from ``Z = (G + rho I)^{-1/2}``); the roots
   themselves: :func:`eigh_roots`, :func:`denman_beavers`, :func:`newton_schulz`,

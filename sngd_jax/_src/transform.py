@@ -48,7 +48,7 @@ class SNGDState:
     factors: per layer path, the running local Fisher sum ``G_t``
       (``(d, d)`` or ``(O, d, d)``), float32 (float64 under x64); for layers
       whose inverse method is a rank-``r`` Nystrom model (``inverse="auto"``
-      above ``d = 512``) its sketch ``(G_t Omega, tr G_t)``, a
+      for layers wider than 512 inputs) its sketch ``(G_t Omega, tr G_t)``, a
       :class:`sngd_jax.Sketch` with ``y`` of shape ``(d, r)``.
     weights: per layer path, the weight ``w_t`` of ``G_t`` (use ``G_t / w_t``).
     inverses: per layer path, the cached inverse representation.
@@ -393,7 +393,8 @@ def sngd(
       ``"nystrom"``, ``"blocks"``, ``"auto"``) or a
       :class:`sngd_jax.inverse.InverseMethod` (e.g.
       ``sngd_jax.inverse.auto(max_dim=1024)``). The default ``"auto"`` is exact
-      Cholesky for ``d <= 512`` and a rank-128 Nystrom model above, whose
+      Cholesky for layers of up to 512 inputs (``d <= 513`` with the bias row) and a
+      rank-128 Nystrom model above, whose
       ``O(d r)`` product replaces the ``O(d^2)`` one; those layers keep the
       sketch ``(G Omega, tr G)`` in the state instead of ``G`` (``O(d r)``
       memory, ``4 n d r`` statistics).
