@@ -140,13 +140,14 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   at = [int(a) for a in args.at.split(",")]
   rows = []
+  machine = harness.machine_info()
   for name in args.tasks.split(","):
     rows += measure(_task(name), args.lr, args.steps, at)
-  with open(args.out + ".json", "w") as f:
-    json.dump({"machine": harness.machine_info(), "command": " ".join(sys.argv),
-               "rows": rows}, f, indent=1)
-  with open(args.out + ".md", "w") as f:
-    f.write(f"Command: `{' '.join(sys.argv)}`\n\n" + table(rows) + "\n")
+    with open(args.out + ".json", "w") as f:  # after every task: partial results survive
+      json.dump({"machine": machine, "command": " ".join(sys.argv), "rows": rows}, f,
+                indent=1)
+    with open(args.out + ".md", "w") as f:
+      f.write(f"Command: `{' '.join(sys.argv)}`\n\n" + table(rows) + "\n")
   print(table(rows))
   return 0
 

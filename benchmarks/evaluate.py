@@ -11,9 +11,9 @@ Per task:
    the optimizer's recommended value); all these runs are interleaved in one
    process (round robin, ~0.25 s of steps a turn). An optimizer's best learning
    rate is the one reaching the test target in the fewest steps (ties: the better
-   final metric), else the best final test metric. If it is the lowest or highest point tried, the grid
-   is extended by one point on that side and the new runs are interleaved
-   likewise, up to ``--max-extend`` times.
+   final metric), else the best final test metric. If it is the lowest or
+   highest point tried, the grid is extended by one point on that side and the
+   new runs are interleaved likewise, up to ``--max-extend`` times.
 2. **Seeds**: seeds 1 and 2 at each optimizer's best learning rate, interleaved.
 
 Every run has the same budget of step time (the task's ``budget_s``; compile
@@ -399,9 +399,14 @@ def main(argv=None) -> int:
   p.add_argument("--tag", default="", help="suffix of the JSON file names")
   p.add_argument("--report", action="store_true")
   p.add_argument("--pattern", default="*.json", help="which results/eval files --report reads")
+  p.add_argument("--readme", action="store_true",
+                 help="with --report: also write the tables into benchmarks/README.md")
   args = p.parse_args(argv)
   if args.report:
-    print(report(args.pattern))
+    text = report(args.pattern)
+    print(text)
+    if args.readme:
+      _write_readme(text)
     return 0
   grids = dict(GRIDS)
   if args.lrs:
@@ -521,6 +526,18 @@ def report(pattern: str = "*.json") -> str:
             "w") as f:
     f.write(text + "\n")
   return text
+
+
+def _write_readme(text: str, start: str = "<!-- evaluation:start -->",
+                  end: str = "<!-- evaluation:end -->") -> None:
+  """Replaces the block between the markers of benchmarks/README.md with ``text``."""
+  path = os.path.join(HERE, "README.md")
+  with open(path) as f:
+    doc = f.read()
+  head, rest = doc.split(start, 1)
+  _, tail = rest.split(end, 1)
+  with open(path, "w") as f:
+    f.write(head + start + "\n" + text + "\n" + end + tail)
 
 
 def plot(path: str) -> str:
