@@ -16,8 +16,8 @@ add_xla_flag("--xla_cpu_enable_concurrency_optimized_scheduler=false")
 
 # On CPU, jaxlib's LAPACK kernels (every inverse refresh) run in SciPy's OpenBLAS, whose
 # busy-waiting worker threads took the cores from XLA's: a mean step 2.30x Adam's instead of
-# 1.89x on the README's MLP (benchmarks/results/profile_step_v3*.json). Every optimizer here runs with it capped,
-# as the README recommends; `run_kfac` passes the same cap to kfac-jax's process.
+# 1.89x on the README's MLP (benchmarks/results/profile_step_v3*.json). Every optimizer here
+# runs with it capped, as the README recommends; `run_kfac` passes the same cap to kfac-jax.
 OPENBLAS_CAP = "1"
 
 from sngd_jax import limit_lapack_threads  # noqa: E402  (after the XLA flag: imports JAX)
