@@ -16,11 +16,7 @@ from helpers_mlp import sngd_train_step
 import sngd_jax
 from sngd_jax._src import conv as conv_lib
 
-
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-  with jax.enable_x64(True):
-    yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 # (kernel_size, strides, padding, kernel_dilation, input_dilation, groups, C_in, spatial)

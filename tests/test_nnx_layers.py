@@ -14,11 +14,7 @@ import sngd_jax
 
 F64 = dict(param_dtype=jnp.float64)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-  with jax.enable_x64(True):
-    yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def _one_step(model, *inputs):

@@ -10,13 +10,7 @@ from exact import exact_sngd
 import sngd_jax
 from sngd_jax._src import reconstruct
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _x64():
-  old = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", old)
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 FEATURES = (7, 5, 3)

@@ -19,11 +19,7 @@ LR = 0.05
 DAMPING = 1e-3
 STEPS = 10
 
-
-@pytest.fixture(autouse=True)
-def x64():
-  with jax.enable_x64(True):
-    yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def _sym_pow(a, p):

@@ -13,11 +13,7 @@ from helpers_mlp import sngd_train_step
 
 import sngd_jax
 
-
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-  with jax.enable_x64(True):
-    yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 CELLS = {
