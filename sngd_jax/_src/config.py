@@ -25,8 +25,9 @@ import math
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
-import flax
+import flax.core
 import jax
+import jax.core
 import optax
 
 from sngd_jax._src import layers as layers_lib

@@ -19,10 +19,10 @@ trust region -> write back -> guard.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import dataclasses
+from typing import Any, Optional, cast
 
-import chex
-import flax
+import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -62,18 +62,18 @@ class SNGDState:
       the tree structure, not a leaf: checkpoints hold the arrays only).
   """
 
-  count: chex.Array
+  count: jax.Array
   factors: dict[str, Any]
-  weights: dict[str, chex.Array]
+  weights: dict[str, jax.Array]
   inverses: dict[str, Any]
-  has_inverse: chex.Array
-  num_refresh_failures: chex.Array
-  num_skipped_steps: chex.Array
+  has_inverse: jax.Array
+  num_refresh_failures: jax.Array
+  num_skipped_steps: jax.Array
   config: SNGDConfig = flax.struct.field(pytree_node=False, default=DEFAULTS)
 
   def _replace(self, **kwargs) -> SNGDState:
     """NamedTuple-style alias of ``replace``."""
-    return self.replace(**kwargs)
+    return dataclasses.replace(self, **kwargs)
 
 
 def _layer_dtype(leaf: Any) -> jnp.dtype:
@@ -128,7 +128,7 @@ def _init_state(params: Any, specs: dict[str, layers_lib.LayerSpec], method: Inv
                    num_skipped_steps=zero(), config=config.static())
 
 
-def tree_all_finite(tree: Any) -> chex.Array:
+def tree_all_finite(tree: Any) -> jax.Array:
   """Whether every floating leaf of ``tree`` is finite, from one sum per leaf.
 
   A NaN or an infinity makes the sum non-finite (``inf - inf`` is NaN), so
@@ -324,7 +324,8 @@ def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArg
     )
     return jax.tree_util.tree_unflatten(inputs.treedef, out), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  # SNGDState is a pytree, though not one of the types optax's `OptState` alias lists.
+  return optax.GradientTransformationExtraArgs(cast(optax.TransformInitFn, init_fn), update_fn)
 
 
 def sngd(

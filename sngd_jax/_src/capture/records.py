@@ -17,8 +17,9 @@ import dataclasses
 import warnings
 from typing import Any, Iterator, Optional, Union
 
-import flax
+import flax.struct
 import jax
+import jax.core
 import jax.numpy as jnp
 
 Activations = dict[str, tuple["Captured", ...]]
