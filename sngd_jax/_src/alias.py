@@ -82,5 +82,12 @@ def sngd_momentum(
            stats_batch_size=stats_batch_size, max_factor_ratio=max_factor_ratio,
            max_norm=max_norm, axis_name=axis_name, shard_refresh=shard_refresh),
       optax.add_decayed_weights(weight_decay, mask=_kernel_mask),
-      optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov),
+      optax.sgd(learning_rate, momentum=_momentum_or_none(momentum), nesterov=nesterov),
   )
+
+
+def _momentum_or_none(momentum: Any) -> Any:
+  """``None`` (no momentum buffer) for a Python zero; an array (injected) is kept as is."""
+  if isinstance(momentum, (int, float)) and not isinstance(momentum, bool) and momentum == 0:
+    return None
+  return momentum

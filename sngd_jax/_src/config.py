@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
@@ -101,6 +102,13 @@ class SNGDConfig:
         and self.damping == 0 and self.abs_damping == 0:
       raise ValueError("sngd: `damping` and `abs_damping` are both 0; the local Fisher of a "
                        "batch is singular in general, so at least one must be positive")
+    if isinstance(self.stats_batch_size, numbers.Integral):  # e.g. a NumPy integer
+      object.__setattr__(self, "stats_batch_size", int(self.stats_batch_size))
+    elif self.stats_batch_size is not None:
+      raise TypeError(
+          "sngd: `stats_batch_size` must be a Python int (it sets the shape of the sub-batch), "
+          f"got {type(self.stats_batch_size).__name__}; with `optax.inject_hyperparams`, list "
+          "it in `static_args=(\"stats_batch_size\",)`")
     _check_number("stats_batch_size", self.stats_batch_size, 0, low_open=True)
     if self.max_norm is not None:
       _check_number("max_norm", self.max_norm, 0.0, low_open=True)

@@ -201,7 +201,8 @@ def coverage(loss_fn: Callable[..., Any], params_or_model: Any, *args: Any,
 
   Args:
     loss_fn: ``loss_fn(params, *args)`` applying linen modules, or
-      ``loss_fn(model, *args)`` for an NNX model.
+      ``loss_fn(model, *args)`` for an NNX model (what it returns is not read:
+      a loss with ``aux`` needs no ``has_aux``).
     params_or_model: the params tree given to ``tx.init``, or an ``nnx.Module``
       (its ``nnx.Param`` state is reported).
     *args: a batch, as passed to ``loss_fn``.
@@ -212,16 +213,19 @@ def coverage(loss_fn: Callable[..., Any], params_or_model: Any, *args: Any,
   Returns:
     A :class:`CoverageReport`; ``print`` it for a table.
   """
+  def any_output(*a):  # the report reads the activations only: any return value will do
+    return loss_fn(*a, **kwargs), None
+
   if isinstance(params_or_model, nnx.Module):
     graphdef, state = nnx.split(params_or_model)
 
     def run(state, *args):
-      return capture_nnx(loss_fn)(nnx.merge(graphdef, state), *args, **kwargs)[1]
+      return capture_nnx(any_output, has_aux=True)(nnx.merge(graphdef, state), *args)[1][1]
 
     acts = jax.eval_shape(run, state, *args)
     params = nnx.state(params_or_model, nnx.Param)
   else:
-    acts = jax.eval_shape(lambda p, *a: capture(loss_fn)(p, *a, **kwargs)[1],
+    acts = jax.eval_shape(lambda p, *a: capture(any_output, has_aux=True)(p, *a)[1][1],
                           params_or_model, *args)
     params = params_or_model
   return report(params, acts, fisher, inverse)

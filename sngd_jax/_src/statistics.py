@@ -320,3 +320,16 @@ def limit_outlier(estimate: jax.Array, factor: jax.Array, weight: jax.Array,
   outlier = (weight > 0) & (running > 0) & (new > limit)
   scale = jnp.where(outlier, limit / jnp.where(outlier, new, 1.0), 1.0)
   return jax.tree.map(lambda e: e * scale.astype(dtype), estimate)
+
+
+def num_rows(spec: LayerSpec, calls: Sequence[Captured]) -> int:
+  """The number of rows ``n`` that a layer's batch estimate averages (static).
+
+  Token ids for an embedding, ``(example, position, channel group)`` rows for
+  a normalization layer, rows of ``X~`` otherwise: the weight of the batch
+  estimate in an average over several batches.
+  """
+  if spec.structure == "diagonal":
+    return sum(c.inputs.size for c in calls)
+  rows = norm_rows if spec.structure == "per_channel" else (lambda c: ROWS[c.kind](c))
+  return sum(jax.eval_shape(rows, c)[0].shape[0] for c in calls)

@@ -19,6 +19,7 @@ trust region -> write back -> guard.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import chex
@@ -145,35 +146,65 @@ def tree_all_finite(tree: Any) -> chex.Array:
 
 
 def _sub_batch(calls, size: int):
-  """The first ``size`` examples (leading axis) of every captured call."""
-  return tuple(c.replace(inputs=c.inputs[:size], outputs=c.outputs[:size]) for c in calls)
+  """The first ``size`` examples of every captured call (at every time step of a cell)."""
+  return tuple(c.first_examples(size) for c in calls)
+
+
+def _statistics_activations(config: SNGDConfig, activations: Activations) -> Activations:
+  """The activations the statistics are computed from (a sub-batch if so configured)."""
+  if config.stats_batch_size is None:
+    return activations
+  return {p: _sub_batch(calls, config.stats_batch_size) for p, calls in activations.items()}
+
+
+def _batch_estimates(specs, omegas, acts: Activations) -> dict[str, Any]:
+  """Each layer's local batch estimate ``G^`` (a sketch for the sketched layers)."""
+  out = {}
+  for path, spec in specs.items():
+    if path in omegas:
+      out[path] = statistics.batch_sketch(spec, acts[path], omegas[path])
+    else:
+      out[path] = statistics.batch_factor(spec, acts[path])
+  return out
 
 
 class _Inputs:
-  """The checked inputs of one update: layers, flat gradient leaves and activations."""
+  """The checked inputs of one update: layers, flat gradient leaves and activations
+  (or, instead of activations, ready batch estimates)."""
 
-  def __init__(self, specs, leaves, treedef, index, omegas, activations):
+  def __init__(self, specs, leaves, treedef, index, omegas, activations, estimates=None):
     self.specs = specs
     self.leaves = leaves
     self.treedef = treedef
     self.index = index
     self.omegas = omegas
     self.activations = activations
+    self.estimates = estimates
 
 
 def _check_inputs(config: SNGDConfig, method: InverseMethod, updates: Any, state: SNGDState,
-                  activations: Optional[Activations]) -> _Inputs:
+                  activations: Optional[Activations],
+                  estimates: Optional[dict[str, Any]] = None) -> _Inputs:
   """Stage 1: finds the layers and raises errors naming the layer for what does not fit."""
   specs = layers_lib.discover(updates, config.fisher)
   all_layers = layers_lib.discover(updates, "linear")
-  validation.check_structure(specs, state.factors, activations, all_layers)
-  assert activations is not None  # checked above
-  activations = {p: activations[p] for p in specs}
+  if estimates is not None:
+    if activations is not None:
+      raise ValueError("sngd: pass either `activations=` or `statistics=` to `update`, not "
+                       "both")
+    validation.check_statistics(specs, state.factors, estimates)
+  else:
+    validation.check_structure(specs, state.factors, activations, all_layers)
+    assert activations is not None  # checked above
+    activations = {p: activations[p] for p in specs}
   leaves, treedef, index = _flatten(updates)
   validation.check_param_dtypes(specs, leaves, index, "updates")
   omegas = _sketch_omegas(specs, leaves, index, method)
   validation.check_state_shapes(specs, state.factors,
                                 {p: o.shape[1] for p, o in omegas.items()})
+  if estimates is not None:
+    return _Inputs(specs, leaves, treedef, index, omegas, None,
+                   {p: estimates[p] for p in specs})
   validation.check_activations(specs, activations)
   return _Inputs(specs, leaves, treedef, index, omegas, activations)
 
@@ -185,21 +216,25 @@ def _update_statistics(config: SNGDConfig, inputs: _Inputs, state: SNGDState,
   Runs under ``lax.cond``: the ``X~^T X~`` products are paid only on one step
   in ``factor_every``, the only steps that read the activations (so only then
   are they checked for finiteness; a non-finite batch leaves the average).
+  Given ready batch estimates (``update(..., statistics=...)``, from
+  :class:`sngd_jax.MultiSteps`) instead of activations, those are folded in
+  the same way, on the same steps.
 
   Returns:
     ``(factors, weights, acts_finite)``.
   """
   specs, omegas, axis_name = inputs.specs, inputs.omegas, config.axis_name
   keep_factors = lambda _: (state.factors, state.weights)
+  if inputs.estimates is None:
+    source, estimate_of = inputs.activations, functools.partial(_batch_estimates, specs, omegas)
+  else:
+    source, estimate_of = inputs.estimates, lambda estimates: estimates
 
-  def update_factors(acts):
+  def update_factors(source):
+    estimates = estimate_of(source)
     out_f, out_w = {}, {}
-    for path, spec in specs.items():
-      if path in omegas:
-        estimate = statistics.batch_sketch(spec, acts[path], omegas[path])
-      else:
-        estimate = statistics.batch_factor(spec, acts[path])
-      estimate = distributed.axis_mean(estimate, axis_name)
+    for path in specs:
+      estimate = distributed.axis_mean(estimates[path], axis_name)
       if config.max_factor_ratio is not None:
         estimate = statistics.limit_outlier(estimate, state.factors[path],
                                             state.weights[path], config.max_factor_ratio)
@@ -209,15 +244,42 @@ def _update_statistics(config: SNGDConfig, inputs: _Inputs, state: SNGDState,
     return out_f, out_w
 
   def new_factors(_):
-    acts = inputs.activations
-    if config.stats_batch_size is not None:  # statistics from a sub-batch
-      acts = {p: _sub_batch(calls, config.stats_batch_size) for p, calls in acts.items()}
-    acts_finite = distributed.all_agree(tree_all_finite(acts), axis_name)
-    return jax.lax.cond(acts_finite, update_factors, keep_factors, acts) + (acts_finite,)
+    data = source
+    if inputs.estimates is None:
+      data = _statistics_activations(config, data)
+    finite = distributed.all_agree(tree_all_finite(data), axis_name)
+    return jax.lax.cond(finite, update_factors, keep_factors, data) + (finite,)
 
   do_factor = grads_finite & (state.count % config.factor_every == 0)
   return jax.lax.cond(
       do_factor, new_factors, lambda _: keep_factors(None) + (jnp.array(True),), None)
+
+
+def local_statistics(updates: Any, state: SNGDState, activations: Activations
+                     ) -> tuple[dict[str, Any], dict[str, int]]:
+  """The batch estimates ``G^`` that ``update`` would fold in from ``activations``.
+
+  What :class:`sngd_jax.MultiSteps` accumulates over micro-batches: per layer
+  path, this device's estimate (before the ``axis_name`` mean and the outlier
+  limit, which ``update`` applies to what it is given) in the form of the
+  state's factor (a :class:`sngd_jax.Sketch` for sketched layers, never a
+  dense ``d x d`` for them), and the number of rows ``n`` it averages.
+
+  Args:
+    updates: the gradients (their tree names the layers).
+    state: the :class:`SNGDState` (its recorded configuration says which
+      layers, which Fisher kind, and which are sketched).
+    activations: from :func:`sngd_jax.capture`.
+
+  Returns:
+    ``(estimates, rows)``.
+  """
+  config = state.config
+  inputs = _check_inputs(config, _method_of(config), updates, state, activations)
+  acts = _statistics_activations(config, inputs.activations)
+  estimates = _batch_estimates(inputs.specs, inputs.omegas, acts)
+  rows = {p: statistics.num_rows(spec, acts[p]) for p, spec in inputs.specs.items()}
+  return estimates, rows
 
 
 def _refresh(config: SNGDConfig, method: InverseMethod, specs, factors, weights,
@@ -295,9 +357,10 @@ def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArg
     validation.check_param_dtypes(specs, leaves, index, "params")
     return _init_state(params, specs, method, config)
 
-  def update_fn(updates, state, params=None, *, activations=None, **extra_args):
+  def update_fn(updates, state, params=None, *, activations=None, statistics=None,
+                **extra_args):
     del params, extra_args
-    inputs = _check_inputs(config, method, updates, state, activations)
+    inputs = _check_inputs(config, method, updates, state, activations, statistics)
     grads_finite = distributed.all_agree(tree_all_finite(inputs.leaves), config.axis_name)
     factors, weights, acts_finite = _update_statistics(config, inputs, state, grads_finite)
     finite = grads_finite & acts_finite
@@ -402,8 +465,10 @@ def sngd(
     prior: how the average of ``G`` starts, one of :data:`sngd_jax.PRIORS`
       (``"identity"`` is the reference code's).
     stats_batch_size: if set, ``G^`` is estimated from the first this many
-      examples of the batch only (the leading axis of every captured array),
-      which cuts the ``X~^T X~`` cost; None uses the whole batch.
+      examples of the batch only (every row of theirs: all positions, patches
+      or tokens, and every time step of a recurrent cell), which cuts the
+      ``X~^T X~`` cost; None uses the whole batch. A Python int (with
+      ``optax.inject_hyperparams``, list it in ``static_args``).
     max_factor_ratio: if set, a batch estimate whose trace exceeds this many
       times the running factor's is scaled down to it, so that one outlier
       batch cannot dominate the moving average; ``None`` disables it.
@@ -425,8 +490,11 @@ def sngd(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,
-    params=None, *, activations=None, **extra_args)`` takes the activations
-    from :func:`sngd_jax.capture` and ignores other keyword arguments.
+    params=None, *, activations=None, statistics=None, **extra_args)`` takes
+    the activations from :func:`sngd_jax.capture` and ignores other keyword
+    arguments. ``statistics`` replaces ``activations`` with ready batch
+    estimates, as :class:`sngd_jax.MultiSteps` passes those of several
+    micro-batches.
 
   References:
     W. Liu et al., *Reconstructing Deep Neural Networks: Unleashing the

@@ -29,7 +29,14 @@ import flax.linen as nn
 
 from sngd_jax._src import paths
 from sngd_jax._src.capture import flax_patches, tables
-from sngd_jax._src.capture.records import Recorder, StepRecords, freeze, rnn_time_axis, untag
+from sngd_jax._src.capture.records import (
+    Recorder,
+    StepRecords,
+    freeze,
+    rnn_time_axis,
+    split_aux,
+    untag,
+)
 
 
 def _rnn_call(rec: Recorder, module: nn.RNN, next_fun, args, kwargs):
@@ -111,10 +118,8 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable[..., A
     rec = Recorder()
     with flax_patches.linen_normalize(rec), nn.intercept_methods(_interceptor(rec)):
       result = fn(*args, **kwargs)
+    value, aux = split_aux(result, has_aux, "capture")
     acts = freeze(rec.store)
-    if has_aux:
-      value, aux = result
-      return value, (aux, acts)
-    return result, acts
+    return (value, (aux, acts)) if has_aux else (value, acts)
 
   return wrapped

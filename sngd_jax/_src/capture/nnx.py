@@ -30,6 +30,7 @@ from sngd_jax._src.capture.records import (
     StepRecords,
     freeze,
     rnn_time_axis,
+    split_aux,
     untag,
 )
 
@@ -179,10 +180,8 @@ def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable[..
                    if isinstance(node, nnx.RNN)} | set(tables.NNX_CELLS))
     with flax_patches.nnx_normalize(rec), flax_patches.nnx_methods(_wrappers(rec, cells)):
       result = fn(model, *args, **kwargs)
+    value, aux = split_aux(result, has_aux, "capture_nnx")
     acts = freeze(rec.store)
-    if has_aux:
-      value, aux = result
-      return value, (aux, acts)
-    return result, acts
+    return (value, (aux, acts)) if has_aux else (value, acts)
 
   return wrapped
