@@ -142,8 +142,10 @@ def test_without_sngd_it_is_optax_multisteps():
     p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
     assert int(s1.mini_step) == int(s2.mini_step)
     assert bool(ours.has_updated(s1)) == bool(theirs.has_updated(s2))
-  jax.tree.map(np.testing.assert_array_equal, p1, p2)
-  jax.tree.map(np.testing.assert_array_equal, s1.inner_opt_state, s2.inner_opt_state)
+  # equal up to float32 rounding: the inner update runs under lax.cond (compiled) here
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+  jax.tree.map(close, p1, p2)
+  jax.tree.map(close, s1.inner_opt_state, s2.inner_opt_state)
 
 
 def test_sngd_inside_needs_activations():
