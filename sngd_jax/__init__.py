@@ -1,7 +1,7 @@
 """sngd_jax: structured natural gradient descent (SNGD) for JAX, Optax and Flax.
 
 Every name the documentation tells users to call is exported here; inverse
-methods and matrix functions are in the public namespace :mod:`sngd_jax.inverse`.
+methods and matrix functions are in the public namespace ``sngd_jax.inverse``.
 """
 
 from sngd_jax import inverse as inverse

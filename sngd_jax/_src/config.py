@@ -1,10 +1,10 @@
-"""The configuration of :func:`sngd_jax.sngd`: every default, and its validation.
+"""The configuration of ``sngd_jax.sngd``: every default, and its validation.
 
-:class:`SNGDConfig` is the one home of the transform's defaults: ``sngd`` and
-``sngd_momentum`` take their keyword defaults from :data:`DEFAULTS`, and the
+``SNGDConfig`` is the one home of the transform's defaults: ``sngd`` and
+``sngd_momentum`` take their keyword defaults from ``DEFAULTS``, and the
 state records the static part of the configuration it was made with
-(``SNGDState.config``), so that :func:`sngd_jax.cost_estimate`,
-:func:`sngd_jax.coverage` and :func:`sngd_jax.factor_roots` read it instead of
+(``SNGDState.config``), so that ``sngd_jax.cost_estimate``,
+``sngd_jax.coverage`` and ``sngd_jax.factor_roots`` read it instead of
 asking again.
 
 The options, by concern (the hyperparameter table of the docs follows this order):
@@ -61,7 +61,7 @@ def _is_number(x: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class SNGDConfig:
-  """The options of :func:`sngd_jax.sngd` (see its docstring for each).
+  """The options of ``sngd_jax.sngd`` (see its docstring for each).
 
   Construction validates every option that is a Python value (arrays, e.g.
   hyperparameters injected by ``optax.inject_hyperparams``, are taken as given)

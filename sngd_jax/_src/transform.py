@@ -4,9 +4,11 @@ Structured natural gradient descent (W. Liu et al., "Reconstructing Deep Neural
 Networks: Unleashing the Optimization Potential of Natural Gradient Descent",
 arXiv:2412.07441) replaces the Fisher matrix of natural gradient descent by
 small *local* Fisher matrices built from each layer's inputs. For a layer with
-augmented weights ``W~ = [W; b^T]`` (``d x O``) and local Fisher ``G``::
+augmented weights ``W~ = [W; b^T]`` (``d x O``) and local Fisher ``G``:
 
-    Delta W~ = (G + (damping * tr(G) + abs_damping) I)^{-1} grad_W~ L,
+```
+Delta W~ = (G + (damping * tr(G) + abs_damping) I)^{-1} grad_W~ L,
+```
 
 or column by column with ``G_j`` for ``fisher="rfim"``. This is plain gradient
 descent on a *reconstructed* network whose layers are preceded by
@@ -20,7 +22,7 @@ trust region -> write back -> guard.
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import chex
 import flax
@@ -42,7 +44,7 @@ from sngd_jax._src.inverse.sharded import shard_method
 
 @flax.struct.dataclass
 class SNGDState:
-  """State of :func:`sngd`: arrays only (plus its static configuration), a pytree.
+  """State of ``sngd``: arrays only (plus its static configuration), a pytree.
 
   Attributes:
     count: steps taken (non-finite steps not counted), int32.
@@ -50,7 +52,7 @@ class SNGDState:
       (``(d, d)`` or ``(O, d, d)``), float32 (float64 under x64); for layers
       whose inverse method is a rank-``r`` Nystrom model (``inverse="auto"``
       above ``d = 512``) its sketch ``(G_t Omega, tr G_t)``, a
-      :class:`sngd_jax.Sketch` with ``y`` of shape ``(d, r)``.
+      ``sngd_jax.Sketch`` with ``y`` of shape ``(d, r)``.
     weights: per layer path, the weight ``w_t`` of ``G_t`` (use ``G_t / w_t``).
     inverses: per layer path, the cached inverse representation.
     has_inverse: whether an inverse has been computed yet.
@@ -59,7 +61,7 @@ class SNGDState:
       non-finite gradients or activations (which leave the rest of the state
       unchanged) and those whose preconditioned update overflowed its dtype
       (whose finite statistics are kept).
-    config: the static :class:`SNGDConfig` the state was made with (part of
+    config: the static ``SNGDConfig`` the state was made with (part of
       the tree structure, not a leaf: checkpoints hold the arrays only).
   """
 
@@ -93,7 +95,7 @@ def _sketch_omegas(specs: dict[str, layers_lib.LayerSpec], leaves, index,
 
   Those are the single-block (``fisher="linear"``) layers for whose size the
   inverse method reads ``G`` only through ``(G Omega, tr G)`` (the Nystrom
-  model of ``inverse="auto"`` above ``max_dim``; see :mod:`sngd_jax._src.sketch`).
+  model of ``inverse="auto"`` above ``max_dim``; see ``sngd_jax._src.sketch``).
   """
   if method.sketch is None:
     return {}
@@ -168,18 +170,28 @@ def _batch_estimates(specs, omegas, acts: Activations) -> dict[str, Any]:
   return out
 
 
-class _Inputs:
-  """The checked inputs of one update: layers, flat gradient leaves and activations
-  (or, instead of activations, ready batch estimates)."""
+class _Inputs(NamedTuple):
+  """The checked inputs of one update.
 
-  def __init__(self, specs, leaves, treedef, index, omegas, activations, estimates=None):
-    self.specs = specs
-    self.leaves = leaves
-    self.treedef = treedef
-    self.index = index
-    self.omegas = omegas
-    self.activations = activations
-    self.estimates = estimates
+  Attributes:
+    specs: the preconditioned layers, by path.
+    leaves: the flat gradient leaves.
+    treedef: their tree structure.
+    index: leaf parts -> position in ``leaves``.
+    omegas: the sketch test matrix of each sketched layer.
+    activations: the captured calls of each preconditioned layer (None when
+      ready batch estimates are given instead).
+    estimates: the ready batch estimate of each preconditioned layer
+      (``update(..., statistics=...)``), or None.
+  """
+
+  specs: dict[str, layers_lib.LayerSpec]
+  leaves: list[Any]
+  treedef: Any
+  index: dict[tuple[str, ...], int]
+  omegas: dict[str, jax.Array]
+  activations: Optional[dict[str, Any]]
+  estimates: Optional[dict[str, Any]] = None
 
 
 def _check_inputs(config: SNGDConfig, method: InverseMethod, updates: Any, state: SNGDState,
@@ -348,7 +360,7 @@ def _method_of(config: SNGDConfig) -> InverseMethod:
 
 
 def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArgs:
-  """:func:`sngd` for a ready :class:`SNGDConfig`."""
+  """``sngd`` for a ready ``SNGDConfig``."""
   method = _method_of(config)
 
   def init_fn(params):
@@ -409,22 +421,23 @@ def sngd(
   """Preconditions each layer's gradient by its damped local Fisher inverse.
 
   For every layer found in the params (a ``kernel`` with an optional ``bias``,
-  an ``embedding``, a normalization ``scale``; see :func:`sngd_jax.discover`)
+  an ``embedding``, a normalization ``scale``; see ``sngd_jax.discover``)
   the transform keeps a running local Fisher ``G`` and a cached inverse, and
   maps the layer's gradient to
 
-  .. math::
-
-      [\\Delta W; \\Delta b^T] = (G + (\\mathrm{damping}\\,\\mathrm{tr}(G)
-      + \\mathrm{abs\\_damping})\\, I)^{-1} [g_W; g_b^T]
+  ```
+  [Delta W; Delta b^T] = (G + (damping * tr(G) + abs_damping) I)^{-1} [g_W; g_b^T]
+  ```
 
   (per output unit ``j`` with ``G_j`` when ``fisher="rfim"``). Leaves that are
   not part of such a layer pass through unchanged. With ``max_norm`` set, the
   preconditioned layers' updates ``u_l`` are then scaled jointly so that their
-  norm in the local-Fisher metric stays within a trust region::
+  norm in the local-Fisher metric stays within a trust region:
 
-      q = sum_l <g_l, u_l> = sum_l g_l^T (G_l + rho_l I)^{-1} g_l = ||u||_G^2,
-      u_l <- u_l * min(1, max_norm / sqrt(q)),
+  ```
+  q = sum_l <g_l, u_l> = sum_l g_l^T (G_l + rho_l I)^{-1} g_l = ||u||_G^2,
+  u_l <- u_l * min(1, max_norm / sqrt(q)),
+  ```
 
   which bounds the first-order change of every layer's outputs per unit of
   learning rate (the norm constraint of K-FAC, Ba et al. 2017, without the
@@ -442,10 +455,10 @@ def sngd(
       (``G_j = E[sigmoid(z_j)^2 x~ x~^T]``), a mapping from layer path to kind
       (unlisted layers get ``"linear"``, ``None`` leaves a layer alone) or a
       callable from layer path to kind.
-    inverse: the inverse method, a key of :data:`sngd_jax.inverse.METHODS`
+    inverse: the inverse method, a key of ``sngd_jax.inverse.METHODS``
       (``"cholesky"``, ``"eigh"``, ``"denman_beavers"``, ``"newton_schulz"``,
       ``"nystrom"``, ``"blocks"``, ``"auto"``) or a
-      :class:`sngd_jax.inverse.InverseMethod` (e.g.
+      ``sngd_jax.inverse.InverseMethod`` (e.g.
       ``sngd_jax.inverse.auto(max_dim=1024)``). The default ``"auto"`` is exact
       Cholesky for ``d <= 512`` and a rank-128 Nystrom model above, whose
       ``O(d r)`` product replaces the ``O(d^2)`` one; those layers keep the
@@ -462,7 +475,7 @@ def sngd(
       paid only then).
     inverse_every: refresh the cached inverse every this many steps; the first
       step always computes one.
-    prior: how the average of ``G`` starts, one of :data:`sngd_jax.PRIORS`
+    prior: how the average of ``G`` starts, one of ``sngd_jax.PRIORS``
       (``"identity"`` is the reference code's).
     stats_batch_size: if set, ``G^`` is estimated from the first this many
       examples of the batch only (every row of theirs: all positions, patches
@@ -491,9 +504,9 @@ def sngd(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,
     params=None, *, activations=None, statistics=None, **extra_args)`` takes
-    the activations from :func:`sngd_jax.capture` and ignores other keyword
+    the activations from ``sngd_jax.capture`` and ignores other keyword
     arguments. ``statistics`` replaces ``activations`` with ready batch
-    estimates, as :class:`sngd_jax.MultiSteps` passes those of several
+    estimates, as ``sngd_jax.MultiSteps`` passes those of several
     micro-batches.
 
   References:

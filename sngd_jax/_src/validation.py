@@ -4,7 +4,7 @@ These run while tracing (shapes and dtypes are known then) and turn a state,
 params tree or activations that do not fit into an error naming the layer path
 and the expected and actual shapes or dtypes, instead of a broadcasting error
 deep in XLA. (The on-device acceptance test of a refreshed inverse is
-:mod:`sngd_jax._src.inverse.refresh`.)
+``sngd_jax._src.inverse.refresh``.)
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def check_state_shapes(specs: Mapping[str, layers_lib.LayerSpec],
     specs: the layers of the updates tree.
     factors: the state's factors, by layer path.
     sketch_ranks: the rank ``r`` of each layer kept as a sketch (its factor is
-      a :class:`sngd_jax.sketch.Sketch` with ``y`` of shape ``(d, r)``).
+      a ``sngd_jax.Sketch`` with ``y`` of shape ``(d, r)``).
 
   Raises:
     ValueError: naming the layer path and the expected and actual factor shapes.

@@ -1,13 +1,13 @@
 """What capture records, and the recorder that routes records through scanned cells.
 
-A :class:`Captured` record holds what one call of one layer saw (its input and
+A ``Captured`` record holds what one call of one layer saw (its input and
 pre-activation output, gradients stopped) and how to turn it into rows of the
-local Fisher (``kind`` and static ``config``, see :mod:`sngd_jax._src.statistics`).
-:class:`Recorder` collects records by layer path. Its frame stack tells where a
+local Fisher (``kind`` and static ``config``, see ``sngd_jax._src.statistics``).
+``Recorder`` collects records by layer path. Its frame stack tells where a
 record goes: to the output store, or, while a cell runs inside ``nn.RNN`` /
-``nnx.RNN`` (under ``scan``), to that cell call's :class:`CellFrame`, whose
-records leave the scan as an extra output (:class:`StepRecords`), stacked over
-time, and are unpacked by :func:`untag` when the RNN call returns.
+``nnx.RNN`` (under ``scan``), to that cell call's ``CellFrame``, whose
+records leave the scan as an extra output (``StepRecords``), stacked over
+time, and are unpacked by ``untag`` when the RNN call returns.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Captured:
       ids (embed).
     outputs: the layer's pre-activation output ``z``.
     kind: how ``inputs`` map to rows of the local Fisher: ``'dense'``,
-      ``'conv'``, ``'norm'`` or ``'embed'`` (see :data:`sngd_jax.factors.ROWS`).
+      ``'conv'``, ``'norm'`` or ``'embed'`` (see ``sngd_jax._src.statistics.ROWS``).
     config: static layer configuration that the kind needs.
     time_steps: how many time steps the leading axis holds (static): a cell
       run by ``nn.RNN``/``nnx.RNN`` records every step, merged time-major
@@ -163,7 +163,7 @@ class StepRecords:
 
 
 def untag(out: Any, time_axis: int) -> tuple[Any, dict[str, list[Captured]]]:
-  """Strips :class:`StepRecords` nodes from an RNN's output; returns the records.
+  """Strips ``StepRecords`` nodes from an RNN's output; returns the records.
 
   The records of every time step were stacked by the scan along
   ``time_axis``; the time axis is merged into the leading (batch) axis so each
