@@ -20,10 +20,7 @@ F64 = dict(param_dtype=jnp.float64)
 B, K, T = 5, 2, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-  with jax.enable_x64(True):
-    yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 class Mixed(nn.Module):

@@ -2,16 +2,15 @@
 
 ``optax.MultiSteps`` averages the gradients of ``k`` micro-batches and hands
 the mean to the wrapped optimizer once every ``k`` calls. Wrapped around
-:func:`sngd_jax.sngd` it forwards the extra arguments of each call, so only
+``sngd_jax.sngd`` it forwards the extra arguments of each call, so only
 the last micro-batch's ``activations`` would reach the preconditioner: its
-factors would see ``1/k`` of the data. :class:`MultiSteps` accumulates, next
+factors would see ``1/k`` of the data. ``MultiSteps`` accumulates, next
 to the gradients, each layer's batch estimate of the local Fisher, weighted by
 its rows: after micro-batches ``i = 1..k`` with ``n_i`` rows each,
 
-.. math::
-
-    \\hat G = \\frac{\\sum_i n_i \\hat G_i}{\\sum_i n_i}
-            = \\frac{1}{N} \\sum_{\\text{rows } r} \\tilde x_r \\tilde x_r^T,
+```
+G^ = (sum_i n_i G^_i) / (sum_i n_i) = (1/N) sum_rows x~ x~^T,
+```
 
 exactly the estimate of one batch of all ``N = sum_i n_i`` rows (the same
 holds per output unit for ``fisher="rfim"``, for token counts of embeddings,
@@ -36,7 +35,7 @@ from sngd_jax._src import transform
 
 
 class MultiStepsState(NamedTuple):
-  """State of :class:`MultiSteps`: ``optax.MultiStepsState`` plus the statistics.
+  """State of ``MultiSteps``: ``optax.MultiStepsState`` plus the statistics.
 
   Attributes:
     mini_step: micro-batches accumulated so far in this step.
@@ -46,7 +45,7 @@ class MultiStepsState(NamedTuple):
     skip_state: what ``should_skip_update_fn`` returned.
     acc_statistics: per layer path, the row-weighted mean of the micro-batches'
       batch estimates, in the form of the sngd state's factor (empty when the
-      wrapped optimizer holds no :func:`sngd_jax.sngd`).
+      wrapped optimizer holds no ``sngd_jax.sngd``).
     acc_rows: per layer path, the rows accumulated (int32).
   """
 
@@ -60,7 +59,7 @@ class MultiStepsState(NamedTuple):
 
 
 def _sngd_state(inner_state: Any) -> Optional[transform.SNGDState]:
-  """The one :class:`SNGDState` inside an optimizer state, or None."""
+  """The one ``SNGDState`` inside an optimizer state, or None."""
   found = [s for s in jax.tree.leaves(inner_state,
                                       is_leaf=lambda s: isinstance(s, transform.SNGDState))
            if isinstance(s, transform.SNGDState)]
@@ -77,23 +76,23 @@ class MultiSteps(optax.MultiSteps):
   accumulates the gradients and returns zero updates, except every
   ``every_k_schedule(gradient_step)``-th, which returns the wrapped
   optimizer's update for the accumulated gradients. When the wrapped
-  optimizer holds a :func:`sngd_jax.sngd`, each call's ``activations=`` are
+  optimizer holds a ``sngd_jax.sngd``, each call's ``activations=`` are
   reduced to per-layer batch estimates, averaged over the micro-batches
   weighted by rows, and passed to it as ``statistics=``: ``k`` micro-batches of
   ``n`` examples give the update of one batch of ``k n`` (with the mean
   gradient; ``use_grad_mean=True``). The estimates are computed only for the
   steps that read them (one in ``factor_every`` of the inner optimizer's;
   every call if ``factor_every`` is injected), and the wrapped optimizer runs
-  only on the emitting call (under ``lax.cond``).
+  only on the emitting call (under ``lax.cond``). With ``stats_batch_size``
+  set, each micro-batch's estimate is from its own first ``stats_batch_size``
+  examples.
 
-  Example::
-
+  Examples:
+    ```python
     tx = sngd_jax.MultiSteps(sngd_jax.sngd_momentum(0.03), every_k_schedule=4)
     opt_state = tx.init(params)
     updates, opt_state = tx.update(grads, opt_state, params, activations=acts)
-
-  With ``stats_batch_size`` set, each micro-batch's estimate is from its own
-  first ``stats_batch_size`` examples.
+    ```
   """
 
   def init(self, params: Any) -> MultiStepsState:

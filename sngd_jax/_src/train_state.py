@@ -15,7 +15,7 @@ class TrainState(train_state.TrainState):
   """Flax's ``TrainState`` whose ``apply_gradients`` also takes ``activations``.
 
   The standard linen training loop calls ``state.apply_gradients(grads=grads)``,
-  which has no way to pass :func:`sngd_jax.sngd`'s ``activations``. This
+  which has no way to pass ``sngd_jax.sngd``'s ``activations``. This
   subclass forwards them to ``tx.update(grads, opt_state, params,
   activations=activations)``; everything else (``create``, ``step``,
   ``apply_fn``, the ``overwrite_with_gradient`` collection, checkpointing) is
@@ -24,8 +24,8 @@ class TrainState(train_state.TrainState):
   (``optax.adam``) ignores them, and ``activations=None`` calls
   ``tx.update`` without them.
 
-  Example::
-
+  Examples:
+    ```python
     state = sngd_jax.TrainState.create(apply_fn=model.apply, params=params,
                                        tx=sngd_jax.sngd_momentum(0.03))
 
@@ -37,6 +37,7 @@ class TrainState(train_state.TrainState):
       grad_fn = jax.value_and_grad(sngd_jax.capture(loss_fn, has_aux=True), has_aux=True)
       (loss, (logits, acts)), grads = grad_fn(state.params)
       return state.apply_gradients(grads=grads, activations=acts), loss
+    ```
   """
 
   def apply_gradients(self, *, grads: Any, activations: Optional[Activations] = None,
@@ -45,7 +46,7 @@ class TrainState(train_state.TrainState):
 
     Args:
       grads: gradients with the structure of ``params``.
-      activations: what :func:`sngd_jax.capture` (or ``capture_nnx``)
+      activations: what ``sngd_jax.capture`` (or ``capture_nnx``)
         returned for this batch; None for an optimizer that needs none.
       **kwargs: further fields of the state to replace, as in Flax's.
 

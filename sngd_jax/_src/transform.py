@@ -229,7 +229,7 @@ def _update_statistics(config: SNGDConfig, inputs: _Inputs, state: SNGDState,
   in ``factor_every``, the only steps that read the activations (so only then
   are they checked for finiteness; a non-finite batch leaves the average).
   Given ready batch estimates (``update(..., statistics=...)``, from
-  :class:`sngd_jax.MultiSteps`) instead of activations, those are folded in
+  ``sngd_jax.MultiSteps``) instead of activations, those are folded in
   the same way, on the same steps.
 
   Returns:
@@ -271,17 +271,17 @@ def local_statistics(updates: Any, state: SNGDState, activations: Activations
                      ) -> tuple[dict[str, Any], dict[str, int]]:
   """The batch estimates ``G^`` that ``update`` would fold in from ``activations``.
 
-  What :class:`sngd_jax.MultiSteps` accumulates over micro-batches: per layer
+  What ``sngd_jax.MultiSteps`` accumulates over micro-batches: per layer
   path, this device's estimate (before the ``axis_name`` mean and the outlier
   limit, which ``update`` applies to what it is given) in the form of the
-  state's factor (a :class:`sngd_jax.Sketch` for sketched layers, never a
+  state's factor (a ``sngd_jax.Sketch`` for sketched layers, never a
   dense ``d x d`` for them), and the number of rows ``n`` it averages.
 
   Args:
     updates: the gradients (their tree names the layers).
-    state: the :class:`SNGDState` (its recorded configuration says which
+    state: the ``SNGDState`` (its recorded configuration says which
       layers, which Fisher kind, and which are sketched).
-    activations: from :func:`sngd_jax.capture`.
+    activations: from ``sngd_jax.capture``.
 
   Returns:
     ``(estimates, rows)``.

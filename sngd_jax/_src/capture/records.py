@@ -42,7 +42,7 @@ class Captured:
       run by ``nn.RNN``/``nnx.RNN`` records every step, merged time-major
       into the leading axis (``T * B``, a product over nested RNNs); 1
       elsewhere, where the leading axis is the batch. Tells
-      :meth:`first_examples` where the examples are.
+      ``first_examples`` where the examples are.
   """
 
   inputs: jax.Array
