@@ -59,6 +59,9 @@ def _problem(kind):
 
 
 def _inner(kind):
+  if kind == "injected":  # factor_every is an array: statistics accumulated at every call
+    return optax.inject_hyperparams(sngd_jax.sngd_momentum)(
+        0.1, damping=1e-2, decay=0.7, factor_every=2, inverse_every=2)
   inverse = sngd_jax.inverse.nystrom(rank=4) if kind == "sketched" else "auto"
   return optax.chain(
       sngd_jax.sngd(damping=1e-2, decay=0.7, factor_every=2, inverse_every=2, inverse=inverse),
@@ -76,12 +79,14 @@ def _step(tx, loss_fn):
 
 
 def _sngd_state(state):
-  return state.inner_opt_state[0] if isinstance(state, sngd_jax.MultiStepsState) else state[0]
+  (found,) = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(
+      s, sngd_jax.SNGDState)) if isinstance(s, sngd_jax.SNGDState)]
+  return found
 
 
-@pytest.mark.parametrize("kind", ["dense", "conv", "recurrent", "sketched"])
+@pytest.mark.parametrize("kind", ["dense", "conv", "recurrent", "sketched", "injected"])
 def test_micro_batches_give_the_big_batch_update(kind):
-  params, x, y, loss_fn = _problem("dense" if kind == "sketched" else kind)
+  params, x, y, loss_fn = _problem(kind if kind in ("conv", "recurrent") else "dense")
   big_tx = _inner(kind)
   ms = sngd_jax.MultiSteps(_inner(kind), every_k_schedule=K)
   big_step, micro_step = _step(big_tx, loss_fn), _step(ms, loss_fn)
