@@ -60,6 +60,8 @@ class Captured:
     every block, at every time step.
     """
     def take(a):
+      if a is None:  # not recorded
+        return None
       if self.time_steps == 1:
         return a[:k]
       blocks = a.reshape((self.time_steps, -1) + a.shape[1:])
