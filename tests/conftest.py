@@ -12,7 +12,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # jaxlib 0.10.2 on CPU: a LAPACK call (LU, Cholesky) inside a loop or conditional sometimes
 # never signals completion (all XLA threads idle, the caller blocked in BlockUntilReady);
 # reproduced in 1 of ~10 compilations of a Denman-Beavers refresh, not with jaxlib 0.9.2,
-# and never with XLA's concurrency-optimized scheduler off (README, *Known issues*).
+# and never with XLA's concurrency-optimized scheduler off (docs/known-issues.md).
 _SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 if _SCHEDULER_FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _SCHEDULER_FLAG).strip()
