@@ -480,3 +480,52 @@ def test_max_factor_ratio_guards_the_average_against_an_outlier_batch():
   clean_norm = float(jnp.linalg.norm(clean["Dense_0"]["kernel"]))
   assert norms[None] < 1e-6 * clean_norm  # frozen: the EMA holds 0.005 * 1e12 G
   assert norms[100.0] > 1e-2 * clean_norm
+
+
+OVERFLOW_CASES = {  # (fisher, inverse): dense, per-unit and sketched factors
+    "linear": ("linear", "cholesky"),
+    "rfim": ("rfim", "cholesky"),
+    "sketch": ("linear", methods.nystrom(rank=3)),  # d = 5 > 3: the factor is a sketch
+    "newton_schulz": ("linear", "newton_schulz"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OVERFLOW_CASES))
+def test_overflowing_batch_is_skipped_and_training_resumes(case):
+  """Finite inputs of scale 1e20: x~^T x~ overflows float32, so the batch is skipped.
+
+  Reference: the same run without the faulty batch. The skipped step leaves the state bitwise
+  (but for the counter) and plain SGD adds a zero update, so every later step, loss and param
+  equals the clean run's, bit for bit; training goes on and no refresh fails.
+  """
+  fisher, inverse = OVERFLOW_CASES[case]
+  _, params, grad_fn, _, x, y = _setup()
+  tx = optax.chain(sngd_jax.sngd(fisher=fisher, inverse=inverse, inverse_every=2,
+                                 factor_every=1), optax.sgd(0.1))
+
+  @jax.jit
+  def step(params, state, x):
+    (loss, acts), grads = grad_fn(params, x, y)
+    updates, state = tx.update(grads, state, params, activations=acts)
+    return optax.apply_updates(params, updates), state, loss
+
+  def run(fault_at):
+    p, state, losses, states = params, tx.init(params), [], []
+    for t in range(12):
+      p, state, loss = step(p, state, x * 1e20 if t == fault_at else x)
+      losses.append(float(loss))
+      states.append(state[0])
+    return p, losses, states
+
+  clean_params, clean_losses, clean_states = run(fault_at=None)
+  params_f, losses, states = run(fault_at=4)
+  assert int(states[4].num_skipped_steps) == 1
+  assert _leaves_equal(states[4]._replace(num_skipped_steps=states[3].num_skipped_steps),
+                       states[3])
+  assert all(_all_finite(s) for s in states)
+  assert int(states[-1].num_refresh_failures) == 0
+  # After the fault the run is the clean run one step behind.
+  assert losses[5:] == clean_losses[4:-1]
+  assert _leaves_equal(states[-1].factors, clean_states[-2].factors)
+  assert losses[-1] < losses[3] < losses[0]
+  assert _all_finite(params_f)
