@@ -26,9 +26,8 @@ import sys
 
 import numpy as np
 
-from benchmarks import harness, report, tasks
+from benchmarks import datasets, harness, report, tasks
 from benchmarks import main as main_job
-from benchmarks import datasets
 
 # The earlier `inverse="auto"` was Cholesky up to d = 4096: every layer here.
 PREVIOUS = dict(factor_every=1, decay=0.995, inverse="cholesky", max_norm=None)

@@ -24,8 +24,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks import harness, models, report
-from benchmarks import datasets
+from benchmarks import datasets, harness, models, report
 
 DEFAULT_OPTIMIZERS = "sngd:0.01,sngd:0.03,adam:0.001,adam:0.003,sgd:0.1"
 

@@ -32,9 +32,8 @@ import optax
 from tqdm import tqdm
 
 import sngd_jax
-from benchmarks import harness, models, report
+from benchmarks import datasets, harness, models, report
 from benchmarks.defaults import PREVIOUS as PREVIOUS_DEFAULTS
-from benchmarks import datasets
 from sngd_jax import inverse as methods
 from sngd_jax._src import cost as cost_lib
 from sngd_jax._src import sketch

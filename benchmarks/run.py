@@ -33,8 +33,7 @@ import tempfile
 
 from tqdm import tqdm
 
-from benchmarks import OPENBLAS_CAP, harness, report, tasks
-from benchmarks import datasets
+from benchmarks import OPENBLAS_CAP, datasets, harness, report, tasks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")

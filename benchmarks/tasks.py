@@ -14,9 +14,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from benchmarks import models
+from benchmarks import datasets, models
 from benchmarks.harness import Task
-from benchmarks import datasets
 
 FORTUNES_DIR = "/usr/share/games/fortunes"
 

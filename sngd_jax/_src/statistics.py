@@ -7,20 +7,22 @@ For a layer with augmented inputs ``x~ = [x; 1]`` (rows of a matrix ``X~``,
 * rfim:    ``G_j = (1/n) sum_i s(z_ij)^2 x~_i x~_i^T``, ``s = sigmoid``, one per
   output unit ``j`` (the relative Fisher information of a softplus/ReLU unit).
 
-The running estimate is an exponential moving average with a prior ``P``::
+The running estimate is an exponential moving average with a prior ``P``:
 
-    G_t = decay * (G_{t-1} + (1 - w_{t-1}) * P(G^)) + (1 - decay) * G^,
+```
+G_t = decay * (G_{t-1} + (1 - w_{t-1}) * P(G^)) + (1 - decay) * G^,
+```
 
 read through the weight ``w`` as ``G_t / w_t``. The prior decides how the
-average starts (see :data:`PRIORS`).
+average starts (see ``PRIORS``).
 
-Rows by layer type (each captured call has a ``kind``, see :data:`ROWS`):
+Rows by layer type (each captured call has a ``kind``, see ``ROWS``):
 
 * ``dense``: every position of the input (batch, time, tokens, heads: all
   axes but the contracted ones) is a row; ``DenseGeneral``/``Einsum``
   contract several axes, flattened in the kernel's order.
 * ``conv``: one row per (example, output position, feature group): the input
-  patch, in the kernel's row order (:mod:`sngd_jax.conv`); ``conv_transpose``
+  patch, in the kernel's row order (``sngd_jax._src.conv``); ``conv_transpose``
   likewise over the stride-dilated input.
 * ``norm`` (``structure="per_channel"``): per channel ``c`` the rows
   ``[xhat_c; 1]``; ``G_c = E[w x~_c x~_c^T]`` with ``w = 1`` (linear) or
@@ -212,8 +214,8 @@ def batch_sketch(spec: LayerSpec, calls: Sequence[Captured],
   """The batch estimate of a sketched layer: ``((1/n) X~^T (X~ Omega), tr G^)``.
 
   Only for ``fisher="linear"`` dense layers (one ``d x d`` block); the numbers
-  are those of :func:`batch_factor` sketched, ``G^ Omega``, in ``4 n d r``
-  FLOPs instead of ``2 n d^2`` (see :mod:`sngd_jax._src.sketch`).
+  are those of ``batch_factor`` sketched, ``G^ Omega``, in ``4 n d r``
+  FLOPs instead of ``2 n d^2`` (see ``sngd_jax._src.sketch``).
   """
   for call in calls:
     _check_kind(spec, call)
@@ -226,7 +228,7 @@ def batch_sketch(spec: LayerSpec, calls: Sequence[Captured],
 
 def prior_of(prior: str, estimate, omega: Optional[jax.Array] = None):
   """The prior ``P(G^)`` for a (stack of) ``d x d`` estimate(s), a diagonal (vector),
-  or a :class:`sngd_jax.Sketch` (then ``P(G^) Omega`` and ``tr P(G^)``)."""
+  or a ``sngd_jax.Sketch`` (then ``P(G^) Omega`` and ``tr P(G^)``)."""
   if sketch_lib.is_sketch(estimate):
     if omega is None:
       raise ValueError("sngd: the prior of a sketched factor needs its test matrix `omega`")
@@ -265,12 +267,12 @@ def ema_update(factor, weight: jax.Array, estimate, decay, prior: str,
 
   Args:
     factor: the running sum ``G_{t-1}`` (unnormalized), an array or a
-      :class:`sngd_jax.Sketch` (the update is linear, so a sketch is
+      ``sngd_jax.Sketch`` (the update is linear, so a sketch is
       updated leaf by leaf).
     weight: its weight ``w_{t-1}`` (0 before the first update).
     estimate: the batch estimate ``G^`` (of the same kind as ``factor``).
     decay: the EMA decay in ``[0, 1]``.
-    prior: one of :data:`PRIORS`.
+    prior: one of ``PRIORS``.
     omega: the test matrix of a sketched factor (for its prior).
 
   Returns:
@@ -384,3 +386,16 @@ def limit_outlier(estimate: jax.Array, factor: jax.Array, weight: jax.Array,
   outlier = (weight > 0) & (running > 0) & (new > limit)
   scale = jnp.where(outlier, limit / jnp.where(outlier, new, 1.0), 1.0)
   return jax.tree.map(lambda e: e * scale.astype(dtype), estimate)
+
+
+def num_rows(spec: LayerSpec, calls: Sequence[Captured]) -> int:
+  """The number of rows ``n`` that a layer's batch estimate averages (static).
+
+  Token ids for an embedding, ``(example, position, channel group)`` rows for
+  a normalization layer, rows of ``X~`` otherwise: the weight of the batch
+  estimate in an average over several batches.
+  """
+  if spec.structure == "diagonal":
+    return sum(c.inputs.size for c in calls)
+  rows = norm_rows if spec.structure == "per_channel" else (lambda c: ROWS[c.kind](c))
+  return sum(jax.eval_shape(rows, c)[0].shape[0] for c in calls)
