@@ -226,17 +226,24 @@ def _update_statistics(config: SNGDConfig, inputs: _Inputs, state: SNGDState,
   """Stage 2: on factor steps, folds the batch's local Fisher into the moving average.
 
   Runs under ``lax.cond``: the ``X~^T X~`` products are paid only on one step
-  in ``factor_every``, the only steps that read the activations (so only then
-  are they checked for finiteness; a non-finite batch leaves the average).
-  Given ready batch estimates (``update(..., statistics=...)``, from
-  ``sngd_jax.MultiSteps``) instead of activations, those are folded in
-  the same way, on the same steps.
+  in ``factor_every``, the only steps that read the activations. Those steps
+  are rejected (the statistics left as they were, and the step skipped by the
+  caller) when an activation is not finite, or when a batch estimate is not
+  :func:`statistics.in_range`: finite activations can still overflow
+  ``X~^T X~``. Given ready batch estimates (``update(..., statistics=...)``,
+  from ``sngd_jax.MultiSteps``) instead of activations, those are checked and
+  folded in the same way, on the same steps. A running factor that is itself
+  out of range (only possible in a state written otherwise) restarts from its
+  prior, and its blocks are counted with the refresh failures.
 
   Returns:
-    ``(factors, weights, acts_finite)``.
+    ``(factors, weights, accepted, restarted)``: ``accepted`` False for a
+    rejected factor step (True on other steps), ``restarted`` the number of
+    blocks restarted (int32).
   """
   specs, omegas, axis_name = inputs.specs, inputs.omegas, config.axis_name
-  keep_factors = lambda _: (state.factors, state.weights)
+  none_restarted = jnp.zeros((), jnp.int32)
+  keep_factors = lambda accepted: (state.factors, state.weights, accepted, none_restarted)
   if inputs.estimates is None:
     source, estimate_of = inputs.activations, functools.partial(_batch_estimates, specs, omegas)
   else:
@@ -244,27 +251,31 @@ def _update_statistics(config: SNGDConfig, inputs: _Inputs, state: SNGDState,
 
   def update_factors(source):
     estimates = estimate_of(source)
-    out_f, out_w = {}, {}
-    for path in specs:
+    out_f, out_w, estimates_ok, restarted = {}, {}, [], none_restarted
+    for path, spec in specs.items():
       estimate = distributed.axis_mean(estimates[path], axis_name)
+      estimates_ok.append(statistics.in_range(estimate))
+      factor, weight, restart = statistics.restart_if_out_of_range(state.factors[path],
+                                                                   state.weights[path])
+      restarted += restart.astype(jnp.int32) * spec.num_blocks
       if config.max_factor_ratio is not None:
-        estimate = statistics.limit_outlier(estimate, state.factors[path],
-                                            state.weights[path], config.max_factor_ratio)
+        estimate = statistics.limit_outlier(estimate, factor, weight, config.max_factor_ratio)
       out_f[path], out_w[path] = statistics.ema_update(
-          state.factors[path], state.weights[path], estimate, config.decay, config.prior,
-          omegas.get(path))
-    return out_f, out_w
+          factor, weight, estimate, config.decay, config.prior, omegas.get(path))
+    accepted = distributed.all_agree(jnp.all(jnp.stack(estimates_ok)), axis_name)
+    select = lambda new, old: jnp.where(accepted, new, old)
+    return (jax.tree.map(select, out_f, state.factors), jax.tree.map(select, out_w, state.weights),
+            accepted, jnp.where(accepted, restarted, 0))
 
   def new_factors(_):
     data = source
     if inputs.estimates is None:
       data = _statistics_activations(config, data)
     finite = distributed.all_agree(tree_all_finite(data), axis_name)
-    return jax.lax.cond(finite, update_factors, keep_factors, data) + (finite,)
+    return jax.lax.cond(finite, update_factors, lambda _: keep_factors(jnp.array(False)), data)
 
   do_factor = grads_finite & (state.count % config.factor_every == 0)
-  return jax.lax.cond(
-      do_factor, new_factors, lambda _: keep_factors(None) + (jnp.array(True),), None)
+  return jax.lax.cond(do_factor, new_factors, lambda _: keep_factors(jnp.array(True)), None)
 
 
 def local_statistics(updates: Any, state: SNGDState, activations: Activations
@@ -374,8 +385,9 @@ def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArg
     del params, extra_args
     inputs = _check_inputs(config, method, updates, state, activations, statistics)
     grads_finite = distributed.all_agree(tree_all_finite(inputs.leaves), config.axis_name)
-    factors, weights, acts_finite = _update_statistics(config, inputs, state, grads_finite)
-    finite = grads_finite & acts_finite
+    factors, weights, accepted, restarted = _update_statistics(config, inputs, state,
+                                                               grads_finite)
+    finite = grads_finite & accepted
     inverses, failures, refreshed = _refresh(config, method, inputs.specs, factors, weights,
                                              state, finite)
     factor_dtypes = {p: jax.tree.leaves(factors[p])[0].dtype for p in inputs.specs}
@@ -386,7 +398,7 @@ def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArg
       scale = precondition.trust_region_scale(sq_norm, value_at(config.max_norm, state.count))
     out, narrowed = _write_back(inputs, pres, scale)
     out, ok = _guard(config, finite, sq_norm, narrowed, out)
-    # A non-finite step changed no factor or inverse (both conds are gated on `finite`), so
+    # A skipped step changed no factor or inverse (both conds are gated on `finite`), so
     # only the step counter needs holding back: no select over the large state every step.
     new_state = state.replace(
         count=jnp.where(finite, state.count + 1, state.count),
@@ -394,7 +406,7 @@ def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArg
         weights=weights,
         inverses=inverses,
         has_inverse=state.has_inverse | refreshed,
-        num_refresh_failures=state.num_refresh_failures + failures,
+        num_refresh_failures=state.num_refresh_failures + failures + restarted,
         num_skipped_steps=state.num_skipped_steps + (~ok).astype(jnp.int32),
     )
     return jax.tree_util.tree_unflatten(inputs.treedef, out), new_state

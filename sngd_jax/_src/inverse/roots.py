@@ -35,6 +35,7 @@ from sngd_jax._src.inverse.base import (
     all_finite_per_block,
     compute_dtype,
     dense_apply_flops,
+    frobenius_norm,
     symmetrize,
 )
 from sngd_jax._src.inverse.dense import dense_apply, dense_identity
@@ -71,14 +72,14 @@ def _root_error(y: jax.Array, z: jax.Array, a: jax.Array) -> jax.Array:
   The second term catches a drift that keeps ``Y Z = I`` but loses
   ``Y^2 = A`` (Denman-Beavers in float32 at condition numbers near 1/eps).
   """
-  sq = jnp.linalg.norm(_mm(y, y) - a, axis=(-2, -1)) / jnp.linalg.norm(a, axis=(-2, -1))
+  sq = frobenius_norm(_mm(y, y) - a) / frobenius_norm(a)
   return jnp.maximum(_inverse_error(y, z), sq)
 
 
 def _scale(a: jax.Array, scale: str) -> jax.Array:
   """A per-block ``s >= lambda_max(A)`` so that ``A / s`` has spectrum in ``(0, 1]``."""
   if scale == "frobenius":
-    s = jnp.linalg.norm(a, axis=(-2, -1))
+    s = frobenius_norm(a)
   elif scale == "trace":
     s = jnp.trace(a, axis1=-2, axis2=-1)
   else:
