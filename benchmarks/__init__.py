@@ -11,13 +11,13 @@ def add_xla_flag(flag: str) -> None:
 
 # jaxlib 0.10.2 on CPU sometimes never completes a LAPACK call inside a loop or conditional
 # (e.g. the Cholesky refresh under lax.cond); XLA's concurrency-optimized scheduler off
-# avoids it (README, *Known issues*). Set before any module here imports JAX.
+# avoids it (docs/known-issues.md). Set before any module here imports JAX.
 add_xla_flag("--xla_cpu_enable_concurrency_optimized_scheduler=false")
 
 # On CPU, jaxlib's LAPACK kernels (every inverse refresh) run in SciPy's OpenBLAS, whose
-# busy-waiting worker threads took the cores from XLA's: a mean step 2.30x Adam's instead of
-# 1.89x on the README's MLP (benchmarks/results/profile_step_v3*.json). Every optimizer here
-# runs with it capped, as the README recommends; `run_kfac` passes the same cap to kfac-jax.
+# busy-waiting worker threads take the cores from XLA's (docs/performance.md; measured in
+# results/profile_step*.json). Every optimizer here runs with it capped, as the docs
+# recommend; `run_kfac` passes the same cap to kfac-jax's process.
 OPENBLAS_CAP = "1"
 
 from sngd_jax import limit_lapack_threads  # noqa: E402  (after the XLA flag: imports JAX)

@@ -1,4 +1,4 @@
-"""Reproducer of the jaxlib 0.10.2 XLA:CPU hang (README, *Known issues*).
+"""Reproducer of the jaxlib 0.10.2 XLA:CPU hang (docs/known-issues.md).
 
     python -m examples.xla_cpu_hang_repro [--trials 3] [--timeout 60]
 

@@ -1,11 +1,13 @@
 """sngd_jax: structured natural gradient descent (SNGD) for JAX, Optax and Flax.
 
 Every name the documentation tells users to call is exported here; inverse
-methods and matrix functions are in the public namespace :mod:`sngd_jax.inverse`.
+methods and matrix functions are in the public namespace ``sngd_jax.inverse``.
 """
 
 from sngd_jax import inverse as inverse
 from sngd_jax import presets as presets
+from sngd_jax._src.accumulation import MultiSteps as MultiSteps
+from sngd_jax._src.accumulation import MultiStepsState as MultiStepsState
 from sngd_jax._src.alias import sngd_momentum as sngd_momentum
 from sngd_jax._src.capture.linen import capture as capture
 from sngd_jax._src.capture.nnx import capture_nnx as capture_nnx
@@ -32,6 +34,7 @@ from sngd_jax._src.reconstruct import reconstructed_dense as reconstructed_dense
 from sngd_jax._src.reconstruct import to_reconstructed as to_reconstructed
 from sngd_jax._src.sketch import Sketch as Sketch
 from sngd_jax._src.statistics import PRIORS as PRIORS
+from sngd_jax._src.train_state import TrainState as TrainState
 from sngd_jax._src.transform import SNGDState as SNGDState
 from sngd_jax._src.transform import sngd as sngd
 
@@ -45,11 +48,14 @@ __all__ = [
     "FISHER_KINDS",
     "LayerCost",
     "LayerSpec",
+    "MultiSteps",
+    "MultiStepsState",
     "PRIORS",
     "ParamCoverage",
     "SNGDConfig",
     "SNGDState",
     "Sketch",
+    "TrainState",
     "capture",
     "capture_nnx",
     "cost_estimate",

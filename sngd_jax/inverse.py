@@ -1,20 +1,20 @@
 """Inverse methods and matrix functions of damped local Fisher blocks (public).
 
-``sngd(inverse=...)`` takes a key of :data:`METHODS` or an
-:class:`InverseMethod` made by a factory here, e.g.
+``sngd(inverse=...)`` takes a key of ``METHODS`` or an
+``InverseMethod`` made by a factory here, e.g.
 ``sngd_jax.inverse.auto(max_dim=1024)`` or ``sngd_jax.inverse.nystrom(rank=64)``.
 
-* Protocol: :class:`InverseMethod` (``identity``, ``refresh``, ``apply``,
-  optional ``sketch`` and ``info``), :class:`MethodInfo`.
-* Exact: :func:`cholesky` (the default up to 512 layer inputs, ``d = 513``), :func:`eigh`.
-* Iterative roots: :func:`denman_beavers_inverse`, :func:`newton_schulz_inverse`
+* Protocol: ``InverseMethod`` (``identity``, ``refresh``, ``apply``,
+  optional ``sketch`` and ``info``), ``MethodInfo``.
+* Exact: ``cholesky`` (the default up to 512 layer inputs, ``d = 513``), ``eigh``.
+* Iterative roots: ``denman_beavers_inverse``, ``newton_schulz_inverse``
   (``(G + rho I)^{-1} = Z Z`` from ``Z = (G + rho I)^{-1/2}``); the roots
-  themselves: :func:`eigh_roots`, :func:`denman_beavers`, :func:`newton_schulz`,
-  :func:`sqrt_and_inv_sqrt`, :class:`Roots`, :data:`ROOTS`.
-* Large blocks: :func:`nystrom` (rank-``r`` model, Woodbury apply),
-  :func:`block_diagonal` (block-Jacobi), :func:`auto` (the size rule).
-* Scale-out: :func:`shard_method` (refresh split over devices).
-* Damping: :func:`damping_shift`, :func:`damp`.
+  themselves: ``eigh_roots``, ``denman_beavers``, ``newton_schulz``,
+  ``sqrt_and_inv_sqrt``, ``Roots``, ``ROOTS``.
+* Large blocks: ``nystrom`` (rank-``r`` model, Woodbury apply),
+  ``block_diagonal`` (block-Jacobi), ``auto`` (the size rule).
+* Scale-out: ``shard_method`` (refresh split over devices).
+* Damping: ``damping_shift``, ``damp``.
 """
 
 from sngd_jax._src.inverse.base import InverseMethod as InverseMethod

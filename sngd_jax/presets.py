@@ -1,4 +1,4 @@
-"""Ready-made configurations of :func:`sngd_jax.sngd` (see :func:`paper`)."""
+"""Ready-made configurations of ``sngd_jax.sngd`` (see ``paper``)."""
 
 from sngd_jax._src.presets import paper as paper
 

@@ -75,5 +75,8 @@ def test_abstract_params_and_unknown_parts():
   assert list(costs) == ["Dense_0", "Dense_1"]  # a layer left alone has no cost
   assert costs["Dense_0"].factor_flops is None and costs["Dense_0"].flops_per_step is None
   table = sngd_jax.format_costs(costs)
-  assert "| Dense_0 | linear | 785 x 785 x 1 | 804 KB |" in table  # rank-128 sketch + Nystrom
+  # rank-128 sketch + Nystrom model; the 257-wide layer is exact
+  assert "| Dense_0 | linear | nystrom(rank=128) | 785 x 785 x 1 | 804 KB |" in table
+  assert "| Dense_1 | linear | cholesky | 257 x 257 x 1 |" in table
+  assert costs["Dense_0"].method == "nystrom(rank=128)" and costs["Dense_1"].method == "cholesky"
   assert "**total**" in table and table.count("\n") == 4

@@ -16,13 +16,7 @@ from sngd_jax import inverse as methods
 from sngd_jax._src import statistics as factors_lib
 from sngd_jax._src.inverse import nystrom
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _x64():
-  old = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", old)
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 class MLP(nn.Module):

@@ -44,10 +44,9 @@ def sngd_momentum(
   ``chain(sngd(...), add_decayed_weights(weight_decay, mask=kernels),
   sgd(learning_rate, momentum))``: the update is
 
-  .. math::
-
-      m \\leftarrow \\mu m + (G^{-1} g + \\lambda W), \\qquad
-      W \\leftarrow W - \\eta m,
+  ```
+  m <- mu m + ((G + rho I)^{-1} g + lambda W),     W <- W - eta m,
+  ```
 
   with weight decay applied after the preconditioner (decoupled from it) and
   to weight matrices only (not biases). The reference code's L2 term is part of
@@ -59,20 +58,20 @@ def sngd_momentum(
     momentum: heavy-ball momentum ``mu`` (0 for plain SGD).
     nesterov: use Nesterov momentum.
     weight_decay: decoupled weight decay ``lambda`` on kernels.
-    fisher: see :func:`sngd_jax.sngd`.
-    inverse: see :func:`sngd_jax.sngd`.
-    damping: see :func:`sngd_jax.sngd`.
-    abs_damping: see :func:`sngd_jax.sngd`.
-    decay: see :func:`sngd_jax.sngd`.
-    factor_every: see :func:`sngd_jax.sngd`.
-    inverse_every: see :func:`sngd_jax.sngd`.
-    inverse_warmup: see :func:`sngd_jax.sngd`.
-    prior: see :func:`sngd_jax.sngd`.
-    stats_batch_size: see :func:`sngd_jax.sngd`.
-    max_factor_ratio: see :func:`sngd_jax.sngd`.
-    max_norm: see :func:`sngd_jax.sngd`.
-    axis_name: see :func:`sngd_jax.sngd`.
-    shard_refresh: see :func:`sngd_jax.sngd`.
+    fisher: see ``sngd_jax.sngd``.
+    inverse: see ``sngd_jax.sngd``.
+    damping: see ``sngd_jax.sngd``.
+    abs_damping: see ``sngd_jax.sngd``.
+    decay: see ``sngd_jax.sngd``.
+    factor_every: see ``sngd_jax.sngd``.
+    inverse_every: see ``sngd_jax.sngd``.
+    inverse_warmup: see ``sngd_jax.sngd``.
+    prior: see ``sngd_jax.sngd``.
+    stats_batch_size: see ``sngd_jax.sngd``.
+    max_factor_ratio: see ``sngd_jax.sngd``.
+    max_norm: see ``sngd_jax.sngd``.
+    axis_name: see ``sngd_jax.sngd``.
+    shard_refresh: see ``sngd_jax.sngd``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; pass ``activations=`` to
@@ -85,5 +84,12 @@ def sngd_momentum(
            stats_batch_size=stats_batch_size, max_factor_ratio=max_factor_ratio,
            max_norm=max_norm, axis_name=axis_name, shard_refresh=shard_refresh),
       optax.add_decayed_weights(weight_decay, mask=_kernel_mask),
-      optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov),
+      optax.sgd(learning_rate, momentum=_momentum_or_none(momentum), nesterov=nesterov),
   )
+
+
+def _momentum_or_none(momentum: Any) -> Any:
+  """``None`` (no momentum buffer) for a Python zero; an array (injected) is kept as is."""
+  if isinstance(momentum, (int, float)) and not isinstance(momentum, bool) and momentum == 0:
+    return None
+  return momentum

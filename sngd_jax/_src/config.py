@@ -1,10 +1,10 @@
-"""The configuration of :func:`sngd_jax.sngd`: every default, and its validation.
+"""The configuration of ``sngd_jax.sngd``: every default, and its validation.
 
-:class:`SNGDConfig` is the one home of the transform's defaults: ``sngd`` and
-``sngd_momentum`` take their keyword defaults from :data:`DEFAULTS`, and the
+``SNGDConfig`` is the one home of the transform's defaults: ``sngd`` and
+``sngd_momentum`` take their keyword defaults from ``DEFAULTS``, and the
 state records the static part of the configuration it was made with
-(``SNGDState.config``), so that :func:`sngd_jax.cost_estimate`,
-:func:`sngd_jax.coverage` and :func:`sngd_jax.factor_roots` read it instead of
+(``SNGDState.config``), so that ``sngd_jax.cost_estimate``,
+``sngd_jax.coverage`` and ``sngd_jax.factor_roots`` read it instead of
 asking again.
 
 The options, by concern (the hyperparameter table of the docs follows this order):
@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
-import flax
+import flax.core
 import jax
+import jax.core
 import numpy as np
 import optax
 
@@ -61,7 +63,7 @@ def _is_number(x: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class SNGDConfig:
-  """The options of :func:`sngd_jax.sngd` (see its docstring for each).
+  """The options of ``sngd_jax.sngd`` (see its docstring for each).
 
   Construction validates every option that is a Python value (arrays, e.g.
   hyperparameters injected by ``optax.inject_hyperparams``, are taken as given)
@@ -103,6 +105,13 @@ class SNGDConfig:
         and self.damping == 0 and self.abs_damping == 0:
       raise ValueError("sngd: `damping` and `abs_damping` are both 0; the local Fisher of a "
                        "batch is singular in general, so at least one must be positive")
+    if isinstance(self.stats_batch_size, numbers.Integral):  # e.g. a NumPy integer
+      object.__setattr__(self, "stats_batch_size", int(self.stats_batch_size))
+    elif self.stats_batch_size is not None:
+      raise TypeError(
+          "sngd: `stats_batch_size` must be a Python int (it sets the shape of the sub-batch), "
+          f"got {type(self.stats_batch_size).__name__}; with `optax.inject_hyperparams`, list "
+          "it in `static_args=(\"stats_batch_size\",)`")
     _check_number("stats_batch_size", self.stats_batch_size, 0, low_open=True)
     if self.max_norm is not None:
       _check_number("max_norm", self.max_norm, 0.0, low_open=True)

@@ -4,15 +4,18 @@ A convolution with kernel ``K`` of shape ``(k_1, ..., k_s, C_in/g, C_out)``
 (``g = feature_group_count``) is a dense layer applied at every output
 position to the *patch* of input values under the (dilated) window. Its
 one-sided local Fisher is the dense one over patches (K-FAC's treatment of
-convolutions, METHOD.md section 6)::
+convolutions, R. Grosse and J. Martens, "A Kronecker-factored approximate Fisher
+matrix for convolution layers", ICML 2016):
 
-    G = E[p~ p~^T],   p~ = [patch; 1],   patch of size k_1 * ... * k_s * C_in/g,
+```
+G = E[p~ p~^T],   p~ = [patch; 1],   patch of size k_1 * ... * k_s * C_in/g,
+```
 
 the expectation taken over the batch and every output position.
 
-Patches come from :func:`jax.lax.conv_general_dilated_patches`, whose output
+Patches come from ``jax.lax.conv_general_dilated_patches``, whose output
 features are ordered channel-major (``c * prod(k) + k_index``); the kernel
-flattens as ``k_index * C_in/g + c``. :func:`patches` reorders them to the
+flattens as ``k_index * C_in/g + c``. ``patches`` reorders them to the
 kernel's layout, so ``G`` indexes the rows of ``K.reshape(-1, C_out)``
 directly and the preconditioned gradient needs no remapping.
 
@@ -88,7 +91,7 @@ def patches(x: jax.Array, config: ConvConfig) -> jax.Array:
 
   Args:
     x: the conv input, ``(*batch, *spatial, C_in)`` (channels last).
-    config: from :func:`conv_config`.
+    config: from ``conv_config``.
 
   Returns:
     ``(n * positions * groups, prod(kernel_size) * C_in / groups)`` rows.
@@ -124,7 +127,7 @@ def patches(x: jax.Array, config: ConvConfig) -> jax.Array:
 
 
 def conv_output_rows(z: jax.Array, config: ConvConfig) -> jax.Array:
-  """Pre-activations as rows aligned with :func:`patches`.
+  """Pre-activations as rows aligned with ``patches``.
 
   Row ``(i, group j)`` of the patches feeds only output channels of group
   ``j``; the other channels get ``-inf`` there, so their rfim weight
@@ -134,7 +137,7 @@ def conv_output_rows(z: jax.Array, config: ConvConfig) -> jax.Array:
 
   Args:
     z: the conv output, ``(*batch, *spatial_out, C_out)``.
-    config: from :func:`conv_config`.
+    config: from ``conv_config``.
 
   Returns:
     ``(n * positions * groups, C_out)``.

@@ -5,7 +5,7 @@ as ``b`` blocks (``b = 1`` for ``fisher="linear"``, ``b = O`` for ``"rfim"``),
 ``O`` outputs, ``n`` rows per global batch and ``s`` bytes per entry:
 
 * state: the running factor, ``b d^2 s`` bytes (``(d r + 1) s`` for a layer
-  kept as a rank-``r`` sketch, :mod:`sngd_jax._src.sketch`), plus the cached
+  kept as a rank-``r`` sketch, ``sngd_jax._src.sketch``), plus the cached
   inverse (its size depends on the method; read exactly from
   ``jax.eval_shape`` of ``init``: ``b d^2 s`` for ``"cholesky"``);
 * data-parallel communication: one all-reduce of the batch estimate per factor
@@ -92,7 +92,7 @@ def nbytes(tree: Any) -> int:
 
 def cost_estimate(params: Any, batch_rows: Optional[int] = None,
                   **sngd_kwargs: Any) -> dict[str, LayerCost]:
-  """Per-layer state, communication and flops of :func:`sngd_jax.sngd` on ``params``.
+  """Per-layer state, communication and flops of ``sngd_jax.sngd`` on ``params``.
 
   Nothing is computed on arrays: the state shapes come from
   ``jax.eval_shape(sngd(**sngd_kwargs).init, params)``, so ``params`` may be
@@ -104,16 +104,17 @@ def cost_estimate(params: Any, batch_rows: Optional[int] = None,
     batch_rows: rows ``n`` of the local Fisher per global batch (the batch
       size for a dense layer on vectors; batch x positions for sequences).
       None leaves ``factor_flops`` unknown.
-    **sngd_kwargs: the arguments given to :func:`sngd_jax.sngd` (``fisher``,
+    **sngd_kwargs: the arguments given to ``sngd_jax.sngd`` (``fisher``,
       ``inverse``, ``inverse_every``, ``factor_every``, ...).
 
   Returns:
-    A :class:`LayerCost` per preconditioned layer path, in tree order.
+    A ``LayerCost`` per preconditioned layer path, in tree order.
 
-  Example::
-
+  Examples:
+    ```python
     costs = sngd_jax.cost_estimate(params, batch_rows=128, inverse_every=100)
     print(sngd_jax.format_costs(costs))
+    ```
   """
   state = jax.eval_shape(sngd(**sngd_kwargs).init, params)
   config = state.config
@@ -163,7 +164,7 @@ def _human(x: Optional[float], unit: str) -> str:
 
 
 def format_costs(costs: dict[str, LayerCost]) -> str:
-  """A markdown table of :func:`cost_estimate`'s result, with a total row."""
+  """A markdown table of ``cost_estimate``'s result, with a total row."""
   head = ("| layer | fisher | method | d x d x blocks | state | all-reduce / factor update | "
           "refresh flops | flops / step (amortized) |")
   lines = [head, "|" + " --- |" * 8]

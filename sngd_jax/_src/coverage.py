@@ -1,6 +1,6 @@
 """Which local Fisher every parameter gets: a report for a model and a batch.
 
-:func:`coverage` traces one call of the loss (shapes only, nothing is
+``coverage`` traces one call of the loss (shapes only, nothing is
 computed), matches the captured layer calls to the layers found in the
 params, and lists every parameter leaf with
 
@@ -140,12 +140,12 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
 
   Args:
     params: the params tree given to ``tx.init``.
-    activations: what :func:`sngd_jax.capture` returned (arrays or shapes).
-    fisher: the ``fisher`` argument of :func:`sngd_jax.sngd`.
+    activations: what ``sngd_jax.capture`` returned (arrays or shapes).
+    fisher: the ``fisher`` argument of ``sngd_jax.sngd``.
     inverse: its ``inverse`` argument (the state's size depends on it).
 
   Returns:
-    A :class:`CoverageReport`.
+    A ``CoverageReport``.
 
   Note: a kernel without bias is split as inputs = all axes but the last; for
   one with several output axes (bias-free attention projections) the report
@@ -194,34 +194,39 @@ def coverage(loss_fn: Callable[..., Any], params_or_model: Any, *args: Any,
   Traces ``loss_fn`` once with abstract values (``jax.eval_shape``: no FLOPs,
   and an NNX model's state, e.g. batch statistics, is not changed).
 
-  Example::
-
+  Examples:
+    ```python
     print(sngd_jax.coverage(loss_fn, params, x, y))        # linen
     print(sngd_jax.coverage(loss_fn, model, x, y))         # NNX: loss_fn(model, x, y)
+    ```
 
   Args:
     loss_fn: ``loss_fn(params, *args)`` applying linen modules, or
-      ``loss_fn(model, *args)`` for an NNX model.
+      ``loss_fn(model, *args)`` for an NNX model (what it returns is not read:
+      a loss with ``aux`` needs no ``has_aux``).
     params_or_model: the params tree given to ``tx.init``, or an ``nnx.Module``
       (its ``nnx.Param`` state is reported).
     *args: a batch, as passed to ``loss_fn``.
-    fisher: the ``fisher`` argument of :func:`sngd_jax.sngd`.
+    fisher: the ``fisher`` argument of ``sngd_jax.sngd``.
     inverse: its ``inverse`` argument (for the state bytes).
     **kwargs: keyword arguments for ``loss_fn``.
 
   Returns:
-    A :class:`CoverageReport`; ``print`` it for a table.
+    A ``CoverageReport``; ``print`` it for a table.
   """
+  def any_output(*a):  # the report reads the activations only: any return value will do
+    return loss_fn(*a, **kwargs), None
+
   if isinstance(params_or_model, nnx.Module):
     graphdef, state = nnx.split(params_or_model)
 
     def run(state, *args):
-      return capture_nnx(loss_fn)(nnx.merge(graphdef, state), *args, **kwargs)[1]
+      return capture_nnx(any_output, has_aux=True)(nnx.merge(graphdef, state), *args)[1][1]
 
     acts = jax.eval_shape(run, state, *args)
     params = nnx.state(params_or_model, nnx.Param)
   else:
-    acts = jax.eval_shape(lambda p, *a: capture(loss_fn)(p, *a, **kwargs)[1],
+    acts = jax.eval_shape(lambda p, *a: capture(any_output, has_aux=True)(p, *a)[1][1],
                           params_or_model, *args)
     params = params_or_model
   return report(params, acts, fisher, inverse)

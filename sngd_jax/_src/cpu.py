@@ -5,11 +5,12 @@ every inverse refresh) through SciPy's LAPACK, i.e. SciPy's bundled OpenBLAS,
 which it loads at the first such call. OpenBLAS keeps a pool of worker threads
 that busy-wait for a while after each call; on a machine with few cores they
 take the cores from XLA's own thread pool, which runs everything else in the
-step. On the README's MLP on a 2-core CPU a refresh step and the steps after it
-took markedly longer without the cap (the figures with and without it:
-``benchmarks/results/profile_step_v3.json`` and ``profile_step_v3_no_lapack_cap.json``).
+step: the refresh step and the steps after it take longer. The effect is
+measured in ``benchmarks/results/profile_step.json`` (with the cap) and
+``benchmarks/results/profile_step_no_lapack_cap.json`` (without it); see
+``docs/performance.md``.
 
-:func:`limit_lapack_threads` caps only that library (the OpenBLAS under
+``limit_lapack_threads`` caps only that library (the OpenBLAS under
 ``scipy.libs``; NumPy's own BLAS, used by NumPy code, is left alone). It does
 nothing useful on GPU/TPU, where the solvers are the accelerator's.
 """

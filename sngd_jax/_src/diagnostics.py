@@ -2,9 +2,9 @@
 
 With ``max_norm`` set, every update is scaled by
 ``s = min(1, max_norm / sqrt(q))``, ``q = sum_l <g_l, (G_l + rho_l I)^{-1} g_l>``
-(:mod:`sngd_jax._src.precondition`). Whether that clips most steps (``s < 1``)
+(``sngd_jax._src.precondition``). Whether that clips most steps (``s < 1``)
 decides whether the optimizer is taking natural-gradient steps or normalized
-ones; :func:`trust_region_scale` makes it observable without a new state leaf.
+ones; ``trust_region_scale`` makes it observable without a new state leaf.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from sngd_jax._src.transform import SNGDState, _flatten, _method_of
 
 
 def find_state(opt_state: Any) -> SNGDState:
-  """The (first) :class:`SNGDState` inside an optax state, e.g. that of ``sngd_momentum``."""
+  """The (first) ``SNGDState`` inside an optax state, e.g. that of ``sngd_momentum``."""
   for leaf in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SNGDState)):
     if isinstance(leaf, SNGDState):
       return leaf
@@ -36,7 +36,7 @@ def trust_region_scale(grads: Any, opt_state: Any, updates: Optional[Any] = None
   Two ways to call it:
 
   * ``trust_region_scale(grads, new_state, updates)`` with the ``updates`` that
-    :func:`sngd_jax.sngd` returned for ``grads`` (its own output, before any
+    ``sngd_jax.sngd`` returned for ``grads`` (its own output, before any
     momentum): the scale that update used. It costs one dot product per layer:
     for a clipped step ``<g, s u> = s q`` and ``s = max_norm / sqrt(q)``, so
     ``s = min(1, max_norm^2 / <g, s u>)``; an unclipped step has
@@ -48,7 +48,7 @@ def trust_region_scale(grads: Any, opt_state: Any, updates: Optional[Any] = None
 
   Args:
     grads: the gradients (params-shaped).
-    opt_state: a state holding an :class:`sngd_jax.SNGDState` (that of
+    opt_state: a state holding an ``sngd_jax.SNGDState`` (that of
       ``sngd`` or of a chain containing it).
     updates: optionally, ``sngd``'s output for ``grads``.
     max_norm: the radius, needed only when it is not recorded in the state's

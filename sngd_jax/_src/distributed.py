@@ -4,9 +4,11 @@ SNGD's local Fisher of a layer is an average over rows (samples, positions):
 ``G = (1/n) sum_i x~_i x~_i^T``. With the batch split over devices, the global
 statistic is the mean of the per-shard statistics (every shard has the same
 static shape under ``jit``, ``shard_map`` and ``pmap``, so plain means weigh
-all rows equally)::
+all rows equally):
 
-    G = (1/k) sum_s G_s,   G_s = (1/m) X~_s^T X~_s,   n = k m.
+```
+G = (1/k) sum_s G_s,   G_s = (1/m) X~_s^T X~_s,   n = k m.
+```
 
 Two ways to get it, both with XLA's collectives and no host code:
 
@@ -14,13 +16,13 @@ Two ways to get it, both with XLA's collectives and no host code:
   ``X~^T X~`` contracts the sharded row axis and XLA inserts the all-reduce.
   For meshes with explicit axes (the default of ``jax.make_mesh`` in recent
   JAX) the contraction is told that its output is replicated
-  (:func:`replicated_out_sharding`).
+  (``replicated_out_sharding``).
 * ``shard_map``/``pmap``: each device sees its shard only, so ``sngd`` takes an
   ``axis_name`` and averages the batch estimates with ``lax.pmean``
-  (:func:`axis_mean`), and agrees across the axis on whether a step is finite
-  (:func:`all_agree`) so that every device takes the same ``lax.cond`` branch.
+  (``axis_mean``), and agrees across the axis on whether a step is finite
+  (``all_agree``) so that every device takes the same ``lax.cond`` branch.
 
-Splitting the inverse refreshes over devices is :mod:`sngd_jax._src.inverse.sharded`.
+Splitting the inverse refreshes over devices is ``sngd_jax._src.inverse.sharded``.
 """
 
 from __future__ import annotations

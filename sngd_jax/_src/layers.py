@@ -14,7 +14,7 @@ shapes alone: the bias has the output shape, so
 ``kh*kw*C_in``) and ``DenseGeneral`` (``D x H x hd`` with bias ``H x hd``).
 Without a bias the last kernel axis is taken as the output.
 
-Two more layer structures have no ``kernel`` (see :data:`STRUCTURES`):
+Two more layer structures have no ``kernel`` (see ``STRUCTURES``):
 
 * ``embedding`` leaves (``nn.Embed``, ``nnx.Embed``, shape ``V x D``): the
   layer's input is a one-hot token, so its linear local Fisher
@@ -60,7 +60,7 @@ class LayerSpec:
     in_dim: number of input features ``I`` the kernel contracts.
     out_dim: number of outputs ``O`` (product of the output axes).
     fisher: ``'linear'`` or ``'rfim'``.
-    structure: one of :data:`STRUCTURES`; ``kernel`` then names the
+    structure: one of ``STRUCTURES``; ``kernel`` then names the
       ``kernel``, ``scale`` or ``embedding`` leaf.
   """
 
@@ -153,7 +153,7 @@ def discover(params: Any, fisher: FisherSpec = "linear") -> dict[str, LayerSpec]
 
   Args:
     params: a params pytree (linen ``params`` or ``variables``, NNX state).
-    fisher: see :func:`resolve_fisher`.
+    fisher: see ``resolve_fisher``.
 
   Returns:
     Layer specs keyed by layer path, in tree order.

@@ -1,18 +1,20 @@
 """Applying the cached inverses to a layer's gradient, and the trust region.
 
 A layer's gradient is gathered into the augmented matrix ``[gW; gb^T]``
-(``d x O``, :func:`augmented`), multiplied by the cached inverse of its damped
-local Fisher (:func:`apply_inverse`)::
+(``d x O``, ``augmented``), multiplied by the cached inverse of its damped
+local Fisher (``apply_inverse``):
 
-    U = (G + rho I)^{-1} [gW; gb^T]           (one d x d block, fisher="linear")
-    u_j = (G_j + rho_j I)^{-1} g_j            (a block per output unit: rfim, norms)
-    U = diag(1 / (f + rho)) gE                (diagonal: embeddings)
+```
+U = (G + rho I)^{-1} [gW; gb^T]           (one d x d block, fisher="linear")
+u_j = (G_j + rho_j I)^{-1} g_j            (a block per output unit: rfim, norms)
+U = diag(1 / (f + rho)) gE                (diagonal: embeddings)
+```
 
-and split back into kernel and bias (:func:`split`). The trust region
-(:func:`trust_region_scale`) then scales all preconditioned layers jointly so
+and split back into kernel and bias (``split``). The trust region
+(``trust_region_scale``) then scales all preconditioned layers jointly so
 that the update's norm in the local-Fisher metric,
 ``q = sum_l <g_l, u_l> = sum_l g_l^T (G_l + rho_l I)^{-1} g_l``, is at most
-``max_norm``. The reconstructed network (:mod:`sngd_jax._src.reconstruct`)
+``max_norm``. The reconstructed network (``sngd_jax._src.reconstruct``)
 uses the same gather and split.
 """
 
@@ -47,7 +49,7 @@ def augmented(spec: LayerSpec, leaves: Sequence[Any], index: Mapping[tuple[str, 
 
 def split(spec: LayerSpec, w: jax.Array, leaves: Sequence[Any],
           index: Mapping[tuple[str, ...], int]) -> dict[int, jax.Array]:
-  """The inverse of :func:`augmented`: leaf position -> kernel / bias part of ``w``.
+  """The inverse of ``augmented``: leaf position -> kernel / bias part of ``w``.
 
   Each part takes the shape and dtype of the leaf it replaces.
   """

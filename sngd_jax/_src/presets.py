@@ -1,32 +1,28 @@
-"""Ready-made configurations of :func:`sngd_jax.sngd`.
+"""Ready-made configurations of ``sngd_jax.sngd``.
 
-:func:`paper` is the reference configuration of the paper's code (W. Liu et al.,
+``paper`` is the reference configuration of the paper's code (W. Liu et al.,
 arXiv:2412.07441; ``docs/METHOD.md`` sections 2 and 4), which differs from the
 library's defaults (``sngd_jax.DEFAULTS``) in every option that the defaults
 amortize or bound:
 
-====================  ==============================  ===========================
-option                paper                           defaults
-====================  ==============================  ===========================
-``fisher``            per-unit ``"rfim"`` on hidden    ``"linear"`` everywhere
-                      layers, ``"linear"`` on the
-                      first and last
-``prior``             ``"identity"``                   ``"scaled_identity"``
-``decay``             0.995                            0.975
-``factor_every``      1                                5
-``inverse_every``     100                              100
-``inverse``           ``"cholesky"`` (exact)           ``"auto"`` (rank-128 Nystrom
-                                                       above ``d = 512``)
-``max_norm``          None (no trust region)           1.0
-``damping``           1e-4 (times ``tr G``)            1e-4
-====================  ==============================  ===========================
+| option | paper | defaults |
+| --- | --- | --- |
+| ``fisher`` | ``"rfim"`` per unit on hidden layers, ``"linear"`` first/last | ``"linear"`` |
+| ``prior`` | ``"identity"`` | ``"scaled_identity"`` |
+| ``decay`` | 0.995 | 0.975 |
+| ``factor_every`` | 1 | 5 |
+| ``inverse_every`` | 100 | 100 |
+| ``inverse`` | ``"cholesky"`` (exact) | ``"auto"`` (rank-128 Nystrom above 512 inputs) |
+| ``max_norm`` | None (no trust region) | 1.0 |
+| ``damping`` | 1e-4 (times ``tr G``) | 1e-4 |
 
 The reference trains with plain SGD on the preconditioned gradient (lr 0.1,
-batch 50) and an L2 term ``1e-3 ||W||^2`` on the weights in the loss::
+batch 50) and an L2 term ``1e-3 ||W||^2`` on the weights in the loss:
 
-    tx = optax.chain(sngd_jax.sngd(**sngd_jax.presets.paper(linear_layers=("Dense_0",
-                                                                        "Dense_3"))),
-                     optax.sgd(0.1))
+```python
+kwargs = sngd_jax.presets.paper(linear_layers=("Dense_0", "Dense_3"))
+tx = optax.chain(sngd_jax.sngd(**kwargs), optax.sgd(0.1))
+```
 """
 
 from __future__ import annotations
@@ -36,13 +32,13 @@ from typing import Any
 
 
 def paper(linear_layers: Sequence[str] = (), *, rfim: bool = True) -> dict[str, Any]:
-  """The keyword arguments of :func:`sngd_jax.sngd` for the paper's configuration.
+  """The keyword arguments of ``sngd_jax.sngd`` for the paper's configuration.
 
   Args:
     linear_layers: paths of the layers that get the ``"linear"`` local Fisher
       (the reference: the first and the last layer of an MLP); every other
       layer gets the per-unit ``"rfim"``, meant for layers followed by a ReLU
-      (or softplus). Paths as :func:`sngd_jax.discover` prints them.
+      (or softplus). Paths as ``sngd_jax.discover`` prints them.
     rfim: False gives ``"linear"`` everywhere (the reference's other variant;
       also the configuration compared with the float64 references in tests).
 

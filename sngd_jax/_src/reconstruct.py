@@ -3,25 +3,29 @@
 W. Liu et al. (arXiv:2412.07441) show that SNGD is plain gradient descent on a
 *reconstructed* network. For a layer with augmented input ``x~ = [x; 1]``,
 weights ``W~ = [W; b^T]`` (``d x O``) and damped local Fisher
-``G_rho = G + rho I``::
+``G_rho = G + rho I``:
 
-    W' = G_rho^{1/2} W~,     x' = G_rho^{-1/2} x~   (the local Fisher layer),
-    z  = x'^T W' = x~^T W~                          (the same function),
-    grad_W' L = G_rho^{-1/2} grad_W~ L,
+```
+W' = G_rho^{1/2} W~,     x' = G_rho^{-1/2} x~   (the local Fisher layer),
+z  = x'^T W' = x~^T W~                          (the same function),
+grad_W' L = G_rho^{-1/2} grad_W~ L,
+```
 
 so a gradient step on ``W'`` mapped back by ``W~ = G_rho^{-1/2} W'`` is
 ``W~ - eta G_rho^{-1} grad_W~ L``. For ``fisher="rfim"`` the same holds column
 by column with ``G_j``: ``w'_j = G_j^{1/2} w~_j`` and ``x'_j = G_j^{-1/2} x~``.
 
-These functions take the factors from an :class:`sngd_jax.SNGDState` (the
+These functions take the factors from an ``sngd_jax.SNGDState`` (the
 running ``G_t / w_t``) with the damping the transform used, so users can
 inspect or train the reconstructed network. Recipe for training it with
-``G`` held fixed::
+``G`` held fixed:
 
-    roots = factor_roots(state, damping=1e-4)          # G^{1/2}, G^{-1/2}
-    p = to_reconstructed(params, roots)                 # W'
-    # forward: each Dense layer -> reconstructed_dense(x, k', b', roots[path].inv_sqrt)
-    # train p with SGD; then params = from_reconstructed(p, roots)
+```python
+roots = factor_roots(state)          # G^{1/2}, G^{-1/2}, damping from state.config
+p = to_reconstructed(params, roots)  # W'
+# forward: each Dense layer -> reconstructed_dense(x, k', b', roots[path].inv_sqrt)
+# train p with SGD; then params = from_reconstructed(p, roots)
+```
 
 When ``G`` changes, remap ``W' <- G_new^{1/2} G_old^{-1/2} W'``, i.e.
 ``to_reconstructed(from_reconstructed(p, old_roots), new_roots)``.
@@ -70,13 +74,13 @@ def damped_factors(state: Any, damping=None, abs_damping=None, nystrom_seed: int
   """``G + (damping * tr(G) + abs_damping) I`` per layer, from the state's factors.
 
   A layer whose state keeps only the sketch ``(G Omega, tr G)`` (the rank-``r``
-  Nystrom layers of ``inverse="auto"``, :mod:`sngd_jax._src.sketch`) gets the dense
+  Nystrom layers of ``inverse="auto"``, ``sngd_jax._src.sketch``) gets the dense
   Nystrom model ``M + rho I`` that the transform's refresh builds from that
   sketch, ``M = U diag(lam) U^T + tau (I - U U^T)``: the matrix whose inverse
   it preconditions with, so the reconstructed network stays exact for it.
 
   Args:
-    state: an :class:`sngd_jax.SNGDState` (or anything with ``factors`` and
+    state: an ``sngd_jax.SNGDState`` (or anything with ``factors`` and
       ``weights`` dicts keyed by layer path).
     damping: the relative damping; None (default) reads the one the state was
       made with (``state.config``; a schedule is evaluated at ``state.count``).
@@ -102,17 +106,17 @@ def damped_factors(state: Any, damping=None, abs_damping=None, nystrom_seed: int
 
 def factor_roots(state: Any, damping=None, abs_damping=None, method: str = "eigh",
                  **kwargs) -> dict[str, Roots]:
-  """``G_rho^{1/2}`` and ``G_rho^{-1/2}`` per layer (see :func:`damped_factors`).
+  """``G_rho^{1/2}`` and ``G_rho^{-1/2}`` per layer (see ``damped_factors``).
 
   Args:
-    state: an :class:`sngd_jax.SNGDState`.
-    damping: relative damping (None: the state's, see :func:`damped_factors`).
+    state: an ``sngd_jax.SNGDState``.
+    damping: relative damping (None: the state's, see ``damped_factors``).
     abs_damping: absolute damping (None: the state's).
-    method: a key of :data:`sngd_jax.inverse.ROOTS` (``"eigh"`` is exact).
+    method: a key of ``sngd_jax.inverse.ROOTS`` (``"eigh"`` is exact).
     **kwargs: passed to the root method (e.g. ``num_iters``).
 
   Returns:
-    Per layer path, :class:`sngd_jax.Roots` with the factor's shape.
+    Per layer path, ``sngd_jax.inverse.Roots`` with the factor's shape.
   """
   return {path: sqrt_and_inv_sqrt(g, method, **kwargs)
           for path, g in damped_factors(state, damping, abs_damping).items()}
@@ -152,8 +156,8 @@ def to_reconstructed(params: Any, roots: dict[str, Roots]) -> Any:
   """Maps params to the reconstructed network's: ``W' = G_rho^{1/2} W~`` per layer.
 
   Args:
-    params: the params tree (as given to :func:`sngd_jax.sngd`).
-    roots: per layer path, from :func:`factor_roots`.
+    params: the params tree (as given to ``sngd_jax.sngd``).
+    roots: per layer path, from ``factor_roots``.
 
   Returns:
     A params tree of the same structure and dtypes whose kernels and biases
@@ -163,7 +167,7 @@ def to_reconstructed(params: Any, roots: dict[str, Roots]) -> Any:
 
 
 def from_reconstructed(params_prime: Any, roots: dict[str, Roots]) -> Any:
-  """The inverse of :func:`to_reconstructed`: ``W~ = G_rho^{-1/2} W'``."""
+  """The inverse of ``to_reconstructed``: ``W~ = G_rho^{-1/2} W'``."""
   return _map_layers(params_prime, roots, lambda r, w: _left_multiply(r.inv_sqrt, w))
 
 

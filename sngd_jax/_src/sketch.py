@@ -1,15 +1,17 @@
 """Large layers' statistics kept as a Nystrom sketch ``(G Omega, tr G)``.
 
-A rank-``r`` Nystrom model (:mod:`sngd_jax.nystrom`) reads the local Fisher
+A rank-``r`` Nystrom model (``sngd_jax.inverse.nystrom``) reads the local Fisher
 ``G`` (``d x d``) only through ``Y = G Omega`` with a fixed ``d x r`` test
 matrix ``Omega`` and through ``tr(G)`` (for the damping and the tail
 eigenvalue). Both are linear in ``G``, so the running average can be kept as
 the sketch itself (J. A. Tropp, A. Yurtsever, M. Udell, V. Cevher, "Fixed-rank
 approximation of a positive-semidefinite matrix from streaming data", NeurIPS
-2017)::
+2017):
 
-    Y_t = decay * (Y_{t-1} + (1 - w_{t-1}) P(G^) Omega) + (1 - decay) G^ Omega,
-    G^ Omega = (1/n) X~^T (X~ Omega),      tr(G^) = (1/n) sum_ij X~_ij^2,
+```
+Y_t = decay * (Y_{t-1} + (1 - w_{t-1}) P(G^) Omega) + (1 - decay) G^ Omega,
+G^ Omega = (1/n) X~^T (X~ Omega),      tr(G^) = (1/n) sum_ij X~_ij^2,
+```
 
 the same numbers, up to rounding, as sketching the dense average
 ``G_t Omega`` at refresh time, for ``O(d r)`` memory instead of ``O(d^2)`` and
@@ -17,7 +19,7 @@ a batch estimate of ``4 n d r`` FLOPs instead of ``2 n d^2`` (the
 ``785``-wide input layer of an MNIST MLP at ``r = 128``: 3x fewer). The
 refresh no longer multiplies ``G Omega`` (``2 d^2 r``). What is lost is the
 dense ``G`` itself: a sketched layer's reconstructed network
-(:func:`sngd_jax.reconstruct.damped_factors`) is the Nystrom model's.
+(``sngd_jax.damped_factors``) is the Nystrom model's.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class Sketch(NamedTuple):
 
 
 def is_sketch(factor: Any) -> bool:
-  """Whether a state factor is a :class:`Sketch` (else a dense array)."""
+  """Whether a state factor is a ``Sketch`` (else a dense array)."""
   return isinstance(factor, Sketch)
 
 
@@ -56,7 +58,7 @@ def from_rows(x: jax.Array, omega: jax.Array, out_sharding=None) -> Sketch:
     out_sharding: passed to the products (replicated output under a mesh).
 
   Returns:
-    A :class:`Sketch` with ``y`` of shape ``(d, r)`` in ``x``'s dtype.
+    A ``Sketch`` with ``y`` of shape ``(d, r)`` in ``x``'s dtype.
   """
   n = x.shape[0]
   omega = omega.astype(x.dtype)
@@ -82,7 +84,7 @@ def zeros(d: int, rank: int, dtype) -> Sketch:
 
 
 def trace(factor: Any) -> jax.Array:
-  """``tr(G)`` summed over blocks, for a dense ``(..., d, d)`` factor or a :class:`Sketch`."""
+  """``tr(G)`` summed over blocks, for a dense ``(..., d, d)`` factor or a ``Sketch``."""
   if is_sketch(factor):
     return jnp.sum(factor.trace)
   return jnp.sum(jnp.trace(factor, axis1=-2, axis2=-1))

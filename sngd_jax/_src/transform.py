@@ -4,9 +4,11 @@ Structured natural gradient descent (W. Liu et al., "Reconstructing Deep Neural
 Networks: Unleashing the Optimization Potential of Natural Gradient Descent",
 arXiv:2412.07441) replaces the Fisher matrix of natural gradient descent by
 small *local* Fisher matrices built from each layer's inputs. For a layer with
-augmented weights ``W~ = [W; b^T]`` (``d x O``) and local Fisher ``G``::
+augmented weights ``W~ = [W; b^T]`` (``d x O``) and local Fisher ``G``:
 
-    Delta W~ = (G + (damping * tr(G) + abs_damping) I)^{-1} grad_W~ L,
+```
+Delta W~ = (G + (damping * tr(G) + abs_damping) I)^{-1} grad_W~ L,
+```
 
 or column by column with ``G_j`` for ``fisher="rfim"``. This is plain gradient
 descent on a *reconstructed* network whose layers are preceded by
@@ -19,10 +21,11 @@ trust region -> write back -> guard.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import dataclasses
+import functools
+from typing import Any, NamedTuple, Optional, cast
 
-import chex
-import flax
+import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -41,7 +44,7 @@ from sngd_jax._src.inverse.sharded import shard_method
 
 @flax.struct.dataclass
 class SNGDState:
-  """State of :func:`sngd`: arrays only (plus its static configuration), a pytree.
+  """State of ``sngd``: arrays only (plus its static configuration), a pytree.
 
   Attributes:
     count: steps taken (non-finite steps not counted), int32.
@@ -49,7 +52,7 @@ class SNGDState:
       (``(d, d)`` or ``(O, d, d)``), float32 (float64 under x64); for layers
       whose inverse method is a rank-``r`` Nystrom model (``inverse="auto"``
       for layers wider than 512 inputs) its sketch ``(G_t Omega, tr G_t)``, a
-      :class:`sngd_jax.Sketch` with ``y`` of shape ``(d, r)``.
+      ``sngd_jax.Sketch`` with ``y`` of shape ``(d, r)``.
     weights: per layer path, the weight ``w_t`` of ``G_t`` (use ``G_t / w_t``).
     inverses: per layer path, the cached inverse representation.
     has_inverse: whether an inverse has been computed yet.
@@ -58,22 +61,22 @@ class SNGDState:
       non-finite gradients or activations (which leave the rest of the state
       unchanged) and those whose preconditioned update overflowed its dtype
       (whose finite statistics are kept).
-    config: the static :class:`SNGDConfig` the state was made with (part of
+    config: the static ``SNGDConfig`` the state was made with (part of
       the tree structure, not a leaf: checkpoints hold the arrays only).
   """
 
-  count: chex.Array
+  count: jax.Array
   factors: dict[str, Any]
-  weights: dict[str, chex.Array]
+  weights: dict[str, jax.Array]
   inverses: dict[str, Any]
-  has_inverse: chex.Array
-  num_refresh_failures: chex.Array
-  num_skipped_steps: chex.Array
+  has_inverse: jax.Array
+  num_refresh_failures: jax.Array
+  num_skipped_steps: jax.Array
   config: SNGDConfig = flax.struct.field(pytree_node=False, default=DEFAULTS)
 
   def _replace(self, **kwargs) -> SNGDState:
     """NamedTuple-style alias of ``replace``."""
-    return self.replace(**kwargs)
+    return dataclasses.replace(self, **kwargs)
 
 
 def _layer_dtype(leaf: Any) -> jnp.dtype:
@@ -92,7 +95,7 @@ def _sketch_omegas(specs: dict[str, layers_lib.LayerSpec], leaves, index,
 
   Those are the single-block (``fisher="linear"``) layers for whose size the
   inverse method reads ``G`` only through ``(G Omega, tr G)`` (the Nystrom
-  model of ``inverse="auto"`` above ``max_dim``; see :mod:`sngd_jax._src.sketch`).
+  model of ``inverse="auto"`` above ``max_dim``; see ``sngd_jax._src.sketch``).
   """
   if method.sketch is None:
     return {}
@@ -128,7 +131,7 @@ def _init_state(params: Any, specs: dict[str, layers_lib.LayerSpec], method: Inv
                    num_skipped_steps=zero(), config=config.static())
 
 
-def tree_all_finite(tree: Any) -> chex.Array:
+def tree_all_finite(tree: Any) -> jax.Array:
   """Whether every floating leaf of ``tree`` is finite, from one sum per leaf.
 
   A NaN or an infinity makes the sum non-finite (``inf - inf`` is NaN), so
@@ -145,35 +148,75 @@ def tree_all_finite(tree: Any) -> chex.Array:
 
 
 def _sub_batch(calls, size: int):
-  """The first ``size`` examples (leading axis) of every captured call."""
-  return tuple(c.replace(inputs=c.inputs[:size], outputs=c.outputs[:size]) for c in calls)
+  """The first ``size`` examples of every captured call (at every time step of a cell)."""
+  return tuple(c.first_examples(size) for c in calls)
 
 
-class _Inputs:
-  """The checked inputs of one update: layers, flat gradient leaves and activations."""
+def _statistics_activations(config: SNGDConfig, activations: Activations) -> Activations:
+  """The activations the statistics are computed from (a sub-batch if so configured)."""
+  if config.stats_batch_size is None:
+    return activations
+  return {p: _sub_batch(calls, config.stats_batch_size) for p, calls in activations.items()}
 
-  def __init__(self, specs, leaves, treedef, index, omegas, activations):
-    self.specs = specs
-    self.leaves = leaves
-    self.treedef = treedef
-    self.index = index
-    self.omegas = omegas
-    self.activations = activations
+
+def _batch_estimates(specs, omegas, acts: Activations) -> dict[str, Any]:
+  """Each layer's local batch estimate ``G^`` (a sketch for the sketched layers)."""
+  out = {}
+  for path, spec in specs.items():
+    if path in omegas:
+      out[path] = statistics.batch_sketch(spec, acts[path], omegas[path])
+    else:
+      out[path] = statistics.batch_factor(spec, acts[path])
+  return out
+
+
+class _Inputs(NamedTuple):
+  """The checked inputs of one update.
+
+  Attributes:
+    specs: the preconditioned layers, by path.
+    leaves: the flat gradient leaves.
+    treedef: their tree structure.
+    index: leaf parts -> position in ``leaves``.
+    omegas: the sketch test matrix of each sketched layer.
+    activations: the captured calls of each preconditioned layer (None when
+      ready batch estimates are given instead).
+    estimates: the ready batch estimate of each preconditioned layer
+      (``update(..., statistics=...)``), or None.
+  """
+
+  specs: dict[str, layers_lib.LayerSpec]
+  leaves: list[Any]
+  treedef: Any
+  index: dict[tuple[str, ...], int]
+  omegas: dict[str, jax.Array]
+  activations: Optional[dict[str, Any]]
+  estimates: Optional[dict[str, Any]] = None
 
 
 def _check_inputs(config: SNGDConfig, method: InverseMethod, updates: Any, state: SNGDState,
-                  activations: Optional[Activations]) -> _Inputs:
+                  activations: Optional[Activations],
+                  estimates: Optional[dict[str, Any]] = None) -> _Inputs:
   """Stage 1: finds the layers and raises errors naming the layer for what does not fit."""
   specs = layers_lib.discover(updates, config.fisher)
   all_layers = layers_lib.discover(updates, "linear")
-  validation.check_structure(specs, state.factors, activations, all_layers)
-  assert activations is not None  # checked above
-  activations = {p: activations[p] for p in specs}
+  if estimates is not None:
+    if activations is not None:
+      raise ValueError("sngd: pass either `activations=` or `statistics=` to `update`, not "
+                       "both")
+    validation.check_statistics(specs, state.factors, estimates)
+  else:
+    validation.check_structure(specs, state.factors, activations, all_layers)
+    assert activations is not None  # checked above
+    activations = {p: activations[p] for p in specs}
   leaves, treedef, index = _flatten(updates)
   validation.check_param_dtypes(specs, leaves, index, "updates")
   omegas = _sketch_omegas(specs, leaves, index, method)
   validation.check_state_shapes(specs, state.factors,
                                 {p: o.shape[1] for p, o in omegas.items()})
+  if estimates is not None:
+    return _Inputs(specs, leaves, treedef, index, omegas, None,
+                   {p: estimates[p] for p in specs})
   validation.check_activations(specs, activations)
   return _Inputs(specs, leaves, treedef, index, omegas, activations)
 
@@ -183,41 +226,83 @@ def _update_statistics(config: SNGDConfig, inputs: _Inputs, state: SNGDState,
   """Stage 2: on factor steps, folds the batch's local Fisher into the moving average.
 
   Runs under ``lax.cond``: the ``X~^T X~`` products are paid only on one step
-  in ``factor_every``, the only steps that read the activations (so only then
-  are they checked for finiteness; a non-finite batch leaves the average).
+  in ``factor_every``, the only steps that read the activations. Those steps
+  are rejected (the statistics left as they were, and the step skipped by the
+  caller) when an activation is not finite, or when a batch estimate is not
+  :func:`statistics.in_range`: finite activations can still overflow
+  ``X~^T X~``. Given ready batch estimates (``update(..., statistics=...)``,
+  from ``sngd_jax.MultiSteps``) instead of activations, those are checked and
+  folded in the same way, on the same steps. A running factor that is itself
+  out of range (only possible in a state written otherwise) restarts from its
+  prior, and its blocks are counted with the refresh failures.
 
   Returns:
-    ``(factors, weights, acts_finite)``.
+    ``(factors, weights, accepted, restarted)``: ``accepted`` False for a
+    rejected factor step (True on other steps), ``restarted`` the number of
+    blocks restarted (int32).
   """
   specs, omegas, axis_name = inputs.specs, inputs.omegas, config.axis_name
-  keep_factors = lambda _: (state.factors, state.weights)
+  none_restarted = jnp.zeros((), jnp.int32)
+  keep_factors = lambda accepted: (state.factors, state.weights, accepted, none_restarted)
+  if inputs.estimates is None:
+    source, estimate_of = inputs.activations, functools.partial(_batch_estimates, specs, omegas)
+  else:
+    source, estimate_of = inputs.estimates, lambda estimates: estimates
 
-  def update_factors(acts):
-    out_f, out_w = {}, {}
+  def update_factors(source):
+    estimates = estimate_of(source)
+    out_f, out_w, estimates_ok, restarted = {}, {}, [], none_restarted
     for path, spec in specs.items():
-      if path in omegas:
-        estimate = statistics.batch_sketch(spec, acts[path], omegas[path])
-      else:
-        estimate = statistics.batch_factor(spec, acts[path])
-      estimate = distributed.axis_mean(estimate, axis_name)
+      estimate = distributed.axis_mean(estimates[path], axis_name)
+      estimates_ok.append(statistics.in_range(estimate))
+      factor, weight, restart = statistics.restart_if_out_of_range(state.factors[path],
+                                                                   state.weights[path])
+      restarted += restart.astype(jnp.int32) * spec.num_blocks
       if config.max_factor_ratio is not None:
-        estimate = statistics.limit_outlier(estimate, state.factors[path],
-                                            state.weights[path], config.max_factor_ratio)
+        estimate = statistics.limit_outlier(estimate, factor, weight, config.max_factor_ratio)
       out_f[path], out_w[path] = statistics.ema_update(
-          state.factors[path], state.weights[path], estimate, config.decay, config.prior,
-          omegas.get(path))
-    return out_f, out_w
+          factor, weight, estimate, config.decay, config.prior, omegas.get(path))
+    accepted = distributed.all_agree(jnp.all(jnp.stack(estimates_ok)), axis_name)
+    select = lambda new, old: jnp.where(accepted, new, old)
+    return (jax.tree.map(select, out_f, state.factors), jax.tree.map(select, out_w, state.weights),
+            accepted, jnp.where(accepted, restarted, 0))
 
   def new_factors(_):
-    acts = inputs.activations
-    if config.stats_batch_size is not None:  # statistics from a sub-batch
-      acts = {p: _sub_batch(calls, config.stats_batch_size) for p, calls in acts.items()}
-    acts_finite = distributed.all_agree(tree_all_finite(acts), axis_name)
-    return jax.lax.cond(acts_finite, update_factors, keep_factors, acts) + (acts_finite,)
+    data = source
+    if inputs.estimates is None:
+      data = _statistics_activations(config, data)
+    finite = distributed.all_agree(tree_all_finite(data), axis_name)
+    return jax.lax.cond(finite, update_factors, lambda _: keep_factors(jnp.array(False)), data)
 
   do_factor = grads_finite & (state.count % config.factor_every == 0)
-  return jax.lax.cond(
-      do_factor, new_factors, lambda _: keep_factors(None) + (jnp.array(True),), None)
+  return jax.lax.cond(do_factor, new_factors, lambda _: keep_factors(jnp.array(True)), None)
+
+
+def local_statistics(updates: Any, state: SNGDState, activations: Activations
+                     ) -> tuple[dict[str, Any], dict[str, int]]:
+  """The batch estimates ``G^`` that ``update`` would fold in from ``activations``.
+
+  What ``sngd_jax.MultiSteps`` accumulates over micro-batches: per layer
+  path, this device's estimate (before the ``axis_name`` mean and the outlier
+  limit, which ``update`` applies to what it is given) in the form of the
+  state's factor (a ``sngd_jax.Sketch`` for sketched layers, never a
+  dense ``d x d`` for them), and the number of rows ``n`` it averages.
+
+  Args:
+    updates: the gradients (their tree names the layers).
+    state: the ``SNGDState`` (its recorded configuration says which
+      layers, which Fisher kind, and which are sketched).
+    activations: from ``sngd_jax.capture``.
+
+  Returns:
+    ``(estimates, rows)``.
+  """
+  config = state.config
+  inputs = _check_inputs(config, _method_of(config), updates, state, activations)
+  acts = _statistics_activations(config, inputs.activations)
+  estimates = _batch_estimates(inputs.specs, inputs.omegas, acts)
+  rows = {p: statistics.num_rows(spec, acts[p]) for p, spec in inputs.specs.items()}
+  return estimates, rows
 
 
 def _refresh(config: SNGDConfig, method: InverseMethod, specs, factors, weights,
@@ -294,7 +379,7 @@ def _method_of(config: SNGDConfig) -> InverseMethod:
 
 
 def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArgs:
-  """:func:`sngd` for a ready :class:`SNGDConfig`."""
+  """``sngd`` for a ready ``SNGDConfig``."""
   method = _method_of(config)
 
   def init_fn(params):
@@ -303,12 +388,14 @@ def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArg
     validation.check_param_dtypes(specs, leaves, index, "params")
     return _init_state(params, specs, method, config)
 
-  def update_fn(updates, state, params=None, *, activations=None, **extra_args):
+  def update_fn(updates, state, params=None, *, activations=None, statistics=None,
+                **extra_args):
     del params, extra_args
-    inputs = _check_inputs(config, method, updates, state, activations)
+    inputs = _check_inputs(config, method, updates, state, activations, statistics)
     grads_finite = distributed.all_agree(tree_all_finite(inputs.leaves), config.axis_name)
-    factors, weights, acts_finite = _update_statistics(config, inputs, state, grads_finite)
-    finite = grads_finite & acts_finite
+    factors, weights, accepted, restarted = _update_statistics(config, inputs, state,
+                                                               grads_finite)
+    finite = grads_finite & accepted
     inverses, failures, refreshed = _refresh(config, method, inputs.specs, factors, weights,
                                              state, finite)
     factor_dtypes = {p: jax.tree.leaves(factors[p])[0].dtype for p in inputs.specs}
@@ -319,7 +406,7 @@ def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArg
       scale = precondition.trust_region_scale(sq_norm, value_at(config.max_norm, state.count))
     out, narrowed = _write_back(inputs, pres, scale)
     out, ok = _guard(config, finite, sq_norm, narrowed, out)
-    # A non-finite step changed no factor or inverse (both conds are gated on `finite`), so
+    # A skipped step changed no factor or inverse (both conds are gated on `finite`), so
     # only the step counter needs holding back: no select over the large state every step.
     new_state = state.replace(
         count=jnp.where(finite, state.count + 1, state.count),
@@ -327,12 +414,13 @@ def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArg
         weights=weights,
         inverses=inverses,
         has_inverse=state.has_inverse | refreshed,
-        num_refresh_failures=state.num_refresh_failures + failures,
+        num_refresh_failures=state.num_refresh_failures + failures + restarted,
         num_skipped_steps=state.num_skipped_steps + (~ok).astype(jnp.int32),
     )
     return jax.tree_util.tree_unflatten(inputs.treedef, out), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  # SNGDState is a pytree, though not one of the types optax's `OptState` alias lists.
+  return optax.GradientTransformationExtraArgs(cast(optax.TransformInitFn, init_fn), update_fn)
 
 
 def sngd(
@@ -355,22 +443,23 @@ def sngd(
   """Preconditions each layer's gradient by its damped local Fisher inverse.
 
   For every layer found in the params (a ``kernel`` with an optional ``bias``,
-  an ``embedding``, a normalization ``scale``; see :func:`sngd_jax.discover`)
+  an ``embedding``, a normalization ``scale``; see ``sngd_jax.discover``)
   the transform keeps a running local Fisher ``G`` and a cached inverse, and
   maps the layer's gradient to
 
-  .. math::
-
-      [\\Delta W; \\Delta b^T] = (G + (\\mathrm{damping}\\,\\mathrm{tr}(G)
-      + \\mathrm{abs\\_damping})\\, I)^{-1} [g_W; g_b^T]
+  ```
+  [Delta W; Delta b^T] = (G + (damping * tr(G) + abs_damping) I)^{-1} [g_W; g_b^T]
+  ```
 
   (per output unit ``j`` with ``G_j`` when ``fisher="rfim"``). Leaves that are
   not part of such a layer pass through unchanged. With ``max_norm`` set, the
   preconditioned layers' updates ``u_l`` are then scaled jointly so that their
-  norm in the local-Fisher metric stays within a trust region::
+  norm in the local-Fisher metric stays within a trust region:
 
-      q = sum_l <g_l, u_l> = sum_l g_l^T (G_l + rho_l I)^{-1} g_l = ||u||_G^2,
-      u_l <- u_l * min(1, max_norm / sqrt(q)),
+  ```
+  q = sum_l <g_l, u_l> = sum_l g_l^T (G_l + rho_l I)^{-1} g_l = ||u||_G^2,
+  u_l <- u_l * min(1, max_norm / sqrt(q)),
+  ```
 
   which bounds the first-order change of every layer's outputs per unit of
   learning rate (the norm constraint of K-FAC, Ba et al. 2017, without the
@@ -388,10 +477,10 @@ def sngd(
       (``G_j = E[sigmoid(z_j)^2 x~ x~^T]``), a mapping from layer path to kind
       (unlisted layers get ``"linear"``, ``None`` leaves a layer alone) or a
       callable from layer path to kind.
-    inverse: the inverse method, a key of :data:`sngd_jax.inverse.METHODS`
+    inverse: the inverse method, a key of ``sngd_jax.inverse.METHODS``
       (``"cholesky"``, ``"eigh"``, ``"denman_beavers"``, ``"newton_schulz"``,
       ``"nystrom"``, ``"blocks"``, ``"auto"``) or a
-      :class:`sngd_jax.inverse.InverseMethod` (e.g.
+      ``sngd_jax.inverse.InverseMethod`` (e.g.
       ``sngd_jax.inverse.auto(max_dim=1024)``). The default ``"auto"`` is exact
       Cholesky for layers of up to 512 inputs (``d <= 513`` with the bias row) and a
       rank-128 Nystrom model above, whose
@@ -413,11 +502,13 @@ def sngd(
       (steps ``factor_every * 2^k``) until ``inverse_every``, so that the
       early inverses follow the factor's average as it moves away from its
       prior instead of keeping the first step's for ``inverse_every`` steps.
-    prior: how the average of ``G`` starts, one of :data:`sngd_jax.PRIORS`
+    prior: how the average of ``G`` starts, one of ``sngd_jax.PRIORS``
       (``"identity"`` is the reference code's).
     stats_batch_size: if set, ``G^`` is estimated from the first this many
-      examples of the batch only (the leading axis of every captured array),
-      which cuts the ``X~^T X~`` cost; None uses the whole batch.
+      examples of the batch only (every row of theirs: all positions, patches
+      or tokens, and every time step of a recurrent cell), which cuts the
+      ``X~^T X~`` cost; None uses the whole batch. A Python int (with
+      ``optax.inject_hyperparams``, list it in ``static_args``).
     max_factor_ratio: if set, a batch estimate whose trace exceeds this many
       times the running factor's is scaled down to it, so that one outlier
       batch cannot dominate the moving average; ``None`` disables it.
@@ -439,8 +530,11 @@ def sngd(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,
-    params=None, *, activations=None, **extra_args)`` takes the activations
-    from :func:`sngd_jax.capture` and ignores other keyword arguments.
+    params=None, *, activations=None, statistics=None, **extra_args)`` takes
+    the activations from ``sngd_jax.capture`` and ignores other keyword
+    arguments. ``statistics`` replaces ``activations`` with ready batch
+    estimates, as ``sngd_jax.MultiSteps`` passes those of several
+    micro-batches.
 
   References:
     W. Liu et al., *Reconstructing Deep Neural Networks: Unleashing the

@@ -4,13 +4,14 @@ These run while tracing (shapes and dtypes are known then) and turn a state,
 params tree or activations that do not fit into an error naming the layer path
 and the expected and actual shapes or dtypes, instead of a broadcasting error
 deep in XLA. (The on-device acceptance test of a refreshed inverse is
-:mod:`sngd_jax._src.inverse.refresh`.)
+``sngd_jax._src.inverse.refresh``.)
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
+import jax
 import jax.numpy as jnp
 
 from sngd_jax._src import layers as layers_lib
@@ -52,7 +53,7 @@ def check_state_shapes(specs: Mapping[str, layers_lib.LayerSpec],
     specs: the layers of the updates tree.
     factors: the state's factors, by layer path.
     sketch_ranks: the rank ``r`` of each layer kept as a sketch (its factor is
-      a :class:`sngd_jax.sketch.Sketch` with ``y`` of shape ``(d, r)``).
+      a ``sngd_jax.Sketch`` with ``y`` of shape ``(d, r)``).
 
   Raises:
     ValueError: naming the layer path and the expected and actual factor shapes.
@@ -128,3 +129,29 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
         f"sngd: activations were captured for {unknown}, which match no kernel in the params "
         f"(layers with params: {sorted(all_layers)}). Do params and activations come from the "
         "same model?")
+
+
+def check_statistics(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Mapping[str, Any],
+                     estimates: Mapping[str, Any]) -> None:
+  """Requires ready batch estimates (``update(..., statistics=)``) to fit the state.
+
+  Args:
+    specs: the layers of the updates tree.
+    state_factors: the state's factors, by layer path.
+    estimates: a batch estimate per layer path, of its factor's form and shape.
+
+  Raises:
+    ValueError: naming the layer path, for a missing layer or a wrong shape.
+  """
+  if set(specs) != set(state_factors) or set(estimates) != set(specs):
+    raise ValueError(
+        f"sngd: `statistics=` holds batch estimates for layers {sorted(estimates)}; the "
+        f"updates have layers {sorted(specs)} and the state {sorted(state_factors)}. Was the "
+        "state made by `init` on the same params?")
+  for path in specs:
+    want = jax.tree.map(jnp.shape, state_factors[path])
+    got = jax.tree.map(jnp.shape, estimates[path])
+    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+      raise ValueError(
+          f"sngd: layer {path!r}: the batch estimate passed as `statistics=` has shape {got}; "
+          f"the state's factor has {want}. Pass what `sngd_jax.MultiSteps` accumulates.")

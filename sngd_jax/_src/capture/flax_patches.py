@@ -4,18 +4,18 @@ Capture changes nothing in a model. Three things are not reachable through
 Flax's public hooks, so they are patched while a captured function runs, and
 restored after (also on error):
 
-* :func:`linen_normalize` and :func:`nnx_normalize`: Flax's private
+* ``linen_normalize`` and ``nnx_normalize``: Flax's private
   normalization routine (``flax.linen.normalization._normalize`` and
   ``flax.nnx.nn.normalization._normalize``), so that a normalization layer's
   ``xhat`` (before scale and bias) is recorded; guarded by
   ``tests/test_capture.py`` (linen) and ``tests/test_nnx_layers.py`` (NNX),
   which compare the recorded ``xhat`` with a float64 reference.
-* NNX layer classes have no interceptor hook: :func:`nnx_methods` swaps the
+* NNX layer classes have no interceptor hook: ``nnx_methods`` swaps the
   ``__call__`` of the recorded NNX classes (and ``Embed.attend``, ``RNN``, the
   cells) for recording wrappers; guarded by ``tests/test_nnx_layers.py`` and
   ``tests/test_recurrent.py``.
 
-Linen layers need no patch: :func:`flax.linen.intercept_methods` is public.
+Linen layers need no patch: ``flax.linen.intercept_methods`` is public.
 The Flax versions these patches were written against are the range admitted
 by ``pyproject.toml``, tested in CI at both ends.
 """

@@ -1,7 +1,7 @@
 """Activation capture for Flax linen, by method interception.
 
-``capture(loss_fn)`` runs ``loss_fn`` under :func:`flax.linen.intercept_methods`
-and records, for every supported layer call (:data:`.tables.LAYERS`), what its
+``capture(loss_fn)`` runs ``loss_fn`` under ``flax.linen.intercept_methods``
+and records, for every supported layer call (``tables.LAYERS``), what its
 local Fisher needs (the input ``x`` and the pre-activation output ``z``, with
 gradients stopped). Nothing in the model changes. A layer called several times
 (shared weights, a layer applied at every time step) records one entry per
@@ -11,12 +11,12 @@ call; their statistics are pooled.
 inside the cell see tracers of the scan body, which must not escape it. While
 an ``nn.RNN`` runs, the records made inside one cell call are returned by the
 cell as an extra scan output (stacked over time by the scan), and unpacked
-when the ``nn.RNN`` call returns (:mod:`.records`). Every time step is
+when the ``nn.RNN`` call returns (``records``). Every time step is
 therefore recorded, and the cell's weights get statistics pooled over all
 steps.
 
 The result is a dict from layer path (``'Block_0/Dense_1'``, the same string
-that names the layer's params) to a tuple of :class:`~sngd_jax.Captured`
+that names the layer's params) to a tuple of ``sngd_jax.Captured``
 records.
 """
 
@@ -29,7 +29,14 @@ import flax.linen as nn
 
 from sngd_jax._src import paths
 from sngd_jax._src.capture import flax_patches, tables
-from sngd_jax._src.capture.records import Recorder, StepRecords, freeze, rnn_time_axis, untag
+from sngd_jax._src.capture.records import (
+    Recorder,
+    StepRecords,
+    freeze,
+    rnn_time_axis,
+    split_aux,
+    untag,
+)
 
 
 def _rnn_call(rec: Recorder, module: nn.RNN, next_fun, args, kwargs):
@@ -88,11 +95,12 @@ def _interceptor(rec: Recorder):
 def capture(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable[..., Any]:
   """Wraps a function that applies Flax linen modules so it also returns activations.
 
-  Example::
-
+  Examples:
+    ```python
     loss_and_acts = sngd_jax.capture(loss_fn)
     (loss, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(params, x, y)
     updates, opt_state = tx.update(grads, opt_state, params, activations=acts)
+    ```
 
   Args:
     fn: any function; every call of a supported layer made inside it (through
@@ -111,10 +119,8 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable[..., A
     rec = Recorder()
     with flax_patches.linen_normalize(rec), nn.intercept_methods(_interceptor(rec)):
       result = fn(*args, **kwargs)
+    value, aux = split_aux(result, has_aux, "capture")
     acts = freeze(rec.store)
-    if has_aux:
-      value, aux = result
-      return value, (aux, acts)
-    return result, acts
+    return (value, (aux, acts)) if has_aux else (value, acts)
 
   return wrapped

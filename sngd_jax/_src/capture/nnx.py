@@ -1,13 +1,13 @@
 """Activation capture for Flax NNX modules.
 
 NNX modules are plain Python objects with no interceptor hook, so
-:func:`capture_nnx` swaps the ``__call__`` of the recorded layer classes for a
+``capture_nnx`` swaps the ``__call__`` of the recorded layer classes for a
 recording wrapper while the wrapped function runs, and restores it after, also
-on error (:mod:`.flax_patches`). Layers are named by their path in the model
+on error (``flax_patches``). Layers are named by their path in the model
 graph (``'layers/0'``), which is the path of their params in
 ``nnx.state(model)``.
 
-Recorded: the NNX classes of :data:`.tables.LAYERS` and :data:`.tables.NORMS`,
+Recorded: the NNX classes of ``tables.LAYERS`` and ``tables.NORMS``,
 ``Embed.attend``, and the ``Linear`` layers inside ``LSTMCell``,
 ``OptimizedLSTMCell``, ``GRUCell`` and ``SimpleCell``. As in linen capture,
 records made inside a cell run by ``nnx.RNN`` (under ``nnx.scan``) leave the
@@ -30,6 +30,7 @@ from sngd_jax._src.capture.records import (
     StepRecords,
     freeze,
     rnn_time_axis,
+    split_aux,
     untag,
 )
 
@@ -157,15 +158,16 @@ def _wrappers(rec: _NNXRecorder, cells: tuple[type, ...]) -> dict:
 def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable[..., Any]:
   """Wraps ``fn(model, *args)`` so it also returns the activations of ``model``'s layers.
 
-  Example::
-
+  Examples:
+    ```python
     loss_and_acts = sngd_jax.capture_nnx(loss_fn)       # loss_fn(model, x, y)
     (loss, acts), grads = nnx.value_and_grad(loss_and_acts, has_aux=True)(model, x, y)
     optimizer.update(model, grads, activations=acts)
+    ```
 
   Args:
     fn: a function whose first argument is an ``nnx.Module``.
-    has_aux: as in :func:`sngd_jax.capture`.
+    has_aux: as in ``sngd_jax.capture``.
 
   Returns:
     A function with ``fn``'s signature returning ``(fn(...), activations)``,
@@ -179,10 +181,8 @@ def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable[..
                    if isinstance(node, nnx.RNN)} | set(tables.NNX_CELLS))
     with flax_patches.nnx_normalize(rec), flax_patches.nnx_methods(_wrappers(rec, cells)):
       result = fn(model, *args, **kwargs)
+    value, aux = split_aux(result, has_aux, "capture_nnx")
     acts = freeze(rec.store)
-    if has_aux:
-      value, aux = result
-      return value, (aux, acts)
-    return result, acts
+    return (value, (aux, acts)) if has_aux else (value, acts)
 
   return wrapped

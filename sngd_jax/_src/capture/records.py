@@ -1,13 +1,13 @@
 """What capture records, and the recorder that routes records through scanned cells.
 
-A :class:`Captured` record holds what one call of one layer saw (its input and
+A ``Captured`` record holds what one call of one layer saw (its input and
 pre-activation output, gradients stopped) and how to turn it into rows of the
-local Fisher (``kind`` and static ``config``, see :mod:`sngd_jax._src.statistics`).
-:class:`Recorder` collects records by layer path. Its frame stack tells where a
+local Fisher (``kind`` and static ``config``, see ``sngd_jax._src.statistics``).
+``Recorder`` collects records by layer path. Its frame stack tells where a
 record goes: to the output store, or, while a cell runs inside ``nn.RNN`` /
-``nnx.RNN`` (under ``scan``), to that cell call's :class:`CellFrame`, whose
-records leave the scan as an extra output (:class:`StepRecords`), stacked over
-time, and are unpacked by :func:`untag` when the RNN call returns.
+``nnx.RNN`` (under ``scan``), to that cell call's ``CellFrame``, whose
+records leave the scan as an extra output (``StepRecords``), stacked over
+time, and are unpacked by ``untag`` when the RNN call returns.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import dataclasses
 import warnings
 from typing import Any, Iterator, Optional, Union
 
-import flax
+import flax.struct
 import jax
+import jax.core
 import jax.numpy as jnp
 
 Activations = dict[str, tuple["Captured", ...]]
@@ -36,22 +37,83 @@ class Captured:
       ids (embed).
     outputs: the layer's pre-activation output ``z``.
     kind: how ``inputs`` map to rows of the local Fisher: ``'dense'``,
-      ``'conv'``, ``'norm'`` or ``'embed'`` (see :data:`sngd_jax.factors.ROWS`).
+      ``'conv'``, ``'norm'`` or ``'embed'`` (see ``sngd_jax._src.statistics.ROWS``).
     config: static layer configuration that the kind needs.
+    time_steps: how many time steps the leading axis holds (static): a cell
+      run by ``nn.RNN``/``nnx.RNN`` records every step, merged time-major
+      into the leading axis (``T * B``, a product over nested RNNs); 1
+      elsewhere, where the leading axis is the batch. Tells
+      ``first_examples`` where the examples are.
   """
 
   inputs: jax.Array
   outputs: jax.Array
   kind: str = flax.struct.field(pytree_node=False, default="dense")
   config: tuple = flax.struct.field(pytree_node=False, default=())
+  time_steps: int = flax.struct.field(pytree_node=False, default=1)
+
+  def first_examples(self, k: int) -> Captured:
+    """This record restricted to the first ``k`` examples of the batch.
+
+    The leading axis of ``inputs`` and ``outputs`` holds ``time_steps`` blocks
+    of the batch, time-major (row ``t * B + b``; ``time_steps = 1`` outside
+    recurrent cells), so the first ``k`` examples are the first ``k`` rows of
+    every block, at every time step.
+    """
+    def take(a):
+      if a is None:  # not recorded
+        return None
+      if self.time_steps == 1:
+        return a[:k]
+      blocks = a.reshape((self.time_steps, -1) + a.shape[1:])
+      return blocks[:, :k].reshape((-1,) + a.shape[1:])
+    return self.replace(inputs=take(self.inputs), outputs=take(self.outputs))
 
 
 def record(store: dict[str, list[Captured]], path: str, inputs: Any, outputs: Any,
-           kind: str, config: tuple = ()) -> None:
+           kind: str, config: tuple = (), time_steps: int = 1) -> None:
   """Appends one call's record to ``store`` (gradients stopped)."""
   store.setdefault(path, []).append(
       Captured(inputs=jax.lax.stop_gradient(inputs),
-               outputs=jax.lax.stop_gradient(outputs), kind=kind, config=config))
+               outputs=jax.lax.stop_gradient(outputs), kind=kind, config=config,
+               time_steps=time_steps))
+
+
+def split_aux(result: Any, has_aux: bool, name: str) -> tuple[Any, Any]:
+  """Splits what a captured function returned into ``(value, aux)``.
+
+  Args:
+    result: what the wrapped function returned.
+    has_aux: whether it returns ``(value, aux)``.
+    name: the capture function, for the message (``"capture"``, ...).
+
+  Returns:
+    ``(value, aux)``; ``aux`` is None when ``has_aux`` is False.
+
+  Raises:
+    ValueError: if ``has_aux`` is False and ``result`` is a tuple (a loss that
+      returns ``(loss, aux)``, which ``jax.value_and_grad`` would reject as a
+      non-scalar output), saying what to write; or if ``has_aux`` is True and
+      ``result`` is not a pair.
+  """
+  if has_aux:
+    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+      raise ValueError(
+          f"sngd: `{name}(fn, has_aux=True)` needs `fn` to return a pair `(value, aux)`; it "
+          f"returned {type(result).__name__}{_arity(result)}. Drop `has_aux=True` if `fn` "
+          "returns the loss alone.")
+    return result[0], result[1]
+  if isinstance(result, (tuple, list)):
+    raise ValueError(
+        f"sngd: the function wrapped by `{name}` returned a {type(result).__name__}"
+        f"{_arity(result)}, not a single value. If it returns `(loss, aux)`, write "
+        f"`sngd_jax.{name}(loss_fn, has_aux=True)`: it then returns `(loss, (aux, acts))`, so "
+        "`(loss, (aux, acts)), grads = jax.value_and_grad(wrapped, has_aux=True)(...)`.")
+  return result, None
+
+
+def _arity(result: Any) -> str:
+  return f" of length {len(result)}" if isinstance(result, (tuple, list)) else ""
 
 
 def _escaped(x: Any) -> bool:
@@ -104,7 +166,7 @@ class StepRecords:
 
 
 def untag(out: Any, time_axis: int) -> tuple[Any, dict[str, list[Captured]]]:
-  """Strips :class:`StepRecords` nodes from an RNN's output; returns the records.
+  """Strips ``StepRecords`` nodes from an RNN's output; returns the records.
 
   The records of every time step were stacked by the scan along
   ``time_axis``; the time axis is merged into the leading (batch) axis so each
@@ -117,9 +179,10 @@ def untag(out: Any, time_axis: int) -> tuple[Any, dict[str, list[Captured]]]:
       for path, calls in node.records.items():
         for c in calls:
           merge = lambda a: _merge_time(a, time_axis)
+          steps = c.inputs.shape[time_axis] * c.time_steps
           found.setdefault(path, []).append(
               Captured(inputs=merge(c.inputs), outputs=merge(c.outputs), kind=c.kind,
-                       config=c.config))
+                       config=c.config, time_steps=steps))
       return node.value
     return node
 
@@ -171,18 +234,19 @@ class Recorder:
     self.frames: list[Frame] = []
     self.norm_slots: list[list] = []
 
-  def add(self, path: str, inputs, outputs, kind: str, config: tuple = ()) -> None:
+  def add(self, path: str, inputs, outputs, kind: str, config: tuple = (),
+          time_steps: int = 1) -> None:
     target = self.store
     for frame in reversed(self.frames):
       if isinstance(frame, CellFrame):
         target = frame.records
         break
-    record(target, path, inputs, outputs, kind, config)
+    record(target, path, inputs, outputs, kind, config, time_steps)
 
   def add_all(self, records: dict[str, list[Captured]]) -> None:
     for path, calls in records.items():
       for c in calls:
-        self.add(path, c.inputs, c.outputs, c.kind, c.config)
+        self.add(path, c.inputs, c.outputs, c.kind, c.config, c.time_steps)
 
   def rnn_frame(self) -> Optional[RNNFrame]:
     """The RNN call whose cell is about to run, if the innermost frame is one."""

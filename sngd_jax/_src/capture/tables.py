@@ -1,12 +1,12 @@
 """Which layer calls capture records, and what it records for each: one table.
 
-:data:`LAYERS` maps a linen or NNX layer class to its recorder, a function
+``LAYERS`` maps a linen or NNX layer class to its recorder, a function
 ``(module, args, kwargs, output) -> (x, z, kind, config)`` (or None for a call
 that sngd cannot model, which is then not recorded), where ``args`` are the
 positional arguments of the call (the input first). Subclasses are matched
-through their MRO (:func:`lookup`). Normalization layers (:data:`NORMS`) are
+through their MRO (``lookup``). Normalization layers (``NORMS``) are
 recorded from ``xhat``, which Flax's own normalization routine computes
-(:mod:`.flax_patches`); embeddings record token ids (``kind='embed'``).
+(``flax_patches``); embeddings record token ids (``kind='embed'``).
 
 Supported: ``Dense``/``Linear``, ``DenseGeneral``/``LinearGeneral`` (hence
 the q/k/v/out projections of attention), ``Einsum`` (kernels laid out as
@@ -46,7 +46,7 @@ def einsum_config(einsum_str: str, x_ndim: int, kernel_ndim: int) -> Optional[tu
   letters followed by output letters, every other ``lhs`` letter is a row
   (batch/position) letter kept in ``out``, and no letter is shared by all three.
   (Without a bias and with several output letters the params do not say where
-  the kernel's input axes end: :func:`sngd_jax.coverage` then gives the
+  the kernel's input axes end: ``sngd_jax.coverage`` then gives the
   ``fisher={path: (kind, n_input_axes)}`` to pass.)
 
   Args:
@@ -55,7 +55,7 @@ def einsum_config(einsum_str: str, x_ndim: int, kernel_ndim: int) -> Optional[tu
     kernel_ndim: rank of the kernel.
 
   Returns:
-    ``(contract_axes, out_perm)`` for :func:`sngd_jax.factors.dense_rows`.
+    ``(contract_axes, out_perm)`` for ``sngd_jax._src.statistics.dense_rows``.
   """
   eq = einsum_str.replace(" ", "")
   if "->" not in eq or eq.count(",") != 1:
@@ -160,7 +160,7 @@ NNX_CELLS: tuple[type, ...] = (nnx.LSTMCell, nnx.OptimizedLSTMCell, nnx.GRUCell,
 
 
 def lookup(module: Any) -> Optional[LayerRecorder]:
-  """The recorder of ``module``'s class (or nearest base class in :data:`LAYERS`)."""
+  """The recorder of ``module``'s class (or nearest base class in ``LAYERS``)."""
   for cls in type(module).__mro__:
     if cls in LAYERS:
       return LAYERS[cls]

@@ -2,21 +2,23 @@
 
 Every method works on a stack of symmetric positive semi-definite blocks
 ``G`` of shape ``(b, d, d)`` and a per-block shift ``rho`` (the damping,
-:func:`damping_shift`)::
+``damping_shift``):
 
-    rho = damping * tr(G) + abs_damping,     G_rho = G + rho I,
+```
+rho = damping * tr(G) + abs_damping,     G_rho = G + rho I,
+```
 
-the reference code's relative rule. An :class:`InverseMethod` caches a
+the reference code's relative rule. An ``InverseMethod`` caches a
 representation of ``G_rho^{-1}`` at a refresh and applies it to gradient blocks
-at every step. The dense methods (:mod:`.dense`, :mod:`.roots`) cache the
-explicit inverse; Nystrom (:mod:`.nystrom`) caches a rank-``r``
-eigendecomposition; block-diagonal (:mod:`.blocks`) and size-dependent
-(:func:`.registry.auto`) methods wrap others.
+at every step. The dense methods (``dense``, ``roots``) cache the
+explicit inverse; Nystrom (``nystrom``) caches a rank-``r``
+eigendecomposition; block-diagonal (``blocks``) and size-dependent
+(``registry.auto``) methods wrap others.
 
 A refresh returns the new representation and an ``ok`` flag per block: False
 when the result is not finite or an error estimate exceeds its bound. The
 transform then keeps the previous representation of such a block and counts
-the event (:mod:`.refresh`).
+the event (``refresh``).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class InverseMethod(NamedTuple):
   """A way to represent and apply ``(G + rho I)^{-1}`` for stacks of blocks.
 
   The functions receive static shapes, so a method may choose what to do by
-  the block size ``d`` (see :func:`auto`).
+  the block size ``d`` (see ``auto``).
 
   Attributes:
     identity: ``identity(b, d, dtype)`` -> the representation of ``I``, used
@@ -66,10 +68,10 @@ class InverseMethod(NamedTuple):
     sketch: optional; ``sketch(d, dtype)`` -> a ``d x r`` test matrix
       ``Omega`` for blocks of size ``d`` whose statistics the method reads only
       through ``(G Omega, tr G)``, or None. For such blocks the transform keeps
-      the running factor as a :class:`sngd_jax.sketch.Sketch` and ``refresh``
+      the running factor as a ``sngd_jax.Sketch`` and ``refresh``
       receives a stacked ``Sketch`` (``y`` of shape ``(b, d, r)``, ``trace``
       of shape ``(b,)``) instead of ``G``.
-    info: optional; ``info(d)`` -> :class:`MethodInfo` for blocks of size ``d``.
+    info: optional; ``info(d)`` -> ``MethodInfo`` for blocks of size ``d``.
   """
 
   identity: Callable[[int, int, Any], Rep]
@@ -80,7 +82,7 @@ class InverseMethod(NamedTuple):
 
 
 def describe(method: InverseMethod, d: int) -> MethodInfo:
-  """``method.info(d)``, or an anonymous :class:`MethodInfo` when it has none."""
+  """``method.info(d)``, or an anonymous ``MethodInfo`` when it has none."""
   return method.info(d) if method.info is not None else MethodInfo("custom")
 
 
@@ -97,7 +99,7 @@ def symmetrize(g: jax.Array) -> jax.Array:
 def damping_shift(g, damping, abs_damping) -> jax.Array:
   """``rho = damping * tr(G) + abs_damping`` per block, shape ``g.shape[:-2]``.
 
-  ``g`` may also be a (stacked) :class:`sngd_jax.sketch.Sketch`, whose ``trace``
+  ``g`` may also be a (stacked) ``sngd_jax.Sketch``, whose ``trace``
   is ``tr(G)`` per block.
   """
   if sketch_lib.is_sketch(g):
@@ -126,6 +128,21 @@ def damp(g: jax.Array, damping, abs_damping) -> jax.Array:
   """
   g = symmetrize(g)
   return add_shift(g, damping_shift(g, damping, abs_damping))
+
+
+def frobenius_norm(a: jax.Array) -> jax.Array:
+  """``||A||_F`` over the last two axes, without overflow for finite entries.
+
+  The plain ``sqrt(sum a_ij^2)`` overflows once the entries pass the square
+  root of the largest float (``~1e19`` in float32) although the norm itself
+  is representable; there the norm is computed as ``m ||A / m||_F`` with
+  ``m = max |a_ij|``. Elsewhere the plain value is returned unchanged.
+  """
+  plain = jnp.linalg.norm(a, axis=(-2, -1))
+  m = jnp.max(jnp.abs(a), axis=(-2, -1))
+  unit = jnp.where(m > 0, m, jnp.ones_like(m))[..., None, None]
+  scaled = m * jnp.linalg.norm(a / unit, axis=(-2, -1))
+  return jnp.where(jnp.isfinite(plain), plain, scaled)
 
 
 def all_finite_per_block(x: jax.Array) -> jax.Array:

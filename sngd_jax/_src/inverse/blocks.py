@@ -52,7 +52,7 @@ def block_diagonal(block_size: int = 512,
     inner: the method for the sub-blocks (default Cholesky).
 
   Returns:
-    An :class:`InverseMethod`; its representation is ``inner``'s with axes
+    An ``InverseMethod``; its representation is ``inner``'s with axes
     ``(b, n, ...)``.
   """
   inner = inner or dense.cholesky()

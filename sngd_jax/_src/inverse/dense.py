@@ -2,7 +2,7 @@
 
 A refresh factorizes ``G + rho I`` (Cholesky or a symmetric eigendecomposition)
 and caches ``(G + rho I)^{-1}``, so that every step's preconditioning is one
-batched matrix product (:func:`dense_apply`), ``2 d^2 O`` FLOPs for a ``d x O``
+batched matrix product (``dense_apply``), ``2 d^2 O`` FLOPs for a ``d x O``
 gradient block.
 """
 
@@ -61,7 +61,8 @@ def eigh_refresh(g: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array]:
   """
   lam, v = jnp.linalg.eigh(g)
   shifted = lam + shift[:, None]
-  inverse = symmetrize(jnp.matmul(v / shifted[:, None, :], jnp.swapaxes(v, -1, -2), precision=HIGHEST))
+  inverse = symmetrize(jnp.matmul(v / shifted[:, None, :], jnp.swapaxes(v, -1, -2),
+                                  precision=HIGHEST))
   return inverse, all_finite_per_block(inverse) & jnp.all(shifted > 0, axis=-1)
 
 

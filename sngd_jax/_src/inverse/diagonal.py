@@ -4,9 +4,11 @@ An embedding table ``E`` (``V x D``) is a dense layer whose input is a
 one-hot token, so its linear local Fisher ``E[onehot onehot^T]`` is exactly
 ``diag(f)`` with ``f_v`` the frequency of token ``v``. It is kept as the
 vector ``f`` (``V`` numbers instead of ``V^2``) and inverted elementwise with
-the same damping rule as the dense blocks (``tr(G) = sum_v f_v``)::
+the same damping rule as the dense blocks (``tr(G) = sum_v f_v``):
 
-    Delta E[v, :] = grad E[v, :] / (f_v + damping * sum_u f_u + abs_damping).
+```
+Delta E[v, :] = grad E[v, :] / (f_v + damping * sum_u f_u + abs_damping).
+```
 
 Since ``grad E[v, :]`` is ``f_v`` times the mean gradient of the occurrences
 of ``v``, a frequent token's row moves by its mean per-occurrence gradient,

@@ -1,9 +1,11 @@
 """Randomized Nystrom approximation of local Fisher blocks, applied by Woodbury.
 
 For a large layer (``d`` inputs) the ``d x d`` inverse costs ``O(d^3)`` work and
-``O(d^2)`` memory. Nystrom keeps a rank-``r`` eigendecomposition instead::
+``O(d^2)`` memory. Nystrom keeps a rank-``r`` eigendecomposition instead:
 
-    G ~ G_r = U diag(lam) U^T,        U: d x r orthonormal,
+```
+G ~ G_r = U diag(lam) U^T,        U: d x r orthonormal,
+```
 
 from a sketch ``Y = G Omega`` with a fixed random ``d x r`` test matrix
 ``Omega`` (J. A. Tropp, A. Yurtsever, M. Udell, V. Cevher, "Fixed-rank
@@ -12,9 +14,11 @@ approximation of a positive-semidefinite matrix from streaming data", NeurIPS
 get the mean discarded eigenvalue ``tau = (tr(G) - sum(lam)) / (d - r)``
 (``tail="mean"``; ``tail="zero"`` treats them as 0), so the model is
 ``M = U diag(lam) U^T + tau (I - U U^T)`` and, with damping ``rho``, every power
-is applied in ``O(d r)`` work and memory (Woodbury / spectral form)::
+is applied in ``O(d r)`` work and memory (Woodbury / spectral form):
 
-    (M + rho I)^p v = U ((lam + rho)^p - (tau + rho)^p) U^T v + (tau + rho)^p v,
+```
+(M + rho I)^p v = U ((lam + rho)^p - (tau + rho)^p) U^T v + (tau + rho)^p v,
+```
 
 ``p = -1`` for the preconditioner and ``p = -1/2, 1/2`` for the reconstructed
 network (paper: W. Liu et al., arXiv:2412.07441). At ``r = d`` (or for ``G`` of
@@ -85,10 +89,12 @@ def approximate(g: jax.Array, rank: int, seed: int = 0,
   ``s^2 <= 100 eps s_max^2`` are numerically unreliable and join the tail.
   ``G_r <= G`` in the PSD order; with probability at least ``1 - 6 p^{-p}``
   (N. Halko, P.-G. Martinsson, J. A. Tropp, SIAM Review 2011, Thm. 10.8,
-  applied to ``G^{1/2}``), for any ``k = r - p``, ``p >= 4``::
+  applied to ``G^{1/2}``), for any ``k = r - p``, ``p >= 4``:
 
-      ||G - G_r||_2 <= [(1 + 8 sqrt(r p log p)) lam_{k+1}^{1/2}
-                        + 3 sqrt(r) (sum_{j>k} lam_j)^{1/2}]^2.
+  ```
+  ||G - G_r||_2 <= [(1 + 8 sqrt(r p log p)) lam_{k+1}^{1/2}
+                    + 3 sqrt(r) (sum_{j>k} lam_j)^{1/2}]^2.
+  ```
 
   Args:
     g: symmetric PSD blocks, shape ``(b, d, d)``.
@@ -108,17 +114,17 @@ def approximate(g: jax.Array, rank: int, seed: int = 0,
 
 def from_sketch(s: sketch_lib.Sketch, seed: int = 0, tail: str = "mean",
                 dtype=None) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """:func:`approximate` from the sketch ``(Y, tr G) = (G Omega, tr G)`` alone.
+  """``approximate`` from the sketch ``(Y, tr G) = (G Omega, tr G)`` alone.
 
   Args:
-    s: a stacked :class:`sngd_jax.Sketch`, ``y`` of shape ``(b, d, r)``,
+    s: a stacked ``sngd_jax.Sketch``, ``y`` of shape ``(b, d, r)``,
       ``trace`` of shape ``(b,)``, made with ``test_matrix(d, r, seed)``.
     seed: the seed of that test matrix.
     tail: ``"mean"`` or ``"zero"``.
     dtype: the dtype of the result (default ``s.y``'s).
 
   Returns:
-    ``(U, lam, tau)`` as :func:`approximate`.
+    ``(U, lam, tau)`` as ``approximate``.
   """
   if tail not in TAILS:
     raise ValueError(f"sngd: unknown Nystrom tail {tail!r}; expected one of {TAILS}")
@@ -129,7 +135,7 @@ def from_sketch(s: sketch_lib.Sketch, seed: int = 0, tail: str = "mean",
   d, rank = y.shape[-2:]
   eps = jnp.finfo(work).eps
   omega = test_matrix(d, rank, seed, work)
-  nu = math.sqrt(d) * eps * jnp.linalg.norm(y, axis=(-2, -1))
+  nu = math.sqrt(d) * eps * base.frobenius_norm(y)
   y_nu = y + nu[:, None, None] * omega
   core = base.symmetrize(jnp.einsum("dr,bds->brs", omega, y_nu, precision=HIGHEST))
   chol = jnp.linalg.cholesky(core)
@@ -180,8 +186,8 @@ def nystrom(rank: int = DEFAULT_RANK, seed: int = 0, tail: str = "mean") -> base
       ``"zero"`` is the plain Nystrom model.
 
   Returns:
-    An :class:`sngd_jax.base.InverseMethod` whose representation is a
-    :class:`NystromRep`; a refresh fails where the result is not finite.
+    An ``sngd_jax.inverse.InverseMethod`` whose representation is a
+    ``NystromRep``; a refresh fails where the result is not finite.
   """
   if tail not in TAILS:
     raise ValueError(f"sngd: unknown Nystrom tail {tail!r}; expected one of {TAILS}")

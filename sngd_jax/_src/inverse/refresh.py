@@ -1,10 +1,10 @@
 """Refreshing the cached inverses: grouping, the method call, and acceptance.
 
-:func:`refresh_inverses` is the one place where the transform inverts its
+``refresh_inverses`` is the one place where the transform inverts its
 factors. Blocks of equal size and dtype (from every layer, and every unit of an
 rfim layer) are stacked and refreshed in one batched call of the inverse
 method, which keeps the compiled program small and the kernels busy. Each
-refreshed block must then pass :func:`accept_refresh`; a rejected block keeps
+refreshed block must then pass ``accept_refresh``; a rejected block keeps
 its previous inverse (the identity before the first refresh) and is counted.
 
 Acceptance: a block of ``A = G + s I`` (``G`` positive semi-definite, shift
@@ -38,8 +38,8 @@ def _probe(d: int, dtype) -> jax.Array:
   return v / jnp.linalg.norm(v)
 
 
-def accept_refresh(apply_fn, rep: Any, blocks: jax.Array, shift: jax.Array,
-                   ok: jax.Array) -> jax.Array:
+def accept_refresh(apply_fn, rep: Any, blocks: jax.Array | jax.ShapeDtypeStruct,
+                   shift: jax.Array, ok: jax.Array) -> jax.Array:
   """Per-block acceptance of a refreshed inverse (see the module docstring).
 
   Args:

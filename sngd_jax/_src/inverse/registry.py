@@ -1,11 +1,11 @@
-"""The inverse methods :func:`sngd_jax.sngd` can use by name, and the size rule.
+"""The inverse methods ``sngd_jax.sngd`` can use by name, and the size rule.
 
-``sngd(inverse=...)`` takes a key of :data:`METHODS` or an
-:class:`~sngd_jax.inverse.InverseMethod` built by one of the factories in
-:mod:`sngd_jax.inverse` (``auto(max_dim=1024)``, ``nystrom(rank=64)``, ...).
+``sngd(inverse=...)`` takes a key of ``METHODS`` or an
+``sngd_jax.inverse.InverseMethod`` built by one of the factories in
+``sngd_jax.inverse`` (``auto(max_dim=1024)``, ``nystrom(rank=64)``, ...).
 
 Large layers: a ``d x d`` dense inverse costs ``O(d^3)`` work and ``O(d^2)``
-memory per refresh. :func:`auto` keeps the exact Cholesky inverse up to
+memory per refresh. ``auto`` keeps the exact Cholesky inverse up to
 ``max_dim`` and above it switches to a Nystrom model of rank ``rank``
 (``O(d r)`` memory) or to the inverses of the diagonal blocks of at most
 ``block_size``.
@@ -46,7 +46,7 @@ def auto(max_dim: int = AUTO_MAX_DIM, large: str = "nystrom",
   to ``d = 4 r`` the dense product costs at most twice the Nystrom one and
   stays exact. The measured trade-off (step time and loss for each rank) is in
   ``benchmarks/results/defaults.md``; per-layer choices are printed by
-  :func:`sngd_jax.coverage` and :func:`sngd_jax.cost_estimate`.
+  ``sngd_jax.coverage`` and ``sngd_jax.cost_estimate``.
 
   Args:
     max_dim: the widest layer input inverted exactly (blocks up to ``max_dim + 1``).
@@ -56,7 +56,7 @@ def auto(max_dim: int = AUTO_MAX_DIM, large: str = "nystrom",
     small: the method up to ``max_dim + 1`` (default Cholesky).
 
   Returns:
-    An :class:`InverseMethod` that dispatches on ``d``.
+    An ``InverseMethod`` that dispatches on ``d``.
   """
   if large not in LARGE:
     raise ValueError(f"sngd: unknown large-layer method {large!r}; expected one of {LARGE}")
@@ -95,7 +95,7 @@ METHODS: dict[str, InverseMethod] = {
 
 
 def get_method(inverse: Union[str, InverseMethod]) -> InverseMethod:
-  """Looks up an inverse method by name (or passes an :class:`InverseMethod` through)."""
+  """Looks up an inverse method by name (or passes an ``InverseMethod`` through)."""
   if isinstance(inverse, InverseMethod):
     return inverse
   try:

@@ -1,10 +1,10 @@
 """Square roots of damped blocks, and the inverse methods built on them.
 
-:func:`eigh_roots`, :func:`denman_beavers` and :func:`newton_schulz` return
+``eigh_roots``, ``denman_beavers`` and ``newton_schulz`` return
 ``Y = A^{1/2}`` and ``Z = A^{-1/2}`` of a stack of SPD blocks ``A`` together
 with the error estimate ``max(||Y Z - I||_F / sqrt(d), ||Y Y - A||_F / ||A||_F)``.
-The reconstructed network (:mod:`sngd_jax._src.reconstruct`) uses them for
-``G^{1/2}`` and ``G^{-1/2}``; :func:`root_refresh` turns one into an inverse
+The reconstructed network (``sngd_jax._src.reconstruct``) uses them for
+``G^{1/2}`` and ``G^{-1/2}``; ``root_refresh`` turns one into an inverse
 method, ``(G + rho I)^{-1} = Z Z``.
 
 The coupled iterations (W. Liu et al., arXiv:2412.07441, use them for the
@@ -22,7 +22,7 @@ Both keep ``Y_k = A Z_k``, so ``Y Z - I = A Z^2 - I`` measures convergence.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,7 @@ from sngd_jax._src.inverse.base import (
     all_finite_per_block,
     compute_dtype,
     dense_apply_flops,
+    frobenius_norm,
     symmetrize,
 )
 from sngd_jax._src.inverse.dense import dense_apply, dense_identity
@@ -71,14 +72,14 @@ def _root_error(y: jax.Array, z: jax.Array, a: jax.Array) -> jax.Array:
   The second term catches a drift that keeps ``Y Z = I`` but loses
   ``Y^2 = A`` (Denman-Beavers in float32 at condition numbers near 1/eps).
   """
-  sq = jnp.linalg.norm(_mm(y, y) - a, axis=(-2, -1)) / jnp.linalg.norm(a, axis=(-2, -1))
+  sq = frobenius_norm(_mm(y, y) - a) / frobenius_norm(a)
   return jnp.maximum(_inverse_error(y, z), sq)
 
 
 def _scale(a: jax.Array, scale: str) -> jax.Array:
   """A per-block ``s >= lambda_max(A)`` so that ``A / s`` has spectrum in ``(0, 1]``."""
   if scale == "frobenius":
-    s = jnp.linalg.norm(a, axis=(-2, -1))
+    s = frobenius_norm(a)
   elif scale == "trace":
     s = jnp.trace(a, axis1=-2, axis2=-1)
   else:
@@ -97,7 +98,7 @@ def eigh_roots(a: jax.Array) -> Roots:
     a: symmetric positive definite blocks, shape ``(..., d, d)``.
 
   Returns:
-    :class:`Roots` in the input dtype (computed in :func:`compute_dtype`).
+    ``Roots`` in the input dtype (computed in ``compute_dtype``).
   """
   dtype = a.dtype
   a = symmetrize(a.astype(compute_dtype(dtype)))
@@ -109,6 +110,15 @@ def eigh_roots(a: jax.Array) -> Roots:
   return Roots(y.astype(dtype), z.astype(dtype), _root_error(y, z, a))
 
 
+def _tolerance(tol: Union[float, str, None], dtype) -> Optional[float]:
+  """``tol`` as a number (``"auto"`` is ``1e3 * eps`` of ``dtype``), or None."""
+  if tol == "auto":
+    return 1e3 * float(jnp.finfo(dtype).eps)
+  if isinstance(tol, str):
+    raise ValueError(f"sngd: unknown tol {tol!r}; expected a number, 'auto' or None")
+  return tol
+
+
 def _coupled_iteration(step, a: jax.Array, num_iters: int, tol: Union[float, str, None],
                        scale: str) -> Roots:
   """Runs ``(Y, Z) <- step(Y, Z)`` from ``(A / s, I)`` and unscales the result."""
@@ -117,16 +127,15 @@ def _coupled_iteration(step, a: jax.Array, num_iters: int, tol: Union[float, str
   s = _scale(a, scale)[..., None, None]
   y = a / s
   z = jnp.broadcast_to(jnp.eye(a.shape[-1], dtype=a.dtype), a.shape)
-  if tol == "auto":
-    tol = 1e3 * float(jnp.finfo(a.dtype).eps)
-  if tol is None:
+  limit = _tolerance(tol, a.dtype)
+  if limit is None:
     y, z = jax.lax.fori_loop(0, num_iters, lambda _, c: step(*c), (y, z))
   else:
     def cond(carry):
       k, y, z = carry
       # Non-finite blocks have failed already; they must not stop the others.
       err = _inverse_error(y, z)
-      return (k < num_iters) & (jnp.max(jnp.where(jnp.isfinite(err), err, 0.0)) > tol)
+      return (k < num_iters) & (jnp.max(jnp.where(jnp.isfinite(err), err, 0.0)) > limit)
 
     def body(carry):
       k, y, z = carry
@@ -151,10 +160,12 @@ def denman_beavers(a: jax.Array, num_iters: int = 40, tol: Union[float, str, Non
                    scale: str = "frobenius") -> Roots:
   """``A^{1/2}`` and ``A^{-1/2}`` by the coupled Denman-Beavers iteration.
 
-  With ``A`` scaled by ``s`` (``||A||_F`` or ``tr(A)``)::
+  With ``A`` scaled by ``s`` (``||A||_F`` or ``tr(A)``):
 
-      Y_0 = A / s,  Z_0 = I,
-      Y_{k+1} = (Y_k + Z_k^{-1}) / 2,   Z_{k+1} = (Z_k + Y_k^{-1}) / 2,
+  ```
+  Y_0 = A / s,  Z_0 = I,
+  Y_{k+1} = (Y_k + Z_k^{-1}) / 2,   Z_{k+1} = (Z_k + Y_k^{-1}) / 2,
+  ```
 
   then ``A^{1/2} = sqrt(s) Y``, ``A^{-1/2} = Z / sqrt(s)``. Converges
   quadratically once the spectrum is near 1; a smallest scaled eigenvalue
@@ -170,7 +181,7 @@ def denman_beavers(a: jax.Array, num_iters: int = 40, tol: Union[float, str, Non
     scale: ``"frobenius"`` or ``"trace"``.
 
   Returns:
-    :class:`Roots`; bfloat16/float16 inputs are computed in float32 and the
+    ``Roots``; bfloat16/float16 inputs are computed in float32 and the
     roots cast back.
   """
   return _coupled_iteration(_db_step, a, num_iters, tol, scale)
@@ -180,10 +191,12 @@ def newton_schulz(a: jax.Array, num_iters: int = 40, tol: Union[float, str, None
                   scale: str = "frobenius") -> Roots:
   """``A^{1/2}`` and ``A^{-1/2}`` by the coupled Newton-Schulz iteration.
 
-  Matrix products only (three a step)::
+  Matrix products only (three a step):
 
-      Y_0 = A / s,  Z_0 = I,  T_k = (3 I - Z_k Y_k) / 2,
-      Y_{k+1} = Y_k T_k,   Z_{k+1} = T_k Z_k,
+  ```
+  Y_0 = A / s,  Z_0 = I,  T_k = (3 I - Z_k Y_k) / 2,
+  Y_{k+1} = Y_k T_k,   Z_{k+1} = T_k Z_k,
+  ```
 
   with ``s = ||A||_F`` or ``tr(A)`` so that the scaled spectrum lies in
   ``(0, 1]`` (convergence needs ``||I - A / s|| < 1``). Each component with
@@ -204,7 +217,7 @@ def newton_schulz(a: jax.Array, num_iters: int = 40, tol: Union[float, str, None
     scale: ``"frobenius"`` or ``"trace"``.
 
   Returns:
-    :class:`Roots`.
+    ``Roots``.
   """
   return _coupled_iteration(_ns_step, a, num_iters, tol, scale)
 
@@ -217,7 +230,7 @@ ROOTS: dict[str, Callable[..., Roots]] = {
 
 
 def sqrt_and_inv_sqrt(a: jax.Array, method: str = "eigh", **kwargs) -> Roots:
-  """``A^{1/2}`` and ``A^{-1/2}`` by the named method (a key of :data:`ROOTS`)."""
+  """``A^{1/2}`` and ``A^{-1/2}`` by the named method (a key of ``ROOTS``)."""
   if method not in ROOTS:
     raise ValueError(f"sngd: unknown root method {method!r}; expected one of {sorted(ROOTS)}")
   return ROOTS[method](a, **kwargs)
@@ -227,12 +240,12 @@ def root_refresh(roots: Callable[..., Roots], error_bound: float, **kwargs):
   """An inverse refresh ``(G + rho I)^{-1} = Z Z`` from an inverse square root ``Z``.
 
   Args:
-    roots: a function like :func:`newton_schulz` returning :class:`Roots`.
-    error_bound: a block whose :attr:`Roots.error` exceeds this fails.
+    roots: a function like ``newton_schulz`` returning ``Roots``.
+    error_bound: a block whose ``Roots.error`` exceeds this fails.
     **kwargs: passed to ``roots``.
 
   Returns:
-    A ``refresh(g, shift)`` function for :class:`InverseMethod`.
+    A ``refresh(g, shift)`` function for ``InverseMethod``.
   """
 
   def refresh(g, shift):
@@ -248,7 +261,7 @@ def root_refresh(roots: Callable[..., Roots], error_bound: float, **kwargs):
 def denman_beavers_inverse(num_iters: int = 40, tol: Union[float, str, None] = "auto",
                            error_bound: float = 1e-3,
                            scale: str = "frobenius") -> InverseMethod:
-  """``(G + rho I)^{-1} = Z Z`` with ``Z`` from :func:`denman_beavers`."""
+  """``(G + rho I)^{-1} = Z Z`` with ``Z`` from ``denman_beavers``."""
   refresh = root_refresh(denman_beavers, error_bound, num_iters=num_iters, tol=tol, scale=scale)
   info = lambda d: MethodInfo("denman_beavers", None, dense_apply_flops(d))
   return InverseMethod(dense_identity, refresh, dense_apply, info=info)
@@ -257,7 +270,7 @@ def denman_beavers_inverse(num_iters: int = 40, tol: Union[float, str, None] = "
 def newton_schulz_inverse(num_iters: int = 40, tol: Union[float, str, None] = "auto",
                           error_bound: float = 1e-3,
                           scale: str = "frobenius") -> InverseMethod:
-  """``(G + rho I)^{-1} = Z Z`` with ``Z`` from :func:`newton_schulz` (products only)."""
+  """``(G + rho I)^{-1} = Z Z`` with ``Z`` from ``newton_schulz`` (products only)."""
   refresh = root_refresh(newton_schulz, error_bound, num_iters=num_iters, tol=tol, scale=scale)
   info = lambda d: MethodInfo("newton_schulz", None, dense_apply_flops(d))
   return InverseMethod(dense_identity, refresh, dense_apply, info=info)

@@ -4,8 +4,8 @@ The refresh of a group of ``b`` equal-size blocks (``(b, d, d)``) can be split
 over devices, as Distributed Shampoo and kfac-jax do: the stack is padded with
 copies of its first block to a multiple of the device count ``k``, device ``s``
 refreshes blocks ``[s b'/k, (s+1) b'/k)``, and the pieces are all-gathered, so
-the cached inverses stay replicated (:func:`split_refresh`,
-:func:`shard_method`). Work per device drops from ``b`` to ``ceil(b/k)``
+the cached inverses stay replicated (``split_refresh``,
+``shard_method``). Work per device drops from ``b`` to ``ceil(b/k)``
 blocks, at the cost of one all-gather of the inverses per refresh.
 """
 
@@ -33,10 +33,10 @@ def split_refresh(refresh, stacked: jax.Array, shift: jax.Array, axis_name: Axis
 
   Args:
     refresh: ``refresh((b, d, d), (b,)) -> (rep, ok)`` of an
-      :class:`sngd_jax.InverseMethod`; ``rep`` is a pytree whose
+      ``sngd_jax.inverse.InverseMethod``; ``rep`` is a pytree whose
       leaves have leading axis ``b``.
     stacked: the symmetrized blocks ``G``, ``(b, d, d)``, or a stacked
-      :class:`sngd_jax.Sketch`, replicated.
+      ``sngd_jax.Sketch``, replicated.
     shift: the damping shift ``rho`` per block, ``(b,)``, replicated.
     axis_name: the axis (or tuple of axes) to split over.
 
