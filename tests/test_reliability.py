@@ -661,3 +661,32 @@ def test_in_range_matches_numpy():
   off_diagonal = np.full((64, 64), big / 4, np.float32) * (1 - np.eye(64, dtype=np.float32))
   assert not np.isfinite(off_diagonal.sum(dtype=np.float32))
   assert bool(statistics.in_range(jnp.asarray(off_diagonal)))
+
+
+@pytest.mark.parametrize("fault", ["nan_grads", "scale_1e20"])
+def test_multisteps_cycle_after_a_bad_micro_batch_trains(fault):
+  """MultiSteps(k=2): a bad micro-batch skips its step, and the next cycle is untouched.
+
+  Reference: the next cycle's update equals that of a fresh MultiSteps state carrying the
+  same sngd state (the accumulators are zeros again, not 0 * NaN).
+  """
+  _, params, grad_fn, _, x, y = _setup()
+  tx = sngd_jax.MultiSteps(exact_sngd(inverse_every=1), every_k_schedule=2)
+  update = jax.jit(tx.update)
+  (_, acts), grads = grad_fn(params, x, y)
+  if fault == "nan_grads":
+    bad_grads, bad_acts = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads), acts
+  else:
+    (_, bad_acts), bad_grads = grad_fn(params, x * 1e20, y)
+  state = tx.init(params)
+  _, state = update(bad_grads, state, params, activations=bad_acts)
+  _, state = update(grads, state, params, activations=acts)  # emits: skipped
+  assert int(state.inner_opt_state.num_skipped_steps) == 1
+  assert _all_finite(state)
+  fresh = tx.init(params)._replace(inner_opt_state=state.inner_opt_state)
+  cycle = lambda s: update(grads, update(grads, s, params, activations=acts)[1], params,
+                           activations=acts)
+  (u, after), (u_fresh, _) = cycle(state), cycle(fresh)
+  assert int(after.inner_opt_state.num_skipped_steps) == 1
+  assert any(np.any(np.asarray(leaf)) for leaf in jax.tree.leaves(u))
+  assert _leaves_equal(u, u_fresh)

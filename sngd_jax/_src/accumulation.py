@@ -166,8 +166,9 @@ class MultiSteps(optax.MultiSteps):
           gradient_step=jnp.where(emit, numerics.safe_increment(state.gradient_step),
                                   state.gradient_step),
           inner_opt_state=inner_state,
-          acc_grads=jax.tree.map(lambda g: ((1 - emit) * g).astype(self._accumulator_dtype),
-                                 acc_grads),
+          # Zeroed by a select: `(1 - emit) * g` keeps a NaN (0 * NaN), which would poison
+          # every later cycle's mean (optax.MultiSteps does that).
+          acc_grads=reset(jax.tree.map(lambda g: g.astype(self._accumulator_dtype), acc_grads)),
           skip_state=skip_state,
           acc_statistics=reset(acc_stats),
           acc_rows=reset(acc_rows))

@@ -326,7 +326,7 @@ def in_range(stat) -> jax.Array:
   statistic (``d x d``, ``d x r`` or ``V``), never over the activations.
 
   Args:
-    stat: a (stack of) dense factor(s), a diagonal, or a :class:`sngd_jax.Sketch`.
+    stat: a (stack of) dense factor(s), a diagonal, or a ``sngd_jax.Sketch``.
 
   Returns:
     A bool scalar.
@@ -338,11 +338,11 @@ def in_range(stat) -> jax.Array:
 
 
 def restart_if_out_of_range(factor, weight: jax.Array):
-  """Replaces a running factor that is not :func:`in_range` by the empty average.
+  """Replaces a running factor that is not ``in_range`` by the empty average.
 
   The empty average (zero factor, weight 0) is the state before the first
   update: the next batch estimate restarts it from the prior. A running
-  factor built by :func:`ema_update` from accepted estimates is always in
+  factor built by ``ema_update`` from accepted estimates is always in
   range; one that is not (restored from a state written otherwise) would fail
   every refresh forever, since the moving average keeps an Inf or NaN. The
   replacement is a ``lax.cond``, not an elementwise select, so that the

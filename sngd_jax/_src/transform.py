@@ -56,10 +56,15 @@ class SNGDState:
     weights: per layer path, the weight ``w_t`` of ``G_t`` (use ``G_t / w_t``).
     inverses: per layer path, the cached inverse representation.
     has_inverse: whether an inverse has been computed yet.
-    num_refresh_failures: blocks whose refresh failed and kept the old inverse.
+    num_refresh_failures: blocks whose refresh failed and kept the old
+      inverse, plus the blocks of a running factor found out of range (not
+      finite, or its trace within a factor 16 of overflow: possible only in a
+      state written otherwise) and restarted from its prior.
     num_skipped_steps: steps that produced a zero update: those with
-      non-finite gradients or activations (which leave the rest of the state
-      unchanged) and those whose preconditioned update overflowed its dtype
+      non-finite gradients, and factor steps whose activations are not finite
+      or whose batch estimate is out of range (finite activations whose
+      ``X~^T X~`` overflows), all of which leave the rest of the state
+      unchanged; and those whose preconditioned update overflowed its dtype
       (whose finite statistics are kept).
     config: the static ``SNGDConfig`` the state was made with (part of
       the tree structure, not a leaf: checkpoints hold the arrays only).
@@ -229,7 +234,7 @@ def _update_statistics(config: SNGDConfig, inputs: _Inputs, state: SNGDState,
   in ``factor_every``, the only steps that read the activations. Those steps
   are rejected (the statistics left as they were, and the step skipped by the
   caller) when an activation is not finite, or when a batch estimate is not
-  :func:`statistics.in_range`: finite activations can still overflow
+  ``statistics.in_range``: finite activations can still overflow
   ``X~^T X~``. Given ready batch estimates (``update(..., statistics=...)``,
   from ``sngd_jax.MultiSteps``) instead of activations, those are checked and
   folded in the same way, on the same steps. A running factor that is itself
@@ -465,12 +470,15 @@ def sngd(
   learning rate (the norm constraint of K-FAC, Ba et al. 2017, without the
   learning rate: this transform does not know it). A step whose gradients are
   not finite, or a factor step (one of every ``factor_every``, the only steps
-  that read the activations) whose activations are not finite, returns zero
-  updates and leaves the state as it was (counted in ``num_skipped_steps``); a
-  step whose preconditioned update would overflow its dtype also returns zero
-  updates and is counted, keeping its (finite) statistics. Refreshed inverses
-  that fail the acceptance test (``docs/reliability.md``) keep the previous
-  inverse (the identity before the first), counted in ``num_refresh_failures``.
+  that read the activations) whose activations are not finite or whose batch
+  estimate overflows (a non-finite entry, or a trace above ``finfo.max / 16``:
+  finite inputs of scale ``~1e19`` in float32), returns zero updates and
+  leaves the state as it was (counted in ``num_skipped_steps``); a step whose
+  preconditioned update would overflow its dtype also returns zero updates
+  and is counted, keeping its (finite) statistics. Refreshed inverses that
+  fail the acceptance test keep the previous inverse (the identity before the
+  first), counted in ``num_refresh_failures``. The guarantee and its limits:
+  ``docs/reliability.md``.
 
   Args:
     fisher: ``"linear"`` (``G = E[x~ x~^T]``), ``"rfim"``
