@@ -268,7 +268,8 @@ def _update_statistics(config: SNGDConfig, inputs: _Inputs, state: SNGDState,
         estimate = statistics.limit_outlier(estimate, factor, weight, config.max_factor_ratio)
       out_f[path], out_w[path] = statistics.ema_update(
           factor, weight, estimate, config.decay, config.prior, omegas.get(path))
-    accepted = distributed.all_agree(jnp.all(jnp.stack(estimates_ok)), axis_name)
+    in_range = jnp.all(jnp.stack(estimates_ok)) if estimates_ok else jnp.array(True)
+    accepted = distributed.all_agree(in_range, axis_name)  # no layers: nothing to reject
     select = lambda new, old: jnp.where(accepted, new, old)
     return (jax.tree.map(select, out_f, state.factors), jax.tree.map(select, out_w, state.weights),
             accepted, jnp.where(accepted, restarted, 0))
