@@ -24,6 +24,7 @@ as it would fold in one big batch's (on the same factor steps, with the same
 
 from __future__ import annotations
 
+import typing
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -102,7 +103,8 @@ class MultiSteps(optax.MultiSteps):
     acc_stats = {} if sngd_state is None else jax.tree.map(jnp.zeros_like, sngd_state.factors)
     acc_rows = {} if sngd_state is None else {
         p: jnp.zeros((), jnp.int32) for p in sngd_state.factors}
-    return MultiStepsState(*base, acc_statistics=acc_stats, acc_rows=acc_rows)
+    return MultiStepsState(*typing.cast(Any, base), acc_statistics=acc_stats,
+                           acc_rows=acc_rows)
 
   def _accumulate(self, updates: Any, state: MultiStepsState,
                   sngd_state: transform.SNGDState, activations: Any):
@@ -134,6 +136,7 @@ class MultiSteps(optax.MultiSteps):
       extra_args["activations"] = activations
     k_steps = self._every_k_schedule(state.gradient_step)
     should_skip, skip_state = self._should_skip_update_fn(updates, state.gradient_step, params)
+    should_skip = typing.cast(jax.Array, should_skip)
     if (should_skip.dtype, should_skip.shape) != (jnp.bool_, ()):
       raise ValueError(
           "The `should_skip_update_fn` function should return a boolean scalar array, but it "
@@ -162,7 +165,7 @@ class MultiSteps(optax.MultiSteps):
                                       state.inner_opt_state)
       reset = lambda tree: jax.tree.map(lambda a: jnp.where(emit, jnp.zeros_like(a), a), tree)
       return out, MultiStepsState(
-          mini_step=numerics.safe_increment(state.mini_step) % k_steps,
+          mini_step=typing.cast(Any, numerics.safe_increment(state.mini_step)) % k_steps,
           gradient_step=jnp.where(emit, numerics.safe_increment(state.gradient_step),
                                   state.gradient_step),
           inner_opt_state=inner_state,
@@ -182,4 +185,5 @@ class MultiSteps(optax.MultiSteps):
 
   def gradient_transformation(self) -> optax.GradientTransformationExtraArgs:
     """This wrapper as an ``optax.GradientTransformationExtraArgs``."""
-    return optax.GradientTransformationExtraArgs(init=self.init, update=self.update)
+    return optax.GradientTransformationExtraArgs(init=self.init,
+                                                 update=typing.cast(Any, self.update))

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import optax
+from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT
 from flax.training import train_state
-from flax.training.train_state import OVERWRITE_WITH_GRADIENT
 
 from sngd_jax._src.capture.records import Activations
 

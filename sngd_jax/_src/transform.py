@@ -222,6 +222,7 @@ def _check_inputs(config: SNGDConfig, method: InverseMethod, updates: Any, state
   if estimates is not None:
     return _Inputs(specs, leaves, treedef, index, omegas, None,
                    {p: estimates[p] for p in specs})
+  assert activations is not None  # checked by check_structure
   validation.check_activations(specs, activations)
   return _Inputs(specs, leaves, treedef, index, omegas, activations)
 
@@ -275,7 +276,7 @@ def _update_statistics(config: SNGDConfig, inputs: _Inputs, state: SNGDState,
   def new_factors(_):
     data = source
     if inputs.estimates is None:
-      data = _statistics_activations(config, data)
+      data = _statistics_activations(config, cast(Activations, data))
     finite = distributed.all_agree(tree_all_finite(data), axis_name)
     return jax.lax.cond(finite, update_factors, lambda _: keep_factors(jnp.array(False)), data)
 
@@ -304,7 +305,7 @@ def local_statistics(updates: Any, state: SNGDState, activations: Activations
   """
   config = state.config
   inputs = _check_inputs(config, _method_of(config), updates, state, activations)
-  acts = _statistics_activations(config, inputs.activations)
+  acts = _statistics_activations(config, cast(Activations, inputs.activations))
   estimates = _batch_estimates(inputs.specs, inputs.omegas, acts)
   rows = {p: statistics.num_rows(spec, acts[p]) for p, spec in inputs.specs.items()}
   return estimates, rows

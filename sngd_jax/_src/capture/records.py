@@ -67,7 +67,7 @@ class Captured:
         return a[:k]
       blocks = a.reshape((self.time_steps, -1) + a.shape[1:])
       return blocks[:, :k].reshape((-1,) + a.shape[1:])
-    return self.replace(inputs=take(self.inputs), outputs=take(self.outputs))
+    return dataclasses.replace(self, inputs=take(self.inputs), outputs=take(self.outputs))
 
 
 def record(store: dict[str, list[Captured]], path: str, inputs: Any, outputs: Any,
