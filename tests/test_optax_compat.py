@@ -247,7 +247,7 @@ def test_inject_hyperparams_of_sngd_without_a_learning_rate():
 def test_inject_hyperparams_static_args_for_fisher_inverse_prior_and_stats_batch_size():
   _, params, x, y, loss_fn = _problem(jnp.float32)
   kw = dict(fisher=lambda path: "rfim" if path == "Dense_2" else "linear",
-            inverse=sngd_jax.inverse.auto(max_dim=6, rank=4), prior="identity",
+            inverse=sngd_jax.inverse.auto(max_dim=5, rank=4), prior="identity",
             stats_batch_size=8, factor_every=1)
   plain, _, _ = _run(sngd_jax.sngd_momentum(0.05, **kw), params, x, y, loss_fn, 3)
   tx = optax.inject_hyperparams(sngd_jax.sngd_momentum,
@@ -257,7 +257,7 @@ def test_inject_hyperparams_static_args_for_fisher_inverse_prior_and_stats_batch
                injected, plain)
   factors = state.inner_state[0].factors
   assert factors["Dense_2"].shape == (3, 6, 6)        # rfim: one block per output
-  assert isinstance(factors["Dense_0"], sngd_jax.Sketch)  # d = 7 > 6: Nystrom sketch
+  assert isinstance(factors["Dense_0"], sngd_jax.Sketch)  # 6 inputs > 5: Nystrom sketch
 
 
 def test_inject_hyperparams_stats_batch_size_must_be_static():
