@@ -104,3 +104,94 @@ class CharLSTM(nn.Module):
     x = nn.Embed(self.vocab, self.embed)(tokens)
     x = nn.RNN(nn.OptimizedLSTMCell(self.hidden))(x)
     return nn.Dense(self.vocab)(x)
+
+
+# --------------------------------------------------------------------------------------
+# The evaluation set (benchmarks/evaluate.py): models no default was ever tuned on.
+# --------------------------------------------------------------------------------------
+
+class SmallCNN(nn.Module):
+  """conv(c1)-pool-conv(c2)-pool-dense(h)-classes, 3x3 convs, ReLU."""
+
+  image_shape: Sequence[int]
+  num_classes: int = 10
+  channels: Sequence[int] = (16, 32)
+  hidden: int = 64
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    del train
+    x = x.reshape((x.shape[0],) + tuple(self.image_shape))
+    for ch in self.channels:
+      x = nn.relu(nn.Conv(ch, (3, 3))(x))
+      x = nn.max_pool(x, (2, 2), (2, 2))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(self.hidden)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class BNBlock(nn.Module):
+  """conv-BN-ReLU-conv-BN plus the identity, then ReLU (a basic ResNet block)."""
+
+  channels: int
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
+    y = nn.relu(norm()(nn.Conv(self.channels, (3, 3), use_bias=False)(x)))
+    y = norm()(nn.Conv(self.channels, (3, 3), use_bias=False)(y))
+    return nn.relu(x + y)
+
+
+class ResNetBN(nn.Module):
+  """Stem conv (stride 2)-BN-ReLU, residual blocks with BatchNorm, global pooling, dense."""
+
+  image_shape: Sequence[int]
+  num_classes: int = 10
+  channels: int = 16
+  blocks: int = 2
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = x.reshape((x.shape[0],) + tuple(self.image_shape))
+    x = nn.Conv(self.channels, (3, 3), strides=(2, 2), use_bias=False)(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+    for _ in range(self.blocks):
+      x = BNBlock(self.channels)(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes)(x)
+
+
+class TransformerBlock(nn.Module):
+  """Pre-LayerNorm causal self-attention and a ReLU MLP, both residual."""
+
+  dim: int
+  heads: int
+
+  @nn.compact
+  def __call__(self, x):
+    mask = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32))
+    y = nn.LayerNorm()(x)
+    x = x + nn.MultiHeadDotProductAttention(self.heads)(y, y, mask=mask)
+    y = nn.LayerNorm()(x)
+    y = nn.Dense(self.dim)(nn.relu(nn.Dense(4 * self.dim)(y)))
+    return x + y
+
+
+class TransformerLM(nn.Module):
+  """A small causal character transformer: token and position embeddings, blocks, head."""
+
+  vocab: int
+  length: int
+  dim: int = 64
+  heads: int = 4
+  blocks: int = 2
+
+  @nn.compact
+  def __call__(self, tokens, train: bool = True):
+    del train
+    x = nn.Embed(self.vocab, self.dim)(tokens)
+    x = x + nn.Embed(self.length, self.dim)(jnp.arange(tokens.shape[1]))[None]
+    for _ in range(self.blocks):
+      x = TransformerBlock(self.dim, self.heads)(x)
+    return nn.Dense(self.vocab)(nn.LayerNorm()(x))

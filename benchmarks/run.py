@@ -18,7 +18,7 @@ not capture yet is reported as pending, with the library's error.
 
 Writes ``benchmarks/results/<task>.json`` (date, machine, versions, every run),
 ``benchmarks/results/<task>.png`` (EMA train loss vs steps and vs wall time)
-and the tables between the markers in ``benchmarks/README.md``.
+and the tables between the markers in ``benchmarks/results/suite.md``.
 """
 
 from __future__ import annotations
@@ -108,7 +108,11 @@ def linear_layers(task: harness.Task):
 
 
 def update_readme() -> str:
-  """Rewrites the tables between the markers of benchmarks/README.md from results/*.json."""
+  """Rewrites the old suite's tables (``benchmarks/results/suite.md``) from results/*.json.
+
+  The suite predates the protocol of ``benchmarks/README.md`` (its grids are two points, its
+  defaults were chosen on its MLPs); :mod:`benchmarks.evaluate` is the protocol's runner.
+  """
   lines = [MARK_START, ""]
   order = {name: i for i, name in enumerate(tasks.TASKS)}
   # Only the suite's task files: results/ also holds other benchmarks' JSON (profile, ...).
@@ -134,8 +138,8 @@ def update_readme() -> str:
     lines.append("")
   lines.append(MARK_END)
   block = "\n".join(lines)
-  path = os.path.join(HERE, "README.md")
-  text = f"# Benchmarks\n\n{MARK_START}\n{MARK_END}\n"
+  path = os.path.join(RESULTS, "suite.md")
+  text = f"# The old suite (superseded by benchmarks/README.md)\n\n{MARK_START}\n{MARK_END}\n"
   if os.path.exists(path):
     with open(path) as f:
       text = f.read()
@@ -241,7 +245,7 @@ def main(argv=None) -> int:
         "notes": notes[task_name], "runs": records})
   if not args.no_readme:
     update_readme()
-    print(f"\nupdated {os.path.join(HERE, 'README.md')}")
+    print(f"\nupdated {os.path.join(RESULTS, 'suite.md')}")
   return 0
 
 

@@ -5,6 +5,9 @@ methods and matrix functions are in the public namespace ``sngd_jax.inverse``.
 """
 
 from sngd_jax import inverse as inverse
+from sngd_jax import presets as presets
+from sngd_jax._src.accumulation import MultiSteps as MultiSteps
+from sngd_jax._src.accumulation import MultiStepsState as MultiStepsState
 from sngd_jax._src.alias import sngd_momentum as sngd_momentum
 from sngd_jax._src.capture.equinox import capture_eqx as capture_eqx
 from sngd_jax._src.capture.linen import capture as capture
@@ -20,6 +23,7 @@ from sngd_jax._src.coverage import CoverageReport as CoverageReport
 from sngd_jax._src.coverage import ParamCoverage as ParamCoverage
 from sngd_jax._src.coverage import coverage as coverage
 from sngd_jax._src.cpu import limit_lapack_threads as limit_lapack_threads
+from sngd_jax._src.diagnostics import trust_region_scale as trust_region_scale
 from sngd_jax._src.layers import FISHER_KINDS as FISHER_KINDS
 from sngd_jax._src.layers import LayerSpec as LayerSpec
 from sngd_jax._src.layers import discover as discover
@@ -31,6 +35,7 @@ from sngd_jax._src.reconstruct import reconstructed_dense as reconstructed_dense
 from sngd_jax._src.reconstruct import to_reconstructed as to_reconstructed
 from sngd_jax._src.sketch import Sketch as Sketch
 from sngd_jax._src.statistics import PRIORS as PRIORS
+from sngd_jax._src.train_state import TrainState as TrainState
 from sngd_jax._src.transform import SNGDState as SNGDState
 from sngd_jax._src.transform import sngd as sngd
 
@@ -44,11 +49,14 @@ __all__ = [
     "FISHER_KINDS",
     "LayerCost",
     "LayerSpec",
+    "MultiSteps",
+    "MultiStepsState",
     "PRIORS",
     "ParamCoverage",
     "SNGDConfig",
     "SNGDState",
     "Sketch",
+    "TrainState",
     "capture",
     "capture_eqx",
     "capture_nnx",
@@ -62,8 +70,10 @@ __all__ = [
     "from_reconstructed",
     "inverse",
     "limit_lapack_threads",
+    "presets",
     "reconstructed_dense",
     "sngd",
     "sngd_momentum",
     "to_reconstructed",
+    "trust_region_scale",
 ]

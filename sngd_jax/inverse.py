@@ -6,7 +6,7 @@
 
 * Protocol: ``InverseMethod`` (``identity``, ``refresh``, ``apply``,
   optional ``sketch`` and ``info``), ``MethodInfo``.
-* Exact: ``cholesky`` (the default up to ``d = 512``), ``eigh``.
+* Exact: ``cholesky`` (the default up to 512 layer inputs, ``d = 513``), ``eigh``.
 * Iterative roots: ``denman_beavers_inverse``, ``newton_schulz_inverse``
   (``(G + rho I)^{-1} = Z Z`` from ``Z = (G + rho I)^{-1/2}``); the roots
   themselves: ``eigh_roots``, ``denman_beavers``, ``newton_schulz``,

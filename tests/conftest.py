@@ -18,7 +18,19 @@ if _SCHEDULER_FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _SCHEDULER_FLAG).strip()
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 # Run CPU computations in the calling thread (no effect on the hang above, which it was
 # first thought to cure; kept because it costs nothing measurable for these small tests).
 jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
+@pytest.fixture(scope="module")
+def x64():
+  """float64 enabled for a whole test module.
+
+  A module opts in with ``pytestmark = pytest.mark.usefixtures("x64")``; a test
+  that needs float32 inside it uses ``with jax.enable_x64(False):``.
+  """
+  with jax.enable_x64(True):
+    yield

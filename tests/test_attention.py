@@ -8,19 +8,15 @@ import jax
 import jax.numpy as jnp
 import np_reference as ref
 import numpy as np
-import optax
 import pytest
-from helpers_mlp import sngd_train_step
+from helpers_train import assert_trains, softmax_loss
 
 import sngd_jax
 
 F64 = dict(param_dtype=jnp.float64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-  with jax.enable_x64(True):
-    yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def _one_step(model, params, *inputs, fisher="linear"):
@@ -170,9 +166,7 @@ def test_one_block_transformer_trains_and_every_parameter_is_covered():
     x, y = batch()
     params = model.init(jax.random.key(0), x)["params"]
 
-    def loss_fn(params, x, y):
-      logits = model.apply({"params": params}, x)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    loss_fn = softmax_loss(lambda p, x: model.apply({"params": p}, x))
 
     report = sngd_jax.coverage(loss_fn, params, x, y)
     assert report.missing == []
@@ -180,19 +174,10 @@ def test_one_block_transformer_trains_and_every_parameter_is_covered():
     assert report.pass_through == ["pos"]
     assert len(report.preconditioned) == len(jax.tree.leaves(params)) - 1
 
-    tx = sngd_jax.sngd_momentum(0.05, momentum=0.9, inverse_every=10)
-    state = tx.init(params)
-
-    step = sngd_train_step(tx, loss_fn)
-
-    eval_x, eval_y = batch()
-    full = jax.jit(loss_fn)
-    before = float(full(params, eval_x, eval_y))
-    for _ in range(40):
-      params, state, _ = step(params, state, *batch())
-    after = float(full(params, eval_x, eval_y))
-    print(f"loss {before:.3f} -> {after:.3f}")
-    assert np.isfinite(after) and after < 0.5 * before, (before, after)
+    eval_batch = batch()
+    batches = [batch() for _ in range(40)]
+    assert_trains(loss_fn, params, batches, eval_batch=eval_batch, learning_rate=0.05,
+                  max_ratio=0.5)
 
 
 def test_bias_free_projections_need_and_accept_their_input_axes():

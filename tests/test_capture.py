@@ -12,11 +12,7 @@ from helpers_mlp import make_problem, reference_update
 
 import sngd_jax
 
-
-@pytest.fixture(autouse=True)
-def x64():
-  with jax.enable_x64(True):
-    yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 class Block(nn.Module):

@@ -9,18 +9,13 @@ import jax
 import jax.numpy as jnp
 import np_reference as ref
 import numpy as np
-import optax
 import pytest
-from helpers_mlp import sngd_train_step
+from helpers_train import assert_trains, softmax_loss
 
 import sngd_jax
 from sngd_jax._src import conv as conv_lib
 
-
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-  with jax.enable_x64(True):
-    yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 # (kernel_size, strides, padding, kernel_dilation, input_dilation, groups, C_in, spatial)
@@ -202,10 +197,7 @@ def test_small_cnn_trains_and_every_parameter_is_covered():
     x, y = _fashion_subset(256)
     model = SmallCNN()
     params = model.init(jax.random.key(0), x[:1])["params"]
-
-    def loss_fn(params, x, y):
-      logits = model.apply({"params": params}, x)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    loss_fn = softmax_loss(lambda p, x: model.apply({"params": p}, x))
 
     report = sngd_jax.coverage(loss_fn, params, x[:8], y[:8])
     assert report.missing == [] and report.pass_through == []
@@ -213,16 +205,7 @@ def test_small_cnn_trains_and_every_parameter_is_covered():
               jax.tree_util.tree_flatten_with_path(params)[0]]
     assert sorted(report.preconditioned) == sorted(leaves)
 
-    tx = sngd_jax.sngd_momentum(0.05, momentum=0.9, inverse_every=10)
-    state = tx.init(params)
-
-    step = sngd_train_step(tx, loss_fn)
-
-    full = jax.jit(loss_fn)
-    before = float(full(params, x, y))
-    for i in range(40):
-      sl = slice((i % 4) * 64, (i % 4 + 1) * 64)
-      params, state, _ = step(params, state, x[sl], y[sl])
-    after = float(full(params, x, y))
-    print(f"loss {before:.3f} -> {after:.3f}")
-    assert np.isfinite(after) and after < 0.8 * before, (before, after)
+    quarters = [slice(k * 64, (k + 1) * 64) for k in range(4)]
+    batches = [(x[quarters[i % 4]], y[quarters[i % 4]]) for i in range(40)]
+    assert_trains(loss_fn, params, batches, eval_batch=(x, y), learning_rate=0.05,
+                  max_ratio=0.8)

@@ -16,10 +16,7 @@ from sngd_jax._src.inverse import diagonal
 F64 = dict(param_dtype=jnp.float64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-  with jax.enable_x64(True):
-    yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def _grads_updates(model, params, *inputs, tx=None, state=None, **kwargs):

@@ -16,13 +16,7 @@ from sngd_jax import inverse as methods
 from sngd_jax._src import statistics as factors_lib
 from sngd_jax._src.inverse import nystrom
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _x64():
-  old = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", old)
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 class MLP(nn.Module):
@@ -149,18 +143,24 @@ def test_blocks_match_block_diagonal_reference():
 
 
 def test_auto_switches_large_layers():
-  tx = exact_sngd(inverse=methods.auto(max_dim=16, large="nystrom", rank=4),
+  """``max_dim`` counts layer inputs: blocks up to ``max_dim + 1`` (with the bias row) are
+  exact, larger ones get the Nystrom model."""
+  tx = exact_sngd(inverse=methods.auto(max_dim=15, large="nystrom", rank=4),
                      inverse_every=1)
   updates, state = run(tx, steps=2)
   ref, _ = run(exact_sngd(inverse="cholesky", inverse_every=1), steps=2)
-  assert state.inverses["Dense_0"].shape == (1, 16, 16)       # d = 16: exact
-  rep = state.inverses["Dense_1"]                             # d = 17: rank 4
+  assert state.inverses["Dense_0"].shape == (1, 16, 16)       # 15 inputs + bias: exact
+  rep = state.inverses["Dense_1"]                             # 16 inputs + bias: rank 4
   assert isinstance(rep, nystrom.NystromRep) and rep.basis.shape == (1, 17, 4)
   assert int(state.num_refresh_failures) == 0
   # Step 0 sees the same params; later steps differ through the other layers' updates.
   assert tree_rel(updates[0]["Dense_0"], ref[0]["Dense_0"]) < 1e-8
   assert tree_rel(updates[0]["Dense_1"], ref[0]["Dense_1"]) > 1e-6
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(updates))
+  # A 16-wide layer with its bias (d = 17) stays exact under max_dim=16.
+  _, state16 = run(exact_sngd(inverse=methods.auto(max_dim=16, rank=4), inverse_every=1),
+                   steps=1)
+  assert state16.inverses["Dense_1"].shape == (1, 17, 17)
 
 
 @pytest.mark.parametrize("fisher,blocks", [("linear", 4), ("rfim", 16 + 16 + 16 + 3)])

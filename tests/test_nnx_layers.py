@@ -5,20 +5,17 @@ import jax
 import jax.numpy as jnp
 import np_reference as ref
 import numpy as np
-import optax
 import pytest
 from exact import exact_sngd
 from flax import nnx
+from helpers_train import assert_trains, softmax_loss
 
 import sngd_jax
 
 F64 = dict(param_dtype=jnp.float64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-  with jax.enable_x64(True):
-    yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def _one_step(model, *inputs):
@@ -191,18 +188,8 @@ def test_nnx_cnn_trains_through_optimizer():
     x = rng.normal(size=(128, 12, 12, 1)).astype(np.float32)
     y = (x[:, :6].mean((1, 2, 3)) > x[:, 6:].mean((1, 2, 3))).astype(np.int32) * 3
     model = CNN(nnx.Rngs(0))
-    loss_fn = lambda m, x, y: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+    loss_fn = softmax_loss(lambda m, x: m(x))
     report = sngd_jax.coverage(loss_fn, model, x, y)
     assert report.missing == [] and report.pass_through == []
-    opt = nnx.Optimizer(model, sngd_jax.sngd_momentum(0.05, inverse_every=5), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, opt, x, y):
-      (loss, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(
-          model, x, y)
-      opt.update(model, grads, activations=acts)
-      return loss
-
-    losses = [float(step(model, opt, x, y)) for _ in range(30)]
-    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    assert np.isfinite(losses[-1]) and losses[-1] < 0.5 * losses[0], losses[::5]
+    assert_trains(loss_fn, model, [(x, y)] * 30, learning_rate=0.05, max_ratio=0.5,
+                  inverse_every=5)

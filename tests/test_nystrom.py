@@ -11,13 +11,7 @@ import pytest
 
 from sngd_jax._src.inverse import nystrom
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _x64():
-  old = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", old)
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def psd(d, lam, seed=0):

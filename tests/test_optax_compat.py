@@ -145,3 +145,122 @@ def test_state_can_be_donated_to_a_jitted_step():
   for _ in range(2):
     params, state = step(params, state)
   assert int(state[0].count) == 2
+
+
+class _Runner:
+  """Jitted steps of one optimizer on the problem (compiled once)."""
+
+  def __init__(self, tx, x, y, loss_fn):
+    self.tx = tx
+
+    def step(params, state):
+      _, grads, acts = grads_and_acts(loss_fn, params, x, y)
+      updates, state = tx.update(grads, state, params, activations=acts)
+      return optax.apply_updates(params, updates), state, updates
+
+    self.step = jax.jit(step)
+
+  def __call__(self, params, steps, state=None, change=None):
+    """`steps` steps; `change(state)` (if given) edits the state before each."""
+    state = self.tx.init(params) if state is None else state
+    updates = None
+    for _ in range(steps):
+      if change is not None:
+        state = change(state)
+      params, state, updates = self.step(params, state)
+    return params, state, updates
+
+
+def _run(tx, params, x, y, loss_fn, steps):
+  return _Runner(tx, x, y, loss_fn)(params, steps)
+
+
+INJECTABLE = dict(learning_rate=0.03, momentum=0.8, weight_decay=1e-3, damping=1e-3,
+                  max_norm=0.5)
+
+
+def test_inject_hyperparams_of_sngd_momentum_is_the_plain_optimizer():
+  _, params, x, y, loss_fn = _problem(jnp.float32)
+  kw = dict(factor_every=2, inverse_every=2)
+  plain, _, _ = _run(sngd_jax.sngd_momentum(**INJECTABLE, **kw), params, x, y, loss_fn, 4)
+  tx = optax.inject_hyperparams(sngd_jax.sngd_momentum)(**INJECTABLE, **kw)
+  injected, state, _ = _run(tx, params, x, y, loss_fn, 4)
+  assert set(INJECTABLE) <= set(state.hyperparams)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
+               injected, plain)
+  # the recorded static configuration leaves the injected (array) options out
+  (sngd_state,) = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(
+      s, sngd_jax.SNGDState)) if isinstance(s, sngd_jax.SNGDState)]
+  assert sngd_state.config.damping is None and sngd_state.config.max_norm is None
+  assert sngd_state.config.inverse == "auto"
+
+
+def test_inject_hyperparams_changed_between_steps_change_the_step():
+  """Each injectable option, changed after two steps, gives the step of the new values."""
+  _, params, x, y, loss_fn = _problem(jnp.float32)
+  kw = dict(factor_every=1, inverse_every=1)  # damping acts at every step
+  tx = optax.inject_hyperparams(sngd_jax.sngd_momentum)(**INJECTABLE, **kw)
+  run = _Runner(tx, x, y, loss_fn)
+  params2, state2, _ = run(params, 2)
+  _, _, unchanged = run(params2, 1, state=state2)
+  _, grads, acts = grads_and_acts(loss_fn, params2, x, y)
+  new = dict(learning_rate=0.06, momentum=0.5, weight_decay=1e-1, damping=1e-1, max_norm=0.05)
+  for name, value in new.items():
+    def change(state, name=name, value=value):
+      hyper = dict(state.hyperparams)
+      hyper[name] = jnp.asarray(value, hyper[name].dtype)
+      return state._replace(hyperparams=hyper)
+
+    _, _, updates = run(params2, 1, state=state2, change=change)
+    # the reference: the plain optimizer with the new value, from the same inner state
+    ref_tx = sngd_jax.sngd_momentum(**{**INJECTABLE, name: value}, **kw)
+    ref, _ = ref_tx.update(grads, state2.inner_state, params2, activations=acts)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7),
+                 updates, ref)
+    diff = max(float(jnp.max(jnp.abs(a - b)))
+               for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(unchanged),
+                               strict=True))
+    assert diff > 1e-5, name
+
+
+def test_inject_hyperparams_learning_rate_scales_the_first_step():
+  _, params, x, y, loss_fn = _problem(jnp.float32)
+  tx = optax.inject_hyperparams(sngd_jax.sngd_momentum)(learning_rate=0.03)
+  run = _Runner(tx, x, y, loss_fn)
+  state = tx.init(params)
+  _, _, u1 = run(params, 1, state=state)
+  state = state._replace(hyperparams={**state.hyperparams, "learning_rate": jnp.asarray(0.09)})
+  _, _, u3 = run(params, 1, state=state)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, 3 * b, rtol=1e-5, atol=1e-9), u3, u1)
+
+
+def test_inject_hyperparams_of_sngd_without_a_learning_rate():
+  _, params, x, y, loss_fn = _problem(jnp.float32)
+  plain = optax.chain(sngd_jax.sngd(damping=1e-3), optax.sgd(0.1))
+  injected = optax.chain(optax.inject_hyperparams(sngd_jax.sngd)(damping=1e-3), optax.sgd(0.1))
+  p1, _, _ = _run(plain, params, x, y, loss_fn, 3)
+  p2, state, _ = _run(injected, params, x, y, loss_fn, 3)
+  assert float(state[0].hyperparams["damping"]) == pytest.approx(1e-3)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), p1, p2)
+
+
+def test_inject_hyperparams_static_args_for_fisher_inverse_prior_and_stats_batch_size():
+  _, params, x, y, loss_fn = _problem(jnp.float32)
+  kw = dict(fisher=lambda path: "rfim" if path == "Dense_2" else "linear",
+            inverse=sngd_jax.inverse.auto(max_dim=5, rank=4), prior="identity",
+            stats_batch_size=8, factor_every=1)
+  plain, _, _ = _run(sngd_jax.sngd_momentum(0.05, **kw), params, x, y, loss_fn, 3)
+  tx = optax.inject_hyperparams(sngd_jax.sngd_momentum,
+                                static_args=("fisher", "stats_batch_size"))(0.05, **kw)
+  injected, state, _ = _run(tx, params, x, y, loss_fn, 3)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
+               injected, plain)
+  factors = state.inner_state[0].factors
+  assert factors["Dense_2"].shape == (3, 6, 6)        # rfim: one block per output
+  assert isinstance(factors["Dense_0"], sngd_jax.Sketch)  # 6 inputs > 5: Nystrom sketch
+
+
+def test_inject_hyperparams_stats_batch_size_must_be_static():
+  with pytest.raises(TypeError, match=r"static_args=\(\"stats_batch_size\",\)"):
+    optax.inject_hyperparams(sngd_jax.sngd_momentum)(0.05, stats_batch_size=8).init(
+        _problem()[1])

@@ -480,3 +480,213 @@ def test_max_factor_ratio_guards_the_average_against_an_outlier_batch():
   clean_norm = float(jnp.linalg.norm(clean["Dense_0"]["kernel"]))
   assert norms[None] < 1e-6 * clean_norm  # frozen: the EMA holds 0.005 * 1e12 G
   assert norms[100.0] > 1e-2 * clean_norm
+
+
+OVERFLOW_CASES = {  # (fisher, inverse): dense, per-unit and sketched factors
+    "linear": ("linear", "cholesky"),
+    "rfim": ("rfim", "cholesky"),
+    "sketch": ("linear", methods.nystrom(rank=3)),  # d = 5 > 3: the factor is a sketch
+    "newton_schulz": ("linear", "newton_schulz"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OVERFLOW_CASES))
+def test_overflowing_batch_is_skipped_and_training_resumes(case):
+  """Finite inputs of scale 1e20: x~^T x~ overflows float32, so the batch is skipped.
+
+  Reference: the same run without the faulty batch. The skipped step leaves the state bitwise
+  (but for the counter) and plain SGD adds a zero update, so every later step, loss and param
+  equals the clean run's, bit for bit; training goes on and no refresh fails.
+  """
+  fisher, inverse = OVERFLOW_CASES[case]
+  _, params, grad_fn, _, x, y = _setup()
+  tx = optax.chain(sngd_jax.sngd(fisher=fisher, inverse=inverse, inverse_every=2,
+                                 factor_every=1), optax.sgd(0.1))
+
+  @jax.jit
+  def step(params, state, x):
+    (loss, acts), grads = grad_fn(params, x, y)
+    updates, state = tx.update(grads, state, params, activations=acts)
+    return optax.apply_updates(params, updates), state, loss
+
+  def run(fault_at):
+    p, state, losses, states = params, tx.init(params), [], []
+    for t in range(12):
+      p, state, loss = step(p, state, x * 1e20 if t == fault_at else x)
+      losses.append(float(loss))
+      states.append(state[0])
+    return p, losses, states
+
+  clean_params, clean_losses, clean_states = run(fault_at=None)
+  params_f, losses, states = run(fault_at=4)
+  assert int(states[4].num_skipped_steps) == 1
+  assert _leaves_equal(states[4]._replace(num_skipped_steps=states[3].num_skipped_steps),
+                       states[3])
+  assert all(_all_finite(s) for s in states)
+  assert int(states[-1].num_refresh_failures) == 0
+  # After the fault the run is the clean run one step behind.
+  assert losses[5:] == clean_losses[4:-1]
+  assert _leaves_equal(states[-1].factors, clean_states[-2].factors)
+  assert losses[-1] < losses[3] < losses[0]
+  assert _all_finite(params_f)
+
+
+def _training_run(tx, batches, params, grad_fn, y, state=None):
+  """Runs ``tx`` (a chain whose first element is sngd) over ``batches``; returns the
+  losses and the sngd state after every step."""
+  @jax.jit
+  def step(params, state, x):
+    (loss, acts), grads = grad_fn(params, x, y)
+    updates, state = tx.update(grads, state, params, activations=acts)
+    return optax.apply_updates(params, updates), state, loss
+
+  state = tx.init(params) if state is None else state
+  losses, states = [], []
+  for x in batches:
+    params, state, loss = step(params, state, x)
+    losses.append(float(loss))
+    states.append(state)
+  return losses, states
+
+
+@pytest.mark.parametrize("fault", ["nan_grads", "inf_activation", "scale_1e20", "zero_batch"])
+def test_training_resumes_after_each_fault(fault):
+  """After any fault the loss falls again within a few steps, and no refresh fails.
+
+  A skipped fault (the first three) leaves the run one step behind the clean run, bit for
+  bit (plain SGD adds nothing on a zero update). An all-zero batch is finite and taken: its
+  statistics (only the bias entry) enter the average, and training goes on from there.
+  """
+  _, params, grad_fn, _, x, y = _setup()
+  tx = optax.chain(sngd_jax.sngd(inverse_every=2, factor_every=1), optax.sgd(0.1))
+  if fault == "nan_grads":
+    def grad_with_fault(p, xb, yb):
+      out, grads = grad_fn(p, xb, yb)
+      bad = jnp.any(jnp.isnan(xb))  # the faulty batch is marked by a NaN in its last column
+      grads = jax.tree.map(lambda g: jnp.where(bad, g.at[(0,) * g.ndim].set(jnp.nan), g), grads)
+      return out, grads
+    faulty, run_grad = x.at[:, -1].set(jnp.nan), grad_with_fault
+    x_clean = x
+  elif fault == "inf_activation":
+    def grad_with_fault(p, xb, yb):
+      (loss, acts), grads = grad_fn(p, xb, yb)
+      call = acts["Dense_1"][0]
+      bad = jnp.all(xb == 7.0)
+      acts = {**acts, "Dense_1": (call.replace(inputs=jnp.where(
+          bad, call.inputs.at[0, 0].set(jnp.inf), call.inputs)),)}
+      return (loss, acts), grads
+    faulty, run_grad, x_clean = jnp.full_like(x, 7.0), grad_with_fault, x
+  else:
+    faulty = x * 1e20 if fault == "scale_1e20" else jnp.zeros_like(x)
+    run_grad, x_clean = grad_fn, x
+  batches = [x_clean] * 4 + [faulty] + [x_clean] * 7
+  losses, states = _training_run(tx, batches, params, run_grad, y)
+  clean_losses, clean_states = _training_run(tx, [x_clean] * 12, params, run_grad, y)
+  sngd_states = [s[0] for s in states]
+  assert all(_all_finite(s) for s in states)
+  assert int(sngd_states[-1].num_refresh_failures) == 0
+  skipped = int(sngd_states[-1].num_skipped_steps)
+  if fault == "zero_batch":
+    assert skipped == 0
+    assert losses[-1] < losses[5] and losses[-1] < clean_losses[3]
+  else:
+    assert skipped == 1 and int(sngd_states[4].count) == 4
+    assert losses[5:] == clean_losses[4:-1]
+  # Falls within a few steps: three steps after the fault it is below the loss before it.
+  assert losses[8] < losses[3]
+
+
+@pytest.mark.parametrize("poison", [np.inf, np.nan])
+@pytest.mark.parametrize("fisher,inverse", [("linear", "cholesky"), ("rfim", "cholesky"),
+                                            ("linear", methods.nystrom(rank=3))])
+def test_poisoned_factor_restarts_from_the_prior(poison, fisher, inverse):
+  """A state whose factor is not finite (e.g. restored from a run of an older version, in
+  which a 1e20 batch wrote Inf into it) restarts that layer's average from the prior.
+
+  Reference: the restarted factor equals, bit for bit, the first update of a fresh state
+  from the same batch; the restart is counted once per block in ``num_refresh_failures``;
+  the other layer is untouched; refreshes succeed afterwards and the loss falls.
+  """
+  _, params, grad_fn, _, x, y = _setup()
+  tx = optax.chain(sngd_jax.sngd(fisher=fisher, inverse=inverse, inverse_every=2,
+                                 factor_every=1), optax.sgd(0.1))
+  _, states = _training_run(tx, [x] * 3, params, grad_fn, y)
+  state = states[-1]
+  sngd_state = state[0]
+  poisoned = jax.tree.map(lambda f: f.at[(0,) * f.ndim].set(poison),
+                          sngd_state.factors["Dense_0"])
+  sngd_state = sngd_state._replace(factors={**sngd_state.factors, "Dense_0": poisoned})
+  state = (sngd_state,) + tuple(state[1:])
+  losses, states = _training_run(tx, [x] * 6, params, grad_fn, y, state=state)
+  after = [s[0] for s in states]
+  blocks = 6 if fisher == "rfim" else 1  # Dense_0 has 6 units
+  assert int(after[0].num_refresh_failures) == blocks
+  assert int(after[-1].num_refresh_failures) == blocks  # refreshes succeed afterwards
+  assert int(after[-1].num_skipped_steps) == 0
+  assert all(_all_finite(s) for s in states)
+  fresh_tx = tx.init(params)[0]
+  (_, acts), grads = grad_fn(params, x, y)
+  _, fresh = jax.jit(tx.update)(grads, (fresh_tx,) + tuple(tx.init(params)[1:]), params,
+                                activations=acts)
+  assert _leaves_equal(after[0].factors["Dense_0"], fresh[0].factors["Dense_0"])
+  assert _leaves_equal(after[0].weights["Dense_0"], fresh[0].weights["Dense_0"])
+  assert not _leaves_equal(after[0].factors["Dense_1"], fresh[0].factors["Dense_1"])
+  assert losses[-1] < losses[0]
+
+
+def test_in_range_matches_numpy():
+  """statistics.in_range: finite entries and trace <= max / 16, on every kind of statistic."""
+  big = float(np.finfo(np.float32).max)
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal((4, 4)).astype(np.float32)
+  g = a @ a.T
+  cases = {
+      "dense": (g, True),
+      "dense_nan_offdiag": (g.copy(), False),
+      "dense_trace_below_bound": (np.diag(np.full(4, big / 80)).astype(np.float32), True),
+      "dense_trace_over_bound": (np.diag(np.full(4, big / 40)).astype(np.float32), False),
+      "diagonal": (np.array([0.5, 0.25, 0.25], np.float32), True),
+      "diagonal_inf": (np.array([0.5, np.inf, 0.25], np.float32), False),
+      "stack": (np.stack([g, 2 * g]), True),
+  }
+  cases["dense_nan_offdiag"][0][0, 1] = np.nan
+  for name, (stat, want) in cases.items():
+    assert bool(statistics.in_range(jnp.asarray(stat))) == want, name
+  y = rng.standard_normal((4, 2)).astype(np.float32)
+  assert bool(statistics.in_range(sngd_jax.Sketch(jnp.asarray(y), jnp.float32(3.0))))
+  assert not bool(statistics.in_range(sngd_jax.Sketch(jnp.asarray(y).at[1, 1].set(jnp.inf),
+                                                      jnp.float32(3.0))))
+  assert not bool(statistics.in_range(sngd_jax.Sketch(jnp.asarray(y), jnp.float32(big))))
+  # The finiteness sum cannot overflow: finite entries whose plain sum does still pass.
+  off_diagonal = np.full((64, 64), big / 4, np.float32) * (1 - np.eye(64, dtype=np.float32))
+  assert not np.isfinite(off_diagonal.sum(dtype=np.float32))
+  assert bool(statistics.in_range(jnp.asarray(off_diagonal)))
+
+
+@pytest.mark.parametrize("fault", ["nan_grads", "scale_1e20"])
+def test_multisteps_cycle_after_a_bad_micro_batch_trains(fault):
+  """MultiSteps(k=2): a bad micro-batch skips its step, and the next cycle is untouched.
+
+  Reference: the next cycle's update equals that of a fresh MultiSteps state carrying the
+  same sngd state (the accumulators are zeros again, not 0 * NaN).
+  """
+  _, params, grad_fn, _, x, y = _setup()
+  tx = sngd_jax.MultiSteps(exact_sngd(inverse_every=1), every_k_schedule=2)
+  update = jax.jit(tx.update)
+  (_, acts), grads = grad_fn(params, x, y)
+  if fault == "nan_grads":
+    bad_grads, bad_acts = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads), acts
+  else:
+    (_, bad_acts), bad_grads = grad_fn(params, x * 1e20, y)
+  state = tx.init(params)
+  _, state = update(bad_grads, state, params, activations=bad_acts)
+  _, state = update(grads, state, params, activations=acts)  # emits: skipped
+  assert int(state.inner_opt_state.num_skipped_steps) == 1
+  assert _all_finite(state)
+  fresh = tx.init(params)._replace(inner_opt_state=state.inner_opt_state)
+  cycle = lambda s: update(grads, update(grads, s, params, activations=acts)[1], params,
+                           activations=acts)
+  (u, after), (u_fresh, _) = cycle(state), cycle(fresh)
+  assert int(after.inner_opt_state.num_skipped_steps) == 1
+  assert any(np.any(np.asarray(leaf)) for leaf in jax.tree.leaves(u))
+  assert _leaves_equal(u, u_fresh)

@@ -418,6 +418,15 @@ def test_replicated_out_sharding_is_none_without_a_mesh():
   assert distributed.replicated_out_sharding(jnp.ones((4, 3))) is None
 
 
+@multi
+def test_fault_on_one_shard_skips_the_step_on_every_device():
+  """The reliability sweep's shard_map case (``tests/test_sweep.py``), in this 8-device run:
+  a 1e20 batch, a NaN activation, a 1e30 constant on device 3's shard and an Inf gradient
+  are each skipped on all devices, counted once; a zero batch there is taken."""
+  import test_sweep
+  test_sweep.test_multi_device_fault_on_one_shard_skips_on_all()
+
+
 def test_axis_helpers_are_identity_without_axis_name():
   x = jnp.arange(3.0)
   assert distributed.axis_mean(x, None) is x

@@ -13,10 +13,7 @@ import sngd_jax
 FEATURES = (7, 5, 3)
 
 
-@pytest.fixture(autouse=True)
-def x64():
-  with jax.enable_x64(True):
-    yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 @pytest.mark.parametrize("fisher", ["linear", "rfim"])
@@ -116,6 +113,36 @@ def test_inverse_is_cached_between_refreshes_and_ema_matches_numpy():
     ref = np.linalg.solve(used + 1e-3 * np.trace(used) * np.eye(7), g)
     np.testing.assert_allclose(outs[t]["Dense_0"]["kernel"], ref[:-1], rtol=1e-9)
 
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_inverse_warmup_refresh_steps(warmup):
+  """With ``inverse_warmup`` the inverse is refreshed at count 0, after the factor updates
+  number 1, 2, 4, 8 (counts factor_every * 2^k) below inverse_every, then every
+  inverse_every; without it at 0 and every inverse_every. Read from when the cached
+  inverse changes, and each refreshed inverse is that of the factor at that step."""
+  _, params, _, _, loss_fn = make_problem(features=FEATURES)
+  f, k, n = 2, 24, 30
+  batches = _batches(n)
+  tx = exact_sngd(decay=0.9, factor_every=f, inverse_every=k, inverse_warmup=warmup,
+                  inverse="cholesky")
+  state = tx.init(params)
+  changed, prev = [], None
+  for t, (x, y) in enumerate(batches):
+    _, grads, acts = grads_and_acts(loss_fn, params, x, y)
+    _, state = tx.update(grads, state, params, activations=acts)
+    inv = np.asarray(jax.tree.leaves(state.inverses["Dense_0"])[0])
+    if prev is None or not np.array_equal(inv, prev):
+      changed.append(t)
+      # The refreshed inverse represents (G_t + 1e-4 tr(G_t) I) for the current factor.
+      G = np.asarray(state.factors["Dense_0"]) / float(state.weights["Dense_0"])
+      A = G + 1e-4 * np.trace(G) * np.eye(7)
+      probe = np.linspace(1.0, 2.0, 7)[None, :, None]
+      got = sngd_jax.inverse.METHODS["cholesky"].apply(state.inverses["Dense_0"], probe)
+      np.testing.assert_allclose(np.asarray(got)[0, :, 0], np.linalg.solve(A, probe[0, :, 0]),
+                                 rtol=1e-9)
+    prev = inv
+  assert changed == ([0, 2, 4, 8, 16, 24] if warmup else [0, 24])
 
 @pytest.mark.parametrize("prior", ["scaled_identity", "none"])
 def test_priors_match_numpy(prior):

@@ -12,10 +12,7 @@ import sngd_jax
 FEATURES = (7, 5, 3)
 
 
-@pytest.fixture(autouse=True)
-def x64():
-  with jax.enable_x64(True):
-    yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def _reference(params, x, grads, fisher, damping):
@@ -84,3 +81,27 @@ def test_pass_through_leaves_are_not_scaled():
 def test_bad_max_norm_is_refused(bad):
   with pytest.raises(ValueError, match="max_norm"):
     sngd_jax.sngd(max_norm=bad)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 1.5])
+def test_trust_region_scale_diagnostic(fraction):
+  """``trust_region_scale`` gives min(1, max_norm / sqrt(q)) with q from float64 numpy, from
+  the update's output (inside a chain) and from the state's cached inverses alike."""
+  _, params, x, y, loss_fn = make_problem(features=FEATURES)
+  _, grads, acts = grads_and_acts(loss_fn, params, x, y)
+  _, q = _reference(params, x, grads, "linear", 1e-3)
+  radius = fraction * np.sqrt(q)
+  pre = sngd_jax.sngd(damping=1e-3, decay=0.0, max_norm=radius)
+  tx = optax.chain(pre, optax.sgd(0.1, momentum=0.9))
+  state = tx.init(params)
+  u, new_pre = pre.update(grads, state[0], params, activations=acts)
+  _, new_state = tx.update(grads, state, params, activations=acts)
+  want = min(1.0, fraction)
+  np.testing.assert_allclose(sngd_jax.trust_region_scale(grads, new_pre, u), want, rtol=1e-8)
+  # From the chain's state: the inverses are the ones that update used (decay=0: the
+  # next update's factor would be the same batch's).
+  np.testing.assert_allclose(sngd_jax.trust_region_scale(grads, new_state), want, rtol=1e-8)
+  plain = sngd_jax.sngd(max_norm=None)
+  assert float(sngd_jax.trust_region_scale(grads, plain.init(params))) == 1.0
+  with pytest.raises(ValueError, match="SNGDState"):
+    sngd_jax.trust_region_scale(grads, optax.sgd(0.1).init(params))

@@ -32,6 +32,7 @@ def sngd_momentum(
     decay: float = DEFAULTS.decay,
     factor_every: int = DEFAULTS.factor_every,
     inverse_every: int = DEFAULTS.inverse_every,
+    inverse_warmup: bool = DEFAULTS.inverse_warmup,
     prior: str = DEFAULTS.prior,
     stats_batch_size: Optional[int] = DEFAULTS.stats_batch_size,
     max_factor_ratio: Optional[float] = DEFAULTS.max_factor_ratio,
@@ -66,6 +67,7 @@ def sngd_momentum(
     decay: see ``sngd_jax.sngd``.
     factor_every: see ``sngd_jax.sngd``.
     inverse_every: see ``sngd_jax.sngd``.
+    inverse_warmup: see ``sngd_jax.sngd``.
     prior: see ``sngd_jax.sngd``.
     stats_batch_size: see ``sngd_jax.sngd``.
     max_factor_ratio: see ``sngd_jax.sngd``.
@@ -80,9 +82,16 @@ def sngd_momentum(
   return optax.chain(
       sngd(fisher=fisher, stacked=stacked, inverse=inverse, damping=damping,
            abs_damping=abs_damping, decay=decay, factor_every=factor_every,
-           inverse_every=inverse_every, prior=prior,
+           inverse_every=inverse_every, inverse_warmup=inverse_warmup, prior=prior,
            stats_batch_size=stats_batch_size, max_factor_ratio=max_factor_ratio,
            max_norm=max_norm, axis_name=axis_name, shard_refresh=shard_refresh),
       optax.add_decayed_weights(weight_decay, mask=_kernel_mask),
-      optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov),
+      optax.sgd(learning_rate, momentum=_momentum_or_none(momentum), nesterov=nesterov),
   )
+
+
+def _momentum_or_none(momentum: Any) -> Any:
+  """``None`` (no momentum buffer) for a Python zero; an array (injected) is kept as is."""
+  if isinstance(momentum, (int, float)) and not isinstance(momentum, bool) and momentum == 0:
+    return None
+  return momentum

@@ -13,7 +13,7 @@ The options, by concern (the hyperparameter table of the docs follows this order
   (stack axes the params do not show), ``inverse`` (how damped blocks are inverted).
 * **Statistics**: ``decay``, ``factor_every``, ``prior``, ``stats_batch_size``,
   ``max_factor_ratio``.
-* **Inverse refreshes**: ``inverse_every``, ``damping``, ``abs_damping``.
+* **Inverse refreshes**: ``inverse_every``, ``inverse_warmup``, ``damping``, ``abs_damping``.
 * **Step control**: ``max_norm`` (trust region).
 * **Scale-out**: ``axis_name``, ``shard_refresh``.
 """
@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
-import flax
+import flax.core
 import jax
+import jax.core
+import numpy as np
 import optax
 
 from sngd_jax._src import layers as layers_lib
@@ -74,6 +77,7 @@ class SNGDConfig:
   decay: float = 0.975
   factor_every: int = 5
   inverse_every: int = 100
+  inverse_warmup: bool = False
   prior: str = "scaled_identity"
   inverse: Any = "auto"  # a key of sngd_jax.inverse.METHODS or an InverseMethod
   axis_name: Optional[AxisName] = None
@@ -108,6 +112,13 @@ class SNGDConfig:
         and self.damping == 0 and self.abs_damping == 0:
       raise ValueError("sngd: `damping` and `abs_damping` are both 0; the local Fisher of a "
                        "batch is singular in general, so at least one must be positive")
+    if isinstance(self.stats_batch_size, numbers.Integral):  # e.g. a NumPy integer
+      object.__setattr__(self, "stats_batch_size", int(self.stats_batch_size))
+    elif self.stats_batch_size is not None:
+      raise TypeError(
+          "sngd: `stats_batch_size` must be a Python int (it sets the shape of the sub-batch), "
+          f"got {type(self.stats_batch_size).__name__}; with `optax.inject_hyperparams`, list "
+          "it in `static_args=(\"stats_batch_size\",)`")
     _check_number("stats_batch_size", self.stats_batch_size, 0, low_open=True)
     if self.max_norm is not None:
       _check_number("max_norm", self.max_norm, 0.0, low_open=True)
@@ -117,10 +128,15 @@ class SNGDConfig:
     """This configuration with array-valued options (injected hyperparameters) set to None.
 
     What the state records: everything in it is hashable and known at trace time.
+    NumPy scalars (e.g. ``np.float64``) are recorded as the Python numbers they hold.
     """
-    arrays = {f.name: None for f in dataclasses.fields(self)
-              if isinstance(getattr(self, f.name), (jax.Array, jax.core.Tracer))
-              or hasattr(getattr(self, f.name), "__array__")}
+    arrays = {}
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if isinstance(value, np.generic):
+        arrays[f.name] = value.item()
+      elif isinstance(value, (jax.Array, jax.core.Tracer)) or hasattr(value, "__array__"):
+        arrays[f.name] = None
     return dataclasses.replace(self, **arrays) if arrays else self
 
 

@@ -236,7 +236,8 @@ def coverage(loss_fn: Callable[..., Any], params_or_model: Any, *args: Any,
 
   Args:
     loss_fn: ``loss_fn(params, *args)`` applying linen modules, or
-      ``loss_fn(model, *args)`` for an NNX or Equinox model.
+      ``loss_fn(model, *args)`` for an NNX or Equinox model (what it returns
+      is not read: a loss with ``aux`` needs no ``has_aux``).
     params_or_model: the params tree given to ``tx.init``, an ``nnx.Module``
       (its ``nnx.Param`` state is reported), or an Equinox model (its
       floating-point arrays are reported).
@@ -251,23 +252,28 @@ def coverage(loss_fn: Callable[..., Any], params_or_model: Any, *args: Any,
     A ``CoverageReport``; ``print`` it for a table.
   """
   eqx = sys.modules.get("equinox")
+
+  def any_output(*a):  # the report reads the activations only: any return value will do
+    return loss_fn(*a, **kwargs), None
+
   if isinstance(params_or_model, nnx.Module):
     graphdef, state = nnx.split(params_or_model)
 
     def run(state, *args):
-      return capture_nnx(loss_fn, outputs=outputs)(
-          nnx.merge(graphdef, state), *args, **kwargs)[1]
+      return capture_nnx(any_output, has_aux=True, outputs=outputs)(
+          nnx.merge(graphdef, state), *args)[1][1]
 
     acts = jax.eval_shape(run, state, *args)
     params = nnx.state(params_or_model, nnx.Param)
   elif eqx is not None and any(isinstance(n, eqx.Module) for n in jax.tree.leaves(
       params_or_model, is_leaf=lambda n: isinstance(n, eqx.Module))):
     acts = eqx.filter_eval_shape(
-        lambda m, *a: capture_eqx(loss_fn, outputs=outputs)(m, *a, **kwargs)[1],
+        lambda m, *a: capture_eqx(any_output, has_aux=True, outputs=outputs)(m, *a)[1][1],
         params_or_model, *args)
     params = eqx.filter(params_or_model, eqx.is_inexact_array)
   else:
-    acts = jax.eval_shape(lambda p, *a: capture(loss_fn, outputs=outputs)(p, *a, **kwargs)[1],
+    acts = jax.eval_shape(
+        lambda p, *a: capture(any_output, has_aux=True, outputs=outputs)(p, *a)[1][1],
                           params_or_model, *args)
     params = params_or_model
   return report(params, acts, fisher, inverse, stacked)

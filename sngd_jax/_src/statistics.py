@@ -371,12 +371,76 @@ def normalized(factor, weight: jax.Array):
   return jax.tree.map(lambda f: f / jnp.maximum(weight, jnp.finfo(f.dtype).tiny), factor)
 
 
+HEADROOM = 16.0
+"""How far below overflow a statistic's trace must stay: ``tr <= finfo(dtype).max / HEADROOM``.
+
+Everything computed from an accepted factor is bounded by a small multiple of
+its trace (the entries of a PSD ``G`` by ``tr G``, the moving average and the
+prior by the largest trace averaged, ``G + G^T`` and ``G + rho I`` by twice
+it), so a factor within this margin cannot overflow downstream.
+"""
+
+
+def total_trace(stat) -> jax.Array:
+  """``tr(G)`` summed over blocks: dense ``(..., d, d)``, a diagonal ``(V,)`` or a sketch."""
+  if sketch_lib.is_sketch(stat) or stat.ndim >= 2:
+    return sketch_lib.trace(stat)
+  return jnp.sum(stat)
+
+
+def in_range(stat) -> jax.Array:
+  """Whether a statistic may enter (or stay in) the moving average: a scalar bool.
+
+  True when every entry is finite and the trace summed over blocks is at most
+  ``finfo(dtype).max / HEADROOM``. A batch estimate of finite activations can
+  still overflow (``X~^T X~`` past the float32 range at input scale ``~1e19``),
+  and a running factor restored from elsewhere may hold anything; either would
+  otherwise make every later refresh fail.
+
+  Cost: one float sum per leaf, of the leaf divided by its size (the mean,
+  summed so that it cannot overflow for finite entries: each partial sum is
+  at most the largest ``|entry|``), and the trace. Both are over the small
+  statistic (``d x d``, ``d x r`` or ``V``), never over the activations.
+
+  Args:
+    stat: a (stack of) dense factor(s), a diagonal, or a ``sngd_jax.Sketch``.
+
+  Returns:
+    A bool scalar.
+  """
+  leaves = jax.tree.leaves(stat)
+  finite = [jnp.isfinite(jnp.sum(leaf / leaf.size)) for leaf in leaves]
+  bound = jnp.finfo(leaves[0].dtype).max / HEADROOM
+  return jnp.all(jnp.stack(finite)) & (jnp.abs(total_trace(stat)) <= bound)
+
+
+def restart_if_out_of_range(factor, weight: jax.Array):
+  """Replaces a running factor that is not ``in_range`` by the empty average.
+
+  The empty average (zero factor, weight 0) is the state before the first
+  update: the next batch estimate restarts it from the prior. A running
+  factor built by ``ema_update`` from accepted estimates is always in
+  range; one that is not (restored from a state written otherwise) would fail
+  every refresh forever, since the moving average keeps an Inf or NaN. The
+  replacement is a ``lax.cond``, not an elementwise select, so that the
+  moving average of a factor in range is computed exactly as without it.
+
+  Returns:
+    ``(factor, weight, restarted)``, ``restarted`` a bool scalar.
+  """
+  ok = in_range(factor) & jnp.isfinite(weight) & (weight >= 0)
+  empty = lambda fw: jax.tree.map(jnp.zeros_like, fw)
+  factor, weight = jax.lax.cond(ok, lambda fw: fw, empty, (factor, weight))
+  return factor, weight, ~ok
+
+
 def limit_outlier(estimate: jax.Array, factor: jax.Array, weight: jax.Array,
                   max_ratio: float) -> jax.Array:
   """Scales down a batch estimate far larger than the running factor.
 
   With ``T = tr(G_{t-1} / w_{t-1})`` (summed over the blocks of an rfim layer)
-  and ``T^ = tr(G^)``, the estimate is multiplied by ``min(1, max_ratio * T / T^)``.
+  and ``T^ = tr(G^)`` (a diagonal factor's sum, a sketch's recorded trace), the
+  estimate is multiplied by ``min(1, max_ratio * T / T^)``.
   One batch ``c`` times out of scale would otherwise put ``(1 - decay) c^2 G``
   into the moving average and freeze the layer for about
   ``2 ln(c) / (1 - decay)`` steps (the inverse scales the gradient down by ``c^2``).
@@ -393,9 +457,22 @@ def limit_outlier(estimate: jax.Array, factor: jax.Array, weight: jax.Array,
   """
   dtype = jax.tree.leaves(factor)[0].dtype
   estimate = jax.tree.map(lambda e: e.astype(dtype), estimate)
-  running = sketch_lib.trace(factor) / jnp.maximum(weight, jnp.finfo(dtype).tiny)
-  new = sketch_lib.trace(estimate)
+  running = total_trace(factor) / jnp.maximum(weight, jnp.finfo(dtype).tiny)
+  new = total_trace(estimate)
   limit = max_ratio * running
   outlier = (weight > 0) & (running > 0) & (new > limit)
   scale = jnp.where(outlier, limit / jnp.where(outlier, new, 1.0), 1.0)
   return jax.tree.map(lambda e: e * scale.astype(dtype), estimate)
+
+
+def num_rows(spec: LayerSpec, calls: Sequence[Captured]) -> int:
+  """The number of rows ``n`` that a layer's batch estimate averages (static).
+
+  Token ids for an embedding, ``(example, position, channel group)`` rows for
+  a normalization layer, rows of ``X~`` otherwise: the weight of the batch
+  estimate in an average over several batches.
+  """
+  if spec.structure == "diagonal":
+    return sum(c.inputs.size for c in calls)
+  rows = norm_rows if spec.structure == "per_channel" else (lambda c: ROWS[c.kind](c))
+  return sum(jax.eval_shape(rows, c)[0].shape[0] for c in calls)

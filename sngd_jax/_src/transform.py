@@ -21,10 +21,11 @@ trust region -> write back -> guard.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+import dataclasses
+import functools
+from typing import Any, NamedTuple, Optional, cast
 
-import chex
-import flax
+import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -50,32 +51,37 @@ class SNGDState:
     factors: per layer path, the running local Fisher sum ``G_t``
       (``(d, d)`` or ``(O, d, d)``), float32 (float64 under x64); for layers
       whose inverse method is a rank-``r`` Nystrom model (``inverse="auto"``
-      above ``d = 512``) its sketch ``(G_t Omega, tr G_t)``, a
+      for layers wider than 512 inputs) its sketch ``(G_t Omega, tr G_t)``, a
       ``sngd_jax.Sketch`` with ``y`` of shape ``(d, r)``.
     weights: per layer path, the weight ``w_t`` of ``G_t`` (use ``G_t / w_t``).
     inverses: per layer path, the cached inverse representation.
     has_inverse: whether an inverse has been computed yet.
-    num_refresh_failures: blocks whose refresh failed and kept the old inverse.
+    num_refresh_failures: blocks whose refresh failed and kept the old
+      inverse, plus the blocks of a running factor found out of range (not
+      finite, or its trace within a factor 16 of overflow: possible only in a
+      state written otherwise) and restarted from its prior.
     num_skipped_steps: steps that produced a zero update: those with
-      non-finite gradients or activations (which leave the rest of the state
-      unchanged) and those whose preconditioned update overflowed its dtype
+      non-finite gradients, and factor steps whose activations are not finite
+      or whose batch estimate is out of range (finite activations whose
+      ``X~^T X~`` overflows), all of which leave the rest of the state
+      unchanged; and those whose preconditioned update overflowed its dtype
       (whose finite statistics are kept).
     config: the static ``SNGDConfig`` the state was made with (part of
       the tree structure, not a leaf: checkpoints hold the arrays only).
   """
 
-  count: chex.Array
+  count: jax.Array
   factors: dict[str, Any]
-  weights: dict[str, chex.Array]
+  weights: dict[str, jax.Array]
   inverses: dict[str, Any]
-  has_inverse: chex.Array
-  num_refresh_failures: chex.Array
-  num_skipped_steps: chex.Array
+  has_inverse: jax.Array
+  num_refresh_failures: jax.Array
+  num_skipped_steps: jax.Array
   config: SNGDConfig = flax.struct.field(pytree_node=False, default=DEFAULTS)
 
   def _replace(self, **kwargs) -> SNGDState:
     """NamedTuple-style alias of ``replace``."""
-    return self.replace(**kwargs)
+    return dataclasses.replace(self, **kwargs)
 
 
 def _layer_dtype(leaf: Any) -> jnp.dtype:
@@ -130,7 +136,7 @@ def _init_state(params: Any, specs: dict[str, layers_lib.LayerSpec], method: Inv
                    num_skipped_steps=zero(), config=config.static())
 
 
-def tree_all_finite(tree: Any) -> chex.Array:
+def tree_all_finite(tree: Any) -> jax.Array:
   """Whether every floating leaf of ``tree`` is finite, from one sum per leaf.
 
   A NaN or an infinity makes the sum non-finite (``inf - inf`` is NaN), so
@@ -147,10 +153,26 @@ def tree_all_finite(tree: Any) -> chex.Array:
 
 
 def _sub_batch(calls, size: int):
-  """The first ``size`` examples (leading axis after the stack axes) of every captured call."""
-  take = lambda a, k: None if a is None else a[(slice(None),) * k + (slice(None, size),)]
-  return tuple(c.replace(inputs=take(c.inputs, c.stack), outputs=take(c.outputs, c.stack))
-               for c in calls)
+  """The first ``size`` examples of every captured call (at every time step of a cell)."""
+  return tuple(c.first_examples(size) for c in calls)
+
+
+def _statistics_activations(config: SNGDConfig, activations: Activations) -> Activations:
+  """The activations the statistics are computed from (a sub-batch if so configured)."""
+  if config.stats_batch_size is None:
+    return activations
+  return {p: _sub_batch(calls, config.stats_batch_size) for p, calls in activations.items()}
+
+
+def _batch_estimates(specs, omegas, acts: Activations) -> dict[str, Any]:
+  """Each layer's local batch estimate ``G^`` (a sketch for the sketched layers)."""
+  out = {}
+  for path, spec in specs.items():
+    if path in omegas:
+      out[path] = statistics.batch_sketch(spec, acts[path], omegas[path])
+    else:
+      out[path] = statistics.batch_factor(spec, acts[path])
+  return out
 
 
 class _Inputs(NamedTuple):
@@ -162,7 +184,10 @@ class _Inputs(NamedTuple):
     treedef: their tree structure.
     index: leaf parts -> position in ``leaves``.
     omegas: the sketch test matrix of each sketched layer.
-    activations: the captured calls of each preconditioned layer.
+    activations: the captured calls of each preconditioned layer (None when
+      ready batch estimates are given instead).
+    estimates: the ready batch estimate of each preconditioned layer
+      (``update(..., statistics=...)``), or None.
   """
 
   specs: dict[str, layers_lib.LayerSpec]
@@ -170,22 +195,34 @@ class _Inputs(NamedTuple):
   treedef: Any
   index: dict[tuple[str, ...], int]
   omegas: dict[str, jax.Array]
-  activations: dict[str, Any]
+  activations: Optional[dict[str, Any]]
+  estimates: Optional[dict[str, Any]] = None
 
 
 def _check_inputs(config: SNGDConfig, method: InverseMethod, updates: Any, state: SNGDState,
-                  activations: Optional[Activations]) -> _Inputs:
+                  activations: Optional[Activations],
+                  estimates: Optional[dict[str, Any]] = None) -> _Inputs:
   """Stage 1: finds the layers and raises errors naming the layer for what does not fit."""
   specs = layers_lib.discover(updates, config.fisher, config.stacked)
   all_layers = layers_lib.discover(updates, "linear", config.stacked)
-  validation.check_structure(specs, state.factors, activations, all_layers)
-  assert activations is not None  # checked above
-  activations = {p: activations[p] for p in specs}
+  if estimates is not None:
+    if activations is not None:
+      raise ValueError("sngd: pass either `activations=` or `statistics=` to `update`, not "
+                       "both")
+    validation.check_statistics(specs, state.factors, estimates)
+  else:
+    validation.check_structure(specs, state.factors, activations, all_layers)
+    assert activations is not None  # checked above
+    activations = {p: activations[p] for p in specs}
   leaves, treedef, index = _flatten(updates)
   validation.check_param_dtypes(specs, leaves, index, "updates")
   omegas = _sketch_omegas(specs, leaves, index, method)
   validation.check_state_shapes(specs, state.factors,
                                 {p: o.shape[1] for p, o in omegas.items()})
+  if estimates is not None:
+    return _Inputs(specs, leaves, treedef, index, omegas, None,
+                   {p: estimates[p] for p in specs})
+  assert activations is not None  # checked by check_structure
   validation.check_activations(specs, activations)
   return _Inputs(specs, leaves, treedef, index, omegas, activations)
 
@@ -195,46 +232,92 @@ def _update_statistics(config: SNGDConfig, inputs: _Inputs, state: SNGDState,
   """Stage 2: on factor steps, folds the batch's local Fisher into the moving average.
 
   Runs under ``lax.cond``: the ``X~^T X~`` products are paid only on one step
-  in ``factor_every``, the only steps that read the activations (so only then
-  are they checked for finiteness; a non-finite batch leaves the average).
+  in ``factor_every``, the only steps that read the activations. Those steps
+  are rejected (the statistics left as they were, and the step skipped by the
+  caller) when an activation is not finite, or when a batch estimate is not
+  ``statistics.in_range``: finite activations can still overflow
+  ``X~^T X~``. Given ready batch estimates (``update(..., statistics=...)``,
+  from ``sngd_jax.MultiSteps``) instead of activations, those are checked and
+  folded in the same way, on the same steps. A running factor that is itself
+  out of range (only possible in a state written otherwise) restarts from its
+  prior, and its blocks are counted with the refresh failures.
 
   Returns:
-    ``(factors, weights, acts_finite)``.
+    ``(factors, weights, accepted, restarted)``: ``accepted`` False for a
+    rejected factor step (True on other steps), ``restarted`` the number of
+    blocks restarted (int32).
   """
   specs, omegas, axis_name = inputs.specs, inputs.omegas, config.axis_name
-  keep_factors = lambda _: (state.factors, state.weights)
+  none_restarted = jnp.zeros((), jnp.int32)
+  keep_factors = lambda accepted: (state.factors, state.weights, accepted, none_restarted)
+  if inputs.estimates is None:
+    source, estimate_of = inputs.activations, functools.partial(_batch_estimates, specs, omegas)
+  else:
+    source, estimate_of = inputs.estimates, lambda estimates: estimates
 
-  def update_factors(acts):
-    out_f, out_w = {}, {}
+  def update_factors(source):
+    estimates = estimate_of(source)
+    out_f, out_w, estimates_ok, restarted = {}, {}, [], none_restarted
     for path, spec in specs.items():
-      if path in omegas:
-        estimate = statistics.batch_sketch(spec, acts[path], omegas[path])
-      else:
-        estimate = statistics.batch_factor(spec, acts[path])
-      estimate = distributed.axis_mean(estimate, axis_name)
+      estimate = distributed.axis_mean(estimates[path], axis_name)
+      estimates_ok.append(statistics.in_range(estimate))
+      factor, weight, restart = statistics.restart_if_out_of_range(state.factors[path],
+                                                                   state.weights[path])
+      restarted += restart.astype(jnp.int32) * spec.num_blocks
       if config.max_factor_ratio is not None:
-        estimate = statistics.limit_outlier(estimate, state.factors[path],
-                                            state.weights[path], config.max_factor_ratio)
+        estimate = statistics.limit_outlier(estimate, factor, weight, config.max_factor_ratio)
       out_f[path], out_w[path] = statistics.ema_update(
-          state.factors[path], state.weights[path], estimate, config.decay, config.prior,
-          omegas.get(path))
-    return out_f, out_w
+          factor, weight, estimate, config.decay, config.prior, omegas.get(path))
+    in_range = jnp.all(jnp.stack(estimates_ok)) if estimates_ok else jnp.array(True)
+    accepted = distributed.all_agree(in_range, axis_name)  # no layers: nothing to reject
+    select = lambda new, old: jnp.where(accepted, new, old)
+    return (jax.tree.map(select, out_f, state.factors), jax.tree.map(select, out_w, state.weights),
+            accepted, jnp.where(accepted, restarted, 0))
 
   def new_factors(_):
-    acts = inputs.activations
-    if config.stats_batch_size is not None:  # statistics from a sub-batch
-      acts = {p: _sub_batch(calls, config.stats_batch_size) for p, calls in acts.items()}
-    acts_finite = distributed.all_agree(tree_all_finite(acts), axis_name)
-    return jax.lax.cond(acts_finite, update_factors, keep_factors, acts) + (acts_finite,)
+    data = source
+    if inputs.estimates is None:
+      data = _statistics_activations(config, cast(Activations, data))
+    finite = distributed.all_agree(tree_all_finite(data), axis_name)
+    return jax.lax.cond(finite, update_factors, lambda _: keep_factors(jnp.array(False)), data)
 
   do_factor = grads_finite & (state.count % config.factor_every == 0)
-  return jax.lax.cond(
-      do_factor, new_factors, lambda _: keep_factors(None) + (jnp.array(True),), None)
+  return jax.lax.cond(do_factor, new_factors, lambda _: keep_factors(jnp.array(True)), None)
+
+
+def local_statistics(updates: Any, state: SNGDState, activations: Activations
+                     ) -> tuple[dict[str, Any], dict[str, int]]:
+  """The batch estimates ``G^`` that ``update`` would fold in from ``activations``.
+
+  What ``sngd_jax.MultiSteps`` accumulates over micro-batches: per layer
+  path, this device's estimate (before the ``axis_name`` mean and the outlier
+  limit, which ``update`` applies to what it is given) in the form of the
+  state's factor (a ``sngd_jax.Sketch`` for sketched layers, never a
+  dense ``d x d`` for them), and the number of rows ``n`` it averages.
+
+  Args:
+    updates: the gradients (their tree names the layers).
+    state: the ``SNGDState`` (its recorded configuration says which
+      layers, which Fisher kind, and which are sketched).
+    activations: from ``sngd_jax.capture``.
+
+  Returns:
+    ``(estimates, rows)``.
+  """
+  config = state.config
+  inputs = _check_inputs(config, _method_of(config), updates, state, activations)
+  acts = _statistics_activations(config, cast(Activations, inputs.activations))
+  estimates = _batch_estimates(inputs.specs, inputs.omegas, acts)
+  rows = {p: statistics.num_rows(spec, acts[p]) for p, spec in inputs.specs.items()}
+  return estimates, rows
 
 
 def _refresh(config: SNGDConfig, method: InverseMethod, specs, factors, weights,
              state: SNGDState, finite: jax.Array):
   """Stage 3: every ``inverse_every`` steps (and at the first), refreshes the inverses.
+
+  With ``inverse_warmup`` also on the steps of the factor updates number 1, 2, 4,
+  8, ... (``count = factor_every * 2^k``) before ``inverse_every``.
 
   Returns:
     ``(inverses, failures, refreshed)``.
@@ -246,7 +329,12 @@ def _refresh(config: SNGDConfig, method: InverseMethod, specs, factors, weights,
                             value_at(config.damping, count),
                             value_at(config.abs_damping, count))
 
-  do_inverse = finite & ((count % config.inverse_every == 0) | ~state.has_inverse)
+  due = (count % config.inverse_every == 0) | ~state.has_inverse
+  if config.inverse_warmup:  # also after factor updates 1, 2, 4, 8, ... until inverse_every
+    k = count // config.factor_every
+    due |= ((count % config.factor_every == 0) & (k > 0) & ((k & (k - 1)) == 0)
+            & (count < config.inverse_every))
+  do_inverse = finite & due
   inverses, failures = jax.lax.cond(
       do_inverse, new_inverses, lambda _: (state.inverses, jnp.zeros((), jnp.int32)), None)
   return inverses, failures, do_inverse
@@ -307,12 +395,14 @@ def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArg
     validation.check_param_dtypes(specs, leaves, index, "params")
     return _init_state(params, specs, method, config)
 
-  def update_fn(updates, state, params=None, *, activations=None, **extra_args):
+  def update_fn(updates, state, params=None, *, activations=None, statistics=None,
+                **extra_args):
     del params, extra_args
-    inputs = _check_inputs(config, method, updates, state, activations)
+    inputs = _check_inputs(config, method, updates, state, activations, statistics)
     grads_finite = distributed.all_agree(tree_all_finite(inputs.leaves), config.axis_name)
-    factors, weights, acts_finite = _update_statistics(config, inputs, state, grads_finite)
-    finite = grads_finite & acts_finite
+    factors, weights, accepted, restarted = _update_statistics(config, inputs, state,
+                                                               grads_finite)
+    finite = grads_finite & accepted
     inverses, failures, refreshed = _refresh(config, method, inputs.specs, factors, weights,
                                              state, finite)
     factor_dtypes = {p: jax.tree.leaves(factors[p])[0].dtype for p in inputs.specs}
@@ -323,7 +413,7 @@ def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArg
       scale = precondition.trust_region_scale(sq_norm, value_at(config.max_norm, state.count))
     out, narrowed = _write_back(inputs, pres, scale)
     out, ok = _guard(config, finite, sq_norm, narrowed, out)
-    # A non-finite step changed no factor or inverse (both conds are gated on `finite`), so
+    # A skipped step changed no factor or inverse (both conds are gated on `finite`), so
     # only the step counter needs holding back: no select over the large state every step.
     new_state = state.replace(
         count=jnp.where(finite, state.count + 1, state.count),
@@ -331,12 +421,13 @@ def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArg
         weights=weights,
         inverses=inverses,
         has_inverse=state.has_inverse | refreshed,
-        num_refresh_failures=state.num_refresh_failures + failures,
+        num_refresh_failures=state.num_refresh_failures + failures + restarted,
         num_skipped_steps=state.num_skipped_steps + (~ok).astype(jnp.int32),
     )
     return jax.tree_util.tree_unflatten(inputs.treedef, out), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  # SNGDState is a pytree, though not one of the types optax's `OptState` alias lists.
+  return optax.GradientTransformationExtraArgs(cast(optax.TransformInitFn, init_fn), update_fn)
 
 
 def sngd(
@@ -349,6 +440,7 @@ def sngd(
     decay: float = DEFAULTS.decay,
     factor_every: int = DEFAULTS.factor_every,
     inverse_every: int = DEFAULTS.inverse_every,
+    inverse_warmup: bool = DEFAULTS.inverse_warmup,
     prior: str = DEFAULTS.prior,
     stats_batch_size: Optional[int] = DEFAULTS.stats_batch_size,
     max_factor_ratio: Optional[float] = DEFAULTS.max_factor_ratio,
@@ -381,12 +473,15 @@ def sngd(
   learning rate (the norm constraint of K-FAC, Ba et al. 2017, without the
   learning rate: this transform does not know it). A step whose gradients are
   not finite, or a factor step (one of every ``factor_every``, the only steps
-  that read the activations) whose activations are not finite, returns zero
-  updates and leaves the state as it was (counted in ``num_skipped_steps``); a
-  step whose preconditioned update would overflow its dtype also returns zero
-  updates and is counted, keeping its (finite) statistics. Refreshed inverses
-  that fail the acceptance test (``docs/reliability.md``) keep the previous
-  inverse (the identity before the first), counted in ``num_refresh_failures``.
+  that read the activations) whose activations are not finite or whose batch
+  estimate overflows (a non-finite entry, or a trace above ``finfo.max / 16``:
+  finite inputs of scale ``~1e19`` in float32), returns zero updates and
+  leaves the state as it was (counted in ``num_skipped_steps``); a step whose
+  preconditioned update would overflow its dtype also returns zero updates
+  and is counted, keeping its (finite) statistics. Refreshed inverses that
+  fail the acceptance test keep the previous inverse (the identity before the
+  first), counted in ``num_refresh_failures``. The guarantee and its limits:
+  ``docs/reliability.md``.
 
   Args:
     fisher: ``"linear"`` (``G = E[x~ x~^T]``), ``"rfim"``
@@ -405,7 +500,8 @@ def sngd(
       ``"nystrom"``, ``"blocks"``, ``"auto"``) or a
       ``sngd_jax.inverse.InverseMethod`` (e.g.
       ``sngd_jax.inverse.auto(max_dim=1024)``). The default ``"auto"`` is exact
-      Cholesky for ``d <= 512`` and a rank-128 Nystrom model above, whose
+      Cholesky for layers of up to 512 inputs (``d <= 513`` with the bias row) and a
+      rank-128 Nystrom model above, whose
       ``O(d r)`` product replaces the ``O(d^2)`` one; those layers keep the
       sketch ``(G Omega, tr G)`` in the state instead of ``G`` (``O(d r)``
       memory, ``4 n d r`` statistics).
@@ -420,11 +516,17 @@ def sngd(
       paid only then).
     inverse_every: refresh the cached inverse every this many steps; the first
       step always computes one.
+    inverse_warmup: also refresh after the factor updates number 1, 2, 4, 8, ...
+      (steps ``factor_every * 2^k``) until ``inverse_every``, so that the
+      early inverses follow the factor's average as it moves away from its
+      prior instead of keeping the first step's for ``inverse_every`` steps.
     prior: how the average of ``G`` starts, one of ``sngd_jax.PRIORS``
       (``"identity"`` is the reference code's).
     stats_batch_size: if set, ``G^`` is estimated from the first this many
-      examples of the batch only (the leading axis of every captured array),
-      which cuts the ``X~^T X~`` cost; None uses the whole batch.
+      examples of the batch only (every row of theirs: all positions, patches
+      or tokens, and every time step of a recurrent cell), which cuts the
+      ``X~^T X~`` cost; None uses the whole batch. A Python int (with
+      ``optax.inject_hyperparams``, list it in ``static_args``).
     max_factor_ratio: if set, a batch estimate whose trace exceeds this many
       times the running factor's is scaled down to it, so that one outlier
       batch cannot dominate the moving average; ``None`` disables it.
@@ -446,8 +548,11 @@ def sngd(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,
-    params=None, *, activations=None, **extra_args)`` takes the activations
-    from ``sngd_jax.capture`` and ignores other keyword arguments.
+    params=None, *, activations=None, statistics=None, **extra_args)`` takes
+    the activations from ``sngd_jax.capture`` and ignores other keyword
+    arguments. ``statistics`` replaces ``activations`` with ready batch
+    estimates, as ``sngd_jax.MultiSteps`` passes those of several
+    micro-batches.
 
   References:
     W. Liu et al., *Reconstructing Deep Neural Networks: Unleashing the
@@ -456,6 +561,7 @@ def sngd(
   return sngd_from_config(SNGDConfig(
       fisher=fisher, stacked=stacked, inverse=inverse, damping=damping,
       abs_damping=abs_damping, decay=decay,
-      factor_every=factor_every, inverse_every=inverse_every, prior=prior,
+      factor_every=factor_every, inverse_every=inverse_every,
+      inverse_warmup=inverse_warmup, prior=prior,
       stats_batch_size=stats_batch_size, max_factor_ratio=max_factor_ratio,
       max_norm=max_norm, axis_name=axis_name, shard_refresh=shard_refresh))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
+import jax
 import jax.numpy as jnp
 
 from sngd_jax._src import layers as layers_lib
@@ -130,3 +131,29 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
         f"sngd: activations were captured for {unknown}, which match no kernel in the params "
         f"(layers with params: {sorted(all_layers)}). Do params and activations come from the "
         "same model?")
+
+
+def check_statistics(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Mapping[str, Any],
+                     estimates: Mapping[str, Any]) -> None:
+  """Requires ready batch estimates (``update(..., statistics=)``) to fit the state.
+
+  Args:
+    specs: the layers of the updates tree.
+    state_factors: the state's factors, by layer path.
+    estimates: a batch estimate per layer path, of its factor's form and shape.
+
+  Raises:
+    ValueError: naming the layer path, for a missing layer or a wrong shape.
+  """
+  if set(specs) != set(state_factors) or set(estimates) != set(specs):
+    raise ValueError(
+        f"sngd: `statistics=` holds batch estimates for layers {sorted(estimates)}; the "
+        f"updates have layers {sorted(specs)} and the state {sorted(state_factors)}. Was the "
+        "state made by `init` on the same params?")
+  for path in specs:
+    want = jax.tree.map(jnp.shape, state_factors[path])
+    got = jax.tree.map(jnp.shape, estimates[path])
+    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+      raise ValueError(
+          f"sngd: layer {path!r}: the batch estimate passed as `statistics=` has shape {got}; "
+          f"the state's factor has {want}. Pass what `sngd_jax.MultiSteps` accumulates.")

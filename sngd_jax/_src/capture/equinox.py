@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from sngd_jax._src import paths
 from sngd_jax._src.capture import transforms
-from sngd_jax._src.capture.records import Recorder
+from sngd_jax._src.capture.records import Recorder, split_aux
 
 # A record of one call: (name suffix, weight, inputs, outputs, kind, config).
 _Call = tuple[Optional[str], Any, Any, Any, str, tuple]
@@ -142,7 +142,7 @@ def _wrap(rec: Recorder, original: Callable, recorder: Any) -> Callable:
       if parts is None:
         continue  # not a weight of the captured model: cannot be named
       path = paths.join(parts if suffix else parts[:-1])
-      rec.add(path, x, z, kind, config, roles=roles)
+      rec.add(path, x, z, kind, config, roles=roles, batch_axis=None)  # per example
     return out
 
   return call
@@ -206,10 +206,8 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False,
     rec = Recorder(_leaf_paths(model), outputs)
     with transforms.recording(rec), _layer_calls(rec):
       result = fn(model, *args, **kwargs)
+    value, aux = split_aux(result, has_aux, "capture_eqx")
     acts = rec.freeze()
-    if has_aux:
-      value, aux = result
-      return value, (aux, acts)
-    return result, acts
+    return (value, (aux, acts)) if has_aux else (value, acts)
 
   return wrapped

@@ -30,7 +30,13 @@ import jax
 
 from sngd_jax._src import paths
 from sngd_jax._src.capture import flax_patches, tables, transforms
-from sngd_jax._src.capture.records import Recorder, StepRecords, rnn_time_axis, untag
+from sngd_jax._src.capture.records import (
+    Recorder,
+    StepRecords,
+    rnn_time_axis,
+    split_aux,
+    untag,
+)
 
 
 def _weight(module: nn.Module) -> Any:
@@ -129,10 +135,8 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False,
     with (transforms.recording(rec), flax_patches.linen_normalize(rec),
           nn.intercept_methods(_interceptor(rec))):
       result = fn(*args, **kwargs)
+    value, aux = split_aux(result, has_aux, "capture")
     acts = rec.freeze()
-    if has_aux:
-      value, aux = result
-      return value, (aux, acts)
-    return result, acts
+    return (value, (aux, acts)) if has_aux else (value, acts)
 
   return wrapped

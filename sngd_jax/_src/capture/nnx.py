@@ -25,7 +25,13 @@ from flax import nnx
 
 from sngd_jax._src import paths
 from sngd_jax._src.capture import flax_patches, tables, transforms
-from sngd_jax._src.capture.records import Recorder, StepRecords, rnn_time_axis, untag
+from sngd_jax._src.capture.records import (
+    Recorder,
+    StepRecords,
+    rnn_time_axis,
+    split_aux,
+    untag,
+)
 
 _NAMED = flax_patches.NNX_LAYER_CLASSES + tuple(
     c for c in tables.NORMS if issubclass(c, nnx.Module)) + (nnx.RNN,)
@@ -204,10 +210,8 @@ def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False,
     with (transforms.recording(rec), flax_patches.nnx_normalize(rec),
           flax_patches.nnx_methods(_wrappers(rec, cells))):
       result = fn(model, *args, **kwargs)
+    value, aux = split_aux(result, has_aux, "capture_nnx")
     acts = rec.freeze()
-    if has_aux:
-      value, aux = result
-      return value, (aux, acts)
-    return result, acts
+    return (value, (aux, acts)) if has_aux else (value, acts)
 
   return wrapped

@@ -42,8 +42,9 @@ import dataclasses
 import warnings
 from typing import Any, Iterator, Optional, Union
 
-import flax
+import flax.struct
 import jax
+import jax.core
 import jax.numpy as jnp
 
 Activations = dict[str, tuple["Captured", ...]]
@@ -62,12 +63,21 @@ class Captured:
     outputs: the layer's pre-activation output ``z`` (None when capture was
       asked not to keep outputs).
     kind: how ``inputs`` map to rows of the local Fisher: ``'dense'``,
-      ``'conv'``, ``'conv_transpose'``, ``'norm'`` or ``'embed'``.
+      ``'conv'``, ``'conv_transpose'``, ``'norm'`` or ``'embed'`` (see
+      ``sngd_jax._src.statistics.ROWS``).
     config: static layer configuration that the kind needs, for one layer of
       the stack (``inputs[i]`` when ``stack = 1``).
     stack: how many leading axes index the layers of a stack (a layer applied
       under ``nn.scan`` over depth, ``nnx.scan``, a vmap over its weights):
       each index has its own local Fisher; 0 for an ordinary layer.
+    time_steps: how many time steps the example axis holds (static): a cell
+      run by ``nn.RNN``/``nnx.RNN`` records every step, merged time-major
+      into that axis (``T * B``, a product over nested RNNs); 1 elsewhere.
+    batch_axis: the axis of ``inputs`` that indexes the examples of the batch
+      (static; after the stack axes): the layer call's leading axis, or the
+      axis a user's ``jax.vmap`` over the batch added (Equinox); None when the
+      record holds no example axis (a per-example call outside any vmap).
+      Tells ``first_examples`` where the examples are.
   """
 
   inputs: jax.Array
@@ -75,6 +85,31 @@ class Captured:
   kind: str = flax.struct.field(pytree_node=False, default="dense")
   config: tuple = flax.struct.field(pytree_node=False, default=())
   stack: int = flax.struct.field(pytree_node=False, default=0)
+  time_steps: int = flax.struct.field(pytree_node=False, default=1)
+  batch_axis: Optional[int] = flax.struct.field(pytree_node=False, default=0)
+
+  def first_examples(self, k: int) -> Captured:
+    """This record restricted to the first ``k`` examples of the batch.
+
+    The examples are along ``batch_axis``; when that axis holds ``time_steps``
+    blocks of the batch, time-major (row ``t * B + b``, a cell under
+    ``nn.RNN``), the first ``k`` examples are the first ``k`` rows of every
+    block, at every time step. A record with no example axis is returned whole.
+    """
+    ax = self.batch_axis
+    if ax is None:
+      return self
+
+    def take(a):
+      if a is None:  # not recorded
+        return None
+      lead = (slice(None),) * ax
+      if self.time_steps == 1:
+        return a[lead + (slice(None, k),)]
+      shape = a.shape[:ax] + (self.time_steps, -1) + a.shape[ax + 1:]
+      blocks = a.reshape(shape)[lead + (slice(None), slice(None, k))]
+      return blocks.reshape(a.shape[:ax] + (-1,) + a.shape[ax + 1:])
+    return dataclasses.replace(self, inputs=take(self.inputs), outputs=take(self.outputs))
 
 
 @flax.struct.dataclass
@@ -88,6 +123,43 @@ class Pending:
 
   captured: Captured
   roles: tuple = flax.struct.field(pytree_node=False, default=())
+
+
+def split_aux(result: Any, has_aux: bool, name: str) -> tuple[Any, Any]:
+  """Splits what a captured function returned into ``(value, aux)``.
+
+  Args:
+    result: what the wrapped function returned.
+    has_aux: whether it returns ``(value, aux)``.
+    name: the capture function, for the message (``"capture"``, ...).
+
+  Returns:
+    ``(value, aux)``; ``aux`` is None when ``has_aux`` is False.
+
+  Raises:
+    ValueError: if ``has_aux`` is False and ``result`` is a tuple (a loss that
+      returns ``(loss, aux)``, which ``jax.value_and_grad`` would reject as a
+      non-scalar output), saying what to write; or if ``has_aux`` is True and
+      ``result`` is not a pair.
+  """
+  if has_aux:
+    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+      raise ValueError(
+          f"sngd: `{name}(fn, has_aux=True)` needs `fn` to return a pair `(value, aux)`; it "
+          f"returned {type(result).__name__}{_arity(result)}. Drop `has_aux=True` if `fn` "
+          "returns the loss alone.")
+    return result[0], result[1]
+  if isinstance(result, (tuple, list)):
+    raise ValueError(
+        f"sngd: the function wrapped by `{name}` returned a {type(result).__name__}"
+        f"{_arity(result)}, not a single value. If it returns `(loss, aux)`, write "
+        f"`sngd_jax.{name}(loss_fn, has_aux=True)`: it then returns `(loss, (aux, acts))`, so "
+        "`(loss, (aux, acts)), grads = jax.value_and_grad(wrapped, has_aux=True)(...)`.")
+  return result, None
+
+
+def _arity(result: Any) -> str:
+  return f" of length {len(result)}" if isinstance(result, (tuple, list)) else ""
 
 
 def _axes_shifted(kind: str, config: tuple, k: int) -> tuple:
@@ -118,8 +190,20 @@ def _finalized(p: Pending) -> Captured:
       return a
     return jnp.moveaxis(a, stack, tuple(range(len(stack))))
 
+  # Where the examples are: a vmap that pools (the user's vmap over the batch) made
+  # them an axis of their own, else they are on the call's own example axis.
+  pool_roles = [r for r in p.roles if not r.endswith(":stack")]
+  time_steps = c.time_steps
+  if "vmap:pool" in pool_roles:
+    batch_axis: Optional[int] = len(stack) + pool_roles.index("vmap:pool")
+    time_steps = 1
+  elif c.batch_axis is None:
+    batch_axis = None
+  else:
+    batch_axis = len(stack) + pooled + c.batch_axis
   return Captured(inputs=order(c.inputs), outputs=order(c.outputs), kind=c.kind,
-                  config=_axes_shifted(c.kind, c.config, pooled), stack=len(stack))
+                  config=_axes_shifted(c.kind, c.config, pooled), stack=len(stack),
+                  time_steps=time_steps, batch_axis=batch_axis)
 
 
 def _live_traces() -> Optional[set[int]]:
@@ -219,8 +303,9 @@ def untag(out: Any, time_axis: int) -> tuple[Any, dict[str, list[Pending]]]:
         for p in calls:
           merge = lambda a: None if a is None else _merge_time(a, time_axis)
           c = p.captured
+          steps = c.inputs.shape[time_axis] * c.time_steps
           found.setdefault(path, []).append(p.replace(captured=c.replace(
-              inputs=merge(c.inputs), outputs=merge(c.outputs))))
+              inputs=merge(c.inputs), outputs=merge(c.outputs), time_steps=steps)))
       return node.value
     return node
 
@@ -342,8 +427,13 @@ class Recorder:
     return tuple(reversed(roles)), parts
 
   def add(self, path: str, inputs, outputs, kind: str, config: tuple = (),
-          weight: Any = None, roles: Optional[tuple[str, ...]] = None) -> None:
-    """Records one call (gradients stopped) in the innermost frame that returns records."""
+          weight: Any = None, roles: Optional[tuple[str, ...]] = None,
+          batch_axis: Optional[int] = 0) -> None:
+    """Records one call (gradients stopped) in the innermost frame that returns records.
+
+    ``batch_axis``: the axis of ``inputs`` holding the call's examples (None for
+    a per-example call, as Equinox layers are).
+    """
     if roles is None:
       roles = self.trace(weight)[0]
     target = self._target()
@@ -352,7 +442,8 @@ class Recorder:
     stop = lambda a: None if a is None else jax.lax.stop_gradient(a)
     outputs = stop(outputs) if self.outputs else None
     target.setdefault(path, []).append(Pending(
-        Captured(inputs=stop(inputs), outputs=outputs, kind=kind, config=config), roles))
+        Captured(inputs=stop(inputs), outputs=outputs, kind=kind, config=config,
+                 batch_axis=batch_axis), roles))
 
   def add_all(self, records: dict[str, list[Pending]]) -> None:
     """Adds records that left a frame (their roles were set when they were made)."""

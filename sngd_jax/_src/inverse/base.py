@@ -130,6 +130,21 @@ def damp(g: jax.Array, damping, abs_damping) -> jax.Array:
   return add_shift(g, damping_shift(g, damping, abs_damping))
 
 
+def frobenius_norm(a: jax.Array) -> jax.Array:
+  """``||A||_F`` over the last two axes, without overflow for finite entries.
+
+  The plain ``sqrt(sum a_ij^2)`` overflows once the entries pass the square
+  root of the largest float (``~1e19`` in float32) although the norm itself
+  is representable; there the norm is computed as ``m ||A / m||_F`` with
+  ``m = max |a_ij|``. Elsewhere the plain value is returned unchanged.
+  """
+  plain = jnp.linalg.norm(a, axis=(-2, -1))
+  m = jnp.max(jnp.abs(a), axis=(-2, -1))
+  unit = jnp.where(m > 0, m, jnp.ones_like(m))[..., None, None]
+  scaled = m * jnp.linalg.norm(a / unit, axis=(-2, -1))
+  return jnp.where(jnp.isfinite(plain), plain, scaled)
+
+
 def all_finite_per_block(x: jax.Array) -> jax.Array:
   """``(b,)`` flags: every entry of block ``i`` is finite."""
   return jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)

@@ -135,7 +135,7 @@ def from_sketch(s: sketch_lib.Sketch, seed: int = 0, tail: str = "mean",
   d, rank = y.shape[-2:]
   eps = jnp.finfo(work).eps
   omega = test_matrix(d, rank, seed, work)
-  nu = math.sqrt(d) * eps * jnp.linalg.norm(y, axis=(-2, -1))
+  nu = math.sqrt(d) * eps * base.frobenius_norm(y)
   y_nu = y + nu[:, None, None] * omega
   core = base.symmetrize(jnp.einsum("dr,bds->brs", omega, y_nu, precision=HIGHEST))
   chol = jnp.linalg.cholesky(core)

@@ -38,8 +38,8 @@ def _probe(d: int, dtype) -> jax.Array:
   return v / jnp.linalg.norm(v)
 
 
-def accept_refresh(apply_fn, rep: Any, blocks: jax.Array, shift: jax.Array,
-                   ok: jax.Array) -> jax.Array:
+def accept_refresh(apply_fn, rep: Any, blocks: jax.Array | jax.ShapeDtypeStruct,
+                   shift: jax.Array, ok: jax.Array) -> jax.Array:
   """Per-block acceptance of a refreshed inverse (see the module docstring).
 
   Args:

@@ -22,7 +22,8 @@ from sngd_jax._src.inverse.base import InverseMethod, describe
 from sngd_jax._src.inverse.blocks import block_diagonal
 
 AUTO_MAX_DIM = 512
-"""The largest block ``auto()`` inverts exactly."""
+"""The widest layer input ``auto()`` inverts exactly (blocks up to ``d = 513`` with the bias
+row)."""
 
 
 LARGE = ("nystrom", "blocks")
@@ -33,9 +34,11 @@ def auto(max_dim: int = AUTO_MAX_DIM, large: str = "nystrom",
          block_size: int = 512, small: InverseMethod | None = None) -> InverseMethod:
   """Chooses the method by block size ``d`` (static, so each size compiles its own).
 
-  ``d <= max_dim``: ``small`` (Cholesky, exact). ``d > max_dim``: a Nystrom
+  ``d <= max_dim + 1``: ``small`` (Cholesky, exact). ``d > max_dim + 1``: a Nystrom
   model of rank ``rank`` (``large="nystrom"``) or the diagonal blocks of at most
-  ``block_size`` (``large="blocks"``).
+  ``block_size`` (``large="blocks"``). The ``+ 1`` is the bias row of
+  ``x~ = [x; 1]``: a ``max_dim``-wide layer stays exact whether or not it has a
+  bias (the method sees only the block size ``d``).
 
   Why a size rule: every step multiplies each gradient by the cached inverse,
   ``2 d^2 O`` FLOPs dense against ``4 d r O`` for the Nystrom model, whatever
@@ -46,11 +49,11 @@ def auto(max_dim: int = AUTO_MAX_DIM, large: str = "nystrom",
   ``sngd_jax.coverage`` and ``sngd_jax.cost_estimate``.
 
   Args:
-    max_dim: the largest block inverted exactly.
+    max_dim: the widest layer input inverted exactly (blocks up to ``max_dim + 1``).
     large: ``"nystrom"`` or ``"blocks"``.
     rank: the Nystrom rank for large blocks.
     block_size: the sub-block size for ``large="blocks"``.
-    small: the method up to ``max_dim`` (default Cholesky).
+    small: the method up to ``max_dim + 1`` (default Cholesky).
 
   Returns:
     An ``InverseMethod`` that dispatches on ``d``.
@@ -61,7 +64,7 @@ def auto(max_dim: int = AUTO_MAX_DIM, large: str = "nystrom",
   big = nystrom_lib.nystrom(rank) if large == "nystrom" else block_diagonal(block_size)
 
   def pick(d: int) -> InverseMethod:
-    return small if d <= max_dim else big
+    return small if d <= max_dim + 1 else big
 
   def sketch(d, dtype):
     method = pick(d)

@@ -22,7 +22,7 @@ Both keep ``Y_k = A Z_k``, so ``Y Z - I = A Z^2 - I`` measures convergence.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,7 @@ from sngd_jax._src.inverse.base import (
     all_finite_per_block,
     compute_dtype,
     dense_apply_flops,
+    frobenius_norm,
     symmetrize,
 )
 from sngd_jax._src.inverse.dense import dense_apply, dense_identity
@@ -71,14 +72,14 @@ def _root_error(y: jax.Array, z: jax.Array, a: jax.Array) -> jax.Array:
   The second term catches a drift that keeps ``Y Z = I`` but loses
   ``Y^2 = A`` (Denman-Beavers in float32 at condition numbers near 1/eps).
   """
-  sq = jnp.linalg.norm(_mm(y, y) - a, axis=(-2, -1)) / jnp.linalg.norm(a, axis=(-2, -1))
+  sq = frobenius_norm(_mm(y, y) - a) / frobenius_norm(a)
   return jnp.maximum(_inverse_error(y, z), sq)
 
 
 def _scale(a: jax.Array, scale: str) -> jax.Array:
   """A per-block ``s >= lambda_max(A)`` so that ``A / s`` has spectrum in ``(0, 1]``."""
   if scale == "frobenius":
-    s = jnp.linalg.norm(a, axis=(-2, -1))
+    s = frobenius_norm(a)
   elif scale == "trace":
     s = jnp.trace(a, axis1=-2, axis2=-1)
   else:
@@ -109,6 +110,15 @@ def eigh_roots(a: jax.Array) -> Roots:
   return Roots(y.astype(dtype), z.astype(dtype), _root_error(y, z, a))
 
 
+def _tolerance(tol: Union[float, str, None], dtype) -> Optional[float]:
+  """``tol`` as a number (``"auto"`` is ``1e3 * eps`` of ``dtype``), or None."""
+  if tol == "auto":
+    return 1e3 * float(jnp.finfo(dtype).eps)
+  if isinstance(tol, str):
+    raise ValueError(f"sngd: unknown tol {tol!r}; expected a number, 'auto' or None")
+  return tol
+
+
 def _coupled_iteration(step, a: jax.Array, num_iters: int, tol: Union[float, str, None],
                        scale: str) -> Roots:
   """Runs ``(Y, Z) <- step(Y, Z)`` from ``(A / s, I)`` and unscales the result."""
@@ -117,16 +127,15 @@ def _coupled_iteration(step, a: jax.Array, num_iters: int, tol: Union[float, str
   s = _scale(a, scale)[..., None, None]
   y = a / s
   z = jnp.broadcast_to(jnp.eye(a.shape[-1], dtype=a.dtype), a.shape)
-  if tol == "auto":
-    tol = 1e3 * float(jnp.finfo(a.dtype).eps)
-  if tol is None:
+  limit = _tolerance(tol, a.dtype)
+  if limit is None:
     y, z = jax.lax.fori_loop(0, num_iters, lambda _, c: step(*c), (y, z))
   else:
     def cond(carry):
       k, y, z = carry
       # Non-finite blocks have failed already; they must not stop the others.
       err = _inverse_error(y, z)
-      return (k < num_iters) & (jnp.max(jnp.where(jnp.isfinite(err), err, 0.0)) > tol)
+      return (k < num_iters) & (jnp.max(jnp.where(jnp.isfinite(err), err, 0.0)) > limit)
 
     def body(carry):
       k, y, z = carry

@@ -1,0 +1,136 @@
+"""Compile time of the training step: SNGD vs its base optimizer, per model.
+
+    python3 -m benchmarks.compile_time                       # every model, 3 rounds
+    python3 -m benchmarks.compile_time --models mlp --rounds 1 --parts
+
+For each model the whole jitted training step (forward, backward, optimizer
+update, parameter update) is lowered and compiled with
+``jax.jit(step).lower(...).compile()`` for ``sgd(momentum=0.9)`` (the base of
+``sngd_momentum``), ``adam`` and ``sngd_momentum`` with its defaults, in
+interleaved rounds (so machine load hits them alike; the median of the rounds
+is reported) with JAX's compilation cache off. ``--parts`` adds SNGD variants
+with one stage replaced by a pass-through, which attributes the compile time to
+the stages (statistics, refresh, preconditioning).
+
+Writes ``benchmarks/results/compile_time.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import benchmarks  # noqa: F401  (XLA flag, LAPACK cap)
+import sngd_jax
+from benchmarks import eval_tasks, evaluate, harness
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _tasks():
+  return {
+      "mlp-256-256": lambda: eval_tasks.mlp("mlp-256-256", "01"),
+      "mlp-80x6": lambda: eval_tasks.mlp("mlp-80x6", "01"),
+      "cnn": lambda: eval_tasks.cnn(1.0),
+      "resnet-bn": lambda: eval_tasks.resnet_bn(1.0),
+      "autoencoder": lambda: eval_tasks.autoencoder(1.0),
+      "char-lstm": lambda: eval_tasks.char_lstm(1.0),
+      "transformer": lambda: eval_tasks.transformer(1.0),
+  }
+
+
+def compile_seconds(task, pre, post) -> float:
+  """Seconds to lower and compile the task's whole training step."""
+  step = evaluate.make_step(task, pre, optax.with_extra_args_support(post))
+  xs, ys = jnp.asarray(task.x_train[:256]), jnp.asarray(task.y_train[:256])
+  kw = {"train": True} if task.train_arg else {}
+  variables = task.model.init(jax.random.PRNGKey(0), xs[:2], **kw)
+  params = variables["params"]
+  extra = {"batch_stats": variables["batch_stats"]} if task.batch_stats else {}
+  s_pre = pre.init(params) if pre is not None else None
+  s_post = post.init(params)
+  idx = jnp.arange(task.batch_size, dtype=jnp.int32) % xs.shape[0]
+  t0 = time.perf_counter()
+  step.lower(params, extra, s_pre, s_post, xs, ys, idx).compile()
+  return time.perf_counter() - t0
+
+
+def _passthrough_parts():
+  """SNGD variants with one stage replaced by a pass-through (for attribution only)."""
+  from sngd_jax._src import precondition as pre_lib
+  from sngd_jax._src import transform
+
+  def no_stats(config, inputs, state, grads_finite):
+    return state.factors, state.weights, jnp.array(True)
+
+  def no_refresh(config, method, specs, factors, weights, state, finite):
+    return state.inverses, jnp.zeros((), jnp.int32), jnp.array(False)
+
+  def no_apply(specs, leaves, index, inverses, factor_dtypes, method):
+    pres = {p: pre_lib.augmented(s, leaves, index, factor_dtypes[p]) for p, s in specs.items()}
+    return pres, jnp.zeros((), jnp.float32)
+
+  return {
+      "sngd without statistics": mock.patch.object(transform, "_update_statistics", no_stats),
+      "sngd without refresh": mock.patch.object(transform, "_refresh", no_refresh),
+      "sngd without preconditioning": mock.patch.object(pre_lib, "precondition", no_apply),
+  }
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--models", default=",".join(_tasks()))
+  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--parts", action="store_true")
+  p.add_argument("--out", default=os.path.join(HERE, "results", "compile_time.json"))
+  args = p.parse_args(argv)
+  jax.config.update("jax_enable_compilation_cache", False)
+  variants = {
+      "sgd(momentum)": lambda: (None, optax.sgd(0.01, momentum=0.9)),
+      "adam": lambda: (None, optax.adam(1e-3)),
+      "sngd_momentum": lambda: (sngd_jax.sngd(), optax.sgd(0.01, momentum=0.9)),
+  }
+  parts = _passthrough_parts() if args.parts else {}
+  rows = []
+  for name in args.models.split(","):
+    task = _tasks()[name]()
+    times = {v: [] for v in list(variants) + list(parts)}
+    for _ in range(args.rounds):
+      for v, make in variants.items():
+        times[v].append(compile_seconds(task, *make()))
+      for v, patch in parts.items():
+        with patch:
+          times[v].append(compile_seconds(task, sngd_jax.sngd(),
+                                          optax.sgd(0.01, momentum=0.9)))
+    med = {v: float(np.median(t)) for v, t in times.items()}
+    rows.append({"model": name, "description": task.description, "median_s": med,
+                 "all_s": times, "load": os.getloadavg()})
+    print(f"{name}: " + ", ".join(f"{v} {s:.2f}s" for v, s in med.items())
+          + f"; sngd / sgd {med['sngd_momentum'] / med['sgd(momentum)']:.2f}x, "
+          f"/ adam {med['sngd_momentum'] / med['adam']:.2f}x; load {os.getloadavg()}",
+          flush=True)
+  with open(args.out, "w") as f:
+    json.dump({"machine": harness.machine_info(), "command": " ".join(sys.argv),
+               "rounds": args.rounds, "rows": rows}, f, indent=1)
+  print("\n| model | sgd(momentum) s | adam s | sngd_momentum s | x sgd | x adam |"
+        + "".join(f" {v} s |" for v in parts))
+  print("|---|---|---|---|---|---|" + "---|" * len(parts))
+  for r in rows:
+    m = r["median_s"]
+    print(f"| {r['model']} | {m['sgd(momentum)']:.2f} | {m['adam']:.2f} | "
+          f"{m['sngd_momentum']:.2f} | {m['sngd_momentum'] / m['sgd(momentum)']:.2f} | "
+          f"{m['sngd_momentum'] / m['adam']:.2f} |" + "".join(f" {m[v]:.2f} |" for v in parts))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,582 @@
+"""The evaluation protocol (benchmarks/README.md, *Protocol*): tune, then 3 seeds, interleaved.
+
+    python3 -m benchmarks.evaluate --tasks cnn --optimizers sngd,adam     # one task
+    python3 -m benchmarks.evaluate --tasks cnn --probe                    # step/compile probe
+    python3 -m benchmarks.evaluate --report                               # tables from JSON
+
+Per task:
+
+1. **Tuning** (seed 0): every optimizer runs every point of its log-spaced
+   learning-rate grid (:data:`GRIDS`, 5 points a factor ~3.16 apart, containing
+   the optimizer's recommended value); all these runs are interleaved in one
+   process (round robin, ~0.25 s of steps a turn). An optimizer's best learning
+   rate is the one reaching the test target in the fewest steps (ties: the better
+   final metric), else the best final test metric. If it is the lowest or
+   highest point tried, the grid is extended by one point on that side and the
+   new runs are interleaved likewise, up to ``--max-extend`` times.
+2. **Seeds**: seeds 1 and 2 at each optimizer's best learning rate, interleaved.
+
+Every run has the same budget of step time (the task's ``budget_s``; compile
+and evaluation excluded) and the same initialization and minibatch order per
+seed. The learning rate is a state entry (``optax.inject_hyperparams``), so each
+(task, optimizer) is compiled once and every run of it reports that compile
+time. A record holds: compile time (``jit(step).lower(...).compile()``),
+per-step times, the test-subset metric every ``eval_every`` steps, the final
+metric on the whole test set, the XLA executable's memory (arguments without
+the training data, outputs, temporaries), and for SNGD the trust-region scale
+of every step (:func:`sngd_jax.trust_region_scale`, from the update itself).
+
+Writes ``benchmarks/results/eval/<task>.json``; ``--report`` writes
+``benchmarks/results/eval/summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import glob
+import io
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import benchmarks  # noqa: F401  (XLA flag and LAPACK thread cap, before JAX work)
+import sngd_jax
+from benchmarks import eval_tasks, harness
+from benchmarks.protocol import batch_seed, batches
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "results", "eval")
+STEP = math.sqrt(10.0)
+
+
+# --------------------------------------------------------------------------------------
+# Optimizers: name -> builder(lr) -> (sngd part or None, the rest)
+# --------------------------------------------------------------------------------------
+
+def graft(base: optax.GradientTransformation) -> optax.GradientTransformation:
+  """Layer-wise grafting: the direction of the incoming update, the norm of ``base``'s.
+
+  ``base`` (e.g. Adam) runs on the *raw* gradients passed as ``extra_args['grads']``;
+  each leaf's output is ``-||base(g)|| * u / ||u||`` (Agarwal et al., 2020): ``u`` is a
+  preconditioned gradient (an ascent direction), ``base(g)`` an optax update (descent).
+  """
+  def init(params):
+    return base.init(params)
+
+  def update(updates, state, params=None, *, grads, **extra):
+    del extra
+    b, state = base.update(grads, state, params)
+    def one(u, bu):
+      nu = jnp.linalg.norm(u)
+      return jnp.where(nu > 0, -u * (jnp.linalg.norm(bu) / jnp.maximum(nu, 1e-30)), bu)
+    return jax.tree.map(one, updates, b), state
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _inj(opt, **kw):
+  """``opt(learning_rate=lr, **kw)`` with the learning rate a state entry, so that one
+  compiled step serves every point of a grid (same numbers as a constant lr)."""
+  return lambda lr: optax.inject_hyperparams(opt)(learning_rate=lr, **kw)
+
+
+_SGDM = _inj(optax.sgd, momentum=0.9)
+_ADAM = _inj(optax.adam)
+
+
+def _sngd(**kw):
+  return lambda lr: (sngd_jax.sngd(**kw), _SGDM(lr))
+
+
+OPTIMIZERS: dict[str, Callable[[float], tuple[Any, Any]]] = {
+    # sngd_jax.sngd_momentum(lr, momentum=0.9) with every default, split in its two parts
+    # (the same numbers) so that the trust-region scale can be read from sngd's output.
+    "sngd": _sngd(),
+    "sngd-warmup": _sngd(inverse_warmup=True),
+    "sngd-inv20": _sngd(inverse_every=20),
+    "sngd-notr": _sngd(max_norm=None),
+    "sngd-tr3": _sngd(max_norm=3.0),
+    "sngd-chol": _sngd(inverse="cholesky"),
+    "sngd-adam": lambda lr: (sngd_jax.sngd(), _ADAM(lr)),
+    "sngd-adam-notr": lambda lr: (sngd_jax.sngd(max_norm=None), _ADAM(lr)),
+    "sngd-graft": lambda lr: (sngd_jax.sngd(), graft(_ADAM(lr))),
+    "sngd-paper": lambda lr: (sngd_jax.sngd(**sngd_jax.presets.paper(rfim=False)),
+                              _inj(optax.sgd)(lr)),
+    "adam": lambda lr: (None, _ADAM(lr)),
+    "adamw": lambda lr: (None, _inj(optax.adamw, weight_decay=1e-4)(lr)),
+    "sgd": lambda lr: (None, _SGDM(lr)),
+}
+
+# Five log-spaced points, a factor sqrt(10) apart, each containing the recommended value
+# (Adam 1e-3; SGD momentum 0.03-0.1; sngd_momentum 0.01-0.03; Adam on SNGD's direction 1e-3).
+_SNGD_GRID = (1e-3, 3.16e-3, 1e-2, 3.16e-2, 1e-1)
+_ADAM_GRID = (1e-4, 3.16e-4, 1e-3, 3.16e-3, 1e-2)
+GRIDS = {
+    "adam": _ADAM_GRID, "adamw": _ADAM_GRID, "sngd-adam": _ADAM_GRID,
+    "sngd-adam-notr": _ADAM_GRID, "sngd-graft": _ADAM_GRID,
+    "sgd": (3.16e-3, 1e-2, 3.16e-2, 1e-1, 3.16e-1),
+    "sngd-paper": (3.16e-3, 1e-2, 3.16e-2, 1e-1, 3.16e-1),
+}
+for _name in OPTIMIZERS:
+  GRIDS.setdefault(_name, _SNGD_GRID)
+
+
+# --------------------------------------------------------------------------------------
+# One run
+# --------------------------------------------------------------------------------------
+
+def _loss_fn(task: eval_tasks.EvalTask):
+  model = task.model
+  kw = {"train": True} if task.train_arg else {}
+
+  def loss_fn(params, extra, x, y):
+    variables = {"params": params, **extra}
+    if task.batch_stats:
+      out, new = model.apply(variables, x, mutable=["batch_stats"], **kw)
+      new_extra = {"batch_stats": new["batch_stats"]}
+    else:
+      out, new_extra = model.apply(variables, x, **kw), extra
+    if task.loss == "sigmoid_xent":
+      loss = optax.sigmoid_binary_cross_entropy(out, y).sum(-1).mean()
+    else:
+      loss = optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+    return loss, new_extra
+
+  return loss_fn
+
+
+def make_step(task, pre, post):
+  """``(params, extra, s_pre, s_post, xs, ys, idx) -> (..., loss, trust-region scale)``."""
+  loss_fn = _loss_fn(task)
+  if pre is not None:
+    grad_fn = jax.value_and_grad(sngd_jax.capture(loss_fn, has_aux=True), has_aux=True)
+  else:
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(params, extra, s_pre, s_post, xs, ys, idx):
+    x, y = xs[idx], ys[idx]
+    if pre is not None:
+      (loss, (extra, acts)), g = grad_fn(params, extra, x, y)
+      u, s_pre = pre.update(g, s_pre, params, activations=acts)
+      scale = sngd_jax.trust_region_scale(g, s_pre, u)
+    else:
+      (loss, extra), g = grad_fn(params, extra, x, y)
+      u, scale = g, jnp.ones((), jnp.float32)
+    u, s_post = post.update(u, s_post, params, grads=g)
+    return optax.apply_updates(params, u), extra, s_pre, s_post, loss, scale
+
+  return jax.jit(step, donate_argnums=(0, 1, 2, 3))
+
+
+def make_eval(task: eval_tasks.EvalTask, chunk: int = 500):
+  model = task.model
+  kw = {"train": False} if task.train_arg else {}
+
+  @jax.jit
+  def stats(params, extra, x, y):
+    out = model.apply({"params": params, **extra}, x, **kw)
+    if task.loss == "sigmoid_xent":
+      return optax.sigmoid_binary_cross_entropy(out, y).sum(-1).sum(), jnp.zeros(())
+    loss = optax.softmax_cross_entropy_with_integer_labels(out, y)
+    correct = (jnp.argmax(out, -1) == y)
+    return loss.reshape(x.shape[0], -1).mean(-1).sum(), correct.reshape(x.shape[0], -1).mean(
+        -1).sum()
+
+  def evaluate(params, extra, n: Optional[int] = None):
+    xs, ys = task.x_test, task.y_test
+    n = len(xs) if n is None else min(n, len(xs))
+    n = (n // chunk) * chunk or n
+    tot_l = tot_c = 0.0
+    for i in range(0, n, min(chunk, n)):
+      loss, c = stats(params, extra, xs[i:i + chunk], ys[i:i + chunk])
+      tot_l += float(loss)
+      tot_c += float(c)
+    if task.metric == "accuracy":
+      return tot_c / n
+    if task.metric == "bpc":
+      return tot_l / n / math.log(2.0)
+    return tot_l / n
+
+  return evaluate
+
+
+_DATA: dict = {}
+_COMPILED: dict = {}
+_EVALS: dict = {}
+
+
+def _device_data(task):
+  key = (task.name, id(task.x_train))
+  if key not in _DATA:
+    _DATA.clear()
+    _DATA[key] = (jnp.asarray(task.x_train), jnp.asarray(task.y_train))
+  return _DATA[key]
+
+
+def run_steps(task: eval_tasks.EvalTask, opt: str, lr: float, seed: int,
+              budget_s: Optional[float] = None, max_steps: Optional[int] = None):
+  """A generator: one training run, yielding after every step; returns the record."""
+  pre, post = OPTIMIZERS[opt](lr)
+  post = optax.with_extra_args_support(post)
+  xs, ys = _device_data(task)
+  kw = {"train": True} if task.train_arg else {}
+  variables = task.model.init(jax.random.PRNGKey(seed), xs[:2], **kw)
+  params = variables["params"]
+  extra = {"batch_stats": variables["batch_stats"]} if task.batch_stats else {}
+  fresh = lambda t: jax.tree.map(lambda a: jnp.array(a, copy=True), t)
+  s_pre = fresh(pre.init(params)) if pre is not None else None
+  s_post = fresh(post.init(params))
+  state_bytes = harness.tree_bytes(s_post) + (harness.tree_bytes(s_pre) if pre else 0)
+  evaluate = _EVALS.setdefault(task.name, make_eval(task))
+  sampler = batches(len(task.x_train), task.batch_size, batch_seed(seed))
+  idx = next(sampler)
+  key = (task.name, opt)
+  if key not in _COMPILED:  # one compile per (task, optimizer): the lr is a state entry
+    step = make_step(task, pre, post)
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+      compiled = step.lower(params, extra, s_pre, s_post, xs, ys, idx).compile()
+    _COMPILED[key] = (compiled, time.perf_counter() - t0)
+  compiled, compile_s = _COMPILED[key]
+  mem = compiled.memory_analysis()
+  data_bytes = xs.nbytes + ys.nbytes
+  exec_bytes = None
+  if mem is not None:
+    exec_bytes = int(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                     - mem.alias_size_in_bytes + mem.temp_size_in_bytes - data_bytes)
+  times, losses, scales, evals = [], [], [], [{"step": 0, "wall": 0.0,
+                                              "metric": evaluate(params, extra, task.eval_n)}]
+  wall, diverged, t = 0.0, False, 0
+  while True:
+    t += 1
+    t_start = time.perf_counter()
+    params, extra, s_pre, s_post, loss, scale = compiled(params, extra, s_pre, s_post, xs, ys,
+                                                         idx)
+    loss = float(loss)
+    dt = time.perf_counter() - t_start
+    scale = float(scale)
+    wall += dt
+    times.append(dt)
+    losses.append(loss)
+    scales.append(scale)
+    idx = next(sampler)
+    if not np.isfinite(loss):
+      diverged = True
+      break
+    done = (budget_s is not None and wall >= budget_s) or (max_steps is not None
+                                                          and t >= max_steps)
+    if t % task.eval_every == 0 or done:
+      evals.append({"step": t, "wall": wall, "metric": evaluate(params, extra, task.eval_n)})
+    if done:
+      break
+    yield
+  final = evaluate(params, extra) if not diverged else None
+  reach = next((e for e in evals if task.reached(e["metric"])), None)
+  times_arr = np.asarray(times)
+  scales_arr = np.asarray(scales)
+  early = scales_arr[:1000]
+  return {
+      "task": task.name, "optimizer": opt, "lr": lr, "seed": seed, "compile_s": compile_s,
+      "exec_bytes": exec_bytes, "state_bytes": state_bytes, "steps": len(times),
+      "wall_s": float(times_arr.sum()), "median_step_ms": float(np.median(times_arr[1:]) * 1e3)
+      if len(times) > 1 else None,
+      "mean_step_ms": float(times_arr[1:].mean() * 1e3) if len(times) > 1 else None,
+      "diverged": diverged, "final_metric": final, "metric": task.metric,
+      "target": task.target, "evals": evals,
+      "steps_to_target": reach["step"] if reach else None,
+      "wall_to_target": reach["wall"] if reach else None,
+      "wall_to_target_with_compile": (reach["wall"] + compile_s) if reach else None,
+      "clipped_frac_first1000": float(np.mean(early < 1.0 - 1e-6)) if pre else None,
+      "mean_scale_first1000": float(np.mean(early)) if pre else None,
+      "clipped_frac": float(np.mean(scales_arr < 1.0 - 1e-6)) if pre else None,
+      "mean_scale": float(np.mean(scales_arr)) if pre else None,
+      "loss_curve": [float(x) for x in losses[:: max(1, len(losses) // 300)]],
+  }
+
+
+def interleave(gens: list, turn_s: float = 0.25) -> list[dict]:
+  """Runs generators round robin, about ``turn_s`` seconds each per turn."""
+  records: list[Optional[dict]] = [None] * len(gens)
+  active = list(range(len(gens)))
+  while active:
+    for i in list(active):
+      t0 = time.perf_counter()
+      try:
+        while time.perf_counter() - t0 < turn_s:
+          next(gens[i])
+      except StopIteration as stop:
+        records[i] = stop.value
+        active.remove(i)
+  return records
+
+
+def _run_batch(task, plan, budget_s, max_steps):
+  """Compiles and runs the (opt, lr, seed) plan interleaved; prints one line per run."""
+  gens = []
+  for opt, lr, seed in plan:
+    g = run_steps(task, opt, lr, seed, budget_s=budget_s, max_steps=max_steps)
+    gens.append(g)
+  recs = interleave(gens)
+  for r in recs:
+    print(f"  {r['optimizer']:>14} lr={r['lr']:<8.3g} seed={r['seed']} steps={r['steps']:6d} "
+          f"{r['median_step_ms']:.2f} ms/step compile {r['compile_s']:.1f}s final "
+          f"{r['final_metric']} to-target {r['wall_to_target']} ({r['steps_to_target']} steps)"
+          + (f" clipped {r['clipped_frac_first1000']:.2f}/{r['mean_scale_first1000']:.2f}"
+             if r["clipped_frac_first1000"] is not None else ""), flush=True)
+  return recs
+
+
+def _score(task, r):
+  """Sort key among one optimizer's learning rates: fewest steps to the target, then the
+  best final metric; not reached: the best final metric; diverged last. (The step cost does
+  not depend on the lr, so steps rank the grid as step time would, and unlike step time they
+  are not changed by machine load that differs between the grid and extension batches.)"""
+  if r["diverged"] or r["final_metric"] is None:
+    return (2, 0.0, 0.0)
+  final = -r["final_metric"] if task.higher_is_better else r["final_metric"]
+  if r["steps_to_target"] is not None:
+    return (0, r["steps_to_target"], final)
+  return (1, final, 0.0)
+
+
+def tune_and_seed(task, opts, seeds, budget_s, max_steps, max_extend, grids):
+  records = []
+  tried = {o: sorted(grids[o]) for o in opts}
+  plan = [(o, lr, 0) for o in opts for lr in tried[o]]
+  print(f"{task.name}: tuning {len(plan)} runs", flush=True)
+  records += _run_batch(task, plan, budget_s, max_steps)
+  best = {}
+  for ext in range(max_extend + 1):
+    more = []
+    for o in opts:
+      rs = [r for r in records if r["optimizer"] == o and r["seed"] == 0]
+      b = min(rs, key=lambda r: _score(task, r))
+      best[o] = b["lr"]
+      if ext == max_extend:
+        continue
+      lrs = sorted(r["lr"] for r in rs)
+      if b["lr"] == lrs[0]:
+        more.append((o, float(f"{lrs[0] / STEP:.3g}"), 0))
+      elif b["lr"] == lrs[-1]:
+        more.append((o, float(f"{lrs[-1] * STEP:.3g}"), 0))
+    if not more:
+      break
+    print(f"{task.name}: extending grids {[(o, lr) for o, lr, _ in more]}", flush=True)
+    records += _run_batch(task, more, budget_s, max_steps)
+  plan = [(o, best[o], s) for o in opts for s in range(1, seeds)]
+  if plan:
+    print(f"{task.name}: seeds {len(plan)} runs", flush=True)
+    records += _run_batch(task, plan, budget_s, max_steps)
+  return records, best
+
+
+def probe(task, opts, steps=60):
+  """Compile time, ms/step and executable memory of each optimizer (interleaved)."""
+  recs = _run_batch(task, [(o, GRIDS[o][2], 0) for o in opts], None, steps)
+  return recs
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--tasks", default="cnn,resnet-bn,autoencoder,char-lstm,transformer")
+  p.add_argument("--optimizers", default="sngd,adam")
+  p.add_argument("--seeds", type=int, default=3)
+  p.add_argument("--budget-s", type=float, default=None, help="override each task's budget")
+  p.add_argument("--max-steps", type=int, default=None)
+  p.add_argument("--max-extend", type=int, default=1)
+  p.add_argument("--lrs", default=None, help="override grids: name=lr:lr,...")
+  p.add_argument("--probe", action="store_true", help="60 steps per optimizer, no tuning")
+  p.add_argument("--tag", default="", help="suffix of the JSON file names")
+  p.add_argument("--report", action="store_true")
+  p.add_argument("--pattern", default="*.json", help="which results/eval files --report reads")
+  p.add_argument("--readme", action="store_true",
+                 help="with --report: also write the tables into benchmarks/README.md")
+  args = p.parse_args(argv)
+  if args.report:
+    text = report(args.pattern)
+    print(text)
+    if args.readme:
+      _write_readme(text)
+    return 0
+  grids = dict(GRIDS)
+  if args.lrs:
+    for item in args.lrs.split(","):
+      k, v = item.split("=")
+      grids[k] = tuple(float(x) for x in v.split(":"))
+  opts = args.optimizers.split(",")
+  os.makedirs(OUT, exist_ok=True)
+  machine = harness.machine_info()
+  for name in args.tasks.split(","):
+    budget = args.budget_s
+    if name in eval_tasks.EVAL_TASKS:
+      task = eval_tasks.EVAL_TASKS[name](budget or 30.0)
+    else:  # a tuning-set MLP: "<shape>/<preprocess>"
+      shape, _, prep = name.partition("/")
+      task = eval_tasks.mlp(shape, prep or "pixel", budget or 20.0)
+    print(f"\n== {task.description}; budget {task.budget_s:g} s, target {task.metric} "
+          f"{task.target}; load {os.getloadavg()}", flush=True)
+    t0 = time.time()
+    if args.probe:
+      records, best = probe(task, opts, args.max_steps or 60), {}
+    else:
+      records, best = tune_and_seed(task, opts, args.seeds, task.budget_s, args.max_steps,
+                                    args.max_extend, grids)
+    out = os.path.join(OUT, f"{name.replace('/', '_')}{args.tag}.json")
+    with open(out, "w") as f:
+      json.dump({"machine": machine, "load_at_end": os.getloadavg(),
+                 "elapsed_s": time.time() - t0, "command": " ".join(sys.argv),
+                 "task": dataclasses.asdict(task) | {"model": repr(task.model),
+                                                     "x_train": None, "y_train": None,
+                                                     "x_test": None, "y_test": None},
+                 "grids": {o: grids[o] for o in opts}, "best_lr": best,
+                 "runs": records}, f, indent=1, default=float)
+    print(f"wrote {out} ({time.time() - t0:.0f} s)", flush=True)
+  return 0
+
+
+# --------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------
+
+def _med(vals):
+  """Median with unreached (None) as +inf; None if half or more are unreached."""
+  if sum(v is not None for v in vals) * 2 <= len(vals):
+    return None
+  return float(np.median([np.inf if v is None else v for v in vals]))
+
+
+def summarize(res: dict) -> list[dict]:
+  rows = []
+  for opt, lr in res["best_lr"].items():
+    rs = [r for r in res["runs"] if r["optimizer"] == opt and r["lr"] == lr]
+    metric = [r["final_metric"] for r in rs]
+    rows.append({
+        "optimizer": opt, "lr": lr, "seeds": len(rs),
+        "wall_to_target": _med([r["wall_to_target"] for r in rs]),
+        "wall_with_compile": _med([r["wall_to_target_with_compile"] for r in rs]),
+        "steps_to_target": _med([r["steps_to_target"] for r in rs]),
+        "reached": sum(r["wall_to_target"] is not None for r in rs),
+        "final_metric": float(np.median([m for m in metric if m is not None]))
+        if any(m is not None for m in metric) else None,
+        "median_step_ms": float(np.median([r["median_step_ms"] for r in rs])),
+        "mean_step_ms": float(np.median([r["mean_step_ms"] for r in rs])),
+        "compile_s": float(np.median([r["compile_s"] for r in rs])),
+        "exec_mb": (rs[0]["exec_bytes"] or 0) / 1e6, "state_mb": rs[0]["state_bytes"] / 1e6,
+        "clipped": (float(np.median([r["clipped_frac_first1000"] for r in rs]))
+                    if rs[0]["clipped_frac_first1000"] is not None else None),
+        "mean_scale": (float(np.median([r["mean_scale_first1000"] for r in rs]))
+                       if rs[0]["mean_scale_first1000"] is not None else None),
+        "grid": sorted({r["lr"] for r in res["runs"] if r["optimizer"] == opt}),
+    })
+  return rows
+
+
+def _f(x, spec=".2f"):
+  return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
+
+
+def report(pattern: str = "*.json") -> str:
+  lines = []
+  for path in sorted(glob.glob(os.path.join(OUT, pattern))):
+    if "_tune" in os.path.basename(path) and "tune" not in pattern:
+      continue  # tuning-set studies: --pattern '*_tune*.json'
+    with open(path) as f:
+      res = json.load(f)
+    if not res.get("best_lr"):
+      continue
+    t = res["task"]
+    rows = summarize(res)
+    png = os.path.basename(plot(path))
+    adam = next((r for r in rows if r["optimizer"] == "adam"), None)
+    lines += [f"### {t['name']}", "", f"{t['description']}; target test {t['metric']} "
+              f"{'>=' if t['metric'] == 'accuracy' else '<='} {t['target']}; budget "
+              f"{t['budget_s']:g} s of step time per run. Command: `{res['command']}`; "
+              f"started {res['machine']['date']}, load average at start "
+              f"{tuple(round(x, 1) for x in res['machine']['loadavg_at_start'])}, at end "
+              f"{tuple(round(x, 1) for x in res['load_at_end'])}.", "",
+              "| optimizer | lr (grid) | reached | s to target | x Adam | s with compile | "
+              "x Adam | steps to target | final test | ms/step (median/mean) | x Adam | "
+              "compile s | exec+state MB | clipped / mean scale (first 1000) |",
+              "|" + "---|" * 14]
+    for r in rows:
+      ratio = lambda k, r=r, adam=adam: (r[k] / adam[k] if adam and r[k] and adam[k]
+                              and np.isfinite(r[k]) and np.isfinite(adam[k]) else None)
+      lines.append(
+          f"| {r['optimizer']} | {r['lr']:.3g} ({', '.join(f'{x:.3g}' for x in r['grid'])}) | "
+          f"{r['reached']}/{r['seeds']} | {_f(r['wall_to_target'], '.1f')} | "
+          f"{_f(ratio('wall_to_target'))} | {_f(r['wall_with_compile'], '.1f')} | "
+          f"{_f(ratio('wall_with_compile'))} | {_f(r['steps_to_target'], '.0f')} | "
+          f"{_f(r['final_metric'], '.4f')} | {r['median_step_ms']:.2f} / {r['mean_step_ms']:.2f}"
+          f" | {_f(ratio('mean_step_ms'))} | {r['compile_s']:.1f} | "
+          f"{r['exec_mb'] + r['state_mb']:.1f} | "
+          f"{_f(r['clipped'])} / {_f(r['mean_scale'])} |")
+    lines += ["", f"![{t['name']}](results/eval/{png})", ""]
+  text = "\n".join(lines)
+  with open(os.path.join(OUT, "summary.md" if pattern == "*.json" else "summary_tuning.md"),
+            "w") as f:
+    f.write(text + "\n")
+  return text
+
+
+def _write_readme(text: str, start: str = "<!-- evaluation:start -->",
+                  end: str = "<!-- evaluation:end -->") -> None:
+  """Replaces the block between the markers of benchmarks/README.md with ``text``."""
+  path = os.path.join(HERE, "README.md")
+  with open(path) as f:
+    doc = f.read()
+  head, rest = doc.split(start, 1)
+  _, tail = rest.split(end, 1)
+  with open(path, "w") as f:
+    f.write(head + start + "\n" + text + "\n" + end + tail)
+
+
+def plot(path: str) -> str:
+  """Test metric vs step time (and vs steps) of every run at each optimizer's best lr."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  with open(path) as f:
+    res = json.load(f)
+  t = res["task"]
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  colors = {}
+  for opt, lr in res["best_lr"].items():
+    for r in res["runs"]:
+      if r["optimizer"] != opt or r["lr"] != lr:
+        continue
+      c = colors.setdefault(opt, f"C{len(colors)}")
+      ev = r["evals"]
+      label = f"{opt} lr={lr:.3g}" if r["seed"] == 0 else None
+      axes[0].plot([e["wall"] for e in ev], [e["metric"] for e in ev], color=c, label=label,
+                   alpha=0.8)
+      axes[1].plot([e["step"] for e in ev], [e["metric"] for e in ev], color=c, alpha=0.8)
+  for ax, xl in zip(axes, ["step time (s, compile excluded)", "steps"], strict=True):
+    ax.axhline(t["target"], color="k", lw=0.8, ls=":")
+    ax.set_xlabel(xl)
+    ax.set_ylabel(f"test {t['metric']} (subset)")
+    if t["metric"] != "accuracy":
+      lo = min(e["metric"] for r in res["runs"] for e in r["evals"] if np.isfinite(e["metric"]))
+      ax.set_ylim(lo * 0.98, t["target"] * 1.4)
+    else:
+      ax.set_ylim(max(0.5, t["target"] - 0.15), min(1.0, t["target"] + 0.05))
+  axes[0].legend(fontsize=8)
+  fig.suptitle(t["description"], fontsize=8)
+  fig.tight_layout()
+  out = path[:-5] + ".png"
+  fig.savefig(out, dpi=90)
+  plt.close(fig)
+  return out
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,189 @@
+"""Gradient accumulation that also accumulates the local Fisher statistics.
+
+``optax.MultiSteps`` averages the gradients of ``k`` micro-batches and hands
+the mean to the wrapped optimizer once every ``k`` calls. Wrapped around
+``sngd_jax.sngd`` it forwards the extra arguments of each call, so only
+the last micro-batch's ``activations`` would reach the preconditioner: its
+factors would see ``1/k`` of the data. ``MultiSteps`` accumulates, next
+to the gradients, each layer's batch estimate of the local Fisher, weighted by
+its rows: after micro-batches ``i = 1..k`` with ``n_i`` rows each,
+
+```
+G^ = (sum_i n_i G^_i) / (sum_i n_i) = (1/N) sum_rows x~ x~^T,
+```
+
+exactly the estimate of one batch of all ``N = sum_i n_i`` rows (the same
+holds per output unit for ``fisher="rfim"``, for token counts of embeddings,
+and for the sketch ``(G^ Omega, tr G^)`` of the Nystrom layers, which is linear
+in ``G^``: their accumulator is ``d x r``, never ``d x d``). On the emitting
+call the inner optimizer gets the mean gradient and ``statistics=`` the
+accumulated estimates in place of ``activations=``, and folds them in exactly
+as it would fold in one big batch's (on the same factor steps, with the same
+``axis_name`` mean and outlier limit).
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax._src import numerics
+
+from sngd_jax._src import transform
+
+
+class MultiStepsState(NamedTuple):
+  """State of ``MultiSteps``: ``optax.MultiStepsState`` plus the statistics.
+
+  Attributes:
+    mini_step: micro-batches accumulated so far in this step.
+    gradient_step: inner optimizer steps taken.
+    inner_opt_state: the wrapped optimizer's state.
+    acc_grads: the mean (or sum) of the micro-batches' gradients.
+    skip_state: what ``should_skip_update_fn`` returned.
+    acc_statistics: per layer path, the row-weighted mean of the micro-batches'
+      batch estimates, in the form of the sngd state's factor (empty when the
+      wrapped optimizer holds no ``sngd_jax.sngd``).
+    acc_rows: per layer path, the rows accumulated (int32).
+  """
+
+  mini_step: jax.Array
+  gradient_step: jax.Array
+  inner_opt_state: Any
+  acc_grads: Any
+  skip_state: Any
+  acc_statistics: dict[str, Any]
+  acc_rows: dict[str, jax.Array]
+
+
+def _sngd_state(inner_state: Any) -> Optional[transform.SNGDState]:
+  """The one ``SNGDState`` inside an optimizer state, or None."""
+  found = [s for s in jax.tree.leaves(inner_state,
+                                      is_leaf=lambda s: isinstance(s, transform.SNGDState))
+           if isinstance(s, transform.SNGDState)]
+  if len(found) > 1:
+    raise ValueError(f"sngd: MultiSteps accumulates the statistics of one `sngd` transform; "
+                     f"the wrapped optimizer holds {len(found)}")
+  return found[0] if found else None
+
+
+class MultiSteps(optax.MultiSteps):
+  """``optax.MultiSteps`` that accumulates the local Fisher statistics too.
+
+  Same signature and semantics as ``optax.MultiSteps``: every call
+  accumulates the gradients and returns zero updates, except every
+  ``every_k_schedule(gradient_step)``-th, which returns the wrapped
+  optimizer's update for the accumulated gradients. When the wrapped
+  optimizer holds a ``sngd_jax.sngd``, each call's ``activations=`` are
+  reduced to per-layer batch estimates, averaged over the micro-batches
+  weighted by rows, and passed to it as ``statistics=``: ``k`` micro-batches of
+  ``n`` examples give the update of one batch of ``k n`` (with the mean
+  gradient; ``use_grad_mean=True``). The estimates are computed only for the
+  steps that read them (one in ``factor_every`` of the inner optimizer's;
+  every call if ``factor_every`` is injected), and the wrapped optimizer runs
+  only on the emitting call (under ``lax.cond``). With ``stats_batch_size``
+  set, each micro-batch's estimate is from its own first ``stats_batch_size``
+  examples.
+
+  Examples:
+    ```python
+    tx = sngd_jax.MultiSteps(sngd_jax.sngd_momentum(0.03), every_k_schedule=4)
+    opt_state = tx.init(params)
+    updates, opt_state = tx.update(grads, opt_state, params, activations=acts)
+    ```
+  """
+
+  def init(self, params: Any) -> MultiStepsState:
+    """The ``optax.MultiSteps`` state plus zero statistics accumulators."""
+    base = super().init(params)
+    sngd_state = _sngd_state(base.inner_opt_state)
+    acc_stats = {} if sngd_state is None else jax.tree.map(jnp.zeros_like, sngd_state.factors)
+    acc_rows = {} if sngd_state is None else {
+        p: jnp.zeros((), jnp.int32) for p in sngd_state.factors}
+    return MultiStepsState(*typing.cast(Any, base), acc_statistics=acc_stats,
+                           acc_rows=acc_rows)
+
+  def _accumulate(self, updates: Any, state: MultiStepsState,
+                  sngd_state: transform.SNGDState, activations: Any):
+    """Folds this micro-batch's batch estimates into the row-weighted means."""
+    def fold(_):
+      estimates, rows = transform.local_statistics(updates, sngd_state, activations)
+      new_stats, new_rows = {}, {}
+      for path, estimate in estimates.items():
+        total = state.acc_rows[path] + rows[path]
+        new_rows[path] = total
+        new_stats[path] = jax.tree.map(
+            lambda acc, e, total=total, n=rows[path]:
+                acc + (e.astype(acc.dtype) - acc) * (n / total).astype(acc.dtype),
+            state.acc_statistics[path], estimate)
+      return new_stats, new_rows
+
+    factor_every = sngd_state.config.factor_every
+    if factor_every is None:  # injected: not known at trace time
+      return fold(None)
+    return jax.lax.cond(sngd_state.count % factor_every == 0, fold,
+                        lambda _: (state.acc_statistics, state.acc_rows), None)
+
+  def update(self, updates: Any, state: MultiStepsState, params: Optional[Any] = None,
+             **extra_args: Any) -> tuple[Any, MultiStepsState]:
+    """Accumulates gradients and statistics; the inner update every ``k`` calls."""
+    activations = extra_args.pop("activations", None)
+    sngd_state = _sngd_state(state.inner_opt_state)
+    if sngd_state is None and activations is not None:
+      extra_args["activations"] = activations
+    k_steps = self._every_k_schedule(state.gradient_step)
+    should_skip, skip_state = self._should_skip_update_fn(updates, state.gradient_step, params)
+    should_skip = typing.cast(jax.Array, should_skip)
+    if (should_skip.dtype, should_skip.shape) != (jnp.bool_, ()):
+      raise ValueError(
+          "The `should_skip_update_fn` function should return a boolean scalar array, but it "
+          f"returned an array of dtype {should_skip.dtype} and shape {should_skip.shape}")
+
+    def inner_update(acc_grads, acc_stats, inner_state):
+      kwargs = dict(extra_args)
+      if sngd_state is not None:
+        kwargs["statistics"] = acc_stats
+      out, new_inner = self._opt.update(optax.tree.cast_like(acc_grads, updates), inner_state,
+                                        params=params, **kwargs)
+      return out, jax.tree.map(lambda n, o: n.astype(o.dtype), new_inner, inner_state)
+
+    def hold(acc_grads, acc_stats, inner_state):
+      out = jax.eval_shape(inner_update, acc_grads, acc_stats, inner_state)[0]
+      return optax.tree.zeros_like(out), inner_state
+
+    def do_update(_):
+      acc_grads = jax.tree.map(lambda g, acc: self._acc_update(g, acc, n_acc=state.mini_step),
+                               updates, state.acc_grads)
+      acc_stats, acc_rows = state.acc_statistics, state.acc_rows
+      if sngd_state is not None:
+        acc_stats, acc_rows = self._accumulate(updates, state, sngd_state, activations)
+      emit = state.mini_step == (k_steps - 1)
+      out, inner_state = jax.lax.cond(emit, inner_update, hold, acc_grads, acc_stats,
+                                      state.inner_opt_state)
+      reset = lambda tree: jax.tree.map(lambda a: jnp.where(emit, jnp.zeros_like(a), a), tree)
+      return out, MultiStepsState(
+          mini_step=typing.cast(Any, numerics.safe_increment(state.mini_step)) % k_steps,
+          gradient_step=jnp.where(emit, numerics.safe_increment(state.gradient_step),
+                                  state.gradient_step),
+          inner_opt_state=inner_state,
+          # Zeroed by a select: `(1 - emit) * g` keeps a NaN (0 * NaN), which would poison
+          # every later cycle's mean (optax.MultiSteps does that).
+          acc_grads=reset(jax.tree.map(lambda g: g.astype(self._accumulator_dtype), acc_grads)),
+          skip_state=skip_state,
+          acc_statistics=reset(acc_stats),
+          acc_rows=reset(acc_rows))
+
+    def skip(_):
+      out, _ = hold(optax.tree.cast_like(state.acc_grads, updates), state.acc_statistics,
+                    state.inner_opt_state)
+      return out, state._replace(skip_state=skip_state)
+
+    return jax.lax.cond(should_skip, skip, do_update, None)
+
+  def gradient_transformation(self) -> optax.GradientTransformationExtraArgs:
+    """This wrapper as an ``optax.GradientTransformationExtraArgs``."""
+    return optax.GradientTransformationExtraArgs(init=self.init,
+                                                 update=typing.cast(Any, self.update))

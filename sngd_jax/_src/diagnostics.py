@@ -1,0 +1,82 @@
+"""Diagnostics read from an SNGD state: the trust region's scale.
+
+With ``max_norm`` set, every update is scaled by
+``s = min(1, max_norm / sqrt(q))``, ``q = sum_l <g_l, (G_l + rho_l I)^{-1} g_l>``
+(``sngd_jax._src.precondition``). Whether that clips most steps (``s < 1``)
+decides whether the optimizer is taking natural-gradient steps or normalized
+ones; ``trust_region_scale`` makes it observable without a new state leaf.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from sngd_jax._src import layers as layers_lib
+from sngd_jax._src import precondition
+from sngd_jax._src.config import value_at
+from sngd_jax._src.transform import SNGDState, _flatten, _method_of
+
+
+def find_state(opt_state: Any) -> SNGDState:
+  """The (first) ``SNGDState`` inside an optax state, e.g. that of ``sngd_momentum``."""
+  for leaf in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SNGDState)):
+    if isinstance(leaf, SNGDState):
+      return leaf
+  raise ValueError("sngd: no SNGDState in this optimizer state (is sngd() part of the "
+                   "transform?)")
+
+
+def trust_region_scale(grads: Any, opt_state: Any, updates: Optional[Any] = None, *,
+                       max_norm: Optional[Any] = None) -> jax.Array:
+  """The trust-region scale ``s = min(1, max_norm / sqrt(q))`` of an update.
+
+  Two ways to call it:
+
+  * ``trust_region_scale(grads, new_state, updates)`` with the ``updates`` that
+    ``sngd_jax.sngd`` returned for ``grads`` (its own output, before any
+    momentum): the scale that update used. It costs one dot product per layer:
+    for a clipped step ``<g, s u> = s q`` and ``s = max_norm / sqrt(q)``, so
+    ``s = min(1, max_norm^2 / <g, s u>)``; an unclipped step has
+    ``<g, u> = q <= max_norm^2`` and gives 1.
+  * ``trust_region_scale(grads, state)``: the scale an update of ``grads``
+    with the state's cached inverses would use (that of the next update unless
+    it refreshes the inverses). It costs one product with every inverse, as
+    much as the preconditioning of a step.
+
+  Args:
+    grads: the gradients (params-shaped).
+    opt_state: a state holding an ``sngd_jax.SNGDState`` (that of
+      ``sngd`` or of a chain containing it).
+    updates: optionally, ``sngd``'s output for ``grads``.
+    max_norm: the radius, needed only when it is not recorded in the state's
+      configuration (a hyperparameter injected with ``optax.inject_hyperparams``,
+      which the state records as None); by default the configured one.
+
+  Returns:
+    A scalar in ``(0, 1]``; 1 without a trust region (``max_norm=None``) and
+    for a skipped step.
+  """
+  state = find_state(opt_state)
+  config = state.config
+  radius_of = config.max_norm if max_norm is None else max_norm
+  if radius_of is None:
+    return jnp.ones((), jnp.float32)
+  specs = layers_lib.discover(grads, config.fisher)
+  leaves, _, index = _flatten(grads)
+  dtypes = {p: jax.tree.leaves(state.factors[p])[0].dtype for p in specs}
+  if updates is not None:
+    u_leaves, _, _ = _flatten(updates)
+    q = jnp.zeros((), jnp.float32)
+    for path, spec in specs.items():
+      g = precondition.augmented(spec, leaves, index, dtypes[path])
+      u = precondition.augmented(spec, u_leaves, index, dtypes[path])
+      q = q + jnp.vdot(g, u)
+    radius = jnp.asarray(value_at(radius_of, state.count - 1), q.dtype)
+    scale = jnp.minimum(1.0, radius ** 2 / q)
+    return jnp.where(jnp.isfinite(scale) & (q > 0), scale, 1.0)
+  _, q = precondition.precondition(specs, leaves, index, state.inverses, dtypes,
+                                   _method_of(config))
+  return precondition.trust_region_scale(q, value_at(radius_of, state.count))

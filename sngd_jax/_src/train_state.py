@@ -1,0 +1,69 @@
+"""``flax.training.train_state.TrainState`` that hands the activations to the optimizer."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import optax
+from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT
+from flax.training import train_state
+
+from sngd_jax._src.capture.records import Activations
+
+
+class TrainState(train_state.TrainState):
+  """Flax's ``TrainState`` whose ``apply_gradients`` also takes ``activations``.
+
+  The standard linen training loop calls ``state.apply_gradients(grads=grads)``,
+  which has no way to pass ``sngd_jax.sngd``'s ``activations``. This
+  subclass forwards them to ``tx.update(grads, opt_state, params,
+  activations=activations)``; everything else (``create``, ``step``,
+  ``apply_fn``, the ``overwrite_with_gradient`` collection, checkpointing) is
+  Flax's. Any optax transform works: ``tx`` is wrapped with
+  ``optax.with_extra_args_support``, so one without extra arguments
+  (``optax.adam``) ignores them, and ``activations=None`` calls
+  ``tx.update`` without them.
+
+  Examples:
+    ```python
+    state = sngd_jax.TrainState.create(apply_fn=model.apply, params=params,
+                                       tx=sngd_jax.sngd_momentum(0.03))
+
+    @jax.jit
+    def train_step(state, x, y):
+      def loss_fn(params):
+        logits = state.apply_fn({"params": params}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
+      grad_fn = jax.value_and_grad(sngd_jax.capture(loss_fn, has_aux=True), has_aux=True)
+      (loss, (logits, acts)), grads = grad_fn(state.params)
+      return state.apply_gradients(grads=grads, activations=acts), loss
+    ```
+  """
+
+  def apply_gradients(self, *, grads: Any, activations: Optional[Activations] = None,
+                      **kwargs: Any) -> TrainState:
+    """One optimizer step: ``tx.update`` with the activations, then ``apply_updates``.
+
+    Args:
+      grads: gradients with the structure of ``params``.
+      activations: what ``sngd_jax.capture`` (or ``capture_nnx``)
+        returned for this batch; None for an optimizer that needs none.
+      **kwargs: further fields of the state to replace, as in Flax's.
+
+    Returns:
+      The state with ``step + 1``, the new ``params`` and ``opt_state``.
+    """
+    owg = OVERWRITE_WITH_GRADIENT in grads
+    grads_with_opt = grads["params"] if owg else grads
+    params_with_opt = self.params["params"] if owg else self.params
+    extra = {} if activations is None else {"activations": activations}
+    updates, new_opt_state = optax.with_extra_args_support(self.tx).update(
+        grads_with_opt, self.opt_state, params_with_opt, **extra)
+    new_params_with_opt = optax.apply_updates(params_with_opt, updates)
+    if owg:
+      new_params = {"params": new_params_with_opt,
+                    OVERWRITE_WITH_GRADIENT: grads[OVERWRITE_WITH_GRADIENT]}
+    else:
+      new_params = new_params_with_opt
+    return self.replace(step=self.step + 1, params=new_params, opt_state=new_opt_state,
+                        **kwargs)

@@ -1,0 +1,161 @@
+"""sngd_jax.MultiSteps: k micro-batches of n examples give the update of one batch of k n.
+
+The reference is the same optimizer run on the concatenated batch (the manual
+path); micro-batch and big-batch runs agree to float32 rounding, for dense,
+conv (with LayerNorm), recurrent (Embed + nn.RNN LSTM) and Nystrom-sketched
+layers, over several accumulation cycles with amortized statistics and refreshes.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sngd_jax
+
+K, N = 2, 8  # micro-batches per step, examples per micro-batch
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(nn.tanh(nn.Dense(9)(nn.tanh(nn.Dense(7)(x)))))
+
+
+class CNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.LayerNorm()(nn.Conv(4, (3, 3), padding="VALID")(x)))
+    return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+class LSTM(nn.Module):
+  @nn.compact
+  def __call__(self, tokens):
+    h = nn.RNN(nn.LSTMCell(4))(nn.Embed(7, 5)(tokens))
+    return nn.Dense(7)(h)
+
+
+def _problem(kind):
+  rng = np.random.default_rng(0)
+  if kind == "recurrent":
+    x = jnp.asarray(rng.integers(0, 7, (K * N, 5)), jnp.int32)
+    y = jnp.asarray(rng.integers(0, 7, (K * N, 5)), jnp.int32)
+    model = LSTM()
+  else:
+    shape = (K * N, 6, 6, 2) if kind == "conv" else (K * N, 6)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, K * N), jnp.int32)
+    model = CNN() if kind == "conv" else MLP()
+  params = model.init(jax.random.key(0), x[:1])["params"]
+
+  def loss_fn(p, x, y):
+    logits = model.apply({"params": p}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  return params, x, y, loss_fn
+
+
+def _inner(kind):
+  if kind == "injected":  # factor_every is an array: statistics accumulated at every call
+    return optax.inject_hyperparams(sngd_jax.sngd_momentum)(
+        0.1, damping=1e-2, decay=0.7, factor_every=2, inverse_every=2)
+  inverse = sngd_jax.inverse.nystrom(rank=4) if kind == "sketched" else "auto"
+  return optax.chain(
+      sngd_jax.sngd(damping=1e-2, decay=0.7, factor_every=2, inverse_every=2, inverse=inverse),
+      optax.sgd(0.1, momentum=0.9))
+
+
+def _step(tx, loss_fn):
+  @jax.jit
+  def step(params, state, x, y):
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(
+        params, x, y)
+    updates, state = tx.update(grads, state, params, activations=acts)
+    return optax.apply_updates(params, updates), state, updates
+  return step
+
+
+def _sngd_state(state):
+  (found,) = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(
+      s, sngd_jax.SNGDState)) if isinstance(s, sngd_jax.SNGDState)]
+  return found
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv", "recurrent", "sketched", "injected"])
+def test_micro_batches_give_the_big_batch_update(kind):
+  params, x, y, loss_fn = _problem(kind if kind in ("conv", "recurrent") else "dense")
+  big_tx = _inner(kind)
+  ms = sngd_jax.MultiSteps(_inner(kind), every_k_schedule=K)
+  big_step, micro_step = _step(big_tx, loss_fn), _step(ms, loss_fn)
+  big_p, big_s = params, big_tx.init(params)
+  ms_p, ms_s = params, ms.init(params)
+  for cycle in range(5):  # crosses factor and non-factor steps, refresh and no-refresh
+    for i in range(K):
+      batch = slice(i * N, (i + 1) * N)
+      ms_p, ms_s, updates = micro_step(ms_p, ms_s, x[batch], y[batch])
+      if i < K - 1:
+        assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+    big_p, big_s, _ = big_step(big_p, big_s, x, y)
+    assert bool(ms.has_updated(ms_s)) and int(ms_s.gradient_step) == cycle + 1
+    a, b = _sngd_state(ms_s), _sngd_state(big_s)
+    assert int(a.count) == int(b.count) == cycle + 1
+    for path in b.factors:
+      jax.tree.map(lambda f, g, path=path: np.testing.assert_allclose(
+          f, g, rtol=2e-5, atol=1e-6, err_msg=path), a.factors[path], b.factors[path])
+    jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-4, atol=2e-6),
+                 ms_p, big_p)
+  assert all(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(ms_p),
+                                                   jax.tree.leaves(params), strict=True))
+  if kind == "sketched":  # accumulators of sketched layers are d x r sketches, never d x d
+    for path, f in ms_s.acc_statistics.items():
+      if isinstance(_sngd_state(ms_s).factors[path], sngd_jax.Sketch):
+        assert isinstance(f, sngd_jax.Sketch) and f.y.shape[-1] == 4, path
+    assert any(isinstance(f, sngd_jax.Sketch) for f in ms_s.acc_statistics.values())
+
+
+def test_statistics_are_accumulated_only_for_factor_steps():
+  params, x, y, loss_fn = _problem("dense")
+  ms = sngd_jax.MultiSteps(_inner("dense"), every_k_schedule=K)  # factor_every=2
+  step = _step(ms, loss_fn)
+  state = ms.init(params)
+  rows = lambda s: [int(r) for r in s.acc_rows.values()]
+  params, state, _ = step(params, state, x[:N], y[:N])      # inner count 0: a factor step
+  assert rows(state) == [N] * 3
+  params, state, _ = step(params, state, x[N:], y[N:])      # emits; accumulators reset
+  assert rows(state) == [0] * 3
+  params, state, _ = step(params, state, x[:N], y[:N])      # inner count 1: not read
+  assert rows(state) == [0] * 3
+  assert all(float(jnp.sum(jnp.abs(f))) == 0 for f in jax.tree.leaves(state.acc_statistics))
+
+
+def test_without_sngd_it_is_optax_multisteps():
+  params, x, y, loss_fn = _problem("dense")
+  schedule = lambda step: jnp.where(step < 1, 2, 3)
+  ours = sngd_jax.MultiSteps(optax.adam(1e-2), every_k_schedule=schedule)
+  theirs = optax.MultiSteps(optax.adam(1e-2), every_k_schedule=schedule)
+  s1, s2 = ours.init(params), theirs.init(params)
+  p1 = p2 = params
+  for i in range(7):
+    batch = slice((i % K) * N, (i % K + 1) * N)
+    g1 = jax.grad(loss_fn)(p1, x[batch], y[batch])
+    g2 = jax.grad(loss_fn)(p2, x[batch], y[batch])
+    u1, s1 = ours.update(g1, s1, p1)
+    u2, s2 = theirs.update(g2, s2, p2)
+    p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+    assert int(s1.mini_step) == int(s2.mini_step)
+    assert bool(ours.has_updated(s1)) == bool(theirs.has_updated(s2))
+  # equal up to float32 rounding: the inner update runs under lax.cond (compiled) here
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+  jax.tree.map(close, p1, p2)
+  jax.tree.map(close, s1.inner_opt_state, s2.inner_opt_state)
+
+
+def test_sngd_inside_needs_activations():
+  params, x, y, loss_fn = _problem("dense")
+  ms = sngd_jax.MultiSteps(_inner("dense"), every_k_schedule=K)
+  grads = jax.grad(loss_fn)(params, x, y)
+  with pytest.raises(ValueError, match="needs `activations=`"):
+    ms.update(grads, ms.init(params), params)

@@ -1,0 +1,113 @@
+"""Losses that return (loss, aux): has_aux=True for linen and NNX, and the error without it."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import sngd_jax
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(nn.relu(nn.Dense(5)(x)))
+
+
+class NnxMLP(nnx.Module):
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(4, 5, rngs=rngs)
+    self.out = nnx.Linear(5, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(nnx.relu(self.hidden(x)))
+
+
+X = jax.random.normal(jax.random.key(1), (8, 4))
+Y = jnp.arange(8) % 3
+
+
+def _xent(logits):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, Y).mean()
+
+
+def test_linen_tuple_loss_without_has_aux_says_what_to_write():
+  model = MLP()
+  params = model.init(jax.random.key(0), X)["params"]
+
+  def loss_fn(p):
+    logits = model.apply({"params": p}, X)
+    return _xent(logits), logits
+
+  with pytest.raises(ValueError) as err:
+    jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(params)
+  msg = str(err.value)
+  assert msg.startswith("sngd: the function wrapped by `capture` returned a tuple of length 2")
+  assert "sngd_jax.capture(loss_fn, has_aux=True)" in msg
+  assert "(loss, (aux, acts)), grads = jax.value_and_grad(wrapped, has_aux=True)" in msg
+
+
+def test_nnx_tuple_loss_without_has_aux_says_what_to_write():
+  model = NnxMLP(nnx.Rngs(0))
+
+  def loss_fn(m):
+    logits = m(X)
+    return _xent(logits), logits
+
+  with pytest.raises(ValueError, match=r"sngd_jax\.capture_nnx\(loss_fn, has_aux=True\)"):
+    nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(model)
+
+
+def test_has_aux_with_a_scalar_loss_is_an_error():
+  model = MLP()
+  params = model.init(jax.random.key(0), X)["params"]
+  with pytest.raises(ValueError, match="needs `fn` to return a pair"):
+    sngd_jax.capture(lambda p: _xent(model.apply({"params": p}, X)), has_aux=True)(params)
+
+
+def test_linen_has_aux_gives_the_loss_only_path_and_the_aux():
+  model = MLP()
+  params = model.init(jax.random.key(0), X)["params"]
+
+  def loss_with_logits(p):
+    logits = model.apply({"params": p}, X)
+    return _xent(logits), logits
+
+  loss_only = lambda p: _xent(model.apply({"params": p}, X))
+  (loss, (logits, acts)), grads = jax.value_and_grad(
+      sngd_jax.capture(loss_with_logits, has_aux=True), has_aux=True)(params)
+  (loss0, acts0), grads0 = jax.value_and_grad(sngd_jax.capture(loss_only), has_aux=True)(params)
+  np.testing.assert_array_equal(loss, loss0)
+  np.testing.assert_array_equal(logits, model.apply({"params": params}, X))
+  jax.tree.map(np.testing.assert_array_equal, grads, grads0)
+  jax.tree.map(np.testing.assert_array_equal, acts, acts0)
+  tx = sngd_jax.sngd_momentum(0.1)
+  u, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  u0, _ = tx.update(grads0, tx.init(params), params, activations=acts0)
+  jax.tree.map(np.testing.assert_array_equal, u, u0)
+
+
+def test_nnx_has_aux_gives_the_loss_only_path_and_the_aux():
+  def loss_with_logits(m):
+    logits = m(X)
+    return _xent(logits), logits
+
+  model, model0 = NnxMLP(nnx.Rngs(0)), NnxMLP(nnx.Rngs(0))
+  (loss, (logits, acts)), grads = nnx.value_and_grad(
+      sngd_jax.capture_nnx(loss_with_logits, has_aux=True), has_aux=True)(model)
+  (loss0, acts0), grads0 = nnx.value_and_grad(
+      sngd_jax.capture_nnx(lambda m: _xent(m(X))), has_aux=True)(model0)
+  np.testing.assert_array_equal(loss, loss0)
+  np.testing.assert_array_equal(logits, model(X))
+  assert set(acts) == {"hidden", "out"}
+  jax.tree.map(np.testing.assert_array_equal, acts, acts0)
+  opt, opt0 = (nnx.Optimizer(m, sngd_jax.sngd_momentum(0.1), wrt=nnx.Param)
+               for m in (model, model0))
+  opt.update(model, grads, activations=acts)
+  opt0.update(model0, grads0, activations=acts0)
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Param),
+               nnx.state(model0, nnx.Param))
+  assert not np.allclose(model.out.kernel[...], NnxMLP(nnx.Rngs(0)).out.kernel[...])

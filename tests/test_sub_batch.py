@@ -1,0 +1,194 @@
+"""stats_batch_size selects the first k examples (all their rows), for every layer kind.
+
+One update with the batch's statistics from its first ``k`` examples only,
+against a float64 reference that builds each layer's rows from those examples
+alone: dense rows, conv patches, attention tokens (and per-head outputs), and
+every time step of an LSTM run by ``nn.RNN`` (whose captured rows are
+time-major, ``T * B``).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import np_reference as ref
+import numpy as np
+import pytest
+
+import sngd_jax
+
+F64 = dict(param_dtype=jnp.float64)
+B, K, T = 5, 2, 4
+
+
+pytestmark = pytest.mark.usefixtures("x64")
+
+
+class Mixed(nn.Module):
+  @nn.compact
+  def __call__(self, vec, img, seq):
+    d = nn.Dense(3, name="dense", **F64)(vec)
+    c = nn.Conv(3, (3, 3), padding="VALID", name="conv", **F64)(img)
+    a = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=4, name="attn", **F64)(seq)
+    h = nn.RNN(nn.LSTMCell(3, param_dtype=jnp.float64), name="rnn")(seq)
+    return jnp.sum(jnp.sin(d)) + jnp.sum(jnp.sin(c)) + jnp.sum(jnp.sin(a)) + jnp.sum(
+        jnp.sin(h))
+
+
+def _check(rows, grads, updates, path):
+  kernel, bias = ref.dense_update(rows, grads["kernel"], grads.get("bias"))
+  np.testing.assert_allclose(updates["kernel"], kernel, rtol=1e-8, atol=1e-12, err_msg=path)
+  if bias is not None:
+    np.testing.assert_allclose(updates["bias"], bias, rtol=1e-8, atol=1e-12, err_msg=path)
+
+
+def test_statistics_of_the_first_examples_for_dense_conv_attention_and_lstm():
+  keys = jax.random.split(jax.random.key(1), 3)
+  vec = jax.random.normal(keys[0], (B, 6), jnp.float64)
+  img = jax.random.normal(keys[1], (B, 5, 5, 2), jnp.float64)
+  seq = jax.random.normal(keys[2], (B, T, 4), jnp.float64)
+  model = Mixed()
+  params = model.init(jax.random.key(0), vec, img, seq)["params"]
+  loss = lambda p: model.apply({"params": p}, vec, img, seq)
+  tx = sngd_jax.sngd(stats_batch_size=K, **ref.one_step_kwargs())
+
+  @jax.jit
+  def step(params):
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params)
+    updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+    return grads, updates, acts
+
+  grads, updates, acts = step(params)
+  p = jax.tree.map(np.asarray, params)
+  first = lambda a: np.asarray(a)[:K]
+  _check(first(vec), grads["dense"], updates["dense"], "dense")
+  patches, _ = ref.conv_patches(first(img), (3, 3), (1, 1), "VALID", (1, 1), (1, 1), 1)
+  _check(patches, grads["conv"], updates["conv"], "conv")
+  tokens = first(seq).reshape(-1, 4)
+  for name in ("query", "key", "value"):
+    _check(tokens, grads["attn"][name], updates["attn"][name], name)
+  heads = ref.mha_forward(p["attn"], first(seq), num_heads=2)
+  _check(heads.reshape(K * T, -1), grads["attn"]["out"], updates["attn"]["out"], "out")
+  (cell,) = set(p) - {"dense", "conv", "attn"}  # the cell is Mixed's child, shared by the scan
+  h_prev, _ = ref.lstm_forward(p[cell], first(seq))
+  assert acts[f"{cell}/hi"][0].time_steps == T
+  for names, rows in ((("ii", "if", "ig", "io"), tokens),
+                      (("hi", "hf", "hg", "ho"), h_prev.reshape(-1, 3))):
+    for name in names:
+      _check(rows, grads[cell][name], updates[cell][name], name)
+
+
+def test_first_examples_of_time_major_rows():
+  x = jnp.arange(3 * 4 * 2).reshape(3 * 4, 2)  # T = 3 steps of B = 4 examples, row t * B + b
+  call = sngd_jax.Captured(inputs=x, outputs=x[:, :1], time_steps=3)
+  sub = call.first_examples(2)
+  want = np.concatenate([np.asarray(x)[t * 4:t * 4 + 2] for t in range(3)])
+  np.testing.assert_array_equal(sub.inputs, want)
+  np.testing.assert_array_equal(sub.outputs, want[:, :1])
+  assert sub.time_steps == 3
+  np.testing.assert_array_equal(sngd_jax.Captured(inputs=x, outputs=x).first_examples(2).inputs,
+                                np.asarray(x)[:2])
+
+
+class Nested(nn.Module):
+  """An RNN in the cell of an RNN: the inner cell's rows are T_outer * T_inner * B."""
+
+  @nn.compact
+  def __call__(self, xs):  # (B, T_outer, T_inner, F)
+    return nn.RNN(_InnerCell(), name="outer")(xs)
+
+
+class _InnerCell(nn.RNNCellBase):
+  @nn.compact
+  def __call__(self, carry, x):  # x: (B, T_inner, F)
+    h = nn.RNN(nn.SimpleCell(3), name="inner")(x)
+    return carry, h[:, -1]
+
+  def initialize_carry(self, rng, input_shape):
+    return jnp.zeros(())
+
+  @property
+  def num_feature_axes(self):
+    return 2
+
+
+def test_nested_rnn_records_multiply_time_steps():
+  with jax.enable_x64(False):  # the cells' carries are float32
+    xs = jax.random.normal(jax.random.key(0), (B, 2, 3, 4))
+    model = Nested()
+    params = model.init(jax.random.key(1), xs)["params"]
+    _, acts = sngd_jax.capture(lambda p: jnp.sum(model.apply({"params": p}, xs)))(params)
+  (path,) = [p for p in acts if p.endswith("/i")]
+  (call,) = acts[path]
+  assert call.time_steps == 6 and call.inputs.shape == (6 * B, 4)
+  # rows t * B + b (t over outer, then inner steps): the first K examples at every step
+  want = np.stack([np.asarray(xs)[:K, to, ti] for to in range(2) for ti in range(3)])
+  np.testing.assert_array_equal(call.first_examples(K).inputs, want.reshape(-1, 4))
+
+
+# --- records made under JAX transforms (issue 13): where the examples are -----------------
+
+class _Block(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return jnp.tanh(nn.Dense(4, name="dense", **F64)(x)), None
+
+
+class _Step(nn.Module):
+  @nn.compact
+  def __call__(self, carry, x_t):  # one time step: x_t (B, 4)
+    return carry, jnp.tanh(nn.Dense(4, name="dense", **F64)(x_t))
+
+
+class _Scanned(nn.Module):
+  """Dense layers scanned over depth (stacked params) and a Dense under a time scan."""
+
+  @nn.compact
+  def __call__(self, x):  # x: (B, T, 4)
+    blocks = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                     length=3)
+    h, _ = blocks(name="blocks")(x, None)
+    over_time = nn.scan(_Step, variable_broadcast="params", split_rngs={"params": False},
+                        in_axes=1, out_axes=1)
+    _, h = over_time(name="time")(jnp.zeros(()), h)
+    return jnp.sum(jnp.sin(h))
+
+
+def test_stacked_and_time_scanned_layers_take_the_first_examples():
+  """Factors from ``stats_batch_size=K`` equal the factors of the first K examples alone."""
+  x = jax.random.normal(jax.random.key(3), (B, T, 4), jnp.float64)
+  model = _Scanned()
+  params = model.init(jax.random.key(0), x)["params"]
+
+  def factors(inputs, size):
+    loss = lambda p: model.apply({"params": p}, inputs)
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params)
+    tx = sngd_jax.sngd(stats_batch_size=size, stacked={"blocks": 1}, **ref.one_step_kwargs())
+    return tx.update(grads, tx.init(params), params, activations=acts)[1].factors
+
+  sub, alone = factors(x, K), factors(x[:K], None)
+  assert sub["blocks/dense"].shape == (3, 5, 5)
+  for path in ("blocks/dense", "time/dense"):
+    np.testing.assert_allclose(sub[path], alone[path], rtol=1e-10, atol=1e-14, err_msg=path)
+  full = factors(x, None)
+  assert not np.allclose(full["time/dense"], alone["time/dense"])  # the test can fail
+
+
+def test_per_example_layers_under_a_users_vmap_take_the_first_examples():
+  """Equinox: the batch is the axis of the user's vmap, not the layer's leading axis."""
+  eqx = pytest.importorskip("equinox")
+  model = eqx.nn.MLP(4, 3, 6, 1, key=jax.random.key(0), dtype=jnp.float64)
+  x = jax.random.normal(jax.random.key(1), (B, 4), jnp.float64)
+  loss = lambda m, x: jnp.sum(jnp.sin(jax.vmap(m)(x)))
+  (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(loss), has_aux=True)(
+      model, x)
+  assert acts["layers/0"][0].batch_axis == 0
+  params = eqx.filter(model, eqx.is_inexact_array)
+  tx = sngd_jax.sngd(stats_batch_size=K, **ref.one_step_kwargs())
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  rows = np.asarray(x)[:K]
+  for i, layer in enumerate(model.layers):  # Equinox weights are (out, in)
+    kernel, bias = ref.dense_update(rows, np.asarray(grads.layers[i].weight).T,
+                                    np.asarray(grads.layers[i].bias))
+    np.testing.assert_allclose(updates.layers[i].weight, kernel.T, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(updates.layers[i].bias, bias, rtol=1e-8, atol=1e-12)
+    rows = np.maximum(rows @ np.asarray(layer.weight).T + np.asarray(layer.bias), 0.0)
