@@ -49,7 +49,8 @@ def _dense(module: Any, parts: Parts, fisher, weight: str, bias: Optional[str], 
   stack = tuple(w.shape[:w.ndim - base_ndim])
   shape = w.shape[w.ndim - base_ndim:]
   return [layers_lib.LayerSpec(
-      path=path, kernel=parts + (weight,), bias=None if b is None else parts + (bias,),
+      path=path, kernel=parts + (weight,),
+      bias=None if b is None or bias is None else parts + (bias,),
       in_dim=math.prod(shape[1:]), out_dim=shape[0], fisher=kind, stack=stack,
       kernel_perm=perm)]
 

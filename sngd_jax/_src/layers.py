@@ -274,7 +274,7 @@ def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any], fisher: FisherSpe
     if in_axes is not None:
       out_ndim = len(shape) - in_axes
     else:
-      out_ndim = len(bias_shape) if bias is not None else 1
+      out_ndim = len(bias_shape) if bias_shape is not None else 1
     if (n_stack >= kernel.ndim - 1 or not 1 <= out_ndim < len(shape)
         or (bias is not None and (shape[len(shape) - out_ndim:] != bias_shape
                                   or tuple(bias.shape[:n_stack]) != tuple(

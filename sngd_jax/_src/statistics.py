@@ -64,14 +64,15 @@ PRIORS = ("scaled_identity", "identity", "none")
 """
 
 # kind -> function(Captured) -> (inputs (n, I), outputs (n, O)) as rows.
-RowFn = Callable[[Captured], tuple[jax.Array, jax.Array]]
+# (x rows, z rows); z is None when the outputs were not recorded.
+RowFn = Callable[[Captured], tuple[jax.Array, Optional[jax.Array]]]
 
 
 def _rows_of(z: Optional[jax.Array], n_rows: int) -> Optional[jax.Array]:
   return None if z is None else z.reshape(n_rows, -1)
 
 
-def dense_rows(call: Captured) -> tuple[jax.Array, jax.Array]:
+def dense_rows(call: Captured) -> tuple[jax.Array, Optional[jax.Array]]:
   """Rows of a dense call: every non-contracted position is a sample.
 
   ``call.config`` is ``()`` (contract the last axis, ``nn.Dense``) or
@@ -93,29 +94,27 @@ def dense_rows(call: Captured) -> tuple[jax.Array, jax.Array]:
   return x, _rows_of(z, x.shape[0])
 
 
-def conv_rows(call: Captured) -> tuple[jax.Array, jax.Array]:
+def conv_rows(call: Captured) -> tuple[jax.Array, Optional[jax.Array]]:
   """Rows of a conv call: input patches (kernel row order) and their outputs."""
   z = call.outputs
   return (conv_lib.patches(call.inputs, call.config),
           None if z is None else conv_lib.conv_output_rows(z, call.config))
 
 
-def norm_rows(call: Captured) -> tuple[jax.Array, jax.Array]:
+def norm_rows(call: Captured) -> tuple[jax.Array, Optional[jax.Array]]:
   """Rows of a normalization call: ``xhat`` and ``y``, channels last, ``(n, C)``.
 
   ``call.config`` is ``(feature_axes,)``; ``call.inputs`` is the normalized
   ``xhat`` (before scale and bias), ``call.outputs`` is ``y``.
   """
   (feature_axes,) = call.config
-  def rows(a):
-    if a is None:
-      return None
+  def rows(a: jax.Array) -> jax.Array:
     a = jnp.moveaxis(a, feature_axes, tuple(range(a.ndim - len(feature_axes), a.ndim)))
     return a.reshape(-1, math.prod(a.shape[a.ndim - len(feature_axes):]))
-  return rows(call.inputs), rows(call.outputs)
+  return rows(call.inputs), None if call.outputs is None else rows(call.outputs)
 
 
-def conv_transpose_rows(call: Captured) -> tuple[jax.Array, jax.Array]:
+def conv_transpose_rows(call: Captured) -> tuple[jax.Array, Optional[jax.Array]]:
   """Rows of a transposed conv call: patches of the stride-dilated input."""
   z = call.outputs
   return (conv_lib.transpose_patches(call.inputs, call.config),
@@ -134,7 +133,8 @@ def stat_dtype(*arrays: jax.Array) -> jnp.dtype:
   return jnp.result_type(jnp.float32, *[a.dtype for a in arrays])
 
 
-def layer_rows(spec: LayerSpec, calls: Sequence[Captured]) -> tuple[jax.Array, jax.Array]:
+def layer_rows(spec: LayerSpec,
+               calls: Sequence[Captured]) -> tuple[jax.Array, Optional[jax.Array]]:
   """Pools the rows of all calls of a layer into ``(X~, Z)``.
 
   Args:
@@ -232,8 +232,10 @@ def _per_layer(fn: Callable, spec: LayerSpec, calls: Sequence[Captured]):
     inner = spec.one_layer()
 
   def one(arrays):
-    return fn(inner, [c.replace(inputs=x, outputs=z, stack=0)
-                      for c, (x, z) in zip(calls, arrays, strict=True)])
+    return fn(inner, [dataclasses.replace(
+        c, inputs=x, outputs=z, stack=0,
+        batch_axis=None if c.batch_axis is None else c.batch_axis - k)
+        for c, (x, z) in zip(calls, arrays, strict=True)])
 
   for _ in range(k):
     one = jax.vmap(one)
@@ -281,6 +283,7 @@ def batch_factor(spec: LayerSpec, calls: Sequence[Captured]) -> jax.Array:
   n = x.shape[0]
   out_sharding = replicated_out_sharding(x)  # rows may be sharded over devices
   if spec.fisher == "rfim":
+    assert z is not None  # _check_kind requires the outputs for rfim
     w = jax.nn.sigmoid(z) ** 2
     return jnp.einsum("nj,na,nb->jab", w, x, x, out_sharding=out_sharding) / n
   return jnp.matmul(x.T, x, out_sharding=out_sharding) / n

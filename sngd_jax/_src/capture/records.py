@@ -245,14 +245,15 @@ def _valid(records: dict[str, list[Pending]], escaped: set[str]) -> dict[str, li
   return out
 
 
-def freeze(store: dict[str, list[Pending]], escaped: set[str] = frozenset()) -> Activations:
+def freeze(store: dict[str, list[Pending]],
+           escaped: Optional[set[str]] = None) -> Activations:
   """Turns a record store into the immutable activations dict.
 
   A layer with a call whose values could not leave a transform (see the module
   docstring) is dropped with a warning naming it, so ``update`` reports it as
   not captured (and ``fisher={path: None}`` leaves it to the next transform).
   """
-  escaped = set(escaped)
+  escaped = set(escaped or ())
   store = _valid(store, escaped)
   out = {}
   for path in sorted(escaped):
@@ -439,10 +440,9 @@ class Recorder:
     target = self._target()
     if target is None:
       return
-    stop = lambda a: None if a is None else jax.lax.stop_gradient(a)
-    outputs = stop(outputs) if self.outputs else None
+    outputs = jax.lax.stop_gradient(outputs) if self.outputs and outputs is not None else None
     target.setdefault(path, []).append(Pending(
-        Captured(inputs=stop(inputs), outputs=outputs, kind=kind, config=config,
+        Captured(inputs=jax.lax.stop_gradient(inputs), outputs=outputs, kind=kind, config=config,
                  batch_axis=batch_axis), roles))
 
   def add_all(self, records: dict[str, list[Pending]]) -> None:
@@ -464,7 +464,7 @@ class Recorder:
     return None
 
   @contextlib.contextmanager
-  def frame(self, frame: Frame) -> Iterator[Frame]:
+  def frame(self, frame: Any) -> Iterator[Any]:
     self.frames.append(frame)
     try:
       yield frame
