@@ -21,6 +21,8 @@ EXAMPLES = {
     "lstm_sequence": 3,
     "transformer_lm": 3,
     "grad_accumulation": 10,
+    "scanned_transformer": 3,
+    "equinox_mlp": 12,
 }
 LINE = re.compile(r"^step (\d+) loss (\S+)", re.MULTILINE)
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 import equinox as eqx
 import jax
 
-from sngd_jax._src import layers as layers_lib
+from sngd_jax._src import layer_spec as layers_lib
 from sngd_jax._src import paths
 
 Parts = tuple[str, ...]

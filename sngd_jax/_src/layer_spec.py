@@ -1,0 +1,150 @@
+"""What a layer is: ``LayerSpec`` (shapes, Fisher kind, structure, stack) and the
+``fisher``/``stacked`` option resolution shared by every way of finding layers
+(``sngd_jax._src.layers`` for params trees, ``sngd_jax._src.equinox_layers``
+for Equinox models). See ``sngd_jax._src.layers`` for the rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Mapping, Optional, Union
+
+
+FISHER_KINDS = ("linear", "rfim")
+# How a layer's local Fisher is stored and applied:
+#   "dense":       one d x d block (or O blocks for rfim) over x~ = [x; 1];
+#   "per_channel": one d x d block per output channel (normalization scale/bias, d <= 2);
+#   "diagonal":    a length-in_dim vector (embeddings: one-hot inputs).
+STRUCTURES = ("dense", "per_channel", "diagonal")
+# `fisher` argument: one kind for all layers, a mapping from layer path to kind
+# (None to leave that layer alone), or a callable from path to kind.
+FisherSpec = Union[str, Mapping[str, Optional[str]], Callable[[str], Optional[str]]]
+# `stacked` argument: layer path prefix -> number of leading stack axes of its layers.
+StackSpec = Optional[Mapping[str, int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+  """Static description of one preconditioned layer.
+
+  Attributes:
+    path: the layer path, e.g. ``'Dense_0'``.
+    kernel: normalized parts of the kernel leaf.
+    bias: normalized parts of the bias leaf, or None.
+    in_dim: number of input features ``I`` the kernel contracts.
+    out_dim: number of outputs ``O`` (product of the output axes).
+    fisher: ``'linear'`` or ``'rfim'``.
+    structure: one of ``STRUCTURES``; ``kernel`` then names the
+      ``kernel``, ``scale`` or ``embedding`` leaf.
+    stack: the shape of the leading stack axes of the kernel and bias (one
+      layer per index, see the module docstring); ``()`` for one layer.
+    kernel_perm: the permutation of the kernel's axes after the stack axes that
+      puts its input axes first and its output axes last (Equinox stores
+      outputs first); None when they already are.
+  """
+
+  path: str
+  kernel: tuple[str, ...]
+  bias: Optional[tuple[str, ...]]
+  in_dim: int
+  out_dim: int
+  fisher: str
+  structure: str = "dense"
+  stack: tuple[int, ...] = ()
+  kernel_perm: Optional[tuple[int, ...]] = None
+
+  @property
+  def per_unit(self) -> bool:
+    """Whether every output unit has its own block (rfim, or a norm channel)."""
+    return self.structure == "per_channel" or (
+        self.structure == "dense" and self.fisher == "rfim")
+
+  @property
+  def factor_shape(self) -> tuple[int, ...]:
+    """Shape of the stored factor: ``(d, d)``, ``(O, d, d)`` or ``(in_dim,)``, after the
+    stack shape."""
+    if self.structure == "diagonal":
+      return self.stack + (self.in_dim,)
+    if self.per_unit:
+      return self.stack + (self.out_dim, self.dim, self.dim)
+    return self.stack + (self.dim, self.dim)
+
+  @property
+  def num_layers(self) -> int:
+    """How many layers the spec stands for: the size of its stack (1 unstacked)."""
+    return math.prod(self.stack)
+
+  @property
+  def dim(self) -> int:
+    """Size ``d`` of the local Fisher: ``in_dim`` plus one for a bias."""
+    return self.in_dim + (1 if self.bias is not None else 0)
+
+  @property
+  def num_blocks(self) -> int:
+    """How many ``d x d`` blocks the layer holds: 1, or ``O`` when per unit, times the
+    number of stacked layers."""
+    return self.num_layers * (self.out_dim if self.per_unit else 1)
+
+  def one_layer(self) -> LayerSpec:
+    """The spec of one layer of the stack (itself when not stacked)."""
+    return dataclasses.replace(self, stack=()) if self.stack else self
+
+
+def _resolve(fisher: FisherSpec, path: str) -> tuple[Optional[str], Optional[int]]:
+  """``(kind or None, number of input axes or None)`` for a layer."""
+  if isinstance(fisher, str):
+    kind = fisher
+  elif isinstance(fisher, Mapping):
+    kind = fisher.get(path, "linear")
+  elif callable(fisher):
+    kind = fisher(path)
+  else:
+    raise TypeError(f"sngd: `fisher` must be a str, mapping or callable, got {type(fisher)}")
+  in_axes = None
+  if isinstance(kind, tuple):
+    if len(kind) != 2 or not isinstance(kind[1], int) or kind[1] < 1:
+      raise ValueError(
+          f"sngd: fisher for layer {path!r} must be a kind or (kind, number of input axes), "
+          f"got {kind!r}")
+    kind, in_axes = kind
+  if kind in (None, "none"):
+    return None, None
+  if kind not in FISHER_KINDS:
+    raise ValueError(
+        f"sngd: unknown fisher kind {kind!r} for layer {path!r}; expected one of "
+        f"{FISHER_KINDS} or None")
+  return kind, in_axes
+
+
+def resolve_fisher(fisher: FisherSpec, path: str) -> Optional[str]:
+  """Returns the Fisher kind a layer gets, or None to leave it unchanged.
+
+  Args:
+    fisher: a kind name, a mapping from layer path to kind (layers not in it
+      get ``'linear'``), or a callable from layer path to kind. A kind may be
+      given as ``(kind, n)``: the kernel's first ``n`` axes are its inputs
+      (needed only for a kernel without bias and several output axes, e.g.
+      the ``(D, heads, head_dim)`` projections of bias-free attention, which
+      the params alone do not tell apart from a conv kernel).
+    path: the layer path.
+
+  Returns:
+    ``'linear'``, ``'rfim'`` or None.
+
+  Raises:
+    ValueError: for an unknown kind, naming the layer path.
+  """
+  return _resolve(fisher, path)[0]
+
+
+def stack_axes_of(stacked: StackSpec, path: str) -> Optional[int]:
+  """The number of stack axes ``stacked`` gives the layer at ``path`` (longest prefix)."""
+  if not stacked:
+    return None
+  best = None
+  for prefix, n in stacked.items():
+    if path == prefix or path.startswith(prefix + "/") or prefix == "":
+      if best is None or len(prefix) > len(best[0]):
+        best = (prefix, n)
+  return None if best is None else best[1]
