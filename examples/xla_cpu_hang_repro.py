@@ -3,8 +3,9 @@
     python -m examples.xla_cpu_hang_repro [--trials 3] [--timeout 60] [--mode raw]
     python -m examples.xla_cpu_hang_repro --mode library [--methods denman_beavers,newton_schulz]
 
-Each trial runs a child process and counts it as hung if the child has not
-finished within ``--timeout`` seconds.
+Each trial runs a child process and counts it as hung if it makes no progress
+(completes no compilation; in the raw mode: does not finish) within
+``--timeout`` seconds.
 
 * ``--mode raw``: the child compiles and runs, 40 times, a jitted
   Denman-Beavers-style loop written with ``lax.while_loop`` (matrix inverses,
@@ -19,14 +20,20 @@ finished within ``--timeout`` seconds.
   200 x 200 float32 blocks, under a ``lax.cond`` as in ``sngd``'s update.
   Only the default ``XLA_FLAGS`` are used (add ``--both-flags`` to also run
   with the flag above): this is what users run.
+* ``--mode update``: the same with a whole jitted ``sngd_momentum`` step
+  (``inverse=`` each of ``--methods``, e.g. ``cholesky``, the default) of an
+  MLP with three layer sizes (three size groups of factors, 200, 161 and 121),
+  refreshing every step.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import select
 import subprocess
 import sys
+import tempfile
 
 FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
@@ -69,20 +76,60 @@ for i in range(int(sys.argv[2])):
 """
 
 
+UPDATE_CHILD = r"""
+import sys
+import flax.linen as nn, numpy as np, jax, jax.numpy as jnp, optax
+import sngd_jax
+# Three layers of different input sizes: three size groups, refreshed in one jitted update.
+model = nn.Sequential([nn.Dense(160), nn.relu, nn.Dense(120), nn.relu, nn.Dense(10)])
+rng = np.random.default_rng(1)
+x = jnp.asarray(rng.normal(size=(256, 199)), jnp.float32)
+y = jnp.asarray(rng.integers(0, 10, 256))
+params = model.init(jax.random.PRNGKey(0), x)["params"]
+loss_fn = lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(
+    model.apply({"params": p}, x), y).mean()
+for i in range(int(sys.argv[2])):
+  tx = sngd_jax.sngd_momentum(0.01 + 1e-9 * i, inverse=sys.argv[1], inverse_every=1)
+  def step(params, state, x, y):
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x, y)
+    updates, state = tx.update(grads, state, params, activations=acts)
+    return optax.apply_updates(params, updates), state
+  p, state = params, tx.init(params)
+  for _ in range(3):
+    p, state = jax.block_until_ready(jax.jit(step)(p, state, x, y))
+  print(i, flush=True)
+"""
+
+
 def trial(child: str, args: list[str], flags: str, timeout: float) -> str:
-  """``"finished"``, ``"hung"`` (no result within ``timeout`` s) or ``"failed"``."""
+  """``"finished"``, ``"hung"`` or ``"failed"``.
+
+  Hung: the child made no progress (no compilation completed, or for the raw mode
+  the whole child did not finish) within ``timeout`` seconds, so a trial slowed
+  down by a busy machine is not mistaken for a hang.
+  """
   env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-  try:
-    run = subprocess.run([sys.executable, "-c", child, *args], env=env, timeout=timeout,
-                         capture_output=True, text=True)
-  except subprocess.TimeoutExpired as e:
-    out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-    print(f"  hung after {len(out.split())} completed compilations", file=sys.stderr, flush=True)
-    return "hung"
-  if run.returncode != 0:
-    print(run.stderr[-2000:], file=sys.stderr)
+  err_file = tempfile.TemporaryFile("w+")  # a file, not a pipe: a full pipe would block
+  proc = subprocess.Popen([sys.executable, "-c", child, *args], env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=err_file)
+  assert proc.stdout is not None
+  done = 0
+  while True:
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:  # no progress within timeout seconds
+      proc.kill()
+      proc.wait()
+      print(f"  hung after {done} completed compilations", file=sys.stderr, flush=True)
+      return "hung"
+    line = proc.stdout.readline()
+    if not line:  # end of output: the child exited
+      break
+    done += 1
+  if proc.wait() != 0:
+    err_file.seek(0)
+    print(err_file.read()[-2000:], file=sys.stderr)
     return "failed"
   return "finished"
 
@@ -97,9 +144,9 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--trials", type=int, default=3)
   p.add_argument("--timeout", type=float, default=60.0)
-  p.add_argument("--mode", choices=("raw", "library"), default="raw")
+  p.add_argument("--mode", choices=("raw", "library", "update"), default="raw")
   p.add_argument("--methods", default="denman_beavers,newton_schulz",
-                 help="library mode: comma-separated iterative methods")
+                 help="library/update modes: comma-separated inverse methods")
   p.add_argument("--compilations", type=int, default=40,
                  help="library mode: compilations per trial (each run 3 times)")
   p.add_argument("--both-flags", action="store_true",
@@ -111,11 +158,13 @@ def main(argv=None) -> int:
              [trial(RAW_CHILD, [], flags, args.timeout) for _ in range(args.trials)])
     return 0
   status = 0
+  child = LIBRARY_CHILD if args.mode == "library" else UPDATE_CHILD
   for flags in ("", FLAG) if args.both_flags else ("",):
     for method in args.methods.split(","):
-      results = [trial(LIBRARY_CHILD, [method, str(args.compilations)], flags, args.timeout)
+      results = [trial(child, [method, str(args.compilations)], flags, args.timeout)
                  for _ in range(args.trials)]
-      report(f"sngd_jax {method}_inverse refresh, XLA_FLAGS={flags!r}", results)
+      what = "refresh" if args.mode == "library" else "sngd update (3 size groups)"
+      report(f"sngd_jax {method} {what}, XLA_FLAGS={flags!r}", results)
       status |= "finished" not in results or results.count("finished") < len(results)
   return int(status)
 
