@@ -9,17 +9,12 @@ def add_xla_flag(flag: str) -> None:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 
 
-# jaxlib 0.10.2 on CPU sometimes never completes a LAPACK call inside a loop or conditional
-# (e.g. the Cholesky refresh under lax.cond); XLA's concurrency-optimized scheduler off
-# avoids it (docs/known-issues.md). Set before any module here imports JAX.
-add_xla_flag("--xla_cpu_enable_concurrency_optimized_scheduler=false")
-
 # On CPU, jaxlib's LAPACK kernels (every inverse refresh) run in SciPy's OpenBLAS, whose
 # busy-waiting worker threads take the cores from XLA's (docs/performance.md; measured in
 # results/profile_step*.json). Every optimizer here runs with it capped, as the docs
 # recommend; `run_kfac` passes the same cap to kfac-jax's process.
 OPENBLAS_CAP = "1"
 
-from sngd_jax import limit_lapack_threads  # noqa: E402  (after the XLA flag: imports JAX)
+from sngd_jax import limit_lapack_threads  # noqa: E402
 
 limit_lapack_threads(int(OPENBLAS_CAP))

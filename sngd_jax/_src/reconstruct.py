@@ -118,8 +118,13 @@ def factor_roots(state: Any, damping=None, abs_damping=None, method: str = "eigh
   Returns:
     Per layer path, ``sngd_jax.inverse.Roots`` with the factor's shape.
   """
-  return {path: sqrt_and_inv_sqrt(g, method, **kwargs)
-          for path, g in damped_factors(state, damping, abs_damping).items()}
+  out: dict[str, Roots] = {}
+  previous = None
+  for path, g in damped_factors(state, damping, abs_damping).items():
+    if previous is not None:  # one layer after another under jit, as refresh_inverses does
+      g, _ = jax.lax.optimization_barrier((g, previous))
+    out[path] = previous = sqrt_and_inv_sqrt(g, method, **kwargs)
+  return out
 
 
 def _map_layers(params: Any, roots: dict[str, Roots],

@@ -94,6 +94,12 @@ def refresh_inverses(specs, factors, weights, old_inverses, method: InverseMetho
     sketched = sketch_lib.is_sketch(factors[path])
     dtype = jax.tree.leaves(factors[path])[0].dtype
     groups.setdefault((spec.dim, dtype, sketched), []).append(path)
+  # The groups are refreshed one after another (a data dependence through
+  # optimization_barrier), never concurrently: on XLA:CPU (jaxlib 0.10.2) a batched LAPACK
+  # call splits its batch over XLA's thread pool and blocks its own pool thread until the
+  # parts finish, so as many concurrent calls as pool threads (2 on a 2-core machine)
+  # deadlock the pool (docs/known-issues.md). On GPU and TPU the order costs nothing.
+  previous = None
   for (d, dtype, sketched), paths_in_group in groups.items():
     if sketched:  # stacked Sketch: y (b, d, r), trace (b,)
       blocks = [jax.tree.map(lambda a: a[None], statistics.normalized(factors[p], weights[p]))
@@ -106,7 +112,10 @@ def refresh_inverses(specs, factors, weights, old_inverses, method: InverseMetho
       sizes = [b.shape[0] for b in blocks]
       stacked = symmetrize(jnp.concatenate(blocks))
     shift = damping_shift(stacked, damping, abs_damping)
+    if previous is not None:  # after the previous group's refresh: one at a time
+      stacked, _ = jax.lax.optimization_barrier((stacked, previous))
     rep, ok = method.refresh(stacked, shift)
+    previous = (rep, ok)
     ok = accept_refresh(method.apply, rep,
                                    jax.ShapeDtypeStruct((sum(sizes), d, d), dtype), shift, ok)
     failures += jnp.sum(~ok).astype(jnp.int32)

@@ -148,7 +148,10 @@ def _coupled_iteration(step, a: jax.Array, num_iters: int, tol: Union[float, str
 
 
 def _db_step(y, z):
-  return 0.5 * (y + jnp.linalg.inv(z)), 0.5 * (z + jnp.linalg.inv(y))
+  # Both inverses in one batched LAPACK call, not two independent ones: on XLA:CPU two
+  # batched LAPACK calls running at once can deadlock the thread pool (docs/known-issues.md).
+  inv_z, inv_y = jnp.linalg.inv(jnp.stack([z, y]))
+  return 0.5 * (y + inv_z), 0.5 * (z + inv_y)
 
 
 def _ns_step(y, z):
