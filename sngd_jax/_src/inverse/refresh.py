@@ -21,6 +21,8 @@ Acceptance: a block of ``A = G + s I`` (``G`` positive semi-definite, shift
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any
 
 import jax
@@ -63,6 +65,29 @@ def accept_refresh(apply_fn, rep: Any, blocks: jax.Array | jax.ShapeDtypeStruct,
   bounded = jnp.linalg.norm(y, axis=-1) <= 2.0 * inv_shift
   good_shift = (shift > 0) & jnp.isfinite(inv_shift)
   return ok & finite_rep & jnp.all(jnp.isfinite(y), axis=-1) & positive & bounded & good_shift
+
+
+def _block_by_block(refresh, stacked: Any, shift: jax.Array):
+  """``refresh`` applied to one block at a time (``lax.map``): a batch of one per call."""
+  def one(args):
+    blocks, sh = args
+    out = refresh(jax.tree.map(lambda a: a[None], blocks), sh[None])
+    return jax.tree.map(lambda a: a[0], out)
+  return jax.lax.map(one, (stacked, shift))
+
+
+def batched_refresh(refresh, stacked: Any, shift: jax.Array):
+  """``refresh(stacked, shift)`` on GPU/TPU; on CPU one block per LAPACK call.
+
+  jaxlib's CPU LAPACK kernels split a batch over XLA's intra-op thread pool and
+  block their own pool thread until the parts finish. Programs running at once
+  on several CPU devices of one process (``xla_force_host_platform_device_count``,
+  a sharded step) share that pool, so their batched calls deadlock it (a
+  triangular solve of ``cho_solve`` in a stack dump, docs/known-issues.md).
+  With a batch of one the kernel runs on its own thread.
+  """
+  return jax.lax.platform_dependent(
+      stacked, shift, cpu=functools.partial(_block_by_block, refresh), default=refresh)
 
 
 def refresh_inverses(specs, factors, weights, old_inverses, method: InverseMethod, damping,
@@ -114,7 +139,7 @@ def refresh_inverses(specs, factors, weights, old_inverses, method: InverseMetho
     shift = damping_shift(stacked, damping, abs_damping)
     if previous is not None:  # after the previous group's refresh: one at a time
       stacked, _ = jax.lax.optimization_barrier((stacked, previous))
-    rep, ok = method.refresh(stacked, shift)
+    rep, ok = batched_refresh(method.refresh, stacked, shift)
     previous = (rep, ok)
     ok = accept_refresh(method.apply, rep,
                                    jax.ShapeDtypeStruct((sum(sizes), d, d), dtype), shift, ok)
