@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: installs what is missing, then runs a job.
 #   bash run.sh main    # the default training comparison (table + plot)
-#   bash run.sh test    # the fast test suite
+#   bash run.sh test    # the fast test suite (pytest-xdist: one worker per core, a test file per worker)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -16,6 +16,6 @@ install() {
 
 case "${1:-}" in
   main) shift; install; exec python3 -m benchmarks.main "$@" ;;
-  test) shift; install; exec python3 -m pytest -q "$@" ;;
+  test) shift; install; exec python3 -m pytest -q -n auto --dist loadfile "$@" ;;
   *) echo "usage: bash run.sh main|test [args...]" >&2; exit 2 ;;
 esac

@@ -24,3 +24,14 @@ def x64():
   """
   with jax.enable_x64(True):
     yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+  """Drops JAX's compiled programs after each test module.
+
+  One process runs many modules; their executables are rarely shared and
+  otherwise accumulate (several GB by the end of the suite).
+  """
+  yield
+  jax.clear_caches()
