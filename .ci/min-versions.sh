@@ -38,4 +38,4 @@ if [ "$#" -eq 0 ]; then
     tests/test_optax_compat.py tests/test_train_state.py tests/test_accumulation.py \
     tests/test_capture.py tests/test_nnx_layers.py tests/test_sharding.py tests/test_errors.py
 fi
-exec "$py" -m pytest -q "$@"
+exec "$py" -m pytest -q -n auto --dist loadfile "$@"
