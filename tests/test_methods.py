@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers_jaxpr import eqns as _eqns
 from exact import exact_sngd
 
 import sngd_jax
@@ -88,16 +89,6 @@ def test_every_method_matches_cholesky(name, fisher):
   assert int(state.num_refresh_failures) == 0
   for r, g in zip(ref, got, strict=True):
     assert tree_rel(g, r) < 1e-8
-
-
-def _eqns(jaxpr):
-  for e in jaxpr.eqns:
-    yield e
-    for v in e.params.values():
-      for x in v if isinstance(v, (tuple, list)) else (v,):
-        sub = x.jaxpr if hasattr(x, "jaxpr") and hasattr(x.jaxpr, "eqns") else x
-        if hasattr(sub, "eqns"):
-          yield from _eqns(sub)
 
 
 def count_primitive(tx, name, fisher_problem=None):

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers_jaxpr import eqns as _eqns
 import scipy.linalg
 
 import sngd_jax
@@ -78,16 +79,6 @@ def test_refresh_matches_scipy_float64(method):
       assert np.linalg.norm(np.asarray(r.sqrt[b]) - sq) / np.linalg.norm(sq) < 1e-9
       isq = scipy.linalg.inv(sq)
       assert np.linalg.norm(np.asarray(r.inv_sqrt[b]) - isq) / np.linalg.norm(isq) < 1e-7
-
-
-def _eqns(jaxpr):
-  for e in jaxpr.eqns:
-    yield e
-    for v in e.params.values():
-      for x in v if isinstance(v, (tuple, list)) else (v,):
-        sub = x.jaxpr if hasattr(x, "jaxpr") and hasattr(x.jaxpr, "eqns") else x
-        if hasattr(sub, "eqns"):
-          yield from _eqns(sub)
 
 
 @pytest.mark.parametrize("tol", [None, "auto"])
