@@ -20,8 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
+from typing import Optional
 from unittest import mock
 
 import jax
@@ -48,8 +50,58 @@ def _tasks():
   }
 
 
-def compile_seconds(task, pre, post) -> float:
-  """Seconds to lower and compile the task's whole training step."""
+STAGES = ("sngd_check", "sngd_statistics", "sngd_refresh", "sngd_precondition", "sngd_guard")
+_SKIP = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
+
+
+def kernel_counts(hlo_text: str) -> dict[str, int]:
+  """Kernels of a compiled XLA:CPU program, by the SNGD stage that emitted them.
+
+  A kernel is a fusion or an unfused instruction of an executed computation
+  (the entry, a conditional's branch, a loop's body): what the backend
+  generates code for, one by one. On XLA:CPU the compile time of a step grows
+  about linearly with their number (~10-40 ms each on the benchmark machine),
+  so the counts attribute compile time without the noise of a clock.
+  The stage is read from the ``jax.named_scope`` names in the metadata
+  (``sngd_jax`` labels its stages); ``other`` is the model and the base
+  optimizer, ``unlabelled`` instructions without a source (copies, XLA's splits of
+  reductions).
+  """
+  comps = {}
+  for c in re.split(r"\n(?=%|ENTRY)", hlo_text):
+    m = re.match(r"(?:ENTRY\s+)?%?([\w.\-]+)", c)
+    if m:
+      comps[m.group(1)] = c
+  called = set(re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", hlo_text))
+
+  def stage(text):
+    names = re.findall(r'op_name="([^"]+)"', text)
+    for key in STAGES:
+      if any(key in n for n in names):
+        return key
+    return "other" if names else "unlabelled"
+
+  counts: dict[str, int] = {}
+  for name, comp in comps.items():
+    if name in called:  # a fused body or a reduction's scalar function
+      continue
+    for line in comp.split("\n")[1:]:
+      m = re.match(r"\s+(?:ROOT )?%?[\w.\-]+ = .*? (\w[\w\-]*)\(", line)
+      if not m or m.group(1) in _SKIP:
+        continue
+      body = line
+      if m.group(1) == "fusion":
+        body = comps.get(re.search(r"calls=%?([\w.\-]+)", line).group(1), "")
+      key = stage(body)
+      counts[key] = counts.get(key, 0) + 1
+  return counts
+
+
+def compile_seconds(task, pre, post, kernels: Optional[dict] = None) -> float:
+  """Seconds to lower and compile the task's whole training step.
+
+  ``kernels``, a dict, receives ``kernel_counts`` of the compiled program.
+  """
   step = evaluate.make_step(task, pre, optax.with_extra_args_support(post))
   xs, ys = jnp.asarray(task.x_train[:256]), jnp.asarray(task.y_train[:256])
   kw = {"train": True} if task.train_arg else {}
@@ -60,8 +112,11 @@ def compile_seconds(task, pre, post) -> float:
   s_post = post.init(params)
   idx = jnp.arange(task.batch_size, dtype=jnp.int32) % xs.shape[0]
   t0 = time.perf_counter()
-  step.lower(params, extra, s_pre, s_post, xs, ys, idx).compile()
-  return time.perf_counter() - t0
+  compiled = step.lower(params, extra, s_pre, s_post, xs, ys, idx).compile()
+  seconds = time.perf_counter() - t0
+  if kernels is not None:
+    kernels.update(kernel_counts(compiled.as_text()))
+  return seconds
 
 
 def _passthrough_parts():
@@ -104,16 +159,17 @@ def main(argv=None) -> int:
   for name in args.models.split(","):
     task = _tasks()[name]()
     times = {v: [] for v in list(variants) + list(parts)}
+    kernels = {v: {} for v in variants}
     for _ in range(args.rounds):
       for v, make in variants.items():
-        times[v].append(compile_seconds(task, *make()))
+        times[v].append(compile_seconds(task, *make(), kernels=kernels[v]))
       for v, patch in parts.items():
         with patch:
           times[v].append(compile_seconds(task, sngd_jax.sngd(),
                                           optax.sgd(0.01, momentum=0.9)))
     med = {v: float(np.median(t)) for v, t in times.items()}
     rows.append({"model": name, "description": task.description, "median_s": med,
-                 "all_s": times, "load": os.getloadavg()})
+                 "all_s": times, "kernels": kernels, "load": os.getloadavg()})
     print(f"{name}: " + ", ".join(f"{v} {s:.2f}s" for v, s in med.items())
           + f"; sngd / sgd {med['sngd_momentum'] / med['sgd(momentum)']:.2f}x, "
           f"/ adam {med['sngd_momentum'] / med['adam']:.2f}x; load {os.getloadavg()}",
@@ -129,6 +185,16 @@ def main(argv=None) -> int:
     print(f"| {r['model']} | {m['sgd(momentum)']:.2f} | {m['adam']:.2f} | "
           f"{m['sngd_momentum']:.2f} | {m['sngd_momentum'] / m['sgd(momentum)']:.2f} | "
           f"{m['sngd_momentum'] / m['adam']:.2f} |" + "".join(f" {m[v]:.2f} |" for v in parts))
+  print("\nkernels of the compiled step (XLA:CPU), by stage:\n")
+  print("| model | sgd(momentum) | adam | sngd_momentum | " + " | ".join(STAGES)
+        + " | other | unlabelled |")
+  print("|---|---|---|---|" + "---|" * (len(STAGES) + 2))
+  for r in rows:
+    k = r["kernels"]
+    ks = k["sngd_momentum"]
+    print(f"| {r['model']} | {sum(k['sgd(momentum)'].values())} | {sum(k['adam'].values())} | "
+          f"{sum(ks.values())} | " + " | ".join(str(ks.get(x, 0)) for x in STAGES)
+          + f" | {ks.get('other', 0)} | {ks.get('unlabelled', 0)} |")
   return 0
 
 

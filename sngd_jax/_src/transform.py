@@ -398,21 +398,28 @@ def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArg
   def update_fn(updates, state, params=None, *, activations=None, statistics=None,
                 **extra_args):
     del params, extra_args
+    # The named scopes label the stages in profiles and in the compiled program's metadata.
     inputs = _check_inputs(config, method, updates, state, activations, statistics)
-    grads_finite = distributed.all_agree(tree_all_finite(inputs.leaves), config.axis_name)
-    factors, weights, accepted, restarted = _update_statistics(config, inputs, state,
-                                                               grads_finite)
+    with jax.named_scope("sngd_check"):
+      grads_finite = distributed.all_agree(tree_all_finite(inputs.leaves), config.axis_name)
+    with jax.named_scope("sngd_statistics"):
+      factors, weights, accepted, restarted = _update_statistics(config, inputs, state,
+                                                                 grads_finite)
     finite = grads_finite & accepted
-    inverses, failures, refreshed = _refresh(config, method, inputs.specs, factors, weights,
-                                             state, finite)
+    with jax.named_scope("sngd_refresh"):
+      inverses, failures, refreshed = _refresh(config, method, inputs.specs, factors, weights,
+                                               state, finite)
     factor_dtypes = {p: jax.tree.leaves(factors[p])[0].dtype for p in inputs.specs}
-    pres, sq_norm = precondition.precondition(inputs.specs, inputs.leaves, inputs.index,
-                                              inverses, factor_dtypes, method)
-    scale = None
-    if config.max_norm is not None:  # applied before the cast to the param dtype
-      scale = precondition.trust_region_scale(sq_norm, value_at(config.max_norm, state.count))
-    out, narrowed = _write_back(inputs, pres, scale)
-    out, ok = _guard(config, finite, sq_norm, narrowed, out)
+    with jax.named_scope("sngd_precondition"):
+      pres, sq_norm = precondition.precondition(inputs.specs, inputs.leaves, inputs.index,
+                                                inverses, factor_dtypes, method)
+      scale = None
+      if config.max_norm is not None:  # applied before the cast to the param dtype
+        scale = precondition.trust_region_scale(sq_norm,
+                                                value_at(config.max_norm, state.count))
+      out, narrowed = _write_back(inputs, pres, scale)
+    with jax.named_scope("sngd_guard"):
+      out, ok = _guard(config, finite, sq_norm, narrowed, out)
     # A skipped step changed no factor or inverse (both conds are gated on `finite`), so
     # only the step counter needs holding back: no select over the large state every step.
     new_state = state.replace(

@@ -20,6 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sngd_jax._src.inverse.base import all_finite
+
 
 def identity(size: int, dtype) -> jax.Array:
   """The inverse before the first refresh: ones (plain gradient)."""
@@ -40,7 +42,7 @@ def refresh(factor: jax.Array, damping, abs_damping) -> tuple[jax.Array, jax.Arr
   """
   shift = damping * jnp.sum(factor) + abs_damping
   inverse = 1.0 / (factor + jnp.asarray(shift, factor.dtype))
-  return inverse, jnp.all(jnp.isfinite(inverse))
+  return inverse, all_finite(inverse)
 
 
 def apply(inverse: jax.Array, g: jax.Array) -> jax.Array:

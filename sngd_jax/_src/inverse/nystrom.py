@@ -206,7 +206,7 @@ def nystrom(rank: int = DEFAULT_RANK, seed: int = 0, tail: str = "mean") -> base
       finite_input = base.all_finite_per_block(g)
     rep = NystromRep(u, lam, tau, shift.astype(u.dtype))
     ok = finite_input & base.all_finite_per_block(u) \
-        & jnp.all(jnp.isfinite(lam), axis=-1) & jnp.isfinite(tau) & (tau + shift > 0)
+        & base.all_finite(lam, axis=-1) & jnp.isfinite(tau) & (tau + shift > 0)
     return rep, ok
 
   def apply(rep, v):

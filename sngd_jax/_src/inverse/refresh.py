@@ -22,22 +22,31 @@ Acceptance: a block of ``A = G + s I`` (``G`` positive semi-definite, shift
 from __future__ import annotations
 
 import functools
-
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sngd_jax._src import sketch as sketch_lib
 from sngd_jax._src import statistics
 from sngd_jax._src.inverse import diagonal as diagonal_lib
-from sngd_jax._src.inverse.base import InverseMethod, damping_shift, symmetrize
+from sngd_jax._src.inverse.base import (
+  InverseMethod,
+  all_finite,
+  all_finite_per_block,
+  damping_shift,
+  symmetrize,
+)
 
 
 def _probe(d: int, dtype) -> jax.Array:
-  """A fixed probe vector with no structure aligned to the axes, ``||v|| = 1``."""
-  v = jnp.cos(jnp.arange(1, d + 1, dtype=dtype) * 1.3) + 1.5
-  return v / jnp.linalg.norm(v)
+  """A fixed probe vector with no structure aligned to the axes, ``||v|| = 1``.
+
+  A constant of the compiled program (computed here in numpy): no kernel.
+  """
+  v = np.cos(np.arange(1, d + 1, dtype=np.float64) * 1.3) + 1.5
+  return jnp.asarray(v / np.linalg.norm(v), dtype)
 
 
 def accept_refresh(apply_fn, rep: Any, blocks: jax.Array | jax.ShapeDtypeStruct,
@@ -59,12 +68,12 @@ def accept_refresh(apply_fn, rep: Any, blocks: jax.Array | jax.ShapeDtypeStruct,
   v = jnp.broadcast_to(_probe(d, dtype)[None, :, None], (b, d, 1))
   y = apply_fn(rep, v)[..., 0].astype(dtype)
   inv_shift = 1.0 / shift.astype(dtype)
-  finite_rep = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf.reshape(b, -1)), axis=1)
+  finite_rep = jnp.all(jnp.stack([all_finite_per_block(leaf)
                                   for leaf in jax.tree.leaves(rep)]), axis=0)
   positive = jnp.einsum("bd,bd->b", v[..., 0], y) > 0
   bounded = jnp.linalg.norm(y, axis=-1) <= 2.0 * inv_shift
   good_shift = (shift > 0) & jnp.isfinite(inv_shift)
-  return ok & finite_rep & jnp.all(jnp.isfinite(y), axis=-1) & positive & bounded & good_shift
+  return ok & finite_rep & all_finite(y, axis=-1) & positive & bounded & good_shift
 
 
 def _block_by_block(refresh, stacked: Any, shift: jax.Array):
