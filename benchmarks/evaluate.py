@@ -98,6 +98,12 @@ def _sngd(**kw):
   return lambda lr: (sngd_jax.sngd(**kw), _SGDM(lr))
 
 
+def _abl(**changes):
+  """The paper preset (linear Fisher everywhere) with ``changes``, plain SGD on top."""
+  return lambda lr: (sngd_jax.sngd(**{**sngd_jax.presets.paper(rfim=False), **changes}),
+                     _inj(optax.sgd)(lr))
+
+
 OPTIMIZERS: dict[str, Callable[[float], tuple[Any, Any]]] = {
     # sngd_jax.sngd_momentum(lr, momentum=0.9) with every default, split in its two parts
     # (the same numbers) so that the trust-region scale can be read from sngd's output.
@@ -107,11 +113,21 @@ OPTIMIZERS: dict[str, Callable[[float], tuple[Any, Any]]] = {
     "sngd-notr": _sngd(max_norm=None),
     "sngd-tr3": _sngd(max_norm=3.0),
     "sngd-chol": _sngd(inverse="cholesky"),
+    "sngd-sub32": _sngd(stats_batch_size=32),  # statistics from 32 examples of the batch
     "sngd-adam": lambda lr: (sngd_jax.sngd(), _ADAM(lr)),
     "sngd-adam-notr": lambda lr: (sngd_jax.sngd(max_norm=None), _ADAM(lr)),
     "sngd-graft": lambda lr: (sngd_jax.sngd(), graft(_ADAM(lr))),
     "sngd-paper": lambda lr: (sngd_jax.sngd(**sngd_jax.presets.paper(rfim=False)),
                               _inj(optax.sgd)(lr)),
+    # The ablation from the paper preset to the defaults, one change at a time (linear
+    # local Fisher everywhere, as the preset's rfim=False variant; plain SGD on top until the
+    # last step, which is `sngd`: the same configuration with momentum 0.9).
+    "abl-paper": _abl(),
+    "abl-tr": _abl(max_norm=1.0),
+    "abl-amortized": _abl(max_norm=1.0, decay=0.975, factor_every=5),
+    "abl-prior": _abl(max_norm=1.0, decay=0.975, factor_every=5, prior="scaled_identity"),
+    "abl-auto": _abl(max_norm=1.0, decay=0.975, factor_every=5, prior="scaled_identity",
+                     inverse="auto"),
     "adam": lambda lr: (None, _ADAM(lr)),
     "adamw": lambda lr: (None, _inj(optax.adamw, weight_decay=1e-4)(lr)),
     "sgd": lambda lr: (None, _SGDM(lr)),
@@ -127,6 +143,8 @@ GRIDS = {
     "sgd": (3.16e-3, 1e-2, 3.16e-2, 1e-1, 3.16e-1),
     "sngd-paper": (3.16e-3, 1e-2, 3.16e-2, 1e-1, 3.16e-1),
 }
+for _name in ("abl-paper", "abl-tr", "abl-amortized", "abl-prior", "abl-auto"):
+  GRIDS[_name] = GRIDS["sngd-paper"]
 for _name in OPTIMIZERS:
   GRIDS.setdefault(_name, _SNGD_GRID)
 
@@ -485,11 +503,16 @@ def _f(x, spec=".2f"):
   return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
 
 
+TAGGED = ("_tune", "_long", "_ablation")
+"""File-name tags of runs outside the protocol's evaluation tables (``--tag``)."""
+
+
 def report(pattern: str = "*.json") -> str:
   lines = []
   for path in sorted(glob.glob(os.path.join(OUT, pattern))):
-    if "_tune" in os.path.basename(path) and "tune" not in pattern:
-      continue  # tuning-set studies: --pattern '*_tune*.json'
+    tagged = any(t in os.path.basename(path) for t in TAGGED)
+    if tagged and pattern == "*.json":
+      continue  # tuning-set studies, long runs, ablations: --pattern '*_tune.json' etc.
     with open(path) as f:
       res = json.load(f)
     if not res.get("best_lr"):
@@ -522,8 +545,11 @@ def report(pattern: str = "*.json") -> str:
           f"{_f(r['clipped'])} / {_f(r['mean_scale'])} |")
     lines += ["", f"![{t['name']}](results/eval/{png})", ""]
   text = "\n".join(lines)
-  with open(os.path.join(OUT, "summary.md" if pattern == "*.json" else "summary_tuning.md"),
-            "w") as f:
+  name = "summary.md" if pattern == "*.json" else "summary_tuning.md"
+  for tag in TAGGED:
+    if tag != "_tune" and tag in pattern:
+      name = f"summary{tag}.md"
+  with open(os.path.join(OUT, name), "w") as f:
     f.write(text + "\n")
   return text
 
