@@ -119,6 +119,23 @@ def compile_seconds(task, pre, post, kernels: Optional[dict] = None) -> float:
   return seconds
 
 
+def kernel_scaling(sizes=(10, 40, 160)) -> list[tuple[int, int, float]]:
+  """Compile time against kernel count: ``n`` independent small reductions per program.
+
+  Returns ``(n, fusions, seconds)`` per size: how XLA:CPU's compile time grows with
+  the number of kernels, whatever they compute.
+  """
+  out = []
+  for n in sizes:
+    xs = [jnp.ones((100 + i, 37)) for i in range(n)]
+    f = jax.jit(lambda xs: [jnp.sum(jnp.sin(x) * (i + 1)) + jnp.max(x * i)
+                            for i, x in enumerate(xs)])
+    t0 = time.perf_counter()
+    compiled = f.lower(xs).compile()
+    out.append((n, compiled.as_text().count(" fusion("), time.perf_counter() - t0))
+  return out
+
+
 def _passthrough_parts():
   """SNGD variants with one stage replaced by a pass-through (for attribution only)."""
   from sngd_jax._src import precondition as pre_lib
@@ -147,8 +164,14 @@ def main(argv=None) -> int:
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--parts", action="store_true")
   p.add_argument("--out", default=os.path.join(HERE, "results", "compile_time.json"))
+  p.add_argument("--scaling", action="store_true",
+                 help="only: compile time against the number of kernels (kernel_scaling)")
   args = p.parse_args(argv)
   jax.config.update("jax_enable_compilation_cache", False)
+  if args.scaling:
+    for n, fusions, seconds in kernel_scaling():
+      print(f"{n} reductions: {fusions} fusions, compiled in {seconds:.2f} s")
+    return 0
   variants = {
       "sgd(momentum)": lambda: (None, optax.sgd(0.01, momentum=0.9)),
       "adam": lambda: (None, optax.adam(1e-3)),
