@@ -117,8 +117,7 @@ OPTIMIZERS: dict[str, Callable[[float], tuple[Any, Any]]] = {
     "sngd-adam": lambda lr: (sngd_jax.sngd(), _ADAM(lr)),
     "sngd-adam-notr": lambda lr: (sngd_jax.sngd(max_norm=None), _ADAM(lr)),
     "sngd-graft": lambda lr: (sngd_jax.sngd(), graft(_ADAM(lr))),
-    "sngd-paper": lambda lr: (sngd_jax.sngd(**sngd_jax.presets.paper(rfim=False)),
-                              _inj(optax.sgd)(lr)),
+    "sngd-paper": _abl(),  # the paper preset as it is (the ablation's first row)
     # The ablation from the paper preset to the defaults, one change at a time (linear
     # local Fisher everywhere, as the preset's rfim=False variant; plain SGD on top until the
     # last step, which is `sngd`: the same configuration with momentum 0.9).
