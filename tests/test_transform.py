@@ -127,10 +127,15 @@ def test_inverse_warmup_refresh_steps(warmup):
   tx = exact_sngd(decay=0.9, factor_every=f, inverse_every=k, inverse_warmup=warmup,
                   inverse="cholesky")
   state = tx.init(params)
+
+  @jax.jit  # one compiled step: eager dispatch of 30 updates took minutes
+  def step(state, x, y):
+    _, grads, acts = grads_and_acts(loss_fn, params, x, y)
+    return tx.update(grads, state, params, activations=acts)[1]
+
   changed, prev = [], None
   for t, (x, y) in enumerate(batches):
-    _, grads, acts = grads_and_acts(loss_fn, params, x, y)
-    _, state = tx.update(grads, state, params, activations=acts)
+    state = step(state, x, y)
     inv = np.asarray(jax.tree.leaves(state.inverses["Dense_0"])[0])
     if prev is None or not np.array_equal(inv, prev):
       changed.append(t)
