@@ -139,7 +139,7 @@ def tree_bytes(tree: Any) -> int:
 def make_step(loss_fn: Callable, tx: optax.GradientTransformation, wants_acts: bool):
   """The jitted training step ``(params, state, X, Y, idx) -> (params, state, loss)``."""
   if wants_acts:
-    grad_fn = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)
+    grad_fn = jax.value_and_grad(sngd_jax.capture(loss_fn, outputs=True), has_aux=True)
 
     def step(params, state, xs, ys, idx):
       (loss, acts), grads = grad_fn(params, xs[idx], ys[idx])

@@ -140,7 +140,7 @@ def make_chunk(model, tx, options: dict, x_train, y_train, batch: int, chunk: in
     loss = lambda p, x, y: loss_fn(p, model, x, y)
     if axis is not None:
       loss = lambda p, x, y, f=loss: jax.lax.pmean(f(p, x, y), axis)
-    (value, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(
+    (value, acts), grads = jax.value_and_grad(sngd_jax.capture(loss, outputs=True), has_aux=True)(
         params, x, y)
     leaves, treedef = jax.tree.flatten(grads)
     first = leaves[0].reshape(-1)

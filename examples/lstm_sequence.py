@@ -6,8 +6,8 @@ preconditions the cell's input and hidden-to-hidden layers with statistics
 pooled over every time step (``capture`` records each step of the scan).
 The activations are captured in one jitted function and the update runs in
 another (the two-jit step of many codebases): ``capture`` returns a plain
-pytree that crosses ``jax.jit`` like the gradients. ``outputs=False`` keeps
-only the layer inputs in it (the default ``fisher="linear"`` reads nothing else).
+pytree that crosses ``jax.jit`` like the gradients; it holds only the layer
+inputs (all that the default ``fisher="linear"`` reads).
 
 Run from the repository root::
 
@@ -51,7 +51,7 @@ def main(argv=None):
   @jax.jit
   def gradients(params, rows, labels):
     (loss, acts), grads = jax.value_and_grad(
-        sngd_jax.capture(loss_fn, outputs=False), has_aux=True)(params, rows, labels)
+        sngd_jax.capture(loss_fn), has_aux=True)(params, rows, labels)
     return loss, grads, acts
 
   @jax.jit

@@ -113,7 +113,7 @@ def train(steps: int, inverse_every: int, out: str | None) -> None:
 
   @jax.jit
   def step(params, state, x, y):
-    (loss, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(
+    (loss, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn, outputs=True), has_aux=True)(
         params, x, y)
     updates, state = tx.update(grads, state, params, activations=acts)
     return optax.apply_updates(params, updates), state, loss

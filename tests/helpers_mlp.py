@@ -71,7 +71,8 @@ def reference_update(x_rows, z_rows, grad_w, grad_b, fisher, damping):
 
 def grads_and_acts(loss_fn, params, x, y):
   import sngd_jax
-  (loss, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x, y)
+  (loss, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn, outputs=True), has_aux=True)(
+      params, x, y)
   return loss, grads, acts
 
 
@@ -86,7 +87,7 @@ def sngd_train_step(tx, loss_fn):
 
   @jax.jit
   def step(params, state, x, y):
-    (loss, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(
+    (loss, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn, outputs=True), has_aux=True)(
         params, x, y)
     updates, state = tx.update(grads, state, params, activations=acts)
     return optax.apply_updates(params, updates), state, loss

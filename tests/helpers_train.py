@@ -29,8 +29,8 @@ def _nnx_step(loss_fn, model, tx):
 
   @nnx.jit
   def update(model, opt, x, y):
-    (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(
-        model, x, y)
+    loss_and_acts = sngd_jax.capture_nnx(loss_fn, outputs=True)  # some tests use rfim
+    (_, acts), grads = nnx.value_and_grad(loss_and_acts, has_aux=True)(model, x, y)
     opt.update(model, grads, activations=acts)
 
   return lambda x, y: update(model, opt, x, y)

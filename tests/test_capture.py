@@ -42,7 +42,7 @@ def _setup():
 
 def test_keys_match_params_and_shared_layers_keep_every_call():
   model, params, x, y, loss_fn = _setup()
-  _, acts = sngd_jax.capture(loss_fn)(params, x, y)
+  _, acts = sngd_jax.capture(loss_fn, outputs=True)(params, x, y)
   assert set(acts) == {"shared", "Block_0/Dense_0", "Block_0/Dense_1"}
   assert set(sngd_jax.discover(params)) == set(acts)
   assert len(acts["shared"]) == 2 and len(acts["Block_0/Dense_0"]) == 1
@@ -50,6 +50,30 @@ def test_keys_match_params_and_shared_layers_keep_every_call():
   w, b = params["shared"]["kernel"], params["shared"]["bias"]
   np.testing.assert_allclose(acts["shared"][0].inputs, x)
   np.testing.assert_allclose(acts["shared"][0].outputs, x @ w + b, rtol=1e-12)
+
+
+def test_outputs_are_kept_only_when_asked_and_rfim_says_so():
+  """By default the records hold the inputs only (all that fisher="linear" reads), with the
+  same update as with outputs; a rfim layer without outputs is an error naming the fix."""
+  _, params, x, y, loss_fn = _setup()
+  grad_fn = lambda **kw: jax.value_and_grad(sngd_jax.capture(loss_fn, **kw), has_aux=True)
+  (_, acts), grads = grad_fn()(params, x, y)
+  (_, acts_z), _ = grad_fn(outputs=True)(params, x, y)
+  assert all(c.outputs is None for calls in acts.values() for c in calls)
+  assert all(c.outputs is not None for calls in acts_z.values() for c in calls)
+  tx = exact_sngd()
+  state = tx.init(params)
+  got, _ = tx.update(grads, state, params, activations=acts)
+  want, _ = tx.update(grads, state, params, activations=acts_z)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), got, want)
+  assert sngd_jax.coverage(loss_fn, params, x, y).output_bytes == 0
+  assert sngd_jax.coverage(loss_fn, params, x, y, outputs=True).output_bytes == sum(
+      c.outputs.nbytes for calls in acts_z.values() for c in calls)
+  rfim = exact_sngd(fisher={"Block_0/Dense_1": "rfim"})
+  with pytest.raises(ValueError, match=r"'Block_0/Dense_1' has fisher='rfim'.*"
+                                       r"capture\(loss_fn, outputs=True\)"):
+    rfim.update(grads, rfim.init(params), params, activations=acts)
+  rfim.update(grads, rfim.init(params), params, activations=acts_z)  # with outputs: fine
 
 
 def test_capture_does_not_change_values_or_gradients():
@@ -64,13 +88,14 @@ def test_has_aux_nests_activations():
   _, params, x, y, loss_fn = _setup()
   fn = lambda p, x, y: (loss_fn(p, x, y), {"note": 1.0})
   (loss, (aux, acts)), _ = jax.value_and_grad(
-      sngd_jax.capture(fn, has_aux=True), has_aux=True)(params, x, y)
+      sngd_jax.capture(fn, has_aux=True, outputs=True), has_aux=True)(params, x, y)
   assert aux == {"note": 1.0} and "shared" in acts
 
 
 def test_shared_layer_statistics_pool_all_calls():
   model, params, x, y, loss_fn = _setup()
-  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x, y)
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn, outputs=True), has_aux=True)(
+      params, x, y)
   tx = exact_sngd(decay=0.0)
   out, _ = tx.update(grads, tx.init(params), params, activations=acts)
   rows = np.concatenate([np.asarray(c.inputs) for c in acts["shared"]])
@@ -85,7 +110,8 @@ def test_params_under_variables_collection_match_activation_keys():
   _, params, x, y, loss_fn = _setup()
   variables = {"params": params}
   fn = lambda v, x, y: loss_fn(v["params"], x, y)
-  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(fn), has_aux=True)(variables, x, y)
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(fn, outputs=True), has_aux=True)(
+      variables, x, y)
   tx = sngd_jax.sngd(decay=0.0)
   out, _ = tx.update(grads, tx.init(variables), variables, activations=acts)
   ref, _ = tx.update(grads["params"], tx.init(params), params, activations=acts)
@@ -110,6 +136,7 @@ def test_nnx_capture_and_optimizer_update_match_numpy():
   before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(model, x, y)
   assert set(acts) == {"layers/0", "layers/1"}
+  assert all(c.outputs is None for calls in acts.values() for c in calls)  # inputs only
   opt = nnx.Optimizer(model, optax.chain(sngd_jax.sngd(decay=0.0), optax.sgd(1.0)),
                       wrt=nnx.Param)
   opt.update(model, grads, activations=acts)

@@ -49,7 +49,8 @@ def _loss(params, x, y):
 
 @jax.jit
 def _step(params, opt_state, x, y):
-  (loss, acts), grads = jax.value_and_grad(sngd_jax.capture(_loss), has_aux=True)(params, x, y)
+  (loss, acts), grads = jax.value_and_grad(sngd_jax.capture(_loss, outputs=True), has_aux=True)(
+      params, x, y)
   updates, opt_state = TX.update(grads, opt_state, params, activations=acts)
   return optax.apply_updates(params, updates), opt_state, loss
 

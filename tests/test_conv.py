@@ -82,7 +82,8 @@ def test_one_update_matches_reference(name, use_bias):
 
   @jax.jit
   def step(params, x):
-    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x)
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss, outputs=True), has_aux=True)(
+        params, x)
     updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
     return grads, updates
 
@@ -101,7 +102,8 @@ def test_rfim_per_channel_blocks_for_grouped_conv():
   layer = _conv(cfg, features=4)
   params = layer.init(jax.random.key(0), x)["params"]
   loss = lambda p, x: jnp.sum(jnp.sin(layer.apply({"params": p}, x)))
-  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x)
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss, outputs=True), has_aux=True)(
+      params, x)
   tx = sngd_jax.sngd(fisher="rfim", **ref.one_step_kwargs())
   updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
   rows, _ = _reference_rows(cfg, x)
@@ -155,7 +157,8 @@ def test_conv_transpose_update_matches_reference(name):
   np.testing.assert_allclose(np.asarray(y).reshape(-1, 3), rows @ kernel + np.asarray(
       params["bias"]), atol=1e-10)
   loss = lambda p, x: jnp.sum(jnp.tanh(layer.apply({"params": p}, x)) ** 2)
-  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x)
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss, outputs=True), has_aux=True)(
+      params, x)
   tx = sngd_jax.sngd(**ref.one_step_kwargs())
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params, activations=acts)
   kernel_u, bias_u = ref.dense_update(rows, grads["kernel"], grads["bias"])

@@ -30,8 +30,8 @@ def _one_update(loss, model, *args, fisher="linear"):
 
   @eqx.filter_jit
   def step(model, *args):
-    (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(loss), has_aux=True)(
-        model, *args)
+    loss_and_acts = sngd_jax.capture_eqx(loss, outputs=True)
+    (_, acts), grads = eqx.filter_value_and_grad(loss_and_acts, has_aux=True)(model, *args)
     params = eqx.filter(model, eqx.is_inexact_array)
     updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
     return grads, updates, acts
@@ -299,8 +299,8 @@ def _train(model, steps=10):
 
   @eqx.filter_jit
   def step(model, state):
-    (value, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(loss), has_aux=True)(
-        model, x, y)
+    loss_and_acts = sngd_jax.capture_eqx(loss, outputs=True)
+    (value, acts), grads = eqx.filter_value_and_grad(loss_and_acts, has_aux=True)(model, x, y)
     updates, state = tx.update(grads, state, eqx.filter(model, eqx.is_inexact_array),
                                activations=acts)
     return eqx.apply_updates(model, updates), state, value
@@ -349,7 +349,7 @@ def test_sgd_momentum_training_loss_falls():
     @eqx.filter_jit
     def step(model, state):
       (value, acts), grads = eqx.filter_value_and_grad(
-          sngd_jax.capture_eqx(loss), has_aux=True)(model, x, y)
+          sngd_jax.capture_eqx(loss, outputs=True), has_aux=True)(model, x, y)
       updates, state = tx.update(grads, state, eqx.filter(model, eqx.is_inexact_array),
                                  activations=acts)
       return eqx.apply_updates(model, updates), state, value

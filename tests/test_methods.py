@@ -49,7 +49,7 @@ def run(tx, steps=3, fisher_problem=None):
   """Runs ``steps`` updates (new data each step); returns the updates and the state."""
   params, x, y, loss_fn = fisher_problem or problem()
   state = tx.init(params)
-  grad_fn = jax.grad(sngd_jax.capture(loss_fn), has_aux=True)
+  grad_fn = jax.grad(sngd_jax.capture(loss_fn, outputs=True), has_aux=True)
 
   @jax.jit
   def step(params, state, x, y):
@@ -94,7 +94,7 @@ def test_every_method_matches_cholesky(name, fisher):
 def count_primitive(tx, name, fisher_problem=None):
   params, x, y, loss_fn = fisher_problem or problem()
   state = tx.init(params)
-  grads, acts = jax.grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x, y)
+  grads, acts = jax.grad(sngd_jax.capture(loss_fn, outputs=True), has_aux=True)(params, x, y)
   jaxpr = jax.make_jaxpr(lambda g, s, a: tx.update(g, s, params, activations=a))(
       grads, state, acts)
   return sum(e.primitive.name == name for e in _eqns(jaxpr.jaxpr))
@@ -122,7 +122,7 @@ def test_blocks_match_block_diagonal_reference():
             prior="none")
   params, x, y, loss_fn = problem()
   updates, state = run(exact_sngd(**kw), steps=1)
-  grads, _ = jax.grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x, y)
+  grads, _ = jax.grad(sngd_jax.capture(loss_fn, outputs=True), has_aux=True)(params, x, y)
   for path in ("Dense_0", "Dense_2"):
     g = np.asarray(factors_lib.normalized(state.factors[path], state.weights[path]))
     d = g.shape[0]
@@ -166,7 +166,7 @@ def test_failed_refresh_keeps_identity_and_counts(fisher, blocks):
   never = matfun.newton_schulz_inverse(num_iters=1, tol=None, error_bound=1e-12)
   updates, state = run(exact_sngd(fisher=fisher, inverse=never, inverse_every=1), steps=2)
   params, x, y, loss_fn = problem()
-  grads, _ = jax.grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x, y)
+  grads, _ = jax.grad(sngd_jax.capture(loss_fn, outputs=True), has_aux=True)(params, x, y)
   assert tree_rel(updates[0], grads) < 1e-12
   assert int(state.num_refresh_failures) == 2 * blocks
 
@@ -185,7 +185,7 @@ def test_failed_block_keeps_previous_inverse():
   tx_ok = exact_sngd(inverse="cholesky", inverse_every=1)
   params, x, y, loss_fn = problem()
   state = tx_ok.init(params)
-  grads, acts = jax.grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x, y)
+  grads, acts = jax.grad(sngd_jax.capture(loss_fn, outputs=True), has_aux=True)(params, x, y)
   _, state = tx_ok.update(grads, state, params, activations=acts)
   tx_fail = exact_sngd(inverse=failing, inverse_every=1)
   _, state2 = tx_fail.update(grads, state, params, activations=acts)

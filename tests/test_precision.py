@@ -139,7 +139,7 @@ def test_low_precision_model_trains(dtype):
 
   @jax.jit
   def step(params, state):
-    (loss, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(
+    (loss, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn, outputs=True), has_aux=True)(
         params, x, y)
     updates, state = tx.update(grads, state, params, activations=acts)
     return optax.apply_updates(params, updates), state, loss

@@ -58,7 +58,7 @@ def setup(fisher, damping=1e-2):
   params = MLP().init(jax.random.key(0), x)["params"]
   tx = exact_sngd(fisher=fisher, damping=damping, inverse_every=1, decay=0.5)
   state = tx.init(params)
-  grad_fn = jax.grad(sngd_jax.capture(loss_fn), has_aux=True)
+  grad_fn = jax.grad(sngd_jax.capture(loss_fn, outputs=True), has_aux=True)
   for i in range(2):
     grads, acts = grad_fn(params, x + i, y)
     updates, state = tx.update(grads, state, params, activations=acts)
@@ -229,7 +229,8 @@ def _sngd_trajectory(params, factors, batches, loss_fn, fisher):
 
   @jax.jit
   def step(params, state, x, y):
-    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x, y)
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn, outputs=True), has_aux=True)(
+        params, x, y)
     updates, state = tx.update(grads, state, params, activations=acts)
     return optax.apply_updates(params, updates), state
 

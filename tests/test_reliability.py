@@ -41,7 +41,7 @@ def _setup(hidden_bias_init=0.0, **sngd_kwargs):
   def loss_fn(p, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
 
-  grad_fn = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)
+  grad_fn = jax.value_and_grad(sngd_jax.capture(loss_fn, outputs=True), has_aux=True)
   kwargs = dict(inverse_every=1)
   kwargs.update(sngd_kwargs)
   tx = exact_sngd(**kwargs)

@@ -98,7 +98,8 @@ def _train(tx, step_wrapper=None, put=None, axis_name=None):
     if axis_name is not None:
       # Under shard_map the loss is the global batch mean, so its gradient is too.
       loss_fn = lambda *a: jax.lax.pmean(_loss(*a), axis_name)
-    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x, y)
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn, outputs=True), has_aux=True)(
+        params, x, y)
     updates, state = tx.update(grads, state, params, activations=acts)
     return optax.apply_updates(params, updates), state
 

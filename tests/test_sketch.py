@@ -46,7 +46,7 @@ def _problem(seed=0, n=32, d_in=30):
   def loss_fn(p, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
 
-  return params, x, y, jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)
+  return params, x, y, jax.value_and_grad(sngd_jax.capture(loss_fn, outputs=True), has_aux=True)
 
 
 def test_batch_sketch_matches_float64():

@@ -53,7 +53,8 @@ def test_statistics_of_the_first_examples_for_dense_conv_attention_and_lstm():
 
   @jax.jit
   def step(params):
-    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params)
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss, outputs=True), has_aux=True)(
+        params)
     updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
     return grads, updates, acts
 
@@ -161,7 +162,8 @@ def test_stacked_and_time_scanned_layers_take_the_first_examples():
 
   def factors(inputs, size):
     loss = lambda p: model.apply({"params": p}, inputs)
-    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params)
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss, outputs=True), has_aux=True)(
+        params)
     tx = sngd_jax.sngd(stats_batch_size=size, stacked={"blocks": 1}, **ref.one_step_kwargs())
     return tx.update(grads, tx.init(params), params, activations=acts)[1].factors
 
@@ -179,8 +181,8 @@ def test_per_example_layers_under_a_users_vmap_take_the_first_examples():
   model = eqx.nn.MLP(4, 3, 6, 1, key=jax.random.key(0), dtype=jnp.float64)
   x = jax.random.normal(jax.random.key(1), (B, 4), jnp.float64)
   loss = lambda m, x: jnp.sum(jnp.sin(jax.vmap(m)(x)))
-  (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(loss), has_aux=True)(
-      model, x)
+  loss_and_acts = sngd_jax.capture_eqx(loss, outputs=True)
+  (_, acts), grads = eqx.filter_value_and_grad(loss_and_acts, has_aux=True)(model, x)
   assert acts["layers/0"][0].batch_axis == 0
   params = eqx.filter(model, eqx.is_inexact_array)
   tx = sngd_jax.sngd(stats_batch_size=K, **ref.one_step_kwargs())

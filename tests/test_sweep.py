@@ -192,7 +192,8 @@ class Built:
     self.tx = config.optimizer()
     self.specs = sngd_jax.discover(self.params, config.fisher)
     self.leaf_count = len(jax.tree.leaves(self.params))
-    _, acts = jax.eval_shape(sngd_jax.capture(self.captured_loss), self.params, tokens, x, y)
+    _, acts = jax.eval_shape(sngd_jax.capture(self.captured_loss, outputs=True), self.params,
+                             tokens, x, y)
     self.float_layers = _float_layers(acts)
     self.step = self._compile()
 
@@ -210,7 +211,7 @@ class Built:
     loss_fn = self.captured_loss
     if config.devices > 1:  # the global batch mean, so that the gradients are too
       loss_fn = lambda *a: jax.lax.pmean(self.captured_loss(*a), "data")
-    (loss, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(
+    (loss, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn, outputs=True), has_aux=True)(
         params, tokens, x, y)
     acts = dict(acts)
     for i, path in enumerate(self.float_layers):
@@ -365,7 +366,7 @@ def check_invalid_inputs(b: Built, layer: int) -> None:
   if b.config.devices > 1:
     tokens, x, y = tokens[:b.config.batch], x[:b.config.batch], y[:b.config.batch]
   (_, acts), grads = jax.eval_shape(
-      jax.value_and_grad(sngd_jax.capture(b.captured_loss), has_aux=True),
+      jax.value_and_grad(sngd_jax.capture(b.captured_loss, outputs=True), has_aux=True),
       b.params, tokens, x, y)
   # Under shard_map the update runs per device with axis_name bound; the checks are static,
   # so a one-device tracing of the same transform without axis_name raises the same errors.

@@ -69,7 +69,7 @@ def _linen_train(model, params, stacked=None):
 
   @jax.jit
   def step(params, state):
-    (value, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(
+    (value, acts), grads = jax.value_and_grad(sngd_jax.capture(loss, outputs=True), has_aux=True)(
         params, x, y)
     updates, state = tx.update(grads, state, params, activations=acts)
     return optax.apply_updates(params, updates), state, value
@@ -101,7 +101,7 @@ def test_scanned_factors_are_stacked_and_refreshed_per_layer():
   model = ScannedNet()
   params = model.init(jax.random.key(0), x)["params"]
   loss = lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
-  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params)
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss, outputs=True), has_aux=True)(params)
   assert [c.stack for c in acts["blocks/up"]] == [1]
   assert acts["blocks/up"][0].inputs.shape == (L, BATCH, D)
   tx = sngd_jax.sngd(fisher=FISHER, stacked={"blocks": 1})
@@ -118,7 +118,7 @@ def test_bias_free_stack_without_stacked_option_is_a_clear_error():
   model = ScannedNet()
   params = model.init(jax.random.key(0), x)["params"]
   loss = lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
-  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params)
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss, outputs=True), has_aux=True)(params)
   tx = sngd_jax.sngd()
   with pytest.raises(ValueError, match=r"stacked=\{'blocks/down': 1\}"):
     tx.update(grads, tx.init(params), params, activations=acts)
@@ -183,8 +183,8 @@ def _nnx_train(model, stacked=None):
 
   @nnx.jit
   def step(model, optimizer):
-    (value, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss), has_aux=True)(
-        model, x, y)
+    loss_and_acts = sngd_jax.capture_nnx(loss, outputs=True)
+    (value, acts), grads = nnx.value_and_grad(loss_and_acts, has_aux=True)(model, x, y)
     optimizer.update(model, grads, activations=acts)
     return value
 
@@ -216,7 +216,8 @@ def _one_update(loss, params, *args):
 
   @jax.jit
   def step(params, *args):
-    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, *args)
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss, outputs=True), has_aux=True)(
+        params, *args)
     updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
     return grads, updates, acts
 
@@ -292,7 +293,8 @@ def test_layer_under_inner_jit_is_reported_not_used():
   params = layer.init(jax.random.key(0), x)["params"]
   loss = lambda p, x: jnp.sum(jax.jit(lambda p, x: layer.apply({"params": p}, x))(p, x))
   with pytest.warns(UserWarning, match="jit"):
-    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x)
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss, outputs=True), has_aux=True)(
+        params, x)
   assert acts == {}
   tx = sngd_jax.sngd()
   with pytest.raises(ValueError, match="no activations were captured"):
@@ -309,6 +311,6 @@ def test_jax_functions_are_restored_after_capture_and_on_error():
     raise RuntimeError("inside")
 
   with pytest.raises(RuntimeError, match="inside"):
-    sngd_jax.capture(failing)(params)
+    sngd_jax.capture(failing, outputs=True)(params)
   sngd_jax.capture(lambda p: jnp.sum(layer.apply({"params": p}, jnp.ones((1, 3)))))(params)
   assert (jax.vmap, jax.lax.scan, jax.checkpoint, jax.remat) == originals

@@ -222,7 +222,7 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
 
 def coverage(loss_fn: Callable[..., Any], params_or_model: Any, *args: Any,
              fisher: layers_lib.FisherSpec = "linear", inverse: Any = "auto",
-             stacked: layers_lib.StackSpec = None, outputs: bool = True,
+             stacked: layers_lib.StackSpec = None, outputs: bool = False,
              **kwargs: Any) -> CoverageReport:
   """Lists every parameter with the local Fisher it gets and its factor memory.
 

@@ -22,6 +22,7 @@ batch 50) and an L2 term ``1e-3 ||W||^2`` on the weights in the loss:
 ```python
 kwargs = sngd_jax.presets.paper(linear_layers=("Dense_0", "Dense_3"))
 tx = optax.chain(sngd_jax.sngd(**kwargs), optax.sgd(0.1))
+loss_and_acts = sngd_jax.capture(loss_fn, outputs=True)  # rfim reads the layer outputs
 ```
 """
 
@@ -44,7 +45,9 @@ def paper(linear_layers: Sequence[str] = (), *, rfim: bool = True) -> dict[str, 
 
   Returns:
     A dict to pass as ``sngd_jax.sngd(**paper(...))`` or
-    ``sngd_jax.sngd_momentum(lr, momentum=0.0, **paper(...))``.
+    ``sngd_jax.sngd_momentum(lr, momentum=0.0, **paper(...))``. With ``rfim``
+    the activations must hold the layers' outputs:
+    ``sngd_jax.capture(loss_fn, outputs=True)``.
   """
   linear = frozenset(linear_layers)
   if rfim:

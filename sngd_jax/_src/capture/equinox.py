@@ -169,7 +169,7 @@ def _leaf_paths(tree: Any) -> dict[int, tuple[str, ...]]:
 
 
 def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False,
-                outputs: bool = True) -> Callable[..., Any]:
+                outputs: bool = False) -> Callable[..., Any]:
   """Wraps ``fn(model, *args)`` so it also returns the activations of ``model``'s layers.
 
   Examples:

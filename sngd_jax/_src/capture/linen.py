@@ -101,7 +101,7 @@ def _interceptor(rec: Recorder):
 
 
 def capture(fn: Callable[..., Any], *, has_aux: bool = False,
-            outputs: bool = True) -> Callable[..., Any]:
+            outputs: bool = False) -> Callable[..., Any]:
   """Wraps a function that applies Flax linen modules so it also returns activations.
 
   Examples:
@@ -118,12 +118,13 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False,
     has_aux: set when ``fn`` already returns ``(value, aux)``; the wrapped
       function then returns ``(value, (aux, activations))`` so that it still
       fits ``jax.value_and_grad(..., has_aux=True)``.
-    outputs: keep each layer's output ``z`` in the activations (only
-      ``fisher="rfim"`` reads it). With the default ``fisher="linear"`` pass
-      False when the activations cross a ``jit`` boundary (gradients and the
-      update jitted separately), to carry only the layer inputs; in one jitted
-      step it makes no difference (what the update does not read is not
-      computed).
+    outputs: also keep each layer's output ``z`` in the activations. Only
+      ``fisher="rfim"`` reads it (the paper preset's hidden layers); the
+      update raises an error naming the layer when it is needed and missing.
+      Off by default, so that activations handed across a ``jit`` boundary
+      (gradients and the update jitted separately) carry the layer inputs
+      only; in one jitted step it makes no difference either way (what the
+      update does not read is not computed).
 
   Returns:
     A function with ``fn``'s signature returning ``(fn(...), activations)``.

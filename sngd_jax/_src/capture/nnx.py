@@ -65,7 +65,7 @@ class _NNXRecorder(Recorder):
   or by their weight (the copies made by ``nnx.scan``, ``nnx.vmap``, ``nnx.remat``)."""
 
   def __init__(self, owner_paths: dict[int, str], top: dict[int, tuple[str, ...]],
-               outputs: bool = True):
+               outputs: bool = False):
     super().__init__(top, outputs)
     self.owner_paths = owner_paths
     self.local_paths: list[dict[int, str]] = []
@@ -182,7 +182,7 @@ def _wrappers(rec: _NNXRecorder, cells: tuple[type, ...]) -> dict:
 
 
 def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False,
-                outputs: bool = True) -> Callable[..., Any]:
+                outputs: bool = False) -> Callable[..., Any]:
   """Wraps ``fn(model, *args)`` so it also returns the activations of ``model``'s layers.
 
   Examples:

@@ -384,7 +384,7 @@ class Recorder:
       reads them).
   """
 
-  def __init__(self, top: Optional[dict[int, tuple[str, ...]]] = None, outputs: bool = True):
+  def __init__(self, top: Optional[dict[int, tuple[str, ...]]] = None, outputs: bool = False):
     self.outputs = outputs
     self.store: dict[str, list[Pending]] = {}
     self.frames: list[Frame] = []
