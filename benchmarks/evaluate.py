@@ -110,6 +110,13 @@ OPTIMIZERS: dict[str, Callable[[float], tuple[Any, Any]]] = {
     "sngd": _sngd(),
     "sngd-warmup": _sngd(inverse_warmup=True),
     "sngd-inv20": _sngd(inverse_every=20),
+    # The early-phase lead (issue 16): a factor that is not mostly prior at the first
+    # refreshes. `prior="none"` is the bias-corrected average of batch estimates only;
+    # decay 0.9 lets the scaled-identity prior fade ~4x faster than 0.975.
+    "sngd-none-wu": _sngd(prior="none", inverse_warmup=True),
+    "sngd-d90-wu": _sngd(decay=0.9, inverse_warmup=True),
+    "sngd-adam-none-wu": lambda lr: (sngd_jax.sngd(prior="none", inverse_warmup=True),
+                                     _ADAM(lr)),
     "sngd-notr": _sngd(max_norm=None),
     "sngd-tr3": _sngd(max_norm=3.0),
     "sngd-chol": _sngd(inverse="cholesky"),
@@ -138,7 +145,7 @@ _SNGD_GRID = (1e-3, 3.16e-3, 1e-2, 3.16e-2, 1e-1)
 _ADAM_GRID = (1e-4, 3.16e-4, 1e-3, 3.16e-3, 1e-2)
 GRIDS = {
     "adam": _ADAM_GRID, "adamw": _ADAM_GRID, "sngd-adam": _ADAM_GRID,
-    "sngd-adam-notr": _ADAM_GRID, "sngd-graft": _ADAM_GRID,
+    "sngd-adam-notr": _ADAM_GRID, "sngd-graft": _ADAM_GRID, "sngd-adam-none-wu": _ADAM_GRID,
     "sgd": (3.16e-3, 1e-2, 3.16e-2, 1e-1, 3.16e-1),
     "sngd-paper": (3.16e-3, 1e-2, 3.16e-2, 1e-1, 3.16e-1),
 }
@@ -502,7 +509,7 @@ def _f(x, spec=".2f"):
   return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
 
 
-TAGGED = ("_tune", "_long", "_ablation")
+TAGGED = ("_tune", "_long", "_ablation", "_early", "_peers")
 """File-name tags of runs outside the protocol's evaluation tables (``--tag``)."""
 
 

@@ -8,6 +8,7 @@ from sngd_jax import inverse as inverse
 from sngd_jax import presets as presets
 from sngd_jax._src.accumulation import MultiSteps as MultiSteps
 from sngd_jax._src.accumulation import MultiStepsState as MultiStepsState
+from sngd_jax._src.alias import sngd_adam as sngd_adam
 from sngd_jax._src.alias import sngd_momentum as sngd_momentum
 from sngd_jax._src.capture.equinox import capture_eqx as capture_eqx
 from sngd_jax._src.capture.linen import capture as capture
@@ -73,6 +74,7 @@ __all__ = [
     "presets",
     "reconstructed_dense",
     "sngd",
+    "sngd_adam",
     "sngd_momentum",
     "to_reconstructed",
     "trust_region_scale",

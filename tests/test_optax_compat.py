@@ -264,3 +264,44 @@ def test_inject_hyperparams_stats_batch_size_must_be_static():
   with pytest.raises(TypeError, match=r"static_args=\(\"stats_batch_size\",\)"):
     optax.inject_hyperparams(sngd_jax.sngd_momentum)(0.05, stats_batch_size=8).init(
         _problem()[1])
+
+
+def test_sngd_adam_is_adamw_on_the_preconditioned_gradient():
+  """Each step of ``sngd_adam`` against AdamW written in numpy on ``sngd()``'s output
+  (bias-corrected moments, decoupled weight decay on kernels only)."""
+  _, params, x, y, loss_fn = _problem(jnp.float32)
+  kw = dict(factor_every=1, inverse_every=1)
+  lr, b1, b2, eps, wd = 1e-2, 0.8, 0.99, 1e-6, 1e-2
+  tx = sngd_jax.sngd_adam(lr, b1, b2, eps, weight_decay=wd, **kw)
+  pre = sngd_jax.sngd(**kw)
+  state, pre_state = tx.init(params), pre.init(params)
+  m = jax.tree.map(lambda p: np.zeros(p.shape), params)
+  v = jax.tree.map(lambda p: np.zeros(p.shape), params)
+  p = params
+  for t in range(1, 4):
+    _, grads, acts = grads_and_acts(loss_fn, p, x, y)
+    updates, state = tx.update(grads, state, p, activations=acts)
+    u, pre_state = pre.update(grads, pre_state, p, activations=acts)
+    u = jax.tree.map(lambda a: np.asarray(a, np.float64), u)
+    m = jax.tree.map(lambda m, u: b1 * m + (1 - b1) * u, m, u)
+    v = jax.tree.map(lambda v, u: b2 * v + (1 - b2) * u * u, v, u)
+    want = jax.tree.map(
+        lambda m, v, w: -lr * ((m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+                               + (wd * np.asarray(w) if w.ndim >= 2 else 0.0)), m, v, p)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+                 updates, want)
+    p = optax.apply_updates(p, updates)
+
+
+def test_inject_hyperparams_of_sngd_adam_is_the_plain_optimizer():
+  _, params, x, y, loss_fn = _problem(jnp.float32)
+  hyper = dict(learning_rate=3e-3, b1=0.8, weight_decay=1e-3, damping=1e-3, max_norm=0.5)
+  kw = dict(factor_every=2, inverse_every=2)
+  plain, _, _ = _run(sngd_jax.sngd_adam(**hyper, **kw), params, x, y, loss_fn, 4)
+  tx = optax.inject_hyperparams(sngd_jax.sngd_adam)(**hyper, **kw)
+  injected, state, _ = _run(tx, params, x, y, loss_fn, 4)
+  assert set(hyper) <= set(state.hyperparams)
+  # float32 params of order 1 after 4 steps: Adam's normalization carries the rounding
+  # differences of the array hyperparams (a few ulps of the params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               injected, plain)
