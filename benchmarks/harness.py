@@ -106,6 +106,7 @@ OPTIMIZERS: dict[str, tuple[Callable[[float], optax.GradientTransformation], boo
     # defaults (0.95 per update ~ 0.995 per step), inverses every 300 steps.
     "sngd-amortized": (lambda lr: sngd_jax.sngd_momentum(
         lr, momentum=0.9, **SNGD_AMORTIZED), True),
+    "sngd_adam": (lambda lr: sngd_jax.sngd_adam(lr), True),
     "adam": (lambda lr: optax.adam(lr), False),
     "adamw": (lambda lr: optax.adamw(lr, weight_decay=1e-4), False),
     "sgd": (lambda lr: optax.sgd(lr, momentum=0.9), False),

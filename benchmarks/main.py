@@ -1,6 +1,6 @@
 """The README's main job: SNGD vs Adam vs SGD (momentum) on the default data set.
 
-    python3 -m benchmarks.main                 # ~5 minutes on 2 CPU cores
+    python3 -m benchmarks.main                 # ~6 minutes on 2 CPU cores
     python3 -m benchmarks.main --budget-s 10   # quicker
     python3 -m benchmarks.main --steps 5       # smoke test
 
@@ -9,7 +9,7 @@ trained by each optimizer for the same budget of step time (default 50 s
 each; the runs are interleaved in one process, 50 steps a turn, so that load
 from other processes hits them alike; ``--steps`` caps the steps instead;
 ``sngd`` is ``sngd_momentum(lr, momentum=0.9)`` with every default, at two
-learning rates). Prints a table (final EMA train
+learning rates; ``sngd_adam`` is ``sngd_jax.sngd_adam(lr)``, Adam on SNGD's direction). Prints a table (final EMA train
 loss, test accuracy, median step time and its ratio to Adam's, wall time and
 steps to the EMA train-loss target), and writes ``benchmarks/out/main.png``
 (loss vs steps and vs wall time) and ``benchmarks/out/main.json``.
@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from benchmarks import datasets, harness, models, report
 
-DEFAULT_OPTIMIZERS = "sngd:0.01,sngd:0.03,adam:0.001,adam:0.003,sgd:0.1"
+DEFAULT_OPTIMIZERS = "sngd:0.01,sngd:0.03,sngd_adam:0.001,adam:0.001,adam:0.003,sgd:0.1"
 
 
 def main_task(ds: datasets.Dataset, batch_size: int = 128) -> harness.Task:

@@ -16,7 +16,7 @@ def test_main_job_runs_and_writes_table_plot_json(tmp_path):
   out = tmp_path / "out"
   proc = subprocess.run(
       [sys.executable, "-m", "benchmarks.main", "--steps", "4", "--eval-every", "2",
-       "--optimizers", "sngd:0.01,adam:0.001", "--data-dir", str(tmp_path / "absent"),
+       "--optimizers", "sngd:0.01,sngd_adam:0.001,adam:0.001", "--data-dir", str(tmp_path / "absent"),
        "--out", str(out)],
       cwd=ROOT, capture_output=True, text=True, timeout=600,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
@@ -26,7 +26,7 @@ def test_main_job_runs_and_writes_table_plot_json(tmp_path):
   assert (out / "main.png").stat().st_size > 10_000
   result = json.loads((out / "main.json").read_text())
   runs = {r["optimizer"]: r for r in result["runs"]}
-  assert set(runs) == {"sngd", "adam"}
+  assert set(runs) == {"sngd", "sngd_adam", "adam"}
   for r in runs.values():
     assert r["steps"] == 4 and len(r["curve"]["ema_loss"]) == 4
     assert [e["step"] for e in r["evals"]] == [0, 2, 4]
