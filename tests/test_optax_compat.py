@@ -278,10 +278,12 @@ def test_sngd_adam_is_adamw_on_the_preconditioned_gradient():
   m = jax.tree.map(lambda p: np.zeros(p.shape), params)
   v = jax.tree.map(lambda p: np.zeros(p.shape), params)
   p = params
+  tx_update = jax.jit(lambda g, s, p, a: tx.update(g, s, p, activations=a))
+  pre_update = jax.jit(lambda g, s, p, a: pre.update(g, s, p, activations=a))
   for t in range(1, 4):
     _, grads, acts = grads_and_acts(loss_fn, p, x, y)
-    updates, state = tx.update(grads, state, p, activations=acts)
-    u, pre_state = pre.update(grads, pre_state, p, activations=acts)
+    updates, state = tx_update(grads, state, p, acts)
+    u, pre_state = pre_update(grads, pre_state, p, acts)
     u = jax.tree.map(lambda a: np.asarray(a, np.float64), u)
     m = jax.tree.map(lambda m, u: b1 * m + (1 - b1) * u, m, u)
     v = jax.tree.map(lambda v, u: b2 * v + (1 - b2) * u * u, v, u)
