@@ -117,6 +117,12 @@ OPTIMIZERS: dict[str, Callable[[float], tuple[Any, Any]]] = {
     "sngd-d90-wu": _sngd(decay=0.9, inverse_warmup=True),
     "sngd-adam-none-wu": lambda lr: (sngd_jax.sngd(prior="none", inverse_warmup=True),
                                      _ADAM(lr)),
+    # The rank of the Nystrom model of layers above 512 inputs (issue 16 item 4), with Adam.
+    "sngd-adam-r64": lambda lr: (sngd_jax.sngd(inverse=sngd_jax.inverse.auto(rank=64)),
+                                 _ADAM(lr)),
+    "sngd-adam-r256": lambda lr: (sngd_jax.sngd(inverse=sngd_jax.inverse.auto(rank=256)),
+                                  _ADAM(lr)),
+    "sngd-adam-chol": lambda lr: (sngd_jax.sngd(inverse="cholesky"), _ADAM(lr)),
     "sngd-notr": _sngd(max_norm=None),
     "sngd-tr3": _sngd(max_norm=3.0),
     "sngd-chol": _sngd(inverse="cholesky"),
@@ -146,6 +152,7 @@ _ADAM_GRID = (1e-4, 3.16e-4, 1e-3, 3.16e-3, 1e-2)
 GRIDS = {
     "adam": _ADAM_GRID, "adamw": _ADAM_GRID, "sngd-adam": _ADAM_GRID,
     "sngd-adam-notr": _ADAM_GRID, "sngd-graft": _ADAM_GRID, "sngd-adam-none-wu": _ADAM_GRID,
+    "sngd-adam-r64": _ADAM_GRID, "sngd-adam-r256": _ADAM_GRID, "sngd-adam-chol": _ADAM_GRID,
     "sgd": (3.16e-3, 1e-2, 3.16e-2, 1e-1, 3.16e-1),
     "sngd-paper": (3.16e-3, 1e-2, 3.16e-2, 1e-1, 3.16e-1),
 }
@@ -509,7 +516,7 @@ def _f(x, spec=".2f"):
   return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
 
 
-TAGGED = ("_tune", "_long", "_ablation", "_early", "_peers")
+TAGGED = ("_tune", "_long", "_ablation", "_early", "_peers", "_rank")
 """File-name tags of runs outside the protocol's evaluation tables (``--tag``)."""
 
 
