@@ -198,3 +198,22 @@ def test_failed_block_keeps_previous_inverse():
 def test_unknown_method_error():
   with pytest.raises(ValueError, match="unknown inverse method"):
     exact_sngd(inverse="qr")
+
+
+def test_factories_give_one_method_per_arguments_so_states_share_a_compiled_step():
+  """Two optimizers built with equal factory arguments have states of one tree structure: a
+  step compiled for the first runs the second's state (a new method object per call made
+  them differ, and a compiled step rejected the other state)."""
+  for make in (lambda: methods.auto(rank=4), lambda: methods.nystrom(rank=4),
+               lambda: methods.block_diagonal(8), lambda: methods.cholesky(),
+               lambda: methods.denman_beavers_inverse(num_iters=9)):
+    assert make() is make()
+  assert methods.auto(rank=4) is not methods.auto(rank=8)
+  params, x, y, loss_fn = problem(in_dim=30)
+  txs = [sngd_jax.sngd(inverse=methods.auto(max_dim=8, rank=4)) for _ in range(2)]
+  grads, acts = jax.grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x, y)
+  step = jax.jit(lambda s: txs[0].update(grads, s, params, activations=acts)).lower(
+      txs[0].init(params)).compile()
+  u0, _ = step(txs[0].init(params))
+  u1, _ = step(txs[1].init(params))  # raised "input pytree does not match" before
+  jax.tree.map(np.testing.assert_array_equal, u0, u1)

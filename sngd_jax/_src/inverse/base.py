@@ -72,6 +72,12 @@ class InverseMethod(NamedTuple):
       receives a stacked ``Sketch`` (``y`` of shape ``(b, d, r)``, ``trace``
       of shape ``(b,)``) instead of ``G``.
     info: optional; ``info(d)`` -> ``MethodInfo`` for blocks of size ``d``.
+
+  A method is part of the optimizer state's tree structure (the static
+  configuration), compared by identity. The factories of ``sngd_jax.inverse``
+  are cached, so equal arguments give the same method: two optimizers built
+  with ``inverse=auto(rank=64)`` have states of one structure, and a step
+  compiled for one accepts the other's state.
   """
 
   identity: Callable[[int, int, Any], Rep]

@@ -7,6 +7,8 @@ dropping the couplings between input groups as Shampoo's blocking does.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -39,6 +41,7 @@ def diagonal_blocks(g: jax.Array, block_size: int) -> jax.Array:
   return jnp.moveaxis(g[:, idx, :, idx, :], 0, 1)
 
 
+@functools.cache  # equal arguments, one method: see base.InverseMethod
 def block_diagonal(block_size: int = 512,
                    inner: InverseMethod | None = None) -> InverseMethod:
   """Inverts only the diagonal blocks of at most ``block_size`` (block-Jacobi).

@@ -8,6 +8,8 @@ gradient block.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -66,12 +68,14 @@ def eigh_refresh(g: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array]:
   return inverse, all_finite_per_block(inverse) & jnp.all(shifted > 0, axis=-1)
 
 
+@functools.cache  # equal arguments, one method: see base.InverseMethod
 def cholesky() -> InverseMethod:
   """Cholesky: exact, the cheapest dense method (the default up to ``max_dim``)."""
   info = lambda d: MethodInfo("cholesky", d ** 3 / 3 + 2 * d ** 3, dense_apply_flops(d))
   return InverseMethod(dense_identity, cholesky_refresh, dense_apply, info=info)
 
 
+@functools.cache  # equal arguments, one method: see base.InverseMethod
 def eigh() -> InverseMethod:
   """Symmetric eigendecomposition: exact; the eigenvalues are shifted exactly."""
   info = lambda d: MethodInfo("eigh", None, dense_apply_flops(d))

@@ -175,6 +175,7 @@ def dense(rep: NystromRep) -> jax.Array:
   return power_apply(rep, jnp.broadcast_to(eye, rep.basis.shape[:1] + (d, d)), 1.0)
 
 
+@functools.cache  # equal arguments, one method: see base.InverseMethod
 def nystrom(rank: int = DEFAULT_RANK, seed: int = 0, tail: str = "mean") -> base.InverseMethod:
   """Nystrom inverse method: ``O(d r)`` cached memory, ``O(d^2 r)`` refresh work.
 

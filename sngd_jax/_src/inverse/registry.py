@@ -13,6 +13,8 @@ memory per refresh. ``auto`` keeps the exact Cholesky inverse up to
 
 from __future__ import annotations
 
+import functools
+
 from typing import Union
 
 from sngd_jax._src import sketch as sketch_lib
@@ -29,6 +31,7 @@ row)."""
 LARGE = ("nystrom", "blocks")
 
 
+@functools.cache  # equal arguments, one method: see base.InverseMethod
 def auto(max_dim: int = AUTO_MAX_DIM, large: str = "nystrom",
          rank: int = nystrom_lib.DEFAULT_RANK,
          block_size: int = 512, small: InverseMethod | None = None) -> InverseMethod:

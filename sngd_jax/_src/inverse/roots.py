@@ -21,6 +21,8 @@ Both keep ``Y_k = A Z_k``, so ``Y Z - I = A Z^2 - I`` measures convergence.
 
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import Callable, NamedTuple, Optional, Union
 
@@ -261,6 +263,7 @@ def root_refresh(roots: Callable[..., Roots], error_bound: float, **kwargs):
   return refresh
 
 
+@functools.cache  # equal arguments, one method: see base.InverseMethod
 def denman_beavers_inverse(num_iters: int = 40, tol: Union[float, str, None] = "auto",
                            error_bound: float = 1e-3,
                            scale: str = "frobenius") -> InverseMethod:
@@ -270,6 +273,7 @@ def denman_beavers_inverse(num_iters: int = 40, tol: Union[float, str, None] = "
   return InverseMethod(dense_identity, refresh, dense_apply, info=info)
 
 
+@functools.cache  # equal arguments, one method: see base.InverseMethod
 def newton_schulz_inverse(num_iters: int = 40, tol: Union[float, str, None] = "auto",
                           error_bound: float = 1e-3,
                           scale: str = "frobenius") -> InverseMethod:
