@@ -2,8 +2,8 @@
 
 ``capture(loss_fn)`` runs ``loss_fn`` under ``flax.linen.intercept_methods``
 and records, for every supported layer call (``tables.LAYERS``), what its
-local Fisher needs (the input ``x`` and the pre-activation output ``z``, with
-gradients stopped). Nothing in the model changes. A layer called several times
+local Fisher needs (the input ``x``, and with ``outputs=True`` the
+pre-activation output ``z`` that ``fisher="rfim"`` reads; gradients stopped). Nothing in the model changes. A layer called several times
 (shared weights, a layer applied at every time step) records one entry per
 call; their statistics are pooled.
 

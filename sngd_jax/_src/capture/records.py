@@ -1,7 +1,7 @@
 """What capture records, and the recorder that routes records out of JAX transforms.
 
-A ``Captured`` record holds what one call of one layer saw (its input and
-pre-activation output, gradients stopped) and how to turn it into rows of the
+A ``Captured`` record holds what one call of one layer saw (its input, and its
+pre-activation output when asked for; gradients stopped) and how to turn it into rows of the
 local Fisher (``kind`` and static ``config``, see ``sngd_jax._src.statistics``).
 ``Recorder`` collects records by layer path.
 
