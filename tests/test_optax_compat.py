@@ -179,14 +179,23 @@ INJECTABLE = dict(learning_rate=0.03, momentum=0.8, weight_decay=1e-3, damping=1
                   max_norm=0.5)
 
 
-def test_inject_hyperparams_of_sngd_momentum_is_the_plain_optimizer():
+ADAM_INJECTABLE = dict(learning_rate=3e-3, b1=0.8, weight_decay=1e-3, damping=1e-3,
+                       max_norm=0.5)
+
+
+# sngd_adam: float32 params of order 1 after 4 steps; Adam's normalization carries the
+# rounding differences of the array hyperparams (a few ulps of the params).
+@pytest.mark.parametrize("alias,hyper,rtol,atol", [
+    (sngd_jax.sngd_momentum, INJECTABLE, 1e-6, 1e-8),
+    (sngd_jax.sngd_adam, ADAM_INJECTABLE, 1e-5, 1e-6)], ids=["sngd_momentum", "sngd_adam"])
+def test_inject_hyperparams_of_an_alias_is_the_plain_optimizer(alias, hyper, rtol, atol):
   _, params, x, y, loss_fn = _problem(jnp.float32)
   kw = dict(factor_every=2, inverse_every=2)
-  plain, _, _ = _run(sngd_jax.sngd_momentum(**INJECTABLE, **kw), params, x, y, loss_fn, 4)
-  tx = optax.inject_hyperparams(sngd_jax.sngd_momentum)(**INJECTABLE, **kw)
+  plain, _, _ = _run(alias(**hyper, **kw), params, x, y, loss_fn, 4)
+  tx = optax.inject_hyperparams(alias)(**hyper, **kw)
   injected, state, _ = _run(tx, params, x, y, loss_fn, 4)
-  assert set(INJECTABLE) <= set(state.hyperparams)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
+  assert set(hyper) <= set(state.hyperparams)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol),
                injected, plain)
   # the recorded static configuration leaves the injected (array) options out
   (sngd_state,) = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(
@@ -293,17 +302,3 @@ def test_sngd_adam_is_adamw_on_the_preconditioned_gradient():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
                  updates, want)
     p = optax.apply_updates(p, updates)
-
-
-def test_inject_hyperparams_of_sngd_adam_is_the_plain_optimizer():
-  _, params, x, y, loss_fn = _problem(jnp.float32)
-  hyper = dict(learning_rate=3e-3, b1=0.8, weight_decay=1e-3, damping=1e-3, max_norm=0.5)
-  kw = dict(factor_every=2, inverse_every=2)
-  plain, _, _ = _run(sngd_jax.sngd_adam(**hyper, **kw), params, x, y, loss_fn, 4)
-  tx = optax.inject_hyperparams(sngd_jax.sngd_adam)(**hyper, **kw)
-  injected, state, _ = _run(tx, params, x, y, loss_fn, 4)
-  assert set(hyper) <= set(state.hyperparams)
-  # float32 params of order 1 after 4 steps: Adam's normalization carries the rounding
-  # differences of the array hyperparams (a few ulps of the params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               injected, plain)

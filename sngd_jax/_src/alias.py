@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 import jax
@@ -11,6 +12,18 @@ from sngd_jax._src import layers as layers_lib
 from sngd_jax._src.config import DEFAULTS, AxisName
 from sngd_jax._src.inverse.base import InverseMethod
 from sngd_jax._src.transform import sngd
+
+
+def _preconditioner(arguments: dict[str, Any]) -> optax.GradientTransformationExtraArgs:
+  """``sngd(...)`` with the arguments of ``sngd`` found in an alias's ``locals()``.
+
+  The aliases spell out every ``sngd`` argument (so that ``optax.inject_hyperparams``
+  sees them); this forwards them in one place.
+  """
+  return sngd(**{name: arguments[name] for name in _SNGD_ARGS})
+
+
+_SNGD_ARGS = tuple(inspect.signature(sngd).parameters)
 
 
 def _kernel_mask(params: Any) -> Any:
@@ -80,11 +93,7 @@ def sngd_momentum(
     ``update``.
   """
   return optax.chain(
-      sngd(fisher=fisher, stacked=stacked, inverse=inverse, damping=damping,
-           abs_damping=abs_damping, decay=decay, factor_every=factor_every,
-           inverse_every=inverse_every, inverse_warmup=inverse_warmup, prior=prior,
-           stats_batch_size=stats_batch_size, max_factor_ratio=max_factor_ratio,
-           max_norm=max_norm, axis_name=axis_name, shard_refresh=shard_refresh),
+      _preconditioner(locals()),  # first: locals() holds just the arguments
       optax.add_decayed_weights(weight_decay, mask=_kernel_mask),
       optax.sgd(learning_rate, momentum=_momentum_or_none(momentum), nesterov=nesterov),
   )
@@ -160,11 +169,7 @@ def sngd_adam(
     ``update``.
   """
   return optax.chain(
-      sngd(fisher=fisher, stacked=stacked, inverse=inverse, damping=damping,
-           abs_damping=abs_damping, decay=decay, factor_every=factor_every,
-           inverse_every=inverse_every, inverse_warmup=inverse_warmup, prior=prior,
-           stats_batch_size=stats_batch_size, max_factor_ratio=max_factor_ratio,
-           max_norm=max_norm, axis_name=axis_name, shard_refresh=shard_refresh),
+      _preconditioner(locals()),  # first: locals() holds just the arguments
       optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                   mask=_kernel_mask),
   )
