@@ -142,7 +142,7 @@ def _passthrough_parts():
   from sngd_jax._src import transform
 
   def no_stats(config, inputs, state, grads_finite):
-    return state.factors, state.weights, jnp.array(True)
+    return state.factors, state.weights, jnp.array(True), jnp.zeros((), jnp.int32)
 
   def no_refresh(config, method, specs, factors, weights, state, finite):
     return state.inverses, jnp.zeros((), jnp.int32), jnp.array(False)

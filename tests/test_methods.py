@@ -106,14 +106,15 @@ def count_primitive(tx, name, fisher_problem=None):
 def test_equal_sizes_share_one_kernel_call(inverse, primitive, fisher):
   """Four layers with two distinct factor sizes (16 and 17): one kernel call per size.
 
-  The refresh is ``lax.platform_dependent`` (``inverse.refresh.batched_refresh``): the
-  jaxpr holds the batched call for GPU/TPU and the CPU one (inside ``lax.map``, one block
-  per call), so each size appears twice.
+  In a process with one CPU device (this one) each size group is one batched call
+  (``inverse.refresh.batched_refresh``; with several CPU devices the jaxpr would also hold
+  the CPU branch's one-block-per-call ``lax.map``: tests/test_sharding.py runs that one).
   """
+  assert jax.local_device_count("cpu") == 1
   tx = exact_sngd(fisher=fisher, inverse=inverse)
-  assert count_primitive(tx, primitive) == 2 * 2
+  assert count_primitive(tx, primitive) == 2
   # Three distinct sizes: three calls (the count follows sizes, not layers).
-  assert count_primitive(tx, primitive, problem(features=(16, 20, 16, 3))) == 2 * 3
+  assert count_primitive(tx, primitive, problem(features=(16, 20, 16, 3))) == 3
 
 
 def test_blocks_match_block_diagonal_reference():
@@ -191,8 +192,8 @@ def test_failed_block_keeps_previous_inverse():
   _, state2 = tx_fail.update(grads, state, params, activations=acts)
   for path in state.inverses:
     np.testing.assert_array_equal(state2.inverses[path], state.inverses[path])
-  # traced once per size group in each platform branch of batched_refresh (CPU, default)
-  assert int(state2.num_refresh_failures) == 4 and calls["n"] == 2 * 2
+  # traced once per size group (one CPU device: batched_refresh makes the batched call)
+  assert int(state2.num_refresh_failures) == 4 and calls["n"] == 2
 
 
 def test_unknown_method_error():

@@ -12,11 +12,20 @@ Acceptance: a block of ``A = G + s I`` (``G`` positive semi-definite, shift
 
 - ``s > 0`` and ``1 / s`` is finite (a zero or subnormal shift means the
   damped matrix may be singular: there is nothing safe to invert);
-- the representation is finite and, applied to a fixed probe ``v``, gives
-  ``y = A^{-1} v`` with ``v^T y > 0`` (positive definite along ``v``) and
+- the representation, applied to a fixed probe ``v``, gives ``y = A^{-1} v``
+  with ``v^T y > 0`` (positive definite along ``v``) and
   ``||y|| <= 2 ||v|| / s`` (the exact inverse obeys ``||A^{-1}|| <= 1 / s``
   for any PSD ``G``, also for low-rank approximations of ``G``; an inverse
   that breaks the bound by a factor 2 is numerically wrong).
+
+Both comparisons are False for a ``y`` that is not finite, and ``y`` is not
+finite whenever the representation holds a NaN or an infinity that the
+preconditioning reads: every entry of ``v`` is nonzero, so a non-finite entry
+``(i, j)`` of an explicit inverse (or of a root, or of a diagonal block) makes
+``y_i`` non-finite, and one in a Nystrom factor ``U``, ``lam`` or ``tau``
+spreads to all of ``y``. The test therefore needs no pass over the ``d x d``
+representation: one product with ``v`` and two reductions of length ``d``
+(few kernels: every kernel adds to the compile time of the step).
 """
 
 from __future__ import annotations
@@ -31,13 +40,7 @@ import numpy as np
 from sngd_jax._src import sketch as sketch_lib
 from sngd_jax._src import statistics
 from sngd_jax._src.inverse import diagonal as diagonal_lib
-from sngd_jax._src.inverse.base import (
-  InverseMethod,
-  all_finite,
-  all_finite_per_block,
-  damping_shift,
-  symmetrize,
-)
+from sngd_jax._src.inverse.base import InverseMethod, damping_shift, symmetrize
 
 
 def _probe(d: int, dtype) -> jax.Array:
@@ -68,12 +71,10 @@ def accept_refresh(apply_fn, rep: Any, blocks: jax.Array | jax.ShapeDtypeStruct,
   v = jnp.broadcast_to(_probe(d, dtype)[None, :, None], (b, d, 1))
   y = apply_fn(rep, v)[..., 0].astype(dtype)
   inv_shift = 1.0 / shift.astype(dtype)
-  finite_rep = jnp.all(jnp.stack([all_finite_per_block(leaf)
-                                  for leaf in jax.tree.leaves(rep)]), axis=0)
-  positive = jnp.einsum("bd,bd->b", v[..., 0], y) > 0
-  bounded = jnp.linalg.norm(y, axis=-1) <= 2.0 * inv_shift
+  positive = jnp.einsum("bd,bd->b", v[..., 0], y) > 0  # False for NaN
+  bounded = jnp.linalg.norm(y, axis=-1) <= 2.0 * inv_shift  # False for NaN and Inf
   good_shift = (shift > 0) & jnp.isfinite(inv_shift)
-  return ok & finite_rep & all_finite(y, axis=-1) & positive & bounded & good_shift
+  return ok & positive & bounded & good_shift
 
 
 def _block_by_block(refresh, stacked: Any, shift: jax.Array):
@@ -86,15 +87,23 @@ def _block_by_block(refresh, stacked: Any, shift: jax.Array):
 
 
 def batched_refresh(refresh, stacked: Any, shift: jax.Array):
-  """``refresh(stacked, shift)`` on GPU/TPU; on CPU one block per LAPACK call.
+  """``refresh(stacked, shift)``; with several CPU devices, one block per LAPACK call on CPU.
 
   jaxlib's CPU LAPACK kernels split a batch over XLA's intra-op thread pool and
   block their own pool thread until the parts finish. Programs running at once
   on several CPU devices of one process (``xla_force_host_platform_device_count``,
   a sharded step) share that pool, so their batched calls deadlock it (a
   triangular solve of ``cho_solve`` in a stack dump, docs/known-issues.md).
-  With a batch of one the kernel runs on its own thread.
+  In such a process the CPU branch refreshes one block per call (``lax.map``:
+  a batch of one runs on its own thread). With one CPU device (every GPU or TPU
+  host, and a CPU process without that flag) one program runs at a time and
+  ``refresh_inverses`` orders its groups, so the batched call cannot meet
+  another; it is made directly, as it is for a group of one block anywhere:
+  no loop to compile (a ``lax.map`` adds ~0.3 s of XLA:CPU compile time per
+  group, ``benchmarks/README.md``, *Compile time*).
   """
+  if shift.shape[0] == 1 or jax.local_device_count("cpu") == 1:
+    return refresh(stacked, shift)
   return jax.lax.platform_dependent(
       stacked, shift, cpu=functools.partial(_block_by_block, refresh), default=refresh)
 
