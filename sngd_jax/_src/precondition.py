@@ -20,7 +20,7 @@ uses the same gather and split.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -116,6 +116,29 @@ def precondition(specs: Mapping[str, LayerSpec], leaves: Sequence[Any],
     sq_norm = sq_norm + jnp.vdot(g, pre)
     pres[path] = pre
   return pres, sq_norm
+
+
+def scale_and_check(sq_norm: jax.Array, max_norm: Any, finite: jax.Array
+                    ) -> tuple[Optional[jax.Array], jax.Array]:
+  """The trust-region scale (None without ``max_norm``) and whether ``q`` is finite.
+
+  Computed once, in a ``lax.cond`` on ``finite`` (a step that is not finite is
+  zeroed by the guard whatever its scale): a conditional's results are
+  buffers, which every leaf's kernel reads. Computed in the open, XLA fuses
+  the sum over the layers' terms into the kernel of every leaf that reads the
+  scale or the flag, repeating it in each: on a 20-layer transformer that was
+  two thirds of the code XLA:CPU generated for the step, and a large part of
+  its compile time (``benchmarks/README.md``, *Compile time*).
+  """
+  dtype = sq_norm.dtype
+
+  def compute(q):
+    one = jnp.ones((), dtype) if max_norm is None else trust_region_scale(q, max_norm)
+    return one, jnp.isfinite(q)
+
+  scale, q_finite = jax.lax.cond(
+      finite, compute, lambda q: (jnp.ones((), dtype), jnp.zeros((), bool)), sq_norm)
+  return (None if max_norm is None else scale), q_finite
 
 
 def trust_region_scale(sq_norm: jax.Array, max_norm: Any) -> jax.Array:

@@ -358,7 +358,7 @@ def _write_back(inputs: _Inputs, pres: dict[str, jax.Array], scale: Optional[jax
   return out, narrowed
 
 
-def _guard(config: SNGDConfig, finite: jax.Array, sq_norm: jax.Array, narrowed, out):
+def _guard(config: SNGDConfig, finite: jax.Array, narrowed, out):
   """Stage 7: zero updates for a step that is not finite, or that overflowed.
 
   Finite inputs can still overflow (e.g. a float16 update of a tiny-scale
@@ -368,11 +368,13 @@ def _guard(config: SNGDConfig, finite: jax.Array, sq_norm: jax.Array, narrowed, 
   entry of any ``u_l`` makes ``q = sum <g, u>`` non-finite, the trust-region
   scale is at most 1, leaves that are not preconditioned are the (checked)
   gradients, and only outputs cast to a narrower dtype are summed again.
+  ``finite`` is the step's flag with ``q``'s finiteness already folded in
+  (``precondition.scale_and_check``).
 
   Returns:
     ``(out, ok)``.
   """
-  ok = finite & jnp.isfinite(sq_norm) & tree_all_finite(narrowed)
+  ok = finite & tree_all_finite(narrowed)
   ok = distributed.all_agree(ok, config.axis_name)
   return [jnp.where(ok, u, jnp.zeros_like(u)) for u in out], ok
 
@@ -413,13 +415,11 @@ def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArg
     with jax.named_scope("sngd_precondition"):
       pres, sq_norm = precondition.precondition(inputs.specs, inputs.leaves, inputs.index,
                                                 inverses, factor_dtypes, method)
-      scale = None
-      if config.max_norm is not None:  # applied before the cast to the param dtype
-        scale = precondition.trust_region_scale(sq_norm,
-                                                value_at(config.max_norm, state.count))
-      out, narrowed = _write_back(inputs, pres, scale)
+      radius = None if config.max_norm is None else value_at(config.max_norm, state.count)
+      scale, q_finite = precondition.scale_and_check(sq_norm, radius, finite)
+      out, narrowed = _write_back(inputs, pres, scale)  # scaled before the cast
     with jax.named_scope("sngd_guard"):
-      out, ok = _guard(config, finite, sq_norm, narrowed, out)
+      out, ok = _guard(config, finite & q_finite, narrowed, out)
     # A skipped step changed no factor or inverse (both conds are gated on `finite`), so
     # only the step counter needs holding back: no select over the large state every step.
     new_state = state.replace(
