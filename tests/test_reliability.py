@@ -441,6 +441,42 @@ def test_accept_refresh_bounds():
   np.testing.assert_array_equal(np.asarray(ok), [False] * 4)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_accept_refresh_rejects_one_nonfinite_entry(bad):
+  """One NaN or Inf anywhere in a representation the method reported fine: that block is
+  rejected (the test has no pass over the representation; the probe's product carries it).
+
+  Dense inverses: every position of one block in turn (the others stay accepted); a
+  Nystrom model: one entry of ``U``, of ``lam`` and ``tau``.
+  """
+  d = 4
+  a = jnp.asarray(np.diag([1.0, 2.0, 4.0, 8.0]).astype(np.float32))[None].repeat(2, 0)
+  inv = jnp.linalg.inv(a)
+  apply = methods.METHODS["cholesky"].apply
+  shift = jnp.full(2, 0.5)
+  for i in range(d):
+    for j in range(d):
+      ok = refresh_lib.accept_refresh(apply, inv.at[1, i, j].set(bad), a, shift,
+                                      jnp.ones(2, bool))
+      np.testing.assert_array_equal(np.asarray(ok), [True, False], err_msg=f"{i},{j}")
+  method = methods.nystrom(rank=2)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((32, d)).astype(np.float32)
+  g = jnp.asarray(x.T @ x / 32)[None].repeat(2, 0)
+  rep, reported = method.refresh(g, jnp.full(2, 0.1))
+  assert bool(jnp.all(reported))
+  assert np.asarray(refresh_lib.accept_refresh(method.apply, rep, g, jnp.full(2, 0.1),
+                                               reported)).all()
+  leaves, treedef = jax.tree.flatten(rep)
+  for k, leaf in enumerate(leaves):
+    for index in np.ndindex(leaf.shape[1:]):
+      broken = list(leaves)
+      broken[k] = leaf.at[(1,) + index].set(bad)
+      ok = refresh_lib.accept_refresh(method.apply, jax.tree.unflatten(treedef, broken), g,
+                                      jnp.full(2, 0.1), reported)
+      np.testing.assert_array_equal(np.asarray(ok), [True, False], err_msg=f"{k},{index}")
+
+
 def test_limit_outlier_matches_formula():
   rng = np.random.default_rng(3)
   m = rng.standard_normal((5, 5))

@@ -18,14 +18,16 @@ Acceptance: a block of ``A = G + s I`` (``G`` positive semi-definite, shift
   for any PSD ``G``, also for low-rank approximations of ``G``; an inverse
   that breaks the bound by a factor 2 is numerically wrong).
 
-Both comparisons are False for a ``y`` that is not finite, and ``y`` is not
-finite whenever the representation holds a NaN or an infinity that the
-preconditioning reads: every entry of ``v`` is nonzero, so a non-finite entry
-``(i, j)`` of an explicit inverse (or of a root, or of a diagonal block) makes
-``y_i`` non-finite, and one in a Nystrom factor ``U``, ``lam`` or ``tau``
-spreads to all of ``y``. The test therefore needs no pass over the ``d x d``
-representation: one product with ``v`` and two reductions of length ``d``
-(few kernels: every kernel adds to the compile time of the step).
+The representation must also be finite. Its small leaves (at most one axis
+per block: eigenvalues, shifts) are checked entry by entry; its matrices
+(``d x d`` inverses and roots, the Nystrom basis ``U``) through ``y``: both
+comparisons are False for a ``y`` that is not finite, and every entry of ``v``
+is positive, so a NaN or an infinity at entry ``(i, j)`` of an explicit
+inverse makes ``y_i`` non-finite and one in ``U`` spreads to all of ``y``.
+So the test needs no pass over a ``d x d`` matrix: one product with ``v``, two
+reductions of length ``d`` and the small leaves (few kernels: every kernel adds
+to the compile time of the step). ``tests/test_reliability.py`` puts a NaN or
+an infinity at every position of each built-in representation in turn.
 """
 
 from __future__ import annotations
@@ -40,7 +42,12 @@ import numpy as np
 from sngd_jax._src import sketch as sketch_lib
 from sngd_jax._src import statistics
 from sngd_jax._src.inverse import diagonal as diagonal_lib
-from sngd_jax._src.inverse.base import InverseMethod, damping_shift, symmetrize
+from sngd_jax._src.inverse.base import (
+  InverseMethod,
+  all_finite_per_block,
+  damping_shift,
+  symmetrize,
+)
 
 
 def _probe(d: int, dtype) -> jax.Array:
@@ -74,7 +81,9 @@ def accept_refresh(apply_fn, rep: Any, blocks: jax.Array | jax.ShapeDtypeStruct,
   positive = jnp.einsum("bd,bd->b", v[..., 0], y) > 0  # False for NaN
   bounded = jnp.linalg.norm(y, axis=-1) <= 2.0 * inv_shift  # False for NaN and Inf
   good_shift = (shift > 0) & jnp.isfinite(inv_shift)
-  return ok & positive & bounded & good_shift
+  small = [all_finite_per_block(leaf) for leaf in jax.tree.leaves(rep) if leaf.ndim <= 2]
+  finite_small = jnp.all(jnp.stack(small), axis=0) if small else True
+  return ok & positive & bounded & good_shift & finite_small
 
 
 def _block_by_block(refresh, stacked: Any, shift: jax.Array):
