@@ -96,22 +96,22 @@ def _block_by_block(refresh, stacked: Any, shift: jax.Array):
 
 
 def batched_refresh(refresh, stacked: Any, shift: jax.Array):
-  """``refresh(stacked, shift)``; with several CPU devices, one block per LAPACK call on CPU.
+  """``refresh(stacked, shift)`` on GPU/TPU; on CPU one block per LAPACK call.
 
   jaxlib's CPU LAPACK kernels split a batch over XLA's intra-op thread pool and
-  block their own pool thread until the parts finish. Programs running at once
-  on several CPU devices of one process (``xla_force_host_platform_device_count``,
-  a sharded step) share that pool, so their batched calls deadlock it (a
-  triangular solve of ``cho_solve`` in a stack dump, docs/known-issues.md).
-  In such a process the CPU branch refreshes one block per call (``lax.map``:
-  a batch of one runs on its own thread). With one CPU device (every GPU or TPU
-  host, and a CPU process without that flag) one program runs at a time and
-  ``refresh_inverses`` orders its groups, so the batched call cannot meet
-  another; it is made directly, as it is for a group of one block anywhere:
-  no loop to compile (a ``lax.map`` adds ~0.3 s of XLA:CPU compile time per
-  group, ``benchmarks/README.md``, *Compile time*).
+  block their own pool thread until the parts finish, so two batched calls that
+  XLA runs at once deadlock a pool of two threads. Programs running at once on
+  several CPU devices of one process (``xla_force_host_platform_device_count``,
+  a sharded step) share that pool (a triangular solve of ``cho_solve`` in a
+  stack dump, docs/known-issues.md), and so can two calls of one program on one
+  device (two ``spotrf`` in a stack dump of the scanned transformer example,
+  although ``refresh_inverses`` orders its groups). With a batch of one the
+  kernel runs on its own thread: a group of one block is called directly on
+  every platform (no loop to compile: a ``lax.map`` adds 0.3-0.6 s of XLA:CPU
+  compile time per group, ``benchmarks/README.md``, *Compile time*), larger
+  groups one block per call (``lax.map``) on CPU.
   """
-  if shift.shape[0] == 1 or jax.local_device_count("cpu") == 1:
+  if shift.shape[0] == 1:  # nothing to split
     return refresh(stacked, shift)
   return jax.lax.platform_dependent(
       stacked, shift, cpu=functools.partial(_block_by_block, refresh), default=refresh)
