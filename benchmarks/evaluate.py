@@ -517,7 +517,7 @@ def _f(x, spec=".2f"):
   return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
 
 
-TAGGED = ("_tune", "_long", "_ablation", "_early", "_peers", "_rank", "_compile")
+TAGGED = ("_tune", "_long", "_ablation", "_early", "_peers", "_rank")
 """File-name tags of runs outside the protocol's evaluation tables (``--tag``)."""
 
 
