@@ -27,7 +27,7 @@ inverse makes ``y_i`` non-finite and one in ``U`` spreads to all of ``y``.
 So the test needs no pass over a ``d x d`` matrix: one product with ``v``, two
 reductions of length ``d`` and the small leaves (few kernels: every kernel adds
 to the compile time of the step). ``tests/test_reliability.py`` puts a NaN or
-an infinity at every position of each built-in representation in turn.
+an infinity at every position of a dense and of a Nystrom representation.
 """
 
 from __future__ import annotations
