@@ -94,6 +94,19 @@ _SGDM = _inj(optax.sgd, momentum=0.9)
 _ADAM = _inj(optax.adam)
 
 
+def _psgd_kron(lr):
+  """PSGD-Kron, ``psgdax.kron(lr, b1=0.9)`` with kron's other defaults, written as kron's own
+  chain (``scale_by_kron``, then the lr) so that the lr can be a state entry
+  (``inject_hyperparams(kron)`` cannot trace kron's Python branches). The same updates as
+  ``kron`` (``test_benchmarks_smoke``); ``scale_by_kron``'s own default initial scale is 1,
+  kron's is None (set from the first gradients), hence the explicit argument."""
+  from psgdax import scale_by_kron  # optional: pip install psgdax
+  with contextlib.redirect_stdout(io.StringIO()):  # it prints its state sizes
+    kron = scale_by_kron(b1=0.9, preconditioner_init_scale=None)
+  # A plain GradientTransformation: its update takes no extra arguments (``grads=``).
+  return optax.chain(optax.GradientTransformation(kron.init, kron.update), _inj(optax.sgd)(lr))
+
+
 def _sngd(**kw):
   return lambda lr: (sngd_jax.sngd(**kw), _SGDM(lr))
 
@@ -144,6 +157,7 @@ OPTIMIZERS: dict[str, Callable[[float], tuple[Any, Any]]] = {
     "adam": lambda lr: (None, _ADAM(lr)),
     "adamw": lambda lr: (None, _inj(optax.adamw, weight_decay=1e-4)(lr)),
     "sgd": lambda lr: (None, _SGDM(lr)),
+    "psgd-kron": lambda lr: (None, _psgd_kron(lr)),
 }
 
 # Five log-spaced points, a factor sqrt(10) apart, each containing the recommended value
@@ -151,7 +165,7 @@ OPTIMIZERS: dict[str, Callable[[float], tuple[Any, Any]]] = {
 _SNGD_GRID = (1e-3, 3.16e-3, 1e-2, 3.16e-2, 1e-1)
 _ADAM_GRID = (1e-4, 3.16e-4, 1e-3, 3.16e-3, 1e-2)
 GRIDS = {
-    "adam": _ADAM_GRID, "adamw": _ADAM_GRID, "sngd-adam": _ADAM_GRID,
+    "adam": _ADAM_GRID, "adamw": _ADAM_GRID, "psgd-kron": _ADAM_GRID, "sngd-adam": _ADAM_GRID,
     "sngd-adam-notr": _ADAM_GRID, "sngd-graft": _ADAM_GRID, "sngd-adam-none-wu": _ADAM_GRID,
     "sngd-adam-r64": _ADAM_GRID, "sngd-adam-r256": _ADAM_GRID, "sngd-adam-chol": _ADAM_GRID,
     "sgd": (3.16e-3, 1e-2, 3.16e-2, 1e-1, 3.16e-1),

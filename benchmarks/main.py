@@ -9,10 +9,11 @@ trained by each optimizer for the same budget of step time (default 50 s
 each; the runs are interleaved in one process, 50 steps a turn, so that load
 from other processes hits them alike; ``--steps`` caps the steps instead;
 ``sngd`` is ``sngd_momentum(lr, momentum=0.9)`` with every default, at two
-learning rates; ``sngd_adam`` is ``sngd_jax.sngd_adam(lr)``, Adam on SNGD's direction). Prints a table (final EMA train
-loss, test accuracy, median step time and its ratio to Adam's, wall time and
-steps to the EMA train-loss target), and writes ``benchmarks/out/main.png``
-(loss vs steps and vs wall time) and ``benchmarks/out/main.json``.
+learning rates; ``sngd_adam`` is ``sngd_jax.sngd_adam(lr)``, Adam on SNGD's
+direction). Prints a table (final EMA train loss, test accuracy, median step
+time and its ratio to Adam's, wall time and steps to the EMA train-loss target),
+and writes ``benchmarks/out/main.png`` (loss vs steps and vs wall time) and
+``benchmarks/out/main.json``.
 """
 
 from __future__ import annotations

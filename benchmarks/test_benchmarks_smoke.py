@@ -16,7 +16,8 @@ def test_main_job_runs_and_writes_table_plot_json(tmp_path):
   out = tmp_path / "out"
   proc = subprocess.run(
       [sys.executable, "-m", "benchmarks.main", "--steps", "4", "--eval-every", "2",
-       "--optimizers", "sngd:0.01,sngd_adam:0.001,adam:0.001", "--data-dir", str(tmp_path / "absent"),
+       "--optimizers", "sngd:0.01,sngd_adam:0.001,adam:0.001",
+       "--data-dir", str(tmp_path / "absent"),
        "--out", str(out)],
       cwd=ROOT, capture_output=True, text=True, timeout=600,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
