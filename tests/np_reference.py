@@ -100,8 +100,10 @@ def conv_patches(x, kernel_size, strides, padding, kernel_dilation, input_dilati
     pads = [same_padding(x.shape[1 + i], kernel_size[i], strides[i], kernel_dilation[i])
             for i in range(rank)]
     x = np.pad(x, [(0, 0)] + pads + [(0, 0)])
-  elif padding != "VALID":
-    x = np.pad(x, [(0, 0)] + [tuple(p) for p in padding] + [(0, 0)])
+  elif padding != "VALID":  # explicit pairs; a negative one crops, as in lax.conv
+    x = np.pad(x, [(0, 0)] + [(max(lo, 0), max(hi, 0)) for lo, hi in padding] + [(0, 0)])
+    x = x[(slice(None),) + tuple(slice(max(-lo, 0), x.shape[1 + i] - max(-hi, 0))
+                                 for i, (lo, hi) in enumerate(padding))]
   cg = x.shape[-1] // groups
   out = [(x.shape[1 + i] - (kernel_size[i] - 1) * kernel_dilation[i] - 1) // strides[i] + 1
          for i in range(rank)]

@@ -273,13 +273,18 @@ def batch_factor(spec: LayerSpec, calls: Sequence[Captured]) -> jax.Array:
       raise ValueError(
           f"sngd: layer {spec.path!r}: captured {x.shape[-1]} channels, params have "
           f"{spec.out_dim}")
-    parts = [x] + ([jnp.ones_like(x)] if spec.bias is not None else [])
-    rows = jnp.stack(parts, axis=-1)  # (n, C, d)
+    # Per channel c, the moments of rows [x_c, 1] (d = 2) or [x_c] (no bias), as
+    # reductions over n: stacking the rows first made XLA:CPU transpose (n, C, 2) copies.
+    n = x.shape[0]
     if spec.fisher == "rfim":
       w = jax.nn.sigmoid(jnp.concatenate(zs).astype(dtype)) ** 2
+      wx = w * x
+      s_xx, s_x, s_1 = (wx * x).sum(0), wx.sum(0), w.sum(0)
     else:
-      w = jnp.ones_like(x)
-    return jnp.einsum("nc,nca,ncb->cab", w, rows, rows) / x.shape[0]
+      s_xx, s_x, s_1 = (x * x).sum(0), x.sum(0), jnp.full(x.shape[1:], n, dtype)
+    if spec.bias is None:
+      return s_xx[:, None, None] / n
+    return jnp.stack([jnp.stack([s_xx, s_x], -1), jnp.stack([s_x, s_1], -1)], -2) / n
   x, z = layer_rows(spec, calls)
   n = x.shape[0]
   out_sharding = replicated_out_sharding(x)  # rows may be sharded over devices
