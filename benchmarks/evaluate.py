@@ -531,7 +531,7 @@ def _f(x, spec=".2f"):
   return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
 
 
-TAGGED = ("_tune", "_long", "_ablation", "_early", "_peers", "_rank")
+TAGGED = ("_tune", "_long", "_long2", "_ablation", "_early", "_peers", "_psgd", "_all", "_rank")
 """File-name tags of runs outside the protocol's evaluation tables (``--tag``)."""
 
 
@@ -573,10 +573,10 @@ def report(pattern: str = "*.json") -> str:
           f"{_f(r['clipped'])} / {_f(r['mean_scale'])} |")
     lines += ["", f"![{t['name']}](results/eval/{png})", ""]
   text = "\n".join(lines)
-  name = "summary.md" if pattern == "*.json" else "summary_tuning.md"
-  for tag in TAGGED:
-    if tag != "_tune" and tag in pattern:
-      name = f"summary{tag}.md"
+  tags = sorted((t for t in TAGGED if t in pattern), key=len)  # the longest: _long2, not _long
+  name = "summary.md" if pattern == "*.json" else "summary_other.md"
+  if tags:
+    name = "summary_tuning.md" if tags[-1] == "_tune" else f"summary{tags[-1]}.md"
   with open(os.path.join(OUT, name), "w") as f:
     f.write(text + "\n")
   return text
