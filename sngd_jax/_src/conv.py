@@ -130,9 +130,9 @@ def _windows(x: jax.Array, kernel_size, strides, padding, kernel_dilation) -> ja
 
   Copies only (exact). XLA:CPU runs ``conv_general_dilated_patches`` as a
   convolution with a one-hot kernel, ``prod(k) * C`` multiply-adds per output
-  value: 10-20x slower than these slices on a 3x3x16 layer (64 vs 3 ms for
-  128 14x14 images on 2 CPU cores), which made the statistics step of a small
-  CNN cost more than its forward and backward passes.
+  value, which made the statistics step of a small ResNet cost several times its
+  forward and backward passes (``benchmarks/step_anatomy.py`` and
+  benchmarks/README.md measure the change).
   """
   rank = len(kernel_size)
   spatial = x.shape[1:1 + rank]
