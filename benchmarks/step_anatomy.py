@@ -64,7 +64,7 @@ def main(argv=None) -> int:
       u, s_pre = pre.update(g, s_pre, params, activations=acts)
       u, s_post = post.update(u, s_post, params)
       return optax.apply_updates(params, u), extra, s_pre, s_post, loss
-    return jax.jit(step, donate_argnums=(0, 1, 3))
+    return jax.jit(step, donate_argnums=(0, 1, 2, 3))  # as evaluate.make_step
 
   sgdm = lambda: optax.with_extra_args_support(evaluate._SGDM(0.03))
   variants = {
