@@ -14,6 +14,7 @@ from helpers_train import assert_trains, softmax_loss
 
 import sngd_jax
 from sngd_jax._src import conv as conv_lib
+from sngd_jax._src import statistics
 
 pytestmark = pytest.mark.usefixtures("x64")
 
@@ -68,12 +69,24 @@ def test_patches_match_loops_and_reproduce_the_conv(name):
   np.testing.assert_allclose(np.asarray(y).reshape(-1, y.shape[-1]), expect, atol=1e-10)
 
 
+def chunk_rows(monkeypatch, chunked: bool) -> None:
+  """Forces the patch rows of conv layers into one chunk per example (or leaves the default)."""
+  if chunked:
+    monkeypatch.setattr(statistics, "ROW_CHUNK_BYTES", 1)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
 @pytest.mark.parametrize("name,use_bias", [
     ("1d_causal_dilated", True), ("2d_explicit_groups_dilated", True),
     ("2d_explicit_groups_dilated", False), ("2d_circular", True), ("3d_valid_stride", True),
     ("2d_input_dilation", False)])
-def test_one_update_matches_reference(name, use_bias):
-  """Under jit + value_and_grad: update = (G + damping tr(G) I)^{-1} [gK; gb], G from loops."""
+def test_one_update_matches_reference(monkeypatch, name, use_bias, chunked):
+  """Under jit + value_and_grad: update = (G + damping tr(G) I)^{-1} [gK; gb], G from loops.
+
+  ``chunked``: the rows formed and reduced one example at a time (as the
+  default does for large patches) give the same update.
+  """
+  chunk_rows(monkeypatch, chunked)
   cfg = CONFIGS[name]
   cin, spatial = cfg[6], cfg[7]
   x = jax.random.normal(jax.random.key(2), (3,) + spatial + (cin,), jnp.float64)
@@ -97,8 +110,10 @@ def test_one_update_matches_reference(name, use_bias):
     np.testing.assert_allclose(updates["bias"], bias, rtol=1e-8, atol=1e-10)
 
 
-def test_rfim_per_channel_blocks_for_grouped_conv():
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
+def test_rfim_per_channel_blocks_for_grouped_conv(monkeypatch, chunked):
   """rfim: channel j uses the rows of its own group, weighted by sigmoid(z_j)^2."""
+  chunk_rows(monkeypatch, chunked)
   cfg = CONFIGS["2d_explicit_groups_dilated"]
   x = jax.random.normal(jax.random.key(3), (2,) + cfg[7] + (cfg[6],), jnp.float64)
   layer = _conv(cfg, features=4)
@@ -144,8 +159,10 @@ TRANSPOSE = {
 }
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
 @pytest.mark.parametrize("name", sorted(TRANSPOSE))
-def test_conv_transpose_update_matches_reference(name):
+def test_conv_transpose_update_matches_reference(monkeypatch, name, chunked):
+  chunk_rows(monkeypatch, chunked)
   k, s, pad, kd, spatial = TRANSPOSE[name]
   x = jax.random.normal(jax.random.key(4), (2,) + spatial + (2,), jnp.float64)
   layer = nn.ConvTranspose(3, k, strides=s, padding=pad, kernel_dilation=kd,
@@ -166,6 +183,71 @@ def test_conv_transpose_update_matches_reference(name):
   kernel_u, bias_u = ref.dense_update(rows, grads["kernel"], grads["bias"])
   np.testing.assert_allclose(updates["kernel"], kernel_u, rtol=1e-8, atol=1e-10)
   np.testing.assert_allclose(updates["bias"], bias_u, rtol=1e-8, atol=1e-10)
+
+
+# --- patch rows in chunks of examples ---------------------------------------
+
+def _conv_calls(n, spatial=(6, 5), cin=3):
+  cfg = ((3, 3), (1, 1), "SAME", (1, 1), (1, 1), 1, cin, spatial)
+  x = jax.random.normal(jax.random.key(5), (n,) + spatial + (cin,), jnp.float64)
+  layer = _conv(cfg, features=4)
+  params = layer.init(jax.random.key(0), x)["params"]
+  loss = lambda p, x: jnp.sum(jnp.tanh(layer.apply({"params": p}, x)))
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x)
+  (spec,) = sngd_jax.discover(grads).values()
+  (calls,) = acts.values()
+  return spec, calls, _reference_rows(cfg, x)[0]
+
+
+@pytest.mark.parametrize("chunk_bytes,num_chunks", [(1, 7), (2 * 6480, 4), (10**9, None)])
+def test_example_chunks_split_the_batch_by_the_size_of_its_patch_rows(monkeypatch, chunk_bytes,
+                                                                       num_chunks):
+  """Chunks of whole examples, in order, of at most ROW_CHUNK_BYTES of rows (or one example)."""
+  monkeypatch.setattr(statistics, "ROW_CHUNK_BYTES", chunk_bytes)
+  spec, calls, rows = _conv_calls(7)  # 30 rows of 27 per example: 6480 bytes in float64
+  parts = statistics.example_chunks(spec, calls)
+  if num_chunks is None:
+    assert parts is None
+    return
+  assert len(parts) == num_chunks
+  got = np.concatenate([np.asarray(statistics.layer_rows(spec, p)[0])[:, :-1] for p in parts])
+  np.testing.assert_array_equal(got, rows)
+
+
+def test_sketched_conv_layer_in_chunks_matches_float64(monkeypatch):
+  """The Nystrom sketch ((1/n) X~^T X~ Omega, tr) summed over chunks equals the whole batch's."""
+  spec, calls, rows = _conv_calls(4)
+  omega = jax.random.normal(jax.random.key(6), (rows.shape[1] + 1, 5), jnp.float64)  # + bias
+  monkeypatch.setattr(statistics, "ROW_CHUNK_BYTES", 1)
+  got = statistics.batch_sketch(spec, calls, omega)
+  x = np.concatenate([rows, np.ones((rows.shape[0], 1))], axis=1)
+  g = x.T @ x / x.shape[0]
+  np.testing.assert_allclose(got.y, g @ np.asarray(omega), rtol=1e-10)
+  np.testing.assert_allclose(got.trace, np.trace(g), rtol=1e-12)
+
+
+def test_chunked_patch_rows_lower_the_compiled_memory(monkeypatch):
+  """The reason for the chunks: XLA holds one chunk's patches, not the batch's (float32).
+
+  A 3x3 conv on 32 x 28 x 28 x 16 inputs has 29 MB of float32 patch rows; the
+  compiled statistics with the default chunks must need under a third of the
+  temporary memory of the unchunked ones.
+  """
+  x = jnp.ones((32, 28, 28, 16), jnp.float32)
+  layer = nn.Conv(16, (3, 3))
+  params = layer.init(jax.random.key(0), x[:1])["params"]
+  loss = lambda p, x: jnp.sum(layer.apply({"params": p}, x))
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x)
+  (spec,) = sngd_jax.discover(grads).values()
+
+  def temp_bytes():
+    f = jax.jit(lambda calls: statistics.batch_factor(spec, calls))
+    return f.lower(acts[spec.path]).compile().memory_analysis().temp_size_in_bytes
+
+  chunked = temp_bytes()
+  monkeypatch.setattr(statistics, "ROW_CHUNK_BYTES", 10**12)
+  whole = temp_bytes()
+  assert whole > 29e6 and chunked < whole / 3, (chunked, whole)
 
 
 # --- training smoke test ------------------------------------------------------

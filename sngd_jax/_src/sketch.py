@@ -60,11 +60,17 @@ def from_rows(x: jax.Array, omega: jax.Array, out_sharding=None) -> Sketch:
   Returns:
     A ``Sketch`` with ``y`` of shape ``(d, r)`` in ``x``'s dtype.
   """
+  y, tr = row_sums(x, omega, out_sharding)
   n = x.shape[0]
+  return Sketch(y / n, tr / n)
+
+
+def row_sums(x: jax.Array, omega: jax.Array, out_sharding=None) -> tuple[jax.Array, jax.Array]:
+  """``(X~^T (X~ Omega), ||X~||_F^2)``: ``from_rows`` before the ``1/n``, a sum over rows."""
   omega = omega.astype(x.dtype)
   proj = jnp.matmul(x, omega, precision=_HIGHEST)
-  y = jnp.matmul(x.T, proj, precision=_HIGHEST, out_sharding=out_sharding) / n
-  return Sketch(y, jnp.sum(x * x) / n)
+  y = jnp.matmul(x.T, proj, precision=_HIGHEST, out_sharding=out_sharding)
+  return y, jnp.sum(x * x)
 
 
 def of_dense(g: jax.Array, omega: jax.Array) -> Sketch:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -246,8 +246,12 @@ def _per_layer(fn: Callable, spec: LayerSpec, calls: Sequence[Captured]):
   return out
 
 
-def batch_factor(spec: LayerSpec, calls: Sequence[Captured]) -> jax.Array:
+def batch_factor(spec: LayerSpec, calls: Sequence[Captured],
+                 after: Optional[jax.Array] = None) -> jax.Array:
   """The batch estimate ``G^`` of a layer.
+
+  ``after``: a scalar that a conv layer's patch rows are formed after (see
+  ``_sum_over_rows``); it does not change the result.
 
   Returns:
     ``(d, d)``; ``(O, d, d)`` for rfim and for norm channels; ``(V,)`` for an
@@ -285,18 +289,116 @@ def batch_factor(spec: LayerSpec, calls: Sequence[Captured]) -> jax.Array:
     if spec.bias is None:
       return s_xx[:, None, None] / n
     return jnp.stack([jnp.stack([s_xx, s_x], -1), jnp.stack([s_x, s_1], -1)], -2) / n
-  x, z = layer_rows(spec, calls)
-  n = x.shape[0]
-  out_sharding = replicated_out_sharding(x)  # rows may be sharded over devices
-  if spec.fisher == "rfim":
-    assert z is not None  # _check_kind requires the outputs for rfim
-    w = jax.nn.sigmoid(z) ** 2
-    return jnp.einsum("nj,na,nb->jab", w, x, x, out_sharding=out_sharding) / n
-  return jnp.matmul(x.T, x, out_sharding=out_sharding) / n
+
+  def gram(x, z):
+    out_sharding = replicated_out_sharding(x)  # rows may be sharded over devices
+    if spec.fisher == "rfim":
+      assert z is not None  # _check_kind requires the outputs for rfim
+      w = jax.nn.sigmoid(z) ** 2
+      return jnp.einsum("nj,na,nb->jab", w, x, x, out_sharding=out_sharding)
+    return jnp.matmul(x.T, x, out_sharding=out_sharding)
+
+  total, n = _sum_over_rows(spec, calls, gram, after)
+  return total / n
 
 
-def batch_sketch(spec: LayerSpec, calls: Sequence[Captured],
-                 omega: jax.Array) -> sketch_lib.Sketch:
+# A conv layer's rows are its input patches: prod(kernel) entries per input
+# entry. Formed for a whole batch they were the largest buffers of a step (the
+# ResNet benchmark's four 3x3x16 layers: 14 MB each, all live at once in the
+# statistics branch: 87 MB of temporary memory against 28 MB for SGD's step).
+# XLA sizes a step's temporary memory for every branch, taken or not, and
+# XLA:CPU allocates it on every run; glibc maps anything above 32 MiB afresh,
+# so each run faults on every page it touches (docs/performance.md). So the
+# rows of conv layers are formed and reduced in chunks of examples of at most
+# this size, one chunk after the other: 43 MB of temporary memory on that
+# ResNet, its statistics step 9% faster (benchmarks/README.md, "The step's
+# temporary memory").
+ROW_CHUNK_BYTES = 4 * 2**20
+
+
+def example_chunks(spec: LayerSpec, calls: Sequence[Captured]
+                   ) -> Optional[list[list[Captured]]]:
+  """The calls split into chunks of examples whose rows fit ``ROW_CHUNK_BYTES``.
+
+  Only for layers with conv or transposed-conv calls (whose rows are patches,
+  larger than the captured inputs) whose every call has an example axis, and
+  not under an explicit mesh (a chunk of a batch sharded over devices would
+  not be). Returns None when the rows are formed whole.
+  """
+  if not any(c.kind in ("conv", "conv_transpose") for c in calls):
+    return None
+  if any(c.batch_axis is None or replicated_out_sharding(c.inputs) is not None
+         for c in calls):
+    return None
+  nbytes = 0
+  for c in calls:
+    rows = jax.eval_shape(lambda c: ROWS[c.kind](c)[0], c)
+    nbytes += math.prod(rows.shape) * max(jnp.dtype(rows.dtype).itemsize, 4)
+  k = min(-(-nbytes // ROW_CHUNK_BYTES), max(c.num_examples or 1 for c in calls))
+  if k <= 1:
+    return None
+  parts = []
+  for i in range(k):
+    part = []
+    for c in calls:
+      m = c.num_examples
+      assert m is not None  # checked above
+      lo, hi = i * m // k, (i + 1) * m // k
+      if hi > lo:
+        part.append(c.examples(lo, hi))
+    if part:
+      parts.append(part)
+  return parts
+
+
+def _after(calls: Sequence[Captured], dep: Optional[jax.Array]) -> list[Captured]:
+  """The calls with inputs that depend on the scalar ``dep`` (``x + 0 * dep``).
+
+  Orders work for XLA:CPU, which drops ``lax.optimization_barrier`` before it
+  schedules: the rows of these calls can then only be formed after ``dep``.
+  Exact for finite ``dep``; a non-finite one makes the rows non-finite, and
+  ``dep`` is always part of the same step's estimates, which are then all
+  rejected (``in_range``) anyway.
+  """
+  if dep is None:
+    return list(calls)
+  def tie(c: Captured) -> Captured:
+    if not jnp.issubdtype(c.inputs.dtype, jnp.inexact):
+      return c
+    return dataclasses.replace(c, inputs=c.inputs + (dep * 0).astype(c.inputs.dtype))
+  return [tie(c) for c in calls]
+
+
+def dependency(estimate: Any) -> jax.Array:
+  """A scalar of ``estimate`` to order later work after it (see ``_after``)."""
+  return jnp.ravel(jax.tree.leaves(estimate)[0])[0]
+
+
+def _sum_over_rows(spec: LayerSpec, calls: Sequence[Captured], fn: Callable,
+                   after: Optional[jax.Array] = None) -> tuple[Any, int]:
+  """``(sum of fn(X~, Z) over example chunks, number of rows)``.
+
+  ``fn`` must be a sum over rows. The chunks (``example_chunks``) are formed
+  one after the other, the first after ``after`` (see ``_after``): left free,
+  XLA:CPU formed every chunk's rows, of every layer, first. Unchunked rows
+  ignore ``after``.
+  """
+  parts = example_chunks(spec, calls)
+  if parts is None:
+    parts, after = [list(calls)], None
+  total, n = None, 0
+  for part in parts:
+    part = _after(part, after if total is None else dependency(total))
+    x, z = layer_rows(spec, part)
+    out = fn(x, z)
+    total = out if total is None else jax.tree.map(jnp.add, total, out)
+    n += x.shape[0]
+  assert total is not None  # a layer has at least one call
+  return total, n
+
+
+def batch_sketch(spec: LayerSpec, calls: Sequence[Captured], omega: jax.Array,
+                 after: Optional[jax.Array] = None) -> sketch_lib.Sketch:
   """The batch estimate of a sketched layer: ``((1/n) X~^T (X~ Omega), tr G^)``.
 
   Only for ``fisher="linear"`` dense layers (one ``d x d`` block); the numbers
@@ -308,8 +410,11 @@ def batch_sketch(spec: LayerSpec, calls: Sequence[Captured],
   if spec.structure == "diagonal" or spec.per_unit or spec.stack:
     raise ValueError(f"sngd: layer {spec.path!r}: only single-block (linear) factors are "
                      "kept as sketches")
-  x, _ = layer_rows(spec, calls)
-  return sketch_lib.from_rows(x, omega, out_sharding=replicated_out_sharding(x))
+  (y, tr), n = _sum_over_rows(
+      spec, calls,
+      lambda x, _: sketch_lib.row_sums(x, omega, out_sharding=replicated_out_sharding(x)),
+      after)
+  return sketch_lib.Sketch(y / n, tr / n)
 
 
 def prior_of(prior: str, estimate, omega: Optional[jax.Array] = None):

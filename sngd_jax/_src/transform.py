@@ -166,12 +166,15 @@ def _statistics_activations(config: SNGDConfig, activations: Activations) -> Act
 
 def _batch_estimates(specs, omegas, acts: Activations) -> dict[str, Any]:
   """Each layer's local batch estimate ``G^`` (a sketch for the sketched layers)."""
-  out = {}
+  out, after = {}, None
   for path, spec in specs.items():
+    # `after`: a conv layer's patch rows are formed in chunks, after the
+    # previous layer's estimate, so that XLA does not hold every layer's at once.
     if path in omegas:
-      out[path] = statistics.batch_sketch(spec, acts[path], omegas[path])
+      out[path] = statistics.batch_sketch(spec, acts[path], omegas[path], after)
     else:
-      out[path] = statistics.batch_factor(spec, acts[path])
+      out[path] = statistics.batch_factor(spec, acts[path], after)
+    after = statistics.dependency(out[path])
   return out
 
 

@@ -96,6 +96,17 @@ class Captured:
     ``nn.RNN``), the first ``k`` examples are the first ``k`` rows of every
     block, at every time step. A record with no example axis is returned whole.
     """
+    return self.examples(0, k)
+
+  @property
+  def num_examples(self) -> Optional[int]:
+    """The number of examples along ``batch_axis`` (None without one)."""
+    if self.batch_axis is None:
+      return None
+    return self.inputs.shape[self.batch_axis] // self.time_steps
+
+  def examples(self, start: int, stop: int) -> Captured:
+    """This record restricted to examples ``start:stop`` (as ``first_examples``)."""
     ax = self.batch_axis
     if ax is None:
       return self
@@ -105,9 +116,9 @@ class Captured:
         return None
       lead = (slice(None),) * ax
       if self.time_steps == 1:
-        return a[lead + (slice(None, k),)]
+        return a[lead + (slice(start, stop),)]
       shape = a.shape[:ax] + (self.time_steps, -1) + a.shape[ax + 1:]
-      blocks = a.reshape(shape)[lead + (slice(None), slice(None, k))]
+      blocks = a.reshape(shape)[lead + (slice(None), slice(start, stop))]
       return blocks.reshape(a.shape[:ax] + (-1,) + a.shape[ax + 1:])
     return dataclasses.replace(self, inputs=take(self.inputs), outputs=take(self.outputs))
 
