@@ -19,9 +19,13 @@ Variants, all on the same minibatches, compiled first and then run round robin:
 - ``stats-every-step``: statistics on every step (``factor_every=1``), no refresh;
 - ``sngd``: the defaults (statistics every 5 steps, refresh every 100).
 
-Reports the median and mean step (ms) and each variant's temporary memory from
-``compiled.memory_analysis()``, and writes ``benchmarks/results/step_anatomy_<task>.json``
-(``--out`` to change).
+Reports the median and mean step (ms), each variant's temporary memory from
+``compiled.memory_analysis()`` and the median number of minor page faults of a step
+(``getrusage``), and writes ``benchmarks/results/step_anatomy_<task>.json`` (``--out`` to
+change) with the ``MALLOC_*`` environment the process ran with. XLA:CPU allocates a step's
+temporary memory on every run; glibc maps anything above 32 MiB afresh, so such a step
+faults on every page it touches (docs/performance.md). To time that cost away, run with
+``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2000000000``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 
@@ -97,27 +102,34 @@ def main(argv=None) -> int:
     state[name] = [params, extra, s_pre, s_post]
   rng = np.random.default_rng(0)
   times = {n: [] for n in compiled}
+  faults = {n: [] for n in compiled}
   for _ in range(args.rounds):
     idx = jnp.asarray(rng.integers(0, len(xs), task.batch_size))
     for n, c in compiled.items():
+      f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       t0 = time.perf_counter()
       out = c(*state[n], xs, ys, idx)
       jax.block_until_ready(out[4])
       times[n].append(time.perf_counter() - t0)
+      faults[n].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
       state[n] = [out[0], out[1], None if variants[n][2] == "keep" else out[2], out[3]]
   rows = {}
   base = float(np.median(times["sgdm"][1:]))
   for n, ts in times.items():
     t = np.asarray(ts[1:]) * 1e3
     rows[n] = {"median_ms": float(np.median(t)), "mean_ms": float(t.mean()),
-               "median_x_sgdm": float(np.median(t)) / (base * 1e3), "temp_mb": temp_mb[n]}
+               "median_x_sgdm": float(np.median(t)) / (base * 1e3), "temp_mb": temp_mb[n],
+               "minor_faults_median": float(np.median(faults[n][1:]))}
     print(f"{n:18s} median {rows[n]['median_ms']:7.1f} ms  mean {rows[n]['mean_ms']:7.1f} ms  "
-          f"x sgdm {rows[n]['median_x_sgdm']:.2f}  temp {temp_mb[n]:.1f} MB", flush=True)
+          f"x sgdm {rows[n]['median_x_sgdm']:.2f}  temp {temp_mb[n]:.1f} MB  "
+          f"page faults {rows[n]['minor_faults_median']:.0f}", flush=True)
   out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                  f"step_anatomy_{args.task}.json")
   with open(out, "w") as f:
     json.dump({"machine": harness.machine_info(), "load_at_end": os.getloadavg(),
                "command": " ".join(sys.argv), "sngd_jax": sngd_jax.__file__,
+               "env": {k: v for k, v in os.environ.items()
+                       if k.startswith("MALLOC_") or k in ("XLA_FLAGS", "LD_PRELOAD")},
                "rounds": args.rounds, "variants": rows}, f, indent=1)
   print("wrote", out)
   return 0
