@@ -312,8 +312,9 @@ def batch_factor(spec: LayerSpec, calls: Sequence[Captured],
 # rows of conv layers are formed and reduced in chunks of examples of at most
 # this size, one chunk after the other: 43 MB of temporary memory on that
 # ResNet, its statistics step 9% faster (benchmarks/README.md, "The step's
-# temporary memory").
-ROW_CHUNK_BYTES = 4 * 2**20
+# temporary memory"). 4 MiB chunks needed no less memory there and twice the
+# kernels (compile time).
+ROW_CHUNK_BYTES = 8 * 2**20
 
 
 def example_chunks(spec: LayerSpec, calls: Sequence[Captured]
@@ -380,12 +381,14 @@ def _sum_over_rows(spec: LayerSpec, calls: Sequence[Captured], fn: Callable,
 
   ``fn`` must be a sum over rows. The chunks (``example_chunks``) are formed
   one after the other, the first after ``after`` (see ``_after``): left free,
-  XLA:CPU formed every chunk's rows, of every layer, first. Unchunked rows
-  ignore ``after``.
+  XLA:CPU formed every chunk's rows, of every layer, first. Layers without
+  conv calls ignore ``after``.
   """
   parts = example_chunks(spec, calls)
   if parts is None:
-    parts, after = [list(calls)], None
+    parts = [list(calls)]
+    if not any(c.kind in ("conv", "conv_transpose") for c in calls):
+      after = None  # only patch rows are large enough to be worth ordering
   total, n = None, 0
   for part in parts:
     part = _after(part, after if total is None else dependency(total))
