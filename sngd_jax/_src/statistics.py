@@ -317,6 +317,11 @@ def batch_factor(spec: LayerSpec, calls: Sequence[Captured],
 ROW_CHUNK_BYTES = 8 * 2**20
 
 
+def _has_patch_rows(calls: Sequence[Captured]) -> bool:
+  """Whether some call's rows are patches (conv, transposed conv), larger than its inputs."""
+  return any(c.kind in ("conv", "conv_transpose") for c in calls)
+
+
 def example_chunks(spec: LayerSpec, calls: Sequence[Captured]
                    ) -> Optional[list[list[Captured]]]:
   """The calls split into chunks of examples whose rows fit ``ROW_CHUNK_BYTES``.
@@ -326,7 +331,7 @@ def example_chunks(spec: LayerSpec, calls: Sequence[Captured]
   not under an explicit mesh (a chunk of a batch sharded over devices would
   not be). Returns None when the rows are formed whole.
   """
-  if not any(c.kind in ("conv", "conv_transpose") for c in calls):
+  if not _has_patch_rows(calls):
     return None
   if any(c.batch_axis is None or replicated_out_sharding(c.inputs) is not None
          for c in calls):
@@ -387,7 +392,7 @@ def _sum_over_rows(spec: LayerSpec, calls: Sequence[Captured], fn: Callable,
   parts = example_chunks(spec, calls)
   if parts is None:
     parts = [list(calls)]
-    if not any(c.kind in ("conv", "conv_transpose") for c in calls):
+    if not _has_patch_rows(calls):
       after = None  # only patch rows are large enough to be worth ordering
   total, n = None, 0
   for part in parts:
