@@ -8,10 +8,7 @@ before JAX is imported and must not leak into the rest of the suite).
 """
 
 import functools
-import os
 import re
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -19,13 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from forced_devices import NUM_DEVICES, run_on_forced_devices
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sngd_jax
 
-NUM_DEVICES = 8
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 multi = pytest.mark.skipif(
     jax.device_count() < NUM_DEVICES,
     reason="needs 8 devices: run in a subprocess by test_on_8_forced_devices")
@@ -114,24 +110,9 @@ def test_scanned_transformer_trains_with_stacked_factors():
 def test_on_8_forced_devices(tmp_path):
   if jax.device_count() >= NUM_DEVICES:
     pytest.skip("this session already has 8 devices; the test below runs directly")
-  flag = f"--xla_force_host_platform_device_count={NUM_DEVICES}"
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flag).strip())
-  # faulthandler_timeout: if the run stops making progress (the XLA:CPU multi-device hang of
-  # docs/known-issues.md), every Python thread's stack is dumped before the outer timeout.
-  proc = subprocess.run(
-      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
-       "-o", "faulthandler_timeout=600", "-k", "mesh", os.path.abspath(__file__)],
-      env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-  summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-  if proc.returncode != 0:  # keep all of it: the stacks were cut off by the tail once
-    log = tmp_path / "inner_run.log"
-    log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    dump = proc.stderr.find("Timeout (")
-    detail = proc.stderr[dump:dump + 20000] if dump >= 0 else proc.stderr[-6000:]
-    pytest.fail(f"the 8-device run failed (full output: {log}):\n{proc.stdout[-4000:]}\n"
-                f"{detail}")
-  assert re.search(r"1 passed", summary), proc.stdout[-3000:]
+  summary = run_on_forced_devices(__file__, ["-m", "not slow", "-k", "mesh"], timeout=900,
+                                  log_dir=tmp_path)
+  assert re.search(r"1 passed", summary), summary
 
 
 def _model_axis(path: str, leaf) -> P:

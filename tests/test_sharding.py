@@ -12,10 +12,7 @@ directly with::
 """
 
 import functools
-import os
 import re
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -23,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from forced_devices import NUM_DEVICES, run_on_forced_devices
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -31,27 +29,17 @@ from sngd_jax import Captured
 from sngd_jax._src import distributed
 from sngd_jax._src.inverse import sharded
 
-NUM_DEVICES = 8
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 multi = pytest.mark.skipif(
     jax.device_count() < NUM_DEVICES,
     reason="needs 8 devices: run in a subprocess by test_on_8_forced_devices")
 
 
-def test_on_8_forced_devices():
+def test_on_8_forced_devices(tmp_path):
   if jax.device_count() >= NUM_DEVICES:
     pytest.skip("this session already has 8 devices; the tests below run directly")
-  flag = f"--xla_force_host_platform_device_count={NUM_DEVICES}"
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flag).strip())
-  proc = subprocess.run(
-      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
-       os.path.abspath(__file__)],
-      env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-  summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-  assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+  summary = run_on_forced_devices(__file__, ["-m", "not slow"], timeout=900, log_dir=tmp_path)
   # Only this runner may skip there; every multi-device test must have run.
-  assert re.search(r"\d+ passed, 1 skipped", summary), proc.stdout[-3000:]
+  assert re.search(r"\d+ passed, 1 skipped", summary), summary
 
 
 # ---------------------------------------------------------------- helpers

@@ -45,10 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import re
-import subprocess
-import sys
 from typing import Optional
 
 import flax.linen as nn
@@ -57,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from forced_devices import NUM_DEVICES, run_on_forced_devices
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from jax.sharding import AxisType
@@ -65,8 +63,6 @@ from jax.sharding import PartitionSpec as P
 import sngd_jax
 from sngd_jax import inverse as methods
 
-NUM_DEVICES = 8
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = ("embed", "dense", "conv", "norm", "attention", "recurrent")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
           "float64": jnp.float64}
@@ -543,24 +539,17 @@ multi = pytest.mark.skipif(
     reason="needs 8 devices: run in a subprocess by test_sweep_on_8_forced_devices")
 
 
-def _run_forced_devices(marker: str) -> None:
+def _run_forced_devices(marker: str, log_dir) -> None:
   if jax.device_count() >= NUM_DEVICES:
     pytest.skip("this session already has 8 devices; the tests below run directly")
-  flag = f"--xla_force_host_platform_device_count={NUM_DEVICES}"
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flag).strip())
-  proc = subprocess.run(
-      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marker,
-       "-k", "multi", os.path.abspath(__file__)],
-      env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
-  summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-  assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-  assert re.search(r"\d+ passed", summary) and "skipped" not in summary, proc.stdout[-3000:]
+  summary = run_on_forced_devices(__file__, ["-m", marker, "-k", "multi"], timeout=1800,
+                                  log_dir=log_dir)
+  assert re.search(r"\d+ passed", summary) and "skipped" not in summary, summary
 
 
 @pytest.mark.slow
-def test_sweep_full_on_8_forced_devices():
-  _run_forced_devices("slow")
+def test_sweep_full_on_8_forced_devices(tmp_path):
+  _run_forced_devices("slow", tmp_path)
 
 
 ONE_DEVICE_FAULTS = [  # each on device 3's shard only (a gradient is replicated)
