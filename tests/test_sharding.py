@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 import sngd_jax
 from sngd_jax import Captured
-from sngd_jax._src import distributed
+from sngd_jax._src import distributed, statistics
 from sngd_jax._src.inverse import sharded
 
 multi = pytest.mark.skipif(
@@ -428,3 +428,38 @@ def test_shard_refresh_without_mesh_or_axis_raises():
   tx = sngd_jax.sngd(fisher=fisher, shard_refresh=True)
   with pytest.raises(ValueError, match="shard_refresh=True"):
     tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), activations=acts)
+
+
+@multi
+def test_conv_rows_in_chunks_only_where_the_code_holds_its_batch(monkeypatch):
+  """Patch rows are chunked by examples inside a manual ``shard_map`` (each device's
+  own shard) but not under jit with 8 devices (a chunk of a sharded batch would sit on
+  some of the devices); the conv layer's factor is the global batch's either way."""
+  monkeypatch.setattr(statistics, "ROW_CHUNK_BYTES", 1)  # one example per chunk
+  layer = nn.Conv(4, (3, 3))
+  x = jax.random.normal(jax.random.key(0), (2 * NUM_DEVICES, 6, 5, 3))
+  params = layer.init(jax.random.key(1), x)["params"]
+  loss = lambda p, x: jnp.sum(jnp.tanh(layer.apply({"params": p}, x)))
+  tx = lambda **kw: sngd_jax.sngd(decay=0.0, prior="none", **kw)
+  chunks = {}
+
+  def factor(tag, **kw):
+    def f(x):
+      (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x)
+      (spec,) = sngd_jax.discover(grads).values()
+      parts = statistics.example_chunks(spec, acts[spec.path])
+      chunks[tag] = None if parts is None else len(parts)
+      opt = tx(**kw)
+      return opt.update(grads, opt.init(params), activations=acts)[1].factors[spec.path]
+    return f
+
+  mesh = jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(AxisType.Explicit,))
+  sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+  reference = jax.jit(factor("one device"))(jax.device_put(x, jax.devices()[0]))
+  auto = jax.jit(factor("jit"))(jax.device_put(x, NamedSharding(
+      jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(AxisType.Auto,)), P("data"))))
+  manual = jax.jit(jax.shard_map(factor("shard_map", axis_name="data"), mesh=mesh,
+                                 in_specs=P("data"), out_specs=P()))(sharded)
+  assert chunks == {"one device": None, "jit": None, "shard_map": 2}, chunks
+  for got in (auto, manual):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(reference), rtol=1e-5, atol=1e-6)

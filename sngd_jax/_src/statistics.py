@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType
 
 from sngd_jax._src import conv as conv_lib
 from sngd_jax._src import sketch as sketch_lib
@@ -313,7 +314,7 @@ def batch_factor(spec: LayerSpec, calls: Sequence[Captured],
 # this size, one chunk after the other: 43 MB of temporary memory on that
 # ResNet, its statistics step 9% faster (benchmarks/README.md, "The step's
 # temporary memory"). 4 MiB chunks needed no less memory there and twice the
-# kernels (compile time).
+# kernels (compile time). Not for a batch sharded over devices (`_holds_whole_batch`).
 ROW_CHUNK_BYTES = 8 * 2**20
 
 
@@ -322,16 +323,31 @@ def _has_patch_rows(calls: Sequence[Captured]) -> bool:
   return any(c.kind in ("conv", "conv_transpose") for c in calls)
 
 
+def _holds_whole_batch() -> bool:
+  """Whether the traced code computes on the whole batch it sees, on one device.
+
+  True with one device in the job, or inside a ``shard_map`` whose every mesh
+  axis is manual (the code sees its device's shard). With more devices and
+  automatic or explicit axes, the batch is typically sharded over them: a chunk
+  of its examples would then live on a subset of the devices (idle devices, or
+  a reshard per chunk), so the rows are formed whole and XLA partitions them.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and all(t == AxisType.Manual for t in mesh.axis_types):
+    return True
+  return jax.device_count() == 1
+
+
 def example_chunks(spec: LayerSpec, calls: Sequence[Captured]
                    ) -> Optional[list[list[Captured]]]:
   """The calls split into chunks of examples whose rows fit ``ROW_CHUNK_BYTES``.
 
   Only for layers with conv or transposed-conv calls (whose rows are patches,
   larger than the captured inputs) whose every call has an example axis, and
-  not under an explicit mesh (a chunk of a batch sharded over devices would
-  not be). Returns None when the rows are formed whole.
+  only for code that holds its whole batch (``_holds_whole_batch``). Returns
+  None when the rows are formed whole.
   """
-  if not _has_patch_rows(calls):
+  if not _has_patch_rows(calls) or not _holds_whole_batch():
     return None
   if any(c.batch_axis is None or replicated_out_sharding(c.inputs) is not None
          for c in calls):
