@@ -7,7 +7,7 @@ of the child are about running 8 devices' programs on a 2-core machine shared wi
 other test worker, not about the code under test:
 
 * ``--xla_cpu_collective_call_terminate_timeout_seconds``: XLA:CPU aborts the process when a
-  device waits at a collective longer than this (seconds by default). Eight device threads
+  device waits at a collective longer than this. Eight device threads
   on two loaded cores wait that long: CI lost a run to it (an abort in a scanned
   transformer step, no message), and it was reproduced with a 6 s limit, 1 of 4 runs on
   4 concurrent processes aborting with "Termination timeout for `all gather ...` exceeded".
