@@ -296,3 +296,27 @@ def test_small_cnn_trains_and_every_parameter_is_covered():
     batches = [(x[quarters[i % 4]], y[quarters[i % 4]]) for i in range(40)]
     assert_trains(loss_fn, params, batches, eval_batch=(x, y), learning_rate=0.05,
                   max_ratio=0.8)
+
+
+def test_examples_at_a_traced_start_matches_examples():
+  """The loop's slice (traced start) is ``examples``'s, also for time-major rows."""
+  x = jnp.arange(2 * 6 * 3, dtype=jnp.float32).reshape(12, 3)  # 2 time steps x 6 examples
+  rec = sngd_jax.Captured(inputs=x, outputs=x * 2, time_steps=2)
+  got = jax.jit(lambda r, i: r.examples_at(i, 3))(rec, jnp.int32(2))
+  want = rec.examples(2, 5)
+  np.testing.assert_array_equal(got.inputs, want.inputs)
+  np.testing.assert_array_equal(got.outputs, want.outputs)
+
+
+@pytest.mark.parametrize("chunk_bytes", [3 * 6480, 6480])  # 3 and 7 chunks of the 7 examples
+def test_chunks_are_summed_in_one_loop(monkeypatch, chunk_bytes):
+  """Equal chunks are summed in one loop (one ``while`` in the compiled program, not a copy
+  per chunk), to the whole batch's factor; 3 chunks of 7 examples become 7 (a divisor)."""
+  spec, calls, rows = _conv_calls(7)
+  monkeypatch.setattr(statistics, "ROW_CHUNK_BYTES", chunk_bytes)
+  assert statistics._loop_plan(spec, calls) == (7, 1)
+  f = jax.jit(lambda calls: statistics.batch_factor(spec, calls))
+  hlo = f.lower(calls).compile().as_text()
+  assert hlo.count(" while(") == 1, hlo.count(" while(")
+  x = np.concatenate([rows, np.ones((rows.shape[0], 1))], axis=1)
+  np.testing.assert_allclose(f(calls), x.T @ x / x.shape[0], rtol=1e-12)

@@ -122,6 +122,22 @@ class Captured:
       return blocks.reshape(a.shape[:ax] + (-1,) + a.shape[ax + 1:])
     return dataclasses.replace(self, inputs=take(self.inputs), outputs=take(self.outputs))
 
+  def examples_at(self, start: jax.Array, size: int) -> Captured:
+    """``examples(start, start + size)`` for a traced ``start`` (a loop's index)."""
+    ax = self.batch_axis
+    if ax is None:
+      return self
+
+    def take(a):
+      if a is None:  # not recorded
+        return None
+      if self.time_steps == 1:
+        return jax.lax.dynamic_slice_in_dim(a, start, size, axis=ax)
+      shape = a.shape[:ax] + (self.time_steps, -1) + a.shape[ax + 1:]
+      blocks = jax.lax.dynamic_slice_in_dim(a.reshape(shape), start, size, axis=ax + 1)
+      return blocks.reshape(a.shape[:ax] + (-1,) + a.shape[ax + 1:])
+    return dataclasses.replace(self, inputs=take(self.inputs), outputs=take(self.outputs))
+
 
 @flax.struct.dataclass
 class Pending:
