@@ -308,13 +308,13 @@ def test_examples_at_a_traced_start_matches_examples():
   np.testing.assert_array_equal(got.outputs, want.outputs)
 
 
-@pytest.mark.parametrize("chunk_bytes", [3 * 6480, 6480])  # 3 and 7 chunks of the 7 examples
-def test_chunks_are_summed_in_one_loop(monkeypatch, chunk_bytes):
+@pytest.mark.parametrize("chunk_bytes,plan", [(3 * 6480, (3, 2, 1)), (6480, (7, 1, 0))])
+def test_chunks_are_summed_in_one_loop(monkeypatch, chunk_bytes, plan):
   """Equal chunks are summed in one loop (one ``while`` in the compiled program, not a copy
-  per chunk), to the whole batch's factor; 3 chunks of 7 examples become 7 (a divisor)."""
+  per chunk), the examples left over after it, to the whole batch's factor."""
   spec, calls, rows = _conv_calls(7)
   monkeypatch.setattr(statistics, "ROW_CHUNK_BYTES", chunk_bytes)
-  assert statistics._loop_plan(spec, calls) == (7, 1)
+  assert statistics._loop_plan(spec, calls) == plan
   f = jax.jit(lambda calls: statistics.batch_factor(spec, calls))
   hlo = f.lower(calls).compile().as_text()
   assert hlo.count(" while(") == 1, hlo.count(" while(")

@@ -361,8 +361,8 @@ def example_chunks(spec: LayerSpec, calls: Sequence[Captured]
   Only for layers with conv or transposed-conv calls (whose rows are patches,
   larger than the captured inputs) whose every call has an example axis, and
   only for code that holds its whole batch (``_holds_whole_batch``). Returns
-  None when the rows are formed whole. (A layer with one call and equal
-  chunks is summed in a loop over the chunks instead: ``_loop_plan``.)
+  None when the rows are formed whole. (A layer of one call is summed in a
+  loop over equal chunks instead: ``_loop_plan``.)
   """
   k = _num_chunks(spec, calls)
   if k <= 1:
@@ -381,23 +381,22 @@ def example_chunks(spec: LayerSpec, calls: Sequence[Captured]
   return parts
 
 
-def _loop_plan(spec: LayerSpec, calls: Sequence[Captured]) -> Optional[tuple[int, int]]:
-  """``(chunks, examples per chunk)`` for a loop over equal chunks, or None.
+def _loop_plan(spec: LayerSpec, calls: Sequence[Captured]
+               ) -> Optional[tuple[int, int, int]]:
+  """``(chunks, examples per chunk, examples left over)`` for a loop, or None.
 
-  For a layer of one call whose rows are chunked: the number of chunks is raised
-  to the next divisor of the number of examples (equal chunks, each no larger
-  than ``example_chunks``'s), so that one loop body serves every chunk. XLA
-  generates code for the body once; unrolled, each chunk's patch kernels were
-  compiled anew (the ResNet benchmark's step: 709 kernels unrolled, 689 with the loop).
+  For a layer of one call whose rows are chunked: ``k`` equal chunks of
+  ``m // k`` examples in one loop, so that XLA generates code for the body once
+  (unrolled, each chunk's patch kernels were compiled anew: the ResNet
+  benchmark's step had 709 kernels unrolled, 689 with the loop), and the
+  ``m % k < k`` examples left over after it as one more part.
   """
   k = _num_chunks(spec, calls)
   if k <= 1 or len(calls) != 1:
     return None
   m = calls[0].num_examples
   assert m is not None  # checked by _num_chunks
-  while m % k:
-    k += 1
-  return k, m // k
+  return k, m // k, m % k
 
 
 def _after(calls: Sequence[Captured], dep: Optional[jax.Array]) -> list[Captured]:
@@ -435,7 +434,7 @@ def _sum_over_rows(spec: LayerSpec, calls: Sequence[Captured], fn: Callable,
   """
   plan = _loop_plan(spec, calls)
   if plan is not None:
-    (call,), (k, size) = calls, plan
+    (call,), (k, size, left) = calls, plan
 
     def chunk(i):
       return fn(*layer_rows(spec, [call.examples_at(i * size, size)]))
@@ -449,7 +448,13 @@ def _sum_over_rows(spec: LayerSpec, calls: Sequence[Captured], fn: Callable,
     init = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype) + zero.astype(a.dtype), shapes)
     total = jax.lax.fori_loop(0, k, lambda i, t: jax.tree.map(jnp.add, t, chunk(i)), init)
     rows = jax.eval_shape(lambda c: layer_rows(spec, [c.examples(0, size)])[0], call)
-    return total, k * rows.shape[0]
+    n = k * rows.shape[0]
+    if left:
+      x, z = layer_rows(spec, _after([call.examples(k * size, k * size + left)],
+                                     dependency(total)))
+      total = jax.tree.map(jnp.add, total, fn(x, z))
+      n += x.shape[0]
+    return total, n
   parts = example_chunks(spec, calls)
   if parts is None:
     parts = [list(calls)]
