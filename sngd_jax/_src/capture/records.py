@@ -107,23 +107,18 @@ class Captured:
 
   def examples(self, start: int, stop: int) -> Captured:
     """This record restricted to examples ``start:stop`` (as ``first_examples``)."""
-    ax = self.batch_axis
-    if ax is None:
-      return self
-
-    def take(a):
-      if a is None:  # not recorded
-        return None
-      lead = (slice(None),) * ax
-      if self.time_steps == 1:
-        return a[lead + (slice(start, stop),)]
-      shape = a.shape[:ax] + (self.time_steps, -1) + a.shape[ax + 1:]
-      blocks = a.reshape(shape)[lead + (slice(None), slice(start, stop))]
-      return blocks.reshape(a.shape[:ax] + (-1,) + a.shape[ax + 1:])
-    return dataclasses.replace(self, inputs=take(self.inputs), outputs=take(self.outputs))
+    return self._cut_examples(lambda a, ax: a[(slice(None),) * ax + (slice(start, stop),)])
 
   def examples_at(self, start: jax.Array, size: int) -> Captured:
     """``examples(start, start + size)`` for a traced ``start`` (a loop's index)."""
+    return self._cut_examples(
+        lambda a, ax: jax.lax.dynamic_slice_in_dim(a, start, size, axis=ax))
+
+  def _cut_examples(self, cut) -> Captured:
+    """The record with ``cut(array, example_axis)`` applied to inputs and outputs.
+
+    Time-major rows (``time_steps > 1``) are cut per time step.
+    """
     ax = self.batch_axis
     if ax is None:
       return self
@@ -132,10 +127,9 @@ class Captured:
       if a is None:  # not recorded
         return None
       if self.time_steps == 1:
-        return jax.lax.dynamic_slice_in_dim(a, start, size, axis=ax)
+        return cut(a, ax)
       shape = a.shape[:ax] + (self.time_steps, -1) + a.shape[ax + 1:]
-      blocks = jax.lax.dynamic_slice_in_dim(a.reshape(shape), start, size, axis=ax + 1)
-      return blocks.reshape(a.shape[:ax] + (-1,) + a.shape[ax + 1:])
+      return cut(a.reshape(shape), ax + 1).reshape(a.shape[:ax] + (-1,) + a.shape[ax + 1:])
     return dataclasses.replace(self, inputs=take(self.inputs), outputs=take(self.outputs))
 
 
