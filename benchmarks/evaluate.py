@@ -531,7 +531,8 @@ def _f(x, spec=".2f"):
   return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
 
 
-TAGGED = ("_tune", "_long", "_long2", "_long3", "_ablation", "_early", "_peers", "_psgd", "_all", "_rank")
+TAGGED = ("_tune", "_long", "_long2", "_long3", "_ablation", "_early", "_peers", "_psgd", "_all",
+          "_rank")
 """File-name tags of runs outside the protocol's evaluation tables (``--tag``)."""
 
 

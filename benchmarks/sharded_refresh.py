@@ -35,6 +35,9 @@ from benchmarks import add_xla_flag
 
 add_xla_flag("--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# More XLA:CPU threads than devices: a pool of one thread per device can starve at a
+# collective (docs/known-issues.md).
+os.environ.setdefault("PJRT_NPROC", "64")
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402

@@ -1,4 +1,6 @@
-"""An Equinox MLP classifier on Fashion-MNIST trained with SNGD (``pip install "sngd_jax[equinox]"``).
+"""An Equinox MLP classifier on Fashion-MNIST trained with SNGD.
+
+Needs the equinox extra: ``pip install "sngd_jax[equinox]"``.
 
 The Equinox way: layers are called per example under the user's ``jax.vmap``,
 the model is a pytree, and ``eqx.filter_value_and_grad`` differentiates its

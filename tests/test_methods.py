@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers_jaxpr import eqns as _eqns
 from exact import exact_sngd
+from helpers_jaxpr import eqns as _eqns
 
 import sngd_jax
 from sngd_jax import inverse as matfun

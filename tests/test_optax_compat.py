@@ -297,7 +297,7 @@ def test_sngd_adam_is_adamw_on_the_preconditioned_gradient():
     m = jax.tree.map(lambda m, u: b1 * m + (1 - b1) * u, m, u)
     v = jax.tree.map(lambda v, u: b2 * v + (1 - b2) * u * u, v, u)
     want = jax.tree.map(
-        lambda m, v, w: -lr * ((m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+        lambda m, v, w, t=t: -lr * ((m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
                                + (wd * np.asarray(w) if w.ndim >= 2 else 0.0)), m, v, p)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
                  updates, want)

@@ -8,7 +8,10 @@ the flag set, and fails if any test there fails or is skipped; the
 multi-device tests themselves are skipped in the 1-device session. Run them
 directly with::
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m pytest -q tests/test_sharding.py
+  PJRT_NPROC=64 XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+    python -m pytest -q tests/test_sharding.py
+
+(``PJRT_NPROC``: a larger XLA:CPU thread pool, see ``tests/forced_devices.py``.)
 """
 
 import functools

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers_jaxpr import eqns as _eqns
 import scipy.linalg
+from helpers_jaxpr import eqns as _eqns
 
 import sngd_jax
 from sngd_jax import inverse as matfun
@@ -58,7 +58,7 @@ def test_batched_step_matches_two_calls(tol, use_x64):
     old = jax.jit(lambda a: roots._coupled_iteration(_old_db_step, a, 30, tol, "frobenius"))(a)
     new = jax.jit(lambda a: matfun.denman_beavers(a, num_iters=30, tol=tol))(a)
     rtol = 1e-12 if use_x64 else 1e-5
-    for got, ref in zip(new, old):
+    for got, ref in zip(new, old, strict=True):
       np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=rtol, atol=rtol)
 
 

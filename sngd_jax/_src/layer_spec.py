@@ -10,7 +10,6 @@ import dataclasses
 import math
 from typing import Callable, Mapping, Optional, Union
 
-
 FISHER_KINDS = ("linear", "rfim")
 # How a layer's local Fisher is stored and applied:
 #   "dense":       one d x d block (or O blocks for rfim) over x~ = [x; 1];

@@ -52,14 +52,28 @@ import jax
 
 from sngd_jax._src import paths
 from sngd_jax._src.layer_spec import (  # noqa: F401 (re-exported: the layer vocabulary)
-    FISHER_KINDS as FISHER_KINDS,
-    STRUCTURES as STRUCTURES,
-    FisherSpec as FisherSpec,
-    StackSpec as StackSpec,
-    LayerSpec as LayerSpec,
-    _resolve as _resolve,
-    resolve_fisher as resolve_fisher,
-    stack_axes_of as stack_axes_of,
+  FISHER_KINDS as FISHER_KINDS,
+)
+from sngd_jax._src.layer_spec import (
+  STRUCTURES as STRUCTURES,
+)
+from sngd_jax._src.layer_spec import (
+  FisherSpec as FisherSpec,
+)
+from sngd_jax._src.layer_spec import (
+  LayerSpec as LayerSpec,
+)
+from sngd_jax._src.layer_spec import (
+  StackSpec as StackSpec,
+)
+from sngd_jax._src.layer_spec import (
+  _resolve as _resolve,
+)
+from sngd_jax._src.layer_spec import (
+  resolve_fisher as resolve_fisher,
+)
+from sngd_jax._src.layer_spec import (
+  stack_axes_of as stack_axes_of,
 )
 
 

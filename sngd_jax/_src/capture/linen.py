@@ -3,9 +3,10 @@
 ``capture(loss_fn)`` runs ``loss_fn`` under ``flax.linen.intercept_methods``
 and records, for every supported layer call (``tables.LAYERS``), what its
 local Fisher needs (the input ``x``, and with ``outputs=True`` the
-pre-activation output ``z`` that ``fisher="rfim"`` reads; gradients stopped). Nothing in the model changes. A layer called several times
-(shared weights, a layer applied at every time step) records one entry per
-call; their statistics are pooled.
+pre-activation output ``z`` that ``fisher="rfim"`` reads; gradients stopped).
+Nothing in the model changes. A layer called several times (shared weights, a
+layer applied at every time step) records one entry per call; their statistics
+are pooled.
 
 **Scanned cells.** ``nn.RNN`` runs its cell under ``nn.scan``: the Dense layers
 inside the cell see tracers of the scan body, which must not escape it. While

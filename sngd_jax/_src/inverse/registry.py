@@ -14,7 +14,6 @@ memory per refresh. ``auto`` keeps the exact Cholesky inverse up to
 from __future__ import annotations
 
 import functools
-
 from typing import Union
 
 from sngd_jax._src import sketch as sketch_lib

@@ -22,7 +22,6 @@ Both keep ``Y_k = A Z_k``, so ``Y Z - I = A Z^2 - I`` measures convergence.
 from __future__ import annotations
 
 import functools
-
 import math
 from typing import Callable, NamedTuple, Optional, Union
 
@@ -30,15 +29,15 @@ import jax
 import jax.numpy as jnp
 
 from sngd_jax._src.inverse.base import (
-    HIGHEST,
-    InverseMethod,
-    MethodInfo,
-    add_shift,
-    all_finite_per_block,
-    compute_dtype,
-    dense_apply_flops,
-    frobenius_norm,
-    symmetrize,
+  HIGHEST,
+  InverseMethod,
+  MethodInfo,
+  add_shift,
+  all_finite_per_block,
+  compute_dtype,
+  dense_apply_flops,
+  frobenius_norm,
+  symmetrize,
 )
 from sngd_jax._src.inverse.dense import dense_apply, dense_identity
 
