@@ -19,11 +19,11 @@ other test worker, not about the code under test:
   thread that reaches a collective blocks until the other participants arrive. On 2 cores the
   pool has 8 threads for 8 devices, and a device that runs independent collectives in another
   order than its peers can leave every thread waiting: CI lost a run to this (the child hung
-  for 900 s), and it was reproduced here, 1 of 4 runs of the scanned transformer's mesh test
-  with 4 such processes at once, the 8 pool threads blocked in 4 different rendezvous (all
-  gather op 197 over devices [0, 1], all reduce op 126 over [0, 2, 4, 6] and over
-  [1, 3, 5, 7], all reduce op 125 over [4, 5]). With 64 threads no run hung (12 runs, same
-  load). The threads are idle unless a program waits, so the test is not slowed.
+  for 900 s), and it was reproduced here: 1 of 8 runs of the scanned transformer's mesh test
+  with 4 such processes at once hung, the 8 pool threads blocked in 4 different rendezvous
+  (all gather op 197 over devices [0, 1], all reduce op 126 over [0, 2, 4, 6] and over
+  [1, 3, 5, 7], all reduce op 125 over [4, 5]). With 64 threads none of 16 runs hung, and
+  runs side by side took the same time with either pool (277 s and 277 s, 250 s and 251 s).
 * ``-s``: without it pytest holds the child's file descriptor 2 in a temporary file, and a
   C++ message written just before an abort (XLA's ``LOG(FATAL)``) is lost with it.
 * ``faulthandler_timeout``: a child that stops making progress dumps every Python thread's
