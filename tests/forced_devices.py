@@ -61,18 +61,19 @@ def run_on_forced_devices(test_file: str, pytest_args: list[str], *, timeout: in
          "-o", f"faulthandler_timeout={max(timeout - 120, 60)}", *pytest_args,
          os.path.abspath(test_file)],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    returncode, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+    failed = proc.returncode != 0
+    how, stdout, stderr = f"exited with {proc.returncode}", proc.stdout, proc.stderr
   except subprocess.TimeoutExpired as e:
     # The output so far; subprocess hands it back as bytes here even with text=True.
-    returncode = f"nothing: killed after {timeout} s"
-    stdout, stderr = (_text(e.stdout), _text(e.stderr))
+    failed, how = True, f"was killed after {timeout} s"
+    stdout, stderr = _text(e.stdout), _text(e.stderr)
   lines = stdout.strip().splitlines()
   summary = lines[-1] if lines else ""
-  if returncode != 0:
+  if failed:
     log = os.path.join(str(log_dir), "inner_run.log")
     with open(log, "w") as f:
       f.write(stdout + "\n--- stderr ---\n" + stderr)
-    pytest.fail(f"the {NUM_DEVICES}-device run exited with {returncode} (full output: "
+    pytest.fail(f"the {NUM_DEVICES}-device run {how} (full output: "
                 f"{log}):\n{stdout[-4000:]}\n--- stderr ---\n{_telling_part(stderr)}")
   return summary
 
