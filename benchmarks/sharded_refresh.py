@@ -31,13 +31,10 @@ from __future__ import annotations
 
 import os
 
-from benchmarks import add_xla_flag
+from benchmarks import force_cpu_devices
 
-add_xla_flag("--xla_force_host_platform_device_count=8")
+force_cpu_devices(8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# More XLA:CPU threads than devices: a pool of one thread per device can starve at a
-# collective (docs/known-issues.md).
-os.environ.setdefault("PJRT_NPROC", "64")
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402

@@ -39,18 +39,14 @@ Run: ``nice python3 -m benchmarks.soak`` (``--steps 2000`` for a quick look).
 
 from __future__ import annotations
 
-import os
+from benchmarks import force_cpu_devices
 
-from benchmarks import add_xla_flag
-
-add_xla_flag("--xla_force_host_platform_device_count=8")  # before JAX is imported
-# More XLA:CPU threads than devices: a pool of one thread per device can starve at a
-# collective (docs/known-issues.md).
-os.environ.setdefault("PJRT_NPROC", "64")
+force_cpu_devices(8)  # before JAX starts its backend
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
