@@ -51,12 +51,11 @@ import optax
 
 import benchmarks  # noqa: F401  (XLA flag and LAPACK thread cap, before JAX work)
 import sngd_jax
-from benchmarks import eval_tasks, harness
-from benchmarks.protocol import batch_seed, batches
+from benchmarks import eval_tasks, harness, protocol
+from benchmarks.protocol import batch_seed, batches, interleave
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "results", "eval")
-STEP = math.sqrt(10.0)
 
 
 # --------------------------------------------------------------------------------------
@@ -350,22 +349,6 @@ def run_steps(task: eval_tasks.EvalTask, opt: str, lr: float, seed: int,
   }
 
 
-def interleave(gens: list, turn_s: float = 0.25) -> list[dict]:
-  """Runs generators round robin, about ``turn_s`` seconds each per turn."""
-  records: list[Optional[dict]] = [None] * len(gens)
-  active = list(range(len(gens)))
-  while active:
-    for i in list(active):
-      t0 = time.perf_counter()
-      try:
-        while time.perf_counter() - t0 < turn_s:
-          next(gens[i])
-      except StopIteration as stop:
-        records[i] = stop.value
-        active.remove(i)
-  return records
-
-
 def _run_batch(task, plan, budget_s, max_steps):
   """Compiles and runs the (opt, lr, seed) plan interleaved; prints one line per run."""
   gens = []
@@ -382,48 +365,10 @@ def _run_batch(task, plan, budget_s, max_steps):
   return recs
 
 
-def _score(task, r):
-  """Sort key among one optimizer's learning rates: fewest steps to the target, then the
-  best final metric; not reached: the best final metric; diverged last. (The step cost does
-  not depend on the lr, so steps rank the grid as step time would, and unlike step time they
-  are not changed by machine load that differs between the grid and extension batches.)"""
-  if r["diverged"] or r["final_metric"] is None:
-    return (2, 0.0, 0.0)
-  final = -r["final_metric"] if task.higher_is_better else r["final_metric"]
-  if r["steps_to_target"] is not None:
-    return (0, r["steps_to_target"], final)
-  return (1, final, 0.0)
-
-
 def tune_and_seed(task, opts, seeds, budget_s, max_steps, max_extend, grids):
-  records = []
-  tried = {o: sorted(grids[o]) for o in opts}
-  plan = [(o, lr, 0) for o in opts for lr in tried[o]]
-  print(f"{task.name}: tuning {len(plan)} runs", flush=True)
-  records += _run_batch(task, plan, budget_s, max_steps)
-  best = {}
-  for ext in range(max_extend + 1):
-    more = []
-    for o in opts:
-      rs = [r for r in records if r["optimizer"] == o and r["seed"] == 0]
-      b = min(rs, key=lambda r: _score(task, r))
-      best[o] = b["lr"]
-      if ext == max_extend:
-        continue
-      lrs = sorted(r["lr"] for r in rs)
-      if b["lr"] == lrs[0]:
-        more.append((o, float(f"{lrs[0] / STEP:.3g}"), 0))
-      elif b["lr"] == lrs[-1]:
-        more.append((o, float(f"{lrs[-1] * STEP:.3g}"), 0))
-    if not more:
-      break
-    print(f"{task.name}: extending grids {[(o, lr) for o, lr, _ in more]}", flush=True)
-    records += _run_batch(task, more, budget_s, max_steps)
-  plan = [(o, best[o], s) for o in opts for s in range(1, seeds)]
-  if plan:
-    print(f"{task.name}: seeds {len(plan)} runs", flush=True)
-    records += _run_batch(task, plan, budget_s, max_steps)
-  return records, best
+  return protocol.tune_and_seed(
+      task.name, opts, seeds, grids, task.higher_is_better,
+      lambda plan: _run_batch(task, plan, budget_s, max_steps), max_extend)
 
 
 def probe(task, opts, steps=60):

@@ -73,3 +73,81 @@ def finish_record(record: dict, losses, times, emas, evals, metric: str) -> dict
   record["curve"] = {"step": (keep + 1).tolist(), "wall": cum[keep].tolist(),
                      "ema_loss": [emas[i] for i in keep]}
   return record
+
+
+# --------------------------------------------------------------------------------------
+# The phases of a task: tune (seed 0, grids extended at an edge), then the other seeds
+# --------------------------------------------------------------------------------------
+
+LR_STEP = 10.0 ** 0.5
+"""Ratio between neighbouring points of a learning-rate grid."""
+
+
+def interleave(gens: list, turn_s: float = 0.25) -> list:
+  """Runs generators round robin, about ``turn_s`` seconds each per turn; returns their
+  return values (each run's record) in order."""
+  import time
+  records: list = [None] * len(gens)
+  active = list(range(len(gens)))
+  while active:
+    for i in list(active):
+      t0 = time.perf_counter()
+      try:
+        while time.perf_counter() - t0 < turn_s:
+          next(gens[i])
+      except StopIteration as stop:
+        records[i] = stop.value
+        active.remove(i)
+  return records
+
+
+def score(record: dict, higher_is_better: bool) -> tuple:
+  """Sort key among one optimizer's learning rates: fewest steps to the target, then the
+  best final metric; not reached: the best final metric; diverged last. (The step cost does
+  not depend on the lr, so steps rank the grid as step time would, and unlike step time they
+  are not changed by machine load that differs between the grid and extension batches.)"""
+  r = record
+  if r["diverged"] or r["final_metric"] is None:
+    return (2, 0.0, 0.0)
+  final = -r["final_metric"] if higher_is_better else r["final_metric"]
+  if r["steps_to_target"] is not None:
+    return (0, r["steps_to_target"], final)
+  return (1, final, 0.0)
+
+
+def tune_and_seed(name: str, opts, seeds: int, grids: dict, higher_is_better: bool,
+                  run_batch, max_extend: int):
+  """The protocol's phases for one task; ``run_batch(plan)`` runs a list of
+  ``(optimizer, lr, seed)`` interleaved and returns their records.
+
+  Returns ``(records, best)``: every run's record and each optimizer's best lr."""
+  records = []
+  tried = {o: sorted(grids[o]) for o in opts}
+  plan = [(o, lr, 0) for o in opts for lr in tried[o]]
+  print(f"{name}: tuning {len(plan)} runs", flush=True)
+  records += run_batch(plan)
+  best = {}
+  for ext in range(max_extend + 1):
+    more = []
+    for o in opts:
+      rs = [r for r in records if r["optimizer"] == o and r["seed"] == 0]
+      b = min(rs, key=lambda r: score(r, higher_is_better))
+      best[o] = b["lr"]
+      if ext == max_extend:
+        continue
+      lrs = sorted(r["lr"] for r in rs)
+      if len(lrs) < 2:  # a single point (a reference run): nothing to extend
+        continue
+      if b["lr"] == lrs[0]:
+        more.append((o, float(f"{lrs[0] / LR_STEP:.3g}"), 0))
+      elif b["lr"] == lrs[-1]:
+        more.append((o, float(f"{lrs[-1] * LR_STEP:.3g}"), 0))
+    if not more:
+      break
+    print(f"{name}: extending grids {[(o, lr) for o, lr, _ in more]}", flush=True)
+    records += run_batch(more)
+  plan = [(o, best[o], s) for o in opts for s in range(1, seeds)]
+  if plan:
+    print(f"{name}: seeds {len(plan)} runs", flush=True)
+    records += run_batch(plan)
+  return records, best
