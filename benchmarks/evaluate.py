@@ -477,7 +477,7 @@ def _f(x, spec=".2f"):
 
 
 TAGGED = ("_tune", "_long", "_long2", "_long3", "_ablation", "_early", "_peers", "_psgd", "_all",
-          "_rank")
+          "_rank", "_kfac", "_rerun")
 """File-name tags of runs outside the protocol's evaluation tables (``--tag``)."""
 
 
