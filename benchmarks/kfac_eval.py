@@ -20,10 +20,15 @@ Optimizers (all runs interleaved in the worker, about 0.25 s of steps per turn):
 
 * ``kfac``: ``kfac_jax.Optimizer`` at its defaults where it has them (curvature every step,
   EMA 0.95, inverses every 5 steps, automatic layer registration), momentum 0.9, fixed
-  damping (``--damping``), the learning rate from the grid. kfac-jax has no default for lr,
-  momentum or damping; its adaptive mode (lr, momentum and damping from its quadratic model)
-  is for full-batch training, which its own examples' README says (it diverged at batch 128
-  in our archived runs), so the fixed-step mode is used, as for the tuning-set MLPs.
+  damping (``--damping``, default 1), the learning rate from the grid. kfac-jax has no
+  default for lr, momentum or damping; its adaptive mode (lr, momentum and damping from its
+  quadratic model) is for full-batch training, which its own examples' README says (it
+  diverged at batch 128 in our archived runs), so the fixed-step mode is used, as for the
+  tuning-set MLPs. The damping of those runs, 1e-2, diverged here within 4-45 steps at every
+  lr of the grid and its extension (``results/eval/autoencoder_kfac_damping0.01.log``): this
+  loss is summed over 784 pixels, so its curvature is ~784x that of a mean loss. A 30-step
+  check at lr 1e-3 (damping 1e-2 diverged, 1 trained, 100 barely moved) chose 1; kfac-jax's
+  own autoencoder example starts its adaptive damping at 150.
 * ``kfac-amortized``: the same with SNGD's amortization: curvature every 5 steps, inverses
   every 100.
 * ``adam``: ``optax.adam`` at one learning rate (``--adam-lr``, its best in the evaluation
@@ -145,7 +150,7 @@ def worker(cfg: dict) -> list:
   adam = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
 
   @jax.jit
-  def adam_step(params, state, idx):
+  def adam_step(params, state, xs, ys, idx):  # the data as arguments, not constants
     loss, g = jax.value_and_grad(loss_fn)(params, (xs[idx], ys[idx]))
     u, state = adam.update(g, state, params)
     return optax.apply_updates(params, u), state, loss
@@ -164,7 +169,7 @@ def worker(cfg: dict) -> list:
       state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
 
       def step(params, state, rng, t, idx):
-        return adam_step(params, state, idx)
+        return adam_step(params, state, xs, ys, idx)
     else:
       kfac = kfacs[opt]
       state = kfac.init(params, rng, (xs[idx], ys[idx]))
@@ -267,7 +272,7 @@ def _prepare(directory: str, seeds: int) -> object:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-  p.add_argument("--damping", type=float, default=1e-2)
+  p.add_argument("--damping", type=float, default=1.0)
   p.add_argument("--adam-lr", type=float, default=1e-3)
   p.add_argument("--seeds", type=int, default=3)
   p.add_argument("--max-extend", type=int, default=1)
