@@ -6,9 +6,14 @@ trajectory of the README's MLP at the defaults, and an orbax checkpoint of
 structure and continue identically. The current code's results are computed
 in a fresh process (``make_fixtures --dump``), so that nothing an earlier test
 did to this process (x64 mode, LAPACK thread counts) can change the bits.
-Under the JAX version that wrote a fixture the comparison is bit for bit; under
-another (the minimum-versions CI job) XLA may order float32 sums differently,
-so it is to float32 rounding over 20 steps.
+The comparison is not bit for bit: XLA:CPU generates code for the host CPU's
+vector width, so the same JAX version on another machine (CI's) sums float32
+in another order (measured: 2e-7 relative on the losses, 2.5e-6 on a bias of
+size 1e-3 after 20 steps). Under the JAX version that wrote a fixture the
+tolerance is that rounding (``SAME_VERSION``); under another (the
+minimum-versions CI job) XLA may also fuse differently, so it is wider
+(``OTHER_VERSION``). A change of behaviour (a default, a damping, a kernel)
+moves these numbers by 1e-3 or more.
 """
 
 from __future__ import annotations
@@ -35,15 +40,19 @@ def current(tmp_path_factory) -> dict[str, np.ndarray]:
   return dict(np.load(out))
 
 
+SAME_VERSION = dict(rtol=2e-5, atol=1e-7)
+OTHER_VERSION = dict(rtol=1e-4, atol=1e-5)
+
+
+def _tolerance(fixture) -> dict[str, float]:
+  return SAME_VERSION if str(fixture["jax_version"]) == jax.__version__ else OTHER_VERSION
+
+
 def _check(got: dict[str, np.ndarray], fixture) -> None:
   want = {k[len("param"):]: fixture[k] for k in fixture.files if k.startswith("param")}
   assert sorted(got) == sorted(want)
-  same_version = str(fixture["jax_version"]) == jax.__version__
   for k, v in want.items():
-    if same_version:
-      np.testing.assert_array_equal(got[k], v, err_msg=k)
-    else:
-      np.testing.assert_allclose(got[k], v, rtol=1e-4, atol=1e-5, err_msg=k)
+    np.testing.assert_allclose(got[k], v, err_msg=k, **_tolerance(fixture))
 
 
 def _part(current: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
@@ -53,10 +62,7 @@ def _part(current: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
 def test_readme_mlp_trajectory_is_pinned(current):
   fixture = np.load(os.path.join(fx.HERE, "readme_mlp_trajectory.npz"))
   losses = current["losses"]
-  if str(fixture["jax_version"]) == jax.__version__:
-    np.testing.assert_array_equal(losses, fixture["losses"])
-  else:
-    np.testing.assert_allclose(losses, fixture["losses"], rtol=1e-4)
+  np.testing.assert_allclose(losses, fixture["losses"], rtol=_tolerance(fixture)["rtol"])
   assert losses[-1] < losses[0]
   _check(_part(current, "readme"), fixture)
 
