@@ -326,21 +326,14 @@ def run_steps(task: eval_tasks.EvalTask, opt: str, lr: float, seed: int,
       break
     yield
   final = evaluate(params, extra) if not diverged else None
-  reach = next((e for e in evals if task.reached(e["metric"])), None)
-  times_arr = np.asarray(times)
   scales_arr = np.asarray(scales)
   early = scales_arr[:1000]
   return {
       "task": task.name, "optimizer": opt, "lr": lr, "seed": seed, "compile_s": compile_s,
-      "exec_bytes": exec_bytes, "state_bytes": state_bytes, "steps": len(times),
-      "wall_s": float(times_arr.sum()), "median_step_ms": float(np.median(times_arr[1:]) * 1e3)
-      if len(times) > 1 else None,
-      "mean_step_ms": float(times_arr[1:].mean() * 1e3) if len(times) > 1 else None,
+      "exec_bytes": exec_bytes, "state_bytes": state_bytes,
+      **protocol.run_summary(times, evals, task.reached, compile_s),
       "diverged": diverged, "final_metric": final, "metric": task.metric,
       "target": task.target, "evals": evals,
-      "steps_to_target": reach["step"] if reach else None,
-      "wall_to_target": reach["wall"] if reach else None,
-      "wall_to_target_with_compile": (reach["wall"] + compile_s) if reach else None,
       "clipped_frac_first1000": float(np.mean(early < 1.0 - 1e-6)) if pre else None,
       "mean_scale_first1000": float(np.mean(early)) if pre else None,
       "clipped_frac": float(np.mean(scales_arr < 1.0 - 1e-6)) if pre else None,
@@ -357,11 +350,7 @@ def _run_batch(task, plan, budget_s, max_steps):
     gens.append(g)
   recs = interleave(gens)
   for r in recs:
-    print(f"  {r['optimizer']:>14} lr={r['lr']:<8.3g} seed={r['seed']} steps={r['steps']:6d} "
-          f"{r['median_step_ms']:.2f} ms/step compile {r['compile_s']:.1f}s final "
-          f"{r['final_metric']} to-target {r['wall_to_target']} ({r['steps_to_target']} steps)"
-          + (f" clipped {r['clipped_frac_first1000']:.2f}/{r['mean_scale_first1000']:.2f}"
-             if r["clipped_frac_first1000"] is not None else ""), flush=True)
+    print(protocol.format_run(r), flush=True)
   return recs
 
 

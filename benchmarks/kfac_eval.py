@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
@@ -217,20 +216,13 @@ def worker(cfg: dict) -> list:
         break
       yield
     final = evaluate(params) if not diverged else None
-    reach = next((e for e in evals if e["metric"] is not None and np.isfinite(e["metric"])
-                  and e["metric"] <= cfg["target"]), None)
-    arr = np.asarray(times)
     return {
         "task": "autoencoder", "optimizer": opt, "lr": lr, "seed": seed,
         "compile_s": compile_s, "exec_bytes": None, "state_bytes": state_bytes,
-        "steps": len(times), "wall_s": float(arr.sum()),
-        "median_step_ms": float(np.median(arr[1:]) * 1e3) if len(arr) > 1 else None,
-        "mean_step_ms": float(arr[1:].mean() * 1e3) if len(arr) > 1 else None,
+        **protocol.run_summary(times, evals, lambda m: np.isfinite(m) and m <= cfg["target"],
+                               compile_s),
         "diverged": diverged, "final_metric": final, "metric": "loss",
         "target": cfg["target"], "evals": evals,
-        "steps_to_target": reach["step"] if reach else None,
-        "wall_to_target": reach["wall"] if reach else None,
-        "wall_to_target_with_compile": (reach["wall"] + compile_s) if reach else None,
         "clipped_frac_first1000": None, "mean_scale_first1000": None,
         "clipped_frac": None, "mean_scale": None,
         "versions": {"jax": jax.__version__, "kfac_jax": kfac_jax.__version__},
@@ -239,10 +231,7 @@ def worker(cfg: dict) -> list:
   def run_batch(plan):
     recs = protocol.interleave([run(o, lr, s) for o, lr, s in plan])
     for r in recs:
-      print(f"  {r['optimizer']:>14} lr={r['lr']:<8.3g} seed={r['seed']} steps={r['steps']:6d} "
-            f"{r['median_step_ms'] or math.nan:.2f} ms/step compile {r['compile_s']:.1f}s final "
-            f"{r['final_metric']} to-target {r['wall_to_target']} ({r['steps_to_target']} steps)",
-            flush=True)
+      print(protocol.format_run(r), flush=True)
     return recs
 
   grids = {"kfac": KFAC_GRID, "kfac-amortized": KFAC_GRID, "adam": (cfg["adam_lr"],)}

@@ -7,6 +7,8 @@ EMA of the train loss and the same record fields mean the runs are comparable.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 EMA_DECAY = 0.99
@@ -83,10 +85,39 @@ LR_STEP = 10.0 ** 0.5
 """Ratio between neighbouring points of a learning-rate grid."""
 
 
+def run_summary(times, evals: list, reached, compile_s: float) -> dict:
+  """The timing and target fields of a run's record, shared by every runner.
+
+  ``times``: each step's wall time (s); ``evals``: ``{"step", "wall", "metric"}`` dicts in
+  order; ``reached(metric)``: whether a metric meets the target. The first step (which may
+  include a late compile or a first-touch of buffers) is left out of the step statistics;
+  ``wall_to_target_with_compile`` adds the step's compile time."""
+  arr = np.asarray(times, dtype=float)
+  reach = next((e for e in evals if e["metric"] is not None and reached(e["metric"])), None)
+  return {
+      "steps": len(arr), "wall_s": float(arr.sum()),
+      "median_step_ms": float(np.median(arr[1:]) * 1e3) if len(arr) > 1 else None,
+      "mean_step_ms": float(arr[1:].mean() * 1e3) if len(arr) > 1 else None,
+      "steps_to_target": reach["step"] if reach else None,
+      "wall_to_target": reach["wall"] if reach else None,
+      "wall_to_target_with_compile": (reach["wall"] + compile_s) if reach else None,
+  }
+
+
+def format_run(r: dict) -> str:
+  """One line per finished run, as the runners print them."""
+  ms = r["median_step_ms"] if r["median_step_ms"] is not None else float("nan")
+  line = (f"  {r['optimizer']:>14} lr={r['lr']:<8.3g} seed={r['seed']} steps={r['steps']:6d} "
+          f"{ms:.2f} ms/step compile {r['compile_s']:.1f}s final "
+          f"{r['final_metric']} to-target {r['wall_to_target']} ({r['steps_to_target']} steps)")
+  if r.get("clipped_frac_first1000") is not None:
+    line += f" clipped {r['clipped_frac_first1000']:.2f}/{r['mean_scale_first1000']:.2f}"
+  return line
+
+
 def interleave(gens: list, turn_s: float = 0.25) -> list:
   """Runs generators round robin, about ``turn_s`` seconds each per turn; returns their
   return values (each run's record) in order."""
-  import time
   records: list = [None] * len(gens)
   active = list(range(len(gens)))
   while active:

@@ -52,3 +52,22 @@ def test_tune_and_seed_without_extension_or_seeds():
 
   _, best = protocol.tune_and_seed("t", ["a"], 1, {"a": (1.0, 2.0)}, True, run_batch, 0)
   assert best == {"a": 2.0} and len(calls) == 1  # best final metric; no extension, no seeds
+
+
+def test_run_summary_and_format():
+  # Steps of 2 s then 1, 1, 3 s; evaluations at steps 2 and 4 (walls 3 and 7 s).
+  times = [2.0, 1.0, 1.0, 3.0]
+  evals = [{"step": 0, "wall": 0.0, "metric": 300.0}, {"step": 2, "wall": 3.0, "metric": None},
+           {"step": 3, "wall": 4.0, "metric": 250.0}, {"step": 4, "wall": 7.0, "metric": 230.0}]
+  s = protocol.run_summary(times, evals, lambda m: m <= 240.0, compile_s=5.0)
+  assert s["steps"] == 4 and s["wall_s"] == 7.0
+  assert s["median_step_ms"] == 1000.0  # the first step is left out: median of 1, 1, 3
+  assert abs(s["mean_step_ms"] - 5000.0 / 3) < 1e-9
+  assert (s["steps_to_target"], s["wall_to_target"]) == (4, 7.0)
+  assert s["wall_to_target_with_compile"] == 12.0
+  never = protocol.run_summary(times, evals, lambda m: m <= 100.0, compile_s=5.0)
+  assert never["steps_to_target"] is never["wall_to_target_with_compile"] is None
+  line = protocol.format_run({"optimizer": "sngd", "lr": 0.01, "seed": 2, "compile_s": 5.0,
+                              "final_metric": 230.0, **s})
+  assert "sngd lr=0.01" in line and "steps=     4" in line and "to-target 7.0 (4 steps)" in line
+  assert "clipped" not in line
