@@ -1,16 +1,19 @@
-"""kfac-jax on the evaluation set's autoencoder, under the protocol, in kfac-jax's own venv.
+"""kfac-jax on the evaluation set's autoencoder and CNN, under the protocol, in its own venv.
 
     bash benchmarks/setup_kfac.sh                      # once: /opt/kfac-venv (needs PyPI)
     python3 -m benchmarks.kfac_eval                    # ~25 min; results/eval/autoencoder_kfac.json
+    python3 -m benchmarks.kfac_eval --task cnn         # ~15 min; results/eval/cnn_kfac.json
     python3 -m benchmarks.evaluate --report --pattern '*_kfac.json'
 
 kfac-jax 0.0.8 (the newest on PyPI) needs JAX <= 0.6, and the evaluation models are Flax
-modules for JAX >= 0.10, so kfac-jax cannot run in the benchmarks' process. Of the five
-evaluation tasks only the autoencoder is a plain MLP, which this script writes out again in
-plain JAX. The parent process (this module, in the project's environment) builds the task
-exactly as :func:`benchmarks.eval_tasks.autoencoder` does and saves its arrays and each seed's
-Flax initialization to a temporary directory; a worker (this file run by the venv's Python
-with ``--worker``) trains on them with the same minibatch order
+modules for JAX >= 0.10, so kfac-jax cannot run in the benchmarks' process. Two of the five
+evaluation models are written out again here in plain JAX (:data:`MODELS`): the autoencoder
+(dense layers) and the CNN (convolutions, max pooling, dense layers), each checked against
+its Flax module in ``benchmarks/test_kfac_eval.py``; the ResNet (BatchNorm), the LSTM and
+the transformer are not ported. The parent process (this module, in the project's
+environment) builds the task exactly as :mod:`benchmarks.eval_tasks` does and saves its
+arrays and each seed's Flax initialization to a temporary directory; a worker (this file
+run by the venv's Python with ``--worker``) trains on them with the same minibatch order
 (:func:`benchmarks.protocol.batches`), the same test subset and evaluation schedule and the
 same phases (:func:`benchmarks.protocol.tune_and_seed`: a 5-point lr grid with seed 0,
 extended once at an edge, then seeds 1 and 2 at the best lr), and writes the records in
@@ -19,8 +22,11 @@ extended once at an edge, then seeds 1 and 2 at the best lr), and writes the rec
 Optimizers (all runs interleaved in the worker, about 0.25 s of steps per turn):
 
 * ``kfac``: ``kfac_jax.Optimizer`` at its defaults where it has them (curvature every step,
-  EMA 0.95, inverses every 5 steps, automatic layer registration), momentum 0.9, fixed
-  damping (``--damping``, default 1), the learning rate from the grid. kfac-jax has no
+  EMA 0.95, inverses every 5 steps, automatic layer registration: on the CNN its graph
+  matcher finds both convolutions and both dense layers, each a two-factor Kronecker block,
+  ``Conv2DTwoKroneckerFactored`` / ``DenseTwoKroneckerFactored``), momentum 0.9, fixed
+  damping (``--damping``; default: 1 for the autoencoder, 1e-2 for the CNN), the learning
+  rate from the grid. kfac-jax has no
   default for lr, momentum or damping; its adaptive mode (lr, momentum and damping from its
   quadratic model) is for full-batch training, which its own examples' README says (it
   diverged at batch 128 in our archived runs), so the fixed-step mode is used, as for the
@@ -28,11 +34,13 @@ Optimizers (all runs interleaved in the worker, about 0.25 s of steps per turn):
   lr of the grid and its extension (``results/eval/autoencoder_kfac_damping0.01.log``): this
   loss is summed over 784 pixels, so its curvature is ~784x that of a mean loss. A 30-step
   check at lr 1e-3 (damping 1e-2 diverged, 1 trained, 100 barely moved) chose 1; kfac-jax's
-  own autoencoder example starts its adaptive damping at 150.
+  own autoencoder example starts its adaptive damping at 150. The CNN's loss is a mean
+  cross-entropy like the tuning-set MLPs', and gets their 1e-2 without a check on it.
 * ``kfac-amortized``: the same with SNGD's amortization: curvature every 5 steps, inverses
   every 100.
-* ``adam``: ``optax.adam`` at one learning rate (``--adam-lr``, its best in the evaluation
-  runs), 3 seeds, the in-process reference of the "x Adam" ratios.
+* ``adam``: ``optax.adam`` at one learning rate (``--adam-lr``; default its best in the
+  evaluation runs: 1e-3 on the autoencoder, 3.16e-3 on the CNN), 3 seeds, the in-process
+  reference of the "x Adam" ratios.
 
 Compile time is the first call of each compiled step (on copies of the state): kfac-jax
 compiles one program per value of its Python flag "update the curvature this step", so the
@@ -76,25 +84,68 @@ def export_params(params) -> dict:
   return {f"{k}/{n}": np.asarray(v) for k, layer in params.items() for n, v in layer.items()}
 
 
-def load_params(path: str) -> list:
-  """The arrays of :func:`export_params` (an ``.npz``) as a list of layers, in Flax's order."""
+def load_params(path: str) -> dict:
+  """The arrays of :func:`export_params` (an ``.npz``) as Flax's nested dict of layers."""
   import jax.numpy as jnp
   p = np.load(path)
-  n = len({k.split("/")[0] for k in p.files})
-  return [{"kernel": jnp.asarray(p[f"Dense_{i}/kernel"]),
-           "bias": jnp.asarray(p[f"Dense_{i}/bias"])} for i in range(n)]
+  out: dict = {}
+  for k in p.files:
+    layer, name = k.split("/")
+    out.setdefault(layer, {})[name] = jnp.asarray(p[k])
+  return out
 
 
-def mlp_apply(params: list, x):
+def mlp_apply(params: dict, x):
   """:class:`benchmarks.models.Autoencoder`'s forward pass: dense layers, ReLU after every
   layer but the code and the output (:data:`LINEAR`)."""
   import jax
   import jax.numpy as jnp
-  for i, layer in enumerate(params):
+  for i in range(len(params)):
+    layer = params[f"Dense_{i}"]
     x = jnp.dot(x, layer["kernel"]) + layer["bias"]
     if i not in LINEAR:
       x = jax.nn.relu(x)
   return x
+
+
+def cnn_apply(params: dict, x, image_shape=(28, 28, 1)):
+  """:class:`benchmarks.models.SmallCNN`'s forward pass: per conv layer a 3x3 "SAME"
+  convolution (NHWC, Flax's HWIO kernel) with bias, ReLU and 2x2 max pooling; then a dense
+  layer with ReLU and the dense output layer."""
+  import jax
+  import jax.numpy as jnp
+  x = x.reshape((x.shape[0],) + tuple(image_shape))
+  n_conv = sum(1 for k in params if k.startswith("Conv_"))
+  for i in range(n_conv):
+    layer = params[f"Conv_{i}"]
+    x = jax.lax.conv_general_dilated(x, layer["kernel"], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x = jax.nn.relu(x + layer["bias"])
+    x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+  x = x.reshape(x.shape[0], -1)
+  x = jax.nn.relu(jnp.dot(x, params["Dense_0"]["kernel"]) + params["Dense_0"]["bias"])
+  return jnp.dot(x, params["Dense_1"]["kernel"]) + params["Dense_1"]["bias"]
+
+
+MODELS = {"autoencoder": mlp_apply, "cnn": cnn_apply}
+"""The evaluation tasks ported to plain JAX: task name -> forward pass."""
+DAMPING = {"autoencoder": 1.0, "cnn": 1e-2}
+"""kfac-jax's fixed damping per task (the module docstring says why)."""
+ADAM_LR = {"autoencoder": 1e-3, "cnn": 3.16e-3}
+"""Adam's best learning rate in the evaluation runs of ``evaluate.py`` (the reference)."""
+BUDGET_S = {"autoencoder": 60.0, "cnn": 30.0}
+"""Seconds of steps per run, as in the evaluation runs of ``evaluate.py``."""
+
+
+def losses(task: str):
+  """``(per-example loss, kfac-jax's loss registration)`` of a task's outputs and targets."""
+  import kfac_jax
+  import optax
+  if task == "autoencoder":  # sigmoid cross-entropy summed over pixels
+    return (lambda out, y: optax.sigmoid_binary_cross_entropy(out, y).sum(-1),
+            kfac_jax.register_sigmoid_cross_entropy_loss)
+  return (optax.softmax_cross_entropy_with_integer_labels,
+          kfac_jax.register_softmax_cross_entropy_loss)
 
 
 # --------------------------------------------------------------------------------------
@@ -117,21 +168,28 @@ def worker(cfg: dict) -> list:
   def init(seed):
     return load_params(os.path.join(cfg["dir"], f"params_{seed}.npz"))
 
+  task = cfg["task"]
+  apply = MODELS[task]
+  example_loss, register_loss = losses(task)
+  accuracy = task != "autoencoder"
+
   def loss_fn(params, batch, register=False):
     x, y = batch
-    logits = mlp_apply(params, x)
+    logits = apply(params, x)
     if register:
-      kfac_jax.register_sigmoid_cross_entropy_loss(logits, y)
-    return optax.sigmoid_binary_cross_entropy(logits, y).sum(-1).mean()
+      register_loss(logits, y)
+    return example_loss(logits, y).mean()
 
   @jax.jit
   def eval_sum(params, x, y):
-    return optax.sigmoid_binary_cross_entropy(mlp_apply(params, x), y).sum()
+    out = apply(params, x)
+    return (jnp.sum(jnp.argmax(out, -1) == y) if accuracy else example_loss(out, y).sum())
 
-  def evaluate(params, n=None, chunk=500):
+  def evaluate(params, n=None, chunk=500):  # as evaluate.make_eval: whole chunks of the subset
     n = len(x_test) if n is None else min(n, len(x_test))
+    n = (n // chunk) * chunk or n
     return sum(float(eval_sum(params, x_test[i:i + chunk], y_test[i:i + chunk]))
-               for i in range(0, n, chunk)) / n
+               for i in range(0, n, min(chunk, n))) / n
 
   def make_kfac(amortized: bool):
     return kfac_jax.Optimizer(
@@ -157,6 +215,9 @@ def worker(cfg: dict) -> list:
   compiled: dict = {}
   copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)
   nbytes = lambda t: int(sum(np.asarray(a).nbytes for a in jax.tree_util.tree_leaves(t)))
+
+  def reached(m):
+    return bool(np.isfinite(m)) and (m >= cfg["target"] if accuracy else m <= cfg["target"])
 
   def run(opt, lr, seed):
     params = init(seed)
@@ -217,11 +278,11 @@ def worker(cfg: dict) -> list:
       yield
     final = evaluate(params) if not diverged else None
     return {
-        "task": "autoencoder", "optimizer": opt, "lr": lr, "seed": seed,
+        "task": task, "optimizer": opt, "lr": lr, "seed": seed,
         "compile_s": compile_s, "exec_bytes": None, "state_bytes": state_bytes,
-        **protocol.run_summary(times, evals, lambda m: np.isfinite(m) and m <= cfg["target"],
-                               compile_s),
-        "diverged": diverged, "final_metric": final, "metric": "loss",
+        **protocol.run_summary(times, evals, reached, compile_s),
+        "diverged": diverged, "final_metric": final,
+        "metric": "accuracy" if accuracy else "loss",
         "target": cfg["target"], "evals": evals,
         "clipped_frac_first1000": None, "mean_scale_first1000": None,
         "clipped_frac": None, "mean_scale": None,
@@ -236,7 +297,7 @@ def worker(cfg: dict) -> list:
 
   grids = {"kfac": KFAC_GRID, "kfac-amortized": KFAC_GRID, "adam": (cfg["adam_lr"],)}
   records, best = protocol.tune_and_seed(
-      "autoencoder", list(grids), cfg["seeds"], grids, False, run_batch, cfg["max_extend"])
+      task, list(grids), cfg["seeds"], grids, accuracy, run_batch, cfg["max_extend"])
   return [records, best, grids]
 
 
@@ -244,12 +305,12 @@ def worker(cfg: dict) -> list:
 # The parent: the project's environment
 # --------------------------------------------------------------------------------------
 
-def _prepare(directory: str, seeds: int) -> object:
-  """Saves the autoencoder task's arrays and each seed's Flax initialization."""
+def _prepare(name: str, directory: str, seeds: int, budget_s: float) -> object:
+  """Saves a task's arrays and each seed's Flax initialization."""
   import jax
 
   from benchmarks import eval_tasks
-  task = eval_tasks.autoencoder(60.0)
+  task = eval_tasks.EVAL_TASKS[name](budget_s)
   np.savez(os.path.join(directory, "data.npz"), x_train=task.x_train, y_train=task.y_train,
            x_test=task.x_test, y_test=task.y_test)
   for seed in range(seeds):
@@ -261,13 +322,18 @@ def _prepare(directory: str, seeds: int) -> object:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-  p.add_argument("--damping", type=float, default=1.0)
-  p.add_argument("--adam-lr", type=float, default=1e-3)
+  p.add_argument("--task", default="autoencoder", choices=sorted(MODELS))
+  p.add_argument("--damping", type=float, default=None, help="default: DAMPING[task]")
+  p.add_argument("--adam-lr", type=float, default=None, help="default: ADAM_LR[task]")
   p.add_argument("--seeds", type=int, default=3)
   p.add_argument("--max-extend", type=int, default=1)
-  p.add_argument("--budget-s", type=float, default=60.0)
+  p.add_argument("--budget-s", type=float, default=None,
+                 help="default: BUDGET_S[task], as in the evaluation runs")
   p.add_argument("--tag", default="_kfac")
   args = p.parse_args(argv)
+  args.damping = DAMPING[args.task] if args.damping is None else args.damping
+  args.adam_lr = ADAM_LR[args.task] if args.adam_lr is None else args.adam_lr
+  args.budget_s = BUDGET_S[args.task] if args.budget_s is None else args.budget_s
   if args.worker:
     with open(args.worker) as f:
       cfg = json.load(f)
@@ -282,9 +348,10 @@ def main(argv=None) -> int:
   machine = harness.machine_info()
   t0 = time.time()
   with tempfile.TemporaryDirectory() as d:
-    task = _prepare(d, args.seeds)
-    cfg = {"dir": d, "out": os.path.join(d, "out.json"), "damping": args.damping,
-           "adam_lr": args.adam_lr, "seeds": args.seeds, "max_extend": args.max_extend,
+    task = _prepare(args.task, d, args.seeds, args.budget_s)
+    cfg = {"task": args.task, "dir": d, "out": os.path.join(d, "out.json"),
+           "damping": args.damping, "adam_lr": args.adam_lr, "seeds": args.seeds,
+           "max_extend": args.max_extend,
            "budget_s": args.budget_s, "batch_size": task.batch_size,
            "eval_every": task.eval_every, "eval_n": task.eval_n, "target": task.target}
     with open(os.path.join(d, "cfg.json"), "w") as f:
@@ -294,8 +361,7 @@ def main(argv=None) -> int:
                     os.path.join(d, "cfg.json")], check=True, env=env)
     with open(cfg["out"]) as f:
       records, best, grids = json.load(f)
-  task.budget_s = args.budget_s
-  out = os.path.join(HERE, "results", "eval", f"autoencoder{args.tag}.json")
+  out = os.path.join(HERE, "results", "eval", f"{args.task}{args.tag}.json")
   with open(out, "w") as f:
     json.dump({"machine": machine, "load_at_end": os.getloadavg(),
                "elapsed_s": time.time() - t0,
