@@ -40,6 +40,7 @@ import io
 import json
 import math
 import os
+import resource
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -299,16 +300,18 @@ def run_steps(task: eval_tasks.EvalTask, opt: str, lr: float, seed: int,
   if mem is not None:
     exec_bytes = int(mem.argument_size_in_bytes + mem.output_size_in_bytes
                      - mem.alias_size_in_bytes + mem.temp_size_in_bytes - data_bytes)
-  times, losses, scales, evals = [], [], [], [{"step": 0, "wall": 0.0,
-                                              "metric": evaluate(params, extra, task.eval_n)}]
+  evals = [{"step": 0, "wall": 0.0, "metric": evaluate(params, extra, task.eval_n)}]
+  times, losses, scales, faults = [], [], [], []
   wall, diverged, t = 0.0, False, 0
   while True:
     t += 1
+    f_start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t_start = time.perf_counter()
     params, extra, s_pre, s_post, loss, scale = compiled(params, extra, s_pre, s_post, xs, ys,
                                                          idx)
     loss = float(loss)
     dt = time.perf_counter() - t_start
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f_start)
     scale = float(scale)
     wall += dt
     times.append(dt)
@@ -334,6 +337,9 @@ def run_steps(task: eval_tasks.EvalTask, opt: str, lr: float, seed: int,
       **protocol.run_summary(times, evals, task.reached, compile_s),
       "diverged": diverged, "final_metric": final, "metric": task.metric,
       "target": task.target, "evals": evals,
+      # Minor page faults of a step (the whole process's, during the step): XLA:CPU
+      # allocates the step's temporaries on every run (docs/performance.md).
+      "minor_faults_median": float(np.median(faults[1:])) if len(faults) > 1 else None,
       "clipped_frac_first1000": float(np.mean(early < 1.0 - 1e-6)) if pre else None,
       "mean_scale_first1000": float(np.mean(early)) if pre else None,
       "clipped_frac": float(np.mean(scales_arr < 1.0 - 1e-6)) if pre else None,

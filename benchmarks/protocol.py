@@ -112,6 +112,8 @@ def format_run(r: dict) -> str:
           f"{r['final_metric']} to-target {r['wall_to_target']} ({r['steps_to_target']} steps)")
   if r.get("clipped_frac_first1000") is not None:
     line += f" clipped {r['clipped_frac_first1000']:.2f}/{r['mean_scale_first1000']:.2f}"
+  if r.get("minor_faults_median") is not None:
+    line += f" faults/step {r['minor_faults_median']:.0f}"
   return line
 
 
