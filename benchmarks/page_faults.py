@@ -11,7 +11,10 @@ faults (``getrusage``) of each run after the first:
 - ``glibc``: glibc's defaults;
 - ``glibc-keep``: ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2000000000``;
 - ``jemalloc``, ``tcmalloc``: ``LD_PRELOAD`` of Debian's ``libjemalloc2`` /
-  ``libtcmalloc-minimal4`` (skipped when not installed).
+  ``libtcmalloc-minimal4`` (skipped when not installed);
+- ``glibc-heaps``: glibc's defaults, the step compiled with XLA's
+  ``xla_multiheap_size_constraint_per_heap`` at 16 MiB (``compiler_options``: the
+  temporaries split into heaps of at most that size, each below the mmap threshold).
 
 Writes ``benchmarks/results/page_faults.json``.
 """
@@ -26,7 +29,7 @@ import sys
 import textwrap
 
 CHILD = textwrap.dedent("""
-    import json, resource, sys
+    import json, os, resource, sys
     import jax, jax.numpy as jnp
 
     @jax.jit
@@ -35,7 +38,9 @@ CHILD = textwrap.dedent("""
       return (jnp.tanh(a @ b) @ a + b).sum()
 
     x = jnp.ones((2048, 2048))
-    c = step.lower(x).compile()
+    heap = os.environ.get("PF_HEAP_BYTES")
+    opts = {"xla_multiheap_size_constraint_per_heap": int(heap)} if heap else {}
+    c = step.lower(x).compile(compiler_options=opts)
     c(x).block_until_ready()
     faults = []
     for _ in range(int(sys.argv[1])):
@@ -52,6 +57,7 @@ CONFIGS = {
                    "MALLOC_TRIM_THRESHOLD_": "2000000000"},
     "jemalloc": {"LD_PRELOAD": f"{LIBS}/libjemalloc.so.2"},
     "tcmalloc": {"LD_PRELOAD": f"{LIBS}/libtcmalloc_minimal.so.4"},
+    "glibc-heaps": {"PF_HEAP_BYTES": str(16 * 2**20)},
 }
 
 
@@ -59,12 +65,14 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--processes", type=int, default=2)
   p.add_argument("--runs", type=int, default=40)
+  p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset")
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                "page_faults.json"))
   args = p.parse_args(argv)
   from benchmarks import harness
   out = {"machine": harness.machine_info(), "command": " ".join(sys.argv), "configs": {}}
-  for name, extra in CONFIGS.items():
+  for name in args.configs.split(","):
+    extra = CONFIGS[name]
     lib = extra.get("LD_PRELOAD")
     if lib and not os.path.exists(lib):
       print(f"{name}: {lib} not installed, skipped")
