@@ -493,7 +493,7 @@ def _f(x, spec=".2f"):
 
 
 TAGGED = ("_tune", "_long", "_long2", "_long3", "_ablation", "_early", "_peers", "_psgd", "_all",
-          "_rank", "_kfac", "_rerun")
+          "_rank", "_kfac", "_rerun", "_rerun2")
 """File-name tags of runs outside the protocol's evaluation tables (``--tag``)."""
 
 

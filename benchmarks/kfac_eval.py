@@ -2,7 +2,7 @@
 
     bash benchmarks/setup_kfac.sh                      # once: /opt/kfac-venv (needs PyPI)
     python3 -m benchmarks.kfac_eval                    # ~25 min; results/eval/autoencoder_kfac.json
-    python3 -m benchmarks.kfac_eval --task cnn         # ~15 min; results/eval/cnn_kfac.json
+    python3 -m benchmarks.kfac_eval --task cnn         # ~10 min; results/eval/cnn_kfac.json
     python3 -m benchmarks.evaluate --report --pattern '*_kfac.json'
 
 kfac-jax 0.0.8 (the newest on PyPI) needs JAX <= 0.6, and the evaluation models are Flax
