@@ -23,8 +23,10 @@ seed. The learning rate is a state entry (``optax.inject_hyperparams``), so each
 time. A record holds: compile time (``jit(step).lower(...).compile()``),
 per-step times, the test-subset metric every ``eval_every`` steps, the final
 metric on the whole test set, the XLA executable's memory (arguments without
-the training data, outputs, temporaries), and for SNGD the trust-region scale
-of every step (:func:`sngd_jax.trust_region_scale`, from the update itself).
+the training data, outputs, temporaries), the median minor page faults of a
+step, and for SNGD the trust-region scale of every :data:`DIAG_EVERY`-th step
+(:func:`sngd_jax.trust_region_scale`, from the update itself; see
+:func:`make_step` for why not every step).
 
 Writes ``benchmarks/results/eval/<task>.json``; ``--report`` writes
 ``benchmarks/results/eval/summary.md``.
