@@ -1,0 +1,51 @@
+"""evaluate.py's timed runs: the trust-region diagnostic is sampled and does not change the
+training, and each record holds what the protocol says."""
+
+import numpy as np
+
+from benchmarks import eval_tasks, evaluate
+
+
+def _run(task, opt, lr, steps):
+  gen = evaluate.run_steps(task, opt, lr, seed=0, max_steps=steps)
+  try:
+    while True:
+      next(gen)
+  except StopIteration as stop:
+    return stop.value
+
+
+def test_diagnostic_is_sampled_and_leaves_training_unchanged():
+  task = eval_tasks.mlp("mlp-20-20-20", "pixel")
+  task.eval_every = 1000
+  rec = _run(task, "sngd", 0.03, 25)
+  assert rec["scale_every"] == evaluate.DIAG_EVERY == 10
+  assert rec["steps"] == 25 and rec["minor_faults_median"] is not None
+  assert 0.0 < rec["mean_scale"] <= 1.0 and 0.0 <= rec["clipped_frac"] <= 1.0
+  # Steps 1, 11 and 21 ran the diagnostic step, the others the plain one; the trajectory is
+  # the one of a run whose every step is the plain step (an independent loop below).
+  import jax
+  import jax.numpy as jnp
+  import optax
+  pre, post = evaluate.OPTIMIZERS["sngd"](0.03)
+  post = optax.with_extra_args_support(post)
+  xs, ys = jnp.asarray(task.x_train), jnp.asarray(task.y_train)
+  params = task.model.init(jax.random.PRNGKey(0), xs[:2])["params"]
+  s_pre, s_post = pre.init(params), post.init(params)
+  step = evaluate.make_step(task, pre, post)
+  sampler = evaluate.batches(len(task.x_train), task.batch_size, evaluate.batch_seed(0))
+  losses, scales = [], []
+  diag = evaluate.make_step(task, pre, post, diagnose=True)
+  for t in range(1, 26):
+    idx = next(sampler)
+    if t in (1, 11, 21):  # the diagnostic's scale from a copy of the state, then the real step
+      copy = jax.tree.map(jnp.copy, (params, s_pre, s_post))
+      scales.append(float(diag(copy[0], {}, copy[1], copy[2], xs, ys, idx)[5]))
+    params, _, s_pre, s_post, loss, one = step(params, {}, s_pre, s_post, xs, ys, idx)
+    assert float(one) == 1.0
+    losses.append(float(loss))
+  # (Two compiled programs share the training part; XLA may fuse it differently in each, so
+  # to float32 rounding rather than bit for bit.)
+  np.testing.assert_allclose(np.asarray(rec["loss_curve"]), np.asarray(losses), rtol=1e-5)
+  assert min(scales) < 1.0  # the early steps are clipped: the sampled scales are informative
+  np.testing.assert_allclose(rec["mean_scale"], np.mean(scales), rtol=1e-5)
