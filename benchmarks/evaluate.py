@@ -214,7 +214,7 @@ def make_step(task, pre, post, diagnose: bool = False):
   region applied (``sngd_jax.trust_region_scale``); otherwise it returns 1. The diagnostic
   needs the gradients until the whole preconditioned update exists, so they stay live
   across the preconditioning: one more gradient-sized block of temporaries (on the
-  autoencoder 23.9 -> 32.5 MiB, over glibc's 32 MiB mmap threshold, so ~8,500 page faults
+  autoencoder 23.9 -> 32.5 MiB, over glibc's 32 MiB mmap threshold, so ~8,300 page faults
   a step). :func:`run_steps` therefore runs it on every :data:`DIAG_EVERY`-th step only.
   """
   loss_fn = _loss_fn(task)
@@ -396,6 +396,7 @@ def probe(task, opts, steps=60):
 
 
 def main(argv=None) -> int:
+  global DIAG_EVERY
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--tasks", default="cnn,resnet-bn,autoencoder,char-lstm,transformer")
   p.add_argument("--optimizers", default="sngd,adam")
@@ -405,12 +406,16 @@ def main(argv=None) -> int:
   p.add_argument("--max-extend", type=int, default=1)
   p.add_argument("--lrs", default=None, help="override grids: name=lr:lr,...")
   p.add_argument("--probe", action="store_true", help="60 steps per optimizer, no tuning")
+  p.add_argument("--diag-every", type=int, default=DIAG_EVERY,
+                 help="run SNGD's trust-region diagnostic every N steps (1: every step, as "
+                      "before 5cecb4a)")
   p.add_argument("--tag", default="", help="suffix of the JSON file names")
   p.add_argument("--report", action="store_true")
   p.add_argument("--pattern", default="*.json", help="which results/eval files --report reads")
   p.add_argument("--readme", action="store_true",
                  help="with --report: also write the tables into benchmarks/README.md")
   args = p.parse_args(argv)
+  DIAG_EVERY = args.diag_every
   if args.report:
     text = report(args.pattern)
     print(text)
@@ -495,7 +500,7 @@ def _f(x, spec=".2f"):
 
 
 TAGGED = ("_tune", "_long", "_long2", "_long3", "_ablation", "_early", "_peers", "_psgd", "_all",
-          "_rank", "_kfac", "_rerun", "_rerun2")
+          "_rank", "_kfac", "_rerun", "_rerun2", "_diag1", "_diag10")
 """File-name tags of runs outside the protocol's evaluation tables (``--tag``)."""
 
 
