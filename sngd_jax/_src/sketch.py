@@ -76,7 +76,7 @@ def row_sums(x: jax.Array, omega: jax.Array, out_sharding=None) -> tuple[jax.Arr
 def of_dense(g: jax.Array, omega: jax.Array) -> Sketch:
   """``(G Omega, tr G)`` of a dense ``(..., d, d)`` factor (the reference, and priors)."""
   return Sketch(jnp.matmul(g, omega.astype(g.dtype), precision=_HIGHEST),
-                jnp.trace(g, axis1=-2, axis2=-1))
+                block_trace(g))
 
 
 def identity(omega: jax.Array, dtype) -> Sketch:
@@ -89,11 +89,19 @@ def zeros(d: int, rank: int, dtype) -> Sketch:
   return Sketch(jnp.zeros((d, rank), dtype), jnp.zeros((), dtype))
 
 
+def block_trace(g: jax.Array) -> jax.Array:
+  """``tr(G)`` of each block of a dense ``(..., d, d)`` stack, shape ``g.shape[:-2]``.
+
+  The diagonal as a strided slice of the flattened blocks: one reduction kernel
+  (``jnp.trace`` masks the whole ``d x d`` matrix first: two), and one
+  expression wherever a trace is taken, so XLA computes a block's trace once.
+  """
+  d = g.shape[-1]
+  return jnp.sum(g.reshape(g.shape[:-2] + (d * d,))[..., ::d + 1], axis=-1)
+
+
 def trace(factor: Any) -> jax.Array:
   """``tr(G)`` summed over blocks, for a dense ``(..., d, d)`` factor or a ``Sketch``."""
   if is_sketch(factor):
     return jnp.sum(factor.trace)
-  d = factor.shape[-1]
-  # The diagonal as a strided slice of the flattened blocks: one reduction kernel (jnp.trace
-  # masks the whole d x d matrix first: two).
-  return jnp.sum(factor.reshape(factor.shape[:-2] + (d * d,))[..., ::d + 1])
+  return jnp.sum(block_trace(factor))

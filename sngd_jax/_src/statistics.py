@@ -519,7 +519,7 @@ def prior_of(prior: str, estimate, omega: Optional[jax.Array] = None):
   if prior == "identity":
     return jnp.broadcast_to(eye, estimate.shape)
   if prior == "scaled_identity":
-    scale = jnp.trace(estimate, axis1=-2, axis2=-1) / d
+    scale = sketch_lib.block_trace(estimate) / d
     return scale[..., None, None] * eye
   if prior == "none":
     return jnp.zeros_like(estimate)
@@ -610,16 +610,18 @@ def restart_if_out_of_range(factor, weight: jax.Array):
   factor built by ``ema_update`` from accepted estimates is always in
   range; one that is not (restored from a state written otherwise) would fail
   every refresh forever, since the moving average keeps an Inf or NaN. The
-  replacement is a ``lax.cond``, not an elementwise select, so that the
-  moving average of a factor in range is computed exactly as without it.
+  replacement is an elementwise select, which XLA fuses into the moving
+  average's own pass over the factor: a factor in range is used bit for bit,
+  and the step gains no ``lax.cond`` per layer (a conditional, with the copies
+  of its operands, added ~5 kernels per layer to the compiled step:
+  ``benchmarks/README.md``, *Compile time*).
 
   Returns:
     ``(factor, weight, restarted)``, ``restarted`` a bool scalar.
   """
   ok = in_range(factor) & jnp.isfinite(weight) & (weight >= 0)
-  empty = lambda fw: jax.tree.map(jnp.zeros_like, fw)
-  factor, weight = jax.lax.cond(ok, lambda fw: fw, empty, (factor, weight))
-  return factor, weight, ~ok
+  factor = jax.tree.map(lambda f: jnp.where(ok, f, jnp.zeros_like(f)), factor)
+  return factor, jnp.where(ok, weight, jnp.zeros_like(weight)), ~ok
 
 
 def limit_outlier(estimate: jax.Array, factor: jax.Array, weight: jax.Array,

@@ -111,7 +111,7 @@ def damping_shift(g, damping, abs_damping) -> jax.Array:
   if sketch_lib.is_sketch(g):
     trace, dtype = g.trace, g.trace.dtype
   else:
-    trace, dtype = jnp.trace(g, axis1=-2, axis2=-1), g.dtype
+    trace, dtype = sketch_lib.block_trace(g), g.dtype
   return jnp.asarray(damping * trace + abs_damping).astype(dtype)
 
 
