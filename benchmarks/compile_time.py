@@ -102,14 +102,10 @@ def compile_seconds(task, pre, post, kernels: Optional[dict] = None) -> float:
 
   ``kernels``, a dict, receives ``kernel_counts`` of the compiled program.
   """
-  step = evaluate.make_step(task, pre, optax.with_extra_args_support(post))
+  post = optax.with_extra_args_support(post)
+  step = evaluate.make_step(task, pre, post)
   xs, ys = jnp.asarray(task.x_train[:256]), jnp.asarray(task.y_train[:256])
-  kw = {"train": True} if task.train_arg else {}
-  variables = task.model.init(jax.random.PRNGKey(0), xs[:2], **kw)
-  params = variables["params"]
-  extra = {"batch_stats": variables["batch_stats"]} if task.batch_stats else {}
-  s_pre = pre.init(params) if pre is not None else None
-  s_post = post.init(params)
+  params, extra, s_pre, s_post = evaluate.init_run(task, pre, post, 0, xs)
   idx = jnp.arange(task.batch_size, dtype=jnp.int32) % xs.shape[0]
   t0 = time.perf_counter()
   compiled = step.lower(params, extra, s_pre, s_post, xs, ys, idx).compile()

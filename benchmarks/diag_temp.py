@@ -24,7 +24,6 @@ def main(argv=None) -> int:
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                "diag_temp.json"))
   args = p.parse_args(argv)
-  import jax
   import jax.numpy as jnp
   import optax
 
@@ -34,14 +33,9 @@ def main(argv=None) -> int:
   for name in args.tasks.split(","):
     task = eval_tasks.EVAL_TASKS[name](30.0)
     xs, ys = jnp.asarray(task.x_train), jnp.asarray(task.y_train)
-    kw = {"train": True} if task.train_arg else {}
-    v = task.model.init(jax.random.PRNGKey(0), xs[:2], **kw)
-    params = v["params"]
-    extra = {"batch_stats": v["batch_stats"]} if task.batch_stats else {}
     pre, post = evaluate.OPTIMIZERS["sngd"](0.01)
     post = optax.with_extra_args_support(post)
-    args_ = (params, extra, pre.init(params), post.init(params), xs, ys,
-             jnp.arange(task.batch_size))
+    args_ = (*evaluate.init_run(task, pre, post, 0, xs), xs, ys, jnp.arange(task.batch_size))
     row = {}
     for diagnose in (False, True):
       c = evaluate.make_step(task, pre, post, diagnose=diagnose).lower(*args_).compile()

@@ -284,19 +284,39 @@ def _device_data(task):
   return _DATA[key]
 
 
+def init_run(task: eval_tasks.EvalTask, pre, post, seed: int = 0, xs=None):
+  """The first four arguments of ``make_step(task, pre, post)``'s step for one run.
+
+  Args:
+    task: the task (its model, and whether it has BatchNorm statistics or a ``train`` flag).
+    pre: the preconditioner (``sngd_jax.sngd(...)``) or None.
+    post: the base optimizer, already ``optax.with_extra_args_support``.
+    seed: the model's initialization seed.
+    xs: the inputs to initialize on (default: the task's training inputs).
+
+  Returns:
+    ``(params, extra, s_pre, s_post)``: ``extra`` holds the BatchNorm statistics of a task
+    with them (else empty), ``s_pre`` is None without a preconditioner. The optimizer
+    states are copied into buffers of their own (the step donates its first four
+    arguments, so no leaf may be a buffer that something else still holds).
+  """
+  xs = jnp.asarray(task.x_train[:2] if xs is None else xs[:2])
+  kw = {"train": True} if task.train_arg else {}
+  variables = task.model.init(jax.random.PRNGKey(seed), xs, **kw)
+  params = variables["params"]
+  extra = {"batch_stats": variables["batch_stats"]} if task.batch_stats else {}
+  fresh = lambda t: jax.tree.map(lambda a: jnp.array(a, copy=True), t)
+  s_pre = fresh(pre.init(params)) if pre is not None else None
+  return params, extra, s_pre, fresh(post.init(params))
+
+
 def run_steps(task: eval_tasks.EvalTask, opt: str, lr: float, seed: int,
               budget_s: Optional[float] = None, max_steps: Optional[int] = None):
   """A generator: one training run, yielding after every step; returns the record."""
   pre, post = OPTIMIZERS[opt](lr)
   post = optax.with_extra_args_support(post)
   xs, ys = _device_data(task)
-  kw = {"train": True} if task.train_arg else {}
-  variables = task.model.init(jax.random.PRNGKey(seed), xs[:2], **kw)
-  params = variables["params"]
-  extra = {"batch_stats": variables["batch_stats"]} if task.batch_stats else {}
-  fresh = lambda t: jax.tree.map(lambda a: jnp.array(a, copy=True), t)
-  s_pre = fresh(pre.init(params)) if pre is not None else None
-  s_post = fresh(post.init(params))
+  params, extra, s_pre, s_post = init_run(task, pre, post, seed, xs)
   state_bytes = harness.tree_bytes(s_post) + (harness.tree_bytes(s_pre) if pre else 0)
   evaluate = _EVALS.setdefault(task.name, make_eval(task))
   sampler = batches(len(task.x_train), task.batch_size, batch_seed(seed))

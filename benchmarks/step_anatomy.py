@@ -82,15 +82,10 @@ def main(argv=None) -> int:
       "stats-every-step": (sngd_jax.sngd(factor_every=1, inverse_every=never), sgdm(), "pass"),
       "sngd": (sngd_jax.sngd(), sgdm(), "pass"),
   }
-  kw = {"train": True} if task.train_arg else {}
   compiled, state, temp_mb = {}, {}, {}
   idx0 = jnp.arange(task.batch_size)
   for name, (pre, post, mode) in variants.items():
-    v = task.model.init(jax.random.PRNGKey(0), xs[:2], **kw)
-    params = v["params"]
-    extra = {"batch_stats": v["batch_stats"]} if task.batch_stats else {}
-    s_pre = pre.init(params) if pre is not None else None
-    s_post = post.init(params)
+    params, extra, s_pre, s_post = evaluate.init_run(task, pre, post, 0, xs)
     if mode == "plain":
       step = evaluate.make_step(task, None, post)
     else:

@@ -1,7 +1,11 @@
 """evaluate.py's timed runs: the trust-region diagnostic is sampled and does not change the
 training, and each record holds what the protocol says."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
 
 from benchmarks import eval_tasks, evaluate
 
@@ -24,9 +28,6 @@ def test_diagnostic_is_sampled_and_leaves_training_unchanged():
   assert 0.0 < rec["mean_scale"] <= 1.0 and 0.0 <= rec["clipped_frac"] <= 1.0
   # Steps 1, 11 and 21 ran the diagnostic step, the others the plain one; the trajectory is
   # the one of a run whose every step is the plain step (an independent loop below).
-  import jax
-  import jax.numpy as jnp
-  import optax
   pre, post = evaluate.OPTIMIZERS["sngd"](0.03)
   post = optax.with_extra_args_support(post)
   xs, ys = jnp.asarray(task.x_train), jnp.asarray(task.y_train)
@@ -49,3 +50,27 @@ def test_diagnostic_is_sampled_and_leaves_training_unchanged():
   np.testing.assert_allclose(np.asarray(rec["loss_curve"]), np.asarray(losses), rtol=1e-5)
   assert min(scales) < 1.0  # the early steps are clipped: the sampled scales are informative
   np.testing.assert_allclose(rec["mean_scale"], np.mean(scales), rtol=1e-5)
+
+
+@pytest.mark.parametrize("opt", ["sngd", "adam"])
+def test_init_run_matches_the_model_and_optimizers_own_init(opt):
+  """``init_run``, shared by evaluate, compile_time, diag_temp and step_anatomy: the
+  model's own variables (BatchNorm statistics included) and each optimizer's own ``init``,
+  in buffers of their own (the step donates them)."""
+  task = eval_tasks.resnet_bn(1.0)
+  pre, post = evaluate.OPTIMIZERS[opt](0.01)
+  post = optax.with_extra_args_support(post)
+  params, extra, s_pre, s_post = evaluate.init_run(task, pre, post, seed=3)
+  ref = task.model.init(jax.random.PRNGKey(3), jnp.asarray(task.x_train[:2]), train=True)
+  chex_equal = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)
+  chex_equal(params, ref["params"])
+  chex_equal(extra, {"batch_stats": ref["batch_stats"]})
+  assert jax.tree.leaves(extra)  # the ResNet has BatchNorm statistics
+  chex_equal(s_post, post.init(ref["params"]))
+  if pre is None:
+    assert s_pre is None
+  else:
+    chex_equal(s_pre, pre.init(ref["params"]))
+  states = [a for a in jax.tree.leaves((s_pre, s_post)) if isinstance(a, jax.Array)]
+  pointers = {a.unsafe_buffer_pointer() for a in states}
+  assert len(pointers) == len(states)  # no buffer shared between leaves
