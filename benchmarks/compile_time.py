@@ -2,6 +2,7 @@
 
     python3 -m benchmarks.compile_time                       # every model, 3 rounds
     python3 -m benchmarks.compile_time --models mlp --rounds 1 --parts
+    python3 -m benchmarks.compile_time --profile      # where XLA:CPU spends the compile time
 
 For each model the whole jitted training step (forward, backward, optimizer
 update, parameter update) is lowered and compiled with
@@ -10,7 +11,9 @@ update, parameter update) is lowered and compiled with
 interleaved rounds (so machine load hits them alike; the median of the rounds
 is reported) with JAX's compilation cache off. ``--parts`` adds SNGD variants
 with one stage replaced by a pass-through, which attributes the compile time to
-the stages (statistics, refresh, preconditioning).
+the stages (statistics, refresh, preconditioning). ``--profile`` compiles the
+steps of SGD momentum and SNGD under ``jax.profiler`` and splits XLA:CPU's
+compile into its phases (``compile_phases``; writes ``results/compile_profile.json``).
 
 Writes ``benchmarks/results/compile_time.json`` and prints a markdown table.
 """
@@ -132,6 +135,84 @@ def kernel_scaling(sizes=(10, 40, 160)) -> list[tuple[int, int, float]]:
   return out
 
 
+PHASES = {
+    "total": "PjRtCpuClient::Compile",
+    "hlo_passes": ("HLO passes through layout assignment", "HLO passes after layout assignment"),
+    "fusion_emitter": "FusionCompiler::Compile",
+    "llvm_codegen": "JitCompiler::Compile",
+}
+"""XLA:CPU's compile phases, by the names of its profiler events (jaxlib 0.10)."""
+
+
+def compile_phases(trace_dir: str) -> dict[str, float]:
+  """Milliseconds per compile phase (``PHASES``) in a ``jax.profiler`` trace of one compile.
+
+  ``fusion_emitter`` is the per-fusion MLIR pipeline (``fusions`` counts the fusions it
+  compiled, ``fusion_ms_min/median/max`` spread their times), ``llvm_codegen`` LLVM's
+  code generation for all kernels, ``hlo_passes`` the HLO optimization pipeline. The
+  phases may overlap (XLA compiles kernels on its thread pool), so they need not sum
+  to ``total``.
+  """
+  import glob
+  import gzip
+  path = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz")))
+  events = [e for e in json.load(gzip.open(path[-1]))["traceEvents"] if e.get("ph") == "X"]
+  out = {}
+  for phase, names in PHASES.items():
+    names = (names,) if isinstance(names, str) else names
+    hits = [e for e in events if any(e["name"].startswith(n) for n in names)]
+    out[phase] = sum(e["dur"] for e in hits) / 1e3
+    if phase == "fusion_emitter":
+      out["fusions"] = len(hits)
+      ms = sorted(e["dur"] / 1e3 for e in hits)
+      out["fusion_ms_min"], out["fusion_ms_median"], out["fusion_ms_max"] = (
+          (ms[0], ms[len(ms) // 2], ms[-1]) if ms else (0.0, 0.0, 0.0))
+  return out
+
+
+def profile_compile(task, pre, post) -> dict[str, float]:
+  """``compile_phases`` of one compile of the task's training step (lowered beforehand)."""
+  import tempfile
+  post = optax.with_extra_args_support(post)
+  xs, ys = jnp.asarray(task.x_train[:256]), jnp.asarray(task.y_train[:256])
+  params, extra, s_pre, s_post = evaluate.init_run(task, pre, post, 0, xs)
+  idx = jnp.arange(task.batch_size, dtype=jnp.int32) % xs.shape[0]
+  lowered = evaluate.make_step(task, pre, post).lower(params, extra, s_pre, s_post, xs, ys, idx)
+  with tempfile.TemporaryDirectory() as d:
+    jax.profiler.start_trace(d)
+    try:
+      lowered.compile()
+    finally:
+      jax.profiler.stop_trace()
+    return compile_phases(d)
+
+
+def _profile_main(models: list[str], out: str) -> int:
+  rows = []
+  for name in models:
+    task = _tasks()[name]()
+    row = {"model": name}
+    for v, pre in (("sgd(momentum)", None), ("sngd_momentum", sngd_jax.sngd())):
+      row[v] = profile_compile(task, pre, optax.sgd(0.01, momentum=0.9))
+    rows.append(row)
+    print(name, {v: {k: round(x) for k, x in row[v].items()} for v in row if v != "model"},
+          flush=True)
+  with open(out, "w") as f:
+    json.dump({"machine": harness.machine_info(), "command": " ".join(sys.argv),
+               "unit": "ms", "rows": rows}, f, indent=1)
+  print("\n| model | optimizer | compile ms | HLO passes ms | fusions | fusion emitter ms "
+        "(per fusion) | one fusion ms: min / median / max | LLVM codegen ms |")
+  print("|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    for v in ("sgd(momentum)", "sngd_momentum"):
+      p = r[v]
+      print(f"| {r['model']} | {v} | {p['total']:.0f} | {p['hlo_passes']:.0f} | {p['fusions']} | "
+            f"{p['fusion_emitter']:.0f} ({p['fusion_emitter'] / max(p['fusions'], 1):.1f}) | "
+            f"{p['fusion_ms_min']:.1f} / {p['fusion_ms_median']:.1f} / {p['fusion_ms_max']:.1f} | "
+            f"{p['llvm_codegen']:.0f} |")
+  return 0
+
+
 def _passthrough_parts():
   """SNGD variants with one stage replaced by a pass-through (for attribution only)."""
   from sngd_jax._src import precondition as pre_lib
@@ -160,10 +241,16 @@ def main(argv=None) -> int:
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--parts", action="store_true")
   p.add_argument("--out", default=os.path.join(HERE, "results", "compile_time.json"))
+  p.add_argument("--profile", action="store_true",
+                 help="only: XLA:CPU's compile phases for SGD momentum and SNGD (compile_phases)")
   p.add_argument("--scaling", action="store_true",
                  help="only: compile time against the number of kernels (kernel_scaling)")
   args = p.parse_args(argv)
   jax.config.update("jax_enable_compilation_cache", False)
+  if args.profile:
+    out = args.out if args.out != p.get_default("out") else os.path.join(
+        HERE, "results", "compile_profile.json")
+    return _profile_main(args.models.split(","), out)
   if args.scaling:
     for n, fusions, seconds in kernel_scaling():
       print(f"{n} reductions: {fusions} fusions, compiled in {seconds:.2f} s")

@@ -1,0 +1,32 @@
+"""compile_time.py's measurements: kernel counts by stage and the profile of XLA:CPU's compile."""
+
+import optax
+
+import sngd_jax
+from benchmarks import compile_time, eval_tasks
+
+
+def test_profile_splits_the_compile_into_phases_and_counts_fusions():
+  """The profiler's event names are read for this jaxlib (a renamed event gives zeros and
+  fails here), and SNGD's step compiles more fusions than its base optimizer's."""
+  task = eval_tasks.mlp("mlp-20-20-20", "pixel")
+  base = compile_time.profile_compile(task, None, optax.sgd(0.01, momentum=0.9))
+  sngd = compile_time.profile_compile(task, sngd_jax.sngd(), optax.sgd(0.01, momentum=0.9))
+  for p in (base, sngd):
+    assert p["fusions"] > 0 and p["fusion_emitter"] > 0 and p["llvm_codegen"] > 0
+    assert p["hlo_passes"] > 0 and p["total"] >= p["hlo_passes"]
+  assert sngd["fusions"] > base["fusions"]  # counts, not times: no timing claim in a test
+
+
+def test_kernel_counts_attribute_kernels_to_sngd_stages():
+  """Every SNGD stage that runs on every step or under its schedule emits kernels, and the
+  base optimizer's step has none of them."""
+  task = eval_tasks.mlp("mlp-20-20-20", "pixel")
+  base, sngd = {}, {}
+  compile_time.compile_seconds(task, None, optax.sgd(0.01, momentum=0.9), kernels=base)
+  compile_time.compile_seconds(task, sngd_jax.sngd(), optax.sgd(0.01, momentum=0.9),
+                               kernels=sngd)
+  assert not any(k.startswith("sngd_") for k in base)
+  for stage in ("sngd_check", "sngd_statistics", "sngd_refresh", "sngd_precondition"):
+    assert sngd.get(stage, 0) > 0, stage
+  assert sum(sngd.values()) > sum(base.values())
