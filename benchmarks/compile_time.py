@@ -26,7 +26,7 @@ import os
 import re
 import sys
 import time
-from typing import Optional
+from typing import Any, Optional
 from unittest import mock
 
 import jax
@@ -144,14 +144,28 @@ PHASES = {
 """XLA:CPU's compile phases, by the names of its profiler events (jaxlib 0.10)."""
 
 
-def compile_phases(trace_dir: str) -> dict[str, float]:
+def _instruction_stages(hlo_text: str) -> dict[str, str]:
+  """Each instruction of a compiled program -> the SNGD stage (``STAGES``) that emitted it,
+  ``other`` (the model, the base optimizer) or ``unlabelled`` (no source)."""
+  out = {}
+  for line in hlo_text.split("\n"):
+    m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
+    if m:
+      names = re.findall(r'op_name="([^"]+)"', line)
+      out[m.group(1)] = next((k for k in STAGES if any(k in n for n in names)),
+                             "other" if names else "unlabelled")
+  return out
+
+
+def compile_phases(trace_dir: str, hlo_text: Optional[str] = None) -> dict[str, Any]:
   """Milliseconds per compile phase (``PHASES``) in a ``jax.profiler`` trace of one compile.
 
   ``fusion_emitter`` is the per-fusion MLIR pipeline (``fusions`` counts the fusions it
   compiled, ``fusion_ms_min/median/max`` spread their times), ``llvm_codegen`` LLVM's
   code generation for all kernels, ``hlo_passes`` the HLO optimization pipeline. The
   phases may overlap (XLA compiles kernels on its thread pool), so they need not sum
-  to ``total``.
+  to ``total``. Given the compiled program's text, ``fusions_by_stage`` attributes the
+  compiled fusions to the stages, by the instruction each was compiled for.
   """
   import glob
   import gzip
@@ -167,10 +181,18 @@ def compile_phases(trace_dir: str) -> dict[str, float]:
       ms = sorted(e["dur"] / 1e3 for e in hits)
       out["fusion_ms_min"], out["fusion_ms_median"], out["fusion_ms_max"] = (
           (ms[0], ms[len(ms) // 2], ms[-1]) if ms else (0.0, 0.0, 0.0))
+      if hlo_text is not None:
+        stages, by_stage = _instruction_stages(hlo_text), {}
+        for e in hits:
+          name = re.sub(r"_kernel_module$", "", re.sub(r"^__compute_module_", "",
+                                                       e["args"].get("module", "")))
+          key = stages.get(name, "unmatched")
+          by_stage[key] = by_stage.get(key, 0) + 1
+        out["fusions_by_stage"] = by_stage
   return out
 
 
-def profile_compile(task, pre, post) -> dict[str, float]:
+def profile_compile(task, pre, post) -> dict[str, Any]:
   """``compile_phases`` of one compile of the task's training step (lowered beforehand)."""
   import tempfile
   post = optax.with_extra_args_support(post)
@@ -181,10 +203,10 @@ def profile_compile(task, pre, post) -> dict[str, float]:
   with tempfile.TemporaryDirectory() as d:
     jax.profiler.start_trace(d)
     try:
-      lowered.compile()
+      compiled = lowered.compile()
     finally:
       jax.profiler.stop_trace()
-    return compile_phases(d)
+    return compile_phases(d, compiled.as_text())
 
 
 def _profile_main(models: list[str], out: str) -> int:
@@ -195,8 +217,8 @@ def _profile_main(models: list[str], out: str) -> int:
     for v, pre in (("sgd(momentum)", None), ("sngd_momentum", sngd_jax.sngd())):
       row[v] = profile_compile(task, pre, optax.sgd(0.01, momentum=0.9))
     rows.append(row)
-    print(name, {v: {k: round(x) for k, x in row[v].items()} for v in row if v != "model"},
-          flush=True)
+    print(name, {v: {k: (round(x) if isinstance(x, float) else x) for k, x in row[v].items()}
+                 for v in row if v != "model"}, flush=True)
   with open(out, "w") as f:
     json.dump({"machine": harness.machine_info(), "command": " ".join(sys.argv),
                "unit": "ms", "rows": rows}, f, indent=1)
@@ -210,6 +232,14 @@ def _profile_main(models: list[str], out: str) -> int:
             f"{p['fusion_emitter']:.0f} ({p['fusion_emitter'] / max(p['fusions'], 1):.1f}) | "
             f"{p['fusion_ms_min']:.1f} / {p['fusion_ms_median']:.1f} / {p['fusion_ms_max']:.1f} | "
             f"{p['llvm_codegen']:.0f} |")
+  print("\nfusions of the SNGD step by stage (the base optimizer's: `other` and `unlabelled`):\n")
+  print("| model | sgd(momentum) | sngd_momentum | " + " | ".join(STAGES)
+        + " | other | unlabelled |")
+  print("|---|---|---|" + "---|" * (len(STAGES) + 2))
+  for r in rows:
+    f = r["sngd_momentum"].get("fusions_by_stage", {})
+    print(f"| {r['model']} | {r['sgd(momentum)']['fusions']} | {r['sngd_momentum']['fusions']} | "
+          + " | ".join(str(f.get(k, 0)) for k in STAGES + ("other", "unlabelled")) + " |")
   return 0
 
 

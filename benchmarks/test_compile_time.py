@@ -16,6 +16,13 @@ def test_profile_splits_the_compile_into_phases_and_counts_fusions():
     assert p["fusions"] > 0 and p["fusion_emitter"] > 0 and p["llvm_codegen"] > 0
     assert p["hlo_passes"] > 0 and p["total"] >= p["hlo_passes"]
   assert sngd["fusions"] > base["fusions"]  # counts, not times: no timing claim in a test
+  # Every compiled fusion is matched to an instruction of the program and attributed.
+  for p in (base, sngd):
+    assert sum(p["fusions_by_stage"].values()) == p["fusions"]
+    assert "unmatched" not in p["fusions_by_stage"]
+  assert not any(k.startswith("sngd_") for k in base["fusions_by_stage"])
+  assert sngd["fusions_by_stage"].get("sngd_refresh", 0) > 0
+  assert sngd["fusions_by_stage"].get("sngd_statistics", 0) > 0
 
 
 def test_kernel_counts_attribute_kernels_to_sngd_stages():
