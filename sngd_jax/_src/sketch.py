@@ -93,8 +93,8 @@ def block_trace(g: jax.Array) -> jax.Array:
   """``tr(G)`` of each block of a dense ``(..., d, d)`` stack, shape ``g.shape[:-2]``.
 
   The diagonal as a strided slice of the flattened blocks: one reduction kernel
-  (``jnp.trace`` masks the whole ``d x d`` matrix first: two), and one
-  expression wherever a trace is taken, so XLA computes a block's trace once.
+  (``jnp.trace`` masks the whole ``d x d`` matrix first: two); the same form
+  wherever the library takes a block's trace (prior, damping shift, range check).
   """
   d = g.shape[-1]
   return jnp.sum(g.reshape(g.shape[:-2] + (d * d,))[..., ::d + 1], axis=-1)

@@ -612,9 +612,9 @@ def restart_if_out_of_range(factor, weight: jax.Array):
   every refresh forever, since the moving average keeps an Inf or NaN. The
   replacement is an elementwise select, which XLA fuses into the moving
   average's own pass over the factor: a factor in range is used bit for bit,
-  and the step gains no ``lax.cond`` per layer (a conditional, with the copies
-  of its operands, added ~5 kernels per layer to the compiled step:
-  ``benchmarks/README.md``, *Compile time*).
+  and the step has no ``lax.cond`` per layer (each added ~5 instructions to
+  the compiled step, mostly copies of its operands, though few compiled
+  fusions: ``benchmarks/README.md``, *Compile time*).
 
   Returns:
     ``(factor, weight, restarted)``, ``restarted`` a bool scalar.
