@@ -61,12 +61,13 @@ def kernel_counts(hlo_text: str) -> dict[str, int]:
   """Kernels of a compiled XLA:CPU program, by the SNGD stage that emitted them.
 
   A kernel is a fusion or an unfused instruction of an executed computation
-  (the entry, a conditional's branch, a loop's body): what the backend
-  generates code for, one by one. On XLA:CPU the compile time of a step grows
-  about linearly with their number (~10-40 ms each on the benchmark machine),
-  so the counts attribute compile time without the noise of a clock.
-  The stage is read from the ``jax.named_scope`` names in the metadata
-  (``sngd_jax`` labels its stages); ``other`` is the model and the base
+  (the entry, a conditional's branch, a loop's body): everything the runtime
+  runs, library calls, copies and conditionals included. XLA:CPU generates
+  code only for the fusions among them, one by one, and the compile time
+  follows their number (~10-20 ms each on the benchmark machine): count those
+  with ``profile_compile`` (``fusions``, ``fusions_by_stage``). The stage is
+  read from the ``jax.named_scope`` names in the metadata (``sngd_jax`` labels
+  its stages); ``other`` is the model and the base
   optimizer, ``unlabelled`` instructions without a source (copies, XLA's splits of
   reductions).
   """
