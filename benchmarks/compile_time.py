@@ -71,6 +71,21 @@ def kernel_counts(hlo_text: str) -> dict[str, int]:
   optimizer, ``unlabelled`` instructions without a source (copies, XLA's splits of
   reductions).
   """
+  counts: dict[str, int] = {}
+  for op, key in _instruction_stages(hlo_text).values():
+    if op not in _SKIP:
+      counts[key] = counts.get(key, 0) + 1
+  return counts
+
+
+def _instruction_stages(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """Each instruction of the executed computations of a compiled program (the entry, a
+  conditional's branch, a loop's body; not fused bodies) -> ``(opcode, stage)``.
+
+  The stage is the first of ``STAGES`` named in the instruction's metadata (for a
+  fusion, in its fused body's), else ``other`` (the model, the base optimizer) or
+  ``unlabelled`` (no source: copies, XLA's splits of reductions).
+  """
   comps = {}
   for c in re.split(r"\n(?=%|ENTRY)", hlo_text):
     m = re.match(r"(?:ENTRY\s+)?%?([\w.\-]+)", c)
@@ -80,25 +95,22 @@ def kernel_counts(hlo_text: str) -> dict[str, int]:
 
   def stage(text):
     names = re.findall(r'op_name="([^"]+)"', text)
-    for key in STAGES:
-      if any(key in n for n in names):
-        return key
-    return "other" if names else "unlabelled"
+    return next((k for k in STAGES if any(k in n for n in names)),
+                "other" if names else "unlabelled")
 
-  counts: dict[str, int] = {}
+  out = {}
   for name, comp in comps.items():
     if name in called:  # a fused body or a reduction's scalar function
       continue
     for line in comp.split("\n")[1:]:
-      m = re.match(r"\s+(?:ROOT )?%?[\w.\-]+ = .*? (\w[\w\-]*)\(", line)
-      if not m or m.group(1) in _SKIP:
+      m = re.match(r"\s+(?:ROOT )?%?([\w.\-]+) = .*? (\w[\w\-]*)\(", line)
+      if not m:
         continue
       body = line
-      if m.group(1) == "fusion":
+      if m.group(2) == "fusion":
         body = comps.get(re.search(r"calls=%?([\w.\-]+)", line).group(1), "")
-      key = stage(body)
-      counts[key] = counts.get(key, 0) + 1
-  return counts
+      out[m.group(1)] = (m.group(2), stage(body))
+  return out
 
 
 def compile_seconds(task, pre, post, kernels: Optional[dict] = None) -> float:
@@ -145,19 +157,6 @@ PHASES = {
 """XLA:CPU's compile phases, by the names of its profiler events (jaxlib 0.10)."""
 
 
-def _instruction_stages(hlo_text: str) -> dict[str, str]:
-  """Each instruction of a compiled program -> the SNGD stage (``STAGES``) that emitted it,
-  ``other`` (the model, the base optimizer) or ``unlabelled`` (no source)."""
-  out = {}
-  for line in hlo_text.split("\n"):
-    m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
-    if m:
-      names = re.findall(r'op_name="([^"]+)"', line)
-      out[m.group(1)] = next((k for k in STAGES if any(k in n for n in names)),
-                             "other" if names else "unlabelled")
-  return out
-
-
 def compile_phases(trace_dir: str, hlo_text: Optional[str] = None) -> dict[str, Any]:
   """Milliseconds per compile phase (``PHASES``) in a ``jax.profiler`` trace of one compile.
 
@@ -187,7 +186,7 @@ def compile_phases(trace_dir: str, hlo_text: Optional[str] = None) -> dict[str, 
         for e in hits:
           name = re.sub(r"_kernel_module$", "", re.sub(r"^__compute_module_", "",
                                                        e["args"].get("module", "")))
-          key = stages.get(name, "unmatched")
+          key = stages.get(name, ("", "unmatched"))[1]
           by_stage[key] = by_stage.get(key, 0) + 1
         out["fusions_by_stage"] = by_stage
   return out
