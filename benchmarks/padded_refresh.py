@@ -72,11 +72,10 @@ def padded(specs, factors, weights, old_inverses, method, damping, abs_damping):
 def refresh_time(task, fn, reps=5):
   """Milliseconds (median of ``reps``) of ``fn`` (a ``refresh_inverses``) on the task's
   layers, with random positive-definite dense factors, and the inverses it made."""
+  from benchmarks import evaluate
   from sngd_jax._src import layers as layers_lib
   from sngd_jax._src.inverse import registry
-  kw = {"train": True} if task.train_arg else {}
-  params = task.model.init(jax.random.PRNGKey(0), jnp.asarray(task.x_train[:2]), **kw)["params"]
-  st = sngd_jax.sngd().init(params)
+  params, _, st, _ = evaluate.init_run(task, sngd_jax.sngd(), optax.sgd(0.01))
   specs = layers_lib.discover(params, st.config.fisher, st.config.stacked)
   key = jax.random.PRNGKey(1)
 
@@ -96,6 +95,7 @@ def refresh_time(task, fn, reps=5):
     jax.block_until_ready(f(factors, weights, st.inverses))
     times.append(time.perf_counter() - t0)
   return float(np.median(times)) * 1e3, out[0]
+
 
 def main() -> int:
   jax.config.update("jax_enable_compilation_cache", False)

@@ -62,15 +62,15 @@ def test_init_run_matches_the_model_and_optimizers_own_init(opt):
   post = optax.with_extra_args_support(post)
   params, extra, s_pre, s_post = evaluate.init_run(task, pre, post, seed=3)
   ref = task.model.init(jax.random.PRNGKey(3), jnp.asarray(task.x_train[:2]), train=True)
-  chex_equal = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)
-  chex_equal(params, ref["params"])
-  chex_equal(extra, {"batch_stats": ref["batch_stats"]})
+  assert_trees_equal = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert_trees_equal(params, ref["params"])
+  assert_trees_equal(extra, {"batch_stats": ref["batch_stats"]})
   assert jax.tree.leaves(extra)  # the ResNet has BatchNorm statistics
-  chex_equal(s_post, post.init(ref["params"]))
+  assert_trees_equal(s_post, post.init(ref["params"]))
   if pre is None:
     assert s_pre is None
   else:
-    chex_equal(s_pre, pre.init(ref["params"]))
+    assert_trees_equal(s_pre, pre.init(ref["params"]))
   states = [a for a in jax.tree.leaves((s_pre, s_post)) if isinstance(a, jax.Array)]
   pointers = {a.unsafe_buffer_pointer() for a in states}
   assert len(pointers) == len(states)  # no buffer shared between leaves
