@@ -1,6 +1,7 @@
 """Inverse methods inside ``sngd``: equal updates, batching, blocks, the size rule, failures."""
 
 import functools
+from unittest import mock
 
 import flax.linen as nn
 import jax
@@ -15,7 +16,9 @@ import sngd_jax
 from sngd_jax import inverse as matfun
 from sngd_jax import inverse as methods
 from sngd_jax._src import statistics as factors_lib
+from sngd_jax._src.inverse import dense as dense_lib
 from sngd_jax._src.inverse import nystrom
+from sngd_jax._src.inverse import refresh as refresh_lib
 
 pytestmark = pytest.mark.usefixtures("x64")
 
@@ -108,16 +111,120 @@ def test_equal_sizes_share_one_kernel_call(inverse, primitive, fisher):
 
   The refresh of a group of several blocks is ``lax.platform_dependent``
   (``inverse.refresh.batched_refresh``): the jaxpr holds the batched call for GPU/TPU and
-  the CPU one (inside ``lax.map``, one block per call), so such a size appears twice; a
-  group of one block (the 16-input layer with ``fisher="linear"``) is one direct call.
+  the CPU form, one block per call: written out for groups of up to ``UNROLL_MAX`` blocks
+  (``b`` calls), inside ``lax.map`` for larger ones (one call). A group of one block (the
+  16-input layer with ``fisher="linear"``) is one direct call.
   """
+  assert refresh_lib.UNROLL_MAX == 8  # the counts below: rfim groups of 16-35 blocks map
   tx = exact_sngd(fisher=fisher, inverse=inverse)
-  # linear: d=16 one block (1), d=17 three blocks (2); rfim: a block per unit, all groups 2.
-  assert count_primitive(tx, primitive) == (1 + 2 if fisher == "linear" else 2 * 2)
+  # linear: d=16 one block (1), d=17 three blocks (1 batched + 3 written out);
+  # rfim: a block per unit, 16 and 35 blocks (1 batched + 1 in lax.map each).
+  assert count_primitive(tx, primitive) == (1 + (1 + 3) if fisher == "linear" else 2 * 2)
   # Three distinct sizes: three groups (the count follows sizes, not layers); linear: 16 and
-  # 21 one block each, 17 two blocks.
-  want = 1 + 1 + 2 if fisher == "linear" else 2 * 3
+  # 21 one block each, 17 two blocks (1 + 2); rfim: 16, 23 and 16 blocks.
+  want = 1 + 1 + (1 + 2) if fisher == "linear" else 2 * 3
   assert count_primitive(tx, primitive, problem(features=(16, 20, 16, 3))) == want
+  with mock.patch.object(refresh_lib, "UNROLL_MAX", 0):  # every CPU group in lax.map
+    assert count_primitive(tx, primitive) == (1 + 2 if fisher == "linear" else 2 * 2)
+
+
+def _spd_blocks(b, d, seed=0):
+  x = np.random.default_rng(seed).normal(size=(b, d + 3, d))
+  return np.einsum("bnd,bne->bde", x, x) / (d + 3)
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_small_inverse_matches_float64_inverse(d):
+  """``small_inverse`` (the closed form ``cholesky`` takes for ``d <= 2``) against numpy's
+  float64 inverse of ``G + rho I``, in float64 and in float32; the LAPACK path agrees."""
+  g = _spd_blocks(7, d)
+  g[3] = np.diag(np.arange(1.0, d + 1)) * 1e-3  # badly scaled against the others
+  shift = np.linspace(1e-4, 1e-1, 7)
+  ref = np.linalg.inv(g + shift[:, None, None] * np.eye(d))
+  inverse, ok = dense_lib.small_inverse(jnp.asarray(g), jnp.asarray(shift))
+  assert np.all(np.asarray(ok))
+  np.testing.assert_allclose(np.asarray(inverse), ref, rtol=1e-12)
+  inverse32, _ = dense_lib.small_inverse(jnp.asarray(g, jnp.float32),
+                                         jnp.asarray(shift, jnp.float32))
+  np.testing.assert_allclose(np.asarray(inverse32), ref, rtol=2e-5)
+  with mock.patch.object(dense_lib, "SMALL_DIM", 0):  # Cholesky and two triangular solves
+    lapack, lapack_ok = dense_lib.cholesky_refresh(jnp.asarray(g), jnp.asarray(shift))
+  assert np.all(np.asarray(lapack_ok))
+  np.testing.assert_allclose(np.asarray(lapack), ref, rtol=1e-10)
+
+
+def test_small_inverse_flags_what_cholesky_rejects():
+  """``ok`` is False exactly where Cholesky fails: ``A`` not positive definite (a
+  non-positive pivot or determinant) or not finite."""
+  a = np.array([[[2.0, 0.5], [0.5, 1.0]],      # positive definite
+                [[1.0, 2.0], [2.0, 1.0]],      # indefinite: det < 0
+                [[-1.0, 0.0], [0.0, -2.0]],    # negative definite: det > 0, a00 < 0
+                [[1.0, 1.0], [1.0, 1.0]],      # singular
+                [[np.nan, 0.0], [0.0, 1.0]]])  # not finite
+  shift = jnp.zeros(5)
+  _, ok = dense_lib.small_inverse(jnp.asarray(a), shift)
+  with mock.patch.object(dense_lib, "SMALL_DIM", 0):
+    _, lapack_ok = dense_lib.cholesky_refresh(jnp.asarray(a), shift)
+  np.testing.assert_array_equal(np.asarray(ok), [True, False, False, False, False])
+  np.testing.assert_array_equal(np.asarray(ok), np.asarray(lapack_ok))
+  _, ok1 = dense_lib.small_inverse(jnp.asarray([[[2.0]], [[-1.0]], [[0.0]]]), jnp.zeros(3))
+  np.testing.assert_array_equal(np.asarray(ok1), [True, False, False])
+
+
+@pytest.mark.parametrize("b", [3, 12])
+def test_cpu_block_by_block_equals_one_batched_call(b):
+  """The CPU form of a group refresh, written out (``b <= UNROLL_MAX``) or in ``lax.map``,
+  gives the batched call's inverses and flags."""
+  g = jnp.asarray(_spd_blocks(b, 6, seed=b))
+  shift = jnp.full((b,), 1e-2)
+  refresh = dense_lib.cholesky_refresh
+  want, want_ok = refresh(g, shift)
+  got, got_ok = jax.jit(functools.partial(refresh_lib._block_by_block, refresh))(g, shift)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12)
+  np.testing.assert_array_equal(np.asarray(got_ok), np.asarray(want_ok))
+  jaxpr = jax.make_jaxpr(functools.partial(refresh_lib._block_by_block, refresh))(g, shift)
+  calls = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "cholesky"]
+  loops = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name in ("while", "scan")]
+  assert len(calls) == (b if b <= refresh_lib.UNROLL_MAX else 1) and len(loops) == (b > 8)
+  assert all(e.invars[0].aval.shape[0] == 1 for e in calls)  # one block per LAPACK call
+
+
+def test_batch_safe_sizes():
+  """Which block sizes a method refreshes as a whole group on CPU (``batch_safe``)."""
+  assert methods.cholesky().batch_safe(2) and not methods.cholesky().batch_safe(3)
+  assert methods.auto().batch_safe(2) and not methods.auto().batch_safe(600)
+  assert methods.block_diagonal(2).batch_safe(9)  # sub-blocks of 2
+  assert not methods.block_diagonal(4).batch_safe(9)
+  assert methods.eigh().batch_safe is None and methods.nystrom().batch_safe is None
+
+
+class NormMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.LayerNorm(param_dtype=x.dtype)(nn.relu(nn.Dense(6, param_dtype=x.dtype)(x)))
+    return nn.Dense(3, param_dtype=x.dtype)(x)
+
+
+def test_two_by_two_norm_blocks_refresh_in_one_call():
+  """A LayerNorm's per-unit ``(scale, bias)`` factors (``d = 2``) are inverted in closed
+  form as one group, with no loop and no LAPACK call, and the updates equal those of the
+  LAPACK path (``SMALL_DIM = 0``: a Cholesky per block) to float64 rounding."""
+  rng = np.random.default_rng(0)
+  x, y = jnp.asarray(rng.normal(size=(12, 5))), jnp.asarray(rng.normal(size=(12, 3)))
+  model = NormMLP()
+  params = model.init(jax.random.key(0), x)["params"]
+  loss_fn = lambda p, x, y: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+  tx = exact_sngd(inverse_every=1)
+  assert count_primitive(tx, "cholesky", (params, x, y, loss_fn)) == 2  # the Dense layers
+  assert count_primitive(tx, "while", (params, x, y, loss_fn)) == 0
+  got, state = run(tx, steps=2, fisher_problem=(params, x, y, loss_fn))
+  assert state.inverses["LayerNorm_0"].shape[-2:] == (2, 2)
+  with mock.patch.object(dense_lib, "SMALL_DIM", 0):
+    # + the 6 units' blocks: one batched call (GPU/TPU) and one per block (CPU)
+    assert count_primitive(tx, "cholesky", (params, x, y, loss_fn)) == 2 + 1 + 6
+    want, _ = run(tx, steps=2, fisher_problem=(params, x, y, loss_fn))
+  for g, w in zip(got, want, strict=True):
+    assert tree_rel(g, w) < 1e-10
 
 
 def test_blocks_match_block_diagonal_reference():
@@ -195,9 +302,9 @@ def test_failed_block_keeps_previous_inverse():
   _, state2 = tx_fail.update(grads, state, params, activations=acts)
   for path in state.inverses:
     np.testing.assert_array_equal(state2.inverses[path], state.inverses[path])
-  # traced once per size group in each platform branch of batched_refresh (CPU, default),
-  # once for the one-block group (d=16, called directly)
-  assert int(state2.num_refresh_failures) == 4 and calls["n"] == 1 + 2
+  # traced once for the one-block group (d=16, called directly), and for the three-block
+  # group (d=17) once in batched_refresh's default branch and once per block in its CPU one
+  assert int(state2.num_refresh_failures) == 4 and calls["n"] == 1 + 1 + 3
 
 
 def test_unknown_method_error():

@@ -72,6 +72,10 @@ class InverseMethod(NamedTuple):
       receives a stacked ``Sketch`` (``y`` of shape ``(b, d, r)``, ``trace``
       of shape ``(b,)``) instead of ``G``.
     info: optional; ``info(d)`` -> ``MethodInfo`` for blocks of size ``d``.
+    batch_safe: optional; ``batch_safe(d)`` -> True where ``refresh`` of blocks
+      of size ``d`` calls no library kernel that splits a batch over XLA:CPU's
+      thread pool (LAPACK), so that a whole group may go to one call on CPU too
+      (``refresh.batched_refresh``). Absent: False for every ``d``.
 
   A method is part of the optimizer state's tree structure (the static
   configuration), compared by identity. The factories of ``sngd_jax.inverse``
@@ -85,6 +89,12 @@ class InverseMethod(NamedTuple):
   apply: Callable[[Rep, jax.Array], jax.Array]
   sketch: Optional[Callable[[int, Any], Optional[jax.Array]]] = None
   info: Optional[Callable[[int], MethodInfo]] = None
+  batch_safe: Optional[Callable[[int], bool]] = None
+
+
+def is_batch_safe(method: InverseMethod, d: int) -> bool:
+  """``method.batch_safe(d)``, False for a method without it."""
+  return bool(method.batch_safe(d)) if method.batch_safe is not None else False
 
 
 def describe(method: InverseMethod, d: int) -> MethodInfo:

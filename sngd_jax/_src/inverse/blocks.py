@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from sngd_jax._src.inverse import dense
-from sngd_jax._src.inverse.base import InverseMethod, MethodInfo, describe
+from sngd_jax._src.inverse.base import InverseMethod, MethodInfo, describe, is_batch_safe
 
 
 def _split(d: int, block_size: int) -> tuple[int, int, int]:
@@ -88,4 +88,7 @@ def block_diagonal(block_size: int = 512,
     return MethodInfo(f"blocks({num} x {sub.name} {size})", scale(sub.refresh_flops),
                       scale(sub.apply_flops))
 
-  return InverseMethod(identity, refresh, apply, info=info)
+  def batch_safe(d):
+    return is_batch_safe(inner, _split(d, block_size)[1])
+
+  return InverseMethod(identity, refresh, apply, info=info, batch_safe=batch_safe)

@@ -33,11 +33,41 @@ def dense_apply(inverse: jax.Array, g: jax.Array) -> jax.Array:
   return jnp.matmul(inverse, g.astype(inverse.dtype), precision=HIGHEST)
 
 
+SMALL_DIM = 2
+"""Blocks up to this size are inverted in closed form (``small_inverse``), not by LAPACK."""
+
+
+def small_inverse(g: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Explicit inverse of ``A = G + rho I`` for ``1 x 1`` and ``2 x 2`` blocks, in closed form.
+
+  ``d = 1``: ``A^{-1} = 1 / a``. ``d = 2``: with ``A = [[a, b], [b, c]]``
+  (``b`` the mean of the two off-diagonal entries),
+  ``A^{-1} = [[c, -b], [-b, a]] / (a c - b^2)``. ``A`` is positive definite
+  exactly when ``a > 0`` and ``a c - b^2 > 0``, the cases in which Cholesky
+  succeeds; ``ok`` is False otherwise or where the inverse is not finite.
+  Elementwise, so a whole stack is one kernel on every platform: per-unit
+  factors of normalization layers (``(scale, bias)``, ``d = 2``) come in
+  stacks of hundreds, which one LAPACK call per block would loop over on CPU.
+  """
+  a = add_shift(g, shift)
+  if g.shape[-1] == 1:
+    inverse = 1.0 / a
+    return inverse, all_finite_per_block(inverse) & (a[:, 0, 0] > 0)
+  a00, a11 = a[:, 0, 0], a[:, 1, 1]
+  a01 = 0.5 * (a[:, 0, 1] + a[:, 1, 0])
+  det = a00 * a11 - a01 * a01
+  inverse = jnp.stack([jnp.stack([a11, -a01], -1), jnp.stack([-a01, a00], -1)], -2)
+  inverse = inverse / det[:, None, None]
+  return inverse, all_finite_per_block(inverse) & (a00 > 0) & (det > 0)
+
+
 def cholesky_refresh(g: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Explicit inverse by a Cholesky factorization and two triangular solves.
 
   ``G + rho I = L L^T``, ``(G + rho I)^{-1} = L^{-T} L^{-1}``; the explicit
   inverse is cached so that every step's preconditioning is one product.
+  Blocks of at most ``SMALL_DIM`` take the closed form of ``small_inverse``
+  (the same inverse, without a library call).
 
   Args:
     g: ``(b, d, d)`` symmetric positive semi-definite blocks.
@@ -47,6 +77,8 @@ def cholesky_refresh(g: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Arr
     ``(inverse, ok)``; ``ok`` is False for a block whose factorization failed
     (not positive definite, or non-finite).
   """
+  if g.shape[-1] <= SMALL_DIM:
+    return small_inverse(g, shift)
   g_damped = add_shift(g, shift)
   chol = jnp.linalg.cholesky(g_damped)
   eye = jnp.broadcast_to(jnp.eye(g.shape[-1], dtype=g.dtype), g.shape)
@@ -72,7 +104,8 @@ def eigh_refresh(g: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array]:
 def cholesky() -> InverseMethod:
   """Cholesky: exact, the cheapest dense method (the default up to ``max_dim``)."""
   info = lambda d: MethodInfo("cholesky", d ** 3 / 3 + 2 * d ** 3, dense_apply_flops(d))
-  return InverseMethod(dense_identity, cholesky_refresh, dense_apply, info=info)
+  return InverseMethod(dense_identity, cholesky_refresh, dense_apply, info=info,
+                       batch_safe=lambda d: d <= SMALL_DIM)
 
 
 @functools.cache  # equal arguments, one method: see base.InverseMethod

@@ -46,6 +46,7 @@ from sngd_jax._src.inverse.base import (
   InverseMethod,
   all_finite_per_block,
   damping_shift,
+  is_batch_safe,
   symmetrize,
 )
 
@@ -86,8 +87,32 @@ def accept_refresh(apply_fn, rep: Any, blocks: jax.Array | jax.ShapeDtypeStruct,
   return ok & positive & bounded & good_shift & finite_small
 
 
+UNROLL_MAX = 8
+"""On CPU, groups of up to this many blocks are refreshed by separate one-block calls written
+out in the program; larger groups by a loop (``lax.map``) of one-block calls."""
+
+
 def _block_by_block(refresh, stacked: Any, shift: jax.Array):
-  """``refresh`` applied to one block at a time (``lax.map``): a batch of one per call."""
+  """``refresh`` applied to one block at a time: a batch of one per call.
+
+  Up to ``UNROLL_MAX`` blocks the calls are written out, each after the one
+  before (``optimization_barrier``, as the groups in ``refresh_inverses``: a
+  method may itself make batched LAPACK calls for one block, as
+  ``denman_beavers`` does); XLA:CPU compiles the kernels of equal shapes once.
+  More blocks go through ``lax.map``, whose loop XLA:CPU compiles as a program
+  of its own (``benchmarks/README.md``, *Compile time*).
+  """
+  b = shift.shape[0]
+  if b <= UNROLL_MAX:
+    outs, previous = [], None
+    for i in range(b):
+      block = jax.tree.map(lambda a, i=i: a[i:i + 1], stacked)
+      if previous is not None:
+        block, _ = jax.lax.optimization_barrier((block, previous))
+      previous = refresh(block, shift[i:i + 1])
+      outs.append(previous)
+    return jax.tree.map(lambda *parts: jnp.concatenate(parts), *outs)
+
   def one(args):
     blocks, sh = args
     out = refresh(jax.tree.map(lambda a: a[None], blocks), sh[None])
@@ -95,7 +120,7 @@ def _block_by_block(refresh, stacked: Any, shift: jax.Array):
   return jax.lax.map(one, (stacked, shift))
 
 
-def batched_refresh(refresh, stacked: Any, shift: jax.Array):
+def batched_refresh(refresh, stacked: Any, shift: jax.Array, batch_safe: bool = False):
   """``refresh(stacked, shift)`` on GPU/TPU; on CPU one block per LAPACK call.
 
   jaxlib's CPU LAPACK kernels split a batch over XLA's intra-op thread pool and
@@ -107,11 +132,12 @@ def batched_refresh(refresh, stacked: Any, shift: jax.Array):
   device (two ``spotrf`` in a stack dump of the scanned transformer example,
   although ``refresh_inverses`` orders its groups). With a batch of one the
   kernel runs on its own thread: a group of one block is called directly on
-  every platform (no loop to compile: a ``lax.map`` adds 0.3-0.6 s of XLA:CPU
-  compile time per group, ``benchmarks/README.md``, *Compile time*), larger
-  groups one block per call (``lax.map``) on CPU.
+  every platform, larger groups one block per call on CPU (``_block_by_block``).
+  A refresh that calls no such kernel for these blocks (``batch_safe``, from
+  ``InverseMethod.batch_safe``: the closed-form inverse of ``2 x 2`` blocks)
+  takes the whole group in one call on every platform.
   """
-  if shift.shape[0] == 1:  # nothing to split
+  if shift.shape[0] == 1 or batch_safe:  # nothing to split
     return refresh(stacked, shift)
   return jax.lax.platform_dependent(
       stacked, shift, cpu=functools.partial(_block_by_block, refresh), default=refresh)
@@ -166,7 +192,7 @@ def refresh_inverses(specs, factors, weights, old_inverses, method: InverseMetho
     shift = damping_shift(stacked, damping, abs_damping)
     if previous is not None:  # after the previous group's refresh: one at a time
       stacked, _ = jax.lax.optimization_barrier((stacked, previous))
-    rep, ok = batched_refresh(method.refresh, stacked, shift)
+    rep, ok = batched_refresh(method.refresh, stacked, shift, is_batch_safe(method, d))
     previous = (rep, ok)
     ok = accept_refresh(method.apply, rep,
                                    jax.ShapeDtypeStruct((sum(sizes), d, d), dtype), shift, ok)

@@ -19,7 +19,7 @@ from typing import Union
 from sngd_jax._src import sketch as sketch_lib
 from sngd_jax._src.inverse import dense, roots
 from sngd_jax._src.inverse import nystrom as nystrom_lib
-from sngd_jax._src.inverse.base import InverseMethod, describe
+from sngd_jax._src.inverse.base import InverseMethod, describe, is_batch_safe
 from sngd_jax._src.inverse.blocks import block_diagonal
 
 AUTO_MAX_DIM = 512
@@ -81,6 +81,7 @@ def auto(max_dim: int = AUTO_MAX_DIM, large: str = "nystrom",
       apply=lambda rep, v: pick(v.shape[-2]).apply(rep, v),
       sketch=sketch,
       info=lambda d: describe(pick(d), d),
+      batch_safe=lambda d: is_batch_safe(pick(d), d),
   )
 
 
