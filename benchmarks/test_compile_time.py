@@ -1,5 +1,6 @@
 """compile_time.py's measurements: kernel counts by stage and the profile of XLA:CPU's compile."""
 
+import numpy as np
 import optax
 
 import sngd_jax
@@ -37,3 +38,21 @@ def test_kernel_counts_attribute_kernels_to_sngd_stages():
   for stage in ("sngd_check", "sngd_statistics", "sngd_refresh", "sngd_precondition"):
     assert sngd.get(stage, 0) > 0, stage
   assert sum(sngd.values()) > sum(base.values())
+
+
+def test_refresh_groups_variants_set_and_restore_the_library_settings():
+  """``refresh_groups.variant`` patches the refresh's settings and restores them; ``loop`` is
+  the library before the closed form and the written-out groups (every CPU group of several
+  blocks in ``lax.map``)."""
+  from benchmarks import refresh_groups
+  from sngd_jax._src.inverse import dense
+  from sngd_jax._src.inverse import refresh as R
+  before = (dense.SMALL_DIM, R.UNROLL_MAX)
+  assert before == (2, 8)
+  with refresh_groups.variant("loop"):
+    assert (dense.SMALL_DIM, R.UNROLL_MAX) == (0, 0)
+    assert not sngd_jax.inverse.cholesky().batch_safe(2)
+  with refresh_groups.variant("library"):
+    assert (dense.SMALL_DIM, R.UNROLL_MAX) == before
+  assert (dense.SMALL_DIM, R.UNROLL_MAX) == before
+  assert refresh_groups._rel_diff({"a": np.ones(3)}, {"a": np.array([1.0, 1.5, 1.0])}) == 0.5
