@@ -97,6 +97,14 @@ def refresh_time(task, fn, reps=5):
   return float(np.median(times)) * 1e3, out[0]
 
 
+def max_rel_diff(a, b) -> float:
+  """The largest ``max |a - b| / max |a|`` over the leaves of two trees of inverses."""
+  diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))
+                                          / max(float(np.max(np.abs(np.asarray(x)))), 1e-30)),
+                       a, b)
+  return max(jax.tree.leaves(diffs), default=0.0)
+
+
 def main() -> int:
   jax.config.update("jax_enable_compilation_cache", False)
   rows = []
@@ -111,10 +119,7 @@ def main() -> int:
                     "refresh_fusions": p["fusions_by_stage"].get("sngd_refresh", 0),
                     "compile_ms": p["total"], "refresh_run_ms": ms}
     # The padded group gives the same inverses (to float32 rounding of a larger factorization).
-    diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))
-                                            / jnp.maximum(jnp.max(jnp.abs(a)), 1e-30)),
-                         inverses["library"], inverses["padded"])
-    row["max_rel_diff"] = max(jax.tree.leaves(diffs))
+    row["max_rel_diff"] = max_rel_diff(inverses["library"], inverses["padded"])
     rows.append(row)
     print(name, row["library"], row["padded"], flush=True)
   out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "padded_refresh.json")

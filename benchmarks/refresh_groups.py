@@ -35,7 +35,7 @@ import benchmarks  # noqa: F401  (XLA flag, LAPACK cap)
 import sngd_jax
 from benchmarks import compile_time as ct
 from benchmarks import harness
-from benchmarks.padded_refresh import refresh_time
+from benchmarks.padded_refresh import max_rel_diff, refresh_time
 from sngd_jax._src.inverse import dense
 from sngd_jax._src.inverse import refresh as R
 
@@ -56,13 +56,6 @@ def variant(name: str):
     yield
 
 
-def _rel_diff(a, b) -> float:
-  diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))
-                                          / max(float(np.max(np.abs(np.asarray(x)))), 1e-30)),
-                       a, b)
-  return max(jax.tree.leaves(diffs), default=0.0)
-
-
 def measure(name: str, rounds: int, names: list[str]) -> dict:
   task = ct._tasks()[name]()
   make = lambda: (sngd_jax.sngd(), optax.sgd(0.01, momentum=0.9))
@@ -73,8 +66,8 @@ def measure(name: str, rounds: int, names: list[str]) -> dict:
       ms, inverses[v] = refresh_time(task, R.refresh_inverses, reps=7)
     row[v] = {"fusions": p["fusions"],
               "refresh_fusions": p["fusions_by_stage"].get("sngd_refresh", 0),
-              "refresh_run_ms": ms, "max_rel_diff_from_first": _rel_diff(inverses[names[0]],
-                                                                        inverses[v])}
+              "refresh_run_ms": ms,
+              "max_rel_diff_from_first": max_rel_diff(inverses[names[0]], inverses[v])}
   for _ in range(rounds):
     for v in names:
       with variant(v):
@@ -104,7 +97,7 @@ def main(argv=None) -> int:
     json.dump({"machine": harness.machine_info(), "command": " ".join(sys.argv),
                "variants": {v: VARIANTS[v] for v in names}, "rows": rows}, f, indent=1)
   print("\n| model | fusions: " + " / ".join(names) + " | refresh fusions | compile s "
-        "(median) | refresh run ms | inverses: max rel. difference from `loop` |")
+        f"(median) | refresh run ms | inverses: max rel. difference from `{names[0]}` |")
   print("|---|---|---|---|---|---|")
   for r in rows:
     col = lambda key, fmt, r=r: " / ".join(format(r[v][key], fmt) for v in names)

@@ -55,4 +55,4 @@ def test_refresh_groups_variants_set_and_restore_the_library_settings():
   with refresh_groups.variant("library"):
     assert (dense.SMALL_DIM, R.UNROLL_MAX) == before
   assert (dense.SMALL_DIM, R.UNROLL_MAX) == before
-  assert refresh_groups._rel_diff({"a": np.ones(3)}, {"a": np.array([1.0, 1.5, 1.0])}) == 0.5
+  assert refresh_groups.max_rel_diff({"a": np.ones(3)}, {"a": np.array([1.0, 1.5, 1.0])}) == 0.5
