@@ -55,17 +55,15 @@ def padded(specs, factors, weights, old_inverses, method, damping, abs_damping):
     dims.append(d)
   stacked = symmetrize(jnp.concatenate(blocks))
   shift = damping_shift(stacked, damping, abs_damping)  # the padding adds nothing to a trace
-  rep, ok = R.batched_refresh(method.refresh, stacked, shift)
-  ok = R.accept_refresh(method.apply, rep, jax.ShapeDtypeStruct(stacked.shape, stacked.dtype),
-                        shift, ok)
+  rep, ok = R.refresh_group(method, stacked, shift, width, stacked.dtype)
   failures += jnp.sum(~ok).astype(jnp.int32)
   start = 0
   for p, size, d in zip(dense, sizes, dims, strict=True):
     sl = slice(start, start + size)
     start += size
-    inv = rep[sl][:, :d, :d].reshape(old_inverses[p].shape)
-    keep = ok[sl].reshape((-1,) + (1,) * (inv.ndim - 1)) if inv.ndim == 3 else ok[sl][0]
-    new[p] = jnp.where(keep, inv, old_inverses[p])
+    inv = rep[sl][:, :d, :d].reshape((size,) + old_inverses[p].shape[-2:])
+    new[p] = R.keep_accepted(inv, ok[sl], old_inverses[p].reshape(inv.shape)).reshape(
+        old_inverses[p].shape)
   return new, failures
 
 

@@ -56,3 +56,37 @@ def test_refresh_groups_variants_set_and_restore_the_library_settings():
     assert (dense.SMALL_DIM, R.UNROLL_MAX) == before
   assert (dense.SMALL_DIM, R.UNROLL_MAX) == before
   assert refresh_groups.max_rel_diff({"a": np.ones(3)}, {"a": np.array([1.0, 1.5, 1.0])}) == 0.5
+
+
+def test_padded_refresh_gives_the_library_inverses():
+  """``padded_refresh.padded`` (every dense block in one zero-padded group) gives the inverses
+  of the library's ``refresh_inverses`` (one group per size), against float64 numpy too, and
+  keeps the old inverse of a rejected block."""
+  from types import SimpleNamespace
+
+  import jax.numpy as jnp
+
+  from benchmarks import padded_refresh
+  from sngd_jax._src.inverse import refresh as R
+  rng = np.random.default_rng(0)
+  specs, factors, weights, old = {}, {}, {}, {}
+  for p, shape in (("a", (5, 5)), ("b", (3, 9, 9)), ("c", (9, 9))):
+    x = rng.standard_normal(shape[:-2] + (2 * shape[-1], shape[-1]))
+    factors[p] = jnp.asarray(np.swapaxes(x, -1, -2) @ x / x.shape[-2], jnp.float32)
+    specs[p] = SimpleNamespace(dim=shape[-1], structure="dense")
+    weights[p] = jnp.float32(2.0)
+    old[p] = jnp.full((int(np.prod(shape[:-2])),) + shape[-2:], 7.0, jnp.float32)  # (b, d, d)
+  factors["c"] = factors["c"].at[0, 0].set(jnp.nan)  # rejected: keeps its old inverse
+  method = sngd_jax.inverse.cholesky()
+  lib, lib_failures = R.refresh_inverses(specs, factors, weights, old, method, 1e-3, 1e-8)
+  pad, pad_failures = padded_refresh.padded(specs, factors, weights, old, method, 1e-3, 1e-8)
+  assert int(lib_failures) == int(pad_failures) == 1
+  np.testing.assert_array_equal(np.asarray(pad["c"]), 7.0)
+  for p in ("a", "b"):
+    g = np.asarray(factors[p], np.float64) / 2.0
+    eye = np.eye(g.shape[-1])
+    shift = 1e-3 * np.trace(g, axis1=-2, axis2=-1)[..., None, None] + 1e-8
+    expected = np.linalg.inv(g + shift * eye)
+    np.testing.assert_allclose(np.asarray(lib[p]), expected.reshape(old[p].shape), rtol=2e-4,
+                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(pad[p]), np.asarray(lib[p]), rtol=2e-5, atol=1e-7)

@@ -1,6 +1,7 @@
 """evaluate.py's timed runs: the trust-region diagnostic is sampled and does not change the
 training, and each record holds what the protocol says."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,15 +63,14 @@ def test_init_run_matches_the_model_and_optimizers_own_init(opt):
   post = optax.with_extra_args_support(post)
   params, extra, s_pre, s_post = evaluate.init_run(task, pre, post, seed=3)
   ref = task.model.init(jax.random.PRNGKey(3), jnp.asarray(task.x_train[:2]), train=True)
-  assert_trees_equal = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)
-  assert_trees_equal(params, ref["params"])
-  assert_trees_equal(extra, {"batch_stats": ref["batch_stats"]})
+  chex.assert_trees_all_equal(params, ref["params"])
+  chex.assert_trees_all_equal(extra, {"batch_stats": ref["batch_stats"]})
   assert jax.tree.leaves(extra)  # the ResNet has BatchNorm statistics
-  assert_trees_equal(s_post, post.init(ref["params"]))
+  chex.assert_trees_all_equal(s_post, post.init(ref["params"]))
   if pre is None:
     assert s_pre is None
   else:
-    assert_trees_equal(s_pre, pre.init(ref["params"]))
+    chex.assert_trees_all_equal(s_pre, pre.init(ref["params"]))
   states = [a for a in jax.tree.leaves((s_pre, s_post)) if isinstance(a, jax.Array)]
   pointers = {a.unsafe_buffer_pointer() for a in states}
   assert len(pointers) == len(states)  # no buffer shared between leaves

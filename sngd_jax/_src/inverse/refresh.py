@@ -143,6 +143,32 @@ def batched_refresh(refresh, stacked: Any, shift: jax.Array, batch_safe: bool = 
       stacked, shift, cpu=functools.partial(_block_by_block, refresh), default=refresh)
 
 
+def refresh_group(method: InverseMethod, stacked: Any, shift: jax.Array, d: int, dtype):
+  """One group of equal-size blocks: the method's refresh, then ``accept_refresh``.
+
+  Args:
+    method: the inverse method.
+    stacked: ``(b, d, d)`` blocks, or a stacked ``Sketch`` of them.
+    shift: the damping shift per block, shape ``(b,)``.
+    d: the block size.
+    dtype: the blocks' dtype.
+
+  Returns:
+    ``(rep, ok)``: the new representations (leading axis ``b``) and the ``(b,)``
+    flags of the blocks that passed the method's own check and ``accept_refresh``.
+  """
+  rep, ok = batched_refresh(method.refresh, stacked, shift, is_batch_safe(method, d))
+  b = shift.shape[0]
+  return rep, accept_refresh(method.apply, rep, jax.ShapeDtypeStruct((b, d, d), dtype),
+                             shift, ok)
+
+
+def keep_accepted(new: Any, ok: jax.Array, old: Any) -> Any:
+  """``new`` where ``ok`` (one flag per block, the leading axis), else ``old``."""
+  return jax.tree.map(
+      lambda n, o: jnp.where(ok.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old)
+
+
 def refresh_inverses(specs, factors, weights, old_inverses, method: InverseMethod, damping,
                      abs_damping):
   """Refreshes every layer's inverse, one batched method call per (size, dtype) group.
@@ -192,18 +218,13 @@ def refresh_inverses(specs, factors, weights, old_inverses, method: InverseMetho
     shift = damping_shift(stacked, damping, abs_damping)
     if previous is not None:  # after the previous group's refresh: one at a time
       stacked, _ = jax.lax.optimization_barrier((stacked, previous))
-    rep, ok = batched_refresh(method.refresh, stacked, shift, is_batch_safe(method, d))
+    rep, ok = refresh_group(method, stacked, shift, d, dtype)
     previous = (rep, ok)
-    ok = accept_refresh(method.apply, rep,
-                                   jax.ShapeDtypeStruct((sum(sizes), d, d), dtype), shift, ok)
     failures += jnp.sum(~ok).astype(jnp.int32)
     start = 0
     for p, size in zip(paths_in_group, sizes, strict=True):
       sl = slice(start, start + size)
       start += size
-      keep = ok[sl]
-      new_inverses[p] = jax.tree.map(
-          lambda new, old, keep=keep: jnp.where(
-              keep.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
-          jax.tree.map(lambda r, sl=sl: r[sl], rep), old_inverses[p])
+      new_inverses[p] = keep_accepted(jax.tree.map(lambda r, sl=sl: r[sl], rep), ok[sl],
+                                      old_inverses[p])
   return new_inverses, failures
