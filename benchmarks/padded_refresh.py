@@ -9,7 +9,8 @@ measures one way to compile fewer: all dense (Cholesky) blocks of a model zero-p
 the widest one, ``[[G, 0], [0, 0]] + rho I``, whose inverse holds ``(G + rho I)^{-1}`` in
 its top-left corner, refreshed as one group (Nystrom and diagonal layers as before). For
 each evaluation model: the compiled step's fusions (all, and the refresh's) and compile
-time with the library's refresh and with the padded one, and the refresh's run time on
+time with the library's XLA refresh (``refresh_inverses_xla``; a CPU step now refreshes on the
+host, ``inverse/host.py``) and with the padded one, and the refresh's run time on
 random positive-definite factors (median of 5).
 """
 import json
@@ -32,7 +33,7 @@ from sngd_jax._src import statistics
 from sngd_jax._src.inverse import refresh as R
 from sngd_jax._src.inverse.base import damping_shift, symmetrize
 
-orig = R.refresh_inverses
+orig = R.refresh_inverses_xla  # the XLA refresh (the CPU default is now on the host)
 
 
 def padded(specs, factors, weights, old_inverses, method, damping, abs_damping):

@@ -5,7 +5,7 @@
 ``sngd_jax.inverse.auto(max_dim=1024)`` or ``sngd_jax.inverse.nystrom(rank=64)``.
 
 * Protocol: ``InverseMethod`` (``identity``, ``refresh``, ``apply``,
-  optional ``sketch`` and ``info``), ``MethodInfo``.
+  optional ``sketch``, ``info``, ``batch_safe`` and ``host``), ``MethodInfo``.
 * Exact: ``cholesky`` (the default up to 512 layer inputs, ``d = 513``), ``eigh``.
 * Iterative roots: ``denman_beavers_inverse``, ``newton_schulz_inverse``
   (``(G + rho I)^{-1} = Z Z`` from ``Z = (G + rho I)^{-1/2}``); the roots
@@ -14,6 +14,7 @@
 * Large blocks: ``nystrom`` (rank-``r`` model, Woodbury apply),
   ``block_diagonal`` (block-Jacobi), ``auto`` (the size rule).
 * Scale-out: ``shard_method`` (refresh split over devices).
+* ``xla_only``: a method whose CPU refresh stays in XLA (no host callback).
 * Damping: ``damping_shift``, ``damp``.
 """
 
@@ -24,6 +25,7 @@ from sngd_jax._src.inverse.base import damping_shift as damping_shift
 from sngd_jax._src.inverse.blocks import block_diagonal as block_diagonal
 from sngd_jax._src.inverse.dense import cholesky as cholesky
 from sngd_jax._src.inverse.dense import eigh as eigh
+from sngd_jax._src.inverse.host import xla_only as xla_only
 from sngd_jax._src.inverse.nystrom import NystromRep as NystromRep
 from sngd_jax._src.inverse.nystrom import nystrom as nystrom
 from sngd_jax._src.inverse.registry import METHODS as METHODS
@@ -58,5 +60,6 @@ __all__ = [
     "newton_schulz_inverse",
     "nystrom",
     "shard_method",
+    "xla_only",
     "sqrt_and_inv_sqrt",
 ]

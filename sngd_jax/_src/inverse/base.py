@@ -76,6 +76,10 @@ class InverseMethod(NamedTuple):
       of size ``d`` calls no library kernel that splits a batch over XLA:CPU's
       thread pool (LAPACK), so that a whole group may go to one call on CPU too
       (``refresh.batched_refresh``). Absent: False for every ``d``.
+    host: optional; ``host(d)`` -> a ``HostMethod`` (``inverse/host.py``): the
+      NumPy twin of ``refresh`` and ``apply`` for blocks of size ``d``, or None.
+      On CPU, a refresh whose every group has one runs on the host in one
+      ``jax.pure_callback`` instead of compiling to XLA kernels. Absent: XLA.
 
   A method is part of the optimizer state's tree structure (the static
   configuration), compared by identity. The factories of ``sngd_jax.inverse``
@@ -90,11 +94,17 @@ class InverseMethod(NamedTuple):
   sketch: Optional[Callable[[int, Any], Optional[jax.Array]]] = None
   info: Optional[Callable[[int], MethodInfo]] = None
   batch_safe: Optional[Callable[[int], bool]] = None
+  host: Optional[Callable[[int], Any]] = None
 
 
 def is_batch_safe(method: InverseMethod, d: int) -> bool:
   """``method.batch_safe(d)``, False for a method without it."""
   return bool(method.batch_safe(d)) if method.batch_safe is not None else False
+
+
+def host_of(method: InverseMethod, d: int) -> Any:
+  """``method.host(d)`` (a ``host.HostMethod``), None for a method without it."""
+  return method.host(d) if method.host is not None else None
 
 
 def describe(method: InverseMethod, d: int) -> MethodInfo:
@@ -162,13 +172,17 @@ def frobenius_norm(a: jax.Array) -> jax.Array:
 
 
 def all_finite(x: jax.Array, axis=None) -> jax.Array:
-  """``all(isfinite(x))`` along ``axis``, as one float reduction: ``isfinite(max |x|)``.
+  """``all(isfinite(x))`` along ``axis``, as one float reduction: ``isfinite(sum(0 * x))``.
 
-  The same flags (``max`` propagates NaN, and ``|x|`` of a finite ``x`` is
-  finite), from one reduction kernel: XLA:CPU splits a predicate reduction
-  into several kernels, and every kernel adds to the compile time of the step.
+  ``0 * x`` is 0 for a finite entry and NaN for a NaN or an infinity, and a sum
+  propagates NaN, so the flags are exact (no overflow: every term is 0), from
+  one reduction kernel: XLA:CPU splits a predicate reduction into several
+  kernels, and every kernel adds to the compile time of the step. Not a
+  ``max``: XLA:CPU (jaxlib 0.10.2) drops NaN from ``max`` reductions over 4096
+  or more entries (``jnp.max`` of a ``600 x 128`` array holding one NaN is
+  finite; ``docs/known-issues.md``).
   """
-  return jnp.isfinite(jnp.max(jnp.abs(x), axis=axis, initial=0))  # empty: True
+  return jnp.isfinite(jnp.sum(x * jnp.zeros((), x.dtype), axis=axis))  # empty: True
 
 
 def all_finite_per_block(x: jax.Array) -> jax.Array:

@@ -13,6 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from sngd_jax._src.inverse import host as host_lib
 from sngd_jax._src.inverse.base import (
     HIGHEST,
     InverseMethod,
@@ -105,7 +106,8 @@ def cholesky() -> InverseMethod:
   """Cholesky: exact, the cheapest dense method (the default up to ``max_dim``)."""
   info = lambda d: MethodInfo("cholesky", d ** 3 / 3 + 2 * d ** 3, dense_apply_flops(d))
   return InverseMethod(dense_identity, cholesky_refresh, dense_apply, info=info,
-                       batch_safe=lambda d: d <= SMALL_DIM)
+                       batch_safe=lambda d: d <= SMALL_DIM,
+                       host=lambda d: host_lib.cholesky(SMALL_DIM))
 
 
 @functools.cache  # equal arguments, one method: see base.InverseMethod

@@ -38,11 +38,12 @@ def refresh(factor: jax.Array, damping, abs_damping) -> tuple[jax.Array, jax.Arr
 
   Returns:
     ``(1 / (f + damping * sum(f) + abs_damping), ok)``; ``ok`` is a scalar
-    bool, False when the result is not finite.
+    bool, False when the result or the shift is not finite (an infinite entry of
+    ``f`` would otherwise give the finite inverse 0 for every row).
   """
   shift = damping * jnp.sum(factor) + abs_damping
   inverse = 1.0 / (factor + jnp.asarray(shift, factor.dtype))
-  return inverse, all_finite(inverse)
+  return inverse, all_finite(inverse) & jnp.isfinite(shift)
 
 
 def apply(inverse: jax.Array, g: jax.Array) -> jax.Array:

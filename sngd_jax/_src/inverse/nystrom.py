@@ -37,6 +37,7 @@ import numpy as np
 
 from sngd_jax._src import sketch as sketch_lib
 from sngd_jax._src.inverse import base
+from sngd_jax._src.inverse import host as host_lib
 from sngd_jax._src.inverse.base import HIGHEST
 
 DEFAULT_RANK = 128
@@ -221,7 +222,9 @@ def nystrom(rank: int = DEFAULT_RANK, seed: int = 0, tail: str = "mean") -> base
     r = min(rank, d)
     return base.MethodInfo(f"nystrom(rank={r})", refresh_flops(d, r), apply_flops(d, r))
 
-  return base.InverseMethod(identity, refresh, apply, sketch, info)
+  return base.InverseMethod(identity, refresh, apply, sketch, info,
+                            host=lambda d: host_lib.nystrom(rank, seed, tail, _test_matrix_np,
+                                                           NystromRep))
 
 
 def refresh_flops(d: int, rank: int, from_sketch: bool = False) -> float:

@@ -42,6 +42,7 @@ import numpy as np
 from sngd_jax._src import sketch as sketch_lib
 from sngd_jax._src import statistics
 from sngd_jax._src.inverse import diagonal as diagonal_lib
+from sngd_jax._src.inverse import host as host_lib
 from sngd_jax._src.inverse.base import (
   InverseMethod,
   all_finite_per_block,
@@ -173,6 +174,12 @@ def refresh_inverses(specs, factors, weights, old_inverses, method: InverseMetho
                      abs_damping):
   """Refreshes every layer's inverse, one batched method call per (size, dtype) group.
 
+  On CPU, where every group's method has a NumPy twin (``InverseMethod.host``:
+  ``cholesky``, ``nystrom``, ``auto``), the whole refresh runs on the host in one
+  ``jax.pure_callback`` (``inverse/host.py``: the same results to rounding, a
+  fraction of the compile time); elsewhere, and on GPU and TPU, in XLA
+  (``refresh_inverses_xla``).
+
   Args:
     specs: the layers, by path.
     factors: the running factors ``G_t`` (arrays or sketches), by path.
@@ -186,6 +193,19 @@ def refresh_inverses(specs, factors, weights, old_inverses, method: InverseMetho
     ``(inverses, failures)``: the new representations by path and the number
     of rejected blocks (int32).
   """
+  the_plan = host_lib.plan(specs, factors, method) if host_lib.HOST_REFRESH else None
+  args = (specs, factors, weights, old_inverses, method, damping, abs_damping)
+  if the_plan is None:
+    return refresh_inverses_xla(*args)
+  return jax.lax.platform_dependent(
+      cpu=lambda: host_lib.refresh_inverses(the_plan, factors, weights, old_inverses, damping,
+                                            abs_damping),
+      default=lambda: refresh_inverses_xla(*args))
+
+
+def refresh_inverses_xla(specs, factors, weights, old_inverses, method: InverseMethod, damping,
+                         abs_damping):
+  """``refresh_inverses`` compiled to XLA kernels (the arguments and results are the same)."""
   groups: dict[tuple[int, Any, bool], list[str]] = {}
   new_inverses, failures = {}, jnp.zeros((), jnp.int32)
   for path, spec in specs.items():

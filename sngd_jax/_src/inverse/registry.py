@@ -19,7 +19,7 @@ from typing import Union
 from sngd_jax._src import sketch as sketch_lib
 from sngd_jax._src.inverse import dense, roots
 from sngd_jax._src.inverse import nystrom as nystrom_lib
-from sngd_jax._src.inverse.base import InverseMethod, describe, is_batch_safe
+from sngd_jax._src.inverse.base import InverseMethod, describe, host_of, is_batch_safe
 from sngd_jax._src.inverse.blocks import block_diagonal
 
 AUTO_MAX_DIM = 512
@@ -82,6 +82,7 @@ def auto(max_dim: int = AUTO_MAX_DIM, large: str = "nystrom",
       sketch=sketch,
       info=lambda d: describe(pick(d), d),
       batch_safe=lambda d: is_batch_safe(pick(d), d),
+      host=lambda d: host_of(pick(d), d),
   )
 
 

@@ -75,7 +75,8 @@ def shard_method(method: InverseMethod, axis_name: Optional[AxisName] = None,
 
   Returns:
     The same method with ``refresh`` split; ``identity`` and ``apply`` are
-    unchanged. The refreshed representation is replicated.
+    unchanged. The refreshed representation is replicated. Without a NumPy twin
+    (``InverseMethod.host``): the split refresh runs in XLA on every platform.
   """
   if axis_name is not None:
     def refresh(stacked, shift):
@@ -91,4 +92,4 @@ def shard_method(method: InverseMethod, axis_name: Optional[AxisName] = None,
       fn = jax.shard_map(lambda s, r: split_refresh(method.refresh, s, r, axes), mesh=mesh,
                          in_specs=(PartitionSpec(), PartitionSpec()), out_specs=PartitionSpec())
       return fn(stacked, shift)
-  return method._replace(refresh=refresh)
+  return method._replace(refresh=refresh, host=None)
