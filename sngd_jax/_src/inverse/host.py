@@ -213,7 +213,8 @@ def nystrom(rank: int, seed: int, tail: str, test_matrix: Callable[[int, int, in
 # The whole refresh (refresh.refresh_inverses) in one callback
 
 
-def _probe(d: int, dtype) -> np.ndarray:
+def probe(d: int, dtype) -> np.ndarray:
+  """``refresh.accept_refresh``'s probe ``v`` (``||v|| = 1``, every entry positive)."""
   v = np.cos(np.arange(1, d + 1, dtype=np.float64) * 1.3) + 1.5
   return (v / np.linalg.norm(v)).astype(dtype)
 
@@ -222,7 +223,7 @@ def accept(host: HostMethod, rep: Any, d: int, dtype, shift: np.ndarray,
            ok: np.ndarray) -> np.ndarray:
   """``refresh.accept_refresh`` on host arrays (the same rule, see its docstring)."""
   b = shift.shape[0]
-  v = np.broadcast_to(_probe(d, dtype)[None, :, None], (b, d, 1))
+  v = np.broadcast_to(probe(d, dtype)[None, :, None], (b, d, 1))
   y = host.apply(rep, v)[..., 0].astype(dtype)
   inv_shift = (1.0 / shift.astype(dtype)).astype(dtype)
   positive = np.einsum("bd,bd->b", v[..., 0], y) > 0

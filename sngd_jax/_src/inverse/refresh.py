@@ -55,10 +55,10 @@ from sngd_jax._src.inverse.base import (
 def _probe(d: int, dtype) -> jax.Array:
   """A fixed probe vector with no structure aligned to the axes, ``||v|| = 1``.
 
-  A constant of the compiled program (computed here in numpy): no kernel.
+  A constant of the compiled program (computed in numpy, ``host.probe``, which the
+  host refresh shares): no kernel.
   """
-  v = np.cos(np.arange(1, d + 1, dtype=np.float64) * 1.3) + 1.5
-  return jnp.asarray(v / np.linalg.norm(v), dtype)
+  return jnp.asarray(host_lib.probe(d, np.float64), dtype)
 
 
 def accept_refresh(apply_fn, rep: Any, blocks: jax.Array | jax.ShapeDtypeStruct,
