@@ -699,6 +699,32 @@ def test_in_range_matches_numpy():
   assert bool(statistics.in_range(jnp.asarray(off_diagonal)))
 
 
+@pytest.mark.parametrize("d", [5, 300, 1100])  # 1100: the mask built in the program
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_checked_trace_is_the_trace_and_the_finiteness(d, dtype):
+  """statistics.total_trace (one reduction: the range check, outlier limit and prior share
+  it) is each block's trace, and not finite when any entry of any block is not, at sizes
+  past XLA:CPU's NaN-dropping reductions (docs/known-issues.md)."""
+  rng = np.random.default_rng(d)
+  stack = rng.standard_normal((2, d, d)).astype(np.float32)
+  stack = np.asarray(jnp.asarray(stack, dtype).astype(jnp.float32))  # exact in `dtype`
+  want = np.trace(stack.astype(np.float64), axis1=-2, axis2=-1)
+  got = np.asarray(statistics.checked_block_trace(jnp.asarray(stack, dtype)), np.float64)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  atol = tol * np.abs(stack).sum(axis=(1, 2)).max() / d
+  np.testing.assert_allclose(got, want, rtol=tol, atol=atol)
+  np.testing.assert_allclose(float(statistics.total_trace(jnp.asarray(stack[0], dtype))), want[0],
+                             rtol=tol, atol=tol * np.abs(stack[0]).sum() / d)
+  for bad in (np.nan, np.inf, -np.inf):
+    broken = stack.copy()
+    broken[1, d - 1, d // 2] = bad  # off the diagonal, in the second block
+    blocks = np.asarray(statistics.checked_block_trace(jnp.asarray(broken, dtype)), np.float32)
+    assert np.isfinite(blocks[0]) and not np.isfinite(blocks[1]), (bad, blocks)
+    assert not bool(statistics.in_range(jnp.asarray(broken, dtype)))
+    # The prior shares the reduction; a non-finite estimate is rejected before it is used.
+    assert bool(statistics.in_range(jnp.asarray(broken[0], dtype)))
+
+
 @pytest.mark.parametrize("fault", ["nan_grads", "scale_1e20"])
 def test_multisteps_cycle_after_a_bad_micro_batch_trains(fault):
   """MultiSteps(k=2): a bad micro-batch skips its step, and the next cycle is untouched.

@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType
 
 from sngd_jax._src import conv as conv_lib
@@ -519,7 +520,7 @@ def prior_of(prior: str, estimate, omega: Optional[jax.Array] = None):
   if prior == "identity":
     return jnp.broadcast_to(eye, estimate.shape)
   if prior == "scaled_identity":
-    scale = sketch_lib.block_trace(estimate) / d
+    scale = checked_block_trace(estimate) / d  # the range check's reduction (one kernel)
     return scale[..., None, None] * eye
   if prior == "none":
     return jnp.zeros_like(estimate)
@@ -569,10 +570,40 @@ it), so a factor within this margin cannot overflow downstream.
 """
 
 
+def checked_block_trace(g: jax.Array) -> jax.Array:
+  """``tr(G)`` of each block of a dense ``(..., d, d)`` stack, non-finite if any entry is.
+
+  ``sum_ij [i = j] G_ij + [i != j] 0 * G_ij``: the off-diagonal entries add
+  ``0`` when finite and NaN when not (``0 * inf`` is NaN), so one reduction over
+  the block gives both its trace and its finiteness. It cannot overflow for
+  finite entries unless the trace itself does (then it is infinite, and out of
+  range). Shape ``g.shape[:-2]``.
+
+  Up to ``d = 1024`` the mask is a constant of the program (at most 4 MiB in
+  float32), and XLA:CPU compiles the product and the sum as one library
+  reduction, without generating code for it; above, it is built in the program.
+  """
+  d = g.shape[-1]
+  if d <= _CONSTANT_EYE_MAX_DIM:
+    return jnp.sum(g * np.eye(d, dtype=g.dtype), axis=(-2, -1))
+  return jnp.sum(jnp.where(jnp.eye(d, dtype=bool), g, 0 * g), axis=(-2, -1))
+
+
+_CONSTANT_EYE_MAX_DIM = 1024
+
+
 def total_trace(stat) -> jax.Array:
-  """``tr(G)`` summed over blocks: dense ``(..., d, d)``, a diagonal ``(V,)`` or a sketch."""
-  if sketch_lib.is_sketch(stat) or stat.ndim >= 2:
-    return sketch_lib.trace(stat)
+  """``tr(G)`` summed over blocks, non-finite if any entry of the statistic is.
+
+  For a dense ``(..., d, d)`` stack ``checked_block_trace``; for a diagonal
+  ``(V,)`` its sum; for a ``sngd_jax.Sketch`` its recorded trace plus
+  ``0 * sum(G Omega)``. One reduction per leaf, so the range check, the
+  outlier limit and the scaled-identity prior share it.
+  """
+  if sketch_lib.is_sketch(stat):
+    return jnp.sum(stat.trace) + 0 * jnp.sum(stat.y)
+  if stat.ndim >= 2:
+    return jnp.sum(checked_block_trace(stat))
   return jnp.sum(stat)
 
 
@@ -585,10 +616,9 @@ def in_range(stat) -> jax.Array:
   and a running factor restored from elsewhere may hold anything; either would
   otherwise make every later refresh fail.
 
-  Cost: one float sum per leaf, of the leaf divided by its size (the mean,
-  summed so that it cannot overflow for finite entries: each partial sum is
-  at most the largest ``|entry|``), and the trace. Both are over the small
-  statistic (``d x d``, ``d x r`` or ``V``), never over the activations.
+  Cost: one reduction per leaf over the small statistic (``d x d``, ``d x r``
+  or ``V``), never over the activations: ``total_trace``, which is not finite
+  when an entry is not (a NaN fails the comparison).
 
   Args:
     stat: a (stack of) dense factor(s), a diagonal, or a ``sngd_jax.Sketch``.
@@ -596,10 +626,8 @@ def in_range(stat) -> jax.Array:
   Returns:
     A bool scalar.
   """
-  leaves = jax.tree.leaves(stat)
-  finite = [jnp.isfinite(jnp.sum(leaf / leaf.size)) for leaf in leaves]
-  bound = jnp.finfo(leaves[0].dtype).max / HEADROOM
-  return jnp.all(jnp.stack(finite)) & (jnp.abs(total_trace(stat)) <= bound)
+  bound = jnp.finfo(jax.tree.leaves(stat)[0].dtype).max / HEADROOM
+  return jnp.abs(total_trace(stat)) <= bound
 
 
 def restart_if_out_of_range(factor, weight: jax.Array):
