@@ -117,6 +117,26 @@ def dense_apply_flops(d: int) -> float:
   return 2.0 * d * d
 
 
+def layer_groups(specs, factors) -> tuple[list[str], dict[tuple[int, Any, bool], list[str]]]:
+  """How a refresh batches the layers: ``(diagonal, groups)``.
+
+  ``diagonal`` lists the layers whose factor is a diagonal (embeddings, refreshed
+  elementwise); ``groups`` maps ``(d, dtype, sketched)`` to the layers refreshed
+  together in one batched method call, in the order of ``specs``. The XLA refresh
+  (``refresh.refresh_inverses_xla``) and the host refresh (``host.plan``) batch
+  by this one rule.
+  """
+  diagonal, groups = [], {}
+  for path, spec in specs.items():
+    if spec.structure == "diagonal":
+      diagonal.append(path)
+      continue
+    key = (spec.dim, jax.tree.leaves(factors[path])[0].dtype,
+           sketch_lib.is_sketch(factors[path]))
+    groups.setdefault(key, []).append(path)
+  return diagonal, groups
+
+
 def symmetrize(g: jax.Array) -> jax.Array:
   """``(G + G^T) / 2`` over the last two axes."""
   return 0.5 * (g + jnp.swapaxes(g, -1, -2))

@@ -40,6 +40,7 @@ import numpy as np
 import scipy.linalg
 
 from sngd_jax._src import sketch as sketch_lib
+from sngd_jax._src.inverse.base import layer_groups
 
 HOST_REFRESH = True
 """Whether a CPU refresh of host-capable methods runs on the host (the XLA path if False)."""
@@ -262,15 +263,9 @@ def plan(specs, factors, method) -> Optional[Plan]:
   """
   if method.host is None:
     return None
-  diagonal, groups = [], {}
-  for path, spec in specs.items():
-    dtype = jax.tree.leaves(factors[path])[0].dtype
-    if dtype != jnp.float32:
-      return None
-    if spec.structure == "diagonal":
-      diagonal.append(path)
-      continue
-    groups.setdefault((spec.dim, dtype, sketch_lib.is_sketch(factors[path])), []).append(path)
+  if any(jax.tree.leaves(factors[path])[0].dtype != jnp.float32 for path in specs):
+    return None
+  diagonal, groups = layer_groups(specs, factors)
   out = []
   for (d, dtype, sketched), paths in groups.items():
     host = method.host(d)
@@ -324,8 +319,6 @@ def refresh_inverses(the_plan: Plan, factors, weights, old_inverses, damping, ab
   """``refresh.refresh_inverses`` as one ``jax.pure_callback`` (see the module docstring)."""
   shapes = (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), old_inverses),
             jax.ShapeDtypeStruct((), jnp.int32))
-  dtype = jnp.result_type(*[jax.tree.leaves(f)[0].dtype for f in factors.values()]) \
-      if factors else jnp.float32
 
   def callback(factors, weights, old_inverses, damping, abs_damping):
     # NumPy from here on: outside `jit` (an eager `update`) the callback receives
@@ -338,7 +331,8 @@ def refresh_inverses(the_plan: Plan, factors, weights, old_inverses, damping, ab
     return new, np.asarray(failures, np.int32)
 
   return jax.pure_callback(callback, shapes, factors, weights, old_inverses,
-                           jnp.asarray(damping, dtype), jnp.asarray(abs_damping, dtype),
+                           jnp.asarray(damping, jnp.float32),  # `plan`: float32 factors
+                           jnp.asarray(abs_damping, jnp.float32),
                            vmap_method="sequential")
 
 

@@ -39,7 +39,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sngd_jax._src import sketch as sketch_lib
 from sngd_jax._src import statistics
 from sngd_jax._src.inverse import diagonal as diagonal_lib
 from sngd_jax._src.inverse import host as host_lib
@@ -48,6 +47,7 @@ from sngd_jax._src.inverse.base import (
   all_finite_per_block,
   damping_shift,
   is_batch_safe,
+  layer_groups,
   symmetrize,
 )
 
@@ -206,18 +206,13 @@ def refresh_inverses(specs, factors, weights, old_inverses, method: InverseMetho
 def refresh_inverses_xla(specs, factors, weights, old_inverses, method: InverseMethod, damping,
                          abs_damping):
   """``refresh_inverses`` compiled to XLA kernels (the arguments and results are the same)."""
-  groups: dict[tuple[int, Any, bool], list[str]] = {}
+  diagonal, groups = layer_groups(specs, factors)
   new_inverses, failures = {}, jnp.zeros((), jnp.int32)
-  for path, spec in specs.items():
-    if spec.structure == "diagonal":
-      rep, ok = diagonal_lib.refresh(statistics.normalized(factors[path], weights[path]),
-                                     damping, abs_damping)
-      new_inverses[path] = jnp.where(ok, rep, old_inverses[path])
-      failures += (~ok).astype(jnp.int32)
-      continue
-    sketched = sketch_lib.is_sketch(factors[path])
-    dtype = jax.tree.leaves(factors[path])[0].dtype
-    groups.setdefault((spec.dim, dtype, sketched), []).append(path)
+  for path in diagonal:
+    rep, ok = diagonal_lib.refresh(statistics.normalized(factors[path], weights[path]),
+                                   damping, abs_damping)
+    new_inverses[path] = jnp.where(ok, rep, old_inverses[path])
+    failures += (~ok).astype(jnp.int32)
   # The groups are refreshed one after another (a data dependence through
   # optimization_barrier), never concurrently: on XLA:CPU (jaxlib 0.10.2) a batched LAPACK
   # call splits its batch over XLA's thread pool and blocks its own pool thread until the
