@@ -693,6 +693,9 @@ def test_in_range_matches_numpy():
   assert not bool(statistics.in_range(sngd_jax.Sketch(jnp.asarray(y).at[1, 1].set(jnp.inf),
                                                       jnp.float32(3.0))))
   assert not bool(statistics.in_range(sngd_jax.Sketch(jnp.asarray(y), jnp.float32(big))))
+  # A sketch of finite entries whose plain sum overflows is in range (its trace is 3).
+  assert bool(statistics.in_range(sngd_jax.Sketch(jnp.full((64, 8), big / 4, jnp.float32),
+                                                  jnp.float32(3.0))))
   # The finiteness sum cannot overflow: finite entries whose plain sum does still pass.
   off_diagonal = np.full((64, 64), big / 4, np.float32) * (1 - np.eye(64, dtype=np.float32))
   assert not np.isfinite(off_diagonal.sum(dtype=np.float32))

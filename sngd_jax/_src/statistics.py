@@ -597,11 +597,11 @@ def total_trace(stat) -> jax.Array:
 
   For a dense ``(..., d, d)`` stack ``checked_block_trace``; for a diagonal
   ``(V,)`` its sum; for a ``sngd_jax.Sketch`` its recorded trace plus
-  ``0 * sum(G Omega)``. One reduction per leaf, so the range check, the
+  ``sum(0 * G Omega)``. One reduction per leaf, so the range check, the
   outlier limit and the scaled-identity prior share it.
   """
   if sketch_lib.is_sketch(stat):
-    return jnp.sum(stat.trace) + 0 * jnp.sum(stat.y)
+    return jnp.sum(stat.trace) + jnp.sum(0 * stat.y)  # 0 * each entry: no overflow
   if stat.ndim >= 2:
     return jnp.sum(checked_block_trace(stat))
   return jnp.sum(stat)
