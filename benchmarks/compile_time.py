@@ -3,6 +3,7 @@
     python3 -m benchmarks.compile_time                       # every model, 3 rounds
     python3 -m benchmarks.compile_time --models mlp --rounds 1 --parts
     python3 -m benchmarks.compile_time --profile      # where XLA:CPU spends the compile time
+    python3 -m benchmarks.compile_time --reductions   # a trace-and-finiteness check, by form
 
 For each model the whole jitted training step (forward, backward, optimizer
 update, parameter update) is lowered and compiled with
@@ -157,6 +158,40 @@ PHASES = {
 """XLA:CPU's compile phases, by the names of its profiler events (jaxlib 0.10)."""
 
 
+def reduction_forms(sizes=(257, 513, 1025), rounds: int = 5) -> list[dict[str, Any]]:
+  """Compile time of a factor's trace-and-finiteness check, alone in a program, by form.
+
+  ``slice``: the form before ``792810d``, a finiteness sum plus the trace as a strided
+  slice and a sum; ``where``: one masked sum with the mask built in the program
+  (``statistics.checked_block_trace`` above ``d = 1024``); ``constant``: one sum of the
+  factor times a constant identity (``checked_block_trace`` up to ``d = 1024``).
+  Minimum of ``rounds`` compiles each (caches cleared), and the compiled fusions.
+  """
+  out = []
+  for d in sizes:
+    eye = np.eye(d, dtype=np.float32)
+    forms = {
+        "slice": lambda g, d=d: (jnp.isfinite(jnp.sum(g / g.size)),
+                                 jnp.sum(g.reshape(-1)[::d + 1])),
+        "where": lambda g, d=d: jnp.sum(jnp.where(jnp.eye(d, dtype=bool), g, 0 * g)),
+        "constant": lambda g, eye=eye: jnp.sum(g * eye),
+    }
+    g = jnp.ones((d, d), jnp.float32)
+    for name, fn in forms.items():
+      seconds = []
+      for r in range(rounds):
+        jax.clear_caches()
+        t0 = time.perf_counter()
+        compiled = jax.jit(fn).lower(g + r).compile()
+        seconds.append(time.perf_counter() - t0)
+      text = compiled.as_text()
+      entry = text[text.index("ENTRY"):]
+      fusions = re.findall(r"%([\w.\-]+) = \S+ fusion\(", entry)
+      out.append({"d": d, "form": name, "compile_ms_min": 1000 * min(seconds),
+                  "compile_ms_all": [1000 * t for t in seconds], "fusions": fusions})
+  return out
+
+
 def compile_phases(trace_dir: str, hlo_text: Optional[str] = None) -> dict[str, Any]:
   """Milliseconds per compile phase (``PHASES``) in a ``jax.profiler`` trace of one compile.
 
@@ -275,12 +310,25 @@ def main(argv=None) -> int:
                  help="only: XLA:CPU's compile phases for SGD momentum and SNGD (compile_phases)")
   p.add_argument("--scaling", action="store_true",
                  help="only: compile time against the number of kernels (kernel_scaling)")
+  p.add_argument("--reductions", action="store_true",
+                 help="only: a factor's trace-and-finiteness check by form (reduction_forms)")
   args = p.parse_args(argv)
   jax.config.update("jax_enable_compilation_cache", False)
   if args.profile:
     out = args.out if args.out != p.get_default("out") else os.path.join(
         HERE, "results", "compile_profile.json")
     return _profile_main(args.models.split(","), out)
+  if args.reductions:
+    rows = reduction_forms()
+    out = args.out if args.out != p.get_default("out") else os.path.join(
+        HERE, "results", "compile_reductions.json")
+    with open(out, "w") as f:
+      json.dump({"machine": harness.machine_info(), "command": " ".join(sys.argv),
+                 "rows": rows}, f, indent=1)
+    print("| d | form | compile ms (min of 5) | fusions |\n|---|---|---|---|")
+    for r in rows:
+      print(f"| {r['d']} | {r['form']} | {r['compile_ms_min']:.0f} | {', '.join(r['fusions'])} |")
+    return 0
   if args.scaling:
     for n, fusions, seconds in kernel_scaling():
       print(f"{n} reductions: {fusions} fusions, compiled in {seconds:.2f} s")
@@ -289,6 +337,9 @@ def main(argv=None) -> int:
       "sgd(momentum)": lambda: (None, optax.sgd(0.01, momentum=0.9)),
       "adam": lambda: (None, optax.adam(1e-3)),
       "sngd_momentum": lambda: (sngd_jax.sngd(), optax.sgd(0.01, momentum=0.9)),
+      "sngd_momentum (host refresh)": lambda: (
+          sngd_jax.sngd(inverse=sngd_jax.inverse.host_refresh(sngd_jax.inverse.auto())),
+          optax.sgd(0.01, momentum=0.9)),
   }
   parts = _passthrough_parts() if args.parts else {}
   rows = []

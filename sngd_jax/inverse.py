@@ -14,7 +14,9 @@
 * Large blocks: ``nystrom`` (rank-``r`` model, Woodbury apply),
   ``block_diagonal`` (block-Jacobi), ``auto`` (the size rule).
 * Scale-out: ``shard_method`` (refresh split over devices).
-* ``xla_only``: a method whose CPU refresh stays in XLA (no host callback).
+* ``host_refresh``: opt-in, a method whose CPU refresh runs in NumPy/LAPACK in one host
+  callback (faster compile; the step then runs synchronously); ``xla_only``: one
+  whose CPU refresh stays in XLA even then.
 * Damping: ``damping_shift``, ``damp``.
 """
 
@@ -25,6 +27,7 @@ from sngd_jax._src.inverse.base import damping_shift as damping_shift
 from sngd_jax._src.inverse.blocks import block_diagonal as block_diagonal
 from sngd_jax._src.inverse.dense import cholesky as cholesky
 from sngd_jax._src.inverse.dense import eigh as eigh
+from sngd_jax._src.inverse.host import host_refresh as host_refresh
 from sngd_jax._src.inverse.host import xla_only as xla_only
 from sngd_jax._src.inverse.nystrom import NystromRep as NystromRep
 from sngd_jax._src.inverse.nystrom import nystrom as nystrom
@@ -56,6 +59,7 @@ __all__ = [
     "denman_beavers_inverse",
     "eigh",
     "eigh_roots",
+    "host_refresh",
     "newton_schulz",
     "newton_schulz_inverse",
     "nystrom",

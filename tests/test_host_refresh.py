@@ -23,7 +23,7 @@ from sngd_jax._src.inverse import host as host_lib
 from sngd_jax._src.inverse import nystrom as nystrom_lib
 from sngd_jax._src.inverse import refresh as refresh_lib
 
-AUTO = sngd_jax.inverse.auto()
+AUTO = sngd_jax.inverse.host_refresh(sngd_jax.inverse.auto())  # the opt-in host path
 
 
 def _layers(kinds, seed=0):
@@ -166,6 +166,12 @@ def test_cpu_program_has_one_callback_and_no_lapack_call():
   assert len(targets) == 1 and "callback" in targets[0] and not loop
   targets, loop = calls(sngd_jax.inverse.xla_only(AUTO))
   assert any("potrf" in t for t in targets) and not any("callback" in t for t in targets)
+  # Opt-in: the default method's CPU program holds no callback (XLA:CPU would run the
+  # whole step synchronously), and host_refresh needs NumPy twins.
+  assert calls(sngd_jax.inverse.auto())[0] == targets
+  assert sngd_jax.inverse.xla_only(AUTO) == sngd_jax.inverse.xla_only(sngd_jax.inverse.auto())
+  with pytest.raises(ValueError, match="host_refresh needs a method with NumPy twins"):
+    sngd_jax.inverse.host_refresh(sngd_jax.inverse.eigh())
   with mock.patch.object(host_lib, "HOST_REFRESH", False):
     assert calls(AUTO)[0] == targets
   assert sngd_jax.inverse.xla_only(AUTO) is sngd_jax.inverse.xla_only(AUTO)
@@ -283,7 +289,7 @@ def test_eager_update_refreshes_on_the_host():
   params = specs_model.init(jax.random.key(1), tokens, x)["params"]
   loss = lambda p, t, x, y: jnp.mean((specs_model.apply({"params": p}, t, x) - y) ** 2)
   grads, acts = jax.grad(sngd_jax.capture(loss, outputs=True), has_aux=True)(params, tokens, x, y)
-  tx = sngd_jax.sngd(inverse_every=1, factor_every=1)
+  tx = sngd_jax.sngd(inverse_every=1, factor_every=1, inverse=AUTO)
   state = tx.init(params)
   eager, _ = tx.update(grads, state, params, activations=acts)
   jitted, _ = jax.jit(lambda g, s, p, a: tx.update(g, s, p, activations=a))(

@@ -78,8 +78,11 @@ class InverseMethod(NamedTuple):
       (``refresh.batched_refresh``). Absent: False for every ``d``.
     host: optional; ``host(d)`` -> a ``HostMethod`` (``inverse/host.py``): the
       NumPy twin of ``refresh`` and ``apply`` for blocks of size ``d``, or None.
-      On CPU, a refresh whose every group has one runs on the host in one
-      ``jax.pure_callback`` instead of compiling to XLA kernels. Absent: XLA.
+    use_host: whether the CPU refresh uses the twins (``host_refresh(method)``
+      sets it; False by default): a refresh whose every group has a twin then
+      runs on the host in one ``jax.pure_callback`` instead of compiling to XLA
+      kernels. Off by default because XLA:CPU runs a program that holds a host
+      callback synchronously (``docs/performance.md``, *Compile time*).
 
   A method is part of the optimizer state's tree structure (the static
   configuration), compared by identity. The factories of ``sngd_jax.inverse``
@@ -95,6 +98,7 @@ class InverseMethod(NamedTuple):
   info: Optional[Callable[[int], MethodInfo]] = None
   batch_safe: Optional[Callable[[int], bool]] = None
   host: Optional[Callable[[int], Any]] = None
+  use_host: bool = False
 
 
 def is_batch_safe(method: InverseMethod, d: int) -> bool:

@@ -17,15 +17,17 @@ agree to floating-point rounding (``tests/test_host_refresh.py`` checks every
 layer kind, rejected blocks and non-finite factors against it and against
 float64 references). A method takes part through the optional
 ``InverseMethod.host(d)`` field, which ``cholesky``, ``nystrom`` and ``auto``
-set; a refresh that involves any other method (a custom one, ``eigh``, the
-iterative roots, ``shard_refresh``), or factors other than float32, runs in
-XLA as before, and so does every refresh on GPU and TPU
-(``jax.lax.platform_dependent``).
+set, and is used only after ``host_refresh(method)``; a refresh that involves
+any other method (a custom one, ``eigh``, the iterative roots,
+``shard_refresh``), or factors other than float32, runs in XLA as before, and
+so does every refresh on GPU and TPU (``jax.lax.platform_dependent``).
 
 The callback makes no XLA call and so cannot meet the XLA:CPU thread-pool
 deadlock of batched LAPACK kernels (``docs/known-issues.md``). A program with
-a callback cannot be serialized by ``jax.export``: ``xla_only(method)`` (or
-``HOST_REFRESH = False``) keeps the refresh in XLA.
+a callback cannot be serialized by ``jax.export``, and XLA:CPU runs it
+synchronously (no asynchronous dispatch), so the host refresh is opt-in:
+``host_refresh(method)``; ``xla_only(method)`` (or ``HOST_REFRESH = False``)
+keeps the refresh in XLA even then.
 """
 
 from __future__ import annotations
@@ -261,7 +263,7 @@ def plan(specs, factors, method) -> Optional[Plan]:
   the tracing thread's (``with jax.enable_x64():`` is thread-local), so float64
   results could be refused at run time. float64 training keeps the XLA path.
   """
-  if method.host is None:
+  if method.host is None or not method.use_host:
     return None
   if any(jax.tree.leaves(factors[path])[0].dtype != jnp.float32 for path in specs):
     return None
@@ -337,6 +339,31 @@ def refresh_inverses(the_plan: Plan, factors, weights, old_inverses, damping, ab
 
 
 @functools.cache  # one method per argument: states of equal methods share a compiled step
+def host_refresh(method):
+  """``method`` whose refresh runs on the host on the CPU backend (opt-in).
+
+  The whole refresh of every layer becomes one ``jax.pure_callback`` into NumPy
+  and SciPy's LAPACK, which compiles to one instruction instead of dozens of
+  kernels: the SNGD step compiled 30-60% faster on the benchmark models
+  (``benchmarks/README.md``, *Compile time*). The cost: XLA:CPU runs a program
+  that holds a host callback synchronously, so ``jit`` returns only when the
+  step has finished (no asynchronous dispatch, even on steps that do not
+  refresh), which cost 4-6 ms a step on the evaluation transformer, whose step
+  has ~700 arguments. Worth it for short runs where the compile dominates. GPU
+  and TPU always compile the refresh to XLA. Example:
+  ``sngd_jax.sngd(inverse=sngd_jax.inverse.host_refresh(sngd_jax.inverse.auto()))``.
+
+  Raises:
+    ValueError: for a method without NumPy twins (only ``cholesky``,
+      ``nystrom`` and ``auto`` have them).
+  """
+  if method.host is None:
+    raise ValueError("sngd: host_refresh needs a method with NumPy twins (cholesky, nystrom "
+                     "or auto); this one has none (InverseMethod.host is None)")
+  return method._replace(use_host=True)
+
+
+@functools.cache  # one method per argument: states of equal methods share a compiled step
 def xla_only(method):
   """``method`` without its NumPy twin: its refresh compiles to XLA kernels on CPU too.
 
@@ -344,4 +371,4 @@ def xla_only(method):
   ahead-of-time compile that is serialized). Example:
   ``sngd_jax.sngd(inverse=sngd_jax.inverse.xla_only(sngd_jax.inverse.auto()))``.
   """
-  return method._replace(host=None)
+  return method._replace(host=None, use_host=False)

@@ -174,7 +174,8 @@ def refresh_inverses(specs, factors, weights, old_inverses, method: InverseMetho
                      abs_damping):
   """Refreshes every layer's inverse, one batched method call per (size, dtype) group.
 
-  On CPU, where every group's method has a NumPy twin (``InverseMethod.host``:
+  On CPU, with ``host_refresh(method)`` and where every group's method has a NumPy
+  twin (``InverseMethod.host``:
   ``cholesky``, ``nystrom``, ``auto``), the whole refresh runs on the host in one
   ``jax.pure_callback`` (``inverse/host.py``: the same results to rounding, a
   fraction of the compile time); elsewhere, and on GPU and TPU, in XLA
