@@ -348,8 +348,8 @@ def host_refresh(method):
   (``benchmarks/README.md``, *Compile time*). The cost: XLA:CPU runs a program
   that holds a host callback synchronously, so ``jit`` returns only when the
   step has finished (no asynchronous dispatch, even on steps that do not
-  refresh), which cost 4-6 ms a step on the evaluation transformer, whose step
-  has ~700 arguments. Worth it for short runs where the compile dominates. GPU
+  refresh), which cost up to 4 ms (7%) a step on the evaluation transformer,
+  whose step has ~700 arguments. Worth it for short runs where the compile dominates. GPU
   and TPU always compile the refresh to XLA. Example:
   ``sngd_jax.sngd(inverse=sngd_jax.inverse.host_refresh(sngd_jax.inverse.auto()))``.
 
