@@ -333,9 +333,10 @@ def run_steps(task: eval_tasks.EvalTask, opt: str, lr: float, seed: int,
     if pre is not None:
       diag = make_step(task, pre, post, diagnose=True)
     # The runs call the jitted functions, as training code does, not `compiled`: JAX calls a
-    # `Compiled` whose program holds a host callback (SNGD's CPU refresh) through a slower
-    # Python path, ~6 ms a step on the transformer's ~700 arguments (since b366708, the
-    # `_rerun4` and `_rerun5` runs). One untimed call each fills their own caches.
+    # `Compiled` whose program holds a host callback (the opt-in host refresh; the default
+    # in the `_rerun4` and `_rerun5` runs) through a slower Python path (2.6 ms against 0.3 ms
+    # a call with 300 arguments: `benchmarks/callback_dispatch.py`). One untimed call each
+    # fills their own caches.
     with contextlib.redirect_stdout(io.StringIO()):
       for fn in (step_fn, diag):
         if fn is not None:

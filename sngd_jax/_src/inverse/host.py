@@ -45,7 +45,7 @@ from sngd_jax._src import sketch as sketch_lib
 from sngd_jax._src.inverse.base import layer_groups
 
 HOST_REFRESH = True
-"""Whether a CPU refresh of host-capable methods runs on the host (the XLA path if False)."""
+"""Whether a CPU refresh of ``host_refresh`` methods runs on the host (the XLA path if False)."""
 
 
 class HostMethod(NamedTuple):
