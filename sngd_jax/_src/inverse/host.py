@@ -26,8 +26,8 @@ The callback makes no XLA call and so cannot meet the XLA:CPU thread-pool
 deadlock of batched LAPACK kernels (``docs/known-issues.md``). A program with
 a callback cannot be serialized by ``jax.export``, and XLA:CPU runs it
 synchronously (no asynchronous dispatch), so the host refresh is opt-in:
-``host_refresh(method)``; ``xla_only(method)`` (or ``HOST_REFRESH = False``)
-keeps the refresh in XLA even then.
+``host_refresh(method)``; ``xla_only(method)`` keeps the refresh in XLA even
+then.
 """
 
 from __future__ import annotations
@@ -43,9 +43,6 @@ import scipy.linalg
 
 from sngd_jax._src import sketch as sketch_lib
 from sngd_jax._src.inverse.base import layer_groups
-
-HOST_REFRESH = True
-"""Whether a CPU refresh of ``host_refresh`` methods runs on the host (the XLA path if False)."""
 
 
 class HostMethod(NamedTuple):

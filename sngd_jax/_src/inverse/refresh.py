@@ -194,7 +194,7 @@ def refresh_inverses(specs, factors, weights, old_inverses, method: InverseMetho
     ``(inverses, failures)``: the new representations by path and the number
     of rejected blocks (int32).
   """
-  the_plan = host_lib.plan(specs, factors, method) if host_lib.HOST_REFRESH else None
+  the_plan = host_lib.plan(specs, factors, method)
   args = (specs, factors, weights, old_inverses, method, damping, abs_damping)
   if the_plan is None:
     return refresh_inverses_xla(*args)
