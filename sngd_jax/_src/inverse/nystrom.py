@@ -136,22 +136,33 @@ def from_sketch(s: sketch_lib.Sketch, seed: int = 0, tail: str = "mean",
   d, rank = y.shape[-2:]
   eps = jnp.finfo(work).eps
   omega = test_matrix(d, rank, seed, work)
-  nu = math.sqrt(d) * eps * base.frobenius_norm(y)
+  # ``|Y_ij| <= ||G||_2 <= tr G`` (``G`` PSD, ``Omega`` orthonormal): scaled by the trace,
+  # ``||Y||_F`` cannot overflow where it is representable, and it is one dot product.
+  scale = jnp.where(trace > 0, trace, jnp.ones_like(trace))
+  unit = y / scale[:, None, None]
+  nu = math.sqrt(d) * eps * scale * jnp.sqrt(jnp.einsum("bdr,bdr->b", unit, unit,
+                                                        precision=HIGHEST))
   y_nu = y + nu[:, None, None] * omega
-  core = base.symmetrize(jnp.einsum("dr,bds->brs", omega, y_nu, precision=HIGHEST))
-  chol = jnp.linalg.cholesky(core)
-  b = jnp.swapaxes(jax.scipy.linalg.solve_triangular(
-      chol, jnp.swapaxes(y_nu, -1, -2), lower=True), -1, -2)
-  gram = base.symmetrize(jnp.einsum("bdr,bds->brs", b, b, precision=HIGHEST))
-  s2, w = jnp.linalg.eigh(gram)
-  reliable = s2 > 100 * eps * jnp.max(s2, axis=-1, keepdims=True)
+  # ``core`` and ``gram`` are symmetric to rounding and only their lower triangles are
+  # read (LAPACK's potrf and syevd): no symmetrization, and ``B`` solved from the right
+  # (``B C^T = Y_nu``), so the refresh compiles no transpose kernel (XLA:CPU compiles
+  # every kernel on its own: ``benchmarks/README.md``, *Compile time*).
+  core = jnp.einsum("dr,bds->brs", omega, y_nu, precision=HIGHEST)
+  chol = jnp.linalg.cholesky(core, symmetrize_input=False)
+  b = jax.lax.linalg.triangular_solve(chol, y_nu, left_side=False, lower=True,
+                                      transpose_a=True)
+  gram = jnp.einsum("bdr,bds->brs", b, b, precision=HIGHEST)
+  s2, w = jnp.linalg.eigh(gram, symmetrize_input=False)
+  reliable = s2 > 100 * eps * s2[:, -1:]  # eigh sorts ascending: the last is the largest
   s2_safe = jnp.where(reliable, s2, 1.0)
   u = jnp.matmul(b, w, precision=HIGHEST) / jnp.sqrt(s2_safe)[:, None, :]
   u = jnp.where(reliable[:, None, :], u, 0.0)
   lam = jnp.where(reliable, jnp.maximum(s2 - nu[:, None], 0.0), 0.0)
-  kept = jnp.sum(reliable, axis=-1)
+  # both sums as one product (a reduction makes several kernels on XLA:CPU)
+  lam_sum, kept = jnp.einsum("bkr,r->kb", jnp.stack([lam, reliable.astype(work)], axis=1),
+                             jnp.ones((rank,), work), precision=HIGHEST)
   if tail == "mean":
-    rest = trace - jnp.sum(lam, axis=-1)
+    rest = trace - lam_sum
     tau = jnp.where(kept < d, jnp.maximum(rest, 0.0) / jnp.maximum(d - kept, 1), 0.0)
   else:
     tau = jnp.zeros(y.shape[:1], work)

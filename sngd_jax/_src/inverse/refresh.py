@@ -43,6 +43,7 @@ from sngd_jax._src import statistics
 from sngd_jax._src.inverse import diagonal as diagonal_lib
 from sngd_jax._src.inverse import host as host_lib
 from sngd_jax._src.inverse.base import (
+  HIGHEST,
   InverseMethod,
   all_finite_per_block,
   damping_shift,
@@ -80,8 +81,10 @@ def accept_refresh(apply_fn, rep: Any, blocks: jax.Array | jax.ShapeDtypeStruct,
   v = jnp.broadcast_to(_probe(d, dtype)[None, :, None], (b, d, 1))
   y = apply_fn(rep, v)[..., 0].astype(dtype)
   inv_shift = 1.0 / shift.astype(dtype)
-  positive = jnp.einsum("bd,bd->b", v[..., 0], y) > 0  # False for NaN
-  bounded = jnp.linalg.norm(y, axis=-1) <= 2.0 * inv_shift  # False for NaN and Inf
+  # v.y and y.y as one product (a norm's reduction makes several kernels on XLA:CPU)
+  vy, yy = jnp.einsum("kbd,bd->kb", jnp.stack([v[..., 0], y]), y, precision=HIGHEST)
+  positive = vy > 0  # False for NaN
+  bounded = jnp.sqrt(yy) <= 2.0 * inv_shift  # False for NaN and Inf
   good_shift = (shift > 0) & jnp.isfinite(inv_shift)
   small = [all_finite_per_block(leaf) for leaf in jax.tree.leaves(rep) if leaf.ndim <= 2]
   finite_small = jnp.all(jnp.stack(small), axis=0) if small else True
