@@ -30,10 +30,10 @@ def test_linear_layer_costs_match_the_formulas():
   assert c.state_bytes == 2 * d * d * 4
   assert c.allreduce_bytes == d * d * 4
   assert c.factor_flops == 2 * 128 * d * d
-  assert c.refresh_flops == pytest.approx(d ** 3 / 3 + 2 * d ** 3)
+  assert c.refresh_flops == pytest.approx(d ** 3 / 3 + 3 * d ** 3)
   assert c.apply_flops == 2 * d * d * 256
   assert c.flops_per_step == pytest.approx(
-      2 * 128 * d * d / 2 + (d ** 3 / 3 + 2 * d ** 3) / 100 + 2 * d * d * 256)
+      2 * 128 * d * d / 2 + (d ** 3 / 3 + 3 * d ** 3) / 100 + 2 * d * d * 256)
 
 
 def test_default_rule_is_nystrom_above_512():

@@ -14,8 +14,9 @@ as ``b`` blocks (``b = 1`` for ``fisher="linear"``, ``b = O`` for ``"rfim"``),
   all-gather of the inverse per refresh;
 * compute: the batch estimate ``2 n b d^2`` flops per factor update
   (``4 n d r + 2 n d`` sketched), the
-  refresh per inverse update (``"cholesky"``: Cholesky ``d^3/3`` plus two
-  triangular solves against ``I``, ``2 d^3``, per block), and the
+  refresh per inverse update (``"cholesky"``: Cholesky ``d^3/3``, the
+  triangular inverse ``L^{-1}``, ``d^3``, and the product ``L^{-T} L^{-1}``,
+  ``2 d^3``, per block), and the
   preconditioning ``2 d^2 O`` per step.
 
 Amortized per step: ``factor / factor_every + refresh / inverse_every + apply``.

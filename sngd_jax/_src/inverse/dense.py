@@ -106,7 +106,7 @@ def eigh_refresh(g: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array]:
 @functools.cache  # equal arguments, one method: see base.InverseMethod
 def cholesky() -> InverseMethod:
   """Cholesky: exact, the cheapest dense method (the default up to ``max_dim``)."""
-  info = lambda d: MethodInfo("cholesky", d ** 3 / 3 + 2 * d ** 3, dense_apply_flops(d))
+  info = lambda d: MethodInfo("cholesky", d ** 3 / 3 + 3 * d ** 3, dense_apply_flops(d))
   return InverseMethod(dense_identity, cholesky_refresh, dense_apply, info=info,
                        batch_safe=lambda d: d <= SMALL_DIM,
                        host=lambda d: host_lib.cholesky(SMALL_DIM))
