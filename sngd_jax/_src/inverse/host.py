@@ -341,7 +341,7 @@ def host_refresh(method):
 
   The whole refresh of every layer becomes one ``jax.pure_callback`` into NumPy
   and SciPy's LAPACK, which compiles to one instruction instead of dozens of
-  kernels: the SNGD step compiled 30-60% faster on the benchmark models
+  kernels: the SNGD step compiled 27-55% faster on the benchmark models
   (``benchmarks/README.md``, *Compile time*). The cost: XLA:CPU runs a program
   that holds a host callback synchronously, so ``jit`` returns only when the
   step has finished (no asynchronous dispatch, even on steps that do not
