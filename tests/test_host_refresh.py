@@ -144,6 +144,35 @@ def test_rejected_blocks_are_the_xla_refresh_rejects(bad):
                  host[0][path], old[path])
 
 
+def test_nystrom_zero_factor_is_exact_and_an_impossible_sketch_is_rejected():
+  """Two degenerate Nystrom blocks, the same on both paths.
+
+  A zero factor with ``abs_damping > 0``: the exact inverse is ``I / s``; both paths give it
+  and accept it (the shift ``nu`` of a zero sketch is taken from a unit norm, so the small
+  Cholesky factors). A finite sketch that no PSD factor makes (``Y = -5 Omega``, so
+  ``Omega^T Y_nu`` is negative definite and its Cholesky fails): both reject it and keep the
+  old inverse (the XLA path used to accept a model of the tail alone, ``tau I``).
+  """
+  d = 600
+  omega = AUTO.sketch(d, jnp.float32)
+  specs = {"w": SimpleNamespace(dim=d, structure="dense")}
+  weights = {"w": jnp.float32(1.0)}
+  old_rep = jax.tree.map(lambda a: a * 3.0, AUTO.identity(1, d, jnp.float32))
+  zero = {"w": sketch_lib.Sketch(jnp.zeros((d, omega.shape[1]), jnp.float32),
+                                 jnp.float32(0.0))}
+  host, xla = _both(specs, zero, weights, {"w": old_rep}, abs_damping=1e-2)
+  for new, failures in (host, xla):
+    assert int(failures) == 0
+    np.testing.assert_allclose(_operator(new["w"])[0], 1e-2 * np.eye(d), atol=1e-9)
+  _assert_same(host, xla)
+  impossible = {"w": sketch_lib.Sketch(-5.0 * omega, jnp.float32(d))}
+  host, xla = _both(specs, impossible, weights, {"w": old_rep})
+  for new, failures in (host, xla):
+    assert int(failures) == 1
+    jax.tree.map(lambda n, o: np.testing.assert_array_equal(np.asarray(n), np.asarray(o)),
+                 new["w"], old_rep)
+
+
 def _custom_calls(fn, *args):
   """The ``custom_call_target``s of the compiled CPU program, and whether it has a loop."""
   import re

@@ -127,21 +127,17 @@ def cholesky(small_dim: int) -> HostMethod:
 # Nystrom (nystrom.from_sketch, nystrom.approximate, nystrom.power_apply)
 
 
-def _frobenius_norm(a: np.ndarray) -> np.ndarray:
-  plain = np.sqrt(np.sum(a * a, axis=(-2, -1)))
-  m = np.max(np.abs(a), axis=(-2, -1))
-  unit = np.where(m > 0, m, np.ones_like(m))[..., None, None]
-  scaled = m * np.sqrt(np.sum((a / unit) ** 2, axis=(-2, -1)))
-  return np.where(np.isfinite(plain), plain, scaled).astype(a.dtype)
-
-
 def nystrom_from_sketch(y: np.ndarray, trace: np.ndarray, omega: np.ndarray,
                         tail: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """``nystrom.from_sketch`` on host arrays, block by block for the factorizations."""
   work = y.dtype
   d, rank = y.shape[-2:]
   eps = np.finfo(work).eps
-  nu = (math.sqrt(d) * eps * _frobenius_norm(y)).astype(work)
+  # as ``nystrom.from_sketch``: ``||Y||_F`` scaled by the trace, 1 for a zero factor
+  scale = np.where(trace > 0, trace, 1.0).astype(work)
+  unit = y / scale[:, None, None]
+  norm = np.sqrt(np.einsum("bdr,bdr->b", unit, unit))
+  nu = (math.sqrt(d) * eps * scale * np.where(trace > 0, norm, 1.0)).astype(work)
   y_nu = y + nu[:, None, None] * omega
   core = _symmetrize(np.einsum("dr,bds->brs", omega, y_nu))
   b_count = y.shape[0]

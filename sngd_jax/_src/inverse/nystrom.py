@@ -88,6 +88,9 @@ def approximate(g: jax.Array, rank: int, seed: int = 0,
   ``B^T B = W diag(s^2) W^T`` as ``U = B W diag(1/s)`` (a tall QR or SVD is far
   slower on CPU), and ``lam = max(s^2 - nu, 0)``. Directions with
   ``s^2 <= 100 eps s_max^2`` are numerically unreliable and join the tail.
+  A zero ``G`` takes ``nu = sqrt(d) eps`` and gives the exact model ``0``; where
+  the small Cholesky fails (``Omega^T Y_nu`` not positive definite: a sketch
+  that no PSD ``G`` makes) ``lam`` is NaN, and the refresh fails.
   ``G_r <= G`` in the PSD order; with probability at least ``1 - 6 p^{-p}``
   (N. Halko, P.-G. Martinsson, J. A. Tropp, SIAM Review 2011, Thm. 10.8,
   applied to ``G^{1/2}``), for any ``k = r - p``, ``p >= 4``:
@@ -137,11 +140,13 @@ def from_sketch(s: sketch_lib.Sketch, seed: int = 0, tail: str = "mean",
   eps = jnp.finfo(work).eps
   omega = test_matrix(d, rank, seed, work)
   # ``|Y_ij| <= ||G||_2 <= tr G`` (``G`` PSD, ``Omega`` orthonormal): scaled by the trace,
-  # ``||Y||_F`` cannot overflow where it is representable, and it is one dot product.
+  # ``||Y||_F`` cannot overflow where it is representable, and it is one dot product. A
+  # zero factor (``tr G = 0``) takes ``||Y||_F = 1`` instead of 0: its core ``nu I`` then
+  # factors, and the model is the exact ``M = 0`` (``lam = 0``, ``tau = 0``), not a failure.
   scale = jnp.where(trace > 0, trace, jnp.ones_like(trace))
   unit = y / scale[:, None, None]
-  nu = math.sqrt(d) * eps * scale * jnp.sqrt(jnp.einsum("bdr,bdr->b", unit, unit,
-                                                        precision=HIGHEST))
+  norm = jnp.sqrt(jnp.einsum("bdr,bdr->b", unit, unit, precision=HIGHEST))
+  nu = math.sqrt(d) * eps * scale * jnp.where(trace > 0, norm, 1.0)
   y_nu = y + nu[:, None, None] * omega
   # ``core`` and ``gram`` are symmetric to rounding and only their lower triangles are
   # read (LAPACK's potrf and syevd): no symmetrization, and ``B`` solved from the right
@@ -157,7 +162,11 @@ def from_sketch(s: sketch_lib.Sketch, seed: int = 0, tail: str = "mean",
   s2_safe = jnp.where(reliable, s2, 1.0)
   u = jnp.matmul(b, w, precision=HIGHEST) / jnp.sqrt(s2_safe)[:, None, :]
   u = jnp.where(reliable[:, None, :], u, 0.0)
-  lam = jnp.where(reliable, jnp.maximum(s2 - nu[:, None], 0.0), 0.0)
+  # ``0 * s2``: where the small Cholesky failed (``core`` not positive definite: a sketch
+  # no PSD factor makes, or rounding), ``B``, the Gram matrix and ``s2`` are NaN and so is
+  # ``lam``; the refresh then fails (``ok``) and the block keeps its old inverse, instead
+  # of passing as a model of the tail alone.
+  lam = jnp.where(reliable, jnp.maximum(s2 - nu[:, None], 0.0), 0.0 * s2)
   # both sums as one product (a reduction makes several kernels on XLA:CPU)
   lam_sum, kept = jnp.einsum("bkr,r->kb", jnp.stack([lam, reliable.astype(work)], axis=1),
                              jnp.ones((rank,), work), precision=HIGHEST)
