@@ -69,6 +69,40 @@ def test_mlp_under_vmap():
     h = np.maximum(z, 0.0)
 
 
+def test_multi_transform_gives_the_last_layer_to_adam():
+  """``optax.multi_transform`` over an Equinox MLP: SNGD on the first two layers, Adam on the
+  last (its ``weight`` and ``bias`` are ``MaskedNode``s to SNGD, its activations ignored).
+  The SNGD layers get the float64 reference update, the last layer Adam's first step."""
+  model = eqx.nn.MLP(4, 3, 6, 2, key=KEYS[0], dtype=jnp.float64)
+  x = jax.random.normal(KEYS[1], (10, 4), jnp.float64)
+  loss = lambda m, x: jnp.sum(jnp.sin(jax.vmap(m)(x)))
+  params = eqx.filter(model, eqx.is_inexact_array)
+  labels = jax.tree_util.tree_map_with_path(
+      lambda p, _: "adam" if "layers[2]" in jax.tree_util.keystr(p) else "sngd", params)
+  tx = optax.multi_transform(
+      {"sngd": exact_sngd(**ref.one_step_kwargs()), "adam": optax.adam(0.1)},
+      lambda _: labels)  # a function: an Equinox module is callable, optax would call it
+
+  @eqx.filter_jit
+  def step(model):
+    (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(loss), has_aux=True)(
+        model, x)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+    return grads, updates, acts
+
+  grads, updates, acts = step(model)
+  assert "layers/2" in acts
+  h = _np(x)
+  for i, layer in enumerate(model.layers[:2]):
+    _check_linear(h, grads.layers[i], updates.layers[i], f"layers/{i}")
+    h = np.maximum(h @ _np(layer.weight).T + _np(layer.bias), 0.0)
+  for name in ("weight", "bias"):  # Adam's first step: -lr * g / (|g| + eps)
+    g = _np(getattr(grads.layers[2], name))
+    np.testing.assert_allclose(_np(getattr(updates.layers[2], name)),
+                               -0.1 * g / (np.abs(g) + 1e-8), rtol=1e-6)
+
+
 def test_mlp_rfim_reads_outputs():
   model = eqx.nn.Linear(3, 2, key=KEYS[0], dtype=jnp.float64)
   x = jax.random.normal(KEYS[1], (12, 3), jnp.float64)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers_mlp import grads_and_acts, make_problem
+from helpers_mlp import dense_inputs, grads_and_acts, make_problem
 
 import sngd_jax
 
@@ -302,3 +302,73 @@ def test_sngd_adam_is_adamw_on_the_preconditioned_gradient():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
                  updates, want)
     p = optax.apply_updates(p, updates)
+
+
+def test_multi_transform_runs_sngd_on_part_of_the_model():
+  """``optax.multi_transform`` (labels as a prefix of the params): SNGD on two layers, Adam on
+  the last. Every step, the SNGD part equals ``sngd_momentum`` told to leave the last layer
+  alone (``fisher={"Dense_2": None}``) and the Adam part equals ``optax.adam``, on the same
+  gradients; the last layer's captured activations are ignored, not an error."""
+  _, params, x, y, loss_fn = _problem(jnp.float32)
+  labels = {"Dense_0": "sngd", "Dense_1": "sngd", "Dense_2": "adam"}
+  tx = optax.multi_transform(
+      {"sngd": sngd_jax.sngd_momentum(0.05, factor_every=1, inverse_every=2),
+       "adam": optax.adam(1e-2)}, labels)
+  ref_sngd = sngd_jax.sngd_momentum(0.05, factor_every=1, inverse_every=2,
+                                    fisher={"Dense_2": None})
+  ref_adam = optax.adam(1e-2)
+  state, s_sngd, s_adam = tx.init(params), ref_sngd.init(params), ref_adam.init(params)
+  update = jax.jit(lambda g, s, p, a: tx.update(g, s, p, activations=a))
+  ref_update = jax.jit(lambda g, s, p, a: ref_sngd.update(g, s, p, activations=a))
+  p = params
+  for _ in range(4):
+    _, grads, acts = grads_and_acts(loss_fn, p, x, y)
+    updates, state = update(grads, state, p, acts)
+    want_sngd, s_sngd = ref_update(grads, s_sngd, p, acts)
+    want_adam, s_adam = ref_adam.update(grads, s_adam, p)
+    for layer in ("Dense_0", "Dense_1"):
+      chex.assert_trees_all_close(updates[layer], want_sngd[layer], rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(updates["Dense_2"], want_adam["Dense_2"], rtol=1e-5, atol=1e-7)
+    # not the plain gradient step: the SNGD part is preconditioned
+    assert not np.allclose(updates["Dense_0"]["kernel"], -0.05 * grads["Dense_0"]["kernel"],
+                           rtol=1e-2)
+    p = optax.apply_updates(p, updates)
+
+
+def test_masked_bias_leaves_a_layer_without_bias_to_sngd():
+  """``optax.masked(sngd(), mask)`` with every ``bias`` masked out: SNGD sees each layer as a
+  layer without a bias, ``G = E[x x^T]`` (no row of ones), and preconditions its kernel by
+  ``(G + damping tr(G) I)^{-1}`` (float64 reference); the biases' gradients pass unchanged."""
+  _, params, x, y, loss_fn = _problem(jnp.float32)
+  mask = jax.tree.map(lambda _: True, params)
+  for layer in mask:
+    mask[layer]["bias"] = False
+  damping = 1e-3
+  tx = optax.masked(sngd_jax.sngd(decay=0.0, max_norm=None, damping=damping), mask)
+  state = tx.init(params)
+  _, grads, acts = grads_and_acts(loss_fn, params, x, y)
+  updates, _ = jax.jit(lambda g, s, p, a: tx.update(g, s, p, activations=a))(
+      grads, state, params, acts)
+  xs, _ = dense_inputs(params, x, (7, 5, 3))
+  for i, h in enumerate(xs):
+    layer = f"Dense_{i}"
+    g = h.T @ h / h.shape[0]
+    want = np.linalg.solve(g + damping * np.trace(g) * np.eye(g.shape[0]),
+                           np.asarray(grads[layer]["kernel"], np.float64))
+    np.testing.assert_allclose(np.asarray(updates[layer]["kernel"]), want, rtol=2e-4,
+                               atol=2e-5 * np.abs(want).max(), err_msg=layer)
+    np.testing.assert_array_equal(np.asarray(updates[layer]["bias"]),
+                                  np.asarray(grads[layer]["bias"]))
+
+
+def test_activations_of_a_layer_not_in_the_params_still_raise():
+  """A mask excuses the layers it hides; activations of a layer the params do not have at
+  all (another model) still raise the error that names it."""
+  _, params, x, y, loss_fn = _problem(jnp.float32)
+  _, grads, acts = grads_and_acts(loss_fn, params, x, y)
+  tx = optax.masked(sngd_jax.sngd(), {"Dense_0": True, "Dense_1": True, "Dense_2": False})
+  state = tx.init(params)
+  tx.update(grads, state, params, activations=acts)  # Dense_2 hidden by the mask: fine
+  acts = {**acts, "Dense_9": acts["Dense_0"]}
+  with pytest.raises(ValueError, match=r"captured for \['Dense_9'\], which match no kernel"):
+    tx.update(grads, state, params, activations=acts)

@@ -214,7 +214,8 @@ def _check_inputs(config: SNGDConfig, method: InverseMethod, updates: Any, state
                        "both")
     validation.check_statistics(specs, state.factors, estimates)
   else:
-    validation.check_structure(specs, state.factors, activations, all_layers)
+    validation.check_structure(specs, state.factors, activations, all_layers,
+                               layers_lib.masked_layers(updates, activations or ()))
     assert activations is not None  # checked above
     activations = {p: activations[p] for p in specs}
   leaves, treedef, index = _flatten(updates)
