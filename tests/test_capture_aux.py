@@ -111,3 +111,35 @@ def test_nnx_has_aux_gives_the_loss_only_path_and_the_aux():
   jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Param),
                nnx.state(model0, nnx.Param))
   assert not np.allclose(model.out.kernel[...], NnxMLP(nnx.Rngs(0)).out.kernel[...])
+
+
+def test_nnx_optimizer_with_multi_transform_gives_a_layer_to_adam():
+  """``nnx.Optimizer(model, optax.multi_transform(...))`` with labels per leaf: SNGD on
+  ``hidden``, Adam on ``out``. One step: the same as ``sngd_momentum`` told to leave ``out``
+  alone (``fisher={"out": None}``) for ``hidden``, and as Adam for ``out`` (after it the
+  models differ, and so would their gradients)."""
+  def labels(state):
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: "adam" if "out" in jax.tree_util.keystr(p) else "sngd", state)
+
+  kw = dict(factor_every=1, inverse_every=1)
+  model, ref_model, adam_model = (NnxMLP(nnx.Rngs(0)) for _ in range(3))
+  opt = nnx.Optimizer(model, optax.multi_transform(
+      {"sngd": sngd_jax.sngd_momentum(0.1, **kw), "adam": optax.adam(0.01)}, labels),
+      wrt=nnx.Param)
+  ref = nnx.Optimizer(ref_model, sngd_jax.sngd_momentum(0.1, fisher={"out": None}, **kw),
+                      wrt=nnx.Param)
+  adam = nnx.Optimizer(adam_model, optax.adam(0.01), wrt=nnx.Param)
+  grad_fn = nnx.value_and_grad(sngd_jax.capture_nnx(lambda m: _xent(m(X))), has_aux=True)
+  for m, o in ((model, opt), (ref_model, ref)):
+    (_, acts), grads = grad_fn(m)
+    o.update(m, grads, activations=acts)
+  (_, acts), grads = grad_fn(adam_model)
+  adam.update(adam_model, grads)
+  for name in ("kernel", "bias"):
+    np.testing.assert_allclose(getattr(model.hidden, name)[...],
+                               getattr(ref_model.hidden, name)[...], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(getattr(model.out, name)[...],
+                               getattr(adam_model.out, name)[...], rtol=1e-5, atol=1e-7)
+  # the hidden layer moved as SNGD moves it, not as Adam does
+  assert not np.allclose(model.hidden.kernel[...], adam_model.hidden.kernel[...], atol=1e-4)
