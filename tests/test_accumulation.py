@@ -62,6 +62,17 @@ def _inner(kind):
   if kind == "injected":  # factor_every is an array: statistics accumulated at every call
     return optax.inject_hyperparams(sngd_jax.sngd_momentum)(
         0.1, damping=1e-2, decay=0.7, factor_every=2, inverse_every=2)
+  if kind == "multi_transform":  # sngd on two layers (a prefix mask), Adam on the last
+    sngd = optax.chain(sngd_jax.sngd(damping=1e-2, decay=0.7, factor_every=2, inverse_every=2),
+                       optax.sgd(0.1, momentum=0.9))
+    return optax.multi_transform({"sngd": sngd, "adam": optax.adam(1e-2)},
+                                 {"Dense_0": "sngd", "Dense_1": "sngd", "Dense_2": "adam"})
+  if kind == "masked_bias":  # the biases masked out: sngd sees layers without a bias
+    mask = {f"Dense_{i}": {"kernel": True, "bias": False} for i in range(3)}
+    return optax.chain(
+        optax.masked(sngd_jax.sngd(damping=1e-2, decay=0.7, factor_every=2, inverse_every=2),
+                     mask),
+        optax.sgd(0.1, momentum=0.9))
   inverse = sngd_jax.inverse.nystrom(rank=4) if kind == "sketched" else "auto"
   return optax.chain(
       sngd_jax.sngd(damping=1e-2, decay=0.7, factor_every=2, inverse_every=2, inverse=inverse),
@@ -84,8 +95,11 @@ def _sngd_state(state):
   return found
 
 
-@pytest.mark.parametrize("kind", ["dense", "conv", "recurrent", "sketched", "injected"])
+@pytest.mark.parametrize("kind", ["dense", "conv", "recurrent", "sketched", "injected",
+                                  "multi_transform", "masked_bias"])
 def test_micro_batches_give_the_big_batch_update(kind):
+  """Also with the ``sngd`` under a mask (``optax.multi_transform``, ``optax.masked``): the
+  statistics of the layers and rows it sees (``accumulation._as_seen_by``)."""
   params, x, y, loss_fn = _problem(kind if kind in ("conv", "recurrent") else "dense")
   big_tx = _inner(kind)
   ms = sngd_jax.MultiSteps(_inner(kind), every_k_schedule=K)

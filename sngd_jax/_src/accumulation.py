@@ -31,8 +31,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from optax._src import numerics
+from optax.transforms import MaskedState
 
-from sngd_jax._src import transform
+from sngd_jax._src import layers as layers_lib
+from sngd_jax._src import paths, transform
+from sngd_jax._src import sketch as sketch_lib
 
 
 class MultiStepsState(NamedTuple):
@@ -59,15 +62,51 @@ class MultiStepsState(NamedTuple):
   acc_rows: dict[str, jax.Array]
 
 
-def _sngd_state(inner_state: Any) -> Optional[transform.SNGDState]:
-  """The one ``SNGDState`` inside an optimizer state, or None."""
-  found = [s for s in jax.tree.leaves(inner_state,
-                                      is_leaf=lambda s: isinstance(s, transform.SNGDState))
-           if isinstance(s, transform.SNGDState)]
+def _sngd_states(tree: Any) -> list[transform.SNGDState]:
+  return [s for s in jax.tree.leaves(tree, is_leaf=lambda s: isinstance(s, transform.SNGDState))
+          if isinstance(s, transform.SNGDState)]
+
+
+def _sngd_state(inner_state: Any) -> tuple[Optional[transform.SNGDState], bool]:
+  """The one ``SNGDState`` inside an optimizer state (or None), and whether it is under a
+  mask (``optax.masked``, ``optax.multi_transform``: it sees part of the params)."""
+  found = _sngd_states(inner_state)
   if len(found) > 1:
     raise ValueError(f"sngd: MultiSteps accumulates the statistics of one `sngd` transform; "
                      f"the wrapped optimizer holds {len(found)}")
-  return found[0] if found else None
+  if not found:
+    return None, False
+  masks = [m for m in jax.tree.leaves(inner_state, is_leaf=lambda s: isinstance(s, MaskedState))
+           if isinstance(m, MaskedState)]
+  return found[0], any(_sngd_states(m.inner_state) for m in masks)
+
+
+def _as_seen_by(sngd_state: transform.SNGDState, updates: Any) -> Any:
+  """``updates`` as an ``sngd`` under a mask sees them: ``optax.MaskedNode()`` for the
+  leaves of layers its state does not hold, and for a bias its factor has no row for.
+
+  ``MultiSteps`` gets the whole gradient tree; the masked ``sngd`` inside it was made
+  (``init``) from the masked one, whose layers are those of its state. A layer whose
+  kernel is in the mask and its bias not has a factor without the bias row
+  (``layers.masked_layers``).
+  """
+  config = sngd_state.config
+  specs = layers_lib.discover(updates, config.fisher, config.stacked)
+  hide = set()
+  for path, spec in specs.items():
+    if path not in sngd_state.factors:
+      hide.update(p for p in (spec.kernel, spec.bias) if p is not None)
+      continue
+    factor = sngd_state.factors[path]
+    dim = factor.y.shape[-2] if sketch_lib.is_sketch(factor) else (
+        spec.factor_shape[-1] if spec.structure == "diagonal" else factor.shape[-1])
+    if spec.bias is not None and dim == spec.in_dim:
+      hide.add(spec.bias)
+  if not hide:
+    return updates
+  return jax.tree_util.tree_map_with_path(
+      lambda key_path, leaf: optax.MaskedNode() if paths.leaf_parts(key_path) in hide else leaf,
+      updates)
 
 
 class MultiSteps(optax.MultiSteps):
@@ -86,7 +125,8 @@ class MultiSteps(optax.MultiSteps):
   every call if ``factor_every`` is injected), and the wrapped optimizer runs
   only on the emitting call (under ``lax.cond``). With ``stats_batch_size``
   set, each micro-batch's estimate is from its own first ``stats_batch_size``
-  examples.
+  examples. An ``sngd`` under ``optax.masked`` or ``optax.multi_transform``
+  gets the statistics of the layers it sees, as it sees them.
 
   Examples:
     ```python
@@ -99,7 +139,7 @@ class MultiSteps(optax.MultiSteps):
   def init(self, params: Any) -> MultiStepsState:
     """The ``optax.MultiSteps`` state plus zero statistics accumulators."""
     base = super().init(params)
-    sngd_state = _sngd_state(base.inner_opt_state)
+    sngd_state, _ = _sngd_state(base.inner_opt_state)
     acc_stats = {} if sngd_state is None else jax.tree.map(jnp.zeros_like, sngd_state.factors)
     acc_rows = {} if sngd_state is None else {
         p: jnp.zeros((), jnp.int32) for p in sngd_state.factors}
@@ -107,8 +147,11 @@ class MultiSteps(optax.MultiSteps):
                            acc_rows=acc_rows)
 
   def _accumulate(self, updates: Any, state: MultiStepsState,
-                  sngd_state: transform.SNGDState, activations: Any):
+                  sngd_state: transform.SNGDState, activations: Any, masked: bool):
     """Folds this micro-batch's batch estimates into the row-weighted means."""
+    if masked:
+      updates = _as_seen_by(sngd_state, updates)
+
     def fold(_):
       estimates, rows = transform.local_statistics(updates, sngd_state, activations)
       new_stats, new_rows = {}, {}
@@ -131,7 +174,7 @@ class MultiSteps(optax.MultiSteps):
              **extra_args: Any) -> tuple[Any, MultiStepsState]:
     """Accumulates gradients and statistics; the inner update every ``k`` calls."""
     activations = extra_args.pop("activations", None)
-    sngd_state = _sngd_state(state.inner_opt_state)
+    sngd_state, masked = _sngd_state(state.inner_opt_state)
     if sngd_state is None and activations is not None:
       extra_args["activations"] = activations
     k_steps = self._every_k_schedule(state.gradient_step)
@@ -159,7 +202,7 @@ class MultiSteps(optax.MultiSteps):
                                updates, state.acc_grads)
       acc_stats, acc_rows = state.acc_statistics, state.acc_rows
       if sngd_state is not None:
-        acc_stats, acc_rows = self._accumulate(updates, state, sngd_state, activations)
+        acc_stats, acc_rows = self._accumulate(updates, state, sngd_state, activations, masked)
       emit = state.mini_step == (k_steps - 1)
       out, inner_state = jax.lax.cond(emit, inner_update, hold, acc_grads, acc_stats,
                                       state.inner_opt_state)
