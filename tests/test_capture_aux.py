@@ -143,3 +143,28 @@ def test_nnx_optimizer_with_multi_transform_gives_a_layer_to_adam():
                                getattr(adam_model.out, name)[...], rtol=1e-5, atol=1e-7)
   # the hidden layer moved as SNGD moves it, not as Adam does
   assert not np.allclose(model.hidden.kernel[...], adam_model.hidden.kernel[...], atol=1e-4)
+
+
+def test_nnx_optimizer_with_a_wrt_filter_trains_the_head_of_a_frozen_body():
+  """``nnx.Optimizer(model, tx, wrt=filter)`` with the body frozen (not in ``wrt``): the body's
+  captured activations are ignored, the body stays as it was, and the head gets the update of
+  ``sngd_momentum`` on the whole model told to leave the body alone (``fisher={"hidden":
+  None}``; the trust region measures the layers SNGD preconditions, the head in both)."""
+  wrt = nnx.All(nnx.Param, nnx.PathContains("out"))
+  model, ref_model = NnxMLP(nnx.Rngs(0)), NnxMLP(nnx.Rngs(0))
+  kw = dict(factor_every=1, inverse_every=1)
+  opt = nnx.Optimizer(model, sngd_jax.sngd_momentum(0.1, **kw), wrt=wrt)
+  ref = nnx.Optimizer(ref_model, sngd_jax.sngd_momentum(0.1, fisher={"hidden": None}, **kw),
+                      wrt=nnx.Param)
+  loss = sngd_jax.capture_nnx(lambda m: _xent(m(X)))
+  (_, acts), grads = nnx.value_and_grad(loss, has_aux=True, argnums=nnx.DiffState(0, wrt))(model)
+  assert set(acts) == {"hidden", "out"}
+  opt.update(model, grads, activations=acts)
+  (_, acts), grads = nnx.value_and_grad(loss, has_aux=True)(ref_model)
+  ref.update(ref_model, grads, activations=acts)
+  hidden0 = NnxMLP(nnx.Rngs(0)).hidden
+  for name in ("kernel", "bias"):
+    np.testing.assert_array_equal(getattr(model.hidden, name)[...], getattr(hidden0, name)[...])
+    np.testing.assert_allclose(getattr(model.out, name)[...], getattr(ref_model.out, name)[...],
+                               rtol=1e-5, atol=1e-7)
+  assert not np.allclose(model.out.kernel[...], NnxMLP(nnx.Rngs(0)).out.kernel[...])

@@ -2,12 +2,14 @@
 
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import sngd_jax
 from sngd_jax import Captured
+from sngd_jax._src import coverage as coverage_lib
 
 
 def _params(d_in=4, d_out=3, dtype=jnp.float32):
@@ -51,13 +53,17 @@ def test_no_activations_at_all():
     tx.update(p, tx.init(p), p)
 
 
-def test_extra_activations_name_the_unknown_layer():
+def test_activations_of_layers_the_params_do_not_hold_are_ignored():
+  """Activations of a layer without params here (frozen, or another transform's) change
+  nothing: the same update and state as without them; ``coverage`` lists the layer."""
   p = _params()
   acts = _acts(p)
-  acts["Dense_7"] = acts["Dense_0"]
-  with pytest.raises(ValueError, match=r"activations were captured for \['Dense_7'\], which "
-                                       r"match no kernel"):
-    _update(p, acts)
+  extra = {**acts, "Dense_7": acts["Dense_0"]}
+  (u1, s1), (u2, s2) = _update(p, acts), _update(p, extra)
+  jax.tree.map(np.testing.assert_array_equal, (u1, s1), (u2, s2))
+  report = coverage_lib.report(p, extra)  # what sngd_jax.coverage prints
+  assert report.unmatched == ("Dense_7",)
+  assert "captured but matching no params (frozen, or another transform's" in str(report)
 
 
 def test_wrong_input_features_name_layer_and_shapes():

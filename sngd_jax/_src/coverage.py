@@ -114,7 +114,8 @@ class CoverageReport:
     lines.append(f"captured activations per batch: {self.activation_bytes:,} bytes "
                  f"(of which layer outputs {self.output_bytes:,}, read by fisher='rfim' only)")
     if self.unmatched:
-      lines.append(f"captured but matching no params (update raises): {list(self.unmatched)}")
+      lines.append("captured but matching no params (frozen, or another transform's: update "
+                   f"ignores them): {list(self.unmatched)}")
     return "\n".join(lines)
 
 

@@ -46,10 +46,9 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import jax
-import optax
 
 from sngd_jax._src import paths
 from sngd_jax._src.layer_spec import (  # noqa: F401 (re-exported: the layer vocabulary)
@@ -112,36 +111,6 @@ def discover(params: Any, fisher: FisherSpec = "linear",
     if spec is not None:
       specs[spec.path] = spec
   return specs
-
-
-def masked_layers(params: Any, layer_paths: Iterable[str]) -> set[str]:
-  """The layers among ``layer_paths`` that a mask gave, whole or in part, to another transform.
-
-  Under ``optax.masked(tx, mask)`` and ``optax.multi_transform`` (``optax.partition``),
-  ``tx`` sees the leaves (or whole subtrees, for a mask that is a prefix of the params)
-  outside its mask as ``optax.MaskedNode()``. A layer with a ``MaskedNode`` at or above its
-  path, or among its own leaves, is excused from the check that every captured layer has
-  params: if its ``kernel`` (``weight`` in Equinox, ``embedding``, ``scale``) is masked
-  out, ``discover`` does not find it and ``update`` ignores its activations. A layer whose
-  ``kernel`` is in the mask and whose ``bias`` is not is still found, as a layer without a
-  bias (``G = E[x x^T]``).
-
-  Args:
-    params: the params or updates tree this transform sees.
-    layer_paths: layer paths, as ``discover`` names them (e.g. the captured layers).
-
-  Returns:
-    The layers among them with a masked leaf at, above or below their path.
-  """
-  hidden = [paths.leaf_parts(key_path) for key_path, leaf in jax.tree_util.tree_flatten_with_path(
-      params, is_leaf=lambda n: isinstance(n, optax.MaskedNode))[0]
-            if isinstance(leaf, optax.MaskedNode)]
-  out = set()
-  for path in layer_paths:
-    parts = tuple(path.split("/")) if path else ()
-    if any(parts[:len(h)] == h or h[:len(parts)] == parts for h in hidden):
-      out.add(path)
-  return out
 
 
 def _equinox_layers(params: Any, fisher: FisherSpec) -> Optional[dict[str, LayerSpec]]:

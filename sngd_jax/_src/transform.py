@@ -207,15 +207,13 @@ def _check_inputs(config: SNGDConfig, method: InverseMethod, updates: Any, state
                   estimates: Optional[dict[str, Any]] = None) -> _Inputs:
   """Stage 1: finds the layers and raises errors naming the layer for what does not fit."""
   specs = layers_lib.discover(updates, config.fisher, config.stacked)
-  all_layers = layers_lib.discover(updates, "linear", config.stacked)
   if estimates is not None:
     if activations is not None:
       raise ValueError("sngd: pass either `activations=` or `statistics=` to `update`, not "
                        "both")
     validation.check_statistics(specs, state.factors, estimates)
   else:
-    validation.check_structure(specs, state.factors, activations, all_layers,
-                               layers_lib.masked_layers(updates, activations or ()))
+    validation.check_structure(specs, state.factors, activations)
     assert activations is not None  # checked above
     activations = {p: activations[p] for p in specs}
   leaves, treedef, index = _flatten(updates)

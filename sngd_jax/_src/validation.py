@@ -9,7 +9,7 @@ deep in XLA. (The on-device acceptance test of a refreshed inverse is
 
 from __future__ import annotations
 
-from typing import Any, Collection, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -104,12 +104,14 @@ def check_activations(specs: Mapping[str, layers_lib.LayerSpec], activations: Ma
 
 
 def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Mapping[str, Any],
-                    activations: Optional[Mapping], all_layers: Mapping,
-                    masked: Collection[str] = ()) -> None:
+                    activations: Optional[Mapping]) -> None:
   """Raises clear errors for a state, params or activations that do not fit.
 
-  ``masked``: layers a mask (``optax.masked``, ``optax.multi_transform``) gave to another
-  transform (``layers.masked_layers``): their activations are expected, and ignored.
+  Every layer of the params needs activations. Activations of layers the params do not
+  hold are not an error: they belong to parameters that another transform updates
+  (``optax.multi_transform``, ``optax.masked``) or that are frozen (an ``nnx.Optimizer``
+  with a ``wrt`` filter, an ``eqx.partition``), and ``update`` ignores them;
+  ``sngd_jax.coverage`` lists them.
   """
   if set(specs) != set(state_factors):
     missing = sorted(set(state_factors) - set(specs))
@@ -130,12 +132,6 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
           f"{paths.join(spec.kernel)!r}). Is it a layer type that `capture` records, called "
           f"inside the captured function? To leave it unpreconditioned pass "
           f"`fisher={{{path!r}: None}}`. Captured layers: {sorted(activations)}")
-  unknown = sorted(set(activations) - set(all_layers) - set(masked))
-  if unknown:
-    raise ValueError(
-        f"sngd: activations were captured for {unknown}, which match no kernel in the params "
-        f"(layers with params: {sorted(all_layers)}). Do params and activations come from the "
-        "same model?")
 
 
 def check_statistics(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Mapping[str, Any],
