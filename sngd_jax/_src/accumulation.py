@@ -87,8 +87,8 @@ def _as_seen_by(sngd_state: transform.SNGDState, updates: Any) -> Any:
 
   ``MultiSteps`` gets the whole gradient tree; the masked ``sngd`` inside it was made
   (``init``) from the masked one, whose layers are those of its state. A layer whose
-  kernel is in the mask and its bias not has a factor without the bias row
-  (``layers.masked_layers``).
+  kernel is in the mask and its bias not has a factor without the bias row (``discover``
+  sees no bias where the bias is a ``MaskedNode``).
   """
   config = sngd_state.config
   specs = layers_lib.discover(updates, config.fisher, config.stacked)
