@@ -99,7 +99,7 @@ def _sngd_state(state):
                                   "multi_transform", "masked_bias"])
 def test_micro_batches_give_the_big_batch_update(kind):
   """Also with the ``sngd`` under a mask (``optax.multi_transform``, ``optax.masked``): the
-  statistics of the layers and rows it sees (``accumulation._as_seen_by``)."""
+  statistics of the layers and rows it sees (``transform.as_seen_by``)."""
   params, x, y, loss_fn = _problem(kind if kind in ("conv", "recurrent") else "dense")
   big_tx = _inner(kind)
   ms = sngd_jax.MultiSteps(_inner(kind), every_k_schedule=K)

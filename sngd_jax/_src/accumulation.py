@@ -33,9 +33,7 @@ import optax
 from optax._src import numerics
 from optax.transforms import MaskedState
 
-from sngd_jax._src import layers as layers_lib
-from sngd_jax._src import paths, transform
-from sngd_jax._src import sketch as sketch_lib
+from sngd_jax._src import transform
 
 
 class MultiStepsState(NamedTuple):
@@ -81,34 +79,6 @@ def _sngd_state(inner_state: Any) -> tuple[Optional[transform.SNGDState], bool]:
   return found[0], any(_sngd_states(m.inner_state) for m in masks)
 
 
-def _as_seen_by(sngd_state: transform.SNGDState, updates: Any) -> Any:
-  """``updates`` as an ``sngd`` under a mask sees them: ``optax.MaskedNode()`` for the
-  leaves of layers its state does not hold, and for a bias its factor has no row for.
-
-  ``MultiSteps`` gets the whole gradient tree; the masked ``sngd`` inside it was made
-  (``init``) from the masked one, whose layers are those of its state. A layer whose
-  kernel is in the mask and its bias not has a factor without the bias row (``discover``
-  sees no bias where the bias is a ``MaskedNode``).
-  """
-  config = sngd_state.config
-  specs = layers_lib.discover(updates, config.fisher, config.stacked)
-  hide = set()
-  for path, spec in specs.items():
-    if path not in sngd_state.factors:
-      hide.update(p for p in (spec.kernel, spec.bias) if p is not None)
-      continue
-    factor = sngd_state.factors[path]
-    dim = factor.y.shape[-2] if sketch_lib.is_sketch(factor) else (
-        spec.factor_shape[-1] if spec.structure == "diagonal" else factor.shape[-1])
-    if spec.bias is not None and dim == spec.in_dim:
-      hide.add(spec.bias)
-  if not hide:
-    return updates
-  return jax.tree_util.tree_map_with_path(
-      lambda key_path, leaf: optax.MaskedNode() if paths.leaf_parts(key_path) in hide else leaf,
-      updates)
-
-
 class MultiSteps(optax.MultiSteps):
   """``optax.MultiSteps`` that accumulates the local Fisher statistics too.
 
@@ -149,11 +119,8 @@ class MultiSteps(optax.MultiSteps):
   def _accumulate(self, updates: Any, state: MultiStepsState,
                   sngd_state: transform.SNGDState, activations: Any, masked: bool):
     """Folds this micro-batch's batch estimates into the row-weighted means."""
-    if masked:
-      updates = _as_seen_by(sngd_state, updates)
-
     def fold(_):
-      estimates, rows = transform.local_statistics(updates, sngd_state, activations)
+      estimates, rows = transform.local_statistics(updates, sngd_state, activations, masked)
       new_stats, new_rows = {}, {}
       for path, estimate in estimates.items():
         total = state.acc_rows[path] + rows[path]

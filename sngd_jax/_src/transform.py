@@ -287,8 +287,36 @@ def _update_statistics(config: SNGDConfig, inputs: _Inputs, state: SNGDState,
   return jax.lax.cond(do_factor, new_factors, lambda _: keep_factors(jnp.array(True)), None)
 
 
-def local_statistics(updates: Any, state: SNGDState, activations: Activations
-                     ) -> tuple[dict[str, Any], dict[str, int]]:
+def as_seen_by(sngd_state: SNGDState, updates: Any) -> Any:
+  """``updates`` as an ``sngd`` under a mask sees them: ``optax.MaskedNode()`` for the
+  leaves of layers its state does not hold, and for a bias its factor has no row for.
+
+  ``MultiSteps`` gets the whole gradient tree; the masked ``sngd`` inside it was made
+  (``init``) from the masked one, whose layers are those of its state. A layer whose
+  kernel is in the mask and its bias not has a factor without the bias row (``discover``
+  sees no bias where the bias is a ``MaskedNode``).
+  """
+  config = sngd_state.config
+  specs = layers_lib.discover(updates, config.fisher, config.stacked)
+  hide = set()
+  for path, spec in specs.items():
+    if path not in sngd_state.factors:
+      hide.update(p for p in (spec.kernel, spec.bias) if p is not None)
+      continue
+    factor = sngd_state.factors[path]
+    dim = factor.y.shape[-2] if sketch_lib.is_sketch(factor) else (
+        spec.factor_shape[-1] if spec.structure == "diagonal" else factor.shape[-1])
+    if spec.bias is not None and dim == spec.in_dim:
+      hide.add(spec.bias)
+  if not hide:
+    return updates
+  return jax.tree_util.tree_map_with_path(
+      lambda key_path, leaf: optax.MaskedNode() if paths.leaf_parts(key_path) in hide else leaf,
+      updates)
+
+
+def local_statistics(updates: Any, state: SNGDState, activations: Activations,
+                     masked: bool = False) -> tuple[dict[str, Any], dict[str, int]]:
   """The batch estimates ``G^`` that ``update`` would fold in from ``activations``.
 
   What ``sngd_jax.MultiSteps`` accumulates over micro-batches: per layer
@@ -302,11 +330,16 @@ def local_statistics(updates: Any, state: SNGDState, activations: Activations
     state: the ``SNGDState`` (its recorded configuration says which
       layers, which Fisher kind, and which are sketched).
     activations: from ``sngd_jax.capture``.
+    masked: the ``sngd`` of ``state`` is under ``optax.masked`` or ``optax.multi_transform``
+      and ``updates`` is the whole tree: read it as that ``sngd`` sees it
+      (``as_seen_by``).
 
   Returns:
     ``(estimates, rows)``.
   """
   config = state.config
+  if masked:
+    updates = as_seen_by(state, updates)
   inputs = _check_inputs(config, _method_of(config), updates, state, activations)
   acts = _statistics_activations(config, cast(Activations, inputs.activations))
   estimates = _batch_estimates(inputs.specs, inputs.omegas, acts)
