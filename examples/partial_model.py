@@ -3,9 +3,10 @@
 A common split: the hidden layers get SNGD (``sngd_jax.sngd_momentum``), the output
 layer gets Adam. ``optax.multi_transform`` hands each optimizer its own part of the
 params (the rest as ``optax.MaskedNode``) and passes ``activations=`` on to both; SNGD
-ignores the activations of the layer it does not own. Training goes through
-``sngd_jax.TrainState``; ``optax.masked``, or an ``nnx.Optimizer`` with a ``wrt``
-filter (frozen layers), work the same way (``docs/training-loops.md``).
+ignores the activations of the layer it does not own. The training step is
+``linen_cnn_trainstate``'s (``sngd_jax.TrainState``): only the optimizer differs.
+``optax.masked``, or an ``nnx.Optimizer`` with a ``wrt`` filter (frozen layers), work
+the same way (``docs/training-loops.md``).
 
 Run from the repository root::
 
@@ -16,11 +17,11 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 
 import sngd_jax
 from examples import _common
+from examples.linen_cnn_trainstate import train_step
 
 
 class MLP(nn.Module):
@@ -38,18 +39,6 @@ def make_tx() -> optax.GradientTransformation:
   labels = {"hidden1": "sngd", "hidden2": "sngd", "head": "adam"}  # a prefix of the params
   return optax.multi_transform(
       {"sngd": sngd_jax.sngd_momentum(0.05), "adam": optax.adam(1e-3)}, labels)
-
-
-@jax.jit
-def train_step(state: sngd_jax.TrainState, x, y):
-  def loss_fn(params):
-    logits = state.apply_fn({"params": params}, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
-
-  grad_fn = jax.value_and_grad(sngd_jax.capture(loss_fn, has_aux=True), has_aux=True)
-  (loss, (logits, acts)), grads = grad_fn(state.params)
-  state = state.apply_gradients(grads=grads, activations=acts)
-  return state, loss, jnp.mean(jnp.argmax(logits, -1) == y)
 
 
 def main(argv=None):

@@ -303,10 +303,11 @@ def as_seen_by(sngd_state: SNGDState, updates: Any) -> Any:
     if path not in sngd_state.factors:
       hide.update(p for p in (spec.kernel, spec.bias) if p is not None)
       continue
-    factor = sngd_state.factors[path]
-    dim = factor.y.shape[-2] if sketch_lib.is_sketch(factor) else (
-        spec.factor_shape[-1] if spec.structure == "diagonal" else factor.shape[-1])
-    if spec.bias is not None and dim == spec.in_dim:
+    if spec.bias is None:
+      continue
+    factor = sngd_state.factors[path]  # (..., d, d), or a sketch with y (..., d, r)
+    dim = factor.y.shape[-2] if sketch_lib.is_sketch(factor) else factor.shape[-1]
+    if dim == spec.in_dim:
       hide.add(spec.bias)
   if not hide:
     return updates
