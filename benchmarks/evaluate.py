@@ -109,6 +109,77 @@ def _psgd_kron(lr):
   return optax.chain(optax.GradientTransformation(kron.init, kron.update), _inj(optax.sgd)(lr))
 
 
+def _scale(lr):
+  """``optax.scale(lr)`` with ``lr`` a state entry (for a peer built with learning rate 1)."""
+  return optax.inject_hyperparams(optax.scale)(step_size=lr)
+
+
+def _precondition_shampoo():
+  """google-research's Distributed Shampoo module (``pip install precondition-opt``).
+
+  Its last release (0.3.0, 2023) calls ``jax.tree_map`` and its siblings, which JAX has
+  since removed; they are aliased to the ``jax.tree`` functions they were before importing
+  it (this process only: the benchmark's, never the library's).
+  """
+  for name in ("map", "leaves", "flatten", "unflatten", "structure"):
+    try:
+      getattr(jax, "tree_" + name)
+    except AttributeError:
+      setattr(jax, "tree_" + name, getattr(jax.tree, name))
+  from precondition import distributed_shampoo  # optional: pip install precondition-opt
+  return distributed_shampoo
+
+
+SHAMPOO_SETTINGS = {"block_size": 128, "preconditioning_compute_steps": 10}
+"""Distributed Shampoo's settings beside its defaults: the block size its docstring
+recommends ("use 128 as default"), the preconditioner recomputed every 10 steps (its
+default, 1, is "ideal" but costs an inverse p-th root of every block each step), and
+grafting to RMSProp's normalized step (set in :func:`_shampoo`), which puts its learning
+rate on Adam's scale as in the AlgoPerf JAX Shampoo baseline."""
+
+
+def _shampoo(lr):
+  """Distributed Shampoo (Anil et al. 2020) at :data:`SHAMPOO_SETTINGS`, written as the
+  optimizer at learning rate 1 followed by ``scale(lr)``: the same updates as
+  ``distributed_shampoo(lr, ...)`` (its learning rate multiplies the final update;
+  ``benchmarks/test_peers.py``), with the lr a state entry."""
+  ds = _precondition_shampoo()
+  return optax.chain(
+      ds.distributed_shampoo(1.0, graft_type=ds.GraftingType.RMSPROP_NORMALIZED,
+                             **SHAMPOO_SETTINGS),
+      _scale(lr))
+
+
+def muon_dimensions(params):
+  """Which leaves Muon orthogonalizes, and as which matrix: every ``kernel`` of two or more
+  axes, its input axes against its output axes (a conv kernel ``(kh, kw, c_in, c_out)`` as
+  ``(kh kw c_in) x c_out``; an attention projection ``(d, heads, head_dim)`` as
+  ``d x (heads head_dim)``, its output ``(heads, head_dim, d)`` as ``(heads head_dim) x d``).
+  Embeddings, biases and norm scales go to Muon's Adam (``None``), as Muon's authors
+  recommend for the non-matrix and embedding parameters."""
+  def one(path, leaf):
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    if names[-1] != "kernel" or leaf.ndim < 2:
+      return None
+    n_in = 2 if (leaf.ndim == 3 and len(names) > 1 and names[-2] == "out") else leaf.ndim - 1
+    if leaf.ndim == 3 and len(names) > 1 and names[-2] in ("query", "key", "value"):
+      n_in = 1
+    return optax.contrib.MuonDimensionNumbers(
+        reduction_axis=tuple(range(n_in)), output_axis=tuple(range(n_in, leaf.ndim)))
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def _muon(lr):
+  """Muon (optax.contrib) with ``consistent_rms=0.2`` (Liu et al. 2025: updates scaled to
+  AdamW's RMS, so that one learning rate on Adam's scale serves the matrices and Muon's Adam
+  for the rest), the kernels of :func:`muon_dimensions`, otherwise its defaults; learning
+  rate 1 followed by ``scale(lr)`` (the same updates, ``benchmarks/test_peers.py``)."""
+  return optax.chain(
+      optax.contrib.muon(1.0, consistent_rms=0.2,
+                         muon_weight_dimension_numbers=muon_dimensions),
+      _scale(lr))
+
+
 def _sngd(**kw):
   return lambda lr: (sngd_jax.sngd(**kw), _SGDM(lr))
 
@@ -160,6 +231,8 @@ OPTIMIZERS: dict[str, Callable[[float], tuple[Any, Any]]] = {
     "adamw": lambda lr: (None, _inj(optax.adamw, weight_decay=1e-4)(lr)),
     "sgd": lambda lr: (None, _SGDM(lr)),
     "psgd-kron": lambda lr: (None, _psgd_kron(lr)),
+    "shampoo": lambda lr: (None, _shampoo(lr)),
+    "muon": lambda lr: (None, _muon(lr)),
 }
 
 # Five log-spaced points, a factor sqrt(10) apart, each containing the recommended value
@@ -168,6 +241,7 @@ _SNGD_GRID = (1e-3, 3.16e-3, 1e-2, 3.16e-2, 1e-1)
 _ADAM_GRID = (1e-4, 3.16e-4, 1e-3, 3.16e-3, 1e-2)
 GRIDS = {
     "adam": _ADAM_GRID, "adamw": _ADAM_GRID, "psgd-kron": _ADAM_GRID, "sngd-adam": _ADAM_GRID,
+    "shampoo": _ADAM_GRID, "muon": _ADAM_GRID,
     "sngd-adam-notr": _ADAM_GRID, "sngd-graft": _ADAM_GRID, "sngd-adam-none-wu": _ADAM_GRID,
     "sngd-adam-r64": _ADAM_GRID, "sngd-adam-r256": _ADAM_GRID, "sngd-adam-chol": _ADAM_GRID,
     "sgd": (3.16e-3, 1e-2, 3.16e-2, 1e-1, 3.16e-1),
