@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from benchmarks import evaluate
@@ -70,7 +71,6 @@ def test_shampoo_entry_is_distributed_shampoo_with_an_injected_lr():
 
 
 def test_muon_entry_is_optax_muon_with_an_injected_lr_and_kernels_as_matrices():
-  optax = pytest.importorskip("optax")
   params = _layers()
   dims = evaluate.muon_dimensions(params)
   flat = {jax.tree_util.keystr(p): d for p, d in jax.tree_util.tree_leaves_with_path(
