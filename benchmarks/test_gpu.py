@@ -1,0 +1,46 @@
+"""benchmarks/gpu.py's precision switch: it reaches every product, and only while active."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import sngd_jax
+from benchmarks import gpu
+
+
+def _lowered_update(width):
+  model = nn.Sequential([nn.Dense(width), nn.relu, nn.Dense(3)])
+  x = jax.random.normal(jax.random.PRNGKey(0), (16, 5))
+  y = jnp.arange(16) % 3
+  params = model.init(jax.random.PRNGKey(1), x)["params"]
+
+  def loss(p):
+    logits = model.apply({"params": p}, x)
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(16), y])
+
+  # Wide enough hidden layer for a Nystrom block beside the exact ones.
+  tx = sngd_jax.sngd(inverse=sngd_jax.inverse.auto(max_dim=4, rank=4))
+  state = tx.init(params)
+
+  def upd(p, s):
+    g, acts = jax.grad(sngd_jax.capture(loss), has_aux=True)(p)
+    return tx.update(g, s, p, activations=acts)[0]
+
+  return jax.jit(upd).lower(params, state), params, state
+
+
+def test_products_at_switches_every_highest_product_and_restores():
+  before, params, state = _lowered_update(8)
+  n = gpu.count_highest(before.as_text())
+  assert n > 0
+  with gpu.products_at(jax.lax.Precision.DEFAULT):
+    switched, _, _ = _lowered_update(8)
+  assert gpu.count_highest(switched.as_text()) == 0
+  after, _, _ = _lowered_update(8)
+  assert gpu.count_highest(after.as_text()) == n
+  # On CPU a float32 product is exact at either precision: the same update.
+  u0 = before.compile()(params, state)
+  u1 = switched.compile()(params, state)
+  for a, b in zip(jax.tree.leaves(u0), jax.tree.leaves(u1), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
