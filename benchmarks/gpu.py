@@ -139,6 +139,8 @@ def measure(name: str, steps: int, timed_blocks: int):
       upds[mode] = _update_fn(task, pre)
       upds[mode].lower(args0[0], args0[1], args0[2], xs[idxs[0]], ys[idxs[0]]).compile()
 
+  # `lower` fills each jit's trace cache, so the calls below, outside `products_at`, run the
+  # traces made inside it (one trace per function: checked in benchmarks/test_gpu.py).
   # K steps at the library's precision, then one update from the same state at each.
   params, extra, s_pre, s_post = jax.tree.map(jnp.copy, args0)
   for t in range(steps):
@@ -189,9 +191,9 @@ def measure(name: str, steps: int, timed_blocks: int):
 
 
 def compile_order(name: str, order):
-  """Compile seconds of each optimizer's step on ``name``, compiled in ``order`` in this
-  process: the first compile of a process also pays a one-time cost (on the GPU ~15 s),
-  which the evaluation charges to whichever optimizer it compiles first."""
+  """Compile seconds of each optimizer's step on ``name``, compiled in ``order`` in one
+  process. On the H200 the first *SNGD* step of a process took 10-15 s more than a second
+  one, whatever was compiled before it (benchmarks/README.md, *On a GPU*)."""
   task = TASKS[name](30.0)
   xs, ys = jnp.asarray(task.x_train), jnp.asarray(task.y_train)
   idx = next(evaluate.batches(len(task.x_train), task.batch_size, evaluate.batch_seed(0)))

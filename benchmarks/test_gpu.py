@@ -44,3 +44,23 @@ def test_products_at_switches_every_highest_product_and_restores():
   u1 = switched.compile()(params, state)
   for a, b in zip(jax.tree.leaves(u0), jax.tree.leaves(u1), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_a_lowered_trace_is_what_a_later_call_runs():
+  """gpu.measure lowers inside ``products_at`` and calls outside it: the call must reuse
+  the trace (else the "default" step would silently run at HIGHEST)."""
+  traces = []
+  mod = __import__("sngd_jax._src.inverse.dense", fromlist=["HIGHEST"])
+
+  def f(a):
+    traces.append(mod.HIGHEST)
+    return jnp.matmul(a, a, precision=mod.HIGHEST)
+
+  g = jax.jit(f)
+  a = jnp.ones((3, 3))
+  with gpu.products_at(jax.lax.Precision.DEFAULT):
+    lowered = g.lower(a)
+  g(a)
+  assert traces == [jax.lax.Precision.DEFAULT]
+  assert gpu.count_highest(lowered.as_text()) == 0
+
