@@ -2,8 +2,8 @@
 
 The reference is the same optimizer run on the concatenated batch (the manual
 path); micro-batch and big-batch runs agree to float32 rounding, for dense,
-conv (with LayerNorm), recurrent (Embed + nn.RNN LSTM) and Nystrom-sketched
-layers, over several accumulation cycles with amortized statistics and refreshes.
+conv (with LayerNorm), recurrent (Embed + nn.RNN LSTM), a tied embedding and
+Nystrom-sketched layers, over several accumulation cycles with amortized statistics and refreshes.
 """
 
 import flax.linen as nn
@@ -38,12 +38,21 @@ class LSTM(nn.Module):
     return nn.Dense(7)(h)
 
 
+class TiedLSTM(nn.Module):
+  """The embedding table is also the output layer (``fisher={"Embed_0": "tied"}``)."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    emb = nn.Embed(7, 5)
+    return emb.attend(nn.RNN(nn.LSTMCell(5))(emb(tokens)))
+
+
 def _problem(kind):
   rng = np.random.default_rng(0)
-  if kind == "recurrent":
+  if kind in ("recurrent", "tied"):
     x = jnp.asarray(rng.integers(0, 7, (K * N, 5)), jnp.int32)
     y = jnp.asarray(rng.integers(0, 7, (K * N, 5)), jnp.int32)
-    model = LSTM()
+    model = LSTM() if kind == "recurrent" else TiedLSTM()
   else:
     shape = (K * N, 6, 6, 2) if kind == "conv" else (K * N, 6)
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
@@ -74,8 +83,10 @@ def _inner(kind):
                      mask),
         optax.sgd(0.1, momentum=0.9))
   inverse = sngd_jax.inverse.nystrom(rank=4) if kind == "sketched" else "auto"
+  fisher = {"Embed_0": "tied"} if kind == "tied" else "linear"
   return optax.chain(
-      sngd_jax.sngd(damping=1e-2, decay=0.7, factor_every=2, inverse_every=2, inverse=inverse),
+      sngd_jax.sngd(damping=1e-2, decay=0.7, factor_every=2, inverse_every=2, inverse=inverse,
+                    fisher=fisher),
       optax.sgd(0.1, momentum=0.9))
 
 
@@ -95,12 +106,12 @@ def _sngd_state(state):
   return found
 
 
-@pytest.mark.parametrize("kind", ["dense", "conv", "recurrent", "sketched", "injected",
-                                  "multi_transform", "masked_bias"])
+@pytest.mark.parametrize("kind", ["dense", "conv", "recurrent", "tied", "sketched",
+                                  "injected", "multi_transform", "masked_bias"])
 def test_micro_batches_give_the_big_batch_update(kind):
   """Also with the ``sngd`` under a mask (``optax.multi_transform``, ``optax.masked``): the
   statistics of the layers and rows it sees (``transform.as_seen_by``)."""
-  params, x, y, loss_fn = _problem(kind if kind in ("conv", "recurrent") else "dense")
+  params, x, y, loss_fn = _problem(kind if kind in ("conv", "recurrent", "tied") else "dense")
   big_tx = _inner(kind)
   ms = sngd_jax.MultiSteps(_inner(kind), every_k_schedule=K)
   big_step, micro_step = _step(big_tx, loss_fn), _step(ms, loss_fn)

@@ -64,21 +64,69 @@ def test_embedding_average_starts_from_its_scaled_identity_prior():
   np.testing.assert_allclose(updates["emb"]["embedding"], expect, rtol=1e-10)
 
 
-def test_tied_embedding_is_refused_with_the_fix():
-  class Tied(nn.Module):
-    @nn.compact
-    def __call__(self, tokens):
-      emb = nn.Embed(9, 3)
-      return emb.attend(emb(tokens))
+class Tied(nn.Module):
+  """A table used for the lookup and, through a hidden layer, as the output layer."""
 
+  @nn.compact
+  def __call__(self, tokens):
+    emb = nn.Embed(9, 3, **F64)
+    h = jnp.tanh(nn.Dense(3, **F64)(emb(tokens)))
+    return emb.attend(h)
+
+
+def test_tied_embedding_is_refused_with_the_fix():
   tokens = jnp.array([[1, 2]])
   model = Tied()
   params = model.init(jax.random.key(0), tokens)["params"]
-  with pytest.raises(ValueError, match=r"attend.*fisher=\{'Embed_0': None\}"):
+  with pytest.raises(ValueError, match=r"attend.*fisher=\{'Embed_0': 'tied'\}.*"
+                                       r"fisher=\{'Embed_0': None\}"):
     _grads_updates(model, params, tokens)
+  report = sngd_jax.coverage(lambda p, t: jnp.sum(model.apply({"params": p}, t)), params, tokens)
+  row = {r.path: r.fisher for r in report.params}["Embed_0/embedding"]
+  assert row.startswith("MISSING") and "fisher={'Embed_0': 'tied'}" in row
   tx = exact_sngd(fisher={"Embed_0": None})
-  _, updates, _ = _grads_updates(model, params, tokens, tx=tx)   # passes through
-  assert updates["Embed_0"]["embedding"].shape == (9, 3)
+  grads, updates, _ = _grads_updates(model, params, tokens, tx=tx)   # passes through
+  np.testing.assert_array_equal(updates["Embed_0"]["embedding"], grads["Embed_0"]["embedding"])
+
+
+def test_tied_embedding_is_preconditioned_as_the_output_layer():
+  """fisher='tied': Delta E = g_E (G_h + rho I)^{-1}, G_h = E[h h^T] over the attend queries.
+
+  Exact gradient descent on the reconstructed network in which both uses read
+  ``E = E' G_h^{-1/2}``; the lookup's rows add to ``g_E`` but not to ``G_h``.
+  """
+  tokens = jnp.array([[1, 4, 4, 0], [4, 1, 2, 7]])
+  model = Tied()
+  params = model.init(jax.random.key(0), tokens)["params"]
+  tx = exact_sngd(fisher={"Embed_0": "tied"}, **ref.one_step_kwargs())
+  grads, updates, _ = _grads_updates(model, params, tokens, tx=tx)
+  e = np.asarray(params["Embed_0"]["embedding"], np.float64)
+  dense = params["Dense_0"]
+  h = np.tanh(e[np.asarray(tokens)] @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"]))
+  g_e = np.asarray(grads["Embed_0"]["embedding"], np.float64)
+  expect = ref.damped_solve(ref.linear_factor(h.reshape(-1, 3), bias=False), g_e.T).T
+  np.testing.assert_allclose(updates["Embed_0"]["embedding"], expect, rtol=1e-9)
+  # the other layers are as without the tie: the Dense layer's exact update
+  x = e[np.asarray(tokens)].reshape(-1, 3)
+  kernel, bias = ref.dense_update(x, grads["Dense_0"]["kernel"], grads["Dense_0"]["bias"])
+  np.testing.assert_allclose(updates["Dense_0"]["kernel"], kernel, rtol=1e-9)
+  np.testing.assert_allclose(updates["Dense_0"]["bias"], bias, rtol=1e-9)
+  report = sngd_jax.coverage(lambda p, t: jnp.sum(model.apply({"params": p}, t)), params,
+                             tokens, fisher={"Embed_0": "tied"})
+  assert {r.path: r.fisher for r in report.params}["Embed_0/embedding"] == \
+      "linear/tied/dense 3x3"
+
+
+def test_tied_setting_errors_name_the_layer():
+  tokens = jnp.array([[1, 2]])
+  params = Emb().init(jax.random.key(0), tokens)["params"]
+  with pytest.raises(ValueError, match=r"'emb' has fisher='tied'.*never used.*attend"):
+    _grads_updates(Emb(), params, tokens, tx=exact_sngd(fisher={"emb": "tied"}))
+  dense_params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+  with pytest.raises(ValueError, match=r"'Dense_0', which is not an embedding"):
+    sngd_jax.sngd(fisher={"Dense_0": "tied"}).init(dense_params)
+  with pytest.raises(ValueError, match=r"name it: fisher=\{'<embedding path>': 'tied'\}"):
+    sngd_jax.sngd(fisher="tied")
 
 
 def test_diagonal_refresh_and_apply():

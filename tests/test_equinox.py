@@ -248,6 +248,13 @@ def test_embedding_and_norms():
   np.testing.assert_allclose(_np(updates.rms.bias), b, rtol=1e-8)
 
 
+def test_tied_setting_is_refused_for_equinox_with_the_alternative():
+  """Equinox has no output-layer method to capture: 'tied' names the layer and says what works."""
+  params = eqx.filter(Tokens(KEYS[6]), eqx.is_inexact_array)
+  with pytest.raises(ValueError, match=r"Equinox layer 'emb'.*fisher=\{'emb': None\}"):
+    sngd_jax.sngd(fisher={"emb": "tied"}).init(params)
+
+
 def test_group_norm_and_batch_norm():
   gn = eqx.nn.GroupNorm(2, 4, dtype=jnp.float64)
   bn = eqx.nn.BatchNorm(4, axis_name="batch", mode="batch", dtype=jnp.float64)

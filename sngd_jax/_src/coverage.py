@@ -126,7 +126,7 @@ def _describe(spec: layers_lib.LayerSpec, kinds: set[str]) -> str:
   elif spec.structure == "per_channel":
     name = "per-channel" + ("/rfim" if spec.fisher == "rfim" else "")
   else:
-    name = spec.fisher
+    name = spec.fisher + ("/tied" if spec.tied else "")
   return f"{name}/{source} " + "x".join(map(str, spec.factor_shape))
 
 
@@ -139,7 +139,11 @@ def _rows_of_one_layer(call):
 
 def _mismatch(spec: layers_lib.LayerSpec, calls) -> Optional[str]:
   """Why ``update`` would reject these calls for this layer, or None."""
+  if spec.structure == "diagonal" and any(c.config == ("attend",) for c in calls):
+    return (f"also the output layer (`attend`, tied weights); pass "
+            f"fisher={{{spec.path!r}: 'tied'}} (or None)")
   try:
+    calls = factors_lib.layer_calls(spec, calls)
     factors_lib.check_stack(spec, calls)
   except ValueError as e:
     return str(e).split(": ", 2)[-1]
@@ -209,7 +213,7 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
       desc = f"{MISSING}: {why}"
     else:
       spec = specs[layer]
-      desc = _describe(spec, {c.kind for c in activations[layer]})
+      desc = _describe(spec, {c.kind for c in factors_lib.layer_calls(spec, activations[layer])})
       if parts == spec.kernel:
         size = nbytes(state.factors[layer]) + nbytes(state.inverses[layer])
         how = "diagonal" if spec.structure == "diagonal" else describe(method, spec.dim).name

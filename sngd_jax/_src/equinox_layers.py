@@ -36,13 +36,23 @@ from sngd_jax._src import paths
 Parts = tuple[str, ...]
 
 
+def _kind(fisher, path: str):
+  kind = layers_lib.resolve_fisher(fisher, path)
+  if kind == layers_lib.TIED:
+    raise ValueError(
+        f"sngd: fisher='tied' for Equinox layer {path!r}: Equinox layers have no output-layer "
+        "method to capture (a tied table is read as `weight` directly); leave the layer to "
+        f"the next transform with fisher={{{path!r}: None}}")
+  return kind
+
+
 def _dense(module: Any, parts: Parts, fisher, weight: str, bias: Optional[str], path: str,
            base_ndim: int, perm: tuple[int, ...]) -> list[layers_lib.LayerSpec]:
   """A dense-structured spec for ``module.<weight>`` stored ``(O, I...)``-like."""
   w = getattr(module, weight, None)
   if w is None or getattr(w, "ndim", 0) < base_ndim:
     return []
-  kind = layers_lib.resolve_fisher(fisher, path)
+  kind = _kind(fisher, path)
   if kind is None:
     return []
   b = getattr(module, bias, None) if bias else None
@@ -75,7 +85,7 @@ def cell(module: Any, parts: Parts, fisher) -> list[layers_lib.LayerSpec]:
 def embedding(module: Any, parts: Parts, fisher) -> list[layers_lib.LayerSpec]:
   w = module.weight
   path = paths.join(parts)
-  if w is None or w.ndim != 2 or layers_lib.resolve_fisher(fisher, path) is None:
+  if w is None or w.ndim != 2 or _kind(fisher, path) is None:
     return []
   return [layers_lib.LayerSpec(path=path, kernel=parts + ("weight",), bias=None,
                                in_dim=w.shape[0], out_dim=w.shape[1], fisher="linear",
@@ -85,7 +95,7 @@ def embedding(module: Any, parts: Parts, fisher) -> list[layers_lib.LayerSpec]:
 def norm(module: Any, parts: Parts, fisher) -> list[layers_lib.LayerSpec]:
   w = getattr(module, "weight", None)
   path = paths.join(parts)
-  kind = layers_lib.resolve_fisher(fisher, path)
+  kind = _kind(fisher, path)
   if w is None or kind is None:
     return []
   b = getattr(module, "bias", None)

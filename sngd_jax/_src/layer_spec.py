@@ -11,6 +11,9 @@ import math
 from typing import Callable, Mapping, Optional, Union
 
 FISHER_KINDS = ("linear", "rfim")
+TIED = "tied"
+"""The ``fisher`` kind of an embedding table that is also the output layer (``attend``):
+a layer path's own setting only (``fisher={path: "tied"}``), see ``sngd_jax.discover``."""
 # How a layer's local Fisher is stored and applied:
 #   "dense":       one d x d block (or O blocks for rfim) over x~ = [x; 1];
 #   "per_channel": one d x d block per output channel (normalization scale/bias, d <= 2);
@@ -41,6 +44,9 @@ class LayerSpec:
     kernel_perm: the permutation of the kernel's axes after the stack axes that
       puts its input axes first and its output axes last (Equinox stores
       outputs first); None when they already are.
+    tied: an embedding table ``E`` (``V x D``) that is also the output layer
+      ``logits = h E^T`` (``fisher="tied"``): preconditioned as that dense layer
+      (inputs ``h``, kernel ``E^T``, no bias), from its output-layer calls only.
   """
 
   path: str
@@ -52,6 +58,7 @@ class LayerSpec:
   structure: str = "dense"
   stack: tuple[int, ...] = ()
   kernel_perm: Optional[tuple[int, ...]] = None
+  tied: bool = False
 
   @property
   def per_unit(self) -> bool:
@@ -109,10 +116,16 @@ def _resolve(fisher: FisherSpec, path: str) -> tuple[Optional[str], Optional[int
     kind, in_axes = kind
   if kind in (None, "none"):
     return None, None
+  if kind == TIED:
+    if isinstance(fisher, str):
+      raise ValueError(
+          "sngd: fisher='tied' is for an embedding table that is also the output layer; "
+          "name it: fisher={'<embedding path>': 'tied'}")
+    return kind, None
   if kind not in FISHER_KINDS:
     raise ValueError(
         f"sngd: unknown fisher kind {kind!r} for layer {path!r}; expected one of "
-        f"{FISHER_KINDS} or None")
+        f"{FISHER_KINDS}, 'tied' (an embedding table that is also the output layer) or None")
   return kind, in_axes
 
 
@@ -125,11 +138,13 @@ def resolve_fisher(fisher: FisherSpec, path: str) -> Optional[str]:
       given as ``(kind, n)``: the kernel's first ``n`` axes are its inputs
       (needed only for a kernel without bias and several output axes, e.g.
       the ``(D, heads, head_dim)`` projections of bias-free attention, which
-      the params alone do not tell apart from a conv kernel).
+      the params alone do not tell apart from a conv kernel). An embedding
+      table that is also the output layer (``nn.Embed.attend``, tied weights)
+      takes ``'tied'``, named by its path (a mapping or callable).
     path: the layer path.
 
   Returns:
-    ``'linear'``, ``'rfim'`` or None.
+    ``'linear'``, ``'rfim'``, ``'tied'`` or None.
 
   Raises:
     ValueError: for an unknown kind, naming the layer path.

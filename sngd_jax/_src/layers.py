@@ -33,7 +33,11 @@ Two more layer structures have no ``kernel`` (see ``STRUCTURES``):
 * ``embedding`` leaves (``nn.Embed``, ``nnx.Embed``, shape ``V x D``): the
   layer's input is a one-hot token, so its linear local Fisher
   ``E[onehot onehot^T] = diag(token frequencies)`` is exactly diagonal and is
-  kept as a ``V`` vector (``structure="diagonal"``).
+  kept as a ``V`` vector (``structure="diagonal"``). A table that is also the
+  output layer (``attend``: ``logits = h E^T``, tied weights) is, with
+  ``fisher={path: "tied"}``, the dense layer with inputs ``h`` and kernel
+  ``E^T`` (``kernel_perm=(1, 0)``, no bias, ``tied=True``), estimated from
+  its output-layer calls only (``statistics.layer_calls``).
 * ``scale`` leaves with an optional sibling ``bias`` of the same shape
   (``LayerNorm``, ``BatchNorm``, ``GroupNorm``, ``RMSNorm``): channel ``c``
   computes ``y_c = scale_c * xhat_c + bias_c``, a one-input "dense unit" with
@@ -56,6 +60,9 @@ from sngd_jax._src.layer_spec import (  # noqa: F401 (re-exported: the layer voc
 )
 from sngd_jax._src.layer_spec import (
   STRUCTURES as STRUCTURES,
+)
+from sngd_jax._src.layer_spec import (
+  TIED as TIED,
 )
 from sngd_jax._src.layer_spec import (
   FisherSpec as FisherSpec,
@@ -139,6 +146,13 @@ def _stack_of_bias(kernel: Any, bias: Any) -> int:
   return 0
 
 
+def _not_tied(kind: str, path: str) -> None:
+  if kind == TIED:
+    raise ValueError(
+        f"sngd: fisher='tied' for layer {path!r}, which is not an embedding table; 'tied' "
+        "is for an embedding that is also the output layer (`attend`)")
+
+
 def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any], fisher: FisherSpec,
               stacked: StackSpec = None) -> Optional[LayerSpec]:
   """The layer formed by the sibling leaves under ``parent``, or None."""
@@ -150,6 +164,7 @@ def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any], fisher: FisherSpe
     kind, in_axes = _resolve(fisher, path)
     if kind is None:
       return None
+    _not_tied(kind, path)
     bias = leaves.get("bias")
     n_stack = stack_axes_of(stacked, path)
     if n_stack is None:
@@ -182,6 +197,10 @@ def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any], fisher: FisherSpe
     kind = resolve_fisher(fisher, path)
     if kind is None:
       return None
+    if kind == TIED:  # also the output layer h E^T: the dense layer (h; kernel E^T)
+      return LayerSpec(path=path, kernel=parent + ("embedding",), bias=None,
+                       in_dim=embedding.shape[1], out_dim=embedding.shape[0], fisher="linear",
+                       kernel_perm=(1, 0), tied=True)
     # One-hot inputs: the linear Fisher is diagonal; rfim has no cheaper form here,
     # so an embedding always gets the (exact) linear one.
     return LayerSpec(path=path, kernel=parent + ("embedding",), bias=None,
@@ -191,6 +210,7 @@ def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any], fisher: FisherSpe
     kind = resolve_fisher(fisher, path)
     if kind is None:
       return None
+    _not_tied(kind, path)
     bias = leaves.get("bias")
     if bias is not None and tuple(bias.shape) != tuple(scale.shape):
       raise ValueError(

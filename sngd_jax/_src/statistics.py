@@ -178,6 +178,38 @@ def _check_kind(spec: LayerSpec, call: Captured) -> None:
         f"activations of kind {call.kind!r}; expected {STRUCTURE_KINDS[spec.structure]}")
 
 
+def tied_message(path: str) -> str:
+  """The error for an embedding table also used as the output layer without ``'tied'``."""
+  return (f"sngd: embedding {path!r} is also used as the output layer (`attend`, tied "
+          "weights), so its local Fisher is not the lookup's diagonal one. Pass "
+          f"`fisher={{{path!r}: 'tied'}}` to precondition the table as the output layer "
+          "(inputs h, kernel E^T; the update is g_E (G_h + rho I)^{-1}), or "
+          f"`fisher={{{path!r}: None}}` to leave it to the next transform.")
+
+
+def layer_calls(spec: LayerSpec, calls: Sequence[Captured]) -> tuple[Captured, ...]:
+  """The calls a layer's local Fisher is estimated from.
+
+  A tied embedding (``fisher="tied"``: the table ``E`` is also the output layer
+  ``logits = h E^T``, ``attend``) is preconditioned as that dense layer: its
+  output-layer calls, with the queries ``h`` as inputs, are dense calls, and
+  its lookups are left out. For every other layer, all of its calls.
+
+  Raises:
+    ValueError: for a tied embedding never called as an output layer.
+  """
+  if not spec.tied:
+    return tuple(calls)
+  out = tuple(dataclasses.replace(c, kind="dense", config=()) for c in calls
+              if c.kind == "embed" and c.config == ("attend",))
+  if not out:
+    raise ValueError(
+        f"sngd: layer {spec.path!r} has fisher='tied', but the captured function never used "
+        "its table as the output layer (`attend`); drop the 'tied' setting to give its "
+        "lookups the diagonal local Fisher")
+  return out
+
+
 def embed_counts(spec: LayerSpec, calls: Sequence[Captured], dtype) -> jax.Array:
   """Token frequencies ``count(v) / n`` over all calls of an embedding, ``(V,)``."""
   ids = jnp.concatenate([c.inputs.reshape(-1) for c in calls])
@@ -266,10 +298,7 @@ def batch_factor(spec: LayerSpec, calls: Sequence[Captured],
     return _per_layer(batch_factor, spec, calls)
   if spec.structure == "diagonal":
     if any(c.config == ("attend",) for c in calls):
-      raise ValueError(
-          f"sngd: embedding {spec.path!r} is also used as an output layer (`attend`, tied "
-          "weights); its local Fisher is then not diagonal, which sngd does not model. "
-          f"Leave it to the next transform with `fisher={{{spec.path!r}: None}}`.")
+      raise ValueError(tied_message(spec.path))
     return embed_counts(spec, calls, jax.dtypes.canonicalize_dtype(jnp.float64))
   if spec.structure == "per_channel":
     xs, zs = zip(*(norm_rows(c) for c in calls), strict=True)

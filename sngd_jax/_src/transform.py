@@ -215,7 +215,7 @@ def _check_inputs(config: SNGDConfig, method: InverseMethod, updates: Any, state
   else:
     validation.check_structure(specs, state.factors, activations)
     assert activations is not None  # checked above
-    activations = {p: activations[p] for p in specs}
+    activations = {p: statistics.layer_calls(specs[p], activations[p]) for p in specs}
   leaves, treedef, index = _flatten(updates)
   validation.check_param_dtypes(specs, leaves, index, "updates")
   omegas = _sketch_omegas(specs, leaves, index, method)
