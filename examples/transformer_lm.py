@@ -1,11 +1,15 @@
 """A small decoder-only transformer language model on bundled text (characters).
 
 Token and position embeddings, pre-norm blocks of causal multi-head
-self-attention and an MLP, and a dense output layer; trained on the Zen of
-Python (shipped with Python as ``this``), next character prediction. Every
-parameter gets a local Fisher: embeddings a diagonal one, the attention
-projections (``DenseGeneral``) and MLP layers one per layer over all tokens,
-the layer norms one per channel. ``sngd_jax.coverage`` prints which.
+self-attention and an MLP, and an output layer tied to the token embedding
+(``nn.Embed.attend``, as in GPT-2; ``--tied 0`` gives it its own ``Dense``);
+trained on the Zen of Python (shipped with Python as ``this``), next character
+prediction. Every parameter gets a local Fisher: the position embedding a
+diagonal one, the tied token embedding both the lookup's diagonal one and the
+output layer's (``fisher={"Embed_0": "tied"}``: ``G_h = E[h h^T]`` over the
+output layer's inputs), the attention projections (``DenseGeneral``) and MLP layers one per
+layer over all tokens, the layer norms one per channel. ``sngd_jax.coverage``
+prints which.
 
 Run from the repository root::
 
@@ -49,15 +53,18 @@ class TransformerLM(nn.Module):
   width: int = 64
   depth: int = 2
   heads: int = 4
+  tied: bool = True
 
   @nn.compact
   def __call__(self, tokens):
     positions = jnp.arange(tokens.shape[-1])
-    x = nn.Embed(self.vocab, self.width)(tokens) + nn.Embed(self.context, self.width)(positions)
+    embed = nn.Embed(self.vocab, self.width)  # Embed_0
+    x = embed(tokens) + nn.Embed(self.context, self.width)(positions)
     mask = nn.make_causal_mask(tokens)
     for _ in range(self.depth):
       x = Block(self.heads)(x, mask)
-    return nn.Dense(self.vocab)(nn.LayerNorm()(x))
+    x = nn.LayerNorm()(x)
+    return embed.attend(x) if self.tied else nn.Dense(self.vocab)(x)
 
 
 def text_batches(data: np.ndarray, context: int, batch_size: int, seed: int):
@@ -71,10 +78,12 @@ def text_batches(data: np.ndarray, context: int, batch_size: int, seed: int):
 
 def main(argv=None):
   args = _common.parse_args(__doc__.splitlines()[0], steps=300, argv=argv,
-                            batch_size=(int, 32), context=(int, 64))
+                            batch_size=(int, 32), context=(int, 64), tied=(int, 1))
   chars = sorted(set(TEXT))
   data = np.array([chars.index(c) for c in TEXT], np.int32)
-  model = TransformerLM(len(chars), args.context)
+  model = TransformerLM(len(chars), args.context, tied=bool(args.tied))
+  # The tied table is also the output layer: it is preconditioned as both layers.
+  fisher = {"Embed_0": "tied"} if args.tied else "linear"
   params = model.init(jax.random.key(args.seed), jnp.zeros((1, args.context), jnp.int32))
   params = params["params"]
 
@@ -85,8 +94,8 @@ def main(argv=None):
   stream = text_batches(data, args.context, args.batch_size, args.seed)
   x, y = next(stream)
   if args.steps > 20:
-    print(sngd_jax.coverage(loss_fn, params, x, y))
-  tx = sngd_jax.sngd_momentum(0.03)
+    print(sngd_jax.coverage(loss_fn, params, x, y, fisher=fisher))
+  tx = sngd_jax.sngd_momentum(0.03, fisher=fisher)
   opt_state = tx.init(params)
 
   @jax.jit

@@ -89,23 +89,29 @@ def test_tied_embedding_is_refused_with_the_fix():
   np.testing.assert_array_equal(updates["Embed_0"]["embedding"], grads["Embed_0"]["embedding"])
 
 
-def test_tied_embedding_is_preconditioned_as_the_output_layer():
-  """fisher='tied': Delta E = g_E (G_h + rho I)^{-1}, G_h = E[h h^T] over the attend queries.
+def test_tied_embedding_is_preconditioned_as_both_layers():
+  """fisher='tied': Delta E = (D + rho_D I)^{-1} g_E (G_h + rho_G I)^{-1}.
 
-  Exact gradient descent on the reconstructed network in which both uses read
-  ``E = E' G_h^{-1/2}``; the lookup's rows add to ``g_E`` but not to ``G_h``.
+  ``D = diag(f)`` is the lookup's local Fisher (token frequencies of the lookups),
+  ``G_h = E[h h^T]`` the output layer's (over the ``attend`` queries ``h``, no bias row),
+  ``g_E`` the sum of both uses' gradients: exact gradient descent on the reconstructed
+  network in which both uses read ``E = D^{-1/2} E' G_h^{-1/2}``.
   """
   tokens = jnp.array([[1, 4, 4, 0], [4, 1, 2, 7]])
   model = Tied()
   params = model.init(jax.random.key(0), tokens)["params"]
   tx = exact_sngd(fisher={"Embed_0": "tied"}, **ref.one_step_kwargs())
-  grads, updates, _ = _grads_updates(model, params, tokens, tx=tx)
+  grads, updates, state = _grads_updates(model, params, tokens, tx=tx)
   e = np.asarray(params["Embed_0"]["embedding"], np.float64)
   dense = params["Dense_0"]
   h = np.tanh(e[np.asarray(tokens)] @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"]))
   g_e = np.asarray(grads["Embed_0"]["embedding"], np.float64)
-  expect = ref.damped_solve(ref.linear_factor(h.reshape(-1, 3), bias=False), g_e.T).T
+  freq = np.bincount(np.asarray(tokens).ravel(), minlength=9) / tokens.size
+  rows = g_e / (freq + ref.DAMPING * freq.sum())[:, None]
+  expect = ref.damped_solve(ref.linear_factor(h.reshape(-1, 3), bias=False), rows.T).T
   np.testing.assert_allclose(updates["Embed_0"]["embedding"], expect, rtol=1e-9)
+  np.testing.assert_allclose(state.factors["Embed_0"], freq, rtol=1e-12)
+  assert set(state.factors) == {"Embed_0", "Embed_0[attend]", "Dense_0"}
   # the other layers are as without the tie: the Dense layer's exact update
   x = e[np.asarray(tokens)].reshape(-1, 3)
   kernel, bias = ref.dense_update(x, grads["Dense_0"]["kernel"], grads["Dense_0"]["bias"])
@@ -113,15 +119,48 @@ def test_tied_embedding_is_preconditioned_as_the_output_layer():
   np.testing.assert_allclose(updates["Dense_0"]["bias"], bias, rtol=1e-9)
   report = sngd_jax.coverage(lambda p, t: jnp.sum(model.apply({"params": p}, t)), params,
                              tokens, fisher={"Embed_0": "tied"})
-  assert {r.path: r.fisher for r in report.params}["Embed_0/embedding"] == \
-      "linear/tied/dense 3x3"
+  row = {r.path: r for r in report.params}["Embed_0/embedding"]
+  assert row.fisher == "tied: diagonal/embed 9 + linear/attend 3x3"
+  assert row.inverse == "diagonal + cholesky"
+
+
+def test_tied_trust_region_uses_the_kronecker_norm():
+  """q = <g_E, u_E> for the tied table: max_norm scales the update by min(1, r / sqrt(q))."""
+  tokens = jnp.array([[1, 4, 4, 0], [4, 1, 2, 7]])
+  model = Tied()
+  params = model.init(jax.random.key(0), tokens)["params"]
+  kwargs = {**ref.one_step_kwargs(), "fisher": {"Embed_0": "tied", "Dense_0": None}}
+  _, free, _ = _grads_updates(model, params, tokens, tx=exact_sngd(**kwargs))
+  grads, clipped, state = _grads_updates(model, params, tokens,
+                                         tx=exact_sngd(**{**kwargs, "max_norm": 1e-3}))
+  u = np.asarray(free["Embed_0"]["embedding"])
+  q = np.vdot(np.asarray(grads["Embed_0"]["embedding"]), u)
+  assert q > 1e-6  # so that the radius clips
+  np.testing.assert_allclose(clipped["Embed_0"]["embedding"], u * 1e-3 / np.sqrt(q), rtol=1e-9)
+  # the diagnostic reads the table once, from the state or from the update
+  np.testing.assert_allclose(sngd_jax.trust_region_scale(grads, state), 1e-3 / np.sqrt(q),
+                             rtol=1e-8)
+  np.testing.assert_allclose(sngd_jax.trust_region_scale(grads, state, clipped),
+                             1e-3 / np.sqrt(q), rtol=1e-8)
 
 
 def test_tied_setting_errors_name_the_layer():
   tokens = jnp.array([[1, 2]])
   params = Emb().init(jax.random.key(0), tokens)["params"]
-  with pytest.raises(ValueError, match=r"'emb' has fisher='tied'.*never used.*attend"):
+  with pytest.raises(ValueError, match=r"'emb' has fisher='tied'.*never used its table as "
+                                       r"the output layer"):
     _grads_updates(Emb(), params, tokens, tx=exact_sngd(fisher={"emb": "tied"}))
+
+
+  class OutputOnly(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Embed(9, 3, **F64).attend(x)
+
+  x = jnp.ones((2, 3))
+  params = OutputOnly().init(jax.random.key(0), x)["params"]
+  with pytest.raises(ValueError, match=r"'Embed_0' has fisher='tied'.*never looked up"):
+    _grads_updates(OutputOnly(), params, x, tx=exact_sngd(fisher={"Embed_0": "tied"}))
   dense_params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
   with pytest.raises(ValueError, match=r"'Dense_0', which is not an embedding"):
     sngd_jax.sngd(fisher={"Dense_0": "tied"}).init(dense_params)

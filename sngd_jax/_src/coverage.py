@@ -126,7 +126,7 @@ def _describe(spec: layers_lib.LayerSpec, kinds: set[str]) -> str:
   elif spec.structure == "per_channel":
     name = "per-channel" + ("/rfim" if spec.fisher == "rfim" else "")
   else:
-    name = spec.fisher + ("/tied" if spec.tied else "")
+    name = spec.fisher
   return f"{name}/{source} " + "x".join(map(str, spec.factor_shape))
 
 
@@ -139,7 +139,8 @@ def _rows_of_one_layer(call):
 
 def _mismatch(spec: layers_lib.LayerSpec, calls) -> Optional[str]:
   """Why ``update`` would reject these calls for this layer, or None."""
-  if spec.structure == "diagonal" and any(c.config == ("attend",) for c in calls):
+  if (spec.structure == "diagonal" and not spec.tied
+      and any(c.config == ("attend",) for c in calls)):
     return (f"also the output layer (`attend`, tied weights); pass "
             f"fisher={{{spec.path!r}: 'tied'}} (or None)")
   try:
@@ -209,7 +210,9 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
       desc = f"{PASS_THROUGH} (fisher=None)"
     elif not activations.get(layer):
       desc = f"{MISSING}: no calls captured"
-    elif (why := _mismatch(specs[layer], activations[layer])) is not None:
+    elif (why := _mismatch(specs[layer], activations[layer]) or (
+        specs[layer].tied
+        and _mismatch(specs[layers_lib.tied_path(layer)], activations[layer]))):
       desc = f"{MISSING}: {why}"
     else:
       spec = specs[layer]
@@ -217,6 +220,11 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
       if parts == spec.kernel:
         size = nbytes(state.factors[layer]) + nbytes(state.inverses[layer])
         how = "diagonal" if spec.structure == "diagonal" else describe(method, spec.dim).name
+        if spec.tied:  # the table is also the output layer: both local Fishers
+          head = specs[layers_lib.tied_path(layer)]
+          desc = f"tied: {desc} + " + _describe(head, {"attend"})
+          size += nbytes(state.factors[head.path]) + nbytes(state.inverses[head.path])
+          how = f"{how} + {describe(method, head.dim).name}"
       else:
         desc = f"(with {paths.join(spec.kernel)})"
     out.append(ParamCoverage(paths.join(parts), tuple(leaf.shape), layer, desc, size, how))

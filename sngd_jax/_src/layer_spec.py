@@ -44,9 +44,15 @@ class LayerSpec:
     kernel_perm: the permutation of the kernel's axes after the stack axes that
       puts its input axes first and its output axes last (Equinox stores
       outputs first); None when they already are.
-    tied: an embedding table ``E`` (``V x D``) that is also the output layer
-      ``logits = h E^T`` (``fisher="tied"``): preconditioned as that dense layer
-      (inputs ``h``, kernel ``E^T``, no bias), from its output-layer calls only.
+    tied: one of the two specs of an embedding table ``E`` (``V x D``) that is
+      also the output layer ``logits = h E^T`` (``fisher="tied"``): the
+      lookup's (``structure="diagonal"``, at the table's path, from its lookups)
+      or the output layer's (``structure="dense"``: inputs ``h``, kernel
+      ``E^T``, no bias; at ``tied_path(path)``, from its ``attend`` calls).
+      Both precondition the table together: ``Delta E = (D + rho I)^{-1} g_E
+      (G_h + rho I)^{-1}`` (``sngd_jax._src.precondition``).
+    source: the layer path whose captured calls this spec reads (the output-layer
+      spec of a tied table reads the table's); None for its own path.
   """
 
   path: str
@@ -59,6 +65,7 @@ class LayerSpec:
   stack: tuple[int, ...] = ()
   kernel_perm: Optional[tuple[int, ...]] = None
   tied: bool = False
+  source: Optional[str] = None
 
   @property
   def per_unit(self) -> bool:
@@ -95,6 +102,11 @@ class LayerSpec:
   def one_layer(self) -> LayerSpec:
     """The spec of one layer of the stack (itself when not stacked)."""
     return dataclasses.replace(self, stack=()) if self.stack else self
+
+
+def tied_path(path: str) -> str:
+  """The path of the output-layer spec of the tied embedding table at ``path``."""
+  return f"{path}[attend]"
 
 
 def _resolve(fisher: FisherSpec, path: str) -> tuple[Optional[str], Optional[int]]:

@@ -34,10 +34,12 @@ Two more layer structures have no ``kernel`` (see ``STRUCTURES``):
   layer's input is a one-hot token, so its linear local Fisher
   ``E[onehot onehot^T] = diag(token frequencies)`` is exactly diagonal and is
   kept as a ``V`` vector (``structure="diagonal"``). A table that is also the
-  output layer (``attend``: ``logits = h E^T``, tied weights) is, with
-  ``fisher={path: "tied"}``, the dense layer with inputs ``h`` and kernel
-  ``E^T`` (``kernel_perm=(1, 0)``, no bias, ``tied=True``), estimated from
-  its output-layer calls only (``statistics.layer_calls``).
+  output layer (``attend``: ``logits = h E^T``, tied weights) has, with
+  ``fisher={path: "tied"}``, two specs: the lookup's diagonal one at its path
+  (from its lookups) and the dense one of the output layer, inputs ``h`` and
+  kernel ``E^T`` (``kernel_perm=(1, 0)``, no bias), at ``tied_path(path)``
+  (from its ``attend`` calls; ``statistics.layer_calls``); the table's update
+  applies both (``precondition``).
 * ``scale`` leaves with an optional sibling ``bias`` of the same shape
   (``LayerNorm``, ``BatchNorm``, ``GroupNorm``, ``RMSNorm``): channel ``c``
   computes ``y_c = scale_c * xhat_c + bias_c``, a one-input "dense unit" with
@@ -82,6 +84,9 @@ from sngd_jax._src.layer_spec import (
 from sngd_jax._src.layer_spec import (
   stack_axes_of as stack_axes_of,
 )
+from sngd_jax._src.layer_spec import (
+  tied_path as tied_path,
+)
 
 
 def discover(params: Any, fisher: FisherSpec = "linear",
@@ -114,9 +119,10 @@ def discover(params: Any, fisher: FisherSpec = "linear",
     groups.setdefault(parts[:-1], {})[parts[-1]] = leaf
   specs = {}
   for parent, leaves in groups.items():
-    spec = _layer_of(parent, leaves, fisher, stacked)
-    if spec is not None:
-      specs[spec.path] = spec
+    found = _layer_of(parent, leaves, fisher, stacked)
+    for spec in found if isinstance(found, list) else [found]:
+      if spec is not None:
+        specs[spec.path] = spec
   return specs
 
 
@@ -154,8 +160,9 @@ def _not_tied(kind: str, path: str) -> None:
 
 
 def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any], fisher: FisherSpec,
-              stacked: StackSpec = None) -> Optional[LayerSpec]:
-  """The layer formed by the sibling leaves under ``parent``, or None."""
+              stacked: StackSpec = None) -> Optional[LayerSpec | list[LayerSpec]]:
+  """The layer formed by the sibling leaves under ``parent``, or None (a tied embedding
+  table: its two specs, the lookup's and the output layer's)."""
   path = paths.join(parent)
   kernel = leaves.get("kernel")
   embedding = leaves.get("embedding")
@@ -197,15 +204,17 @@ def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any], fisher: FisherSpe
     kind = resolve_fisher(fisher, path)
     if kind is None:
       return None
-    if kind == TIED:  # also the output layer h E^T: the dense layer (h; kernel E^T)
-      return LayerSpec(path=path, kernel=parent + ("embedding",), bias=None,
-                       in_dim=embedding.shape[1], out_dim=embedding.shape[0], fisher="linear",
-                       kernel_perm=(1, 0), tied=True)
     # One-hot inputs: the linear Fisher is diagonal; rfim has no cheaper form here,
     # so an embedding always gets the (exact) linear one.
-    return LayerSpec(path=path, kernel=parent + ("embedding",), bias=None,
-                     in_dim=embedding.shape[0], out_dim=embedding.shape[1],
-                     fisher="linear", structure="diagonal")
+    lookup = LayerSpec(path=path, kernel=parent + ("embedding",), bias=None,
+                       in_dim=embedding.shape[0], out_dim=embedding.shape[1],
+                       fisher="linear", structure="diagonal", tied=kind == TIED)
+    if kind != TIED:
+      return lookup
+    # also the output layer h E^T: the dense layer with inputs h and kernel E^T
+    return [lookup, LayerSpec(path=tied_path(path), kernel=parent + ("embedding",), bias=None,
+                              in_dim=embedding.shape[1], out_dim=embedding.shape[0],
+                              fisher="linear", kernel_perm=(1, 0), tied=True, source=path)]
   if kernel is None and scale is not None and getattr(scale, "ndim", 0) >= 1:
     kind = resolve_fisher(fisher, path)
     if kind is None:

@@ -8,6 +8,8 @@ local Fisher (``apply_inverse``):
 U = (G + rho I)^{-1} [gW; gb^T]           (one d x d block, fisher="linear")
 u_j = (G_j + rho_j I)^{-1} g_j            (a block per output unit: rfim, norms)
 U = diag(1 / (f + rho)) gE                (diagonal: embeddings)
+U = diag(1 / (f + rho)) gE (G_h + rho I)^{-1}   (a tied table: the lookup's and the
+                                                 output layer's, fisher="tied")
 ```
 
 and split back into kernel and bias (``split``). The trust region
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 from sngd_jax._src import distributed
 from sngd_jax._src.inverse import diagonal as diagonal_lib
 from sngd_jax._src.inverse.base import InverseMethod
-from sngd_jax._src.layers import LayerSpec
+from sngd_jax._src.layers import LayerSpec, tied_path
 
 
 def _kernel_perm(spec: LayerSpec) -> tuple[int, ...]:
@@ -99,6 +101,10 @@ def precondition(specs: Mapping[str, LayerSpec], leaves: Sequence[Any],
                  ) -> tuple[dict[str, jax.Array], jax.Array]:
   """Every layer's preconditioned gradient ``u_l`` and ``q = sum_l <g_l, u_l>``.
 
+  A tied embedding table has two specs (``LayerSpec.tied``): its update is in
+  ``u`` under the lookup spec's path, with both inverses applied (a Kronecker
+  product of the two PSD inverses, so ``<g, u>`` stays a squared norm).
+
   ``q`` is the squared norm of the update in the local-Fisher metric, which the
   trust region needs; it is also non-finite whenever any ``u_l`` is
   (``inf * 0`` and ``inf - inf`` are NaN), which the transform's overflow
@@ -110,9 +116,16 @@ def precondition(specs: Mapping[str, LayerSpec], leaves: Sequence[Any],
   """
   pres, sq_norm = {}, jnp.zeros((), jnp.float32)
   for path, spec in specs.items():
+    if spec.tied and spec.structure == "dense":
+      continue  # with its table's lookup spec, below
     g = augmented(spec, leaves, index, factor_dtypes[path])
     g = distributed.replicate(g)  # as the inverses, under an explicit mesh
     pre = apply_inverse(spec, inverses[path], method, g)
+    if spec.tied:  # a tied table: then the output layer's inverse, from the right
+      out = tied_path(path)
+      pre = jnp.swapaxes(apply_inverse(specs[out], inverses[out], method,
+                                       jnp.swapaxes(pre, -1, -2).astype(factor_dtypes[out])),
+                         -1, -2).astype(pre.dtype)
     sq_norm = sq_norm + jnp.vdot(g, pre)
     pres[path] = pre
   return pres, sq_norm

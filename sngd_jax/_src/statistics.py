@@ -182,31 +182,38 @@ def tied_message(path: str) -> str:
   """The error for an embedding table also used as the output layer without ``'tied'``."""
   return (f"sngd: embedding {path!r} is also used as the output layer (`attend`, tied "
           "weights), so its local Fisher is not the lookup's diagonal one. Pass "
-          f"`fisher={{{path!r}: 'tied'}}` to precondition the table as the output layer "
-          "(inputs h, kernel E^T; the update is g_E (G_h + rho I)^{-1}), or "
+          f"`fisher={{{path!r}: 'tied'}}` to precondition the table as both layers "
+          "(the update is (D + rho I)^{-1} g_E (G_h + rho I)^{-1}, D the lookup's diagonal "
+          "local Fisher, G_h the output layer's), or "
           f"`fisher={{{path!r}: None}}` to leave it to the next transform.")
 
 
 def layer_calls(spec: LayerSpec, calls: Sequence[Captured]) -> tuple[Captured, ...]:
   """The calls a layer's local Fisher is estimated from.
 
-  A tied embedding (``fisher="tied"``: the table ``E`` is also the output layer
-  ``logits = h E^T``, ``attend``) is preconditioned as that dense layer: its
-  output-layer calls, with the queries ``h`` as inputs, are dense calls, and
-  its lookups are left out. For every other layer, all of its calls.
+  A tied embedding table (``fisher="tied"``: ``E`` is also the output layer
+  ``logits = h E^T``, ``attend``) has two specs: the lookup's reads the
+  table's lookups, the output layer's reads its ``attend`` calls as dense
+  calls (inputs: the queries ``h``). Every other layer reads all of its calls.
 
   Raises:
-    ValueError: for a tied embedding never called as an output layer.
+    ValueError: for a tied table without lookups or without ``attend`` calls.
   """
   if not spec.tied:
     return tuple(calls)
-  out = tuple(dataclasses.replace(c, kind="dense", config=()) for c in calls
-              if c.kind == "embed" and c.config == ("attend",))
+  attend = [c.config == ("attend",) for c in calls]
+  if spec.structure == "diagonal":
+    out = tuple(c for c, a in zip(calls, attend, strict=True) if not a)
+    use = "looked up a row of its table"
+  else:
+    out = tuple(dataclasses.replace(c, kind="dense", config=())
+                for c, a in zip(calls, attend, strict=True) if a)
+    use = "used its table as the output layer (`attend`)"
   if not out:
+    path = spec.source or spec.path
     raise ValueError(
-        f"sngd: layer {spec.path!r} has fisher='tied', but the captured function never used "
-        "its table as the output layer (`attend`); drop the 'tied' setting to give its "
-        "lookups the diagonal local Fisher")
+        f"sngd: layer {path!r} has fisher='tied', but the captured function never {use}; "
+        "'tied' is for a table used both ways (drop it for a table used one way)")
   return out
 
 

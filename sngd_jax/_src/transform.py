@@ -215,7 +215,8 @@ def _check_inputs(config: SNGDConfig, method: InverseMethod, updates: Any, state
   else:
     validation.check_structure(specs, state.factors, activations)
     assert activations is not None  # checked above
-    activations = {p: statistics.layer_calls(specs[p], activations[p]) for p in specs}
+    activations = {p: statistics.layer_calls(s, activations[s.source or p])
+                   for p, s in specs.items()}
   leaves, treedef, index = _flatten(updates)
   validation.check_param_dtypes(specs, leaves, index, "updates")
   omegas = _sketch_omegas(specs, leaves, index, method)
@@ -386,6 +387,8 @@ def _write_back(inputs: _Inputs, pres: dict[str, jax.Array], scale: Optional[jax
   """
   out, narrowed = list(inputs.leaves), []
   for path, spec in inputs.specs.items():
+    if path not in pres:  # the output-layer spec of a tied table: with the table's
+      continue
     pre = pres[path] if scale is None else pres[path] * scale.astype(pres[path].dtype)
     for i, part in precondition.split(spec, pre, inputs.leaves, inputs.index).items():
       out[i] = distributed.reshard_like(part, inputs.leaves[i])

@@ -126,6 +126,7 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
         "or `sngd_jax.capture_nnx` (NNX) and pass what it returns, e.g. "
         "`tx.update(grads, state, params, activations=acts)`.")
   for path, spec in specs.items():
+    path = spec.source or path  # a tied table's output layer: the table's calls
     if path not in activations or not activations[path]:
       raise ValueError(
           f"sngd: no activations were captured for layer {path!r} (params "
