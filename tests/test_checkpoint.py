@@ -149,3 +149,30 @@ def test_same_seed_same_result(uninterrupted):
   other = _train(*_init(seed=1), 0, TOTAL)
   assert not np.array_equal(np.asarray(other[0]["Dense_0"]["kernel"]),
                             np.asarray(uninterrupted[0]["Dense_0"]["kernel"]))
+
+
+def test_orbax_round_trip_of_a_tied_table_state(tmp_path):
+  """A tied embedding's second factor lives at the path 'Embed_0[attend]': orbax keeps it."""
+
+  class Tied(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+      emb = nn.Embed(9, 3)
+      return emb.attend(jnp.tanh(nn.Dense(3)(emb(tokens))))
+
+  model, tokens = Tied(), jnp.array([[1, 2, 3, 4]])
+  params = model.init(jax.random.key(0), tokens)["params"]
+  tx = sngd_jax.sngd_adam(1e-2, fisher={"Embed_0": "tied"})
+  loss = lambda p, t: jnp.sum(jnp.sin(model.apply({"params": p}, t)))
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, tokens)
+  _, opt_state = tx.update(grads, tx.init(params), params, activations=acts)
+  tree = {"params": params, "opt_state": opt_state}
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(tmp_path / "ckpt", tree)
+  ckpt.wait_until_finished()
+  template = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                          {"params": params, "opt_state": tx.init(params)})
+  restored = ckpt.restore(tmp_path / "ckpt", template)
+  ckpt.close()
+  _assert_bitwise_equal(restored, tree)
+  assert set(restored["opt_state"][0].factors) == {"Dense_0", "Embed_0", "Embed_0[attend]"}
