@@ -89,6 +89,7 @@ def test_tied_embedding_is_refused_with_the_fix():
   np.testing.assert_array_equal(updates["Embed_0"]["embedding"], grads["Embed_0"]["embedding"])
 
 
+@pytest.mark.filterwarnings("ignore:sngd. fisher=.tied. with max_norm=None")
 def test_tied_embedding_is_preconditioned_as_both_layers():
   """fisher='tied': Delta E = (D + rho_D I)^{-1} g_E (G_h + rho_G I)^{-1}.
 
@@ -124,6 +125,7 @@ def test_tied_embedding_is_preconditioned_as_both_layers():
   assert row.inverse == "diagonal + cholesky"
 
 
+@pytest.mark.filterwarnings("ignore:sngd. fisher=.tied. with max_norm=None")
 def test_tied_trust_region_uses_the_kronecker_norm():
   """q = <g_E, u_E> for the tied table: max_norm scales the update by min(1, r / sqrt(q))."""
   tokens = jnp.array([[1, 4, 4, 0], [4, 1, 2, 7]])
@@ -144,13 +146,13 @@ def test_tied_trust_region_uses_the_kronecker_norm():
                              1e-3 / np.sqrt(q), rtol=1e-8)
 
 
+@pytest.mark.filterwarnings("ignore:sngd. fisher=.tied. with max_norm=None")
 def test_tied_setting_errors_name_the_layer():
   tokens = jnp.array([[1, 2]])
   params = Emb().init(jax.random.key(0), tokens)["params"]
   with pytest.raises(ValueError, match=r"'emb' has fisher='tied'.*never used its table as "
                                        r"the output layer"):
     _grads_updates(Emb(), params, tokens, tx=exact_sngd(fisher={"emb": "tied"}))
-
 
   class OutputOnly(nn.Module):
     @nn.compact
@@ -166,6 +168,8 @@ def test_tied_setting_errors_name_the_layer():
     sngd_jax.sngd(fisher={"Dense_0": "tied"}).init(dense_params)
   with pytest.raises(ValueError, match=r"name it: fisher=\{'<embedding path>': 'tied'\}"):
     sngd_jax.sngd(fisher="tied")
+  with pytest.warns(UserWarning, match=r"'tied' with max_norm=None.*keep max_norm"):
+    sngd_jax.sngd(fisher={"emb": "tied"}, max_norm=None)
 
 
 def test_diagonal_refresh_and_apply():

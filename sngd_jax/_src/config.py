@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import warnings
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
@@ -123,6 +124,13 @@ class SNGDConfig:
     if self.max_norm is not None:
       _check_number("max_norm", self.max_norm, 0.0, low_open=True)
     _check_fisher_arg(self.fisher)
+    if self.max_norm is None and isinstance(self.fisher, Mapping) and any(
+        kind == layers_lib.TIED for kind in self.fisher.values()):
+      warnings.warn(
+          "sngd: fisher='tied' with max_norm=None: the lookup's 1 / frequency also scales the "
+          "output layer's gradient on rows of rare tokens, and without the trust region the "
+          "table diverged on the measured model (benchmarks/README.md, *Tied embeddings*); "
+          "keep max_norm", stacklevel=3)
 
   def static(self) -> SNGDConfig:
     """This configuration with array-valued options (injected hyperparameters) set to None.
