@@ -105,7 +105,9 @@ def discover(params: Any, fisher: FisherSpec = "linear",
       under it, for stacked layers the params do not show (no bias).
 
   Returns:
-    Layer specs keyed by layer path, in tree order.
+    Layer specs keyed by layer path, in tree order; an embedding table with
+    ``fisher={path: "tied"}`` gives two (its lookup at ``path``, its output
+    layer at ``tied_path(path)``, both on the same leaf).
   """
   eqx_specs = _equinox_layers(params, fisher)
   if eqx_specs is not None:
