@@ -139,8 +139,7 @@ def _rows_of_one_layer(call):
 
 def _mismatch(spec: layers_lib.LayerSpec, calls) -> Optional[str]:
   """Why ``update`` would reject these calls for this layer, or None."""
-  if (spec.structure == "diagonal" and not spec.tied
-      and any(c.config == ("attend",) for c in calls)):
+  if factors_lib.untied_output_use(spec, calls):
     return (f"also the output layer (`attend`, tied weights); pass "
             f"fisher={{{spec.path!r}: 'tied'}} (or None)")
   try:

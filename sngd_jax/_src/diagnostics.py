@@ -71,7 +71,7 @@ def trust_region_scale(grads: Any, opt_state: Any, updates: Optional[Any] = None
     u_leaves, _, _ = _flatten(updates)
     q = jnp.zeros((), jnp.float32)
     for path, spec in specs.items():
-      if spec.tied and spec.structure == "dense":
+      if spec.tied_head:
         continue  # a tied table's second spec: its leaf is counted once, with the first
       g = precondition.augmented(spec, leaves, index, dtypes[path])
       u = precondition.augmented(spec, u_leaves, index, dtypes[path])

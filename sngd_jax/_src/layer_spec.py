@@ -68,6 +68,11 @@ class LayerSpec:
   source: Optional[str] = None
 
   @property
+  def tied_head(self) -> bool:
+    """The output-layer spec of a tied table (its leaf is updated under the lookup's spec)."""
+    return self.tied and self.structure == "dense"
+
+  @property
   def per_unit(self) -> bool:
     """Whether every output unit has its own block (rfim, or a norm channel)."""
     return self.structure == "per_channel" or (

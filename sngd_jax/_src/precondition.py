@@ -116,7 +116,7 @@ def precondition(specs: Mapping[str, LayerSpec], leaves: Sequence[Any],
   """
   pres, sq_norm = {}, jnp.zeros((), jnp.float32)
   for path, spec in specs.items():
-    if spec.tied and spec.structure == "dense":
+    if spec.tied_head:
       continue  # with its table's lookup spec, below
     g = augmented(spec, leaves, index, factor_dtypes[path])
     g = distributed.replicate(g)  # as the inverses, under an explicit mesh

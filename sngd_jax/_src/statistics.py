@@ -178,6 +178,15 @@ def _check_kind(spec: LayerSpec, call: Captured) -> None:
         f"activations of kind {call.kind!r}; expected {STRUCTURE_KINDS[spec.structure]}")
 
 
+def _is_attend(call: Captured) -> bool:
+  return call.config == ("attend",)
+
+
+def untied_output_use(spec: LayerSpec, calls: Sequence[Captured]) -> bool:
+  """An embedding table without ``fisher="tied"`` that is also the output layer."""
+  return spec.structure == "diagonal" and not spec.tied and any(_is_attend(c) for c in calls)
+
+
 def tied_message(path: str) -> str:
   """The error for an embedding table also used as the output layer without ``'tied'``."""
   return (f"sngd: embedding {path!r} is also used as the output layer (`attend`, tied "
@@ -201,14 +210,12 @@ def layer_calls(spec: LayerSpec, calls: Sequence[Captured]) -> tuple[Captured, .
   """
   if not spec.tied:
     return tuple(calls)
-  attend = [c.config == ("attend",) for c in calls]
-  if spec.structure == "diagonal":
-    out = tuple(c for c, a in zip(calls, attend, strict=True) if not a)
-    use = "looked up a row of its table"
-  else:
-    out = tuple(dataclasses.replace(c, kind="dense", config=())
-                for c, a in zip(calls, attend, strict=True) if a)
+  if spec.tied_head:
+    out = tuple(dataclasses.replace(c, kind="dense", config=()) for c in calls if _is_attend(c))
     use = "used its table as the output layer (`attend`)"
+  else:
+    out = tuple(c for c in calls if not _is_attend(c))
+    use = "looked up a row of its table"
   if not out:
     path = spec.source or spec.path
     raise ValueError(
@@ -304,7 +311,7 @@ def batch_factor(spec: LayerSpec, calls: Sequence[Captured],
   if spec.stack or any(c.stack for c in calls):
     return _per_layer(batch_factor, spec, calls)
   if spec.structure == "diagonal":
-    if any(c.config == ("attend",) for c in calls):
+    if untied_output_use(spec, calls):
       raise ValueError(tied_message(spec.path))
     return embed_counts(spec, calls, jax.dtypes.canonicalize_dtype(jnp.float64))
   if spec.structure == "per_channel":
