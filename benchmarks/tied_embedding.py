@@ -78,17 +78,12 @@ def run(tied: bool, tx, steps: int, seed: int, context: int = 64, batch: int = 3
     logits = model.apply({"params": p}, tokens)
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
-  @jax.jit
-  def step(p, state, tokens, targets):
-    (loss, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(
-        p, tokens, targets)
-    updates, state = tx.update(grads, state, p, activations=acts)
-    return optax.apply_updates(p, updates), state, loss
-
+  step = harness.make_step(loss_fn, tx, wants_acts=True)
+  whole = jnp.arange(batch)  # make_step indexes its batch: here every row
   state, stream, losses = tx.init(params), lm.text_batches(data, context, batch, seed), []
   for _ in range(steps):
     tokens, targets = next(stream)
-    params, state, loss = step(params, state, tokens, targets)
+    params, state, loss = step(params, state, jnp.asarray(tokens), jnp.asarray(targets), whole)
     losses.append(float(loss))
   tail = float(np.mean(losses[-20:]))
   return tail if np.isfinite(tail) else float("inf")
