@@ -310,7 +310,7 @@ def make_step(task, pre, post, diagnose: bool = False):
     u, s_post = post.update(u, s_post, params, grads=g)
     return optax.apply_updates(params, u), extra, s_pre, s_post, loss, scale
 
-  return jax.jit(step, donate_argnums=(0, 1, 2, 3))
+  return jax.jit(step, donate_argnums=(0, 1, 2, 3), compiler_options=COMPILER_OPTIONS or None)
 
 
 def make_eval(task: eval_tasks.EvalTask, chunk: int = 500):
@@ -347,6 +347,9 @@ def make_eval(task: eval_tasks.EvalTask, chunk: int = 500):
 
 _DATA: dict = {}
 _COMPILED: dict = {}
+# Compiler options for every optimizer's step (``--compiler-options``), e.g.
+# ``{"xla_gpu_enable_triton_gemm": false}`` on a GPU (benchmarks/README.md, *On a GPU*).
+COMPILER_OPTIONS: dict = {}
 _EVALS: dict = {}
 
 
@@ -511,6 +514,8 @@ def main(argv=None) -> int:
   p.add_argument("--diag-every", type=int, default=DIAG_EVERY,
                  help="run SNGD's trust-region diagnostic every N steps (1: every step, as "
                       "before 5cecb4a)")
+  p.add_argument("--compiler-options", default=None,
+                 help='JSON, for every step\'s jit: \'{"xla_gpu_enable_triton_gemm": false}\'')
   p.add_argument("--tag", default="", help="suffix of the JSON file names")
   p.add_argument("--report", action="store_true")
   p.add_argument("--pattern", default="*.json", help="which results/eval files --report reads")
@@ -518,6 +523,8 @@ def main(argv=None) -> int:
                  help="with --report: also write the tables into benchmarks/README.md")
   args = p.parse_args(argv)
   DIAG_EVERY = args.diag_every
+  if args.compiler_options:
+    COMPILER_OPTIONS.update(json.loads(args.compiler_options))
   if args.report:
     text = report(args.pattern)
     print(text)
@@ -551,6 +558,7 @@ def main(argv=None) -> int:
     with open(out, "w") as f:
       json.dump({"machine": machine, "load_at_end": os.getloadavg(),
                  "elapsed_s": time.time() - t0, "command": " ".join(sys.argv),
+                 "compiler_options": COMPILER_OPTIONS,
                  "task": dataclasses.asdict(task) | {"model": repr(task.model),
                                                      "x_train": None, "y_train": None,
                                                      "x_test": None, "y_test": None},
@@ -603,7 +611,7 @@ def _f(x, spec=".2f"):
 
 TAGGED = ("_tune", "_long", "_long2", "_long3", "_ablation", "_early", "_peers", "_psgd", "_all",
           "_rank", "_kfac", "_rerun", "_rerun2", "_rerun3", "_rerun4", "_rerun5", "_rerun6",
-          "_rerun7", "_ext8", "_diag1", "_diag10", "_shampoo_muon", "_gpu")
+          "_rerun7", "_ext8", "_diag1", "_diag10", "_shampoo_muon", "_gpu", "_gpu_notriton")
 """File-name tags of runs outside the protocol's evaluation tables (``--tag``)."""
 
 

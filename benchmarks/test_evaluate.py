@@ -74,3 +74,18 @@ def test_init_run_matches_the_model_and_optimizers_own_init(opt):
   states = [a for a in jax.tree.leaves((s_pre, s_post)) if isinstance(a, jax.Array)]
   pointers = {a.unsafe_buffer_pointer() for a in states}
   assert len(pointers) == len(states)  # no buffer shared between leaves
+
+
+def test_compiler_options_reach_every_steps_jit(monkeypatch):
+  """``--compiler-options`` (the GPU runs without Triton GEMMs, benchmarks/README.md *On a
+  GPU*) is given to the step's ``jit``: an option XLA does not know makes the compile fail."""
+  task = eval_tasks.mlp("mlp-20-20-20", "pixel")
+  pre, post = evaluate.OPTIMIZERS["adam"](0.001)
+  post = optax.with_extra_args_support(post)
+  xs, ys = jnp.asarray(task.x_train), jnp.asarray(task.y_train)
+  args = evaluate.init_run(task, pre, post, 0, xs)
+  idx = next(evaluate.batches(len(task.x_train), task.batch_size, evaluate.batch_seed(0)))
+  evaluate.make_step(task, pre, post).lower(*args, xs, ys, idx).compile()
+  monkeypatch.setitem(evaluate.COMPILER_OPTIONS, "xla_no_such_option_for_this_test", 1)
+  with pytest.raises(Exception, match="xla_no_such_option_for_this_test"):
+    evaluate.make_step(task, pre, post).lower(*args, xs, ys, idx).compile()

@@ -64,3 +64,17 @@ def test_a_lowered_trace_is_what_a_later_call_runs():
   assert traces == [jax.lax.Precision.DEFAULT]
   assert gpu.count_highest(lowered.as_text()) == 0
 
+
+
+def test_first_compile_child_records_each_stage():
+  """benchmarks/gpu_first_compile.py's per-process record, on CPU (the GPU flags are accepted
+  there and change nothing): both optimizers' compile and step times, the per-jit options
+  given to SNGD's step only, and a loss that training made finite."""
+  from benchmarks import gpu_first_compile
+
+  rec = gpu_first_compile.child_task("cnn", "perjit-notriton", 2)
+  assert rec["sngd-adam"]["compiler_options"] == {"xla_gpu_enable_triton_gemm": False}
+  assert rec["adam"]["compiler_options"] is None
+  for opt in ("adam", "sngd-adam"):
+    r = rec[opt]
+    assert r["compile_s"] > 0 and r["ms_median"] > 0 and np.isfinite(r["loss_last"])
