@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any, Optional, Union
@@ -47,6 +48,22 @@ def _check_number(name: str, value: Any, low: float, high: float = math.inf,
     if bad or value > high or math.isnan(value):
       raise ValueError(f"sngd: `{name}` must be in {'(' if low_open else '['}{low}, {high}], "
                        f"got {value}")
+
+
+def _caller_stacklevel() -> int:
+  """``warnings.warn``'s ``stacklevel`` that names the first frame outside ``sngd_jax``.
+
+  A configuration is checked in ``__post_init__``, under ``sngd()`` and under the aliases
+  that call it (``sngd_momentum``, ``sngd_adam``, the presets), so a fixed level would point
+  inside the library for some of them. (``warnings.warn(skip_file_prefixes=...)`` needs
+  Python 3.12.)
+  """
+  frame = sys._getframe(1)  # the frame that calls `warnings.warn`: level 1
+  level = 1
+  while frame is not None and frame.f_globals.get("__name__", "").startswith("sngd_jax"):
+    frame = frame.f_back
+    level += 1
+  return level
 
 
 def _check_fisher_arg(fisher: layers_lib.FisherSpec) -> None:
@@ -130,7 +147,7 @@ class SNGDConfig:
           "sngd: fisher='tied' with max_norm=None: the lookup's 1 / frequency also scales the "
           "output layer's gradient on rows of rare tokens, and without the trust region the "
           "table diverged on the measured model (benchmarks/README.md, *Tied embeddings*); "
-          "keep max_norm", stacklevel=3)
+          "keep max_norm", stacklevel=_caller_stacklevel())
 
   def static(self) -> SNGDConfig:
     """This configuration with array-valued options (injected hyperparameters) set to None.
