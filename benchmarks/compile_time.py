@@ -4,6 +4,7 @@
     python3 -m benchmarks.compile_time --models mlp --rounds 1 --parts
     python3 -m benchmarks.compile_time --profile      # where XLA:CPU spends the compile time
     python3 -m benchmarks.compile_time --reductions   # a trace-and-finiteness check, by form
+    python3 -m benchmarks.compile_time --options '{"xla_cpu_use_fusion_emitters": false}'
 
 For each model the whole jitted training step (forward, backward, optimizer
 update, parameter update) is lowered and compiled with
@@ -15,6 +16,11 @@ with one stage replaced by a pass-through, which attributes the compile time to
 the stages (statistics, refresh, preconditioning). ``--profile`` compiles the
 steps of SGD momentum and SNGD under ``jax.profiler`` and splits XLA:CPU's
 compile into its phases (``compile_phases``; writes ``results/compile_profile.json``).
+
+``--options JSON`` compiles Adam's, SGD momentum's and SNGD's steps with and without those
+per-``jit`` compiler options (``jax.jit(step, compiler_options=...)``), in interleaved rounds,
+and times 50 calls of each compiled step (``options_study``; writes
+``results/compile_options.json``).
 
 Writes ``benchmarks/results/compile_time.json`` and prints a markdown table.
 """
@@ -130,6 +136,50 @@ def compile_seconds(task, pre, post, kernels: Optional[dict] = None) -> float:
   if kernels is not None:
     kernels.update(kernel_counts(compiled.as_text()))
   return seconds
+
+
+def options_study(models: list[str], options: dict, rounds: int, steps: int = 50):
+  """Compile seconds and median ms/step of each optimizer's step, with and without the
+  per-``jit`` compiler ``options``, interleaved rounds; the medians over rounds."""
+  optimizers = {
+      "sgd(momentum)": lambda: (None, optax.sgd(0.01, momentum=0.9)),
+      "adam": lambda: (None, optax.adam(1e-3)),
+      "sngd_momentum": lambda: (sngd_jax.sngd(), optax.sgd(0.01, momentum=0.9)),
+  }
+  rows = []
+  for name in models:
+    task = _tasks()[name]()
+    xs, ys = jnp.asarray(task.x_train), jnp.asarray(task.y_train)
+    sampler = evaluate.batches(len(task.x_train), task.batch_size, evaluate.batch_seed(0))
+    idxs = [next(sampler) for _ in range(steps + 1)]
+    rec: dict[str, dict[str, list[float]]] = {}
+    for _ in range(rounds):
+      for opt, make in optimizers.items():
+        for label, opts in (("default", {}), ("options", options)):
+          pre, post = make()
+          post = optax.with_extra_args_support(post)
+          args = evaluate.init_run(task, pre, post, 0, xs)
+          with mock.patch.dict(evaluate.COMPILER_OPTIONS, opts, clear=True):
+            step = evaluate.make_step(task, pre, post)
+            t0 = time.perf_counter()
+            compiled = step.lower(*args, xs, ys, idxs[0]).compile()
+            seconds = time.perf_counter() - t0
+          ms = []
+          state = args
+          for i in range(steps):
+            t0 = time.perf_counter()
+            out = compiled(*state, xs, ys, idxs[i + 1])
+            float(out[4])
+            ms.append(1e3 * (time.perf_counter() - t0))
+            state = out[:4]
+          r = rec.setdefault(f"{opt} {label}", {"compile_s": [], "ms_median": []})
+          r["compile_s"].append(seconds)
+          r["ms_median"].append(float(np.median(ms[5:])))
+    med = {k: {m: float(np.median(v)) for m, v in r.items()} for k, r in rec.items()}
+    rows.append({"model": name, "median": med, "all": rec, "load": os.getloadavg()})
+    print(f"{name}: " + ", ".join(f"{k} {v['compile_s']:.2f} s / {v['ms_median']:.2f} ms"
+                                  for k, v in med.items()), flush=True)
+  return rows
 
 
 def kernel_scaling(sizes=(10, 40, 160)) -> list[tuple[int, int, float]]:
@@ -312,8 +362,27 @@ def main(argv=None) -> int:
                  help="only: compile time against the number of kernels (kernel_scaling)")
   p.add_argument("--reductions", action="store_true",
                  help="only: a factor's trace-and-finiteness check by form (reduction_forms)")
+  p.add_argument("--options", default=None,
+                 help="only: JSON compiler options, with and without (options_study)")
   args = p.parse_args(argv)
   jax.config.update("jax_enable_compilation_cache", False)
+  if args.options:
+    options = json.loads(args.options)
+    rows = options_study(args.models.split(","), options, args.rounds)
+    out = args.out if args.out != p.get_default("out") else os.path.join(
+        HERE, "results", "compile_options.json")
+    with open(out, "w") as f:
+      json.dump({"machine": harness.machine_info(), "command": " ".join(sys.argv),
+                 "options": options, "rounds": args.rounds, "rows": rows}, f, indent=1)
+    print("\n| model | optimizer | compile s: default / options | ms/step: default / options |")
+    print("|---|---|---|---|")
+    for r in rows:
+      m = r["median"]
+      for opt in ("sgd(momentum)", "adam", "sngd_momentum"):
+        d, o = m[f"{opt} default"], m[f"{opt} options"]
+        print(f"| {r['model']} | {opt} | {d['compile_s']:.2f} / {o['compile_s']:.2f} | "
+              f"{d['ms_median']:.2f} / {o['ms_median']:.2f} |")
+    return 0
   if args.profile:
     out = args.out if args.out != p.get_default("out") else os.path.join(
         HERE, "results", "compile_profile.json")

@@ -90,3 +90,21 @@ def test_padded_refresh_gives_the_library_inverses():
     np.testing.assert_allclose(np.asarray(lib[p]), expected.reshape(old[p].shape), rtol=2e-4,
                                atol=1e-6)
     np.testing.assert_allclose(np.asarray(pad[p]), np.asarray(lib[p]), rtol=2e-5, atol=1e-7)
+
+
+def test_options_study_compiles_with_and_without_the_options(monkeypatch):
+  """``--options``: every optimizer's step is compiled and run with and without the per-jit
+  compiler options, and the options reach the compile (an unknown one fails it)."""
+  import pytest
+
+  monkeypatch.setattr(compile_time, "_tasks",
+                      lambda: {"tiny": lambda: eval_tasks.mlp("mlp-20-20-20", "pixel")})
+  (row,) = compile_time.options_study(["tiny"], {"xla_cpu_use_fusion_emitters": False},
+                                      rounds=1, steps=7)
+  assert set(row["median"]) == {f"{o} {label}" for o in ("sgd(momentum)", "adam", "sngd_momentum")
+                                for label in ("default", "options")}
+  for r in row["median"].values():
+    assert r["compile_s"] > 0 and r["ms_median"] > 0 and np.isfinite(r["ms_median"])
+  with pytest.raises(Exception, match="xla_no_such_option_for_this_test"):
+    compile_time.options_study(["tiny"], {"xla_no_such_option_for_this_test": 1}, rounds=1,
+                               steps=7)
