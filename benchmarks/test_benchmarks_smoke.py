@@ -35,3 +35,12 @@ def test_main_job_runs_and_writes_table_plot_json(tmp_path):
   # SNGD keeps a 65x65 and two 257x257 factors and inverses: more state than Adam's 2 moments.
   assert runs["sngd"]["state_bytes"] > runs["adam"]["state_bytes"]
   assert result["machine"]["jax"] and result["dataset"] == "digits"
+
+
+def test_vmap_members_times_every_variant():
+  """benchmarks/vmap_members.py at toy size: every variant runs and is timed."""
+  from benchmarks import vmap_members
+
+  r = vmap_members.measure(members=2, steps=3, rounds=1, widths=(8,), batch=16, d_in=5)
+  assert set(r["ms_mean"]) == {"alone", "vmap", "vmap-lax-cond"}
+  assert all(v > 0 for v in r["ms_mean"].values())

@@ -24,6 +24,10 @@ Each trial runs a child process and counts it as hung if it makes no progress
   (``inverse=`` each of ``--methods``, e.g. ``cholesky``, the default) of an
   MLP with three layer sizes (three size groups of factors, 200, 161 and 121),
   refreshing every step.
+* ``--mode vmap``: a user's ``jax.vmap`` over a whole jitted ``sngd_momentum`` step (4
+  members of a 784-256-256-10 MLP, refreshing every step). Before the refresh kept one block
+  per LAPACK call under a caller's vmap (``inverse.refresh.one_call_per_member``) it hung in
+  two concurrent batched ``spotrf`` calls.
 """
 
 from __future__ import annotations
@@ -101,6 +105,32 @@ for i in range(int(sys.argv[2])):
 """
 
 
+VMAP_CHILD = r"""
+import sys
+import flax.linen as nn, numpy as np, jax, jax.numpy as jnp, optax
+import sngd_jax
+# A user's jax.vmap over the whole step: 4 members (seeds) of an MLP whose refresh has two
+# one-block groups (785: rank-128 Nystrom; 257 x 1, 257 x 1 share a group of two blocks).
+model = nn.Sequential([nn.Dense(256), nn.relu, nn.Dense(256), nn.relu, nn.Dense(10)])
+rng = np.random.default_rng(1)
+x = jnp.asarray(rng.normal(size=(128, 784)), jnp.float32)
+y = jnp.asarray(rng.integers(0, 10, 128))
+params = jax.vmap(lambda k: model.init(k, x)["params"])(jax.random.split(jax.random.key(0), 4))
+loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x),
+                                                                     y).mean()
+for i in range(int(sys.argv[2])):
+  tx = sngd_jax.sngd_momentum(0.01 + 1e-9 * i, inverse=sys.argv[1], inverse_every=1)
+  def step(params, state):
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(params)
+    updates, state = tx.update(grads, state, params, activations=acts)
+    return optax.apply_updates(params, updates), state
+  p, state = params, jax.vmap(tx.init)(params)
+  for _ in range(3):
+    p, state = jax.block_until_ready(jax.jit(jax.vmap(step))(p, state))
+  print(i, flush=True)
+"""
+
+
 def trial(child: str, args: list[str], flags: str, timeout: float) -> str:
   """``"finished"``, ``"hung"`` or ``"failed"``.
 
@@ -144,7 +174,7 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--trials", type=int, default=3)
   p.add_argument("--timeout", type=float, default=60.0)
-  p.add_argument("--mode", choices=("raw", "library", "update"), default="raw")
+  p.add_argument("--mode", choices=("raw", "library", "update", "vmap"), default="raw")
   p.add_argument("--methods", default="denman_beavers,newton_schulz",
                  help="library/update modes: comma-separated inverse methods")
   p.add_argument("--compilations", type=int, default=40,
@@ -158,12 +188,13 @@ def main(argv=None) -> int:
              [trial(RAW_CHILD, [], flags, args.timeout) for _ in range(args.trials)])
     return 0
   status = 0
-  child = LIBRARY_CHILD if args.mode == "library" else UPDATE_CHILD
+  child = {"library": LIBRARY_CHILD, "update": UPDATE_CHILD, "vmap": VMAP_CHILD}[args.mode]
   for flags in ("", FLAG) if args.both_flags else ("",):
     for method in args.methods.split(","):
       results = [trial(child, [method, str(args.compilations)], flags, args.timeout)
                  for _ in range(args.trials)]
-      what = "refresh" if args.mode == "library" else "sngd update (3 size groups)"
+      what = {"library": "refresh", "update": "sngd update (3 size groups)",
+              "vmap": "vmapped sngd update (4 members)"}[args.mode]
       report(f"sngd_jax {method} {what}, XLA_FLAGS={flags!r}", results)
       status |= "finished" not in results or results.count("finished") < len(results)
   return int(status)

@@ -113,19 +113,21 @@ def test_equal_sizes_share_one_kernel_call(inverse, primitive, fisher):
   (``inverse.refresh.batched_refresh``): the jaxpr holds the batched call for GPU/TPU and
   the CPU form, one block per call: written out for groups of up to ``UNROLL_MAX`` blocks
   (``b`` calls), inside ``lax.map`` for larger ones (one call). A group of one block (the
-  16-input layer with ``fisher="linear"``) is one direct call.
+  16-input layer with ``fisher="linear"``) is one direct call for GPU/TPU and the same call
+  for CPU, kept one block per call under a caller's ``vmap``
+  (``refresh.one_call_per_member``): two.
   """
   assert refresh_lib.UNROLL_MAX == 8  # the counts below: rfim groups of 16-35 blocks map
   tx = exact_sngd(fisher=fisher, inverse=inverse)
-  # linear: d=16 one block (1), d=17 three blocks (1 batched + 3 written out);
+  # linear: d=16 one block (2), d=17 three blocks (1 batched + 3 written out);
   # rfim: a block per unit, 16 and 35 blocks (1 batched + 1 in lax.map each).
-  assert count_primitive(tx, primitive) == (1 + (1 + 3) if fisher == "linear" else 2 * 2)
+  assert count_primitive(tx, primitive) == (2 + (1 + 3) if fisher == "linear" else 2 * 2)
   # Three distinct sizes: three groups (the count follows sizes, not layers); linear: 16 and
   # 21 one block each, 17 two blocks (1 + 2); rfim: 16, 23 and 16 blocks.
-  want = 1 + 1 + (1 + 2) if fisher == "linear" else 2 * 3
+  want = 2 + 2 + (1 + 2) if fisher == "linear" else 2 * 3
   assert count_primitive(tx, primitive, problem(features=(16, 20, 16, 3))) == want
   with mock.patch.object(refresh_lib, "UNROLL_MAX", 0):  # every CPU group in lax.map
-    assert count_primitive(tx, primitive) == (1 + 2 if fisher == "linear" else 2 * 2)
+    assert count_primitive(tx, primitive) == (2 + 2 if fisher == "linear" else 2 * 2)
 
 
 def _spd_blocks(b, d, seed=0):
@@ -215,13 +217,14 @@ def test_two_by_two_norm_blocks_refresh_in_one_call():
   params = model.init(jax.random.key(0), x)["params"]
   loss_fn = lambda p, x, y: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
   tx = exact_sngd(inverse_every=1)
-  assert count_primitive(tx, "cholesky", (params, x, y, loss_fn)) == 2  # the Dense layers
+  # The Dense layers, one block each: a call for GPU/TPU and one for CPU (`batched_refresh`).
+  assert count_primitive(tx, "cholesky", (params, x, y, loss_fn)) == 2 * 2
   assert count_primitive(tx, "while", (params, x, y, loss_fn)) == 0
   got, state = run(tx, steps=2, fisher_problem=(params, x, y, loss_fn))
   assert state.inverses["LayerNorm_0"].shape[-2:] == (2, 2)
   with mock.patch.object(dense_lib, "SMALL_DIM", 0):
     # + the 6 units' blocks: one batched call (GPU/TPU) and one per block (CPU)
-    assert count_primitive(tx, "cholesky", (params, x, y, loss_fn)) == 2 + 1 + 6
+    assert count_primitive(tx, "cholesky", (params, x, y, loss_fn)) == 2 * 2 + 1 + 6
     want, _ = run(tx, steps=2, fisher_problem=(params, x, y, loss_fn))
   for g, w in zip(got, want, strict=True):
     assert tree_rel(g, w) < 1e-10
@@ -302,9 +305,10 @@ def test_failed_block_keeps_previous_inverse():
   _, state2 = tx_fail.update(grads, state, params, activations=acts)
   for path in state.inverses:
     np.testing.assert_array_equal(state2.inverses[path], state.inverses[path])
-  # traced once for the one-block group (d=16, called directly), and for the three-block
-  # group (d=17) once in batched_refresh's default branch and once per block in its CPU one
-  assert int(state2.num_refresh_failures) == 4 and calls["n"] == 1 + 1 + 3
+  # Traced for each group (d=16 one block, d=17 three blocks) once in batched_refresh's
+  # default branch and once in its CPU form (`one_call_per_member` traces a block with
+  # `jax.make_jaxpr`, whose cache the three written-out calls of d=17 share).
+  assert int(state2.num_refresh_failures) == 4 and calls["n"] == 2 + 2
 
 
 def test_unknown_method_error():

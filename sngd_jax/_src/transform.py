@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sngd_jax._src import distributed, paths, precondition, statistics, validation
+from sngd_jax._src import control, distributed, paths, precondition, statistics, validation
 from sngd_jax._src import layers as layers_lib
 from sngd_jax._src import sketch as sketch_lib
 from sngd_jax._src.capture.records import Activations
@@ -285,7 +285,8 @@ def _update_statistics(config: SNGDConfig, inputs: _Inputs, state: SNGDState,
     return jax.lax.cond(finite, update_factors, lambda _: keep_factors(jnp.array(False)), data)
 
   do_factor = grads_finite & (state.count % config.factor_every == 0)
-  return jax.lax.cond(do_factor, new_factors, lambda _: keep_factors(jnp.array(True)), None)
+  return control.schedule_cond(do_factor, new_factors, lambda _: keep_factors(jnp.array(True)),
+                               None)
 
 
 def as_seen_by(sngd_state: SNGDState, updates: Any) -> Any:
@@ -372,7 +373,7 @@ def _refresh(config: SNGDConfig, method: InverseMethod, specs, factors, weights,
     due |= ((count % config.factor_every == 0) & (k > 0) & ((k & (k - 1)) == 0)
             & (count < config.inverse_every))
   do_inverse = finite & due
-  inverses, failures = jax.lax.cond(
+  inverses, failures = control.schedule_cond(
       do_inverse, new_inverses, lambda _: (state.inverses, jnp.zeros((), jnp.int32)), None)
   return inverses, failures, do_inverse
 

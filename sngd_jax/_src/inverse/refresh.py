@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sngd_jax._src import statistics
+from sngd_jax._src import control, statistics
 from sngd_jax._src.inverse import diagonal as diagonal_lib
 from sngd_jax._src.inverse import host as host_lib
 from sngd_jax._src.inverse.base import (
@@ -96,6 +96,38 @@ UNROLL_MAX = 8
 out in the program; larger groups by a loop (``lax.map``) of one-block calls."""
 
 
+def one_call_per_member(refresh):
+  """``refresh`` that stays one LAPACK call per block under a caller's ``jax.vmap``.
+
+  A user who vmaps the training step (an ensemble, several seeds in one program) batches
+  every call inside it, so the one-block calls of :func:`batched_refresh` would become
+  batched LAPACK calls again, which deadlock XLA:CPU's thread pool when two run at once
+  (docs/known-issues.md; a vmapped MLP step hung in two concurrent ``spotrf`` calls). Under
+  ``vmap`` this function runs the members one after another
+  (``jax.custom_batching.sequential_vmap``: a ``lax.map``). ``refresh`` is traced first and
+  the values it closes over (the step's tracers) become explicit arguments, so that a
+  batched one is mapped too. The derivative is ``refresh``'s own (a ``custom_jvp`` whose rule
+  is ``jax.jvp`` of it), so forward- and reverse-mode differentiation through the update
+  work as before; only a vmap of such a derivative batches the calls.
+  """
+
+  def call(stacked, shift):
+    run, consts = control.traced_with_explicit_closure(refresh, stacked, shift)
+    sequential = jax.custom_batching.sequential_vmap(run)
+
+    @jax.custom_jvp
+    def primal(stacked, shift, *consts):
+      return sequential(stacked, shift, *consts)
+
+    @primal.defjvp
+    def _jvp(primals, tangents):
+      return jax.jvp(run, primals, tangents)
+
+    return primal(stacked, shift, *consts)
+
+  return call
+
+
 def _block_by_block(refresh, stacked: Any, shift: jax.Array):
   """``refresh`` applied to one block at a time: a batch of one per call.
 
@@ -107,6 +139,7 @@ def _block_by_block(refresh, stacked: Any, shift: jax.Array):
   of its own (``benchmarks/README.md``, *Compile time*).
   """
   b = shift.shape[0]
+  refresh = one_call_per_member(refresh)
   if b <= UNROLL_MAX:
     outs, previous = [], None
     for i in range(b):
@@ -135,14 +168,18 @@ def batched_refresh(refresh, stacked: Any, shift: jax.Array, batch_safe: bool = 
   stack dump, docs/known-issues.md), and so can two calls of one program on one
   device (two ``spotrf`` in a stack dump of the scanned transformer example,
   although ``refresh_inverses`` orders its groups). With a batch of one the
-  kernel runs on its own thread: a group of one block is called directly on
-  every platform, larger groups one block per call on CPU (``_block_by_block``).
+  kernel runs on its own thread: a group of one block is called directly,
+  larger groups one block per call on CPU (``_block_by_block``); on CPU both stay
+  one block per call under a caller's ``jax.vmap`` (:func:`one_call_per_member`).
   A refresh that calls no such kernel for these blocks (``batch_safe``, from
   ``InverseMethod.batch_safe``: the closed-form inverse of ``2 x 2`` blocks)
   takes the whole group in one call on every platform.
   """
-  if shift.shape[0] == 1 or batch_safe:  # nothing to split
+  if batch_safe:  # no LAPACK call
     return refresh(stacked, shift)
+  if shift.shape[0] == 1:  # nothing to split, but a caller's vmap must not batch it on CPU
+    return jax.lax.platform_dependent(stacked, shift, cpu=one_call_per_member(refresh),
+                                      default=refresh)
   return jax.lax.platform_dependent(
       stacked, shift, cpu=functools.partial(_block_by_block, refresh), default=refresh)
 
