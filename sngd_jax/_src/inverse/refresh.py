@@ -100,7 +100,7 @@ def one_call_per_member(refresh):
   """``refresh`` that stays one LAPACK call per block under a caller's ``jax.vmap``.
 
   A user who vmaps the training step (an ensemble, several seeds in one program) batches
-  every call inside it, so the one-block calls of :func:`batched_refresh` would become
+  every call inside it, so the one-block calls of ``batched_refresh`` would become
   batched LAPACK calls again, which deadlock XLA:CPU's thread pool when two run at once
   (docs/known-issues.md; a vmapped MLP step hung in two concurrent ``spotrf`` calls). Under
   ``vmap`` this function runs the members one after another
@@ -170,7 +170,7 @@ def batched_refresh(refresh, stacked: Any, shift: jax.Array, batch_safe: bool = 
   although ``refresh_inverses`` orders its groups). With a batch of one the
   kernel runs on its own thread: a group of one block is called directly,
   larger groups one block per call on CPU (``_block_by_block``); on CPU both stay
-  one block per call under a caller's ``jax.vmap`` (:func:`one_call_per_member`).
+  one block per call under a caller's ``jax.vmap`` (``one_call_per_member``).
   A refresh that calls no such kernel for these blocks (``batch_safe``, from
   ``InverseMethod.batch_safe``: the closed-form inverse of ``2 x 2`` blocks)
   takes the whole group in one call on every platform.
