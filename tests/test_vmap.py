@@ -219,3 +219,30 @@ def test_update_is_differentiable_through_the_refresh():
   fd = (meta(0.1 + eps) - meta(0.1 - eps)) / (2 * eps)
   np.testing.assert_allclose(grad, tangent, rtol=1e-4)
   np.testing.assert_allclose(grad, fd, rtol=2e-2)
+
+
+def test_named_vmap_emulating_data_parallelism_matches_one_batch():
+  """``jax.vmap(..., axis_name="data")`` over 4 shards of a batch with
+  ``sngd(axis_name="data")`` (data parallelism emulated on one device): the update is that of
+  ``sngd()`` on the whole batch. The schedule keeps a plain ``lax.cond`` there, whose branches
+  hold the axis's collectives (``transform._schedule_cond``)."""
+  p = MODEL.init(jax.random.key(1), X)["params"]
+  xs, ys = X.reshape(4, 8, 8), Y.reshape(4, 8)
+
+  def loss_on(x, y):
+    return lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        MODEL.apply({"params": p}, x), y).mean()
+
+  tx = sngd_jax.sngd(axis_name="data")
+
+  def shard_update(x, y):
+    (_, acts), g = jax.value_and_grad(sngd_jax.capture(loss_on(x, y)), has_aux=True)(p)
+    return tx.update(jax.lax.pmean(g, "data"), tx.init(p), p, activations=acts)[0]
+
+  got = jax.jit(jax.vmap(shard_update, axis_name="data"))(xs, ys)
+  whole = sngd_jax.sngd()
+  (_, acts), g = jax.value_and_grad(sngd_jax.capture(loss_on(X, Y)), has_aux=True)(p)
+  want = whole.update(g, whole.init(p), p, activations=acts)[0]
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    for i in range(4):
+      np.testing.assert_allclose(a[i], b, rtol=2e-4, atol=1e-6)

@@ -230,6 +230,19 @@ def _check_inputs(config: SNGDConfig, method: InverseMethod, updates: Any, state
   return _Inputs(specs, leaves, treedef, index, omegas, activations)
 
 
+def _schedule_cond(config: SNGDConfig):
+  """The conditional of the statistics and refresh schedule.
+
+  ``control.schedule_cond`` keeps it a conditional under a caller's ``jax.vmap`` (an
+  ensemble). With ``axis_name`` the predicates agree over the named axis (``all_agree``) and
+  the branches hold that axis's collectives, which that function's batching rule cannot
+  bind (it re-vmaps the branches without the name), so a plain ``lax.cond`` is kept: under
+  ``pmap`` or ``shard_map`` it is the same, and a ``vmap(..., axis_name=...)`` emulating data
+  parallelism traces as before.
+  """
+  return jax.lax.cond if config.axis_name is not None else control.schedule_cond
+
+
 def _update_statistics(config: SNGDConfig, inputs: _Inputs, state: SNGDState,
                        grads_finite: jax.Array):
   """Stage 2: on factor steps, folds the batch's local Fisher into the moving average.
@@ -285,8 +298,8 @@ def _update_statistics(config: SNGDConfig, inputs: _Inputs, state: SNGDState,
     return jax.lax.cond(finite, update_factors, lambda _: keep_factors(jnp.array(False)), data)
 
   do_factor = grads_finite & (state.count % config.factor_every == 0)
-  return control.schedule_cond(do_factor, new_factors, lambda _: keep_factors(jnp.array(True)),
-                               None)
+  return _schedule_cond(config)(do_factor, new_factors,
+                                lambda _: keep_factors(jnp.array(True)), None)
 
 
 def as_seen_by(sngd_state: SNGDState, updates: Any) -> Any:
@@ -373,7 +386,7 @@ def _refresh(config: SNGDConfig, method: InverseMethod, specs, factors, weights,
     due |= ((count % config.factor_every == 0) & (k > 0) & ((k & (k - 1)) == 0)
             & (count < config.inverse_every))
   do_inverse = finite & due
-  inverses, failures = control.schedule_cond(
+  inverses, failures = _schedule_cond(config)(
       do_inverse, new_inverses, lambda _: (state.inverses, jnp.zeros((), jnp.int32)), None)
   return inverses, failures, do_inverse
 
