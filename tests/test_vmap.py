@@ -246,3 +246,14 @@ def test_named_vmap_emulating_data_parallelism_matches_one_batch():
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     for i in range(4):
       np.testing.assert_allclose(a[i], b, rtol=2e-4, atol=1e-6)
+
+
+def test_no_tracer_leaks_with_or_without_vmap():
+  """The conditionals keep the traced branches' closed-over values out of what outlives the
+  trace (a ``custom_vmap`` rule is kept in the program's equations)."""
+  tx = _tx()
+  p = MODEL.init(jax.random.key(0), X)["params"]
+  ps = jax.vmap(lambda k: MODEL.init(k, X)["params"])(jax.random.split(jax.random.key(0), 2))
+  with jax.checking_leaks():
+    jax.jit(_step(tx)).lower(p, tx.init(p))
+    jax.jit(jax.vmap(_step(tx))).lower(ps, jax.vmap(tx.init)(ps))

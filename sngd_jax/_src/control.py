@@ -32,13 +32,17 @@ def traced_with_explicit_closure(fn: Callable, *args) -> tuple[Callable, tuple]:
   closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
   out_tree = jax.tree.structure(out_shape)
   n_args = len(args)
+  # `run` holds the jaxpr, never its consts: they may be tracers of the enclosing trace, and
+  # `run` outlives it (a custom_vmap rule kept in the program's equations).
+  jaxpr, consts = closed.jaxpr, tuple(closed.consts)
+  del closed
 
   def run(*all_args):
     flat = jax.tree.leaves(all_args[:n_args])
-    outs = jax.core.eval_jaxpr(closed.jaxpr, all_args[n_args:], *flat)
+    outs = jax.core.eval_jaxpr(jaxpr, all_args[n_args:], *flat)
     return jax.tree.unflatten(out_tree, outs)
 
-  return run, tuple(closed.consts)
+  return run, consts
 
 
 def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
