@@ -29,7 +29,9 @@ def traced_with_explicit_closure(fn: Callable, *args) -> tuple[Callable, tuple]:
   ``consts`` are the values ``fn`` closes over (tracers of the enclosing step included), so
   that a ``custom_vmap`` rule sees which of them are batched.
   """
-  closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+  # A fresh function each time: `make_jaxpr` caches traces by function, and a trace must
+  # read the module state of its own time (as `lax.cond` does), not an earlier one's.
+  closed, out_shape = jax.make_jaxpr(lambda *a: fn(*a), return_shape=True)(*args)
   out_tree = jax.tree.structure(out_shape)
   n_args = len(args)
   # `run` holds the jaxpr, never its consts: they may be tracers of the enclosing trace, and
