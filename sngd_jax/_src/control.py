@@ -47,6 +47,18 @@ def traced_with_explicit_closure(fn: Callable, *args) -> tuple[Callable, tuple]:
   return run, consts
 
 
+def with_derivatives_of(plain: Callable, primal: Callable) -> Callable:
+  """``primal`` (the same results as ``plain``) differentiated as ``plain`` is.
+
+  A ``custom_jvp`` whose rule is ``jax.jvp(plain, ...)``: for a ``primal`` with its own
+  batching (``jax.custom_batching``), which JAX cannot differentiate in reverse mode, so
+  that forward and reverse mode through it work as through ``plain``.
+  """
+  f = jax.custom_jvp(lambda *args: primal(*args))
+  f.defjvp(lambda primals, tangents: jax.jvp(plain, primals, tangents))
+  return f
+
+
 def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
   """Per member (the leading axis): ``on_true`` where ``pred``, else ``on_false``."""
   return jax.tree.map(
@@ -66,9 +78,9 @@ def schedule_cond(pred: jax.Array, true_fn: Callable, false_fn: Callable, operan
 
   instead of ``select(pred, vmap(true_fn), vmap(false_fn))`` on every call; an unbatched
   ``pred`` keeps one ``lax.cond`` over the vmapped branches. The results are those of
-  ``lax.cond`` member by member. Its derivatives are ``lax.cond``'s (a ``custom_jvp`` whose
-  rule is ``jax.jvp`` of the plain conditional), so forward and reverse mode work through
-  it; a vmap of a derivative runs both branches, as ``lax.cond`` does.
+  ``lax.cond`` member by member. Its derivatives are ``lax.cond``'s
+  (``with_derivatives_of``), so forward and reverse mode work through it; a vmap of a
+  derivative runs both branches, as ``lax.cond`` does.
   """
   run_t, consts_t = traced_with_explicit_closure(true_fn, operand)
   run_f, consts_f = traced_with_explicit_closure(false_fn, operand)
@@ -95,12 +107,4 @@ def schedule_cond(pred: jax.Array, true_fn: Callable, false_fn: Callable, operan
                          lambda: jax.lax.cond(jnp.any(pred), mixed, on_false))
     return out, jax.tree.map(lambda _: True, out)
 
-  @jax.custom_jvp
-  def call(pred, operand, consts_t, consts_f):
-    return batched_cond(pred, operand, consts_t, consts_f)
-
-  @call.defjvp
-  def _jvp(primals, tangents):
-    return jax.jvp(plain, primals, tangents)
-
-  return call(pred, operand, consts_t, consts_f)
+  return with_derivatives_of(plain, batched_cond)(pred, operand, consts_t, consts_f)

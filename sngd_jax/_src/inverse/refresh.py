@@ -106,24 +106,15 @@ def one_call_per_member(refresh):
   ``vmap`` this function runs the members one after another
   (``jax.custom_batching.sequential_vmap``: a ``lax.map``). ``refresh`` is traced first and
   the values it closes over (the step's tracers) become explicit arguments, so that a
-  batched one is mapped too. The derivative is ``refresh``'s own (a ``custom_jvp`` whose rule
-  is ``jax.jvp`` of it), so forward- and reverse-mode differentiation through the update
-  work as before; only a vmap of such a derivative batches the calls.
+  batched one is mapped too. The derivative is ``refresh``'s own
+  (``control.with_derivatives_of``), so forward- and reverse-mode differentiation through
+  the update work as before; only a vmap of such a derivative batches the calls.
   """
 
   def call(stacked, shift):
     run, consts = control.traced_with_explicit_closure(refresh, stacked, shift)
     sequential = jax.custom_batching.sequential_vmap(run)
-
-    @jax.custom_jvp
-    def primal(stacked, shift, *consts):
-      return sequential(stacked, shift, *consts)
-
-    @primal.defjvp
-    def _jvp(primals, tangents):
-      return jax.jvp(run, primals, tangents)
-
-    return primal(stacked, shift, *consts)
+    return control.with_derivatives_of(run, sequential)(stacked, shift, *consts)
 
   return call
 
