@@ -37,6 +37,7 @@ from sngd_jax._src.reconstruct import to_reconstructed as to_reconstructed
 from sngd_jax._src.sketch import Sketch as Sketch
 from sngd_jax._src.statistics import PRIORS as PRIORS
 from sngd_jax._src.train_state import TrainState as TrainState
+from sngd_jax._src.train_state import with_activations as with_activations
 from sngd_jax._src.transform import SNGDState as SNGDState
 from sngd_jax._src.transform import sngd as sngd
 
@@ -78,4 +79,5 @@ __all__ = [
     "sngd_momentum",
     "to_reconstructed",
     "trust_region_scale",
+    "with_activations",
 ]

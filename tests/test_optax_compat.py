@@ -359,3 +359,89 @@ def test_masked_bias_leaves_a_layer_without_bias_to_sngd():
                                atol=2e-5 * np.abs(want).max(), err_msg=layer)
     np.testing.assert_array_equal(np.asarray(updates[layer]["bias"]),
                                   np.asarray(grads[layer]["bias"]))
+
+
+def _grads_at(loss_fn, params, x, y):
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x, y)
+  return grads, acts
+
+
+def test_with_activations_under_optax_lookahead_matches_the_written_out_lookahead():
+  """``optax.lookahead`` calls its fast optimizer without keyword arguments; built in the step
+  around ``with_activations`` it runs SNGD, step for step equal to lookahead written out with
+  ``tx.update(..., activations=...)`` (fast steps, then ``slow += a (fast - slow)``,
+  ``fast = slow`` every ``k`` steps)."""
+  _, params, x, y, loss_fn = _problem()
+  tx = sngd_jax.sngd_momentum(0.05, inverse_every=2)
+  k, alpha = 3, 0.5
+  with pytest.raises(TypeError, match="activations"):
+    _, grads, acts = grads_and_acts(loss_fn, params, x, y)
+    look = optax.lookahead(tx, k, alpha)
+    look.update(grads, look.init(optax.LookaheadParams.init_synced(params)),
+                optax.LookaheadParams.init_synced(params), activations=acts)
+
+  @jax.jit
+  def step(lp, state):
+    grads, acts = _grads_at(loss_fn, lp.fast, x, y)
+    look = optax.lookahead(sngd_jax.with_activations(tx, acts), k, alpha)
+    updates, state = look.update(grads, state, lp)
+    return optax.apply_updates(lp, updates), state
+
+  lp = optax.LookaheadParams.init_synced(params)
+  state = optax.lookahead(tx, k, alpha).init(lp)
+  fast, slow, s = params, params, tx.init(params)
+  for t in range(7):
+    lp, state = step(lp, state)
+    grads, acts = _grads_at(loss_fn, fast, x, y)
+    u, s = tx.update(grads, s, fast, activations=acts)
+    fast = optax.apply_updates(fast, u)
+    if t % k == k - 1:
+      slow = jax.tree.map(lambda a, b: a + alpha * (b - a), slow, fast)
+      fast = slow
+    for got, want in ((lp.fast, fast), (lp.slow, slow)):
+      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)   # float32 rounding
+  assert int(state.fast_state[0].count) == 7   # SNGD's own step counter: it ran every step
+
+
+def test_with_activations_under_optax_sam():
+  """``optax.contrib.sam`` (transparent mode, ``sync_period=2``): an adversarial step from
+  ``p0`` to ``p1``, then the outer step lands on ``p0 + u`` with ``u`` SNGD's update for the
+  gradient and activations at ``p1``, evaluated with the state and params of ``p0``."""
+  _, params, x, y, loss_fn = _problem()
+  tx = sngd_jax.sngd_momentum(0.05)
+  adv = optax.chain(optax.contrib.normalize(), optax.sgd(0.1))
+
+  @jax.jit
+  def step(p, state):
+    grads, acts = _grads_at(loss_fn, p, x, y)
+    updates, state = optax.contrib.sam(sngd_jax.with_activations(tx, acts), adv).update(
+        grads, state, p)
+    return optax.apply_updates(p, updates), state
+
+  state = optax.contrib.sam(tx, adv).init(params)
+  p1, state = step(params, state)
+  p2, state = step(p1, state)
+  grads, acts = _grads_at(loss_fn, p1, x, y)
+  u, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  want = optax.apply_updates(params, u)
+  assert not np.allclose(jax.tree.leaves(p1)[0], jax.tree.leaves(params)[0])
+  for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+  p3, state = step(p2, state)   # the next adversarial step runs on the outer state
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(p3))
+
+
+def test_with_activations_forwards_the_wrappers_keyword_arguments():
+  _, params, x, y, loss_fn = _problem()
+  grads, acts = _grads_at(loss_fn, params, x, y)
+  seen = {}
+
+  def update(updates, state, params=None, **kw):
+    seen.update(kw)
+    return updates, state
+
+  inner = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+  bound = sngd_jax.with_activations(inner, acts, value=1.0)
+  bound.update(grads, bound.init(params), params, value=2.0, other=3)
+  assert seen["activations"] is acts and seen["value"] == 1.0 and seen["other"] == 3

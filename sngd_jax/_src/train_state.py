@@ -1,4 +1,10 @@
-"""``flax.training.train_state.TrainState`` that hands the activations to the optimizer."""
+"""Getting the activations to ``tx.update`` through code that does not pass them.
+
+``TrainState``: Flax's ``TrainState`` whose ``apply_gradients`` takes them;
+``with_activations``: a transform with them bound, for optax wrappers that call
+their inner transform without keyword arguments (``optax.lookahead``,
+``optax.contrib.sam``).
+"""
 
 from __future__ import annotations
 
@@ -67,3 +73,48 @@ class TrainState(train_state.TrainState):
       new_params = new_params_with_opt
     return self.replace(step=self.step + 1, params=new_params, opt_state=new_opt_state,
                         **kwargs)
+
+
+def with_activations(tx: optax.GradientTransformation, activations: Optional[Activations],
+                     **extra_args: Any) -> optax.GradientTransformationExtraArgs:
+  """``tx`` whose ``update`` always receives ``activations`` (and ``extra_args``).
+
+  Some optax wrappers call their inner transform's ``update(updates, state,
+  params)`` without the keyword arguments they were given (``optax.lookahead``,
+  ``optax.contrib.sam``), so ``activations=`` never reaches ``sngd``. Build
+  such a wrapper inside the training step around ``with_activations(tx,
+  acts)``: a transform is a pair of pure functions, so building it anew for
+  each step costs nothing, and ``init`` is ``tx.init`` (the state from a
+  wrapper built without the activations fits). Keyword arguments that the
+  wrapper does pass are forwarded too; bound ones win.
+
+  Examples:
+    ```python
+    tx = sngd_jax.sngd_momentum(0.03)
+    opt_state = optax.lookahead(tx, sync_period=5, slow_step_size=0.5).init(params)
+
+    @jax.jit
+    def train_step(params, opt_state, x, y):
+      (loss, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(
+          params.fast, x, y)
+      look = optax.lookahead(sngd_jax.with_activations(tx, acts), 5, 0.5)
+      updates, opt_state = look.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+    ```
+
+  Args:
+    tx: any optax transform (one without extra arguments ignores them).
+    activations: what ``sngd_jax.capture`` (or ``capture_nnx``,
+      ``capture_eqx``) returned for this batch.
+    **extra_args: further keyword arguments to bind.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with ``tx``'s ``init``.
+  """
+  inner = optax.with_extra_args_support(tx)
+  bound = {"activations": activations, **extra_args}
+
+  def update_fn(updates, state, params=None, **passed):
+    return inner.update(updates, state, params, **{**passed, **bound})
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
