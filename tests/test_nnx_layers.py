@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import np_reference as ref
 import numpy as np
+import optax
 import pytest
 from exact import exact_sngd
 from flax import nnx
@@ -193,3 +194,45 @@ def test_nnx_cnn_trains_through_optimizer():
     assert report.missing == [] and report.pass_through == []
     assert_trains(loss_fn, model, [(x, y)] * 30, learning_rate=0.05, max_ratio=0.5,
                   inverse_every=5)
+
+
+def test_nnx_model_and_optimizer_update_equals_tx_update():
+  """``nnx.ModelAndOptimizer`` (the optimizer that holds its model) forwards
+  ``activations=`` too: three steps equal ``tx.update`` on the model's params by hand."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(32, 6)))
+  y = jnp.arange(32) % 3
+
+  class MLP(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(6, 8, rngs=rngs, **F64)
+      self.l2 = nnx.Linear(8, 3, rngs=rngs, **F64)
+
+    def __call__(self, x):
+      return self.l2(jnp.tanh(self.l1(x)))
+
+  loss_fn = softmax_loss(lambda m, x: m(x))
+  grad_fn = nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)
+  tx = sngd_jax.sngd_momentum(0.1, inverse_every=2)
+  opt = nnx.ModelAndOptimizer(MLP(nnx.Rngs(0)), tx, wrt=nnx.Param)
+  model = MLP(nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  state = tx.init(params)
+
+  @nnx.jit
+  def step(opt, x, y):
+    (_, acts), grads = grad_fn(opt.model, x, y)
+    opt.update(grads, activations=acts)
+
+  for _ in range(3):
+    step(opt, x, y)
+    (_, acts), grads = grad_fn(model, x, y)
+    updates, state = tx.update(grads, state, params, activations=acts)
+    params = optax.apply_updates(params, updates)
+    nnx.update(model, params)
+  got = jax.tree.leaves(nnx.state(opt.model, nnx.Param))
+  want = jax.tree.leaves(params)
+  assert max(float(jnp.max(jnp.abs(a - b))) for a, b in
+             zip(jax.tree.leaves(nnx.state(MLP(nnx.Rngs(0)), nnx.Param)), want,
+                 strict=True)) > 1e-3   # the steps moved the params
+  for a, b in zip(got, want, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
