@@ -91,6 +91,7 @@ def with_activations(tx: optax.GradientTransformation, activations: Optional[Act
   Examples:
     ```python
     tx = sngd_jax.sngd_momentum(0.03)
+    params = optax.LookaheadParams.init_synced(params)
     opt_state = optax.lookahead(tx, sync_period=5, slow_step_size=0.5).init(params)
 
     @jax.jit
