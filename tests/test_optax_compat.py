@@ -374,11 +374,12 @@ def test_with_activations_under_optax_lookahead_matches_the_written_out_lookahea
   _, params, x, y, loss_fn = _problem()
   tx = sngd_jax.sngd_momentum(0.05, inverse_every=2)
   k, alpha = 3, 0.5
-  with pytest.raises(TypeError, match="activations"):
-    _, grads, acts = grads_and_acts(loss_fn, params, x, y)
-    look = optax.lookahead(tx, k, alpha)
-    look.update(grads, look.init(optax.LookaheadParams.init_synced(params)),
-                optax.LookaheadParams.init_synced(params), activations=acts)
+  _, grads, acts = grads_and_acts(loss_fn, params, x, y)
+  look, synced = optax.lookahead(tx, k, alpha), optax.LookaheadParams.init_synced(params)
+  with pytest.raises(TypeError, match="activations"):   # optax's wrapper takes no kwargs
+    look.update(grads, look.init(synced), synced, activations=acts)
+  with pytest.raises(ValueError, match="with_activations"):   # sngd's error says what to do
+    look.update(grads, look.init(synced), synced)
 
   @jax.jit
   def step(lp, state):

@@ -124,7 +124,10 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
     raise ValueError(
         "sngd: `update` needs `activations=`: wrap the loss with `sngd_jax.capture` (linen) "
         "or `sngd_jax.capture_nnx` (NNX) and pass what it returns, e.g. "
-        "`tx.update(grads, state, params, activations=acts)`.")
+        "`tx.update(grads, state, params, activations=acts)`. Under a wrapper that calls "
+        "its inner transform without keyword arguments (`optax.lookahead`, "
+        "`optax.contrib.sam`), build the wrapper in the step around "
+        "`sngd_jax.with_activations(tx, acts)`.")
   for path, spec in specs.items():
     path = spec.source or path  # a tied table's output layer: the table's calls
     if path not in activations or not activations[path]:
