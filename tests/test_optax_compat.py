@@ -361,11 +361,6 @@ def test_masked_bias_leaves_a_layer_without_bias_to_sngd():
                                   np.asarray(grads[layer]["bias"]))
 
 
-def _grads_at(loss_fn, params, x, y):
-  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x, y)
-  return grads, acts
-
-
 def test_with_activations_under_optax_lookahead_matches_the_written_out_lookahead():
   """``optax.lookahead`` calls its fast optimizer without keyword arguments; built in the step
   around ``with_activations`` it runs SNGD, step for step equal to lookahead written out with
@@ -383,7 +378,7 @@ def test_with_activations_under_optax_lookahead_matches_the_written_out_lookahea
 
   @jax.jit
   def step(lp, state):
-    grads, acts = _grads_at(loss_fn, lp.fast, x, y)
+    _, grads, acts = grads_and_acts(loss_fn, lp.fast, x, y)
     look = optax.lookahead(sngd_jax.with_activations(tx, acts), k, alpha)
     updates, state = look.update(grads, state, lp)
     return optax.apply_updates(lp, updates), state
@@ -393,7 +388,7 @@ def test_with_activations_under_optax_lookahead_matches_the_written_out_lookahea
   fast, slow, s = params, params, tx.init(params)
   for t in range(7):
     lp, state = step(lp, state)
-    grads, acts = _grads_at(loss_fn, fast, x, y)
+    _, grads, acts = grads_and_acts(loss_fn, fast, x, y)
     u, s = tx.update(grads, s, fast, activations=acts)
     fast = optax.apply_updates(fast, u)
     if t % k == k - 1:
@@ -415,7 +410,7 @@ def test_with_activations_under_optax_sam():
 
   @jax.jit
   def step(p, state):
-    grads, acts = _grads_at(loss_fn, p, x, y)
+    _, grads, acts = grads_and_acts(loss_fn, p, x, y)
     updates, state = optax.contrib.sam(sngd_jax.with_activations(tx, acts), adv).update(
         grads, state, p)
     return optax.apply_updates(p, updates), state
@@ -423,7 +418,7 @@ def test_with_activations_under_optax_sam():
   state = optax.contrib.sam(tx, adv).init(params)
   p1, state = step(params, state)
   p2, state = step(p1, state)
-  grads, acts = _grads_at(loss_fn, p1, x, y)
+  _, grads, acts = grads_and_acts(loss_fn, p1, x, y)
   u, _ = tx.update(grads, tx.init(params), params, activations=acts)
   want = optax.apply_updates(params, u)
   assert not np.allclose(jax.tree.leaves(p1)[0], jax.tree.leaves(params)[0])
@@ -435,7 +430,7 @@ def test_with_activations_under_optax_sam():
 
 def test_with_activations_forwards_the_wrappers_keyword_arguments():
   _, params, x, y, loss_fn = _problem()
-  grads, acts = _grads_at(loss_fn, params, x, y)
+  _, grads, acts = grads_and_acts(loss_fn, params, x, y)
   seen = {}
 
   def update(updates, state, params=None, **kw):

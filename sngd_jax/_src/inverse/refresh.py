@@ -168,11 +168,10 @@ def batched_refresh(refresh, stacked: Any, shift: jax.Array, batch_safe: bool = 
   """
   if batch_safe:  # no LAPACK call
     return refresh(stacked, shift)
-  if shift.shape[0] == 1:  # nothing to split, but a caller's vmap must not batch it on CPU
-    return jax.lax.platform_dependent(stacked, shift, cpu=one_call_per_member(refresh),
-                                      default=refresh)
-  return jax.lax.platform_dependent(
-      stacked, shift, cpu=functools.partial(_block_by_block, refresh), default=refresh)
+  # One block: nothing to split, but a caller's vmap must not batch it on CPU.
+  cpu = (one_call_per_member(refresh) if shift.shape[0] == 1
+         else functools.partial(_block_by_block, refresh))
+  return jax.lax.platform_dependent(stacked, shift, cpu=cpu, default=refresh)
 
 
 def refresh_group(method: InverseMethod, stacked: Any, shift: jax.Array, d: int, dtype):
