@@ -2,6 +2,7 @@
 per-time-step reference, no leaked tracers, and a char-level LSTM smoke test."""
 
 import flax.linen as nn
+import helpers_jaxpr
 import jax
 import jax.numpy as jnp
 import np_reference as ref
@@ -73,6 +74,29 @@ def test_one_update_pools_every_time_step(cell):
   last_only = ref.dense_update(h_prev[:, -1], grads[cell_name][HIDDEN_LAYERS[cell][0]][
       "kernel"], grads[cell_name][HIDDEN_LAYERS[cell][0]].get("bias"))[0]
   assert not np.allclose(updates[cell_name][HIDDEN_LAYERS[cell][0]]["kernel"], last_only)
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_gates_that_read_one_input_leave_the_scan_once(cell):
+  """The gates reading x_t (or h_{t-1}) record one array: the scan returns two stacked
+  record outputs (x and h), not one per gate (8 for an LSTM, 6 for a GRU)."""
+  model = Seq(cell)
+  xs = jax.random.normal(jax.random.key(1), (3, 5, 4), jnp.float64)
+  params = model.init(jax.random.key(0), xs)["params"]
+  loss = lambda p, xs: jnp.sum(model.apply({"params": p}, xs) ** 2)
+
+  def scan_outputs(f):
+    jaxpr = jax.make_jaxpr(f)(params, xs).jaxpr
+    (scan,) = [e for e in helpers_jaxpr.eqns(jaxpr) if e.primitive.name == "scan"]
+    return len(scan.outvars)
+
+  assert scan_outputs(sngd_jax.capture(loss)) == scan_outputs(loss) + 2
+  _, acts = sngd_jax.capture(loss)(params, xs)
+  (cell_name,) = params
+  for names in (INPUT_LAYERS[cell], HIDDEN_LAYERS[cell]):
+    first = acts[f"{cell_name}/{names[0]}"][0].inputs
+    for name in names[1:]:
+      np.testing.assert_array_equal(acts[f"{cell_name}/{name}"][0].inputs, first)
 
 
 class BiSeq(nn.Module):

@@ -3,6 +3,7 @@ unrolled model (linen and NNX), time scans and batch vmaps pool rows (float64
 references), and layers whose calls cannot leave a transform are reported, not used."""
 
 import flax.linen as nn
+import helpers_jaxpr
 import jax
 import jax.numpy as jnp
 import np_reference as ref
@@ -260,6 +261,35 @@ def test_user_transforms_pool_every_row(transform, x64):
   assert sum(np.prod(c.inputs.shape[:-1]) for c in acts[""]) == 20
   rows = np.asarray(xs).reshape(-1, 2)
   _check_dense(rows, grads["params"], updates["params"], transform)
+
+
+class QKV(nn.Module):
+  """Three projections of one input (as attention's q, k, v), scanned over depth."""
+
+  @nn.compact
+  def __call__(self, x, _):
+    q, k, v = (nn.Dense(D, name=n)(x) for n in "qkv")
+    return x + jnp.tanh(q * k + v), None
+
+
+def test_layers_reading_one_input_leave_a_scan_once():
+  """q, k and v record one array per block: the scan over depth stacks one copy of it
+  (one extra output with capture, not three), and each gets its own stacked factor."""
+  model = nn.scan(QKV, variable_axes={"params": 0}, split_rngs={"params": True}, length=L)()
+  x = jax.random.normal(jax.random.key(1), (BATCH, D))
+  params = model.init(jax.random.key(0), x, None)["params"]
+  loss = lambda p, x: jnp.sum(model.apply({"params": p}, x, None)[0] ** 2)
+
+  def scan_outputs(f):
+    jaxpr = jax.make_jaxpr(f)(params, x).jaxpr
+    return [len(e.outvars) for e in helpers_jaxpr.eqns(jaxpr) if e.primitive.name == "scan"]
+
+  (plain,) = scan_outputs(loss)
+  assert scan_outputs(sngd_jax.capture(loss)) == [plain + 1]
+  _, acts = sngd_jax.capture(loss)(params, x)
+  assert [acts[n][0].inputs.shape for n in "qkv"] == [(L, BATCH, D)] * 3
+  assert all(acts[n][0].stack == 1 for n in "qkv")
+  np.testing.assert_array_equal(acts["k"][0].inputs, acts["q"][0].inputs)
 
 
 class Ensemble(nn.Module):
