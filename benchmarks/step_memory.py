@@ -21,6 +21,11 @@ which part of the SNGD step holds the memory and whether a change could bring it
   captured activations then feed nothing after the backward pass);
 - ``sngd, statistics independent of the gradients``: the statistics ``lax.cond`` no longer
   waits for the gradients' finiteness check (so XLA may schedule it before the backward pass).
+- ``sngd, norm records hold the layer input``: linen normalization layers record their input
+  ``x`` instead of ``xhat`` (wrong statistics: a memory model only) -- what recomputing
+  ``xhat = (x - mean) rsqrt(var + eps)`` inside the statistics stage would hold (``x`` is
+  kept for the backward pass anyway); also with the statistics independent of the gradients
+  and patch chunks of 2 and 1 MiB.
 
 Also lists the captured activations (shapes and bytes) that the SNGD step keeps until its
 statistics stage.
@@ -29,6 +34,7 @@ statistics stage.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -40,6 +46,7 @@ def main(argv=None) -> int:
   p.add_argument("--task", default="resnet-bn")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
+  import flax.linen.normalization as linen_norm
   import jax
   import jax.numpy as jnp
   import optax
@@ -47,6 +54,7 @@ def main(argv=None) -> int:
   import sngd_jax
   from benchmarks import eval_tasks, evaluate, harness
   from sngd_jax._src import statistics, transform
+  from sngd_jax._src.capture import flax_patches
 
   task = eval_tasks.EVAL_TASKS[args.task](30.0)
   xs, ys = jnp.asarray(task.x_train[:512]), jnp.asarray(task.y_train[:512])
@@ -72,6 +80,18 @@ def main(argv=None) -> int:
   def without_gradient_check(config, inputs, state, grads_finite):
     return orig(config, inputs, state, jnp.array(True))
 
+  def norm_records_hold_input(rec):
+    """linen's ``_normalize`` patched to record ``x`` where capture records ``xhat``."""
+    original = linen_norm._normalize
+
+    @functools.wraps(original)
+    def normalize(mdl, x, mean, var, reduction_axes, feature_axes, *rest, **kwargs):
+      if rec.norm_slots:
+        rec.normalized(x, feature_axes)
+      return original(mdl, x, mean, var, reduction_axes, feature_axes, *rest, **kwargs)
+
+    return mock.patch.object(linen_norm, "_normalize", normalize)
+
   rows = {"sgd(momentum)": temp_mb(None), "sngd": temp_mb(frozen())}
   for mib in (4, 2, 1):
     with mock.patch.object(statistics, "ROW_CHUNK_BYTES", mib * 2**20):
@@ -82,6 +102,14 @@ def main(argv=None) -> int:
     rows["sngd, no statistics stage"] = temp_mb(frozen())
   with mock.patch.object(transform, "_update_statistics", without_gradient_check):
     rows["sngd, statistics independent of the gradients"] = temp_mb(frozen())
+  if norms:
+    with mock.patch.object(flax_patches, "linen_normalize", norm_records_hold_input):
+      rows["sngd, norm records hold the layer input"] = temp_mb(frozen())
+      with mock.patch.object(transform, "_update_statistics", without_gradient_check):
+        for mib in (8, 2, 1):
+          with mock.patch.object(statistics, "ROW_CHUNK_BYTES", mib * 2**20):
+            rows[f"sngd, norm records hold the layer input, statistics independent of the "
+                 f"gradients, patch chunks {mib} MiB"] = temp_mb(frozen())
 
   loss_fn = evaluate._loss_fn(task)
   extra = evaluate.init_run(task, None, optax.sgd(0.1), 0, xs)[1]
