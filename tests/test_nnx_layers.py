@@ -1,6 +1,7 @@
 """Flax NNX layers: one update vs the same float64 references as the linen tests
 (conv patches by loops, token counts, xhat per channel, numpy MHA, per-time-step LSTM/GRU)."""
 
+import helpers_jaxpr
 import jax
 import jax.numpy as jnp
 import np_reference as ref
@@ -169,6 +170,22 @@ def test_rnn_cells_pool_every_time_step(cell):
     _check(xn.reshape(-1, 4), g[name], u[name], name)
   for name in hidden_layers:
     _check(h_prev.reshape(-1, 3), g[name], u[name], name)
+
+
+def test_lstm_gates_that_read_one_input_leave_the_scan_once():
+  """nnx.LSTMCell's eight gates read x_t and h_{t-1}: the RNN's scan returns two stacked
+  record outputs with capture, not eight."""
+  model = Seq("lstm", nnx.Rngs(0))
+  xs = jax.random.normal(jax.random.key(1), (3, 5, 4), jnp.float64)
+  graphdef, state = nnx.split(model)
+  loss = lambda m, xs: jnp.sum(m(xs) ** 2)
+
+  def scan_outputs(f):
+    jaxpr = jax.make_jaxpr(lambda s: f(nnx.merge(graphdef, s), xs))(state).jaxpr
+    return [len(e.outvars) for e in helpers_jaxpr.eqns(jaxpr) if e.primitive.name == "scan"]
+
+  (plain,) = scan_outputs(loss)
+  assert scan_outputs(sngd_jax.capture_nnx(loss)) == [plain + 2]
 
 
 # --- an NNX CNN through nnx.Optimizer ---------------------------------------------
