@@ -452,7 +452,7 @@ class Recorder:
     # its own, dropped with it): layers that read one array record one value (``Shared``).
     self.stopped: dict[int, tuple[Any, Any]] = {}
 
-  def _target(self):
+  def _target(self) -> Union[CellFrame, TransformFrame, Recorder, None]:
     """The innermost frame that returns records (or this recorder), None in a discarded
     trace; its ``records`` (``store`` here) and ``stopped`` are where a record goes."""
     for frame in reversed(self.frames):
@@ -462,11 +462,11 @@ class Recorder:
         return None
     return self
 
-  def _records(self):
+  def _records(self) -> Optional[dict[str, list[Pending]]]:
     target = self._target()
-    if target is None:
-      return None
-    return target.store if target is self else target.records
+    if isinstance(target, Recorder):
+      return target.store
+    return None if target is None else target.records
 
   def stop_gradient(self, x: Any) -> Any:
     """``jax.lax.stop_gradient(x)``, one value per array ``x`` in the innermost frame.
@@ -529,12 +529,11 @@ class Recorder:
 
   def add_all(self, records: Union[dict[str, list[Pending]], Shared]) -> None:
     """Adds records that left a frame (their roles were set when they were made)."""
-    if isinstance(records, Shared):
-      records = records.tree
+    found: dict[str, list[Pending]] = records.tree if isinstance(records, Shared) else records
     target = self._records()
     if target is None:
       return
-    for path, calls in records.items():
+    for path, calls in found.items():
       target.setdefault(path, []).extend(calls)
 
   def rnn_frame(self) -> Optional[RNNFrame]:
