@@ -43,18 +43,18 @@ def main(argv=None) -> int:
   @contextlib.contextmanager
   def per_layer_records():
     """Trace as before ``Shared``: every record its own scan output and stopped value."""
-    flatten, stop = records.Shared.tree_flatten, records.Recorder.stop_gradient
+    flatten, stop = records.Shared.tree_flatten, records.Recorder.__dict__["_stop_gradient"]
 
     def flat(self):
       leaves, treedef = jax.tree.flatten(self.tree)
       return tuple(leaves), (treedef, tuple(range(len(leaves))))
 
     records.Shared.tree_flatten = flat
-    records.Recorder.stop_gradient = lambda self, x: jax.lax.stop_gradient(x)
+    records.Recorder._stop_gradient = staticmethod(lambda target, x: jax.lax.stop_gradient(x))
     try:
       yield
     finally:
-      records.Shared.tree_flatten, records.Recorder.stop_gradient = flatten, stop
+      records.Shared.tree_flatten, records.Recorder._stop_gradient = flatten, stop
 
   task = eval_tasks.EVAL_TASKS[args.task](30.0)
   xs, ys = jnp.asarray(task.x_train), jnp.asarray(task.y_train)

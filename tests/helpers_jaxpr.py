@@ -10,3 +10,8 @@ def eqns(jaxpr):
         sub = x.jaxpr if hasattr(x, "jaxpr") and hasattr(x.jaxpr, "eqns") else x
         if hasattr(sub, "eqns"):
           yield from eqns(sub)
+
+
+def scan_output_counts(jaxpr):
+  """The number of outputs of every ``scan`` in ``jaxpr`` (nested ones included), in order."""
+  return [len(e.outvars) for e in eqns(jaxpr) if e.primitive.name == "scan"]

@@ -180,10 +180,8 @@ def test_lstm_gates_that_read_one_input_leave_the_scan_once():
   graphdef, state = nnx.split(model)
   loss = lambda m, xs: jnp.sum(m(xs) ** 2)
 
-  def scan_outputs(f):
-    jaxpr = jax.make_jaxpr(lambda s: f(nnx.merge(graphdef, s), xs))(state).jaxpr
-    return [len(e.outvars) for e in helpers_jaxpr.eqns(jaxpr) if e.primitive.name == "scan"]
-
+  scan_outputs = lambda f: helpers_jaxpr.scan_output_counts(
+      jax.make_jaxpr(lambda s: f(nnx.merge(graphdef, s), xs))(state).jaxpr)
   (plain,) = scan_outputs(loss)
   assert scan_outputs(sngd_jax.capture_nnx(loss)) == [plain + 2]
 

@@ -280,10 +280,7 @@ def test_layers_reading_one_input_leave_a_scan_once():
   params = model.init(jax.random.key(0), x, None)["params"]
   loss = lambda p, x: jnp.sum(model.apply({"params": p}, x, None)[0] ** 2)
 
-  def scan_outputs(f):
-    jaxpr = jax.make_jaxpr(f)(params, x).jaxpr
-    return [len(e.outvars) for e in helpers_jaxpr.eqns(jaxpr) if e.primitive.name == "scan"]
-
+  scan_outputs = lambda f: helpers_jaxpr.scan_output_counts(jax.make_jaxpr(f)(params, x).jaxpr)
   (plain,) = scan_outputs(loss)
   assert scan_outputs(sngd_jax.capture(loss)) == [plain + 1]
   _, acts = sngd_jax.capture(loss)(params, x)

@@ -405,7 +405,7 @@ class TransformFrame:
       role ``'stack'`` (sliced / mapped), ``'pool'`` (carried / unmapped) or
       ``'none'`` (checkpoint).
     records: the records made inside, returned by the body as outputs.
-    stopped: the stopped-gradient inputs of its records (``Recorder.stop_gradient``).
+    stopped: the stopped-gradient inputs of its records (``Recorder._stop_gradient``).
   """
 
   kind: str
@@ -452,9 +452,14 @@ class Recorder:
     # its own, dropped with it): layers that read one array record one value (``Shared``).
     self.stopped: dict[int, tuple[Any, Any]] = {}
 
+  @property
+  def records(self) -> dict[str, list[Pending]]:
+    """The records of calls outside any frame (``store``), where a frame has its own."""
+    return self.store
+
   def _target(self) -> Union[CellFrame, TransformFrame, Recorder, None]:
     """The innermost frame that returns records (or this recorder), None in a discarded
-    trace; its ``records`` (``store`` here) and ``stopped`` are where a record goes."""
+    trace; its ``records`` and ``stopped`` are where a record goes."""
     for frame in reversed(self.frames):
       if isinstance(frame, (CellFrame, TransformFrame)):
         return frame
@@ -462,25 +467,18 @@ class Recorder:
         return None
     return self
 
-  def _records(self) -> Optional[dict[str, list[Pending]]]:
-    target = self._target()
-    if isinstance(target, Recorder):
-      return target.store
-    return None if target is None else target.records
-
-  def stop_gradient(self, x: Any) -> Any:
-    """``jax.lax.stop_gradient(x)``, one value per array ``x`` in the innermost frame.
+  @staticmethod
+  def _stop_gradient(target: Union[CellFrame, TransformFrame, Recorder], x: Any) -> Any:
+    """``jax.lax.stop_gradient(x)``, one value per array ``x`` in ``target``.
 
     Layers that read one array (an LSTM cell's gates, attention's q/k/v projections)
     then record the same value, which leaves a transform once (``Shared``). The
     cache holds ``x`` itself, so that its id is not reused while the frame lives, and
     goes with the frame (no tracer outlives its transform).
     """
-    target = self._target()
-    cache = target.stopped if target is not None else {}
-    if id(x) not in cache:
-      cache[id(x)] = (x, jax.lax.stop_gradient(x))
-    return cache[id(x)][1]
+    if id(x) not in target.stopped:
+      target.stopped[id(x)] = (x, jax.lax.stop_gradient(x))
+    return target.stopped[id(x)][1]
 
   def trace(self, weight: Any) -> tuple[tuple[str, ...], Optional[tuple[str, ...]]]:
     """Follows a layer's weight out through the transform frames.
@@ -519,22 +517,22 @@ class Recorder:
     """
     if roles is None:
       roles = self.trace(weight)[0]
-    target = self._records()
+    target = self._target()
     if target is None:
       return
     outputs = jax.lax.stop_gradient(outputs) if self.outputs and outputs is not None else None
-    target.setdefault(path, []).append(Pending(
-        Captured(inputs=self.stop_gradient(inputs), outputs=outputs, kind=kind, config=config,
-                 batch_axis=batch_axis), roles))
+    target.records.setdefault(path, []).append(Pending(
+        Captured(inputs=self._stop_gradient(target, inputs), outputs=outputs, kind=kind,
+                 config=config, batch_axis=batch_axis), roles))
 
   def add_all(self, records: Union[dict[str, list[Pending]], Shared]) -> None:
     """Adds records that left a frame (their roles were set when they were made)."""
     found: dict[str, list[Pending]] = records.tree if isinstance(records, Shared) else records
-    target = self._records()
+    target = self._target()
     if target is None:
       return
     for path, calls in found.items():
-      target.setdefault(path, []).extend(calls)
+      target.records.setdefault(path, []).extend(calls)
 
   def rnn_frame(self) -> Optional[RNNFrame]:
     """The RNN call whose cell is about to run: the innermost frame, but for the RNN's
