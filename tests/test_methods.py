@@ -11,6 +11,7 @@ import optax
 import pytest
 from exact import exact_sngd
 from helpers_jaxpr import eqns as _eqns
+from helpers_mlp import MLP
 
 import sngd_jax
 from sngd_jax import inverse as matfun
@@ -21,18 +22,6 @@ from sngd_jax._src.inverse import nystrom
 from sngd_jax._src.inverse import refresh as refresh_lib
 
 pytestmark = pytest.mark.usefixtures("x64")
-
-
-class MLP(nn.Module):
-  features: tuple = (16, 16, 16, 3)
-
-  @nn.compact
-  def __call__(self, x):
-    for i, f in enumerate(self.features):
-      x = nn.Dense(f, param_dtype=x.dtype)(x)
-      if i < len(self.features) - 1:
-        x = nn.relu(x)
-    return x
 
 
 def problem(features=(16, 16, 16, 3), in_dim=15, batch=12, seed=0):
