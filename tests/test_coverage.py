@@ -73,7 +73,8 @@ def test_factor_bytes_of_a_wide_layer_are_its_sketch_and_nystrom_model():
   assert report.missing == []
   state = sngd_jax.sngd().init(params)
   want = sum(a.nbytes for a in jax.tree.leaves((state.factors, state.inverses)))
-  assert report.total_factor_bytes == want == 4 * (2 * 601 * 128 + 128 + 3)
+  # sketch S Omega, tr S, c; model U, lam, tau, rho
+  assert report.total_factor_bytes == want == 4 * (2 * 601 * 128 + 2 + 128 + 2)
   dense = sngd_jax.coverage(loss, params, x, inverse="cholesky")
   assert dense.total_factor_bytes == 2 * 601 * 601 * 4
 

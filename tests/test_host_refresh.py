@@ -159,13 +159,13 @@ def test_nystrom_zero_factor_is_exact_and_an_impossible_sketch_is_rejected():
   weights = {"w": jnp.float32(1.0)}
   old_rep = jax.tree.map(lambda a: a * 3.0, AUTO.identity(1, d, jnp.float32))
   zero = {"w": sketch_lib.Sketch(jnp.zeros((d, omega.shape[1]), jnp.float32),
-                                 jnp.float32(0.0))}
+                                 jnp.float32(0.0), jnp.float32(0.0))}
   host, xla = _both(specs, zero, weights, {"w": old_rep}, abs_damping=1e-2)
   for new, failures in (host, xla):
     assert int(failures) == 0
     np.testing.assert_allclose(_operator(new["w"])[0], 1e-2 * np.eye(d), atol=1e-9)
   _assert_same(host, xla)
-  impossible = {"w": sketch_lib.Sketch(-5.0 * omega, jnp.float32(d))}
+  impossible = {"w": sketch_lib.Sketch(-5.0 * omega, jnp.float32(d), jnp.float32(0.0))}
   host, xla = _both(specs, impossible, weights, {"w": old_rep})
   for new, failures in (host, xla):
     assert int(failures) == 1

@@ -689,13 +689,19 @@ def test_in_range_matches_numpy():
   for name, (stat, want) in cases.items():
     assert bool(statistics.in_range(jnp.asarray(stat))) == want, name
   y = rng.standard_normal((4, 2)).astype(np.float32)
-  assert bool(statistics.in_range(sngd_jax.Sketch(jnp.asarray(y), jnp.float32(3.0))))
+  zero = jnp.float32(0.0)
+  assert bool(statistics.in_range(sngd_jax.Sketch(jnp.asarray(y), jnp.float32(3.0), zero)))
   assert not bool(statistics.in_range(sngd_jax.Sketch(jnp.asarray(y).at[1, 1].set(jnp.inf),
-                                                      jnp.float32(3.0))))
-  assert not bool(statistics.in_range(sngd_jax.Sketch(jnp.asarray(y), jnp.float32(big))))
+                                                      jnp.float32(3.0), zero)))
+  assert not bool(statistics.in_range(sngd_jax.Sketch(jnp.asarray(y), jnp.float32(big), zero)))
+  # the identity part counts d times (d = 4): tr(S + c I) = 3 + 4 c
+  assert not bool(statistics.in_range(sngd_jax.Sketch(jnp.asarray(y), jnp.float32(3.0),
+                                                      jnp.float32(big / 4))))
+  assert not bool(statistics.in_range(sngd_jax.Sketch(jnp.asarray(y), jnp.float32(3.0),
+                                                      jnp.float32(jnp.nan))))
   # A sketch of finite entries whose plain sum overflows is in range (its trace is 3).
   assert bool(statistics.in_range(sngd_jax.Sketch(jnp.full((64, 8), big / 4, jnp.float32),
-                                                  jnp.float32(3.0))))
+                                                  jnp.float32(3.0), zero)))
   # The finiteness sum cannot overflow: finite entries whose plain sum does still pass.
   off_diagonal = np.full((64, 64), big / 4, np.float32) * (1 - np.eye(64, dtype=np.float32))
   assert not np.isfinite(off_diagonal.sum(dtype=np.float32))

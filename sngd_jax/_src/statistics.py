@@ -532,7 +532,7 @@ def batch_sketch(spec: LayerSpec, calls: Sequence[Captured], omega: jax.Array,
       spec, calls,
       lambda x, _: sketch_lib.row_sums(x, omega, out_sharding=replicated_out_sharding(x)),
       after)
-  return sketch_lib.Sketch(y / n, tr / n)
+  return sketch_lib.Sketch(y / n, tr / n, jnp.zeros((), y.dtype))
 
 
 def prior_of(prior: str, estimate, omega: Optional[jax.Array] = None):
@@ -644,7 +644,8 @@ def total_trace(stat) -> jax.Array:
   outlier limit and the scaled-identity prior share it.
   """
   if sketch_lib.is_sketch(stat):
-    return jnp.sum(stat.trace) + jnp.sum(0 * stat.y)  # 0 * each entry: no overflow
+    # 0 * each entry: non-finite if one is, no overflow
+    return jnp.sum(sketch_lib.full_trace(stat)) + jnp.sum(0 * stat.y)
   if stat.ndim >= 2:
     return jnp.sum(checked_block_trace(stat))
   return jnp.sum(stat)

@@ -51,7 +51,8 @@ class SNGDState:
     factors: per layer path, the running local Fisher sum ``G_t``
       (``(d, d)`` or ``(O, d, d)``), float32 (float64 under x64); for layers
       whose inverse method is a rank-``r`` Nystrom model (``inverse="auto"``
-      for layers wider than 512 inputs) its sketch ``(G_t Omega, tr G_t)``, a
+      for layers wider than 512 inputs) its sketch ``(S_t Omega, tr S_t, c_t)`` of
+      ``G_t = S_t + c_t I`` (``c_t``: the prior's identity part, kept exactly), a
       ``sngd_jax.Sketch`` with ``y`` of shape ``(d, r)``.
     weights: per layer path, the weight ``w_t`` of ``G_t`` (use ``G_t / w_t``).
     inverses: per layer path, the cached inverse representation.

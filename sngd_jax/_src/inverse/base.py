@@ -149,11 +149,11 @@ def symmetrize(g: jax.Array) -> jax.Array:
 def damping_shift(g, damping, abs_damping) -> jax.Array:
   """``rho = damping * tr(G) + abs_damping`` per block, shape ``g.shape[:-2]``.
 
-  ``g`` may also be a (stacked) ``sngd_jax.Sketch``, whose ``trace``
-  is ``tr(G)`` per block.
+  ``g`` may also be a (stacked) ``sngd_jax.Sketch`` of ``G = S + c I``
+  (``tr G = tr S + c d`` per block).
   """
   if sketch_lib.is_sketch(g):
-    trace, dtype = g.trace, g.trace.dtype
+    trace, dtype = sketch_lib.full_trace(g), g.trace.dtype
   else:
     trace, dtype = sketch_lib.block_trace(g), g.dtype
   return jnp.asarray(damping * trace + abs_damping).astype(dtype)

@@ -177,18 +177,20 @@ def nystrom(rank: int, seed: int, tail: str, test_matrix: Callable[[int, int, in
 
   def refresh(g, shift):
     if sketch_lib.is_sketch(g):
-      y, trace = g.y, g.trace
-      finite_input = _finite_per_block(y) & np.isfinite(trace)
+      y, trace, eye = g.y, g.trace, g.eye
+      finite_input = _finite_per_block(y) & np.isfinite(trace) & np.isfinite(eye)
     else:
       finite_input = _finite_per_block(g)
       omega = test_matrix(g.shape[-1], min(rank, g.shape[-1]), seed).astype(g.dtype)
       y = np.matmul(g, omega)
       trace = np.trace(g, axis1=-2, axis2=-1).astype(g.dtype)
+      eye = np.zeros_like(trace)
     dtype = y.dtype
     work = np.promote_types(dtype, np.float32)
     omega = test_matrix(y.shape[-2], y.shape[-1], seed).astype(work)
     with np.errstate(all="ignore"):
       u, lam, tau = nystrom_from_sketch(y.astype(work), trace.astype(work), omega, tail)
+      lam, tau = lam + eye.astype(work)[:, None], tau + eye.astype(work)  # the identity part
     u, lam, tau = u.astype(dtype), lam.astype(dtype), tau.astype(dtype)
     rep = rep_type._make((u, lam, tau, shift.astype(dtype)))  # host arrays
     ok = (finite_input & _finite_per_block(u) & np.all(np.isfinite(lam), axis=-1)
@@ -286,10 +288,10 @@ def refresh_all(the_plan: Plan, factors, weights, old_inverses, damping, abs_dam
       dtype = np.dtype(dtype)
       if sketched:
         blocks = [_normalized(factors[p], weights[p]) for p in paths]
-        stacked = sketch_lib.Sketch._make((np.stack([b.y for b in blocks]),
-                                           np.stack([b.trace for b in blocks])))
+        stacked = sketch_lib.Sketch._make(
+            tuple(np.stack(leaves) for leaves in zip(*blocks, strict=True)))
         sizes = [1] * len(paths)
-        trace = stacked.trace
+        trace = stacked.trace + d * stacked.eye  # tr(S + c I)
       else:
         blocks = [_normalized(factors[p], weights[p]).reshape((-1, d, d)) for p in paths]
         sizes = [b.shape[0] for b in blocks]

@@ -118,11 +118,14 @@ def approximate(g: jax.Array, rank: int, seed: int = 0,
 
 def from_sketch(s: sketch_lib.Sketch, seed: int = 0, tail: str = "mean",
                 dtype=None) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``approximate`` from the sketch ``(Y, tr G) = (G Omega, tr G)`` alone.
+  """``approximate`` from the sketch ``(S Omega, tr S, c)`` of ``G = S + c I`` alone.
+
+  The rank-``r`` model is of ``S``; the identity part ``c I`` (the prior's) is added
+  exactly, to every eigenvalue and to the tail (``sngd_jax._src.sketch``).
 
   Args:
     s: a stacked ``sngd_jax.Sketch``, ``y`` of shape ``(b, d, r)``,
-      ``trace`` of shape ``(b,)``, made with ``test_matrix(d, r, seed)``.
+      ``trace`` and ``eye`` of shape ``(b,)``, made with ``test_matrix(d, r, seed)``.
     seed: the seed of that test matrix.
     tail: ``"mean"`` or ``"zero"``.
     dtype: the dtype of the result (default ``s.y``'s).
@@ -175,7 +178,8 @@ def from_sketch(s: sketch_lib.Sketch, seed: int = 0, tail: str = "mean",
     tau = jnp.where(kept < d, jnp.maximum(rest, 0.0) / jnp.maximum(d - kept, 1), 0.0)
   else:
     tau = jnp.zeros(y.shape[:1], work)
-  return u.astype(dtype), lam.astype(dtype), tau.astype(dtype)
+  eye = s.eye.astype(work)
+  return u.astype(dtype), (lam + eye[:, None]).astype(dtype), (tau + eye).astype(dtype)
 
 
 def power_apply(rep: NystromRep, v: jax.Array, power: float) -> jax.Array:
@@ -222,7 +226,8 @@ def nystrom(rank: int = DEFAULT_RANK, seed: int = 0, tail: str = "mean") -> base
   def refresh(g, shift):
     if sketch_lib.is_sketch(g):
       u, lam, tau = from_sketch(g, seed, tail)
-      finite_input = base.all_finite_per_block(g.y) & jnp.isfinite(g.trace)
+      finite_input = (base.all_finite_per_block(g.y) & jnp.isfinite(g.trace)
+                      & jnp.isfinite(g.eye))
     else:
       u, lam, tau = approximate(g, rank, seed, tail)
       finite_input = base.all_finite_per_block(g)
