@@ -190,3 +190,134 @@ def test_bias_not_matching_kernel():
   with pytest.raises(ValueError, match=r"layer 'Dense_0': bias shape \(5,\) does not match "
                                        r"the trailing axes of kernel shape \(4, 3\)"):
     sngd_jax.sngd().init(p)
+
+
+def test_activations_that_are_not_the_captured_dict():
+  """Passing the aux (logits) or the ``(aux, acts)`` pair instead of ``acts``."""
+  p = _params()
+  tx = sngd_jax.sngd()
+  for wrong in (jnp.ones((5, 3)), (jnp.ones((5, 3)), _acts(p))):
+    with pytest.raises(TypeError, match=r"`activations=` must be the dict that "
+                                        r"`sngd_jax.capture` returns.*got a (ArrayImpl|tuple)"):
+      tx.update(p, tx.init(p), p, activations=wrong)
+
+
+def test_state_restored_without_a_target():
+  """A checkpoint restored without a target is plain dicts: the error says to restore into
+  ``tx.init(params)``."""
+  p = _params()
+  tx = sngd_jax.sngd()
+  raw = {"count": 0, "factors": {}, "weights": {}}
+  with pytest.raises(TypeError, match=r"optimizer state is a dict, not the `SNGDState`.*"
+                                      r"restore it into `tx.init\(params\)`"):
+    tx.update(p, raw, p, activations=_acts(p))
+
+
+def test_nothing_captured_hints_at_the_capture_function():
+  p = _params()
+  with pytest.raises(ValueError, match=r"Captured layers: \[\]\. No layer at all was captured: "
+                                       r"is the capture function the one for this kind"):
+    _update(p, {})
+  acts = _acts(p)
+  del acts["head/Dense_1"]  # some layers captured: no such hint
+  with pytest.raises(ValueError) as info:
+    _update(p, acts)
+  assert "No layer at all" not in str(info.value)
+
+
+def test_params_that_are_not_arrays_name_the_leaf():
+  """An Equinox model passed to ``init`` unfiltered holds functions (its activation)."""
+  p = {"Dense_0": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)},
+       "activation": jax.nn.relu}
+  with pytest.raises(TypeError, match=r"the params hold a .* at 'activation', not an array.*"
+                                      r"eqx.filter\(model, eqx.is_array\)"):
+    sngd_jax.sngd_momentum(0.1).init(p)
+
+
+def test_dense_call_with_other_input_axes_gives_the_fix():
+  """A bias-free kernel ``(D, H, k)`` reads as ``D*H`` inputs; the captured call has ``D``
+  features: ``update`` names ``fisher={path: ('linear', 1)}``, which then works."""
+  import flax.linen as nn  # noqa: PLC0415
+
+  class Proj(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.DenseGeneral((2, 3), use_bias=False)(x).sum(axis=(-1, -2))
+
+  x = jnp.ones((5, 4))
+  params = Proj().init(jax.random.key(0), x)["params"]
+  loss = lambda p, x: jnp.sum(Proj().apply({"params": p}, x) ** 2)
+  grads, acts = jax.grad(sngd_jax.capture(loss), has_aux=True)(params, x)
+  tx = sngd_jax.sngd()
+  with pytest.raises(ValueError, match=re.escape(
+      "pass fisher={'DenseGeneral_0': ('linear', 1)}")):
+    tx.update(grads, tx.init(params), params, activations=acts)
+  tx = sngd_jax.sngd(fisher={"DenseGeneral_0": ("linear", 1)})
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  assert updates["DenseGeneral_0"]["kernel"].shape == (4, 2, 3)
+
+
+def test_unmodelled_kernel_layout_is_missing_in_coverage_and_named_by_init():
+  """A ``ConvTranspose(transpose_kernel=True)`` kernel is ``k x out x in``: its bias does
+  not fit the kernel's trailing axes. ``init`` raises with the fix; ``coverage`` lists the
+  layer ``MISSING`` with the fix instead of raising, and with the fix a pass-through."""
+  from flax import nnx  # noqa: PLC0415
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.ct = nnx.ConvTranspose(1, 4, kernel_size=(3, 3), strides=(2, 2),
+                                  transpose_kernel=True, rngs=rngs)
+      self.head = nnx.Linear(4 * 8 * 8, 2, rngs=rngs)
+
+    def __call__(self, x):
+      h = self.ct(x)
+      return self.head(h.reshape(h.shape[0], -1))
+
+  model = Model(nnx.Rngs(0))
+  x = jnp.ones((3, 4, 4, 1))
+  loss = lambda m, x: jnp.sum(m(x) ** 2)
+  with pytest.raises(ValueError, match=r"layer 'ct': bias shape \(4,\) does not match.*"
+                                       r"leave it to the next transform with "
+                                       r"`fisher=\{'ct': None\}`"):
+    sngd_jax.sngd().init(nnx.state(model, nnx.Param))
+  report = sngd_jax.coverage(loss, model, x)
+  assert report.missing == ["ct/bias", "ct/kernel"]
+  row = {r.path: r for r in report.params}["ct/kernel"]
+  assert row.fisher.startswith("MISSING: bias shape (4,) does not match")
+  assert row.fisher.endswith("pass fisher={'ct': None}")
+  assert {r.path: r for r in report.params}["head/kernel"].factor_bytes > 0
+  lines = str(report).splitlines()
+  assert max(len(line) for line in lines[2:-1]) < 140  # the long reason wraps
+  fixed = sngd_jax.coverage(loss, model, x, fisher={"ct": None})
+  assert fixed.missing == []
+  assert {r.path: r for r in fixed.params}["ct/kernel"].fisher == "pass-through (fisher=None)"
+
+
+def test_nnx_layer_inside_a_decorator_transform_warns():
+  """``nnx.remat`` applied at class definition builds its ``jax.checkpoint`` before capture
+  starts; the layer copy inside cannot be named: ``capture_nnx`` warns (naming the class
+  and weight shape), the other layers are captured, and ``update`` names the layer."""
+  from flax import nnx  # noqa: PLC0415
+
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.linear = nnx.Linear(4, 4, rngs=rngs)
+
+    @nnx.remat
+    def __call__(self, x):
+      return x + self.linear(x)
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.block = Block(rngs)
+      self.out = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(self.block(x))
+
+  model = Model(nnx.Rngs(0))
+  loss = lambda m, x: jnp.sum(m(x) ** 2)
+  with pytest.warns(UserWarning, match=r"capture_nnx could not name 1 layer call\(s\) "
+                                       r"\(Linear \(weight \(4, 4\)\)\).*nnx.remat"):
+    _, acts = sngd_jax.capture_nnx(loss)(model, jnp.ones((3, 4)))
+  assert sorted(acts) == ["out"]

@@ -259,3 +259,57 @@ def test_sngd_equals_gradient_descent_on_reconstructed_network(fisher):
                                  err_msg=f"step {t}, layer {n}")
       moved = max(moved, np.abs(ours[t][n] - ours[0][n]).max())
   assert moved > 1e-3  # the trajectory is not trivially constant
+
+
+class EmbedMLP(nn.Module):
+  @nn.compact
+  def __call__(self, tokens):
+    h = nn.Embed(11, 4, param_dtype=jnp.float64)(tokens)
+    return nn.Dense(3, param_dtype=jnp.float64)(jnp.tanh(h))
+
+
+def test_embedding_diagonal_factor_reconstructs():
+  """An embedding's local Fisher is diagonal (``diag(f)``, token frequencies): its damped
+  factor and roots are ``(V,)`` vectors, and one SGD step on the reconstructed table
+  ``E' = (f + rho)^{1/2} E`` (lookups scaled by ``(f + rho)^{-1/2}``) mapped back is the
+  transform's update, as for a dense layer."""
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, 8, size=(30,)))  # tokens 8-10 never occur: f = 0
+  y = jnp.asarray(rng.normal(size=(30, 3)))
+  model = EmbedMLP()
+  params = model.init(jax.random.key(0), tokens)["params"]
+
+  def loss(p, t, y):
+    return jnp.mean((model.apply({"params": p}, t) - y) ** 2)
+
+  tx = exact_sngd(damping=1e-2, inverse_every=1, decay=0.5)
+  state = tx.init(params)
+  grads, acts = jax.grad(sngd_jax.capture(loss), has_aux=True)(params, tokens, y)
+  updates, state = tx.update(grads, state, params, activations=acts)
+  damped = sngd_jax.damped_factors(state, damping=1e-2)
+  f = np.asarray(state.factors["Embed_0"]) / float(state.weights["Embed_0"])
+  np.testing.assert_allclose(damped["Embed_0"], f + 1e-2 * f.sum(), rtol=1e-12)
+  roots = sngd_jax.factor_roots(state, damping=1e-2)
+  np.testing.assert_allclose(roots["Embed_0"].sqrt ** 2, damped["Embed_0"], rtol=1e-12)
+  np.testing.assert_allclose(roots["Embed_0"].sqrt * roots["Embed_0"].inv_sqrt, 1.0, rtol=1e-12)
+  prime = sngd_jax.to_reconstructed(params, roots)
+  np.testing.assert_allclose(
+      prime["Embed_0"]["embedding"],
+      np.sqrt(damped["Embed_0"])[:, None] * params["Embed_0"]["embedding"], rtol=1e-12)
+
+  def reconstructed(p, t, y):
+    h = p["Embed_0"]["embedding"][t] * roots["Embed_0"].inv_sqrt[t][:, None]
+    d = p["Dense_0"]
+    z = sngd_jax.reconstructed_dense(jnp.tanh(h), d["kernel"], d["bias"],
+                                     roots["Dense_0"].inv_sqrt)
+    return jnp.mean((z - y) ** 2)
+
+  np.testing.assert_allclose(reconstructed(prime, tokens, y), loss(params, tokens, y),
+                             rtol=1e-12)
+  lr = 0.1
+  g_prime = jax.grad(reconstructed)(prime, tokens, y)
+  back = sngd_jax.from_reconstructed(jax.tree.map(lambda p, g: p - lr * g, prime, g_prime),
+                                     roots)
+  delta_got = jax.tree.map(lambda a, b: a - b, back, params)
+  delta_ref = jax.tree.map(lambda u: -lr * u, updates)
+  assert leaves_rel(delta_got, delta_ref) < 1e-8

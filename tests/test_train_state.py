@@ -14,6 +14,9 @@ import sngd_jax
 TXS = {
     "sngd_momentum": lambda: sngd_jax.sngd_momentum(0.05, factor_every=2, inverse_every=2),
     "chain_sngd_adam": lambda: optax.chain(sngd_jax.sngd(inverse_every=2), optax.adam(1e-2)),
+    # a MultiSteps object is not a GradientTransformation: apply_gradients unwraps it
+    "multisteps": lambda: sngd_jax.MultiSteps(
+        sngd_jax.sngd_momentum(0.05, factor_every=2, inverse_every=2), every_k_schedule=2),
 }
 
 

@@ -9,6 +9,7 @@ import jax
 import optax
 
 from sngd_jax._src import layers as layers_lib
+from sngd_jax._src import paths
 from sngd_jax._src.config import DEFAULTS, AxisName
 from sngd_jax._src.inverse.base import InverseMethod
 from sngd_jax._src.transform import sngd
@@ -27,8 +28,20 @@ _SNGD_ARGS = tuple(inspect.signature(sngd).parameters)
 
 
 def _kernel_mask(params: Any) -> Any:
-  """True for weight matrices (ndim >= 2), False for biases and scales."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """True for weight matrices (ndim >= 2), False for biases and scales.
+
+  Raises:
+    TypeError: naming the path of a leaf that is not an array (an Equinox model
+      passed to ``init`` without ``eqx.filter(model, eqx.is_array)``).
+  """
+  def is_kernel(key_path, p):
+    if not hasattr(p, "ndim"):
+      raise TypeError(
+          f"sngd: the params hold a {type(p).__name__} at "
+          f"{paths.join(paths.leaf_parts(key_path))!r}, not an array: pass only the arrays "
+          "to `init` and `update` (an Equinox model: `eqx.filter(model, eqx.is_array)`)")
+    return p.ndim >= 2
+  return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
 def sngd_momentum(

@@ -31,6 +31,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import textwrap
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import jax
@@ -49,6 +51,8 @@ from sngd_jax._src.transform import _method_of, sngd
 
 PASS_THROUGH = "pass-through"
 MISSING = "MISSING"
+DESCRIPTION_WIDTH = 64
+"""Longer descriptions of a parameter's local Fisher wrap onto lines of their own."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +112,12 @@ class CoverageReport:
     rows = [(p.path, "x".join(map(str, p.shape)) or "()", p.fisher, p.inverse,
              f"{p.factor_bytes:,}" if p.factor_bytes else "") for p in self.params]
     rows.append(("total", "", "", "", f"{self.total_factor_bytes:,}"))
+    # a long description (a MISSING reason with its fix) continues on lines of its own
+    wrapped = []
+    for r in rows:
+      first, *more = textwrap.wrap(r[2], DESCRIPTION_WIDTH, break_on_hyphens=False) or [""]
+      wrapped += [(r[0], r[1], first, r[3], r[4])] + [("", "", m, "", "") for m in more]
+    rows = wrapped
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(5)]
     fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
     lines = [fmt(head), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows]
@@ -157,13 +167,21 @@ def _mismatch(spec: layers_lib.LayerSpec, calls) -> Optional[str]:
     out_dim = spec.out_dim // n_layers if spec.structure == "per_channel" else spec.out_dim
     want_in = out_dim if spec.structure == "per_channel" else spec.in_dim
     if x.shape[-1] != want_in or (z is not None and z.shape[-1] != out_dim):
-      hint = ""
-      if call.kind == "dense":
-        hint = (f"; pass fisher={{{spec.path!r}: ('linear', "
-                f"{len(call.config[0]) if call.config else 1})}}")
+      hint = factors_lib.input_axes_hint(spec, call)
       return (f"calls give {x.shape[-1]} input / {'?' if z is None else z.shape[-1]} output "
               f"features, params {spec.in_dim} / {spec.out_dim}{hint}")
   return None
+
+
+def _without(fisher: layers_lib.FisherSpec, excluded: set[str]) -> layers_lib.FisherSpec:
+  """``fisher`` with the layers at ``excluded`` given None (left unpreconditioned)."""
+  if not excluded:
+    return fisher
+  if isinstance(fisher, str):
+    return lambda path: None if path in excluded else fisher
+  if isinstance(fisher, Mapping):
+    return {**fisher, **{path: None for path in excluded}}
+  return lambda path: None if path in excluded else fisher(path)
 
 
 def _nbytes(tree: Any) -> int:
@@ -189,8 +207,13 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
   one with several output axes (bias-free attention projections) the report
   says ``MISSING`` and gives the ``fisher={path: (kind, n_input_axes)}`` fix.
   """
+  unmodelled: dict[str, layers_lib.UnmodelledLayer] = {}
+  all_layers = layers_lib.discover(params, "linear", stacked, errors=unmodelled)
+  # not modelled, and not left out by the user (fisher=None: a pass-through like any other)
+  missing = {p: e for p, e in unmodelled.items()
+             if layers_lib.resolve_fisher(fisher, p) is not None}
+  fisher = _without(fisher, set(missing))
   specs = layers_lib.discover(params, fisher, stacked)
-  all_layers = layers_lib.discover(params, "linear", stacked)
   state = jax.eval_shape(sngd(fisher=fisher, inverse=inverse, stacked=stacked).init, params)
   method = _method_of(state.config)
   owner: dict[tuple[str, ...], str] = {}
@@ -198,6 +221,8 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
     owner[spec.kernel] = spec.path
     if spec.bias is not None:
       owner[spec.bias] = spec.path
+  for path, error in unmodelled.items():
+    owner.update({leaf: path for leaf in error.leaves})
   out = []
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     parts = paths.leaf_parts(key_path)
@@ -205,6 +230,9 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
     size, how = 0, ""
     if layer is None:
       desc = PASS_THROUGH
+    elif layer in missing:
+      desc = (f"{MISSING}: {missing[layer].reason}; if its kernel is not inputs then outputs, "
+              f"pass fisher={{{layer!r}: None}}")
     elif layer not in specs:
       desc = f"{PASS_THROUGH} (fisher=None)"
     elif not activations.get(layer):

@@ -89,8 +89,27 @@ from sngd_jax._src.layer_spec import (
 )
 
 
+class UnmodelledLayer(ValueError):
+  """A ``kernel`` (and ``bias``) whose shapes fit no layer sngd models, e.g. the
+  ``k x out x in`` kernel of ``ConvTranspose(transpose_kernel=True)``.
+
+  Attributes:
+    path: the layer path.
+    leaves: the path parts of its kernel and bias leaves.
+    reason: what does not fit, without the fix.
+  """
+
+  def __init__(self, path: str, leaves: tuple[tuple[str, ...], ...], reason: str):
+    super().__init__(
+        f"sngd: layer {path!r}: {reason}. If its kernel is not laid out inputs first, then "
+        f"outputs (as `ConvTranspose(transpose_kernel=True)`), leave it to the next "
+        f"transform with `fisher={{{path!r}: None}}`")
+    self.path, self.leaves, self.reason = path, leaves, reason
+
+
 def discover(params: Any, fisher: FisherSpec = "linear",
-             stacked: StackSpec = None) -> dict[str, LayerSpec]:
+             stacked: StackSpec = None,
+             errors: Optional[dict[str, UnmodelledLayer]] = None) -> dict[str, LayerSpec]:
   """Finds the layers of a params tree.
 
   A layer is a ``kernel`` (ndim >= 2, optional ``bias``), an ``embedding``
@@ -103,6 +122,9 @@ def discover(params: Any, fisher: FisherSpec = "linear",
     fisher: see ``resolve_fisher``.
     stacked: layer path prefix -> number of leading stack axes of the kernels
       under it, for stacked layers the params do not show (no bias).
+    errors: if given, layers whose shapes fit no modelled layer are collected
+      here by path (``UnmodelledLayer``) and left out, instead of raised
+      (``sngd_jax.coverage`` reports them).
 
   Returns:
     Layer specs keyed by layer path, in tree order; an embedding table with
@@ -121,7 +143,13 @@ def discover(params: Any, fisher: FisherSpec = "linear",
     groups.setdefault(parts[:-1], {})[parts[-1]] = leaf
   specs = {}
   for parent, leaves in groups.items():
-    found = _layer_of(parent, leaves, fisher, stacked)
+    try:
+      found = _layer_of(parent, leaves, fisher, stacked)
+    except UnmodelledLayer as e:
+      if errors is None:
+        raise
+      errors[e.path] = e
+      continue
     for spec in found if isinstance(found, list) else [found]:
       if spec is not None:
         specs[spec.path] = spec
@@ -188,8 +216,9 @@ def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any], fisher: FisherSpe
         or (bias is not None and (shape[len(shape) - out_ndim:] != bias_shape
                                   or tuple(bias.shape[:n_stack]) != tuple(
                                       kernel.shape[:n_stack])))):
-      raise ValueError(
-          f"sngd: layer {path!r}: bias shape {getattr(bias, 'shape', None)} does not match "
+      raise UnmodelledLayer(
+          path, (parent + ("kernel",),) + ((parent + ("bias",),) if bias is not None else ()),
+          f"bias shape {getattr(bias, 'shape', None)} does not match "
           f"the trailing axes of kernel shape {kernel.shape}"
           + (f" after its {in_axes} input axes" if in_axes is not None else "")
           + (f" and {n_stack} stack axes" if n_stack else ""))

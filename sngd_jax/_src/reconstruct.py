@@ -90,7 +90,10 @@ def damped_factors(state: Any, damping=None, abs_damping=None, nystrom_seed: int
     nystrom_tail: its tail rule (default ``"mean"``).
 
   Returns:
-    Per layer path, ``(d, d)`` (linear) or ``(O, d, d)`` (rfim) damped blocks.
+    Per layer path, ``(d, d)`` (linear) or ``(O, d, d)`` (rfim) damped blocks, ``(C, 2, 2)``
+    (or ``(C, 1, 1)``) for a normalization layer's channels; an embedding table's diagonal
+    factor ``diag(f)`` as its damped diagonal ``f + rho``, a ``(V,)`` vector. The bias row
+    (column) of an augmented input is the last.
   """
   damping = _configured(state, "damping", damping)
   abs_damping = _configured(state, "abs_damping", abs_damping)
@@ -99,6 +102,8 @@ def damped_factors(state: Any, damping=None, abs_damping=None, nystrom_seed: int
     g = statistics.normalized(f, state.weights[path])
     if sketch_lib.is_sketch(g):
       out[path] = _sketched_model(g, damping, abs_damping, nystrom_seed, nystrom_tail)
+    elif g.ndim == 1:  # an embedding's diagonal factor: its damped diagonal
+      out[path] = g + (damping * jnp.sum(g) + abs_damping)
     else:
       out[path] = base.damp(g, damping, abs_damping)
   return out
@@ -116,11 +121,16 @@ def factor_roots(state: Any, damping=None, abs_damping=None, method: str = "eigh
     **kwargs: passed to the root method (e.g. ``num_iters``).
 
   Returns:
-    Per layer path, ``sngd_jax.inverse.Roots`` with the factor's shape.
+    Per layer path, ``sngd_jax.inverse.Roots`` with the factor's shape (an embedding's:
+    the elementwise roots of its damped diagonal, ``(V,)`` vectors).
   """
   out: dict[str, Roots] = {}
   previous = None
   for path, g in damped_factors(state, damping, abs_damping).items():
+    if g.ndim == 1:  # a diagonal: elementwise, exact
+      root = jnp.sqrt(g)
+      out[path] = Roots(root, 1.0 / root, jnp.zeros((), g.dtype))
+      continue
     if previous is not None:  # one layer after another under jit, as refresh_inverses does
       g, _ = jax.lax.optimization_barrier((g, previous))
     out[path] = previous = sqrt_and_inv_sqrt(g, method, **kwargs)
@@ -151,7 +161,10 @@ def _map_layers(params: Any, roots: dict[str, Roots],
 
 
 def _left_multiply(m: jax.Array, w: jax.Array) -> jax.Array:
-  """``M W`` (linear, ``M`` of shape ``(d, d)``) or ``M_j w_j`` per column (``(O, d, d)``)."""
+  """``M W`` (linear, ``M`` of shape ``(d, d)``), ``M_j w_j`` per column (``(O, d, d)``),
+  or ``diag(m) W`` (a diagonal factor, ``(V,)``)."""
+  if m.ndim == 1:
+    return m[:, None] * w
   if m.ndim == 3:
     return jnp.einsum("jab,bj->aj", m, w, precision=_HIGHEST)
   return jnp.matmul(m, w, precision=_HIGHEST)

@@ -130,6 +130,16 @@ STRUCTURE_KINDS = {"dense": ("dense", "conv", "conv_transpose"), "per_channel": 
                     "diagonal": ("embed",)}
 
 
+def input_axes_hint(spec, call) -> str:
+  """The fix for a dense call whose inputs are not the kernel's inputs as the params tell
+  them (a bias-free kernel with several output axes), else ``""``."""
+  if call.kind != "dense":
+    return ""
+  n = len(call.config[0]) if call.config else 1
+  return (f"; if the kernel's first {n} axes are its inputs (a bias-free projection to "
+          f"several output axes), pass fisher={{{spec.path!r}: ('linear', {n})}}")
+
+
 def stat_dtype(*arrays: jax.Array) -> jnp.dtype:
   """float32, or float64 where an input already is (x64 mode)."""
   return jnp.result_type(jnp.float32, *[a.dtype for a in arrays])
@@ -160,7 +170,8 @@ def layer_rows(spec: LayerSpec,
           f"sngd: layer {spec.path!r}: captured activations have {x.shape[-1]} input and "
           f"{'?' if z is None else z.shape[-1]} output features per row (inputs "
           f"{call.inputs.shape}, outputs {getattr(call.outputs, 'shape', None)}), but its "
-          f"kernel expects {spec.in_dim} inputs and {spec.out_dim} outputs")
+          f"kernel expects {spec.in_dim} inputs and {spec.out_dim} outputs"
+          + input_axes_hint(spec, call))
     xs.append(x)
     zs.append(z)
   dtype = stat_dtype(*xs)

@@ -63,7 +63,10 @@ class TrainState(train_state.TrainState):
     grads_with_opt = grads["params"] if owg else grads
     params_with_opt = self.params["params"] if owg else self.params
     extra = {} if activations is None else {"activations": activations}
-    updates, new_opt_state = optax.with_extra_args_support(self.tx).update(
+    tx = self.tx
+    if isinstance(tx, optax.MultiSteps):  # sngd_jax.MultiSteps too: not a transform itself
+      tx = tx.gradient_transformation()
+    updates, new_opt_state = optax.with_extra_args_support(tx).update(
         grads_with_opt, self.opt_state, params_with_opt, **extra)
     new_params_with_opt = optax.apply_updates(params_with_opt, updates)
     if owg:

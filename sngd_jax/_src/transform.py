@@ -207,6 +207,12 @@ def _check_inputs(config: SNGDConfig, method: InverseMethod, updates: Any, state
                   activations: Optional[Activations],
                   estimates: Optional[dict[str, Any]] = None) -> _Inputs:
   """Stage 1: finds the layers and raises errors naming the layer for what does not fit."""
+  if not isinstance(state, SNGDState):
+    raise TypeError(
+        f"sngd: the optimizer state is a {type(state).__name__}, not the `SNGDState` that "
+        "`init` makes. A checkpoint restored without a target comes back as plain dicts and "
+        "lists: restore it into `tx.init(params)` (e.g. orbax `restore(path, target)`, "
+        "`flax.serialization.from_state_dict(tx.init(params), restored)`)")
   specs = layers_lib.discover(updates, config.fisher, config.stacked)
   if estimates is not None:
     if activations is not None:

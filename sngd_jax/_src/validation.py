@@ -103,6 +103,13 @@ def check_activations(specs: Mapping[str, layers_lib.LayerSpec], activations: Ma
               f"{x.shape}; activations must be floating point")
 
 
+_NOTHING_CAPTURED = (
+    ". No layer at all was captured: is the capture function the one for this kind of "
+    "model? `sngd_jax.capture` for a linen module's `apply`, `sngd_jax.capture_nnx` for an "
+    "NNX module, `sngd_jax.capture_eqx` for an Equinox model, each wrapping the function "
+    "that calls the model")
+
+
 def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Mapping[str, Any],
                     activations: Optional[Mapping]) -> None:
   """Raises clear errors for a state, params or activations that do not fit.
@@ -113,6 +120,11 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
   with a ``wrt`` filter, an ``eqx.partition``), and ``update`` ignores them;
   ``sngd_jax.coverage`` lists them.
   """
+  if activations is not None and not isinstance(activations, Mapping):
+    raise TypeError(
+        f"sngd: `activations=` must be the dict that `sngd_jax.capture` returns (layer path "
+        f"-> captured calls), got a {type(activations).__name__}. With `has_aux=True` the "
+        "wrapped loss returns `(loss, (aux, acts))`: pass `acts`, not the aux or the pair")
   if set(specs) != set(state_factors):
     missing = sorted(set(state_factors) - set(specs))
     extra = sorted(set(specs) - set(state_factors))
@@ -122,9 +134,12 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
         f"the state: {extra}). Was the state made by `init` on the same params?")
   if activations is None:
     raise ValueError(
-        "sngd: `update` needs `activations=`: wrap the loss with `sngd_jax.capture` (linen) "
-        "or `sngd_jax.capture_nnx` (NNX) and pass what it returns, e.g. "
-        "`tx.update(grads, state, params, activations=acts)`. Under a wrapper that calls "
+        "sngd: `update` needs `activations=`: wrap the loss with `sngd_jax.capture` (linen), "
+        "`sngd_jax.capture_nnx` (NNX) or `sngd_jax.capture_eqx` (Equinox) and pass what it "
+        "returns, e.g. "
+        "`tx.update(grads, state, params, activations=acts)`. Flax's "
+        "`TrainState.apply_gradients` does not pass them on: use `sngd_jax.TrainState`. "
+        "Under a wrapper that calls "
         "its inner transform without keyword arguments (`optax.lookahead`, "
         "`optax.contrib.sam`), build the wrapper in the step around "
         "`sngd_jax.with_activations(tx, acts)`.")
@@ -135,7 +150,8 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
           f"sngd: no activations were captured for layer {path!r} (params "
           f"{paths.join(spec.kernel)!r}). Is it a layer type that `capture` records, called "
           f"inside the captured function? To leave it unpreconditioned pass "
-          f"`fisher={{{path!r}: None}}`. Captured layers: {sorted(activations)}")
+          f"`fisher={{{path!r}: None}}`. Captured layers: {sorted(activations)}"
+          + ("" if activations else _NOTHING_CAPTURED))
 
 
 def check_statistics(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Mapping[str, Any],

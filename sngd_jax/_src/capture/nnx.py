@@ -19,6 +19,7 @@ cell's own graph.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Callable
 
 from flax import nnx
@@ -69,6 +70,7 @@ class _NNXRecorder(Recorder):
     super().__init__(top, outputs)
     self.owner_paths = owner_paths
     self.local_paths: list[dict[int, str]] = []
+    self.unnamed: dict[str, None] = {}  # layer calls that could not be named (ordered set)
 
   def path_of(self, module: Any):
     for local in reversed(self.local_paths):
@@ -78,11 +80,28 @@ class _NNXRecorder(Recorder):
 
   def locate(self, module: Any) -> tuple[Any, tuple[str, ...]]:
     """``(path or None, roles)`` of a layer call about to be recorded."""
-    roles, parts = self.trace(_weight(module))
+    weight = _weight(module)
+    roles, parts = self.trace(weight)
     path = self.path_of(module)
     if path is None and parts is not None:
       path = paths.join(parts[:-1])
+    if path is None:
+      self.unnamed[f"{type(module).__name__} (weight {getattr(weight, 'shape', None)})"] = None
     return path, roles
+
+  def freeze(self):
+    """The activations; warns about layer calls that could not be named (not captured)."""
+    if self.unnamed:
+      warnings.warn(
+          f"sngd: capture_nnx could not name {len(self.unnamed)} layer call(s) "
+          f"({', '.join(self.unnamed)}): their module is a copy whose weight is not one of "
+          "the model's, as inside a transform made before capture started (`nnx.remat` or "
+          "`nnx.vmap` applied as a decorator at class definition, an `nnx.jit` inside the "
+          "captured function) or a layer made inside the loss. They are not captured, and "
+          "`update` reports their layers as not captured. Apply such transforms inside the "
+          "captured function (docs/layer-coverage.md, *Not captured*), or pass "
+          "`fisher={path: None}` for those layers.", stacklevel=3)
+    return super().freeze()
 
 
 def _layer_call(rec: _NNXRecorder, recorder: tables.LayerRecorder):
