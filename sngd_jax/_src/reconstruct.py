@@ -73,8 +73,8 @@ def damped_factors(state: Any, damping=None, abs_damping=None, nystrom_seed: int
                    nystrom_tail: str = "mean") -> dict[str, jax.Array]:
   """``G + (damping * tr(G) + abs_damping) I`` per layer, from the state's factors.
 
-  A layer whose state keeps only the sketch ``(G Omega, tr G)`` (the rank-``r``
-  Nystrom layers of ``inverse="auto"``, ``sngd_jax._src.sketch``) gets the dense
+  A layer whose state keeps only the sketch ``(S Omega, tr S, c)`` of ``G = S + c I``
+  (the rank-``r`` Nystrom layers of ``inverse="auto"``, ``sngd_jax._src.sketch``) gets the dense
   Nystrom model ``M + rho I`` that the transform's refresh builds from that
   sketch, ``M = U diag(lam) U^T + tau (I - U U^T)``: the matrix whose inverse
   it preconditions with, so the reconstructed network stays exact for it.

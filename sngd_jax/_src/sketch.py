@@ -1,4 +1,4 @@
-"""Large layers' statistics kept as a Nystrom sketch ``(G Omega, tr G)``.
+"""Large layers' statistics kept as a Nystrom sketch ``(S Omega, tr S, c)`` of ``G = S + c I``.
 
 A rank-``r`` Nystrom model (``sngd_jax.inverse.nystrom``) reads the local Fisher
 ``G`` (``d x d``) only through ``Y = G Omega`` with a fixed ``d x r`` test
@@ -9,13 +9,13 @@ approximation of a positive-semidefinite matrix from streaming data", NeurIPS
 2017):
 
 ```
-Y_t = decay * (Y_{t-1} + (1 - w_{t-1}) P(G^) Omega) + (1 - decay) G^ Omega,
+Y_t = decay * Y_{t-1} + (1 - decay) G^ Omega,      c_t = decay * (c_{t-1} + (1 - w_{t-1}) p),
 G^ Omega = (1/n) X~^T (X~ Omega),      tr(G^) = (1/n) sum_ij X~_ij^2,
 ```
 
-the same numbers, up to rounding, as sketching the dense average
-``G_t Omega`` at refresh time, for ``O(d r)`` memory instead of ``O(d^2)`` and
-a batch estimate of ``4 n d r`` FLOPs instead of ``2 n d^2`` (the
+(``p I``: the prior ``P(G^)``; see below), the same numbers, up to rounding, as sketching
+the dense average ``G_t Omega = Y_t + c_t Omega`` at refresh time, for ``O(d r)``
+memory instead of ``O(d^2)`` and a batch estimate of ``4 n d r`` FLOPs instead of ``2 n d^2`` (the
 ``785``-wide input layer of an MNIST MLP at ``r = 128``: 3x fewer). The
 refresh no longer multiplies ``G Omega`` (``2 d^2 r``). What is lost is the
 dense ``G`` itself: a sketched layer's reconstructed network

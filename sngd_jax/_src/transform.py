@@ -100,7 +100,7 @@ def _sketch_omegas(specs: dict[str, layers_lib.LayerSpec], leaves, index,
   """The test matrix ``Omega`` of every layer whose factor is kept as a sketch.
 
   Those are the single-block (``fisher="linear"``) layers for whose size the
-  inverse method reads ``G`` only through ``(G Omega, tr G)`` (the Nystrom
+  inverse method reads ``G = S + c I`` only through ``(S Omega, tr S, c)`` (the Nystrom
   model of ``inverse="auto"`` above ``max_dim``; see ``sngd_jax._src.sketch``).
   """
   if method.sketch is None:
@@ -570,7 +570,7 @@ def sngd(
       Cholesky for layers of up to 512 inputs (``d <= 513`` with the bias row) and a
       rank-128 Nystrom model above, whose
       ``O(d r)`` product replaces the ``O(d^2)`` one; those layers keep the
-      sketch ``(G Omega, tr G)`` in the state instead of ``G`` (``O(d r)``
+      sketch ``(S Omega, tr S, c)`` of ``G = S + c I`` in the state instead of ``G`` (``O(d r)``
       memory, ``4 n d r`` statistics).
     damping: relative damping, adds ``damping * tr(G) * I``; a schedule of the
       step count is accepted.

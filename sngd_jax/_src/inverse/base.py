@@ -67,10 +67,10 @@ class InverseMethod(NamedTuple):
       ``(G + rho I)^{-1} g`` (or the method's approximation of it).
     sketch: optional; ``sketch(d, dtype)`` -> a ``d x r`` test matrix
       ``Omega`` for blocks of size ``d`` whose statistics the method reads only
-      through ``(G Omega, tr G)``, or None. For such blocks the transform keeps
-      the running factor as a ``sngd_jax.Sketch`` and ``refresh``
-      receives a stacked ``Sketch`` (``y`` of shape ``(b, d, r)``, ``trace``
-      of shape ``(b,)``) instead of ``G``.
+      through ``(S Omega, tr S, c)`` for ``G = S + c I``, or None. For such blocks the
+      transform keeps the running factor as a ``sngd_jax.Sketch`` and ``refresh``
+      receives a stacked ``Sketch`` (``y = S Omega`` of shape ``(b, d, r)``, ``trace``
+      and ``eye`` of shape ``(b,)``) instead of ``G``.
     info: optional; ``info(d)`` -> ``MethodInfo`` for blocks of size ``d``.
     batch_safe: optional; ``batch_safe(d)`` -> True where ``refresh`` of blocks
       of size ``d`` calls no library kernel that splits a batch over XLA:CPU's
