@@ -36,14 +36,24 @@ def test_linear_layer_costs_match_the_formulas():
       2 * 128 * d * d / 2 + (d ** 3 / 3 + 3 * d ** 3) / 100 + 2 * d * d * 256)
 
 
+def test_rows_per_layer():
+  """A mapping gives each layer its own rows (a conv layer's are batch x positions); a layer
+  missing from it has unknown statistics flops."""
+  costs = sngd_jax.cost_estimate(_params(), batch_rows={"Dense_1": 64, "Dense_2": 32},
+                                 inverse="cholesky")
+  assert costs["Dense_0"].factor_flops is None and costs["Dense_0"].flops_per_step is None
+  assert costs["Dense_1"].factor_flops == 2 * 64 * 257 * 257
+  assert costs["Dense_2"].factor_flops == 2 * 32 * 257 * 257
+
+
 def test_default_rule_is_nystrom_above_512():
   """The default ``inverse="auto"``: rank-128 Nystrom for the 785-wide layer, dense below."""
   costs = sngd_jax.cost_estimate(_params(), batch_rows=128)
   d, r = 785, 128
   c = costs["Dense_0"]
   assert c.inverse_bytes == (d * r + r + 2) * 4  # U, lam, tau, rho
-  # The factor is kept as its sketch (G Omega, tr G): no d x d matrix, no G Omega at refresh.
-  assert c.factor_bytes == c.allreduce_bytes == (d * r + 1) * 4
+  # The factor is kept as its sketch (S Omega, tr S, c): no d x d matrix, no G Omega at refresh.
+  assert c.factor_bytes == c.allreduce_bytes == (d * r + 2) * 4
   assert c.factor_flops == 4 * 128 * d * r + 2 * 128 * d
   assert c.refresh_flops == pytest.approx(7 * d * r * r + 10 * r ** 3)
   assert c.apply_flops == 4 * d * r * 256 + 2 * d * 256

@@ -75,4 +75,4 @@ def test_readme_mlp_trajectory_is_pinned(current):
 
 def test_old_checkpoint_restores_and_continues(current):
   _check(_part(current, "resumed"),
-         np.load(os.path.join(fx.HERE, "checkpoint_v0_expected.npz")))
+         np.load(os.path.join(fx.HERE, "checkpoint_v1_expected.npz")))

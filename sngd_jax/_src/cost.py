@@ -25,6 +25,7 @@ Amortized per step: ``factor / factor_every + refresh / inverse_every + apply``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -91,7 +92,7 @@ def nbytes(tree: Any) -> int:
   return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
-def cost_estimate(params: Any, batch_rows: Optional[int] = None,
+def cost_estimate(params: Any, batch_rows: Optional[int | Mapping[str, int]] = None,
                   **sngd_kwargs: Any) -> dict[str, LayerCost]:
   """Per-layer state, communication and flops of ``sngd_jax.sngd`` on ``params``.
 
@@ -103,8 +104,10 @@ def cost_estimate(params: Any, batch_rows: Optional[int] = None,
   Args:
     params: the params pytree (arrays or ``ShapeDtypeStruct``).
     batch_rows: rows ``n`` of the local Fisher per global batch (the batch
-      size for a dense layer on vectors; batch x positions for sequences).
-      None leaves ``factor_flops`` unknown.
+      size for a dense layer on vectors; batch x positions for sequences and
+      for a conv layer's patches), or a mapping from layer path to its rows
+      where the layers see different counts (a conv net). None, or a layer
+      missing from the mapping, leaves ``factor_flops`` unknown.
     **sngd_kwargs: the arguments given to ``sngd_jax.sngd`` (``fisher``,
       ``inverse``, ``inverse_every``, ``factor_every``, ...).
 
@@ -124,21 +127,22 @@ def cost_estimate(params: Any, batch_rows: Optional[int] = None,
   costs = {}
   for path, spec in specs.items():
     d, b = spec.dim, spec.num_blocks
+    rows = batch_rows.get(path) if isinstance(batch_rows, Mapping) else batch_rows
     factor = state.factors[path]
     factor_bytes = nbytes(factor)
     inverse_bytes = nbytes(state.inverses[path])
     if spec.structure == "diagonal":  # embeddings: token counts, an elementwise inverse
       info = MethodInfo("diagonal", 2.0 * d, 1.0)
-      factor_flops = None if batch_rows is None else float(batch_rows)
+      factor_flops = None if rows is None else float(rows)
       block_flops = info.refresh_flops
     elif sketch_lib.is_sketch(factor):  # a rank-r Nystrom layer whose state is G Omega
       info = describe(method, d)
       rank = factor.y.shape[-1]
-      factor_flops = None if batch_rows is None else sketch_factor_flops(batch_rows, d, rank)
+      factor_flops = None if rows is None else sketch_factor_flops(rows, d, rank)
       block_flops = nystrom_lib.refresh_flops(d, rank, from_sketch=True)
     else:
       info = describe(method, d)
-      factor_flops = None if batch_rows is None else 2.0 * batch_rows * b * d * d
+      factor_flops = None if rows is None else 2.0 * rows * b * d * d
       block_flops = info.refresh_flops
     refresh_flops = None if block_flops is None else b * block_flops
     apply_flops = None if info.apply_flops is None else info.apply_flops * spec.out_dim
