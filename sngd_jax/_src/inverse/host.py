@@ -291,7 +291,7 @@ def refresh_all(the_plan: Plan, factors, weights, old_inverses, damping, abs_dam
         stacked = sketch_lib.Sketch._make(
             tuple(np.stack(leaves) for leaves in zip(*blocks, strict=True)))
         sizes = [1] * len(paths)
-        trace = stacked.trace + d * stacked.eye  # tr(S + c I)
+        trace = sketch_lib.full_trace(stacked)  # tr(S + c I)
       else:
         blocks = [_normalized(factors[p], weights[p]).reshape((-1, d, d)) for p in paths]
         sizes = [b.shape[0] for b in blocks]
