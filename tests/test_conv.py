@@ -131,11 +131,69 @@ def test_rfim_per_channel_blocks_for_grouped_conv(monkeypatch, chunked):
   for j in range(4):
     xr = np.concatenate([rows[:, j // per_group], np.ones((rows.shape[0], 1))], axis=1)
     w = ref.sigmoid(z[:, j]) ** 2
-    # averaged over all n * positions * groups rows; other groups' rows weigh 0
-    gj = (xr * w[:, None]).T @ xr / (rows.shape[0] * groups)
+    # averaged over its own group's n * positions rows (other groups' rows weigh 0)
+    gj = (xr * w[:, None]).T @ xr / rows.shape[0]
     pre = ref.damped_solve(gj, g[:, j])
     np.testing.assert_allclose(updates["kernel"].reshape(-1, 4)[:, j], pre[:-1], rtol=1e-8)
     np.testing.assert_allclose(updates["bias"][j], pre[-1], rtol=1e-8)
+
+
+@pytest.mark.parametrize("fisher", ["rfim", "linear"])
+def test_depthwise_conv_equals_its_channels_as_separate_convs(fisher):
+  """A depthwise conv's update equals that of the same channels as 1-channel convs.
+
+  rfim: channel j's block averages its own group's rows, as the channel's own conv does
+  (it was 1/groups of that, so the step was groups times as large). linear: one factor
+  shared by the groups, the average of the separate convs' factors.
+  """
+  c = 3
+  x = jax.random.normal(jax.random.key(5), (2, 6, 6, c), jnp.float64)
+  depthwise = nn.Conv(c, (3, 3), feature_group_count=c, param_dtype=jnp.float64)
+  params = depthwise.init(jax.random.key(0), x)["params"]
+  single = nn.Conv(1, (3, 3), param_dtype=jnp.float64)
+
+  class Separate(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return jnp.concatenate(
+          [nn.Conv(1, (3, 3), param_dtype=jnp.float64, name=f"c{j}")(x[..., j:j + 1])
+           for j in range(c)], -1)
+
+  sep_params = {f"c{j}": {"kernel": params["kernel"][..., j:j + 1],
+                          "bias": params["bias"][j:j + 1]} for j in range(c)}
+  np.testing.assert_allclose(Separate().apply({"params": sep_params}, x),
+                             depthwise.apply({"params": params}, x), rtol=1e-12)
+
+  def step(model, p):
+    loss = lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, x)))
+    (_, acts), grads = jax.value_and_grad(
+        sngd_jax.capture(loss, outputs=fisher == "rfim"), has_aux=True)(p)
+    tx = sngd_jax.sngd(fisher=fisher, **ref.one_step_kwargs())
+    return tx.update(grads, tx.init(p), p, activations=acts)[0]
+
+  got = step(depthwise, params)
+  separate = step(Separate(), sep_params)
+  if fisher == "rfim":
+    for j in range(c):
+      np.testing.assert_allclose(got["kernel"][..., j], separate[f"c{j}"]["kernel"][..., 0],
+                                 rtol=1e-8)
+      np.testing.assert_allclose(got["bias"][j], separate[f"c{j}"]["bias"][0], rtol=1e-8)
+  else:
+    # One shared factor: the mean of the channels' own factors, so not the separate
+    # updates; check the shared factor's definition against float64 numpy instead.
+    rows = np.stack([np.asarray(conv_lib.patches(x[..., j:j + 1], conv_lib.conv_config(single)))
+                     for j in range(c)], 1).reshape(-1, 9)
+    xr = np.concatenate([rows, np.ones((rows.shape[0], 1))], 1)
+    gram = xr.T @ xr / xr.shape[0]
+    g = np.concatenate([np.asarray(grads_of(depthwise, params, x)["kernel"]).reshape(9, c),
+                        np.asarray(grads_of(depthwise, params, x)["bias"])[None]], 0)
+    pre = ref.damped_solve(gram, g)
+    np.testing.assert_allclose(np.asarray(got["kernel"]).reshape(9, c), pre[:-1], rtol=1e-8)
+    np.testing.assert_allclose(got["bias"], pre[-1], rtol=1e-8)
+
+
+def grads_of(model, params, x):
+  return jax.grad(lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, x))))(params)
 
 
 # --- transposed convolutions ----------------------------------------------------

@@ -176,9 +176,9 @@ def conv_output_rows(z: jax.Array, config: ConvConfig) -> jax.Array:
 
   Row ``(i, group j)`` of the patches feeds only output channels of group
   ``j``; the other channels get ``-inf`` there, so their rfim weight
-  ``sigmoid(z)^2`` is 0 (each channel's rfim block is then an average over
-  its own group's rows, scaled by ``1/groups``, which relative damping and the
-  scale-free prior do not see).
+  ``sigmoid(z)^2`` is 0; ``statistics.batch_factor`` divides each channel's
+  rfim block by the number of its own group's rows, so that it is the average
+  over them (as for the same channel in a conv of its group alone).
 
   Args:
     z: the conv output, ``(*batch, *spatial_out, C_out)``.

@@ -355,7 +355,19 @@ def batch_factor(spec: LayerSpec, calls: Sequence[Captured],
     return jnp.matmul(x.T, x, out_sharding=out_sharding)
 
   total, n = _sum_over_rows(spec, calls, gram, after)
+  if spec.fisher == "rfim":
+    # A grouped conv's rows are (example, position, group): channel j's block averages
+    # the rows of its own group only (the others weigh 0), 1/groups of them.
+    n //= _feature_groups(calls)
   return total / n
+
+
+def _feature_groups(calls: Sequence[Captured]) -> int:
+  """The feature groups of a layer's conv calls (1 for other kinds; equal for every call)."""
+  groups = {c.config[5] if c.kind == "conv" else 1 for c in calls}
+  if len(groups) != 1:
+    raise ValueError(f"sngd: one layer's calls have different feature groups {sorted(groups)}")
+  return groups.pop()
 
 
 # A conv layer's rows are its input patches: prod(kernel) entries per input
