@@ -184,3 +184,70 @@ def test_sngd_inside_needs_activations():
   grads = jax.grad(loss_fn)(params, x, y)
   with pytest.raises(ValueError, match="needs `activations=`"):
     ms.update(grads, ms.init(params), params)
+
+
+@pytest.mark.parametrize("wrap", ["chain", "apply_if_finite", "multi_transform"])
+def test_optax_wrappers_pass_activations_on(wrap):
+  """``MultiSteps`` is a ``GradientTransformationExtraArgs``, so optax's wrappers forward
+  ``activations=`` to it (they drop them for ``optax.MultiSteps``); the wrapped runs equal the
+  bare one exactly."""
+  params, x, y, loss_fn = _problem("dense")
+  bare = sngd_jax.MultiSteps(_inner("dense"), every_k_schedule=K)
+  ms = sngd_jax.MultiSteps(_inner("dense"), every_k_schedule=K)
+  assert isinstance(ms, optax.GradientTransformationExtraArgs)
+  assert isinstance(ms, optax.MultiSteps)
+  init, _ = ms  # the (init, update) pair of every optax transform
+  jax.tree.map(np.testing.assert_array_equal, init(params), ms.init(params))
+  if wrap == "chain":
+    tx = optax.chain(optax.clip_by_global_norm(1e9), ms)
+  elif wrap == "apply_if_finite":
+    tx = optax.apply_if_finite(ms, 3)
+  else:
+    tx = optax.multi_transform({"all": ms}, lambda p: jax.tree.map(lambda _: "all", p))
+  s1, s2 = bare.init(params), tx.init(params)
+  p1 = p2 = params
+  step1, step2 = _step(bare, loss_fn), _step(tx, loss_fn)
+  for i in range(3 * K):
+    batch = slice((i % K) * N, (i % K + 1) * N)
+    p1, s1, _ = step1(p1, s1, x[batch], y[batch])
+    p2, s2, _ = step2(p2, s2, x[batch], y[batch])
+  assert int(_sngd_state(s2).count) == 3
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), p1, p2)
+  assert not np.allclose(jax.tree.leaves(p2)[0], jax.tree.leaves(params)[0])
+
+
+def test_nnx_optimizer_with_wrapped_multisteps():
+  from flax import nnx  # noqa: PLC0415
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.a, self.b = nnx.Linear(6, 7, rngs=rngs), nnx.Linear(7, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.b(nnx.tanh(self.a(x)))
+
+  _, x, y, _ = _problem("dense")
+
+  def loss_fn(model, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+  def run(make_tx):
+    model = Net(nnx.Rngs(0))
+    opt = nnx.Optimizer(model, make_tx(), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, x, y):
+      (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(
+          model, x, y)
+      opt.update(model, grads, activations=acts)
+
+    for i in range(2 * K):
+      batch = slice((i % K) * N, (i % K + 1) * N)
+      step(model, opt, x[batch], y[batch])
+    return nnx.state(model, nnx.Param)
+
+  inner = lambda: sngd_jax.sngd_momentum(0.1, damping=1e-2, factor_every=2, inverse_every=2)
+  bare = run(lambda: sngd_jax.MultiSteps(inner(), every_k_schedule=K))
+  wrapped = run(lambda: optax.apply_if_finite(
+      sngd_jax.MultiSteps(inner(), every_k_schedule=K), 3))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), bare, wrapped)

@@ -79,7 +79,7 @@ def _sngd_state(inner_state: Any) -> tuple[Optional[transform.SNGDState], bool]:
   return found[0], any(_sngd_states(m.inner_state) for m in masks)
 
 
-class MultiSteps(optax.MultiSteps):
+class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
   """``optax.MultiSteps`` that accumulates the local Fisher statistics too.
 
   Same signature and semantics as ``optax.MultiSteps``: every call
@@ -104,7 +104,21 @@ class MultiSteps(optax.MultiSteps):
     opt_state = tx.init(params)
     updates, opt_state = tx.update(grads, opt_state, params, activations=acts)
     ```
+
+  It is also an ``optax.GradientTransformationExtraArgs`` (the pair ``(init, update)``),
+  so optax's wrappers (``optax.chain``, ``optax.apply_if_finite``,
+  ``optax.multi_transform``, ...) pass ``activations=`` on to it, as they do not for
+  ``optax.MultiSteps``; ``gradient_transformation()`` is not needed.
   """
+
+  def __new__(cls, *args: Any, **kwargs: Any) -> MultiSteps:
+    # The tuple's two entries call this object's methods. (optax's wrappers only pass
+    # extra arguments to a GradientTransformationExtraArgs; without them a wrapped
+    # MultiSteps saw no `activations=`.)
+    del args, kwargs
+    self = tuple.__new__(cls, (lambda params: self.init(params),
+                               lambda *a, **k: self.update(*a, **k)))
+    return self  # optax.MultiSteps.__init__ sets the rest
 
   def init(self, params: Any) -> MultiStepsState:
     """The ``optax.MultiSteps`` state plus zero statistics accumulators."""

@@ -64,7 +64,7 @@ class TrainState(train_state.TrainState):
     params_with_opt = self.params["params"] if owg else self.params
     extra = {} if activations is None else {"activations": activations}
     tx = self.tx
-    if isinstance(tx, optax.MultiSteps):  # sngd_jax.MultiSteps too: not a transform itself
+    if isinstance(tx, optax.MultiSteps):  # not a transform itself (sngd_jax.MultiSteps is one)
       tx = tx.gradient_transformation()
     updates, new_opt_state = optax.with_extra_args_support(tx).update(
         grads_with_opt, self.opt_state, params_with_opt, **extra)
