@@ -321,3 +321,72 @@ def test_nnx_layer_inside_a_decorator_transform_warns():
                                        r"\(Linear \(weight \(4, 4\)\)\).*nnx.remat"):
     _, acts = sngd_jax.capture_nnx(loss)(model, jnp.ones((3, 4)))
   assert sorted(acts) == ["out"]
+
+
+@pytest.mark.parametrize("fisher, stacked, pattern", [
+    ({"Dense_0/kernel": None}, None,
+     r"`fisher` key 'Dense_0/kernel' names no layer.*Did you mean 'Dense_0'"),
+    ({"Dense_9": "rfim"}, None, r"`fisher` key 'Dense_9' names no layer.*'head/Dense_1'"),
+    ({"head/Dense_1/bias": None}, None, r"Did you mean 'head/Dense_1'"),
+    (None, {"blocks": 1}, r"`stacked` key 'blocks' names no layer"),
+])
+def test_option_keys_that_name_no_layer_warn_at_init(fisher, stacked, pattern):
+  """A ``fisher`` / ``stacked`` key that names no layer had no effect and said nothing (a
+  parameter path instead of the layer path was the usual cause)."""
+  p = _params()
+  kwargs = {"fisher": fisher or "linear", "stacked": stacked}
+  with pytest.warns(UserWarning, match=pattern):
+    tx = sngd_jax.sngd(**kwargs)
+    tx.init(p)
+
+
+def test_option_keys_that_name_layers_do_not_warn():
+  import warnings  # noqa: PLC0415
+  p = _params()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    sngd_jax.sngd(fisher={"Dense_0": "rfim", "head/Dense_1": None},
+                  stacked={"head": 0}).init(p)
+
+
+def test_params_without_any_layer_but_activations_raise():
+  """``optax.flatten(sngd)`` made SNGD see one vector, no layer, and pass the gradient
+  through: plain SGD with no message."""
+  import optax  # noqa: PLC0415
+  p = _params()
+  tx = optax.flatten(sngd_jax.sngd())
+  with pytest.raises(ValueError, match=r"hold no layer.*optax.flatten"):
+    tx.update(p, tx.init(p), p, activations=_acts(p))
+
+
+def test_stack_as_long_as_the_input_axis_gives_the_fix():
+  """A scanned Dense with ``in_features == depth``: its bias ``(L, O)`` also fits the kernel's
+  trailing ``(I, O)``, so the params read as an unstacked DenseGeneral; the error names the
+  ``stacked=`` fix, which then works (the scanned layers' equality with the unrolled model:
+  tests/test_transforms.py)."""
+  import flax.linen as nn  # noqa: PLC0415
+
+  depth = 3
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      return jnp.tanh(nn.Dense(depth, name="d")(x)), None
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                     length=depth)(name="blocks")(x, None)[0]
+
+  model = Model()
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, depth)), jnp.float32)
+  p = model.init(jax.random.key(0), x)["params"]
+  loss = lambda p: jnp.mean(model.apply({"params": p}, x) ** 2)
+  (_, acts), g = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(p)
+  tx = sngd_jax.sngd()
+  with pytest.raises(ValueError, match=re.escape("pass `stacked={'blocks/d': 1}`")):
+    tx.update(g, tx.init(p), p, activations=acts)
+  tx = sngd_jax.sngd(stacked={"blocks/d": 1})
+  updates, _ = tx.update(g, tx.init(p), p, activations=acts)
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))

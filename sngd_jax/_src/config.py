@@ -50,7 +50,7 @@ def _check_number(name: str, value: Any, low: float, high: float = math.inf,
                        f"got {value}")
 
 
-def _caller_stacklevel() -> int:
+def caller_stacklevel() -> int:
   """``warnings.warn``'s ``stacklevel`` that names the first frame outside ``sngd_jax``.
 
   A configuration is checked in ``__post_init__``, under ``sngd()`` and under the aliases
@@ -147,7 +147,7 @@ class SNGDConfig:
           "sngd: fisher='tied' with max_norm=None: the lookup's 1 / frequency also scales the "
           "output layer's gradient on rows of rare tokens, and without the trust region the "
           "table diverged on the measured model (benchmarks/README.md, *Tied embeddings*); "
-          "keep max_norm", stacklevel=_caller_stacklevel())
+          "keep max_norm", stacklevel=caller_stacklevel())
 
   def static(self) -> SNGDConfig:
     """This configuration with array-valued options (injected hyperparameters) set to None.

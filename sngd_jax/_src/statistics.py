@@ -268,8 +268,10 @@ def check_stack(spec: LayerSpec, calls: Sequence[Captured]) -> None:
     ok = shape == spec.stack
   if not ok:
     n = len(shape)
-    hint = (f" The kernel has no bias to show its stack axes: pass "
-            f"`stacked={{{spec.path!r}: {n}}}` to sngd." if n and spec.bias is None else "")
+    why = ("The kernel has no bias to show its stack axes" if spec.bias is None else
+           "Its bias also fits the kernel's trailing axes unstacked (a stack as long as an "
+           "input or output axis), so the params do not tell")
+    hint = f" {why}: pass `stacked={{{spec.path!r}: {n}}}` to sngd." if n else ""
     raise ValueError(
         f"sngd: layer {spec.path!r}: its calls are those of a stack of layers of shape "
         f"{shape} (called under a scan or vmap over its params), but its params give a "

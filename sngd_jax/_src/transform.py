@@ -453,6 +453,7 @@ def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArg
 
   def init_fn(params):
     specs = layers_lib.discover(params, config.fisher, config.stacked)
+    validation.warn_unmatched_option_keys(params, config.fisher, config.stacked)
     leaves, _, index = _flatten(params)
     validation.check_param_dtypes(specs, leaves, index, "params")
     return _init_state(params, specs, method, config)

@@ -9,11 +9,13 @@ deep in XLA. (The on-device acceptance test of a refreshed inverse is
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 
+from sngd_jax._src import config as config_lib
 from sngd_jax._src import layers as layers_lib
 from sngd_jax._src import paths
 from sngd_jax._src import sketch as sketch_lib
@@ -110,6 +112,44 @@ _NOTHING_CAPTURED = (
     "that calls the model")
 
 
+def unmatched_option_keys(params: Any, fisher: Any, stacked: Any) -> list[str]:
+  """Messages for ``fisher`` / ``stacked`` keys that name no layer of ``params``.
+
+  ``fisher`` keys are layer paths (a layer's parameter path without its leaf name:
+  ``'Dense_0'``, not ``'Dense_0/kernel'``); ``stacked`` keys are path prefixes. A key that
+  names no layer has no effect, most often because it is a parameter path or misspelled.
+  """
+  errors: dict[str, Any] = {}
+  known = set(layers_lib.discover(params, "linear", None, errors=errors)) | set(errors)
+  shown = sorted(known)
+  listing = f"{shown[:12]}{' ...' if len(shown) > 12 else ''}"
+  out = []
+
+  def message(option: str, key: str, what: str) -> str:
+    text = (f"sngd: `{option}` key {key!r} names no layer of the params this `sngd` sees, "
+            f"so it has no effect. Its keys are {what}. Layers: {listing}.")
+    stem, _, leaf = key.rpartition("/")
+    if leaf in ("kernel", "bias", "embedding", "scale") and stem in known:
+      text += f" Did you mean {stem!r} (the layer, not its {leaf!r} leaf)?"
+    return text + (" (A layer that is frozen or updated by another transform is not seen "
+                   "by this `sngd`.)")
+
+  if isinstance(fisher, Mapping):
+    for key in fisher:
+      if key not in known:
+        out.append(message("fisher", key, "layer paths as `sngd_jax.coverage` lists them"))
+  for key in (stacked or {}):
+    if key != "" and not any(p == key or p.startswith(key + "/") for p in known):
+      out.append(message("stacked", key, "prefixes of layer paths"))
+  return out
+
+
+def warn_unmatched_option_keys(params: Any, fisher: Any, stacked: Any) -> None:
+  """Warns once per key of ``unmatched_option_keys`` (at ``init``, outside any trace)."""
+  for text in unmatched_option_keys(params, fisher, stacked):
+    warnings.warn(text, stacklevel=config_lib.caller_stacklevel())
+
+
 def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Mapping[str, Any],
                     activations: Optional[Mapping]) -> None:
   """Raises clear errors for a state, params or activations that do not fit.
@@ -132,6 +172,14 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
         "sngd: the updates tree does not match the optimizer state "
         f"(layers in the state but not in the updates: {missing}; in the updates but not in "
         f"the state: {extra}). Was the state made by `init` on the same params?")
+  if not specs and activations:
+    raise ValueError(
+        "sngd: the params this `sngd` sees hold no layer (a `kernel` of 2 or more axes, an "
+        "`embedding`, a norm `scale`), so it would pass every gradient through unchanged, "
+        f"while `activations=` holds layers {sorted(activations)[:8]}. Under `optax.flatten` "
+        "the params are one vector: put `sngd` outside it (`optax.chain(sngd_jax.sngd(), "
+        "optax.flatten(...))`). Under `optax.masked` / `optax.multi_transform`, check that "
+        "the mask gives this `sngd` the layers' kernels")
   if activations is None:
     raise ValueError(
         "sngd: `update` needs `activations=`: wrap the loss with `sngd_jax.capture` (linen), "

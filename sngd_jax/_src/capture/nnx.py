@@ -96,8 +96,9 @@ class _NNXRecorder(Recorder):
           f"sngd: capture_nnx could not name {len(self.unnamed)} layer call(s) "
           f"({', '.join(self.unnamed)}): their module is a copy whose weight is not one of "
           "the model's, as inside a transform made before capture started (`nnx.remat` or "
-          "`nnx.vmap` applied as a decorator at class definition, an `nnx.jit` inside the "
-          "captured function) or a layer made inside the loss. They are not captured, and "
+          "`nnx.vmap` applied as a decorator at class definition, an `nnx.jit` or "
+          "`nnx.cond`/`nnx.switch` inside the captured function) or a layer made inside the "
+          "loss. They are not captured, and "
           "`update` reports their layers as not captured. Apply such transforms inside the "
           "captured function (docs/layer-coverage.md, *Not captured*), or pass "
           "`fisher={path: None}` for those layers.", stacklevel=3)

@@ -280,10 +280,11 @@ def freeze(store: dict[str, list[Pending]],
   for path in sorted(escaped):
     warnings.warn(
         f"sngd: layer {path!r} was called inside a JAX transform whose values cannot leave "
-        "it (a jit, fori_loop or while_loop inside the captured function, or a vmap, scan "
-        "or checkpoint made before capture started); its calls are not captured. Make the "
-        "transform inside the captured function, or pass "
-        f"`fisher={{{path!r}: None}}`.", stacklevel=3)
+        "it (a jit, cond/switch, fori_loop or while_loop inside the captured function, "
+        "including `nn.cond`/`nnx.cond`; or a vmap, scan or checkpoint made before capture "
+        "started); its calls are not captured. Call the layer outside the cond or loop (a "
+        "Python `if`/`for`, or `jnp.where` over both branches' outputs), make the transform "
+        f"inside the captured function, or pass `fisher={{{path!r}: None}}`.", stacklevel=3)
   for path, calls in store.items():
     if path not in escaped:
       out[path] = tuple(_finalized(c) for c in calls)
