@@ -313,3 +313,29 @@ def test_embedding_diagonal_factor_reconstructs():
   delta_got = jax.tree.map(lambda a, b: a - b, back, params)
   delta_ref = jax.tree.map(lambda u: -lr * u, updates)
   assert leaves_rel(delta_got, delta_ref) < 1e-8
+
+
+def test_damped_factors_find_the_sngd_state_in_an_optimizer_state():
+  """``sngd_momentum``'s state is a chain tuple and ``apply_if_finite`` wraps it: both give the
+  factors of the ``SNGDState`` inside (before, the chain tuple raised "does not record
+  `damping`" and then an ``AttributeError``)."""
+  import optax  # noqa: PLC0415
+  rng = np.random.default_rng(1)
+  tokens = jnp.asarray(rng.integers(0, 8, size=(30,)))
+  y = jnp.asarray(rng.normal(size=(30, 3)))
+  model = EmbedMLP()
+  params = model.init(jax.random.key(0), tokens)["params"]
+  loss = lambda p: jnp.mean((model.apply({"params": p}, tokens) - y) ** 2)
+  grads, acts = jax.grad(sngd_jax.capture(loss), has_aux=True)(params)
+  tx = optax.apply_if_finite(sngd_jax.sngd_momentum(0.1, damping=1e-2), 3)
+  _, state = tx.update(grads, tx.init(params), params, activations=acts)
+  inner = state.inner_state[0]  # the chain's first entry: the SNGDState
+  expected = sngd_jax.damped_factors(inner)
+  for whole in (state, state.inner_state):
+    got = sngd_jax.damped_factors(whole)
+    assert set(got) == set(expected) == {"Embed_0", "Dense_0"}
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
+    jax.tree.map(np.testing.assert_array_equal, sngd_jax.factor_roots(whole),
+                 sngd_jax.factor_roots(inner))
+  with pytest.raises(ValueError, match="holding 2; pass the one you mean"):
+    sngd_jax.damped_factors((inner, inner))

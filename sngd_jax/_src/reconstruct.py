@@ -48,6 +48,24 @@ from sngd_jax._src.inverse.base import HIGHEST as _HIGHEST
 from sngd_jax._src.inverse.roots import Roots, sqrt_and_inv_sqrt
 
 
+def _has_factors(x: Any) -> bool:
+  return isinstance(getattr(x, "factors", None), dict) and hasattr(x, "weights")
+
+
+def _sngd_state_in(state: Any) -> Any:
+  """``state`` if it holds factors, else the one ``SNGDState`` inside an optax state (the
+  tuple of ``sngd_momentum``, an ``apply_if_finite`` or ``MultiSteps`` state, ...)."""
+  if _has_factors(state):
+    return state
+  found = [x for x in jax.tree.leaves(state, is_leaf=_has_factors) if _has_factors(x)]
+  if len(found) != 1:
+    raise ValueError(
+        f"sngd: expected an `SNGDState`, or an optimizer state holding exactly one, got a "
+        f"{type(state).__name__} holding {len(found)}"
+        + ("; pass the one you mean (e.g. `opt_state[0]`)" if found else ""))
+  return found[0]
+
+
 def _configured(state: Any, name: str, value: Any) -> Any:
   """``value``, or the option ``name`` of the state's configuration at ``state.count``."""
   if value is not None:
@@ -81,7 +99,8 @@ def damped_factors(state: Any, damping=None, abs_damping=None, nystrom_seed: int
 
   Args:
     state: an ``sngd_jax.SNGDState`` (or anything with ``factors`` and
-      ``weights`` dicts keyed by layer path).
+      ``weights`` dicts keyed by layer path), or an optimizer state that holds
+      one (``sngd_momentum``'s, ``apply_if_finite``'s, ...).
     damping: the relative damping; None (default) reads the one the state was
       made with (``state.config``; a schedule is evaluated at ``state.count``).
     abs_damping: the absolute damping; None reads it likewise.
@@ -95,6 +114,7 @@ def damped_factors(state: Any, damping=None, abs_damping=None, nystrom_seed: int
     factor ``diag(f)`` as its damped diagonal ``f + rho``, a ``(V,)`` vector. The bias row
     (column) of an augmented input is the last.
   """
+  state = _sngd_state_in(state)
   damping = _configured(state, "damping", damping)
   abs_damping = _configured(state, "abs_damping", abs_damping)
   out = {}
@@ -114,7 +134,7 @@ def factor_roots(state: Any, damping=None, abs_damping=None, method: str = "eigh
   """``G_rho^{1/2}`` and ``G_rho^{-1/2}`` per layer (see ``damped_factors``).
 
   Args:
-    state: an ``sngd_jax.SNGDState``.
+    state: an ``sngd_jax.SNGDState``, or an optimizer state holding one.
     damping: relative damping (None: the state's, see ``damped_factors``).
     abs_damping: absolute damping (None: the state's).
     method: a key of ``sngd_jax.inverse.ROOTS`` (``"eigh"`` is exact).
