@@ -28,7 +28,8 @@ _SNGD_ARGS = tuple(inspect.signature(sngd).parameters)
 
 
 def _kernel_mask(params: Any) -> Any:
-  """True for weight matrices (ndim >= 2), False for biases and scales.
+  """True for leaves of 2 or more axes (dense and conv kernels, embedding tables), False for
+  biases and norm scales.
 
   Raises:
     TypeError: naming the path of a leaf that is not an array (an Equinox model
@@ -76,7 +77,8 @@ def sngd_momentum(
   ```
 
   with weight decay applied after the preconditioner (decoupled from it) and
-  to weight matrices only (not biases). The reference code's L2 term is part of
+  to leaves of 2 or more axes (kernels, embedding tables; not biases or norm
+  scales). The reference code's L2 term is part of
   its loss, so it is preconditioned; pass ``weight_decay=0`` and add the term
   to the loss to get that behaviour.
 
