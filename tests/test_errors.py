@@ -390,3 +390,15 @@ def test_stack_as_long_as_the_input_axis_gives_the_fix():
   tx = sngd_jax.sngd(stacked={"blocks/d": 1})
   updates, _ = tx.update(g, tx.init(p), p, activations=acts)
   assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+def test_state_cast_to_bfloat16_names_the_layer():
+  """An optimizer state cast to bfloat16 wholesale (a memory-saving move for Adam moments)
+  failed inside XLA's lowering of LAPACK with no `sngd:` message."""
+  p = _params()
+  tx = sngd_jax.sngd()
+  state = jax.tree.map(
+      lambda a: a.astype(jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+      tx.init(p))
+  with pytest.raises(TypeError, match=r"layer 'Dense_0'.*bfloat16.*not the `SNGDState`"):
+    tx.update(p, state, p, activations=_acts(p))

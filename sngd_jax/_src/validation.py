@@ -74,6 +74,15 @@ def check_state_shapes(specs: Mapping[str, layers_lib.LayerSpec],
           f"params with kernel {paths.join(spec.kernel)!r} of {spec.in_dim} inputs and "
           f"{spec.out_dim} outputs{' and a bias' if spec.bias else ''} need {want} "
           f"(fisher={spec.fisher!r}). Was the state made by `init` on the same params?")
+    dtypes = {jnp.dtype(a.dtype) for a in jax.tree.leaves(factors[path])
+              if jnp.issubdtype(a.dtype, jnp.floating)}
+    low = sorted(str(d) for d in dtypes if d.itemsize < 4)
+    if low:
+      raise TypeError(
+          f"sngd: layer {path!r}: the optimizer state holds its factor in {', '.join(low)}; "
+          "SNGD keeps factors and inverses in float32 (or float64), which the inverses' "
+          "LAPACK kernels need. Was the state cast to a low precision? Cast only the other "
+          "transforms' states (e.g. Adam's moments), not the `SNGDState`")
 
 
 def check_activations(specs: Mapping[str, layers_lib.LayerSpec], activations: Mapping) -> None:
