@@ -236,7 +236,10 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
     elif layer not in specs:
       desc = f"{PASS_THROUGH} (fisher=None)"
     elif not activations.get(layer):
-      desc = f"{MISSING}: no calls captured"
+      desc = (f"{MISSING}: no calls captured (not called in the captured function, or a "
+              f"layout sngd does not record: ConvLocal, DenseGeneral(batch_dims=...), "
+              f"ConvTranspose(transpose_kernel=True or CIRCULAR), an Einsum of another layout); "
+              f"pass fisher={{{layer!r}: None}}")
     elif (why := _mismatch(specs[layer], activations[layer]) or (
         specs[layer].tied
         and _mismatch(specs[layers_lib.tied_path(layer)], activations[layer]))):

@@ -205,8 +205,13 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
     if path not in activations or not activations[path]:
       raise ValueError(
           f"sngd: no activations were captured for layer {path!r} (params "
-          f"{paths.join(spec.kernel)!r}). Is it a layer type that `capture` records, called "
-          f"inside the captured function? To leave it unpreconditioned pass "
+          f"{paths.join(spec.kernel)!r}). Is it a layer type that `capture` records "
+          "(docs/layer-coverage.md; not ConvLocal, DenseGeneral(batch_dims=...), "
+          "ConvTranspose(transpose_kernel=True or CIRCULAR), an Einsum of another layout), "
+          "called inside the captured function (not under a cond, loop or inner jit)? A layer "
+          "that this step does not call at all (a head used in some steps only) needs "
+          "activations too: call it on the step's features and add its output times 0 to the "
+          "loss, or train it with another transform. To leave it unpreconditioned pass "
           f"`fisher={{{path!r}: None}}`. Captured layers: {sorted(activations)}"
           + ("" if activations else _NOTHING_CAPTURED))
 
