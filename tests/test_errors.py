@@ -402,3 +402,10 @@ def test_state_cast_to_bfloat16_names_the_layer():
       tx.init(p))
   with pytest.raises(TypeError, match=r"layer 'Dense_0'.*bfloat16.*not the `SNGDState`"):
     tx.update(p, state, p, activations=_acts(p))
+
+
+def test_every_layer_left_out_is_not_the_no_layer_error():
+  """``fisher`` None for every layer is a choice: the gradient passes through, no error."""
+  p = _params()
+  updates, _ = _update(p, _acts(p), fisher={"Dense_0": None, "head/Dense_1": None})
+  jax.tree.map(np.testing.assert_array_equal, updates, p)

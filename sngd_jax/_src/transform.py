@@ -214,6 +214,8 @@ def _check_inputs(config: SNGDConfig, method: InverseMethod, updates: Any, state
         "lists: restore it into `tx.init(params)` (e.g. orbax `restore(path, target)`, "
         "`flax.serialization.from_state_dict(tx.init(params), restored)`)")
   specs = layers_lib.discover(updates, config.fisher, config.stacked)
+  if not specs:
+    validation.check_has_layers(updates, activations)
   if estimates is not None:
     if activations is not None:
       raise ValueError("sngd: pass either `activations=` or `statistics=` to `update`, not "

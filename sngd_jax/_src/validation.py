@@ -159,6 +159,24 @@ def warn_unmatched_option_keys(params: Any, fisher: Any, stacked: Any) -> None:
     warnings.warn(text, stacklevel=config_lib.caller_stacklevel())
 
 
+def check_has_layers(updates: Any, activations: Any) -> None:
+  """Raises when the params ``sngd`` sees hold no layer at all while activations name some.
+
+  (Layers all given ``fisher=None`` are the user's choice and pass.)
+  """
+  if not isinstance(activations, Mapping) or not activations:
+    return
+  if layers_lib.discover(updates, "linear", None, errors={}):
+    return
+  raise ValueError(
+      "sngd: the params this `sngd` sees hold no layer (a `kernel` of 2 or more axes, an "
+      "`embedding`, a norm `scale`), so it would pass every gradient through unchanged, "
+      f"while `activations=` holds layers {sorted(activations)[:8]}. Under `optax.flatten` "
+      "the params are one vector: put `sngd` outside it (`optax.chain(sngd_jax.sngd(), "
+      "optax.flatten(...))`). Under `optax.masked` / `optax.multi_transform`, check that "
+      "the mask gives this `sngd` the layers' kernels")
+
+
 def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Mapping[str, Any],
                     activations: Optional[Mapping]) -> None:
   """Raises clear errors for a state, params or activations that do not fit.
@@ -181,14 +199,6 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
         "sngd: the updates tree does not match the optimizer state "
         f"(layers in the state but not in the updates: {missing}; in the updates but not in "
         f"the state: {extra}). Was the state made by `init` on the same params?")
-  if not specs and activations:
-    raise ValueError(
-        "sngd: the params this `sngd` sees hold no layer (a `kernel` of 2 or more axes, an "
-        "`embedding`, a norm `scale`), so it would pass every gradient through unchanged, "
-        f"while `activations=` holds layers {sorted(activations)[:8]}. Under `optax.flatten` "
-        "the params are one vector: put `sngd` outside it (`optax.chain(sngd_jax.sngd(), "
-        "optax.flatten(...))`). Under `optax.masked` / `optax.multi_transform`, check that "
-        "the mask gives this `sngd` the layers' kernels")
   if activations is None:
     raise ValueError(
         "sngd: `update` needs `activations=`: wrap the loss with `sngd_jax.capture` (linen), "
