@@ -135,6 +135,11 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
     """Folds this micro-batch's batch estimates into the row-weighted means."""
     def fold(_):
       estimates, rows = transform.local_statistics(updates, sngd_state, activations, masked)
+      if set(estimates) != set(state.acc_statistics):
+        raise ValueError(
+            "sngd: MultiSteps accumulates the statistics of every layer in every micro-batch; "
+            f"layers {sorted(set(state.acc_statistics) - set(estimates))} have no captured "
+            "call in this one (`uncalled=\"skip\"` is not supported under MultiSteps)")
       new_stats, new_rows = {}, {}
       for path, estimate in estimates.items():
         total = state.acc_rows[path] + rows[path]

@@ -66,6 +66,7 @@ def sngd_momentum(
     max_norm: optax.ScalarOrSchedule | None = DEFAULTS.max_norm,
     axis_name: Optional[AxisName] = DEFAULTS.axis_name,
     shard_refresh: bool | jax.sharding.Mesh = DEFAULTS.shard_refresh,
+    uncalled: str = DEFAULTS.uncalled,
 ) -> optax.GradientTransformationExtraArgs:
   """SNGD preconditioning followed by SGD with momentum and weight decay.
 
@@ -102,6 +103,7 @@ def sngd_momentum(
     max_norm: see ``sngd_jax.sngd``.
     axis_name: see ``sngd_jax.sngd``.
     shard_refresh: see ``sngd_jax.sngd``.
+    uncalled: see ``sngd_jax.sngd``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; pass ``activations=`` to
@@ -136,6 +138,7 @@ def sngd_adam(
     max_norm: optax.ScalarOrSchedule | None = DEFAULTS.max_norm,
     axis_name: Optional[AxisName] = DEFAULTS.axis_name,
     shard_refresh: bool | jax.sharding.Mesh = DEFAULTS.shard_refresh,
+    uncalled: str = DEFAULTS.uncalled,
 ) -> optax.GradientTransformationExtraArgs:
   """SNGD preconditioning followed by Adam (AdamW) on the preconditioned gradient.
 
@@ -178,6 +181,7 @@ def sngd_adam(
     max_norm: see ``sngd_jax.sngd``.
     axis_name: see ``sngd_jax.sngd``.
     shard_refresh: see ``sngd_jax.sngd``.
+    uncalled: see ``sngd_jax.sngd``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; pass ``activations=`` to

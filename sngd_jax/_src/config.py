@@ -75,6 +75,10 @@ def _check_fisher_arg(fisher: layers_lib.FisherSpec) -> None:
       layers_lib.resolve_fisher(fisher, path)
 
 
+UNCALLED = ("error", "skip")
+"""What ``update`` does for a layer of the params with no captured call in a step."""
+
+
 def _is_number(x: Any) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -103,6 +107,7 @@ class SNGDConfig:
   max_factor_ratio: Optional[float] = None
   stats_batch_size: Optional[int] = None
   max_norm: Optional[optax.ScalarOrSchedule] = 1.0
+  uncalled: str = "error"
 
   def __post_init__(self):
     # Hashable forms, so that the static part can live in the state's tree structure.
@@ -123,6 +128,8 @@ class SNGDConfig:
     _check_number("inverse_every", self.inverse_every, 0, low_open=True)
     if self.max_factor_ratio is not None:
       _check_number("max_factor_ratio", self.max_factor_ratio, 1.0)
+    if self.uncalled not in UNCALLED:
+      raise ValueError(f"sngd: `uncalled` must be one of {UNCALLED}, got {self.uncalled!r}")
     if self.prior not in statistics.PRIORS:
       raise ValueError(f"sngd: unknown prior {self.prior!r}; expected one of "
                        f"{statistics.PRIORS}")

@@ -169,6 +169,8 @@ def _batch_estimates(specs, omegas, acts: Activations) -> dict[str, Any]:
   """Each layer's local batch estimate ``G^`` (a sketch for the sketched layers)."""
   out, after = {}, None
   for path, spec in specs.items():
+    if path not in acts:  # not called in this step (`uncalled="skip"`)
+      continue
     # `after`: a conv layer's patch rows are formed in chunks, after the
     # previous layer's estimate, so that XLA does not hold every layer's at once.
     if path in omegas:
@@ -222,10 +224,11 @@ def _check_inputs(config: SNGDConfig, method: InverseMethod, updates: Any, state
                        "both")
     validation.check_statistics(specs, state.factors, estimates)
   else:
-    validation.check_structure(specs, state.factors, activations)
+    validation.check_structure(specs, state.factors, activations,
+                               skip_uncalled=config.uncalled == "skip")
     assert activations is not None  # checked above
     activations = {p: statistics.layer_calls(s, activations[s.source or p])
-                   for p, s in specs.items()}
+                   for p, s in specs.items() if activations.get(s.source or p)}
   leaves, treedef, index = _flatten(updates)
   validation.check_param_dtypes(specs, leaves, index, "updates")
   omegas = _sketch_omegas(specs, leaves, index, method)
@@ -235,7 +238,7 @@ def _check_inputs(config: SNGDConfig, method: InverseMethod, updates: Any, state
     return _Inputs(specs, leaves, treedef, index, omegas, None,
                    {p: estimates[p] for p in specs})
   assert activations is not None  # checked by check_structure
-  validation.check_activations(specs, activations)
+  validation.check_activations({p: specs[p] for p in activations}, activations)
   return _Inputs(specs, leaves, treedef, index, omegas, activations)
 
 
@@ -284,6 +287,9 @@ def _update_statistics(config: SNGDConfig, inputs: _Inputs, state: SNGDState,
     estimates = estimate_of(source)
     out_f, out_w, estimates_ok, restarted = {}, {}, [], none_restarted
     for path, spec in specs.items():
+      if path not in estimates:  # not called in this step (`uncalled="skip"`): kept
+        out_f[path], out_w[path] = state.factors[path], state.weights[path]
+        continue
       estimate = distributed.axis_mean(estimates[path], axis_name)
       estimates_ok.append(statistics.in_range(estimate))
       factor, weight, restart = statistics.restart_if_out_of_range(state.factors[path],
@@ -368,7 +374,8 @@ def local_statistics(updates: Any, state: SNGDState, activations: Activations,
   inputs = _check_inputs(config, _method_of(config), updates, state, activations)
   acts = _statistics_activations(config, cast(Activations, inputs.activations))
   estimates = _batch_estimates(inputs.specs, inputs.omegas, acts)
-  rows = {p: statistics.num_rows(spec, acts[p]) for p, spec in inputs.specs.items()}
+  rows = {p: statistics.num_rows(spec, acts[p]) for p, spec in inputs.specs.items()
+          if p in acts}
   return estimates, rows
 
 
@@ -517,6 +524,7 @@ def sngd(
     max_norm: optax.ScalarOrSchedule | None = DEFAULTS.max_norm,
     axis_name: Optional[AxisName] = DEFAULTS.axis_name,
     shard_refresh: bool | jax.sharding.Mesh = DEFAULTS.shard_refresh,
+    uncalled: str = DEFAULTS.uncalled,
 ) -> optax.GradientTransformationExtraArgs:
   """Preconditions each layer's gradient by its damped local Fisher inverse.
 
@@ -615,6 +623,16 @@ def sngd(
       ``shard_map``/``pmap``, or over the mesh set by ``jax.set_mesh`` under
       ``jit``; a ``jax.sharding.Mesh`` splits over all its devices under
       ``jit``. The cached inverses stay replicated.
+    uncalled: what ``update`` does for a layer of the params with no captured
+      call in this step (which layers a step calls is fixed when it is traced).
+      ``"error"`` (default) raises, naming the layer: a layer that ``capture``
+      cannot record (an unsupported layout, a call under ``lax.cond``) would
+      otherwise be preconditioned by statistics that never see its inputs.
+      ``"skip"``: such a layer's factor is left as it is on that step (no
+      statistics; its gradient, zero when the layer is not called, is still
+      preconditioned), for models whose steps call some layers only (a
+      multi-task model training one head per step). ``coverage`` lists the
+      layers a step calls.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,
@@ -634,4 +652,4 @@ def sngd(
       factor_every=factor_every, inverse_every=inverse_every,
       inverse_warmup=inverse_warmup, prior=prior,
       stats_batch_size=stats_batch_size, max_factor_ratio=max_factor_ratio,
-      max_norm=max_norm, axis_name=axis_name, shard_refresh=shard_refresh))
+      max_norm=max_norm, axis_name=axis_name, shard_refresh=shard_refresh, uncalled=uncalled))

@@ -178,7 +178,7 @@ def check_has_layers(updates: Any, activations: Any) -> None:
 
 
 def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Mapping[str, Any],
-                    activations: Optional[Mapping]) -> None:
+                    activations: Optional[Mapping], skip_uncalled: bool = False) -> None:
   """Raises clear errors for a state, params or activations that do not fit.
 
   Every layer of the params needs activations. Activations of layers the params do not
@@ -210,6 +210,8 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
         "its inner transform without keyword arguments (`optax.lookahead`, "
         "`optax.contrib.sam`), build the wrapper in the step around "
         "`sngd_jax.with_activations(tx, acts)`.")
+  if skip_uncalled and activations:  # `uncalled="skip"`: layers without calls are kept
+    return
   for path, spec in specs.items():
     path = spec.source or path  # a tied table's output layer: the table's calls
     if path not in activations or not activations[path]:
@@ -219,9 +221,9 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
           "(docs/layer-coverage.md; not ConvLocal, DenseGeneral(batch_dims=...), "
           "ConvTranspose(transpose_kernel=True or CIRCULAR), an Einsum of another layout), "
           "called inside the captured function (not under a cond, loop or inner jit)? A layer "
-          "that this step does not call at all (a head used in some steps only) needs "
-          "activations too: call it on the step's features and add its output times 0 to the "
-          "loss, or train it with another transform. To leave it unpreconditioned pass "
+          "that this step does not call at all (a head used in some steps only): pass "
+          "`uncalled=\"skip\"` to sngd, which keeps its factor on such steps. To leave it "
+          "unpreconditioned pass "
           f"`fisher={{{path!r}: None}}`. Captured layers: {sorted(activations)}"
           + ("" if activations else _NOTHING_CAPTURED))
 
