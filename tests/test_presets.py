@@ -88,3 +88,15 @@ def _mixed_reference(xr, zr, gw, gb, fisher):
                  axis=1)
   return u[:-1], u[-1]
 
+
+
+def test_paper_without_linear_layers_warns():
+  """The reference gives the first and last layers the linear Fisher; forgetting
+  ``linear_layers`` gave them per-unit rfim blocks with no word."""
+  with pytest.warns(UserWarning, match="without `linear_layers`"):
+    sngd_jax.presets.paper()
+  import warnings  # noqa: PLC0415
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    sngd_jax.presets.paper(rfim=False)
+    sngd_jax.presets.paper(("Dense_0", "Dense_2"))

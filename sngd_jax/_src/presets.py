@@ -17,7 +17,15 @@ amortize or bound:
 | ``damping`` | 1e-4 (times ``tr G``) | 1e-4 |
 
 The reference trains with plain SGD on the preconditioned gradient (lr 0.1,
-batch 50) and an L2 term ``1e-3 ||W||^2`` on the weights in the loss:
+batch 50) and an L2 term ``1e-3 ||W||^2 / 2`` on the weights in the loss
+(``tf.nn.l2_loss``: its gradient is ``1e-3 W``).
+
+One difference of order: the library folds a step's batch into the factors and,
+on a refresh step (0, 100, 200, ...), refreshes the inverses *before* that
+step's update, which then uses them; the reference updates with the cached
+inverse first (the identity at step 0), then folds in the batch and
+refreshes. With the identity prior the factor at step 0 is
+``0.995 I + 0.005 G^``, so the first step is within ~1% of plain SGD's.
 
 ```python
 kwargs = sngd_jax.presets.paper(linear_layers=("Dense_0", "Dense_3"))
@@ -28,6 +36,7 @@ loss_and_acts = sngd_jax.capture(loss_fn, outputs=True)  # rfim reads the layer 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,6 +59,12 @@ def paper(linear_layers: Sequence[str] = (), *, rfim: bool = True) -> dict[str, 
     ``sngd_jax.capture(loss_fn, outputs=True)``.
   """
   linear = frozenset(linear_layers)
+  if rfim and not linear:
+    warnings.warn(
+        "sngd: presets.paper() without `linear_layers`: every layer gets the per-unit "
+        "'rfim', the first and the last too; the reference gives those 'linear' (the output "
+        "layer has no ReLU after it). Pass linear_layers=(first, last), or rfim=False",
+        stacklevel=2)
   if rfim:
     fisher: Any = _PaperFisher(linear)
   else:
