@@ -176,6 +176,19 @@ def test_tied_setting_errors_name_the_layer():
     assert rec[0].filename == __file__, rec[0].filename
 
 
+def test_injected_max_norm_with_tied_does_not_warn():
+  """The state records injected options as None; that is not `max_norm=None` (it warned)."""
+  import warnings  # noqa: PLC0415
+
+  import optax  # noqa: PLC0415
+  params = {"Embed_0": {"embedding": jnp.ones((5, 3))}}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    tx = optax.inject_hyperparams(sngd_jax.sngd_adam)(1e-3, fisher={"Embed_0": "tied"})
+    state = tx.init(params)
+  assert state.hyperparams["max_norm"] == 1.0
+
+
 def test_diagonal_refresh_and_apply():
   f = jnp.array([0.5, 0.25, 0.25, 0.0])
   inv, ok = diagonal.refresh(f, 0.1, 0.01)

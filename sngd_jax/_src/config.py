@@ -169,7 +169,13 @@ class SNGDConfig:
         arrays[f.name] = value.item()
       elif isinstance(value, (jax.Array, jax.core.Tracer)) or hasattr(value, "__array__"):
         arrays[f.name] = None
-    return dataclasses.replace(self, **arrays) if arrays else self
+    if not arrays:
+      return self
+    with warnings.catch_warnings():
+      # This configuration was checked when it was made; its injected options read None
+      # here (a `max_norm` injected with `fisher='tied'` is not `max_norm=None`).
+      warnings.simplefilter("ignore")
+      return dataclasses.replace(self, **arrays)
 
 
 DEFAULTS = SNGDConfig()
