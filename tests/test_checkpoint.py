@@ -176,3 +176,48 @@ def test_orbax_round_trip_of_a_tied_table_state(tmp_path):
   ckpt.close()
   _assert_bitwise_equal(restored, tree)
   assert set(restored["opt_state"][0].factors) == {"Dense_0", "Embed_0", "Embed_0[attend]"}
+
+
+def test_resume_without_recompiling_once_the_state_is_strong_and_committed(tmp_path):
+  """Flax's ``TrainState.step`` and injected integer hyperparameters start weakly typed, and
+  arrays made on the host are uncommitted; orbax restores them strongly typed and committed, so
+  the jitted step compiled again after a restore. Made strong and committed once before the
+  first step (docs/reliability.md), the restored state reuses the compiled step."""
+  import flax.linen as nn  # noqa: PLC0415
+  import optax  # noqa: PLC0415
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(nn.tanh(nn.Dense(4)(x)))
+
+  model = MLP()
+  x = jnp.ones((8, 5))
+  y = jnp.arange(8) % 3
+  tx = optax.inject_hyperparams(sngd_jax.sngd_momentum)(0.1)
+  state = sngd_jax.TrainState.create(apply_fn=model.apply,
+                                     params=model.init(jax.random.key(0), x)["params"], tx=tx)
+  weak = lambda a: getattr(a, "weak_type", False) or isinstance(a, int)  # `step=0` is an int
+  assert any(weak(a) for a in jax.tree.leaves(state))
+  state = jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.asarray(a).dtype), state)
+  state = jax.device_put(state, jax.devices()[0])  # committed, as restored arrays are
+
+  def loss(p):
+    logits = model.apply({"params": p}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  @jax.jit
+  def step(state):
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(state.params)
+    return state.apply_gradients(grads=grads, activations=acts)
+
+  state = step(step(state))
+  entries = step._cache_size()
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(tmp_path / "ckpt", state)
+  ckpt.wait_until_finished()
+  template = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  restored = ckpt.restore(tmp_path / "ckpt", template)
+  assert not any(weak(a) for a in jax.tree.leaves(restored))
+  step(restored)
+  assert step._cache_size() == entries
