@@ -35,10 +35,10 @@ from sngd_jax._src.reconstruct import from_reconstructed as from_reconstructed
 from sngd_jax._src.reconstruct import reconstructed_dense as reconstructed_dense
 from sngd_jax._src.reconstruct import to_reconstructed as to_reconstructed
 from sngd_jax._src.sketch import Sketch as Sketch
+from sngd_jax._src.state import SNGDState as SNGDState
 from sngd_jax._src.statistics import PRIORS as PRIORS
 from sngd_jax._src.train_state import TrainState as TrainState
 from sngd_jax._src.train_state import with_activations as with_activations
-from sngd_jax._src.transform import SNGDState as SNGDState
 from sngd_jax._src.transform import sngd as sngd
 
 __version__ = "0.2.0"

@@ -105,3 +105,28 @@ def test_trust_region_scale_diagnostic(fraction):
   assert float(sngd_jax.trust_region_scale(grads, plain.init(params))) == 1.0
   with pytest.raises(ValueError, match="SNGDState"):
     sngd_jax.trust_region_scale(grads, optax.sgd(0.1).init(params))
+
+
+def test_state_with_two_sngd_transforms_is_refused():
+  """Two ``sngd`` transforms (one per parameter group, ``optax.multi_transform``): the helpers
+  that read one state raise and say how many they found (the diagnostic used to read the first
+  silently); the group's own state answers, and equals the state of that group alone."""
+  _, params, x, y, loss_fn = make_problem(features=FEATURES)
+  _, grads, acts = grads_and_acts(loss_fn, params, x, y)
+  labels = {k: ("a" if k == "Dense_0" else "b") for k in params}
+  tx = optax.multi_transform({"a": sngd_jax.sngd(max_norm=0.1),
+                              "b": sngd_jax.sngd(max_norm=0.1)}, labels)
+  state = tx.init(params)
+  _, state = tx.update(grads, state, params, activations=acts)
+  for read in (lambda s: sngd_jax.trust_region_scale(grads, s),
+               sngd_jax.damped_factors, sngd_jax.factor_roots):
+    with pytest.raises(ValueError, match="holding 2; pass the one you mean"):
+      read(state)
+  group_b = state.inner_states["b"].inner_state
+  assert set(sngd_jax.damped_factors(group_b)) == {"Dense_1", "Dense_2"}
+  alone = sngd_jax.sngd(max_norm=0.1)
+  mask = {k: k != "Dense_0" for k in params}
+  _, alone_state = optax.masked(alone, mask).update(
+      grads, optax.masked(alone, mask).init(params), params, activations=acts)
+  for path, g in sngd_jax.damped_factors(alone_state).items():
+    np.testing.assert_allclose(g, sngd_jax.damped_factors(group_b)[path], rtol=1e-12)

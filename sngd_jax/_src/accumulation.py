@@ -34,6 +34,7 @@ from optax._src import numerics
 from optax.transforms import MaskedState
 
 from sngd_jax._src import transform
+from sngd_jax._src.state import SNGDState, sngd_states
 
 
 class MultiStepsState(NamedTuple):
@@ -60,15 +61,10 @@ class MultiStepsState(NamedTuple):
   acc_rows: dict[str, jax.Array]
 
 
-def _sngd_states(tree: Any) -> list[transform.SNGDState]:
-  return [s for s in jax.tree.leaves(tree, is_leaf=lambda s: isinstance(s, transform.SNGDState))
-          if isinstance(s, transform.SNGDState)]
-
-
-def _sngd_state(inner_state: Any) -> tuple[Optional[transform.SNGDState], bool]:
+def _sngd_state(inner_state: Any) -> tuple[Optional[SNGDState], bool]:
   """The one ``SNGDState`` inside an optimizer state (or None), and whether it is under a
   mask (``optax.masked``, ``optax.multi_transform``: it sees part of the params)."""
-  found = _sngd_states(inner_state)
+  found = sngd_states(inner_state)
   if len(found) > 1:
     raise ValueError(f"sngd: MultiSteps accumulates the statistics of one `sngd` transform; "
                      f"the wrapped optimizer holds {len(found)}")
@@ -76,7 +72,7 @@ def _sngd_state(inner_state: Any) -> tuple[Optional[transform.SNGDState], bool]:
     return None, False
   masks = [m for m in jax.tree.leaves(inner_state, is_leaf=lambda s: isinstance(s, MaskedState))
            if isinstance(m, MaskedState)]
-  return found[0], any(_sngd_states(m.inner_state) for m in masks)
+  return found[0], any(sngd_states(m.inner_state) for m in masks)
 
 
 class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
@@ -131,7 +127,7 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
                            acc_rows=acc_rows)
 
   def _accumulate(self, updates: Any, state: MultiStepsState,
-                  sngd_state: transform.SNGDState, activations: Any, masked: bool):
+                  sngd_state: SNGDState, activations: Any, masked: bool):
     """Folds this micro-batch's batch estimates into the row-weighted means."""
     def fold(_):
       estimates, rows = transform.local_statistics(updates, sngd_state, activations, masked)

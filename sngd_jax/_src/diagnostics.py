@@ -17,16 +17,8 @@ import jax.numpy as jnp
 from sngd_jax._src import layers as layers_lib
 from sngd_jax._src import precondition
 from sngd_jax._src.config import value_at
-from sngd_jax._src.transform import SNGDState, _flatten, _method_of
-
-
-def find_state(opt_state: Any) -> SNGDState:
-  """The (first) ``SNGDState`` inside an optax state, e.g. that of ``sngd_momentum``."""
-  for leaf in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SNGDState)):
-    if isinstance(leaf, SNGDState):
-      return leaf
-  raise ValueError("sngd: no SNGDState in this optimizer state (is sngd() part of the "
-                   "transform?)")
+from sngd_jax._src.state import only_sngd_state
+from sngd_jax._src.transform import _flatten, _method_of
 
 
 def trust_region_scale(grads: Any, opt_state: Any, updates: Optional[Any] = None, *,
@@ -59,7 +51,7 @@ def trust_region_scale(grads: Any, opt_state: Any, updates: Optional[Any] = None
     A scalar in ``(0, 1]``; 1 without a trust region (``max_norm=None``) and
     for a skipped step.
   """
-  state = find_state(opt_state)
+  state = only_sngd_state(opt_state)
   config = state.config
   radius_of = config.max_norm if max_norm is None else max_norm
   if radius_of is None:

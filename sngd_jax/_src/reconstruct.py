@@ -46,24 +46,15 @@ from sngd_jax._src.inverse import base
 from sngd_jax._src.inverse import nystrom as nystrom_lib
 from sngd_jax._src.inverse.base import HIGHEST as _HIGHEST
 from sngd_jax._src.inverse.roots import Roots, sqrt_and_inv_sqrt
-
-
-def _has_factors(x: Any) -> bool:
-  return isinstance(getattr(x, "factors", None), dict) and hasattr(x, "weights")
+from sngd_jax._src.state import only_sngd_state
 
 
 def _sngd_state_in(state: Any) -> Any:
-  """``state`` if it holds factors, else the one ``SNGDState`` inside an optax state (the
-  tuple of ``sngd_momentum``, an ``apply_if_finite`` or ``MultiSteps`` state, ...)."""
-  if _has_factors(state):
+  """``state`` if it holds factors (an ``SNGDState``, or anything with ``factors`` and
+  ``weights``), else the one ``SNGDState`` inside an optax state."""
+  if isinstance(getattr(state, "factors", None), dict) and hasattr(state, "weights"):
     return state
-  found = [x for x in jax.tree.leaves(state, is_leaf=_has_factors) if _has_factors(x)]
-  if len(found) != 1:
-    raise ValueError(
-        f"sngd: expected an `SNGDState`, or an optimizer state holding exactly one, got a "
-        f"{type(state).__name__} holding {len(found)}"
-        + ("; pass the one you mean (e.g. `opt_state[0]`)" if found else ""))
-  return found[0]
+  return only_sngd_state(state)
 
 
 def _configured(state: Any, name: str, value: Any) -> Any:

@@ -21,11 +21,9 @@ trust region -> write back -> guard.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, NamedTuple, Optional, cast
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -40,49 +38,7 @@ from sngd_jax._src.inverse.base import InverseMethod
 from sngd_jax._src.inverse.refresh import refresh_inverses
 from sngd_jax._src.inverse.registry import get_method
 from sngd_jax._src.inverse.sharded import shard_method
-
-
-@flax.struct.dataclass
-class SNGDState:
-  """State of ``sngd``: arrays only (plus its static configuration), a pytree.
-
-  Attributes:
-    count: steps taken (non-finite steps not counted), int32.
-    factors: per layer path, the running local Fisher sum ``G_t``
-      (``(d, d)`` or ``(O, d, d)``), float32 (float64 under x64); for layers
-      whose inverse method is a rank-``r`` Nystrom model (``inverse="auto"``
-      for layers wider than 512 inputs) its sketch ``(S_t Omega, tr S_t, c_t)`` of
-      ``G_t = S_t + c_t I`` (``c_t``: the prior's identity part, kept exactly), a
-      ``sngd_jax.Sketch`` with ``y`` of shape ``(d, r)``.
-    weights: per layer path, the weight ``w_t`` of ``G_t`` (use ``G_t / w_t``).
-    inverses: per layer path, the cached inverse representation.
-    has_inverse: whether an inverse has been computed yet.
-    num_refresh_failures: blocks whose refresh failed and kept the old
-      inverse, plus the blocks of a running factor found out of range (not
-      finite, or its trace within a factor 16 of overflow: possible only in a
-      state written otherwise) and restarted from its prior.
-    num_skipped_steps: steps that produced a zero update: those with
-      non-finite gradients, and factor steps whose activations are not finite
-      or whose batch estimate is out of range (finite activations whose
-      ``X~^T X~`` overflows), all of which leave the rest of the state
-      unchanged; and those whose preconditioned update overflowed its dtype
-      (whose finite statistics are kept).
-    config: the static ``SNGDConfig`` the state was made with (part of
-      the tree structure, not a leaf: checkpoints hold the arrays only).
-  """
-
-  count: jax.Array
-  factors: dict[str, Any]
-  weights: dict[str, jax.Array]
-  inverses: dict[str, Any]
-  has_inverse: jax.Array
-  num_refresh_failures: jax.Array
-  num_skipped_steps: jax.Array
-  config: SNGDConfig = flax.struct.field(pytree_node=False, default=DEFAULTS)
-
-  def _replace(self, **kwargs) -> SNGDState:
-    """NamedTuple-style alias of ``replace``."""
-    return dataclasses.replace(self, **kwargs)
+from sngd_jax._src.state import SNGDState as SNGDState
 
 
 def _layer_dtype(leaf: Any) -> jnp.dtype:
