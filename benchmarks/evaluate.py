@@ -543,6 +543,8 @@ def main(argv=None) -> int:
     budget = args.budget_s
     if name in eval_tasks.EVAL_TASKS:
       task = eval_tasks.EVAL_TASKS[name](budget or 30.0)
+    elif name in eval_tasks.HELDOUT_TASKS:
+      task = eval_tasks.HELDOUT_TASKS[name](budget or 30.0)
     else:  # a tuning-set MLP: "<shape>/<preprocess>"
       shape, _, prep = name.partition("/")
       task = eval_tasks.mlp(shape, prep or "pixel", budget or 20.0)

@@ -195,3 +195,42 @@ class TransformerLM(nn.Module):
     for _ in range(self.blocks):
       x = TransformerBlock(self.dim, self.heads)(x)
     return nn.Dense(self.vocab)(nn.LayerNorm()(x))
+
+
+# --------------------------------------------------------------------------------------
+# Held-out set 2 (benchmarks/README.md, *Held-out set 2*): added 2026-12-05, after every
+# default was fixed, and run once.
+# --------------------------------------------------------------------------------------
+
+class Conv1DNet(nn.Module):
+  """1-D convs over a signal: conv32(k5)-conv32(k5)-pool-conv64(k3)-pool-dense64-classes."""
+
+  length: int
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    del train
+    x = x.reshape((x.shape[0], self.length, 1))
+    x = nn.relu(nn.Conv(32, (5,))(x))
+    x = nn.relu(nn.Conv(32, (5,))(x))
+    x = nn.max_pool(x, (2,), (2,))
+    x = nn.relu(nn.Conv(64, (3,))(x))
+    x = nn.max_pool(x, (2,), (2,))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(64)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class CharGRU(nn.Module):
+  """Character-level language model: embedding, one GRU layer, dense softmax head."""
+
+  vocab: int
+  hidden: int = 128
+  embed: int = 32
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(self.vocab, self.embed)(tokens)
+    x = nn.RNN(nn.GRUCell(self.hidden))(x)
+    return nn.Dense(self.vocab)(x)

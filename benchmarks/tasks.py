@@ -18,6 +18,7 @@ from benchmarks import datasets, models
 from benchmarks.harness import Task
 
 FORTUNES_DIR = "/usr/share/games/fortunes"
+LICENSES_DIR = "/usr/share/common-licenses"
 
 # The paper's MLP shapes (hidden widths), plus 256-256.
 MLP_SHAPES = {
@@ -71,6 +72,19 @@ def fortunes_text(directory: str = FORTUNES_DIR) -> str:
                  if os.path.isfile(f) and not f.endswith((".dat", ".u8")))
   if not files:
     raise FileNotFoundError(f"no fortune files in {directory} (apt-get install fortunes)")
+  parts = []
+  for f in files:
+    with open(f, encoding="latin-1") as fh:
+      parts.append(fh.read())
+  return "".join(parts)
+
+
+def licenses_text(directory: str = LICENSES_DIR) -> str:
+  """The licence texts every Debian system ships (package ``base-files``), in name order."""
+  files = sorted(f for f in glob.glob(os.path.join(directory, "*"))
+                 if os.path.isfile(f) and not os.path.islink(f))
+  if not files:
+    raise FileNotFoundError(f"no licence texts in {directory}")
   parts = []
   for f in files:
     with open(f, encoding="latin-1") as fh:
