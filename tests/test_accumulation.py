@@ -251,3 +251,33 @@ def test_nnx_optimizer_with_wrapped_multisteps():
   wrapped = run(lambda: optax.apply_if_finite(
       sngd_jax.MultiSteps(inner(), every_k_schedule=K), 3))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), bare, wrapped)
+
+
+def test_float64_statistics_are_averaged_in_float64():
+  """Under x64 with ``accumulator_dtype=float64``, three micro-batches give the big batch's
+  factors to float64 rounding: the row weights ``n / total`` were divided in float32 (1e-8)."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(3)
+    k = 3
+    x = jnp.asarray(rng.normal(size=(k * N, 6)))
+    y = jnp.asarray(rng.integers(0, 3, k * N), jnp.int32)
+    model = MLP()
+    params = jax.tree.map(lambda a: a.astype(jnp.float64),
+                          model.init(jax.random.key(0), x[:N])["params"])
+
+    def loss_fn(p, x, y):
+      return optax.softmax_cross_entropy_with_integer_labels(
+          model.apply({"params": p}, x), y).mean()
+
+    grad_fn = jax.grad(sngd_jax.capture(loss_fn), has_aux=True)
+    inner = sngd_jax.sngd(decay=0.0, inverse="cholesky", max_norm=None)
+    ms = sngd_jax.MultiSteps(inner, every_k_schedule=k, accumulator_dtype=jnp.float64)
+    state = ms.init(params)
+    for i in range(k):
+      g, acts = grad_fn(params, x[i * N:(i + 1) * N], y[i * N:(i + 1) * N])
+      _, state = ms.update(g, state, params, activations=acts)
+    g, acts = grad_fn(params, x, y)
+    _, want = inner.update(g, inner.init(params), params, activations=acts)
+    for path, f in want.factors.items():
+      np.testing.assert_allclose(state.inner_opt_state.factors[path], f, rtol=1e-13,
+                                 atol=1e-15, err_msg=path)

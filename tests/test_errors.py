@@ -355,7 +355,7 @@ def test_params_without_any_layer_but_activations_raise():
   import optax  # noqa: PLC0415
   p = _params()
   tx = optax.flatten(sngd_jax.sngd())
-  with pytest.raises(ValueError, match=r"hold no layer.*optax.flatten"):
+  with pytest.raises(ValueError, match=r"one vector.*optax.flatten"):
     tx.update(p, tx.init(p), p, activations=_acts(p))
 
 

@@ -251,3 +251,42 @@ def test_nnx_model_and_optimizer_update_equals_tx_update():
                  strict=True)) > 1e-3   # the steps moved the params
   for a, b in zip(got, want, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_lora_adapters_only_get_the_base_optimizers_update():
+  """``nnx.Optimizer(model, sngd_adam(lr), wrt=nnx.LoRAParam)``: the adapters are no layer
+  sngd models, the base kernels are frozen; the update equals ``adamw``'s (docs/layer-
+  coverage.md). It raised "hold no layer" before: activations of frozen layers are ignored."""
+  import optax  # noqa: PLC0415
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.LoRALinear(4, 8, lora_rank=2, rngs=rngs)
+      self.l2 = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(nnx.relu(self.l1(x)))
+
+  def loss_fn(model, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+  x = jax.random.normal(jax.random.key(1), (8, 4))
+  y = jnp.arange(8) % 3
+  out = []
+  for tx in (sngd_jax.sngd_adam(1e-2), optax.adamw(1e-2, weight_decay=0.0)):
+    model = Net(nnx.Rngs(0))
+    opt = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
+
+    @nnx.jit
+    def step(model, opt, x, y):
+      (loss, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True,
+                                               argnums=nnx.DiffState(0, nnx.LoRAParam))(
+                                                   model, x, y)
+      opt.update(model, grads, activations=acts)
+      return loss
+
+    for _ in range(3):
+      step(model, opt, x, y)
+    out.append(nnx.state(model, nnx.Param))
+  # Two compiled programs: equal to float32 rounding.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), *out)

@@ -141,8 +141,9 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
         total = state.acc_rows[path] + rows[path]
         new_rows[path] = total
         new_stats[path] = jax.tree.map(
-            lambda acc, e, total=total, n=rows[path]:
-                acc + (e.astype(acc.dtype) - acc) * (n / total).astype(acc.dtype),
+            lambda acc, e, total=total, n=rows[path]:  # the weight in the sum's dtype
+                acc + (e.astype(acc.dtype) - acc) * (jnp.asarray(n, acc.dtype)
+                                                     / jnp.asarray(total, acc.dtype)),
             state.acc_statistics[path], estimate)
       return new_stats, new_rows
 

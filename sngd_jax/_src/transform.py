@@ -31,6 +31,7 @@ import optax
 from sngd_jax._src import control, distributed, paths, precondition, statistics, validation
 from sngd_jax._src import layers as layers_lib
 from sngd_jax._src import sketch as sketch_lib
+from sngd_jax._src.capture import records
 from sngd_jax._src.capture.records import Activations
 from sngd_jax._src.config import DEFAULTS, AxisName, SNGDConfig, value_at
 from sngd_jax._src.inverse import diagonal as diagonal_lib
@@ -180,6 +181,7 @@ def _check_inputs(config: SNGDConfig, method: InverseMethod, updates: Any, state
                        "both")
     validation.check_statistics(specs, state.factors, estimates)
   else:
+    activations = records.stacked_rows_pooled(activations)
     validation.check_structure(specs, state.factors, activations,
                                skip_uncalled=config.uncalled == "skip")
     assert activations is not None  # checked above

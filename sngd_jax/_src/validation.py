@@ -160,21 +160,23 @@ def warn_unmatched_option_keys(params: Any, fisher: Any, stacked: Any) -> None:
 
 
 def check_has_layers(updates: Any, activations: Any) -> None:
-  """Raises when the params ``sngd`` sees hold no layer at all while activations name some.
+  """Raises when ``sngd`` sees the params as one vector (``optax.flatten``) while activations
+  name layers: it would pass every gradient through unchanged, plain SGD with no word.
 
-  (Layers all given ``fisher=None`` are the user's choice and pass.)
+  Params that hold no layer in a tree (only LoRA adapters or biases trained, through an
+  ``nnx.Optimizer`` ``wrt`` filter or a mask) pass: the activations of frozen layers are
+  ignored, as everywhere.
   """
   if not isinstance(activations, Mapping) or not activations:
     return
-  if layers_lib.discover(updates, "linear", None, errors={}):
+  leaves = jax.tree_util.tree_leaves_with_path(updates)
+  if len(leaves) != 1 or leaves[0][0] or getattr(leaves[0][1], "ndim", 0) > 1:
     return
   raise ValueError(
-      "sngd: the params this `sngd` sees hold no layer (a `kernel` of 2 or more axes, an "
-      "`embedding`, a norm `scale`), so it would pass every gradient through unchanged, "
-      f"while `activations=` holds layers {sorted(activations)[:8]}. Under `optax.flatten` "
-      "the params are one vector: put `sngd` outside it (`optax.chain(sngd_jax.sngd(), "
-      "optax.flatten(...))`). Under `optax.masked` / `optax.multi_transform`, check that "
-      "the mask gives this `sngd` the layers' kernels")
+      "sngd: the params this `sngd` sees are one vector, not a tree of layers, so it would "
+      "pass every gradient through unchanged, while `activations=` holds layers "
+      f"{sorted(activations)[:8]}. Under `optax.flatten` the params are one vector: put "
+      "`sngd` outside it (`optax.chain(sngd_jax.sngd(), optax.flatten(...))`)")
 
 
 def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Mapping[str, Any],
@@ -220,10 +222,12 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
           f"{paths.join(spec.kernel)!r}). Is it a layer type that `capture` records "
           "(docs/layer-coverage.md; not ConvLocal, DenseGeneral(batch_dims=...), "
           "ConvTranspose(transpose_kernel=True or CIRCULAR), an Einsum of another layout), "
-          "called inside the captured function (not under a cond, loop or inner jit)? A layer "
-          "that this step does not call at all (a head used in some steps only): pass "
-          "`uncalled=\"skip\"` to sngd, which keeps its factor on such steps. To leave it "
-          "unpreconditioned pass "
+          "called inside the captured function (not under a cond, loop or inner jit, a "
+          "module-level `nnx.remat`: capture warns about those, and the fix is in the "
+          "warning)? Only for a layer that this step does not call at all (a head used in "
+          "some steps only): pass `uncalled=\"skip\"` to sngd, which keeps its factor on "
+          "such steps (never for a layer called where capture cannot see it: its factor "
+          "would never be fed). To leave it unpreconditioned pass "
           f"`fisher={{{path!r}: None}}`. Captured layers: {sorted(activations)}"
           + ("" if activations else _NOTHING_CAPTURED))
 

@@ -78,6 +78,10 @@ class Captured:
       axis a user's ``jax.vmap`` over the batch added (Equinox); None when the
       record holds no example axis (a per-example call outside any vmap).
       Tells ``first_examples`` where the examples are.
+    ndim: ``inputs.ndim`` when capture returned the record (None for a record
+      built by hand). A record with more axes was stacked after capture (a
+      ``jax.lax.scan`` over micro-batches that returns each one's activations):
+      ``leading_axes_pooled`` reads those axes as more rows of the batch.
   """
 
   inputs: jax.Array
@@ -87,6 +91,7 @@ class Captured:
   stack: int = flax.struct.field(pytree_node=False, default=0)
   time_steps: int = flax.struct.field(pytree_node=False, default=1)
   batch_axis: Optional[int] = flax.struct.field(pytree_node=False, default=0)
+  ndim: Optional[int] = flax.struct.field(pytree_node=False, default=None)
 
   def first_examples(self, k: int) -> Captured:
     """This record restricted to the first ``k`` examples of the batch.
@@ -202,7 +207,7 @@ def _finalized(p: Pending) -> Captured:
   """The record with its stack axes first and its config shifted past the pooled axes."""
   c = p.captured
   if not p.roles:
-    return c
+    return dataclasses.replace(c, ndim=c.inputs.ndim)
   stack = [i for i, r in enumerate(p.roles) if r.endswith(":stack")]
   pooled = len(p.roles) - len(stack)
 
@@ -224,7 +229,41 @@ def _finalized(p: Pending) -> Captured:
     batch_axis = len(stack) + pooled + c.batch_axis
   return Captured(inputs=order(c.inputs), outputs=order(c.outputs), kind=c.kind,
                   config=_axes_shifted(c.kind, c.config, pooled), stack=len(stack),
-                  time_steps=time_steps, batch_axis=batch_axis)
+                  time_steps=time_steps, batch_axis=batch_axis, ndim=c.inputs.ndim)
+
+
+def leading_axes_pooled(c: Captured) -> Captured:
+  """``c`` with the leading axes added after capture read as more rows of the batch.
+
+  Activations returned from a ``jax.lax.scan`` (or ``vmap``) over micro-batches come
+  with ``k`` more leading axes than capture gave them (``inputs.ndim - ndim``). They
+  are moved after the stack axes, where capture puts the rows of a scan that pools,
+  and the configuration is shifted past them, so every kind reads them as rows: the
+  statistics of one batch holding all the micro-batches. The example axis stays the
+  call's own (``stats_batch_size`` takes the first examples of each micro-batch).
+  """
+  if c.ndim is None or c.inputs.ndim <= c.ndim:
+    return c
+  k = c.inputs.ndim - c.ndim
+
+  def move(a):
+    if a is None:
+      return None
+    return jnp.moveaxis(a, tuple(range(k)), tuple(range(c.stack, c.stack + k)))
+
+  return dataclasses.replace(
+      c, inputs=move(c.inputs), outputs=move(c.outputs),
+      config=_axes_shifted(c.kind, c.config, k),
+      batch_axis=None if c.batch_axis is None else c.batch_axis + k, ndim=c.inputs.ndim)
+
+
+def stacked_rows_pooled(activations: Any) -> Any:
+  """``leading_axes_pooled`` for every record of ``activations`` (anything else as it is,
+  for the checks that name what is wrong)."""
+  if not isinstance(activations, dict):
+    return activations
+  return {p: tuple(leading_axes_pooled(c) if isinstance(c, Captured) else c for c in calls)
+          if isinstance(calls, (tuple, list)) else calls for p, calls in activations.items()}
 
 
 def _live_traces() -> Optional[set[int]]:
