@@ -57,6 +57,8 @@ def _tasks():
       "autoencoder": lambda: eval_tasks.autoencoder(1.0),
       "char-lstm": lambda: eval_tasks.char_lstm(1.0),
       "transformer": lambda: eval_tasks.transformer(1.0),
+      "mnist1d-cnn": lambda: eval_tasks.mnist1d_cnn(1.0),
+      "gru-licenses": lambda: eval_tasks.gru_licenses(1.0),
   }
 
 
@@ -406,6 +408,7 @@ def main(argv=None) -> int:
       "sgd(momentum)": lambda: (None, optax.sgd(0.01, momentum=0.9)),
       "adam": lambda: (None, optax.adam(1e-3)),
       "sngd_momentum": lambda: (sngd_jax.sngd(), optax.sgd(0.01, momentum=0.9)),
+      "sngd_adam": lambda: (sngd_jax.sngd(), optax.adam(1e-3)),
       "sngd_momentum (host refresh)": lambda: (
           sngd_jax.sngd(inverse=sngd_jax.inverse.host_refresh(sngd_jax.inverse.auto())),
           optax.sgd(0.01, momentum=0.9)),
