@@ -188,3 +188,76 @@ def test_default_method_sketches_only_wide_linear_layers():
   assert state.factors["narrow"].shape == (101, 101)
   assert state.factors["wide_rfim"].shape == (2, 601, 601)  # per-unit blocks stay dense
   assert sngd_jax.sngd(inverse="cholesky").init(params).factors["wide"].shape == (601, 601)
+
+
+@pytest.mark.parametrize("host", [False, True])
+def test_scanned_wide_layers_keep_a_sketch_each_and_equal_the_unrolled_model(host):
+  """A layer scanned over depth and wider than ``auto``'s dense limit keeps one sketch per
+  layer of the stack (``L x d x r``, not ``L x d x d``: it was dense), with the same ``Omega``
+  as the unrolled layers: three steps of the scanned model equal the unrolled model's, the
+  damped factors (the Nystrom models) agree per layer, and ``cost_estimate`` counts the
+  state's bytes. Also through the opt-in host refresh."""
+  width, depth = 20, 3
+  method = methods.auto(max_dim=8, rank=6)
+  if host:
+    method = methods.host_refresh(method)
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+      return h + 0.3 * jnp.tanh(nn.Dense(width, name="mix")(h)), None
+
+  class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                     length=depth)(name="blocks")(x, None)
+      return nn.Dense(3)(h)
+
+  class Unrolled(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = x
+      for i in range(depth):
+        h, _ = Block(name=f"b{i}")(h, None)
+      return nn.Dense(3)(h)
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(16, width)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
+  scanned = Scanned().init(jax.random.key(0), x)["params"]
+  unrolled = {f"b{i}": {"mix": jax.tree.map(lambda a, i=i: a[i], scanned["blocks"]["mix"])}
+              for i in range(depth)}
+  unrolled["Dense_0"] = scanned["Dense_0"]
+  results = []
+  for model, params in ((Scanned(), scanned), (Unrolled(), unrolled)):
+    def loss_fn(p, x, y, model=model):
+      return jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+
+    tx = optax.chain(sngd_jax.sngd(inverse=method), optax.sgd(0.1, momentum=0.9))
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, loss_fn=loss_fn, tx=tx):
+      g, acts = jax.grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x, y)
+      u, state = tx.update(g, state, params, activations=acts)
+      return optax.apply_updates(params, u), state
+
+    for _ in range(3):
+      params, state = step(params, state)
+    results.append((params, state[0]))
+  (ps, ss), (pu, su) = results
+  assert ss.factors["blocks/mix"].y.shape == (depth, width + 1, 6)
+  damped_s, damped_u = sngd_jax.damped_factors(ss), sngd_jax.damped_factors(su)
+  assert damped_s["blocks/mix"].shape == (depth, width + 1, width + 1)
+  for i in range(depth):
+    for k in ("kernel", "bias"):
+      np.testing.assert_allclose(ps["blocks"]["mix"][k][i], pu[f"b{i}"]["mix"][k],
+                                 rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(damped_s["blocks/mix"][i], damped_u[f"b{i}/mix"], rtol=1e-5,
+                               atol=1e-6)
+  cost = sngd_jax.cost_estimate(scanned, batch_rows=16, inverse=method)["blocks/mix"]
+  assert cost.factor_bytes == sum(a.nbytes for a in jax.tree.leaves(ss.factors["blocks/mix"]))
+  assert cost.inverse_bytes == sum(a.nbytes for a in jax.tree.leaves(ss.inverses["blocks/mix"]))
+  # The sketch's batch estimate per layer, X~ Omega and X~^T (.) and the trace, times depth.
+  assert cost.factor_flops == depth * (4.0 * 16 * (width + 1) * 6 + 2.0 * 16 * (width + 1))

@@ -138,7 +138,7 @@ def cost_estimate(params: Any, batch_rows: Optional[int | Mapping[str, int]] = N
     elif sketch_lib.is_sketch(factor):  # a rank-r Nystrom layer whose state is G Omega
       info = describe(method, d)
       rank = factor.y.shape[-1]
-      factor_flops = None if rows is None else sketch_factor_flops(rows, d, rank)
+      factor_flops = None if rows is None else b * sketch_factor_flops(rows, d, rank)
       block_flops = nystrom_lib.refresh_flops(d, rank, from_sketch=True)
     else:
       info = describe(method, d)

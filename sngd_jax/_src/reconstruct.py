@@ -71,11 +71,13 @@ def _configured(state: Any, name: str, value: Any) -> Any:
 
 def _sketched_model(s: sketch_lib.Sketch, damping, abs_damping, seed: int,
                     tail: str) -> jax.Array:
-  """The dense ``M + rho I`` of the Nystrom model that a refresh makes from a sketch."""
-  stacked = jax.tree.map(lambda a: a[None], s)
+  """The dense ``M + rho I`` of the Nystrom model that a refresh makes from a sketch (one
+  per layer of a stack: shape ``s.trace.shape + (d, d)``)."""
+  stacked = sketch_lib.flat_blocks(s)
   u, lam, tau = nystrom_lib.from_sketch(stacked, seed, tail)
   shift = base.damping_shift(stacked, damping, abs_damping).astype(u.dtype)
-  return nystrom_lib.dense(nystrom_lib.NystromRep(u, lam, tau, shift))[0]
+  dense = nystrom_lib.dense(nystrom_lib.NystromRep(u, lam, tau, shift))
+  return dense.reshape(s.trace.shape + dense.shape[-2:])
 
 
 def damped_factors(state: Any, damping=None, abs_damping=None, nystrom_seed: int = 0,

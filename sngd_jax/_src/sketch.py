@@ -58,6 +58,12 @@ class Sketch(NamedTuple):
   eye: jax.Array
 
 
+def flat_blocks(s: Sketch) -> Sketch:
+  """A (stack of) sketch(es) as one axis of blocks: ``y (b, d, r)``, ``trace (b,)``, ``eye (b,)``
+  (``b = 1`` for one layer, the number of layers for a stack of them)."""
+  return Sketch(s.y.reshape((-1,) + s.y.shape[-2:]), s.trace.reshape(-1), s.eye.reshape(-1))
+
+
 def is_sketch(factor: Any) -> bool:
   """Whether a state factor is a ``Sketch`` (else a dense array)."""
   return isinstance(factor, Sketch)

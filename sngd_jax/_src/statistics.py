@@ -544,15 +544,18 @@ def batch_sketch(spec: LayerSpec, calls: Sequence[Captured], omega: jax.Array,
                  after: Optional[jax.Array] = None) -> sketch_lib.Sketch:
   """The batch estimate of a sketched layer: ``((1/n) X~^T (X~ Omega), tr G^)``.
 
-  Only for ``fisher="linear"`` dense layers (one ``d x d`` block); the numbers
+  Only for ``fisher="linear"`` dense layers (one ``d x d`` block, or one per layer of
+  a stack: then stacked over the stack axes, with the same ``Omega``); the numbers
   are those of ``batch_factor`` sketched, ``G^ Omega``, in ``4 n d r``
   FLOPs instead of ``2 n d^2`` (see ``sngd_jax._src.sketch``).
   """
   for call in calls:
     _check_kind(spec, call)
-  if spec.structure == "diagonal" or spec.per_unit or spec.stack:
+  if spec.structure == "diagonal" or spec.per_unit:
     raise ValueError(f"sngd: layer {spec.path!r}: only single-block (linear) factors are "
                      "kept as sketches")
+  if spec.stack or any(c.stack for c in calls):
+    return _per_layer(lambda one, cs: batch_sketch(one, cs, omega, after), spec, calls)
   (y, tr), n = _sum_over_rows(
       spec, calls,
       lambda x, _: sketch_lib.row_sums(x, omega, out_sharding=replicated_out_sharding(x)),
@@ -570,8 +573,9 @@ def prior_of(prior: str, estimate, omega: Optional[jax.Array] = None):
     unit = sketch_lib.identity(omega, estimate.y.dtype)
     if prior == "identity":
       return unit
-    if prior == "scaled_identity":
-      return jax.tree.map(lambda a: (estimate.trace / d) * a, unit)
+    if prior == "scaled_identity":  # per block of a stack: trace (...) against y (..., d, r)
+      scale = estimate.trace / d
+      return jax.tree.map(lambda a: scale.reshape(scale.shape + (1,) * a.ndim) * a, unit)
     if prior == "none":
       return jax.tree.map(jnp.zeros_like, estimate)
     raise ValueError(f"sngd: unknown prior {prior!r}; expected one of {PRIORS}")

@@ -56,15 +56,16 @@ def _sketch_omegas(specs: dict[str, layers_lib.LayerSpec], leaves, index,
                    method: InverseMethod) -> dict[str, jax.Array]:
   """The test matrix ``Omega`` of every layer whose factor is kept as a sketch.
 
-  Those are the single-block (``fisher="linear"``) layers for whose size the
-  inverse method reads ``G = S + c I`` only through ``(S Omega, tr S, c)`` (the Nystrom
-  model of ``inverse="auto"`` above ``max_dim``; see ``sngd_jax._src.sketch``).
+  Those are the single-block (``fisher="linear"``) layers, and stacks of them (one sketch
+  per layer of a scan over depth, with the same ``Omega``), for whose size the inverse
+  method reads ``G = S + c I`` only through ``(S Omega, tr S, c)`` (the Nystrom model of
+  ``inverse="auto"`` above ``max_dim``; see ``sngd_jax._src.sketch``).
   """
   if method.sketch is None:
     return {}
   out = {}
   for path, spec in specs.items():
-    if spec.structure == "dense" and not spec.per_unit and not spec.stack:
+    if spec.structure == "dense" and not spec.per_unit:
       omega = method.sketch(spec.dim, _layer_dtype(leaves[index[spec.kernel]]))
       if omega is not None:
         out[path] = omega
@@ -79,7 +80,8 @@ def _init_state(params: Any, specs: dict[str, layers_lib.LayerSpec], method: Inv
   for path, spec in specs.items():
     dtype = _layer_dtype(leaves[index[spec.kernel]])
     if path in omegas:
-      factors[path] = sketch_lib.zeros(spec.dim, omegas[path].shape[1], dtype)
+      factors[path] = jax.tree.map(lambda a, s=spec.stack: jnp.zeros(s + a.shape, a.dtype),
+                                   sketch_lib.zeros(spec.dim, omegas[path].shape[1], dtype))
     else:
       factors[path] = jnp.zeros(spec.factor_shape, dtype)
     weights[path] = jnp.zeros((), dtype)

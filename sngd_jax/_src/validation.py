@@ -66,7 +66,7 @@ def check_state_shapes(specs: Mapping[str, layers_lib.LayerSpec],
   for path, spec in specs.items():
     want = spec.factor_shape
     if path in sketch_ranks:
-      want = ("sketch", spec.dim, sketch_ranks[path])
+      want = ("sketch",) + spec.stack + (spec.dim, sketch_ranks[path])
     got = shape(factors[path])
     if got != want:
       raise ValueError(

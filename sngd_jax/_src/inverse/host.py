@@ -287,10 +287,10 @@ def refresh_all(the_plan: Plan, factors, weights, old_inverses, damping, abs_dam
     for d, dtype, sketched, paths, host in the_plan.groups:
       dtype = np.dtype(dtype)
       if sketched:
-        blocks = [_normalized(factors[p], weights[p]) for p in paths]
+        blocks = [sketch_lib.flat_blocks(_normalized(factors[p], weights[p])) for p in paths]
         stacked = sketch_lib.Sketch._make(
-            tuple(np.stack(leaves) for leaves in zip(*blocks, strict=True)))
-        sizes = [1] * len(paths)
+            tuple(np.concatenate(leaves) for leaves in zip(*blocks, strict=True)))
+        sizes = [b.trace.shape[0] for b in blocks]
         trace = sketch_lib.full_trace(stacked)  # tr(S + c I)
       else:
         blocks = [_normalized(factors[p], weights[p]).reshape((-1, d, d)) for p in paths]

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sngd_jax._src import control, statistics
+from sngd_jax._src import sketch as sketch_lib
 from sngd_jax._src.inverse import diagonal as diagonal_lib
 from sngd_jax._src.inverse import host as host_lib
 from sngd_jax._src.inverse.base import (
@@ -251,11 +252,11 @@ def refresh_inverses_xla(specs, factors, weights, old_inverses, method: InverseM
   # deadlock the pool (docs/known-issues.md). On GPU and TPU the order costs nothing.
   previous = None
   for (d, dtype, sketched), paths_in_group in groups.items():
-    if sketched:  # stacked Sketch: y (b, d, r), trace (b,)
-      blocks = [jax.tree.map(lambda a: a[None], statistics.normalized(factors[p], weights[p]))
+    if sketched:  # stacked Sketch: y (b, d, r), trace (b,); a layer's stack axes flattened
+      blocks = [sketch_lib.flat_blocks(statistics.normalized(factors[p], weights[p]))
                 for p in paths_in_group]
       stacked = jax.tree.map(lambda *a: jnp.concatenate(a), *blocks)
-      sizes = [1] * len(blocks)
+      sizes = [b.trace.shape[0] for b in blocks]
     else:
       blocks = [statistics.normalized(factors[p], weights[p]).reshape(
           (-1,) + factors[p].shape[-2:]) for p in paths_in_group]
