@@ -281,3 +281,21 @@ def test_float64_statistics_are_averaged_in_float64():
     for path, f in want.factors.items():
       np.testing.assert_allclose(state.inner_opt_state.factors[path], f, rtol=1e-13,
                                  atol=1e-15, err_msg=path)
+
+
+def test_optax_multisteps_around_sngd_warns_and_ours_does_not():
+  """``optax.MultiSteps`` hands the inner optimizer one micro-batch's activations at most
+  (a newcomer's natural port, silent under ``nnx.Optimizer`` and a direct ``update``):
+  ``init`` warns and names ``sngd_jax.MultiSteps``; that one, and a plain optimizer under
+  ``optax.MultiSteps``, do not warn."""
+  import warnings  # noqa: PLC0415
+  params = {"Dense_0": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}}
+  with pytest.warns(UserWarning, match="sngd_jax.MultiSteps") as caught:
+    optax.MultiSteps(sngd_jax.sngd_adam(1e-3), 2).init(params)
+  assert caught[0].filename == __file__  # the user's line, not optax's
+  with pytest.warns(UserWarning, match="sngd_jax.MultiSteps"):
+    optax.MultiSteps(sngd_jax.sngd(), 2).gradient_transformation().init(params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    sngd_jax.MultiSteps(sngd_jax.sngd_adam(1e-3), 2).init(params)
+    optax.MultiSteps(optax.adam(1e-3), 2).init(params)

@@ -319,10 +319,12 @@ def test_layer_under_inner_jit_is_reported_not_used():
   x = jnp.ones((2, 4))
   params = layer.init(jax.random.key(0), x)["params"]
   loss = lambda p, x: jnp.sum(jax.jit(lambda p, x: layer.apply({"params": p}, x))(p, x))
-  with pytest.warns(UserWarning, match="jit"):
+  with pytest.warns(UserWarning, match="jit") as caught:
     (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss, outputs=True), has_aux=True)(
         params, x)
   assert acts == {}
+  # The warning names the caller's line, not the library's (`rec.freeze()` in capture).
+  assert [w.filename for w in caught if "jit" in str(w.message)] == [__file__]
   tx = sngd_jax.sngd()
   with pytest.raises(ValueError, match="no activations were captured"):
     tx.update(grads, tx.init(params), params, activations=acts)

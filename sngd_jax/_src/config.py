@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any, Optional, Union
@@ -36,6 +35,7 @@ import optax
 
 from sngd_jax._src import layers as layers_lib
 from sngd_jax._src import statistics
+from sngd_jax._src.frames import caller_stacklevel as caller_stacklevel
 
 AxisName = Union[str, tuple[str, ...]]
 
@@ -48,22 +48,6 @@ def _check_number(name: str, value: Any, low: float, high: float = math.inf,
     if bad or value > high or math.isnan(value):
       raise ValueError(f"sngd: `{name}` must be in {'(' if low_open else '['}{low}, {high}], "
                        f"got {value}")
-
-
-def caller_stacklevel() -> int:
-  """``warnings.warn``'s ``stacklevel`` that names the first frame outside ``sngd_jax``.
-
-  A configuration is checked in ``__post_init__``, under ``sngd()`` and under the aliases
-  that call it (``sngd_momentum``, ``sngd_adam``, the presets), so a fixed level would point
-  inside the library for some of them. (``warnings.warn(skip_file_prefixes=...)`` needs
-  Python 3.12.)
-  """
-  frame = sys._getframe(1)  # the frame that calls `warnings.warn`: level 1
-  level = 1
-  while frame is not None and frame.f_globals.get("__name__", "").startswith("sngd_jax"):
-    frame = frame.f_back
-    level += 1
-  return level
 
 
 def _check_fisher_arg(fisher: layers_lib.FisherSpec) -> None:

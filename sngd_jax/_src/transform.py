@@ -31,8 +31,7 @@ import optax
 from sngd_jax._src import control, distributed, paths, precondition, statistics, validation
 from sngd_jax._src import layers as layers_lib
 from sngd_jax._src import sketch as sketch_lib
-from sngd_jax._src.capture import records
-from sngd_jax._src.capture.records import Activations
+from sngd_jax._src.capture.records import Activations, stacked_rows_pooled
 from sngd_jax._src.config import DEFAULTS, AxisName, SNGDConfig, value_at
 from sngd_jax._src.inverse import diagonal as diagonal_lib
 from sngd_jax._src.inverse.base import InverseMethod
@@ -183,7 +182,7 @@ def _check_inputs(config: SNGDConfig, method: InverseMethod, updates: Any, state
                        "both")
     validation.check_statistics(specs, state.factors, estimates)
   else:
-    activations = records.stacked_rows_pooled(activations)
+    activations = stacked_rows_pooled(activations)
     validation.check_structure(specs, state.factors, activations,
                                skip_uncalled=config.uncalled == "skip")
     assert activations is not None  # checked above
@@ -423,6 +422,7 @@ def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArg
   def init_fn(params):
     specs = layers_lib.discover(params, config.fisher, config.stacked)
     validation.warn_unmatched_option_keys(params, config.fisher, config.stacked)
+    validation.warn_under_optax_multisteps()
     leaves, _, index = _flatten(params)
     validation.check_param_dtypes(specs, leaves, index, "params")
     return _init_state(params, specs, method, config)

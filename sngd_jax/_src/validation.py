@@ -9,6 +9,7 @@ deep in XLA. (The on-device acceptance test of a refreshed inverse is
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any, Mapping, Optional
 
@@ -159,6 +160,35 @@ def warn_unmatched_option_keys(params: Any, fisher: Any, stacked: Any) -> None:
     warnings.warn(text, stacklevel=config_lib.caller_stacklevel())
 
 
+def warn_under_optax_multisteps() -> None:
+  """Warns when ``init`` is called by ``optax.MultiSteps`` (not ``sngd_jax.MultiSteps``).
+
+  ``optax.MultiSteps`` averages the micro-batches' gradients but hands the inner
+  optimizer the extra arguments of one call only (or none): SNGD's statistics would see
+  ``1/k`` of the data, or ``update`` would miss its activations. Its ``init`` is found
+  on the call stack (it calls the inner ``init``), since nothing else tells ``sngd``
+  what wraps it.
+  """
+  try:
+    import optax  # noqa: PLC0415
+    code = optax.MultiSteps.init.__code__
+  except AttributeError:
+    return
+  frame = sys._getframe(1)
+  while frame is not None:
+    if frame.f_code is code:
+      owner = frame.f_locals.get("self")
+      if not type(owner).__module__.startswith("sngd_jax."):
+        warnings.warn(
+            "sngd: this `sngd` is wrapped by `optax.MultiSteps`, which passes the inner "
+            "optimizer the activations of one micro-batch at most: SNGD's local Fisher would "
+            "see 1/k of the data. Use `sngd_jax.MultiSteps` (same arguments), which "
+            "accumulates the statistics of every micro-batch.",
+            stacklevel=config_lib.caller_stacklevel())
+      return
+    frame = frame.f_back
+
+
 def check_has_layers(updates: Any, activations: Any) -> None:
   """Raises when ``sngd`` sees the params as one vector (``optax.flatten``) while activations
   name layers: it would pass every gradient through unchanged, plain SGD with no word.
@@ -208,6 +238,8 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
         "returns, e.g. "
         "`tx.update(grads, state, params, activations=acts)`. Flax's "
         "`TrainState.apply_gradients` does not pass them on: use `sngd_jax.TrainState`. "
+        "`optax.MultiSteps` does not pass them on either (and where it does, SNGD would see "
+        "only the last micro-batch): use `sngd_jax.MultiSteps`, same arguments. "
         "Under a wrapper that calls "
         "its inner transform without keyword arguments (`optax.lookahead`, "
         "`optax.contrib.sam`), build the wrapper in the step around "

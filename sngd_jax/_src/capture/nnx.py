@@ -27,12 +27,13 @@ from flax import nnx
 from sngd_jax._src import paths
 from sngd_jax._src.capture import flax_patches, tables, transforms
 from sngd_jax._src.capture.records import (
-    Recorder,
-    StepRecords,
-    rnn_time_axis,
-    split_aux,
-    untag,
+  Recorder,
+  StepRecords,
+  rnn_time_axis,
+  split_aux,
+  untag,
 )
+from sngd_jax._src.frames import caller_stacklevel
 
 _NAMED = flax_patches.NNX_LAYER_CLASSES + tuple(
     c for c in tables.NORMS if issubclass(c, nnx.Module)) + (nnx.RNN,)
@@ -101,7 +102,7 @@ class _NNXRecorder(Recorder):
           "loss. They are not captured, and "
           "`update` reports their layers as not captured. Apply such transforms inside the "
           "captured function (docs/layer-coverage.md, *Not captured*), or pass "
-          "`fisher={path: None}` for those layers.", stacklevel=3)
+          "`fisher={path: None}` for those layers.", stacklevel=caller_stacklevel())
     return super().freeze()
 
 

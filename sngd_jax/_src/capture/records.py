@@ -47,6 +47,8 @@ import jax
 import jax.core
 import jax.numpy as jnp
 
+from sngd_jax._src.frames import caller_stacklevel
+
 Activations = dict[str, tuple["Captured", ...]]
 # What a layer recorder returns for one call: (inputs, outputs, kind, config), or None
 # when the call is not one sngd can model (then it is not recorded).
@@ -323,7 +325,8 @@ def freeze(store: dict[str, list[Pending]],
         "including `nn.cond`/`nnx.cond`; or a vmap, scan or checkpoint made before capture "
         "started); its calls are not captured. Call the layer outside the cond or loop (a "
         "Python `if`/`for`, or `jnp.where` over both branches' outputs), make the transform "
-        f"inside the captured function, or pass `fisher={{{path!r}: None}}`.", stacklevel=3)
+        f"inside the captured function, or pass `fisher={{{path!r}: None}}`.",
+        stacklevel=caller_stacklevel())
   for path, calls in store.items():
     if path not in escaped:
       out[path] = tuple(_finalized(c) for c in calls)
