@@ -108,7 +108,7 @@ class CoverageReport:
     return sum(p.factor_bytes for p in self.params)
 
   def __str__(self) -> str:
-    head = ("parameter", "shape", "local Fisher", "inverse", "factor bytes")
+    head = ("parameter", "shape", "local Fisher", "inverse", "state bytes")
     rows = [(p.path, "x".join(map(str, p.shape)) or "()", p.fisher, p.inverse,
              f"{p.factor_bytes:,}" if p.factor_bytes else "") for p in self.params]
     rows.append(("total", "", "", "", f"{self.total_factor_bytes:,}"))
