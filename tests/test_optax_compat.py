@@ -80,11 +80,14 @@ def test_learning_rate_and_damping_schedules_are_accepted():
 
 
 def test_multisteps_accumulates_then_preconditions():
+  """``optax.MultiSteps`` (not ours): the mean gradient with the last micro-batch's statistics,
+  which is why its ``init`` warns and names ``sngd_jax.MultiSteps``."""
   _, params, x, y, loss_fn = _problem()
   x1, x2, y1, y2 = x[:8], x[8:], y[:8], y[8:]
   inner = lambda: optax.chain(sngd_jax.sngd(decay=0.0), optax.sgd(0.1))
   ms = optax.MultiSteps(inner(), every_k_schedule=2)
-  state = ms.init(params)
+  with pytest.warns(UserWarning, match="sngd_jax.MultiSteps"):  # what this test shows
+    state = ms.init(params)
   _, g1, a1 = grads_and_acts(loss_fn, params, x1, y1)
   _, g2, a2 = grads_and_acts(loss_fn, params, x2, y2)
   u1, state = ms.update(g1, state, params, activations=a1)
