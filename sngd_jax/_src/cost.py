@@ -107,7 +107,10 @@ def cost_estimate(params: Any, batch_rows: Optional[int | Mapping[str, int]] = N
       size for a dense layer on vectors; batch x positions for sequences and
       for a conv layer's patches), or a mapping from layer path to its rows
       where the layers see different counts (a conv net). None, or a layer
-      missing from the mapping, leaves ``factor_flops`` unknown.
+      missing from the mapping, leaves ``factor_flops`` unknown. The statistics
+      read the rows of the examples they are computed from: with
+      ``stats_batch_size=k`` pass the rows of ``k`` examples (``batch_rows``
+      does not know the batch size, so ``stats_batch_size`` does not rescale it).
     **sngd_kwargs: the arguments given to ``sngd_jax.sngd`` (``fisher``,
       ``inverse``, ``inverse_every``, ``factor_every``, ...).
 
