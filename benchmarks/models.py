@@ -92,18 +92,26 @@ class ResNet(nn.Module):
     return nn.Dense(self.num_classes)(x)
 
 
-class CharLSTM(nn.Module):
-  """Character-level language model: embedding, one LSTM layer, dense softmax head."""
+class CharRNN(nn.Module):
+  """Character-level language model: embedding, one recurrent layer of the class attribute
+  ``cell`` (not a field: the subclasses set it), dense softmax head."""
 
   vocab: int
   hidden: int = 128
   embed: int = 32
+  cell = nn.OptimizedLSTMCell
 
   @nn.compact
   def __call__(self, tokens):
     x = nn.Embed(self.vocab, self.embed)(tokens)
-    x = nn.RNN(nn.OptimizedLSTMCell(self.hidden))(x)
+    x = nn.RNN(self.cell(self.hidden))(x)
     return nn.Dense(self.vocab)(x)
+
+
+class CharLSTM(CharRNN):
+  """Character-level language model: embedding, one LSTM layer, dense softmax head."""
+
+  cell = nn.OptimizedLSTMCell
 
 
 # --------------------------------------------------------------------------------------
@@ -222,15 +230,7 @@ class Conv1DNet(nn.Module):
     return nn.Dense(self.num_classes)(x)
 
 
-class CharGRU(nn.Module):
+class CharGRU(CharRNN):
   """Character-level language model: embedding, one GRU layer, dense softmax head."""
 
-  vocab: int
-  hidden: int = 128
-  embed: int = 32
-
-  @nn.compact
-  def __call__(self, tokens):
-    x = nn.Embed(self.vocab, self.embed)(tokens)
-    x = nn.RNN(nn.GRUCell(self.hidden))(x)
-    return nn.Dense(self.vocab)(x)
+  cell = nn.GRUCell

@@ -72,6 +72,11 @@ def fortunes_text(directory: str = FORTUNES_DIR) -> str:
                  if os.path.isfile(f) and not f.endswith((".dat", ".u8")))
   if not files:
     raise FileNotFoundError(f"no fortune files in {directory} (apt-get install fortunes)")
+  return _read_all(files)
+
+
+def _read_all(files: list[str]) -> str:
+  """The files' contents, concatenated in the order given (Latin-1: every byte reads)."""
   parts = []
   for f in files:
     with open(f, encoding="latin-1") as fh:
@@ -85,11 +90,7 @@ def licenses_text(directory: str = LICENSES_DIR) -> str:
                  if os.path.isfile(f) and not os.path.islink(f))
   if not files:
     raise FileNotFoundError(f"no licence texts in {directory}")
-  parts = []
-  for f in files:
-    with open(f, encoding="latin-1") as fh:
-      parts.append(fh.read())
-  return "".join(parts)
+  return _read_all(files)
 
 
 def char_windows(text: str, length: int, test_fraction: float = 0.1):
