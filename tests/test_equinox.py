@@ -248,11 +248,71 @@ def test_embedding_and_norms():
   np.testing.assert_allclose(_np(updates.rms.bias), b, rtol=1e-8)
 
 
-def test_tied_setting_is_refused_for_equinox_with_the_alternative():
-  """Equinox has no output-layer method to capture: 'tied' names the layer and says what works."""
+def test_tied_setting_is_refused_for_a_layer_that_is_no_embedding():
   params = eqx.filter(Tokens(KEYS[6]), eqx.is_inexact_array)
-  with pytest.raises(ValueError, match=r"Equinox layer 'emb'.*fisher=\{'emb': None\}"):
-    sngd_jax.sngd(fisher={"emb": "tied"}).init(params)
+  with pytest.raises(ValueError, match=r"Equinox layer 'out', which is not an `Embedding`"):
+    sngd_jax.sngd(fisher={"out": "tied"}).init(params)
+
+
+class SharedTied(eqx.Module):
+  """Equinox's tied weights: an Embedding and a bias-free Linear readout joined by Shared."""
+  shared: eqx.nn.Shared
+  mid: eqx.nn.Linear
+
+  def __init__(self, key):
+    k = jax.random.split(key, 3)
+    emb = eqx.nn.Embedding(9, 3, key=k[0], dtype=jnp.float64)
+    out = eqx.nn.Linear(3, 9, use_bias=False, key=k[1], dtype=jnp.float64)
+    self.shared = eqx.nn.Shared((emb, out), where=lambda p: p[1].weight,
+                                get=lambda p: p[0].weight)
+    self.mid = eqx.nn.Linear(3, 3, key=k[2], dtype=jnp.float64)
+
+  def __call__(self, token):
+    emb, out = self.shared()
+    return out(jnp.tanh(self.mid(emb(token))))
+
+
+def _shared_tied_loss(model, tokens):
+  return jnp.sum(jnp.sin(jax.vmap(model)(tokens)))
+
+
+@pytest.mark.filterwarnings("ignore:sngd. fisher=.tied. with max_norm=None")
+def test_shared_tied_table_is_preconditioned_as_both_layers():
+  """``eqx.nn.Shared`` table and readout, fisher='tied': as linen's ``attend`` (test_diag),
+  ``Delta E = (diag(f) + rho_D I)^{-1} g_E (G_h + rho_G I)^{-1}``, ``g_E`` both uses'
+  gradients summed, ``G_h = E[h h^T]`` over the readout's inputs."""
+  model = SharedTied(KEYS[7])
+  tokens = jnp.array([1, 4, 4, 0, 4, 1, 2, 7])
+  path = "shared/pytree/0"
+  grads, updates, _ = _one_update(_shared_tied_loss, model, tokens, fisher={path: "tied"})
+  e = _np(model.shared.pytree[0].weight)
+  h = np.tanh(e[np.asarray(tokens)] @ _np(model.mid.weight).T + _np(model.mid.bias))
+  g_e = _np(grads.shared.pytree[0].weight)
+  freq = np.bincount(np.asarray(tokens), minlength=9) / tokens.size
+  rows = g_e / (freq + ref.DAMPING * freq.sum())[:, None]
+  expect = ref.damped_solve(ref.linear_factor(h, bias=False), rows.T).T
+  np.testing.assert_allclose(_np(updates.shared.pytree[0].weight), expect, rtol=1e-9)
+  _check_linear(e[np.asarray(tokens)], grads.mid, updates.mid, "mid")
+  report = sngd_jax.coverage(_shared_tied_loss, model, tokens, fisher={path: "tied"})
+  row = {r.path: r for r in report.params}[path + "/weight"]
+  assert row.fisher == "tied: diagonal/embed 9 + linear/attend 3x3"
+  # without 'tied' the table's second use is an error that gives the fix
+  params = eqx.filter(model, eqx.is_inexact_array)
+  tx = sngd_jax.sngd()
+  (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(_shared_tied_loss),
+                                               has_aux=True)(model, tokens)
+  with pytest.raises(ValueError, match=r"fisher=\{'shared/pytree/0': 'tied'\}"):
+    tx.update(grads, tx.init(params), params, activations=acts)
+
+
+def test_a_jit_inside_the_captured_function_warns():
+  """A model passed through a jit inside the loss has weights capture cannot name."""
+  model = eqx.nn.MLP(3, 2, 4, 1, key=KEYS[1], dtype=jnp.float64)
+  forward = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))
+  loss = lambda m, x: jnp.sum(forward(m, x))
+  with pytest.warns(UserWarning, match=r"could not name 2 layer call\(s\).*eqx.filter_jit"):
+    _, acts = sngd_jax.capture_eqx(loss)(model, jnp.ones((5, 3)))
+  assert not acts
 
 
 def test_group_norm_and_batch_norm():

@@ -194,3 +194,37 @@ def test_per_example_layers_under_a_users_vmap_take_the_first_examples():
     np.testing.assert_allclose(updates.layers[i].weight, kernel.T, rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(updates.layers[i].bias, bias, rtol=1e-8, atol=1e-12)
     rows = np.maximum(rows @ np.asarray(layer.weight).T + np.asarray(layer.bias), 0.0)
+
+
+class Positions(nn.Module):
+  """nanoGPT's embeddings: tokens, plus learned positions looked up with ``arange(T)``."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    t = tokens.shape[1]
+    h = nn.Embed(7, 3, name="wte", **F64)(tokens) + nn.Embed(T, 3, name="wpe", **F64)(
+        jnp.arange(t))
+    return jnp.sum(jnp.sin(nn.Dense(2, name="head", **F64)(h)))
+
+
+def test_embedding_lookups_are_counted_whole():
+  """A position table's lookup ``(T,)`` has no example axis: its first k entries are
+  positions, so it is counted whole (as a token table's, whose counts cost nothing),
+  while the dense layer takes the first k examples' rows."""
+  tokens = jnp.array([[1, 2, 2, 0], [3, 3, 1, 6], [5, 0, 0, 0], [2, 4, 6, 1], [1, 1, 1, 1]])
+  model = Positions()
+  params = model.init(jax.random.key(0), tokens)["params"]
+  tx = sngd_jax.sngd(stats_batch_size=K, **ref.one_step_kwargs())
+  loss = sngd_jax.capture(lambda p: model.apply({"params": p}, tokens))
+  (_, acts), grads = jax.value_and_grad(loss, has_aux=True)(params)
+  updates, state = tx.update(grads, tx.init(params), params, activations=acts)
+  np.testing.assert_allclose(state.factors["wpe"], np.full(T, 1 / T), rtol=1e-12)
+  freq = np.bincount(np.asarray(tokens).ravel(), minlength=7) / tokens.size
+  np.testing.assert_allclose(state.factors["wte"], freq, rtol=1e-12)
+  for name, f in (("wpe", np.full(T, 1 / T)), ("wte", freq)):
+    g = np.asarray(grads[name]["embedding"])
+    np.testing.assert_allclose(updates[name]["embedding"],
+                               g / (f + ref.DAMPING * f.sum())[:, None], rtol=1e-10)
+  p = jax.tree.map(np.asarray, params)
+  h = p["wte"]["embedding"][np.asarray(tokens)] + p["wpe"]["embedding"][None]
+  _check(h[:K].reshape(-1, 3), grads["head"], updates["head"], "head")

@@ -12,7 +12,9 @@ layer written in Flax. Leading axes beyond a type's own rank are stack axes
 * ``Linear``: one dense layer, bias optional.
 * ``Conv`` (1-3-D), ``ConvTranspose``: a dense layer over input patches; a
   transposed convolution is the convolution of the stride-dilated input.
-* ``Embedding``: a diagonal factor (token frequencies).
+* ``Embedding``: a diagonal factor (token frequencies); with ``fisher="tied"``, a
+  table that a ``Linear`` also reads as its weight (``eqx.nn.Shared``) is also that
+  output layer, as linen's ``attend``.
 * ``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``BatchNorm``: one ``2 x 2``
   block per channel (``1 x 1`` without a bias).
 * ``LSTMCell``, ``GRUCell``: two dense layers named by their weight,
@@ -40,9 +42,9 @@ def _kind(fisher, path: str):
   kind = layers_lib.resolve_fisher(fisher, path)
   if kind == layers_lib.TIED:
     raise ValueError(
-        f"sngd: fisher='tied' for Equinox layer {path!r}: Equinox layers have no output-layer "
-        "method to capture (a tied table is read as `weight` directly); leave the layer to "
-        f"the next transform with fisher={{{path!r}: None}}")
+        f"sngd: fisher='tied' for Equinox layer {path!r}, which is not an `Embedding`; "
+        "'tied' is for an embedding table that a `Linear` also reads as its weight "
+        "(`eqx.nn.Shared`)")
   return kind
 
 
@@ -83,13 +85,24 @@ def cell(module: Any, parts: Parts, fisher) -> list[layers_lib.LayerSpec]:
 
 
 def embedding(module: Any, parts: Parts, fisher) -> list[layers_lib.LayerSpec]:
+  """The lookup's diagonal spec; with ``fisher="tied"`` also the output layer's, for a
+  table that a ``Linear`` reads as its weight (``eqx.nn.Shared``), as in linen."""
   w = module.weight
   path = paths.join(parts)
-  if w is None or w.ndim != 2 or _kind(fisher, path) is None:
+  kind = layers_lib.resolve_fisher(fisher, path)
+  if w is None or w.ndim != 2 or kind is None:
     return []
-  return [layers_lib.LayerSpec(path=path, kernel=parts + ("weight",), bias=None,
-                               in_dim=w.shape[0], out_dim=w.shape[1], fisher="linear",
-                               structure="diagonal")]
+  tied = kind == layers_lib.TIED
+  lookup = layers_lib.LayerSpec(path=path, kernel=parts + ("weight",), bias=None,
+                                in_dim=w.shape[0], out_dim=w.shape[1], fisher="linear",
+                                structure="diagonal", tied=tied)
+  if not tied:
+    return [lookup]
+  # logits = W h with W the (V, D) table: a Linear's (O, I) layout, inputs h
+  return [lookup, layers_lib.LayerSpec(
+      path=layers_lib.tied_path(path), kernel=parts + ("weight",), bias=None,
+      in_dim=w.shape[1], out_dim=w.shape[0], fisher="linear", kernel_perm=(1, 0), tied=True,
+      source=path)]
 
 
 def norm(module: Any, parts: Parts, fisher) -> list[layers_lib.LayerSpec]:

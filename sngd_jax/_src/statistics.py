@@ -193,6 +193,11 @@ def _is_attend(call: Captured) -> bool:
   return call.config == ("attend",)
 
 
+def is_lookup(call: Captured) -> bool:
+  """Whether a call is an embedding table's lookup (token ids; not its ``attend`` use)."""
+  return call.kind == "embed" and not _is_attend(call)
+
+
 def untied_output_use(spec: LayerSpec, calls: Sequence[Captured]) -> bool:
   """An embedding table without ``fisher="tied"`` that is also the output layer."""
   return spec.structure == "diagonal" and not spec.tied and any(_is_attend(c) for c in calls)
@@ -200,7 +205,8 @@ def untied_output_use(spec: LayerSpec, calls: Sequence[Captured]) -> bool:
 
 def tied_message(path: str) -> str:
   """The error for an embedding table also used as the output layer without ``'tied'``."""
-  return (f"sngd: embedding {path!r} is also used as the output layer (`attend`, tied "
+  return (f"sngd: embedding {path!r} is also used as the output layer (`attend`, or a Linear "
+          "reading it through `eqx.nn.Shared`: tied "
           "weights), so its local Fisher is not the lookup's diagonal one. Pass "
           f"`fisher={{{path!r}: 'tied'}}` to precondition the table as both layers "
           "(the update is (D + rho I)^{-1} g_E (G_h + rho I)^{-1}, D the lookup's diagonal "

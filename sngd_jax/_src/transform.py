@@ -112,8 +112,13 @@ def tree_all_finite(tree: Any) -> jax.Array:
 
 
 def _sub_batch(calls, size: int):
-  """The first ``size`` examples of every captured call (at every time step of a cell)."""
-  return tuple(c.first_examples(size) for c in calls)
+  """The first ``size`` examples of every captured call (at every time step of a cell).
+
+  An embedding's lookups are kept whole: counting tokens costs next to nothing, and a
+  lookup need not have an example axis (learned positions ``embed(jnp.arange(T))``,
+  whose leading axis is the position), so cutting it could drop positions.
+  """
+  return tuple(c if statistics.is_lookup(c) else c.first_examples(size) for c in calls)
 
 
 def _statistics_activations(config: SNGDConfig, activations: Activations) -> Activations:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import warnings
 from typing import Any, Callable, Iterator, Optional
 
 import jax
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 from sngd_jax._src import paths
 from sngd_jax._src.capture import transforms
 from sngd_jax._src.capture.records import Recorder, split_aux
+from sngd_jax._src.frames import caller_stacklevel
 
 # A record of one call: (name suffix, weight, inputs, outputs, kind, config).
 _Call = tuple[Optional[str], Any, Any, Any, str, tuple]
@@ -128,7 +130,8 @@ def recorders() -> dict[type, Any]:
           nn.GroupNorm: "norm", nn.BatchNorm: "norm", nn.LSTMCell: _cell, nn.GRUCell: _cell}
 
 
-def _wrap(rec: Recorder, original: Callable, recorder: Any) -> Callable:
+def _wrap(rec: Recorder, original: Callable, recorder: Any, unnamed: dict[str, None],
+          tables: frozenset[int]) -> Callable:
   if recorder == "norm":
     recorder = _norm(original)
 
@@ -139,8 +142,13 @@ def _wrap(rec: Recorder, original: Callable, recorder: Any) -> Callable:
     out = original(self, *args, **kwargs)
     for suffix, weight, x, z, kind, config in recorder(self, *fresh, out):
       roles, parts = rec.trace(weight)
-      if parts is None:
-        continue  # not a weight of the captured model: cannot be named
+      if parts is None:  # not a weight of the captured model: cannot be named
+        unnamed[f"{type(self).__name__} (weight {getattr(weight, 'shape', None)})"] = None
+        continue
+      if kind == "dense" and id(weight) in tables:
+        # an Embedding's table read by a Linear (eqx.nn.Shared): the output layer h E^T,
+        # recorded as linen's `attend` (fisher="tied" preconditions it; otherwise an error)
+        kind, config = "embed", ("attend",)
       path = paths.join(parts if suffix else parts[:-1])
       rec.add(path, x, z, kind, config, roles=roles, batch_axis=None)  # per example
     return out
@@ -149,12 +157,17 @@ def _wrap(rec: Recorder, original: Callable, recorder: Any) -> Callable:
 
 
 @contextlib.contextmanager
-def _layer_calls(rec: Recorder) -> Iterator[None]:
-  """Swaps each recorded class's ``__call__`` for a recording one, restoring it after."""
+def _layer_calls(rec: Recorder, unnamed: dict[str, None],
+                 tables: frozenset[int]) -> Iterator[None]:
+  """Swaps each recorded class's ``__call__`` for a recording one, restoring it after.
+
+  ``unnamed`` collects the calls whose weight is not a leaf of the captured model;
+  ``tables`` holds the ``id`` of each ``Embedding`` table of the model.
+  """
   originals = {cls: cls.__dict__["__call__"] for cls in recorders()}
   try:
     for cls, recorder in recorders().items():
-      cls.__call__ = _wrap(rec, originals[cls], recorder)
+      cls.__call__ = _wrap(rec, originals[cls], recorder, unnamed, tables)
     yield
   finally:
     for cls, original in originals.items():
@@ -166,6 +179,14 @@ def _leaf_paths(tree: Any) -> dict[int, tuple[str, ...]]:
   return {id(leaf): paths.leaf_parts(key_path)
           for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
           if isinstance(leaf, jax.Array)}
+
+
+def _tables(model: Any) -> frozenset[int]:
+  """``id`` of the weight of each ``eqx.nn.Embedding`` in ``model``."""
+  embedding = _equinox().nn.Embedding
+  return frozenset(
+      id(node.weight) for node in jax.tree.leaves(model, is_leaf=lambda n: isinstance(n, embedding))
+      if isinstance(node, embedding))
 
 
 def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False,
@@ -204,9 +225,20 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False,
   @functools.wraps(fn)
   def wrapped(model, *args, **kwargs):
     rec = Recorder(_leaf_paths(model), outputs)
-    with transforms.recording(rec), _layer_calls(rec):
+    unnamed: dict[str, None] = {}
+    with transforms.recording(rec), _layer_calls(rec, unnamed, _tables(model)):
       result = fn(model, *args, **kwargs)
     value, aux = split_aux(result, has_aux, "capture_eqx")
+    if unnamed:
+      warnings.warn(
+          f"sngd: capture_eqx could not name {len(unnamed)} layer call(s) "
+          f"({', '.join(unnamed)}): their weight is not a leaf of the model passed as the "
+          "captured function's first argument, as when the model goes through a `jax.jit` "
+          "or `eqx.filter_jit` inside the captured function (jit the whole training step "
+          "instead), or the layer is made inside the loss or its weight computed from the "
+          "params. They are not captured, and `update` reports their layers as not "
+          "captured; pass `fisher={path: None}` to leave such a layer to the next "
+          "transform.", stacklevel=caller_stacklevel())
     acts = rec.freeze()
     return (value, (aux, acts)) if has_aux else (value, acts)
 
