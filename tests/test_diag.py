@@ -283,3 +283,26 @@ def test_norm_without_scale_passes_bias_through():
   loss = lambda p, x: jnp.sum(model.apply({"params": p}, x))
   report = sngd_jax.coverage(loss, params, x)
   assert report.pass_through == ["LayerNorm_0/bias"]
+
+
+def test_a_stacked_table_from_nn_vmap_is_refused_with_the_fix():
+  """nn.vmap over nn.Embed gives a (members, V, D) table: refused, naming the fix (it
+  used to pass through silently while coverage listed it as a pass-through)."""
+
+  class Members(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+      embed = nn.vmap(nn.Embed, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=0, out_axes=0)(9, 3, **F64)
+      return jnp.sum(jnp.sin(embed(tokens)))
+
+  tokens = jnp.array([[1, 2], [3, 3]])
+  model = Members()
+  params = model.init(jax.random.key(0), tokens)["params"]
+  (path,) = params
+  with pytest.raises(ValueError, match=rf"layer '{path}': an embedding table of shape "
+                                       rf"\(2, 9, 3\).*fisher=\{{'{path}': None\}}"):
+    sngd_jax.sngd().init(params)
+  report = sngd_jax.coverage(lambda p, t: model.apply({"params": p}, t), params, tokens)
+  assert {r.path: r.fisher for r in report.params}[f"{path}/embedding"].startswith(
+      "MISSING: an embedding table")

@@ -460,3 +460,30 @@ def test_sgd_momentum_training_loss_falls():
       model, state, value = step(model, state)
       first = value if first is None else first
     assert float(value) < 0.3 * float(first)
+
+
+def test_a_stacked_embedding_table_is_refused_with_the_fix():
+  """Tables made by filter_vmap (an ensemble) are not modelled: init raises, coverage says
+  MISSING, both naming the path and the fix (they used to pass through silently)."""
+  tables = eqx.filter_vmap(lambda k: eqx.nn.Embedding(5, 3, key=k, dtype=jnp.float64))(
+      jax.random.split(KEYS[2], 2))
+  model = (tables, eqx.nn.Linear(3, 2, key=KEYS[3], dtype=jnp.float64))
+  params = eqx.filter(model, eqx.is_inexact_array)
+  with pytest.raises(ValueError, match=r"layer '0': an embedding table of shape \(2, 5, 3\) "
+                                       r"has 1 leading stack axis.*fisher=\{'0': None\}"):
+    sngd_jax.sngd().init(params)
+
+  def loss(model, tokens):
+    tables, head = model
+    h = eqx.filter_vmap(lambda t, tok: jax.vmap(t)(tok))(tables, tokens)
+    return jnp.sum(jax.vmap(jax.vmap(head))(h))
+
+  tokens = jnp.array([[0, 1, 1], [4, 4, 2]])
+  report = sngd_jax.coverage(loss, model, tokens)
+  row = {r.path: r.fisher for r in report.params}["0/weight"]
+  assert row.startswith("MISSING: an embedding table") and "fisher={'0': None}" in row
+  tx = sngd_jax.sngd(fisher={"0": None})   # the fix: the table passes through
+  (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(loss), has_aux=True)(
+      model, tokens)
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  np.testing.assert_array_equal(updates[0].weight, grads[0].weight)

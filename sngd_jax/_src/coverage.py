@@ -231,8 +231,7 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
     if layer is None:
       desc = PASS_THROUGH
     elif layer in missing:
-      desc = (f"{MISSING}: {missing[layer].reason}; if its kernel is not inputs then outputs, "
-              f"pass fisher={{{layer!r}: None}}")
+      desc = f"{MISSING}: {missing[layer].reason}; {missing[layer].fix}"
     elif layer not in specs:
       desc = f"{PASS_THROUGH} (fisher=None)"
     elif not activations.get(layer):

@@ -90,8 +90,10 @@ def embedding(module: Any, parts: Parts, fisher) -> list[layers_lib.LayerSpec]:
   w = module.weight
   path = paths.join(parts)
   kind = layers_lib.resolve_fisher(fisher, path)
-  if w is None or w.ndim != 2 or kind is None:
+  if w is None or w.ndim < 2 or kind is None:
     return []
+  if w.ndim > 2:
+    raise layers_lib.stacked_table(path, parts + ("weight",), w.shape)
   tied = kind == layers_lib.TIED
   lookup = layers_lib.LayerSpec(path=path, kernel=parts + ("weight",), bias=None,
                                 in_dim=w.shape[0], out_dim=w.shape[1], fisher="linear",
@@ -140,14 +142,26 @@ def layout_of(module: Any) -> Optional[Callable]:
   return None
 
 
-def discover(params: Any, fisher: layers_lib.FisherSpec) -> dict[str, layers_lib.LayerSpec]:
-  """The layers of an Equinox model (or of it filtered to arrays, or of its gradients)."""
+def discover(params: Any, fisher: layers_lib.FisherSpec,
+             errors: Optional[dict[str, layers_lib.UnmodelledLayer]] = None
+             ) -> dict[str, layers_lib.LayerSpec]:
+  """The layers of an Equinox model (or of it filtered to arrays, or of its gradients).
+
+  ``errors``: as in ``sngd_jax.discover``.
+  """
   is_layer = lambda n: layout_of(n) is not None
   specs = {}
   for key_path, node in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_layer)[0]:
     layout = layout_of(node)
     if layout is None:
       continue
-    for spec in layout(node, paths.leaf_parts(key_path), fisher):
+    try:
+      found = layout(node, paths.leaf_parts(key_path), fisher)
+    except layers_lib.UnmodelledLayer as e:
+      if errors is None:
+        raise
+      errors[e.path] = e
+      continue
+    for spec in found:
       specs[spec.path] = spec
   return specs

@@ -179,3 +179,36 @@ def stack_axes_of(stacked: StackSpec, path: str) -> Optional[int]:
       if best is None or len(prefix) > len(best[0]):
         best = (prefix, n)
   return None if best is None else best[1]
+
+
+class UnmodelledLayer(ValueError):
+  """A ``kernel`` (and ``bias``) whose shapes fit no layer sngd models, e.g. the
+  ``k x out x in`` kernel of ``ConvTranspose(transpose_kernel=True)``.
+
+  Attributes:
+    path: the layer path.
+    leaves: the path parts of its kernel and bias leaves.
+    reason: what does not fit, without the fix.
+  """
+
+  def __init__(self, path: str, leaves: tuple[tuple[str, ...], ...], reason: str,
+               fix: Optional[str] = None):
+    if fix is None:
+      fix = (f"if its kernel is not laid out inputs first, then outputs (as "
+             f"`ConvTranspose(transpose_kernel=True)`), leave it to the next transform with "
+             f"`fisher={{{path!r}: None}}`")
+    super().__init__(f"sngd: layer {path!r}: {reason}. {fix[0].upper()}{fix[1:]}")
+    self.path, self.leaves, self.reason, self.fix = path, leaves, reason, fix
+
+
+def stacked_table(path: str, leaf: tuple[str, ...], shape: tuple[int, ...]) -> UnmodelledLayer:
+  """The error for an embedding table with stack axes (not modelled yet)."""
+  return UnmodelledLayer(
+      path, (leaf,),
+      f"an embedding table of shape {tuple(shape)} has {len(shape) - 2} leading stack "
+      f"ax{'is' if len(shape) == 3 else 'es'} (a vmap over the weights: an ensemble of "
+      "tables), whose per-member token "
+      "counts sngd does not keep",
+      f"vmap the whole training step over the members instead (one sngd state each: "
+      f"docs/training-loops.md), or leave the table to the next transform with "
+      f"`fisher={{{path!r}: None}}`")

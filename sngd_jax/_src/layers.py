@@ -76,6 +76,9 @@ from sngd_jax._src.layer_spec import (
   StackSpec as StackSpec,
 )
 from sngd_jax._src.layer_spec import (
+  UnmodelledLayer as UnmodelledLayer,
+)
+from sngd_jax._src.layer_spec import (
   _resolve as _resolve,
 )
 from sngd_jax._src.layer_spec import (
@@ -85,26 +88,11 @@ from sngd_jax._src.layer_spec import (
   stack_axes_of as stack_axes_of,
 )
 from sngd_jax._src.layer_spec import (
+  stacked_table as stacked_table,
+)
+from sngd_jax._src.layer_spec import (
   tied_path as tied_path,
 )
-
-
-class UnmodelledLayer(ValueError):
-  """A ``kernel`` (and ``bias``) whose shapes fit no layer sngd models, e.g. the
-  ``k x out x in`` kernel of ``ConvTranspose(transpose_kernel=True)``.
-
-  Attributes:
-    path: the layer path.
-    leaves: the path parts of its kernel and bias leaves.
-    reason: what does not fit, without the fix.
-  """
-
-  def __init__(self, path: str, leaves: tuple[tuple[str, ...], ...], reason: str):
-    super().__init__(
-        f"sngd: layer {path!r}: {reason}. If its kernel is not laid out inputs first, then "
-        f"outputs (as `ConvTranspose(transpose_kernel=True)`), leave it to the next "
-        f"transform with `fisher={{{path!r}: None}}`")
-    self.path, self.leaves, self.reason = path, leaves, reason
 
 
 def discover(params: Any, fisher: FisherSpec = "linear",
@@ -131,7 +119,7 @@ def discover(params: Any, fisher: FisherSpec = "linear",
     ``fisher={path: "tied"}`` gives two (its lookup at ``path``, its output
     layer at ``tied_path(path)``, both on the same leaf).
   """
-  eqx_specs = _equinox_layers(params, fisher)
+  eqx_specs = _equinox_layers(params, fisher, errors)
   if eqx_specs is not None:
     return eqx_specs
   groups: dict[tuple[str, ...], dict[str, Any]] = {}
@@ -156,14 +144,16 @@ def discover(params: Any, fisher: FisherSpec = "linear",
   return specs
 
 
-def _equinox_layers(params: Any, fisher: FisherSpec) -> Optional[dict[str, LayerSpec]]:
+def _equinox_layers(params: Any, fisher: FisherSpec,
+                    errors: Optional[dict[str, UnmodelledLayer]] = None
+                    ) -> Optional[dict[str, LayerSpec]]:
   """Equinox layers by type, or None when ``params`` holds no Equinox module."""
   eqx = sys.modules.get("equinox")  # an Equinox model means Equinox is imported
   if eqx is None or not any(isinstance(n, eqx.Module) for n in jax.tree.leaves(
       params, is_leaf=lambda n: isinstance(n, eqx.Module))):
     return None
   from sngd_jax._src import equinox_layers  # noqa: PLC0415 (optional dependency)
-  return equinox_layers.discover(params, fisher)
+  return equinox_layers.discover(params, fisher, errors)
 
 
 def _stack_of_bias(kernel: Any, bias: Any) -> int:
@@ -231,10 +221,12 @@ def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any], fisher: FisherSpe
         fisher=kind,
         stack=tuple(kernel.shape[:n_stack]),
     )
-  if kernel is None and embedding is not None and getattr(embedding, "ndim", 0) == 2:
+  if kernel is None and embedding is not None and getattr(embedding, "ndim", 0) >= 2:
     kind = resolve_fisher(fisher, path)
     if kind is None:
       return None
+    if embedding.ndim > 2:
+      raise stacked_table(path, parent + ("embedding",), embedding.shape)
     # One-hot inputs: the linear Fisher is diagonal; rfim has no cheaper form here,
     # so an embedding always gets the (exact) linear one.
     lookup = LayerSpec(path=path, kernel=parent + ("embedding",), bias=None,
