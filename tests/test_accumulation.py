@@ -186,6 +186,17 @@ def test_sngd_inside_needs_activations():
     ms.update(grads, ms.init(params), params)
 
 
+def test_two_sngd_groups_are_refused_with_the_fix():
+  params, _, _, _ = _problem("dense")
+  labels = jax.tree.map(lambda _: "a", params)
+  labels = {**labels, "Dense_1": jax.tree.map(lambda _: "b", params["Dense_1"])}
+  inner = optax.multi_transform({"a": sngd_jax.sngd_momentum(0.1),
+                                 "b": sngd_jax.sngd_adam(1e-3)}, labels)
+  with pytest.raises(ValueError, match=r"holds 2\. Wrap each group's optimizer in its own "
+                                       r"`sngd_jax.MultiSteps` inside `optax.multi_transform`"):
+    sngd_jax.MultiSteps(inner, every_k_schedule=K).init(params)
+
+
 @pytest.mark.parametrize("wrap", ["chain", "apply_if_finite", "multi_transform"])
 def test_optax_wrappers_pass_activations_on(wrap):
   """``MultiSteps`` is a ``GradientTransformationExtraArgs``, so optax's wrappers forward

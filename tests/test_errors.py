@@ -5,6 +5,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import sngd_jax
@@ -211,6 +212,11 @@ def test_state_restored_without_a_target():
   with pytest.raises(TypeError, match=r"optimizer state is a dict, not the `SNGDState`.*"
                                       r"restore it into `tx.init\(params\)`"):
     tx.update(p, raw, p, activations=_acts(p))
+  # through a chain (msgpack_restore without a target): its keys reach sngd, not a str
+  chained = optax.chain(sngd_jax.sngd(), optax.sgd(0.1))
+  with pytest.raises(TypeError, match=r"optimizer state is a dict \(restored without a "
+                                      r"target: its keys reached sngd\)"):
+    chained.update(p, {"0": raw, "1": {}}, p, activations=_acts(p))
 
 
 def test_nothing_captured_hints_at_the_capture_function():

@@ -67,7 +67,9 @@ def _sngd_state(inner_state: Any) -> tuple[Optional[SNGDState], bool]:
   found = sngd_states(inner_state)
   if len(found) > 1:
     raise ValueError(f"sngd: MultiSteps accumulates the statistics of one `sngd` transform; "
-                     f"the wrapped optimizer holds {len(found)}")
+                     f"the wrapped optimizer holds {len(found)}. Wrap each group's optimizer "
+                     "in its own `sngd_jax.MultiSteps` inside `optax.multi_transform` "
+                     "(each accumulates its group's statistics and emits on the same calls)")
   if not found:
     return None, False
   masks = [m for m in jax.tree.leaves(inner_state, is_leaf=lambda s: isinstance(s, MaskedState))

@@ -252,8 +252,9 @@ def _needs_outputs(spec: LayerSpec, calls: Sequence[Captured]) -> None:
   if spec.fisher == "rfim" and any(c.outputs is None for c in calls):
     raise ValueError(
         f"sngd: layer {spec.path!r} has fisher='rfim', which weighs rows by the layer's "
-        "outputs, but they were not captured: capture with "
-        "`sngd_jax.capture(loss_fn, outputs=True)` (the default keeps only the inputs)")
+        "outputs, but they were not captured: capture with `outputs=True` "
+        "(`sngd_jax.capture(loss_fn, outputs=True)`; `capture_nnx`, `capture_eqx` the same; "
+        "the default keeps only the inputs)")
 
 
 def check_stack(spec: LayerSpec, calls: Sequence[Captured]) -> None:

@@ -173,8 +173,11 @@ def _check_inputs(config: SNGDConfig, method: InverseMethod, updates: Any, state
                   estimates: Optional[dict[str, Any]] = None) -> _Inputs:
   """Stage 1: finds the layers and raises errors naming the layer for what does not fit."""
   if not isinstance(state, SNGDState):
+    what = type(state).__name__
+    if isinstance(state, str):  # a restored dict's key, as optax.chain iterates over it
+      what = "dict (restored without a target: its keys reached sngd)"
     raise TypeError(
-        f"sngd: the optimizer state is a {type(state).__name__}, not the `SNGDState` that "
+        f"sngd: the optimizer state is a {what}, not the `SNGDState` that "
         "`init` makes. A checkpoint restored without a target comes back as plain dicts and "
         "lists: restore it into `tx.init(params)` (e.g. orbax `restore(path, target)`, "
         "`flax.serialization.from_state_dict(tx.init(params), restored)`)")
@@ -347,8 +350,8 @@ def _refresh(config: SNGDConfig, method: InverseMethod, specs, factors, weights,
              state: SNGDState, finite: jax.Array):
   """Stage 3: every ``inverse_every`` steps (and at the first), refreshes the inverses.
 
-  With ``inverse_warmup`` also on the steps of the factor updates number 1, 2, 4,
-  8, ... (``count = factor_every * 2^k``) before ``inverse_every``.
+  With ``inverse_warmup`` also at ``count = factor_every * 2^k`` (1, 2, 4, 8, ... factor
+  updates after the first, which is at step 0) before ``inverse_every``.
 
   Returns:
     ``(inverses, failures, refreshed)``.
