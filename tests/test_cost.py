@@ -1,5 +1,8 @@
 """Tests of the per-layer cost estimate against the real state and formulas."""
 
+import pathlib
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,3 +93,28 @@ def test_abstract_params_and_unknown_parts():
   assert "| Dense_1 | linear | cholesky | 257 x 257 x 1 |" in table
   assert costs["Dense_0"].method == "nystrom(rank=128)" and costs["Dense_1"].method == "cholesky"
   assert "**total**" in table and table.count("\n") == 4
+
+
+def test_the_scale_out_page_table_is_what_cost_estimate_gives():
+  """docs/scale-out.md's example (MLP 784-256-256-10, batch 128, defaults) row for row, and
+  its `inverse="cholesky"` and rfim figures."""
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Dense(256)(x))
+      x = nn.relu(nn.Dense(256)(x))
+      return nn.Dense(10)(x)
+
+  params = MLP().init(jax.random.key(0), jnp.ones((1, 784)))["params"]
+  page = " ".join(
+      (pathlib.Path(__file__).parent.parent / "docs" / "scale-out.md").read_text().split())
+  table = sngd_jax.format_costs(sngd_jax.cost_estimate(params, batch_rows=128))
+  for row in table.splitlines()[2:]:
+    assert " ".join(row.split()) in page, row
+  dense0 = sngd_jax.cost_estimate(params, batch_rows=128, inverse="cholesky")["Dense_0"]
+  assert f"{dense0.refresh_flops / 1e9:.2f} Gflop refresh" in page
+  assert f"and {dense0.flops_per_step / 1e6:.0f} Mflop per step" in page
+  assert f"amortized refresh ({dense0.refresh_flops / 100 / 1e6:.0f} Mflop)" in page
+  rfim = sngd_jax.cost_estimate(params, batch_rows=128, fisher={"Dense_1": "rfim"})["Dense_1"]
+  assert f"{(rfim.factor_bytes + rfim.inverse_bytes) / 1e6:.0f} MB of state" in page
+  assert f"{rfim.allreduce_bytes / 1e6:.1f} MB all-reduce" in page

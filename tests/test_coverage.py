@@ -1,6 +1,8 @@
 """The coverage report: every leaf listed with its local Fisher (or pass-through /
 MISSING) and the bytes its factor really takes in the optimizer state."""
 
+import pathlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -140,3 +142,29 @@ def test_activation_bytes_of_flax_mnist_cnn_are_its_layer_inputs_by_default():
   full = sngd_jax.coverage(loss, params, x, outputs=True)
   assert (full.activation_bytes, full.output_bytes) == (inputs + outputs, outputs)
   assert round(inputs / 1e6, 1) == 5.3 and round(outputs / 1e6, 1) == 19.4
+
+
+class _UsageExample(nn.Module):
+  """The model of docs/usage.md's coverage example."""
+
+  @nn.compact
+  def __call__(self, img, tokens):
+    a = nn.GroupNorm(num_groups=4)(nn.Conv(16, (3, 3), strides=2)(img)).mean((1, 2))
+    h = nn.RNN(nn.LSTMCell(32))(nn.Embed(1000, 32)(tokens))[:, -1]
+    t = self.param("temperature", nn.initializers.ones, ())
+    return nn.Dense(10)(jnp.concatenate([a, h], -1)) / t
+
+
+def test_the_usage_page_example_is_what_coverage_prints():
+  model = _UsageExample()
+  img, tokens = jnp.ones((4, 28, 28, 1)), jnp.ones((4, 20), jnp.int32)
+  params = model.init(jax.random.key(0), img, tokens)["params"]
+  report = sngd_jax.coverage(lambda p, i, t: jnp.sum(model.apply({"params": p}, i, t)),
+                             params, img, tokens)
+  page = (pathlib.Path(__file__).parent.parent / "docs" / "usage.md").read_text()
+  block = page[page.index("```text\nparameter"):]
+  block = block[len("```text\n"):block.index("```", 8)].splitlines()
+  printed = str(report).splitlines()
+  shown = [line for line in block if line != "..."]
+  assert len(shown) < len(printed) and all(line in printed for line in shown), shown
+  assert printed[-1] == block[-1] and printed[-2] == block[-2]

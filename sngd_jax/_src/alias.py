@@ -153,9 +153,10 @@ def sngd_adam(
 
   (``m^``, ``v^`` bias-corrected). The local Fisher supplies the directions
   between the inputs of a layer, which a diagonal method cannot see; Adam's
-  per-entry normalization then sets the step size (recommended start:
-  ``1e-3``; on the tasks of ``benchmarks/README.md`` the best value was
-  Adam's own or 3-10x larger, between ``1e-3`` and ``3e-2``). On its tuning set it reached the
+  per-entry normalization then sets the step size (start at the learning rate
+  Adam would use: on the tasks of ``benchmarks/README.md`` the best value was Adam's own
+  or 3x smaller, between ``1e-3`` and ``3e-2``; docs/hyperparameters.md, *Learning
+  rate*). On its tuning set it reached the
   test target in fewer steps than ``sngd_momentum`` and than Adam, each with a tuned
   learning rate (*Tuning-set study 2* there).
 

@@ -1,7 +1,8 @@
 """Ready-made configurations of ``sngd_jax.sngd``.
 
 ``paper`` is the reference configuration of the paper's code (W. Liu et al.,
-arXiv:2412.07441; ``docs/METHOD.md`` sections 2 and 4), which differs from the
+arXiv:2412.07441; its method and defaults as ``docs/usage.md`` and
+``docs/hyperparameters.md`` describe them), which differs from the
 library's defaults (``sngd_jax.DEFAULTS``) in every option that the defaults
 amortize or bound:
 
