@@ -79,13 +79,19 @@ def _optimizer(**kwargs):
   return sngd_jax.sngd_momentum(0.05, momentum=0.9, fisher=FISHER, inverse_every=5, **kwargs)
 
 
-def _train(tx, step_wrapper=None, put=None, axis_name=None):
+def _onehot_loss(params, x, y):
+  """``_loss`` with one-hot labels (an explicit mesh refuses the integer labels' gather)."""
+  logits = MODEL.apply({"params": params}, x)
+  return optax.softmax_cross_entropy(logits, jax.nn.one_hot(y, logits.shape[-1])).mean()
+
+
+def _train(tx, step_wrapper=None, put=None, axis_name=None, loss=_loss):
   """20 steps; returns (params, state). ``put(tree, batch)`` places arrays."""
   put = put or (lambda tree, batch: tree)
   xs, ys, params = _data()
 
   def step(params, state, x, y):
-    loss_fn = _loss
+    loss_fn = loss
     if axis_name is not None:
       # Under shard_map the loss is the global batch mean, so its gradient is too.
       loss_fn = lambda *a: jax.lax.pmean(_loss(*a), axis_name)
@@ -217,6 +223,31 @@ def test_shard_map_20_steps_match_one_device(shard_refresh):
   wrapper = lambda f: jax.shard_map(f, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
                                     out_specs=(P(), P()))
   params, state = _train(tx, step_wrapper=wrapper, put=_placer(mesh), axis_name="data")
+  _check_same_training(params, state)
+
+
+@multi
+@pytest.mark.parametrize("layout", ["tensor_parallel", "fsdp"])
+def test_explicit_mesh_with_model_sharded_params_matches_one_device(layout):
+  """Params sharded over their features (a model axis: the captured inputs are sharded
+  along their features) or over their inputs (FSDP), on a mesh with explicit axes: the
+  bias column of X~ and W~ = [W; b^T] are joined along a sharded axis."""
+  if layout == "tensor_parallel":
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    spec = lambda a: P(None, "model") if a.ndim == 2 else P("model")
+  else:
+    mesh = jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(AxisType.Explicit,))
+    spec = lambda a: P("data", None) if a.ndim == 2 and a.shape[0] % NUM_DEVICES == 0 else P()
+
+  def put(tree, batch):
+    if batch:
+      return jax.device_put(tree, NamedSharding(mesh, P("data")))
+    if isinstance(tree, dict):  # the params
+      return jax.device_put(tree, jax.tree.map(lambda a: NamedSharding(mesh, spec(a)), tree))
+    return tree  # the state: as init makes it from the sharded params
+
+  with jax.set_mesh(mesh):
+    params, state = _train(_optimizer(), put=put, loss=_onehot_loss)
   _check_same_training(params, state)
 
 

@@ -54,6 +54,24 @@ def replicate(x: jax.Array) -> jax.Array:
   return x if mesh is None else jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec()))
 
 
+def unshard_axis(x: jax.Array, axis: int) -> jax.Array:
+  """``x`` with axis ``axis`` replicated under an explicit mesh (its other axes keep their
+  sharding); any other array is returned as is.
+
+  Under sharding-in-types, concatenating along an axis, or slicing it, needs that axis
+  unsharded and the operands' shardings equal: the bias column of ``X~`` (rows sharded
+  over a data axis, features over a model axis), and ``W~ = [W; b^T]`` (a kernel
+  sharded over its inputs, FSDP).
+  """
+  mesh = _explicit_mesh(x)
+  if mesh is None:
+    return x
+  spec = list(jax.typeof(x).sharding.spec) + [None] * x.ndim
+  spec = spec[:x.ndim]
+  spec[axis % x.ndim] = None
+  return jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+
 def reshard_like(x: jax.Array, like: jax.Array) -> jax.Array:
   """Gives ``x`` the sharding type of ``like`` under an explicit mesh; else returns ``x``."""
   if _explicit_mesh(like) is None:

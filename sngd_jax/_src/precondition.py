@@ -60,7 +60,9 @@ def augmented(spec: LayerSpec, leaves: Sequence[Any], index: Mapping[tuple[str, 
   w = w.reshape(spec.stack + (spec.in_dim, spec.out_dim)).astype(dtype)
   if spec.bias is not None:
     b = leaves[index[spec.bias]].reshape(spec.stack + (1, spec.out_dim)).astype(dtype)
-    w = jnp.concatenate([w, b], axis=-2)
+    # under an explicit mesh both operands need the same sharding, the joined axis whole
+    w = distributed.unshard_axis(w, -2)
+    w = jnp.concatenate([w, distributed.reshard_like(b, w)], axis=-2)
   return w
 
 

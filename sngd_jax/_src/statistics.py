@@ -45,6 +45,7 @@ from jax.sharding import AxisType
 from sngd_jax._src import conv as conv_lib
 from sngd_jax._src import sketch as sketch_lib
 from sngd_jax._src.capture.records import Captured, stack_shape
+from sngd_jax._src import distributed
 from sngd_jax._src.distributed import replicated_out_sharding
 from sngd_jax._src.layers import LayerSpec
 
@@ -178,6 +179,7 @@ def layer_rows(spec: LayerSpec,
   x = jnp.concatenate(xs).astype(dtype)
   z = None if any(z is None for z in zs) else jnp.concatenate(zs).astype(dtype)
   if spec.bias is not None:
+    x = distributed.unshard_axis(x, 1)  # features sharded over a model axis (explicit mesh)
     x = jnp.concatenate([x, jnp.ones_like(x[:, :1])], axis=1)  # keeps x's row sharding
   return x, z
 
