@@ -43,9 +43,9 @@ import numpy as np
 from jax.sharding import AxisType
 
 from sngd_jax._src import conv as conv_lib
+from sngd_jax._src import distributed
 from sngd_jax._src import sketch as sketch_lib
 from sngd_jax._src.capture.records import Captured, stack_shape
-from sngd_jax._src import distributed
 from sngd_jax._src.distributed import replicated_out_sharding
 from sngd_jax._src.layers import LayerSpec
 
