@@ -434,6 +434,35 @@ def test_nonfinite_shard_skips_the_step_on_every_device():
   assert all(float(jnp.max(jnp.abs(u))) == 0.0 for u in jax.tree.leaves(updates))
 
 
+@multi
+def test_axis_name_is_checked_where_update_runs():
+  """A wrong or unbound ``axis_name`` is named (JAX raised an empty AssertionError in
+  shard_map); a step inside shard_map without it warns (each device's own statistics)."""
+  mesh = jax.make_mesh((NUM_DEVICES,), ("data",))
+  put = _placer(mesh)
+  params, acts, fisher = _layer_problem()
+  grads = jax.tree.map(jnp.ones_like, params)
+
+  def run(axis_name, manual=True):
+    tx = sngd_jax.sngd(fisher=fisher, axis_name=axis_name)
+    update = lambda g, s, a: tx.update(g, s, activations=a)[1].count
+    if manual:
+      update = jax.shard_map(update, mesh=mesh, in_specs=(P(), P(), _batch_spec(acts)),
+                             out_specs=P(), check_vma=False)
+    return jax.jit(update)(put(grads, False), put(tx.init(params), False), put(acts, True))
+
+  with pytest.raises(ValueError, match=r"`axis_name='batch'` names an axis that is not bound"
+                                       r".*inside a `shard_map` over the axes \('data',\)"):
+    run("batch")
+  with pytest.raises(ValueError, match=r"outside any `shard_map`/`pmap`.*leave "
+                                       r"`axis_name=None`"):
+    run("data", manual=False)
+  with pytest.warns(UserWarning, match=r"inside a `shard_map` over the manual axes "
+                                       r"\('data',\), but `axis_name` is not set"):
+    run(None)
+  assert int(run("data")) == 1
+
+
 # ---------------------------------------------------------------- one device
 
 

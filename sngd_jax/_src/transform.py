@@ -438,6 +438,7 @@ def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArg
   def update_fn(updates, state, params=None, *, activations=None, statistics=None,
                 **extra_args):
     del params, extra_args
+    validation.check_axis_name(config.axis_name)
     # The named scopes label the stages in profiles and in the compiled program's metadata.
     inputs = _check_inputs(config, method, updates, state, activations, statistics)
     with jax.named_scope("sngd_check"):

@@ -288,3 +288,39 @@ def check_statistics(specs: Mapping[str, layers_lib.LayerSpec], state_factors: M
       raise ValueError(
           f"sngd: layer {path!r}: the batch estimate passed as `statistics=` has shape {got}; "
           f"the state's factor has {want}. Pass what `sngd_jax.MultiSteps` accumulates.")
+
+
+def check_axis_name(axis_name: Any) -> None:
+  """Requires ``axis_name`` to be bound where ``update`` is traced; warns when a step
+  inside ``shard_map`` over manual axes leaves it unset.
+
+  ``axis_name`` is for a step written per device (``shard_map``, ``pmap``): each device's
+  statistics are averaged over that axis. A wrong name made JAX fail later with an empty
+  ``AssertionError`` (inside ``shard_map``) or a message about ``psum``; without the name
+  inside ``shard_map`` the statistics are each device's own shard's, and with
+  ``check_vma`` on, JAX refuses a conditional deep in ``update``.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  manual = () if mesh.empty else tuple(
+      n for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
+      if t == jax.sharding.AxisType.Manual)
+  if axis_name is None:
+    if manual:
+      warnings.warn(
+          f"sngd: `update` runs inside a `shard_map` over the manual axes {manual}, but "
+          "`axis_name` is not set: each device's local Fisher is estimated from its own "
+          "shard of the batch, and the devices' states drift apart. Pass "
+          f"`sngd(axis_name={manual[0]!r})` (the data axis) to average the statistics "
+          "over it (docs/scale-out.md).", stacklevel=config_lib.caller_stacklevel())
+    return
+  for name in axis_name if isinstance(axis_name, tuple) else (axis_name,):
+    try:
+      jax.lax.axis_size(name)
+    except NameError:
+      where = (f"inside a `shard_map` over the axes {manual}" if manual else
+               "outside any `shard_map`/`pmap` (under `jit` with sharded arrays, leave "
+               "`axis_name=None`: XLA reduces the statistics over the devices itself)")
+      raise ValueError(
+          f"sngd: `axis_name={axis_name!r}` names an axis that is not bound where `update` "
+          f"runs ({name!r}: the step is {where}). `axis_name` is the data axis of a step "
+          "written per device (`shard_map`, `pmap`).") from None
