@@ -339,3 +339,128 @@ def test_damped_factors_find_the_sngd_state_in_an_optimizer_state():
                  sngd_jax.factor_roots(inner))
   with pytest.raises(ValueError, match="holding 2; pass the one you mean"):
     sngd_jax.damped_factors((inner, inner))
+
+
+def _one_update(model, params, inputs, tx):
+  loss = lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, inputs)))
+  grads, acts = jax.grad(sngd_jax.capture(loss), has_aux=True)(params)
+  updates, state = tx.update(grads, tx.init(params), params, activations=acts)
+  return grads, updates, state
+
+
+class Wide(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3, param_dtype=x.dtype)(x)
+
+
+@pytest.mark.parametrize("inverse", ["blocks", "nystrom_seed_tail"])
+def test_damped_factors_are_what_the_method_preconditions_with(inverse):
+  """Under ``block_diagonal`` the update solves the block-diagonal part of ``G + rho I``,
+  under a Nystrom method with its own seed and tail that model: ``damped_factors`` gives
+  those (they gave the full ``G + rho I``, and a seed-0 model: NaN for seed 5)."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(40, 12)) @ rng.normal(size=(12, 12)))
+  params = Wide().init(jax.random.key(0), x)["params"]
+  if inverse == "blocks":
+    method = sngd_jax.inverse.block_diagonal(block_size=4)
+  else:
+    method = sngd_jax.inverse.nystrom(rank=5, seed=5, tail="zero")
+  tx = exact_sngd(inverse=method, damping=1e-2, inverse_every=1, decay=0.5)
+  grads, updates, state = _one_update(Wide(), params, x, tx)
+  damped = np.asarray(sngd_jax.damped_factors(state)["Dense_0"])
+  g = np.concatenate([grads["Dense_0"]["kernel"], grads["Dense_0"]["bias"][None]])
+  u = np.concatenate([updates["Dense_0"]["kernel"], updates["Dense_0"]["bias"][None]])
+  np.testing.assert_allclose(u, np.linalg.solve(damped, g), rtol=1e-9, atol=1e-12)
+  if inverse == "blocks":  # the off-diagonal blocks are zero, the diagonal ones G + rho I
+    full = np.asarray(reconstruct.base.damp(
+        jnp.asarray(state.factors["Dense_0"] / state.weights["Dense_0"]), 1e-2, 0.0))
+    mask = np.kron(np.eye(4), np.ones((4, 4)))[:13, :13]
+    np.testing.assert_allclose(damped, full * mask, rtol=1e-12, atol=1e-15)
+  roots = sngd_jax.factor_roots(state)
+  prime = sngd_jax.to_reconstructed(params, roots)
+  assert leaves_rel(sngd_jax.from_reconstructed(prime, roots), params) < 1e-12
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, h, _):
+    return jnp.tanh(nn.Dense(4, param_dtype=h.dtype)(h)), None
+
+
+class Scanned(nn.Module):
+  """Three blocks scanned over depth (a stacked kernel (3, 4, 4) with bias (3, 4))."""
+
+  @nn.compact
+  def __call__(self, x):
+    block = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                    length=3)
+    return block()(x, None)[0]
+
+
+def test_stacked_layers_map_each_layer_with_its_own_root():
+  """``W'_l = G_l^{1/2} W~_l`` for every layer of a stack (it raised 'factor of size 5
+  does not match the 3 rows')."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(30, 4)))
+  params = Scanned().init(jax.random.key(0), x)["params"]
+  _, _, state = _one_update(Scanned(), params, x, exact_sngd(damping=1e-2, inverse_every=1))
+  (path,) = state.factors
+  roots = sngd_jax.factor_roots(state)
+  assert roots[path].sqrt.shape == (3, 5, 5)
+  prime = sngd_jax.to_reconstructed(params, roots)
+  kernel, bias = (params[path.split("/")[0]]["Dense_0"][k] for k in ("kernel", "bias"))
+  kprime = prime[path.split("/")[0]]["Dense_0"]["kernel"]
+  for layer in range(3):
+    w = np.concatenate([kernel[layer], bias[layer][None]])
+    expect = np.asarray(roots[path].sqrt[layer]) @ w
+    np.testing.assert_allclose(kprime[layer], expect[:4], rtol=1e-12)
+  assert leaves_rel(sngd_jax.from_reconstructed(prime, roots), params) < 1e-12
+
+
+class TiedLM(nn.Module):
+  @nn.compact
+  def __call__(self, tokens):
+    emb = nn.Embed(7, 4, param_dtype=jnp.float64)
+    return emb.attend(jnp.tanh(nn.Dense(4, param_dtype=jnp.float64)(emb(tokens))))
+
+
+@pytest.mark.filterwarnings("ignore:sngd. fisher=.tied. with max_norm=None")
+def test_tied_table_maps_both_sides():
+  """With ``fisher={path: "tied"}``: ``E' = D^{1/2} E G_h^{1/2}`` (it raised 'have factors
+  but no kernel'); one SGD step on ``E'`` through both uses, mapped back, is the update."""
+  tokens = jnp.asarray([[1, 4, 4, 0, 2], [4, 1, 2, 6, 6]])
+  model = TiedLM()
+  params = model.init(jax.random.key(0), tokens)["params"]
+  fisher = {"Embed_0": "tied"}
+  tx = exact_sngd(fisher=fisher, damping=1e-2, inverse_every=1)
+  _, updates, state = _one_update(model, params, tokens, tx)
+  roots = sngd_jax.factor_roots(state)
+  with pytest.raises(ValueError, match=r"Pass the `fisher=` and `stacked=`"):
+    sngd_jax.to_reconstructed(params, roots)
+  prime = sngd_jax.to_reconstructed(params, roots, fisher=fisher)
+  d_half, h_half = roots["Embed_0"].sqrt, roots["Embed_0[attend]"].sqrt
+  e = params["Embed_0"]["embedding"]
+  np.testing.assert_allclose(prime["Embed_0"]["embedding"], d_half[:, None] * e @ h_half,
+                             rtol=1e-12)
+  assert leaves_rel(sngd_jax.from_reconstructed(prime, roots, fisher=fisher), params) < 1e-12
+
+  def reconstructed(p):
+    ep = p["Embed_0"]["embedding"]
+    h = (ep[tokens] * roots["Embed_0"].inv_sqrt[tokens][..., None]) @ roots[
+        "Embed_0[attend]"].inv_sqrt  # lookups: D^{-1/2} rows, then G_h^{-1/2} (E = ...)
+    d = p["Dense_0"]
+    h = jnp.tanh(sngd_jax.reconstructed_dense(h, d["kernel"], d["bias"],
+                                              roots["Dense_0"].inv_sqrt))
+    # the output layer reads E through its local Fisher layer: h G_h^{-1/2} E'^T D^{-1/2}
+    logits = (h @ roots["Embed_0[attend]"].inv_sqrt) @ ep.T * roots["Embed_0"].inv_sqrt
+    return jnp.sum(jnp.sin(logits))
+
+  loss = lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, tokens)))
+  np.testing.assert_allclose(reconstructed(prime), loss(params), rtol=1e-12)
+  lr = 0.1
+  g_prime = jax.grad(reconstructed)(prime)
+  back = sngd_jax.from_reconstructed(jax.tree.map(lambda p, g: p - lr * g, prime, g_prime),
+                                     roots, fisher=fisher)
+  delta_got = jax.tree.map(lambda a, b: a - b, back, params)
+  assert leaves_rel(delta_got, jax.tree.map(lambda u: -lr * u, updates)) < 1e-8

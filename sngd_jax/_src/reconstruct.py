@@ -33,7 +33,7 @@ When ``G`` changes, remap ``W' <- G_new^{1/2} G_old^{-1/2} W'``, i.e.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,7 @@ from sngd_jax._src.config import value_at
 from sngd_jax._src.inverse import base
 from sngd_jax._src.inverse import nystrom as nystrom_lib
 from sngd_jax._src.inverse.base import HIGHEST as _HIGHEST
+from sngd_jax._src.inverse.registry import get_method
 from sngd_jax._src.inverse.roots import Roots, sqrt_and_inv_sqrt
 from sngd_jax._src.state import only_sngd_state
 
@@ -80,15 +81,43 @@ def _sketched_model(s: sketch_lib.Sketch, damping, abs_damping, seed: int,
   return dense.reshape(s.trace.shape + dense.shape[-2:])
 
 
-def damped_factors(state: Any, damping=None, abs_damping=None, nystrom_seed: int = 0,
-                   nystrom_tail: str = "mean") -> dict[str, jax.Array]:
+def _modelled(method: base.InverseMethod, g, damping, abs_damping) -> Optional[jax.Array]:
+  """The damped factor that ``method`` preconditions with, where it is not ``G + rho I``
+  itself: the dense Nystrom model ``M + rho I`` (from a sketch or a dense ``G``), or the
+  block-diagonal part of ``G + rho I`` (``block_diagonal``); None for the other methods
+  (exact, or iterative approximations of the exact inverse)."""
+  d = g.y.shape[-2] if sketch_lib.is_sketch(g) else g.shape[-1]
+  name = base.describe(method, d).name
+  if not name.startswith(("nystrom", "blocks")):
+    return None
+  stack = g.trace.shape if sketch_lib.is_sketch(g) else g.shape[:-2]
+  blocks = sketch_lib.flat_blocks(g) if sketch_lib.is_sketch(g) else g.reshape((-1, d, d))
+  shift = base.damping_shift(blocks, damping, abs_damping)
+  rep, _ = method.refresh(blocks, shift.astype(jax.tree.leaves(blocks)[0].dtype))
+  if isinstance(rep, nystrom_lib.NystromRep):
+    out = nystrom_lib.dense(rep)
+  else:  # the diagonal sub-blocks: sub-block size from the representation, (b, n, s, s)
+    num, size = jax.tree.leaves(rep)[0].shape[1:3]
+    damped = base.damp(blocks, damping, abs_damping)
+    mask = jnp.kron(jnp.eye(num, dtype=damped.dtype), jnp.ones((size, size), damped.dtype))
+    out = damped * mask[:d, :d]
+  return out.reshape(stack + (d, d))
+
+
+def damped_factors(state: Any, damping=None, abs_damping=None,
+                   nystrom_seed: Optional[int] = None,
+                   nystrom_tail: Optional[str] = None) -> dict[str, jax.Array]:
   """``G + (damping * tr(G) + abs_damping) I`` per layer, from the state's factors.
 
-  A layer whose state keeps only the sketch ``(S Omega, tr S, c)`` of ``G = S + c I``
-  (the rank-``r`` Nystrom layers of ``inverse="auto"``, ``sngd_jax._src.sketch``) gets the dense
-  Nystrom model ``M + rho I`` that the transform's refresh builds from that
-  sketch, ``M = U diag(lam) U^T + tau (I - U U^T)``: the matrix whose inverse
-  it preconditions with, so the reconstructed network stays exact for it.
+  Where the state's inverse method preconditions with a model of it, the model: a
+  layer whose state keeps only the sketch ``(S Omega, tr S, c)`` of ``G = S + c I``
+  (the rank-``r`` Nystrom layers of ``inverse="auto"``, ``sngd_jax._src.sketch``), or a
+  dense factor under a Nystrom method, gets the dense Nystrom model ``M + rho I`` that
+  the transform's refresh builds, ``M = U diag(lam) U^T + tau (I - U U^T)`` (with the
+  method's own seed and tail); a layer under ``block_diagonal`` (or
+  ``auto(large="blocks")``) the block-diagonal part of ``G + rho I``. These are the
+  matrices whose inverses it preconditions with, so the reconstructed network stays
+  exact for them.
 
   Args:
     state: an ``sngd_jax.SNGDState`` (or anything with ``factors`` and
@@ -97,9 +126,9 @@ def damped_factors(state: Any, damping=None, abs_damping=None, nystrom_seed: int
     damping: the relative damping; None (default) reads the one the state was
       made with (``state.config``; a schedule is evaluated at ``state.count``).
     abs_damping: the absolute damping; None reads it likewise.
-    nystrom_seed: the test-matrix seed of the Nystrom method (default 0, that
-      of ``inverse="auto"``); used for sketched layers only.
-    nystrom_tail: its tail rule (default ``"mean"``).
+    nystrom_seed: the test-matrix seed of the Nystrom model of a sketched layer; None
+      (default): the state's method's (0 for a state without a config).
+    nystrom_tail: its tail rule; None: the method's (``"mean"`` without a config).
 
   Returns:
     Per layer path, ``(d, d)`` (linear) or ``(O, d, d)`` (rfim) damped blocks, ``(C, 2, 2)``
@@ -110,19 +139,30 @@ def damped_factors(state: Any, damping=None, abs_damping=None, nystrom_seed: int
   state = _sngd_state_in(state)
   damping = _configured(state, "damping", damping)
   abs_damping = _configured(state, "abs_damping", abs_damping)
+  config = getattr(state, "config", None)
+  method = None
+  if config is not None and nystrom_seed is None and nystrom_tail is None:
+    method = get_method(config.inverse)
   out = {}
   for path, f in state.factors.items():
     g = statistics.normalized(f, state.weights[path])
-    if sketch_lib.is_sketch(g):
-      out[path] = _sketched_model(g, damping, abs_damping, nystrom_seed, nystrom_tail)
-    elif g.ndim == 1:  # an embedding's diagonal factor: its damped diagonal
+    if not sketch_lib.is_sketch(g) and g.ndim == 1:  # an embedding's diagonal factor
       out[path] = g + (damping * jnp.sum(g) + abs_damping)
+      continue
+    model = None if method is None else _modelled(method, g, damping, abs_damping)
+    if model is not None:
+      out[path] = model
+    elif sketch_lib.is_sketch(g):
+      out[path] = _sketched_model(g, damping, abs_damping,
+                                  0 if nystrom_seed is None else nystrom_seed,
+                                  "mean" if nystrom_tail is None else nystrom_tail)
     else:
       out[path] = base.damp(g, damping, abs_damping)
   return out
 
 
 def factor_roots(state: Any, damping=None, abs_damping=None, method: str = "eigh",
+                 nystrom_seed: Optional[int] = None, nystrom_tail: Optional[str] = None,
                  **kwargs) -> dict[str, Roots]:
   """``G_rho^{1/2}`` and ``G_rho^{-1/2}`` per layer (see ``damped_factors``).
 
@@ -131,6 +171,8 @@ def factor_roots(state: Any, damping=None, abs_damping=None, method: str = "eigh
     damping: relative damping (None: the state's, see ``damped_factors``).
     abs_damping: absolute damping (None: the state's).
     method: a key of ``sngd_jax.inverse.ROOTS`` (``"eigh"`` is exact).
+    nystrom_seed: see ``damped_factors``.
+    nystrom_tail: see ``damped_factors``.
     **kwargs: passed to the root method (e.g. ``num_iters``).
 
   Returns:
@@ -139,7 +181,8 @@ def factor_roots(state: Any, damping=None, abs_damping=None, method: str = "eigh
   """
   out: dict[str, Roots] = {}
   previous = None
-  for path, g in damped_factors(state, damping, abs_damping).items():
+  for path, g in damped_factors(state, damping, abs_damping, nystrom_seed,
+                                nystrom_tail).items():
     if g.ndim == 1:  # a diagonal: elementwise, exact
       root = jnp.sqrt(g)
       out[path] = Roots(root, 1.0 / root, jnp.zeros((), g.dtype))
@@ -150,56 +193,75 @@ def factor_roots(state: Any, damping=None, abs_damping=None, method: str = "eigh
   return out
 
 
-def _map_layers(params: Any, roots: dict[str, Roots],
-                fn: Callable[[Roots, jax.Array], jax.Array]) -> Any:
-  """Replaces ``W~`` of every layer in ``roots`` by ``fn(roots, W~)`` (``d x O``)."""
-  specs = layers_lib.discover(params, "linear")
+def _map_layers(params: Any, roots: dict[str, Roots], power: str,
+                fisher: layers_lib.FisherSpec, stacked: layers_lib.StackSpec) -> Any:
+  """Replaces ``W~`` of every layer in ``roots`` by ``R W~`` (``d x O`` after the layer's
+  stack axes), ``R`` its root ``power`` (``"sqrt"`` or ``"inv_sqrt"``).
+
+  A tied table's two roots act on its two sides (``D^{1/2} E G_h^{1/2}``): each reads
+  the table as the other left it.
+  """
+  specs = layers_lib.discover(params, fisher, stacked)
   missing = sorted(set(roots) - set(specs))
   if missing:
-    raise ValueError(f"sngd: layers {missing} have factors but no kernel in the params "
-                     f"(layers found: {sorted(specs)})")
+    raise ValueError(
+        f"sngd: layers {missing} have factors but no kernel in the params (layers found: "
+        f"{sorted(specs)}). Pass the `fisher=` and `stacked=` that the optimizer was built "
+        "with (a tied table's output layer, a stacked or bias-free multi-axis kernel)")
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
   index = {paths.leaf_parts(p): i for i, (p, _) in enumerate(leaves_with_path)}
-  leaves = [leaf for _, leaf in leaves_with_path]
-  out = list(leaves)
+  out = [leaf for _, leaf in leaves_with_path]
   for path, r in roots.items():
     spec = specs[path]
-    w = precondition.augmented(spec, leaves, index, r.sqrt.dtype)
-    if w.shape[0] != r.sqrt.shape[-1]:
-      raise ValueError(f"sngd: layer {path!r}: factor of size {r.sqrt.shape[-1]} does not "
-                       f"match the {w.shape[0]} rows of its augmented kernel")
-    for i, part in precondition.split(spec, fn(r, w), leaves, index).items():
+    m = getattr(r, power)
+    w = precondition.augmented(spec, out, index, m.dtype)
+    size = spec.in_dim if spec.structure == "diagonal" else spec.dim
+    if m.shape[-1] != size or w.shape[-2] != size:
+      raise ValueError(
+          f"sngd: layer {path!r}: factor of size {m.shape[-1]} does not match the "
+          f"{w.shape[-2]} rows of its augmented kernel (shape {w.shape}); pass the "
+          "`fisher=` and `stacked=` that the optimizer was built with")
+    for i, part in precondition.split(spec, _left_multiply(spec, m, w), out, index).items():
       out[i] = part
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _left_multiply(m: jax.Array, w: jax.Array) -> jax.Array:
-  """``M W`` (linear, ``M`` of shape ``(d, d)``), ``M_j w_j`` per column (``(O, d, d)``),
-  or ``diag(m) W`` (a diagonal factor, ``(V,)``)."""
-  if m.ndim == 1:
-    return m[:, None] * w
-  if m.ndim == 3:
-    return jnp.einsum("jab,bj->aj", m, w, precision=_HIGHEST)
+def _left_multiply(spec: layers_lib.LayerSpec, m: jax.Array, w: jax.Array) -> jax.Array:
+  """``M W`` (one block per layer of the stack), ``M_j w_j`` per column (rfim: ``(O, d,
+  d)``), or ``diag(m) W`` (a diagonal factor, ``(V,)``)."""
+  if spec.structure == "diagonal":
+    return m[..., :, None] * w
+  if spec.per_unit or m.ndim == len(spec.stack) + 3:  # rfim roots: one block per unit
+    m = m.reshape(spec.stack + (spec.out_dim,) + m.shape[-2:])
+    return jnp.einsum("...jab,...bj->...aj", m, w, precision=_HIGHEST)
   return jnp.matmul(m, w, precision=_HIGHEST)
 
 
-def to_reconstructed(params: Any, roots: dict[str, Roots]) -> Any:
+def to_reconstructed(params: Any, roots: dict[str, Roots], *,
+                     fisher: layers_lib.FisherSpec = "linear",
+                     stacked: layers_lib.StackSpec = None) -> Any:
   """Maps params to the reconstructed network's: ``W' = G_rho^{1/2} W~`` per layer.
 
   Args:
     params: the params tree (as given to ``sngd_jax.sngd``).
     roots: per layer path, from ``factor_roots``.
+    fisher: the ``fisher=`` the optimizer was built with, where it matters here: per-layer
+      input axes (``("linear", n)``) and tied tables (``"tied"``: ``E' = D^{1/2} E
+      G_h^{1/2}``, both of its roots); the kind itself is read from the roots' shapes.
+    stacked: the ``stacked=`` the optimizer was built with (bias-free stacked kernels).
 
   Returns:
     A params tree of the same structure and dtypes whose kernels and biases
     hold ``W' = [W'; b'^T]``; other leaves are unchanged.
   """
-  return _map_layers(params, roots, lambda r, w: _left_multiply(r.sqrt, w))
+  return _map_layers(params, roots, "sqrt", fisher, stacked)
 
 
-def from_reconstructed(params_prime: Any, roots: dict[str, Roots]) -> Any:
-  """The inverse of ``to_reconstructed``: ``W~ = G_rho^{-1/2} W'``."""
-  return _map_layers(params_prime, roots, lambda r, w: _left_multiply(r.inv_sqrt, w))
+def from_reconstructed(params_prime: Any, roots: dict[str, Roots], *,
+                       fisher: layers_lib.FisherSpec = "linear",
+                       stacked: layers_lib.StackSpec = None) -> Any:
+  """The inverse of ``to_reconstructed``: ``W~ = G_rho^{-1/2} W'`` (same arguments)."""
+  return _map_layers(params_prime, roots, "inv_sqrt", fisher, stacked)
 
 
 def fisher_layer(x: jax.Array, inv_sqrt: jax.Array, bias: bool = True) -> jax.Array:
