@@ -33,7 +33,7 @@ When ``G`` changes, remap ``W' <- G_new^{1/2} G_old^{-1/2} W'``, i.e.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import jax
 import jax.numpy as jnp
@@ -93,12 +93,13 @@ def _modelled(method: base.InverseMethod, g, damping, abs_damping) -> Optional[j
   stack = g.trace.shape if sketch_lib.is_sketch(g) else g.shape[:-2]
   blocks = sketch_lib.flat_blocks(g) if sketch_lib.is_sketch(g) else g.reshape((-1, d, d))
   shift = base.damping_shift(blocks, damping, abs_damping)
-  rep, _ = method.refresh(blocks, shift.astype(jax.tree.leaves(blocks)[0].dtype))
+  rep, _ = method.refresh(cast(jax.Array, blocks),
+                          shift.astype(jax.tree.leaves(blocks)[0].dtype))
   if isinstance(rep, nystrom_lib.NystromRep):
     out = nystrom_lib.dense(rep)
-  else:  # the diagonal sub-blocks: sub-block size from the representation, (b, n, s, s)
+  else:  # the diagonal sub-blocks (a dense G): sub-block size from the representation
     num, size = jax.tree.leaves(rep)[0].shape[1:3]
-    damped = base.damp(blocks, damping, abs_damping)
+    damped = base.damp(cast(jax.Array, blocks), damping, abs_damping)
     mask = jnp.kron(jnp.eye(num, dtype=damped.dtype), jnp.ones((size, size), damped.dtype))
     out = damped * mask[:d, :d]
   return out.reshape(stack + (d, d))
