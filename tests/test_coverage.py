@@ -83,7 +83,7 @@ def test_factor_bytes_of_a_wide_layer_are_its_sketch_and_nystrom_model():
 
 def test_rfim_is_reported_per_unit():
   loss, params, x, tokens = _setup()
-  report = sngd_jax.coverage(loss, params, x, tokens, fisher="rfim")
+  report = sngd_jax.coverage(loss, params, x, tokens, fisher="rfim", outputs=True)
   kinds = {p.path: p.fisher for p in report.params}
   assert kinds["Dense_0/kernel"] == "rfim/dense 3x5x5"
   assert kinds["LayerNorm_0/scale"] == "per-channel/rfim/norm 4x2x2"

@@ -1,6 +1,7 @@
 """Bad inputs raise errors that name the layer path and the expected and actual shapes."""
 
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -261,6 +262,44 @@ def test_dense_call_with_other_input_axes_gives_the_fix():
   tx = sngd_jax.sngd(fisher={"DenseGeneral_0": ("linear", 1)})
   updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
   assert updates["DenseGeneral_0"]["kernel"].shape == (4, 2, 3)
+  # under rfim the fix keeps rfim (it said ('linear', 1), which silently changed the kind)
+  grads, acts = jax.grad(sngd_jax.capture(loss, outputs=True), has_aux=True)(params, x)
+  tx = sngd_jax.sngd(fisher="rfim")
+  with pytest.raises(ValueError, match=re.escape(
+      "pass fisher={'DenseGeneral_0': ('rfim', 1)}")):
+    tx.update(grads, tx.init(params), params, activations=acts)
+  report = sngd_jax.coverage(loss, params, x, fisher="rfim", outputs=True)
+  assert "('rfim', 1)" in {r.path: r.fisher for r in report.params}["DenseGeneral_0/kernel"]
+
+
+def test_rfim_without_outputs_is_missing_in_coverage():
+  """``update`` raises for rfim without the outputs; ``coverage`` said nothing of it."""
+  import flax.linen as nn  # noqa: PLC0415
+
+  model = nn.Dense(3)
+  x = jnp.ones((5, 4))
+  params = model.init(jax.random.key(0), x)["params"]
+  loss = lambda p, x: jnp.sum(model.apply({"params": p}, x) ** 2)
+  row = {r.path: r.fisher for r in sngd_jax.coverage(loss, params, x, fisher="rfim").params}
+  assert row["kernel"].startswith("MISSING: fisher='rfim' weighs rows by the layer's outputs")
+  report = sngd_jax.coverage(loss, params, x, fisher="rfim", outputs=True)
+  assert report.missing == []
+
+
+def test_wide_rfim_layer_under_a_nystrom_method_warns():
+  """rfim keeps dense per-unit blocks: above the exact limit their Nystrom model holds the
+  prior (only a linear layer's sketch keeps it out), so init says what to pass."""
+  import flax.linen as nn  # noqa: PLC0415
+
+  params = nn.Dense(2).init(jax.random.key(0), jnp.ones((1, 600)))["params"]
+  with pytest.warns(UserWarning, match=r"rfim layers \[''\] get a Nystrom model.*"
+                                       r"`inverse=\"cholesky\"`"):
+    sngd_jax.sngd(fisher="rfim").init(params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    sngd_jax.sngd(fisher="rfim", inverse="cholesky").init(params)
+    sngd_jax.sngd(fisher="rfim", prior="none").init(params)
+    sngd_jax.sngd().init(params)  # linear: a sketch, the prior kept out
 
 
 def test_unmodelled_kernel_layout_is_missing_in_coverage_and_named_by_init():

@@ -157,6 +157,9 @@ def _mismatch(spec: layers_lib.LayerSpec, calls) -> Optional[str]:
     factors_lib.check_stack(spec, calls)
   except ValueError as e:
     return str(e).split(": ", 2)[-1]
+  if spec.fisher == "rfim" and any(c.outputs is None for c in calls):
+    return ("fisher='rfim' weighs rows by the layer's outputs, which were not captured: "
+            "pass outputs=True (here and to the capture)")
   n_layers = math.prod(stack_shape(calls[0]))
   for call in calls:
     if call.kind not in factors_lib.STRUCTURE_KINDS[spec.structure]:

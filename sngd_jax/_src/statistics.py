@@ -138,7 +138,7 @@ def input_axes_hint(spec, call) -> str:
     return ""
   n = len(call.config[0]) if call.config else 1
   return (f"; if the kernel's first {n} axes are its inputs (a bias-free projection to "
-          f"several output axes), pass fisher={{{spec.path!r}: ('linear', {n})}}")
+          f"several output axes), pass fisher={{{spec.path!r}: ({spec.fisher!r}, {n})}}")
 
 
 def stat_dtype(*arrays: jax.Array) -> jnp.dtype:

@@ -22,6 +22,7 @@ trust region -> write back -> guard.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, NamedTuple, Optional, cast
 
 import jax
@@ -32,9 +33,9 @@ from sngd_jax._src import control, distributed, paths, precondition, statistics,
 from sngd_jax._src import layers as layers_lib
 from sngd_jax._src import sketch as sketch_lib
 from sngd_jax._src.capture.records import Activations, stacked_rows_pooled
-from sngd_jax._src.config import DEFAULTS, AxisName, SNGDConfig, value_at
+from sngd_jax._src.config import DEFAULTS, AxisName, SNGDConfig, caller_stacklevel, value_at
 from sngd_jax._src.inverse import diagonal as diagonal_lib
-from sngd_jax._src.inverse.base import InverseMethod
+from sngd_jax._src.inverse.base import InverseMethod, describe
 from sngd_jax._src.inverse.refresh import refresh_inverses
 from sngd_jax._src.inverse.registry import get_method
 from sngd_jax._src.inverse.sharded import shard_method
@@ -423,6 +424,28 @@ def _method_of(config: SNGDConfig) -> InverseMethod:
   return method
 
 
+def _warn_rfim_nystrom(specs, method: InverseMethod, config: SNGDConfig) -> None:
+  """Warns for rfim layers whose blocks get a Nystrom model with the prior inside it.
+
+  A linear layer's Nystrom state is a sketch that keeps the prior ``c I`` out of the
+  low-rank model (exact while the data's rank is below ``r``); rfim keeps dense per-unit
+  blocks, whose model takes its range from ``G + c I`` as a whole: while the prior
+  dominates (the first tens of factor updates) nearly a random subspace.
+  """
+  if config.prior == "none":
+    return
+  wide = [p for p, s in specs.items() if s.structure == "dense" and s.fisher == "rfim"
+          and describe(method, s.dim).name.startswith("nystrom")]
+  if wide:
+    warnings.warn(
+        f"sngd: rfim layers {wide} get a Nystrom model of each unit's dense block with the "
+        f"prior ({config.prior!r}) inside it (only a linear layer's sketch keeps the prior "
+        "out), which is far from the exact inverse while the prior dominates the factor. "
+        "Pass `inverse=\"cholesky\"` for exact blocks, `fisher=\"linear\"` for these "
+        "layers, or `prior=\"none\"` (docs/matrix-functions.md).",
+        stacklevel=caller_stacklevel())
+
+
 def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArgs:
   """``sngd`` for a ready ``SNGDConfig``."""
   method = _method_of(config)
@@ -431,6 +454,7 @@ def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArg
     specs = layers_lib.discover(params, config.fisher, config.stacked)
     validation.warn_unmatched_option_keys(params, config.fisher, config.stacked)
     validation.warn_under_optax_multisteps()
+    _warn_rfim_nystrom(specs, method, config)
     leaves, _, index = _flatten(params)
     validation.check_param_dtypes(specs, leaves, index, "params")
     return _init_state(params, specs, method, config)
