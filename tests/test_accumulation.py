@@ -141,6 +141,42 @@ def test_micro_batches_give_the_big_batch_update(kind):
     assert any(isinstance(f, sngd_jax.Sketch) for f in ms_s.acc_statistics.values())
 
 
+def test_unequal_micro_batches_weigh_statistics_by_rows_and_the_gradient_per_batch():
+  """docs/training-loops.md: a short last micro-batch counts in the factors by its rows
+  (as one batch of all the rows would), and in the gradient as in ``optax.MultiSteps``
+  (the mean of the micro-batch means)."""
+  params, x, y, loss_fn = _problem("dense")
+  sizes = (6, 6, 4)  # 3 micro-batches of the K * N = 16 rows, the last one short
+  tx = lambda: optax.chain(sngd_jax.sngd(damping=1e-2, decay=0.0, prior="none",
+                                         max_norm=None, inverse_every=1),
+                           optax.sgd(0.1))
+  ms = sngd_jax.MultiSteps(tx(), every_k_schedule=len(sizes))
+  micro_step, state = _step(ms, loss_fn), ms.init(params)
+  start, grads = 0, []
+  for n in sizes:
+    xb, yb = x[start:start + n], y[start:start + n]
+    grads.append(jax.grad(loss_fn)(params, xb, yb))
+    new_params, state, _ = micro_step(params, state, xb, yb)
+    start += n
+  whole = slice(0, sum(sizes))
+  (_, acts), _ = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(
+      params, x[whole], y[whole])
+  mean_grad = jax.tree.map(lambda *g: sum(g) / len(g), *grads)
+  big = tx()
+  updates, big_state = big.update(mean_grad, big.init(params), params, activations=acts)
+  for path, f in _sngd_state(big_state).factors.items():
+    np.testing.assert_allclose(_sngd_state(state).factors[path], f, rtol=2e-5, atol=1e-6,
+                               err_msg=path)
+  jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-4, atol=2e-6),
+               new_params, optax.apply_updates(params, updates))
+  # the whole batch's mean gradient would move the params elsewhere: the check can tell
+  whole_grad = jax.grad(loss_fn)(params, x[whole], y[whole])
+  other, _ = big.update(whole_grad, big.init(params), params, activations=acts)
+  assert not all(np.allclose(p, q, rtol=1e-4, atol=2e-6) for p, q in zip(
+      jax.tree.leaves(new_params), jax.tree.leaves(optax.apply_updates(params, other)),
+      strict=True))
+
+
 def test_statistics_are_accumulated_only_for_factor_steps():
   params, x, y, loss_fn = _problem("dense")
   ms = sngd_jax.MultiSteps(_inner("dense"), every_k_schedule=K)  # factor_every=2
