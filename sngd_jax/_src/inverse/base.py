@@ -23,6 +23,8 @@ the event (``refresh``).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -217,3 +219,37 @@ def all_finite_per_block(x: jax.Array) -> jax.Array:
 def compute_dtype(dtype) -> jnp.dtype:
   """The working precision: float32 for bfloat16/float16 inputs, else the input's."""
   return jnp.promote_types(dtype, jnp.float32)
+
+
+def method_factory(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """Caches a method factory on its arguments as bound to its signature (defaults filled
+  in): ``nystrom(64)``, ``nystrom(rank=64)`` and, for the default rank, ``nystrom()``
+  return the same ``InverseMethod`` object (``functools.cache`` tells them apart), so
+  states made with them have one tree structure and share a compiled step."""
+  signature = inspect.signature(fn)
+  made: dict[tuple, Any] = {}
+
+  @functools.wraps(fn)
+  def factory(*args, **kwargs):
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    key = tuple(bound.arguments.items())
+    if key not in made:
+      made[key] = fn(*bound.args, **bound.kwargs)
+    return made[key]
+
+  return factory
+
+
+def check_count(name: str, value: Any, low: int = 1) -> None:
+  """Requires an int option of a method factory to be at least ``low``."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise ValueError(f"sngd: `{name}` must be an int >= {low}, got {value!r}")
+
+
+def check_method(name: str, method: Any) -> None:
+  """Requires ``method`` to be an ``InverseMethod`` (a wrapper given a name, say)."""
+  if not isinstance(method, InverseMethod):
+    raise ValueError(
+        f"sngd: {name} wraps an InverseMethod, got {method!r}; make one with a factory of "
+        f"sngd_jax.inverse, e.g. {name}(sngd_jax.inverse.auto())")

@@ -7,13 +7,18 @@ dropping the couplings between input groups as Shampoo's blocking does.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
 from sngd_jax._src.inverse import dense
-from sngd_jax._src.inverse.base import InverseMethod, MethodInfo, describe, is_batch_safe
+from sngd_jax._src.inverse.base import (
+  InverseMethod,
+  MethodInfo,
+  check_count,
+  describe,
+  is_batch_safe,
+  method_factory,
+)
 
 
 def _split(d: int, block_size: int) -> tuple[int, int, int]:
@@ -41,7 +46,7 @@ def diagonal_blocks(g: jax.Array, block_size: int) -> jax.Array:
   return jnp.moveaxis(g[:, idx, :, idx, :], 0, 1)
 
 
-@functools.cache  # equal arguments, one method: see base.InverseMethod
+@method_factory  # equal arguments, one method: see base.InverseMethod
 def block_diagonal(block_size: int = 512,
                    inner: InverseMethod | None = None) -> InverseMethod:
   """Inverts only the diagonal blocks of at most ``block_size`` (block-Jacobi).
@@ -58,7 +63,12 @@ def block_diagonal(block_size: int = 512,
     An ``InverseMethod``; its representation is ``inner``'s with axes
     ``(b, n, ...)``.
   """
+  check_count("block_size", block_size)
   inner = inner or dense.cholesky()
+  if describe(inner, block_size).name.startswith("nystrom"):
+    raise ValueError(
+        "sngd: block_diagonal needs an exact inner method (the last sub-block is padded with "
+        "an identity, whose directions a low-rank model would keep instead of the data's)")
 
   def identity(b, d, dtype):
     num, size, _ = _split(d, block_size)

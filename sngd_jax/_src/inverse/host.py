@@ -42,7 +42,7 @@ import numpy as np
 import scipy.linalg
 
 from sngd_jax._src import sketch as sketch_lib
-from sngd_jax._src.inverse.base import layer_groups
+from sngd_jax._src.inverse.base import check_method, layer_groups
 
 
 class HostMethod(NamedTuple):
@@ -352,6 +352,7 @@ def host_refresh(method):
     ValueError: for a method without NumPy twins (only ``cholesky``,
       ``nystrom`` and ``auto`` have them).
   """
+  check_method("host_refresh", method)
   if method.host is None:
     raise ValueError("sngd: host_refresh needs a method with NumPy twins (cholesky, nystrom "
                      "or auto); this one has none (InverseMethod.host is None)")
@@ -366,4 +367,5 @@ def xla_only(method):
   ahead-of-time compile that is serialized). Example:
   ``sngd_jax.sngd(inverse=sngd_jax.inverse.xla_only(sngd_jax.inverse.auto()))``.
   """
+  check_method("xla_only", method)
   return method._replace(host=None, use_host=False)

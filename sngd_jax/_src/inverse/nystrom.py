@@ -200,7 +200,7 @@ def dense(rep: NystromRep) -> jax.Array:
   return power_apply(rep, jnp.broadcast_to(eye, rep.basis.shape[:1] + (d, d)), 1.0)
 
 
-@functools.cache  # equal arguments, one method: see base.InverseMethod
+@base.method_factory  # equal arguments, one method: see base.InverseMethod
 def nystrom(rank: int = DEFAULT_RANK, seed: int = 0, tail: str = "mean") -> base.InverseMethod:
   """Nystrom inverse method: ``O(d r)`` cached memory, ``O(d^2 r)`` refresh work.
 
@@ -217,6 +217,7 @@ def nystrom(rank: int = DEFAULT_RANK, seed: int = 0, tail: str = "mean") -> base
   """
   if tail not in TAILS:
     raise ValueError(f"sngd: unknown Nystrom tail {tail!r}; expected one of {TAILS}")
+  base.check_count("rank", rank)
 
   def identity(b, d, dtype):
     r = min(rank, d)

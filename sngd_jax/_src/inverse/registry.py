@@ -13,13 +13,18 @@ memory per refresh. ``auto`` keeps the exact Cholesky inverse up to
 
 from __future__ import annotations
 
-import functools
 from typing import Union
 
 from sngd_jax._src import sketch as sketch_lib
 from sngd_jax._src.inverse import dense, roots
 from sngd_jax._src.inverse import nystrom as nystrom_lib
-from sngd_jax._src.inverse.base import InverseMethod, describe, host_of, is_batch_safe
+from sngd_jax._src.inverse.base import (
+    InverseMethod,
+    describe,
+    host_of,
+    is_batch_safe,
+    method_factory,
+)
 from sngd_jax._src.inverse.blocks import block_diagonal
 
 AUTO_MAX_DIM = 512
@@ -30,7 +35,7 @@ row)."""
 LARGE = ("nystrom", "blocks")
 
 
-@functools.cache  # equal arguments, one method: see base.InverseMethod
+@method_factory  # equal arguments, one method: see base.InverseMethod
 def auto(max_dim: int = AUTO_MAX_DIM, large: str = "nystrom",
          rank: int = nystrom_lib.DEFAULT_RANK,
          block_size: int = 512, small: InverseMethod | None = None) -> InverseMethod:

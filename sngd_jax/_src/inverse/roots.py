@@ -21,7 +21,6 @@ Both keep ``Y_k = A Z_k``, so ``Y Z - I = A Z^2 - I`` measures convergence.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, NamedTuple, Optional, Union
 
@@ -34,9 +33,11 @@ from sngd_jax._src.inverse.base import (
   MethodInfo,
   add_shift,
   all_finite_per_block,
+  check_count,
   compute_dtype,
   dense_apply_flops,
   frobenius_norm,
+  method_factory,
   symmetrize,
 )
 from sngd_jax._src.inverse.dense import dense_apply, dense_identity
@@ -127,7 +128,9 @@ def _coupled_iteration(step, a: jax.Array, num_iters: int, tol: Union[float, str
   a = symmetrize(a.astype(compute_dtype(dtype)))
   s = _scale(a, scale)[..., None, None]
   y = a / s
-  z = jnp.broadcast_to(jnp.eye(a.shape[-1], dtype=a.dtype), a.shape)
+  # I, typed as Y (``0 * y``): inside a shard_map the loop carry must vary over the same
+  # mesh axes as the block it iterates on (a non-finite block fails either way)
+  z = jnp.eye(a.shape[-1], dtype=a.dtype) + 0 * y
   limit = _tolerance(tol, a.dtype)
   if limit is None:
     y, z = jax.lax.fori_loop(0, num_iters, lambda _, c: step(*c), (y, z))
@@ -262,21 +265,23 @@ def root_refresh(roots: Callable[..., Roots], error_bound: float, **kwargs):
   return refresh
 
 
-@functools.cache  # equal arguments, one method: see base.InverseMethod
+@method_factory  # equal arguments, one method: see base.InverseMethod
 def denman_beavers_inverse(num_iters: int = 40, tol: Union[float, str, None] = "auto",
                            error_bound: float = 1e-3,
                            scale: str = "frobenius") -> InverseMethod:
   """``(G + rho I)^{-1} = Z Z`` with ``Z`` from ``denman_beavers``."""
+  check_count("num_iters", num_iters)
   refresh = root_refresh(denman_beavers, error_bound, num_iters=num_iters, tol=tol, scale=scale)
   info = lambda d: MethodInfo("denman_beavers", None, dense_apply_flops(d))
   return InverseMethod(dense_identity, refresh, dense_apply, info=info)
 
 
-@functools.cache  # equal arguments, one method: see base.InverseMethod
+@method_factory  # equal arguments, one method: see base.InverseMethod
 def newton_schulz_inverse(num_iters: int = 40, tol: Union[float, str, None] = "auto",
                           error_bound: float = 1e-3,
                           scale: str = "frobenius") -> InverseMethod:
   """``(G + rho I)^{-1} = Z Z`` with ``Z`` from ``newton_schulz`` (products only)."""
+  check_count("num_iters", num_iters)
   refresh = root_refresh(newton_schulz, error_bound, num_iters=num_iters, tol=tol, scale=scale)
   info = lambda d: MethodInfo("newton_schulz", None, dense_apply_flops(d))
   return InverseMethod(dense_identity, refresh, dense_apply, info=info)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from sngd_jax._src.distributed import AxisName
-from sngd_jax._src.inverse.base import InverseMethod
+from sngd_jax._src.inverse.base import InverseMethod, check_method
 
 
 def _axis_tuple(axis_name: AxisName) -> tuple[str, ...]:
@@ -78,6 +78,7 @@ def shard_method(method: InverseMethod, axis_name: Optional[AxisName] = None,
     unchanged. The refreshed representation is replicated. Without a NumPy twin
     (``InverseMethod.host``): the split refresh runs in XLA on every platform.
   """
+  check_method("shard_method", method)
   if axis_name is not None:
     def refresh(stacked, shift):
       return split_refresh(method.refresh, stacked, shift, axis_name)
