@@ -16,6 +16,7 @@ def test_equal_arguments_written_differently_give_one_method():
   assert inv.block_diagonal() is inv.block_diagonal(block_size=512)
   assert inv.newton_schulz_inverse(40) is inv.newton_schulz_inverse(num_iters=40)
   assert inv.nystrom(64) is not inv.nystrom(65)
+  assert inv.nystrom(np.int64(64)) is inv.nystrom(64)  # a NumPy integer is an int here
   params = {"d": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
   a = sngd_jax.sngd(inverse=inv.nystrom(64)).init(params)
   b = sngd_jax.sngd(inverse=inv.nystrom(rank=64)).init(params)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -243,7 +244,7 @@ def method_factory(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def check_count(name: str, value: Any, low: int = 1) -> None:
   """Requires an int option of a method factory to be at least ``low``."""
-  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
     raise ValueError(f"sngd: `{name}` must be an int >= {low}, got {value!r}")
 
 
