@@ -36,6 +36,11 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 AxisName = Union[str, Sequence[str]]
 
 
+def axis_names(axis_name: AxisName) -> tuple[str, ...]:
+  """The names of ``axis_name`` as a tuple (one name or a sequence of them)."""
+  return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+
+
 def _explicit_mesh(x: jax.Array):
   """The mesh of ``x``'s sharding type if it has explicit axes, else None."""
   mesh = getattr(jax.typeof(x).sharding, "mesh", None)

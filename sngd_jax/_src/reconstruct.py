@@ -87,8 +87,7 @@ def _modelled(method: base.InverseMethod, g, damping, abs_damping) -> Optional[j
   block-diagonal part of ``G + rho I`` (``block_diagonal``); None for the other methods
   (exact, or iterative approximations of the exact inverse)."""
   d = g.y.shape[-2] if sketch_lib.is_sketch(g) else g.shape[-1]
-  name = base.describe(method, d).name
-  if not name.startswith(("nystrom", "blocks")):
+  if not (base.is_nystrom(method, d) or base.describe(method, d).name.startswith("blocks")):
     return None
   stack = g.trace.shape if sketch_lib.is_sketch(g) else g.shape[:-2]
   blocks = sketch_lib.flat_blocks(g) if sketch_lib.is_sketch(g) else g.reshape((-1, d, d))

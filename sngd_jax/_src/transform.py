@@ -35,7 +35,7 @@ from sngd_jax._src import sketch as sketch_lib
 from sngd_jax._src.capture.records import Activations, stacked_rows_pooled
 from sngd_jax._src.config import DEFAULTS, AxisName, SNGDConfig, caller_stacklevel, value_at
 from sngd_jax._src.inverse import diagonal as diagonal_lib
-from sngd_jax._src.inverse.base import InverseMethod, describe
+from sngd_jax._src.inverse.base import InverseMethod, is_nystrom
 from sngd_jax._src.inverse.refresh import refresh_inverses
 from sngd_jax._src.inverse.registry import get_method
 from sngd_jax._src.inverse.sharded import shard_method
@@ -435,7 +435,7 @@ def _warn_rfim_nystrom(specs, method: InverseMethod, config: SNGDConfig) -> None
   if config.prior == "none":
     return
   wide = [p for p, s in specs.items() if s.structure == "dense" and s.fisher == "rfim"
-          and describe(method, s.dim).name.startswith("nystrom")]
+          and is_nystrom(method, s.dim)]
   if wide:
     warnings.warn(
         f"sngd: rfim layers {wide} get a Nystrom model of each unit's dense block with the "

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from sngd_jax._src import config as config_lib
+from sngd_jax._src import distributed, paths
 from sngd_jax._src import layers as layers_lib
-from sngd_jax._src import paths
 from sngd_jax._src import sketch as sketch_lib
 
 
@@ -313,7 +313,7 @@ def check_axis_name(axis_name: Any) -> None:
           f"`sngd(axis_name={manual[0]!r})` (the data axis) to average the statistics "
           "over it (docs/scale-out.md).", stacklevel=config_lib.caller_stacklevel())
     return
-  for name in axis_name if isinstance(axis_name, tuple) else (axis_name,):
+  for name in distributed.axis_names(axis_name):
     try:
       jax.lax.axis_size(name)
     except NameError:

@@ -119,6 +119,12 @@ def describe(method: InverseMethod, d: int) -> MethodInfo:
   return method.info(d) if method.info is not None else MethodInfo("custom")
 
 
+def is_nystrom(method: InverseMethod, d: int) -> bool:
+  """Whether ``method`` gives blocks of size ``d`` a low-rank Nystrom model (by the name
+  its ``info`` reports: ``"nystrom(rank=...)"``), not their exact inverse."""
+  return describe(method, d).name.startswith("nystrom")
+
+
 def dense_apply_flops(d: int) -> float:
   """One column of an explicit-inverse product: ``2 d^2``."""
   return 2.0 * d * d

@@ -17,6 +17,7 @@ from sngd_jax._src.inverse.base import (
   check_count,
   describe,
   is_batch_safe,
+  is_nystrom,
   method_factory,
 )
 
@@ -65,7 +66,7 @@ def block_diagonal(block_size: int = 512,
   """
   check_count("block_size", block_size)
   inner = inner or dense.cholesky()
-  if describe(inner, block_size).name.startswith("nystrom"):
+  if is_nystrom(inner, block_size):
     raise ValueError(
         "sngd: block_diagonal needs an exact inner method (the last sub-block is padded with "
         "an identity, whose directions a low-rank model would keep instead of the data's)")

@@ -17,12 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from sngd_jax._src.distributed import AxisName
+from sngd_jax._src.distributed import AxisName, axis_names
 from sngd_jax._src.inverse.base import InverseMethod, check_method
-
-
-def _axis_tuple(axis_name: AxisName) -> tuple[str, ...]:
-  return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
 
 
 def split_refresh(refresh, stacked: jax.Array, shift: jax.Array, axis_name: AxisName):
@@ -43,7 +39,7 @@ def split_refresh(refresh, stacked: jax.Array, shift: jax.Array, axis_name: Axis
   Returns:
     ``(rep, ok)`` for all ``b`` blocks, replicated (all-gathered).
   """
-  axes = _axis_tuple(axis_name)
+  axes = axis_names(axis_name)
   num = jax.lax.axis_size(axes)
   b = shift.shape[0]
   chunk = -(-b // num)
