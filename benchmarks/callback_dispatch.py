@@ -15,6 +15,7 @@ is never taken (as the opt-in host refresh sits in SNGD's step):
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -82,11 +83,14 @@ def args(n: int = 300, rounds: int = 300) -> dict:
   return out
 
 
-def main() -> int:
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                "callback_dispatch.json"))
+  opts = p.parse_args(argv)
   result = {"machine": harness.machine_info(), "command": " ".join(sys.argv),
             "sync_ms": sync(), "args_300_call_ms": args()}
-  path = os.path.join(os.path.dirname(__file__), "results", "callback_dispatch.json")
-  with open(path, "w") as f:
+  with open(opts.out, "w") as f:
     json.dump(result, f, indent=1)
   print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))
   return 0

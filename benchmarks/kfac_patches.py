@@ -10,6 +10,7 @@ inputs of the evaluation CNN's two conv layers at batch 128 (3x3 kernels, "SAME"
 and checks that they agree. Median of 5 calls after the first (compile) call.
 """
 
+import argparse
 import json
 import os
 import platform
@@ -38,7 +39,11 @@ def _time(f, x, calls=5):
   return out, first, float(np.median(ts))
 
 
-def main() -> int:
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                "results", "kfac_patches.json"))
+  out = p.parse_args(argv).out
   rows = {}
   for name, shape in SHAPES.items():
     x = jnp.asarray(np.random.default_rng(0).normal(size=shape).astype(np.float32))
@@ -50,7 +55,6 @@ def main() -> int:
     print(f"{name} {shape}: patches_moments {t1 * 1e3:.1f} ms (first call {c1:.2f} s), "
           f"explicit {t2 * 1e3:.1f} ms (first call {c2:.2f} s), max rel diff {err:.1e}",
           flush=True)
-  out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kfac_patches.json")
   with open(out, "w") as f:
     json.dump({"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                "platform": platform.platform(), "cpu_count": os.cpu_count(),

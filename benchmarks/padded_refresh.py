@@ -13,6 +13,7 @@ time with the library's XLA refresh (``refresh_inverses_xla``; a CPU step now re
 host, ``inverse/host.py``) and with the padded one, and the refresh's run time on
 random positive-definite factors (median of 5).
 """
+import argparse
 import json
 import os
 import sys
@@ -104,7 +105,11 @@ def max_rel_diff(a, b) -> float:
   return max(jax.tree.leaves(diffs), default=0.0)
 
 
-def main() -> int:
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                "results", "padded_refresh.json"))
+  out = p.parse_args(argv).out
   jax.config.update("jax_enable_compilation_cache", False)
   rows = []
   for name in ("cnn", "resnet-bn", "autoencoder", "char-lstm", "transformer"):
@@ -121,7 +126,6 @@ def main() -> int:
     row["max_rel_diff"] = max_rel_diff(inverses["library"], inverses["padded"])
     rows.append(row)
     print(name, row["library"], row["padded"], flush=True)
-  out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "padded_refresh.json")
   with open(out, "w") as f:
     json.dump({"machine": harness.machine_info(), "command": " ".join(sys.argv), "rows": rows},
               f, indent=1)
