@@ -33,7 +33,7 @@ sys.exit(not (sys.prefix == sys.base_prefix and os.path.exists(
     fi
   fi
   PY=.venv/bin/python3
-  echo "run.sh: installing into $(pwd)/.venv (this Python is externally managed, PEP 668)"
+  echo "run.sh: installing into $(pwd)/.venv (an externally managed Python, PEP 668, or SNGD_RUN_VENV=1)"
 }
 
 install() {
