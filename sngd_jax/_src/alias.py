@@ -27,21 +27,39 @@ def _preconditioner(arguments: dict[str, Any]) -> optax.GradientTransformationEx
 _SNGD_ARGS = tuple(inspect.signature(sngd).parameters)
 
 
-def _kernel_mask(params: Any) -> Any:
+def _kernel_mask_for(stacked: layers_lib.StackSpec):
+  """The weight-decay mask: ``_kernel_mask`` with the ``stacked`` the alias was given."""
+  return lambda params: _kernel_mask(params, stacked)
+
+
+def _kernel_mask(params: Any, stacked: layers_lib.StackSpec = None) -> Any:
   """True for leaves of 2 or more axes (dense and conv kernels, embedding tables), False for
   biases and norm scales.
+
+  A bias or norm scale can have 2 or more axes: an attention projection's bias
+  (``heads x head_dim``), and every bias and norm scale of a layer stacked over depth
+  (``nn.scan``: ``L x O``). Those are found as layers' biases and norm scales by
+  ``discover`` and left out, whatever their rank.
 
   Raises:
     TypeError: naming the path of a leaf that is not an array (an Equinox model
       passed to ``init`` without ``eqx.filter(model, eqx.is_array)``).
   """
-  def is_kernel(key_path, p):
+  def check(key_path, p):
     if not hasattr(p, "ndim"):
       raise TypeError(
           f"sngd: the params hold a {type(p).__name__} at "
           f"{paths.join(paths.leaf_parts(key_path))!r}, not an array: pass only the arrays "
           "to `init` and `update` (an Equinox model: `eqx.filter(model, eqx.is_array)`)")
-    return p.ndim >= 2
+  jax.tree_util.tree_map_with_path(check, params)
+  not_decayed = set()
+  for spec in layers_lib.discover(params, "linear", stacked, errors={}).values():
+    if spec.bias is not None:
+      not_decayed.add(tuple(spec.bias))
+    if spec.structure == "per_channel":
+      not_decayed.add(tuple(spec.kernel))
+  def is_kernel(key_path, p):
+    return p.ndim >= 2 and tuple(paths.leaf_parts(key_path)) not in not_decayed
   return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
@@ -111,7 +129,7 @@ def sngd_momentum(
   """
   return optax.chain(
       _preconditioner(locals()),  # first: locals() holds just the arguments
-      optax.add_decayed_weights(weight_decay, mask=_kernel_mask),
+      optax.add_decayed_weights(weight_decay, mask=_kernel_mask_for(stacked)),
       optax.sgd(learning_rate, momentum=_momentum_or_none(momentum), nesterov=nesterov),
   )
 
@@ -191,7 +209,7 @@ def sngd_adam(
   return optax.chain(
       _preconditioner(locals()),  # first: locals() holds just the arguments
       optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                  mask=_kernel_mask),
+                  mask=_kernel_mask_for(stacked)),
   )
 
 
