@@ -95,9 +95,11 @@ def test_trust_region_scale_diagnostic(fraction):
   tx = optax.chain(pre, optax.sgd(0.1, momentum=0.9))
   state = tx.init(params)
   u, new_pre = pre.update(grads, state[0], params, activations=acts)
-  _, new_state = tx.update(grads, state, params, activations=acts)
+  chain_u, new_state = tx.update(grads, state, params, activations=acts)
   want = min(1.0, fraction)
   np.testing.assert_allclose(sngd_jax.trust_region_scale(grads, new_pre, u), want, rtol=1e-8)
+  # The chain's own output (after -lr) is not sngd's: NaN, not a plausible 1.
+  assert np.isnan(float(sngd_jax.trust_region_scale(grads, new_state, chain_u)))
   # From the chain's state: the inverses are the ones that update used (decay=0: the
   # next update's factor would be the same batch's).
   np.testing.assert_allclose(sngd_jax.trust_region_scale(grads, new_state), want, rtol=1e-8)

@@ -49,7 +49,9 @@ def trust_region_scale(grads: Any, opt_state: Any, updates: Optional[Any] = None
 
   Returns:
     A scalar in ``(0, 1]``; 1 without a trust region (``max_norm=None``) and
-    for a skipped step.
+    for a skipped step. NaN when ``updates`` cannot be ``sngd``'s output for
+    ``grads`` (``<g, u> < 0``: the updates of a chain after its learning rate,
+    ``-lr * ...``, rather than ``sngd``'s own).
   """
   state = only_sngd_state(opt_state)
   config = state.config
@@ -70,7 +72,9 @@ def trust_region_scale(grads: Any, opt_state: Any, updates: Optional[Any] = None
       q = q + jnp.vdot(g, u)
     radius = jnp.asarray(value_at(radius_of, state.count - 1), q.dtype)
     scale = jnp.minimum(1.0, radius ** 2 / q)
-    return jnp.where(jnp.isfinite(scale) & (q > 0), scale, 1.0)
+    # q < 0: not sngd's output (a chain's final updates point downhill, -lr * ...): NaN
+    # rather than a plausible 1.
+    return jnp.where(q < 0, jnp.nan, jnp.where(jnp.isfinite(scale) & (q > 0), scale, 1.0))
   _, q = precondition.precondition(specs, leaves, index, state.inverses, dtypes,
                                    _method_of(config))
   return precondition.trust_region_scale(q, value_at(radius_of, state.count))
