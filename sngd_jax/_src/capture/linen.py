@@ -24,6 +24,7 @@ records.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -38,6 +39,7 @@ from sngd_jax._src.capture.records import (
     split_aux,
     untag,
 )
+from sngd_jax._src.frames import caller_stacklevel
 
 
 def _weight(module: nn.Module) -> Any:
@@ -45,6 +47,29 @@ def _weight(module: nn.Module) -> Any:
   params = module.variables.get("params", {})
   leaves = jax.tree.leaves(params.get(tables.weight_name(module)))
   return leaves[0] if leaves else None
+
+
+def _note_weight(rec: Recorder, seen: dict[str, dict[int, Any]], path: str,
+                 weight: Any) -> None:
+  """Keeps the weight a call outside every transform read, by layer path.
+
+  Calls of one layer that read different arrays (a teacher or EMA copy of the model, the
+  model applied to other params) are pooled like shared-weight calls: ``capture`` warns.
+  """
+  if weight is not None and not rec.frames:
+    seen.setdefault(path, {})[id(weight)] = weight
+
+
+def _warn_other_weights(seen: dict[str, dict[int, Any]]) -> None:
+  for path, weights in sorted(seen.items()):
+    if len(weights) > 1:
+      warnings.warn(
+          f"sngd: layer {path!r} was called with {len(weights)} different weight arrays "
+          "inside the captured function (a teacher or EMA copy of the model, or the model "
+          "applied to other params); the inputs of all its calls are pooled into its local "
+          "Fisher, as for shared weights. To count only the trained model's calls, apply the "
+          "other copy outside the captured function and pass its outputs in.",
+          stacklevel=caller_stacklevel())
 
 
 def _rnn_call(rec: Recorder, module: nn.RNN, next_fun, args, kwargs):
@@ -65,17 +90,19 @@ def _cell_call(rec: Recorder, next_fun, args, kwargs):
   return (carry, StepRecords(y, frame.records)) if frame.records else (carry, y)
 
 
-def _norm_call(rec: Recorder, module, next_fun, args, kwargs):
+def _norm_call(rec: Recorder, seen, module, next_fun, args, kwargs):
   """Runs a normalization layer and records ``xhat`` (from the patched routine)."""
   with rec.norm() as slot:
     out = next_fun(*args, **kwargs)
   if slot and module.use_scale:
     xhat, feature_axes = slot[0]
-    rec.add(paths.join(module.path), xhat, out, "norm", (feature_axes,), weight=_weight(module))
+    path, weight = paths.join(module.path), _weight(module)
+    _note_weight(rec, seen, path, weight)
+    rec.add(path, xhat, out, "norm", (feature_axes,), weight=weight)
   return out
 
 
-def _interceptor(rec: Recorder):
+def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]]):
   """The ``nn.intercept_methods`` hook that records supported layer calls."""
 
   def intercept(next_fun, args, kwargs, context):
@@ -85,17 +112,20 @@ def _interceptor(rec: Recorder):
     if method == "__call__" and isinstance(module, nn.RNNCellBase) and rec.rnn_frame():
       return _cell_call(rec, next_fun, args, kwargs)
     if method == "__call__" and isinstance(module, tables.NORMS):
-      return _norm_call(rec, module, next_fun, args, kwargs)
+      return _norm_call(rec, seen, module, next_fun, args, kwargs)
     out = next_fun(*args, **kwargs)
     if method == "attend" and isinstance(module, nn.Embed) and args:
-      rec.add(paths.join(module.path), args[0], out, "embed", ("attend",),
-              weight=_weight(module))
+      path, weight = paths.join(module.path), _weight(module)
+      _note_weight(rec, seen, path, weight)
+      rec.add(path, args[0], out, "embed", ("attend",), weight=weight)
       return out
     recorder = tables.lookup(module)
     if method == "__call__" and recorder is not None and args:
       recorded = recorder(module, args, kwargs, out)
       if recorded is not None:
-        rec.add(paths.join(module.path), *recorded, weight=_weight(module))
+        path, weight = paths.join(module.path), _weight(module)
+        _note_weight(rec, seen, path, weight)
+        rec.add(path, *recorded, weight=weight)
     return out
 
   return intercept
@@ -134,9 +164,11 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False,
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
     rec = Recorder(outputs=outputs)
+    seen: dict[str, dict[int, Any]] = {}
     with (transforms.recording(rec), flax_patches.linen_normalize(rec),
-          nn.intercept_methods(_interceptor(rec))):
+          nn.intercept_methods(_interceptor(rec, seen))):
       result = fn(*args, **kwargs)
+    _warn_other_weights(seen)
     value, aux = split_aux(result, has_aux, "capture")
     acts = rec.freeze()
     return (value, (aux, acts)) if has_aux else (value, acts)

@@ -323,9 +323,12 @@ def freeze(store: dict[str, list[Pending]],
         f"sngd: layer {path!r} was called inside a JAX transform whose values cannot leave "
         "it (a jit, cond/switch, fori_loop or while_loop inside the captured function, "
         "including `nn.cond`/`nnx.cond`; or a vmap, scan or checkpoint made before capture "
-        "started); its calls are not captured. Call the layer outside the cond or loop (a "
+        "started, or called through a name imported from jax, such as `from jax import "
+        "vmap`); its calls are not captured. Call the layer outside the cond or loop (a "
         "Python `if`/`for`, or `jnp.where` over both branches' outputs), make the transform "
-        f"inside the captured function, or pass `fisher={{{path!r}: None}}`.",
+        "inside the captured function and call it through its module (`jax.vmap`, "
+        "`jax.lax.scan`, `jax.checkpoint`, `jax.remat`: capture replaces those attributes "
+        f"while it runs), or pass `fisher={{{path!r}: None}}`.",
         stacklevel=caller_stacklevel())
   for path, calls in store.items():
     if path not in escaped:

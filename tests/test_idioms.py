@@ -1,0 +1,90 @@
+"""Training-loop idioms around capture: transforms imported by name, other model copies."""
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import vmap as imported_vmap  # bound at import: capture cannot replace it
+
+import sngd_jax
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3, name="out")(nn.relu(nn.Dense(8, name="hidden")(x)))
+
+
+def _problem():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(16, 6)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, size=16))
+  model = MLP()
+  return model, model.init(jax.random.key(0), x)["params"], x, y
+
+
+def _sngd_warnings(fn, *args):
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    out = fn(*args)
+  return out, [str(w.message) for w in caught if str(w.message).startswith("sngd:")]
+
+
+def test_vmap_imported_by_name_is_named_in_the_warning():
+  model, params, x, y = _problem()
+  ce = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  by_module = lambda p: ce(jax.vmap(lambda xi: model.apply({"params": p}, xi))(x))
+  by_name = lambda p: ce(imported_vmap(lambda xi: model.apply({"params": p}, xi))(x))
+  (_, acts), messages = _sngd_warnings(sngd_jax.capture(by_module), params)
+  assert not messages
+  # the per-example calls under jax.vmap are the batch's rows: the hidden layer saw x
+  np.testing.assert_array_equal(acts["hidden"][0].inputs.reshape(x.shape), x)
+  (_, acts), messages = _sngd_warnings(sngd_jax.capture(by_name), params)
+  assert "hidden" not in acts and "out" not in acts
+  assert messages and all("from jax import" in m and "`jax.vmap`" in m for m in messages)
+
+
+def test_teacher_copy_inside_the_capture_warns_and_is_pooled():
+  model, params, x, y = _problem()
+  teacher = model.init(jax.random.key(1), x)["params"]
+
+  def distill(p, t):
+    logits = model.apply({"params": p}, x)
+    t_logits = jax.lax.stop_gradient(model.apply({"params": t}, x))
+    return (optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            + optax.softmax_cross_entropy(logits, jax.nn.softmax(t_logits)).mean())
+
+  (_, acts), messages = _sngd_warnings(sngd_jax.capture(distill), params, teacher)
+  assert any("'out'" in m and "2 different weight arrays" in m for m in messages)
+  assert any("'hidden'" in m for m in messages)
+  # pooled, as documented: the out layer's rows are the student's then the teacher's hidden
+  h = lambda q: np.maximum(np.asarray(x, np.float64) @ np.asarray(q["hidden"]["kernel"], np.float64)
+                           + np.asarray(q["hidden"]["bias"], np.float64), 0)
+  rows = np.concatenate([np.asarray(c.inputs, np.float64) for c in acts["out"]])
+  np.testing.assert_allclose(rows, np.concatenate([h(params), h(teacher)]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("twice", ["shared layer", "two applies, same params"])
+def test_calls_with_the_same_weights_do_not_warn(twice):
+  model, params, x, y = _problem()
+
+  class Shared(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      d = nn.Dense(6)
+      return d(nn.relu(d(x)))
+
+  if twice == "shared layer":
+    m = Shared()
+    p = m.init(jax.random.key(0), x)["params"]
+    loss = lambda p: jnp.sum(m.apply({"params": p}, x) ** 2)
+  else:
+    p = params
+    loss = lambda p: jnp.sum(model.apply({"params": p}, x) ** 2 + model.apply({"params": p}, 2 * x))
+  (_, acts), messages = _sngd_warnings(jax.grad(sngd_jax.capture(loss), has_aux=True), p)
+  assert not messages
+  assert all(len(calls) == 2 for calls in acts.values())
