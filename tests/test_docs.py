@@ -6,6 +6,7 @@ every ``benchmarks/results/...`` and ``tests/...`` path they cite must exist.
 The reference itself is built by ``.ci/docs.sh`` (``mkdocs build --strict``).
 """
 
+import ast
 import importlib
 import pathlib
 import re
@@ -86,3 +87,14 @@ def test_docstrings_are_markdown(path):
   bad = [f"line {path.read_text()[:m.start()].count(chr(10)) + 1}: {m.group(0).strip()}"
          for m in SPHINX.finditer(path.read_text())]
   assert not bad, f"{path.relative_to(ROOT)} has Sphinx markup: {bad}"
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_docstring_code_fences_are_closed(path):
+  """An unclosed fence turns the rest of a docstring (its Args table) into raw text."""
+  tree = ast.parse(path.read_text())
+  nodes = [n for n in ast.walk(tree)
+           if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+  open_fence = [getattr(n, "name", "<module>") for n in nodes
+                if (ast.get_docstring(n) or "").count("```") % 2]
+  assert not open_fence, f"{path.relative_to(ROOT)}: unclosed ``` in the docstring of {open_fence}"

@@ -278,6 +278,7 @@ def coverage(loss_fn: Callable[..., Any], params_or_model: Any, *args: Any,
     ```python
     print(sngd_jax.coverage(loss_fn, params, x, y))        # linen
     print(sngd_jax.coverage(loss_fn, model, x, y))         # NNX or Equinox model
+    ```
 
   Args:
     loss_fn: ``loss_fn(params, *args)`` applying linen modules, or
