@@ -98,3 +98,36 @@ def test_docstring_code_fences_are_closed(path):
   open_fence = [getattr(n, "name", "<module>") for n in nodes
                 if (ast.get_docstring(n) or "").count("```") % 2]
   assert not open_fence, f"{path.relative_to(ROOT)}: unclosed ``` in the docstring of {open_fence}"
+
+
+API = sorted((ROOT / "docs" / "api").glob("*.md"))
+PUBLIC = ("sngd_jax", "sngd_jax.inverse", "sngd_jax.presets")
+
+
+def _api_entries() -> set[str]:
+  return {m.group(1) for p in API for m in re.finditer(r"^::: (\S+)", p.read_text(), re.M)}
+
+
+def test_every_public_name_is_in_the_api_reference():
+  """Every name in a public ``__all__`` has its ``::: name`` entry in docs/api (a public
+  subpackage, its own entry or those of its names)."""
+  entries = _api_entries()
+  missing = []
+  for module in PUBLIC:
+    for name in importlib.import_module(module).__all__:
+      full = f"{module}.{name}"
+      if full in PUBLIC:
+        continue
+      if full not in entries:
+        missing.append(full)
+  assert not missing, f"public names missing from docs/api: {missing}"
+
+
+def test_every_api_entry_is_public():
+  entries = _api_entries()
+  bad = []
+  for entry in sorted(entries - set(PUBLIC)):
+    module, _, name = entry.rpartition(".")
+    if module not in PUBLIC or name not in importlib.import_module(module).__all__:
+      bad.append(entry)
+  assert not bad, f"docs/api entries that are not public names: {bad}"
