@@ -8,6 +8,7 @@ The reference itself is built by ``.ci/docs.sh`` (``mkdocs build --strict``).
 
 import ast
 import importlib
+import inspect
 import pathlib
 import re
 
@@ -131,3 +132,43 @@ def test_every_api_entry_is_public():
     if module not in PUBLIC or name not in importlib.import_module(module).__all__:
       bad.append(entry)
   assert not bad, f"docs/api entries that are not public names: {bad}"
+
+
+def _attribute_docstrings() -> dict[str, bool]:
+  """Module-level assignments under sngd_jax/_src: name -> followed by a string (the
+  attribute docstring mkdocstrings shows)."""
+  out = {}
+  for path in SOURCES:
+    body = ast.parse(path.read_text()).body
+    for node, nxt in zip(body, body[1:] + [None], strict=True):
+      targets = node.targets if isinstance(node, ast.Assign) else (
+          [node.target] if isinstance(node, ast.AnnAssign) else [])
+      documented = (isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str))
+      for t in targets:
+        if isinstance(t, ast.Name):
+          out[t.id] = out.get(t.id, False) or documented
+  return out
+
+
+def test_every_public_name_has_a_docstring():
+  """Functions and classes, their public methods and properties, and constants (an
+  attribute docstring after the assignment)."""
+  attribute_docs = _attribute_docstrings()
+  missing = []
+  for module in PUBLIC:
+    for name in importlib.import_module(module).__all__:
+      obj = getattr(importlib.import_module(module), name)
+      full = f"{module}.{name}"
+      if inspect.ismodule(obj):
+        continue
+      if callable(obj) and not isinstance(obj, type(dict[str, int])):
+        if not obj.__doc__:
+          missing.append(full)
+        for attr, value in vars(obj).items() if inspect.isclass(obj) else ():
+          f = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+          if not attr.startswith("_") and callable(f) and not f.__doc__:
+            missing.append(f"{full}.{attr}")
+      elif not attribute_docs.get(name):
+        missing.append(full)
+  assert not missing, f"public names without a docstring: {missing}"
