@@ -56,7 +56,7 @@ def trust_region_scale(grads: Any, opt_state: Any, updates: Optional[Any] = None
   radius_of = config.max_norm if max_norm is None else max_norm
   if radius_of is None:
     return jnp.ones((), jnp.float32)
-  specs = layers_lib.discover(grads, config.fisher)
+  specs = layers_lib.discover(grads, config.fisher, config.stacked)
   leaves, _, index = _flatten(grads)
   dtypes = {p: jax.tree.leaves(state.factors[p])[0].dtype for p in specs}
   if updates is not None:
