@@ -172,3 +172,27 @@ def test_every_public_name_has_a_docstring():
       elif not attribute_docs.get(name):
         missing.append(full)
   assert not missing, f"public names without a docstring: {missing}"
+
+
+def test_sngd_options_default_to_DEFAULTS_everywhere():
+  """README: every default of ``sngd``'s options is defined once, in ``sngd_jax.DEFAULTS``.
+  Public functions that take one of those options (the presets, ``coverage``,
+  ``to_reconstructed``, ...) must default to the same value (or None: the state's)."""
+  import dataclasses
+
+  import sngd_jax
+  defaults = {f.name: getattr(sngd_jax.DEFAULTS, f.name)
+              for f in dataclasses.fields(sngd_jax.DEFAULTS)}
+  differ = []
+  for module in PUBLIC:
+    for name in importlib.import_module(module).__all__:
+      obj = getattr(importlib.import_module(module), name)
+      if not inspect.isfunction(obj):
+        continue
+      for p in inspect.signature(obj).parameters.values():
+        # None: read from the state's configuration (damped_factors, trust_region_scale)
+        if p.name in defaults and p.default not in (inspect.Parameter.empty, None) \
+            and p.default != defaults[p.name]:
+          differ.append(f"{module}.{name}({p.name}={p.default!r}), DEFAULTS: "
+                        f"{defaults[p.name]!r}")
+  assert not differ, differ
