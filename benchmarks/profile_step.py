@@ -150,7 +150,7 @@ def pieces(in_dim: int, batch: int) -> dict:
     if d > 512:  # the default keeps this layer's factor as a rank-128 sketch
       omega = nystrom.test_matrix(d, 128, 0, jnp.float32)
       out[f"layer{i} {d}x{dout}: sketch X^T (X Omega), r=128"] = _time(
-          jax.jit(lambda x, omega=omega: sketch.from_rows(x, omega)), x)
+          jax.jit(lambda x, omega=omega: sketch.row_sums(x, omega)), x)
     shift = 1e-4 * jnp.trace(gm)[None]
     for name in ("cholesky", "eigh", "nystrom", "auto"):
       method = methods.METHODS[name]

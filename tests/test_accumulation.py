@@ -6,6 +6,8 @@ conv (with LayerNorm), recurrent (Embed + nn.RNN LSTM), a tied embedding and
 Nystrom-sketched layers, over several accumulation cycles with amortized statistics and refreshes.
 """
 
+import inspect
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -212,6 +214,11 @@ def test_without_sngd_it_is_optax_multisteps():
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
   jax.tree.map(close, p1, p2)
   jax.tree.map(close, s1.inner_opt_state, s2.inner_opt_state)
+
+
+def test_signature_is_optax_multisteps():
+  """``help(sngd_jax.MultiSteps)`` and IDEs show optax's arguments, not ``(*args, **kwargs)``."""
+  assert inspect.signature(sngd_jax.MultiSteps) == inspect.signature(optax.MultiSteps)
 
 
 def test_sngd_inside_needs_activations():

@@ -6,7 +6,9 @@ every ``benchmarks/results/...`` and ``tests/...`` path they cite must exist.
 The reference itself is built by ``.ci/docs.sh`` (``mkdocs build --strict``).
 """
 
+import ast
 import importlib
+import inspect
 import pathlib
 import re
 
@@ -86,3 +88,111 @@ def test_docstrings_are_markdown(path):
   bad = [f"line {path.read_text()[:m.start()].count(chr(10)) + 1}: {m.group(0).strip()}"
          for m in SPHINX.finditer(path.read_text())]
   assert not bad, f"{path.relative_to(ROOT)} has Sphinx markup: {bad}"
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_docstring_code_fences_are_closed(path):
+  """An unclosed fence turns the rest of a docstring (its Args table) into raw text."""
+  tree = ast.parse(path.read_text())
+  nodes = [n for n in ast.walk(tree)
+           if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+  open_fence = [getattr(n, "name", "<module>") for n in nodes
+                if (ast.get_docstring(n) or "").count("```") % 2]
+  assert not open_fence, f"{path.relative_to(ROOT)}: unclosed ``` in the docstring of {open_fence}"
+
+
+API = sorted((ROOT / "docs" / "api").glob("*.md"))
+PUBLIC = ("sngd_jax", "sngd_jax.inverse", "sngd_jax.presets")
+
+
+def _api_entries() -> set[str]:
+  return {m.group(1) for p in API for m in re.finditer(r"^::: (\S+)", p.read_text(), re.M)}
+
+
+def test_every_public_name_is_in_the_api_reference():
+  """Every name in a public ``__all__`` has its ``::: name`` entry in docs/api (a public
+  subpackage, its own entry or those of its names)."""
+  entries = _api_entries()
+  missing = []
+  for module in PUBLIC:
+    for name in importlib.import_module(module).__all__:
+      full = f"{module}.{name}"
+      if full in PUBLIC:
+        continue
+      if full not in entries:
+        missing.append(full)
+  assert not missing, f"public names missing from docs/api: {missing}"
+
+
+def test_every_api_entry_is_public():
+  entries = _api_entries()
+  bad = []
+  for entry in sorted(entries - set(PUBLIC)):
+    module, _, name = entry.rpartition(".")
+    if module not in PUBLIC or name not in importlib.import_module(module).__all__:
+      bad.append(entry)
+  assert not bad, f"docs/api entries that are not public names: {bad}"
+
+
+def _attribute_docstrings() -> dict[str, bool]:
+  """Module-level assignments under sngd_jax/_src: name -> followed by a string (the
+  attribute docstring mkdocstrings shows)."""
+  out = {}
+  for path in SOURCES:
+    body = ast.parse(path.read_text()).body
+    for node, nxt in zip(body, body[1:] + [None], strict=True):
+      targets = node.targets if isinstance(node, ast.Assign) else (
+          [node.target] if isinstance(node, ast.AnnAssign) else [])
+      documented = (isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str))
+      for t in targets:
+        if isinstance(t, ast.Name):
+          out[t.id] = out.get(t.id, False) or documented
+  return out
+
+
+def test_every_public_name_has_a_docstring():
+  """Functions and classes, their public methods and properties, and constants (an
+  attribute docstring after the assignment)."""
+  attribute_docs = _attribute_docstrings()
+  missing = []
+  for module in PUBLIC:
+    for name in importlib.import_module(module).__all__:
+      obj = getattr(importlib.import_module(module), name)
+      full = f"{module}.{name}"
+      if inspect.ismodule(obj):
+        continue
+      if callable(obj) and not isinstance(obj, type(dict[str, int])):
+        if not obj.__doc__:
+          missing.append(full)
+        for attr, value in vars(obj).items() if inspect.isclass(obj) else ():
+          f = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+          if not attr.startswith("_") and callable(f) and not f.__doc__:
+            missing.append(f"{full}.{attr}")
+      elif not attribute_docs.get(name):
+        missing.append(full)
+  assert not missing, f"public names without a docstring: {missing}"
+
+
+def test_sngd_options_default_to_DEFAULTS_everywhere():
+  """README: every default of ``sngd``'s options is defined once, in ``sngd_jax.DEFAULTS``.
+  Public functions that take one of those options (the presets, ``coverage``,
+  ``to_reconstructed``, ...) must default to the same value (or None: the state's)."""
+  import dataclasses
+
+  import sngd_jax
+  defaults = {f.name: getattr(sngd_jax.DEFAULTS, f.name)
+              for f in dataclasses.fields(sngd_jax.DEFAULTS)}
+  differ = []
+  for module in PUBLIC:
+    for name in importlib.import_module(module).__all__:
+      obj = getattr(importlib.import_module(module), name)
+      if not inspect.isfunction(obj):
+        continue
+      for p in inspect.signature(obj).parameters.values():
+        # None: read from the state's configuration (damped_factors, trust_region_scale)
+        if p.name in defaults and p.default not in (inspect.Parameter.empty, None) \
+            and p.default != defaults[p.name]:
+          differ.append(f"{module}.{name}({p.name}={p.default!r}), DEFAULTS: "
+                        f"{defaults[p.name]!r}")
+  assert not differ, differ

@@ -382,6 +382,29 @@ def test_damped_factors_are_what_the_method_preconditions_with(inverse):
   assert leaves_rel(sngd_jax.from_reconstructed(prime, roots), params) < 1e-12
 
 
+@pytest.mark.parametrize("override", [{"nystrom_seed": 0}, {"nystrom_tail": "mean"}])
+def test_nystrom_options_leave_block_diagonal_layers_alone(override):
+  """``nystrom_seed``/``nystrom_tail`` choose the Nystrom model of sketched layers; a
+  ``block_diagonal`` layer still gets the block-diagonal part of ``G + rho I``, the matrix
+  its update solves (passing either option gave the full ``G + rho I``). Reference: the
+  update's own solve and float64 numpy ``G`` from the inputs, masked to the 4 x 4 blocks."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(40, 12)) @ rng.normal(size=(12, 12)))
+  params = Wide().init(jax.random.key(0), x)["params"]
+  tx = exact_sngd(inverse=sngd_jax.inverse.block_diagonal(block_size=4), damping=1e-2,
+                  inverse_every=1, decay=0.0)
+  grads, updates, state = _one_update(Wide(), params, x, tx)
+  rows = np.concatenate([np.asarray(x), np.ones((40, 1))], axis=1)
+  gm = rows.T @ rows / 40
+  mask = np.kron(np.eye(4), np.ones((4, 4)))[:13, :13]
+  want = (gm + 1e-2 * np.trace(gm) * np.eye(13)) * mask
+  damped = np.asarray(sngd_jax.damped_factors(state, **override)["Dense_0"])
+  np.testing.assert_allclose(damped, want, rtol=1e-10, atol=1e-12)
+  g = np.concatenate([grads["Dense_0"]["kernel"], grads["Dense_0"]["bias"][None]])
+  u = np.concatenate([updates["Dense_0"]["kernel"], updates["Dense_0"]["bias"][None]])
+  np.testing.assert_allclose(u, np.linalg.solve(damped, g), rtol=1e-9, atol=1e-12)
+
+
 class Block(nn.Module):
   @nn.compact
   def __call__(self, h, _):

@@ -132,3 +132,53 @@ def test_state_with_two_sngd_transforms_is_refused():
       grads, optax.masked(alone, mask).init(params), params, activations=acts)
   for path, g in sngd_jax.damped_factors(alone_state).items():
     np.testing.assert_allclose(g, sngd_jax.damped_factors(group_b)[path], rtol=1e-12)
+
+
+def test_scale_from_the_state_of_a_stacked_model():
+  """Bias-free layers scanned over depth (``stacked={"blocks": 1}``, one local Fisher per layer
+  of the stack): ``trust_region_scale(grads, state)`` reads the layers as the transform does.
+  It used to discover them without ``stacked`` (a ``(3, 4, 4)`` kernel as one layer of 12
+  inputs) and raised a shape error. Reference: ``q`` from float64 numpy, each block's inputs
+  computed by hand."""
+  import flax.linen as nn
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+      return jnp.tanh(nn.Dense(4, use_bias=False, param_dtype=jnp.float64)(h)), None
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                       length=3)(name="blocks")
+      h, _ = blocks(x, None)
+      return nn.Dense(2, param_dtype=jnp.float64)(h)
+
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 4)))
+  y = jnp.arange(16) % 2
+  net = Net()
+  params = net.init(jax.random.key(0), x)["params"]
+  loss_fn = lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(
+      net.apply({"params": p}, x), y).mean()
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x, y)
+  damping = 1e-3
+  # float64 numpy: q = sum_l <g_l, (G_l + damping tr(G_l) I)^{-1} g_l>
+  def solve(inputs, g):
+    gm = inputs.T @ inputs / inputs.shape[0]
+    return np.linalg.solve(gm + damping * np.trace(gm) * np.eye(len(gm)), g)
+  h, q = np.asarray(x), 0.0
+  kernels = np.asarray(params["blocks"]["Dense_0"]["kernel"])
+  for i in range(3):
+    g = np.asarray(grads["blocks"]["Dense_0"]["kernel"][i])
+    q += float(np.sum(g * solve(h, g)))
+    h = np.tanh(h @ kernels[i])
+  head = np.concatenate([h, np.ones((len(h), 1))], axis=1)
+  g = np.concatenate([np.asarray(grads["Dense_0"]["kernel"]),
+                      np.asarray(grads["Dense_0"]["bias"])[None]], axis=0)
+  q += float(np.sum(g * solve(head, g)))
+  radius = 0.3 * np.sqrt(q)
+  pre = sngd_jax.sngd(stacked={"blocks": 1}, damping=damping, decay=0.0, max_norm=radius)
+  u, state = pre.update(grads, pre.init(params), params, activations=acts)
+  np.testing.assert_allclose(sngd_jax.trust_region_scale(grads, state, u), 0.3, rtol=1e-8)
+  np.testing.assert_allclose(sngd_jax.trust_region_scale(grads, state), 0.3, rtol=1e-8)

@@ -24,6 +24,7 @@ as it would fold in one big batch's (on the same factor steps, with the same
 
 from __future__ import annotations
 
+import inspect
 import typing
 from typing import Any, NamedTuple, Optional
 
@@ -108,6 +109,9 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
   ``optax.multi_transform``, ...) pass ``activations=`` on to it, as they do not for
   ``optax.MultiSteps``; ``gradient_transformation()`` is not needed.
   """
+
+  # What help() and IDEs show: optax.MultiSteps.__init__'s arguments, which it takes.
+  __signature__ = inspect.signature(optax.MultiSteps)
 
   def __new__(cls, *args: Any, **kwargs: Any) -> MultiSteps:
     # The tuple's two entries call this object's methods. (optax's wrappers only pass

@@ -31,11 +31,10 @@ from typing import Any, NamedTuple, Optional
 import jax
 import numpy as np
 
-from sngd_jax._src import layers as layers_lib
 from sngd_jax._src import sketch as sketch_lib
 from sngd_jax._src.inverse import nystrom as nystrom_lib
 from sngd_jax._src.inverse.base import MethodInfo, describe
-from sngd_jax._src.transform import _method_of, sngd
+from sngd_jax._src.transform import _layers_of, _method_of, sngd
 
 
 def sketch_factor_flops(rows: int, d: int, rank: int) -> float:
@@ -126,7 +125,7 @@ def cost_estimate(params: Any, batch_rows: Optional[int | Mapping[str, int]] = N
   state = jax.eval_shape(sngd(**sngd_kwargs).init, params)
   config = state.config
   method = _method_of(config)
-  specs = layers_lib.discover(params, config.fisher, config.stacked)
+  specs = _layers_of(config, params)
   costs = {}
   for path, spec in specs.items():
     d, b = spec.dim, spec.num_blocks

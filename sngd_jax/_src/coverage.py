@@ -80,7 +80,16 @@ class ParamCoverage:
 
 @dataclasses.dataclass(frozen=True)
 class CoverageReport:
-  """The coverage of a params tree; ``str()`` gives a table."""
+  """The coverage of a params tree; ``str()`` gives a table.
+
+  Attributes:
+    params: one ``ParamCoverage`` per params leaf, in tree order.
+    unmatched: paths of captured layers that match no params (frozen, or
+      another transform's); ``update`` ignores their activations.
+    activation_bytes: bytes of the captured activations of one batch.
+    output_bytes: of those, the bytes of the layers' outputs (captured with
+      ``outputs=True``; read by ``fisher="rfim"`` only).
+  """
 
   params: tuple[ParamCoverage, ...]
   unmatched: tuple[str, ...] = ()
@@ -105,6 +114,7 @@ class CoverageReport:
 
   @property
   def total_factor_bytes(self) -> int:
+    """The optimizer-state bytes of every layer's factor and inverse together."""
     return sum(p.factor_bytes for p in self.params)
 
   def __str__(self) -> str:
@@ -278,6 +288,7 @@ def coverage(loss_fn: Callable[..., Any], params_or_model: Any, *args: Any,
     ```python
     print(sngd_jax.coverage(loss_fn, params, x, y))        # linen
     print(sngd_jax.coverage(loss_fn, model, x, y))         # NNX or Equinox model
+    ```
 
   Args:
     loss_fn: ``loss_fn(params, *args)`` applying linen modules, or

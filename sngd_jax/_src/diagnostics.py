@@ -14,11 +14,10 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from sngd_jax._src import layers as layers_lib
 from sngd_jax._src import precondition
 from sngd_jax._src.config import value_at
 from sngd_jax._src.state import only_sngd_state
-from sngd_jax._src.transform import _flatten, _method_of
+from sngd_jax._src.transform import _flatten, _layers_of, _method_of
 
 
 def trust_region_scale(grads: Any, opt_state: Any, updates: Optional[Any] = None, *,
@@ -58,7 +57,7 @@ def trust_region_scale(grads: Any, opt_state: Any, updates: Optional[Any] = None
   radius_of = config.max_norm if max_norm is None else max_norm
   if radius_of is None:
     return jnp.ones((), jnp.float32)
-  specs = layers_lib.discover(grads, config.fisher)
+  specs = _layers_of(config, grads)
   leaves, _, index = _flatten(grads)
   dtypes = {p: jax.tree.leaves(state.factors[p])[0].dtype for p in specs}
   if updates is not None:

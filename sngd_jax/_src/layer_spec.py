@@ -11,6 +11,8 @@ import math
 from typing import Callable, Mapping, Optional, Union
 
 FISHER_KINDS = ("linear", "rfim")
+"""The kinds of local Fisher that ``sngd(fisher=...)`` takes for a layer (see ``sngd_jax.sngd``);
+``None`` leaves a layer alone and ``"tied"`` marks a tied embedding table."""
 TIED = "tied"
 """The ``fisher`` kind of an embedding table that is also the output layer (``attend``):
 a layer path's own setting only (``fisher={path: "tied"}``), see ``sngd_jax.discover``."""

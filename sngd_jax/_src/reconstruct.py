@@ -81,13 +81,15 @@ def _sketched_model(s: sketch_lib.Sketch, damping, abs_damping, seed: int,
   return dense.reshape(s.trace.shape + dense.shape[-2:])
 
 
-def _modelled(method: base.InverseMethod, g, damping, abs_damping) -> Optional[jax.Array]:
+def _modelled(method: base.InverseMethod, g, damping, abs_damping,
+              nystrom: bool = True) -> Optional[jax.Array]:
   """The damped factor that ``method`` preconditions with, where it is not ``G + rho I``
-  itself: the dense Nystrom model ``M + rho I`` (from a sketch or a dense ``G``), or the
-  block-diagonal part of ``G + rho I`` (``block_diagonal``); None for the other methods
-  (exact, or iterative approximations of the exact inverse)."""
+  itself: the dense Nystrom model ``M + rho I`` (from a sketch or a dense ``G``; not with
+  ``nystrom=False``), or the block-diagonal part of ``G + rho I`` (``block_diagonal``); None
+  for the other methods (exact, or iterative approximations of the exact inverse)."""
   d = g.y.shape[-2] if sketch_lib.is_sketch(g) else g.shape[-1]
-  if not (base.is_nystrom(method, d) or base.describe(method, d).name.startswith("blocks")):
+  if not ((nystrom and base.is_nystrom(method, d))
+          or base.describe(method, d).name.startswith("blocks")):
     return None
   stack = g.trace.shape if sketch_lib.is_sketch(g) else g.shape[:-2]
   blocks = sketch_lib.flat_blocks(g) if sketch_lib.is_sketch(g) else g.reshape((-1, d, d))
@@ -140,16 +142,17 @@ def damped_factors(state: Any, damping=None, abs_damping=None,
   damping = _configured(state, "damping", damping)
   abs_damping = _configured(state, "abs_damping", abs_damping)
   config = getattr(state, "config", None)
-  method = None
-  if config is not None and nystrom_seed is None and nystrom_tail is None:
-    method = get_method(config.inverse)
+  method = None if config is None else get_method(config.inverse)
+  # nystrom_seed/nystrom_tail replace the method's Nystrom model only, not a block-diagonal one
+  own_nystrom = nystrom_seed is None and nystrom_tail is None
   out = {}
   for path, f in state.factors.items():
     g = statistics.normalized(f, state.weights[path])
     if not sketch_lib.is_sketch(g) and g.ndim == 1:  # an embedding's diagonal factor
       out[path] = g + (damping * jnp.sum(g) + abs_damping)
       continue
-    model = None if method is None else _modelled(method, g, damping, abs_damping)
+    model = None if method is None else _modelled(method, g, damping, abs_damping,
+                                                  nystrom=own_nystrom)
     if model is not None:
       out[path] = model
     elif sketch_lib.is_sketch(g):

@@ -69,24 +69,9 @@ def is_sketch(factor: Any) -> bool:
   return isinstance(factor, Sketch)
 
 
-def from_rows(x: jax.Array, omega: jax.Array, out_sharding=None) -> Sketch:
-  """The batch estimate ``((1/n) X~^T (X~ Omega), (1/n) ||X~||_F^2)``.
-
-  Args:
-    x: the rows ``X~``, shape ``(n, d)``.
-    omega: the test matrix, ``(d, r)``.
-    out_sharding: passed to the products (replicated output under a mesh).
-
-  Returns:
-    A ``Sketch`` with ``y`` of shape ``(d, r)`` in ``x``'s dtype.
-  """
-  y, tr = row_sums(x, omega, out_sharding)
-  n = x.shape[0]
-  return Sketch(y / n, tr / n, jnp.zeros((), y.dtype))
-
-
 def row_sums(x: jax.Array, omega: jax.Array, out_sharding=None) -> tuple[jax.Array, jax.Array]:
-  """``(X~^T (X~ Omega), ||X~||_F^2)``: ``from_rows`` before the ``1/n``, a sum over rows."""
+  """``(X~^T (X~ Omega), ||X~||_F^2)``: the sketch of the sum over rows of ``x~ x~^T`` (and its
+  trace); divided by the rows ``n``, the batch estimate ``(1/n) X~^T X~`` as a ``Sketch``."""
   omega = omega.astype(x.dtype)
   proj = jnp.matmul(x, omega, precision=_HIGHEST)
   y = jnp.matmul(x.T, proj, precision=_HIGHEST, out_sharding=out_sharding)

@@ -182,7 +182,7 @@ def _check_inputs(config: SNGDConfig, method: InverseMethod, updates: Any, state
         "`init` makes. A checkpoint restored without a target comes back as plain dicts and "
         "lists: restore it into `tx.init(params)` (e.g. orbax `restore(path, target)`, "
         "`flax.serialization.from_state_dict(tx.init(params), restored)`)")
-  specs = layers_lib.discover(updates, config.fisher, config.stacked)
+  specs = _layers_of(config, updates)
   if not specs:
     validation.check_has_layers(updates, activations)
   if estimates is not None:
@@ -295,7 +295,7 @@ def as_seen_by(sngd_state: SNGDState, updates: Any) -> Any:
   sees no bias where the bias is a ``MaskedNode``).
   """
   config = sngd_state.config
-  specs = layers_lib.discover(updates, config.fisher, config.stacked)
+  specs = _layers_of(config, updates)
   hide = set()
   for path, spec in specs.items():
     if path not in sngd_state.factors:
@@ -416,6 +416,12 @@ def _guard(config: SNGDConfig, finite: jax.Array, narrowed, out):
   return [jnp.where(ok, u, jnp.zeros_like(u)) for u in out], ok
 
 
+def _layers_of(config: SNGDConfig, tree: Any) -> dict[str, layers_lib.LayerSpec]:
+  """The layers of a params-shaped tree as ``config`` sees them (its ``fisher`` and
+  ``stacked``): the one way ``init``, ``update`` and the reports built on a state find them."""
+  return layers_lib.discover(tree, config.fisher, config.stacked)
+
+
 def _method_of(config: SNGDConfig) -> InverseMethod:
   method = get_method(config.inverse)
   if config.shard_refresh is not False:
@@ -451,7 +457,7 @@ def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArg
   method = _method_of(config)
 
   def init_fn(params):
-    specs = layers_lib.discover(params, config.fisher, config.stacked)
+    specs = _layers_of(config, params)
     validation.warn_unmatched_option_keys(params, config.fisher, config.stacked)
     validation.warn_under_optax_multisteps()
     _warn_rfim_nystrom(specs, method, config)

@@ -50,6 +50,8 @@ import jax.numpy as jnp
 from sngd_jax._src.frames import caller_stacklevel
 
 Activations = dict[str, tuple["Captured", ...]]
+"""What ``capture`` returns: per layer path, the ``Captured`` record of each call of the
+layer (in call order), passed to ``update`` as ``activations=``."""
 # What a layer recorder returns for one call: (inputs, outputs, kind, config), or None
 # when the call is not one sngd can model (then it is not recorded).
 Record = Optional[tuple[Any, Any, str, tuple]]

@@ -248,10 +248,10 @@ def method_factory(fn: Callable[..., Any]) -> Callable[..., Any]:
   return factory
 
 
-def check_count(name: str, value: Any, low: int = 1) -> None:
-  """Requires an int option of a method factory to be at least ``low``."""
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-    raise ValueError(f"sngd: `{name}` must be an int >= {low}, got {value!r}")
+def check_count(name: str, value: Any) -> None:
+  """Requires an int option of a method factory to be at least 1."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    raise ValueError(f"sngd: `{name}` must be an int >= 1, got {value!r}")
 
 
 def check_method(name: str, method: Any) -> None:

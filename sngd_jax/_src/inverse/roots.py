@@ -234,6 +234,7 @@ ROOTS: dict[str, Callable[..., Roots]] = {
     "denman_beavers": denman_beavers,
     "newton_schulz": newton_schulz,
 }
+"""The square-root methods by name, for ``sqrt_and_inv_sqrt`` and ``sngd_jax.factor_roots``."""
 
 
 def sqrt_and_inv_sqrt(a: jax.Array, method: str = "eigh", **kwargs) -> Roots:
