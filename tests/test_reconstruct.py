@@ -405,6 +405,29 @@ def test_nystrom_options_leave_block_diagonal_layers_alone(override):
   np.testing.assert_allclose(u, np.linalg.solve(damped, g), rtol=1e-9, atol=1e-12)
 
 
+def test_tail_alone_keeps_the_methods_test_matrix():
+  """``nystrom_tail=`` alone on a state sketched with seed 5 gives the seed-5 model with that
+  tail: the matrix a ``nystrom(seed=5, tail=...)`` run's update solves with (it fell back to
+  seed 0's test matrix, which the sketch was not made with: every entry NaN)."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(40, 12)) @ rng.normal(size=(12, 12)))
+  params = Wide().init(jax.random.key(0), x)["params"]
+
+  def run(tail):
+    tx = exact_sngd(inverse=sngd_jax.inverse.nystrom(rank=5, seed=5, tail=tail),
+                    damping=1e-2, inverse_every=1, decay=0.5)
+    return _one_update(Wide(), params, x, tx)
+
+  _, _, zero_state = run("zero")
+  grads, updates, mean_state = run("mean")
+  got = np.asarray(sngd_jax.damped_factors(zero_state, nystrom_tail="mean")["Dense_0"])
+  g = np.concatenate([grads["Dense_0"]["kernel"], grads["Dense_0"]["bias"][None]])
+  u = np.concatenate([updates["Dense_0"]["kernel"], updates["Dense_0"]["bias"][None]])
+  np.testing.assert_allclose(u, np.linalg.solve(got, g), rtol=1e-8, atol=1e-12)
+  own = np.asarray(sngd_jax.damped_factors(zero_state)["Dense_0"])
+  assert np.abs(own - got).max() > 1e-6  # the tail changed the model
+
+
 class Block(nn.Module):
   @nn.compact
   def __call__(self, h, _):

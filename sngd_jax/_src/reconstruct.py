@@ -71,11 +71,12 @@ def _configured(state: Any, name: str, value: Any) -> Any:
 
 
 def _sketched_model(s: sketch_lib.Sketch, damping, abs_damping, seed: int,
-                    tail: str) -> jax.Array:
+                    tail: str, omega: Optional[jax.Array] = None) -> jax.Array:
   """The dense ``M + rho I`` of the Nystrom model that a refresh makes from a sketch (one
-  per layer of a stack: shape ``s.trace.shape + (d, d)``)."""
+  per layer of a stack: shape ``s.trace.shape + (d, d)``); ``omega``: the sketch's test
+  matrix, where given, instead of ``seed``'s."""
   stacked = sketch_lib.flat_blocks(s)
-  u, lam, tau = nystrom_lib.from_sketch(stacked, seed, tail)
+  u, lam, tau = nystrom_lib.from_sketch(stacked, seed, tail, omega=omega)
   shift = base.damping_shift(stacked, damping, abs_damping).astype(u.dtype)
   dense = nystrom_lib.dense(nystrom_lib.NystromRep(u, lam, tau, shift))
   return dense.reshape(s.trace.shape + dense.shape[-2:])
@@ -129,7 +130,8 @@ def damped_factors(state: Any, damping=None, abs_damping=None,
       made with (``state.config``; a schedule is evaluated at ``state.count``).
     abs_damping: the absolute damping; None reads it likewise.
     nystrom_seed: the test-matrix seed of the Nystrom model of a sketched layer; None
-      (default): the state's method's (0 for a state without a config).
+      (default): the state's method's (its test matrix, also when only ``nystrom_tail`` is
+      given; 0 for a state without a config).
     nystrom_tail: its tail rule; None: the method's (``"mean"`` without a config).
 
   Returns:
@@ -156,9 +158,12 @@ def damped_factors(state: Any, damping=None, abs_damping=None,
     if model is not None:
       out[path] = model
     elif sketch_lib.is_sketch(g):
+      # Without a seed, the test matrix the state's method sketched with (its own seed).
+      omega = (None if method is None or nystrom_seed is not None or method.sketch is None
+               else method.sketch(g.y.shape[-2], g.y.dtype))
       out[path] = _sketched_model(g, damping, abs_damping,
                                   0 if nystrom_seed is None else nystrom_seed,
-                                  "mean" if nystrom_tail is None else nystrom_tail)
+                                  "mean" if nystrom_tail is None else nystrom_tail, omega)
     else:
       out[path] = base.damp(g, damping, abs_damping)
   return out

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -117,7 +117,8 @@ def approximate(g: jax.Array, rank: int, seed: int = 0,
 
 
 def from_sketch(s: sketch_lib.Sketch, seed: int = 0, tail: str = "mean",
-                dtype=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                dtype=None, omega: Optional[jax.Array] = None
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``approximate`` from the sketch ``(S Omega, tr S, c)`` of ``G = S + c I`` alone.
 
   The rank-``r`` model is of ``S``; the identity part ``c I`` (the prior's) is added
@@ -129,6 +130,8 @@ def from_sketch(s: sketch_lib.Sketch, seed: int = 0, tail: str = "mean",
     seed: the seed of that test matrix.
     tail: ``"mean"`` or ``"zero"``.
     dtype: the dtype of the result (default ``s.y``'s).
+    omega: the test matrix itself, ``(d, r)``, instead of ``seed`` (the one a method's
+      ``sketch`` gives, whatever its seed).
 
   Returns:
     ``(U, lam, tau)`` as ``approximate``.
@@ -141,7 +144,7 @@ def from_sketch(s: sketch_lib.Sketch, seed: int = 0, tail: str = "mean",
   trace = s.trace.astype(work)
   d, rank = y.shape[-2:]
   eps = jnp.finfo(work).eps
-  omega = test_matrix(d, rank, seed, work)
+  omega = test_matrix(d, rank, seed, work) if omega is None else omega.astype(work)
   # ``|Y_ij| <= ||G||_2 <= tr G`` (``G`` PSD, ``Omega`` orthonormal): scaled by the trace,
   # ``||Y||_F`` cannot overflow where it is representable, and it is one dot product. A
   # zero factor (``tr G = 0``) takes ``||Y||_F = 1`` instead of 0: its core ``nu I`` then
