@@ -103,3 +103,40 @@ def test_extra_fields_are_replaced_as_in_flax():
   state = state.apply_gradients(grads=grads, activations=acts, key=new_key)
   assert int(state.step) == 1
   assert jax.random.key_data(state.key).tolist() == jax.random.key_data(new_key).tolist()
+
+
+def test_extra_args_reach_a_transform_that_needs_them():
+  """``extra_args={"value": loss}`` reaches ``optax.contrib.reduce_on_plateau`` in the chain
+  (Flax's ``apply_gradients`` cannot pass it): equal to the manual ``tx.update(...,
+  activations=, value=)`` bit for bit, with the plateau's scale reduced on the way."""
+  model, params, x, y, loss_fn = make_problem(dtype=jnp.float32)
+  tx = optax.chain(sngd_jax.sngd_momentum(0.05, inverse_every=2),
+                   optax.contrib.reduce_on_plateau(factor=0.5, patience=0, accumulation_size=1))
+  state = sngd_jax.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  with pytest.raises(TypeError, match="value"):  # what Flax's way gives
+    jax.jit(lambda s: s.apply_gradients(grads=grads_and_acts(loss_fn, s.params, x, y)[1],
+                                        activations=grads_and_acts(loss_fn, s.params, x, y)[2]))(
+        state)
+
+  @jax.jit
+  def train_step(state, bump):
+    loss, grads, acts = grads_and_acts(loss_fn, state.params, x, y)
+    return state.apply_gradients(grads=grads, activations=acts,
+                                 extra_args={"value": loss + bump})
+
+  @jax.jit
+  def manual_step(params, opt_state, bump):
+    loss, grads, acts = grads_and_acts(loss_fn, params, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params, activations=acts,
+                                   value=loss + bump)
+    return optax.apply_updates(params, updates), opt_state
+
+  opt_state = tx.init(params)
+  for bump in (0.0, 10.0, 20.0):  # a rising loss: the plateau halves the scale
+    state = train_step(state, bump)
+    params, opt_state = manual_step(params, opt_state, bump)
+  _assert_trees_equal(state.params, params)
+  _assert_trees_equal(state.opt_state, opt_state)
+  assert float(opt_state[1].scale) < 1.0
+  with pytest.raises(TypeError, match="activations twice"):
+    state.apply_gradients(grads=params, activations={}, extra_args={"activations": {}})

@@ -28,7 +28,9 @@ class TrainState(train_state.TrainState):
   Flax's. Any optax transform works: ``tx`` is wrapped with
   ``optax.with_extra_args_support``, so one without extra arguments
   (``optax.adam``) ignores them, and ``activations=None`` calls
-  ``tx.update`` without them.
+  ``tx.update`` without them. A transform that needs other arguments of its
+  own (``optax.contrib.reduce_on_plateau``'s ``value``) gets them from
+  ``extra_args`` (Flax's ``apply_gradients`` has no way to pass them).
 
   Examples:
     ```python
@@ -47,6 +49,7 @@ class TrainState(train_state.TrainState):
   """
 
   def apply_gradients(self, *, grads: Any, activations: Optional[Activations] = None,
+                      extra_args: Optional[dict[str, Any]] = None,
                       **kwargs: Any) -> TrainState:
     """One optimizer step: ``tx.update`` with the activations, then ``apply_updates``.
 
@@ -54,6 +57,8 @@ class TrainState(train_state.TrainState):
       grads: gradients with the structure of ``params``.
       activations: what ``sngd_jax.capture`` (or ``capture_nnx``)
         returned for this batch; None for an optimizer that needs none.
+      extra_args: further keyword arguments for ``tx.update``, e.g.
+        ``{"value": loss}`` for ``optax.contrib.reduce_on_plateau`` in the chain.
       **kwargs: further fields of the state to replace, as in Flax's.
 
     Returns:
@@ -62,7 +67,12 @@ class TrainState(train_state.TrainState):
     owg = OVERWRITE_WITH_GRADIENT in grads
     grads_with_opt = grads["params"] if owg else grads
     params_with_opt = self.params["params"] if owg else self.params
-    extra = {} if activations is None else {"activations": activations}
+    extra = dict(extra_args or {})
+    if activations is not None:
+      if "activations" in extra:
+        raise TypeError("sngd: TrainState.apply_gradients got activations twice (also in "
+                        "extra_args); pass them once, as activations=")
+      extra["activations"] = activations
     tx = self.tx
     if isinstance(tx, optax.MultiSteps):  # not a transform itself (sngd_jax.MultiSteps is one)
       tx = tx.gradient_transformation()
