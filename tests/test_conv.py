@@ -378,3 +378,29 @@ def test_chunks_are_summed_in_one_loop(monkeypatch, chunk_bytes, plan):
   assert hlo.count(" while(") == 1, hlo.count(" while(")
   x = np.concatenate([rows, np.ones((rows.shape[0], 1))], axis=1)
   np.testing.assert_allclose(f(calls), x.T @ x / x.shape[0], rtol=1e-12)
+
+
+@pytest.mark.parametrize("how", ["chunked", "stats_batch_size"])
+def test_unbatched_conv_input_is_one_example(monkeypatch, how):
+  """Flax's ``Conv`` accepts one unbatched example ``(*spatial, C)``: its first spatial axis
+  is not an example axis. Split into chunks of "examples" (large images: the default chunk
+  size) or cut by ``stats_batch_size``, the rows were patches of slabs of the image, each
+  padded on its own (the factor off by 0.45 here; 5e-3 on a 256x256x4 image at the default
+  chunk size). The factor is that of the whole image's patches (numpy loops)."""
+  cfg = CONFIGS["2d_same_stride_dilated"]
+  kw = dict(ref.one_step_kwargs())
+  if how == "chunked":
+    chunk_rows(monkeypatch, True)
+  else:
+    kw["stats_batch_size"] = 2
+  x = jax.random.normal(jax.random.key(2), cfg[7] + (cfg[6],), jnp.float64)
+  layer = _conv(cfg, features=2)
+  params = layer.init(jax.random.key(0), x)["params"]
+  loss = lambda p, x: jnp.sum(jnp.tanh(layer.apply({"params": p}, x)) ** 2)
+  tx = sngd_jax.sngd(**kw)
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x)
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  rows, _ = _reference_rows(cfg, np.asarray(x)[None])
+  kernel, bias = ref.dense_update(rows, grads["kernel"], grads["bias"])
+  np.testing.assert_allclose(updates["kernel"], kernel, rtol=1e-8, atol=1e-10)
+  np.testing.assert_allclose(updates["bias"], bias, rtol=1e-8, atol=1e-10)

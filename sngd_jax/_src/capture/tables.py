@@ -106,13 +106,27 @@ def _einsum(kernel_ndim: Callable[[Any], int]) -> LayerRecorder:
   return recorder
 
 
+def _one_example(x, out, rank: int):
+  """``(x, out)`` with an example axis: Flax's convs also take one unbatched example
+  ``(*spatial, C)``, whose first spatial axis must not be read as examples (the rows'
+  chunks and ``stats_batch_size`` cut along the example axis)."""
+  if x.ndim == rank + 1:
+    return x[None], out[None]
+  return x, out
+
+
 def _conv(module, args, kwargs, out) -> Record:
-  return args[0], out, "conv", conv_lib.conv_config(module)
+  config = conv_lib.conv_config(module)
+  x, out = _one_example(args[0], out, len(config[0]))
+  return x, out, "conv", config
 
 
 def _conv_transpose(module, args, kwargs, out) -> Record:
   config = conv_lib.conv_transpose_config(module)
-  return None if config is None else (args[0], out, "conv_transpose", config)
+  if config is None:
+    return None
+  x, out = _one_example(args[0], out, len(config[0]))
+  return x, out, "conv_transpose", config
 
 
 def _embed(module, args, kwargs, out) -> Record:
