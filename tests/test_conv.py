@@ -404,3 +404,50 @@ def test_unbatched_conv_input_is_one_example(monkeypatch, how):
   kernel, bias = ref.dense_update(rows, grads["kernel"], grads["bias"])
   np.testing.assert_allclose(updates["kernel"], kernel, rtol=1e-8, atol=1e-10)
   np.testing.assert_allclose(updates["bias"], bias, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_masked_conv_is_refused_naming_the_path(api):
+  """A ``Conv(mask=...)`` is not the patch factor's layer (its masked entries read no input:
+  the plain-conv update moved them although their gradient is 0). It is not recorded:
+  ``coverage`` lists it MISSING with the fix, ``update`` raises naming it, and with
+  ``fisher={path: None}`` its gradient passes through unchanged."""
+  from flax import nnx
+
+  mask = np.ones((3, 3, 2, 4), np.float32)
+  mask[2] = 0.0
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 6, 6, 2)), jnp.float32)
+  if api == "linen":
+    class Net(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        return nn.Conv(4, (3, 3), mask=jnp.asarray(mask), name="masked")(x)
+
+    model = Net()
+    params = model.init(jax.random.key(0), x)["params"]
+    loss = lambda p, x: jnp.sum(jnp.sin(model.apply({"params": p}, x)))
+    report = str(sngd_jax.coverage(loss, params, x))
+    grads, acts = jax.grad(sngd_jax.capture(loss), has_aux=True)(params, x)
+  else:
+    class NNXNet(nnx.Module):
+      def __init__(self):
+        self.masked = nnx.Conv(2, 4, (3, 3), mask=jnp.asarray(mask), rngs=nnx.Rngs(0))
+
+      def __call__(self, x):
+        return self.masked(x)
+
+    net = NNXNet()
+    loss = lambda m, x: jnp.sum(jnp.sin(m(x)))
+    report = str(sngd_jax.coverage(loss, net, x))
+    graphdef, state, rest = nnx.split(net, nnx.Param, ...)  # rest: the mask
+    loss_p = lambda p, x: loss(nnx.merge(graphdef, p, rest), x)
+    grads, acts = jax.grad(sngd_jax.capture_nnx(loss_p), has_aux=True)(state, x)
+    params = state
+  assert "MISSING" in report and "mask=" in report, report
+  tx = sngd_jax.sngd()
+  with pytest.raises(ValueError, match="'masked'.*mask="):
+    tx.update(grads, tx.init(params), params, activations=acts)
+  skip = sngd_jax.sngd(fisher={"masked": None})
+  out, _ = skip.update(grads, skip.init(params), params, activations=acts)
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(grads), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

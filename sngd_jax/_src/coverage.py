@@ -250,7 +250,8 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
     elif not activations.get(layer):
       desc = (f"{MISSING}: no calls captured (not called in the captured function, or a "
               f"layout sngd does not record: ConvLocal, DenseGeneral(batch_dims=...), "
-              f"ConvTranspose(transpose_kernel=True or CIRCULAR), an Einsum of another layout); "
+              f"ConvTranspose(transpose_kernel=True or CIRCULAR), a Conv with mask=, "
+              f"an Einsum of another layout); "
               f"pass fisher={{{layer!r}: None}}")
     elif (why := _mismatch(specs[layer], activations[layer]) or (
         specs[layer].tied

@@ -116,12 +116,16 @@ def _one_example(x, out, rank: int):
 
 
 def _conv(module, args, kwargs, out) -> Record:
+  if getattr(module, "mask", None) is not None:
+    return None  # a masked kernel: its inputs are not every patch entry (not modelled)
   config = conv_lib.conv_config(module)
   x, out = _one_example(args[0], out, len(config[0]))
   return x, out, "conv", config
 
 
 def _conv_transpose(module, args, kwargs, out) -> Record:
+  if getattr(module, "mask", None) is not None:
+    return None  # as _conv
   config = conv_lib.conv_transpose_config(module)
   if config is None:
     return None
