@@ -182,3 +182,23 @@ def test_scale_from_the_state_of_a_stacked_model():
   u, state = pre.update(grads, pre.init(params), params, activations=acts)
   np.testing.assert_allclose(sngd_jax.trust_region_scale(grads, state, u), 0.3, rtol=1e-8)
   np.testing.assert_allclose(sngd_jax.trust_region_scale(grads, state), 0.3, rtol=1e-8)
+
+
+def test_scale_and_damping_of_an_injected_state():
+  """Under ``optax.inject_hyperparams`` the SNGD state records ``max_norm`` and ``damping`` as
+  None: ``trust_region_scale`` and ``damped_factors`` read the injected values from the
+  whole state (the scale was a silent 1, the damping an error), equal to passing them."""
+  _, params, x, y, loss_fn = make_problem(features=FEATURES)
+  _, grads, acts = grads_and_acts(loss_fn, params, x, y)
+  _, q = _reference(params, x, grads, "linear", 1e-3)
+  radius = 0.3 * np.sqrt(q)
+  tx = optax.inject_hyperparams(sngd_jax.sngd_momentum)(
+      learning_rate=0.1, max_norm=radius, damping=1e-3, decay=0.0)
+  _, state = tx.update(grads, tx.init(params), params, activations=acts)
+  np.testing.assert_allclose(sngd_jax.trust_region_scale(grads, state), 0.3, rtol=1e-6)
+  explicit = sngd_jax.trust_region_scale(grads, state, max_norm=radius)
+  np.testing.assert_allclose(sngd_jax.trust_region_scale(grads, state), explicit, rtol=0)
+  got = sngd_jax.damped_factors(state)
+  want = sngd_jax.damped_factors(state, damping=1e-3)
+  for path in want:
+    np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(want[path]))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from sngd_jax._src import precondition
 from sngd_jax._src.config import value_at
-from sngd_jax._src.state import only_sngd_state
+from sngd_jax._src.state import injected, only_sngd_state
 from sngd_jax._src.transform import _flatten, _layers_of, _method_of
 
 
@@ -42,9 +42,9 @@ def trust_region_scale(grads: Any, opt_state: Any, updates: Optional[Any] = None
     opt_state: a state holding an ``sngd_jax.SNGDState`` (that of
       ``sngd`` or of a chain containing it).
     updates: optionally, ``sngd``'s output for ``grads``.
-    max_norm: the radius, needed only when it is not recorded in the state's
-      configuration (a hyperparameter injected with ``optax.inject_hyperparams``,
-      which the state records as None); by default the configured one.
+    max_norm: the radius; by default the configured one, or, where the state
+      records None because it was injected (``optax.inject_hyperparams``), the
+      injected value found in ``opt_state`` (pass the whole injected state).
 
   Returns:
     A scalar in ``(0, 1]``; 1 without a trust region (``max_norm=None``) and
@@ -55,6 +55,8 @@ def trust_region_scale(grads: Any, opt_state: Any, updates: Optional[Any] = None
   state = only_sngd_state(opt_state)
   config = state.config
   radius_of = config.max_norm if max_norm is None else max_norm
+  if radius_of is None:  # injected (`optax.inject_hyperparams`): the state records None
+    radius_of = injected(opt_state, "max_norm")
   if radius_of is None:
     return jnp.ones((), jnp.float32)
   specs = _layers_of(config, grads)

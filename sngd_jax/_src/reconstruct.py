@@ -47,7 +47,7 @@ from sngd_jax._src.inverse import nystrom as nystrom_lib
 from sngd_jax._src.inverse.base import HIGHEST as _HIGHEST
 from sngd_jax._src.inverse.registry import get_method
 from sngd_jax._src.inverse.roots import Roots, sqrt_and_inv_sqrt
-from sngd_jax._src.state import only_sngd_state
+from sngd_jax._src.state import injected, only_sngd_state
 
 
 def _sngd_state_in(state: Any) -> Any:
@@ -58,12 +58,15 @@ def _sngd_state_in(state: Any) -> Any:
   return only_sngd_state(state)
 
 
-def _configured(state: Any, name: str, value: Any) -> Any:
-  """``value``, or the option ``name`` of the state's configuration at ``state.count``."""
+def _configured(state: Any, name: str, value: Any, outer: Any = None) -> Any:
+  """``value``, or the option ``name`` of the state's configuration at ``state.count`` (or
+  its injected value in ``outer``, the optimizer state holding ``state``)."""
   if value is not None:
     return value
   config = getattr(state, "config", None)
   value = None if config is None else getattr(config, name)
+  if value is None and outer is not None:
+    value = injected(outer, name)
   if value is None:
     raise ValueError(f"sngd: the state does not record `{name}` (it was injected as an array "
                      f"or the state has no config); pass `{name}=` explicitly")
@@ -127,7 +130,8 @@ def damped_factors(state: Any, damping=None, abs_damping=None,
       ``weights`` dicts keyed by layer path), or an optimizer state that holds
       one (``sngd_momentum``'s, ``apply_if_finite``'s, ...).
     damping: the relative damping; None (default) reads the one the state was
-      made with (``state.config``; a schedule is evaluated at ``state.count``).
+      made with (``state.config``; a schedule is evaluated at ``state.count``; an
+      injected one from the ``optax.inject_hyperparams`` state, given the whole state).
     abs_damping: the absolute damping; None reads it likewise.
     nystrom_seed: the test-matrix seed of the Nystrom model of a sketched layer; None
       (default): the state's method's (its test matrix, also when only ``nystrom_tail`` is
@@ -140,9 +144,9 @@ def damped_factors(state: Any, damping=None, abs_damping=None,
     factor ``diag(f)`` as its damped diagonal ``f + rho``, a ``(V,)`` vector. The bias row
     (column) of an augmented input is the last.
   """
-  state = _sngd_state_in(state)
-  damping = _configured(state, "damping", damping)
-  abs_damping = _configured(state, "abs_damping", abs_damping)
+  outer, state = state, _sngd_state_in(state)
+  damping = _configured(state, "damping", damping, outer)
+  abs_damping = _configured(state, "abs_damping", abs_damping, outer)
   config = getattr(state, "config", None)
   method = None if config is None else get_method(config.inverse)
   # nystrom_seed/nystrom_tail replace the method's Nystrom model only, not a block-diagonal one

@@ -16,6 +16,7 @@ from typing import Any
 
 import flax.struct
 import jax
+import optax
 
 from sngd_jax._src.config import DEFAULTS, SNGDConfig
 
@@ -70,6 +71,25 @@ def _is_state(x: Any) -> bool:
 def sngd_states(tree: Any) -> list[SNGDState]:
   """Every ``SNGDState`` inside ``tree`` (an optimizer state), in tree order."""
   return [s for s in jax.tree.leaves(tree, is_leaf=_is_state) if _is_state(s)]
+
+
+_INJECT_STATES = tuple(t for t in (getattr(optax, "InjectHyperparamsState", None),
+                                   getattr(optax, "InjectStatefulHyperparamsState", None))
+                       if t is not None)
+
+
+def injected(tree: Any, name: str) -> Any:
+  """The value of hyperparameter ``name`` in the one ``optax.inject_hyperparams`` state in
+  ``tree`` that holds it (the SNGD state records an injected value as None), or None."""
+  found = []
+
+  def visit(node):
+    if isinstance(node, _INJECT_STATES) and name in node.hyperparams:
+      found.append(node.hyperparams[name])
+    return node
+
+  jax.tree.map(visit, tree, is_leaf=lambda n: isinstance(n, _INJECT_STATES))
+  return found[0] if len(found) == 1 else None
 
 
 def only_sngd_state(tree: Any) -> SNGDState:
