@@ -196,3 +196,95 @@ def test_hand_written_scan_over_time_pools_every_step():
       np.testing.assert_allclose(u["kernel"], kernel, rtol=1e-8, atol=1e-12, err_msg=name)
       if bias is not None:
         np.testing.assert_allclose(u["bias"], bias, rtol=1e-8, atol=1e-12, err_msg=name)
+
+
+UNBATCHED_CELLS = {
+    "gru": (lambda: nn.GRUCell(3, param_dtype=jnp.float64), (3, 4, 2), None),
+    "conv_lstm": (lambda: nn.ConvLSTMCell(2, (3, 3), param_dtype=jnp.float64), (3, 4, 4, 4, 2),
+                  (3, 3)),
+}
+
+
+@pytest.mark.parametrize("cell", sorted(UNBATCHED_CELLS))
+@pytest.mark.parametrize("per_example", [False, True])
+def test_sequences_without_batch_axes_record_every_step(cell, per_example):
+  """nn.RNN on a sequence with no batch axis (``(T, *features)``: one sequence, or each
+  example under the user's jax.vmap) records one row per step (conv: the patches of each
+  step), as a batched call does: the update is the float64 one over every step of every
+  sequence, and stats_batch_size takes whole sequences. (The time axis was merged into the
+  first feature axis: dense gates raised, ConvLSTM's convolutions got a wrong factor.)"""
+  make_cell, shape, conv_kernel = UNBATCHED_CELLS[cell]
+
+  class Seq1(nn.Module):
+    @nn.compact
+    def __call__(self, xs):
+      return nn.RNN(make_cell(), name="rnn")(xs)
+
+  model = Seq1()
+  xs = jax.random.normal(jax.random.key(1), shape, jnp.float64)
+  if not per_example:
+    xs = xs[:1]
+  params = model.init(jax.random.key(0), xs[0])["params"]
+  (cell_name,) = params
+  apply = lambda p, x: model.apply({"params": p}, x)
+  if per_example:
+    loss = lambda p: jnp.sum(jnp.sin(jax.vmap(lambda x: apply(p, x))(xs)))
+  else:
+    loss = lambda p: jnp.sum(jnp.sin(apply(p, xs[0])))
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params)
+
+  # the unrolled model, batched over the sequences: what every gate reads at every step
+  step_cell = make_cell()
+  carry = step_cell.initialize_carry(jax.random.key(0), xs[:, 0].shape)
+  seen = {"i": [], "h": []}
+  for t in range(xs.shape[1]):
+    seen["i"].append(np.asarray(xs[:, t]))
+    seen["h"].append(np.asarray(carry[1] if isinstance(carry, tuple) else carry))
+    carry, _ = step_cell.apply({"params": params[cell_name]}, carry, xs[:, t])
+
+  def rows(side, k):
+    steps = [a[:k] for a in seen[side]]
+    if conv_kernel is None:
+      return np.concatenate([a.reshape(-1, a.shape[-1]) for a in steps])
+    return np.concatenate([ref.conv_patches(a, conv_kernel, (1, 1), "SAME", (1, 1), (1, 1), 1)[0]
+                           for a in steps])
+
+  for k in ((None, 2) if per_example else (None,)):
+    tx = sngd_jax.sngd(stats_batch_size=k, **ref.one_step_kwargs())
+    updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+    for name, g in grads[cell_name].items():
+      u = updates[cell_name][name]
+      kernel, bias = ref.dense_update(rows(name[0], k), g["kernel"], g.get("bias"))
+      np.testing.assert_allclose(u["kernel"], kernel, rtol=1e-8, atol=1e-12, err_msg=name)
+      if bias is not None:
+        np.testing.assert_allclose(u["bias"], bias, rtol=1e-8, atol=1e-12, err_msg=name)
+
+
+def test_nnx_rnn_on_one_sequence_without_batch_axis():
+  """nnx.RNN on one ``(T, F)`` sequence: T rows per gate, the float64 update (before the
+  fix the time axis was merged into the feature axis and update raised)."""
+  from flax import nnx  # noqa: PLC0415
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.rnn = nnx.RNN(nnx.GRUCell(2, 3, rngs=rngs, param_dtype=jnp.float64))
+
+  model = Net(nnx.Rngs(0))
+  xs = jax.random.normal(jax.random.key(1), (5, 2), jnp.float64)
+  loss = lambda m: jnp.sum(jnp.sin(m.rnn(xs)))
+  (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss), has_aux=True)(model)
+  params = nnx.state(model, nnx.Param)
+  tx = sngd_jax.sngd(**ref.one_step_kwargs())
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  cell = model.rnn.cell
+  h, seen = jnp.zeros(3, jnp.float64), []
+  for t in range(5):
+    seen.append(np.asarray(h))
+    h, _ = cell(h, xs[t])
+  g = nnx.to_pure_dict(grads)["rnn"]["cell"]
+  u = nnx.to_pure_dict(updates)["rnn"]["cell"]
+  for name, rows in (("dense_i", np.asarray(xs)), ("dense_h", np.stack(seen))):
+    kernel, bias = ref.dense_update(rows, g[name]["kernel"], g[name].get("bias"))
+    np.testing.assert_allclose(u[name]["kernel"], kernel, rtol=1e-8, atol=1e-12, err_msg=name)
+    if bias is not None:
+      np.testing.assert_allclose(u[name]["bias"], bias, rtol=1e-8, atol=1e-12, err_msg=name)

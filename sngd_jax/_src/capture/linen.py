@@ -35,6 +35,7 @@ from sngd_jax._src.capture import flax_patches, tables, transforms
 from sngd_jax._src.capture.records import (
     Recorder,
     StepRecords,
+    rnn_batched,
     rnn_time_axis,
     split_aux,
     untag,
@@ -78,7 +79,8 @@ def _rnn_call(rec: Recorder, module: nn.RNN, next_fun, args, kwargs):
     out = next_fun(*args, **kwargs)
   time_major = kwargs.get("time_major")
   time_major = module.time_major if time_major is None else time_major
-  out, found = untag(out, rnn_time_axis(args[0], time_major, module.cell))
+  out, found = untag(out, rnn_time_axis(args[0], time_major, module.cell),
+                     rnn_batched(args[0], module.cell))
   rec.add_all(found)
   return out
 

@@ -29,6 +29,7 @@ from sngd_jax._src.capture import flax_patches, tables, transforms
 from sngd_jax._src.capture.records import (
   Recorder,
   StepRecords,
+  rnn_batched,
   rnn_time_axis,
   split_aux,
   untag,
@@ -162,7 +163,8 @@ def _rnn_call(rec: _NNXRecorder):
         out = original(self, inputs, *args, **kwargs)
       time_major = kwargs.get("time_major")
       time_major = self.time_major if time_major is None else time_major
-      out, found = untag(out, rnn_time_axis(inputs, time_major, self.cell))
+      out, found = untag(out, rnn_time_axis(inputs, time_major, self.cell),
+                         rnn_batched(inputs, self.cell))
       rec.add_all(found)
       return out
     return call

@@ -391,12 +391,17 @@ class Shared:
     return cls(jax.tree.unflatten(treedef, [children[i] for i in index]))
 
 
-def untag(out: Any, time_axis: int) -> tuple[Any, dict[str, list[Pending]]]:
+def untag(out: Any, time_axis: int,
+          batched: bool = True) -> tuple[Any, dict[str, list[Pending]]]:
   """Strips ``StepRecords`` nodes from an RNN's output; returns the records.
 
   The records of every time step were stacked by the scan along
   ``time_axis``; the time axis is merged into the leading (batch) axis so each
-  record keeps its per-step rank (and its config stays valid).
+  record keeps its per-step rank (and its config stays valid). An RNN run on
+  one sequence without batch axes (``batched=False``: ``(T, *features)``, e.g.
+  per example under a ``jax.vmap``) has no batch axis to merge into: its
+  records keep the time axis as a new leading row axis (one example of
+  ``T`` steps), and their config is shifted past it.
   """
   found: dict[str, list[Pending]] = {}
 
@@ -404,11 +409,16 @@ def untag(out: Any, time_axis: int) -> tuple[Any, dict[str, list[Pending]]]:
     if isinstance(node, StepRecords):
       for path, calls in node.records.items():
         for p in calls:
-          merge = lambda a: None if a is None else _merge_time(a, time_axis)
           c = p.captured
           steps = c.inputs.shape[time_axis] * c.time_steps
-          found.setdefault(path, []).append(p.replace(captured=c.replace(
-              inputs=merge(c.inputs), outputs=merge(c.outputs), time_steps=steps)))
+          if batched:
+            merge = lambda a: None if a is None else _merge_time(a, time_axis)
+            c = c.replace(inputs=merge(c.inputs), outputs=merge(c.outputs), time_steps=steps)
+          else:
+            lead = lambda a: None if a is None else jnp.moveaxis(a, time_axis, 0)
+            c = c.replace(inputs=lead(c.inputs), outputs=lead(c.outputs), time_steps=steps,
+                          config=_axes_shifted(c.kind, c.config, 1), batch_axis=0)
+          found.setdefault(path, []).append(p.replace(captured=c))
       return node.value
     return node
 
@@ -641,6 +651,12 @@ def rnn_time_axis(inputs: Any, time_major: bool, cell: Any) -> int:
   ndim = inputs.ndim
   axis = 0 if time_major else ndim - (cell.num_feature_axes + 1)
   return axis % ndim
+
+
+def rnn_batched(inputs: Any, cell: Any) -> bool:
+  """Whether ``nn.RNN``/``nnx.RNN`` inputs have batch axes (not one ``(T, *features)``
+  sequence)."""
+  return inputs.ndim > cell.num_feature_axes + 1
 
 
 def stack_shape(call: Captured) -> tuple[int, ...]:
