@@ -227,6 +227,68 @@ def test_shard_map_20_steps_match_one_device(shard_refresh):
 
 
 @multi
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_multisteps_under_shard_map_matches_one_device_on_the_merged_batch(check_vma):
+  """``MultiSteps(sngd(axis_name=...))`` inside ``shard_map``, 2 micro-batches per step.
+
+  Reference: one device, no ``MultiSteps``, each pair of micro-batches as one batch of 128.
+  The accumulated statistics are state, replicated like the rest: before 2026-12-05 they
+  were each device's own (``check_vma=True`` refused the step at trace time, in the
+  accumulator's ``lax.cond``; with ``check_vma=False`` the devices' copies of the "replicated"
+  state differed, and a host round trip of it mid-cycle, as a checkpoint makes, kept one
+  device's and changed the run by 1e-2). The state goes through the host after every call.
+  """
+  xs, ys, params0 = _data()
+  merged = _train_merged_reference()
+  mesh = jax.make_mesh((NUM_DEVICES,), ("data",))
+  tx = sngd_jax.MultiSteps(_optimizer(axis_name="data"), every_k_schedule=2)
+
+  def step(params, state, x, y):
+    loss_fn = lambda *a: jax.lax.pmean(_loss(*a), "data") if check_vma else _loss(*a)
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn, outputs=True), has_aux=True)(
+        params, x, y)
+    if not check_vma:  # each device's gradient of its own shard (as under pmap)
+      grads = jax.lax.pmean(grads, "data")
+    updates, state = tx.update(grads, state, params, activations=acts)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
+                               out_specs=(P(), P()), check_vma=check_vma))
+  put = _placer(mesh)
+  params, state = put(params0, False), put(tx.init(params0), False)
+  for t in range(STEPS):
+    params, state = step(params, state, put(xs[t], True), put(ys[t], True))
+    for leaf in jax.tree.leaves(state.acc_statistics):  # the devices' copies agree
+      shards = [np.asarray(s.data) for s in leaf.addressable_shards]
+      assert all(np.array_equal(s, shards[0]) for s in shards), t
+    state = put(jax.device_get(state), False)  # through the host, as a checkpoint
+  assert int(state.inner_opt_state[0].count) == STEPS // 2
+  assert _max_abs_diff(params, merged[0]) < 1e-5
+  for path, factor in merged[1][0].factors.items():
+    scale = float(jnp.max(jnp.abs(factor)))
+    assert _max_abs_diff(state.inner_opt_state[0].factors[path], factor) < 1e-5 * scale
+
+
+@functools.lru_cache(maxsize=None)
+def _train_merged_reference():
+  """One device, ``_optimizer()``, the micro-batches in pairs: 10 steps of batch 128."""
+  xs, ys, params = _data()
+  tx = _optimizer()
+
+  @jax.jit
+  def step(params, state, x, y):
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(_loss, outputs=True), has_aux=True)(
+        params, x, y)
+    updates, state = tx.update(grads, state, params, activations=acts)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for t in range(0, STEPS, 2):
+    params, state = step(params, state, xs[t:t + 2].reshape(-1, FEATURES), ys[t:t + 2].reshape(-1))
+  return params, state
+
+
+@multi
 @pytest.mark.parametrize("layout", ["tensor_parallel", "fsdp"])
 def test_explicit_mesh_with_model_sharded_params_matches_one_device(layout):
   """Params sharded over their features (a model axis: the captured inputs are sharded

@@ -19,7 +19,9 @@ in ``G^``: their accumulator is ``d x r``, never ``d x d``). On the emitting
 call the inner optimizer gets the mean gradient and ``statistics=`` the
 accumulated estimates in place of ``activations=``, and folds them in exactly
 as it would fold in one big batch's (on the same factor steps, with the same
-``axis_name`` mean and outlier limit).
+outlier limit). Under ``axis_name`` each micro-batch's estimates are averaged
+over the axis as they are accumulated, so the accumulators are replicated like
+the rest of the state (one all-reduce per micro-batch of a factor step).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import optax
 from optax._src import numerics
 from optax.transforms import MaskedState
 
-from sngd_jax._src import transform
+from sngd_jax._src import distributed, transform
 from sngd_jax._src.state import SNGDState, sngd_states
 
 
@@ -137,6 +139,12 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
     """Folds this micro-batch's batch estimates into the row-weighted means."""
     def fold(_):
       estimates, rows = transform.local_statistics(updates, sngd_state, activations, masked)
+      # Under `axis_name` (shard_map/pmap) each device's estimate is of its own shard: the mean
+      # over the axis now keeps the accumulators replicated, like the rest of the state (the
+      # mean of the means is the row-weighted mean of the global batch: equal shards). Kept
+      # per device, they were a state that differs between devices: refused by `shard_map`'s
+      # check_vma, and, with check_vma=False, lost on a checkpoint of one replica.
+      estimates = distributed.axis_mean(estimates, sngd_state.config.axis_name)
       if set(estimates) != set(state.acc_statistics):
         raise ValueError(
             "sngd: MultiSteps accumulates the statistics of every layer in every micro-batch; "
