@@ -50,7 +50,8 @@ class MultiStepsState(NamedTuple):
     acc_statistics: per layer path, the row-weighted mean of the micro-batches'
       batch estimates, in the form of the sngd state's factor (empty when the
       wrapped optimizer holds no ``sngd_jax.sngd``).
-    acc_rows: per layer path, the rows accumulated (int32).
+    acc_rows: per layer path, the rows accumulated, counted in the dtype of its factor (a
+      float: an int32 count wrapped past ``2**31`` rows in one cycle).
   """
 
   mini_step: jax.Array
@@ -76,6 +77,14 @@ def _sngd_state(inner_state: Any) -> tuple[Optional[SNGDState], bool]:
   masks = [m for m in jax.tree.leaves(inner_state, is_leaf=lambda s: isinstance(s, MaskedState))
            if isinstance(m, MaskedState)]
   return found[0], any(sngd_states(m.inner_state) for m in masks)
+
+
+def _rows_dtype(factor: Any) -> Any:
+  """The dtype a layer's accumulated rows are counted in: that of its factor (float32, or
+  float64 under x64). An int32 count wrapped negative past ``2**31`` rows in one cycle (a
+  stride-1 conv on large images over many micro-batches), which made the row weights
+  ``n / total`` negative; a float count only rounds, and the weights need only its ratio."""
+  return jax.tree.leaves(factor)[0].dtype
 
 
 class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
@@ -128,7 +137,7 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
     sngd_state, _ = _sngd_state(base.inner_opt_state)
     acc_stats = {} if sngd_state is None else jax.tree.map(jnp.zeros_like, sngd_state.factors)
     acc_rows = {} if sngd_state is None else {
-        p: jnp.zeros((), jnp.int32) for p in sngd_state.factors}
+        p: jnp.zeros((), _rows_dtype(f)) for p, f in sngd_state.factors.items()}
     return MultiStepsState(*typing.cast(Any, base), acc_statistics=acc_stats,
                            acc_rows=acc_rows)
 
@@ -164,6 +173,9 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
     """Accumulates gradients and statistics; the inner update every ``k`` calls."""
     activations = extra_args.pop("activations", None)
     sngd_state, masked = _sngd_state(state.inner_opt_state)
+    if sngd_state is not None:  # a state saved with int32 counts (before 2026-12-05) resumes
+      state = state._replace(acc_rows={p: jnp.asarray(r, _rows_dtype(sngd_state.factors[p]))
+                                       for p, r in state.acc_rows.items()})
     if sngd_state is None and activations is not None:
       extra_args["activations"] = activations
     k_steps = self._every_k_schedule(state.gradient_step)
