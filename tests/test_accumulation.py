@@ -391,3 +391,33 @@ def test_rows_past_int32_keep_positive_weights():
                    [before * 1.0 + 3 * n * 3.0, total]], np.float64) / total
   np.testing.assert_allclose(state.acc_statistics["Conv_0"], want, rtol=1e-5)
   assert float(state.acc_rows["Conv_0"]) == total
+
+
+def test_vmapped_members_run_the_inner_update_on_emitting_calls_only():
+  """Under a caller's ``jax.vmap`` (an ensemble) each member gets its single run's params, and
+  the inner optimizer (preconditioning, refreshes) runs on the emitting calls only: a plain
+  ``lax.cond`` became a select there, which ran it on every micro-batch."""
+  params, x, y, loss_fn = _problem("dense")
+  ran = []
+
+  def spy_update(updates, state, params=None, **extra):
+    del params, extra
+    jax.debug.callback(lambda v: ran.append(1), jnp.ravel(jax.tree.leaves(updates)[0])[0])
+    return updates, state
+
+  spy = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), spy_update)
+  ms = sngd_jax.MultiSteps(optax.chain(_inner("dense"), spy), every_k_schedule=K)
+  single = _step(ms, loss_fn)
+  members = jax.tree.map(lambda a: jnp.stack([a, a]), params)
+  step = jax.jit(jax.vmap(_step(ms, loss_fn).__wrapped__, in_axes=(0, 0, None, None)))
+  p1, s1, pv, sv = params, ms.init(params), members, jax.vmap(ms.init)(members)
+  for _ in range(3):
+    for i in range(K):
+      batch = slice(i * N, (i + 1) * N)
+      p1, s1, _ = single(p1, s1, x[batch], y[batch])
+      pv, sv, _ = step(pv, sv, x[batch], y[batch])
+  jax.effects_barrier()
+  assert len(ran) == 3 * (1 + 2)  # per cycle: the single run's emit, and one per member
+  for m in range(2):
+    jax.tree.map(lambda a, b, m=m: np.testing.assert_allclose(a[m], b, rtol=1e-5, atol=1e-7),
+                 pv, p1)

@@ -34,7 +34,7 @@ import optax
 from optax._src import numerics
 from optax.transforms import MaskedState
 
-from sngd_jax._src import transform
+from sngd_jax._src import control, transform
 from sngd_jax._src.state import SNGDState, sngd_states
 
 
@@ -85,6 +85,17 @@ def _rows_dtype(factor: Any) -> Any:
   stride-1 conv on large images over many micro-batches), which made the row weights
   ``n / total`` negative; a float count only rounds, and the weights need only its ratio."""
   return jax.tree.leaves(factor)[0].dtype
+
+
+def _cond(sngd_state: Optional[SNGDState]):
+  """The conditional of the emitting call and of the statistics: one that stays a
+  conditional under a caller's ``jax.vmap`` (an ensemble; a plain ``lax.cond`` became a
+  select there, which ran the inner update, refreshes included, and the statistics on every
+  micro-batch), except with ``axis_name``, whose collectives it cannot re-vmap (as in
+  ``transform._schedule_cond``)."""
+  if sngd_state is not None and sngd_state.config.axis_name is not None:
+    return jax.lax.cond
+  return control.schedule_cond
 
 
 class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
@@ -165,8 +176,8 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
     factor_every = sngd_state.config.factor_every
     if factor_every is None:  # injected: not known at trace time
       return fold(None)
-    return jax.lax.cond(sngd_state.count % factor_every == 0, fold,
-                        lambda _: (state.acc_statistics, state.acc_rows), None)
+    return _cond(sngd_state)(sngd_state.count % factor_every == 0, fold,
+                             lambda _: (state.acc_statistics, state.acc_rows), None)
 
   def update(self, updates: Any, state: MultiStepsState, params: Optional[Any] = None,
              **extra_args: Any) -> tuple[Any, MultiStepsState]:
@@ -205,8 +216,9 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
       if sngd_state is not None:
         acc_stats, acc_rows = self._accumulate(updates, state, sngd_state, activations, masked)
       emit = state.mini_step == (k_steps - 1)
-      out, inner_state = jax.lax.cond(emit, inner_update, hold, acc_grads, acc_stats,
-                                      state.inner_opt_state)
+      out, inner_state = _cond(sngd_state)(emit, lambda ops: inner_update(*ops),
+                                           lambda ops: hold(*ops),
+                                           (acc_grads, acc_stats, state.inner_opt_state))
       reset = lambda tree: jax.tree.map(lambda a: jnp.where(emit, jnp.zeros_like(a), a), tree)
       return out, MultiStepsState(
           mini_step=typing.cast(Any, numerics.safe_increment(state.mini_step)) % k_steps,
