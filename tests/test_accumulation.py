@@ -353,3 +353,71 @@ def test_optax_multisteps_around_sngd_warns_and_ours_does_not():
     warnings.simplefilter("error")
     sngd_jax.MultiSteps(sngd_jax.sngd_adam(1e-3), 2).init(params)
     optax.MultiSteps(optax.adam(1e-3), 2).init(params)
+
+
+def test_rows_past_int32_keep_positive_weights():
+  """A cycle of more than ``2**31`` rows of one layer (here the state after 2047 micro-batches
+  of ``2**20`` rows of a 1x1 conv, then three more with larger inputs) averages every
+  micro-batch by its rows: an int32 row count wrapped negative there and the last micro-batches
+  pulled the factor away from their own estimate. Reference: the float64 row-weighted mean."""
+  class Conv1x1(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Conv(1, (1, 1))(x).mean()
+
+  model = Conv1x1()
+  params = model.init(jax.random.key(0), jnp.ones((1, 2, 2, 1)))["params"]
+  loss_fn = lambda p, x: model.apply({"params": p}, x)
+  ms = sngd_jax.MultiSteps(optax.chain(sngd_jax.sngd(decay=0.0, prior="none"), optax.sgd(0.1)),
+                           every_k_schedule=4096)
+  n, before = 2 ** 20, 2 ** 31 - 2 ** 20  # rows per micro-batch; rows accumulated so far
+  state = ms.init(params)
+  ones = jnp.ones((2, 2))  # the mean so far: inputs of 1 (E[x^2] = E[x] = 1, with the bias row)
+  state = state._replace(
+      mini_step=jnp.asarray(2047, state.mini_step.dtype),
+      acc_statistics={"Conv_0": ones},
+      acc_rows={"Conv_0": jnp.asarray(before, state.acc_rows["Conv_0"].dtype)})
+
+  @jax.jit
+  def step(state, a):
+    x = jnp.full((1, 1024, 1024, 1), a, jnp.float32)  # 2**20 rows
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x)
+    return ms.update(grads, state, params, activations=acts)[1]
+
+  for _ in range(3):
+    state = step(state, jnp.float32(3.0))
+  total = before + 3 * n
+  want = np.array([[before * 1.0 + 3 * n * 9.0, before * 1.0 + 3 * n * 3.0],
+                   [before * 1.0 + 3 * n * 3.0, total]], np.float64) / total
+  np.testing.assert_allclose(state.acc_statistics["Conv_0"], want, rtol=1e-5)
+  assert float(state.acc_rows["Conv_0"]) == total
+
+
+def test_vmapped_members_run_the_inner_update_on_emitting_calls_only():
+  """Under a caller's ``jax.vmap`` (an ensemble) each member gets its single run's params, and
+  the inner optimizer (preconditioning, refreshes) runs on the emitting calls only: a plain
+  ``lax.cond`` became a select there, which ran it on every micro-batch."""
+  params, x, y, loss_fn = _problem("dense")
+  ran = []
+
+  def spy_update(updates, state, params=None, **extra):
+    del params, extra
+    jax.debug.callback(lambda v: ran.append(1), jnp.ravel(jax.tree.leaves(updates)[0])[0])
+    return updates, state
+
+  spy = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), spy_update)
+  ms = sngd_jax.MultiSteps(optax.chain(_inner("dense"), spy), every_k_schedule=K)
+  single = _step(ms, loss_fn)
+  members = jax.tree.map(lambda a: jnp.stack([a, a]), params)
+  step = jax.jit(jax.vmap(_step(ms, loss_fn).__wrapped__, in_axes=(0, 0, None, None)))
+  p1, s1, pv, sv = params, ms.init(params), members, jax.vmap(ms.init)(members)
+  for _ in range(3):
+    for i in range(K):
+      batch = slice(i * N, (i + 1) * N)
+      p1, s1, _ = single(p1, s1, x[batch], y[batch])
+      pv, sv, _ = step(pv, sv, x[batch], y[batch])
+  jax.effects_barrier()
+  assert len(ran) == 3 * (1 + 2)  # per cycle: the single run's emit, and one per member
+  for m in range(2):
+    jax.tree.map(lambda a, b, m=m: np.testing.assert_allclose(a[m], b, rtol=1e-5, atol=1e-7),
+                 pv, p1)

@@ -36,7 +36,7 @@ import optax
 from optax._src import numerics
 from optax.transforms import MaskedState
 
-from sngd_jax._src import distributed, transform
+from sngd_jax._src import control, distributed, transform
 from sngd_jax._src.state import SNGDState, sngd_states
 
 
@@ -52,7 +52,8 @@ class MultiStepsState(NamedTuple):
     acc_statistics: per layer path, the row-weighted mean of the micro-batches'
       batch estimates, in the form of the sngd state's factor (empty when the
       wrapped optimizer holds no ``sngd_jax.sngd``).
-    acc_rows: per layer path, the rows accumulated (int32).
+    acc_rows: per layer path, the rows accumulated, counted in the dtype of its factor (a
+      float: an int32 count wrapped past ``2**31`` rows in one cycle).
   """
 
   mini_step: jax.Array
@@ -78,6 +79,25 @@ def _sngd_state(inner_state: Any) -> tuple[Optional[SNGDState], bool]:
   masks = [m for m in jax.tree.leaves(inner_state, is_leaf=lambda s: isinstance(s, MaskedState))
            if isinstance(m, MaskedState)]
   return found[0], any(sngd_states(m.inner_state) for m in masks)
+
+
+def _rows_dtype(factor: Any) -> Any:
+  """The dtype a layer's accumulated rows are counted in: that of its factor (float32, or
+  float64 under x64). An int32 count wrapped negative past ``2**31`` rows in one cycle (a
+  stride-1 conv on large images over many micro-batches), which made the row weights
+  ``n / total`` negative; a float count only rounds, and the weights need only its ratio."""
+  return jax.tree.leaves(factor)[0].dtype
+
+
+def _cond(sngd_state: Optional[SNGDState]):
+  """The conditional of the emitting call and of the statistics: one that stays a
+  conditional under a caller's ``jax.vmap`` (an ensemble; a plain ``lax.cond`` became a
+  select there, which ran the inner update, refreshes included, and the statistics on every
+  micro-batch), except with ``axis_name``, whose collectives it cannot re-vmap (as in
+  ``transform._schedule_cond``)."""
+  if sngd_state is not None and sngd_state.config.axis_name is not None:
+    return jax.lax.cond
+  return control.schedule_cond
 
 
 class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
@@ -130,7 +150,7 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
     sngd_state, _ = _sngd_state(base.inner_opt_state)
     acc_stats = {} if sngd_state is None else jax.tree.map(jnp.zeros_like, sngd_state.factors)
     acc_rows = {} if sngd_state is None else {
-        p: jnp.zeros((), jnp.int32) for p in sngd_state.factors}
+        p: jnp.zeros((), _rows_dtype(f)) for p, f in sngd_state.factors.items()}
     return MultiStepsState(*typing.cast(Any, base), acc_statistics=acc_stats,
                            acc_rows=acc_rows)
 
@@ -164,14 +184,17 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
     factor_every = sngd_state.config.factor_every
     if factor_every is None:  # injected: not known at trace time
       return fold(None)
-    return jax.lax.cond(sngd_state.count % factor_every == 0, fold,
-                        lambda _: (state.acc_statistics, state.acc_rows), None)
+    return _cond(sngd_state)(sngd_state.count % factor_every == 0, fold,
+                             lambda _: (state.acc_statistics, state.acc_rows), None)
 
   def update(self, updates: Any, state: MultiStepsState, params: Optional[Any] = None,
              **extra_args: Any) -> tuple[Any, MultiStepsState]:
     """Accumulates gradients and statistics; the inner update every ``k`` calls."""
     activations = extra_args.pop("activations", None)
     sngd_state, masked = _sngd_state(state.inner_opt_state)
+    if sngd_state is not None:  # a state saved with int32 counts (before 2026-12-05) resumes
+      state = state._replace(acc_rows={p: jnp.asarray(r, _rows_dtype(sngd_state.factors[p]))
+                                       for p, r in state.acc_rows.items()})
     if sngd_state is None and activations is not None:
       extra_args["activations"] = activations
     k_steps = self._every_k_schedule(state.gradient_step)
@@ -201,8 +224,9 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
       if sngd_state is not None:
         acc_stats, acc_rows = self._accumulate(updates, state, sngd_state, activations, masked)
       emit = state.mini_step == (k_steps - 1)
-      out, inner_state = jax.lax.cond(emit, inner_update, hold, acc_grads, acc_stats,
-                                      state.inner_opt_state)
+      out, inner_state = _cond(sngd_state)(emit, lambda ops: inner_update(*ops),
+                                           lambda ops: hold(*ops),
+                                           (acc_grads, acc_stats, state.inner_opt_state))
       reset = lambda tree: jax.tree.map(lambda a: jnp.where(emit, jnp.zeros_like(a), a), tree)
       return out, MultiStepsState(
           mini_step=typing.cast(Any, numerics.safe_increment(state.mini_step)) % k_steps,
