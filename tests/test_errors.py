@@ -454,3 +454,32 @@ def test_every_layer_left_out_is_not_the_no_layer_error():
   p = _params()
   updates, _ = _update(p, _acts(p), fisher={"Dense_0": None, "head/Dense_1": None})
   jax.tree.map(np.testing.assert_array_equal, updates, p)
+
+
+def test_ready_statistics_that_do_not_fit_are_named():
+  """``update(..., statistics=)``: ready batch estimates equal ``activations=``'s update; a
+  missing or extra layer is named as such, and an estimate narrower than the factor (integer,
+  bfloat16) is refused naming the layer, not cast silently or failing in numpy."""
+  from helpers_mlp import grads_and_acts, make_problem
+
+  from sngd_jax._src import transform as sngd_transform
+
+  _, params, x, y, loss_fn = make_problem(dtype=jnp.float32)
+  _, grads, acts = grads_and_acts(loss_fn, params, x, y)
+  tx = sngd_jax.sngd()
+  state = tx.init(params)
+  est, _ = sngd_transform.local_statistics(grads, state, acts)
+  via_acts, _ = tx.update(grads, state, params, activations=acts)
+  via_stats, _ = tx.update(grads, state, params, statistics=est)
+  for a, b in zip(jax.tree.leaves(via_acts), jax.tree.leaves(via_stats), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  first, *_ = sorted(est)
+  fewer = {p: v for p, v in est.items() if p != first}
+  with pytest.raises(ValueError, match=re.escape(f"missing from `statistics=`: ['{first}']")):
+    tx.update(grads, state, params, statistics=fewer)
+  with pytest.raises(ValueError, match=re.escape("not layers of the updates: ['ghost']")):
+    tx.update(grads, state, params, statistics={**est, "ghost": est[first]})
+  for dtype in (jnp.int32, jnp.bfloat16):
+    narrow = {**est, first: est[first].astype(dtype)}
+    with pytest.raises(ValueError, match=f"layer '{first}'.*{jnp.dtype(dtype).name}"):
+      tx.update(grads, state, params, statistics=narrow)

@@ -278,10 +278,12 @@ def check_statistics(specs: Mapping[str, layers_lib.LayerSpec], state_factors: M
     ValueError: naming the layer path, for a missing layer or a wrong shape.
   """
   if set(specs) != set(state_factors) or set(estimates) != set(specs):
+    missing, extra = sorted(set(specs) - set(estimates)), sorted(set(estimates) - set(specs))
     raise ValueError(
         f"sngd: `statistics=` holds batch estimates for layers {sorted(estimates)}; the "
-        f"updates have layers {sorted(specs)} and the state {sorted(state_factors)}. Was the "
-        "state made by `init` on the same params?")
+        f"updates have layers {sorted(specs)} and the state {sorted(state_factors)} "
+        f"(missing from `statistics=`: {missing}; not layers of the updates: {extra}). Was "
+        "the state made by `init` on the same params?")
   for path in specs:
     want = jax.tree.map(jnp.shape, state_factors[path])
     got = jax.tree.map(jnp.shape, estimates[path])
@@ -289,6 +291,14 @@ def check_statistics(specs: Mapping[str, layers_lib.LayerSpec], state_factors: M
       raise ValueError(
           f"sngd: layer {path!r}: the batch estimate passed as `statistics=` has shape {got}; "
           f"the state's factor has {want}. Pass what `sngd_jax.MultiSteps` accumulates.")
+    for leaf, factor in zip(jax.tree.leaves(estimates[path]),
+                            jax.tree.leaves(state_factors[path]), strict=True):
+      if (not jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+          or jnp.finfo(jnp.result_type(leaf)).bits < jnp.finfo(factor.dtype).bits):
+        raise ValueError(
+            f"sngd: layer {path!r}: the batch estimate passed as `statistics=` is "
+            f"{jnp.result_type(leaf)}; the state's factor is {factor.dtype}: pass estimates "
+            "in the factor's dtype (or wider), as `sngd_jax.MultiSteps` accumulates them.")
 
 
 def check_axis_name(axis_name: Any) -> None:
