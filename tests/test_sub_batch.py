@@ -228,3 +228,26 @@ def test_embedding_lookups_are_counted_whole():
   p = jax.tree.map(np.asarray, params)
   h = p["wte"]["embedding"][np.asarray(tokens)] + p["wpe"]["embedding"][None]
   _check(h[:K].reshape(-1, 3), grads["head"], updates["head"], "head")
+
+
+def test_dense_on_one_unbatched_vector_is_one_example():
+  """``nn.Dense`` called on one ``(D,)`` vector: one example (one row), also with
+  ``stats_batch_size``, which cut its features before (an error suggesting a wrong
+  ``fisher=``). Reference: float64 ``x~ x~^T`` of that row, and the same layer called on the
+  ``(1, D)`` batch."""
+  from sngd_jax._src import transform
+
+  model = nn.Dense(3)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(5,)), jnp.float32)
+  params = model.init(jax.random.key(0), x)["params"]
+  loss = lambda p, x: jnp.sum(jnp.sin(model.apply({"params": p}, x)))
+  tx = sngd_jax.sngd(stats_batch_size=2, decay=0.0, prior="none")
+  outs = []
+  for inputs in (x, x[None]):
+    grads, acts = jax.grad(sngd_jax.capture(loss), has_aux=True)(params, inputs)
+    est, _ = transform.local_statistics(grads, tx.init(params), acts)
+    row = np.append(np.asarray(x, np.float64), 1.0)
+    np.testing.assert_allclose(np.asarray(est[""]), np.outer(row, row), rtol=1e-6)
+    outs.append(tx.update(grads, tx.init(params), params, activations=acts)[0])
+  for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1]), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)

@@ -80,7 +80,10 @@ def einsum_config(einsum_str: str, x_ndim: int, kernel_ndim: int) -> Optional[tu
 
 
 def _dense(module, args, kwargs, out) -> Record:
-  return args[0], out, "dense", ()
+  x = args[0]
+  if x.ndim == 1:  # one unbatched example: its features are not examples (`_one_example`)
+    return x[None], out[None], "dense", ()
+  return x, out, "dense", ()
 
 
 def _linen_dense_general(module, args, kwargs, out) -> Record:
