@@ -85,10 +85,12 @@ def _onehot_loss(params, x, y):
   return optax.softmax_cross_entropy(logits, jax.nn.one_hot(y, logits.shape[-1])).mean()
 
 
-def _train(tx, step_wrapper=None, put=None, axis_name=None, loss=_loss):
-  """20 steps; returns (params, state). ``put(tree, batch)`` places arrays."""
+def _train(tx, step_wrapper=None, put=None, axis_name=None, loss=_loss, batches=None):
+  """20 steps; returns (params, state). ``put(tree, batch)`` places arrays; ``batches``:
+  the ``(xs, ys)`` stacked over steps (default: ``_data()``'s)."""
   put = put or (lambda tree, batch: tree)
   xs, ys, params = _data()
+  xs, ys = batches or (xs, ys)
 
   def step(params, state, x, y):
     loss_fn = loss
@@ -102,7 +104,7 @@ def _train(tx, step_wrapper=None, put=None, axis_name=None, loss=_loss):
 
   step = jax.jit(step_wrapper(step) if step_wrapper else step)
   params, state = put(params, False), put(tx.init(params), False)
-  for t in range(STEPS):
+  for t in range(len(xs)):
     params, state = step(params, state, put(xs[t], True), put(ys[t], True))
   return params, state
 
@@ -272,20 +274,9 @@ def test_multisteps_under_shard_map_matches_one_device_on_the_merged_batch(check
 @functools.lru_cache(maxsize=None)
 def _train_merged_reference():
   """One device, ``_optimizer()``, the micro-batches in pairs: 10 steps of batch 128."""
-  xs, ys, params = _data()
-  tx = _optimizer()
-
-  @jax.jit
-  def step(params, state, x, y):
-    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(_loss, outputs=True), has_aux=True)(
-        params, x, y)
-    updates, state = tx.update(grads, state, params, activations=acts)
-    return optax.apply_updates(params, updates), state
-
-  state = tx.init(params)
-  for t in range(0, STEPS, 2):
-    params, state = step(params, state, xs[t:t + 2].reshape(-1, FEATURES), ys[t:t + 2].reshape(-1))
-  return params, state
+  xs, ys, _ = _data()
+  return _train(_optimizer(), batches=(xs.reshape(STEPS // 2, -1, FEATURES),
+                                       ys.reshape(STEPS // 2, -1)))
 
 
 @multi

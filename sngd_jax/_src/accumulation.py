@@ -93,11 +93,11 @@ def _cond(sngd_state: Optional[SNGDState]):
   """The conditional of the emitting call and of the statistics: one that stays a
   conditional under a caller's ``jax.vmap`` (an ensemble; a plain ``lax.cond`` became a
   select there, which ran the inner update, refreshes included, and the statistics on every
-  micro-batch), except with ``axis_name``, whose collectives it cannot re-vmap (as in
-  ``transform._schedule_cond``)."""
-  if sngd_state is not None and sngd_state.config.axis_name is not None:
-    return jax.lax.cond
-  return control.schedule_cond
+  micro-batch), except with ``axis_name``, whose collectives it cannot re-vmap: the inner
+  sngd's own ``transform._schedule_cond``."""
+  if sngd_state is None:
+    return control.schedule_cond
+  return transform._schedule_cond(sngd_state.config)
 
 
 class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):

@@ -73,23 +73,16 @@ def sngd_states(tree: Any) -> list[SNGDState]:
   return [s for s in jax.tree.leaves(tree, is_leaf=_is_state) if _is_state(s)]
 
 
-_INJECT_STATES = tuple(t for t in (getattr(optax, "InjectHyperparamsState", None),
-                                   getattr(optax, "InjectStatefulHyperparamsState", None))
-                       if t is not None)
-
-
 def injected(tree: Any, name: str) -> Any:
   """The value of hyperparameter ``name`` in the one ``optax.inject_hyperparams`` state in
   ``tree`` that holds it (the SNGD state records an injected value as None), or None."""
-  found = []
+  def in_hyperparams(path, _):
+    return len(path) >= 2 and getattr(path[-2], "name", None) == "hyperparams"
 
-  def visit(node):
-    if isinstance(node, _INJECT_STATES) and name in node.hyperparams:
-      found.append(node.hyperparams[name])
-    return node
-
-  jax.tree.map(visit, tree, is_leaf=lambda n: isinstance(n, _INJECT_STATES))
-  return found[0] if len(found) == 1 else None
+  try:
+    return optax.tree_utils.tree_get(tree, name, filtering=in_hyperparams)
+  except KeyError:  # held by several: not one value
+    return None
 
 
 def only_sngd_state(tree: Any) -> SNGDState:

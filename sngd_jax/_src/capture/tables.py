@@ -80,9 +80,7 @@ def einsum_config(einsum_str: str, x_ndim: int, kernel_ndim: int) -> Optional[tu
 
 
 def _dense(module, args, kwargs, out) -> Record:
-  x = args[0]
-  if x.ndim == 1:  # one unbatched example: its features are not examples (`_one_example`)
-    return x[None], out[None], "dense", ()
+  x, out = _one_example(args[0], out, 0)
   return x, out, "dense", ()
 
 
@@ -111,8 +109,9 @@ def _einsum(kernel_ndim: Callable[[Any], int]) -> LayerRecorder:
 
 def _one_example(x, out, rank: int):
   """``(x, out)`` with an example axis: Flax's convs also take one unbatched example
-  ``(*spatial, C)``, whose first spatial axis must not be read as examples (the rows'
-  chunks and ``stats_batch_size`` cut along the example axis)."""
+  ``(*spatial, C)`` (``rank`` spatial axes; a ``Dense`` one ``(D,)`` vector, ``rank=0``),
+  whose first axis must not be read as examples (the rows' chunks and
+  ``stats_batch_size`` cut along the example axis)."""
   if x.ndim == rank + 1:
     return x[None], out[None]
   return x, out
