@@ -251,3 +251,43 @@ def test_dense_on_one_unbatched_vector_is_one_example():
     outs.append(tx.update(grads, tx.init(params), params, activations=acts)[0])
   for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1]), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_norm_on_one_unbatched_vector_is_one_example(api):
+  """``LayerNorm`` called on one ``(C,)`` vector (per-example gradients: a ``jax.vmap`` of
+  the captured gradient over the batch) is one example, one row per channel, also with
+  ``stats_batch_size``, which cut its channels before ("captured 3 channels, params have
+  5"). Reference: float64 ``[[xhat^2, xhat], [xhat, 1]]`` per channel of every example's
+  row, and the mean of the per-example gradients solved against it."""
+  from flax import nnx
+
+  c, n = 5, 8
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(n, c)) * 2 + 1)
+  y = jnp.asarray(rng.normal(size=(n, c)))
+  if api == "linen":
+    model = nn.LayerNorm(**F64)
+    params = model.init(jax.random.key(0), x[0])["params"]
+    per_example = lambda p, xi, yi: jnp.sum((model.apply({"params": p}, xi) - yi) ** 2)
+    grad_fn = jax.grad(sngd_jax.capture(per_example), has_aux=True)
+    leaves = lambda t: t
+  else:
+    model = nnx.LayerNorm(c, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+    graph, params = nnx.split(model, nnx.Param)
+    per_example = lambda m, xi, yi: jnp.sum((m(xi) - yi) ** 2)
+    captured = sngd_jax.capture_nnx(per_example)
+    grad_fn = lambda p, xi, yi: nnx.grad(captured, has_aux=True)(nnx.merge(graph, p), xi, yi)
+    leaves = nnx.to_pure_dict
+  _, single = grad_fn(params, x[0], y[0])
+  assert [a.inputs.shape for a in single[""]] == [(1, c)]  # one example of c channels
+  grads, acts = jax.vmap(grad_fn, in_axes=(None, 0, 0))(params, x, y)
+  grads = jax.tree.map(lambda g: g.mean(0), grads)
+  tx = sngd_jax.sngd(stats_batch_size=3, **ref.one_step_kwargs())
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  xn = np.asarray(x, np.float64)
+  xhat = (xn - xn.mean(1, keepdims=True)) / np.sqrt(xn.var(1, keepdims=True) + 1e-6)
+  g, u = leaves(grads), leaves(updates)
+  scale, bias = ref.channel_update(xhat, np.asarray(g["scale"]), np.asarray(g["bias"]))
+  np.testing.assert_allclose(u["scale"], scale, rtol=1e-8, atol=1e-12)
+  np.testing.assert_allclose(u["bias"], bias, rtol=1e-8, atol=1e-12)

@@ -98,9 +98,10 @@ def _norm_call(rec: Recorder, seen, module, next_fun, args, kwargs):
     out = next_fun(*args, **kwargs)
   if slot and module.use_scale:
     xhat, feature_axes = slot[0]
+    xhat, z, config = tables.norm_record(xhat, out, feature_axes)
     path, weight = paths.join(module.path), _weight(module)
     _note_weight(rec, seen, path, weight)
-    rec.add(path, xhat, out, "norm", (feature_axes,), weight=weight)
+    rec.add(path, xhat, z, "norm", config, weight=weight)
   return out
 
 

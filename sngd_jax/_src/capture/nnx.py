@@ -147,7 +147,8 @@ def _norm_call(rec: _NNXRecorder):
       path, roles = rec.locate(self)
       if path is not None and slot and self.use_scale:
         xhat, feature_axes = slot[0]
-        rec.add(path, xhat, out, "norm", (feature_axes,), roles=roles)
+        xhat, z, config = tables.norm_record(xhat, out, feature_axes)
+        rec.add(path, xhat, z, "norm", config, roles=roles)
       return out
     return call
   return wrap

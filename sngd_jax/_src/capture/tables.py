@@ -117,6 +117,19 @@ def _one_example(x, out, rank: int):
   return x, out
 
 
+def norm_record(xhat, out, feature_axes: tuple[int, ...]) -> tuple[Any, Any, tuple]:
+  """``(xhat, out, config)`` of a normalization call, with an example axis.
+
+  A ``LayerNorm``/``RMSNorm`` called on one unbatched ``(C,)`` vector (per example, e.g.
+  under a ``jax.vmap`` of the captured gradient) normalizes over every axis: it is one
+  example, whose leading axis holds channels and must not be read as examples (as
+  ``_one_example`` for dense and conv calls).
+  """
+  if xhat.ndim == len(feature_axes):
+    return xhat[None], out[None], (tuple(a + 1 for a in feature_axes),)
+  return xhat, out, (feature_axes,)
+
+
 def _conv(module, args, kwargs, out) -> Record:
   if getattr(module, "mask", None) is not None:
     return None  # a masked kernel: its inputs are not every patch entry (not modelled)
