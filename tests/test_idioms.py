@@ -68,6 +68,34 @@ def test_teacher_copy_inside_the_capture_warns_and_is_pooled():
   np.testing.assert_allclose(rows, np.concatenate([h(params), h(teacher)]), rtol=1e-5, atol=1e-5)
 
 
+def test_two_models_with_the_same_layer_paths_are_named_in_the_warning():
+  """A GAN's generator step: the discriminator runs inside the captured loss, and both
+  models' first layer is 'Dense_0' (8x6 and 8x1 kernels, the same 8 inputs). Their calls
+  pool into one factor: the warning says these are two models, not a copy, and the fix."""
+
+  class Gen(nn.Module):
+    @nn.compact
+    def __call__(self, z):
+      return nn.Dense(6)(jnp.tanh(nn.Dense(8)(z)))  # Dense_0 is the output layer
+
+  class Disc(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(1)(jnp.tanh(nn.Dense(8)(x)))[..., 0]
+
+  z = jnp.asarray(np.random.default_rng(0).normal(size=(16, 6)), jnp.float32)
+  gen, disc = Gen(), Disc()
+  pg = gen.init(jax.random.key(0), z)["params"]
+  pd = disc.init(jax.random.key(1), z)["params"]
+  gen_loss = lambda pg, pd: -jnp.mean(disc.apply({"params": pd}, gen.apply({"params": pg}, z)))
+  (_, acts), messages = _sngd_warnings(
+      jax.grad(sngd_jax.capture(gen_loss), has_aux=True), pg, pd)
+  assert len(acts["Dense_0"]) == 2  # the generator's output layer and the discriminator's
+  (message,) = [m for m in messages if "'Dense_0'" in m]
+  assert "different shapes ((8, 1), (8, 6))" in message
+  assert "two different models" in message and "distinct names" in message
+
+
 @pytest.mark.parametrize("twice", ["shared layer", "two applies, same params"])
 def test_calls_with_the_same_weights_do_not_warn(twice):
   model, params, x, y = _problem()

@@ -63,14 +63,29 @@ def _note_weight(rec: Recorder, seen: dict[str, dict[int, Any]], path: str,
 
 def _warn_other_weights(seen: dict[str, dict[int, Any]]) -> None:
   for path, weights in sorted(seen.items()):
-    if len(weights) > 1:
+    if len(weights) < 2:
+      continue
+    shapes = sorted({tuple(getattr(w, "shape", ())) for w in weights.values()})
+    if len(shapes) > 1:
+      # No copy of one model: two models whose layers have the same path.
       warnings.warn(
-          f"sngd: layer {path!r} was called with {len(weights)} different weight arrays "
-          "inside the captured function (a teacher or EMA copy of the model, or the model "
-          "applied to other params); the inputs of all its calls are pooled into its local "
-          "Fisher, as for shared weights. To count only the trained model's calls, apply the "
-          "other copy outside the captured function and pass its outputs in.",
+          f"sngd: layer {path!r} was called with weights of different shapes "
+          f"({', '.join(map(str, shapes))}) inside the captured function: these are layers of "
+          "two different models that have the same path (linen names a layer by its path in "
+          "the module passed to `apply`, so a generator's and a discriminator's first layers "
+          "are both 'Dense_0'). The inputs of all their calls are pooled into one local "
+          "Fisher, which is neither layer's. Give the layers distinct names (`name=`), or make "
+          "both models submodules of one parent module, so that their paths differ.",
           stacklevel=caller_stacklevel())
+      continue
+    warnings.warn(
+        f"sngd: layer {path!r} was called with {len(weights)} different weight arrays "
+        "inside the captured function (a teacher or EMA copy of the model, the model "
+        "applied to other params, or another model whose layers have the same paths); the "
+        "inputs of all its calls are pooled into its local Fisher, as for shared weights. To "
+        "count only the trained model's calls, apply the other copy outside the captured "
+        "function and pass its outputs in (another model: give its layers distinct names).",
+        stacklevel=caller_stacklevel())
 
 
 def _rnn_call(rec: Recorder, module: nn.RNN, next_fun, args, kwargs):
