@@ -61,6 +61,21 @@ def test_nnx_tuple_loss_without_has_aux_says_what_to_write():
     nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(model)
 
 
+def test_nnx_model_not_the_first_argument_says_to_pass_it_first():
+  """``loss_fn(x, model)`` differentiated with ``argnums=1``: capture_nnx names layers by
+  their path in the first argument, which holds none; the warning says to pass the model first
+  (it blamed a transform made before capture, or a layer made inside the loss)."""
+  model = NnxMLP(nnx.Rngs(0))
+  loss_fn = lambda x, m: _xent(m(x))
+  with pytest.warns(UserWarning, match="sngd: capture_nnx could not name 2") as caught:
+    (_, acts), _ = nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), argnums=1, has_aux=True)(
+        X, model)
+  assert acts == {}
+  (msg,) = [str(w.message) for w in caught if str(w.message).startswith("sngd:")]
+  assert "first argument, the model, and that argument holds no layer" in msg
+  assert "Pass the model first" in msg and "transform made before capture" not in msg
+
+
 def test_has_aux_with_a_scalar_loss_is_an_error():
   model = MLP()
   params = model.init(jax.random.key(0), X)["params"]

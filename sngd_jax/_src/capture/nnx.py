@@ -93,7 +93,17 @@ class _NNXRecorder(Recorder):
 
   def freeze(self):
     """The activations; warns about layer calls that could not be named (not captured)."""
-    if self.unnamed:
+    if self.unnamed and not self.owner_paths:
+      warnings.warn(
+          f"sngd: capture_nnx could not name {len(self.unnamed)} layer call(s) "
+          f"({', '.join(self.unnamed)}): it names layers by their path in the captured "
+          "function's first argument, the model, and that argument holds no layer it "
+          "records. Pass the model first: `loss_fn(model, x, y)` with "
+          "`nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(model, x, y)` "
+          "(differentiating a later argument, `argnums=1`, does not tell capture where the "
+          "model is). `update` reports the layers as not captured.",
+          stacklevel=caller_stacklevel())
+    elif self.unnamed:
       warnings.warn(
           f"sngd: capture_nnx could not name {len(self.unnamed)} layer call(s) "
           f"({', '.join(self.unnamed)}): their module is a copy whose weight is not one of "
