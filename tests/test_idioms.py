@@ -5,6 +5,7 @@ import warnings
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import np_reference as ref
 import numpy as np
 import optax
 import pytest
@@ -116,3 +117,46 @@ def test_calls_with_the_same_weights_do_not_warn(twice):
   (_, acts), messages = _sngd_warnings(jax.grad(sngd_jax.capture(loss), has_aux=True), p)
   assert not messages
   assert all(len(calls) == 2 for calls in acts.values())
+
+
+def test_layers_inside_a_users_custom_vjp_are_captured_when_the_loss_is_differentiated():
+  """A ``jax.custom_vjp`` around the model (here its backward halves the cotangent): in the
+  training step, which differentiates the loss, JAX runs ``fwd`` in the enclosing trace and
+  the layer calls are captured; the update is the float64 solve against the layers' inputs.
+  Where the loss is only evaluated (``jax.jit`` without a gradient, ``coverage``) the calls
+  are inside the custom_vjp's own trace: not captured, with the warning, and MISSING."""
+  with jax.enable_x64(True):
+    model, _, x, _ = _problem()
+    x = x.astype(jnp.float64)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(0), x)[
+        "params"])
+    apply = lambda p, x: model.apply({"params": p}, x)
+
+    @jax.custom_vjp
+    def scaled(p, x):
+      return apply(p, x)
+
+    def fwd(p, x):
+      return jax.vjp(apply, p, x)
+
+    scaled.defvjp(fwd, lambda vjp, g: vjp(0.5 * g))
+    loss = lambda p: jnp.sum(jnp.sin(scaled(p, x)))
+    step = jax.jit(jax.value_and_grad(sngd_jax.capture(loss), has_aux=True))
+    ((_, acts), grads), messages = _sngd_warnings(step, params)
+    assert not messages
+    plain = jax.grad(lambda p: jnp.sum(jnp.sin(apply(p, x))))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, 0.5 * b, rtol=1e-12), grads, plain)
+    tx = sngd_jax.sngd(**ref.one_step_kwargs())
+    updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+    p = jax.tree.map(np.asarray, params)
+    hidden = np.maximum(np.asarray(x) @ p["hidden"]["kernel"] + p["hidden"]["bias"], 0.0)
+    for name, rows in (("hidden", np.asarray(x)), ("out", hidden)):
+      kernel, bias = ref.dense_update(rows, grads[name]["kernel"], grads[name]["bias"])
+      np.testing.assert_allclose(updates[name]["kernel"], kernel, rtol=1e-8, atol=1e-12)
+      np.testing.assert_allclose(updates[name]["bias"], bias, rtol=1e-8, atol=1e-12)
+    (_, acts), messages = _sngd_warnings(jax.jit(sngd_jax.capture(loss)), params)
+    assert acts == {} and any("'hidden'" in m for m in messages)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      report = sngd_jax.coverage(loss, params)
+    assert set(report.missing) == {"hidden/kernel", "hidden/bias", "out/kernel", "out/bias"}
