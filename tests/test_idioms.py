@@ -119,10 +119,12 @@ def test_calls_with_the_same_weights_do_not_warn(twice):
   assert all(len(calls) == 2 for calls in acts.values())
 
 
-def test_layers_inside_a_users_custom_vjp_are_captured_when_the_loss_is_differentiated():
-  """A ``jax.custom_vjp`` around the model (here its backward halves the cotangent): in the
-  training step, which differentiates the loss, JAX runs ``fwd`` in the enclosing trace and
-  the layer calls are captured; the update is the float64 solve against the layers' inputs.
+@pytest.mark.parametrize("rule", ["custom_vjp", "custom_jvp"])
+def test_layers_inside_a_users_custom_rule_are_captured_when_the_loss_is_differentiated(rule):
+  """A ``jax.custom_vjp`` (or ``custom_jvp``) around the model that halves its gradient: in
+  the training step, which differentiates the loss, JAX runs ``fwd`` (the jvp rule) in the
+  enclosing trace and the layer calls are captured; the update is the float64 solve against
+  the layers' inputs.
   Where the loss is only evaluated (``jax.jit`` without a gradient, ``coverage``) the calls
   are inside the custom_vjp's own trace: not captured, with the warning, and MISSING."""
   with jax.enable_x64(True):
@@ -132,14 +134,16 @@ def test_layers_inside_a_users_custom_vjp_are_captured_when_the_loss_is_differen
         "params"])
     apply = lambda p, x: model.apply({"params": p}, x)
 
-    @jax.custom_vjp
-    def scaled(p, x):
-      return apply(p, x)
+    if rule == "custom_vjp":
+      scaled = jax.custom_vjp(apply)
+      scaled.defvjp(lambda p, x: jax.vjp(apply, p, x), lambda vjp, g: vjp(0.5 * g))
+    else:
+      scaled = jax.custom_jvp(apply)
 
-    def fwd(p, x):
-      return jax.vjp(apply, p, x)
-
-    scaled.defvjp(fwd, lambda vjp, g: vjp(0.5 * g))
+      @scaled.defjvp
+      def _(primals, tangents):
+        y, t = jax.jvp(apply, primals, tangents)
+        return y, 0.5 * t
     loss = lambda p: jnp.sum(jnp.sin(scaled(p, x)))
     step = jax.jit(jax.value_and_grad(sngd_jax.capture(loss), has_aux=True))
     ((_, acts), grads), messages = _sngd_warnings(step, params)
