@@ -343,3 +343,55 @@ def test_jax_functions_are_restored_after_capture_and_on_error():
     sngd_jax.capture(failing, outputs=True)(params)
   sngd_jax.capture(lambda p: jnp.sum(layer.apply({"params": p}, jnp.ones((1, 3)))))(params)
   assert (jax.vmap, jax.lax.scan, jax.checkpoint, jax.remat) == originals
+
+
+@pytest.mark.parametrize("loop", ["fori_loop", "scan"])
+def test_weight_tied_block_in_a_fori_loop_is_refused_and_its_scan_is_the_unrolled_loop(loop, x64):
+  """A block applied ``n`` times (weight-tied refinement) in a ``jax.lax.fori_loop`` is
+  not captured: the warning names the layer and the fix, ``jax.lax.scan`` of ``length=n``,
+  and ``update`` raises. That scan pools the ``n`` calls: the update equals the Python loop's
+  (``n`` calls, ``4n`` rows) and the float64 solve against every step's input."""
+  from flax import nnx
+
+  n, x = 3, jax.random.normal(jax.random.key(1), (4, 5), jnp.float64)
+
+  class Refine(nnx.Module):
+    def __init__(self, rngs):
+      self.block = nnx.Linear(5, 5, rngs=rngs, param_dtype=jnp.float64)
+
+    def __call__(self, x, loop):
+      step = lambda h: h + jnp.tanh(self.block(h))
+      if loop == "fori_loop":
+        return jax.lax.fori_loop(0, n, lambda i, h: step(h), x)
+      if loop == "scan":
+        return jax.lax.scan(lambda h, _: (step(h), None), x, None, length=n)[0]
+      for _ in range(n):
+        x = step(x)
+      return x
+
+  def one_update(loop):
+    model = Refine(nnx.Rngs(0))
+    loss = sngd_jax.capture_nnx(lambda m: jnp.sum(jnp.sin(m(x, loop))))
+    (_, acts), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+    params = nnx.state(model, nnx.Param)
+    tx = sngd_jax.sngd(**ref.one_step_kwargs())
+    return model, grads, acts, lambda: tx.update(grads, tx.init(params), params, activations=acts)
+
+  if loop == "fori_loop":
+    with pytest.warns(UserWarning, match="'block'.*jax.lax.scan.body, carry, None, length=n"):
+      _, _, acts, update = one_update(loop)
+    assert acts == {}
+    with pytest.raises(ValueError, match="no activations were captured for layer 'block'"):
+      update()
+    return
+  model, grads, acts, update = one_update(loop)
+  updates = nnx.to_pure_dict(update()[0])
+  _, _, _, unrolled = one_update("python")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), updates,
+               nnx.to_pure_dict(unrolled()[0]))
+  w, b = np.asarray(model.block.kernel[...]), np.asarray(model.block.bias[...])
+  h, rows = np.asarray(x), []
+  for _ in range(n):
+    rows.append(h)
+    h = h + np.tanh(h @ w + b)
+  _check_dense(np.concatenate(rows), nnx.to_pure_dict(grads)["block"], updates["block"], loop)

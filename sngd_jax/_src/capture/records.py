@@ -327,7 +327,9 @@ def freeze(store: dict[str, list[Pending]],
         "including `nn.cond`/`nnx.cond`; or a vmap, scan or checkpoint made before capture "
         "started, or called through a name imported from jax, such as `from jax import "
         "vmap`); its calls are not captured. Call the layer outside the cond or loop (a "
-        "Python `if`/`for`, or `jnp.where` over both branches' outputs), make the transform "
+        "Python `if`/`for`, `jnp.where` over both branches' outputs, or, for a `fori_loop` "
+        "of a static number of steps, `jax.lax.scan(body, carry, None, length=n)`, whose "
+        "calls are captured and pooled over its steps), make the transform "
         "inside the captured function and call it through its module (`jax.vmap`, "
         "`jax.lax.scan`, `jax.checkpoint`, `jax.remat`: capture replaces those attributes "
         f"while it runs), or pass `fisher={{{path!r}: None}}`.",
