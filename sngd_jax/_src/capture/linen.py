@@ -63,13 +63,29 @@ def _note_weight(rec: Recorder, seen: dict[str, dict[int, Any]], path: str,
 
 def _warn_other_weights(seen: dict[str, dict[int, Any]]) -> None:
   for path, weights in sorted(seen.items()):
-    if len(weights) > 1:
+    shapes = sorted({tuple(getattr(w, "shape", ())) for w in weights.values()})
+    if len(shapes) > 1:
+      # Not one layer's copies: two layers named alike, from two applies (each names its
+      # layers from its own root), e.g. a frozen backbone's 'Dense_0' and a new head's.
+      warnings.warn(
+          f"sngd: layer {path!r} was called with weights of different shapes "
+          f"({', '.join(map(str, shapes))}) inside the captured function: calls of different "
+          "layers that share this path, as when a frozen (pretrained) backbone is run by its "
+          "own `apply` next to the trained model (each `apply` names its layers from its own "
+          "root). Their inputs are pooled under this path: its local Fisher mixes the other "
+          "layer's inputs into the trained layer's (or `update` refuses features of the "
+          "wrong size). Apply the other module outside the captured function and pass its "
+          "outputs in, or make it a submodule of the trained model and freeze it with "
+          "`optax.multi_transform` (`optax.set_to_zero()` for its label).",
+          stacklevel=caller_stacklevel())
+    elif len(weights) > 1:
       warnings.warn(
           f"sngd: layer {path!r} was called with {len(weights)} different weight arrays "
-          "inside the captured function (a teacher or EMA copy of the model, or the model "
-          "applied to other params); the inputs of all its calls are pooled into its local "
-          "Fisher, as for shared weights. To count only the trained model's calls, apply the "
-          "other copy outside the captured function and pass its outputs in.",
+          "inside the captured function (a teacher or EMA copy of the model, the model "
+          "applied to other params, or a frozen module's layer named alike); the inputs of "
+          "all its calls are pooled into its local Fisher, as for shared weights. To count "
+          "only the trained model's calls, apply the other copy outside the captured "
+          "function and pass its outputs in.",
           stacklevel=caller_stacklevel())
 
 
