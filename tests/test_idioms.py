@@ -147,3 +147,49 @@ def test_frozen_backbone_applied_in_the_capture_is_named_as_the_cause(in_feature
   h = np.concatenate([np.asarray(feats, np.float64), np.ones((16, 1))], axis=1)
   np.testing.assert_allclose(np.asarray(state.factors["Dense_0"]), h.T @ h / 16, rtol=1e-5,
                              atol=1e-6)
+
+
+class _Finetuned(nn.Module):
+  def setup(self):
+    self.body = _Backbone()
+    self.head = nn.Dense(3)
+
+  def __call__(self, x):
+    return self.head(self.body(x))
+
+
+def test_a_part_applied_on_a_subtree_of_the_params_is_named_in_the_error():
+  """A frozen body and a trained head applied each by its own ``apply`` on a subtree of one
+  params tree (``_Backbone().apply({'params': p['body']}, x)``): capture names their layers
+  from those roots ('Dense_0', ''), not 'body/Dense_0', 'head'. The error for the missing
+  layer says so and gives the fix (it only listed the captured paths); the fix, the parts
+  called through the model with ``method=``, gives the head the float64 factor of the body's
+  features and the body (zero gradients under ``stop_gradient``) a zero update."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(16, 6)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, size=16))
+  model = _Finetuned()
+  params = model.init(jax.random.key(0), x)["params"]
+  ce = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  def by_subtree(p):
+    h = jax.lax.stop_gradient(_Backbone().apply({"params": p["body"]}, x))
+    return ce(nn.Dense(3).apply({"params": p["head"]}, h))
+
+  def by_method(p):
+    h = jax.lax.stop_gradient(model.apply({"params": p}, x, method=lambda m, x: m.body(x)))
+    return ce(model.apply({"params": p}, h, method=lambda m, h: m.head(h)))
+
+  tx = sngd_jax.sngd(decay=0.0, prior="none")
+  grads, acts = jax.grad(sngd_jax.capture(by_subtree), has_aux=True)(params)
+  with pytest.raises(ValueError, match=r"captured as 'Dense_0' may be this layer's: a module "
+                     r"applied by its own `apply` on the subtree 'body'.*method="):
+    tx.update(grads, tx.init(params), params, activations=acts)
+  grads, acts = jax.grad(sngd_jax.capture(by_method), has_aux=True)(params)
+  updates, state = tx.update(grads, tx.init(params), params, activations=acts)
+  h = np.asarray(model.apply({"params": params}, x, method=lambda m, x: m.body(x)), np.float64)
+  h = np.concatenate([h, np.ones((16, 1))], axis=1)
+  np.testing.assert_allclose(np.asarray(state.factors["head"]), h.T @ h / 16, rtol=1e-5,
+                             atol=1e-6)
+  assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(updates["body"]))
+  assert all(np.all(np.isfinite(np.asarray(u))) for u in jax.tree.leaves(updates))

@@ -262,7 +262,23 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
           "such steps (never for a layer called where capture cannot see it: its factor "
           "would never be fed). To leave it unpreconditioned pass "
           f"`fisher={{{path!r}: None}}`. Captured layers: {sorted(activations)}"
-          + ("" if activations else _NOTHING_CAPTURED))
+          + (_subtree_hint(path, activations) if activations else _NOTHING_CAPTURED))
+
+
+def _subtree_hint(path: str, activations: Mapping) -> str:
+  """Where a captured path is ``path`` without a leading prefix (a module applied by its own
+  ``apply`` on a subtree of the params names its layers from that root), says so."""
+  found = sorted(k for k in activations if isinstance(k, str) and k
+                 and path.endswith("/" + k)) or ([""] if "" in activations else [])
+  if not found:
+    return ""
+  k = found[-1]
+  prefix = path[:len(path) - len(k)].rstrip("/") if k else path
+  return (f". The calls captured as {k!r} may be this layer's: a module applied by its own "
+          f"`apply` on the subtree {prefix!r} of the params (`Sub().apply({{'params': "
+          f"params[...]}}, x)`) names its layers from that root, without {prefix!r}. Call "
+          "it through the model instead, e.g. `model.apply({'params': params}, x, "
+          "method=lambda m, x: m.sub(x))`, so that the captured paths are the params' paths")
 
 
 def check_statistics(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Mapping[str, Any],
