@@ -404,6 +404,24 @@ def test_params_without_any_layer_but_activations_raise():
     tx.update(p, tx.init(p), p, activations=_acts(p))
 
 
+@pytest.mark.parametrize("sep", [None, "/"])
+def test_params_flattened_by_traverse_util_raise(sep):
+  """Params kept as ``flax.traverse_util.flatten_dict(params)`` (tuple keys, or ``sep='/'``)
+  hold no nested layer: ``sngd`` found none and passed every gradient through unchanged, plain
+  SGD with no message, the activations ignored as a frozen layer's. Now the error names the
+  key and the fix; the unflattened params get the preconditioned update."""
+  from flax import traverse_util  # noqa: PLC0415
+  p = _params()
+  flat = traverse_util.flatten_dict(p, sep=sep)
+  with pytest.raises(ValueError, match=r"flattened dict.*'Dense_0'.*unflatten_dict"):
+    _update(flat, _acts(p))
+  nested = traverse_util.unflatten_dict(flat, sep=sep)
+  updates, _ = _update(nested, _acts(p))
+  expected, _ = _update(p, _acts(p))
+  jax.tree.map(np.testing.assert_array_equal, updates, expected)
+  assert not np.allclose(updates["Dense_0"]["kernel"], p["Dense_0"]["kernel"])
+
+
 def test_stack_as_long_as_the_input_axis_gives_the_fix():
   """A scanned Dense with ``in_features == depth``: its bias ``(L, O)`` also fits the kernel's
   trailing ``(I, O)``, so the params read as an unstacked DenseGeneral; the error names the

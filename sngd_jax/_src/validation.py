@@ -200,6 +200,7 @@ def check_has_layers(updates: Any, activations: Any) -> None:
   if not isinstance(activations, Mapping) or not activations:
     return
   leaves = jax.tree_util.tree_leaves_with_path(updates)
+  _check_not_flattened(leaves, activations)
   if len(leaves) != 1 or leaves[0][0] or getattr(leaves[0][1], "ndim", 0) > 1:
     return
   raise ValueError(
@@ -207,6 +208,30 @@ def check_has_layers(updates: Any, activations: Any) -> None:
       "pass every gradient through unchanged, while `activations=` holds layers "
       f"{sorted(activations)[:8]}. Under `optax.flatten` the params are one vector: put "
       "`sngd` outside it (`optax.chain(sngd_jax.sngd(), optax.flatten(...))`)")
+
+
+def _check_not_flattened(leaves: list, activations: Mapping) -> None:
+  """Raises for params flattened into one dict (``flax.traverse_util.flatten_dict``, with
+  tuple keys or ``sep='/'``) whose keys name captured layers: ``sngd`` finds layers by
+  nesting, so it would find none and pass every gradient through, ignoring the activations."""
+  for key_path, _ in leaves:
+    keys = [k.key for k in key_path if isinstance(k, jax.tree_util.DictKey)]
+    flat = next((k for k in keys if isinstance(k, tuple) or (isinstance(k, str) and "/" in k)),
+                None)
+    if flat is None:
+      continue
+    parts = [str(p) for k in keys
+             for p in (k if isinstance(k, tuple) else str(k).split("/"))]
+    if parts and parts[0] == "params":
+      parts = parts[1:]
+    if len(parts) > 1 and paths.join(parts[:-1]) in activations:
+      raise ValueError(
+          f"sngd: the params are a flattened dict (key {flat!r}, as "
+          "`flax.traverse_util.flatten_dict` makes), while `activations=` holds the layer "
+          f"{paths.join(parts[:-1])!r}: sngd finds layers in nested params "
+          "(`{'Dense_0': {'kernel': ...}}`), so it would find none and pass every gradient "
+          "through unchanged. Give `init` and `update` the nested params: "
+          "`flax.traverse_util.unflatten_dict(flat)` (with the `sep=` you flattened with)")
 
 
 def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Mapping[str, Any],
