@@ -255,7 +255,10 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
     raise ValueError(
         "sngd: the updates tree does not match the optimizer state "
         f"(layers in the state but not in the updates: {missing}; in the updates but not in "
-        f"the state: {extra}). Was the state made by `init` on the same params?")
+        f"the state: {extra}). Was the state made by `init` on the same params? After "
+        "changing which layers are trained (the labels of `optax.multi_transform`, a mask, "
+        "an `nnx.Optimizer`'s `wrt`), make the new optimizer's state with `init` "
+        "(docs/training-loops.md, *Changing which layers are trained*)")
   if activations is None:
     raise ValueError(
         "sngd: `update` needs `activations=`: wrap the loss with `sngd_jax.capture` (linen), "
