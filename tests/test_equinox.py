@@ -341,6 +341,12 @@ def test_frozen_half_of_eqx_partition_is_left_out_without_a_warning():
     h = np.maximum(h @ _np(layer.weight).T + _np(layer.bias), 0.0)
   _check_linear(h, grads.layers[2], updates.layers[2], "layers/2")
   assert updates.layers[0].weight is None and updates.layers[1].bias is None
+  # the frozen half closed over by the loss: capture cannot tell it apart, and says so
+  closed = lambda trained, x: loss(trained, frozen, x)
+  with pytest.warns(UserWarning, match=r"could not name 2 layer call\(s\).*frozen half of "
+                    r"`eqx.partition` that the loss closes over are harmless"):
+    _, acts = sngd_jax.capture_eqx(closed)(trained, x)
+  assert set(acts) == {"layers/2"}
 
 
 def test_a_jit_inside_the_captured_function_warns():

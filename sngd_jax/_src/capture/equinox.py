@@ -246,7 +246,10 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False,
           "instead), or the layer is made inside the loss or its weight computed from the "
           "params. They are not captured, and `update` reports their layers as not "
           "captured; pass `fisher={path: None}` to leave such a layer to the next "
-          "transform.", stacklevel=caller_stacklevel())
+          "transform. (Layers of a frozen half of `eqx.partition` that the loss closes over "
+          "are harmless here, `update` never sees them: pass that half to the loss as an "
+          "argument, `loss(trained, frozen, x)`, and capture leaves them out silently.)",
+          stacklevel=caller_stacklevel())
     acts = rec.freeze()
     return (value, (aux, acts)) if has_aux else (value, acts)
 
