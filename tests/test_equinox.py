@@ -2,6 +2,8 @@
 an LSTM/GRU under the user's lax.scan, embeddings and normalization layers against float64
 numpy references; stacked layers scanned over train like the unrolled ones; coverage."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import np_reference as ref
@@ -303,6 +305,48 @@ def test_shared_tied_table_is_preconditioned_as_both_layers():
                                                has_aux=True)(model, tokens)
   with pytest.raises(ValueError, match=r"fisher=\{'shared/pytree/0': 'tied'\}"):
     tx.update(grads, tx.init(params), params, activations=acts)
+
+
+def test_frozen_half_of_eqx_partition_is_left_out_without_a_warning():
+  """Equinox's way to freeze layers: ``eqx.partition`` with a filter spec, the trained half
+  differentiated, the frozen half passed as the loss's second argument. The frozen layers'
+  calls are not the trained model's: they are left out without a warning (it said they were
+  not captured and that ``update`` would report them, which it does not), and the trained last
+  layer gets the float64 reference update on the frozen layers' features."""
+  model = eqx.nn.MLP(4, 3, 6, 2, key=KEYS[0], dtype=jnp.float64)
+  x = jax.random.normal(KEYS[1], (10, 4), jnp.float64)
+  spec = jax.tree.map(lambda _: False, model)
+  spec = eqx.tree_at(lambda m: (m.layers[2].weight, m.layers[2].bias), spec,
+                     replace=(True, True))
+  trained, frozen = eqx.partition(model, spec)
+
+  def loss(trained, frozen, x):
+    return jnp.sum(jnp.sin(jax.vmap(eqx.combine(trained, frozen))(x)))
+
+  tx = exact_sngd(**ref.one_step_kwargs())
+
+  @eqx.filter_jit
+  def step(trained, frozen, x):
+    (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(loss), has_aux=True)(
+        trained, frozen, x)
+    updates, _ = tx.update(grads, tx.init(trained), trained, activations=acts)
+    return grads, updates, acts
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # before: "capture_eqx could not name 2 layer call(s)"
+    grads, updates, acts = step(trained, frozen, x)
+  assert set(acts) == {"layers/2"}
+  h = _np(x)
+  for layer in model.layers[:2]:
+    h = np.maximum(h @ _np(layer.weight).T + _np(layer.bias), 0.0)
+  _check_linear(h, grads.layers[2], updates.layers[2], "layers/2")
+  assert updates.layers[0].weight is None and updates.layers[1].bias is None
+  # the frozen half closed over by the loss: capture cannot tell it apart, and says so
+  closed = lambda trained, x: loss(trained, frozen, x)
+  with pytest.warns(UserWarning, match=r"could not name 2 layer call\(s\).*frozen half of "
+                    r"`eqx.partition` that the loss closes over are harmless"):
+    _, acts = sngd_jax.capture_eqx(closed)(trained, x)
+  assert set(acts) == {"layers/2"}
 
 
 def test_a_jit_inside_the_captured_function_warns():

@@ -404,6 +404,43 @@ def test_params_without_any_layer_but_activations_raise():
     tx.update(p, tx.init(p), p, activations=_acts(p))
 
 
+@pytest.mark.parametrize("sep", [None, "/"])
+def test_params_flattened_by_traverse_util_raise(sep):
+  """Params kept as ``flax.traverse_util.flatten_dict(params)`` (tuple keys, or ``sep='/'``)
+  hold no nested layer: ``sngd`` found none and passed every gradient through unchanged, plain
+  SGD with no message, the activations ignored as a frozen layer's. Now the error names the
+  key and the fix; the unflattened params get the preconditioned update."""
+  from flax import traverse_util  # noqa: PLC0415
+  p = _params()
+  flat = traverse_util.flatten_dict(p, sep=sep)
+  with pytest.raises(ValueError, match=r"flattened dict.*'Dense_0'.*unflatten_dict"):
+    _update(flat, _acts(p))
+  nested = traverse_util.unflatten_dict(flat, sep=sep)
+  updates, _ = _update(nested, _acts(p))
+  expected, _ = _update(p, _acts(p))
+  jax.tree.map(np.testing.assert_array_equal, updates, expected)
+  assert not np.allclose(updates["Dense_0"]["kernel"], p["Dense_0"]["kernel"])
+
+
+def test_changing_the_trained_layers_needs_a_new_state():
+  """A head trained first, then the whole model unfrozen (new ``multi_transform`` labels):
+  the phase-1 state lacks the unfrozen layers; the error lists them and points to the fix,
+  a state made by ``init``, after which the unfrozen layer gets SNGD's update (not zero, not
+  the raw gradient)."""
+  p = _params()
+  make = lambda labels: optax.multi_transform(
+      {"sngd": sngd_jax.sngd(), "frozen": optax.set_to_zero()}, labels)
+  tx1 = make({"Dense_0": "frozen", "head": "sngd"})
+  _, state1 = tx1.update(p, tx1.init(p), p, activations=_acts(p))
+  tx2 = make({"Dense_0": "sngd", "head": "sngd"})
+  with pytest.raises(ValueError, match=r"not in the state: \['Dense_0'\].*After changing which "
+                     r"layers are trained.*make the new optimizer's state with `init`"):
+    tx2.update(p, state1, p, activations=_acts(p))
+  updates, _ = tx2.update(p, tx2.init(p), p, activations=_acts(p))
+  expected, _ = _update(p, _acts(p))
+  jax.tree.map(np.testing.assert_array_equal, updates, expected)
+
+
 def test_stack_as_long_as_the_input_axis_gives_the_fix():
   """A scanned Dense with ``in_features == depth``: its bias ``(L, O)`` also fits the kernel's
   trailing ``(I, O)``, so the params read as an unstacked DenseGeneral; the error names the

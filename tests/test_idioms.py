@@ -164,3 +164,107 @@ def test_layers_inside_a_users_custom_rule_are_captured_when_the_loss_is_differe
       warnings.simplefilter("ignore")
       report = sngd_jax.coverage(loss, params)
     assert set(report.missing) == {"hidden/kernel", "hidden/bias", "out/kernel", "out/bias"}
+
+
+class _Backbone(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Dense(8)(x))  # 'Dense_0', reading the images
+    return nn.relu(nn.Dense(8)(h))
+
+
+class _Probe(nn.Module):
+  @nn.compact
+  def __call__(self, h):
+    return nn.Dense(3)(h)  # 'Dense_0' too: a new head applied by its own `apply`
+
+
+@pytest.mark.parametrize("in_features", [6, 8])
+def test_frozen_backbone_applied_in_the_capture_is_named_as_the_cause(in_features):
+  """A linear probe written as two applies in one loss: a frozen pretrained backbone
+  (``backbone.apply(frozen, x)``) and the trained head (``head.apply(p, h)``). Both name
+  their first layer 'Dense_0', so the backbone's first layer is captured at the head's path.
+  The capture warning names that cause (it blamed a teacher or EMA copy) and, where the
+  widths differ, so do ``update`` and ``coverage`` (they suggested
+  ``fisher={'Dense_0': ('linear', 1)}``, a wrong fix). Applying the backbone outside the
+  captured function, as they say, gives the head the float64 factor of the features."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(16, in_features)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, size=16))
+  backbone, probe = _Backbone(), _Probe()
+  frozen = backbone.init(jax.random.key(0), x)["params"]
+  feats = backbone.apply({"params": frozen}, x)
+  params = probe.init(jax.random.key(1), feats)["params"]
+  ce = lambda logits, y: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  def loss(p, x, y):
+    return ce(probe.apply({"params": p}, backbone.apply({"params": frozen}, x)), y)
+
+  tx = sngd_jax.sngd(decay=0.0, prior="none")
+  (grads, acts), messages = _sngd_warnings(
+      jax.grad(sngd_jax.capture(loss), has_aux=True), params, x, y)
+  assert any("'Dense_0'" in m and "different shapes" in m for m in messages), messages
+  if in_features != 8:
+    with pytest.raises(ValueError, match=r"frozen pretrained backbone") as err:
+      tx.update(grads, tx.init(params), params, activations=acts)
+    assert "('linear', 1)" not in str(err.value)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      report = sngd_jax.coverage(loss, params, x, y)
+    missing = {r.path: r.fisher for r in report.params}["Dense_0/kernel"]
+    assert "frozen pretrained backbone" in missing and "('linear', 1)" not in missing
+  # the fix: the backbone outside the captured function, its features passed in
+  head_loss = lambda p, h, y: ce(probe.apply({"params": p}, h), y)
+  (grads, acts), messages = _sngd_warnings(
+      jax.grad(sngd_jax.capture(head_loss), has_aux=True), params, feats, y)
+  assert not messages
+  _, state = tx.update(grads, tx.init(params), params, activations=acts)
+  h = np.concatenate([np.asarray(feats, np.float64), np.ones((16, 1))], axis=1)
+  np.testing.assert_allclose(np.asarray(state.factors["Dense_0"]), h.T @ h / 16, rtol=1e-5,
+                             atol=1e-6)
+
+
+class _Finetuned(nn.Module):
+  def setup(self):
+    self.body = _Backbone()
+    self.head = nn.Dense(3)
+
+  def __call__(self, x):
+    return self.head(self.body(x))
+
+
+def test_a_part_applied_on_a_subtree_of_the_params_is_named_in_the_error():
+  """A frozen body and a trained head applied each by its own ``apply`` on a subtree of one
+  params tree (``_Backbone().apply({'params': p['body']}, x)``): capture names their layers
+  from those roots ('Dense_0', ''), not 'body/Dense_0', 'head'. The error for the missing
+  layer says so and gives the fix (it only listed the captured paths); the fix, the parts
+  called through the model with ``method=``, gives the head the float64 factor of the body's
+  features and the body (zero gradients under ``stop_gradient``) a zero update."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(16, 6)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, size=16))
+  model = _Finetuned()
+  params = model.init(jax.random.key(0), x)["params"]
+  ce = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  def by_subtree(p):
+    h = jax.lax.stop_gradient(_Backbone().apply({"params": p["body"]}, x))
+    return ce(nn.Dense(3).apply({"params": p["head"]}, h))
+
+  def by_method(p):
+    h = jax.lax.stop_gradient(model.apply({"params": p}, x, method=lambda m, x: m.body(x)))
+    return ce(model.apply({"params": p}, h, method=lambda m, h: m.head(h)))
+
+  tx = sngd_jax.sngd(decay=0.0, prior="none")
+  grads, acts = jax.grad(sngd_jax.capture(by_subtree), has_aux=True)(params)
+  with pytest.raises(ValueError, match=r"captured as 'Dense_0' may be this layer's: a module "
+                     r"applied by its own `apply` on the subtree 'body'.*method="):
+    tx.update(grads, tx.init(params), params, activations=acts)
+  grads, acts = jax.grad(sngd_jax.capture(by_method), has_aux=True)(params)
+  updates, state = tx.update(grads, tx.init(params), params, activations=acts)
+  h = np.asarray(model.apply({"params": params}, x, method=lambda m, x: m.body(x)), np.float64)
+  h = np.concatenate([h, np.ones((16, 1))], axis=1)
+  np.testing.assert_allclose(np.asarray(state.factors["head"]), h.T @ h / 16, rtol=1e-5,
+                             atol=1e-6)
+  assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(updates["body"]))
+  assert all(np.all(np.isfinite(np.asarray(u))) for u in jax.tree.leaves(updates))

@@ -174,13 +174,17 @@ def _mismatch(spec: layers_lib.LayerSpec, calls) -> Optional[str]:
   for call in calls:
     if call.kind not in factors_lib.STRUCTURE_KINDS[spec.structure]:
       return f"{call.kind} calls for a {spec.structure} layer"
-    if call.kind == "embed":
+  rows = [None if c.kind == "embed" else jax.eval_shape(_rows_of_one_layer, c) for c in calls]
+  widths = [r[0].shape[-1] for r in rows if r is not None]
+  for call, row in zip(calls, rows, strict=True):
+    if row is None:
       continue
-    x, z = jax.eval_shape(_rows_of_one_layer, call)
+    x, z = row
     out_dim = spec.out_dim // n_layers if spec.structure == "per_channel" else spec.out_dim
     want_in = out_dim if spec.structure == "per_channel" else spec.in_dim
     if x.shape[-1] != want_in or (z is not None and z.shape[-1] != out_dim):
-      hint = factors_lib.input_axes_hint(spec, call)
+      hint = (factors_lib.other_layer_hint(spec, widths) if spec.structure == "dense" else "") \
+          or factors_lib.input_axes_hint(spec, call)
       return (f"calls give {x.shape[-1]} input / {'?' if z is None else z.shape[-1]} output "
               f"features, params {spec.in_dim} / {spec.out_dim}{hint}")
   return None

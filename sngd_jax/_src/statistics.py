@@ -141,6 +141,20 @@ def input_axes_hint(spec, call) -> str:
           f"several output axes), pass fisher={{{spec.path!r}: ({spec.fisher!r}, {n})}}")
 
 
+def other_layer_hint(spec, widths: Sequence[int]) -> str:
+  """The cause and fix when a layer's calls read different numbers of input features, one
+  of them the layer's own (calls of two layers captured at one path), else ``""``."""
+  if spec.in_dim not in widths or len(set(widths)) < 2:
+    return ""
+  return (f"; its {len(widths)} calls read {sorted(set(widths))} input features: calls of "
+          f"another layer were captured at the path {spec.path!r} (a module applied with "
+          "other params inside the captured function, e.g. a frozen pretrained backbone "
+          "run by its own `apply`, whose layers are named from its own root as the trained "
+          "model's are). Apply that module outside the captured function and pass its "
+          "outputs in, or make it a submodule of the trained model and freeze it with "
+          "`optax.multi_transform` (`optax.set_to_zero()` for its label)")
+
+
 def stat_dtype(*arrays: jax.Array) -> jnp.dtype:
   """float32, or float64 where an input already is (x64 mode)."""
   return jnp.result_type(jnp.float32, *[a.dtype for a in arrays])
@@ -166,15 +180,16 @@ def layer_rows(spec: LayerSpec,
   for call in calls:
     _check_kind(spec, call)
     x, z = ROWS[call.kind](call)
+    xs.append(x)
+    zs.append(z)
+  for call, x, z in zip(calls, xs, zs, strict=True):
     if x.shape[-1] != spec.in_dim or (z is not None and z.shape[-1] != spec.out_dim):
       raise ValueError(
           f"sngd: layer {spec.path!r}: captured activations have {x.shape[-1]} input and "
           f"{'?' if z is None else z.shape[-1]} output features per row (inputs "
           f"{call.inputs.shape}, outputs {getattr(call.outputs, 'shape', None)}), but its "
           f"kernel expects {spec.in_dim} inputs and {spec.out_dim} outputs"
-          + input_axes_hint(spec, call))
-    xs.append(x)
-    zs.append(z)
+          + (other_layer_hint(spec, [a.shape[-1] for a in xs]) or input_axes_hint(spec, call)))
   dtype = stat_dtype(*xs)
   x = jnp.concatenate(xs).astype(dtype)
   z = None if any(z is None for z in zs) else jnp.concatenate(zs).astype(dtype)

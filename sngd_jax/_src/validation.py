@@ -200,6 +200,7 @@ def check_has_layers(updates: Any, activations: Any) -> None:
   if not isinstance(activations, Mapping) or not activations:
     return
   leaves = jax.tree_util.tree_leaves_with_path(updates)
+  _check_not_flattened(leaves, activations)
   if len(leaves) != 1 or leaves[0][0] or getattr(leaves[0][1], "ndim", 0) > 1:
     return
   raise ValueError(
@@ -207,6 +208,30 @@ def check_has_layers(updates: Any, activations: Any) -> None:
       "pass every gradient through unchanged, while `activations=` holds layers "
       f"{sorted(activations)[:8]}. Under `optax.flatten` the params are one vector: put "
       "`sngd` outside it (`optax.chain(sngd_jax.sngd(), optax.flatten(...))`)")
+
+
+def _check_not_flattened(leaves: list, activations: Mapping) -> None:
+  """Raises for params flattened into one dict (``flax.traverse_util.flatten_dict``, with
+  tuple keys or ``sep='/'``) whose keys name captured layers: ``sngd`` finds layers by
+  nesting, so it would find none and pass every gradient through, ignoring the activations."""
+  for key_path, _ in leaves:
+    keys = [k.key for k in key_path if isinstance(k, jax.tree_util.DictKey)]
+    flat = next((k for k in keys if isinstance(k, tuple) or (isinstance(k, str) and "/" in k)),
+                None)
+    if flat is None:
+      continue
+    parts = [str(p) for k in keys
+             for p in (k if isinstance(k, tuple) else str(k).split("/"))]
+    if parts and parts[0] == "params":
+      parts = parts[1:]
+    if len(parts) > 1 and paths.join(parts[:-1]) in activations:
+      raise ValueError(
+          f"sngd: the params are a flattened dict (key {flat!r}, as "
+          "`flax.traverse_util.flatten_dict` makes), while `activations=` holds the layer "
+          f"{paths.join(parts[:-1])!r}: sngd finds layers in nested params "
+          "(`{'Dense_0': {'kernel': ...}}`), so it would find none and pass every gradient "
+          "through unchanged. Give `init` and `update` the nested params: "
+          "`flax.traverse_util.unflatten_dict(flat)` (with the `sep=` you flattened with)")
 
 
 def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Mapping[str, Any],
@@ -230,7 +255,10 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
     raise ValueError(
         "sngd: the updates tree does not match the optimizer state "
         f"(layers in the state but not in the updates: {missing}; in the updates but not in "
-        f"the state: {extra}). Was the state made by `init` on the same params?")
+        f"the state: {extra}). Was the state made by `init` on the same params? After "
+        "changing which layers are trained (the labels of `optax.multi_transform`, a mask, "
+        "an `nnx.Optimizer`'s `wrt`), make the new optimizer's state with `init` "
+        "(docs/training-loops.md, *Changing which layers are trained*)")
   if activations is None:
     raise ValueError(
         "sngd: `update` needs `activations=`: wrap the loss with `sngd_jax.capture` (linen), "
@@ -262,7 +290,23 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
           "such steps (never for a layer called where capture cannot see it: its factor "
           "would never be fed). To leave it unpreconditioned pass "
           f"`fisher={{{path!r}: None}}`. Captured layers: {sorted(activations)}"
-          + ("" if activations else _NOTHING_CAPTURED))
+          + (_subtree_hint(path, activations) if activations else _NOTHING_CAPTURED))
+
+
+def _subtree_hint(path: str, activations: Mapping) -> str:
+  """Where a captured path is ``path`` without a leading prefix (a module applied by its own
+  ``apply`` on a subtree of the params names its layers from that root), says so."""
+  found = sorted(k for k in activations if isinstance(k, str) and k
+                 and path.endswith("/" + k)) or ([""] if "" in activations else [])
+  if not found:
+    return ""
+  k = found[-1]
+  prefix = path[:len(path) - len(k)].rstrip("/") if k else path
+  return (f". The calls captured as {k!r} may be this layer's: a module applied by its own "
+          f"`apply` on the subtree {prefix!r} of the params (`Sub().apply({{'params': "
+          f"params[...]}}, x)`) names its layers from that root, without {prefix!r}. Call "
+          "it through the model instead, e.g. `model.apply({'params': params}, x, "
+          "method=lambda m, x: m.sub(x))`, so that the captured paths are the params' paths")
 
 
 def check_statistics(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Mapping[str, Any],

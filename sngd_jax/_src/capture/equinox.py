@@ -15,7 +15,10 @@ the captured function: ``'layers/0'`` for ``model.layers[0].weight``, and
 recurrent cell (as ``sngd_jax._src.equinox_layers`` names them). A call
 whose weight is not a leaf of that argument (a layer built inside the loss, a
 weight computed from params) cannot be named and is not recorded, so its layer
-is reported as not captured.
+is reported as not captured; ``capture_eqx`` warns. A call whose weight is a leaf
+of another argument (the frozen half of ``eqx.partition``, passed next to the
+trained half as Equinox's examples do) is a frozen layer: it is left out without
+a warning, as ``update`` never sees its parameters.
 """
 
 from __future__ import annotations
@@ -131,7 +134,7 @@ def recorders() -> dict[type, Any]:
 
 
 def _wrap(rec: Recorder, original: Callable, recorder: Any, unnamed: dict[str, None],
-          tables: frozenset[int]) -> Callable:
+          tables: frozenset[int], frozen: frozenset[int]) -> Callable:
   if recorder == "norm":
     recorder = _norm(original)
 
@@ -143,6 +146,8 @@ def _wrap(rec: Recorder, original: Callable, recorder: Any, unnamed: dict[str, N
     for suffix, weight, x, z, kind, config in recorder(self, *fresh, out):
       roles, parts = rec.trace(weight)
       if parts is None:  # not a weight of the captured model: cannot be named
+        if id(weight) in frozen:
+          continue  # a leaf of another argument (eqx.partition's frozen half): not trained
         unnamed[f"{type(self).__name__} (weight {getattr(weight, 'shape', None)})"] = None
         continue
       if kind == "dense" and id(weight) in tables:
@@ -157,17 +162,19 @@ def _wrap(rec: Recorder, original: Callable, recorder: Any, unnamed: dict[str, N
 
 
 @contextlib.contextmanager
-def _layer_calls(rec: Recorder, unnamed: dict[str, None],
-                 tables: frozenset[int]) -> Iterator[None]:
+def _layer_calls(rec: Recorder, unnamed: dict[str, None], tables: frozenset[int],
+                 frozen: frozenset[int]) -> Iterator[None]:
   """Swaps each recorded class's ``__call__`` for a recording one, restoring it after.
 
-  ``unnamed`` collects the calls whose weight is not a leaf of the captured model;
-  ``tables`` holds the ``id`` of each ``Embedding`` table of the model.
+  ``unnamed`` collects the calls whose weight is not a leaf of the captured model, except
+  those whose weight is in ``frozen`` (the ``id`` of each array leaf of the captured
+  function's other arguments: the frozen half of ``eqx.partition``), which are left out
+  silently; ``tables`` holds the ``id`` of each ``Embedding`` table of the model.
   """
   originals = {cls: cls.__dict__["__call__"] for cls in recorders()}
   try:
     for cls, recorder in recorders().items():
-      cls.__call__ = _wrap(rec, originals[cls], recorder, unnamed, tables)
+      cls.__call__ = _wrap(rec, originals[cls], recorder, unnamed, tables, frozen)
     yield
   finally:
     for cls, original in originals.items():
@@ -226,7 +233,8 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False,
   def wrapped(model, *args, **kwargs):
     rec = Recorder(_leaf_paths(model), outputs)
     unnamed: dict[str, None] = {}
-    with transforms.recording(rec), _layer_calls(rec, unnamed, _tables(model)):
+    frozen = frozenset(_leaf_paths((args, kwargs))) - frozenset(_leaf_paths(model))
+    with transforms.recording(rec), _layer_calls(rec, unnamed, _tables(model), frozen):
       result = fn(model, *args, **kwargs)
     value, aux = split_aux(result, has_aux, "capture_eqx")
     if unnamed:
@@ -238,7 +246,10 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False,
           "instead), or the layer is made inside the loss or its weight computed from the "
           "params. They are not captured, and `update` reports their layers as not "
           "captured; pass `fisher={path: None}` to leave such a layer to the next "
-          "transform.", stacklevel=caller_stacklevel())
+          "transform. (Layers of a frozen half of `eqx.partition` that the loss closes over "
+          "are harmless here, `update` never sees them: pass that half to the loss as an "
+          "argument, `loss(trained, frozen, x)`, and capture leaves them out silently.)",
+          stacklevel=caller_stacklevel())
     acts = rec.freeze()
     return (value, (aux, acts)) if has_aux else (value, acts)
 

@@ -67,15 +67,20 @@ def _warn_other_weights(seen: dict[str, dict[int, Any]]) -> None:
       continue
     shapes = sorted({tuple(getattr(w, "shape", ())) for w in weights.values()})
     if len(shapes) > 1:
-      # No copy of one model: two models whose layers have the same path.
+      # No copy of one model: layers of two models that have the same path (each `apply`
+      # names its layers from its own root).
       warnings.warn(
           f"sngd: layer {path!r} was called with weights of different shapes "
           f"({', '.join(map(str, shapes))}) inside the captured function: these are layers of "
           "two different models that have the same path (linen names a layer by its path in "
-          "the module passed to `apply`, so a generator's and a discriminator's first layers "
-          "are both 'Dense_0'). The inputs of all their calls are pooled into one local "
-          "Fisher, which is neither layer's. Give the layers distinct names (`name=`), or make "
-          "both models submodules of one parent module, so that their paths differ.",
+          "the module passed to `apply`, so a GAN's generator and discriminator, or a frozen "
+          "pretrained backbone and the trained head run by their own `apply`, both have a "
+          "'Dense_0'). The inputs of all their calls are pooled into one local Fisher, which "
+          "is neither layer's (or `update` refuses features of the wrong size). Give the "
+          "layers distinct names (`name=`), or make both models submodules of one parent "
+          "module (freeze a pretrained part with `optax.multi_transform` and "
+          "`optax.set_to_zero()`), or apply a frozen module outside the captured function "
+          "and pass its outputs in.",
           stacklevel=caller_stacklevel())
       continue
     warnings.warn(
