@@ -444,3 +444,27 @@ def test_with_activations_forwards_the_wrappers_keyword_arguments():
   bound = sngd_jax.with_activations(inner, acts, value=1.0)
   bound.update(grads, bound.init(params), params, value=2.0, other=3)
   assert seen["activations"] is acts and seen["value"] == 1.0 and seen["other"] == 3
+
+
+@pytest.mark.parametrize("make", [
+    lambda: sngd_jax.sngd_momentum(0.05),
+    lambda: optax.masked(sngd_jax.sngd(), {"Dense_0": True, "Dense_1": True, "Dense_2": False}),
+    lambda: optax.inject_hyperparams(sngd_jax.sngd_adam)(1e-3),
+], ids=["sngd_momentum", "masked", "inject_hyperparams"])
+def test_tree_map_params_names_the_way_to_map_an_sngd_state(make):
+  """``optax.tree_utils.tree_map_params`` calls ``init`` on a placeholder to find the
+  params-shaped leaves; SNGD's per-layer factors cannot come from it. It failed in
+  ``jax.tree.map`` with a pytree structure error at ``factors``; sngd now says what to write,
+  and the recipe in its message maps the base optimizer's trace like the params."""
+  params = _problem()[1]
+  tx = make()
+  with pytest.raises(TypeError, match=r"sngd: `optax.tree_utils.tree_map_params`.*jax.tree.map"):
+    optax.tree_utils.tree_map_params(tx, lambda p: p, tx.init(params))
+  base = optax.sgd(0.1, momentum=0.9)
+  state = optax.chain(sngd_jax.sngd(), base).init(params)
+  state = state[:1] + (jax.tree.map(lambda t: t + 1.0, state[1]),)
+  mapped = (jax.tree.map(lambda v: v, state[0]),
+            optax.tree_utils.tree_map_params(base, lambda p: 2 * p, state[1]))
+  assert jax.tree.structure(mapped) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(mapped[1]), jax.tree.leaves(state[1]), strict=True):
+    np.testing.assert_array_equal(a, 2 * b)
