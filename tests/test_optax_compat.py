@@ -431,6 +431,25 @@ def test_with_activations_under_optax_sam():
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(p3))
 
 
+def test_with_activations_under_optax_sam_opaque_mode():
+  """``optax.contrib.sam(..., opaque_mode=True)`` takes the adversarial gradient from its
+  ``grad_fn`` inside ``update``: the step is SNGD's update of the gradient at the adversarial
+  point ``p1`` with the activations bound (those at ``p0``), as the docs say."""
+  _, params, x, y, loss_fn = _problem()
+  tx = sngd_jax.sngd_momentum(0.05)
+  adv = optax.chain(optax.contrib.normalize(), optax.sgd(0.1))
+  grad_fn = lambda p, _: grads_and_acts(loss_fn, p, x, y)[1]
+  _, grads, acts = grads_and_acts(loss_fn, params, x, y)
+  sam = optax.contrib.sam(sngd_jax.with_activations(tx, acts), adv, opaque_mode=True)
+  state = optax.contrib.sam(tx, adv, opaque_mode=True).init(params)
+  updates, _ = sam.update(grads, state, params, grad_fn=grad_fn)
+  adv_step, _ = adv.update(grads, adv.init(params), params)
+  p1 = jax.tree.map(lambda p, a: p - a, params, adv_step)
+  want, _ = tx.update(grad_fn(p1, 0), tx.init(params), params, activations=acts)
+  assert not np.allclose(jax.tree.leaves(grad_fn(p1, 0))[0], jax.tree.leaves(grads)[0])
+  for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+
 def test_with_activations_forwards_the_wrappers_keyword_arguments():
   _, params, x, y, loss_fn = _problem()
   _, grads, acts = grads_and_acts(loss_fn, params, x, y)
