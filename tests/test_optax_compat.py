@@ -431,6 +431,25 @@ def test_with_activations_under_optax_sam():
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(p3))
 
 
+def test_with_activations_under_optax_sam_opaque_mode():
+  """``optax.contrib.sam(..., opaque_mode=True)`` takes the adversarial gradient from its
+  ``grad_fn`` inside ``update``: the step is SNGD's update of the gradient at the adversarial
+  point ``p1`` with the activations bound (those at ``p0``), as the docs say."""
+  _, params, x, y, loss_fn = _problem()
+  tx = sngd_jax.sngd_momentum(0.05)
+  adv = optax.chain(optax.contrib.normalize(), optax.sgd(0.1))
+  grad_fn = lambda p, _: grads_and_acts(loss_fn, p, x, y)[1]
+  _, grads, acts = grads_and_acts(loss_fn, params, x, y)
+  sam = optax.contrib.sam(sngd_jax.with_activations(tx, acts), adv, opaque_mode=True)
+  state = optax.contrib.sam(tx, adv, opaque_mode=True).init(params)
+  updates, _ = sam.update(grads, state, params, grad_fn=grad_fn)
+  adv_step, _ = adv.update(grads, adv.init(params), params)
+  p1 = jax.tree.map(lambda p, a: p - a, params, adv_step)
+  want, _ = tx.update(grad_fn(p1, 0), tx.init(params), params, activations=acts)
+  assert not np.allclose(jax.tree.leaves(grad_fn(p1, 0))[0], jax.tree.leaves(grads)[0])
+  for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+
 def test_with_activations_forwards_the_wrappers_keyword_arguments():
   _, params, x, y, loss_fn = _problem()
   _, grads, acts = grads_and_acts(loss_fn, params, x, y)
@@ -444,3 +463,27 @@ def test_with_activations_forwards_the_wrappers_keyword_arguments():
   bound = sngd_jax.with_activations(inner, acts, value=1.0)
   bound.update(grads, bound.init(params), params, value=2.0, other=3)
   assert seen["activations"] is acts and seen["value"] == 1.0 and seen["other"] == 3
+
+
+@pytest.mark.parametrize("make", [
+    lambda: sngd_jax.sngd_momentum(0.05),
+    lambda: optax.masked(sngd_jax.sngd(), {"Dense_0": True, "Dense_1": True, "Dense_2": False}),
+    lambda: optax.inject_hyperparams(sngd_jax.sngd_adam)(1e-3),
+], ids=["sngd_momentum", "masked", "inject_hyperparams"])
+def test_tree_map_params_names_the_way_to_map_an_sngd_state(make):
+  """``optax.tree_utils.tree_map_params`` calls ``init`` on a placeholder to find the
+  params-shaped leaves; SNGD's per-layer factors cannot come from it. It failed in
+  ``jax.tree.map`` with a pytree structure error at ``factors``; sngd now says what to write,
+  and the recipe in its message maps the base optimizer's trace like the params."""
+  params = _problem()[1]
+  tx = make()
+  with pytest.raises(TypeError, match=r"sngd: `optax.tree_utils.tree_map_params`.*jax.tree.map"):
+    optax.tree_utils.tree_map_params(tx, lambda p: p, tx.init(params))
+  base = optax.sgd(0.1, momentum=0.9)
+  state = optax.chain(sngd_jax.sngd(), base).init(params)
+  state = state[:1] + (jax.tree.map(lambda t: t + 1.0, state[1]),)
+  mapped = (jax.tree.map(lambda v: v, state[0]),
+            optax.tree_utils.tree_map_params(base, lambda p: 2 * p, state[1]))
+  assert jax.tree.structure(mapped) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(mapped[1]), jax.tree.leaves(state[1]), strict=True):
+    np.testing.assert_array_equal(a, 2 * b)

@@ -202,6 +202,41 @@ def test_composes_with_apply_if_finite():
   assert not _all_finite(p)
 
 
+
+def test_apply_if_finite_does_not_see_a_step_sngd_skips_for_its_activations():
+  """``apply_if_finite`` checks the gradients only: on a factor step whose activations hold a
+  NaN (gradients finite), SNGD skips and returns zeros, and the momentum after it still moves
+  the params by ``-lr * 0.9 * trace`` with ``total_notfinite`` 0 (docs/reliability.md said
+  the wrap made every bad step a full no-op). The recipe of docs/reliability.md (keep the old
+  params and base state when ``num_skipped_steps`` moves) is a no-op there."""
+  _, params, grad_fn, _, x, y = _setup()
+  lr = 0.1
+  inner = optax.chain(exact_sngd(inverse_every=1, factor_every=1), optax.sgd(lr, momentum=0.9))
+  tx = optax.apply_if_finite(inner, 3)
+  state = tx.init(params)
+  (_, acts), grads = grad_fn(params, x, y)
+  updates, state = tx.update(grads, state, params, activations=acts)
+  params = optax.apply_updates(params, updates)
+  (_, acts), grads = grad_fn(params, x, y)
+  bad = {**acts, "Dense_1": tuple(c.replace(inputs=c.inputs.at[0, 0].set(jnp.nan))
+                                  for c in acts["Dense_1"])}
+  assert _all_finite(grads)
+  trace = state.inner_state[1][0].trace
+  updates, new_state = tx.update(grads, state, params, activations=bad)
+  assert int(new_state.total_notfinite) == 0
+  assert int(new_state.inner_state[0].num_skipped_steps) == 1
+  for u, t in zip(jax.tree.leaves(updates), jax.tree.leaves(trace), strict=True):
+    np.testing.assert_allclose(u, -lr * 0.9 * t, rtol=1e-6)
+  assert max(float(jnp.abs(u).max()) for u in jax.tree.leaves(updates)) > 1e-3
+
+  inner_state = state.inner_state  # the recipe, on the plain chain
+  new_updates, new_inner = inner.update(grads, inner_state, params, activations=bad)
+  skipped = new_inner[0].num_skipped_steps > inner_state[0].num_skipped_steps
+  keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(skipped, o, n), new, old)
+  kept = keep_old(optax.apply_updates(params, new_updates), params)
+  assert _leaves_equal(kept, params)
+  assert _leaves_equal(keep_old(new_inner[1:], inner_state[1:]), inner_state[1:])
+
 def _single_layer_update(x, fisher, prior, bias, zshift=0.0, steps=2, decay=0.995,
                          abs_damping=0.0, jit=False):
   """Runs `steps` updates of one Dense layer (kernel, optional bias) on activations `x`.

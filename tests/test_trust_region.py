@@ -184,6 +184,27 @@ def test_scale_from_the_state_of_a_stacked_model():
   np.testing.assert_allclose(sngd_jax.trust_region_scale(grads, state), 0.3, rtol=1e-8)
 
 
+
+def test_the_injected_max_norm_of_another_transform_is_not_sngds():
+  """``trust_region_scale`` reads an injected radius from the ``inject_hyperparams`` state
+  around the SNGD state only. An injected ``clip_by_global_norm`` has a ``max_norm`` too: with
+  SNGD's trust region off its radius was taken for SNGD's (scale 0.3 for 1), and with SNGD's
+  own injected as well the two made the lookup give up (scale 1 for 0.3). Reference: the
+  float64 ``q``, radius ``0.3 sqrt(q)``."""
+  _, params, x, y, loss_fn = make_problem(features=FEATURES)
+  _, grads, acts = grads_and_acts(loss_fn, params, x, y)
+  _, q = _reference(params, x, grads, "linear", 1e-3)
+  radius = 0.3 * np.sqrt(q)
+  clip = lambda r: optax.inject_hyperparams(optax.clip_by_global_norm)(max_norm=r)
+  off = optax.chain(clip(radius), sngd_jax.sngd_momentum(0.1, max_norm=None, damping=1e-3,
+                                                         decay=0.0))
+  _, state = off.update(grads, off.init(params), params, activations=acts)
+  assert float(sngd_jax.trust_region_scale(grads, state)) == 1.0
+  both = optax.chain(clip(1e3), optax.inject_hyperparams(sngd_jax.sngd_momentum)(
+      learning_rate=0.1, max_norm=radius, damping=1e-3, decay=0.0))
+  _, state = both.update(grads, both.init(params), params, activations=acts)
+  np.testing.assert_allclose(sngd_jax.trust_region_scale(grads, state), 0.3, rtol=1e-6)
+
 def test_scale_and_damping_of_an_injected_state():
   """Under ``optax.inject_hyperparams`` the SNGD state records ``max_norm`` and ``damping`` as
   None: ``trust_region_scale`` and ``damped_factors`` read the injected values from the

@@ -56,7 +56,7 @@ def trust_region_scale(grads: Any, opt_state: Any, updates: Optional[Any] = None
   config = state.config
   radius_of = config.max_norm if max_norm is None else max_norm
   if radius_of is None:  # injected (`optax.inject_hyperparams`): the state records None
-    radius_of = injected(opt_state, "max_norm")
+    radius_of = injected(opt_state, "max_norm", state)
   if radius_of is None:
     return jnp.ones((), jnp.float32)
   specs = _layers_of(config, grads)

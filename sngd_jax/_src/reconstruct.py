@@ -66,7 +66,7 @@ def _configured(state: Any, name: str, value: Any, outer: Any = None) -> Any:
   config = getattr(state, "config", None)
   value = None if config is None else getattr(config, name)
   if value is None and outer is not None:
-    value = injected(outer, name)
+    value = injected(outer, name, state)
   if value is None:
     raise ValueError(f"sngd: the state does not record `{name}` (it was injected as an array "
                      f"or the state has no config); pass `{name}=` explicitly")

@@ -16,7 +16,6 @@ from typing import Any
 
 import flax.struct
 import jax
-import optax
 
 from sngd_jax._src.config import DEFAULTS, SNGDConfig
 
@@ -73,16 +72,30 @@ def sngd_states(tree: Any) -> list[SNGDState]:
   return [s for s in jax.tree.leaves(tree, is_leaf=_is_state) if _is_state(s)]
 
 
-def injected(tree: Any, name: str) -> Any:
-  """The value of hyperparameter ``name`` in the one ``optax.inject_hyperparams`` state in
-  ``tree`` that holds it (the SNGD state records an injected value as None), or None."""
-  def in_hyperparams(path, _):
-    return len(path) >= 2 and getattr(path[-2], "name", None) == "hyperparams"
+def _is_injected_state(x: Any) -> bool:
+  """An ``optax.inject_hyperparams`` (or ``inject_stateful_hyperparams``) state."""
+  return isinstance(getattr(x, "hyperparams", None), dict) and hasattr(x, "inner_state")
 
-  try:
-    return optax.tree_utils.tree_get(tree, name, filtering=in_hyperparams)
-  except KeyError:  # held by several: not one value
-    return None
+
+def injected(tree: Any, name: str, sngd_state: SNGDState) -> Any:
+  """The value of hyperparameter ``name`` injected into ``sngd_state``'s transform (the SNGD
+  state records an injected value as None), or None.
+
+  It is read from the innermost ``optax.inject_hyperparams`` state in ``tree`` around
+  ``sngd_state`` whose hyperparameters hold ``name``: not from another transform's (an
+  injected ``optax.clip_by_global_norm`` also has a ``max_norm``), which is no value of this
+  ``sngd`` whether or not its own is injected.
+  """
+  value, node = None, tree
+  while True:
+    around = [s for s in jax.tree.leaves(node, is_leaf=_is_injected_state)
+              if _is_injected_state(s)
+              and any(t is sngd_state for t in sngd_states(s.inner_state))]
+    if not around:
+      return value
+    if name in around[0].hyperparams:
+      value = around[0].hyperparams[name]
+    node = around[0].inner_state
 
 
 def only_sngd_state(tree: Any) -> SNGDState:

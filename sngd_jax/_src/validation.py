@@ -189,6 +189,28 @@ def warn_under_optax_multisteps() -> None:
     frame = frame.f_back
 
 
+def check_not_params_placeholder(params: Any) -> None:
+  """Raises when ``init`` gets the placeholder of ``optax.tree_utils.tree_map_params``.
+
+  ``tree_map_params`` finds the params-shaped parts of an optimizer state by calling ``init``
+  on a placeholder and matching the two states. SNGD's state has one factor and inverse per
+  layer, found from the params' shapes: from the placeholder it would have none, and the match
+  failed in ``jax.tree.map`` with a pytree structure error at ``factors``.
+  """
+  kind = type(params)
+  if kind.__name__ != "_ParamsPlaceholder" or not kind.__module__.startswith("optax."):
+    return
+  raise TypeError(
+      "sngd: `optax.tree_utils.tree_map_params` cannot map a state that holds an `SNGDState`: "
+      "it calls `init` on a placeholder to find the params-shaped leaves, and SNGD's state has "
+      "one factor and inverse per layer, found from the params, none of them shaped like a "
+      "parameter. Map the SNGD part with `jax.tree.map` (its leaves are per-layer statistics, "
+      "e.g. replicated under data parallelism), and call `tree_map_params` with the other "
+      "transforms of the chain on their part of the state (for `optax.chain(sngd_jax.sngd(), "
+      "base)`: `(jax.tree.map(g, opt_state[0]), optax.tree_utils.tree_map_params(base, f, "
+      "opt_state[1]))`)")
+
+
 def check_has_layers(updates: Any, activations: Any) -> None:
   """Raises when ``sngd`` sees the params as one vector (``optax.flatten``) while activations
   name layers: it would pass every gradient through unchanged, plain SGD with no word.
