@@ -290,3 +290,23 @@ def test_lora_adapters_only_get_the_base_optimizers_update():
     out.append(nnx.state(model, nnx.Param))
   # Two compiled programs: equal to float32 rounding.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), *out)
+
+
+class _TiedAutoencoder(nnx.Module):
+  def __init__(self, rngs):
+    self.enc = nnx.Linear(5, 3, use_bias=False, rngs=rngs, **F64)
+
+  def __call__(self, x):
+    return jnp.tanh(self.enc(x)) @ self.enc.kernel[...].T  # decoder: the kernel read by hand
+
+
+def test_kernel_read_outside_its_call_gets_its_calls_factor_only():
+  """docs/layer-coverage.md: the decoder's use of a tied kernel (``h @ enc.kernel.T``) is not
+  captured: the kernel's update is the encoder rows' damped factor applied to the sum of both
+  uses' gradients (float64), and coverage lists an ordinary dense layer."""
+  model = _TiedAutoencoder(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (8, 5), jnp.float64)
+  assert "linear/dense 5x5" in str(sngd_jax.coverage(lambda m, x: jnp.sum(m(x)), model, x))
+  grads, updates = _one_step(model, x)
+  kernel, _ = ref.dense_update(np.asarray(x), grads["enc"]["kernel"][...], None)
+  np.testing.assert_allclose(updates["enc"]["kernel"][...], kernel, rtol=1e-10)

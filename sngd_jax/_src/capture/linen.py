@@ -126,7 +126,16 @@ def _norm_call(rec: Recorder, seen, module, next_fun, args, kwargs):
 
 
 def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]]):
-  """The ``nn.intercept_methods`` hook that records supported layer calls."""
+  """The ``nn.intercept_methods`` hook that records supported layer calls.
+
+  A subclass of a recorded layer whose ``__call__`` (or ``attend``) calls the base
+  class's through ``super()`` (``super().__call__(f(x))``) is intercepted twice on the
+  same module, the outer call with its own arguments: only the innermost call that
+  records is kept (its arguments are what the kernel multiplies), as ``capture_nnx``
+  records the base class's ``__call__`` only.
+  """
+  # (module id, method) -> one flag per open call: "a call inside it recorded".
+  open_calls: dict[tuple[int, str], list[bool]] = {}
 
   def intercept(next_fun, args, kwargs, context):
     module, method = context.module, context.method_name
@@ -136,19 +145,31 @@ def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]]):
       return _cell_call(rec, next_fun, args, kwargs)
     if method == "__call__" and isinstance(module, tables.NORMS):
       return _norm_call(rec, seen, module, next_fun, args, kwargs)
-    out = next_fun(*args, **kwargs)
-    if method == "attend" and isinstance(module, nn.Embed) and args:
+    attend = method == "attend" and isinstance(module, nn.Embed)
+    recorder = tables.lookup(module) if method == "__call__" else None
+    if not args or not (attend or recorder is not None):
+      return next_fun(*args, **kwargs)
+    flags = open_calls.setdefault((id(module), method), [])
+    flags.append(False)
+    try:
+      out = next_fun(*args, **kwargs)
+    finally:
+      inner_recorded = flags.pop()
+    if inner_recorded:  # super().__call__ inside recorded the kernel's own input
+      if flags:
+        flags[-1] = True
+      return out
+    if attend:
+      recorded = (args[0], out, "embed", ("attend",))
+    else:
+      assert recorder is not None
+      recorded = recorder(module, args, kwargs, out)
+    if recorded is not None:
       path, weight = paths.join(module.path), _weight(module)
       _note_weight(rec, seen, path, weight)
-      rec.add(path, args[0], out, "embed", ("attend",), weight=weight)
-      return out
-    recorder = tables.lookup(module)
-    if method == "__call__" and recorder is not None and args:
-      recorded = recorder(module, args, kwargs, out)
-      if recorded is not None:
-        path, weight = paths.join(module.path), _weight(module)
-        _note_weight(rec, seen, path, weight)
-        rec.add(path, *recorded, weight=weight)
+      rec.add(path, *recorded, weight=weight)
+      if flags:
+        flags[-1] = True
     return out
 
   return intercept
