@@ -20,6 +20,7 @@ import re
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import np_reference
 import numpy as np
 import optax
 import pytest
@@ -302,6 +303,71 @@ def test_explicit_mesh_with_model_sharded_params_matches_one_device(layout):
   with jax.set_mesh(mesh):
     params, state = _train(_optimizer(), put=put, loss=_onehot_loss)
   _check_same_training(params, state)
+
+
+def _rfim_factor(x, z):
+  """float64 ``E[sigmoid(z_j)^2 x~ x~^T]`` per unit ``j`` over rows."""
+  x = np.concatenate([np.asarray(x, np.float64), np.ones((x.shape[0], 1))], axis=1)
+  s = 1.0 / (1.0 + np.exp(-np.asarray(z, np.float64)))
+  return np.einsum("nj,na,nb->jab", s ** 2, x, x) / x.shape[0]
+
+
+def _norm_factor(xhat):
+  """float64 ``E[[xhat_c^2, xhat_c], [xhat_c, 1]]`` per channel over rows, ``(C, 2, 2)``."""
+  r = np.stack([np.asarray(xhat, np.float64), np.ones(xhat.shape)], axis=-1)
+  return np.einsum("nca,ncb->cab", r, r) / r.shape[0]
+
+
+# (layer, input shape, sngd kwargs, float64 factor from the captured call of the global batch)
+_EXPLICIT_ROWS_CASES = {
+    "conv_depthwise": (
+        nn.Conv(6, (3, 3), feature_group_count=3), (16, 5, 5, 3), {},
+        lambda c: np_reference.linear_factor(np_reference.conv_patches(
+            c.inputs, (3, 3), (1, 1), "SAME", (1, 1), (1, 1), 3)[0])),
+    "dense_general_rfim": (
+        nn.DenseGeneral((2, 3), axis=(-2, -1)), (16, 3, 4, 5), {"fisher": "rfim"},
+        lambda c: _rfim_factor(np.reshape(c.inputs, (48, 20)), np.reshape(c.outputs, (48, 6)))),
+    "layer_norm_two_axes": (
+        nn.LayerNorm(reduction_axes=(-2, -1), feature_axes=(-2, -1)), (16, 3, 4, 5), {},
+        lambda c: _norm_factor(np.reshape(c.inputs, (48, 20)))),
+    "stats_batch_size": (
+        nn.Dense(3), (16, 5), {"stats_batch_size": 4},
+        lambda c: np_reference.linear_factor(np.asarray(c.inputs)[:4])),
+}
+
+
+@multi
+@pytest.mark.parametrize("case", list(_EXPLICIT_ROWS_CASES))
+def test_explicit_mesh_statistics_of_rows_made_of_several_axes(case):
+  """jit on a mesh with explicit axes, the batch sharded over 'data': the one-step factor
+  of a layer whose rows or features span several axes (conv patches, a DenseGeneral's two
+  input and two output axes, a LayerNorm over two axes) or of a sub-batch that does not
+  split over the 8 devices equals the float64 statistic of the global batch. Before
+  2026-12-05 each raised JAX's ShardingTypeError in the statistics ("This reshape is not
+  supported": a reshape that merged two groups of axes of a sharded array; "slicing on
+  sharded dims where out dim (4) is not divisible by mesh axes (8)"), while the same
+  layers ran under automatic axes and Flax's own forward pass ran under explicit ones."""
+  layer, shape, kwargs, reference = _EXPLICIT_ROWS_CASES[case]
+  x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+  params = layer.init(jax.random.key(1), x)["params"]
+  kwargs = dict(kwargs)
+  (spec,) = sngd_jax.discover(params, kwargs.pop("fisher", "linear")).values()
+  loss = lambda p, x: jnp.sum(jnp.tanh(layer.apply({"params": p}, x)))
+  capture = sngd_jax.capture(loss, outputs=True)
+  tx = sngd_jax.sngd(fisher={spec.path: spec.fisher}, decay=0.0, prior="none", **kwargs)
+
+  def factor(params, x):
+    (_, acts), grads = jax.value_and_grad(capture, has_aux=True)(params, x)
+    return tx.update(grads, tx.init(params), activations=acts)[1].factors[spec.path]
+
+  (_, acts), _ = jax.value_and_grad(capture, has_aux=True)(params, x)  # one device
+  ref = reference(acts[spec.path][0])
+  mesh = jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    got = jax.jit(factor)(jax.device_put(params, P()), jax.device_put(x, P("data")))
+  assert got.shape == ref.shape
+  np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=1e-5,
+                             atol=1e-5 * np.abs(ref).max())
 
 
 # ---------------------------------------------------------------- state sharding

@@ -118,10 +118,14 @@ def patches(x: jax.Array, config: ConvConfig) -> jax.Array:
   else:
     out = _windows_by_conv(x, kernel_size, strides, padding, input_dilation, kernel_dilation)
   # (n, *positions, volume x C_in, either layout) -> (rows, groups, volume, C_in/groups).
+  # Each reshape merges or splits one group of axes: under a mesh with explicit axes JAX
+  # infers the sharding of those (the rows keep the batch's), not of two at once.
   channels = x.shape[-1]
   volume = math.prod(kernel_size)
+  out = out.reshape((-1, out.shape[-1]))
   out = out.reshape((-1, volume, groups, channels // groups))
   out = jnp.swapaxes(out, 1, 2)
+  out = out.reshape((-1, volume, channels // groups))
   return out.reshape(-1, volume * channels // groups)
 
 

@@ -77,6 +77,25 @@ def unshard_axis(x: jax.Array, axis: int) -> jax.Array:
   return jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec(*spec)))
 
 
+def sliceable(x: jax.Array, axis: int, size: int) -> jax.Array:
+  """``x`` with axis ``axis`` replicated under an explicit mesh where that axis is sharded
+  over a number of devices that does not divide ``size``; any other array as is.
+
+  JAX cannot cut ``size`` entries off such an axis (``ShardingTypeError: slicing on
+  sharded dims where out dim ... is not divisible``): the first examples of a batch
+  sharded over a data axis (``stats_batch_size``).
+  """
+  mesh = _explicit_mesh(x)
+  if mesh is None:
+    return x
+  entry = (tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim)[axis % x.ndim]
+  names = () if entry is None else axis_names(entry)
+  shards = 1
+  for name in names:
+    shards *= mesh.shape[name]
+  return x if size % shards == 0 else unshard_axis(x, axis)
+
+
 def reshard_like(x: jax.Array, like: jax.Array) -> jax.Array:
   """Gives ``x`` the sharding type of ``like`` under an explicit mesh; else returns ``x``."""
   if _explicit_mesh(like) is None:

@@ -71,8 +71,28 @@ PRIORS = ("scaled_identity", "identity", "none")
 RowFn = Callable[[Captured], tuple[jax.Array, Optional[jax.Array]]]
 
 
+def to_rows(a: jax.Array, n_features: int) -> jax.Array:
+  """``(*rows, *features)`` -> ``(prod(rows), prod(features))``, the last ``n_features`` axes
+  the features.
+
+  In two reshapes, each merging one group of axes: under a mesh with explicit axes JAX infers
+  the sharding of such a reshape (the rows keep the batch's sharding), but refuses one that
+  merges two groups at once (``ShardingTypeError: This reshape is not supported``).
+  """
+  if n_features != 1:
+    a = a.reshape(a.shape[:a.ndim - n_features] + (math.prod(a.shape[a.ndim - n_features:]),))
+  return a.reshape(-1, a.shape[-1])
+
+
 def _rows_of(z: Optional[jax.Array], n_rows: int) -> Optional[jax.Array]:
-  return None if z is None else z.reshape(n_rows, -1)
+  """``z`` as ``(n_rows, -1)``: its trailing axes that make up one row are the features."""
+  if z is None or n_rows == 0:
+    return None if z is None else z.reshape(n_rows, -1)
+  size = math.prod(z.shape) // n_rows
+  for k in range(1, z.ndim + 1):
+    if math.prod(z.shape[z.ndim - k:]) == size:
+      return to_rows(z, k)
+  return z.reshape(n_rows, -1)
 
 
 def dense_rows(call: Captured) -> tuple[jax.Array, Optional[jax.Array]]:
@@ -87,7 +107,7 @@ def dense_rows(call: Captured) -> tuple[jax.Array, Optional[jax.Array]]:
   if call.config:
     axes, out_perm = call.config
     x = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
-    x = x.reshape((-1, math.prod(x.shape[x.ndim - len(axes):])))
+    x = to_rows(x, len(axes))
     z = call.outputs
     if z is not None and out_perm is not None:
       z = jnp.transpose(z, out_perm)
@@ -113,7 +133,7 @@ def norm_rows(call: Captured) -> tuple[jax.Array, Optional[jax.Array]]:
   (feature_axes,) = call.config
   def rows(a: jax.Array) -> jax.Array:
     a = jnp.moveaxis(a, feature_axes, tuple(range(a.ndim - len(feature_axes), a.ndim)))
-    return a.reshape(-1, math.prod(a.shape[a.ndim - len(feature_axes):]))
+    return to_rows(a, len(feature_axes))
   return rows(call.inputs), None if call.outputs is None else rows(call.outputs)
 
 

@@ -119,7 +119,15 @@ def _sub_batch(calls, size: int):
   lookup need not have an example axis (learned positions ``embed(jnp.arange(T))``,
   whose leading axis is the position), so cutting it could drop positions.
   """
-  return tuple(c if statistics.is_lookup(c) else c.first_examples(size) for c in calls)
+  def cut(c):
+    if c.batch_axis is not None:  # a batch sharded unevenly for `size` is gathered first
+      # (time-major rows, cut per time step after a reshape, whenever it is sharded)
+      ax, rows = c.batch_axis, size if c.time_steps == 1 else 1
+      c = c.replace(inputs=distributed.sliceable(c.inputs, ax, rows),
+                    outputs=None if c.outputs is None
+                    else distributed.sliceable(c.outputs, ax, rows))
+    return c.first_examples(size)
+  return tuple(c if statistics.is_lookup(c) else cut(c) for c in calls)
 
 
 def _statistics_activations(config: SNGDConfig, activations: Activations) -> Activations:
