@@ -421,3 +421,45 @@ def test_vmapped_members_run_the_inner_update_on_emitting_calls_only():
   for m in range(2):
     jax.tree.map(lambda a, b, m=m: np.testing.assert_allclose(a[m], b, rtol=1e-5, atol=1e-7),
                  pv, p1)
+
+
+def test_multisteps_passes_through_equinox_filter_jit_as_an_argument():
+  """Equinox steps often take the optimizer as an argument of ``eqx.filter_jit`` (or hold it in
+  an ``eqx.Module``), which flattens it and rebuilds it from its leaves. ``optax.MultiSteps``
+  is one leaf; ``sngd_jax.MultiSteps``, a NamedTuple subclass, was flattened into its two
+  functions and rebuilt as ``MultiSteps(init_fn, update_fn)``: ``AttributeError: 'function'
+  object has no attribute 'init'``. Now a static pytree: the step compiles once and two cycles
+  of micro-batches give the inner optimizer's run on the concatenated batches."""
+  eqx = pytest.importorskip("equinox")
+  _, x, y, _ = _problem("dense")
+  model = eqx.nn.MLP(6, 3, width_size=7, depth=2, activation=jnp.tanh, key=jax.random.key(0))
+
+  def loss_fn(model, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(jax.vmap(model)(x), y).mean()
+
+  traces = []
+
+  @eqx.filter_jit
+  def step(model, opt_state, tx, x, y):
+    traces.append(1)
+    (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(loss_fn), has_aux=True)(
+        model, x, y)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    updates, opt_state = tx.update(grads, opt_state, params, activations=acts)
+    return eqx.apply_updates(model, updates), opt_state
+
+  params = eqx.filter(model, eqx.is_inexact_array)
+  ms = sngd_jax.MultiSteps(_inner("dense"), every_k_schedule=K)
+  assert jax.tree.map(lambda a: a, ms) is ms
+  micro, micro_state = model, ms.init(params)
+  big, big_tx = model, _inner("dense")
+  big_state = big_tx.init(params)
+  for _ in range(2):
+    for i in range(K):
+      batch = slice(i * N, (i + 1) * N)
+      micro, micro_state = step(micro, micro_state, ms, x[batch], y[batch])
+    big, big_state = step(big, big_state, big_tx, x, y)
+  assert len(traces) == 2  # one compile per optimizer
+  got, want = eqx.filter(micro, eqx.is_inexact_array), eqx.filter(big, eqx.is_inexact_array)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6), got, want)
+  assert not np.allclose(got.layers[0].weight, model.layers[0].weight)

@@ -246,6 +246,29 @@ def test_inject_hyperparams_learning_rate_scales_the_first_step():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, 3 * b, rtol=1e-5, atol=1e-9), u3, u1)
 
 
+def test_injected_hyperparameters_set_with_full_like_keep_the_compiled_step():
+  """docs/training-loops.md sets an injected value with ``jnp.full_like(old, new)``: optax
+  makes the floats strong float32 arrays and ``factor_every``/``inverse_every`` weak int32
+  ones, and ``jnp.asarray(0.09)`` (weak) compiled the step again. The new learning rate acts
+  on the next step (a first step is linear in it) and the step compiled once."""
+  _, params, x, y, loss_fn = _problem(jnp.float32)
+  tx = optax.inject_hyperparams(sngd_jax.sngd_momentum)(learning_rate=0.03, inverse_every=3)
+  run = _Runner(tx, x, y, loss_fn)
+  _, _, u1 = run(params, 1)
+  state = tx.init(params)
+  hp = state.hyperparams
+  for name, value in [("learning_rate", 0.09), ("damping", float(hp["damping"])),
+                      ("inverse_every", 3), ("factor_every", 1)]:
+    hp[name] = jnp.full_like(hp[name], value)
+  _, _, u3 = run(params, 1, state=state)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, 3 * b, rtol=1e-5, atol=1e-9), u3, u1)
+  hp = state.hyperparams
+  hp["inverse_every"], hp["damping"] = jnp.full_like(hp["inverse_every"], 1), jnp.full_like(
+      hp["damping"], 1e-2)
+  run(params, 2, state=state)
+  assert run.step._cache_size() == 1
+
+
 def test_inject_hyperparams_of_sngd_without_a_learning_rate():
   _, params, x, y, loss_fn = _problem(jnp.float32)
   plain = optax.chain(sngd_jax.sngd(damping=1e-3), optax.sgd(0.1))

@@ -100,6 +100,11 @@ def _cond(sngd_state: Optional[SNGDState]):
   return transform._schedule_cond(sngd_state.config)
 
 
+# A pytree without leaves, as `optax.MultiSteps` (not a tuple) is one leaf: as a NamedTuple
+# subclass it was flattened into its two functions and rebuilt by calling the class on them
+# (`MultiSteps(init_fn, update_fn)`), which failed wherever JAX rebuilds a tree holding it:
+# an argument of `eqx.filter_jit`, a field of an `eqx.Module`, `jax.tree.map`.
+@jax.tree_util.register_static
 class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
   """``optax.MultiSteps`` that accumulates the local Fisher statistics too.
 
