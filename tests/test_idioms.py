@@ -125,8 +125,10 @@ def test_layers_inside_a_users_custom_rule_are_captured_when_the_loss_is_differe
   the training step, which differentiates the loss, JAX runs ``fwd`` (the jvp rule) in the
   enclosing trace and the layer calls are captured; the update is the float64 solve against
   the layers' inputs.
-  Where the loss is only evaluated (``jax.jit`` without a gradient, ``coverage``) the calls
-  are inside the custom_vjp's own trace: not captured, with the warning, and MISSING."""
+  ``coverage`` traces the loss as the training step does (under ``jax.vjp``) and lists the
+  layers with their factors, without a warning. Where the loss is only evaluated (``jax.jit``
+  without a gradient) the calls are inside the custom rule's own trace: not captured, with
+  the warning."""
   with jax.enable_x64(True):
     model, _, x, _ = _problem()
     x = x.astype(jnp.float64)
@@ -160,10 +162,11 @@ def test_layers_inside_a_users_custom_rule_are_captured_when_the_loss_is_differe
       np.testing.assert_allclose(updates[name]["bias"], bias, rtol=1e-8, atol=1e-12)
     (_, acts), messages = _sngd_warnings(jax.jit(sngd_jax.capture(loss)), params)
     assert acts == {} and any("'hidden'" in m for m in messages)
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore")
-      report = sngd_jax.coverage(loss, params)
-    assert set(report.missing) == {"hidden/kernel", "hidden/bias", "out/kernel", "out/bias"}
+    report, messages = _sngd_warnings(sngd_jax.coverage, loss, params)
+    assert not messages and report.missing == []
+    fisher = {p.path: p.fisher for p in report.params}
+    assert fisher["hidden/kernel"] == f"linear/dense {x.shape[1] + 1}x{x.shape[1] + 1}"
+    assert fisher["out/kernel"] == f"linear/dense {hidden.shape[1] + 1}x{hidden.shape[1] + 1}"
 
 
 class _Backbone(nn.Module):

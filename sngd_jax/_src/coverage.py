@@ -1,8 +1,9 @@
 """Which local Fisher every parameter gets: a report for a model and a batch.
 
 ``coverage`` traces one call of the loss (shapes only, nothing is
-computed), matches the captured layer calls to the layers found in the
-params, and lists every parameter leaf with
+computed; differentiated with respect to the params, as a training step does),
+matches the captured layer calls to the layers found in the params, and lists
+every parameter leaf with
 
 * the local Fisher it gets, e.g. ``linear/conv 28x28`` (structure, the kind of
   rows it is built from, the factor shape), ``per-channel/norm 6x2x2``,
@@ -32,10 +33,12 @@ import dataclasses
 import math
 import sys
 import textwrap
+import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from sngd_jax._src import layers as layers_lib
@@ -280,14 +283,37 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
   return CoverageReport(tuple(out), unmatched, _nbytes(activations), _nbytes(outputs))
 
 
+def _trace_as_trained(trace: Callable[[bool], Any]) -> Any:
+  """``trace(True)``: the activations as the training step sees them, the loss traced under
+  ``jax.vjp`` w.r.t. the params (JAX then runs a user ``custom_vjp``'s ``fwd``, or a
+  ``custom_jvp``'s rule, in the enclosing trace, where its layer calls are captured). A loss
+  that cannot be differentiated (reverse mode through a ``while_loop``, say) is traced as it
+  is evaluated, ``trace(False)`` (which raises the loss's own error, if any). sngd's warnings
+  are given once, by the trace that is kept."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+      acts = trace(True)
+    except Exception:  # noqa: BLE001 - the loss is traced again as evaluated, below
+      acts = None
+  if acts is None:
+    return trace(False)
+  for w in caught:
+    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+  return acts
+
+
 def coverage(loss_fn: Callable[..., Any], params_or_model: Any, *args: Any,
              fisher: layers_lib.FisherSpec = "linear", inverse: Any = "auto",
              stacked: layers_lib.StackSpec = None, outputs: bool = False,
              **kwargs: Any) -> CoverageReport:
   """Lists every parameter with the local Fisher it gets and its factor memory.
 
-  Traces ``loss_fn`` once with abstract values (``jax.eval_shape``: no FLOPs,
-  and an NNX model's state, e.g. batch statistics, is not changed).
+  Traces ``loss_fn`` with abstract values (``jax.eval_shape``: no FLOPs,
+  and an NNX model's state, e.g. batch statistics, is not changed), differentiated
+  with respect to the params (``jax.vjp``) as in a training step, so layers inside a
+  user's ``jax.custom_vjp`` or ``custom_jvp`` are seen as the step sees them; a
+  loss that cannot be differentiated is traced as evaluated.
 
   Examples:
     ```python
@@ -314,27 +340,40 @@ def coverage(loss_fn: Callable[..., Any], params_or_model: Any, *args: Any,
   """
   eqx = sys.modules.get("equinox")
 
-  def any_output(*a):  # the report reads the activations only: any return value will do
-    return loss_fn(*a, **kwargs), None
+  def no_output(*a):  # the report reads the activations only: the loss's value is dropped
+    loss_fn(*a, **kwargs)
+    return jnp.zeros(()), None
+
+  def differentiated(captured, wrt, *rest):
+    """The activations of ``captured(wrt, *rest)`` under ``jax.vjp`` w.r.t. ``wrt``."""
+    return jax.vjp(lambda w: captured(w, *rest), wrt, has_aux=True)[2][1]
 
   if isinstance(params_or_model, nnx.Module):
-    graphdef, state = nnx.split(params_or_model)
+    graphdef, params, rest = nnx.split(params_or_model, nnx.Param, ...)
 
-    def run(state, *args):
-      return capture_nnx(any_output, has_aux=True, outputs=outputs)(
-          nnx.merge(graphdef, state), *args)[1][1]
+    def run_nnx(params, rest, *args):
+      return capture_nnx(no_output, has_aux=True, outputs=outputs)(
+          nnx.merge(graphdef, params, rest), *args)
 
-    acts = jax.eval_shape(run, state, *args)
-    params = nnx.state(params_or_model, nnx.Param)
+    trace = lambda grad: jax.eval_shape(
+        lambda p, r, *a: differentiated(lambda p, *a: run_nnx(p, r, *a), p, *a) if grad
+        else run_nnx(p, r, *a)[1][1], params, rest, *args)
   elif eqx is not None and any(isinstance(n, eqx.Module) for n in jax.tree.leaves(
       params_or_model, is_leaf=lambda n: isinstance(n, eqx.Module))):
-    acts = eqx.filter_eval_shape(
-        lambda m, *a: capture_eqx(any_output, has_aux=True, outputs=outputs)(m, *a)[1][1],
-        params_or_model, *args)
-    params = eqx.filter(params_or_model, eqx.is_inexact_array)
+    params, static = eqx.partition(params_or_model, eqx.is_inexact_array)
+
+    def run_eqx(params, *args):
+      return capture_eqx(no_output, has_aux=True, outputs=outputs)(
+          eqx.combine(params, static), *args)
+
+    trace = lambda grad: eqx.filter_eval_shape(
+        lambda p, *a: differentiated(run_eqx, p, *a) if grad else run_eqx(p, *a)[1][1],
+        params, *args)
   else:
-    acts = jax.eval_shape(
-        lambda p, *a: capture(any_output, has_aux=True, outputs=outputs)(p, *a)[1][1],
-                          params_or_model, *args)
     params = params_or_model
+    run_linen = capture(no_output, has_aux=True, outputs=outputs)
+    trace = lambda grad: jax.eval_shape(
+        lambda p, *a: differentiated(run_linen, p, *a) if grad else run_linen(p, *a)[1][1],
+        params, *args)
+  acts = _trace_as_trained(trace)
   return report(params, acts, fisher, inverse, stacked)
