@@ -292,6 +292,41 @@ def test_lora_adapters_only_get_the_base_optimizers_update():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), *out)
 
 
+@pytest.mark.parametrize("wrapper", ["LoRALinear", "LoRA"])
+def test_rfim_of_a_lora_layer_weighs_rows_by_the_layers_true_output(wrapper):
+  """``nnx.LoRALinear`` (or ``nnx.LoRA(base_module=Linear)``) with its base kernel trained and
+  ``fisher="rfim"``: unit j's rows are weighted by ``sigmoid(z_j)^2``, ``z = x W + b + x A B``
+  the layer's output (float64 reference). It weighed them by the base Linear's ``x W + b``,
+  the output its ``Linear.__call__`` returns inside the LoRA call."""
+  from helpers_mlp import reference_update  # noqa: PLC0415
+
+  rngs = nnx.Rngs(0)
+  if wrapper == "LoRALinear":
+    model = nnx.LoRALinear(5, 4, lora_rank=2, rngs=rngs, **F64)
+    base = model
+  else:
+    base = nnx.Linear(5, 4, rngs=rngs, **F64)
+    model = nnx.LoRA(5, 2, 4, base_module=base, rngs=rngs, **F64)
+  lora = model if wrapper == "LoRA" else model.lora
+  lora.lora_b[...] = jax.random.normal(jax.random.key(2), (2, 4), jnp.float64)
+  x = jax.random.normal(jax.random.key(1), (16, 5), jnp.float64)
+  loss = lambda m, x: jnp.sum(jnp.sin(m(x)))
+  (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss, outputs=True),
+                                        has_aux=True)(model, x)
+  params = nnx.state(model, nnx.Param)
+  tx = sngd_jax.sngd(fisher="rfim", **ref.one_step_kwargs())
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  layer = "" if wrapper == "LoRALinear" else "base_module"
+  assert list(acts) == [layer] and len(acts[layer]) == 1
+  z = np.asarray(model(x))  # the layer's output, adapters included
+  np.testing.assert_allclose(acts[layer][0].outputs, z, rtol=1e-12)
+  pick = lambda tree: tree if wrapper == "LoRALinear" else tree["base_module"]
+  w, b = reference_update(np.asarray(x), z, np.asarray(pick(grads)["kernel"][...]),
+                          np.asarray(pick(grads)["bias"][...]), "rfim", ref.DAMPING)
+  np.testing.assert_allclose(pick(updates)["kernel"][...], w, rtol=1e-8, atol=1e-12)
+  np.testing.assert_allclose(pick(updates)["bias"][...], b, rtol=1e-8, atol=1e-12)
+
+
 class _TiedAutoencoder(nnx.Module):
   def __init__(self, rngs):
     self.enc = nnx.Linear(5, 3, use_bias=False, rngs=rngs, **F64)

@@ -9,7 +9,9 @@ graph (``'layers/0'``), which is the path of their params in
 
 Recorded: the NNX classes of ``tables.LAYERS`` and ``tables.NORMS``,
 ``Embed.attend``, and the ``Linear`` layers inside ``LSTMCell``,
-``OptimizedLSTMCell``, ``GRUCell`` and ``SimpleCell``. As in linen capture,
+``OptimizedLSTMCell``, ``GRUCell`` and ``SimpleCell``; the base layer of an
+``nnx.LoRALinear`` or ``nnx.LoRA`` is recorded with the whole layer's output
+(adapters included). As in linen capture,
 records made inside a cell run by ``nnx.RNN`` (under ``nnx.scan``) leave the
 scan as extra outputs stacked over time, so every time step is recorded; the
 layers inside the scan are copies of the model's, so they are named through the
@@ -73,6 +75,8 @@ class _NNXRecorder(Recorder):
     self.owner_paths = owner_paths
     self.local_paths: list[dict[int, str]] = []
     self.unnamed: dict[str, None] = {}  # layer calls that could not be named (ordered set)
+    # id(base layer) -> its calls inside a LoRA call, recorded by the LoRA wrapper (`_lora_call`)
+    self.held: dict[int, list[tuple[tuple, dict, Any]]] = {}
 
   def path_of(self, module: Any):
     for local in reversed(self.local_paths):
@@ -123,10 +127,42 @@ def _layer_call(rec: _NNXRecorder, recorder: tables.LayerRecorder):
     @functools.wraps(original)
     def call(self, *args, **kwargs):
       out = original(self, *args, **kwargs)
+      if id(self) in rec.held:  # the base of a LoRA call: recorded with the LoRA's output
+        rec.held[id(self)].append((args, kwargs, out))
+        return out
       path, roles = rec.locate(self)
       if path is not None:
         recorded = recorder(self, args, kwargs, out)
         if recorded is not None:
+          rec.add(path, *recorded, roles=roles)
+      return out
+    return call
+  return wrap
+
+
+def _lora_call(rec: _NNXRecorder):
+  """Wraps ``nnx.LoRALinear.__call__`` / ``nnx.LoRA.__call__`` so that the base layer's call is
+  recorded with the output of the whole layer, ``x W + b + x A B``: the unit's pre-activation,
+  which ``fisher="rfim"`` weighs rows by (the base ``Linear`` returns ``x W + b`` only)."""
+  def wrap(original):
+    @functools.wraps(original)
+    def call(self, x, *args, **kwargs):
+      base = self if isinstance(self, nnx.LoRALinear) else self.base_module
+      recorder = None if base is None else tables.lookup(base)
+      if recorder is None or id(base) in rec.held:
+        return original(self, x, *args, **kwargs)
+      rec.held[id(base)] = held = []
+      try:
+        out = original(self, x, *args, **kwargs)
+      finally:
+        del rec.held[id(base)]
+      if not held:
+        return out
+      path, roles = rec.locate(base)
+      for base_args, base_kwargs, base_out in held:
+        whole = out if getattr(out, "shape", None) == getattr(base_out, "shape", ()) else base_out
+        recorded = recorder(base, base_args, base_kwargs, whole)
+        if path is not None and recorded is not None:
           rec.add(path, *recorded, roles=roles)
       return out
     return call
@@ -205,6 +241,8 @@ def _wrappers(rec: _NNXRecorder, cells: tuple[type, ...]) -> dict:
   wrappers = {(cls, "__call__"): _layer_call(rec, tables.LAYERS[cls])
               for cls in flax_patches.NNX_LAYER_CLASSES}
   wrappers[(nnx.Embed, "attend")] = _attend(rec)
+  for cls in (nnx.LoRA, nnx.LoRALinear):
+    wrappers[(cls, "__call__")] = _lora_call(rec)
   for cls in tables.NORMS:
     if issubclass(cls, nnx.Module):
       wrappers[(cls, "__call__")] = _norm_call(rec)
