@@ -143,6 +143,8 @@ def _batch_estimates(specs, omegas, acts: Activations) -> dict[str, Any]:
   for path, spec in specs.items():
     if path not in acts:  # not called in this step (`uncalled="skip"`)
       continue
+    if statistics.num_rows(spec, acts[path]) == 0:  # called on no rows (no edges, an
+      continue  # expert without tokens): no estimate (0/0), so its factor is kept as uncalled
     # `after`: a conv layer's patch rows are formed in chunks, after the
     # previous layer's estimate, so that XLA does not hold every layer's at once.
     if path in omegas:
@@ -263,7 +265,7 @@ def _update_statistics(config: SNGDConfig, inputs: _Inputs, state: SNGDState,
     estimates = estimate_of(source)
     out_f, out_w, estimates_ok, restarted = {}, {}, [], none_restarted
     for path, spec in specs.items():
-      if path not in estimates:  # not called in this step (`uncalled="skip"`): kept
+      if path not in estimates:  # not called in this step (`uncalled="skip"`), or on 0 rows
         out_f[path], out_w[path] = state.factors[path], state.weights[path]
         continue
       estimate = distributed.axis_mean(estimates[path], axis_name)
