@@ -171,3 +171,35 @@ def test_a_layer_called_on_zero_rows_keeps_its_factor_and_the_others_update(unca
   np.testing.assert_allclose(updates["a"]["kernel"], pre[:4], rtol=1e-9)
   np.testing.assert_allclose(updates["a"]["bias"], pre[4], rtol=1e-9)
   assert np.all(np.isfinite(np.asarray(updates["b"]["kernel"])))
+
+
+@pytest.mark.usefixtures("x64")
+def test_multisteps_micro_batches_with_zero_rows_add_no_rows():
+  """Under ``MultiSteps``, a micro-batch that calls ``b`` on 0 rows adds nothing to ``b``'s
+  row-weighted estimate: ``b``'s factor is the float64 estimate over the other micro-batches'
+  rows (``a``'s over all of them); a cycle with no rows of ``b`` keeps ``b``'s factor."""
+  params, x, loss = _gathered()
+  tx = sngd_jax.MultiSteps(
+      sngd_jax.sngd(decay=0.0, prior="none", damping=1e-3, factor_every=1, inverse_every=1,
+                    max_norm=None), every_k_schedule=3)
+  state = tx.init(params)
+  idxs = [jnp.arange(3), jnp.zeros((0,), jnp.int32), jnp.array([5, 6, 7, 0, 2])]
+  h = np.tanh(_aug(x) @ np.concatenate([np.asarray(params["a"]["kernel"]),
+                                          np.asarray(params["a"]["bias"])[None]]))
+  for idx in idxs:
+    _, _, state = _step(tx, state, params, x, loss, idx)
+  inner = state.inner_opt_state
+  assert int(inner.num_skipped_steps) == 0 and int(inner.count) == 1
+  rows_b = np.concatenate([h[np.asarray(i)] for i in idxs])
+  got = sngd_jax.damped_factors(inner, damping=0.0, abs_damping=0.0)
+  np.testing.assert_allclose(got["b"], _aug(rows_b).T @ _aug(rows_b) / len(rows_b), rtol=1e-12)
+  np.testing.assert_allclose(got["a"], _aug(x).T @ _aug(x) / len(x), rtol=1e-12)
+  before = inner
+  for _ in range(3):
+    _, _, state = _step(tx, state, params, x, loss, jnp.zeros((0,), jnp.int32))
+  inner = state.inner_opt_state
+  assert int(inner.num_skipped_steps) == 0 and int(inner.count) == 2
+  np.testing.assert_array_equal(inner.factors["b"], before.factors["b"])
+  np.testing.assert_array_equal(inner.weights["b"], before.weights["b"])
+  np.testing.assert_allclose(sngd_jax.damped_factors(inner, damping=0.0, abs_damping=0.0)["a"],
+                             _aug(x).T @ _aug(x) / len(x), rtol=1e-12)
