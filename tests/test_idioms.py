@@ -271,3 +271,48 @@ def test_a_part_applied_on_a_subtree_of_the_params_is_named_in_the_error():
                              atol=1e-6)
   assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(updates["body"]))
   assert all(np.all(np.isfinite(np.asarray(u))) for u in jax.tree.leaves(updates))
+
+
+class MoE(nn.Module):
+  """Top-1 routing with a static capacity: each expert's tokens are gathered into a
+  ``(capacity, D)`` buffer whose unused slots are zero rows (padding)."""
+
+  experts: int = 3
+  capacity: int = 4
+
+  @nn.compact
+  def __call__(self, x):
+    logits = nn.Dense(self.experts, name="router")(x)
+    onehot = jax.nn.one_hot(jnp.argmax(logits, -1), self.experts, dtype=jnp.int32)
+    pos = (jnp.cumsum(onehot, 0) - 1) * onehot  # each token's slot in its expert's buffer
+    keep = (onehot * (pos < self.capacity)).astype(x.dtype)  # tokens past capacity dropped
+    dispatch = keep[..., None] * jax.nn.one_hot(pos, self.capacity, dtype=x.dtype)
+    buffers = jnp.einsum("tec,td->ecd", dispatch, x)
+    experts = nn.vmap(nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True})
+    out = experts(6, name="experts")(buffers)
+    y = jnp.einsum("tec,ech->th", dispatch, out)
+    return jnp.sum(y ** 2) + 1e-3 * jnp.sum(logits ** 2), buffers
+
+
+def test_moe_padding_rows_enter_each_experts_factor():
+  """docs/layer-coverage.md: the experts (one ``nn.vmap``-ed ``Dense``) get one factor each
+  over their capacity's rows, the zero rows of unused slots included (they are ``[0; 1]``):
+  each factor equals float64 ``E[x~ x~^T]`` over the whole buffer, not over its tokens only."""
+  with jax.enable_x64(True):
+    model = MoE()
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(8, 5)))
+    params = model.init(jax.random.key(0), x)["params"]
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+    loss = lambda p, x: model.apply({"params": p}, x)[0]
+    tx = sngd_jax.sngd(**ref.one_step_kwargs())
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x)
+    state = tx.init(params)
+    _, state = tx.update(grads, state, params, activations=acts)
+    assert int(state.num_skipped_steps) == 0
+    got = np.asarray(sngd_jax.damped_factors(state, damping=0.0, abs_damping=0.0)["experts"])
+    buffers = np.asarray(model.apply({"params": params}, x)[1])
+    padded = 0
+    for e, rows in enumerate(buffers):
+      np.testing.assert_allclose(got[e], ref.linear_factor(rows), rtol=1e-12, atol=1e-15)
+      padded += int(np.sum(~np.any(rows != 0, axis=1)))
+    assert padded > 0  # the check above covers padding rows

@@ -112,3 +112,94 @@ def test_skip_is_not_supported_under_multisteps():
 def test_unknown_uncalled_value():
   with pytest.raises(ValueError, match="`uncalled` must be one of"):
     sngd_jax.sngd(uncalled="ignore")
+
+
+class Gathered(nn.Module):
+  """``a`` on every node, ``b`` on the rows ``idx`` selects (a GNN's edges, an expert's tokens):
+  a static ``idx`` of length 0 calls ``b`` on a ``(0, 3)`` input."""
+
+  @nn.compact
+  def __call__(self, x, idx):
+    h = nn.tanh(nn.Dense(3, name="a")(x))
+    return jnp.mean(h ** 2) + jnp.sum(nn.Dense(2, name="b")(h[idx]) ** 2)
+
+
+def _gathered():
+  model = Gathered()
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(8, 4)), jnp.float64)
+  params = model.init(jax.random.key(0), x, jnp.arange(3))["params"]
+  params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+  loss = lambda p, x, idx: model.apply({"params": p}, x, idx)
+  return params, x, loss
+
+
+def _step(tx, state, params, x, loss, idx):
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x, idx)
+  updates, state = tx.update(grads, state, params, activations=acts)
+  return grads, updates, state
+
+
+def _aug(rows):
+  rows = np.asarray(rows, np.float64)
+  return np.concatenate([rows, np.ones((rows.shape[0], 1))], 1)
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("uncalled", ["error", "skip"])
+def test_a_layer_called_on_zero_rows_keeps_its_factor_and_the_others_update(uncalled):
+  """A layer called on a ``(0, D)`` input (no edges, an expert without tokens) has no batch
+  estimate (``0/0``): it keeps its factor and weight, and every other layer updates as usual,
+  its factor and update equal to float64 numpy (the step is not skipped)."""
+  params, x, loss = _gathered()
+  decay = 0.5
+  tx = sngd_jax.sngd(decay=decay, prior="none", damping=1e-3, factor_every=1, inverse_every=1,
+                     max_norm=None, uncalled=uncalled)
+  state = tx.init(params)
+  _, _, state = _step(tx, state, params, x, loss, jnp.arange(3))
+  before = state
+  grads, updates, state = _step(tx, state, params, x, loss, jnp.zeros((0,), jnp.int32))
+  assert int(state.num_skipped_steps) == 0 and int(state.count) == 2
+  assert int(state.num_refresh_failures) == 0
+  np.testing.assert_array_equal(state.factors["b"], before.factors["b"])
+  np.testing.assert_array_equal(state.weights["b"], before.weights["b"])
+  est = _aug(x).T @ _aug(x) / len(x)
+  expected = (decay * est + est) / (decay + 1)  # two equal batch estimates of `a`
+  got = sngd_jax.damped_factors(state, damping=0.0, abs_damping=0.0)
+  np.testing.assert_allclose(got["a"], expected, rtol=1e-12)
+  g = np.concatenate([np.asarray(grads["a"]["kernel"]), np.asarray(grads["a"]["bias"])[None]])
+  pre = np.linalg.solve(expected + 1e-3 * np.trace(expected) * np.eye(5), g)
+  np.testing.assert_allclose(updates["a"]["kernel"], pre[:4], rtol=1e-9)
+  np.testing.assert_allclose(updates["a"]["bias"], pre[4], rtol=1e-9)
+  assert np.all(np.isfinite(np.asarray(updates["b"]["kernel"])))
+
+
+@pytest.mark.usefixtures("x64")
+def test_multisteps_micro_batches_with_zero_rows_add_no_rows():
+  """Under ``MultiSteps``, a micro-batch that calls ``b`` on 0 rows adds nothing to ``b``'s
+  row-weighted estimate: ``b``'s factor is the float64 estimate over the other micro-batches'
+  rows (``a``'s over all of them); a cycle with no rows of ``b`` keeps ``b``'s factor."""
+  params, x, loss = _gathered()
+  tx = sngd_jax.MultiSteps(
+      sngd_jax.sngd(decay=0.0, prior="none", damping=1e-3, factor_every=1, inverse_every=1,
+                    max_norm=None), every_k_schedule=3)
+  state = tx.init(params)
+  idxs = [jnp.arange(3), jnp.zeros((0,), jnp.int32), jnp.array([5, 6, 7, 0, 2])]
+  h = np.tanh(_aug(x) @ np.concatenate([np.asarray(params["a"]["kernel"]),
+                                          np.asarray(params["a"]["bias"])[None]]))
+  for idx in idxs:
+    _, _, state = _step(tx, state, params, x, loss, idx)
+  inner = state.inner_opt_state
+  assert int(inner.num_skipped_steps) == 0 and int(inner.count) == 1
+  rows_b = np.concatenate([h[np.asarray(i)] for i in idxs])
+  got = sngd_jax.damped_factors(inner, damping=0.0, abs_damping=0.0)
+  np.testing.assert_allclose(got["b"], _aug(rows_b).T @ _aug(rows_b) / len(rows_b), rtol=1e-12)
+  np.testing.assert_allclose(got["a"], _aug(x).T @ _aug(x) / len(x), rtol=1e-12)
+  before = inner
+  for _ in range(3):
+    _, _, state = _step(tx, state, params, x, loss, jnp.zeros((0,), jnp.int32))
+  inner = state.inner_opt_state
+  assert int(inner.num_skipped_steps) == 0 and int(inner.count) == 2
+  np.testing.assert_array_equal(inner.factors["b"], before.factors["b"])
+  np.testing.assert_array_equal(inner.weights["b"], before.weights["b"])
+  np.testing.assert_allclose(sngd_jax.damped_factors(inner, damping=0.0, abs_damping=0.0)["a"],
+                             _aug(x).T @ _aug(x) / len(x), rtol=1e-12)

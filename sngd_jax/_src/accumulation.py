@@ -170,13 +170,17 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
       # per device, they were a state that differs between devices: refused by `shard_map`'s
       # check_vma, and, with check_vma=False, lost on a checkpoint of one replica.
       estimates = distributed.axis_mean(estimates, sngd_state.config.axis_name)
-      if set(estimates) != set(state.acc_statistics):
+      if set(rows) != set(state.acc_statistics):
         raise ValueError(
             "sngd: MultiSteps accumulates the statistics of every layer in every micro-batch; "
-            f"layers {sorted(set(state.acc_statistics) - set(estimates))} have no captured "
+            f"layers {sorted(set(state.acc_statistics) - set(rows))} have no captured "
             "call in this one (`uncalled=\"skip\"` is not supported under MultiSteps)")
       new_stats, new_rows = {}, {}
-      for path, estimate in estimates.items():
+      for path in state.acc_statistics:
+        if path not in estimates:  # called on 0 rows (no estimate): adds nothing
+          new_stats[path], new_rows[path] = state.acc_statistics[path], state.acc_rows[path]
+          continue
+        estimate = estimates[path]
         total = state.acc_rows[path] + rows[path]
         new_rows[path] = total
         new_stats[path] = jax.tree.map(
@@ -210,16 +214,17 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
           "The `should_skip_update_fn` function should return a boolean scalar array, but it "
           f"returned an array of dtype {should_skip.dtype} and shape {should_skip.shape}")
 
-    def inner_update(acc_grads, acc_stats, inner_state):
+    def inner_update(acc_grads, acc_stats, inner_state, acc_rows):
       kwargs = dict(extra_args)
       if sngd_state is not None:
-        kwargs["statistics"] = acc_stats
+        # A layer with no rows in the whole cycle has no estimate: its factor is kept.
+        kwargs["statistics"], kwargs["statistics_rows"] = acc_stats, acc_rows
       out, new_inner = self._opt.update(optax.tree.cast_like(acc_grads, updates), inner_state,
                                         params=params, **kwargs)
       return out, jax.tree.map(lambda n, o: n.astype(o.dtype), new_inner, inner_state)
 
-    def hold(acc_grads, acc_stats, inner_state):
-      out = jax.eval_shape(inner_update, acc_grads, acc_stats, inner_state)[0]
+    def hold(acc_grads, acc_stats, inner_state, acc_rows):
+      out = jax.eval_shape(inner_update, acc_grads, acc_stats, inner_state, acc_rows)[0]
       return optax.tree.zeros_like(out), inner_state
 
     def do_update(_):
@@ -231,7 +236,8 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
       emit = state.mini_step == (k_steps - 1)
       out, inner_state = _cond(sngd_state)(emit, lambda ops: inner_update(*ops),
                                            lambda ops: hold(*ops),
-                                           (acc_grads, acc_stats, state.inner_opt_state))
+                                           (acc_grads, acc_stats, state.inner_opt_state,
+                                            acc_rows))
       reset = lambda tree: jax.tree.map(lambda a: jnp.where(emit, jnp.zeros_like(a), a), tree)
       return out, MultiStepsState(
           mini_step=typing.cast(Any, numerics.safe_increment(state.mini_step)) % k_steps,
@@ -247,7 +253,7 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
 
     def skip(_):
       out, _ = hold(optax.tree.cast_like(state.acc_grads, updates), state.acc_statistics,
-                    state.inner_opt_state)
+                    state.inner_opt_state, state.acc_rows)
       return out, state._replace(skip_state=skip_state)
 
     return jax.lax.cond(should_skip, skip, do_update, None)

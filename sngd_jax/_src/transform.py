@@ -143,6 +143,8 @@ def _batch_estimates(specs, omegas, acts: Activations) -> dict[str, Any]:
   for path, spec in specs.items():
     if path not in acts:  # not called in this step (`uncalled="skip"`)
       continue
+    if statistics.num_rows(spec, acts[path]) == 0:  # called on no rows (no edges, an
+      continue  # expert without tokens): no estimate (0/0), so its factor is kept as uncalled
     # `after`: a conv layer's patch rows are formed in chunks, after the
     # previous layer's estimate, so that XLA does not hold every layer's at once.
     if path in omegas:
@@ -166,6 +168,8 @@ class _Inputs(NamedTuple):
       ready batch estimates are given instead).
     estimates: the ready batch estimate of each preconditioned layer
       (``update(..., statistics=...)``), or None.
+    estimate_rows: the rows each of ``estimates`` averages (``statistics_rows=``), or None:
+      a layer with 0 keeps its factor.
   """
 
   specs: dict[str, layers_lib.LayerSpec]
@@ -175,11 +179,13 @@ class _Inputs(NamedTuple):
   omegas: dict[str, jax.Array]
   activations: Optional[dict[str, Any]]
   estimates: Optional[dict[str, Any]] = None
+  estimate_rows: Optional[dict[str, jax.Array]] = None
 
 
 def _check_inputs(config: SNGDConfig, method: InverseMethod, updates: Any, state: SNGDState,
                   activations: Optional[Activations],
-                  estimates: Optional[dict[str, Any]] = None) -> _Inputs:
+                  estimates: Optional[dict[str, Any]] = None,
+                  estimate_rows: Optional[dict[str, Any]] = None) -> _Inputs:
   """Stage 1: finds the layers and raises errors naming the layer for what does not fit."""
   if not isinstance(state, SNGDState):
     what = type(state).__name__
@@ -211,8 +217,10 @@ def _check_inputs(config: SNGDConfig, method: InverseMethod, updates: Any, state
   validation.check_state_shapes(specs, state.factors,
                                 {p: o.shape[1] for p, o in omegas.items()})
   if estimates is not None:
+    rows = None if estimate_rows is None else {p: estimate_rows[p] for p in specs
+                                               if p in estimate_rows}
     return _Inputs(specs, leaves, treedef, index, omegas, None,
-                   {p: estimates[p] for p in specs})
+                   {p: estimates[p] for p in specs}, rows)
   assert activations is not None  # checked by check_structure
   validation.check_activations({p: specs[p] for p in activations}, activations)
   return _Inputs(specs, leaves, treedef, index, omegas, activations)
@@ -263,18 +271,25 @@ def _update_statistics(config: SNGDConfig, inputs: _Inputs, state: SNGDState,
     estimates = estimate_of(source)
     out_f, out_w, estimates_ok, restarted = {}, {}, [], none_restarted
     for path, spec in specs.items():
-      if path not in estimates:  # not called in this step (`uncalled="skip"`): kept
+      if path not in estimates:  # not called in this step (`uncalled="skip"`), or on 0 rows
         out_f[path], out_w[path] = state.factors[path], state.weights[path]
         continue
       estimate = distributed.axis_mean(estimates[path], axis_name)
       estimates_ok.append(statistics.in_range(estimate))
       factor, weight, restart = statistics.restart_if_out_of_range(state.factors[path],
                                                                    state.weights[path])
-      restarted += restart.astype(jnp.int32) * spec.num_blocks
       if config.max_factor_ratio is not None:
         estimate = statistics.limit_outlier(estimate, factor, weight, config.max_factor_ratio)
       out_f[path], out_w[path] = statistics.ema_update(
           factor, weight, estimate, config.decay, config.prior, omegas.get(path))
+      if inputs.estimate_rows is not None and path in inputs.estimate_rows:
+        # No rows in any micro-batch (``MultiSteps``): no estimate, the factor is kept.
+        empty = inputs.estimate_rows[path] == 0
+        keep = lambda new, old, empty=empty: jnp.where(empty, old, new)
+        out_f[path] = jax.tree.map(keep, out_f[path], state.factors[path])
+        out_w[path] = keep(out_w[path], state.weights[path])
+        restart = restart & ~empty
+      restarted += restart.astype(jnp.int32) * spec.num_blocks
     in_range = jnp.all(jnp.stack(estimates_ok)) if estimates_ok else jnp.array(True)
     accepted = distributed.all_agree(in_range, axis_name)  # no layers: nothing to reject
     select = lambda new, old: jnp.where(accepted, new, old)
@@ -475,11 +490,12 @@ def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArg
     return _init_state(params, specs, method, config)
 
   def update_fn(updates, state, params=None, *, activations=None, statistics=None,
-                **extra_args):
+                statistics_rows=None, **extra_args):
     del params, extra_args
     validation.check_axis_name(config.axis_name)
     # The named scopes label the stages in profiles and in the compiled program's metadata.
-    inputs = _check_inputs(config, method, updates, state, activations, statistics)
+    inputs = _check_inputs(config, method, updates, state, activations, statistics,
+                           statistics_rows)
     with jax.named_scope("sngd_check"):
       grads_finite = distributed.all_agree(tree_all_finite(inputs.leaves), config.axis_name)
     with jax.named_scope("sngd_statistics"):
@@ -648,7 +664,8 @@ def sngd(
     the activations from ``sngd_jax.capture`` and ignores other keyword
     arguments. ``statistics`` replaces ``activations`` with ready batch
     estimates, as ``sngd_jax.MultiSteps`` passes those of several
-    micro-batches.
+    micro-batches, and ``statistics_rows`` (optional) the rows each layer's
+    estimate averages: a layer with 0 rows keeps its factor.
 
   References:
     W. Liu et al., *Reconstructing Deep Neural Networks: Unleashing the
