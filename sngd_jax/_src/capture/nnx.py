@@ -121,6 +121,15 @@ class _NNXRecorder(Recorder):
     return super().freeze()
 
 
+def _record(rec: _NNXRecorder, recorder: tables.LayerRecorder, module, args, kwargs, out):
+  """Records one call of ``module`` (its inputs ``args``/``kwargs``, its output ``out``)."""
+  path, roles = rec.locate(module)
+  if path is not None:
+    recorded = recorder(module, args, kwargs, out)
+    if recorded is not None:
+      rec.add(path, *recorded, roles=roles)
+
+
 def _layer_call(rec: _NNXRecorder, recorder: tables.LayerRecorder):
   """Wraps a layer's ``__call__`` to record it with ``recorder``."""
   def wrap(original):
@@ -129,12 +138,8 @@ def _layer_call(rec: _NNXRecorder, recorder: tables.LayerRecorder):
       out = original(self, *args, **kwargs)
       if id(self) in rec.held:  # the base of a LoRA call: recorded with the LoRA's output
         rec.held[id(self)].append((args, kwargs, out))
-        return out
-      path, roles = rec.locate(self)
-      if path is not None:
-        recorded = recorder(self, args, kwargs, out)
-        if recorded is not None:
-          rec.add(path, *recorded, roles=roles)
+      else:
+        _record(rec, recorder, self, args, kwargs, out)
       return out
     return call
   return wrap
@@ -156,14 +161,9 @@ def _lora_call(rec: _NNXRecorder):
         out = original(self, x, *args, **kwargs)
       finally:
         del rec.held[id(base)]
-      if not held:
-        return out
-      path, roles = rec.locate(base)
       for base_args, base_kwargs, base_out in held:
         whole = out if getattr(out, "shape", None) == getattr(base_out, "shape", ()) else base_out
-        recorded = recorder(base, base_args, base_kwargs, whole)
-        if path is not None and recorded is not None:
-          rec.add(path, *recorded, roles=roles)
+        _record(rec, recorder, base, base_args, base_kwargs, whole)
       return out
     return call
   return wrap
