@@ -344,36 +344,38 @@ def coverage(loss_fn: Callable[..., Any], params_or_model: Any, *args: Any,
     loss_fn(*a, **kwargs)
     return jnp.zeros(()), None
 
-  def differentiated(captured, wrt, *rest):
-    """The activations of ``captured(wrt, *rest)`` under ``jax.vjp`` w.r.t. ``wrt``."""
-    return jax.vjp(lambda w: captured(w, *rest), wrt, has_aux=True)[2][1]
-
+  # Per model kind: `run(params, *other, *args)`, the captured loss of the trained leaves
+  # `params` (`other`: the model's other state, passed as traced values), and the
+  # `eval_shape` to trace it with.
+  other: tuple = ()
+  eval_shape: Callable[..., Any] = jax.eval_shape
   if isinstance(params_or_model, nnx.Module):
     graphdef, params, rest = nnx.split(params_or_model, nnx.Param, ...)
+    other = (rest,)
 
     def run_nnx(params, rest, *args):
       return capture_nnx(no_output, has_aux=True, outputs=outputs)(
           nnx.merge(graphdef, params, rest), *args)
-
-    trace = lambda grad: jax.eval_shape(
-        lambda p, r, *a: differentiated(lambda p, *a: run_nnx(p, r, *a), p, *a) if grad
-        else run_nnx(p, r, *a)[1][1], params, rest, *args)
+    run = run_nnx
   elif eqx is not None and any(isinstance(n, eqx.Module) for n in jax.tree.leaves(
       params_or_model, is_leaf=lambda n: isinstance(n, eqx.Module))):
     params, static = eqx.partition(params_or_model, eqx.is_inexact_array)
+    eval_shape = eqx.filter_eval_shape
 
     def run_eqx(params, *args):
       return capture_eqx(no_output, has_aux=True, outputs=outputs)(
           eqx.combine(params, static), *args)
-
-    trace = lambda grad: eqx.filter_eval_shape(
-        lambda p, *a: differentiated(run_eqx, p, *a) if grad else run_eqx(p, *a)[1][1],
-        params, *args)
+    run = run_eqx
   else:
     params = params_or_model
-    run_linen = capture(no_output, has_aux=True, outputs=outputs)
-    trace = lambda grad: jax.eval_shape(
-        lambda p, *a: differentiated(run_linen, p, *a) if grad else run_linen(p, *a)[1][1],
-        params, *args)
+    run = capture(no_output, has_aux=True, outputs=outputs)
+
+  def trace(grad: bool):
+    def activations(p, *rest):  # differentiated w.r.t. `p` only, as in a training step
+      if grad:
+        return jax.vjp(lambda w: run(w, *rest), p, has_aux=True)[2][1]
+      return run(p, *rest)[1][1]
+    return eval_shape(activations, params, *other, *args)
+
   acts = _trace_as_trained(trace)
   return report(params, acts, fisher, inverse, stacked)
