@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
+import flax.linen.module as flax_module
 import jax
 
 from sngd_jax._src import paths
-from sngd_jax._src.capture import flax_patches, tables, transforms
+from sngd_jax._src.capture import custom, flax_patches, tables, transforms
 from sngd_jax._src.capture.records import (
     Recorder,
     StepRecords,
@@ -125,6 +126,41 @@ def _norm_call(rec: Recorder, seen, module, next_fun, args, kwargs):
   return out
 
 
+def _name_in(params: Any, array: Any) -> Optional[str]:
+  """The name of the param of a module that is ``array`` itself, or None."""
+  for name, value in params.items():
+    if value is array:
+      return name
+  return None
+
+
+def _custom_dense(rec: Recorder, seen: dict[str, dict[int, Any]], x, y, kernel, bias,
+                  layout: str) -> None:
+  """Records a ``sngd_jax.dense`` call as the linen module running it (its ``Dense``)."""
+  module = flax_module._context.module_stack[-1]
+  if module is None:
+    raise ValueError(
+        "sngd_jax.dense was called inside `sngd_jax.capture` but outside the methods of a "
+        "linen module, so it cannot be named: call it in the `__call__` (or another method) "
+        "of the module whose params are its kernel and bias")
+  path = paths.join(module.path)
+  params = module.variables.get("params", {})
+  kernel_name = _name_in(params, kernel)
+  bias_name = None if bias is None else _name_in(params, bias)
+  if kernel_name is None or (bias is not None and bias_name is None):
+    what = "kernel" if kernel_name is None else "bias"
+    raise ValueError(
+        f"sngd_jax.dense: the {what} passed by module {path!r} is not one of its params (a "
+        "cast, transposed or sliced copy, an array computed from params, or another "
+        "module's param), so capture cannot tell which layer it is: pass the arrays that "
+        "`self.param(...)` returned (cast with `sngd_jax.dense(..., dtype=...)`), from the "
+        "module that holds them")
+  custom.check(path, "linen", custom.FLAX_DENSE, kernel_name, bias_name, layout)
+  x, y = tables.one_example(x, y, 0)
+  _note_weight(rec, seen, path, kernel)
+  rec.add(path, x, y, "dense", (), weight=kernel)
+
+
 def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]]):
   """The ``nn.intercept_methods`` hook that records supported layer calls.
 
@@ -209,6 +245,7 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False,
   def wrapped(*args, **kwargs):
     rec = Recorder(outputs=outputs)
     seen: dict[str, dict[int, Any]] = {}
+    rec.custom_dense = functools.partial(_custom_dense, rec, seen)
     with (transforms.recording(rec), flax_patches.linen_normalize(rec),
           nn.intercept_methods(_interceptor(rec, seen))):
       result = fn(*args, **kwargs)
