@@ -9,6 +9,8 @@ with ``G = E[x~ x~^T]`` over every leading position of the layer's input (``np_r
 them raise an error naming the layer.
 """
 
+import functools
+
 import equinox as eqx
 import flax.linen as nn
 import jax
@@ -189,6 +191,26 @@ def test_linen_under_scan_and_remat_matches_builtin():
   _, _, acts, got = _linen_step(_Deep(True), params, x, tx)
   assert acts["blocks/dense"][0].stack == 1
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL32), got, want)
+
+
+class _DenseSubclass(nn.Dense):
+  """A subclass of a recorded layer computing its product with ``sngd_jax.dense``."""
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+    b = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    return sngd_jax.dense(x, w, b)
+
+
+def test_linen_subclass_of_dense_calling_dense_records_once():
+  """Intercepted as an ``nn.Dense`` and recorded by ``sngd_jax.dense``: one record, as for
+  ``super().__call__`` (two would pool every row twice)."""
+  x = _batch(jnp.float32)
+  model = _Wrap(functools.partial(_DenseSubclass, 4))
+  params = model.init(jax.random.key(8), x)["params"]
+  _, acts = sngd_jax.capture(lambda p: jnp.sum(model.apply({"params": p}, x)))(params)
+  assert len(acts["layer"]) == 1
 
 
 class _NamedW(nn.Module):

@@ -134,9 +134,15 @@ def _name_in(params: Any, array: Any) -> Optional[str]:
   return None
 
 
-def _custom_dense(rec: Recorder, seen: dict[str, dict[int, Any]], x, y, kernel, bias,
+def _custom_dense(rec: Recorder, seen: dict[str, dict[int, Any]],
+                  open_calls: dict[tuple[int, str], list[bool]], x, y, kernel, bias,
                   layout: str) -> None:
-  """Records a ``sngd_jax.dense`` call as the linen module running it (its ``Dense``)."""
+  """Records a ``sngd_jax.dense`` call as the linen module running it (its ``Dense``).
+
+  Inside a recorded layer's own call (a subclass of ``nn.Dense`` whose ``__call__`` uses
+  ``sngd_jax.dense``), this record is the call's: the interceptor then records nothing more
+  (``open_calls``, as for ``super().__call__``).
+  """
   module = flax_module._context.module_stack[-1]
   if module is None:
     raise ValueError(
@@ -159,9 +165,13 @@ def _custom_dense(rec: Recorder, seen: dict[str, dict[int, Any]], x, y, kernel, 
   x, y = tables.one_example(x, y, 0)
   _note_weight(rec, seen, path, kernel)
   rec.add(path, x, y, "dense", (), weight=kernel)
+  flags = open_calls.get((id(module), "__call__"))
+  if flags:
+    flags[-1] = True
 
 
-def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]]):
+def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]],
+                 open_calls: dict[tuple[int, str], list[bool]]):
   """The ``nn.intercept_methods`` hook that records supported layer calls.
 
   A subclass of a recorded layer whose ``__call__`` (or ``attend``) calls the base
@@ -169,10 +179,10 @@ def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]]):
   same module, the outer call with its own arguments: only the innermost call that
   records is kept (its arguments are what the kernel multiplies), as ``capture_nnx``
   records the base class's ``__call__`` only.
-  """
-  # (module id, method) -> one flag per open call: "a call inside it recorded".
-  open_calls: dict[tuple[int, str], list[bool]] = {}
 
+  ``open_calls``: ``(module id, method) -> one flag per open call``, "a call inside it
+  recorded" (shared with ``_custom_dense``).
+  """
   def intercept(next_fun, args, kwargs, context):
     module, method = context.module, context.method_name
     if method == "__call__" and isinstance(module, nn.RNN) and args:
@@ -245,9 +255,10 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False,
   def wrapped(*args, **kwargs):
     rec = Recorder(outputs=outputs)
     seen: dict[str, dict[int, Any]] = {}
-    rec.custom_dense = functools.partial(_custom_dense, rec, seen)
+    open_calls: dict[tuple[int, str], list[bool]] = {}
+    rec.custom_dense = functools.partial(_custom_dense, rec, seen, open_calls)
     with (transforms.recording(rec), flax_patches.linen_normalize(rec),
-          nn.intercept_methods(_interceptor(rec, seen))):
+          nn.intercept_methods(_interceptor(rec, seen, open_calls))):
       result = fn(*args, **kwargs)
     _warn_other_weights(seen)
     value, aux = split_aux(result, has_aux, "capture")
