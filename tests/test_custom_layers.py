@@ -562,3 +562,50 @@ def test_eqx_wrong_layout_raises_naming_the_layer():
   transposed = EqxNet(Transposed(net.hidden.weight, net.hidden.bias), net.head)
   with pytest.warns(UserWarning, match=r"sngd_jax.dense \(kernel \(6, 5\)\)"):
     eqx.filter_grad(sngd_jax.capture_eqx(loss), has_aux=True)(transposed, x)
+
+
+class _EqxStack(eqx.Module):
+  """Three 6 -> 6 layers made by ``eqx.filter_vmap``, applied by ``jax.lax.scan``."""
+
+  blocks: eqx.Module
+  head: eqx.nn.Linear
+
+  def __call__(self, x):
+    params, static = eqx.partition(self.blocks, eqx.is_array)
+
+    def step(h, p):
+      return jnp.tanh(eqx.combine(p, static)(h)), None
+    return self.head(jax.lax.scan(step, x, params)[0])
+
+
+def test_eqx_stacked_by_filter_vmap_and_scan_matches_builtin():
+  keys = jax.random.split(jax.random.key(3), 4)
+  blocks = eqx.filter_vmap(lambda k: eqx.nn.Linear(6, 6, key=k))(keys[:3])
+  head = eqx.nn.Linear(6, 2, key=keys[3])
+  builtin = _EqxStack(blocks, head)
+  custom = _EqxStack(EqxLinear(blocks.weight, blocks.bias), head)
+  x = _batch(jnp.float32)
+  tx = sngd_jax.sngd(**ref.one_step_kwargs())
+  _, _, want = _eqx_step(builtin, x, tx)
+  _, acts, got = _eqx_step(custom, x, tx)
+  assert acts["blocks"][0].stack == 1 and acts["blocks"][0].inputs.shape[0] == 3
+  np.testing.assert_allclose(got.blocks.weight, want.blocks.weight, rtol=RTOL32)
+  np.testing.assert_allclose(got.blocks.bias, want.blocks.bias, rtol=RTOL32)
+
+
+def test_dense_checks_its_arguments_and_computes_both_layouts():
+  x = _batch(jnp.float32, (4, 6))
+  w = jnp.asarray(np.random.default_rng(9).normal(size=(6, 5)), jnp.float32)
+  b = jnp.arange(5.0)
+  np.testing.assert_array_equal(sngd_jax.dense(x, w, b), x @ w + b)
+  np.testing.assert_array_equal(sngd_jax.dense(x, w.T, b, layout="out_in"), x @ w + b)
+  np.testing.assert_array_equal(sngd_jax.dense(x[0], w.T, layout="out_in"), w.T @ x[0])
+  assert sngd_jax.dense(x, w, dtype=jnp.bfloat16).dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="must be 2-D"):
+    sngd_jax.dense(x, jnp.ones((2, 6, 5)))
+  with pytest.raises(ValueError, match=r"bias must have shape \(5,\)"):
+    sngd_jax.dense(x, w, jnp.ones(6))
+  with pytest.raises(ValueError, match="layout='io'"):
+    sngd_jax.dense(x, w, layout="io")
+  with pytest.raises(ValueError, match="dense_layer\\(layout='io'\\)"):
+    sngd_jax.dense_layer(layout="io")
