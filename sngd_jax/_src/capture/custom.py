@@ -11,7 +11,8 @@ Outside a capture it is the matmul and nothing else (one Python check of the act
 recorder while tracing), so its gradients are those of ``x @ kernel + bias``.
 
 Each capture names the layer in its own way (``Recorder.custom_dense``): linen by the module
-whose method is running (``flax.linen``'s module stack), the kernel being one of its params;
+whose method is running (the innermost call ``nn.intercept_methods`` saw), the kernel being one
+of its params;
 NNX and Equinox by the kernel's path in the captured model (followed out through the
 transforms like a built-in layer's weight). The names and layout must be those that
 ``sngd_jax.discover`` reads from the params, else the call raises an error naming the layer

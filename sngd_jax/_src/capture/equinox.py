@@ -19,6 +19,10 @@ is reported as not captured; ``capture_eqx`` warns. A call whose weight is a lea
 of another argument (the frozen half of ``eqx.partition``, passed next to the
 trained half as Equinox's examples do) is a frozen layer: it is left out without
 a warning, as ``update`` never sees its parameters.
+
+A hand-written module whose class ``sngd_jax.dense_layer`` declared records its
+``sngd_jax.dense`` calls as an ``eqx.nn.Linear`` call (``_custom_dense``), named by the
+path of its declared weight.
 """
 
 from __future__ import annotations

@@ -16,6 +16,11 @@ when the ``nn.RNN`` call returns (``records``). Every time step is
 therefore recorded, and the cell's weights get statistics pooled over all
 steps.
 
+**Hand-written layers.** ``sngd_jax.dense(x, kernel, bias)`` inside a module's method
+records the call as that module's ``Dense`` (``_custom_dense``): the interceptor keeps the
+stack of module calls in progress, and the kernel and bias must be that module's params
+``kernel`` and ``bias`` (found by identity).
+
 The result is a dict from layer path (``'Block_0/Dense_1'``, the same string
 that names the layer's params) to a tuple of ``sngd_jax.Captured``
 records.
@@ -23,12 +28,12 @@ records.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
-import flax.linen.module as flax_module
 import jax
 
 from sngd_jax._src import paths
@@ -134,16 +139,30 @@ def _name_in(params: Any, array: Any) -> Optional[str]:
   return None
 
 
-def _custom_dense(rec: Recorder, seen: dict[str, dict[int, Any]],
-                  open_calls: dict[tuple[int, str], list[bool]], x, y, kernel, bias,
-                  layout: str) -> None:
+@dataclasses.dataclass
+class _Calls:
+  """The module method calls in progress, as the interceptor sees them.
+
+  Attributes:
+    modules: the module of each intercepted call in progress, innermost last: the
+      module a ``sngd_jax.dense`` call belongs to is the last.
+    open_calls: ``(module id, method) -> one flag per open call of a recorded layer``,
+      "a call inside it recorded".
+  """
+
+  modules: list[nn.Module] = dataclasses.field(default_factory=list)
+  open_calls: dict[tuple[int, str], list[bool]] = dataclasses.field(default_factory=dict)
+
+
+def _custom_dense(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls, x, y,
+                  kernel, bias, layout: str) -> None:
   """Records a ``sngd_jax.dense`` call as the linen module running it (its ``Dense``).
 
   Inside a recorded layer's own call (a subclass of ``nn.Dense`` whose ``__call__`` uses
   ``sngd_jax.dense``), this record is the call's: the interceptor then records nothing more
-  (``open_calls``, as for ``super().__call__``).
+  (``calls.open_calls``, as for ``super().__call__``).
   """
-  module = flax_module._context.module_stack[-1]
+  module = calls.modules[-1] if calls.modules else None
   if module is None:
     raise ValueError(
         "sngd_jax.dense was called inside `sngd_jax.capture` but outside the methods of a "
@@ -165,13 +184,12 @@ def _custom_dense(rec: Recorder, seen: dict[str, dict[int, Any]],
   x, y = tables.one_example(x, y, 0)
   _note_weight(rec, seen, path, kernel)
   rec.add(path, x, y, "dense", (), weight=kernel)
-  flags = open_calls.get((id(module), "__call__"))
+  flags = calls.open_calls.get((id(module), "__call__"))
   if flags:
     flags[-1] = True
 
 
-def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]],
-                 open_calls: dict[tuple[int, str], list[bool]]):
+def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls):
   """The ``nn.intercept_methods`` hook that records supported layer calls.
 
   A subclass of a recorded layer whose ``__call__`` (or ``attend``) calls the base
@@ -180,10 +198,18 @@ def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]],
   records is kept (its arguments are what the kernel multiplies), as ``capture_nnx``
   records the base class's ``__call__`` only.
 
-  ``open_calls``: ``(module id, method) -> one flag per open call``, "a call inside it
-  recorded" (shared with ``_custom_dense``).
+  ``calls``: the calls in progress, shared with ``_custom_dense``.
   """
+  open_calls = calls.open_calls
+
   def intercept(next_fun, args, kwargs, context):
+    calls.modules.append(context.module)
+    try:
+      return dispatch(next_fun, args, kwargs, context)
+    finally:
+      calls.modules.pop()
+
+  def dispatch(next_fun, args, kwargs, context):
     module, method = context.module, context.method_name
     if method == "__call__" and isinstance(module, nn.RNN) and args:
       return _rnn_call(rec, module, next_fun, args, kwargs)
@@ -255,10 +281,10 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False,
   def wrapped(*args, **kwargs):
     rec = Recorder(outputs=outputs)
     seen: dict[str, dict[int, Any]] = {}
-    open_calls: dict[tuple[int, str], list[bool]] = {}
-    rec.custom_dense = functools.partial(_custom_dense, rec, seen, open_calls)
+    calls = _Calls()
+    rec.custom_dense = functools.partial(_custom_dense, rec, seen, calls)
     with (transforms.recording(rec), flax_patches.linen_normalize(rec),
-          nn.intercept_methods(_interceptor(rec, seen, open_calls))):
+          nn.intercept_methods(_interceptor(rec, seen, calls))):
       result = fn(*args, **kwargs)
     _warn_other_weights(seen)
     value, aux = split_aux(result, has_aux, "capture")
