@@ -213,6 +213,15 @@ def test_linen_subclass_of_dense_calling_dense_records_once():
   assert len(acts["layer"]) == 1
 
 
+def test_linen_one_unbatched_vector_is_one_example():
+  """As ``nn.Dense`` on a ``(D,)`` vector (e.g. per example under ``jax.vmap``): one row."""
+  x = _batch(jnp.float32, (6,))
+  model = _Wrap(functools.partial(MyDense, 4))
+  params = model.init(jax.random.key(8), x)["params"]
+  _, acts = sngd_jax.capture(lambda p: jnp.sum(model.apply({"params": p}, x)))(params)
+  assert acts["layer"][0].inputs.shape == (1, 6) and acts["layer"][0].batch_axis == 0
+
+
 class _NamedW(nn.Module):
   @nn.compact
   def __call__(self, x):
