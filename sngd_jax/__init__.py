@@ -10,6 +10,7 @@ from sngd_jax._src.accumulation import MultiSteps as MultiSteps
 from sngd_jax._src.accumulation import MultiStepsState as MultiStepsState
 from sngd_jax._src.alias import sngd_adam as sngd_adam
 from sngd_jax._src.alias import sngd_momentum as sngd_momentum
+from sngd_jax._src.capture.custom import dense as dense
 from sngd_jax._src.capture.equinox import capture_eqx as capture_eqx
 from sngd_jax._src.capture.linen import capture as capture
 from sngd_jax._src.capture.nnx import capture_nnx as capture_nnx
@@ -25,6 +26,7 @@ from sngd_jax._src.coverage import ParamCoverage as ParamCoverage
 from sngd_jax._src.coverage import coverage as coverage
 from sngd_jax._src.cpu import limit_lapack_threads as limit_lapack_threads
 from sngd_jax._src.diagnostics import trust_region_scale as trust_region_scale
+from sngd_jax._src.layer_spec import dense_layer as dense_layer
 from sngd_jax._src.layers import FISHER_KINDS as FISHER_KINDS
 from sngd_jax._src.layers import LayerSpec as LayerSpec
 from sngd_jax._src.layers import discover as discover
@@ -65,6 +67,8 @@ __all__ = [
     "cost_estimate",
     "coverage",
     "damped_factors",
+    "dense",
+    "dense_layer",
     "discover",
     "factor_roots",
     "fisher_layer",

@@ -258,7 +258,8 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
       desc = (f"{MISSING}: no calls captured (not called in the captured function, or a "
               f"layout sngd does not record: ConvLocal, DenseGeneral(batch_dims=...), "
               f"ConvTranspose(transpose_kernel=True or CIRCULAR), a Conv with mask=, "
-              f"an Einsum of another layout); "
+              f"an Einsum of another layout; a hand-written layer: compute it with "
+              f"`sngd_jax.dense(x, kernel, bias)`); "
               f"pass fisher={{{layer!r}: None}}")
     elif (why := _mismatch(specs[layer], activations[layer]) or (
         specs[layer].tied

@@ -22,6 +22,9 @@ layer written in Flax. Leading axes beyond a type's own rank are stack axes
   ``'<cell>/weight_hh'`` over the hidden state; ``GRUCell``'s ``bias_n``
   (added inside the reset gate's product) is left to the next transform.
 * ``MultiheadAttention``, ``MLP``, ``Sequential``: made of the layers above.
+* a module you write yourself, declared with ``@sngd_jax.dense_layer`` (its weight and bias
+  fields and their layout, ``layer_spec.DECLARED``): one dense layer, as ``Linear``; its
+  ``__call__`` records its input through ``sngd_jax.dense``.
 """
 
 from __future__ import annotations
@@ -120,6 +123,36 @@ def norm(module: Any, parts: Parts, fisher) -> list[layers_lib.LayerSpec]:
                                structure="per_channel")]
 
 
+def declared_dense(module: Any, parts: Parts, fisher) -> list[layers_lib.LayerSpec]:
+  """A hand-written module declared with ``sngd_jax.dense_layer``: a dense layer over its
+  declared weight (leading axes beyond 2 are stack axes) and optional bias ``(out,)``."""
+  decl = layers_lib.declared(type(module))
+  assert decl is not None
+  w = getattr(module, decl.weight, None)
+  path = paths.join(parts)
+  if w is None or getattr(w, "ndim", 0) < 2:
+    return []
+  kind = _kind(fisher, path)
+  if kind is None:
+    return []
+  b = getattr(module, decl.bias, None) if decl.bias else None
+  stack, shape = tuple(w.shape[:-2]), tuple(w.shape[-2:])
+  out_dim, in_dim = shape if decl.layout == "out_in" else shape[::-1]
+  leaves = (parts + (decl.weight,),) + (() if b is None or decl.bias is None
+                                        else (parts + (decl.bias,),))
+  if b is not None and tuple(b.shape) != stack + (out_dim,):
+    raise layers_lib.UnmodelledLayer(
+        path, leaves,
+        f"bias {decl.bias!r} of shape {tuple(b.shape)} does not fit weight {decl.weight!r} of "
+        f"shape {tuple(w.shape)} stored {decl.layout!r} (expected {stack + (out_dim,)})",
+        f"check the `layout=` of `@sngd_jax.dense_layer` on {type(module).__name__}, or leave "
+        f"the layer to the next transform with `fisher={{{path!r}: None}}`")
+  return [layers_lib.LayerSpec(
+      path=path, kernel=leaves[0], bias=leaves[1] if len(leaves) > 1 else None,
+      in_dim=in_dim, out_dim=out_dim, fisher=kind, stack=stack,
+      kernel_perm=(1, 0) if decl.layout == "out_in" else None)]
+
+
 LAYOUTS: dict[type, Callable[[Any, Parts, Any], list[layers_lib.LayerSpec]]] = {
     eqx.nn.Linear: linear,
     eqx.nn.Conv: conv,
@@ -136,6 +169,8 @@ LAYOUTS: dict[type, Callable[[Any, Parts, Any], list[layers_lib.LayerSpec]]] = {
 
 
 def layout_of(module: Any) -> Optional[Callable]:
+  if isinstance(module, eqx.Module) and layers_lib.declared(type(module)) is not None:
+    return declared_dense
   for cls in type(module).__mro__:
     if cls in LAYOUTS:
       return LAYOUTS[cls]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Mapping, Optional, Union
+import sys
+from typing import Any, Callable, Mapping, Optional, Union
 
 FISHER_KINDS = ("linear", "rfim")
 """The kinds of local Fisher that ``sngd(fisher=...)`` takes for a layer (see ``sngd_jax.sngd``);
@@ -214,3 +215,86 @@ def stacked_table(path: str, leaf: tuple[str, ...], shape: tuple[int, ...]) -> U
       f"vmap the whole training step over the members instead (one sngd state each: "
       f"docs/training-loops.md), or leave the table to the next transform with "
       f"`fisher={{{path!r}: None}}`")
+
+
+DENSE_LAYOUTS = ("in_out", "out_in")
+"""How a hand-written dense layer stores its kernel (``sngd_jax.dense``, ``sngd_jax.dense_layer``):
+``'in_out'``, ``(in, out)`` with ``y = x @ kernel`` (Flax's ``Dense``/``Linear``); ``'out_in'``,
+``(out, in)`` with ``y = kernel @ x`` for one example (Equinox's ``Linear``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseDeclaration:
+  """What ``sngd_jax.dense_layer`` declared about an Equinox module class.
+
+  Attributes:
+    weight: the field that holds the kernel.
+    bias: the field that holds the bias (shape ``(out,)``), or None for a layer without one.
+    layout: one of ``DENSE_LAYOUTS``.
+  """
+
+  weight: str
+  bias: Optional[str]
+  layout: str
+
+
+DECLARED: dict[type, DenseDeclaration] = {}
+"""Equinox module class -> its ``DenseDeclaration`` (filled by ``dense_layer``)."""
+
+
+def dense_layer(cls: Any = None, *, weight: str = "weight", bias: Optional[str] = "bias",
+                layout: str = "out_in") -> Any:
+  """Declares a hand-written Equinox module class as a dense layer (a class decorator).
+
+  Equinox layers are found by their type (``eqx.nn.Linear``, ...), so a module you write
+  yourself must say which of its fields is the kernel for ``sngd`` to keep a local Fisher
+  ``G = E[x~ x~^T]`` for it; its ``__call__`` then computes the layer with
+  ``sngd_jax.dense(x, self.weight, self.bias, layout=...)``, which records ``x`` while
+  ``capture_eqx`` runs. Linen and NNX modules need no declaration: a param named
+  ``kernel`` (stored ``(in, out)``) with an optional sibling ``bias`` is a dense layer there.
+
+  Examples:
+    ```python
+    @sngd_jax.dense_layer                      # weight (out, in), bias (out,): eqx.nn.Linear's
+    class MyLinear(eqx.Module):
+      weight: jax.Array
+      bias: jax.Array
+      def __call__(self, x):
+        return sngd_jax.dense(x, self.weight, self.bias, layout="out_in")
+    ```
+
+  Args:
+    cls: the class (when used as ``@sngd_jax.dense_layer`` without arguments).
+    weight: the field holding the kernel (2-D, plus leading stack axes for layers made
+      by ``eqx.filter_vmap``).
+    bias: the field holding the bias, shape ``(out,)``; None for a layer without bias.
+    layout: ``'out_in'`` (default: a ``(out, in)`` weight, ``y = weight @ x``, as
+      ``eqx.nn.Linear``) or ``'in_out'`` (a ``(in, out)`` kernel, ``y = x @ kernel``).
+
+  Returns:
+    The class, unchanged (or, called with keyword arguments only, the decorator).
+  """
+  if layout not in DENSE_LAYOUTS:
+    raise ValueError(
+        f"sngd: dense_layer(layout={layout!r}): expected one of {DENSE_LAYOUTS} ('out_in': "
+        "a (out, in) weight as eqx.nn.Linear stores it; 'in_out': a (in, out) kernel)")
+
+  def declare(c: Any) -> Any:
+    eqx = sys.modules.get("equinox")
+    if eqx is None or not (isinstance(c, type) and issubclass(c, eqx.Module)):
+      raise TypeError(
+          f"sngd: dense_layer declares Equinox module classes, got {c!r}. A linen or NNX "
+          "module needs no declaration: name its params 'kernel' (stored (in, out)) and "
+          "'bias', and compute the layer with `sngd_jax.dense(x, kernel, bias)`")
+    DECLARED[c] = DenseDeclaration(weight, bias, layout)
+    return c
+
+  return declare if cls is None else declare(cls)
+
+
+def declared(cls: type) -> Optional[DenseDeclaration]:
+  """The declaration of ``cls`` or of its nearest declared base class, or None."""
+  for base in cls.__mro__:
+    if base in DECLARED:
+      return DECLARED[base]
+  return None

@@ -19,6 +19,10 @@ is reported as not captured; ``capture_eqx`` warns. A call whose weight is a lea
 of another argument (the frozen half of ``eqx.partition``, passed next to the
 trained half as Equinox's examples do) is a frozen layer: it is left out without
 a warning, as ``update`` never sees its parameters.
+
+A hand-written module whose class ``sngd_jax.dense_layer`` declared records its
+``sngd_jax.dense`` calls as an ``eqx.nn.Linear`` call (``_custom_dense``), named by the
+path of its declared weight.
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ from typing import Any, Callable, Iterator, Optional
 import jax
 import jax.numpy as jnp
 
-from sngd_jax._src import paths
-from sngd_jax._src.capture import transforms
+from sngd_jax._src import layer_spec, paths
+from sngd_jax._src.capture import custom, transforms
 from sngd_jax._src.capture.records import Recorder, split_aux
 from sngd_jax._src.frames import caller_stacklevel
 
@@ -161,6 +165,52 @@ def _wrap(rec: Recorder, original: Callable, recorder: Any, unnamed: dict[str, N
   return call
 
 
+def _declared(model: Any) -> dict[tuple[str, ...], tuple[str, Any]]:
+  """``weight path parts -> (class name, DenseDeclaration)`` of the modules of ``model``
+  whose class ``sngd_jax.dense_layer`` declared."""
+  eqx = _equinox()
+  is_declared = lambda n: isinstance(n, eqx.Module) and layer_spec.declared(type(n)) is not None
+  out = {}
+  for key_path, node in jax.tree_util.tree_flatten_with_path(model, is_leaf=is_declared)[0]:
+    if is_declared(node):
+      decl = layer_spec.declared(type(node))
+      assert decl is not None
+      out[paths.leaf_parts(key_path) + (decl.weight,)] = (type(node).__name__, decl)
+  return out
+
+
+def _custom_dense(rec: Recorder, unnamed: dict[str, None], frozen: frozenset[int],
+                  declared: dict[tuple[str, ...], tuple[str, Any]], x, y, kernel, bias,
+                  layout: str) -> None:
+  """Records a ``sngd_jax.dense`` call as the declared module whose weight is ``kernel``
+  (named by the weight's path in the model, one example per call as ``eqx.nn.Linear``)."""
+  roles, parts = rec.trace(kernel)
+  if parts is None:
+    if id(kernel) not in frozen:
+      unnamed[f"sngd_jax.dense (kernel {getattr(kernel, 'shape', None)})"] = None
+    return
+  path = paths.join(parts[:-1])
+  if parts not in declared:
+    raise ValueError(
+        f"sngd_jax.dense: layer {path!r}: its weight {paths.join(parts)!r} is a field of a "
+        "module whose class is not declared as a dense layer. Equinox layers are found by "
+        "their type, so declare the class: `@sngd_jax.dense_layer` above it (a `weight` "
+        "field stored (out, in) and a `bias`, as eqx.nn.Linear) or "
+        "`@sngd_jax.dense_layer(weight=..., bias=..., layout=...)`")
+  name, decl = declared[parts]
+  bias_name = None
+  if bias is not None:
+    bias_parts = rec.trace(bias)[1]
+    if bias_parts is None or bias_parts[:-1] != parts[:-1]:
+      raise ValueError(
+          f"sngd_jax.dense: layer {path!r}: the bias is not a field of the {name} that holds "
+          f"the weight {paths.join(parts)!r} (a cast or computed array, or another module's): "
+          "pass its own field (cast with `sngd_jax.dense(..., dtype=...)`)")
+    bias_name = bias_parts[-1]
+  custom.check(path, name, decl, parts[-1], bias_name, layout)
+  rec.add(path, x, y, "dense", (), roles=roles, batch_axis=None)  # per example
+
+
 @contextlib.contextmanager
 def _layer_calls(rec: Recorder, unnamed: dict[str, None], tables: frozenset[int],
                  frozen: frozenset[int]) -> Iterator[None]:
@@ -234,6 +284,7 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False,
     rec = Recorder(_leaf_paths(model), outputs)
     unnamed: dict[str, None] = {}
     frozen = frozenset(_leaf_paths((args, kwargs))) - frozenset(_leaf_paths(model))
+    rec.custom_dense = functools.partial(_custom_dense, rec, unnamed, frozen, _declared(model))
     with transforms.recording(rec), _layer_calls(rec, unnamed, _tables(model), frozen):
       result = fn(model, *args, **kwargs)
     value, aux = split_aux(result, has_aux, "capture_eqx")
@@ -244,8 +295,9 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False,
           "captured function's first argument, as when the model goes through a `jax.jit` "
           "or `eqx.filter_jit` inside the captured function (jit the whole training step "
           "instead), or the layer is made inside the loss or its weight computed from the "
-          "params. They are not captured, and `update` reports their layers as not "
-          "captured; pass `fisher={path: None}` to leave such a layer to the next "
+          "params (a cast or transposed copy passed to `sngd_jax.dense`: pass the field "
+          "itself, cast with `dtype=`). They are not captured, and `update` reports their "
+          "layers as not captured; pass `fisher={path: None}` to leave such a layer to the next "
           "transform. (Layers of a frozen half of `eqx.partition` that the loss closes over "
           "are harmless here, `update` never sees them: pass that half to the loss as an "
           "argument, `loss(trained, frozen, x)`, and capture leaves them out silently.)",

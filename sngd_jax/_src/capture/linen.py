@@ -16,6 +16,11 @@ when the ``nn.RNN`` call returns (``records``). Every time step is
 therefore recorded, and the cell's weights get statistics pooled over all
 steps.
 
+**Hand-written layers.** ``sngd_jax.dense(x, kernel, bias)`` inside a module's method
+records the call as that module's ``Dense`` (``_custom_dense``): the interceptor keeps the
+stack of module calls in progress, and the kernel and bias must be that module's params
+``kernel`` and ``bias`` (found by identity).
+
 The result is a dict from layer path (``'Block_0/Dense_1'``, the same string
 that names the layer's params) to a tuple of ``sngd_jax.Captured``
 records.
@@ -23,15 +28,16 @@ records.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 
 from sngd_jax._src import paths
-from sngd_jax._src.capture import flax_patches, tables, transforms
+from sngd_jax._src.capture import custom, flax_patches, tables, transforms
 from sngd_jax._src.capture.records import (
     Recorder,
     StepRecords,
@@ -125,7 +131,65 @@ def _norm_call(rec: Recorder, seen, module, next_fun, args, kwargs):
   return out
 
 
-def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]]):
+def _name_in(params: Any, array: Any) -> Optional[str]:
+  """The name of the param of a module that is ``array`` itself, or None."""
+  for name, value in params.items():
+    if value is array:
+      return name
+  return None
+
+
+@dataclasses.dataclass
+class _Calls:
+  """The module method calls in progress, as the interceptor sees them.
+
+  Attributes:
+    modules: the module of each intercepted call in progress, innermost last: the
+      module a ``sngd_jax.dense`` call belongs to is the last.
+    open_calls: ``(module id, method) -> one flag per open call of a recorded layer``,
+      "a call inside it recorded".
+  """
+
+  modules: list[nn.Module] = dataclasses.field(default_factory=list)
+  open_calls: dict[tuple[int, str], list[bool]] = dataclasses.field(default_factory=dict)
+
+
+def _custom_dense(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls, x, y,
+                  kernel, bias, layout: str) -> None:
+  """Records a ``sngd_jax.dense`` call as the linen module running it (its ``Dense``).
+
+  Inside a recorded layer's own call (a subclass of ``nn.Dense`` whose ``__call__`` uses
+  ``sngd_jax.dense``), this record is the call's: the interceptor then records nothing more
+  (``calls.open_calls``, as for ``super().__call__``).
+  """
+  module = calls.modules[-1] if calls.modules else None
+  if module is None:
+    raise ValueError(
+        "sngd_jax.dense was called inside `sngd_jax.capture` but outside the methods of a "
+        "linen module, so it cannot be named: call it in the `__call__` (or another method) "
+        "of the module whose params are its kernel and bias")
+  path = paths.join(module.path)
+  params = module.variables.get("params", {})
+  kernel_name = _name_in(params, kernel)
+  bias_name = None if bias is None else _name_in(params, bias)
+  if kernel_name is None or (bias is not None and bias_name is None):
+    what = "kernel" if kernel_name is None else "bias"
+    raise ValueError(
+        f"sngd_jax.dense: the {what} passed by module {path!r} is not one of its params (a "
+        "cast, transposed or sliced copy, an array computed from params, or another "
+        "module's param), so capture cannot tell which layer it is: pass the arrays that "
+        "`self.param(...)` returned (cast with `sngd_jax.dense(..., dtype=...)`), from the "
+        "module that holds them")
+  custom.check(path, "linen", custom.FLAX_DENSE, kernel_name, bias_name, layout)
+  x, y = tables.one_example(x, y, 0)
+  _note_weight(rec, seen, path, kernel)
+  rec.add(path, x, y, "dense", (), weight=kernel)
+  flags = calls.open_calls.get((id(module), "__call__"))
+  if flags:
+    flags[-1] = True
+
+
+def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls):
   """The ``nn.intercept_methods`` hook that records supported layer calls.
 
   A subclass of a recorded layer whose ``__call__`` (or ``attend``) calls the base
@@ -133,11 +197,19 @@ def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]]):
   same module, the outer call with its own arguments: only the innermost call that
   records is kept (its arguments are what the kernel multiplies), as ``capture_nnx``
   records the base class's ``__call__`` only.
+
+  ``calls``: the calls in progress, shared with ``_custom_dense``.
   """
-  # (module id, method) -> one flag per open call: "a call inside it recorded".
-  open_calls: dict[tuple[int, str], list[bool]] = {}
+  open_calls = calls.open_calls
 
   def intercept(next_fun, args, kwargs, context):
+    calls.modules.append(context.module)
+    try:
+      return dispatch(next_fun, args, kwargs, context)
+    finally:
+      calls.modules.pop()
+
+  def dispatch(next_fun, args, kwargs, context):
     module, method = context.module, context.method_name
     if method == "__call__" and isinstance(module, nn.RNN) and args:
       return _rnn_call(rec, module, next_fun, args, kwargs)
@@ -209,8 +281,10 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False,
   def wrapped(*args, **kwargs):
     rec = Recorder(outputs=outputs)
     seen: dict[str, dict[int, Any]] = {}
+    calls = _Calls()
+    rec.custom_dense = functools.partial(_custom_dense, rec, seen, calls)
     with (transforms.recording(rec), flax_patches.linen_normalize(rec),
-          nn.intercept_methods(_interceptor(rec, seen))):
+          nn.intercept_methods(_interceptor(rec, seen, calls))):
       result = fn(*args, **kwargs)
     _warn_other_weights(seen)
     value, aux = split_aux(result, has_aux, "capture")

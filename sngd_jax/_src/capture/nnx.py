@@ -27,7 +27,7 @@ from typing import Any, Callable
 from flax import nnx
 
 from sngd_jax._src import paths
-from sngd_jax._src.capture import flax_patches, tables, transforms
+from sngd_jax._src.capture import custom, flax_patches, tables, transforms
 from sngd_jax._src.capture.records import (
   Recorder,
   StepRecords,
@@ -95,9 +95,31 @@ class _NNXRecorder(Recorder):
       self.unnamed[f"{type(module).__name__} (weight {getattr(weight, 'shape', None)})"] = None
     return path, roles
 
+  def record_dense(self, x, y, kernel, bias, layout: str) -> None:
+    """Records a ``sngd_jax.dense`` call as the layer whose Variables its kernel and bias
+    are (its path in the model, followed out through the transforms)."""
+    roles, parts = self.trace(kernel)
+    if parts is None:
+      self.unnamed[f"sngd_jax.dense (kernel {getattr(kernel, 'shape', None)})"] = None
+      return
+    path = paths.join(parts[:-1])
+    bias_name = None
+    if bias is not None:
+      bias_parts = self.trace(bias)[1]
+      if bias_parts is None or bias_parts[:-1] != parts[:-1]:
+        raise ValueError(
+            f"sngd_jax.dense: layer {path!r}: the bias is not a Variable of the module that "
+            f"holds the kernel {paths.join(parts)!r} (a cast or computed array, or another "
+            "module's): pass that module's own `nnx.Param`s (cast with "
+            "`sngd_jax.dense(..., dtype=...)`)")
+      bias_name = bias_parts[-1]
+    custom.check(path, "NNX", custom.FLAX_DENSE, parts[-1], bias_name, layout)
+    x, y = tables.one_example(x, y, 0)
+    self.add(path, x, y, "dense", (), roles=roles)
+
   def freeze(self):
     """The activations; warns about layer calls that could not be named (not captured)."""
-    if self.unnamed and not self.owner_paths:
+    if self.unnamed and not self.owner_paths and not self.top:
       warnings.warn(
           f"sngd: capture_nnx could not name {len(self.unnamed)} layer call(s) "
           f"({', '.join(self.unnamed)}): it names layers by their path in the captured "
@@ -113,11 +135,13 @@ class _NNXRecorder(Recorder):
           f"({', '.join(self.unnamed)}): their module is a copy whose weight is not one of "
           "the model's, as inside a transform made before capture started (`nnx.remat` or "
           "`nnx.vmap` applied as a decorator at class definition, an `nnx.jit` or "
-          "`nnx.cond`/`nnx.switch` inside the captured function) or a layer made inside the "
-          "loss. They are not captured, and "
-          "`update` reports their layers as not captured. Apply such transforms inside the "
-          "captured function (docs/layer-coverage.md, *Not captured*), or pass "
-          "`fisher={path: None}` for those layers.", stacklevel=caller_stacklevel())
+          "`nnx.cond`/`nnx.switch` inside the captured function), a layer made inside the "
+          "loss, or a `sngd_jax.dense` given an array computed from a param (a cast or "
+          "transposed copy: pass the `nnx.Param` itself, cast with `dtype=`). They are not "
+          "captured, and `update` reports their layers as not captured. Apply such "
+          "transforms inside the captured function (docs/layer-coverage.md, *Not "
+          "captured*), or pass `fisher={path: None}` for those layers.",
+          stacklevel=caller_stacklevel())
     return super().freeze()
 
 
@@ -277,6 +301,7 @@ def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False,
   @functools.wraps(fn)
   def wrapped(model, *args, **kwargs):
     rec = _NNXRecorder(_graph_paths(model), _param_leaves(model), outputs)
+    rec.custom_dense = rec.record_dense
     cells = tuple({type(node.cell) for _, node in nnx.iter_graph(model)
                    if isinstance(node, nnx.RNN)} | set(tables.NNX_CELLS))
     with (transforms.recording(rec), flax_patches.nnx_normalize(rec),

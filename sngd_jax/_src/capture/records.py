@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import flax.struct
 import jax
@@ -499,6 +499,10 @@ class Recorder:
       argument, to name layers by their weight (NNX copies, Equinox).
     outputs: whether records keep the layers' outputs (only ``fisher="rfim"``
       reads them).
+    custom_dense: what ``sngd_jax.dense`` calls while this recorder is active,
+      ``(x, y, kernel, bias, layout) -> None``: names the hand-written layer in the
+      capture's own way (linen: the calling module; NNX, Equinox: the kernel's path in
+      the model) and records the call; set by each capture.
   """
 
   def __init__(self, top: Optional[dict[int, tuple[str, ...]]] = None, outputs: bool = False):
@@ -508,6 +512,7 @@ class Recorder:
     self.norm_slots: list[list] = []
     self.escaped: set[str] = set()
     self.top = top or {}
+    self.custom_dense: Optional[Callable[..., None]] = None
     # id(input) -> (input, stopped input) of the calls outside any frame (a frame keeps
     # its own, dropped with it): layers that read one array record one value (``Shared``).
     self.stopped: dict[int, tuple[Any, Any]] = {}

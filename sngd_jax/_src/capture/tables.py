@@ -80,7 +80,7 @@ def einsum_config(einsum_str: str, x_ndim: int, kernel_ndim: int) -> Optional[tu
 
 
 def _dense(module, args, kwargs, out) -> Record:
-  x, out = _one_example(args[0], out, 0)
+  x, out = one_example(args[0], out, 0)
   return x, out, "dense", ()
 
 
@@ -107,7 +107,7 @@ def _einsum(kernel_ndim: Callable[[Any], int]) -> LayerRecorder:
   return recorder
 
 
-def _one_example(x, out, rank: int):
+def one_example(x, out, rank: int):
   """``(x, out)`` with an example axis: Flax's convs also take one unbatched example
   ``(*spatial, C)`` (``rank`` spatial axes; a ``Dense`` one ``(D,)`` vector, ``rank=0``),
   whose first axis must not be read as examples (the rows' chunks and
@@ -123,7 +123,7 @@ def norm_record(xhat, out, feature_axes: tuple[int, ...]) -> tuple[Any, Any, tup
   A ``LayerNorm``/``RMSNorm`` called on one unbatched ``(C,)`` vector (per example, e.g.
   under a ``jax.vmap`` of the captured gradient) normalizes over every axis: it is one
   example, whose leading axis holds channels and must not be read as examples (as
-  ``_one_example`` for dense and conv calls).
+  ``one_example`` for dense and conv calls).
   """
   if xhat.ndim == len(feature_axes):
     return xhat[None], out[None], (tuple(a + 1 for a in feature_axes),)
@@ -134,7 +134,7 @@ def _conv(module, args, kwargs, out) -> Record:
   if getattr(module, "mask", None) is not None:
     return None  # a masked kernel: its inputs are not every patch entry (not modelled)
   config = conv_lib.conv_config(module)
-  x, out = _one_example(args[0], out, len(config[0]))
+  x, out = one_example(args[0], out, len(config[0]))
   return x, out, "conv", config
 
 
@@ -144,7 +144,7 @@ def _conv_transpose(module, args, kwargs, out) -> Record:
   config = conv_lib.conv_transpose_config(module)
   if config is None:
     return None
-  x, out = _one_example(args[0], out, len(config[0]))
+  x, out = one_example(args[0], out, len(config[0]))
   return x, out, "conv_transpose", config
 
 

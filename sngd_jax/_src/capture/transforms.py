@@ -60,6 +60,11 @@ def _active() -> Optional[Recorder]:
   return stack[-1] if stack else None
 
 
+def active() -> Optional[Recorder]:
+  """The recorder of the innermost capture running on this thread (None outside capture)."""
+  return _active()
+
+
 def _leaves(tree: Any) -> list[Any]:
   return jax.tree.leaves(tree, is_leaf=lambda x: x is None)
 
