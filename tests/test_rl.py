@@ -520,3 +520,23 @@ def test_nnx_target_network_with_scanned_blocks_passed_as_an_argument():
         model, target, obs)
   assert {k: len(v) for k, v in acts.items()} == {"blocks/up": 1, "blocks/down": 1, "q": 1}
   np.testing.assert_array_equal(acts["blocks/up"][0].inputs[0], obs)
+
+
+def test_double_dqn_online_pass_on_next_observations_counts_as_rows():
+  """A Double DQN's online ``argmax`` on the next observations inside the captured loss is a
+  call of the trained params: its rows join the factors, without a warning (documented in
+  docs/training-loops.md, *Reinforcement learning*); computed outside, they do not."""
+  q, params, target_params, obs, a, next_obs = _dqn_problem()
+  q_of = lambda q_values, a: jnp.take_along_axis(q_values, a[:, None], 1)[:, 0]
+
+  def loss_inside(p, tp):
+    best = jnp.argmax(q.apply({"params": p}, next_obs), -1)
+    y = jax.lax.stop_gradient(1.0 + 0.99 * q_of(q.apply({"params": tp}, next_obs), best))
+    return ((q_of(q.apply({"params": p}, obs), a) - y) ** 2).mean()
+
+  with no_sngd_warnings():
+    (_, acts), _ = jax.value_and_grad(sngd_jax.capture(loss_inside), has_aux=True)(
+        params, target_params)
+  assert len(acts["hidden"]) == 2  # next_obs, then obs; the target's call left out
+  np.testing.assert_array_equal(acts["hidden"][0].inputs, next_obs)
+  np.testing.assert_array_equal(acts["hidden"][1].inputs, obs)
