@@ -10,6 +10,7 @@ them raise an error naming the layer.
 """
 
 import functools
+import warnings
 
 import equinox as eqx
 import flax.linen as nn
@@ -618,3 +619,49 @@ def test_dense_checks_its_arguments_and_computes_both_layouts():
     sngd_jax.dense(x, w, layout="io")
   with pytest.raises(ValueError, match="dense_layer\\(layout='io'\\)"):
     sngd_jax.dense_layer(layout="io")
+
+
+# ---------------------------------------------------------------------------
+# another model passed to the loss (a target network): its sngd_jax.dense calls are left out
+
+
+class _TwoLayer(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(2)(jnp.tanh(MyDense(5)(x)))
+
+
+def test_linen_dense_of_a_target_network_passed_as_an_argument_is_left_out():
+  model = _TwoLayer()
+  x, x_next = _batch(jnp.float32, (6, 4)), _batch(jnp.float32, (6, 4), seed=1)
+  params = model.init(jax.random.key(0), x)["params"]
+  target = jax.tree.map(lambda a: a * 0.5, params)
+
+  def loss(p, t, x, x_next):
+    return jnp.mean(model.apply({"params": p}, x) - model.apply({"params": t}, x_next)) ** 2
+
+  _, acts = sngd_jax.capture(loss)(params, target, x, x_next)
+  (call,) = acts["MyDense_0"]
+  np.testing.assert_array_equal(np.asarray(call.inputs), np.asarray(x))  # online rows only
+
+
+def test_nnx_dense_of_a_target_network_passed_as_an_argument_is_left_out():
+  class Holder(nnx.Module):
+    def __init__(self, rngs):
+      self.kernel = nnx.Param(jax.random.normal(rngs.params(), (4, 5)))
+      self.bias = nnx.Param(jnp.zeros((5,)))
+
+    def __call__(self, x):
+      return sngd_jax.dense(x, self.kernel, self.bias)
+
+  model, target = Holder(nnx.Rngs(0)), Holder(nnx.Rngs(1))
+  x, x_next = _batch(jnp.float32, (6, 4)), _batch(jnp.float32, (6, 4), seed=1)
+
+  def loss(m, t, x, x_next):
+    return jnp.mean(m(x) - t(x_next)) ** 2
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no "could not name" warning
+    _, acts = sngd_jax.capture_nnx(loss)(model, target, x, x_next)
+  (call,) = next(iter(acts.values()))
+  np.testing.assert_array_equal(np.asarray(call.inputs), np.asarray(x))

@@ -49,17 +49,55 @@ def test_vmap_imported_by_name_is_named_in_the_warning():
   assert messages and all("from jax import" in m and "`jax.vmap`" in m for m in messages)
 
 
-def test_teacher_copy_inside_the_capture_warns_and_is_pooled():
-  model, params, x, y = _problem()
-  teacher = model.init(jax.random.key(1), x)["params"]
-
+def _distill(model, x, y):
   def distill(p, t):
     logits = model.apply({"params": p}, x)
     t_logits = jax.lax.stop_gradient(model.apply({"params": t}, x))
     return (optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
             + optax.softmax_cross_entropy(logits, jax.nn.softmax(t_logits)).mean())
+  return distill
 
-  (_, acts), messages = _sngd_warnings(sngd_jax.capture(distill), params, teacher)
+
+def test_teacher_passed_as_another_argument_is_left_out_without_a_warning():
+  """``distill(params, teacher)``: the teacher's params are a leaf of the captured function's
+  second argument, so its calls are left out (as ``capture_nnx`` and ``capture_eqx`` leave out
+  a model passed as another argument): each layer has the student's call only, whose rows are
+  the float64 inputs of the student's layers. Before, they were pooled, with a warning."""
+  model, params, x, y = _problem()
+  teacher = model.init(jax.random.key(1), x)["params"]
+  step = jax.jit(jax.grad(sngd_jax.capture(_distill(model, x, y)), has_aux=True))
+  (_, acts), messages = _sngd_warnings(step, params, teacher)
+  assert not messages
+  assert {k: len(v) for k, v in acts.items()} == {"hidden": 1, "out": 1}
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  h = np.maximum(np.asarray(x, np.float64) @ p["hidden"]["kernel"] + p["hidden"]["bias"], 0)
+  np.testing.assert_allclose(np.asarray(acts["out"][0].inputs, np.float64), h, rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_array_equal(acts["hidden"][0].inputs, x)
+
+
+@pytest.mark.parametrize("first", ["x", "params"])
+def test_params_passed_after_the_batch_are_still_the_models(first):
+  """``loss(x, params)`` differentiated with ``argnums=1``: the first argument holds no layer
+  weight, so the params of a later argument are the model's (recorded, as before); only when
+  the first argument holds them are the other arguments' weights left out."""
+  model, params, x, y = _problem()
+  ce = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  if first == "x":
+    loss, args, argnums = (lambda x, p: ce(model.apply({"params": p}, x))), (x, params), 1
+  else:
+    loss, args, argnums = (lambda p, x: ce(model.apply({"params": p}, x))), (params, x), 0
+  (_, acts), messages = _sngd_warnings(
+      jax.grad(sngd_jax.capture(loss), argnums=argnums, has_aux=True), *args)
+  assert not messages and sorted(acts) == ["hidden", "out"]
+  np.testing.assert_array_equal(acts["hidden"][0].inputs, x)
+
+
+def test_teacher_copy_closed_over_by_the_capture_warns_and_is_pooled():
+  model, params, x, y = _problem()
+  teacher = model.init(jax.random.key(1), x)["params"]
+  distill = _distill(model, x, y)
+  (_, acts), messages = _sngd_warnings(sngd_jax.capture(lambda p: distill(p, teacher)), params)
   assert any("'out'" in m and "2 different weight arrays" in m for m in messages)
   assert any("'hidden'" in m for m in messages)
   # pooled, as documented: the out layer's rows are the student's then the teacher's hidden
@@ -89,12 +127,18 @@ def test_two_models_with_the_same_layer_paths_are_named_in_the_warning():
   pg = gen.init(jax.random.key(0), z)["params"]
   pd = disc.init(jax.random.key(1), z)["params"]
   gen_loss = lambda pg, pd: -jnp.mean(disc.apply({"params": pd}, gen.apply({"params": pg}, z)))
+  # the discriminator closed over by the captured loss: pooled, with the warning
   (_, acts), messages = _sngd_warnings(
-      jax.grad(sngd_jax.capture(gen_loss), has_aux=True), pg, pd)
+      jax.grad(sngd_jax.capture(lambda pg: gen_loss(pg, pd)), has_aux=True), pg)
   assert len(acts["Dense_0"]) == 2  # the generator's output layer and the discriminator's
   (message,) = [m for m in messages if "'Dense_0'" in m]
   assert "different shapes ((8, 1), (8, 6))" in message
   assert "two different models" in message and "distinct names" in message
+  # passed as another argument: left out, the generator's layers only (its own inputs)
+  (_, acts), messages = _sngd_warnings(
+      jax.grad(sngd_jax.capture(gen_loss), has_aux=True), pg, pd)
+  assert not messages and {k: len(v) for k, v in acts.items()} == {"Dense_0": 1, "Dense_1": 1}
+  np.testing.assert_array_equal(acts["Dense_1"][0].inputs, z)
 
 
 @pytest.mark.parametrize("twice", ["shared layer", "two applies, same params"])

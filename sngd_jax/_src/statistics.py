@@ -170,8 +170,11 @@ def other_layer_hint(spec, widths: Sequence[int]) -> str:
           f"another layer were captured at the path {spec.path!r} (a module applied with "
           "other params inside the captured function, e.g. a frozen pretrained backbone "
           "run by its own `apply`, whose layers are named from its own root as the trained "
-          "model's are). Apply that module outside the captured function and pass its "
-          "outputs in, or make it a submodule of the trained model and freeze it with "
+          "model's are). Pass that module's params to the captured function as another "
+          "argument (`loss(params, other_params, x)`: capture leaves out the calls of a "
+          "later argument's weights; this also serves a critic that an actor's loss runs "
+          "through), or apply it outside the captured function and pass its outputs in, or "
+          "make it a submodule of the trained model and freeze it with "
           "`optax.multi_transform` (`optax.set_to_zero()` for its label)")
 
 

@@ -82,8 +82,11 @@ def _warn_other_weights(seen: dict[str, dict[int, Any]]) -> None:
           "the module passed to `apply`, so a GAN's generator and discriminator, or a frozen "
           "pretrained backbone and the trained head run by their own `apply`, both have a "
           "'Dense_0'). The inputs of all their calls are pooled into one local Fisher, which "
-          "is neither layer's (or `update` refuses features of the wrong size). Give the "
-          "layers distinct names (`name=`), or make both models submodules of one parent "
+          "is neither layer's (or `update` refuses features of the wrong size). Pass the "
+          "other model's params to the captured function as another argument "
+          "(`loss(params, other_params, x)`: capture leaves out the calls of a later "
+          "argument's weights), give the layers distinct names (`name=`), or make both "
+          "models submodules of one parent "
           "module (freeze a pretrained part with `optax.multi_transform` and "
           "`optax.set_to_zero()`), or apply a frozen module outside the captured function "
           "and pass its outputs in.",
@@ -94,20 +97,52 @@ def _warn_other_weights(seen: dict[str, dict[int, Any]]) -> None:
         "inside the captured function (a teacher or EMA copy of the model, the model "
         "applied to other params, or another model whose layers have the same paths); the "
         "inputs of all its calls are pooled into its local Fisher, as for shared weights. To "
-        "count only the trained model's calls, apply the other copy outside the captured "
-        "function and pass its outputs in (another model: give its layers distinct names).",
+        "count only the trained model's calls, pass the other copy's params to the captured "
+        "function as another argument (`loss(params, target_params, x)`: capture leaves out "
+        "the calls of a later argument's weights), or apply it outside the captured function "
+        "and pass its outputs in.",
         stacklevel=caller_stacklevel())
 
 
-def _rnn_call(rec: Recorder, module: nn.RNN, next_fun, args, kwargs):
-  """Runs an ``nn.RNN`` and unpacks the records its cells returned through the scan."""
+def _other_arguments(args: tuple, kwargs: dict) -> frozenset[int]:
+  """``id`` of each array leaf of the captured function's arguments after the first that is
+  not a leaf of the first: the weights of another model passed to the loss (a DQN's target
+  network, a teacher, the critic an actor's loss runs through, a frozen backbone).
+
+  Empty when the first argument holds no layer weight (no leaf named ``kernel``,
+  ``embedding`` or ``scale``): the params passed later (``loss(x, params)`` differentiated
+  with ``argnums=1``) are the model's, as before.
+  """
+  if not args:
+    return frozenset()
+  first = jax.tree_util.tree_flatten_with_path(args[0])[0]
+  names = {"kernel", *tables.WEIGHT_NAMES.values()}
+  if not any(paths.leaf_parts(key_path)[-1:] in {(name,) for name in names}
+             for key_path, _ in first):
+    return frozenset()
+  return (frozenset(id(leaf) for leaf in jax.tree.leaves((args[1:], kwargs)))
+          - frozenset(id(leaf) for _, leaf in first))
+
+
+def _of_other_argument(rec: Recorder, module: nn.Module, others: frozenset[int]) -> bool:
+  """Whether ``module`` reads its params from another argument of the captured function,
+  followed out through the transforms it runs in (a slice of stacked params under
+  ``nn.scan`` is the stack's)."""
+  return bool(others) and any(id(rec.outer(leaf)) in others
+                              for leaf in jax.tree.leaves(module.variables.get("params", {})))
+
+
+def _rnn_call(rec: Recorder, module: nn.RNN, next_fun, args, kwargs, keep: bool = True):
+  """Runs an ``nn.RNN`` and unpacks the records its cells returned through the scan (kept
+  unless ``keep`` is False)."""
   with rec.rnn():
     out = next_fun(*args, **kwargs)
   time_major = kwargs.get("time_major")
   time_major = module.time_major if time_major is None else time_major
   out, found = untag(out, rnn_time_axis(args[0], time_major, module.cell),
                      rnn_batched(args[0], module.cell))
-  rec.add_all(found)
+  if keep:
+    rec.add_all(found)
   return out
 
 
@@ -118,11 +153,12 @@ def _cell_call(rec: Recorder, next_fun, args, kwargs):
   return (carry, StepRecords(y, frame.records)) if frame.records else (carry, y)
 
 
-def _norm_call(rec: Recorder, seen, module, next_fun, args, kwargs):
-  """Runs a normalization layer and records ``xhat`` (from the patched routine)."""
+def _norm_call(rec: Recorder, seen, module, next_fun, args, kwargs, keep: bool = True):
+  """Runs a normalization layer and records ``xhat`` (from the patched routine) unless
+  ``keep`` is False."""
   with rec.norm() as slot:
     out = next_fun(*args, **kwargs)
-  if slot and module.use_scale:
+  if slot and module.use_scale and keep:
     xhat, feature_axes = slot[0]
     xhat, z, config = tables.norm_record(xhat, out, feature_axes)
     path, weight = paths.join(module.path), _weight(module)
@@ -154,13 +190,14 @@ class _Calls:
   open_calls: dict[tuple[int, str], list[bool]] = dataclasses.field(default_factory=dict)
 
 
-def _custom_dense(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls, x, y,
-                  kernel, bias, layout: str) -> None:
+def _custom_dense(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
+                  others: frozenset[int], x, y, kernel, bias, layout: str) -> None:
   """Records a ``sngd_jax.dense`` call as the linen module running it (its ``Dense``).
 
   Inside a recorded layer's own call (a subclass of ``nn.Dense`` whose ``__call__`` uses
   ``sngd_jax.dense``), this record is the call's: the interceptor then records nothing more
-  (``calls.open_calls``, as for ``super().__call__``).
+  (``calls.open_calls``, as for ``super().__call__``). A module whose params are another
+  argument's (``others``) is left out, as the interceptor leaves it out.
   """
   module = calls.modules[-1] if calls.modules else None
   if module is None:
@@ -168,6 +205,8 @@ def _custom_dense(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
         "sngd_jax.dense was called inside `sngd_jax.capture` but outside the methods of a "
         "linen module, so it cannot be named: call it in the `__call__` (or another method) "
         "of the module whose params are its kernel and bias")
+  if _of_other_argument(rec, module, others):  # a target network, a teacher: left out
+    return
   path = paths.join(module.path)
   params = module.variables.get("params", {})
   kernel_name = _name_in(params, kernel)
@@ -189,8 +228,12 @@ def _custom_dense(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
     flags[-1] = True
 
 
-def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls):
+def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
+                 others: frozenset[int]):
   """The ``nn.intercept_methods`` hook that records supported layer calls.
+
+  A call whose params are leaves of another argument of the captured function
+  (``others``: a target network, a teacher) runs unrecorded.
 
   A subclass of a recorded layer whose ``__call__`` (or ``attend``) calls the base
   class's through ``super()`` (``super().__call__(f(x))``) is intercepted twice on the
@@ -212,14 +255,16 @@ def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls):
   def dispatch(next_fun, args, kwargs, context):
     module, method = context.module, context.method_name
     if method == "__call__" and isinstance(module, nn.RNN) and args:
-      return _rnn_call(rec, module, next_fun, args, kwargs)
+      return _rnn_call(rec, module, next_fun, args, kwargs,
+                       keep=not _of_other_argument(rec, module, others))
     if method == "__call__" and isinstance(module, nn.RNNCellBase) and rec.rnn_frame():
       return _cell_call(rec, next_fun, args, kwargs)
     if method == "__call__" and isinstance(module, tables.NORMS):
-      return _norm_call(rec, seen, module, next_fun, args, kwargs)
+      return _norm_call(rec, seen, module, next_fun, args, kwargs,
+                        keep=not _of_other_argument(rec, module, others))
     attend = method == "attend" and isinstance(module, nn.Embed)
     recorder = tables.lookup(module) if method == "__call__" else None
-    if not args or not (attend or recorder is not None):
+    if not args or not (attend or recorder is not None) or _of_other_argument(rec, module, others):
       return next_fun(*args, **kwargs)
     flags = open_calls.setdefault((id(module), method), [])
     flags.append(False)
@@ -261,7 +306,13 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False,
   Args:
     fn: any function; every call of a supported layer made inside it (through
       ``module.apply``) is recorded, including every time step of cells run by
-      ``nn.RNN``.
+      ``nn.RNN``, except the calls whose params are leaves of an argument after
+      the first (another model passed to the loss: a DQN's target network, a
+      teacher, the critic an actor's loss runs through) when the first argument
+      holds layer weights (a leaf named ``kernel``, ``embedding`` or ``scale``).
+      Those are left out, as ``capture_nnx`` and ``capture_eqx`` leave out a model
+      passed as another argument. Calls with other weights that ``fn`` closes over
+      are pooled into the layer's factor, with a warning.
     has_aux: set when ``fn`` already returns ``(value, aux)``; the wrapped
       function then returns ``(value, (aux, activations))`` so that it still
       fits ``jax.value_and_grad(..., has_aux=True)``.
@@ -282,9 +333,10 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False,
     rec = Recorder(outputs=outputs)
     seen: dict[str, dict[int, Any]] = {}
     calls = _Calls()
-    rec.custom_dense = functools.partial(_custom_dense, rec, seen, calls)
+    others = _other_arguments(args, kwargs)
+    rec.custom_dense = functools.partial(_custom_dense, rec, seen, calls, others)
     with (transforms.recording(rec), flax_patches.linen_normalize(rec),
-          nn.intercept_methods(_interceptor(rec, seen, calls))):
+          nn.intercept_methods(_interceptor(rec, seen, calls, others))):
       result = fn(*args, **kwargs)
     _warn_other_weights(seen)
     value, aux = split_aux(result, has_aux, "capture")

@@ -70,9 +70,13 @@ class _NNXRecorder(Recorder):
   or by their weight (the copies made by ``nnx.scan``, ``nnx.vmap``, ``nnx.remat``)."""
 
   def __init__(self, owner_paths: dict[int, str], top: dict[int, tuple[str, ...]],
-               outputs: bool = False):
+               outputs: bool = False, others: frozenset[int] = frozenset()):
     super().__init__(top, outputs)
     self.owner_paths = owner_paths
+    # ids of the layers, and of their arrays, of the captured function's other arguments (a
+    # DQN's target network, a teacher, a critic the actor's loss runs through): not trained
+    # by the optimizer of the model, left out without a warning
+    self.others = others
     self.local_paths: list[dict[int, str]] = []
     self.unnamed: dict[str, None] = {}  # layer calls that could not be named (ordered set)
     # id(base layer) -> its calls inside a LoRA call, recorded by the LoRA wrapper (`_lora_call`)
@@ -91,7 +95,8 @@ class _NNXRecorder(Recorder):
     path = self.path_of(module)
     if path is None and parts is not None:
       path = paths.join(parts[:-1])
-    if path is None:
+    if (path is None and id(module) not in self.others
+        and id(self.outer(weight)) not in self.others):
       self.unnamed[f"{type(module).__name__} (weight {getattr(weight, 'shape', None)})"] = None
     return path, roles
 
@@ -99,6 +104,9 @@ class _NNXRecorder(Recorder):
     """Records a ``sngd_jax.dense`` call as the layer whose Variables its kernel and bias
     are (its path in the model, followed out through the transforms)."""
     roles, parts = self.trace(kernel)
+    array = _value(kernel) if isinstance(kernel, nnx.Variable) else kernel
+    if parts is None and id(self.outer(array)) in self.others:
+      return  # another argument's layer (a target network, a teacher): left out
     if parts is None:
       self.unnamed[f"sngd_jax.dense (kernel {getattr(kernel, 'shape', None)})"] = None
       return
@@ -136,12 +144,14 @@ class _NNXRecorder(Recorder):
           "the model's, as inside a transform made before capture started (`nnx.remat` or "
           "`nnx.vmap` applied as a decorator at class definition, an `nnx.jit` or "
           "`nnx.cond`/`nnx.switch` inside the captured function), a layer made inside the "
-          "loss, or a `sngd_jax.dense` given an array computed from a param (a cast or "
-          "transposed copy: pass the `nnx.Param` itself, cast with `dtype=`). They are not "
-          "captured, and `update` reports their layers as not captured. Apply such "
-          "transforms inside the captured function (docs/layer-coverage.md, *Not "
-          "captured*), or pass `fisher={path: None}` for those layers.",
-          stacklevel=caller_stacklevel())
+          "loss, a `sngd_jax.dense` given an array computed from a param (a cast or "
+          "transposed copy: pass the `nnx.Param` itself, cast with `dtype=`), or another "
+          "model the loss closes over (a target network, a teacher: pass it to the loss as an "
+          "argument, `loss_fn(model, target, x)`, and its calls are left out without this "
+          "warning). They are not captured, and `update` reports their layers as not "
+          "captured. Apply such transforms inside the captured function "
+          "(docs/layer-coverage.md, *Not captured*), or pass `fisher={path: None}` for those "
+          "layers.", stacklevel=caller_stacklevel())
     return super().freeze()
 
 
@@ -300,7 +310,12 @@ def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False,
 
   @functools.wraps(fn)
   def wrapped(model, *args, **kwargs):
-    rec = _NNXRecorder(_graph_paths(model), _param_leaves(model), outputs)
+    owner, top = _graph_paths(model), _param_leaves(model)
+    others = frozenset()
+    if owner or top:  # (a model passed later, `argnums=1`, is the mistake the warning names)
+      others = (frozenset(_graph_paths((args, kwargs))) | frozenset(_param_leaves((args, kwargs)))
+                ) - frozenset(owner) - frozenset(top)
+    rec = _NNXRecorder(owner, top, outputs, others)
     rec.custom_dense = rec.record_dense
     cells = tuple({type(node.cell) for _, node in nnx.iter_graph(model)
                    if isinstance(node, nnx.RNN)} | set(tables.NNX_CELLS))

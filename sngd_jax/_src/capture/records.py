@@ -572,6 +572,16 @@ class Recorder:
     parts = self.top.get(id(w)) if w is not None else None
     return tuple(reversed(roles)), parts
 
+  def outer(self, x: Any) -> Any:
+    """The caller's array that ``x`` (an array a layer reads, such as its weight) comes from,
+    followed out through the transform frames: a slice of stacked params under a scan over
+    depth is the stack."""
+    for frame in reversed(self.frames):
+      entry = frame.inputs.get(id(x)) if isinstance(frame, TransformFrame) else None
+      if entry is not None:
+        x = entry[0]
+    return x
+
   def add(self, path: str, inputs, outputs, kind: str, config: tuple = (),
           weight: Any = None, roles: Optional[tuple[str, ...]] = None,
           batch_axis: Optional[int] = 0) -> None:
