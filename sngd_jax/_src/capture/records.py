@@ -40,7 +40,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from typing import Any, Iterator, Optional, Union
+import weakref
+from typing import Any, Callable, Iterator, Optional, Union
 
 import flax.struct
 import jax
@@ -270,6 +271,14 @@ def stacked_rows_pooled(activations: Any) -> Any:
           if isinstance(calls, (tuple, list)) else calls for p, calls in activations.items()}
 
 
+def _weak(x: Any) -> Callable[[], Any]:
+  """A weak reference to ``x`` (a strong one for the rare value that has none)."""
+  try:
+    return weakref.ref(x)
+  except TypeError:
+    return lambda: x
+
+
 def _live_traces() -> Optional[set[int]]:
   """Ids of the current trace and the traces it nests in (None if JAX does not say).
 
@@ -452,7 +461,7 @@ class CellFrame:
   """One cell call inside an RNN's scan: its records leave the scan as outputs."""
 
   records: dict[str, list[Pending]] = dataclasses.field(default_factory=dict)
-  stopped: dict[int, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
+  stopped: dict[int, tuple[Callable[[], Any], Any]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -471,7 +480,7 @@ class TransformFrame:
   kind: str
   inputs: dict[int, tuple[Any, str]]
   records: dict[str, list[Pending]] = dataclasses.field(default_factory=dict)
-  stopped: dict[int, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
+  stopped: dict[int, tuple[Callable[[], Any], Any]] = dataclasses.field(default_factory=dict)
 
   @property
   def adds_axis(self) -> bool:
@@ -508,9 +517,10 @@ class Recorder:
     self.norm_slots: list[list] = []
     self.escaped: set[str] = set()
     self.top = top or {}
-    # id(input) -> (input, stopped input) of the calls outside any frame (a frame keeps
-    # its own, dropped with it): layers that read one array record one value (``Shared``).
-    self.stopped: dict[int, tuple[Any, Any]] = {}
+    # id(input) -> (weak reference to the input, stopped input) of the calls outside any
+    # frame (a frame keeps its own, dropped with it): layers that read one array record one
+    # value (``Shared``).
+    self.stopped: dict[int, tuple[Callable[[], Any], Any]] = {}
 
   @property
   def records(self) -> dict[str, list[Pending]]:
@@ -533,12 +543,17 @@ class Recorder:
 
     Layers that read one array (an LSTM cell's gates, attention's q/k/v projections)
     then record the same value, which leaves a transform once (``Shared``). The
-    cache holds ``x`` itself, so that its id is not reused while the frame lives, and
-    goes with the frame (no tracer outlives its transform).
+    cache holds a weak reference to ``x``, checked on a hit (an id is reused once its
+    object is gone), and goes with the frame. It must not hold ``x`` itself: a layer called
+    inside a derivative transform of the model's *inputs* (``jax.grad``, ``jax.jvp``,
+    ``jax.hessian`` of the model at a point, as a physics-informed loss does) reads a
+    tracer of that transform, which would outlive it in the cache (``jax.checking_leaks``
+    reports it). The stopped value itself is the primal, a value of the enclosing trace.
     """
-    if id(x) not in target.stopped:
-      target.stopped[id(x)] = (x, jax.lax.stop_gradient(x))
-    return target.stopped[id(x)][1]
+    entry = target.stopped.get(id(x))
+    if entry is None or entry[0]() is not x:
+      entry = target.stopped[id(x)] = (_weak(x), jax.lax.stop_gradient(x))
+    return entry[1]
 
   def trace(self, weight: Any) -> tuple[tuple[str, ...], Optional[tuple[str, ...]]]:
     """Follows a layer's weight out through the transform frames.
