@@ -279,14 +279,25 @@ def _weak(x: Any) -> Callable[[], Any]:
     return lambda: x
 
 
+def current_trace() -> Any:
+  """The innermost JAX trace now running (None if JAX does not say)."""
+  from jax._src import core  # noqa: PLC0415 (JAX internals: the current trace)
+  return getattr(getattr(core, "trace_ctx", None), "trace", None)
+
+
+def _mapped_by(x: Any, trace: Any) -> bool:
+  """Whether ``x`` is batched by the ``vmap`` whose trace is ``trace``."""
+  return (isinstance(x, jax.core.Tracer) and getattr(x, "_trace", None) is trace
+          and getattr(x, "batch_dim", 0) is not None)
+
+
 def _live_traces() -> Optional[set[int]]:
   """Ids of the current trace and the traces it nests in (None if JAX does not say).
 
   A tracer of any other trace belongs to a transform that has finished: it leaked
   out of it. (JAX's own ``Trace.is_valid`` is not kept up to date for every trace.)
   """
-  from jax._src import core  # noqa: PLC0415 (JAX internals: the current trace)
-  trace = getattr(getattr(core, "trace_ctx", None), "trace", None)
+  trace = current_trace()
   if trace is None:
     return None
   live = set()
@@ -641,6 +652,43 @@ class Recorder:
     """The records of a transform body, to return as outputs (leaked calls dropped;
     an array that several records hold leaves once, ``Shared``)."""
     return Shared(_valid(frame.records, self.escaped))
+
+  def leaving_vmap(self, frame: TransformFrame, depth: int,
+                   trace: Any) -> tuple[Shared, dict[str, list[Pending]]]:
+    """The records of a ``vmap`` body, split into those its mapped axis batches and the rest.
+
+    The first are returned as the body's outputs (stacked along the new axis). A record
+    that the vmap does not batch, of a layer whose weight it does not map (role
+    ``'vmap:pool'``), holds the same value in every lane: a vmap over the directions of
+    Hessian-vector products (``jax.vmap(lambda v: jax.jvp(jax.grad(u), (x,), (v,))[1])``)
+    or over probe vectors batches the tangents only, and JAX computes the layer's primal
+    input once. It leaves the vmap as it is (a value of the enclosing trace, not of the
+    vmap's), without the vmap's axis, so that each such input is one row, not one per
+    lane, as when ``jax.hessian`` (whose own vmap is JAX's internal one) computes the same
+    derivatives. A stacked layer (its weight mapped: an ensemble on one input) keeps the
+    axis, one local Fisher per member.
+
+    Args:
+      frame: the vmap body's frame.
+      depth: the index of this vmap's role in the records' ``roles`` (the number of
+        enclosing frames that add an axis).
+      trace: the vmap's trace (``current_trace()`` in its body); None keeps every record
+        as an output.
+
+    Returns:
+      ``(outputs, unmapped)``: the records to return from the body, and the others with
+      this vmap's role removed, to add to the enclosing frame after the vmap returns.
+    """
+    mapped: dict[str, list[Pending]] = {}
+    unmapped: dict[str, list[Pending]] = {}
+    for path, calls in _valid(frame.records, self.escaped).items():
+      for p in calls:
+        same = (trace is not None and len(p.roles) > depth and p.roles[depth] == "vmap:pool"
+                and not any(_mapped_by(x, trace) for x in jax.tree.leaves(p.captured)))
+        if same:
+          p = p.replace(roles=p.roles[:depth] + p.roles[depth + 1:])
+        (unmapped if same else mapped).setdefault(path, []).append(p)
+    return Shared(mapped), unmapped
 
   @contextlib.contextmanager
   def norm(self) -> Iterator[list]:

@@ -37,7 +37,12 @@ from typing import Any, Callable, Iterator, Optional
 import flax.core.axes_scan as flax_axes_scan
 import jax
 
-from sngd_jax._src.capture.records import DiscardFrame, Recorder, TransformFrame
+from sngd_jax._src.capture.records import (
+    DiscardFrame,
+    Recorder,
+    TransformFrame,
+    current_trace,
+)
 
 _ORIGINAL = {
     "scan": jax.lax.scan,
@@ -119,15 +124,22 @@ def vmap(fun: Callable, in_axes: Any = 0, out_axes: Any = 0, *args, **kwargs) ->
       roles = _mapped_roles(in_axes, a, kw)
     except ValueError:  # an in_axes JAX will reject: let it say so
       return plain(*a, **kw)
+    depth = len(rec.trace(None)[0])  # this vmap's role in the roles of records made inside
+    unmapped: list[dict] = []
 
     def body(*inner_a, **inner_kw):
       frame = TransformFrame("vmap", _inputs((inner_a, inner_kw), (a, kw), roles))
+      trace = current_trace()
       with rec.frame(frame):
         out = fun(*inner_a, **inner_kw)
-      return out, rec.leaving(frame)
+      mapped, same = rec.leaving_vmap(frame, depth, trace)
+      unmapped[:] = [same]
+      return out, mapped
 
     out, records = _ORIGINAL["vmap"](body, in_axes, (out_axes, 0), *args, **kwargs)(*a, **kw)
     rec.add_all(records)
+    for same in unmapped:  # the same value in every lane: one record, no vmap axis
+      rec.add_all(same)
     return out
 
   return call
