@@ -399,3 +399,44 @@ def test_fourier_feature_mlp_factor_is_over_the_features():
   _check_dense(features, grads, updates, "Dense_0")
   hidden = np.tanh(features @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
   _check_dense(hidden, grads, updates, "Dense_1")
+
+
+class SpectralConv(nn.Module):
+  """An FNO layer's complex spectral weights, here named ``kernel``."""
+
+  @nn.compact
+  def __call__(self, x):  # (batch, n, channels)
+    c, modes = x.shape[-1], 3
+    init = lambda key, shape: (jax.random.normal(key, shape) + 0j).astype(jnp.complex128)
+    w = self.param("kernel", init, (c, c, modes))
+    xf = jnp.fft.rfft(x, axis=1)[:, :modes]
+    of = jnp.einsum("bmi,iom->bmo", xf, w)
+    out = jnp.zeros((x.shape[0], x.shape[1] // 2 + 1, c), of.dtype).at[:, :modes].set(of)
+    return jnp.fft.irfft(out, n=x.shape[1], axis=1)
+
+
+class FNO(nn.Module):
+  @nn.compact
+  def __call__(self, a):
+    h = nn.Dense(4, param_dtype=jnp.float64)(a)
+    h = jax.nn.gelu(SpectralConv(name="spectral")(h) + nn.Dense(4, param_dtype=jnp.float64)(h))
+    return nn.Dense(1, param_dtype=jnp.float64)(h)
+
+
+def test_complex_spectral_kernel_is_refused_with_the_fix():
+  """A complex ``kernel`` (an FNO's spectral weights) looks like a dense layer by its name:
+  `init` names it and the `fisher` entry that passes it through; with that entry the step
+  preconditions the real dense layers and passes the spectral weights' gradient on."""
+  a = jax.random.normal(jax.random.key(0), (3, 8, 1), jnp.float64)
+  model = FNO()
+  params = model.init(jax.random.key(1), a)["params"]
+  with pytest.raises(TypeError, match=r"'spectral/kernel' of layer 'spectral' has dtype "
+                                      r"complex128.*fisher=\{'spectral': None\}"):
+    sngd_jax.sngd().init(params)
+  loss = lambda p, a: jnp.mean(model.apply({"params": p}, a) ** 2)
+  tx = sngd_jax.sngd(fisher={"spectral": None}, factor_every=1, **ref.one_step_kwargs())
+  (_, acts), grads = jax.jit(jax.value_and_grad(sngd_jax.capture(loss), has_aux=True))(
+      params, a)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params, activations=acts)
+  np.testing.assert_array_equal(updates["spectral"]["kernel"], grads["spectral"]["kernel"])
+  _check_dense(np.asarray(a).reshape(-1, 1), grads, updates, "Dense_0")
