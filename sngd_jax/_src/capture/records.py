@@ -686,7 +686,7 @@ class Recorder:
         same = (trace is not None and len(p.roles) > depth and p.roles[depth] == "vmap:pool"
                 and not any(_mapped_by(x, trace) for x in jax.tree.leaves(p.captured)))
         if same:
-          p = p.replace(roles=p.roles[:depth] + p.roles[depth + 1:])
+          p = dataclasses.replace(p, roles=p.roles[:depth] + p.roles[depth + 1:])
         (unmapped if same else mapped).setdefault(path, []).append(p)
     return Shared(mapped), unmapped
 

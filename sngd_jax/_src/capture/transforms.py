@@ -7,10 +7,13 @@ body runs under a ``records.TransformFrame`` that maps its arguments to
 the caller's, and returns the records made inside as extra outputs (``scan``
 and ``vmap`` stack them along a new leading axis, ``checkpoint`` returns them
 as they are). The records then join the enclosing frame (see ``records``
-for the roles of the new axes). The transforms of Flax (``nn.scan``,
-``nn.vmap``, ``nn.remat``, ``nnx.scan``, ``nnx.vmap``, ``nnx.remat``) and of
-Equinox (``filter_vmap``, ``filter_checkpoint``) call these functions when
-they run, so they are covered too.
+for the roles of the new axes). A record that a ``vmap`` does not batch (every
+lane read the same input, as under a vmap over the directions of Hessian-vector
+products) leaves it without the new axis, once (``Recorder.leaving_vmap``). The
+transforms of Flax (``nn.scan``, ``nn.vmap``, ``nn.remat``, ``nnx.scan``,
+``nnx.vmap``, ``nnx.remat``) and of Equinox (``filter_vmap``,
+``filter_checkpoint``) call these functions when they run, so they are covered
+too.
 
 The replacement is process-wide while any capture runs (reference counted) and
 acts only on the thread that captures: elsewhere each wrapper calls JAX's own
