@@ -33,7 +33,9 @@ def check_param_dtypes(specs: Mapping[str, layers_lib.LayerSpec], leaves: list[A
     what: ``"params"`` or ``"updates"``, for the message.
 
   Raises:
-    TypeError: naming the leaf path and its dtype.
+    TypeError: naming the leaf path and its dtype, and the ``fisher`` entry that leaves the
+      layer to the next transform (a complex ``kernel``, such as the spectral weights of a
+      Fourier neural operator, is a layer by its name only: sngd has no local Fisher for it).
   """
   for spec in specs.values():
     for parts in (spec.kernel, spec.bias):
@@ -41,10 +43,16 @@ def check_param_dtypes(specs: Mapping[str, layers_lib.LayerSpec], leaves: list[A
         continue
       dtype = jnp.asarray(leaves[index[parts]]).dtype
       if not jnp.issubdtype(dtype, jnp.floating):
+        what_it_is = ("complex weights have no local Fisher in sngd (the spectral weights of a "
+                      "Fourier neural operator, say)"
+                      if jnp.issubdtype(dtype, jnp.complexfloating) else
+                      "a preconditioned layer needs floating-point params and gradients "
+                      "(float16, bfloat16, float32 or float64)")
         raise TypeError(
             f"sngd: {what} leaf {paths.join(parts)!r} of layer {spec.path!r} has dtype "
-            f"{dtype}; a preconditioned layer needs floating-point params and gradients "
-            "(float16, bfloat16, float32 or float64)")
+            f"{dtype}; {what_it_is}. Pass `fisher={{{spec.path!r}: None}}` to leave the "
+            "layer to the next transform of the chain (its gradient passes through "
+            "unchanged)")
 
 
 def check_state_shapes(specs: Mapping[str, layers_lib.LayerSpec],

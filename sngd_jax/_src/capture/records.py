@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
+import weakref
 from typing import Any, Callable, Iterator, Optional, Union
 
 import flax.struct
@@ -270,14 +271,33 @@ def stacked_rows_pooled(activations: Any) -> Any:
           if isinstance(calls, (tuple, list)) else calls for p, calls in activations.items()}
 
 
+def _weak(x: Any) -> Callable[[], Any]:
+  """A weak reference to ``x`` (a strong one for the rare value that has none)."""
+  try:
+    return weakref.ref(x)
+  except TypeError:
+    return lambda: x
+
+
+def current_trace() -> Any:
+  """The innermost JAX trace now running (None if JAX does not say)."""
+  from jax._src import core  # noqa: PLC0415 (JAX internals: the current trace)
+  return getattr(getattr(core, "trace_ctx", None), "trace", None)
+
+
+def _mapped_by(x: Any, trace: Any) -> bool:
+  """Whether ``x`` is batched by the ``vmap`` whose trace is ``trace``."""
+  return (isinstance(x, jax.core.Tracer) and getattr(x, "_trace", None) is trace
+          and getattr(x, "batch_dim", 0) is not None)
+
+
 def _live_traces() -> Optional[set[int]]:
   """Ids of the current trace and the traces it nests in (None if JAX does not say).
 
   A tracer of any other trace belongs to a transform that has finished: it leaked
   out of it. (JAX's own ``Trace.is_valid`` is not kept up to date for every trace.)
   """
-  from jax._src import core  # noqa: PLC0415 (JAX internals: the current trace)
-  trace = getattr(getattr(core, "trace_ctx", None), "trace", None)
+  trace = current_trace()
   if trace is None:
     return None
   live = set()
@@ -452,7 +472,7 @@ class CellFrame:
   """One cell call inside an RNN's scan: its records leave the scan as outputs."""
 
   records: dict[str, list[Pending]] = dataclasses.field(default_factory=dict)
-  stopped: dict[int, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
+  stopped: dict[int, tuple[Callable[[], Any], Any]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -471,7 +491,7 @@ class TransformFrame:
   kind: str
   inputs: dict[int, tuple[Any, str]]
   records: dict[str, list[Pending]] = dataclasses.field(default_factory=dict)
-  stopped: dict[int, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
+  stopped: dict[int, tuple[Callable[[], Any], Any]] = dataclasses.field(default_factory=dict)
 
   @property
   def adds_axis(self) -> bool:
@@ -513,9 +533,10 @@ class Recorder:
     self.escaped: set[str] = set()
     self.top = top or {}
     self.custom_dense: Optional[Callable[..., None]] = None
-    # id(input) -> (input, stopped input) of the calls outside any frame (a frame keeps
-    # its own, dropped with it): layers that read one array record one value (``Shared``).
-    self.stopped: dict[int, tuple[Any, Any]] = {}
+    # id(input) -> (weak reference to the input, stopped input) of the calls outside any
+    # frame (a frame keeps its own, dropped with it): layers that read one array record one
+    # value (``Shared``).
+    self.stopped: dict[int, tuple[Callable[[], Any], Any]] = {}
 
   @property
   def records(self) -> dict[str, list[Pending]]:
@@ -538,12 +559,17 @@ class Recorder:
 
     Layers that read one array (an LSTM cell's gates, attention's q/k/v projections)
     then record the same value, which leaves a transform once (``Shared``). The
-    cache holds ``x`` itself, so that its id is not reused while the frame lives, and
-    goes with the frame (no tracer outlives its transform).
+    cache holds a weak reference to ``x``, checked on a hit (an id is reused once its
+    object is gone), and goes with the frame. It must not hold ``x`` itself: a layer called
+    inside a derivative transform of the model's *inputs* (``jax.grad``, ``jax.jvp``,
+    ``jax.hessian`` of the model at a point, as a physics-informed loss does) reads a
+    tracer of that transform, which would outlive it in the cache (``jax.checking_leaks``
+    reports it). The stopped value itself is the primal, a value of the enclosing trace.
     """
-    if id(x) not in target.stopped:
-      target.stopped[id(x)] = (x, jax.lax.stop_gradient(x))
-    return target.stopped[id(x)][1]
+    entry = target.stopped.get(id(x))
+    if entry is None or entry[0]() is not x:
+      entry = target.stopped[id(x)] = (_weak(x), jax.lax.stop_gradient(x))
+    return entry[1]
 
   def trace(self, weight: Any) -> tuple[tuple[str, ...], Optional[tuple[str, ...]]]:
     """Follows a layer's weight out through the transform frames.
@@ -641,6 +667,43 @@ class Recorder:
     """The records of a transform body, to return as outputs (leaked calls dropped;
     an array that several records hold leaves once, ``Shared``)."""
     return Shared(_valid(frame.records, self.escaped))
+
+  def leaving_vmap(self, frame: TransformFrame, depth: int,
+                   trace: Any) -> tuple[Shared, dict[str, list[Pending]]]:
+    """The records of a ``vmap`` body, split into those its mapped axis batches and the rest.
+
+    The first are returned as the body's outputs (stacked along the new axis). A record
+    that the vmap does not batch, of a layer whose weight it does not map (role
+    ``'vmap:pool'``), holds the same value in every lane: a vmap over the directions of
+    Hessian-vector products (``jax.vmap(lambda v: jax.jvp(jax.grad(u), (x,), (v,))[1])``)
+    or over probe vectors batches the tangents only, and JAX computes the layer's primal
+    input once. It leaves the vmap as it is (a value of the enclosing trace, not of the
+    vmap's), without the vmap's axis, so that each such input is one row, not one per
+    lane, as when ``jax.hessian`` (whose own vmap is JAX's internal one) computes the same
+    derivatives. A stacked layer (its weight mapped: an ensemble on one input) keeps the
+    axis, one local Fisher per member.
+
+    Args:
+      frame: the vmap body's frame.
+      depth: the index of this vmap's role in the records' ``roles`` (the number of
+        enclosing frames that add an axis).
+      trace: the vmap's trace (``current_trace()`` in its body); None keeps every record
+        as an output.
+
+    Returns:
+      ``(outputs, unmapped)``: the records to return from the body, and the others with
+      this vmap's role removed, to add to the enclosing frame after the vmap returns.
+    """
+    mapped: dict[str, list[Pending]] = {}
+    unmapped: dict[str, list[Pending]] = {}
+    for path, calls in _valid(frame.records, self.escaped).items():
+      for p in calls:
+        same = (trace is not None and len(p.roles) > depth and p.roles[depth] == "vmap:pool"
+                and not any(_mapped_by(x, trace) for x in jax.tree.leaves(p.captured)))
+        if same:
+          p = dataclasses.replace(p, roles=p.roles[:depth] + p.roles[depth + 1:])
+        (unmapped if same else mapped).setdefault(path, []).append(p)
+    return Shared(mapped), unmapped
 
   @contextlib.contextmanager
   def norm(self) -> Iterator[list]:

@@ -7,10 +7,13 @@ body runs under a ``records.TransformFrame`` that maps its arguments to
 the caller's, and returns the records made inside as extra outputs (``scan``
 and ``vmap`` stack them along a new leading axis, ``checkpoint`` returns them
 as they are). The records then join the enclosing frame (see ``records``
-for the roles of the new axes). The transforms of Flax (``nn.scan``,
-``nn.vmap``, ``nn.remat``, ``nnx.scan``, ``nnx.vmap``, ``nnx.remat``) and of
-Equinox (``filter_vmap``, ``filter_checkpoint``) call these functions when
-they run, so they are covered too.
+for the roles of the new axes). A record that a ``vmap`` does not batch (every
+lane read the same input, as under a vmap over the directions of Hessian-vector
+products) leaves it without the new axis, once (``Recorder.leaving_vmap``). The
+transforms of Flax (``nn.scan``, ``nn.vmap``, ``nn.remat``, ``nnx.scan``,
+``nnx.vmap``, ``nnx.remat``) and of Equinox (``filter_vmap``,
+``filter_checkpoint``) call these functions when they run, so they are covered
+too.
 
 The replacement is process-wide while any capture runs (reference counted) and
 acts only on the thread that captures: elsewhere each wrapper calls JAX's own
@@ -37,7 +40,12 @@ from typing import Any, Callable, Iterator, Optional
 import flax.core.axes_scan as flax_axes_scan
 import jax
 
-from sngd_jax._src.capture.records import DiscardFrame, Recorder, TransformFrame
+from sngd_jax._src.capture.records import (
+    DiscardFrame,
+    Recorder,
+    TransformFrame,
+    current_trace,
+)
 
 _ORIGINAL = {
     "scan": jax.lax.scan,
@@ -124,15 +132,22 @@ def vmap(fun: Callable, in_axes: Any = 0, out_axes: Any = 0, *args, **kwargs) ->
       roles = _mapped_roles(in_axes, a, kw)
     except ValueError:  # an in_axes JAX will reject: let it say so
       return plain(*a, **kw)
+    depth = len(rec.trace(None)[0])  # this vmap's role in the roles of records made inside
+    unmapped: list[dict] = []
 
     def body(*inner_a, **inner_kw):
       frame = TransformFrame("vmap", _inputs((inner_a, inner_kw), (a, kw), roles))
+      trace = current_trace()
       with rec.frame(frame):
         out = fun(*inner_a, **inner_kw)
-      return out, rec.leaving(frame)
+      mapped, same = rec.leaving_vmap(frame, depth, trace)
+      unmapped[:] = [same]
+      return out, mapped
 
     out, records = _ORIGINAL["vmap"](body, in_axes, (out_axes, 0), *args, **kwargs)(*a, **kw)
     rec.add_all(records)
+    for same in unmapped:  # the same value in every lane: one record, no vmap axis
+      rec.add_all(same)
     return out
 
   return call
