@@ -192,7 +192,7 @@ def _arity(result: Any) -> str:
   return f" of length {len(result)}" if isinstance(result, (tuple, list)) else ""
 
 
-def _axes_shifted(kind: str, config: tuple, k: int) -> tuple:
+def axes_shifted(kind: str, config: tuple, k: int) -> tuple:
   """``config`` for the same call with ``k`` more leading (row) axes."""
   if k == 0 or not config:
     return config
@@ -232,7 +232,7 @@ def _finalized(p: Pending) -> Captured:
   else:
     batch_axis = len(stack) + pooled + c.batch_axis
   return Captured(inputs=order(c.inputs), outputs=order(c.outputs), kind=c.kind,
-                  config=_axes_shifted(c.kind, c.config, pooled), stack=len(stack),
+                  config=axes_shifted(c.kind, c.config, pooled), stack=len(stack),
                   time_steps=time_steps, batch_axis=batch_axis, ndim=c.inputs.ndim)
 
 
@@ -257,7 +257,7 @@ def leading_axes_pooled(c: Captured) -> Captured:
 
   return dataclasses.replace(
       c, inputs=move(c.inputs), outputs=move(c.outputs),
-      config=_axes_shifted(c.kind, c.config, k),
+      config=axes_shifted(c.kind, c.config, k),
       batch_axis=None if c.batch_axis is None else c.batch_axis + k, ndim=c.inputs.ndim)
 
 
@@ -419,7 +419,7 @@ def untag(out: Any, time_axis: int,
           else:
             lead = lambda a: None if a is None else jnp.moveaxis(a, time_axis, 0)
             c = c.replace(inputs=lead(c.inputs), outputs=lead(c.outputs), time_steps=steps,
-                          config=_axes_shifted(c.kind, c.config, 1), batch_axis=0)
+                          config=axes_shifted(c.kind, c.config, 1), batch_axis=0)
           found.setdefault(path, []).append(p.replace(captured=c))
       return node.value
     return node
