@@ -34,7 +34,11 @@ import jax.numpy as jnp
 
 from sngd_jax._src import paths
 from sngd_jax._src.capture import transforms
-from sngd_jax._src.capture.records import Recorder, split_aux
+from sngd_jax._src.capture.records import (
+    Recorder,
+    check_captured_function,
+    split_aux,
+)
 from sngd_jax._src.frames import caller_stacklevel
 
 # A record of one call: (name suffix, weight, inputs, outputs, kind, config).
@@ -225,9 +229,13 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False,
   Returns:
     A function with ``fn``'s signature returning ``(fn(...), activations)``,
     activations keyed by the layer's path in ``model``.
+
+  Raises:
+    TypeError: when ``fn`` is a model or not callable, saying what to write.
   """
 
   _equinox()
+  check_captured_function(fn, "capture_eqx")
 
   @functools.wraps(fn)
   def wrapped(model, *args, **kwargs):

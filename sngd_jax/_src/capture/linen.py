@@ -35,6 +35,8 @@ from sngd_jax._src.capture import flax_patches, tables, transforms
 from sngd_jax._src.capture.records import (
     Recorder,
     StepRecords,
+    check_captured_function,
+    check_not_other_models,
     rnn_batched,
     rnn_time_axis,
     split_aux,
@@ -203,7 +205,12 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False,
 
   Returns:
     A function with ``fn``'s signature returning ``(fn(...), activations)``.
+
+  Raises:
+    TypeError: when ``fn`` is a model (a linen Module, which cannot be called unbound; an NNX
+      or Equinox model) or not callable, saying what to write.
   """
+  check_captured_function(fn, "capture")
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
@@ -215,6 +222,8 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False,
     _warn_other_weights(seen)
     value, aux = split_aux(result, has_aux, "capture")
     acts = rec.freeze()
+    if not acts:
+      check_not_other_models(args)
     return (value, (aux, acts)) if has_aux else (value, acts)
 
   return wrapped

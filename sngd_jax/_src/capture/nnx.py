@@ -31,6 +31,7 @@ from sngd_jax._src.capture import flax_patches, tables, transforms
 from sngd_jax._src.capture.records import (
   Recorder,
   StepRecords,
+  check_captured_function,
   rnn_batched,
   rnn_time_axis,
   split_aux,
@@ -272,7 +273,11 @@ def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False,
   Returns:
     A function with ``fn``'s signature returning ``(fn(...), activations)``,
     activations keyed by the layer's path in ``model``.
+
+  Raises:
+    TypeError: when ``fn`` is a model or not callable, saying what to write.
   """
+  check_captured_function(fn, "capture_nnx")
 
   @functools.wraps(fn)
   def wrapped(model, *args, **kwargs):

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import warnings
 from typing import Any, Iterator, Optional, Union
 
@@ -153,6 +154,78 @@ class Pending:
 
   captured: Captured
   roles: tuple = flax.struct.field(pytree_node=False, default=())
+
+
+def model_kind(obj: Any) -> Optional[str]:
+  """``"linen"``, ``"nnx"`` or ``"equinox"`` for a model of that kind, else None.
+
+  An Equinox model is an ``eqx.Module`` holding a layer of ``eqx.nn`` (a function wrapped
+  by ``eqx.filter_jit``, also an ``eqx.Module``, is not one).
+  """
+  import flax.linen as nn  # noqa: PLC0415 - loaded with flax
+  from flax import nnx  # noqa: PLC0415
+  if isinstance(obj, nn.Module):
+    return "linen"
+  if isinstance(obj, nnx.Module):
+    return "nnx"
+  eqx = sys.modules.get("equinox")
+  if eqx is not None and isinstance(obj, eqx.Module):
+    nodes = jax.tree.leaves(obj, is_leaf=lambda n: isinstance(n, eqx.Module))
+    if any(type(n).__module__.startswith("equinox.nn") for n in [obj, *nodes]):
+      return "equinox"
+  return None
+
+
+CAPTURE_OF = {"linen": "capture", "nnx": "capture_nnx", "equinox": "capture_eqx"}
+"""The capture function for each model kind."""
+
+EXAMPLE_LOSS = {
+    "linen": "def loss_fn(params, x, y): return jnp.mean((model.apply({'params': params}, x) "
+             "- y) ** 2)",
+    "nnx": "def loss_fn(model, x, y): return jnp.mean((model(x) - y) ** 2)",
+    "equinox": "def loss_fn(model, x, y): return jnp.mean((jax.vmap(model)(x) - y) ** 2)",
+}
+"""A loss function of each model kind, for the messages."""
+
+FIRST_ARGUMENT = {"linen": "params", "nnx": "model", "equinox": "model"}
+
+LABEL = {"linen": "linen", "nnx": "NNX", "equinox": "Equinox"}
+A_LABEL = {"linen": "a linen", "nnx": "an NNX", "equinox": "an Equinox"}
+
+
+def check_captured_function(fn: Any, name: str) -> None:
+  """Raises a ``TypeError`` saying what to write when ``name`` (``"capture"``,
+  ``"capture_nnx"``, ``"capture_eqx"``) is given a model, or anything that is not callable,
+  instead of the loss function that applies the model.
+
+  A linen Module passed to ``capture`` would fail at its first call with Flax's
+  ``CallCompactUnboundModuleError``; an NNX or Equinox model passed to ``capture_nnx`` or
+  ``capture_eqx`` would run on the batch as the "model" argument and capture nothing.
+  """
+  kind = model_kind(fn)
+  if kind is None and callable(fn):
+    return
+  what = (f"the {LABEL[kind]} model `{type(fn).__name__}` itself" if kind is not None
+          else f"a `{type(fn).__name__}` (not callable)")
+  kind = kind or {v: k for k, v in CAPTURE_OF.items()}[name]
+  raise TypeError(
+      f"sngd: `{name}` takes the loss function that applies the model, "
+      f"`loss_fn({FIRST_ARGUMENT[kind]}, *batch)`; it got {what}. For {A_LABEL[kind]} model "
+      f"write `sngd_jax.{CAPTURE_OF[kind]}(loss_fn)({FIRST_ARGUMENT[kind]}, x, y)` with e.g. "
+      f"`{EXAMPLE_LOSS[kind]}`.")
+
+
+def check_not_other_models(args: tuple) -> None:
+  """Raises a ``TypeError`` naming the capture to use when ``capture`` (linen) recorded
+  nothing and is given an NNX or Equinox model (whose layers it does not intercept)."""
+  for arg in args:
+    kind = model_kind(arg)
+    if kind in ("nnx", "equinox"):
+      raise TypeError(
+          f"sngd: `capture` records linen modules and recorded nothing; it was given the "
+          f"{LABEL[kind]} model `{type(arg).__name__}`. Write "
+          f"`sngd_jax.{CAPTURE_OF[kind]}(loss_fn)(model, x, y)` with e.g. "
+          f"`{EXAMPLE_LOSS[kind]}`.")
 
 
 def split_aux(result: Any, has_aux: bool, name: str) -> tuple[Any, Any]:
