@@ -271,3 +271,18 @@ def test_a_layer_never_fed_keeps_the_identity_and_counts_no_refresh_failure(inve
   np.testing.assert_allclose(
       updates["emb"]["embedding"], ge / (freq + damping * freq.sum() + abs_damping)[:, None],
       rtol=2e-5)
+
+
+@pytest.mark.usefixtures("x64")
+def test_a_layer_called_on_zero_rows_from_the_first_step_counts_no_refresh_failure():
+  """``b`` called on a ``(0, D)`` input from the first step on: its factor is never fed, so
+  its refreshes keep the identity (its update is its gradient) and count no failure (one was
+  counted at the first refresh before); the step is not skipped."""
+  params, x, loss = _gathered()
+  tx = sngd_jax.sngd(damping=1e-3, factor_every=1, inverse_every=1, max_norm=None)
+  state = tx.init(params)
+  for _ in range(2):
+    grads, updates, state = _step(tx, state, params, x, loss, jnp.zeros((0,), jnp.int32))
+    assert int(state.num_refresh_failures) == 0
+    assert int(state.num_skipped_steps) == 0
+    jax.tree.map(np.testing.assert_array_equal, updates["b"], grads["b"])
