@@ -258,8 +258,9 @@ def test_norm_on_one_unbatched_vector_is_one_example(api):
   """``LayerNorm`` called on one ``(C,)`` vector (per-example gradients: a ``jax.vmap`` of
   the captured gradient over the batch) is one example, one row per channel, also with
   ``stats_batch_size``, which cut its channels before ("captured 3 channels, params have
-  5"). Reference: float64 ``[[xhat^2, xhat], [xhat, 1]]`` per channel of every example's
-  row, and the mean of the per-example gradients solved against it."""
+  5"). Reference: float64 ``[[xhat^2, xhat], [xhat, 1]]`` per channel of the rows of the
+  first 3 examples (the vmap's axis holds the examples), and the mean of the per-example
+  gradients solved against it."""
   from flax import nnx
 
   c, n = 5, 8
@@ -287,6 +288,7 @@ def test_norm_on_one_unbatched_vector_is_one_example(api):
   updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
   xn = np.asarray(x, np.float64)
   xhat = (xn - xn.mean(1, keepdims=True)) / np.sqrt(xn.var(1, keepdims=True) + 1e-6)
+  xhat = xhat[:3]  # stats_batch_size=3
   g, u = leaves(grads), leaves(updates)
   scale, bias = ref.channel_update(xhat, np.asarray(g["scale"]), np.asarray(g["bias"]))
   np.testing.assert_allclose(u["scale"], scale, rtol=1e-8, atol=1e-12)
@@ -319,8 +321,8 @@ def test_general_dense_on_one_unbatched_example_is_one_example(name):
   gradient over the batch) is one example with one row. Before, its first axis was read as
   the example axis, so ``stats_batch_size=3`` cut ``D = H = 4`` features to 3 (an error, or,
   with ``(H, D)``, rows of 3 of the 4 ``H``). Reference: float64 dense solve with the rows
-  ``x_i`` flattened, of every example (each vmapped example is a batch of one, whose first
-  example is all of it, as for ``LayerNorm`` above)."""
+  ``x_i`` flattened, of every example, or of the first 3 (the vmap's axis holds the
+  examples)."""
   from flax import nnx
 
   h, d, n = 4, 4, 8
@@ -342,8 +344,8 @@ def test_general_dense_on_one_unbatched_example_is_one_example(name):
   assert [a.inputs.shape for a in single[""]] == [(1,) + shape]  # one example
   grads, acts = jax.vmap(grad_fn, in_axes=(None, 0))(params, x)
   grads = jax.tree.map(lambda g: g.mean(0), grads)
-  rows = np.asarray(x, np.float64).reshape(n, -1)
   for stats_batch_size in (None, 3):
+    rows = np.asarray(x[:stats_batch_size], np.float64).reshape(stats_batch_size or n, -1)
     tx = sngd_jax.sngd(stats_batch_size=stats_batch_size, **ref.one_step_kwargs())
     updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
     g, u = leaves(grads), leaves(updates)
@@ -351,3 +353,52 @@ def test_general_dense_on_one_unbatched_example_is_one_example(name):
     np.testing.assert_allclose(u["kernel"], kernel, rtol=1e-8, atol=1e-12)
     if bias is not None:
       np.testing.assert_allclose(u["bias"], bias, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx", "equinox"])
+def test_per_example_sequences_under_a_vmap_of_the_gradient_take_the_first_examples(api):
+  """Per-example gradients of a layer applied to a ``(T, D)`` sequence (``jax.vmap`` of the
+  captured gradient over the batch, e.g. a transformer applied per example): the vmap's axis
+  holds the examples. Before, the call's own leading axis ``T`` was read as the example axis
+  of each vmapped "micro-batch" (``batch_axis`` 1 after pooling, ``num_examples`` T), so
+  ``stats_batch_size=3`` took the first 3 positions of all 8 examples (linen, NNX), or, for
+  Equinox (no example axis per call), was ignored. Reference: float64 dense solve with the
+  ``T`` rows of each of the first 3 examples."""
+  from flax import nnx
+
+  from sngd_jax._src.capture.records import leading_axes_pooled
+
+  n, t, d = 8, 5, 4
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(n, t, d)))
+  if api == "linen":
+    model = nn.Dense(3, **F64)
+    params = model.init(jax.random.key(0), x[0])["params"]
+    per_example = lambda p, xi: jnp.sum(jnp.sin(model.apply({"params": p}, xi)))
+    grad_fn = jax.grad(sngd_jax.capture(per_example), has_aux=True)
+    leaves, path = (lambda t: t), ""
+  elif api == "nnx":
+    graph, params = nnx.split(nnx.Linear(d, 3, rngs=nnx.Rngs(0), **F64), nnx.Param)
+    captured = sngd_jax.capture_nnx(lambda m, xi: jnp.sum(jnp.sin(m(xi))))
+    grad_fn = lambda p, xi: nnx.grad(captured, has_aux=True)(nnx.merge(graph, p), xi)
+    leaves, path = nnx.to_pure_dict, ""
+  else:
+    eqx = pytest.importorskip("equinox")
+    params = jax.tree.map(lambda a: a.astype(jnp.float64),
+                          eqx.nn.Linear(d, 3, key=jax.random.key(0)))
+    captured = sngd_jax.capture_eqx(lambda m, xi: jnp.sum(jnp.sin(jax.vmap(m)(xi))))
+    grad_fn = jax.grad(captured, has_aux=True)
+    leaves = lambda m: {"kernel": m.weight.T, "bias": m.bias}
+    path = None
+  grads, acts = jax.vmap(grad_fn, in_axes=(None, 0))(params, x)
+  grads = jax.tree.map(lambda g: g.mean(0), grads)
+  path = path if path is not None else next(iter(acts))
+  pooled = leading_axes_pooled(acts[path][0])
+  assert pooled.num_examples == n
+  for k in (None, 3):
+    tx = sngd_jax.sngd(stats_batch_size=k, **ref.one_step_kwargs())
+    updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+    g, u = leaves(grads), leaves(updates)
+    rows = np.asarray(x[:k], np.float64).reshape(-1, d)
+    kernel, bias = ref.dense_update(rows, g["kernel"], g["bias"])
+    np.testing.assert_allclose(u["kernel"], kernel, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(u["bias"], bias, rtol=1e-8, atol=1e-12)

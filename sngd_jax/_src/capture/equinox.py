@@ -38,6 +38,7 @@ from sngd_jax._src.capture.records import (
     Recorder,
     check_captured_function,
     split_aux,
+    vmapped_by_caller,
 )
 from sngd_jax._src.frames import caller_stacklevel
 
@@ -258,7 +259,7 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False,
           "are harmless here, `update` never sees them: pass that half to the loss as an "
           "argument, `loss(trained, frozen, x)`, and capture leaves them out silently.)",
           stacklevel=caller_stacklevel())
-    acts = rec.freeze()
+    acts = vmapped_by_caller(rec.freeze(), (args, kwargs))
     return (value, (aux, acts)) if has_aux else (value, acts)
 
   return wrapped

@@ -33,14 +33,15 @@ import jax
 from sngd_jax._src import paths
 from sngd_jax._src.capture import flax_patches, tables, transforms
 from sngd_jax._src.capture.records import (
-    Recorder,
-    StepRecords,
-    check_captured_function,
-    check_not_other_models,
-    rnn_batched,
-    rnn_time_axis,
-    split_aux,
-    untag,
+  Recorder,
+  StepRecords,
+  check_captured_function,
+  check_not_other_models,
+  rnn_batched,
+  rnn_time_axis,
+  split_aux,
+  untag,
+  vmapped_by_caller,
 )
 from sngd_jax._src.frames import caller_stacklevel
 
@@ -221,7 +222,7 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False,
       result = fn(*args, **kwargs)
     _warn_other_weights(seen)
     value, aux = split_aux(result, has_aux, "capture")
-    acts = rec.freeze()
+    acts = vmapped_by_caller(rec.freeze(), (args, kwargs))
     if not acts:
       check_not_other_models(args)
     return (value, (aux, acts)) if has_aux else (value, acts)

@@ -36,6 +36,7 @@ from sngd_jax._src.capture.records import (
   rnn_time_axis,
   split_aux,
   untag,
+  vmapped_by_caller,
 )
 from sngd_jax._src.frames import caller_stacklevel
 
@@ -288,7 +289,7 @@ def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False,
           flax_patches.nnx_methods(_wrappers(rec, cells))):
       result = fn(model, *args, **kwargs)
     value, aux = split_aux(result, has_aux, "capture_nnx")
-    acts = rec.freeze()
+    acts = vmapped_by_caller(rec.freeze(), (args, kwargs))
     return (value, (aux, acts)) if has_aux else (value, acts)
 
   return wrapped

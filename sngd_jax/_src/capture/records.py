@@ -87,6 +87,11 @@ class Captured:
       built by hand). A record with more axes was stacked after capture (a
       ``jax.lax.scan`` over micro-batches that returns each one's activations):
       ``leading_axes_pooled`` reads those axes as more rows of the batch.
+    vmapped: the captured function ran under a ``jax.vmap`` of its caller (its batch
+      arguments were batched: per-example gradients, ``jax.vmap(grad_fn, in_axes=(None,
+      0))``). The axis that vmap adds to the record is then the example axis, not the
+      call's own leading axis (the positions of a ``(T, D)`` sequence):
+      ``leading_axes_pooled`` moves ``batch_axis`` to it.
   """
 
   inputs: jax.Array
@@ -97,6 +102,7 @@ class Captured:
   time_steps: int = flax.struct.field(pytree_node=False, default=1)
   batch_axis: Optional[int] = flax.struct.field(pytree_node=False, default=0)
   ndim: Optional[int] = flax.struct.field(pytree_node=False, default=None)
+  vmapped: bool = flax.struct.field(pytree_node=False, default=False)
 
   def first_examples(self, k: int) -> Captured:
     """This record restricted to the first ``k`` examples of the batch.
@@ -154,6 +160,28 @@ class Pending:
 
   captured: Captured
   roles: tuple = flax.struct.field(pytree_node=False, default=())
+
+
+def _is_batched(leaf: Any) -> bool:
+  """Whether ``leaf`` is a value that a ``jax.vmap`` batches (JAX's ``BatchTracer``, found by
+  its class name: JAX exports no public test)."""
+  return isinstance(leaf, jax.core.Tracer) and any(
+      cls.__name__ == "BatchTracer" for cls in type(leaf).__mro__)
+
+
+def vmapped_by_caller(activations: Activations, batch: Any) -> Activations:
+  """``activations`` with ``vmapped`` set on every record when an array of ``batch`` (the
+  captured function's arguments) is batched by a ``jax.vmap`` around the captured function.
+
+  Transforms made inside the captured function have not started when it is called, so a
+  batched argument means a vmap of the caller (per-example gradients); a ``jax.jit`` or a
+  ``lax.scan`` between that vmap and the capture traces its arguments unbatched, and the
+  records keep their own example axis.
+  """
+  if not any(_is_batched(leaf) for leaf in jax.tree.leaves(batch)):
+    return activations
+  return {p: tuple(dataclasses.replace(c, vmapped=True) for c in calls)
+          for p, calls in activations.items()}
 
 
 def model_kind(obj: Any) -> Optional[str]:
@@ -317,11 +345,20 @@ def leading_axes_pooled(c: Captured) -> Captured:
   are moved after the stack axes, where capture puts the rows of a scan that pools,
   and the configuration is shifted past them, so every kind reads them as rows: the
   statistics of one batch holding all the micro-batches. The example axis stays the
-  call's own (``stats_batch_size`` takes the first examples of each micro-batch).
+  call's own (``stats_batch_size`` takes the first examples of each micro-batch), except
+  for a record captured under its caller's ``jax.vmap`` (``vmapped``: per-example calls),
+  whose examples are the innermost added axis, the one that vmap stacked (so
+  ``stats_batch_size`` takes the first examples, every row of theirs, not the first
+  positions of every example).
   """
   if c.ndim is None or c.inputs.ndim <= c.ndim:
     return c
   k = c.inputs.ndim - c.ndim
+  if c.vmapped:
+    batch_axis, time_steps = c.stack + k - 1, 1
+  else:
+    batch_axis = None if c.batch_axis is None else c.batch_axis + k
+    time_steps = c.time_steps
 
   def move(a):
     if a is None:
@@ -330,8 +367,8 @@ def leading_axes_pooled(c: Captured) -> Captured:
 
   return dataclasses.replace(
       c, inputs=move(c.inputs), outputs=move(c.outputs),
-      config=axes_shifted(c.kind, c.config, k),
-      batch_axis=None if c.batch_axis is None else c.batch_axis + k, ndim=c.inputs.ndim)
+      config=axes_shifted(c.kind, c.config, k), batch_axis=batch_axis, time_steps=time_steps,
+      ndim=c.inputs.ndim)
 
 
 def stacked_rows_pooled(activations: Any) -> Any:
