@@ -520,3 +520,81 @@ def test_ready_statistics_that_do_not_fit_are_named():
     narrow = {**est, first: est[first].astype(dtype)}
     with pytest.raises(ValueError, match=f"layer '{first}'.*{jnp.dtype(dtype).name}"):
       tx.update(grads, state, params, statistics=narrow)
+
+
+def _three_kinds():
+  """A linen, an NNX and an Equinox model of one Dense layer, with params and a batch."""
+  import flax.linen as nn  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+  eqx = pytest.importorskip("equinox")
+  x = jnp.ones((6, 5))
+  linen = nn.Dense(3)
+  return {"linen": linen, "params": linen.init(jax.random.key(0), x)["params"],
+          "nnx": nnx.Linear(5, 3, rngs=nnx.Rngs(0)),
+          "equinox": eqx.nn.Linear(5, 3, key=jax.random.key(0)), "x": x}
+
+
+def test_coverage_given_a_model_for_the_loss_says_the_call_to_write():
+  """``coverage(model, params, x)`` (a linen Module where the loss goes) ended in Flax's
+  ``CallCompactUnboundModuleError``; an NNX model (``coverage(model, x)``) gave a report of
+  ``x``'s "params" with no layer, an Equinox one a shape error. Each raises a TypeError with
+  the call to write, and that call gives the report of the model's layer."""
+  m = _three_kinds()
+  calls = {
+      "linen": (lambda: sngd_jax.coverage(m["linen"], m["params"], m["x"]),
+                r"sngd_jax\.coverage\(lambda params, x: model\.apply\(\{'params': params\}, x\), "
+                r"params, x\)"),
+      "nnx": (lambda: sngd_jax.coverage(m["nnx"], m["x"]),
+              r"sngd_jax\.coverage\(lambda model, x: model\(x\), model, x\)"),
+      "equinox": (lambda: sngd_jax.coverage(m["equinox"], m["x"]),
+                  r"sngd_jax\.coverage\(lambda model, x: jax\.vmap\(model\)\(x\), model, x\)"),
+      "swapped": (lambda: sngd_jax.coverage(m["params"], lambda p, x: x, m["x"]),
+                  r"got a `dict` \(not callable\).*sngd_jax\.coverage\(lambda params"),
+  }
+  for call, fix in calls.values():
+    with pytest.raises(TypeError, match=r"`coverage` takes the loss function first.*" + fix):
+      call()
+  model = m["linen"]
+  written = {  # the calls the messages give
+      "linen": sngd_jax.coverage(lambda params, x: model.apply({'params': params}, x),
+                                 m["params"], m["x"]),
+      "nnx": sngd_jax.coverage(lambda model, x: model(x), m["nnx"], m["x"]),
+      "equinox": sngd_jax.coverage(lambda model, x: jax.vmap(model)(x), m["equinox"], m["x"]),
+  }
+  for kind, report in written.items():
+    assert len(report.preconditioned) == 2 and not report.missing, (kind, str(report))
+
+
+def test_capture_given_a_model_or_the_wrong_kind_of_model_says_what_to_write():
+  """``capture(model)`` of a linen Module failed at its call with Flax's
+  ``CallCompactUnboundModuleError``; ``capture_nnx(model)(x)`` and ``capture_eqx(model)``
+  ran the model on the batch and captured nothing (``{}``), as did ``capture`` of a loss
+  given an NNX or Equinox model. Each raises a TypeError naming the capture and the call
+  to write. (A model passed after the batch to ``capture_nnx``/``capture_eqx``'s function
+  is warned about: ``test_capture_aux.py``.)"""
+  m = _three_kinds()
+  linen_loss = lambda p, x: jnp.sum(m["linen"].apply({"params": p}, x))
+  model_loss = lambda model, x: jnp.sum(model(x))
+  cases = [
+      (lambda: sngd_jax.capture(m["linen"]), r"`capture` takes the loss function.*linen model "
+       r"`Dense` itself.*sngd_jax\.capture\(loss_fn\)\(params, x, y\)"),
+      (lambda: sngd_jax.capture(m["nnx"]), r"NNX model `Linear`.*sngd_jax\.capture_nnx"),
+      (lambda: sngd_jax.capture({"not": "callable"}), r"got a `dict` \(not callable\)"),
+      (lambda: sngd_jax.capture_nnx(m["nnx"]), r"`capture_nnx` takes the loss function.*NNX "
+       r"model `Linear` itself.*sngd_jax\.capture_nnx\(loss_fn\)\(model, x, y\)"),
+      (lambda: sngd_jax.capture_nnx(m["linen"]), r"linen model.*sngd_jax\.capture\(loss_fn\)"),
+      (lambda: sngd_jax.capture_eqx(m["equinox"]), r"`capture_eqx` takes the loss function.*"
+       r"Equinox model `Linear` itself.*sngd_jax\.capture_eqx\(loss_fn\)\(model, x, y\)"),
+      (lambda: sngd_jax.capture(model_loss)(m["nnx"], m["x"]),
+       r"`capture` records linen modules.*NNX model `Linear`.*sngd_jax\.capture_nnx\(loss_fn\)"),
+      (lambda: sngd_jax.capture(lambda model, x: jnp.sum(jax.vmap(model)(x)))(
+          m["equinox"], m["x"]), r"Equinox model `Linear`.*sngd_jax\.capture_eqx\(loss_fn\)"),
+  ]
+  for call, pattern in cases:
+    with pytest.raises(TypeError, match=pattern):
+      call()
+  # the right calls record the layer
+  assert list(sngd_jax.capture(linen_loss)(m["params"], m["x"])[1]) == [""]  # the root Dense
+  assert len(sngd_jax.capture_nnx(model_loss)(m["nnx"], m["x"])[1]) == 1
+  assert len(sngd_jax.capture_eqx(lambda model, x: jnp.sum(jax.vmap(model)(x)))(
+      m["equinox"], m["x"])[1]) == 1

@@ -510,3 +510,38 @@ def test_tree_map_params_names_the_way_to_map_an_sngd_state(make):
   assert jax.tree.structure(mapped) == jax.tree.structure(state)
   for a, b in zip(jax.tree.leaves(mapped[1]), jax.tree.leaves(state[1]), strict=True):
     np.testing.assert_array_equal(a, 2 * b)
+
+
+@pytest.mark.parametrize("make", [
+    lambda base: optax.contrib.galore(0.1, rank=2, base_optimizer=base),
+    lambda base: optax.contrib.scale_by_galore(rank=2, base_optimizer=base),
+], ids=["galore", "scale_by_galore"])
+@pytest.mark.parametrize("base", [sngd_jax.sngd, lambda: sngd_jax.sngd_momentum(0.1)],
+                         ids=["sngd", "sngd_momentum"])
+def test_sngd_as_galores_base_optimizer_names_the_projection(make, base):
+  """GaLore hands its base optimizer low-rank projected gradients: the error says so and what
+  to write, instead of blaming a kernel's layout (a projected ``(m, r)`` kernel no longer
+  matches its bias) or the training loop (a bias-free kernel: no activations)."""
+  _, params, _, _, _ = _problem()
+  bias_free = {k: {"kernel": v["kernel"]} for k, v in params.items()}
+  for p in (params, bias_free):
+    with pytest.raises(TypeError, match=r"base_optimizer.*galore.*low-rank.*"
+                       r"optax\.chain\(sngd_jax\.sngd\(\), optax\.contrib\.galore"):
+      make(base()).init(p)
+
+
+def test_galore_after_sngd_projects_the_preconditioned_update():
+  """``chain(sngd(), galore(...))``, the composition the error above recommends: GaLore's
+  update of SNGD's preconditioned gradient, as the two transforms called one after the other."""
+  _, params, x, y, loss_fn = _problem()
+  tx = optax.chain(sngd_jax.sngd(), optax.contrib.galore(0.1, rank=2))
+  first, second = sngd_jax.sngd(), optax.contrib.galore(0.1, rank=2)
+  state, s1, s2 = tx.init(params), first.init(params), second.init(params)
+  for _ in range(2):
+    _, grads, acts = grads_and_acts(loss_fn, params, x, y)
+    updates, state = tx.update(grads, state, params, activations=acts)
+    pre, s1 = first.update(grads, s1, params, activations=acts)
+    expected, s2 = second.update(pre, s2, params)
+    jax.tree.map(np.testing.assert_array_equal, updates, expected)
+    assert not np.allclose(updates["Dense_0"]["kernel"], 0.0)
+    params = optax.apply_updates(params, updates)

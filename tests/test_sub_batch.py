@@ -258,8 +258,9 @@ def test_norm_on_one_unbatched_vector_is_one_example(api):
   """``LayerNorm`` called on one ``(C,)`` vector (per-example gradients: a ``jax.vmap`` of
   the captured gradient over the batch) is one example, one row per channel, also with
   ``stats_batch_size``, which cut its channels before ("captured 3 channels, params have
-  5"). Reference: float64 ``[[xhat^2, xhat], [xhat, 1]]`` per channel of every example's
-  row, and the mean of the per-example gradients solved against it."""
+  5"). Reference: float64 ``[[xhat^2, xhat], [xhat, 1]]`` per channel of the rows of the
+  first 3 examples (the vmap's axis holds the examples), and the mean of the per-example
+  gradients solved against it."""
   from flax import nnx
 
   c, n = 5, 8
@@ -287,7 +288,117 @@ def test_norm_on_one_unbatched_vector_is_one_example(api):
   updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
   xn = np.asarray(x, np.float64)
   xhat = (xn - xn.mean(1, keepdims=True)) / np.sqrt(xn.var(1, keepdims=True) + 1e-6)
+  xhat = xhat[:3]  # stats_batch_size=3
   g, u = leaves(grads), leaves(updates)
   scale, bias = ref.channel_update(xhat, np.asarray(g["scale"]), np.asarray(g["bias"]))
   np.testing.assert_allclose(u["scale"], scale, rtol=1e-8, atol=1e-12)
   np.testing.assert_allclose(u["bias"], bias, rtol=1e-8, atol=1e-12)
+
+
+def _general_layer(name, h, d):
+  """A DenseGeneral-like layer contracting every axis of one ``(h, d)`` or ``(d,)`` example,
+  as ``(model, api, example_shape)``."""
+  from flax import nnx
+  rngs = nnx.Rngs(0)
+  return {
+      "linen_dense_general": (nn.DenseGeneral(5, axis=-1, **F64), "linen", (d,)),
+      "linen_dense_general_2axes": (nn.DenseGeneral((2, 3), axis=(-2, -1), **F64), "linen",
+                                    (h, d)),
+      "linen_einsum": (nn.Einsum((h, d, 5), "hd,hdo->o", **F64), "linen", (h, d)),
+      "nnx_linear_general": (nnx.LinearGeneral(d, 5, rngs=rngs, **F64), "nnx", (d,)),
+      "nnx_linear_general_2axes": (nnx.LinearGeneral((h, d), 5, axis=(-2, -1), rngs=rngs,
+                                                     **F64), "nnx", (h, d)),
+      "nnx_einsum": (nnx.Einsum("d,do->o", (d, 5), (5,), rngs=rngs, **F64), "nnx", (d,)),
+  }[name]
+
+
+@pytest.mark.parametrize("name", ["linen_dense_general", "linen_dense_general_2axes",
+                                  "linen_einsum", "nnx_linear_general",
+                                  "nnx_linear_general_2axes", "nnx_einsum"])
+def test_general_dense_on_one_unbatched_example_is_one_example(name):
+  """``DenseGeneral``/``LinearGeneral``/``Einsum`` called on one example whose axes are all
+  contracted (``(D,)``, ``(H, D)``; per-example gradients: a ``jax.vmap`` of the captured
+  gradient over the batch) is one example with one row. Before, its first axis was read as
+  the example axis, so ``stats_batch_size=3`` cut ``D = H = 4`` features to 3 (an error, or,
+  with ``(H, D)``, rows of 3 of the 4 ``H``). Reference: float64 dense solve with the rows
+  ``x_i`` flattened, of every example, or of the first 3 (the vmap's axis holds the
+  examples)."""
+  from flax import nnx
+
+  h, d, n = 4, 4, 8
+  model, api, shape = _general_layer(name, h, d)
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(n,) + shape))
+  if api == "linen":
+    params = model.init(jax.random.key(0), x[0])["params"]
+    per_example = lambda p, xi: jnp.sum(jnp.sin(model.apply({"params": p}, xi)))
+    grad_fn = jax.grad(sngd_jax.capture(per_example), has_aux=True)
+    leaves = lambda t: t
+  else:
+    graph, params = nnx.split(model, nnx.Param)
+    per_example = lambda m, xi: jnp.sum(jnp.sin(m(xi)))
+    captured = sngd_jax.capture_nnx(per_example)
+    grad_fn = lambda p, xi: nnx.grad(captured, has_aux=True)(nnx.merge(graph, p), xi)
+    leaves = nnx.to_pure_dict
+  _, single = grad_fn(params, x[0])
+  assert [a.inputs.shape for a in single[""]] == [(1,) + shape]  # one example
+  grads, acts = jax.vmap(grad_fn, in_axes=(None, 0))(params, x)
+  grads = jax.tree.map(lambda g: g.mean(0), grads)
+  for stats_batch_size in (None, 3):
+    rows = np.asarray(x[:stats_batch_size], np.float64).reshape(stats_batch_size or n, -1)
+    tx = sngd_jax.sngd(stats_batch_size=stats_batch_size, **ref.one_step_kwargs())
+    updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+    g, u = leaves(grads), leaves(updates)
+    kernel, bias = ref.dense_update(rows, g["kernel"], g.get("bias"))
+    np.testing.assert_allclose(u["kernel"], kernel, rtol=1e-8, atol=1e-12)
+    if bias is not None:
+      np.testing.assert_allclose(u["bias"], bias, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx", "equinox"])
+def test_per_example_sequences_under_a_vmap_of_the_gradient_take_the_first_examples(api):
+  """Per-example gradients of a layer applied to a ``(T, D)`` sequence (``jax.vmap`` of the
+  captured gradient over the batch, e.g. a transformer applied per example): the vmap's axis
+  holds the examples. Before, the call's own leading axis ``T`` was read as the example axis
+  of each vmapped "micro-batch" (``batch_axis`` 1 after pooling, ``num_examples`` T), so
+  ``stats_batch_size=3`` took the first 3 positions of all 8 examples (linen, NNX), or, for
+  Equinox (no example axis per call), was ignored. Reference: float64 dense solve with the
+  ``T`` rows of each of the first 3 examples."""
+  from flax import nnx
+
+  from sngd_jax._src.capture.records import leading_axes_pooled
+
+  n, t, d = 8, 5, 4
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(n, t, d)))
+  if api == "linen":
+    model = nn.Dense(3, **F64)
+    params = model.init(jax.random.key(0), x[0])["params"]
+    per_example = lambda p, xi: jnp.sum(jnp.sin(model.apply({"params": p}, xi)))
+    grad_fn = jax.grad(sngd_jax.capture(per_example), has_aux=True)
+    leaves, path = (lambda t: t), ""
+  elif api == "nnx":
+    graph, params = nnx.split(nnx.Linear(d, 3, rngs=nnx.Rngs(0), **F64), nnx.Param)
+    captured = sngd_jax.capture_nnx(lambda m, xi: jnp.sum(jnp.sin(m(xi))))
+    grad_fn = lambda p, xi: nnx.grad(captured, has_aux=True)(nnx.merge(graph, p), xi)
+    leaves, path = nnx.to_pure_dict, ""
+  else:
+    eqx = pytest.importorskip("equinox")
+    params = jax.tree.map(lambda a: a.astype(jnp.float64),
+                          eqx.nn.Linear(d, 3, key=jax.random.key(0)))
+    captured = sngd_jax.capture_eqx(lambda m, xi: jnp.sum(jnp.sin(jax.vmap(m)(xi))))
+    grad_fn = jax.grad(captured, has_aux=True)
+    leaves = lambda m: {"kernel": m.weight.T, "bias": m.bias}
+    path = None
+  grads, acts = jax.vmap(grad_fn, in_axes=(None, 0))(params, x)
+  grads = jax.tree.map(lambda g: g.mean(0), grads)
+  path = path if path is not None else next(iter(acts))
+  pooled = leading_axes_pooled(acts[path][0])
+  assert pooled.num_examples == n
+  for k in (None, 3):
+    tx = sngd_jax.sngd(stats_batch_size=k, **ref.one_step_kwargs())
+    updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+    g, u = leaves(grads), leaves(updates)
+    rows = np.asarray(x[:k], np.float64).reshape(-1, d)
+    kernel, bias = ref.dense_update(rows, g["kernel"], g["bias"])
+    np.testing.assert_allclose(u["kernel"], kernel, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(u["bias"], bias, rtol=1e-8, atol=1e-12)

@@ -203,3 +203,86 @@ def test_multisteps_micro_batches_with_zero_rows_add_no_rows():
   np.testing.assert_array_equal(inner.weights["b"], before.weights["b"])
   np.testing.assert_allclose(sngd_jax.damped_factors(inner, damping=0.0, abs_damping=0.0)["a"],
                              _aug(x).T @ _aug(x) / len(x), rtol=1e-12)
+
+
+class LateHead(nn.Module):
+  """A trunk and head ``a`` on every step; head ``b`` and the embedding ``emb`` only on the steps
+  of task ``b`` (``task`` is static)."""
+
+  @nn.compact
+  def __call__(self, x, tokens, task):
+    h = nn.tanh(nn.Dense(6, name="trunk")(x))
+    out = jnp.mean(nn.Dense(3, name="head_a")(h) ** 2)
+    if task == "b":
+      emb = nn.Embed(7, 6, name="emb")(tokens)
+      out = out + jnp.mean(nn.Dense(2, name="head_b")(h + emb) ** 2)
+    return out
+
+
+@pytest.mark.parametrize(("inverse", "abs_damping"),
+                         [("cholesky", 0.0), ("cholesky", 1e-2), ("host", 0.0), ("host", 1e-2)])
+def test_a_layer_never_fed_keeps_the_identity_and_counts_no_refresh_failure(inverse,
+                                                                           abs_damping):
+  """Head ``b`` and the embedding are not called on the first two steps (``uncalled="skip"``):
+  their factors are still empty (weight 0) at the refreshes of those steps, which must count no
+  refresh failure and keep the identity inverse (their update is their gradient, here from an
+  L2 penalty; not ``g / abs_damping``, nor a failed refresh of an empty factor for
+  ``abs_damping=0``). The refresh of the step that first calls them inverts
+  their factors: the updates equal float64 numpy's damped solves."""
+  model = LateHead()
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(16, 5)), jnp.float32)
+  tokens = jnp.asarray(rng.integers(0, 7, size=16), jnp.int32)
+  params = model.init(jax.random.key(0), x, tokens, "b")["params"]
+
+  def loss(p, x, tokens, task):  # the penalty gives every layer a gradient on every step
+    l2 = sum(jnp.sum(leaf ** 2) for leaf in jax.tree.leaves(p))
+    return model.apply({"params": p}, x, tokens, task) + 1e-2 * l2
+
+  damping = 1e-3
+  method = (sngd_jax.inverse.host_refresh(sngd_jax.inverse.cholesky()) if inverse == "host"
+            else inverse)
+  tx = sngd_jax.sngd(uncalled="skip", prior="none", decay=0.0, damping=damping,
+                     abs_damping=abs_damping, factor_every=1, inverse_every=1, inverse=method,
+                     max_norm=None)
+  state = tx.init(params)
+  for task in ["a", "a", "b"]:
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(
+        params, x, tokens, task)
+    updates, state = tx.update(grads, state, params, activations=acts)
+    assert int(state.num_refresh_failures) == 0, task
+    assert int(state.num_skipped_steps) == 0, task
+    if task == "a":  # never fed: the identity inverse, the gradient unchanged
+      for name in ("head_b", "emb"):
+        jax.tree.map(np.testing.assert_array_equal, updates[name], grads[name])
+  # the step that calls them: float64 numpy from the layers' inputs (decay 0: this batch's)
+  k = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  h = np.tanh(np.asarray(x, np.float64) @ k["trunk"]["kernel"] + k["trunk"]["bias"])
+  rows = _aug(h + k["emb"]["embedding"][np.asarray(tokens)])
+  g_head = rows.T @ rows / len(rows)
+  gb = np.concatenate([np.asarray(grads["head_b"]["kernel"], np.float64),
+                       np.asarray(grads["head_b"]["bias"], np.float64)[None]])
+  expected = np.linalg.solve(
+      g_head + (damping * np.trace(g_head) + abs_damping) * np.eye(len(g_head)), gb)
+  np.testing.assert_allclose(updates["head_b"]["kernel"], expected[:-1], rtol=2e-4, atol=1e-7)
+  np.testing.assert_allclose(updates["head_b"]["bias"], expected[-1], rtol=2e-4, atol=1e-7)
+  freq = np.bincount(np.asarray(tokens), minlength=7) / len(tokens)
+  ge = np.asarray(grads["emb"]["embedding"], np.float64)
+  np.testing.assert_allclose(
+      updates["emb"]["embedding"], ge / (freq + damping * freq.sum() + abs_damping)[:, None],
+      rtol=2e-5)
+
+
+@pytest.mark.usefixtures("x64")
+def test_a_layer_called_on_zero_rows_from_the_first_step_counts_no_refresh_failure():
+  """``b`` called on a ``(0, D)`` input from the first step on: its factor is never fed, so
+  its refreshes keep the identity (its update is its gradient) and count no failure (one was
+  counted at the first refresh before); the step is not skipped."""
+  params, x, loss = _gathered()
+  tx = sngd_jax.sngd(damping=1e-3, factor_every=1, inverse_every=1, max_norm=None)
+  state = tx.init(params)
+  for _ in range(2):
+    grads, updates, state = _step(tx, state, params, x, loss, jnp.zeros((0,), jnp.int32))
+    assert int(state.num_refresh_failures) == 0
+    assert int(state.num_skipped_steps) == 0
+    jax.tree.map(np.testing.assert_array_equal, updates["b"], grads["b"])

@@ -47,7 +47,7 @@ from sngd_jax._src import statistics as factors_lib
 from sngd_jax._src.capture.equinox import capture_eqx
 from sngd_jax._src.capture.linen import capture
 from sngd_jax._src.capture.nnx import capture_nnx
-from sngd_jax._src.capture.records import stack_shape
+from sngd_jax._src.capture.records import A_LABEL, LABEL, model_kind, stack_shape
 from sngd_jax._src.cost import nbytes
 from sngd_jax._src.inverse.base import describe
 from sngd_jax._src.transform import _method_of, sngd
@@ -304,6 +304,31 @@ def _trace_as_trained(trace: Callable[[bool], Any]) -> Any:
   return acts
 
 
+COVERAGE_CALL = {
+    "linen": "sngd_jax.coverage(lambda params, x: model.apply({'params': params}, x), "
+             "params, x)",
+    "nnx": "sngd_jax.coverage(lambda model, x: model(x), model, x)",
+    "equinox": "sngd_jax.coverage(lambda model, x: jax.vmap(model)(x), model, x)",
+}
+"""The call of ``coverage`` to write for each model kind (the loss's value is not read)."""
+
+
+def _check_loss_fn(loss_fn: Any, params_or_model: Any) -> None:
+  """Raises a ``TypeError`` with the call to write when ``loss_fn`` is a model or not callable."""
+  kind = model_kind(loss_fn)
+  if kind is None and callable(loss_fn):
+    return
+  what = (f"the {LABEL[kind]} model `{type(loss_fn).__name__}`" if kind is not None
+          else f"a `{type(loss_fn).__name__}` (not callable)")
+  kind = kind or model_kind(params_or_model) or "linen"
+  first = "params" if kind == "linen" else "model"
+  raise TypeError(
+      f"sngd: `coverage` takes the loss function first, `coverage(loss_fn, {first}, *batch)` "
+      f"with `loss_fn({first}, *batch)` applying the model (its value is not read); it got "
+      f"{what} in place of `loss_fn`. For {A_LABEL[kind]} model write "
+      f"`{COVERAGE_CALL[kind]}`.")
+
+
 def coverage(loss_fn: Callable[..., Any], params_or_model: Any, *args: Any,
              fisher: layers_lib.FisherSpec = "linear", inverse: Any = "auto",
              stacked: layers_lib.StackSpec = None, outputs: bool = False,
@@ -338,7 +363,13 @@ def coverage(loss_fn: Callable[..., Any], params_or_model: Any, *args: Any,
 
   Returns:
     A ``CoverageReport``; ``print`` it for a table.
+
+  Raises:
+    TypeError: when ``loss_fn`` is a model (``coverage(model, params, x)``: a linen
+      Module cannot be called unbound) or not callable (arguments swapped), saying the call
+      to write.
   """
+  _check_loss_fn(loss_fn, params_or_model)
   eqx = sys.modules.get("equinox")
 
   def no_output(*a):  # the report reads the activations only: the loss's value is dropped

@@ -38,7 +38,9 @@ class SNGDState:
     num_refresh_failures: blocks whose refresh failed and kept the old
       inverse, plus the blocks of a running factor found out of range (not
       finite, or its trace within a factor 16 of overflow: possible only in a
-      state written otherwise) and restarted from its prior.
+      state written otherwise) and restarted from its prior. A layer whose factor
+      was never fed (weight 0: not called yet, or only on zero rows) keeps the
+      identity and is not counted.
     num_skipped_steps: steps that produced a zero update: those with
       non-finite gradients, and factor steps whose activations are not finite
       or whose batch estimate is out of range (finite activations whose

@@ -480,6 +480,7 @@ def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArg
   method = _method_of(config)
 
   def init_fn(params):
+    validation.check_not_under_projection()
     validation.check_not_params_placeholder(params)
     specs = _layers_of(config, params)
     validation.warn_unmatched_option_keys(params, config.fisher, config.stacked)

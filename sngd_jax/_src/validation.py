@@ -197,6 +197,41 @@ def warn_under_optax_multisteps() -> None:
     frame = frame.f_back
 
 
+PROJECTING_MODULES = ("optax.contrib._galore",)
+"""Modules of optax transforms that hand their ``base_optimizer`` low-rank projections of the
+gradients (``optax.contrib.galore``, ``scale_by_galore``) instead of the gradients."""
+
+
+def check_not_under_projection() -> None:
+  """Raises when ``init`` is called by a transform that projects the gradients (GaLore).
+
+  ``optax.contrib.galore(..., base_optimizer=sngd)`` initializes its base optimizer with
+  params of the projected shapes (a ``(m, n)`` kernel becomes ``(r, n)`` or ``(m, r)``, a bias
+  stays) and updates it with ``R = P^T G`` or ``G P`` and no keyword arguments. SNGD
+  preconditions a layer's whole gradient ``[g_W; g_b^T]`` by the local Fisher ``E[x~ x~^T]``
+  of its inputs, so it would fail on the shapes (a kernel whose outputs no longer match its
+  bias, an error that blamed the kernel's layout) or on the missing activations (an error
+  that blamed the training loop), or, for a bias-free kernel projected on its output side,
+  run. The caller is found on the call stack, as ``warn_under_optax_multisteps`` does.
+  """
+  frame = sys._getframe(1)
+  while frame is not None:
+    module = frame.f_globals.get("__name__", "")
+    if any(module == m or module.startswith(m + ".") for m in PROJECTING_MODULES):
+      raise TypeError(
+          "sngd: `sngd` is the `base_optimizer` of `optax.contrib.galore` (or "
+          "`scale_by_galore`), which hands it low-rank projections of the gradients "
+          "(`P^T G` of shape (r, n), or `G P` of shape (m, r), per kernel; biases unprojected) "
+          "and no `activations=`. SNGD preconditions each layer's full gradient "
+          "`[g_W; g_b^T]` with the local Fisher of the layer's inputs, `E[x~ x~^T]`, which a "
+          "projected gradient no longer matches in shape or meaning. Put SNGD first and "
+          "GaLore after it, on the preconditioned update: `optax.chain(sngd_jax.sngd(), "
+          "optax.contrib.galore(learning_rate, rank=...))`, or give the two different "
+          "layers with `optax.multi_transform`. For SNGD's own memory on wide layers, "
+          "`inverse=\"auto\"` keeps a rank-128 Nystrom sketch (docs/training-loops.md).")
+    frame = frame.f_back
+
+
 def check_not_params_placeholder(params: Any) -> None:
   """Raises when ``init`` gets the placeholder of ``optax.tree_utils.tree_map_params``.
 

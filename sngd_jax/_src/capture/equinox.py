@@ -38,7 +38,12 @@ import jax.numpy as jnp
 
 from sngd_jax._src import layer_spec, paths
 from sngd_jax._src.capture import custom, transforms
-from sngd_jax._src.capture.records import Recorder, split_aux
+from sngd_jax._src.capture.records import (
+    Recorder,
+    check_captured_function,
+    split_aux,
+    vmapped_by_caller,
+)
 from sngd_jax._src.frames import caller_stacklevel
 
 # A record of one call: (name suffix, weight, inputs, outputs, kind, config).
@@ -275,9 +280,13 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False,
   Returns:
     A function with ``fn``'s signature returning ``(fn(...), activations)``,
     activations keyed by the layer's path in ``model``.
+
+  Raises:
+    TypeError: when ``fn`` is a model or not callable, saying what to write.
   """
 
   _equinox()
+  check_captured_function(fn, "capture_eqx")
 
   @functools.wraps(fn)
   def wrapped(model, *args, **kwargs):
@@ -302,7 +311,7 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False,
           "are harmless here, `update` never sees them: pass that half to the loss as an "
           "argument, `loss(trained, frozen, x)`, and capture leaves them out silently.)",
           stacklevel=caller_stacklevel())
-    acts = rec.freeze()
+    acts = vmapped_by_caller(rec.freeze(), (args, kwargs))
     return (value, (aux, acts)) if has_aux else (value, acts)
 
   return wrapped

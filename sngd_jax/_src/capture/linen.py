@@ -39,12 +39,15 @@ import jax
 from sngd_jax._src import paths
 from sngd_jax._src.capture import custom, flax_patches, tables, transforms
 from sngd_jax._src.capture.records import (
-    Recorder,
-    StepRecords,
-    rnn_batched,
-    rnn_time_axis,
-    split_aux,
-    untag,
+  Recorder,
+  StepRecords,
+  check_captured_function,
+  check_not_other_models,
+  rnn_batched,
+  rnn_time_axis,
+  split_aux,
+  untag,
+  vmapped_by_caller,
 )
 from sngd_jax._src.frames import caller_stacklevel
 
@@ -326,7 +329,12 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False,
 
   Returns:
     A function with ``fn``'s signature returning ``(fn(...), activations)``.
+
+  Raises:
+    TypeError: when ``fn`` is a model (a linen Module, which cannot be called unbound; an NNX
+      or Equinox model) or not callable, saying what to write.
   """
+  check_captured_function(fn, "capture")
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
@@ -340,7 +348,9 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False,
       result = fn(*args, **kwargs)
     _warn_other_weights(seen)
     value, aux = split_aux(result, has_aux, "capture")
-    acts = rec.freeze()
+    acts = vmapped_by_caller(rec.freeze(), (args, kwargs))
+    if not acts:
+      check_not_other_models(args)
     return (value, (aux, acts)) if has_aux else (value, acts)
 
   return wrapped

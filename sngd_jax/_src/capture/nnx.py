@@ -31,10 +31,12 @@ from sngd_jax._src.capture import custom, flax_patches, tables, transforms
 from sngd_jax._src.capture.records import (
   Recorder,
   StepRecords,
+  check_captured_function,
   rnn_batched,
   rnn_time_axis,
   split_aux,
   untag,
+  vmapped_by_caller,
 )
 from sngd_jax._src.frames import caller_stacklevel
 
@@ -306,7 +308,11 @@ def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False,
   Returns:
     A function with ``fn``'s signature returning ``(fn(...), activations)``,
     activations keyed by the layer's path in ``model``.
+
+  Raises:
+    TypeError: when ``fn`` is a model or not callable, saying what to write.
   """
+  check_captured_function(fn, "capture_nnx")
 
   @functools.wraps(fn)
   def wrapped(model, *args, **kwargs):
@@ -323,7 +329,7 @@ def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False,
           flax_patches.nnx_methods(_wrappers(rec, cells))):
       result = fn(model, *args, **kwargs)
     value, aux = split_aux(result, has_aux, "capture_nnx")
-    acts = rec.freeze()
+    acts = vmapped_by_caller(rec.freeze(), (args, kwargs))
     return (value, (aux, acts)) if has_aux else (value, acts)
 
   return wrapped

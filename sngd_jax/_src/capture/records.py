@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import warnings
 import weakref
 from typing import Any, Callable, Iterator, Optional, Union
@@ -87,6 +88,11 @@ class Captured:
       built by hand). A record with more axes was stacked after capture (a
       ``jax.lax.scan`` over micro-batches that returns each one's activations):
       ``leading_axes_pooled`` reads those axes as more rows of the batch.
+    vmapped: the captured function ran under a ``jax.vmap`` of its caller (its batch
+      arguments were batched: per-example gradients, ``jax.vmap(grad_fn, in_axes=(None,
+      0))``). The axis that vmap adds to the record is then the example axis, not the
+      call's own leading axis (the positions of a ``(T, D)`` sequence):
+      ``leading_axes_pooled`` moves ``batch_axis`` to it.
   """
 
   inputs: jax.Array
@@ -97,6 +103,7 @@ class Captured:
   time_steps: int = flax.struct.field(pytree_node=False, default=1)
   batch_axis: Optional[int] = flax.struct.field(pytree_node=False, default=0)
   ndim: Optional[int] = flax.struct.field(pytree_node=False, default=None)
+  vmapped: bool = flax.struct.field(pytree_node=False, default=False)
 
   def first_examples(self, k: int) -> Captured:
     """This record restricted to the first ``k`` examples of the batch.
@@ -156,6 +163,100 @@ class Pending:
   roles: tuple = flax.struct.field(pytree_node=False, default=())
 
 
+def _is_batched(leaf: Any) -> bool:
+  """Whether ``leaf`` is a value that a ``jax.vmap`` batches (JAX's ``BatchTracer``, found by
+  its class name: JAX exports no public test)."""
+  return isinstance(leaf, jax.core.Tracer) and any(
+      cls.__name__ == "BatchTracer" for cls in type(leaf).__mro__)
+
+
+def vmapped_by_caller(activations: Activations, batch: Any) -> Activations:
+  """``activations`` with ``vmapped`` set on every record when an array of ``batch`` (the
+  captured function's arguments) is batched by a ``jax.vmap`` around the captured function.
+
+  Transforms made inside the captured function have not started when it is called, so a
+  batched argument means a vmap of the caller (per-example gradients); a ``jax.jit`` or a
+  ``lax.scan`` between that vmap and the capture traces its arguments unbatched, and the
+  records keep their own example axis.
+  """
+  if not any(_is_batched(leaf) for leaf in jax.tree.leaves(batch)):
+    return activations
+  return {p: tuple(dataclasses.replace(c, vmapped=True) for c in calls)
+          for p, calls in activations.items()}
+
+
+def model_kind(obj: Any) -> Optional[str]:
+  """``"linen"``, ``"nnx"`` or ``"equinox"`` for a model of that kind, else None.
+
+  An Equinox model is an ``eqx.Module`` holding a layer of ``eqx.nn`` (a function wrapped
+  by ``eqx.filter_jit``, also an ``eqx.Module``, is not one).
+  """
+  import flax.linen as nn  # noqa: PLC0415 - loaded with flax
+  from flax import nnx  # noqa: PLC0415
+  if isinstance(obj, nn.Module):
+    return "linen"
+  if isinstance(obj, nnx.Module):
+    return "nnx"
+  eqx = sys.modules.get("equinox")
+  if eqx is not None and isinstance(obj, eqx.Module):
+    nodes = jax.tree.leaves(obj, is_leaf=lambda n: isinstance(n, eqx.Module))
+    if any(type(n).__module__.startswith("equinox.nn") for n in [obj, *nodes]):
+      return "equinox"
+  return None
+
+
+CAPTURE_OF = {"linen": "capture", "nnx": "capture_nnx", "equinox": "capture_eqx"}
+"""The capture function for each model kind."""
+
+EXAMPLE_LOSS = {
+    "linen": "def loss_fn(params, x, y): return jnp.mean((model.apply({'params': params}, x) "
+             "- y) ** 2)",
+    "nnx": "def loss_fn(model, x, y): return jnp.mean((model(x) - y) ** 2)",
+    "equinox": "def loss_fn(model, x, y): return jnp.mean((jax.vmap(model)(x) - y) ** 2)",
+}
+"""A loss function of each model kind, for the messages."""
+
+FIRST_ARGUMENT = {"linen": "params", "nnx": "model", "equinox": "model"}
+
+LABEL = {"linen": "linen", "nnx": "NNX", "equinox": "Equinox"}
+A_LABEL = {"linen": "a linen", "nnx": "an NNX", "equinox": "an Equinox"}
+
+
+def check_captured_function(fn: Any, name: str) -> None:
+  """Raises a ``TypeError`` saying what to write when ``name`` (``"capture"``,
+  ``"capture_nnx"``, ``"capture_eqx"``) is given a model, or anything that is not callable,
+  instead of the loss function that applies the model.
+
+  A linen Module passed to ``capture`` would fail at its first call with Flax's
+  ``CallCompactUnboundModuleError``; an NNX or Equinox model passed to ``capture_nnx`` or
+  ``capture_eqx`` would run on the batch as the "model" argument and capture nothing.
+  """
+  kind = model_kind(fn)
+  if kind is None and callable(fn):
+    return
+  what = (f"the {LABEL[kind]} model `{type(fn).__name__}` itself" if kind is not None
+          else f"a `{type(fn).__name__}` (not callable)")
+  kind = kind or {v: k for k, v in CAPTURE_OF.items()}[name]
+  raise TypeError(
+      f"sngd: `{name}` takes the loss function that applies the model, "
+      f"`loss_fn({FIRST_ARGUMENT[kind]}, *batch)`; it got {what}. For {A_LABEL[kind]} model "
+      f"write `sngd_jax.{CAPTURE_OF[kind]}(loss_fn)({FIRST_ARGUMENT[kind]}, x, y)` with e.g. "
+      f"`{EXAMPLE_LOSS[kind]}`.")
+
+
+def check_not_other_models(args: tuple) -> None:
+  """Raises a ``TypeError`` naming the capture to use when ``capture`` (linen) recorded
+  nothing and is given an NNX or Equinox model (whose layers it does not intercept)."""
+  for arg in args:
+    kind = model_kind(arg)
+    if kind in ("nnx", "equinox"):
+      raise TypeError(
+          f"sngd: `capture` records linen modules and recorded nothing; it was given the "
+          f"{LABEL[kind]} model `{type(arg).__name__}`. Write "
+          f"`sngd_jax.{CAPTURE_OF[kind]}(loss_fn)(model, x, y)` with e.g. "
+          f"`{EXAMPLE_LOSS[kind]}`.")
+
+
 def split_aux(result: Any, has_aux: bool, name: str) -> tuple[Any, Any]:
   """Splits what a captured function returned into ``(value, aux)``.
 
@@ -193,7 +294,7 @@ def _arity(result: Any) -> str:
   return f" of length {len(result)}" if isinstance(result, (tuple, list)) else ""
 
 
-def _axes_shifted(kind: str, config: tuple, k: int) -> tuple:
+def axes_shifted(kind: str, config: tuple, k: int) -> tuple:
   """``config`` for the same call with ``k`` more leading (row) axes."""
   if k == 0 or not config:
     return config
@@ -233,7 +334,7 @@ def _finalized(p: Pending) -> Captured:
   else:
     batch_axis = len(stack) + pooled + c.batch_axis
   return Captured(inputs=order(c.inputs), outputs=order(c.outputs), kind=c.kind,
-                  config=_axes_shifted(c.kind, c.config, pooled), stack=len(stack),
+                  config=axes_shifted(c.kind, c.config, pooled), stack=len(stack),
                   time_steps=time_steps, batch_axis=batch_axis, ndim=c.inputs.ndim)
 
 
@@ -245,11 +346,20 @@ def leading_axes_pooled(c: Captured) -> Captured:
   are moved after the stack axes, where capture puts the rows of a scan that pools,
   and the configuration is shifted past them, so every kind reads them as rows: the
   statistics of one batch holding all the micro-batches. The example axis stays the
-  call's own (``stats_batch_size`` takes the first examples of each micro-batch).
+  call's own (``stats_batch_size`` takes the first examples of each micro-batch), except
+  for a record captured under its caller's ``jax.vmap`` (``vmapped``: per-example calls),
+  whose examples are the innermost added axis, the one that vmap stacked (so
+  ``stats_batch_size`` takes the first examples, every row of theirs, not the first
+  positions of every example).
   """
   if c.ndim is None or c.inputs.ndim <= c.ndim:
     return c
   k = c.inputs.ndim - c.ndim
+  if c.vmapped:
+    batch_axis, time_steps = c.stack + k - 1, 1
+  else:
+    batch_axis = None if c.batch_axis is None else c.batch_axis + k
+    time_steps = c.time_steps
 
   def move(a):
     if a is None:
@@ -258,8 +368,8 @@ def leading_axes_pooled(c: Captured) -> Captured:
 
   return dataclasses.replace(
       c, inputs=move(c.inputs), outputs=move(c.outputs),
-      config=_axes_shifted(c.kind, c.config, k),
-      batch_axis=None if c.batch_axis is None else c.batch_axis + k, ndim=c.inputs.ndim)
+      config=axes_shifted(c.kind, c.config, k), batch_axis=batch_axis, time_steps=time_steps,
+      ndim=c.inputs.ndim)
 
 
 def stacked_rows_pooled(activations: Any) -> Any:
@@ -439,7 +549,7 @@ def untag(out: Any, time_axis: int,
           else:
             lead = lambda a: None if a is None else jnp.moveaxis(a, time_axis, 0)
             c = c.replace(inputs=lead(c.inputs), outputs=lead(c.outputs), time_steps=steps,
-                          config=_axes_shifted(c.kind, c.config, 1), batch_axis=0)
+                          config=axes_shifted(c.kind, c.config, 1), batch_axis=0)
           found.setdefault(path, []).append(p.replace(captured=c))
       return node.value
     return node

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sngd_jax._src import conv as conv_lib
-from sngd_jax._src.capture.records import Record
+from sngd_jax._src.capture.records import Record, axes_shifted
 
 LayerRecorder = Callable[[Any, tuple, dict, Any], Record]
 
@@ -84,18 +84,35 @@ def _dense(module, args, kwargs, out) -> Record:
   return x, out, "dense", ()
 
 
+def _contracted_one_example(x, out, config: tuple) -> Record:
+  """The record of a dense call contracting the input axes of ``config`` (``()``: the last),
+  with an example axis.
+
+  A ``DenseGeneral``/``LinearGeneral``/``Einsum`` called on one unbatched example whose
+  axes are all contracted (``(D,)``, or ``(H, D)`` with ``axis=(-2, -1)``; per example, e.g.
+  under a ``jax.vmap`` of the captured gradient) has no row axis: its leading axis holds
+  features and must not be read as examples (``stats_batch_size`` cut its features), as
+  ``_one_example`` for dense and conv calls and ``norm_record`` for norms. One leading
+  row axis is added, and the contracted axes shift past it.
+  """
+  contracted = len(config[0]) if config else 1
+  if x.ndim == contracted:
+    return x[None], out[None], "dense", axes_shifted("dense", config, 1)
+  return x, out, "dense", config
+
+
 def _linen_dense_general(module, args, kwargs, out) -> Record:
   if module.batch_dims:
     return None  # kernel with batch axes: not one dense layer
   x = args[0]
-  return x, out, "dense", contract_config(module.axis, x.ndim)
+  return _contracted_one_example(x, out, contract_config(module.axis, x.ndim))
 
 
 def _nnx_linear_general(module, args, kwargs, out) -> Record:
   if module.batch_axis:
     return None  # kernel with batch axes: not one dense layer
   x = args[0]
-  return x, out, "dense", contract_config(module.axis, x.ndim)
+  return _contracted_one_example(x, out, contract_config(module.axis, x.ndim))
 
 
 def _einsum(kernel_ndim: Callable[[Any], int]) -> LayerRecorder:
@@ -103,7 +120,7 @@ def _einsum(kernel_ndim: Callable[[Any], int]) -> LayerRecorder:
     x = args[0]
     eq = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or module.einsum_str
     config = einsum_config(eq, x.ndim, kernel_ndim(module))
-    return None if config is None else (x, out, "dense", config)
+    return None if config is None else _contracted_one_example(x, out, config)
   return recorder
 
 

@@ -282,8 +282,9 @@ def refresh_all(the_plan: Plan, factors, weights, old_inverses, damping, abs_dam
       shift = dt(dt(damping) * np.sum(f) + dt(abs_damping))
       inverse = (1.0 / (f + shift)).astype(f.dtype)
       ok = bool(np.all(np.isfinite(inverse)) and np.isfinite(shift))
-      new[path] = inverse if ok else old_inverses[path]
-      failures += int(not ok)
+      fed = bool(np.asarray(weights[path]) > 0)  # never fed: keeps its identity, uncounted
+      new[path] = inverse if ok and fed else old_inverses[path]
+      failures += int(fed and not ok)
     for d, dtype, sketched, paths, host in the_plan.groups:
       dtype = np.dtype(dtype)
       if sketched:
@@ -300,7 +301,10 @@ def refresh_all(the_plan: Plan, factors, weights, old_inverses, damping, abs_dam
       shift = (dtype.type(damping) * trace + dtype.type(abs_damping)).astype(dtype)
       rep, ok = host.refresh(stacked, shift)
       ok = accept(host, rep, d, dtype, shift, ok)
-      failures += int(np.sum(~ok))
+      fed = np.concatenate([np.broadcast_to(np.asarray(weights[p]) > 0, (n,))
+                            for p, n in zip(paths, sizes, strict=True)])
+      failures += int(np.sum(~ok & fed))  # never fed: keeps its identity, uncounted
+      ok = ok & fed
       start = 0
       for p, size in zip(paths, sizes, strict=True):
         keep = ok[start:start + size]

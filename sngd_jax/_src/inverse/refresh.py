@@ -7,6 +7,13 @@ method, which keeps the compiled program small and the kernels busy. Each
 refreshed block must then pass ``accept_refresh``; a rejected block keeps
 its previous inverse (the identity before the first refresh) and is counted.
 
+A layer whose factor was never fed (weight ``w_t = 0``: a layer that no step has called yet
+under ``uncalled="skip"``, or only on zero rows) has no factor to invert (``G_t / w_t`` reads
+as 0, whose damped inverse is ``1 / abs_damping`` or does not exist). Its blocks keep their
+previous inverse, the identity that ``init`` made (its gradient passes unchanged), and are
+not counted as failures: nothing failed. The first refresh after its first batch inverts
+its factor as usual (``fed_blocks``).
+
 Acceptance: a block of ``A = G + s I`` (``G`` positive semi-definite, shift
 ``s = damping * tr(G) + abs_damping``) is accepted only if
 
@@ -195,6 +202,13 @@ def refresh_group(method: InverseMethod, stacked: Any, shift: jax.Array, d: int,
                              shift, ok)
 
 
+def fed_blocks(weights, paths, sizes) -> jax.Array:
+  """One flag per block of ``paths`` (``sizes`` blocks each), in order: whether the layer's
+  factor has been fed a batch (``w_t > 0``; ``w_t = 0`` only before its first batch)."""
+  return jnp.concatenate([jnp.broadcast_to(weights[p] > 0, (n,))
+                          for p, n in zip(paths, sizes, strict=True)])
+
+
 def keep_accepted(new: Any, ok: jax.Array, old: Any) -> Any:
   """``new`` where ``ok`` (one flag per block, the leading axis), else ``old``."""
   return jax.tree.map(
@@ -243,8 +257,9 @@ def refresh_inverses_xla(specs, factors, weights, old_inverses, method: InverseM
   for path in diagonal:
     rep, ok = diagonal_lib.refresh(statistics.normalized(factors[path], weights[path]),
                                    damping, abs_damping)
-    new_inverses[path] = jnp.where(ok, rep, old_inverses[path])
-    failures += (~ok).astype(jnp.int32)
+    fed = weights[path] > 0  # never fed: keeps its identity, and nothing failed
+    new_inverses[path] = jnp.where(ok & fed, rep, old_inverses[path])
+    failures += (~ok & fed).astype(jnp.int32)
   # The groups are refreshed one after another (a data dependence through
   # optimization_barrier), never concurrently: on XLA:CPU (jaxlib 0.10.2) a batched LAPACK
   # call splits its batch over XLA's thread pool and blocks its own pool thread until the
@@ -267,7 +282,9 @@ def refresh_inverses_xla(specs, factors, weights, old_inverses, method: InverseM
       stacked, _ = jax.lax.optimization_barrier((stacked, previous))
     rep, ok = refresh_group(method, stacked, shift, d, dtype)
     previous = (rep, ok)
-    failures += jnp.sum(~ok).astype(jnp.int32)
+    fed = fed_blocks(weights, paths_in_group, sizes)  # never fed: keeps its identity, uncounted
+    failures += jnp.sum(~ok & fed).astype(jnp.int32)
+    ok = ok & fed
     start = 0
     for p, size in zip(paths_in_group, sizes, strict=True):
       sl = slice(start, start + size)
