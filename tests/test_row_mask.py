@@ -360,3 +360,83 @@ def test_nystrom_sketch_is_that_of_the_real_rows():
   g = gram(x[mask])
   np.testing.assert_allclose(sketch.y, g @ omega, rtol=1e-10, atol=1e-12)
   np.testing.assert_allclose(sketch.trace, np.trace(g), rtol=1e-12)
+
+
+# --- convolutions, stacks over depth, data parallelism -----------------------------
+
+def test_conv1d_token_mask_per_output_position_and_2d_conv_refused():
+  rng = np.random.default_rng(7)
+  b, t, c = 3, 5, 2
+  x = rng.normal(size=(b, t, c))
+  mask = np.arange(t)[None] < LENGTHS[:, None]
+  conv = nn.Conv(4, kernel_size=(3,), padding="SAME")
+  params = f64(conv.init(jax.random.key(0), x)["params"])
+  (_, acts), grads = jax.value_and_grad(
+      sngd_jax.capture(lambda p: conv.apply({"params": p}, jnp.asarray(x)).sum()),
+      has_aux=True)(params)
+  state = factors_after_one_step(params, grads, sngd_jax.with_row_mask(acts, mask))
+  padded = np.pad(x, ((0, 0), (1, 1), (0, 0)))
+  patches = np.stack([padded[:, s:s + 3].reshape(b, -1) for s in range(t)], 1)  # (b, t, 3c)
+  (factor,) = state.factors.values()
+  np.testing.assert_allclose(factor, gram(patches[mask]), rtol=1e-10, atol=1e-12)
+
+  conv2d = nn.Conv(4, kernel_size=(3, 3), name="image")
+  images = jnp.ones((3, 5, 5, 2))
+  p2 = conv2d.init(jax.random.key(0), images)["params"]
+  _, acts2 = sngd_jax.capture(lambda p: conv2d.apply({"params": p}, images).sum())(p2)
+  with pytest.raises(ValueError, match=r"\(3, 5, 5, 2\).*\(3, 5\).*spatial axis"):
+    sngd_jax.with_row_mask(acts2, mask)
+  sngd_jax.with_row_mask(acts2, mask[:, 0])  # by example: fine
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return nn.tanh(nn.Dense(x.shape[-1])(x)), None
+
+
+class Deep(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
+    return stack(name="blocks")(x, None)[0].sum()
+
+
+def test_layers_scanned_over_depth_get_the_mask_in_every_layer():
+  rng = np.random.default_rng(8)
+  x = rng.normal(size=(3, 5, 4))
+  mask = np.arange(5)[None] < LENGTHS[:, None]
+  model = Deep()
+  params = f64(model.init(jax.random.key(0), x)["params"])
+  (_, acts), grads = jax.value_and_grad(
+      sngd_jax.capture(lambda p: model.apply({"params": p}, jnp.asarray(x))),
+      has_aux=True)(params)
+  state = factors_after_one_step(params, grads, sngd_jax.with_row_mask(acts, mask))
+  dense = params["blocks"]["Dense_0"]
+  h, want = x, []
+  for layer in range(2):
+    want.append(gram(h[mask]))
+    h = np.tanh(h @ np.asarray(dense["kernel"][layer]) + np.asarray(dense["bias"][layer]))
+  np.testing.assert_allclose(state.factors["blocks/Dense_0"], np.stack(want), rtol=1e-10,
+                             atol=1e-12)
+
+
+def test_axis_name_weighs_each_devices_estimate_by_its_real_rows():
+  """Two shards (``jax.vmap`` with an axis name, as ``shard_map`` would split the batch) with
+  different numbers of real tokens give the factor of the whole batch's real rows."""
+  _, params, tokens, mask, acts, grads = lm_problem()
+  tx = sngd_jax.sngd(**ONE_STEP, axis_name="data")
+  state = tx.init(params)
+  shard = lambda a: a.reshape((2, a.shape[0] // 2) + a.shape[1:])
+  sharded_acts = jax.tree.map(shard, sngd_jax.with_row_mask(acts, mask))
+
+  def step(acts):
+    return tx.update(grads, state, params, activations=acts)[1]
+
+  got = jax.vmap(step, axis_name="data")(sharded_acts)
+  want = factors_after_one_step(params, grads, sngd_jax.with_row_mask(acts, mask))
+  for path in ("Dense_0", "Dense_1", "Embed_0"):
+    np.testing.assert_allclose(got.factors[path][0], want.factors[path], rtol=1e-10,
+                               atol=1e-13)
+    np.testing.assert_allclose(got.factors[path][1], want.factors[path], rtol=1e-10,
+                               atol=1e-13)
