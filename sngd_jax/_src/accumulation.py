@@ -170,12 +170,14 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
       # per device, they were a state that differs between devices: refused by `shard_map`'s
       # check_vma, and, with check_vma=False, lost on a checkpoint of one replica.
       axis_name = sngd_state.config.axis_name
+      rows = dict(rows)
       for path in list(estimates):
-        if isinstance(rows.get(path), int):  # no row mask: equal shards, plain mean
+        n = rows[path]
+        if isinstance(n, int):  # no row mask: equal shards, plain mean
           estimates[path] = distributed.axis_mean(estimates[path], axis_name)
         else:  # row masks: each device's estimate weighs by its real rows
-          estimates[path], rows[path] = transform.weighted_axis_mean(
-              estimates[path], rows[path], axis_name)
+          estimates[path], rows[path] = transform.weighted_axis_mean(estimates[path], n,
+                                                                     axis_name)
       if set(rows) != set(state.acc_statistics):
         raise ValueError(
             "sngd: MultiSteps accumulates the statistics of every layer in every micro-batch; "

@@ -214,6 +214,12 @@ def row_weights(call: Captured, n_rows: int) -> Optional[jax.Array]:
   return jnp.moveaxis(w, axes, tuple(range(x.ndim - len(axes), x.ndim))).reshape(-1)
 
 
+def _weights_or_ones(call: Captured, n_rows: int, dtype) -> jax.Array:
+  """``row_weights`` of a call, ones for a call without a row mask, in ``dtype``."""
+  w = row_weights(call, n_rows)
+  return jnp.ones((n_rows,), dtype) if w is None else w.astype(dtype)
+
+
 def weighted_rows(spec: LayerSpec, calls: Sequence[Captured]) -> Optional[jax.Array]:
   """The rows a layer's batch estimate averages, counted with their row-mask weights
   (``sum_r m_r``, traced), on the scale of ``num_rows``; None when no call has a row mask.
@@ -280,9 +286,8 @@ def weighted_layer_rows(spec: LayerSpec, calls: Sequence[Captured]
   z = None if any(z is None for z in zs) else jnp.concatenate(zs).astype(dtype)
   m = None
   if any(c.row_mask is not None for c in calls):
-    ms = [row_weights(c, a.shape[0]) for c, a in zip(calls, xs, strict=True)]
-    m = jnp.concatenate([jnp.ones((a.shape[0],), dtype) if w is None else w.astype(dtype)
-                         for a, w in zip(xs, ms, strict=True)])
+    m = jnp.concatenate([_weights_or_ones(c, a.shape[0], dtype)
+                         for c, a in zip(calls, xs, strict=True)])
   if spec.bias is not None:
     x = distributed.unshard_axis(x, 1)  # features sharded over a model axis (explicit mesh)
     x = jnp.concatenate([x, jnp.ones_like(x[:, :1])], axis=1)  # keeps x's row sharding
@@ -358,9 +363,7 @@ def embed_counts(spec: LayerSpec, calls: Sequence[Captured], dtype) -> jax.Array
   if all(c.row_mask is None for c in calls):
     counts = jnp.zeros((spec.in_dim,), dtype).at[ids].add(1.0, mode="drop")
     return counts / ids.shape[0]
-  m = jnp.concatenate([
-      jnp.ones((c.inputs.size,), dtype) if c.row_mask is None
-      else row_weights(c, c.inputs.size).astype(dtype) for c in calls])
+  m = jnp.concatenate([_weights_or_ones(c, c.inputs.size, dtype) for c in calls])
   counts = jnp.zeros((spec.in_dim,), dtype).at[ids].add(m, mode="drop")
   return counts / _positive(jnp.sum(m))
 
@@ -480,9 +483,8 @@ def batch_factor(spec: LayerSpec, calls: Sequence[Captured],
     n = x.shape[0]
     m = None
     if any(c.row_mask is not None for c in calls):  # the rows' weights (row mask)
-      m = jnp.concatenate([
-          jnp.ones((a.shape[0],), dtype) if c.row_mask is None
-          else row_weights(c, a.shape[0]).astype(dtype) for c, a in zip(calls, xs, strict=True)])
+      m = jnp.concatenate([_weights_or_ones(c, a.shape[0], dtype)
+                           for c, a in zip(calls, xs, strict=True)])
       n = _positive(jnp.sum(m))
     if spec.fisher == "rfim":
       w = jax.nn.sigmoid(jnp.concatenate(zs).astype(dtype)) ** 2
@@ -670,7 +672,7 @@ def _sum_over_rows(spec: LayerSpec, calls: Sequence[Captured], fn: Callable,
 
     def chunk(i):
       x, z, m = weighted_layer_rows(spec, [call.examples_at(i * size, size)])
-      return (fn(x, z, m), jnp.sum(m)) if weighted else fn(x, z, m)
+      return fn(x, z, m) if m is None else (fn(x, z, m), jnp.sum(m))
 
     shapes = jax.eval_shape(chunk, 0)
     # A zero that varies as the data does (inside shard_map a carry must), and that

@@ -375,7 +375,7 @@ def as_seen_by(sngd_state: SNGDState, updates: Any) -> Any:
 
 
 def local_statistics(updates: Any, state: SNGDState, activations: Activations,
-                     masked: bool = False) -> tuple[dict[str, Any], dict[str, int]]:
+                     masked: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
   """The batch estimates ``G^`` that ``update`` would fold in from ``activations``.
 
   What ``sngd_jax.MultiSteps`` accumulates over micro-batches: per layer

@@ -26,6 +26,7 @@ the layer: the mask is never silently dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Optional
 
@@ -134,24 +135,24 @@ def _masked(path: str, i: int, c: Captured, mask: jax.Array) -> Captured:
            f"{mask.shape[1]} tokens")
     w = mask.T.reshape(-1) if mask.ndim == 2 else jnp.tile(mask, steps)
     shape[ax] = b * steps
-    return c.replace(row_mask=w.reshape(shape))
+    return dataclasses.replace(c, row_mask=w.reshape(shape))
   if mask.ndim == 1:
     shape[ax] = b
-    return c.replace(row_mask=mask.reshape(shape))
+    return dataclasses.replace(c, row_mask=mask.reshape(shape))
   role = _axis_role(c, ax + 1)
   if role == "row":
     if x.shape[ax + 1] != mask.shape[1]:
       fail(f"its axis {ax + 1} after the examples has length {x.shape[ax + 1]}, not the "
            f"mask's {mask.shape[1]} tokens")
     shape[ax], shape[ax + 1] = mask.shape
-    return c.replace(row_mask=mask.reshape(shape))
+    return dataclasses.replace(c, row_mask=mask.reshape(shape))
   if role == "positions":
     fail("the axis after the examples is a convolution's spatial axis whose output "
          "positions are not the input's tokens (a 2-D or 3-D conv, or a 1-D conv whose "
          "output length differs): mask it by example, `(B,)`")
   # No token axis among the rows (after pooling): an example counts if any token is real.
   shape[ax] = b
-  return c.replace(row_mask=jnp.max(mask, axis=1).reshape(shape))
+  return dataclasses.replace(c, row_mask=jnp.max(mask, axis=1).reshape(shape))
 
 
 def _axis_role(c: Captured, axis: int) -> Optional[str]:
