@@ -5,6 +5,8 @@ Every factor is compared with a float64 numpy reference computed from the real r
 something else, so that it fails without mask support.
 """
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ import pytest
 from flax import nnx
 
 import sngd_jax
+from sngd_jax._src import statistics
 from tests import np_reference as ref
 
 pytestmark = pytest.mark.usefixtures("x64")
@@ -364,7 +367,12 @@ def test_nystrom_sketch_is_that_of_the_real_rows():
 
 # --- convolutions, stacks over depth, data parallelism -----------------------------
 
-def test_conv1d_token_mask_per_output_position_and_2d_conv_refused():
+@pytest.mark.parametrize("chunk_bytes", [None, 1, 400])
+def test_conv1d_token_mask_per_output_position_and_2d_conv_refused(chunk_bytes, monkeypatch):
+  """Also with the patch rows formed in chunks of examples (one loop; 400 bytes: a loop of 2
+  chunks of 1 example and 1 example left over), each chunk with its examples' mask."""
+  if chunk_bytes is not None:
+    monkeypatch.setattr(statistics, "ROW_CHUNK_BYTES", chunk_bytes)
   rng = np.random.default_rng(7)
   b, t, c = 3, 5, 2
   x = rng.normal(size=(b, t, c))
@@ -440,3 +448,40 @@ def test_axis_name_weighs_each_devices_estimate_by_its_real_rows():
                                atol=1e-13)
     np.testing.assert_allclose(got.factors[path][1], want.factors[path], rtol=1e-10,
                                atol=1e-13)
+
+
+def test_equinox_under_vmap_over_batch_and_tokens_and_scan_over_time():
+  """Equinox: a Linear called per token under ``jax.vmap`` over the batch and the tokens, and
+  a GRU cell under ``jax.lax.scan`` over time inside the vmap over the batch."""
+  eqx = pytest.importorskip("equinox")
+  rng = np.random.default_rng(9)
+  x = rng.normal(size=(3, 5, 2))
+  mask = np.arange(5)[None] < LENGTHS[:, None]
+  key1, key2 = jax.random.split(jax.random.key(0))
+
+  class Model(eqx.Module):
+    lin: Any
+    cell: Any
+
+    def __init__(self):
+      self.lin = eqx.nn.Linear(2, 3, key=key1, dtype=jnp.float64)
+      self.cell = eqx.nn.GRUCell(2, 4, key=key2, dtype=jnp.float64)
+
+    def __call__(self, xs):  # one sequence (T, 2)
+      def step(h, x):
+        h = self.cell(x, h)
+        return h, h
+      _, hs = jax.lax.scan(step, jnp.zeros(4), xs)
+      return jax.vmap(self.lin)(xs).sum() + hs.sum()
+
+  model = Model()
+  params = eqx.filter(model, eqx.is_inexact_array)
+  loss = sngd_jax.capture_eqx(lambda m, xs: jax.vmap(m)(xs).sum())
+  (_, acts), grads = eqx.filter_value_and_grad(loss, has_aux=True)(model, jnp.asarray(x))
+  state = factors_after_one_step(params, grads, sngd_jax.with_row_mask(acts, mask))
+  lin_path = next(p for p in state.factors if p.startswith("lin"))
+  np.testing.assert_allclose(state.factors[lin_path], gram(x[mask]), rtol=1e-10, atol=1e-12)
+  in_path = next(p for p in state.factors if p.startswith("cell/weight_ih"))
+  np.testing.assert_allclose(state.factors[in_path], gram(x[mask]), rtol=1e-10, atol=1e-12)
+  unmasked = factors_after_one_step(params, grads, acts)
+  assert not np.allclose(unmasked.factors[lin_path], gram(x[mask]), rtol=1e-3)
