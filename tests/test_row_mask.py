@@ -485,3 +485,27 @@ def test_equinox_under_vmap_over_batch_and_tokens_and_scan_over_time():
   np.testing.assert_allclose(state.factors[in_path], gram(x[mask]), rtol=1e-10, atol=1e-12)
   unmasked = factors_after_one_step(params, grads, acts)
   assert not np.allclose(unmasked.factors[lin_path], gram(x[mask]), rtol=1e-3)
+
+
+def test_mask_each_micro_batch_inside_a_scan_over_micro_batches():
+  """Accumulating inside one step: each micro-batch's activations masked in the scan body
+  give the factors of one batch of all of them; masking after the scan raises."""
+  model, params, tokens, mask, _, _ = lm_problem()
+  capture = sngd_jax.capture(lambda p, t: model.apply({"params": p}, t).sum())
+  grad_fn = jax.grad(capture, has_aux=True)
+
+  def body(total, batch):
+    t, m = batch
+    grads, acts = grad_fn(params, t)
+    return jax.tree.map(jnp.add, total, grads), sngd_jax.with_row_mask(acts, m)
+
+  micro = (tokens.reshape(2, 2, -1), mask.reshape(2, 2, -1))
+  grads, acts = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), micro)
+  got = factors_after_one_step(params, grads, acts).factors
+  (_, big), big_grads = jax.value_and_grad(capture, has_aux=True)(params, tokens)
+  want = factors_after_one_step(params, big_grads, sngd_jax.with_row_mask(big, mask)).factors
+  for path in ("Dense_0", "Dense_1", "Embed_0"):
+    np.testing.assert_allclose(got[path], want[path], rtol=1e-10, atol=1e-13)
+  _, unmasked = jax.lax.scan(lambda c, b: (c, grad_fn(params, b)[1]), 0, micro[0])
+  with pytest.raises(ValueError, match=r"'Dense_0'.*inside the scan"):
+    sngd_jax.with_row_mask(unmasked, mask)
