@@ -509,3 +509,18 @@ def test_mask_each_micro_batch_inside_a_scan_over_micro_batches():
   _, unmasked = jax.lax.scan(lambda c, b: (c, grad_fn(params, b)[1]), 0, micro[0])
   with pytest.raises(ValueError, match=r"'Dense_0'.*inside the scan"):
     sngd_jax.with_row_mask(unmasked, mask)
+
+
+def test_token_mask_on_a_layer_after_pooling_counts_examples_with_a_real_token():
+  rng = np.random.default_rng(10)
+  x = rng.normal(size=(4, 5, 3))
+  mask = np.arange(5)[None] < np.array([5, 0, 2, 0])[:, None]  # examples 1 and 3: all padding
+  head = nn.Dense(2)
+  pooled = x.mean(1)
+  params = f64(head.init(jax.random.key(0), pooled)["params"])
+  (_, acts), grads = jax.value_and_grad(
+      sngd_jax.capture(lambda p: head.apply({"params": p}, jnp.asarray(x).mean(1)).sum()),
+      has_aux=True)(params)
+  state = factors_after_one_step(params, grads, sngd_jax.with_row_mask(acts, mask))
+  (factor,) = state.factors.values()
+  np.testing.assert_allclose(factor, gram(pooled[[0, 2]]), rtol=1e-10, atol=1e-12)
