@@ -524,3 +524,20 @@ def test_token_mask_on_a_layer_after_pooling_counts_examples_with_a_real_token()
   state = factors_after_one_step(params, grads, sngd_jax.with_row_mask(acts, mask))
   (factor,) = state.factors.values()
   np.testing.assert_allclose(factor, gram(pooled[[0, 2]]), rtol=1e-10, atol=1e-12)
+
+
+def test_time_major_rnn_cell_takes_the_batch_major_mask():
+  rng = np.random.default_rng(11)
+  x = rng.normal(size=(5, 3, 2))  # (T, B, I)
+  mask = np.arange(5)[None] < LENGTHS[:, None]  # (B, T)
+  rnn = nn.RNN(nn.SimpleCell(4, param_dtype=jnp.float64, dtype=jnp.float64), time_major=True)
+  params = f64(rnn.init(jax.random.key(0), x)["params"])
+  (_, acts), grads = jax.value_and_grad(
+      sngd_jax.capture(lambda p: rnn.apply({"params": p}, jnp.asarray(x)).sum()),
+      has_aux=True)(params)
+  state = factors_after_one_step(params, grads, sngd_jax.with_row_mask(acts, mask))
+  inputs = next(p for p in state.factors if p.endswith("/i"))
+  real = np.swapaxes(x, 0, 1)[mask]  # the input of example b at time t where it is real
+  np.testing.assert_allclose(state.factors[inputs], ref.linear_factor(real, bias=False)
+                             if state.factors[inputs].shape[-1] == 2 else gram(real),
+                             rtol=1e-10, atol=1e-12)
