@@ -541,3 +541,15 @@ def test_time_major_rnn_cell_takes_the_batch_major_mask():
   np.testing.assert_allclose(state.factors[inputs], ref.linear_factor(real, bias=False)
                              if state.factors[inputs].shape[-1] == 2 else gram(real),
                              rtol=1e-10, atol=1e-12)
+
+
+def test_mask_passes_through_inject_hyperparams_and_chain():
+  _, params, _, mask, acts, grads = lm_problem()
+  masked = sngd_jax.with_row_mask(acts, mask)
+  plain = sngd_jax.sngd_momentum(0.1, momentum=0.9)
+  injected = optax.inject_hyperparams(sngd_jax.sngd_momentum)(learning_rate=0.1, momentum=0.9)
+  want, _ = plain.update(grads, plain.init(params), params, activations=masked)
+  got, _ = injected.update(grads, injected.init(params), params, activations=masked)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), got, want)
+  unmasked, _ = plain.update(grads, plain.init(params), params, activations=acts)
+  assert not np.allclose(unmasked["Dense_0"]["kernel"], want["Dense_0"]["kernel"], rtol=1e-3)
