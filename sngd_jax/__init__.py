@@ -16,6 +16,7 @@ from sngd_jax._src.capture.linen import capture as capture
 from sngd_jax._src.capture.nnx import capture_nnx as capture_nnx
 from sngd_jax._src.capture.records import Activations as Activations
 from sngd_jax._src.capture.records import Captured as Captured
+from sngd_jax._src.capture.row_mask import with_row_mask as with_row_mask
 from sngd_jax._src.config import DEFAULTS as DEFAULTS
 from sngd_jax._src.config import SNGDConfig as SNGDConfig
 from sngd_jax._src.cost import LayerCost as LayerCost
@@ -84,4 +85,5 @@ __all__ = [
     "to_reconstructed",
     "trust_region_scale",
     "with_activations",
+    "with_row_mask",
 ]

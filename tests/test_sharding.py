@@ -204,6 +204,36 @@ def test_local_statistics_are_those_of_the_global_batch(mode):
                                rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+@multi
+@pytest.mark.parametrize("mode", ["jit_auto", "jit_explicit", "shard_map"])
+def test_row_mask_statistics_are_those_of_the_global_batchs_real_rows(mode):
+  """``with_row_mask`` with a different number of real examples on each device: the factor
+  is that of the real rows of the whole batch (``axis_name``: each device's estimate weighted
+  by its real rows; under jit XLA sums the weighted rows)."""
+  params, acts, fisher = _layer_problem()
+  grads = jax.tree.map(jnp.ones_like, params)
+  kwargs = dict(fisher=fisher, decay=0.0, prior="none")
+  real = np.arange(BATCH) % 8 < np.arange(BATCH) // 8 % 8  # 0..7 real rows per shard of 8
+  acts = sngd_jax.with_row_mask(acts, jnp.asarray(real))
+  axis_type = AxisType.Auto if mode == "jit_auto" else AxisType.Explicit
+  mesh = jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(axis_type,))
+  put = _placer(mesh)
+  if mode.startswith("jit"):
+    tx = sngd_jax.sngd(**kwargs)
+    fn = lambda g, s, a: tx.update(g, s, activations=a)[1]
+  else:
+    tx = sngd_jax.sngd(axis_name="data", **kwargs)
+    fn = jax.shard_map(lambda g, s, a: tx.update(g, s, activations=a)[1], mesh=mesh,
+                       in_specs=(P(), P(), _batch_spec(acts)), out_specs=P())
+  factors = jax.jit(fn)(put(grads, False), put(tx.init(params), False), put(acts, True)).factors
+  for path, kind in fisher.items():
+    call = acts[path][0]
+    ref = _reference_factor(Captured(inputs=call.inputs[real], outputs=call.outputs[real]),
+                            kind)
+    np.testing.assert_allclose(np.asarray(factors[path], np.float64), ref,
+                               rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
 # ---------------------------------------------------------------- training
 
 

@@ -169,7 +169,15 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
       # mean of the means is the row-weighted mean of the global batch: equal shards). Kept
       # per device, they were a state that differs between devices: refused by `shard_map`'s
       # check_vma, and, with check_vma=False, lost on a checkpoint of one replica.
-      estimates = distributed.axis_mean(estimates, sngd_state.config.axis_name)
+      axis_name = sngd_state.config.axis_name
+      rows = dict(rows)
+      for path in list(estimates):
+        n = rows[path]
+        if isinstance(n, int):  # no row mask: equal shards, plain mean
+          estimates[path] = distributed.axis_mean(estimates[path], axis_name)
+        else:  # row masks: each device's estimate weighs by its real rows
+          estimates[path], rows[path] = transform.weighted_axis_mean(estimates[path], n,
+                                                                     axis_name)
       if set(rows) != set(state.acc_statistics):
         raise ValueError(
             "sngd: MultiSteps accumulates the statistics of every layer in every micro-batch; "
@@ -181,12 +189,13 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
           new_stats[path], new_rows[path] = state.acc_statistics[path], state.acc_rows[path]
           continue
         estimate = estimates[path]
-        total = state.acc_rows[path] + rows[path]
+        total = state.acc_rows[path] + jnp.asarray(rows[path], state.acc_rows[path].dtype)
         new_rows[path] = total
+        # n / total, the weight in the sum's dtype; 0 while every row so far was masked
+        weight = jnp.asarray(rows[path], total.dtype) / jnp.where(total > 0, total, 1)
         new_stats[path] = jax.tree.map(
-            lambda acc, e, total=total, n=rows[path]:  # the weight in the sum's dtype
-                acc + (e.astype(acc.dtype) - acc) * (jnp.asarray(n, acc.dtype)
-                                                     / jnp.asarray(total, acc.dtype)),
+            lambda acc, e, weight=weight: acc + (e.astype(acc.dtype) - acc) * weight.astype(
+                acc.dtype),
             state.acc_statistics[path], estimate)
       return new_stats, new_rows
 

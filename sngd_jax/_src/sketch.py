@@ -69,13 +69,18 @@ def is_sketch(factor: Any) -> bool:
   return isinstance(factor, Sketch)
 
 
-def row_sums(x: jax.Array, omega: jax.Array, out_sharding=None) -> tuple[jax.Array, jax.Array]:
+def row_sums(x: jax.Array, omega: jax.Array, out_sharding=None,
+             weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """``(X~^T (X~ Omega), ||X~||_F^2)``: the sketch of the sum over rows of ``x~ x~^T`` (and its
-  trace); divided by the rows ``n``, the batch estimate ``(1/n) X~^T X~`` as a ``Sketch``."""
+  trace); divided by the rows ``n``, the batch estimate ``(1/n) X~^T X~`` as a ``Sketch``.
+
+  With ``weights`` ``m`` (one per row, a row mask): ``(X~^T M (X~ Omega), tr(X~^T M X~))``,
+  ``M = diag(m)``, the sketch of ``sum_r m_r x~_r x~_r^T``."""
   omega = omega.astype(x.dtype)
   proj = jnp.matmul(x, omega, precision=_HIGHEST)
-  y = jnp.matmul(x.T, proj, precision=_HIGHEST, out_sharding=out_sharding)
-  return y, jnp.sum(x * x)
+  mx = x if weights is None else weights[:, None].astype(x.dtype) * x
+  y = jnp.matmul(mx.T, proj, precision=_HIGHEST, out_sharding=out_sharding)
+  return y, jnp.sum(mx * x)
 
 
 def of_dense(g: jax.Array, omega: jax.Array) -> Sketch:

@@ -183,9 +183,79 @@ def stat_dtype(*arrays: jax.Array) -> jnp.dtype:
   return jnp.result_type(jnp.float32, *[a.dtype for a in arrays])
 
 
+def row_weights(call: Captured, n_rows: int) -> Optional[jax.Array]:
+  """The weight of each of a call's ``n_rows`` rows, in the order of ``ROWS`` (or of
+  ``norm_rows``, token ids for an embedding), from its ``row_mask``; None without one.
+
+  The row mask (``sngd_jax.with_row_mask``) has the inputs' axes, full along the example
+  (and token) axes and size 1 elsewhere; it is broadcast over the other row axes (heads,
+  positions, feature groups) and dropped along the axes the layer contracts. For a call of
+  one layer (``stack = 0``).
+  """
+  w = call.row_mask
+  if w is None:
+    return None
+  x = call.inputs
+  if call.kind in ("conv", "conv_transpose"):
+    rank = len(call.config[0])
+    lead = x.ndim - rank - 1
+    examples = math.prod(x.shape[:lead])
+    groups = call.config[5] if call.kind == "conv" else 1
+    positions = n_rows // max(examples * groups, 1)
+    w = jnp.broadcast_to(w, x.shape[:lead] + w.shape[lead:]).reshape(examples, -1)
+    return jnp.broadcast_to(w[:, :, None], (examples, positions, groups)).reshape(-1)
+  if call.kind == "embed" and call.config != ("attend",):
+    return jnp.broadcast_to(w, x.shape).reshape(-1)
+  if call.kind == "norm":
+    (axes,) = call.config
+  elif call.kind == "dense" and call.config:
+    axes = call.config[0]
+  else:  # nn.Dense, and the output-layer use of a tied table: the last axis
+    axes = (x.ndim - 1,)
+  axes = tuple(a % x.ndim for a in axes)
+  w = jnp.broadcast_to(w, tuple(1 if i in axes else n for i, n in enumerate(x.shape)))
+  return jnp.moveaxis(w, axes, tuple(range(x.ndim - len(axes), x.ndim))).reshape(-1)
+
+
+def _weights_or_ones(call: Captured, n_rows: int, dtype) -> jax.Array:
+  """``row_weights`` of a call, ones for a call without a row mask, in ``dtype``."""
+  w = row_weights(call, n_rows)
+  return jnp.ones((n_rows,), dtype) if w is None else w.astype(dtype)
+
+
+def weighted_rows(spec: LayerSpec, calls: Sequence[Captured]) -> Optional[jax.Array]:
+  """The rows a layer's batch estimate averages, counted with their row-mask weights
+  (``sum_r m_r``, traced), on the scale of ``num_rows``; None when no call has a row mask.
+
+  A layer whose count is 0 in a step has no estimate and keeps its factor.
+  """
+  if all(c.row_mask is None for c in calls):
+    return None
+  total = None
+  for c in calls:
+    k = c.stack
+    one = dataclasses.replace(
+        c, inputs=c.inputs[(0,) * k], outputs=None, stack=0,
+        batch_axis=None if c.batch_axis is None else c.batch_axis - k,
+        row_mask=None if c.row_mask is None else c.row_mask[(0,) * k])
+    n = num_rows(spec, [one])
+    w = row_weights(one, n)
+    count = (jnp.asarray(n, jnp.float32) if w is None else jnp.sum(w)) * math.prod(
+        stack_shape(c))
+    total = count if total is None else total + count
+  return total
+
+
 def layer_rows(spec: LayerSpec,
                calls: Sequence[Captured]) -> tuple[jax.Array, Optional[jax.Array]]:
-  """Pools the rows of all calls of a layer into ``(X~, Z)``.
+  """Pools the rows of all calls of a layer into ``(X~, Z)`` (see ``weighted_layer_rows``)."""
+  x, z, _ = weighted_layer_rows(spec, calls)
+  return x, z
+
+
+def weighted_layer_rows(spec: LayerSpec, calls: Sequence[Captured]
+                        ) -> tuple[jax.Array, Optional[jax.Array], Optional[jax.Array]]:
+  """Pools the rows of all calls of a layer into ``(X~, Z, m)``.
 
   Args:
     spec: the layer.
@@ -193,8 +263,9 @@ def layer_rows(spec: LayerSpec,
 
   Returns:
     ``X~`` of shape ``(n, d)`` (a ones column appended when the layer has a
-    bias) and ``Z`` of shape ``(n, O)`` (None when some call kept no outputs),
-    in the statistics dtype.
+    bias), ``Z`` of shape ``(n, O)`` (None when some call kept no outputs),
+    in the statistics dtype, and the rows' weights ``m`` of shape ``(n,)`` from the
+    calls' row masks (ones for a call without one; None when no call has one).
 
   Raises:
     ValueError: naming the layer path, if a call's feature sizes do not match.
@@ -216,10 +287,14 @@ def layer_rows(spec: LayerSpec,
   dtype = stat_dtype(*xs)
   x = jnp.concatenate(xs).astype(dtype)
   z = None if any(z is None for z in zs) else jnp.concatenate(zs).astype(dtype)
+  m = None
+  if any(c.row_mask is not None for c in calls):
+    m = jnp.concatenate([_weights_or_ones(c, a.shape[0], dtype)
+                         for c, a in zip(calls, xs, strict=True)])
   if spec.bias is not None:
     x = distributed.unshard_axis(x, 1)  # features sharded over a model axis (explicit mesh)
     x = jnp.concatenate([x, jnp.ones_like(x[:, :1])], axis=1)  # keeps x's row sharding
-  return x, z
+  return x, z, m
 
 
 def _check_kind(spec: LayerSpec, call: Captured) -> None:
@@ -282,10 +357,24 @@ def layer_calls(spec: LayerSpec, calls: Sequence[Captured]) -> tuple[Captured, .
 
 
 def embed_counts(spec: LayerSpec, calls: Sequence[Captured], dtype) -> jax.Array:
-  """Token frequencies ``count(v) / n`` over all calls of an embedding, ``(V,)``."""
+  """Token frequencies ``count(v) / n`` over all calls of an embedding, ``(V,)``.
+
+  With row masks, ``sum_r m_r [id_r = v] / sum_r m_r``: masked lookups are not counted
+  (zero when every lookup is masked).
+  """
   ids = jnp.concatenate([c.inputs.reshape(-1) for c in calls])
-  counts = jnp.zeros((spec.in_dim,), dtype).at[ids].add(1.0, mode="drop")
-  return counts / ids.shape[0]
+  if all(c.row_mask is None for c in calls):
+    counts = jnp.zeros((spec.in_dim,), dtype).at[ids].add(1.0, mode="drop")
+    return counts / ids.shape[0]
+  m = jnp.concatenate([_weights_or_ones(c, c.inputs.size, dtype) for c in calls])
+  counts = jnp.zeros((spec.in_dim,), dtype).at[ids].add(m, mode="drop")
+  return counts / _positive(jnp.sum(m))
+
+
+def _positive(n: jax.Array) -> jax.Array:
+  """A traced row count as a divisor: 1 where it is 0 (every row masked: the sum it
+  divides is 0 too, and the layer keeps its factor)."""
+  return jnp.where(n > 0, n, jnp.ones_like(n))
 
 
 def _needs_outputs(spec: LayerSpec, calls: Sequence[Captured]) -> None:
@@ -342,13 +431,17 @@ def _per_layer(fn: Callable, spec: LayerSpec, calls: Sequence[Captured]):
 
   def one(arrays):
     return fn(inner, [dataclasses.replace(
-        c, inputs=x, outputs=z, stack=0,
+        c, inputs=x, outputs=z, stack=0, row_mask=m,
         batch_axis=None if c.batch_axis is None else c.batch_axis - k)
-        for c, (x, z) in zip(calls, arrays, strict=True)])
+        for c, (x, z, m) in zip(calls, arrays, strict=True)])
 
   for _ in range(k):
     one = jax.vmap(one)
-  out = one([(c.inputs, c.outputs) for c in calls])
+  # A row mask is the same for every layer of the stack (size 1 along its axes).
+  out = one([(c.inputs, c.outputs,
+              None if c.row_mask is None
+              else jnp.broadcast_to(c.row_mask, shape + c.row_mask.shape[k:]))
+             for c in calls])
   if spec.structure == "per_channel":
     out = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[k + 1:]), out)
   return out
@@ -391,35 +484,48 @@ def batch_factor(spec: LayerSpec, calls: Sequence[Captured],
     # Per channel c, the moments of rows [x_c, 1] (d = 2) or [x_c] (no bias), as
     # reductions over n: stacking the rows first made XLA:CPU transpose (n, C, 2) copies.
     n = x.shape[0]
+    m = None
+    if any(c.row_mask is not None for c in calls):  # the rows' weights (row mask)
+      m = jnp.concatenate([_weights_or_ones(c, a.shape[0], dtype)
+                           for c, a in zip(calls, xs, strict=True)])
+      n = _positive(jnp.sum(m))
     if spec.fisher == "rfim":
       w = jax.nn.sigmoid(jnp.concatenate(zs).astype(dtype)) ** 2
+      if m is not None:
+        w = w * m[:, None]
       wx = w * x
       s_xx, s_x, s_1 = (wx * x).sum(0), wx.sum(0), w.sum(0)
+    elif m is not None:
+      mx = m[:, None] * x
+      s_xx, s_x, s_1 = (mx * x).sum(0), mx.sum(0), jnp.broadcast_to(m.sum(), x.shape[1:])
     else:
       s_xx, s_x, s_1 = (x * x).sum(0), x.sum(0), jnp.full(x.shape[1:], n, dtype)
     if spec.bias is None:
       return s_xx[:, None, None] / n
     return jnp.stack([jnp.stack([s_xx, s_x], -1), jnp.stack([s_x, s_1], -1)], -2) / n
 
-  def gram(x, z):
+  def gram(x, z, m):
     out_sharding = replicated_out_sharding(x)  # rows may be sharded over devices
     if spec.fisher == "rfim":
       assert z is not None  # _check_kind requires the outputs for rfim
       w = jax.nn.sigmoid(z) ** 2
+      if m is not None:
+        w = w * m[:, None]
       return jnp.einsum("nj,na,nb->jab", w, x, x, out_sharding=out_sharding)
+    mx = x if m is None else m[:, None] * x  # sum_r m_r x~_r x~_r^T
     if x.shape[1] <= _NARROW_GRAM and x.shape[0] > _LONG_ROWS and out_sharding is None:
       # XLA:CPU emits the product of a very narrow X~ (1-2 inputs and the bias) as one
       # sequential sum over the rows, which loses float32 precision past ~1e6 rows (3e-4
       # relative at 4M random rows, 6% with constant inputs); its reductions sum in a tree.
-      return (x[:, :, None] * x[:, None, :]).sum(0)
-    return jnp.matmul(x.T, x, out_sharding=out_sharding)
+      return (mx[:, :, None] * x[:, None, :]).sum(0)
+    return jnp.matmul(mx.T, x, out_sharding=out_sharding)
 
   total, n = _sum_over_rows(spec, calls, gram, after)
   if spec.fisher == "rfim":
     # A grouped conv's rows are (example, position, group): channel j's block averages
     # the rows of its own group only (the others weigh 0), 1/groups of them.
-    n //= _feature_groups(calls)
-  return total / n
+    n = n // _feature_groups(calls) if isinstance(n, int) else n / _feature_groups(calls)
+  return total / (n if isinstance(n, int) else _positive(n))
 
 
 def _feature_groups(calls: Sequence[Captured]) -> int:
@@ -550,10 +656,13 @@ def dependency(estimate: Any) -> jax.Array:
 
 
 def _sum_over_rows(spec: LayerSpec, calls: Sequence[Captured], fn: Callable,
-                   after: Optional[jax.Array] = None) -> tuple[Any, int]:
-  """``(sum of fn(X~, Z) over example chunks, number of rows)``.
+                   after: Optional[jax.Array] = None) -> tuple[Any, Any]:
+  """``(sum of fn(X~, Z, m) over example chunks, number of rows)``.
 
-  ``fn`` must be a sum over rows. The chunks are formed one after the other,
+  ``fn`` must be a sum over rows, ``m`` their weights (None without row masks, see
+  ``weighted_layer_rows``); with row masks the number of rows is ``sum(m)`` (traced).
+
+  The chunks are formed one after the other,
   in a ``fori_loop`` over equal chunks (``_loop_plan``) or else unrolled
   (``example_chunks``), the first after ``after`` (see ``_after``): left free,
   XLA:CPU formed every chunk's rows, of every layer, first. Layers without
@@ -562,9 +671,11 @@ def _sum_over_rows(spec: LayerSpec, calls: Sequence[Captured], fn: Callable,
   plan = _loop_plan(spec, calls)
   if plan is not None:
     (call,), (k, size, left) = calls, plan
+    weighted = call.row_mask is not None
 
     def chunk(i):
-      return fn(*layer_rows(spec, [call.examples_at(i * size, size)]))
+      x, z, m = weighted_layer_rows(spec, [call.examples_at(i * size, size)])
+      return fn(x, z, m) if m is None else (fn(x, z, m), jnp.sum(m))
 
     shapes = jax.eval_shape(chunk, 0)
     # A zero that varies as the data does (inside shard_map a carry must), and that
@@ -574,13 +685,16 @@ def _sum_over_rows(spec: LayerSpec, calls: Sequence[Captured], fn: Callable,
       zero = zero + (after * 0).astype(zero.dtype)
     init = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype) + zero.astype(a.dtype), shapes)
     total = jax.lax.fori_loop(0, k, lambda i, t: jax.tree.map(jnp.add, t, chunk(i)), init)
-    rows = jax.eval_shape(lambda c: layer_rows(spec, [c.examples(0, size)])[0], call)
-    n = k * rows.shape[0]
+    if weighted:
+      total, n = total
+    else:
+      rows = jax.eval_shape(lambda c: layer_rows(spec, [c.examples(0, size)])[0], call)
+      n = k * rows.shape[0]
     if left:
-      x, z = layer_rows(spec, _after([call.examples(k * size, k * size + left)],
-                                     dependency(total)))
-      total = jax.tree.map(jnp.add, total, fn(x, z))
-      n += x.shape[0]
+      x, z, m = weighted_layer_rows(spec, _after([call.examples(k * size, k * size + left)],
+                                                 dependency(total)))
+      total = jax.tree.map(jnp.add, total, fn(x, z, m))
+      n += x.shape[0] if m is None else jnp.sum(m)
     return total, n
   parts = example_chunks(spec, calls)
   if parts is None:
@@ -590,10 +704,10 @@ def _sum_over_rows(spec: LayerSpec, calls: Sequence[Captured], fn: Callable,
   total, n = None, 0
   for part in parts:
     part = _after(part, after if total is None else dependency(total))
-    x, z = layer_rows(spec, part)
-    out = fn(x, z)
+    x, z, m = weighted_layer_rows(spec, part)
+    out = fn(x, z, m)
     total = out if total is None else jax.tree.map(jnp.add, total, out)
-    n += x.shape[0]
+    n += x.shape[0] if m is None else jnp.sum(m)
   assert total is not None  # a layer has at least one call
   return total, n
 
@@ -616,8 +730,11 @@ def batch_sketch(spec: LayerSpec, calls: Sequence[Captured], omega: jax.Array,
     return _per_layer(lambda one, cs: batch_sketch(one, cs, omega, after), spec, calls)
   (y, tr), n = _sum_over_rows(
       spec, calls,
-      lambda x, _: sketch_lib.row_sums(x, omega, out_sharding=replicated_out_sharding(x)),
+      lambda x, _, m: sketch_lib.row_sums(x, omega, out_sharding=replicated_out_sharding(x),
+                                          weights=m),
       after)
+  if not isinstance(n, int):
+    n = _positive(n)
   return sketch_lib.Sketch(y / n, tr / n, jnp.zeros((), y.dtype))
 
 

@@ -21,7 +21,6 @@ trust region -> write back -> guard.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Any, NamedTuple, Optional, cast
 
@@ -123,9 +122,9 @@ def _sub_batch(calls, size: int):
     if c.batch_axis is not None:  # a batch sharded unevenly for `size` is gathered first
       # (time-major rows, cut per time step after a reshape, whenever it is sharded)
       ax, rows = c.batch_axis, size if c.time_steps == 1 else 1
-      c = c.replace(inputs=distributed.sliceable(c.inputs, ax, rows),
-                    outputs=None if c.outputs is None
-                    else distributed.sliceable(c.outputs, ax, rows))
+      cut_able = lambda a: None if a is None else distributed.sliceable(a, ax, rows)
+      c = c.replace(inputs=cut_able(c.inputs), outputs=cut_able(c.outputs),
+                    row_mask=cut_able(c.row_mask))  # the same examples' mask
     return c.first_examples(size)
   return tuple(c if statistics.is_lookup(c) else cut(c) for c in calls)
 
@@ -135,6 +134,18 @@ def _statistics_activations(config: SNGDConfig, activations: Activations) -> Act
   if config.stats_batch_size is None:
     return activations
   return {p: _sub_batch(calls, config.stats_batch_size) for p, calls in activations.items()}
+
+
+def _masked_rows(specs, acts: Activations) -> dict[str, jax.Array]:
+  """The weighted row count ``sum_r m_r`` of each layer with row masks
+  (``sngd_jax.with_row_mask``), traced: a layer whose count is 0 keeps its factor."""
+  out = {}
+  for path, spec in specs.items():
+    if path in acts:
+      n = statistics.weighted_rows(spec, acts[path])
+      if n is not None:
+        out[path] = n
+  return out
 
 
 def _batch_estimates(specs, omegas, acts: Activations) -> dict[str, Any]:
@@ -263,18 +274,26 @@ def _update_statistics(config: SNGDConfig, inputs: _Inputs, state: SNGDState,
   none_restarted = jnp.zeros((), jnp.int32)
   keep_factors = lambda accepted: (state.factors, state.weights, accepted, none_restarted)
   if inputs.estimates is None:
-    source, estimate_of = inputs.activations, functools.partial(_batch_estimates, specs, omegas)
+    source = inputs.activations
+    estimate_of = lambda acts: (_batch_estimates(specs, omegas, acts),
+                                _masked_rows(specs, acts), True)
   else:
-    source, estimate_of = inputs.estimates, lambda estimates: estimates
+    source = inputs.estimates
+    estimate_of = lambda estimates: (estimates, inputs.estimate_rows, False)
 
   def update_factors(source):
-    estimates = estimate_of(source)
+    estimates, estimate_rows, local = estimate_of(source)
     out_f, out_w, estimates_ok, restarted = {}, {}, [], none_restarted
     for path, spec in specs.items():
       if path not in estimates:  # not called in this step (`uncalled="skip"`), or on 0 rows
         out_f[path], out_w[path] = state.factors[path], state.weights[path]
         continue
-      estimate = distributed.axis_mean(estimates[path], axis_name)
+      if local and estimate_rows and path in estimate_rows:
+        # Row masks: each device's estimate weighs by its own real rows.
+        estimate, rows = weighted_axis_mean(estimates[path], estimate_rows[path], axis_name)
+      else:
+        estimate = distributed.axis_mean(estimates[path], axis_name)
+        rows = None if estimate_rows is None else estimate_rows.get(path)
       estimates_ok.append(statistics.in_range(estimate))
       factor, weight, restart = statistics.restart_if_out_of_range(state.factors[path],
                                                                    state.weights[path])
@@ -282,9 +301,10 @@ def _update_statistics(config: SNGDConfig, inputs: _Inputs, state: SNGDState,
         estimate = statistics.limit_outlier(estimate, factor, weight, config.max_factor_ratio)
       out_f[path], out_w[path] = statistics.ema_update(
           factor, weight, estimate, config.decay, config.prior, omegas.get(path))
-      if inputs.estimate_rows is not None and path in inputs.estimate_rows:
-        # No rows in any micro-batch (``MultiSteps``): no estimate, the factor is kept.
-        empty = inputs.estimate_rows[path] == 0
+      if rows is not None:
+        # No rows in any micro-batch (``MultiSteps``), or every row masked: no estimate,
+        # the factor is kept.
+        empty = rows == 0
         keep = lambda new, old, empty=empty: jnp.where(empty, old, new)
         out_f[path] = jax.tree.map(keep, out_f[path], state.factors[path])
         out_w[path] = keep(out_w[path], state.weights[path])
@@ -306,6 +326,23 @@ def _update_statistics(config: SNGDConfig, inputs: _Inputs, state: SNGDState,
   do_factor = grads_finite & (state.count % config.factor_every == 0)
   return _schedule_cond(config)(do_factor, new_factors,
                                 lambda _: keep_factors(jnp.array(True)), None)
+
+
+def weighted_axis_mean(estimate: Any, rows: jax.Array,
+                       axis_name: Optional[AxisName]) -> tuple[Any, jax.Array]:
+  """``(sum_s n_s G^_s / sum_s n_s, mean_s n_s)`` over the devices of ``axis_name``.
+
+  With row masks the devices' shards hold different numbers of real rows ``n_s``: the
+  estimate of the global batch is their row-weighted mean (``axis_mean`` of ``n_s G^_s``
+  over that of ``n_s``), 0 where no device has a row. Without ``axis_name``, the inputs.
+  """
+  if axis_name is None:
+    return estimate, rows
+  total = distributed.axis_mean(rows, axis_name)
+  safe = jnp.where(total > 0, total, jnp.ones_like(total))
+  mean = distributed.axis_mean(
+      jax.tree.map(lambda e: e * rows.astype(e.dtype), estimate), axis_name)
+  return jax.tree.map(lambda e: e / safe.astype(e.dtype), mean), total
 
 
 def as_seen_by(sngd_state: SNGDState, updates: Any) -> Any:
@@ -338,7 +375,7 @@ def as_seen_by(sngd_state: SNGDState, updates: Any) -> Any:
 
 
 def local_statistics(updates: Any, state: SNGDState, activations: Activations,
-                     masked: bool = False) -> tuple[dict[str, Any], dict[str, int]]:
+                     masked: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
   """The batch estimates ``G^`` that ``update`` would fold in from ``activations``.
 
   What ``sngd_jax.MultiSteps`` accumulates over micro-batches: per layer
@@ -357,7 +394,8 @@ def local_statistics(updates: Any, state: SNGDState, activations: Activations,
       (``as_seen_by``).
 
   Returns:
-    ``(estimates, rows)``.
+    ``(estimates, rows)``; with row masks (``sngd_jax.with_row_mask``) a layer's rows are
+    ``sum_r m_r``, traced (0 when every row is masked).
   """
   config = state.config
   if masked:
@@ -365,8 +403,9 @@ def local_statistics(updates: Any, state: SNGDState, activations: Activations,
   inputs = _check_inputs(config, _method_of(config), updates, state, activations)
   acts = _statistics_activations(config, cast(Activations, inputs.activations))
   estimates = _batch_estimates(inputs.specs, inputs.omegas, acts)
-  rows = {p: statistics.num_rows(spec, acts[p]) for p, spec in inputs.specs.items()
-          if p in acts}
+  rows: dict[str, Any] = {p: statistics.num_rows(spec, acts[p])
+                          for p, spec in inputs.specs.items() if p in acts}
+  rows.update(_masked_rows(inputs.specs, acts))
   return estimates, rows
 
 

@@ -44,6 +44,7 @@ from sngd_jax._src.capture.records import (
   check_captured_function,
   check_not_other_models,
   rnn_batched,
+  rnn_step_order,
   rnn_time_axis,
   split_aux,
   untag,
@@ -142,8 +143,14 @@ def _rnn_call(rec: Recorder, module: nn.RNN, next_fun, args, kwargs, keep: bool 
     out = next_fun(*args, **kwargs)
   time_major = kwargs.get("time_major")
   time_major = module.time_major if time_major is None else time_major
+  reverse = kwargs.get("reverse")
+  reverse = module.reverse if reverse is None else reverse
+  keep_order = kwargs.get("keep_order")
+  keep_order = module.keep_order if keep_order is None else keep_order
   out, found = untag(out, rnn_time_axis(args[0], time_major, module.cell),
-                     rnn_batched(args[0], module.cell))
+                     rnn_batched(args[0], module.cell),
+                     rnn_step_order(args[0], module.cell, time_major, reverse, keep_order,
+                                    kwargs.get("seq_lengths")))
   if keep:
     rec.add_all(found)
   return out

@@ -33,6 +33,7 @@ from sngd_jax._src.capture.records import (
   StepRecords,
   check_captured_function,
   rnn_batched,
+  rnn_step_order,
   rnn_time_axis,
   split_aux,
   untag,
@@ -246,8 +247,14 @@ def _rnn_call(rec: _NNXRecorder):
         out = original(self, inputs, *args, **kwargs)
       time_major = kwargs.get("time_major")
       time_major = self.time_major if time_major is None else time_major
+      reverse = kwargs.get("reverse")
+      reverse = self.reverse if reverse is None else reverse
+      keep_order = kwargs.get("keep_order")
+      keep_order = self.keep_order if keep_order is None else keep_order
       out, found = untag(out, rnn_time_axis(inputs, time_major, self.cell),
-                         rnn_batched(inputs, self.cell))
+                         rnn_batched(inputs, self.cell),
+                         rnn_step_order(inputs, self.cell, time_major, reverse, keep_order,
+                                        kwargs.get("seq_lengths")))
       rec.add_all(found)
       return out
     return call

@@ -93,6 +93,10 @@ class Captured:
       0))``). The axis that vmap adds to the record is then the example axis, not the
       call's own leading axis (the positions of a ``(T, D)`` sequence):
       ``leading_axes_pooled`` moves ``batch_axis`` to it.
+    row_mask: None, or the weight of each row (1 real, 0 padding) that
+      ``sngd_jax.with_row_mask`` set: an array of ``inputs.ndim`` axes that
+      broadcasts against ``inputs``, full along ``batch_axis`` (and a token
+      axis), size 1 elsewhere. Cut, sliced and moved with ``inputs``.
   """
 
   inputs: jax.Array
@@ -104,6 +108,7 @@ class Captured:
   batch_axis: Optional[int] = flax.struct.field(pytree_node=False, default=0)
   ndim: Optional[int] = flax.struct.field(pytree_node=False, default=None)
   vmapped: bool = flax.struct.field(pytree_node=False, default=False)
+  row_mask: Optional[jax.Array] = None
 
   def first_examples(self, k: int) -> Captured:
     """This record restricted to the first ``k`` examples of the batch.
@@ -132,7 +137,7 @@ class Captured:
         lambda a, ax: jax.lax.dynamic_slice_in_dim(a, start, size, axis=ax))
 
   def _cut_examples(self, cut) -> Captured:
-    """The record with ``cut(array, example_axis)`` applied to inputs and outputs.
+    """The record with ``cut(array, example_axis)`` applied to inputs, outputs and row mask.
 
     Time-major rows (``time_steps > 1``) are cut per time step.
     """
@@ -147,7 +152,8 @@ class Captured:
         return cut(a, ax)
       shape = a.shape[:ax] + (self.time_steps, -1) + a.shape[ax + 1:]
       return cut(a.reshape(shape), ax + 1).reshape(a.shape[:ax] + (-1,) + a.shape[ax + 1:])
-    return dataclasses.replace(self, inputs=take(self.inputs), outputs=take(self.outputs))
+    return dataclasses.replace(self, inputs=take(self.inputs), outputs=take(self.outputs),
+                               row_mask=take(self.row_mask))
 
 
 @flax.struct.dataclass
@@ -367,7 +373,7 @@ def leading_axes_pooled(c: Captured) -> Captured:
     return jnp.moveaxis(a, tuple(range(k)), tuple(range(c.stack, c.stack + k)))
 
   return dataclasses.replace(
-      c, inputs=move(c.inputs), outputs=move(c.outputs),
+      c, inputs=move(c.inputs), outputs=move(c.outputs), row_mask=move(c.row_mask),
       config=axes_shifted(c.kind, c.config, k), batch_axis=batch_axis, time_steps=time_steps,
       ndim=c.inputs.ndim)
 
@@ -523,8 +529,8 @@ class Shared:
     return cls(jax.tree.unflatten(treedef, [children[i] for i in index]))
 
 
-def untag(out: Any, time_axis: int,
-          batched: bool = True) -> tuple[Any, dict[str, list[Pending]]]:
+def untag(out: Any, time_axis: int, batched: bool = True,
+          in_order: Optional[Any] = None) -> tuple[Any, dict[str, list[Pending]]]:
   """Strips ``StepRecords`` nodes from an RNN's output; returns the records.
 
   The records of every time step were stacked by the scan along
@@ -534,6 +540,11 @@ def untag(out: Any, time_axis: int,
   per example under a ``jax.vmap``) has no batch axis to merge into: its
   records keep the time axis as a new leading row axis (one example of
   ``T`` steps), and their config is shifted past it.
+
+  ``in_order``: for an RNN run in reverse, the function (``rnn_step_order``) that puts the
+  stacked steps back in the order of the input's positions, so that the row of time step
+  ``t`` is the one of position ``t`` (what ``sngd_jax.with_row_mask`` reads; the
+  statistics, sums over rows, do not depend on their order).
   """
   found: dict[str, list[Pending]] = {}
 
@@ -542,6 +553,9 @@ def untag(out: Any, time_axis: int,
       for path, calls in node.records.items():
         for p in calls:
           c = p.captured
+          if in_order is not None:
+            c = c.replace(inputs=in_order(c.inputs),
+                          outputs=None if c.outputs is None else in_order(c.outputs))
           steps = c.inputs.shape[time_axis] * c.time_steps
           if batched:
             merge = lambda a: None if a is None else _merge_time(a, time_axis)
@@ -841,6 +855,25 @@ def rnn_time_axis(inputs: Any, time_major: bool, cell: Any) -> int:
   ndim = inputs.ndim
   axis = 0 if time_major else ndim - (cell.num_feature_axes + 1)
   return axis % ndim
+
+
+def rnn_step_order(inputs: Any, cell: Any, time_major: bool, reverse: bool, keep_order: bool,
+                   seq_lengths: Any) -> Optional[Any]:
+  """For an RNN run in reverse, the map from its stacked steps to the input's positions.
+
+  ``nn.RNN``/``nnx.RNN`` with ``reverse=True`` flip the sequences before the scan
+  (``flip_sequences``: the whole time axis, or each example's first ``seq_lengths[b]``
+  steps); the flip is its own inverse, so flipping the stacked records again puts step
+  ``t``'s rows at position ``t``. With ``keep_order=True`` the RNN flips its outputs back,
+  the records among them (they leave the scan as part of the cell's output). None when the
+  records are already in the positions' order.
+  """
+  if not reverse or keep_order:
+    return None
+  from flax.linen.recurrent import flip_sequences  # noqa: PLC0415 (Flax's own flip)
+  num_batch_dims = inputs.ndim - cell.num_feature_axes - 1
+  return lambda a: flip_sequences(a, seq_lengths, num_batch_dims=num_batch_dims,
+                                  time_major=time_major)
 
 
 def rnn_batched(inputs: Any, cell: Any) -> bool:

@@ -1,0 +1,194 @@
+"""Row masks: which examples, or tokens, of a batch are real (padding excluded).
+
+``with_row_mask(activations, mask)`` attaches to every captured record the weight of each
+of its rows, so that each layer's batch estimate becomes the mask-weighted average over its
+rows (``sngd_jax._src.statistics``):
+
+```
+G^ = sum_r m_r x~_r x~_r^T / sum_r m_r.
+```
+
+The mask travels with the activations (a field of each ``Captured`` record), so it reaches
+``update`` through every wrapper that passes ``activations=`` on (``optax.chain``,
+``optax.inject_hyperparams``, ``sngd_jax.MultiSteps``, ``sngd_jax.TrainState``,
+``nnx.Optimizer``).
+
+How a mask of shape ``(B,)`` (examples) or ``(B, T)`` (tokens) reaches a record's rows: the
+record's example axis (``Captured.batch_axis``) holds the ``B`` examples; a cell run by
+``nn.RNN``/``nnx.RNN`` holds them at every time step, time-major (row ``t * B + b``,
+``Captured.time_steps = T``); otherwise the axis right after the examples is the tokens'
+(length ``T``) when it is an axis of rows (not one the layer contracts or normalizes over):
+a 1-D conv's output positions when the output has the input's length. A record whose rows
+have no token axis (a layer after pooling over the tokens) counts an example when any of
+its tokens is real (``max`` over the tokens, for weights). Any other layout raises, naming
+the layer: the mask is never silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from sngd_jax._src import conv as conv_lib
+from sngd_jax._src.capture.records import Activations, Captured, leading_axes_pooled
+
+
+def with_row_mask(activations: Activations, mask: Any,
+                  where: Optional[Callable[[str], bool]] = None) -> Activations:
+  """The activations with a row mask: padding does not enter the local Fisher statistics.
+
+  Each layer's batch estimate becomes the average over its real rows only,
+  ``G^ = sum_r m_r x~_r x~_r^T / sum_r m_r`` (per output unit ``j`` with ``sigmoid(z_rj)^2``
+  for ``fisher="rfim"``; an embedding counts only the real tokens' lookups; a normalization
+  layer's per-channel moments likewise). A layer whose every row is masked in a step keeps
+  its factor. ``sngd_jax.MultiSteps`` weighs each micro-batch by its real rows, and under
+  ``axis_name`` the devices' estimates are weighted by theirs, so the result is that of one
+  batch of the real rows.
+
+  Args:
+    activations: from ``sngd_jax.capture`` / ``capture_nnx`` / ``capture_eqx``.
+    mask: ``(B,)``: which examples are real (a batch padded to a fixed size), or ``(B, T)``:
+      which tokens are real, batch-major as the model's inputs (also for the cells of a
+      time-major ``nn.RNN``, whose rows are mapped to it). 0/1, bool, or nonnegative
+      weights.
+    where: if given, only the layers whose path it accepts get this mask (the others are
+      returned as they are): the encoder's and decoder's layers of a seq2seq model with
+      source and target masks of different lengths, masked in two calls.
+
+  Returns:
+    The activations, each record carrying its rows' weights (``Captured.row_mask``); pass
+    them as ``activations=`` as before.
+
+  Raises:
+    ValueError: for a record whose rows cannot be matched to the mask (naming the layer
+      path, the record's input shape and the mask's shape): an example axis of another
+      length, a ``(B, T)`` mask on a layer whose axis after the examples is a 2-D conv's
+      positions, a per-example Equinox call outside a ``jax.vmap`` over the batch.
+
+  Examples:
+    ```python
+    (loss, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(
+        params, tokens, labels)
+    acts = sngd_jax.with_row_mask(acts, tokens != PAD)   # (B, T)
+    updates, opt_state = tx.update(grads, opt_state, params, activations=acts)
+    ```
+  """
+  mask = jnp.asarray(mask)
+  if mask.ndim not in (1, 2):
+    raise ValueError(
+        f"sngd: with_row_mask: the mask has shape {mask.shape}; expected (B,) (which examples "
+        "are real) or (B, T) (which tokens are real)")
+  dtype = mask.dtype if jnp.issubdtype(mask.dtype, jnp.floating) else jnp.float32
+  mask = jax.lax.stop_gradient(mask.astype(dtype))
+  if not isinstance(activations, dict):
+    raise TypeError(f"sngd: with_row_mask takes the activations dict that capture returns, "
+                    f"not a {type(activations).__name__}")
+  out = {}
+  for path, calls in activations.items():
+    if not isinstance(calls, (tuple, list)) or not all(isinstance(c, Captured) for c in calls):
+      raise TypeError(f"sngd: with_row_mask: activations[{path!r}] is not a tuple of "
+                      "`Captured` records (pass what capture returned)")
+    if where is not None and not where(path):
+      out[path] = tuple(calls)
+      continue
+    out[path] = tuple(_masked(path, i, c, mask) for i, c in enumerate(calls))
+  return out
+
+
+def _masked(path: str, i: int, c: Captured, mask: jax.Array) -> Captured:
+  """The record with the weights of its rows (``Captured.row_mask``)."""
+  c = leading_axes_pooled(c)
+  x, ax = c.inputs, c.batch_axis
+
+  def fail(why: str):
+    raise ValueError(
+        f"sngd: with_row_mask: layer {path!r} (call {i}, {c.kind}): its captured inputs of "
+        f"shape {tuple(x.shape)} cannot be matched to the row mask of shape "
+        f"{tuple(mask.shape)}: {why}")
+
+  if ax is None:
+    fail("the record has no example axis (an Equinox layer called on one example outside "
+         "a `jax.vmap` over the batch): call the model under `jax.vmap` inside the captured "
+         "function")
+  assert ax is not None
+  if ax != c.stack:
+    fail(f"axes {tuple(x.shape[c.stack:ax])} before its example axis are more rows of the "
+         "layer (a scan over time or micro-batches, or a vmap, that capture pooled), which "
+         "the mask does not index. Call the layer on the batch (B, T, ...), or mask each "
+         "micro-batch's activations inside the scan")
+  b, steps = mask.shape[0], c.time_steps
+  shape = [1] * x.ndim
+  if x.shape[ax] != b * steps:
+    hint = (" An embedding looked up without the batch axis (learned positions, "
+            "`embed(jnp.arange(T))`): look up `jnp.broadcast_to(jnp.arange(T), (B, T))`."
+            if c.kind == "embed" else "")
+    fail(f"its example axis {ax} has length {x.shape[ax]}, not the mask's {b} examples"
+         + (f" at each of its {steps} time steps (time-major rows of a recurrent cell)"
+            if steps > 1 else "") + "." + hint)
+  if steps > 1:  # a cell under nn.RNN: row t * B + b is example b at time step t
+    if mask.ndim == 2 and mask.shape[1] != steps:
+      fail(f"its rows are {steps} time steps of {b} examples, the mask has "
+           f"{mask.shape[1]} tokens")
+    w = mask.T.reshape(-1) if mask.ndim == 2 else jnp.tile(mask, steps)
+    shape[ax] = b * steps
+    return dataclasses.replace(c, row_mask=w.reshape(shape))
+  if mask.ndim == 1:
+    shape[ax] = b
+    return dataclasses.replace(c, row_mask=mask.reshape(shape))
+  role = _axis_role(c, ax + 1)
+  if role == "row":
+    if x.shape[ax + 1] != mask.shape[1]:
+      fail(f"its axis {ax + 1} after the examples has length {x.shape[ax + 1]}, not the "
+           f"mask's {mask.shape[1]} tokens")
+    shape[ax], shape[ax + 1] = mask.shape
+    return dataclasses.replace(c, row_mask=mask.reshape(shape))
+  if role == "positions":
+    fail("the axis after the examples is a convolution's spatial axis whose output "
+         "positions are not the input's tokens (a 2-D or 3-D conv, or a 1-D conv whose "
+         "output length differs): mask it by example, `(B,)`")
+  # No token axis among the rows (after pooling): an example counts if any token is real.
+  shape[ax] = b
+  return dataclasses.replace(c, row_mask=jnp.max(mask, axis=1).reshape(shape))
+
+
+def _axis_role(c: Captured, axis: int) -> Optional[str]:
+  """What axis ``axis`` of a record's inputs is: ``'row'`` (each index is rows of its own,
+  aligned with the input), ``'feature'`` (contracted or normalized over), ``'positions'``
+  (a conv's spatial axis whose output positions are not the input's), or None (absent)."""
+  x = c.inputs
+  if axis >= x.ndim:
+    return None
+  if c.kind == "dense" or (c.kind == "embed" and c.config == ("attend",)):
+    axes = c.config[0] if c.config and c.kind == "dense" else (x.ndim - 1,)
+    return "feature" if axis in {a % x.ndim for a in axes} else "row"
+  if c.kind == "norm":
+    (feature_axes,) = c.config
+    return "feature" if axis in {a % x.ndim for a in feature_axes} else "row"
+  if c.kind == "embed":
+    return "row"
+  if c.kind in ("conv", "conv_transpose"):
+    rank = len(c.config[0])
+    if axis < x.ndim - rank - 1:
+      return "row"  # a batch axis of the conv
+    if axis == x.ndim - 1:
+      return "feature"
+    if rank == 1 and conv_positions(c) == x.shape[axis]:
+      return "row"
+    return "positions"
+  return "positions"
+
+
+def conv_positions(c: Captured) -> int:
+  """The output positions per example (and group) of a conv or transposed-conv record."""
+  x = c.inputs
+  rank = len(c.config[0])
+  examples = math.prod(x.shape[:x.ndim - rank - 1])
+  if c.kind == "conv":
+    rows = jax.eval_shape(lambda a: conv_lib.patches(a, c.config), x).shape[0]
+    return rows // max(examples * c.config[5], 1)
+  rows = jax.eval_shape(lambda a: conv_lib.transpose_patches(a, c.config), x).shape[0]
+  return rows // max(examples, 1)
