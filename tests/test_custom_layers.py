@@ -665,3 +665,187 @@ def test_nnx_dense_of_a_target_network_passed_as_an_argument_is_left_out():
     _, acts = sngd_jax.capture_nnx(loss)(model, target, x, x_next)
   (call,) = next(iter(acts.values()))
   np.testing.assert_array_equal(np.asarray(call.inputs), np.asarray(x))
+
+
+# ---------------------------------------------------------------------------
+# A kernel cast before `dense` (the bf16 compute pattern), in the three frameworks
+
+
+BF16 = jnp.bfloat16
+
+
+class _LinenCast(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], 5))
+    b = self.param("bias", nn.initializers.normal(0.5), (5,))
+    return sngd_jax.dense(x.astype(BF16), w.astype(BF16), b.astype(BF16))
+
+
+class _LinenCastNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = _LinenCast(name="hidden")(x)
+    return nn.Dense(2, name="head")(jnp.tanh(h.astype(jnp.float32)))
+
+
+class _NNXCast(nnx.Module):
+  def __init__(self, rngs):
+    self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (6, 5)))
+    self.bias = nnx.Param(0.5 * jax.random.normal(rngs.params(), (5,)))
+
+  def __call__(self, x):
+    return sngd_jax.dense(x.astype(BF16), self.kernel[...].astype(BF16),
+                          self.bias[...].astype(BF16))
+
+
+class _NNXCastNet(nnx.Module):
+  def __init__(self, rngs):
+    self.hidden, self.head = _NNXCast(rngs), nnx.Linear(5, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(jnp.tanh(self.hidden(x).astype(jnp.float32)))
+
+
+@sngd_jax.dense_layer
+class _EqxCast(eqx.Module):
+  weight: jax.Array
+  bias: jax.Array
+
+  def __call__(self, x):
+    return sngd_jax.dense(x.astype(BF16), self.weight.astype(BF16), self.bias.astype(BF16),
+                          layout="out_in")
+
+
+def _cast_step(framework):
+  """One update of a model whose hidden layer casts its kernel, bias and input to bfloat16
+  before `sngd_jax.dense`: ``(hidden layer's rows, its kernel (in, out) and bias grads,
+  updates (in, out), the state)``."""
+  x = _batch(jnp.float32)
+  tx = sngd_jax.sngd(**ref.one_step_kwargs())
+  if framework == "linen":
+    model = _LinenCastNet()
+    params = model.init(jax.random.key(3), x)["params"]
+    loss = lambda p, x: jnp.sum(jnp.sin(model.apply({"params": p}, x)))
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x)
+    get = lambda t, leaf: t["hidden"][leaf]
+  elif framework == "nnx":
+    model = _NNXCastNet(nnx.Rngs(3))
+    loss = lambda m, x: jnp.sum(jnp.sin(m(x)))
+    (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss), has_aux=True)(model, x)
+    params = nnx.state(model, nnx.Param)
+    get = lambda t, leaf: t["hidden"][leaf][...]
+  else:
+    k = jax.random.split(jax.random.key(3), 3)
+    model = EqxNet(_EqxCast(0.4 * jax.random.normal(k[0], (5, 6)), jax.random.normal(k[1], (5,))),
+                   eqx.nn.Linear(5, 2, key=k[2]))
+    loss = lambda m, x: jnp.sum(jnp.sin(jax.vmap(jax.vmap(
+        lambda xi: m.head(jnp.tanh(m.hidden(xi).astype(jnp.float32)))))(x)))
+    (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(loss), has_aux=True)(
+        model, x)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    get = lambda t, leaf: (t.hidden.weight.T if leaf == "kernel" else t.hidden.bias)
+  updates, state = tx.update(grads, tx.init(params), params, activations=acts)
+  assert acts["hidden"][0].inputs.dtype == BF16
+  rows = _np(acts["hidden"][0].inputs).reshape(-1, 6)  # the bfloat16 rows the kernel multiplies
+  np.testing.assert_array_equal(rows, _np(x.astype(BF16)).reshape(-1, 6))
+  return rows, (get(grads, "kernel"), get(grads, "bias")), (
+      get(updates, "kernel"), get(updates, "bias")), state
+
+
+@pytest.mark.parametrize("framework", ["linen", "nnx", "equinox"])
+def test_kernel_cast_before_dense_is_recorded_from_the_input_rows(framework):
+  """``dense(x.astype(bf16), kernel.astype(bf16), bias.astype(bf16))``, the way a layer
+  computes in bfloat16, as ``nn.Dense(dtype=jnp.bfloat16)`` does inside: the cast kernel is
+  read as the layer's own param (linen raised, NNX and Equinox warned and left the layer
+  uncaptured). The factor is the float64 ``E[x~ x~^T]`` of the bfloat16 rows, and the
+  update the float64 damped solve with it."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no "could not name" warning
+    rows, (gk, gb), (uk, ub), state = _cast_step(framework)
+  factor = _np(state.factors["hidden"]) / _np(state.weights["hidden"])
+  want = ref.linear_factor(rows)
+  np.testing.assert_allclose(factor, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+  kernel, bias = ref.dense_update(rows, gk, gb)
+  scale = np.abs(kernel).max()
+  np.testing.assert_allclose(_np(uk), kernel, rtol=1e-5, atol=1e-6 * scale)  # float32 solve
+  np.testing.assert_allclose(_np(ub), bias, rtol=1e-5, atol=1e-6 * scale)
+
+
+class _LinenCastBlock(nn.Module):
+  @nn.compact
+  def __call__(self, h, _):
+    w = self.param("kernel", nn.initializers.lecun_normal(), (6, 6))
+    b = self.param("bias", nn.initializers.normal(0.5), (6,))
+    y = sngd_jax.dense(h.astype(BF16), w.astype(BF16), b.astype(BF16))
+    return jnp.tanh(y).astype(h.dtype), None
+
+
+class _LinenCastDeep(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    block = nn.scan(nn.remat(_LinenCastBlock), variable_axes={"params": 0},
+                    split_rngs={"params": True}, length=3)
+    return block(name="blocks")(x, None)[0]
+
+
+class _NNXCastBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.dense = _NNXCastSquare(rngs)
+
+  def __call__(self, x):
+    return jnp.tanh(self.dense(x))
+
+
+class _NNXCastSquare(_NNXCast):
+  def __init__(self, rngs):
+    self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (6, 6)))
+    self.bias = nnx.Param(0.5 * jax.random.normal(rngs.params(), (6,)))
+
+
+class _NNXCastDeep(nnx.Module):
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return _NNXCastBlock(rngs)
+
+    self.blocks = make(rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    @nnx.remat
+    def forward(x, block):
+      return block(x).astype(jnp.float32)
+
+    return forward(x, self.blocks)
+
+
+@pytest.mark.parametrize("framework", ["linen", "nnx"])
+def test_cast_kernel_of_layers_scanned_over_depth_gets_one_factor_per_layer(framework):
+  """The cast kernel of a layer stacked over depth (``nn.scan``/``nnx.scan`` through
+  ``remat``) is the stack's slice: one factor per layer, each the float64 ``E[x~ x~^T]`` of
+  that layer's bfloat16 rows (the first layer's are the batch's)."""
+  x = _batch(jnp.float32)
+  tx = sngd_jax.sngd(**ref.one_step_kwargs())
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    if framework == "linen":
+      model, path = _LinenCastDeep(), "blocks"
+      params = model.init(jax.random.key(4), x)["params"]
+      loss = lambda p, x: jnp.sum(jnp.sin(model.apply({"params": p}, x)))
+      (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x)
+    else:
+      model, path = _NNXCastDeep(nnx.Rngs(4)), "blocks/dense"
+      loss = lambda m, x: jnp.sum(jnp.sin(m(x)))
+      (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss), has_aux=True)(model, x)
+      params = nnx.state(model, nnx.Param)
+    _, state = tx.update(grads, tx.init(params), params, activations=acts)
+  (call,) = acts[path]
+  assert call.stack == 1 and call.inputs.shape == (3, 4, 3, 6) and call.inputs.dtype == BF16
+  np.testing.assert_array_equal(_np(call.inputs[0]), _np(x.astype(BF16)))
+  factors = _np(state.factors[path]) / np.reshape(_np(state.weights[path]), (-1, 1, 1))
+  assert factors.shape == (3, 7, 7)
+  for layer in range(3):
+    want = ref.linear_factor(_np(call.inputs[layer]).reshape(-1, 6))
+    np.testing.assert_allclose(factors[layer], want, rtol=1e-5, atol=1e-6 * np.abs(want).max())

@@ -1,7 +1,8 @@
 """Reinforcement-learning training loops: PPO (one actor-critic, and two networks with two
 ``TrainState``s), a DQN target network and a DDPG actor loss through the critic, in linen and
-NNX, on a CartPole-like environment written in ``jax.numpy`` (rollouts under ``lax.scan`` over
-time and ``jax.vmap`` over environments, the policy applied inside the rollout).
+NNX, on the CartPole environment of ``examples/ppo_cartpole.py`` (imported, so there is one
+copy; rollouts under ``lax.scan`` over time and ``jax.vmap`` over environments, the policy
+applied inside the rollout).
 
 Each factor is checked against the float64 local Fisher ``E[x~ x~^T]`` of the rows the
 trained loss feeds the layer (with ``decay=0``, ``prior="none"`` and ``factor_every=1`` the
@@ -21,26 +22,11 @@ import pytest
 from flax import nnx
 
 import sngd_jax
+from examples.ppo_cartpole import env_reset as reset
+from examples.ppo_cartpole import env_step
 
 N_ENVS, T, EPOCHS, MINIBATCHES = 4, 8, 2, 2
 BATCH_STATS = dict(decay=0.0, factor_every=1, prior="none")  # the factor = the last batch's
-
-
-def reset(key):
-  return jax.random.uniform(key, (4,), minval=-0.05, maxval=0.05)
-
-
-def env_step(s, a, key):
-  """CartPole's dynamics (Barto et al.), reset on failure."""
-  x, xd, th, thd = s
-  force = jnp.where(a == 1, 10.0, -10.0)
-  ct, st = jnp.cos(th), jnp.sin(th)
-  temp = (force + 0.05 * thd ** 2 * st) / 1.1
-  thacc = (9.8 * st - ct * temp) / (0.5 * (4.0 / 3.0 - 0.1 * ct ** 2 / 1.1))
-  xacc = temp - 0.05 * thacc * ct / 1.1
-  s2 = s + 0.02 * jnp.stack([xd, xacc, thd, thacc])
-  done = (jnp.abs(s2[0]) > 2.4) | (jnp.abs(s2[2]) > 0.21)
-  return jnp.where(done, reset(key), s2), jnp.float32(1.0), done.astype(jnp.float32)
 
 
 def rows(x):

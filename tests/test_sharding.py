@@ -448,6 +448,42 @@ def test_replicated_state_stays_replicated_under_jit(shard_refresh):
   assert int(state2.count) == 2
 
 
+@multi
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_jitted_update_compiles_once_with_model_sharded_params(axis_type):
+  # Under `jax.set_mesh` of an auto mesh, with the kernels sharded over their output axis,
+  # XLA's partitioner sharded the updated per-unit factors and inverses (16, 9, 9) over 'x'
+  # while `init` makes them replicated: the second call of the jitted update compiled again
+  # (2 compiles in 3 calls, counted below). The update now keeps the state replicated.
+  compiles = []
+  listener = lambda name, *_, **__: compiles.append(name)
+  mesh = jax.make_mesh((NUM_DEVICES,), ("x",), axis_types=(axis_type,))
+  params, acts, fisher = _layer_problem(sizes=((7, 8, "linear"), (8, 16, "rfim")))
+  tx = sngd_jax.sngd(fisher=fisher, inverse_every=1)
+  ref_state = tx.init(params)
+  for _ in range(3):  # one device: the reference updates (the params as the gradients)
+    reference, ref_state = tx.update(params, ref_state, activations=acts)
+  with jax.set_mesh(mesh):
+    params = jax.device_put(params, jax.tree.map(
+        lambda a: P(None, "x") if a.ndim == 2 else P("x"), params))
+    acts = jax.device_put(acts, jax.tree.map(lambda _: P("x"), acts))
+    state = state0 = tx.init(params)
+    step = jax.jit(lambda g, s, a: tx.update(g, s, activations=a))
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+      for _ in range(3):
+        updates, state = step(params, state, acts)
+        jax.block_until_ready(state)
+    finally:
+      jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles.count("/jax/core/compile/backend_compile_duration") == 1, compiles
+  for before, after in zip(jax.tree.leaves(state0), jax.tree.leaves(state), strict=True):
+    assert after.sharding.is_fully_replicated, (before.sharding, after.sharding)
+  assert int(state.count) == 3
+  scale = max(float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(reference))
+  assert _max_abs_diff(updates, reference) < 1e-5 * scale
+
+
 # ---------------------------------------------------------------- sharded refresh
 
 

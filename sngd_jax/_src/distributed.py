@@ -103,6 +103,24 @@ def reshard_like(x: jax.Array, like: jax.Array) -> jax.Array:
   return jax.sharding.reshard(x, jax.typeof(like).sharding)
 
 
+def keep_replicated(tree: Any) -> Any:
+  """``tree``'s arrays constrained to replicated under a set mesh whose axes are all auto
+  (``jax.set_mesh`` of a mesh made with ``AxisType.Auto``); elsewhere ``tree`` as is.
+
+  ``init`` makes the state replicated. Under auto axes XLA's partitioner chooses the sharding
+  of the state an update returns, and it shards a per-unit factor ``(O, d, d)`` like the
+  kernel's output axis where the kernel is sharded over a model axis: the next call of a
+  jitted step then sees a state of another sharding and compiles the step a second time.
+  Under explicit axes the state's sharding is part of its type and stays replicated
+  (``replicated_out_sharding``); inside ``shard_map`` (manual axes) there is nothing to
+  constrain.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or any(t != AxisType.Auto for t in mesh.axis_types):
+    return tree
+  return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, PartitionSpec()))
+
+
 def replicated_out_sharding(x: jax.Array) -> Optional[NamedSharding]:
   """The ``out_sharding`` for a contraction over the rows of ``x``.
 

@@ -556,6 +556,8 @@ def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArg
       out, ok = _guard(config, finite & q_finite, narrowed, out)
     # A skipped step changed no factor or inverse (both conds are gated on `finite`), so
     # only the step counter needs holding back: no select over the large state every step.
+    # Replicated as `init` made them, so that a jitted step compiles once (auto mesh axes).
+    factors, weights, inverses = distributed.keep_replicated((factors, weights, inverses))
     new_state = state.replace(
         count=jnp.where(finite, state.count + 1, state.count),
         factors=factors,

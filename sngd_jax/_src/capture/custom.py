@@ -14,7 +14,10 @@ Each capture names the layer in its own way (``Recorder.custom_dense``): linen b
 whose method is running (the innermost call ``nn.intercept_methods`` saw), the kernel being one
 of its params;
 NNX and Equinox by the kernel's path in the captured model (followed out through the
-transforms like a built-in layer's weight). The names and layout must be those that
+transforms like a built-in layer's weight); a kernel or bias cast to another dtype before the
+call (``cast_of``: the param's shape, another dtype) is read as the param of the module whose
+method runs (linen), or whose ``__call__`` runs (NNX: a module holding a ``kernel``
+Variable; Equinox: a ``dense_layer``-declared module). The names and layout must be those that
 ``sngd_jax.discover`` reads from the params, else the call raises an error naming the layer
 (``check``): a kernel stored the other way round would otherwise be preconditioned on the
 wrong side.
@@ -77,7 +80,10 @@ def dense(x: jax.Array, kernel: Any, bias: Any = None, *, layout: str = "in_out"
     layout: ``'in_out'``: ``y = x @ kernel``; ``'out_in'``: ``y = x @ kernel.T``
       (``kernel @ x`` for one example, as Equinox layers compute).
     dtype: if given, ``x``, ``kernel`` and ``bias`` are cast to it before the product (as
-      Flax's ``dtype=``); pass the params uncast.
+      Flax's ``dtype=``). A kernel or bias cast before the call
+      (``kernel.astype(jnp.bfloat16)``, inside the ``__call__`` of the module holding it in
+      NNX and Equinox) is read as the param too: any array of the param's shape in another
+      dtype.
 
   Returns:
     ``y = x @ kernel + bias`` (``kernel.T`` for ``'out_in'``), shape ``(..., out)``.
@@ -115,6 +121,22 @@ def dense(x: jax.Array, kernel: Any, bias: Any = None, *, layout: str = "in_out"
   if rec is not None and rec.custom_dense is not None:
     rec.custom_dense(xs, y, kernel, bias, layout)
   return y
+
+
+def cast_of(passed: Any, param: Any) -> bool:
+  """Whether ``passed``, given to ``dense`` in place of the layer's own ``param``, is that
+  param cast to another dtype (``kernel.astype(jnp.bfloat16)``): the same shape, another dtype.
+
+  A cast is the usual way to compute a layer in lower precision, and the built-in layers
+  record such a call (``nn.Dense(dtype=jnp.bfloat16)`` casts its kernel): the layer's factor
+  is built from its input rows, whatever the kernel's dtype. A transposed or sliced copy has
+  another shape, and a copy in the param's own dtype is not taken for it, so neither is read
+  as the param.
+  """
+  if passed is None or param is None:
+    return False
+  return (jnp.shape(passed) == jnp.shape(param)
+          and jnp.result_type(passed) != jnp.result_type(param))
 
 
 def check(path: str, framework: str, expected: DenseDeclaration, kernel_name: str,

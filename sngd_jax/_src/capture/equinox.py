@@ -185,11 +185,23 @@ def _declared(model: Any) -> dict[tuple[str, ...], tuple[str, Any]]:
 
 
 def _custom_dense(rec: Recorder, unnamed: dict[str, None], frozen: frozenset[int],
-                  declared: dict[tuple[str, ...], tuple[str, Any]], x, y, kernel, bias,
-                  layout: str) -> None:
+                  declared: dict[tuple[str, ...], tuple[str, Any]], calls: list[Any], x, y,
+                  kernel, bias, layout: str) -> None:
   """Records a ``sngd_jax.dense`` call as the declared module whose weight is ``kernel``
   (named by the weight's path in the model, one example per call as ``eqx.nn.Linear``)."""
   roles, parts = rec.trace(kernel)
+  running = calls[-1] if calls else None  # the declared module whose __call__ runs
+  running_decl = None if running is None else layer_spec.declared(type(running))
+
+  def own(field: Optional[str], passed: Any) -> Any:
+    """The running module's field ``field`` if ``passed`` is it cast, else None."""
+    value = getattr(running, field, None) if field else None
+    return value if custom.cast_of(passed, value) else None
+
+  if parts is None and running_decl is not None:
+    weight = own(running_decl.weight, kernel)  # self.weight.astype(...): the field
+    if weight is not None:
+      roles, parts = rec.trace(weight)
   if parts is None:
     if id(kernel) not in frozen:
       unnamed[f"sngd_jax.dense (kernel {getattr(kernel, 'shape', None)})"] = None
@@ -206,11 +218,14 @@ def _custom_dense(rec: Recorder, unnamed: dict[str, None], frozen: frozenset[int
   bias_name = None
   if bias is not None:
     bias_parts = rec.trace(bias)[1]
+    own_bias = None if running_decl is None else own(running_decl.bias, bias)
+    if bias_parts is None and own_bias is not None:
+      bias_parts = rec.trace(own_bias)[1]
     if bias_parts is None or bias_parts[:-1] != parts[:-1]:
       raise ValueError(
           f"sngd_jax.dense: layer {path!r}: the bias is not a field of the {name} that holds "
-          f"the weight {paths.join(parts)!r} (a cast or computed array, or another module's): "
-          "pass its own field (cast with `sngd_jax.dense(..., dtype=...)`)")
+          f"the weight {paths.join(parts)!r} (a computed array, another module's, or a cast "
+          "made outside its `__call__`): pass its own field, or its cast")
     bias_name = bias_parts[-1]
   custom.check(path, name, decl, parts[-1], bias_name, layout)
   rec.add(path, x, y, "dense", (), roles=roles, batch_axis=None)  # per example
@@ -233,6 +248,40 @@ def _layer_calls(rec: Recorder, unnamed: dict[str, None], tables: frozenset[int]
     yield
   finally:
     for cls, original in originals.items():
+      cls.__call__ = original
+
+
+@contextlib.contextmanager
+def _declared_calls(model: Any, calls: list[Any]) -> Iterator[None]:
+  """Keeps in ``calls`` the modules of a ``dense_layer``-declared class of ``model`` whose
+  ``__call__`` is running (innermost last), by swapping the ``__call__`` of the classes that
+  define it, restored after: a ``sngd_jax.dense`` given a cast of the weight
+  (``self.weight.astype(jnp.bfloat16)``) is the running module's layer."""
+  eqx = _equinox()
+  is_declared = lambda n: isinstance(n, eqx.Module) and layer_spec.declared(type(n)) is not None
+  owners = {}
+  for node in jax.tree.leaves(model, is_leaf=is_declared):
+    if is_declared(node):
+      owner = next((c for c in type(node).__mro__ if "__call__" in c.__dict__), None)
+      if owner is not None and owner not in recorders():
+        owners[owner] = owner.__dict__["__call__"]
+
+  def wrap(original):
+    @functools.wraps(original)
+    def call(self, *args, **kwargs):
+      calls.append(self)
+      try:
+        return original(self, *args, **kwargs)
+      finally:
+        calls.pop()
+    return call
+
+  try:
+    for cls, original in owners.items():
+      cls.__call__ = wrap(original)
+    yield
+  finally:
+    for cls, original in owners.items():
       cls.__call__ = original
 
 
@@ -293,8 +342,11 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False,
     rec = Recorder(_leaf_paths(model), outputs)
     unnamed: dict[str, None] = {}
     frozen = frozenset(_leaf_paths((args, kwargs))) - frozenset(_leaf_paths(model))
-    rec.custom_dense = functools.partial(_custom_dense, rec, unnamed, frozen, _declared(model))
-    with transforms.recording(rec), _layer_calls(rec, unnamed, _tables(model), frozen):
+    calls: list[Any] = []
+    rec.custom_dense = functools.partial(_custom_dense, rec, unnamed, frozen, _declared(model),
+                                         calls)
+    with (transforms.recording(rec), _layer_calls(rec, unnamed, _tables(model), frozen),
+          _declared_calls(model, calls)):
       result = fn(model, *args, **kwargs)
     value, aux = split_aux(result, has_aux, "capture_eqx")
     if unnamed:
@@ -304,8 +356,9 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False,
           "captured function's first argument, as when the model goes through a `jax.jit` "
           "or `eqx.filter_jit` inside the captured function (jit the whole training step "
           "instead), or the layer is made inside the loss or its weight computed from the "
-          "params (a cast or transposed copy passed to `sngd_jax.dense`: pass the field "
-          "itself, cast with `dtype=`). They are not captured, and `update` reports their "
+          "params (a transposed copy, or a cast made outside the declared module's `__call__`, "
+          "passed to `sngd_jax.dense`: pass the field or its cast there). They are not "
+          "captured, and `update` reports their "
           "layers as not captured; pass `fisher={path: None}` to leave such a layer to the next "
           "transform. (Layers of a frozen half of `eqx.partition` that the loss closes over "
           "are harmless here, `update` never sees them: pass that half to the loss as an "

@@ -19,7 +19,8 @@ steps.
 **Hand-written layers.** ``sngd_jax.dense(x, kernel, bias)`` inside a module's method
 records the call as that module's ``Dense`` (``_custom_dense``): the interceptor keeps the
 stack of module calls in progress, and the kernel and bias must be that module's params
-``kernel`` and ``bias`` (found by identity).
+``kernel`` and ``bias`` (found by identity), or their casts to another dtype
+(``custom.cast_of``).
 
 The result is a dict from layer path (``'Block_0/Dense_1'``, the same string
 that names the layer's params) to a tuple of ``sngd_jax.Captured``
@@ -220,15 +221,21 @@ def _custom_dense(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
   path = paths.join(module.path)
   params = module.variables.get("params", {})
   kernel_name = _name_in(params, kernel)
+  own = custom.FLAX_DENSE
+  if kernel_name is None and custom.cast_of(kernel, params.get(own.weight)):
+    kernel_name, kernel = own.weight, params[own.weight]  # kernel.astype(...): the param
   bias_name = None if bias is None else _name_in(params, bias)
+  if (bias is not None and bias_name is None and own.bias is not None
+      and custom.cast_of(bias, params.get(own.bias))):
+    bias_name = own.bias
   if kernel_name is None or (bias is not None and bias_name is None):
     what = "kernel" if kernel_name is None else "bias"
     raise ValueError(
         f"sngd_jax.dense: the {what} passed by module {path!r} is not one of its params (a "
-        "cast, transposed or sliced copy, an array computed from params, or another "
-        "module's param), so capture cannot tell which layer it is: pass the arrays that "
-        "`self.param(...)` returned (cast with `sngd_jax.dense(..., dtype=...)`), from the "
-        "module that holds them")
+        "transposed or sliced copy, an array computed from params, or another module's "
+        "param; a copy cast to another dtype, of the param's shape, is read as the param), "
+        "so capture cannot tell which layer it is: pass the arrays that `self.param(...)` "
+        "returned (cast or not), from the module that holds them")
   custom.check(path, "linen", custom.FLAX_DENSE, kernel_name, bias_name, layout)
   x, y = tables.one_example(x, y, 0)
   _note_weight(rec, seen, path, kernel)

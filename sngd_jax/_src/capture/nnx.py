@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from flax import nnx
 
@@ -84,6 +84,9 @@ class _NNXRecorder(Recorder):
     self.unnamed: dict[str, None] = {}  # layer calls that could not be named (ordered set)
     # id(base layer) -> its calls inside a LoRA call, recorded by the LoRA wrapper (`_lora_call`)
     self.held: dict[int, list[tuple[tuple, dict, Any]]] = {}
+    # the hand-written modules (a `kernel` Variable) whose `__call__` is running, innermost
+    # last: a `sngd_jax.dense` given a cast of its kernel is that module's layer
+    self.modules: list[Any] = []
 
   def path_of(self, module: Any):
     for local in reversed(self.local_paths):
@@ -103,6 +106,17 @@ class _NNXRecorder(Recorder):
       self.unnamed[f"{type(module).__name__} (weight {getattr(weight, 'shape', None)})"] = None
     return path, roles
 
+  def _own(self, name: Optional[str], passed: Any) -> Any:
+    """The array of the Variable ``name`` of the innermost hand-written module whose
+    ``__call__`` is running, if ``passed`` is it cast to another dtype; else None."""
+    if not self.modules or name is None:
+      return None
+    variable = getattr(self.modules[-1], name, None)
+    if not isinstance(variable, nnx.Variable):
+      return None
+    array = _value(variable)
+    return array if custom.cast_of(passed, array) else None
+
   def record_dense(self, x, y, kernel, bias, layout: str) -> None:
     """Records a ``sngd_jax.dense`` call as the layer whose Variables its kernel and bias
     are (its path in the model, followed out through the transforms)."""
@@ -110,6 +124,10 @@ class _NNXRecorder(Recorder):
     array = _value(kernel) if isinstance(kernel, nnx.Variable) else kernel
     if parts is None and id(self.outer(array)) in self.others:
       return  # another argument's layer (a target network, a teacher): left out
+    if parts is None:  # kernel.astype(...): the kernel of the module whose call runs
+      own = self._own(custom.FLAX_DENSE.weight, kernel)
+      if own is not None:
+        roles, parts = self.trace(own)
     if parts is None:
       self.unnamed[f"sngd_jax.dense (kernel {getattr(kernel, 'shape', None)})"] = None
       return
@@ -117,12 +135,15 @@ class _NNXRecorder(Recorder):
     bias_name = None
     if bias is not None:
       bias_parts = self.trace(bias)[1]
+      own_bias = self._own(custom.FLAX_DENSE.bias, bias)
+      if bias_parts is None and own_bias is not None:
+        bias_parts = self.trace(own_bias)[1]
       if bias_parts is None or bias_parts[:-1] != parts[:-1]:
         raise ValueError(
             f"sngd_jax.dense: layer {path!r}: the bias is not a Variable of the module that "
-            f"holds the kernel {paths.join(parts)!r} (a cast or computed array, or another "
-            "module's): pass that module's own `nnx.Param`s (cast with "
-            "`sngd_jax.dense(..., dtype=...)`)")
+            f"holds the kernel {paths.join(parts)!r} (a computed array, another module's, or "
+            "a cast made outside that module's `__call__`): pass that module's own "
+            "`nnx.Param`s, or their casts (`self.bias[...].astype(jnp.bfloat16)`)")
       bias_name = bias_parts[-1]
     custom.check(path, "NNX", custom.FLAX_DENSE, parts[-1], bias_name, layout)
     x, y = tables.one_example(x, y, 0)
@@ -147,8 +168,9 @@ class _NNXRecorder(Recorder):
           "the model's, as inside a transform made before capture started (`nnx.remat` or "
           "`nnx.vmap` applied as a decorator at class definition, an `nnx.jit` or "
           "`nnx.cond`/`nnx.switch` inside the captured function), a layer made inside the "
-          "loss, a `sngd_jax.dense` given an array computed from a param (a cast or "
-          "transposed copy: pass the `nnx.Param` itself, cast with `dtype=`), or another "
+          "loss, a `sngd_jax.dense` given an array computed from a param (a transposed or "
+          "sliced copy, or a cast made outside the `__call__` of the module holding the "
+          "`kernel`: pass the `nnx.Param` or its cast there), or another "
           "model the loss closes over (a target network, a teacher: pass it to the loss as an "
           "argument, `loss_fn(model, target, x)`, and its calls are left out without this "
           "warning). They are not captured, and `update` reports their layers as not "
@@ -280,7 +302,35 @@ def _cell_call(rec: _NNXRecorder):
   return wrap
 
 
-def _wrappers(rec: _NNXRecorder, cells: tuple[type, ...]) -> dict:
+def _module_call(rec: _NNXRecorder):
+  """Wraps a hand-written module's ``__call__`` to keep the stack of those running."""
+  def wrap(original):
+    @functools.wraps(original)
+    def call(self, *args, **kwargs):
+      rec.modules.append(self)
+      try:
+        return original(self, *args, **kwargs)
+      finally:
+        rec.modules.pop()
+    return call
+  return wrap
+
+
+def _hand_written(model: Any) -> tuple[type, ...]:
+  """The classes defining the ``__call__`` of the modules of ``model`` that hold a ``kernel``
+  Variable and are no recorded layer: those that may compute it with ``sngd_jax.dense``."""
+  out = {}
+  for _, node in nnx.iter_graph(model):
+    if (isinstance(node, nnx.Module) and not isinstance(node, _NAMED)
+        and isinstance(getattr(node, custom.FLAX_DENSE.weight, None), nnx.Variable)):
+      owner = next((c for c in type(node).__mro__ if "__call__" in c.__dict__), None)
+      if owner is not None and owner is not object:
+        out[owner] = None
+  return tuple(out)
+
+
+def _wrappers(rec: _NNXRecorder, cells: tuple[type, ...],
+              hand_written: tuple[type, ...] = ()) -> dict:
   wrappers = {(cls, "__call__"): _layer_call(rec, tables.LAYERS[cls])
               for cls in flax_patches.NNX_LAYER_CLASSES}
   wrappers[(nnx.Embed, "attend")] = _attend(rec)
@@ -293,6 +343,8 @@ def _wrappers(rec: _NNXRecorder, cells: tuple[type, ...]) -> dict:
   for cls in cells:
     if "__call__" in cls.__dict__:
       wrappers[(cls, "__call__")] = _cell_call(rec)
+  for cls in hand_written:
+    wrappers.setdefault((cls, "__call__"), _module_call(rec))
   return wrappers
 
 
@@ -333,7 +385,7 @@ def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False,
     cells = tuple({type(node.cell) for _, node in nnx.iter_graph(model)
                    if isinstance(node, nnx.RNN)} | set(tables.NNX_CELLS))
     with (transforms.recording(rec), flax_patches.nnx_normalize(rec),
-          flax_patches.nnx_methods(_wrappers(rec, cells))):
+          flax_patches.nnx_methods(_wrappers(rec, cells, _hand_written(model)))):
       result = fn(model, *args, **kwargs)
     value, aux = split_aux(result, has_aux, "capture_nnx")
     acts = vmapped_by_caller(rec.freeze(), (args, kwargs))
