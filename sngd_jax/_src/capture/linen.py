@@ -177,11 +177,22 @@ def _norm_call(rec: Recorder, seen, module, next_fun, args, kwargs, keep: bool =
   return out
 
 
-def _name_in(params: Any, array: Any) -> Optional[str]:
-  """The name of the param of a module that is ``array`` itself, or None."""
+def _name_in(rec: Recorder, params: Any, array: Any) -> Optional[str]:
+  """The name of the param of a module that is ``array`` itself, or None.
+
+  Followed out through the transforms made inside the module (``Recorder.outer``): a
+  ``jax.checkpoint`` / ``jax.vmap`` / ``jax.lax.scan`` whose body is passed the param as an
+  argument (``jax.checkpoint(lambda x, w, b: sngd_jax.dense(x, w, b))(x, w, b)``) hands the
+  body its own tracer, which is the param it was passed.
+  """
   for name, value in params.items():
     if value is array:
       return name
+  if rec.frames:
+    target = rec.outer(array)
+    for name, value in params.items():
+      if rec.outer(value) is target:
+        return name
   return None
 
 
@@ -219,8 +230,8 @@ def _custom_dense(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
     return
   path = paths.join(module.path)
   params = module.variables.get("params", {})
-  kernel_name = _name_in(params, kernel)
-  bias_name = None if bias is None else _name_in(params, bias)
+  kernel_name = _name_in(rec, params, kernel)
+  bias_name = None if bias is None else _name_in(rec, params, bias)
   if kernel_name is None or (bias is not None and bias_name is None):
     what = "kernel" if kernel_name is None else "bias"
     raise ValueError(
