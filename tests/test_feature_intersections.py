@@ -70,12 +70,13 @@ class HandDense(nn.Module):
 
   features: int
   dtype: Any = None
+  param_dtype: Any = jnp.float64
 
   @nn.compact
   def __call__(self, x):
     w = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
-                   jnp.float64)
-    b = self.param("bias", nn.initializers.normal(0.5), (self.features,), jnp.float64)
+                   self.param_dtype)
+    b = self.param("bias", nn.initializers.normal(0.5), (self.features,), self.param_dtype)
     return sngd_jax.dense(x, w, b, dtype=self.dtype)
 
 
@@ -602,3 +603,56 @@ def test_eqx_dense_layer_under_jax_checkpoint_with_a_row_mask():
   w, b = ref.dense_update(x[mask], np64(grads.hidden.weight).T, grads.hidden.bias)
   close(np64(updates.hidden.weight).T, w, rtol=1e-9)
   close(updates.hidden.bias, b, rtol=1e-9)
+
+
+# --- sngd_jax.dense x mixed precision x rfim x row mask x stats_batch_size --------------
+
+class _MixedNet(nn.Module):
+  """bfloat16 activations, float32 params: the hidden layer hand-written or nn.Dense."""
+
+  hand: bool
+
+  @nn.compact
+  def __call__(self, x):
+    if self.hand:
+      h = HandDense(H, jnp.bfloat16, jnp.float32, name="hand")(x)
+    else:
+      h = nn.Dense(H, dtype=jnp.bfloat16, param_dtype=jnp.float32, name="Dense_0")(x)
+    return nn.Dense(2, dtype=jnp.bfloat16, param_dtype=jnp.float32, name="head")(jnp.tanh(h))
+
+
+@pytest.mark.parametrize("fisher", ["linear", "rfim"])
+def test_dense_bf16_activations_f32_params_row_mask_stats_batch_size(fisher):
+  """``sngd_jax.dense(..., dtype=bfloat16)`` on float32 params, masked by token, statistics
+  from the first 2 of 3 sequences: the factor is float32, equal to ``nn.Dense(dtype=bf16)``'s
+  (before, the hand-written layer recorded its bfloat16-cast input: 0.4% off) and to the
+  float64 estimate from the input rows of the real tokens of those 2 sequences (``rfim``: with
+  the bfloat16 pre-activations); the update is float32 and finite."""
+  x, mask = _masked_sequences(10, [3, 1, 4], 4, 5)
+  with jax.enable_x64(False):
+    states = {}
+    for hand in (True, False):
+      model = _MixedNet(hand)
+      params = model.init(jax.random.key(7), jnp.ones((1, 5)))["params"]
+      name = "hand" if hand else "Dense_0"
+      if not hand:  # the same numbers in the built-in layer
+        params = {"Dense_0": states[True][2]["hand"], "head": states[True][2]["head"]}
+      loss = lambda p, model=model: (model.apply(
+          {"params": p}, jnp.asarray(x, jnp.float32)).astype(jnp.float32).sum(-1) * mask).sum()
+      (_, acts), grads = jax.value_and_grad(
+          sngd_jax.capture(loss, outputs=fisher == "rfim"), has_aux=True)(params)
+      tx = sngd_jax.sngd(**ONE_STEP, fisher=fisher, stats_batch_size=2)
+      updates, state = tx.update(grads, tx.init(params), params,
+                                 activations=sngd_jax.with_row_mask(acts, mask))
+      states[hand] = (state.factors[name], updates[name], params)
+  factor, updates, params = states[True]
+  assert factor.dtype == jnp.float32
+  assert all(u.dtype == jnp.float32 and np.isfinite(u).all() for u in jax.tree.leaves(updates))
+  close(factor, states[False][0], rtol=1e-6, atol=1e-7)
+  rows = np64(np.float32(x[:2][mask[:2]]))  # the input as passed (before the cast)
+  if fisher == "linear":
+    close(factor, gram(rows), rtol=1e-5, atol=1e-6)
+  else:  # the pre-activations as the layer computed them, in bfloat16
+    bf = lambda a: np64(jnp.asarray(a, jnp.bfloat16))
+    z = bf(bf(rows) @ bf(params["hand"]["kernel"]) + bf(params["hand"]["bias"]))
+    close(factor, rfim(rows, z), rtol=2e-2, atol=1e-3)
