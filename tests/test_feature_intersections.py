@@ -656,3 +656,168 @@ def test_dense_bf16_activations_f32_params_row_mask_stats_batch_size(fisher):
     bf = lambda a: np64(jnp.asarray(a, jnp.bfloat16))
     z = bf(bf(rows) @ bf(params["hand"]["kernel"]) + bf(params["hand"]["bias"]))
     close(factor, rfim(rows, z), rtol=2e-2, atol=1e-3)
+
+
+# --- a target network passed as an argument x row mask x MultiSteps ---------------------
+
+class _Q(nn.Module):
+  @nn.compact
+  def __call__(self, obs):
+    h = jnp.tanh(HandDense(H, name="hand")(obs))
+    return nn.Dense(3, param_dtype=jnp.float64, name="q")(h)
+
+
+def test_target_network_argument_row_mask_multisteps():
+  """A DQN step on batches padded to 6 transitions (4 and 1 real), the target network
+  passed to the captured loss after the online params (its calls, also of the hand-written
+  layer, left out), ``MultiSteps`` over the two: the online factors are those of the 5 real
+  observations in float64, not of the next observations the target network read; the
+  update is the damped solve with the summed gradient."""
+  rng = np.random.default_rng(11)
+  q = _Q()
+  params = q.init(jax.random.key(8), jnp.ones((1, 4)))["params"]
+  target = jax.tree.map(lambda a: a + 0.3, params)
+  batches = []
+  for real in (4, 1):
+    m = (np.arange(6) < real).astype(np.float64)
+    scale = np.where(m > 0, 1.0, 40.0)[:, None]
+    batches.append((rng.normal(size=(6, 4)) * scale, rng.integers(0, 3, 6),
+                    rng.normal(size=(6, 4)) * 5, m))
+
+  def td(p, tp, obs, a, next_obs, m):
+    y = jax.lax.stop_gradient(1.0 + 0.9 * q.apply({"params": tp}, next_obs).max(-1))
+    qa = jnp.take_along_axis(q.apply({"params": p}, obs), a[:, None], 1)[:, 0]
+    return (m * (qa - y) ** 2).sum()
+
+  inner = sngd_jax.sngd(**ONE_STEP, inverse_every=1, damping=ref.DAMPING)
+  tx = sngd_jax.MultiSteps(inner, every_k_schedule=2, use_grad_mean=False,
+                           accumulator_dtype=jnp.float64)
+
+  @jax.jit
+  def step(state, obs, a, next_obs, m):
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(td), has_aux=True)(
+        params, target, obs, a, next_obs, m)
+    return tx.update(grads, state, params, activations=sngd_jax.with_row_mask(acts, m))
+
+  state, grad_sum = tx.init(params), None
+  for batch in batches:
+    updates, state = step(state, *map(jnp.asarray, batch))
+    g = jax.grad(td)(params, target, *map(jnp.asarray, batch))
+    grad_sum = g if grad_sum is None else jax.tree.map(jnp.add, grad_sum, g)
+  factors = only_sngd_state(state.inner_opt_state).factors
+  p = jax.tree.map(np64, params)
+  obs = np.concatenate([b[0][b[3] > 0] for b in batches])
+  h = np.tanh(obs @ p["hand"]["kernel"] + p["hand"]["bias"])
+  close(factors["hand"], gram(obs))
+  close(factors["q"], gram(h))
+  for path, rows in (("hand", obs), ("q", h)):
+    k, b = ref.dense_update(rows, grad_sum[path]["kernel"], grad_sum[path]["bias"])
+    close(updates[path]["kernel"], k, rtol=1e-8)
+    close(updates[path]["bias"], b, rtol=1e-8)
+
+
+# --- per-example gradients (jax.vmap over a captured grad) x row mask -------------------
+
+@pytest.mark.parametrize("mask_kind", ["examples", "tokens"])
+def test_per_example_gradients_with_a_row_mask(mask_kind):
+  """``jax.vmap(grad_fn)`` over a batch of (T, D) sequences, each call one example (a
+  hand-written layer and ``nn.Dense``), masked by example ``(B,)`` or by token ``(B, T)``:
+  the factors are those of the real examples' (tokens') float64 rows, also with
+  ``stats_batch_size=2`` (the first 2 examples, all their real tokens)."""
+  x, mask = _masked_sequences(12, [3, 1, 0, 2], 3, 4)
+  model = _MLP()
+  params = model.init(jax.random.key(9), jnp.ones((1, 4)))["params"]
+  grad_fn = jax.grad(sngd_jax.capture(
+      lambda p, xs: jnp.sin(model.apply({"params": p}, xs)).sum()), has_aux=True)
+  per_example, acts = jax.jit(jax.vmap(grad_fn, in_axes=(None, 0)))(params, jnp.asarray(x))
+  grads = jax.tree.map(lambda g: g.mean(0), per_example)
+  real = mask if mask_kind == "tokens" else mask.any(1)
+  masked = sngd_jax.with_row_mask(acts, real)
+  p = jax.tree.map(np64, params)
+  h = np.tanh(x @ p["hand"]["kernel"] + p["hand"]["bias"])
+  rows_of = lambda a, n: (a[:n][mask[:n]] if mask_kind == "tokens"
+                          else a[:n][real[:n]].reshape(-1, a.shape[-1]))
+  for sub in (None, 2):
+    n = len(x) if sub is None else sub
+    _, state = _one_step(params, grads, masked, stats_batch_size=sub)
+    close(state.factors["hand"], gram(rows_of(x, n)))
+    close(state.factors["head"], gram(rows_of(h, n)))
+
+
+def _one_step(params, grads, acts, **kw):
+  tx = sngd_jax.sngd(**{**ONE_STEP, **kw})
+  return jax.jit(lambda g, s, a: tx.update(g, s, params, activations=a))(
+      grads, tx.init(params), acts)
+
+
+class _NNXHandQ(nnx.Module):
+  """A hand-written NNX layer (``nnx.Param`` kernel and bias, ``sngd_jax.dense``) and a
+  ``nnx.Linear`` head."""
+
+  def __init__(self, rngs):
+    self.kernel = nnx.Param(jax.random.normal(rngs.params(), (4, H), jnp.float64) / 2)
+    self.bias = nnx.Param(jax.random.normal(rngs.params(), (H,), jnp.float64) / 2)
+    self.q = nnx.Linear(H, 3, rngs=rngs, param_dtype=jnp.float64)
+
+  def __call__(self, x):
+    return self.q(jnp.tanh(sngd_jax.dense(x, self.kernel, self.bias)))
+
+
+def test_nnx_target_network_argument_row_mask_multisteps():
+  """NNX: ``loss_fn(model, target, ...)`` with a hand-written layer in both, batches padded
+  to 5 (3 and 2 real), ``nnx.Optimizer`` of ``MultiSteps``: the online factors are the
+  float64 ones of the 5 real observations, not the target's next observations."""
+  rng = np.random.default_rng(13)
+  model = _NNXHandQ(nnx.Rngs(1))
+  target = nnx.clone(model)
+  opt = nnx.Optimizer(model, sngd_jax.MultiSteps(sngd_jax.sngd(**ONE_STEP),
+                                                 every_k_schedule=2), wrt=nnx.Param)
+
+  def td_loss(model, target, obs, next_obs, m):
+    y = jax.lax.stop_gradient(1.0 + 0.9 * target(next_obs).max(-1))
+    return (m * (model(obs)[:, 0] - y) ** 2).sum()
+
+  kernel, bias = np64(model.kernel[...]), np64(model.bias[...])
+  real_obs = []
+  for real in (3, 2):
+    m = (np.arange(5) < real).astype(np.float64)
+    obs = rng.normal(size=(5, 4)) * np.where(m > 0, 1, 40)[:, None]
+    (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(td_loss), has_aux=True)(
+        model, target, jnp.asarray(obs), jnp.asarray(rng.normal(size=(5, 4)) * 5),
+        jnp.asarray(m))
+    opt.update(model, grads, activations=sngd_jax.with_row_mask(acts, m))
+    real_obs.append(obs[m > 0])
+  (state,) = sngd_jax._src.state.sngd_states(opt.opt_state)
+  obs = np.concatenate(real_obs)
+  close(state.factors["kernel"] if "kernel" in state.factors else state.factors[""],
+        gram(obs))
+  close(state.factors["q"], gram(np.tanh(obs @ kernel + bias)))
+
+
+def test_eqx_target_network_argument_row_mask():
+  """Equinox: the target model passed after the online one, both called under ``jax.vmap``
+  over the batch; a ``(B,)`` mask: the online factors are those of the real observations."""
+  eqx, EqxLinear, EqxNet = _eqx_classes()
+  k = jax.random.split(jax.random.key(10), 2)
+  lin = eqx.nn.Linear(4, H, key=k[0], dtype=jnp.float64)
+  model = EqxNet(EqxLinear(lin.weight, lin.bias),
+                 eqx.nn.Linear(H, 3, key=k[1], dtype=jnp.float64))
+  target = jax.tree.map(lambda a: a + 0.2 if eqx.is_inexact_array(a) else a, model)
+  rng = np.random.default_rng(14)
+  m = (np.arange(6) < 4).astype(np.float64)
+  obs = rng.normal(size=(6, 4)) * np.where(m > 0, 1, 40)[:, None]
+  next_obs = rng.normal(size=(6, 4)) * 5
+
+  def td_loss(model, target, obs, next_obs):
+    y = jax.lax.stop_gradient(1.0 + 0.9 * jax.vmap(target)(next_obs).max(-1))
+    return (m * (jax.vmap(model)(obs)[:, 0] - y) ** 2).sum()
+
+  (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(td_loss), has_aux=True)(
+      model, target, jnp.asarray(obs), jnp.asarray(next_obs))
+  params = eqx.filter(model, eqx.is_inexact_array)
+  _, state = _one_step(params, grads, sngd_jax.with_row_mask(acts, m))
+  hidden = next(p for p in state.factors if p.startswith("hidden"))
+  head = next(p for p in state.factors if p.startswith("head"))
+  real = obs[m > 0]
+  close(state.factors[hidden], gram(real))
+  close(state.factors[head], gram(np.tanh(real @ np64(lin.weight).T + np64(lin.bias))))
