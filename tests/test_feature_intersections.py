@@ -107,7 +107,7 @@ def lm_loss(model):
 
 # --- row mask x MultiSteps (micro-batches of different sizes and real rows) -----------
 
-@pytest.mark.parametrize("fisher", ["linear", "rfim"])
+@pytest.mark.parametrize("fisher", ["linear", pytest.param("rfim", marks=pytest.mark.slow)])
 def test_row_mask_multisteps_uneven_micro_batches_is_one_batch_of_the_real_rows(fisher):
   """Three micro-batches of 2, 3 and 1 sequences of lengths 4, 6 and 5 with 5, 9 and 0 real
   tokens (the third all padding): the factors after the cycle are the mask-weighted estimate
@@ -317,7 +317,8 @@ class _TiedLM(nn.Module):
 
 
 @pytest.mark.filterwarnings("ignore:sngd. fisher=.tied. with max_norm=None")
-@pytest.mark.parametrize("injected", ["damping", "factor_every"])
+@pytest.mark.parametrize("injected", [pytest.param("damping", marks=pytest.mark.slow),
+                                      "factor_every"])
 def test_row_mask_tied_embedding_injected_hyperparams_under_multisteps(injected):
   """A tied table (``fisher={"Embed_0": "tied"}``) masked by token, its sngd built by
   ``optax.inject_hyperparams`` (``damping``, or ``factor_every``, which ``MultiSteps``
@@ -372,7 +373,7 @@ class _MLP(nn.Module):
     return nn.Dense(3, param_dtype=jnp.float64, name="head")(h)
 
 
-@pytest.mark.parametrize("host", [False, True])
+@pytest.mark.parametrize("host", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_example_mask_trainstate_multisteps_host_refresh_is_the_float64_solve(host):
   """Batches padded to a fixed size (a ``(B,)`` mask, 5 and 2 real examples of 7, the
   padding far out of scale), ``sngd_jax.TrainState`` around ``MultiSteps`` around
@@ -443,7 +444,7 @@ def _eqx_classes():
   return eqx, EqxLinear, EqxNet
 
 
-@pytest.mark.parametrize("fisher", ["linear", "rfim"])
+@pytest.mark.parametrize("fisher", [pytest.param("linear", marks=pytest.mark.slow), "rfim"])
 def test_eqx_dense_layer_row_mask_multisteps(fisher):
   """An Equinox model (a ``@sngd_jax.dense_layer`` layer and ``eqx.nn.Linear``) called
   under ``jax.vmap`` over the batch and the tokens, masked by token, accumulated by
@@ -621,7 +622,7 @@ class _MixedNet(nn.Module):
     return nn.Dense(2, dtype=jnp.bfloat16, param_dtype=jnp.float32, name="head")(jnp.tanh(h))
 
 
-@pytest.mark.parametrize("fisher", ["linear", "rfim"])
+@pytest.mark.parametrize("fisher", ["linear", pytest.param("rfim", marks=pytest.mark.slow)])
 def test_dense_bf16_activations_f32_params_row_mask_stats_batch_size(fisher):
   """``sngd_jax.dense(..., dtype=bfloat16)`` on float32 params, masked by token, statistics
   from the first 2 of 3 sequences: the factor is float32, equal to ``nn.Dense(dtype=bf16)``'s
@@ -718,7 +719,8 @@ def test_target_network_argument_row_mask_multisteps():
 
 # --- per-example gradients (jax.vmap over a captured grad) x row mask -------------------
 
-@pytest.mark.parametrize("mask_kind", ["examples", "tokens"])
+@pytest.mark.parametrize("mask_kind", [pytest.param("examples", marks=pytest.mark.slow),
+                                       "tokens"])
 def test_per_example_gradients_with_a_row_mask(mask_kind):
   """``jax.vmap(grad_fn)`` over a batch of (T, D) sequences, each call one example (a
   hand-written layer and ``nn.Dense``), masked by example ``(B,)`` or by token ``(B, T)``:
