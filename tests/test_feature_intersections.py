@@ -364,59 +364,76 @@ def test_row_mask_tied_embedding_injected_hyperparams_under_multisteps(injected)
   close(updates["hidden"]["bias"], b, rtol=1e-8)
 
 
-# --- row mask x TrainState x MultiSteps x host refresh ----------------------------------
+# --- row mask x TrainState x MultiSteps x host refresh x tied embedding ------------------
 
 class _MLP(nn.Module):
+  param_dtype: Any = jnp.float64
+
   @nn.compact
   def __call__(self, x):
-    h = jnp.tanh(HandDense(H, name="hand")(x))
-    return nn.Dense(3, param_dtype=jnp.float64, name="head")(h)
+    h = jnp.tanh(HandDense(H, param_dtype=self.param_dtype, name="hand")(x))
+    return nn.Dense(3, param_dtype=self.param_dtype, name="head")(h)
 
 
 @pytest.mark.parametrize("host", [pytest.param(False, marks=pytest.mark.slow), True])
-def test_example_mask_trainstate_multisteps_host_refresh_is_the_float64_solve(host):
+def test_example_mask_trainstate_multisteps_host_refresh_is_the_float64_solve(host,
+                                                                             monkeypatch):
   """Batches padded to a fixed size (a ``(B,)`` mask, 5 and 2 real examples of 7, the
-  padding far out of scale), ``sngd_jax.TrainState`` around ``MultiSteps`` around
+  padding far out of scale), float32, ``sngd_jax.TrainState`` around ``MultiSteps`` around
   ``chain(sngd(inverse=...), sgd(lr))``, the refresh in XLA or on the host
-  (``sngd_jax.inverse.host_refresh``): the new params are ``p - lr * (G + rho I)^{-1} g`` with
-  ``G`` the float64 factor of the 7 real examples and ``g`` the summed gradient."""
+  (``sngd_jax.inverse.host_refresh``, float32 only: float64 factors keep the XLA refresh):
+  the new params are ``p - lr * (G + rho I)^{-1} g`` with ``G`` the float64 factor of the 7
+  real examples and ``g`` the summed gradient, to float32 rounding."""
+  from sngd_jax._src.inverse import host as host_lib
+  calls = []
+  refresh_all = host_lib.refresh_all
+  monkeypatch.setattr(host_lib, "refresh_all",
+                      lambda *a, **k: calls.append(1) or refresh_all(*a, **k))
   rng = np.random.default_rng(5)
-  model, lr = _MLP(), 0.1
+  model, lr = _MLP(jnp.float32), 0.1
   batches = []
   for real in (5, 2):
     x = rng.normal(size=(7, 4)) * np.r_[np.ones(real), 50 * np.ones(7 - real)][:, None]
-    batches.append((x, rng.integers(0, 3, 7), (np.arange(7) < real).astype(np.float64)))
-  params = model.init(jax.random.key(3), jnp.ones((1, 4)))["params"]
+    batches.append((np.float32(x), rng.integers(0, 3, 7),
+                    (np.arange(7) < real).astype(np.float32)))
   method = sngd_jax.inverse.auto()
   if host:
     method = sngd_jax.inverse.host_refresh(method)
-  sngd = sngd_jax.sngd(**ONE_STEP, inverse_every=1, damping=ref.DAMPING, inverse=method)
-  tx = sngd_jax.MultiSteps(optax.chain(sngd, optax.sgd(lr)), every_k_schedule=2,
-                           use_grad_mean=False, accumulator_dtype=jnp.float64)
-  state = sngd_jax.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
   def loss_fn(p, x, y, m):
     lo = optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y)
     return (lo * m).sum()
 
-  @jax.jit
-  def step(state, x, y, m):
-    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(
-        state.params, x, y, m)
-    return state.apply_gradients(grads=grads, activations=sngd_jax.with_row_mask(acts, m > 0))
+  with jax.enable_x64(False):
+    params = model.init(jax.random.key(3), jnp.ones((1, 4)))["params"]
+    sngd = sngd_jax.sngd(**ONE_STEP, inverse_every=1, damping=ref.DAMPING, inverse=method)
+    tx = sngd_jax.MultiSteps(optax.chain(sngd, optax.sgd(lr)), every_k_schedule=2,
+                             use_grad_mean=False)
+    state = sngd_jax.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
-  grad_sum = None
-  for x, y, m in batches:
-    state = step(state, jnp.asarray(x), jnp.asarray(y), jnp.asarray(m))
-    g = jax.grad(loss_fn)(params, jnp.asarray(x), jnp.asarray(y), jnp.asarray(m))
-    grad_sum = g if grad_sum is None else jax.tree.map(jnp.add, grad_sum, g)
+    @jax.jit
+    def step(state, x, y, m):
+      (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(
+          state.params, x, y, m)
+      return state.apply_gradients(grads=grads,
+                                   activations=sngd_jax.with_row_mask(acts, m > 0))
+
+    grad_sum = None
+    for x, y, m in batches:
+      state = step(state, jnp.asarray(x), jnp.asarray(y), jnp.asarray(m))
+      g = jax.grad(loss_fn)(params, jnp.asarray(x), jnp.asarray(y), jnp.asarray(m))
+      grad_sum = g if grad_sum is None else jax.tree.map(jnp.add, grad_sum, g)
+    jax.block_until_ready(state)
+  assert len(calls) == (1 if host else 0)  # the one refresh, of the emitting call
   p = jax.tree.map(np64, params)
-  xs = np.concatenate([x[m > 0] for x, _, m in batches])
+  xs = np.concatenate([np64(x[m > 0]) for x, _, m in batches])
   h = np.tanh(xs @ p["hand"]["kernel"] + p["hand"]["bias"])
   for path, rows in (("hand", xs), ("head", h)):
     k, b = ref.dense_update(rows, grad_sum[path]["kernel"], grad_sum[path]["bias"])
-    close(state.params[path]["kernel"], p[path]["kernel"] - lr * k, rtol=1e-8, atol=1e-10)
-    close(state.params[path]["bias"], p[path]["bias"] - lr * b, rtol=1e-8, atol=1e-10)
+    scale = lr * max(np.abs(k).max(), np.abs(b).max())
+    close(state.params[path]["kernel"], p[path]["kernel"] - lr * k, rtol=1e-3,
+          atol=1e-4 * scale)
+    close(state.params[path]["bias"], p[path]["bias"] - lr * b, rtol=1e-3, atol=1e-4 * scale)
 
 
 # --- Equinox: row mask x dense_layer x rfim x MultiSteps --------------------------------
@@ -546,6 +563,36 @@ def test_linen_dense_under_jax_checkpoint_inside_the_module_with_a_row_mask(clos
     k, b = ref.dense_update(rows, grads[path]["kernel"], grads[path]["bias"])
     close(updates[path]["kernel"], k, rtol=1e-9)
     close(updates[path]["bias"], b, rtol=1e-9)
+
+
+class _VmappedHeads(nn.Module):
+  """An ensemble of 3 heads with stacked params, applied by ``jax.vmap`` inside the module:
+  each head's call of ``sngd_jax.dense`` gets a slice of the stack."""
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("kernel", nn.initializers.lecun_normal(), (3, x.shape[-1], 2), jnp.float64)
+    b = self.param("bias", nn.initializers.normal(0.5), (3, 2), jnp.float64)
+    return jax.vmap(lambda w, b: sngd_jax.dense(x, w, b))(w, b)
+
+
+def test_linen_dense_of_params_vmapped_inside_the_module_is_one_factor_per_head():
+  """Followed out through the ``jax.vmap``, the stacked params are the layer's (before:
+  refused as 'not one of its params'): one factor per head, each the float64
+  ``E[x~ x~^T]`` of the real tokens, and each head's update the damped solve."""
+  x, mask = _masked_sequences(15, [2, 3], 3, 4)
+  model = _VmappedHeads()
+  params = model.init(jax.random.key(11), jnp.asarray(x))["params"]
+  loss = lambda p: (jnp.sin(model.apply({"params": p}, jnp.asarray(x))).sum((0, -1))
+                    * mask).sum()
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params)
+  updates, state = _one_step_update(params, grads, sngd_jax.with_row_mask(acts, mask))
+  (factor,) = state.factors.values()
+  close(factor, np.stack([gram(x[mask])] * 3))
+  for i in range(3):
+    k, b = ref.dense_update(x[mask], grads["kernel"][i], grads["bias"][i])
+    close(updates["kernel"][i], k, rtol=1e-9)
+    close(updates["bias"][i], b, rtol=1e-9)
 
 
 class _NNXCheckpointed(nnx.Module):
