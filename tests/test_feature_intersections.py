@@ -870,3 +870,45 @@ def test_eqx_target_network_argument_row_mask():
   real = obs[m > 0]
   close(state.factors[hidden], gram(real))
   close(state.factors[head], gram(np.tanh(real @ np64(lin.weight).T + np64(lin.bias))))
+
+
+def test_eqx_dense_layer_stacked_by_filter_vmap_scanned_with_a_row_mask_and_checkpoint():
+  """Equinox: 2 hand-written layers made by ``eqx.filter_vmap`` and applied by
+  ``jax.lax.scan`` over depth with ``jax.checkpoint`` on the step, the model under
+  ``jax.vmap`` over the batch and the tokens, masked by token under ``MultiSteps`` over two
+  micro-batches: each layer of the stack's factor is that of its float64 inputs at the
+  real tokens of both."""
+  eqx, EqxLinear, _ = _eqx_classes()
+
+  class Stack(eqx.Module):
+    blocks: Any
+
+    def __call__(self, x):
+      params, static = eqx.partition(self.blocks, eqx.is_array)
+
+      @jax.checkpoint
+      def step(h, p):
+        return jnp.tanh(eqx.combine(p, static)(h)), None
+      return jax.lax.scan(step, x, params)[0]
+
+  keys = jax.random.split(jax.random.key(12), 2)
+  lins = eqx.filter_vmap(lambda k: eqx.nn.Linear(4, 4, key=k, dtype=jnp.float64))(keys)
+  model = Stack(EqxLinear(lins.weight, lins.bias))
+  params = eqx.filter(model, eqx.is_inexact_array)
+  tx = sngd_jax.MultiSteps(sngd_jax.sngd(**ONE_STEP), every_k_schedule=2)
+  state = tx.init(params)
+  loss = sngd_jax.capture_eqx(
+      lambda m, x, mask: ((jax.vmap(jax.vmap(m))(x) ** 2).sum(-1) * mask).sum())
+  micro = [_masked_sequences(16, [3, 1], 3, 4), _masked_sequences(17, [2, 0, 3], 3, 4)]
+  ins = [[], []]
+  for x, mask in micro:
+    (_, acts), grads = eqx.filter_value_and_grad(loss, has_aux=True)(
+        model, jnp.asarray(x), jnp.asarray(mask))
+    _, state = tx.update(grads, state, params,
+                         activations=sngd_jax.with_row_mask(acts, jnp.asarray(mask)))
+    h = x
+    for k in range(2):
+      ins[k].append(h[mask])
+      h = np.tanh(h @ np64(lins.weight[k]).T + np64(lins.bias[k]))
+  (factor,) = only_sngd_state(state.inner_opt_state).factors.values()
+  close(factor, np.stack([gram(np.concatenate(r)) for r in ins]))
