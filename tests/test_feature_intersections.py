@@ -912,3 +912,56 @@ def test_eqx_dense_layer_stacked_by_filter_vmap_scanned_with_a_row_mask_and_chec
       h = np.tanh(h @ np64(lins.weight[k]).T + np64(lins.bias[k]))
   (factor,) = only_sngd_state(state.inner_opt_state).factors.values()
   close(factor, np.stack([gram(np.concatenate(r)) for r in ins]))
+
+
+# --- a PINN (per-point vmap through input derivatives) x a padded batch of points -------
+
+class _PointMLP(nn.Module):
+  """``u(x)`` for one point ``x`` of shape ``(2,)``."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(HandDense(H, name="hand")(x))
+    return nn.Dense(1, param_dtype=jnp.float64, name="out")(h)[..., 0]
+
+
+def test_pinn_padded_interior_points_masked_by_call():
+  """A Poisson PINN whose interior points are padded to a fixed 8 (6 real, the padding far
+  outside the domain) and whose 4 boundary points are not: the ``(8,)`` mask cannot apply to
+  the boundary call (before: an error without a way out; now it names ``calls=``), and
+  ``with_row_mask(acts, mask, calls=[0])`` masks the interior call only. The factors are the
+  float64 ``E[x~ x~^T]`` over the 6 real interior and the 4 boundary points, each once
+  (through the Hessian's derivative transforms), and the update is the damped solve."""
+  model = _PointMLP()
+  xi = np.random.default_rng(18).uniform(size=(8, 2))
+  xi[6:] = 50.0
+  xb = np.random.default_rng(19).uniform(size=(4, 2))
+  mi = (np.arange(8) < 6).astype(np.float64)
+  params = model.init(jax.random.key(13), jnp.asarray(xi[0]))["params"]
+  u = lambda p, x: model.apply({"params": p}, x)
+
+  def loss(p, xi, xb, mi):
+    lap = jax.vmap(lambda x: jnp.trace(jax.hessian(u, argnums=1)(p, x)))(xi)
+    return jnp.sum(mi * (lap + 1.0) ** 2) / mi.sum() + jnp.mean(jax.vmap(lambda x: u(p, x))(
+        xb) ** 2)
+
+  (_, acts), grads = jax.jit(jax.value_and_grad(sngd_jax.capture(loss), has_aux=True))(
+      params, jnp.asarray(xi), jnp.asarray(xb), jnp.asarray(mi))
+  with pytest.raises(ValueError, match=r"'hand' \(call 1.*length 4, not the mask's 8.*"
+                                       r"calls=\[\.\.\.\]"):
+    sngd_jax.with_row_mask(acts, mi)
+  with pytest.raises(TypeError, match=r"calls=0.*sequence of call indices"):
+    sngd_jax.with_row_mask(acts, mi, calls=0)
+  updates, state = _one_step_update(params, grads,
+                                    sngd_jax.with_row_mask(acts, mi, calls=[0]))
+  p = jax.tree.map(np64, params)
+  pts = np.concatenate([xi[:6], xb])
+  h = np.tanh(pts @ p["hand"]["kernel"] + p["hand"]["bias"])
+  for path, rows in (("hand", pts), ("out", h)):
+    close(state.factors[path], gram(rows))
+    k, b = ref.dense_update(rows, grads[path]["kernel"], grads[path]["bias"])
+    close(updates[path]["kernel"], k, rtol=1e-9)
+    close(updates[path]["bias"], b, rtol=1e-9)
+  # the last call by a negative index: the same as calls=[1] (the boundary: all real)
+  same = sngd_jax.with_row_mask(acts, jnp.ones(4), calls=[-1])
+  assert same["hand"][0].row_mask is None and same["hand"][1].row_mask is not None
