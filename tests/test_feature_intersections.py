@@ -512,24 +512,27 @@ class _CheckpointedDense(nn.Module):
   of the input and the params, passed as arguments."""
 
   features: int
-  closed_over: bool = False
+  mode: str = "arguments"
 
   @nn.compact
   def __call__(self, x):
     w = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
                    jnp.float64)
     b = self.param("bias", nn.initializers.normal(0.5), (self.features,), jnp.float64)
-    if self.closed_over:
+    if self.mode == "closed over":
       return jax.checkpoint(lambda x: sngd_jax.dense(x, w, b))(x)
+    if self.mode == "vmap per example":  # the params broadcast to every example
+      return jax.vmap(jax.checkpoint(lambda x, w, b: sngd_jax.dense(x, w, b)),
+                      in_axes=(0, None, None))(x, w, b)
     return jax.checkpoint(lambda x, w, b: sngd_jax.dense(x, w, b))(x, w, b)
 
 
 class _CheckpointedNet(nn.Module):
-  closed_over: bool = False
+  mode: str = "arguments"
 
   @nn.compact
   def __call__(self, x):
-    h = jnp.tanh(_CheckpointedDense(H, self.closed_over, name="hand")(x))
+    h = jnp.tanh(_CheckpointedDense(H, self.mode, name="hand")(x))
     return nn.Dense(2, param_dtype=jnp.float64, name="head")(h)
 
 
@@ -545,14 +548,15 @@ def _one_step_update(params, grads, acts):
   return updates, state
 
 
-@pytest.mark.parametrize("closed_over", [False, True])
-def test_linen_dense_under_jax_checkpoint_inside_the_module_with_a_row_mask(closed_over):
+@pytest.mark.parametrize("mode", ["arguments", "closed over", "vmap per example"])
+def test_linen_dense_under_jax_checkpoint_inside_the_module_with_a_row_mask(mode):
   """``jax.checkpoint`` inside a hand-written linen layer, the params passed to it as
-  arguments (before: refused as 'not one of its params', though they are) or closed over:
+  arguments (before: refused as 'not one of its params', though they are), closed over, or
+  passed to a ``jax.vmap`` over the examples (``in_axes=None``) of the checkpointed product:
   the layer is recorded and its masked update is the damped float64 solve over the real
   tokens."""
   x, mask = _masked_sequences(7, [4, 1, 3], 4, 3)
-  model = _CheckpointedNet(closed_over)
+  model = _CheckpointedNet(mode)
   params = model.init(jax.random.key(5), jnp.asarray(x))["params"]
   loss = lambda p: (jnp.sin(model.apply({"params": p}, jnp.asarray(x))).sum(-1) * mask).sum()
   (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params)
