@@ -80,7 +80,8 @@ def dense(x: jax.Array, kernel: Any, bias: Any = None, *, layout: str = "in_out"
     layout: ``'in_out'``: ``y = x @ kernel``; ``'out_in'``: ``y = x @ kernel.T``
       (``kernel @ x`` for one example, as Equinox layers compute).
     dtype: if given, ``x``, ``kernel`` and ``bias`` are cast to it before the product (as
-      Flax's ``dtype=``). A kernel or bias cast before the call
+      Flax's ``dtype=``). The record holds ``x`` as passed, before the cast, as
+      ``nn.Dense(dtype=...)``'s does. A kernel or bias cast before the call
       (``kernel.astype(jnp.bfloat16)``, inside the ``__call__`` of the module holding it in
       NNX and Equinox) is read as the param too: any array of the param's shape in another
       dtype.
@@ -119,7 +120,9 @@ def dense(x: jax.Array, kernel: Any, bias: Any = None, *, layout: str = "in_out"
     y = y + b
   rec = transforms.active()
   if rec is not None and rec.custom_dense is not None:
-    rec.custom_dense(xs, y, kernel, bias, layout)
+    # The input as passed, before the `dtype` cast, as the framework's Dense records it
+    # (bfloat16 activations of float32 inputs gave another factor than `nn.Dense(dtype=)`).
+    rec.custom_dense(x, y, kernel, bias, layout)
   return y
 
 

@@ -178,11 +178,22 @@ def _norm_call(rec: Recorder, seen, module, next_fun, args, kwargs, keep: bool =
   return out
 
 
-def _name_in(params: Any, array: Any) -> Optional[str]:
-  """The name of the param of a module that is ``array`` itself, or None."""
+def _name_in(rec: Recorder, params: Any, array: Any) -> Optional[str]:
+  """The name of the param of a module that is ``array`` itself, or None.
+
+  Followed out through the transforms made inside the module (``Recorder.outer``): a
+  ``jax.checkpoint`` / ``jax.vmap`` / ``jax.lax.scan`` whose body is passed the param as an
+  argument (``jax.checkpoint(lambda x, w, b: sngd_jax.dense(x, w, b))(x, w, b)``) hands the
+  body its own tracer, which is the param it was passed.
+  """
   for name, value in params.items():
     if value is array:
       return name
+  if rec.frames:
+    target = rec.outer(array)
+    for name, value in params.items():
+      if rec.outer(value) is target:
+        return name
   return None
 
 
@@ -220,11 +231,11 @@ def _custom_dense(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
     return
   path = paths.join(module.path)
   params = module.variables.get("params", {})
-  kernel_name = _name_in(params, kernel)
+  kernel_name = _name_in(rec, params, kernel)
   own = custom.FLAX_DENSE
   if kernel_name is None and custom.cast_of(kernel, params.get(own.weight)):
     kernel_name, kernel = own.weight, params[own.weight]  # kernel.astype(...): the param
-  bias_name = None if bias is None else _name_in(params, bias)
+  bias_name = None if bias is None else _name_in(rec, params, bias)
   if (bias is not None and bias_name is None and own.bias is not None
       and custom.cast_of(bias, params.get(own.bias))):
     bias_name = own.bias

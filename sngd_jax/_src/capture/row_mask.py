@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,8 @@ from sngd_jax._src.capture.records import Activations, Captured, leading_axes_po
 
 
 def with_row_mask(activations: Activations, mask: Any,
-                  where: Optional[Callable[[str], bool]] = None) -> Activations:
+                  where: Optional[Callable[[str], bool]] = None,
+                  calls: Optional[Sequence[int]] = None) -> Activations:
   """The activations with a row mask: padding does not enter the local Fisher statistics.
 
   Each layer's batch estimate becomes the average over its real rows only,
@@ -58,6 +59,11 @@ def with_row_mask(activations: Activations, mask: Any,
     where: if given, only the layers whose path it accepts get this mask (the others are
       returned as they are): the encoder's and decoder's layers of a seq2seq model with
       source and target masks of different lengths, masked in two calls.
+    calls: if given, only these calls of each layer get the mask (indices into the layer's
+      records, in the order the loss made the calls; negative from the end); its other
+      calls are returned as they are, each of their rows weighing 1. For a model called on
+      batches of different sizes in one loss, of which one is padded: a PINN's interior
+      points (call 0) and boundary points (call 1), ``calls=[0]``.
 
   Returns:
     The activations, each record carrying its rows' weights (``Captured.row_mask``); pass
@@ -87,20 +93,32 @@ def with_row_mask(activations: Activations, mask: Any,
   if not isinstance(activations, dict):
     raise TypeError(f"sngd: with_row_mask takes the activations dict that capture returns, "
                     f"not a {type(activations).__name__}")
+  if calls is not None:
+    if isinstance(calls, (int, str)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in calls):
+      raise TypeError(f"sngd: with_row_mask: calls={calls!r}; expected a sequence of call "
+                      "indices, e.g. `calls=[0]`")
+    calls = tuple(calls)
   out = {}
-  for path, calls in activations.items():
-    if not isinstance(calls, (tuple, list)) or not all(isinstance(c, Captured) for c in calls):
+  for path, records in activations.items():
+    if not isinstance(records, (tuple, list)) or not all(
+        isinstance(c, Captured) for c in records):
       raise TypeError(f"sngd: with_row_mask: activations[{path!r}] is not a tuple of "
                       "`Captured` records (pass what capture returned)")
     if where is not None and not where(path):
-      out[path] = tuple(calls)
+      out[path] = tuple(records)
       continue
-    out[path] = tuple(_masked(path, i, c, mask) for i, c in enumerate(calls))
+    n = len(records)
+    chosen = range(n) if calls is None else {i % n for i in calls if -n <= i < n}
+    out[path] = tuple(_masked(path, i, c, mask, n, calls is not None) if i in chosen else c
+                      for i, c in enumerate(records))
   return out
 
 
-def _masked(path: str, i: int, c: Captured, mask: jax.Array) -> Captured:
-  """The record with the weights of its rows (``Captured.row_mask``)."""
+def _masked(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int = 1,
+            selected: bool = False) -> Captured:
+  """The record with the weights of its rows (``Captured.row_mask``); ``n_calls``: the
+  layer's number of calls, ``selected``: whether ``calls=`` chose this one (for the hint)."""
   c = leading_axes_pooled(c)
   x, ax = c.inputs, c.batch_axis
 
@@ -126,6 +144,11 @@ def _masked(path: str, i: int, c: Captured, mask: jax.Array) -> Captured:
     hint = (" An embedding looked up without the batch axis (learned positions, "
             "`embed(jnp.arange(T))`): look up `jnp.broadcast_to(jnp.arange(T), (B, T))`."
             if c.kind == "embed" else "")
+    if n_calls > 1 and not selected:
+      hint += (f" The layer has {n_calls} calls (a model called on batches of different "
+               "sizes in one loss, e.g. a PINN's interior and boundary points): mask only "
+               "the calls this mask is for, `with_row_mask(acts, mask, calls=[...])` (call "
+               "indices in the order the loss made them).")
     fail(f"its example axis {ax} has length {x.shape[ax]}, not the mask's {b} examples"
          + (f" at each of its {steps} time steps (time-major rows of a recurrent cell)"
             if steps > 1 else "") + "." + hint)
