@@ -204,6 +204,34 @@ def test_activations_that_are_not_the_captured_dict():
       tx.update(p, tx.init(p), p, activations=wrong)
 
 
+def test_gradients_passed_as_activations_name_the_fix():
+  """``jax.grad(capture(loss), has_aux=True)`` returns ``(grads, acts)``: unpacking it in the
+  other order passes the gradients (a dict of dicts of arrays) as ``activations=``, which
+  raised ``AttributeError: 'str' object has no attribute 'inputs'`` from inside the checks."""
+  import flax.linen as nn
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(nn.relu(nn.Dense(8)(x)))
+
+  model, x = MLP(), jnp.ones((6, 4))
+  params = model.init(jax.random.key(0), x)["params"]
+  loss_fn = lambda p, x: (model.apply({"params": p}, x) ** 2).mean()
+  grads, acts = jax.grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x)
+  tx = sngd_jax.sngd()
+  for wrong in (grads, params):  # `acts, grads = ...` unpacks the gradients into `acts`
+    with pytest.raises(TypeError, match=r"`activations=` holds a value of type dict with keys "
+                                        r"\['bias', 'kernel'\] at 'Dense_0', not the tuple of "
+                                        r"captured calls.*`jax.grad\(sngd_jax.capture\("
+                                        r"loss_fn\), has_aux=True\)` returns `\(grads, acts\)`"):
+      tx.update(grads, tx.init(params), params, activations=wrong)
+  with pytest.raises(TypeError, match=r"holds a value of type ArrayImpl at 'Dense_1'"):
+    tx.update(params, tx.init(params), params,
+              activations={"Dense_0": acts["Dense_0"], "Dense_1": jnp.ones((6, 8))})
+  tx.update(grads, tx.init(params), params, activations=acts)  # the right order runs
+
+
 def test_state_restored_without_a_target():
   """A checkpoint restored without a target is plain dicts: the error says to restore into
   ``tx.init(params)``."""

@@ -184,7 +184,8 @@ def sngd_adam(
     b2: Adam's second-moment decay.
     eps: Adam's ``eps``.
     weight_decay: decoupled weight decay ``lambda`` on kernels (AdamW), not
-      preconditioned.
+      preconditioned. Defaults to 0, where ``optax.adamw``'s defaults to ``1e-4``;
+      for another mask than kernels, chain ``sngd()`` with ``optax.adamw(..., mask=)``.
     fisher: see ``sngd_jax.sngd``.
     stacked: see ``sngd_jax.sngd``.
     inverse: see ``sngd_jax.sngd``.
