@@ -57,8 +57,32 @@ def test_nnx_tuple_loss_without_has_aux_says_what_to_write():
     logits = m(X)
     return _xent(logits), logits
 
-  with pytest.raises(ValueError, match=r"sngd_jax\.capture_nnx\(loss_fn, has_aux=True\)"):
+  with pytest.raises(ValueError, match=r"sngd_jax\.capture_nnx\(loss_fn, has_aux=True\)") as err:
     nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(model)
+  # the NNX transform, not jax.value_and_grad (which an NNX module does not go through)
+  assert "(loss, (aux, acts)), grads = nnx.value_and_grad(wrapped, has_aux=True)" in str(err.value)
+
+
+def test_equinox_tuple_loss_without_has_aux_names_filter_value_and_grad():
+  """The fix the message gives is the Equinox one: ``jax.value_and_grad`` on an ``eqx.nn.MLP``
+  fails on its activation function (not a JAX type), so the message named a call that does
+  not run on the model."""
+  eqx = pytest.importorskip("equinox")
+  model = eqx.nn.MLP(X.shape[1], 3, 8, 1, key=jax.random.key(0))
+
+  def loss_fn(m):
+    logits = jax.vmap(m)(X)
+    return _xent(logits), logits
+
+  with pytest.raises(ValueError, match=r"sngd_jax\.capture_eqx\(loss_fn, has_aux=True\)") as err:
+    eqx.filter_value_and_grad(sngd_jax.capture_eqx(loss_fn), has_aux=True)(model)
+  fix = "eqx.filter_value_and_grad(wrapped, has_aux=True)"
+  assert f"(loss, (aux, acts)), grads = {fix}" in str(err.value)
+  # and the call it names runs on the model once the loss is wrapped with has_aux=True
+  (loss, (logits, acts)), _ = eqx.filter_value_and_grad(
+      sngd_jax.capture_eqx(loss_fn, has_aux=True), has_aux=True)(model)
+  np.testing.assert_allclose(float(loss), float(_xent(jax.vmap(model)(X))), rtol=1e-6)
+  assert set(acts) == {"layers/0", "layers/1"}
 
 
 def test_nnx_model_not_the_first_argument_says_to_pass_it_first():

@@ -626,3 +626,40 @@ def test_capture_given_a_model_or_the_wrong_kind_of_model_says_what_to_write():
   assert len(sngd_jax.capture_nnx(model_loss)(m["nnx"], m["x"])[1]) == 1
   assert len(sngd_jax.capture_eqx(lambda model, x: jnp.sum(jax.vmap(model)(x)))(
       m["equinox"], m["x"])[1]) == 1
+
+
+def test_presets_name_a_non_array_leaf_of_the_params_in_update():
+  """An Equinox model passed whole to ``update`` (``params=model``, not ``eqx.filter(model,
+  eqx.is_array)``): ``sngd_momentum``/``sngd_adam`` failed inside optax's weight-decay masking
+  with a bare "pytree structure error: different types at key path"; ``init`` already named
+  the leaf and the fix. The check changes no update: with the filtered params the presets
+  equal the chains they are documented to be, built here by hand from optax."""
+  eqx = pytest.importorskip("equinox")
+  model = eqx.nn.MLP(4, 3, 8, 1, key=jax.random.key(0))
+  x, y = jnp.linspace(-1, 1, 24).reshape(6, 4), jnp.arange(6) % 3
+  loss_fn = lambda m, x, y: optax.softmax_cross_entropy_with_integer_labels(
+      jax.vmap(m)(x), y).mean()
+  (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(loss_fn), has_aux=True)(
+      model, x, y)
+  params = eqx.filter(model, eqx.is_inexact_array)
+  kernels = lambda p: jax.tree.map(lambda a: a.ndim >= 2, p)
+  presets = {
+      "sngd_momentum": (sngd_jax.sngd_momentum(0.1, weight_decay=0.3),
+                        optax.chain(sngd_jax.sngd(), optax.add_decayed_weights(0.3, kernels),
+                                    optax.sgd(0.1, momentum=0.9))),
+      "sngd_adam": (sngd_jax.sngd_adam(1e-2, weight_decay=0.3),
+                    optax.chain(sngd_jax.sngd(), optax.adamw(1e-2, weight_decay=0.3,
+                                                             mask=kernels))),
+  }
+  for name, (tx, reference) in presets.items():
+    state = tx.init(params)
+    with pytest.raises(TypeError, match=r"sngd: the params hold a custom_jvp at 'activation', "
+                                        r"not an array: pass only the arrays to `init` and "
+                                        r"`update` \(an Equinox model: `eqx.filter\(model, "
+                                        r"eqx.is_array\)`\)"):
+      tx.update(grads, state, model, activations=acts)
+    got, _ = tx.update(grads, state, params, activations=acts)
+    want, _ = reference.update(grads, reference.init(params), params, activations=acts)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-8,
+                                 err_msg=name)
