@@ -207,3 +207,20 @@ def test_nnx_optimizer_with_a_wrt_filter_trains_the_head_of_a_frozen_body():
     np.testing.assert_allclose(getattr(model.out, name)[...], getattr(ref_model.out, name)[...],
                                rtol=1e-5, atol=1e-7)
   assert not np.allclose(model.out.kernel[...], NnxMLP(nnx.Rngs(0)).out.kernel[...])
+
+
+@pytest.mark.parametrize("grad", [jax.value_and_grad, jax.grad])
+def test_outer_grad_without_has_aux_is_jax_error_showing_the_records(grad):
+  """docs/known-issues.md: without ``has_aux=True`` on the outer call, the error is JAX's (it
+  checks the output after capture's wrapper has returned) and shows the ``Captured`` records,
+  the sign that the call needs ``has_aux=True``; with it, the same call runs."""
+  model = MLP()
+  params = model.init(jax.random.key(0), X)["params"]
+  loss_fn = lambda p: _xent(model.apply({"params": p}, X))
+  with pytest.raises(TypeError, match=r"(?s)Gradient only defined for scalar-output functions\. "
+                                      r"Output was \(.*\{'Dense_0': \(Captured\("):
+    grad(sngd_jax.capture(loss_fn))(params)
+  out = grad(sngd_jax.capture(loss_fn), has_aux=True)(params)
+  grads = out[1] if grad is jax.value_and_grad else out[0]
+  want = jax.grad(loss_fn)(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), grads, want)
