@@ -248,6 +248,31 @@ def test_state_restored_without_a_target():
     chained.update(p, {"0": raw, "1": {}}, p, activations=_acts(p))
 
 
+def test_multisteps_state_restored_without_a_target():
+  """``sngd_jax.MultiSteps`` restored without a target (``flax.serialization.msgpack_restore``
+  of a ``TrainState``) raised ``AttributeError: 'dict' object has no attribute
+  'inner_opt_state'``; it now says to restore into a template, and the state restored into
+  one (``from_bytes``) gives the update of the state that was saved, bit for bit."""
+  from flax import serialization
+  p = _params()
+  acts = _acts(p)
+  grads = jax.tree.map(lambda a: jnp.full_like(a, 0.1), p)
+  tx = sngd_jax.MultiSteps(sngd_jax.sngd_momentum(0.1), every_k_schedule=2)
+  state = tx.init(p)
+  _, state = tx.update(grads, state, p, activations=acts)  # one micro-batch accumulated
+  blob = serialization.to_bytes(state)
+  with pytest.raises(TypeError, match=r"state given to `sngd_jax.MultiSteps.update` is a dict, "
+                                      r"not the `MultiStepsState`.*restore it into "
+                                      r"`tx.init\(params\)`"):
+    tx.update(grads, serialization.msgpack_restore(blob), p, activations=acts)
+  restored = serialization.from_bytes(tx.init(p), blob)
+  want, _ = tx.update(grads, state, p, activations=acts)
+  got, _ = tx.update(grads, restored, p, activations=acts)
+  assert any(float(jnp.abs(w).max()) > 0 for w in jax.tree.leaves(want))  # the k-th call
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
 def test_nothing_captured_hints_at_the_capture_function():
   p = _params()
   with pytest.raises(ValueError, match=r"Captured layers: \[\]\. No layer at all was captured: "
