@@ -57,8 +57,32 @@ def test_nnx_tuple_loss_without_has_aux_says_what_to_write():
     logits = m(X)
     return _xent(logits), logits
 
-  with pytest.raises(ValueError, match=r"sngd_jax\.capture_nnx\(loss_fn, has_aux=True\)"):
+  with pytest.raises(ValueError, match=r"sngd_jax\.capture_nnx\(loss_fn, has_aux=True\)") as err:
     nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(model)
+  # the NNX transform, not jax.value_and_grad (which an NNX module does not go through)
+  assert "(loss, (aux, acts)), grads = nnx.value_and_grad(wrapped, has_aux=True)" in str(err.value)
+
+
+def test_equinox_tuple_loss_without_has_aux_names_filter_value_and_grad():
+  """The fix the message gives is the Equinox one: ``jax.value_and_grad`` on an ``eqx.nn.MLP``
+  fails on its activation function (not a JAX type), so the message named a call that does
+  not run on the model."""
+  eqx = pytest.importorskip("equinox")
+  model = eqx.nn.MLP(X.shape[1], 3, 8, 1, key=jax.random.key(0))
+
+  def loss_fn(m):
+    logits = jax.vmap(m)(X)
+    return _xent(logits), logits
+
+  with pytest.raises(ValueError, match=r"sngd_jax\.capture_eqx\(loss_fn, has_aux=True\)") as err:
+    eqx.filter_value_and_grad(sngd_jax.capture_eqx(loss_fn), has_aux=True)(model)
+  fix = "eqx.filter_value_and_grad(wrapped, has_aux=True)"
+  assert f"(loss, (aux, acts)), grads = {fix}" in str(err.value)
+  # and the call it names runs on the model once the loss is wrapped with has_aux=True
+  (loss, (logits, acts)), _ = eqx.filter_value_and_grad(
+      sngd_jax.capture_eqx(loss_fn, has_aux=True), has_aux=True)(model)
+  np.testing.assert_allclose(float(loss), float(_xent(jax.vmap(model)(X))), rtol=1e-6)
+  assert set(acts) == {"layers/0", "layers/1"}
 
 
 def test_nnx_model_not_the_first_argument_says_to_pass_it_first():
@@ -183,3 +207,20 @@ def test_nnx_optimizer_with_a_wrt_filter_trains_the_head_of_a_frozen_body():
     np.testing.assert_allclose(getattr(model.out, name)[...], getattr(ref_model.out, name)[...],
                                rtol=1e-5, atol=1e-7)
   assert not np.allclose(model.out.kernel[...], NnxMLP(nnx.Rngs(0)).out.kernel[...])
+
+
+@pytest.mark.parametrize("grad", [jax.value_and_grad, jax.grad])
+def test_outer_grad_without_has_aux_is_jax_error_showing_the_records(grad):
+  """docs/known-issues.md: without ``has_aux=True`` on the outer call, the error is JAX's (it
+  checks the output after capture's wrapper has returned) and shows the ``Captured`` records,
+  the sign that the call needs ``has_aux=True``; with it, the same call runs."""
+  model = MLP()
+  params = model.init(jax.random.key(0), X)["params"]
+  loss_fn = lambda p: _xent(model.apply({"params": p}, X))
+  with pytest.raises(TypeError, match=r"(?s)Gradient only defined for scalar-output functions\. "
+                                      r"Output was \(.*\{'Dense_0': \(Captured\("):
+    grad(sngd_jax.capture(loss_fn))(params)
+  out = grad(sngd_jax.capture(loss_fn), has_aux=True)(params)
+  grads = out[1] if grad is jax.value_and_grad else out[0]
+  want = jax.grad(loss_fn)(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), grads, want)

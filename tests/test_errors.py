@@ -204,6 +204,34 @@ def test_activations_that_are_not_the_captured_dict():
       tx.update(p, tx.init(p), p, activations=wrong)
 
 
+def test_gradients_passed_as_activations_name_the_fix():
+  """``jax.grad(capture(loss), has_aux=True)`` returns ``(grads, acts)``: unpacking it in the
+  other order passes the gradients (a dict of dicts of arrays) as ``activations=``, which
+  raised ``AttributeError: 'str' object has no attribute 'inputs'`` from inside the checks."""
+  import flax.linen as nn
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(nn.relu(nn.Dense(8)(x)))
+
+  model, x = MLP(), jnp.ones((6, 4))
+  params = model.init(jax.random.key(0), x)["params"]
+  loss_fn = lambda p, x: (model.apply({"params": p}, x) ** 2).mean()
+  grads, acts = jax.grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x)
+  tx = sngd_jax.sngd()
+  for wrong in (grads, params):  # `acts, grads = ...` unpacks the gradients into `acts`
+    with pytest.raises(TypeError, match=r"`activations=` holds a value of type dict with keys "
+                                        r"\['bias', 'kernel'\] at 'Dense_0', not the tuple of "
+                                        r"captured calls.*`jax.grad\(sngd_jax.capture\("
+                                        r"loss_fn\), has_aux=True\)` returns `\(grads, acts\)`"):
+      tx.update(grads, tx.init(params), params, activations=wrong)
+  with pytest.raises(TypeError, match=r"holds a value of type ArrayImpl at 'Dense_1'"):
+    tx.update(params, tx.init(params), params,
+              activations={"Dense_0": acts["Dense_0"], "Dense_1": jnp.ones((6, 8))})
+  tx.update(grads, tx.init(params), params, activations=acts)  # the right order runs
+
+
 def test_state_restored_without_a_target():
   """A checkpoint restored without a target is plain dicts: the error says to restore into
   ``tx.init(params)``."""
@@ -218,6 +246,31 @@ def test_state_restored_without_a_target():
   with pytest.raises(TypeError, match=r"optimizer state is a dict \(restored without a "
                                       r"target: its keys reached sngd\)"):
     chained.update(p, {"0": raw, "1": {}}, p, activations=_acts(p))
+
+
+def test_multisteps_state_restored_without_a_target():
+  """``sngd_jax.MultiSteps`` restored without a target (``flax.serialization.msgpack_restore``
+  of a ``TrainState``) raised ``AttributeError: 'dict' object has no attribute
+  'inner_opt_state'``; it now says to restore into a template, and the state restored into
+  one (``from_bytes``) gives the update of the state that was saved, bit for bit."""
+  from flax import serialization
+  p = _params()
+  acts = _acts(p)
+  grads = jax.tree.map(lambda a: jnp.full_like(a, 0.1), p)
+  tx = sngd_jax.MultiSteps(sngd_jax.sngd_momentum(0.1), every_k_schedule=2)
+  state = tx.init(p)
+  _, state = tx.update(grads, state, p, activations=acts)  # one micro-batch accumulated
+  blob = serialization.to_bytes(state)
+  with pytest.raises(TypeError, match=r"state given to `sngd_jax.MultiSteps.update` is a dict, "
+                                      r"not the `MultiStepsState`.*restore it into "
+                                      r"`tx.init\(params\)`"):
+    tx.update(grads, serialization.msgpack_restore(blob), p, activations=acts)
+  restored = serialization.from_bytes(tx.init(p), blob)
+  want, _ = tx.update(grads, state, p, activations=acts)
+  got, _ = tx.update(grads, restored, p, activations=acts)
+  assert any(float(jnp.abs(w).max()) > 0 for w in jax.tree.leaves(want))  # the k-th call
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
 def test_nothing_captured_hints_at_the_capture_function():
@@ -598,3 +651,40 @@ def test_capture_given_a_model_or_the_wrong_kind_of_model_says_what_to_write():
   assert len(sngd_jax.capture_nnx(model_loss)(m["nnx"], m["x"])[1]) == 1
   assert len(sngd_jax.capture_eqx(lambda model, x: jnp.sum(jax.vmap(model)(x)))(
       m["equinox"], m["x"])[1]) == 1
+
+
+def test_presets_name_a_non_array_leaf_of_the_params_in_update():
+  """An Equinox model passed whole to ``update`` (``params=model``, not ``eqx.filter(model,
+  eqx.is_array)``): ``sngd_momentum``/``sngd_adam`` failed inside optax's weight-decay masking
+  with a bare "pytree structure error: different types at key path"; ``init`` already named
+  the leaf and the fix. The check changes no update: with the filtered params the presets
+  equal the chains they are documented to be, built here by hand from optax."""
+  eqx = pytest.importorskip("equinox")
+  model = eqx.nn.MLP(4, 3, 8, 1, key=jax.random.key(0))
+  x, y = jnp.linspace(-1, 1, 24).reshape(6, 4), jnp.arange(6) % 3
+  loss_fn = lambda m, x, y: optax.softmax_cross_entropy_with_integer_labels(
+      jax.vmap(m)(x), y).mean()
+  (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(loss_fn), has_aux=True)(
+      model, x, y)
+  params = eqx.filter(model, eqx.is_inexact_array)
+  kernels = lambda p: jax.tree.map(lambda a: a.ndim >= 2, p)
+  presets = {
+      "sngd_momentum": (sngd_jax.sngd_momentum(0.1, weight_decay=0.3),
+                        optax.chain(sngd_jax.sngd(), optax.add_decayed_weights(0.3, kernels),
+                                    optax.sgd(0.1, momentum=0.9))),
+      "sngd_adam": (sngd_jax.sngd_adam(1e-2, weight_decay=0.3),
+                    optax.chain(sngd_jax.sngd(), optax.adamw(1e-2, weight_decay=0.3,
+                                                             mask=kernels))),
+  }
+  for name, (tx, reference) in presets.items():
+    state = tx.init(params)
+    with pytest.raises(TypeError, match=r"sngd: the params hold a custom_jvp at 'activation', "
+                                        r"not an array: pass only the arrays to `init` and "
+                                        r"`update` \(an Equinox model: `eqx.filter\(model, "
+                                        r"eqx.is_array\)`\)"):
+      tx.update(grads, state, model, activations=acts)
+    got, _ = tx.update(grads, state, params, activations=acts)
+    want, _ = reference.update(grads, reference.init(params), params, activations=acts)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-8,
+                                 err_msg=name)

@@ -208,6 +208,13 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
   def update(self, updates: Any, state: MultiStepsState, params: Optional[Any] = None,
              **extra_args: Any) -> tuple[Any, MultiStepsState]:
     """Accumulates gradients and statistics; the inner update every ``k`` calls."""
+    if not isinstance(state, MultiStepsState):
+      raise TypeError(
+          f"sngd: the state given to `sngd_jax.MultiSteps.update` is a {type(state).__name__}, "
+          "not the `MultiStepsState` that its `init` makes. A checkpoint restored without a "
+          "target comes back as plain dicts and lists: restore it into `tx.init(params)` "
+          "(e.g. orbax `restore(path, target)`, `flax.serialization.from_bytes(template, "
+          "data)` with a template made by `init`, such as `TrainState.create(..., tx=tx)`)")
     activations = extra_args.pop("activations", None)
     sngd_state, masked = _sngd_state(state.inner_opt_state)
     if sngd_state is not None:  # a state saved with int32 counts (before 2026-12-05) resumes

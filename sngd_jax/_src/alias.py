@@ -32,6 +32,32 @@ def _kernel_mask_for(stacked: layers_lib.StackSpec):
   return lambda params: _kernel_mask(params, stacked)
 
 
+def _check_arrays(params: Any) -> None:
+  """Raises a TypeError naming the path of a params leaf that is not an array."""
+  def check(key_path, p):
+    if not hasattr(p, "ndim"):
+      raise TypeError(
+          f"sngd: the params hold a {type(p).__name__} at "
+          f"{paths.join(paths.leaf_parts(key_path))!r}, not an array: pass only the arrays "
+          "to `init` and `update` (an Equinox model: `eqx.filter(model, eqx.is_array)`)")
+  jax.tree_util.tree_map_with_path(check, params)
+
+
+def _params_checked(tx: optax.GradientTransformationExtraArgs
+                    ) -> optax.GradientTransformationExtraArgs:
+  """``tx`` whose ``update`` first checks that ``params`` holds arrays only.
+
+  The weight decay's mask is computed from the updates, so params with a leaf the updates
+  lack (an Equinox model passed whole: its activation functions) failed inside optax's
+  masking with a bare pytree-structure error; ``init`` already names the path and the fix.
+  """
+  def update(updates, state, params=None, **extra_args):
+    if params is not None:
+      _check_arrays(params)
+    return tx.update(updates, state, params, **extra_args)
+  return optax.GradientTransformationExtraArgs(tx.init, update)
+
+
 def _kernel_mask(params: Any, stacked: layers_lib.StackSpec = None) -> Any:
   """True for leaves of 2 or more axes (dense and conv kernels, embedding tables), False for
   biases and norm scales.
@@ -45,13 +71,7 @@ def _kernel_mask(params: Any, stacked: layers_lib.StackSpec = None) -> Any:
     TypeError: naming the path of a leaf that is not an array (an Equinox model
       passed to ``init`` without ``eqx.filter(model, eqx.is_array)``).
   """
-  def check(key_path, p):
-    if not hasattr(p, "ndim"):
-      raise TypeError(
-          f"sngd: the params hold a {type(p).__name__} at "
-          f"{paths.join(paths.leaf_parts(key_path))!r}, not an array: pass only the arrays "
-          "to `init` and `update` (an Equinox model: `eqx.filter(model, eqx.is_array)`)")
-  jax.tree_util.tree_map_with_path(check, params)
+  _check_arrays(params)
   not_decayed = set()
   for spec in layers_lib.discover(params, "linear", stacked, errors={}).values():
     if spec.bias is not None:
@@ -127,11 +147,11 @@ def sngd_momentum(
     An ``optax.GradientTransformationExtraArgs``; pass ``activations=`` to
     ``update``.
   """
-  return optax.chain(
+  return _params_checked(optax.chain(
       _preconditioner(locals()),  # first: locals() holds just the arguments
       optax.add_decayed_weights(weight_decay, mask=_kernel_mask_for(stacked)),
       optax.sgd(learning_rate, momentum=_momentum_or_none(momentum), nesterov=nesterov),
-  )
+  ))
 
 
 def sngd_adam(
@@ -184,7 +204,8 @@ def sngd_adam(
     b2: Adam's second-moment decay.
     eps: Adam's ``eps``.
     weight_decay: decoupled weight decay ``lambda`` on kernels (AdamW), not
-      preconditioned.
+      preconditioned. Defaults to 0, where ``optax.adamw``'s defaults to ``1e-4``;
+      for another mask than kernels, chain ``sngd()`` with ``optax.adamw(..., mask=)``.
     fisher: see ``sngd_jax.sngd``.
     stacked: see ``sngd_jax.sngd``.
     inverse: see ``sngd_jax.sngd``.
@@ -206,11 +227,11 @@ def sngd_adam(
     An ``optax.GradientTransformationExtraArgs``; pass ``activations=`` to
     ``update``.
   """
-  return optax.chain(
+  return _params_checked(optax.chain(
       _preconditioner(locals()),  # first: locals() holds just the arguments
       optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                   mask=_kernel_mask_for(stacked)),
-  )
+  ))
 
 
 def _momentum_or_none(momentum: Any) -> Any:

@@ -314,6 +314,21 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
         f"sngd: `activations=` must be the dict that `sngd_jax.capture` returns (layer path "
         f"-> captured calls), got a {type(activations).__name__}. With `has_aux=True` the "
         "wrapped loss returns `(loss, (aux, acts))`: pass `acts`, not the aux or the pair")
+  if activations is not None:
+    for path in sorted(activations):
+      calls = activations[path]
+      if isinstance(calls, (tuple, list)) and all(
+          hasattr(c, "inputs") and hasattr(c, "kind") for c in calls):
+        continue
+      got = f"value of type {type(calls).__name__}"
+      if isinstance(calls, Mapping):
+        got += f" with keys {sorted(map(str, calls))[:4]}"
+      raise TypeError(
+          f"sngd: `activations=` holds a {got} at {path!r}, not the tuple of captured calls "
+          "that `sngd_jax.capture` records per layer path: were the gradients or the params "
+          "passed as `activations=`? `jax.value_and_grad(sngd_jax.capture(loss_fn), "
+          "has_aux=True)` returns `((loss, acts), grads)` and `jax.grad(sngd_jax.capture("
+          "loss_fn), has_aux=True)` returns `(grads, acts)`: pass that `acts`")
   if set(specs) != set(state_factors):
     missing = sorted(set(state_factors) - set(specs))
     extra = sorted(set(specs) - set(state_factors))

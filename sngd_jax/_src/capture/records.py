@@ -292,8 +292,15 @@ def split_aux(result: Any, has_aux: bool, name: str) -> tuple[Any, Any]:
         f"sngd: the function wrapped by `{name}` returned a {type(result).__name__}"
         f"{_arity(result)}, not a single value. If it returns `(loss, aux)`, write "
         f"`sngd_jax.{name}(loss_fn, has_aux=True)`: it then returns `(loss, (aux, acts))`, so "
-        "`(loss, (aux, acts)), grads = jax.value_and_grad(wrapped, has_aux=True)(...)`.")
+        f"`(loss, (aux, acts)), grads = {_VALUE_AND_GRAD.get(name, 'jax.value_and_grad')}"
+        "(wrapped, has_aux=True)(...)`.")
   return result, None
+
+
+# The differentiation each capture function is used with (docs/training-loops.md): an Equinox
+# model holds non-array leaves (its activation functions) that `jax.value_and_grad` rejects.
+_VALUE_AND_GRAD = {"capture": "jax.value_and_grad", "capture_nnx": "nnx.value_and_grad",
+                   "capture_eqx": "eqx.filter_value_and_grad"}
 
 
 def _arity(result: Any) -> str:
