@@ -132,6 +132,26 @@ def test_linen_gan_without_argnums_is_an_error_naming_the_second_model():
     jax.jit(jax.vmap(grad_fn, in_axes=(None, None, 0, 0)))(pg, pd, z[None], real[None])
 
 
+def test_what_the_error_prevents_the_first_models_rows_in_the_second_optimizer():
+  """What the capture without ``argnums`` used to return for the joint loss: the generator's
+  activations only (the same as its loss captured alone, the discriminator left out). Handed
+  to the discriminator's optimizer, ``update`` accepted them (same paths, same widths), and its
+  factors were the generator's rows: relative Frobenius error 0.94 ('Dense_1') and 1.01
+  ('Dense_0') against the float64 factors of its own rows."""
+  pg, pd, z, real = linen_problem()
+  (_, acts_g), _ = jax.value_and_grad(sngd_jax.capture(gan_loss), has_aux=True)(
+      pg, pd, z, real)
+  tx = sngd_jax.sngd(**EXACT)
+  state = tx.update(jax.tree.map(jnp.zeros_like, pd), tx.init(pd), pd, activations=acts_g)[1]
+  _, rows_d = linen_rows(pg, pd, z, real)
+  errors = {}
+  for path, rows in rows_d.items():
+    got = np.asarray(state.factors[path]) / np.asarray(state.weights[path])
+    want = ref.linear_factor(rows)
+    errors[path] = np.linalg.norm(got - want) / np.linalg.norm(want)
+  np.testing.assert_allclose([errors["Dense_1"], errors["Dense_0"]], [0.94, 1.01], atol=0.01)
+
+
 def test_linen_target_network_not_differentiated_is_still_left_out():
   """The discriminator passed but not differentiated (the generator's own step, a target
   network, under ``jit``): left out as before, without an error or a warning."""
