@@ -396,3 +396,63 @@ def test_sngd_and_adam_on_one_loss_record_both_and_drop_one():
   tx = sngd_jax.sngd(**EXACT)
   assert_trees_close(tx.update(gg, tx.init(pg), pg, activations=acts_g)[0],
                      tx.update(gg, tx.init(pg), pg, activations=alone)[0])
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return x + nn.Dense(8)(nn.relu(nn.Dense(16)(x))), None
+
+
+class Deep(nn.Module):
+  """Two residual blocks under ``nn.scan`` over depth, then a head: both models of the test
+  have the same paths ('ScanBlock_0/Dense_0', 'ScanBlock_0/Dense_1', 'Dense_0')."""
+  out: int
+
+  @nn.compact
+  def __call__(self, x):
+    x, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                   length=2)()(x, None)
+    return nn.Dense(self.out)(x)
+
+
+def test_linen_scanned_models_argnums_and_params_computed_in_the_loss():
+  """Both models scanned over depth: each call is its model's, followed out of the scan (and
+  of the trace Flax makes of the scan's body, whose records are dropped, without a warning): the
+  first block of the generator sees ``z``, the discriminator's sees the generated rows and the
+  real rows; each update equals that of its loss captured alone. A model applied to params
+  computed inside the loss belongs to no argument: left out, with a warning."""
+  gen, disc = Deep(8), Deep(1)
+  z, real = data()
+  pg, pd = gen.init(jax.random.key(1), z)["params"], disc.init(jax.random.key(2), z)["params"]
+
+  def loss(pg, pd, z, real):
+    fake = gen.apply({"params": pg}, z)
+    return (jnp.mean(jax.nn.softplus(-disc.apply({"params": pd}, real)[..., 0]))
+            + jnp.mean(jax.nn.softplus(disc.apply({"params": pd}, fake)[..., 0])))
+
+  grad_fn = jax.value_and_grad(sngd_jax.capture(loss, argnums=(0, 1)), argnums=(0, 1),
+                               has_aux=True)
+  with no_sngd_warnings():
+    (_, (acts_g, acts_d)), (gg, gd) = grad_fn(pg, pd, z, real)
+  first = "ScanBlock_0/Dense_1"
+  assert [c.inputs.shape for c in acts_g[first]] == [(2, 32, 8)]
+  np.testing.assert_allclose(acts_g[first][0].inputs[0], z, rtol=1e-6)
+  fake = gen.apply({"params": pg}, z)
+  np.testing.assert_allclose(np.concatenate([c.inputs[0] for c in acts_d[first]]),
+                             np.concatenate([real, fake]), rtol=1e-5, atol=1e-5)
+  tx = sngd_jax.sngd(**EXACT)
+  (_, alone_g), _ = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(pg, pd, z, real)
+  d_first = lambda pd, pg, z, real: loss(pg, pd, z, real)
+  (_, alone_d), _ = jax.value_and_grad(sngd_jax.capture(d_first), has_aux=True)(
+      pd, pg, z, real)
+  for p, g, acts, alone in ((pg, gg, acts_g, alone_g), (pd, gd, acts_d, alone_d)):
+    assert_trees_close(tx.update(g, tx.init(p), p, activations=acts)[0],
+                       tx.update(g, tx.init(p), p, activations=alone)[0])
+
+  computed = lambda pg, pd, z, real: loss(pg, jax.tree.map(lambda w: 1.0 * w, pd), z, real)
+  with pytest.warns(UserWarning, match=r"left out 3 layer call\(s\).*params computed inside"):
+    (_, (acts_g, acts_d)), _ = jax.value_and_grad(
+        sngd_jax.capture(computed, argnums=(0, 1)), argnums=(0, 1), has_aux=True)(
+            pg, pd, z, real)
+  assert acts_d == {} and sorted(acts_g) == sorted(alone_g)

@@ -178,13 +178,16 @@ class _Models:
     for leaf in leaves:
       if id(leaf) in self.owners:
         return True, self.owners[id(leaf)]
+    # (in a discarded trace, whose params are not followed out, nothing is recorded anyway)
+    noted = not rec.discarding()
     if any(id(leaf) in self.others for leaf in leaves):
       for leaf in leaves:
-        if id(leaf) in self.trained:
+        if id(leaf) in self.trained and noted:
           self.left_out.setdefault(self.trained[id(leaf)], paths.join(module.path))
       return False, None
     if self.owners and leaves:
-      self.unowned[paths.join(module.path)] = None
+      if noted:
+        self.unowned[paths.join(module.path)] = None
       return False, None
     return True, None
 

@@ -802,6 +802,11 @@ class Recorder:
         return None
     return self
 
+  def discarding(self) -> bool:
+    """Whether a record made now is dropped (a trace of a ``DiscardFrame``: the trace of
+    ``nn.scan``'s body outside the scan that Flax makes to check its broadcast variables)."""
+    return self._target() is None
+
   @staticmethod
   def _stop_gradient(target: Union[CellFrame, TransformFrame, Recorder], x: Any) -> Any:
     """``jax.lax.stop_gradient(x)``, one value per array ``x`` in ``target``.
