@@ -456,3 +456,19 @@ def test_linen_scanned_models_argnums_and_params_computed_in_the_loss():
         sngd_jax.capture(computed, argnums=(0, 1)), argnums=(0, 1), has_aux=True)(
             pg, pd, z, real)
   assert acts_d == {} and sorted(acts_g) == sorted(alone_g)
+
+
+def test_arguments_by_keyword_are_captured_as_before_argnums():
+  """A captured function called with keyword arguments only (``wrapped(params=..., x=...)``,
+  and ``wrapped(model=..., x=...)`` for NNX and Equinox, as the one-model signature
+  ``wrapped(model, *args)`` allowed) records the model as before."""
+  z, _ = data()
+  pg = G.init(jax.random.key(1), z)["params"]
+  _, acts = sngd_jax.capture(lambda pg, z: G.apply({"params": pg}, z).sum())(pg=pg, z=z)
+  np.testing.assert_allclose(acts["Dense_1"][0].inputs, z)
+  gen = NnxMLP([8, 16, 8], nnx.Rngs(1))
+  _, acts = sngd_jax.capture_nnx(lambda model, x: model(x).sum())(model=gen, x=z)
+  np.testing.assert_allclose(acts["layers/0"][0].inputs, z)
+  mlp = eqx_mlp([8, 16, 8], jax.random.key(1))
+  _, acts = sngd_jax.capture_eqx(lambda model, x: jax.vmap(model)(x).sum())(model=mlp, x=z)
+  np.testing.assert_allclose(acts["layers/0"][0].inputs, z)

@@ -154,6 +154,8 @@ class _Models:
     weight: the params passed later (``loss(x, params)`` differentiated with ``argnums=1``)
     are the model's, as before ``argnums``.
     """
+    if not args and not several and positions == (0,):
+      return cls()  # all by keyword: nothing is left out, as before `argnums`
     if any(k >= len(args) for k in positions):
       raise ValueError(
           f"sngd: `capture(fn, argnums={positions if several else positions[0]})`: `fn` was "

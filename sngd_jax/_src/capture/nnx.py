@@ -371,12 +371,17 @@ def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool 
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
-    if any(k >= len(args) for k in positions):
+    if not args and not several and positions == (0,) and "model" in kwargs:
+      # `wrapped(model=...)`, which the one-model signature `wrapped(model, *args)` accepted
+      models = (kwargs["model"],)
+      rest = ((), {k: v for k, v in kwargs.items() if k != "model"})
+    elif any(k >= len(args) for k in positions):
       raise ValueError(
           f"sngd: `capture_nnx(fn, argnums={argnums!r})`: `fn` was called with {len(args)} "
           "positional argument(s); the models must be passed positionally.")
-    models = tuple(args[k] for k in positions)
-    rest = (tuple(a for k, a in enumerate(args) if k not in positions), kwargs)
+    else:
+      models = tuple(args[k] for k in positions)
+      rest = (tuple(a for k, a in enumerate(args) if k not in positions), kwargs)
     owner: dict[int, str] = {}
     top: dict[int, tuple[str, ...]] = {}
     for m, model in enumerate(models):  # several models: each one's paths under its part
