@@ -39,9 +39,15 @@ import jax.numpy as jnp
 from sngd_jax._src import layer_spec, paths
 from sngd_jax._src.capture import custom, transforms
 from sngd_jax._src.capture.records import (
+    Argnums,
     Recorder,
     check_captured_function,
+    check_no_trained_left_out,
+    model_part,
+    normalized_argnums,
     split_aux,
+    split_models,
+    trained_with,
     vmapped_by_caller,
 )
 from sngd_jax._src.frames import caller_stacklevel
@@ -142,8 +148,34 @@ def recorders() -> dict[type, Any]:
           nn.GroupNorm: "norm", nn.BatchNorm: "norm", nn.LSTMCell: _cell, nn.GRUCell: _cell}
 
 
+class _Others:
+  """The array leaves of the captured function's other arguments (``frozen``: ``id``s; the
+  frozen half of ``eqx.partition``, a target network), and those of them differentiated
+  together with the model(s) (``trained``: ``id -> position``, ``records.trained_with``),
+  whose layers' left-out calls are noted in ``left_out`` (position -> a layer)."""
+
+  def __init__(self, frozen: frozenset[int] = frozenset(),
+               trained: Optional[dict[int, int]] = None,
+               names: Optional[dict[int, tuple[str, ...]]] = None):
+    self.frozen = frozen
+    self.trained = trained or {}
+    self.names = names or {}  # id(array) -> its path parts in its own argument
+    self.left_out: dict[int, str] = {}
+
+  def left_out_call(self, rec: Recorder, weight: Any, what: str) -> bool:
+    """Whether a call whose weight is not the model's is another argument's (left out)."""
+    outer = rec.outer(weight)
+    position = self.trained.get(id(outer), self.trained.get(id(weight)))
+    if position is not None:
+      parts = self.names.get(id(outer), self.names.get(id(weight)))
+      name = (paths.join(parts[:-1]) if parts is not None
+              else f"{what} (weight {getattr(weight, 'shape', None)})")
+      self.left_out.setdefault(position, name)
+    return id(weight) in self.frozen or id(outer) in self.frozen
+
+
 def _wrap(rec: Recorder, original: Callable, recorder: Any, unnamed: dict[str, None],
-          tables: frozenset[int], frozen: frozenset[int]) -> Callable:
+          tables: frozenset[int], frozen: _Others) -> Callable:
   if recorder == "norm":
     recorder = _norm(original)
 
@@ -155,7 +187,7 @@ def _wrap(rec: Recorder, original: Callable, recorder: Any, unnamed: dict[str, N
     for suffix, weight, x, z, kind, config in recorder(self, *fresh, out):
       roles, parts = rec.trace(weight)
       if parts is None:  # not a weight of the captured model: cannot be named
-        if id(weight) in frozen:
+        if frozen.left_out_call(rec, weight, type(self).__name__):
           continue  # a leaf of another argument (eqx.partition's frozen half): not trained
         unnamed[f"{type(self).__name__} (weight {getattr(weight, 'shape', None)})"] = None
         continue
@@ -170,7 +202,7 @@ def _wrap(rec: Recorder, original: Callable, recorder: Any, unnamed: dict[str, N
   return call
 
 
-def _declared(model: Any) -> dict[tuple[str, ...], tuple[str, Any]]:
+def _declared(model: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], tuple[str, Any]]:
   """``weight path parts -> (class name, DenseDeclaration)`` of the modules of ``model``
   whose class ``sngd_jax.dense_layer`` declared."""
   eqx = _equinox()
@@ -180,11 +212,11 @@ def _declared(model: Any) -> dict[tuple[str, ...], tuple[str, Any]]:
     if is_declared(node):
       decl = layer_spec.declared(type(node))
       assert decl is not None
-      out[paths.leaf_parts(key_path) + (decl.weight,)] = (type(node).__name__, decl)
+      out[prefix + paths.leaf_parts(key_path) + (decl.weight,)] = (type(node).__name__, decl)
   return out
 
 
-def _custom_dense(rec: Recorder, unnamed: dict[str, None], frozen: frozenset[int],
+def _custom_dense(rec: Recorder, unnamed: dict[str, None], frozen: _Others,
                   declared: dict[tuple[str, ...], tuple[str, Any]], calls: list[Any], x, y,
                   kernel, bias, layout: str) -> None:
   """Records a ``sngd_jax.dense`` call as the declared module whose weight is ``kernel``
@@ -203,7 +235,7 @@ def _custom_dense(rec: Recorder, unnamed: dict[str, None], frozen: frozenset[int
     if weight is not None:
       roles, parts = rec.trace(weight)
   if parts is None:
-    if id(kernel) not in frozen:
+    if not frozen.left_out_call(rec, kernel, "sngd_jax.dense"):
       unnamed[f"sngd_jax.dense (kernel {getattr(kernel, 'shape', None)})"] = None
     return
   path = paths.join(parts[:-1])
@@ -233,13 +265,13 @@ def _custom_dense(rec: Recorder, unnamed: dict[str, None], frozen: frozenset[int
 
 @contextlib.contextmanager
 def _layer_calls(rec: Recorder, unnamed: dict[str, None], tables: frozenset[int],
-                 frozen: frozenset[int]) -> Iterator[None]:
+                 frozen: _Others) -> Iterator[None]:
   """Swaps each recorded class's ``__call__`` for a recording one, restoring it after.
 
   ``unnamed`` collects the calls whose weight is not a leaf of the captured model, except
-  those whose weight is in ``frozen`` (the ``id`` of each array leaf of the captured
-  function's other arguments: the frozen half of ``eqx.partition``), which are left out
-  silently; ``tables`` holds the ``id`` of each ``Embedding`` table of the model.
+  those whose weight is a leaf of the captured function's other arguments (``frozen``: the
+  frozen half of ``eqx.partition``), which are left out silently; ``tables`` holds the
+  ``id`` of each ``Embedding`` table of the model.
   """
   originals = {cls: cls.__dict__["__call__"] for cls in recorders()}
   try:
@@ -285,9 +317,9 @@ def _declared_calls(model: Any, calls: list[Any]) -> Iterator[None]:
       cls.__call__ = original
 
 
-def _leaf_paths(tree: Any) -> dict[int, tuple[str, ...]]:
+def _leaf_paths(tree: Any, prefix: tuple[str, ...] = ()) -> dict[int, tuple[str, ...]]:
   """``id(array) -> path parts`` of the array leaves of ``tree``."""
-  return {id(leaf): paths.leaf_parts(key_path)
+  return {id(leaf): prefix + paths.leaf_parts(key_path)
           for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
           if isinstance(leaf, jax.Array)}
 
@@ -300,8 +332,8 @@ def _tables(model: Any) -> frozenset[int]:
       if isinstance(node, embedding))
 
 
-def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False,
-                outputs: bool = False) -> Callable[..., Any]:
+def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool = False,
+                argnums: Argnums = 0) -> Callable[..., Any]:
   """Wraps ``fn(model, *args)`` so it also returns the activations of ``model``'s layers.
 
   Examples:
@@ -320,11 +352,26 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False,
   ``jax.lax.scan`` (recurrent cells, stacked layers) or ``jax.checkpoint`` are
   recorded with every row.
 
+  Two models, two optimizers (``loss_fn(generator, discriminator, z, x)``): differentiate
+  the pair, as ``eqx.filter_value_and_grad`` differentiates its first argument only:
+
+  ```python
+  loss_and_acts = sngd_jax.capture_eqx(loss_fn, argnums=(0, 1))
+  (loss, (acts_g, acts_d)), (grads_g, grads_d) = eqx.filter_value_and_grad(
+      lambda pair, z, x: loss_and_acts(*pair, z, x), has_aux=True)((generator, discriminator), z, x)
+  ```
+
   Args:
     fn: a function whose first argument is the Equinox model (any pytree
-      holding the layers).
+      holding the layers). The layers of a model passed as another argument (the frozen
+      half of ``eqx.partition``, a target network) are left out; one differentiated together
+      with the model is an error that names it.
     has_aux: as in ``sngd_jax.capture``.
     outputs: as in ``sngd_jax.capture``.
+    argnums: the position of the model (0), or a tuple of positions of several models
+      trained by one loss with one optimizer each: the wrapped function then returns one
+      activations per model, in that order, keyed by each model's own paths, as
+      ``sngd_jax.capture(fn, argnums=...)``.
 
   Returns:
     A function with ``fn``'s signature returning ``(fn(...), activations)``,
@@ -332,22 +379,49 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False,
 
   Raises:
     TypeError: when ``fn`` is a model or not callable, saying what to write.
+    ValueError: when the wrapped function is called with an argument left out that is
+      differentiated together with the recorded model(s), naming it and ``argnums``.
   """
 
   _equinox()
   check_captured_function(fn, "capture_eqx")
+  positions = normalized_argnums(argnums, "capture_eqx")
+  several = isinstance(argnums, tuple)
 
   @functools.wraps(fn)
-  def wrapped(model, *args, **kwargs):
-    rec = Recorder(_leaf_paths(model), outputs)
+  def wrapped(*args, **kwargs):
+    if not args and not several and positions == (0,) and "model" in kwargs:
+      # `wrapped(model=...)`, which the one-model signature `wrapped(model, *args)` accepted
+      models = (kwargs["model"],)
+      rest = ((), {k: v for k, v in kwargs.items() if k != "model"})
+    elif any(k >= len(args) for k in positions):
+      raise ValueError(
+          f"sngd: `capture_eqx(fn, argnums={argnums!r})`: `fn` was called with {len(args)} "
+          "positional argument(s); the models must be passed positionally.")
+    else:
+      models = tuple(args[k] for k in positions)
+      rest = (tuple(a for k, a in enumerate(args) if k not in positions), kwargs)
+    top: dict[int, tuple[str, ...]] = {}
+    declared: dict[tuple[str, ...], tuple[str, Any]] = {}
+    for m, model in enumerate(models):  # several models: each one's paths under its part
+      prefix = (model_part(m),) if several else ()
+      top.update(_leaf_paths(model, prefix))
+      declared.update(_declared(model, prefix))
+    rec = Recorder(top, outputs)
     unnamed: dict[str, None] = {}
-    frozen = frozenset(_leaf_paths((args, kwargs))) - frozenset(_leaf_paths(model))
+    frozen = _Others(
+        frozenset(_leaf_paths(rest)) - frozenset(top),
+        trained_with(jax.tree.leaves(models),
+                     ((k, leaf) for k, arg in enumerate(args) if k not in positions
+                      for leaf in jax.tree.leaves(arg))),
+        {i: parts for k, arg in enumerate(args) if k not in positions
+         for i, parts in _leaf_paths(arg).items()})
     calls: list[Any] = []
-    rec.custom_dense = functools.partial(_custom_dense, rec, unnamed, frozen, _declared(model),
-                                         calls)
-    with (transforms.recording(rec), _layer_calls(rec, unnamed, _tables(model), frozen),
-          _declared_calls(model, calls)):
-      result = fn(model, *args, **kwargs)
+    rec.custom_dense = functools.partial(_custom_dense, rec, unnamed, frozen, declared, calls)
+    with (transforms.recording(rec), _layer_calls(rec, unnamed, _tables(models), frozen),
+          _declared_calls(models, calls)):
+      result = fn(*args, **kwargs)
+    check_no_trained_left_out(frozen.left_out, fn, "capture_eqx", positions)
     value, aux = split_aux(result, has_aux, "capture_eqx")
     if unnamed:
       warnings.warn(
@@ -364,7 +438,9 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False,
           "are harmless here, `update` never sees them: pass that half to the loss as an "
           "argument, `loss(trained, frozen, x)`, and capture leaves them out silently.)",
           stacklevel=caller_stacklevel())
-    acts = vmapped_by_caller(rec.freeze(), (args, kwargs))
+    acts = vmapped_by_caller(rec.freeze(), rest)
+    if several:
+      acts = split_models(acts, len(positions))
     return (value, (aux, acts)) if has_aux else (value, acts)
 
   return wrapped

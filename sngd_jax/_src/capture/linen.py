@@ -40,14 +40,21 @@ import jax
 from sngd_jax._src import paths
 from sngd_jax._src.capture import custom, flax_patches, tables, transforms
 from sngd_jax._src.capture.records import (
+  Argnums,
   Recorder,
   StepRecords,
   check_captured_function,
+  check_no_trained_left_out,
   check_not_other_models,
+  model_path,
+  normalized_argnums,
   rnn_batched,
   rnn_step_order,
   rnn_time_axis,
+  shown,
   split_aux,
+  split_models,
+  trained_with,
   untag,
   vmapped_by_caller,
 )
@@ -81,7 +88,7 @@ def _warn_other_weights(seen: dict[str, dict[int, Any]]) -> None:
       # No copy of one model: layers of two models that have the same path (each `apply`
       # names its layers from its own root).
       warnings.warn(
-          f"sngd: layer {path!r} was called with weights of different shapes "
+          f"sngd: layer {shown(path)} was called with weights of different shapes "
           f"({', '.join(map(str, shapes))}) inside the captured function: these are layers of "
           "two different models that have the same path (linen names a layer by its path in "
           "the module passed to `apply`, so a GAN's generator and discriminator, or a frozen "
@@ -98,7 +105,7 @@ def _warn_other_weights(seen: dict[str, dict[int, Any]]) -> None:
           stacklevel=caller_stacklevel())
       continue
     warnings.warn(
-        f"sngd: layer {path!r} was called with {len(weights)} different weight arrays "
+        f"sngd: layer {shown(path)} was called with {len(weights)} different weight arrays "
         "inside the captured function (a teacher or EMA copy of the model, the model "
         "applied to other params, or another model whose layers have the same paths); the "
         "inputs of all its calls are pooled into its local Fisher, as for shared weights. To "
@@ -109,32 +116,93 @@ def _warn_other_weights(seen: dict[str, dict[int, Any]]) -> None:
         stacklevel=caller_stacklevel())
 
 
-def _other_arguments(args: tuple, kwargs: dict) -> frozenset[int]:
-  """``id`` of each array leaf of the captured function's arguments after the first that is
-  not a leaf of the first: the weights of another model passed to the loss (a DQN's target
-  network, a teacher, the critic an actor's loss runs through, a frozen backbone).
-
-  Empty when the first argument holds no layer weight (no leaf named ``kernel``,
-  ``embedding`` or ``scale``): the params passed later (``loss(x, params)`` differentiated
-  with ``argnums=1``) are the model's, as before.
-  """
-  if not args:
-    return frozenset()
-  first = jax.tree_util.tree_flatten_with_path(args[0])[0]
+def _has_layer_weights(tree: Any) -> bool:
+  """Whether ``tree`` has a leaf named ``kernel``, ``embedding`` or ``scale`` (layer params)."""
   names = {"kernel", *tables.WEIGHT_NAMES.values()}
-  if not any(paths.leaf_parts(key_path)[-1:] in {(name,) for name in names}
-             for key_path, _ in first):
-    return frozenset()
-  return (frozenset(id(leaf) for leaf in jax.tree.leaves((args[1:], kwargs)))
-          - frozenset(id(leaf) for _, leaf in first))
+  return any(paths.leaf_parts(key_path)[-1:] in {(name,) for name in names}
+             for key_path, _ in jax.tree_util.tree_flatten_with_path(tree)[0])
 
 
-def _of_other_argument(rec: Recorder, module: nn.Module, others: frozenset[int]) -> bool:
-  """Whether ``module`` reads its params from another argument of the captured function,
-  followed out through the transforms it runs in (a slice of stacked params under
-  ``nn.scan`` is the stack's)."""
-  return bool(others) and any(id(rec.outer(leaf)) in others
-                              for leaf in jax.tree.leaves(module.variables.get("params", {})))
+@dataclasses.dataclass
+class _Models:
+  """Which argument of the captured function each layer call's params come from.
+
+  Attributes:
+    owners: ``id(leaf) -> m`` for the array leaves of the ``m``-th model of ``argnums``; empty
+      for one model (the default ``argnums=0``), whose records keep their plain paths.
+    others: ``id`` of each array leaf of the other arguments (a DQN's target network, a
+      teacher, the critic an actor's loss runs through, a frozen backbone): their calls are
+      left out.
+    trained: ``id(leaf) -> position`` of the leaves of other arguments differentiated
+      together with the models (``records.trained_with``): leaving their calls out is an
+      error (``left_out``: position -> a layer path).
+    unowned: in several models' capture, layer calls whose params are no argument's leaves
+      (computed in the loss or closed over): left out, with a warning.
+  """
+
+  owners: dict[int, int] = dataclasses.field(default_factory=dict)
+  others: frozenset[int] = frozenset()
+  trained: dict[int, int] = dataclasses.field(default_factory=dict)
+  left_out: dict[int, str] = dataclasses.field(default_factory=dict)
+  unowned: dict[str, None] = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def of(cls, args: tuple, kwargs: dict, positions: tuple[int, ...], several: bool) -> _Models:
+    """The routing for ``fn(*args, **kwargs)`` whose models are ``args[k]``, ``k`` in
+    ``positions`` (``several``: a tuple ``argnums``, one activations per model).
+
+    With one model at position 0, no other argument is left out when the first holds no layer
+    weight: the params passed later (``loss(x, params)`` differentiated with ``argnums=1``)
+    are the model's, as before ``argnums``.
+    """
+    if not args and not several and positions == (0,):
+      return cls()  # all by keyword: nothing is left out, as before `argnums`
+    if any(k >= len(args) for k in positions):
+      raise ValueError(
+          f"sngd: `capture(fn, argnums={positions if several else positions[0]})`: `fn` was "
+          f"called with {len(args)} positional argument(s); the models must be passed "
+          "positionally.")
+    models = tuple(args[k] for k in positions)
+    if not several and positions == (0,) and not _has_layer_weights(models):
+      return cls()
+    owners = {id(leaf): m for m, model in enumerate(models) for leaf in jax.tree.leaves(model)}
+    rest = (tuple(a for k, a in enumerate(args) if k not in positions), kwargs)
+    others = frozenset(id(leaf) for leaf in jax.tree.leaves(rest)) - frozenset(owners)
+    trained = trained_with(jax.tree.leaves(models),
+                           ((k, leaf) for k, arg in enumerate(args) if k not in positions
+                            for leaf in jax.tree.leaves(arg)))
+    return cls(owners if several else {}, others, trained)
+
+  def route(self, rec: Recorder, module: nn.Module) -> tuple[bool, Optional[int]]:
+    """``(recorded, m)`` for a call of ``module``: whether it is recorded, and the number of
+    its model (None for one model), its params followed out through the transforms it runs
+    in (a slice of stacked params under ``nn.scan`` is the stack's)."""
+    leaves = [rec.outer(leaf) for leaf in jax.tree.leaves(module.variables.get("params", {}))]
+    for leaf in leaves:
+      if id(leaf) in self.owners:
+        return True, self.owners[id(leaf)]
+    # (in a discarded trace, whose params are not followed out, nothing is recorded anyway)
+    noted = not rec.discarding()
+    if any(id(leaf) in self.others for leaf in leaves):
+      for leaf in leaves:
+        if id(leaf) in self.trained and noted:
+          self.left_out.setdefault(self.trained[id(leaf)], paths.join(module.path))
+      return False, None
+    if self.owners and leaves:
+      if noted:
+        self.unowned[paths.join(module.path)] = None
+      return False, None
+    return True, None
+
+  def warn_unowned(self) -> None:
+    if self.unowned:
+      warnings.warn(
+          f"sngd: capture(fn, argnums=...) left out {len(self.unowned)} layer call(s) "
+          f"({', '.join(map(repr, self.unowned))}) whose params are leaves of none of `fn`'s "
+          "arguments (params computed inside the loss, or a model the loss closes over), so "
+          "they cannot be given to one model; `update` reports their layers as not captured. "
+          "Pass each model's params to `fn` as they are and apply them there.",
+          stacklevel=caller_stacklevel())
 
 
 def _rnn_call(rec: Recorder, module: nn.RNN, next_fun, args, kwargs, keep: bool = True):
@@ -164,15 +232,16 @@ def _cell_call(rec: Recorder, next_fun, args, kwargs):
   return (carry, StepRecords(y, frame.records)) if frame.records else (carry, y)
 
 
-def _norm_call(rec: Recorder, seen, module, next_fun, args, kwargs, keep: bool = True):
+def _norm_call(rec: Recorder, seen, module, next_fun, args, kwargs, keep: bool = True,
+               model: Optional[int] = None):
   """Runs a normalization layer and records ``xhat`` (from the patched routine) unless
-  ``keep`` is False."""
+  ``keep`` is False (under the ``model``-th model's paths, ``model_path``)."""
   with rec.norm() as slot:
     out = next_fun(*args, **kwargs)
   if slot and module.use_scale and keep:
     xhat, feature_axes = slot[0]
     xhat, z, config = tables.norm_record(xhat, out, feature_axes)
-    path, weight = paths.join(module.path), _weight(module)
+    path, weight = model_path(model, paths.join(module.path)), _weight(module)
     _note_weight(rec, seen, path, weight)
     rec.add(path, xhat, z, "norm", config, weight=weight)
   return out
@@ -213,13 +282,13 @@ class _Calls:
 
 
 def _custom_dense(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
-                  others: frozenset[int], x, y, kernel, bias, layout: str) -> None:
+                  models: _Models, x, y, kernel, bias, layout: str) -> None:
   """Records a ``sngd_jax.dense`` call as the linen module running it (its ``Dense``).
 
   Inside a recorded layer's own call (a subclass of ``nn.Dense`` whose ``__call__`` uses
   ``sngd_jax.dense``), this record is the call's: the interceptor then records nothing more
   (``calls.open_calls``, as for ``super().__call__``). A module whose params are another
-  argument's (``others``) is left out, as the interceptor leaves it out.
+  argument's is left out, as the interceptor leaves it out (``models``).
   """
   module = calls.modules[-1] if calls.modules else None
   if module is None:
@@ -227,7 +296,8 @@ def _custom_dense(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
         "sngd_jax.dense was called inside `sngd_jax.capture` but outside the methods of a "
         "linen module, so it cannot be named: call it in the `__call__` (or another method) "
         "of the module whose params are its kernel and bias")
-  if _of_other_argument(rec, module, others):  # a target network, a teacher: left out
+  recorded, model = models.route(rec, module)
+  if not recorded:  # a target network, a teacher: left out
     return
   path = paths.join(module.path)
   params = module.variables.get("params", {})
@@ -249,6 +319,7 @@ def _custom_dense(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
         "returned (cast or not), from the module that holds them")
   custom.check(path, "linen", custom.FLAX_DENSE, kernel_name, bias_name, layout)
   x, y = tables.one_example(x, y, 0)
+  path = model_path(model, path)
   _note_weight(rec, seen, path, kernel)
   rec.add(path, x, y, "dense", (), weight=kernel)
   flags = calls.open_calls.get((id(module), "__call__"))
@@ -257,11 +328,12 @@ def _custom_dense(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
 
 
 def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
-                 others: frozenset[int]):
+                 models: _Models):
   """The ``nn.intercept_methods`` hook that records supported layer calls.
 
-  A call whose params are leaves of another argument of the captured function
-  (``others``: a target network, a teacher) runs unrecorded.
+  A call whose params are leaves of another argument of the captured function (a target
+  network, a teacher) runs unrecorded; with several models, each call is recorded under its
+  model's paths (``models``).
 
   A subclass of a recorded layer whose ``__call__`` (or ``attend``) calls the base
   class's through ``super()`` (``super().__call__(f(x))``) is intercepted twice on the
@@ -283,16 +355,18 @@ def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
   def dispatch(next_fun, args, kwargs, context):
     module, method = context.module, context.method_name
     if method == "__call__" and isinstance(module, nn.RNN) and args:
-      return _rnn_call(rec, module, next_fun, args, kwargs,
-                       keep=not _of_other_argument(rec, module, others))
+      return _rnn_call(rec, module, next_fun, args, kwargs, keep=models.route(rec, module)[0])
     if method == "__call__" and isinstance(module, nn.RNNCellBase) and rec.rnn_frame():
       return _cell_call(rec, next_fun, args, kwargs)
     if method == "__call__" and isinstance(module, tables.NORMS):
-      return _norm_call(rec, seen, module, next_fun, args, kwargs,
-                        keep=not _of_other_argument(rec, module, others))
+      keep, model = models.route(rec, module)
+      return _norm_call(rec, seen, module, next_fun, args, kwargs, keep, model)
     attend = method == "attend" and isinstance(module, nn.Embed)
     recorder = tables.lookup(module) if method == "__call__" else None
-    if not args or not (attend or recorder is not None) or _of_other_argument(rec, module, others):
+    if not args or not (attend or recorder is not None):
+      return next_fun(*args, **kwargs)
+    keep, model = models.route(rec, module)
+    if not keep:
       return next_fun(*args, **kwargs)
     flags = open_calls.setdefault((id(module), method), [])
     flags.append(False)
@@ -310,7 +384,7 @@ def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
       assert recorder is not None
       recorded = recorder(module, args, kwargs, out)
     if recorded is not None:
-      path, weight = paths.join(module.path), _weight(module)
+      path, weight = model_path(model, paths.join(module.path)), _weight(module)
       _note_weight(rec, seen, path, weight)
       rec.add(path, *recorded, weight=weight)
       if flags:
@@ -320,8 +394,8 @@ def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
   return intercept
 
 
-def capture(fn: Callable[..., Any], *, has_aux: bool = False,
-            outputs: bool = False) -> Callable[..., Any]:
+def capture(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool = False,
+            argnums: Argnums = 0) -> Callable[..., Any]:
   """Wraps a function that applies Flax linen modules so it also returns activations.
 
   Examples:
@@ -329,6 +403,14 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False,
     loss_and_acts = sngd_jax.capture(loss_fn)
     (loss, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(params, x, y)
     updates, opt_state = tx.update(grads, opt_state, params, activations=acts)
+    ```
+
+    Two models, two optimizers (a GAN's ``loss(g_params, d_params, z, x)``):
+
+    ```python
+    loss_and_acts = sngd_jax.capture(loss, argnums=(0, 1))
+    (loss, (acts_g, acts_d)), (grads_g, grads_d) = jax.value_and_grad(
+        loss_and_acts, argnums=(0, 1), has_aux=True)(g_params, d_params, z, x)
     ```
 
   Args:
@@ -340,7 +422,9 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False,
       holds layer weights (a leaf named ``kernel``, ``embedding`` or ``scale``).
       Those are left out, as ``capture_nnx`` and ``capture_eqx`` leave out a model
       passed as another argument. Calls with other weights that ``fn`` closes over
-      are pooled into the layer's factor, with a warning.
+      are pooled into the layer's factor, with a warning. A left-out argument that is
+      differentiated together with the model (one ``jax.grad(..., argnums=(0, 1))``, a
+      second trained model) is an error that names it: pass ``argnums``.
     has_aux: set when ``fn`` already returns ``(value, aux)``; the wrapped
       function then returns ``(value, (aux, activations))`` so that it still
       fits ``jax.value_and_grad(..., has_aux=True)``.
@@ -351,6 +435,15 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False,
       (gradients and the update jitted separately) carry the layer inputs
       only; in one jitted step it makes no difference either way (what the
       update does not read is not computed).
+    argnums: the position of the model's params among ``fn``'s arguments (0), or a tuple
+      of positions of several models trained by one loss with one optimizer each (a GAN's
+      generator and discriminator, an actor and a critic, differentiated with
+      ``jax.grad(..., argnums=(0, 1))``). With a tuple, the wrapped function returns one
+      activations per model, in that order, each keyed by that model's own layer paths:
+      ``(value, (acts_0, acts_1))`` (``(value, (aux, (acts_0, acts_1)))`` with
+      ``has_aux``); pass each optimizer its own. A call is the model's whose params it
+      reads; calls with params of no listed argument are left out (with a warning when they
+      are no argument's leaves).
 
   Returns:
     A function with ``fn``'s signature returning ``(fn(...), activations)``.
@@ -358,24 +451,32 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False,
   Raises:
     TypeError: when ``fn`` is a model (a linen Module, which cannot be called unbound; an NNX
       or Equinox model) or not callable, saying what to write.
+    ValueError: when the wrapped function is called with an argument left out that is
+      differentiated together with the recorded model(s), naming it and ``argnums``.
   """
   check_captured_function(fn, "capture")
+  positions = normalized_argnums(argnums, "capture")
+  several = isinstance(argnums, tuple)
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
     rec = Recorder(outputs=outputs)
     seen: dict[str, dict[int, Any]] = {}
     calls = _Calls()
-    others = _other_arguments(args, kwargs)
-    rec.custom_dense = functools.partial(_custom_dense, rec, seen, calls, others)
+    models = _Models.of(args, kwargs, positions, several)
+    rec.custom_dense = functools.partial(_custom_dense, rec, seen, calls, models)
     with (transforms.recording(rec), flax_patches.linen_normalize(rec),
-          nn.intercept_methods(_interceptor(rec, seen, calls, others))):
+          nn.intercept_methods(_interceptor(rec, seen, calls, models))):
       result = fn(*args, **kwargs)
+    check_no_trained_left_out(models.left_out, fn, "capture", positions)
     _warn_other_weights(seen)
+    models.warn_unowned()
     value, aux = split_aux(result, has_aux, "capture")
     acts = vmapped_by_caller(rec.freeze(), (args, kwargs))
     if not acts:
       check_not_other_models(args)
+    if several:
+      acts = split_models(acts, len(positions))
     return (value, (aux, acts)) if has_aux else (value, acts)
 
   return wrapped

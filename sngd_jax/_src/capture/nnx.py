@@ -29,13 +29,19 @@ from flax import nnx
 from sngd_jax._src import paths
 from sngd_jax._src.capture import custom, flax_patches, tables, transforms
 from sngd_jax._src.capture.records import (
+  Argnums,
   Recorder,
   StepRecords,
   check_captured_function,
+  check_no_trained_left_out,
+  model_part,
+  normalized_argnums,
   rnn_batched,
   rnn_step_order,
   rnn_time_axis,
   split_aux,
+  split_models,
+  trained_with,
   untag,
   vmapped_by_caller,
 )
@@ -62,10 +68,15 @@ def _weight(module: Any) -> Any:
   return None if variable is None else _value(variable)
 
 
-def _param_leaves(root: Any) -> dict[int, tuple[str, ...]]:
+def _param_leaves(root: Any, prefix: tuple[str, ...] = ()) -> dict[int, tuple[str, ...]]:
   """``id(array) -> path parts`` of every Variable in ``root``'s graph."""
-  return {id(_value(node)): tuple(str(p) for p in path)
+  return {id(_value(node)): prefix + tuple(str(p) for p in path)
           for path, node in nnx.iter_graph(root) if isinstance(node, nnx.Variable)}
+
+
+def _arrays(root: Any) -> list[Any]:
+  """The array of every Variable in ``root``'s graph."""
+  return [_value(node) for _, node in nnx.iter_graph(root) if isinstance(node, nnx.Variable)]
 
 
 class _NNXRecorder(Recorder):
@@ -73,13 +84,21 @@ class _NNXRecorder(Recorder):
   or by their weight (the copies made by ``nnx.scan``, ``nnx.vmap``, ``nnx.remat``)."""
 
   def __init__(self, owner_paths: dict[int, str], top: dict[int, tuple[str, ...]],
-               outputs: bool = False, others: frozenset[int] = frozenset()):
+               outputs: bool = False, others: frozenset[int] = frozenset(),
+               trained: Optional[dict[int, int]] = None,
+               other_paths: Optional[dict[int, str]] = None):
     super().__init__(top, outputs)
     self.owner_paths = owner_paths
     # ids of the layers, and of their arrays, of the captured function's other arguments (a
     # DQN's target network, a teacher, a critic the actor's loss runs through): not trained
     # by the optimizer of the model, left out without a warning
     self.others = others
+    # id(array) -> position of the other arguments' arrays differentiated together with the
+    # model(s) (`records.trained_with`): leaving their layers out is an error (`left_out`:
+    # position -> a layer)
+    self.trained = trained or {}
+    self.other_paths = other_paths or {}  # id(layer) -> its path in its own argument
+    self.left_out: dict[int, str] = {}
     self.local_paths: list[dict[int, str]] = []
     self.unnamed: dict[str, None] = {}  # layer calls that could not be named (ordered set)
     # id(base layer) -> its calls inside a LoRA call, recorded by the LoRA wrapper (`_lora_call`)
@@ -101,6 +120,9 @@ class _NNXRecorder(Recorder):
     path = self.path_of(module)
     if path is None and parts is not None:
       path = paths.join(parts[:-1])
+    if path is None:
+      self.note_left_out(weight, self.other_paths.get(
+          id(module), f"{type(module).__name__} (weight {getattr(weight, 'shape', None)})"))
     if (path is None and id(module) not in self.others
         and id(self.outer(weight)) not in self.others):
       self.unnamed[f"{type(module).__name__} (weight {getattr(weight, 'shape', None)})"] = None
@@ -117,12 +139,20 @@ class _NNXRecorder(Recorder):
     array = _value(variable)
     return array if custom.cast_of(passed, array) else None
 
+  def note_left_out(self, weight: Any, layer: str) -> None:
+    """Notes a left-out call of ``layer`` whose weight is differentiated together with the
+    model(s)."""
+    position = self.trained.get(id(self.outer(weight)))
+    if position is not None:
+      self.left_out.setdefault(position, layer)
+
   def record_dense(self, x, y, kernel, bias, layout: str) -> None:
     """Records a ``sngd_jax.dense`` call as the layer whose Variables its kernel and bias
     are (its path in the model, followed out through the transforms)."""
     roles, parts = self.trace(kernel)
     array = _value(kernel) if isinstance(kernel, nnx.Variable) else kernel
     if parts is None and id(self.outer(array)) in self.others:
+      self.note_left_out(array, f"sngd_jax.dense (kernel {getattr(array, 'shape', None)})")
       return  # another argument's layer (a target network, a teacher): left out
     if parts is None:  # kernel.astype(...): the kernel of the module whose call runs
       own = self._own(custom.FLAX_DENSE.weight, kernel)
@@ -348,8 +378,8 @@ def _wrappers(rec: _NNXRecorder, cells: tuple[type, ...],
   return wrappers
 
 
-def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False,
-                outputs: bool = False) -> Callable[..., Any]:
+def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool = False,
+                argnums: Argnums = 0) -> Callable[..., Any]:
   """Wraps ``fn(model, *args)`` so it also returns the activations of ``model``'s layers.
 
   Examples:
@@ -359,10 +389,24 @@ def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False,
     optimizer.update(model, grads, activations=acts)
     ```
 
+    Two models, two ``nnx.Optimizer``s (``loss_fn(generator, discriminator, z, x)``):
+
+    ```python
+    loss_and_acts = sngd_jax.capture_nnx(loss_fn, argnums=(0, 1))
+    (loss, (acts_g, acts_d)), (grads_g, grads_d) = nnx.value_and_grad(
+        loss_and_acts, argnums=(0, 1), has_aux=True)(generator, discriminator, z, x)
+    ```
+
   Args:
-    fn: a function whose first argument is an ``nnx.Module``.
+    fn: a function whose first argument is an ``nnx.Module``. The layers of a module passed
+      as another argument (a target network, a teacher) are left out; one differentiated
+      together with the model (``nnx.grad(..., argnums=(0, 1))``) is an error that names it.
     has_aux: as in ``sngd_jax.capture``.
     outputs: as in ``sngd_jax.capture``.
+    argnums: the position of the model (0), or a tuple of positions of several models
+      trained by one loss with one optimizer each: the wrapped function then returns one
+      activations per model, in that order, keyed by each model's own paths, as
+      ``sngd_jax.capture(fn, argnums=...)``.
 
   Returns:
     A function with ``fn``'s signature returning ``(fn(...), activations)``,
@@ -370,25 +414,54 @@ def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False,
 
   Raises:
     TypeError: when ``fn`` is a model or not callable, saying what to write.
+    ValueError: when the wrapped function is called with an argument left out that is
+      differentiated together with the recorded model(s), naming it and ``argnums``.
   """
   check_captured_function(fn, "capture_nnx")
+  positions = normalized_argnums(argnums, "capture_nnx")
+  several = isinstance(argnums, tuple)
 
   @functools.wraps(fn)
-  def wrapped(model, *args, **kwargs):
-    owner, top = _graph_paths(model), _param_leaves(model)
-    others = frozenset()
+  def wrapped(*args, **kwargs):
+    if not args and not several and positions == (0,) and "model" in kwargs:
+      # `wrapped(model=...)`, which the one-model signature `wrapped(model, *args)` accepted
+      models = (kwargs["model"],)
+      rest = ((), {k: v for k, v in kwargs.items() if k != "model"})
+    elif any(k >= len(args) for k in positions):
+      raise ValueError(
+          f"sngd: `capture_nnx(fn, argnums={argnums!r})`: `fn` was called with {len(args)} "
+          "positional argument(s); the models must be passed positionally.")
+    else:
+      models = tuple(args[k] for k in positions)
+      rest = (tuple(a for k, a in enumerate(args) if k not in positions), kwargs)
+    owner: dict[int, str] = {}
+    top: dict[int, tuple[str, ...]] = {}
+    for m, model in enumerate(models):  # several models: each one's paths under its part
+      prefix = (model_part(m),) if several else ()
+      owner.update(_graph_paths(model, prefix))
+      top.update(_param_leaves(model, prefix))
+    others, trained, other_paths = frozenset(), {}, {}
     if owner or top:  # (a model passed later, `argnums=1`, is the mistake the warning names)
-      others = (frozenset(_graph_paths((args, kwargs))) | frozenset(_param_leaves((args, kwargs)))
+      others = (frozenset(_graph_paths(rest)) | frozenset(_param_leaves(rest))
                 ) - frozenset(owner) - frozenset(top)
-    rec = _NNXRecorder(owner, top, outputs, others)
+      trained = trained_with([a for model in models for a in _arrays(model)],
+                             ((k, a) for k, arg in enumerate(args) if k not in positions
+                              for a in _arrays(arg)))
+      if trained:
+        other_paths = {i: path for k, arg in enumerate(args) if k not in positions
+                       for i, path in _graph_paths(arg).items()}
+    rec = _NNXRecorder(owner, top, outputs, others, trained, other_paths)
     rec.custom_dense = rec.record_dense
-    cells = tuple({type(node.cell) for _, node in nnx.iter_graph(model)
+    cells = tuple({type(node.cell) for _, node in nnx.iter_graph(models)
                    if isinstance(node, nnx.RNN)} | set(tables.NNX_CELLS))
     with (transforms.recording(rec), flax_patches.nnx_normalize(rec),
-          flax_patches.nnx_methods(_wrappers(rec, cells, _hand_written(model)))):
-      result = fn(model, *args, **kwargs)
+          flax_patches.nnx_methods(_wrappers(rec, cells, _hand_written(models)))):
+      result = fn(*args, **kwargs)
+    check_no_trained_left_out(rec.left_out, fn, "capture_nnx", positions)
     value, aux = split_aux(result, has_aux, "capture_nnx")
-    acts = vmapped_by_caller(rec.freeze(), (args, kwargs))
+    acts = vmapped_by_caller(rec.freeze(), rest)
+    if several:
+      acts = split_models(acts, len(positions))
     return (value, (aux, acts)) if has_aux else (value, acts)
 
   return wrapped

@@ -39,10 +39,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import sys
 import warnings
 import weakref
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import flax.struct
 import jax
@@ -189,6 +190,129 @@ def vmapped_by_caller(activations: Activations, batch: Any) -> Activations:
     return activations
   return {p: tuple(dataclasses.replace(c, vmapped=True) for c in calls)
           for p, calls in activations.items()}
+
+
+# ---------------------------------------------------------------------------
+# Several models in one captured function (``argnums``).
+
+Argnums = Union[int, tuple[int, ...]]
+
+_MODEL = "\x00"  # the first path part of a record of model ``m``: ``"\x00m"`` (no layer's)
+
+
+def normalized_argnums(argnums: Any, name: str) -> tuple[int, ...]:
+  """The positions of the captured function's models, from ``argnums`` (an int, or a tuple of
+  distinct non-negative ints), or a ``TypeError``/``ValueError`` naming ``name``."""
+  numbers = (argnums,) if isinstance(argnums, int) else argnums
+  if (not isinstance(numbers, tuple) or not numbers
+      or not all(isinstance(k, int) and not isinstance(k, bool) for k in numbers)):
+    raise TypeError(
+        f"sngd: `{name}(fn, argnums=...)` takes an int or a non-empty tuple of ints (the "
+        f"positions of the models in `fn`'s arguments, as `jax.grad`'s `argnums`); got "
+        f"{argnums!r}.")
+  if any(k < 0 for k in numbers) or len(set(numbers)) != len(numbers):
+    raise ValueError(
+        f"sngd: `{name}(fn, argnums={argnums!r})`: the positions must be distinct and "
+        "non-negative.")
+  return numbers
+
+
+def model_part(m: int) -> str:
+  """The path part that prefixes the records of the ``m``-th model of ``argnums``."""
+  return f"{_MODEL}{m}"
+
+
+def model_path(m: Optional[int], path: str) -> str:
+  """``path`` of the ``m``-th model of ``argnums`` (``path`` itself for None: one model)."""
+  if m is None:
+    return path
+  return model_part(m) + ("/" + path if path else "")
+
+
+def shown(path: str) -> str:
+  """A record's path as a message names it: ``'Dense_0'``, or ``'Dense_0' of model 1``."""
+  if not path.startswith(_MODEL):
+    return repr(path)
+  head, _, rest = path.partition("/")
+  return f"{rest!r} of model {head[len(_MODEL):]}"
+
+
+def split_models(activations: Activations, count: int) -> tuple[Activations, ...]:
+  """The activations of each of ``count`` models (records made under ``model_path``), keyed by
+  each model's own layer paths."""
+  out: list[dict[str, tuple[Captured, ...]]] = [{} for _ in range(count)]
+  for path, calls in activations.items():
+    head, _, rest = path.partition("/")
+    out[int(head[len(_MODEL):])][rest] = calls
+  return tuple(out)
+
+
+def _differentiating(leaf: Any) -> Optional[Any]:
+  """The trace of ``leaf`` when it is a tracer of a differentiation (``jax.grad``,
+  ``jax.value_and_grad``, ``jax.vjp``, ``jax.linearize``, ``jax.jvp``: JAX's ``LinearizeTrace``
+  and ``JVPTrace``, found by class name as JAX exports no public test), else None."""
+  trace = getattr(leaf, "_trace", None) if isinstance(leaf, jax.core.Tracer) else None
+  names = {cls.__name__ for cls in type(trace).__mro__} if trace is not None else set()
+  return trace if names & {"LinearizeTrace", "JVPTrace"} else None
+
+
+def trained_with(model_leaves: Iterable[Any],
+                 other_leaves: Iterable[tuple[int, Any]]) -> dict[int, int]:
+  """``id(leaf) -> position`` of the ``(position, leaf)`` of ``other_leaves`` (the array
+  leaves of the captured function's other positional arguments) that are differentiated
+  together with the models' leaves ``model_leaves``: tracers of a trace that differentiates a
+  model leaf (one ``jax.grad(..., argnums=(0, 1))``).
+
+  A target network, a teacher or the critic an actor's loss runs through is not differentiated
+  there (its leaves are arrays, or tracers of a ``jit`` or ``vmap``): it is not in the result.
+  """
+  traces = {id(t) for t in map(_differentiating, model_leaves) if t is not None}
+  out: dict[int, int] = {}
+  if not traces:
+    return out
+  for k, leaf in other_leaves:
+    trace = _differentiating(leaf)
+    if trace is not None and id(trace) in traces:
+      out.setdefault(id(leaf), k)
+  return out
+
+
+def argument_name(fn: Any, k: int) -> str:
+  """``argument k (`name`)`` of ``fn`` (the name when its signature says it)."""
+  try:
+    params = list(inspect.signature(fn).parameters.values())
+  except (TypeError, ValueError):
+    params = []
+  if k < len(params) and params[k].kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                            inspect.Parameter.POSITIONAL_OR_KEYWORD):
+    return f"argument {k} (`{params[k].name}`)"
+  return f"argument {k}"
+
+
+def check_no_trained_left_out(left_out: dict[int, str], fn: Any, name: str,
+                              positions: tuple[int, ...]) -> None:
+  """Raises a ``ValueError`` when a layer of an argument differentiated together with the
+  captured models was left out (``left_out``: position -> a layer path), naming the argument,
+  the layer and the fix."""
+  if not left_out:
+    return
+  k, path = min(left_out.items())
+  what = argument_name(fn, k)
+  models = ", ".join(map(str, positions))
+  both = tuple(sorted({*positions, *left_out}))
+  numbers = ", ".join(map(str, both))
+  raise ValueError(
+      f"sngd: `{name}` records the layers of argument(s) {models} of the captured function, "
+      f"and layer {path!r} of {what} is differentiated together with them (one `jax.grad`/"
+      f"`value_and_grad`, `argnums=({numbers})`), but its calls are left out as another "
+      "model's (a target network's): its optimizer would get no activations, or, where "
+      "its layers have the same paths, another model's. Record each trained model: "
+      f"`sngd_jax.{name}(loss_fn, argnums=({numbers}))` returns one activations per model, "
+      f"`(loss, ({', '.join(f'acts_{k}' for k in both)}))`, in that order: pass each "
+      "optimizer its own (`tx_a.update(..., activations=acts[0])`). Or capture each "
+      "optimizer's loss "
+      f"separately. Where {what} is trained by an optimizer that reads no activations "
+      "(Adam), record it anyway and drop its activations (under `jit` they cost nothing).")
 
 
 def model_kind(obj: Any) -> Optional[str]:
@@ -465,7 +589,8 @@ def freeze(store: dict[str, list[Pending]],
   out = {}
   for path in sorted(escaped):
     warnings.warn(
-        f"sngd: layer {path!r} was called inside a JAX transform whose values cannot leave "
+        f"sngd: layer {shown(path)} was called inside a JAX transform whose values cannot "
+        "leave "
         "it (a jit, cond/switch, fori_loop or while_loop inside the captured function, "
         "including `nn.cond`/`nnx.cond`; or a vmap, scan or checkpoint made before capture "
         "started, or called through a name imported from jax, such as `from jax import "
@@ -683,6 +808,11 @@ class Recorder:
       if isinstance(frame, DiscardFrame):
         return None
     return self
+
+  def discarding(self) -> bool:
+    """Whether a record made now is dropped (a trace of a ``DiscardFrame``: the trace of
+    ``nn.scan``'s body outside the scan that Flax makes to check its broadcast variables)."""
+    return self._target() is None
 
   @staticmethod
   def _stop_gradient(target: Union[CellFrame, TransformFrame, Recorder], x: Any) -> Any:
