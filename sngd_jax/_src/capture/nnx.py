@@ -35,6 +35,7 @@ from sngd_jax._src.capture.records import (
   check_captured_function,
   check_no_trained_left_out,
   model_part,
+  models_and_rest,
   normalized_argnums,
   rnn_batched,
   rnn_step_order,
@@ -423,17 +424,7 @@ def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool 
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
-    if not args and not several and positions == (0,) and "model" in kwargs:
-      # `wrapped(model=...)`, which the one-model signature `wrapped(model, *args)` accepted
-      models = (kwargs["model"],)
-      rest = ((), {k: v for k, v in kwargs.items() if k != "model"})
-    elif any(k >= len(args) for k in positions):
-      raise ValueError(
-          f"sngd: `capture_nnx(fn, argnums={argnums!r})`: `fn` was called with {len(args)} "
-          "positional argument(s); the models must be passed positionally.")
-    else:
-      models = tuple(args[k] for k in positions)
-      rest = (tuple(a for k, a in enumerate(args) if k not in positions), kwargs)
+    models, rest = models_and_rest(args, kwargs, positions, several, argnums, "capture_nnx")
     owner: dict[int, str] = {}
     top: dict[int, tuple[str, ...]] = {}
     for m, model in enumerate(models):  # several models: each one's paths under its part

@@ -217,6 +217,24 @@ def normalized_argnums(argnums: Any, name: str) -> tuple[int, ...]:
   return numbers
 
 
+def models_and_rest(args: tuple, kwargs: dict, positions: tuple[int, ...], several: bool,
+                    argnums: Any, name: str) -> tuple[tuple[Any, ...], tuple[tuple, dict]]:
+  """The models a wrapped function was called with (at ``positions``), and its other
+  arguments ``(args, kwargs)``; a ``ValueError`` naming ``name`` when a model is missing.
+
+  One model passed by keyword, ``wrapped(model=...)``, is accepted as the one-model signature
+  ``wrapped(model, *args)`` accepted it (``capture_nnx``, ``capture_eqx``).
+  """
+  if not args and not several and positions == (0,) and "model" in kwargs:
+    return (kwargs["model"],), ((), {k: v for k, v in kwargs.items() if k != "model"})
+  if any(k >= len(args) for k in positions):
+    raise ValueError(
+        f"sngd: `{name}(fn, argnums={argnums!r})`: `fn` was called with {len(args)} "
+        "positional argument(s); the models must be passed positionally.")
+  return (tuple(args[k] for k in positions),
+          (tuple(a for k, a in enumerate(args) if k not in positions), kwargs))
+
+
 def model_part(m: int) -> str:
   """The path part that prefixes the records of the ``m``-th model of ``argnums``."""
   return f"{_MODEL}{m}"
