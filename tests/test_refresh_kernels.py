@@ -1,0 +1,106 @@
+"""The XLA refresh's compiled kernels on CPU, and the written-out groups' results.
+
+XLA:CPU generates code for every distinct fused computation once (equal ones are compiled
+once), and its compile time follows their number (``benchmarks/README.md``, *Compile
+time*). A written-out group (``refresh.UNROLL_MAX``) refreshes each layer's blocks from its
+own factor (``refresh._per_block_group``), so equal-size layers run equal kernels: adding
+layers of a size already present adds no compiled fusion.
+"""
+
+import glob
+import gzip
+import json
+import os
+import tempfile
+from types import SimpleNamespace
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import sngd_jax
+from sngd_jax._src.inverse import refresh as refresh_lib
+
+CHOLESKY = sngd_jax.inverse.cholesky()
+DAMPING, ABS_DAMPING = 1e-3, 1e-6
+
+
+def _compiled_fusions(fn, *args) -> int:
+  """The fusions XLA:CPU generates code for when compiling ``jax.jit(fn)(*args)``: the
+  ``FusionCompiler::Compile`` events of a ``jax.profiler`` trace of the compile."""
+  lowered = jax.jit(fn).lower(*args)
+  with tempfile.TemporaryDirectory() as d:
+    jax.profiler.start_trace(d)
+    try:
+      lowered.compile()
+    finally:
+      jax.profiler.stop_trace()
+    path = sorted(glob.glob(os.path.join(d, "plugins", "profile", "*", "*.trace.json.gz")))
+    events = json.load(gzip.open(path[-1]))["traceEvents"]
+  return sum(e.get("ph") == "X" and e["name"].startswith("FusionCompiler::Compile")
+             for e in events)
+
+
+def _layers(kinds, seed=0):
+  """specs, float32 factors (weight 2: the factor in use is ``G / 2``), weights and
+  recognizable old inverses (3 I) for ``kinds``: ``(path, d, blocks)``."""
+  rng = np.random.default_rng(seed)
+  specs, factors, weights, old = {}, {}, {}, {}
+  for path, d, nb in kinds:
+    x = rng.standard_normal((nb, 2 * d, d))
+    g = 2.0 * np.swapaxes(x, -1, -2) @ x / (2 * d)
+    specs[path] = SimpleNamespace(dim=d, structure="dense")
+    factors[path] = jnp.asarray(g if nb > 1 else g[0], jnp.float32)
+    weights[path] = jnp.float32(2.0)
+    old[path] = jnp.asarray(np.broadcast_to(3.0 * np.eye(d), (nb, d, d)), jnp.float32)
+  return specs, factors, weights, old
+
+
+def _refresh(specs):
+  return lambda f, w, o: refresh_lib.refresh_inverses_xla(specs, f, w, o, CHOLESKY, DAMPING,
+                                                         ABS_DAMPING)
+
+
+def test_equal_size_layers_add_no_compiled_refresh_kernels():
+  """Two, four and eight one-block layers of one size (a written-out group) compile the
+  same number of fusions. Stacked and sliced again per block (before), each block's
+  offset made kernels of its own: 22, 26 and 35 fusions; now 16 each."""
+  assert refresh_lib.UNROLL_MAX == 8
+  counts = []
+  for n in (2, 4, 8):
+    specs, factors, weights, old = _layers([(f"l{i}", 9, 1) for i in range(n)])
+    counts.append(_compiled_fusions(_refresh(specs), factors, weights, old))
+  assert counts[0] == counts[1] == counts[2], counts
+
+
+def test_written_out_group_matches_float64_and_the_looped_group():
+  """A group of six blocks of ``d = 9`` from four layers (one of three stacked blocks, one
+  never fed, one holding a NaN in its second block): the accepted inverses are float64's
+  ``(G / w + rho I)^{-1}`` with ``rho = damping tr(G / w) + abs_damping``, the never-fed
+  layer and the NaN block keep their old inverses, one failure is counted (the never-fed
+  layer is not a failure), and the written-out form equals the looped one (``lax.map``,
+  ``UNROLL_MAX = 0``) bit for bit."""
+  specs, factors, weights, old = _layers([("a", 9, 1), ("b", 9, 3), ("never", 9, 1),
+                                          ("c", 9, 1)])
+  weights["never"] = jnp.float32(0.0)
+  factors["never"] = jnp.zeros_like(factors["never"])
+  factors["b"] = factors["b"].at[1, 4, 2].set(jnp.nan)
+  new, failures = jax.jit(_refresh(specs))(factors, weights, old)
+  assert int(failures) == 1
+  for path in ("a", "b", "c"):
+    g = np.asarray(factors[path], np.float64).reshape(-1, 9, 9) / 2.0
+    for i, block in enumerate(g):
+      got = np.asarray(new[path]).reshape(-1, 9, 9)[i]
+      if path == "b" and i == 1:
+        np.testing.assert_array_equal(got, 3.0 * np.eye(9))
+        continue
+      rho = DAMPING * np.trace(block) + ABS_DAMPING
+      want = np.linalg.inv(block + rho * np.eye(9))
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.max(np.abs(want)))
+  np.testing.assert_array_equal(np.asarray(new["never"]), np.asarray(old["never"]))
+  with mock.patch.object(refresh_lib, "UNROLL_MAX", 0):
+    looped, looped_failures = jax.jit(_refresh(specs))(factors, weights, old)
+  assert int(looped_failures) == 1
+  for path in new:
+    np.testing.assert_array_equal(np.asarray(new[path]), np.asarray(looped[path]), err_msg=path)
