@@ -28,7 +28,9 @@ DAMPING, ABS_DAMPING = 1e-3, 1e-6
 
 def _compiled_fusions(fn, *args) -> int:
   """The fusions XLA:CPU generates code for when compiling ``jax.jit(fn)(*args)``: the
-  ``FusionCompiler::Compile`` events of a ``jax.profiler`` trace of the compile."""
+  ``FusionCompiler::Compile`` events of a ``jax.profiler`` trace of the compile (JAX's
+  in-memory caches cleared first: a cached executable compiles nothing)."""
+  jax.clear_caches()
   lowered = jax.jit(fn).lower(*args)
   with tempfile.TemporaryDirectory() as d:
     jax.profiler.start_trace(d)
@@ -65,7 +67,7 @@ def _refresh(specs):
 def test_equal_size_layers_add_no_compiled_refresh_kernels():
   """Two, four and eight one-block layers of one size (a written-out group) compile the
   same number of fusions. Stacked and sliced again per block (before), each block's
-  offset made kernels of its own: 22, 26 and 35 fusions; now 16 each."""
+  offset made kernels of its own: 22, 26 and 35 fusions; now 15 each."""
   assert refresh_lib.UNROLL_MAX == 8
   counts = []
   for n in (2, 4, 8):
@@ -104,3 +106,26 @@ def test_written_out_group_matches_float64_and_the_looped_group():
   assert int(looped_failures) == 1
   for path in new:
     np.testing.assert_array_equal(np.asarray(new[path]), np.asarray(looped[path]), err_msg=path)
+
+
+def test_cholesky_identity_is_a_constant_up_to_1024():
+  """``cholesky_refresh`` solves ``L X = I`` with ``I`` a constant of the program up to
+  ``d = 1024`` (no kernel builds it: one compiled fusion fewer than the identity built in
+  the program, ``CONSTANT_EYE_MAX_DIM = 0``); both give float64's inverse, bit for bit
+  the same."""
+  from sngd_jax._src.inverse import dense as dense_lib
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((1, 40, 20))
+  g = np.swapaxes(x, -1, -2) @ x / 40
+  shift = np.array([1e-2])
+  args = (jnp.asarray(g, jnp.float32), jnp.asarray(shift, jnp.float32))
+  got, ok = jax.jit(dense_lib.cholesky_refresh)(*args)
+  constant = _compiled_fusions(dense_lib.cholesky_refresh, *args)
+  with mock.patch.object(dense_lib, "CONSTANT_EYE_MAX_DIM", 0):
+    built, built_ok = jax.jit(dense_lib.cholesky_refresh)(*args)
+    in_program = _compiled_fusions(dense_lib.cholesky_refresh, *args)
+  assert constant == in_program - 1, (constant, in_program)
+  assert bool(ok[0]) and bool(built_ok[0])
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(built))
+  want = np.linalg.inv(g[0] + shift[0] * np.eye(20))
+  np.testing.assert_allclose(np.asarray(got[0]), want, rtol=1e-4, atol=1e-4 * np.max(want))
