@@ -65,15 +65,41 @@ def _refresh(specs):
 
 
 def test_equal_size_layers_add_no_compiled_refresh_kernels():
-  """Two, four and eight one-block layers of one size (a written-out group) compile the
-  same number of fusions. Stacked and sliced again per block (before), each block's
-  offset made kernels of its own: 22, 26 and 35 fusions; now 15 each."""
-  assert refresh_lib.UNROLL_MAX == 8
+  """Two, four, eight and sixteen one-block layers of one size (a written-out group)
+  compile the same number of fusions. Stacked and sliced again per block (before), each
+  block's offset made kernels of its own: 22, 26 and 35 fusions for 2, 4 and 8 layers;
+  now 15 each. Groups of 9-16 one-block layers are written out too
+  (``UNROLL_LAYERS_MAX``: 14 fusions; through ``lax.map``, 38 for 12 layers), a
+  layer of 12 blocks still goes through the loop (written out, each block's slice is a
+  kernel of its own)."""
+  assert refresh_lib.UNROLL_MAX == 8 and refresh_lib.UNROLL_LAYERS_MAX == 16
   counts = []
-  for n in (2, 4, 8):
+  for n in (2, 4, 8, 12, 16):
     specs, factors, weights, old = _layers([(f"l{i}", 9, 1) for i in range(n)])
     counts.append(_compiled_fusions(_refresh(specs), factors, weights, old))
-  assert counts[0] == counts[1] == counts[2], counts
+  assert counts[0] == counts[1] == counts[2] and counts[3] == counts[4] <= counts[0], counts
+  specs, factors, weights, old = _layers([("stacked", 9, 12)])
+  jaxpr = jax.make_jaxpr(_refresh(specs))(factors, weights, old)
+  assert "scan[" in str(jaxpr) or "while[" in str(jaxpr)  # the lax.map of the CPU form
+  stacked = _compiled_fusions(_refresh(specs), factors, weights, old)
+  with mock.patch.object(refresh_lib, "UNROLL_MAX", 16):  # written out: more kernels
+    assert _compiled_fusions(_refresh(specs), factors, weights, old) > stacked
+
+
+def test_group_of_twelve_layers_matches_the_looped_group():
+  """Twelve one-block layers of ``d = 9`` (written out, ``UNROLL_LAYERS_MAX``) give the
+  looped group's inverses bit for bit, and float64's."""
+  specs, factors, weights, old = _layers([(f"l{i}", 9, 1) for i in range(12)])
+  new, failures = jax.jit(_refresh(specs))(factors, weights, old)
+  with mock.patch.object(refresh_lib, "UNROLL_LAYERS_MAX", 0):
+    looped, looped_failures = jax.jit(_refresh(specs))(factors, weights, old)
+  assert int(failures) == int(looped_failures) == 0
+  for path in new:
+    np.testing.assert_array_equal(np.asarray(new[path]), np.asarray(looped[path]), err_msg=path)
+    g = np.asarray(factors[path], np.float64) / 2.0
+    want = np.linalg.inv(g + (DAMPING * np.trace(g) + ABS_DAMPING) * np.eye(9))
+    np.testing.assert_allclose(np.asarray(new[path])[0], want, rtol=1e-4,
+                               atol=1e-4 * np.max(np.abs(want)))
 
 
 def test_written_out_group_matches_float64_and_the_looped_group():

@@ -103,6 +103,13 @@ UNROLL_MAX = 8
 """On CPU, groups of up to this many blocks are refreshed by separate one-block calls written
 out in the program; larger groups by a loop (``lax.map``) of one-block calls."""
 
+UNROLL_LAYERS_MAX = 16
+"""On CPU, groups of up to this many one-block layers are written out too
+(``_per_block_group``): their calls share every kernel (12 one-block layers of ``d = 9``
+compile 14 fusions written out, 38 through the loop), whereas a layer of several blocks
+is sliced per block, a kernel per offset (one layer of 12 blocks: 35 written out, 25
+through the loop)."""
+
 
 def one_call_per_member(refresh):
   """``refresh`` that stays one LAPACK call per block under a caller's ``jax.vmap``.
@@ -286,7 +293,8 @@ def refresh_inverses_xla(specs, factors, weights, old_inverses, method: InverseM
       blocks[p] = sketch_lib.flat_blocks(g) if sketched else g.reshape((-1, d, d))
     sizes = [jax.tree.leaves(blocks[p])[0].shape[0] for p in paths_in_group]
     args = (method, paths_in_group, sizes, d, dtype, sketched, damping, abs_damping)
-    if 1 < sum(sizes) <= UNROLL_MAX and not is_batch_safe(method, d):
+    limit = UNROLL_LAYERS_MAX if all(n == 1 for n in sizes) else UNROLL_MAX
+    if 1 < sum(sizes) <= limit and not is_batch_safe(method, d):
       refreshed = jax.lax.platform_dependent(
           blocks, previous, cpu=functools.partial(_per_block_group, *args),
           default=functools.partial(_stacked_group, *args, "default"))
@@ -328,8 +336,9 @@ def _stacked_group(method, paths, sizes, d, dtype, sketched, damping, abs_dampin
 
 def _per_block_group(method, paths, sizes, d, dtype, sketched, damping, abs_damping, blocks,
                      previous):
-  """``_stacked_group`` on CPU for a written-out group (``UNROLL_MAX``): each block refreshed
-  from its layer's factor by its own one-block call, each after the one before
+  """``_stacked_group`` on CPU for a written-out group (``UNROLL_MAX``,
+  ``UNROLL_LAYERS_MAX``): each block refreshed from its layer's factor by its own
+  one-block call, each after the one before
   (``optimization_barrier``), as ``_block_by_block`` does for a stack; the same inverses
   and flags. A layer of one block is not sliced, so equal-size layers run equal kernels,
   which XLA:CPU compiles once."""
