@@ -40,8 +40,8 @@ from sngd_jax._src.inverse import dense
 from sngd_jax._src.inverse import refresh as R
 
 VARIANTS = {
-    "loop": {"SMALL_DIM": 0, "UNROLL_MAX": 0},
-    "closed form": {"SMALL_DIM": 2, "UNROLL_MAX": 0},
+    "loop": {"SMALL_DIM": 0, "UNROLL_MAX": 0, "UNROLL_LAYERS_MAX": 0},
+    "closed form": {"SMALL_DIM": 2, "UNROLL_MAX": 0, "UNROLL_LAYERS_MAX": 0},
     "library": {},
     "unroll 16": {"UNROLL_MAX": 16},
 }

@@ -47,14 +47,14 @@ def test_refresh_groups_variants_set_and_restore_the_library_settings():
   from benchmarks import refresh_groups
   from sngd_jax._src.inverse import dense
   from sngd_jax._src.inverse import refresh as R
-  before = (dense.SMALL_DIM, R.UNROLL_MAX)
-  assert before == (2, 8)
+  before = (dense.SMALL_DIM, R.UNROLL_MAX, R.UNROLL_LAYERS_MAX)
+  assert before == (2, 8, 16)
   with refresh_groups.variant("loop"):
-    assert (dense.SMALL_DIM, R.UNROLL_MAX) == (0, 0)
+    assert (dense.SMALL_DIM, R.UNROLL_MAX, R.UNROLL_LAYERS_MAX) == (0, 0, 0)
     assert not sngd_jax.inverse.cholesky().batch_safe(2)
   with refresh_groups.variant("library"):
-    assert (dense.SMALL_DIM, R.UNROLL_MAX) == before
-  assert (dense.SMALL_DIM, R.UNROLL_MAX) == before
+    assert (dense.SMALL_DIM, R.UNROLL_MAX, R.UNROLL_LAYERS_MAX) == before
+  assert (dense.SMALL_DIM, R.UNROLL_MAX, R.UNROLL_LAYERS_MAX) == before
   assert refresh_groups.max_rel_diff({"a": np.ones(3)}, {"a": np.array([1.0, 1.5, 1.0])}) == 0.5
 
 

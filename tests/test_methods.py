@@ -115,7 +115,8 @@ def test_equal_sizes_share_one_kernel_call(inverse, primitive, fisher):
   # 21 one block each, 17 two blocks (1 + 2); rfim: 16, 23 and 16 blocks.
   want = 2 + 2 + (1 + 2) if fisher == "linear" else 2 * 3
   assert count_primitive(tx, primitive, problem(features=(16, 20, 16, 3))) == want
-  with mock.patch.object(refresh_lib, "UNROLL_MAX", 0):  # every CPU group in lax.map
+  with mock.patch.object(refresh_lib, "UNROLL_MAX", 0), \
+      mock.patch.object(refresh_lib, "UNROLL_LAYERS_MAX", 0):  # every CPU group in lax.map
     assert count_primitive(tx, primitive) == (2 + 2 if fisher == "linear" else 2 * 2)
 
 

@@ -12,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sngd_jax._src.inverse import host as host_lib
 from sngd_jax._src.inverse.base import (
@@ -36,6 +37,9 @@ def dense_apply(inverse: jax.Array, g: jax.Array) -> jax.Array:
 
 SMALL_DIM = 2
 """Blocks up to this size are inverted in closed form (``small_inverse``), not by LAPACK."""
+
+CONSTANT_EYE_MAX_DIM = 1024
+"""Up to this size ``cholesky_refresh``'s identity is a constant of the program."""
 
 
 def small_inverse(g: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -84,7 +88,11 @@ def cholesky_refresh(g: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Arr
     return small_inverse(g, shift)
   g_damped = add_shift(g, shift)
   chol = jnp.linalg.cholesky(g_damped)
-  eye = jnp.broadcast_to(jnp.eye(g.shape[-1], dtype=g.dtype), g.shape)
+  d = g.shape[-1]
+  # Up to d = 1024 the identity is a constant of the program (at most 4 MiB in float32):
+  # no kernel builds it (the same rule as ``statistics.checked_block_trace``).
+  eye = jnp.broadcast_to(np.eye(d, dtype=g.dtype) if d <= CONSTANT_EYE_MAX_DIM
+                         else jnp.eye(d, dtype=g.dtype), g.shape)
   linv = jax.lax.linalg.triangular_solve(chol, eye, left_side=True, lower=True)
   inverse = jnp.einsum("bki,bkj->bij", linv, linv, precision=HIGHEST)
   return inverse, all_finite_per_block(inverse)

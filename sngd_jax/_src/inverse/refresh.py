@@ -12,7 +12,7 @@ under ``uncalled="skip"``, or only on zero rows) has no factor to invert (``G_t 
 as 0, whose damped inverse is ``1 / abs_damping`` or does not exist). Its blocks keep their
 previous inverse, the identity that ``init`` made (its gradient passes unchanged), and are
 not counted as failures: nothing failed. The first refresh after its first batch inverts
-its factor as usual (``fed_blocks``).
+its factor as usual (``refresh_inverses_xla``: ``w_t > 0``).
 
 Acceptance: a block of ``A = G + s I`` (``G`` positive semi-definite, shift
 ``s = damping * tr(G) + abs_damping``) is accepted only if
@@ -103,6 +103,13 @@ UNROLL_MAX = 8
 """On CPU, groups of up to this many blocks are refreshed by separate one-block calls written
 out in the program; larger groups by a loop (``lax.map``) of one-block calls."""
 
+UNROLL_LAYERS_MAX = 16
+"""On CPU, groups of up to this many one-block layers are written out too
+(``_per_block_group``): their calls share every kernel (12 one-block layers of ``d = 9``
+compile 14 fusions written out, 38 through the loop), whereas a layer of several blocks
+is sliced per block, a kernel per offset (one layer of 12 blocks: 35 written out, 25
+through the loop)."""
+
 
 def one_call_per_member(refresh):
   """``refresh`` that stays one LAPACK call per block under a caller's ``jax.vmap``.
@@ -182,7 +189,8 @@ def batched_refresh(refresh, stacked: Any, shift: jax.Array, batch_safe: bool = 
   return jax.lax.platform_dependent(stacked, shift, cpu=cpu, default=refresh)
 
 
-def refresh_group(method: InverseMethod, stacked: Any, shift: jax.Array, d: int, dtype):
+def refresh_group(method: InverseMethod, stacked: Any, shift: jax.Array, d: int, dtype,
+                  platform: str | None = None):
   """One group of equal-size blocks: the method's refresh, then ``accept_refresh``.
 
   Args:
@@ -191,22 +199,25 @@ def refresh_group(method: InverseMethod, stacked: Any, shift: jax.Array, d: int,
     shift: the damping shift per block, shape ``(b,)``.
     d: the block size.
     dtype: the blocks' dtype.
+    platform: None: ``batched_refresh`` (the form for each platform); ``"cpu"``: a caller
+      already in the CPU branch of a ``platform_dependent`` with one block
+      (``one_call_per_member``); ``"default"``: one already in the GPU/TPU branch (one
+      batched call).
 
   Returns:
     ``(rep, ok)``: the new representations (leading axis ``b``) and the ``(b,)``
     flags of the blocks that passed the method's own check and ``accept_refresh``.
   """
-  rep, ok = batched_refresh(method.refresh, stacked, shift, is_batch_safe(method, d))
+  if platform == "cpu":
+    assert shift.shape[0] == 1, shift.shape
+    rep, ok = one_call_per_member(method.refresh)(stacked, shift)
+  elif platform == "default":
+    rep, ok = method.refresh(stacked, shift)
+  else:
+    rep, ok = batched_refresh(method.refresh, stacked, shift, is_batch_safe(method, d))
   b = shift.shape[0]
   return rep, accept_refresh(method.apply, rep, jax.ShapeDtypeStruct((b, d, d), dtype),
                              shift, ok)
-
-
-def fed_blocks(weights, paths, sizes) -> jax.Array:
-  """One flag per block of ``paths`` (``sizes`` blocks each), in order: whether the layer's
-  factor has been fed a batch (``w_t > 0``; ``w_t = 0`` only before its first batch)."""
-  return jnp.concatenate([jnp.broadcast_to(weights[p] > 0, (n,))
-                          for p, n in zip(paths, sizes, strict=True)])
 
 
 def keep_accepted(new: Any, ok: jax.Array, old: Any) -> Any:
@@ -251,15 +262,23 @@ def refresh_inverses(specs, factors, weights, old_inverses, method: InverseMetho
 
 def refresh_inverses_xla(specs, factors, weights, old_inverses, method: InverseMethod, damping,
                          abs_damping):
-  """``refresh_inverses`` compiled to XLA kernels (the arguments and results are the same)."""
+  """``refresh_inverses`` compiled to XLA kernels (the arguments and results are the same).
+
+  Kernels are compiled per distinct fused computation: XLA:CPU compiles equal ones once
+  (``benchmarks/README.md``, *Compile time*). So the failures are counted once for all
+  layers (one sum over every block's flag, not one per group), and on CPU a written-out
+  group (``_per_block_group``) refreshes each layer's blocks from its own factor, without
+  stacking the group and slicing it again, which made a kernel per block offset.
+  """
   diagonal, groups = layer_groups(specs, factors)
-  new_inverses, failures = {}, jnp.zeros((), jnp.int32)
+  new_inverses, oks, feds = {}, [], []
   for path in diagonal:
     rep, ok = diagonal_lib.refresh(statistics.normalized(factors[path], weights[path]),
                                    damping, abs_damping)
     fed = weights[path] > 0  # never fed: keeps its identity, and nothing failed
     new_inverses[path] = jnp.where(ok & fed, rep, old_inverses[path])
-    failures += (~ok & fed).astype(jnp.int32)
+    oks.append(jnp.reshape(ok, (1,)))
+    feds.append(jnp.reshape(fed, (1,)))
   # The groups are refreshed one after another (a data dependence through
   # optimization_barrier), never concurrently: on XLA:CPU (jaxlib 0.10.2) a batched LAPACK
   # call splits its batch over XLA's thread pool and blocks its own pool thread until the
@@ -267,28 +286,73 @@ def refresh_inverses_xla(specs, factors, weights, old_inverses, method: InverseM
   # deadlock the pool (docs/known-issues.md). On GPU and TPU the order costs nothing.
   previous = None
   for (d, dtype, sketched), paths_in_group in groups.items():
-    if sketched:  # stacked Sketch: y (b, d, r), trace (b,); a layer's stack axes flattened
-      blocks = [sketch_lib.flat_blocks(statistics.normalized(factors[p], weights[p]))
-                for p in paths_in_group]
-      stacked = jax.tree.map(lambda *a: jnp.concatenate(a), *blocks)
-      sizes = [b.trace.shape[0] for b in blocks]
+    blocks = {}
+    for p in paths_in_group:
+      g = statistics.normalized(factors[p], weights[p])
+      # stacked Sketch: y (n, d, r), trace (n,); a layer's stack axes flattened
+      blocks[p] = sketch_lib.flat_blocks(g) if sketched else g.reshape((-1, d, d))
+    sizes = [jax.tree.leaves(blocks[p])[0].shape[0] for p in paths_in_group]
+    args = (method, paths_in_group, sizes, d, dtype, sketched, damping, abs_damping)
+    limit = UNROLL_LAYERS_MAX if all(n == 1 for n in sizes) else UNROLL_MAX
+    if 1 < sum(sizes) <= limit and not is_batch_safe(method, d):
+      refreshed = jax.lax.platform_dependent(
+          blocks, previous, cpu=functools.partial(_per_block_group, *args),
+          default=functools.partial(_stacked_group, *args, "default"))
     else:
-      blocks = [statistics.normalized(factors[p], weights[p]).reshape(
-          (-1,) + factors[p].shape[-2:]) for p in paths_in_group]
-      sizes = [b.shape[0] for b in blocks]
-      stacked = symmetrize(jnp.concatenate(blocks))
-    shift = damping_shift(stacked, damping, abs_damping)
-    if previous is not None:  # after the previous group's refresh: one at a time
-      stacked, _ = jax.lax.optimization_barrier((stacked, previous))
-    rep, ok = refresh_group(method, stacked, shift, d, dtype)
-    previous = (rep, ok)
-    fed = fed_blocks(weights, paths_in_group, sizes)  # never fed: keeps its identity, uncounted
-    failures += jnp.sum(~ok & fed).astype(jnp.int32)
-    ok = ok & fed
-    start = 0
-    for p, size in zip(paths_in_group, sizes, strict=True):
-      sl = slice(start, start + size)
-      start += size
-      new_inverses[p] = keep_accepted(jax.tree.map(lambda r, sl=sl: r[sl], rep), ok[sl],
-                                      old_inverses[p])
+      refreshed = _stacked_group(*args, None, blocks, previous)
+    previous = refreshed
+    refreshed, ok_group = refreshed
+    oks.append(ok_group)
+    for p, n in zip(paths_in_group, sizes, strict=True):
+      rep, ok = refreshed[p]
+      fed = weights[p] > 0  # never fed: keeps its identity, uncounted
+      feds.append(jnp.broadcast_to(fed, (n,)))
+      new_inverses[p] = keep_accepted(rep, ok & fed, old_inverses[p])
+  # Every block's flags in one vector, counted by one reduction.
+  failures = (jnp.sum(~jnp.concatenate(oks) & jnp.concatenate(feds), dtype=jnp.int32) if oks
+              else jnp.zeros((), jnp.int32))
   return new_inverses, failures
+
+
+def _stacked_group(method, paths, sizes, d, dtype, sketched, damping, abs_damping, platform,
+                   blocks, previous):
+  """One group's blocks stacked and refreshed by ``refresh_group`` (``batched_refresh``: one
+  batched call on GPU/TPU): ``({path: (rep, ok)}, ok)``, leading axis the layer's blocks
+  (the group's, for the last ``ok``)."""
+  stacked = jax.tree.map(lambda *a: jnp.concatenate(a), *[blocks[p] for p in paths])
+  if not sketched:
+    stacked = symmetrize(stacked)
+  shift = damping_shift(stacked, damping, abs_damping)
+  if previous is not None:  # after the previous group's refresh: one at a time
+    stacked, _ = jax.lax.optimization_barrier((stacked, previous))
+  rep, ok = refresh_group(method, stacked, shift, d, dtype, platform)
+  out, start = {}, 0
+  for p, size in zip(paths, sizes, strict=True):
+    sl = slice(start, start + size)
+    start += size
+    out[p] = (jax.tree.map(lambda r, sl=sl: r[sl], rep), ok[sl])
+  return out, ok
+
+
+def _per_block_group(method, paths, sizes, d, dtype, sketched, damping, abs_damping, blocks,
+                     previous):
+  """``_stacked_group`` on CPU for a written-out group (``UNROLL_MAX``,
+  ``UNROLL_LAYERS_MAX``): each block refreshed from its layer's factor by its own
+  one-block call, each after the one before
+  (``optimization_barrier``), as ``_block_by_block`` does for a stack; the same inverses
+  and flags. A layer of one block is not sliced, so equal-size layers run equal kernels,
+  which XLA:CPU compiles once."""
+  out = {}
+  for p, n in zip(paths, sizes, strict=True):
+    parts = []
+    for i in range(n):
+      one = blocks[p] if n == 1 else jax.tree.map(lambda a, i=i: a[i:i + 1], blocks[p])
+      if not sketched:
+        one = symmetrize(one)
+      shift = damping_shift(one, damping, abs_damping)
+      if previous is not None:
+        one, _ = jax.lax.optimization_barrier((one, previous))
+      previous = refresh_group(method, one, shift, d, dtype, "cpu")
+      parts.append(previous)
+    out[p] = parts[0] if n == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+  return out, jnp.concatenate([out[p][1] for p in paths])
