@@ -13,7 +13,9 @@ thread pool). This compares, for each evaluation model, the forms of that CPU re
   closed form as one group (``SMALL_DIM = 2``), the other groups as in ``loop``;
 - ``library``: also groups of up to ``UNROLL_MAX = 8`` blocks written out as one-block calls
   (the library's default);
-- ``unroll 16``: groups of up to 16 blocks written out.
+- ``unroll 16``: groups of up to 16 blocks written out;
+- ``layers 8``: groups of one-block layers written out up to 8 layers, as other groups
+  (``UNROLL_LAYERS_MAX = 8``, the library before ``533ebf9``), against ``library``'s 16.
 
 For each: the fusions of the compiled step (all, and the refresh's), its compile time
 (median of ``--rounds`` compiles, variants interleaved), the refresh's run time on random
@@ -44,6 +46,7 @@ VARIANTS = {
     "closed form": {"SMALL_DIM": 2, "UNROLL_MAX": 0, "UNROLL_LAYERS_MAX": 0},
     "library": {},
     "unroll 16": {"UNROLL_MAX": 16},
+    "layers 8": {"UNROLL_LAYERS_MAX": 8},
 }
 
 
