@@ -6,14 +6,33 @@ plain numpy, without sngd_jax, so the tests compare two implementations.
 
 import itertools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 DAMPING = 1e-3
+
+# sngd() settings under which every step is a factor step, whose factor is that step's batch
+# estimate G^ (no decay, no prior, no trust region).
+ONE_STEP = dict(decay=0.0, prior="none", max_norm=None, factor_every=1)
+
+# The token id of padding in the row-mask tests' token batches.
+PAD = 0
 
 
 def one_step_kwargs():
   """sngd() settings under which one update is exactly the damped batch solve."""
   return dict(decay=0.0, prior="none", damping=DAMPING, inverse_every=1, max_norm=None)
+
+
+def f64(tree):
+  """Every array of ``tree`` as a float64 JAX array (params a float64 test starts from)."""
+  return jax.tree.map(lambda a: a.astype(jnp.float64), tree)
+
+
+def np64(a):
+  """``a`` as a float64 numpy array."""
+  return np.asarray(a, np.float64)
 
 
 def damped_solve(g_factor, grad, damping=DAMPING):
@@ -40,6 +59,12 @@ def linear_factor(rows, bias=True):
   for r in rows:
     g += np.outer(r, r)
   return g / rows.shape[0]
+
+
+def gram(rows, bias=True):
+  """``(1/n) sum_r x~_r x~_r^T`` over the given rows (bias column appended unless ``bias`` is
+  False): :func:`linear_factor`."""
+  return linear_factor(rows, bias=bias)
 
 
 def dense_update(rows, kernel_grad, bias_grad):
