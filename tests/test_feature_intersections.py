@@ -426,23 +426,7 @@ def test_example_mask_trainstate_multisteps_host_refresh_is_the_float64_solve(ho
 
 def _eqx_classes():
   eqx = pytest.importorskip("equinox")
-
-  @sngd_jax.dense_layer
-  class EqxLinear(eqx.Module):
-    """A hand-written Equinox dense layer stored (out, in), as eqx.nn.Linear."""
-
-    weight: jax.Array
-    bias: jax.Array
-
-    def __call__(self, x):
-      return sngd_jax.dense(x, self.weight, self.bias, layout="out_in")
-
-  class EqxNet(eqx.Module):
-    hidden: Any
-    head: Any
-
-    def __call__(self, x):
-      return self.head(jnp.tanh(self.hidden(x)))
+  from eqx_layers import EqxLinear, EqxNet  # noqa: PLC0415 (Equinox is optional here)
 
   return eqx, EqxLinear, EqxNet
 
