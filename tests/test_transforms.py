@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import np_reference as ref
 import numpy as np
-import optax
 import pytest
 from exact import exact_sngd
 from flax import nnx
+from helpers_mlp import sngd_train_step
 
 import sngd_jax
 from sngd_jax._src.capture import transforms
@@ -68,16 +68,10 @@ def _linen_train(model, params, stacked=None):
                               inverse_every=3)
   state = tx.init(params)
 
-  @jax.jit
-  def step(params, state):
-    (value, acts), grads = jax.value_and_grad(sngd_jax.capture(loss, outputs=True), has_aux=True)(
-        params, x, y)
-    updates, state = tx.update(grads, state, params, activations=acts)
-    return optax.apply_updates(params, updates), state, value
-
+  step = sngd_train_step(tx, loss)
   losses = []
   for _ in range(STEPS):
-    params, state, value = step(params, state)
+    params, state, value = step(params, state, x, y)
     losses.append(value)
   return params, np.asarray(losses)
 
