@@ -78,6 +78,15 @@ def dense_update(rows, kernel_grad, bias_grad):
   return kernel, bias
 
 
+def assert_dense_update(rows, g, u, name="", rtol=1e-8, atol=1e-12):
+  """``u``, one dense layer's update (``{'kernel', 'bias'}``, or no bias), is
+  :func:`dense_update` of its gradient ``g`` over ``rows``; ``name`` goes in the error."""
+  kernel, bias = dense_update(rows, g["kernel"], g.get("bias"))
+  np.testing.assert_allclose(u["kernel"], kernel, rtol=rtol, atol=atol, err_msg=name)
+  if bias is not None:
+    np.testing.assert_allclose(u["bias"], bias, rtol=rtol, atol=atol, err_msg=name)
+
+
 # --- convolution ------------------------------------------------------------
 
 def same_padding(size, k, stride, dilation):
@@ -151,6 +160,13 @@ def sigmoid(x):
   return 1.0 / (1.0 + np.exp(-x))
 
 
+def _affine(p):
+  """``lin(name, v)``: ``v @ kernel + bias`` of the layer ``p[name]`` in float64 (no bias term
+  where the layer has none)."""
+  return lambda name, v: v @ np.asarray(p[name]["kernel"], np.float64) + (
+      np.asarray(p[name]["bias"], np.float64) if "bias" in p[name] else 0.0)
+
+
 def lstm_forward(p, xs, names=("ii", "if", "ig", "io", "hi", "hf", "hg", "ho")):
   """LSTM over time (batch-major ``xs (B, T, I)``); returns the h_{t-1} of every step.
 
@@ -162,8 +178,7 @@ def lstm_forward(p, xs, names=("ii", "if", "ig", "io", "hi", "hf", "hg", "ho")):
   b, t, _ = xs.shape
   hdim = np.asarray(p[hi]["kernel"]).shape[0]
   h, c = np.zeros((b, hdim)), np.zeros((b, hdim))
-  lin = lambda name, v: v @ np.asarray(p[name]["kernel"], np.float64) + (
-      np.asarray(p[name]["bias"], np.float64) if "bias" in p[name] else 0.0)
+  lin = _affine(p)
   prev, outs = [], []
   for step in range(t):
     x = xs[:, step]
@@ -187,8 +202,7 @@ def gru_forward(p, xs):
   b, t, _ = xs.shape
   hdim = np.asarray(p["hr"]["kernel"]).shape[0]
   h = np.zeros((b, hdim))
-  lin = lambda name, v: v @ np.asarray(p[name]["kernel"], np.float64) + (
-      np.asarray(p[name]["bias"], np.float64) if "bias" in p[name] else 0.0)
+  lin = _affine(p)
   prev, outs = [], []
   for step in range(t):
     x = xs[:, step]
