@@ -87,6 +87,19 @@ def assert_dense_update(rows, g, u, name="", rtol=1e-8, atol=1e-12):
     np.testing.assert_allclose(u["bias"], bias, rtol=rtol, atol=atol, err_msg=name)
 
 
+def normalized_factor(state, path):
+  """An ``sngd`` state's factor of layer ``path`` over its weight, ``G_t / w_t``, in numpy."""
+  return np.asarray(state.factors[path][...]) / np.asarray(state.weights[path][...])
+
+
+def assert_factor(state, path, rows):
+  """The state's :func:`normalized_factor` of ``path`` is ``E[x~ x~^T]`` over ``rows``
+  (:func:`linear_factor`), to float32 statistics' accuracy."""
+  want = linear_factor(rows)
+  np.testing.assert_allclose(normalized_factor(state, path), want, rtol=2e-5,
+                             atol=2e-6 * np.abs(want).max())
+
+
 # --- convolution ------------------------------------------------------------
 
 def same_padding(size, k, stride, dilation):

@@ -23,6 +23,7 @@ import np_reference as ref
 import numpy as np
 import pytest
 from flax import nnx
+from np_reference import assert_factor
 
 import sngd_jax
 
@@ -34,12 +35,6 @@ def no_sngd_warnings():
   with warnings.catch_warnings():
     warnings.filterwarnings("error", message="sngd:")
     yield
-
-
-def assert_factor(state, path, rows):
-  got = np.asarray(state.factors[path]) / np.asarray(state.weights[path])
-  want = ref.linear_factor(rows)
-  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6 * np.abs(want).max())
 
 
 def assert_dense_update(updates, grads, rows, kernel="kernel", bias="bias", transpose=False):
