@@ -2,6 +2,11 @@
 
 Everything here is written from the layer's math with explicit loops or
 plain numpy, without sngd_jax, so the tests compare two implementations.
+Also here: the ``sngd()`` settings under which one step's factor or update is
+the reference (``ONE_STEP``, :func:`one_step_kwargs`), the float64 conversions
+the tests start from (:func:`f64`, :func:`np64`), and the assertions that
+compare a state's factor or a layer's update with the reference
+(:func:`assert_factor`, :func:`assert_dense_update`).
 """
 
 import itertools
