@@ -8,6 +8,9 @@ The trust region and the amortization have their own tests (``test_trust_region.
 ``test_transform.py``).
 """
 
+import jax
+from np_reference import ONE_STEP
+
 import sngd_jax
 
 EXACT = {"factor_every": 1, "decay": 0.995, "max_norm": None}
@@ -16,3 +19,12 @@ EXACT = {"factor_every": 1, "decay": 0.995, "max_norm": None}
 def exact_sngd(**kwargs):
   """``sngd_jax.sngd(**kwargs)`` with :data:`EXACT` filling the arguments not given."""
   return sngd_jax.sngd(**{**EXACT, **kwargs})
+
+
+def factors_after_one_step(params, grads, acts, **kwargs):
+  """The state after one jitted ``update`` from ``init`` of ``sngd(**ONE_STEP, **kwargs)``
+  (:data:`np_reference.ONE_STEP`): its factors are that step's batch estimates."""
+  tx = sngd_jax.sngd(**{**ONE_STEP, **kwargs})
+  _, state = jax.jit(lambda g, s, a: tx.update(g, s, params, activations=a))(
+      grads, tx.init(params), acts)
+  return state

@@ -2,18 +2,42 @@
 
 Everything here is written from the layer's math with explicit loops or
 plain numpy, without sngd_jax, so the tests compare two implementations.
+Also here: the ``sngd()`` settings under which one step's factor or update is
+the reference (``ONE_STEP``, :func:`one_step_kwargs`), the float64 conversions
+the tests start from (:func:`f64`, :func:`np64`), and the assertions that
+compare a state's factor or a layer's update with the reference
+(:func:`assert_factor`, :func:`assert_dense_update`).
 """
 
 import itertools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 DAMPING = 1e-3
+
+# sngd() settings under which every step is a factor step, whose factor is that step's batch
+# estimate G^ (no decay, no prior, no trust region).
+ONE_STEP = dict(decay=0.0, prior="none", max_norm=None, factor_every=1)
+
+# The token id of padding in the row-mask tests' token batches.
+PAD = 0
 
 
 def one_step_kwargs():
   """sngd() settings under which one update is exactly the damped batch solve."""
   return dict(decay=0.0, prior="none", damping=DAMPING, inverse_every=1, max_norm=None)
+
+
+def f64(tree):
+  """Every array of ``tree`` as a float64 JAX array (params a float64 test starts from)."""
+  return jax.tree.map(lambda a: a.astype(jnp.float64), tree)
+
+
+def np64(a):
+  """``a`` as a float64 numpy array."""
+  return np.asarray(a, np.float64)
 
 
 def damped_solve(g_factor, grad, damping=DAMPING):
@@ -42,6 +66,12 @@ def linear_factor(rows, bias=True):
   return g / rows.shape[0]
 
 
+def gram(rows, bias=True):
+  """``(1/n) sum_r x~_r x~_r^T`` over the given rows (bias column appended unless ``bias`` is
+  False): :func:`linear_factor`."""
+  return linear_factor(rows, bias=bias)
+
+
 def dense_update(rows, kernel_grad, bias_grad):
   """Expected preconditioned ``(kernel, bias)`` of a dense-structured layer."""
   kernel_grad = np.asarray(kernel_grad, np.float64)
@@ -51,6 +81,28 @@ def dense_update(rows, kernel_grad, bias_grad):
   kernel = pre[:in_dim].reshape(kernel_grad.shape)
   bias = None if bias_grad is None else pre[in_dim].reshape(np.shape(bias_grad))
   return kernel, bias
+
+
+def assert_dense_update(rows, g, u, name="", rtol=1e-8, atol=1e-12):
+  """``u``, one dense layer's update (``{'kernel', 'bias'}``, or no bias), is
+  :func:`dense_update` of its gradient ``g`` over ``rows``; ``name`` goes in the error."""
+  kernel, bias = dense_update(rows, g["kernel"], g.get("bias"))
+  np.testing.assert_allclose(u["kernel"], kernel, rtol=rtol, atol=atol, err_msg=name)
+  if bias is not None:
+    np.testing.assert_allclose(u["bias"], bias, rtol=rtol, atol=atol, err_msg=name)
+
+
+def normalized_factor(state, path):
+  """An ``sngd`` state's factor of layer ``path`` over its weight, ``G_t / w_t``, in numpy."""
+  return np.asarray(state.factors[path][...]) / np.asarray(state.weights[path][...])
+
+
+def assert_factor(state, path, rows):
+  """The state's :func:`normalized_factor` of ``path`` is ``E[x~ x~^T]`` over ``rows``
+  (:func:`linear_factor`), to float32 statistics' accuracy."""
+  want = linear_factor(rows)
+  np.testing.assert_allclose(normalized_factor(state, path), want, rtol=2e-5,
+                             atol=2e-6 * np.abs(want).max())
 
 
 # --- convolution ------------------------------------------------------------
@@ -126,6 +178,13 @@ def sigmoid(x):
   return 1.0 / (1.0 + np.exp(-x))
 
 
+def _affine(p):
+  """``lin(name, v)``: ``v @ kernel + bias`` of the layer ``p[name]`` in float64 (no bias term
+  where the layer has none)."""
+  return lambda name, v: v @ np.asarray(p[name]["kernel"], np.float64) + (
+      np.asarray(p[name]["bias"], np.float64) if "bias" in p[name] else 0.0)
+
+
 def lstm_forward(p, xs, names=("ii", "if", "ig", "io", "hi", "hf", "hg", "ho")):
   """LSTM over time (batch-major ``xs (B, T, I)``); returns the h_{t-1} of every step.
 
@@ -137,8 +196,7 @@ def lstm_forward(p, xs, names=("ii", "if", "ig", "io", "hi", "hf", "hg", "ho")):
   b, t, _ = xs.shape
   hdim = np.asarray(p[hi]["kernel"]).shape[0]
   h, c = np.zeros((b, hdim)), np.zeros((b, hdim))
-  lin = lambda name, v: v @ np.asarray(p[name]["kernel"], np.float64) + (
-      np.asarray(p[name]["bias"], np.float64) if "bias" in p[name] else 0.0)
+  lin = _affine(p)
   prev, outs = [], []
   for step in range(t):
     x = xs[:, step]
@@ -162,8 +220,7 @@ def gru_forward(p, xs):
   b, t, _ = xs.shape
   hdim = np.asarray(p["hr"]["kernel"]).shape[0]
   h = np.zeros((b, hdim))
-  lin = lambda name, v: v @ np.asarray(p[name]["kernel"], np.float64) + (
-      np.asarray(p[name]["bias"], np.float64) if "bias" in p[name] else 0.0)
+  lin = _affine(p)
   prev, outs = [], []
   for step in range(t):
     x = xs[:, step]

@@ -10,6 +10,7 @@ import np_reference as ref
 import numpy as np
 import pytest
 from helpers_train import assert_trains, softmax_loss
+from np_reference import assert_dense_update
 
 import sngd_jax
 
@@ -34,13 +35,6 @@ def _one_step(model, params, *inputs, fisher="linear"):
   return step(params, *inputs)
 
 
-def _check(rows, grads, updates):
-  kernel, bias = ref.dense_update(rows, grads["kernel"], grads.get("bias"))
-  np.testing.assert_allclose(updates["kernel"], kernel, rtol=1e-8, atol=1e-12)
-  if bias is not None:
-    np.testing.assert_allclose(updates["bias"], bias, rtol=1e-8, atol=1e-12)
-
-
 class General(nn.Module):
   @nn.compact
   def __call__(self, x, x4):
@@ -58,15 +52,15 @@ def test_dense_general_multi_axis():
   params = model.init(jax.random.key(0), x, x4)["params"]
   grads, updates = _one_step(model, params, x, x4)
   xn, x4n = np.asarray(x), np.asarray(x4)
-  _check(np.array([xn[b, t] for b in range(2) for t in range(3)]), grads["heads"],
-         updates["heads"])
+  assert_dense_update(np.array([xn[b, t] for b in range(2) for t in range(3)]), grads["heads"],
+                      updates["heads"])
   rows = np.array([[x4n[b, i, t, j] for i in range(3) for j in range(2)]
                    for b in range(2) for t in range(5)])
-  _check(rows, grads["middle"], updates["middle"])
+  assert_dense_update(rows, grads["middle"], updates["middle"])
   a = np.einsum("btd,dhk->bthk", xn, np.asarray(params["heads"]["kernel"])) + np.asarray(
       params["heads"]["bias"])
-  _check(np.array([a[b, t].ravel() for b in range(2) for t in range(3)]), grads["merge"],
-         updates["merge"])
+  assert_dense_update(np.array([a[b, t].ravel() for b in range(2) for t in range(3)]),
+                      grads["merge"], updates["merge"])
 
 
 class Attn(nn.Module):
@@ -87,8 +81,8 @@ def test_attention_projections():
   np.testing.assert_allclose(model.apply({"params": params}, x), out, atol=1e-12)
   tokens = np.asarray(x).reshape(-1, 4)
   for name in ("query", "key", "value"):
-    _check(tokens, grads["attn"][name], updates["attn"][name])
-  _check(heads.reshape(10, -1), grads["attn"]["out"], updates["attn"]["out"])
+    assert_dense_update(tokens, grads["attn"][name], updates["attn"][name])
+  assert_dense_update(heads.reshape(10, -1), grads["attn"]["out"], updates["attn"]["out"])
 
 
 class Ein(nn.Module):
@@ -108,10 +102,10 @@ def test_einsum_layouts():
   grads, updates = _one_step(model, params, x, xm)
   xn, xmn = np.asarray(x), np.asarray(xm)
   tokens = np.array([xn[b, t] for b, t in itertools.product(range(2), range(3))])
-  _check(tokens, grads["proj"], updates["proj"])
-  _check(tokens, grads["ellipsis"], updates["ellipsis"])
+  assert_dense_update(tokens, grads["proj"], updates["proj"])
+  assert_dense_update(tokens, grads["ellipsis"], updates["ellipsis"])
   rows = np.array([xmn[b, :, t] for b, t in itertools.product(range(2), range(5))])
-  _check(rows, grads["middle"], updates["middle"])
+  assert_dense_update(rows, grads["middle"], updates["middle"])
 
 
 def test_einsum_with_unsupported_layout_is_reported_missing_not_guessed():
@@ -200,4 +194,5 @@ def test_bias_free_projections_need_and_accept_their_input_axes():
   (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x)
   tx = sngd_jax.sngd(fisher=fisher, **ref.one_step_kwargs())
   updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
-  _check(np.asarray(x).reshape(-1, 4), grads["attn"]["query"], updates["attn"]["query"])
+  assert_dense_update(np.asarray(x).reshape(-1, 4), grads["attn"]["query"],
+                      updates["attn"]["query"])

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from helpers_mlp import sngd_train_step
 
 import sngd_jax
 from sngd_jax import inverse as methods
@@ -47,12 +48,7 @@ def _loss(params, x, y):
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-@jax.jit
-def _step(params, opt_state, x, y):
-  (loss, acts), grads = jax.value_and_grad(sngd_jax.capture(_loss, outputs=True), has_aux=True)(
-      params, x, y)
-  updates, opt_state = TX.update(grads, opt_state, params, activations=acts)
-  return optax.apply_updates(params, updates), opt_state, loss
+_step = sngd_train_step(TX, _loss)
 
 
 def _init(seed=0):

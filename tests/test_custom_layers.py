@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import np_reference as ref
 import numpy as np
 import pytest
+from eqx_layers import EqxLinear, EqxNet
 from flax import nnx
 from helpers_mlp import reference_update
 
@@ -432,17 +433,6 @@ def test_nnx_under_vmap_scan_and_remat_matches_builtin():
 # Equinox
 
 
-@sngd_jax.dense_layer
-class EqxLinear(eqx.Module):
-  """A hand-written Equinox dense layer, stored as ``eqx.nn.Linear`` stores it."""
-
-  weight: jax.Array
-  bias: jax.Array
-
-  def __call__(self, x):
-    return sngd_jax.dense(x, self.weight, self.bias, layout="out_in")
-
-
 @sngd_jax.dense_layer(weight="kernel", bias="b", layout="in_out")
 class EqxInOut(eqx.Module):
   """One declared with other field names and an inputs-first kernel."""
@@ -460,14 +450,6 @@ class EqxUndeclared(eqx.Module):
 
   def __call__(self, x):
     return sngd_jax.dense(x, self.weight, self.bias, layout="out_in")
-
-
-class EqxNet(eqx.Module):
-  hidden: eqx.Module
-  head: eqx.nn.Linear
-
-  def __call__(self, x):
-    return self.head(jnp.tanh(self.hidden(x)))
 
 
 def _eqx_nets(dtype):

@@ -15,34 +15,20 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import np_reference as ref
 import numpy as np
 import optax
 import pytest
+from exact import factors_after_one_step
 from flax import nnx
+from np_reference import ONE_STEP, PAD, gram, np64
 
 import sngd_jax
 from sngd_jax._src.state import only_sngd_state
-from tests import np_reference as ref
 
 pytestmark = pytest.mark.usefixtures("x64")
 
-# Every step a factor step, whose factor is that step's batch estimate G^.
-ONE_STEP = dict(decay=0.0, prior="none", max_norm=None, factor_every=1)
-PAD = 0
 V, D, H = 11, 5, 6
-
-
-def f64(tree):
-  return jax.tree.map(lambda a: a.astype(jnp.float64), tree)
-
-
-def np64(a):
-  return np.asarray(a, np.float64)
-
-
-def gram(rows, bias=True):
-  """``(1/n) sum_r x~_r x~_r^T`` over the given rows (bias column appended)."""
-  return ref.linear_factor(rows, bias=bias)
 
 
 def rfim(rows, z):
@@ -440,23 +426,7 @@ def test_example_mask_trainstate_multisteps_host_refresh_is_the_float64_solve(ho
 
 def _eqx_classes():
   eqx = pytest.importorskip("equinox")
-
-  @sngd_jax.dense_layer
-  class EqxLinear(eqx.Module):
-    """A hand-written Equinox dense layer stored (out, in), as eqx.nn.Linear."""
-
-    weight: jax.Array
-    bias: jax.Array
-
-    def __call__(self, x):
-      return sngd_jax.dense(x, self.weight, self.bias, layout="out_in")
-
-  class EqxNet(eqx.Module):
-    hidden: Any
-    head: Any
-
-    def __call__(self, x):
-      return self.head(jnp.tanh(self.hidden(x)))
+  from eqx_layers import EqxLinear, EqxNet  # noqa: PLC0415 (Equinox is optional here)
 
   return eqx, EqxLinear, EqxNet
 
@@ -792,15 +762,9 @@ def test_per_example_gradients_with_a_row_mask(mask_kind):
                           else a[:n][real[:n]].reshape(-1, a.shape[-1]))
   for sub in (None, 2):
     n = len(x) if sub is None else sub
-    _, state = _one_step(params, grads, masked, stats_batch_size=sub)
+    state = factors_after_one_step(params, grads, masked, stats_batch_size=sub)
     close(state.factors["hand"], gram(rows_of(x, n)))
     close(state.factors["head"], gram(rows_of(h, n)))
-
-
-def _one_step(params, grads, acts, **kw):
-  tx = sngd_jax.sngd(**{**ONE_STEP, **kw})
-  return jax.jit(lambda g, s, a: tx.update(g, s, params, activations=a))(
-      grads, tx.init(params), acts)
 
 
 class _NNXHandQ(nnx.Module):
@@ -868,7 +832,7 @@ def test_eqx_target_network_argument_row_mask():
   (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(td_loss), has_aux=True)(
       model, target, jnp.asarray(obs), jnp.asarray(next_obs))
   params = eqx.filter(model, eqx.is_inexact_array)
-  _, state = _one_step(params, grads, sngd_jax.with_row_mask(acts, m))
+  state = factors_after_one_step(params, grads, sngd_jax.with_row_mask(acts, m))
   hidden = next(p for p in state.factors if p.startswith("hidden"))
   head = next(p for p in state.factors if p.startswith("head"))
   real = obs[m > 0]

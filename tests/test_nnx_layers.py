@@ -39,13 +39,6 @@ def _one_step(model, *inputs):
   return pure(grads), pure(updates)
 
 
-def _check(rows, g, u, name="", rtol=1e-8):
-  kernel, bias = ref.dense_update(rows, g["kernel"], g.get("bias"))
-  np.testing.assert_allclose(u["kernel"], kernel, rtol=rtol, atol=1e-12, err_msg=name)
-  if bias is not None:
-    np.testing.assert_allclose(u["bias"], bias, rtol=rtol, atol=1e-12, err_msg=name)
-
-
 def _value(v):
   return np.asarray(v[...])
 
@@ -70,7 +63,7 @@ def test_linear_conv_embed_layernorm():
   tokens = jnp.array([[1, 4, 4], [0, 4, 2]])
   grads, updates = _one_step(model, x, tokens)
   rows, _ = ref.conv_patches(np.asarray(x), (3, 2), (2, 1), ((1, 0), (2, 1)), (2, 1), (1, 1), 2)
-  _check(rows, grads["conv"], updates["conv"], "conv")
+  ref.assert_dense_update(rows, grads["conv"], updates["conv"], "conv")
   counts = np.bincount(np.asarray(tokens).ravel(), minlength=9)
   freq = counts / counts.sum()
   np.testing.assert_allclose(
@@ -84,7 +77,8 @@ def test_linear_conv_embed_layernorm():
   np.testing.assert_allclose(updates["ln"]["bias"], bias, rtol=1e-8, atol=1e-12)
   ln_out = xhat * _value(model.ln.scale) + _value(model.ln.bias)
   h = np.asarray(model.conv(x)).mean((1, 2))
-  _check((ln_out + h[:, None]).reshape(-1, 4), grads["lin"], updates["lin"], "lin")
+  ref.assert_dense_update((ln_out + h[:, None]).reshape(-1, 4), grads["lin"], updates["lin"],
+                          "lin")
 
 
 class Attn(nnx.Module):
@@ -109,8 +103,10 @@ def test_multi_head_attention():
   # relative), so the `out` rows, which are its per-head outputs, match to 1e-5.
   np.testing.assert_allclose(model(x), out, rtol=1e-5, atol=1e-9)
   for name in ("query", "key", "value"):
-    _check(np.asarray(x).reshape(-1, 4), grads["attn"][name], updates["attn"][name], name)
-  _check(heads.reshape(10, -1), grads["attn"]["out"], updates["attn"]["out"], "out", rtol=1e-5)
+    ref.assert_dense_update(np.asarray(x).reshape(-1, 4), grads["attn"][name],
+                            updates["attn"][name], name)
+  ref.assert_dense_update(heads.reshape(10, -1), grads["attn"]["out"], updates["attn"]["out"],
+                          "out", rtol=1e-5)
 
 
 class Seq(nnx.Module):
@@ -167,9 +163,9 @@ def test_rnn_cells_pool_every_time_step(cell):
   np.testing.assert_allclose(model(xs), outs, atol=1e-12)
   g, u = grads["rnn"]["cell"], updates["rnn"]["cell"]
   for name in input_layers:
-    _check(xn.reshape(-1, 4), g[name], u[name], name)
+    ref.assert_dense_update(xn.reshape(-1, 4), g[name], u[name], name)
   for name in hidden_layers:
-    _check(h_prev.reshape(-1, 3), g[name], u[name], name)
+    ref.assert_dense_update(h_prev.reshape(-1, 3), g[name], u[name], name)
 
 
 def test_lstm_gates_that_read_one_input_leave_the_scan_once():

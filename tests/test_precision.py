@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 from exact import exact_sngd
+from helpers_mlp import sngd_train_step
 
 import sngd_jax
 from sngd_jax import Captured
@@ -138,17 +139,12 @@ def test_low_precision_model_trains(dtype):
     logits = model.apply({"params": p}, x).astype(jnp.float32)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  @jax.jit
-  def step(params, state):
-    (loss, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn, outputs=True), has_aux=True)(
-        params, x, y)
-    updates, state = tx.update(grads, state, params, activations=acts)
-    return optax.apply_updates(params, updates), state, loss
+  step = sngd_train_step(tx, loss_fn)
 
   def train(params):
     state, losses = tx.init(params), []
     for _ in range(20):
-      params, state, loss = step(params, state)
+      params, state, loss = step(params, state, x, y)
       losses.append(loss)
     return params, state, losses
 

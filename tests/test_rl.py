@@ -16,10 +16,12 @@ import warnings
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import np_reference as ref
 import numpy as np
 import optax
 import pytest
 from flax import nnx
+from np_reference import assert_factor
 
 import sngd_jax
 from examples.ppo_cartpole import env_reset as reset
@@ -27,25 +29,6 @@ from examples.ppo_cartpole import env_step
 
 N_ENVS, T, EPOCHS, MINIBATCHES = 4, 8, 2, 2
 BATCH_STATS = dict(decay=0.0, factor_every=1, prior="none")  # the factor = the last batch's
-
-
-def rows(x):
-  x = np.asarray(x, np.float64)
-  return np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
-
-
-def gram(x):
-  r = rows(x)
-  return r.T @ r / r.shape[0]
-
-
-def factor(state, path):
-  return np.asarray(state.factors[path][...]) / np.asarray(state.weights[path][...])
-
-
-def assert_factor(state, path, x):
-  want = gram(x)
-  np.testing.assert_allclose(factor(state, path), want, rtol=2e-5, atol=2e-6 * np.abs(want).max())
 
 
 def ppo_terms(logits, v, a, old_logp, adv, ret):
@@ -248,7 +231,8 @@ def test_dqn_target_network(target):
   if target == "closed over":
     with pytest.warns(UserWarning, match="sngd: layer 'hidden' was called with 2 different"):
       polluted = step(params, target_params)
-    assert np.abs(factor(polluted, "hidden") - gram(obs)).max() > 1.0  # next_obs rows pooled
+    pooled = ref.normalized_factor(polluted, "hidden")
+    assert np.abs(pooled - ref.gram(obs)).max() > 1.0  # next_obs rows pooled
     return
   with no_sngd_warnings():
     state = step(params, target_params)

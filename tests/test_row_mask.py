@@ -10,35 +10,20 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import np_reference as ref
 import numpy as np
 import optax
 import pytest
+from exact import factors_after_one_step
 from flax import nnx
+from np_reference import ONE_STEP, PAD, f64, gram
 
 import sngd_jax
 from sngd_jax._src import statistics
-from tests import np_reference as ref
 
 pytestmark = pytest.mark.usefixtures("x64")
 
-# Every step a factor step, whose factor is that step's batch estimate G^.
-ONE_STEP = dict(decay=0.0, prior="none", max_norm=None, factor_every=1)
-PAD = 0
 V, D, H = 11, 5, 6
-
-
-def f64(tree):
-  return jax.tree.map(lambda a: a.astype(jnp.float64), tree)
-
-
-def augment(rows):
-  rows = np.asarray(rows, np.float64)
-  return np.concatenate([rows, np.ones((rows.shape[0], 1))], axis=1)
-
-
-def gram(rows):
-  """``(1/n) sum_r x~_r x~_r^T`` over the given rows (bias column appended)."""
-  return ref.linear_factor(rows, bias=True)
 
 
 class LM(nn.Module):
@@ -68,13 +53,6 @@ def lm_problem():
   (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(
       params, tokens)
   return model, params, tokens, mask, acts, grads
-
-
-def factors_after_one_step(params, grads, acts, **kw):
-  tx = sngd_jax.sngd(**{**ONE_STEP, **kw})
-  _, state = jax.jit(lambda g, s, a: tx.update(g, s, params, activations=a))(
-      grads, tx.init(params), acts)
-  return state
 
 
 def test_token_mask_dense_factors_are_those_of_the_real_tokens():

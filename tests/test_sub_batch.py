@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import np_reference as ref
 import numpy as np
 import pytest
+from np_reference import assert_dense_update
 
 import sngd_jax
 
@@ -32,13 +33,6 @@ class Mixed(nn.Module):
     h = nn.RNN(nn.LSTMCell(3, param_dtype=jnp.float64), name="rnn")(seq)
     return jnp.sum(jnp.sin(d)) + jnp.sum(jnp.sin(c)) + jnp.sum(jnp.sin(a)) + jnp.sum(
         jnp.sin(h))
-
-
-def _check(rows, grads, updates, path):
-  kernel, bias = ref.dense_update(rows, grads["kernel"], grads.get("bias"))
-  np.testing.assert_allclose(updates["kernel"], kernel, rtol=1e-8, atol=1e-12, err_msg=path)
-  if bias is not None:
-    np.testing.assert_allclose(updates["bias"], bias, rtol=1e-8, atol=1e-12, err_msg=path)
 
 
 def test_statistics_of_the_first_examples_for_dense_conv_attention_and_lstm():
@@ -61,21 +55,21 @@ def test_statistics_of_the_first_examples_for_dense_conv_attention_and_lstm():
   grads, updates, acts = step(params)
   p = jax.tree.map(np.asarray, params)
   first = lambda a: np.asarray(a)[:K]
-  _check(first(vec), grads["dense"], updates["dense"], "dense")
+  assert_dense_update(first(vec), grads["dense"], updates["dense"], "dense")
   patches, _ = ref.conv_patches(first(img), (3, 3), (1, 1), "VALID", (1, 1), (1, 1), 1)
-  _check(patches, grads["conv"], updates["conv"], "conv")
+  assert_dense_update(patches, grads["conv"], updates["conv"], "conv")
   tokens = first(seq).reshape(-1, 4)
   for name in ("query", "key", "value"):
-    _check(tokens, grads["attn"][name], updates["attn"][name], name)
+    assert_dense_update(tokens, grads["attn"][name], updates["attn"][name], name)
   heads = ref.mha_forward(p["attn"], first(seq), num_heads=2)
-  _check(heads.reshape(K * T, -1), grads["attn"]["out"], updates["attn"]["out"], "out")
+  assert_dense_update(heads.reshape(K * T, -1), grads["attn"]["out"], updates["attn"]["out"], "out")
   (cell,) = set(p) - {"dense", "conv", "attn"}  # the cell is Mixed's child, shared by the scan
   h_prev, _ = ref.lstm_forward(p[cell], first(seq))
   assert acts[f"{cell}/hi"][0].time_steps == T
   for names, rows in ((("ii", "if", "ig", "io"), tokens),
                       (("hi", "hf", "hg", "ho"), h_prev.reshape(-1, 3))):
     for name in names:
-      _check(rows, grads[cell][name], updates[cell][name], name)
+      assert_dense_update(rows, grads[cell][name], updates[cell][name], name)
 
 
 def test_first_examples_of_time_major_rows():
@@ -227,7 +221,7 @@ def test_embedding_lookups_are_counted_whole():
                                g / (f + ref.DAMPING * f.sum())[:, None], rtol=1e-10)
   p = jax.tree.map(np.asarray, params)
   h = p["wte"]["embedding"][np.asarray(tokens)] + p["wpe"]["embedding"][None]
-  _check(h[:K].reshape(-1, 3), grads["head"], updates["head"], "head")
+  assert_dense_update(h[:K].reshape(-1, 3), grads["head"], updates["head"], "head")
 
 
 def test_dense_on_one_unbatched_vector_is_one_example():

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import np_reference as ref
 import numpy as np
-import optax
 import pytest
 from exact import exact_sngd
 from flax import nnx
+from helpers_mlp import sngd_train_step
 
 import sngd_jax
 from sngd_jax._src.capture import transforms
@@ -68,16 +68,10 @@ def _linen_train(model, params, stacked=None):
                               inverse_every=3)
   state = tx.init(params)
 
-  @jax.jit
-  def step(params, state):
-    (value, acts), grads = jax.value_and_grad(sngd_jax.capture(loss, outputs=True), has_aux=True)(
-        params, x, y)
-    updates, state = tx.update(grads, state, params, activations=acts)
-    return optax.apply_updates(params, updates), state, value
-
+  step = sngd_train_step(tx, loss)
   losses = []
   for _ in range(STEPS):
-    params, state, value = step(params, state)
+    params, state, value = step(params, state, x, y)
     losses.append(value)
   return params, np.asarray(losses)
 
@@ -97,12 +91,18 @@ def test_linen_scan_over_remat_blocks_trains_like_unrolled_layers():
   _assert_trees_close(p_scan["head"], p_unrolled["head"])
 
 
-def test_scanned_factors_are_stacked_and_refreshed_per_layer():
+def _scanned_net_grads():
+  """``(params, grads, activations)`` of the squared error of :class:`ScannedNet`."""
   x, y = _data()
   model = ScannedNet()
   params = model.init(jax.random.key(0), x)["params"]
   loss = lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
   (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss, outputs=True), has_aux=True)(params)
+  return params, grads, acts
+
+
+def test_scanned_factors_are_stacked_and_refreshed_per_layer():
+  params, grads, acts = _scanned_net_grads()
   assert [c.stack for c in acts["blocks/up"]] == [1]
   assert acts["blocks/up"][0].inputs.shape == (L, BATCH, D)
   tx = sngd_jax.sngd(fisher=FISHER, stacked={"blocks": 1})
@@ -115,15 +115,13 @@ def test_scanned_factors_are_stacked_and_refreshed_per_layer():
 
 
 def test_bias_free_stack_without_stacked_option_is_a_clear_error():
-  x, y = _data()
-  model = ScannedNet()
-  params = model.init(jax.random.key(0), x)["params"]
-  loss = lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
-  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss, outputs=True), has_aux=True)(params)
+  params, grads, acts = _scanned_net_grads()
   tx = sngd_jax.sngd()
   with pytest.raises(ValueError, match=r"stacked=\{'blocks/down': 1\}"):
     tx.update(grads, tx.init(params), params, activations=acts)
-  report = sngd_jax.coverage(lambda p, x: jnp.sum(model.apply({"params": p}, x)), params, x)
+  x, _ = _data()
+  report = sngd_jax.coverage(lambda p, x: jnp.sum(ScannedNet().apply({"params": p}, x)), params,
+                             x)
   assert report.missing == ["blocks/down/kernel"]
   assert "blocks/up/kernel" in report.preconditioned  # its bias shows the stack
 
@@ -226,13 +224,6 @@ def _one_update(loss, params, *args):
     return step(params, *args)
 
 
-def _check_dense(rows, g, u, name):
-  kernel, bias = ref.dense_update(rows, g["kernel"], g.get("bias"))
-  np.testing.assert_allclose(u["kernel"], kernel, rtol=1e-8, atol=1e-12, err_msg=name)
-  if bias is not None:
-    np.testing.assert_allclose(u["bias"], bias, rtol=1e-8, atol=1e-12, err_msg=name)
-
-
 @pytest.mark.parametrize("transform", ["vmap", "scan", "checkpoint", "nested"])
 def test_user_transforms_pool_every_row(transform, x64):
   """``jax.vmap`` over examples, ``jax.lax.scan`` over time, ``jax.checkpoint``, and all
@@ -260,7 +251,7 @@ def test_user_transforms_pool_every_row(transform, x64):
   grads, updates, acts = _one_update(loss, params, xs)
   assert sum(np.prod(c.inputs.shape[:-1]) for c in acts[""]) == 20
   rows = np.asarray(xs).reshape(-1, 2)
-  _check_dense(rows, grads["params"], updates["params"], transform)
+  ref.assert_dense_update(rows, grads["params"], updates["params"], transform)
 
 
 class QKV(nn.Module):
@@ -309,7 +300,7 @@ def test_vmap_over_weights_gives_each_member_its_own_factor(x64):
   assert acts["members"][0].stack == 1
   for i in range(2):
     take = lambda t, i=i: jax.tree.map(lambda a: np.asarray(a)[i], t["members"])
-    _check_dense(np.asarray(x), take(grads), take(updates), f"member {i}")
+    ref.assert_dense_update(np.asarray(x), take(grads), take(updates), f"member {i}")
 
 
 # --- what cannot be captured is reported --------------------------------------------------
@@ -394,4 +385,5 @@ def test_weight_tied_block_in_a_fori_loop_is_refused_and_its_scan_is_the_unrolle
   for _ in range(n):
     rows.append(h)
     h = h + np.tanh(h @ w + b)
-  _check_dense(np.concatenate(rows), nnx.to_pure_dict(grads)["block"], updates["block"], loop)
+  ref.assert_dense_update(np.concatenate(rows), nnx.to_pure_dict(grads)["block"],
+                          updates["block"], loop)

@@ -23,6 +23,7 @@ import np_reference as ref
 import numpy as np
 import pytest
 from flax import nnx
+from np_reference import assert_factor
 
 import sngd_jax
 
@@ -34,16 +35,6 @@ def no_sngd_warnings():
   with warnings.catch_warnings():
     warnings.filterwarnings("error", message="sngd:")
     yield
-
-
-def f64(tree):
-  return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
-
-
-def assert_factor(state, path, rows):
-  got = np.asarray(state.factors[path]) / np.asarray(state.weights[path])
-  want = ref.linear_factor(rows)
-  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6 * np.abs(want).max())
 
 
 def assert_dense_update(updates, grads, rows, kernel="kernel", bias="bias", transpose=False):
@@ -106,15 +97,24 @@ def gan_loss(pg, pd, z, real):
           + jnp.mean(jax.nn.softplus(D.apply({"params": pd}, fake))))
 
 
+def gan_rows(weights, z, real, paths=("layers/0", "layers/1")):
+  """The float64 inputs of every layer of a generator and a discriminator of two dense layers
+  each: the generator's from ``z``; the discriminator's from the real rows and the generated
+  rows. ``weights``: per model, its two layers' ``(kernel (in, out), bias)`` in the order they
+  are applied; ``paths``: those layers' paths."""
+  (g0, b0), (g1, b1) = jax.tree.map(ref.np64, weights[0])
+  (d0, c0), _ = jax.tree.map(ref.np64, weights[1])
+  z, real = ref.np64(z), ref.np64(real)
+  h_g = relu(z @ g0 + b0)
+  x_d = np.concatenate([real, h_g @ g1 + b1])
+  first, second = paths
+  return {first: z, second: h_g}, {first: x_d, second: relu(x_d @ d0 + c0)}
+
+
 def linen_rows(pg, pd, z, real):
-  """The float64 inputs of every layer: the generator's (to 'Dense_1', 'Dense_0') from ``z``;
-  the discriminator's from the real rows and the generated rows."""
-  pg, pd, z, real = f64((pg, pd, z, real))
-  h_g = relu(z @ pg["Dense_1"]["kernel"] + pg["Dense_1"]["bias"])
-  fake = h_g @ pg["Dense_0"]["kernel"] + pg["Dense_0"]["bias"]
-  x_d = np.concatenate([real, fake])
-  h_d = relu(x_d @ pd["Dense_1"]["kernel"] + pd["Dense_1"]["bias"])
-  return {"Dense_1": z, "Dense_0": h_g}, {"Dense_1": x_d, "Dense_0": h_d}
+  """:func:`gan_rows` of the linen models, whose inner layer is 'Dense_1'."""
+  layers = lambda p: [(p[n]["kernel"], p[n]["bias"]) for n in ("Dense_1", "Dense_0")]
+  return gan_rows((layers(pg), layers(pd)), z, real, paths=("Dense_1", "Dense_0"))
 
 
 def test_linen_gan_without_argnums_is_an_error_naming_the_second_model():
@@ -250,13 +250,8 @@ def nnx_loss(gen, disc, z, real):
 
 
 def nnx_rows(gen, disc, z, real):
-  p = lambda m: f64([(m.layers[i].kernel[...], m.layers[i].bias[...]) for i in range(2)])
-  (g0, b0), (g1, b1) = p(gen)
-  (d0, c0), _ = p(disc)
-  z, real = f64((z, real))
-  h_g = relu(z @ g0 + b0)
-  x_d = np.concatenate([real, h_g @ g1 + b1])
-  return {"layers/0": z, "layers/1": h_g}, {"layers/0": x_d, "layers/1": relu(x_d @ d0 + c0)}
+  layers = lambda m: [(m.layers[i].kernel[...], m.layers[i].bias[...]) for i in range(2)]
+  return gan_rows((layers(gen), layers(disc)), z, real)
 
 
 def test_nnx_gan_without_argnums_is_an_error_and_with_it_each_optimizer_gets_its_rows():
@@ -333,13 +328,8 @@ def eqx_loss(gen, disc, z, real):
 
 
 def eqx_rows(gen, disc, z, real):
-  p = lambda m: f64([(m.layers[i].weight.T, m.layers[i].bias) for i in range(2)])
-  (g0, b0), (g1, b1) = p(gen)
-  (d0, c0), _ = p(disc)
-  z, real = f64((z, real))
-  h_g = relu(z @ g0 + b0)
-  x_d = np.concatenate([real, h_g @ g1 + b1])
-  return {"layers/0": z, "layers/1": h_g}, {"layers/0": x_d, "layers/1": relu(x_d @ d0 + c0)}
+  layers = lambda m: [(m.layers[i].weight.T, m.layers[i].bias) for i in range(2)]
+  return gan_rows((layers(gen), layers(disc)), z, real)
 
 
 def test_equinox_gan_without_argnums_is_an_error_and_with_it_each_update_is_its_own():
