@@ -110,6 +110,24 @@ def test_stack_in_fused_groups_equals_jnp_stack(count):
   np.testing.assert_array_equal(conv_lib._stack(arrays, 1), jnp.stack(arrays, 1))
 
 
+def test_conv_statistics_do_not_form_the_rows_with_the_ones_column():
+  """A conv layer with a bias: the factor's bias row and column are sums of the patches, so
+  the rows ``[patch, 1]`` (a copy of the patches, written an element at a time) are never
+  formed: the compiled statistics hold no ``(rows, d + 1)`` array and compile 4 fusions
+  (padded input, patches, their sum, the assembled factor), not the 10 of one per offset
+  and a concatenation run as copies."""
+  spec, calls, _ = _conv_calls(4, spatial=(7, 6), cin=16)
+  with jax.enable_x64(False):
+    calls = jax.tree.map(lambda a: a.astype(jnp.float32), calls)
+    fn = lambda c: statistics.batch_factor(spec, c)
+    text = jax.jit(fn).lower(calls).compile().as_text()
+    kernels = _compiled_kernels(fn, calls)
+  rows = 4 * 7 * 6
+  assert f"f32[{rows},{spec.in_dim + 1}]" not in text
+  assert f"f32[{rows},{spec.in_dim}]" in text
+  assert kernels["fusion"] <= 4 and kernels["concatenate"] == 0, kernels
+
+
 def _weighted_factor(rows: np.ndarray, weights: np.ndarray, bias: bool) -> np.ndarray:
   """``sum_r m_r x~_r x~_r^T / sum_r m_r`` in float64, ``x~ = [patch, 1]`` with a bias."""
   x = np.concatenate([rows, np.ones((rows.shape[0], 1))], axis=1) if bias else rows
