@@ -3,6 +3,7 @@ and a small CNN on Fashion-MNIST-shaped data."""
 
 import gzip
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -31,6 +32,10 @@ CONFIGS = {
     "3d_valid_stride": ((2, 2, 2), (1, 2, 1), "VALID", (1, 1, 1), (1, 1, 1), 1, 2, (3, 4, 3)),
     "2d_same_stride_dilated": ((3, 3), (2, 2), "SAME", (2, 1), (1, 1), 1, 3, (9, 8)),
     "2d_negative_pads": ((3, 2), (2, 1), ((-1, 2), (1, -1)), (1, 2), (1, 1), 2, 4, (9, 7)),
+    "2d_same_3x3": ((3, 3), (1, 1), "SAME", (1, 1), (1, 1), 1, 4, (7, 6)),
+    # more offsets along one axis than XLA:CPU fuses into one concatenation (8)
+    "1d_wide_kernel": ((11,), (2,), ((4, 6),), (1,), (1,), 1, 3, (19,)),
+    "3d_same_3x3x3": ((3, 3, 3), (1, 2, 1), "SAME", (1, 1, 2), (1, 1, 1), 1, 2, (4, 5, 6)),
 }
 
 
@@ -67,6 +72,103 @@ def test_patches_match_loops_and_reproduce_the_conv(name):
   expect = expect + np.asarray(params["bias"])
   assert out_spatial == y.shape[1:-1]
   np.testing.assert_allclose(np.asarray(y).reshape(-1, y.shape[-1]), expect, atol=1e-10)
+
+
+def _compiled_kernels(fn, *args) -> dict[str, int]:
+  """Fusions and unfused concatenations of ``jax.jit(fn)(*args)``'s compiled program
+  (each fusion is a kernel XLA:CPU compiles; a concatenation not fused runs as copies)."""
+  text = jax.jit(fn).lower(*args).compile().as_text()
+  fused = set(re.findall(r"calls=%?([\w.\-]+)", text))  # the fusions' bodies
+  counts = {"fusion": 0, "concatenate": 0}
+  for comp in re.split(r"\n(?=%|ENTRY)", text):
+    name = re.match(r"(?:ENTRY\s+)?%?([\w.\-]+)", comp)
+    if name is None or name.group(1) in fused:
+      continue
+    for op in counts:
+      counts[op] += comp.count(f" {op}(")
+  return counts
+
+
+@pytest.mark.parametrize("name", ["2d_same_3x3", "2d_negative_pads", "1d_wide_kernel",
+                                  "3d_same_3x3x3"])
+def test_patches_compile_to_two_kernels(name):
+  """The patches are the padded input and one kernel of every offset's slice of it, however
+  many offsets (XLA:CPU compile time follows the number of compiled fusions). They were one
+  fusion per offset and a concatenation run as copies (8 fusions for a 3x3 conv)."""
+  cfg = CONFIGS[name]
+  cin = 16 if name == "2d_same_3x3" else cfg[6]
+  x = jnp.ones((8,) + cfg[7] + (cin,), jnp.float32)
+  config = conv_lib.conv_config(_conv(cfg, features=2 * cfg[5]))
+  kernels = _compiled_kernels(lambda x: conv_lib.patches(x, config), x)
+  assert kernels["fusion"] <= 2 and kernels["concatenate"] == 0, kernels
+
+
+@pytest.mark.parametrize("count", [1, 8, 9, 17, 70])
+def test_stack_in_fused_groups_equals_jnp_stack(count):
+  """``conv._stack``, concatenations of at most 8 operands each, is ``jnp.stack``."""
+  arrays = [jnp.full((2, 3, 4), float(i)) + jnp.arange(4.0) for i in range(count)]
+  np.testing.assert_array_equal(conv_lib._stack(arrays, 1), jnp.stack(arrays, 1))
+
+
+def test_conv_statistics_do_not_form_the_rows_with_the_ones_column():
+  """A conv layer with a bias: the factor's bias row and column are sums of the patches, so
+  the rows ``[patch, 1]`` (a copy of the patches, written an element at a time) are never
+  formed: the compiled statistics hold no ``(rows, d + 1)`` array and compile 4 fusions
+  (padded input, patches, their sum, the assembled factor), not the 10 of one per offset
+  and a concatenation run as copies."""
+  spec, calls, _ = _conv_calls(4, spatial=(7, 6), cin=16)
+  with jax.enable_x64(False):
+    calls = jax.tree.map(lambda a: a.astype(jnp.float32), calls)
+    fn = lambda c: statistics.batch_factor(spec, c)
+    text = jax.jit(fn).lower(calls).compile().as_text()
+    kernels = _compiled_kernels(fn, calls)
+  rows = 4 * 7 * 6
+  assert f"f32[{rows},{spec.in_dim + 1}]" not in text
+  assert f"f32[{rows},{spec.in_dim}]" in text
+  assert kernels["fusion"] <= 4 and kernels["concatenate"] == 0, kernels
+
+
+def _weighted_factor(rows: np.ndarray, weights: np.ndarray, bias: bool) -> np.ndarray:
+  """``sum_r m_r x~_r x~_r^T / sum_r m_r`` in float64, ``x~ = [patch, 1]`` with a bias."""
+  x = np.concatenate([rows, np.ones((rows.shape[0], 1))], axis=1) if bias else rows
+  return (x * weights[:, None]).T @ x / weights.sum()
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all_rows", "row_mask"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
+@pytest.mark.parametrize("name,use_bias", [(n, True) for n in sorted(CONFIGS)]
+                         + [("2d_same_3x3", False), ("3d_same_3x3x3", False)])
+def test_float32_factor_matches_float64_reference(monkeypatch, name, use_bias, chunked,
+                                                  masked):
+  """The factor computed in float32 (``batch_factor``) equals ``E[x~ x~^T]`` over the
+  explicit patches of the same inputs in float64 (numpy loops, ``np_reference``) to float32
+  rounding: stride, padding (SAME, VALID, CAUSAL, CIRCULAR, explicit and negative pairs),
+  kernel and input dilation, feature groups and depthwise, 1-D to 3-D, kernels with more
+  offsets along one axis than one fused concatenation takes, with and without a bias, in
+  one piece or one example at a time, with the weights of a row mask."""
+  chunk_rows(monkeypatch, chunked)
+  cfg = CONFIGS[name]
+  k, s, pad, kd, idl, g, cin, spatial = cfg
+  n = 3
+  with jax.enable_x64(False):
+    x = jax.random.normal(jax.random.key(7), (n,) + spatial + (cin,), jnp.float32)
+    layer = nn.Conv(2 * g, k, strides=s, padding=pad, kernel_dilation=kd, input_dilation=idl,
+                    feature_group_count=g, use_bias=use_bias)
+    params = layer.init(jax.random.key(0), x)["params"]
+    loss = lambda p, x: jnp.sum(jnp.tanh(layer.apply({"params": p}, x)))
+    example_weights = np.array([0.5, 0.0, 2.0], np.float32)
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x)
+    if masked:
+      acts = sngd_jax.with_row_mask(acts, jnp.asarray(example_weights))
+    (spec,) = sngd_jax.discover(grads).values()
+    got = jax.jit(lambda c: statistics.batch_factor(spec, c))(acts[spec.path])
+  assert got.dtype == jnp.float32
+  rows, _ = ref.conv_patches(np.asarray(x, np.float64), k, s, pad, kd, idl, g)
+  weights = (np.repeat(example_weights.astype(np.float64), rows.shape[0] // n) if masked
+             else np.ones(rows.shape[0]))
+  want = _weighted_factor(rows, weights, use_bias)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-5,
+                             atol=2e-6 * np.abs(want).max())
 
 
 def chunk_rows(monkeypatch, chunked: bool) -> None:
@@ -287,9 +389,11 @@ def test_sketched_conv_layer_in_chunks_matches_float64(monkeypatch):
 def test_chunked_patch_rows_lower_the_compiled_memory(monkeypatch):
   """The reason for the chunks: XLA holds one chunk's patches, not the batch's (float32).
 
-  A 3x3 conv on 64 x 28 x 28 x 16 inputs has 58 MB of float32 patch rows; the
-  compiled statistics with the default chunks must need under a third of the
-  temporary memory of the unchunked ones.
+  A 3x3 conv on 64 x 28 x 28 x 16 inputs has 29 MB of float32 patches (50176 rows
+  of 144); the unchunked statistics hold them all (58 MB when the patches were
+  formed one kernel per offset, then concatenated, then copied with the ones
+  column), and the compiled statistics with the default chunks must need under a
+  third of their temporary memory.
   """
   x = jnp.ones((64, 28, 28, 16), jnp.float32)
   layer = nn.Conv(16, (3, 3))
@@ -305,7 +409,7 @@ def test_chunked_patch_rows_lower_the_compiled_memory(monkeypatch):
   chunked = temp_bytes()
   monkeypatch.setattr(statistics, "ROW_CHUNK_BYTES", 10**12)
   whole = temp_bytes()
-  assert whole > 58e6 and chunked < whole / 3, (chunked, whole)
+  assert whole > 50176 * 144 * 4 and chunked < whole / 3, (chunked, whole)
 
 
 # --- training smoke test ------------------------------------------------------

@@ -30,7 +30,6 @@ groups' input statistics agree; per-group factors would cost ``g d^2``.
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Any
 
@@ -129,6 +128,30 @@ def patches(x: jax.Array, config: ConvConfig) -> jax.Array:
   return out.reshape(-1, volume * channels // groups)
 
 
+# XLA:CPU fuses a concatenation with at most this many operands, along an axis that is not
+# the minor one (`cpu_instruction_fusion.cc`): a wider one is run as copies, each operand a
+# kernel of its own.
+_CONCAT_FUSED_MAX = 8
+
+
+def _stack(arrays: list[jax.Array], axis: int) -> jax.Array:
+  """``jnp.stack(arrays, axis)`` in concatenations that XLA:CPU fuses into one kernel: at
+  most ``_CONCAT_FUSED_MAX`` operands each, along an axis that is not the last.
+
+  More arrays are stacked in groups of ``_CONCAT_FUSED_MAX`` (the last filled with zeros)
+  on a further new axis, then flattened and cut to ``len(arrays)``: XLA merges
+  concatenations nested along one axis back into one.
+  """
+  if len(arrays) <= _CONCAT_FUSED_MAX:
+    return jnp.stack(arrays, axis)
+  count, size = len(arrays), _CONCAT_FUSED_MAX
+  arrays = arrays + [jnp.zeros_like(arrays[0])] * (-count % size)
+  groups = [jnp.stack(arrays[i:i + size], axis) for i in range(0, len(arrays), size)]
+  out = _stack(groups, axis)  # (..., groups, size, ...)
+  out = out.reshape(out.shape[:axis] + (-1,) + out.shape[axis + 2:])
+  return lax.slice_in_dim(out, 0, count, axis=axis)
+
+
 def _windows(x: jax.Array, kernel_size, strides, padding, kernel_dilation) -> jax.Array:
   """``(n, *positions, prod(kernel_size) * C)``: one strided slice per kernel offset.
 
@@ -137,6 +160,16 @@ def _windows(x: jax.Array, kernel_size, strides, padding, kernel_dilation) -> ja
   value, which made the statistics step of a small ResNet cost several times its
   forward and backward passes (``benchmarks/step_anatomy.py`` and
   benchmarks/README.md measure the change).
+
+  Two compiled kernels: the padded input, then every offset's slice of it, stacked one
+  kernel axis at a time on axes before the channels, in concatenations of at most
+  ``_CONCAT_FUSED_MAX`` operands, which XLA:CPU fuses into one kernel. (Concatenated on
+  the channel axis, a 3x3 conv's patches compiled one kernel per offset, the padding
+  fused into each, and ran the 9-operand concatenation as copies: XLA:CPU fuses neither
+  a concatenation of more than 8 operands nor one along the minor axis. Each offset's
+  slice taken from the unpadded input and padded inside the one kernel, the patches of
+  64 x 14 x 14 x 16 inputs took 3.0 ms to form, against 2.1 ms one kernel per offset and
+  1.2 ms this way: medians of 400 interleaved calls on a 2-core host.)
   """
   rank = len(kernel_size)
   spatial = x.shape[1:1 + rank]
@@ -147,16 +180,18 @@ def _windows(x: jax.Array, kernel_size, strides, padding, kernel_dilation) -> ja
   x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] + [(int(lo), int(hi), 0) for lo, hi in pads]
               + [(0, 0, 0)])
   positions = [(x.shape[1 + i] - dilated[i]) // strides[i] + 1 for i in range(rank)]
-  cols = []
-  for offset in itertools.product(*(range(k) for k in kernel_size)):
-    start = [o * d for o, d in zip(offset, kernel_dilation, strict=True)]
-    limit = [b + (m - 1) * s + 1 for b, m, s in zip(start, positions, strides, strict=True)]
-    cols.append(lax.slice(x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]),
-                          (1, *strides, 1)))
-  # Concatenated on the channel axis, ``(..., volume * C)`` = ``(..., volume, C)`` in
-  # memory: XLA fuses the slices into the concatenation (one pass; stacking on a new
-  # axis materialized each slice first).
-  return jnp.concatenate(cols, axis=-1)
+
+  def taps(prefix: tuple[int, ...]) -> jax.Array:
+    # (n, *positions, *kernel_size[len(prefix):], C): the offsets starting with `prefix`.
+    if len(prefix) == rank:
+      start = [o * d for o, d in zip(prefix, kernel_dilation, strict=True)]
+      limit = [b + (m - 1) * s + 1 for b, m, s in zip(start, positions, strides, strict=True)]
+      return lax.slice(x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]), (1, *strides, 1))
+    return _stack([taps(prefix + (o,)) for o in range(kernel_size[len(prefix)])], 1 + rank)
+
+  out = taps(())
+  # (..., k_1, ..., k_s, C) flattens to the kernel's row order (k_index * C + c).
+  return out.reshape(out.shape[:1 + rank] + (-1,))
 
 
 def _windows_by_conv(x: jax.Array, kernel_size, strides, padding, input_dilation,

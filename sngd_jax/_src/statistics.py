@@ -518,7 +518,13 @@ def batch_factor(spec: LayerSpec, calls: Sequence[Captured],
       # sequential sum over the rows, which loses float32 precision past ~1e6 rows (3e-4
       # relative at 4M random rows, 6% with constant inputs); its reductions sum in a tree.
       return (mx[:, :, None] * x[:, None, :]).sum(0)
+    if split_bias and out_sharding is None:
+      return _gram_with_ones_column(x, m)
     return jnp.matmul(mx.T, x, out_sharding=out_sharding)
+
+  # Patch rows: the product of the patches alone, its bias row and column summed (see
+  # `_gram_with_ones_column`).
+  split_bias = spec.bias is not None and _has_patch_rows(calls)
 
   total, n = _sum_over_rows(spec, calls, gram, after)
   if spec.fisher == "rfim":
@@ -526,6 +532,28 @@ def batch_factor(spec: LayerSpec, calls: Sequence[Captured],
     # the rows of its own group only (the others weigh 0), 1/groups of them.
     n = n // _feature_groups(calls) if isinstance(n, int) else n / _feature_groups(calls)
   return total / (n if isinstance(n, int) else _positive(n))
+
+
+def _gram_with_ones_column(x: jax.Array, m: Optional[jax.Array]) -> jax.Array:
+  """``sum_r m_r x_r x_r^T`` for rows ``x = [p, 1]`` (weights ``m``, or ones), from the
+  patches ``p`` alone:
+  ``[[(m p)^T p, sum_r m_r p_r], [sum_r m_r p_r^T, sum_r m_r]]``.
+
+  XLA simplifies ``x[:, :-1]`` to the patches before the ones column is appended, so the
+  rows with the ones column are never formed: one pass over the rows less (the product
+  of one chunk of a 3x3 conv's rows, 12544 x 145, took 8.1 ms instead of 12.2, median of
+  400 interleaved calls on a 2-core host). Equal to ``mx^T x`` up to the order of the
+  additions.
+  """
+  p = x[:, :-1]
+  mp = p if m is None else m[:, None] * p
+  s = mp.sum(0)
+  n = jnp.asarray(x.shape[0], x.dtype) if m is None else m.sum()
+  d = p.shape[1]
+  # Assembled by padding with zeros and adding (exact), which XLA:CPU fuses into one
+  # kernel; the concatenations along the rows' (minor) axis it would run as copies.
+  return (jnp.pad(mp.T @ p, ((0, 1), (0, 1))) + jnp.pad(s[:, None], ((0, 1), (d, 0)))
+          + jnp.pad(jnp.append(s, n)[None], ((d, 0), (0, 0))))
 
 
 def _feature_groups(calls: Sequence[Captured]) -> int:
