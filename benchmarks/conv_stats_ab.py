@@ -145,7 +145,7 @@ def steps(task, old, rounds: int, compile_rounds: int) -> dict:
     fo = jax.tree.leaves(state[f"{cname}/before"][2].factors)
     fn = jax.tree.leaves(state[f"{cname}/after"][2].factors)
     diffs[cname] = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
-                       for a, b in zip(fo, fn))
+                       for a, b in zip(fo, fn, strict=True))
   seconds = {"before": [], "after": []}
   pre, post = sngd_jax.sngd(), optax.with_extra_args_support(evaluate._SGDM(0.03))
   params, extra, s_pre, s_post = evaluate.init_run(task, pre, post, 0, xs)
