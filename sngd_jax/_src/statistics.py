@@ -179,8 +179,18 @@ def other_layer_hint(spec, widths: Sequence[int]) -> str:
 
 
 def stat_dtype(*arrays: jax.Array) -> jnp.dtype:
-  """float32, or float64 where an input already is (x64 mode)."""
-  return jnp.result_type(jnp.float32, *[a.dtype for a in arrays])
+  """float32, or float64 where an input already is (x64 mode).
+
+  The widest floating dtype among float32 and the inputs', chosen here rather than by
+  ``jnp.result_type``, which refuses float32 with float64 under
+  ``jax_numpy_dtype_promotion="strict"``.
+  """
+  widest = np.dtype(np.float32)
+  for a in arrays:
+    dtype = np.dtype(a.dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize > widest.itemsize:
+      widest = dtype
+  return widest
 
 
 def row_weights(call: Captured, n_rows: int) -> Optional[jax.Array]:
@@ -768,7 +778,7 @@ def prior_of(prior: str, estimate, omega: Optional[jax.Array] = None):
     return jnp.broadcast_to(eye, estimate.shape)
   if prior == "scaled_identity":
     scale = checked_block_trace(estimate) / d  # the range check's reduction (one kernel)
-    return scale[..., None, None] * eye
+    return scale[..., None, None] * eye[(None,) * scale.ndim]
   if prior == "none":
     return jnp.zeros_like(estimate)
   raise ValueError(f"sngd: unknown prior {prior!r}; expected one of {PRIORS}")
@@ -832,8 +842,9 @@ def checked_block_trace(g: jax.Array) -> jax.Array:
   """
   d = g.shape[-1]
   if d <= _CONSTANT_EYE_MAX_DIM:
-    return jnp.sum(g * np.eye(d, dtype=g.dtype), axis=(-2, -1))
-  return jnp.sum(jnp.where(jnp.eye(d, dtype=bool), g, 0 * g), axis=(-2, -1))
+    return jnp.sum(g * np.eye(d, dtype=g.dtype)[(None,) * (g.ndim - 2)], axis=(-2, -1))
+  eye = jnp.eye(d, dtype=bool)[(None,) * (g.ndim - 2)]
+  return jnp.sum(jnp.where(eye, g, 0 * g), axis=(-2, -1))
 
 
 _CONSTANT_EYE_MAX_DIM = 1024
