@@ -133,7 +133,7 @@ def precondition(specs: Mapping[str, LayerSpec], leaves: Sequence[Any],
       pre = jnp.swapaxes(apply_inverse(specs[out], inverses[out], method,
                                        jnp.swapaxes(pre, -1, -2).astype(factor_dtypes[out])),
                          -1, -2).astype(pre.dtype)
-    sq_norm = sq_norm + jnp.vdot(g, pre).astype(q_dtype)
+    sq_norm = sq_norm + jnp.vdot(g, pre, precision=jax.lax.Precision.HIGHEST).astype(q_dtype)
     pres[path] = pre
   return pres, sq_norm
 

@@ -521,14 +521,17 @@ def batch_factor(spec: LayerSpec, calls: Sequence[Captured],
       w = jax.nn.sigmoid(z) ** 2
       if m is not None:
         w = w * m[:, None]
-      return jnp.einsum("nj,na,nb->jab", w, x, x, out_sharding=out_sharding)
+      return jnp.einsum("nj,na,nb->jab", w, x, x, out_sharding=out_sharding,
+                        precision=jax.lax.Precision.HIGHEST)
     mx = x if m is None else m[:, None] * x  # sum_r m_r x~_r x~_r^T
     if x.shape[1] <= _NARROW_GRAM and x.shape[0] > _LONG_ROWS and out_sharding is None:
       # XLA:CPU emits the product of a very narrow X~ (1-2 inputs and the bias) as one
       # sequential sum over the rows, which loses float32 precision past ~1e6 rows (3e-4
       # relative at 4M random rows, 6% with constant inputs); its reductions sum in a tree.
       return (mx[:, :, None] * x[:, None, :]).sum(0)
-    return jnp.matmul(mx.T, x, out_sharding=out_sharding)
+    # HIGHEST whatever jax_default_matmul_precision says (as the sketch's and the inverses'
+    # products): a factor summed in bfloat16 or TF32 is not the Fisher the damping is set for
+    return jnp.matmul(mx.T, x, out_sharding=out_sharding, precision=jax.lax.Precision.HIGHEST)
 
   total, n = _sum_over_rows(spec, calls, gram, after)
   if spec.fisher == "rfim":
