@@ -244,8 +244,11 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
       return optax.tree.zeros_like(out), inner_state
 
     def do_update(_):
-      acc_grads = jax.tree.map(lambda g, acc: self._acc_update(g, acc, n_acc=state.mini_step),
-                               updates, state.acc_grads)
+      # the count in the accumulator's dtype: optax's mean divides by ``n_acc + 1``, which
+      # jax_numpy_dtype_promotion="strict" refuses as int32 (exact for any k either way)
+      acc_grads = jax.tree.map(
+          lambda g, acc: self._acc_update(g, acc, n_acc=state.mini_step.astype(acc.dtype)),
+          updates, state.acc_grads)
       acc_stats, acc_rows = state.acc_statistics, state.acc_rows
       if sngd_state is not None:
         acc_stats, acc_rows = self._accumulate(updates, state, sngd_state, activations, masked)

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sngd_jax._src import precondition
 from sngd_jax._src.config import value_at
@@ -64,18 +65,23 @@ def trust_region_scale(grads: Any, opt_state: Any, updates: Optional[Any] = None
   dtypes = {p: jax.tree.leaves(state.factors[p])[0].dtype for p in specs}
   if updates is not None:
     u_leaves, _, _ = _flatten(updates)
-    q = jnp.zeros((), jnp.float32)
+    q = jnp.zeros((), max([np.dtype(np.float32)] + [np.dtype(d) for d in dtypes.values()],
+                          key=lambda dtype: dtype.itemsize))
     for path, spec in specs.items():
       if spec.tied_head:
         continue  # a tied table's second spec: its leaf is counted once, with the first
       g = precondition.augmented(spec, leaves, index, dtypes[path])
       u = precondition.augmented(spec, u_leaves, index, dtypes[path])
-      q = q + jnp.vdot(g, u)
+      q = q + jnp.vdot(g, u, precision=jax.lax.Precision.HIGHEST).astype(q.dtype)
     radius = jnp.asarray(value_at(radius_of, state.count - 1), q.dtype)
-    scale = jnp.minimum(1.0, radius ** 2 / q)
+    # min(1, radius^2 / q), 1 where that is not finite; the quotient only where it is below
+    # 1, so that no Inf is made on the way (eagerly, jax_debug_infs checks every operation)
+    r2 = radius ** 2
+    scale = jnp.where(q > r2, r2 / jnp.where(q > r2, q, 1.0), 1.0)
     # q < 0: not sngd's output (a chain's final updates point downhill, -lr * ...): NaN
-    # rather than a plausible 1.
-    return jnp.where(q < 0, jnp.nan, jnp.where(jnp.isfinite(scale) & (q > 0), scale, 1.0))
+    # rather than a plausible 1 (sqrt(q), not a NaN constant, which jax_debug_nans would
+    # stop at eagerly for any q)
+    return jnp.where(q < 0, jnp.sqrt(q), scale)
   _, q = precondition.precondition(specs, leaves, index, state.inverses, dtypes,
                                    _method_of(config))
   return precondition.trust_region_scale(q, value_at(radius_of, state.count))

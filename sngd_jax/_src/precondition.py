@@ -26,6 +26,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sngd_jax._src import distributed
 from sngd_jax._src.inverse import diagonal as diagonal_lib
@@ -116,7 +117,11 @@ def precondition(specs: Mapping[str, LayerSpec], leaves: Sequence[Any],
     ``(u, q)``: ``(d, O)`` updates by layer path in the factor dtype, and ``q``
     (float32, or float64 when a factor is).
   """
-  pres, sq_norm = {}, jnp.zeros((), jnp.float32)
+  # q's dtype chosen here, each term cast to it: no implicit float32-float64 promotion (which
+  # jax_numpy_dtype_promotion="strict" refuses)
+  q_dtype = max([np.dtype(np.float32)] + [np.dtype(d) for d in factor_dtypes.values()],
+                key=lambda dtype: dtype.itemsize)
+  pres, sq_norm = {}, jnp.zeros((), q_dtype)
   for path, spec in specs.items():
     if spec.tied_head:
       continue  # with its table's lookup spec, below
@@ -128,7 +133,7 @@ def precondition(specs: Mapping[str, LayerSpec], leaves: Sequence[Any],
       pre = jnp.swapaxes(apply_inverse(specs[out], inverses[out], method,
                                        jnp.swapaxes(pre, -1, -2).astype(factor_dtypes[out])),
                          -1, -2).astype(pre.dtype)
-    sq_norm = sq_norm + jnp.vdot(g, pre)
+    sq_norm = sq_norm + jnp.vdot(g, pre, precision=jax.lax.Precision.HIGHEST).astype(q_dtype)
     pres[path] = pre
   return pres, sq_norm
 

@@ -179,8 +179,18 @@ def other_layer_hint(spec, widths: Sequence[int]) -> str:
 
 
 def stat_dtype(*arrays: jax.Array) -> jnp.dtype:
-  """float32, or float64 where an input already is (x64 mode)."""
-  return jnp.result_type(jnp.float32, *[a.dtype for a in arrays])
+  """float32, or float64 where an input already is (x64 mode).
+
+  The widest floating dtype among float32 and the inputs', chosen here rather than by
+  ``jnp.result_type``, which refuses float32 with float64 under
+  ``jax_numpy_dtype_promotion="strict"``.
+  """
+  widest = np.dtype(np.float32)
+  for a in arrays:
+    dtype = np.dtype(a.dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize > widest.itemsize:
+      widest = dtype
+  return widest
 
 
 def row_weights(call: Captured, n_rows: int) -> Optional[jax.Array]:
@@ -511,7 +521,8 @@ def batch_factor(spec: LayerSpec, calls: Sequence[Captured],
       w = jax.nn.sigmoid(z) ** 2
       if m is not None:
         w = w * m[:, None]
-      return jnp.einsum("nj,na,nb->jab", w, x, x, out_sharding=out_sharding)
+      return jnp.einsum("nj,na,nb->jab", w, x, x, out_sharding=out_sharding,
+                        precision=jax.lax.Precision.HIGHEST)
     mx = x if m is None else m[:, None] * x  # sum_r m_r x~_r x~_r^T
     if x.shape[1] <= _NARROW_GRAM and x.shape[0] > _LONG_ROWS and out_sharding is None:
       # XLA:CPU emits the product of a very narrow X~ (1-2 inputs and the bias) as one
@@ -520,7 +531,9 @@ def batch_factor(spec: LayerSpec, calls: Sequence[Captured],
       return (mx[:, :, None] * x[:, None, :]).sum(0)
     if split_bias and out_sharding is None:
       return _gram_with_ones_column(x, m)
-    return jnp.matmul(mx.T, x, out_sharding=out_sharding)
+    # HIGHEST whatever jax_default_matmul_precision says (as the sketch's and the inverses'
+    # products): a factor summed in bfloat16 or TF32 is not the Fisher the damping is set for
+    return jnp.matmul(mx.T, x, out_sharding=out_sharding, precision=jax.lax.Precision.HIGHEST)
 
   # Patch rows: the product of the patches alone, its bias row and column summed (see
   # `_gram_with_ones_column`).
@@ -552,7 +565,8 @@ def _gram_with_ones_column(x: jax.Array, m: Optional[jax.Array]) -> jax.Array:
   d = p.shape[1]
   # Assembled by padding with zeros and adding (exact), which XLA:CPU fuses into one
   # kernel; the concatenations along the rows' (minor) axis it would run as copies.
-  return (jnp.pad(mp.T @ p, ((0, 1), (0, 1))) + jnp.pad(s[:, None], ((0, 1), (d, 0)))
+  gram = jnp.matmul(mp.T, p, precision=jax.lax.Precision.HIGHEST)
+  return (jnp.pad(gram, ((0, 1), (0, 1))) + jnp.pad(s[:, None], ((0, 1), (d, 0)))
           + jnp.pad(jnp.append(s, n)[None], ((d, 0), (0, 0))))
 
 
@@ -796,7 +810,7 @@ def prior_of(prior: str, estimate, omega: Optional[jax.Array] = None):
     return jnp.broadcast_to(eye, estimate.shape)
   if prior == "scaled_identity":
     scale = checked_block_trace(estimate) / d  # the range check's reduction (one kernel)
-    return scale[..., None, None] * eye
+    return scale[..., None, None] * eye[(None,) * scale.ndim]
   if prior == "none":
     return jnp.zeros_like(estimate)
   raise ValueError(f"sngd: unknown prior {prior!r}; expected one of {PRIORS}")
@@ -860,8 +874,9 @@ def checked_block_trace(g: jax.Array) -> jax.Array:
   """
   d = g.shape[-1]
   if d <= _CONSTANT_EYE_MAX_DIM:
-    return jnp.sum(g * np.eye(d, dtype=g.dtype), axis=(-2, -1))
-  return jnp.sum(jnp.where(jnp.eye(d, dtype=bool), g, 0 * g), axis=(-2, -1))
+    return jnp.sum(g * np.eye(d, dtype=g.dtype)[(None,) * (g.ndim - 2)], axis=(-2, -1))
+  eye = jnp.eye(d, dtype=bool)[(None,) * (g.ndim - 2)]
+  return jnp.sum(jnp.where(eye, g, 0 * g), axis=(-2, -1))
 
 
 _CONSTANT_EYE_MAX_DIM = 1024

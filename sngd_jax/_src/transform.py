@@ -42,7 +42,7 @@ from sngd_jax._src.state import SNGDState as SNGDState
 
 
 def _layer_dtype(leaf: Any) -> jnp.dtype:
-  return jnp.result_type(jnp.float32, leaf.dtype)
+  return statistics.stat_dtype(leaf)
 
 
 def _flatten(tree: Any) -> tuple[list[Any], Any, dict[tuple[str, ...], int]]:
@@ -95,6 +95,11 @@ def _init_state(params: Any, specs: dict[str, layers_lib.LayerSpec], method: Inv
                    num_skipped_steps=zero(), config=config.static())
 
 
+def _sum_dtype(dtype: jnp.dtype) -> jnp.dtype:
+  """The accumulator of a finiteness sum: float32 for narrower floats, else the leaf's own."""
+  return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+
+
 def tree_all_finite(tree: Any) -> jax.Array:
   """Whether every floating leaf of ``tree`` is finite, from one sum per leaf.
 
@@ -106,7 +111,7 @@ def tree_all_finite(tree: Any) -> jax.Array:
   about half of ``all(isfinite(x))`` (a predicate reduction) on CPU, and this
   check runs on every gradient leaf every step.
   """
-  flags = [jnp.isfinite(jnp.sum(x, dtype=jnp.result_type(jnp.float32, x.dtype)))
+  flags = [jnp.isfinite(jnp.sum(x, dtype=_sum_dtype(jnp.asarray(x).dtype)))
            for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
   return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 

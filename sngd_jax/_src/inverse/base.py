@@ -171,6 +171,7 @@ def damping_shift(g, damping, abs_damping) -> jax.Array:
 def add_shift(g: jax.Array, shift: jax.Array) -> jax.Array:
   """``G + rho I`` for a stack of blocks and a shift of shape ``g.shape[:-2]``."""
   eye = jnp.eye(g.shape[-1], dtype=g.dtype)
+  eye = jnp.expand_dims(eye, tuple(range(g.ndim - 2)))  # explicit ranks: see docs/reliability.md
   return g + jnp.asarray(shift, g.dtype)[..., None, None] * eye
 
 
@@ -226,8 +227,13 @@ def all_finite_per_block(x: jax.Array) -> jax.Array:
 
 
 def compute_dtype(dtype) -> jnp.dtype:
-  """The working precision: float32 for bfloat16/float16 inputs, else the input's."""
-  return jnp.promote_types(dtype, jnp.float32)
+  """The working precision: float32 for bfloat16/float16 inputs, else the input's.
+
+  Chosen by width, not by ``jnp.promote_types``, which refuses float64 with float32 under
+  ``jax_numpy_dtype_promotion="strict"``.
+  """
+  dtype = jnp.dtype(dtype)
+  return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
 
 
 def method_factory(fn: Callable[..., Any]) -> Callable[..., Any]:

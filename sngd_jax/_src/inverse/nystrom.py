@@ -153,7 +153,7 @@ def from_sketch(s: sketch_lib.Sketch, seed: int = 0, tail: str = "mean",
   unit = y / scale[:, None, None]
   norm = jnp.sqrt(jnp.einsum("bdr,bdr->b", unit, unit, precision=HIGHEST))
   nu = math.sqrt(d) * eps * scale * jnp.where(trace > 0, norm, 1.0)
-  y_nu = y + nu[:, None, None] * omega
+  y_nu = y + nu[:, None, None] * omega[None]
   # ``core`` and ``gram`` are symmetric to rounding and only their lower triangles are
   # read (LAPACK's potrf and syevd): no symmetrization, and ``B`` solved from the right
   # (``B C^T = Y_nu``), so the refresh compiles no transpose kernel (XLA:CPU compiles

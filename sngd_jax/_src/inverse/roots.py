@@ -64,7 +64,7 @@ def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def _inverse_error(y: jax.Array, z: jax.Array) -> jax.Array:
   d = y.shape[-1]
-  r = _mm(y, z) - jnp.eye(d, dtype=y.dtype)
+  r = _mm(y, z) - jnp.eye(d, dtype=y.dtype)[(None,) * (y.ndim - 2)]
   return jnp.linalg.norm(r, axis=(-2, -1)) / math.sqrt(d)
 
 
@@ -106,7 +106,9 @@ def eigh_roots(a: jax.Array) -> Roots:
   a = symmetrize(a.astype(compute_dtype(dtype)))
   lam, v = jnp.linalg.eigh(a)
   vt = jnp.swapaxes(v, -1, -2)
-  root = jnp.sqrt(jnp.where(lam >= 0, lam, jnp.nan))
+  # NaN where lam < 0 (the error check then fails the block), from the square root itself:
+  # no NaN constant, which jax_debug_nans would stop at eagerly even for a valid block
+  root = jnp.sqrt(lam)
   y = _mm(v * root[..., None, :], vt)
   z = _mm(v / root[..., None, :], vt)
   return Roots(y.astype(dtype), z.astype(dtype), _root_error(y, z, a))
@@ -130,7 +132,7 @@ def _coupled_iteration(step, a: jax.Array, num_iters: int, tol: Union[float, str
   y = a / s
   # I, typed as Y (``0 * y``): inside a shard_map the loop carry must vary over the same
   # mesh axes as the block it iterates on (a non-finite block fails either way)
-  z = jnp.eye(a.shape[-1], dtype=a.dtype) + 0 * y
+  z = jnp.eye(a.shape[-1], dtype=a.dtype)[(None,) * (y.ndim - 2)] + 0 * y
   limit = _tolerance(tol, a.dtype)
   if limit is None:
     y, z = jax.lax.fori_loop(0, num_iters, lambda _, c: step(*c), (y, z))
@@ -159,7 +161,7 @@ def _db_step(y, z):
 
 
 def _ns_step(y, z):
-  t = 1.5 * jnp.eye(y.shape[-1], dtype=y.dtype) - 0.5 * _mm(z, y)
+  t = 1.5 * jnp.eye(y.shape[-1], dtype=y.dtype)[(None,) * (y.ndim - 2)] - 0.5 * _mm(z, y)
   return _mm(y, t), _mm(t, z)
 
 
