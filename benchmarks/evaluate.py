@@ -613,8 +613,8 @@ def _f(x, spec=".2f"):
 
 TAGGED = ("_tune", "_long", "_long2", "_long3", "_ablation", "_early", "_peers", "_psgd", "_all",
           "_rank", "_kfac", "_rerun", "_rerun2", "_rerun3", "_rerun4", "_rerun5", "_rerun6",
-          "_rerun7", "_rerun8", "_rerun9", "_rerun10", "_rerun11", "_rerun12", "_ext8", "_diag1", "_diag10",
-          "_shampoo_muon", "_gpu", "_gpu_notriton")
+          "_rerun7", "_rerun8", "_rerun9", "_rerun10", "_rerun11", "_rerun12", "_ext8", "_diag1",
+          "_diag10", "_shampoo_muon", "_gpu", "_gpu_notriton")
 """File-name tags of runs outside the protocol's evaluation tables (``--tag``)."""
 
 
