@@ -13,7 +13,6 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sngd_jax._src import precondition
 from sngd_jax._src.config import value_at
@@ -65,8 +64,7 @@ def trust_region_scale(grads: Any, opt_state: Any, updates: Optional[Any] = None
   dtypes = {p: jax.tree.leaves(state.factors[p])[0].dtype for p in specs}
   if updates is not None:
     u_leaves, _, _ = _flatten(updates)
-    q = jnp.zeros((), max([np.dtype(np.float32)] + [np.dtype(d) for d in dtypes.values()],
-                          key=lambda dtype: dtype.itemsize))
+    q = jnp.zeros((), precondition.q_dtype_of(dtypes.values()))
     for path, spec in specs.items():
       if spec.tied_head:
         continue  # a tied table's second spec: its leaf is counted once, with the first

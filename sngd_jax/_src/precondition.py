@@ -22,7 +22,7 @@ uses the same gather and split.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -98,6 +98,15 @@ def apply_inverse(spec: LayerSpec, inverse: Any, method: InverseMethod,
   return method.apply(inverse, g.reshape(-1, d, o)).reshape(g.shape)
 
 
+def q_dtype_of(dtypes: Iterable[Any]) -> np.dtype:
+  """The dtype of ``q = <g, u>``: float32, or float64 where a factor is.
+
+  Chosen here, each term cast to it: no implicit float32-float64 promotion (which
+  ``jax_numpy_dtype_promotion="strict"`` refuses).
+  """
+  return max([np.dtype(np.float32)] + [np.dtype(d) for d in dtypes], key=lambda d: d.itemsize)
+
+
 def precondition(specs: Mapping[str, LayerSpec], leaves: Sequence[Any],
                  index: Mapping[tuple[str, ...], int], inverses: Mapping[str, Any],
                  factor_dtypes: Mapping[str, Any], method: InverseMethod
@@ -117,10 +126,7 @@ def precondition(specs: Mapping[str, LayerSpec], leaves: Sequence[Any],
     ``(u, q)``: ``(d, O)`` updates by layer path in the factor dtype, and ``q``
     (float32, or float64 when a factor is).
   """
-  # q's dtype chosen here, each term cast to it: no implicit float32-float64 promotion (which
-  # jax_numpy_dtype_promotion="strict" refuses)
-  q_dtype = max([np.dtype(np.float32)] + [np.dtype(d) for d in factor_dtypes.values()],
-                key=lambda dtype: dtype.itemsize)
+  q_dtype = q_dtype_of(factor_dtypes.values())
   pres, sq_norm = {}, jnp.zeros((), q_dtype)
   for path, spec in specs.items():
     if spec.tied_head:

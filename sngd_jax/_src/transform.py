@@ -34,7 +34,7 @@ from sngd_jax._src import sketch as sketch_lib
 from sngd_jax._src.capture.records import Activations, stacked_rows_pooled
 from sngd_jax._src.config import DEFAULTS, AxisName, SNGDConfig, caller_stacklevel, value_at
 from sngd_jax._src.inverse import diagonal as diagonal_lib
-from sngd_jax._src.inverse.base import InverseMethod, is_nystrom
+from sngd_jax._src.inverse.base import InverseMethod, compute_dtype, is_nystrom
 from sngd_jax._src.inverse.refresh import refresh_inverses
 from sngd_jax._src.inverse.registry import get_method
 from sngd_jax._src.inverse.sharded import shard_method
@@ -95,11 +95,6 @@ def _init_state(params: Any, specs: dict[str, layers_lib.LayerSpec], method: Inv
                    num_skipped_steps=zero(), config=config.static())
 
 
-def _sum_dtype(dtype: jnp.dtype) -> jnp.dtype:
-  """The accumulator of a finiteness sum: float32 for narrower floats, else the leaf's own."""
-  return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
-
-
 def tree_all_finite(tree: Any) -> jax.Array:
   """Whether every floating leaf of ``tree`` is finite, from one sum per leaf.
 
@@ -111,7 +106,7 @@ def tree_all_finite(tree: Any) -> jax.Array:
   about half of ``all(isfinite(x))`` (a predicate reduction) on CPU, and this
   check runs on every gradient leaf every step.
   """
-  flags = [jnp.isfinite(jnp.sum(x, dtype=_sum_dtype(jnp.asarray(x).dtype)))
+  flags = [jnp.isfinite(jnp.sum(x, dtype=compute_dtype(jnp.asarray(x).dtype)))
            for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
   return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
