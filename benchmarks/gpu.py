@@ -51,6 +51,9 @@ PRODUCT_MODULES = (
     ("sngd_jax._src.inverse.refresh", "HIGHEST"),
     ("sngd_jax._src.reconstruct", "_HIGHEST"),
     ("sngd_jax._src.sketch", "_HIGHEST"),
+    ("sngd_jax._src.statistics", "_HIGHEST"),
+    ("sngd_jax._src.precondition", "_HIGHEST"),
+    ("sngd_jax._src.diagnostics", "_HIGHEST"),
 )
 
 # Best learning rates of the CPU evaluation (benchmarks/README.md, Rerun 7 and the
