@@ -154,6 +154,20 @@ def test_tree_all_finite_sums_float64_leaves_in_float64():
     assert not bool(_tree_all_finite({"a": huge.at[1].set(jnp.nan)}))
 
 
+def test_tree_all_finite_sums_float16_in_float32_and_complex_in_its_own_dtype():
+  """Each leaf is summed in ``dtypes.compute_dtype`` of its dtype: float16 in float32 (two
+  6e4 entries overflow float16's 65504, not float32); a complex leaf (a layer left to the
+  next transform) in its own dtype, so a NaN in its imaginary part is caught, under strict
+  dtype promotion too."""
+  from sngd_jax._src.transform import tree_all_finite as _tree_all_finite
+  assert bool(_tree_all_finite({"h": jnp.full((2,), 6e4, jnp.float16)}))
+  assert not bool(_tree_all_finite({"h": jnp.array([np.inf, 1.0], jnp.float16)}))
+  with jax.enable_x64(True), jax.numpy_dtype_promotion("strict"):
+    c = jnp.array([1 + 1j, complex(1.0, np.nan)], jnp.complex128)
+    assert not bool(_tree_all_finite({"c": c, "ids": jnp.arange(3)}))
+    assert bool(_tree_all_finite({"c": c.real.astype(jnp.complex128), "ids": jnp.arange(3)}))
+
+
 def test_skipped_steps_do_not_shift_the_refresh_schedule():
   _, params, grad_fn, tx, x, y = _setup(inverse_every=2)
   state = tx.init(params)

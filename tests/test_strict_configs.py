@@ -22,6 +22,7 @@ import strict_cases as sc
 from jax.extend import core as jax_core
 
 import sngd_jax
+from sngd_jax._src.dtypes import compute_dtype
 
 MODELS = ("mlp", "cnn", "lstm", "norm", "attention", "nnx", "eqx")
 # the models whose x64 and eager runs take over ~20 s on a 2-core host
@@ -154,6 +155,35 @@ def test_optax_adam_itself_refuses_strict_dtype_promotion():
   tx = optax.adam(0.01)
   with jax.numpy_dtype_promotion("strict"), pytest.raises(jax.dtypes.TypePromotionError):
     tx.update(params, tx.init(params), params)
+
+
+# --- the dtype rule: float32, or float64 where an input is ------------------------------------
+
+
+@pytest.mark.parametrize("dtypes, expected", [
+    ((), np.float32),
+    ((jnp.bfloat16,), np.float32),
+    ((jnp.float16,), np.float32),
+    ((np.float32,), np.float32),
+    ((np.float64,), np.float64),
+    ((jnp.bfloat16, jnp.float16), np.float32),
+    ((jnp.bfloat16, np.float64), np.float64),
+    ((np.float32, np.float64, jnp.float16), np.float64),
+    ((np.int32, jnp.bfloat16), np.float32),  # token ids are not counted
+    ((np.int64, np.float32), np.float32),
+])
+def test_compute_dtype_rule_under_strict_x64(dtypes, expected):
+  """``dtypes.compute_dtype``, the one rule of statistics, inverses, ``q`` and the finiteness
+  sums, by width: under strict promotion with x64, where ``jnp.result_type`` refuses to mix
+  float32 with float64, and each input cast to it combines with the others without an error."""
+  with jax.enable_x64(True), jax.numpy_dtype_promotion("strict"):
+    work = compute_dtype(*dtypes)
+    assert work == np.dtype(expected)
+    xs = [jnp.ones(2, d).astype(work) for d in dtypes]
+    assert sum(xs, jnp.zeros(2, work)).dtype == work
+    if np.dtype(np.float64) in {np.dtype(d) for d in dtypes} and len(dtypes) > 1:
+      with pytest.raises(jax.dtypes.TypePromotionError):
+        jnp.result_type(*dtypes)
 
 
 # --- jax_enable_x64 ---------------------------------------------------------------------------
