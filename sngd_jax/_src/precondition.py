@@ -147,9 +147,8 @@ def scale_and_check(sq_norm: jax.Array, max_norm: Any, finite: jax.Array
   zeroed by the guard whatever its scale): a conditional's results are
   buffers, which every leaf's kernel reads. Computed in the open, XLA fuses
   the sum over the layers' terms into the kernel of every leaf that reads the
-  scale or the flag, repeating it in each: on a 20-layer transformer that was
-  a sixth of the code XLA:CPU generated for the step (``benchmarks/README.md``,
-  *Compile time*).
+  scale or the flag, repeating it in each, once per parameter leaf
+  (``benchmarks/README.md``, *Compile time*).
   """
   dtype = sq_norm.dtype
 

@@ -543,10 +543,10 @@ def _gram_with_ones_column(x: jax.Array, m: Optional[jax.Array]) -> jax.Array:
   ``[[(m p)^T p, sum_r m_r p_r], [sum_r m_r p_r^T, sum_r m_r]]``.
 
   XLA simplifies ``x[:, :-1]`` to the patches before the ones column is appended, so the
-  rows with the ones column are never formed: one pass over the rows less (the product
-  of one chunk of a 3x3 conv's rows, 12544 x 145, took 8.1 ms instead of 12.2, median of
-  400 interleaved calls on a 2-core host). Equal to ``mx^T x`` up to the order of the
-  additions.
+  rows with the ones column are never formed: one pass over the rows less
+  (``benchmarks/conv_stats_ab.py`` measures it, with ``conv._windows``, against ``mx^T x``
+  over the rows ``[p, 1]``: ``benchmarks/results/conv_stats_ab_*.json``). Equal to
+  ``mx^T x`` up to the order of the additions.
   """
   p = x[:, :-1]
   mp = p if m is None else m[:, None] * p

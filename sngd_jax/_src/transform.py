@@ -103,11 +103,11 @@ def tree_all_finite(tree: Any) -> jax.Array:
   ``isfinite(sum(x))`` is False whenever ``x`` holds one; it is also False when
   finite values sum past the range of the accumulator (float32 for float32 and
   narrower leaves: ``|x| ~ 1e38 / x.size``; float64 for float64 leaves), which
-  then skips a step that was finite: the conservative side. A float sum costs
-  about half of ``all(isfinite(x))`` (a predicate reduction) on CPU, and this
-  check runs on every gradient leaf every step. Each floating leaf is summed in
-  ``dtypes.compute_dtype`` of its dtype, a complex one (a layer left to the next
-  transform) in its own.
+  then skips a step that was finite: the conservative side. A float sum is one
+  reduction kernel, where XLA:CPU splits ``all(isfinite(x))`` (a predicate reduction)
+  into several (``inverse.base.all_finite``), and this check runs on every gradient leaf
+  every step. Each floating leaf is summed in ``dtypes.compute_dtype`` of its dtype, a
+  complex one (a layer left to the next transform) in its own.
   """
   flags = []
   for x in jax.tree.leaves(tree):
