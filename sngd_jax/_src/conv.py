@@ -169,7 +169,8 @@ def _windows(x: jax.Array, kernel_size, strides, padding, kernel_dilation) -> ja
   a concatenation of more than 8 operands nor one along the minor axis.
   ``benchmarks/conv_stats_ab.py`` measures these patches, with
   ``statistics._gram_with_ones_column``, against the channel-axis concatenation, per conv
-  layer's batch estimate and per training step: ``benchmarks/results/conv_stats_ab_*.json``.)
+  layer's batch estimate and per training step: ``benchmarks/results/conv_stats_ab_cnn.json``
+  and ``benchmarks/results/conv_stats_ab_resnet-bn.json``.)
   """
   rank = len(kernel_size)
   spatial = x.shape[1:1 + rank]

@@ -545,8 +545,9 @@ def _gram_with_ones_column(x: jax.Array, m: Optional[jax.Array]) -> jax.Array:
   XLA simplifies ``x[:, :-1]`` to the patches before the ones column is appended, so the
   rows with the ones column are never formed: one pass over the rows less
   (``benchmarks/conv_stats_ab.py`` measures it, with ``conv._windows``, against ``mx^T x``
-  over the rows ``[p, 1]``: ``benchmarks/results/conv_stats_ab_*.json``). Equal to
-  ``mx^T x`` up to the order of the additions.
+  over the rows ``[p, 1]``: ``benchmarks/results/conv_stats_ab_cnn.json`` and
+  ``benchmarks/results/conv_stats_ab_resnet-bn.json``). Equal to ``mx^T x`` up to the order
+  of the additions.
   """
   p = x[:, :-1]
   mp = p if m is None else m[:, None] * p
