@@ -11,6 +11,7 @@ eager and compiled code round differently), or with a float64 numpy reference.
 
 import contextlib
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -184,6 +185,43 @@ def test_compute_dtype_rule_under_strict_x64(dtypes, expected):
     if np.dtype(np.float64) in {np.dtype(d) for d in dtypes} and len(dtypes) > 1:
       with pytest.raises(jax.dtypes.TypePromotionError):
         jnp.result_type(*dtypes)
+
+
+# --- gradient accumulation: sngd_jax.MultiSteps, and optax.MultiSteps's limit -----------------
+
+
+def _multi_steps(wrapper, dtype):
+  """Four jitted micro-steps of ``wrapper(sngd_momentum, 2)`` (two emitted updates)."""
+  inner = sngd_jax.sngd_momentum(0.1, inverse_every=1, factor_every=1)
+  tx = (sngd_jax.MultiSteps(inner, every_k_schedule=2) if wrapper == "sngd_jax"
+        else optax.MultiSteps(inner, every_k_schedule=2))
+  return sc.run(sc.make_case("mlp", dtype), tx, steps=4)[0]
+
+
+@pytest.mark.filterwarnings("ignore:sngd. this .sngd. is wrapped by .optax.MultiSteps.")
+@pytest.mark.parametrize("x64, dtype, optax_mixes", [
+    (False, jnp.float32, {"float32", "int32"}), (True, jnp.float32, {"float32", "int32"}),
+    (True, jnp.float64, {"float32", "float64"}), (False, jnp.bfloat16, {"bfloat16", "float32"})],
+    ids=["float32", "x64-float32", "x64-float64", "bfloat16"])
+def test_multi_steps_under_strict_dtype_promotion(x64, dtype, optax_mixes):
+  """``sngd_jax.MultiSteps`` runs under strict dtype promotion (float32 params with x64 off and
+  on, float64 params with x64, bfloat16 params): bit for bit the updates of the default
+  promotion rules. (Until 2026-12-06 float64 and bfloat16 gradients failed there: folded into
+  the float32 accumulator without a cast.) The known limit that is not sngd's
+  (docs/reliability.md, *Strict JAX settings*; docs/known-issues.md): ``optax.MultiSteps``
+  (optax 0.2.8) refuses it, its running mean mixing the gradients with the int32 micro-step
+  count, or with its float32 accumulator where they are not float32. If that part starts to
+  fail, optax has fixed it: update both docs."""
+  with jax.enable_x64(x64):
+    expected = _multi_steps("sngd_jax", dtype)
+    with jax.numpy_dtype_promotion("strict"):
+      updates = _multi_steps("sngd_jax", dtype)
+    assert_same(updates, expected)
+    assert _float_dtypes(updates) == {np.dtype(dtype)}
+    with jax.numpy_dtype_promotion("strict"), pytest.raises(
+        jax.dtypes.TypePromotionError, match=r"^Input dtypes \(") as refused:
+      _multi_steps("optax", dtype)
+    assert set(re.findall(r"'(\w+)'", str(refused.value).split(")")[0])) == optax_mixes
 
 
 # --- jax_enable_x64 ---------------------------------------------------------------------------
