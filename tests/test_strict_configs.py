@@ -24,6 +24,7 @@ from jax.extend import core as jax_core
 
 import sngd_jax
 from sngd_jax._src.dtypes import compute_dtype
+from sngd_jax._src.state import only_sngd_state
 
 MODELS = ("mlp", "cnn", "lstm", "norm", "attention", "nnx", "eqx")
 # the models whose x64 and eager runs take over ~20 s on a 2-core host
@@ -100,12 +101,6 @@ def assert_close(actual, expected, rtol=2e-5):
     np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol * np.max(np.abs(e)))
 
 
-def _sngd_state(opt_state):
-  is_state = lambda s: isinstance(s, sngd_jax.SNGDState)
-  (state,) = [s for s in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(s)]
-  return state
-
-
 def _float_dtypes(tree):
   return {np.asarray(x).dtype for x in jax.tree.leaves(tree)
           if jnp.issubdtype(np.asarray(x).dtype, jnp.floating)}
@@ -136,7 +131,7 @@ def test_inverse_methods_under_all_strict_settings(inverse):
   with all_strict():
     updates, opt_state = _run("norm", inverse=inverse)
   assert_same(updates, _default("norm", inverse=inverse)[0])
-  assert int(_sngd_state(opt_state).num_refresh_failures) == 0
+  assert int(only_sngd_state(opt_state).num_refresh_failures) == 0
 
 
 @pytest.mark.parametrize("opt", ["adam", "sngd"])
@@ -233,7 +228,7 @@ def test_x64_with_float32_params_stays_float32(model):
   upcast), and the updates are the ones of the default (x64 off) run."""
   with jax.enable_x64(True), jax.numpy_rank_promotion("raise"):
     updates, opt_state = _run(model)
-  state = _sngd_state(opt_state)
+  state = only_sngd_state(opt_state)
   assert _float_dtypes((state.factors, state.weights, state.inverses)) == {np.dtype("float32")}
   assert_same(updates, _default(model)[0])
 
@@ -252,7 +247,7 @@ def test_x64_with_float64_params_stays_float64(model):
                    else jax.numpy_dtype_promotion("strict"))
   with jax.enable_x64(True), jax.numpy_rank_promotion("raise"), strict_dtypes:
     updates, opt_state = _run(model, dtype=jnp.float64)
-  state = _sngd_state(opt_state)
+  state = only_sngd_state(opt_state)
   assert _float_dtypes((state.factors, state.weights, state.inverses)) == {np.dtype("float64")}
   assert_same(updates, _default(model, x64=True)[0])
 
@@ -262,7 +257,7 @@ def test_x64_float64_inverse_methods_under_strict_promotion(inverse):
   """Every inverse method refreshes in float64 under strict dtype and rank promotion."""
   with jax.enable_x64(True), all_strict():
     updates, opt_state = _run("mlp", inverse=inverse, dtype=jnp.float64)
-  state = _sngd_state(opt_state)
+  state = only_sngd_state(opt_state)
   assert _float_dtypes(state.inverses) == {np.dtype("float64")}
   assert int(state.num_refresh_failures) == 0
   assert_same(updates, _default("mlp", inverse=inverse, x64=True)[0])
