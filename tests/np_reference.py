@@ -4,9 +4,9 @@ Everything here is written from the layer's math with explicit loops or
 plain numpy, without sngd_jax, so the tests compare two implementations.
 Also here: the ``sngd()`` settings under which one step's factor or update is
 the reference (``ONE_STEP``, :func:`one_step_kwargs`), the float64 conversions
-the tests start from (:func:`f64`, :func:`np64`), and the assertions that
-compare a state's factor or a layer's update with the reference
-(:func:`assert_factor`, :func:`assert_dense_update`).
+the tests start from (:func:`f64`, :func:`np64`), a tree's finiteness read in float64
+(:func:`all_finite`), and the assertions that compare a state's factor or a layer's update
+with the reference (:func:`assert_factor`, :func:`assert_dense_update`).
 """
 
 import itertools
@@ -38,6 +38,13 @@ def f64(tree):
 def np64(a):
   """``a`` as a float64 numpy array."""
   return np.asarray(a, np.float64)
+
+
+def all_finite(tree) -> bool:
+  """Whether every inexact leaf of ``tree`` is finite, read as float64 numpy."""
+  return all(bool(np.all(np.isfinite(np.asarray(leaf, np.float64))))
+             for leaf in jax.tree.leaves(tree)
+             if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact))
 
 
 def damped_solve(g_factor, grad, damping=DAMPING):

@@ -16,6 +16,7 @@ import optax
 import pytest
 
 import sngd_jax
+from sngd_jax._src.state import only_sngd_state
 
 K, N = 2, 8  # micro-batches per step, examples per micro-batch
 
@@ -102,12 +103,6 @@ def _step(tx, loss_fn):
   return step
 
 
-def _sngd_state(state):
-  (found,) = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(
-      s, sngd_jax.SNGDState)) if isinstance(s, sngd_jax.SNGDState)]
-  return found
-
-
 @pytest.mark.parametrize("kind", ["dense", "conv", "recurrent", "tied", "sketched",
                                   "injected", "multi_transform", "masked_bias"])
 def test_micro_batches_give_the_big_batch_update(kind):
@@ -127,7 +122,7 @@ def test_micro_batches_give_the_big_batch_update(kind):
         assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
     big_p, big_s, _ = big_step(big_p, big_s, x, y)
     assert bool(ms.has_updated(ms_s)) and int(ms_s.gradient_step) == cycle + 1
-    a, b = _sngd_state(ms_s), _sngd_state(big_s)
+    a, b = only_sngd_state(ms_s), only_sngd_state(big_s)
     assert int(a.count) == int(b.count) == cycle + 1
     for path in b.factors:
       jax.tree.map(lambda f, g, path=path: np.testing.assert_allclose(
@@ -138,7 +133,7 @@ def test_micro_batches_give_the_big_batch_update(kind):
                                                    jax.tree.leaves(params), strict=True))
   if kind == "sketched":  # accumulators of sketched layers are d x r sketches, never d x d
     for path, f in ms_s.acc_statistics.items():
-      if isinstance(_sngd_state(ms_s).factors[path], sngd_jax.Sketch):
+      if isinstance(only_sngd_state(ms_s).factors[path], sngd_jax.Sketch):
         assert isinstance(f, sngd_jax.Sketch) and f.y.shape[-1] == 4, path
     assert any(isinstance(f, sngd_jax.Sketch) for f in ms_s.acc_statistics.values())
 
@@ -166,8 +161,8 @@ def test_unequal_micro_batches_weigh_statistics_by_rows_and_the_gradient_per_bat
   mean_grad = jax.tree.map(lambda *g: sum(g) / len(g), *grads)
   big = tx()
   updates, big_state = big.update(mean_grad, big.init(params), params, activations=acts)
-  for path, f in _sngd_state(big_state).factors.items():
-    np.testing.assert_allclose(_sngd_state(state).factors[path], f, rtol=2e-5, atol=1e-6,
+  for path, f in only_sngd_state(big_state).factors.items():
+    np.testing.assert_allclose(only_sngd_state(state).factors[path], f, rtol=2e-5, atol=1e-6,
                                err_msg=path)
   jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-4, atol=2e-6),
                new_params, optax.apply_updates(params, updates))
@@ -265,7 +260,7 @@ def test_optax_wrappers_pass_activations_on(wrap):
     batch = slice((i % K) * N, (i % K + 1) * N)
     p1, s1, _ = step1(p1, s1, x[batch], y[batch])
     p2, s2, _ = step2(p2, s2, x[batch], y[batch])
-  assert int(_sngd_state(s2).count) == 3
+  assert int(only_sngd_state(s2).count) == 3
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), p1, p2)
   assert not np.allclose(jax.tree.leaves(p2)[0], jax.tree.leaves(params)[0])
 

@@ -22,14 +22,11 @@ import pytest
 from eqx_layers import EqxLinear, EqxNet
 from flax import nnx
 from helpers_mlp import reference_update
+from np_reference import np64
 
 import sngd_jax
 
 RTOL32 = 1e-6
-
-
-def _np(a):
-  return np.asarray(a, np.float64)
 
 
 def _batch(dtype, shape=(4, 3, 6), seed=0):
@@ -129,7 +126,7 @@ def test_linen_hand_written_dense_against_float64_solve():
     _, grads, acts, updates = _linen_step(model, params, x, sngd_jax.sngd(
         **ref.one_step_kwargs()))
     assert len(acts["hidden"]) == 1  # one record per call
-    rows = _np(x).reshape(-1, 6)  # every leading position (batch x tokens) is a row
+    rows = np64(x).reshape(-1, 6)  # every leading position (batch x tokens) is a row
     kernel, bias = ref.dense_update(rows, grads["hidden"]["kernel"], grads["hidden"]["bias"])
     np.testing.assert_allclose(updates["hidden"]["kernel"], kernel, rtol=1e-10)
     np.testing.assert_allclose(updates["hidden"]["bias"], bias, rtol=1e-10)
@@ -142,11 +139,11 @@ def test_linen_rfim_reads_the_recorded_output():
     params = model.init(jax.random.key(2), x)["params"]
     tx = sngd_jax.sngd(**{**ref.one_step_kwargs(), "fisher": "rfim"})
     _, grads, acts, updates = _linen_step(model, params, x, tx, outputs=True)
-    rows = _np(x).reshape(-1, 6)
-    z = rows @ _np(params["hidden"]["kernel"]) + _np(params["hidden"]["bias"])
+    rows = np64(x).reshape(-1, 6)
+    z = rows @ np64(params["hidden"]["kernel"]) + np64(params["hidden"]["bias"])
     np.testing.assert_allclose(acts["hidden"][0].outputs.reshape(-1, 5), z, rtol=1e-12)
-    kernel, bias = reference_update(rows, z, _np(grads["hidden"]["kernel"]),
-                                    _np(grads["hidden"]["bias"]), "rfim", ref.DAMPING)
+    kernel, bias = reference_update(rows, z, np64(grads["hidden"]["kernel"]),
+                                    np64(grads["hidden"]["bias"]), "rfim", ref.DAMPING)
     np.testing.assert_allclose(updates["hidden"]["kernel"], kernel, rtol=1e-9)
     np.testing.assert_allclose(updates["hidden"]["bias"], bias, rtol=1e-9)
 
@@ -354,7 +351,7 @@ def test_nnx_hand_written_linear_against_float64_solve_and_rfim():
     x = _batch(jnp.float64)
     model = NNXNet("array", nnx.Rngs(1), param_dtype=jnp.float64)
     model.hidden.bias[...] = jnp.asarray(np.random.default_rng(7).normal(size=5))
-    rows = _np(x).reshape(-1, 6)
+    rows = np64(x).reshape(-1, 6)
     grads, _, updates = _nnx_step(model, x, sngd_jax.sngd(**ref.one_step_kwargs()))
     kernel, bias = ref.dense_update(rows, grads["hidden"]["kernel"][...],
                                     grads["hidden"]["bias"][...])
@@ -362,10 +359,10 @@ def test_nnx_hand_written_linear_against_float64_solve_and_rfim():
     np.testing.assert_allclose(updates["hidden"]["bias"][...], bias, rtol=1e-10)
     tx = sngd_jax.sngd(**{**ref.one_step_kwargs(), "fisher": "rfim"})
     grads, acts, updates = _nnx_step(model, x, tx, outputs=True)
-    z = rows @ _np(model.hidden.kernel[...]) + _np(model.hidden.bias[...])
+    z = rows @ np64(model.hidden.kernel[...]) + np64(model.hidden.bias[...])
     np.testing.assert_allclose(acts["hidden"][0].outputs.reshape(-1, 5), z, rtol=1e-12)
-    kernel, bias = reference_update(rows, z, _np(grads["hidden"]["kernel"][...]),
-                                    _np(grads["hidden"]["bias"][...]), "rfim", ref.DAMPING)
+    kernel, bias = reference_update(rows, z, np64(grads["hidden"]["kernel"][...]),
+                                    np64(grads["hidden"]["bias"][...]), "rfim", ref.DAMPING)
     np.testing.assert_allclose(updates["hidden"]["kernel"][...], kernel, rtol=1e-9)
     np.testing.assert_allclose(updates["hidden"]["bias"][...], bias, rtol=1e-9)
 
@@ -494,15 +491,15 @@ def test_eqx_hand_written_linear_against_float64_solve(fisher, net):
     model = _eqx_nets(jnp.float64)[net]
     tx = sngd_jax.sngd(**{**ref.one_step_kwargs(), "fisher": fisher})
     grads, acts, updates = _eqx_step(model, x, tx, outputs=fisher == "rfim")
-    rows = _np(x).reshape(-1, 6)
+    rows = np64(x).reshape(-1, 6)
     kernel, bias = ("weight", "bias") if net == "custom" else ("kernel", "b")
-    as_in_out = (lambda a: _np(a).T) if net == "custom" else _np  # (in, out) for numpy
+    as_in_out = (lambda a: np64(a).T) if net == "custom" else np64  # (in, out) for numpy
     w_in_out = as_in_out(getattr(model.hidden, kernel))
-    z = rows @ w_in_out + _np(getattr(model.hidden, bias))
+    z = rows @ w_in_out + np64(getattr(model.hidden, bias))
     if fisher == "rfim":
       np.testing.assert_allclose(acts["hidden"][0].outputs.reshape(-1, 5), z, rtol=1e-12)
     w, b = reference_update(rows, z, as_in_out(getattr(grads.hidden, kernel)),
-                            _np(getattr(grads.hidden, bias)), fisher, ref.DAMPING)
+                            np64(getattr(grads.hidden, bias)), fisher, ref.DAMPING)
     np.testing.assert_allclose(as_in_out(getattr(updates.hidden, kernel)), w, rtol=1e-9)
     np.testing.assert_allclose(getattr(updates.hidden, bias), b, rtol=1e-9)
 
@@ -729,8 +726,8 @@ def _cast_step(framework):
     get = lambda t, leaf: (t.hidden.weight.T if leaf == "kernel" else t.hidden.bias)
   updates, state = tx.update(grads, tx.init(params), params, activations=acts)
   assert acts["hidden"][0].inputs.dtype == BF16
-  rows = _np(acts["hidden"][0].inputs).reshape(-1, 6)  # the bfloat16 rows the kernel multiplies
-  np.testing.assert_array_equal(rows, _np(x.astype(BF16)).reshape(-1, 6))
+  rows = np64(acts["hidden"][0].inputs).reshape(-1, 6)  # the bfloat16 rows the kernel multiplies
+  np.testing.assert_array_equal(rows, np64(x.astype(BF16)).reshape(-1, 6))
   return rows, (get(grads, "kernel"), get(grads, "bias")), (
       get(updates, "kernel"), get(updates, "bias")), state
 
@@ -745,13 +742,13 @@ def test_kernel_cast_before_dense_is_recorded_from_the_input_rows(framework):
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # no "could not name" warning
     rows, (gk, gb), (uk, ub), state = _cast_step(framework)
-  factor = _np(state.factors["hidden"]) / _np(state.weights["hidden"])
+  factor = np64(state.factors["hidden"]) / np64(state.weights["hidden"])
   want = ref.linear_factor(rows)
   np.testing.assert_allclose(factor, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
   kernel, bias = ref.dense_update(rows, gk, gb)
   scale = np.abs(kernel).max()
-  np.testing.assert_allclose(_np(uk), kernel, rtol=1e-5, atol=1e-6 * scale)  # float32 solve
-  np.testing.assert_allclose(_np(ub), bias, rtol=1e-5, atol=1e-6 * scale)
+  np.testing.assert_allclose(np64(uk), kernel, rtol=1e-5, atol=1e-6 * scale)  # float32 solve
+  np.testing.assert_allclose(np64(ub), bias, rtol=1e-5, atol=1e-6 * scale)
 
 
 class _LinenCastBlock(nn.Module):
@@ -825,9 +822,9 @@ def test_cast_kernel_of_layers_scanned_over_depth_gets_one_factor_per_layer(fram
     _, state = tx.update(grads, tx.init(params), params, activations=acts)
   (call,) = acts[path]
   assert call.stack == 1 and call.inputs.shape == (3, 4, 3, 6) and call.inputs.dtype == BF16
-  np.testing.assert_array_equal(_np(call.inputs[0]), _np(x.astype(BF16)))
-  factors = _np(state.factors[path]) / np.reshape(_np(state.weights[path]), (-1, 1, 1))
+  np.testing.assert_array_equal(np64(call.inputs[0]), np64(x.astype(BF16)))
+  factors = np64(state.factors[path]) / np.reshape(np64(state.weights[path]), (-1, 1, 1))
   assert factors.shape == (3, 7, 7)
   for layer in range(3):
-    want = ref.linear_factor(_np(call.inputs[layer]).reshape(-1, 6))
+    want = ref.linear_factor(np64(call.inputs[layer]).reshape(-1, 6))
     np.testing.assert_allclose(factors[layer], want, rtol=1e-5, atol=1e-6 * np.abs(want).max())

@@ -11,16 +11,14 @@ import numpy as np
 import optax
 import pytest
 from exact import exact_sngd
+from np_reference import np64
 
 import sngd_jax
 
 eqx = pytest.importorskip("equinox")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-  with jax.enable_x64(True):
-    yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 KEYS = jax.random.split(jax.random.key(0), 8)
@@ -42,19 +40,15 @@ def _one_update(loss, model, *args, fisher="linear"):
     return step(model, *args)
 
 
-def _np(a):
-  return np.asarray(a, np.float64)
-
-
 def _check_linear(rows, g_layer, u_layer, name, weight="weight", bias="bias"):
   """``rows (n, I)``; Equinox weights are ``(O, I)``: the reference works on ``W^T``."""
   g_b = getattr(g_layer, bias) if bias else None
-  kernel, b = ref.dense_update(rows, _np(getattr(g_layer, weight)).T,
-                               None if g_b is None else _np(g_b))
-  np.testing.assert_allclose(_np(getattr(u_layer, weight)), kernel.T, rtol=1e-8, atol=1e-12,
+  kernel, b = ref.dense_update(rows, np64(getattr(g_layer, weight)).T,
+                               None if g_b is None else np64(g_b))
+  np.testing.assert_allclose(np64(getattr(u_layer, weight)), kernel.T, rtol=1e-8, atol=1e-12,
                              err_msg=name)
   if b is not None:
-    np.testing.assert_allclose(_np(getattr(u_layer, bias)), b, rtol=1e-8, atol=1e-12,
+    np.testing.assert_allclose(np64(getattr(u_layer, bias)), b, rtol=1e-8, atol=1e-12,
                                err_msg=name)
 
 
@@ -64,10 +58,10 @@ def test_mlp_under_vmap():
   loss = lambda m, x: jnp.sum(jnp.sin(jax.vmap(m)(x)))
   grads, updates, acts = _one_update(loss, model, x)
   assert set(acts) == {"layers/0", "layers/1", "layers/2"}
-  h = _np(x)
+  h = np64(x)
   for i, layer in enumerate(model.layers):
     _check_linear(h, grads.layers[i], updates.layers[i], f"layers/{i}")
-    z = h @ _np(layer.weight).T + _np(layer.bias)
+    z = h @ np64(layer.weight).T + np64(layer.bias)
     h = np.maximum(z, 0.0)
 
 
@@ -95,13 +89,13 @@ def test_multi_transform_gives_the_last_layer_to_adam():
 
   grads, updates, acts = step(model)
   assert "layers/2" in acts
-  h = _np(x)
+  h = np64(x)
   for i, layer in enumerate(model.layers[:2]):
     _check_linear(h, grads.layers[i], updates.layers[i], f"layers/{i}")
-    h = np.maximum(h @ _np(layer.weight).T + _np(layer.bias), 0.0)
+    h = np.maximum(h @ np64(layer.weight).T + np64(layer.bias), 0.0)
   for name in ("weight", "bias"):  # Adam's first step: -lr * g / (|g| + eps)
-    g = _np(getattr(grads.layers[2], name))
-    np.testing.assert_allclose(_np(getattr(updates.layers[2], name)),
+    g = np64(getattr(grads.layers[2], name))
+    np.testing.assert_allclose(np64(getattr(updates.layers[2], name)),
                                -0.1 * g / (np.abs(g) + 1e-8), rtol=1e-6)
 
 
@@ -111,11 +105,11 @@ def test_mlp_rfim_reads_outputs():
   loss = lambda m, x: jnp.sum(jnp.sin(jax.vmap(m)(x)))
   grads, updates, _ = _one_update(loss, model, x, fisher="rfim")
   from helpers_mlp import reference_update
-  z = _np(x) @ _np(model.weight).T + _np(model.bias)
-  w, b = reference_update(_np(x), z, _np(grads.weight).T, _np(grads.bias), "rfim",
+  z = np64(x) @ np64(model.weight).T + np64(model.bias)
+  w, b = reference_update(np64(x), z, np64(grads.weight).T, np64(grads.bias), "rfim",
                           ref.DAMPING)
-  np.testing.assert_allclose(_np(updates.weight), w.T, rtol=1e-8, atol=1e-12)
-  np.testing.assert_allclose(_np(updates.bias), b, rtol=1e-8, atol=1e-12)
+  np.testing.assert_allclose(np64(updates.weight), w.T, rtol=1e-8, atol=1e-12)
+  np.testing.assert_allclose(np64(updates.bias), b, rtol=1e-8, atol=1e-12)
 
 
 class CNN(eqx.Module):
@@ -142,7 +136,7 @@ class CNN(eqx.Module):
 
 def _patch_rows(x_chw, *args):
   """Reference patches of channels-first per-example inputs ``(B, C, *spatial)``."""
-  return ref.conv_patches(np.moveaxis(_np(x_chw), 1, -1), *args)[0]
+  return ref.conv_patches(np.moveaxis(np64(x_chw), 1, -1), *args)[0]
 
 
 def test_cnn_conv_reflect_transpose_1d():
@@ -154,24 +148,24 @@ def test_cnn_conv_reflect_transpose_1d():
   h1 = jax.vmap(lambda v: jnp.tanh(model.conv(v)))(x)
   h2 = jax.vmap(lambda v: jnp.tanh(model.reflect(v)))(h1)
   h3 = jax.vmap(lambda v: jnp.tanh(model.up(v)))(h2)
-  padded = np.pad(_np(h1), [(0, 0), (0, 0), (1, 1), (1, 1)], mode="reflect")
+  padded = np.pad(np64(h1), [(0, 0), (0, 0), (1, 1), (1, 1)], mode="reflect")
   up_padding = tuple(tuple(p) for p in model.up._padding_transpose())
   cases = {
       "conv": _patch_rows(x, (3, 2), (2, 1), ((1, 0), (2, 1)), (2, 1), (1, 1), 2),
       "reflect": _patch_rows(padded, (3, 3), (1, 1), "VALID", (1, 1), (1, 1), 1),
       "up": _patch_rows(h2, (2, 3), (1, 1), up_padding, (1, 1), (2, 2), 1),
-      "conv1d": _patch_rows(_np(h3).reshape(2, 2, -1), (3,), (1,), "SAME", (1,), (1,), 1),
+      "conv1d": _patch_rows(np64(h3).reshape(2, 2, -1), (3,), (1,), "SAME", (1,), (1,), 1),
   }
   for name, rows in cases.items():
     g, u = getattr(grads, name), getattr(updates, name)
     r = len(g.weight.shape) - 2
-    to_flax = lambda w, r=r: np.transpose(_np(w), tuple(range(2, 2 + r)) + (1, 0))
+    to_flax = lambda w, r=r: np.transpose(np64(w), tuple(range(2, 2 + r)) + (1, 0))
     kernel, bias = ref.dense_update(rows, to_flax(g.weight).reshape(rows.shape[1], -1),
-                                    None if g.bias is None else _np(g.bias))
+                                    None if g.bias is None else np64(g.bias))
     np.testing.assert_allclose(to_flax(u.weight).reshape(kernel.shape), kernel, rtol=1e-8,
                                atol=1e-12, err_msg=name)
     if bias is not None:
-      np.testing.assert_allclose(_np(u.bias), bias, rtol=1e-8, atol=1e-12, err_msg=name)
+      np.testing.assert_allclose(np64(u.bias), bias, rtol=1e-8, atol=1e-12, err_msg=name)
 
 
 def _cell_rows(cell, xs):
@@ -184,7 +178,7 @@ def _cell_rows(cell, xs):
       h = state[0] if isinstance(state, tuple) else state
       return cell(x, state), h
     return jax.lax.scan(step, state, x_seq)[1]
-  return _np(xs).reshape(-1, xs.shape[-1]), _np(jax.vmap(run)(xs)).reshape(-1, cell.hidden_size)
+  return np64(xs).reshape(-1, xs.shape[-1]), np64(jax.vmap(run)(xs)).reshape(-1, cell.hidden_size)
 
 
 @pytest.mark.parametrize("cell_type", [eqx.nn.LSTMCell, eqx.nn.GRUCell])
@@ -208,7 +202,7 @@ def test_recurrent_cell_under_users_scan_pools_every_step(cell_type):
   _check_linear(x_rows, grads, updates, "ih", weight="weight_ih")
   _check_linear(h_rows, grads, updates, "hh", weight="weight_hh", bias=None)
   if cell_type is eqx.nn.GRUCell:  # bias_n is left to the next transform
-    np.testing.assert_array_equal(_np(updates.bias_n), _np(grads.bias_n))
+    np.testing.assert_array_equal(np64(updates.bias_n), np64(grads.bias_n))
 
 
 class Tokens(eqx.Module):
@@ -236,18 +230,18 @@ def test_embedding_and_norms():
   grads, updates, _ = _one_update(loss, model, tokens)
   counts = np.bincount(np.asarray(tokens).ravel(), minlength=9) / tokens.size
   shift = ref.DAMPING * counts.sum()
-  np.testing.assert_allclose(_np(updates.emb.weight),
-                             _np(grads.emb.weight) / (counts + shift)[:, None], rtol=1e-10)
-  e = _np(model.emb.weight)[np.asarray(tokens).ravel()]
+  np.testing.assert_allclose(np64(updates.emb.weight),
+                             np64(grads.emb.weight) / (counts + shift)[:, None], rtol=1e-10)
+  e = np64(model.emb.weight)[np.asarray(tokens).ravel()]
   xhat_ln = (e - e.mean(-1, keepdims=True)) / np.sqrt(e.var(-1, keepdims=True) + 1e-5)
-  s, b = ref.channel_update(xhat_ln, _np(grads.ln.weight), _np(grads.ln.bias))
-  np.testing.assert_allclose(_np(updates.ln.weight), s, rtol=1e-8)
-  np.testing.assert_allclose(_np(updates.ln.bias), b, rtol=1e-8)
-  y = np.tanh(xhat_ln * _np(model.ln.weight) + _np(model.ln.bias)) * 2.0 + 0.5
+  s, b = ref.channel_update(xhat_ln, np64(grads.ln.weight), np64(grads.ln.bias))
+  np.testing.assert_allclose(np64(updates.ln.weight), s, rtol=1e-8)
+  np.testing.assert_allclose(np64(updates.ln.bias), b, rtol=1e-8)
+  y = np.tanh(xhat_ln * np64(model.ln.weight) + np64(model.ln.bias)) * 2.0 + 0.5
   xhat_rms = y / np.sqrt(np.mean(y ** 2, -1, keepdims=True) + 1e-5)
-  s, b = ref.channel_update(xhat_rms, _np(grads.rms.weight), _np(grads.rms.bias))
-  np.testing.assert_allclose(_np(updates.rms.weight), s, rtol=1e-8)
-  np.testing.assert_allclose(_np(updates.rms.bias), b, rtol=1e-8)
+  s, b = ref.channel_update(xhat_rms, np64(grads.rms.weight), np64(grads.rms.bias))
+  np.testing.assert_allclose(np64(updates.rms.weight), s, rtol=1e-8)
+  np.testing.assert_allclose(np64(updates.rms.bias), b, rtol=1e-8)
 
 
 def test_tied_setting_is_refused_for_a_layer_that_is_no_embedding():
@@ -287,13 +281,13 @@ def test_shared_tied_table_is_preconditioned_as_both_layers():
   tokens = jnp.array([1, 4, 4, 0, 4, 1, 2, 7])
   path = "shared/pytree/0"
   grads, updates, _ = _one_update(_shared_tied_loss, model, tokens, fisher={path: "tied"})
-  e = _np(model.shared.pytree[0].weight)
-  h = np.tanh(e[np.asarray(tokens)] @ _np(model.mid.weight).T + _np(model.mid.bias))
-  g_e = _np(grads.shared.pytree[0].weight)
+  e = np64(model.shared.pytree[0].weight)
+  h = np.tanh(e[np.asarray(tokens)] @ np64(model.mid.weight).T + np64(model.mid.bias))
+  g_e = np64(grads.shared.pytree[0].weight)
   freq = np.bincount(np.asarray(tokens), minlength=9) / tokens.size
   rows = g_e / (freq + ref.DAMPING * freq.sum())[:, None]
   expect = ref.damped_solve(ref.linear_factor(h, bias=False), rows.T).T
-  np.testing.assert_allclose(_np(updates.shared.pytree[0].weight), expect, rtol=1e-9)
+  np.testing.assert_allclose(np64(updates.shared.pytree[0].weight), expect, rtol=1e-9)
   _check_linear(e[np.asarray(tokens)], grads.mid, updates.mid, "mid")
   report = sngd_jax.coverage(_shared_tied_loss, model, tokens, fisher={path: "tied"})
   row = {r.path: r for r in report.params}[path + "/weight"]
@@ -336,9 +330,9 @@ def test_frozen_half_of_eqx_partition_is_left_out_without_a_warning():
     warnings.simplefilter("error")  # before: "capture_eqx could not name 2 layer call(s)"
     grads, updates, acts = step(trained, frozen, x)
   assert set(acts) == {"layers/2"}
-  h = _np(x)
+  h = np64(x)
   for layer in model.layers[:2]:
-    h = np.maximum(h @ _np(layer.weight).T + _np(layer.bias), 0.0)
+    h = np.maximum(h @ np64(layer.weight).T + np64(layer.bias), 0.0)
   _check_linear(h, grads.layers[2], updates.layers[2], "layers/2")
   assert updates.layers[0].weight is None and updates.layers[1].bias is None
   # the frozen half closed over by the loss: capture cannot tell it apart, and says so
@@ -372,15 +366,15 @@ def test_group_norm_and_batch_norm():
     return jnp.sum(jnp.sin(3.0 * out))
 
   grads, updates, _ = _one_update(loss, (gn, bn), x)
-  xn = _np(x).reshape(6, 2, 6)
+  xn = np64(x).reshape(6, 2, 6)
   xhat_gn = ((xn - xn.mean(-1, keepdims=True)) / np.sqrt(xn.var(-1, keepdims=True) + 1e-5))
   xhat_gn = xhat_gn.reshape(6, 4, 3)
   rows = lambda a: np.moveaxis(a, 1, -1).reshape(-1, 4)
   for layer, xhat in ((0, xhat_gn), (1, (xhat_gn - xhat_gn.mean((0, 2), keepdims=True))
                                       / np.sqrt(xhat_gn.var((0, 2), keepdims=True) + 1e-5))):
-    s, b = ref.channel_update(rows(xhat), _np(grads[layer].weight), _np(grads[layer].bias))
-    np.testing.assert_allclose(_np(updates[layer].weight), s, rtol=1e-7, err_msg=str(layer))
-    np.testing.assert_allclose(_np(updates[layer].bias), b, rtol=1e-7, err_msg=str(layer))
+    s, b = ref.channel_update(rows(xhat), np64(grads[layer].weight), np64(grads[layer].bias))
+    np.testing.assert_allclose(np64(updates[layer].weight), s, rtol=1e-7, err_msg=str(layer))
+    np.testing.assert_allclose(np64(updates[layer].bias), b, rtol=1e-7, err_msg=str(layer))
 
 
 def test_multihead_attention_projections():
@@ -391,7 +385,7 @@ def test_multihead_attention_projections():
   loss = lambda m, x: jnp.sum(jnp.sin(jax.vmap(lambda s: m(s, s, s))(x)))
   grads, updates, acts = _one_update(loss, mha, x)
   assert set(acts) == {"query_proj", "key_proj", "value_proj", "output_proj"}
-  rows = _np(x).reshape(-1, 4)
+  rows = np64(x).reshape(-1, 4)
   for name in ("query_proj", "key_proj", "value_proj"):
     _check_linear(rows, getattr(grads, name), getattr(updates, name), name)
   assert acts["output_proj"][0].inputs.shape == (3, 5, 4)  # (batch, tokens, heads * head dim)

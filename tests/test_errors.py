@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers_warnings import no_sngd_warnings
 
 import sngd_jax
 from sngd_jax import Captured
@@ -688,3 +689,15 @@ def test_presets_name_a_non_array_leaf_of_the_params_in_update():
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
       np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-8,
                                  err_msg=name)
+
+
+def test_no_sngd_warnings_helper_catches_the_library_warnings_only():
+  """``helpers_warnings.no_sngd_warnings`` (test_rl, test_two_models) turns a warning of the
+  library into an error, so those tests fail if one is raised, and lets others through."""
+  with no_sngd_warnings(), pytest.raises(UserWarning, match="sngd: fisher='tied'"):
+    sngd_jax.sngd(fisher={"Embed_0": "tied"}, max_norm=None)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    with no_sngd_warnings():
+      warnings.warn("not the library's", DeprecationWarning, stacklevel=1)
+  assert [str(w.message) for w in caught] == ["not the library's"]

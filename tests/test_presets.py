@@ -12,10 +12,7 @@ import sngd_jax
 FEATURES = (7, 5, 3)
 
 
-@pytest.fixture(autouse=True)
-def x64():
-  with jax.enable_x64(True):
-    yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def _run(tx, params, loss_fn, x, y, steps):

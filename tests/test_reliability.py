@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 from exact import exact_sngd
+from np_reference import all_finite
 
 import sngd_jax
 from sngd_jax import Captured
@@ -53,12 +54,6 @@ def _leaves_equal(a, b):
   assert len(la) == len(lb)
   return all(np.array_equal(np.asarray(u), np.asarray(v), equal_nan=True)
              for u, v in zip(la, lb, strict=True))
-
-
-def _all_finite(tree):
-  return all(bool(np.all(np.isfinite(np.asarray(leaf, np.float64))))
-             for leaf in jax.tree.leaves(tree)
-             if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact))
 
 
 @pytest.mark.parametrize("fault,jit", [("nan_grad", False), ("nan_grad", True),
@@ -154,6 +149,20 @@ def test_tree_all_finite_sums_float64_leaves_in_float64():
     assert not bool(_tree_all_finite({"a": huge.at[1].set(jnp.nan)}))
 
 
+def test_tree_all_finite_sums_float16_in_float32_and_complex_in_its_own_dtype():
+  """Each leaf is summed in ``dtypes.compute_dtype`` of its dtype: float16 in float32 (two
+  6e4 entries overflow float16's 65504, not float32); a complex leaf (a layer left to the
+  next transform) in its own dtype, so a NaN in its imaginary part is caught, under strict
+  dtype promotion too."""
+  from sngd_jax._src.transform import tree_all_finite as _tree_all_finite
+  assert bool(_tree_all_finite({"h": jnp.full((2,), 6e4, jnp.float16)}))
+  assert not bool(_tree_all_finite({"h": jnp.array([np.inf, 1.0], jnp.float16)}))
+  with jax.enable_x64(True), jax.numpy_dtype_promotion("strict"):
+    c = jnp.array([1 + 1j, complex(1.0, np.nan)], jnp.complex128)
+    assert not bool(_tree_all_finite({"c": c, "ids": jnp.arange(3)}))
+    assert bool(_tree_all_finite({"c": c.real.astype(jnp.complex128), "ids": jnp.arange(3)}))
+
+
 def test_skipped_steps_do_not_shift_the_refresh_schedule():
   _, params, grad_fn, tx, x, y = _setup(inverse_every=2)
   state = tx.init(params)
@@ -183,7 +192,7 @@ def test_composes_with_apply_if_finite():
   for step in range(4):
     inner_before = state.inner_state
     updates, state = update(bad, state, params, activations=acts)
-    assert _all_finite(updates)
+    assert all_finite(updates)
     params = optax.apply_updates(params, updates)
     sngd_state = state.inner_state[0]
     if step < 2:  # rejected by apply_if_finite: the inner state is untouched
@@ -192,14 +201,14 @@ def test_composes_with_apply_if_finite():
     else:  # apply_if_finite gave up: sngd skips the step itself
       assert int(sngd_state.num_skipped_steps) == step - 1
   assert int(state.total_notfinite) == 4
-  assert _all_finite(params) and _all_finite(state)
+  assert all_finite(params) and all_finite(state)
   # Without sngd, apply_if_finite gives up and writes the NaN into the params.
   plain = optax.apply_if_finite(optax.sgd(0.1), max_consecutive_errors=2)
   plain_state, p = plain.init(params), params
   for _ in range(3):
     u, plain_state = plain.update(bad, plain_state, p)
     p = optax.apply_updates(p, u)
-  assert not _all_finite(p)
+  assert not all_finite(p)
 
 
 
@@ -220,7 +229,7 @@ def test_apply_if_finite_does_not_see_a_step_sngd_skips_for_its_activations():
   (_, acts), grads = grad_fn(params, x, y)
   bad = {**acts, "Dense_1": tuple(c.replace(inputs=c.inputs.at[0, 0].set(jnp.nan))
                                   for c in acts["Dense_1"])}
-  assert _all_finite(grads)
+  assert all_finite(grads)
   trace = state.inner_state[1][0].trace
   updates, new_state = tx.update(grads, state, params, activations=bad)
   assert int(new_state.total_notfinite) == 0
@@ -286,7 +295,7 @@ def test_finite_inputs_give_finite_outputs(fisher, prior):
   for name, x in DEGENERATE.items():
     for zshift in ([0.0, -200.0] if fisher == "rfim" else [0.0]):  # -200: dead units
       updates, state = run(jnp.asarray(x), zshift)
-      assert _all_finite(updates) and _all_finite(state), (name, zshift)
+      assert all_finite(updates) and all_finite(state), (name, zshift)
       assert int(state.num_skipped_steps) == 0, (name, zshift)
       assert int(state.count) == 2
 
@@ -308,7 +317,7 @@ def test_dead_relu_layer_and_constant_inputs_in_a_model():
         return p, state
 
       p, state = train(params)
-      assert _all_finite(p) and _all_finite(state), (fisher, prior)
+      assert all_finite(p) and all_finite(state), (fisher, prior)
       assert int(state[0].num_skipped_steps) == 0
 
 
@@ -542,7 +551,7 @@ def test_max_factor_ratio_guards_the_average_against_an_outlier_batch():
     state, update = tx.init(params), jax.jit(tx.update)
     for a in (acts, acts, big, acts):
       updates, state = update(grads, state, params, activations=a)
-    assert _all_finite(updates) and _all_finite(state)
+    assert all_finite(updates) and all_finite(state)
     norms[ratio] = float(jnp.linalg.norm(updates["Dense_0"]["kernel"]))
   tx = exact_sngd(inverse_every=1)
   state, update = tx.init(params), jax.jit(tx.update)
@@ -593,13 +602,13 @@ def test_overflowing_batch_is_skipped_and_training_resumes(case):
   assert int(states[4].num_skipped_steps) == 1
   assert _leaves_equal(states[4]._replace(num_skipped_steps=states[3].num_skipped_steps),
                        states[3])
-  assert all(_all_finite(s) for s in states)
+  assert all(all_finite(s) for s in states)
   assert int(states[-1].num_refresh_failures) == 0
   # After the fault the run is the clean run one step behind.
   assert losses[5:] == clean_losses[4:-1]
   assert _leaves_equal(states[-1].factors, clean_states[-2].factors)
   assert losses[-1] < losses[3] < losses[0]
-  assert _all_finite(params_f)
+  assert all_finite(params_f)
 
 
 def _training_run(tx, batches, params, grad_fn, y, state=None):
@@ -654,7 +663,7 @@ def test_training_resumes_after_each_fault(fault):
   losses, states = _training_run(tx, batches, params, run_grad, y)
   clean_losses, clean_states = _training_run(tx, [x_clean] * 12, params, run_grad, y)
   sngd_states = [s[0] for s in states]
-  assert all(_all_finite(s) for s in states)
+  assert all(all_finite(s) for s in states)
   assert int(sngd_states[-1].num_refresh_failures) == 0
   skipped = int(sngd_states[-1].num_skipped_steps)
   if fault == "zero_batch":
@@ -694,7 +703,7 @@ def test_poisoned_factor_restarts_from_the_prior(poison, fisher, inverse):
   assert int(after[0].num_refresh_failures) == blocks
   assert int(after[-1].num_refresh_failures) == blocks  # refreshes succeed afterwards
   assert int(after[-1].num_skipped_steps) == 0
-  assert all(_all_finite(s) for s in states)
+  assert all(all_finite(s) for s in states)
   fresh_tx = tx.init(params)[0]
   (_, acts), grads = grad_fn(params, x, y)
   _, fresh = jax.jit(tx.update)(grads, (fresh_tx,) + tuple(tx.init(params)[1:]), params,
@@ -788,7 +797,7 @@ def test_multisteps_cycle_after_a_bad_micro_batch_trains(fault):
   _, state = update(bad_grads, state, params, activations=bad_acts)
   _, state = update(grads, state, params, activations=acts)  # emits: skipped
   assert int(state.inner_opt_state.num_skipped_steps) == 1
-  assert _all_finite(state)
+  assert all_finite(state)
   fresh = tx.init(params)._replace(inner_opt_state=state.inner_opt_state)
   cycle = lambda s: update(grads, update(grads, s, params, activations=acts)[1], params,
                            activations=acts)

@@ -10,9 +10,6 @@ factor is the last batch's estimate): the minibatch's observations and hidden fe
 never the rollout's calls or a target network's.
 """
 
-import contextlib
-import warnings
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers_warnings import no_sngd_warnings
 from np_reference import assert_factor
 
 import sngd_jax
@@ -78,13 +76,6 @@ class ActorCritic(nn.Module):
     h = nn.tanh(nn.Dense(16, name="torso0")(x))
     h = nn.tanh(nn.Dense(16, name="torso1")(h))
     return nn.Dense(2, name="pi")(h), nn.Dense(1, name="v")(h)[..., 0]
-
-
-@contextlib.contextmanager
-def no_sngd_warnings():
-  with warnings.catch_warnings():
-    warnings.filterwarnings("error", message="sngd:")
-    yield
 
 
 def test_ppo_linen_trainstate_factors_are_the_minibatch_rows_and_it_compiles_once():

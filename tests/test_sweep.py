@@ -59,9 +59,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
+from np_reference import all_finite
 
 import sngd_jax
 from sngd_jax import inverse as methods
+from sngd_jax._src.state import only_sngd_state
 
 KINDS = ("embed", "dense", "conv", "norm", "attention", "recurrent")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
@@ -345,12 +347,6 @@ def expected(b: Built, count: int, micro_grads, micro_acts) -> str:
 # ---------------------------------------------------------------- the checks
 
 
-def _finite(tree) -> bool:
-  return all(bool(np.all(np.isfinite(np.asarray(leaf, np.float64))))
-             for leaf in jax.tree.leaves(tree)
-             if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact))
-
-
 def _same(a, b) -> bool:
   return all(np.array_equal(np.asarray(u), np.asarray(v))
              for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
@@ -381,13 +377,6 @@ def check_invalid_inputs(b: Built, layer: int) -> None:
       jax.eval_shape(lambda g, s, a: tx.update(g, s, activations=a), grads, state, bad_acts)
 
 
-def sngd_state(opt_state) -> sngd_jax.SNGDState:
-  (found,) = [s for s in jax.tree.leaves(opt_state,
-                                         is_leaf=lambda s: isinstance(s, sngd_jax.SNGDState))
-              if isinstance(s, sngd_jax.SNGDState)]
-  return found
-
-
 def run_sequence(config: Config, faults: list[dict], recovery: int) -> dict:
   """Runs the faults then ``recovery`` clean steps, asserting the per-step properties.
 
@@ -401,7 +390,7 @@ def run_sequence(config: Config, faults: list[dict], recovery: int) -> dict:
   refresh_ok_at_end = None
   clean = fault_arrays()
   for t, f in enumerate(steps):
-    before = sngd_state(opt_state)
+    before = only_sngd_state(opt_state)
     fault = fault_arrays(**{k: v for k, v in f.items() if k != "clean"})
     hit = f.get("device", 0) % config.accumulate
     micro_grads, micro_acts = [], []
@@ -413,10 +402,9 @@ def run_sequence(config: Config, faults: list[dict], recovery: int) -> dict:
       micro_acts.append(acts)
       # Within a cycle MultiSteps' accumulators carry what the micro-batches gave (a bad one
       # too: the step it completes is skipped); they are zeroed when the cycle completes.
-      assert _finite(params) and _finite(updates) and _finite(sngd_state(opt_state)), (
-          t, micro, config)
-    assert _finite(opt_state), (t, config)
-    state = sngd_state(opt_state)
+      assert all_finite((params, updates, only_sngd_state(opt_state))), (t, micro, config)
+    assert all_finite(opt_state), (t, config)
+    state = only_sngd_state(opt_state)
     verdict = expected(b, int(before.count), micro_grads, micro_acts)
     counts[verdict] += 1
     where = f"step {t} ({f}), verdict {verdict}, config {config}"
@@ -438,7 +426,7 @@ def run_sequence(config: Config, faults: list[dict], recovery: int) -> dict:
       assert advanced, where
     if f["clean"] and advanced and int(before.count) % config.inverse_every == 0:
       refresh_ok_at_end = int(state.num_refresh_failures) == int(before.num_refresh_failures)
-  assert int(sngd_state(opt_state).num_skipped_steps) == counts["skipped"]
+  assert int(only_sngd_state(opt_state).num_skipped_steps) == counts["skipped"]
   if recovery and config.max_norm is not None:
     assert refresh_ok_at_end, f"the last clean refresh failed, config {config}"
   return counts

@@ -12,9 +12,6 @@ left out silently, and where both models have a ``'Dense_0'`` the discriminator'
 took the generator's rows).
 """
 
-import contextlib
-import warnings
-
 import equinox as eqx
 import flax.linen as nn
 import jax
@@ -23,18 +20,12 @@ import np_reference as ref
 import numpy as np
 import pytest
 from flax import nnx
+from helpers_warnings import no_sngd_warnings
 from np_reference import assert_factor
 
 import sngd_jax
 
 EXACT = ref.one_step_kwargs() | {"factor_every": 1}
-
-
-@contextlib.contextmanager
-def no_sngd_warnings():
-  with warnings.catch_warnings():
-    warnings.filterwarnings("error", message="sngd:")
-    yield
 
 
 def assert_dense_update(updates, grads, rows, kernel="kernel", bias="bias", transpose=False):

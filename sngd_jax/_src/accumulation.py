@@ -89,6 +89,21 @@ def _rows_dtype(factor: Any) -> Any:
   return jax.tree.leaves(factor)[0].dtype
 
 
+def _fold_gradient(acc_update, g: jax.Array, acc: jax.Array, mini_step: jax.Array) -> jax.Array:
+  """``optax.MultiSteps``'s fold of a micro-batch's gradient ``g`` into the accumulator
+  (``acc + (g - acc) / (n + 1)``, or ``g + acc``), with its operands cast explicitly.
+
+  The dtype is the one JAX's default promotion gives ``g`` with ``acc`` (float64 gradients
+  with the default float32 accumulator: float64; bfloat16 ones: float32), so the result is the
+  one of the default rules bit for bit, also under jax_numpy_dtype_promotion="strict", which
+  refuses to mix two float dtypes, or a float with the int32 count ``n`` (the count is exact
+  in any float dtype for any ``k``).
+  """
+  with jax.numpy_dtype_promotion("standard"):
+    dtype = jnp.promote_types(g.dtype, acc.dtype)
+  return acc_update(g.astype(dtype), acc.astype(dtype), n_acc=mini_step.astype(dtype))
+
+
 def _cond(sngd_state: Optional[SNGDState]):
   """The conditional of the emitting call and of the statistics: one that stays a
   conditional under a caller's ``jax.vmap`` (an ensemble; a plain ``lax.cond`` became a
@@ -244,10 +259,8 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
       return optax.tree.zeros_like(out), inner_state
 
     def do_update(_):
-      # the count in the accumulator's dtype: optax's mean divides by ``n_acc + 1``, which
-      # jax_numpy_dtype_promotion="strict" refuses as int32 (exact for any k either way)
       acc_grads = jax.tree.map(
-          lambda g, acc: self._acc_update(g, acc, n_acc=state.mini_step.astype(acc.dtype)),
+          lambda g, acc: _fold_gradient(self._acc_update, g, acc, state.mini_step),
           updates, state.acc_grads)
       acc_stats, acc_rows = state.acc_statistics, state.acc_rows
       if sngd_state is not None:

@@ -5,7 +5,8 @@ Inside such a step ``jax.lax.cond`` with a batched predicate becomes a ``select`
 both branches on every call, so the statistics (due one step in ``factor_every``) and the
 inverse refresh (one in ``inverse_every``) would run on every step, for every member (4
 members of an MLP: 36.9 ms a step against 14.8 ms with this module and 2.9 ms for one
-member alone, ``benchmarks/vmap_members.py``; ``tests/test_vmap.py`` checks the structure
+member alone, means of ``benchmarks/vmap_members.py --members 4 --rounds 5``:
+``benchmarks/results/vmap_members.json``; ``tests/test_vmap.py`` checks the structure
 and the numbers against members trained alone). ``schedule_cond`` keeps the branch a
 conditional: the expensive branch runs only on the calls where some member's predicate
 holds (all members on the usual schedule), and only there are the two branches' results

@@ -166,10 +166,11 @@ def _windows(x: jax.Array, kernel_size, strides, padding, kernel_dilation) -> ja
   ``_CONCAT_FUSED_MAX`` operands, which XLA:CPU fuses into one kernel. (Concatenated on
   the channel axis, a 3x3 conv's patches compiled one kernel per offset, the padding
   fused into each, and ran the 9-operand concatenation as copies: XLA:CPU fuses neither
-  a concatenation of more than 8 operands nor one along the minor axis. Each offset's
-  slice taken from the unpadded input and padded inside the one kernel, the patches of
-  64 x 14 x 14 x 16 inputs took 3.0 ms to form, against 2.1 ms one kernel per offset and
-  1.2 ms this way: medians of 400 interleaved calls on a 2-core host.)
+  a concatenation of more than 8 operands nor one along the minor axis.
+  ``benchmarks/conv_stats_ab.py`` measures these patches, with
+  ``statistics._gram_with_ones_column``, against the channel-axis concatenation, per conv
+  layer's batch estimate and per training step: ``benchmarks/results/conv_stats_ab_cnn.json``
+  and ``benchmarks/results/conv_stats_ab_resnet-bn.json``.)
   """
   rank = len(kernel_size)
   spatial = x.shape[1:1 + rank]

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from sngd_jax._src import precondition
 from sngd_jax._src.config import value_at
+from sngd_jax._src.dtypes import compute_dtype
 from sngd_jax._src.state import injected, only_sngd_state
 from sngd_jax._src.transform import _flatten, _layers_of, _method_of
 
@@ -68,7 +69,7 @@ def trust_region_scale(grads: Any, opt_state: Any, updates: Optional[Any] = None
   dtypes = {p: jax.tree.leaves(state.factors[p])[0].dtype for p in specs}
   if updates is not None:
     u_leaves, _, _ = _flatten(updates)
-    q = jnp.zeros((), precondition.q_dtype_of(dtypes.values()))
+    q = jnp.zeros((), compute_dtype(*dtypes.values()))
     for path, spec in specs.items():
       if spec.tied_head:
         continue  # a tied table's second spec: its leaf is counted once, with the first

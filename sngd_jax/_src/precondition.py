@@ -22,13 +22,13 @@ uses the same gather and split.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sngd_jax._src import distributed
+from sngd_jax._src.dtypes import compute_dtype
 from sngd_jax._src.inverse import diagonal as diagonal_lib
 from sngd_jax._src.inverse.base import InverseMethod
 from sngd_jax._src.layers import LayerSpec, tied_path
@@ -102,15 +102,6 @@ def apply_inverse(spec: LayerSpec, inverse: Any, method: InverseMethod,
   return method.apply(inverse, g.reshape(-1, d, o)).reshape(g.shape)
 
 
-def q_dtype_of(dtypes: Iterable[Any]) -> np.dtype:
-  """The dtype of ``q = <g, u>``: float32, or float64 where a factor is.
-
-  Chosen here, each term cast to it: no implicit float32-float64 promotion (which
-  ``jax_numpy_dtype_promotion="strict"`` refuses).
-  """
-  return max([np.dtype(np.float32)] + [np.dtype(d) for d in dtypes], key=lambda d: d.itemsize)
-
-
 def precondition(specs: Mapping[str, LayerSpec], leaves: Sequence[Any],
                  index: Mapping[tuple[str, ...], int], inverses: Mapping[str, Any],
                  factor_dtypes: Mapping[str, Any], method: InverseMethod
@@ -130,7 +121,7 @@ def precondition(specs: Mapping[str, LayerSpec], leaves: Sequence[Any],
     ``(u, q)``: ``(d, O)`` updates by layer path in the factor dtype, and ``q``
     (float32, or float64 when a factor is).
   """
-  q_dtype = q_dtype_of(factor_dtypes.values())
+  q_dtype = compute_dtype(*factor_dtypes.values())
   pres, sq_norm = {}, jnp.zeros((), q_dtype)
   for path, spec in specs.items():
     if spec.tied_head:
@@ -156,9 +147,8 @@ def scale_and_check(sq_norm: jax.Array, max_norm: Any, finite: jax.Array
   zeroed by the guard whatever its scale): a conditional's results are
   buffers, which every leaf's kernel reads. Computed in the open, XLA fuses
   the sum over the layers' terms into the kernel of every leaf that reads the
-  scale or the flag, repeating it in each: on a 20-layer transformer that was
-  a sixth of the code XLA:CPU generated for the step (``benchmarks/README.md``,
-  *Compile time*).
+  scale or the flag, repeating it in each, once per parameter leaf
+  (``benchmarks/README.md``, *Compile time*).
   """
   dtype = sq_norm.dtype
 

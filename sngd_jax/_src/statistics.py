@@ -47,6 +47,7 @@ from sngd_jax._src import distributed
 from sngd_jax._src import sketch as sketch_lib
 from sngd_jax._src.capture.records import Captured, stack_shape
 from sngd_jax._src.distributed import replicated_out_sharding
+from sngd_jax._src.dtypes import compute_dtype
 from sngd_jax._src.layers import LayerSpec
 
 # The precision of sngd's own products, whatever jax_default_matmul_precision says (one
@@ -182,21 +183,6 @@ def other_layer_hint(spec, widths: Sequence[int]) -> str:
           "`optax.multi_transform` (`optax.set_to_zero()` for its label)")
 
 
-def stat_dtype(*arrays: jax.Array) -> jnp.dtype:
-  """float32, or float64 where an input already is (x64 mode).
-
-  The widest floating dtype among float32 and the inputs', chosen here rather than by
-  ``jnp.result_type``, which refuses float32 with float64 under
-  ``jax_numpy_dtype_promotion="strict"``.
-  """
-  widest = np.dtype(np.float32)
-  for a in arrays:
-    dtype = np.dtype(a.dtype)
-    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize > widest.itemsize:
-      widest = dtype
-  return widest
-
-
 def row_weights(call: Captured, n_rows: int) -> Optional[jax.Array]:
   """The weight of each of a call's ``n_rows`` rows, in the order of ``ROWS`` (or of
   ``norm_rows``, token ids for an embedding), from its ``row_mask``; None without one.
@@ -298,7 +284,7 @@ def weighted_layer_rows(spec: LayerSpec, calls: Sequence[Captured]
           f"{call.inputs.shape}, outputs {getattr(call.outputs, 'shape', None)}), but its "
           f"kernel expects {spec.in_dim} inputs and {spec.out_dim} outputs"
           + (other_layer_hint(spec, [a.shape[-1] for a in xs]) or input_axes_hint(spec, call)))
-  dtype = stat_dtype(*xs)
+  dtype = compute_dtype(*(x.dtype for x in xs))
   x = jnp.concatenate(xs).astype(dtype)
   z = None if any(z is None for z in zs) else jnp.concatenate(zs).astype(dtype)
   m = None
@@ -489,7 +475,7 @@ def batch_factor(spec: LayerSpec, calls: Sequence[Captured],
     return embed_counts(spec, calls, jax.dtypes.canonicalize_dtype(jnp.float64))
   if spec.structure == "per_channel":
     xs, zs = zip(*(norm_rows(c) for c in calls), strict=True)
-    dtype = stat_dtype(*xs)
+    dtype = compute_dtype(*(x.dtype for x in xs))
     x = jnp.concatenate(xs).astype(dtype)
     if x.shape[-1] != spec.out_dim:
       raise ValueError(
@@ -557,10 +543,11 @@ def _gram_with_ones_column(x: jax.Array, m: Optional[jax.Array]) -> jax.Array:
   ``[[(m p)^T p, sum_r m_r p_r], [sum_r m_r p_r^T, sum_r m_r]]``.
 
   XLA simplifies ``x[:, :-1]`` to the patches before the ones column is appended, so the
-  rows with the ones column are never formed: one pass over the rows less (the product
-  of one chunk of a 3x3 conv's rows, 12544 x 145, took 8.1 ms instead of 12.2, median of
-  400 interleaved calls on a 2-core host). Equal to ``mx^T x`` up to the order of the
-  additions.
+  rows with the ones column are never formed: one pass over the rows less
+  (``benchmarks/conv_stats_ab.py`` measures it, with ``conv._windows``, against ``mx^T x``
+  over the rows ``[p, 1]``: ``benchmarks/results/conv_stats_ab_cnn.json`` and
+  ``benchmarks/results/conv_stats_ab_resnet-bn.json``). Equal to ``mx^T x`` up to the order
+  of the additions.
   """
   p = x[:, :-1]
   mp = p if m is None else m[:, None] * p

@@ -33,8 +33,9 @@ from sngd_jax._src import layers as layers_lib
 from sngd_jax._src import sketch as sketch_lib
 from sngd_jax._src.capture.records import Activations, stacked_rows_pooled
 from sngd_jax._src.config import DEFAULTS, AxisName, SNGDConfig, caller_stacklevel, value_at
+from sngd_jax._src.dtypes import compute_dtype
 from sngd_jax._src.inverse import diagonal as diagonal_lib
-from sngd_jax._src.inverse.base import InverseMethod, compute_dtype, is_nystrom
+from sngd_jax._src.inverse.base import InverseMethod, is_nystrom
 from sngd_jax._src.inverse.refresh import refresh_inverses
 from sngd_jax._src.inverse.registry import get_method
 from sngd_jax._src.inverse.sharded import shard_method
@@ -42,7 +43,7 @@ from sngd_jax._src.state import SNGDState as SNGDState
 
 
 def _layer_dtype(leaf: Any) -> jnp.dtype:
-  return statistics.stat_dtype(leaf)
+  return compute_dtype(leaf.dtype)
 
 
 def _flatten(tree: Any) -> tuple[list[Any], Any, dict[tuple[str, ...], int]]:
@@ -102,12 +103,19 @@ def tree_all_finite(tree: Any) -> jax.Array:
   ``isfinite(sum(x))`` is False whenever ``x`` holds one; it is also False when
   finite values sum past the range of the accumulator (float32 for float32 and
   narrower leaves: ``|x| ~ 1e38 / x.size``; float64 for float64 leaves), which
-  then skips a step that was finite: the conservative side. A float sum costs
-  about half of ``all(isfinite(x))`` (a predicate reduction) on CPU, and this
-  check runs on every gradient leaf every step.
+  then skips a step that was finite: the conservative side. A float sum is one
+  reduction kernel, where XLA:CPU splits ``all(isfinite(x))`` (a predicate reduction)
+  into several (``inverse.base.all_finite``), and this check runs on every gradient leaf
+  every step. Each floating leaf is summed in ``dtypes.compute_dtype`` of its dtype, a
+  complex one (a layer left to the next transform) in its own.
   """
-  flags = [jnp.isfinite(jnp.sum(x, dtype=compute_dtype(jnp.asarray(x).dtype)))
-           for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  flags = []
+  for x in jax.tree.leaves(tree):
+    dtype = jnp.asarray(x).dtype
+    if jnp.issubdtype(dtype, jnp.floating):
+      flags.append(jnp.isfinite(jnp.sum(x, dtype=compute_dtype(dtype))))
+    elif jnp.issubdtype(dtype, jnp.complexfloating):  # a layer left to the next transform
+      flags.append(jnp.isfinite(jnp.sum(x)))
   return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
 

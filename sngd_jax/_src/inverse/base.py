@@ -226,16 +226,6 @@ def all_finite_per_block(x: jax.Array) -> jax.Array:
   return all_finite(x.reshape(x.shape[0], -1), axis=1)
 
 
-def compute_dtype(dtype) -> jnp.dtype:
-  """The working precision: float32 for bfloat16/float16 inputs, else the input's.
-
-  Chosen by width, not by ``jnp.promote_types``, which refuses float64 with float32 under
-  ``jax_numpy_dtype_promotion="strict"``.
-  """
-  dtype = jnp.dtype(dtype)
-  return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
-
-
 def method_factory(fn: Callable[..., Any]) -> Callable[..., Any]:
   """Caches a method factory on its arguments as bound to its signature (defaults filled
   in): ``nystrom(64)``, ``nystrom(rank=64)`` and, for the default rank, ``nystrom()``

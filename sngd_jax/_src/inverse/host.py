@@ -3,7 +3,7 @@
 On a CPU backend the factors already live in host memory, and a refresh runs
 only every ``inverse_every`` steps, so its cost is not in running it but in
 compiling it: XLA:CPU compiles every fused kernel of a program on its own (an
-MLIR pipeline and LLVM, ~10 ms each), and the refresh's glue (stacking,
+MLIR pipeline and LLVM, a median of 5-12 ms each by run), and the refresh's glue (stacking,
 damping, the factorization's masks and solves, the acceptance test and the
 per-layer selection, for every group of equal-size blocks) was 43-63% of the
 kernels SNGD adds to a training step (``benchmarks/README.md``, *Compile
@@ -343,7 +343,7 @@ def host_refresh(method):
 
   The whole refresh of every layer becomes one ``jax.pure_callback`` into NumPy
   and SciPy's LAPACK, which compiles to one instruction instead of dozens of
-  kernels: the SNGD step compiled 27-55% faster on the benchmark models
+  kernels: the SNGD step compiled in 27-55% less time on the benchmark models
   (``benchmarks/README.md``, *Compile time*). The cost: XLA:CPU runs a program
   that holds a host callback synchronously, so ``jit`` returns only when the
   step has finished (no asynchronous dispatch, even on steps that do not

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sngd_jax._src import sketch as sketch_lib
+from sngd_jax._src.dtypes import compute_dtype
 from sngd_jax._src.inverse import base
 from sngd_jax._src.inverse import host as host_lib
 from sngd_jax._src.inverse.base import HIGHEST
@@ -110,7 +111,7 @@ def approximate(g: jax.Array, rank: int, seed: int = 0,
     ``(U, lam, tau)`` of shapes ``(b, d, r)``, ``(b, r)``, ``(b,)``; the
     columns of ``U`` of dropped directions are zero (they carry no weight).
   """
-  work = base.compute_dtype(g.dtype)
+  work = compute_dtype(g.dtype)
   d = g.shape[-1]
   omega = test_matrix(d, min(rank, d), seed, work)
   return from_sketch(sketch_lib.of_dense(g.astype(work), omega), seed, tail, g.dtype)
@@ -139,7 +140,7 @@ def from_sketch(s: sketch_lib.Sketch, seed: int = 0, tail: str = "mean",
   if tail not in TAILS:
     raise ValueError(f"sngd: unknown Nystrom tail {tail!r}; expected one of {TAILS}")
   dtype = dtype or s.y.dtype
-  work = base.compute_dtype(s.y.dtype)
+  work = compute_dtype(s.y.dtype)
   y = s.y.astype(work)
   trace = s.trace.astype(work)
   d, rank = y.shape[-2:]

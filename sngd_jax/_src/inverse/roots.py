@@ -27,6 +27,7 @@ from typing import Callable, NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 
+from sngd_jax._src.dtypes import compute_dtype
 from sngd_jax._src.inverse.base import (
   HIGHEST,
   InverseMethod,
@@ -34,7 +35,6 @@ from sngd_jax._src.inverse.base import (
   add_shift,
   all_finite_per_block,
   check_count,
-  compute_dtype,
   dense_apply_flops,
   frobenius_norm,
   method_factory,
