@@ -371,3 +371,18 @@ def test_a_jit_inside_the_captured_function_warns():
   with pytest.warns(UserWarning, match=r"could not name 1 layer call\(s\) \(Linear 'linear'\)"):
     _, acts = sngd_jax.capture_hk(lambda p, x: jnp.sum(apply(p, x)))(params, x)
   assert acts == {}
+
+
+def test_init_warns_when_it_finds_no_layer(monkeypatch):
+  params = hk.without_apply_rng(hk.transform(lambda x: hk.Linear(2)(x))).init(
+      KEY, jnp.ones((1, 3)))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    sngd_jax.sngd().init(params)  # Haiku's names: found, no warning
+    sngd_jax.sngd(fisher=lambda path: None).init(params)  # left out on purpose: no warning
+  monkeypatch.delitem(sys.modules, "haiku")  # params restored without Haiku imported
+  with pytest.warns(UserWarning, match=r"found no layer in the params \(2 array\(s\): "
+                    r"'linear/b', 'linear/w'\).*Haiku `w` \(\+ `b`\).*sngd_jax.coverage"):
+    sngd_jax.sngd().init(params)
+  with pytest.warns(UserWarning, match=r"found no layer.*'gru/w_i'"):
+    sngd_jax.sngd().init({"gru": {"w_i": jnp.ones((3, 6)), "w_h": jnp.ones((2, 6))}})

@@ -168,6 +168,39 @@ def warn_unmatched_option_keys(params: Any, fisher: Any, stacked: Any) -> None:
     warnings.warn(text, stacklevel=config_lib.caller_stacklevel())
 
 
+def no_layers_message(params: Any, specs: Mapping[str, Any], stacked: Any) -> Optional[str]:
+  """The warning for params in which ``discover`` finds no layer at all, else None.
+
+  Such params have arrays but none of the leaf names (or Equinox layer types) a layer is
+  found by: ``sngd`` would pass every gradient through unchanged. A tree whose layers
+  ``fisher`` leaves out (``None``) on purpose, or one without arrays (every leaf masked
+  off by ``optax.masked``), gives no message.
+  """
+  if specs:
+    return None
+  arrays = [paths.join(paths.leaf_parts(key_path))
+            for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+            if getattr(leaf, "ndim", None) is not None]
+  if not arrays or layers_lib.discover(params, "linear", stacked, errors={}):
+    return None
+  shown = ", ".join(repr(a or "<root>") for a in arrays[:4])
+  shown += ", ..." if len(arrays) > 4 else ""
+  return (
+      f"sngd: found no layer in the params ({len(arrays)} array(s): {shown}), so every "
+      "gradient passes through unchanged. Layers are found by their leaf names: Flax linen "
+      "and NNX `kernel` (+ `bias`), `embedding`, `scale` (+ `bias`); Haiku `w` (+ `b`), "
+      "`embeddings`, `scale` (+ `offset`), read so once `haiku` is imported; Equinox layers "
+      "by their type. `sngd_jax.coverage(loss_fn, params, ...)` shows what each leaf gets "
+      "(docs/layer-coverage.md).")
+
+
+def warn_no_layers(params: Any, specs: Mapping[str, Any], stacked: Any) -> None:
+  """Warns at ``init`` when ``params`` hold arrays but no layer (``no_layers_message``)."""
+  text = no_layers_message(params, specs, stacked)
+  if text is not None:
+    warnings.warn(text, stacklevel=config_lib.caller_stacklevel())
+
+
 def warn_under_optax_multisteps() -> None:
   """Warns when ``init`` is called by ``optax.MultiSteps`` (not ``sngd_jax.MultiSteps``).
 
