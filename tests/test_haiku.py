@@ -187,6 +187,20 @@ def test_cnn_update_is_the_damped_solve(x64):
                              rtol=1e-8, atol=1e-12)
 
 
+def test_channels_first_conv_with_padding_pairs(x64):
+  def fn(x):  # (N, C, W)
+    return hk.Conv1D(3, 3, stride=2, padding=[(2, 1)], with_bias=False, data_format="NCW")(x)
+  model = hk.without_apply_rng(hk.transform(fn))
+  x = jax.random.normal(KEY, (2, 4, 9), jnp.float64)
+  params = model.init(KEY, x)
+  grads, updates, _ = _one_update(lambda p, x: jnp.sum(jnp.sin(model.apply(p, x))), params, x)
+  rows, _ = ref.conv_patches(np.moveaxis(_np(x), 1, -1), (3,), (2,), ((2, 1),), (1,), (1,), 1)
+  kernel, _ = ref.dense_update(rows, _np(grads["conv1_d"]["w"]).reshape(rows.shape[1], -1),
+                               None)
+  np.testing.assert_allclose(_np(updates["conv1_d"]["w"]).reshape(kernel.shape), kernel,
+                             rtol=1e-8, atol=1e-12)
+
+
 class LinenCNN(nn.Module):
   @nn.compact
   def __call__(self, x):
