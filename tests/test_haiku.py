@@ -138,25 +138,31 @@ class LinenMLP(nn.Module):
     return x
 
 
-def test_mlp_update_equals_linen_with_the_same_weights():
-  """float32: the Haiku MLP's update is the linen MLP's, to float32 rounding."""
-  model = hk.without_apply_rng(hk.transform(
-      lambda x: hk.nets.MLP([6, 4, 3], activation=jnp.tanh)(x)))
-  x = jax.random.normal(KEY, (16, 5))
+def _assert_update_equals_linen(model, linen_model, linen_path, x):
+  """One update of the Haiku ``model`` equals that of ``linen_model`` given the same weights
+  (Haiku layer path -> linen layer name: ``linen_path``), to float32 rounding."""
   params = model.init(KEY, x)
-  to_linen = {"params": {f"Dense_{i}": {"kernel": params[f"mlp/~/linear_{i}"]["w"],
-                                        "bias": params[f"mlp/~/linear_{i}"]["b"]}
-                         for i in range(3)}}
+  names = {"w": "kernel", "b": "bias"}
+  to_linen = {"params": {linen_path(layer): {names[k]: v for k, v in leaves.items()}
+                         for layer, leaves in params.items()}}
   _, hk_updates, _ = _one_update(lambda p, x: jnp.sum(jnp.sin(model.apply(p, x))), params, x)
   tx = exact_sngd(**ref.one_step_kwargs())
   (_, acts), grads = jax.value_and_grad(sngd_jax.capture(
-      lambda p, x: jnp.sum(jnp.sin(LinenMLP().apply(p, x)))), has_aux=True)(to_linen, x)
+      lambda p, x: jnp.sum(jnp.sin(linen_model.apply(p, x)))), has_aux=True)(to_linen, x)
   linen_updates, _ = jax.jit(lambda g, s, a: tx.update(g, s, to_linen, activations=a))(
       grads, tx.init(to_linen), acts)
-  for i in range(3):
-    hk_u, ln_u = hk_updates[f"mlp/~/linear_{i}"], linen_updates["params"][f"Dense_{i}"]
-    np.testing.assert_allclose(hk_u["w"], ln_u["kernel"], rtol=2e-5, atol=1e-6)
-    np.testing.assert_allclose(hk_u["b"], ln_u["bias"], rtol=2e-5, atol=1e-6)
+  assert set(hk_updates) == set(params)
+  for layer, leaves in hk_updates.items():
+    for k, u in leaves.items():
+      np.testing.assert_allclose(u, linen_updates["params"][linen_path(layer)][names[k]],
+                                 rtol=2e-5, atol=1e-6, err_msg=f"{layer}/{k}")
+
+
+def test_mlp_update_equals_linen_with_the_same_weights():
+  model = hk.without_apply_rng(hk.transform(
+      lambda x: hk.nets.MLP([6, 4, 3], activation=jnp.tanh)(x)))
+  _assert_update_equals_linen(model, LinenMLP(), lambda p: p.replace("mlp/~/linear_", "Dense_"),
+                              jax.random.normal(KEY, (16, 5)))
 
 
 def _cnn(x):
@@ -210,22 +216,8 @@ class LinenCNN(nn.Module):
 
 
 def test_cnn_update_equals_linen_with_the_same_weights():
-  model = hk.without_apply_rng(hk.transform(_cnn))
-  x = jax.random.normal(KEY, (3, 7, 6, 2))
-  params = model.init(KEY, x)
-  names = {"w": "kernel", "b": "bias"}
-  to_linen = {"params": {layer: {names[k]: v for k, v in leaves.items()}
-                         for layer, leaves in params.items()}}
-  _, hk_updates, _ = _one_update(lambda p, x: jnp.sum(jnp.sin(model.apply(p, x))), params, x)
-  tx = exact_sngd(**ref.one_step_kwargs())
-  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(
-      lambda p, x: jnp.sum(jnp.sin(LinenCNN().apply(p, x)))), has_aux=True)(to_linen, x)
-  linen_updates, _ = jax.jit(lambda g, s, a: tx.update(g, s, to_linen, activations=a))(
-      grads, tx.init(to_linen), acts)
-  for layer, leaves in hk_updates.items():
-    for k, u in leaves.items():
-      np.testing.assert_allclose(u, linen_updates["params"][layer][names[k]], rtol=2e-5,
-                                 atol=1e-6, err_msg=f"{layer}/{k}")
+  _assert_update_equals_linen(hk.without_apply_rng(hk.transform(_cnn)), LinenCNN(),
+                              lambda p: p, jax.random.normal(KEY, (3, 7, 6, 2)))
 
 
 def test_embedding_and_norms(x64):
@@ -280,6 +272,50 @@ def test_batch_norm_under_transform_with_state(x64):
                             _np(g["offset"]).ravel())
   np.testing.assert_allclose(_np(updates["batch_norm"]["scale"]).ravel(), s, rtol=1e-7)
   np.testing.assert_allclose(_np(updates["batch_norm"]["offset"]).ravel(), b, rtol=1e-7)
+
+
+def test_group_norm(x64):
+  model = hk.without_apply_rng(hk.transform(
+      lambda x: jnp.sin(3.0 * hk.GroupNorm(2, create_scale=True, create_offset=True)(x))))
+  x = jax.random.normal(KEY, (5, 3, 4), jnp.float64) * 2.0 + 1.0  # (N, W, C), 2 groups of 2
+  params = model.init(KEY, x)
+  grads, updates, _ = _one_update(lambda p, x: jnp.sum(model.apply(p, x)), params, x)
+  xg = _np(x).reshape(5, 3, 2, 2)
+  xhat = (xg - xg.mean((1, 3), keepdims=True)) / np.sqrt(xg.var((1, 3), keepdims=True) + 1e-5)
+  g = grads["group_norm"]
+  s, b = ref.channel_update(xhat.reshape(-1, 4), _np(g["scale"]), _np(g["offset"]))
+  np.testing.assert_allclose(_np(updates["group_norm"]["scale"]), s, rtol=1e-7)
+  np.testing.assert_allclose(_np(updates["group_norm"]["offset"]), b, rtol=1e-7)
+
+
+def test_attention_projections_record_their_inputs():
+  def fn(q, kv):
+    mha = hk.MultiHeadAttention(num_heads=2, key_size=3,
+                                w_init=hk.initializers.VarianceScaling(1.0))
+    return mha(q, kv, kv)
+  model = hk.without_apply_rng(hk.transform(fn))
+  q, kv = jax.random.normal(KEY, (2, 5, 4)), jax.random.normal(jax.random.key(1), (2, 7, 4))
+  params = model.init(KEY, q, kv)
+  _, acts = sngd_jax.capture_hk(lambda p, q, kv: jnp.sum(model.apply(p, q, kv)))(params, q, kv)
+  prefix = "multi_head_attention/"
+  assert set(acts) == set(params) == {prefix + n for n in ("query", "key", "value", "linear")}
+  np.testing.assert_array_equal(acts[prefix + "query"][0].inputs, q)
+  np.testing.assert_array_equal(acts[prefix + "key"][0].inputs, kv)
+  np.testing.assert_array_equal(acts[prefix + "value"][0].inputs, kv)
+  assert acts[prefix + "linear"][0].inputs.shape == (2, 5, 6)  # the heads, concatenated
+
+
+def test_target_network_params_are_left_out():
+  model = hk.without_apply_rng(hk.transform(lambda x: hk.nets.MLP([3, 2])(x)))
+  x = jnp.ones((4, 3))
+  params = model.init(KEY, x)
+  target = jax.tree.map(lambda a: a + 1.0, params)
+  loss = lambda p, t, x: jnp.sum((model.apply(p, x) - model.apply(t, x)) ** 2)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    _, acts = sngd_jax.capture_hk(loss)(params, target, x)
+  assert [len(acts[k]) for k in sorted(acts)] == [1, 1]  # the trained params' calls only
+  np.testing.assert_array_equal(acts["mlp/~/linear_0"][0].inputs, x)
 
 
 def test_lstm_under_dynamic_unroll_pools_every_step(x64):
