@@ -436,3 +436,8 @@ def test_init_warns_when_it_finds_no_layer(monkeypatch):
     sngd_jax.sngd().init(params)
   with pytest.warns(UserWarning, match=r"found no layer.*'gru/w_i'"):
     sngd_jax.sngd().init({"gru": {"w_i": jnp.ones((3, 6)), "w_h": jnp.ones((2, 6))}})
+  with warnings.catch_warnings():  # a layer that fits no model is one: coverage reports it
+    warnings.simplefilter("error")
+    report = sngd_jax.coverage(lambda p, t: jnp.sum(p["E"]["embedding"][:, t]),
+                               {"E": {"embedding": jnp.ones((2, 9, 3))}}, jnp.array([1, 2]))
+  assert report.params[0].fisher.startswith("MISSING: an embedding table")

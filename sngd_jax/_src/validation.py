@@ -173,15 +173,17 @@ def no_layers_message(params: Any, specs: Mapping[str, Any], stacked: Any) -> Op
 
   Such params have arrays but none of the leaf names (or Equinox layer types) a layer is
   found by: ``sngd`` would pass every gradient through unchanged. A tree whose layers
-  ``fisher`` leaves out (``None``) on purpose, or one without arrays (every leaf masked
-  off by ``optax.masked``), gives no message.
+  ``fisher`` leaves out (``None``) on purpose, one whose layers fit no modelled layer
+  (``coverage`` reports those), or one without arrays (every leaf masked off by
+  ``optax.masked``), gives no message.
   """
   if specs:
     return None
   arrays = [paths.join(paths.leaf_parts(key_path))
             for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
             if getattr(leaf, "ndim", None) is not None]
-  if not arrays or layers_lib.discover(params, "linear", stacked, errors={}):
+  unmodelled: dict[str, layers_lib.UnmodelledLayer] = {}  # layers that fit no model: found
+  if not arrays or layers_lib.discover(params, "linear", stacked, errors=unmodelled) or unmodelled:
     return None
   shown = ", ".join(repr(a or "<root>") for a in arrays[:4])
   shown += ", ..." if len(arrays) > 4 else ""
