@@ -111,12 +111,12 @@ def discover(params: Any, fisher: FisherSpec = "linear",
   """Finds the layers of a params tree.
 
   A layer is a ``kernel`` (ndim >= 2, optional ``bias``), an ``embedding``
-  (``V x D``) or a ``scale`` (optional ``bias``), or an Equinox layer found by
-  its type; see the module docstring.
+  (``V x D``) or a ``scale`` (optional ``bias``), the same under Haiku's names in a
+  Haiku tree, or an Equinox layer found by its type; see the module docstring.
 
   Args:
     params: a params pytree (linen ``params`` or ``variables``, NNX state, an
-      Equinox model filtered to its arrays).
+      Equinox model filtered to its arrays, Haiku params: ``HAIKU_NAMES``).
     fisher: see ``resolve_fisher``.
     stacked: layer path prefix -> number of leading stack axes of the kernels
       under it, for stacked layers the params do not show (no bias).

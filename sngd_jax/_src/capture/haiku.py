@@ -13,8 +13,8 @@ is not a leaf of that argument (params passed through a ``jax.jit`` inside the l
 be named and is not recorded (``capture_hk`` warns); one whose weight is a leaf of another
 argument (a target network's params) is left out, as in ``capture_eqx``.
 
-Haiku's own transforms (``hk.remat``, ``hk.scan``/``hk.dynamic_unroll``, ``hk.vmap``,
-``hk.layer_stack``) run on ``jax.checkpoint``, ``jax.lax.scan`` and ``jax.vmap``, whose
+Haiku's own transforms (``hk.remat``, ``hk.scan``/``hk.dynamic_unroll``,
+``hk.layer_stack``) run on ``jax.checkpoint`` and ``jax.lax.scan``, whose
 records leave them through ``transforms``: a layer under ``hk.dynamic_unroll`` pools its
 time steps, a layer of ``hk.layer_stack`` gets one local Fisher per layer of the stack.
 
