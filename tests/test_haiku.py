@@ -207,6 +207,37 @@ def test_channels_first_conv_with_padding_pairs(x64):
                              rtol=1e-8, atol=1e-12)
 
 
+def test_depthwise_and_separable_convs(x64):
+  """A depthwise conv is a conv with one group per input channel (one factor shared by the
+  groups, as linen's grouped conv); Haiku's separable conv is two depthwise convs."""
+  def fn(x):
+    h = jnp.tanh(hk.DepthwiseConv2D(2, 3, stride=2, name="depthwise")(x))
+    return hk.SeparableDepthwiseConv2D(2, 2, name="separable")(h)
+  model = hk.without_apply_rng(hk.transform(fn))
+  x = jax.random.normal(KEY, (2, 6, 5, 3), jnp.float64)
+  params = model.init(KEY, x)
+  grads, updates, acts = _one_update(lambda p, x: jnp.sum(jnp.sin(model.apply(p, x))), params, x)
+  first, second = "separable/~/depthwise_conv2_d", "separable/~/depthwise_conv2_d_1"
+  assert set(acts) == set(params) == {"depthwise", first, second}
+  conv = lambda h, w, stride, groups: _np(jax.lax.conv_general_dilated(
+      h, w, stride, "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=groups))
+  h = np.tanh(conv(x, params["depthwise"]["w"], (2, 2), 3) + _np(params["depthwise"]["b"]))
+  h2 = conv(h, params[first]["w"], (1, 1), 6)  # (2, 1) kernel, 12 channels, no bias
+  cases = {"depthwise": ref.conv_patches(_np(x), (3, 3), (2, 2), "SAME", (1, 1), (1, 1), 3)[0],
+           first: ref.conv_patches(h, (2, 1), (1, 1), "SAME", (1, 1), (1, 1), 6)[0],
+           second: ref.conv_patches(h2, (1, 2), (1, 1), "SAME", (1, 1), (1, 1), 12)[0]}
+  for name, rows in cases.items():
+    g = grads[name]
+    kernel, bias = ref.dense_update(rows, _np(g["w"]).reshape(rows.shape[1], -1),
+                                    _np(g["b"]) if "b" in g else None)
+    np.testing.assert_allclose(_np(updates[name]["w"]).reshape(kernel.shape), kernel,
+                               rtol=1e-8, atol=1e-12, err_msg=name)
+    if bias is not None:
+      np.testing.assert_allclose(_np(updates[name]["b"]), bias, rtol=1e-8, atol=1e-12,
+                                 err_msg=name)
+
+
 class LinenCNN(nn.Module):
   @nn.compact
   def __call__(self, x):

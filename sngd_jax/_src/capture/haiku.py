@@ -70,9 +70,9 @@ def _linear(module, args, kwargs, out) -> Record:
   return x, z, "dense", ()
 
 
-def _conv(module, args, kwargs, out) -> Record:
-  if module.mask is not None:
-    return None  # a masked kernel: its inputs are not every patch entry (as linen's)
+def _conv_record(module, args, kwargs, out, kernel_dilation, groups: Optional[int]) -> Record:
+  """The record of an ``hk.ConvND`` or depthwise conv call (``groups`` None: one group per
+  input channel)."""
   r = module.num_spatial_dims
   x, z = tables.one_example(_input(args, kwargs, "inputs"), out, r)
   if module.channel_index != -1:  # channels first: the kernel is laid out as channels last's
@@ -81,9 +81,21 @@ def _conv(module, args, kwargs, out) -> Record:
   if not isinstance(padding, str):
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
   config = (tuple(module.kernel_shape), tuple(module.stride), padding,
-            tuple(module.lhs_dilation), tuple(module.kernel_dilation),
-            int(module.feature_group_count))
+            tuple(module.lhs_dilation), tuple(kernel_dilation),
+            x.shape[-1] if groups is None else int(groups))
   return x, z, "conv", config
+
+
+def _conv(module, args, kwargs, out) -> Record:
+  if module.mask is not None:
+    return None  # a masked kernel: its inputs are not every patch entry (as linen's)
+  return _conv_record(module, args, kwargs, out, module.kernel_dilation,
+                      module.feature_group_count)
+
+
+def _depthwise(module, args, kwargs, out) -> Record:
+  # the kernel (*k, 1, C * multiplier) of a conv with one group per input channel
+  return _conv_record(module, args, kwargs, out, module.rhs_dilation, None)
 
 
 def _embed(module, args, kwargs, out) -> Record:
@@ -112,6 +124,8 @@ def recorders() -> dict[type, Any]:
   recorded from ``xhat``), and the name of the param that holds its weight."""
   hk = _haiku()
   return {hk.Linear: (_linear, "w"), hk.ConvND: (_conv, "w"), hk.Embed: (_embed, "embeddings"),
+          hk.DepthwiseConv1D: (_depthwise, "w"), hk.DepthwiseConv2D: (_depthwise, "w"),
+          hk.DepthwiseConv3D: (_depthwise, "w"),
           hk.LayerNorm: ("norm", "scale"), hk.RMSNorm: ("norm", "scale"),
           hk.BatchNorm: ("norm", "scale"), hk.GroupNorm: ("norm", "scale")}
 
@@ -121,8 +135,7 @@ def unsupported() -> tuple[type, ...]:
   """Haiku layers with a weight ``discover`` reads as a layer's but that capture does not
   model (their kernels are not laid out inputs first, then outputs)."""
   hk = _haiku()
-  return (hk.ConvNDTranspose, hk.DepthwiseConv1D, hk.DepthwiseConv2D, hk.DepthwiseConv3D,
-          hk.SeparableDepthwiseConv2D)
+  return (hk.ConvNDTranspose,)
 
 
 def _lookup(module: Any) -> Optional[tuple[Any, str]]:
@@ -222,10 +235,10 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
 
   Supported: ``hk.Linear`` (hence ``hk.nets.MLP``, the projections of
   ``hk.MultiHeadAttention``, the gates of ``hk.LSTM``), ``hk.ConvND`` (``Conv1D``-``Conv3D``),
-  ``hk.Embed``, ``hk.LayerNorm``, ``hk.RMSNorm``, ``hk.BatchNorm`` (under
-  ``hk.transform_with_state``) and ``hk.GroupNorm``, also under ``hk.remat``,
-  ``hk.dynamic_unroll`` and ``hk.layer_stack``. ``hk.ConvNDTranspose`` and the depthwise
-  convolutions are not: their calls are not recorded and capture warns, naming them.
+  ``hk.DepthwiseConv1D``-``3D`` (hence ``hk.SeparableDepthwiseConv2D``), ``hk.Embed``,
+  ``hk.LayerNorm``, ``hk.RMSNorm``, ``hk.BatchNorm`` (under ``hk.transform_with_state``) and
+  ``hk.GroupNorm``, also under ``hk.remat``, ``hk.dynamic_unroll`` and ``hk.layer_stack``.
+  ``hk.ConvNDTranspose`` is not: its calls are not recorded and capture warns, naming it.
 
   Args:
     fn: a function whose first argument is the Haiku params (the dict that
