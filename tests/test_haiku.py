@@ -454,6 +454,14 @@ def test_a_jit_inside_the_captured_function_warns():
   assert acts == {}
 
 
+def test_a_fisher_key_naming_a_haiku_leaf_gets_the_layer_path():
+  params = hk.without_apply_rng(hk.transform(lambda x: hk.nets.MLP([2])(x))).init(
+      KEY, jnp.ones((1, 3)))
+  with pytest.warns(UserWarning, match=r"key 'mlp/~/linear_0/w' names no layer.*Did you mean "
+                                       r"'mlp/~/linear_0' \(the layer, not its 'w' leaf\)"):
+    sngd_jax.sngd(fisher={"mlp/~/linear_0/w": None}).init(params)
+
+
 def test_init_warns_when_it_finds_no_layer(monkeypatch):
   params = hk.without_apply_rng(hk.transform(lambda x: hk.Linear(2)(x))).init(
       KEY, jnp.ones((1, 3)))

@@ -147,7 +147,7 @@ def unmatched_option_keys(params: Any, fisher: Any, stacked: Any) -> list[str]:
     text = (f"sngd: `{option}` key {key!r} names no layer of the params this `sngd` sees, "
             f"so it has no effect. Its keys are {what}. Layers: {listing}.")
     stem, _, leaf = key.rpartition("/")
-    if leaf in ("kernel", "bias", "embedding", "scale") and stem in known:
+    if leaf in ("kernel", "bias", "embedding", "scale", *layers_lib.HAIKU_NAMES) and stem in known:
       text += f" Did you mean {stem!r} (the layer, not its {leaf!r} leaf)?"
     return text + (" (A layer that is frozen or updated by another transform is not seen "
                    "by this `sngd`.)")
