@@ -432,6 +432,21 @@ def test_coverage_lists_haiku_layers():
   assert "diagonal/embed 7" in text and "per-channel/norm 4x2x2" in text
 
 
+def test_two_trained_models_with_argnums():
+  gen = hk.without_apply_rng(hk.transform(lambda z: hk.Linear(3, name="g")(z)))
+  disc = hk.without_apply_rng(hk.transform(lambda x: hk.Linear(1, name="d")(jnp.tanh(x))))
+  z = jax.random.normal(KEY, (4, 2))
+  g_params, d_params = gen.init(KEY, z), disc.init(KEY, jnp.ones((4, 3)))
+  loss = lambda g, d, z: jnp.sum(disc.apply(d, gen.apply(g, z)))
+  _, (acts_g, acts_d) = sngd_jax.capture_hk(loss, argnums=(0, 1))(g_params, d_params, z)
+  assert set(acts_g) == {"g"} and set(acts_d) == {"d"}
+  np.testing.assert_array_equal(acts_g["g"][0].inputs, z)
+  np.testing.assert_allclose(acts_d["d"][0].inputs, jnp.tanh(gen.apply(g_params, z)),
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="argnums"):  # the second trained model, left out
+    jax.grad(lambda pair: sngd_jax.capture_hk(loss)(*pair, z)[0])((g_params, d_params))
+
+
 # --- errors and warnings -------------------------------------------------------------
 
 def test_unsupported_layer_is_named():
