@@ -25,11 +25,10 @@ one and its ``offset`` zero (``hk.custom_getter``); in that call the moving aver
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import warnings
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import jax.numpy as jnp
 
@@ -211,12 +210,6 @@ class _Interceptor:
     return xhat, z, "norm", config
 
 
-@contextlib.contextmanager
-def _intercepting(interceptor: _Interceptor) -> Iterator[None]:
-  with _haiku().intercept_methods(interceptor):
-    yield
-
-
 def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool = False,
                argnums: Argnums = 0) -> Callable[..., Any]:
   """Wraps ``fn(params, *args)`` that applies a Haiku model so it also returns activations.
@@ -273,7 +266,7 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
     rec = Recorder(top, outputs)
     frozen = OtherArgs.of(args, positions, models, top, rest)
     interceptor = _Interceptor(rec, frozen)
-    with transforms.recording(rec), _intercepting(interceptor):
+    with transforms.recording(rec), _haiku().intercept_methods(interceptor):
       result = fn(*args, **kwargs)
     check_no_trained_left_out(frozen.left_out, fn, "capture_hk", positions)
     value, aux = split_aux(result, has_aux, "capture_hk")
