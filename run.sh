@@ -43,7 +43,7 @@ install() {
     (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || \
       echo "run.sh: could not install dataset-fashion-mnist; falling back to scikit-learn digits"
   fi
-  "$PY" -m pip install -q --disable-pip-version-check -e ".[dev,equinox]"
+  "$PY" -m pip install -q --disable-pip-version-check -e ".[dev,equinox,haiku]"
 }
 
 case "${1:-}" in

@@ -2,8 +2,8 @@
 # CI: tests against the oldest supported dependency versions (.ci/constraints-min.txt), in a
 # fresh venv. MIN_VENV chooses the venv's location; MIN_VENV_REUSE=1 keeps an existing one.
 # By default a slice of the suite that exercises every API the floors are about (the transform
-# and its stages, pinned numerics, checkpoints, optax/Flax integration, NNX capture, sharding and
-# shard_map); arguments replace it (e.g. `bash .ci/min-versions.sh tests` for the whole suite),
+# and its stages, pinned numerics, checkpoints, optax/Flax integration, NNX and Haiku capture,
+# sharding and shard_map); arguments replace it (e.g. `bash .ci/min-versions.sh tests` for the whole suite),
 # which keeps CI within its time budget on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,15 +27,18 @@ if [ "${MIN_VENV_REUSE:-0}" != "1" ] || [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 py="$venv/bin/python"
-"$py" -m pip install -q --disable-pip-version-check -e ".[dev]" -c .ci/constraints-min.txt
+# The haiku extra too: its floor (dm-haiku in constraints-min.txt) is checked against jax's.
+"$py" -m pip install -q --disable-pip-version-check -e ".[dev,haiku]" -c .ci/constraints-min.txt
 "$py" - <<'PY'
 from importlib.metadata import version
-for name in ("jax", "jaxlib", "optax", "flax", "chex", "orbax-checkpoint", "numpy", "scipy"):
+for name in ("jax", "jaxlib", "optax", "flax", "chex", "orbax-checkpoint", "numpy", "scipy",
+             "dm-haiku"):
   print(f"{name}=={version(name)}")
 PY
 if [ "$#" -eq 0 ]; then
   set -- tests/test_pinned.py tests/test_transform.py tests/test_checkpoint.py \
     tests/test_optax_compat.py tests/test_train_state.py tests/test_accumulation.py \
-    tests/test_capture.py tests/test_nnx_layers.py tests/test_sharding.py tests/test_errors.py
+    tests/test_capture.py tests/test_nnx_layers.py tests/test_sharding.py tests/test_errors.py \
+    tests/test_haiku.py
 fi
 exec "$py" -m pytest -q -n auto --dist loadfile "$@"

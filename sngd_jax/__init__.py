@@ -12,6 +12,7 @@ from sngd_jax._src.alias import sngd_adam as sngd_adam
 from sngd_jax._src.alias import sngd_momentum as sngd_momentum
 from sngd_jax._src.capture.custom import dense as dense
 from sngd_jax._src.capture.equinox import capture_eqx as capture_eqx
+from sngd_jax._src.capture.haiku import capture_hk as capture_hk
 from sngd_jax._src.capture.linen import capture as capture
 from sngd_jax._src.capture.nnx import capture_nnx as capture_nnx
 from sngd_jax._src.capture.records import Activations as Activations
@@ -64,6 +65,7 @@ __all__ = [
     "TrainState",
     "capture",
     "capture_eqx",
+    "capture_hk",
     "capture_nnx",
     "cost_estimate",
     "coverage",

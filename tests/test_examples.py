@@ -23,6 +23,7 @@ EXAMPLES = {
     "grad_accumulation": 10,
     "scanned_transformer": 3,
     "equinox_mlp": 12,
+    "haiku_mlp": 12,
     "partial_model": 12,
     "ppo_cartpole": 3,  # a PPO loss need not fall
 }

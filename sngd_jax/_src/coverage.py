@@ -45,6 +45,7 @@ from sngd_jax._src import layers as layers_lib
 from sngd_jax._src import paths
 from sngd_jax._src import statistics as factors_lib
 from sngd_jax._src.capture.equinox import capture_eqx
+from sngd_jax._src.capture.haiku import capture_hk
 from sngd_jax._src.capture.linen import capture
 from sngd_jax._src.capture.nnx import capture_nnx
 from sngd_jax._src.capture.records import A_LABEL, LABEL, model_kind, stack_shape
@@ -343,12 +344,12 @@ def coverage(loss_fn: Callable[..., Any], params_or_model: Any, *args: Any,
 
   Examples:
     ```python
-    print(sngd_jax.coverage(loss_fn, params, x, y))        # linen
+    print(sngd_jax.coverage(loss_fn, params, x, y))        # linen or Haiku params
     print(sngd_jax.coverage(loss_fn, model, x, y))         # NNX or Equinox model
     ```
 
   Args:
-    loss_fn: ``loss_fn(params, *args)`` applying linen modules, or
+    loss_fn: ``loss_fn(params, *args)`` applying linen modules or a Haiku model, or
       ``loss_fn(model, *args)`` for an NNX or Equinox model (what it returns
       is not read: a loss with ``aux`` needs no ``has_aux``).
     params_or_model: the params tree given to ``tx.init``, an ``nnx.Module``
@@ -400,7 +401,9 @@ def coverage(loss_fn: Callable[..., Any], params_or_model: Any, *args: Any,
     run = run_eqx
   else:
     params = params_or_model
-    run = capture(no_output, has_aux=True, outputs=outputs)
+    # Haiku params (read with Haiku's names, `layers.is_haiku`) are captured by capture_hk
+    capture_fn = capture_hk if layers_lib.is_haiku(params) else capture
+    run = capture_fn(no_output, has_aux=True, outputs=outputs)
 
   def trace(grad: bool):
     def activations(p, *rest):  # differentiated w.r.t. `p` only, as in a training step

@@ -28,6 +28,16 @@ see ``sngd_jax._src.equinox_layers``), whose weights are stored outputs
 first (``(O, I)``, ``(O, C/g, *k)``): the spec records the permutation that
 brings a weight to the inputs-then-outputs layout used here.
 
+**Haiku** params (``{'mlp/~/linear_0': {'w': ..., 'b': ...}}``) name the same
+leaves differently (``HAIKU_NAMES``): ``w`` is a kernel (``hk.Linear``'s
+``(I, O)``, ``hk.ConvND``'s ``(*k, C_in/g, C_out)``: the linen layouts), ``b``
+its bias, ``embeddings`` an embedding table, ``scale`` with ``offset`` a
+normalization's scale and bias. A tree is read with these names when Haiku is
+imported and the tree is Haiku's (``is_haiku``): no leaf bears a linen/NNX layer
+name (``kernel``, ``embedding``, ``bias``) and some sibling group is a Haiku layer
+(``w`` of rank >= 2 with at most a ``b``; ``embeddings`` alone; ``scale`` with an
+``offset``). A tree mixing both namings is read with linen's only.
+
 Two more layer structures have no ``kernel`` (see ``STRUCTURES``):
 
 * ``embedding`` leaves (``nn.Embed``, ``nnx.Embed``, shape ``V x D``): the
@@ -101,12 +111,12 @@ def discover(params: Any, fisher: FisherSpec = "linear",
   """Finds the layers of a params tree.
 
   A layer is a ``kernel`` (ndim >= 2, optional ``bias``), an ``embedding``
-  (``V x D``) or a ``scale`` (optional ``bias``), or an Equinox layer found by
-  its type; see the module docstring.
+  (``V x D``) or a ``scale`` (optional ``bias``), the same under Haiku's names in a
+  Haiku tree, or an Equinox layer found by its type; see the module docstring.
 
   Args:
     params: a params pytree (linen ``params`` or ``variables``, NNX state, an
-      Equinox model filtered to its arrays).
+      Equinox model filtered to its arrays, Haiku params: ``HAIKU_NAMES``).
     fisher: see ``resolve_fisher``.
     stacked: layer path prefix -> number of leading stack axes of the kernels
       under it, for stacked layers the params do not show (no bias).
@@ -122,17 +132,17 @@ def discover(params: Any, fisher: FisherSpec = "linear",
   eqx_specs = _equinox_layers(params, fisher, errors)
   if eqx_specs is not None:
     return eqx_specs
-  groups: dict[tuple[str, ...], dict[str, Any]] = {}
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    parts = paths.leaf_parts(key_path)
-    if not parts:
-      continue
-    # A layer at the root (the model is one layer) has the empty path ''.
-    groups.setdefault(parts[:-1], {})[parts[-1]] = leaf
+  groups = _groups(params)
+  haiku = _is_haiku(groups)
   specs = {}
   for parent, leaves in groups.items():
     try:
-      found = _layer_of(parent, leaves, fisher, stacked)
+      if haiku:
+        names = {ours: theirs for theirs, ours in HAIKU_NAMES.items() if theirs in leaves}
+        found = _layer_of(parent, {ours: leaves[theirs] for ours, theirs in names.items()},
+                          fisher, stacked, names)
+      else:
+        found = _layer_of(parent, leaves, fisher, stacked)
     except UnmodelledLayer as e:
       if errors is None:
         raise
@@ -142,6 +152,47 @@ def discover(params: Any, fisher: FisherSpec = "linear",
       if spec is not None:
         specs[spec.path] = spec
   return specs
+
+
+HAIKU_NAMES = {"w": "kernel", "b": "bias", "embeddings": "embedding", "scale": "scale",
+               "offset": "bias"}
+"""A Haiku param name -> the name discovery reads it as (see the module docstring)."""
+_LINEN_NAMES = frozenset({"kernel", "embedding", "bias"})
+
+
+def _groups(params: Any) -> dict[tuple[str, ...], dict[str, Any]]:
+  """The leaves of ``params`` grouped by parent path: ``parent parts -> {name: leaf}``."""
+  groups: dict[tuple[str, ...], dict[str, Any]] = {}
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    parts = paths.leaf_parts(key_path)
+    if not parts:
+      continue
+    # A layer at the root (the model is one layer) has the empty path ''.
+    groups.setdefault(parts[:-1], {})[parts[-1]] = leaf
+  return groups
+
+
+def _haiku_layer(leaves: dict[str, Any]) -> bool:
+  """Whether sibling leaves are those of a Haiku layer (``w``/``b``, ``embeddings``,
+  ``scale``/``offset``)."""
+  names = set(leaves)
+  return ((names in ({"w"}, {"w", "b"}) and getattr(leaves["w"], "ndim", 0) >= 2)
+          or names == {"embeddings"} or names == {"scale", "offset"})
+
+
+def _is_haiku(groups: dict[tuple[str, ...], dict[str, Any]]) -> bool:
+  """Whether grouped params are a Haiku tree, read with ``HAIKU_NAMES`` (see the module
+  docstring)."""
+  if "haiku" not in sys.modules:  # a Haiku model means Haiku is imported
+    return False
+  if any(name in _LINEN_NAMES for leaves in groups.values() for name in leaves):
+    return False
+  return any(_haiku_layer(leaves) for leaves in groups.values())
+
+
+def is_haiku(params: Any) -> bool:
+  """Whether ``discover`` reads ``params`` with Haiku's names (``HAIKU_NAMES``)."""
+  return _is_haiku(_groups(params))
 
 
 def _equinox_layers(params: Any, fisher: FisherSpec,
@@ -180,10 +231,17 @@ def _not_tied(kind: str, path: str) -> None:
 
 
 def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any], fisher: FisherSpec,
-              stacked: StackSpec = None) -> Optional[LayerSpec | list[LayerSpec]]:
+              stacked: StackSpec = None, names: Optional[dict[str, str]] = None
+              ) -> Optional[LayerSpec | list[LayerSpec]]:
   """The layer formed by the sibling leaves under ``parent``, or None (a tied embedding
-  table: its two specs, the lookup's and the output layer's)."""
+  table: its two specs, the lookup's and the output layer's). ``leaves`` are keyed by the
+  names read here (``kernel``, ``bias``, ...), ``names`` maps them to the params' own
+  (Haiku's ``w``, ``b``, ...; the same name where absent)."""
   path = paths.join(parent)
+  rename: dict[str, str] = names or {}
+
+  def leaf(name: str) -> tuple[str, ...]:
+    return parent + (rename.get(name, name),)
   kernel = leaves.get("kernel")
   embedding = leaves.get("embedding")
   scale = leaves.get("scale")
@@ -207,15 +265,15 @@ def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any], fisher: FisherSpe
                                   or tuple(bias.shape[:n_stack]) != tuple(
                                       kernel.shape[:n_stack])))):
       raise UnmodelledLayer(
-          path, (parent + ("kernel",),) + ((parent + ("bias",),) if bias is not None else ()),
+          path, (leaf("kernel"),) + ((leaf("bias"),) if bias is not None else ()),
           f"bias shape {getattr(bias, 'shape', None)} does not match "
           f"the trailing axes of kernel shape {kernel.shape}"
           + (f" after its {in_axes} input axes" if in_axes is not None else "")
           + (f" and {n_stack} stack axes" if n_stack else ""))
     return LayerSpec(
         path=path,
-        kernel=parent + ("kernel",),
-        bias=parent + ("bias",) if bias is not None else None,
+        kernel=leaf("kernel"),
+        bias=leaf("bias") if bias is not None else None,
         in_dim=math.prod(shape[:len(shape) - out_ndim]),
         out_dim=math.prod(shape[len(shape) - out_ndim:]),
         fisher=kind,
@@ -226,16 +284,16 @@ def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any], fisher: FisherSpe
     if kind is None:
       return None
     if embedding.ndim > 2:
-      raise stacked_table(path, parent + ("embedding",), embedding.shape)
+      raise stacked_table(path, leaf("embedding"), embedding.shape)
     # One-hot inputs: the linear Fisher is diagonal; rfim has no cheaper form here,
     # so an embedding always gets the (exact) linear one.
-    lookup = LayerSpec(path=path, kernel=parent + ("embedding",), bias=None,
+    lookup = LayerSpec(path=path, kernel=leaf("embedding"), bias=None,
                        in_dim=embedding.shape[0], out_dim=embedding.shape[1],
                        fisher="linear", structure="diagonal", tied=kind == TIED)
     if kind != TIED:
       return lookup
     # also the output layer h E^T: the dense layer with inputs h and kernel E^T
-    return [lookup, LayerSpec(path=tied_path(path), kernel=parent + ("embedding",), bias=None,
+    return [lookup, LayerSpec(path=tied_path(path), kernel=leaf("embedding"), bias=None,
                               in_dim=embedding.shape[1], out_dim=embedding.shape[0],
                               fisher="linear", kernel_perm=(1, 0), tied=True, source=path)]
   if kernel is None and scale is not None and getattr(scale, "ndim", 0) >= 1:
@@ -248,8 +306,8 @@ def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any], fisher: FisherSpe
       raise ValueError(
           f"sngd: layer {path!r}: bias shape {bias.shape} does not match scale shape "
           f"{scale.shape}")
-    return LayerSpec(path=path, kernel=parent + ("scale",),
-                     bias=parent + ("bias",) if bias is not None else None,
+    return LayerSpec(path=path, kernel=leaf("scale"),
+                     bias=leaf("bias") if bias is not None else None,
                      in_dim=1, out_dim=math.prod(scale.shape), fisher=kind,
                      structure="per_channel")
   return None

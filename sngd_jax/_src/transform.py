@@ -531,6 +531,7 @@ def sngd_from_config(config: SNGDConfig) -> optax.GradientTransformationExtraArg
     validation.check_not_params_placeholder(params)
     specs = _layers_of(config, params)
     validation.warn_unmatched_option_keys(params, config.fisher, config.stacked)
+    validation.warn_no_layers(params, specs, config.stacked)
     validation.warn_under_optax_multisteps()
     _warn_rfim_nystrom(specs, method, config)
     leaves, _, index = _flatten(params)

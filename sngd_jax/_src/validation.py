@@ -147,7 +147,7 @@ def unmatched_option_keys(params: Any, fisher: Any, stacked: Any) -> list[str]:
     text = (f"sngd: `{option}` key {key!r} names no layer of the params this `sngd` sees, "
             f"so it has no effect. Its keys are {what}. Layers: {listing}.")
     stem, _, leaf = key.rpartition("/")
-    if leaf in ("kernel", "bias", "embedding", "scale") and stem in known:
+    if leaf in ("kernel", "bias", "embedding", "scale", *layers_lib.HAIKU_NAMES) and stem in known:
       text += f" Did you mean {stem!r} (the layer, not its {leaf!r} leaf)?"
     return text + (" (A layer that is frozen or updated by another transform is not seen "
                    "by this `sngd`.)")
@@ -165,6 +165,41 @@ def unmatched_option_keys(params: Any, fisher: Any, stacked: Any) -> list[str]:
 def warn_unmatched_option_keys(params: Any, fisher: Any, stacked: Any) -> None:
   """Warns once per key of ``unmatched_option_keys`` (at ``init``, outside any trace)."""
   for text in unmatched_option_keys(params, fisher, stacked):
+    warnings.warn(text, stacklevel=config_lib.caller_stacklevel())
+
+
+def no_layers_message(params: Any, specs: Mapping[str, Any], stacked: Any) -> Optional[str]:
+  """The warning for params in which ``discover`` finds no layer at all, else None.
+
+  Such params have arrays but none of the leaf names (or Equinox layer types) a layer is
+  found by: ``sngd`` would pass every gradient through unchanged. A tree whose layers
+  ``fisher`` leaves out (``None``) on purpose, one whose layers fit no modelled layer
+  (``coverage`` reports those), or one without arrays (every leaf masked off by
+  ``optax.masked``), gives no message.
+  """
+  if specs:
+    return None
+  arrays = [paths.join(paths.leaf_parts(key_path))
+            for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+            if getattr(leaf, "ndim", None) is not None]
+  unmodelled: dict[str, layers_lib.UnmodelledLayer] = {}  # layers that fit no model: found
+  if not arrays or layers_lib.discover(params, "linear", stacked, errors=unmodelled) or unmodelled:
+    return None
+  shown = ", ".join(repr(a or "<root>") for a in arrays[:4])
+  shown += ", ..." if len(arrays) > 4 else ""
+  return (
+      f"sngd: found no layer in the params ({len(arrays)} array(s): {shown}), so every "
+      "gradient passes through unchanged. Layers are found by their leaf names: Flax linen "
+      "and NNX `kernel` (+ `bias`), `embedding`, `scale` (+ `bias`); Haiku `w` (+ `b`), "
+      "`embeddings`, `scale` (+ `offset`), read so once `haiku` is imported; Equinox layers "
+      "by their type. `sngd_jax.coverage(loss_fn, params, ...)` shows what each leaf gets "
+      "(docs/layer-coverage.md).")
+
+
+def warn_no_layers(params: Any, specs: Mapping[str, Any], stacked: Any) -> None:
+  """Warns at ``init`` when ``params`` hold arrays but no layer (``no_layers_message``)."""
+  text = no_layers_message(params, specs, stacked)
+  if text is not None:
     warnings.warn(text, stacklevel=config_lib.caller_stacklevel())
 
 

@@ -40,15 +40,16 @@ from sngd_jax._src import layer_spec, paths
 from sngd_jax._src.capture import custom, transforms
 from sngd_jax._src.capture.records import (
     Argnums,
+    OtherArgs,
     Recorder,
     check_captured_function,
     check_no_trained_left_out,
+    leaf_paths,
     model_part,
     models_and_rest,
     normalized_argnums,
     split_aux,
     split_models,
-    trained_with,
     vmapped_by_caller,
 )
 from sngd_jax._src.frames import caller_stacklevel
@@ -149,34 +150,8 @@ def recorders() -> dict[type, Any]:
           nn.GroupNorm: "norm", nn.BatchNorm: "norm", nn.LSTMCell: _cell, nn.GRUCell: _cell}
 
 
-class _Others:
-  """The array leaves of the captured function's other arguments (``frozen``: ``id``s; the
-  frozen half of ``eqx.partition``, a target network), and those of them differentiated
-  together with the model(s) (``trained``: ``id -> position``, ``records.trained_with``),
-  whose layers' left-out calls are noted in ``left_out`` (position -> a layer)."""
-
-  def __init__(self, frozen: frozenset[int] = frozenset(),
-               trained: Optional[dict[int, int]] = None,
-               names: Optional[dict[int, tuple[str, ...]]] = None):
-    self.frozen = frozen
-    self.trained = trained or {}
-    self.names = names or {}  # id(array) -> its path parts in its own argument
-    self.left_out: dict[int, str] = {}
-
-  def left_out_call(self, rec: Recorder, weight: Any, what: str) -> bool:
-    """Whether a call whose weight is not the model's is another argument's (left out)."""
-    outer = rec.outer(weight)
-    position = self.trained.get(id(outer), self.trained.get(id(weight)))
-    if position is not None:
-      parts = self.names.get(id(outer), self.names.get(id(weight)))
-      name = (paths.join(parts[:-1]) if parts is not None
-              else f"{what} (weight {getattr(weight, 'shape', None)})")
-      self.left_out.setdefault(position, name)
-    return id(weight) in self.frozen or id(outer) in self.frozen
-
-
 def _wrap(rec: Recorder, original: Callable, recorder: Any, unnamed: dict[str, None],
-          tables: frozenset[int], frozen: _Others) -> Callable:
+          tables: frozenset[int], frozen: OtherArgs) -> Callable:
   if recorder == "norm":
     recorder = _norm(original)
 
@@ -217,7 +192,7 @@ def _declared(model: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...],
   return out
 
 
-def _custom_dense(rec: Recorder, unnamed: dict[str, None], frozen: _Others,
+def _custom_dense(rec: Recorder, unnamed: dict[str, None], frozen: OtherArgs,
                   declared: dict[tuple[str, ...], tuple[str, Any]], calls: list[Any], x, y,
                   kernel, bias, layout: str) -> None:
   """Records a ``sngd_jax.dense`` call as the declared module whose weight is ``kernel``
@@ -266,7 +241,7 @@ def _custom_dense(rec: Recorder, unnamed: dict[str, None], frozen: _Others,
 
 @contextlib.contextmanager
 def _layer_calls(rec: Recorder, unnamed: dict[str, None], tables: frozenset[int],
-                 frozen: _Others) -> Iterator[None]:
+                 frozen: OtherArgs) -> Iterator[None]:
   """Swaps each recorded class's ``__call__`` for a recording one, restoring it after.
 
   ``unnamed`` collects the calls whose weight is not a leaf of the captured model, except
@@ -316,13 +291,6 @@ def _declared_calls(model: Any, calls: list[Any]) -> Iterator[None]:
   finally:
     for cls, original in owners.items():
       cls.__call__ = original
-
-
-def _leaf_paths(tree: Any, prefix: tuple[str, ...] = ()) -> dict[int, tuple[str, ...]]:
-  """``id(array) -> path parts`` of the array leaves of ``tree``."""
-  return {id(leaf): prefix + paths.leaf_parts(key_path)
-          for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-          if isinstance(leaf, jax.Array)}
 
 
 def _tables(model: Any) -> frozenset[int]:
@@ -396,17 +364,11 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool 
     declared: dict[tuple[str, ...], tuple[str, Any]] = {}
     for m, model in enumerate(models):  # several models: each one's paths under its part
       prefix = (model_part(m),) if several else ()
-      top.update(_leaf_paths(model, prefix))
+      top.update(leaf_paths(model, prefix))
       declared.update(_declared(model, prefix))
     rec = Recorder(top, outputs)
     unnamed: dict[str, None] = {}
-    frozen = _Others(
-        frozenset(_leaf_paths(rest)) - frozenset(top),
-        trained_with(jax.tree.leaves(models),
-                     ((k, leaf) for k, arg in enumerate(args) if k not in positions
-                      for leaf in jax.tree.leaves(arg))),
-        {i: parts for k, arg in enumerate(args) if k not in positions
-         for i, parts in _leaf_paths(arg).items()})
+    frozen = OtherArgs.of(args, positions, models, top, rest)
     calls: list[Any] = []
     rec.custom_dense = functools.partial(_custom_dense, rec, unnamed, frozen, declared, calls)
     with (transforms.recording(rec), _layer_calls(rec, unnamed, _tables(models), frozen),

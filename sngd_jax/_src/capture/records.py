@@ -50,6 +50,7 @@ import jax
 import jax.core
 import jax.numpy as jnp
 
+from sngd_jax._src import paths
 from sngd_jax._src.frames import caller_stacklevel
 
 Activations = dict[str, tuple["Captured", ...]]
@@ -1003,6 +1004,51 @@ class Recorder:
   def freeze(self) -> Activations:
     self.stopped.clear()
     return freeze(self.store, self.escaped)
+
+
+def leaf_paths(tree: Any, prefix: tuple[str, ...] = ()) -> dict[int, tuple[str, ...]]:
+  """``id(array) -> path parts`` of the array leaves of ``tree``."""
+  return {id(leaf): prefix + paths.leaf_parts(key_path)
+          for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+          if isinstance(leaf, jax.Array)}
+
+
+class OtherArgs:
+  """The array leaves of the captured function's other arguments (``frozen``: ``id``s; the
+  frozen half of ``eqx.partition``, a target network; used by the captures that name a layer
+  by its weight's path, ``capture_eqx`` and ``capture_hk``), and those of them differentiated
+  together with the model(s) (``trained``: ``id -> position``, ``records.trained_with``),
+  whose layers' left-out calls are noted in ``left_out`` (position -> a layer)."""
+
+  def __init__(self, frozen: frozenset[int] = frozenset(),
+               trained: Optional[dict[int, int]] = None,
+               names: Optional[dict[int, tuple[str, ...]]] = None):
+    self.frozen = frozen
+    self.trained = trained or {}
+    self.names = names or {}  # id(array) -> its path parts in its own argument
+    self.left_out: dict[int, str] = {}
+
+  @classmethod
+  def of(cls, args: tuple, positions: tuple[int, ...], models: Any,
+         top: dict[int, tuple[str, ...]], rest: Any) -> OtherArgs:
+    """The other arguments of a call ``fn(*args)`` whose models are at ``positions``
+    (``top``: the models' ``leaf_paths``, ``rest``: the other arguments)."""
+    others = [(k, arg) for k, arg in enumerate(args) if k not in positions]
+    return cls(frozenset(leaf_paths(rest)) - frozenset(top),
+               trained_with(jax.tree.leaves(models),
+                            ((k, leaf) for k, arg in others for leaf in jax.tree.leaves(arg))),
+               {i: parts for _, arg in others for i, parts in leaf_paths(arg).items()})
+
+  def left_out_call(self, rec: Recorder, weight: Any, what: str) -> bool:
+    """Whether a call whose weight is not the model's is another argument's (left out)."""
+    outer = rec.outer(weight)
+    position = self.trained.get(id(outer), self.trained.get(id(weight)))
+    if position is not None:
+      parts = self.names.get(id(outer), self.names.get(id(weight)))
+      name = (paths.join(parts[:-1]) if parts is not None
+              else f"{what} (weight {getattr(weight, 'shape', None)})")
+      self.left_out.setdefault(position, name)
+    return id(weight) in self.frozen or id(outer) in self.frozen
 
 
 def rnn_time_axis(inputs: Any, time_major: bool, cell: Any) -> int:

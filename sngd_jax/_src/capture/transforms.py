@@ -87,12 +87,13 @@ def _inputs(inner: Any, outer: Any, roles: list[str]) -> dict[int, tuple[Any, st
           if i is not None}
 
 
-def scan(f: Callable, init: Any, xs: Any = None, length: Optional[int] = None,
+def scan(f: Callable, init: Any, xs: Any = None, length: Optional[int] = None, *args,
          **kwargs) -> Any:
-  """``jax.lax.scan`` whose body also returns its records (stacked over iterations)."""
+  """``jax.lax.scan`` whose body also returns its records (stacked over iterations).
+  ``args``: ``reverse``, ``unroll`` passed by position (as Haiku's ``hk.scan`` does)."""
   rec = _active()
   if rec is None:
-    return _ORIGINAL["scan"](f, init, xs, length, **kwargs)
+    return _ORIGINAL["scan"](f, init, xs, length, *args, **kwargs)
   n_carry = len(_leaves(init))
   n_xs = len(_leaves(xs))
   roles = ["pool"] * n_carry + ["stack"] * n_xs
@@ -103,7 +104,7 @@ def scan(f: Callable, init: Any, xs: Any = None, length: Optional[int] = None,
       carry, y = f(carry, x)
     return carry, (y, rec.leaving(frame))
 
-  carry, (ys, records) = _ORIGINAL["scan"](body, init, xs, length, **kwargs)
+  carry, (ys, records) = _ORIGINAL["scan"](body, init, xs, length, *args, **kwargs)
   rec.add_all(records)
   return carry, ys
 

@@ -1,0 +1,293 @@
+"""Activation capture for Haiku models.
+
+``capture_hk(loss_fn)`` runs ``loss_fn(params, ...)`` (which applies a Haiku
+``transform``ed function to ``params``) under ``hk.intercept_methods``, and records, for
+every call of a supported layer (``recorders``), its input (and with ``outputs=True`` its
+output) as ``capture_eqx`` does for Equinox. Nothing in the model changes.
+
+A layer is named by the path of its weight (``w``, ``embeddings``, ``scale``) in the
+captured function's first argument, found by identity among the arrays the module reads
+(``hk.Module.params_dict``): for Haiku's own params dict, the module name that keys its
+params, ``'mlp/~/linear_0'``, as ``sngd_jax.discover`` names the layer. A call whose weight
+is not a leaf of that argument (params passed through a ``jax.jit`` inside the loss) cannot
+be named and is not recorded (``capture_hk`` warns); one whose weight is a leaf of another
+argument (a target network's params) is left out, as in ``capture_eqx``.
+
+Haiku's own transforms (``hk.remat``, ``hk.scan``/``hk.dynamic_unroll``,
+``hk.layer_stack``) run on ``jax.checkpoint`` and ``jax.lax.scan``, whose
+records leave them through ``transforms``: a layer under ``hk.dynamic_unroll`` pools its
+time steps, a layer of ``hk.layer_stack`` gets one local Fisher per layer of the stack.
+
+Normalization layers record ``xhat``: the layer is called a second time with its ``scale``
+one and its ``offset`` zero (``hk.custom_getter``); in that call the moving averages of
+``hk.BatchNorm`` are not updated.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import warnings
+from typing import Any, Callable, Optional
+
+import jax.numpy as jnp
+
+from sngd_jax._src import paths
+from sngd_jax._src.capture import tables, transforms
+from sngd_jax._src.capture.records import (
+    Argnums,
+    OtherArgs,
+    Record,
+    Recorder,
+    check_captured_function,
+    check_no_trained_left_out,
+    leaf_paths,
+    model_part,
+    models_and_rest,
+    normalized_argnums,
+    split_aux,
+    split_models,
+    vmapped_by_caller,
+)
+from sngd_jax._src.frames import caller_stacklevel
+
+
+def _haiku() -> Any:
+  """The ``haiku`` module (an optional dependency: ``pip install "sngd_jax[haiku]"``)."""
+  try:
+    return importlib.import_module("haiku")
+  except ImportError as e:
+    raise ImportError("sngd: capture_hk needs Haiku: pip install \"sngd_jax[haiku]\"") from e
+
+
+def _input(args: tuple, kwargs: dict, name: str) -> Any:
+  return args[0] if args else kwargs[name]
+
+
+def _linear(module, args, kwargs, out) -> Record:
+  x, z = tables.one_example(_input(args, kwargs, "inputs"), out, 0)
+  return x, z, "dense", ()
+
+
+def _conv_record(module, args, kwargs, out, kernel_dilation, groups: Optional[int]) -> Record:
+  """The record of an ``hk.ConvND`` or depthwise conv call (``groups`` None: one group per
+  input channel)."""
+  r = module.num_spatial_dims
+  x, z = tables.one_example(_input(args, kwargs, "inputs"), out, r)
+  if module.channel_index != -1:  # channels first: the kernel is laid out as channels last's
+    x, z = jnp.moveaxis(x, 1, -1), jnp.moveaxis(z, 1, -1)
+  padding = module.padding
+  if not isinstance(padding, str):
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  config = (tuple(module.kernel_shape), tuple(module.stride), padding,
+            tuple(module.lhs_dilation), tuple(kernel_dilation),
+            x.shape[-1] if groups is None else int(groups))
+  return x, z, "conv", config
+
+
+def _conv(module, args, kwargs, out) -> Record:
+  if module.mask is not None:
+    return None  # a masked kernel: its inputs are not every patch entry (as linen's)
+  return _conv_record(module, args, kwargs, out, module.kernel_dilation,
+                      module.feature_group_count)
+
+
+def _depthwise(module, args, kwargs, out) -> Record:
+  # the kernel (*k, 1, C * multiplier) of a conv with one group per input channel
+  return _conv_record(module, args, kwargs, out, module.rhs_dilation, None)
+
+
+def _embed(module, args, kwargs, out) -> Record:
+  return _input(args, kwargs, "ids"), out, "embed", ()
+
+
+def _axes(axes: Any, ndim: int) -> tuple[int, ...]:
+  """Haiku's axis spellings (an int, a sequence, a slice) as sorted absolute axes."""
+  if isinstance(axes, slice):
+    return tuple(range(ndim))[axes]
+  axes = (axes,) if isinstance(axes, int) else tuple(axes)
+  return tuple(sorted(a % ndim for a in axes))
+
+
+def _param_axes(module, xhat) -> tuple[int, ...]:
+  """The axes of the input along which a norm's ``scale`` varies (its channels)."""
+  hk = _haiku()
+  if isinstance(module, (hk.BatchNorm, hk.GroupNorm)):
+    return (module.channel_index % xhat.ndim,)
+  return _axes(module.param_axis, xhat.ndim)
+
+
+@functools.lru_cache(maxsize=None)
+def recorders() -> dict[type, Any]:
+  """Haiku layer class -> recorder ``(module, args, kwargs, out) -> Record`` (``'norm'``:
+  recorded from ``xhat``), and the name of the param that holds its weight."""
+  hk = _haiku()
+  return {hk.Linear: (_linear, "w"), hk.ConvND: (_conv, "w"), hk.Embed: (_embed, "embeddings"),
+          hk.DepthwiseConv1D: (_depthwise, "w"), hk.DepthwiseConv2D: (_depthwise, "w"),
+          hk.DepthwiseConv3D: (_depthwise, "w"),
+          hk.LayerNorm: ("norm", "scale"), hk.RMSNorm: ("norm", "scale"),
+          hk.BatchNorm: ("norm", "scale"), hk.GroupNorm: ("norm", "scale")}
+
+
+@functools.lru_cache(maxsize=None)
+def unsupported() -> tuple[type, ...]:
+  """Haiku layers with a weight ``discover`` reads as a layer's but that capture does not
+  model (their kernels are not laid out inputs first, then outputs)."""
+  hk = _haiku()
+  return (hk.ConvNDTranspose,)
+
+
+def _lookup(module: Any) -> Optional[tuple[Any, str]]:
+  for cls in type(module).__mro__:
+    found = recorders().get(cls)
+    if found is not None:
+      return found
+  return None
+
+
+def _param(module: Any, name: str) -> Any:
+  """The array ``module`` read as its param ``name`` in this call, or None."""
+  return module.params_dict().get(f"{module.module_name}/{name}")
+
+
+class _Interceptor:
+  """The ``hk.intercept_methods`` interceptor of one capture."""
+
+  def __init__(self, rec: Recorder, frozen: OtherArgs):
+    self.rec, self.frozen = rec, frozen
+    self.unnamed: dict[str, None] = {}
+    self.unsupported: dict[str, None] = {}
+    self.plain: list[Any] = []  # the norms being called again with unit scale, zero offset
+
+  def __call__(self, next_f, args, kwargs, context):
+    hk = _haiku()
+    module = context.module
+    if context.method_name != "__call__":
+      return next_f(*args, **kwargs)
+    if self.plain and isinstance(module, hk.ExponentialMovingAverage):
+      return _input(args, kwargs, "value")  # the xhat call of a BatchNorm updates no average
+    found = _lookup(module)
+    if found is None:
+      if isinstance(module, unsupported()):
+        self.unsupported[f"{type(module).__name__} {module.module_name!r}"] = None
+      return next_f(*args, **kwargs)
+    recorder, weight_name = found
+    out = next_f(*args, **kwargs)
+    weight = _param(module, weight_name)
+    if weight is None:  # no learned scale (create_scale=False): nothing to precondition
+      return out
+    record = (self._norm(module, next_f, args, kwargs, out) if recorder == "norm"
+              else recorder(module, args, kwargs, out))
+    if record is None:
+      return out
+    roles, parts = self.rec.trace(weight)
+    if parts is None:  # not a weight of the captured params: cannot be named
+      if not self.frozen.left_out_call(self.rec, weight, type(module).__name__):
+        self.unnamed[f"{type(module).__name__} {module.module_name!r}"] = None
+      return out
+    x, z, kind, config = record
+    self.rec.add(paths.join(parts[:-1]), x, z, kind, config, roles=roles)
+    return out
+
+  def _norm(self, module, next_f, args, kwargs, out) -> Record:
+    """The record of a norm call: ``xhat`` from the same call with unit scale, zero offset."""
+    hk = _haiku()
+
+    def unit(next_getter, value, context):
+      if context.module is module and context.name == "scale":
+        value = jnp.ones_like(value)
+      elif context.module is module and context.name == "offset":
+        value = jnp.zeros_like(value)
+      return next_getter(value)
+
+    self.plain.append(module)
+    try:
+      with hk.custom_getter(unit):
+        xhat = next_f(*args, **kwargs)
+    finally:
+      self.plain.pop()
+    xhat, z, config = tables.norm_record(xhat, out, _param_axes(module, xhat))
+    return xhat, z, "norm", config
+
+
+def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool = False,
+               argnums: Argnums = 0) -> Callable[..., Any]:
+  """Wraps ``fn(params, *args)`` that applies a Haiku model so it also returns activations.
+
+  Examples:
+    ```python
+    model = hk.without_apply_rng(hk.transform(lambda x: hk.nets.MLP([64, 10])(x)))
+
+    def loss_fn(params, x, y):
+      return optax.softmax_cross_entropy_with_integer_labels(model.apply(params, x), y).mean()
+
+    loss_and_acts = sngd_jax.capture_hk(loss_fn)
+    (loss, acts), grads = jax.value_and_grad(loss_and_acts, has_aux=True)(params, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params, activations=acts)
+    ```
+
+  Supported: ``hk.Linear`` (hence ``hk.nets.MLP``, the projections of
+  ``hk.MultiHeadAttention``, the gates of ``hk.LSTM``), ``hk.ConvND`` (``Conv1D``-``Conv3D``),
+  ``hk.DepthwiseConv1D``-``3D`` (hence ``hk.SeparableDepthwiseConv2D``), ``hk.Embed``,
+  ``hk.LayerNorm``, ``hk.RMSNorm``, ``hk.BatchNorm`` (under ``hk.transform_with_state``) and
+  ``hk.GroupNorm``, also under ``hk.remat``, ``hk.dynamic_unroll`` and ``hk.layer_stack``.
+  ``hk.ConvNDTranspose`` is not: its calls are not recorded and capture warns, naming it.
+
+  Args:
+    fn: a function whose first argument is the Haiku params (the dict that
+      ``transform(...).init`` returns, or a pytree holding it). The layers of params passed
+      as another argument (a target network) are left out; params differentiated together
+      with the first are an error that names them.
+    has_aux: as in ``sngd_jax.capture``.
+    outputs: as in ``sngd_jax.capture``.
+    argnums: the position of the params (0), or a tuple of positions of several models'
+      params trained by one loss with one optimizer each, as ``sngd_jax.capture``.
+
+  Returns:
+    A function with ``fn``'s signature returning ``(fn(...), activations)``, activations
+    keyed by the layer's path in the params (``'mlp/~/linear_0'``).
+
+  Raises:
+    TypeError: when ``fn`` is not callable, saying what to write.
+    ValueError: when the wrapped function is called with an argument left out that is
+      differentiated together with the recorded params, naming it and ``argnums``.
+  """
+  _haiku()
+  check_captured_function(fn, "capture_hk")
+  positions = normalized_argnums(argnums, "capture_hk")
+  several = isinstance(argnums, tuple)
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    models, rest = models_and_rest(args, kwargs, positions, several, argnums, "capture_hk")
+    top: dict[int, tuple[str, ...]] = {}
+    for m, model in enumerate(models):  # several models: each one's paths under its part
+      top.update(leaf_paths(model, (model_part(m),) if several else ()))
+    rec = Recorder(top, outputs)
+    frozen = OtherArgs.of(args, positions, models, top, rest)
+    interceptor = _Interceptor(rec, frozen)
+    with transforms.recording(rec), _haiku().intercept_methods(interceptor):
+      result = fn(*args, **kwargs)
+    check_no_trained_left_out(frozen.left_out, fn, "capture_hk", positions)
+    value, aux = split_aux(result, has_aux, "capture_hk")
+    if interceptor.unsupported:
+      warnings.warn(
+          f"sngd: capture_hk does not model {', '.join(interceptor.unsupported)}: its calls "
+          "are not captured, and `update` reports the layer as not captured; pass "
+          "`fisher={path: None}` to leave it to the next transform",
+          stacklevel=caller_stacklevel())
+    if interceptor.unnamed:
+      warnings.warn(
+          f"sngd: capture_hk could not name {len(interceptor.unnamed)} layer call(s) "
+          f"({', '.join(interceptor.unnamed)}): their weight is not a leaf of the params "
+          "passed as the captured function's first argument, as when the params go through "
+          "a `jax.jit` inside the captured function (jit the whole training step instead) or "
+          "are computed from the params. They are not captured, and `update` reports their "
+          "layers as not captured; pass `fisher={path: None}` to leave such a layer to the "
+          "next transform.", stacklevel=caller_stacklevel())
+    acts = vmapped_by_caller(rec.freeze(), rest)
+    if several:
+      acts = split_models(acts, len(positions))
+    return (value, (aux, acts)) if has_aux else (value, acts)
+
+  return wrapped

@@ -1,0 +1,497 @@
+"""Haiku models through capture_hk: discovery of Haiku params, the captured records against
+the layers' explicit inputs, one update of an MLP, a CNN, embeddings, norms and BatchNorm
+(under transform_with_state) against float64 numpy references and against the same model
+written in linen; LSTM under dynamic_unroll, layer_stack, remat; warnings."""
+
+import sys
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import np_reference as ref
+import numpy as np
+import optax
+import pytest
+from exact import exact_sngd
+
+import sngd_jax
+
+hk = pytest.importorskip("haiku")  # a guard only: CI installs the `haiku` extra
+
+KEY = jax.random.key(0)
+
+
+def _np(a):
+  return np.asarray(a, np.float64)
+
+
+def _one_update(loss, params, *args, has_aux=False, fisher="linear"):
+  """Grads, one exact update and the activations, under jit (the documented loop)."""
+  tx = exact_sngd(**ref.one_step_kwargs(), fisher=fisher)
+
+  @jax.jit
+  def step(params, *args):
+    (_, aux), grads = jax.value_and_grad(
+        sngd_jax.capture_hk(loss, has_aux=has_aux), has_aux=True)(params, *args)
+    acts = aux[1] if has_aux else aux
+    updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+    return grads, updates, acts
+
+  with jax.checking_leaks():
+    return step(params, *args)
+
+
+def _check_dense(rows, g, u, name):
+  kernel, bias = ref.dense_update(rows, _np(g["w"]), None if "b" not in g else _np(g["b"]))
+  np.testing.assert_allclose(_np(u["w"]), kernel, rtol=1e-8, atol=1e-12, err_msg=name)
+  if bias is not None:
+    np.testing.assert_allclose(_np(u["b"]), bias, rtol=1e-8, atol=1e-12, err_msg=name)
+
+
+# --- discovery -----------------------------------------------------------------------
+
+def _zoo(x, is_training=True):
+  h = hk.nets.MLP([5, 3])(x)
+  c = hk.Conv2D(4, 3)(jnp.reshape(x[:, :4], (-1, 2, 2, 1)))
+  c = hk.BatchNorm(True, True, 0.9)(c, is_training=is_training)
+  e = hk.Embed(7, 3)(jnp.array([1, 2, 2]))
+  n = hk.LayerNorm(-1, True, True)(h) + hk.RMSNorm(-1)(h)
+  return jnp.sum(n) + jnp.sum(c) + jnp.sum(e)
+
+
+def test_discover_reads_haiku_params():
+  model = hk.transform_with_state(_zoo)
+  params, state = model.init(KEY, jnp.ones((2, 6)))
+  specs = sngd_jax.discover(params)
+  got = {p: (s.kernel[-1], s.bias and s.bias[-1], s.structure, s.in_dim, s.out_dim)
+         for p, s in specs.items()}
+  assert got == {
+      "mlp/~/linear_0": ("w", "b", "dense", 6, 5),
+      "mlp/~/linear_1": ("w", "b", "dense", 5, 3),
+      "conv2_d": ("w", "b", "dense", 9, 4),
+      "batch_norm": ("scale", "offset", "per_channel", 1, 4),  # scale (1, 1, 1, 4)
+      "embed": ("embeddings", None, "diagonal", 7, 3),
+      "layer_norm": ("scale", "offset", "per_channel", 1, 3),
+      "rms_norm": ("scale", None, "per_channel", 1, 3),
+  }
+  assert sngd_jax.discover(state) == {}  # the moving averages are no layer
+
+
+def test_haiku_names_are_not_read_in_other_trees(monkeypatch):
+  """A tree with linen's names anywhere is read with linen's only; without Haiku imported no
+  tree is read with Haiku's."""
+  mixed = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
+           "Custom_0": {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}}
+  assert list(sngd_jax.discover(mixed)) == ["Dense_0"]
+  haiku_tree = {"linear": {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}}
+  assert list(sngd_jax.discover(haiku_tree)) == ["linear"]
+  monkeypatch.delitem(sys.modules, "haiku")
+  assert sngd_jax.discover(haiku_tree) == {}
+
+
+# --- capture -------------------------------------------------------------------------
+
+def test_records_are_the_layers_inputs():
+  def fn(x):
+    h = jax.nn.relu(hk.Linear(5)(x))
+    return hk.Linear(2, name="head")(h)
+  model = hk.transform(fn)  # with an rng argument
+  x = jax.random.normal(KEY, (4, 3))
+  params = model.init(KEY, x)
+  loss = lambda p, x: jnp.sum(model.apply(p, None, x))
+  value, acts = sngd_jax.capture_hk(loss, outputs=True)(params, x)
+  assert value == loss(params, x)
+  h = jax.nn.relu(x @ params["linear"]["w"] + params["linear"]["b"])
+  assert set(acts) == {"linear", "head"}
+  np.testing.assert_array_equal(acts["linear"][0].inputs, x)
+  np.testing.assert_allclose(acts["head"][0].inputs, h, rtol=1e-6)
+  np.testing.assert_allclose(acts["head"][0].outputs, model.apply(params, None, x), rtol=1e-6)
+
+
+@pytest.fixture
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+def test_mlp_update_is_the_damped_solve(x64):
+  model = hk.without_apply_rng(hk.transform(
+      lambda x: hk.nets.MLP([6, 4, 3], activation=jnp.tanh)(x)))
+  x = jax.random.normal(KEY, (16, 5), jnp.float64)
+  params = model.init(KEY, x)
+  loss = lambda p, x: jnp.sum(jnp.sin(model.apply(p, x)))
+  grads, updates, acts = _one_update(loss, params, x)
+  h = _np(x)
+  for i in range(3):
+    name = f"mlp/~/linear_{i}"
+    _check_dense(h, grads[name], updates[name], name)
+    h = np.tanh(h @ _np(params[name]["w"]) + _np(params[name]["b"]))
+
+
+class LinenMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    for i, width in enumerate((6, 4, 3)):
+      x = nn.Dense(width, name=f"Dense_{i}")(x)
+      x = jnp.tanh(x) if i < 2 else x
+    return x
+
+
+def _assert_update_equals_linen(model, linen_model, linen_path, x):
+  """One update of the Haiku ``model`` equals that of ``linen_model`` given the same weights
+  (Haiku layer path -> linen layer name: ``linen_path``), to float32 rounding."""
+  params = model.init(KEY, x)
+  names = {"w": "kernel", "b": "bias"}
+  to_linen = {"params": {linen_path(layer): {names[k]: v for k, v in leaves.items()}
+                         for layer, leaves in params.items()}}
+  _, hk_updates, _ = _one_update(lambda p, x: jnp.sum(jnp.sin(model.apply(p, x))), params, x)
+  tx = exact_sngd(**ref.one_step_kwargs())
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(
+      lambda p, x: jnp.sum(jnp.sin(linen_model.apply(p, x)))), has_aux=True)(to_linen, x)
+  linen_updates, _ = jax.jit(lambda g, s, a: tx.update(g, s, to_linen, activations=a))(
+      grads, tx.init(to_linen), acts)
+  assert set(hk_updates) == set(params)
+  for layer, leaves in hk_updates.items():
+    for k, u in leaves.items():
+      np.testing.assert_allclose(u, linen_updates["params"][linen_path(layer)][names[k]],
+                                 rtol=2e-5, atol=1e-6, err_msg=f"{layer}/{k}")
+
+
+def test_mlp_update_equals_linen_with_the_same_weights():
+  model = hk.without_apply_rng(hk.transform(
+      lambda x: hk.nets.MLP([6, 4, 3], activation=jnp.tanh)(x)))
+  _assert_update_equals_linen(model, LinenMLP(), lambda p: p.replace("mlp/~/linear_", "Dense_"),
+                              jax.random.normal(KEY, (16, 5)))
+
+
+def _cnn(x):
+  h = jnp.tanh(hk.Conv2D(4, (3, 2), stride=(2, 1), padding="SAME")(x))
+  h = jnp.tanh(hk.Conv2D(3, 3, padding="VALID", with_bias=False, name="valid")(h))
+  return hk.Linear(2)(jnp.reshape(h, (h.shape[0], -1)))
+
+
+def test_cnn_update_is_the_damped_solve(x64):
+  model = hk.without_apply_rng(hk.transform(_cnn))
+  x = jax.random.normal(KEY, (3, 7, 6, 2), jnp.float64)
+  params = model.init(KEY, x)
+  loss = lambda p, x: jnp.sum(jnp.sin(model.apply(p, x)))
+  grads, updates, acts = _one_update(loss, params, x)
+  assert set(acts) == {"conv2_d", "valid", "linear"}
+  rows, _ = ref.conv_patches(_np(x), (3, 2), (2, 1), "SAME", (1, 1), (1, 1), 1)
+  g = grads["conv2_d"]
+  kernel, bias = ref.dense_update(rows, _np(g["w"]).reshape(rows.shape[1], -1), _np(g["b"]))
+  np.testing.assert_allclose(_np(updates["conv2_d"]["w"]).reshape(kernel.shape), kernel,
+                             rtol=1e-8, atol=1e-12)
+  np.testing.assert_allclose(_np(updates["conv2_d"]["b"]), bias, rtol=1e-8, atol=1e-12)
+  h1 = jnp.tanh(jax.lax.conv_general_dilated(
+      x, params["conv2_d"]["w"], (2, 1), "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC")) + params["conv2_d"]["b"])
+  rows, _ = ref.conv_patches(_np(h1), (3, 3), (1, 1), "VALID", (1, 1), (1, 1), 1)
+  kernel, _ = ref.dense_update(rows, _np(grads["valid"]["w"]).reshape(rows.shape[1], -1), None)
+  np.testing.assert_allclose(_np(updates["valid"]["w"]).reshape(kernel.shape), kernel,
+                             rtol=1e-8, atol=1e-12)
+
+
+def test_channels_first_conv_with_padding_pairs(x64):
+  def fn(x):  # (N, C, W)
+    return hk.Conv1D(3, 3, stride=2, padding=[(2, 1)], with_bias=False, data_format="NCW")(x)
+  model = hk.without_apply_rng(hk.transform(fn))
+  x = jax.random.normal(KEY, (2, 4, 9), jnp.float64)
+  params = model.init(KEY, x)
+  grads, updates, _ = _one_update(lambda p, x: jnp.sum(jnp.sin(model.apply(p, x))), params, x)
+  rows, _ = ref.conv_patches(np.moveaxis(_np(x), 1, -1), (3,), (2,), ((2, 1),), (1,), (1,), 1)
+  kernel, _ = ref.dense_update(rows, _np(grads["conv1_d"]["w"]).reshape(rows.shape[1], -1),
+                               None)
+  np.testing.assert_allclose(_np(updates["conv1_d"]["w"]).reshape(kernel.shape), kernel,
+                             rtol=1e-8, atol=1e-12)
+
+
+def test_depthwise_and_separable_convs(x64):
+  """A depthwise conv is a conv with one group per input channel (one factor shared by the
+  groups, as linen's grouped conv); Haiku's separable conv is two depthwise convs."""
+  def fn(x):
+    h = jnp.tanh(hk.DepthwiseConv2D(2, 3, stride=2, name="depthwise")(x))
+    return hk.SeparableDepthwiseConv2D(2, 2, name="separable")(h)
+  model = hk.without_apply_rng(hk.transform(fn))
+  x = jax.random.normal(KEY, (2, 6, 5, 3), jnp.float64)
+  params = model.init(KEY, x)
+  grads, updates, acts = _one_update(lambda p, x: jnp.sum(jnp.sin(model.apply(p, x))), params, x)
+  first, second = "separable/~/depthwise_conv2_d", "separable/~/depthwise_conv2_d_1"
+  assert set(acts) == set(params) == {"depthwise", first, second}
+  conv = lambda h, w, stride, groups: _np(jax.lax.conv_general_dilated(
+      h, w, stride, "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=groups))
+  h = np.tanh(conv(x, params["depthwise"]["w"], (2, 2), 3) + _np(params["depthwise"]["b"]))
+  h2 = conv(h, params[first]["w"], (1, 1), 6)  # (2, 1) kernel, 12 channels, no bias
+  cases = {"depthwise": ref.conv_patches(_np(x), (3, 3), (2, 2), "SAME", (1, 1), (1, 1), 3)[0],
+           first: ref.conv_patches(h, (2, 1), (1, 1), "SAME", (1, 1), (1, 1), 6)[0],
+           second: ref.conv_patches(h2, (1, 2), (1, 1), "SAME", (1, 1), (1, 1), 12)[0]}
+  for name, rows in cases.items():
+    g = grads[name]
+    kernel, bias = ref.dense_update(rows, _np(g["w"]).reshape(rows.shape[1], -1),
+                                    _np(g["b"]) if "b" in g else None)
+    np.testing.assert_allclose(_np(updates[name]["w"]).reshape(kernel.shape), kernel,
+                               rtol=1e-8, atol=1e-12, err_msg=name)
+    if bias is not None:
+      np.testing.assert_allclose(_np(updates[name]["b"]), bias, rtol=1e-8, atol=1e-12,
+                                 err_msg=name)
+
+
+class LinenCNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(nn.Conv(4, (3, 2), strides=(2, 1), padding="SAME", name="conv2_d")(x))
+    h = jnp.tanh(nn.Conv(3, (3, 3), padding="VALID", use_bias=False, name="valid")(h))
+    return nn.Dense(2, name="linear")(jnp.reshape(h, (h.shape[0], -1)))
+
+
+def test_cnn_update_equals_linen_with_the_same_weights():
+  _assert_update_equals_linen(hk.without_apply_rng(hk.transform(_cnn)), LinenCNN(),
+                              lambda p: p, jax.random.normal(KEY, (3, 7, 6, 2)))
+
+
+def test_embedding_and_norms(x64):
+  def fn(tokens):
+    h = hk.LayerNorm(-1, True, True)(hk.Embed(9, 4)(tokens))
+    return hk.Linear(3)(hk.RMSNorm(-1)(jnp.tanh(h) * 2.0 + 0.5))
+  model = hk.without_apply_rng(hk.transform(fn))
+  tokens = jnp.array([[1, 4, 4, 0], [8, 1, 1, 1]])
+  params = ref.f64(model.init(KEY, tokens))  # hk.Embed's table is float32
+  loss = lambda p, t: jnp.sum(jnp.sin(model.apply(p, t)))
+  grads, updates, _ = _one_update(loss, params, tokens)
+  counts = np.bincount(np.asarray(tokens).ravel(), minlength=9) / tokens.size
+  np.testing.assert_allclose(
+      _np(updates["embed"]["embeddings"]),
+      _np(grads["embed"]["embeddings"]) / (counts + ref.DAMPING * counts.sum())[:, None],
+      rtol=1e-10)
+  e = _np(params["embed"]["embeddings"])[np.asarray(tokens).ravel()]
+  xhat_ln = (e - e.mean(-1, keepdims=True)) / np.sqrt(e.var(-1, keepdims=True) + 1e-5)
+  s, b = ref.channel_update(xhat_ln, _np(grads["layer_norm"]["scale"]),
+                            _np(grads["layer_norm"]["offset"]))
+  np.testing.assert_allclose(_np(updates["layer_norm"]["scale"]), s, rtol=1e-8)
+  np.testing.assert_allclose(_np(updates["layer_norm"]["offset"]), b, rtol=1e-8)
+  ln = params["layer_norm"]
+  y = np.tanh(xhat_ln * _np(ln["scale"]) + _np(ln["offset"])) * 2.0 + 0.5
+  xhat_rms = y / np.sqrt(np.mean(y ** 2, -1, keepdims=True) + 1e-5)
+  s, _ = ref.channel_update(xhat_rms, _np(grads["rms_norm"]["scale"]), None)
+  np.testing.assert_allclose(_np(updates["rms_norm"]["scale"]), s, rtol=1e-8)
+
+
+def test_batch_norm_under_transform_with_state(x64):
+  """The update from the batch statistics' xhat; the state is the uncaptured call's (the
+  xhat call updates no moving average)."""
+  def fn(x, is_training):
+    return jnp.sin(3.0 * hk.BatchNorm(True, True, 0.9)(x, is_training=is_training))
+  model = hk.without_apply_rng(hk.transform_with_state(fn))
+  x = jax.random.normal(KEY, (6, 3, 4), jnp.float64) * 2.0 + 1.0
+  params, state = model.init(KEY, x, True)
+
+  def loss(p, state, x):
+    out, state = model.apply(p, state, x, True)
+    return jnp.sum(out), state
+
+  grads, updates, _ = _one_update(loss, params, state, x, has_aux=True)
+  (value, (new_state, _)) = sngd_jax.capture_hk(loss, has_aux=True)(params, state, x)
+  plain_value, plain_state = loss(params, state, x)
+  assert value == plain_value
+  jax.tree.map(np.testing.assert_array_equal, new_state, plain_state)
+  xn = _np(x)
+  xhat = (xn - xn.mean((0, 1), keepdims=True)) / np.sqrt(xn.var((0, 1), keepdims=True) + 1e-5)
+  g = grads["batch_norm"]
+  s, b = ref.channel_update(xhat.reshape(-1, 4), _np(g["scale"]).ravel(),
+                            _np(g["offset"]).ravel())
+  np.testing.assert_allclose(_np(updates["batch_norm"]["scale"]).ravel(), s, rtol=1e-7)
+  np.testing.assert_allclose(_np(updates["batch_norm"]["offset"]).ravel(), b, rtol=1e-7)
+
+
+def test_group_norm(x64):
+  model = hk.without_apply_rng(hk.transform(
+      lambda x: jnp.sin(3.0 * hk.GroupNorm(2, create_scale=True, create_offset=True)(x))))
+  x = jax.random.normal(KEY, (5, 3, 4), jnp.float64) * 2.0 + 1.0  # (N, W, C), 2 groups of 2
+  params = model.init(KEY, x)
+  grads, updates, _ = _one_update(lambda p, x: jnp.sum(model.apply(p, x)), params, x)
+  xg = _np(x).reshape(5, 3, 2, 2)
+  xhat = (xg - xg.mean((1, 3), keepdims=True)) / np.sqrt(xg.var((1, 3), keepdims=True) + 1e-5)
+  g = grads["group_norm"]
+  s, b = ref.channel_update(xhat.reshape(-1, 4), _np(g["scale"]), _np(g["offset"]))
+  np.testing.assert_allclose(_np(updates["group_norm"]["scale"]), s, rtol=1e-7)
+  np.testing.assert_allclose(_np(updates["group_norm"]["offset"]), b, rtol=1e-7)
+
+
+def test_attention_projections_record_their_inputs():
+  def fn(q, kv):
+    mha = hk.MultiHeadAttention(num_heads=2, key_size=3,
+                                w_init=hk.initializers.VarianceScaling(1.0))
+    return mha(q, kv, kv)
+  model = hk.without_apply_rng(hk.transform(fn))
+  q, kv = jax.random.normal(KEY, (2, 5, 4)), jax.random.normal(jax.random.key(1), (2, 7, 4))
+  params = model.init(KEY, q, kv)
+  _, acts = sngd_jax.capture_hk(lambda p, q, kv: jnp.sum(model.apply(p, q, kv)))(params, q, kv)
+  prefix = "multi_head_attention/"
+  assert set(acts) == set(params) == {prefix + n for n in ("query", "key", "value", "linear")}
+  np.testing.assert_array_equal(acts[prefix + "query"][0].inputs, q)
+  np.testing.assert_array_equal(acts[prefix + "key"][0].inputs, kv)
+  np.testing.assert_array_equal(acts[prefix + "value"][0].inputs, kv)
+  assert acts[prefix + "linear"][0].inputs.shape == (2, 5, 6)  # the heads, concatenated
+
+
+def test_target_network_params_are_left_out():
+  model = hk.without_apply_rng(hk.transform(lambda x: hk.nets.MLP([3, 2])(x)))
+  x = jnp.ones((4, 3))
+  params = model.init(KEY, x)
+  target = jax.tree.map(lambda a: a + 1.0, params)
+  loss = lambda p, t, x: jnp.sum((model.apply(p, x) - model.apply(t, x)) ** 2)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    _, acts = sngd_jax.capture_hk(loss)(params, target, x)
+  assert [len(acts[k]) for k in sorted(acts)] == [1, 1]  # the trained params' calls only
+  np.testing.assert_array_equal(acts["mlp/~/linear_0"][0].inputs, x)
+
+
+def test_lstm_under_dynamic_unroll_pools_every_step(x64):
+  def fn(xs):  # time major (T, B, I)
+    core = hk.LSTM(3)
+    out, _ = hk.dynamic_unroll(core, xs, core.initial_state(xs.shape[1]))
+    return out
+  model = hk.without_apply_rng(hk.transform(fn))
+  xs = jax.random.normal(KEY, (5, 2, 4), jnp.float64)
+  params = model.init(KEY, xs)
+  grads, updates, acts = _one_update(lambda p, xs: jnp.sum(jnp.sin(model.apply(p, xs))),
+                                     params, xs)
+  hs = _np(model.apply(params, xs))  # (T, B, H): the hidden state after each step
+  previous = np.concatenate([np.zeros((1, 2, 3)), hs[:-1]])
+  rows = np.concatenate([_np(xs), previous], -1).reshape(-1, 7)  # the gates read [x_t, h_t-1]
+  _check_dense(rows, grads["lstm/linear"], updates["lstm/linear"], "lstm/linear")
+
+
+def test_layer_stack_gets_one_factor_per_layer(x64):
+  def fn(x):
+    return hk.layer_stack(3)(lambda h: jnp.tanh(hk.Linear(4)(h)))(x)
+  model = hk.without_apply_rng(hk.transform(fn))
+  x = jax.random.normal(KEY, (8, 4), jnp.float64)
+  params = model.init(KEY, x)
+  (path,) = params
+  assert sngd_jax.discover(params)[path].stack == (3,)
+  grads, updates, _ = _one_update(lambda p, x: jnp.sum(jnp.sin(model.apply(p, x))), params, x)
+  h = _np(x)
+  for i in range(3):
+    w, b = (_np(params[path][k][i]) for k in ("w", "b"))
+    _check_dense(h, {k: grads[path][k][i] for k in ("w", "b")},
+                 {k: updates[path][k][i] for k in ("w", "b")}, f"layer {i}")
+    h = np.tanh(h @ w + b)
+
+
+def test_remat_records_as_without(x64):
+  inner = lambda h: hk.Linear(3, name="out")(jnp.tanh(hk.Linear(4, name="hidden")(h)))
+  x = jax.random.normal(KEY, (8, 5), jnp.float64)
+  plain = hk.without_apply_rng(hk.transform(inner))
+  remat = hk.without_apply_rng(hk.transform(lambda x: hk.remat(inner)(x)))
+  params = plain.init(KEY, x)
+  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
+  _, want, _ = _one_update(loss(plain), params, x)
+  _, got, acts = _one_update(loss(remat), params, x)
+  assert set(acts) == {"hidden", "out"}
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_training_loop_lowers_the_loss():
+  model = hk.without_apply_rng(hk.transform(lambda x: hk.nets.MLP([16, 2])(x)))
+  x = jax.random.normal(KEY, (64, 4))
+  y = jnp.sin(x[:, :2] * 2.0)
+  params = model.init(KEY, x)
+  loss = lambda p, x, y: jnp.mean((model.apply(p, x) - y) ** 2)
+  tx = sngd_jax.sngd_momentum(0.05, momentum=0.9)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state):
+    (value, acts), grads = jax.value_and_grad(sngd_jax.capture_hk(loss), has_aux=True)(
+        params, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params, activations=acts)
+    return optax.apply_updates(params, updates), opt_state, value
+
+  values = []
+  for _ in range(40):
+    params, opt_state, value = step(params, opt_state)
+    values.append(float(value))
+  assert values[-1] < 0.5 * values[0]
+
+
+def test_coverage_lists_haiku_layers():
+  model = hk.transform_with_state(_zoo)
+  x = jnp.ones((2, 6))
+  params, state = model.init(KEY, x)
+  loss = lambda p, s, x: jnp.sum(model.apply(p, s, None, x)[0])
+  report = sngd_jax.coverage(loss, params, state, x)
+  assert report.missing == [] and report.pass_through == []
+  text = str(report)
+  for leaf in ("mlp/~/linear_0/w", "conv2_d/w", "embed/embeddings", "batch_norm/scale",
+               "rms_norm/scale"):
+    assert leaf in report.preconditioned, leaf
+  assert "diagonal/embed 7" in text and "per-channel/norm 4x2x2" in text
+
+
+def test_two_trained_models_with_argnums():
+  gen = hk.without_apply_rng(hk.transform(lambda z: hk.Linear(3, name="g")(z)))
+  disc = hk.without_apply_rng(hk.transform(lambda x: hk.Linear(1, name="d")(jnp.tanh(x))))
+  z = jax.random.normal(KEY, (4, 2))
+  g_params, d_params = gen.init(KEY, z), disc.init(KEY, jnp.ones((4, 3)))
+  loss = lambda g, d, z: jnp.sum(disc.apply(d, gen.apply(g, z)))
+  _, (acts_g, acts_d) = sngd_jax.capture_hk(loss, argnums=(0, 1))(g_params, d_params, z)
+  assert set(acts_g) == {"g"} and set(acts_d) == {"d"}
+  np.testing.assert_array_equal(acts_g["g"][0].inputs, z)
+  np.testing.assert_allclose(acts_d["d"][0].inputs, jnp.tanh(gen.apply(g_params, z)),
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="argnums"):  # the second trained model, left out
+    jax.grad(lambda pair: sngd_jax.capture_hk(loss)(*pair, z)[0])((g_params, d_params))
+
+
+# --- errors and warnings -------------------------------------------------------------
+
+def test_unsupported_layer_is_named():
+  def fn(x):
+    return hk.Conv2DTranspose(2, 3, name="up")(x)
+  model = hk.without_apply_rng(hk.transform(fn))
+  x = jnp.ones((1, 4, 4, 2))
+  params = model.init(KEY, x)
+  with pytest.warns(UserWarning, match=r"capture_hk does not model Conv2DTranspose 'up'"):
+    sngd_jax.capture_hk(lambda p, x: jnp.sum(model.apply(p, x)))(params, x)
+
+
+def test_a_jit_inside_the_captured_function_warns():
+  model = hk.without_apply_rng(hk.transform(lambda x: hk.Linear(2)(x)))
+  x = jnp.ones((3, 4))
+  params = model.init(KEY, x)
+  apply = jax.jit(model.apply)
+  with pytest.warns(UserWarning, match=r"could not name 1 layer call\(s\) \(Linear 'linear'\)"):
+    _, acts = sngd_jax.capture_hk(lambda p, x: jnp.sum(apply(p, x)))(params, x)
+  assert acts == {}
+
+
+def test_a_fisher_key_naming_a_haiku_leaf_gets_the_layer_path():
+  params = hk.without_apply_rng(hk.transform(lambda x: hk.nets.MLP([2])(x))).init(
+      KEY, jnp.ones((1, 3)))
+  with pytest.warns(UserWarning, match=r"key 'mlp/~/linear_0/w' names no layer.*Did you mean "
+                                       r"'mlp/~/linear_0' \(the layer, not its 'w' leaf\)"):
+    sngd_jax.sngd(fisher={"mlp/~/linear_0/w": None}).init(params)
+
+
+def test_init_warns_when_it_finds_no_layer(monkeypatch):
+  params = hk.without_apply_rng(hk.transform(lambda x: hk.Linear(2)(x))).init(
+      KEY, jnp.ones((1, 3)))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    sngd_jax.sngd().init(params)  # Haiku's names: found, no warning
+    sngd_jax.sngd(fisher=lambda path: None).init(params)  # left out on purpose: no warning
+  monkeypatch.delitem(sys.modules, "haiku")  # params restored without Haiku imported
+  with pytest.warns(UserWarning, match=r"found no layer in the params \(2 array\(s\): "
+                    r"'linear/b', 'linear/w'\).*Haiku `w` \(\+ `b`\).*sngd_jax.coverage"):
+    sngd_jax.sngd().init(params)
+  with pytest.warns(UserWarning, match=r"found no layer.*'gru/w_i'"):
+    sngd_jax.sngd().init({"gru": {"w_i": jnp.ones((3, 6)), "w_h": jnp.ones((2, 6))}})
+  with warnings.catch_warnings():  # a layer that fits no model is one: coverage reports it
+    warnings.simplefilter("error")
+    report = sngd_jax.coverage(lambda p, t: jnp.sum(p["E"]["embedding"][:, t]),
+                               {"E": {"embedding": jnp.ones((2, 9, 3))}}, jnp.array([1, 2]))
+  assert report.params[0].fisher.startswith("MISSING: an embedding table")
