@@ -701,3 +701,79 @@ def test_no_sngd_warnings_helper_catches_the_library_warnings_only():
     with no_sngd_warnings():
       warnings.warn("not the library's", DeprecationWarning, stacklevel=1)
   assert [str(w.message) for w in caught] == ["not the library's"]
+
+
+# --- init's warning for params in which no layer is found -----------------------------------
+
+# two arrays under names no layer is found by (a hand-written `x @ p["a"] + p["c"]`)
+_NO_LAYER = {"a": jnp.ones((4, 3)), "c": jnp.zeros(3)}
+_NO_LAYER_WARNING = r"found no layer in the params \(2 array\(s\): 'a', 'c'\)"
+
+
+def test_coverage_of_params_without_a_layer_does_not_warn():
+  """``coverage`` is what init's no-layer warning sends the user to, and its report lists every
+  leaf as a pass-through: its own ``init`` of those params gave the same warning again (at the
+  user's ``coverage`` line), pointing to ``coverage``."""
+  x = jnp.ones((2, 4))
+  with no_sngd_warnings():
+    report = sngd_jax.coverage(lambda p, x: jnp.sum(x @ p["a"] + p["c"]), _NO_LAYER, x)
+  assert [(p.path, p.fisher) for p in report.params] == [
+      ("a", coverage_lib.PASS_THROUGH), ("c", coverage_lib.PASS_THROUGH)]
+  with pytest.warns(UserWarning, match=_NO_LAYER_WARNING):  # init itself still warns
+    sngd_jax.sngd().init(_NO_LAYER)
+
+
+def _wrapped_inits():
+  """``init`` of sngd under the optax wrappers that call it, by name."""
+  from flax import nnx  # noqa: PLC0415
+
+  class Raw(nnx.Module):
+    def __init__(self):
+      self.a, self.c = nnx.Param(_NO_LAYER["a"]), nnx.Param(_NO_LAYER["c"])
+
+  class Linear(nnx.Module):
+    def __init__(self):
+      self.l = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+
+  nested = lambda: optax.chain(optax.clip(1.0), optax.chain(sngd_jax.sngd(), optax.sgd(0.1)))
+  return {
+      "chain": lambda p: nested().init(p),
+      "MultiSteps": lambda p: sngd_jax.MultiSteps(sngd_jax.sngd(), every_k_schedule=2).init(p),
+      "inject_hyperparams": lambda p: optax.inject_hyperparams(sngd_jax.sngd_momentum)(
+          learning_rate=0.1).init(p),
+      "apply_if_finite": lambda p: optax.apply_if_finite(sngd_jax.sngd(), 2).init(p),
+      "nnx.Optimizer": lambda p: nnx.Optimizer(Raw() if "a" in p else Linear(),
+                                               sngd_jax.sngd(), wrt=nnx.Param),
+  }
+
+
+@pytest.mark.parametrize("wrapper", list(_wrapped_inits()))
+def test_no_layer_warning_under_optax_wrappers(wrapper):
+  """Under each wrapper that calls ``init`` the warning is given once, at the user's line,
+  for params without a layer, and not for params with one."""
+  init = _wrapped_inits()[wrapper]
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    init(_NO_LAYER)
+  found = [w for w in caught if re.search(_NO_LAYER_WARNING, str(w.message))]
+  assert len(found) == 1 and found[0].filename == __file__, [str(w.message) for w in caught]
+  with no_sngd_warnings():
+    init(_params())
+
+
+def test_no_layer_warning_under_masked_and_partitioned_optimizers():
+  """sngd given no array (masked off, or no label of its own) and sngd given a part of the
+  layers: no warning; sngd given only the biases finds no layer: warned."""
+  p = _params()
+  is_kernel = jax.tree_util.tree_map_with_path(lambda path, _: "kernel" in str(path), p)
+  labels = {"Dense_0": {"kernel": "sngd", "bias": "sngd"}, "head": {"Dense_1": {"kernel": "a"}}}
+  with no_sngd_warnings():
+    optax.masked(sngd_jax.sngd(), jax.tree.map(lambda _: False, p)).init(p)
+    optax.masked(sngd_jax.sngd(), is_kernel).init(p)
+    optax.multi_transform({"sngd": sngd_jax.sngd(), "a": optax.adam(1e-3)}, labels).init(p)
+    optax.multi_transform({"sngd": sngd_jax.sngd(), "a": optax.adam(1e-3)},
+                          jax.tree.map(lambda _: "a", p)).init(p)
+    sngd_jax.sngd(fisher=lambda path: None).init(p)  # every layer left out on purpose
+  with pytest.warns(UserWarning, match=r"found no layer in the params \(1 array\(s\): "
+                                       r"'Dense_0/bias'\)"):
+    optax.masked(sngd_jax.sngd(), jax.tree.map(lambda k: not k, is_kernel)).init(p)

@@ -168,6 +168,10 @@ def warn_unmatched_option_keys(params: Any, fisher: Any, stacked: Any) -> None:
     warnings.warn(text, stacklevel=config_lib.caller_stacklevel())
 
 
+NO_LAYERS = "sngd: found no layer in the params"
+"""The start of ``no_layers_message`` (``coverage``, which reports those params, filters it)."""
+
+
 def no_layers_message(params: Any, specs: Mapping[str, Any], stacked: Any) -> Optional[str]:
   """The warning for params in which ``discover`` finds no layer at all, else None.
 
@@ -188,7 +192,7 @@ def no_layers_message(params: Any, specs: Mapping[str, Any], stacked: Any) -> Op
   shown = ", ".join(repr(a or "<root>") for a in arrays[:4])
   shown += ", ..." if len(arrays) > 4 else ""
   return (
-      f"sngd: found no layer in the params ({len(arrays)} array(s): {shown}), so every "
+      f"{NO_LAYERS} ({len(arrays)} array(s): {shown}), so every "
       "gradient passes through unchanged. Layers are found by their leaf names: Flax linen "
       "and NNX `kernel` (+ `bias`), `embedding`, `scale` (+ `bias`); Haiku `w` (+ `b`), "
       "`embeddings`, `scale` (+ `offset`), read so once `haiku` is imported; Equinox layers "
