@@ -42,9 +42,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sngd_jax._src import layers as layers_lib
-from sngd_jax._src import paths
+from sngd_jax._src import paths, validation
 from sngd_jax._src import statistics as factors_lib
-from sngd_jax._src import validation
 from sngd_jax._src.capture.equinox import capture_eqx
 from sngd_jax._src.capture.haiku import capture_hk
 from sngd_jax._src.capture.linen import capture
