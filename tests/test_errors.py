@@ -777,3 +777,46 @@ def test_no_layer_warning_under_masked_and_partitioned_optimizers():
   with pytest.warns(UserWarning, match=r"found no layer in the params \(1 array\(s\): "
                                        r"'Dense_0/bias'\)"):
     optax.masked(sngd_jax.sngd(), jax.tree.map(lambda k: not k, is_kernel)).init(p)
+
+
+# --- the capture functions the errors name ---------------------------------------------------
+
+
+def test_missing_activations_errors_name_every_capture_function():
+  """``update`` without activations, or with none captured (the loss wrapped by the capture of
+  another framework), names the capture of each framework, Haiku's ``capture_hk`` too."""
+  p = _params()
+  for acts, match in ((None, r"needs `activations=`"), ({}, r"No layer at all was captured")):
+    with pytest.raises(ValueError, match=match) as raised:
+      _update(p, acts)
+    for name in ("capture`", "capture_nnx", "capture_eqx", "capture_hk"):
+      assert f"sngd_jax.{name}" in str(raised.value), (name, str(raised.value))
+
+
+def test_params_read_with_haiku_names_say_so_when_not_captured():
+  """Once ``haiku`` is imported, a linen layer whose params are named ``w``/``b`` is read with
+  Haiku's names (as a kernel and its bias) and ``capture`` records no call of it: the error
+  says why the names were read so and gives both ways out; a linen ``kernel`` gets no such
+  hint."""
+  pytest.importorskip("haiku")
+  import flax.linen as nn  # noqa: PLC0415
+
+  class WB(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      w = self.param("w", nn.initializers.lecun_normal(), (x.shape[-1], 3))
+      return x @ w + self.param("b", nn.initializers.zeros, (3,))
+
+  x = jnp.ones((4, 5))
+  params = WB().init(jax.random.key(0), x)["params"]
+  assert list(sngd_jax.discover(params)) == [""]  # read as one Haiku layer at the root
+  loss = lambda p: jnp.sum(WB().apply({"params": p}, x) ** 2)
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params)
+  with pytest.raises(ValueError, match=r"read with Haiku's names \('w' as a 'kernel'\).*"
+                     r"`sngd_jax.capture_hk`.*`fisher=\{'': None\}`.*`kernel` and `bias`"):
+    _update(params, acts, grads=grads)
+  updates, _ = _update(params, acts, grads=grads, fisher={"": None})  # the way out: untouched
+  jax.tree.map(np.testing.assert_array_equal, updates, grads)
+  with pytest.raises(ValueError, match=r"no activations were captured") as raised:
+    _update(_params(), {})
+  assert "Haiku's names" not in str(raised.value)

@@ -126,8 +126,8 @@ def check_activations(specs: Mapping[str, layers_lib.LayerSpec], activations: Ma
 _NOTHING_CAPTURED = (
     ". No layer at all was captured: is the capture function the one for this kind of "
     "model? `sngd_jax.capture` for a linen module's `apply`, `sngd_jax.capture_nnx` for an "
-    "NNX module, `sngd_jax.capture_eqx` for an Equinox model, each wrapping the function "
-    "that calls the model")
+    "NNX module, `sngd_jax.capture_eqx` for an Equinox model, `sngd_jax.capture_hk` for a "
+    "Haiku model's `apply`, each wrapping the function that calls the model")
 
 
 def unmatched_option_keys(params: Any, fisher: Any, stacked: Any) -> list[str]:
@@ -381,7 +381,8 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
   if activations is None:
     raise ValueError(
         "sngd: `update` needs `activations=`: wrap the loss with `sngd_jax.capture` (linen), "
-        "`sngd_jax.capture_nnx` (NNX) or `sngd_jax.capture_eqx` (Equinox) and pass what it "
+        "`sngd_jax.capture_nnx` (NNX), `sngd_jax.capture_eqx` (Equinox) or "
+        "`sngd_jax.capture_hk` (Haiku) and pass what it "
         "returns, e.g. "
         "`tx.update(grads, state, params, activations=acts)`. Flax's "
         "`TrainState.apply_gradients` does not pass them on: use `sngd_jax.TrainState`. "
@@ -410,7 +411,23 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
           "such steps (never for a layer called where capture cannot see it: its factor "
           "would never be fed). To leave it unpreconditioned pass "
           f"`fisher={{{path!r}: None}}`. Captured layers: {sorted(activations)}"
-          + (_subtree_hint(path, activations) if activations else _NOTHING_CAPTURED))
+          + (_subtree_hint(path, activations) if activations else _NOTHING_CAPTURED)
+          + _haiku_names_hint(spec))
+
+
+def _haiku_names_hint(spec: layers_lib.LayerSpec) -> str:
+  """For a layer found under Haiku's names (``layers.HAIKU_NAMES``: ``w``, ``embeddings``),
+  says why they were read, since a linen, NNX or hand-written tree that names its arrays so
+  is read the same way once ``haiku`` is imported."""
+  leaf = spec.kernel[-1] if spec.kernel else None
+  if leaf is None or layers_lib.HAIKU_NAMES.get(leaf, leaf) == leaf:
+    return ""
+  return (f". Its params were read with Haiku's names ({leaf!r} as a "
+          f"{layers_lib.HAIKU_NAMES[leaf]!r}): `haiku` is imported and the params hold none of "
+          "linen's names. A Haiku model is captured with `sngd_jax.capture_hk`; a layer of "
+          "another framework, or one you wrote, whose arrays are named so is not: leave it to "
+          f"the next transform with `fisher={{{spec.path!r}: None}}`, or name its arrays "
+          "`kernel` and `bias` (docs/layer-coverage.md)")
 
 
 def _subtree_hint(path: str, activations: Mapping) -> str:
