@@ -820,3 +820,28 @@ def test_params_read_with_haiku_names_say_so_when_not_captured():
   with pytest.raises(ValueError, match=r"no activations were captured") as raised:
     _update(_params(), {})
   assert "Haiku's names" not in str(raised.value)
+
+
+def test_capture_hk_and_coverage_given_a_haiku_model_say_what_to_write():
+  """``capture_hk(model)`` (the ``hk.transform``ed model, not a loss applying it) and
+  ``capture_hk(None)`` raised a ``KeyError: 'capture_hk'`` from the message's own table instead
+  of the documented ``TypeError``; ``coverage(model, params, x)`` suggested a linen call."""
+  hk = pytest.importorskip("haiku")
+  model = hk.without_apply_rng(hk.transform(lambda x: hk.Linear(2)(x)))
+  with_state = hk.transform_with_state(lambda x: hk.Linear(2)(x))
+  write = (r"For a Haiku model write `sngd_jax.capture_hk\(loss_fn\)\(params, x, y\)` with e.g. "
+           r"`def loss_fn\(params, x, y\): return jnp.mean\(\(model.apply\(params, x\)")
+  for m in (model, with_state):
+    with pytest.raises(TypeError, match=rf"`capture_hk` takes the loss function.*it got the "
+                                        rf"Haiku model `{type(m).__name__}` itself. {write}"):
+      sngd_jax.capture_hk(m)
+  with pytest.raises(TypeError, match=r"`capture_hk` takes.*a `NoneType` \(not callable\)\. "
+                                      r"For a Haiku model write"):
+    sngd_jax.capture_hk(None)
+  x = jnp.ones((3, 4))
+  params = model.init(jax.random.key(0), x)
+  with pytest.raises(TypeError, match=r"got the Haiku model `Transformed` in place of `loss_fn`.*"
+                     r"`sngd_jax.coverage\(lambda params, x: model.apply\(params, x\), params, "
+                     r"x\)`"):
+    sngd_jax.coverage(model, params, x)
+  assert sngd_jax.coverage(model.apply, params, x).params[0].fisher.startswith("(with linear/w)")

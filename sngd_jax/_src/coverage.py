@@ -313,6 +313,7 @@ COVERAGE_CALL = {
              "params, x)",
     "nnx": "sngd_jax.coverage(lambda model, x: model(x), model, x)",
     "equinox": "sngd_jax.coverage(lambda model, x: jax.vmap(model)(x), model, x)",
+    "haiku": "sngd_jax.coverage(lambda params, x: model.apply(params, x), params, x)",
 }
 """The call of ``coverage`` to write for each model kind (the loss's value is not read)."""
 
