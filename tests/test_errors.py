@@ -845,3 +845,13 @@ def test_capture_hk_and_coverage_given_a_haiku_model_say_what_to_write():
                      r"x\)`"):
     sngd_jax.coverage(model, params, x)
   assert sngd_jax.coverage(model.apply, params, x).params[0].fisher.startswith("(with linear/w)")
+
+
+def test_rfim_without_outputs_names_every_capture_function():
+  """``update`` with fisher='rfim' and no outputs says to capture them, with each framework's
+  capture, Haiku's ``capture_hk`` too."""
+  p = _params()
+  acts = {k: tuple(c.replace(outputs=None) for c in v) for k, v in _acts(p).items()}
+  with pytest.raises(ValueError, match=r"fisher='rfim'.*outputs=True.*`capture_nnx`, "
+                                       r"`capture_eqx`, `capture_hk` the same"):
+    _update(p, acts, fisher="rfim")
