@@ -855,3 +855,27 @@ def test_rfim_without_outputs_names_every_capture_function():
   with pytest.raises(ValueError, match=r"fisher='rfim'.*outputs=True.*`capture_nnx`, "
                                        r"`capture_eqx`, `capture_hk` the same"):
     _update(p, acts, fisher="rfim")
+
+
+def test_no_layer_warning_says_when_a_linen_name_keeps_haiku_names_unread():
+  """A Haiku model with a custom ``hk.get_parameter("bias", ...)``: the tree holds a linen
+  name, so Haiku's ``w``/``b`` are not read and no layer is found. The warning said that
+  Haiku's names are read once ``haiku`` is imported, which it was; it now names the leaf that
+  keeps them unread. Without that leaf the layer is found and nothing is said."""
+  hk = pytest.importorskip("haiku")
+
+  def fn(x):
+    return hk.Linear(2)(x) + hk.get_parameter("bias", (2,), init=jnp.zeros)
+
+  params = hk.without_apply_rng(hk.transform(fn)).init(jax.random.key(0), jnp.ones((1, 3)))
+  assert sngd_jax.discover(params) == {}
+  with pytest.warns(UserWarning, match=r"found no layer.*These params hold Haiku layers' leaves, "
+                    r"but also the linen name '~/bias'.*rename that param"):
+    sngd_jax.sngd().init(params)
+  renamed = {k: v for k, v in params.items() if k != "~"}
+  with no_sngd_warnings():
+    sngd_jax.sngd().init(renamed)
+  assert list(sngd_jax.discover(renamed)) == ["linear"]
+  with pytest.warns(UserWarning, match=r"found no layer") as caught:  # no Haiku leaves: no hint
+    sngd_jax.sngd().init({"shift": {"bias": jnp.zeros(2)}})
+  assert "Haiku layers' leaves" not in str(caught[0].message)

@@ -195,6 +195,20 @@ def is_haiku(params: Any) -> bool:
   return _is_haiku(_groups(params))
 
 
+def haiku_names_unread(params: Any) -> Optional[str]:
+  """The path of a leaf with a linen name (``kernel``, ``bias``, ``embedding``) where that
+  leaf alone keeps ``discover`` from reading Haiku's names: Haiku is imported and ``params``
+  hold a Haiku layer's leaves (a Haiku model with a custom ``hk.get_parameter("bias", ...)``);
+  else None."""
+  if "haiku" not in sys.modules:
+    return None
+  groups = _groups(params)
+  if not any(_haiku_layer(leaves) for leaves in groups.values()):
+    return None
+  return next((paths.join(parent + (name,)) for parent, leaves in groups.items()
+               for name in leaves if name in _LINEN_NAMES), None)
+
+
 def _equinox_layers(params: Any, fisher: FisherSpec,
                     errors: Optional[dict[str, UnmodelledLayer]] = None
                     ) -> Optional[dict[str, LayerSpec]]:

@@ -191,12 +191,17 @@ def no_layers_message(params: Any, specs: Mapping[str, Any], stacked: Any) -> Op
     return None
   shown = ", ".join(repr(a or "<root>") for a in arrays[:4])
   shown += ", ..." if len(arrays) > 4 else ""
+  unread = layers_lib.haiku_names_unread(params)
   return (
       f"{NO_LAYERS} ({len(arrays)} array(s): {shown}), so every "
       "gradient passes through unchanged. Layers are found by their leaf names: Flax linen "
       "and NNX `kernel` (+ `bias`), `embedding`, `scale` (+ `bias`); Haiku `w` (+ `b`), "
       "`embeddings`, `scale` (+ `offset`), read so once `haiku` is imported; Equinox layers "
-      "by their type. `sngd_jax.coverage(loss_fn, params, ...)` shows what each leaf gets "
+      "by their type. "
+      + (f"These params hold Haiku layers' leaves, but also the linen name {unread!r}, and a "
+         "tree that holds any of linen's names is read with linen's only "
+         "(docs/known-issues.md): rename that param. " if unread else "")
+      + "`sngd_jax.coverage(loss_fn, params, ...)` shows what each leaf gets "
       "(docs/layer-coverage.md).")
 
 
