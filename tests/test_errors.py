@@ -879,3 +879,30 @@ def test_no_layer_warning_says_when_a_linen_name_keeps_haiku_names_unread():
   with pytest.warns(UserWarning, match=r"found no layer") as caught:  # no Haiku leaves: no hint
     sngd_jax.sngd().init({"shift": {"bias": jnp.zeros(2)}})
   assert "Haiku layers' leaves" not in str(caught[0].message)
+
+
+def test_haiku_channels_first_conv_bias_gives_the_haiku_fix():
+  """``hk.Conv2D(..., data_format="NCHW")`` keeps its bias as ``(O, 1, 1)``, which fits no
+  modelled layer: ``init`` and ``coverage`` said to check whether the kernel is laid out inputs
+  first (as ``ConvTranspose(transpose_kernel=True)``), which is not the cause; they now say
+  what to build instead. A linen kernel with such a bias keeps the general fix."""
+  hk = pytest.importorskip("haiku")
+  model = hk.without_apply_rng(hk.transform(
+      lambda x: hk.Conv2D(3, 3, data_format="NCHW", name="conv")(x)))
+  x = jnp.ones((1, 2, 4, 4))
+  params = model.init(jax.random.key(0), x)
+  assert params["conv"]["b"].shape == (3, 1, 1)
+  fix = (r"a Haiku conv with a channels-first `data_format` keeps its bias as \(3, 1, 1\): "
+         r"build it with `with_bias=False`.*or channels last, or leave it to the next transform "
+         r"with `fisher=\{'conv': None\}`")
+  with pytest.raises(ValueError, match=r"layer 'conv': bias shape \(3, 1, 1\).*\. A Haiku conv"):
+    sngd_jax.sngd().init(params)
+  row = {p.path: p.fisher for p in sngd_jax.coverage(model.apply, params, x).params}["conv/w"]
+  assert re.search(fix, " ".join(row.split())), row
+  no_bias = hk.without_apply_rng(hk.transform(
+      lambda x: hk.Conv2D(3, 3, data_format="NCHW", with_bias=False, name="conv")(x)))
+  assert list(sngd_jax.discover(no_bias.init(jax.random.key(0), x))) == ["conv"]
+  linen = {"conv": {"kernel": jnp.ones((3, 3, 2, 3)), "bias": jnp.ones((3, 1, 1))}}
+  with pytest.raises(ValueError, match=r"transpose_kernel=True") as raised:
+    sngd_jax.sngd().init(linen)
+  assert "Haiku" not in str(raised.value)

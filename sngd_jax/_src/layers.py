@@ -244,6 +244,18 @@ def _not_tied(kind: str, path: str) -> None:
         "is for an embedding that is also the output layer (`attend`)")
 
 
+def _channels_first_bias_fix(path: str, kernel: Any, bias: Any) -> Optional[str]:
+  """The fix for a Haiku conv whose channels-first ``data_format`` (``NCHW``) gives its bias
+  the shape ``(O, 1, ..., 1)``, which fits no modelled layer; None for other shapes."""
+  shape = tuple(getattr(bias, "shape", ()))
+  if kernel.ndim < 3 or len(shape) < 2 or shape != (kernel.shape[-1],) + (1,) * (len(shape) - 1):
+    return None
+  return ("a Haiku conv with a channels-first `data_format` keeps its bias as "
+          f"{shape}: build it with `with_bias=False` (channels first without a bias is "
+          "modelled) or channels last, or leave it to the next transform with "
+          f"`fisher={{{path!r}: None}}`")
+
+
 def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any], fisher: FisherSpec,
               stacked: StackSpec = None, names: Optional[dict[str, str]] = None
               ) -> Optional[LayerSpec | list[LayerSpec]]:
@@ -283,7 +295,8 @@ def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any], fisher: FisherSpe
           f"bias shape {getattr(bias, 'shape', None)} does not match "
           f"the trailing axes of kernel shape {kernel.shape}"
           + (f" after its {in_axes} input axes" if in_axes is not None else "")
-          + (f" and {n_stack} stack axes" if n_stack else ""))
+          + (f" and {n_stack} stack axes" if n_stack else ""),
+          _channels_first_bias_fix(path, kernel, bias) if names else None)
     return LayerSpec(
         path=path,
         kernel=leaf("kernel"),
