@@ -701,3 +701,208 @@ def test_no_sngd_warnings_helper_catches_the_library_warnings_only():
     with no_sngd_warnings():
       warnings.warn("not the library's", DeprecationWarning, stacklevel=1)
   assert [str(w.message) for w in caught] == ["not the library's"]
+
+
+# --- init's warning for params in which no layer is found -----------------------------------
+
+# two arrays under names no layer is found by (a hand-written `x @ p["a"] + p["c"]`)
+_NO_LAYER = {"a": jnp.ones((4, 3)), "c": jnp.zeros(3)}
+_NO_LAYER_WARNING = r"found no layer in the params \(2 array\(s\): 'a', 'c'\)"
+
+
+def test_coverage_of_params_without_a_layer_does_not_warn():
+  """``coverage`` is what init's no-layer warning sends the user to, and its report lists every
+  leaf as a pass-through: its own ``init`` of those params gave the same warning again (at the
+  user's ``coverage`` line), pointing to ``coverage``."""
+  x = jnp.ones((2, 4))
+  with no_sngd_warnings():
+    report = sngd_jax.coverage(lambda p, x: jnp.sum(x @ p["a"] + p["c"]), _NO_LAYER, x)
+  assert [(p.path, p.fisher) for p in report.params] == [
+      ("a", coverage_lib.PASS_THROUGH), ("c", coverage_lib.PASS_THROUGH)]
+  with pytest.warns(UserWarning, match=_NO_LAYER_WARNING):  # init itself still warns
+    sngd_jax.sngd().init(_NO_LAYER)
+
+
+def _wrapped_inits():
+  """``init`` of sngd under the optax wrappers that call it, by name."""
+  from flax import nnx  # noqa: PLC0415
+
+  class Raw(nnx.Module):
+    def __init__(self):
+      self.a, self.c = nnx.Param(_NO_LAYER["a"]), nnx.Param(_NO_LAYER["c"])
+
+  class Linear(nnx.Module):
+    def __init__(self):
+      self.l = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+
+  nested = lambda: optax.chain(optax.clip(1.0), optax.chain(sngd_jax.sngd(), optax.sgd(0.1)))
+  return {
+      "chain": lambda p: nested().init(p),
+      "MultiSteps": lambda p: sngd_jax.MultiSteps(sngd_jax.sngd(), every_k_schedule=2).init(p),
+      "inject_hyperparams": lambda p: optax.inject_hyperparams(sngd_jax.sngd_momentum)(
+          learning_rate=0.1).init(p),
+      "apply_if_finite": lambda p: optax.apply_if_finite(sngd_jax.sngd(), 2).init(p),
+      "nnx.Optimizer": lambda p: nnx.Optimizer(Raw() if "a" in p else Linear(),
+                                               sngd_jax.sngd(), wrt=nnx.Param),
+  }
+
+
+@pytest.mark.parametrize("wrapper", list(_wrapped_inits()))
+def test_no_layer_warning_under_optax_wrappers(wrapper):
+  """Under each wrapper that calls ``init`` the warning is given once, at the user's line,
+  for params without a layer, and not for params with one."""
+  init = _wrapped_inits()[wrapper]
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    init(_NO_LAYER)
+  found = [w for w in caught if re.search(_NO_LAYER_WARNING, str(w.message))]
+  assert len(found) == 1 and found[0].filename == __file__, [str(w.message) for w in caught]
+  with no_sngd_warnings():
+    init(_params())
+
+
+def test_no_layer_warning_under_masked_and_partitioned_optimizers():
+  """sngd given no array (masked off, or no label of its own) and sngd given a part of the
+  layers: no warning; sngd given only the biases finds no layer: warned."""
+  p = _params()
+  is_kernel = jax.tree_util.tree_map_with_path(lambda path, _: "kernel" in str(path), p)
+  labels = {"Dense_0": {"kernel": "sngd", "bias": "sngd"}, "head": {"Dense_1": {"kernel": "a"}}}
+  with no_sngd_warnings():
+    optax.masked(sngd_jax.sngd(), jax.tree.map(lambda _: False, p)).init(p)
+    optax.masked(sngd_jax.sngd(), is_kernel).init(p)
+    optax.multi_transform({"sngd": sngd_jax.sngd(), "a": optax.adam(1e-3)}, labels).init(p)
+    optax.multi_transform({"sngd": sngd_jax.sngd(), "a": optax.adam(1e-3)},
+                          jax.tree.map(lambda _: "a", p)).init(p)
+    sngd_jax.sngd(fisher=lambda path: None).init(p)  # every layer left out on purpose
+  with pytest.warns(UserWarning, match=r"found no layer in the params \(1 array\(s\): "
+                                       r"'Dense_0/bias'\)"):
+    optax.masked(sngd_jax.sngd(), jax.tree.map(lambda k: not k, is_kernel)).init(p)
+
+
+# --- the capture functions the errors name ---------------------------------------------------
+
+
+def test_missing_activations_errors_name_every_capture_function():
+  """``update`` without activations, or with none captured (the loss wrapped by the capture of
+  another framework), names the capture of each framework, Haiku's ``capture_hk`` too."""
+  p = _params()
+  for acts, match in ((None, r"needs `activations=`"), ({}, r"No layer at all was captured")):
+    with pytest.raises(ValueError, match=match) as raised:
+      _update(p, acts)
+    for name in ("capture`", "capture_nnx", "capture_eqx", "capture_hk"):
+      assert f"sngd_jax.{name}" in str(raised.value), (name, str(raised.value))
+
+
+def test_params_read_with_haiku_names_say_so_when_not_captured():
+  """Once ``haiku`` is imported, a linen layer whose params are named ``w``/``b`` is read with
+  Haiku's names (as a kernel and its bias) and ``capture`` records no call of it: the error
+  says why the names were read so and gives both ways out; a linen ``kernel`` gets no such
+  hint."""
+  pytest.importorskip("haiku")
+  import flax.linen as nn  # noqa: PLC0415
+
+  class WB(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      w = self.param("w", nn.initializers.lecun_normal(), (x.shape[-1], 3))
+      return x @ w + self.param("b", nn.initializers.zeros, (3,))
+
+  x = jnp.ones((4, 5))
+  params = WB().init(jax.random.key(0), x)["params"]
+  assert list(sngd_jax.discover(params)) == [""]  # read as one Haiku layer at the root
+  loss = lambda p: jnp.sum(WB().apply({"params": p}, x) ** 2)
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params)
+  with pytest.raises(ValueError, match=r"read with Haiku's names \('w' as a 'kernel'\).*"
+                     r"`sngd_jax.capture_hk`.*`fisher=\{'': None\}`.*`kernel` and `bias`"):
+    _update(params, acts, grads=grads)
+  updates, _ = _update(params, acts, grads=grads, fisher={"": None})  # the way out: untouched
+  jax.tree.map(np.testing.assert_array_equal, updates, grads)
+  with pytest.raises(ValueError, match=r"no activations were captured") as raised:
+    _update(_params(), {})
+  assert "Haiku's names" not in str(raised.value)
+
+
+def test_capture_hk_and_coverage_given_a_haiku_model_say_what_to_write():
+  """``capture_hk(model)`` (the ``hk.transform``ed model, not a loss applying it) and
+  ``capture_hk(None)`` raised a ``KeyError: 'capture_hk'`` from the message's own table instead
+  of the documented ``TypeError``; ``coverage(model, params, x)`` suggested a linen call."""
+  hk = pytest.importorskip("haiku")
+  model = hk.without_apply_rng(hk.transform(lambda x: hk.Linear(2)(x)))
+  with_state = hk.transform_with_state(lambda x: hk.Linear(2)(x))
+  write = (r"For a Haiku model write `sngd_jax.capture_hk\(loss_fn\)\(params, x, y\)` with e.g. "
+           r"`def loss_fn\(params, x, y\): return jnp.mean\(\(model.apply\(params, x\)")
+  for m in (model, with_state):
+    with pytest.raises(TypeError, match=rf"`capture_hk` takes the loss function.*it got the "
+                                        rf"Haiku model `{type(m).__name__}` itself. {write}"):
+      sngd_jax.capture_hk(m)
+  with pytest.raises(TypeError, match=r"`capture_hk` takes.*a `NoneType` \(not callable\)\. "
+                                      r"For a Haiku model write"):
+    sngd_jax.capture_hk(None)
+  x = jnp.ones((3, 4))
+  params = model.init(jax.random.key(0), x)
+  with pytest.raises(TypeError, match=r"got the Haiku model `Transformed` in place of `loss_fn`.*"
+                     r"`sngd_jax.coverage\(lambda params, x: model.apply\(params, x\), params, "
+                     r"x\)`"):
+    sngd_jax.coverage(model, params, x)
+  assert sngd_jax.coverage(model.apply, params, x).params[0].fisher.startswith("(with linear/w)")
+
+
+def test_rfim_without_outputs_names_every_capture_function():
+  """``update`` with fisher='rfim' and no outputs says to capture them, with each framework's
+  capture, Haiku's ``capture_hk`` too."""
+  p = _params()
+  acts = {k: tuple(c.replace(outputs=None) for c in v) for k, v in _acts(p).items()}
+  with pytest.raises(ValueError, match=r"fisher='rfim'.*outputs=True.*`capture_nnx`, "
+                                       r"`capture_eqx`, `capture_hk` the same"):
+    _update(p, acts, fisher="rfim")
+
+
+def test_no_layer_warning_says_when_a_linen_name_keeps_haiku_names_unread():
+  """A Haiku model with a custom ``hk.get_parameter("bias", ...)``: the tree holds a linen
+  name, so Haiku's ``w``/``b`` are not read and no layer is found. The warning said that
+  Haiku's names are read once ``haiku`` is imported, which it was; it now names the leaf that
+  keeps them unread. Without that leaf the layer is found and nothing is said."""
+  hk = pytest.importorskip("haiku")
+
+  def fn(x):
+    return hk.Linear(2)(x) + hk.get_parameter("bias", (2,), init=jnp.zeros)
+
+  params = hk.without_apply_rng(hk.transform(fn)).init(jax.random.key(0), jnp.ones((1, 3)))
+  assert sngd_jax.discover(params) == {}
+  with pytest.warns(UserWarning, match=r"found no layer.*These params hold Haiku layers' leaves, "
+                    r"but also the linen name '~/bias'.*rename that param"):
+    sngd_jax.sngd().init(params)
+  renamed = {k: v for k, v in params.items() if k != "~"}
+  with no_sngd_warnings():
+    sngd_jax.sngd().init(renamed)
+  assert list(sngd_jax.discover(renamed)) == ["linear"]
+  with pytest.warns(UserWarning, match=r"found no layer") as caught:  # no Haiku leaves: no hint
+    sngd_jax.sngd().init({"shift": {"bias": jnp.zeros(2)}})
+  assert "Haiku layers' leaves" not in str(caught[0].message)
+
+
+def test_haiku_channels_first_conv_bias_gives_the_haiku_fix():
+  """``hk.Conv2D(..., data_format="NCHW")`` keeps its bias as ``(O, 1, 1)``, which fits no
+  modelled layer: ``init`` and ``coverage`` said to check whether the kernel is laid out inputs
+  first (as ``ConvTranspose(transpose_kernel=True)``), which is not the cause; they now say
+  what to build instead. A linen kernel with such a bias keeps the general fix."""
+  hk = pytest.importorskip("haiku")
+  model = hk.without_apply_rng(hk.transform(
+      lambda x: hk.Conv2D(3, 3, data_format="NCHW", name="conv")(x)))
+  x = jnp.ones((1, 2, 4, 4))
+  params = model.init(jax.random.key(0), x)
+  assert params["conv"]["b"].shape == (3, 1, 1)
+  fix = (r"a Haiku conv with a channels-first `data_format` keeps its bias as \(3, 1, 1\): "
+         r"build it with `with_bias=False`.*or channels last, or leave it to the next transform "
+         r"with `fisher=\{'conv': None\}`")
+  with pytest.raises(ValueError, match=r"layer 'conv': bias shape \(3, 1, 1\).*\. A Haiku conv"):
+    sngd_jax.sngd().init(params)
+  row = {p.path: p.fisher for p in sngd_jax.coverage(model.apply, params, x).params}["conv/w"]
+  assert re.search(fix, " ".join(row.split())), row
+  no_bias = hk.without_apply_rng(hk.transform(
+      lambda x: hk.Conv2D(3, 3, data_format="NCHW", with_bias=False, name="conv")(x)))
+  assert list(sngd_jax.discover(no_bias.init(jax.random.key(0), x))) == ["conv"]
+  linen = {"conv": {"kernel": jnp.ones((3, 3, 2, 3)), "bias": jnp.ones((3, 1, 1))}}
+  with pytest.raises(ValueError, match=r"transpose_kernel=True") as raised:
+    sngd_jax.sngd().init(linen)
+  assert "Haiku" not in str(raised.value)

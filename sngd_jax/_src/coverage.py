@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sngd_jax._src import layers as layers_lib
-from sngd_jax._src import paths
+from sngd_jax._src import paths, validation
 from sngd_jax._src import statistics as factors_lib
 from sngd_jax._src.capture.equinox import capture_eqx
 from sngd_jax._src.capture.haiku import capture_hk
@@ -235,7 +235,10 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
              if layers_lib.resolve_fisher(fisher, p) is not None}
   fisher = _without(fisher, set(missing))
   specs = layers_lib.discover(params, fisher, stacked)
-  state = jax.eval_shape(sngd(fisher=fisher, inverse=inverse, stacked=stacked).init, params)
+  with warnings.catch_warnings():  # params without a layer: this report is what init's
+    # warning points to (every leaf a pass-through), so that warning is not given again here
+    warnings.filterwarnings("ignore", message=validation.NO_LAYERS)
+    state = jax.eval_shape(sngd(fisher=fisher, inverse=inverse, stacked=stacked).init, params)
   method = _method_of(state.config)
   owner: dict[tuple[str, ...], str] = {}
   for spec in all_layers.values():
@@ -310,6 +313,7 @@ COVERAGE_CALL = {
              "params, x)",
     "nnx": "sngd_jax.coverage(lambda model, x: model(x), model, x)",
     "equinox": "sngd_jax.coverage(lambda model, x: jax.vmap(model)(x), model, x)",
+    "haiku": "sngd_jax.coverage(lambda params, x: model.apply(params, x), params, x)",
 }
 """The call of ``coverage`` to write for each model kind (the loss's value is not read)."""
 

@@ -195,6 +195,20 @@ def is_haiku(params: Any) -> bool:
   return _is_haiku(_groups(params))
 
 
+def haiku_names_unread(params: Any) -> Optional[str]:
+  """The path of a leaf with a linen name (``kernel``, ``bias``, ``embedding``) where that
+  leaf alone keeps ``discover`` from reading Haiku's names: Haiku is imported and ``params``
+  hold a Haiku layer's leaves (a Haiku model with a custom ``hk.get_parameter("bias", ...)``);
+  else None."""
+  if "haiku" not in sys.modules:
+    return None
+  groups = _groups(params)
+  if not any(_haiku_layer(leaves) for leaves in groups.values()):
+    return None
+  return next((paths.join(parent + (name,)) for parent, leaves in groups.items()
+               for name in leaves if name in _LINEN_NAMES), None)
+
+
 def _equinox_layers(params: Any, fisher: FisherSpec,
                     errors: Optional[dict[str, UnmodelledLayer]] = None
                     ) -> Optional[dict[str, LayerSpec]]:
@@ -228,6 +242,18 @@ def _not_tied(kind: str, path: str) -> None:
     raise ValueError(
         f"sngd: fisher='tied' for layer {path!r}, which is not an embedding table; 'tied' "
         "is for an embedding that is also the output layer (`attend`)")
+
+
+def _channels_first_bias_fix(path: str, kernel: Any, bias: Any) -> Optional[str]:
+  """The fix for a Haiku conv whose channels-first ``data_format`` (``NCHW``) gives its bias
+  the shape ``(O, 1, ..., 1)``, which fits no modelled layer; None for other shapes."""
+  shape = tuple(getattr(bias, "shape", ()))
+  if kernel.ndim < 3 or len(shape) < 2 or shape != (kernel.shape[-1],) + (1,) * (len(shape) - 1):
+    return None
+  return ("a Haiku conv with a channels-first `data_format` keeps its bias as "
+          f"{shape}: build it with `with_bias=False` (channels first without a bias is "
+          "modelled) or channels last, or leave it to the next transform with "
+          f"`fisher={{{path!r}: None}}`")
 
 
 def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any], fisher: FisherSpec,
@@ -269,7 +295,8 @@ def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any], fisher: FisherSpe
           f"bias shape {getattr(bias, 'shape', None)} does not match "
           f"the trailing axes of kernel shape {kernel.shape}"
           + (f" after its {in_axes} input axes" if in_axes is not None else "")
-          + (f" and {n_stack} stack axes" if n_stack else ""))
+          + (f" and {n_stack} stack axes" if n_stack else ""),
+          _channels_first_bias_fix(path, kernel, bias) if names else None)
     return LayerSpec(
         path=path,
         kernel=leaf("kernel"),

@@ -382,7 +382,8 @@ def _needs_outputs(spec: LayerSpec, calls: Sequence[Captured]) -> None:
     raise ValueError(
         f"sngd: layer {spec.path!r} has fisher='rfim', which weighs rows by the layer's "
         "outputs, but they were not captured: capture with `outputs=True` "
-        "(`sngd_jax.capture(loss_fn, outputs=True)`; `capture_nnx`, `capture_eqx` the same; "
+        "(`sngd_jax.capture(loss_fn, outputs=True)`; `capture_nnx`, `capture_eqx`, `capture_hk` "
+        "the same; "
         "the default keeps only the inputs)")
 
 

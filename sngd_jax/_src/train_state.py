@@ -119,7 +119,7 @@ def with_activations(tx: optax.GradientTransformation, activations: Optional[Act
   Args:
     tx: any optax transform (one without extra arguments ignores them).
     activations: what ``sngd_jax.capture`` (or ``capture_nnx``,
-      ``capture_eqx``) returned for this batch.
+      ``capture_eqx``, ``capture_hk``) returned for this batch.
     **extra_args: further keyword arguments to bind.
 
   Returns:

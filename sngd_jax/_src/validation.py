@@ -126,8 +126,8 @@ def check_activations(specs: Mapping[str, layers_lib.LayerSpec], activations: Ma
 _NOTHING_CAPTURED = (
     ". No layer at all was captured: is the capture function the one for this kind of "
     "model? `sngd_jax.capture` for a linen module's `apply`, `sngd_jax.capture_nnx` for an "
-    "NNX module, `sngd_jax.capture_eqx` for an Equinox model, each wrapping the function "
-    "that calls the model")
+    "NNX module, `sngd_jax.capture_eqx` for an Equinox model, `sngd_jax.capture_hk` for a "
+    "Haiku model's `apply`, each wrapping the function that calls the model")
 
 
 def unmatched_option_keys(params: Any, fisher: Any, stacked: Any) -> list[str]:
@@ -168,6 +168,10 @@ def warn_unmatched_option_keys(params: Any, fisher: Any, stacked: Any) -> None:
     warnings.warn(text, stacklevel=config_lib.caller_stacklevel())
 
 
+NO_LAYERS = "sngd: found no layer in the params"
+"""The start of ``no_layers_message`` (``coverage``, which reports those params, filters it)."""
+
+
 def no_layers_message(params: Any, specs: Mapping[str, Any], stacked: Any) -> Optional[str]:
   """The warning for params in which ``discover`` finds no layer at all, else None.
 
@@ -187,12 +191,17 @@ def no_layers_message(params: Any, specs: Mapping[str, Any], stacked: Any) -> Op
     return None
   shown = ", ".join(repr(a or "<root>") for a in arrays[:4])
   shown += ", ..." if len(arrays) > 4 else ""
+  unread = layers_lib.haiku_names_unread(params)
   return (
-      f"sngd: found no layer in the params ({len(arrays)} array(s): {shown}), so every "
+      f"{NO_LAYERS} ({len(arrays)} array(s): {shown}), so every "
       "gradient passes through unchanged. Layers are found by their leaf names: Flax linen "
       "and NNX `kernel` (+ `bias`), `embedding`, `scale` (+ `bias`); Haiku `w` (+ `b`), "
       "`embeddings`, `scale` (+ `offset`), read so once `haiku` is imported; Equinox layers "
-      "by their type. `sngd_jax.coverage(loss_fn, params, ...)` shows what each leaf gets "
+      "by their type. "
+      + (f"These params hold Haiku layers' leaves, but also the linen name {unread!r}, and a "
+         "tree that holds any of linen's names is read with linen's only "
+         "(docs/known-issues.md): rename that param. " if unread else "")
+      + "`sngd_jax.coverage(loss_fn, params, ...)` shows what each leaf gets "
       "(docs/layer-coverage.md).")
 
 
@@ -377,7 +386,8 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
   if activations is None:
     raise ValueError(
         "sngd: `update` needs `activations=`: wrap the loss with `sngd_jax.capture` (linen), "
-        "`sngd_jax.capture_nnx` (NNX) or `sngd_jax.capture_eqx` (Equinox) and pass what it "
+        "`sngd_jax.capture_nnx` (NNX), `sngd_jax.capture_eqx` (Equinox) or "
+        "`sngd_jax.capture_hk` (Haiku) and pass what it "
         "returns, e.g. "
         "`tx.update(grads, state, params, activations=acts)`. Flax's "
         "`TrainState.apply_gradients` does not pass them on: use `sngd_jax.TrainState`. "
@@ -406,7 +416,23 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
           "such steps (never for a layer called where capture cannot see it: its factor "
           "would never be fed). To leave it unpreconditioned pass "
           f"`fisher={{{path!r}: None}}`. Captured layers: {sorted(activations)}"
-          + (_subtree_hint(path, activations) if activations else _NOTHING_CAPTURED))
+          + (_subtree_hint(path, activations) if activations else _NOTHING_CAPTURED)
+          + _haiku_names_hint(spec))
+
+
+def _haiku_names_hint(spec: layers_lib.LayerSpec) -> str:
+  """For a layer found under Haiku's names (``layers.HAIKU_NAMES``: ``w``, ``embeddings``),
+  says why they were read, since a linen, NNX or hand-written tree that names its arrays so
+  is read the same way once ``haiku`` is imported."""
+  leaf = spec.kernel[-1] if spec.kernel else None
+  if leaf is None or layers_lib.HAIKU_NAMES.get(leaf, leaf) == leaf:
+    return ""
+  return (f". Its params were read with Haiku's names ({leaf!r} as a "
+          f"{layers_lib.HAIKU_NAMES[leaf]!r}): `haiku` is imported and the params hold none of "
+          "linen's names. A Haiku model is captured with `sngd_jax.capture_hk`; a layer of "
+          "another framework, or one you wrote, whose arrays are named so is not: leave it to "
+          f"the next transform with `fisher={{{spec.path!r}: None}}`, or name its arrays "
+          "`kernel` and `bias` (docs/layer-coverage.md)")
 
 
 def _subtree_hint(path: str, activations: Mapping) -> str:

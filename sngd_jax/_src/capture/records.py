@@ -335,7 +335,9 @@ def check_no_trained_left_out(left_out: dict[int, str], fn: Any, name: str,
 
 
 def model_kind(obj: Any) -> Optional[str]:
-  """``"linen"``, ``"nnx"`` or ``"equinox"`` for a model of that kind, else None.
+  """``"linen"``, ``"nnx"``, ``"equinox"`` or ``"haiku"`` for a model of that kind, else None.
+
+  A Haiku model is what ``hk.transform`` (or ``hk.transform_with_state``) returns.
 
   An Equinox model is an ``eqx.Module`` holding a layer of ``eqx.nn`` (a function wrapped
   by ``eqx.filter_jit``, also an ``eqx.Module``, is not one).
@@ -346,6 +348,9 @@ def model_kind(obj: Any) -> Optional[str]:
     return "linen"
   if isinstance(obj, nnx.Module):
     return "nnx"
+  hk = sys.modules.get("haiku")  # a Haiku model means Haiku is imported
+  if hk is not None and isinstance(obj, (hk.Transformed, hk.TransformedWithState)):
+    return "haiku"
   eqx = sys.modules.get("equinox")
   if eqx is not None and isinstance(obj, eqx.Module):
     nodes = jax.tree.leaves(obj, is_leaf=lambda n: isinstance(n, eqx.Module))
@@ -354,7 +359,8 @@ def model_kind(obj: Any) -> Optional[str]:
   return None
 
 
-CAPTURE_OF = {"linen": "capture", "nnx": "capture_nnx", "equinox": "capture_eqx"}
+CAPTURE_OF = {"linen": "capture", "nnx": "capture_nnx", "equinox": "capture_eqx",
+              "haiku": "capture_hk"}
 """The capture function for each model kind."""
 
 EXAMPLE_LOSS = {
@@ -362,19 +368,20 @@ EXAMPLE_LOSS = {
              "- y) ** 2)",
     "nnx": "def loss_fn(model, x, y): return jnp.mean((model(x) - y) ** 2)",
     "equinox": "def loss_fn(model, x, y): return jnp.mean((jax.vmap(model)(x) - y) ** 2)",
+    "haiku": "def loss_fn(params, x, y): return jnp.mean((model.apply(params, x) - y) ** 2)",
 }
 """A loss function of each model kind, for the messages."""
 
-FIRST_ARGUMENT = {"linen": "params", "nnx": "model", "equinox": "model"}
+FIRST_ARGUMENT = {"linen": "params", "nnx": "model", "equinox": "model", "haiku": "params"}
 
-LABEL = {"linen": "linen", "nnx": "NNX", "equinox": "Equinox"}
-A_LABEL = {"linen": "a linen", "nnx": "an NNX", "equinox": "an Equinox"}
+LABEL = {"linen": "linen", "nnx": "NNX", "equinox": "Equinox", "haiku": "Haiku"}
+A_LABEL = {"linen": "a linen", "nnx": "an NNX", "equinox": "an Equinox", "haiku": "a Haiku"}
 
 
 def check_captured_function(fn: Any, name: str) -> None:
   """Raises a ``TypeError`` saying what to write when ``name`` (``"capture"``,
-  ``"capture_nnx"``, ``"capture_eqx"``) is given a model, or anything that is not callable,
-  instead of the loss function that applies the model.
+  ``"capture_nnx"``, ``"capture_eqx"``, ``"capture_hk"``) is given a model, or anything that
+  is not callable, instead of the loss function that applies the model.
 
   A linen Module passed to ``capture`` would fail at its first call with Flax's
   ``CallCompactUnboundModuleError``; an NNX or Equinox model passed to ``capture_nnx`` or

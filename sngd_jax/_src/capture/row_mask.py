@@ -51,7 +51,8 @@ def with_row_mask(activations: Activations, mask: Any,
   batch of the real rows.
 
   Args:
-    activations: from ``sngd_jax.capture`` / ``capture_nnx`` / ``capture_eqx``.
+    activations: from ``sngd_jax.capture`` / ``capture_nnx`` / ``capture_eqx`` /
+      ``capture_hk``.
     mask: ``(B,)``: which examples are real (a batch padded to a fixed size), or ``(B, T)``:
       which tokens are real, batch-major as the model's inputs (also for the cells of a
       time-major ``nn.RNN``, whose rows are mapped to it). 0/1, bool, or nonnegative
