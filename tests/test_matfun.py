@@ -231,3 +231,15 @@ def test_inverse_property(a, name, damping):
   damped = a + shift * np.eye(a.shape[0])
   assert bool(ok[0])
   assert rel(damped @ x, v[0]) < 1e4 * np.finfo(np.float64).eps * np.linalg.cond(damped)
+
+
+@pytest.mark.parametrize("fn", [matfun.eigh_roots, matfun.denman_beavers, matfun.newton_schulz])
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.complex64])
+def test_roots_refuse_integer_and_complex_matrices(fn, dtype):
+  """An integer matrix has no integer roots and a complex one is not the symmetric matrix
+  these roots are for: each public root function names the dtype instead of returning
+  integer roots or dropping the imaginary part."""
+  a = (4 * jnp.eye(3)).astype(dtype)
+  with pytest.raises(TypeError, match=f"sngd: {fn.__name__} takes a real floating.*"
+                     f"{jnp.dtype(dtype).name}"):
+    fn(a)

@@ -90,6 +90,14 @@ def _scale(a: jax.Array, scale: str) -> jax.Array:
   return jnp.where(s > 0, s, jnp.ones_like(s))
 
 
+def _real_floating(a: jax.Array, name: str) -> None:
+  """Raises for a matrix that is not real floating: an integer matrix has no integer roots,
+  and a complex one is not the symmetric matrix these roots are for."""
+  if not jnp.issubdtype(a.dtype, jnp.floating):
+    raise TypeError(f"sngd: {name} takes a real floating matrix (float16, bfloat16, float32 "
+                    f"or float64), got {a.dtype}; cast it with .astype(jnp.float32)")
+
+
 def eigh_roots(a: jax.Array) -> Roots:
   """Exact ``A^{1/2}`` and ``A^{-1/2}`` from ``A = V diag(lam) V^T``.
 
@@ -102,6 +110,7 @@ def eigh_roots(a: jax.Array) -> Roots:
   Returns:
     ``Roots`` in the input dtype (computed in ``compute_dtype``).
   """
+  _real_floating(a, "eigh_roots")
   dtype = a.dtype
   a = symmetrize(a.astype(compute_dtype(dtype)))
   lam, v = jnp.linalg.eigh(a)
@@ -193,6 +202,7 @@ def denman_beavers(a: jax.Array, num_iters: int = 40, tol: Union[float, str, Non
     ``Roots``; bfloat16/float16 inputs are computed in float32 and the
     roots cast back.
   """
+  _real_floating(a, "denman_beavers")
   return _coupled_iteration(_db_step, a, num_iters, tol, scale)
 
 
@@ -228,6 +238,7 @@ def newton_schulz(a: jax.Array, num_iters: int = 40, tol: Union[float, str, None
   Returns:
     ``Roots``.
   """
+  _real_floating(a, "newton_schulz")
   return _coupled_iteration(_ns_step, a, num_iters, tol, scale)
 
 
