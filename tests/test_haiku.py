@@ -447,6 +447,54 @@ def test_two_trained_models_with_argnums():
     jax.grad(lambda pair: sngd_jax.capture_hk(loss)(*pair, z)[0])((g_params, d_params))
 
 
+class MixedNet(hk.Module):
+  def __call__(self, x, is_training):
+    h = hk.BatchNorm(True, True, 0.9)(hk.Linear(5)(x), is_training)
+    return hk.Linear(3)(jnp.tanh(h))
+
+
+def test_mixed_precision_policies_capture_every_layer():
+  """Haiku's ImageNet example's policies (bf16 compute, f32 params; BatchNorm computing in f32
+  with bf16 output): every layer is recorded, with the inputs its weight multiplies, and its
+  update is the float64 damped solve over them. The policies cast what a module method returns,
+  also ``params_dict``: read through it, the BatchNorm's scale was a bf16 copy, no leaf."""
+  jmp = pytest.importorskip("jmp")
+  mp = hk.mixed_precision
+  net_policy = jmp.get_policy("params=float32,compute=bfloat16,output=float32")
+  bn_policy = jmp.get_policy("params=float32,compute=float32,output=bfloat16")
+  with mp.push_policy(MixedNet, net_policy), mp.push_policy(hk.BatchNorm, bn_policy):
+    model = hk.without_apply_rng(hk.transform_with_state(lambda x: MixedNet()(x, True)))
+    x = jax.random.normal(KEY, (16, 4)) * 2.0 + 0.5
+    params, state = model.init(KEY, x)
+    assert jax.tree.leaves(jax.tree.map(lambda a: a.dtype, params)) == [jnp.float32] * 6
+
+    def loss(p, state, x):
+      out, state = model.apply(p, state, x)
+      return jnp.sum(jnp.sin(out.astype(jnp.float32))), state
+
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      grads, updates, acts = _one_update(loss, params, state, x, has_aux=True)
+  assert set(acts) == {"mixed_net/linear", "mixed_net/batch_norm", "mixed_net/linear_1"}
+  assert acts["mixed_net/linear"][0].inputs.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(acts["mixed_net/linear"][0].inputs, x.astype(jnp.bfloat16))
+  for name in ("mixed_net/linear", "mixed_net/linear_1"):  # the rows in float64
+    kernel, bias = ref.dense_update(_np(acts[name][0].inputs), _np(grads[name]["w"]),
+                                    _np(grads[name]["b"]))
+    np.testing.assert_allclose(_np(updates[name]["w"]), kernel, rtol=2e-3, atol=1e-6)
+    np.testing.assert_allclose(_np(updates[name]["b"]), bias, rtol=2e-3, atol=1e-6)
+  # the BatchNorm's xhat, from its bf16 input in float64
+  h = _np(x.astype(jnp.bfloat16).astype(jnp.float32) @ params["mixed_net/linear"]["w"].astype(
+      jnp.bfloat16).astype(jnp.float32))
+  h = _np((h + _np(params["mixed_net/linear"]["b"])).astype(jnp.bfloat16))
+  xhat = (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5)
+  g = grads["mixed_net/batch_norm"]
+  s, b = ref.channel_update(xhat, _np(g["scale"]).ravel(), _np(g["offset"]).ravel())
+  u = updates["mixed_net/batch_norm"]
+  np.testing.assert_allclose(_np(u["scale"]).ravel(), s, rtol=2e-2, atol=1e-5)
+  np.testing.assert_allclose(_np(u["offset"]).ravel(), b, rtol=2e-2, atol=1e-5)
+
+
 # --- errors and warnings -------------------------------------------------------------
 
 def test_unsupported_layer_is_named():

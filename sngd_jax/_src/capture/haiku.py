@@ -146,8 +146,16 @@ def _lookup(module: Any) -> Optional[tuple[Any, str]]:
 
 
 def _param(module: Any, name: str) -> Any:
-  """The array ``module`` read as its param ``name`` in this call, or None."""
-  return module.params_dict().get(f"{module.module_name}/{name}")
+  """The array ``module`` read as its param ``name`` in this call, or None.
+
+  ``params_dict`` is a module method, so method interceptors run on it: a mixed precision
+  policy (``hk.mixed_precision.set_policy``) casts what it returns to the policy's output
+  dtype, a copy that is no leaf of the params. The unwrapped method reads the frame's
+  params as they were passed.
+  """
+  hk = _haiku()
+  params_dict = getattr(hk.Module.params_dict, "__wrapped__", hk.Module.params_dict)
+  return params_dict(module).get(f"{module.module_name}/{name}")
 
 
 class _Interceptor:
