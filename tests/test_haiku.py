@@ -507,6 +507,28 @@ def test_unsupported_layer_is_named():
     sngd_jax.capture_hk(lambda p, x: jnp.sum(model.apply(p, x)))(params, x)
 
 
+def test_gru_is_named_as_not_modelled():
+  """hk.GRU multiplies its own w_i, w_h: capture and coverage say its params pass through,
+  naming it; the LSTM beside it is captured."""
+  def fn(xs):
+    gru, lstm = hk.GRU(3), hk.LSTM(2)
+    h, _ = hk.dynamic_unroll(gru, xs, gru.initial_state(2))
+    h, _ = hk.dynamic_unroll(lstm, h, lstm.initial_state(2))
+    return h
+  model = hk.without_apply_rng(hk.transform(fn))
+  xs = jnp.ones((4, 2, 5))  # (T, B, I)
+  params = model.init(KEY, xs)
+  loss = lambda p, xs: jnp.sum(model.apply(p, xs))
+  match = r"capture_hk does not model GRU 'gru'.*pass through unpreconditioned"
+  with pytest.warns(UserWarning, match=match):
+    _, acts = sngd_jax.capture_hk(loss)(params, xs)
+  assert set(acts) == {"lstm/linear"}
+  with pytest.warns(UserWarning, match=match):
+    report = sngd_jax.coverage(loss, params, xs)
+  assert sorted(report.pass_through) == ["gru/b", "gru/w_h", "gru/w_i"]
+  assert report.missing == [] and "lstm/linear/w" in report.preconditioned
+
+
 def test_a_jit_inside_the_captured_function_warns():
   model = hk.without_apply_rng(hk.transform(lambda x: hk.Linear(2)(x)))
   x = jnp.ones((3, 4))

@@ -137,6 +137,14 @@ def unsupported() -> tuple[type, ...]:
   return (hk.ConvNDTranspose,)
 
 
+@functools.lru_cache(maxsize=None)
+def unmodelled_cells() -> tuple[type, ...]:
+  """Haiku cores whose weights are read by their own matmuls, no layer capture records:
+  ``discover`` finds no layer in their params, which pass through unpreconditioned."""
+  hk = _haiku()
+  return (hk.GRU,)
+
+
 def _lookup(module: Any) -> Optional[tuple[Any, str]]:
   for cls in type(module).__mro__:
     found = recorders().get(cls)
@@ -165,6 +173,7 @@ class _Interceptor:
     self.rec, self.frozen = rec, frozen
     self.unnamed: dict[str, None] = {}
     self.unsupported: dict[str, None] = {}
+    self.cells: dict[str, None] = {}
     self.plain: list[Any] = []  # the norms being called again with unit scale, zero offset
 
   def __call__(self, next_f, args, kwargs, context):
@@ -178,6 +187,8 @@ class _Interceptor:
     if found is None:
       if isinstance(module, unsupported()):
         self.unsupported[f"{type(module).__name__} {module.module_name!r}"] = None
+      elif isinstance(module, unmodelled_cells()):
+        self.cells[f"{type(module).__name__} {module.module_name!r}"] = None
       return next_f(*args, **kwargs)
     recorder, weight_name = found
     out = next_f(*args, **kwargs)
@@ -240,6 +251,8 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
   ``hk.LayerNorm``, ``hk.RMSNorm``, ``hk.BatchNorm`` (under ``hk.transform_with_state``) and
   ``hk.GroupNorm``, also under ``hk.remat``, ``hk.dynamic_unroll`` and ``hk.layer_stack``.
   ``hk.ConvNDTranspose`` is not: its calls are not recorded and capture warns, naming it.
+  Nor is ``hk.GRU`` (its own matmuls of ``w_i``, ``w_h``): its params pass through, and
+  capture warns, naming it.
 
   Args:
     fn: a function whose first argument is the Haiku params (the dict that
@@ -283,6 +296,15 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
           f"sngd: capture_hk does not model {', '.join(interceptor.unsupported)}: its calls "
           "are not captured, and `update` reports the layer as not captured; pass "
           "`fisher={path: None}` to leave it to the next transform",
+          stacklevel=caller_stacklevel())
+    if interceptor.cells:
+      warnings.warn(
+          f"sngd: capture_hk does not model {', '.join(interceptor.cells)}: it multiplies its "
+          "own `w_i`, `w_h` (no `hk.Linear`), so its params get no local Fisher and pass "
+          "through unpreconditioned (`coverage` lists them as pass-through): `sngd_momentum` "
+          "moves them by momentum SGD on the raw gradient, `sngd_adam` or "
+          "`optax.chain(sngd_jax.sngd(), optax.adam(...))` by Adam. `hk.LSTM` and "
+          "`hk.VanillaRNN`, whose gates are `hk.Linear`, are modelled",
           stacklevel=caller_stacklevel())
     if interceptor.unnamed:
       warnings.warn(
