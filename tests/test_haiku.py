@@ -529,6 +529,34 @@ def test_gru_is_named_as_not_modelled():
   assert report.missing == [] and "lstm/linear/w" in report.preconditioned
 
 
+def test_a_tied_embedding_table_is_named():
+  """`h @ embed.embeddings.T` (a tied output layer, read outside the lookup): the lookup's
+  diag(f) does not model it, and capture says so, naming the layer and the fix; an untied
+  model does not warn, and with the fix the table's update is its gradient."""
+  def fn(tokens, tied):
+    embed = hk.Embed(7, 4)
+    h = jnp.tanh(hk.Linear(4)(embed(tokens)))
+    return h @ embed.embeddings.T if tied else hk.Linear(7)(h)
+  tokens = jnp.array([[1, 2, 2], [3, 1, 0]])
+  for tied in (True, False):
+    model = hk.without_apply_rng(hk.transform(lambda t, tied=tied: fn(t, tied)))
+    params = model.init(KEY, tokens)
+    loss = lambda p, t: jnp.sum(jax.nn.log_softmax(model.apply(p, t))[..., 0])  # noqa: B023
+    if tied:
+      with pytest.warns(UserWarning, match=r"the table of hk.Embed 'embed' is read outside "
+                        r"its lookup.*Pass `fisher=\{'embed': None\}`"):
+        (_, acts), grads = jax.value_and_grad(sngd_jax.capture_hk(loss), has_aux=True)(
+            params, tokens)
+      tx = sngd_jax.sngd(fisher={"embed": None})
+      updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+      np.testing.assert_array_equal(updates["embed"]["embeddings"],
+                                    grads["embed"]["embeddings"])
+    else:
+      with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sngd_jax.capture_hk(loss)(params, tokens)
+
+
 def test_a_jit_inside_the_captured_function_warns():
   model = hk.without_apply_rng(hk.transform(lambda x: hk.Linear(2)(x)))
   x = jnp.ones((3, 4))

@@ -174,11 +174,20 @@ class _Interceptor:
     self.unnamed: dict[str, None] = {}
     self.unsupported: dict[str, None] = {}
     self.cells: dict[str, None] = {}
+    self.tables_read: dict[str, None] = {}  # Embed tables read outside their lookup
+    self.looking_up: list[Any] = []  # the hk.Embed modules whose __call__ is running
     self.plain: list[Any] = []  # the norms being called again with unit scale, zero offset
 
   def __call__(self, next_f, args, kwargs, context):
     hk = _haiku()
     module = context.module
+    if context.method_name == "embeddings" and isinstance(module, hk.Embed):
+      table = next_f(*args, **kwargs)
+      if not any(m is module for m in self.looking_up):  # `embed.embeddings`: a tied output
+        _, parts = self.rec.trace(table)
+        if parts is not None:
+          self.tables_read[paths.join(parts[:-1])] = None
+      return table
     if context.method_name != "__call__":
       return next_f(*args, **kwargs)
     if self.plain and isinstance(module, hk.ExponentialMovingAverage):
@@ -191,7 +200,11 @@ class _Interceptor:
         self.cells[f"{type(module).__name__} {module.module_name!r}"] = None
       return next_f(*args, **kwargs)
     recorder, weight_name = found
-    out = next_f(*args, **kwargs)
+    self.looking_up.append(module)
+    try:
+      out = next_f(*args, **kwargs)
+    finally:
+      self.looking_up.pop()
     weight = _param(module, weight_name)
     if weight is None:  # no learned scale (create_scale=False): nothing to precondition
       return out
@@ -306,6 +319,17 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
           "`optax.chain(sngd_jax.sngd(), optax.adam(...))` by Adam. `hk.LSTM` and "
           "`hk.VanillaRNN`, whose gates are `hk.Linear`, are modelled",
           stacklevel=caller_stacklevel())
+    if interceptor.tables_read:
+      keys = ", ".join(repr(k) for k in interceptor.tables_read)
+      warnings.warn(
+          f"sngd: capture_hk: the table of hk.Embed {keys} is read outside its lookup "
+          "(`embed.embeddings`, as a tied output layer `h @ embed.embeddings.T`): its local "
+          "Fisher `diag(f)` models the lookup only, while its gradient holds the other use's "
+          "too (rows of tokens absent from the batch get that gradient over the damping "
+          "alone). Pass `fisher={"
+          + ", ".join(f"{k!r}: None" for k in interceptor.tables_read)
+          + "}` to leave the table to the next transform, or untie it (an `hk.Linear` "
+          "output layer)", stacklevel=caller_stacklevel())
     if interceptor.unnamed:
       warnings.warn(
           f"sngd: capture_hk could not name {len(interceptor.unnamed)} layer call(s) "
