@@ -557,6 +557,27 @@ def test_a_tied_embedding_table_is_named():
         sngd_jax.capture_hk(loss)(params, tokens)
 
 
+def test_immutable_params_are_refused_naming_the_conversion():
+  """`hk.data_structures.to_immutable_dict` params (a FlatMap, whose leaves flatten by
+  position): init, capture and coverage name the conversion to plain dicts, instead of
+  recording both layers under one nameless path."""
+  model = hk.without_apply_rng(hk.transform(lambda x: hk.nets.MLP([4, 2])(x)))
+  x = jnp.ones((3, 5))
+  params = model.init(KEY, x)
+  frozen = hk.data_structures.to_immutable_dict(params)
+  loss = lambda p, x: jnp.sum(model.apply(p, x))
+  fix = r"FlatMap.*hk.data_structures.to_mutable_dict\(params\)"
+  with pytest.warns(UserWarning, match=r"found no layer.*" + fix):
+    sngd_jax.sngd().init(frozen)
+  with pytest.raises(TypeError, match="capture_hk: .*" + fix):
+    sngd_jax.capture_hk(loss)(frozen, x)
+  with pytest.raises(TypeError, match="coverage: .*" + fix):
+    sngd_jax.coverage(loss, frozen, x)
+  plain = hk.data_structures.to_mutable_dict(frozen)  # the fix
+  _, acts = sngd_jax.capture_hk(loss)(plain, x)
+  assert set(acts) == set(sngd_jax.discover(plain)) == {"mlp/~/linear_0", "mlp/~/linear_1"}
+
+
 def test_a_jit_inside_the_captured_function_warns():
   model = hk.without_apply_rng(hk.transform(lambda x: hk.Linear(2)(x)))
   x = jnp.ones((3, 4))

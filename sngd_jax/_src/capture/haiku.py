@@ -282,7 +282,8 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
     keyed by the layer's path in the params (``'mlp/~/linear_0'``).
 
   Raises:
-    TypeError: when ``fn`` is not callable, saying what to write.
+    TypeError: when ``fn`` is not callable, saying what to write, or when the params hold a
+      Haiku ``FlatMap`` (``hk.data_structures.to_immutable_dict``), naming the conversion.
     ValueError: when the wrapped function is called with an argument left out that is
       differentiated together with the recorded params, naming it and ``argnums``.
   """
@@ -294,6 +295,8 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
     models, rest = models_and_rest(args, kwargs, positions, several, argnums, "capture_hk")
+    if paths.holds_flat_map(models):
+      raise TypeError(f"sngd: capture_hk: {paths.FLAT_MAP_FIX}.")
     top: dict[int, tuple[str, ...]] = {}
     for m, model in enumerate(models):  # several models: each one's paths under its part
       top.update(leaf_paths(model, (model_part(m),) if several else ()))
