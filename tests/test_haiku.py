@@ -588,6 +588,19 @@ def test_a_jit_inside_the_captured_function_warns():
   assert acts == {}
 
 
+def test_a_layer_under_hk_cond_warns_naming_it():
+  def fn(x):
+    linear = hk.Linear(2)
+    return hk.cond(jnp.sum(x) > 0, linear, lambda x: linear(-x), x)
+  model = hk.without_apply_rng(hk.transform(fn))
+  x = jnp.ones((3, 4))
+  params = model.init(KEY, x)
+  with pytest.warns(UserWarning, match=r"could not name 1 layer call\(s\) \(Linear 'linear'\)"
+                    r".*inside `hk.cond`"):
+    _, acts = sngd_jax.capture_hk(lambda p, x: jnp.sum(model.apply(p, x)))(params, x)
+  assert acts == {}
+
+
 def test_a_fisher_key_naming_a_haiku_leaf_gets_the_layer_path():
   params = hk.without_apply_rng(hk.transform(lambda x: hk.nets.MLP([2])(x))).init(
       KEY, jnp.ones((1, 3)))

@@ -338,8 +338,11 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
           f"sngd: capture_hk could not name {len(interceptor.unnamed)} layer call(s) "
           f"({', '.join(interceptor.unnamed)}): their weight is not a leaf of the params "
           "passed as the captured function's first argument, as when the params go through "
-          "a `jax.jit` inside the captured function (jit the whole training step instead) or "
-          "are computed from the params. They are not captured, and `update` reports their "
+          "a `jax.jit` inside the captured function (jit the whole training step instead), "
+          "when the layer is called inside `hk.cond`, `hk.switch`, `hk.fori_loop` or "
+          "`hk.while_loop` (they pass the params into their body; call the layer outside, "
+          "e.g. on both branches' inputs with `jnp.where` after), or when the weights are "
+          "computed from the params. They are not captured, and `update` reports their "
           "layers as not captured; pass `fisher={path: None}` to leave such a layer to the "
           "next transform.", stacklevel=caller_stacklevel())
     acts = vmapped_by_caller(rec.freeze(), rest)
