@@ -319,6 +319,35 @@ def test_group_norm(x64):
   np.testing.assert_allclose(_np(updates["group_norm"]["offset"]), b, rtol=1e-7)
 
 
+class DoubledLinear(hk.Linear):
+  def __call__(self, x):
+    return super().__call__(2.0 * x)
+
+
+class ShiftedRMSNorm(hk.RMSNorm):
+  def __call__(self, x):
+    return super().__call__(x + 1.0)
+
+
+def test_a_subclass_calling_the_base_call_records_its_input_once(x64):
+  """Haiku intercepts both `__call__`s of a subclass whose `__call__` calls the base class's:
+  one record per call, the input the base class's call receives (as for linen)."""
+  def fn(x):
+    return DoubledLinear(3)(ShiftedRMSNorm(-1)(x))
+  model = hk.without_apply_rng(hk.transform(fn))
+  x = jax.random.normal(KEY, (6, 4), jnp.float64)
+  params = model.init(KEY, x)
+  grads, updates, acts = _one_update(lambda p, x: jnp.sum(jnp.sin(model.apply(p, x))),
+                                     params, x)
+  assert {k: len(v) for k, v in acts.items()} == {"doubled_linear": 1, "shifted_rms_norm": 1}
+  y = _np(x) + 1.0
+  xhat = y / np.sqrt(np.mean(y ** 2, -1, keepdims=True) + 1e-5)
+  s, _ = ref.channel_update(xhat, _np(grads["shifted_rms_norm"]["scale"]), None)
+  np.testing.assert_allclose(_np(updates["shifted_rms_norm"]["scale"]), s, rtol=1e-8)
+  h = 2.0 * xhat * _np(params["shifted_rms_norm"]["scale"])
+  _check_dense(h, grads["doubled_linear"], updates["doubled_linear"], "doubled_linear")
+
+
 def test_attention_projections_record_their_inputs():
   def fn(q, kv):
     mha = hk.MultiHeadAttention(num_heads=2, key_size=3,

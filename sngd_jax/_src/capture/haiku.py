@@ -175,7 +175,8 @@ class _Interceptor:
     self.unsupported: dict[str, None] = {}
     self.cells: dict[str, None] = {}
     self.tables_read: dict[str, None] = {}  # Embed tables read outside their lookup
-    self.looking_up: list[Any] = []  # the hk.Embed modules whose __call__ is running
+    self.looking_up: list[Any] = []  # the recorded modules whose __call__ is running
+    self.base_called: set[int] = set()  # those of them whose base class's __call__ ran too
     self.plain: list[Any] = []  # the norms being called again with unit scale, zero offset
 
   def __call__(self, next_f, args, kwargs, context):
@@ -200,11 +201,18 @@ class _Interceptor:
         self.cells[f"{type(module).__name__} {module.module_name!r}"] = None
       return next_f(*args, **kwargs)
     recorder, weight_name = found
+    if any(m is module for m in self.looking_up):
+      # the base class's `__call__`, called by a subclass's (`super().__call__(f(x))`): this
+      # call's input is the one the weight multiplies; the subclass's call records nothing
+      self.base_called.add(id(module))
     self.looking_up.append(module)
     try:
       out = next_f(*args, **kwargs)
     finally:
       self.looking_up.pop()
+    if not any(m is module for m in self.looking_up) and id(module) in self.base_called:
+      self.base_called.discard(id(module))
+      return out
     weight = _param(module, weight_name)
     if weight is None:  # no learned scale (create_scale=False): nothing to precondition
       return out
