@@ -567,15 +567,19 @@ def test_a_tied_embedding_table_is_named():
     h = jnp.tanh(hk.Linear(4)(embed(tokens)))
     return h @ embed.embeddings.T if tied else hk.Linear(7)(h)
   tokens = jnp.array([[1, 2, 2], [3, 1, 0]])
+  warning = r"the table of hk.Embed 'embed' is read outside its lookup.*`fisher=\{'embed': None\}`"
   for tied in (True, False):
     model = hk.without_apply_rng(hk.transform(lambda t, tied=tied: fn(t, tied)))
     params = model.init(KEY, tokens)
     loss = lambda p, t: jnp.sum(jax.nn.log_softmax(model.apply(p, t))[..., 0])  # noqa: B023
     if tied:
-      with pytest.warns(UserWarning, match=r"the table of hk.Embed 'embed' is read outside "
-                        r"its lookup.*Pass `fisher=\{'embed': None\}`"):
+      with pytest.warns(UserWarning, match=warning):
         (_, acts), grads = jax.value_and_grad(sngd_jax.capture_hk(loss), has_aux=True)(
             params, tokens)
+      jmp = pytest.importorskip("jmp")  # under a policy, the table is read as a bf16 copy
+      with hk.mixed_precision.push_policy(hk.Embed, jmp.get_policy("p=f32,c=bf16,o=f32")):
+        with pytest.warns(UserWarning, match=warning):
+          sngd_jax.capture_hk(loss)(params, tokens)
       tx = sngd_jax.sngd(fisher={"embed": None})
       updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
       np.testing.assert_array_equal(updates["embed"]["embeddings"],

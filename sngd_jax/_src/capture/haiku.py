@@ -185,7 +185,7 @@ class _Interceptor:
     if context.method_name == "embeddings" and isinstance(module, hk.Embed):
       table = next_f(*args, **kwargs)
       if not any(m is module for m in self.looking_up):  # `embed.embeddings`: a tied output
-        _, parts = self.rec.trace(table)
+        _, parts = self.rec.trace(_param(module, "embeddings"))  # not a policy's cast copy
         if parts is not None:
           self.tables_read[paths.join(parts[:-1])] = None
       return table
