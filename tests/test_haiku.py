@@ -319,6 +319,35 @@ def test_group_norm(x64):
   np.testing.assert_allclose(_np(updates["group_norm"]["offset"]), b, rtol=1e-7)
 
 
+class DoubledLinear(hk.Linear):
+  def __call__(self, x):
+    return super().__call__(2.0 * x)
+
+
+class ShiftedRMSNorm(hk.RMSNorm):
+  def __call__(self, x):
+    return super().__call__(x + 1.0)
+
+
+def test_a_subclass_calling_the_base_call_records_its_input_once(x64):
+  """Haiku intercepts both `__call__`s of a subclass whose `__call__` calls the base class's:
+  one record per call, the input the base class's call receives (as for linen)."""
+  def fn(x):
+    return DoubledLinear(3)(ShiftedRMSNorm(-1)(x))
+  model = hk.without_apply_rng(hk.transform(fn))
+  x = jax.random.normal(KEY, (6, 4), jnp.float64)
+  params = model.init(KEY, x)
+  grads, updates, acts = _one_update(lambda p, x: jnp.sum(jnp.sin(model.apply(p, x))),
+                                     params, x)
+  assert {k: len(v) for k, v in acts.items()} == {"doubled_linear": 1, "shifted_rms_norm": 1}
+  y = _np(x) + 1.0
+  xhat = y / np.sqrt(np.mean(y ** 2, -1, keepdims=True) + 1e-5)
+  s, _ = ref.channel_update(xhat, _np(grads["shifted_rms_norm"]["scale"]), None)
+  np.testing.assert_allclose(_np(updates["shifted_rms_norm"]["scale"]), s, rtol=1e-8)
+  h = 2.0 * xhat * _np(params["shifted_rms_norm"]["scale"])
+  _check_dense(h, grads["doubled_linear"], updates["doubled_linear"], "doubled_linear")
+
+
 def test_attention_projections_record_their_inputs():
   def fn(q, kv):
     mha = hk.MultiHeadAttention(num_heads=2, key_size=3,
@@ -447,6 +476,54 @@ def test_two_trained_models_with_argnums():
     jax.grad(lambda pair: sngd_jax.capture_hk(loss)(*pair, z)[0])((g_params, d_params))
 
 
+class MixedNet(hk.Module):
+  def __call__(self, x, is_training):
+    h = hk.BatchNorm(True, True, 0.9)(hk.Linear(5)(x), is_training)
+    return hk.Linear(3)(jnp.tanh(h))
+
+
+def test_mixed_precision_policies_capture_every_layer():
+  """Haiku's ImageNet example's policies (bf16 compute, f32 params; BatchNorm computing in f32
+  with bf16 output): every layer is recorded, with the inputs its weight multiplies, and its
+  update is the float64 damped solve over them. The policies cast what a module method returns,
+  also ``params_dict``: read through it, the BatchNorm's scale was a bf16 copy, no leaf."""
+  jmp = pytest.importorskip("jmp")
+  mp = hk.mixed_precision
+  net_policy = jmp.get_policy("params=float32,compute=bfloat16,output=float32")
+  bn_policy = jmp.get_policy("params=float32,compute=float32,output=bfloat16")
+  with mp.push_policy(MixedNet, net_policy), mp.push_policy(hk.BatchNorm, bn_policy):
+    model = hk.without_apply_rng(hk.transform_with_state(lambda x: MixedNet()(x, True)))
+    x = jax.random.normal(KEY, (16, 4)) * 2.0 + 0.5
+    params, state = model.init(KEY, x)
+    assert jax.tree.leaves(jax.tree.map(lambda a: a.dtype, params)) == [jnp.float32] * 6
+
+    def loss(p, state, x):
+      out, state = model.apply(p, state, x)
+      return jnp.sum(jnp.sin(out.astype(jnp.float32))), state
+
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      grads, updates, acts = _one_update(loss, params, state, x, has_aux=True)
+  assert set(acts) == {"mixed_net/linear", "mixed_net/batch_norm", "mixed_net/linear_1"}
+  assert acts["mixed_net/linear"][0].inputs.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(acts["mixed_net/linear"][0].inputs, x.astype(jnp.bfloat16))
+  for name in ("mixed_net/linear", "mixed_net/linear_1"):  # the rows in float64
+    kernel, bias = ref.dense_update(_np(acts[name][0].inputs), _np(grads[name]["w"]),
+                                    _np(grads[name]["b"]))
+    np.testing.assert_allclose(_np(updates[name]["w"]), kernel, rtol=2e-3, atol=1e-6)
+    np.testing.assert_allclose(_np(updates[name]["b"]), bias, rtol=2e-3, atol=1e-6)
+  # the BatchNorm's xhat, from its bf16 input in float64
+  h = _np(x.astype(jnp.bfloat16).astype(jnp.float32) @ params["mixed_net/linear"]["w"].astype(
+      jnp.bfloat16).astype(jnp.float32))
+  h = _np((h + _np(params["mixed_net/linear"]["b"])).astype(jnp.bfloat16))
+  xhat = (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5)
+  g = grads["mixed_net/batch_norm"]
+  s, b = ref.channel_update(xhat, _np(g["scale"]).ravel(), _np(g["offset"]).ravel())
+  u = updates["mixed_net/batch_norm"]
+  np.testing.assert_allclose(_np(u["scale"]).ravel(), s, rtol=2e-2, atol=1e-5)
+  np.testing.assert_allclose(_np(u["offset"]).ravel(), b, rtol=2e-2, atol=1e-5)
+
+
 # --- errors and warnings -------------------------------------------------------------
 
 def test_unsupported_layer_is_named():
@@ -459,6 +536,81 @@ def test_unsupported_layer_is_named():
     sngd_jax.capture_hk(lambda p, x: jnp.sum(model.apply(p, x)))(params, x)
 
 
+def test_gru_is_named_as_not_modelled():
+  """hk.GRU multiplies its own w_i, w_h: capture and coverage say its params pass through,
+  naming it; the LSTM beside it is captured."""
+  def fn(xs):
+    gru, lstm = hk.GRU(3), hk.LSTM(2)
+    h, _ = hk.dynamic_unroll(gru, xs, gru.initial_state(2))
+    h, _ = hk.dynamic_unroll(lstm, h, lstm.initial_state(2))
+    return h
+  model = hk.without_apply_rng(hk.transform(fn))
+  xs = jnp.ones((4, 2, 5))  # (T, B, I)
+  params = model.init(KEY, xs)
+  loss = lambda p, xs: jnp.sum(model.apply(p, xs))
+  match = r"capture_hk does not model GRU 'gru'.*pass through unpreconditioned"
+  with pytest.warns(UserWarning, match=match):
+    _, acts = sngd_jax.capture_hk(loss)(params, xs)
+  assert set(acts) == {"lstm/linear"}
+  with pytest.warns(UserWarning, match=match):
+    report = sngd_jax.coverage(loss, params, xs)
+  assert sorted(report.pass_through) == ["gru/b", "gru/w_h", "gru/w_i"]
+  assert report.missing == [] and "lstm/linear/w" in report.preconditioned
+
+
+def test_a_tied_embedding_table_is_named():
+  """`h @ embed.embeddings.T` (a tied output layer, read outside the lookup): the lookup's
+  diag(f) does not model it, and capture says so, naming the layer and the fix; an untied
+  model does not warn, and with the fix the table's update is its gradient."""
+  def fn(tokens, tied):
+    embed = hk.Embed(7, 4)
+    h = jnp.tanh(hk.Linear(4)(embed(tokens)))
+    return h @ embed.embeddings.T if tied else hk.Linear(7)(h)
+  tokens = jnp.array([[1, 2, 2], [3, 1, 0]])
+  warning = r"the table of hk.Embed 'embed' is read outside its lookup.*`fisher=\{'embed': None\}`"
+  for tied in (True, False):
+    model = hk.without_apply_rng(hk.transform(lambda t, tied=tied: fn(t, tied)))
+    params = model.init(KEY, tokens)
+    loss = lambda p, t: jnp.sum(jax.nn.log_softmax(model.apply(p, t))[..., 0])  # noqa: B023
+    if tied:
+      with pytest.warns(UserWarning, match=warning):
+        (_, acts), grads = jax.value_and_grad(sngd_jax.capture_hk(loss), has_aux=True)(
+            params, tokens)
+      jmp = pytest.importorskip("jmp")  # under a policy, the table is read as a bf16 copy
+      with hk.mixed_precision.push_policy(hk.Embed, jmp.get_policy("p=f32,c=bf16,o=f32")):
+        with pytest.warns(UserWarning, match=warning):
+          sngd_jax.capture_hk(loss)(params, tokens)
+      tx = sngd_jax.sngd(fisher={"embed": None})
+      updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+      np.testing.assert_array_equal(updates["embed"]["embeddings"],
+                                    grads["embed"]["embeddings"])
+    else:
+      with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sngd_jax.capture_hk(loss)(params, tokens)
+
+
+def test_immutable_params_are_refused_naming_the_conversion():
+  """`hk.data_structures.to_immutable_dict` params (a FlatMap, whose leaves flatten by
+  position): init, capture and coverage name the conversion to plain dicts, instead of
+  recording both layers under one nameless path."""
+  model = hk.without_apply_rng(hk.transform(lambda x: hk.nets.MLP([4, 2])(x)))
+  x = jnp.ones((3, 5))
+  params = model.init(KEY, x)
+  frozen = hk.data_structures.to_immutable_dict(params)
+  loss = lambda p, x: jnp.sum(model.apply(p, x))
+  fix = r"FlatMap.*hk.data_structures.to_mutable_dict\(params\)"
+  with pytest.warns(UserWarning, match=r"found no layer.*" + fix):
+    sngd_jax.sngd().init(frozen)
+  with pytest.raises(TypeError, match="capture_hk: .*" + fix):
+    sngd_jax.capture_hk(loss)(frozen, x)
+  with pytest.raises(TypeError, match="coverage: .*" + fix):
+    sngd_jax.coverage(loss, frozen, x)
+  plain = hk.data_structures.to_mutable_dict(frozen)  # the fix
+  _, acts = sngd_jax.capture_hk(loss)(plain, x)
+  assert set(acts) == set(sngd_jax.discover(plain)) == {"mlp/~/linear_0", "mlp/~/linear_1"}
+
+
 def test_a_jit_inside_the_captured_function_warns():
   model = hk.without_apply_rng(hk.transform(lambda x: hk.Linear(2)(x)))
   x = jnp.ones((3, 4))
@@ -466,6 +618,19 @@ def test_a_jit_inside_the_captured_function_warns():
   apply = jax.jit(model.apply)
   with pytest.warns(UserWarning, match=r"could not name 1 layer call\(s\) \(Linear 'linear'\)"):
     _, acts = sngd_jax.capture_hk(lambda p, x: jnp.sum(apply(p, x)))(params, x)
+  assert acts == {}
+
+
+def test_a_layer_under_hk_cond_warns_naming_it():
+  def fn(x):
+    linear = hk.Linear(2)
+    return hk.cond(jnp.sum(x) > 0, linear, lambda x: linear(-x), x)
+  model = hk.without_apply_rng(hk.transform(fn))
+  x = jnp.ones((3, 4))
+  params = model.init(KEY, x)
+  with pytest.warns(UserWarning, match=r"could not name 1 layer call\(s\) \(Linear 'linear'\)"
+                    r".*inside `hk.cond`"):
+    _, acts = sngd_jax.capture_hk(lambda p, x: jnp.sum(model.apply(p, x)))(params, x)
   assert acts == {}
 
 

@@ -405,6 +405,8 @@ def coverage(loss_fn: Callable[..., Any], params_or_model: Any, *args: Any,
     run = run_eqx
   else:
     params = params_or_model
+    if paths.holds_flat_map(params):
+      raise TypeError(f"sngd: coverage: {paths.FLAT_MAP_FIX}.")
     # Haiku params (read with Haiku's names, `layers.is_haiku`) are captured by capture_hk
     capture_fn = capture_hk if layers_lib.is_haiku(params) else capture
     run = capture_fn(no_output, has_aux=True, outputs=outputs)

@@ -9,6 +9,7 @@ captured activations all name a layer by the same ``'/'``-joined string, e.g.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Sequence
 
 import jax
@@ -54,3 +55,24 @@ def leaf_parts(key_path: Sequence[Any]) -> tuple[str, ...]:
 def join(parts: Sequence[str]) -> str:
   """Joins name parts into the layer-path string used everywhere."""
   return "/".join(parts)
+
+
+FLAT_MAP_FIX = (
+    "a Haiku `FlatMap` (`hk.data_structures.to_immutable_dict`) flattens its leaves by "
+    "position, without their names, so no layer in it can be found or named: pass "
+    "`hk.data_structures.to_mutable_dict(params)` (plain dicts, as `transform(...).init` "
+    "returns them) to `init` and to the step")
+
+
+def holds_flat_map(tree: Any) -> bool:
+  """Whether ``tree`` holds a Haiku ``FlatMap``, whose leaves have no key names
+  (``FLAT_MAP_FIX``); False when Haiku is not imported."""
+  hk = sys.modules.get("haiku")
+  if hk is None:
+    return False
+  flat_map = type(hk.data_structures.to_immutable_dict({}))
+
+  def is_map(node: Any) -> bool:
+    return isinstance(node, flat_map)
+
+  return any(is_map(n) for n in jax.tree.leaves(tree, is_leaf=is_map))

@@ -202,7 +202,8 @@ def no_layers_message(params: Any, specs: Mapping[str, Any], stacked: Any) -> Op
          "tree that holds any of linen's names is read with linen's only "
          "(docs/known-issues.md): rename that param. " if unread else "")
       + "`sngd_jax.coverage(loss_fn, params, ...)` shows what each leaf gets "
-      "(docs/layer-coverage.md).")
+      "(docs/layer-coverage.md)."
+      + (f" Here {paths.FLAT_MAP_FIX}." if paths.holds_flat_map(params) else ""))
 
 
 def warn_no_layers(params: Any, specs: Mapping[str, Any], stacked: Any) -> None:

@@ -137,6 +137,14 @@ def unsupported() -> tuple[type, ...]:
   return (hk.ConvNDTranspose,)
 
 
+@functools.lru_cache(maxsize=None)
+def unmodelled_cells() -> tuple[type, ...]:
+  """Haiku cores whose weights are read by their own matmuls, no layer capture records:
+  ``discover`` finds no layer in their params, which pass through unpreconditioned."""
+  hk = _haiku()
+  return (hk.GRU,)
+
+
 def _lookup(module: Any) -> Optional[tuple[Any, str]]:
   for cls in type(module).__mro__:
     found = recorders().get(cls)
@@ -146,8 +154,16 @@ def _lookup(module: Any) -> Optional[tuple[Any, str]]:
 
 
 def _param(module: Any, name: str) -> Any:
-  """The array ``module`` read as its param ``name`` in this call, or None."""
-  return module.params_dict().get(f"{module.module_name}/{name}")
+  """The array ``module`` read as its param ``name`` in this call, or None.
+
+  ``params_dict`` is a module method, so method interceptors run on it: a mixed precision
+  policy (``hk.mixed_precision.set_policy``) casts what it returns to the policy's output
+  dtype, a copy that is no leaf of the params. The unwrapped method reads the frame's
+  params as they were passed.
+  """
+  hk = _haiku()
+  params_dict = getattr(hk.Module.params_dict, "__wrapped__", hk.Module.params_dict)
+  return params_dict(module).get(f"{module.module_name}/{name}")
 
 
 class _Interceptor:
@@ -157,11 +173,22 @@ class _Interceptor:
     self.rec, self.frozen = rec, frozen
     self.unnamed: dict[str, None] = {}
     self.unsupported: dict[str, None] = {}
+    self.cells: dict[str, None] = {}
+    self.tables_read: dict[str, None] = {}  # Embed tables read outside their lookup
+    self.looking_up: list[Any] = []  # the recorded modules whose __call__ is running
+    self.base_called: set[int] = set()  # those of them whose base class's __call__ ran too
     self.plain: list[Any] = []  # the norms being called again with unit scale, zero offset
 
   def __call__(self, next_f, args, kwargs, context):
     hk = _haiku()
     module = context.module
+    if context.method_name == "embeddings" and isinstance(module, hk.Embed):
+      table = next_f(*args, **kwargs)
+      if not any(m is module for m in self.looking_up):  # `embed.embeddings`: a tied output
+        _, parts = self.rec.trace(_param(module, "embeddings"))  # not a policy's cast copy
+        if parts is not None:
+          self.tables_read[paths.join(parts[:-1])] = None
+      return table
     if context.method_name != "__call__":
       return next_f(*args, **kwargs)
     if self.plain and isinstance(module, hk.ExponentialMovingAverage):
@@ -170,9 +197,22 @@ class _Interceptor:
     if found is None:
       if isinstance(module, unsupported()):
         self.unsupported[f"{type(module).__name__} {module.module_name!r}"] = None
+      elif isinstance(module, unmodelled_cells()):
+        self.cells[f"{type(module).__name__} {module.module_name!r}"] = None
       return next_f(*args, **kwargs)
     recorder, weight_name = found
-    out = next_f(*args, **kwargs)
+    if any(m is module for m in self.looking_up):
+      # the base class's `__call__`, called by a subclass's (`super().__call__(f(x))`): this
+      # call's input is the one the weight multiplies; the subclass's call records nothing
+      self.base_called.add(id(module))
+    self.looking_up.append(module)
+    try:
+      out = next_f(*args, **kwargs)
+    finally:
+      self.looking_up.pop()
+    if not any(m is module for m in self.looking_up) and id(module) in self.base_called:
+      self.base_called.discard(id(module))
+      return out
     weight = _param(module, weight_name)
     if weight is None:  # no learned scale (create_scale=False): nothing to precondition
       return out
@@ -232,6 +272,8 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
   ``hk.LayerNorm``, ``hk.RMSNorm``, ``hk.BatchNorm`` (under ``hk.transform_with_state``) and
   ``hk.GroupNorm``, also under ``hk.remat``, ``hk.dynamic_unroll`` and ``hk.layer_stack``.
   ``hk.ConvNDTranspose`` is not: its calls are not recorded and capture warns, naming it.
+  Nor is ``hk.GRU`` (its own matmuls of ``w_i``, ``w_h``): its params pass through, and
+  capture warns, naming it.
 
   Args:
     fn: a function whose first argument is the Haiku params (the dict that
@@ -248,7 +290,8 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
     keyed by the layer's path in the params (``'mlp/~/linear_0'``).
 
   Raises:
-    TypeError: when ``fn`` is not callable, saying what to write.
+    TypeError: when ``fn`` is not callable, saying what to write, or when the params hold a
+      Haiku ``FlatMap`` (``hk.data_structures.to_immutable_dict``), naming the conversion.
     ValueError: when the wrapped function is called with an argument left out that is
       differentiated together with the recorded params, naming it and ``argnums``.
   """
@@ -260,6 +303,8 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
     models, rest = models_and_rest(args, kwargs, positions, several, argnums, "capture_hk")
+    if paths.holds_flat_map(models):
+      raise TypeError(f"sngd: capture_hk: {paths.FLAT_MAP_FIX}.")
     top: dict[int, tuple[str, ...]] = {}
     for m, model in enumerate(models):  # several models: each one's paths under its part
       top.update(leaf_paths(model, (model_part(m),) if several else ()))
@@ -276,13 +321,36 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
           "are not captured, and `update` reports the layer as not captured; pass "
           "`fisher={path: None}` to leave it to the next transform",
           stacklevel=caller_stacklevel())
+    if interceptor.cells:
+      warnings.warn(
+          f"sngd: capture_hk does not model {', '.join(interceptor.cells)}: it multiplies its "
+          "own `w_i`, `w_h` (no `hk.Linear`), so its params get no local Fisher and pass "
+          "through unpreconditioned (`coverage` lists them as pass-through): `sngd_momentum` "
+          "moves them by momentum SGD on the raw gradient, `sngd_adam` or "
+          "`optax.chain(sngd_jax.sngd(), optax.adam(...))` by Adam. `hk.LSTM` and "
+          "`hk.VanillaRNN`, whose gates are `hk.Linear`, are modelled",
+          stacklevel=caller_stacklevel())
+    if interceptor.tables_read:
+      keys = ", ".join(repr(k) for k in interceptor.tables_read)
+      warnings.warn(
+          f"sngd: capture_hk: the table of hk.Embed {keys} is read outside its lookup "
+          "(`embed.embeddings`, as a tied output layer `h @ embed.embeddings.T`): its local "
+          "Fisher `diag(f)` models the lookup only, while its gradient holds the other use's "
+          "too (rows of tokens absent from the batch get that gradient over the damping "
+          "alone). Pass `fisher={"
+          + ", ".join(f"{k!r}: None" for k in interceptor.tables_read)
+          + "}` to leave the table to the next transform, or untie it (an `hk.Linear` "
+          "output layer)", stacklevel=caller_stacklevel())
     if interceptor.unnamed:
       warnings.warn(
           f"sngd: capture_hk could not name {len(interceptor.unnamed)} layer call(s) "
           f"({', '.join(interceptor.unnamed)}): their weight is not a leaf of the params "
           "passed as the captured function's first argument, as when the params go through "
-          "a `jax.jit` inside the captured function (jit the whole training step instead) or "
-          "are computed from the params. They are not captured, and `update` reports their "
+          "a `jax.jit` inside the captured function (jit the whole training step instead), "
+          "when the layer is called inside `hk.cond`, `hk.switch`, `hk.fori_loop` or "
+          "`hk.while_loop` (they pass the params into their body; call the layer outside, "
+          "e.g. on both branches' inputs with `jnp.where` after), or when the weights are "
+          "computed from the params. They are not captured, and `update` reports their "
           "layers as not captured; pass `fisher={path: None}` to leave such a layer to the "
           "next transform.", stacklevel=caller_stacklevel())
     acts = vmapped_by_caller(rec.freeze(), rest)
