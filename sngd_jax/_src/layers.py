@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 
@@ -90,6 +90,9 @@ from sngd_jax._src.layer_spec import (
 )
 from sngd_jax._src.layer_spec import (
   _resolve as _resolve,
+)
+from sngd_jax._src.layer_spec import (
+  haiku_conv_transpose as haiku_conv_transpose,
 )
 from sngd_jax._src.layer_spec import (
   resolve_fisher as resolve_fisher,
@@ -256,6 +259,27 @@ def _channels_first_bias_fix(path: str, kernel: Any, bias: Any) -> Optional[str]
           f"`fisher={{{path!r}: None}}`")
 
 
+def _haiku_conv_transpose(path: str, kernel: Any, bias: Any, kind: str,
+                          leaf: Callable[[str], tuple[str, ...]]) -> LayerSpec:
+  """The spec of an ``hk.ConvNDTranspose`` (by its default name, ``haiku_conv_transpose``):
+  its kernel ``(*k, O, C)`` holds the outputs before the inputs, read with the last two axes
+  swapped (``kernel_perm``) as the ``(*k, C, O)`` kernel of the convolution of the
+  stride-dilated input that it computes (``lax.conv_transpose``)."""
+  out = kernel.shape[-2]
+  if not 3 <= kernel.ndim <= 5 or (bias is not None and tuple(bias.shape) != (out,)):
+    raise UnmodelledLayer(
+        path, (leaf("kernel"),) + ((leaf("bias"),) if bias is not None else ()),
+        f"a Haiku transposed conv's kernel {kernel.shape} with bias "
+        f"{getattr(bias, 'shape', None)} is not the `(*k, O, C)` kernel with an `(O,)` bias "
+        "of one channels-last `hk.ConvNDTranspose` (1-3-D, not under `hk.layer_stack`)",
+        f"leave it to the next transform with `fisher={{{path!r}: None}}`")
+  return LayerSpec(path=path, kernel=leaf("kernel"),
+                   bias=leaf("bias") if bias is not None else None,
+                   in_dim=math.prod(kernel.shape[:-2]) * kernel.shape[-1], out_dim=out,
+                   fisher=kind, kernel_perm=tuple(range(kernel.ndim - 2)) + (
+                       kernel.ndim - 1, kernel.ndim - 2))
+
+
 def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any], fisher: FisherSpec,
               stacked: StackSpec = None, names: Optional[dict[str, str]] = None
               ) -> Optional[LayerSpec | list[LayerSpec]]:
@@ -277,6 +301,8 @@ def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any], fisher: FisherSpe
       return None
     _not_tied(kind, path)
     bias = leaves.get("bias")
+    if names and haiku_conv_transpose(path):
+      return _haiku_conv_transpose(path, kernel, bias, kind, leaf)
     n_stack = stack_axes_of(stacked, path)
     if n_stack is None:
       n_stack = _stack_of_bias(kernel, bias) if bias is not None else 0
