@@ -32,7 +32,10 @@ brings a weight to the inputs-then-outputs layout used here.
 leaves differently (``HAIKU_NAMES``): ``w`` is a kernel (``hk.Linear``'s
 ``(I, O)``, ``hk.ConvND``'s ``(*k, C_in/g, C_out)``: the linen layouts), ``b``
 its bias, ``embeddings`` an embedding table, ``scale`` with ``offset`` a
-normalization's scale and bias. A tree is read with these names when Haiku is
+normalization's scale and bias. An ``hk.ConvNDTranspose``'s ``w`` is ``(*k, O, C)``, outputs
+before inputs, which its shapes do not show: a ``w`` under Haiku's default name for it
+(``conv2_d_transpose``, ``conv_nd_transpose_1``: ``layer_spec.haiku_conv_transpose``) is read
+with its last two axes swapped (``kernel_perm``). A tree is read with these names when Haiku is
 imported and the tree is Haiku's (``is_haiku``): no leaf bears a linen/NNX layer
 name (``kernel``, ``embedding``, ``bias``) and some sibling group is a Haiku layer
 (``w`` of rank >= 2 with at most a ``b``; ``embeddings`` alone; ``scale`` with an
