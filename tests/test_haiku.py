@@ -526,6 +526,27 @@ def test_layer_stack_gets_one_factor_per_layer(x64):
     h = np.tanh(h @ w + b)
 
 
+def test_conv_transpose_under_layer_stack_equals_the_unstacked_layers(x64):
+  """hk.layer_stack of transposed convs: one local Fisher per layer, the update of each the
+  same as that of the same layers written one after the other (their own default names)."""
+  conv = lambda h: jnp.tanh(hk.Conv2DTranspose(3, (3, 2), padding="SAME")(h))
+  stacked = hk.without_apply_rng(hk.transform(lambda x: hk.layer_stack(2)(conv)(x)))
+  unrolled = hk.without_apply_rng(hk.transform(lambda x: conv(conv(x))))
+  x = jax.random.normal(KEY, (2, 4, 5, 3), jnp.float64)
+  params = stacked.init(KEY, x)
+  (path,) = params
+  assert sngd_jax.discover(params)[path].stack == (2,)
+  names = ("conv2_d_transpose", "conv2_d_transpose_1")
+  layers = {name: {k: v[i] for k, v in params[path].items()} for i, name in enumerate(names)}
+  np.testing.assert_allclose(stacked.apply(params, x), unrolled.apply(layers, x), atol=1e-12)
+  _, updates, _ = _one_update(lambda p, x: jnp.sum(jnp.sin(stacked.apply(p, x))), params, x)
+  _, expected, _ = _one_update(lambda p, x: jnp.sum(jnp.sin(unrolled.apply(p, x))), layers, x)
+  for i, name in enumerate(names):
+    for k in ("w", "b"):
+      np.testing.assert_allclose(updates[path][k][i], expected[name][k], rtol=1e-8,
+                                 atol=1e-12, err_msg=f"{name}/{k}")
+
+
 def test_remat_records_as_without(x64):
   inner = lambda h: hk.Linear(3, name="out")(jnp.tanh(hk.Linear(4, name="hidden")(h)))
   x = jax.random.normal(KEY, (8, 5), jnp.float64)

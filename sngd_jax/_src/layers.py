@@ -263,24 +263,30 @@ def _channels_first_bias_fix(path: str, kernel: Any, bias: Any) -> Optional[str]
 
 
 def _haiku_conv_transpose(path: str, kernel: Any, bias: Any, kind: str,
-                          leaf: Callable[[str], tuple[str, ...]]) -> LayerSpec:
+                          leaf: Callable[[str], tuple[str, ...]],
+                          n_stack: Optional[int]) -> LayerSpec:
   """The spec of an ``hk.ConvNDTranspose`` (by its default name, ``haiku_conv_transpose``):
   its kernel ``(*k, O, C)`` holds the outputs before the inputs, read with the last two axes
   swapped (``kernel_perm``) as the ``(*k, C, O)`` kernel of the convolution of the
-  stride-dilated input that it computes (``lax.conv_transpose``)."""
-  out = kernel.shape[-2]
-  if not 3 <= kernel.ndim <= 5 or (bias is not None and tuple(bias.shape) != (out,)):
+  stride-dilated input that it computes (``lax.conv_transpose``). Under ``hk.layer_stack``
+  the stack axes lead the kernel and the bias (``(L, O)``), or ``stacked`` gives them."""
+  k, out = tuple(kernel.shape), kernel.shape[-2]
+  b = None if bias is None else tuple(bias.shape)
+  if n_stack is None:
+    n_stack = 0 if b is None else len(b) - 1
+  shape = k[n_stack:]
+  if not 3 <= len(shape) <= 5 or (b is not None and b != k[:n_stack] + (out,)):
     raise UnmodelledLayer(
         path, (leaf("kernel"),) + ((leaf("bias"),) if bias is not None else ()),
-        f"a Haiku transposed conv's kernel {kernel.shape} with bias "
-        f"{getattr(bias, 'shape', None)} is not the `(*k, O, C)` kernel with an `(O,)` bias "
-        "of one channels-last `hk.ConvNDTranspose` (1-3-D, not under `hk.layer_stack`)",
+        f"a Haiku transposed conv's kernel {k} with bias {b} is not the `(*k, O, C)` kernel "
+        f"with an `(O,)` bias of a channels-last `hk.ConvNDTranspose` (1-3-D)"
+        + (f" after {n_stack} stack axes" if n_stack else ""),
         f"leave it to the next transform with `fisher={{{path!r}: None}}`")
   return LayerSpec(path=path, kernel=leaf("kernel"),
                    bias=leaf("bias") if bias is not None else None,
-                   in_dim=math.prod(kernel.shape[:-2]) * kernel.shape[-1], out_dim=out,
-                   fisher=kind, kernel_perm=tuple(range(kernel.ndim - 2)) + (
-                       kernel.ndim - 1, kernel.ndim - 2))
+                   in_dim=math.prod(shape[:-2]) * shape[-1], out_dim=out, fisher=kind,
+                   stack=k[:n_stack], kernel_perm=tuple(range(len(shape) - 2)) + (
+                       len(shape) - 1, len(shape) - 2))
 
 
 def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any], fisher: FisherSpec,
@@ -305,7 +311,7 @@ def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any], fisher: FisherSpe
     _not_tied(kind, path)
     bias = leaves.get("bias")
     if names and haiku_conv_transpose(path):
-      return _haiku_conv_transpose(path, kernel, bias, kind, leaf)
+      return _haiku_conv_transpose(path, kernel, bias, kind, leaf, stack_axes_of(stacked, path))
     n_stack = stack_axes_of(stacked, path)
     if n_stack is None:
       n_stack = _stack_of_bias(kernel, bias) if bias is not None else 0
