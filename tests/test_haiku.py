@@ -207,6 +207,121 @@ def test_channels_first_conv_with_padding_pairs(x64):
                              rtol=1e-8, atol=1e-12)
 
 
+def _transpose_pads(k, s, padding):
+  """The padding of the stride-dilated input by which ``lax.conv_transpose`` (hence
+  ``hk.ConvNDTranspose``) computes its output (its documented rule, per spatial dim)."""
+  if padding == "SAME":
+    total = k + s - 2
+    low = k - 1 if s > k - 1 else -(-total // 2)
+  else:  # VALID
+    total = k + s - 2 + max(k - s, 0)
+    low = k - 1
+  return low, total - low
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("padding", ["SAME", "VALID"])
+def test_conv_transpose_update_is_the_damped_solve(x64, padding, with_bias):
+  """An hk.Conv2DTranspose (stride 2, kernel (*k, O, C)) is the conv of the stride-dilated
+  input with the kernel read (*k, C, O): its update is the damped solve over those patches,
+  built here by loops (checked against Haiku's own output first)."""
+  k, s = (3, 2), (2, 2)
+  model = hk.without_apply_rng(hk.transform(lambda x: hk.Conv2DTranspose(
+      3, k, stride=s, padding=padding, with_bias=with_bias)(x)))
+  x = jax.random.normal(KEY, (2, 3, 4, 2), jnp.float64)
+  params = model.init(KEY, x)
+  grads, updates, acts = _one_update(lambda p, x: jnp.sum(jnp.sin(model.apply(p, x))), params,
+                                     x)
+  assert set(acts) == {"conv2_d_transpose"}
+  pads = [_transpose_pads(k[i], s[i], padding) for i in range(2)]
+  rows, _ = ref.conv_patches(_np(x), k, (1, 1), pads, (1, 1), s, 1)
+  w = np.swapaxes(_np(params["conv2_d_transpose"]["w"]), -1, -2)  # (*k, C, O)
+  y = rows @ w.reshape(rows.shape[1], -1)
+  if with_bias:
+    y = y + _np(params["conv2_d_transpose"]["b"])
+  np.testing.assert_allclose(_np(model.apply(params, x)).reshape(-1, 3), y, atol=1e-12)
+  g, u = grads["conv2_d_transpose"], updates["conv2_d_transpose"]
+  g_w = np.swapaxes(_np(g["w"]), -1, -2)
+  kernel, bias = ref.dense_update(rows, g_w.reshape(rows.shape[1], -1),
+                                  _np(g["b"]) if with_bias else None)
+  np.testing.assert_allclose(np.swapaxes(_np(u["w"]), -1, -2), kernel.reshape(g_w.shape),
+                             rtol=1e-8, atol=1e-12)
+  if with_bias:
+    np.testing.assert_allclose(_np(u["b"]), bias, rtol=1e-8, atol=1e-12)
+
+
+def _decoder(x):
+  h = jnp.tanh(hk.Conv2DTranspose(4, 3, stride=2)(x))  # SAME
+  return hk.Conv2DTranspose(2, (2, 3), stride=2, padding="VALID", with_bias=False)(h)
+
+
+class LinenDecoder(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(nn.ConvTranspose(4, (3, 3), strides=(2, 2), padding="SAME", name="a")(x))
+    return nn.ConvTranspose(2, (2, 3), strides=(2, 2), padding="VALID", use_bias=False,
+                            name="b")(h)
+
+
+def test_conv_transpose_update_equals_linen_with_the_same_weights(x64):
+  """Haiku's transposed convs equal linen's ConvTranspose given the kernel with its last two
+  axes swapped; so do their updates."""
+  model = hk.without_apply_rng(hk.transform(_decoder))
+  x = jax.random.normal(KEY, (3, 3, 4, 5), jnp.float64)
+  params = model.init(KEY, x)
+  names = {"conv2_d_transpose": "a", "conv2_d_transpose_1": "b"}
+  to_linen = {"params": {names[layer]: {"kernel": jnp.swapaxes(leaves["w"], -1, -2),
+                                        **({"bias": leaves["b"]} if "b" in leaves else {})}
+                         for layer, leaves in params.items()}}
+  np.testing.assert_allclose(model.apply(params, x), LinenDecoder().apply(to_linen, x),
+                             rtol=1e-12, atol=1e-12)
+  _, hk_updates, _ = _one_update(lambda p, x: jnp.sum(jnp.sin(model.apply(p, x))), params, x)
+  tx = exact_sngd(**ref.one_step_kwargs())
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(
+      lambda p, x: jnp.sum(jnp.sin(LinenDecoder().apply(p, x)))), has_aux=True)(to_linen, x)
+  linen_updates, _ = jax.jit(lambda g, s, a: tx.update(g, s, to_linen, activations=a))(
+      grads, tx.init(to_linen), acts)
+  assert set(hk_updates) == set(names)
+  for layer, leaves in hk_updates.items():
+    linen = linen_updates["params"][names[layer]]
+    np.testing.assert_allclose(jnp.swapaxes(leaves["w"], -1, -2), linen["kernel"], rtol=1e-8,
+                               atol=1e-12, err_msg=layer)
+    if "b" in leaves:
+      np.testing.assert_allclose(leaves["b"], linen["bias"], rtol=1e-8, atol=1e-12,
+                                 err_msg=layer)
+
+
+def test_conv_decoder_training_lowers_the_loss():
+  """A small Haiku decoder (a linear layer, then two stride-2 transposed convs) trained
+  with sngd_momentum in a jitted loop."""
+  def fn(z):
+    h = jnp.tanh(hk.Linear(2 * 2 * 4)(z)).reshape(-1, 2, 2, 4)
+    return _decoder(h)
+
+  model = hk.without_apply_rng(hk.transform(fn))
+  z = jax.random.normal(KEY, (32, 3))
+  target = jnp.sin(jnp.arange(8 * 9 * 2).reshape(1, 8, 9, 2) * 0.3 + z[:, :1, None, None])
+  params = model.init(KEY, z)
+  loss = lambda p, z: jnp.mean((model.apply(p, z) - target) ** 2)
+  tx = sngd_jax.sngd_momentum(0.1, momentum=0.9)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state):
+    (value, acts), grads = jax.value_and_grad(sngd_jax.capture_hk(loss), has_aux=True)(
+        params, z)
+    updates, opt_state = tx.update(grads, opt_state, params, activations=acts)
+    return optax.apply_updates(params, updates), opt_state, value
+
+  _, acts = sngd_jax.capture_hk(loss)(params, z)
+  assert set(acts) == {"linear", "conv2_d_transpose", "conv2_d_transpose_1"}
+  values = []
+  for _ in range(40):
+    params, opt_state, value = step(params, opt_state)
+    values.append(float(value))
+  assert values[-1] < 0.5 * values[0]
+
+
 def test_depthwise_and_separable_convs(x64):
   """A depthwise conv is a conv with one group per input channel (one factor shared by the
   groups, as linen's grouped conv); Haiku's separable conv is two depthwise convs."""
@@ -411,6 +526,27 @@ def test_layer_stack_gets_one_factor_per_layer(x64):
     h = np.tanh(h @ w + b)
 
 
+def test_conv_transpose_under_layer_stack_equals_the_unstacked_layers(x64):
+  """hk.layer_stack of transposed convs: one local Fisher per layer, the update of each the
+  same as that of the same layers written one after the other (their own default names)."""
+  conv = lambda h: jnp.tanh(hk.Conv2DTranspose(3, (3, 2), padding="SAME")(h))
+  stacked = hk.without_apply_rng(hk.transform(lambda x: hk.layer_stack(2)(conv)(x)))
+  unrolled = hk.without_apply_rng(hk.transform(lambda x: conv(conv(x))))
+  x = jax.random.normal(KEY, (2, 4, 5, 3), jnp.float64)
+  params = stacked.init(KEY, x)
+  (path,) = params
+  assert sngd_jax.discover(params)[path].stack == (2,)
+  names = ("conv2_d_transpose", "conv2_d_transpose_1")
+  layers = {name: {k: v[i] for k, v in params[path].items()} for i, name in enumerate(names)}
+  np.testing.assert_allclose(stacked.apply(params, x), unrolled.apply(layers, x), atol=1e-12)
+  _, updates, _ = _one_update(lambda p, x: jnp.sum(jnp.sin(stacked.apply(p, x))), params, x)
+  _, expected, _ = _one_update(lambda p, x: jnp.sum(jnp.sin(unrolled.apply(p, x))), layers, x)
+  for i, name in enumerate(names):
+    for k in ("w", "b"):
+      np.testing.assert_allclose(updates[path][k][i], expected[name][k], rtol=1e-8,
+                                 atol=1e-12, err_msg=f"{name}/{k}")
+
+
 def test_remat_records_as_without(x64):
   inner = lambda h: hk.Linear(3, name="out")(jnp.tanh(hk.Linear(4, name="hidden")(h)))
   x = jax.random.normal(KEY, (8, 5), jnp.float64)
@@ -526,14 +662,37 @@ def test_mixed_precision_policies_capture_every_layer():
 
 # --- errors and warnings -------------------------------------------------------------
 
-def test_unsupported_layer_is_named():
+@pytest.mark.parametrize("kwargs", [dict(name="up"), dict(data_format="NCHW", with_bias=False),
+                                    dict(output_shape=(8, 8))], ids=["named", "nchw", "shape"])
+def test_unmodelled_conv_transpose_is_named(kwargs):
+  """A transposed conv under another name than Haiku's default (its params alone do not tell
+  its (*k, O, C) kernel from a conv's), channels first or with an output_shape is not
+  recorded: capture warns, naming it and what is modelled, and update names it."""
   def fn(x):
-    return hk.Conv2DTranspose(2, 3, name="up")(x)
+    return hk.Conv2DTranspose(2, 3, stride=2, **kwargs)(x)
   model = hk.without_apply_rng(hk.transform(fn))
   x = jnp.ones((1, 4, 4, 2))
   params = model.init(KEY, x)
-  with pytest.warns(UserWarning, match=r"capture_hk does not model Conv2DTranspose 'up'"):
-    sngd_jax.capture_hk(lambda p, x: jnp.sum(model.apply(p, x)))(params, x)
+  (path,) = params
+  loss = lambda p, x: jnp.sum(model.apply(p, x))
+  match = rf"capture_hk does not model Conv2DTranspose '{path}'.*default module name"
+  with pytest.warns(UserWarning, match=match):
+    _, acts = sngd_jax.capture_hk(loss)(params, x)
+  assert acts == {}
+  tx = sngd_jax.sngd()
+  grads = jax.grad(loss)(params, x)
+  with pytest.raises(ValueError, match=path):
+    tx.update(grads, tx.init(params), params, activations=acts)
+
+
+def test_conv_transpose_is_discovered_by_its_default_name():
+  """Only Haiku's default names mark the (*k, O, C) kernel of a transposed conv."""
+  model = hk.without_apply_rng(hk.transform(lambda x: hk.Conv2DTranspose(
+      2, (3, 2), stride=2, with_bias=False, name="up")(hk.Conv2DTranspose(5, (3, 2))(x))))
+  specs = sngd_jax.discover(model.init(KEY, jnp.ones((1, 4, 4, 3))))
+  default, named = specs["conv2_d_transpose"], specs["up"]
+  assert (default.in_dim, default.out_dim, default.kernel_perm) == (3 * 2 * 3, 5, (0, 1, 3, 2))
+  assert (named.in_dim, named.out_dim, named.kernel_perm) == (3 * 2 * 2, 5, None)
 
 
 def test_gru_is_named_as_not_modelled():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -147,6 +148,18 @@ def _resolve(fisher: FisherSpec, path: str) -> tuple[Optional[str], Optional[int
         f"sngd: unknown fisher kind {kind!r} for layer {path!r}; expected one of "
         f"{FISHER_KINDS}, 'tied' (an embedding table that is also the output layer) or None")
   return kind, in_axes
+
+
+_HAIKU_CONV_TRANSPOSE = re.compile(r"conv(_n|[123]_)d_transpose(_[0-9]+)?")
+
+
+def haiku_conv_transpose(path: str) -> bool:
+  """Whether the Haiku layer at ``path`` bears the default name of an ``hk.ConvNDTranspose``
+  (``conv2_d_transpose``, ``conv_nd_transpose_1``, ...), the one thing in Haiku params that
+  tells its ``(*k, O, C)`` kernel (outputs before inputs) from a conv's ``(*k, C, O)``:
+  ``discover`` reads such a kernel with its last two axes swapped, and ``capture_hk`` records
+  only such transposed convs (a named one is refused by name)."""
+  return _HAIKU_CONV_TRANSPOSE.fullmatch(path.rsplit("/", 1)[-1]) is not None
 
 
 def resolve_fisher(fisher: FisherSpec, path: str) -> Optional[str]:

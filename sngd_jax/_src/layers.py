@@ -32,7 +32,10 @@ brings a weight to the inputs-then-outputs layout used here.
 leaves differently (``HAIKU_NAMES``): ``w`` is a kernel (``hk.Linear``'s
 ``(I, O)``, ``hk.ConvND``'s ``(*k, C_in/g, C_out)``: the linen layouts), ``b``
 its bias, ``embeddings`` an embedding table, ``scale`` with ``offset`` a
-normalization's scale and bias. A tree is read with these names when Haiku is
+normalization's scale and bias. An ``hk.ConvNDTranspose``'s ``w`` is ``(*k, O, C)``, outputs
+before inputs, which its shapes do not show: a ``w`` under Haiku's default name for it
+(``conv2_d_transpose``, ``conv_nd_transpose_1``: ``layer_spec.haiku_conv_transpose``) is read
+with its last two axes swapped (``kernel_perm``). A tree is read with these names when Haiku is
 imported and the tree is Haiku's (``is_haiku``): no leaf bears a linen/NNX layer
 name (``kernel``, ``embedding``, ``bias``) and some sibling group is a Haiku layer
 (``w`` of rank >= 2 with at most a ``b``; ``embeddings`` alone; ``scale`` with an
@@ -62,7 +65,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 
@@ -90,6 +93,9 @@ from sngd_jax._src.layer_spec import (
 )
 from sngd_jax._src.layer_spec import (
   _resolve as _resolve,
+)
+from sngd_jax._src.layer_spec import (
+  haiku_conv_transpose as haiku_conv_transpose,
 )
 from sngd_jax._src.layer_spec import (
   resolve_fisher as resolve_fisher,
@@ -256,6 +262,33 @@ def _channels_first_bias_fix(path: str, kernel: Any, bias: Any) -> Optional[str]
           f"`fisher={{{path!r}: None}}`")
 
 
+def _haiku_conv_transpose(path: str, kernel: Any, bias: Any, kind: str,
+                          leaf: Callable[[str], tuple[str, ...]],
+                          n_stack: Optional[int]) -> LayerSpec:
+  """The spec of an ``hk.ConvNDTranspose`` (by its default name, ``haiku_conv_transpose``):
+  its kernel ``(*k, O, C)`` holds the outputs before the inputs, read with the last two axes
+  swapped (``kernel_perm``) as the ``(*k, C, O)`` kernel of the convolution of the
+  stride-dilated input that it computes (``lax.conv_transpose``). Under ``hk.layer_stack``
+  the stack axes lead the kernel and the bias (``(L, O)``), or ``stacked`` gives them."""
+  k, out = tuple(kernel.shape), kernel.shape[-2]
+  b = None if bias is None else tuple(bias.shape)
+  if n_stack is None:
+    n_stack = 0 if b is None else len(b) - 1
+  shape = k[n_stack:]
+  if not 3 <= len(shape) <= 5 or (b is not None and b != k[:n_stack] + (out,)):
+    raise UnmodelledLayer(
+        path, (leaf("kernel"),) + ((leaf("bias"),) if bias is not None else ()),
+        f"a Haiku transposed conv's kernel {k} with bias {b} is not the `(*k, O, C)` kernel "
+        f"with an `(O,)` bias of a channels-last `hk.ConvNDTranspose` (1-3-D)"
+        + (f" after {n_stack} stack axes" if n_stack else ""),
+        f"leave it to the next transform with `fisher={{{path!r}: None}}`")
+  return LayerSpec(path=path, kernel=leaf("kernel"),
+                   bias=leaf("bias") if bias is not None else None,
+                   in_dim=math.prod(shape[:-2]) * shape[-1], out_dim=out, fisher=kind,
+                   stack=k[:n_stack], kernel_perm=tuple(range(len(shape) - 2)) + (
+                       len(shape) - 1, len(shape) - 2))
+
+
 def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any], fisher: FisherSpec,
               stacked: StackSpec = None, names: Optional[dict[str, str]] = None
               ) -> Optional[LayerSpec | list[LayerSpec]]:
@@ -277,6 +310,8 @@ def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any], fisher: FisherSpe
       return None
     _not_tied(kind, path)
     bias = leaves.get("bias")
+    if names and haiku_conv_transpose(path):
+      return _haiku_conv_transpose(path, kernel, bias, kind, leaf, stack_axes_of(stacked, path))
     n_stack = stack_axes_of(stacked, path)
     if n_stack is None:
       n_stack = _stack_of_bias(kernel, bias) if bias is not None else 0

@@ -50,6 +50,7 @@ from sngd_jax._src.capture.records import (
     vmapped_by_caller,
 )
 from sngd_jax._src.frames import caller_stacklevel
+from sngd_jax._src.layer_spec import haiku_conv_transpose
 
 
 def _haiku() -> Any:
@@ -97,6 +98,22 @@ def _depthwise(module, args, kwargs, out) -> Record:
   return _conv_record(module, args, kwargs, out, module.rhs_dilation, None)
 
 
+def _conv_transpose(module, args, kwargs, out) -> Record:
+  """The record of an ``hk.ConvNDTranspose`` call: ``lax.conv_transpose`` of the input with
+  the ``(*k, O, C)`` kernel read as ``(*k, C, O)`` (``transpose_kernel=False``), linen's
+  ``ConvTranspose`` on that kernel. None (refused by name) channels first, with a ``mask`` or
+  an ``output_shape`` (its padding is computed from the output size)."""
+  if module.mask is not None or module.channel_index != -1 or module.output_shape is not None:
+    return None
+  r = module.num_spatial_dims
+  x, z = tables.one_example(_input(args, kwargs, "inputs"), out, r)
+  padding = module.padding
+  if not isinstance(padding, str):
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return x, z, "conv_transpose", (tuple(module.kernel_shape), tuple(module.stride), padding,
+                                  (1,) * r)
+
+
 def _embed(module, args, kwargs, out) -> Record:
   return _input(args, kwargs, "ids"), out, "embed", ()
 
@@ -124,17 +141,9 @@ def recorders() -> dict[type, Any]:
   hk = _haiku()
   return {hk.Linear: (_linear, "w"), hk.ConvND: (_conv, "w"), hk.Embed: (_embed, "embeddings"),
           hk.DepthwiseConv1D: (_depthwise, "w"), hk.DepthwiseConv2D: (_depthwise, "w"),
-          hk.DepthwiseConv3D: (_depthwise, "w"),
+          hk.DepthwiseConv3D: (_depthwise, "w"), hk.ConvNDTranspose: (_conv_transpose, "w"),
           hk.LayerNorm: ("norm", "scale"), hk.RMSNorm: ("norm", "scale"),
           hk.BatchNorm: ("norm", "scale"), hk.GroupNorm: ("norm", "scale")}
-
-
-@functools.lru_cache(maxsize=None)
-def unsupported() -> tuple[type, ...]:
-  """Haiku layers with a weight ``discover`` reads as a layer's but that capture does not
-  model (their kernels are not laid out inputs first, then outputs)."""
-  hk = _haiku()
-  return (hk.ConvNDTranspose,)
 
 
 @functools.lru_cache(maxsize=None)
@@ -195,9 +204,7 @@ class _Interceptor:
       return _input(args, kwargs, "value")  # the xhat call of a BatchNorm updates no average
     found = _lookup(module)
     if found is None:
-      if isinstance(module, unsupported()):
-        self.unsupported[f"{type(module).__name__} {module.module_name!r}"] = None
-      elif isinstance(module, unmodelled_cells()):
+      if isinstance(module, unmodelled_cells()):
         self.cells[f"{type(module).__name__} {module.module_name!r}"] = None
       return next_f(*args, **kwargs)
     recorder, weight_name = found
@@ -219,6 +226,8 @@ class _Interceptor:
     record = (self._norm(module, next_f, args, kwargs, out) if recorder == "norm"
               else recorder(module, args, kwargs, out))
     if record is None:
+      if isinstance(module, hk.ConvNDTranspose):
+        self.unsupported[f"{type(module).__name__} {module.module_name!r}"] = None
       return out
     roles, parts = self.rec.trace(weight)
     if parts is None:  # not a weight of the captured params: cannot be named
@@ -226,6 +235,9 @@ class _Interceptor:
         self.unnamed[f"{type(module).__name__} {module.module_name!r}"] = None
       return out
     x, z, kind, config = record
+    if kind == "conv_transpose" and not haiku_conv_transpose(paths.join(parts[:-1])):
+      self.unsupported[f"{type(module).__name__} {module.module_name!r}"] = None
+      return out
     self.rec.add(paths.join(parts[:-1]), x, z, kind, config, roles=roles)
     return out
 
@@ -271,7 +283,12 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
   ``hk.DepthwiseConv1D``-``3D`` (hence ``hk.SeparableDepthwiseConv2D``), ``hk.Embed``,
   ``hk.LayerNorm``, ``hk.RMSNorm``, ``hk.BatchNorm`` (under ``hk.transform_with_state``) and
   ``hk.GroupNorm``, also under ``hk.remat``, ``hk.dynamic_unroll`` and ``hk.layer_stack``.
-  ``hk.ConvNDTranspose`` is not: its calls are not recorded and capture warns, naming it.
+  ``hk.ConvNDTranspose`` (``Conv1DTranspose``-``Conv3DTranspose``) is modelled as linen's
+  ``ConvTranspose`` on its kernel read ``(*k, C, O)``, channels last, without ``mask`` or
+  ``output_shape``, under Haiku's default module name (``conv2_d_transpose``,
+  ``conv2_d_transpose_1``, ...): only that name tells ``init`` (which sees the params alone)
+  its ``(*k, O, C)`` kernel from a conv's. Another one's calls are not recorded and capture
+  warns, naming it.
   Nor is ``hk.GRU`` (its own matmuls of ``w_i``, ``w_h``): its params pass through, and
   capture warns, naming it.
 
@@ -319,7 +336,10 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
       warnings.warn(
           f"sngd: capture_hk does not model {', '.join(interceptor.unsupported)}: its calls "
           "are not captured, and `update` reports the layer as not captured; pass "
-          "`fisher={path: None}` to leave it to the next transform",
+          "`fisher={path: None}` to leave it to the next transform. An `hk.ConvNDTranspose` is "
+          "modelled channels last, without `mask` or `output_shape`, under Haiku's default "
+          "module name (`conv2_d_transpose`, `conv_nd_transpose_1`, ...: the one thing in its "
+          "params that tells its `(*k, O, C)` kernel from a conv's `(*k, C, O)`)",
           stacklevel=caller_stacklevel())
     if interceptor.cells:
       warnings.warn(
