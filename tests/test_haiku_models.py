@@ -87,3 +87,29 @@ def test_resnet_coverage_and_update_are_the_damped_solve(x64):
   kernel, bias = ref.dense_update(ref.np64(seen[head]), grads[head]["w"], grads[head]["b"])
   np.testing.assert_allclose(ref.np64(updates[head]["w"]), kernel, rtol=1e-8, atol=1e-12)
   np.testing.assert_allclose(ref.np64(updates[head]["b"]), bias, rtol=1e-8, atol=1e-12)
+
+
+def test_vector_quantizer_codebook_is_named_and_left_out_with_fisher_none():
+  """``hk.nets.VectorQuantizer``'s ``(D, K)`` codebook is read as an embedding table that no
+  lookup feeds: ``update`` raises naming it, and with ``fisher={path: None}`` its gradient
+  passes through unchanged while the linear layers around it are still preconditioned
+  (docs/known-issues.md)."""
+
+  def f(x):
+    z = hk.Linear(4)(x)
+    out = hk.nets.VectorQuantizer(embedding_dim=4, num_embeddings=8,
+                                  commitment_cost=0.25)(z, is_training=True)
+    return jnp.sum(hk.Linear(3)(out["quantize"]) ** 2) + out["loss"]
+
+  model = hk.without_apply_rng(hk.transform(f))
+  x = jax.random.normal(jax.random.key(0), (16, 6))
+  params = model.init(jax.random.key(1), x)
+  grads, acts = jax.grad(sngd_jax.capture_hk(model.apply), has_aux=True)(params, x)
+  tx = sngd_jax.sngd()
+  with pytest.raises(ValueError, match="'vector_quantizer'.*fisher=\\{'vector_quantizer': None\\}"):
+    tx.update(grads, tx.init(params), params, activations=acts)
+  tx = sngd_jax.sngd(fisher={"vector_quantizer": None})
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  np.testing.assert_array_equal(updates["vector_quantizer"]["embeddings"],
+                                grads["vector_quantizer"]["embeddings"])
+  assert not np.allclose(updates["linear"]["w"], grads["linear"]["w"], rtol=1e-3)
