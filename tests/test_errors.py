@@ -454,8 +454,10 @@ def test_params_without_any_layer_but_activations_raise():
   import optax  # noqa: PLC0415
   p = _params()
   tx = optax.flatten(sngd_jax.sngd())
+  with pytest.warns(UserWarning, match="sngd: found no layer in the params"):
+    state = tx.init(p)  # init already sees the one vector
   with pytest.raises(ValueError, match=r"one vector.*optax.flatten"):
-    tx.update(p, tx.init(p), p, activations=_acts(p))
+    tx.update(p, state, p, activations=_acts(p))
 
 
 @pytest.mark.parametrize("sep", [None, "/"])
