@@ -122,6 +122,19 @@ def same_padding(size, k, stride, dilation):
   return total // 2, total - total // 2
 
 
+def transpose_pads(k, s, padding, d=1):
+  """``lax.conv_transpose``'s padding ``(low, high)`` of the stride-dilated input, per
+  spatial dim (its documented rule): kernel size ``k``, stride ``s``, dilation ``d``."""
+  k = (k - 1) * d + 1
+  if padding == "SAME":
+    total = k + s - 2
+    low = k - 1 if s > k - 1 else -(-total // 2)
+  else:  # VALID
+    total = k + s - 2 + max(k - s, 0)
+    low = k - 1
+  return low, total - low
+
+
 def conv_patches(x, kernel_size, strides, padding, kernel_dilation, input_dilation,
                  groups):
   """Conv input patches by loops, rows ordered (example, position, group).

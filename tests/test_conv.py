@@ -300,18 +300,6 @@ def grads_of(model, params, x):
 
 # --- transposed convolutions ----------------------------------------------------
 
-def _transpose_pads(k, s, d, padding):
-  """lax.conv_transpose's padding of the stride-dilated input (documented rule)."""
-  k = (k - 1) * d + 1
-  if padding == "SAME":
-    total = k + s - 2
-    low = k - 1 if s > k - 1 else -(-total // 2)
-  else:  # VALID
-    total = k + s - 2 + max(k - s, 0)
-    low = k - 1
-  return low, total - low
-
-
 TRANSPOSE = {
     "2d_same_stride2": ((3, 3), (2, 2), "SAME", (1, 1), (4, 3)),
     "1d_valid_dilated": ((3,), (2,), "VALID", (2,), (5,)),
@@ -330,7 +318,7 @@ def test_conv_transpose_update_matches_reference(monkeypatch, name, chunked):
   params = layer.init(jax.random.key(0), x)["params"]
   y = layer.apply({"params": params}, x)
   pads = pad if not isinstance(pad, str) else [
-      _transpose_pads(k[i], s[i], kd[i], pad) for i in range(len(k))]
+      ref.transpose_pads(k[i], s[i], pad, kd[i]) for i in range(len(k))]
   rows, _ = ref.conv_patches(np.asarray(x), k, (1,) * len(k), pads, kd, s, 1)
   kernel = np.asarray(params["kernel"]).reshape(rows.shape[1], -1)
   np.testing.assert_allclose(np.asarray(y).reshape(-1, 3), rows @ kernel + np.asarray(

@@ -207,18 +207,6 @@ def test_channels_first_conv_with_padding_pairs(x64):
                              rtol=1e-8, atol=1e-12)
 
 
-def _transpose_pads(k, s, padding):
-  """The padding of the stride-dilated input by which ``lax.conv_transpose`` (hence
-  ``hk.ConvNDTranspose``) computes its output (its documented rule, per spatial dim)."""
-  if padding == "SAME":
-    total = k + s - 2
-    low = k - 1 if s > k - 1 else -(-total // 2)
-  else:  # VALID
-    total = k + s - 2 + max(k - s, 0)
-    low = k - 1
-  return low, total - low
-
-
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
 def test_conv_transpose_update_is_the_damped_solve(x64, padding, with_bias):
@@ -233,7 +221,7 @@ def test_conv_transpose_update_is_the_damped_solve(x64, padding, with_bias):
   grads, updates, acts = _one_update(lambda p, x: jnp.sum(jnp.sin(model.apply(p, x))), params,
                                      x)
   assert set(acts) == {"conv2_d_transpose"}
-  pads = [_transpose_pads(k[i], s[i], padding) for i in range(2)]
+  pads = [ref.transpose_pads(k[i], s[i], padding) for i in range(2)]
   rows, _ = ref.conv_patches(_np(x), k, (1, 1), pads, (1, 1), s, 1)
   w = np.swapaxes(_np(params["conv2_d_transpose"]["w"]), -1, -2)  # (*k, C, O)
   y = rows @ w.reshape(rows.shape[1], -1)
