@@ -469,8 +469,9 @@ def test_params_flattened_by_traverse_util_raise(sep):
   from flax import traverse_util  # noqa: PLC0415
   p = _params()
   flat = traverse_util.flatten_dict(p, sep=sep)
-  with pytest.raises(ValueError, match=r"flattened dict.*'Dense_0'.*unflatten_dict"):
-    _update(flat, _acts(p))
+  with (pytest.raises(ValueError, match=r"flattened dict.*'Dense_0'.*unflatten_dict"),
+        pytest.warns(UserWarning, match="sngd: found no layer in the params")):
+    _update(flat, _acts(p))  # init warns (no nested layer), update names the fix
   nested = traverse_util.unflatten_dict(flat, sep=sep)
   updates, _ = _update(nested, _acts(p))
   expected, _ = _update(p, _acts(p))
