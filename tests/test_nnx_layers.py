@@ -269,9 +269,14 @@ def test_lora_adapters_only_get_the_base_optimizers_update():
   x = jax.random.normal(jax.random.key(1), (8, 4))
   y = jnp.arange(8) % 3
   out = []
-  for tx in (sngd_jax.sngd_adam(1e-2), optax.adamw(1e-2, weight_decay=0.0)):
+  out_of_sngd = optax.adamw(1e-2, weight_decay=0.0)
+  for tx in (sngd_jax.sngd_adam(1e-2), out_of_sngd):
     model = Net(nnx.Rngs(0))
-    opt = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
+    if tx is out_of_sngd:
+      opt = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
+    else:  # sngd finds no layer among the adapters and says so
+      with pytest.warns(UserWarning, match="sngd: found no layer in the params"):
+        opt = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
 
     @nnx.jit
     def step(model, opt, x, y):
