@@ -17,7 +17,7 @@ learning rate from the CPU evaluation, :data:`LRS`):
   StableHLO is recorded. On CPU none remain at the default precision; on the H200 one or two
   did, from how JAX lowers its own linear algebra there (benchmarks/README.md, *On a GPU*).
 
-The products are switched by rebinding the modules' ``HIGHEST`` constant while the step is
+The products are switched by rebinding ``sngd_jax._src.dtypes.HIGHEST`` while the step is
 traced (this process only). Writes ``gpu_precision.json`` and prints a table. Time to target
 on the accelerator is ``benchmarks.evaluate`` with ``--lrs`` at these learning rates
 (benchmarks/README.md, *On a GPU*).
@@ -41,20 +41,9 @@ import optax
 import sngd_jax
 from benchmarks import eval_tasks, evaluate
 
-# The modules whose products use the constant; `conv.py`'s patch extraction is not among
-# them (a convolution with a 0/1 kernel that must copy its inputs exactly).
-PRODUCT_MODULES = (
-    ("sngd_jax._src.inverse.base", "HIGHEST"),
-    ("sngd_jax._src.inverse.dense", "HIGHEST"),
-    ("sngd_jax._src.inverse.nystrom", "HIGHEST"),
-    ("sngd_jax._src.inverse.roots", "HIGHEST"),
-    ("sngd_jax._src.inverse.refresh", "HIGHEST"),
-    ("sngd_jax._src.reconstruct", "_HIGHEST"),
-    ("sngd_jax._src.sketch", "_HIGHEST"),
-    ("sngd_jax._src.statistics", "_HIGHEST"),
-    ("sngd_jax._src.precondition", "_HIGHEST"),
-    ("sngd_jax._src.diagnostics", "_HIGHEST"),
-)
+# The one constant every product of sngd reads at trace time; `conv.py`'s patch extraction
+# does not (a convolution with a 0/1 kernel that must copy its inputs exactly).
+PRODUCT_PRECISION = ("sngd_jax._src.dtypes", "HIGHEST")
 
 # Best learning rates of the CPU evaluation (benchmarks/README.md, Rerun 7 and the
 # transformer's extended grid), per task.
@@ -71,15 +60,14 @@ BLOCK = 25
 @contextlib.contextmanager
 def products_at(precision):
   """Traces inside this block use ``precision`` for the preconditioning products."""
-  mods = [(importlib.import_module(m), name) for m, name in PRODUCT_MODULES]
-  old = [getattr(m, name) for m, name in mods]
-  for m, name in mods:
-    setattr(m, name, precision)
+  module_name, name = PRODUCT_PRECISION
+  module = importlib.import_module(module_name)
+  old = getattr(module, name)
+  setattr(module, name, precision)
   try:
     yield
   finally:
-    for (m, name), v in zip(mods, old, strict=True):
-      setattr(m, name, v)
+    setattr(module, name, old)
 
 
 def count_highest(text: str) -> int:

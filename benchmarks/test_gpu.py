@@ -50,7 +50,7 @@ def test_a_lowered_trace_is_what_a_later_call_runs():
   """gpu.measure lowers inside ``products_at`` and calls outside it: the call must reuse
   the trace (else the "default" step would silently run at HIGHEST)."""
   traces = []
-  mod = __import__("sngd_jax._src.inverse.dense", fromlist=["HIGHEST"])
+  mod = __import__("sngd_jax._src.dtypes", fromlist=["HIGHEST"])
 
   def f(a):
     traces.append(mod.HIGHEST)

@@ -14,15 +14,12 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from sngd_jax._src import dtypes as dtypes_lib
 from sngd_jax._src import precondition
 from sngd_jax._src.config import value_at
 from sngd_jax._src.dtypes import compute_dtype
 from sngd_jax._src.state import injected, only_sngd_state
 from sngd_jax._src.transform import _flatten, _layers_of, _method_of
-
-# The precision of sngd's own products, whatever jax_default_matmul_precision says (one
-# module constant, which benchmarks/gpu.py rebinds to compare with the backend default).
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def trust_region_scale(grads: Any, opt_state: Any, updates: Optional[Any] = None, *,
@@ -75,7 +72,7 @@ def trust_region_scale(grads: Any, opt_state: Any, updates: Optional[Any] = None
         continue  # a tied table's second spec: its leaf is counted once, with the first
       g = precondition.augmented(spec, leaves, index, dtypes[path])
       u = precondition.augmented(spec, u_leaves, index, dtypes[path])
-      q = q + jnp.vdot(g, u, precision=_HIGHEST).astype(q.dtype)
+      q = q + jnp.vdot(g, u, precision=dtypes_lib.HIGHEST).astype(q.dtype)
     radius = jnp.asarray(value_at(radius_of, state.count - 1), q.dtype)
     # min(1, radius^2 / q), 1 where that is not finite; the quotient only where it is below
     # 1, so that no Inf is made on the way (eagerly, jax_debug_infs checks every operation)

@@ -1,4 +1,5 @@
-"""The one rule for the dtype sngd computes in: float32, or float64 where an input is.
+"""The one rule for the dtype sngd computes in (float32, or float64 where an input is), and
+the one precision of its products (:data:`HIGHEST`).
 
 Statistics, inverses, the trust region's ``q`` and the finiteness sums all work in
 ``compute_dtype`` of their inputs: the widest floating dtype among float32 and the
@@ -6,14 +7,25 @@ inputs' (bfloat16 and float16 are computed in float32; float64, in x64 mode, sta
 float64). It is chosen by width, not by ``jnp.result_type`` or ``jnp.promote_types``,
 which refuse float32 with float64 under ``jax_numpy_dtype_promotion="strict"``; each
 operand is then cast to it explicitly.
+
+Every product sngd computes (the factors' ``X~^T X~``, the sketches, the refreshes, the
+preconditioning, the trust region's ``<g, u>``, the diagnostics and the reconstructed network)
+passes ``precision=dtypes.HIGHEST``, read from this module when the step is traced, so that
+``jax_default_matmul_precision`` lowers only the model's own products (on GPU, full float32
+instead of TF32; on TPU, 6-pass bfloat16). ``benchmarks/gpu.py`` rebinds this one attribute
+to measure the backend's default precision instead.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+HIGHEST = jax.lax.Precision.HIGHEST
+"""The precision of every product sngd computes; read by attribute at trace time."""
 
 
 def compute_dtype(*dtypes: Any) -> np.dtype:

@@ -28,14 +28,11 @@ import jax
 import jax.numpy as jnp
 
 from sngd_jax._src import distributed
+from sngd_jax._src import dtypes as dtypes_lib
 from sngd_jax._src.dtypes import compute_dtype
 from sngd_jax._src.inverse import diagonal as diagonal_lib
 from sngd_jax._src.inverse.base import InverseMethod
 from sngd_jax._src.layers import LayerSpec, tied_path
-
-# The precision of sngd's own products, whatever jax_default_matmul_precision says (one
-# module constant, which benchmarks/gpu.py rebinds to compare with the backend default).
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _kernel_perm(spec: LayerSpec) -> tuple[int, ...]:
@@ -134,7 +131,7 @@ def precondition(specs: Mapping[str, LayerSpec], leaves: Sequence[Any],
       pre = jnp.swapaxes(apply_inverse(specs[out], inverses[out], method,
                                        jnp.swapaxes(pre, -1, -2).astype(factor_dtypes[out])),
                          -1, -2).astype(pre.dtype)
-    sq_norm = sq_norm + jnp.vdot(g, pre, precision=_HIGHEST).astype(q_dtype)
+    sq_norm = sq_norm + jnp.vdot(g, pre, precision=dtypes_lib.HIGHEST).astype(q_dtype)
     pres[path] = pre
   return pres, sq_norm
 

@@ -38,13 +38,13 @@ from typing import Any, Optional, cast
 import jax
 import jax.numpy as jnp
 
+from sngd_jax._src import dtypes as dtypes_lib
 from sngd_jax._src import layers as layers_lib
 from sngd_jax._src import paths, precondition, statistics
 from sngd_jax._src import sketch as sketch_lib
 from sngd_jax._src.config import value_at
 from sngd_jax._src.inverse import base
 from sngd_jax._src.inverse import nystrom as nystrom_lib
-from sngd_jax._src.inverse.base import HIGHEST as _HIGHEST
 from sngd_jax._src.inverse.registry import get_method
 from sngd_jax._src.inverse.roots import Roots, sqrt_and_inv_sqrt
 from sngd_jax._src.state import injected, only_sngd_state
@@ -245,8 +245,8 @@ def _left_multiply(spec: layers_lib.LayerSpec, m: jax.Array, w: jax.Array) -> ja
     return m[..., :, None] * w
   if spec.per_unit or m.ndim == len(spec.stack) + 3:  # rfim roots: one block per unit
     m = m.reshape(spec.stack + (spec.out_dim,) + m.shape[-2:])
-    return jnp.einsum("...jab,...bj->...aj", m, w, precision=_HIGHEST)
-  return jnp.matmul(m, w, precision=_HIGHEST)
+    return jnp.einsum("...jab,...bj->...aj", m, w, precision=dtypes_lib.HIGHEST)
+  return jnp.matmul(m, w, precision=dtypes_lib.HIGHEST)
 
 
 def to_reconstructed(params: Any, roots: dict[str, Roots], *,
@@ -291,8 +291,8 @@ def fisher_layer(x: jax.Array, inv_sqrt: jax.Array, bias: bool = True) -> jax.Ar
     x = jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
   x = x.astype(inv_sqrt.dtype)
   if inv_sqrt.ndim == 3:
-    return jnp.einsum("jab,...b->...ja", inv_sqrt, x, precision=_HIGHEST)
-  return jnp.einsum("ab,...b->...a", inv_sqrt, x, precision=_HIGHEST)
+    return jnp.einsum("jab,...b->...ja", inv_sqrt, x, precision=dtypes_lib.HIGHEST)
+  return jnp.einsum("ab,...b->...a", inv_sqrt, x, precision=dtypes_lib.HIGHEST)
 
 
 def reconstructed_dense(x: jax.Array, kernel_prime: jax.Array, bias_prime: Optional[jax.Array],
@@ -316,5 +316,5 @@ def reconstructed_dense(x: jax.Array, kernel_prime: jax.Array, bias_prime: Optio
   xp = fisher_layer(x, inv_sqrt, bias_prime is not None)
   w = w.astype(xp.dtype)
   if inv_sqrt.ndim == 3:
-    return jnp.einsum("...ja,aj->...j", xp, w, precision=_HIGHEST)
-  return jnp.matmul(xp, w, precision=_HIGHEST)
+    return jnp.einsum("...ja,aj->...j", xp, w, precision=dtypes_lib.HIGHEST)
+  return jnp.matmul(xp, w, precision=dtypes_lib.HIGHEST)

@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-_HIGHEST = jax.lax.Precision.HIGHEST
+from sngd_jax._src import dtypes as dtypes_lib
 
 
 class Sketch(NamedTuple):
@@ -77,16 +77,16 @@ def row_sums(x: jax.Array, omega: jax.Array, out_sharding=None,
   With ``weights`` ``m`` (one per row, a row mask): ``(X~^T M (X~ Omega), tr(X~^T M X~))``,
   ``M = diag(m)``, the sketch of ``sum_r m_r x~_r x~_r^T``."""
   omega = omega.astype(x.dtype)
-  proj = jnp.matmul(x, omega, precision=_HIGHEST)
+  proj = jnp.matmul(x, omega, precision=dtypes_lib.HIGHEST)
   mx = x if weights is None else weights[:, None].astype(x.dtype) * x
-  y = jnp.matmul(mx.T, proj, precision=_HIGHEST, out_sharding=out_sharding)
+  y = jnp.matmul(mx.T, proj, precision=dtypes_lib.HIGHEST, out_sharding=out_sharding)
   return y, jnp.sum(mx * x)
 
 
 def of_dense(g: jax.Array, omega: jax.Array) -> Sketch:
   """``(G Omega, tr G)`` of a dense ``(..., d, d)`` factor (the reference, and priors)."""
   tr = block_trace(g)
-  return Sketch(jnp.matmul(g, omega.astype(g.dtype), precision=_HIGHEST), tr,
+  return Sketch(jnp.matmul(g, omega.astype(g.dtype), precision=dtypes_lib.HIGHEST), tr,
                 jnp.zeros_like(tr))
 
 

@@ -44,15 +44,12 @@ from jax.sharding import AxisType
 
 from sngd_jax._src import conv as conv_lib
 from sngd_jax._src import distributed
+from sngd_jax._src import dtypes as dtypes_lib
 from sngd_jax._src import sketch as sketch_lib
 from sngd_jax._src.capture.records import Captured, stack_shape
 from sngd_jax._src.distributed import replicated_out_sharding
 from sngd_jax._src.dtypes import compute_dtype
 from sngd_jax._src.layers import LayerSpec
-
-# The precision of sngd's own products, whatever jax_default_matmul_precision says (one
-# module constant, which benchmarks/gpu.py rebinds to compare with the backend default).
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 PRIORS = ("scaled_identity", "identity", "none")
 """How the factor average starts.
@@ -513,7 +510,7 @@ def batch_factor(spec: LayerSpec, calls: Sequence[Captured],
       if m is not None:
         w = w * m[:, None]
       return jnp.einsum("nj,na,nb->jab", w, x, x, out_sharding=out_sharding,
-                        precision=_HIGHEST)
+                        precision=dtypes_lib.HIGHEST)
     mx = x if m is None else m[:, None] * x  # sum_r m_r x~_r x~_r^T
     if x.shape[1] <= _NARROW_GRAM and x.shape[0] > _LONG_ROWS and out_sharding is None:
       # XLA:CPU emits the product of a very narrow X~ (1-2 inputs and the bias) as one
@@ -524,7 +521,7 @@ def batch_factor(spec: LayerSpec, calls: Sequence[Captured],
       return _gram_with_ones_column(x, m)
     # HIGHEST whatever jax_default_matmul_precision says (as the sketch's and the inverses'
     # products): a factor summed in bfloat16 or TF32 is not the Fisher the damping is set for
-    return jnp.matmul(mx.T, x, out_sharding=out_sharding, precision=_HIGHEST)
+    return jnp.matmul(mx.T, x, out_sharding=out_sharding, precision=dtypes_lib.HIGHEST)
 
   # Patch rows: the product of the patches alone, its bias row and column summed (see
   # `_gram_with_ones_column`).
@@ -557,7 +554,7 @@ def _gram_with_ones_column(x: jax.Array, m: Optional[jax.Array]) -> jax.Array:
   d = p.shape[1]
   # Assembled by padding with zeros and adding (exact), which XLA:CPU fuses into one
   # kernel; the concatenations along the rows' (minor) axis it would run as copies.
-  gram = jnp.matmul(mp.T, p, precision=_HIGHEST)
+  gram = jnp.matmul(mp.T, p, precision=dtypes_lib.HIGHEST)
   return (jnp.pad(gram, ((0, 1), (0, 1))) + jnp.pad(s[:, None], ((0, 1), (d, 0)))
           + jnp.pad(jnp.append(s, n)[None], ((d, 0), (0, 0))))
 

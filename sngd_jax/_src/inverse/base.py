@@ -35,8 +35,6 @@ from sngd_jax._src import sketch as sketch_lib
 
 Rep = Any
 
-HIGHEST = jax.lax.Precision.HIGHEST
-
 
 class MethodInfo(NamedTuple):
   """What a method does for blocks of one size ``d``: for reports and cost estimates.

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sngd_jax._src import dtypes as dtypes_lib
 from sngd_jax._src.inverse import host as host_lib
 from sngd_jax._src.inverse.base import (
-    HIGHEST,
     InverseMethod,
     MethodInfo,
     add_shift,
@@ -32,7 +32,7 @@ def dense_identity(b: int, d: int, dtype) -> jax.Array:
 
 def dense_apply(inverse: jax.Array, g: jax.Array) -> jax.Array:
   """``G^{-1} g`` for a cached explicit inverse: one batched matrix product."""
-  return jnp.matmul(inverse, g.astype(inverse.dtype), precision=HIGHEST)
+  return jnp.matmul(inverse, g.astype(inverse.dtype), precision=dtypes_lib.HIGHEST)
 
 
 SMALL_DIM = 2
@@ -94,7 +94,7 @@ def cholesky_refresh(g: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Arr
   eye = jnp.broadcast_to(np.eye(d, dtype=g.dtype) if d <= CONSTANT_EYE_MAX_DIM
                          else jnp.eye(d, dtype=g.dtype), g.shape)
   linv = jax.lax.linalg.triangular_solve(chol, eye, left_side=True, lower=True)
-  inverse = jnp.einsum("bki,bkj->bij", linv, linv, precision=HIGHEST)
+  inverse = jnp.einsum("bki,bkj->bij", linv, linv, precision=dtypes_lib.HIGHEST)
   return inverse, all_finite_per_block(inverse)
 
 
@@ -107,7 +107,7 @@ def eigh_refresh(g: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array]:
   lam, v = jnp.linalg.eigh(g)
   shifted = lam + shift[:, None]
   inverse = symmetrize(jnp.matmul(v / shifted[:, None, :], jnp.swapaxes(v, -1, -2),
-                                  precision=HIGHEST))
+                                  precision=dtypes_lib.HIGHEST))
   return inverse, all_finite_per_block(inverse) & jnp.all(shifted > 0, axis=-1)
 
 

@@ -35,11 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sngd_jax._src import dtypes as dtypes_lib
 from sngd_jax._src import sketch as sketch_lib
 from sngd_jax._src.dtypes import compute_dtype
 from sngd_jax._src.inverse import base
 from sngd_jax._src.inverse import host as host_lib
-from sngd_jax._src.inverse.base import HIGHEST
 
 DEFAULT_RANK = 128
 """The rank of ``nystrom()`` and of ``auto()``'s large layers."""
@@ -152,22 +152,22 @@ def from_sketch(s: sketch_lib.Sketch, seed: int = 0, tail: str = "mean",
   # factors, and the model is the exact ``M = 0`` (``lam = 0``, ``tau = 0``), not a failure.
   scale = jnp.where(trace > 0, trace, jnp.ones_like(trace))
   unit = y / scale[:, None, None]
-  norm = jnp.sqrt(jnp.einsum("bdr,bdr->b", unit, unit, precision=HIGHEST))
+  norm = jnp.sqrt(jnp.einsum("bdr,bdr->b", unit, unit, precision=dtypes_lib.HIGHEST))
   nu = math.sqrt(d) * eps * scale * jnp.where(trace > 0, norm, 1.0)
   y_nu = y + nu[:, None, None] * omega[None]
   # ``core`` and ``gram`` are symmetric to rounding and only their lower triangles are
   # read (LAPACK's potrf and syevd): no symmetrization, and ``B`` solved from the right
   # (``B C^T = Y_nu``), so the refresh compiles no transpose kernel (XLA:CPU compiles
   # every kernel on its own: ``benchmarks/README.md``, *Compile time*).
-  core = jnp.einsum("dr,bds->brs", omega, y_nu, precision=HIGHEST)
+  core = jnp.einsum("dr,bds->brs", omega, y_nu, precision=dtypes_lib.HIGHEST)
   chol = jnp.linalg.cholesky(core, symmetrize_input=False)
   b = jax.lax.linalg.triangular_solve(chol, y_nu, left_side=False, lower=True,
                                       transpose_a=True)
-  gram = jnp.einsum("bdr,bds->brs", b, b, precision=HIGHEST)
+  gram = jnp.einsum("bdr,bds->brs", b, b, precision=dtypes_lib.HIGHEST)
   s2, w = jnp.linalg.eigh(gram, symmetrize_input=False)
   reliable = s2 > 100 * eps * s2[:, -1:]  # eigh sorts ascending: the last is the largest
   s2_safe = jnp.where(reliable, s2, 1.0)
-  u = jnp.matmul(b, w, precision=HIGHEST) / jnp.sqrt(s2_safe)[:, None, :]
+  u = jnp.matmul(b, w, precision=dtypes_lib.HIGHEST) / jnp.sqrt(s2_safe)[:, None, :]
   u = jnp.where(reliable[:, None, :], u, 0.0)
   # ``0 * s2``: where the small Cholesky failed (``core`` not positive definite: a sketch
   # no PSD factor makes, or rounding), ``B``, the Gram matrix and ``s2`` are NaN and so is
@@ -176,7 +176,7 @@ def from_sketch(s: sketch_lib.Sketch, seed: int = 0, tail: str = "mean",
   lam = jnp.where(reliable, jnp.maximum(s2 - nu[:, None], 0.0), 0.0 * s2)
   # both sums as one product (a reduction makes several kernels on XLA:CPU)
   lam_sum, kept = jnp.einsum("bkr,r->kb", jnp.stack([lam, reliable.astype(work)], axis=1),
-                             jnp.ones((rank,), work), precision=HIGHEST)
+                             jnp.ones((rank,), work), precision=dtypes_lib.HIGHEST)
   if tail == "mean":
     rest = trace - lam_sum
     tau = jnp.where(kept < d, jnp.maximum(rest, 0.0) / jnp.maximum(d - kept, 1), 0.0)
@@ -191,9 +191,9 @@ def power_apply(rep: NystromRep, v: jax.Array, power: float) -> jax.Array:
   lam = (rep.eigenvalues + rep.shift[:, None]) ** power
   rest = (rep.tail + rep.shift) ** power
   v = v.astype(rep.basis.dtype)
-  coeff = jnp.einsum("bdr,bdk->brk", rep.basis, v, precision=HIGHEST)
+  coeff = jnp.einsum("bdr,bdk->brk", rep.basis, v, precision=dtypes_lib.HIGHEST)
   coeff = coeff * (lam - rest[:, None])[:, :, None]
-  return jnp.einsum("bdr,brk->bdk", rep.basis, coeff, precision=HIGHEST) + \
+  return jnp.einsum("bdr,brk->bdk", rep.basis, coeff, precision=dtypes_lib.HIGHEST) + \
       rest[:, None, None] * v
 
 

@@ -47,11 +47,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from sngd_jax._src import control, statistics
+from sngd_jax._src import dtypes as dtypes_lib
 from sngd_jax._src import sketch as sketch_lib
 from sngd_jax._src.inverse import diagonal as diagonal_lib
 from sngd_jax._src.inverse import host as host_lib
 from sngd_jax._src.inverse.base import (
-  HIGHEST,
   InverseMethod,
   all_finite_per_block,
   damping_shift,
@@ -90,7 +90,7 @@ def accept_refresh(apply_fn, rep: Any, blocks: jax.Array | jax.ShapeDtypeStruct,
   y = apply_fn(rep, v)[..., 0].astype(dtype)
   inv_shift = 1.0 / shift.astype(dtype)
   # v.y and y.y as one product (a norm's reduction makes several kernels on XLA:CPU)
-  vy, yy = jnp.einsum("kbd,bd->kb", jnp.stack([v[..., 0], y]), y, precision=HIGHEST)
+  vy, yy = jnp.einsum("kbd,bd->kb", jnp.stack([v[..., 0], y]), y, precision=dtypes_lib.HIGHEST)
   positive = vy > 0  # False for NaN
   bounded = jnp.sqrt(yy) <= 2.0 * inv_shift  # False for NaN and Inf
   good_shift = (shift > 0) & jnp.isfinite(inv_shift)

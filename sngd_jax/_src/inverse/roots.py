@@ -27,9 +27,9 @@ from typing import Callable, NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 
+from sngd_jax._src import dtypes as dtypes_lib
 from sngd_jax._src.dtypes import compute_dtype
 from sngd_jax._src.inverse.base import (
-  HIGHEST,
   InverseMethod,
   MethodInfo,
   add_shift,
@@ -59,7 +59,7 @@ class Roots(NamedTuple):
 
 
 def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
-  return jnp.matmul(a, b, precision=HIGHEST)
+  return jnp.matmul(a, b, precision=dtypes_lib.HIGHEST)
 
 
 def _inverse_error(y: jax.Array, z: jax.Array) -> jax.Array:
