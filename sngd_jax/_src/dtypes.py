@@ -1,5 +1,5 @@
 """The one rule for the dtype sngd computes in (float32, or float64 where an input is), and
-the one precision of its products (:data:`HIGHEST`).
+the one precision of its products (`HIGHEST`).
 
 Statistics, inverses, the trust region's ``q`` and the finiteness sums all work in
 ``compute_dtype`` of their inputs: the widest floating dtype among float32 and the
