@@ -9,6 +9,7 @@ import np_reference as ref
 import numpy as np
 import pytest
 from exact import exact_sngd
+from helpers_mlp import reference_update
 from helpers_warnings import no_sngd_warnings
 
 import sngd_jax
@@ -279,6 +280,55 @@ def test_dense_in_a_haiku_module_reads_a_cast_and_is_recorded_once_in_a_subclass
     _, acts = sngd_jax.capture_hk(lambda p, x: jnp.sum(model.apply(p, x)))(params, x)
   assert list(acts) == ["sub"] and len(acts["sub"]) == 1
   np.testing.assert_array_equal(acts["sub"][0].inputs, 2 * x)  # dense's input, not __call__'s
+
+
+def test_dense_in_a_haiku_module_under_a_mixed_precision_policy():
+  """Under ``hk.mixed_precision`` (bf16 compute, f32 params) the module reads a bf16 cast of
+  its ``w``/``b`` from ``hk.get_parameter``: read as the params, the call is recorded with
+  its bf16 rows, and the update is the float64 solve over them."""
+  jmp = pytest.importorskip("jmp")
+  policy = jmp.get_policy("params=float32,compute=bfloat16,output=float32")
+  with hk.mixed_precision.push_policy(MyDense, policy):
+    model = hk.without_apply_rng(hk.transform(lambda x: MyDense(3, name="low")(x)))
+    x = jax.random.normal(KEY, (16, 5))
+    params = model.init(KEY, x)
+    assert params["low"]["w"].dtype == jnp.float32
+    loss = lambda p, x: jnp.sum(jnp.sin(model.apply(p, x).astype(jnp.float32)))
+    with no_sngd_warnings():
+      grads, updates, acts = _step(loss, params, x)
+  assert acts["low"][0].inputs.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(acts["low"][0].inputs, x.astype(jnp.bfloat16))
+  kernel, bias = ref.dense_update(_np(acts["low"][0].inputs), _np(grads["low"]["w"]),
+                                  _np(grads["low"]["b"]))
+  np.testing.assert_allclose(_np(updates["low"]["w"]), kernel, rtol=2e-3, atol=1e-6)
+  np.testing.assert_allclose(_np(updates["low"]["b"]), bias, rtol=2e-3, atol=1e-6)
+
+
+def test_dense_in_a_haiku_module_with_rfim_is_the_per_unit_solve(x64):
+  """``fisher='rfim'`` reads the outputs ``dense`` records: each layer's update is the float64
+  per-unit solve over its rows weighted by ``sigmoid(z)^2`` of its outputs, and equals
+  hk.Linear's on the same params."""
+  custom = _mlp(lambda size, name: MyDense(size, name=name))
+  builtin = _mlp(lambda size, name: hk.Linear(size, name=name))
+  x = jax.random.normal(KEY, (16, 6), jnp.float64)
+  params = custom.init(KEY, x)
+  tx = exact_sngd(**ref.one_step_kwargs(), fisher="rfim")
+  got = []
+  for model in (builtin, custom):  # the custom model's grads are the ones read below
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture_hk(_sin_loss(model), outputs=True),
+                                          has_aux=True)(params, x)
+    got.append(tx.update(grads, tx.init(params), params, activations=acts)[0])
+  got.reverse()
+  h = _np(x)
+  for name in ("first", "second", "head"):
+    z = h @ _np(params[name]["w"]) + _np(params[name]["b"])
+    kernel, bias = reference_update(h, z, _np(grads[name]["w"]), _np(grads[name]["b"]),
+                                    "rfim", ref.DAMPING)
+    np.testing.assert_allclose(_np(got[0][name]["w"]), kernel, rtol=1e-9, err_msg=name)
+    np.testing.assert_allclose(_np(got[0][name]["b"]), bias, rtol=1e-9, err_msg=name)
+    h = np.tanh(z)
+  for a, b in zip(jax.tree.leaves(got[0]), jax.tree.leaves(got[1]), strict=True):
+    np.testing.assert_allclose(_np(a), _np(b), rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("kwargs, match", [

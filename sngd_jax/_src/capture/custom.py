@@ -188,7 +188,11 @@ def check(path: str, framework: str, expected: DenseDeclaration, kernel_name: st
     rule = (f"`@sngd_jax.dense_layer` declared {framework} with weight {expected.weight!r} "
             f"stored {shape} (layout={expected.layout!r}) and bias {expected.bias!r}: pass "
             "those fields in that layout, or declare the class as it is")
-  leave = "; or compute the layer without sngd_jax.dense" + (
-      f" and pass `fisher={{{path!r}: None}}`" if kernel_name == expected.weight else
-      " (its params then pass through)")
+  if kernel_name == expected.weight:
+    leave = f"; or compute the layer without sngd_jax.dense and pass `fisher={{{path!r}: None}}`"
+  elif framework == "Haiku" and kernel_name in ("kernel", "bias", "embedding"):
+    leave = ("; computed without sngd_jax.dense, a param named so would still make `init` "
+             "read the params with linen's names")
+  else:
+    leave = "; or compute the layer without sngd_jax.dense (its params then pass through)"
   raise ValueError(f"sngd_jax.dense: layer {path!r}: {'; '.join(problems)}. {rule}{leave}.")
