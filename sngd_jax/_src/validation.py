@@ -430,8 +430,9 @@ def _haiku_names_hint(spec: layers_lib.LayerSpec) -> str:
     return ""
   return (f". Its params were read with Haiku's names ({leaf!r} as a "
           f"{layers_lib.HAIKU_NAMES[leaf]!r}): `haiku` is imported and the params hold none of "
-          "linen's names. A Haiku model is captured with `sngd_jax.capture_hk`; a layer of "
-          "another framework, or one you wrote, whose arrays are named so is not: leave it to "
+          "linen's names. A Haiku model is captured with `sngd_jax.capture_hk` (a Haiku "
+          "module you wrote when it computes `sngd_jax.dense(x, w, b)` on its own `w`, `b`); "
+          "a layer of another framework whose arrays are named so is not: leave it to "
           f"the next transform with `fisher={{{spec.path!r}: None}}`, or name its arrays "
           "`kernel` and `bias` (docs/layer-coverage.md)")
 

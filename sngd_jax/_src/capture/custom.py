@@ -4,8 +4,9 @@
 the call as the framework's own dense layer would be recorded (one record per call, rows =
 every leading position of ``x``, the bias row appended by the statistics): a hand-written
 layer (``self.param('kernel', ...)`` in linen, ``nnx.Param`` in NNX, an ``eqx.Module`` with
-``weight``/``bias`` fields declared by ``sngd_jax.dense_layer``) then gets SNGD like
-``nn.Dense``, ``nnx.Linear`` or ``eqx.nn.Linear``.
+``weight``/``bias`` fields declared by ``sngd_jax.dense_layer``, ``hk.get_parameter('w', ...)``
+in Haiku) then gets SNGD like ``nn.Dense``, ``nnx.Linear``, ``eqx.nn.Linear`` or
+``hk.Linear``.
 
 Outside a capture it is the matmul and nothing else (one Python check of the active
 recorder while tracing), so its gradients are those of ``x @ kernel + bias``.
@@ -13,14 +14,14 @@ recorder while tracing), so its gradients are those of ``x @ kernel + bias``.
 Each capture names the layer in its own way (``Recorder.custom_dense``): linen by the module
 whose method is running (the innermost call ``nn.intercept_methods`` saw), the kernel being one
 of its params;
-NNX and Equinox by the kernel's path in the captured model (followed out through the
-transforms like a built-in layer's weight); a kernel or bias cast to another dtype before the
-call (``cast_of``: the param's shape, another dtype) is read as the param of the module whose
-method runs (linen), or whose ``__call__`` runs (NNX: a module holding a ``kernel``
-Variable; Equinox: a ``dense_layer``-declared module). The names and layout must be those that
-``sngd_jax.discover`` reads from the params, else the call raises an error naming the layer
-(``check``): a kernel stored the other way round would otherwise be preconditioned on the
-wrong side.
+NNX, Equinox and Haiku by the kernel's path in the captured model or params (followed out
+through the transforms like a built-in layer's weight); a kernel or bias cast to another dtype
+before the call (``cast_of``: the param's shape, another dtype) is read as the param of the
+module whose method runs (linen, Haiku: its ``w``/``b``), or whose ``__call__`` runs (NNX: a
+module holding a ``kernel`` Variable; Equinox: a ``dense_layer``-declared module). The names
+and layout must be those that ``sngd_jax.discover`` reads from the params, else the call
+raises an error naming the layer (``check``): a kernel stored the other way round would
+otherwise be preconditioned on the wrong side.
 """
 
 from __future__ import annotations
@@ -50,10 +51,11 @@ def dense(x: jax.Array, kernel: Any, bias: Any = None, *, layout: str = "in_out"
   """A dense layer you write yourself: ``x @ kernel + bias``, recorded for SNGD.
 
   Call it where a hand-written layer multiplies its kernel, with the param arrays
-  themselves, so that ``sngd_jax.capture`` / ``capture_nnx`` / ``capture_eqx`` record the
-  layer's input ``x`` (and its output ``y`` for ``fisher="rfim"``) as for the framework's
-  ``Dense``/``Linear``: ``G = E[x~ x~^T]``, ``x~ = [x; 1]`` with a bias, over every leading
-  position of ``x`` (batch, tokens). Outside a capture it is just the matmul.
+  themselves, so that ``sngd_jax.capture`` / ``capture_nnx`` / ``capture_eqx`` /
+  ``capture_hk`` record the layer's input ``x`` (and its output ``y`` for ``fisher="rfim"``)
+  as for the framework's ``Dense``/``Linear``: ``G = E[x~ x~^T]``, ``x~ = [x; 1]`` with a
+  bias, over every leading position of ``x`` (batch, tokens). Outside a capture it is just the
+  matmul.
 
   Examples:
     ```python
@@ -70,7 +72,9 @@ def dense(x: jax.Array, kernel: Any, bias: Any = None, *, layout: str = "in_out"
   ``kernel``, stored ``(in, out)``, of the module that calls ``dense`` (linen) or of one
   module of the model (NNX), with ``bias`` its sibling ``bias``; in Equinox the weight and
   bias must be the fields that ``@sngd_jax.dense_layer`` declared on the module's class,
-  in the declared layout. Other names or layouts raise an error naming the layer.
+  in the declared layout; in Haiku the module's ``hk.get_parameter('w', (in, out))`` and
+  ``hk.get_parameter('b', (out,))``, ``hk.Linear``'s names. Other names or layouts raise an
+  error naming the layer.
 
   Args:
     x: the input, ``(..., in)``.
@@ -148,9 +152,9 @@ def check(path: str, framework: str, expected: DenseDeclaration, kernel_name: st
 
   Args:
     path: the layer path.
-    framework: ``'linen'``, ``'NNX'`` or the Equinox class (for the message).
-    expected: the names and layout that discovery reads (``FLAX_DENSE``, or the class's
-      ``dense_layer`` declaration).
+    framework: ``'linen'``, ``'NNX'``, ``'Haiku'`` or the Equinox class (for the message).
+    expected: the names and layout that discovery reads (``FLAX_DENSE``, Haiku's ``w``/``b``,
+      or the class's ``dense_layer`` declaration).
     kernel_name: the name of the param passed as the kernel.
     bias_name: the name of the param passed as the bias (None: no bias passed).
     layout: the layout the call declared.
@@ -172,11 +176,23 @@ def check(path: str, framework: str, expected: DenseDeclaration, kernel_name: st
             "sibling 'bias' of shape (out,); a kernel named otherwise is not preconditioned, "
             "and one stored (out, in) would be preconditioned on the wrong side. Name the "
             "params 'kernel' and 'bias' and store the kernel (in, out)")
+  elif framework == "Haiku":
+    rule = ("sngd finds a Haiku dense layer by its params, named as `hk.Linear`'s: a kernel "
+            f"`hk.get_parameter('w', ...)` stored inputs first, {shape} (`x @ w`, "
+            "layout='in_out'), and an optional `hk.get_parameter('b', ...)` of shape (out,) in "
+            "the same module; a kernel named otherwise is not preconditioned (a `kernel` or "
+            "`bias` param also keeps every Haiku layer of the params from being found), and one "
+            "stored (out, in) would be preconditioned on the wrong side. Name the params 'w' and "
+            "'b' and store the kernel (in, out)")
   else:
     rule = (f"`@sngd_jax.dense_layer` declared {framework} with weight {expected.weight!r} "
             f"stored {shape} (layout={expected.layout!r}) and bias {expected.bias!r}: pass "
             "those fields in that layout, or declare the class as it is")
-  leave = "; or compute the layer without sngd_jax.dense" + (
-      f" and pass `fisher={{{path!r}: None}}`" if kernel_name == expected.weight else
-      " (its params then pass through)")
+  if kernel_name == expected.weight:
+    leave = f"; or compute the layer without sngd_jax.dense and pass `fisher={{{path!r}: None}}`"
+  elif framework == "Haiku" and kernel_name in ("kernel", "bias", "embedding"):
+    leave = ("; computed without sngd_jax.dense, a param named so would still make `init` "
+             "read the params with linen's names")
+  else:
+    leave = "; or compute the layer without sngd_jax.dense (its params then pass through)"
   raise ValueError(f"sngd_jax.dense: layer {path!r}: {'; '.join(problems)}. {rule}{leave}.")

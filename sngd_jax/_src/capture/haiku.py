@@ -15,8 +15,12 @@ argument (a target network's params) is left out, as in ``capture_eqx``.
 
 Haiku's own transforms (``hk.remat``, ``hk.scan``/``hk.dynamic_unroll``,
 ``hk.layer_stack``) run on ``jax.checkpoint`` and ``jax.lax.scan``, whose
-records leave them through ``transforms``: a layer under ``hk.dynamic_unroll`` pools its
-time steps, a layer of ``hk.layer_stack`` gets one local Fisher per layer of the stack.
+records leave them through ``transforms``: a layer under ``hk.scan`` or ``hk.dynamic_unroll``
+pools its steps, a layer of ``hk.layer_stack`` gets one local Fisher per layer of the stack.
+
+``sngd_jax.dense`` called in a Haiku module records through ``_Interceptor.custom_dense``: the
+kernel is named by its path in the params, and must be a ``w`` with a sibling ``b`` (the names
+discovery reads, ``HAIKU_DENSE``), or their casts (params of the module whose method runs).
 
 Normalization layers record ``xhat``: the layer is called a second time with its ``scale``
 one and its ``offset`` zero (``hk.custom_getter``); in that call the moving averages of
@@ -33,7 +37,7 @@ from typing import Any, Callable, Optional
 import jax.numpy as jnp
 
 from sngd_jax._src import paths
-from sngd_jax._src.capture import tables, transforms
+from sngd_jax._src.capture import custom, tables, transforms
 from sngd_jax._src.capture.records import (
     Argnums,
     OtherArgs,
@@ -50,7 +54,12 @@ from sngd_jax._src.capture.records import (
     vmapped_by_caller,
 )
 from sngd_jax._src.frames import caller_stacklevel
-from sngd_jax._src.layer_spec import haiku_conv_transpose
+from sngd_jax._src.layer_spec import DenseDeclaration, haiku_conv_transpose
+
+HAIKU_DENSE = DenseDeclaration(weight="w", bias="b", layout="in_out")
+"""What discovery reads as a Haiku dense layer: a ``w`` ``(in, out)`` and a ``b`` (``hk.Linear``'s
+names), the params a ``sngd_jax.dense`` call in a Haiku module must pass."""
+_LINEN_NAMES = ("kernel", "bias", "embedding")
 
 
 def _haiku() -> Any:
@@ -187,8 +196,18 @@ class _Interceptor:
     self.looking_up: list[Any] = []  # the recorded modules whose __call__ is running
     self.base_called: set[int] = set()  # those of them whose base class's __call__ ran too
     self.plain: list[Any] = []  # the norms being called again with unit scale, zero offset
+    self.running: list[Any] = []  # the modules whose methods are running, innermost last
+    self.by_dense: set[int] = set()  # ids of the recorded modules whose `sngd_jax.dense` ran
+    self.recorded: dict[str, str] = {}  # built-in layers recorded: path -> weight leaf name
 
   def __call__(self, next_f, args, kwargs, context):
+    self.running.append(context.module)
+    try:
+      return self._intercept(next_f, args, kwargs, context)
+    finally:
+      self.running.pop()
+
+  def _intercept(self, next_f, args, kwargs, context):
     hk = _haiku()
     module = context.module
     if context.method_name == "embeddings" and isinstance(module, hk.Embed):
@@ -220,6 +239,9 @@ class _Interceptor:
     if not any(m is module for m in self.looking_up) and id(module) in self.base_called:
       self.base_called.discard(id(module))
       return out
+    if not any(m is module for m in self.looking_up) and id(module) in self.by_dense:
+      self.by_dense.discard(id(module))  # a subclass whose product is `sngd_jax.dense`'s:
+      return out  # recorded once, by `dense`
     weight = _param(module, weight_name)
     if weight is None:  # no learned scale (create_scale=False): nothing to precondition
       return out
@@ -239,7 +261,50 @@ class _Interceptor:
       self.unsupported[f"{type(module).__name__} {module.module_name!r}"] = None
       return out
     self.rec.add(paths.join(parts[:-1]), x, z, kind, config, roles=roles)
+    self.recorded[paths.join(parts[:-1])] = parts[-1]
     return out
+
+  def custom_dense(self, x, y, kernel, bias, layout: str) -> None:
+    """Records a ``sngd_jax.dense`` call as the dense layer whose params its kernel and bias
+    are (``hk.get_parameter("w", ...)``, ``"b"``: ``HAIKU_DENSE``), named by the kernel's path
+    in the params (the module name), as an ``hk.Linear`` call; a kernel or bias cast to another
+    dtype (``custom.cast_of``) is read as the param of the module whose method runs."""
+    running = self.running[-1] if self.running else None
+
+    def own(name: Optional[str], passed: Any) -> Any:
+      """The running module's param ``name`` if ``passed`` is it cast, else None."""
+      value = _param(running, name) if running is not None and name else None
+      return value if custom.cast_of(passed, value) else None
+
+    roles, parts = self.rec.trace(kernel)
+    weight = kernel
+    if parts is None and own(HAIKU_DENSE.weight, kernel) is not None:
+      weight = own(HAIKU_DENSE.weight, kernel)
+      roles, parts = self.rec.trace(weight)
+    if parts is None:
+      if not self.frozen.left_out_call(self.rec, kernel, "sngd_jax.dense"):
+        self.unnamed[f"sngd_jax.dense (kernel {getattr(kernel, 'shape', None)})"] = None
+      return
+    path = paths.join(parts[:-1])
+    bias_name = None
+    if bias is not None:
+      bias_parts = self.rec.trace(bias)[1]
+      own_bias = own(HAIKU_DENSE.bias, bias)
+      if bias_parts is None and own_bias is not None:
+        bias_parts = self.rec.trace(own_bias)[1]
+      if bias_parts is None or bias_parts[:-1] != parts[:-1]:
+        raise ValueError(
+            f"sngd_jax.dense: layer {path!r}: the bias is not a param of the module that holds "
+            f"the kernel {paths.join(parts)!r} (a computed array, another module's, or a cast "
+            "made in another module): pass that module's own `hk.get_parameter(\"b\", ...)`, "
+            "or its cast")
+      bias_name = bias_parts[-1]
+    custom.check(path, "Haiku", HAIKU_DENSE, parts[-1], bias_name, layout)
+    if self.looking_up and _param(self.looking_up[-1], HAIKU_DENSE.weight) is weight:
+      self.by_dense.add(id(self.looking_up[-1]))  # an `hk.Linear` subclass's own product
+    x, y = tables.one_example(x, y, 0)
+    self.rec.add(path, x, y, "dense", (), roles=roles)
+    self.recorded[path] = parts[-1]
 
   def _norm(self, module, next_f, args, kwargs, out) -> Record:
     """The record of a norm call: ``xhat`` from the same call with unit scale, zero offset."""
@@ -260,6 +325,11 @@ class _Interceptor:
       self.plain.pop()
     xhat, z, config = tables.norm_record(xhat, out, _param_axes(module, xhat))
     return xhat, z, "norm", config
+
+
+def _listed(names: list[str], most: int = 4) -> str:
+  """The first ``most`` of ``names`` quoted and joined, ``...`` after them when there are more."""
+  return ", ".join(map(repr, names[:most])) + (", ..." if len(names) > most else "")
 
 
 def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool = False,
@@ -289,8 +359,15 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
   ``conv2_d_transpose_1``, ...): only that name tells ``init`` (which sees the params alone)
   its ``(*k, O, C)`` kernel from a conv's. Another one's calls are not recorded and capture
   warns, naming it.
-  Nor is ``hk.GRU`` (its own matmuls of ``w_i``, ``w_h``): its params pass through, and
-  capture warns, naming it.
+  Nor is ``hk.GRU`` (its own matmuls of ``w_i``, ``w_h``; ``w_h``'s columns read two inputs,
+  ``state`` and ``r * state``): its params pass through, and capture warns, naming it and the
+  same cell written with three ``hk.Linear`` layers, which is modelled. A Haiku module of your
+  own is recorded as an ``hk.Linear`` where it computes ``sngd_jax.dense(x, w, b)`` on its own
+  ``hk.get_parameter("w", (in, out))`` and ``"b"``. A layer under ``hk.scan`` is pooled over
+  its steps; one under ``hk.cond``, ``hk.switch``, ``hk.fori_loop`` or ``hk.while_loop`` is not
+  captured (capture warns, naming it and the rewrite). A param named ``kernel``, ``bias`` or
+  ``embedding`` beside Haiku layers makes discovery read linen's names only: capture warns,
+  naming it.
 
   Args:
     fn: a function whose first argument is the Haiku params (the dict that
@@ -328,6 +405,7 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
     rec = Recorder(top, outputs)
     frozen = OtherArgs.of(args, positions, models, top, rest)
     interceptor = _Interceptor(rec, frozen)
+    rec.custom_dense = interceptor.custom_dense
     with transforms.recording(rec), _haiku().intercept_methods(interceptor):
       result = fn(*args, **kwargs)
     check_no_trained_left_out(frozen.left_out, fn, "capture_hk", positions)
@@ -344,12 +422,17 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
     if interceptor.cells:
       warnings.warn(
           f"sngd: capture_hk does not model {', '.join(interceptor.cells)}: it multiplies its "
-          "own `w_i`, `w_h` (no `hk.Linear`), so its params get no local Fisher and pass "
-          "through unpreconditioned (`coverage` lists them as pass-through): `sngd_momentum` "
+          "own `w_i`, `w_h` (no `hk.Linear`), and the last third of `w_h`'s columns multiplies "
+          "`r * state` where the first two thirds multiply `state`: one kernel leaf with two "
+          "inputs, which no one local Fisher over the layer's input models. Its params "
+          "(`w_i`, `w_h`, `b`) get no local Fisher and pass through unpreconditioned "
+          "(`update` does not raise; `coverage` lists them as pass-through): `sngd_momentum` "
           "moves them by momentum SGD on the raw gradient, `sngd_adam` or "
-          "`optax.chain(sngd_jax.sngd(), optax.adam(...))` by Adam. `hk.LSTM` and "
-          "`hk.VanillaRNN`, whose gates are `hk.Linear`, are modelled",
-          stacklevel=caller_stacklevel())
+          "`optax.chain(sngd_jax.sngd(), optax.adam(...))` by Adam. To precondition them, "
+          "write the cell with three `hk.Linear` layers (`x @ w_i + b`, `state @ w_h[:, :2H]`, "
+          "`(r * state) @ w_h[:, 2H:]`: the same function, each product modelled exactly; "
+          "docs/layer-coverage.md, *Haiku*), or use `hk.LSTM` or `hk.VanillaRNN`, whose gates "
+          "are `hk.Linear`", stacklevel=caller_stacklevel())
     if interceptor.tables_read:
       keys = ", ".join(repr(k) for k in interceptor.tables_read)
       warnings.warn(
@@ -368,11 +451,29 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
           "passed as the captured function's first argument, as when the params go through "
           "a `jax.jit` inside the captured function (jit the whole training step instead), "
           "when the layer is called inside `hk.cond`, `hk.switch`, `hk.fori_loop` or "
-          "`hk.while_loop` (they pass the params into their body; call the layer outside, "
-          "e.g. on both branches' inputs with `jnp.where` after), or when the weights are "
-          "computed from the params. They are not captured, and `update` reports their "
-          "layers as not captured; pass `fisher={path: None}` to leave such a layer to the "
-          "next transform.", stacklevel=caller_stacklevel())
+          "`hk.while_loop` (they pass the params into their body), or when the weights are "
+          "computed from the params. They are not captured, and `update` raises naming "
+          "their layers as not captured. Instead of `hk.cond`/`hk.switch`, call the layer "
+          "outside (a Python `if` on a static flag, or every branch computed and one chosen "
+          "with `jnp.where`); instead of `hk.fori_loop(0, n, body, h)` with a static `n`, "
+          "write `hk.scan(lambda h, _: (body(h), None), h, None, length=n)`, whose calls are "
+          "captured and pooled over its steps as the unrolled loop's; a `hk.while_loop` of a "
+          "data-dependent length has no captured form: pass `fisher={path: None}` to leave "
+          "such a layer to the next transform.", stacklevel=caller_stacklevel())
+    linen_names = sorted(paths.join(parts) for parts in top.values()
+                         if parts[-1] in _LINEN_NAMES)
+    haiku_layers = [path for path, name in interceptor.recorded.items()
+                    if name in ("w", "embeddings")]
+    if linen_names and haiku_layers:
+      warnings.warn(
+          f"sngd: capture_hk: the params hold the linen name(s) {_listed(linen_names)} (a "
+          "param made with `hk.get_parameter('kernel', ...)` or `('bias', ...)`), and a "
+          "params tree that holds any of `kernel`, `bias`, `embedding` is read with linen's "
+          "names only: `init` does not find the Haiku layers recorded here "
+          f"({_listed(haiku_layers)}) by their `w`/`b` and `embeddings` (nor a norm's "
+          "`offset`), which pass through unpreconditioned while their records go unused. "
+          "Rename the param with Haiku's names (`w` for a kernel, `b` for a bias, "
+          "`embeddings` for a table).", stacklevel=caller_stacklevel())
     acts = vmapped_by_caller(rec.freeze(), rest)
     if several:
       acts = split_models(acts, len(positions))
