@@ -111,15 +111,16 @@ def with_row_mask(activations: Activations, mask: Any,
       continue
     n = len(records)
     chosen = range(n) if calls is None else {i % n for i in calls if -n <= i < n}
-    out[path] = tuple(_masked(path, i, c, mask, n, calls is not None) if i in chosen else c
-                      for i, c in enumerate(records))
+    out[path] = tuple(_masked(path, i, c, mask, n, calls is not None, where is not None)
+                      if i in chosen else c for i, c in enumerate(records))
   return out
 
 
 def _masked(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int = 1,
-            selected: bool = False) -> Captured:
+            selected: bool = False, filtered: bool = False) -> Captured:
   """The record with the weights of its rows (``Captured.row_mask``); ``n_calls``: the
-  layer's number of calls, ``selected``: whether ``calls=`` chose this one (for the hint)."""
+  layer's number of calls, ``selected``: whether ``calls=`` chose this one, ``filtered``:
+  whether ``where=`` chose the layer (for the hints)."""
   c = leading_axes_pooled(c)
   x, ax = c.inputs, c.batch_axis
 
@@ -145,6 +146,10 @@ def _masked(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int = 1,
     hint = (" An embedding looked up without the batch axis (learned positions, "
             "`embed(jnp.arange(T))`): look up `jnp.broadcast_to(jnp.arange(T), (B, T))`."
             if c.kind == "embed" else "")
+    if not filtered:
+      hint += (" Mask only the layers this mask is for: `with_row_mask(acts, mask, "
+               "where=lambda path: ...)` (e.g. a graph network's node, edge and graph layers, "
+               "whose rows are nodes, edges and graphs, each take a mask of their own).")
     if n_calls > 1 and not selected:
       hint += (f" The layer has {n_calls} calls (a model called on batches of different "
                "sizes in one loss, e.g. a PINN's interior and boundary points): mask only "
