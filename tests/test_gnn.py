@@ -388,3 +388,65 @@ def test_jraph_graph_network_padded_with_graphs():
   assert edge_in.shape[1] == 2 + 4 + 4 + 1
   for path, mask in masks.items():
     assert_factor64(state, path, np.asarray(acts[path][0].inputs)[np.asarray(mask)])
+
+
+class DenseGraphs(nn.Module):
+  """Graphs batched densely (``(B, N, D)`` nodes, a ``(B, N, N)`` adjacency, padded to ``N``
+  nodes): an edge MLP on every pair's ``[x_i, x_j, a_ij]``, ``(B, N, N, 2D + 1)``, a node MLP on
+  ``[x, sum_j a_ij m_ij]`` and a readout of the node sums."""
+
+  @nn.compact
+  def __call__(self, x, adj):
+    b, n, _ = x.shape
+    pair = jnp.concatenate([jnp.broadcast_to(x[:, :, None], (b, n, n, x.shape[-1])),
+                            jnp.broadcast_to(x[:, None], (b, n, n, x.shape[-1])),
+                            adj[..., None]], -1)
+    m = nn.relu(nn.Dense(H, name="edge_mlp", **F64)(pair))               # rows: (b, i, j)
+    h = nn.relu(nn.Dense(H, name="node_mlp", **F64)(
+        jnp.concatenate([x, jnp.sum(adj[..., None] * m, 2)], -1)))        # rows: (b, i)
+    return nn.Dense(C, name="head", **F64)(jnp.sum(h, 1))                 # rows: b
+
+
+def dense_graph_problem():
+  rng = np.random.default_rng(3)
+  sizes, n = np.array([4, 2, 3]), 4
+  node_mask = np.arange(n)[None] < sizes[:, None]                          # (B, N)
+  pair_mask = node_mask[:, :, None] & node_mask[:, None, :]                # (B, N, N)
+  x = rng.normal(size=(3, n, 5)) * node_mask[..., None]
+  adj = (rng.random((3, n, n)) < 0.5) * pair_mask
+  model = DenseGraphs()
+  params = model.init(jax.random.key(0), x, adj)["params"]
+  loss_fn = lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, x, adj)))
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(params)
+  return params, grads, acts, x, node_mask, pair_mask
+
+
+def test_dense_graph_batch_takes_a_mask_of_node_pairs_for_its_edge_layer():
+  params, grads, acts, x, node_mask, pair_mask = dense_graph_problem()
+  masked = sngd_jax.with_row_mask(acts, pair_mask, where=lambda p: p == "edge_mlp")
+  masked = sngd_jax.with_row_mask(masked, node_mask, where=lambda p: p == "node_mlp")
+  state = factors_after_one_step(params, grads, masked)
+  b, n = node_mask.shape
+  pair = np.concatenate([np.broadcast_to(x[:, :, None], (b, n, n, 5)),
+                         np.broadcast_to(x[:, None], (b, n, n, 5))], -1)
+  edge_rows = np.asarray(acts["edge_mlp"][0].inputs)
+  np.testing.assert_array_equal(edge_rows[..., :10], pair)
+  assert_factor64(state, "edge_mlp", edge_rows[pair_mask])      # real nodes' pairs only
+  node_rows = np.asarray(acts["node_mlp"][0].inputs)
+  assert_factor64(state, "node_mlp", node_rows[node_mask])
+  assert_factor64(state, "head", np.asarray(acts["head"][0].inputs))
+  # a mask of pairs on a layer of nodes is refused, naming where=
+  with pytest.raises(ValueError, match=r"'node_mlp'(?s:.*)pairs of tokens(?s:.*)where="):
+    sngd_jax.with_row_mask(acts, pair_mask, where=lambda p: p != "head")
+
+
+def test_a_node_mask_on_a_layer_of_node_pairs_warns_and_weighs_by_the_first_node():
+  params, grads, acts, _, node_mask, pair_mask = dense_graph_problem()
+  with pytest.warns(UserWarning, match=r"'edge_mlp'(?s:.*)mask\[b, i\] alone(?s:.*)"
+                    r"mask\[:, :, None\] \* mask\[:, None, :\]"):
+    masked = sngd_jax.with_row_mask(acts, node_mask, where=lambda p: p == "edge_mlp")
+  state = factors_after_one_step(params, grads, masked)
+  rows = np.asarray(acts["edge_mlp"][0].inputs)
+  sender_real = np.broadcast_to(node_mask[:, :, None], pair_mask.shape)
+  assert_factor64(state, "edge_mlp", rows[sender_real])
+  assert not np.array_equal(sender_real, pair_mask)
