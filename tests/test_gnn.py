@@ -10,6 +10,8 @@ of the rows an independent numpy forward pass computes (or, for jraph's own netw
 rows the layer was called on), real rows only where the batch is masked.
 """
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -450,3 +452,50 @@ def test_a_node_mask_on_a_layer_of_node_pairs_warns_and_weighs_by_the_first_node
   sender_real = np.broadcast_to(node_mask[:, :, None], pair_mask.shape)
   assert_factor64(state, "edge_mlp", rows[sender_real])
   assert not np.array_equal(sender_real, pair_mask)
+
+
+def test_equinox_graphs_under_vmap_take_per_graph_masks_and_whole_graph_sub_batches():
+  """Padded graphs stacked on a leading axis and the model ``jax.vmap``-ed over them (the
+  Equinox way; also a dense ``(B, N, D)`` batch): every layer's example axis is the graphs,
+  so ``(B, E)`` and ``(B, N)`` masks reach the edges and nodes, and ``stats_batch_size=k``
+  takes the first ``k`` graphs in every layer, without a warning."""
+  eqx = pytest.importorskip("equinox")
+
+  class GNN(eqx.Module):
+    edge: Any
+    node: Any
+
+    def __init__(self, key):
+      k1, k2 = jax.random.split(key)
+      self.edge = eqx.nn.Linear(10, H, key=k1, dtype=jnp.float64)
+      self.node = eqx.nn.Linear(5 + H, H, key=k2, dtype=jnp.float64)
+
+    def __call__(self, x, s, r):  # one padded graph
+      m = jax.vmap(self.edge)(jnp.concatenate([x[s], x[r]], -1))             # rows: edges
+      agg = jax.ops.segment_sum(m, r, num_segments=x.shape[0])
+      return jnp.sum(jnp.tanh(jax.vmap(self.node)(jnp.concatenate([x, agg], -1))))  # nodes
+
+  rng = np.random.default_rng(0)
+  b, n, e = 3, 4, 5
+  x, s, r = rng.normal(size=(b, n, 5)), rng.integers(0, n, (b, e)), rng.integers(0, n, (b, e))
+  node_mask = np.arange(n)[None] < np.array([4, 2, 3])[:, None]
+  edge_mask = np.arange(e)[None] < np.array([5, 1, 0])[:, None]   # the third graph: no edges
+  model = GNN(jax.random.key(0))
+  loss_fn = lambda m, x, s, r: jnp.sum(jax.vmap(m)(x, s, r))
+  (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(loss_fn), has_aux=True)(
+      model, x, s, r)
+  acts = sngd_jax.with_row_mask(acts, edge_mask, where=lambda p: p == "edge")
+  acts = sngd_jax.with_row_mask(acts, node_mask, where=lambda p: p == "node")
+  params = eqx.filter(model, eqx.is_inexact_array)
+  edge_rows = np.concatenate([np.take_along_axis(x, s[..., None], 1),
+                              np.take_along_axis(x, r[..., None], 1)], -1)
+  np.testing.assert_array_equal(acts["edge"][0].inputs, edge_rows)
+  node_rows = np.asarray(acts["node"][0].inputs)
+  np.testing.assert_array_equal(node_rows[..., :5], x)
+  state = factors_after_one_step(params, grads, acts)
+  assert_factor64(state, "edge", edge_rows[edge_mask])
+  assert_factor64(state, "node", node_rows[node_mask])
+  with no_sngd_warnings():
+    state = factors_after_one_step(params, grads, acts, stats_batch_size=2)
+  assert_factor64(state, "edge", edge_rows[:2][edge_mask[:2]])
+  assert_factor64(state, "node", node_rows[:2][node_mask[:2]])
