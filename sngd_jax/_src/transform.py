@@ -152,13 +152,14 @@ def _warn_if_example_axes_differ(activations: Activations, size: int) -> None:
 
   A layer's lengths are those of its calls in order, so a model called on two batches of
   different sizes in every layer (a PINN's interior and boundary points) does not warn;
-  embedding lookups (counted whole) and records without an example axis are not compared,
-  and nothing is said when no axis is longer than ``size`` (nothing is cut).
+  embedding lookups (counted whole), records without an example axis and calls on one
+  example (a layer on one unbatched vector, a conditioning input) are not compared, and
+  nothing is said when no axis is longer than ``size`` (nothing is cut).
   """
   lengths = {}
   for path, calls in activations.items():
-    n = tuple(c.num_examples for c in calls
-              if c.num_examples is not None and not statistics.is_lookup(c))
+    n = tuple(c.num_examples for c in calls if c.num_examples is not None
+              and c.num_examples > 1 and not statistics.is_lookup(c))
     if n:
       lengths[path] = n
   if len(set(lengths.values())) < 2 or max(max(n) for n in lengths.values()) <= size:
