@@ -437,6 +437,12 @@ def test_dense_graph_batch_takes_a_mask_of_node_pairs_for_its_edge_layer():
   node_rows = np.asarray(acts["node_mlp"][0].inputs)
   assert_factor64(state, "node_mlp", node_rows[node_mask])
   assert_factor64(state, "head", np.asarray(acts["head"][0].inputs))
+  # every layer's examples are the graphs: stats_batch_size takes the first two in each
+  with no_sngd_warnings():
+    state = factors_after_one_step(params, grads, masked, stats_batch_size=2)
+  assert_factor64(state, "edge_mlp", edge_rows[:2][pair_mask[:2]])
+  assert_factor64(state, "node_mlp", node_rows[:2][node_mask[:2]])
+  assert_factor64(state, "head", np.asarray(acts["head"][0].inputs)[:2])
   # a mask of pairs on a layer of nodes is refused, naming where=
   with pytest.raises(ValueError, match=r"'node_mlp'(?s:.*)pairs of tokens(?s:.*)where="):
     sngd_jax.with_row_mask(acts, pair_mask, where=lambda p: p != "head")
