@@ -26,6 +26,7 @@ EXAMPLES = {
     "haiku_mlp": 12,
     "partial_model": 12,
     "ppo_cartpole": 3,  # a PPO loss need not fall
+    "gnn_graph_classification": 12,
 }
 LINE = re.compile(r"^step (\d+) loss (\S+)", re.MULTILINE)
 

@@ -86,7 +86,10 @@ def test_mask_shape_mismatch_names_the_layer_and_shapes():
     sngd_jax.with_row_mask(acts, jnp.ones((4, 6)))
   with pytest.raises(ValueError, match=r"layer 'Dense_0'.*\(4, 5, 5\).*\(3,\).*length 4"):
     sngd_jax.with_row_mask(acts, jnp.ones((3,)))
-  with pytest.raises(ValueError, match=r"\(B,\).*\(B, T\)"):
+  with pytest.raises(ValueError, match=r"\(B,\).*\(B, T\).*\(B, T, T'\)"):
+    sngd_jax.with_row_mask(acts, jnp.ones((4, 5, 1, 1)))
+  # a mask of pairs of tokens (tests/test_gnn.py) on layers of tokens
+  with pytest.raises(ValueError, match=r"layer '(Embed|Dense)_\d'.*pairs of tokens.*where="):
     sngd_jax.with_row_mask(acts, jnp.ones((4, 5, 1)))
 
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import np_reference as ref
 import numpy as np
 import pytest
+from helpers_warnings import no_sngd_warnings
 from np_reference import assert_dense_update
 
 import sngd_jax
@@ -245,6 +246,34 @@ def test_dense_on_one_unbatched_vector_is_one_example():
     outs.append(tx.update(grads, tx.init(params), params, activations=acts)[0])
   for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1]), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
+class Conditioned(nn.Module):
+  """A batched layer and a layer on one conditioning vector ``(D,)``, one example."""
+
+  @nn.compact
+  def __call__(self, x, c):
+    return jnp.sum(jnp.sin(nn.Dense(3, name="body", **F64)(x) + nn.Dense(3, name="cond",
+                                                                         **F64)(c)))
+
+
+def test_a_layer_on_one_conditioning_vector_beside_a_batch_does_not_warn():
+  """``stats_batch_size`` warns when the layers' example axes differ in length
+  (tests/test_gnn.py); a layer called on one unbatched vector holds one example, all of it
+  kept, so a batch beside it is no such case. Its factor is that row's, the batched layer's
+  the first ``K`` rows' (float64)."""
+  rng = np.random.default_rng(0)
+  x, c = rng.normal(size=(B, 4)), rng.normal(size=(6,))
+  model = Conditioned()
+  params = model.init(jax.random.key(0), x, c)["params"]
+  loss = sngd_jax.capture(lambda p: model.apply({"params": p}, x, c))
+  (_, acts), grads = jax.value_and_grad(loss, has_aux=True)(params)
+  tx = sngd_jax.sngd(stats_batch_size=K, decay=0.0, prior="none", max_norm=None)
+  with no_sngd_warnings():
+    _, state = tx.update(grads, tx.init(params), params, activations=acts)
+  np.testing.assert_allclose(ref.normalized_factor(state, "body"), ref.gram(x[:K]), rtol=1e-12)
+  np.testing.assert_allclose(ref.normalized_factor(state, "cond"), ref.gram(c[None]),
+                             rtol=1e-12)
 
 
 @pytest.mark.parametrize("api", ["linen", "nnx"])

@@ -141,7 +141,43 @@ def _statistics_activations(config: SNGDConfig, activations: Activations) -> Act
   """The activations the statistics are computed from (a sub-batch if so configured)."""
   if config.stats_batch_size is None:
     return activations
+  _warn_if_example_axes_differ(activations, config.stats_batch_size)
   return {p: _sub_batch(calls, config.stats_batch_size) for p, calls in activations.items()}
+
+
+def _warn_if_example_axes_differ(activations: Activations, size: int) -> None:
+  """Warns (while tracing) when ``stats_batch_size`` cuts example axes that are not the same
+  examples: the layers' calls have example axes of different lengths (a graph network's
+  nodes, edges and graphs; rows flattened or gathered from several examples).
+
+  A layer's lengths are those of its calls in order, so a model called on two batches of
+  different sizes in every layer (a PINN's interior and boundary points) does not warn;
+  embedding lookups (counted whole), records without an example axis and calls on one
+  example (a layer on one unbatched vector, a conditioning input) are not compared, and
+  nothing is said when no axis is longer than ``size`` (nothing is cut).
+  """
+  lengths = {}
+  for path, calls in activations.items():
+    n = tuple(c.num_examples for c in calls if c.num_examples is not None
+              and c.num_examples > 1 and not statistics.is_lookup(c))
+    if n:
+      lengths[path] = n
+  if len(set(lengths.values())) < 2 or max(max(n) for n in lengths.values()) <= size:
+    return
+  listed = [f"{p!r}: {n[0] if len(n) == 1 else n}" for p, n in sorted(lengths.items())]
+  if len(listed) > 8:
+    listed = listed[:8] + [f"... {len(listed) - 8} more"]
+  warnings.warn(
+      f"sngd: stats_batch_size={size} takes the first {size} entries of each layer's example "
+      f"axis (the leading axis of its input), and these axes differ in length in this batch "
+      f"({', '.join(listed)}), so they do not index the same examples: in a graph network "
+      f"they are the nodes, the edges and the graphs (each layer's estimate comes from its "
+      f"own first {size} nodes, edges or graphs), in a layer called on rows flattened or "
+      f"gathered from several examples (`(B*T, D)`, selected positions) its first {size} "
+      "rows. For the statistics of whole examples, leave `stats_batch_size` unset (for the "
+      "first graphs of a batch, mask the rest with `sngd_jax.with_row_mask`, one mask per "
+      "kind of row: docs/layer-coverage.md, *Graph networks*).",
+      stacklevel=caller_stacklevel())
 
 
 def _masked_rows(specs, acts: Activations) -> dict[str, jax.Array]:
@@ -679,7 +715,10 @@ def sngd(
       examples of the batch only (every row of theirs: all positions, patches
       or tokens, and every time step of a recurrent cell), which cuts the
       ``X~^T X~`` cost; None uses the whole batch. A Python int (with
-      ``optax.inject_hyperparams``, list it in ``static_args``).
+      ``optax.inject_hyperparams``, list it in ``static_args``). The examples are
+      each layer's own leading axis: where the layers' axes differ in length (a
+      graph network's nodes, edges and graphs) each takes its own first entries,
+      and ``update`` warns.
     max_factor_ratio: if set, a batch estimate whose trace exceeds this many
       times the running factor's is scaled down to it, so that one outlier
       batch cannot dominate the moving average; ``None`` disables it.

@@ -20,14 +20,16 @@ record's example axis (``Captured.batch_axis``) holds the ``B`` examples; a cell
 (length ``T``) when it is an axis of rows (not one the layer contracts or normalizes over):
 a 1-D conv's output positions when the output has the input's length. A record whose rows
 have no token axis (a layer after pooling over the tokens) counts an example when any of
-its tokens is real (``max`` over the tokens, for weights). Any other layout raises, naming
-the layer: the mask is never silently dropped.
+its tokens is real (``max`` over the tokens, for weights). A mask of shape ``(B, T, T')``
+(pairs of tokens: a dense graph's edges, pairwise features) reaches the two row axes after
+the examples. Any other layout raises, naming the layer: the mask is never silently dropped.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -35,6 +37,7 @@ import jax.numpy as jnp
 
 from sngd_jax._src import conv as conv_lib
 from sngd_jax._src.capture.records import Activations, Captured, leading_axes_pooled
+from sngd_jax._src.frames import caller_stacklevel
 
 
 def with_row_mask(activations: Activations, mask: Any,
@@ -55,8 +58,10 @@ def with_row_mask(activations: Activations, mask: Any,
       ``capture_hk``.
     mask: ``(B,)``: which examples are real (a batch padded to a fixed size), or ``(B, T)``:
       which tokens are real, batch-major as the model's inputs (also for the cells of a
-      time-major ``nn.RNN``, whose rows are mapped to it). 0/1, bool, or nonnegative
-      weights.
+      time-major ``nn.RNN``, whose rows are mapped to it), or ``(B, T, T')`` for a layer
+      whose rows are pairs of tokens (``(B, T, T', D)`` inputs: the edges of a dense
+      graph batch, ``mask[:, :, None] & mask[:, None, :]``; with ``where=``). 0/1, bool,
+      or nonnegative weights.
     where: if given, only the layers whose path it accepts get this mask (the others are
       returned as they are): the encoder's and decoder's layers of a seq2seq model with
       source and target masks of different lengths, masked in two calls.
@@ -85,10 +90,11 @@ def with_row_mask(activations: Activations, mask: Any,
     ```
   """
   mask = jnp.asarray(mask)
-  if mask.ndim not in (1, 2):
+  if mask.ndim not in (1, 2, 3):
     raise ValueError(
         f"sngd: with_row_mask: the mask has shape {mask.shape}; expected (B,) (which examples "
-        "are real) or (B, T) (which tokens are real)")
+        "are real), (B, T) (which tokens are real) or (B, T, T') (which pairs of tokens are: "
+        "a layer on (B, T, T', D) pairwise features)")
   dtype = mask.dtype if jnp.issubdtype(mask.dtype, jnp.floating) else jnp.float32
   mask = jax.lax.stop_gradient(mask.astype(dtype))
   if not isinstance(activations, dict):
@@ -111,15 +117,16 @@ def with_row_mask(activations: Activations, mask: Any,
       continue
     n = len(records)
     chosen = range(n) if calls is None else {i % n for i in calls if -n <= i < n}
-    out[path] = tuple(_masked(path, i, c, mask, n, calls is not None) if i in chosen else c
-                      for i, c in enumerate(records))
+    out[path] = tuple(_masked(path, i, c, mask, n, calls is not None, where is not None)
+                      if i in chosen else c for i, c in enumerate(records))
   return out
 
 
 def _masked(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int = 1,
-            selected: bool = False) -> Captured:
+            selected: bool = False, filtered: bool = False) -> Captured:
   """The record with the weights of its rows (``Captured.row_mask``); ``n_calls``: the
-  layer's number of calls, ``selected``: whether ``calls=`` chose this one (for the hint)."""
+  layer's number of calls, ``selected``: whether ``calls=`` chose this one, ``filtered``:
+  whether ``where=`` chose the layer (for the hints)."""
   c = leading_axes_pooled(c)
   x, ax = c.inputs, c.batch_axis
 
@@ -145,6 +152,10 @@ def _masked(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int = 1,
     hint = (" An embedding looked up without the batch axis (learned positions, "
             "`embed(jnp.arange(T))`): look up `jnp.broadcast_to(jnp.arange(T), (B, T))`."
             if c.kind == "embed" else "")
+    if not filtered:
+      hint += (" Mask only the layers this mask is for: `with_row_mask(acts, mask, "
+               "where=lambda path: ...)` (e.g. a graph network's node, edge and graph layers, "
+               "whose rows are nodes, edges and graphs, each take a mask of their own).")
     if n_calls > 1 and not selected:
       hint += (f" The layer has {n_calls} calls (a model called on batches of different "
                "sizes in one loss, e.g. a PINN's interior and boundary points): mask only "
@@ -154,6 +165,9 @@ def _masked(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int = 1,
          + (f" at each of its {steps} time steps (time-major rows of a recurrent cell)"
             if steps > 1 else "") + "." + hint)
   if steps > 1:  # a cell under nn.RNN: row t * B + b is example b at time step t
+    if mask.ndim == 3:
+      fail(f"its rows are {steps} time steps of {b} examples, which a mask of pairs of tokens "
+           "does not index: mask it by example (B,) or by token (B, T)")
     if mask.ndim == 2 and mask.shape[1] != steps:
       fail(f"its rows are {steps} time steps of {b} examples, the mask has "
            f"{mask.shape[1]} tokens")
@@ -168,7 +182,20 @@ def _masked(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int = 1,
     if x.shape[ax + 1] != mask.shape[1]:
       fail(f"its axis {ax + 1} after the examples has length {x.shape[ax + 1]}, not the "
            f"mask's {mask.shape[1]} tokens")
-    shape[ax], shape[ax + 1] = mask.shape
+    if mask.ndim == 3 and (_axis_role(c, ax + 2) != "row" or x.shape[ax + 2] != mask.shape[2]):
+      fail(f"the mask is one of pairs of tokens, and the layer's axis {ax + 2} is not a row "
+           f"axis of {mask.shape[2]} tokens (a layer on (B, T, D) tokens takes a (B, T) mask; "
+           "mask each kind of layer with its own mask, `where=`)")
+    if mask.ndim == 2 and _axis_role(c, ax + 2) == "row" and x.shape[ax + 2] == mask.shape[1]:
+      warnings.warn(
+          f"sngd: with_row_mask: layer {path!r} (call {i}): its inputs of shape "
+          f"{tuple(x.shape)} have two row axes of the mask's {mask.shape[1]} tokens after the "
+          "examples (pairwise features, the edges of a dense graph batch?); the (B, T) mask "
+          f"weighs row (b, i, j) by mask[b, i] alone, so pairs with a padding token j count. "
+          "For pairs of real tokens give this layer the (B, T, T) mask "
+          "`mask[:, :, None] * mask[:, None, :]` (`where=lambda path: path == "
+          f"{path!r}`)", stacklevel=caller_stacklevel())
+    shape[ax:ax + mask.ndim] = mask.shape
     return dataclasses.replace(c, row_mask=mask.reshape(shape))
   if role == "positions":
     fail("the axis after the examples is a convolution's spatial axis whose output "
@@ -176,7 +203,7 @@ def _masked(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int = 1,
          "output length differs): mask it by example, `(B,)`")
   # No token axis among the rows (after pooling): an example counts if any token is real.
   shape[ax] = b
-  return dataclasses.replace(c, row_mask=jnp.max(mask, axis=1).reshape(shape))
+  return dataclasses.replace(c, row_mask=jnp.max(mask.reshape(b, -1), axis=1).reshape(shape))
 
 
 def _axis_role(c: Captured, axis: int) -> Optional[str]:
