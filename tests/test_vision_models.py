@@ -21,6 +21,7 @@ import np_reference as ref
 import numpy as np
 import optax
 import pytest
+from exact import factors_after_one_step
 from helpers_warnings import no_sngd_warnings
 from np_reference import assert_dense_update
 
@@ -456,3 +457,130 @@ def test_unet_ema_evaluated_inside_the_captured_loss():
   closed_over = lambda params, x0, key: loss_with_ema(params, ema, x0, key)
   with pytest.warns(UserWarning, match="sngd: layer .* called with 2 different weight arrays"):
     assert calls(closed_over, x0, key) == dict.fromkeys(layers, 2)
+
+
+# --- raw params named like a layer's ---------------------------------------------------
+
+
+class LayerScale(nn.Module):
+  """CaiT / DeiT-III's per-channel residual scale, as often written: a param named `scale`."""
+
+  @nn.compact
+  def __call__(self, x):
+    return x * self.param("scale", nn.initializers.constant(0.1), (x.shape[-1],))
+
+
+class AddPositionEmbs(nn.Module):
+  """A learned position embedding whose param is named `embedding`."""
+  leading_one: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    shape = ((1,) if self.leading_one else ()) + x.shape[1:]
+    return x + self.param("embedding", nn.initializers.normal(0.02), shape)
+
+
+class RawViT(nn.Module):
+  """Patches by reshape + Dense, a position embedding and a LayerScale named like layer params."""
+  leading_one: bool = True
+
+  @nn.compact
+  def __call__(self, img):
+    b = img.shape[0]
+    x = img.reshape(b, 2, P, 2, P, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, 4, P * P * 3)
+    x = AddPositionEmbs(self.leading_one, name="posemb")(nn.Dense(D, name="patch_embed")(x))
+    x = x + LayerScale(name="ls")(nn.Dense(D)(nn.LayerNorm()(x)))
+    return nn.Dense(NC, name="head")(x.mean(1))
+
+
+def _raw_problem(leading_one, fisher=None):
+  model = RawViT(leading_one)
+  imgs = jax.random.normal(jax.random.key(1), (B, 8, 8, 3))
+  labels = jnp.arange(B) % NC
+  params = jax.jit(model.init)(jax.random.key(0), imgs)["params"]
+  loss_fn = lambda p, imgs, labels: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({"params": p}, imgs), labels).mean()
+  return params, (imgs, labels), loss_fn
+
+
+def _missing(report):
+  return {p.path: p.fisher for p in report.params if p.fisher.startswith("MISSING")}
+
+
+@pytest.mark.parametrize("leading_one", [False, True], ids=["TxD", "1xTxD"])
+def test_raw_params_named_scale_or_embedding_are_refused_naming_what_they_may_be(leading_one):
+  """A LayerScale's `scale` is read as a norm layer's and a position embedding's `embedding`
+  as an embedding table, by their names alone (the params hold no classes). They were refused
+  as if a layer had gone uncaptured ('no calls captured ... a layout sngd does not record'; a
+  `(1, T, D)` one as 'an ensemble of tables'); `coverage`, `update` and `init` now say that
+  they may be the user's own arrays, and the two fixes."""
+  params, batch, loss_fn = _raw_problem(leading_one)
+  report = sngd_jax.coverage(loss_fn, params, *batch)
+  missing = _missing(report)
+  assert set(missing) == {"ls/scale", "posemb/embedding"}, missing
+  for path, example, name in (("ls/scale", "LayerScale", "gamma"),
+                              ("posemb/embedding", "position embedding", "pos_embedding")):
+    text = " ".join(missing[path].split())
+    assert f"{example}" in text and f"another name (e.g. '{name}')" in text, text
+    assert f"`fisher={{'{path.split('/')[0]}': None}}`" in text, text
+  tx = sngd_jax.sngd()
+  grads = jax.grad(loss_fn)(params, *batch)
+  if leading_one:  # a table with a leading axis of 1 reads as a stack of tables: init refuses
+    with pytest.raises(ValueError, match=r"(?s)ensemble of tables.*learned position embedding"
+                       r".*another name \(e.g. 'pos_embedding'\)"):
+      tx.init(params)
+    tx = sngd_jax.sngd(fisher={"posemb": None})
+  (_, acts), _ = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(params, *batch)
+  with pytest.raises(ValueError, match=r"(?s)no activations were captured.*"
+                     r"LayerScale or a learned temperature: `self.param\('scale', \.\.\.\)`"):
+    jax.eval_shape(lambda: tx.update(grads, tx.init(params), params, activations=acts))
+
+
+def test_raw_params_left_out_by_fisher_none_pass_through_untouched():
+  params, batch, loss_fn = _raw_problem(True)
+  fisher = {"ls": None, "posemb": None}
+  report = sngd_jax.coverage(loss_fn, params, *batch, fisher=fisher)
+  rows = {p.path: p.fisher for p in report.params}
+  assert not report.missing, report
+  assert rows["ls/scale"] == rows["posemb/embedding"] == "pass-through (fisher=None)", rows
+  tx = sngd_jax.sngd(fisher=fisher)
+  lr, wd = 0.1, 0.5
+  adams = [sngd_jax.sngd_adam(lr, weight_decay=w, fisher=fisher) for w in (0.0, wd)]
+
+  @jax.jit
+  def step(params, *batch):
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(
+        params, *batch)
+    return grads, [t.update(grads, t.init(params), params, activations=acts)[0]
+                   for t in [tx] + adams]
+
+  with no_sngd_warnings():
+    grads, (updates, plain, decayed) = step(params, *batch)
+  np.testing.assert_array_equal(updates["ls"]["scale"], grads["ls"]["scale"])
+  np.testing.assert_array_equal(updates["posemb"]["embedding"], grads["posemb"]["embedding"])
+  assert not np.allclose(updates["head"]["kernel"], grads["head"]["kernel"])
+  # sngd_adam's weight decay reaches every array of 2 or more axes that is no bias or norm
+  # scale: the position embedding (1 x T x D) too, not the LayerScale's (D,) (docs).
+  decay = jax.tree.map(lambda a, b: np.asarray(b) - np.asarray(a), plain, decayed)
+  np.testing.assert_allclose(decay["posemb"]["embedding"],
+                             -lr * wd * np.asarray(params["posemb"]["embedding"]), rtol=1e-5)
+  np.testing.assert_allclose(decay["head"]["kernel"], -lr * wd * np.asarray(
+      params["head"]["kernel"]), rtol=1e-5)
+  for leaf in (decay["ls"]["scale"], decay["head"]["bias"]):
+    np.testing.assert_array_equal(leaf, 0.0)
+
+
+def test_stats_batch_size_on_rows_flattened_over_the_batch_takes_the_first_rows():
+  """A Dense given the patches already flattened over the batch, `(B * N, d)`, has no example
+  axis left: `stats_batch_size=K` takes its first K rows (K patches of the first image), as
+  docs/layer-coverage.md says, while the same Dense on `(B, N, d)` takes K images."""
+  imgs = jax.random.normal(jax.random.key(1), (B, 8, 8, 3), jnp.float64)
+  patches = imgs.reshape(B, 2, P, 2, P, 3).transpose(0, 1, 3, 2, 4, 5).reshape(B, 4, -1)
+  dense = nn.Dense(D)
+  params = ref.f64(dense.init(jax.random.key(0), patches)["params"])
+  for x, rows in ((patches.reshape(-1, P * P * 3), ref.np64(patches).reshape(-1, 48)[:K]),
+                  (patches, ref.np64(patches)[:K].reshape(-1, 48))):
+    loss = lambda p, x: jnp.sum(jnp.sin(dense.apply({"params": p}, x)))
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x)
+    state = factors_after_one_step(params, grads, acts, stats_batch_size=K)
+    ref.assert_factor(state, "", rows)
