@@ -13,6 +13,7 @@ jitted training steps.
 
 import functools
 import math
+import warnings
 
 import flax.linen as nn
 import jax
@@ -109,13 +110,9 @@ def _vit_problem(patch, dtype=jnp.float64):
   return model, params, (imgs, labels, jax.random.key(2)), loss_fn
 
 
-def _patch_rows(patch):
-  """The patch embedding's rows of images ``x``: its conv's patches, or the reshaped
-  patches the Dense reads (the same numbers in the same order for a 4x4/4 conv)."""
-  def rows(x):
-    patches, _ = ref.conv_patches(x, (P, P), (P, P), "SAME", (1, 1), (1, 1), 1)
-    return patches
-  return rows
+def _patch_rows(x):
+  """The patch conv's rows of images ``x``: its 4x4/4 patches, in the kernel's order."""
+  return ref.conv_patches(x, (P, P), (P, P), "SAME", (1, 1), (1, 1), 1)[0]
 
 
 @pytest.mark.parametrize("patch", ["conv", "dense"])
@@ -144,12 +141,14 @@ def test_vit_coverage_lists_every_layer_and_the_raw_params_as_pass_through(patch
   # that their updates are the base optimizer's (sngd() returns their gradient): below
 
 
-@pytest.mark.parametrize("patch", ["conv", "dense"])
-def test_vit_updates_match_float64_solves_over_the_images_and_first_images(patch):
-  """The patch embedding, the attention's query and out projections and the head, against
-  damped solves over the rows each layer saw; with `stats_batch_size=K`, the rows of the
-  first K images only (all their patches, all their tokens, the class token's row)."""
-  model, params, batch, loss_fn = _vit_problem(patch)
+def test_vit_updates_match_float64_solves_over_the_images_and_first_images():
+  """The patch conv, the attention's query and out projections and the head, against damped
+  solves over the rows each layer saw; with `stats_batch_size=K`, the rows of the first K
+  images only (all their patches, all their tokens, the class token's row). The reshape +
+  Dense patch embedding is a Dense over `(B, N, p*p*c)`: its rows are the same patches (its
+  coverage above; its first K images in
+  `test_stats_batch_size_on_rows_flattened_over_the_batch_takes_the_first_rows`)."""
+  model, params, batch, loss_fn = _vit_problem("conv")
   txs = {k: sngd_jax.sngd(stats_batch_size=k, **ref.one_step_kwargs()) for k in (None, K)}
   txs = {k or 0: tx for k, tx in txs.items()}  # 0: the whole batch
 
@@ -170,7 +169,7 @@ def test_vit_updates_match_float64_solves_over_the_images_and_first_images(patch
   g_attn = grads["block"]["MultiHeadDotProductAttention_0"]
   for k, u in updates.items():
     u_attn = u["block"]["MultiHeadDotProductAttention_0"]
-    assert_dense_update(_first(_patch_rows(patch), img, k), grads["patch_embed"],
+    assert_dense_update(_first(_patch_rows, img, k), grads["patch_embed"],
                         u["patch_embed"], f"patch_embed k={k}")
     tokens = _first(lambda a: a.reshape(-1, D), attn_in, k)
     assert_dense_update(tokens, g_attn["query"], u_attn["query"], f"query k={k}")
@@ -431,7 +430,7 @@ def test_unet_trains_with_its_ema_evaluated_in_the_jitted_step():
 def test_unet_ema_evaluated_inside_the_captured_loss():
   """Inside the captured loss, the EMA params passed as a later argument add no call to any
   layer (so nothing to its factor) and warn of nothing; closed over instead, each layer gets
-  the EMA model's call too, pooled into its factor, and capture says so for each."""
+  the EMA model's call too, pooled into its factor, and capture says so, in one warning."""
   model, params, (x0, key), loss_fn = _unet_problem(jnp.float32, batch=8)
   ema = jax.tree.map(lambda a: 0.5 * a, params)
   step = _ema_step(loss_fn, model, sngd_jax.sngd(), "argument")
@@ -455,8 +454,13 @@ def test_unet_ema_evaluated_inside_the_captured_loss():
   with no_sngd_warnings():
     assert calls(loss_with_ema, ema, x0, key) == dict.fromkeys(layers, 1)
   closed_over = lambda params, x0, key: loss_with_ema(params, ema, x0, key)
-  with pytest.warns(UserWarning, match="sngd: layer .* called with 2 different weight arrays"):
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
     assert calls(closed_over, x0, key) == dict.fromkeys(layers, 2)
+  # One warning naming every layer (it was one per layer: 18 here, for one EMA copy).
+  (message,) = [str(w.message) for w in caught if str(w.message).startswith("sngd:")]
+  assert "were called with 2 different weight arrays" in message, message
+  assert all(repr(path) in message for path in layers), message
 
 
 # --- raw params named like a layer's ---------------------------------------------------
