@@ -93,13 +93,15 @@ class ViT(nn.Module):
 
 
 @functools.cache
-def _vit_problem(patch, dtype=jnp.float64):
+def _vit_problem(patch, abstract=False):
+  """The model, its float64 params (``abstract``: their float32 shapes only, which is all
+  `coverage` reads), a batch and the loss, which returns the sown layer inputs as its aux."""
   model = ViT(patch)
-  imgs = jax.random.normal(jax.random.key(1), (B, 8, 8, 3), dtype)
+  imgs = jax.random.normal(jax.random.key(1), (B, 8, 8, 3),
+                           jnp.float32 if abstract else jnp.float64)
   labels = jnp.arange(B) % NC
-  params = jax.jit(model.init)(jax.random.key(0), imgs)["params"]
-  if dtype == jnp.float64:
-    params = ref.f64(params)
+  init = jax.eval_shape if abstract else lambda f, *a: ref.f64(jax.jit(f)(*a))
+  params = init(model.init, jax.random.key(0), imgs)["params"]
 
   def loss_fn(params, imgs, labels, dropout_key):
     logits, state = model.apply({"params": params}, imgs, train=True,
@@ -117,7 +119,7 @@ def _patch_rows(x):
 
 @pytest.mark.parametrize("patch", ["conv", "dense"])
 def test_vit_coverage_lists_every_layer_and_the_raw_params_as_pass_through(patch):
-  model, params, batch, loss_fn = _vit_problem(patch, jnp.float32)
+  model, params, batch, loss_fn = _vit_problem(patch, abstract=True)
   with no_sngd_warnings():
     report = sngd_jax.coverage(loss_fn, params, *batch)
   rows = {p.path: (p.fisher, p.inverse) for p in report.params}
