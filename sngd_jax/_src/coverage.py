@@ -265,6 +265,9 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
               f"an Einsum of another layout; a hand-written layer: compute it with "
               f"`sngd_jax.dense(x, kernel, bias)`); "
               f"pass fisher={{{layer!r}: None}}")
+      spec = specs[layer]
+      if note := layers_lib.raw_param_note(layer, spec.kernel, spec.structure):
+        desc = f"{desc}. {note}"
     elif (why := _mismatch(specs[layer], activations[layer]) or (
         specs[layer].tied
         and _mismatch(specs[layers_lib.tied_path(layer)], activations[layer]))):

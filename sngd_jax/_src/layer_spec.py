@@ -227,7 +227,41 @@ def stacked_table(path: str, leaf: tuple[str, ...], shape: tuple[int, ...]) -> U
       "counts sngd does not keep",
       f"vmap the whole training step over the members instead (one sngd state each: "
       f"docs/training-loops.md), or leave the table to the next transform with "
-      f"`fisher={{{path!r}: None}}`")
+      f"`fisher={{{path!r}: None}}`"
+      + (f". {note}" if (note := raw_param_note(path, leaf, "diagonal")) else ""))
+
+
+# What a norm layer's or an embedding table's param is read as, by the names ``discover``
+# reads it under (linen and NNX; Haiku's ``embeddings``), and what a user's own array of that
+# name often is (``self.param('scale', ...)``, ``self.param('embedding', ...)``).
+_RAW_PARAM_LOOKALIKES = {
+    "per_channel": ("a norm layer's scale", ("scale",), "a LayerScale or a learned temperature",
+                    "gamma"),
+    "diagonal": ("an embedding table", ("embedding", "embeddings"),
+                 "a learned position embedding or class token", "pos_embedding"),
+}
+
+
+def raw_param_note(path: str, leaf: tuple[str, ...], structure: str) -> str:
+  """For a norm layer's scale or an embedding table (``structure``) that no layer call
+  explains: the other thing it may be, an array of the user's own module read as that
+  layer's param by its name alone (``params`` hold no layer classes), and the two fixes.
+  Empty for other structures and names (Equinox finds its layers by type).
+
+  A raw param (made by ``self.param`` and used directly: a ViT's position embedding, a
+  LayerScale) belongs to no layer and passes through to the next transform, unless its name
+  is one that ``discover`` reads as a layer's (``scale``, ``embedding``, ``kernel``)."""
+  if structure not in _RAW_PARAM_LOOKALIKES:
+    return ""
+  what, names, example, rename = _RAW_PARAM_LOOKALIKES[structure]
+  name = leaf[-1] if leaf else None
+  if name not in names:
+    return ""
+  return (f"If {'/'.join(leaf)!r} is not {what} but an array of your own module named "
+          f"{name!r} ({example}: `self.param({name!r}, ...)`, an `nnx.Param` attribute), it "
+          f"was read as {what} by that name alone: give it another name (e.g. {rename!r}) or "
+          f"pass `fisher={{{path!r}: None}}`; either way it goes to the next transform "
+          "untouched, as every other array of your own does")
 
 
 DENSE_LAYOUTS = ("in_out", "out_in")

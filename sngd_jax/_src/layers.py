@@ -98,6 +98,9 @@ from sngd_jax._src.layer_spec import (
   haiku_conv_transpose as haiku_conv_transpose,
 )
 from sngd_jax._src.layer_spec import (
+  raw_param_note as raw_param_note,
+)
+from sngd_jax._src.layer_spec import (
   resolve_fisher as resolve_fisher,
 )
 from sngd_jax._src.layer_spec import (

@@ -418,7 +418,14 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
           "would never be fed). To leave it unpreconditioned pass "
           f"`fisher={{{path!r}: None}}`. Captured layers: {sorted(activations)}"
           + (_subtree_hint(path, activations) if activations else _NOTHING_CAPTURED)
-          + _haiku_names_hint(spec))
+          + _haiku_names_hint(spec) + _raw_param_hint(spec))
+
+
+def _raw_param_hint(spec: layers_lib.LayerSpec) -> str:
+  """For a norm scale or an embedding table: that it may be an array of the user's own module
+  named like one (``layers.raw_param_note``)."""
+  note = layers_lib.raw_param_note(spec.path, spec.kernel, spec.structure)
+  return f". {note}" if note else ""
 
 
 def _haiku_names_hint(spec: layers_lib.LayerSpec) -> str:

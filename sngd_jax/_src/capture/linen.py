@@ -80,6 +80,7 @@ def _note_weight(rec: Recorder, seen: dict[str, dict[int, Any]], path: str,
 
 
 def _warn_other_weights(seen: dict[str, dict[int, Any]]) -> None:
+  pooled: list[tuple[str, int]] = []  # layers called with several weight arrays of one shape
   for path, weights in sorted(seen.items()):
     if len(weights) < 2:
       continue
@@ -104,16 +105,25 @@ def _warn_other_weights(seen: dict[str, dict[int, Any]]) -> None:
           "and pass its outputs in.",
           stacklevel=caller_stacklevel())
       continue
-    warnings.warn(
-        f"sngd: layer {shown(path)} was called with {len(weights)} different weight arrays "
-        "inside the captured function (a teacher or EMA copy of the model, the model "
-        "applied to other params, or another model whose layers have the same paths); the "
-        "inputs of all its calls are pooled into its local Fisher, as for shared weights. To "
-        "count only the trained model's calls, pass the other copy's params to the captured "
-        "function as another argument (`loss(params, target_params, x)`: capture leaves out "
-        "the calls of a later argument's weights), or apply it outside the captured function "
-        "and pass its outputs in.",
-        stacklevel=caller_stacklevel())
+    pooled.append((path, len(weights)))
+  if not pooled:
+    return
+  # One warning for all the layers of one copy (an EMA or teacher copy calls every layer).
+  counts = {n for _, n in pooled}
+  named = ", ".join(shown(path) if len(counts) == 1 else f"{shown(path)} ({n})"
+                    for path, n in pooled)
+  warnings.warn(
+      f"sngd: layer{'s' if len(pooled) > 1 else ''} {named} "
+      f"{'were' if len(pooled) > 1 else 'was'} called with "
+      f"{counts.pop() if len(counts) == 1 else 'several'} different weight arrays "
+      "inside the captured function (a teacher or EMA copy of the model, the model "
+      "applied to other params, or another model whose layers have the same paths); the "
+      "inputs of all the calls of a layer are pooled into its local Fisher, as for shared "
+      "weights. To count only the trained model's calls, pass the other copy's params to the "
+      "captured function as another argument (`loss(params, target_params, x)`: capture leaves out "
+      "the calls of a later argument's weights), or apply it outside the captured function "
+      "and pass its outputs in.",
+      stacklevel=caller_stacklevel())
 
 
 def _has_layer_weights(tree: Any) -> bool:
