@@ -214,10 +214,13 @@ def test_masks_of_one_length_by_paths_and_calls():
   def reads_source(p):
     return p.startswith("encoder") or p.endswith(("cross_attn/key", "cross_attn/value"))
 
+  def table(p):
+    return p == "shared_embedding"
+
+  # the recipe of docs/training-loops.md (*Encoder-decoder models*)
   acts = sngd_jax.with_row_mask(acts, src_mask, where=reads_source)
-  acts = sngd_jax.with_row_mask(acts, tgt_mask, where=lambda p: p.startswith("decoder")
-                                and not reads_source(p))
-  table = lambda p: p == "shared_embedding"  # noqa: E731
+  acts = sngd_jax.with_row_mask(acts, tgt_mask,
+                                where=lambda p: not reads_source(p) and not table(p))
   acts = sngd_jax.with_row_mask(acts, src_mask, where=table, calls=[0])
   acts = sngd_jax.with_row_mask(acts, tgt_mask, where=table, calls=[1, 2])
   state = factors_after_one_step(params, grads, acts, fisher=TIED)
@@ -366,3 +369,18 @@ def test_several_masks_errors_name_the_layer_and_the_fix():
   _, pooled = sngd_jax.capture(lambda p: Pooled().apply({"params": p}, src, tgt).sum())(params)
   with pytest.raises(ValueError, match=r"'Dense_0'.*no token axis.*where="):
     sngd_jax.with_row_mask(pooled, src != PAD, tgt != PAD)
+
+
+def test_cross_attention_inputs_kv_records_the_source_rows_as_inputs_k_v():
+  """flax 0.12 deprecates ``inputs_kv=``; its key/value rows are the source's, as with
+  ``inputs_k=``/``inputs_v=``."""
+  q, kv = jnp.ones((2, 3, 4)), jax.random.normal(jax.random.key(1), (2, 5, 4))
+  attn = nn.MultiHeadDotProductAttention(2)
+  params = attn.init(jax.random.key(0), q, kv, kv)["params"]
+  with pytest.warns(DeprecationWarning, match="inputs_kv"):
+    _, old = sngd_jax.capture(lambda p: attn.apply({"params": p}, q, inputs_kv=kv).sum())(
+        params)
+  _, new = sngd_jax.capture(lambda p: attn.apply({"params": p}, q, kv, kv).sum())(params)
+  for path in ("key", "value", "query"):
+    np.testing.assert_array_equal(old[path][0].inputs, new[path][0].inputs)
+  np.testing.assert_array_equal(new["key"][0].inputs, kv)
