@@ -384,3 +384,32 @@ def test_cross_attention_inputs_kv_records_the_source_rows_as_inputs_k_v():
   for path in ("key", "value", "query"):
     np.testing.assert_array_equal(old[path][0].inputs, new[path][0].inputs)
   np.testing.assert_array_equal(new["key"][0].inputs, kv)
+
+
+def test_recurrent_encoder_decoder_cells_take_the_mask_of_their_time_steps():
+  """An LSTM encoder over the source and an LSTM decoder over the target (``nn.RNN``, rows
+  time-major): each cell's rows take the mask with as many tokens as it has time steps."""
+
+  class RNNSeq2Seq(nn.Module):
+    @nn.compact
+    def __call__(self, src, tgt_in):
+      embed = nn.Embed(V, D)
+      carry, _ = nn.RNN(nn.LSTMCell(4), return_carry=True, name="encoder")(embed(src))
+      return nn.Dense(V)(nn.RNN(nn.LSTMCell(4), name="decoder")(embed(tgt_in),
+                                                               initial_carry=carry))
+
+  model, src, tgt_in = RNNSeq2Seq(), jnp.asarray(SRC), jnp.asarray(TGT[:, :-1])
+  params = model.init(jax.random.key(0), src, tgt_in)["params"]
+  _, acts = sngd_jax.capture(lambda p: model.apply({"params": p}, src, tgt_in).sum())(params)
+  masked = sngd_jax.with_row_mask(acts, src != PAD, tgt_in != PAD)
+  cells = [p for p in masked if p.startswith("LSTMCell_")]  # 0: the encoder's, 1: decoder's
+  assert len(cells) == 16
+  for path in cells:
+    mask = np.asarray((src if path.startswith("LSTMCell_0") else tgt_in) != PAD, np.float64)
+    (record,) = masked[path]
+    np.testing.assert_array_equal(np.asarray(record.row_mask).reshape(-1), mask.T.reshape(-1),
+                                  err_msg=path)
+  for record, tokens in zip(masked["Embed_0"], (src, tgt_in), strict=True):
+    np.testing.assert_array_equal(record.row_mask, tokens != PAD)
+  np.testing.assert_array_equal(np.asarray(masked["Dense_0"][0].row_mask)[..., 0],
+                                np.asarray(tgt_in != PAD))
