@@ -413,3 +413,35 @@ def test_recurrent_encoder_decoder_cells_take_the_mask_of_their_time_steps():
     np.testing.assert_array_equal(record.row_mask, tokens != PAD)
   np.testing.assert_array_equal(np.asarray(masked["Dense_0"][0].row_mask)[..., 0],
                                 np.asarray(tgt_in != PAD))
+
+
+def test_decoder_that_shifts_its_targets_is_masked_by_the_targets():
+  """As in the WMT example, the decoder shifts the targets right inside, its first input being
+  the pad id: mask its rows by the targets (the positions whose predictions are trained),
+  ``tgt != PAD``; the first lookup of the pad id is then a real one and counted."""
+
+  class Shifting(nn.Module):
+    @nn.compact
+    def __call__(self, src, tgt):
+      embed = nn.Embed(V, D, name="shared_embedding")
+      enc = nn.Dense(D, name="encoder")(embed(src))
+      y = embed(jnp.pad(tgt, ((0, 0), (1, 0)))[:, :-1])     # shift_right: PAD first
+      y = y + nn.MultiHeadDotProductAttention(HEADS, name="cross_attn")(y, enc, enc)
+      return embed.attend(y)
+
+  model, src, tgt = Shifting(), jnp.asarray(SRC), jnp.asarray(TGT)
+  params = f64(model.init(jax.random.key(0), src, tgt)["params"])
+
+  def loss(p, src, tgt):
+    logits = model.apply({"params": p}, src, tgt)
+    return (optax.softmax_cross_entropy_with_integer_labels(logits, tgt) * (tgt != PAD)).sum()
+
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, src, tgt)
+  state = factors_after_one_step(params, grads,
+                                 sngd_jax.with_row_mask(acts, src != PAD, tgt != PAD),
+                                 fisher=TIED)
+  shifted = np.pad(TGT, ((0, 0), (1, 0)))[:, :-1]
+  ids = np.concatenate([SRC[SRC != PAD], shifted[TGT != PAD]])
+  np.testing.assert_allclose(state.factors["shared_embedding"],
+                             np.bincount(ids, minlength=V) / ids.size, rtol=1e-12)
+  assert float(state.factors["shared_embedding"][PAD]) == len(TGT) / ids.size
