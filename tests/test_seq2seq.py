@@ -21,6 +21,7 @@ import numpy as np
 import optax
 import pytest
 from exact import factors_after_one_step
+from helpers_warnings import no_sngd_warnings
 from np_reference import PAD, f64, gram
 
 import sngd_jax
@@ -278,15 +279,20 @@ def test_stats_batch_size_takes_sentence_pairs_for_source_and_target_layers():
   assert not np.allclose(state.factors["decoder_0/cross_attn/key"], gram(whole), rtol=1e-3)
 
 
-def greedy_decode(params, src, steps):
+def empty_cache(params, src, steps):
+  """The decoder's cache for ``steps`` positions, in the params' dtype."""
+  cache = Seq2Seq(decode=True).init(jax.random.key(0), src,
+                                    jnp.ones((src.shape[0], steps), jnp.int32))["cache"]
+  dtype = jax.tree.leaves(params)[0].dtype
+  return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating)
+                      else a, cache)
+
+
+def greedy_decode(params, src, steps, cache=None):
   """Greedy decoding with the cache (``decode=True``, ``mutable=["cache"]``)."""
   model = Seq2Seq(decode=True)
   enc = MODEL.apply({"params": params}, src, method=Seq2Seq.encode)
-  cache = model.init(jax.random.key(0), src, jnp.ones((src.shape[0], steps), jnp.int32))[
-      "cache"]
-  dtype = jax.tree.leaves(params)[0].dtype                 # the cache in the params' dtype
-  cache = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating)
-                       else a, cache)
+  cache = empty_cache(params, src, steps) if cache is None else cache
   token = jnp.ones((src.shape[0], 1), jnp.int32)     # BOS = 1
   out = []
   for _ in range(steps):
@@ -322,6 +328,27 @@ def test_cached_decoding_in_the_jitted_train_step_leaves_the_factors_alone():
   assert real.sum() >= 2, prefix
   np.testing.assert_allclose(np.asarray(last)[real, 0], np.asarray(full)[real, -1],
                              rtol=1e-9, atol=1e-12)
+
+
+def test_cached_decoding_inside_the_captured_loss_is_recorded_as_more_calls():
+  """What the docs warn of: decoding inside the captured loss (predictions as ``aux``) records
+  each step as a one-token call of the decoder's layers, without a warning; the masks
+  then match none of them and ``with_row_mask`` raises, naming the layer."""
+  params, src, tgt, acts, _ = problem()
+  cache = empty_cache(params, src, 2)
+
+  def loss(p, src, tgt):
+    value, _ = smoothed_loss(p, src, tgt)
+    return value, greedy_decode(p, src, 2, cache)[0]
+
+  with no_sngd_warnings():
+    _, (_, inside) = sngd_jax.capture(loss, has_aux=True)(params, src, tgt)
+  assert [c.inputs.shape for c in acts["decoder_0/cross_attn/query"]] == [(4, 5, D)]
+  assert [c.inputs.shape for c in inside["decoder_0/cross_attn/query"]] == [
+      (4, 5, D), (4, 1, D), (4, 1, D)]
+  with pytest.raises(ValueError, match=r"\(call [1-9]\d*, \w+\).*\(4, 1(, 8)?\) match none of the "
+                     "masks"):
+    sngd_jax.with_row_mask(inside, src != PAD, tgt[:, :-1] != PAD)
 
 
 def test_jitted_train_state_steps_with_dropout_decrease_the_loss():
