@@ -320,7 +320,8 @@ def test_cached_decoding_in_the_jitted_train_step_leaves_the_factors_alone():
     _, opt_state = tx.update(grads, opt_state, params, activations=acts)
     return opt_state, decoded
 
-  state, (tokens, last) = step(params, tx.init(params), src, tgt)
+  with no_sngd_warnings():  # no decode=True warning: the decoding is outside the capture
+    state, (tokens, last) = step(params, tx.init(params), src, tgt)
   assert_reference_factors(state, reference_rows(params, src, tgt[:, :-1]))
   prefix = np.concatenate([np.ones((4, 1), int), np.asarray(tokens[:, :2])], 1)
   full = MODEL.apply({"params": params}, src, jnp.asarray(prefix))
@@ -330,10 +331,10 @@ def test_cached_decoding_in_the_jitted_train_step_leaves_the_factors_alone():
                              rtol=1e-9, atol=1e-12)
 
 
-def test_cached_decoding_inside_the_captured_loss_is_recorded_as_more_calls():
-  """What the docs warn of: decoding inside the captured loss (predictions as ``aux``) records
-  each step as a one-token call of the decoder's layers, without a warning; the masks
-  then match none of them and ``with_row_mask`` raises, naming the layer."""
+def test_cached_decoding_inside_the_captured_loss_warns():
+  """Decoding inside the captured loss (predictions as ``aux``) records each step as a
+  one-token call of the decoder's layers: ``capture`` warns, naming the attention, and the
+  masks match none of them (``with_row_mask`` raises, naming the layer)."""
   params, src, tgt, acts, _ = problem()
   cache = empty_cache(params, src, 2)
 
@@ -341,7 +342,8 @@ def test_cached_decoding_inside_the_captured_loss_is_recorded_as_more_calls():
     value, _ = smoothed_loss(p, src, tgt)
     return value, greedy_decode(p, src, 2, cache)[0]
 
-  with no_sngd_warnings():
+  with pytest.warns(UserWarning, match=r"attention 'decoder_0/self_attn' ran with "
+                    r"decode=True.*Decode outside the captured function"):
     _, (_, inside) = sngd_jax.capture(loss, has_aux=True)(params, src, tgt)
   assert [c.inputs.shape for c in acts["decoder_0/cross_attn/query"]] == [(4, 5, D)]
   assert [c.inputs.shape for c in inside["decoder_0/cross_attn/query"]] == [
