@@ -377,6 +377,8 @@ def test_several_masks_errors_name_the_layer_and_the_fix():
   _, src, tgt, acts, _ = problem()
   with pytest.raises(ValueError, match=r"several masks, of shapes \[\(4,\), \(4, 5\)\]"):
     sngd_jax.with_row_mask(acts, jnp.ones(4), tgt[:, :-1] != PAD)
+  with pytest.raises(TypeError, match=r"a function \('<lambda>'\) where a mask goes.*where="):
+    sngd_jax.with_row_mask(acts, src != PAD, lambda p: p.startswith("encoder"))
   with pytest.raises(ValueError, match=r"several masks.*\(3, 5\)"):
     sngd_jax.with_row_mask(acts, src != PAD, tgt[:3, :-1] != PAD)
   # a target mask of the wrong length: the decoder's layers match neither mask

@@ -143,6 +143,11 @@ def with_row_mask(activations: Activations, mask: Any, *more_masks: Any,
 
 def _as_mask(mask: Any) -> jax.Array:
   """A mask as a float array without gradient (bool and integer masks as float32)."""
+  if callable(mask):
+    raise TypeError(
+        f"sngd: with_row_mask: got a function ({getattr(mask, '__name__', mask)!r}) where a "
+        "mask goes: the arguments after the activations are masks; pass the layer filter "
+        "as `where=`, `with_row_mask(acts, mask, where=lambda path: ...)`")
   mask = jnp.asarray(mask)
   if mask.ndim not in (1, 2):
     raise ValueError(
