@@ -285,10 +285,29 @@ class _Calls:
       module a ``sngd_jax.dense`` call belongs to is the last.
     open_calls: ``(module id, method) -> one flag per open call of a recorded layer``,
       "a call inside it recorded".
+    decoding: the paths of attention layers called with ``decode=True`` (cached
+      autoregressive decoding), in call order.
   """
 
   modules: list[nn.Module] = dataclasses.field(default_factory=list)
   open_calls: dict[tuple[int, str], list[bool]] = dataclasses.field(default_factory=dict)
+  decoding: dict[str, None] = dataclasses.field(default_factory=dict)
+
+
+def _warn_decoding(decoding: dict[str, None], recorded: Any) -> None:
+  """Warns of attention layers run with ``decode=True`` inside the captured function whose
+  projections were recorded: each decoding step's tokens became rows of the factors."""
+  hit = [p for p in decoding if any(r.startswith(p + "/") for r in recorded)]
+  if hit:
+    warnings.warn(
+        f"sngd: attention {shown(hit[0])}"
+        + (f" (and {len(hit) - 1} more)" if len(hit) > 1 else "")
+        + " ran with decode=True (cached autoregressive decoding) inside the captured "
+        "function: every decoding step is recorded as more rows of its projections and of "
+        "the layers around it (one token each), pooled into their local Fishers with the "
+        "training rows. Decode outside the captured function: after the gradient, in the "
+        "same jitted step if you like (docs/training-loops.md, *Encoder-decoder models*).",
+        stacklevel=caller_stacklevel())
 
 
 def _custom_dense(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
@@ -364,6 +383,9 @@ def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
 
   def dispatch(next_fun, args, kwargs, context):
     module, method = context.module, context.method_name
+    if (method == "__call__" and isinstance(module, nn.MultiHeadDotProductAttention)
+        and module.decode):
+      calls.decoding.setdefault(paths.join(module.path), None)
     if method == "__call__" and isinstance(module, nn.RNN) and args:
       return _rnn_call(rec, module, next_fun, args, kwargs, keep=models.route(rec, module)[0])
     if method == "__call__" and isinstance(module, nn.RNNCellBase) and rec.rnn_frame():
@@ -483,6 +505,7 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool = Fa
     models.warn_unowned()
     value, aux = split_aux(result, has_aux, "capture")
     acts = vmapped_by_caller(rec.freeze(), (args, kwargs))
+    _warn_decoding(calls.decoding, acts)
     if not acts:
       check_not_other_models(args)
     if several:

@@ -23,6 +23,9 @@ have no token axis (a layer after pooling over the tokens) counts an example whe
 its tokens is real (``max`` over the tokens, for weights). A mask of shape ``(B, T, T')``
 (pairs of tokens: a dense graph's edges, pairwise features) reaches the two row axes after
 the examples. Any other layout raises, naming the layer: the mask is never silently dropped.
+
+Several ``(B, T_k)`` masks of different lengths (an encoder-decoder's source and target
+masks) are matched to each call by the length of its token axis (``_pick``).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from sngd_jax._src.capture.records import Activations, Captured, leading_axes_po
 from sngd_jax._src.frames import caller_stacklevel
 
 
-def with_row_mask(activations: Activations, mask: Any,
+def with_row_mask(activations: Activations, mask: Any, *more_masks: Any,
                   where: Optional[Callable[[str], bool]] = None,
                   calls: Optional[Sequence[int]] = None) -> Activations:
   """The activations with a row mask: padding does not enter the local Fisher statistics.
@@ -62,9 +65,22 @@ def with_row_mask(activations: Activations, mask: Any,
       whose rows are pairs of tokens (``(B, T, T', D)`` inputs: the edges of a dense
       graph batch, ``mask[:, :, None] & mask[:, None, :]``; with ``where=``). 0/1, bool,
       or nonnegative weights.
-    where: if given, only the layers whose path it accepts get this mask (the others are
-      returned as they are): the encoder's and decoder's layers of a seq2seq model with
-      source and target masks of different lengths, masked in two calls.
+    *more_masks: further ``(B, T_k)`` token masks of other lengths, for a model whose
+      layers run over sequences of different lengths (an encoder-decoder: the source's
+      ``(B, S)`` and the target's ``(B, T)`` masks, `with_row_mask(acts, src_mask,
+      tgt_mask)`). Each call of each layer then gets the mask whose length is that of its
+      token axis (its time steps, for a cell under ``nn.RNN``): the encoder's layers and
+      cross-attention's ``key``/``value`` projections the source's, the decoder's other
+      layers the target's, and each lookup of a shared embedding table (and its ``attend``
+      queries) the mask of the sequence it reads. The masks must share ``B`` and have
+      different lengths (with ``S == T`` nothing tells the two apart: mask in two calls
+      with ``where=`` and ``calls=`` instead, ``docs/training-loops.md``).
+    where: if given, only the layers whose path it accepts get the mask (the others are
+      returned as they are). An encoder-decoder whose source and target have one length
+      is masked in several calls: the layers that read the source (the encoder's, and
+      cross-attention's ``key``/``value``) with its mask, the others with the target's,
+      and a shared table's lookups by ``calls=``. A graph network's edge, node and graph
+      layers, whose rows are edges, nodes and graphs, likewise take a mask each.
     calls: if given, only these calls of each layer get the mask (indices into the layer's
       records, in the order the loss made the calls; negative from the end); its other
       calls are returned as they are, each of their rows weighing 1. For a model called on
@@ -79,7 +95,9 @@ def with_row_mask(activations: Activations, mask: Any,
     ValueError: for a record whose rows cannot be matched to the mask (naming the layer
       path, the record's input shape and the mask's shape): an example axis of another
       length, a ``(B, T)`` mask on a layer whose axis after the examples is a 2-D conv's
-      positions, a per-example Equinox call outside a ``jax.vmap`` over the batch.
+      positions, a per-example Equinox call outside a ``jax.vmap`` over the batch. With
+      several masks: masks that are not all ``(B, T_k)`` with one ``B`` and different
+      lengths, or a call whose rows have no token axis or one of a length no mask has.
 
   Examples:
     ```python
@@ -89,14 +107,20 @@ def with_row_mask(activations: Activations, mask: Any,
     updates, opt_state = tx.update(grads, opt_state, params, activations=acts)
     ```
   """
-  mask = jnp.asarray(mask)
-  if mask.ndim not in (1, 2, 3):
-    raise ValueError(
-        f"sngd: with_row_mask: the mask has shape {mask.shape}; expected (B,) (which examples "
-        "are real), (B, T) (which tokens are real) or (B, T, T') (which pairs of tokens are: "
-        "a layer on (B, T, T', D) pairwise features)")
-  dtype = mask.dtype if jnp.issubdtype(mask.dtype, jnp.floating) else jnp.float32
-  mask = jax.lax.stop_gradient(mask.astype(dtype))
+  masks = tuple(_as_mask(m) for m in (mask, *more_masks))
+  if len(masks) > 1:
+    shapes = [tuple(m.shape) for m in masks]
+    lengths = [s[1] if len(s) == 2 else None for s in shapes]
+    if (any(len(s) != 2 for s in shapes) or len({s[0] for s in shapes}) > 1
+        or len(set(lengths)) < len(lengths)):
+      raise ValueError(
+          f"sngd: with_row_mask: several masks, of shapes {shapes}: each call of a layer "
+          "gets the one whose length is that of its token axis, so they must all be (B, T_k) "
+          "token masks with one B and different lengths T_k. Masks of one length (a source "
+          "and a target padded to the same length) cannot be told apart by their rows: mask "
+          "in two calls instead, `with_row_mask(acts, src_mask, where=...)` for the layers "
+          "(and `calls=[...]` for the lookups of a shared table) that read the source, then "
+          "the same with the target's mask for the others")
   if not isinstance(activations, dict):
     raise TypeError(f"sngd: with_row_mask takes the activations dict that capture returns, "
                     f"not a {type(activations).__name__}")
@@ -117,9 +141,58 @@ def with_row_mask(activations: Activations, mask: Any,
       continue
     n = len(records)
     chosen = range(n) if calls is None else {i % n for i in calls if -n <= i < n}
-    out[path] = tuple(_masked(path, i, c, mask, n, calls is not None, where is not None)
-                      if i in chosen else c for i, c in enumerate(records))
+    out[path] = tuple(
+        _masked(path, i, c, _pick(path, i, c, masks), n, calls is not None, where is not None)
+        if i in chosen else c for i, c in enumerate(records))
   return out
+
+
+def _as_mask(mask: Any) -> jax.Array:
+  """A mask as a float array without gradient (bool and integer masks as float32)."""
+  if callable(mask):
+    raise TypeError(
+        f"sngd: with_row_mask: got a function ({getattr(mask, '__name__', mask)!r}) where a "
+        "mask goes: the arguments after the activations are masks; pass the layer filter "
+        "as `where=`, `with_row_mask(acts, mask, where=lambda path: ...)`")
+  mask = jnp.asarray(mask)
+  if mask.ndim not in (1, 2, 3):
+    raise ValueError(
+        f"sngd: with_row_mask: the mask has shape {mask.shape}; expected (B,) (which examples "
+        "are real), (B, T) (which tokens are real) or (B, T, T') (which pairs of tokens are: "
+        "a layer on (B, T, T', D) pairwise features)")
+  dtype = mask.dtype if jnp.issubdtype(mask.dtype, jnp.floating) else jnp.float32
+  return jax.lax.stop_gradient(mask.astype(dtype))
+
+
+def _pick(path: str, i: int, c: Captured, masks: tuple[jax.Array, ...]) -> jax.Array:
+  """The mask of ``masks`` (several ``(B, T_k)`` masks of different lengths) whose length is
+  that of the record's token axis: its time steps under ``nn.RNN``, else the row axis right
+  after its examples. One mask is returned as it is (``_masked`` checks it)."""
+  if len(masks) == 1:
+    return masks[0]
+  p = leading_axes_pooled(c)
+  x, ax = p.inputs, p.batch_axis
+  if ax is None or ax != p.stack or x.shape[ax] != masks[0].shape[0] * p.time_steps:
+    return masks[0]  # `_masked` raises, naming why the rows cannot be matched
+  if p.time_steps > 1:
+    length = p.time_steps
+  elif _axis_role(p, ax + 1) == "row":
+    length = x.shape[ax + 1]
+  else:
+    length = None
+  for m in masks:
+    if m.shape[1] == length:
+      return m
+  lengths = [m.shape[1] for m in masks]
+  why = (f"its token axis has length {length}, and the masks have {lengths} tokens"
+         if length is not None else
+         "its rows have no token axis (a layer after pooling over the tokens), so no mask's "
+         "length says which sequence they come from")
+  raise ValueError(
+      f"sngd: with_row_mask: layer {path!r} (call {i}, {c.kind}): its captured inputs of "
+      f"shape {tuple(x.shape)} match none of the masks of lengths {lengths}: {why}. Mask this "
+      "layer in a call of its own, `with_row_mask(acts, mask, where=lambda p: p == "
+      f"{path!r})`, and leave it out of this one with `where=`")
 
 
 def _masked(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int = 1,
