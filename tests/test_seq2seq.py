@@ -21,6 +21,7 @@ import numpy as np
 import optax
 import pytest
 from exact import factors_after_one_step
+from flax import nnx
 from helpers_warnings import no_sngd_warnings
 from np_reference import PAD, f64, gram
 
@@ -471,3 +472,49 @@ def test_decoder_that_shifts_its_targets_is_masked_by_the_targets():
   np.testing.assert_allclose(state.factors["shared_embedding"],
                              np.bincount(ids, minlength=V) / ids.size, rtol=1e-12)
   assert float(state.factors["shared_embedding"][PAD]) == len(TGT) / ids.size
+
+
+class _NNXDecoder(nnx.Module):
+  """An NNX decoder block whose attention can decode with a cache (``decode=``)."""
+
+  def __init__(self, rngs: nnx.Rngs, decode: bool = False):
+    self.attn = nnx.MultiHeadAttention(2, D, decode=decode, rngs=rngs)
+    self.out = nnx.Linear(D, 5, rngs=rngs)
+
+  def __call__(self, x, decode=None):
+    return self.out(self.attn(x, decode=decode, deterministic=True))
+
+
+@pytest.mark.parametrize("by", ["argument", "attribute"])
+def test_nnx_cached_decoding_inside_the_captured_loss_warns(by):
+  """``capture_nnx`` warns, naming the attention, when an ``nnx.MultiHeadAttention`` decodes
+  with its cache inside the captured loss (``decode=True`` as the call's argument or the
+  module's attribute): each decoding step became one-token rows of its projections. Decoding
+  outside the captured function, in the same jitted step, records the training rows only and
+  does not warn."""
+  model = {"dec": _NNXDecoder(nnx.Rngs(0), decode=by == "attribute")}
+  x = jax.random.normal(jax.random.key(1), (3, 4, D), jnp.float32)
+  model["dec"].attn.init_cache((3, 4, D), dtype=jnp.float32)
+
+  def train_loss(m, x):
+    return jnp.mean(m["dec"](x, decode=False) ** 2)
+
+  def loss_decoding_inside(m, x):
+    step = {"argument": {"decode": True}, "attribute": {}}[by]
+    return train_loss(m, x), m["dec"](x[:, :1], **step)
+
+  with pytest.warns(UserWarning, match=r"attention 'dec/attn' ran with decode=True.*Decode "
+                    r"outside the captured function"):
+    _, (_, inside) = sngd_jax.capture_nnx(loss_decoding_inside, has_aux=True)(model, x)
+  assert [c.inputs.shape for c in inside["dec/out"]] == [(3, 4, D), (3, 1, D)]
+
+  @nnx.jit
+  def step(m, x):
+    value, acts = sngd_jax.capture_nnx(train_loss)(m, x)
+    return value, acts, m["dec"](x[:, :1], decode=True)  # decoded outside the capture
+
+  with no_sngd_warnings():
+    _, acts, _ = step(model, x)
+  assert {k: [c.inputs.shape for c in v] for k, v in acts.items()} == {
+      "dec/attn/query": [(3, 4, D)], "dec/attn/key": [(3, 4, D)], "dec/attn/value": [(3, 4, D)],
+      "dec/attn/out": [(3, 4, 2, D // 2)], "dec/out": [(3, 4, D)]}

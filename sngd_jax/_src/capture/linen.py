@@ -57,6 +57,7 @@ from sngd_jax._src.capture.records import (
   trained_with,
   untag,
   vmapped_by_caller,
+  warn_decoding,
 )
 from sngd_jax._src.frames import caller_stacklevel
 
@@ -294,21 +295,6 @@ class _Calls:
   decoding: dict[str, None] = dataclasses.field(default_factory=dict)
 
 
-def _warn_decoding(decoding: dict[str, None], recorded: Any) -> None:
-  """Warns of attention layers run with ``decode=True`` inside the captured function whose
-  projections were recorded: each decoding step's tokens became rows of the factors."""
-  hit = [p for p in decoding if any(r.startswith(p + "/") for r in recorded)]
-  if hit:
-    warnings.warn(
-        f"sngd: attention {shown(hit[0])}"
-        + (f" (and {len(hit) - 1} more)" if len(hit) > 1 else "")
-        + " ran with decode=True (cached autoregressive decoding) inside the captured "
-        "function: every decoding step is recorded as more rows of its projections and of "
-        "the layers around it (one token each), pooled into their local Fishers with the "
-        "training rows. Decode outside the captured function: after the gradient, in the "
-        "same jitted step if you like (docs/training-loops.md, *Encoder-decoder models*).",
-        stacklevel=caller_stacklevel())
-
 
 def _custom_dense(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
                   models: _Models, x, y, kernel, bias, layout: str) -> None:
@@ -505,7 +491,7 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool = Fa
     models.warn_unowned()
     value, aux = split_aux(result, has_aux, "capture")
     acts = vmapped_by_caller(rec.freeze(), (args, kwargs))
-    _warn_decoding(calls.decoding, acts)
+    warn_decoding(calls.decoding, acts)
     if not acts:
       check_not_other_models(args)
     if several:

@@ -45,6 +45,7 @@ from sngd_jax._src.capture.records import (
   trained_with,
   untag,
   vmapped_by_caller,
+  warn_decoding,
 )
 from sngd_jax._src.frames import caller_stacklevel
 
@@ -107,6 +108,8 @@ class _NNXRecorder(Recorder):
     # the hand-written modules (a `kernel` Variable) whose `__call__` is running, innermost
     # last: a `sngd_jax.dense` given a cast of its kernel is that module's layer
     self.modules: list[Any] = []
+    # the paths of the attention layers called with decode=True (`records.warn_decoding`)
+    self.decoding: dict[str, None] = {}
 
   def path_of(self, module: Any):
     for local in reversed(self.local_paths):
@@ -347,6 +350,28 @@ def _module_call(rec: _NNXRecorder):
   return wrap
 
 
+def _attention_call(rec: _NNXRecorder):
+  """Wraps ``nnx.MultiHeadAttention.__call__`` to note a call with ``decode=True`` (cached
+  autoregressive decoding: the argument, else the attribute), for ``records.warn_decoding``."""
+  def wrap(original):
+    @functools.wraps(original)
+    def call(self, *args, **kwargs):
+      decode = kwargs.get("decode")
+      if decode is None:
+        decode = getattr(self, "decode", None)
+      query = getattr(self, "query", None) if decode else None
+      if query is not None:  # named by its query projection's path, the recorded layer
+        layer = rec.path_of(query)
+        if layer is None:
+          parts = rec.trace(_weight(query))[1]
+          layer = paths.join(parts[:-1]) if parts else None
+        if layer and "/" in layer:
+          rec.decoding.setdefault(layer.rpartition("/")[0], None)
+      return original(self, *args, **kwargs)
+    return call
+  return wrap
+
+
 def _hand_written(model: Any) -> tuple[type, ...]:
   """The classes defining the ``__call__`` of the modules of ``model`` that hold a ``kernel``
   Variable and are no recorded layer: those that may compute it with ``sngd_jax.dense``."""
@@ -371,6 +396,7 @@ def _wrappers(rec: _NNXRecorder, cells: tuple[type, ...],
     if issubclass(cls, nnx.Module):
       wrappers[(cls, "__call__")] = _norm_call(rec)
   wrappers[(nnx.RNN, "__call__")] = _rnn_call(rec)
+  wrappers[(nnx.MultiHeadAttention, "__call__")] = _attention_call(rec)
   for cls in cells:
     if "__call__" in cls.__dict__:
       wrappers[(cls, "__call__")] = _cell_call(rec)
@@ -451,6 +477,7 @@ def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool 
     check_no_trained_left_out(rec.left_out, fn, "capture_nnx", positions)
     value, aux = split_aux(result, has_aux, "capture_nnx")
     acts = vmapped_by_caller(rec.freeze(), rest)
+    warn_decoding(rec.decoding, acts)
     if several:
       acts = split_models(acts, len(positions))
     return (value, (aux, acts)) if has_aux else (value, acts)

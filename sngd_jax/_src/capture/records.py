@@ -256,6 +256,28 @@ def shown(path: str) -> str:
   return f"{rest!r} of model {head[len(_MODEL):]}"
 
 
+def warn_decoding(decoding: dict[str, None], recorded: Any) -> None:
+  """Warns of attention layers run with ``decode=True`` inside the captured function whose
+  projections were recorded: each decoding step's tokens became rows of the factors.
+
+  Args:
+    decoding: the paths of the attention layers called with ``decode=True`` (linen's
+      ``MultiHeadDotProductAttention``, NNX's ``MultiHeadAttention``), in call order.
+    recorded: the activations (their paths are read).
+  """
+  hit = [p for p in decoding if any(r.startswith(p + "/") for r in recorded)]
+  if hit:
+    warnings.warn(
+        f"sngd: attention {shown(hit[0])}"
+        + (f" (and {len(hit) - 1} more)" if len(hit) > 1 else "")
+        + " ran with decode=True (cached autoregressive decoding) inside the captured "
+        "function: every decoding step is recorded as more rows of its projections and of "
+        "the layers around it (one token each), pooled into their local Fishers with the "
+        "training rows. Decode outside the captured function: after the gradient, in the "
+        "same jitted step if you like (docs/training-loops.md, *Encoder-decoder models*).",
+        stacklevel=caller_stacklevel())
+
+
 def split_models(activations: Activations, count: int) -> tuple[Activations, ...]:
   """The activations of each of ``count`` models (records made under ``model_path``), keyed by
   each model's own layer paths."""
