@@ -333,7 +333,9 @@ def test_dense_in_a_haiku_module_with_rfim_is_the_per_unit_solve(x64):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"names": ("kernel", "bias")}, r"layer 'bad': its kernel is the param 'kernel', not 'w'; "
-     r"its bias is the param 'bias', not 'b'.*Haiku dense layer.*`hk.get_parameter\('w'"),
+     r"its bias is the param 'bias', not 'b'.*Haiku dense layer.*`hk.get_parameter\('w'.*"
+     r"computed without sngd_jax.dense, a param named so would still make `init` read the "
+     r"params with linen's names"),
     ({"layout": "out_in"}, r"layer 'bad': it declares layout='out_in', not 'in_out'.*"
      r"Haiku dense layer"),
 ])
