@@ -582,6 +582,39 @@ def test_eqx_stacked_by_filter_vmap_and_scan_matches_builtin():
   np.testing.assert_allclose(got.blocks.bias, want.blocks.bias, rtol=RTOL32)
 
 
+class _NNXComputedBias(MyLinear):
+  """Passes a computed bias (its own, doubled): no Variable of any module."""
+
+  def __call__(self, x):
+    return sngd_jax.dense(x, self.kernel[...], 2 * self.bias[...])
+
+
+class _EqxComputedBias(EqxLinear):
+  """Passes a computed bias (its own, doubled): no field of any module."""
+
+  def __call__(self, x):
+    return sngd_jax.dense(x, self.weight, 2 * self.bias, layout="out_in")
+
+
+def test_nnx_and_eqx_computed_bias_raises_naming_the_layer():
+  """A bias that is no param of the kernel's module raises, naming the layer, the kernel and
+  what to pass (Haiku's: tests/test_haiku_gaps.py); the module's own bias cast to another
+  dtype is its param (`test_kernel_cast_before_dense_is_recorded_from_the_input_rows`)."""
+  x = _batch(jnp.float32)
+  nnx_model = NNXNet("array", nnx.Rngs(2))
+  nnx_model.hidden = _NNXComputedBias(6, 5, rngs=nnx.Rngs(3))
+  with pytest.raises(ValueError, match=r"layer 'hidden': the bias is not a Variable of the "
+                     r"module that holds the kernel 'hidden/kernel'.*own `nnx.Param`s"):
+    nnx.grad(sngd_jax.capture_nnx(lambda m, x: jnp.sum(m(x))), has_aux=True)(nnx_model, x)
+  net = _eqx_nets(jnp.float32)["custom"]
+  eqx_model = EqxNet(sngd_jax.dense_layer(_EqxComputedBias)(net.hidden.weight, net.hidden.bias),
+                     net.head)
+  loss = lambda m, x: jnp.sum(jax.vmap(jax.vmap(m))(x))
+  with pytest.raises(ValueError, match=r"layer 'hidden': the bias is not a field of the "
+                     r"_EqxComputedBias that holds the weight 'hidden/weight'.*own field"):
+    eqx.filter_grad(sngd_jax.capture_eqx(loss), has_aux=True)(eqx_model, x)
+
+
 def test_dense_checks_its_arguments_and_computes_both_layouts():
   x = _batch(jnp.float32, (4, 6))
   w = jnp.asarray(np.random.default_rng(9).normal(size=(6, 5)), jnp.float32)

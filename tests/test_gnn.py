@@ -254,6 +254,11 @@ def test_stats_batch_size_takes_each_layers_own_first_rows_and_warns():
     state = factors_after_one_step(params, grads, acts, stats_batch_size=2)
   for path, r in rows.items():
     assert_factor64(state, path, r[:2])
+  # a size no axis exceeds (12 nodes, 9 edges, 4 graphs) cuts nothing: silent, every row
+  with no_sngd_warnings():
+    state = factors_after_one_step(params, grads, acts, stats_batch_size=12)
+  for path, r in rows.items():
+    assert_factor64(state, path, r)
 
 
 class NodeGCN(nn.Module):
@@ -446,6 +451,19 @@ def test_dense_graph_batch_takes_a_mask_of_node_pairs_for_its_edge_layer():
   # a mask of pairs on a layer of nodes is refused, naming where=
   with pytest.raises(ValueError, match=r"'node_mlp'(?s:.*)pairs of tokens(?s:.*)where="):
     sngd_jax.with_row_mask(acts, pair_mask, where=lambda p: p != "head")
+
+
+def test_a_mask_of_node_pairs_on_the_readout_counts_a_graph_with_any_real_pair():
+  """The readout's rows are the graphs (no token axis after the node sum): a ``(B, N, N)``
+  mask given to it counts a graph when any of its pairs is real, as a ``(B, T)`` mask counts
+  an example with any real token; a graph of padding only is left out of its factor."""
+  params, grads, acts, _, _, pair_mask = dense_graph_problem()
+  pairs = pair_mask.copy()
+  pairs[2] = False                                                         # all padding
+  masked = sngd_jax.with_row_mask(acts, pairs, where=lambda p: p in ("edge_mlp", "head"))
+  state = factors_after_one_step(params, grads, masked)
+  assert_factor64(state, "head", np.asarray(acts["head"][0].inputs)[:2])
+  assert_factor64(state, "edge_mlp", np.asarray(acts["edge_mlp"][0].inputs)[pairs])
 
 
 def test_a_node_mask_on_a_layer_of_node_pairs_warns_and_weighs_by_the_first_node():

@@ -333,7 +333,9 @@ def test_dense_in_a_haiku_module_with_rfim_is_the_per_unit_solve(x64):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"names": ("kernel", "bias")}, r"layer 'bad': its kernel is the param 'kernel', not 'w'; "
-     r"its bias is the param 'bias', not 'b'.*Haiku dense layer.*`hk.get_parameter\('w'"),
+     r"its bias is the param 'bias', not 'b'.*Haiku dense layer.*`hk.get_parameter\('w'.*"
+     r"computed without sngd_jax.dense, a param named so would still make `init` read the "
+     r"params with linen's names"),
     ({"layout": "out_in"}, r"layer 'bad': it declares layout='out_in', not 'in_out'.*"
      r"Haiku dense layer"),
 ])
@@ -389,6 +391,36 @@ def test_a_linen_named_param_beside_haiku_layers_warns_naming_both():
   with no_sngd_warnings():
     _, acts = sngd_jax.capture_hk(lambda p, x: jnp.sum(model.apply(p, x)))(params, x)
   assert set(acts) == set(sngd_jax.discover(params)) == {"mlp/~/linear_0", "mlp/~/linear_1"}
+
+
+def test_coverage_of_a_linen_model_with_a_raw_param_named_w_stays_linen():
+  """With `haiku` imported, a linen model whose own raw param is named like a Haiku kernel
+  (`self.param("w", (4, 4))`, used as `x @ w`) beside its `nn.Dense` layers is a linen
+  model: coverage captures it with `capture`, so its Dense layers are covered, their factors
+  (what `capture` records) in the report; not routed to `capture_hk`, under which every Dense
+  was reported missing (no calls captured)."""
+  import flax.linen as nn  # noqa: PLC0415
+
+  class Raw(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return x @ self.param("w", nn.initializers.lecun_normal(), (x.shape[-1],) * 2)
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(2)(Raw()(nn.Dense(4)(x)))
+
+  x = jnp.ones((3, 5))
+  model = Net()
+  params = model.init(KEY, x)["params"]
+  with no_sngd_warnings():
+    report = sngd_jax.coverage(lambda p, x: jnp.sum(model.apply({"params": p}, x)), params, x)
+  assert not report.missing, report
+  fishers = {p.path: p.fisher for p in report.params}
+  assert fishers["Dense_0/kernel"].startswith("linear/dense"), fishers
+  assert fishers["Dense_1/kernel"].startswith("linear/dense"), fishers
+  assert fishers["Raw_0/w"] == "pass-through", fishers
 
 
 # --- hk.scan, hk.fori_loop --------------------------------------------------------------

@@ -276,6 +276,37 @@ def test_a_layer_on_one_conditioning_vector_beside_a_batch_does_not_warn():
                              rtol=1e-12)
 
 
+class LearnedPositions(nn.Module):
+  """Token and learned position embeddings (``pos(jnp.arange(T))``: a lookup whose leading
+  axis is the positions), then a Dense on every token."""
+
+  @nn.compact
+  def __call__(self, ids):
+    h = nn.Embed(7, 4, name="tok", **F64)(ids) + nn.Embed(
+        ids.shape[1], 4, name="pos", **F64)(jnp.arange(ids.shape[1]))
+    return jnp.sum(jnp.sin(nn.Dense(3, name="out", **F64)(h)))
+
+
+def test_learned_positions_beside_a_batch_do_not_warn():
+  """``stats_batch_size`` warns when the layers' example axes differ in length; a learned
+  position table's lookup (``T`` positions, ``T != B``) is counted whole, not cut, so it is
+  no such axis. The Dense's factor is its rows of the first ``K`` examples (float64)."""
+  rng = np.random.default_rng(1)
+  ids = jnp.asarray(rng.integers(0, 7, size=(B, T + 2)))
+  model = LearnedPositions()
+  params = model.init(jax.random.key(0), ids)["params"]
+  loss = sngd_jax.capture(lambda p: model.apply({"params": p}, ids))
+  (_, acts), grads = jax.value_and_grad(loss, has_aux=True)(params)
+  assert acts["pos"][0].num_examples == T + 2 != B
+  tx = sngd_jax.sngd(stats_batch_size=K, decay=0.0, prior="none", max_norm=None)
+  with no_sngd_warnings():
+    _, state = tx.update(grads, tx.init(params), params, activations=acts)
+  p = jax.tree.map(np.asarray, params)
+  h = p["tok"]["embedding"][np.asarray(ids)] + p["pos"]["embedding"][None]
+  np.testing.assert_allclose(ref.normalized_factor(state, "out"),
+                             ref.gram(h[:K].reshape(-1, 4)), rtol=1e-12)
+
+
 @pytest.mark.parametrize("api", ["linen", "nnx"])
 def test_norm_on_one_unbatched_vector_is_one_example(api):
   """``LayerNorm`` called on one ``(C,)`` vector (per-example gradients: a ``jax.vmap`` of

@@ -47,6 +47,25 @@ def _first(rows_of, x, k):
   return rows_of(x[:k] if k else x)
 
 
+def _updates_of_all_and_first_k(loss_fn, params, batch):
+  """One jitted step of ``loss_fn`` (returning its sown intermediates as aux): the gradients,
+  the one-step updates keyed by ``stats_batch_size`` (0: the whole batch, ``K``) and the
+  intermediates; no sngd warning."""
+  txs = {k: sngd_jax.sngd(stats_batch_size=k, **ref.one_step_kwargs()) for k in (None, K)}
+  txs = {k or 0: tx for k, tx in txs.items()}  # 0: the whole batch
+
+  @jax.jit
+  def step(params, *batch):
+    (_, (inter, acts)), grads = jax.value_and_grad(
+        sngd_jax.capture(loss_fn, has_aux=True), has_aux=True)(params, *batch)
+    updates = {k: tx.update(grads, tx.init(params), params, activations=acts)[0]
+               for k, tx in txs.items()}
+    return grads, updates, inter
+
+  with no_sngd_warnings():
+    return step(params, *batch)
+
+
 # --- ViT ---------------------------------------------------------------------------
 
 D, P, HEADS, NC = 8, 4, 2, 3
@@ -151,19 +170,7 @@ def test_vit_updates_match_float64_solves_over_the_images_and_first_images():
   coverage above; its first K images in
   `test_stats_batch_size_on_rows_flattened_over_the_batch_takes_the_first_rows`)."""
   model, params, batch, loss_fn = _vit_problem("conv")
-  txs = {k: sngd_jax.sngd(stats_batch_size=k, **ref.one_step_kwargs()) for k in (None, K)}
-  txs = {k or 0: tx for k, tx in txs.items()}  # 0: the whole batch
-
-  @jax.jit
-  def step(params, *batch):
-    (_, (inter, acts)), grads = jax.value_and_grad(
-        sngd_jax.capture(loss_fn, has_aux=True), has_aux=True)(params, *batch)
-    updates = {k: tx.update(grads, tx.init(params), params, activations=acts)[0]
-               for k, tx in txs.items()}
-    return grads, updates, inter
-
-  with no_sngd_warnings():
-    grads, updates, inter = step(params, *batch)
+  grads, updates, inter = _updates_of_all_and_first_k(loss_fn, params, batch)
   img = _sown(inter, "img")
   attn_in = _sown(inter, "block", "attn_in")       # (B, tokens, D) after the LayerNorm
   head_in = _sown(inter, "head_in")                # the class token, (B, D)
@@ -338,19 +345,7 @@ def test_unet_updates_match_float64_solves_over_the_images_and_first_images():
   against damped solves over the rows each saw (the time embedding's: one per image);
   with `stats_batch_size=K`, the rows of the first K images only."""
   model, params, batch, loss_fn = _unet_problem()
-  txs = {k: sngd_jax.sngd(stats_batch_size=k, **ref.one_step_kwargs()) for k in (None, K)}
-  txs = {k or 0: tx for k, tx in txs.items()}  # 0: the whole batch
-
-  @jax.jit
-  def step(params, *batch):
-    (_, (inter, acts)), grads = jax.value_and_grad(
-        sngd_jax.capture(loss_fn, has_aux=True), has_aux=True)(params, *batch)
-    updates = {k: tx.update(grads, tx.init(params), params, activations=acts)[0]
-               for k, tx in txs.items()}
-    return grads, updates, inter
-
-  with no_sngd_warnings():
-    grads, updates, inter = step(params, *batch)
+  grads, updates, inter = _updates_of_all_and_first_k(loss_fn, params, batch)
   p_attn = jax.tree.map(np.asarray, params["attn"]["MultiHeadDotProductAttention_0"])
   attn_in = _sown(inter, "attn", "attn_in")                      # (B, 16 tokens, 8)
   conv3 = lambda stride: lambda a: ref.conv_patches(a, (3, 3), (stride,) * 2, "SAME", (1, 1),

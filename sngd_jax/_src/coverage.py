@@ -410,11 +410,9 @@ def coverage(loss_fn: Callable[..., Any], params_or_model: Any, *args: Any,
     params = params_or_model
     if paths.holds_flat_map(params):
       raise TypeError(f"sngd: coverage: {paths.FLAT_MAP_FIX}.")
-    # Haiku params (read with Haiku's names, `layers.is_haiku`, or holding Haiku layers whose
-    # names a linen-named leaf keeps unread: capture_hk warns naming it) are captured by
-    # capture_hk
-    haiku = layers_lib.is_haiku(params) or layers_lib.haiku_names_unread(params) is not None
-    capture_fn = capture_hk if haiku else capture
+    # Haiku params (read with Haiku's names, or holding Haiku layers whose names a
+    # linen-named leaf keeps unread: capture_hk warns naming it) are captured by capture_hk
+    capture_fn = capture_hk if layers_lib.haiku_model(params) else capture
     run = capture_fn(no_output, has_aux=True, outputs=outputs)
 
   def trace(grad: bool):

@@ -13,7 +13,10 @@ preconditioning, the trust region's ``<g, u>``, the diagnostics and the reconstr
 passes ``precision=dtypes.HIGHEST``, read from this module when the step is traced, so that
 ``jax_default_matmul_precision`` lowers only the model's own products (on GPU, full float32
 instead of TF32; on TPU, 6-pass bfloat16). ``benchmarks/gpu.py`` rebinds this one attribute
-to measure the backend's default precision instead.
+to measure the backend's default precision instead. The conv patch extractions of
+``conv.py`` (convolutions with one-hot kernels: copies of the inputs, not products) pass
+``lax.Precision.HIGHEST`` itself and are not rebound: at a lower precision they would round
+the patches.
 """
 
 from __future__ import annotations

@@ -218,6 +218,23 @@ def haiku_names_unread(params: Any) -> Optional[str]:
                for name in leaves if name in _LINEN_NAMES), None)
 
 
+def haiku_model(params: Any) -> bool:
+  """Whether ``params`` are read as a Haiku model's (``coverage`` then captures with
+  ``capture_hk``): read with Haiku's names (``is_haiku``), or holding more Haiku layers than
+  groups of leaves with linen's names (a Haiku model with a custom
+  ``hk.get_parameter("kernel", ...)``, which ``haiku_names_unread`` names). A linen or NNX
+  model whose own raw param looks like a Haiku layer's (``self.param("w", ...)``,
+  ``"scale"`` and ``"offset"``, ``"embeddings"``) beside its linen layers is not."""
+  groups = _groups(params)
+  if _is_haiku(groups):
+    return True
+  if haiku_names_unread(params) is None:
+    return False
+  haiku = sum(_haiku_layer(leaves) for leaves in groups.values())
+  linen = sum(any(name in _LINEN_NAMES for name in leaves) for leaves in groups.values())
+  return haiku > linen
+
+
 def _equinox_layers(params: Any, fisher: FisherSpec,
                     errors: Optional[dict[str, UnmodelledLayer]] = None
                     ) -> Optional[dict[str, LayerSpec]]:

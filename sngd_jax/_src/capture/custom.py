@@ -26,7 +26,7 @@ otherwise be preconditioned on the wrong side.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -144,6 +144,26 @@ def cast_of(passed: Any, param: Any) -> bool:
     return False
   return (jnp.shape(passed) == jnp.shape(param)
           and jnp.result_type(passed) != jnp.result_type(param))
+
+
+def bias_name(trace: Callable[[Any], tuple[Any, Optional[tuple[str, ...]]]], bias: Any,
+              own_bias: Callable[[], Any], kernel_parts: tuple[str, ...], path: str,
+              not_its_own: str) -> Optional[str]:
+  """The name of the bias param passed to ``dense`` beside the kernel at ``kernel_parts``
+  (None when no bias was passed), read from its path in the params or model (``trace``), or
+  from that of ``own_bias()``, the param of the module whose method runs, when ``bias`` is
+  its cast (``cast_of``). Raises ``ValueError`` naming the layer ``path`` when the bias is no
+  param of the kernel's module; ``not_its_own`` says what it is then (after ``"the bias is
+  not "``), and what to pass instead.
+  """
+  if bias is None:
+    return None
+  bias_parts = trace(bias)[1]
+  if bias_parts is None and (own := own_bias()) is not None:
+    bias_parts = trace(own)[1]
+  if bias_parts is None or bias_parts[:-1] != kernel_parts[:-1]:
+    raise ValueError(f"sngd_jax.dense: layer {path!r}: the bias is not {not_its_own}")
+  return bias_parts[-1]
 
 
 def check(path: str, framework: str, expected: DenseDeclaration, kernel_name: str,

@@ -223,18 +223,12 @@ def _custom_dense(rec: Recorder, unnamed: dict[str, None], frozen: OtherArgs,
         "field stored (out, in) and a `bias`, as eqx.nn.Linear) or "
         "`@sngd_jax.dense_layer(weight=..., bias=..., layout=...)`")
   name, decl = declared[parts]
-  bias_name = None
-  if bias is not None:
-    bias_parts = rec.trace(bias)[1]
-    own_bias = None if running_decl is None else own(running_decl.bias, bias)
-    if bias_parts is None and own_bias is not None:
-      bias_parts = rec.trace(own_bias)[1]
-    if bias_parts is None or bias_parts[:-1] != parts[:-1]:
-      raise ValueError(
-          f"sngd_jax.dense: layer {path!r}: the bias is not a field of the {name} that holds "
-          f"the weight {paths.join(parts)!r} (a computed array, another module's, or a cast "
-          "made outside its `__call__`): pass its own field, or its cast")
-    bias_name = bias_parts[-1]
+  bias_name = custom.bias_name(
+      rec.trace, bias, lambda: None if running_decl is None else own(running_decl.bias, bias),
+      parts, path,
+      f"a field of the {name} that holds the weight {paths.join(parts)!r} (a computed array, "
+      "another module's, or a cast made outside its `__call__`): pass its own field, or its "
+      "cast")
   custom.check(path, name, decl, parts[-1], bias_name, layout)
   rec.add(path, x, y, "dense", (), roles=roles, batch_axis=None)  # per example
 

@@ -286,19 +286,11 @@ class _Interceptor:
         self.unnamed[f"sngd_jax.dense (kernel {getattr(kernel, 'shape', None)})"] = None
       return
     path = paths.join(parts[:-1])
-    bias_name = None
-    if bias is not None:
-      bias_parts = self.rec.trace(bias)[1]
-      own_bias = own(HAIKU_DENSE.bias, bias)
-      if bias_parts is None and own_bias is not None:
-        bias_parts = self.rec.trace(own_bias)[1]
-      if bias_parts is None or bias_parts[:-1] != parts[:-1]:
-        raise ValueError(
-            f"sngd_jax.dense: layer {path!r}: the bias is not a param of the module that holds "
-            f"the kernel {paths.join(parts)!r} (a computed array, another module's, or a cast "
-            "made in another module): pass that module's own `hk.get_parameter(\"b\", ...)`, "
-            "or its cast")
-      bias_name = bias_parts[-1]
+    bias_name = custom.bias_name(
+        self.rec.trace, bias, lambda: own(HAIKU_DENSE.bias, bias), parts, path,
+        f"a param of the module that holds the kernel {paths.join(parts)!r} (a computed "
+        "array, another module's, or a cast made in another module): pass that module's own "
+        "`hk.get_parameter(\"b\", ...)`, or its cast")
     custom.check(path, "Haiku", HAIKU_DENSE, parts[-1], bias_name, layout)
     if self.looking_up and _param(self.looking_up[-1], HAIKU_DENSE.weight) is weight:
       self.by_dense.add(id(self.looking_up[-1]))  # an `hk.Linear` subclass's own product

@@ -166,19 +166,11 @@ class _NNXRecorder(Recorder):
       self.unnamed[f"sngd_jax.dense (kernel {getattr(kernel, 'shape', None)})"] = None
       return
     path = paths.join(parts[:-1])
-    bias_name = None
-    if bias is not None:
-      bias_parts = self.trace(bias)[1]
-      own_bias = self._own(custom.FLAX_DENSE.bias, bias)
-      if bias_parts is None and own_bias is not None:
-        bias_parts = self.trace(own_bias)[1]
-      if bias_parts is None or bias_parts[:-1] != parts[:-1]:
-        raise ValueError(
-            f"sngd_jax.dense: layer {path!r}: the bias is not a Variable of the module that "
-            f"holds the kernel {paths.join(parts)!r} (a computed array, another module's, or "
-            "a cast made outside that module's `__call__`): pass that module's own "
-            "`nnx.Param`s, or their casts (`self.bias[...].astype(jnp.bfloat16)`)")
-      bias_name = bias_parts[-1]
+    bias_name = custom.bias_name(
+        self.trace, bias, lambda: self._own(custom.FLAX_DENSE.bias, bias), parts, path,
+        f"a Variable of the module that holds the kernel {paths.join(parts)!r} (a computed "
+        "array, another module's, or a cast made outside that module's `__call__`): pass that "
+        "module's own `nnx.Param`s, or their casts (`self.bias[...].astype(jnp.bfloat16)`)")
     custom.check(path, "NNX", custom.FLAX_DENSE, parts[-1], bias_name, layout)
     x, y = tables.one_example(x, y, 0)
     self.add(path, x, y, "dense", (), roles=roles)
