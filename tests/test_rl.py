@@ -220,7 +220,8 @@ def test_dqn_target_network(target):
     return tx.update(g, tx.init(p), p, activations=acts)[1]
 
   if target == "closed over":
-    with pytest.warns(UserWarning, match="sngd: layer 'hidden' was called with 2 different"):
+    with pytest.warns(UserWarning, match="sngd: layers 'hidden', 'q' were called with 2 "
+                      "different weight arrays"):
       polluted = step(params, target_params)
     pooled = ref.normalized_factor(polluted, "hidden")
     assert np.abs(pooled - ref.gram(obs)).max() > 1.0  # next_obs rows pooled
