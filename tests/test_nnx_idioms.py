@@ -218,6 +218,34 @@ def test_to_nnx_copy_inside_nnx_remat_is_named_by_its_params():
                                err_msg=path)
 
 
+class _DenseBySngd(nn.Dense):
+  """A subclass of ``nn.Dense`` whose ``__call__`` computes ``sngd_jax.dense``."""
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
+                        self.param_dtype)
+    return sngd_jax.dense(x, kernel, self.param("bias", self.bias_init, (self.features,),
+                                                self.param_dtype))
+
+
+def test_to_nnx_hand_written_linen_layer_is_recorded_once():
+  """A linen layer computed by ``sngd_jax.dense`` inside ``nnx.bridge.ToNNX`` (here a
+  subclass of ``nn.Dense``) is named by its kernel's path and recorded once per call, as
+  ``capture`` records it in a linen model (it was recorded twice, by ``sngd_jax.dense`` and by
+  the interceptor); its update is the float64 solve."""
+  x = jax.random.normal(jax.random.key(1), (7, 3), jnp.float64)
+  model = bridge.ToNNX(_DenseBySngd(4, param_dtype=jnp.float64), rngs=nnx.Rngs(0))
+  bridge.lazy_init(model, x)
+  loss_fn = lambda m, x: jnp.sum(jnp.sin(m(x)))
+  (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(model, x)
+  assert list(acts) == [""] and len(acts[""]) == 1
+  params = nnx.state(model, nnx.Param)
+  tx = _tx()
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  ref.assert_dense_update(np.asarray(x), _np(grads), _np(updates))
+
+
 # --- nnx.bridge.ToLinen: an NNX module inside a linen model --------------------------------
 
 class _NNXBlock(nnx.Module):

@@ -16,6 +16,11 @@ records made inside a cell run by ``nnx.RNN`` (under ``nnx.scan``) leave the
 scan as extra outputs stacked over time, so every time step is recorded; the
 layers inside the scan are copies of the model's, so they are named through the
 cell's own graph.
+
+The linen layers of the linen module that an ``nnx.bridge.ToNNX`` runs are recorded by
+``linen``'s interceptor, at the ToNNX's path then their linen path; the NNX layers of the
+module that an ``nnx.bridge.ToLinen`` runs inside ``capture`` are recorded by this module's
+wrappers (``_to_linen_call``), named by their weights, the ToLinen's params.
 """
 
 from __future__ import annotations
@@ -393,8 +398,22 @@ def _to_nnx_call(rec: _NNXRecorder):
         return original(self, *args, **kwargs)
       calls = linen._Calls()
       interceptor = linen._interceptor(rec, {}, calls, linen._Models(), prefix)
-      with flax_patches.linen_normalize(rec), nn.intercept_methods(interceptor):
-        out = original(self, *args, **kwargs)
+      nnx_dense = rec.custom_dense
+
+      def dense(*dense_args):  # named by its kernel's path in the model, as in NNX; inside
+        assert nnx_dense is not None  # a recorded layer's own call it is that call's record
+        nnx_dense(*dense_args)
+        flags = calls.open_calls.get((id(calls.modules[-1]), "__call__")) if calls.modules \
+            else None
+        if flags:
+          flags[-1] = True
+
+      rec.custom_dense = dense
+      try:
+        with flax_patches.linen_normalize(rec), nn.intercept_methods(interceptor):
+          out = original(self, *args, **kwargs)
+      finally:
+        rec.custom_dense = nnx_dense
       rec.decoding.update(calls.decoding)
       return out
     return call
@@ -496,7 +515,9 @@ def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool 
     ```
 
   Args:
-    fn: a function whose first argument is an ``nnx.Module``. The layers of a module passed
+    fn: a function whose first argument is an ``nnx.Module``, or its params (the
+      ``nnx.State`` of ``nnx.split``, or its ``nnx.to_pure_dict``) that ``fn`` merges into the
+      model with ``nnx.merge``. The layers of a module passed
       as another argument (a target network, a teacher) are left out; one differentiated
       together with the model (``nnx.grad(..., argnums=(0, 1))``) is an error that names it.
     has_aux: as in ``sngd_jax.capture``.
