@@ -36,6 +36,7 @@ from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
+from flax.nnx import bridge
 
 from sngd_jax._src import paths
 from sngd_jax._src.capture import custom, flax_patches, tables, transforms
@@ -60,6 +61,11 @@ from sngd_jax._src.capture.records import (
   warn_decoding,
 )
 from sngd_jax._src.frames import caller_stacklevel
+
+# How an ``nnx.bridge.ToLinen`` call is run with the layers of its NNX module recorded:
+# ``(rec, path, params, next_fun, args, kwargs) -> output``, the ToLinen's path and params.
+# Set by ``capture/nnx.py``, which imports this module (this one cannot import it back).
+TO_LINEN: list[Callable[..., Any]] = []
 
 
 def _weight(module: nn.Module) -> Any:
@@ -244,15 +250,16 @@ def _cell_call(rec: Recorder, next_fun, args, kwargs):
 
 
 def _norm_call(rec: Recorder, seen, module, next_fun, args, kwargs, keep: bool = True,
-               model: Optional[int] = None):
+               model: Optional[int] = None, prefix: tuple[str, ...] = ()):
   """Runs a normalization layer and records ``xhat`` (from the patched routine) unless
-  ``keep`` is False (under the ``model``-th model's paths, ``model_path``)."""
+  ``keep`` is False (under the ``model``-th model's paths, ``model_path``, after
+  ``prefix``)."""
   with rec.norm() as slot:
     out = next_fun(*args, **kwargs)
   if slot and module.use_scale and keep:
     xhat, feature_axes = slot[0]
     xhat, z, config = tables.norm_record(xhat, out, feature_axes)
-    path, weight = model_path(model, paths.join(module.path)), _weight(module)
+    path, weight = model_path(model, paths.join(prefix + module.path)), _weight(module)
     _note_weight(rec, seen, path, weight)
     rec.add(path, xhat, z, "norm", config, weight=weight)
   return out
@@ -343,7 +350,7 @@ def _custom_dense(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
 
 
 def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
-                 models: _Models):
+                 models: _Models, prefix: tuple[str, ...] = ()):
   """The ``nn.intercept_methods`` hook that records supported layer calls.
 
   A call whose params are leaves of another argument of the captured function (a target
@@ -356,7 +363,9 @@ def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
   records is kept (its arguments are what the kernel multiplies), as ``capture_nnx``
   records the base class's ``__call__`` only.
 
-  ``calls``: the calls in progress, shared with ``_custom_dense``.
+  ``calls``: the calls in progress, shared with ``_custom_dense``. ``prefix``: path parts put
+  before each layer's linen path (``capture_nnx``'s path of an ``nnx.bridge.ToNNX`` whose
+  linen module runs).
   """
   open_calls = calls.open_calls
 
@@ -371,14 +380,22 @@ def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
     module, method = context.module, context.method_name
     if (method == "__call__" and isinstance(module, nn.MultiHeadDotProductAttention)
         and module.decode):
-      calls.decoding.setdefault(paths.join(module.path), None)
+      calls.decoding.setdefault(paths.join(prefix + module.path), None)
     if method == "__call__" and isinstance(module, nn.RNN) and args:
       return _rnn_call(rec, module, next_fun, args, kwargs, keep=models.route(rec, module)[0])
     if method == "__call__" and isinstance(module, nn.RNNCellBase) and rec.rnn_frame():
       return _cell_call(rec, next_fun, args, kwargs)
+    if (method == "__call__" and isinstance(module, bridge.ToLinen) and TO_LINEN
+        and not module.is_initializing()):
+      keep, model = models.route(rec, module)
+      if not keep:
+        return next_fun(*args, **kwargs)
+      path = model_path(model, paths.join(prefix + module.path))
+      return TO_LINEN[0](rec, path, module.variables.get("params", {}), next_fun, args,
+                         kwargs)
     if method == "__call__" and isinstance(module, tables.NORMS):
       keep, model = models.route(rec, module)
-      return _norm_call(rec, seen, module, next_fun, args, kwargs, keep, model)
+      return _norm_call(rec, seen, module, next_fun, args, kwargs, keep, model, prefix)
     attend = method == "attend" and isinstance(module, nn.Embed)
     recorder = tables.lookup(module) if method == "__call__" else None
     if not args or not (attend or recorder is not None):
@@ -402,7 +419,7 @@ def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
       assert recorder is not None
       recorded = recorder(module, args, kwargs, out)
     if recorded is not None:
-      path, weight = model_path(model, paths.join(module.path)), _weight(module)
+      path, weight = model_path(model, paths.join(prefix + module.path)), _weight(module)
       _note_weight(rec, seen, path, weight)
       rec.add(path, *recorded, weight=weight)
       if flags:

@@ -16,6 +16,11 @@ records made inside a cell run by ``nnx.RNN`` (under ``nnx.scan``) leave the
 scan as extra outputs stacked over time, so every time step is recorded; the
 layers inside the scan are copies of the model's, so they are named through the
 cell's own graph.
+
+The linen layers of the linen module that an ``nnx.bridge.ToNNX`` runs are recorded by
+``linen``'s interceptor, at the ToNNX's path then their linen path; the NNX layers of the
+module that an ``nnx.bridge.ToLinen`` runs inside ``capture`` are recorded by this module's
+wrappers (``_to_linen_call``), named by their weights, the ToLinen's params.
 """
 
 from __future__ import annotations
@@ -24,16 +29,20 @@ import functools
 import warnings
 from typing import Any, Callable, Optional
 
+import flax.linen as nn
+import jax
 from flax import nnx
+from flax.nnx import bridge
 
 from sngd_jax._src import paths
-from sngd_jax._src.capture import custom, flax_patches, tables, transforms
+from sngd_jax._src.capture import custom, flax_patches, linen, tables, transforms
 from sngd_jax._src.capture.records import (
   Argnums,
   Recorder,
   StepRecords,
   check_captured_function,
   check_no_trained_left_out,
+  leaf_paths,
   model_part,
   models_and_rest,
   normalized_argnums,
@@ -50,7 +59,7 @@ from sngd_jax._src.capture.records import (
 from sngd_jax._src.frames import caller_stacklevel
 
 _NAMED = flax_patches.NNX_LAYER_CLASSES + tuple(
-    c for c in tables.NORMS if issubclass(c, nnx.Module)) + (nnx.RNN,)
+    c for c in tables.NORMS if issubclass(c, nnx.Module)) + (nnx.RNN, bridge.ToNNX)
 
 
 def _graph_paths(root: Any, prefix: tuple[str, ...] = ()) -> dict[int, str]:
@@ -76,6 +85,14 @@ def _param_leaves(root: Any, prefix: tuple[str, ...] = ()) -> dict[int, tuple[st
           for path, node in nnx.iter_graph(root) if isinstance(node, nnx.Variable)}
 
 
+def _bare_leaves(root: Any, prefix: tuple[str, ...] = ()) -> dict[int, tuple[str, ...]]:
+  """``id(array) -> path parts`` of every array in ``root``'s graph that no Variable holds:
+  the params as a pure dict (``nnx.to_pure_dict``) that the loss merges into the model,
+  ``nnx.merge(graphdef, params)``, which keeps the arrays (layers are named by them)."""
+  return {id(node): prefix + tuple(str(p) for p in path)
+          for path, node in nnx.iter_graph(root) if isinstance(node, jax.Array)}
+
+
 def _arrays(root: Any) -> list[Any]:
   """The array of every Variable in ``root``'s graph."""
   return [_value(node) for _, node in nnx.iter_graph(root) if isinstance(node, nnx.Variable)]
@@ -88,8 +105,12 @@ class _NNXRecorder(Recorder):
   def __init__(self, owner_paths: dict[int, str], top: dict[int, tuple[str, ...]],
                outputs: bool = False, others: frozenset[int] = frozenset(),
                trained: Optional[dict[int, int]] = None,
-               other_paths: Optional[dict[int, str]] = None):
-    super().__init__(top, outputs)
+               other_paths: Optional[dict[int, str]] = None,
+               bare: Optional[dict[int, tuple[str, ...]]] = None):
+    # `top`: the model's Variables, by which it is found; `bare`: its arrays held by no
+    # Variable (params passed as a pure dict), which name the layers that merge them too
+    super().__init__({**(bare or {}), **top}, outputs)
+    self.has_model = bool(owner_paths or top)
     self.owner_paths = owner_paths
     # ids of the layers, and of their arrays, of the captured function's other arguments (a
     # DQN's target network, a teacher, a critic the actor's loss runs through): not trained
@@ -177,7 +198,7 @@ class _NNXRecorder(Recorder):
 
   def freeze(self):
     """The activations; warns about layer calls that could not be named (not captured)."""
-    if self.unnamed and not self.owner_paths and not self.top:
+    if self.unnamed and not self.has_model:
       warnings.warn(
           f"sngd: capture_nnx could not name {len(self.unnamed)} layer call(s) "
           f"({', '.join(self.unnamed)}): it names layers by their path in the captured "
@@ -364,6 +385,82 @@ def _attention_call(rec: _NNXRecorder):
   return wrap
 
 
+def _to_nnx_call(rec: _NNXRecorder):
+  """Wraps ``nnx.bridge.ToNNX.__call__`` so that the linen layers of the linen module it runs
+  are recorded as ``capture`` records them (``linen._interceptor``), each at the path of its
+  params in the NNX model: the ``ToNNX``'s path, then the linen path (``'backbone/Dense_0'``;
+  ``ToNNX`` keeps the linen variables under those names)."""
+  def wrap(original):
+    @functools.wraps(original)
+    def call(self, *args, **kwargs):
+      prefix = _to_nnx_prefix(rec, self)
+      if prefix is None:  # another argument's (a target network): left out
+        return original(self, *args, **kwargs)
+      calls = linen._Calls()
+      interceptor = linen._interceptor(rec, {}, calls, linen._Models(), prefix)
+      nnx_dense = rec.custom_dense
+
+      def dense(*dense_args):  # named by its kernel's path in the model, as in NNX; inside
+        assert nnx_dense is not None  # a recorded layer's own call it is that call's record
+        nnx_dense(*dense_args)
+        flags = calls.open_calls.get((id(calls.modules[-1]), "__call__")) if calls.modules \
+            else None
+        if flags:
+          flags[-1] = True
+
+      rec.custom_dense = dense
+      try:
+        with flax_patches.linen_normalize(rec), nn.intercept_methods(interceptor):
+          out = original(self, *args, **kwargs)
+      finally:
+        rec.custom_dense = nnx_dense
+      rec.decoding.update(calls.decoding)
+      return out
+    return call
+  return wrap
+
+
+def _to_nnx_prefix(rec: _NNXRecorder, module: Any) -> Optional[tuple[str, ...]]:
+  """The path parts of an ``nnx.bridge.ToNNX`` in the model: its graph path, or for a copy
+  made by a transform, the path its Variables are followed out to; None when it is none of
+  the model's (noted as unnamed unless it is another argument's)."""
+  path = rec.path_of(module)
+  if path is not None:
+    return tuple(path.split("/")) if path else ()
+  for local, node in nnx.iter_graph(module):
+    if isinstance(node, nnx.Variable):
+      parts = rec.trace(_value(node))[1]
+      if parts is not None and len(parts) >= len(local):
+        return tuple(parts[:len(parts) - len(local)])
+      if id(rec.outer(_value(node))) in rec.others:
+        return None
+  if id(module) not in rec.others:
+    rec.unnamed[f"nnx.bridge.ToNNX ({type(module.to_nnx__module).__name__})"] = None
+  return None
+
+
+def _to_linen_call(rec: Recorder, path: str, params: Any, next_fun: Callable[..., Any],
+                   args: tuple, kwargs: dict) -> Any:
+  """Runs an ``nnx.bridge.ToLinen`` call inside ``capture`` (linen) with the layers of the NNX
+  module it builds recorded into ``rec``: each is named by its weight, one of the ToLinen's
+  params (``ToLinen`` puts the linen variables into the module's Variables as they are), at
+  ``path`` (the ToLinen's) then the layer's path in the NNX module (``'ToLinen_0/layers/0'``,
+  the path of its params in the linen params)."""
+  sub = _NNXRecorder({}, leaf_paths(params, tuple(path.split("/")) if path else ()))
+  sub.record_into(rec)
+  sub.custom_dense, linen_dense = sub.record_dense, rec.custom_dense
+  rec.custom_dense = sub.record_dense
+  try:
+    with (flax_patches.nnx_normalize(sub),
+          flax_patches.nnx_methods(_wrappers(sub, tables.NNX_CELLS))):
+      return next_fun(*args, **kwargs)
+  finally:
+    rec.custom_dense = linen_dense
+
+
+linen.TO_LINEN[:] = [_to_linen_call]
+
+
 def _hand_written(model: Any) -> tuple[type, ...]:
   """The classes defining the ``__call__`` of the modules of ``model`` that hold a ``kernel``
   Variable and are no recorded layer: those that may compute it with ``sngd_jax.dense``."""
@@ -389,6 +486,7 @@ def _wrappers(rec: _NNXRecorder, cells: tuple[type, ...],
       wrappers[(cls, "__call__")] = _norm_call(rec)
   wrappers[(nnx.RNN, "__call__")] = _rnn_call(rec)
   wrappers[(nnx.MultiHeadAttention, "__call__")] = _attention_call(rec)
+  wrappers[(bridge.ToNNX, "__call__")] = _to_nnx_call(rec)
   for cls in cells:
     if "__call__" in cls.__dict__:
       wrappers[(cls, "__call__")] = _cell_call(rec)
@@ -417,7 +515,9 @@ def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool 
     ```
 
   Args:
-    fn: a function whose first argument is an ``nnx.Module``. The layers of a module passed
+    fn: a function whose first argument is an ``nnx.Module``, or its params (the
+      ``nnx.State`` of ``nnx.split``, or its ``nnx.to_pure_dict``) that ``fn`` merges into the
+      model with ``nnx.merge``. The layers of a module passed
       as another argument (a target network, a teacher) are left out; one differentiated
       together with the model (``nnx.grad(..., argnums=(0, 1))``) is an error that names it.
     has_aux: as in ``sngd_jax.capture``.
@@ -445,10 +545,12 @@ def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool 
     models, rest = models_and_rest(args, kwargs, positions, several, argnums, "capture_nnx")
     owner: dict[int, str] = {}
     top: dict[int, tuple[str, ...]] = {}
+    bare: dict[int, tuple[str, ...]] = {}
     for m, model in enumerate(models):  # several models: each one's paths under its part
       prefix = (model_part(m),) if several else ()
       owner.update(_graph_paths(model, prefix))
       top.update(_param_leaves(model, prefix))
+      bare.update(_bare_leaves(model, prefix))
     others, trained, other_paths = frozenset(), {}, {}
     if owner or top:  # (a model passed later, `argnums=1`, is the mistake the warning names)
       others = (frozenset(_graph_paths(rest)) | frozenset(_param_leaves(rest))
@@ -459,7 +561,7 @@ def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool 
       if trained:
         other_paths = {i: path for k, arg in enumerate(args) if k not in positions
                        for i, path in _graph_paths(arg).items()}
-    rec = _NNXRecorder(owner, top, outputs, others, trained, other_paths)
+    rec = _NNXRecorder(owner, top, outputs, others, trained, other_paths, bare)
     rec.custom_dense = rec.record_dense
     cells = tuple({type(node.cell) for _, node in nnx.iter_graph(models)
                    if isinstance(node, nnx.RNN)} | set(tables.NNX_CELLS))

@@ -847,6 +847,13 @@ class Recorder:
     """The records of calls outside any frame (``store``), where a frame has its own."""
     return self.store
 
+  def record_into(self, other: Recorder) -> None:
+    """Makes this recorder record into ``other``'s store, frames and norm slots: a capture
+    of another framework's layers nested in ``other``'s (the NNX module that an
+    ``nnx.bridge.ToLinen`` runs inside a linen model)."""
+    self.outputs, self.store, self.frames = other.outputs, other.store, other.frames
+    self.norm_slots, self.escaped, self.stopped = other.norm_slots, other.escaped, other.stopped
+
   def _target(self) -> Union[CellFrame, TransformFrame, Recorder, None]:
     """The innermost frame that returns records (or this recorder), None in a discarded
     trace; its ``records`` and ``stopped`` are where a record goes."""

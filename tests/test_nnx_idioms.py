@@ -1,0 +1,377 @@
+"""Flax NNX code as it is written in flax 0.12: the functional style (``nnx.split`` and a plain
+``jax.jit`` step that merges the params) and the linen <-> NNX bridge (``nnx.bridge.ToNNX``,
+``nnx.bridge.ToLinen``). Each update is checked against float64 damped solves over the rows
+the layer saw, computed by an independent numpy forward pass."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import np_reference as ref
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from flax.nnx import bridge
+
+import sngd_jax
+
+F64 = dict(param_dtype=jnp.float64)
+
+pytestmark = pytest.mark.usefixtures("x64")
+
+
+def _tx():
+  return sngd_jax.sngd(**ref.one_step_kwargs(), factor_every=1)
+
+
+def _np(tree):
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(tree) if isinstance(tree, nnx.State)
+                      else tree)
+
+
+def _layer_norm(h, scale, bias, eps):
+  xhat = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + eps)
+  return xhat, xhat * scale + bias
+
+
+# --- the functional style: nnx.split, jax.jit, jax.value_and_grad over the params ---------
+
+class _MLP(nnx.Module):
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(4, 6, rngs=rngs, **F64)
+    self.ln = nnx.LayerNorm(6, rngs=rngs, **F64)
+    self.l2 = nnx.Linear(6, 3, rngs=rngs, **F64)
+
+  def __call__(self, x):
+    return self.l2(jnp.tanh(self.ln(self.l1(x))))
+
+
+@pytest.mark.parametrize("params_as", ["state", "pure_dict"])
+def test_functional_step_over_split_params(params_as):
+  """``graphdef, params = nnx.split(model, nnx.Param)`` and a plain ``jax.jit`` step whose loss
+  calls ``nnx.merge(graphdef, params)``, differentiated by ``jax.value_and_grad`` and updated
+  by ``tx.update`` on the params (an ``nnx.State``, or ``nnx.to_pure_dict`` of it): every
+  layer is captured at the path of its params, the updates are the float64 solves. With the
+  pure dict, capture named no layer before (it warned "pass the model first") and ``update``
+  raised "no activations were captured"."""
+  model = _MLP(nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  if params_as == "pure_dict":
+    params = nnx.to_pure_dict(params)
+  x = jax.random.normal(jax.random.key(1), (7, 4), jnp.float64)
+  tx = _tx()
+
+  def loss_fn(params, x):
+    return jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x)))
+
+  @jax.jit
+  def step(params, opt_state, x):
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(
+        params, x)
+    updates, opt_state = tx.update(grads, opt_state, params, activations=acts)
+    return grads, updates
+
+  grads, updates = map(_np, step(params, tx.init(params), x))
+  p = _np(params)
+  x = np.asarray(x)
+  ref.assert_dense_update(x, grads["l1"], updates["l1"], "l1")
+  h = x @ p["l1"]["kernel"] + p["l1"]["bias"]
+  xhat, h = _layer_norm(h, p["ln"]["scale"], p["ln"]["bias"], 1e-6)
+  scale, bias = ref.channel_update(xhat, grads["ln"]["scale"], grads["ln"]["bias"])
+  np.testing.assert_allclose(updates["ln"]["scale"], scale, rtol=1e-8, atol=1e-12)
+  np.testing.assert_allclose(updates["ln"]["bias"], bias, rtol=1e-8, atol=1e-12)
+  ref.assert_dense_update(np.tanh(h), grads["l2"], updates["l2"], "l2")
+
+
+def test_nnx_optimizer_sngd_adam_weight_decay_with_donated_arguments():
+  """``nnx.Optimizer(model, sngd_adam(lr, weight_decay=wd), wrt=nnx.Param)`` in an ``nnx.jit``
+  step that donates the model and the optimizer: three steps equal ``chain(sngd(),
+  adamw(lr, weight_decay=wd, mask=...))`` by hand on the pure-dict params, the mask written
+  out (the two kernels decayed, the biases and the LayerNorm's scale and bias not)."""
+  import functools  # noqa: PLC0415
+
+  x = jax.random.normal(jax.random.key(1), (16, 4), jnp.float64)
+  y = jnp.arange(16) % 3
+  kwargs = dict(factor_every=1, inverse_every=1)
+
+  def loss_fn(model, x, y):
+    logits = model(x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
+
+  model = _MLP(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, sngd_jax.sngd_adam(0.05, weight_decay=0.1, **kwargs),
+                            wrt=nnx.Param)
+
+  @functools.partial(nnx.jit, donate_argnums=(0, 1))
+  def step(model, optimizer, x, y):
+    (loss, (_, acts)), grads = nnx.value_and_grad(
+        sngd_jax.capture_nnx(loss_fn, has_aux=True), has_aux=True)(model, x, y)
+    optimizer.update(model, grads, activations=acts)
+    return loss
+
+  graphdef, params = nnx.split(_MLP(nnx.Rngs(0)), nnx.Param)
+  params = nnx.to_pure_dict(params)
+  kernels = {"l1": {"kernel": True, "bias": False}, "ln": {"scale": False, "bias": False},
+             "l2": {"kernel": True, "bias": False}}
+  tx = optax.chain(sngd_jax.sngd(**kwargs),
+                   optax.adamw(0.05, weight_decay=0.1, mask=kernels))
+  state = tx.init(params)
+
+  @jax.jit
+  def by_hand(params, state, x, y):
+    (_, (_, acts)), grads = nnx.value_and_grad(
+        sngd_jax.capture_nnx(loss_fn, has_aux=True), has_aux=True)(
+            nnx.merge(graphdef, params), x, y)
+    updates, state = tx.update(nnx.to_pure_dict(grads), state, params, activations=acts)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(3):
+    step(model, optimizer, x, y)
+    params, state = by_hand(params, state, x, y)
+  got, want = _np(nnx.state(model, nnx.Param)), _np(params)
+  assert np.abs(want["l1"]["kernel"] - _np(nnx.state(_MLP(nnx.Rngs(0)), nnx.Param))["l1"][
+      "kernel"]).max() > 1e-2  # the steps moved the params
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12),
+               got, want)
+
+
+# --- nnx.bridge.ToNNX: a linen backbone inside an NNX model --------------------------------
+
+class _LinenBackbone(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(6, param_dtype=jnp.float64)(x)
+    h = nn.LayerNorm(param_dtype=jnp.float64)(h)
+    return nn.Dense(5, param_dtype=jnp.float64)(jnp.tanh(h))
+
+
+class _Bridged(nnx.Module):
+  def __init__(self, rngs):
+    self.backbone = bridge.ToNNX(_LinenBackbone(), rngs=rngs)
+    self.proj = bridge.ToNNX(nn.Dense(4, param_dtype=jnp.float64), rngs=rngs)
+    self.head = nnx.Linear(4, 3, rngs=rngs, **F64)
+
+  def __call__(self, x):
+    return self.head(jnp.tanh(self.proj(jnp.tanh(self.backbone(x)))))
+
+
+def test_to_nnx_linen_layers_are_captured_at_their_nnx_paths():
+  """``nnx.bridge.ToNNX`` (with ``nnx.bridge.lazy_init``) runs a linen module inside an NNX
+  model; its params are in ``nnx.state(model)`` at the ToNNX's path then the linen path
+  (``backbone/Dense_0``; a wrapped ``nn.Dense`` itself: ``proj``). Each linen layer is
+  recorded there with the rows it saw, in one ``nnx.Optimizer`` step: the updates are the
+  float64 solves. Before, ``capture_nnx`` recorded only the NNX ``head`` and ``update`` raised
+  "no activations were captured for layer 'backbone/Dense_0'"."""
+  x = jax.random.normal(jax.random.key(1), (7, 3), jnp.float64)
+  model = _Bridged(nnx.Rngs(0))
+  bridge.lazy_init(model, x)
+  p = _np(nnx.state(model, nnx.Param))
+  assert set(sngd_jax.discover(nnx.state(model, nnx.Param))) == {
+      "backbone/Dense_0", "backbone/LayerNorm_0", "backbone/Dense_1", "proj", "head"}
+  optimizer = nnx.Optimizer(model, optax.chain(_tx(), optax.scale(-1.0)), wrt=nnx.Param)
+  loss_fn = lambda m, x: jnp.sum(jnp.sin(m(x)))
+
+  @nnx.jit
+  def step(model, optimizer, x):
+    (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(
+        model, x)
+    optimizer.update(model, grads, activations=acts)
+    return grads, acts
+
+  grads, acts = step(model, optimizer, x)
+  assert set(acts) == {"backbone/Dense_0", "backbone/LayerNorm_0", "backbone/Dense_1",
+                       "proj", "head"}
+  grads = _np(grads)
+  updates = jax.tree.map(lambda a, b: a - b, p, _np(nnx.state(model, nnx.Param)))  # steps of -u
+  bb = p["backbone"]
+  x = np.asarray(x)
+  ref.assert_dense_update(x, grads["backbone"]["Dense_0"], updates["backbone"]["Dense_0"])
+  h = x @ bb["Dense_0"]["kernel"] + bb["Dense_0"]["bias"]
+  xhat, h = _layer_norm(h, bb["LayerNorm_0"]["scale"], bb["LayerNorm_0"]["bias"], 1e-6)
+  g_ln, u_ln = grads["backbone"]["LayerNorm_0"], updates["backbone"]["LayerNorm_0"]
+  scale, bias = ref.channel_update(xhat, g_ln["scale"], g_ln["bias"])
+  np.testing.assert_allclose(u_ln["scale"], scale, rtol=1e-8, atol=1e-12)
+  np.testing.assert_allclose(u_ln["bias"], bias, rtol=1e-8, atol=1e-12)
+  h = np.tanh(h)
+  ref.assert_dense_update(h, grads["backbone"]["Dense_1"], updates["backbone"]["Dense_1"])
+  h = np.tanh(h @ bb["Dense_1"]["kernel"] + bb["Dense_1"]["bias"])
+  ref.assert_dense_update(h, grads["proj"], updates["proj"], "proj")
+  h = np.tanh(h @ p["proj"]["kernel"] + p["proj"]["bias"])
+  ref.assert_dense_update(h, grads["head"], updates["head"], "head")
+
+
+def test_to_nnx_copy_inside_nnx_remat_is_named_by_its_params():
+  """An ``nnx.remat`` in the loss runs a copy of the model: the ToNNX copy is none of the
+  model's modules, so its path is the one its Variables are followed out to; every layer gets
+  the rows it gets without the remat."""
+  x = jax.random.normal(jax.random.key(1), (7, 3), jnp.float64)
+  model = _Bridged(nnx.Rngs(0))
+  bridge.lazy_init(model, x)
+  plain = lambda m, x: jnp.sum(jnp.sin(m(x)))
+  remat = lambda m, x: jnp.sum(jnp.sin(nnx.remat(lambda m, x: m(x))(m, x)))
+  acts = [nnx.value_and_grad(sngd_jax.capture_nnx(f), has_aux=True)(model, x)[0][1]
+          for f in (plain, remat)]
+  assert set(acts[1]) == set(acts[0]) == {
+      "backbone/Dense_0", "backbone/LayerNorm_0", "backbone/Dense_1", "proj", "head"}
+  for path in acts[0]:
+    np.testing.assert_allclose(acts[1][path][0].inputs, acts[0][path][0].inputs, rtol=1e-12,
+                               err_msg=path)
+
+
+class _DenseBySngd(nn.Dense):
+  """A subclass of ``nn.Dense`` whose ``__call__`` computes ``sngd_jax.dense``."""
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
+                        self.param_dtype)
+    return sngd_jax.dense(x, kernel, self.param("bias", self.bias_init, (self.features,),
+                                                self.param_dtype))
+
+
+def test_to_nnx_hand_written_linen_layer_is_recorded_once():
+  """A linen layer computed by ``sngd_jax.dense`` inside ``nnx.bridge.ToNNX`` (here a
+  subclass of ``nn.Dense``) is named by its kernel's path and recorded once per call, as
+  ``capture`` records it in a linen model (it was recorded twice, by ``sngd_jax.dense`` and by
+  the interceptor); its update is the float64 solve."""
+  x = jax.random.normal(jax.random.key(1), (7, 3), jnp.float64)
+  model = bridge.ToNNX(_DenseBySngd(4, param_dtype=jnp.float64), rngs=nnx.Rngs(0))
+  bridge.lazy_init(model, x)
+  loss_fn = lambda m, x: jnp.sum(jnp.sin(m(x)))
+  (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(model, x)
+  assert list(acts) == [""] and len(acts[""]) == 1
+  params = nnx.state(model, nnx.Param)
+  tx = _tx()
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  ref.assert_dense_update(np.asarray(x), _np(grads), _np(updates))
+
+
+# --- nnx.bridge.ToLinen: an NNX module inside a linen model --------------------------------
+
+class _NNXBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.layers = nnx.List([nnx.Linear(3, 6, rngs=rngs, **F64),
+                            nnx.Linear(6, 5, rngs=rngs, **F64)])
+    self.ln = nnx.LayerNorm(5, rngs=rngs, **F64)
+
+  def __call__(self, x):
+    return self.ln(self.layers[1](jnp.tanh(self.layers[0](x))))
+
+
+class _LinenNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = bridge.ToLinen(_NNXBlock, name="block")(x)
+    return nn.Dense(2, param_dtype=jnp.float64, name="head")(jnp.tanh(h))
+
+
+def test_to_linen_nnx_layers_are_captured_at_their_linen_paths():
+  """``nnx.bridge.ToLinen`` runs an NNX module inside a linen model; its params are in the linen
+  params at the ToLinen's path then the NNX path (``block/layers/0``). ``capture`` records
+  each NNX layer there with the rows it saw (a plain ``jax.jit`` step, ``tx.update``): the
+  updates are the float64 solves. Before, its layers were not recorded and ``update`` raised
+  "no activations were captured for layer 'block/layers/0'"."""
+  x = jax.random.normal(jax.random.key(1), (7, 3), jnp.float64)
+  params = _LinenNet().init(jax.random.key(0), x)["params"]
+  tx = _tx()
+
+  def loss_fn(params, x):
+    return jnp.sum(jnp.sin(_LinenNet().apply({"params": params}, x)))
+
+  @jax.jit
+  def step(params, opt_state, x):
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x)
+    updates, _ = tx.update(grads, opt_state, params, activations=acts)
+    return grads, updates, acts
+
+  grads, updates, acts = step(params, tx.init(params), x)
+  assert set(acts) == {"block/layers/0", "block/layers/1", "block/ln", "head"}
+  grads, updates, p = map(_np, (grads, updates, params))
+  g, u, b = grads["block"], updates["block"], p["block"]
+  x = np.asarray(x)
+  ref.assert_dense_update(x, g["layers"][0], u["layers"][0], "layers/0")
+  h = np.tanh(x @ b["layers"][0]["kernel"] + b["layers"][0]["bias"])
+  ref.assert_dense_update(h, g["layers"][1], u["layers"][1], "layers/1")
+  h = h @ b["layers"][1]["kernel"] + b["layers"][1]["bias"]
+  xhat, h = _layer_norm(h, b["ln"]["scale"], b["ln"]["bias"], 1e-6)
+  scale, bias = ref.channel_update(xhat, g["ln"]["scale"], g["ln"]["bias"])
+  np.testing.assert_allclose(u["ln"]["scale"], scale, rtol=1e-8, atol=1e-12)
+  np.testing.assert_allclose(u["ln"]["bias"], bias, rtol=1e-8, atol=1e-12)
+  ref.assert_dense_update(np.tanh(h), grads["head"], updates["head"], "head")
+
+
+# --- nnx.Embed.attend: a tied output layer ------------------------------------------------
+
+class _TiedLM(nnx.Module):
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(9, 3, rngs=rngs, **F64)
+    self.hidden = nnx.Linear(3, 3, rngs=rngs, **F64)
+
+  def __call__(self, tokens):
+    return self.embed.attend(jnp.tanh(self.hidden(self.embed(tokens))))
+
+
+@pytest.mark.filterwarnings("ignore:sngd. fisher=.tied. with max_norm=None")
+def test_nnx_embed_attend_is_the_tied_tables_output_layer():
+  """``nnx.Embed.attend`` with ``fisher={'embed': 'tied'}`` through ``nnx.Optimizer``:
+  ``Delta E = (D + rho_D I)^{-1} g_E (G_h + rho_G I)^{-1}``, ``D`` the lookup frequencies,
+  ``G_h = E[h h^T]`` over the ``attend`` queries (float64, as tests/test_diag.py for linen)."""
+  tokens = jnp.array([[1, 4, 4, 0], [4, 1, 2, 7]])
+  model = _TiedLM(nnx.Rngs(0))
+  p = _np(nnx.state(model, nnx.Param))
+  tx = sngd_jax.sngd(**ref.one_step_kwargs(), factor_every=1,
+                     fisher={"embed": "tied", "hidden": "linear"})
+  optimizer = nnx.Optimizer(model, optax.chain(tx, optax.scale(-1.0)), wrt=nnx.Param)
+  loss_fn = lambda m, t: jnp.sum(jnp.sin(m(t)))
+
+  @nnx.jit
+  def step(model, optimizer, tokens):
+    (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(
+        model, tokens)
+    optimizer.update(model, grads, activations=acts)
+    return grads
+
+  grads = _np(step(model, optimizer, tokens))
+  updates = jax.tree.map(lambda a, b: a - b, p, _np(nnx.state(model, nnx.Param)))
+  e = p["embed"]["embedding"]
+  x = e[np.asarray(tokens)].reshape(-1, 3)
+  ref.assert_dense_update(x, grads["hidden"], updates["hidden"], "hidden")
+  h = np.tanh(x @ p["hidden"]["kernel"] + p["hidden"]["bias"])
+  freq = np.bincount(np.asarray(tokens).ravel(), minlength=9) / tokens.size
+  rows = grads["embed"]["embedding"] / (freq + ref.DAMPING * freq.sum())[:, None]
+  expect = ref.damped_solve(ref.linear_factor(h, bias=False), rows.T).T
+  np.testing.assert_allclose(updates["embed"]["embedding"], expect, rtol=1e-9)
+
+
+class _NNXRecurrent(nnx.Module):
+  def __init__(self, rngs):
+    self.rnn = nnx.RNN(nnx.SimpleCell(3, 5, rngs=rngs, dtype=jnp.float64, **F64), rngs=rngs)
+
+  def __call__(self, x):
+    return self.rnn(x)
+
+
+class _LinenWithNNXRecurrent(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return bridge.ToLinen(_NNXRecurrent, name="seq")(x)
+
+
+def test_to_linen_nnx_rnn_pools_every_time_step():
+  """An ``nnx.RNN`` inside ``nnx.bridge.ToLinen``: its cell's ``dense_i`` gets the rows
+  ``x_t`` and its ``dense_h`` the rows ``h_{t-1}`` of every step (``B*T`` rows each), as the
+  same RNN captured by ``capture_nnx`` (float64 solves; ``h`` from the model's outputs)."""
+  x = jax.random.normal(jax.random.key(3), (2, 4, 3), jnp.float64)
+  model = _LinenWithNNXRecurrent()
+  params = model.init({"params": jax.random.key(0), "carry": jax.random.key(1)}, x)["params"]
+  apply = lambda p, x: model.apply({"params": p}, x, rngs={"carry": jax.random.key(2)})
+  loss_fn = lambda p, x: jnp.sum(jnp.sin(apply(p, x)))
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x)
+  assert set(acts) == {"seq/rnn/cell/dense_i", "seq/rnn/cell/dense_h"}
+  tx = _tx()
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  g, u = _np(grads)["seq"]["rnn"]["cell"], _np(updates)["seq"]["rnn"]["cell"]
+  ref.assert_dense_update(np.asarray(x).reshape(-1, 3), g["dense_i"], u["dense_i"], "dense_i")
+  h = np.asarray(apply(params, x))
+  h_prev = np.concatenate([np.zeros((2, 1, 5)), h[:, :-1]], axis=1).reshape(-1, 5)
+  ref.assert_dense_update(h_prev, g["dense_h"], u["dense_h"], "dense_h")
