@@ -164,3 +164,24 @@ def test_presets_on_a_vit_are_float64_adamw_and_sgd_with_kernels_masked(preset):
         np.testing.assert_allclose(got[n], want, rtol=1e-9, atol=1e-13,
                                    err_msg=f"{n} step {t}")
       p = optax.apply_updates(p, updates)
+
+
+def test_lora_adapters_are_no_layer_and_not_decayed_unless_chained_with_adamw():
+  """`nnx.Optimizer(model, sngd_adam(lr, weight_decay=wd), wrt=nnx.LoRAParam)`: the adapters
+  belong to no layer, so the preset does not decay them (docs/layer-coverage.md, *LoRA*);
+  `chain(sngd(), adamw(lr, weight_decay=wd))` does: `-lr * wd * p` on each adapter (zero
+  gradients, so the decay is all of AdamW's update)."""
+  from flax import nnx  # noqa: PLC0415
+  model = nnx.LoRALinear(4, 8, lora_rank=2, rngs=nnx.Rngs(0))
+  params = jax.tree.map(lambda p: p + 0.3, nnx.state(model, nnx.LoRAParam))
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  chained = optax.chain(sngd_jax.sngd(), optax.adamw(LR, weight_decay=WD))
+  for tx, decayed in ((sngd_jax.sngd_adam(LR, weight_decay=WD), False), (chained, True)):
+    with pytest.warns(UserWarning, match="sngd: found no layer in the params"):
+      state = tx.init(params)
+    updates, _ = tx.update(zeros, state, params, activations={})
+    for (key_path, u), p in zip(jax.tree_util.tree_flatten_with_path(updates)[0],
+                                jax.tree.leaves(params), strict=True):
+      want = -LR * WD * np.asarray(p, np.float64) if decayed else 0.0
+      np.testing.assert_allclose(np.asarray(u, np.float64), want, rtol=1e-6, atol=0,
+                                 err_msg=jax.tree_util.keystr(key_path))
