@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import np_reference as ref
 import numpy as np
+import optax
 import pytest
 from exact import exact_sngd
 from helpers_mlp import reference_update
@@ -391,6 +392,49 @@ def test_a_linen_named_param_beside_haiku_layers_warns_naming_both():
   with no_sngd_warnings():
     _, acts = sngd_jax.capture_hk(lambda p, x: jnp.sum(model.apply(p, x)))(params, x)
   assert set(acts) == set(sngd_jax.discover(params)) == {"mlp/~/linear_0", "mlp/~/linear_1"}
+
+
+def test_update_of_haiku_params_with_no_layer_found_passes_through_not_flattened_error(x64):
+  """Haiku params in which ``init`` finds no layer, while ``capture_hk``'s activations name the
+  Haiku layers: every layer left out with ``fisher={path: None}``, ``sngd`` masked to the
+  biases, or the Haiku layers unread beside a linen-named leaf that is itself left out.
+  ``update`` raised "the params are a flattened dict (key 'mlp/~/linear_0', as
+  `flax.traverse_util.flatten_dict` makes)": a Haiku module's name holds ``/``. Now every
+  gradient passes through unchanged (float64, exactly), as for any layer left out; the mixed
+  tree's signal is capture_hk's warning, which names the linen leaf."""
+  def fn(x, linen_kernel):
+    if linen_kernel:
+      x = x @ hk.get_parameter("kernel", (x.shape[-1], 3), init=jnp.ones)
+    return hk.nets.MLP([4, 2])(x)
+  x = jax.random.normal(KEY, (6, 5), jnp.float64)
+  layers = {"mlp/~/linear_0": None, "mlp/~/linear_1": None}
+  biases = lambda p: {k: {n: n == "b" for n in v} for k, v in p.items()}
+  cases = [(False, sngd_jax.sngd(fisher=layers), None),
+           (False, optax.masked(sngd_jax.sngd(), biases), "sngd: found no layer"),
+           (True, sngd_jax.sngd(fisher={"~": None}), None)]
+  for linen_kernel, tx, init_warning in cases:
+    model = hk.without_apply_rng(hk.transform(lambda x, k=linen_kernel: fn(x, k)))
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(KEY, x))
+    loss = sngd_jax.capture_hk(lambda p, x, m=model: jnp.sum(jnp.sin(m.apply(p, x))))
+    if linen_kernel:
+      with pytest.warns(UserWarning, match=r"capture_hk: the params hold the linen name\(s\) "
+                                           r"'~/kernel'"):
+        (_, acts), grads = jax.value_and_grad(loss, has_aux=True)(params, x)
+    else:
+      (_, acts), grads = jax.value_and_grad(loss, has_aux=True)(params, x)
+    assert set(acts) == {"mlp/~/linear_0", "mlp/~/linear_1"}
+    if init_warning:
+      with pytest.warns(UserWarning, match=init_warning):
+        state = tx.init(params)
+    else:
+      with no_sngd_warnings():
+        state = tx.init(params)
+    with no_sngd_warnings():
+      updates, _ = tx.update(grads, state, params, activations=acts)
+    for (path, u), g in zip(jax.tree_util.tree_flatten_with_path(updates)[0],
+                            jax.tree.leaves(grads), strict=True):
+      assert u.dtype == jnp.float64
+      np.testing.assert_array_equal(_np(u), _np(g), err_msg=jax.tree_util.keystr(path))
 
 
 def test_coverage_of_a_linen_model_with_a_raw_param_named_w_stays_linen():

@@ -560,8 +560,8 @@ def test_raw_params_left_out_by_fisher_none_pass_through_untouched():
   np.testing.assert_array_equal(updates["ls"]["scale"], grads["ls"]["scale"])
   np.testing.assert_array_equal(updates["posemb"]["embedding"], grads["posemb"]["embedding"])
   assert not np.allclose(updates["head"]["kernel"], grads["head"]["kernel"])
-  # sngd_adam's weight decay reaches every array of 2 or more axes that is no bias or norm
-  # scale: the position embedding (1 x T x D) too, not the LayerScale's (D,) (docs).
+  # sngd_adam's weight decay reaches kernels and tables, by their names: this position
+  # embedding is named `embedding` (a table), the LayerScale's `scale` a norm's (docs).
   decay = jax.tree.map(lambda a, b: np.asarray(b) - np.asarray(a), plain, decayed)
   np.testing.assert_allclose(decay["posemb"]["embedding"],
                              -lr * wd * np.asarray(params["posemb"]["embedding"]), rtol=1e-5)

@@ -59,27 +59,31 @@ def _params_checked(tx: optax.GradientTransformationExtraArgs
 
 
 def _kernel_mask(params: Any, stacked: layers_lib.StackSpec = None) -> Any:
-  """True for leaves of 2 or more axes (dense and conv kernels, embedding tables), False for
-  biases and norm scales.
+  """True for the kernels and embedding tables of the layers ``discover`` finds (dense and conv
+  kernels, tables; Haiku's ``w`` and ``embeddings``; Equinox layers' weights), False for every
+  other leaf: biases and norm scales, and arrays that belong to no layer.
 
-  A bias or norm scale can have 2 or more axes: an attention projection's bias
-  (``heads x head_dim``), and every bias and norm scale of a layer stacked over depth
-  (``nn.scan``: ``L x O``). Those are found as layers' biases and norm scales by
-  ``discover`` and left out, whatever their rank.
+  A layer's kernel is decayed whatever ``fisher`` says of it (a layer left out with
+  ``fisher={path: None}``, or one whose shapes fit no modelled layer, keeps a kernel). A bias
+  or norm scale can have 2 or more axes: an attention projection's bias (``heads x
+  head_dim``), and every bias and norm scale of a layer stacked over depth (``nn.scan``:
+  ``L x O``); none is decayed. An array no layer holds (a ViT's class token ``(1, 1, D)`` and
+  position embedding ``(1, T, D)`` made by ``self.param``, a LayerScale's factor, a learned
+  temperature) is not decayed either, as timm's ``no_weight_decay`` and big_vision's
+  ``.*/kernel$`` leave them out: only a leaf's name (``kernel``, ``embedding``; Haiku ``w``,
+  ``embeddings``) or an Equinox layer's type makes it a kernel or a table.
 
   Raises:
     TypeError: naming the path of a leaf that is not an array (an Equinox model
       passed to ``init`` without ``eqx.filter(model, eqx.is_array)``).
   """
   _check_arrays(params)
-  not_decayed = set()
-  for spec in layers_lib.discover(params, "linear", stacked, errors={}).values():
-    if spec.bias is not None:
-      not_decayed.add(tuple(spec.bias))
-    if spec.structure == "per_channel":
-      not_decayed.add(tuple(spec.kernel))
+  unmodelled: dict[str, layers_lib.UnmodelledLayer] = {}
+  specs = layers_lib.discover(params, "linear", stacked, errors=unmodelled)
+  decayed = {tuple(spec.kernel) for spec in specs.values() if spec.structure != "per_channel"}
+  decayed |= {tuple(e.leaves[0]) for e in unmodelled.values()}  # their kernel (or table)
   def is_kernel(key_path, p):
-    return p.ndim >= 2 and tuple(paths.leaf_parts(key_path)) not in not_decayed
+    return p.ndim >= 2 and tuple(paths.leaf_parts(key_path)) in decayed
   return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
@@ -116,8 +120,9 @@ def sngd_momentum(
   ```
 
   with weight decay applied after the preconditioner (decoupled from it) and
-  to leaves of 2 or more axes (kernels, embedding tables; not biases or norm
-  scales). The reference code's L2 term is part of
+  to the kernels and embedding tables of the layers ``init`` finds (not biases or
+  norm scales, nor arrays that belong to no layer: a ViT's class token and position
+  embedding; docs/hyperparameters.md, *Weight decay*). The reference code's L2 term is part of
   its loss, so it is preconditioned; pass ``weight_decay=0`` and add the term
   to the loss to get that behaviour.
 
@@ -125,7 +130,8 @@ def sngd_momentum(
     learning_rate: the step size ``eta``, or a schedule.
     momentum: heavy-ball momentum ``mu`` (0 for plain SGD).
     nesterov: use Nesterov momentum.
-    weight_decay: decoupled weight decay ``lambda`` on kernels.
+    weight_decay: decoupled weight decay ``lambda`` on the kernels and embedding tables
+      of the layers ``init`` finds.
     fisher: see ``sngd_jax.sngd``.
     stacked: see ``sngd_jax.sngd``.
     inverse: see ``sngd_jax.sngd``.
@@ -203,8 +209,10 @@ def sngd_adam(
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
     eps: Adam's ``eps``.
-    weight_decay: decoupled weight decay ``lambda`` on kernels (AdamW), not
-      preconditioned. Defaults to 0, where ``optax.adamw``'s defaults to ``1e-4``;
+    weight_decay: decoupled weight decay ``lambda`` (AdamW), not preconditioned, on the
+      kernels and embedding tables of the layers ``init`` finds (not biases, norm scales, or
+      arrays of no layer such as a ViT's class token; docs/hyperparameters.md, *Weight
+      decay*). Defaults to 0, where ``optax.adamw``'s defaults to ``1e-4``;
       for another mask than kernels, chain ``sngd()`` with ``optax.adamw(..., mask=)``.
     fisher: see ``sngd_jax.sngd``.
     stacked: see ``sngd_jax.sngd``.

@@ -209,9 +209,13 @@ def haiku_names_unread(params: Any) -> Optional[str]:
   leaf alone keeps ``discover`` from reading Haiku's names: Haiku is imported and ``params``
   hold a Haiku layer's leaves (a Haiku model with a custom ``hk.get_parameter("bias", ...)``);
   else None."""
+  return _haiku_names_unread(_groups(params))
+
+
+def _haiku_names_unread(groups: dict[tuple[str, ...], dict[str, Any]]) -> Optional[str]:
+  """``haiku_names_unread`` of params already grouped (``_groups``)."""
   if "haiku" not in sys.modules:
     return None
-  groups = _groups(params)
   if not any(_haiku_layer(leaves) for leaves in groups.values()):
     return None
   return next((paths.join(parent + (name,)) for parent, leaves in groups.items()
@@ -228,7 +232,7 @@ def haiku_model(params: Any) -> bool:
   groups = _groups(params)
   if _is_haiku(groups):
     return True
-  if haiku_names_unread(params) is None:
+  if _haiku_names_unread(groups) is None:
     return False
   haiku = sum(_haiku_layer(leaves) for leaves in groups.values())
   linen = sum(any(name in _LINEN_NAMES for name in leaves) for leaves in groups.values())

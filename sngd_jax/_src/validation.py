@@ -323,12 +323,17 @@ def check_has_layers(updates: Any, activations: Any) -> None:
 def _check_not_flattened(leaves: list, activations: Mapping) -> None:
   """Raises for params flattened into one dict (``flax.traverse_util.flatten_dict``, with
   tuple keys or ``sep='/'``) whose keys name captured layers: ``sngd`` finds layers by
-  nesting, so it would find none and pass every gradient through, ignoring the activations."""
+  nesting, so it would find none and pass every gradient through, ignoring the activations.
+
+  Only a leaf's own key is read as flattened: a Haiku module's name holds ``/`` too
+  (``{'mlp/~/linear_0': {'w': ...}}``), and Haiku params in which no layer is found (every
+  layer left out with ``fisher={path: None}``, ``optax.masked`` to the biases) are not
+  flattened."""
   for key_path, _ in leaves:
     keys = [k.key for k in key_path if isinstance(k, jax.tree_util.DictKey)]
-    flat = next((k for k in keys if isinstance(k, tuple) or (isinstance(k, str) and "/" in k)),
-                None)
-    if flat is None:
+    flat = key_path[-1].key if key_path and isinstance(key_path[-1],
+                                                       jax.tree_util.DictKey) else None
+    if not (isinstance(flat, tuple) or (isinstance(flat, str) and "/" in flat)):
       continue
     parts = [str(p) for k in keys
              for p in (k if isinstance(k, tuple) else str(k).split("/"))]
