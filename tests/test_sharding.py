@@ -453,21 +453,41 @@ def _run_doc_section(title, replace, checks=True):
   return namespace
 
 
+# The recipe with mesh axis names in the initializers (nn.with_partitioning) and
+# nn.get_sharding in place of the logical names and rules.
+_MESH_AXES = {
+    'nn.with_logical_partitioning(kernel, ("embed", "mlp"))':
+        'nn.with_partitioning(kernel, (None, "model"))',
+    'nn.with_logical_partitioning(zeros, ("mlp",))': 'nn.with_partitioning(zeros, ("model",))',
+    'nn.with_logical_partitioning(kernel, ("mlp", "embed"))':
+        'nn.with_partitioning(kernel, ("model", None))',
+    'nn.with_logical_partitioning(zeros, ("embed",))': 'nn.with_partitioning(zeros, (None,))',
+    'nn.with_logical_partitioning(kernel, (None, "embed"))':
+        'nn.with_partitioning(kernel, (None, None))',
+    'nn.with_logical_partitioning(kernel, ("embed", "vocab"))':
+        'nn.with_partitioning(kernel, (None, None))',
+    'metadata_params={nn.PARTITION_NAME: "layers"}': 'metadata_params={nn.PARTITION_NAME: None}',
+    "shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)":
+        "shardings = nn.get_sharding(abstract, mesh)",
+}
+
+
 @multi
-@pytest.mark.parametrize("base", ["momentum", "adam"])
+@pytest.mark.parametrize("base", ["momentum", "adam", "mesh_axes"])
 def test_flax_partitioning_metadata_recipe_on_a_4x2_mesh(base):
   """docs/scale-out.md's linen recipe (boxed params, ``nn.scan`` with
   ``metadata_params``, ``logical_to_mesh_sharding``, a jitted create and step with in/out
-  shardings) on a ("data", "model") mesh of 4 x 2: the SNGD state replicated, optax's state
+  shardings; ``mesh_axes``: mesh axis names and ``nn.get_sharding``) on a ("data", "model")
+  mesh of 4 x 2: the SNGD state replicated, optax's state
   boxed and sharded like the params, and each layer's step the float64 damped solve
   ``-lr (G + damping tr(G) I)^{-1} [gW; gb^T]`` with ``G`` the global batch's ``E[x~ x~^T]``
   (for the scanned layers, layer by layer)."""
   lr, one_step = 0.03, "**np_reference.one_step_kwargs()"
-  tx = {"momentum": f"sngd_jax.sngd_momentum({lr}, {one_step})",
-        "adam": f"optax.chain(sngd_jax.sngd({one_step}), optax.adam({lr}))"}[base]
-  # The page's check reads sngd_momentum's state layout.
-  ns = _run_doc_section("Flax partitioning metadata", {"sngd_jax.sngd_momentum(0.03)": tx},
-                        checks=base == "momentum")
+  adam = f"optax.chain(sngd_jax.sngd({one_step}), optax.adam({lr}))"
+  tx = adam if base == "adam" else f"sngd_jax.sngd_momentum({lr}, {one_step})"
+  replace = {"sngd_jax.sngd_momentum(0.03)": tx, **(_MESH_AXES if base == "mesh_axes" else {})}
+  # The page's check reads sngd_momentum's state layout and the logical names.
+  ns = _run_doc_section("Flax partitioning metadata", replace, checks=base == "momentum")
   state, specs, x, y = ns["state"], ns["specs"], ns["x"], ns["y"]
   assert dict(ns["mesh"].shape) == {"data": 4, "model": 2}
   # The SNGD state: no boxes, replicated.
@@ -476,19 +496,22 @@ def test_flax_partitioning_metadata_recipe_on_a_4x2_mesh(base):
     assert leaf.sharding.is_fully_replicated
   # optax's state: boxed as the params, and placed as them.
   params_specs, params_leaves = specs.params, jax.tree.leaves(state.params)
-  if base == "momentum":
-    base_specs, base_states = [specs.opt_state[2][0].trace], [state.opt_state[2][0].trace]
+  if base == "adam":
+    moments = specs.opt_state[1][0]
+    base_specs, base_states = [moments.mu, moments.nu], [state.opt_state[1][0].mu,
+                                                          state.opt_state[1][0].nu]
   else:
-    adam = specs.opt_state[1][0]
-    base_specs, base_states = [adam.mu, adam.nu], [state.opt_state[1][0].mu,
-                                                    state.opt_state[1][0].nu]
+    base_specs, base_states = [specs.opt_state[2][0].trace], [state.opt_state[2][0].trace]
   for s in base_specs:
     assert s == params_specs
   for tree in base_states:
     for leaf, param in zip(jax.tree.leaves(tree), params_leaves, strict=True):
       assert leaf.sharding.is_equivalent_to(param.sharding, param.ndim)
   up = state.params["blocks"]["up"]["kernel"]
-  assert isinstance(up, nn.LogicallyPartitioned) and up.names == ("layers", "embed", "mlp")
+  if base == "mesh_axes":
+    assert type(up) is nn.Partitioned and up.names == (None, None, "model")
+  else:
+    assert isinstance(up, nn.LogicallyPartitioned) and up.names == ("layers", "embed", "mlp")
   assert up.value.sharding.spec == P(None, None, "model")
   assert not up.value.sharding.is_fully_replicated
   # The numbers: one device, unboxed params, the float64 solve per layer.
@@ -501,10 +524,10 @@ def test_flax_partitioning_metadata_recipe_on_a_4x2_mesh(base):
   (_, acts), grads = jax.jit(jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True))(
       params0, x, y)
   new = nn.unbox(state.params)
-  if base == "momentum":  # the first step of the momentum trace: -lr times the solve
-    expected_step = lambda pre: -lr * pre
-  else:  # Adam's first step on the preconditioned gradient u: -lr u / (|u| + eps)
+  if base == "adam":  # Adam's first step on the preconditioned gradient u: -lr u / (|u| + eps)
     expected_step = lambda pre: -lr * pre / (np.abs(pre) + 1e-8)
+  else:  # the first step of the momentum trace: -lr times the solve
+    expected_step = lambda pre: -lr * pre
   checked = 0
   for key in ("embed", "head", "blocks/up", "blocks/down"):
     scanned = key.startswith("blocks/")
@@ -522,6 +545,27 @@ def test_flax_partitioning_metadata_recipe_on_a_4x2_mesh(base):
                                    atol=1e-4 * np.abs(step).max(), err_msg=f"{key}[{i}].{leaf}")
         checked += 1
   assert checked == 2 * (2 + 2 * 3)
+
+
+@multi
+@pytest.mark.parametrize("with_sngd", [True, False])
+def test_flax_partitioning_recipe_on_explicit_axes_fails_in_flax_dense(with_sngd):
+  """What docs/scale-out.md says of explicit axes: the recipe's step fails in Flax's
+  ``nn.Dense`` (a kernel split over its contracting axis), with SNGD or plain SGD alike."""
+  replace = {"(AxisType.Auto,) * 2": "(AxisType.Explicit,) * 2",
+             # explicit axes also refuse the integer labels' gather
+             "optax.softmax_cross_entropy_with_integer_labels(logits, y)":
+                 "optax.softmax_cross_entropy(logits, jax.nn.one_hot(y, 4))"}
+  if not with_sngd:
+    replace.update({
+        "sngd_jax.sngd_momentum(0.03)": "optax.sgd(0.03)",
+        "jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(\n      state.params, x, y)":
+            "(lambda out: ((out[0], None), out[1]))(\n      jax.value_and_grad(loss_fn)("
+            "state.params, x, y))"})
+  with pytest.raises(Exception, match="Contracting dimensions are sharded") as info:
+    _run_doc_section("Flax partitioning metadata", replace, checks=False)
+  assert type(info.value).__name__ == "ShardingTypeError"
+  assert any(str(entry.path).endswith("flax/linen/linear.py") for entry in info.traceback)
 
 
 @multi
