@@ -431,6 +431,215 @@ def test_state_sharding_type_unchanged_by_update_explicit_mesh():
   assert _max_abs_diff(updates, reference) < 1e-5 * scale
 
 
+def _run_doc_section(title, replace, checks=True):
+  """Runs the ```python blocks (preludes and checks too) of a section of docs/scale-out.md,
+  with each ``old -> new`` of ``replace`` made once in the code and ``np_reference`` in the
+  namespace (without the page's checks unless ``checks``); returns the namespace."""
+  from test_doc_snippets import ROOT, parse, run_block
+  text = (ROOT / "docs" / "scale-out.md").read_text()
+  start = text.index(f"## {title}\n")
+  end = text.find("\n## ", start + 1)
+  blocks = parse(text[start:end if end >= 0 else None], "scale-out.md")
+  assert blocks, title
+  for old, new in replace.items():
+    hits = [b for b in blocks if old in b.code.source]
+    assert len(hits) == 1 and hits[0].code.source.count(old) == 1, old
+    hits[0].code.source = hits[0].code.source.replace(old, new)
+  namespace = {"__name__": "__doc_snippet__", "np_reference": np_reference}
+  for block in blocks:
+    if not checks:
+      block.check = None
+    run_block(block, namespace)
+  return namespace
+
+
+# The recipe with mesh axis names in the initializers (nn.with_partitioning) and
+# nn.get_sharding in place of the logical names and rules.
+_MESH_AXES = {
+    'nn.with_logical_partitioning(kernel, ("embed", "mlp"))':
+        'nn.with_partitioning(kernel, (None, "model"))',
+    'nn.with_logical_partitioning(zeros, ("mlp",))': 'nn.with_partitioning(zeros, ("model",))',
+    'nn.with_logical_partitioning(kernel, ("mlp", "embed"))':
+        'nn.with_partitioning(kernel, ("model", None))',
+    'nn.with_logical_partitioning(zeros, ("embed",))': 'nn.with_partitioning(zeros, (None,))',
+    'nn.with_logical_partitioning(kernel, (None, "embed"))':
+        'nn.with_partitioning(kernel, (None, None))',
+    'nn.with_logical_partitioning(kernel, ("embed", "vocab"))':
+        'nn.with_partitioning(kernel, (None, None))',
+    'metadata_params={nn.PARTITION_NAME: "layers"}': 'metadata_params={nn.PARTITION_NAME: None}',
+    "shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)":
+        "shardings = nn.get_sharding(abstract, mesh)",
+}
+
+
+@multi
+@pytest.mark.parametrize("base", ["momentum", "adam", "mesh_axes"])
+def test_flax_partitioning_metadata_recipe_on_a_4x2_mesh(base):
+  """docs/scale-out.md's linen recipe (boxed params, ``nn.scan`` with
+  ``metadata_params``, ``logical_to_mesh_sharding``, a jitted create and step with in/out
+  shardings; ``mesh_axes``: mesh axis names and ``nn.get_sharding``) on a ("data", "model")
+  mesh of 4 x 2: the SNGD state replicated, optax's state
+  boxed and sharded like the params, and each layer's step the float64 damped solve
+  ``-lr (G + damping tr(G) I)^{-1} [gW; gb^T]`` with ``G`` the global batch's ``E[x~ x~^T]``
+  (for the scanned layers, layer by layer)."""
+  lr, one_step = 0.03, "**np_reference.one_step_kwargs()"
+  adam = f"optax.chain(sngd_jax.sngd({one_step}), optax.adam({lr}))"
+  tx = adam if base == "adam" else f"sngd_jax.sngd_momentum({lr}, {one_step})"
+  replace = {"sngd_jax.sngd_momentum(0.03)": tx, **(_MESH_AXES if base == "mesh_axes" else {})}
+  # The page's check reads sngd_momentum's state layout and the logical names.
+  ns = _run_doc_section("Flax partitioning metadata", replace, checks=base == "momentum")
+  state, specs, x, y = ns["state"], ns["specs"], ns["x"], ns["y"]
+  assert dict(ns["mesh"].shape) == {"data": 4, "model": 2}
+  # The SNGD state: no boxes, replicated.
+  assert all(s == P() for s in jax.tree.leaves(specs.opt_state[0]))
+  for leaf in jax.tree.leaves(state.opt_state[0]):
+    assert leaf.sharding.is_fully_replicated
+  # optax's state: boxed as the params, and placed as them.
+  params_specs, params_leaves = specs.params, jax.tree.leaves(state.params)
+  if base == "adam":
+    moments = specs.opt_state[1][0]
+    base_specs, base_states = [moments.mu, moments.nu], [state.opt_state[1][0].mu,
+                                                          state.opt_state[1][0].nu]
+  else:
+    base_specs, base_states = [specs.opt_state[2][0].trace], [state.opt_state[2][0].trace]
+  for s in base_specs:
+    assert s == params_specs
+  for tree in base_states:
+    for leaf, param in zip(jax.tree.leaves(tree), params_leaves, strict=True):
+      assert leaf.sharding.is_equivalent_to(param.sharding, param.ndim)
+  up = state.params["blocks"]["up"]["kernel"]
+  if base == "mesh_axes":
+    assert type(up) is nn.Partitioned and up.names == (None, None, "model")
+  else:
+    assert isinstance(up, nn.LogicallyPartitioned) and up.names == ("layers", "embed", "mlp")
+  assert up.value.sharding.spec == P(None, None, "model")
+  assert not up.value.sharding.is_fully_replicated
+  # The numbers: one device, unboxed params, the float64 solve per layer.
+  model = ns["model"]
+  params0 = nn.unbox(model.init(jax.random.key(0), x)["params"])
+
+  def loss_fn(params, x, y):
+    logits = model.apply({"params": params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  (_, acts), grads = jax.jit(jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True))(
+      params0, x, y)
+  new = nn.unbox(state.params)
+  if base == "adam":  # Adam's first step on the preconditioned gradient u: -lr u / (|u| + eps)
+    expected_step = lambda pre: -lr * pre / (np.abs(pre) + 1e-8)
+  else:  # the first step of the momentum trace: -lr times the solve
+    expected_step = lambda pre: -lr * pre
+  checked = 0
+  for key in ("embed", "head", "blocks/up", "blocks/down"):
+    scanned = key.startswith("blocks/")
+    name = key.split("/")[-1]
+    p0, g, got = ((params0["blocks"][name], grads["blocks"][name], new["blocks"][name])
+                  if scanned else (params0[key], grads[key], new[key]))
+    inputs = np.asarray(acts[key][0].inputs, np.float64)
+    for i in range(3) if scanned else [None]:
+      pick = (lambda a, i=i: np.asarray(a if i is None else a[i], np.float64))
+      rows = pick(inputs).reshape(-1, inputs.shape[-1])
+      kernel, bias = np_reference.dense_update(rows, pick(g["kernel"]), pick(g["bias"]))
+      for leaf, pre in (("kernel", kernel), ("bias", bias)):
+        step = expected_step(pre)
+        np.testing.assert_allclose(pick(got[leaf]), pick(p0[leaf]) + step, rtol=0,
+                                   atol=1e-4 * np.abs(step).max(), err_msg=f"{key}[{i}].{leaf}")
+        checked += 1
+  assert checked == 2 * (2 + 2 * 3)
+
+
+@multi
+@pytest.mark.parametrize("with_sngd", [True, False])
+def test_flax_partitioning_recipe_on_explicit_axes_fails_in_flax_dense(with_sngd):
+  """What docs/scale-out.md says of explicit axes: the recipe's step fails in Flax's
+  ``nn.Dense`` (a kernel split over its contracting axis), with SNGD or plain SGD alike."""
+  replace = {"(AxisType.Auto,) * 2": "(AxisType.Explicit,) * 2",
+             # explicit axes also refuse the integer labels' gather
+             "optax.softmax_cross_entropy_with_integer_labels(logits, y)":
+                 "optax.softmax_cross_entropy(logits, jax.nn.one_hot(y, 4))"}
+  if not with_sngd:
+    replace.update({
+        "sngd_jax.sngd_momentum(0.03)": "optax.sgd(0.03)",
+        "jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(\n      state.params, x, y)":
+            "(lambda out: ((out[0], None), out[1]))(\n      jax.value_and_grad(loss_fn)("
+            "state.params, x, y))"})
+  with pytest.raises(Exception, match="Contracting dimensions are sharded") as info:
+    _run_doc_section("Flax partitioning metadata", replace, checks=False)
+  assert type(info.value).__name__ == "ShardingTypeError"
+  assert any(str(entry.path).endswith("flax/linen/linear.py") for entry in info.traceback)
+
+
+@multi
+def test_nnx_partitioned_model_and_optimizer_on_a_4x2_mesh():
+  """The NNX scale-up guide's pattern (``nnx.with_partitioning`` initializers, the state
+  constrained to ``nnx.get_partition_spec`` in an ``nnx.jit``-ed constructor, an
+  ``nnx.Optimizer``): SNGD's leaves get ``P()``, the momentum the params' specs, and one
+  step is ``-lr`` times the float64 damped solve per layer (docs/scale-out.md)."""
+  from flax import nnx
+  init, zeros = nnx.initializers.lecun_normal(), nnx.initializers.zeros_init()
+
+  class DotReluDot(nnx.Module):
+    def __init__(self, rngs):
+      self.up = nnx.Linear(6, 16, kernel_init=nnx.with_partitioning(init, (None, "model")),
+                           bias_init=nnx.with_partitioning(zeros, ("model",)), rngs=rngs)
+      self.down = nnx.Linear(16, 4, kernel_init=nnx.with_partitioning(init, ("model", None)),
+                             rngs=rngs)
+
+    def __call__(self, x):
+      return self.down(nnx.relu(self.up(x)))
+
+  def loss_fn(model, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+  lr = 0.03
+  xs, ys, _ = _data()
+  x, y = jnp.asarray(xs[0]), jnp.asarray(ys[0])
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+
+  @nnx.jit
+  def create_sharded():
+    model = DotReluDot(nnx.Rngs(0))
+    state = nnx.state(model)
+    nnx.update(model, jax.lax.with_sharding_constraint(state, nnx.get_partition_spec(state)))
+    return model
+
+  @nnx.jit
+  def train_step(model, optimizer, x, y):
+    grad_fn = nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)
+    (loss, acts), grads = grad_fn(model, x, y)
+    optimizer.update(model, grads, activations=acts)
+    return loss
+
+  with jax.set_mesh(mesh):
+    model = create_sharded()
+    params0 = jax.tree.map(np_reference.np64, nnx.state(model, nnx.Param))
+    optimizer = nnx.Optimizer(
+        model, sngd_jax.sngd_momentum(lr, **np_reference.one_step_kwargs()), wrt=nnx.Param)
+    specs = nnx.get_partition_spec(nnx.state(optimizer))
+    train_step(model, optimizer, *jax.device_put((x, y), NamedSharding(mesh, P("data"))))
+  assert model.up.kernel[...].sharding.spec == P(None, "model")
+  sngd_specs = jax.tree.leaves(specs["opt_state"][0])
+  assert sngd_specs and all(s == P() for s in sngd_specs)
+  for leaf in jax.tree.leaves(nnx.state(optimizer)["opt_state"][0]):
+    assert leaf.sharding.is_fully_replicated
+  trace = specs["opt_state"][2][0]["trace"]
+  assert trace["up"]["kernel"].get_value() == P(None, "model")
+  assert trace["down"]["kernel"].get_value() == P("model", None)
+  # One device, float64: the first layer's rows are x, the second's relu(x W1 + b1).
+  hidden = np.maximum(np_reference.np64(x) @ params0["up"]["kernel"][...]
+                      + params0["up"]["bias"][...], 0)
+  with nnx.use_eager_sharding(False):
+    reference = DotReluDot(nnx.Rngs(0))
+  grads = nnx.grad(loss_fn)(reference, x, y)
+  for name, rows in (("up", np_reference.np64(x)), ("down", hidden)):
+    kernel, bias = np_reference.dense_update(rows, grads[name]["kernel"][...],
+                                             grads[name]["bias"][...])
+    for leaf, pre in (("kernel", kernel), ("bias", bias)):
+      got = np_reference.np64(getattr(getattr(model, name), leaf)[...])
+      want = params0[name][leaf][...] - lr * pre
+      np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * lr * np.abs(pre).max(),
+                                 err_msg=f"{name}.{leaf}")
+
+
 @multi
 @pytest.mark.parametrize("shard_refresh", [False, True])
 def test_replicated_state_stays_replicated_under_jit(shard_refresh):
