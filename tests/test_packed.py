@@ -229,3 +229,10 @@ def test_packed_lm_stats_batch_size_takes_whole_rows():
   whole = reference_rows(True)["block/Dense_0"]
   assert not np.allclose(state.factors["block/Dense_0"], gram(whole), rtol=1e-3)
 
+
+def test_segment_ids_as_the_mask_count_every_real_token_once():
+  """The segment ids themselves (an integer mask, 0 = padding) mask as ``seg > 0``: a token's
+  weight is not its document's number (which counted the second document of a row twice)."""
+  _, params, acts, grads = problem(False)
+  by_ids = factors_after_one_step(params, grads, sngd_jax.with_row_mask(acts, jnp.asarray(SEG)))
+  assert_reference_factors(by_ids, reference_rows(False), False)

@@ -63,8 +63,9 @@ def with_row_mask(activations: Activations, mask: Any, *more_masks: Any,
       which tokens are real, batch-major as the model's inputs (also for the cells of a
       time-major ``nn.RNN``, whose rows are mapped to it), or ``(B, T, T')`` for a layer
       whose rows are pairs of tokens (``(B, T, T', D)`` inputs: the edges of a dense
-      graph batch, ``mask[:, :, None] & mask[:, None, :]``; with ``where=``). 0/1, bool,
-      or nonnegative weights.
+      graph batch, ``mask[:, :, None] & mask[:, None, :]``; with ``where=``). Bool, or
+      integer (nonzero = real: packed sequences' segment ids, 0 for padding, as they are),
+      or nonnegative float weights.
     *more_masks: further ``(B, T_k)`` token masks of other lengths, for a model whose
       layers run over sequences of different lengths (an encoder-decoder: the source's
       ``(B, S)`` and the target's ``(B, T)`` masks, `with_row_mask(acts, src_mask,
@@ -148,7 +149,10 @@ def with_row_mask(activations: Activations, mask: Any, *more_masks: Any,
 
 
 def _as_mask(mask: Any) -> jax.Array:
-  """A mask as a float array without gradient (bool and integer masks as float32)."""
+  """A mask as a float array without gradient: bool and integer masks as float32 0/1, an
+  integer mask's nonzero entries being the real rows (segment ids of packed sequences,
+  ``1, 2, ...`` per document and 0 for padding, weigh each real token 1, not its document's
+  number); a float mask as its weights."""
   if callable(mask):
     raise TypeError(
         f"sngd: with_row_mask: got a function ({getattr(mask, '__name__', mask)!r}) where a "
@@ -160,6 +164,8 @@ def _as_mask(mask: Any) -> jax.Array:
         f"sngd: with_row_mask: the mask has shape {mask.shape}; expected (B,) (which examples "
         "are real), (B, T) (which tokens are real) or (B, T, T') (which pairs of tokens are: "
         "a layer on (B, T, T', D) pairwise features)")
+  if not jnp.issubdtype(mask.dtype, jnp.floating):
+    mask = mask != 0
   dtype = mask.dtype if jnp.issubdtype(mask.dtype, jnp.floating) else jnp.float32
   return jax.lax.stop_gradient(mask.astype(dtype))
 
