@@ -142,9 +142,14 @@ def with_row_mask(activations: Activations, mask: Any, *more_masks: Any,
       continue
     n = len(records)
     chosen = range(n) if calls is None else {i % n for i in calls if -n <= i < n}
-    out[path] = tuple(
-        _masked(path, i, c, _pick(path, i, c, masks), n, calls is not None, where is not None)
-        if i in chosen else c for i, c in enumerate(records))
+    new = []
+    for i, c in enumerate(records):
+      if i in chosen:
+        c = leading_axes_pooled(c)  # once, for both `_pick` and `_masked`
+        c = _masked(path, i, c, _pick(path, i, c, masks), n, calls is not None,
+                    where is not None)
+      new.append(c)
+    out[path] = tuple(new)
   return out
 
 
@@ -173,16 +178,16 @@ def _as_mask(mask: Any) -> jax.Array:
 def _pick(path: str, i: int, c: Captured, masks: tuple[jax.Array, ...]) -> jax.Array:
   """The mask of ``masks`` (several ``(B, T_k)`` masks of different lengths) whose length is
   that of the record's token axis: its time steps under ``nn.RNN``, else the row axis right
-  after its examples. One mask is returned as it is (``_masked`` checks it)."""
+  after its examples. One mask is returned as it is (``_masked`` checks it). ``c``: the
+  record with its leading axes pooled (``leading_axes_pooled``)."""
   if len(masks) == 1:
     return masks[0]
-  p = leading_axes_pooled(c)
-  x, ax = p.inputs, p.batch_axis
-  if ax is None or ax != p.stack or x.shape[ax] != masks[0].shape[0] * p.time_steps:
+  x, ax = c.inputs, c.batch_axis
+  if ax is None or ax != c.stack or x.shape[ax] != masks[0].shape[0] * c.time_steps:
     return masks[0]  # `_masked` raises, naming why the rows cannot be matched
-  if p.time_steps > 1:
-    length = p.time_steps
-  elif _axis_role(p, ax + 1) == "row":
+  if c.time_steps > 1:
+    length = c.time_steps
+  elif _axis_role(c, ax + 1) == "row":
     length = x.shape[ax + 1]
   else:
     length = None
@@ -203,10 +208,10 @@ def _pick(path: str, i: int, c: Captured, masks: tuple[jax.Array, ...]) -> jax.A
 
 def _masked(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int = 1,
             selected: bool = False, filtered: bool = False) -> Captured:
-  """The record with the weights of its rows (``Captured.row_mask``); ``n_calls``: the
-  layer's number of calls, ``selected``: whether ``calls=`` chose this one, ``filtered``:
-  whether ``where=`` chose the layer (for the hints)."""
-  c = leading_axes_pooled(c)
+  """The record ``c`` (its leading axes pooled, ``leading_axes_pooled``) with the weights of
+  its rows (``Captured.row_mask``); ``n_calls``: the layer's number of calls, ``selected``:
+  whether ``calls=`` chose this one, ``filtered``: whether ``where=`` chose the layer (for the
+  hints)."""
   x, ax = c.inputs, c.batch_axis
 
   def fail(why: str):
