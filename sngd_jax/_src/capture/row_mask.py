@@ -131,6 +131,7 @@ def with_row_mask(activations: Activations, mask: Any, *more_masks: Any,
       raise TypeError(f"sngd: with_row_mask: calls={calls!r}; expected a sequence of call "
                       "indices, e.g. `calls=[0]`")
     calls = tuple(calls)
+  heads = _attention_heads(activations)
   out = {}
   for path, records in activations.items():
     if not isinstance(records, (tuple, list)) or not all(
@@ -147,7 +148,7 @@ def with_row_mask(activations: Activations, mask: Any, *more_masks: Any,
       if i in chosen:
         c = leading_axes_pooled(c)  # once, for both `_pick` and `_masked`
         c = _masked(path, i, c, _pick(path, i, c, masks), n, calls is not None,
-                    where is not None)
+                    where is not None, heads)
       new.append(c)
     out[path] = tuple(new)
   return out
@@ -206,12 +207,29 @@ def _pick(path: str, i: int, c: Captured, masks: tuple[jax.Array, ...]) -> jax.A
       f"{path!r})`, and leave it out of this one with `where=`")
 
 
+def _attention_heads(activations: Activations) -> frozenset[tuple[int, ...]]:
+  """The ``(H, head_dim)`` of every multi-head attention output projection among the records:
+  a dense layer contracting its inputs' last two axes (``(B, T, H, head_dim)``: Flax's and
+  NNX's attention ``out``, a ``DenseGeneral(axis=(-2, -1))``)."""
+  heads = set()
+  for records in activations.values():
+    for c in records if isinstance(records, (tuple, list)) else ():
+      if (isinstance(c, Captured) and c.kind == "dense" and c.config and c.inputs.ndim >= 3
+          and {a % c.inputs.ndim for a in c.config[0]}
+          == {c.inputs.ndim - 2, c.inputs.ndim - 1}):
+        heads.add(tuple(c.inputs.shape[-2:]))
+  return frozenset(heads)
+
+
 def _masked(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int = 1,
-            selected: bool = False, filtered: bool = False) -> Captured:
+            selected: bool = False, filtered: bool = False,
+            heads: frozenset[tuple[int, ...]] = frozenset()) -> Captured:
   """The record ``c`` (its leading axes pooled, ``leading_axes_pooled``) with the weights of
   its rows (``Captured.row_mask``); ``n_calls``: the layer's number of calls, ``selected``:
   whether ``calls=`` chose this one, ``filtered``: whether ``where=`` chose the layer (for the
-  hints)."""
+  hints); ``heads``: the ``(H, head_dim)`` of the model's attention (``_attention_heads``),
+  whose per-head layers on ``(B, T, H, head_dim)`` have no pairs of tokens even when
+  ``H == T``."""
   x, ax = c.inputs, c.batch_axis
 
   def fail(why: str):
@@ -270,7 +288,8 @@ def _masked(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int = 1,
       fail(f"the mask is one of pairs of tokens, and the layer's axis {ax + 2} is not a row "
            f"axis of {mask.shape[2]} tokens (a layer on (B, T, D) tokens takes a (B, T) mask; "
            "mask each kind of layer with its own mask, `where=`)")
-    if mask.ndim == 2 and _axis_role(c, ax + 2) == "row" and x.shape[ax + 2] == mask.shape[1]:
+    if (mask.ndim == 2 and _axis_role(c, ax + 2) == "row" and x.shape[ax + 2] == mask.shape[1]
+        and tuple(x.shape[ax + 2:]) not in heads):
       warnings.warn(
           f"sngd: with_row_mask: layer {path!r} (call {i}): its inputs of shape "
           f"{tuple(x.shape)} have two row axes of the mask's {mask.shape[1]} tokens after the "
@@ -278,7 +297,9 @@ def _masked(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int = 1,
           f"weighs row (b, i, j) by mask[b, i] alone, so pairs with a padding token j count. "
           "For pairs of real tokens give this layer the (B, T, T) mask "
           "`mask[:, :, None] * mask[:, None, :]` (`where=lambda path: path == "
-          f"{path!r}`)", stacklevel=caller_stacklevel())
+          f"{path!r}`). (A head axis of as many heads as tokens is no pair: (B, T, H, ...) "
+          "inputs are weighed right, by their token; (B, H, T, ...) ones are not, by their "
+          "head: keep the tokens right after the examples.)", stacklevel=caller_stacklevel())
     shape[ax:ax + mask.ndim] = mask.shape
     return dataclasses.replace(c, row_mask=mask.reshape(shape))
   if role == "positions":
