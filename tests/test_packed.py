@@ -22,6 +22,7 @@ import numpy as np
 import optax
 import pytest
 from exact import factors_after_one_step
+from flax import nnx
 from helpers_warnings import no_sngd_warnings
 from np_reference import f64, gram
 
@@ -236,3 +237,65 @@ def test_segment_ids_as_the_mask_count_every_real_token_once():
   _, params, acts, grads = problem(False)
   by_ids = factors_after_one_step(params, grads, sngd_jax.with_row_mask(acts, jnp.asarray(SEG)))
   assert_reference_factors(by_ids, reference_rows(False), False)
+
+
+class NNXPackedLM(nnx.Module):
+  """The NNX twin: token and position tables, a pre-norm attention block, a final LayerNorm
+  and untied logits."""
+
+  def __init__(self, rngs):
+    f64 = {"param_dtype": jnp.float64, "rngs": rngs}
+    self.embed = nnx.Embed(V, D, **f64)
+    self.pos_embed = nnx.Embed(T, D, **f64)
+    self.ln = nnx.LayerNorm(D, **f64)
+    self.attn = nnx.MultiHeadAttention(HEADS, D, decode=False, **f64)
+    self.final_norm = nnx.LayerNorm(D, **f64)
+    self.head = nnx.Linear(D, V, **f64)
+
+  def __call__(self, tokens, seg, pos):
+    x = self.embed(tokens) + self.pos_embed(pos)
+    x = x + self.attn(self.ln(x), mask=packed_mask(tokens, seg), deterministic=True)
+    return self.head(self.final_norm(x))
+
+
+def test_nnx_packed_lm_factors_through_nnx_optimizer():
+  model = NNXPackedLM(nnx.Rngs(0))
+  opt = nnx.Optimizer(model, sngd_jax.sngd(**ref.ONE_STEP), wrt=nnx.Param)
+  tokens, seg, pos, targets = map(jnp.asarray, (INPUTS, SEG, POS, TARGETS))
+
+  def loss_fn(model, tokens, seg, pos, targets):
+    losses = optax.softmax_cross_entropy_with_integer_labels(model(tokens, seg, pos), targets)
+    return (losses * (seg > 0)).sum() / (seg > 0).sum()
+
+  (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(
+      model, tokens, seg, pos, targets)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(nnx.state(model)))
+  opt.update(model, grads, activations=sngd_jax.with_row_mask(acts, seg))   # the ids as mask
+  (state,) = sngd_jax._src.state.sngd_states(opt.opt_state)
+  # numpy forward pass
+  x0 = p["embed"]["embedding"][INPUTS] + p["pos_embed"]["embedding"][POS]
+  ln = standardized(x0) * p["ln"]["scale"] + p["ln"]["bias"]
+  proj = {n: np.einsum("btd,dhk->bthk", ln, p["attn"][n]["kernel"]) + p["attn"][n]["bias"]
+          for n in ("query", "key", "value")}
+  allowed = (SEG[:, :, None] == SEG[:, None, :]) & np.tril(np.ones((T, T), bool))
+  logits = np.einsum("bqhd,bkhd->bhqk", proj["query"] / np.sqrt(D // HEADS), proj["key"])
+  w = np.exp(np.where(allowed[:, None], logits, -np.inf) - logits.max(-1, keepdims=True))
+  heads = np.einsum("bhqk,bkhd->bqhd", w / w.sum(-1, keepdims=True), proj["value"])
+  heads = heads.reshape(*heads.shape[:2], D)
+  x1 = x0 + heads @ p["attn"]["out"]["kernel"].reshape(D, D) + p["attn"]["out"]["bias"]
+  final = standardized(x1) * p["final_norm"]["scale"] + p["final_norm"]["bias"]
+  # after the attention to 1e-6 only: nnx.dot_product_attention under the float32 mask of
+  # nn.make_attention_mask is numpy's attention to ~2e-7 (Flax linen's to 1e-15); a padding row
+  # in a factor would be an error of order 1e-1
+  for path, rows, rtol in (("attn/query", ln, 1e-10), ("attn/key", ln, 1e-10),
+                           ("attn/value", ln, 1e-10), ("attn/out", heads, 1e-6),
+                           ("head", final, 1e-6)):
+    np.testing.assert_allclose(state.factors[path], gram(rows[REAL]), rtol=rtol, atol=1e-9,
+                               err_msg=path)
+  for path, xhat, rtol in (("ln", standardized(x0), 1e-10), ("final_norm", standardized(x1),
+                                                              1e-6)):
+    want = np.stack([gram(xhat[REAL][:, c:c + 1]) for c in range(D)])
+    np.testing.assert_allclose(state.factors[path], want, rtol=rtol, atol=1e-9, err_msg=path)
+  for path, ids, n in (("embed", INPUTS[REAL], V), ("pos_embed", POS[REAL], T)):
+    np.testing.assert_allclose(state.factors[path], np.bincount(ids, minlength=n) / ids.size,
+                               rtol=1e-12, err_msg=path)
