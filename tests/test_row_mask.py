@@ -5,6 +5,7 @@ Every factor is compared with a float64 numpy reference computed from the real r
 something else, so that it fails without mask support.
 """
 
+import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -534,3 +535,49 @@ def test_mask_passes_through_inject_hyperparams_and_chain():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), got, want)
   unmasked, _ = plain.update(grads, plain.init(params), params, activations=acts)
   assert not np.allclose(unmasked["Dense_0"]["kernel"], want["Dense_0"]["kernel"], rtol=1e-3)
+
+
+def test_per_head_layers_with_as_many_heads_as_tokens_take_the_token_mask_without_warning():
+  """Layers on per-head ``(B, T, H, head_dim)`` inputs with ``H == T`` (the query/key
+  LayerNorms of attention with ``normalize_qk=True``, a ``DenseGeneral`` on each head's query)
+  are no pairs of tokens: no pair-mask warning, and each head's row weighs its token's mask."""
+  heads, hd, t = 4, 3, 4
+
+  class PerHead(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      q = nn.DenseGeneral((heads, hd), name="q")(x)                       # (B, T, H, hd)
+      y = nn.DenseGeneral(2, axis=-1, name="per_head")(q)                  # rows (b, t, h)
+      a = nn.MultiHeadDotProductAttention(heads, qkv_features=heads * hd, normalize_qk=True,
+                                          name="attn")(x)
+      return y.sum() + (a ** 2).sum()
+
+  rng = np.random.default_rng(12)
+  x = rng.normal(size=(3, t, 5))
+  mask = np.arange(t)[None] < np.array([4, 2, 1])[:, None]
+  model = PerHead()
+  params = f64(model.init(jax.random.key(0), x)["params"])
+  (_, acts), grads = jax.value_and_grad(
+      sngd_jax.capture(lambda p: model.apply({"params": p}, jnp.asarray(x))), has_aux=True)(
+          params)
+  with warnings.catch_warnings():
+    warnings.filterwarnings("error", message="sngd:")
+    masked = sngd_jax.with_row_mask(acts, mask)
+  state = factors_after_one_step(params, grads, masked)
+  _, inter = model.apply({"params": params}, jnp.asarray(x), capture_intermediates=True,
+                         mutable=["intermediates"])
+
+  def out(*path):
+    tree = inter["intermediates"]
+    for k in path:
+      tree = tree[k]
+    return np.asarray(tree["__call__"][0], np.float64)
+
+  q_rows = out("q")[mask].reshape(-1, hd)                                  # real tokens' heads
+  np.testing.assert_allclose(state.factors["per_head"], gram(q_rows), rtol=1e-10, atol=1e-12)
+  query = out("attn", "query")[mask].reshape(-1, hd)
+  xhat = (query - query.mean(-1, keepdims=True)) / np.sqrt(query.var(-1, keepdims=True) + 1e-6)
+  np.testing.assert_allclose(np.asarray(state.factors["attn/query_ln"]).reshape(hd, -1),
+                             (xhat ** 2).mean(0)[:, None], rtol=1e-10, atol=1e-12)
+  unmasked = factors_after_one_step(params, grads, acts)
+  assert not np.allclose(unmasked.factors["per_head"], gram(q_rows), rtol=1e-3)

@@ -63,8 +63,9 @@ def with_row_mask(activations: Activations, mask: Any, *more_masks: Any,
       which tokens are real, batch-major as the model's inputs (also for the cells of a
       time-major ``nn.RNN``, whose rows are mapped to it), or ``(B, T, T')`` for a layer
       whose rows are pairs of tokens (``(B, T, T', D)`` inputs: the edges of a dense
-      graph batch, ``mask[:, :, None] & mask[:, None, :]``; with ``where=``). 0/1, bool,
-      or nonnegative weights.
+      graph batch, ``mask[:, :, None] & mask[:, None, :]``; with ``where=``). Bool, or
+      integer (nonzero = real: packed sequences' segment ids, 0 for padding, as they are),
+      or nonnegative float weights.
     *more_masks: further ``(B, T_k)`` token masks of other lengths, for a model whose
       layers run over sequences of different lengths (an encoder-decoder: the source's
       ``(B, S)`` and the target's ``(B, T)`` masks, `with_row_mask(acts, src_mask,
@@ -130,6 +131,7 @@ def with_row_mask(activations: Activations, mask: Any, *more_masks: Any,
       raise TypeError(f"sngd: with_row_mask: calls={calls!r}; expected a sequence of call "
                       "indices, e.g. `calls=[0]`")
     calls = tuple(calls)
+  heads = _attention_heads(activations)
   out = {}
   for path, records in activations.items():
     if not isinstance(records, (tuple, list)) or not all(
@@ -141,14 +143,22 @@ def with_row_mask(activations: Activations, mask: Any, *more_masks: Any,
       continue
     n = len(records)
     chosen = range(n) if calls is None else {i % n for i in calls if -n <= i < n}
-    out[path] = tuple(
-        _masked(path, i, c, _pick(path, i, c, masks), n, calls is not None, where is not None)
-        if i in chosen else c for i, c in enumerate(records))
+    new = []
+    for i, c in enumerate(records):
+      if i in chosen:
+        c = leading_axes_pooled(c)  # once, for both `_pick` and `_masked`
+        c = _masked(path, i, c, _pick(path, i, c, masks), n, calls is not None,
+                    where is not None, heads)
+      new.append(c)
+    out[path] = tuple(new)
   return out
 
 
 def _as_mask(mask: Any) -> jax.Array:
-  """A mask as a float array without gradient (bool and integer masks as float32)."""
+  """A mask as a float array without gradient: bool and integer masks as float32 0/1, an
+  integer mask's nonzero entries being the real rows (segment ids of packed sequences,
+  ``1, 2, ...`` per document and 0 for padding, weigh each real token 1, not its document's
+  number); a float mask as its weights."""
   if callable(mask):
     raise TypeError(
         f"sngd: with_row_mask: got a function ({getattr(mask, '__name__', mask)!r}) where a "
@@ -160,6 +170,8 @@ def _as_mask(mask: Any) -> jax.Array:
         f"sngd: with_row_mask: the mask has shape {mask.shape}; expected (B,) (which examples "
         "are real), (B, T) (which tokens are real) or (B, T, T') (which pairs of tokens are: "
         "a layer on (B, T, T', D) pairwise features)")
+  if not jnp.issubdtype(mask.dtype, jnp.floating):
+    mask = mask != 0
   dtype = mask.dtype if jnp.issubdtype(mask.dtype, jnp.floating) else jnp.float32
   return jax.lax.stop_gradient(mask.astype(dtype))
 
@@ -167,16 +179,16 @@ def _as_mask(mask: Any) -> jax.Array:
 def _pick(path: str, i: int, c: Captured, masks: tuple[jax.Array, ...]) -> jax.Array:
   """The mask of ``masks`` (several ``(B, T_k)`` masks of different lengths) whose length is
   that of the record's token axis: its time steps under ``nn.RNN``, else the row axis right
-  after its examples. One mask is returned as it is (``_masked`` checks it)."""
+  after its examples. One mask is returned as it is (``_masked`` checks it). ``c``: the
+  record with its leading axes pooled (``leading_axes_pooled``)."""
   if len(masks) == 1:
     return masks[0]
-  p = leading_axes_pooled(c)
-  x, ax = p.inputs, p.batch_axis
-  if ax is None or ax != p.stack or x.shape[ax] != masks[0].shape[0] * p.time_steps:
+  x, ax = c.inputs, c.batch_axis
+  if ax is None or ax != c.stack or x.shape[ax] != masks[0].shape[0] * c.time_steps:
     return masks[0]  # `_masked` raises, naming why the rows cannot be matched
-  if p.time_steps > 1:
-    length = p.time_steps
-  elif _axis_role(p, ax + 1) == "row":
+  if c.time_steps > 1:
+    length = c.time_steps
+  elif _axis_role(c, ax + 1) == "row":
     length = x.shape[ax + 1]
   else:
     length = None
@@ -195,12 +207,29 @@ def _pick(path: str, i: int, c: Captured, masks: tuple[jax.Array, ...]) -> jax.A
       f"{path!r})`, and leave it out of this one with `where=`")
 
 
+def _attention_heads(activations: Activations) -> frozenset[tuple[int, ...]]:
+  """The ``(H, head_dim)`` of every multi-head attention output projection among the records:
+  a dense layer contracting its inputs' last two axes (``(B, T, H, head_dim)``: Flax's and
+  NNX's attention ``out``, a ``DenseGeneral(axis=(-2, -1))``)."""
+  heads = set()
+  for records in activations.values():
+    for c in records if isinstance(records, (tuple, list)) else ():
+      if (isinstance(c, Captured) and c.kind == "dense" and c.config and c.inputs.ndim >= 3
+          and {a % c.inputs.ndim for a in c.config[0]}
+          == {c.inputs.ndim - 2, c.inputs.ndim - 1}):
+        heads.add(tuple(c.inputs.shape[-2:]))
+  return frozenset(heads)
+
+
 def _masked(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int = 1,
-            selected: bool = False, filtered: bool = False) -> Captured:
-  """The record with the weights of its rows (``Captured.row_mask``); ``n_calls``: the
-  layer's number of calls, ``selected``: whether ``calls=`` chose this one, ``filtered``:
-  whether ``where=`` chose the layer (for the hints)."""
-  c = leading_axes_pooled(c)
+            selected: bool = False, filtered: bool = False,
+            heads: frozenset[tuple[int, ...]] = frozenset()) -> Captured:
+  """The record ``c`` (its leading axes pooled, ``leading_axes_pooled``) with the weights of
+  its rows (``Captured.row_mask``); ``n_calls``: the layer's number of calls, ``selected``:
+  whether ``calls=`` chose this one, ``filtered``: whether ``where=`` chose the layer (for the
+  hints); ``heads``: the ``(H, head_dim)`` of the model's attention (``_attention_heads``),
+  whose per-head layers on ``(B, T, H, head_dim)`` have no pairs of tokens even when
+  ``H == T``."""
   x, ax = c.inputs, c.batch_axis
 
   def fail(why: str):
@@ -259,7 +288,8 @@ def _masked(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int = 1,
       fail(f"the mask is one of pairs of tokens, and the layer's axis {ax + 2} is not a row "
            f"axis of {mask.shape[2]} tokens (a layer on (B, T, D) tokens takes a (B, T) mask; "
            "mask each kind of layer with its own mask, `where=`)")
-    if mask.ndim == 2 and _axis_role(c, ax + 2) == "row" and x.shape[ax + 2] == mask.shape[1]:
+    if (mask.ndim == 2 and _axis_role(c, ax + 2) == "row" and x.shape[ax + 2] == mask.shape[1]
+        and tuple(x.shape[ax + 2:]) not in heads):
       warnings.warn(
           f"sngd: with_row_mask: layer {path!r} (call {i}): its inputs of shape "
           f"{tuple(x.shape)} have two row axes of the mask's {mask.shape[1]} tokens after the "
@@ -267,7 +297,9 @@ def _masked(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int = 1,
           f"weighs row (b, i, j) by mask[b, i] alone, so pairs with a padding token j count. "
           "For pairs of real tokens give this layer the (B, T, T) mask "
           "`mask[:, :, None] * mask[:, None, :]` (`where=lambda path: path == "
-          f"{path!r}`)", stacklevel=caller_stacklevel())
+          f"{path!r}`). (A head axis of as many heads as tokens is no pair: (B, T, H, ...) "
+          "inputs are weighed right, by their token; (B, H, T, ...) ones are not, by their "
+          "head: keep the tokens right after the examples.)", stacklevel=caller_stacklevel())
     shape[ax:ax + mask.ndim] = mask.shape
     return dataclasses.replace(c, row_mask=mask.reshape(shape))
   if role == "positions":
