@@ -301,6 +301,98 @@ def test_shared_tied_table_is_preconditioned_as_both_layers():
     tx.update(grads, tx.init(params), params, activations=acts)
 
 
+class SharedLinear(eqx.Module):
+  """Two Linear layers with one weight (``eqx.nn.Shared`` ties the weight alone): ``first``
+  with ``bias_first`` or bias-free, ``second`` with its own bias."""
+  shared: eqx.nn.Shared
+
+  def __init__(self, key, bias_first):
+    k = jax.random.split(key, 2)
+    first = eqx.nn.Linear(3, 3, use_bias=bias_first, key=k[0], dtype=jnp.float64)
+    second = eqx.nn.Linear(3, 3, key=k[1], dtype=jnp.float64)
+    self.shared = eqx.nn.Shared((first, second), where=lambda p: p[1].weight,
+                                get=lambda p: p[0].weight)
+
+  def __call__(self, x):
+    first, second = self.shared()
+    return second(jnp.tanh(first(x)))
+
+
+def _shared_linear_loss(model, x):
+  return jnp.sum(jnp.sin(jax.vmap(model)(x)))
+
+
+def test_a_weight_shared_by_two_linears_pools_both_calls():
+  """``eqx.nn.Shared`` tying the weights of two Linear layers, the first bias-free: the
+  weight's local Fisher pools the inputs of both calls, ``G = (X_1^T X_1 + X_2^T X_2) / 2n``,
+  applied to the sum of both uses' gradients; the second layer's own bias passes through."""
+  model = SharedLinear(KEYS[3], bias_first=False)
+  x = jax.random.normal(KEYS[4], (7, 3), jnp.float64)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    grads, updates, acts = _one_update(_shared_linear_loss, model, x)
+  assert set(acts) == {"shared/pytree/0"} and len(acts["shared/pytree/0"]) == 2
+  w = np64(model.shared.pytree[0].weight)
+  h = np.tanh(np64(x) @ w.T)
+  _check_linear(np.concatenate([np64(x), h]), grads.shared.pytree[0],
+                updates.shared.pytree[0], "shared weight", bias=None)
+  np.testing.assert_array_equal(np64(updates.shared.pytree[1].bias),
+                                np64(grads.shared.pytree[1].bias))
+
+
+def test_a_shared_weight_read_with_another_bias_warns_with_the_fix():
+  """Both Linear layers with a bias: the second call's rows pool into the first layer's
+  factor as ``[x; 1]``, though the first layer's bias has no part in that call. Capture
+  says so, naming the layer and the fixes (before: silent)."""
+  model = SharedLinear(KEYS[3], bias_first=True)
+  x = jax.random.normal(KEYS[4], (7, 3), jnp.float64)
+  with pytest.warns(UserWarning, match=r"weight of layer 'shared/pytree/0' is also read by a "
+                    r"module with its own bias 'shared/pytree/1/bias'.*Tie the biases too.*"
+                    r"fisher=\{'shared/pytree/0': None\}"):
+    sngd_jax.capture_eqx(_shared_linear_loss)(model, x)
+
+
+class TiedAutoencoder(eqx.Module):
+  """The decoder's weight is the encoder's transposed, through ``eqx.nn.Shared``'s ``get``
+  (the transpose Equinox's documentation shows)."""
+  shared: eqx.nn.Shared
+
+  def __init__(self, key):
+    k = jax.random.split(key, 2)
+    enc = eqx.nn.Linear(4, 2, key=k[0], dtype=jnp.float64)
+    dec = eqx.nn.Linear(2, 4, use_bias=False, key=k[1], dtype=jnp.float64)
+    self.shared = eqx.nn.Shared((enc, dec), where=lambda p: p[1].weight,
+                                get=lambda p: jnp.transpose(p[0].weight))
+
+  def __call__(self, x):
+    enc, dec = self.shared()
+    return dec(jnp.tanh(enc(x)))
+
+
+def test_a_transposed_shared_weight_warns_naming_the_param_and_the_fix():
+  """The decoder's use of the transposed weight is not captured: capture names the param and
+  ``fisher={layer: None}`` (it used to say it could not name a ``Linear (weight (4, 2))``
+  and that ``update`` would report the layer as not captured, which it did not: the
+  encoder's own calls are the factor). The update is that factor's damped solve of both
+  uses' summed gradient; with the fix the weight passes through."""
+  model = TiedAutoencoder(KEYS[5])
+  x = jax.random.normal(KEYS[6], (9, 4), jnp.float64)
+  loss = lambda m, x: jnp.sum((jax.vmap(m)(x) - x) ** 2)
+  with pytest.warns(UserWarning) as record:
+    grads, updates, acts = _one_update(loss, model, x)
+  messages = [str(w.message) for w in record]
+  assert not any("could not name" in m for m in messages), messages
+  assert any("reads a copy of param 'shared/pytree/0/weight' that the `get` of an "
+             "`eqx.nn.Shared` computes" in m
+             and "`fisher={'shared/pytree/0': None}`" in m for m in messages), messages
+  assert set(acts) == {"shared/pytree/0"} and len(acts["shared/pytree/0"]) == 1
+  _check_linear(np64(x), grads.shared.pytree[0], updates.shared.pytree[0], "encoder")
+  params = eqx.filter(model, eqx.is_inexact_array)
+  tx = sngd_jax.sngd(fisher={"shared/pytree/0": None})
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  np.testing.assert_array_equal(updates.shared.pytree[0].weight, grads.shared.pytree[0].weight)
+
+
 def test_frozen_half_of_eqx_partition_is_left_out_without_a_warning():
   """Equinox's way to freeze layers: ``eqx.partition`` with a filter spec, the trained half
   differentiated, the frozen half passed as the loss's second argument. The frozen layers'
