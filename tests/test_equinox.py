@@ -65,6 +65,25 @@ def test_mlp_under_vmap():
     h = np.maximum(z, 0.0)
 
 
+@pytest.mark.parametrize("batch_size", [None, 4])
+def test_lax_map_over_the_batch_pools_every_example(batch_size):
+  """``jax.lax.map(model, x)`` in place of ``jax.vmap`` (less memory; with ``batch_size``, a
+  scan over vmapped chunks and a vmapped remainder): every example is a row, as under
+  ``jax.vmap`` (it used to leave the records inside JAX's own scan: a warning, and ``update``
+  raised that no activations were captured)."""
+  model = eqx.nn.MLP(4, 3, 6, 2, key=KEYS[0], dtype=jnp.float64)
+  x = jax.random.normal(KEYS[1], (10, 4), jnp.float64)
+  loss = lambda m, x: jnp.sum(jnp.sin(jax.lax.map(m, x, batch_size=batch_size)))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    grads, updates, acts = _one_update(loss, model, x)
+  assert set(acts) == {"layers/0", "layers/1", "layers/2"}
+  h = np64(x)
+  for i, layer in enumerate(model.layers):
+    _check_linear(h, grads.layers[i], updates.layers[i], f"layers/{i}")
+    h = np.maximum(h @ np64(layer.weight).T + np64(layer.bias), 0.0)
+
+
 def test_multi_transform_gives_the_last_layer_to_adam():
   """``optax.multi_transform`` over an Equinox MLP: SNGD on the first two layers, Adam on the
   last (its ``weight`` and ``bias`` are ``MaskedNode``s to SNGD, its activations ignored).
