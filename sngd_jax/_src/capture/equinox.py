@@ -180,14 +180,15 @@ class _SharedUses:
     """Notes the arrays that ``shared.get`` computed (``out``: what ``shared()`` returned)
     with the param each one depends on, found from the jaxpr of ``get``."""
     eqx = _equinox()
-    targets = jax.tree.leaves(shared.where(out))
+    targets = [t for t in jax.tree.leaves(shared.where(out)) if eqx.is_array(t)]
     if all(rec.trace(t)[1] is not None for t in targets):
-      return  # every tied node is a param itself: its calls are named by its path
+      return  # every tied array is a param itself: its calls are named by its path
     dynamic, static = eqx.partition(shared.pytree, eqx.is_array)
     leaves, treedef = jax.tree.flatten(dynamic)
 
     def get(*values):
-      return jax.tree.leaves(shared.get(eqx.combine(jax.tree.unflatten(treedef, values), static)))
+      tied = shared.get(eqx.combine(jax.tree.unflatten(treedef, values), static))
+      return [t for t in jax.tree.leaves(tied) if eqx.is_array(t)]
 
     jaxpr = jax.make_jaxpr(get)(*leaves).jaxpr
     deps: dict[Any, set[int]] = {v: {i} for i, v in enumerate(jaxpr.invars)}
