@@ -412,6 +412,33 @@ def test_a_transposed_shared_weight_warns_naming_the_param_and_the_fix():
   np.testing.assert_array_equal(updates.shared.pytree[0].weight, grads.shared.pytree[0].weight)
 
 
+class Named(eqx.Module):
+  lin: eqx.nn.Linear
+  name: str
+
+  def __call__(self, x):
+    return self.lin(x)
+
+
+def test_a_transposed_shared_weight_tied_with_a_non_array_field():
+  """``Shared`` tying a computed weight together with a field that is no array (a name): the
+  param is found from the array leaves of ``get`` (it used to crash in ``make_jaxpr``, which
+  returns no string)."""
+  k = jax.random.split(KEYS[5], 2)
+  pair = (Named(eqx.nn.Linear(4, 2, key=k[0], dtype=jnp.float64), "enc"),
+          Named(eqx.nn.Linear(2, 4, use_bias=False, key=k[1], dtype=jnp.float64), "dec"))
+  shared = eqx.nn.Shared(pair, where=lambda p: (p[1].lin.weight, p[1].name),
+                         get=lambda p: (p[0].lin.weight.T, "dec"))
+
+  def loss(shared, x):
+    enc, dec = shared()
+    return jnp.sum(jax.vmap(lambda v: dec(jnp.tanh(enc(v))))(x))
+
+  with pytest.warns(UserWarning, match=r"reads a copy of param 'pytree/0/lin/weight'"):
+    _, acts = sngd_jax.capture_eqx(loss)(shared, jnp.ones((3, 4), jnp.float64))
+  assert set(acts) == {"pytree/0/lin"}
+
+
 def test_frozen_half_of_eqx_partition_is_left_out_without_a_warning():
   """Equinox's way to freeze layers: ``eqx.partition`` with a filter spec, the trained half
   differentiated, the frozen half passed as the loss's second argument. The frozen layers'
