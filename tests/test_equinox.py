@@ -224,6 +224,32 @@ def test_recurrent_cell_under_users_scan_pools_every_step(cell_type):
     np.testing.assert_array_equal(np64(updates.bias_n), np64(grads.bias_n))
 
 
+def test_layers_called_by_keyword():
+  """``cell(input=x, hidden=h)`` and ``linear(x=h)``, the names of Equinox's signatures: the
+  same rows as positional calls (the recorders read ``args[0]``, ``args[1]``: IndexError)."""
+  cell = eqx.nn.GRUCell(4, 3, key=KEYS[4], dtype=jnp.float64)
+  head = eqx.nn.Linear(3, 2, key=KEYS[5], dtype=jnp.float64)
+  xs = jax.random.normal(KEYS[6], (3, 5, 4), jnp.float64)
+
+  def loss(model, xs):
+    cell, head = model
+
+    def sequence(x_seq):
+      step = lambda h, x: (cell(input=x, hidden=h), None)
+      final, _ = jax.lax.scan(step, jnp.zeros(cell.hidden_size, jnp.float64), x_seq)
+      return head(x=final)
+    return jnp.sum(jnp.sin(jax.vmap(sequence)(xs)))
+
+  grads, updates, acts = _one_update(loss, (cell, head), xs)
+  assert set(acts) == {"0/weight_ih", "0/weight_hh", "1"}
+  x_rows, h_rows = _cell_rows(cell, xs)
+  _check_linear(x_rows, grads[0], updates[0], "ih", weight="weight_ih")
+  _check_linear(h_rows, grads[0], updates[0], "hh", weight="weight_hh", bias=None)
+  finals = jax.vmap(lambda s: jax.lax.scan(lambda h, x: (cell(x, h), None),
+                                           jnp.zeros(3, jnp.float64), s)[0])(xs)
+  _check_linear(np64(finals), grads[1], updates[1], "head")
+
+
 class Tokens(eqx.Module):
   emb: eqx.nn.Embedding
   ln: eqx.nn.LayerNorm

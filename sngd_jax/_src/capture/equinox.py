@@ -78,8 +78,13 @@ def _first(out: Any) -> Any:
   return out[0] if isinstance(out, tuple) else out
 
 
+def _arg(args: tuple, kwargs: dict, i: int, name: str) -> Any:
+  """Argument ``i`` of a layer call, passed by position or by its name ``name``."""
+  return args[i] if len(args) > i else kwargs[name]
+
+
 def _linear(module, args, kwargs, out) -> list[_Call]:
-  x, z = args[0], out
+  x, z = _arg(args, kwargs, 0, "x"), out
   if module.in_features == "scalar":
     x = jnp.reshape(x, (1,))
   if module.out_features == "scalar":
@@ -92,7 +97,7 @@ def _channels_last(a: jax.Array) -> jax.Array:
 
 
 def _conv(module, args, kwargs, out) -> list[_Call]:
-  x = args[0]
+  x = _arg(args, kwargs, 0, "x")
   r = module.num_spatial_dims
   if module.padding_mode != "ZEROS":
     x, padding = module._nonzero_pad(x), "VALID"
@@ -105,7 +110,7 @@ def _conv(module, args, kwargs, out) -> list[_Call]:
 
 def _conv_transpose(module, args, kwargs, out) -> list[_Call]:
   # A transposed convolution is the convolution of the stride-dilated input.
-  x = args[0]
+  x = _arg(args, kwargs, 0, "x")
   r = module.num_spatial_dims
   padding = module._padding_transpose()
   if module.padding_mode == "CIRCULAR":
@@ -116,7 +121,7 @@ def _conv_transpose(module, args, kwargs, out) -> list[_Call]:
 
 
 def _embedding(module, args, kwargs, out) -> list[_Call]:
-  return [(None, module.weight, args[0], out, "embed", ())]
+  return [(None, module.weight, _arg(args, kwargs, 0, "x"), out, "embed", ())]
 
 
 def _norm(call: Callable) -> Callable:
@@ -138,7 +143,7 @@ def _norm(call: Callable) -> Callable:
 
 
 def _cell(module, args, kwargs, out) -> list[_Call]:
-  x, hidden = args[0], args[1]
+  x, hidden = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "hidden")
   h = hidden[0] if isinstance(hidden, tuple) else hidden
   z_ih = module.weight_ih @ x
   if module.bias is not None:
