@@ -517,6 +517,41 @@ def test_a_jit_inside_the_captured_function_warns():
   assert not acts
 
 
+@pytest.mark.parametrize("wrapper", ["WeightNorm", "SpectralNorm"])
+def test_a_reparametrized_weight_warns_naming_the_layer(wrapper):
+  """``eqx.nn.WeightNorm`` / ``SpectralNorm`` call the Linear with a weight computed from its
+  param: not captured. The warning names the layer by the path of its bias (it said
+  ``Linear (weight (4, 3))``), and ``update`` raises naming it until ``fisher={path: None}``,
+  which passes its gradient through; the head gets its float64 reference update."""
+  inner = eqx.nn.Linear(3, 4, key=KEYS[0], dtype=jnp.float64)
+  if wrapper == "WeightNorm":
+    layer, state = eqx.nn.WeightNorm(inner), None
+  else:
+    layer, state = eqx.nn.make_with_state(eqx.nn.SpectralNorm)(inner, "weight", key=KEYS[2])
+  model = (layer, eqx.nn.Linear(4, 2, key=KEYS[1], dtype=jnp.float64))
+  x = jax.random.normal(KEYS[3], (5, 3), jnp.float64)
+
+  def hidden(m, v):
+    # a fresh copy of the state for each call: an Equinox State is used up by a call
+    return m[0](v) if state is None else m[0](v, jax.tree.map(lambda a: a, state))[0]
+
+  def loss(m, x):
+    return jnp.sum(jnp.sin(jax.vmap(lambda v: m[1](jnp.tanh(hidden(m, v))))(x)))
+
+  with pytest.warns(UserWarning, match=r"could not name 1 layer call\(s\) \(Linear "
+                    r"'0/layer' \(weight \(4, 3\)\)\).*eqx.nn.WeightNorm"):
+    (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(loss), has_aux=True)(
+        model, x)
+  params = eqx.filter(model, eqx.is_inexact_array)
+  with pytest.raises(ValueError, match=r"no activations were captured for layer '0/layer'"):
+    sngd_jax.sngd().update(grads, sngd_jax.sngd().init(params), params, activations=acts)
+  tx = exact_sngd(**ref.one_step_kwargs(), fisher={"0/layer": None})
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  np.testing.assert_array_equal(updates[0].layer.weight, grads[0].layer.weight)
+  h = np.tanh(np64(jax.vmap(lambda v: hidden(model, v))(x)))
+  _check_linear(h, grads[1], updates[1], "head")
+
+
 def test_group_norm_and_batch_norm():
   gn = eqx.nn.GroupNorm(2, 4, dtype=jnp.float64)
   bn = eqx.nn.BatchNorm(4, axis_name="batch", mode="batch", dtype=jnp.float64)

@@ -276,6 +276,19 @@ def _shared_calls(rec: Recorder, models: Any, shared: _SharedUses) -> Iterator[N
     cls.__call__ = original
 
 
+def _module_path(rec: Recorder, module: Any, weight: Any) -> Optional[str]:
+  """The path of ``module`` in the model, from another array field of it that is a param (the
+  bias of a layer whose weight ``eqx.nn.WeightNorm`` or ``SpectralNorm`` computes), or None."""
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(module)[0]:
+    if leaf is weight or not isinstance(leaf, jax.Array):
+      continue
+    parts = rec.trace(leaf)[1]
+    own = paths.leaf_parts(key_path)
+    if parts is not None and parts[len(parts) - len(own):] == own:
+      return paths.join(parts[:len(parts) - len(own)])
+  return None
+
+
 def _wrap(rec: Recorder, original: Callable, recorder: Any, unnamed: dict[str, None],
           tables: frozenset[int], frozen: OtherArgs, shared: _SharedUses) -> Callable:
   if recorder == "norm":
@@ -295,7 +308,9 @@ def _wrap(rec: Recorder, original: Callable, recorder: Any, unnamed: dict[str, N
         if source is not None:  # computed from a param by eqx.nn.Shared's `get`
           shared.computed_uses[source] = type(self).__name__
           continue
-        unnamed[f"{type(self).__name__} (weight {getattr(weight, 'shape', None)})"] = None
+        where = _module_path(rec, self, weight)
+        unnamed[f"{type(self).__name__}{'' if where is None else f' {where!r}'} (weight "
+                f"{getattr(weight, 'shape', None)})"] = None
         continue
       if kind == "dense" and id(weight) in tables:
         # an Embedding's table read by a Linear (eqx.nn.Shared): the output layer h E^T,
@@ -511,7 +526,8 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool 
           "captured function's first argument, as when the model goes through a `jax.jit` "
           "or `eqx.filter_jit` inside the captured function (jit the whole training step "
           "instead), or the layer is made inside the loss or its weight computed from the "
-          "params (a transposed copy, or a cast made outside the declared module's `__call__`, "
+          "params (by `eqx.nn.WeightNorm` or `eqx.nn.SpectralNorm`, a transposed copy, or a "
+          "cast made outside the declared module's `__call__`, "
           "passed to `sngd_jax.dense`: pass the field or its cast there). They are not "
           "captured, and `update` reports their "
           "layers as not captured; pass `fisher={path: None}` to leave such a layer to the next "
