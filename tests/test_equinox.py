@@ -65,6 +65,25 @@ def test_mlp_under_vmap():
     h = np.maximum(z, 0.0)
 
 
+@pytest.mark.parametrize("batch_size", [None, 4])
+def test_lax_map_over_the_batch_pools_every_example(batch_size):
+  """``jax.lax.map(model, x)`` in place of ``jax.vmap`` (less memory; with ``batch_size``, a
+  scan over vmapped chunks and a vmapped remainder): every example is a row, as under
+  ``jax.vmap`` (it used to leave the records inside JAX's own scan: a warning, and ``update``
+  raised that no activations were captured)."""
+  model = eqx.nn.MLP(4, 3, 6, 2, key=KEYS[0], dtype=jnp.float64)
+  x = jax.random.normal(KEYS[1], (10, 4), jnp.float64)
+  loss = lambda m, x: jnp.sum(jnp.sin(jax.lax.map(m, x, batch_size=batch_size)))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    grads, updates, acts = _one_update(loss, model, x)
+  assert set(acts) == {"layers/0", "layers/1", "layers/2"}
+  h = np64(x)
+  for i, layer in enumerate(model.layers):
+    _check_linear(h, grads.layers[i], updates.layers[i], f"layers/{i}")
+    h = np.maximum(h @ np64(layer.weight).T + np64(layer.bias), 0.0)
+
+
 def test_multi_transform_gives_the_last_layer_to_adam():
   """``optax.multi_transform`` over an Equinox MLP: SNGD on the first two layers, Adam on the
   last (its ``weight`` and ``bias`` are ``MaskedNode``s to SNGD, its activations ignored).
@@ -205,6 +224,32 @@ def test_recurrent_cell_under_users_scan_pools_every_step(cell_type):
     np.testing.assert_array_equal(np64(updates.bias_n), np64(grads.bias_n))
 
 
+def test_layers_called_by_keyword():
+  """``cell(input=x, hidden=h)`` and ``linear(x=h)``, the names of Equinox's signatures: the
+  same rows as positional calls (the recorders read ``args[0]``, ``args[1]``: IndexError)."""
+  cell = eqx.nn.GRUCell(4, 3, key=KEYS[4], dtype=jnp.float64)
+  head = eqx.nn.Linear(3, 2, key=KEYS[5], dtype=jnp.float64)
+  xs = jax.random.normal(KEYS[6], (3, 5, 4), jnp.float64)
+
+  def loss(model, xs):
+    cell, head = model
+
+    def sequence(x_seq):
+      step = lambda h, x: (cell(input=x, hidden=h), None)
+      final, _ = jax.lax.scan(step, jnp.zeros(cell.hidden_size, jnp.float64), x_seq)
+      return head(x=final)
+    return jnp.sum(jnp.sin(jax.vmap(sequence)(xs)))
+
+  grads, updates, acts = _one_update(loss, (cell, head), xs)
+  assert set(acts) == {"0/weight_ih", "0/weight_hh", "1"}
+  x_rows, h_rows = _cell_rows(cell, xs)
+  _check_linear(x_rows, grads[0], updates[0], "ih", weight="weight_ih")
+  _check_linear(h_rows, grads[0], updates[0], "hh", weight="weight_hh", bias=None)
+  finals = jax.vmap(lambda s: jax.lax.scan(lambda h, x: (cell(x, h), None),
+                                           jnp.zeros(3, jnp.float64), s)[0])(xs)
+  _check_linear(np64(finals), grads[1], updates[1], "head")
+
+
 class Tokens(eqx.Module):
   emb: eqx.nn.Embedding
   ln: eqx.nn.LayerNorm
@@ -301,6 +346,125 @@ def test_shared_tied_table_is_preconditioned_as_both_layers():
     tx.update(grads, tx.init(params), params, activations=acts)
 
 
+class SharedLinear(eqx.Module):
+  """Two Linear layers with one weight (``eqx.nn.Shared`` ties the weight alone): ``first``
+  with ``bias_first`` or bias-free, ``second`` with its own bias."""
+  shared: eqx.nn.Shared
+
+  def __init__(self, key, bias_first):
+    k = jax.random.split(key, 2)
+    first = eqx.nn.Linear(3, 3, use_bias=bias_first, key=k[0], dtype=jnp.float64)
+    second = eqx.nn.Linear(3, 3, key=k[1], dtype=jnp.float64)
+    self.shared = eqx.nn.Shared((first, second), where=lambda p: p[1].weight,
+                                get=lambda p: p[0].weight)
+
+  def __call__(self, x):
+    first, second = self.shared()
+    return second(jnp.tanh(first(x)))
+
+
+def _shared_linear_loss(model, x):
+  return jnp.sum(jnp.sin(jax.vmap(model)(x)))
+
+
+def test_a_weight_shared_by_two_linears_pools_both_calls():
+  """``eqx.nn.Shared`` tying the weights of two Linear layers, the first bias-free: the
+  weight's local Fisher pools the inputs of both calls, ``G = (X_1^T X_1 + X_2^T X_2) / 2n``,
+  applied to the sum of both uses' gradients; the second layer's own bias passes through."""
+  model = SharedLinear(KEYS[3], bias_first=False)
+  x = jax.random.normal(KEYS[4], (7, 3), jnp.float64)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    grads, updates, acts = _one_update(_shared_linear_loss, model, x)
+  assert set(acts) == {"shared/pytree/0"} and len(acts["shared/pytree/0"]) == 2
+  w = np64(model.shared.pytree[0].weight)
+  h = np.tanh(np64(x) @ w.T)
+  _check_linear(np.concatenate([np64(x), h]), grads.shared.pytree[0],
+                updates.shared.pytree[0], "shared weight", bias=None)
+  np.testing.assert_array_equal(np64(updates.shared.pytree[1].bias),
+                                np64(grads.shared.pytree[1].bias))
+
+
+def test_a_shared_weight_read_with_another_bias_warns_with_the_fix():
+  """Both Linear layers with a bias: the second call's rows pool into the first layer's
+  factor as ``[x; 1]``, though the first layer's bias has no part in that call. Capture
+  says so, naming the layer and the fixes (before: silent)."""
+  model = SharedLinear(KEYS[3], bias_first=True)
+  x = jax.random.normal(KEYS[4], (7, 3), jnp.float64)
+  with pytest.warns(UserWarning, match=r"weight of layer 'shared/pytree/0' is also read by a "
+                    r"module with its own bias 'shared/pytree/1/bias'.*Tie the biases too.*"
+                    r"fisher=\{'shared/pytree/0': None\}"):
+    sngd_jax.capture_eqx(_shared_linear_loss)(model, x)
+
+
+class TiedAutoencoder(eqx.Module):
+  """The decoder's weight is the encoder's transposed, through ``eqx.nn.Shared``'s ``get``
+  (the transpose Equinox's documentation shows)."""
+  shared: eqx.nn.Shared
+
+  def __init__(self, key):
+    k = jax.random.split(key, 2)
+    enc = eqx.nn.Linear(4, 2, key=k[0], dtype=jnp.float64)
+    dec = eqx.nn.Linear(2, 4, use_bias=False, key=k[1], dtype=jnp.float64)
+    self.shared = eqx.nn.Shared((enc, dec), where=lambda p: p[1].weight,
+                                get=lambda p: jnp.transpose(p[0].weight))
+
+  def __call__(self, x):
+    enc, dec = self.shared()
+    return dec(jnp.tanh(enc(x)))
+
+
+def test_a_transposed_shared_weight_warns_naming_the_param_and_the_fix():
+  """The decoder's use of the transposed weight is not captured: capture names the param and
+  ``fisher={layer: None}`` (it used to say it could not name a ``Linear (weight (4, 2))``
+  and that ``update`` would report the layer as not captured, which it did not: the
+  encoder's own calls are the factor). The update is that factor's damped solve of both
+  uses' summed gradient; with the fix the weight passes through."""
+  model = TiedAutoencoder(KEYS[5])
+  x = jax.random.normal(KEYS[6], (9, 4), jnp.float64)
+  loss = lambda m, x: jnp.sum((jax.vmap(m)(x) - x) ** 2)
+  with pytest.warns(UserWarning) as record:
+    grads, updates, acts = _one_update(loss, model, x)
+  messages = [str(w.message) for w in record]
+  assert not any("could not name" in m for m in messages), messages
+  assert any("reads a copy of param 'shared/pytree/0/weight' that the `get` of an "
+             "`eqx.nn.Shared` computes" in m
+             and "`fisher={'shared/pytree/0': None}`" in m for m in messages), messages
+  assert set(acts) == {"shared/pytree/0"} and len(acts["shared/pytree/0"]) == 1
+  _check_linear(np64(x), grads.shared.pytree[0], updates.shared.pytree[0], "encoder")
+  params = eqx.filter(model, eqx.is_inexact_array)
+  tx = sngd_jax.sngd(fisher={"shared/pytree/0": None})
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  np.testing.assert_array_equal(updates.shared.pytree[0].weight, grads.shared.pytree[0].weight)
+
+
+class Named(eqx.Module):
+  lin: eqx.nn.Linear
+  name: str
+
+  def __call__(self, x):
+    return self.lin(x)
+
+
+def test_a_transposed_shared_weight_tied_with_a_non_array_field():
+  """``Shared`` tying a computed weight together with a field that is no array (a name): the
+  param is found from the array leaves of ``get`` (it used to crash in ``make_jaxpr``, which
+  returns no string)."""
+  k = jax.random.split(KEYS[5], 2)
+  pair = (Named(eqx.nn.Linear(4, 2, key=k[0], dtype=jnp.float64), "enc"),
+          Named(eqx.nn.Linear(2, 4, use_bias=False, key=k[1], dtype=jnp.float64), "dec"))
+  shared = eqx.nn.Shared(pair, where=lambda p: (p[1].lin.weight, p[1].name),
+                         get=lambda p: (p[0].lin.weight.T, "dec"))
+
+  def loss(shared, x):
+    enc, dec = shared()
+    return jnp.sum(jax.vmap(lambda v: dec(jnp.tanh(enc(v))))(x))
+
+  with pytest.warns(UserWarning, match=r"reads a copy of param 'pytree/0/lin/weight'"):
+    _, acts = sngd_jax.capture_eqx(loss)(shared, jnp.ones((3, 4), jnp.float64))
+  assert set(acts) == {"pytree/0/lin"}
+
+
 def test_frozen_half_of_eqx_partition_is_left_out_without_a_warning():
   """Equinox's way to freeze layers: ``eqx.partition`` with a filter spec, the trained half
   differentiated, the frozen half passed as the loss's second argument. The frozen layers'
@@ -351,6 +515,41 @@ def test_a_jit_inside_the_captured_function_warns():
   with pytest.warns(UserWarning, match=r"could not name 2 layer call\(s\).*eqx.filter_jit"):
     _, acts = sngd_jax.capture_eqx(loss)(model, jnp.ones((5, 3)))
   assert not acts
+
+
+@pytest.mark.parametrize("wrapper", ["WeightNorm", "SpectralNorm"])
+def test_a_reparametrized_weight_warns_naming_the_layer(wrapper):
+  """``eqx.nn.WeightNorm`` / ``SpectralNorm`` call the Linear with a weight computed from its
+  param: not captured. The warning names the layer by the path of its bias (it said
+  ``Linear (weight (4, 3))``), and ``update`` raises naming it until ``fisher={path: None}``,
+  which passes its gradient through; the head gets its float64 reference update."""
+  inner = eqx.nn.Linear(3, 4, key=KEYS[0], dtype=jnp.float64)
+  if wrapper == "WeightNorm":
+    layer, state = eqx.nn.WeightNorm(inner), None
+  else:
+    layer, state = eqx.nn.make_with_state(eqx.nn.SpectralNorm)(inner, "weight", key=KEYS[2])
+  model = (layer, eqx.nn.Linear(4, 2, key=KEYS[1], dtype=jnp.float64))
+  x = jax.random.normal(KEYS[3], (5, 3), jnp.float64)
+
+  def hidden(m, v):
+    # a fresh copy of the state for each call: an Equinox State is used up by a call
+    return m[0](v) if state is None else m[0](v, jax.tree.map(lambda a: a, state))[0]
+
+  def loss(m, x):
+    return jnp.sum(jnp.sin(jax.vmap(lambda v: m[1](jnp.tanh(hidden(m, v))))(x)))
+
+  with pytest.warns(UserWarning, match=r"could not name 1 layer call\(s\) \(Linear "
+                    r"'0/layer' \(weight \(4, 3\)\)\).*eqx.nn.WeightNorm"):
+    (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(loss), has_aux=True)(
+        model, x)
+  params = eqx.filter(model, eqx.is_inexact_array)
+  with pytest.raises(ValueError, match=r"no activations were captured for layer '0/layer'"):
+    sngd_jax.sngd().update(grads, sngd_jax.sngd().init(params), params, activations=acts)
+  tx = exact_sngd(**ref.one_step_kwargs(), fisher={"0/layer": None})
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  np.testing.assert_array_equal(updates[0].layer.weight, grads[0].layer.weight)
+  h = np.tanh(np64(jax.vmap(lambda v: hidden(model, v))(x)))
+  _check_linear(h, grads[1], updates[1], "head")
 
 
 def test_group_norm_and_batch_norm():

@@ -20,6 +20,12 @@ of another argument (the frozen half of ``eqx.partition``, passed next to the
 trained half as Equinox's examples do) is a frozen layer: it is left out without
 a warning, as ``update`` never sees its parameters.
 
+A weight tied by ``eqx.nn.Shared`` is the same array in both layers, so both layers' calls
+are recorded under its path (pooled). Two uses it cannot model are named in a warning: a
+weight that ``Shared``'s ``get`` computes (a transpose; its param is found from the jaxpr of
+``get``), whose use is not recorded, and a call that adds another bias (or none) than the
+bias of the weight's own layer, whose rows ``[x; 1]`` count that bias.
+
 A hand-written module whose class ``sngd_jax.dense_layer`` declared records its
 ``sngd_jax.dense`` calls as an ``eqx.nn.Linear`` call (``_custom_dense``), named by the
 path of its declared weight.
@@ -35,6 +41,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jex_core
 
 from sngd_jax._src import layer_spec, paths
 from sngd_jax._src.capture import custom, transforms
@@ -71,8 +78,13 @@ def _first(out: Any) -> Any:
   return out[0] if isinstance(out, tuple) else out
 
 
+def _arg(args: tuple, kwargs: dict, i: int, name: str) -> Any:
+  """Argument ``i`` of a layer call, passed by position or by its name ``name``."""
+  return args[i] if len(args) > i else kwargs[name]
+
+
 def _linear(module, args, kwargs, out) -> list[_Call]:
-  x, z = args[0], out
+  x, z = _arg(args, kwargs, 0, "x"), out
   if module.in_features == "scalar":
     x = jnp.reshape(x, (1,))
   if module.out_features == "scalar":
@@ -85,7 +97,7 @@ def _channels_last(a: jax.Array) -> jax.Array:
 
 
 def _conv(module, args, kwargs, out) -> list[_Call]:
-  x = args[0]
+  x = _arg(args, kwargs, 0, "x")
   r = module.num_spatial_dims
   if module.padding_mode != "ZEROS":
     x, padding = module._nonzero_pad(x), "VALID"
@@ -98,7 +110,7 @@ def _conv(module, args, kwargs, out) -> list[_Call]:
 
 def _conv_transpose(module, args, kwargs, out) -> list[_Call]:
   # A transposed convolution is the convolution of the stride-dilated input.
-  x = args[0]
+  x = _arg(args, kwargs, 0, "x")
   r = module.num_spatial_dims
   padding = module._padding_transpose()
   if module.padding_mode == "CIRCULAR":
@@ -109,7 +121,7 @@ def _conv_transpose(module, args, kwargs, out) -> list[_Call]:
 
 
 def _embedding(module, args, kwargs, out) -> list[_Call]:
-  return [(None, module.weight, args[0], out, "embed", ())]
+  return [(None, module.weight, _arg(args, kwargs, 0, "x"), out, "embed", ())]
 
 
 def _norm(call: Callable) -> Callable:
@@ -131,7 +143,7 @@ def _norm(call: Callable) -> Callable:
 
 
 def _cell(module, args, kwargs, out) -> list[_Call]:
-  x, hidden = args[0], args[1]
+  x, hidden = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "hidden")
   h = hidden[0] if isinstance(hidden, tuple) else hidden
   z_ih = module.weight_ih @ x
   if module.bias is not None:
@@ -150,8 +162,135 @@ def recorders() -> dict[type, Any]:
           nn.GroupNorm: "norm", nn.BatchNorm: "norm", nn.LSTMCell: _cell, nn.GRUCell: _cell}
 
 
+class _SharedUses:
+  """The uses of a param by another layer (``eqx.nn.Shared``) that its local Fisher cannot
+  model, noted while capturing to be named after it.
+
+  Attributes:
+    paths: the path parts of the model's array leaves.
+    computed: ``id`` of an array that ``eqx.nn.Shared``'s ``get`` computed from a param (a
+      transposed weight) -> (that array, the param's path parts).
+    computed_uses: the path of a param whose computed copy a layer read -> that layer's class.
+    foreign_bias: the path of a layer with a bias whose weight a module with another bias
+      (or none) read -> that module's bias path (None for none).
+  """
+
+  def __init__(self, paths_of_leaves: frozenset[tuple[str, ...]]):
+    self.paths = paths_of_leaves
+    self.computed: dict[int, tuple[Any, tuple[str, ...]]] = {}
+    self.computed_uses: dict[tuple[str, ...], str] = {}
+    self.foreign_bias: dict[str, Optional[str]] = {}
+
+  def note(self, rec: Recorder, shared: Any, out: Any) -> None:
+    """Notes the arrays that ``shared.get`` computed (``out``: what ``shared()`` returned)
+    with the param each one depends on, found from the jaxpr of ``get``."""
+    eqx = _equinox()
+    targets = [t for t in jax.tree.leaves(shared.where(out)) if eqx.is_array(t)]
+    if all(rec.trace(t)[1] is not None for t in targets):
+      return  # every tied array is a param itself: its calls are named by its path
+    dynamic, static = eqx.partition(shared.pytree, eqx.is_array)
+    leaves, treedef = jax.tree.flatten(dynamic)
+
+    def get(*values):
+      tied = shared.get(eqx.combine(jax.tree.unflatten(treedef, values), static))
+      return [t for t in jax.tree.leaves(tied) if eqx.is_array(t)]
+
+    jaxpr = jax.make_jaxpr(get)(*leaves).jaxpr
+    deps: dict[Any, set[int]] = {v: {i} for i, v in enumerate(jaxpr.invars)}
+    for eqn in jaxpr.eqns:
+      d = set().union(*(deps.get(v, set()) for v in eqn.invars
+                        if not isinstance(v, jex_core.Literal)))
+      deps.update((v, d) for v in eqn.outvars)
+    for target, var in zip(targets, jaxpr.outvars, strict=True):
+      if rec.trace(target)[1] is not None or isinstance(var, jex_core.Literal):
+        continue
+      sources = [rec.trace(leaves[i])[1] for i in sorted(deps.get(var, ()))]
+      sources = [parts for parts in sources if parts is not None]
+      if sources:
+        self.computed[id(target)] = (target, sources[0])
+
+  def source_of(self, rec: Recorder, weight: Any) -> Optional[tuple[str, ...]]:
+    """The path parts of the param that ``weight`` was computed from by ``eqx.nn.Shared``."""
+    for w in (weight, rec.outer(weight)):
+      entry = self.computed.get(id(w))
+      if entry is not None and entry[0] is w:
+        return entry[1]
+    return None
+
+  def check_bias(self, rec: Recorder, path: str, bias_parts: tuple[str, ...],
+                 bias: Any) -> None:
+    """Notes a call of layer ``path`` (which has the bias ``bias_parts`` when that is a
+    param) made by a module whose own bias ``bias`` is another array or None."""
+    if bias_parts not in self.paths:
+      return
+    own = None if bias is None else rec.trace(bias)[1]
+    if own != bias_parts:
+      self.foreign_bias[path] = None if own is None else paths.join(own)
+
+  def warn(self) -> None:
+    for parts, user in self.computed_uses.items():
+      param = paths.join(parts)
+      layer = paths.join(parts[:-1] if parts[-1] == "weight" else parts)
+      warnings.warn(
+          f"sngd: capture_eqx: a {user} reads a copy of param {param!r} that the `get` of an "
+          "`eqx.nn.Shared` computes (a transpose, a reshape): that use is not captured (its "
+          "rows would index another axis of the weight than its own layer's). The local "
+          f"Fisher of layer {layer!r} models its own calls only, while its gradient holds "
+          f"both uses'. Pass `fisher={{{layer!r}: None}}` to leave the weight to the next "
+          "transform, or untie the two layers (no `eqx.nn.Shared`) so that each has its own "
+          "local Fisher.", stacklevel=caller_stacklevel())
+    for path, other in self.foreign_bias.items():
+      what = "no bias" if other is None else f"its own bias {other!r}"
+      warnings.warn(
+          f"sngd: capture_eqx: the weight of layer {path!r} is also read by a module with "
+          f"{what} (`eqx.nn.Shared` tying the weight alone): that call's rows are pooled into "
+          f"the local Fisher of {path!r} as [x; 1], though its 1 stands for the bias "
+          f"'{path}/bias', which has no part in that call. Tie the biases too "
+          "(`where=lambda p: (p[1].weight, p[1].bias)`, "
+          "`get=lambda p: (p[0].weight, p[0].bias)`), make the layer at "
+          f"{path!r} bias-free (`use_bias=False`; the other bias then passes through), or "
+          f"pass `fisher={{{path!r}: None}}`.", stacklevel=caller_stacklevel())
+
+
+@contextlib.contextmanager
+def _shared_calls(rec: Recorder, models: Any, shared: _SharedUses) -> Iterator[None]:
+  """Swaps ``eqx.nn.Shared.__call__`` (when ``models`` hold one) for one that notes the
+  arrays its ``get`` computes (``_SharedUses.note``), restoring it after."""
+  cls = _equinox().nn.Shared
+  is_shared = lambda n: isinstance(n, cls)
+  if not any(is_shared(n) for n in jax.tree.leaves(models, is_leaf=is_shared)):
+    yield
+    return
+  original = cls.__dict__["__call__"]
+
+  @functools.wraps(original)
+  def call(self):
+    out = original(self)
+    shared.note(rec, self, out)
+    return out
+
+  try:
+    cls.__call__ = call
+    yield
+  finally:
+    cls.__call__ = original
+
+
+def _module_path(rec: Recorder, module: Any, weight: Any) -> Optional[str]:
+  """The path of ``module`` in the model, from another array field of it that is a param (the
+  bias of a layer whose weight ``eqx.nn.WeightNorm`` or ``SpectralNorm`` computes), or None."""
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(module)[0]:
+    if leaf is weight or not isinstance(leaf, jax.Array):
+      continue
+    parts = rec.trace(leaf)[1]
+    own = paths.leaf_parts(key_path)
+    if parts is not None and parts[len(parts) - len(own):] == own:
+      return paths.join(parts[:len(parts) - len(own)])
+  return None
+
+
 def _wrap(rec: Recorder, original: Callable, recorder: Any, unnamed: dict[str, None],
-          tables: frozenset[int], frozen: OtherArgs) -> Callable:
+          tables: frozenset[int], frozen: OtherArgs, shared: _SharedUses) -> Callable:
   if recorder == "norm":
     recorder = _norm(original)
 
@@ -165,13 +304,21 @@ def _wrap(rec: Recorder, original: Callable, recorder: Any, unnamed: dict[str, N
       if parts is None:  # not a weight of the captured model: cannot be named
         if frozen.left_out_call(rec, weight, type(self).__name__):
           continue  # a leaf of another argument (eqx.partition's frozen half): not trained
-        unnamed[f"{type(self).__name__} (weight {getattr(weight, 'shape', None)})"] = None
+        source = shared.source_of(rec, weight)
+        if source is not None:  # computed from a param by eqx.nn.Shared's `get`
+          shared.computed_uses[source] = type(self).__name__
+          continue
+        where = _module_path(rec, self, weight)
+        unnamed[f"{type(self).__name__}{'' if where is None else f' {where!r}'} (weight "
+                f"{getattr(weight, 'shape', None)})"] = None
         continue
       if kind == "dense" and id(weight) in tables:
         # an Embedding's table read by a Linear (eqx.nn.Shared): the output layer h E^T,
         # recorded as linen's `attend` (fisher="tied" preconditions it; otherwise an error)
         kind, config = "embed", ("attend",)
       path = paths.join(parts if suffix else parts[:-1])
+      if kind in ("dense", "conv") and not suffix:
+        shared.check_bias(rec, path, parts[:-1] + ("bias",), getattr(self, "bias", None))
       rec.add(path, x, z, kind, config, roles=roles, batch_axis=None)  # per example
     return out
 
@@ -235,7 +382,7 @@ def _custom_dense(rec: Recorder, unnamed: dict[str, None], frozen: OtherArgs,
 
 @contextlib.contextmanager
 def _layer_calls(rec: Recorder, unnamed: dict[str, None], tables: frozenset[int],
-                 frozen: OtherArgs) -> Iterator[None]:
+                 frozen: OtherArgs, shared: _SharedUses) -> Iterator[None]:
   """Swaps each recorded class's ``__call__`` for a recording one, restoring it after.
 
   ``unnamed`` collects the calls whose weight is not a leaf of the captured model, except
@@ -246,7 +393,7 @@ def _layer_calls(rec: Recorder, unnamed: dict[str, None], tables: frozenset[int]
   originals = {cls: cls.__dict__["__call__"] for cls in recorders()}
   try:
     for cls, recorder in recorders().items():
-      cls.__call__ = _wrap(rec, originals[cls], recorder, unnamed, tables, frozen)
+      cls.__call__ = _wrap(rec, originals[cls], recorder, unnamed, tables, frozen, shared)
     yield
   finally:
     for cls, original in originals.items():
@@ -365,11 +512,13 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool 
     frozen = OtherArgs.of(args, positions, models, top, rest)
     calls: list[Any] = []
     rec.custom_dense = functools.partial(_custom_dense, rec, unnamed, frozen, declared, calls)
-    with (transforms.recording(rec), _layer_calls(rec, unnamed, _tables(models), frozen),
-          _declared_calls(models, calls)):
+    shared = _SharedUses(frozenset(top.values()))
+    with (transforms.recording(rec), _layer_calls(rec, unnamed, _tables(models), frozen, shared),
+          _declared_calls(models, calls), _shared_calls(rec, models, shared)):
       result = fn(*args, **kwargs)
     check_no_trained_left_out(frozen.left_out, fn, "capture_eqx", positions)
     value, aux = split_aux(result, has_aux, "capture_eqx")
+    shared.warn()
     if unnamed:
       warnings.warn(
           f"sngd: capture_eqx could not name {len(unnamed)} layer call(s) "
@@ -377,7 +526,8 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool 
           "captured function's first argument, as when the model goes through a `jax.jit` "
           "or `eqx.filter_jit` inside the captured function (jit the whole training step "
           "instead), or the layer is made inside the loss or its weight computed from the "
-          "params (a transposed copy, or a cast made outside the declared module's `__call__`, "
+          "params (by `eqx.nn.WeightNorm` or `eqx.nn.SpectralNorm`, a transposed copy, or a "
+          "cast made outside the declared module's `__call__`, "
           "passed to `sngd_jax.dense`: pass the field or its cast there). They are not "
           "captured, and `update` reports their "
           "layers as not captured; pass `fisher={path: None}` to leave such a layer to the next "

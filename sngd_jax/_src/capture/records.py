@@ -647,7 +647,8 @@ def freeze(store: dict[str, list[Pending]],
         "of a static number of steps, `jax.lax.scan(body, carry, None, length=n)`, whose "
         "calls are captured and pooled over its steps), make the transform "
         "inside the captured function and call it through its module (`jax.vmap`, "
-        "`jax.lax.scan`, `jax.checkpoint`, `jax.remat`: capture replaces those attributes "
+        "`jax.lax.scan`, `jax.lax.map`, `jax.checkpoint`, `jax.remat`: capture replaces those "
+        "attributes "
         f"while it runs), or pass `fisher={{{path!r}: None}}`.",
         stacklevel=caller_stacklevel())
   for path, calls in store.items():

@@ -1,8 +1,9 @@
 """The JAX transforms that return records while capturing: scan, vmap, checkpoint.
 
 Values made inside a transform are its tracers and must not escape it. While a
-captured function runs, ``jax.lax.scan``, ``jax.vmap``, ``jax.checkpoint`` and
-``jax.remat`` are replaced by the wrappers below, each a small function: the
+captured function runs, ``jax.lax.scan``, ``jax.lax.map`` (made of the ``scan`` and
+``vmap`` below), ``jax.vmap``, ``jax.checkpoint`` and ``jax.remat`` are replaced by the
+wrappers below, each a small function: the
 body runs under a ``records.TransformFrame`` that maps its arguments to
 the caller's, and returns the records made inside as extra outputs (``scan``
 and ``vmap`` stack them along a new leading axis, ``checkpoint`` returns them
@@ -49,14 +50,16 @@ from sngd_jax._src.capture.records import (
 
 _ORIGINAL = {
     "scan": jax.lax.scan,
+    "map": jax.lax.map,
     "vmap": jax.vmap,
     "checkpoint": jax.checkpoint,
     "remat": jax.remat,
     "axes_scan": flax_axes_scan.scan,
 }
 # (owner, attribute, key of the original in _ORIGINAL)
-_TARGETS = ((jax.lax, "scan", "scan"), (jax, "vmap", "vmap"), (jax, "checkpoint", "checkpoint"),
-            (jax, "remat", "remat"), (flax_axes_scan, "scan", "axes_scan"))
+_TARGETS = ((jax.lax, "scan", "scan"), (jax.lax, "map", "map"), (jax, "vmap", "vmap"),
+            (jax, "checkpoint", "checkpoint"), (jax, "remat", "remat"),
+            (flax_axes_scan, "scan", "axes_scan"))
 _LOCAL = threading.local()
 _LOCK = threading.Lock()
 _INSTALLED = [0]
@@ -107,6 +110,30 @@ def scan(f: Callable, init: Any, xs: Any = None, length: Optional[int] = None, *
   carry, (ys, records) = _ORIGINAL["scan"](body, init, xs, length, *args, **kwargs)
   rec.add_all(records)
   return carry, ys
+
+
+def lax_map(f: Callable, xs: Any, *, batch_size: Optional[int] = None) -> Any:
+  """``jax.lax.map`` made of this module's ``scan`` and ``vmap``, as JAX makes it of its own
+  (whose inner names capture does not replace): ``f`` over the leading axis of ``xs``, with
+  ``batch_size`` in chunks of that many under a ``vmap``, the remainder under one more."""
+  if _active() is None:
+    return _ORIGINAL["map"](f, xs, batch_size=batch_size)
+  leaves = jax.tree.leaves(xs)
+  if batch_size is None or not leaves:
+    return scan(lambda _, x: ((), f(x)), (), xs)[1]
+  n = leaves[0].shape[0]
+  chunks, rest = divmod(n, batch_size) if batch_size else (0, n)
+  cut = chunks * batch_size
+  ys = []
+  if chunks:
+    chunked = jax.tree.map(lambda a: a[:cut].reshape(chunks, batch_size, *a.shape[1:]), xs)
+    _, out = scan(lambda _, x: ((), vmap(f)(x)), (), chunked)
+    ys.append(jax.tree.map(lambda a: a.reshape(cut, *a.shape[2:]), out))
+  if rest:
+    ys.append(vmap(f)(jax.tree.map(lambda a: a[cut:], xs)))
+  if len(ys) == 1:
+    return ys[0]
+  return jax.tree.map(lambda a, b: jax.lax.concatenate([a, b], 0), *ys)
 
 
 def _mapped_roles(in_axes: Any, args: tuple, kwargs: dict) -> list[str]:
@@ -213,7 +240,7 @@ def axes_scan(fn: Callable, *args, **kwargs) -> Callable:
   return call
 
 
-_WRAPPERS = {"scan": scan, "vmap": vmap, "checkpoint": _checkpoint("checkpoint"),
+_WRAPPERS = {"scan": scan, "map": lax_map, "vmap": vmap, "checkpoint": _checkpoint("checkpoint"),
              "remat": _checkpoint("remat"), "axes_scan": axes_scan}
 
 
