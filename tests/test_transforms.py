@@ -335,6 +335,25 @@ def test_lax_map_over_stacked_params_gives_each_member_its_own_factor(batch_size
     ref.assert_dense_update(h, take(grads, "out"), take(updates, "out"), f"member {i} out")
 
 
+def test_lax_map_over_single_examples_of_a_linen_model_pools_them_as_a_scan(x64):
+  """What docs/layer-coverage.md says of ``jax.lax.map`` over one example per step of a linen
+  model: the factor is that of every example (as under ``jax.vmap``), but the map's axis is a
+  scan's, more rows rather than the examples, so a ``(B,)`` example mask cannot be matched
+  (under ``jax.vmap`` it can)."""
+  layer = nn.Dense(3, param_dtype=jnp.float64)
+  x = jax.random.normal(jax.random.key(1), (6, 4), jnp.float64)
+  params = layer.init(jax.random.key(0), x)
+  loss = lambda p, x: jnp.sum(jnp.sin(jax.lax.map(lambda v: layer.apply(p, v), x,
+                                                  batch_size=4)))
+  grads, updates, acts = _one_update(loss, params, x)
+  ref.assert_dense_update(np.asarray(x), grads["params"], updates["params"], "lax.map")
+  with pytest.raises(ValueError, match=r"cannot be matched to the row mask of shape \(6,\)"):
+    sngd_jax.with_row_mask(acts, np.arange(6) < 4)
+  vmapped = lambda p, x: jnp.sum(jnp.sin(jax.vmap(lambda v: layer.apply(p, v))(x)))
+  _, _, acts = _one_update(vmapped, params, x)
+  sngd_jax.with_row_mask(acts, np.arange(6) < 4)
+
+
 # --- what cannot be captured is reported --------------------------------------------------
 
 def test_layer_under_inner_jit_is_reported_not_used():
