@@ -303,6 +303,57 @@ def test_vmap_over_weights_gives_each_member_its_own_factor(x64):
     ref.assert_dense_update(np.asarray(x), take(grads), take(updates), f"member {i}")
 
 
+@pytest.mark.parametrize("batch_size", [None, 2, 5])
+def test_lax_map_over_stacked_params_gives_each_member_its_own_factor(batch_size, x64):
+  """``jax.lax.map(lambda p: model.apply(p, x), stacked, batch_size=...)``: an ensemble of 5
+  two-layer MLPs mapped over its members, in chunks of ``batch_size`` (2: two chunks and a
+  remainder of 1; 5: one chunk). Each member's layers get their own factor of their own
+  inputs and the damped solve of their own gradient, whatever ``batch_size`` (it raised that
+  the layer was called inside and outside a transform over its params, or asked for
+  ``stacked=``: the chunks' (scan, vmap) axes and the remainder's vmap axis were left as
+  separate calls)."""
+  x = jax.random.normal(jax.random.key(1), (6, 4), jnp.float64)
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      dense = lambda n, name: nn.Dense(n, param_dtype=jnp.float64, name=name)
+      return dense(2, "out")(jnp.tanh(dense(3, "hidden")(x)))
+
+  model = MLP()
+  stacked = jax.vmap(lambda k: model.init(k, x))(jax.random.split(jax.random.key(0), 5))
+  loss = lambda ps, x: jnp.sum(jnp.sin(jax.lax.map(lambda p: model.apply(p, x), ps,
+                                                   batch_size=batch_size)))
+  grads, updates, acts = _one_update(loss, stacked, x)
+  assert [(c.stack, c.inputs.shape) for c in acts["hidden"]] == [(1, (5, 6, 4))]
+  for i in range(5):
+    take = lambda t, name, i=i: jax.tree.map(lambda a: np.asarray(a)[i], t["params"][name])
+    ref.assert_dense_update(np.asarray(x), take(grads, "hidden"), take(updates, "hidden"),
+                            f"member {i} hidden")
+    p = take(stacked, "hidden")
+    h = np.tanh(np.asarray(x) @ p["kernel"] + p["bias"])
+    ref.assert_dense_update(h, take(grads, "out"), take(updates, "out"), f"member {i} out")
+
+
+def test_lax_map_over_single_examples_of_a_linen_model_pools_them_as_a_scan(x64):
+  """What docs/layer-coverage.md says of ``jax.lax.map`` over one example per step of a linen
+  model: the factor is that of every example (as under ``jax.vmap``), but the map's axis is a
+  scan's, more rows rather than the examples, so a ``(B,)`` example mask cannot be matched
+  (under ``jax.vmap`` it can)."""
+  layer = nn.Dense(3, param_dtype=jnp.float64)
+  x = jax.random.normal(jax.random.key(1), (6, 4), jnp.float64)
+  params = layer.init(jax.random.key(0), x)
+  loss = lambda p, x: jnp.sum(jnp.sin(jax.lax.map(lambda v: layer.apply(p, v), x,
+                                                  batch_size=4)))
+  grads, updates, acts = _one_update(loss, params, x)
+  ref.assert_dense_update(np.asarray(x), grads["params"], updates["params"], "lax.map")
+  with pytest.raises(ValueError, match=r"cannot be matched to the row mask of shape \(6,\)"):
+    sngd_jax.with_row_mask(acts, np.arange(6) < 4)
+  vmapped = lambda p, x: jnp.sum(jnp.sin(jax.vmap(lambda v: layer.apply(p, v))(x)))
+  _, _, acts = _one_update(vmapped, params, x)
+  sngd_jax.with_row_mask(acts, np.arange(6) < 4)
+
+
 # --- what cannot be captured is reported --------------------------------------------------
 
 def test_layer_under_inner_jit_is_reported_not_used():

@@ -65,7 +65,9 @@ def with_row_mask(activations: Activations, mask: Any, *more_masks: Any,
       whose rows are pairs of tokens (``(B, T, T', D)`` inputs: the edges of a dense
       graph batch, ``mask[:, :, None] & mask[:, None, :]``; with ``where=``). Bool, or
       integer (nonzero = real: packed sequences' segment ids, 0 for padding, as they are),
-      or nonnegative float weights.
+      or nonnegative float weights. An integer mask is never a weight: an entry of 3
+      weighs 1, like any nonzero one (there is no warning: under ``jit`` its values are
+      not known); pass counts or other weights as floats (``counts.astype(jnp.float32)``).
     *more_masks: further ``(B, T_k)`` token masks of other lengths, for a model whose
       layers run over sequences of different lengths (an encoder-decoder: the source's
       ``(B, S)`` and the target's ``(B, T)`` masks, `with_row_mask(acts, src_mask,
@@ -158,7 +160,8 @@ def _as_mask(mask: Any) -> jax.Array:
   """A mask as a float array without gradient: bool and integer masks as float32 0/1, an
   integer mask's nonzero entries being the real rows (segment ids of packed sequences,
   ``1, 2, ...`` per document and 0 for padding, weigh each real token 1, not its document's
-  number); a float mask as its weights."""
+  number; integer counts are not weights: pass them as floats); a float mask as its
+  weights."""
   if callable(mask):
     raise TypeError(
         f"sngd: with_row_mask: got a function ({getattr(mask, '__name__', mask)!r}) where a "

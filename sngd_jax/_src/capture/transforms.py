@@ -34,6 +34,7 @@ unrolled model).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import threading
 from typing import Any, Callable, Iterator, Optional
@@ -43,6 +44,7 @@ import jax
 
 from sngd_jax._src.capture.records import (
     DiscardFrame,
+    Pending,
     Recorder,
     TransformFrame,
     current_trace,
@@ -115,8 +117,15 @@ def scan(f: Callable, init: Any, xs: Any = None, length: Optional[int] = None, *
 def lax_map(f: Callable, xs: Any, *, batch_size: Optional[int] = None) -> Any:
   """``jax.lax.map`` made of this module's ``scan`` and ``vmap``, as JAX makes it of its own
   (whose inner names capture does not replace): ``f`` over the leading axis of ``xs``, with
-  ``batch_size`` in chunks of that many under a ``vmap``, the remainder under one more."""
-  if _active() is None:
+  ``batch_size`` in chunks of that many under a ``vmap``, the remainder under one more.
+
+  The records are those of ``batch_size=None`` (one ``scan`` axis of all ``n`` iterations),
+  whatever ``batch_size``: each chunked record's (scan, vmap) axes are merged into one and
+  the remainder's record is appended along it (``_merged``), so that a map over stacked
+  params (an ensemble, ``lax.map(lambda p: model.apply(p, x), stacked)``) has one stack axis
+  of ``n`` layers, not calls of ``(chunks, batch_size)`` and ``(rest,)`` stacks."""
+  rec = _active()
+  if rec is None:
     return _ORIGINAL["map"](f, xs, batch_size=batch_size)
   leaves = jax.tree.leaves(xs)
   if batch_size is None or not leaves:
@@ -124,16 +133,59 @@ def lax_map(f: Callable, xs: Any, *, batch_size: Optional[int] = None) -> Any:
   n = leaves[0].shape[0]
   chunks, rest = divmod(n, batch_size) if batch_size else (0, n)
   cut = chunks * batch_size
-  ys = []
+  depth = len(rec.trace(None)[0])  # the index of this map's role in the records' roles
+  ys, parts = [], []
   if chunks:
     chunked = jax.tree.map(lambda a: a[:cut].reshape(chunks, batch_size, *a.shape[1:]), xs)
-    _, out = scan(lambda _, x: ((), vmap(f)(x)), (), chunked)
+    with rec.frame(TransformFrame("checkpoint", {})) as frame:  # collects, adds no axis
+      _, out = scan(lambda _, x: ((), vmap(f)(x)), (), chunked)
     ys.append(jax.tree.map(lambda a: a.reshape(cut, *a.shape[2:]), out))
+    parts.append((frame.records, 2))
   if rest:
-    ys.append(vmap(f)(jax.tree.map(lambda a: a[cut:], xs)))
+    with rec.frame(TransformFrame("checkpoint", {})) as frame:
+      ys.append(vmap(f)(jax.tree.map(lambda a: a[cut:], xs)))
+    parts.append((frame.records, 1))
+  rec.add_all(_merged(parts, depth))
   if len(ys) == 1:
     return ys[0]
   return jax.tree.map(lambda a, b: jax.lax.concatenate([a, b], 0), *ys)
+
+
+def _merged(parts: list[tuple[dict[str, list[Pending]], int]],
+            depth: int) -> dict[str, list[Pending]]:
+  """The records of ``lax_map``'s chunks (``k = 2`` axes: scan, vmap) and remainder
+  (``k = 1``: vmap) as one record per call with one ``scan`` axis at ``depth`` (the index of
+  the map's role). Records that do not pair up (a record that the vmap left without its axis,
+  a layer called in one part only) are kept as they are."""
+  def one_axis(p: Pending, k: int) -> Optional[Pending]:
+    roles = p.roles[depth:depth + k]
+    kinds = {r.split(":")[1] for r in roles}
+    if len(roles) != k or len(kinds) != 1 or [r.split(":")[0] for r in roles] != (
+        ["scan", "vmap"][2 - k:]):
+      return None
+    merge = lambda a: None if a is None else a.reshape(-1, *a.shape[k:])
+    c = p.captured
+    return Pending(dataclasses.replace(c, inputs=merge(c.inputs), outputs=merge(c.outputs)),
+                   p.roles[:depth] + (f"scan:{kinds.pop()}",) + p.roles[depth + k:])
+
+  out: dict[str, list[Pending]] = {}
+  paths = dict.fromkeys(path for records, _ in parts for path in records)
+  for path in paths:
+    calls = [records.get(path, []) for records, _ in parts]
+    merged = [[one_axis(p, k) for p in c] for c, (_, k) in zip(calls, parts, strict=True)]
+    if len({len(c) for c in calls}) != 1 or any(p is None for c in merged for p in c) or any(
+        len({p.roles for p in ps}) != 1 for ps in zip(*merged, strict=True)):
+      out[path] = [p for c in calls for p in c]
+      continue
+    out[path] = [ps[0] if len(ps) == 1 else Pending(dataclasses.replace(
+        ps[0].captured, inputs=_cat([p.captured.inputs for p in ps]),
+        outputs=_cat([p.captured.outputs for p in ps])), ps[0].roles)
+        for ps in zip(*merged, strict=True)]
+  return out
+
+
+def _cat(arrays: list[Any]) -> Any:
+  return None if arrays[0] is None else jax.lax.concatenate(arrays, 0)
 
 
 def _mapped_roles(in_axes: Any, args: tuple, kwargs: dict) -> list[str]:
