@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 from helpers_mlp import dense_inputs, grads_and_acts, make_problem
-from np_reference import dense_update, linear_factor, normalized_factor, one_step_kwargs
+from np_reference import DAMPING, dense_update, linear_factor, normalized_factor, one_step_kwargs
 
 import sngd_jax
 
@@ -288,3 +288,39 @@ def test_selective_transform_trains_the_head_with_sngd_and_freezes_the_backbone(
   updates, _, _ = _step(wrong, loss_fn)(params, wrong.init(params), x, y)
   np.testing.assert_allclose(updates["Dense_0"]["kernel"],
                              -lr * wd * np.asarray(params["Dense_0"]["kernel"]), rtol=1e-12)
+
+
+@pytest.mark.parametrize("part", ["head_only", "masked_biases"])
+def test_trust_region_scale_of_sngd_on_part_of_the_model(part):
+  """``sngd_jax.trust_region_scale(grads, opt_state)`` (and ``(grads, opt_state, updates)``)
+  with the full gradients and the state of ``selective_transform`` (SNGD on the head only) or
+  ``optax.masked`` (every bias masked out): the scale the update used,
+  ``min(1, max_norm / sqrt(q))`` with ``q = sum_l <g_l, (G_l + damping tr(G_l) I)^{-1} g_l>``
+  over the layers and leaves SNGD sees, in float64 (it raised ``KeyError: 'Dense_0'`` for the
+  head-only state, and a shape ``TypeError`` for the masked biases, which it counted against
+  factors without a bias row)."""
+  _, params, x, y, loss_fn = make_problem(dtype=jnp.float64)
+  max_norm = 0.01
+  sngd = sngd_jax.sngd(**{**BATCH, "max_norm": max_norm})
+  if part == "head_only":
+    tx = optax.transforms.selective_transform(
+        sngd, freeze_mask={"Dense_0": True, "Dense_1": True, "Dense_2": False})
+    seen, bias = ("Dense_2",), True
+  else:
+    mask = {layer: {"kernel": True, "bias": False} for layer in LAYERS}
+    tx = optax.masked(sngd, mask)
+    seen, bias = LAYERS, False
+  updates, state, grads = _step(tx, loss_fn)(params, tx.init(params), x, y)
+  rows, _ = dense_inputs(_np(params), x, FEATURES)
+  q = 0.0
+  for i, layer in enumerate(LAYERS):
+    if layer in seen:
+      g = _np(grads[layer])
+      ga = np.concatenate([g["kernel"], g["bias"][None]]) if bias else g["kernel"]
+      f = linear_factor(rows[i], bias=bias)
+      q += np.sum(ga * np.linalg.solve(f + DAMPING * np.trace(f) * np.eye(len(f)), ga))
+  want = min(1.0, max_norm / np.sqrt(q))
+  assert want < 0.5   # the trust region clips this step
+  for got in (sngd_jax.trust_region_scale(grads, state),
+              sngd_jax.trust_region_scale(grads, state, updates)):
+    np.testing.assert_allclose(float(got), want, rtol=1e-9)
