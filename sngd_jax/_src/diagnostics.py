@@ -9,6 +9,7 @@ ones; ``trust_region_scale`` makes it observable without a new state leaf.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import jax
@@ -20,6 +21,28 @@ from sngd_jax._src.config import value_at
 from sngd_jax._src.dtypes import compute_dtype
 from sngd_jax._src.state import injected, only_sngd_state
 from sngd_jax._src.transform import _flatten, _layers_of, _method_of
+
+
+def _state_layers(specs: dict[str, Any], state: Any) -> dict[str, Any]:
+  """The layers of the full ``grads`` as the state's ``sngd`` saw them.
+
+  Under ``optax.multi_transform`` / ``selective_transform`` / ``masked``, ``sngd`` sees only
+  its part of the params (the rest ``optax.MaskedNode``): a layer it does not see has no
+  factor in the state and is left out, and a layer whose bias it does not see (a masked-out
+  bias) has a ``d x d`` factor without the bias row, so its bias is left out too, as in
+  ``update``.
+  """
+  out = {}
+  for path, spec in specs.items():
+    if path not in state.factors:
+      continue
+    factor = state.factors[path]
+    if spec.bias is not None and isinstance(factor, jax.Array):
+      no_bias = dataclasses.replace(spec, bias=None)
+      if factor.shape == no_bias.factor_shape != spec.factor_shape:
+        spec = no_bias
+    out[path] = spec
+  return out
 
 
 def trust_region_scale(grads: Any, opt_state: Any, updates: Optional[Any] = None, *,
@@ -40,7 +63,10 @@ def trust_region_scale(grads: Any, opt_state: Any, updates: Optional[Any] = None
     much as the preconditioning of a step.
 
   Args:
-    grads: the gradients (params-shaped).
+    grads: the gradients (params-shaped). Under ``optax.multi_transform``,
+      ``selective_transform`` or ``masked``, those of all the params: the layers (and
+      biases) that the state's ``sngd`` does not see are left out, as its update leaves
+      them out.
     opt_state: a state holding an ``sngd_jax.SNGDState`` (that of
       ``sngd`` or of a chain containing it).
     updates: optionally, ``sngd``'s output for ``grads``.
@@ -61,7 +87,7 @@ def trust_region_scale(grads: Any, opt_state: Any, updates: Optional[Any] = None
     radius_of = injected(opt_state, "max_norm", state)
   if radius_of is None:
     return jnp.ones((), jnp.float32)
-  specs = _layers_of(config, grads)
+  specs = _state_layers(_layers_of(config, grads), state)
   leaves, _, index = _flatten(grads)
   dtypes = {p: jax.tree.leaves(state.factors[p])[0].dtype for p in specs}
   if updates is not None:
