@@ -300,6 +300,47 @@ def test_to_linen_nnx_layers_are_captured_at_their_linen_paths():
   ref.assert_dense_update(np.tanh(h), grads["head"], updates["head"], "head")
 
 
+class _ToLinenCell(nn.Module):
+  @nn.compact
+  def __call__(self, h, _):
+    lin = bridge.ToLinen(nnx.Linear, args=(4, 4), kwargs=F64, name="lin")
+    return jnp.tanh(lin(h)), None
+
+
+class _ToLinenOverDepth(nn.Module):
+  remat: bool
+
+  @nn.compact
+  def __call__(self, x):
+    cell = nn.remat(_ToLinenCell) if self.remat else _ToLinenCell
+    stack = nn.scan(cell, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+    return stack(name="stack")(x, None)[0]
+
+
+@pytest.mark.parametrize("remat", [False, True], ids=["scan", "scan_remat"])
+def test_to_linen_inside_nn_scan_over_depth(remat):
+  """An ``nnx.bridge.ToLinen`` in the body of an ``nn.scan`` over depth (and an ``nn.remat``
+  inside it): its params are stacked (``stack/lin/kernel`` is ``L x 4 x 4``) and the NNX layer
+  reads a slice, which is followed out to the stack; with ``stacked={'stack': 1}`` layer ``l``'s
+  update is the float64 solve over the rows ``h_l`` it saw. Before, the slices were looked for
+  among the params themselves: nothing was recorded and ``update`` raised "no activations were
+  captured for layer 'stack/lin'"."""
+  x = jax.random.normal(jax.random.key(1), (5, 4), jnp.float64)
+  model = _ToLinenOverDepth(remat)
+  params = model.init(jax.random.key(0), x)["params"]
+  loss_fn = lambda p, x: jnp.sum(jnp.sin(model.apply({"params": p}, x)))
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x)
+  assert set(acts) == {"stack/lin"}
+  tx = sngd_jax.sngd(**ref.one_step_kwargs(), factor_every=1, stacked={"stack": 1})
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  g, u, p = (_np(t)["stack"]["lin"] for t in (grads, updates, params))
+  h = np.asarray(x)
+  for layer in range(3):
+    g_l, u_l = ({k: v[layer] for k, v in t.items()} for t in (g, u))
+    ref.assert_dense_update(h, g_l, u_l, f"layer {layer}")
+    h = np.tanh(h @ p["kernel"][layer] + p["bias"][layer])
+
+
 # --- nnx.Embed.attend: a tied output layer ------------------------------------------------
 
 class _TiedLM(nnx.Module):

@@ -446,7 +446,11 @@ def _to_linen_call(rec: Recorder, path: str, params: Any, next_fun: Callable[...
   params (``ToLinen`` puts the linen variables into the module's Variables as they are), at
   ``path`` (the ToLinen's) then the layer's path in the NNX module (``'ToLinen_0/layers/0'``,
   the path of its params in the linen params)."""
-  sub = _NNXRecorder({}, leaf_paths(params, tuple(path.split("/")) if path else ()))
+  # the params' leaves followed out through the transforms the ToLinen runs in (the slices
+  # of an ``nn.scan`` over depth are the stack's), as ``trace`` follows a layer's weight
+  tops = leaf_paths(params, tuple(path.split("/")) if path else ())
+  sub = _NNXRecorder({}, {id(rec.outer(leaf)): tops[id(leaf)]
+                          for leaf in jax.tree.leaves(params) if id(leaf) in tops})
   sub.record_into(rec)
   sub.custom_dense, linen_dense = sub.record_dense, rec.custom_dense
   rec.custom_dense = sub.record_dense
