@@ -341,6 +341,46 @@ def test_to_linen_inside_nn_scan_over_depth(remat):
     h = np.tanh(h @ p["kernel"][layer] + p["bias"][layer])
 
 
+class _LinenSharingToLinen(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    lin = bridge.ToLinen(nnx.Linear, args=(4, 4), kwargs=F64, name="lin")
+    return lin(jnp.tanh(lin(x)))
+
+
+class _ToNNXOfToLinen(nnx.Module):
+  def __init__(self, rngs):
+    self.body = bridge.ToNNX(_LinenSharingToLinen(), rngs=rngs)
+    self.head = nnx.Linear(4, 2, rngs=rngs, **F64)
+
+  def __call__(self, x):
+    return self.head(self.body(x))
+
+
+def test_to_linen_inside_to_nnx_is_recorded_once_per_call():
+  """An NNX layer in an ``nnx.bridge.ToLinen`` of a linen module run by an ``nnx.bridge.ToNNX``
+  (a half-migrated block), called twice: ``capture_nnx`` records it once per call, at
+  ``body/lin``, so ``with_row_mask(..., calls=[1])`` masks the second call's rows ``h``: the
+  update is the float64 solve over ``x`` and the real rows of ``h``. Before, each call was
+  recorded twice (by the NNX capture and again as the linen ToLinen's), four records, and
+  ``calls=[1]`` masked a copy of the first call."""
+  x = jax.random.normal(jax.random.key(1), (6, 4), jnp.float64)
+  model = _ToNNXOfToLinen(nnx.Rngs(0))
+  bridge.lazy_init(model, x)
+  loss_fn = lambda m, x: jnp.sum(jnp.sin(m(x)))
+  (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(model, x)
+  assert len(acts["body/lin"]) == 2
+  mask = jnp.array([1, 1, 0, 1, 0, 1])
+  acts = sngd_jax.with_row_mask(acts, mask, where=lambda path: path == "body/lin", calls=[1])
+  params = nnx.state(model, nnx.Param)
+  tx = _tx()
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  p, g, u = _np(params)["body"]["lin"], _np(grads)["body"]["lin"], _np(updates)["body"]["lin"]
+  x = np.asarray(x)
+  h = np.tanh(x @ p["kernel"] + p["bias"])
+  ref.assert_dense_update(np.concatenate([x, h[np.asarray(mask) == 1]]), g, u, "body/lin")
+
+
 # --- nnx.Embed.attend: a tied output layer ------------------------------------------------
 
 class _TiedLM(nnx.Module):

@@ -445,7 +445,12 @@ def _to_linen_call(rec: Recorder, path: str, params: Any, next_fun: Callable[...
   module it builds recorded into ``rec``: each is named by its weight, one of the ToLinen's
   params (``ToLinen`` puts the linen variables into the module's Variables as they are), at
   ``path`` (the ToLinen's) then the layer's path in the NNX module (``'ToLinen_0/layers/0'``,
-  the path of its params in the linen params)."""
+  the path of its params in the linen params). Inside ``capture_nnx`` (a linen module run by
+  an ``nnx.bridge.ToNNX`` holds the ToLinen) ``rec`` is the NNX capture's, whose wrappers
+  already record these layers by their weights, the model's Variables: recording them here
+  too would record each call twice."""
+  if isinstance(rec, _NNXRecorder):
+    return next_fun(*args, **kwargs)
   # the params' leaves followed out through the transforms the ToLinen runs in (the slices
   # of an ``nn.scan`` over depth are the stack's), as ``trace`` follows a layer's weight
   tops = leaf_paths(params, tuple(path.split("/")) if path else ())
