@@ -218,6 +218,44 @@ def test_to_nnx_copy_inside_nnx_remat_is_named_by_its_params():
                                err_msg=path)
 
 
+class _ToNNXRecurrence(nnx.Module):
+  """``h_t = tanh(W_i x_t + b + W_h h_{t-1})`` by an ``nnx.scan`` over time, ``W_i`` and ``W_h``
+  linen ``nn.Dense`` layers in ``nnx.bridge.ToNNX`` (broadcast into the scan, not stacked)."""
+
+  def __init__(self, rngs):
+    self.i = bridge.ToNNX(nn.Dense(4, param_dtype=jnp.float64), rngs=rngs)
+    self.h = bridge.ToNNX(nn.Dense(4, use_bias=False, param_dtype=jnp.float64), rngs=rngs)
+
+  def __call__(self, xs):  # xs: (T, B, 3)
+    @nnx.scan(in_axes=(None, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+    def step(m, h, x):
+      h = jnp.tanh(m.i(x) + m.h(h))
+      return h, h
+    return step(self, jnp.zeros((xs.shape[1], 4), xs.dtype), xs)[1]
+
+
+def test_to_nnx_layers_inside_nnx_scan_pool_every_step():
+  """ToNNX layers called inside an ``nnx.scan`` over time (the model broadcast, ``in_axes=None``):
+  ``i`` gets the rows ``x_t`` and ``h`` the rows ``h_{t-1}`` of every step (``T*B`` rows each),
+  the updates the float64 solves, ``h`` from a numpy recurrence."""
+  xs = jax.random.normal(jax.random.key(1), (5, 2, 3), jnp.float64)
+  model = _ToNNXRecurrence(nnx.Rngs(0))
+  model.i.lazy_init(xs[0])
+  model.h.lazy_init(jnp.zeros((2, 4), jnp.float64))
+  loss_fn = lambda m, xs: jnp.sum(jnp.sin(m(xs)))
+  (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(model, xs)
+  params = nnx.state(model, nnx.Param)
+  tx = _tx()
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  p, g, u = _np(params), _np(grads), _np(updates)
+  x = np.asarray(xs)
+  h = [np.zeros((2, 4))]
+  for t in range(5):
+    h.append(np.tanh(x[t] @ p["i"]["kernel"] + p["i"]["bias"] + h[-1] @ p["h"]["kernel"]))
+  ref.assert_dense_update(x.reshape(-1, 3), g["i"], u["i"], "i")
+  ref.assert_dense_update(np.concatenate(h[:-1]), g["h"], u["h"], "h")
+
+
 class _DenseBySngd(nn.Dense):
   """A subclass of ``nn.Dense`` whose ``__call__`` computes ``sngd_jax.dense``."""
 
