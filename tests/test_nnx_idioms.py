@@ -29,6 +29,15 @@ def _np(tree):
                       else tree)
 
 
+@nnx.jit
+def _optimizer_step(model, optimizer, x):
+  """One ``nnx.Optimizer`` step on ``sum(sin(model(x)))``: ``(grads, activations)``."""
+  loss_fn = lambda m, x: jnp.sum(jnp.sin(m(x)))
+  (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(model, x)
+  optimizer.update(model, grads, activations=acts)
+  return grads, acts
+
+
 def _layer_norm(h, scale, bias, eps):
   xhat = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + eps)
   return xhat, xhat * scale + bias
@@ -169,16 +178,7 @@ def test_to_nnx_linen_layers_are_captured_at_their_nnx_paths():
   assert set(sngd_jax.discover(nnx.state(model, nnx.Param))) == {
       "backbone/Dense_0", "backbone/LayerNorm_0", "backbone/Dense_1", "proj", "head"}
   optimizer = nnx.Optimizer(model, optax.chain(_tx(), optax.scale(-1.0)), wrt=nnx.Param)
-  loss_fn = lambda m, x: jnp.sum(jnp.sin(m(x)))
-
-  @nnx.jit
-  def step(model, optimizer, x):
-    (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(
-        model, x)
-    optimizer.update(model, grads, activations=acts)
-    return grads, acts
-
-  grads, acts = step(model, optimizer, x)
+  grads, acts = _optimizer_step(model, optimizer, x)
   assert set(acts) == {"backbone/Dense_0", "backbone/LayerNorm_0", "backbone/Dense_1",
                        "proj", "head"}
   grads = _np(grads)
@@ -441,16 +441,7 @@ def test_nnx_embed_attend_is_the_tied_tables_output_layer():
   tx = sngd_jax.sngd(**ref.one_step_kwargs(), factor_every=1,
                      fisher={"embed": "tied", "hidden": "linear"})
   optimizer = nnx.Optimizer(model, optax.chain(tx, optax.scale(-1.0)), wrt=nnx.Param)
-  loss_fn = lambda m, t: jnp.sum(jnp.sin(m(t)))
-
-  @nnx.jit
-  def step(model, optimizer, tokens):
-    (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(
-        model, tokens)
-    optimizer.update(model, grads, activations=acts)
-    return grads
-
-  grads = _np(step(model, optimizer, tokens))
+  grads = _np(_optimizer_step(model, optimizer, tokens)[0])
   updates = jax.tree.map(lambda a, b: a - b, p, _np(nnx.state(model, nnx.Param)))
   e = p["embed"]["embedding"]
   x = e[np.asarray(tokens)].reshape(-1, 3)
