@@ -379,6 +379,52 @@ def test_to_linen_inside_nn_scan_over_depth(remat):
     h = np.tanh(h @ p["kernel"][layer] + p["bias"][layer])
 
 
+class _HandWrittenNNX(nnx.Module):
+  """A hand-written NNX layer, ``sngd_jax.dense`` of its own params or of an array computed
+  from its kernel (``2 W``, not captured)."""
+
+  def __init__(self, rngs, doubled=False):
+    self.kernel = nnx.Param(jax.random.normal(rngs.params(), (4, 3), jnp.float64))
+    self.bias = nnx.Param(jnp.zeros(3, jnp.float64))
+    self.doubled = doubled
+
+  def __call__(self, x):
+    kernel = self.kernel[...] * 2.0 if self.doubled else self.kernel[...]
+    return sngd_jax.dense(x, kernel, self.bias[...])
+
+
+class _LinenWithHandWritten(nn.Module):
+  doubled: bool
+
+  @nn.compact
+  def __call__(self, x):
+    return bridge.ToLinen(_HandWrittenNNX, kwargs={"doubled": self.doubled}, name="hand")(x)
+
+
+def test_to_linen_layer_it_cannot_name_warns_with_the_to_linen_path():
+  """A ``sngd_jax.dense`` inside an ``nnx.bridge.ToLinen`` given an array computed from a param
+  (``2 W``) cannot be named: ``capture`` warns as ``capture_nnx`` does, with the ToLinen's
+  path (it was dropped without a word, and only ``update`` raised). Given the param itself it
+  is captured at ``hand``: the update is the float64 solve over ``x``."""
+  x = jax.random.normal(jax.random.key(1), (6, 4), jnp.float64)
+  for doubled in (True, False):
+    model = _LinenWithHandWritten(doubled)
+    params = model.init(jax.random.key(0), x)["params"]
+    loss_fn = lambda p, x, m=model: jnp.sum(jnp.sin(m.apply({"params": p}, x)))
+    grad_fn = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)
+    if doubled:
+      with pytest.warns(UserWarning, match=r"capture could not name 1 layer call\(s\) "
+                        r"\(sngd_jax.dense \(kernel \(4, 3\)\)\) in the nnx.bridge.ToLinen "
+                        r"at 'hand'"):
+        (_, acts), _ = grad_fn(params, x)
+      assert acts == {}
+      continue
+    (_, acts), grads = grad_fn(params, x)
+    tx = _tx()
+    updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+    ref.assert_dense_update(np.asarray(x), _np(grads)["hand"], _np(updates)["hand"], "hand")
+
+
 class _LinenSharingToLinen(nn.Module):
   @nn.compact
   def __call__(self, x):
