@@ -92,6 +92,28 @@ def test_functional_step_over_split_params(params_as):
   ref.assert_dense_update(np.tanh(h), grads["l2"], updates["l2"], "l2")
 
 
+def test_functional_pure_dict_with_a_closed_over_layer_warns_of_that_layer():
+  """Params as a pure dict, and a layer the loss closes over (a frozen teacher's): that layer's
+  call cannot be named, and the warning says why (another model the loss closes over), not
+  "pass the model first" (it said so, though the model's params came first and both of its
+  layers were captured); the model's layers get the float64 solves."""
+  model = _MLP(nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = nnx.to_pure_dict(params)
+  teacher = nnx.Linear(3, 3, rngs=nnx.Rngs(1), **F64)
+  x = jax.random.normal(jax.random.key(1), (7, 4), jnp.float64)
+  loss_fn = lambda p, x: jnp.sum(jnp.sin(teacher(nnx.merge(graphdef, p)(x))))
+  with pytest.warns(UserWarning, match="capture_nnx could not name") as record:
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(
+        params, x)
+  text = " ".join(str(w.message) for w in record)
+  assert "another model the loss closes over" in text and "Pass the model first" not in text
+  assert set(acts) == {"l1", "ln", "l2"}
+  tx = _tx()
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  ref.assert_dense_update(np.asarray(x), _np(grads)["l1"], _np(updates)["l1"], "l1")
+
+
 def test_nnx_optimizer_sngd_adam_weight_decay_with_donated_arguments():
   """``nnx.Optimizer(model, sngd_adam(lr, weight_decay=wd), wrt=nnx.Param)`` in an ``nnx.jit``
   step that donates the model and the optimizer: three steps equal ``chain(sngd(),

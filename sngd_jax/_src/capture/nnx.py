@@ -198,7 +198,8 @@ class _NNXRecorder(Recorder):
 
   def freeze(self):
     """The activations; warns about layer calls that could not be named (not captured)."""
-    if self.unnamed and not self.has_model:
+    # no model found, or params passed as a pure dict (`bare`) that named none of the layers
+    if self.unnamed and not self.has_model and not self.store:
       warnings.warn(
           f"sngd: capture_nnx could not name {len(self.unnamed)} layer call(s) "
           f"({', '.join(self.unnamed)}): it names layers by their path in the captured "
