@@ -205,27 +205,35 @@ def test_to_nnx_linen_layers_are_captured_at_their_nnx_paths():
                        "proj", "head"}
   grads = _np(grads)
   updates = jax.tree.map(lambda a, b: a - b, p, _np(nnx.state(model, nnx.Param)))  # steps of -u
-  bb = p["backbone"]
-  x = np.asarray(x)
-  ref.assert_dense_update(x, grads["backbone"]["Dense_0"], updates["backbone"]["Dense_0"])
-  h = x @ bb["Dense_0"]["kernel"] + bb["Dense_0"]["bias"]
-  xhat, h = _layer_norm(h, bb["LayerNorm_0"]["scale"], bb["LayerNorm_0"]["bias"], 1e-6)
+  rows = _bridged_rows(p, np.asarray(x))
+  for path in ("backbone/Dense_0", "backbone/Dense_1", "proj", "head"):
+    g, u = (t[path.split("/")[0]] for t in (grads, updates))
+    g, u = (t[path.split("/")[1]] if "/" in path else t for t in (g, u))
+    ref.assert_dense_update(rows[path], g, u, path)
   g_ln, u_ln = grads["backbone"]["LayerNorm_0"], updates["backbone"]["LayerNorm_0"]
-  scale, bias = ref.channel_update(xhat, g_ln["scale"], g_ln["bias"])
+  scale, bias = ref.channel_update(rows["backbone/LayerNorm_0"], g_ln["scale"], g_ln["bias"])
   np.testing.assert_allclose(u_ln["scale"], scale, rtol=1e-8, atol=1e-12)
   np.testing.assert_allclose(u_ln["bias"], bias, rtol=1e-8, atol=1e-12)
-  h = np.tanh(h)
-  ref.assert_dense_update(h, grads["backbone"]["Dense_1"], updates["backbone"]["Dense_1"])
-  h = np.tanh(h @ bb["Dense_1"]["kernel"] + bb["Dense_1"]["bias"])
-  ref.assert_dense_update(h, grads["proj"], updates["proj"], "proj")
-  h = np.tanh(h @ p["proj"]["kernel"] + p["proj"]["bias"])
-  ref.assert_dense_update(h, grads["head"], updates["head"], "head")
+
+
+def _bridged_rows(p, x):
+  """The rows each layer of ``_Bridged`` sees, by a float64 numpy forward pass (the
+  LayerNorm's: ``xhat``)."""
+  bb = p["backbone"]
+  rows = {"backbone/Dense_0": x}
+  h = x @ bb["Dense_0"]["kernel"] + bb["Dense_0"]["bias"]
+  rows["backbone/LayerNorm_0"], h = _layer_norm(h, bb["LayerNorm_0"]["scale"],
+                                                bb["LayerNorm_0"]["bias"], 1e-6)
+  rows["backbone/Dense_1"] = h = np.tanh(h)
+  rows["proj"] = h = np.tanh(h @ bb["Dense_1"]["kernel"] + bb["Dense_1"]["bias"])
+  rows["head"] = np.tanh(h @ p["proj"]["kernel"] + p["proj"]["bias"])
+  return rows
 
 
 def test_to_nnx_copy_inside_nnx_remat_is_named_by_its_params():
   """An ``nnx.remat`` in the loss runs a copy of the model: the ToNNX copy is none of the
   model's modules, so its path is the one its Variables are followed out to; every layer gets
-  the rows it gets without the remat."""
+  the rows it gets without the remat (a float64 numpy forward pass)."""
   x = jax.random.normal(jax.random.key(1), (7, 3), jnp.float64)
   model = _Bridged(nnx.Rngs(0))
   bridge.lazy_init(model, x)
@@ -235,9 +243,11 @@ def test_to_nnx_copy_inside_nnx_remat_is_named_by_its_params():
           for f in (plain, remat)]
   assert set(acts[1]) == set(acts[0]) == {
       "backbone/Dense_0", "backbone/LayerNorm_0", "backbone/Dense_1", "proj", "head"}
-  for path in acts[0]:
-    np.testing.assert_allclose(acts[1][path][0].inputs, acts[0][path][0].inputs, rtol=1e-12,
-                               err_msg=path)
+  rows = _bridged_rows(_np(nnx.state(model, nnx.Param)), np.asarray(x))
+  for path, want in rows.items():
+    for a in acts:
+      assert len(a[path]) == 1, path
+      np.testing.assert_allclose(a[path][0].inputs, want, rtol=1e-10, atol=1e-12, err_msg=path)
 
 
 class _ToNNXRecurrence(nnx.Module):
