@@ -29,6 +29,15 @@ def _np(tree):
                       else tree)
 
 
+@nnx.jit
+def _optimizer_step(model, optimizer, x):
+  """One ``nnx.Optimizer`` step on ``sum(sin(model(x)))``: ``(grads, activations)``."""
+  loss_fn = lambda m, x: jnp.sum(jnp.sin(m(x)))
+  (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(model, x)
+  optimizer.update(model, grads, activations=acts)
+  return grads, acts
+
+
 def _layer_norm(h, scale, bias, eps):
   xhat = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + eps)
   return xhat, xhat * scale + bias
@@ -81,6 +90,28 @@ def test_functional_step_over_split_params(params_as):
   np.testing.assert_allclose(updates["ln"]["scale"], scale, rtol=1e-8, atol=1e-12)
   np.testing.assert_allclose(updates["ln"]["bias"], bias, rtol=1e-8, atol=1e-12)
   ref.assert_dense_update(np.tanh(h), grads["l2"], updates["l2"], "l2")
+
+
+def test_functional_pure_dict_with_a_closed_over_layer_warns_of_that_layer():
+  """Params as a pure dict, and a layer the loss closes over (a frozen teacher's): that layer's
+  call cannot be named, and the warning says why (another model the loss closes over), not
+  "pass the model first" (it said so, though the model's params came first and both of its
+  layers were captured); the model's layers get the float64 solves."""
+  model = _MLP(nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = nnx.to_pure_dict(params)
+  teacher = nnx.Linear(3, 3, rngs=nnx.Rngs(1), **F64)
+  x = jax.random.normal(jax.random.key(1), (7, 4), jnp.float64)
+  loss_fn = lambda p, x: jnp.sum(jnp.sin(teacher(nnx.merge(graphdef, p)(x))))
+  with pytest.warns(UserWarning, match="capture_nnx could not name") as record:
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(
+        params, x)
+  text = " ".join(str(w.message) for w in record)
+  assert "another model the loss closes over" in text and "Pass the model first" not in text
+  assert set(acts) == {"l1", "ln", "l2"}
+  tx = _tx()
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  ref.assert_dense_update(np.asarray(x), _np(grads)["l1"], _np(updates)["l1"], "l1")
 
 
 def test_nnx_optimizer_sngd_adam_weight_decay_with_donated_arguments():
@@ -169,41 +200,40 @@ def test_to_nnx_linen_layers_are_captured_at_their_nnx_paths():
   assert set(sngd_jax.discover(nnx.state(model, nnx.Param))) == {
       "backbone/Dense_0", "backbone/LayerNorm_0", "backbone/Dense_1", "proj", "head"}
   optimizer = nnx.Optimizer(model, optax.chain(_tx(), optax.scale(-1.0)), wrt=nnx.Param)
-  loss_fn = lambda m, x: jnp.sum(jnp.sin(m(x)))
-
-  @nnx.jit
-  def step(model, optimizer, x):
-    (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(
-        model, x)
-    optimizer.update(model, grads, activations=acts)
-    return grads, acts
-
-  grads, acts = step(model, optimizer, x)
+  grads, acts = _optimizer_step(model, optimizer, x)
   assert set(acts) == {"backbone/Dense_0", "backbone/LayerNorm_0", "backbone/Dense_1",
                        "proj", "head"}
   grads = _np(grads)
   updates = jax.tree.map(lambda a, b: a - b, p, _np(nnx.state(model, nnx.Param)))  # steps of -u
-  bb = p["backbone"]
-  x = np.asarray(x)
-  ref.assert_dense_update(x, grads["backbone"]["Dense_0"], updates["backbone"]["Dense_0"])
-  h = x @ bb["Dense_0"]["kernel"] + bb["Dense_0"]["bias"]
-  xhat, h = _layer_norm(h, bb["LayerNorm_0"]["scale"], bb["LayerNorm_0"]["bias"], 1e-6)
+  rows = _bridged_rows(p, np.asarray(x))
+  for path in ("backbone/Dense_0", "backbone/Dense_1", "proj", "head"):
+    g, u = (t[path.split("/")[0]] for t in (grads, updates))
+    g, u = (t[path.split("/")[1]] if "/" in path else t for t in (g, u))
+    ref.assert_dense_update(rows[path], g, u, path)
   g_ln, u_ln = grads["backbone"]["LayerNorm_0"], updates["backbone"]["LayerNorm_0"]
-  scale, bias = ref.channel_update(xhat, g_ln["scale"], g_ln["bias"])
+  scale, bias = ref.channel_update(rows["backbone/LayerNorm_0"], g_ln["scale"], g_ln["bias"])
   np.testing.assert_allclose(u_ln["scale"], scale, rtol=1e-8, atol=1e-12)
   np.testing.assert_allclose(u_ln["bias"], bias, rtol=1e-8, atol=1e-12)
-  h = np.tanh(h)
-  ref.assert_dense_update(h, grads["backbone"]["Dense_1"], updates["backbone"]["Dense_1"])
-  h = np.tanh(h @ bb["Dense_1"]["kernel"] + bb["Dense_1"]["bias"])
-  ref.assert_dense_update(h, grads["proj"], updates["proj"], "proj")
-  h = np.tanh(h @ p["proj"]["kernel"] + p["proj"]["bias"])
-  ref.assert_dense_update(h, grads["head"], updates["head"], "head")
+
+
+def _bridged_rows(p, x):
+  """The rows each layer of ``_Bridged`` sees, by a float64 numpy forward pass (the
+  LayerNorm's: ``xhat``)."""
+  bb = p["backbone"]
+  rows = {"backbone/Dense_0": x}
+  h = x @ bb["Dense_0"]["kernel"] + bb["Dense_0"]["bias"]
+  rows["backbone/LayerNorm_0"], h = _layer_norm(h, bb["LayerNorm_0"]["scale"],
+                                                bb["LayerNorm_0"]["bias"], 1e-6)
+  rows["backbone/Dense_1"] = h = np.tanh(h)
+  rows["proj"] = h = np.tanh(h @ bb["Dense_1"]["kernel"] + bb["Dense_1"]["bias"])
+  rows["head"] = np.tanh(h @ p["proj"]["kernel"] + p["proj"]["bias"])
+  return rows
 
 
 def test_to_nnx_copy_inside_nnx_remat_is_named_by_its_params():
   """An ``nnx.remat`` in the loss runs a copy of the model: the ToNNX copy is none of the
   model's modules, so its path is the one its Variables are followed out to; every layer gets
-  the rows it gets without the remat."""
+  the rows it gets without the remat (a float64 numpy forward pass)."""
   x = jax.random.normal(jax.random.key(1), (7, 3), jnp.float64)
   model = _Bridged(nnx.Rngs(0))
   bridge.lazy_init(model, x)
@@ -213,9 +243,49 @@ def test_to_nnx_copy_inside_nnx_remat_is_named_by_its_params():
           for f in (plain, remat)]
   assert set(acts[1]) == set(acts[0]) == {
       "backbone/Dense_0", "backbone/LayerNorm_0", "backbone/Dense_1", "proj", "head"}
-  for path in acts[0]:
-    np.testing.assert_allclose(acts[1][path][0].inputs, acts[0][path][0].inputs, rtol=1e-12,
-                               err_msg=path)
+  rows = _bridged_rows(_np(nnx.state(model, nnx.Param)), np.asarray(x))
+  for path, want in rows.items():
+    for a in acts:
+      assert len(a[path]) == 1, path
+      np.testing.assert_allclose(a[path][0].inputs, want, rtol=1e-10, atol=1e-12, err_msg=path)
+
+
+class _ToNNXRecurrence(nnx.Module):
+  """``h_t = tanh(W_i x_t + b + W_h h_{t-1})`` by an ``nnx.scan`` over time, ``W_i`` and ``W_h``
+  linen ``nn.Dense`` layers in ``nnx.bridge.ToNNX`` (broadcast into the scan, not stacked)."""
+
+  def __init__(self, rngs):
+    self.i = bridge.ToNNX(nn.Dense(4, param_dtype=jnp.float64), rngs=rngs)
+    self.h = bridge.ToNNX(nn.Dense(4, use_bias=False, param_dtype=jnp.float64), rngs=rngs)
+
+  def __call__(self, xs):  # xs: (T, B, 3)
+    @nnx.scan(in_axes=(None, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+    def step(m, h, x):
+      h = jnp.tanh(m.i(x) + m.h(h))
+      return h, h
+    return step(self, jnp.zeros((xs.shape[1], 4), xs.dtype), xs)[1]
+
+
+def test_to_nnx_layers_inside_nnx_scan_pool_every_step():
+  """ToNNX layers called inside an ``nnx.scan`` over time (the model broadcast, ``in_axes=None``):
+  ``i`` gets the rows ``x_t`` and ``h`` the rows ``h_{t-1}`` of every step (``T*B`` rows each),
+  the updates the float64 solves, ``h`` from a numpy recurrence."""
+  xs = jax.random.normal(jax.random.key(1), (5, 2, 3), jnp.float64)
+  model = _ToNNXRecurrence(nnx.Rngs(0))
+  model.i.lazy_init(xs[0])
+  model.h.lazy_init(jnp.zeros((2, 4), jnp.float64))
+  loss_fn = lambda m, xs: jnp.sum(jnp.sin(m(xs)))
+  (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(model, xs)
+  params = nnx.state(model, nnx.Param)
+  tx = _tx()
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  p, g, u = _np(params), _np(grads), _np(updates)
+  x = np.asarray(xs)
+  h = [np.zeros((2, 4))]
+  for t in range(5):
+    h.append(np.tanh(x[t] @ p["i"]["kernel"] + p["i"]["bias"] + h[-1] @ p["h"]["kernel"]))
+  ref.assert_dense_update(x.reshape(-1, 3), g["i"], u["i"], "i")
+  ref.assert_dense_update(np.concatenate(h[:-1]), g["h"], u["h"], "h")
 
 
 class _DenseBySngd(nn.Dense):
@@ -300,6 +370,133 @@ def test_to_linen_nnx_layers_are_captured_at_their_linen_paths():
   ref.assert_dense_update(np.tanh(h), grads["head"], updates["head"], "head")
 
 
+class _ToLinenCell(nn.Module):
+  @nn.compact
+  def __call__(self, h, _):
+    lin = bridge.ToLinen(nnx.Linear, args=(4, 4), kwargs=F64, name="lin")
+    return jnp.tanh(lin(h)), None
+
+
+class _ToLinenOverDepth(nn.Module):
+  remat: bool
+
+  @nn.compact
+  def __call__(self, x):
+    cell = nn.remat(_ToLinenCell) if self.remat else _ToLinenCell
+    stack = nn.scan(cell, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+    return stack(name="stack")(x, None)[0]
+
+
+@pytest.mark.parametrize("remat", [False, True], ids=["scan", "scan_remat"])
+def test_to_linen_inside_nn_scan_over_depth(remat):
+  """An ``nnx.bridge.ToLinen`` in the body of an ``nn.scan`` over depth (and an ``nn.remat``
+  inside it): its params are stacked (``stack/lin/kernel`` is ``L x 4 x 4``) and the NNX layer
+  reads a slice, which is followed out to the stack; with ``stacked={'stack': 1}`` layer ``l``'s
+  update is the float64 solve over the rows ``h_l`` it saw. Before, the slices were looked for
+  among the params themselves: nothing was recorded and ``update`` raised "no activations were
+  captured for layer 'stack/lin'"."""
+  x = jax.random.normal(jax.random.key(1), (5, 4), jnp.float64)
+  model = _ToLinenOverDepth(remat)
+  params = model.init(jax.random.key(0), x)["params"]
+  loss_fn = lambda p, x: jnp.sum(jnp.sin(model.apply({"params": p}, x)))
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(params, x)
+  assert set(acts) == {"stack/lin"}
+  tx = sngd_jax.sngd(**ref.one_step_kwargs(), factor_every=1, stacked={"stack": 1})
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  g, u, p = (_np(t)["stack"]["lin"] for t in (grads, updates, params))
+  h = np.asarray(x)
+  for layer in range(3):
+    g_l, u_l = ({k: v[layer] for k, v in t.items()} for t in (g, u))
+    ref.assert_dense_update(h, g_l, u_l, f"layer {layer}")
+    h = np.tanh(h @ p["kernel"][layer] + p["bias"][layer])
+
+
+class _HandWrittenNNX(nnx.Module):
+  """A hand-written NNX layer, ``sngd_jax.dense`` of its own params or of an array computed
+  from its kernel (``2 W``, not captured)."""
+
+  def __init__(self, rngs, doubled=False):
+    self.kernel = nnx.Param(jax.random.normal(rngs.params(), (4, 3), jnp.float64))
+    self.bias = nnx.Param(jnp.zeros(3, jnp.float64))
+    self.doubled = doubled
+
+  def __call__(self, x):
+    kernel = self.kernel[...] * 2.0 if self.doubled else self.kernel[...]
+    return sngd_jax.dense(x, kernel, self.bias[...])
+
+
+class _LinenWithHandWritten(nn.Module):
+  doubled: bool
+
+  @nn.compact
+  def __call__(self, x):
+    return bridge.ToLinen(_HandWrittenNNX, kwargs={"doubled": self.doubled}, name="hand")(x)
+
+
+def test_to_linen_layer_it_cannot_name_warns_with_the_to_linen_path():
+  """A ``sngd_jax.dense`` inside an ``nnx.bridge.ToLinen`` given an array computed from a param
+  (``2 W``) cannot be named: ``capture`` warns as ``capture_nnx`` does, with the ToLinen's
+  path (it was dropped without a word, and only ``update`` raised). Given the param itself it
+  is captured at ``hand``: the update is the float64 solve over ``x``."""
+  x = jax.random.normal(jax.random.key(1), (6, 4), jnp.float64)
+  for doubled in (True, False):
+    model = _LinenWithHandWritten(doubled)
+    params = model.init(jax.random.key(0), x)["params"]
+    loss_fn = lambda p, x, m=model: jnp.sum(jnp.sin(m.apply({"params": p}, x)))
+    grad_fn = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)
+    if doubled:
+      with pytest.warns(UserWarning, match=r"capture could not name 1 layer call\(s\) "
+                        r"\(sngd_jax.dense \(kernel \(4, 3\)\)\) in the nnx.bridge.ToLinen "
+                        r"at 'hand'"):
+        (_, acts), _ = grad_fn(params, x)
+      assert acts == {}
+      continue
+    (_, acts), grads = grad_fn(params, x)
+    tx = _tx()
+    updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+    ref.assert_dense_update(np.asarray(x), _np(grads)["hand"], _np(updates)["hand"], "hand")
+
+
+class _LinenSharingToLinen(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    lin = bridge.ToLinen(nnx.Linear, args=(4, 4), kwargs=F64, name="lin")
+    return lin(jnp.tanh(lin(x)))
+
+
+class _ToNNXOfToLinen(nnx.Module):
+  def __init__(self, rngs):
+    self.body = bridge.ToNNX(_LinenSharingToLinen(), rngs=rngs)
+    self.head = nnx.Linear(4, 2, rngs=rngs, **F64)
+
+  def __call__(self, x):
+    return self.head(self.body(x))
+
+
+def test_to_linen_inside_to_nnx_is_recorded_once_per_call():
+  """An NNX layer in an ``nnx.bridge.ToLinen`` of a linen module run by an ``nnx.bridge.ToNNX``
+  (a half-migrated block), called twice: ``capture_nnx`` records it once per call, at
+  ``body/lin``, so ``with_row_mask(..., calls=[1])`` masks the second call's rows ``h``: the
+  update is the float64 solve over ``x`` and the real rows of ``h``. Before, each call was
+  recorded twice (by the NNX capture and again as the linen ToLinen's), four records, and
+  ``calls=[1]`` masked a copy of the first call."""
+  x = jax.random.normal(jax.random.key(1), (6, 4), jnp.float64)
+  model = _ToNNXOfToLinen(nnx.Rngs(0))
+  bridge.lazy_init(model, x)
+  loss_fn = lambda m, x: jnp.sum(jnp.sin(m(x)))
+  (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(model, x)
+  assert len(acts["body/lin"]) == 2
+  mask = jnp.array([1, 1, 0, 1, 0, 1])
+  acts = sngd_jax.with_row_mask(acts, mask, where=lambda path: path == "body/lin", calls=[1])
+  params = nnx.state(model, nnx.Param)
+  tx = _tx()
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  p, g, u = _np(params)["body"]["lin"], _np(grads)["body"]["lin"], _np(updates)["body"]["lin"]
+  x = np.asarray(x)
+  h = np.tanh(x @ p["kernel"] + p["bias"])
+  ref.assert_dense_update(np.concatenate([x, h[np.asarray(mask) == 1]]), g, u, "body/lin")
+
+
 # --- nnx.Embed.attend: a tied output layer ------------------------------------------------
 
 class _TiedLM(nnx.Module):
@@ -322,16 +519,7 @@ def test_nnx_embed_attend_is_the_tied_tables_output_layer():
   tx = sngd_jax.sngd(**ref.one_step_kwargs(), factor_every=1,
                      fisher={"embed": "tied", "hidden": "linear"})
   optimizer = nnx.Optimizer(model, optax.chain(tx, optax.scale(-1.0)), wrt=nnx.Param)
-  loss_fn = lambda m, t: jnp.sum(jnp.sin(m(t)))
-
-  @nnx.jit
-  def step(model, optimizer, tokens):
-    (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(
-        model, tokens)
-    optimizer.update(model, grads, activations=acts)
-    return grads
-
-  grads = _np(step(model, optimizer, tokens))
+  grads = _np(_optimizer_step(model, optimizer, tokens)[0])
   updates = jax.tree.map(lambda a, b: a - b, p, _np(nnx.state(model, nnx.Param)))
   e = p["embed"]["embedding"]
   x = e[np.asarray(tokens)].reshape(-1, 3)

@@ -185,3 +185,85 @@ def test_lora_adapters_are_no_layer_and_not_decayed_unless_chained_with_adamw():
       want = -LR * WD * np.asarray(p, np.float64) if decayed else 0.0
       np.testing.assert_allclose(np.asarray(u, np.float64), want, rtol=1e-6, atol=0,
                                  err_msg=jax.tree_util.keystr(key_path))
+
+
+def _decay_of(tx, params, grads, acts):
+  """``{leaf path: True/False}``: the update of ``tx`` at zero gradients is exactly
+  ``-LR * WD * p`` (decayed) or 0 (not decayed) on each leaf; anything else fails."""
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, grads), tx.init(params), params,
+                         activations=acts)
+  out = {}
+  for (key_path, u), p in zip(jax.tree_util.tree_flatten_with_path(updates)[0],
+                              jax.tree.leaves(params), strict=True):
+    name, u, p = jax.tree_util.keystr(key_path), np.asarray(u, np.float64), np.asarray(p)
+    out[name] = bool(np.allclose(u, -LR * WD * p, rtol=1e-5, atol=0))
+    if not out[name]:
+      np.testing.assert_array_equal(u, 0.0, err_msg=name)
+  return out
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_haiku_presets_decay_w_and_embeddings_only(preset):
+  """docs/hyperparameters.md, *Weight decay*, for Haiku: ``w`` of ``hk.Linear`` and ``hk.Conv1D``
+  and ``embeddings`` of ``hk.Embed`` are decayed; ``b``, ``hk.LayerNorm``'s ``scale`` and
+  ``offset`` and a raw ``(1, 4)`` array of no layer (``hk.get_parameter``) are not."""
+  import haiku as hk  # noqa: PLC0415
+
+  def fn(tokens):
+    h = hk.Embed(9, 4)(tokens)
+    h = hk.Conv1D(4, 2)(h) * hk.get_parameter("gate", (1, 4), init=jnp.ones)
+    h = hk.LayerNorm(-1, create_scale=True, create_offset=True)(jnp.tanh(h))
+    return hk.Linear(3)(h).mean(1)
+
+  model = hk.without_apply_rng(hk.transform(fn))
+  tokens = jnp.array([[1, 4, 4, 0], [4, 1, 2, 7]])
+  params = jax.tree.map(lambda p: p + 0.3, model.init(jax.random.key(0), tokens))
+  loss_fn = lambda p, t: jnp.sum(jnp.sin(model.apply(p, t)))
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture_hk(loss_fn), has_aux=True)(params,
+                                                                                      tokens)
+  decay = _decay_of(PRESETS[preset](), params, grads, acts)
+  want = {f"['{module}']['{name}']": name in ("w", "embeddings")
+          for module, leaves in params.items() for name in leaves}
+  assert decay == want
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_equinox_presets_decay_layer_weights_only(preset):
+  """docs/hyperparameters.md, *Weight decay*, for Equinox: the ``weight`` of ``eqx.nn.Linear``,
+  ``eqx.nn.Conv1d`` and ``eqx.nn.Embedding`` is decayed; biases, ``eqx.nn.LayerNorm``'s weight
+  and bias and a raw ``(1, 4)`` array field of no layer are not."""
+  import equinox as eqx  # noqa: PLC0415
+
+  class Net(eqx.Module):
+    embed: eqx.nn.Embedding
+    conv: eqx.nn.Conv1d
+    norm: eqx.nn.LayerNorm
+    head: eqx.nn.Linear
+    gate: jax.Array
+
+    def __init__(self, key):
+      k = jax.random.split(key, 3)
+      self.embed = eqx.nn.Embedding(9, 4, key=k[0])
+      self.conv = eqx.nn.Conv1d(4, 4, 2, key=k[1])
+      self.norm = eqx.nn.LayerNorm(4)
+      self.head = eqx.nn.Linear(4, 3, key=k[2])
+      self.gate = jnp.ones((1, 4))
+
+    def __call__(self, tokens):  # one example: (T,) tokens
+      h = jax.vmap(self.embed)(tokens).T  # (4, T), channels first
+      h = (self.conv(h).T * self.gate)
+      h = jax.vmap(self.norm)(jnp.tanh(h))
+      return jax.vmap(self.head)(h).mean(0)
+
+  model = jax.tree.map(lambda p: p + 0.3 if eqx.is_inexact_array(p) else p,
+                       Net(jax.random.key(0)))
+  tokens = jnp.array([[1, 4, 4, 0], [4, 1, 2, 7]])
+  loss_fn = lambda m, t: jnp.sum(jnp.sin(jax.vmap(m)(t)))
+  (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(loss_fn), has_aux=True)(
+      model, tokens)
+  params = eqx.filter(model, eqx.is_inexact_array)
+  decay = _decay_of(PRESETS[preset](), params, grads, acts)
+  want = {f".{layer}.{name}": name == "weight" and layer != "norm"
+          for layer in ("embed", "conv", "norm", "head") for name in ("weight", "bias")
+          if not (layer == "embed" and name == "bias")}
+  assert decay == {**want, ".gate": False}

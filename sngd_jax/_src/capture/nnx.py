@@ -198,7 +198,8 @@ class _NNXRecorder(Recorder):
 
   def freeze(self):
     """The activations; warns about layer calls that could not be named (not captured)."""
-    if self.unnamed and not self.has_model:
+    # no model found, or params passed as a pure dict (`bare`) that named none of the layers
+    if self.unnamed and not self.has_model and not self.store:
       warnings.warn(
           f"sngd: capture_nnx could not name {len(self.unnamed)} layer call(s) "
           f"({', '.join(self.unnamed)}): it names layers by their path in the captured "
@@ -209,22 +210,27 @@ class _NNXRecorder(Recorder):
           "model is). `update` reports the layers as not captured.",
           stacklevel=caller_stacklevel())
     elif self.unnamed:
-      warnings.warn(
-          f"sngd: capture_nnx could not name {len(self.unnamed)} layer call(s) "
-          f"({', '.join(self.unnamed)}): their module is a copy whose weight is not one of "
-          "the model's, as inside a transform made before capture started (`nnx.remat` or "
-          "`nnx.vmap` applied as a decorator at class definition, an `nnx.jit` or "
-          "`nnx.cond`/`nnx.switch` inside the captured function), a layer made inside the "
-          "loss, a `sngd_jax.dense` given an array computed from a param (a transposed or "
-          "sliced copy, or a cast made outside the `__call__` of the module holding the "
-          "`kernel`: pass the `nnx.Param` or its cast there), or another "
-          "model the loss closes over (a target network, a teacher: pass it to the loss as an "
-          "argument, `loss_fn(model, target, x)`, and its calls are left out without this "
-          "warning). They are not captured, and `update` reports their layers as not "
-          "captured. Apply such transforms inside the captured function "
-          "(docs/layer-coverage.md, *Not captured*), or pass `fisher={path: None}` for those "
-          "layers.", stacklevel=caller_stacklevel())
+      _warn_unnamed(self.unnamed, "capture_nnx")
     return super().freeze()
+
+
+def _warn_unnamed(unnamed: dict[str, None], capture: str, where: str = "") -> None:
+  """Warns that the layer calls ``unnamed`` (made ``where``) were not captured, and why."""
+  warnings.warn(
+      f"sngd: {capture} could not name {len(unnamed)} layer call(s) "
+      f"({', '.join(unnamed)}){where}: their module is a copy whose weight is not one of "
+      "the model's, as inside a transform made before capture started (`nnx.remat` or "
+      "`nnx.vmap` applied as a decorator at class definition, an `nnx.jit` or "
+      "`nnx.cond`/`nnx.switch` inside the captured function), a layer made inside the "
+      "loss, a `sngd_jax.dense` given an array computed from a param (a transposed or "
+      "sliced copy, or a cast made outside the `__call__` of the module holding the "
+      "`kernel`: pass the `nnx.Param` or its cast there), or another "
+      "model the loss closes over (a target network, a teacher: pass it to the loss as an "
+      "argument, `loss_fn(model, target, x)`, and its calls are left out without this "
+      "warning). They are not captured, and `update` reports their layers as not "
+      "captured. Apply such transforms inside the captured function "
+      "(docs/layer-coverage.md, *Not captured*), or pass `fisher={path: None}` for those "
+      "layers.", stacklevel=caller_stacklevel())
 
 
 def _record(rec: _NNXRecorder, recorder: tables.LayerRecorder, module, args, kwargs, out):
@@ -445,17 +451,29 @@ def _to_linen_call(rec: Recorder, path: str, params: Any, next_fun: Callable[...
   module it builds recorded into ``rec``: each is named by its weight, one of the ToLinen's
   params (``ToLinen`` puts the linen variables into the module's Variables as they are), at
   ``path`` (the ToLinen's) then the layer's path in the NNX module (``'ToLinen_0/layers/0'``,
-  the path of its params in the linen params)."""
-  sub = _NNXRecorder({}, leaf_paths(params, tuple(path.split("/")) if path else ()))
+  the path of its params in the linen params). Inside ``capture_nnx`` (a linen module run by
+  an ``nnx.bridge.ToNNX`` holds the ToLinen) ``rec`` is the NNX capture's, whose wrappers
+  already record these layers by their weights, the model's Variables: recording them here
+  too would record each call twice."""
+  if isinstance(rec, _NNXRecorder):
+    return next_fun(*args, **kwargs)
+  # the params' leaves followed out through the transforms the ToLinen runs in (the slices
+  # of an ``nn.scan`` over depth are the stack's), as ``trace`` follows a layer's weight
+  tops = leaf_paths(params, tuple(path.split("/")) if path else ())
+  sub = _NNXRecorder({}, {id(rec.outer(leaf)): tops[id(leaf)]
+                          for leaf in jax.tree.leaves(params) if id(leaf) in tops})
   sub.record_into(rec)
   sub.custom_dense, linen_dense = sub.record_dense, rec.custom_dense
   rec.custom_dense = sub.record_dense
   try:
     with (flax_patches.nnx_normalize(sub),
           flax_patches.nnx_methods(_wrappers(sub, tables.NNX_CELLS))):
-      return next_fun(*args, **kwargs)
+      out = next_fun(*args, **kwargs)
   finally:
     rec.custom_dense = linen_dense
+  if sub.unnamed:
+    _warn_unnamed(sub.unnamed, "capture", f" in the nnx.bridge.ToLinen at {path!r}")
+  return out
 
 
 linen.TO_LINEN[:] = [_to_linen_call]
