@@ -380,7 +380,8 @@ def test_weight_tied_block_in_a_static_fori_loop_or_scan_is_the_unrolled_loop(lo
   with no_sngd_warnings():
     model, grads, acts, update = one_update(loop)
   assert [c.inputs.shape for c in acts["block"]] == [(n, 4, 5)]
-  updates = nnx.to_pure_dict(update()[0])
+  updates, state = update()
+  updates = nnx.to_pure_dict(updates)
   _, _, _, unrolled = one_update("python")
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), updates,
                nnx.to_pure_dict(unrolled()[0]))
@@ -389,6 +390,7 @@ def test_weight_tied_block_in_a_static_fori_loop_or_scan_is_the_unrolled_loop(lo
   for _ in range(n):
     rows.append(h)
     h = h + np.tanh(h @ w + b)
+  ref.assert_factor(state, "block", np.concatenate(rows))  # E[x~ x~^T] over the 4n rows
   ref.assert_dense_update(np.concatenate(rows), nnx.to_pure_dict(grads)["block"],
                           updates["block"], loop)
 
