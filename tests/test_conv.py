@@ -543,3 +543,33 @@ def test_masked_conv_is_refused_naming_the_path(api):
   out, _ = skip.update(grads, skip.init(params), params, activations=acts)
   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(grads), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_conv_local_is_not_modelled_update_names_it_and_fisher_none_passes_it_through():
+  """``nn.ConvLocal`` (an unshared conv: one kernel per output position) is not modelled:
+  capture records nothing for it, ``update`` raises naming the layer, ConvLocal and the fix,
+  and with ``fisher={'cl': None}`` its update is its gradient while the head's is the float64
+  damped solve over the head's rows (the flattened ConvLocal output)."""
+  class Local(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.ConvLocal(3, (2,), name="cl", param_dtype=jnp.float64)(x)
+      return nn.Dense(2, name="head", param_dtype=jnp.float64)(h.reshape(h.shape[0], -1))
+
+  x = jax.random.normal(jax.random.key(1), (6, 5, 2), jnp.float64)
+  model = Local()
+  params = model.init(jax.random.key(0), x)["params"]
+  loss = lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, x)))
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params)
+  assert set(acts) == {"head"}
+  tx = sngd_jax.sngd(**ref.one_step_kwargs())
+  with pytest.raises(ValueError, match=r"no activations were captured for layer 'cl'.*not "
+                     r"ConvLocal.*fisher=\{'cl': None\}"):
+    tx.update(grads, tx.init(params), params, activations=acts)
+  tx = sngd_jax.sngd(**ref.one_step_kwargs(), fisher={"cl": None})
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  for leaf in ("kernel", "bias"):
+    np.testing.assert_array_equal(updates["cl"][leaf], grads["cl"][leaf])
+  h = nn.ConvLocal(3, (2,)).apply({"params": params["cl"]}, x)
+  rows = np.asarray(h, np.float64).reshape(6, -1)
+  ref.assert_dense_update(rows, grads["head"], updates["head"], "head")

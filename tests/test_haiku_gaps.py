@@ -1,7 +1,7 @@
 """Haiku cases at the edge of capture_hk, against float64 references: hk.GRU (not modelled:
 what the warning says, and the same cell written with three hk.Linear layers, which is),
 ``sngd_jax.dense`` in a Haiku module, a params tree whose linen-named leaf keeps Haiku's names
-unread, and layers under hk.scan / hk.fori_loop."""
+unread, and layers under hk.scan / hk.fori_loop (captured as a scan)."""
 
 import jax
 import jax.numpy as jnp
@@ -491,11 +491,14 @@ def _fori(body, h):
   return hk.fori_loop(0, T, lambda _, h: body(h), h)
 
 
-def test_a_layer_under_hk_scan_is_pooled_over_its_steps_as_unrolled(x64):
-  """hk.scan runs on jax.lax.scan: a layer called in its body gets one local Fisher over every
-  step's rows, the update of the same layer called in a Python loop, and the float64 solve."""
+@pytest.mark.parametrize("loop", [_scanned, _fori], ids=["hk.scan", "hk.fori_loop"])
+def test_a_layer_under_hk_scan_or_fori_loop_is_pooled_over_its_steps_as_unrolled(loop, x64):
+  """hk.scan runs on jax.lax.scan, and hk.fori_loop of static bounds on jax.lax.fori_loop,
+  captured as JAX runs it, a scan (until 2026-12-06 it warned and was not captured): a layer
+  called in the body gets one local Fisher over every step's rows, the update of the same
+  layer called in a Python loop, and the float64 solve."""
   x = jax.random.normal(KEY, (B, D), jnp.float64)
-  scanned, unrolled = _recurrent(_scanned), _recurrent(_unrolled)
+  scanned, unrolled = _recurrent(loop), _recurrent(_unrolled)
   params = scanned.init(KEY, x)
   with no_sngd_warnings():
     grads, updates, acts = _step(_sin_loss(scanned), params, x)
@@ -509,24 +512,3 @@ def test_a_layer_under_hk_scan_is_pooled_over_its_steps_as_unrolled(x64):
   for leaf in ("w", "b"):
     np.testing.assert_allclose(updates["tied"][leaf], unrolled_updates["tied"][leaf],
                                rtol=1e-10, atol=1e-14, err_msg=leaf)
-
-
-def test_a_layer_under_hk_fori_loop_warns_with_the_hk_scan_rewrite(x64):
-  """A layer under hk.fori_loop is not captured; the warning names it and the rewrite with
-  hk.scan (tested above to give the unrolled loop's update), and ``update`` raises naming it
-  until it is given ``fisher={path: None}``; the rewrite computes the same function."""
-  x = jax.random.normal(KEY, (B, D), jnp.float64)
-  model = _recurrent(_fori)
-  params = model.init(KEY, x)
-  np.testing.assert_allclose(model.apply(params, x), _recurrent(_scanned).apply(params, x),
-                             rtol=1e-12)
-  match = (r"could not name 1 layer call\(s\) \(Linear 'tied'\).*instead of "
-           r"`hk.fori_loop\(0, n, body, h\)` with a static `n`, write "
-           r"`hk.scan\(lambda h, _: \(body\(h\), None\), h, None, length=n\)`")
-  with pytest.warns(UserWarning, match=match):
-    (_, acts), grads = jax.value_and_grad(sngd_jax.capture_hk(_sin_loss(model)),
-                                          has_aux=True)(params, x)
-  assert acts == {}
-  tx = exact_sngd(**ref.one_step_kwargs())
-  with pytest.raises(ValueError, match=r"'tied'"):
-    tx.update(grads, tx.init(params), params, activations=acts)

@@ -2,6 +2,8 @@
 unrolled model (linen and NNX), time scans and batch vmaps pool rows (float64
 references), and layers whose calls cannot leave a transform are reported, not used."""
 
+import re
+
 import flax.linen as nn
 import helpers_jaxpr
 import jax
@@ -12,6 +14,7 @@ import pytest
 from exact import exact_sngd
 from flax import nnx
 from helpers_mlp import sngd_train_step
+from helpers_warnings import no_sngd_warnings
 
 import sngd_jax
 from sngd_jax._src.capture import transforms
@@ -373,7 +376,10 @@ def test_layer_under_inner_jit_is_reported_not_used():
 
 
 def test_jax_functions_are_restored_after_capture_and_on_error():
-  originals = (jax.vmap, jax.lax.scan, jax.checkpoint, jax.remat)
+  names = ((jax, "vmap"), (jax.lax, "scan"), (jax, "checkpoint"), (jax, "remat"),
+           (jax.lax, "fori_loop"), (jax.lax, "cond"), (jax.lax, "switch"), (jax, "eval_shape"),
+           (jax.lax, "map"))
+  originals = [getattr(owner, name) for owner, name in names]
   layer = nn.Dense(2)
   params = layer.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
 
@@ -384,15 +390,16 @@ def test_jax_functions_are_restored_after_capture_and_on_error():
   with pytest.raises(RuntimeError, match="inside"):
     sngd_jax.capture(failing, outputs=True)(params)
   sngd_jax.capture(lambda p: jnp.sum(layer.apply({"params": p}, jnp.ones((1, 3)))))(params)
-  assert (jax.vmap, jax.lax.scan, jax.checkpoint, jax.remat) == originals
+  assert [getattr(owner, name) for owner, name in names] == originals
 
 
-@pytest.mark.parametrize("loop", ["fori_loop", "scan"])
-def test_weight_tied_block_in_a_fori_loop_is_refused_and_its_scan_is_the_unrolled_loop(loop, x64):
-  """A block applied ``n`` times (weight-tied refinement) in a ``jax.lax.fori_loop`` is
-  not captured: the warning names the layer and the fix, ``jax.lax.scan`` of ``length=n``,
-  and ``update`` raises. That scan pools the ``n`` calls: the update equals the Python loop's
-  (``n`` calls, ``4n`` rows) and the float64 solve against every step's input."""
+@pytest.mark.parametrize("loop", ["fori_loop", "nnx.fori_loop", "scan"])
+def test_weight_tied_block_in_a_static_fori_loop_or_scan_is_the_unrolled_loop(loop, x64):
+  """A block applied ``n`` times (weight-tied refinement) in a ``jax.lax.fori_loop`` or an
+  ``nnx.fori_loop`` of static bounds is captured as JAX runs it, a ``jax.lax.scan`` of
+  ``length=n``, pooling the ``n`` calls: the update equals the Python loop's (``n`` calls,
+  ``4n`` rows) and the float64 solve against every step's input, without a warning.
+  (Until 2026-12-06 the fori_loop's calls stayed inside: a warning, and ``update`` raised.)"""
   from flax import nnx
 
   n, x = 3, jax.random.normal(jax.random.key(1), (4, 5), jnp.float64)
@@ -402,9 +409,11 @@ def test_weight_tied_block_in_a_fori_loop_is_refused_and_its_scan_is_the_unrolle
       self.block = nnx.Linear(5, 5, rngs=rngs, param_dtype=jnp.float64)
 
     def __call__(self, x, loop):
-      step = lambda h: h + jnp.tanh(self.block(h))
+      step = lambda h, block=self.block: h + jnp.tanh(block(h))
       if loop == "fori_loop":
         return jax.lax.fori_loop(0, n, lambda i, h: step(h), x)
+      if loop == "nnx.fori_loop":  # the module in the carry, as nnx.fori_loop's docs write it
+        return nnx.fori_loop(0, n, lambda i, c: (c[0], step(c[1], c[0])), (self.block, x))[1]
       if loop == "scan":
         return jax.lax.scan(lambda h, _: (step(h), None), x, None, length=n)[0]
       for _ in range(n):
@@ -419,15 +428,11 @@ def test_weight_tied_block_in_a_fori_loop_is_refused_and_its_scan_is_the_unrolle
     tx = sngd_jax.sngd(**ref.one_step_kwargs())
     return model, grads, acts, lambda: tx.update(grads, tx.init(params), params, activations=acts)
 
-  if loop == "fori_loop":
-    with pytest.warns(UserWarning, match="'block'.*jax.lax.scan.body, carry, None, length=n"):
-      _, _, acts, update = one_update(loop)
-    assert acts == {}
-    with pytest.raises(ValueError, match="no activations were captured for layer 'block'"):
-      update()
-    return
-  model, grads, acts, update = one_update(loop)
-  updates = nnx.to_pure_dict(update()[0])
+  with no_sngd_warnings():
+    model, grads, acts, update = one_update(loop)
+  assert [c.inputs.shape for c in acts["block"]] == [(n, 4, 5)]
+  updates, state = update()
+  updates = nnx.to_pure_dict(updates)
   _, _, _, unrolled = one_update("python")
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), updates,
                nnx.to_pure_dict(unrolled()[0]))
@@ -436,5 +441,135 @@ def test_weight_tied_block_in_a_fori_loop_is_refused_and_its_scan_is_the_unrolle
   for _ in range(n):
     rows.append(h)
     h = h + np.tanh(h @ w + b)
+  ref.assert_factor(state, "block", np.concatenate(rows))  # E[x~ x~^T] over the 4n rows
   ref.assert_dense_update(np.concatenate(rows), nnx.to_pure_dict(grads)["block"],
                           updates["block"], loop)
+
+
+# --- lifted conditionals: not captured, named, with the rewrite ---------------------------
+
+_NOT_CAPTURED = r"layer {} was called inside a JAX transform whose values cannot leave it.*{}"
+
+
+class NNXCond(nnx.Module):
+  """Two sub-blocks chosen by ``nnx.cond`` (a mode switch), or three by ``nnx.switch``."""
+
+  def __init__(self, rngs, n=2):
+    self.ls = nnx.List([nnx.Linear(D, D, rngs=rngs, param_dtype=jnp.float64)
+                        for _ in range(n)])
+    self.head = nnx.Linear(D, 2, rngs=rngs, param_dtype=jnp.float64)
+
+  def __call__(self, x, i):
+    fns = [lambda m, h, k=k: m.ls[k](h) for k in range(len(self.ls))]
+    if len(fns) == 2:
+      return self.head(nnx.cond(i == 0, fns[0], fns[1], self, x))
+    return self.head(nnx.switch(i, fns, self, x))
+
+
+@pytest.mark.parametrize("n", [2, 3], ids=["nnx.cond", "nnx.switch"])
+def test_nnx_cond_and_switch_layers_are_named_not_captured_and_left_to_fisher_none(n, x64):
+  """A layer called in a branch of ``nnx.cond``/``nnx.switch`` is not captured (a branch's
+  values cannot leave it): the warning names each branch layer by its path (until 2026-12-06
+  it named a ``Linear (weight (4, 4))`` copy and said to apply the transform inside the
+  captured function, where it already was), with the rewrite; ``update`` raises naming it;
+  with ``fisher={path: None}`` the branch layers pass through (their update is their
+  gradient) and the head's update is the float64 damped solve over its rows."""
+  x = jax.random.normal(jax.random.key(1), (BATCH, D), jnp.float64)
+  model = NNXCond(nnx.Rngs(0), n)
+  loss = sngd_jax.capture_nnx(lambda m: jnp.sum(jnp.sin(m(x, 1))))
+  branches = [f"ls/{k}" for k in range(n)]
+  with pytest.warns(UserWarning) as caught:
+    (_, acts), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+  messages = [str(w.message) for w in caught if str(w.message).startswith("sngd:")]
+  assert len(messages) == n, messages
+  for path, message in zip(branches, messages, strict=True):
+    assert re.search(_NOT_CAPTURED.format(repr(path), r"`jnp.where` over both branches"),
+                     message), message
+  assert set(acts) == {"head"}
+  params = nnx.state(model, nnx.Param)
+  tx = sngd_jax.sngd(**ref.one_step_kwargs())
+  with pytest.raises(ValueError, match="no activations were captured for layer 'ls/0'"):
+    tx.update(grads, tx.init(params), params, activations=acts)
+  tx = sngd_jax.sngd(**ref.one_step_kwargs(), fisher={p: None for p in branches})
+  updates = nnx.to_pure_dict(tx.update(grads, tx.init(params), params, activations=acts)[0])
+  g = nnx.to_pure_dict(grads)
+  for k in range(n):
+    for leaf in ("kernel", "bias"):
+      np.testing.assert_array_equal(updates["ls"][k][leaf], g["ls"][k][leaf])
+  w, b = np.asarray(model.ls[1].kernel[...]), np.asarray(model.ls[1].bias[...])
+  ref.assert_dense_update(np.asarray(x) @ w + b, g["head"], updates["head"], "head")
+
+
+class LinenCond(nn.Module):
+  """``nn.cond`` between two sub-blocks, ``nn.switch`` among three, or ``nn.jit`` on one."""
+
+  kind: str
+
+  def setup(self):
+    self.ls = [nn.Dense(D) for _ in range(3)]
+    self.jitted = nn.jit(nn.Dense)(D)
+    self.head = nn.Dense(2)
+
+  def __call__(self, x, i):
+    fns = [lambda m, h, k=k: m.ls[k](h) for k in range(3)]
+    if self.is_initializing():
+      for f in fns:
+        f(self, x)
+      return self.head(self.jitted(x))
+    if self.kind == "nn.cond":
+      h = nn.cond(i == 0, fns[0], fns[1], self, x)
+    elif self.kind == "nn.switch":
+      h = nn.switch(i, fns, self, x)
+    else:
+      h = self.jitted(x)
+    return self.head(h)
+
+
+@pytest.mark.parametrize("kind,rewrite", [
+    ("nn.cond", r"`jnp.where` over both branches"),
+    ("nn.switch", r"`jnp.where` over both branches"),
+    ("nn.jit", r"Jit the whole training step instead of a part")])
+def test_linen_cond_switch_jit_layers_are_named_not_captured(kind, rewrite):
+  """Linen's ``nn.cond``, ``nn.switch`` and ``nn.jit``: each layer inside is named in a
+  warning with the rewrite (for ``nn.jit``: jit the whole step, which the warning did not
+  say until 2026-12-06), left out of the activations, and ``update`` raises naming it."""
+  x = jnp.ones((BATCH, D))
+  model = LinenCond(kind)
+  params = model.init(jax.random.key(0), x, 1)["params"]
+  loss = lambda p: jnp.sum(model.apply({"params": p}, x, 1))
+  inside = {"nn.cond": ["ls_0", "ls_1"], "nn.switch": ["ls_0", "ls_1", "ls_2"],
+            "nn.jit": ["jitted"]}[kind]
+  with pytest.warns(UserWarning) as caught:
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params)
+  messages = [str(w.message) for w in caught if str(w.message).startswith("sngd:")]
+  assert len(messages) == len(inside), messages
+  for path, message in zip(inside, messages, strict=True):
+    assert re.search(_NOT_CAPTURED.format(repr(path), rewrite), message), message
+  assert set(acts) == {"head"}
+  uncalled = {p: None for p in ("ls_0", "ls_1", "ls_2", "jitted") if p not in inside}
+  tx = sngd_jax.sngd(fisher=uncalled)
+  with pytest.raises(ValueError, match=f"no activations were captured for layer '{inside[0]}'"):
+    tx.update(grads, tx.init(params), params, activations=acts)
+
+
+def test_nnx_jit_inside_the_captured_function_warns_to_jit_the_whole_step():
+  """An ``nnx.jit`` inside the captured function: the warning says to jit the whole step
+  (until 2026-12-06 it said to apply the transform inside the captured function, where it
+  already was)."""
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.block = nnx.Linear(D, D, rngs=rngs)
+      self.head = nnx.Linear(D, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(nnx.jit(lambda m, h: m(h))(self.block, x))
+
+  with pytest.warns(UserWarning) as caught:
+    _, acts = sngd_jax.capture_nnx(lambda m: jnp.sum(m(jnp.ones((BATCH, D)))))(
+        Model(nnx.Rngs(0)))
+  messages = [str(w.message) for w in caught if str(w.message).startswith("sngd:")]
+  assert len(messages) == 1 and re.search(
+      r"could not name 1 layer call\(s\) \(Linear \(weight \(4, 4\)\)\).*an `nnx.jit` inside "
+      r"the captured function \(jit the whole training step instead\)", messages[0]), messages
+  assert "Apply such transforms" not in messages[0]
+  assert set(acts) == {"head"}

@@ -145,6 +145,8 @@ class _NNXRecorder(Recorder):
     path = self.path_of(module)
     if path is None and parts is not None:
       path = paths.join(parts[:-1])
+    if path is None and self.discarding():  # a trace thrown away (`jax.eval_shape`)
+      return path, roles
     if path is None:
       self.note_left_out(weight, self.other_paths.get(
           id(module), f"{type(module).__name__} (weight {getattr(weight, 'shape', None)})"))
@@ -220,17 +222,17 @@ def _warn_unnamed(unnamed: dict[str, None], capture: str, where: str = "") -> No
       f"sngd: {capture} could not name {len(unnamed)} layer call(s) "
       f"({', '.join(unnamed)}){where}: their module is a copy whose weight is not one of "
       "the model's, as inside a transform made before capture started (`nnx.remat` or "
-      "`nnx.vmap` applied as a decorator at class definition, an `nnx.jit` or "
-      "`nnx.cond`/`nnx.switch` inside the captured function), a layer made inside the "
+      "`nnx.vmap` applied as a decorator at class definition: apply it inside the "
+      "captured function), an `nnx.jit` inside the captured function (jit the whole "
+      "training step instead), a layer made inside the "
       "loss, a `sngd_jax.dense` given an array computed from a param (a transposed or "
       "sliced copy, or a cast made outside the `__call__` of the module holding the "
       "`kernel`: pass the `nnx.Param` or its cast there), or another "
       "model the loss closes over (a target network, a teacher: pass it to the loss as an "
       "argument, `loss_fn(model, target, x)`, and its calls are left out without this "
       "warning). They are not captured, and `update` reports their layers as not "
-      "captured. Apply such transforms inside the captured function "
-      "(docs/layer-coverage.md, *Not captured*), or pass `fisher={path: None}` for those "
-      "layers.", stacklevel=caller_stacklevel())
+      "captured (docs/layer-coverage.md, *Not captured*); pass `fisher={path: None}` for "
+      "those layers to leave them to the next transform.", stacklevel=caller_stacklevel())
 
 
 def _record(rec: _NNXRecorder, recorder: tables.LayerRecorder, module, args, kwargs, out):

@@ -29,9 +29,9 @@ runs inside the RNN's scan, its records go to that cell call's
 unpacked by ``untag`` when the RNN call returns (time merged into rows).
 
 **What cannot be captured is reported.** A record holding a tracer of a trace
-that has ended (a transform that does not return records: ``jax.jit``, ``fori_loop``,
-a transform made before capture started) is dropped with a warning naming the
-layer, which is then reported as not captured, never given statistics from a
+that has ended (a transform that does not return records: ``jax.jit``, ``cond``, a
+``fori_loop`` of traced bounds, a transform made before capture started) is dropped with a
+warning naming the layer, which is then reported as not captured, never given statistics from a
 subset of its calls that the user did not ask for.
 """
 
@@ -639,13 +639,16 @@ def freeze(store: dict[str, list[Pending]],
     warnings.warn(
         f"sngd: layer {shown(path)} was called inside a JAX transform whose values cannot "
         "leave "
-        "it (a jit, cond/switch, fori_loop or while_loop inside the captured function, "
-        "including `nn.cond`/`nnx.cond`; or a vmap, scan or checkpoint made before capture "
+        "it (a jit, cond/switch, while_loop or fori_loop of traced bounds inside the "
+        "captured function, including `nn.jit`/`nnx.jit`, `nn.cond`/`nnx.cond`, "
+        "`nn.switch`/`nnx.switch`; or a vmap, scan or checkpoint made before capture "
         "started, or called through a name imported from jax, such as `from jax import "
-        "vmap`); its calls are not captured. Call the layer outside the cond or loop (a "
-        "Python `if`/`for`, `jnp.where` over both branches' outputs, or, for a `fori_loop` "
-        "of a static number of steps, `jax.lax.scan(body, carry, None, length=n)`, whose "
-        "calls are captured and pooled over its steps), make the transform "
+        "vmap`); its calls are not captured. Jit the whole training step instead of a "
+        "part; call the layer outside the cond or loop (a "
+        "Python `if`/`for`, `jnp.where` over both branches' outputs, or a loop of a static "
+        "number of steps as `jax.lax.fori_loop(0, n, ...)` or `jax.lax.scan(body, carry, "
+        "None, length=n)`, whose calls are captured and pooled over its steps), make the "
+        "transform "
         "inside the captured function and call it through its module (`jax.vmap`, "
         "`jax.lax.scan`, `jax.lax.map`, `jax.checkpoint`, `jax.remat`: capture replaces those "
         "attributes "

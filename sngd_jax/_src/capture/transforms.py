@@ -1,5 +1,8 @@
 """The JAX transforms that return records while capturing: scan, vmap, checkpoint.
 
+Also ``jax.lax.fori_loop`` of static bounds, run as JAX runs it, a ``scan`` (so ``nnx.fori_loop``
+and ``hk.fori_loop`` too), and ``jax.eval_shape``, whose trace records nothing.
+
 Values made inside a transform are its tracers and must not escape it. While a
 captured function runs, ``jax.lax.scan``, ``jax.lax.map`` (made of the ``scan`` and
 ``vmap`` below), ``jax.vmap``, ``jax.checkpoint`` and ``jax.remat`` are replaced by the
@@ -19,7 +22,7 @@ too.
 The replacement is process-wide while any capture runs (reference counted) and
 acts only on the thread that captures: elsewhere each wrapper calls JAX's own
 function directly. Transforms that do not go through these names (a function
-made by ``jax.vmap`` before capture started, ``jax.jit``, ``fori_loop``) keep
+made by ``jax.vmap`` before capture started, ``jax.jit``, ``cond``, ``while_loop``) keep
 their records inside, which are then detected as leaked and reported (never
 used).
 
@@ -41,6 +44,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import flax.core.axes_scan as flax_axes_scan
 import jax
+import jax.numpy as jnp
 
 from sngd_jax._src.capture.records import (
     DiscardFrame,
@@ -52,6 +56,10 @@ from sngd_jax._src.capture.records import (
 
 _ORIGINAL = {
     "scan": jax.lax.scan,
+    "fori_loop": jax.lax.fori_loop,
+    "cond": jax.lax.cond,
+    "switch": jax.lax.switch,
+    "eval_shape": jax.eval_shape,
     "map": jax.lax.map,
     "vmap": jax.vmap,
     "checkpoint": jax.checkpoint,
@@ -59,7 +67,9 @@ _ORIGINAL = {
     "axes_scan": flax_axes_scan.scan,
 }
 # (owner, attribute, key of the original in _ORIGINAL)
-_TARGETS = ((jax.lax, "scan", "scan"), (jax.lax, "map", "map"), (jax, "vmap", "vmap"),
+_TARGETS = ((jax.lax, "scan", "scan"), (jax.lax, "fori_loop", "fori_loop"),
+            (jax.lax, "cond", "cond"), (jax.lax, "switch", "switch"),
+            (jax.lax, "map", "map"), (jax, "vmap", "vmap"), (jax, "eval_shape", "eval_shape"),
             (jax, "checkpoint", "checkpoint"), (jax, "remat", "remat"),
             (flax_axes_scan, "scan", "axes_scan"))
 _LOCAL = threading.local()
@@ -188,6 +198,78 @@ def _cat(arrays: list[Any]) -> Any:
   return None if arrays[0] is None else jax.lax.concatenate(arrays, 0)
 
 
+def fori_loop(lower: Any, upper: Any, body_fun: Callable, init_val: Any, **kwargs) -> Any:
+  """``jax.lax.fori_loop`` whose body's records leave it: with static bounds, as JAX itself
+  runs it, this module's ``scan`` over ``(i, val)`` for ``upper - lower`` steps (the calls
+  pooled over the steps, as the unrolled loop's); with traced bounds (a ``while_loop``, which
+  has no reverse-mode gradient) JAX's own, whose records stay inside (reported)."""
+  if _active() is None:
+    return _ORIGINAL["fori_loop"](lower, upper, body_fun, init_val, **kwargs)
+  try:
+    start, stop = int(lower), int(upper)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return _ORIGINAL["fori_loop"](lower, upper, body_fun, init_val, **kwargs)
+  if stop <= start:
+    return init_val
+  unroll = kwargs.pop("unroll", None)
+
+  def body(carry, _):
+    i, val = carry
+    return (i + 1, body_fun(i, val)), None
+
+  return scan(body, (jnp.asarray(lower), init_val), None, stop - start,
+              unroll=False if unroll is None else unroll, **kwargs)[0][1]
+
+
+def _branches(rec: Recorder, branches: Any, operands: tuple) -> list[Callable]:
+  """The branches of a ``cond``/``switch``, each run under a frame that follows the operands
+  to the caller's (so that the layers of NNX copies are named) and whose records are dropped
+  as not captured (``Recorder.escaped``: capture warns, naming them): a branch's values
+  cannot leave it."""
+  def wrapped(f: Callable) -> Callable:
+    @functools.wraps(f)
+    def branch(*inner):
+      frame = TransformFrame("cond", _inputs(inner, operands, ["none"] * len(_leaves(operands))))
+      with rec.frame(frame):
+        out = f(*inner)
+      rec.escaped.update(frame.records)
+      return out
+    return branch
+  return [wrapped(f) for f in branches]
+
+
+def cond(pred: Any, true_fun: Callable, false_fun: Callable, *operands, **kwargs) -> Any:
+  """``jax.lax.cond`` whose branches name their layers and report them as not captured."""
+  rec = _active()
+  if rec is None or kwargs:
+    return _ORIGINAL["cond"](pred, true_fun, false_fun, *operands, **kwargs)
+  true_fun, false_fun = _branches(rec, (true_fun, false_fun), operands)
+  return _ORIGINAL["cond"](pred, true_fun, false_fun, *operands)
+
+
+def switch(index: Any, branches: Any, *operands, **kwargs) -> Any:
+  """``jax.lax.switch`` whose branches name their layers and report them as not captured."""
+  rec = _active()
+  if rec is None or kwargs:
+    return _ORIGINAL["switch"](index, branches, *operands, **kwargs)
+  return _ORIGINAL["switch"](index, _branches(rec, branches, operands), *operands)
+
+
+def eval_shape(fun: Callable, *args, **kwargs) -> Any:
+  """``jax.eval_shape`` whose trace records nothing (``records.DiscardFrame``): its values are
+  abstract and thrown away (``nnx.fori_loop`` traces its body once so, before the loop)."""
+  rec = _active()
+  if rec is None:
+    return _ORIGINAL["eval_shape"](fun, *args, **kwargs)
+
+  @functools.wraps(fun)
+  def body(*a, **kw):
+    with rec.frame(DiscardFrame()):
+      return fun(*a, **kw)
+
+  return _ORIGINAL["eval_shape"](body, *args, **kwargs)
+
+
 def _mapped_roles(in_axes: Any, args: tuple, kwargs: dict) -> list[str]:
   """Per argument leaf: ``'stack'`` if vmap maps it, else ``'pool'`` (as ``_leaves`` orders)."""
   if not isinstance(in_axes, (list, tuple)):
@@ -292,7 +374,9 @@ def axes_scan(fn: Callable, *args, **kwargs) -> Callable:
   return call
 
 
-_WRAPPERS = {"scan": scan, "map": lax_map, "vmap": vmap, "checkpoint": _checkpoint("checkpoint"),
+_WRAPPERS = {"scan": scan, "fori_loop": fori_loop, "cond": cond, "switch": switch,
+             "eval_shape": eval_shape, "map": lax_map,
+             "vmap": vmap, "checkpoint": _checkpoint("checkpoint"),
              "remat": _checkpoint("remat"), "axes_scan": axes_scan}
 
 
