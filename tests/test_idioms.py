@@ -393,10 +393,9 @@ def _sin_loss(model):
   return lambda p, x: jnp.sum(jnp.sin(model.apply({"params": p}, x)))
 
 
-def _one_update(model, params, x):
+def _one_update(loss, params, x):
   tx = sngd_jax.sngd(**ref.one_step_kwargs())
-  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(_sin_loss(model)), has_aux=True)(
-      params, x)
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x)
   return grads, tx.update(grads, tx.init(params), params, activations=acts)[0]
 
 
@@ -411,7 +410,7 @@ def test_map_variables_scaling_gives_c_squared_times_the_plain_layers_step(mode)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 4)))
   model = _Scaled(mode)
   v = model.init(jax.random.key(0), x)["params"]
-  grads_v, u = _one_update(model, v, x)
+  grads_v, u = _one_update(_sin_loss(model), v, x)
   c_b = 1.0 if mode == "kernel" else _C
   w = {"lin": {k: (_C if k == "kernel" else c_b) * a for k, a in v["lin"].items()}}
   plain = _Plain(use_bias=mode != "no_bias")
@@ -445,7 +444,7 @@ def test_weight_norm_preconditions_the_raw_gradient_of_v():
   model = WN()
   params = model.init(jax.random.key(0), x)["params"]
   params["wn"]["lin/kernel/scale"] = jnp.array([0.7, 1.9])
-  grads, u = _one_update(model, params, x)
+  grads, u = _one_update(_sin_loss(model), params, x)
   xs = np.asarray(x)
   ref.assert_dense_update(xs, grads["lin"], u["lin"], rtol=1e-10)
   np.testing.assert_array_equal(u["wn"]["lin/kernel/scale"], grads["wn"]["lin/kernel/scale"])
@@ -463,3 +462,30 @@ def test_weight_norm_preconditions_the_raw_gradient_of_v():
   kernel, _ = ref.dense_update(xs, g_w, np.asarray(grads["lin"]["bias"]))  # SNGD on W
   cos = np.sum(dw_of_dv * kernel) / (np.linalg.norm(dw_of_dv) * np.linalg.norm(kernel))
   assert cos < 0.99, cos
+
+
+class _Encoder(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return jnp.tanh(nn.Dense(3, use_bias=False, name="enc", param_dtype=jnp.float64)(x))
+
+
+@pytest.mark.usefixtures("x64")
+def test_linen_kernel_taken_from_the_params_gets_its_calls_factor_only():
+  """docs/layer-coverage.md: a tied autoencoder decoding with the linen kernel taken from the
+  params (``h @ params['enc']['kernel'].T`` in the loss) is not seen: the kernel's update is the
+  encoder rows' damped factor applied to the sum of both uses' gradients (float64), as NNX's
+  ``h @ enc.kernel.T`` (tests/test_nnx_layers.py)."""
+  model = _Encoder()
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 5)))
+  params = model.init(jax.random.key(0), x)["params"]
+  decoded = lambda p, x: model.apply({"params": p}, x) @ p["enc"]["kernel"].T
+  loss = lambda p, x: jnp.sum(jnp.sin(decoded(p, x)))
+  assert "linear/dense 5x5" in str(sngd_jax.coverage(loss, params, x))
+  grads, u = _one_update(loss, params, x)
+  k0 = params["enc"]["kernel"]
+  enc_use = jax.grad(lambda k: jnp.sum(jnp.sin(
+      model.apply({"params": {"enc": {"kernel": k}}}, x) @ k0.T)))(k0)
+  assert np.max(np.abs(np.asarray(grads["enc"]["kernel"] - enc_use))) > 1e-2  # both uses
+  kernel, _ = ref.dense_update(np.asarray(x), grads["enc"]["kernel"], None)
+  np.testing.assert_allclose(u["enc"]["kernel"], kernel, rtol=1e-10)
