@@ -89,6 +89,35 @@ def test_tied_embedding_is_refused_with_the_fix():
   np.testing.assert_array_equal(updates["Embed_0"]["embedding"], grads["Embed_0"]["embedding"])
 
 
+class TiedByHand(nn.Module):
+  """``Tied`` with the output layer written as ``h @ E^T`` instead of ``attend``."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    emb = nn.Embed(9, 3, **F64)
+    h = jnp.tanh(nn.Dense(3, **F64)(emb(tokens)))
+    return h @ emb.embedding.T
+
+
+def test_tied_output_written_by_hand_gets_the_lookups_diagonal_only():
+  """docs/layer-coverage.md: ``h @ embed.embedding.T`` is not seen as a use of the table: the
+  summed gradient of both uses is divided by each token's damped lookup frequency, so a row
+  never looked up (its gradient the output use's alone) gets ``g / damping``."""
+  tokens = jnp.array([[1, 4, 4, 0], [4, 1, 2, 7]])  # 3, 5, 6, 8 never looked up
+  model = TiedByHand()
+  params = model.init(jax.random.key(0), tokens)["params"]
+  grads, updates, state = _grads_updates(model, params, tokens)
+  assert set(state.factors) == {"Embed_0", "Dense_0"}
+  g = np.asarray(grads["Embed_0"]["embedding"], np.float64)
+  freq = np.bincount(np.asarray(tokens).ravel(), minlength=9) / tokens.size
+  np.testing.assert_allclose(updates["Embed_0"]["embedding"],
+                             g / (freq + ref.DAMPING)[:, None], rtol=1e-10)
+  unseen = [3, 5, 6, 8]
+  assert np.all(np.abs(g[unseen]) > 1e-6)  # the output use's gradient reaches them
+  np.testing.assert_allclose(np.asarray(updates["Embed_0"]["embedding"])[unseen],
+                             g[unseen] / ref.DAMPING, rtol=1e-10)
+
+
 @pytest.mark.filterwarnings("ignore:sngd. fisher=.tied. with max_norm=None")
 def test_tied_embedding_is_preconditioned_as_both_layers():
   """fisher='tied': Delta E = (D + rho_D I)^{-1} g_E (G_h + rho_G I)^{-1}.

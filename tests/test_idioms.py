@@ -360,3 +360,132 @@ def test_moe_padding_rows_enter_each_experts_factor():
       np.testing.assert_allclose(got[e], ref.linear_factor(rows), rtol=1e-12, atol=1e-15)
       padded += int(np.sum(~np.any(rows != 0, axis=1)))
     assert padded > 0  # the check above covers padding rows
+
+
+# --- weight reparametrizations: nn.map_variables, nn.WeightNorm -----------------------------
+
+_C = 3.0
+
+
+class _Scaled(nn.Module):
+  """A Dense run with ``W = c V`` (``nn.map_variables``): its bias scaled too (``"all"``), not
+  scaled (``"kernel"``), or no bias (``"no_bias"``)."""
+
+  mode: str
+
+  @nn.compact
+  def __call__(self, x):
+    scale = lambda k, a: _C * a if (self.mode != "kernel" or k == "kernel") else a
+    fn = lambda v: {"params": {k: scale(k, a) for k, a in v["params"].items()}}
+    layer = nn.map_variables(nn.Dense, "params", trans_in_fn=fn, init=True)
+    return layer(2, name="lin", use_bias=self.mode != "no_bias", param_dtype=jnp.float64)(x)
+
+
+class _Plain(nn.Module):
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(2, name="lin", use_bias=self.use_bias, param_dtype=jnp.float64)(x)
+
+
+def _sin_loss(model):
+  return lambda p, x: jnp.sum(jnp.sin(model.apply({"params": p}, x)))
+
+
+def _one_update(loss, params, x):
+  tx = sngd_jax.sngd(**ref.one_step_kwargs())
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x)
+  return grads, tx.update(grads, tx.init(params), params, activations=acts)[0]
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("mode", ["all", "no_bias", "kernel"])
+def test_map_variables_scaling_gives_c_squared_times_the_plain_layers_step(mode):
+  """docs/layer-coverage.md: the stored params ``V`` are preconditioned with the layer's input
+  factor as if they were the weights, ``(G + rho I)^{-1} g_V``. With every weight scaled,
+  ``W = c V`` and ``b = c b_V`` (or no bias), the step on the weights is ``c^2`` times SNGD's
+  on a plain layer holding them (float64 damped solve); with the kernel alone scaled and a bias
+  left as it is, it is no multiple of it."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 4)))
+  model = _Scaled(mode)
+  v = model.init(jax.random.key(0), x)["params"]
+  grads_v, u = _one_update(_sin_loss(model), v, x)
+  c_b = 1.0 if mode == "kernel" else _C
+  w = {"lin": {k: (_C if k == "kernel" else c_b) * a for k, a in v["lin"].items()}}
+  plain = _Plain(use_bias=mode != "no_bias")
+  g_w = jax.grad(_sin_loss(plain))(w, x)["lin"]  # the plain layer's gradient, no sngd
+  np.testing.assert_allclose(grads_v["lin"]["kernel"], _C * g_w["kernel"], rtol=1e-12)
+  xs = np.asarray(x)
+  ref.assert_dense_update(xs, grads_v["lin"], u["lin"], rtol=1e-10)  # the raw-gradient solve
+  kernel, bias = ref.dense_update(xs, g_w["kernel"], g_w.get("bias"))  # SNGD on the weights
+  step_w = _C * np.asarray(u["lin"]["kernel"])
+  if mode == "kernel":
+    ratio = step_w / kernel
+    assert np.ptp(ratio) > 1.0, ratio  # no single factor, c^2 or other
+    return
+  np.testing.assert_allclose(step_w, _C ** 2 * kernel, rtol=1e-10)
+  if mode == "all":
+    np.testing.assert_allclose(c_b * np.asarray(u["lin"]["bias"]), _C ** 2 * bias, rtol=1e-10)
+
+
+@pytest.mark.usefixtures("x64")
+def test_weight_norm_preconditions_the_raw_gradient_of_v():
+  """docs/layer-coverage.md: under ``nn.WeightNorm`` (``W_j = s_j V_j / ||V_j||`` per output
+  column) the stored kernel ``V`` gets ``(G + rho I)^{-1} g_V``, its scale passes through, and
+  ``g_V`` is ``g_W`` projected off ``V_j`` and scaled by ``s_j / ||V_j||``: the step that makes
+  on ``W`` is not parallel to SNGD's on a plain layer holding ``W`` (float64 numpy)."""
+  class WN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.WeightNorm(nn.Dense(2, name="lin", param_dtype=jnp.float64), name="wn")(x)
+
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 4)))
+  model = WN()
+  params = model.init(jax.random.key(0), x)["params"]
+  params["wn"]["lin/kernel/scale"] = jnp.array([0.7, 1.9])
+  grads, u = _one_update(_sin_loss(model), params, x)
+  xs = np.asarray(x)
+  ref.assert_dense_update(xs, grads["lin"], u["lin"], rtol=1e-10)
+  np.testing.assert_array_equal(u["wn"]["lin/kernel/scale"], grads["wn"]["lin/kernel/scale"])
+  vk = np.asarray(params["lin"]["kernel"])
+  s, n = np.asarray(params["wn"]["lin/kernel/scale"]), np.linalg.norm(vk, axis=0)
+  w = {"lin": {"kernel": jnp.asarray(s * vk / n), "bias": params["lin"]["bias"]}}
+  g_w = np.asarray(jax.grad(_sin_loss(_Plain()))(w, x)["lin"]["kernel"])
+  dw_of_dv, g_v = np.zeros_like(vk), np.zeros_like(vk)
+  for j in range(vk.shape[1]):
+    vhat = vk[:, j] / n[j]
+    proj = (s[j] / n[j]) * (np.eye(vk.shape[0]) - np.outer(vhat, vhat))  # dW_j / dV_j
+    g_v[:, j] = proj @ g_w[:, j]
+    dw_of_dv[:, j] = proj @ np.asarray(u["lin"]["kernel"])[:, j]
+  np.testing.assert_allclose(grads["lin"]["kernel"], g_v, rtol=1e-10, atol=1e-14)
+  kernel, _ = ref.dense_update(xs, g_w, np.asarray(grads["lin"]["bias"]))  # SNGD on W
+  cos = np.sum(dw_of_dv * kernel) / (np.linalg.norm(dw_of_dv) * np.linalg.norm(kernel))
+  assert cos < 0.99, cos
+
+
+class _Encoder(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return jnp.tanh(nn.Dense(3, use_bias=False, name="enc", param_dtype=jnp.float64)(x))
+
+
+@pytest.mark.usefixtures("x64")
+def test_linen_kernel_taken_from_the_params_gets_its_calls_factor_only():
+  """docs/layer-coverage.md: a tied autoencoder decoding with the linen kernel taken from the
+  params (``h @ params['enc']['kernel'].T`` in the loss) is not seen: the kernel's update is the
+  encoder rows' damped factor applied to the sum of both uses' gradients (float64), as NNX's
+  ``h @ enc.kernel.T`` (tests/test_nnx_layers.py)."""
+  model = _Encoder()
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 5)))
+  params = model.init(jax.random.key(0), x)["params"]
+  decoded = lambda p, x: model.apply({"params": p}, x) @ p["enc"]["kernel"].T
+  loss = lambda p, x: jnp.sum(jnp.sin(decoded(p, x)))
+  assert "linear/dense 5x5" in str(sngd_jax.coverage(loss, params, x))
+  grads, u = _one_update(loss, params, x)
+  k0 = params["enc"]["kernel"]
+  enc_use = jax.grad(lambda k: jnp.sum(jnp.sin(
+      model.apply({"params": {"enc": {"kernel": k}}}, x) @ k0.T)))(k0)
+  assert np.max(np.abs(np.asarray(grads["enc"]["kernel"] - enc_use))) > 1e-2  # both uses
+  kernel, _ = ref.dense_update(np.asarray(x), grads["enc"]["kernel"], None)
+  np.testing.assert_allclose(u["enc"]["kernel"], kernel, rtol=1e-10)
