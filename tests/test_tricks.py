@@ -1,0 +1,207 @@
+"""Training tricks of real code through the documented Flax linen path (``sngd_jax.capture``,
+``sngd_jax.TrainState``, ``sngd_momentum``): knowledge distillation with a frozen teacher, a
+parameter EMA evaluated in the same jitted step, dynamic loss scaling with skipped steps,
+drop-path with mixup, cutmix and label smoothing, and ``jax.export`` of a training step.
+
+Each factor is checked against ``E[x~ x~^T]`` over the rows the layer saw, recomputed in
+float64 NumPy from an independent forward pass (``np_reference.gram``), and each update
+against the float64 damped solve (``np_reference.dense_update``).
+"""
+
+import warnings
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from np_reference import DAMPING, assert_factor, dense_update, gram, np64, one_step_kwargs
+
+import sngd_jax
+
+LR = 0.05
+# Every step a factor step whose factor is that batch's estimate, and an update the damped
+# solve with it (no decay, no prior, no trust region).
+ONE = dict(one_step_kwargs(), factor_every=1)
+
+
+class MLP(nn.Module):
+  hidden: int = 8
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3, name="out")(nn.relu(nn.Dense(self.hidden, name="hidden")(x)))
+
+
+def _problem(batch=16):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(batch, 5)), jnp.float32)
+  y = jnp.asarray(np.arange(batch) % 3)
+  params = MLP().init(jax.random.key(0), x)["params"]
+  return params, x, y
+
+
+def _mlp_rows(p, x):
+  """The float64 input rows of the ``hidden`` and ``out`` layers of ``MLP`` at params ``p``."""
+  x = np64(x)
+  return {"hidden": x,
+          "out": np.maximum(x @ np64(p["hidden"]["kernel"]) + np64(p["hidden"]["bias"]), 0)}
+
+
+def _assert_step(rows, grads, params, new_params, rtol=2e-4):
+  """One momentum step from zero trace is ``-LR`` times each layer's damped solve over
+  ``rows``."""
+  for path, r in rows.items():
+    kernel, bias = dense_update(r, grads[path]["kernel"], grads[path]["bias"])
+    for name, want in (("kernel", kernel), ("bias", bias)):
+      got = (np64(new_params[path][name]) - np64(params[path][name])) / -LR
+      np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max(),
+                                 err_msg=f"{path}/{name}")
+
+
+def _sngd_messages(record):
+  return [str(w.message) for w in record if str(w.message).startswith("sngd")]
+
+
+# --- knowledge distillation ------------------------------------------------------------------
+
+
+class DistillState(sngd_jax.TrainState):
+  teacher_params: Any
+
+
+def _distill_loss(apply_fn, teacher_apply, x, y):
+  def loss_fn(params, teacher_params):
+    logits = apply_fn({"params": params}, x)
+    t_logits = jax.lax.stop_gradient(teacher_apply({"params": teacher_params}, x))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    kd = optax.softmax_cross_entropy(logits / 2.0, jax.nn.softmax(t_logits / 2.0)).mean()
+    return 0.5 * ce + 0.5 * 4.0 * kd, logits
+  return loss_fn
+
+
+@pytest.mark.parametrize("teacher", ["same_class", "wider"])
+def test_distillation_teacher_in_the_train_state_is_left_out(teacher):
+  """A frozen teacher kept in a ``TrainState`` field and passed to the captured loss after the
+  student's params: its layers have the student's paths (``hidden``, ``out``; the same
+  class with other params, or a wider one), yet each factor is the Gram matrix of the
+  student's rows only, the update the float64 damped solve, nothing warns, and the teacher is
+  neither in the optimizer state nor changed. (Closed over instead, the teacher's rows pool
+  into the student's factors, with a warning: entries of ``hidden``'s factor were then off by
+  up to 64 relative, and the wider teacher's rows made ``update`` raise.)"""
+  params, x, y = _problem()
+  t_model = MLP(hidden=8 if teacher == "same_class" else 16)
+  t_params = t_model.init(jax.random.key(1), x)["params"]
+  tx = sngd_jax.sngd_momentum(LR, **ONE)
+  state = DistillState.create(apply_fn=MLP().apply, params=params, tx=tx,
+                              teacher_params=t_params)
+
+  @jax.jit
+  def train_step(state, x, y):
+    loss_fn = _distill_loss(state.apply_fn, t_model.apply, x, y)
+    grad_fn = jax.value_and_grad(sngd_jax.capture(loss_fn, has_aux=True), has_aux=True)
+    (loss, (_, acts)), grads = grad_fn(state.params, state.teacher_params)
+    return state.apply_gradients(grads=grads, activations=acts), grads, acts
+
+  with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
+    new, grads, acts = train_step(state, x, y)
+  assert not _sngd_messages(record)
+  assert {k: len(v) for k, v in acts.items()} == {"hidden": 1, "out": 1}
+  rows = _mlp_rows(params, x)
+  for path, r in rows.items():
+    assert_factor(new.opt_state[0], path, r)
+  _assert_step(rows, grads, params, new.params)
+  assert jax.tree.structure(new.opt_state) == jax.tree.structure(tx.init(params))
+  for a, b in zip(jax.tree.leaves(new.teacher_params), jax.tree.leaves(t_params), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_teacher_params_computed_on_in_the_loss_warn_with_the_cause():
+  """``jax.lax.stop_gradient(teacher_params)`` inside the jitted loss makes new arrays, which
+  capture cannot trace back to the later argument: the teacher's calls are pooled into the
+  student's factors. The warning said to pass the teacher as another argument, which the loss
+  already does; it now names the computed params as the cause and the fix (stop the gradient
+  of the teacher's output), and with that fix the calls are left out."""
+  params, x, y = _problem()
+  model = MLP()
+  t_params = model.init(jax.random.key(1), x)["params"]
+  ce = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  def on_params(p, t):
+    t_logits = model.apply({"params": jax.lax.stop_gradient(t)}, x)
+    return ce(model.apply({"params": p}, x)) + jnp.mean(jax.nn.log_softmax(t_logits))
+
+  def on_logits(p, t):
+    t_logits = jax.lax.stop_gradient(model.apply({"params": t}, x))
+    return ce(model.apply({"params": p}, x)) + jnp.mean(jax.nn.log_softmax(t_logits))
+
+  for loss, calls in ((on_params, 2), (on_logits, 1)):
+    with warnings.catch_warnings(record=True) as record:
+      warnings.simplefilter("always")
+      _, acts = jax.jit(jax.grad(sngd_jax.capture(loss), has_aux=True))(params, t_params)
+    messages = _sngd_messages(record)
+    assert {k: len(v) for k, v in acts.items()} == {"hidden": calls, "out": calls}
+    if calls == 1:
+      assert not messages
+    else:
+      assert len(messages) == 1 and "jax.lax.stop_gradient(teacher_params)" in messages[0]
+      assert "Stop the gradient of the other model's output instead" in messages[0]
+
+
+# --- parameter EMA ---------------------------------------------------------------------------
+
+
+class EmaState(sngd_jax.TrainState):
+  ema_params: Any
+
+
+@pytest.mark.parametrize("where", ["argument", "outside"])
+def test_ema_evaluated_in_the_jitted_step_adds_no_rows(where):
+  """``ema_params = optax.incremental_update(params, ema_params, 1e-3)`` kept in a
+  ``TrainState`` field and evaluated in the same jitted step, inside the captured loss as a
+  later argument or after the captured gradient: the second forward pass (other params, the
+  same layer paths) adds no rows, so each factor is the Gram matrix of the trained model's
+  rows, the update the damped solve, and the EMA and its loss are the float64 ones."""
+  params, x, y = _problem()
+  ema0 = jax.tree.map(lambda a: a + 0.1, params)
+  model = MLP()
+  tx = sngd_jax.sngd_momentum(LR, **ONE)
+  state = EmaState.create(apply_fn=model.apply, params=params, tx=tx, ema_params=ema0)
+  ce = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  @jax.jit
+  def train_step(state, x, y):
+    def loss_fn(params, ema_params):
+      loss = ce(state.apply_fn({"params": params}, x))
+      ema_loss = ce(state.apply_fn({"params": ema_params}, x)) if where == "argument" else 0.0
+      return loss, ema_loss
+
+    grad_fn = jax.value_and_grad(sngd_jax.capture(loss_fn, has_aux=True), has_aux=True)
+    (_, (ema_loss, acts)), grads = grad_fn(state.params, state.ema_params)
+    state = state.apply_gradients(grads=grads, activations=acts)
+    ema = optax.incremental_update(state.params, state.ema_params, step_size=1e-3)
+    if where == "outside":
+      ema_loss = ce(state.apply_fn({"params": ema}, x))
+    return state.replace(ema_params=ema), grads, acts, ema_loss
+
+  with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
+    new, grads, acts, ema_loss = train_step(state, x, y)
+  assert not _sngd_messages(record)
+  assert {k: len(v) for k, v in acts.items()} == {"hidden": 1, "out": 1}
+  rows = _mlp_rows(params, x)
+  for path, r in rows.items():
+    assert_factor(new.opt_state[0], path, r)
+  _assert_step(rows, grads, params, new.params)
+  want_ema = jax.tree.map(lambda n, e: 1e-3 * np64(n) + (1 - 1e-3) * np64(e), new.params, ema0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               new.ema_params, want_ema)
+  evaluated = ema0 if where == "argument" else new.ema_params
+  h = _mlp_rows(evaluated, x)["out"]
+  logits = h @ np64(evaluated["out"]["kernel"]) + np64(evaluated["out"]["bias"])
+  logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  np.testing.assert_allclose(ema_loss, -logp[np.arange(len(y)), np64(y).astype(int)].mean(),
+                             rtol=1e-5)
