@@ -205,3 +205,115 @@ def test_ema_evaluated_in_the_jitted_step_adds_no_rows(where):
   logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
   np.testing.assert_allclose(ema_loss, -logp[np.arange(len(y)), np64(y).astype(int)].mean(),
                              rtol=1e-5)
+
+
+# --- dynamic loss scaling --------------------------------------------------------------------
+
+
+class HalfMLP(nn.Module):
+  """float32 params, float16 compute: a large loss scale overflows the float16 backward."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Dense(8, dtype=jnp.float16, name="hidden")(x))
+    return nn.Dense(3, dtype=jnp.float16, name="out")(h).astype(jnp.float32)
+
+
+class ScaledState(sngd_jax.TrainState):
+  scale: jax.Array
+  good_steps: jax.Array
+
+
+def _sngd_state(opt_state):
+  (state,) = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(
+      s, sngd_jax.SNGDState)) if isinstance(s, sngd_jax.SNGDState)]
+  return state
+
+
+def _scaled_step(period=2):
+  """The dynamic loss scaling of mixed-precision code (``jmp.DynamicLossScale``): the loss
+  times ``scale``, the gradients divided by it; a step whose gradients are not finite halves
+  the scale, ``period`` finite steps in a row double it. The step itself is the ``tx``'s."""
+
+  @jax.jit
+  def train_step(state, x, y):
+    def loss_fn(params):
+      logits = state.apply_fn({"params": params}, x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean() * state.scale
+
+    grad_fn = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)
+    (_, acts), grads = grad_fn(state.params)
+    grads = jax.tree.map(lambda g: g / state.scale, grads)
+    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    good = jnp.where(finite, state.good_steps + 1, 0)
+    scale = jnp.where(finite, jnp.where(good == period, state.scale * 2, state.scale),
+                      state.scale / 2)
+    new = state.apply_gradients(grads=grads, activations=acts)
+    return new.replace(scale=scale, good_steps=jnp.where(good == period, 0, good)), finite
+
+  return train_step
+
+
+@pytest.mark.parametrize("order", ["around_the_chain", "around_sngd", "sngd_alone"])
+def test_dynamic_loss_scaling_skipped_steps_leave_the_sngd_state(order):
+  """float16 compute with a loss scale that starts at ``2**20``: the first steps' gradients
+  overflow and are skipped (the scale halves) until they are finite, then the scale grows
+  again until a step overflows. Whichever wrapper skips, a skipped step leaves SNGD's state
+  (factors, weights, inverses, step count) as it was, bit for bit, with no NaN, and an
+  applied step advances the count and sets the factor to the Gram matrix of that step's rows:
+  ``optax.apply_if_finite`` around the whole chain (a full no-op: the run is the one that
+  applies only the finite steps with the same scales), around ``sngd()`` inside the chain (a
+  later momentum still moves the params by its trace), or none (SNGD's own check, which
+  counts the skip in ``num_skipped_steps``)."""
+  rng = np.random.default_rng(0)
+  xs = [jnp.asarray(rng.normal(size=(16, 5)), jnp.float16).astype(jnp.float32)
+        for _ in range(12)]
+  y = jnp.asarray(np.arange(16) % 3)
+  model = HalfMLP()
+  params = model.init(jax.random.key(0), xs[0])["params"]
+  kw = dict(ONE, inverse_every=2)
+
+  def make_tx(wrap):
+    if wrap == "around_the_chain":
+      return optax.apply_if_finite(sngd_jax.sngd_momentum(LR, **kw), 100)
+    if wrap == "around_sngd":
+      return optax.chain(optax.apply_if_finite(sngd_jax.sngd(**kw), 100),
+                         optax.sgd(LR, momentum=0.9))
+    return sngd_jax.sngd_momentum(LR, **kw)
+
+  def create(tx):
+    return ScaledState.create(apply_fn=model.apply, params=params, tx=tx,
+                              scale=jnp.float32(2.0**20), good_steps=jnp.int32(0))
+
+  step = _scaled_step()
+  state, finite, scales = create(make_tx(order)), [], []
+  for x in xs:
+    scales.append(state.scale)
+    before = _sngd_state(state.opt_state)
+    state, ok = step(state, x, y)
+    finite.append(bool(ok))
+    after = _sngd_state(state.opt_state)
+    assert int(after.count) == int(before.count) + ok
+    own_skip = order == "sngd_alone" and not ok
+    assert int(after.num_skipped_steps) == int(before.num_skipped_steps) + own_skip
+    if ok:
+      assert_factor(after, "hidden", np64(x))  # float16 rows: x is float16 already
+    else:
+      for a, b in zip(jax.tree.leaves(after.replace(num_skipped_steps=before.num_skipped_steps)),
+                      jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert all(np.all(np.isfinite(np.asarray(a, np.float64))) for a in jax.tree.leaves(after))
+    assert all(np.all(np.isfinite(np.asarray(p))) for p in jax.tree.leaves(state.params))
+  assert finite[:2] == [False] * 2 and sum(finite) >= 6, finite
+  assert not all(finite[2:]), finite  # the scale grew until a step overflowed again
+
+  if order == "around_the_chain":  # a full no-op: the run of the finite steps only
+    ref = create(make_tx("sngd_alone"))
+    for x, ok, scale in zip(xs, finite, scales, strict=True):
+      if ok:
+        ref, _ = step(ref.replace(scale=scale), x, y)
+    for a, b in zip(jax.tree.leaves(_sngd_state(state.opt_state)),
+                    jax.tree.leaves(_sngd_state(ref.opt_state)), strict=True):
+      np.testing.assert_array_equal(a, b)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
+                 state.params, ref.params)  # another compiled program: float32 rounding
