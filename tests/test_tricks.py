@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from np_reference import DAMPING, assert_factor, dense_update, gram, np64, one_step_kwargs
+from np_reference import assert_factor, dense_update, np64, one_step_kwargs
 
 import sngd_jax
 
@@ -317,3 +317,175 @@ def test_dynamic_loss_scaling_skipped_steps_leave_the_sngd_state(order):
       np.testing.assert_array_equal(a, b)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
                  state.params, ref.params)  # another compiled program: float32 rounding
+
+
+# --- drop-path, mixup, cutmix, label smoothing -----------------------------------------------
+
+
+class DropPath(nn.Module):
+  """Stochastic depth as timm and big_vision write it: the residual branch of each example
+  kept with probability ``1 - rate`` and scaled by ``1 / (1 - rate)``."""
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, branch):
+    keep = jax.random.bernoulli(self.make_rng("drop_path"), 1 - self.rate, (branch.shape[0],))
+    self.sow("intermediates", "keep", keep)
+    return branch * keep[:, None].astype(branch.dtype) / (1 - self.rate)
+
+
+class ResMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(8, name="stem")(x)
+    h = h + DropPath(0.5)(nn.Dense(8, name="branch")(nn.relu(h)))
+    return nn.Dense(3, name="out")(nn.relu(h))
+
+
+def _res_rows(p, x, keep):
+  """The float64 input rows of ``stem``, ``branch`` and ``out`` of ``ResMLP``."""
+  affine = lambda name, a: a @ np64(p[name]["kernel"]) + np64(p[name]["bias"])
+  h = affine("stem", x)
+  branch_in = np.maximum(h, 0)
+  h = h + affine("branch", branch_in) * keep[:, None] / 0.5
+  return {"stem": x, "branch": branch_in, "out": np.maximum(h, 0)}
+
+
+@pytest.mark.parametrize("mix", ["mixup", "cutmix"])
+def test_drop_path_with_mixed_inputs_and_smoothed_labels(mix):
+  """Per-example drop-path on a residual branch, mixup (``lam x + (1 - lam) x[perm]``) or
+  cutmix (a block of features from ``x[perm]``) on the inputs, and label smoothing on the
+  mixed targets: each layer's factor is the Gram matrix of the rows it saw (the mixed inputs;
+  the branch's input for every example, dropped or not; the sum after the masked branch),
+  recomputed in float64 from the drawn mask, and the update the damped solve."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(16, 6))
+  y = np.arange(16) % 3
+  perm = rng.permutation(16)
+  if mix == "mixup":
+    lam = 0.7
+    x_mix = lam * x + (1 - lam) * x[perm]
+  else:
+    cut = np.zeros(6)
+    cut[2:4] = 1  # features 2 and 3 from the other example: lam = 4 / 6
+    lam = 1 - cut.mean()
+    x_mix = (1 - cut) * x + cut * x[perm]
+  onehot = np.eye(3)[y]
+  targets = optax.smooth_labels(jnp.asarray(lam * onehot + (1 - lam) * onehot[perm],
+                                            jnp.float32), 0.1)
+  model = ResMLP()
+  xs = jnp.asarray(x, jnp.float32)
+  params = model.init({"params": jax.random.key(0), "drop_path": jax.random.key(1)},
+                      xs)["params"]
+  tx = sngd_jax.sngd_momentum(LR, **ONE)
+  state = sngd_jax.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  key = jax.random.key(2)
+
+  @jax.jit
+  def train_step(state, x, perm, targets, key):
+    if mix == "mixup":
+      x = lam * x + (1 - lam) * x[perm]
+    else:
+      x = jnp.asarray(1 - cut, x.dtype) * x + jnp.asarray(cut, x.dtype) * x[perm]
+
+    def loss_fn(params):
+      logits = state.apply_fn({"params": params}, x, rngs={"drop_path": key})
+      return optax.softmax_cross_entropy(logits, targets).mean()
+
+    grad_fn = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)
+    (_, acts), grads = grad_fn(state.params)
+    return state.apply_gradients(grads=grads, activations=acts), grads
+
+  new, grads = train_step(state, xs, jnp.asarray(perm), targets, key)
+  _, inter = model.apply({"params": params}, jnp.asarray(x_mix, jnp.float32),
+                         rngs={"drop_path": key}, mutable=["intermediates"])
+  keep = np.asarray(inter["intermediates"]["DropPath_0"]["keep"][0], np.float64)
+  assert 0 < keep.sum() < len(keep)  # some branches dropped, some kept
+  rows = _res_rows(params, x_mix, keep)
+  for path, r in rows.items():
+    assert_factor(new.opt_state[0], path, r)
+  _assert_step(rows, grads, params, new.params)
+
+
+# --- jax.export of a training step -----------------------------------------------------------
+
+
+def _export_problem(inverse):
+  params, x, y = _problem()
+  model = MLP()
+  kw = dict(ONE, inverse_every=2)
+  if inverse == "xla_only":
+    kw["inverse"] = sngd_jax.inverse.xla_only(sngd_jax.inverse.auto())
+  elif inverse == "host_refresh":
+    kw["inverse"] = sngd_jax.inverse.host_refresh(sngd_jax.inverse.auto())
+  tx = sngd_jax.sngd_momentum(LR, **kw)
+
+  def step(params, opt_state, x, y):
+    def loss_fn(p):
+      return optax.softmax_cross_entropy_with_integer_labels(
+          model.apply({"params": p}, x), y).mean()
+
+    (loss, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params, activations=acts)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return step, params, tx.init(params), x, y
+
+
+def _flat(step, treedef):
+  """``step`` over the leaves of ``(params, opt_state)``: what ``jax.export`` serializes
+  whatever the state's classes (``SNGDState``, optax's named tuples)."""
+
+  def flat_step(leaves, x, y):
+    params, opt_state = jax.tree.unflatten(treedef, leaves)
+    params, opt_state, loss = step(params, opt_state, x, y)
+    return jax.tree.leaves((params, opt_state)), loss
+
+  return flat_step
+
+
+@pytest.mark.parametrize("inverse", ["default", "xla_only"])
+def test_exported_training_step_round_trips(inverse):
+  """A jitted training step with ``sngd_momentum``, exported with ``jax.export`` over the
+  leaves of ``(params, opt_state)``, serialized, deserialized and called for three steps (two
+  refreshes): its params and state are the jitted step's, bit for bit, and its first factors
+  the float64 Gram matrices. (``export`` of the step over the trees themselves compiles too,
+  but ``serialize`` refuses their classes, ``SNGDState`` and optax's states alike.)"""
+  from jax import export
+
+  step, params, opt_state, x, y = _export_problem(inverse)
+  leaves, treedef = jax.tree.flatten((params, opt_state))
+  exported = export.export(jax.jit(_flat(step, treedef)))(leaves, x, y)
+  assert "callback" not in exported.mlir_module()
+  try:
+    import flatbuffers  # noqa: F401  (jax.export's serialization needs it)
+  except ImportError:
+    loaded = exported
+  else:
+    loaded = export.deserialize(exported.serialize())
+    with pytest.raises(ValueError, match="SNGDState"):
+      export.export(jax.jit(step))(params, opt_state, x, y).serialize()
+  jitted = jax.jit(step)
+  want = (params, opt_state)
+  for i in range(3):
+    leaves, loss = loaded.call(leaves, x, y)
+    *want, want_loss = jitted(*want, x, y)
+    assert float(loss) == float(want_loss)
+    for a, b in zip(leaves, jax.tree.leaves(want), strict=True):
+      np.testing.assert_array_equal(a, b)
+    if i == 0:
+      state = jax.tree.unflatten(treedef, leaves)[1][0]
+      for path, r in _mlp_rows(params, x).items():
+        assert_factor(state, path, r)
+
+
+def test_exported_step_with_a_host_refresh_is_refused_by_jax():
+  """``inverse.host_refresh`` puts a host callback in the step on CPU, which ``jax.export``
+  cannot serialize (JAX's own error); ``xla_only`` (above) and the default have none."""
+  from jax import export
+
+  step, params, opt_state, x, y = _export_problem("host_refresh")
+  leaves, treedef = jax.tree.flatten((params, opt_state))
+  with pytest.raises(NotImplementedError, match="host_callbacks"):
+    export.export(jax.jit(_flat(step, treedef)))(leaves, x, y)
