@@ -450,7 +450,8 @@ def test_exported_training_step_round_trips(inverse):
   """A jitted training step with ``sngd_momentum``, exported with ``jax.export`` over the
   leaves of ``(params, opt_state)``, serialized, deserialized and called for three steps (two
   refreshes): its params and state are the jitted step's, bit for bit, and its first factors
-  the float64 Gram matrices. (``export`` of the step over the trees themselves compiles too,
+  the float64 Gram matrices; the default also lowers for ``("cpu", "cuda", "tpu")`` at once.
+  (``export`` of the step over the trees themselves compiles too,
   but ``serialize`` refuses their classes, ``SNGDState`` and optax's states alike.)"""
   from jax import export
 
@@ -466,6 +467,9 @@ def test_exported_training_step_round_trips(inverse):
     loaded = export.deserialize(exported.serialize())
     with pytest.raises(ValueError, match="SNGDState"):
       export.export(jax.jit(step))(params, opt_state, x, y).serialize()
+  if inverse == "default":  # lowered for GPU and TPU too, on this CPU machine (not run there)
+    several = export.export(jax.jit(_flat(step, treedef)), platforms=("cpu", "cuda", "tpu"))
+    assert several(leaves, x, y).platforms == ("cpu", "cuda", "tpu")
   jitted = jax.jit(step)
   want = (params, opt_state)
   for i in range(3):
