@@ -86,6 +86,17 @@ def _note_weight(rec: Recorder, seen: dict[str, dict[int, Any]], path: str,
     seen.setdefault(path, {})[id(weight)] = weight
 
 
+# Why a later argument's params computed on in the loss are not left out (the capture knows an
+# argument's arrays by identity, and under `jit` each operation makes a new tracer).
+_DERIVED_PARAMS = (
+    "params computed from it inside the loss (`jax.lax.stop_gradient(teacher_params)`, a cast "
+    "`.astype(jnp.bfloat16)`, a `jax.tree.map` over them) are new arrays, which capture cannot "
+    "trace back to the argument, so their calls are recorded and pooled (under `jit`; run "
+    "eagerly a `stop_gradient` returns the same arrays). Stop the gradient of the other "
+    "model's output instead (`jax.lax.stop_gradient(model.apply({'params': teacher_params}, "
+    "x))`), which also trains nothing of it, or cast its params before the captured function.")
+
+
 def _warn_other_weights(seen: dict[str, dict[int, Any]]) -> None:
   pooled: list[tuple[str, int]] = []  # layers called with several weight arrays of one shape
   for path, weights in sorted(seen.items()):
@@ -105,7 +116,8 @@ def _warn_other_weights(seen: dict[str, dict[int, Any]]) -> None:
           "is neither layer's (or `update` refuses features of the wrong size). Pass the "
           "other model's params to the captured function as another argument "
           "(`loss(params, other_params, x)`: capture leaves out the calls of a later "
-          "argument's weights), give the layers distinct names (`name=`), or make both "
+          "argument's weights, applied as they are), give the layers distinct names (`name=`), "
+          "or make both "
           "models submodules of one parent "
           "module (freeze a pretrained part with `optax.multi_transform` and "
           "`optax.set_to_zero()`), or apply a frozen module outside the captured function "
@@ -129,7 +141,8 @@ def _warn_other_weights(seen: dict[str, dict[int, Any]]) -> None:
       "weights. To count only the trained model's calls, pass the other copy's params to the "
       "captured function as another argument (`loss(params, target_params, x)`: capture leaves out "
       "the calls of a later argument's weights), or apply it outside the captured function "
-      "and pass its outputs in.",
+      "and pass its outputs in. Apply such an argument's params as they are: "
+      f"{_DERIVED_PARAMS}",
       stacklevel=caller_stacklevel())
 
 
