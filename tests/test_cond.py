@@ -8,7 +8,6 @@ row mask; a conditional inside a scan over depth is reported."""
 import re
 
 import flax.linen as nn
-import haiku as hk
 import jax
 import jax.numpy as jnp
 import np_reference as ref
@@ -72,6 +71,8 @@ class NNXModel(nnx.Module):
 
 
 def _haiku_fn(n):
+  hk = pytest.importorskip("haiku")  # the hk.cond/hk.switch cases only
+
   def f(x, i):
     ls = [hk.Linear(D, name=f"ls_{k}") for k in range(n)]
     s, head = hk.Linear(D, name="s"), hk.Linear(OUT, name="head")
@@ -102,16 +103,13 @@ class Case:
       model = LinenModel(kind, n)
       self.params = model.init(jax.random.key(1), x, 0)["params"]
       loss = sngd_jax.capture(lambda p, i: _loss_of(model.apply({"params": p}, x, i)))
-      self.grads_acts = lambda p, i: _swap(jax.grad(loss, has_aux=True)(p, i))
+      self.grads_acts = jax.grad(loss, has_aux=True)
       self.layer = lambda p, name: (p[name]["kernel"], p[name]["bias"])
     elif kind in ("nnx.cond", "nnx.switch"):
       graphdef, self.params = nnx.split(NNXModel(n, nnx.Rngs(1)), nnx.Param)
       loss = sngd_jax.capture_nnx(lambda m, i: _loss_of(m(x, i)))
 
-      def grads_acts(p, i):
-        acts, grads = nnx.grad(loss, has_aux=True)(nnx.merge(graphdef, p), i)[::-1]
-        return grads, acts
-      self.grads_acts = grads_acts
+      self.grads_acts = lambda p, i: nnx.grad(loss, has_aux=True)(nnx.merge(graphdef, p), i)
       self.paths = {**self.paths, **{f"ls_{k}": f"ls/{k}" for k in range(n)}}
       self.layer = lambda p, name: _nnx_layer(p, name)
     else:  # hk.cond, hk.switch
@@ -119,7 +117,7 @@ class Case:
       self.params = t.init(jax.random.key(1), x, 0)
       self.params = ref.f64(self.params)
       loss = sngd_jax.capture_hk(lambda p, i: _loss_of(t.apply(p, None, x, i)))
-      self.grads_acts = lambda p, i: _swap(jax.grad(loss, has_aux=True)(p, i))
+      self.grads_acts = jax.grad(loss, has_aux=True)
       self.layer = lambda p, name: (p[name]["w"], p[name]["b"])
     self.x = np.asarray(x)
 
@@ -130,11 +128,6 @@ class Case:
     h = np.tanh(self.x @ w + b)
     ws, bs = map(ref.np64, self.layer(params, "s"))
     return {f"ls_{k}": self.x, "s": h, "head": h @ ws + bs}
-
-
-def _swap(grads_and_acts):
-  grads, acts = grads_and_acts
-  return grads, acts
 
 
 def _nnx_layer(p, name):
@@ -295,3 +288,87 @@ def test_a_layer_of_a_stack_in_some_branches_is_reported_by_path():
         got = np.asarray(state.factors[name][layer]) / np.asarray(state.weights[name])
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12, err_msg=f"{name} {layer}")
       h = np.tanh(sign * (ha @ p["b"]["kernel"][layer] + p["b"]["bias"][layer]))
+
+
+class Steps(nnx.Module):
+  def __init__(self, rngs):
+    self.a = nnx.Linear(D, D, rngs=rngs, param_dtype=jnp.float64)
+    self.b = nnx.Linear(D, D, rngs=rngs, param_dtype=jnp.float64)
+
+  def __call__(self, xs):
+    def body(carry, tx):
+      t, x = tx
+      return carry, jax.lax.cond(t % 3 == 0, self.a, self.b, x)
+    return jax.lax.scan(body, (), (jnp.arange(xs.shape[0]), xs))[1]
+
+
+def test_a_branch_per_scan_step_pools_the_steps_that_took_it():
+  """``jax.lax.cond`` inside a ``jax.lax.scan`` over time whose predicate is the step
+  (``a`` on steps 0 and 3, ``b`` on 1, 2, 4): each layer's factor is ``E[x~ x~^T]`` over the
+  rows of the steps that took its branch (float64, one step without decay)."""
+  xs = jax.random.normal(jax.random.key(5), (5, B, D), jnp.float64)
+  model = Steps(nnx.Rngs(0))
+  loss = sngd_jax.capture_nnx(lambda m, xs: jnp.sum(jnp.sin(m(xs))))
+  grads, acts = nnx.grad(loss, has_aux=True)(model, xs)
+  params = nnx.state(model, nnx.Param)
+  tx = sngd_jax.sngd(**ref.one_step_kwargs())
+  _, state = tx.update(grads, tx.init(params), params, activations=acts)
+  xs = np.asarray(xs)
+  ref.assert_factor(state, "a", xs[[0, 3]].reshape(-1, D))
+  ref.assert_factor(state, "b", xs[[1, 2, 4]].reshape(-1, D))
+
+
+def test_stats_batch_size_takes_the_first_examples_of_the_branch_taken():
+  """``stats_batch_size=4``: the branch layer's factor is ``E[x~ x~^T]`` over the first 4
+  examples (its row mask, size 1 along the examples, is not cut), the layer of the branch
+  not taken keeps its factor (float64)."""
+  model = LinenModel("lax.cond", 2)
+  x = _x(6)
+  params = model.init(jax.random.key(1), x, 0)["params"]
+  loss = sngd_jax.capture(lambda p, i: _loss_of(model.apply({"params": p}, x, i)))
+  tx = sngd_jax.sngd(**ref.one_step_kwargs(), stats_batch_size=4)
+  state = tx.init(params)
+  grads, acts = jax.grad(loss, has_aux=True)(params, jnp.asarray(1))
+  _, new = tx.update(grads, state, params, activations=acts)
+  ref.assert_factor(new, "ls_1", np.asarray(x)[:4])
+  np.testing.assert_array_equal(np.asarray(new.factors["ls_0"]),
+                                np.asarray(state.factors["ls_0"]))
+
+
+class ConvBranches(nn.Module):
+  direct: bool = False  # the reference: the branch-1 conv called without the conditional
+
+  @nn.compact
+  def __call__(self, x, i):
+    convs = [nn.Conv(3, (3, 3), name=f"c{k}", param_dtype=jnp.float64) for k in range(2)]
+    if self.is_initializing():
+      return jnp.sum(convs[0](x)) + jnp.sum(convs[1](x))
+    h = convs[1](x) if self.direct else jax.lax.cond(
+        i == 0, lambda h: convs[0](h), lambda h: convs[1](h), x)
+    return jnp.sum(jnp.sin(h))
+
+
+def test_conv_rows_formed_in_chunks_of_examples_read_the_branch_mask(monkeypatch):
+  """A conv in a branch, its patch rows formed in chunks of examples (``ROW_CHUNK_BYTES``
+  made small): each chunk reads the row mask, size 1 along the examples, whole (cutting it
+  per chunk failed until the mask was kept whole). The taken conv's factor is that of the
+  same conv called without the conditional; the other conv keeps its factor."""
+  from sngd_jax._src import statistics  # noqa: PLC0415
+  monkeypatch.setattr(statistics, "ROW_CHUNK_BYTES", 12000)  # 4 chunks of 2 examples
+  x = jax.random.normal(jax.random.key(7), (B, 6, 6, 2), jnp.float64)
+  params = ConvBranches().init(jax.random.key(0), x, 0)["params"]
+  tx = sngd_jax.sngd(**ref.one_step_kwargs(), uncalled="skip")  # the reference calls no c0
+  states = []
+  for direct in (False, True):
+    model = ConvBranches(direct)
+    loss = sngd_jax.capture(lambda p, m=model: m.apply({"params": p}, x, 1))
+    grads, acts = jax.grad(loss, has_aux=True)(params)
+    if not direct:
+      assert acts["c1"][0].row_mask is not None
+    states.append((tx.init(params), tx.update(grads, tx.init(params), params,
+                                              activations=acts)[1]))
+  (before, branch), (_, direct) = states
+  np.testing.assert_allclose(ref.normalized_factor(branch, "c1"),
+                             ref.normalized_factor(direct, "c1"), rtol=1e-12, atol=1e-14)
+  np.testing.assert_array_equal(np.asarray(branch.factors["c0"]),
+                                np.asarray(before.factors["c0"]))
