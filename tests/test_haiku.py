@@ -768,17 +768,23 @@ def test_a_jit_inside_the_captured_function_warns():
   assert acts == {}
 
 
-def test_a_layer_under_hk_cond_warns_naming_it():
+def test_a_layer_under_hk_cond_is_captured_with_the_taken_branch_rows():
+  """A layer called in both branches of ``hk.cond`` records the rows of the branch taken
+  (``x``, or ``-x``); until 2026-12-06 capture warned that it could not name it and left it
+  out (tests/test_cond.py checks every framework's cond/switch against float64)."""
   def fn(x):
     linear = hk.Linear(2)
     return hk.cond(jnp.sum(x) > 0, linear, lambda x: linear(-x), x)
   model = hk.without_apply_rng(hk.transform(fn))
-  x = jnp.ones((3, 4))
+  x = jnp.arange(12.0).reshape(3, 4) - 3.0
   params = model.init(KEY, x)
-  with pytest.warns(UserWarning, match=r"could not name 1 layer call\(s\) \(Linear 'linear'\)"
-                    r".*inside `hk.cond`"):
-    _, acts = sngd_jax.capture_hk(lambda p, x: jnp.sum(model.apply(p, x)))(params, x)
-  assert acts == {}
+  for sign in (1.0, -1.0):
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      _, acts = sngd_jax.capture_hk(lambda p, x: jnp.sum(model.apply(p, x)))(params, sign * x)
+    (call,) = acts["linear"]
+    assert call.row_mask is None  # called in every branch: the rows of the one taken
+    np.testing.assert_array_equal(call.inputs, x)  # sum(sign * x) > 0 iff sign > 0
 
 
 def test_a_fisher_key_naming_a_haiku_leaf_gets_the_layer_path():

@@ -446,58 +446,10 @@ def test_weight_tied_block_in_a_static_fori_loop_or_scan_is_the_unrolled_loop(lo
                           updates["block"], loop)
 
 
-# --- lifted conditionals: not captured, named, with the rewrite ---------------------------
+# --- an inner jit: not captured, named, with the rewrite ----------------------------------
+# (layers under cond/switch, jax's and the lifted ones, are modelled: tests/test_cond.py)
 
 _NOT_CAPTURED = r"layer {} was called inside a JAX transform whose values cannot leave it.*{}"
-
-
-class NNXCond(nnx.Module):
-  """Two sub-blocks chosen by ``nnx.cond`` (a mode switch), or three by ``nnx.switch``."""
-
-  def __init__(self, rngs, n=2):
-    self.ls = nnx.List([nnx.Linear(D, D, rngs=rngs, param_dtype=jnp.float64)
-                        for _ in range(n)])
-    self.head = nnx.Linear(D, 2, rngs=rngs, param_dtype=jnp.float64)
-
-  def __call__(self, x, i):
-    fns = [lambda m, h, k=k: m.ls[k](h) for k in range(len(self.ls))]
-    if len(fns) == 2:
-      return self.head(nnx.cond(i == 0, fns[0], fns[1], self, x))
-    return self.head(nnx.switch(i, fns, self, x))
-
-
-@pytest.mark.parametrize("n", [2, 3], ids=["nnx.cond", "nnx.switch"])
-def test_nnx_cond_and_switch_layers_are_named_not_captured_and_left_to_fisher_none(n, x64):
-  """A layer called in a branch of ``nnx.cond``/``nnx.switch`` is not captured (a branch's
-  values cannot leave it): the warning names each branch layer by its path (until 2026-12-06
-  it named a ``Linear (weight (4, 4))`` copy and said to apply the transform inside the
-  captured function, where it already was), with the rewrite; ``update`` raises naming it;
-  with ``fisher={path: None}`` the branch layers pass through (their update is their
-  gradient) and the head's update is the float64 damped solve over its rows."""
-  x = jax.random.normal(jax.random.key(1), (BATCH, D), jnp.float64)
-  model = NNXCond(nnx.Rngs(0), n)
-  loss = sngd_jax.capture_nnx(lambda m: jnp.sum(jnp.sin(m(x, 1))))
-  branches = [f"ls/{k}" for k in range(n)]
-  with pytest.warns(UserWarning) as caught:
-    (_, acts), grads = nnx.value_and_grad(loss, has_aux=True)(model)
-  messages = [str(w.message) for w in caught if str(w.message).startswith("sngd:")]
-  assert len(messages) == n, messages
-  for path, message in zip(branches, messages, strict=True):
-    assert re.search(_NOT_CAPTURED.format(repr(path), r"`jnp.where` over both branches"),
-                     message), message
-  assert set(acts) == {"head"}
-  params = nnx.state(model, nnx.Param)
-  tx = sngd_jax.sngd(**ref.one_step_kwargs())
-  with pytest.raises(ValueError, match="no activations were captured for layer 'ls/0'"):
-    tx.update(grads, tx.init(params), params, activations=acts)
-  tx = sngd_jax.sngd(**ref.one_step_kwargs(), fisher={p: None for p in branches})
-  updates = nnx.to_pure_dict(tx.update(grads, tx.init(params), params, activations=acts)[0])
-  g = nnx.to_pure_dict(grads)
-  for k in range(n):
-    for leaf in ("kernel", "bias"):
-      np.testing.assert_array_equal(updates["ls"][k][leaf], g["ls"][k][leaf])
-  w, b = np.asarray(model.ls[1].kernel[...]), np.asarray(model.ls[1].bias[...])
-  ref.assert_dense_update(np.asarray(x) @ w + b, g["head"], updates["head"], "head")
 
 
 class LinenCond(nn.Module):
@@ -526,13 +478,12 @@ class LinenCond(nn.Module):
 
 
 @pytest.mark.parametrize("kind,rewrite", [
-    ("nn.cond", r"`jnp.where` over both branches"),
-    ("nn.switch", r"`jnp.where` over both branches"),
     ("nn.jit", r"Jit the whole training step instead of a part")])
-def test_linen_cond_switch_jit_layers_are_named_not_captured(kind, rewrite):
-  """Linen's ``nn.cond``, ``nn.switch`` and ``nn.jit``: each layer inside is named in a
-  warning with the rewrite (for ``nn.jit``: jit the whole step, which the warning did not
-  say until 2026-12-06), left out of the activations, and ``update`` raises naming it."""
+def test_linen_jit_layers_are_named_not_captured(kind, rewrite):
+  """Linen's ``nn.jit``: each layer inside is named in a warning with the rewrite (jit the
+  whole step, which the warning did not say until 2026-12-06), left out of the activations,
+  and ``update`` raises naming it. (``nn.cond``/``nn.switch`` were reported so until
+  2026-12-06; their layers are modelled now: tests/test_cond.py.)"""
   x = jnp.ones((BATCH, D))
   model = LinenCond(kind)
   params = model.init(jax.random.key(0), x, 1)["params"]

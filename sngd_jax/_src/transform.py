@@ -740,7 +740,7 @@ def sngd(
     uncalled: what ``update`` does for a layer of the params with no captured
       call in this step (which layers a step calls is fixed when it is traced).
       ``"error"`` (default) raises, naming the layer: a layer that ``capture``
-      cannot record (an unsupported layout, a call under ``lax.cond``) would
+      cannot record (an unsupported layout, a call under ``lax.while_loop``) would
       otherwise be preconditioned by statistics that never see its inputs.
       ``"skip"``: such a layer's factor is left as it is on that step (no
       statistics; its gradient, zero when the layer is not called, is still

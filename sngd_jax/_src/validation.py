@@ -415,7 +415,7 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
           "ConvTranspose(transpose_kernel=True or CIRCULAR), a Conv with mask=, "
           "an Einsum of another layout; a layer you wrote yourself, `x @ kernel + bias`, is "
           "recorded when it computes `y = sngd_jax.dense(x, kernel, bias)` instead), "
-          "called inside the captured function (not under a cond, loop or inner jit, a "
+          "called inside the captured function (not under a while_loop or inner jit, a "
           "module-level `nnx.remat`: capture warns about those, and the fix is in the "
           "warning)? Only for a layer that this step does not call at all (a head used in "
           "some steps only): pass `uncalled=\"skip\"` to sngd, which keeps its factor on "

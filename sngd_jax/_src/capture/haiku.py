@@ -357,10 +357,11 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
   own is recorded as an ``hk.Linear`` where it computes ``sngd_jax.dense(x, w, b)`` on its own
   ``hk.get_parameter("w", (in, out))`` and ``"b"``. A layer under ``hk.scan`` is pooled over
   its steps, as is one under an ``hk.fori_loop`` of static bounds (JAX runs it as a scan);
-  one under ``hk.cond``, ``hk.switch``, ``hk.while_loop`` or a ``fori_loop`` of traced bounds
-  is not captured (capture warns, naming it and the rewrite). A param named ``kernel``, ``bias`` or
-  ``embedding`` beside Haiku layers makes discovery read linen's names only: capture warns,
-  naming it.
+  one under ``hk.cond`` or ``hk.switch`` gets the rows of the steps (or examples, under a
+  ``jax.vmap``) whose branch called it, the others none; one under ``hk.while_loop`` or a
+  ``fori_loop`` of traced bounds is not captured (capture warns, naming it and the
+  rewrite). A param named ``kernel``, ``bias`` or ``embedding`` beside Haiku layers makes
+  discovery read linen's names only: capture warns, naming it.
 
   Args:
     fn: a function whose first argument is the Haiku params (the dict that
@@ -443,12 +444,10 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
           f"({', '.join(interceptor.unnamed)}): their weight is not a leaf of the params "
           "passed as the captured function's first argument, as when the params go through "
           "a `jax.jit` inside the captured function (jit the whole training step instead), "
-          "when the layer is called inside `hk.cond`, `hk.switch`, `hk.while_loop` or an "
+          "when the layer is called inside `hk.while_loop` or an "
           "`hk.fori_loop` of traced bounds (they pass the params into their body), or when "
           "the weights are computed from the params. They are not captured, and `update` "
-          "raises naming their layers as not captured. Instead of `hk.cond`/`hk.switch`, "
-          "call the layer outside (a Python `if` on a static flag, or every branch computed "
-          "and one chosen with `jnp.where`); a loop of a static number of steps, "
+          "raises naming their layers as not captured. A loop of a static number of steps, "
           "`hk.fori_loop(0, n, body, h)` with a Python int `n` or `hk.scan(lambda h, _: "
           "(body(h), None), h, None, length=n)`, is captured and pooled over its steps as "
           "the unrolled loop's; a `hk.while_loop` of a "

@@ -29,7 +29,7 @@ runs inside the RNN's scan, its records go to that cell call's
 unpacked by ``untag`` when the RNN call returns (time merged into rows).
 
 **What cannot be captured is reported.** A record holding a tracer of a trace
-that has ended (a transform that does not return records: ``jax.jit``, ``cond``, a
+that has ended (a transform that does not return records: ``jax.jit``, a ``while_loop`` or
 ``fori_loop`` of traced bounds, a transform made before capture started) is dropped with a
 warning naming the layer, which is then reported as not captured, never given statistics from a
 subset of its calls that the user did not ask for.
@@ -150,6 +150,8 @@ class Captured:
     def take(a):
       if a is None:  # not recorded
         return None
+      if a.shape[ax] == 1 and self.inputs.shape[ax] != 1:  # a row mask the same for every
+        return a  # example (a conditional's: transforms._conditional)
       if self.time_steps == 1:
         return cut(a, ax)
       shape = a.shape[:ax] + (self.time_steps, -1) + a.shape[ax + 1:]
@@ -520,7 +522,8 @@ def _finalized(p: Pending) -> Captured:
     batch_axis = len(stack) + pooled + c.batch_axis
   return Captured(inputs=order(c.inputs), outputs=order(c.outputs), kind=c.kind,
                   config=axes_shifted(c.kind, c.config, pooled), stack=len(stack),
-                  time_steps=time_steps, batch_axis=batch_axis, ndim=c.inputs.ndim)
+                  time_steps=time_steps, batch_axis=batch_axis, ndim=c.inputs.ndim,
+                  row_mask=order(c.row_mask))  # a conditional's (transforms._conditional)
 
 
 def leading_axes_pooled(c: Captured) -> Captured:
@@ -624,8 +627,8 @@ def _valid(records: dict[str, list[Pending]], escaped: set[str]) -> dict[str, li
   return out
 
 
-def freeze(store: dict[str, list[Pending]],
-           escaped: Optional[set[str]] = None) -> Activations:
+def freeze(store: dict[str, list[Pending]], escaped: Optional[set[str]] = None,
+           unmodelled: Iterable[str] = ()) -> Activations:
   """Turns a record store into the immutable activations dict.
 
   A layer with a call whose values could not leave a transform (see the module
@@ -635,17 +638,28 @@ def freeze(store: dict[str, list[Pending]],
   escaped = set(escaped or ())
   store = _valid(store, escaped)
   out = {}
-  for path in sorted(escaped):
+  for path in sorted(set(unmodelled) - escaped):
+    warnings.warn(
+        f"sngd: layer {shown(path)} is a layer of a stack (its weight sliced by a scan or "
+        "vmap over its params: `nn.scan`/`nnx.scan` over depth) called in some branches of a "
+        "`cond`/`switch` inside that transform: the branch taken may differ between the "
+        "layers of the stack, and the layers that took no branch calling it would get an "
+        "estimate of zero, so its calls are not captured. Call it in every branch alike (a "
+        "slot every branch fills is modelled), move the conditional outside the stacked "
+        "transform, compute both branches and pick one with `jnp.where`, or pass "
+        f"`fisher={{{path!r}: None}}`.", stacklevel=caller_stacklevel())
+  escaped |= set(unmodelled)
+  for path in sorted(escaped - set(unmodelled)):
     warnings.warn(
         f"sngd: layer {shown(path)} was called inside a JAX transform whose values cannot "
         "leave "
-        "it (a jit, cond/switch, while_loop or fori_loop of traced bounds inside the "
-        "captured function, including `nn.jit`/`nnx.jit`, `nn.cond`/`nnx.cond`, "
-        "`nn.switch`/`nnx.switch`; or a vmap, scan or checkpoint made before capture "
+        "it (a jit, while_loop or fori_loop of traced bounds inside the "
+        "captured function, including `nn.jit`/`nnx.jit`, `nn.while_loop`/`nnx.while_loop`; "
+        "or a vmap, scan or checkpoint made before capture "
         "started, or called through a name imported from jax, such as `from jax import "
         "vmap`); its calls are not captured. Jit the whole training step instead of a "
-        "part; call the layer outside the cond or loop (a "
-        "Python `if`/`for`, `jnp.where` over both branches' outputs, or a loop of a static "
+        "part; call the layer outside the loop (a "
+        "Python `for`, or a loop of a static "
         "number of steps as `jax.lax.fori_loop(0, n, ...)` or `jax.lax.scan(body, carry, "
         "None, length=n)`, whose calls are captured and pooled over its steps), make the "
         "transform "
@@ -823,6 +837,8 @@ class Recorder:
     norm_slots: while a normalization layer runs, a slot per layer that the
       patched normalization routine fills with ``(xhat, feature_axes)``.
     escaped: layers with a call whose values could not leave a transform.
+    unmodelled: layers of a stack (a scan over depth) called in some branches of a
+      conditional inside it, whose calls are dropped (``transforms._conditional``).
     top: ``id(leaf) -> leaf path parts`` of the captured function's params
       argument, to name layers by their weight (NNX copies, Equinox).
     outputs: whether records keep the layers' outputs (only ``fisher="rfim"``
@@ -839,6 +855,7 @@ class Recorder:
     self.frames: list[Frame] = []
     self.norm_slots: list[list] = []
     self.escaped: set[str] = set()
+    self.unmodelled: dict[str, None] = {}
     self.top = top or {}
     self.custom_dense: Optional[Callable[..., None]] = None
     # id(input) -> (weak reference to the input, stopped input) of the calls outside any
@@ -857,6 +874,7 @@ class Recorder:
     ``nnx.bridge.ToLinen`` runs inside a linen model)."""
     self.outputs, self.store, self.frames = other.outputs, other.store, other.frames
     self.norm_slots, self.escaped, self.stopped = other.norm_slots, other.escaped, other.stopped
+    self.unmodelled = other.unmodelled
 
   def _target(self) -> Union[CellFrame, TransformFrame, Recorder, None]:
     """The innermost frame that returns records (or this recorder), None in a discarded
@@ -1043,7 +1061,7 @@ class Recorder:
 
   def freeze(self) -> Activations:
     self.stopped.clear()
-    return freeze(self.store, self.escaped)
+    return freeze(self.store, self.escaped, self.unmodelled)
 
 
 def leaf_paths(tree: Any, prefix: tuple[str, ...] = ()) -> dict[int, tuple[str, ...]]:

@@ -224,6 +224,12 @@ def _attention_heads(activations: Activations) -> frozenset[tuple[int, ...]]:
   return frozenset(heads)
 
 
+def _times_mask(c: Captured, w: jax.Array) -> Captured:
+  """``c`` with the row weights ``w``, times those it already has: a conditional's (the rows
+  of a branch not taken weigh 0, ``transforms._conditional``) or an earlier mask's."""
+  return dataclasses.replace(c, row_mask=w if c.row_mask is None else w * c.row_mask)
+
+
 def _masked(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int = 1,
             selected: bool = False, filtered: bool = False,
             heads: frozenset[tuple[int, ...]] = frozenset()) -> Captured:
@@ -278,10 +284,10 @@ def _masked(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int = 1,
            f"{mask.shape[1]} tokens")
     w = mask.T.reshape(-1) if mask.ndim == 2 else jnp.tile(mask, steps)
     shape[ax] = b * steps
-    return dataclasses.replace(c, row_mask=w.reshape(shape))
+    return _times_mask(c, w.reshape(shape))
   if mask.ndim == 1:
     shape[ax] = b
-    return dataclasses.replace(c, row_mask=mask.reshape(shape))
+    return _times_mask(c, mask.reshape(shape))
   role = _axis_role(c, ax + 1)
   if role == "row":
     if x.shape[ax + 1] != mask.shape[1]:
@@ -304,14 +310,14 @@ def _masked(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int = 1,
           "inputs are weighed right, by their token; (B, H, T, ...) ones are not, by their "
           "head: keep the tokens right after the examples.)", stacklevel=caller_stacklevel())
     shape[ax:ax + mask.ndim] = mask.shape
-    return dataclasses.replace(c, row_mask=mask.reshape(shape))
+    return _times_mask(c, mask.reshape(shape))
   if role == "positions":
     fail("the axis after the examples is a convolution's spatial axis whose output "
          "positions are not the input's tokens (a 2-D or 3-D conv, or a 1-D conv whose "
          "output length differs): mask it by example, `(B,)`")
   # No token axis among the rows (after pooling): an example counts if any token is real.
   shape[ax] = b
-  return dataclasses.replace(c, row_mask=jnp.max(mask.reshape(b, -1), axis=1).reshape(shape))
+  return _times_mask(c, jnp.max(mask.reshape(b, -1), axis=1).reshape(shape))
 
 
 def _axis_role(c: Captured, axis: int) -> Optional[str]:

@@ -1,4 +1,4 @@
-"""The JAX transforms that return records while capturing: scan, vmap, checkpoint.
+"""The JAX transforms that return records while capturing: scan, vmap, checkpoint, cond.
 
 Also ``jax.lax.fori_loop`` of static bounds, run as JAX runs it, a ``scan`` (so ``nnx.fori_loop``
 and ``hk.fori_loop`` too), and ``jax.eval_shape``, whose trace records nothing.
@@ -22,9 +22,13 @@ too.
 The replacement is process-wide while any capture runs (reference counted) and
 acts only on the thread that captures: elsewhere each wrapper calls JAX's own
 function directly. Transforms that do not go through these names (a function
-made by ``jax.vmap`` before capture started, ``jax.jit``, ``cond``, ``while_loop``) keep
+made by ``jax.vmap`` before capture started, ``jax.jit``, ``while_loop``) keep
 their records inside, which are then detected as leaked and reported (never
 used).
+
+``jax.lax.cond`` and ``jax.lax.switch`` (so ``nn.cond``, ``nn.switch``, ``nnx.cond``,
+``nnx.switch``, ``hk.cond``, ``hk.switch``, which call them) return the records of every
+branch, the rows of the branches not taken weighing 0 (``_conditional``).
 
 One Flax internal is patched too: ``flax.core.axes_scan.scan`` traces the body
 of ``nn.scan`` once outside the scan to check its broadcast variables; records
@@ -44,6 +48,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import flax.core.axes_scan as flax_axes_scan
 import jax
+import jax.core
 import jax.numpy as jnp
 
 from sngd_jax._src.capture.records import (
@@ -221,38 +226,165 @@ def fori_loop(lower: Any, upper: Any, body_fun: Callable, init_val: Any, **kwarg
               unroll=False if unroll is None else unroll, **kwargs)[0][1]
 
 
-def _branches(rec: Recorder, branches: Any, operands: tuple) -> list[Callable]:
-  """The branches of a ``cond``/``switch``, each run under a frame that follows the operands
-  to the caller's (so that the layers of NNX copies are named) and whose records are dropped
-  as not captured (``Recorder.escaped``: capture warns, naming them): a branch's values
-  cannot leave it."""
-  def wrapped(f: Callable) -> Callable:
-    @functools.wraps(f)
-    def branch(*inner):
-      frame = TransformFrame("cond", _inputs(inner, operands, ["none"] * len(_leaves(operands))))
+def _cond_index(pred: Any) -> Any:
+  """The branch a ``cond`` takes as ``switch`` numbers them: 1 (``true_fun``) where ``pred`` is
+  nonzero, else 0 (JAX's ``cond`` is ``switch(pred, [false_fun, true_fun])``)."""
+  return (jnp.asarray(pred) != 0).astype(jnp.int32)
+
+
+def _switch_index(index: Any, n: int) -> Any:
+  """The branch a ``switch`` of ``n`` branches takes: ``index`` clamped to ``[0, n - 1]``, as
+  JAX clamps it."""
+  return jnp.clip(jnp.asarray(index).astype(jnp.int32), 0, n - 1)
+
+
+def _signature(p: Pending) -> tuple:
+  """What a record's slot in a conditional's outputs is: its tree (static fields, roles) and
+  its arrays' shapes and dtypes."""
+  leaves, treedef = jax.tree.flatten(p)
+  return treedef, tuple((tuple(x.shape), jnp.result_type(x)) for x in leaves)
+
+
+def _conditional(rec: Recorder, index: Any, branches: list[Callable],
+                 operands: tuple) -> Any:
+  """``switch(index, branches, *operands)`` whose branches' records leave it, each call's
+  rows weighted by whether its branch ran.
+
+  A branch's values cannot leave it, but the conditional's outputs can, and every branch must
+  return outputs of one structure. So each branch is traced once, to a jaxpr (as
+  ``jax.lax.switch`` itself traces it), with its records as extra outputs; the records of all
+  branches are laid out in slots (per layer path, the ``j``-th call of a branch joins the
+  ``j``-th slot when its shapes and static fields are the slot's, else a slot of its own);
+  and the conditional runs the jaxprs, each filling its own slots and zeros in the others.
+  A slot that every branch fills (a layer called alike in each branch) is a plain record: it
+  holds the rows of the branch taken. A slot filled by some branches only gets a row mask
+  (``Captured.row_mask``, size 1 along every axis) of ``[index in those branches]``: the
+  rows of a branch not taken weigh 0, and a layer with no rows of weight > 0 in a step keeps
+  its factor (``statistics.weighted_rows``), as one outside the batch would. Under a
+  ``jax.vmap`` whose predicate is batched (a branch per example, which JAX runs as a select
+  of both branches), the mask is per example: each example's rows count for the branch it
+  took.
+
+  A slot that some branches leave empty, of a layer whose weight a transform outside the
+  conditional stacks (an ``nn.scan`` over depth whose body holds the conditional), is not
+  modelled: the predicate may differ between the layers of the stack, and a layer of the
+  stack with no rows would get an estimate of zero. Its path is reported
+  (``Recorder.unmodelled``) and its calls dropped.
+  """
+  depth = len(rec.trace(None)[0])  # the axes of transforms outside the conditional
+  n_ops = len(_leaves(operands))
+  traced = []
+  for f in branches:
+    def body(*inner, f=f):
+      frame = TransformFrame("cond", _inputs(inner, operands, ["none"] * n_ops))
       with rec.frame(frame):
         out = f(*inner)
-      rec.escaped.update(frame.records)
-      return out
+      return out, rec.leaving(frame)
+    closed, shape = jax.make_jaxpr(body, return_shape=True)(*operands)
+    traced.append((closed, jax.tree.structure(shape), shape[1].tree))
+  # slots[path]: [(signature, template record, branches that fill it)]
+  slots: dict[str, list[tuple[tuple, Pending, set[int]]]] = {}
+  placed: list[dict[str, list[int]]] = []  # per branch: its calls' slot numbers
+  for i, (_, _, records) in enumerate(traced):
+    placed.append({})
+    for path, calls in records.items():
+      row = slots.setdefault(path, [])
+      for j, p in enumerate(calls):
+        sig = _signature(p)
+        if j < len(row) and row[j][0] == sig and i not in row[j][2]:
+          k = j
+        else:
+          k = len(row)
+          row.append((sig, p, set()))
+        row[k][2].add(i)
+        placed[i].setdefault(path, []).append(k)
+  partial_stacked = {path for path, row in slots.items()
+                     if any(len(s[2]) < len(branches) for s in row)
+                     and any(r.endswith(":stack") for s in row for r in s[1].roles[:depth])}
+
+  def run(i: int) -> Callable:
+    closed, out_tree, _ = traced[i]
+
+    def branch(*ops):
+      flat = jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *jax.tree.leaves(ops))
+      out, shared = jax.tree.unflatten(out_tree, flat)
+      found = shared.tree
+      filled: dict[tuple[str, int], Pending] = {}
+      for path, ks in placed[i].items():
+        for p, k in zip(found[path], ks, strict=True):
+          filled[(path, k)] = p
+      slot_leaves = []
+      for path, row in slots.items():
+        for k, (sig, _, _) in enumerate(row):
+          p = filled.get((path, k))
+          slot_leaves.append(jax.tree.leaves(p) if p is not None else
+                             [jnp.zeros(s, d) for s, d in sig[1]])
+      return out, slot_leaves
+
     return branch
-  return [wrapped(f) for f in branches]
+
+  out, slot_leaves = _ORIGINAL["switch"](index, [run(i) for i in range(len(branches))],
+                                         *operands)
+  k_leaves = iter(slot_leaves)
+  records: dict[str, list[Pending]] = {}
+  for path, row in slots.items():
+    for sig, _, takers in row:
+      p = jax.tree.unflatten(sig[0], next(k_leaves))
+      if path in partial_stacked:
+        continue
+      if len(takers) < len(branches):
+        c = p.captured
+        ran = functools.reduce(jnp.logical_or, [index == i for i in sorted(takers)])
+        mask = ran.astype(jnp.float32).reshape((1,) * c.inputs.ndim)
+        if c.row_mask is not None:  # a conditional inside a branch of this one
+          mask = c.row_mask * mask
+        p = dataclasses.replace(p, captured=dataclasses.replace(c, row_mask=mask))
+      records.setdefault(path, []).append(p)
+  rec.unmodelled.update(dict.fromkeys(sorted(partial_stacked)))
+  rec.add_all(records)
+  return out
 
 
-def cond(pred: Any, true_fun: Callable, false_fun: Callable, *operands, **kwargs) -> Any:
-  """``jax.lax.cond`` whose branches name their layers and report them as not captured."""
+def _cond_arguments(args: tuple, kwargs: dict) -> Optional[tuple[Any, Callable, Callable,
+                                                                   tuple]]:
+  """``(pred, true_fun, false_fun, operands)`` of a ``jax.lax.cond`` call, also one that
+  passes them by keyword (``hk.cond`` calls ``cond(pred, true_fun=..., false_fun=...,
+  operand=...)``); None for a call this module leaves to JAX (other keywords)."""
+  kwargs = dict(kwargs)
+  names = ("pred", "true_fun", "false_fun")
+  head = list(args[:3])
+  for name in names[len(head):]:
+    if name not in kwargs:
+      return None
+    head.append(kwargs.pop(name))
+  operands = tuple(args[3:])
+  if "operand" in kwargs:
+    if operands:
+      return None
+    operands = (kwargs.pop("operand"),)
+  if kwargs:
+    return None
+  return head[0], head[1], head[2], operands
+
+
+def cond(*args, **kwargs) -> Any:
+  """``jax.lax.cond`` whose branches' records leave it (``_conditional``): the layers of the
+  branch taken get this step's rows, those of the others none."""
   rec = _active()
-  if rec is None or kwargs:
-    return _ORIGINAL["cond"](pred, true_fun, false_fun, *operands, **kwargs)
-  true_fun, false_fun = _branches(rec, (true_fun, false_fun), operands)
-  return _ORIGINAL["cond"](pred, true_fun, false_fun, *operands)
+  found = None if rec is None else _cond_arguments(args, kwargs)
+  if rec is None or found is None:
+    return _ORIGINAL["cond"](*args, **kwargs)
+  pred, true_fun, false_fun, operands = found
+  return _conditional(rec, _cond_index(pred), [false_fun, true_fun], operands)
 
 
 def switch(index: Any, branches: Any, *operands, **kwargs) -> Any:
-  """``jax.lax.switch`` whose branches name their layers and report them as not captured."""
+  """``jax.lax.switch`` whose branches' records leave it (``_conditional``)."""
   rec = _active()
   if rec is None or kwargs:
     return _ORIGINAL["switch"](index, branches, *operands, **kwargs)
-  return _ORIGINAL["switch"](index, _branches(rec, branches, operands), *operands)
+  branches = list(branches)
+  return _conditional(rec, _switch_index(index, len(branches)), branches, operands)
 
 
 def eval_shape(fun: Callable, *args, **kwargs) -> Any:

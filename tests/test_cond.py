@@ -1,0 +1,374 @@
+"""Layers inside ``jax.lax.cond``/``switch``, ``nn.cond``/``nn.switch``, ``nnx.cond``/
+``nnx.switch`` and ``hk.cond``/``hk.switch``: the layers of the branch taken get the step's
+rows, those of the branches not taken none (their factors kept as they are), checked against
+a float64 moving average over exactly the steps each layer ran, from an independent numpy
+forward pass, over steps whose branch changes; a branch per example under ``jax.vmap`` is a
+row mask; a conditional inside a scan over depth is reported."""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import np_reference as ref
+import numpy as np
+import pytest
+from flax import nnx
+
+import sngd_jax
+
+pytestmark = pytest.mark.usefixtures("x64")
+
+B, D, OUT = 8, 3, 2
+DECAY = 0.5
+KW = dict(decay=DECAY, prior="none", damping=ref.DAMPING, inverse_every=1, factor_every=1,
+          max_norm=None)
+STEPS = {2: [0, 1, 1, 0, 1, 0], 3: [2, 0, 1, 1, 2, 0]}
+
+
+def _x(seed=0):
+  return jax.random.normal(jax.random.key(seed), (B, D), jnp.float64)
+
+
+# --- the models: branch k is `s(tanh(ls_k(x)))` (`s` shared by every branch), then `head` ---
+
+class LinenModel(nn.Module):
+  kind: str  # "lax.cond" (jax.lax.cond inside a compact module), "nn.cond", "nn.switch"
+  n: int
+
+  def setup(self):
+    self.ls = [nn.Dense(D, param_dtype=jnp.float64) for _ in range(self.n)]
+    self.s = nn.Dense(D, param_dtype=jnp.float64)
+    self.head = nn.Dense(OUT, param_dtype=jnp.float64)
+
+  def __call__(self, x, i):
+    fns = [lambda m, h, k=k: m.s(jnp.tanh(m.ls[k](h))) for k in range(self.n)]
+    if self.is_initializing():
+      for f in fns:
+        f(self, x)
+      return self.head(x)
+    if self.kind == "lax.cond":
+      h = jax.lax.cond(i == 0, lambda h: fns[0](self, h), lambda h: fns[1](self, h), x)
+    elif self.kind == "nn.cond":
+      h = nn.cond(i == 0, fns[0], fns[1], self, x)
+    else:
+      h = nn.switch(i, fns, self, x)
+    return self.head(h)
+
+
+class NNXModel(nnx.Module):
+  def __init__(self, n, rngs):
+    self.ls = nnx.List([nnx.Linear(D, D, rngs=rngs, param_dtype=jnp.float64)
+                        for _ in range(n)])
+    self.s = nnx.Linear(D, D, rngs=rngs, param_dtype=jnp.float64)
+    self.head = nnx.Linear(D, OUT, rngs=rngs, param_dtype=jnp.float64)
+
+  def __call__(self, x, i):
+    fns = [lambda m, h, k=k: m.s(jnp.tanh(m.ls[k](h))) for k in range(len(self.ls))]
+    if len(fns) == 2:
+      return self.head(nnx.cond(i == 0, fns[0], fns[1], self, x))
+    return self.head(nnx.switch(i, fns, self, x))
+
+
+def _haiku_fn(n):
+  hk = pytest.importorskip("haiku")  # the hk.cond/hk.switch cases only
+
+  def f(x, i):
+    ls = [hk.Linear(D, name=f"ls_{k}") for k in range(n)]
+    s, head = hk.Linear(D, name="s"), hk.Linear(OUT, name="head")
+    fns = [lambda h, k=k: s(jnp.tanh(ls[k](h))) for k in range(n)]
+    if hk.running_init():
+      for g in fns:
+        g(x)
+      return head(x)
+    h = hk.cond(i == 0, fns[0], fns[1], x) if n == 2 else hk.switch(i, fns, x)
+    return head(h)
+  return hk.transform(f)
+
+
+def _loss_of(out):
+  return jnp.sum(jnp.sin(out))
+
+
+class Case:
+  """A model of one framework: its params, a function giving ``(grads, activations)`` at
+  ``(params, i)``, its layers' sngd paths and their ``(kernel, bias)`` in numpy."""
+
+  def __init__(self, kind, n):
+    self.kind, self.n = kind, n
+    x = _x()
+    names = [f"ls_{k}" for k in range(n)] + ["s", "head"]
+    self.paths = dict(zip(names, names, strict=True))
+    if kind in ("lax.cond", "nn.cond", "nn.switch"):
+      model = LinenModel(kind, n)
+      self.params = model.init(jax.random.key(1), x, 0)["params"]
+      loss = sngd_jax.capture(lambda p, i: _loss_of(model.apply({"params": p}, x, i)))
+      self.grads_acts = jax.grad(loss, has_aux=True)
+      self.layer = lambda p, name: (p[name]["kernel"], p[name]["bias"])
+    elif kind in ("nnx.cond", "nnx.switch"):
+      graphdef, self.params = nnx.split(NNXModel(n, nnx.Rngs(1)), nnx.Param)
+      loss = sngd_jax.capture_nnx(lambda m, i: _loss_of(m(x, i)))
+
+      self.grads_acts = lambda p, i: nnx.grad(loss, has_aux=True)(nnx.merge(graphdef, p), i)
+      self.paths = {**self.paths, **{f"ls_{k}": f"ls/{k}" for k in range(n)}}
+      self.layer = lambda p, name: _nnx_layer(p, name)
+    else:  # hk.cond, hk.switch
+      t = _haiku_fn(n)
+      self.params = t.init(jax.random.key(1), x, 0)
+      self.params = ref.f64(self.params)
+      loss = sngd_jax.capture_hk(lambda p, i: _loss_of(t.apply(p, None, x, i)))
+      self.grads_acts = jax.grad(loss, has_aux=True)
+      self.layer = lambda p, name: (p[name]["w"], p[name]["b"])
+    self.x = np.asarray(x)
+
+  def rows(self, params, i):
+    """Per layer name, the rows it saw at ``(params, i)``: a numpy forward pass."""
+    k = int(np.clip(i, 0, self.n - 1)) if self.n > 2 else int(i != 0)
+    w, b = map(ref.np64, self.layer(params, f"ls_{k}"))
+    h = np.tanh(self.x @ w + b)
+    ws, bs = map(ref.np64, self.layer(params, "s"))
+    return {f"ls_{k}": self.x, "s": h, "head": h @ ws + bs}
+
+
+def _nnx_layer(p, name):
+  d = nnx.to_pure_dict(p)
+  node = d["ls"][int(name.split("_")[1])] if name.startswith("ls_") else d[name]
+  return node["kernel"], node["bias"]
+
+
+CASES = [("lax.cond", 2), ("nn.cond", 2), ("nn.switch", 3), ("nnx.cond", 2),
+         ("nnx.switch", 3), ("hk.cond", 2), ("hk.switch", 3)]
+
+
+@pytest.mark.parametrize("kind,n", CASES, ids=[k for k, _ in CASES])
+def test_branch_layers_get_the_rows_of_the_steps_their_branch_ran(kind, n):
+  """Steps whose branch changes (``i`` traced in one jitted step): every layer's factor is the
+  float64 moving average (decay 0.5, no prior) of ``E[x~ x~^T]`` over exactly the steps its
+  branch ran (the shared ``s`` and the ``head`` every step), from a numpy forward pass; a layer
+  of a branch not taken keeps its factor and weight bit for bit (not pulled towards zero
+  or the identity) and gets a zero update; every other update is the float64 damped solve of
+  its gradient with the reference factor. Until 2026-12-06 the branch layers were reported
+  as not captured (a warning) and ``update`` raised naming them."""
+  case = Case(kind, n)
+  tx = sngd_jax.sngd(**KW)
+  params = case.params
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, i):
+    grads, acts = case.grads_acts(params, i)
+    updates, state = tx.update(grads, state, params, activations=acts)
+    return grads, updates, state
+
+  want = {name: (np.zeros((D + 1, D + 1)), 0.0) for name in case.paths}
+  for i in STEPS[n]:
+    rows = case.rows(params, i)
+    grads, updates, new = step(params, state, jnp.asarray(i))
+    for name, path in case.paths.items():
+      g_ref, w_ref = want[name]
+      if name in rows:
+        g_ref = DECAY * g_ref + (1 - DECAY) * ref.gram(rows[name])
+        w_ref = DECAY * w_ref + (1 - DECAY)
+        want[name] = g_ref, w_ref
+        np.testing.assert_allclose(ref.normalized_factor(new, path), g_ref / w_ref,
+                                   rtol=1e-10, atol=1e-12, err_msg=f"{path} step {i}")
+        g = case.layer(grads, name)
+        u = case.layer(updates, name)
+        pre = ref.damped_solve(g_ref / w_ref, ref.augmented(g[0], g[1], g[0].shape[0]))
+        kernel, bias = pre[:-1], pre[-1]
+        np.testing.assert_allclose(u[0], kernel, rtol=1e-8, atol=1e-12, err_msg=path)
+        np.testing.assert_allclose(u[1], bias, rtol=1e-8, atol=1e-12, err_msg=path)
+      else:  # its branch not taken: factor and weight as they were, no update
+        np.testing.assert_array_equal(np.asarray(new.factors[path]),
+                                      np.asarray(state.factors[path]), err_msg=path)
+        np.testing.assert_array_equal(np.asarray(new.weights[path]),
+                                      np.asarray(state.weights[path]), err_msg=path)
+        for leaf in case.layer(updates, name):
+          np.testing.assert_array_equal(np.asarray(leaf), 0.0, err_msg=path)
+    state = new
+    params = jax.tree.map(lambda p, u: p - 0.1 * u, params, updates)
+  assert all(w > 0 for _, w in want.values())  # every branch ran at least once
+
+
+def test_a_branch_per_example_under_vmap_is_a_row_mask():
+  """``jax.vmap`` over examples with a per-example predicate (JAX runs both branches and
+  selects per example): each example's rows count for the branch it took. One step
+  (no decay): ``ls_k``'s factor is ``E[x~ x~^T]`` over the examples that took branch ``k``
+  (and are real under a padding mask ``with_row_mask`` multiplies in), ``s`` and ``head``
+  over every real example, each from its own branch (float64 numpy forward). A second step
+  where no example takes branch 1 keeps ``ls_1``'s factor bit for bit."""
+  model = LinenModel("lax.cond", 2)
+  x = _x(3)
+  params = model.init(jax.random.key(1), x, 0)["params"]
+  per_example = lambda p, xb, ib: model.apply({"params": p}, xb, ib)
+  loss = sngd_jax.capture(
+      lambda p, x, idx: _loss_of(jax.vmap(per_example, in_axes=(None, 0, 0))(p, x, idx)))
+  tx = sngd_jax.sngd(**ref.one_step_kwargs(), factor_every=1)
+  idx = jnp.array([0, 1, 1, 0, 1, 1, 0, 1])
+  real = np.array([1, 1, 1, 1, 1, 1, 0, 0], bool)
+  grads, acts = jax.grad(loss, has_aux=True)(params, x, idx)
+  acts = sngd_jax.with_row_mask(acts, jnp.asarray(real))
+  _, state = tx.update(grads, tx.init(params), params, activations=acts)
+  p = jax.tree.map(ref.np64, params)
+  xn = np.asarray(x)
+  pre = np.where(np.asarray(idx)[:, None] == 0, xn @ p["ls_0"]["kernel"] + p["ls_0"]["bias"],
+                 xn @ p["ls_1"]["kernel"] + p["ls_1"]["bias"])
+  h = np.tanh(pre)
+  ref.assert_factor(state, "ls_0", xn[(np.asarray(idx) == 0) & real])
+  ref.assert_factor(state, "ls_1", xn[(np.asarray(idx) == 1) & real])
+  ref.assert_factor(state, "s", h[real])
+  ref.assert_factor(state, "head", (h @ p["s"]["kernel"] + p["s"]["bias"])[real])
+  grads, acts = jax.grad(loss, has_aux=True)(params, x, jnp.zeros_like(idx))
+  _, again = tx.update(grads, state, params, activations=acts)
+  np.testing.assert_array_equal(np.asarray(again.factors["ls_1"]),
+                                np.asarray(state.factors["ls_1"]))
+  np.testing.assert_array_equal(np.asarray(again.weights["ls_1"]),
+                                np.asarray(state.weights["ls_1"]))
+  ref.assert_factor(again, "ls_0", xn)
+
+
+class ScannedBlocks(nn.Module):
+  """Two blocks under ``nn.scan`` over depth; each runs ``a`` then, where ``i == 0``,
+  ``b`` (``shared=False``), or ``b`` in both branches (``shared=True``)."""
+
+  shared: bool
+
+  @nn.compact
+  def __call__(self, h, i):
+    a = nn.Dense(D, name="a", param_dtype=jnp.float64)
+    b = nn.Dense(D, name="b", param_dtype=jnp.float64)
+    h = jnp.tanh(a(h))
+    if self.is_initializing():
+      return jnp.tanh(b(h)), None
+    other = (lambda h: -b(h)) if self.shared else (lambda h: h)
+    return jnp.tanh(jax.lax.cond(i == 0, b, other, h)), None
+
+
+def _scanned(shared):
+  return nn.scan(ScannedBlocks, variable_axes={"params": 0}, split_rngs={"params": True},
+                 in_axes=nn.broadcast, length=2)(shared)
+
+
+def test_a_layer_of_a_stack_in_some_branches_is_reported_by_path():
+  """A conditional inside ``nn.scan`` over depth whose branches do not all call layer ``b``:
+  the predicate may differ between the layers of the stack, and a layer of the stack that
+  took no branch calling ``b`` would get a zero estimate, so ``b`` is not modelled: capture
+  warns naming its path and the rewrite, ``update`` raises naming it, and ``a`` (outside the
+  conditional) is captured. Called alike in both branches, ``b`` is modelled: each layer of
+  the stack gets its own rows (float64 numpy forward)."""
+  x = _x(4)
+  model = _scanned(False)
+  params = model.init(jax.random.key(0), x, 0)["params"]
+  loss = sngd_jax.capture(lambda p, i: jnp.sum(model.apply({"params": p}, x, i)[0]))
+  with pytest.warns(UserWarning) as caught:
+    grads, acts = jax.grad(loss, has_aux=True)(params, jnp.asarray(0))
+  messages = [str(w.message) for w in caught if str(w.message).startswith("sngd:")]
+  assert len(messages) == 1, messages
+  assert re.search(r"layer 'b' is a layer of a stack .* called in some branches of a "
+                   r"`cond`/`switch` .* Call it in every branch alike .*`fisher=\{'b': None\}`",
+                   messages[0]), messages[0]
+  assert set(acts) == {"a"}
+  tx = sngd_jax.sngd()
+  with pytest.raises(ValueError, match="no activations were captured for layer 'b'"):
+    tx.update(grads, tx.init(params), params, activations=acts)
+
+  model = _scanned(True)
+  params = model.init(jax.random.key(0), x, 0)["params"]
+  loss = sngd_jax.capture(lambda p, i: jnp.sum(model.apply({"params": p}, x, i)[0]))
+  tx = sngd_jax.sngd(**ref.one_step_kwargs())
+  for i, sign in ((0, 1.0), (1, -1.0)):
+    grads, acts = jax.grad(loss, has_aux=True)(params, jnp.asarray(i))
+    _, state = tx.update(grads, tx.init(params), params, activations=acts)
+    p = jax.tree.map(ref.np64, params)
+    h = np.asarray(x)
+    for layer in range(2):
+      ha = np.tanh(h @ p["a"]["kernel"][layer] + p["a"]["bias"][layer])
+      for name, rows in (("a", h), ("b", ha)):
+        want = ref.gram(rows)
+        got = np.asarray(state.factors[name][layer]) / np.asarray(state.weights[name])
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12, err_msg=f"{name} {layer}")
+      h = np.tanh(sign * (ha @ p["b"]["kernel"][layer] + p["b"]["bias"][layer]))
+
+
+class Steps(nnx.Module):
+  def __init__(self, rngs):
+    self.a = nnx.Linear(D, D, rngs=rngs, param_dtype=jnp.float64)
+    self.b = nnx.Linear(D, D, rngs=rngs, param_dtype=jnp.float64)
+
+  def __call__(self, xs):
+    def body(carry, tx):
+      t, x = tx
+      return carry, jax.lax.cond(t % 3 == 0, self.a, self.b, x)
+    return jax.lax.scan(body, (), (jnp.arange(xs.shape[0]), xs))[1]
+
+
+def test_a_branch_per_scan_step_pools_the_steps_that_took_it():
+  """``jax.lax.cond`` inside a ``jax.lax.scan`` over time whose predicate is the step
+  (``a`` on steps 0 and 3, ``b`` on 1, 2, 4): each layer's factor is ``E[x~ x~^T]`` over the
+  rows of the steps that took its branch (float64, one step without decay)."""
+  xs = jax.random.normal(jax.random.key(5), (5, B, D), jnp.float64)
+  model = Steps(nnx.Rngs(0))
+  loss = sngd_jax.capture_nnx(lambda m, xs: jnp.sum(jnp.sin(m(xs))))
+  grads, acts = nnx.grad(loss, has_aux=True)(model, xs)
+  params = nnx.state(model, nnx.Param)
+  tx = sngd_jax.sngd(**ref.one_step_kwargs())
+  _, state = tx.update(grads, tx.init(params), params, activations=acts)
+  xs = np.asarray(xs)
+  ref.assert_factor(state, "a", xs[[0, 3]].reshape(-1, D))
+  ref.assert_factor(state, "b", xs[[1, 2, 4]].reshape(-1, D))
+
+
+def test_stats_batch_size_takes_the_first_examples_of_the_branch_taken():
+  """``stats_batch_size=4``: the branch layer's factor is ``E[x~ x~^T]`` over the first 4
+  examples (its row mask, size 1 along the examples, is not cut), the layer of the branch
+  not taken keeps its factor (float64)."""
+  model = LinenModel("lax.cond", 2)
+  x = _x(6)
+  params = model.init(jax.random.key(1), x, 0)["params"]
+  loss = sngd_jax.capture(lambda p, i: _loss_of(model.apply({"params": p}, x, i)))
+  tx = sngd_jax.sngd(**ref.one_step_kwargs(), stats_batch_size=4)
+  state = tx.init(params)
+  grads, acts = jax.grad(loss, has_aux=True)(params, jnp.asarray(1))
+  _, new = tx.update(grads, state, params, activations=acts)
+  ref.assert_factor(new, "ls_1", np.asarray(x)[:4])
+  np.testing.assert_array_equal(np.asarray(new.factors["ls_0"]),
+                                np.asarray(state.factors["ls_0"]))
+
+
+class ConvBranches(nn.Module):
+  direct: bool = False  # the reference: the branch-1 conv called without the conditional
+
+  @nn.compact
+  def __call__(self, x, i):
+    convs = [nn.Conv(3, (3, 3), name=f"c{k}", param_dtype=jnp.float64) for k in range(2)]
+    if self.is_initializing():
+      return jnp.sum(convs[0](x)) + jnp.sum(convs[1](x))
+    h = convs[1](x) if self.direct else jax.lax.cond(
+        i == 0, lambda h: convs[0](h), lambda h: convs[1](h), x)
+    return jnp.sum(jnp.sin(h))
+
+
+def test_conv_rows_formed_in_chunks_of_examples_read_the_branch_mask(monkeypatch):
+  """A conv in a branch, its patch rows formed in chunks of examples (``ROW_CHUNK_BYTES``
+  made small): each chunk reads the row mask, size 1 along the examples, whole (cutting it
+  per chunk failed until the mask was kept whole). The taken conv's factor is that of the
+  same conv called without the conditional; the other conv keeps its factor."""
+  from sngd_jax._src import statistics  # noqa: PLC0415
+  monkeypatch.setattr(statistics, "ROW_CHUNK_BYTES", 12000)  # 4 chunks of 2 examples
+  x = jax.random.normal(jax.random.key(7), (B, 6, 6, 2), jnp.float64)
+  params = ConvBranches().init(jax.random.key(0), x, 0)["params"]
+  tx = sngd_jax.sngd(**ref.one_step_kwargs(), uncalled="skip")  # the reference calls no c0
+  states = []
+  for direct in (False, True):
+    model = ConvBranches(direct)
+    loss = sngd_jax.capture(lambda p, m=model: m.apply({"params": p}, x, 1))
+    grads, acts = jax.grad(loss, has_aux=True)(params)
+    if not direct:
+      assert acts["c1"][0].row_mask is not None
+    states.append((tx.init(params), tx.update(grads, tx.init(params), params,
+                                              activations=acts)[1]))
+  (before, branch), (_, direct) = states
+  np.testing.assert_allclose(ref.normalized_factor(branch, "c1"),
+                             ref.normalized_factor(direct, "c1"), rtol=1e-12, atol=1e-14)
+  np.testing.assert_array_equal(np.asarray(branch.factors["c0"]),
+                                np.asarray(before.factors["c0"]))
