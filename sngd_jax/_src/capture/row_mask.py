@@ -92,7 +92,9 @@ def with_row_mask(activations: Activations, mask: Any, *more_masks: Any,
 
   Returns:
     The activations, each record carrying its rows' weights (``Captured.row_mask``); pass
-    them as ``activations=`` as before.
+    them as ``activations=`` as before. A record that already carries weights (from an
+    earlier ``with_row_mask``, or a conditional's ``[its branch ran]``, see
+    ``docs/layer-coverage.md``) gets their product: masks compose, none replaces another.
 
   Raises:
     ValueError: for a record whose rows cannot be matched to the mask (naming the layer
