@@ -121,17 +121,35 @@ def _bn_rows(model, state, x, key):
   xhat = (h - mean) / np.sqrt(var + bn.eps)
   y = np.maximum(xhat * np64(bn.weight) + np64(bn.bias), 0.0)
   keys = jax.random.split(key, n)
-  mask = np.stack([np64(model.drop(jnp.ones((3, 4, 4), jnp.float64), key=k)) for k in keys])
-  if model.drop.inference:
-    mask = np.ones_like(mask)
+  # Dropout's scaled mask: the layer applied to ones with each example's key
+  mask = np64(jax.vmap(lambda k: model.drop(jnp.ones((3, 4, 4), jnp.float64), key=k))(keys))
   head_rows = (np.moveaxis(y, -1, 1) * mask).reshape(n, -1)
-  return conv_rows, xhat.reshape(-1, 3), head_rows
+  return conv_rows, xhat.reshape(-1, 3), head_rows, (h.mean((0, 1, 2)), h.var((0, 1, 2)))
+
+
+def _assert_running_statistics(bn, state, new_state, batch_stats):
+  """The state after the captured step is one update of the running statistics by the
+  batch's (numpy): the layer's state changed once per call, not by capture's second run."""
+  close = lambda a, b: np.testing.assert_allclose(np64(a), b, rtol=1e-10, atol=1e-14)
+  if bn.inference:
+    jax.tree.map(close, new_state, jax.tree.map(np64, state))
+  elif bn.mode == "batch":
+    assert int(new_state.get(bn.batch_counter)) == int(state.get(bn.batch_counter)) + 1
+    for old, new, b in zip(state.get(bn.batch_state_index), new_state.get(bn.batch_state_index),
+                           batch_stats, strict=True):
+      close(new, np64(old) * bn.momentum + b * (1 - bn.momentum))
+  else:
+    first = bool(state.get(bn.ema_first_time_index))
+    assert not bool(new_state.get(bn.ema_first_time_index))
+    for old, new, b in zip(state.get(bn.ema_state_index), new_state.get(bn.ema_state_index),
+                           batch_stats, strict=True):
+      close(new, b if first else (1 - bn.momentum) * b + bn.momentum * np64(old))
 
 
 def _check_bn_model(model, state, x, y, key):
   (_, (new_state, acts)), grads = _capture(_bn_loss, model, state, x, y, key, has_aux=True)
   assert set(acts) == {"conv", "bn", "head"}
-  conv_rows, xhat, head_rows = _bn_rows(model, state, x, key)
+  conv_rows, xhat, head_rows, batch_stats = _bn_rows(model, state, x, key)
   updates, opt_state = _one_step(model, grads, acts)
   for path, rows in (("conv", conv_rows), ("head", head_rows)):
     np.testing.assert_allclose(normalized_factor(opt_state, path), gram(rows), rtol=1e-10,
@@ -140,10 +158,7 @@ def _check_bn_model(model, state, x, y, key):
   s, b = ref.channel_update(xhat, np64(grads.bn.weight), np64(grads.bn.bias))
   np.testing.assert_allclose(np64(updates.bn.weight), s, rtol=1e-8, err_msg="bn")
   np.testing.assert_allclose(np64(updates.bn.bias), b, rtol=1e-8, err_msg="bn")
-  # the captured step's state is the plain forward's: the layer ran once per call
-  _, plain_state = _bn_loss(model, state, x, y, key)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(np64(a), np64(b), rtol=1e-12,
-                                                       atol=1e-15), new_state, plain_state)
+  _assert_running_statistics(model.bn, state, new_state, batch_stats)
   return new_state
 
 
@@ -446,3 +461,25 @@ def test_a_table_read_outside_its_lookup_warns_naming_it_and_the_fixes():
     warnings.simplefilter("error")
     (_, acts), grads = _capture(loss, tied, TOKENS)
   assert set(acts) == {"shared/pytree/0", "mid"}
+
+
+def test_a_layer_copy_with_a_computed_bias_warns_saying_so():
+  """A copy of a layer made in the loss with another bias (``eqx.tree_at`` on the bias): the
+  warning said the weight was read by a module with *no* bias, tied by ``eqx.nn.Shared``,
+  neither of which is the case. It names the computed bias and the fix; the factor is the
+  Gram sum of the rows ``[x; 1]`` the copy saw."""
+  lin = eqx.nn.Linear(3, 2, key=KEYS[2], **F64)
+  x = jax.random.normal(KEYS[3], (5, 3), jnp.float64)
+
+  def loss(m, x):
+    shifted = eqx.tree_at(lambda q: q.bias, m, 2.0 * m.bias)
+    return jnp.sum(jnp.sin(jax.vmap(shifted)(x)))
+
+  with pytest.warns(UserWarning) as record:
+    (_, acts), grads = _capture(loss, lin, x)
+  messages = [str(w.message) for w in record]
+  assert not any("no bias" in m or "eqx.nn.Shared" in m for m in messages), messages
+  assert any("layer '' is called with a bias that is no param of the model" in m
+             and "`fisher={'': None}`" in m for m in messages), messages
+  _, opt_state = _one_step(lin, grads, acts)
+  np.testing.assert_allclose(normalized_factor(opt_state, ""), gram(np64(x)), rtol=1e-10)

@@ -70,6 +70,7 @@ from sngd_jax._src.capture.records import (
 from sngd_jax._src.frames import _is_library, caller_stacklevel
 
 # A record of one call: (name suffix, weight, inputs, outputs, kind, config).
+_COMPUTED = "<computed>"  # a call's bias that is an array computed in the loss, not a param
 _Call = tuple[Optional[str], Any, Any, Any, str, tuple]
 
 
@@ -180,7 +181,8 @@ class _SharedUses:
       transposed weight) -> (that array, the param's path parts).
     computed_uses: the path of a param whose computed copy a layer read -> that layer's class.
     foreign_bias: the path of a layer with a bias whose weight a module with another bias
-      (or none) read -> that module's bias path (None for none).
+      (or none) read -> that module's bias path (None for none, ``_COMPUTED`` for a bias
+      computed in the loss, not a param).
   """
 
   def __init__(self, paths_of_leaves: frozenset[tuple[str, ...]]):
@@ -233,7 +235,8 @@ class _SharedUses:
       return
     own = None if bias is None else rec.trace(bias)[1]
     if own != bias_parts:
-      self.foreign_bias[path] = None if own is None else paths.join(own)
+      self.foreign_bias[path] = (None if bias is None else _COMPUTED if own is None
+                                 else paths.join(own))
 
   def warn(self) -> None:
     for parts, user in self.computed_uses.items():
@@ -248,6 +251,18 @@ class _SharedUses:
           "transform, or untie the two layers (no `eqx.nn.Shared`) so that each has its own "
           "local Fisher.", stacklevel=caller_stacklevel())
     for path, other in self.foreign_bias.items():
+      if other == _COMPUTED:
+        warnings.warn(
+            f"sngd: capture_eqx: layer {path!r} is called with a bias that is no param of the "
+            f"model, but an array computed in the loss (a copy of the layer made by "
+            f"`eqx.tree_at` with another bias, such as a function of '{path}/bias'): the "
+            f"call's rows are pooled into the local Fisher of {path!r} as [x; 1], whose 1 "
+            "stands for the bias the call used, while the update is applied to the param it "
+            f"was computed from, so it is not SNGD's on '{path}/bias' (as for any "
+            "reparametrized weight). Call the layer as it is in the model (change its bias "
+            f"there), or pass `fisher={{{path!r}: None}}` to leave it to the next transform.",
+            stacklevel=caller_stacklevel())
+        continue
       what = "no bias" if other is None else f"its own bias {other!r}"
       warnings.warn(
           f"sngd: capture_eqx: the weight of layer {path!r} is also read by a module with "
