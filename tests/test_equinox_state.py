@@ -75,12 +75,12 @@ class ConvBN(eqx.Module):
   drop: eqx.nn.Dropout
   head: eqx.nn.Linear
 
-  def __init__(self, key, mode):
+  def __init__(self, key, mode, dtype=jnp.float64):
     k = jax.random.split(key, 2)
-    self.conv = eqx.nn.Conv2d(2, 3, 3, padding=1, key=k[0], **F64)
-    self.bn = eqx.nn.BatchNorm(3, "batch", mode=mode, **F64)
+    self.conv = eqx.nn.Conv2d(2, 3, 3, padding=1, key=k[0], dtype=dtype)
+    self.bn = eqx.nn.BatchNorm(3, "batch", mode=mode, dtype=dtype)
     self.drop = eqx.nn.Dropout(0.3)
-    self.head = eqx.nn.Linear(3 * 16, 4, key=k[1], **F64)
+    self.head = eqx.nn.Linear(3 * 16, 4, key=k[1], dtype=dtype)
 
   def __call__(self, x, state, key):
     h, state = self.bn(self.conv(x), state)
@@ -165,8 +165,9 @@ def _check_bn_model(model, state, x, y, key):
 @pytest.mark.parametrize("mode", ["batch", "ema"])
 def test_batch_norm_with_state_and_dropout(mode):
   """Training mode (in ``ema`` mode two steps: the second normalizes by the running
-  statistics mixed with the batch's), then ``eqx.nn.inference_mode``: BatchNorm normalizes by the running statistics and Dropout
-  is the identity, and the factors are those of that forward pass."""
+  statistics mixed with the batch's), then ``eqx.nn.inference_mode``: BatchNorm normalizes
+  by the running statistics and Dropout is the identity, and the factors are those of that
+  forward pass. The running statistics the step returns are one update by the batch's."""
   model, state = eqx.nn.make_with_state(ConvBN)(KEYS[0], mode)
   x = jax.random.normal(KEYS[1], (6, 2, 4, 4), jnp.float64) * 1.5 + 0.5
   y = jnp.arange(6) % 4
@@ -180,11 +181,7 @@ def test_stateful_training_step_under_filter_jit():
   """The documented Equinox step with the state threaded through, ``optax.chain(sngd(),
   sgd)``: every layer is covered and the loss falls."""
   with jax.enable_x64(False):
-    model, state = eqx.nn.make_with_state(ConvBN)(KEYS[0], "batch")
-    model = jax.tree.map(lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a,
-                         model)
-    state = jax.tree.map(lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a,
-                         state)
+    model, state = eqx.nn.make_with_state(ConvBN)(KEYS[0], "batch", jnp.float32)
     x = jax.random.normal(KEYS[1], (32, 2, 4, 4))
     y = (x[:, 0, :2, :2].sum((1, 2)) > 0).astype(jnp.int32) + 2 * (x[:, 1, 0, 0] > 0)
     report = sngd_jax.coverage(_bn_loss, model, state, x, y, KEYS[2])
@@ -483,3 +480,20 @@ def test_a_layer_copy_with_a_computed_bias_warns_saying_so():
              and "`fisher={'': None}`" in m for m in messages), messages
   _, opt_state = _one_step(lin, grads, acts)
   np.testing.assert_allclose(normalized_factor(opt_state, ""), gram(np64(x)), rtol=1e-10)
+
+
+def test_a_model_cast_inside_the_loss_warns_naming_the_cast_and_the_fix():
+  """Mixed precision by casting the whole model in the loss: no weight is a leaf of the model,
+  so nothing is captured. The warning named a jit, a layer made in the loss, WeightNorm, a
+  transposed copy and a cast passed to ``sngd_jax.dense``, none of them this; it names the
+  model cast and the way to compute a layer in bfloat16 that is captured."""
+  mlp = eqx.nn.MLP(4, 2, 8, 1, key=KEYS[4], **F64)
+
+  def loss(m, x):
+    m = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if eqx.is_inexact_array(a) else a, m)
+    return jnp.sum(jax.vmap(m)(x.astype(jnp.bfloat16)).astype(jnp.float32))
+
+  with pytest.warns(UserWarning, match=r"could not name 2 layer call\(s\).*the whole model is "
+                    r"cast to another dtype inside the loss.*@sngd_jax.dense_layer"):
+    _, acts = sngd_jax.capture_eqx(loss)(mlp, jnp.ones((3, 4), jnp.float64))
+  assert not acts
