@@ -26,6 +26,13 @@ weight that ``Shared``'s ``get`` computes (a transpose; its param is found from 
 ``get``), whose use is not recorded, and a call that adds another bias (or none) than the
 bias of the weight's own layer, whose rows ``[x; 1]`` count that bias.
 
+An ``eqx.nn.Embedding`` table read by the user's code outside its lookup
+(``self.emb.weight @ h``, a tied output layer written by hand) has a second use that no call
+records: its local Fisher ``diag(f)`` models the lookup only, and the rows of tokens absent
+from the batch would be divided by the damping alone. ``Embedding.__getattribute__`` is
+swapped while capturing to note such reads (``_TableReads``), and ``capture_eqx`` warns,
+naming the table and the fixes.
+
 A hand-written module whose class ``sngd_jax.dense_layer`` declared records its
 ``sngd_jax.dense`` calls as an ``eqx.nn.Linear`` call (``_custom_dense``), named by the
 path of its declared weight.
@@ -36,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import sys
 import warnings
 from typing import Any, Callable, Iterator, Optional
 
@@ -59,9 +67,10 @@ from sngd_jax._src.capture.records import (
     split_models,
     vmapped_by_caller,
 )
-from sngd_jax._src.frames import caller_stacklevel
+from sngd_jax._src.frames import _is_library, caller_stacklevel
 
 # A record of one call: (name suffix, weight, inputs, outputs, kind, config).
+_COMPUTED = "<computed>"  # a call's bias that is an array computed in the loss, not a param
 _Call = tuple[Optional[str], Any, Any, Any, str, tuple]
 
 
@@ -172,7 +181,8 @@ class _SharedUses:
       transposed weight) -> (that array, the param's path parts).
     computed_uses: the path of a param whose computed copy a layer read -> that layer's class.
     foreign_bias: the path of a layer with a bias whose weight a module with another bias
-      (or none) read -> that module's bias path (None for none).
+      (or none) read -> that module's bias path (None for none, ``_COMPUTED`` for a bias
+      computed in the loss, not a param).
   """
 
   def __init__(self, paths_of_leaves: frozenset[tuple[str, ...]]):
@@ -225,7 +235,8 @@ class _SharedUses:
       return
     own = None if bias is None else rec.trace(bias)[1]
     if own != bias_parts:
-      self.foreign_bias[path] = None if own is None else paths.join(own)
+      self.foreign_bias[path] = (None if bias is None else _COMPUTED if own is None
+                                 else paths.join(own))
 
   def warn(self) -> None:
     for parts, user in self.computed_uses.items():
@@ -240,6 +251,18 @@ class _SharedUses:
           "transform, or untie the two layers (no `eqx.nn.Shared`) so that each has its own "
           "local Fisher.", stacklevel=caller_stacklevel())
     for path, other in self.foreign_bias.items():
+      if other == _COMPUTED:
+        warnings.warn(
+            f"sngd: capture_eqx: layer {path!r} is called with a bias that is no param of the "
+            f"model, but an array computed in the loss (a copy of the layer made by "
+            f"`eqx.tree_at` with another bias, such as a function of '{path}/bias'): the "
+            f"call's rows are pooled into the local Fisher of {path!r} as [x; 1], whose 1 "
+            "stands for the bias the call used, while the update is applied to the param it "
+            f"was computed from, so it is not SNGD's on '{path}/bias' (as for any "
+            "reparametrized weight). Call the layer as it is in the model (change its bias "
+            f"there), or pass `fisher={{{path!r}: None}}` to leave it to the next transform.",
+            stacklevel=caller_stacklevel())
+        continue
       what = "no bias" if other is None else f"its own bias {other!r}"
       warnings.warn(
           f"sngd: capture_eqx: the weight of layer {path!r} is also read by a module with "
@@ -250,6 +273,93 @@ class _SharedUses:
           "`get=lambda p: (p[0].weight, p[0].bias)`), make the layer at "
           f"{path!r} bias-free (`use_bias=False`; the other bias then passes through), or "
           f"pass `fisher={{{path!r}: None}}`.", stacklevel=caller_stacklevel())
+
+
+class _TableReads:
+  """The ``eqx.nn.Embedding`` tables of the model that the user's code reads outside their
+  lookup (``self.emb.weight @ h``: a tied output layer written by hand), noted while
+  capturing by a swapped ``Embedding.__getattribute__``.
+
+  A read counts when the frame that reads ``weight`` is not library code (Equinox's own
+  lookup, its flattening, sngd's recorders) and runs outside ``eqx.nn.Shared.__call__``
+  (whose ``get`` reads the table to tie it to a ``Linear``, a use that is recorded). A table
+  that a ``Linear`` also reads through ``eqx.nn.Shared`` is not named: its output-layer use
+  is recorded (``fisher="tied"``), and a read beside it is most likely Equinox's own check
+  ``embedding.weight is linear.weight``.
+
+  Attributes:
+    read: the path parts of each table read outside its lookup.
+    attended: the path parts of each table that a ``Linear`` read as its weight.
+  """
+
+  def __init__(self, rec: Recorder):
+    self.rec = rec
+    self.read: dict[tuple[str, ...], None] = {}
+    self.attended: set[tuple[str, ...]] = set()
+
+  def note(self, weight: Any, frame: Any) -> None:
+    """Notes a read of the table ``weight`` by the code of ``frame``."""
+    if weight is None or _is_library(frame.f_globals.get("__name__", "")):
+      return
+    shared_call = _equinox().nn.Shared.__dict__["__call__"]
+    shared_code = getattr(shared_call, "__code__", None)
+    f = frame
+    while f is not None:
+      if f.f_code is shared_code:
+        return  # the `get` of an eqx.nn.Shared: the tie to a Linear, which is recorded
+      f = f.f_back
+    parts = self.rec.trace(weight)[1]
+    if parts is not None:
+      self.read[parts] = None
+
+  def warn(self) -> None:
+    tables = [paths.join(parts[:-1]) for parts in self.read if parts not in self.attended]
+    if not tables:
+      return
+    names = ", ".join(repr(t) for t in tables)
+    t = tables[0]
+    warnings.warn(
+        f"sngd: capture_eqx: the table of eqx.nn.Embedding {names} is read outside its "
+        f"lookup (`{t.replace('/', '.') or 'model'}.weight`, as a tied output layer "
+        "`emb.weight @ h`): that use is not captured. Its local Fisher `diag(f)` models the "
+        "lookup only, while its gradient holds the other use's too: the rows of tokens "
+        "absent from the batch (f = 0) get that gradient divided by the damping alone (or "
+        "by what is left of the `prior`), far larger steps than the other rows'. Tie the "
+        "table to a bias-free `eqx.nn.Linear` readout with `eqx.nn.Shared` "
+        "(`where=lambda p: p[1].weight`, `get=lambda p: p[0].weight`) and pass `fisher={"
+        + ", ".join(f"{k!r}: 'tied'" for k in tables)
+        + "}`, which preconditions it as both layers; or pass `fisher={"
+        + ", ".join(f"{k!r}: None" for k in tables)
+        + "}` to leave it to the next transform. (A read that adds nothing to the loss, a "
+        "`stop_gradient` or a logged norm, is harmless.)", stacklevel=caller_stacklevel())
+
+
+@contextlib.contextmanager
+def _table_reads(reads: _TableReads, tables: frozenset[int]) -> Iterator[None]:
+  """Swaps ``eqx.nn.Embedding.__getattribute__`` (when the model holds a table: ``tables``,
+  the ``id`` of each) for one that notes the reads of a table by the user's code
+  (``_TableReads.note``), restoring it after."""
+  cls = _equinox().nn.Embedding
+  if not tables:
+    yield
+    return
+  own = cls.__dict__.get("__getattribute__")
+  original = cls.__getattribute__
+
+  def getattribute(self, name):
+    out = original(self, name)
+    if name == "weight":
+      reads.note(out, sys._getframe(1))
+    return out
+
+  try:
+    cls.__getattribute__ = getattribute
+    yield
+  finally:
+    if own is None:
+      del cls.__getattribute__
+    else:
+      cls.__getattribute__ = own
 
 
 @contextlib.contextmanager
@@ -290,7 +400,8 @@ def _module_path(rec: Recorder, module: Any, weight: Any) -> Optional[str]:
 
 
 def _wrap(rec: Recorder, original: Callable, recorder: Any, unnamed: dict[str, None],
-          tables: frozenset[int], frozen: OtherArgs, shared: _SharedUses) -> Callable:
+          tables: frozenset[int], frozen: OtherArgs, shared: _SharedUses,
+          reads: _TableReads) -> Callable:
   if recorder == "norm":
     recorder = _norm(original)
 
@@ -316,6 +427,7 @@ def _wrap(rec: Recorder, original: Callable, recorder: Any, unnamed: dict[str, N
         # an Embedding's table read by a Linear (eqx.nn.Shared): the output layer h E^T,
         # recorded as linen's `attend` (fisher="tied" preconditions it; otherwise an error)
         kind, config = "embed", ("attend",)
+        reads.attended.add(parts)
       path = paths.join(parts if suffix else parts[:-1])
       if kind in ("dense", "conv") and not suffix:
         shared.check_bias(rec, path, parts[:-1] + ("bias",), getattr(self, "bias", None))
@@ -382,7 +494,7 @@ def _custom_dense(rec: Recorder, unnamed: dict[str, None], frozen: OtherArgs,
 
 @contextlib.contextmanager
 def _layer_calls(rec: Recorder, unnamed: dict[str, None], tables: frozenset[int],
-                 frozen: OtherArgs, shared: _SharedUses) -> Iterator[None]:
+                 frozen: OtherArgs, shared: _SharedUses, reads: _TableReads) -> Iterator[None]:
   """Swaps each recorded class's ``__call__`` for a recording one, restoring it after.
 
   ``unnamed`` collects the calls whose weight is not a leaf of the captured model, except
@@ -393,7 +505,8 @@ def _layer_calls(rec: Recorder, unnamed: dict[str, None], tables: frozenset[int]
   originals = {cls: cls.__dict__["__call__"] for cls in recorders()}
   try:
     for cls, recorder in recorders().items():
-      cls.__call__ = _wrap(rec, originals[cls], recorder, unnamed, tables, frozen, shared)
+      cls.__call__ = _wrap(rec, originals[cls], recorder, unnamed, tables, frozen, shared,
+                           reads)
     yield
   finally:
     for cls, original in originals.items():
@@ -513,12 +626,16 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool 
     calls: list[Any] = []
     rec.custom_dense = functools.partial(_custom_dense, rec, unnamed, frozen, declared, calls)
     shared = _SharedUses(frozenset(top.values()))
-    with (transforms.recording(rec), _layer_calls(rec, unnamed, _tables(models), frozen, shared),
-          _declared_calls(models, calls), _shared_calls(rec, models, shared)):
+    reads, tables = _TableReads(rec), _tables(models)
+    with (transforms.recording(rec),
+          _layer_calls(rec, unnamed, tables, frozen, shared, reads),
+          _declared_calls(models, calls), _shared_calls(rec, models, shared),
+          _table_reads(reads, tables)):
       result = fn(*args, **kwargs)
     check_no_trained_left_out(frozen.left_out, fn, "capture_eqx", positions)
     value, aux = split_aux(result, has_aux, "capture_eqx")
     shared.warn()
+    reads.warn()
     if unnamed:
       warnings.warn(
           f"sngd: capture_eqx could not name {len(unnamed)} layer call(s) "
@@ -528,8 +645,12 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool 
           "instead), or the layer is made inside the loss or its weight computed from the "
           "params (by `eqx.nn.WeightNorm` or `eqx.nn.SpectralNorm`, a transposed copy, or a "
           "cast made outside the declared module's `__call__`, "
-          "passed to `sngd_jax.dense`: pass the field or its cast there). They are not "
-          "captured, and `update` reports their "
+          "passed to `sngd_jax.dense`: pass the field or its cast there), or the whole model "
+          "is cast to another dtype inside the loss (mixed precision, "
+          "`jax.tree.map(lambda a: a.astype(jnp.bfloat16), model)`: a cast weight is no leaf "
+          "of the model; cast inside the layer instead, in a `@sngd_jax.dense_layer` module "
+          "computing `sngd_jax.dense(x.astype(dt), self.weight.astype(dt), ...)`, whose cast "
+          "is read as its param). They are not captured, and `update` reports their "
           "layers as not captured; pass `fisher={path: None}` to leave such a layer to the next "
           "transform. (Layers of a frozen half of `eqx.partition` that the loss closes over "
           "are harmless here, `update` never sees them: pass that half to the loss as an "
