@@ -370,6 +370,83 @@ def test_to_linen_nnx_layers_are_captured_at_their_linen_paths():
   ref.assert_dense_update(np.tanh(h), grads["head"], updates["head"], "head")
 
 
+# A linen user's capture, in an interpreter that loads `capture/linen.py` and what it imports,
+# not `sngd_jax/__init__.py` (which imports `capture/nnx.py` too): the package is registered
+# bare, so only the modules a `from sngd_jax._src.capture.linen import capture` needs load.
+_LINEN_ONLY = """
+import sys, types
+import jax, jax.numpy as jnp, numpy as np
+import flax.linen as nn
+from flax import nnx
+from flax.nnx import bridge
+jax.config.update("jax_enable_x64", True)
+package = types.ModuleType("sngd_jax")
+package.__path__ = [sys.argv[1]]
+sys.modules["sngd_jax"] = package
+from sngd_jax._src.capture.linen import capture
+NNX_CAPTURE = "sngd_jax._src.capture.nnx"
+assert NNX_CAPTURE not in sys.modules
+
+class Block(nnx.Module):
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(3, 6, rngs=rngs, param_dtype=jnp.float64)
+    self.l2 = nnx.Linear(6, 5, rngs=rngs, param_dtype=jnp.float64)
+  def __call__(self, x):
+    return self.l2(jnp.tanh(self.l1(x)))
+
+class Net(nn.Module):
+  to_linen: bool
+  @nn.compact
+  def __call__(self, x):
+    if self.to_linen:
+      x = bridge.ToLinen(Block, name="block")(x)
+    return nn.Dense(2, param_dtype=jnp.float64, name="head")(jnp.tanh(x))
+
+x = jax.random.normal(jax.random.key(1), (7, 3), jnp.float64)
+out = {}
+for to_linen in (False, True):
+  net = Net(to_linen)
+  params = net.init(jax.random.key(0), x)["params"]
+  loss = lambda p, x: jnp.sum(jnp.sin(net.apply({"params": p}, x)))
+  _, acts = capture(loss)(params, x)
+  out[f"{to_linen}/loaded"] = NNX_CAPTURE in sys.modules
+  out[f"{to_linen}/paths"] = sorted(acts)
+  for path, calls in acts.items():
+    out[f"{to_linen}/{path}"] = [np.asarray(c.inputs).tolist() for c in calls]
+  out[f"{to_linen}/params"] = jax.tree.map(lambda a: np.asarray(a).tolist(), params)
+print(repr(out))
+"""
+
+
+def test_to_linen_is_captured_when_only_linen_capture_is_loaded():
+  """``capture`` (linen) records the NNX layers of an ``nnx.bridge.ToLinen`` in a fresh
+  interpreter that loads only ``capture/linen.py`` and what it imports: ``linen.py`` imports
+  ``capture/nnx.py``'s ``to_linen_call`` itself when it first meets a ToLinen, and a linen
+  model without one never loads ``capture/nnx.py``. Each layer's captured inputs are the rows
+  of an independent float64 numpy forward pass. Before, ``nnx.py`` filled a hook list in
+  ``linen.py`` when it was imported; loaded alone, ``linen.py``'s capture silently left the
+  ToLinen's layers out (only ``head`` captured)."""
+  import ast
+  import subprocess
+  import sys
+
+  package = sngd_jax.__path__[0]
+  done = subprocess.run([sys.executable, "-c", _LINEN_ONLY, package], capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  out = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+  assert out["False/paths"] == ["head"] and not out["False/loaded"]
+  assert out["True/paths"] == ["block/l1", "block/l2", "head"] and out["True/loaded"]
+  x = np.asarray(jax.random.normal(jax.random.key(1), (7, 3), jnp.float64))
+  b = jax.tree.map(np.asarray, out["True/params"]["block"],
+                   is_leaf=lambda a: isinstance(a, list))
+  h = np.tanh(x @ b["l1"]["kernel"] + b["l1"]["bias"])
+  for path, rows in (("block/l1", x), ("block/l2", h),
+                     ("head", np.tanh(h @ b["l2"]["kernel"] + b["l2"]["bias"]))):
+    (got,) = out[f"True/{path}"]
+    np.testing.assert_allclose(np.asarray(got), rows, rtol=1e-12, atol=1e-14, err_msg=path)
+
+
 class _ToLinenCell(nn.Module):
   @nn.compact
   def __call__(self, h, _):

@@ -62,10 +62,20 @@ from sngd_jax._src.capture.records import (
 )
 from sngd_jax._src.frames import caller_stacklevel
 
-# How an ``nnx.bridge.ToLinen`` call is run with the layers of its NNX module recorded:
-# ``(rec, path, params, next_fun, args, kwargs) -> output``, the ToLinen's path and params.
-# Set by ``capture/nnx.py``, which imports this module (this one cannot import it back).
-TO_LINEN: list[Callable[..., Any]] = []
+
+def _to_linen_call(rec: Recorder, path: str, params: Any, next_fun: Callable[..., Any],
+                   args: tuple, kwargs: dict) -> Any:
+  """Runs an ``nnx.bridge.ToLinen`` call (at ``path``, holding ``params``) with the layers of
+  the NNX module it builds recorded into ``rec``: ``capture/nnx.py``'s ``to_linen_call``.
+
+  Imported here, at the first ToLinen met, not at the top: ``nnx.py`` imports this module
+  (a ``ToNNX`` runs its linen module under ``_interceptor``), and a linen model without a
+  ToLinen never loads it. The import is explicit, so capture of a ToLinen does not depend on
+  which modules were imported before (``tests/test_nnx_idioms.py`` checks it in a fresh
+  interpreter that loads this module alone).
+  """
+  from sngd_jax._src.capture import nnx as nnx_capture  # noqa: PLC0415 (import cycle)
+  return nnx_capture.to_linen_call(rec, path, params, next_fun, args, kwargs)
 
 
 def _weight(module: nn.Module) -> Any:
@@ -385,14 +395,14 @@ def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
       return _rnn_call(rec, module, next_fun, args, kwargs, keep=models.route(rec, module)[0])
     if method == "__call__" and isinstance(module, nn.RNNCellBase) and rec.rnn_frame():
       return _cell_call(rec, next_fun, args, kwargs)
-    if (method == "__call__" and isinstance(module, bridge.ToLinen) and TO_LINEN
+    if (method == "__call__" and isinstance(module, bridge.ToLinen)
         and not module.is_initializing()):
       keep, model = models.route(rec, module)
       if not keep:
         return next_fun(*args, **kwargs)
       path = model_path(model, paths.join(prefix + module.path))
-      return TO_LINEN[0](rec, path, module.variables.get("params", {}), next_fun, args,
-                         kwargs)
+      return _to_linen_call(rec, path, module.variables.get("params", {}), next_fun, args,
+                            kwargs)
     if method == "__call__" and isinstance(module, tables.NORMS):
       keep, model = models.route(rec, module)
       return _norm_call(rec, seen, module, next_fun, args, kwargs, keep, model, prefix)

@@ -20,7 +20,8 @@ cell's own graph.
 The linen layers of the linen module that an ``nnx.bridge.ToNNX`` runs are recorded by
 ``linen``'s interceptor, at the ToNNX's path then their linen path; the NNX layers of the
 module that an ``nnx.bridge.ToLinen`` runs inside ``capture`` are recorded by this module's
-wrappers (``_to_linen_call``), named by their weights, the ToLinen's params.
+wrappers (``to_linen_call``, which ``linen.py`` imports when it meets a ToLinen), named by
+their weights, the ToLinen's params.
 """
 
 from __future__ import annotations
@@ -447,8 +448,8 @@ def _to_nnx_prefix(rec: _NNXRecorder, module: Any) -> Optional[tuple[str, ...]]:
   return None
 
 
-def _to_linen_call(rec: Recorder, path: str, params: Any, next_fun: Callable[..., Any],
-                   args: tuple, kwargs: dict) -> Any:
+def to_linen_call(rec: Recorder, path: str, params: Any, next_fun: Callable[..., Any],
+                  args: tuple, kwargs: dict) -> Any:
   """Runs an ``nnx.bridge.ToLinen`` call inside ``capture`` (linen) with the layers of the NNX
   module it builds recorded into ``rec``: each is named by its weight, one of the ToLinen's
   params (``ToLinen`` puts the linen variables into the module's Variables as they are), at
@@ -477,8 +478,6 @@ def _to_linen_call(rec: Recorder, path: str, params: Any, next_fun: Callable[...
     _warn_unnamed(sub.unnamed, "capture", f" in the nnx.bridge.ToLinen at {path!r}")
   return out
 
-
-linen.TO_LINEN[:] = [_to_linen_call]
 
 
 def _hand_written(model: Any) -> tuple[type, ...]:
