@@ -26,6 +26,7 @@ their weights, the ToLinen's params.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from typing import Any, Callable, Optional
@@ -63,10 +64,52 @@ _NAMED = flax_patches.NNX_LAYER_CLASSES + tuple(
     c for c in tables.NORMS if issubclass(c, nnx.Module)) + (nnx.RNN, bridge.ToNNX)
 
 
-def _graph_paths(root: Any, prefix: tuple[str, ...] = ()) -> dict[int, str]:
-  """``id(layer) -> path`` for every recorded layer (and RNN) in ``root``'s graph."""
-  return {id(node): paths.join(prefix + tuple(str(p) for p in path))
-          for path, node in nnx.iter_graph(root) if isinstance(node, _NAMED)}
+@dataclasses.dataclass
+class _Graph:
+  """What capture reads from one walk of an NNX graph (``nnx.iter_graph``), ids by object.
+
+  Attributes:
+    layers: ``id(layer) -> path`` of every recorded layer (and RNN, and ToNNX).
+    variables: ``id(array) -> path parts`` of the array of every Variable.
+    bare: ``id(array) -> path parts`` of every array no Variable holds: the params as a pure
+      dict (``nnx.to_pure_dict``) that the loss merges into the model,
+      ``nnx.merge(graphdef, params)``, which keeps the arrays (layers are named by them).
+    arrays: the array of every Variable, in graph order.
+    cells: the classes of the cells of the ``nnx.RNN``s.
+    hand_written: the classes defining the ``__call__`` of the modules that hold a ``kernel``
+      Variable and are no recorded layer: those that may compute it with ``sngd_jax.dense``
+      (an ordered set).
+  """
+
+  layers: dict[int, str] = dataclasses.field(default_factory=dict)
+  variables: dict[int, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  bare: dict[int, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  arrays: list[Any] = dataclasses.field(default_factory=list)
+  cells: dict[type, None] = dataclasses.field(default_factory=dict)
+  hand_written: dict[type, None] = dataclasses.field(default_factory=dict)
+
+
+def _walk(root: Any, prefix: tuple[str, ...] = ()) -> _Graph:
+  """Everything capture reads from ``root``'s graph (``_Graph``), from one ``nnx.iter_graph``
+  walk, the paths under ``prefix``."""
+  graph = _Graph()
+  for path, node in nnx.iter_graph(root):
+    if isinstance(node, nnx.Variable):
+      array = _value(node)
+      graph.variables[id(array)] = prefix + tuple(str(p) for p in path)
+      graph.arrays.append(array)
+    elif isinstance(node, jax.Array):
+      graph.bare[id(node)] = prefix + tuple(str(p) for p in path)
+    elif isinstance(node, _NAMED):
+      graph.layers[id(node)] = paths.join(prefix + tuple(str(p) for p in path))
+      if isinstance(node, nnx.RNN):
+        graph.cells[type(node.cell)] = None
+    elif (isinstance(node, nnx.Module)
+          and isinstance(getattr(node, custom.FLAX_DENSE.weight, None), nnx.Variable)):
+      owner = next((c for c in type(node).__mro__ if "__call__" in c.__dict__), None)
+      if owner is not None and owner is not object:
+        graph.hand_written[owner] = None
+  return graph
 
 
 def _value(variable: Any) -> Any:
@@ -78,25 +121,6 @@ def _weight(module: Any) -> Any:
   """The array ``module`` reads as its weight (to follow it through transforms), or None."""
   variable = getattr(module, tables.weight_name(module), None)
   return None if variable is None else _value(variable)
-
-
-def _param_leaves(root: Any, prefix: tuple[str, ...] = ()) -> dict[int, tuple[str, ...]]:
-  """``id(array) -> path parts`` of every Variable in ``root``'s graph."""
-  return {id(_value(node)): prefix + tuple(str(p) for p in path)
-          for path, node in nnx.iter_graph(root) if isinstance(node, nnx.Variable)}
-
-
-def _bare_leaves(root: Any, prefix: tuple[str, ...] = ()) -> dict[int, tuple[str, ...]]:
-  """``id(array) -> path parts`` of every array in ``root``'s graph that no Variable holds:
-  the params as a pure dict (``nnx.to_pure_dict``) that the loss merges into the model,
-  ``nnx.merge(graphdef, params)``, which keeps the arrays (layers are named by them)."""
-  return {id(node): prefix + tuple(str(p) for p in path)
-          for path, node in nnx.iter_graph(root) if isinstance(node, jax.Array)}
-
-
-def _arrays(root: Any) -> list[Any]:
-  """The array of every Variable in ``root``'s graph."""
-  return [_value(node) for _, node in nnx.iter_graph(root) if isinstance(node, nnx.Variable)]
 
 
 class _NNXRecorder(Recorder):
@@ -347,7 +371,7 @@ def _cell_call(rec: _NNXRecorder):
       frame = rec.rnn_frame()
       if frame is None or frame.cell_prefix is None:
         return original(self, carry, inputs, *args, **kwargs)
-      rec.local_paths.append(_graph_paths(self, tuple(frame.cell_prefix.split("/"))))
+      rec.local_paths.append(_walk(self, tuple(frame.cell_prefix.split("/"))).layers)
       try:
         with rec.cell() as cell:
           carry, y = original(self, carry, inputs, *args, **kwargs)
@@ -480,19 +504,6 @@ def to_linen_call(rec: Recorder, path: str, params: Any, next_fun: Callable[...,
 
 
 
-def _hand_written(model: Any) -> tuple[type, ...]:
-  """The classes defining the ``__call__`` of the modules of ``model`` that hold a ``kernel``
-  Variable and are no recorded layer: those that may compute it with ``sngd_jax.dense``."""
-  out = {}
-  for _, node in nnx.iter_graph(model):
-    if (isinstance(node, nnx.Module) and not isinstance(node, _NAMED)
-        and isinstance(getattr(node, custom.FLAX_DENSE.weight, None), nnx.Variable)):
-      owner = next((c for c in type(node).__mro__ if "__call__" in c.__dict__), None)
-      if owner is not None and owner is not object:
-        out[owner] = None
-  return tuple(out)
-
-
 def _wrappers(rec: _NNXRecorder, cells: tuple[type, ...],
               hand_written: tuple[type, ...] = ()) -> dict:
   wrappers = {(cls, "__call__"): _layer_call(rec, tables.LAYERS[cls])
@@ -565,27 +576,32 @@ def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool 
     owner: dict[int, str] = {}
     top: dict[int, tuple[str, ...]] = {}
     bare: dict[int, tuple[str, ...]] = {}
+    arrays: list[Any] = []
+    cells: dict[type, None] = dict.fromkeys(tables.NNX_CELLS)
+    hand_written: dict[type, None] = {}
     for m, model in enumerate(models):  # several models: each one's paths under its part
-      prefix = (model_part(m),) if several else ()
-      owner.update(_graph_paths(model, prefix))
-      top.update(_param_leaves(model, prefix))
-      bare.update(_bare_leaves(model, prefix))
+      graph = _walk(model, (model_part(m),) if several else ())
+      owner.update(graph.layers)
+      top.update(graph.variables)
+      bare.update(graph.bare)
+      arrays += graph.arrays
+      cells.update(graph.cells)
+      hand_written.update(graph.hand_written)
     others, trained, other_paths = frozenset(), {}, {}
     if owner or top:  # (a model passed later, `argnums=1`, is the mistake the warning names)
-      others = (frozenset(_graph_paths(rest)) | frozenset(_param_leaves(rest))
+      # the other arguments, one walk each (the positional ones by position, for `trained`)
+      graphs = {k: _walk(args[k]) for k in range(len(args)) if k not in positions}
+      known = [*graphs.values(), _walk(rest[1])]
+      others = (frozenset(i for g in known for i in g.layers)
+                | frozenset(i for g in known for i in g.variables)
                 ) - frozenset(owner) - frozenset(top)
-      trained = trained_with([a for model in models for a in _arrays(model)],
-                             ((k, a) for k, arg in enumerate(args) if k not in positions
-                              for a in _arrays(arg)))
+      trained = trained_with(arrays, ((k, a) for k, g in graphs.items() for a in g.arrays))
       if trained:
-        other_paths = {i: path for k, arg in enumerate(args) if k not in positions
-                       for i, path in _graph_paths(arg).items()}
+        other_paths = {i: path for g in graphs.values() for i, path in g.layers.items()}
     rec = _NNXRecorder(owner, top, outputs, others, trained, other_paths, bare)
     rec.custom_dense = rec.record_dense
-    cells = tuple({type(node.cell) for _, node in nnx.iter_graph(models)
-                   if isinstance(node, nnx.RNN)} | set(tables.NNX_CELLS))
     with (transforms.recording(rec), flax_patches.nnx_normalize(rec),
-          flax_patches.nnx_methods(_wrappers(rec, cells, _hand_written(models)))):
+          flax_patches.nnx_methods(_wrappers(rec, tuple(cells), tuple(hand_written)))):
       result = fn(*args, **kwargs)
     check_no_trained_left_out(rec.left_out, fn, "capture_nnx", positions)
     value, aux = split_aux(result, has_aux, "capture_nnx")
