@@ -14,7 +14,7 @@ from sngd_jax._src.capture.custom import dense as dense
 from sngd_jax._src.capture.equinox import capture_eqx as capture_eqx
 from sngd_jax._src.capture.haiku import capture_hk as capture_hk
 from sngd_jax._src.capture.linen import capture as capture
-from sngd_jax._src.capture.nnx import capture_nnx as capture_nnx
+from sngd_jax._src.capture.nnx_capture import capture_nnx as capture_nnx
 from sngd_jax._src.capture.records import Activations as Activations
 from sngd_jax._src.capture.records import Captured as Captured
 from sngd_jax._src.capture.row_mask import with_row_mask as with_row_mask

@@ -3,6 +3,10 @@
 ``nnx.bridge.ToLinen``). Each update is checked against float64 damped solves over the rows
 the layer saw, computed by an independent numpy forward pass."""
 
+import ast
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -370,6 +374,78 @@ def test_to_linen_nnx_layers_are_captured_at_their_linen_paths():
   ref.assert_dense_update(np.tanh(h), grads["head"], updates["head"], "head")
 
 
+# A linen user's capture, in an interpreter that loads `capture/linen.py` and what it imports,
+# not `sngd_jax/__init__.py` (which imports every capture): the package is registered bare, so
+# only the modules a `from sngd_jax._src.capture.linen import capture` needs load.
+_LINEN_ONLY = """
+import sys, types
+import jax, jax.numpy as jnp, numpy as np
+import flax.linen as nn
+from flax import nnx
+from flax.nnx import bridge
+jax.config.update("jax_enable_x64", True)
+package = types.ModuleType("sngd_jax")
+package.__path__ = [sys.argv[1]]
+sys.modules["sngd_jax"] = package
+from sngd_jax._src.capture.linen import capture
+
+class Block(nnx.Module):
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(3, 6, rngs=rngs, param_dtype=jnp.float64)
+    self.l2 = nnx.Linear(6, 5, rngs=rngs, param_dtype=jnp.float64)
+  def __call__(self, x):
+    return self.l2(jnp.tanh(self.l1(x)))
+
+class Net(nn.Module):
+  to_linen: bool
+  @nn.compact
+  def __call__(self, x):
+    if self.to_linen:
+      x = bridge.ToLinen(Block, name="block")(x)
+    return nn.Dense(2, param_dtype=jnp.float64, name="head")(jnp.tanh(x))
+
+x = jax.random.normal(jax.random.key(1), (7, 3), jnp.float64)
+out = {}
+for to_linen in (False, True):
+  net = Net(to_linen)
+  params = net.init(jax.random.key(0), x)["params"]
+  loss = lambda p, x: jnp.sum(jnp.sin(net.apply({"params": p}, x)))
+  _, acts = capture(loss)(params, x)
+  out[f"{to_linen}/paths"] = sorted(acts)
+  for path, calls in acts.items():
+    out[f"{to_linen}/{path}"] = [np.asarray(c.inputs).tolist() for c in calls]
+  out[f"{to_linen}/params"] = jax.tree.map(lambda a: np.asarray(a).tolist(), params)
+out["loaded"] = sorted(m for m in sys.modules if m.startswith("sngd_jax._src.capture."))
+print(repr(out))
+"""
+
+
+def test_to_linen_is_captured_when_only_linen_capture_is_loaded():
+  """``capture`` (linen) records the NNX layers of an ``nnx.bridge.ToLinen`` in a fresh
+  interpreter that loads only ``capture/linen.py`` and what it imports (not ``capture_nnx``'s
+  ``capture/nnx_capture.py``): ``linen.py`` imports ``capture/nnx.py`` and calls its
+  ``to_linen_call``. Each layer's captured inputs are the rows of an independent float64
+  numpy forward pass. Before, ``capture/nnx.py`` (then ``capture_nnx``'s module) filled a hook
+  list in ``linen.py`` when it was imported; loaded alone, ``linen.py``'s capture silently left
+  the ToLinen's layers out (only ``head`` captured)."""
+  package = sngd_jax.__path__[0]
+  done = subprocess.run([sys.executable, "-c", _LINEN_ONLY, package], capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  out = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+  assert "sngd_jax._src.capture.nnx_capture" not in out["loaded"], out["loaded"]
+  assert out["False/paths"] == ["head"]
+  assert out["True/paths"] == ["block/l1", "block/l2", "head"]
+  x = np.asarray(jax.random.normal(jax.random.key(1), (7, 3), jnp.float64))
+  b = jax.tree.map(np.asarray, out["True/params"]["block"],
+                   is_leaf=lambda a: isinstance(a, list))
+  h = np.tanh(x @ b["l1"]["kernel"] + b["l1"]["bias"])
+  for path, rows in (("block/l1", x), ("block/l2", h),
+                     ("head", np.tanh(h @ b["l2"]["kernel"] + b["l2"]["bias"]))):
+    (got,) = out[f"True/{path}"]
+    np.testing.assert_allclose(np.asarray(got), rows, rtol=1e-12, atol=1e-14, err_msg=path)
+
+
 class _ToLinenCell(nn.Module):
   @nn.compact
   def __call__(self, h, _):
@@ -563,3 +639,92 @@ def test_to_linen_nnx_rnn_pools_every_time_step():
   h = np.asarray(apply(params, x))
   h_prev = np.concatenate([np.zeros((2, 1, 5)), h[:, :-1]], axis=1).reshape(-1, 5)
   ref.assert_dense_update(h_prev, g["dense_h"], u["dense_h"], "dense_h")
+
+
+# --- one walk of each argument's graph ------------------------------------------------------
+
+class _HandWritten(nnx.Module):
+  def __init__(self, rngs):
+    self.kernel = nnx.Param(jax.random.normal(rngs.params(), (5, 4), jnp.float64))
+
+  def __call__(self, x):
+    return sngd_jax.dense(x, self.kernel)
+
+
+class _Walked(nnx.Module):
+  """Every kind of node the walk sorts: recorded layers (one shared), a norm, an embedding, an
+  ``nnx.RNN`` and its cell, a hand-written module with a ``kernel``."""
+
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(11, 3, rngs=rngs, **F64)
+    self.l1 = nnx.Linear(3, 5, rngs=rngs, **F64)
+    self.again = self.l1  # shared: one node, named at its first path (`again`)
+    self.ln = nnx.LayerNorm(5, rngs=rngs, **F64)
+    self.rnn = nnx.RNN(nnx.GRUCell(5, 5, rngs=rngs, **F64))
+    self.hand = _HandWritten(rngs)
+
+  def __call__(self, tokens):
+    h = self.ln(self.again(self.l1(self.embed(tokens)[..., :3]) @ np.eye(5, 3)))
+    return self.hand(self.rnn(h))
+
+
+def test_one_walk_gives_the_maps_the_public_graph_api_gives():
+  """``_walk`` sorts one ``nnx.iter_graph`` walk into the maps capture names layers by; each
+  equals what flax's public API says of the same model: the recorded layers' paths
+  (``nnx.iter_modules``), the Variables' arrays by path (``nnx.state``), the bare arrays of a
+  pure dict of the params by key path (``jax.tree_util``), the RNN cells, and the
+  hand-written module holding a ``kernel``."""
+  from sngd_jax._src.capture import nnx as nnx_record
+
+  model = _Walked(nnx.Rngs(0))
+  graph = nnx_record._walk(model, ("m",))
+  recorded = (nnx.Linear, nnx.LayerNorm, nnx.Embed, nnx.RNN)
+  assert graph.layers == {id(m): "/".join(("m",) + tuple(map(str, p)))
+                          for p, m in nnx.iter_modules(model) if isinstance(m, recorded)}
+  # the shared layer once, at its first path in flax's (sorted) order
+  assert sorted(graph.layers.values()) == ["m/again", "m/embed", "m/ln", "m/rnn",
+                                           "m/rnn/cell/dense_h", "m/rnn/cell/dense_i"]
+  flat = list(nnx.to_flat_state(nnx.state(model)))
+  assert graph.variables == {id(v.get_value()): ("m",) + tuple(map(str, p)) for p, v in flat}
+  assert [id(a) for a in graph.arrays] == [id(v.get_value()) for _, v in flat]
+  assert graph.bare == {}
+  assert list(graph.cells) == [nnx.GRUCell] and list(graph.hand_written) == [_HandWritten]
+  pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  leaves = jax.tree_util.tree_flatten_with_path(pure)[0]
+  assert nnx_record._walk(pure).bare == {
+      id(leaf): tuple(str(k.key) for k in p) for p, leaf in leaves}
+
+
+def test_capture_nnx_walks_each_argument_once(monkeypatch):
+  """``capture_nnx`` walks the graph of the model and of each other argument once per call
+  (``nnx._walk``), under ``nnx.value_and_grad``, and the capture is unchanged: the model's
+  layers get the float64 solves, the other argument's (a target network) are left out. It
+  made 10 walks here: the model 6 times (layer paths, Variables, bare arrays, arrays, then
+  RNN cells and hand-written modules), the other arguments twice together and once each."""
+  walked = []
+  iter_graph = nnx.iter_graph
+
+  def counting(root, *args, **kwargs):
+    if sys._getframe(1).f_globals["__name__"].startswith("sngd_jax"):
+      walked.append(root)
+    return iter_graph(root, *args, **kwargs)
+
+  monkeypatch.setattr(nnx, "iter_graph", counting)
+  model, target = _MLP(nnx.Rngs(0)), _MLP(nnx.Rngs(1))
+  x = jax.random.normal(jax.random.key(2), (7, 4), jnp.float64)
+  loss_fn = lambda m, t, x: jnp.sum(jnp.sin(m(x) - t(x)))
+  (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(
+      model, target, x)
+  monkeypatch.undo()
+  # the model, the target, x, the keyword arguments: each once
+  assert len(walked) == 4, [type(r).__name__ for r in walked]
+  assert len({id(r) for r in walked}) == 4
+  assert set(acts) == {"l1", "ln", "l2"}
+  updates, _ = _tx().update(grads, _tx().init(nnx.state(model, nnx.Param)),
+                            nnx.state(model, nnx.Param), activations=acts)
+  p, g, u = map(_np, (nnx.state(model, nnx.Param), grads, updates))
+  x = np.asarray(x)
+  ref.assert_dense_update(x, g["l1"], u["l1"], "l1")
+  xhat, h = _layer_norm(x @ p["l1"]["kernel"] + p["l1"]["bias"], p["ln"]["scale"],
+                        p["ln"]["bias"], 1e-6)
+  ref.assert_dense_update(np.tanh(h), g["l2"], u["l2"], "l2")

@@ -290,7 +290,7 @@ def test_selective_transform_trains_the_head_with_sngd_and_freezes_the_backbone(
                              -lr * wd * np.asarray(params["Dense_0"]["kernel"]), rtol=1e-12)
 
 
-@pytest.mark.parametrize("part", ["head_only", "masked_biases"])
+@pytest.mark.parametrize("part", ["head_only", "masked_biases", "masked_biases_nystrom"])
 def test_trust_region_scale_of_sngd_on_part_of_the_model(part):
   """``sngd_jax.trust_region_scale(grads, opt_state)`` (and ``(grads, opt_state, updates)``)
   with the full gradients and the state of ``selective_transform`` (SNGD on the head only) or
@@ -298,10 +298,21 @@ def test_trust_region_scale_of_sngd_on_part_of_the_model(part):
   ``min(1, max_norm / sqrt(q))`` with ``q = sum_l <g_l, (G_l + damping tr(G_l) I)^{-1} g_l>``
   over the layers and leaves SNGD sees, in float64 (it raised ``KeyError: 'Dense_0'`` for the
   head-only state, and a shape ``TypeError`` for the masked biases, which it counted against
-  factors without a bias row)."""
-  _, params, x, y, loss_fn = make_problem(dtype=jnp.float64)
+  factors without a bias row).
+
+  ``masked_biases_nystrom``: the same masked biases with every layer kept as a Nystrom sketch
+  of rank 4 (``inverse.nystrom(4)``; the layers' ``d`` = 6, 7, 5 without their bias rows) on
+  a batch of 2 rows, so ``G`` has rank 2 and the sketch is exact. Whether SNGD saw a bias is
+  read from the block size ``d`` of the state's factor (``transform.seen_by_state``); the
+  former rule compared dense factor shapes only, took every sketched layer's masked bias as
+  seen, and raised a shape ``ValueError`` for ``(grads, state)`` and gave 7.4e-5 for
+  ``(grads, state, updates)`` (the bias leaf's pass-through gradient counted in ``q``),
+  against 7.3e-3."""
+  nystrom = part == "masked_biases_nystrom"
+  _, params, x, y, loss_fn = make_problem(dtype=jnp.float64, batch=2 if nystrom else 16)
   max_norm = 0.01
-  sngd = sngd_jax.sngd(**{**BATCH, "max_norm": max_norm})
+  extra = {"inverse": sngd_jax.inverse.nystrom(rank=4)} if nystrom else {}
+  sngd = sngd_jax.sngd(**{**BATCH, "max_norm": max_norm, **extra})
   if part == "head_only":
     tx = optax.transforms.selective_transform(
         sngd, freeze_mask={"Dense_0": True, "Dense_1": True, "Dense_2": False})
@@ -311,6 +322,10 @@ def test_trust_region_scale_of_sngd_on_part_of_the_model(part):
     tx = optax.masked(sngd, mask)
     seen, bias = LAYERS, False
   updates, state, grads = _step(tx, loss_fn)(params, tx.init(params), x, y)
+  if nystrom:  # every layer is held as a sketch (no bias row: d = in_dim)
+    (sngd_state,) = _sngd_states(state)
+    assert {p: f.y.shape for p, f in sngd_state.factors.items()} == {
+        "Dense_0": (6, 4), "Dense_1": (7, 4), "Dense_2": (5, 4)}
   rows, _ = dense_inputs(_np(params), x, FEATURES)
   q = 0.0
   for i, layer in enumerate(LAYERS):

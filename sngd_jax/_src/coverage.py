@@ -47,7 +47,7 @@ from sngd_jax._src import statistics as factors_lib
 from sngd_jax._src.capture.equinox import capture_eqx
 from sngd_jax._src.capture.haiku import capture_hk
 from sngd_jax._src.capture.linen import capture
-from sngd_jax._src.capture.nnx import capture_nnx
+from sngd_jax._src.capture.nnx_capture import capture_nnx
 from sngd_jax._src.capture.records import A_LABEL, LABEL, model_kind, stack_shape
 from sngd_jax._src.cost import nbytes
 from sngd_jax._src.inverse.base import describe

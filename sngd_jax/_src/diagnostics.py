@@ -9,7 +9,6 @@ ones; ``trust_region_scale`` makes it observable without a new state leaf.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Optional
 
 import jax
@@ -20,7 +19,7 @@ from sngd_jax._src import precondition
 from sngd_jax._src.config import value_at
 from sngd_jax._src.dtypes import compute_dtype
 from sngd_jax._src.state import injected, only_sngd_state
-from sngd_jax._src.transform import _flatten, _layers_of, _method_of
+from sngd_jax._src.transform import _flatten, _layers_of, _method_of, seen_by_state
 
 
 def _state_layers(specs: dict[str, Any], state: Any) -> dict[str, Any]:
@@ -29,20 +28,12 @@ def _state_layers(specs: dict[str, Any], state: Any) -> dict[str, Any]:
   Under ``optax.multi_transform`` / ``selective_transform`` / ``masked``, ``sngd`` sees only
   its part of the params (the rest ``optax.MaskedNode``): a layer it does not see has no
   factor in the state and is left out, and a layer whose bias it does not see (a masked-out
-  bias) has a ``d x d`` factor without the bias row, so its bias is left out too, as in
-  ``update``.
+  bias) has a factor of block size ``d = in_dim`` without the bias row (a ``d x d`` matrix,
+  or a Nystrom sketch with ``d`` rows), so its bias is left out too, as in ``update``
+  (``transform.seen_by_state``, the rule ``MultiSteps`` reads the whole tree by).
   """
-  out = {}
-  for path, spec in specs.items():
-    if path not in state.factors:
-      continue
-    factor = state.factors[path]
-    if spec.bias is not None and isinstance(factor, jax.Array):
-      no_bias = dataclasses.replace(spec, bias=None)
-      if factor.shape == no_bias.factor_shape != spec.factor_shape:
-        spec = no_bias
-    out[path] = spec
-  return out
+  return {path: seen_by_state(spec, state.factors[path]) for path, spec in specs.items()
+          if path in state.factors}
 
 
 def trust_region_scale(grads: Any, opt_state: Any, updates: Optional[Any] = None, *,

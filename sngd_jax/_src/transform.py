@@ -21,6 +21,7 @@ trust region -> write back -> guard.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, NamedTuple, Optional, cast
 
@@ -389,9 +390,27 @@ def weighted_axis_mean(estimate: Any, rows: jax.Array,
   return jax.tree.map(lambda e: e / safe.astype(e.dtype), mean), total
 
 
+def seen_by_state(spec: layers_lib.LayerSpec, factor: Any) -> layers_lib.LayerSpec:
+  """``spec`` as the ``sngd`` whose state holds ``factor`` saw the layer: without its bias
+  when that ``sngd`` did not see the bias (a ``MaskedNode`` under ``optax.masked`` /
+  ``multi_transform``, so ``discover`` found no bias).
+
+  Read from the block size ``d`` the state keeps, not from a shape comparison: a dense
+  factor is ``(..., d, d)``, a Nystrom sketch ``(S Omega, tr S, c)`` has ``y`` of shape
+  ``(..., d, r)``, and ``d = in_dim + 1`` exactly when the bias row ``x~ = [x; 1]`` is in it
+  (``in_dim`` is the kernel's, which the mask does not change). A diagonal factor (a lookup
+  table) has no bias to drop.
+  """
+  if spec.bias is None or spec.structure == "diagonal":
+    return spec
+  d = factor.y.shape[-2] if sketch_lib.is_sketch(factor) else factor.shape[-1]
+  return dataclasses.replace(spec, bias=None) if d == spec.in_dim else spec
+
+
 def as_seen_by(sngd_state: SNGDState, updates: Any) -> Any:
   """``updates`` as an ``sngd`` under a mask sees them: ``optax.MaskedNode()`` for the
-  leaves of layers its state does not hold, and for a bias its factor has no row for.
+  leaves of layers its state does not hold, and for a bias its factor has no row for
+  (``seen_by_state``).
 
   ``MultiSteps`` gets the whole gradient tree; the masked ``sngd`` inside it was made
   (``init``) from the masked one, whose layers are those of its state. A layer whose
@@ -404,12 +423,7 @@ def as_seen_by(sngd_state: SNGDState, updates: Any) -> Any:
   for path, spec in specs.items():
     if path not in sngd_state.factors:
       hide.update(p for p in (spec.kernel, spec.bias) if p is not None)
-      continue
-    if spec.bias is None:
-      continue
-    factor = sngd_state.factors[path]  # (..., d, d), or a sketch with y (..., d, r)
-    dim = factor.y.shape[-2] if sketch_lib.is_sketch(factor) else factor.shape[-1]
-    if dim == spec.in_dim:
+    elif spec.bias is not None and seen_by_state(spec, sngd_state.factors[path]).bias is None:
       hide.add(spec.bias)
   if not hide:
     return updates

@@ -3,5 +3,6 @@
 * ``records``: the ``Captured`` record and the recorder (frames for scanned cells).
 * ``tables``: which layer classes are recorded (linen and NNX), and how.
 * ``flax_patches``: the Flax internals patched while capturing, each a small function.
-* ``linen`` (``capture``) and ``nnx`` (``capture_nnx``).
+* ``linen`` (``capture``; it imports ``nnx`` to record an ``nnx.bridge.ToLinen``'s layers),
+  ``nnx`` (the recording of NNX layer calls) and ``nnx_capture`` (``capture_nnx``).
 """

@@ -22,6 +22,11 @@ stack of module calls in progress, and the kernel and bias must be that module's
 ``kernel`` and ``bias`` (found by identity), or their casts to another dtype
 (``custom.cast_of``).
 
+**The linen <-> NNX bridge.** An ``nnx.bridge.ToLinen`` call runs with the layers of its NNX
+module recorded by ``nnx``'s wrappers (``nnx.to_linen_call``, imported here as any other
+function); the linen module of an ``nnx.bridge.ToNNX`` inside an NNX model runs under this
+module's interceptor (``_to_nnx_call``, which ``capture_nnx`` passes to ``nnx._wrappers``).
+
 The result is a dict from layer path (``'Block_0/Dense_1'``, the same string
 that names the layer's params) to a tuple of ``sngd_jax.Captured``
 records.
@@ -36,10 +41,12 @@ from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
+from flax import nnx
 from flax.nnx import bridge
 
 from sngd_jax._src import paths
 from sngd_jax._src.capture import custom, flax_patches, tables, transforms
+from sngd_jax._src.capture import nnx as nnx_record
 from sngd_jax._src.capture.records import (
   Argnums,
   Recorder,
@@ -61,11 +68,6 @@ from sngd_jax._src.capture.records import (
   warn_decoding,
 )
 from sngd_jax._src.frames import caller_stacklevel
-
-# How an ``nnx.bridge.ToLinen`` call is run with the layers of its NNX module recorded:
-# ``(rec, path, params, next_fun, args, kwargs) -> output``, the ToLinen's path and params.
-# Set by ``capture/nnx.py``, which imports this module (this one cannot import it back).
-TO_LINEN: list[Callable[..., Any]] = []
 
 
 def _weight(module: nn.Module) -> Any:
@@ -398,14 +400,14 @@ def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
       return _rnn_call(rec, module, next_fun, args, kwargs, keep=models.route(rec, module)[0])
     if method == "__call__" and isinstance(module, nn.RNNCellBase) and rec.rnn_frame():
       return _cell_call(rec, next_fun, args, kwargs)
-    if (method == "__call__" and isinstance(module, bridge.ToLinen) and TO_LINEN
+    if (method == "__call__" and isinstance(module, bridge.ToLinen)
         and not module.is_initializing()):
       keep, model = models.route(rec, module)
       if not keep:
         return next_fun(*args, **kwargs)
       path = model_path(model, paths.join(prefix + module.path))
-      return TO_LINEN[0](rec, path, module.variables.get("params", {}), next_fun, args,
-                         kwargs)
+      return nnx_record.to_linen_call(rec, path, module.variables.get("params", {}), next_fun,
+                                      args, kwargs, _to_nnx_call)
     if method == "__call__" and isinstance(module, tables.NORMS):
       keep, model = models.route(rec, module)
       return _norm_call(rec, seen, module, next_fun, args, kwargs, keep, model, prefix)
@@ -440,6 +442,62 @@ def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
     return out
 
   return intercept
+
+
+def _to_nnx_call(rec: nnx_record._NNXRecorder):
+  """Wraps ``nnx.bridge.ToNNX.__call__`` so that the linen layers of the linen module it runs
+  are recorded as ``capture`` records them (``_interceptor``), each at the path of its
+  params in the NNX model: the ``ToNNX``'s path, then the linen path (``'backbone/Dense_0'``;
+  ``ToNNX`` keeps the linen variables under those names). Passed to ``nnx._wrappers`` by
+  ``capture_nnx`` and by ``nnx.to_linen_call`` (an NNX module run by a ToLinen may hold a
+  ToNNX): ``nnx`` does not import this module, which imports it."""
+  def wrap(original):
+    @functools.wraps(original)
+    def call(self, *args, **kwargs):
+      prefix = _to_nnx_prefix(rec, self)
+      if prefix is None:  # another argument's (a target network): left out
+        return original(self, *args, **kwargs)
+      calls = _Calls()
+      interceptor = _interceptor(rec, {}, calls, _Models(), prefix)
+      nnx_dense = rec.custom_dense
+
+      def dense(*dense_args):  # named by its kernel's path in the model, as in NNX; inside
+        assert nnx_dense is not None  # a recorded layer's own call it is that call's record
+        nnx_dense(*dense_args)
+        flags = calls.open_calls.get((id(calls.modules[-1]), "__call__")) if calls.modules \
+            else None
+        if flags:
+          flags[-1] = True
+
+      rec.custom_dense = dense
+      try:
+        with flax_patches.linen_normalize(rec), nn.intercept_methods(interceptor):
+          out = original(self, *args, **kwargs)
+      finally:
+        rec.custom_dense = nnx_dense
+      rec.decoding.update(calls.decoding)
+      return out
+    return call
+  return wrap
+
+
+def _to_nnx_prefix(rec: nnx_record._NNXRecorder, module: Any) -> Optional[tuple[str, ...]]:
+  """The path parts of an ``nnx.bridge.ToNNX`` in the model: its graph path, or for a copy
+  made by a transform, the path its Variables are followed out to; None when it is none of
+  the model's (noted as unnamed unless it is another argument's)."""
+  path = rec.path_of(module)
+  if path is not None:
+    return tuple(path.split("/")) if path else ()
+  for local, node in nnx.iter_graph(module):
+    if isinstance(node, nnx.Variable):
+      parts = rec.trace(nnx_record._value(node))[1]
+      if parts is not None and len(parts) >= len(local):
+        return tuple(parts[:len(parts) - len(local)])
+      if id(rec.outer(nnx_record._value(node))) in rec.others:
+        return None
+  if id(module) not in rec.others:
+    rec.unnamed[f"nnx.bridge.ToNNX ({type(module.to_nnx__module).__name__})"] = None
+  return None
 
 
 def capture(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool = False,

@@ -1,11 +1,11 @@
-"""Activation capture for Flax NNX modules.
+"""Activation capture for Flax NNX modules: the recording of their layer calls.
 
-NNX modules are plain Python objects with no interceptor hook, so
-``capture_nnx`` swaps the ``__call__`` of the recorded layer classes for a
-recording wrapper while the wrapped function runs, and restores it after, also
-on error (``flax_patches``). Layers are named by their path in the model
-graph (``'layers/0'``), which is the path of their params in
-``nnx.state(model)``.
+NNX modules are plain Python objects with no interceptor hook, so capture swaps
+the ``__call__`` of the recorded layer classes for a recording wrapper
+(``_wrappers``) while the wrapped function runs, and restores it after, also on
+error (``flax_patches``). Layers are named by their path in the model graph
+(``'layers/0'``), which is the path of their params in ``nnx.state(model)``;
+one ``nnx.iter_graph`` walk of each argument (``_walk``) gives the paths.
 
 Recorded: the NNX classes of ``tables.LAYERS`` and ``tables.NORMS``,
 ``Embed.attend``, and the ``Linear`` layers inside ``LSTMCell``,
@@ -17,55 +17,92 @@ scan as extra outputs stacked over time, so every time step is recorded; the
 layers inside the scan are copies of the model's, so they are named through the
 cell's own graph.
 
-The linen layers of the linen module that an ``nnx.bridge.ToNNX`` runs are recorded by
-``linen``'s interceptor, at the ToNNX's path then their linen path; the NNX layers of the
-module that an ``nnx.bridge.ToLinen`` runs inside ``capture`` are recorded by this module's
-wrappers (``_to_linen_call``), named by their weights, the ToLinen's params.
+Two captures use these wrappers: ``capture_nnx`` (``nnx_capture``), for an NNX model, and
+``capture`` (``linen``) for the NNX module an ``nnx.bridge.ToLinen`` runs inside a linen model
+(``to_linen_call``, which ``linen`` imports), its layers named by their weights, the
+ToLinen's params. The linen layers of the linen module that an ``nnx.bridge.ToNNX`` runs are
+recorded by ``linen``'s interceptor (``linen._to_nnx_call``, which both captures pass to
+``_wrappers``: this module does not import ``linen``, which imports it), at the ToNNX's path
+then their linen path.
 """
-
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from typing import Any, Callable, Optional
 
-import flax.linen as nn
 import jax
 from flax import nnx
 from flax.nnx import bridge
 
 from sngd_jax._src import paths
-from sngd_jax._src.capture import custom, flax_patches, linen, tables, transforms
+from sngd_jax._src.capture import custom, flax_patches, tables
 from sngd_jax._src.capture.records import (
-  Argnums,
   Recorder,
   StepRecords,
-  check_captured_function,
-  check_no_trained_left_out,
   leaf_paths,
-  model_part,
-  models_and_rest,
-  normalized_argnums,
   rnn_batched,
   rnn_step_order,
   rnn_time_axis,
-  split_aux,
-  split_models,
-  trained_with,
   untag,
-  vmapped_by_caller,
-  warn_decoding,
 )
 from sngd_jax._src.frames import caller_stacklevel
+
+# A wrapper factory: ``wrapper(rec)`` maps a method to its recording version (the
+# ``nnx.bridge.ToNNX`` one is ``linen._to_nnx_call``).
+Wrapper = Callable[[Any], Callable[..., Any]]
 
 _NAMED = flax_patches.NNX_LAYER_CLASSES + tuple(
     c for c in tables.NORMS if issubclass(c, nnx.Module)) + (nnx.RNN, bridge.ToNNX)
 
 
-def _graph_paths(root: Any, prefix: tuple[str, ...] = ()) -> dict[int, str]:
-  """``id(layer) -> path`` for every recorded layer (and RNN) in ``root``'s graph."""
-  return {id(node): paths.join(prefix + tuple(str(p) for p in path))
-          for path, node in nnx.iter_graph(root) if isinstance(node, _NAMED)}
+@dataclasses.dataclass
+class _Graph:
+  """What capture reads from one walk of an NNX graph (``nnx.iter_graph``), ids by object.
+
+  Attributes:
+    layers: ``id(layer) -> path`` of every recorded layer (and RNN, and ToNNX).
+    variables: ``id(array) -> path parts`` of the array of every Variable.
+    bare: ``id(array) -> path parts`` of every array no Variable holds: the params as a pure
+      dict (``nnx.to_pure_dict``) that the loss merges into the model,
+      ``nnx.merge(graphdef, params)``, which keeps the arrays (layers are named by them).
+    arrays: the array of every Variable, in graph order.
+    cells: the classes of the cells of the ``nnx.RNN``s.
+    hand_written: the classes defining the ``__call__`` of the modules that hold a ``kernel``
+      Variable and are no recorded layer: those that may compute it with ``sngd_jax.dense``
+      (an ordered set).
+  """
+
+  layers: dict[int, str] = dataclasses.field(default_factory=dict)
+  variables: dict[int, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  bare: dict[int, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  arrays: list[Any] = dataclasses.field(default_factory=list)
+  cells: dict[type, None] = dataclasses.field(default_factory=dict)
+  hand_written: dict[type, None] = dataclasses.field(default_factory=dict)
+
+
+def _walk(root: Any, prefix: tuple[str, ...] = ()) -> _Graph:
+  """Everything capture reads from ``root``'s graph (``_Graph``), from one ``nnx.iter_graph``
+  walk, the paths under ``prefix``."""
+  graph = _Graph()
+  for path, node in nnx.iter_graph(root):
+    if isinstance(node, nnx.Variable):
+      array = _value(node)
+      graph.variables[id(array)] = prefix + tuple(str(p) for p in path)
+      graph.arrays.append(array)
+    elif isinstance(node, jax.Array):
+      graph.bare[id(node)] = prefix + tuple(str(p) for p in path)
+    elif isinstance(node, _NAMED):
+      graph.layers[id(node)] = paths.join(prefix + tuple(str(p) for p in path))
+      if isinstance(node, nnx.RNN):
+        graph.cells[type(node.cell)] = None
+    elif (isinstance(node, nnx.Module)
+          and isinstance(getattr(node, custom.FLAX_DENSE.weight, None), nnx.Variable)):
+      owner = next((c for c in type(node).__mro__ if "__call__" in c.__dict__), None)
+      if owner is not None and owner is not object:
+        graph.hand_written[owner] = None
+  return graph
 
 
 def _value(variable: Any) -> Any:
@@ -77,25 +114,6 @@ def _weight(module: Any) -> Any:
   """The array ``module`` reads as its weight (to follow it through transforms), or None."""
   variable = getattr(module, tables.weight_name(module), None)
   return None if variable is None else _value(variable)
-
-
-def _param_leaves(root: Any, prefix: tuple[str, ...] = ()) -> dict[int, tuple[str, ...]]:
-  """``id(array) -> path parts`` of every Variable in ``root``'s graph."""
-  return {id(_value(node)): prefix + tuple(str(p) for p in path)
-          for path, node in nnx.iter_graph(root) if isinstance(node, nnx.Variable)}
-
-
-def _bare_leaves(root: Any, prefix: tuple[str, ...] = ()) -> dict[int, tuple[str, ...]]:
-  """``id(array) -> path parts`` of every array in ``root``'s graph that no Variable holds:
-  the params as a pure dict (``nnx.to_pure_dict``) that the loss merges into the model,
-  ``nnx.merge(graphdef, params)``, which keeps the arrays (layers are named by them)."""
-  return {id(node): prefix + tuple(str(p) for p in path)
-          for path, node in nnx.iter_graph(root) if isinstance(node, jax.Array)}
-
-
-def _arrays(root: Any) -> list[Any]:
-  """The array of every Variable in ``root``'s graph."""
-  return [_value(node) for _, node in nnx.iter_graph(root) if isinstance(node, nnx.Variable)]
 
 
 class _NNXRecorder(Recorder):
@@ -346,7 +364,7 @@ def _cell_call(rec: _NNXRecorder):
       frame = rec.rnn_frame()
       if frame is None or frame.cell_prefix is None:
         return original(self, carry, inputs, *args, **kwargs)
-      rec.local_paths.append(_graph_paths(self, tuple(frame.cell_prefix.split("/"))))
+      rec.local_paths.append(_walk(self, tuple(frame.cell_prefix.split("/"))).layers)
       try:
         with rec.cell() as cell:
           carry, y = original(self, carry, inputs, *args, **kwargs)
@@ -393,62 +411,8 @@ def _attention_call(rec: _NNXRecorder):
   return wrap
 
 
-def _to_nnx_call(rec: _NNXRecorder):
-  """Wraps ``nnx.bridge.ToNNX.__call__`` so that the linen layers of the linen module it runs
-  are recorded as ``capture`` records them (``linen._interceptor``), each at the path of its
-  params in the NNX model: the ``ToNNX``'s path, then the linen path (``'backbone/Dense_0'``;
-  ``ToNNX`` keeps the linen variables under those names)."""
-  def wrap(original):
-    @functools.wraps(original)
-    def call(self, *args, **kwargs):
-      prefix = _to_nnx_prefix(rec, self)
-      if prefix is None:  # another argument's (a target network): left out
-        return original(self, *args, **kwargs)
-      calls = linen._Calls()
-      interceptor = linen._interceptor(rec, {}, calls, linen._Models(), prefix)
-      nnx_dense = rec.custom_dense
-
-      def dense(*dense_args):  # named by its kernel's path in the model, as in NNX; inside
-        assert nnx_dense is not None  # a recorded layer's own call it is that call's record
-        nnx_dense(*dense_args)
-        flags = calls.open_calls.get((id(calls.modules[-1]), "__call__")) if calls.modules \
-            else None
-        if flags:
-          flags[-1] = True
-
-      rec.custom_dense = dense
-      try:
-        with flax_patches.linen_normalize(rec), nn.intercept_methods(interceptor):
-          out = original(self, *args, **kwargs)
-      finally:
-        rec.custom_dense = nnx_dense
-      rec.decoding.update(calls.decoding)
-      return out
-    return call
-  return wrap
-
-
-def _to_nnx_prefix(rec: _NNXRecorder, module: Any) -> Optional[tuple[str, ...]]:
-  """The path parts of an ``nnx.bridge.ToNNX`` in the model: its graph path, or for a copy
-  made by a transform, the path its Variables are followed out to; None when it is none of
-  the model's (noted as unnamed unless it is another argument's)."""
-  path = rec.path_of(module)
-  if path is not None:
-    return tuple(path.split("/")) if path else ()
-  for local, node in nnx.iter_graph(module):
-    if isinstance(node, nnx.Variable):
-      parts = rec.trace(_value(node))[1]
-      if parts is not None and len(parts) >= len(local):
-        return tuple(parts[:len(parts) - len(local)])
-      if id(rec.outer(_value(node))) in rec.others:
-        return None
-  if id(module) not in rec.others:
-    rec.unnamed[f"nnx.bridge.ToNNX ({type(module.to_nnx__module).__name__})"] = None
-  return None
-
-
-def _to_linen_call(rec: Recorder, path: str, params: Any, next_fun: Callable[..., Any],
-                   args: tuple, kwargs: dict) -> Any:
+def to_linen_call(rec: Recorder, path: str, params: Any, next_fun: Callable[..., Any],
+                  args: tuple, kwargs: dict, to_nnx: Wrapper) -> Any:
   """Runs an ``nnx.bridge.ToLinen`` call inside ``capture`` (linen) with the layers of the NNX
   module it builds recorded into ``rec``: each is named by its weight, one of the ToLinen's
   params (``ToLinen`` puts the linen variables into the module's Variables as they are), at
@@ -456,7 +420,8 @@ def _to_linen_call(rec: Recorder, path: str, params: Any, next_fun: Callable[...
   the path of its params in the linen params). Inside ``capture_nnx`` (a linen module run by
   an ``nnx.bridge.ToNNX`` holds the ToLinen) ``rec`` is the NNX capture's, whose wrappers
   already record these layers by their weights, the model's Variables: recording them here
-  too would record each call twice."""
+  too would record each call twice. ``to_nnx`` records an ``nnx.bridge.ToNNX`` inside the NNX
+  module (``linen._to_nnx_call``, passed by ``linen``)."""
   if isinstance(rec, _NNXRecorder):
     return next_fun(*args, **kwargs)
   # the params' leaves followed out through the transforms the ToLinen runs in (the slices
@@ -469,7 +434,7 @@ def _to_linen_call(rec: Recorder, path: str, params: Any, next_fun: Callable[...
   rec.custom_dense = sub.record_dense
   try:
     with (flax_patches.nnx_normalize(sub),
-          flax_patches.nnx_methods(_wrappers(sub, tables.NNX_CELLS))):
+          flax_patches.nnx_methods(_wrappers(sub, tables.NNX_CELLS, to_nnx))):
       out = next_fun(*args, **kwargs)
   finally:
     rec.custom_dense = linen_dense
@@ -478,26 +443,16 @@ def _to_linen_call(rec: Recorder, path: str, params: Any, next_fun: Callable[...
   return out
 
 
-linen.TO_LINEN[:] = [_to_linen_call]
 
-
-def _hand_written(model: Any) -> tuple[type, ...]:
-  """The classes defining the ``__call__`` of the modules of ``model`` that hold a ``kernel``
-  Variable and are no recorded layer: those that may compute it with ``sngd_jax.dense``."""
-  out = {}
-  for _, node in nnx.iter_graph(model):
-    if (isinstance(node, nnx.Module) and not isinstance(node, _NAMED)
-        and isinstance(getattr(node, custom.FLAX_DENSE.weight, None), nnx.Variable)):
-      owner = next((c for c in type(node).__mro__ if "__call__" in c.__dict__), None)
-      if owner is not None and owner is not object:
-        out[owner] = None
-  return tuple(out)
-
-
-def _wrappers(rec: _NNXRecorder, cells: tuple[type, ...],
+def _wrappers(rec: _NNXRecorder, cells: tuple[type, ...], to_nnx: Wrapper,
               hand_written: tuple[type, ...] = ()) -> dict:
-  wrappers = {(cls, "__call__"): _layer_call(rec, tables.LAYERS[cls])
-              for cls in flax_patches.NNX_LAYER_CLASSES}
+  """The ``(class, method) -> wrapper`` that record the NNX layers into ``rec`` while they
+  are swapped in (``flax_patches.nnx_methods``): the layers', the cells' in ``cells``, the
+  hand-written modules' of ``hand_written``, and ``to_nnx(rec)`` for ``nnx.bridge.ToNNX``
+  (``linen._to_nnx_call``: it runs linen's interceptor, which this module cannot import)."""
+  wrappers: dict[tuple[type, str], Callable[..., Any]] = {
+      (cls, "__call__"): _layer_call(rec, tables.LAYERS[cls])
+      for cls in flax_patches.NNX_LAYER_CLASSES}
   wrappers[(nnx.Embed, "attend")] = _attend(rec)
   for cls in (nnx.LoRA, nnx.LoRALinear):
     wrappers[(cls, "__call__")] = _lora_call(rec)
@@ -506,94 +461,10 @@ def _wrappers(rec: _NNXRecorder, cells: tuple[type, ...],
       wrappers[(cls, "__call__")] = _norm_call(rec)
   wrappers[(nnx.RNN, "__call__")] = _rnn_call(rec)
   wrappers[(nnx.MultiHeadAttention, "__call__")] = _attention_call(rec)
-  wrappers[(bridge.ToNNX, "__call__")] = _to_nnx_call(rec)
+  wrappers[(bridge.ToNNX, "__call__")] = to_nnx(rec)
   for cls in cells:
     if "__call__" in cls.__dict__:
       wrappers[(cls, "__call__")] = _cell_call(rec)
   for cls in hand_written:
     wrappers.setdefault((cls, "__call__"), _module_call(rec))
   return wrappers
-
-
-def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool = False,
-                argnums: Argnums = 0) -> Callable[..., Any]:
-  """Wraps ``fn(model, *args)`` so it also returns the activations of ``model``'s layers.
-
-  Examples:
-    ```python
-    loss_and_acts = sngd_jax.capture_nnx(loss_fn)       # loss_fn(model, x, y)
-    (loss, acts), grads = nnx.value_and_grad(loss_and_acts, has_aux=True)(model, x, y)
-    optimizer.update(model, grads, activations=acts)
-    ```
-
-    Two models, two ``nnx.Optimizer``s (``loss_fn(generator, discriminator, z, x)``):
-
-    ```python
-    loss_and_acts = sngd_jax.capture_nnx(loss_fn, argnums=(0, 1))
-    (loss, (acts_g, acts_d)), (grads_g, grads_d) = nnx.value_and_grad(
-        loss_and_acts, argnums=(0, 1), has_aux=True)(generator, discriminator, z, x)
-    ```
-
-  Args:
-    fn: a function whose first argument is an ``nnx.Module``, or its params (the
-      ``nnx.State`` of ``nnx.split``, or its ``nnx.to_pure_dict``) that ``fn`` merges into the
-      model with ``nnx.merge``. The layers of a module passed
-      as another argument (a target network, a teacher) are left out; one differentiated
-      together with the model (``nnx.grad(..., argnums=(0, 1))``) is an error that names it.
-    has_aux: as in ``sngd_jax.capture``.
-    outputs: as in ``sngd_jax.capture``.
-    argnums: the position of the model (0), or a tuple of positions of several models
-      trained by one loss with one optimizer each: the wrapped function then returns one
-      activations per model, in that order, keyed by each model's own paths, as
-      ``sngd_jax.capture(fn, argnums=...)``.
-
-  Returns:
-    A function with ``fn``'s signature returning ``(fn(...), activations)``,
-    activations keyed by the layer's path in ``model``.
-
-  Raises:
-    TypeError: when ``fn`` is a model or not callable, saying what to write.
-    ValueError: when the wrapped function is called with an argument left out that is
-      differentiated together with the recorded model(s), naming it and ``argnums``.
-  """
-  check_captured_function(fn, "capture_nnx")
-  positions = normalized_argnums(argnums, "capture_nnx")
-  several = isinstance(argnums, tuple)
-
-  @functools.wraps(fn)
-  def wrapped(*args, **kwargs):
-    models, rest = models_and_rest(args, kwargs, positions, several, argnums, "capture_nnx")
-    owner: dict[int, str] = {}
-    top: dict[int, tuple[str, ...]] = {}
-    bare: dict[int, tuple[str, ...]] = {}
-    for m, model in enumerate(models):  # several models: each one's paths under its part
-      prefix = (model_part(m),) if several else ()
-      owner.update(_graph_paths(model, prefix))
-      top.update(_param_leaves(model, prefix))
-      bare.update(_bare_leaves(model, prefix))
-    others, trained, other_paths = frozenset(), {}, {}
-    if owner or top:  # (a model passed later, `argnums=1`, is the mistake the warning names)
-      others = (frozenset(_graph_paths(rest)) | frozenset(_param_leaves(rest))
-                ) - frozenset(owner) - frozenset(top)
-      trained = trained_with([a for model in models for a in _arrays(model)],
-                             ((k, a) for k, arg in enumerate(args) if k not in positions
-                              for a in _arrays(arg)))
-      if trained:
-        other_paths = {i: path for k, arg in enumerate(args) if k not in positions
-                       for i, path in _graph_paths(arg).items()}
-    rec = _NNXRecorder(owner, top, outputs, others, trained, other_paths, bare)
-    rec.custom_dense = rec.record_dense
-    cells = tuple({type(node.cell) for _, node in nnx.iter_graph(models)
-                   if isinstance(node, nnx.RNN)} | set(tables.NNX_CELLS))
-    with (transforms.recording(rec), flax_patches.nnx_normalize(rec),
-          flax_patches.nnx_methods(_wrappers(rec, cells, _hand_written(models)))):
-      result = fn(*args, **kwargs)
-    check_no_trained_left_out(rec.left_out, fn, "capture_nnx", positions)
-    value, aux = split_aux(result, has_aux, "capture_nnx")
-    acts = vmapped_by_caller(rec.freeze(), rest)
-    warn_decoding(rec.decoding, acts)
-    if several:
-      acts = split_models(acts, len(positions))
-    return (value, (aux, acts)) if has_aux else (value, acts)
-
-  return wrapped
