@@ -11,7 +11,8 @@ body runs under a ``records.TransformFrame`` that maps its arguments to
 the caller's, and returns the records made inside as extra outputs (``scan``
 and ``vmap`` stack them along a new leading axis, ``checkpoint`` returns them
 as they are). The records then join the enclosing frame (see ``records``
-for the roles of the new axes). A record that a ``vmap`` does not batch (every
+for the roles of the new axes; ``jax.lax.map``'s axis over the batch holds the examples, as
+``vmap``'s does). A record that a ``vmap`` does not batch (every
 lane read the same input, as under a vmap over the directions of Hessian-vector
 products) leaves it without the new axis, once (``Recorder.leaving_vmap``). The
 transforms of Flax (``nn.scan``, ``nn.vmap``, ``nn.remat``, ``nnx.scan``,
@@ -129,21 +130,28 @@ def lax_map(f: Callable, xs: Any, *, batch_size: Optional[int] = None) -> Any:
   (whose inner names capture does not replace): ``f`` over the leading axis of ``xs``, with
   ``batch_size`` in chunks of that many under a ``vmap``, the remainder under one more.
 
-  The records are those of ``batch_size=None`` (one ``scan`` axis of all ``n`` iterations),
-  whatever ``batch_size``: each chunked record's (scan, vmap) axes are merged into one and
-  the remainder's record is appended along it (``_merged``), so that a map over stacked
-  params (an ensemble, ``lax.map(lambda p: model.apply(p, x), stacked)``) has one stack axis
-  of ``n`` layers, not calls of ``(chunks, batch_size)`` and ``(rest,)`` stacks."""
+  The records are those of ``batch_size=None`` (one axis of all ``n`` iterations), whatever
+  ``batch_size``: each chunked record's (scan, vmap) axes are merged into one and the
+  remainder's record is appended along it (``_merged``), so that a map over stacked params (an
+  ensemble, ``lax.map(lambda p: model.apply(p, x), stacked)``) has one stack axis of ``n``
+  layers, not calls of ``(chunks, batch_size)`` and ``(rest,)`` stacks. Where the map does not
+  slice the layer's weight (a map over the batch, ``lax.map(lambda x: model.apply(params, x),
+  batch)``), its axis holds the examples, as a ``jax.vmap``'s over the batch does (role
+  ``'map:pool'``, ``_over_examples``): a ``(B,)`` row mask and ``stats_batch_size`` index it,
+  not the call's own leading axis (a sequence's positions)."""
   rec = _active()
   if rec is None:
     return _ORIGINAL["map"](f, xs, batch_size=batch_size)
   leaves = jax.tree.leaves(xs)
+  depth = len(rec.trace(None)[0])  # the index of this map's role in the records' roles
   if batch_size is None or not leaves:
-    return scan(lambda _, x: ((), f(x)), (), xs)[1]
+    with rec.frame(TransformFrame("checkpoint", {})) as frame:  # collects, adds no axis
+      ys = scan(lambda _, x: ((), f(x)), (), xs)[1]
+    rec.add_all(_over_examples(frame.records, depth))
+    return ys
   n = leaves[0].shape[0]
   chunks, rest = divmod(n, batch_size) if batch_size else (0, n)
   cut = chunks * batch_size
-  depth = len(rec.trace(None)[0])  # the index of this map's role in the records' roles
   ys, parts = [], []
   if chunks:
     chunked = jax.tree.map(lambda a: a[:cut].reshape(chunks, batch_size, *a.shape[1:]), xs)
@@ -155,7 +163,7 @@ def lax_map(f: Callable, xs: Any, *, batch_size: Optional[int] = None) -> Any:
     with rec.frame(TransformFrame("checkpoint", {})) as frame:
       ys.append(vmap(f)(jax.tree.map(lambda a: a[cut:], xs)))
     parts.append((frame.records, 1))
-  rec.add_all(_merged(parts, depth))
+  rec.add_all(_over_examples(_merged(parts, depth), depth))
   if len(ys) == 1:
     return ys[0]
   return jax.tree.map(lambda a, b: jax.lax.concatenate([a, b], 0), *ys)
@@ -192,6 +200,20 @@ def _merged(parts: list[tuple[dict[str, list[Pending]], int]],
         outputs=_cat([p.captured.outputs for p in ps])), ps[0].roles)
         for ps in zip(*merged, strict=True)]
   return out
+
+
+def _over_examples(records: dict[str, list[Pending]], depth: int) -> dict[str, list[Pending]]:
+  """``records`` of a ``lax_map`` (its axis at ``depth`` of their roles) with the map's axis,
+  where it pools (the weight is not mapped: a map over the batch), given role ``'map:pool'``:
+  the axis holds the examples, as a ``jax.vmap`` over the batch's does (``records._finalized``
+  makes it the example axis), so that a ``(B,)`` row mask weighs them and
+  ``stats_batch_size=k`` takes the first ``k`` of them, every row of theirs. A map over
+  stacked params (``'scan:stack'``) keeps its role: one local Fisher per index."""
+  def renamed(p: Pending) -> Pending:
+    if len(p.roles) <= depth or p.roles[depth] != "scan:pool":
+      return p
+    return dataclasses.replace(p, roles=p.roles[:depth] + ("map:pool",) + p.roles[depth + 1:])
+  return {path: [renamed(p) for p in calls] for path, calls in records.items()}
 
 
 def _cat(arrays: list[Any]) -> Any:
