@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from exact import exact_sngd
 from flax import nnx
+from flax.nnx.transforms import compilation as nnx_compilation
 from helpers_mlp import sngd_train_step
 from helpers_warnings import no_sngd_warnings
 
@@ -384,7 +385,8 @@ def test_layer_under_inner_jit_is_reported_not_used():
 def test_jax_functions_are_restored_after_capture_and_on_error():
   names = ((jax, "vmap"), (jax.lax, "scan"), (jax, "checkpoint"), (jax, "remat"),
            (jax.lax, "fori_loop"), (jax.lax, "cond"), (jax.lax, "switch"), (jax, "eval_shape"),
-           (jax.lax, "map"))
+           (jax.lax, "map"), (nnx_compilation.JitWrapped, "__call__"),
+           (nnx_compilation.SimpleJitWrapped, "__call__"))
   originals = [getattr(owner, name) for owner, name in names]
   layer = nn.Dense(2)
   params = layer.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
@@ -558,24 +560,83 @@ def test_linen_cond_switch_jit_layers_are_named_not_captured(kind, rewrite):
     tx.update(grads, tx.init(params), params, activations=acts)
 
 
-def test_nnx_jit_inside_the_captured_function_warns_to_jit_the_whole_step():
-  """An ``nnx.jit`` inside the captured function: the warning says to jit the whole step
-  (until 2026-12-06 it said to apply the transform inside the captured function, where it
-  already was)."""
+class NNXJit(nnx.Module):
+  """A block run by an ``nnx.jit`` inside the model's call: a jitted function of the block
+  (``function``), one in tree mode (``graph=False``, ``tree``), or a jitted method
+  (``method``); ``plain`` calls the block without a jit (the reference)."""
+
+  def __init__(self, rngs, how):
+    self.block = nnx.Linear(D, D, rngs=rngs, param_dtype=jnp.float64)
+    self.head = nnx.Linear(D, 2, rngs=rngs, param_dtype=jnp.float64)
+    self.how = how
+
+  @nnx.jit
+  def jitted(self, h):
+    return jnp.tanh(self.block(h))
+
+  def __call__(self, x):
+    if self.how == "method":
+      h = self.jitted(x)
+    elif self.how == "plain":
+      h = jnp.tanh(self.block(x))
+    else:
+      h = nnx.jit(lambda m, h: jnp.tanh(m(h)), graph=self.how == "function")(self.block, x)
+    return self.head(h)
+
+
+@pytest.mark.parametrize("how", ["function", "tree", "method"])
+def test_layers_under_nnx_jit_inside_the_captured_function_are_captured(how, x64):
+  """An ``nnx.jit`` inside the captured function (a jitted function of a submodule, in graph
+  or tree mode, or a jitted method) runs inline while capturing: its layers are the model's
+  own, captured by path without a warning, and each layer's update is the float64 damped
+  solve against its rows and that of the model without the jit (until 2026-12-06 the block's
+  calls stayed inside the jit: a warning naming a ``Linear (weight (4, 4))``, and ``update``
+  raised that no activations were captured for 'block')."""
+  x = jax.random.normal(jax.random.key(1), (BATCH, D), jnp.float64)
+  tx = sngd_jax.sngd(**ref.one_step_kwargs())
+
+  def one_update(how):
+    model = NNXJit(nnx.Rngs(0), how)
+    loss = sngd_jax.capture_nnx(lambda m: jnp.sum(jnp.sin(m(x))))
+    with no_sngd_warnings():
+      (_, acts), grads = jax.jit(lambda m: nnx.value_and_grad(loss, has_aux=True)(m))(model)
+    params = nnx.state(model, nnx.Param)
+    updates = tx.update(grads, tx.init(params), params, activations=acts)[0]
+    return model, acts, nnx.to_pure_dict(grads), nnx.to_pure_dict(updates)
+
+  model, acts, grads, updates = one_update(how)
+  assert set(acts) == {"block", "head"}
+  w, b = np.asarray(model.block.kernel[...]), np.asarray(model.block.bias[...])
+  ref.assert_dense_update(np.asarray(x), grads["block"], updates["block"], "block")
+  ref.assert_dense_update(np.tanh(np.asarray(x) @ w + b), grads["head"], updates["head"],
+                          "head")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13),
+               updates, one_update("plain")[3])
+
+
+def test_layer_under_an_nnx_jit_with_shardings_is_named_by_path_not_captured():
+  """An ``nnx.jit`` given ``in_shardings`` runs as a jit (a plain call would drop its
+  constraints): its layer's records cannot leave it, and the warning names the layer by its
+  path, ``'block'`` (until 2026-12-06: by class and weight shape), saying to jit the whole
+  step; ``update`` raises naming it."""
   class Model(nnx.Module):
     def __init__(self, rngs):
       self.block = nnx.Linear(D, D, rngs=rngs)
       self.head = nnx.Linear(D, 2, rngs=rngs)
 
     def __call__(self, x):
-      return self.head(nnx.jit(lambda m, h: m(h))(self.block, x))
+      jitted = nnx.jit(lambda m, h: m(h), in_shardings=(None, None))
+      return self.head(jitted(self.block, x))
 
+  model = Model(nnx.Rngs(0))
+  loss = sngd_jax.capture_nnx(lambda m: jnp.sum(m(jnp.ones((BATCH, D)))))
   with pytest.warns(UserWarning) as caught:
-    _, acts = sngd_jax.capture_nnx(lambda m: jnp.sum(m(jnp.ones((BATCH, D)))))(
-        Model(nnx.Rngs(0)))
+    (_, acts), grads = nnx.value_and_grad(loss, has_aux=True)(model)
   messages = [str(w.message) for w in caught if str(w.message).startswith("sngd:")]
-  assert len(messages) == 1 and re.search(
-      r"could not name 1 layer call\(s\) \(Linear \(weight \(4, 4\)\)\).*an `nnx.jit` inside "
-      r"the captured function \(jit the whole training step instead\)", messages[0]), messages
-  assert "Apply such transforms" not in messages[0]
+  assert len(messages) == 1 and re.search(_NOT_CAPTURED.format(
+      repr("block"), r"Jit the whole training step instead of a part"), messages[0]), messages
   assert set(acts) == {"head"}
+  params = nnx.state(model, nnx.Param)
+  tx = sngd_jax.sngd()
+  with pytest.raises(ValueError, match="no activations were captured for layer 'block'"):
+    tx.update(grads, tx.init(params), params, activations=acts)

@@ -27,6 +27,10 @@ made by ``jax.vmap`` before capture started, ``jax.jit``, ``cond``, ``while_loop
 their records inside, which are then detected as leaked and reported (never
 used).
 
+The function that ``nnx.jit`` returns runs its function inline while capturing (its
+``__call__`` is replaced, ``_nnx_jit``), so that layers under an ``nnx.jit`` inside the
+captured function are captured; one given shardings runs as a jit, its layers named by path.
+
 One Flax internal is patched too: ``flax.core.axes_scan.scan`` traces the body
 of ``nn.scan`` once outside the scan to check its broadcast variables; records
 made in that trace are discarded (``records.DiscardFrame``).
@@ -46,6 +50,7 @@ from typing import Any, Callable, Iterator, Optional
 import flax.core.axes_scan as flax_axes_scan
 import jax
 import jax.numpy as jnp
+from flax.nnx.transforms import compilation as nnx_compilation
 
 from sngd_jax._src.capture.records import (
     DiscardFrame,
@@ -66,13 +71,17 @@ _ORIGINAL = {
     "checkpoint": jax.checkpoint,
     "remat": jax.remat,
     "axes_scan": flax_axes_scan.scan,
+    "nnx_jit": nnx_compilation.JitWrapped.__call__,
+    "nnx_simple_jit": nnx_compilation.SimpleJitWrapped.__call__,
 }
 # (owner, attribute, key of the original in _ORIGINAL)
 _TARGETS = ((jax.lax, "scan", "scan"), (jax.lax, "fori_loop", "fori_loop"),
             (jax.lax, "cond", "cond"), (jax.lax, "switch", "switch"),
             (jax.lax, "map", "map"), (jax, "vmap", "vmap"), (jax, "eval_shape", "eval_shape"),
             (jax, "checkpoint", "checkpoint"), (jax, "remat", "remat"),
-            (flax_axes_scan, "scan", "axes_scan"))
+            (flax_axes_scan, "scan", "axes_scan"),
+            (nnx_compilation.JitWrapped, "__call__", "nnx_jit"),
+            (nnx_compilation.SimpleJitWrapped, "__call__", "nnx_simple_jit"))
 _LOCAL = threading.local()
 _LOCK = threading.Lock()
 _INSTALLED = [0]
@@ -396,10 +405,83 @@ def axes_scan(fn: Callable, *args, **kwargs) -> Callable:
   return call
 
 
+def _nnx_jit(key: str) -> Callable:
+  """The ``__call__`` of the function ``nnx.jit`` returns (``JitWrapped``, or
+  ``SimpleJitWrapped`` in tree mode) while capturing: the function itself, run inline in the
+  enclosing trace, so that its layers are the model's own modules (named by their path) and
+  their records join the caller's like any other call's.
+
+  A ``jax.jit`` inside a trace computes what its function computes (XLA inlines a nested jit),
+  but its values cannot leave it: its records would be dropped (warned, reported as not
+  captured). Donation means nothing inside a trace, and NNX's state updates (a ``BatchNorm``'s
+  statistics, an RNG count) are made on the modules directly, as ``nnx.jit`` would copy them
+  back. An ``nnx.jit`` given ``in_shardings``/``out_shardings`` (constraints a plain call
+  would drop) or bound arguments (``nnx.jit_partial``) runs as it is: its layers are named by
+  their path in the warning (``_jit_body``)."""
+  def call(self, *args, **kwargs):
+    rec = _active()
+    if rec is None:
+      return _ORIGINAL[key](self, *args, **kwargs)
+    if (getattr(self, "in_shardings", None) is None
+        and getattr(self, "out_shardings", None) is None and not getattr(self, "partial_args", ())):
+      return self.fun(*args, **kwargs)
+    body: Any = getattr(getattr(self, "jitted_fn", None), "__wrapped__", None)
+    f = getattr(body, "f", None)
+    if body is None or f is None:
+      return _ORIGINAL[key](self, *args, **kwargs)
+    body.f = _jit_body(rec, f, (args, kwargs))
+    try:
+      return _ORIGINAL[key](self, *args, **kwargs)
+    finally:
+      body.f = f
+  call.__name__ = call.__qualname__ = "__call__"
+  return call
+
+
+def _variable_value(variable: Any) -> Any:
+  """The array an ``nnx.Variable`` holds (without the deprecated ``.value``)."""
+  return variable.get_value() if hasattr(variable, "get_value") else variable.value
+
+
+def _graph_arrays(tree: Any) -> list[Any]:
+  """The arrays of ``tree`` in a fixed order: each NNX graph node's Variables (as
+  ``nnx.iter_graph`` lists them), each other leaf as it is."""
+  from flax import nnx  # noqa: PLC0415 - loaded with flax
+  out = []
+  for node in jax.tree.leaves(tree, is_leaf=lambda n: isinstance(n, (nnx.Module, nnx.Variable))):
+    if isinstance(node, nnx.Module):
+      out += [_variable_value(v) for _, v in nnx.iter_graph(node) if isinstance(v, nnx.Variable)]
+    elif isinstance(node, nnx.Variable):
+      out.append(_variable_value(node))
+    else:
+      out.append(node)
+  return out
+
+
+def _jit_body(rec: Recorder, f: Callable, outer: Any) -> Callable:
+  """``f``, the function of an ``nnx.jit`` that runs as a jit (``_nnx_jit``), run under a
+  frame that follows its arguments' arrays to the caller's ``outer`` ones (the modules that
+  NNX passes in are copies of the caller's, with the jit's tracers), so that its layers are
+  named by their path; their records are dropped as not captured (``Recorder.escaped``:
+  capture warns, naming them), as a jit's values cannot leave it."""
+  @functools.wraps(f)
+  def body(*inner_args, **inner_kwargs):
+    inner, out = _graph_arrays((inner_args, inner_kwargs)), _graph_arrays(outer)
+    inputs = ({id(i): (o, "none") for i, o in zip(inner, out, strict=True)}
+              if len(inner) == len(out) else {})
+    frame = TransformFrame("cond", inputs)
+    with rec.frame(frame):
+      result = f(*inner_args, **inner_kwargs)
+    rec.escaped.update(frame.records)
+    return result
+  return body
+
+
 _WRAPPERS = {"scan": scan, "fori_loop": fori_loop, "cond": cond, "switch": switch,
              "eval_shape": eval_shape, "map": lax_map,
              "vmap": vmap, "checkpoint": _checkpoint("checkpoint"),
-             "remat": _checkpoint("remat"), "axes_scan": axes_scan}
+             "remat": _checkpoint("remat"), "axes_scan": axes_scan,
+             "nnx_jit": _nnx_jit("nnx_jit"), "nnx_simple_jit": _nnx_jit("nnx_simple_jit")}
 
 
 @contextlib.contextmanager
