@@ -567,31 +567,37 @@ class NNXJit(nnx.Module):
 
   def __init__(self, rngs, how):
     self.block = nnx.Linear(D, D, rngs=rngs, param_dtype=jnp.float64)
+    self.bn = nnx.BatchNorm(D, use_scale=False, use_bias=False, rngs=rngs,
+                            param_dtype=jnp.float64)
     self.head = nnx.Linear(D, 2, rngs=rngs, param_dtype=jnp.float64)
     self.how = how
 
   @nnx.jit
   def jitted(self, h):
-    return jnp.tanh(self.block(h))
+    return jnp.tanh(self.bn(self.block(h)))
 
   def __call__(self, x):
+    inner = lambda block, bn, h: jnp.tanh(bn(block(h)))
     if self.how == "method":
       h = self.jitted(x)
     elif self.how == "plain":
-      h = jnp.tanh(self.block(x))
+      h = inner(self.block, self.bn, x)
     else:
-      h = nnx.jit(lambda m, h: jnp.tanh(m(h)), graph=self.how == "function")(self.block, x)
+      h = nnx.jit(inner, graph=self.how == "function")(self.block, self.bn, x)
     return self.head(h)
 
 
 @pytest.mark.parametrize("how", ["function", "tree", "method"])
+@pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types")  # float32 stats
 def test_layers_under_nnx_jit_inside_the_captured_function_are_captured(how, x64):
   """An ``nnx.jit`` inside the captured function (a jitted function of a submodule, in graph
   or tree mode, or a jitted method) runs inline while capturing: its layers are the model's
   own, captured by path without a warning, and each layer's update is the float64 damped
   solve against its rows and that of the model without the jit (until 2026-12-06 the block's
   calls stayed inside the jit: a warning naming a ``Linear (weight (4, 4))``, and ``update``
-  raised that no activations were captured for 'block')."""
+  raised that no activations were captured for 'block'). The BatchNorm in the jit updates its
+  running mean on the model, as the jit copied it back: ``0.01`` times the batch mean (its
+  momentum is 0.99; NNX keeps it in float32)."""
   x = jax.random.normal(jax.random.key(1), (BATCH, D), jnp.float64)
   tx = sngd_jax.sngd(**ref.one_step_kwargs())
 
@@ -599,7 +605,7 @@ def test_layers_under_nnx_jit_inside_the_captured_function_are_captured(how, x64
     model = NNXJit(nnx.Rngs(0), how)
     loss = sngd_jax.capture_nnx(lambda m: jnp.sum(jnp.sin(m(x))))
     with no_sngd_warnings():
-      (_, acts), grads = jax.jit(lambda m: nnx.value_and_grad(loss, has_aux=True)(m))(model)
+      (_, acts), grads = nnx.jit(lambda m: nnx.value_and_grad(loss, has_aux=True)(m))(model)
     params = nnx.state(model, nnx.Param)
     updates = tx.update(grads, tx.init(params), params, activations=acts)[0]
     return model, acts, nnx.to_pure_dict(grads), nnx.to_pure_dict(updates)
@@ -607,9 +613,11 @@ def test_layers_under_nnx_jit_inside_the_captured_function_are_captured(how, x64
   model, acts, grads, updates = one_update(how)
   assert set(acts) == {"block", "head"}
   w, b = np.asarray(model.block.kernel[...]), np.asarray(model.block.bias[...])
+  z = np.asarray(x) @ w + b
   ref.assert_dense_update(np.asarray(x), grads["block"], updates["block"], "block")
-  ref.assert_dense_update(np.tanh(np.asarray(x) @ w + b), grads["head"], updates["head"],
-                          "head")
+  h = np.tanh((z - z.mean(0)) / np.sqrt(z.var(0) + 1e-5))
+  ref.assert_dense_update(h, grads["head"], updates["head"], "head")
+  np.testing.assert_allclose(np.asarray(model.bn.mean[...]), 0.01 * z.mean(0), rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13),
                updates, one_update("plain")[3])
 
