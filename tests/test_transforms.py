@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from exact import exact_sngd
 from flax import nnx
+from flax.nnx.transforms import compilation as nnx_compilation
 from helpers_mlp import sngd_train_step
 from helpers_warnings import no_sngd_warnings
 
@@ -338,23 +339,29 @@ def test_lax_map_over_stacked_params_gives_each_member_its_own_factor(batch_size
     ref.assert_dense_update(h, take(grads, "out"), take(updates, "out"), f"member {i} out")
 
 
-def test_lax_map_over_single_examples_of_a_linen_model_pools_them_as_a_scan(x64):
+def test_lax_map_over_single_examples_of_a_linen_model_is_a_vmap_over_them(x64):
   """What docs/layer-coverage.md says of ``jax.lax.map`` over one example per step of a linen
-  model: the factor is that of every example (as under ``jax.vmap``), but the map's axis is a
-  scan's, more rows rather than the examples, so a ``(B,)`` example mask cannot be matched
-  (under ``jax.vmap`` it can)."""
+  model: the map's axis holds the examples, as ``jax.vmap``'s does, so a ``(B,)`` example mask
+  gives the update that it gives under ``jax.vmap``: the float64 damped solve against the
+  real examples' rows (until 2026-12-06 the map's axis was a scan's, and the mask raised;
+  ``tests/test_lax_map.py`` has the factors of linen, NNX and Equinox)."""
   layer = nn.Dense(3, param_dtype=jnp.float64)
   x = jax.random.normal(jax.random.key(1), (6, 4), jnp.float64)
   params = layer.init(jax.random.key(0), x)
-  loss = lambda p, x: jnp.sum(jnp.sin(jax.lax.map(lambda v: layer.apply(p, v), x,
-                                                  batch_size=4)))
-  grads, updates, acts = _one_update(loss, params, x)
-  ref.assert_dense_update(np.asarray(x), grads["params"], updates["params"], "lax.map")
-  with pytest.raises(ValueError, match=r"cannot be matched to the row mask of shape \(6,\)"):
-    sngd_jax.with_row_mask(acts, np.arange(6) < 4)
-  vmapped = lambda p, x: jnp.sum(jnp.sin(jax.vmap(lambda v: layer.apply(p, v))(x)))
-  _, _, acts = _one_update(vmapped, params, x)
-  sngd_jax.with_row_mask(acts, np.arange(6) < 4)
+  real = np.arange(6) < 4
+  tx = sngd_jax.sngd(**ref.one_step_kwargs())
+
+  def masked_update(apply):
+    loss = lambda p, x: jnp.sum(jnp.sin(apply(lambda v: layer.apply(p, v), x)))
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x)
+    acts = sngd_jax.with_row_mask(acts, real)
+    return grads, tx.update(grads, tx.init(params), params, activations=acts)[0]
+
+  grads, updates = masked_update(lambda f, x: jax.lax.map(f, x, batch_size=4))
+  ref.assert_dense_update(np.asarray(x)[real], grads["params"], updates["params"], "lax.map")
+  _, vmapped = masked_update(lambda f, x: jax.vmap(f)(x))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15),
+               updates, vmapped)
 
 
 # --- what cannot be captured is reported --------------------------------------------------
@@ -378,7 +385,8 @@ def test_layer_under_inner_jit_is_reported_not_used():
 def test_jax_functions_are_restored_after_capture_and_on_error():
   names = ((jax, "vmap"), (jax.lax, "scan"), (jax, "checkpoint"), (jax, "remat"),
            (jax.lax, "fori_loop"), (jax.lax, "cond"), (jax.lax, "switch"), (jax, "eval_shape"),
-           (jax.lax, "map"))
+           (jax.lax, "map"), (nnx_compilation.JitWrapped, "__call__"),
+           (nnx_compilation.SimpleJitWrapped, "__call__"))
   originals = [getattr(owner, name) for owner, name in names]
   layer = nn.Dense(2)
   params = layer.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
@@ -503,24 +511,91 @@ def test_linen_jit_layers_are_named_not_captured(kind, rewrite):
     tx.update(grads, tx.init(params), params, activations=acts)
 
 
-def test_nnx_jit_inside_the_captured_function_warns_to_jit_the_whole_step():
-  """An ``nnx.jit`` inside the captured function: the warning says to jit the whole step
-  (until 2026-12-06 it said to apply the transform inside the captured function, where it
-  already was)."""
+class NNXJit(nnx.Module):
+  """A block run by an ``nnx.jit`` inside the model's call: a jitted function of the block
+  (``function``), one in tree mode (``graph=False``, ``tree``), or a jitted method
+  (``method``); ``plain`` calls the block without a jit (the reference)."""
+
+  def __init__(self, rngs, how):
+    self.block = nnx.Linear(D, D, rngs=rngs, param_dtype=jnp.float64)
+    self.bn = nnx.BatchNorm(D, use_scale=False, use_bias=False, rngs=rngs,
+                            param_dtype=jnp.float64)
+    self.head = nnx.Linear(D, 2, rngs=rngs, param_dtype=jnp.float64)
+    self.how = how
+
+  @nnx.jit
+  def jitted(self, h):
+    return jnp.tanh(self.bn(self.block(h)))
+
+  def __call__(self, x):
+    inner = lambda block, bn, h: jnp.tanh(bn(block(h)))
+    if self.how == "method":
+      h = self.jitted(x)
+    elif self.how == "plain":
+      h = inner(self.block, self.bn, x)
+    else:
+      h = nnx.jit(inner, graph=self.how == "function")(self.block, self.bn, x)
+    return self.head(h)
+
+
+@pytest.mark.parametrize("how", ["function", "tree", "method"])
+@pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types")  # float32 stats
+def test_layers_under_nnx_jit_inside_the_captured_function_are_captured(how, x64):
+  """An ``nnx.jit`` inside the captured function (a jitted function of a submodule, in graph
+  or tree mode, or a jitted method) runs inline while capturing: its layers are the model's
+  own, captured by path without a warning, and each layer's update is the float64 damped
+  solve against its rows and that of the model without the jit (until 2026-12-06 the block's
+  calls stayed inside the jit: a warning naming a ``Linear (weight (4, 4))``, and ``update``
+  raised that no activations were captured for 'block'). The BatchNorm in the jit updates its
+  running mean on the model, as the jit copied it back: ``0.01`` times the batch mean (its
+  momentum is 0.99; NNX keeps it in float32)."""
+  x = jax.random.normal(jax.random.key(1), (BATCH, D), jnp.float64)
+  tx = sngd_jax.sngd(**ref.one_step_kwargs())
+
+  def one_update(how):
+    model = NNXJit(nnx.Rngs(0), how)
+    loss = sngd_jax.capture_nnx(lambda m: jnp.sum(jnp.sin(m(x))))
+    with no_sngd_warnings():
+      (_, acts), grads = nnx.jit(lambda m: nnx.value_and_grad(loss, has_aux=True)(m))(model)
+    params = nnx.state(model, nnx.Param)
+    updates = tx.update(grads, tx.init(params), params, activations=acts)[0]
+    return model, acts, nnx.to_pure_dict(grads), nnx.to_pure_dict(updates)
+
+  model, acts, grads, updates = one_update(how)
+  assert set(acts) == {"block", "head"}
+  w, b = np.asarray(model.block.kernel[...]), np.asarray(model.block.bias[...])
+  z = np.asarray(x) @ w + b
+  ref.assert_dense_update(np.asarray(x), grads["block"], updates["block"], "block")
+  h = np.tanh((z - z.mean(0)) / np.sqrt(z.var(0) + 1e-5))
+  ref.assert_dense_update(h, grads["head"], updates["head"], "head")
+  np.testing.assert_allclose(np.asarray(model.bn.mean[...]), 0.01 * z.mean(0), rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13),
+               updates, one_update("plain")[3])
+
+
+def test_layer_under_an_nnx_jit_with_shardings_is_named_by_path_not_captured():
+  """An ``nnx.jit`` given ``in_shardings`` runs as a jit (a plain call would drop its
+  constraints): its layer's records cannot leave it, and the warning names the layer by its
+  path, ``'block'`` (until 2026-12-06: by class and weight shape), saying to jit the whole
+  step; ``update`` raises naming it."""
   class Model(nnx.Module):
     def __init__(self, rngs):
       self.block = nnx.Linear(D, D, rngs=rngs)
       self.head = nnx.Linear(D, 2, rngs=rngs)
 
     def __call__(self, x):
-      return self.head(nnx.jit(lambda m, h: m(h))(self.block, x))
+      jitted = nnx.jit(lambda m, h: m(h), in_shardings=(None, None))
+      return self.head(jitted(self.block, x))
 
+  model = Model(nnx.Rngs(0))
+  loss = sngd_jax.capture_nnx(lambda m: jnp.sum(m(jnp.ones((BATCH, D)))))
   with pytest.warns(UserWarning) as caught:
-    _, acts = sngd_jax.capture_nnx(lambda m: jnp.sum(m(jnp.ones((BATCH, D)))))(
-        Model(nnx.Rngs(0)))
+    (_, acts), grads = nnx.value_and_grad(loss, has_aux=True)(model)
   messages = [str(w.message) for w in caught if str(w.message).startswith("sngd:")]
-  assert len(messages) == 1 and re.search(
-      r"could not name 1 layer call\(s\) \(Linear \(weight \(4, 4\)\)\).*an `nnx.jit` inside "
-      r"the captured function \(jit the whole training step instead\)", messages[0]), messages
-  assert "Apply such transforms" not in messages[0]
+  assert len(messages) == 1 and re.search(_NOT_CAPTURED.format(
+      repr("block"), r"Jit the whole training step instead of a part"), messages[0]), messages
   assert set(acts) == {"head"}
+  params = nnx.state(model, nnx.Param)
+  tx = sngd_jax.sngd()
+  with pytest.raises(ValueError, match="no activations were captured for layer 'block'"):
+    tx.update(grads, tx.init(params), params, activations=acts)

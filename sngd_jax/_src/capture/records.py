@@ -18,7 +18,10 @@ added, its *role* (``Recorder.trace``):
   (``nn.scan`` over depth, ``nnx.vmap``-made layers), so each index gets its
   own local Fisher;
 * ``pool``: the weight was closed over or carried (a scan over time, a vmap
-  over the batch): every index is more rows of the same layer's statistics.
+  over the batch): every index is more rows of the same layer's statistics. The
+  axis of a ``vmap`` that pools (``'vmap:pool'``), or of a ``jax.lax.map`` that does
+  (``'map:pool'``: a model applied per example, ``lax.map(lambda x: model(x), batch)``),
+  is the records' example axis (``Captured.batch_axis``, ``_finalized``).
 
 The weight is followed through the frames by object identity: a transform's
 wrapper knows which outer leaf each of its inner arguments is.
@@ -83,7 +86,7 @@ class Captured:
       into that axis (``T * B``, a product over nested RNNs); 1 elsewhere.
     batch_axis: the axis of ``inputs`` that indexes the examples of the batch
       (static; after the stack axes): the layer call's leading axis, or the
-      axis a user's ``jax.vmap`` over the batch added (Equinox); None when the
+      axis a user's ``jax.vmap`` or ``jax.lax.map`` over the batch added; None when the
       record holds no example axis (a per-example call outside any vmap).
       Tells ``first_examples`` where the examples are.
     ndim: ``inputs.ndim`` when capture returned the record (None for a record
@@ -165,8 +168,9 @@ class Pending:
   """A record on its way out of the transforms it was made in.
 
   ``roles`` has one entry per leading axis that the enclosing transforms add
-  (outermost first): ``'scan:stack'``, ``'scan:pool'``, ``'vmap:stack'`` or
-  ``'vmap:pool'`` (see the module docstring).
+  (outermost first): ``'scan:stack'``, ``'scan:pool'``, ``'vmap:stack'``,
+  ``'vmap:pool'`` or ``'map:pool'`` (the axis of a ``jax.lax.map`` over the batch; see the
+  module docstring).
   """
 
   captured: Captured
@@ -509,12 +513,13 @@ def _finalized(p: Pending) -> Captured:
       return a
     return jnp.moveaxis(a, stack, tuple(range(len(stack))))
 
-  # Where the examples are: a vmap that pools (the user's vmap over the batch) made
-  # them an axis of their own, else they are on the call's own example axis.
+  # Where the examples are: a vmap or a lax.map that pools (the user's vmap or map over the
+  # batch) made them an axis of their own, else they are on the call's own example axis.
   pool_roles = [r for r in p.roles if not r.endswith(":stack")]
   time_steps = c.time_steps
-  if "vmap:pool" in pool_roles:
-    batch_axis: Optional[int] = len(stack) + pool_roles.index("vmap:pool")
+  over_batch = [i for i, r in enumerate(pool_roles) if r in ("vmap:pool", "map:pool")]
+  if over_batch:
+    batch_axis: Optional[int] = len(stack) + over_batch[0]
     time_steps = 1
   elif c.batch_axis is None:
     batch_axis = None
@@ -654,8 +659,9 @@ def freeze(store: dict[str, list[Pending]], escaped: Optional[set[str]] = None,
         f"sngd: layer {shown(path)} was called inside a JAX transform whose values cannot "
         "leave "
         "it (a jit, while_loop or fori_loop of traced bounds inside the "
-        "captured function, including `nn.jit`/`nnx.jit`, `nn.while_loop`/`nnx.while_loop`; "
-        "or a vmap, scan or checkpoint made before capture "
+        "captured function, including `nn.jit`, an `nnx.jit` given `in_shardings` or "
+        "`out_shardings` (one without runs inline while capturing), "
+        "`nn.while_loop`/`nnx.while_loop`; or a vmap, scan or checkpoint made before capture "
         "started, or called through a name imported from jax, such as `from jax import "
         "vmap`); its calls are not captured. Jit the whole training step instead of a "
         "part; call the layer outside the loop (a "

@@ -11,7 +11,8 @@ body runs under a ``records.TransformFrame`` that maps its arguments to
 the caller's, and returns the records made inside as extra outputs (``scan``
 and ``vmap`` stack them along a new leading axis, ``checkpoint`` returns them
 as they are). The records then join the enclosing frame (see ``records``
-for the roles of the new axes). A record that a ``vmap`` does not batch (every
+for the roles of the new axes; ``jax.lax.map``'s axis over the batch holds the examples, as
+``vmap``'s does). A record that a ``vmap`` does not batch (every
 lane read the same input, as under a vmap over the directions of Hessian-vector
 products) leaves it without the new axis, once (``Recorder.leaving_vmap``). The
 transforms of Flax (``nn.scan``, ``nn.vmap``, ``nn.remat``, ``nnx.scan``,
@@ -29,6 +30,10 @@ used).
 ``jax.lax.cond`` and ``jax.lax.switch`` (so ``nn.cond``, ``nn.switch``, ``nnx.cond``,
 ``nnx.switch``, ``hk.cond``, ``hk.switch``, which call them) return the records of every
 branch, the rows of the branches not taken weighing 0 (``_conditional``).
+
+The function that ``nnx.jit`` returns runs its function inline while capturing (its
+``__call__`` is replaced, ``_nnx_jit``), so that layers under an ``nnx.jit`` inside the
+captured function are captured; one given shardings runs as a jit, its layers named by path.
 
 One Flax internal is patched too: ``flax.core.axes_scan.scan`` traces the body
 of ``nn.scan`` once outside the scan to check its broadcast variables; records
@@ -50,6 +55,7 @@ import flax.core.axes_scan as flax_axes_scan
 import jax
 import jax.core
 import jax.numpy as jnp
+from flax.nnx.transforms import compilation as nnx_compilation
 
 from sngd_jax._src.capture.records import (
     DiscardFrame,
@@ -70,13 +76,17 @@ _ORIGINAL = {
     "checkpoint": jax.checkpoint,
     "remat": jax.remat,
     "axes_scan": flax_axes_scan.scan,
+    "nnx_jit": nnx_compilation.JitWrapped.__call__,
+    "nnx_simple_jit": nnx_compilation.SimpleJitWrapped.__call__,
 }
 # (owner, attribute, key of the original in _ORIGINAL)
 _TARGETS = ((jax.lax, "scan", "scan"), (jax.lax, "fori_loop", "fori_loop"),
             (jax.lax, "cond", "cond"), (jax.lax, "switch", "switch"),
             (jax.lax, "map", "map"), (jax, "vmap", "vmap"), (jax, "eval_shape", "eval_shape"),
             (jax, "checkpoint", "checkpoint"), (jax, "remat", "remat"),
-            (flax_axes_scan, "scan", "axes_scan"))
+            (flax_axes_scan, "scan", "axes_scan"),
+            (nnx_compilation.JitWrapped, "__call__", "nnx_jit"),
+            (nnx_compilation.SimpleJitWrapped, "__call__", "nnx_simple_jit"))
 _LOCAL = threading.local()
 _LOCK = threading.Lock()
 _INSTALLED = [0]
@@ -134,21 +144,28 @@ def lax_map(f: Callable, xs: Any, *, batch_size: Optional[int] = None) -> Any:
   (whose inner names capture does not replace): ``f`` over the leading axis of ``xs``, with
   ``batch_size`` in chunks of that many under a ``vmap``, the remainder under one more.
 
-  The records are those of ``batch_size=None`` (one ``scan`` axis of all ``n`` iterations),
-  whatever ``batch_size``: each chunked record's (scan, vmap) axes are merged into one and
-  the remainder's record is appended along it (``_merged``), so that a map over stacked
-  params (an ensemble, ``lax.map(lambda p: model.apply(p, x), stacked)``) has one stack axis
-  of ``n`` layers, not calls of ``(chunks, batch_size)`` and ``(rest,)`` stacks."""
+  The records are those of ``batch_size=None`` (one axis of all ``n`` iterations), whatever
+  ``batch_size``: each chunked record's (scan, vmap) axes are merged into one and the
+  remainder's record is appended along it (``_merged``), so that a map over stacked params (an
+  ensemble, ``lax.map(lambda p: model.apply(p, x), stacked)``) has one stack axis of ``n``
+  layers, not calls of ``(chunks, batch_size)`` and ``(rest,)`` stacks. Where the map does not
+  slice the layer's weight (a map over the batch, ``lax.map(lambda x: model.apply(params, x),
+  batch)``), its axis holds the examples, as a ``jax.vmap``'s over the batch does (role
+  ``'map:pool'``, ``_over_examples``): a ``(B,)`` row mask and ``stats_batch_size`` index it,
+  not the call's own leading axis (a sequence's positions)."""
   rec = _active()
   if rec is None:
     return _ORIGINAL["map"](f, xs, batch_size=batch_size)
   leaves = jax.tree.leaves(xs)
+  depth = len(rec.trace(None)[0])  # the index of this map's role in the records' roles
   if batch_size is None or not leaves:
-    return scan(lambda _, x: ((), f(x)), (), xs)[1]
+    with rec.frame(TransformFrame("checkpoint", {})) as frame:  # collects, adds no axis
+      ys = scan(lambda _, x: ((), f(x)), (), xs)[1]
+    rec.add_all(_over_examples(frame.records, depth))
+    return ys
   n = leaves[0].shape[0]
   chunks, rest = divmod(n, batch_size) if batch_size else (0, n)
   cut = chunks * batch_size
-  depth = len(rec.trace(None)[0])  # the index of this map's role in the records' roles
   ys, parts = [], []
   if chunks:
     chunked = jax.tree.map(lambda a: a[:cut].reshape(chunks, batch_size, *a.shape[1:]), xs)
@@ -160,7 +177,7 @@ def lax_map(f: Callable, xs: Any, *, batch_size: Optional[int] = None) -> Any:
     with rec.frame(TransformFrame("checkpoint", {})) as frame:
       ys.append(vmap(f)(jax.tree.map(lambda a: a[cut:], xs)))
     parts.append((frame.records, 1))
-  rec.add_all(_merged(parts, depth))
+  rec.add_all(_over_examples(_merged(parts, depth), depth))
   if len(ys) == 1:
     return ys[0]
   return jax.tree.map(lambda a, b: jax.lax.concatenate([a, b], 0), *ys)
@@ -197,6 +214,20 @@ def _merged(parts: list[tuple[dict[str, list[Pending]], int]],
         outputs=_cat([p.captured.outputs for p in ps])), ps[0].roles)
         for ps in zip(*merged, strict=True)]
   return out
+
+
+def _over_examples(records: dict[str, list[Pending]], depth: int) -> dict[str, list[Pending]]:
+  """``records`` of a ``lax_map`` (its axis at ``depth`` of their roles) with the map's axis,
+  where it pools (the weight is not mapped: a map over the batch), given role ``'map:pool'``:
+  the axis holds the examples, as a ``jax.vmap`` over the batch's does (``records._finalized``
+  makes it the example axis), so that a ``(B,)`` row mask weighs them and
+  ``stats_batch_size=k`` takes the first ``k`` of them, every row of theirs. A map over
+  stacked params (``'scan:stack'``) keeps its role: one local Fisher per index."""
+  def renamed(p: Pending) -> Pending:
+    if len(p.roles) <= depth or p.roles[depth] != "scan:pool":
+      return p
+    return dataclasses.replace(p, roles=p.roles[:depth] + ("map:pool",) + p.roles[depth + 1:])
+  return {path: [renamed(p) for p in calls] for path, calls in records.items()}
 
 
 def _cat(arrays: list[Any]) -> Any:
@@ -506,10 +537,83 @@ def axes_scan(fn: Callable, *args, **kwargs) -> Callable:
   return call
 
 
+def _nnx_jit(key: str) -> Callable:
+  """The ``__call__`` of the function ``nnx.jit`` returns (``JitWrapped``, or
+  ``SimpleJitWrapped`` in tree mode) while capturing: the function itself, run inline in the
+  enclosing trace, so that its layers are the model's own modules (named by their path) and
+  their records join the caller's like any other call's.
+
+  A ``jax.jit`` inside a trace computes what its function computes (XLA inlines a nested jit),
+  but its values cannot leave it: its records would be dropped (warned, reported as not
+  captured). Donation means nothing inside a trace, and NNX's state updates (a ``BatchNorm``'s
+  statistics, an RNG count) are made on the modules directly, as ``nnx.jit`` would copy them
+  back. An ``nnx.jit`` given ``in_shardings``/``out_shardings`` (constraints a plain call
+  would drop) or bound arguments (``nnx.jit_partial``) runs as it is: its layers are named by
+  their path in the warning (``_jit_body``)."""
+  def call(self, *args, **kwargs):
+    rec = _active()
+    if rec is None:
+      return _ORIGINAL[key](self, *args, **kwargs)
+    if (getattr(self, "in_shardings", None) is None
+        and getattr(self, "out_shardings", None) is None and not getattr(self, "partial_args", ())):
+      return self.fun(*args, **kwargs)
+    body: Any = getattr(getattr(self, "jitted_fn", None), "__wrapped__", None)
+    f = getattr(body, "f", None)
+    if body is None or f is None:
+      return _ORIGINAL[key](self, *args, **kwargs)
+    body.f = _jit_body(rec, f, (args, kwargs))
+    try:
+      return _ORIGINAL[key](self, *args, **kwargs)
+    finally:
+      body.f = f
+  call.__name__ = call.__qualname__ = "__call__"
+  return call
+
+
+def _variable_value(variable: Any) -> Any:
+  """The array an ``nnx.Variable`` holds (without the deprecated ``.value``)."""
+  return variable.get_value() if hasattr(variable, "get_value") else variable.value
+
+
+def _graph_arrays(tree: Any) -> list[Any]:
+  """The arrays of ``tree`` in a fixed order: each NNX graph node's Variables (as
+  ``nnx.iter_graph`` lists them), each other leaf as it is."""
+  from flax import nnx  # noqa: PLC0415 - loaded with flax
+  out = []
+  for node in jax.tree.leaves(tree, is_leaf=lambda n: isinstance(n, (nnx.Module, nnx.Variable))):
+    if isinstance(node, nnx.Module):
+      out += [_variable_value(v) for _, v in nnx.iter_graph(node) if isinstance(v, nnx.Variable)]
+    elif isinstance(node, nnx.Variable):
+      out.append(_variable_value(node))
+    else:
+      out.append(node)
+  return out
+
+
+def _jit_body(rec: Recorder, f: Callable, outer: Any) -> Callable:
+  """``f``, the function of an ``nnx.jit`` that runs as a jit (``_nnx_jit``), run under a
+  frame that follows its arguments' arrays to the caller's ``outer`` ones (the modules that
+  NNX passes in are copies of the caller's, with the jit's tracers), so that its layers are
+  named by their path; their records are dropped as not captured (``Recorder.escaped``:
+  capture warns, naming them), as a jit's values cannot leave it."""
+  @functools.wraps(f)
+  def body(*inner_args, **inner_kwargs):
+    inner, out = _graph_arrays((inner_args, inner_kwargs)), _graph_arrays(outer)
+    inputs = ({id(i): (o, "none") for i, o in zip(inner, out, strict=True)}
+              if len(inner) == len(out) else {})
+    frame = TransformFrame("cond", inputs)
+    with rec.frame(frame):
+      result = f(*inner_args, **inner_kwargs)
+    rec.escaped.update(frame.records)
+    return result
+  return body
+
+
 _WRAPPERS = {"scan": scan, "fori_loop": fori_loop, "cond": cond, "switch": switch,
              "eval_shape": eval_shape, "map": lax_map,
              "vmap": vmap, "checkpoint": _checkpoint("checkpoint"),
-             "remat": _checkpoint("remat"), "axes_scan": axes_scan}
+             "remat": _checkpoint("remat"), "axes_scan": axes_scan,
+             "nnx_jit": _nnx_jit("nnx_jit"), "nnx_simple_jit": _nnx_jit("nnx_simple_jit")}
 
 
 @contextlib.contextmanager
