@@ -306,10 +306,12 @@ def test_raw_einsum_experts_are_reported_missing_and_refused():
   params = model.init(jax.random.key(0), x)["params"]
   loss = lambda p, x, y: _mse(model.apply({"params": p}, x)[0], y)
   report = {p.path: p.fisher for p in sngd_jax.coverage(loss, params, x, y).params}
-  assert report["wi/kernel"].startswith("MISSING") and "sngd_jax.dense" in report["wi/kernel"]
+  fix = "`jax.vmap(sngd_jax.dense)(x, kernel, bias)`"
+  assert report["wi/kernel"].startswith("MISSING") and fix in report["wi/kernel"], report
   (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x, y)
   tx = sngd_jax.sngd()
-  with pytest.raises(ValueError, match=r"layer 'wi'.*sngd_jax.dense"):
+  with pytest.raises(ValueError, match=r"layer 'wi'.*stack of 4 dense layers.*jax\.vmap\("
+                     r"sngd_jax\.dense\)"):
     tx.update(grads, tx.init(params), params, activations=acts)
 
 
@@ -405,6 +407,36 @@ def test_an_expert_without_tokens_keeps_its_factor():
                                np.tensordot(n / n.sum(), e2, axes=1), rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(ref.normalized_factor(s0, "experts/wi")[0], e2[0], rtol=1e-10,
                                atol=1e-13)
+
+
+def test_an_expert_without_tokens_keeps_its_sketch():
+  """The same for a sketched factor (Nystrom: ``(S Omega, tr S, c)`` per expert): every part
+  of the starved expert's sketch in use is kept, the step stays finite."""
+  with jax.enable_x64(True):
+    model = LinenMoE()
+    x, y = _batch()
+    params = _jittered(model.init(jax.random.key(0), x)["params"])
+    loss = lambda p, x, y: _mse(model.apply({"params": p}, x)[0], y)
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x, y)
+    slots = np.asarray(occupied_slots(model.apply({"params": params}, x)[1]), np.float64)
+    starved = slots.copy()
+    starved[2] = 0.0
+    layer = lambda p: p.startswith("experts/")
+    tx = sngd_jax.sngd(decay=0.5, factor_every=1, max_norm=None,
+                       inverse=sngd_jax.inverse.nystrom(rank=3))
+    step = jax.jit(lambda s, m: tx.update(
+        grads, s, params, activations=sngd_jax.with_row_mask(acts, m, per_layer=True,
+                                                             where=layer)))
+    _, s1 = step(tx.init(params), slots)
+    updates, s2 = step(s1, starved)
+    assert ref.all_finite(updates)
+    for path in ("experts/wi", "experts/wo"):
+      w1, w2 = np.asarray(s1.weights[path]), np.asarray(s2.weights[path])
+      for a, b in zip(jax.tree.leaves(s1.factors[path]), jax.tree.leaves(s2.factors[path]),
+                      strict=True):
+        np.testing.assert_allclose(np.asarray(b)[2] / w2, np.asarray(a)[2] / w1, rtol=1e-12,
+                                   atol=1e-14, err_msg=path)
+        assert np.abs(np.asarray(b)[0] / w2 - np.asarray(a)[0] / w1).max() > 0
 
 
 def test_per_layer_mask_on_a_layer_without_the_stack_raises_naming_it():
