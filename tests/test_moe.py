@@ -12,7 +12,6 @@ the float64 Gram sum over exactly the tokens routed to it, from an independent f
 (docs/training-loops.md, *Mixture of experts*).
 """
 
-import equinox as eqx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -139,21 +138,27 @@ class NnxMoE(nnx.Module):
 
 # --- (d) Equinox: an MLP made by eqx.filter_vmap ---------------------------------------------
 
-class EqxMoE(eqx.Module):
-  router: eqx.nn.Linear
-  experts: eqx.nn.MLP
+def eqx_moe(key):
+  """The Equinox block (equinox is an optional extra: the test skips without it)."""
+  eqx = pytest.importorskip("equinox")
 
-  def __init__(self, key):
-    k1, k2 = jax.random.split(key)
-    self.router = eqx.nn.Linear(M, E, key=k1)
-    make = lambda k: eqx.nn.MLP(M, M, H, 1, activation=jax.nn.gelu, key=k)
-    self.experts = eqx.filter_vmap(make)(jax.random.split(k2, E))
+  class EqxMoE(eqx.Module):
+    router: eqx.nn.Linear
+    experts: eqx.nn.MLP
 
-  def __call__(self, x):
-    dispatch, combine = route(jax.vmap(jax.vmap(self.router))(x))
-    per_expert = lambda mlp, xe: jax.vmap(jax.vmap(mlp))(xe)
-    out = eqx.filter_vmap(per_expert)(self.experts, dispatched(dispatch, x))
-    return combined(combine, out), dispatch
+    def __init__(self, key):
+      k1, k2 = jax.random.split(key)
+      self.router = eqx.nn.Linear(M, E, key=k1)
+      make = lambda k: eqx.nn.MLP(M, M, H, 1, activation=jax.nn.gelu, key=k)
+      self.experts = eqx.filter_vmap(make)(jax.random.split(k2, E))
+
+    def __call__(self, x):
+      dispatch, combine = route(jax.vmap(jax.vmap(self.router))(x))
+      per_expert = lambda mlp, xe: jax.vmap(jax.vmap(mlp))(xe)
+      out = eqx.filter_vmap(per_expert)(self.experts, dispatched(dispatch, x))
+      return combined(combine, out), dispatch
+
+  return eqx, EqxMoE(key)
 
 
 # --- one float64 step of each ----------------------------------------------------------------
@@ -220,7 +225,7 @@ def _setup(kind):
 
     layers = {f"experts/{n}": getter(n) for n in ("wi", "wo")}
     return model, params, lambda m: m(x)[1], loss, grads_acts, layers, (x, y)
-  model = EqxMoE(jax.random.key(0))
+  eqx, model = eqx_moe(jax.random.key(0))
   params_f, static = eqx.partition(model, eqx.is_inexact_array)
   model = eqx.combine(_jittered(params_f), static)
   params = eqx.filter(model, eqx.is_inexact_array)
