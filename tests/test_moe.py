@@ -521,3 +521,54 @@ def test_optax_chain_passes_the_per_layer_mask():
   updates, _ = jax.jit(lambda g, s, a: tx.update(g, s, params, activations=a))(
       grads, tx.init(params), acts)
   assert ref.all_finite(updates)
+
+
+class _Block(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    out, dispatch = LinenMoE(name="moe")(x)
+    return x + out, dispatch
+
+
+class _Deep(nn.Module):
+  """Two MoE blocks scanned over depth (``nn.scan``): the experts are a ``(L, E)`` stack."""
+
+  @nn.compact
+  def __call__(self, x):
+    scan = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2,
+                   in_axes=nn.broadcast)
+    return scan(name="blocks")(x, None)
+
+
+def test_moe_blocks_scanned_over_depth_take_a_mask_per_layer_and_expert():
+  """MoE blocks under ``nn.scan``: the scan stacks each block's dispatch, ``(L, G, S, E, C)``,
+  and the ``(L, E, G, C)`` slot mask weighs every layer's every expert by its own slots: each
+  factor is the float64 Gram sum over the tokens routed to it in its block (the blocks'
+  inputs from an unrolled forward pass)."""
+  with jax.enable_x64(True):
+    model = _Deep()
+    x, y = _batch()
+    params = _jittered(model.init(jax.random.key(0), x)["params"])
+
+    def loss(p, x, y):
+      out, dispatch = model.apply({"params": p}, x)
+      return _mse(out, y), dispatch
+
+    grad_fn = jax.value_and_grad(sngd_jax.capture(loss, has_aux=True), has_aux=True)
+    (_, (dispatch, acts)), grads = grad_fn(params, x, y)
+    slots = jnp.transpose(dispatch.sum(2), (0, 2, 1, 3)) > 0  # (L, E, G, C)
+    acts = sngd_jax.with_row_mask(acts, slots, per_layer=True, where=lambda p: "experts" in p)
+    tx = sngd_jax.sngd(**ref.ONE_STEP)
+    state = jax.jit(lambda a: tx.update(grads, tx.init(params), params, activations=a)[1])(acts)
+    h = x
+    for depth in range(2):
+      block = jax.tree.map(lambda a, depth=depth: a[depth], params["blocks"])["moe"]
+      out, d = LinenMoE().apply({"params": block}, h)
+      get = lambda t: (np.asarray(t["experts"]["wi"]["kernel"]),
+                       np.asarray(t["experts"]["wi"]["bias"]))
+      rows = _routed_rows({"wi": get, "wo": None}, block, d, h)
+      for e in range(E):
+        for name in ("wi", "wo"):
+          np.testing.assert_allclose(state.factors[f"blocks/moe/experts/{name}"][depth, e],
+                                     ref.gram(rows[name][e]), rtol=1e-10, atol=1e-13)
+      h = h + out
