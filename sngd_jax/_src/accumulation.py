@@ -188,6 +188,13 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
       rows = dict(rows)
       for path in list(estimates):
         n = rows[path]
+        if jnp.ndim(n) > 0:
+          raise ValueError(
+              f"sngd: MultiSteps: layer {path!r} has a row mask per layer of its stack "
+              "(`with_row_mask(..., per_layer=True)`: the experts of a mixture of experts), "
+              "whose row counts MultiSteps does not accumulate: train these layers without "
+              "MultiSteps, or leave their capacity padding in (no `per_layer` mask for "
+              "them: docs/training-loops.md, *Mixture of experts*)")
         if isinstance(n, int):  # no row mask: equal shards, plain mean
           estimates[path] = distributed.axis_mean(estimates[path], axis_name)
         else:  # row masks: each device's estimate weighs by its real rows

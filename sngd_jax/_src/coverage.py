@@ -268,6 +268,8 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
       spec = specs[layer]
       if note := layers_lib.raw_param_note(layer, spec.kernel, spec.structure):
         desc = f"{desc}. {note}"
+      if note := layers_lib.stacked_kernel_note(layer, spec.structure, spec.stack):
+        desc = f"{desc}. {note}"
     elif (why := _mismatch(specs[layer], activations[layer]) or (
         specs[layer].tied
         and _mismatch(specs[layers_lib.tied_path(layer)], activations[layer]))):

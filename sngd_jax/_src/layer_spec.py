@@ -264,6 +264,18 @@ def raw_param_note(path: str, leaf: tuple[str, ...], structure: str) -> str:
           "untouched, as every other array of your own does")
 
 
+def stacked_kernel_note(path: str, structure: str, stack: tuple[int, ...]) -> str:
+  """For a dense layer with stack axes that no call explains: the way to record a stack of
+  dense layers written by hand (a mixture of experts' ``(E, d_in, d_out)`` kernel used by
+  ``jnp.einsum('ecd,edf->ecf', x, kernel)``), one factor per layer; empty otherwise."""
+  if structure != "dense" or not stack:
+    return ""
+  return (f"Its params are a stack of {'x'.join(map(str, stack))} dense layers: a stacked "
+          "kernel you use yourself (experts' (E, d_in, d_out) kernel in "
+          "`jnp.einsum('ecd,edf->ecf', x, kernel)`) is recorded, one factor per layer, when "
+          "computed as `jax.vmap(sngd_jax.dense)(x, kernel, bias)` (x: (E, ..., d_in))")
+
+
 DENSE_LAYOUTS = ("in_out", "out_in")
 """How a hand-written dense layer stores its kernel (``sngd_jax.dense``, ``sngd_jax.dense_layer``):
 ``'in_out'``, ``(in, out)`` with ``y = x @ kernel`` (Flax's ``Dense``/``Linear``); ``'out_in'``,

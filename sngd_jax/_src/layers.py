@@ -107,6 +107,9 @@ from sngd_jax._src.layer_spec import (
   stack_axes_of as stack_axes_of,
 )
 from sngd_jax._src.layer_spec import (
+  stacked_kernel_note as stacked_kernel_note,
+)
+from sngd_jax._src.layer_spec import (
   stacked_table as stacked_table,
 )
 from sngd_jax._src.layer_spec import (

@@ -225,10 +225,16 @@ def weighted_rows(spec: LayerSpec, calls: Sequence[Captured]) -> Optional[jax.Ar
   (``sum_r m_r``, traced), on the scale of ``num_rows``; None when no call has a row mask.
 
   A layer whose count is 0 in a step has no estimate and keeps its factor.
+
+  A stack of layers whose row mask has the stack axes in full (one mask per layer,
+  ``with_row_mask(..., per_layer=True)``: the experts of a mixture of experts) has a count
+  per layer, of the stack's shape; each layer whose count is 0 keeps its factor. Otherwise
+  the count is one scalar, that of every layer of the stack together.
   """
   if all(c.row_mask is None for c in calls):
     return None
   total = None
+  per_layer = any(per_layer_mask(c) for c in calls)
   for c in calls:
     k = c.stack
     one = dataclasses.replace(
@@ -236,11 +242,28 @@ def weighted_rows(spec: LayerSpec, calls: Sequence[Captured]) -> Optional[jax.Ar
         batch_axis=None if c.batch_axis is None else c.batch_axis - k,
         row_mask=None if c.row_mask is None else c.row_mask[(0,) * k])
     n = num_rows(spec, [one])
-    w = row_weights(one, n)
-    count = (jnp.asarray(n, jnp.float32) if w is None else jnp.sum(w)) * math.prod(
-        stack_shape(c))
+    if per_layer_mask(c):
+      def member(m, one=one, n=n):
+        w = row_weights(dataclasses.replace(one, row_mask=m), n)
+        assert w is not None
+        return jnp.sum(w)
+      for _ in range(k):
+        member = jax.vmap(member)
+      count = member(c.row_mask)
+    else:
+      w = row_weights(one, n)
+      count = (jnp.asarray(n, jnp.float32) if w is None else jnp.sum(w)) * (
+          1 if per_layer else math.prod(stack_shape(c)))  # per layer: each layer's rows
     total = count if total is None else total + count
   return total
+
+
+def per_layer_mask(call: Captured) -> bool:
+  """Whether a call's row mask weighs each layer of its stack by a mask of its own (its
+  stack axes in full, ``with_row_mask(..., per_layer=True)``), not one mask for all."""
+  k = call.stack
+  return (call.row_mask is not None and k > 0
+          and any(n != 1 for n in call.row_mask.shape[:k]))
 
 
 def layer_rows(spec: LayerSpec,
@@ -435,7 +458,8 @@ def _per_layer(fn: Callable, spec: LayerSpec, calls: Sequence[Captured]):
 
   for _ in range(k):
     one = jax.vmap(one)
-  # A row mask is the same for every layer of the stack (size 1 along its axes).
+  # A row mask is the same for every layer of the stack (size 1 along its axes), or, with
+  # `with_row_mask(..., per_layer=True)`, one per layer (the stack axes in full).
   out = one([(c.inputs, c.outputs,
               None if c.row_mask is None
               else jnp.broadcast_to(c.row_mask, shape + c.row_mask.shape[k:]))

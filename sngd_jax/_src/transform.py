@@ -344,6 +344,11 @@ def _update_statistics(config: SNGDConfig, inputs: _Inputs, state: SNGDState,
                                                                    state.weights[path])
       if config.max_factor_ratio is not None:
         estimate = statistics.limit_outlier(estimate, factor, weight, config.max_factor_ratio)
+      if rows is not None and jnp.ndim(rows) > 0:
+        # One count per layer of a stack (`with_row_mask(..., per_layer=True)`): a layer
+        # without rows (an expert that received no token) keeps its factor.
+        estimate = _empty_layers_kept(estimate, factor, weight, jnp.asarray(rows))
+        rows = jnp.sum(rows)
       out_f[path], out_w[path] = statistics.ema_update(
           factor, weight, estimate, config.decay, config.prior, omegas.get(path))
       if rows is not None:
@@ -373,6 +378,36 @@ def _update_statistics(config: SNGDConfig, inputs: _Inputs, state: SNGDState,
                                 lambda _: keep_factors(jnp.array(True)), None)
 
 
+def _per_layer(rows: jax.Array, leaf: jax.Array) -> jax.Array:
+  """A count per layer of a stack (shape: the stack's), or a scalar, broadcastable against
+  a leaf of the stack's factor (the stack axes first)."""
+  return rows.reshape(rows.shape + (1,) * (leaf.ndim - rows.ndim))
+
+
+def _empty_layers_kept(estimate: Any, factor: Any, weight: jax.Array, rows: jax.Array) -> Any:
+  """The estimate of a stack of layers with one row count each, with that of each layer
+  without rows (``rows == 0``: an expert that received no token) replaced so that the
+  moving average keeps its factor: its factor in use, ``G_{t-1} / w_{t-1}``. The weight
+  ``w`` is one for the whole stack, so the factor itself cannot simply be kept: with
+  ``prior="none"`` the new weight differs, and ``ema_update`` of ``G_{t-1} / w_{t-1}`` is
+  what leaves ``G_t / w_t = G_{t-1} / w_{t-1}`` (every prior). Before the first estimate
+  (``w = 0``) such a layer has no factor: it starts from the row-weighted mean of the
+  estimates of the stack's layers that have rows (they read the same inputs: the tokens);
+  its gradient is 0 on that step. Where no layer has rows the caller keeps the whole
+  stack's factor."""
+  empty = rows == 0
+  share = rows / jnp.where(jnp.sum(rows) > 0, jnp.sum(rows), 1)
+  axes = tuple(range(rows.ndim))
+
+  def one(e, f):
+    pooled = jnp.sum(e * _per_layer(share, e).astype(e.dtype), axis=axes, keepdims=True)
+    kept = jnp.where(weight > 0, f / jnp.maximum(weight, jnp.finfo(f.dtype).tiny),
+                     jnp.broadcast_to(pooled, e.shape).astype(f.dtype))
+    return jnp.where(_per_layer(empty, e), kept.astype(e.dtype), e)
+
+  return jax.tree.map(one, estimate, factor)
+
+
 def weighted_axis_mean(estimate: Any, rows: jax.Array,
                        axis_name: Optional[AxisName]) -> tuple[Any, jax.Array]:
   """``(sum_s n_s G^_s / sum_s n_s, mean_s n_s)`` over the devices of ``axis_name``.
@@ -386,8 +421,8 @@ def weighted_axis_mean(estimate: Any, rows: jax.Array,
   total = distributed.axis_mean(rows, axis_name)
   safe = jnp.where(total > 0, total, jnp.ones_like(total))
   mean = distributed.axis_mean(
-      jax.tree.map(lambda e: e * rows.astype(e.dtype), estimate), axis_name)
-  return jax.tree.map(lambda e: e / safe.astype(e.dtype), mean), total
+      jax.tree.map(lambda e: e * _per_layer(rows, e).astype(e.dtype), estimate), axis_name)
+  return jax.tree.map(lambda e: e / _per_layer(safe, e).astype(e.dtype), mean), total
 
 
 def seen_by_state(spec: layers_lib.LayerSpec, factor: Any) -> layers_lib.LayerSpec:

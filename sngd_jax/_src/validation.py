@@ -428,8 +428,10 @@ def check_structure(specs: Mapping[str, layers_lib.LayerSpec], state_factors: Ma
 
 def _raw_param_hint(spec: layers_lib.LayerSpec) -> str:
   """For a norm scale or an embedding table: that it may be an array of the user's own module
-  named like one (``layers.raw_param_note``)."""
-  note = layers_lib.raw_param_note(spec.path, spec.kernel, spec.structure)
+  named like one (``layers.raw_param_note``); for a stack of dense layers: how to record a
+  stacked kernel used by hand (``layers.stacked_kernel_note``)."""
+  note = (layers_lib.raw_param_note(spec.path, spec.kernel, spec.structure)
+          or layers_lib.stacked_kernel_note(spec.path, spec.structure, spec.stack))
   return f". {note}" if note else ""
 
 

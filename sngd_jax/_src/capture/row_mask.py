@@ -45,7 +45,8 @@ from sngd_jax._src.frames import caller_stacklevel
 
 def with_row_mask(activations: Activations, mask: Any, *more_masks: Any,
                   where: Optional[Callable[[str], bool]] = None,
-                  calls: Optional[Sequence[int]] = None) -> Activations:
+                  calls: Optional[Sequence[int]] = None,
+                  per_layer: bool = False) -> Activations:
   """The activations with a row mask: padding does not enter the local Fisher statistics.
 
   Each layer's batch estimate becomes the average over its real rows only,
@@ -89,6 +90,17 @@ def with_row_mask(activations: Activations, mask: Any, *more_masks: Any,
       calls are returned as they are, each of their rows weighing 1. For a model called on
       batches of different sizes in one loss, of which one is padded: a PINN's interior
       points (call 0) and boundary points (call 1), ``calls=[0]``.
+    per_layer: the mask's leading axes are the stack axes of the layers it is for (a stack
+      of layers made by ``nn.vmap``/``nnx.vmap``/``eqx.filter_vmap`` over their params,
+      ``jax.vmap(sngd_jax.dense)`` over a stacked kernel): one mask per layer of the stack,
+      ``(E, B)`` or ``(E, B, T)`` for ``E`` layers, each layer's rows weighed by its own.
+      For the experts of a mixture of experts, whose rows are capacity slots: an
+      ``(E, G, C)`` mask of the slots that hold a routed token (from the dispatch tensor,
+      ``dispatch.sum(axis=1).transpose(1, 0, 2) > 0`` for a ``(G, S, E, C)`` one), so that
+      each expert's factor averages over the tokens routed to it only,
+      ``G_e = sum_r m_er x~_r x~_r^T / sum_r m_er``, and an expert that received none keeps
+      its factor (``docs/training-loops.md``, *Mixture of experts*). Use it with ``where=``
+      naming the stacked layers; a layer without those stack axes raises.
 
   Returns:
     The activations, each record carrying its rows' weights (``Captured.row_mask``); pass
@@ -98,7 +110,8 @@ def with_row_mask(activations: Activations, mask: Any, *more_masks: Any,
 
   Raises:
     ValueError: for a record whose rows cannot be matched to the mask (naming the layer
-      path, the record's input shape and the mask's shape): an example axis of another
+      path, the record's input shape and the mask's shape): with ``per_layer``, a layer
+      whose stack shape is not the mask's leading axes; an example axis of another
       length, a ``(B, T)`` mask on a layer whose axis after the examples is a 2-D conv's
       positions, a per-example Equinox call outside a ``jax.vmap`` over the batch. With
       several masks: masks that are not all ``(B, T_k)`` with one ``B`` and different
@@ -112,7 +125,13 @@ def with_row_mask(activations: Activations, mask: Any, *more_masks: Any,
     updates, opt_state = tx.update(grads, opt_state, params, activations=acts)
     ```
   """
-  masks = tuple(_as_mask(m) for m in (mask, *more_masks))
+  first = _as_mask(mask, per_layer)
+  masks = (first, *(_as_mask(m) for m in more_masks))
+  if per_layer and more_masks:
+    raise ValueError(
+        "sngd: with_row_mask(per_layer=True) takes one mask (the stack's axes, then each "
+        "layer's (B,) or (B, T)); mask the layers of each length in a call of their own, "
+        "with `where=`")
   if len(masks) > 1:
     shapes = [tuple(m.shape) for m in masks]
     lengths = [s[1] if len(s) == 2 else None for s in shapes]
@@ -151,14 +170,18 @@ def with_row_mask(activations: Activations, mask: Any, *more_masks: Any,
     for i, c in enumerate(records):
       if i in chosen:
         c = leading_axes_pooled(c)  # once, for both `_pick` and `_masked`
-        c = _masked(path, i, c, _pick(path, i, c, masks), n, calls is not None,
-                    where is not None, heads)
+        if per_layer:
+          c = _masked_per_layer(path, i, c, first, n, calls is not None, where is not None,
+                                heads)
+        else:
+          c = _masked(path, i, c, _pick(path, i, c, masks), n, calls is not None,
+                      where is not None, heads)
       new.append(c)
     out[path] = tuple(new)
   return out
 
 
-def _as_mask(mask: Any) -> jax.Array:
+def _as_mask(mask: Any, per_layer: bool = False) -> jax.Array:
   """A mask as a float array without gradient: bool and integer masks as float32 0/1, an
   integer mask's nonzero entries being the real rows (segment ids of packed sequences,
   ``1, 2, ...`` per document and 0 for padding, weigh each real token 1, not its document's
@@ -170,7 +193,7 @@ def _as_mask(mask: Any) -> jax.Array:
         "mask goes: the arguments after the activations are masks; pass the layer filter "
         "as `where=`, `with_row_mask(acts, mask, where=lambda path: ...)`")
   mask = jnp.asarray(mask)
-  if mask.ndim not in (1, 2, 3):
+  if not per_layer and mask.ndim not in (1, 2, 3):
     raise ValueError(
         f"sngd: with_row_mask: the mask has shape {mask.shape}; expected (B,) (which examples "
         "are real), (B, T) (which tokens are real) or (B, T, T') (which pairs of tokens are: "
@@ -210,6 +233,44 @@ def _pick(path: str, i: int, c: Captured, masks: tuple[jax.Array, ...]) -> jax.A
       f"shape {tuple(x.shape)} match none of the masks of lengths {lengths}: {why}. Mask this "
       "layer in a call of its own, `with_row_mask(acts, mask, where=lambda p: p == "
       f"{path!r})`, and leave it out of this one with `where=`")
+
+
+def _masked_per_layer(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int,
+                      selected: bool, filtered: bool,
+                      heads: frozenset[tuple[int, ...]]) -> Captured:
+  """``_masked`` for a mask with the record's stack axes first (``per_layer=True``): each
+  layer of the stack gets the rows' weights of its own slice of the mask, so the row mask
+  has the stack axes in full (``statistics.weighted_rows`` then counts each layer's rows)."""
+  k = c.stack
+  shape = tuple(c.inputs.shape[:k])
+  if not k or tuple(mask.shape[:k]) != shape or mask.ndim - k not in (1, 2, 3):
+    what = (f"a stack of layers of shape {shape}" if k else
+            "one layer, not a stack (no transform over its params)")
+    raise ValueError(
+        f"sngd: with_row_mask(per_layer=True): layer {path!r} (call {i}, {c.kind}), inputs "
+        f"of shape {tuple(c.inputs.shape)}, is {what}; the mask of shape {tuple(mask.shape)} "
+        "must be its stack shape followed by each layer's (B,) or (B, T) mask. Pass "
+        "`where=lambda path: ...` naming the stacked layers (the experts) only, and mask the "
+        "others in a call of their own")
+  if c.kind not in ("dense", "conv", "conv_transpose"):
+    raise ValueError(
+        f"sngd: with_row_mask(per_layer=True): layer {path!r} (call {i}) is a {c.kind} "
+        "layer; one mask per layer of a stack is for dense and conv layers. Leave it out "
+        "with `where=`")
+  ax = c.batch_axis
+  one = dataclasses.replace(
+      c, inputs=c.inputs[(0,) * k], outputs=None, stack=0, row_mask=None,
+      batch_axis=None if ax is None else ax - k)
+
+  def weights(m):
+    w = _masked(path, i, one, m, n_calls, selected, filtered, heads).row_mask
+    assert w is not None
+    return w
+
+  fn = weights
+  for _ in range(k):
+    fn = jax.vmap(fn)
+  return dataclasses.replace(c, row_mask=fn(mask))
 
 
 def _attention_heads(activations: Activations) -> frozenset[tuple[int, ...]]:
