@@ -572,3 +572,21 @@ def test_moe_blocks_scanned_over_depth_take_a_mask_per_layer_and_expert():
           np.testing.assert_allclose(state.factors[f"blocks/moe/experts/{name}"][depth, e],
                                      ref.gram(rows[name][e]), rtol=1e-10, atol=1e-13)
       h = h + out
+
+
+def test_per_layer_masks_compose_with_an_earlier_mask():
+  """A second ``with_row_mask(..., per_layer=True)`` multiplies into the weights the records
+  already carry (an earlier mask's, or a conditional's ``[its branch ran]``), as a mask of
+  one layer does: two calls give the weights of one call with the product of the masks."""
+  model, _, dispatch_of, _, grads_acts, layers, _ = _setup("linen")
+  (_, acts), _ = grads_acts()
+  slots = occupied_slots(dispatch_of(model)).astype(jnp.float32)
+  weights = jnp.arange(1.0, 1.0 + slots.size).reshape(slots.shape)  # nonzero on padding too
+  where = lambda path: path in layers
+  twice = sngd_jax.with_row_mask(sngd_jax.with_row_mask(acts, slots, per_layer=True,
+                                                        where=where),
+                                 weights, per_layer=True, where=where)
+  once = sngd_jax.with_row_mask(acts, slots * weights, per_layer=True, where=where)
+  for path in layers:
+    for a, b in zip(twice[path], once[path]):
+      np.testing.assert_allclose(np.asarray(a.row_mask), np.asarray(b.row_mask), rtol=1e-6)

@@ -270,7 +270,7 @@ def _masked_per_layer(path: str, i: int, c: Captured, mask: jax.Array, n_calls: 
   fn = weights
   for _ in range(k):
     fn = jax.vmap(fn)
-  return dataclasses.replace(c, row_mask=fn(mask))
+  return _times_mask(c, fn(mask))
 
 
 def _attention_heads(activations: Activations) -> frozenset[tuple[int, ...]]:
