@@ -588,5 +588,5 @@ def test_per_layer_masks_compose_with_an_earlier_mask():
                                  weights, per_layer=True, where=where)
   once = sngd_jax.with_row_mask(acts, slots * weights, per_layer=True, where=where)
   for path in layers:
-    for a, b in zip(twice[path], once[path]):
+    for a, b in zip(twice[path], once[path], strict=True):
       np.testing.assert_allclose(np.asarray(a.row_mask), np.asarray(b.row_mask), rtol=1e-6)
