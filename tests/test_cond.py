@@ -372,3 +372,60 @@ def test_conv_rows_formed_in_chunks_of_examples_read_the_branch_mask(monkeypatch
                              ref.normalized_factor(direct, "c1"), rtol=1e-12, atol=1e-14)
   np.testing.assert_array_equal(np.asarray(branch.factors["c0"]),
                                 np.asarray(before.factors["c0"]))
+
+
+class SwitchingCell(nn.RNNCellBase):
+  """A cell that runs ``a`` on steps whose carry sums to more than 0 over the batch, else
+  ``b`` (one branch per step: the predicate is a scalar)."""
+
+  @nn.compact
+  def __call__(self, carry, x):
+    a = nn.Dense(D, name="a", param_dtype=jnp.float64)
+    b = nn.Dense(D, name="b", param_dtype=jnp.float64)
+    if self.is_initializing():
+      h = a(x) + b(x)
+    else:
+      h = jax.lax.cond(jnp.sum(carry) > 0, a, b, x + carry)
+    return jnp.tanh(h), h
+
+  def initialize_carry(self, rng, input_shape):
+    return jnp.zeros(input_shape[:-1] + (D,), jnp.float64)
+
+  @property
+  def num_feature_axes(self):
+    return 1
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse_seq_lengths"])
+def test_a_conditional_in_an_rnn_cell_pools_the_steps_that_took_it(reverse):
+  """A ``cond`` inside an ``nn.RNNCellBase`` run by ``nn.RNN`` (its records leave the scan
+  through the cell's output and time is merged into rows): each layer's factor is
+  ``E[x~ x~^T]`` over the rows of the steps that took its branch (float64 numpy recurrence;
+  reversed, each example's first ``seq_lengths[b]`` steps flipped first, as ``nn.RNN``
+  flips them). The branch mask,
+  one per step, is broadcast, flipped and merged with the inputs: until 2026-12-06 a
+  ``(1, T, 1)`` mask met ``(T * B, D)`` inputs and ``update`` raised in ``broadcast_to``."""
+  steps = 5
+  xs = jax.random.normal(jax.random.key(8), (B, steps, D), jnp.float64)
+  lengths = jnp.array([5, 3, 4, 5, 2, 5, 1, 4])
+  rnn = nn.RNN(SwitchingCell(), reverse=reverse, keep_order=False)
+  kw = dict(seq_lengths=lengths) if reverse else {}
+  params = rnn.init(jax.random.key(1), xs, **kw)["params"]
+  loss = sngd_jax.capture(lambda p: jnp.sum(jnp.sin(rnn.apply({"params": p}, xs, **kw))))
+  grads, acts = jax.grad(loss, has_aux=True)(params)
+  tx = sngd_jax.sngd(**ref.one_step_kwargs())
+  _, state = tx.update(grads, tx.init(params), params, activations=acts)
+  p = jax.tree.map(ref.np64, params)["cell"]
+  xn = np.asarray(xs)
+  if reverse:  # nn.RNN flips each example's first seq_lengths[b] steps (and the rest)
+    order = (np.arange(steps)[::-1][None] + np.asarray(lengths)[:, None]) % steps
+    xn = np.take_along_axis(xn, order[:, :, None], axis=1)
+  rows, carry = {"a": [], "b": []}, np.zeros((B, D))
+  for t in range(steps):
+    z = xn[:, t] + carry
+    name = "a" if carry.sum() > 0 else "b"
+    rows[name].append(z)
+    carry = np.tanh(z @ p[name]["kernel"] + p[name]["bias"])
+  assert rows["a"] and rows["b"]  # both branches ran on some steps
+  for name in "ab":
+    ref.assert_factor(state, f"cell/{name}", np.concatenate(rows[name]))
