@@ -753,9 +753,8 @@ def untag(out: Any, time_axis: int, batched: bool = True,
           c = p.captured
           c = c.replace(row_mask=_step_mask(c, time_axis, batched))
           if in_order is not None:
-            order = lambda a: None if a is None else in_order(a)
-            c = c.replace(inputs=in_order(c.inputs), outputs=order(c.outputs),
-                          row_mask=order(c.row_mask))
+            c = c.replace(inputs=in_order(c.inputs), outputs=_maybe(in_order, c.outputs),
+                          row_mask=_maybe(in_order, c.row_mask))
           steps = c.inputs.shape[time_axis] * c.time_steps
           if batched:
             merge = lambda a: None if a is None else _merge_time(a, time_axis)
@@ -772,6 +771,10 @@ def untag(out: Any, time_axis: int, batched: bool = True,
 
   out = jax.tree.map(strip, out, is_leaf=lambda n: isinstance(n, StepRecords))
   return out, found
+
+
+def _maybe(f: Callable[[Any], Any], a: Any) -> Any:
+  return None if a is None else f(a)
 
 
 def _step_mask(c: Captured, time_axis: int, batched: bool) -> Optional[jax.Array]:
