@@ -429,3 +429,69 @@ def test_a_conditional_in_an_rnn_cell_pools_the_steps_that_took_it(reverse):
   assert rows["a"] and rows["b"]  # both branches ran on some steps
   for name in "ab":
     ref.assert_factor(state, f"cell/{name}", np.concatenate(rows[name]))
+
+
+class Uneven(nn.Module):
+  """``a`` and ``b`` under conditionals of every shape the slots must line up: ``twice``, a
+  branch calling ``a`` twice and the other once; ``nested``, a cond in a branch of a cond;
+  ``switch``, an index JAX clamps into range; ``python``, a Python-bool predicate."""
+
+  how: str
+
+  @nn.compact
+  def __call__(self, x, i):
+    a = nn.Dense(D, name="a", param_dtype=jnp.float64)
+    b = nn.Dense(D, name="b", param_dtype=jnp.float64)
+    if self.is_initializing():
+      return b(a(x))
+    if self.how == "twice":
+      return jax.lax.cond(i == 0, a, lambda h: a(jnp.tanh(a(h))), x)
+    if self.how == "nested":
+      return jax.lax.cond(i >= 1, lambda h: jax.lax.cond(i == 2, a, lambda z: -b(z), h),
+                          lambda h: -a(2.0 * h), x)
+    if self.how == "switch":
+      return jax.lax.switch(i, [a, b], x)
+    return jax.lax.cond(bool(i), a, b, x)
+
+
+def _uneven_rows(how, i, p, x):
+  """The rows ``a`` and ``b`` see, from a numpy forward pass (None: not called)."""
+  lin = lambda n, h: h @ p[n]["kernel"] + p[n]["bias"]
+  if how == "twice":
+    return {"a": x if i == 0 else np.concatenate([x, np.tanh(lin("a", x))]), "b": None}
+  if how == "nested":
+    return {"a": 2.0 * x if i == 0 else x if i == 2 else None, "b": x if i == 1 else None}
+  if how == "switch":
+    return {"a": x, "b": None} if i <= 0 else {"a": None, "b": x}
+  return {"a": x, "b": None} if i else {"a": None, "b": x}
+
+
+UNEVEN = [("twice", 0), ("twice", 1), ("nested", 0), ("nested", 1), ("nested", 2),
+          ("switch", -3), ("switch", 1), ("switch", 5), ("python", True), ("python", False)]
+
+
+@pytest.mark.parametrize("how,i", UNEVEN, ids=[f"{h}-{i}" for h, i in UNEVEN])
+def test_uneven_and_nested_branches_get_the_rows_of_the_branch_taken(how, i):
+  """Each layer's factor is ``E[x~ x~^T]`` over exactly the rows the branch taken fed it
+  (float64 numpy forward), a layer the branch taken does not call keeps its factor bit for
+  bit: a branch calling ``a`` twice against one calling it once (the second call's slot is
+  masked in the other), a cond nested in a branch (the masks multiply), an out-of-range
+  ``switch`` index (clamped as JAX clamps it, -3 -> 0, 5 -> 1), a Python-bool predicate."""
+  model = Uneven(how)
+  x = _x(9)
+  params = model.init(jax.random.key(1), x, 0)["params"]
+  loss = sngd_jax.capture(lambda p, i: _loss_of(model.apply({"params": p}, x, i)))
+  arg = i if how == "python" else jnp.asarray(i)
+  grads, acts = jax.grad(loss, has_aux=True)(params, arg)
+  tx = sngd_jax.sngd(**ref.one_step_kwargs(), uncalled="skip")  # `twice` never calls b
+  state = tx.init(params)
+  _, new = tx.update(grads, state, params, activations=acts)
+  rows = _uneven_rows(how, i, jax.tree.map(ref.np64, params), np.asarray(x))
+  for name, r in rows.items():
+    if r is None:
+      np.testing.assert_array_equal(np.asarray(new.factors[name]),
+                                    np.asarray(state.factors[name]), err_msg=name)
+      np.testing.assert_array_equal(np.asarray(new.weights[name]),
+                                    np.asarray(state.weights[name]), err_msg=name)
+    else:
+      ref.assert_factor(new, name, r)
