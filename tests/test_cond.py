@@ -495,3 +495,39 @@ def test_uneven_and_nested_branches_get_the_rows_of_the_branch_taken(how, i):
                                     np.asarray(state.weights[name]), err_msg=name)
     else:
       ref.assert_factor(new, name, r)
+
+
+@pytest.mark.parametrize("pattern", [[0, 1, 0], [0, 0, 0]], ids=["both", "one"])
+def test_multisteps_counts_each_micro_batch_for_the_branch_it_took(pattern):
+  """``sngd_jax.MultiSteps`` over 3 micro-batches whose branch is ``pattern``: on the
+  emitting call ``ls_k``'s factor is ``E[x~ x~^T]`` over the rows of the micro-batches that
+  took branch ``k`` (row-weighted: 8 rows each), and a layer no micro-batch ran keeps its
+  factor and weight bit for bit (its accumulated rows stay 0: no NaN from an empty mean)."""
+  from sngd_jax._src.state import only_sngd_state  # noqa: PLC0415
+
+  model = LinenModel("lax.cond", 2)
+  xs = jax.random.normal(jax.random.key(2), (3, B, D), jnp.float64)
+  params = model.init(jax.random.key(1), xs[0], 0)["params"]
+  loss = sngd_jax.capture(lambda p, x, i: _loss_of(model.apply({"params": p}, x, i)))
+  tx = sngd_jax.MultiSteps(sngd_jax.sngd(**ref.one_step_kwargs()), every_k_schedule=3)
+
+  @jax.jit
+  def step(state, x, i):
+    grads, acts = jax.grad(loss, has_aux=True)(params, x, i)
+    return tx.update(grads, state, params, activations=acts)[1]
+
+  state = before = tx.init(params)
+  for m, i in enumerate(pattern):
+    state = step(state, xs[m], jnp.asarray(i))
+  new, old = only_sngd_state(state), only_sngd_state(before)
+  xn = np.asarray(xs)
+  for k in (0, 1):
+    rows = [xn[m] for m, i in enumerate(pattern) if i == k]
+    name = f"ls_{k}"
+    if rows:
+      ref.assert_factor(new, name, np.concatenate(rows))
+    else:
+      np.testing.assert_array_equal(np.asarray(new.factors[name]),
+                                    np.asarray(old.factors[name]), err_msg=name)
+      np.testing.assert_array_equal(np.asarray(new.weights[name]),
+                                    np.asarray(old.weights[name]), err_msg=name)
