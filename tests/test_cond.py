@@ -434,7 +434,8 @@ def test_a_conditional_in_an_rnn_cell_pools_the_steps_that_took_it(reverse):
 class Uneven(nn.Module):
   """``a`` and ``b`` under conditionals of every shape the slots must line up: ``twice``, a
   branch calling ``a`` twice and the other once; ``nested``, a cond in a branch of a cond;
-  ``switch``, an index JAX clamps into range; ``python``, a Python-bool predicate."""
+  ``switch``, an index JAX clamps into range; ``python``, a Python-bool predicate;
+  ``legacy``, ``cond(pred, true_operand, true_fun, false_operand, false_fun)``."""
 
   how: str
 
@@ -451,6 +452,8 @@ class Uneven(nn.Module):
                           lambda h: -a(2.0 * h), x)
     if self.how == "switch":
       return jax.lax.switch(i, [a, b], x)
+    if self.how == "legacy":  # JAX's deprecated order, which it still runs
+      return jax.lax.cond(i == 0, x, a, 2.0 * x, b)
     return jax.lax.cond(bool(i), a, b, x)
 
 
@@ -463,11 +466,14 @@ def _uneven_rows(how, i, p, x):
     return {"a": 2.0 * x if i == 0 else x if i == 2 else None, "b": x if i == 1 else None}
   if how == "switch":
     return {"a": x, "b": None} if i <= 0 else {"a": None, "b": x}
+  if how == "legacy":
+    return {"a": x, "b": None} if i == 0 else {"a": None, "b": 2.0 * x}
   return {"a": x, "b": None} if i else {"a": None, "b": x}
 
 
 UNEVEN = [("twice", 0), ("twice", 1), ("nested", 0), ("nested", 1), ("nested", 2),
-          ("switch", -3), ("switch", 1), ("switch", 5), ("python", True), ("python", False)]
+          ("switch", -3), ("switch", 1), ("switch", 5), ("python", True), ("python", False),
+          ("legacy", 0), ("legacy", 1)]
 
 
 @pytest.mark.parametrize("how,i", UNEVEN, ids=[f"{h}-{i}" for h, i in UNEVEN])
@@ -476,7 +482,9 @@ def test_uneven_and_nested_branches_get_the_rows_of_the_branch_taken(how, i):
   (float64 numpy forward), a layer the branch taken does not call keeps its factor bit for
   bit: a branch calling ``a`` twice against one calling it once (the second call's slot is
   masked in the other), a cond nested in a branch (the masks multiply), an out-of-range
-  ``switch`` index (clamped as JAX clamps it, -3 -> 0, 5 -> 1), a Python-bool predicate."""
+  ``switch`` index (clamped as JAX clamps it, -3 -> 0, 5 -> 1), a Python-bool predicate, and
+  ``cond`` in JAX's deprecated argument order (until 2026-12-06 capture called the true
+  operand as the branch: ``TypeError: Dense.__call__() takes 2 positional arguments``)."""
   model = Uneven(how)
   x = _x(9)
   params = model.init(jax.random.key(1), x, 0)["params"]
