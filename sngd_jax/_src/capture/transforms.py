@@ -388,6 +388,8 @@ def cond(*args, **kwargs) -> Any:
 def switch(index: Any, branches: Any, *operands, **kwargs) -> Any:
   """``jax.lax.switch`` whose branches' records leave it (``_conditional``)."""
   rec = _active()
+  if rec is not None and set(kwargs) == {"operand"} and not operands:
+    operands, kwargs = (kwargs["operand"],), {}  # `switch(i, branches, operand=x)`
   if rec is None or kwargs:
     return _ORIGINAL["switch"](index, branches, *operands, **kwargs)
   branches = list(branches)
