@@ -544,3 +544,28 @@ def test_multisteps_counts_each_micro_batch_for_the_branch_it_took(pattern):
                                     np.asarray(old.factors[name]), err_msg=name)
       np.testing.assert_array_equal(np.asarray(new.weights[name]),
                                     np.asarray(old.weights[name]), err_msg=name)
+
+
+def test_stats_batch_size_cuts_a_per_example_branch_mask_with_a_float_weight():
+  """A branch per example under ``jax.vmap`` (a mask per example), times a float weight per
+  example from ``with_row_mask``, with ``stats_batch_size=5``: ``ls_k``'s factor is the
+  weighted ``sum w x~ x~^T / sum w`` over the first 5 examples that took branch ``k``
+  (float64 numpy)."""
+  model = LinenModel("lax.cond", 2)
+  x = _x(3)
+  params = model.init(jax.random.key(1), x, 0)["params"]
+  per_example = lambda p, xb, ib: model.apply({"params": p}, xb, ib)
+  loss = sngd_jax.capture(
+      lambda p, x, idx: _loss_of(jax.vmap(per_example, in_axes=(None, 0, 0))(p, x, idx)))
+  idx = np.array([0, 1, 1, 0, 1, 1, 0, 1])
+  w = np.linspace(0.1, 1.0, B)
+  grads, acts = jax.grad(loss, has_aux=True)(params, x, jnp.asarray(idx))
+  acts = sngd_jax.with_row_mask(acts, jnp.asarray(w))
+  tx = sngd_jax.sngd(**ref.one_step_kwargs(), stats_batch_size=5)
+  _, state = tx.update(grads, tx.init(params), params, activations=acts)
+  rows = np.concatenate([np.asarray(x), np.ones((B, 1))], axis=1)
+  for k in (0, 1):
+    sel = (idx == k) & (np.arange(B) < 5)
+    want = (rows[sel] * w[sel, None]).T @ rows[sel] / w[sel].sum()
+    np.testing.assert_allclose(ref.normalized_factor(state, f"ls_{k}"), want, rtol=1e-10,
+                               atol=1e-12, err_msg=f"ls_{k}")
