@@ -325,11 +325,12 @@ def _swapped(cls: type, name: str, make: Callable[[Callable], Callable]) -> Iter
     entry[2] += 1
   stacks = _HOOKS.__dict__.setdefault("stacks", {})
   stack = stacks.setdefault(key, [])
-  stack.append(make(stack[-1] if stack else entry[1]))
+  depth = len(stack)
   try:
+    stack.append(make(stack[-1] if stack else entry[1]))
     yield
   finally:
-    stack.pop()
+    del stack[depth:]
     with _SWAP_LOCK:
       entry[2] -= 1
       if entry[2] == 0:
