@@ -98,7 +98,10 @@ class Captured:
     row_mask: None, or the weight of each row (1 real, 0 padding) that
       ``sngd_jax.with_row_mask`` set: an array of ``inputs.ndim`` axes that
       broadcasts against ``inputs``, full along ``batch_axis`` (and a token
-      axis), size 1 elsewhere. Cut, sliced and moved with ``inputs``.
+      axis), size 1 elsewhere. Cut, sliced and moved with ``inputs``. A conditional's
+      (``[its branch ran]``, ``transforms._conditional``) is size 1 along the examples
+      unless its predicate was batched, and full along the axis of a scan over time that
+      the conditional ran in (each step's branch); ``with_row_mask`` multiplies into it.
   """
 
   inputs: jax.Array
