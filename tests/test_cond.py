@@ -372,3 +372,200 @@ def test_conv_rows_formed_in_chunks_of_examples_read_the_branch_mask(monkeypatch
                              ref.normalized_factor(direct, "c1"), rtol=1e-12, atol=1e-14)
   np.testing.assert_array_equal(np.asarray(branch.factors["c0"]),
                                 np.asarray(before.factors["c0"]))
+
+
+class SwitchingCell(nn.RNNCellBase):
+  """A cell that runs ``a`` on steps whose carry sums to more than 0 over the batch, else
+  ``b`` (one branch per step: the predicate is a scalar)."""
+
+  @nn.compact
+  def __call__(self, carry, x):
+    a = nn.Dense(D, name="a", param_dtype=jnp.float64)
+    b = nn.Dense(D, name="b", param_dtype=jnp.float64)
+    if self.is_initializing():
+      h = a(x) + b(x)
+    else:
+      h = jax.lax.cond(jnp.sum(carry) > 0, a, b, x + carry)
+    return jnp.tanh(h), h
+
+  def initialize_carry(self, rng, input_shape):
+    return jnp.zeros(input_shape[:-1] + (D,), jnp.float64)
+
+  @property
+  def num_feature_axes(self):
+    return 1
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse_seq_lengths"])
+def test_a_conditional_in_an_rnn_cell_pools_the_steps_that_took_it(reverse):
+  """A ``cond`` inside an ``nn.RNNCellBase`` run by ``nn.RNN`` (its records leave the scan
+  through the cell's output and time is merged into rows): each layer's factor is
+  ``E[x~ x~^T]`` over the rows of the steps that took its branch (float64 numpy recurrence;
+  reversed, each example's first ``seq_lengths[b]`` steps flipped first, as ``nn.RNN``
+  flips them). The branch mask,
+  one per step, is broadcast, flipped and merged with the inputs: until 2026-12-06 a
+  ``(1, T, 1)`` mask met ``(T * B, D)`` inputs and ``update`` raised in ``broadcast_to``."""
+  steps = 5
+  xs = jax.random.normal(jax.random.key(8), (B, steps, D), jnp.float64)
+  lengths = jnp.array([5, 3, 4, 5, 2, 5, 1, 4])
+  rnn = nn.RNN(SwitchingCell(), reverse=reverse, keep_order=False)
+  kw = dict(seq_lengths=lengths) if reverse else {}
+  params = rnn.init(jax.random.key(1), xs, **kw)["params"]
+  loss = sngd_jax.capture(lambda p: jnp.sum(jnp.sin(rnn.apply({"params": p}, xs, **kw))))
+  grads, acts = jax.grad(loss, has_aux=True)(params)
+  tx = sngd_jax.sngd(**ref.one_step_kwargs())
+  _, state = tx.update(grads, tx.init(params), params, activations=acts)
+  p = jax.tree.map(ref.np64, params)["cell"]
+  xn = np.asarray(xs)
+  if reverse:  # nn.RNN flips each example's first seq_lengths[b] steps (and the rest)
+    order = (np.arange(steps)[::-1][None] + np.asarray(lengths)[:, None]) % steps
+    xn = np.take_along_axis(xn, order[:, :, None], axis=1)
+  rows, carry = {"a": [], "b": []}, np.zeros((B, D))
+  for t in range(steps):
+    z = xn[:, t] + carry
+    name = "a" if carry.sum() > 0 else "b"
+    rows[name].append(z)
+    carry = np.tanh(z @ p[name]["kernel"] + p[name]["bias"])
+  assert rows["a"] and rows["b"]  # both branches ran on some steps
+  for name in "ab":
+    ref.assert_factor(state, f"cell/{name}", np.concatenate(rows[name]))
+
+
+class Uneven(nn.Module):
+  """``a`` and ``b`` under conditionals of every shape the slots must line up: ``twice``, a
+  branch calling ``a`` twice and the other once; ``nested``, a cond in a branch of a cond;
+  ``switch``, an index JAX clamps into range; ``python``, a Python-bool predicate;
+  ``legacy``, ``cond(pred, true_operand, true_fun, false_operand, false_fun)``; ``switch_kw``,
+  the operand by keyword."""
+
+  how: str
+
+  @nn.compact
+  def __call__(self, x, i):
+    a = nn.Dense(D, name="a", param_dtype=jnp.float64)
+    b = nn.Dense(D, name="b", param_dtype=jnp.float64)
+    if self.is_initializing():
+      return b(a(x))
+    if self.how == "twice":
+      return jax.lax.cond(i == 0, a, lambda h: a(jnp.tanh(a(h))), x)
+    if self.how == "nested":
+      return jax.lax.cond(i >= 1, lambda h: jax.lax.cond(i == 2, a, lambda z: -b(z), h),
+                          lambda h: -a(2.0 * h), x)
+    if self.how == "switch":
+      return jax.lax.switch(i, [a, b], x)
+    if self.how == "switch_kw":
+      return jax.lax.switch(i, [lambda h: a(h), lambda h: b(h)], operand=x)
+    if self.how == "legacy":  # JAX's deprecated order, which it still runs
+      return jax.lax.cond(i == 0, x, a, 2.0 * x, b)
+    return jax.lax.cond(bool(i), a, b, x)
+
+
+def _uneven_rows(how, i, p, x):
+  """The rows ``a`` and ``b`` see, from a numpy forward pass (None: not called)."""
+  lin = lambda n, h: h @ p[n]["kernel"] + p[n]["bias"]
+  if how == "twice":
+    return {"a": x if i == 0 else np.concatenate([x, np.tanh(lin("a", x))]), "b": None}
+  if how == "nested":
+    return {"a": 2.0 * x if i == 0 else x if i == 2 else None, "b": x if i == 1 else None}
+  if how in ("switch", "switch_kw"):
+    return {"a": x, "b": None} if i <= 0 else {"a": None, "b": x}
+  if how == "legacy":
+    return {"a": x, "b": None} if i == 0 else {"a": None, "b": 2.0 * x}
+  return {"a": x, "b": None} if i else {"a": None, "b": x}
+
+
+UNEVEN = [("twice", 0), ("twice", 1), ("nested", 0), ("nested", 1), ("nested", 2),
+          ("switch", -3), ("switch", 1), ("switch", 5), ("python", True), ("python", False),
+          ("legacy", 0), ("legacy", 1), ("switch_kw", 1)]
+
+
+@pytest.mark.parametrize("how,i", UNEVEN, ids=[f"{h}-{i}" for h, i in UNEVEN])
+def test_uneven_and_nested_branches_get_the_rows_of_the_branch_taken(how, i):
+  """Each layer's factor is ``E[x~ x~^T]`` over exactly the rows the branch taken fed it
+  (float64 numpy forward), a layer the branch taken does not call keeps its factor bit for
+  bit: a branch calling ``a`` twice against one calling it once (the second call's slot is
+  masked in the other), a cond nested in a branch (the masks multiply), an out-of-range
+  ``switch`` index (clamped as JAX clamps it, -3 -> 0, 5 -> 1), a Python-bool predicate, and
+  ``cond`` in JAX's deprecated argument order (until 2026-12-06 capture called the true
+  operand as the branch: ``TypeError: Dense.__call__() takes 2 positional arguments``), and
+  ``switch(i, branches, operand=x)`` (left to JAX, its layers were reported as not captured
+  by a warning that named jit and loops only)."""
+  model = Uneven(how)
+  x = _x(9)
+  params = model.init(jax.random.key(1), x, 0)["params"]
+  loss = sngd_jax.capture(lambda p, i: _loss_of(model.apply({"params": p}, x, i)))
+  arg = i if how == "python" else jnp.asarray(i)
+  grads, acts = jax.grad(loss, has_aux=True)(params, arg)
+  tx = sngd_jax.sngd(**ref.one_step_kwargs(), uncalled="skip")  # `twice` never calls b
+  state = tx.init(params)
+  _, new = tx.update(grads, state, params, activations=acts)
+  rows = _uneven_rows(how, i, jax.tree.map(ref.np64, params), np.asarray(x))
+  for name, r in rows.items():
+    if r is None:
+      np.testing.assert_array_equal(np.asarray(new.factors[name]),
+                                    np.asarray(state.factors[name]), err_msg=name)
+      np.testing.assert_array_equal(np.asarray(new.weights[name]),
+                                    np.asarray(state.weights[name]), err_msg=name)
+    else:
+      ref.assert_factor(new, name, r)
+
+
+@pytest.mark.parametrize("pattern", [[0, 1, 0], [0, 0, 0]], ids=["both", "one"])
+def test_multisteps_counts_each_micro_batch_for_the_branch_it_took(pattern):
+  """``sngd_jax.MultiSteps`` over 3 micro-batches whose branch is ``pattern``: on the
+  emitting call ``ls_k``'s factor is ``E[x~ x~^T]`` over the rows of the micro-batches that
+  took branch ``k`` (row-weighted: 8 rows each), and a layer no micro-batch ran keeps its
+  factor and weight bit for bit (its accumulated rows stay 0: no NaN from an empty mean)."""
+  from sngd_jax._src.state import only_sngd_state  # noqa: PLC0415
+
+  model = LinenModel("lax.cond", 2)
+  xs = jax.random.normal(jax.random.key(2), (3, B, D), jnp.float64)
+  params = model.init(jax.random.key(1), xs[0], 0)["params"]
+  loss = sngd_jax.capture(lambda p, x, i: _loss_of(model.apply({"params": p}, x, i)))
+  tx = sngd_jax.MultiSteps(sngd_jax.sngd(**ref.one_step_kwargs()), every_k_schedule=3)
+
+  @jax.jit
+  def step(state, x, i):
+    grads, acts = jax.grad(loss, has_aux=True)(params, x, i)
+    return tx.update(grads, state, params, activations=acts)[1]
+
+  state = before = tx.init(params)
+  for m, i in enumerate(pattern):
+    state = step(state, xs[m], jnp.asarray(i))
+  new, old = only_sngd_state(state), only_sngd_state(before)
+  xn = np.asarray(xs)
+  for k in (0, 1):
+    rows = [xn[m] for m, i in enumerate(pattern) if i == k]
+    name = f"ls_{k}"
+    if rows:
+      ref.assert_factor(new, name, np.concatenate(rows))
+    else:
+      np.testing.assert_array_equal(np.asarray(new.factors[name]),
+                                    np.asarray(old.factors[name]), err_msg=name)
+      np.testing.assert_array_equal(np.asarray(new.weights[name]),
+                                    np.asarray(old.weights[name]), err_msg=name)
+
+
+def test_stats_batch_size_cuts_a_per_example_branch_mask_with_a_float_weight():
+  """A branch per example under ``jax.vmap`` (a mask per example), times a float weight per
+  example from ``with_row_mask``, with ``stats_batch_size=5``: ``ls_k``'s factor is the
+  weighted ``sum w x~ x~^T / sum w`` over the first 5 examples that took branch ``k``
+  (float64 numpy)."""
+  model = LinenModel("lax.cond", 2)
+  x = _x(3)
+  params = model.init(jax.random.key(1), x, 0)["params"]
+  per_example = lambda p, xb, ib: model.apply({"params": p}, xb, ib)
+  loss = sngd_jax.capture(
+      lambda p, x, idx: _loss_of(jax.vmap(per_example, in_axes=(None, 0, 0))(p, x, idx)))
+  idx = np.array([0, 1, 1, 0, 1, 1, 0, 1])
+  w = np.linspace(0.1, 1.0, B)
+  grads, acts = jax.grad(loss, has_aux=True)(params, x, jnp.asarray(idx))
+  acts = sngd_jax.with_row_mask(acts, jnp.asarray(w))
+  tx = sngd_jax.sngd(**ref.one_step_kwargs(), stats_batch_size=5)
+  _, state = tx.update(grads, tx.init(params), params, activations=acts)
+  rows = np.concatenate([np.asarray(x), np.ones((B, 1))], axis=1)
+  for k in (0, 1):
+    sel = (idx == k) & (np.arange(B) < 5)
+    want = (rows[sel] * w[sel, None]).T @ rows[sel] / w[sel].sum()
+    np.testing.assert_allclose(ref.normalized_factor(state, f"ls_{k}"), want, rtol=1e-10,
+                               atol=1e-12, err_msg=f"ls_{k}")

@@ -497,3 +497,60 @@ def test_a_model_cast_inside_the_loss_warns_naming_the_cast_and_the_fix():
                     r"cast to another dtype inside the loss.*@sngd_jax.dense_layer"):
     _, acts = sngd_jax.capture_eqx(loss)(mlp, jnp.ones((3, 4), jnp.float64))
   assert not acts
+
+
+def test_captures_on_two_threads_record_their_own_calls_and_restore_the_classes():
+  """Capture swaps ``eqx.nn.Linear.__call__``, ``eqx.nn.Embedding.__getattribute__`` (and
+  others) on the class while it runs. Thread A captures and waits inside its loss while
+  (1) the main thread, not capturing, calls the same model's layers and reads its table by
+  hand, and (2) thread B starts a capture that outlives A's. A records its own calls only
+  (one call of ``mid``, no table-read warning), and once both end the classes hold
+  Equinox's own methods again. Until 2026-12-06 the swaps were process-wide and each capture
+  restored the method it found: A recorded the main thread's call (a tracer of its vmap, so
+  A dropped ``mid`` as not captured) and warned of the main thread's table read, B recorded
+  nothing, and ``Linear.__call__``, ``Embedding.__call__`` and ``__getattribute__`` were left
+  as A's wrappers for good (A's recorder kept every later call)."""
+  import threading  # noqa: PLC0415
+
+  model = HandTied(KEYS[1])
+  own = {cls: dict(cls.__dict__) for cls in (eqx.nn.Linear, eqx.nn.Embedding)}
+  a_inside, b_inside, a_done = threading.Event(), threading.Event(), threading.Event()
+  out: dict = {}
+
+  def loss(m, t):
+    return jnp.sum(jax.vmap(lambda k: jnp.tanh(m.mid(m.emb(k))))(t))
+
+  def run_a():
+    def waiting(m, t):
+      a_inside.set()
+      assert b_inside.wait(60)
+      return loss(m, t)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      out["a"] = sngd_jax.capture_eqx(waiting)(model, TOKENS)[1]
+    out["a_warnings"] = [str(w.message) for w in caught if "sngd" in str(w.message)]
+
+  def run_b():
+    def waiting(m, t):
+      b_inside.set()
+      assert a_done.wait(60)
+      return loss(m, t)
+    out["b"] = sngd_jax.capture_eqx(waiting)(model, TOKENS)[1]
+
+  a = threading.Thread(target=run_a)
+  a.start()
+  assert a_inside.wait(60)
+  jax.vmap(model.mid)(jnp.ones((2, 3), jnp.float64))  # the main thread, not capturing
+  _ = model.emb.weight @ jnp.ones(3, jnp.float64)
+  b = threading.Thread(target=run_b)
+  b.start()
+  a.join(60)
+  a_done.set()
+  b.join(60)
+  assert not a.is_alive() and not b.is_alive()
+  assert {p: len(c) for p, c in out["a"].items()} == {"emb": 1, "mid": 1}, out["a"]
+  assert {p: len(c) for p, c in out["b"].items()} == {"emb": 1, "mid": 1}, out["b"]
+  assert not out["a_warnings"], out["a_warnings"]
+  for cls, before in own.items():
+    for name in ("__call__", "__getattribute__"):
+      assert cls.__dict__.get(name) is before.get(name), (cls, name)

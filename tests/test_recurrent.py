@@ -285,3 +285,23 @@ def test_nnx_rnn_on_one_sequence_without_batch_axis():
     np.testing.assert_allclose(u[name]["kernel"], kernel, rtol=1e-8, atol=1e-12, err_msg=name)
     if bias is not None:
       np.testing.assert_allclose(u[name]["bias"], bias, rtol=1e-8, atol=1e-12, err_msg=name)
+
+
+def test_nnx_rnn_that_is_the_model_itself_names_its_cell_layers():
+  """An ``nnx.RNN`` passed as the model (the root of the graph, path ``''``): its cell's
+  layers are named ``'cell/dense_i'``, as the params are, and ``dense_i``'s factor is the
+  float64 Gram sum of every step's inputs. Until 2026-12-06 they were named
+  ``'/cell/dense_i'`` and ``update`` raised that no activations were captured for
+  ``'cell/dense_i'``."""
+  from flax import nnx  # noqa: PLC0415
+
+  rnn = nnx.RNN(nnx.SimpleCell(2, 3, rngs=nnx.Rngs(0), dtype=jnp.float64,
+                                param_dtype=jnp.float64))
+  xs = jax.random.normal(jax.random.key(1), (4, 5, 2), jnp.float64)
+  loss = sngd_jax.capture_nnx(lambda m: jnp.sum(jnp.sin(m(xs))))
+  (_, acts), grads = nnx.value_and_grad(loss, has_aux=True)(rnn)
+  assert set(acts) == {"cell/dense_i", "cell/dense_h"}
+  params = nnx.state(rnn, nnx.Param)
+  tx = sngd_jax.sngd(**ref.one_step_kwargs())
+  _, state = tx.update(grads, tx.init(params), params, activations=acts)
+  ref.assert_factor(state, "cell/dense_i", np.asarray(xs).reshape(-1, 2))

@@ -339,7 +339,7 @@ def _rnn_call(rec: _NNXRecorder):
     @functools.wraps(original)
     def call(self, inputs, *args, **kwargs):
       path = rec.path_of(self)
-      with rec.rnn(None if path is None else path + "/cell"):
+      with rec.rnn(None if path is None else paths.join([p for p in (path, "cell") if p])):
         out = original(self, inputs, *args, **kwargs)
       time_major = kwargs.get("time_major")
       time_major = self.time_major if time_major is None else time_major

@@ -101,7 +101,10 @@ class Captured:
     row_mask: None, or the weight of each row (1 real, 0 padding) that
       ``sngd_jax.with_row_mask`` set: an array of ``inputs.ndim`` axes that
       broadcasts against ``inputs``, full along ``batch_axis`` (and a token
-      axis), size 1 elsewhere. Cut, sliced and moved with ``inputs``.
+      axis), size 1 elsewhere. Cut, sliced and moved with ``inputs``. A conditional's
+      (``[its branch ran]``, ``transforms._conditional``) is size 1 along the examples
+      unless its predicate was batched, and full along the axis of a scan over time that
+      the conditional ran in (each step's branch); ``with_row_mask`` multiplies into it.
   """
 
   inputs: jax.Array
@@ -757,16 +760,19 @@ def untag(out: Any, time_axis: int, batched: bool = True,
       for path, calls in node.records.items():
         for p in calls:
           c = p.captured
+          c = c.replace(row_mask=_step_mask(c, time_axis, batched))
           if in_order is not None:
-            c = c.replace(inputs=in_order(c.inputs),
-                          outputs=None if c.outputs is None else in_order(c.outputs))
+            c = c.replace(inputs=in_order(c.inputs), outputs=_maybe(in_order, c.outputs),
+                          row_mask=_maybe(in_order, c.row_mask))
           steps = c.inputs.shape[time_axis] * c.time_steps
           if batched:
             merge = lambda a: None if a is None else _merge_time(a, time_axis)
-            c = c.replace(inputs=merge(c.inputs), outputs=merge(c.outputs), time_steps=steps)
+            c = c.replace(inputs=merge(c.inputs), outputs=merge(c.outputs),
+                          row_mask=merge(c.row_mask), time_steps=steps)
           else:
             lead = lambda a: None if a is None else jnp.moveaxis(a, time_axis, 0)
-            c = c.replace(inputs=lead(c.inputs), outputs=lead(c.outputs), time_steps=steps,
+            c = c.replace(inputs=lead(c.inputs), outputs=lead(c.outputs),
+                          row_mask=lead(c.row_mask), time_steps=steps,
                           config=axes_shifted(c.kind, c.config, 1), batch_axis=0)
           found.setdefault(path, []).append(p.replace(captured=c))
       return node.value
@@ -774,6 +780,24 @@ def untag(out: Any, time_axis: int, batched: bool = True,
 
   out = jax.tree.map(strip, out, is_leaf=lambda n: isinstance(n, StepRecords))
   return out, found
+
+
+def _maybe(f: Callable[[Any], Any], a: Any) -> Any:
+  return None if a is None else f(a)
+
+
+def _step_mask(c: Captured, time_axis: int, batched: bool) -> Optional[jax.Array]:
+  """The row mask of a cell's record stacked over the RNN's steps (a conditional's inside the
+  cell, ``transforms._conditional``: one per step, size 1 along the examples unless its
+  predicate was batched), broadcast along the time axis and the batch axes before it (or the
+  one after it, time-major), so that it is flipped per example and merged with time into
+  rows exactly as the inputs are (``untag``). Unbroadcast, a ``(1, T, 1)`` mask met the
+  merged ``(T * B, D)`` inputs and ``update`` failed in ``jnp.broadcast_to``."""
+  m = c.row_mask
+  if m is None:
+    return None
+  n = max(time_axis, 1) + 1 if batched else time_axis + 1
+  return jnp.broadcast_to(m, c.inputs.shape[:n] + m.shape[n:])
 
 
 def _merge_time(a: jax.Array, time_axis: int) -> jax.Array:

@@ -380,7 +380,8 @@ def _cond_arguments(args: tuple, kwargs: dict) -> Optional[tuple[Any, Callable, 
                                                                    tuple]]:
   """``(pred, true_fun, false_fun, operands)`` of a ``jax.lax.cond`` call, also one that
   passes them by keyword (``hk.cond`` calls ``cond(pred, true_fun=..., false_fun=...,
-  operand=...)``); None for a call this module leaves to JAX (other keywords)."""
+  operand=...)``) or in JAX's deprecated order ``cond(pred, true_operand, true_fun,
+  false_operand, false_fun)``; None for a call this module leaves to JAX (other keywords)."""
   kwargs = dict(kwargs)
   names = ("pred", "true_fun", "false_fun")
   head = list(args[:3])
@@ -395,7 +396,13 @@ def _cond_arguments(args: tuple, kwargs: dict) -> Optional[tuple[Any, Callable, 
     operands = (kwargs.pop("operand"),)
   if kwargs:
     return None
-  return head[0], head[1], head[2], operands
+  pred, true_fun, false_fun = head
+  if not callable(true_fun) and callable(false_fun) and len(operands) == 2 and callable(
+      operands[1]):  # JAX's deprecated `cond(pred, x_true, f_true, x_false, f_false)`, which
+    # JAX still runs as below (it failed here with the operand called as the branch)
+    (x_true, f_true), (x_false, f_false) = (true_fun, false_fun), operands
+    return (pred, lambda x, _: f_true(x), lambda _, x: f_false(x), (x_true, x_false))
+  return pred, true_fun, false_fun, operands
 
 
 def cond(*args, **kwargs) -> Any:
@@ -412,6 +419,8 @@ def cond(*args, **kwargs) -> Any:
 def switch(index: Any, branches: Any, *operands, **kwargs) -> Any:
   """``jax.lax.switch`` whose branches' records leave it (``_conditional``)."""
   rec = _active()
+  if rec is not None and set(kwargs) == {"operand"} and not operands:
+    operands, kwargs = (kwargs["operand"],), {}  # `switch(i, branches, operand=x)`
   if rec is None or kwargs:
     return _ORIGINAL["switch"](index, branches, *operands, **kwargs)
   branches = list(branches)
