@@ -590,3 +590,45 @@ def test_per_layer_masks_compose_with_an_earlier_mask():
   for path in layers:
     for a, b in zip(twice[path], once[path], strict=True):
       np.testing.assert_allclose(np.asarray(a.row_mask), np.asarray(b.row_mask), rtol=1e-6)
+
+
+def test_an_expert_of_a_scanned_block_without_tokens_starts_from_its_blocks_experts():
+  """Experts stacked ``(L, E)`` by MoE blocks under ``nn.scan``: before the first estimate an
+  expert that received no token starts from the row-weighted mean of the experts of its own
+  block, which read the same tokens (the float64 normalized factors of the others, by their
+  row counts). It was the mean over every block's experts (0.19 relative off, on this batch):
+  the other blocks read other inputs, the residual stream after more blocks. A block whose
+  experts all received none starts from the mean over every block's."""
+  with jax.enable_x64(True):
+    model = _Deep()
+    x, y = _batch()
+    params = _jittered(model.init(jax.random.key(0), x)["params"])
+
+    def loss(p, x, y):
+      out, dispatch = model.apply({"params": p}, x)
+      return _mse(out, y), dispatch
+
+    grad_fn = jax.value_and_grad(sngd_jax.capture(loss, has_aux=True), has_aux=True)
+    (_, (dispatch, acts)), grads = grad_fn(params, x, y)
+    slots = np.asarray(jnp.transpose(dispatch.sum(2), (0, 2, 1, 3)) > 0, np.float64)
+    tx = sngd_jax.sngd(**ref.ONE_STEP)
+    step = jax.jit(lambda m: tx.update(grads, tx.init(params), params,
+                                       activations=sngd_jax.with_row_mask(
+                                           acts, m, per_layer=True,
+                                           where=lambda p: "experts" in p))[1])
+    one = slots.copy()
+    one[1, 1] = 0.0  # expert 1 of block 1
+    block = slots.copy()
+    block[1] = 0.0  # every expert of block 1
+    for name in ("wi", "wo"):
+      path = f"blocks/moe/experts/{name}"
+      g = ref.normalized_factor(step(one), path)
+      n = one.sum((2, 3))
+      want = np.tensordot(n[1] / n[1].sum(), g[1], axes=1)
+      assert n[1, 1] == 0 and n[1].sum() > 0
+      np.testing.assert_allclose(g[1, 1], want, rtol=1e-10, atol=1e-13, err_msg=path)
+      g = ref.normalized_factor(step(block), path)
+      n = block.sum((2, 3))
+      want = np.tensordot(n[0] / n[0].sum(), g[0], axes=1)
+      for e in range(E):
+        np.testing.assert_allclose(g[1, e], want, rtol=1e-10, atol=1e-13, err_msg=path)
