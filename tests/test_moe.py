@@ -477,7 +477,9 @@ def test_multisteps_refuses_per_layer_masks_naming_the_layer():
 def test_per_layer_masks_weigh_each_experts_rows_across_devices():
   """Under ``axis_name`` each expert's estimate is the row-weighted mean of the devices'
   (a device whose shard sent the expert fewer tokens weighs less): the same factors as one
-  device holding both shards' slots, per expert."""
+  device holding both shards' slots, per expert. Also where an expert received no token on
+  one device and some on the other (expert 1's slots of group 0, device 0's, masked): its
+  factor is the other device's estimate, not a mean with device 0's empty one, nor kept."""
   with jax.enable_x64(True):
     model = LinenMoE()
     x, y = _batch()
@@ -485,26 +487,31 @@ def test_per_layer_masks_weigh_each_experts_rows_across_devices():
     loss = lambda p, x, y: _mse(model.apply({"params": p}, x)[0], y)
     layer = lambda p: p.startswith("experts")
 
-    def acts_of(x, y):
+    def acts_of(x, y, keep):
       (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x, y)
-      slots = occupied_slots(model.apply({"params": params}, x)[1])
+      slots = occupied_slots(model.apply({"params": params}, x)[1]) * keep
       return sngd_jax.with_row_mask(acts, slots, per_layer=True, where=layer), grads
 
     one = dict(ref.ONE_STEP)
     tx = sngd_jax.sngd(**one)
-    acts, grads = acts_of(x, y)
-    want = jax.jit(lambda g, a: tx.update(g, tx.init(params), params, activations=a)[1])(
-        grads, acts)
     txd = sngd_jax.sngd(**one, axis_name="d")
 
-    def per_device(x, y):
-      acts, grads = acts_of(x[None], y[None])  # one group per device
+    def per_device(x, y, keep):
+      acts, grads = acts_of(x[None], y[None], keep[:, None])  # one group per device
       return txd.update(grads, txd.init(params), params, activations=acts)[1].factors
 
-    got = jax.jit(jax.vmap(per_device, axis_name="d"))(x, y)
-    for path in ("experts/wi", "experts/wo"):
-      np.testing.assert_allclose(np.asarray(got[path][0]), np.asarray(want.factors[path]),
-                                 rtol=1e-10, atol=1e-13)
+    starved = np.ones((E, G, CAP))
+    starved[1, 0] = 0.0
+    for keep in (np.ones((E, G, CAP)), starved):
+      acts, grads = acts_of(x, y, keep)
+      assert np.all(np.asarray(acts["experts/wi"][0].row_mask).sum(
+          tuple(range(1, 4))) > 0)  # every expert has rows on some device
+      want = jax.jit(lambda g, a: tx.update(g, tx.init(params), params, activations=a)[1])(
+          grads, acts)
+      got = jax.jit(jax.vmap(per_device, axis_name="d"))(x, y, np.swapaxes(keep, 0, 1))
+      for path in ("experts/wi", "experts/wo"):
+        np.testing.assert_allclose(np.asarray(got[path][0]), np.asarray(want.factors[path]),
+                                   rtol=1e-10, atol=1e-13)
 
 
 def test_optax_chain_passes_the_per_layer_mask():
