@@ -515,19 +515,28 @@ def test_per_layer_masks_weigh_each_experts_rows_across_devices():
 
 
 def test_optax_chain_passes_the_per_layer_mask():
-  """Through ``optax.chain`` the masked activations reach ``sngd`` (smoke: finite step)."""
+  """Through ``optax.chain`` the masked activations reach ``sngd``: its state's expert factors
+  are those of ``sngd`` alone given the mask, bit for bit, and not those without it (the
+  padding slots' rows). It was a smoke test (a finite step), which a dropped mask passed."""
   model = LinenMoE()
   x, y = _batch()
   params = model.init(jax.random.key(0), x)["params"]
   loss = lambda p, x, y: _mse(model.apply({"params": p}, x)[0], y)
   (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x, y)
   slots = occupied_slots(model.apply({"params": params}, x)[1])
-  acts = sngd_jax.with_row_mask(acts, slots, per_layer=True,
-                                where=lambda p: p.startswith("experts"))
-  tx = optax.chain(sngd_jax.sngd(), optax.sgd(0.1))
-  updates, _ = jax.jit(lambda g, s, a: tx.update(g, s, params, activations=a))(
-      grads, tx.init(params), acts)
+  masked = sngd_jax.with_row_mask(acts, slots, per_layer=True,
+                                  where=lambda p: p.startswith("experts"))
+  sngd = sngd_jax.sngd(factor_every=1)
+  tx = optax.chain(sngd, optax.sgd(0.1))
+  updates, (state, _) = jax.jit(lambda g, s, a: tx.update(g, s, params, activations=a))(
+      grads, tx.init(params), masked)
   assert ref.all_finite(updates)
+  alone = jax.jit(lambda g, s, a: sngd.update(g, s, params, activations=a)[1])
+  want, unmasked = (alone(grads, sngd.init(params), a) for a in (masked, acts))
+  for path in ("experts/wi", "experts/wo"):
+    np.testing.assert_array_equal(np.asarray(state.factors[path]),
+                                  np.asarray(want.factors[path]))
+    assert np.abs(np.asarray(want.factors[path]) - np.asarray(unmasked.factors[path])).max() > 0
 
 
 class _Block(nn.Module):
