@@ -477,7 +477,9 @@ def test_multisteps_refuses_per_layer_masks_naming_the_layer():
 def test_per_layer_masks_weigh_each_experts_rows_across_devices():
   """Under ``axis_name`` each expert's estimate is the row-weighted mean of the devices'
   (a device whose shard sent the expert fewer tokens weighs less): the same factors as one
-  device holding both shards' slots, per expert."""
+  device holding both shards' slots, per expert. Also where an expert received no token on
+  one device and some on the other (expert 1's slots of group 0, device 0's, masked): its
+  factor is the other device's estimate, not a mean with device 0's empty one, nor kept."""
   with jax.enable_x64(True):
     model = LinenMoE()
     x, y = _batch()
@@ -485,42 +487,56 @@ def test_per_layer_masks_weigh_each_experts_rows_across_devices():
     loss = lambda p, x, y: _mse(model.apply({"params": p}, x)[0], y)
     layer = lambda p: p.startswith("experts")
 
-    def acts_of(x, y):
+    def acts_of(x, y, keep):
       (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x, y)
-      slots = occupied_slots(model.apply({"params": params}, x)[1])
+      slots = occupied_slots(model.apply({"params": params}, x)[1]) * keep
       return sngd_jax.with_row_mask(acts, slots, per_layer=True, where=layer), grads
 
     one = dict(ref.ONE_STEP)
     tx = sngd_jax.sngd(**one)
-    acts, grads = acts_of(x, y)
-    want = jax.jit(lambda g, a: tx.update(g, tx.init(params), params, activations=a)[1])(
-        grads, acts)
     txd = sngd_jax.sngd(**one, axis_name="d")
 
-    def per_device(x, y):
-      acts, grads = acts_of(x[None], y[None])  # one group per device
+    def per_device(x, y, keep):
+      acts, grads = acts_of(x[None], y[None], keep[:, None])  # one group per device
       return txd.update(grads, txd.init(params), params, activations=acts)[1].factors
 
-    got = jax.jit(jax.vmap(per_device, axis_name="d"))(x, y)
-    for path in ("experts/wi", "experts/wo"):
-      np.testing.assert_allclose(np.asarray(got[path][0]), np.asarray(want.factors[path]),
-                                 rtol=1e-10, atol=1e-13)
+    starved = np.ones((E, G, CAP))
+    starved[1, 0] = 0.0
+    for keep in (np.ones((E, G, CAP)), starved):
+      acts, grads = acts_of(x, y, keep)
+      assert np.all(np.asarray(acts["experts/wi"][0].row_mask).sum(
+          tuple(range(1, 4))) > 0)  # every expert has rows on some device
+      want = jax.jit(lambda g, a: tx.update(g, tx.init(params), params, activations=a)[1])(
+          grads, acts)
+      got = jax.jit(jax.vmap(per_device, axis_name="d"))(x, y, np.swapaxes(keep, 0, 1))
+      for path in ("experts/wi", "experts/wo"):
+        np.testing.assert_allclose(np.asarray(got[path][0]), np.asarray(want.factors[path]),
+                                   rtol=1e-10, atol=1e-13)
 
 
 def test_optax_chain_passes_the_per_layer_mask():
-  """Through ``optax.chain`` the masked activations reach ``sngd`` (smoke: finite step)."""
+  """Through ``optax.chain`` the masked activations reach ``sngd``: its state's expert factors
+  are those of ``sngd`` alone given the mask, bit for bit, and not those without it (the
+  padding slots' rows). It was a smoke test (a finite step), which a dropped mask passed."""
   model = LinenMoE()
   x, y = _batch()
   params = model.init(jax.random.key(0), x)["params"]
   loss = lambda p, x, y: _mse(model.apply({"params": p}, x)[0], y)
   (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x, y)
   slots = occupied_slots(model.apply({"params": params}, x)[1])
-  acts = sngd_jax.with_row_mask(acts, slots, per_layer=True,
-                                where=lambda p: p.startswith("experts"))
-  tx = optax.chain(sngd_jax.sngd(), optax.sgd(0.1))
-  updates, _ = jax.jit(lambda g, s, a: tx.update(g, s, params, activations=a))(
-      grads, tx.init(params), acts)
+  masked = sngd_jax.with_row_mask(acts, slots, per_layer=True,
+                                  where=lambda p: p.startswith("experts"))
+  sngd = sngd_jax.sngd(factor_every=1)
+  tx = optax.chain(sngd, optax.sgd(0.1))
+  updates, (state, _) = jax.jit(lambda g, s, a: tx.update(g, s, params, activations=a))(
+      grads, tx.init(params), masked)
   assert ref.all_finite(updates)
+  alone = jax.jit(lambda g, s, a: sngd.update(g, s, params, activations=a)[1])
+  want, unmasked = (alone(grads, sngd.init(params), a) for a in (masked, acts))
+  for path in ("experts/wi", "experts/wo"):
+    np.testing.assert_array_equal(np.asarray(state.factors[path]),
+                                  np.asarray(want.factors[path]))
+    assert np.abs(np.asarray(want.factors[path]) - np.asarray(unmasked.factors[path])).max() > 0
 
 
 class _Block(nn.Module):
@@ -590,3 +606,45 @@ def test_per_layer_masks_compose_with_an_earlier_mask():
   for path in layers:
     for a, b in zip(twice[path], once[path], strict=True):
       np.testing.assert_allclose(np.asarray(a.row_mask), np.asarray(b.row_mask), rtol=1e-6)
+
+
+def test_an_expert_of_a_scanned_block_without_tokens_starts_from_its_blocks_experts():
+  """Experts stacked ``(L, E)`` by MoE blocks under ``nn.scan``: before the first estimate an
+  expert that received no token starts from the row-weighted mean of the experts of its own
+  block, which read the same tokens (the float64 normalized factors of the others, by their
+  row counts). It was the mean over every block's experts (0.19 relative off, on this batch):
+  the other blocks read other inputs, the residual stream after more blocks. A block whose
+  experts all received none starts from the mean over every block's."""
+  with jax.enable_x64(True):
+    model = _Deep()
+    x, y = _batch()
+    params = _jittered(model.init(jax.random.key(0), x)["params"])
+
+    def loss(p, x, y):
+      out, dispatch = model.apply({"params": p}, x)
+      return _mse(out, y), dispatch
+
+    grad_fn = jax.value_and_grad(sngd_jax.capture(loss, has_aux=True), has_aux=True)
+    (_, (dispatch, acts)), grads = grad_fn(params, x, y)
+    slots = np.asarray(jnp.transpose(dispatch.sum(2), (0, 2, 1, 3)) > 0, np.float64)
+    tx = sngd_jax.sngd(**ref.ONE_STEP)
+    step = jax.jit(lambda m: tx.update(grads, tx.init(params), params,
+                                       activations=sngd_jax.with_row_mask(
+                                           acts, m, per_layer=True,
+                                           where=lambda p: "experts" in p))[1])
+    one = slots.copy()
+    one[1, 1] = 0.0  # expert 1 of block 1
+    block = slots.copy()
+    block[1] = 0.0  # every expert of block 1
+    for name in ("wi", "wo"):
+      path = f"blocks/moe/experts/{name}"
+      g = ref.normalized_factor(step(one), path)
+      n = one.sum((2, 3))
+      want = np.tensordot(n[1] / n[1].sum(), g[1], axes=1)
+      assert n[1, 1] == 0 and n[1].sum() > 0
+      np.testing.assert_allclose(g[1, 1], want, rtol=1e-10, atol=1e-13, err_msg=path)
+      g = ref.normalized_factor(step(block), path)
+      n = block.sum((2, 3))
+      want = np.tensordot(n[0] / n[0].sum(), g[0], axes=1)
+      for e in range(E):
+        np.testing.assert_allclose(g[1, e], want, rtol=1e-10, atol=1e-13, err_msg=path)

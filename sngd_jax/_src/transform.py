@@ -392,15 +392,22 @@ def _empty_layers_kept(estimate: Any, factor: Any, weight: jax.Array, rows: jax.
   ``prior="none"`` the new weight differs, and ``ema_update`` of ``G_{t-1} / w_{t-1}`` is
   what leaves ``G_t / w_t = G_{t-1} / w_{t-1}`` (every prior). Before the first estimate
   (``w = 0``) such a layer has no factor: it starts from the row-weighted mean of the
-  estimates of the stack's layers that have rows (they read the same inputs: the tokens);
-  its gradient is 0 on that step. Where no layer has rows the caller keeps the whole
-  stack's factor."""
+  estimates of the layers of its block that have rows, those that differ from it in the last
+  stack axis only (the experts of one mixture-of-experts block, ``(E,)``, or ``(L, E)`` for
+  blocks scanned over depth: they read the same tokens), ``sum_e n_le G^_le / sum_e n_le``;
+  where no layer of its block has rows, from that mean over the whole stack. Its gradient is
+  0 on that step. Where no layer has rows the caller keeps the whole stack's factor."""
   empty = rows == 0
-  share = rows / jnp.where(jnp.sum(rows) > 0, jnp.sum(rows), 1)
   axes = tuple(range(rows.ndim))
+  total = jnp.sum(rows)
+  block = jnp.sum(rows, axis=-1, keepdims=True)  # the rows of each block (the last axis)
 
   def one(e, f):
-    pooled = jnp.sum(e * _per_layer(share, e).astype(e.dtype), axis=axes, keepdims=True)
+    def mean(weights, over):  # sum_l w_l G^_l over the layers `over`
+      return jnp.sum(e * _per_layer(weights, e).astype(e.dtype), axis=over, keepdims=True)
+    whole = mean(rows / jnp.where(total > 0, total, 1), axes)
+    own = mean(rows / jnp.where(block > 0, block, 1), rows.ndim - 1)
+    pooled = jnp.where(_per_layer(block > 0, e), own, whole)
     kept = jnp.where(weight > 0, f / jnp.maximum(weight, jnp.finfo(f.dtype).tiny),
                      jnp.broadcast_to(pooled, e.shape).astype(f.dtype))
     return jnp.where(_per_layer(empty, e), kept.astype(e.dtype), e)
