@@ -490,10 +490,10 @@ def _to_nnx_prefix(rec: nnx_record._NNXRecorder, module: Any) -> Optional[tuple[
     return tuple(path.split("/")) if path else ()
   for local, node in nnx.iter_graph(module):
     if isinstance(node, nnx.Variable):
-      parts = rec.trace(nnx_record._value(node))[1]
+      parts = rec.trace(transforms.variable_value(node))[1]
       if parts is not None and len(parts) >= len(local):
         return tuple(parts[:len(parts) - len(local)])
-      if id(rec.outer(nnx_record._value(node))) in rec.others:
+      if id(rec.outer(transforms.variable_value(node))) in rec.others:
         return None
   if id(module) not in rec.others:
     rec.unnamed[f"nnx.bridge.ToNNX ({type(module.to_nnx__module).__name__})"] = None

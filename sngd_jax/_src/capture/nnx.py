@@ -37,7 +37,7 @@ from flax import nnx
 from flax.nnx import bridge
 
 from sngd_jax._src import paths
-from sngd_jax._src.capture import custom, flax_patches, tables
+from sngd_jax._src.capture import custom, flax_patches, tables, transforms
 from sngd_jax._src.capture.records import (
   Recorder,
   StepRecords,
@@ -88,7 +88,7 @@ def _walk(root: Any, prefix: tuple[str, ...] = ()) -> _Graph:
   graph = _Graph()
   for path, node in nnx.iter_graph(root):
     if isinstance(node, nnx.Variable):
-      array = _value(node)
+      array = transforms.variable_value(node)
       graph.variables[id(array)] = prefix + tuple(str(p) for p in path)
       graph.arrays.append(array)
     elif isinstance(node, jax.Array):
@@ -105,15 +105,10 @@ def _walk(root: Any, prefix: tuple[str, ...] = ()) -> _Graph:
   return graph
 
 
-def _value(variable: Any) -> Any:
-  """The array a Variable holds (without the deprecated ``.value``)."""
-  return variable.get_value() if hasattr(variable, "get_value") else variable.value
-
-
 def _weight(module: Any) -> Any:
   """The array ``module`` reads as its weight (to follow it through transforms), or None."""
   variable = getattr(module, tables.weight_name(module), None)
-  return None if variable is None else _value(variable)
+  return None if variable is None else transforms.variable_value(variable)
 
 
 class _NNXRecorder(Recorder):
@@ -181,7 +176,7 @@ class _NNXRecorder(Recorder):
     variable = getattr(self.modules[-1], name, None)
     if not isinstance(variable, nnx.Variable):
       return None
-    array = _value(variable)
+    array = transforms.variable_value(variable)
     return array if custom.cast_of(passed, array) else None
 
   def note_left_out(self, weight: Any, layer: str) -> None:
@@ -195,7 +190,7 @@ class _NNXRecorder(Recorder):
     """Records a ``sngd_jax.dense`` call as the layer whose Variables its kernel and bias
     are (its path in the model, followed out through the transforms)."""
     roles, parts = self.trace(kernel)
-    array = _value(kernel) if isinstance(kernel, nnx.Variable) else kernel
+    array = transforms.variable_value(kernel) if isinstance(kernel, nnx.Variable) else kernel
     if parts is None and id(self.outer(array)) in self.others:
       self.note_left_out(array, f"sngd_jax.dense (kernel {getattr(array, 'shape', None)})")
       return  # another argument's layer (a target network, a teacher): left out

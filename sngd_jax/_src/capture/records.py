@@ -829,10 +829,12 @@ class CellFrame:
 
 @dataclasses.dataclass
 class TransformFrame:
-  """One call of a ``scan``/``vmap``/``checkpoint`` body while capturing.
+  """One call of a ``scan``/``vmap``/``checkpoint``/conditional/jit body while capturing.
 
   Attributes:
-    kind: ``'scan'``, ``'vmap'`` or ``'checkpoint'``.
+    kind: ``'scan'``, ``'vmap'``, or one whose records get no new axis: ``'checkpoint'``,
+      ``'cond'`` (a branch of a conditional), ``'jit'`` (the function of an ``nnx.jit``
+      that runs as a jit, whose records are dropped).
     inputs: ``id(inner leaf) -> (outer leaf, role)`` for the body's arguments;
       role ``'stack'`` (sliced / mapped), ``'pool'`` (carried / unmapped) or
       ``'none'`` (checkpoint).

@@ -579,7 +579,7 @@ def _nnx_jit(key: str) -> Callable:
   return call
 
 
-def _variable_value(variable: Any) -> Any:
+def variable_value(variable: Any) -> Any:
   """The array an ``nnx.Variable`` holds (without the deprecated ``.value``)."""
   return variable.get_value() if hasattr(variable, "get_value") else variable.value
 
@@ -591,9 +591,9 @@ def _graph_arrays(tree: Any) -> list[Any]:
   out = []
   for node in jax.tree.leaves(tree, is_leaf=lambda n: isinstance(n, (nnx.Module, nnx.Variable))):
     if isinstance(node, nnx.Module):
-      out += [_variable_value(v) for _, v in nnx.iter_graph(node) if isinstance(v, nnx.Variable)]
+      out += [variable_value(v) for _, v in nnx.iter_graph(node) if isinstance(v, nnx.Variable)]
     elif isinstance(node, nnx.Variable):
-      out.append(_variable_value(node))
+      out.append(variable_value(node))
     else:
       out.append(node)
   return out
@@ -610,7 +610,7 @@ def _jit_body(rec: Recorder, f: Callable, outer: Any) -> Callable:
     inner, out = _graph_arrays((inner_args, inner_kwargs)), _graph_arrays(outer)
     inputs = ({id(i): (o, "none") for i, o in zip(inner, out, strict=True)}
               if len(inner) == len(out) else {})
-    frame = TransformFrame("cond", inputs)
+    frame = TransformFrame("jit", inputs)
     with rec.frame(frame):
       result = f(*inner_args, **inner_kwargs)
     rec.escaped.update(frame.records)
