@@ -556,22 +556,29 @@ class _Deep(nn.Module):
     return scan(name="blocks")(x, None)
 
 
+def _deep_step():
+  """``(x, params, dispatch, acts, grads)`` of one captured gradient of ``_Deep``: its
+  ``(L, G, S, E, C)`` dispatch (the scan stacks each block's), activations and gradients."""
+  model = _Deep()
+  x, y = _batch()
+  params = _jittered(model.init(jax.random.key(0), x)["params"])
+
+  def loss(p, x, y):
+    out, dispatch = model.apply({"params": p}, x)
+    return _mse(out, y), dispatch
+
+  grad_fn = jax.value_and_grad(sngd_jax.capture(loss, has_aux=True), has_aux=True)
+  (_, (dispatch, acts)), grads = grad_fn(params, x, y)
+  return x, params, dispatch, acts, grads
+
+
 def test_moe_blocks_scanned_over_depth_take_a_mask_per_layer_and_expert():
   """MoE blocks under ``nn.scan``: the scan stacks each block's dispatch, ``(L, G, S, E, C)``,
   and the ``(L, E, G, C)`` slot mask weighs every layer's every expert by its own slots: each
   factor is the float64 Gram sum over the tokens routed to it in its block (the blocks'
   inputs from an unrolled forward pass)."""
   with jax.enable_x64(True):
-    model = _Deep()
-    x, y = _batch()
-    params = _jittered(model.init(jax.random.key(0), x)["params"])
-
-    def loss(p, x, y):
-      out, dispatch = model.apply({"params": p}, x)
-      return _mse(out, y), dispatch
-
-    grad_fn = jax.value_and_grad(sngd_jax.capture(loss, has_aux=True), has_aux=True)
-    (_, (dispatch, acts)), grads = grad_fn(params, x, y)
+    x, params, dispatch, acts, grads = _deep_step()
     slots = jnp.transpose(dispatch.sum(2), (0, 2, 1, 3)) > 0  # (L, E, G, C)
     acts = sngd_jax.with_row_mask(acts, slots, per_layer=True, where=lambda p: "experts" in p)
     tx = sngd_jax.sngd(**ref.ONE_STEP)
@@ -616,16 +623,7 @@ def test_an_expert_of_a_scanned_block_without_tokens_starts_from_its_blocks_expe
   the other blocks read other inputs, the residual stream after more blocks. A block whose
   experts all received none starts from the mean over every block's."""
   with jax.enable_x64(True):
-    model = _Deep()
-    x, y = _batch()
-    params = _jittered(model.init(jax.random.key(0), x)["params"])
-
-    def loss(p, x, y):
-      out, dispatch = model.apply({"params": p}, x)
-      return _mse(out, y), dispatch
-
-    grad_fn = jax.value_and_grad(sngd_jax.capture(loss, has_aux=True), has_aux=True)
-    (_, (dispatch, acts)), grads = grad_fn(params, x, y)
+    x, params, dispatch, acts, grads = _deep_step()
     slots = np.asarray(jnp.transpose(dispatch.sum(2), (0, 2, 1, 3)) > 0, np.float64)
     tx = sngd_jax.sngd(**ref.ONE_STEP)
     step = jax.jit(lambda m: tx.update(grads, tx.init(params), params,
