@@ -8,12 +8,14 @@ Patterns: ``jax.checkpoint`` with ``checkpoint_policies`` (``dots_with_no_batch_
 policy, ``prevent_cse=False`` and ``static_argnums``, ``nn.remat_scan``, ``nnx.remat``,
 ``eqx.filter_checkpoint``, ``hk.remat``; a weight-tied layer in ``nn.scan(length=n)`` without
 ``xs`` and in a static ``jax.lax.fori_loop`` (a ``fori_loop`` of traced bounds: JAX's own error),
-a ``while_loop`` on the targets in the loss; and
+a ``while_loop`` in the loss (on the targets, or an inference pass of the model: a copy passed as
+an argument after the trained params; the same params inside it are named, not pooled); and
 ``jax.named_scope``, ``nn.share_scope``, ``hk.vmap(split_rng=False)`` over an ensemble axis and
 ``jax.pmap`` with ``sngd(axis_name=...)``.
 """
 
 import functools
+import re
 import warnings
 
 import flax.linen as nn
@@ -530,6 +532,143 @@ def test_fori_loop_of_traced_bounds_fails_with_jaxs_own_error():
       warnings.simplefilter("ignore")  # capture's warning that the layers are not captured
       with pytest.raises(ValueError, match=jax_message):
         jax.jit(jax.value_and_grad(f, has_aux=f is not loss))(params, x, y, TIED)
+
+
+# --- an inference pass with a while_loop in the loss ------------------------------------------
+
+class Refiner(nn.Module):
+  """A model whose inference path (``refine=True``) refines its output in an
+  ``nn.while_loop`` of a data-dependent length, calling its layers inside the loop."""
+
+  @nn.compact
+  def __call__(self, x, refine=False):
+    cell, head = Cell(name="tied"), nn.Dense(2, name="head", param_dtype=jnp.float64)
+    out = head(cell(x, None)[0])
+    if refine:
+      def body(mdl, c):
+        return c[0] + 1, c[1] + 0.1 * head(cell(x, None)[0])
+      out = nn.while_loop(lambda mdl, c: (c[0] < 2) | (jnp.abs(c[1]).max() < 0.0), body,
+                          self, (0, out))[1]
+    return out
+
+
+def _refiner_rows(p, x):
+  w, b = _lin(p["tied"]["d"])
+  return {"tied/d": _np(x), "head": _np(x) + np.tanh(_np(x) @ w + b)}
+
+
+def test_inference_loop_on_params_passed_after_the_trained_ones_is_left_out():
+  """A loss that builds its target by the model's inference path (an ``nn.while_loop`` calling
+  the layers, no gradient through it) on the params passed again as an argument after the
+  trained ones: those calls are left out (no warning), the factors are the Gram sums of the
+  training call's rows, and the updates those of the target computed outside the loss."""
+  x, y = _data()
+  model = Refiner()
+  params = model.init(jax.random.key(0), x)["params"]
+
+  def loss(p, frozen, x, y):
+    target = y + model.apply({"params": frozen}, x, refine=True)
+    return jnp.mean((model.apply({"params": p}, x) - target) ** 2)
+
+  with no_sngd_warnings():
+    run = _train(loss, params, (x, y), frozen=True)
+  _assert_grams(run, lambda p: _refiner_rows(p, x), "inference loop")
+  target = lambda p: (x, y + model.apply({"params": p}, x, refine=True))
+  want = _train(lambda p, x, t: jnp.mean((model.apply({"params": p}, x) - t) ** 2), params,
+                target)
+  _same_run(run, want, "inference loop")
+
+
+_REWRITE = (r"an inference pass inside the loss.*as an argument after the trained params "
+            r"\(`loss\(params, frozen_params, x\)`, called as `loss\(params, params, x\)`")
+
+
+def test_inference_loop_on_the_trained_params_names_the_layers_and_the_rewrite():
+  """The same inference path on ``stop_gradient(params)`` inside the loss: the calls inside the
+  ``while_loop`` cannot leave it, so capture warns, naming each layer and the rewrite that
+  fits (the params as an argument after the trained ones; until 2026-12-06 the warning offered
+  only rewrites that do not fit a loop of a data-dependent length), and ``update`` raises
+  naming the layer. Until 2026-12-06 the cell, whose input inside the loop is the loop-invariant
+  ``x``, was not named: its call inside the loop was kept, once however many steps the loop
+  ran, without a warning (``tied/d`` had 3 calls, the loop's among them)."""
+  x, y = _data()
+  model = Refiner()
+  params = model.init(jax.random.key(0), x)["params"]
+
+  def loss(p, x, y):
+    target = y + model.apply({"params": jax.lax.stop_gradient(p)}, x, refine=True)
+    return jnp.mean((model.apply({"params": p}, x) - target) ** 2)
+
+  with pytest.warns(UserWarning) as caught:
+    (_, acts), grads = jax.jit(jax.value_and_grad(sngd_jax.capture(loss), has_aux=True))(
+        params, x, y)
+  messages = [str(w.message) for w in caught if "was called inside" in str(w.message)]
+  assert len(messages) == 2, messages
+  for path, message in zip(["head", "tied/d"], messages, strict=True):
+    assert re.search(f"layer '{path}' was called inside a JAX transform whose values cannot "
+                     f"leave it.*{_REWRITE}", message, re.S), message
+  tx = sngd_jax.sngd(**KW)
+  with pytest.raises(ValueError, match="no activations were captured for layer 'head'"):
+    tx.update(grads, tx.init(params), params, activations=acts)
+
+
+def test_haiku_while_loop_layers_are_named_and_a_stopped_copy_is_left_out():
+  """Haiku's ``hk.while_loop`` carries the params through its body. Its calls are named
+  through the carry (until 2026-12-06 they could not be named: the layers kept the rows of
+  their calls outside the loop, while the warning said ``update`` would raise): as linen's,
+  capture warns, naming each layer and the rewrite, and ``update`` raises naming it. With the
+  params passed again after the trained ones the loop's calls are left out without a warning,
+  and a ``stop_gradient`` copy's calls are not captured, the warning says so (a layer also
+  called on the params gets those calls' rows alone: the factors are the Gram sums of the
+  training call's rows)."""
+  hk = pytest.importorskip("haiku")
+  x, y = _data()
+
+  def f(x, refine):
+    a, head = hk.Linear(D, name="a"), hk.Linear(2, name="head")
+    out = head(jnp.tanh(a(x)))
+    if refine:
+      out = hk.while_loop(lambda c: c[0] < 2,
+                          lambda c: (c[0] + 1, c[1] + 0.1 * head(jnp.tanh(a(x)))), (0, out))[1]
+    return out
+
+  model = hk.without_apply_rng(hk.transform(f))
+  params = ref.f64(model.init(jax.random.key(0), x, False))
+  a = (_np(params["a"]["w"]), _np(params["a"]["b"]))
+  rows = {"a": _np(x), "head": np.tanh(_np(x) @ a[0] + a[1])}
+  tx = sngd_jax.sngd(**KW)
+
+  def update(loss, *frozen):
+    (_, acts), grads = jax.jit(jax.value_and_grad(sngd_jax.capture_hk(loss), has_aux=True))(
+        params, *frozen, x, y)
+    return _factors(tx.update(grads, tx.init(params), params, activations=acts)[1])
+
+  def inside(p, x, y):  # no gradient through the loop, or JAX refuses it
+    target = y + jax.lax.stop_gradient(model.apply(p, x, True))
+    return jnp.mean((model.apply(p, x, False) - target) ** 2)
+
+  with pytest.warns(UserWarning) as caught:
+    with pytest.raises(ValueError, match="no activations were captured for layer 'a'"):
+      update(inside)
+  messages = [str(w.message) for w in caught if "was called inside" in str(w.message)]
+  assert len(messages) == 2, [str(w.message) for w in caught]
+  for path, message in zip(["a", "head"], messages, strict=True):
+    assert re.search(f"layer '{path}' was called inside a JAX transform.*{_REWRITE}", message,
+                     re.S), message
+  with no_sngd_warnings():
+    got = update(lambda p, frozen, x, y: jnp.mean(
+        (model.apply(p, x, False) - y - model.apply(frozen, x, True)) ** 2), params)
+  _assert_grams([(params, got, None)], lambda p: rows, "hk.while_loop, params passed again")
+
+  def stopped(p, x, y):
+    target = y + model.apply(jax.lax.stop_gradient(p), x, False)
+    return jnp.mean((model.apply(p, x, False) - target) ** 2)
+
+  with pytest.warns(UserWarning, match=r"could not name 2 layer call\(s\).*a layer also called "
+                    r"on the params themselves gets the local Fisher of those calls alone.*"
+                    r"as an argument after the trained params"):
+    got = update(stopped)
+  _assert_grams([(params, got, None)], lambda p: rows, "stop_gradient copy")
 
 
 # --- scale-out: jax.pmap ----------------------------------------------------------------------
