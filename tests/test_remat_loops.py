@@ -613,9 +613,10 @@ def test_inference_loop_on_the_trained_params_names_the_layers_and_the_rewrite()
 
 
 def test_haiku_while_loop_layers_are_named_and_a_stopped_copy_is_left_out():
-  """Haiku's ``hk.while_loop`` carries the params through its body. Its calls are named
-  through the carry (until 2026-12-06 they could not be named: the layers kept the rows of
-  their calls outside the loop, while the warning said ``update`` would raise): as linen's,
+  """Haiku's ``hk.while_loop`` (and ``hk.fori_loop`` of a traced number of steps) carries the
+  params through its body. Its calls are named through the carry (until 2026-12-06 they could
+  not be named: the layers kept the rows of their calls outside the loop, while the warning
+  said ``update`` would raise): as linen's,
   capture warns, naming each layer and the rewrite, and ``update`` raises naming it. With the
   params passed again after the trained ones the loop's calls are left out without a warning,
   and a ``stop_gradient`` copy's calls are not captured, the warning says so (a layer also
@@ -624,10 +625,12 @@ def test_haiku_while_loop_layers_are_named_and_a_stopped_copy_is_left_out():
   hk = pytest.importorskip("haiku")
   x, y = _data()
 
-  def f(x, refine):
+  def f(x, refine, n=2):
     a, head = hk.Linear(D, name="a"), hk.Linear(2, name="head")
     out = head(jnp.tanh(a(x)))
-    if refine:
+    if refine == "fori_loop":  # of a traced number of steps: a while_loop too
+      out = hk.fori_loop(0, n, lambda i, o: o + 0.1 * head(jnp.tanh(a(x))), out)
+    elif refine:
       out = hk.while_loop(lambda c: c[0] < 2,
                           lambda c: (c[0] + 1, c[1] + 0.1 * head(jnp.tanh(a(x)))), (0, out))[1]
     return out
@@ -647,14 +650,21 @@ def test_haiku_while_loop_layers_are_named_and_a_stopped_copy_is_left_out():
     target = y + jax.lax.stop_gradient(model.apply(p, x, True))
     return jnp.mean((model.apply(p, x, False) - target) ** 2)
 
-  with pytest.warns(UserWarning) as caught:
-    with pytest.raises(ValueError, match="no activations were captured for layer 'a'"):
-      update(inside)
-  messages = [str(w.message) for w in caught if "was called inside" in str(w.message)]
-  assert len(messages) == 2, [str(w.message) for w in caught]
-  for path, message in zip(["a", "head"], messages, strict=True):
-    assert re.search(f"layer '{path}' was called inside a JAX transform.*{_REWRITE}", message,
-                     re.S), message
+  def traced(p, x, y, n):
+    target = y + jax.lax.stop_gradient(model.apply(p, x, "fori_loop", n))
+    return jnp.mean((model.apply(p, x, False) - target) ** 2)
+
+  for loss, n in ((inside, ()), (traced, (2,))):
+    with pytest.warns(UserWarning) as caught:
+      with pytest.raises(ValueError, match="no activations were captured for layer 'a'"):
+        (_, acts), grads = jax.jit(jax.value_and_grad(sngd_jax.capture_hk(loss), has_aux=True))(
+            params, x, y, *n)
+        tx.update(grads, tx.init(params), params, activations=acts)
+    messages = [str(w.message) for w in caught if "was called inside" in str(w.message)]
+    assert len(messages) == 2, [str(w.message) for w in caught]
+    for path, message in zip(["a", "head"], messages, strict=True):
+      assert re.search(f"layer '{path}' was called inside a JAX transform.*{_REWRITE}", message,
+                       re.S), message
   with no_sngd_warnings():
     got = update(lambda p, frozen, x, y: jnp.mean(
         (model.apply(p, x, False) - y - model.apply(frozen, x, True)) ** 2), params)
