@@ -384,8 +384,8 @@ def test_layer_under_inner_jit_is_reported_not_used():
 
 def test_jax_functions_are_restored_after_capture_and_on_error():
   names = ((jax, "vmap"), (jax.lax, "scan"), (jax, "checkpoint"), (jax, "remat"),
-           (jax.lax, "fori_loop"), (jax.lax, "cond"), (jax.lax, "switch"), (jax, "eval_shape"),
-           (jax.lax, "map"), (nnx_compilation.JitWrapped, "__call__"),
+           (jax.lax, "fori_loop"), (jax.lax, "while_loop"), (jax.lax, "cond"), (jax.lax, "switch"),
+           (jax, "eval_shape"), (jax.lax, "map"), (nnx_compilation.JitWrapped, "__call__"),
            (nnx_compilation.SimpleJitWrapped, "__call__"))
   originals = [getattr(owner, name) for owner, name in names]
   layer = nn.Dense(2)

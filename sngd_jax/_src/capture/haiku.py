@@ -444,15 +444,16 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
           f"({', '.join(interceptor.unnamed)}): their weight is not a leaf of the params "
           "passed as the captured function's first argument, as when the params go through "
           "a `jax.jit` inside the captured function (jit the whole training step instead), "
-          "when the layer is called inside `hk.while_loop` or an "
-          "`hk.fori_loop` of traced bounds (they pass the params into their body), or when "
-          "the weights are computed from the params. They are not captured, and `update` "
-          "raises naming their layers as not captured. A loop of a static number of steps, "
-          "`hk.fori_loop(0, n, body, h)` with a Python int `n` or `hk.scan(lambda h, _: "
-          "(body(h), None), h, None, length=n)`, is captured and pooled over its steps as "
-          "the unrolled loop's; a `hk.while_loop` of a "
-          "data-dependent length has no captured form: pass `fisher={path: None}` to leave "
-          "such a layer to the next transform.", stacklevel=caller_stacklevel())
+          "or when the weights are computed from the params (`jax.lax.stop_gradient(params)` "
+          "too). Those calls are not captured: `update` raises naming a layer that has no "
+          "other call, and a layer also called on the params themselves gets the local "
+          "Fisher of those calls alone; pass `fisher={path: None}` to leave such a layer to "
+          "the next transform. To run the model on params that the gradient does not go "
+          "through (an inference pass inside the loss, a target network), pass them to the "
+          "captured function as an argument after the trained params (`loss(params, "
+          "frozen_params, x)`, called as `loss(params, params, x)`): capture leaves out the "
+          "calls on them without a warning.",
+          stacklevel=caller_stacklevel())
     linen_names = sorted(paths.join(parts) for parts in top.values()
                          if parts[-1] in _LINEN_NAMES)
     haiku_layers = [path for path, name in interceptor.recorded.items()

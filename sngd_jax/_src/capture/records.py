@@ -675,7 +675,13 @@ def freeze(store: dict[str, list[Pending]], escaped: Optional[set[str]] = None,
         "inside the captured function and call it through its module (`jax.vmap`, "
         "`jax.lax.scan`, `jax.lax.map`, `jax.checkpoint`, `jax.remat`: capture replaces those "
         "attributes "
-        f"while it runs), or pass `fisher={{{path!r}: None}}`.",
+        f"while it runs), or pass `fisher={{{path!r}: None}}`. A loop that runs the model "
+        "with no gradient through it (an inference pass inside the loss, such as a "
+        "`while_loop` of a data-dependent length on `jax.lax.stop_gradient(params)`) needs "
+        "none of these: pass the params it runs on to the captured function as an argument "
+        "after the trained params (`loss(params, frozen_params, x)`, called as "
+        "`loss(params, params, x)`; NNX: `loss_fn(model, nnx.clone(model), x)`), and capture "
+        "leaves out the calls on them.",
         stacklevel=caller_stacklevel())
   for path, calls in store.items():
     if path not in escaped:
@@ -834,7 +840,8 @@ class TransformFrame:
   Attributes:
     kind: ``'scan'``, ``'vmap'``, or one whose records get no new axis: ``'checkpoint'``,
       ``'cond'`` (a branch of a conditional), ``'jit'`` (the function of an ``nnx.jit``
-      that runs as a jit, whose records are dropped).
+      that runs as a jit) and ``'while'`` (a ``while_loop``'s body or condition), whose
+      records are dropped.
     inputs: ``id(inner leaf) -> (outer leaf, role)`` for the body's arguments;
       role ``'stack'`` (sliced / mapped), ``'pool'`` (carried / unmapped) or
       ``'none'`` (checkpoint).

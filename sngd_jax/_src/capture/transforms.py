@@ -68,6 +68,7 @@ from sngd_jax._src.capture.records import (
 _ORIGINAL = {
     "scan": jax.lax.scan,
     "fori_loop": jax.lax.fori_loop,
+    "while_loop": jax.lax.while_loop,
     "cond": jax.lax.cond,
     "switch": jax.lax.switch,
     "eval_shape": jax.eval_shape,
@@ -81,6 +82,7 @@ _ORIGINAL = {
 }
 # (owner, attribute, key of the original in _ORIGINAL)
 _TARGETS = ((jax.lax, "scan", "scan"), (jax.lax, "fori_loop", "fori_loop"),
+            (jax.lax, "while_loop", "while_loop"),
             (jax.lax, "cond", "cond"), (jax.lax, "switch", "switch"),
             (jax.lax, "map", "map"), (jax, "vmap", "vmap"), (jax, "eval_shape", "eval_shape"),
             (jax, "checkpoint", "checkpoint"), (jax, "remat", "remat"),
@@ -238,13 +240,24 @@ def fori_loop(lower: Any, upper: Any, body_fun: Callable, init_val: Any, **kwarg
   """``jax.lax.fori_loop`` whose body's records leave it: with static bounds, as JAX itself
   runs it, this module's ``scan`` over ``(i, val)`` for ``upper - lower`` steps (the calls
   pooled over the steps, as the unrolled loop's); with traced bounds (a ``while_loop``, which
-  has no reverse-mode gradient) JAX's own, whose records stay inside (reported)."""
-  if _active() is None:
+  has no reverse-mode gradient) JAX's own, its body's calls named through the carry and dropped
+  as not captured (reported), as ``while_loop``'s."""
+  rec = _active()
+  if rec is None:
     return _ORIGINAL["fori_loop"](lower, upper, body_fun, init_val, **kwargs)
   try:
     start, stop = int(lower), int(upper)
   except (TypeError, jax.errors.ConcretizationTypeError):
-    return _ORIGINAL["fori_loop"](lower, upper, body_fun, init_val, **kwargs)
+    n_carry = len(_leaves(init_val))
+
+    def named(i, val):  # as `while_loop`'s body: named by the carry, dropped (reported)
+      frame = TransformFrame("while", _inputs(val, init_val, ["none"] * n_carry))
+      with rec.frame(frame):
+        out = body_fun(i, val)
+      rec.escaped.update(frame.records)
+      return out
+
+    return _ORIGINAL["fori_loop"](lower, upper, named, init_val, **kwargs)
   if stop <= start:
     return init_val
   unroll = kwargs.pop("unroll", None)
@@ -255,6 +268,34 @@ def fori_loop(lower: Any, upper: Any, body_fun: Callable, init_val: Any, **kwarg
 
   return scan(body, (jnp.asarray(lower), init_val), None, stop - start,
               unroll=False if unroll is None else unroll, **kwargs)[0][1]
+
+
+def while_loop(cond_fun: Callable, body_fun: Callable, init_val: Any) -> Any:
+  """``jax.lax.while_loop`` whose calls are named, not captured: a ``while_loop`` has no
+  captured form (its number of steps is not known when tracing, and no reverse-mode gradient),
+  so the records made in ``cond_fun`` or ``body_fun`` are dropped as not captured
+  (``Recorder.escaped``: capture warns, naming the layers, and ``update`` raises naming them),
+  as a jit's are (``_jit_body``). The loop's carry is followed out to ``init_val``, so that a
+  weight that the loop threads through its carry (Haiku's ``hk.while_loop`` carries the params,
+  as do ``nn.while_loop`` and ``nnx.while_loop`` their variables) is named by its path: a layer
+  of the trained params, or one of a later argument's (an inference pass's params, left out of
+  the statistics without a warning)."""
+  rec = _active()
+  if rec is None:
+    return _ORIGINAL["while_loop"](cond_fun, body_fun, init_val)
+  n_carry = len(_leaves(init_val))
+
+  def named(f: Callable) -> Callable:
+    @functools.wraps(f)
+    def run(val):
+      frame = TransformFrame("while", _inputs(val, init_val, ["none"] * n_carry))
+      with rec.frame(frame):
+        out = f(val)
+      rec.escaped.update(frame.records)
+      return out
+    return run
+
+  return _ORIGINAL["while_loop"](named(cond_fun), named(body_fun), init_val)
 
 
 def _cond_index(pred: Any) -> Any:
@@ -618,8 +659,8 @@ def _jit_body(rec: Recorder, f: Callable, outer: Any) -> Callable:
   return body
 
 
-_WRAPPERS = {"scan": scan, "fori_loop": fori_loop, "cond": cond, "switch": switch,
-             "eval_shape": eval_shape, "map": lax_map,
+_WRAPPERS = {"scan": scan, "fori_loop": fori_loop, "while_loop": while_loop, "cond": cond,
+             "switch": switch, "eval_shape": eval_shape, "map": lax_map,
              "vmap": vmap, "checkpoint": _checkpoint("checkpoint"),
              "remat": _checkpoint("remat"), "axes_scan": axes_scan,
              "nnx_jit": _nnx_jit("nnx_jit"), "nnx_simple_jit": _nnx_jit("nnx_simple_jit")}
