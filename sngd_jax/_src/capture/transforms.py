@@ -248,15 +248,7 @@ def fori_loop(lower: Any, upper: Any, body_fun: Callable, init_val: Any, **kwarg
   try:
     start, stop = int(lower), int(upper)
   except (TypeError, jax.errors.ConcretizationTypeError):
-    n_carry = len(_leaves(init_val))
-
-    def named(i, val):  # as `while_loop`'s body: named by the carry, dropped (reported)
-      frame = TransformFrame("while", _inputs(val, init_val, ["none"] * n_carry))
-      with rec.frame(frame):
-        out = body_fun(i, val)
-      rec.escaped.update(frame.records)
-      return out
-
+    named = _named_loop_fn(rec, body_fun, init_val, carry_arg=1)
     return _ORIGINAL["fori_loop"](lower, upper, named, init_val, **kwargs)
   if stop <= start:
     return init_val
@@ -283,19 +275,24 @@ def while_loop(cond_fun: Callable, body_fun: Callable, init_val: Any) -> Any:
   rec = _active()
   if rec is None:
     return _ORIGINAL["while_loop"](cond_fun, body_fun, init_val)
+  return _ORIGINAL["while_loop"](_named_loop_fn(rec, cond_fun, init_val),
+                                 _named_loop_fn(rec, body_fun, init_val), init_val)
+
+
+def _named_loop_fn(rec: Recorder, f: Callable, init_val: Any, carry_arg: int = 0) -> Callable:
+  """``f`` (a loop's body or condition, its carry the positional argument ``carry_arg``) run
+  in a ``'while'`` frame whose inputs are followed out to ``init_val``: the calls it makes are
+  named by their weights' paths and dropped as not captured (``Recorder.escaped``)."""
   n_carry = len(_leaves(init_val))
 
-  def named(f: Callable) -> Callable:
-    @functools.wraps(f)
-    def run(val):
-      frame = TransformFrame("while", _inputs(val, init_val, ["none"] * n_carry))
-      with rec.frame(frame):
-        out = f(val)
-      rec.escaped.update(frame.records)
-      return out
-    return run
-
-  return _ORIGINAL["while_loop"](named(cond_fun), named(body_fun), init_val)
+  @functools.wraps(f)
+  def run(*args):
+    frame = TransformFrame("while", _inputs(args[carry_arg], init_val, ["none"] * n_carry))
+    with rec.frame(frame):
+      out = f(*args)
+    rec.escaped.update(frame.records)
+    return out
+  return run
 
 
 def _cond_index(pred: Any) -> Any:
