@@ -732,3 +732,75 @@ def test_a_vmap_that_does_not_batch_the_index_shares_no_buffer_across_layers():
                              ref.gram(np.concatenate([np.asarray(x), np.ones((1, D))])),
                              rtol=1e-10, atol=1e-12)
   np.testing.assert_array_equal(np.asarray(new.factors["a"]), np.asarray(state.factors["a"]))
+
+
+def test_a_scan_around_a_conditional_stacks_one_buffer_for_its_branches():
+  """``Steps`` (a ``cond`` between ``a`` and ``b`` of one shape in each step of a scan over
+  time): the scan stacks the model's outputs, one record buffer for both layers and their
+  masks, one each (until 2026-12-06 a buffer per layer: 5 outputs), and each layer's factor is
+  still ``E[x~ x~^T]`` over the steps that took its branch (float64)."""
+  from helpers_jaxpr import scan_output_counts  # noqa: PLC0415
+
+  xs = jax.random.normal(jax.random.key(14), (5, B, D), jnp.float64)
+  model = Steps(nnx.Rngs(0))
+  loss = sngd_jax.capture_nnx(lambda m, xs: jnp.sum(jnp.sin(m(xs))))
+  assert scan_output_counts(jax.make_jaxpr(loss)(model, xs).jaxpr) == [1 + 1 + 2]
+  grads, acts = nnx.grad(loss, has_aux=True)(model, xs)
+  params = nnx.state(model, nnx.Param)
+  tx = sngd_jax.sngd(**ref.one_step_kwargs())
+  _, state = tx.update(grads, tx.init(params), params, activations=acts)
+  xs = np.asarray(xs)
+  ref.assert_factor(state, "a", xs[[0, 3]].reshape(-1, D))
+  ref.assert_factor(state, "b", xs[[1, 2, 4]].reshape(-1, D))
+
+
+class Aliased(nn.Module):
+  """``q(x) * k(x)`` (two layers reading one array) or ``r(2 x)``: with outputs captured the
+  conditional returns three buffers, the inputs of all three layers in one (``q`` and ``k``
+  hold one array) and the outputs in two."""
+
+  @nn.compact
+  def __call__(self, x, i):
+    q, k, r = (nn.Dense(D, name=n, param_dtype=jnp.float64) for n in "qkr")
+    fns = [lambda h: q(h) * k(h), lambda h: r(2.0 * h)]
+    if self.is_initializing():
+      return fns[0](x) + fns[1](x)
+    return jax.lax.cond(i == 1, fns[1], fns[0], x)
+
+
+def _rfim_factor(x, z):
+  """``E[sigmoid(z_j)^2 x~ x~^T]`` per output unit ``j``, ``(O, d, d)`` (float64 numpy)."""
+  xt = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+  w = (1.0 / (1.0 + np.exp(-z))) ** 2
+  return np.einsum("nj,na,nb->jab", w, xt, xt) / x.shape[0]
+
+
+@pytest.mark.parametrize("i", [0, 1])
+def test_shared_buffers_hold_outputs_and_one_array_that_two_layers_read(i):
+  """``fisher="rfim"`` (outputs captured) on ``Aliased``: three record buffers, not six, and
+  each layer of the branch taken gets ``E[sigmoid(z_j)^2 x~ x~^T]`` over its rows (float64
+  numpy forward), a layer of the branch not taken keeps its factor."""
+  from helpers_jaxpr import eqns  # noqa: PLC0415
+
+  model = Aliased()
+  x = _x(15)
+  params = model.init(jax.random.key(1), x, 0)["params"]
+  loss = sngd_jax.capture(lambda p, i: _loss_of(model.apply({"params": p}, x, i)),
+                          outputs=True)
+  conds = [e for e in eqns(jax.make_jaxpr(loss)(params, jnp.asarray(i)).jaxpr)
+           if e.primitive.name == "cond"]
+  assert [len(e.outvars) for e in conds] == [1 + 3]
+  grads, acts = jax.grad(loss, has_aux=True)(params, jnp.asarray(i))
+  tx = sngd_jax.sngd(**ref.one_step_kwargs(), fisher="rfim")
+  state = tx.init(params)
+  _, new = tx.update(grads, state, params, activations=acts)
+  p, xn = jax.tree.map(ref.np64, params), np.asarray(x)
+  rows = {"r": 2.0 * xn} if i else {"q": xn, "k": xn}
+  for name in "qkr":
+    if name in rows:
+      z = rows[name] @ p[name]["kernel"] + p[name]["bias"]
+      np.testing.assert_allclose(ref.normalized_factor(new, name), _rfim_factor(rows[name], z),
+                                 rtol=1e-10, atol=1e-12, err_msg=name)
+    else:
+      np.testing.assert_array_equal(np.asarray(new.factors[name]),
+                                    np.asarray(state.factors[name]), err_msg=name)

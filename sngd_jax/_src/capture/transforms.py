@@ -426,6 +426,7 @@ def _conditional(rec: Recorder, index: Any, branches: list[Callable],
 
   out, arrays = _ORIGINAL["switch"](index, [run(i) for i in range(len(branches))], *operands)
   records: dict[str, list[Pending]] = {}
+  masks: dict[tuple[frozenset[int], int], Any] = {}  # one array per mask (a scan stacks it once)
   for path, row in slots.items():
     if path in partial_stacked:
       continue
@@ -433,8 +434,11 @@ def _conditional(rec: Recorder, index: Any, branches: list[Callable],
       p = jax.tree.unflatten(sig[0], [arrays[b] for b in where[(path, k)]])
       if len(takers) < len(branches):
         c = p.captured
-        ran = functools.reduce(jnp.logical_or, [index == i for i in sorted(takers)])
-        mask = ran.astype(jnp.float32).reshape((1,) * c.inputs.ndim)
+        key = (frozenset(takers), c.inputs.ndim)
+        if key not in masks:
+          ran = functools.reduce(jnp.logical_or, [index == i for i in sorted(takers)])
+          masks[key] = ran.astype(jnp.float32).reshape((1,) * c.inputs.ndim)
+        mask = masks[key]
         # times a conditional's inside a branch of this one (read from a shared buffer, its
         # value when this slot's branch did not run is another's: weighed 0 all the same)
         p = dataclasses.replace(p, captured=times_mask(c, mask))
