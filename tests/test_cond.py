@@ -569,3 +569,238 @@ def test_stats_batch_size_cuts_a_per_example_branch_mask_with_a_float_weight():
     want = (rows[sel] * w[sel, None]).T @ rows[sel] / w[sel].sum()
     np.testing.assert_allclose(ref.normalized_factor(state, f"ls_{k}"), want, rtol=1e-10,
                                atol=1e-12, err_msg=f"ls_{k}")
+
+
+# --- shared buffers: slots of different layers that no branch fills both ---
+
+class Shapes(nn.Module):
+  """``switch(i, ...)`` of three branches whose layers all read ``(B, D)`` rows: ``a(x)``
+  (bias), ``b(2 x)`` (no bias), ``d(tanh(c(x)))``. Branch 2 records two arrays, the others
+  one: the conditional returns two buffers for the four layers (``a``, ``b``, ``c`` in one)."""
+
+  @nn.compact
+  def __call__(self, x, i):
+    a = nn.Dense(D, name="a", param_dtype=jnp.float64)
+    b = nn.Dense(D, name="b", use_bias=False, param_dtype=jnp.float64)
+    c = nn.Dense(D, name="c", param_dtype=jnp.float64)
+    d = nn.Dense(D, name="d", param_dtype=jnp.float64)
+    fns = [a, lambda h: b(2.0 * h), lambda h: d(jnp.tanh(c(h)))]
+    if self.is_initializing():
+      return sum(f(x) for f in fns)
+    return jax.lax.switch(i, fns, x)
+
+
+def _shapes_rows(p, x, i):
+  """The rows each layer of ``Shapes`` sees in branch ``i`` (float64 numpy forward)."""
+  if i == 0:
+    return {"a": x}
+  if i == 1:
+    return {"b": 2.0 * x}
+  return {"c": x, "d": np.tanh(x @ p["c"]["kernel"] + p["c"]["bias"])}
+
+
+def _distinct_inputs(fn, *args):
+  """The number of distinct arrays the records' inputs are, inside a trace of ``fn``."""
+  found = []
+
+  def probe(*a):
+    _, acts = fn(*a)
+    found.append(len({id(c.inputs) for calls in acts.values() for c in calls}))
+    return 0
+
+  jax.make_jaxpr(probe)(*args)
+  return found[0]
+
+
+def test_layers_of_different_branches_share_one_buffer():
+  """Three branches whose four layers (with and without bias, different paths) read rows of
+  one shape: the conditional returns two record buffers, not four (until 2026-12-06 one per
+  layer, each branch filling the others' with zeros). Over 6 jitted steps of alternating
+  branches every layer's factor is the float64 moving average of ``E[x~ x~^T]`` (no bias
+  column for ``b``) over exactly the steps its branch ran (numpy forward), and a layer whose
+  branch did not run keeps its factor bit for bit, although its slot then holds another
+  layer's rows."""
+  from helpers_jaxpr import eqns  # noqa: PLC0415
+
+  model = Shapes()
+  x = _x(11)
+  params = model.init(jax.random.key(1), x, 0)["params"]
+  loss = sngd_jax.capture(lambda p, i: _loss_of(model.apply({"params": p}, x, i)))
+  grads_acts = jax.grad(loss, has_aux=True)
+  assert _distinct_inputs(grads_acts, params, jnp.asarray(0)) == 2
+  conds = [e for e in eqns(jax.make_jaxpr(loss)(params, jnp.asarray(0)).jaxpr)
+           if e.primitive.name == "cond"]
+  assert [len(e.outvars) for e in conds] == [1 + 2]  # the model's output and two buffers
+  tx = sngd_jax.sngd(**KW)
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, i):
+    grads, acts = grads_acts(params, i)
+    return tx.update(grads, state, params, activations=acts)
+
+  want = {name: (np.zeros((D + (name != "b"),) * 2), 0.0) for name in "abcd"}
+  for i in [0, 2, 1, 2, 0, 1]:
+    rows = _shapes_rows(jax.tree.map(ref.np64, params), np.asarray(x), i)
+    updates, new = step(params, state, jnp.asarray(i))
+    for name in "abcd":
+      if name in rows:
+        g, w = want[name]
+        want[name] = (DECAY * g + (1 - DECAY) * ref.gram(rows[name], bias=name != "b"),
+                      DECAY * w + (1 - DECAY))
+        g, w = want[name]
+        np.testing.assert_allclose(ref.normalized_factor(new, name), g / w, rtol=1e-10,
+                                   atol=1e-12, err_msg=f"{name} step {i}")
+      else:
+        np.testing.assert_array_equal(np.asarray(new.factors[name]),
+                                      np.asarray(state.factors[name]), err_msg=name)
+        np.testing.assert_array_equal(np.asarray(new.weights[name]),
+                                      np.asarray(state.weights[name]), err_msg=name)
+    state = new
+    params = jax.tree.map(lambda p, u: p - 0.1 * u, params, updates)
+
+
+def test_a_branch_per_example_shares_buffers_and_weighs_each_example_for_its_branch():
+  """``Shapes`` per example under ``jax.vmap`` with a per-example branch index (JAX runs every
+  branch and selects per example): the records still read two buffers, and one step (no
+  decay) gives each layer ``E[x~ x~^T]`` over the examples that took its branch, times a
+  padding mask (float64 numpy)."""
+  model = Shapes()
+  x = _x(12)
+  params = model.init(jax.random.key(1), x, 0)["params"]
+  per_example = lambda p, xb, ib: model.apply({"params": p}, xb, ib)
+  loss = sngd_jax.capture(
+      lambda p, idx: _loss_of(jax.vmap(per_example, in_axes=(None, 0, 0))(p, x, idx)))
+  idx = jnp.array([0, 2, 1, 2, 0, 1, 2, 0])
+  real = np.array([1, 1, 1, 1, 1, 1, 1, 0], bool)
+  grads_acts = jax.grad(loss, has_aux=True)
+  assert _distinct_inputs(grads_acts, params, idx) == 2
+  grads, acts = grads_acts(params, idx)
+  acts = sngd_jax.with_row_mask(acts, jnp.asarray(real))
+  tx = sngd_jax.sngd(**ref.one_step_kwargs())
+  _, state = tx.update(grads, tx.init(params), params, activations=acts)
+  p = jax.tree.map(ref.np64, params)
+  xn, k = np.asarray(x), np.asarray(idx)
+  rows = {name: [] for name in "abcd"}
+  for e in np.flatnonzero(real):
+    for name, r in _shapes_rows(p, xn[e:e + 1], k[e]).items():
+      rows[name].append(r)
+  for name in "abcd":
+    r = np.concatenate(rows[name])
+    np.testing.assert_allclose(ref.normalized_factor(state, name),
+                               ref.gram(r, bias=name != "b"), rtol=1e-10, atol=1e-12,
+                               err_msg=name)
+
+
+class Unbatched(nn.Module):
+  """``b`` called on the batch, then per example under a ``jax.vmap`` whose branch index is
+  the same for every example: branch 0 runs ``a`` on the example, branch 1 runs ``b`` on
+  ``ones(D)``, which the vmap does not batch (one row, not one per example)."""
+
+  @nn.compact
+  def __call__(self, x, i):
+    a = nn.Dense(D, name="a", param_dtype=jnp.float64)
+    b = nn.Dense(D, name="b", param_dtype=jnp.float64)
+    h = b(x)
+    if self.is_initializing():
+      return a(h)
+
+    def one(xe):
+      return jax.lax.cond(i == 0, a, lambda _: b(jnp.ones(D, jnp.float64)), xe)
+
+    return jax.vmap(one)(h)
+
+
+def test_a_vmap_that_does_not_batch_the_index_shares_no_buffer_across_layers():
+  """Under a ``jax.vmap`` that does not batch the branch index an output of the conditional
+  is batched when any branch's array is: ``a``'s (batched) and ``b``'s (not) in one buffer
+  would give ``b``'s unbatched row the vmap's axis, ``B`` copies of it. So there they keep a
+  buffer each: ``b``'s factor pools its ``B`` rows on the batch and the one row of ``ones``
+  (float64 numpy; shared, ``B`` copies of the ones row would weigh ``B`` times), and ``a``,
+  whose branch did not run, keeps its factor."""
+  model = Unbatched()
+  x = _x(13)
+  params = model.init(jax.random.key(1), x, 0)["params"]
+  loss = sngd_jax.capture(lambda p, i: _loss_of(model.apply({"params": p}, x, i)))
+  grads_acts = jax.grad(loss, has_aux=True)
+  assert _distinct_inputs(grads_acts, params, jnp.asarray(1)) == 3  # x, h, ones: no sharing
+  grads, acts = grads_acts(params, jnp.asarray(1))
+  tx = sngd_jax.sngd(**ref.one_step_kwargs())
+  state = tx.init(params)
+  _, new = tx.update(grads, state, params, activations=acts)
+  np.testing.assert_allclose(ref.normalized_factor(new, "b"),
+                             ref.gram(np.concatenate([np.asarray(x), np.ones((1, D))])),
+                             rtol=1e-10, atol=1e-12)
+  np.testing.assert_array_equal(np.asarray(new.factors["a"]), np.asarray(state.factors["a"]))
+
+
+def test_a_scan_around_a_conditional_stacks_one_buffer_for_its_branches():
+  """``Steps`` (a ``cond`` between ``a`` and ``b`` of one shape in each step of a scan over
+  time): the scan stacks the model's outputs, one record buffer for both layers and their
+  masks, one each (until 2026-12-06 a buffer per layer: 5 outputs), and each layer's factor is
+  still ``E[x~ x~^T]`` over the steps that took its branch (float64)."""
+  from helpers_jaxpr import scan_output_counts  # noqa: PLC0415
+
+  xs = jax.random.normal(jax.random.key(14), (5, B, D), jnp.float64)
+  model = Steps(nnx.Rngs(0))
+  loss = sngd_jax.capture_nnx(lambda m, xs: jnp.sum(jnp.sin(m(xs))))
+  assert scan_output_counts(jax.make_jaxpr(loss)(model, xs).jaxpr) == [1 + 1 + 2]
+  grads, acts = nnx.grad(loss, has_aux=True)(model, xs)
+  params = nnx.state(model, nnx.Param)
+  tx = sngd_jax.sngd(**ref.one_step_kwargs())
+  _, state = tx.update(grads, tx.init(params), params, activations=acts)
+  xs = np.asarray(xs)
+  ref.assert_factor(state, "a", xs[[0, 3]].reshape(-1, D))
+  ref.assert_factor(state, "b", xs[[1, 2, 4]].reshape(-1, D))
+
+
+class Aliased(nn.Module):
+  """``q(x) * k(x)`` (two layers reading one array) or ``r(2 x)``: with outputs captured the
+  conditional returns three buffers, the inputs of all three layers in one (``q`` and ``k``
+  hold one array) and the outputs in two."""
+
+  @nn.compact
+  def __call__(self, x, i):
+    q, k, r = (nn.Dense(D, name=n, param_dtype=jnp.float64) for n in "qkr")
+    fns = [lambda h: q(h) * k(h), lambda h: r(2.0 * h)]
+    if self.is_initializing():
+      return fns[0](x) + fns[1](x)
+    return jax.lax.cond(i == 1, fns[1], fns[0], x)
+
+
+def _rfim_factor(x, z):
+  """``E[sigmoid(z_j)^2 x~ x~^T]`` per output unit ``j``, ``(O, d, d)`` (float64 numpy)."""
+  xt = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+  w = (1.0 / (1.0 + np.exp(-z))) ** 2
+  return np.einsum("nj,na,nb->jab", w, xt, xt) / x.shape[0]
+
+
+@pytest.mark.parametrize("i", [0, 1])
+def test_shared_buffers_hold_outputs_and_one_array_that_two_layers_read(i):
+  """``fisher="rfim"`` (outputs captured) on ``Aliased``: three record buffers, not six, and
+  each layer of the branch taken gets ``E[sigmoid(z_j)^2 x~ x~^T]`` over its rows (float64
+  numpy forward), a layer of the branch not taken keeps its factor."""
+  from helpers_jaxpr import eqns  # noqa: PLC0415
+
+  model = Aliased()
+  x = _x(15)
+  params = model.init(jax.random.key(1), x, 0)["params"]
+  loss = sngd_jax.capture(lambda p, i: _loss_of(model.apply({"params": p}, x, i)),
+                          outputs=True)
+  conds = [e for e in eqns(jax.make_jaxpr(loss)(params, jnp.asarray(i)).jaxpr)
+           if e.primitive.name == "cond"]
+  assert [len(e.outvars) for e in conds] == [1 + 3]
+  grads, acts = jax.grad(loss, has_aux=True)(params, jnp.asarray(i))
+  tx = sngd_jax.sngd(**ref.one_step_kwargs(), fisher="rfim")
+  state = tx.init(params)
+  _, new = tx.update(grads, state, params, activations=acts)
+  p, xn = jax.tree.map(ref.np64, params), np.asarray(x)
+  rows = {"r": 2.0 * xn} if i else {"q": xn, "k": xn}
+  for name in "qkr":
+    if name in rows:
+      z = rows[name] @ p[name]["kernel"] + p[name]["bias"]
+      np.testing.assert_allclose(ref.normalized_factor(new, name), _rfim_factor(rows[name], z),
+                                 rtol=1e-10, atol=1e-12, err_msg=name)
+    else:
+      np.testing.assert_array_equal(np.asarray(new.factors[name]),
+                                    np.asarray(state.factors[name]), err_msg=name)

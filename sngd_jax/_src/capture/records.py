@@ -503,6 +503,13 @@ def axes_shifted(kind: str, config: tuple, k: int) -> tuple:
   return config  # conv, conv_transpose, embed: axes counted from the end
 
 
+def times_mask(c: Captured, w: jax.Array) -> Captured:
+  """``c`` with the row weights ``w``, times those it already has (``row_mask``: weights
+  compose, none replaces another): a conditional's ``[its branch ran]``
+  (``transforms._conditional``), an earlier ``with_row_mask``'s."""
+  return dataclasses.replace(c, row_mask=w if c.row_mask is None else w * c.row_mask)
+
+
 def _finalized(p: Pending) -> Captured:
   """The record with its stack axes first and its config shifted past the pooled axes."""
   c = p.captured
@@ -595,6 +602,20 @@ def _mapped_by(x: Any, trace: Any) -> bool:
   """Whether ``x`` is batched by the ``vmap`` whose trace is ``trace``."""
   return (isinstance(x, jax.core.Tracer) and getattr(x, "_trace", None) is trace
           and getattr(x, "batch_dim", 0) is not None)
+
+
+def batched_by(x: Any, trace: Any) -> bool:
+  """Whether ``x`` is batched by the ``vmap`` whose trace is ``trace``, also as the value that
+  tracers of transforms inside that vmap wrap (an inner vmap's value, a JVP's primal). False
+  when that is not known (a tracer of another kind: a ``jit`` inside the vmap)."""
+  while isinstance(x, jax.core.Tracer):
+    if getattr(x, "_trace", None) is trace:
+      return getattr(x, "batch_dim", None) is not None
+    inner = next((getattr(x, name) for name in ("val", "primal") if hasattr(x, name)), None)
+    if inner is None or inner is x:
+      return False
+    x = inner
+  return False
 
 
 def _live_traces() -> Optional[set[int]]:
@@ -847,12 +868,15 @@ class TransformFrame:
       ``'none'`` (checkpoint).
     records: the records made inside, returned by the body as outputs.
     stopped: the stopped-gradient inputs of its records (``Recorder._stop_gradient``).
+    trace: a ``vmap``'s trace (``current_trace()`` in its body; None elsewhere, or where JAX
+      does not say), which tells the values it batches (``batched_by``).
   """
 
   kind: str
   inputs: dict[int, tuple[Any, str]]
   records: dict[str, list[Pending]] = dataclasses.field(default_factory=dict)
   stopped: dict[int, tuple[Callable[[], Any], Any]] = dataclasses.field(default_factory=dict)
+  trace: Any = None
 
   @property
   def adds_axis(self) -> bool:

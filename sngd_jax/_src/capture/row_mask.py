@@ -39,7 +39,12 @@ import jax
 import jax.numpy as jnp
 
 from sngd_jax._src import conv as conv_lib
-from sngd_jax._src.capture.records import Activations, Captured, leading_axes_pooled
+from sngd_jax._src.capture.records import (
+    Activations,
+    Captured,
+    leading_axes_pooled,
+    times_mask,
+)
 from sngd_jax._src.frames import caller_stacklevel
 
 
@@ -270,7 +275,7 @@ def _masked_per_layer(path: str, i: int, c: Captured, mask: jax.Array, n_calls: 
   fn = weights
   for _ in range(k):
     fn = jax.vmap(fn)
-  return _times_mask(c, fn(mask))
+  return times_mask(c, fn(mask))
 
 
 def _attention_heads(activations: Activations) -> frozenset[tuple[int, ...]]:
@@ -285,12 +290,6 @@ def _attention_heads(activations: Activations) -> frozenset[tuple[int, ...]]:
           == {c.inputs.ndim - 2, c.inputs.ndim - 1}):
         heads.add(tuple(c.inputs.shape[-2:]))
   return frozenset(heads)
-
-
-def _times_mask(c: Captured, w: jax.Array) -> Captured:
-  """``c`` with the row weights ``w``, times those it already has: a conditional's (the rows
-  of a branch not taken weigh 0, ``transforms._conditional``) or an earlier mask's."""
-  return dataclasses.replace(c, row_mask=w if c.row_mask is None else w * c.row_mask)
 
 
 def _masked(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int = 1,
@@ -347,10 +346,10 @@ def _masked(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int = 1,
            f"{mask.shape[1]} tokens")
     w = mask.T.reshape(-1) if mask.ndim == 2 else jnp.tile(mask, steps)
     shape[ax] = b * steps
-    return _times_mask(c, w.reshape(shape))
+    return times_mask(c, w.reshape(shape))
   if mask.ndim == 1:
     shape[ax] = b
-    return _times_mask(c, mask.reshape(shape))
+    return times_mask(c, mask.reshape(shape))
   role = _axis_role(c, ax + 1)
   if role == "row":
     if x.shape[ax + 1] != mask.shape[1]:
@@ -373,14 +372,14 @@ def _masked(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int = 1,
           "inputs are weighed right, by their token; (B, H, T, ...) ones are not, by their "
           "head: keep the tokens right after the examples.)", stacklevel=caller_stacklevel())
     shape[ax:ax + mask.ndim] = mask.shape
-    return _times_mask(c, mask.reshape(shape))
+    return times_mask(c, mask.reshape(shape))
   if role == "positions":
     fail("the axis after the examples is a convolution's spatial axis whose output "
          "positions are not the input's tokens (a 2-D or 3-D conv, or a 1-D conv whose "
          "output length differs): mask it by example, `(B,)`")
   # No token axis among the rows (after pooling): an example counts if any token is real.
   shape[ax] = b
-  return _times_mask(c, jnp.max(mask.reshape(b, -1), axis=1).reshape(shape))
+  return times_mask(c, jnp.max(mask.reshape(b, -1), axis=1).reshape(shape))
 
 
 def _axis_role(c: Captured, axis: int) -> Optional[str]:

@@ -62,7 +62,9 @@ from sngd_jax._src.capture.records import (
     Pending,
     Recorder,
     TransformFrame,
+    batched_by,
     current_trace,
+    times_mask,
 )
 
 _ORIGINAL = {
@@ -314,6 +316,61 @@ def _signature(p: Pending) -> tuple:
   return treedef, tuple((tuple(x.shape), jnp.result_type(x)) for x in leaves)
 
 
+def _batched_everywhere(rec: Recorder, index: Any) -> bool:
+  """Whether every ``vmap`` the conditional runs in batches its ``index`` (a branch per
+  example): JAX then runs it as a select of every branch, and each of its outputs is batched,
+  whatever the branches return. A ``vmap`` whose trace is not known keeps every record's axis
+  (``Recorder.leaving_vmap``) and counts as batching it."""
+  return all(batched_by(index, f.trace) for f in rec.frames
+             if isinstance(f, TransformFrame) and f.kind == "vmap" and f.trace is not None)
+
+
+def _buffers(slots: dict[str, list[tuple[tuple, Pending, set[int]]]],
+             members: dict[tuple[str, int], dict[int, Pending]],
+             share: bool) -> tuple[list[tuple[tuple, Any]], dict[tuple[str, int], list[int]]]:
+  """The arrays a conditional returns for its records, and which of them each slot's
+  leaves read: ``(buffers, where)``, ``buffers[b] = (shape, dtype)``, ``where[slot]`` a buffer
+  per leaf of the slot's record (in ``jax.tree.leaves`` order).
+
+  Only one branch runs, so the leaves of slots that no branch fills both can hold one buffer:
+  each branch writes its own leaves, and a slot that the branch taken does not fill reads
+  another's rows, weighed 0 by its mask ``[its branch ran]``. A buffer holds, per branch, at
+  most one array (two slots' leaves share it where they hold the same array in every branch
+  that fills both: layers that read one input, ``records.Shared``). Across slots (``share``)
+  only floating-point leaves are shared (token ids keep their own: those of one table are
+  not another's); with ``share`` False (a ``vmap`` around the conditional that does not batch
+  its index, where an output is batched when any branch's array is, and a record that the
+  vmap does not batch leaves it without its axis, ``Recorder.leaving_vmap``) only the arrays
+  that one slot's leaves hold in every branch alike are one buffer.
+
+  ``members[slot]``: per branch that fills the slot, its record (of the traced shapes; the
+  records that hold one array hold one object, as ``records.Shared`` rebuilds them).
+  """
+  buffers: list[tuple[tuple, Any]] = []
+  held: list[dict[int, int]] = []  # per buffer: branch -> id of the array it holds there
+  where: dict[tuple[str, int], list[int]] = {}
+  for path, row in slots.items():
+    for k, (sig, _, takers) in enumerate(row):
+      slot = (path, k)
+      if slot not in members:  # dropped (a layer of a stack in some branches only)
+        continue
+      leaves = {i: jax.tree.leaves(p) for i, p in members[slot].items()}
+      where[slot] = []
+      for q, kind in enumerate(sig[1]):
+        ids = {i: id(leaves[i][q]) for i in takers}
+        across = share and jnp.issubdtype(kind[1], jnp.inexact)
+        b = next((b for b, (other, h) in enumerate(zip(buffers, held, strict=True))
+                  if other == kind and all(h.get(i, u) == u for i, u in ids.items())
+                  and (across or set(h) == set(ids))), None)
+        if b is None:
+          b = len(buffers)
+          buffers.append(kind)
+          held.append({})
+        held[b].update(ids)
+        where[slot].append(b)
+  return buffers, where
+
+
 def _conditional(rec: Recorder, index: Any, branches: list[Callable],
                  operands: tuple) -> Any:
   """``switch(index, branches, *operands)`` whose branches' records leave it, each call's
@@ -324,21 +381,28 @@ def _conditional(rec: Recorder, index: Any, branches: list[Callable],
   ``jax.lax.switch`` itself traces it), with its records as extra outputs; the records of all
   branches are laid out in slots (per layer path, the ``j``-th call of a branch joins the
   ``j``-th slot when its shapes and static fields are the slot's, else a slot of its own);
-  and the conditional runs the jaxprs, each filling its own slots and zeros in the others.
-  A slot that every branch fills (a layer called alike in each branch) is a plain record: it
-  holds the rows of the branch taken. A slot filled by some branches only gets a row mask
-  (``Captured.row_mask``, size 1 along every axis) of ``[index in those branches]``: the
-  rows of a branch not taken weigh 0, and a layer with no rows of weight > 0 in a step keeps
-  its factor (``statistics.weighted_rows``), as one outside the batch would. Under a
-  ``jax.vmap`` whose predicate is batched (a branch per example, which JAX runs as a select
-  of both branches), the mask is per example: each example's rows count for the branch it
-  took.
+  and the conditional runs the jaxprs, each filling its own slots. A slot that every branch
+  fills (a layer called alike in each branch) is a plain record: it holds the rows of the
+  branch taken. A slot filled by some branches only gets a row mask (``Captured.row_mask``,
+  size 1 along every axis) of ``[index in those branches]``: the rows of a branch not taken
+  weigh 0, and a layer with no rows of weight > 0 in a step keeps its factor
+  (``statistics.weighted_rows``), as one outside the batch would. Under a ``jax.vmap`` whose
+  predicate is batched (a branch per example, which JAX runs as a select of both branches),
+  the mask is per example: each example's rows count for the branch it took.
+
+  The slots' arrays are laid out in buffers (``_buffers``): slots that no branch fills both
+  share a buffer of their shape and dtype, which holds the rows of the branch taken (another
+  layer's, weighed 0, in a slot whose branch did not run). So a ``switch`` of ``n`` branches
+  of one layer each returns one array, not ``n`` (a scan around it stacks one); the rows each
+  layer's statistics weigh are those of its own branch, as before, provided the branch taken
+  computes finite values (``0 * inf`` is not 0). Around a ``vmap`` that does not batch the
+  index, buffers are not shared across slots (see ``_buffers``).
 
   A slot that some branches leave empty, of a layer whose weight a transform outside the
   conditional stacks (an ``nn.scan`` over depth whose body holds the conditional), is not
   modelled: the predicate may differ between the layers of the stack, and a layer of the
   stack with no rows would get an estimate of zero. Its path is reported
-  (``Recorder.unmodelled``) and its calls dropped.
+  (``Recorder.unmodelled``) and its calls dropped (the conditional does not return them).
   """
   depth = len(rec.trace(None)[0])  # the axes of transforms outside the conditional
   n_ops = len(_leaves(operands))
@@ -370,6 +434,13 @@ def _conditional(rec: Recorder, index: Any, branches: list[Callable],
   partial_stacked = {path for path, row in slots.items()
                      if any(len(s[2]) < len(branches) for s in row)
                      and any(r.endswith(":stack") for s in row for r in s[1].roles[:depth])}
+  members: dict[tuple[str, int], dict[int, Pending]] = {}
+  for i, (_, _, records) in enumerate(traced):
+    for path, ks in placed[i].items():
+      if path not in partial_stacked:
+        for p, k in zip(records[path], ks, strict=True):
+          members.setdefault((path, k), {})[i] = p
+  buffers, where = _buffers(slots, members, _batched_everywhere(rec, index))
 
   def run(i: int) -> Callable:
     closed, out_tree, _ = traced[i]
@@ -378,36 +449,37 @@ def _conditional(rec: Recorder, index: Any, branches: list[Callable],
       flat = jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *jax.tree.leaves(ops))
       out, shared = jax.tree.unflatten(out_tree, flat)
       found = shared.tree
-      filled: dict[tuple[str, int], Pending] = {}
+      written: list[Any] = [None] * len(buffers)
       for path, ks in placed[i].items():
         for p, k in zip(found[path], ks, strict=True):
-          filled[(path, k)] = p
-      slot_leaves = []
-      for path, row in slots.items():
-        for k, (sig, _, _) in enumerate(row):
-          p = filled.get((path, k))
-          slot_leaves.append(jax.tree.leaves(p) if p is not None else
-                             [jnp.zeros(s, d) for s, d in sig[1]])
-      return out, slot_leaves
+          if (path, k) not in where:  # dropped (a layer of a stack in some branches only)
+            continue
+          for leaf, b in zip(jax.tree.leaves(p), where[(path, k)], strict=True):
+            assert written[b] is None or written[b] is leaf, (path, k)  # one array a buffer
+            written[b] = leaf
+      return out, [jnp.zeros(s, d) if a is None else a
+                   for a, (s, d) in zip(written, buffers, strict=True)]
 
     return branch
 
-  out, slot_leaves = _ORIGINAL["switch"](index, [run(i) for i in range(len(branches))],
-                                         *operands)
-  k_leaves = iter(slot_leaves)
+  out, arrays = _ORIGINAL["switch"](index, [run(i) for i in range(len(branches))], *operands)
   records: dict[str, list[Pending]] = {}
+  masks: dict[tuple[frozenset[int], int], Any] = {}  # one array per mask (a scan stacks it once)
   for path, row in slots.items():
-    for sig, _, takers in row:
-      p = jax.tree.unflatten(sig[0], next(k_leaves))
-      if path in partial_stacked:
-        continue
+    if path in partial_stacked:
+      continue
+    for k, (sig, _, takers) in enumerate(row):
+      p = jax.tree.unflatten(sig[0], [arrays[b] for b in where[(path, k)]])
       if len(takers) < len(branches):
         c = p.captured
-        ran = functools.reduce(jnp.logical_or, [index == i for i in sorted(takers)])
-        mask = ran.astype(jnp.float32).reshape((1,) * c.inputs.ndim)
-        if c.row_mask is not None:  # a conditional inside a branch of this one
-          mask = c.row_mask * mask
-        p = dataclasses.replace(p, captured=dataclasses.replace(c, row_mask=mask))
+        key = (frozenset(takers), c.inputs.ndim)
+        if key not in masks:
+          ran = functools.reduce(jnp.logical_or, [index == i for i in sorted(takers)])
+          masks[key] = ran.astype(jnp.float32).reshape((1,) * c.inputs.ndim)
+        mask = masks[key]
+        # times a conditional's inside a branch of this one (read from a shared buffer, its
+        # value when this slot's branch did not run is another's: weighed 0 all the same)
+        p = dataclasses.replace(p, captured=times_mask(c, mask))
       records.setdefault(path, []).append(p)
   rec.unmodelled.update(dict.fromkeys(sorted(partial_stacked)))
   rec.add_all(records)
@@ -508,8 +580,8 @@ def vmap(fun: Callable, in_axes: Any = 0, out_axes: Any = 0, *args, **kwargs) ->
     unmapped: list[dict] = []
 
     def body(*inner_a, **inner_kw):
-      frame = TransformFrame("vmap", _inputs((inner_a, inner_kw), (a, kw), roles))
       trace = current_trace()
+      frame = TransformFrame("vmap", _inputs((inner_a, inner_kw), (a, kw), roles), trace=trace)
       with rec.frame(frame):
         out = fun(*inner_a, **inner_kw)
       mapped, same = rec.leaving_vmap(frame, depth, trace)
