@@ -11,6 +11,12 @@ layer saw, from an independent numpy forward pass. Until 2026-12-06 the map's ax
 axis were not indexed by the mask (Equinox: that the record had no example axis), and
 ``stats_batch_size=2`` took the first two positions of every example (linen, NNX, Haiku), or
 every row (Equinox).
+
+A ``jax.lax.map`` whose every step sees the whole closed-over batch (noise draws of a Monte
+Carlo loss, mapped over keys) is a scan over the draws: the examples are each step's own, and
+``stats_batch_size=2`` takes the first 2 examples of every draw (until 2026-12-06 the draws were
+read as the examples). Where the program cannot tell (mapped noise arrays, a per-example map
+with a closed-over table), the examples reading is kept, with a warning.
 """
 
 import flax.linen as nn
