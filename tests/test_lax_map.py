@@ -11,6 +11,12 @@ layer saw, from an independent numpy forward pass. Until 2026-12-06 the map's ax
 axis were not indexed by the mask (Equinox: that the record had no example axis), and
 ``stats_batch_size=2`` took the first two positions of every example (linen, NNX, Haiku), or
 every row (Equinox).
+
+A ``jax.lax.map`` whose every step sees the whole closed-over batch (noise draws of a Monte
+Carlo loss, mapped over keys) is a scan over the draws: the examples are each step's own, and
+``stats_batch_size=2`` takes the first 2 examples of every draw (until 2026-12-06 the draws were
+read as the examples). Where the program cannot tell (mapped noise arrays, a per-example map
+with a closed-over table), the examples reading is kept, with a warning.
 """
 
 import flax.linen as nn
@@ -180,38 +186,193 @@ def test_map_over_micro_batches_is_a_vmap_over_them():
                   real, w, b)
 
 
-def _noise_draws_factors(loop, **kwargs):
-  """The 'hidden' and 'out' factors of a linen MLP run on ``S = 3`` noisy copies of a ``(B, D)``
-  batch (a Monte Carlo loss over noise draws, each step a whole batch), the draws looped by
-  ``jax.lax.map`` or ``jax.lax.scan``; and the float64 inputs ``(S, B, D)``, kernel, bias."""
+S = 3  # noise draws
+
+
+def _noise(how):
+  """``(S, B, D)`` float64 noise, and what the map runs over: the noise itself, or the keys the
+  step draws it from (``jax.random.normal(key, (B, D))``)."""
+  keys = jax.random.split(jax.random.key(2), S)
+  noise = 0.1 * jnp.stack([jax.random.normal(k, (B, D), jnp.float64) for k in keys])
+  if how == "noise":
+    return noise, noise, lambda n: n
+  return noise, keys, lambda k: 0.1 * jax.random.normal(k, (B, D), jnp.float64)
+
+
+def _draws_captured(framework, loop="map", how="keys", batch_size=None, expect=no_sngd_warnings):
+  """``(params, grads, acts, noisy inputs (S, B, D) as float64, (kernel, bias) of 'hidden')``
+  of one gradient of a Monte Carlo loss over ``S`` noise draws of a closed-over ``(B, D)``
+  batch, every step the whole batch: ``sum(sin(lax.map(lambda n: model(x + n), noise)))``
+  (``how='keys'``: each step draws its noise from its key), or the same loop as ``lax.scan``.
+  Under ``expect()`` (no sngd warning)."""
   x = _batch()[:, 0]  # (B, D)
-  noise = 0.1 * jax.random.normal(jax.random.key(2), (3, B, D), jnp.float64)
-  model = LinenMLP()
-  params = model.init(jax.random.key(0), x)["params"]
-  step = lambda p, n: model.apply({"params": p}, x + n)
-  if loop == "map":
-    loss = lambda p: jnp.sum(jnp.sin(jax.lax.map(lambda n: step(p, n), noise)))
-  else:
-    loss = lambda p: jnp.sum(jnp.sin(jax.lax.scan(lambda c, n: (c, step(p, n)), None,
-                                                  noise)[1]))
+  noise, over, draw = _noise(how)
+
+  def looped(step):
+    if loop == "map":
+      return jnp.sum(jnp.sin(jax.lax.map(lambda n: step(x + draw(n)), over,
+                                         batch_size=batch_size)))
+    return jnp.sum(jnp.sin(jax.lax.scan(lambda c, n: (c, step(x + draw(n))), None, over)[1]))
+
+  with expect():
+    if framework == "linen":
+      model = LinenMLP()
+      params = model.init(jax.random.key(0), x)["params"]
+      (_, acts), grads = jax.value_and_grad(sngd_jax.capture(lambda p: looped(
+          lambda e: model.apply({"params": p}, e))), has_aux=True)(params)
+      w, b = params["hidden"]["kernel"], params["hidden"]["bias"]
+    elif framework == "nnx":
+      model = NNXMLP(nnx.Rngs(0))
+      (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(lambda m: looped(m)),
+                                            has_aux=True)(model)
+      params = nnx.state(model, nnx.Param)
+      w, b = model.hidden.kernel[...], model.hidden.bias[...]
+    else:
+      eqx = pytest.importorskip("equinox")
+      keys = jax.random.split(jax.random.key(0))
+      model = _eqx_mlp(eqx, keys)
+      (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(lambda m: looped(
+          lambda e: jax.vmap(m)(e))), has_aux=True)(model)
+      params = eqx.filter(model, eqx.is_inexact_array)
+      w, b = model.hidden.weight.T, model.hidden.bias
+  return params, grads, acts, ref.np64(x)[None] + ref.np64(noise), (ref.np64(w), ref.np64(b))
+
+
+def _eqx_mlp(eqx, keys):
+  """An Equinox MLP on one ``(D,)`` example (per-example layers, no example axis)."""
+
+  class Mlp(eqx.Module):
+    hidden: eqx.nn.Linear
+    out: eqx.nn.Linear
+
+    def __call__(self, x):
+      return self.out(jnp.tanh(self.hidden(x)))
+
+  return Mlp(eqx.nn.Linear(D, H, key=keys[0], dtype=jnp.float64),
+             eqx.nn.Linear(H, 2, key=keys[1], dtype=jnp.float64))
+
+
+def _assert_draw_factors(state, rows, w, b, msg=""):
+  """The factors of 'hidden' and 'out' are the float64 Gram sums of ``rows`` (``(n, D)`` inputs
+  of the MLP) and of their hidden activations, from a numpy forward pass."""
+  for path, r in (("hidden", rows), ("out", np.tanh(rows @ w + b))):
+    np.testing.assert_allclose(ref.normalized_factor(state, path), ref.gram(r), rtol=1e-10,
+                               atol=1e-13, err_msg=f"{msg} {path}")
+
+
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+@pytest.mark.parametrize("framework", ["linen", "nnx", "equinox"])
+def test_map_over_noise_draws_takes_the_first_examples_of_every_draw(framework, batch_size):
+  """A ``jax.lax.map`` over keys whose every step draws noise for the whole closed-over batch
+  (a Monte Carlo loss; whole, or in chunks of ``batch_size``): each step's layer calls hold the
+  ``B`` examples themselves, so the map's axis is more rows of each example, as a
+  ``jax.lax.scan``'s: ``stats_batch_size=2`` takes the first 2 examples of every draw. (The
+  map's axis was read as the examples: ``stats_batch_size=2`` took every example of the first
+  2 draws, 0.72 relative off the factor.) Without ``stats_batch_size`` every row counts either
+  way. A ``(B,)`` row mask raises, naming the layer, as for a scan's axis (it raised too, or,
+  with as many draws as examples, silently weighed the draws)."""
+  params, grads, acts, xs, (w, b) = _draws_captured(framework, batch_size=batch_size)
+  assert [c.num_examples for c in acts["hidden"]] == [B]
+  _assert_draw_factors(factors_after_one_step(params, grads, acts), xs.reshape(-1, D), w, b,
+                       "all rows")
+  _assert_draw_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                       xs[:, :2].reshape(-1, D), w, b, "stats_batch_size=2")
+  with pytest.raises(ValueError, match="'hidden'.*before its example axis"):  # as a scan's
+    sngd_jax.with_row_mask(acts, np.array([True, False, True, True, False]))
+
+
+def test_map_over_noise_arrays_cannot_be_told_from_one_over_examples_and_warns():
+  """Mapped over the ``(S, B, D)`` noise itself, with the ``(B, D)`` batch closed over, each
+  step's call reads a closed-over array and a mapped slice both of ``B`` rows: the same shapes
+  and data flow as ``(T, D)`` examples mapped with a closed-over ``(T, D)`` table. The map's
+  axis is then read as the examples (the documented default), with a warning naming the layers
+  and ``jax.lax.scan``: ``stats_batch_size=2`` takes every example of the first 2 draws."""
+  warns = lambda: pytest.warns(UserWarning, match="sngd: layer 'hidden', 'out' under a "
+                               "`jax.lax.map`.*look alike.*`jax.lax.scan`")
+  params, grads, acts, xs, (w, b) = _draws_captured("linen", how="noise", expect=warns)
+  _assert_draw_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                       xs[:2].reshape(-1, D), w, b)
+
+
+def test_map_over_noise_draws_is_the_scan_over_them():
+  """The draws looped by ``jax.lax.scan`` give the same factors (the scan's axis is never the
+  examples): the float64 Gram of the first 2 examples of every draw."""
+  params, grads, acts, xs, (w, b) = _draws_captured("linen", "scan", "noise")
+  _assert_draw_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                       xs[:, :2].reshape(-1, D), w, b)
+
+
+@pytest.mark.parametrize("framework", ["linen", "nnx", "equinox"])
+def test_map_over_draws_inside_a_vmap_over_the_examples(framework):
+  """``jax.vmap`` over the examples, inside it a ``jax.lax.map`` over each example's ``S``
+  draws (``(B, S, D)`` noise): the vmap's axis holds the examples, the map's is more rows of
+  each: ``stats_batch_size=2`` takes every draw of the first 2 examples."""
+  x = _batch()[:, 0]
+  noise = 0.1 * jax.random.normal(jax.random.key(3), (B, S, D), jnp.float64)
+  looped = lambda step: jnp.sum(jnp.sin(jax.vmap(lambda xi, ni: jax.lax.map(
+      lambda n: step(xi + n), ni))(x, noise)))
   with no_sngd_warnings():
+    if framework == "linen":
+      model = LinenMLP()
+      params = model.init(jax.random.key(0), x)["params"]
+      (_, acts), grads = jax.value_and_grad(sngd_jax.capture(lambda p: looped(
+          lambda e: model.apply({"params": p}, e))), has_aux=True)(params)
+      w, b = params["hidden"]["kernel"], params["hidden"]["bias"]
+    elif framework == "nnx":
+      model = NNXMLP(nnx.Rngs(0))
+      (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(lambda m: looped(m)),
+                                            has_aux=True)(model)
+      params = nnx.state(model, nnx.Param)
+      w, b = model.hidden.kernel[...], model.hidden.bias[...]
+    else:
+      eqx = pytest.importorskip("equinox")
+      model = _eqx_mlp(eqx, jax.random.split(jax.random.key(0)))
+      (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(lambda m: looped(m)),
+                                                   has_aux=True)(model)
+      params = eqx.filter(model, eqx.is_inexact_array)
+      w, b = model.hidden.weight.T, model.hidden.bias
+  xs = ref.np64(x)[:, None] + ref.np64(noise)  # (B, S, D)
+  _assert_draw_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                       xs[:2].reshape(-1, D), ref.np64(w), ref.np64(b))
+
+
+def test_a_step_that_cannot_be_traced_again_is_read_as_examples_with_a_warning():
+  """The map's axis is decided by tracing a step once more; a step that fails there (here: a
+  step that raises the first time it is traced) is read as over the examples, as a
+  ``jax.vmap``'s, with a warning naming ``jax.lax.scan`` for draws: ``stats_batch_size=2``
+  takes every row of the first 2 examples."""
+  x = _batch()
+  model = LinenMLP()
+  params = model.init(jax.random.key(0), x[0])["params"]
+  traced = []
+
+  def step(p, e):
+    traced.append(None)
+    if len(traced) == 1:
+      raise RuntimeError("first trace")
+    return model.apply({"params": p}, e)
+
+  loss = lambda p: jnp.sum(jnp.sin(jax.lax.map(lambda e: step(p, e), x)))
+  with pytest.warns(UserWarning, match="sngd: could not trace one step of a `jax.lax.map`.*"
+                    "RuntimeError: first trace.*jax.lax.scan"):
     (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params)
-  state = factors_after_one_step(params, grads, acts, **kwargs)
-  xs = ref.np64(x)[None] + ref.np64(noise)
-  return state, xs, ref.np64(params["hidden"]["kernel"]), ref.np64(params["hidden"]["bias"])
+  w, b = ref.np64(params["hidden"]["kernel"]), ref.np64(params["hidden"]["bias"])
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  np.arange(B)[:, None].repeat(T, axis=1) < 2, w, b)
 
 
-def test_map_over_noise_draws_reads_the_draws_as_examples_scan_the_batch():
-  """What docs/layer-coverage.md says of a ``jax.lax.map`` whose every step is a batch (noise
-  draws, positions, diffusion times): its axis is read as the examples, as a ``jax.vmap``'s,
-  so ``stats_batch_size=2`` takes every example of the first 2 draws, not the first 2
-  examples (0.72 relative off the factor of the first 2 examples of every draw); written as
-  ``jax.lax.scan`` over the draws, as the docs say, the scan's axis is more rows and
-  ``stats_batch_size=2`` takes the first 2 examples of every draw. Both against float64 Gram
-  sums of the rows, from a numpy forward pass."""
-  for loop, keep in (("map", np.s_[:2]), ("scan", np.s_[:, :2])):
-    state, xs, w, b = _noise_draws_factors(loop, stats_batch_size=2)
-    rows = xs[keep].reshape(-1, D)
-    for path, r in (("hidden", rows), ("out", np.tanh(rows @ w + b))):
-      np.testing.assert_allclose(ref.normalized_factor(state, path), ref.gram(r), rtol=1e-10,
-                                 atol=1e-13, err_msg=f"{loop} {path}")
+def test_per_example_map_with_a_closed_over_table_warns_and_keeps_the_examples():
+  """``(T, D)`` examples mapped, each plus a closed-over ``(T, D)`` numpy table (not a
+  parameter): alike to noise draws of a closed-over batch (see above), so read as over the
+  examples, with a warning: ``stats_batch_size=2`` takes every row of the first 2 examples."""
+  x, table = _batch(), np.linspace(-1.0, 1.0, T * D).reshape(T, D)
+  model = LinenMLP()
+  params = model.init(jax.random.key(0), x[0])["params"]
+  loss = lambda p: jnp.sum(jnp.sin(jax.lax.map(lambda e: model.apply({"params": p}, e + table),
+                                               x)))
+  with pytest.warns(UserWarning, match="sngd: layer 'hidden', 'out' under a `jax.lax.map`"):
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params)
+  w, b = ref.np64(params["hidden"]["kernel"]), ref.np64(params["hidden"]["bias"])
+  rows = ref.np64(x)[:2].reshape(-1, D) + np.tile(table, (2, 1))
+  _assert_draw_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2), rows,
+                       w, b)

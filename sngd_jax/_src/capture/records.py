@@ -20,7 +20,8 @@ added, its *role* (``Recorder.trace``):
 * ``pool``: the weight was closed over or carried (a scan over time, a vmap
   over the batch): every index is more rows of the same layer's statistics. The
   axis of a ``vmap`` that pools (``'vmap:pool'``), or of a ``jax.lax.map`` that does
-  (``'map:pool'``: a model applied per example, ``lax.map(lambda x: model(x), batch)``),
+  (``'map:pool'``: a model applied per example, ``lax.map(lambda x: model(x), batch)``; not
+  a map whose every step sees the whole batch, over noise draws, which is ``'scan:pool'``),
   is the records' example axis (``Captured.batch_axis``, ``_finalized``).
 
 The weight is followed through the frames by object identity: a transform's

@@ -12,11 +12,11 @@ the caller's, and returns the records made inside as extra outputs (``scan``
 and ``vmap`` stack them along a new leading axis, ``checkpoint`` returns them
 as they are). The records then join the enclosing frame (see ``records``
 for the roles of the new axes; ``jax.lax.map``'s axis over the batch holds the examples, as
-``vmap``'s does). A record that a ``vmap`` does not batch (every
-lane read the same input, as under a vmap over the directions of Hessian-vector
-products) leaves it without the new axis, once (``Recorder.leaving_vmap``). The
-transforms of Flax (``nn.scan``, ``nn.vmap``, ``nn.remat``, ``nnx.scan``,
-``nnx.vmap``, ``nnx.remat``) and of Equinox (``filter_vmap``,
+``vmap``'s does, its axis over steps that each see the whole batch does not, ``lax_map``). A
+record that a ``vmap`` does not batch (every lane read the same input, as under a vmap over
+the directions of Hessian-vector products) leaves it without the new axis, once
+(``Recorder.leaving_vmap``). The transforms of Flax (``nn.scan``, ``nn.vmap``, ``nn.remat``,
+``nnx.scan``, ``nnx.vmap``, ``nnx.remat``) and of Equinox (``filter_vmap``,
 ``filter_checkpoint``) call these functions when they run, so they are covered
 too.
 
@@ -49,6 +49,7 @@ import contextlib
 import dataclasses
 import functools
 import threading
+import warnings
 from typing import Any, Callable, Iterator, Optional
 
 import flax.core.axes_scan as flax_axes_scan
@@ -62,10 +63,13 @@ from sngd_jax._src.capture.records import (
     Pending,
     Recorder,
     TransformFrame,
+    _differentiating,
     batched_by,
     current_trace,
+    shown,
     times_mask,
 )
+from sngd_jax._src.frames import caller_stacklevel
 
 _ORIGINAL = {
     "scan": jax.lax.scan,
@@ -156,16 +160,19 @@ def lax_map(f: Callable, xs: Any, *, batch_size: Optional[int] = None) -> Any:
   slice the layer's weight (a map over the batch, ``lax.map(lambda x: model.apply(params, x),
   batch)``), its axis holds the examples, as a ``jax.vmap``'s over the batch does (role
   ``'map:pool'``, ``_over_examples``): a ``(B,)`` row mask and ``stats_batch_size`` index it,
-  not the call's own leading axis (a sequence's positions)."""
+  not the call's own leading axis (a sequence's positions); unless every step's call reads the
+  whole batch, closed over (a map over noise draws, ``lax.map(lambda k: model(x + noise(k)),
+  keys)``: ``_whole_batch_steps``), whose axis is then a scan's, more rows of each example."""
   rec = _active()
   if rec is None:
     return _ORIGINAL["map"](f, xs, batch_size=batch_size)
   leaves = jax.tree.leaves(xs)
   depth = len(rec.trace(None)[0])  # the index of this map's role in the records' roles
+  whole = _whole_batch_steps(rec, f, xs, depth) if leaves else {}
   if batch_size is None or not leaves:
     with rec.frame(TransformFrame("checkpoint", {})) as frame:  # collects, adds no axis
       ys = scan(lambda _, x: ((), f(x)), (), xs)[1]
-    rec.add_all(_over_examples(frame.records, depth))
+    rec.add_all(_over_examples(frame.records, depth, whole))
     return ys
   n = leaves[0].shape[0]
   chunks, rest = divmod(n, batch_size) if batch_size else (0, n)
@@ -181,7 +188,7 @@ def lax_map(f: Callable, xs: Any, *, batch_size: Optional[int] = None) -> Any:
     with rec.frame(TransformFrame("checkpoint", {})) as frame:
       ys.append(vmap(f)(jax.tree.map(lambda a: a[cut:], xs)))
     parts.append((frame.records, 1))
-  rec.add_all(_over_examples(_merged(parts, depth), depth))
+  rec.add_all(_over_examples(_merged(parts, depth), depth, whole))
   if len(ys) == 1:
     return ys[0]
   return jax.tree.map(lambda a, b: jax.lax.concatenate([a, b], 0), *ys)
@@ -220,18 +227,136 @@ def _merged(parts: list[tuple[dict[str, list[Pending]], int]],
   return out
 
 
-def _over_examples(records: dict[str, list[Pending]], depth: int) -> dict[str, list[Pending]]:
+def _over_examples(records: dict[str, list[Pending]], depth: int,
+                   whole: dict[str, list[bool]]) -> dict[str, list[Pending]]:
   """``records`` of a ``lax_map`` (its axis at ``depth`` of their roles) with the map's axis,
   where it pools (the weight is not mapped: a map over the batch), given role ``'map:pool'``:
   the axis holds the examples, as a ``jax.vmap`` over the batch's does (``records._finalized``
   makes it the example axis), so that a ``(B,)`` row mask weighs them and
   ``stats_batch_size=k`` takes the first ``k`` of them, every row of theirs. A map over
-  stacked params (``'scan:stack'``) keeps its role: one local Fisher per index."""
-  def renamed(p: Pending) -> Pending:
-    if len(p.roles) <= depth or p.roles[depth] != "scan:pool":
+  stacked params (``'scan:stack'``) keeps its role: one local Fisher per index; so does a call
+  whose every step saw the whole batch (``whole[path][j]``, ``_whole_batch_steps``: a map over
+  noise draws), whose axis is then a scan's, more rows of each example."""
+  def renamed(p: Pending, flag: bool) -> Pending:
+    if flag or len(p.roles) <= depth or p.roles[depth] != "scan:pool":
       return p
     return dataclasses.replace(p, roles=p.roles[:depth] + ("map:pool",) + p.roles[depth + 1:])
-  return {path: [renamed(p) for p in calls] for path, calls in records.items()}
+
+  out = {}
+  for path, calls in records.items():
+    flags = whole.get(path, [])
+    if len(flags) != len(calls):  # calls that did not pair up across the chunks (`_merged`):
+      flags = [len(set(flags)) == 1 and flags[0]] * len(calls)  # their path's, if one
+    out[path] = [renamed(p, flag) for p, flag in zip(calls, flags, strict=True)]
+  return out
+
+
+def _whole_batch_steps(rec: Recorder, f: Callable, xs: Any, depth: int) -> dict[str, list[bool]]:
+  """Per layer path, per call of ``f`` (one step of a ``jax.lax.map`` over ``xs``): whether
+  the call already holds the examples of the batch on an axis of its own, so that the map's
+  axis is *not* the examples (noise draws, Monte Carlo samples, augmentations, diffusion times:
+  every step sees the whole batch, ``lax.map(lambda k: model(x + noise(k)), keys)``).
+
+  Decided from the program, by one extra trace of a step (``jax.make_jaxpr``, its records kept
+  apart): a call's example axis within the step is the axis of a ``jax.vmap`` or ``lax.map``
+  over the examples inside it, else the call's own (``Captured.batch_axis``); of size ``b``
+  (per time step of a cell). The step *sees the whole batch* when the call's input depends, in
+  the step's jaxpr, on an array the step closes over (not one of the mapped operands ``xs``)
+  whose leading axis is ``b`` long and that is not differentiated (not a parameter: a tracer of
+  ``jax.grad``'s trace, or a leaf of the captured function's params): the batch the caller
+  closed over (``lax.map(lambda k: model(x + noise(k)), keys)``). Then each step's call has
+  its own examples, and the map's axis is pooled, a scan's (``stats_batch_size=k`` takes the
+  first ``k`` examples of every step, as under ``jax.lax.scan``). Otherwise (the call's rows
+  come from the mapped operand alone: one example, a micro-batch; or it has no example axis)
+  the map's axis holds the examples, ``'map:pool'``.
+
+  Where the call also depends on a mapped operand whose step slice has ``b`` rows, the program
+  does not tell: noise draws of a closed-over ``(B, D)`` batch mapped over ``(S, B, D)`` noise,
+  and single ``(T, D)`` examples mapped over a ``(B, T, D)`` batch with a closed-over ``(T, D)``
+  table of positions, have the same shapes and data flow. Such a call is read as over the
+  examples (the documented default, as a ``jax.vmap``'s), with a warning naming the layer and
+  how to say otherwise: ``jax.lax.scan``, whose axis is never the examples, or keys mapped and
+  the noise drawn inside; ``jax.vmap`` for the examples. So is every call of a step that cannot
+  be traced again."""
+  found: list[list[tuple[str, Optional[int]]]] = []  # (path, step's examples) per call
+
+  def step(x):
+    frame = TransformFrame("scan", _inputs(x, xs, ["stack"] * len(_leaves(xs))))
+    with rec.frame(frame):
+      f(x)
+    calls = [(path, p) for path, ps in frame.records.items() for p in ps]
+    found[:] = [[(path, _step_examples(p, depth)) for path, p in calls]]  # no tracer kept
+    return [p.captured.inputs for _, p in calls]
+
+  one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), xs)
+  try:
+    closed = jax.make_jaxpr(step)(one)
+  except Exception as e:  # noqa: BLE001 - the map itself will raise what is wrong with it
+    warnings.warn(
+        "sngd: could not trace one step of a `jax.lax.map` again to tell whether its steps "
+        f"are examples or each sees the whole batch ({type(e).__name__}: {e}); its axis is "
+        "read as the examples (as a `jax.vmap` over the batch). If every step sees the whole "
+        "batch (noise draws, Monte Carlo samples), write the loop as `jax.lax.scan`, whose "
+        "axis is more rows of each example.", stacklevel=caller_stacklevel())
+    return {}
+  wants: dict[str, list[tuple[Any, Optional[int]]]] = {}
+  for (path, b), v in zip(found[0] if found else [], closed.jaxpr.outvars, strict=True):
+    wants.setdefault(path, []).append((v, b))
+  sizes = {b for calls in wants.values() for _, b in calls}
+  jaxpr = closed.jaxpr
+  leading = lambda a, b: len(getattr(a, "shape", ())) >= 1 and a.shape[0] == b
+  whole, ambiguous = {}, []
+  for b in sizes - {None}:
+    batch = _depending(jaxpr, [v for v, c in zip(jaxpr.constvars, closed.consts, strict=True)
+                               if leading(c, b) and id(c) not in rec.top
+                               and _differentiating(c) is None])
+    rows = _depending(jaxpr, [v for v in jaxpr.invars if leading(v.aval, b)])
+    for path, calls in wants.items():
+      for j, (v, vb) in enumerate(calls):
+        if vb == b and not hasattr(v, "val") and v in batch:
+          if v in rows:
+            ambiguous.append(path)
+          else:
+            whole[(path, j)] = True
+  if ambiguous:
+    warnings.warn(
+        f"sngd: layer {', '.join(map(shown, dict.fromkeys(ambiguous)))} under a `jax.lax.map` "
+        "reads, in each step, both an array the step closes over and a slice of the mapped "
+        "operand with as many rows as its own examples: a map over the batch's examples (with a "
+        "closed-over table of positions) and a map over noise draws of a closed-over batch look "
+        "alike. Its axis is read as the examples (as a `jax.vmap` over the batch); if every "
+        "step sees the whole batch (noise draws, Monte Carlo samples), write the loop as "
+        "`jax.lax.scan` (its axis is more rows of each example) or map over keys and draw the "
+        "noise inside; if the map is over the examples, write it as `jax.vmap`.",
+        stacklevel=caller_stacklevel())
+  return {path: [whole.get((path, j), False) for j in range(len(calls))]
+          for path, calls in wants.items()}
+
+
+def _step_examples(p: Pending, depth: int) -> Optional[int]:
+  """The number of examples a record made in one step of a ``lax_map`` (its role at ``depth``)
+  holds on an axis of its own: that of the first ``vmap``/``lax.map`` over the examples inside
+  the step, else its own ``batch_axis`` (per time step); None without one."""
+  inner = p.roles[depth + 1:]
+  shape = p.captured.inputs.shape
+  for i, r in enumerate(inner):
+    if r in ("vmap:pool", "map:pool"):
+      return shape[i]
+  c = p.captured
+  own = len(shape) - len(inner)  # the call's own axes (a single vector: no example axis)
+  if c.batch_axis is None or c.batch_axis >= own or (own == 1 and c.kind != "embed"):
+    return None
+  return shape[len(inner) + c.batch_axis] // c.time_steps
+
+
+def _depending(jaxpr: Any, sources: list[Any]) -> set:
+  """The variables of ``jaxpr`` that depend on one of ``sources`` (its variables), through any
+  equation: every output of an equation depends on all its inputs, sub-jaxprs included."""
+  hit = set(sources)
+  for eqn in jaxpr.eqns:
+    if any(not hasattr(v, "val") and v in hit for v in eqn.invars):
+      hit.update(eqn.outvars)
+  return hit
 
 
 def _cat(arrays: list[Any]) -> Any:
