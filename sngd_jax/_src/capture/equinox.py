@@ -44,7 +44,6 @@ import contextlib
 import functools
 import importlib
 import sys
-import threading
 import warnings
 from typing import Any, Callable, Iterator, Optional
 
@@ -53,7 +52,7 @@ import jax.numpy as jnp
 from jax.extend import core as jex_core
 
 from sngd_jax._src import layer_spec, paths
-from sngd_jax._src.capture import custom, transforms
+from sngd_jax._src.capture import custom, swap, transforms
 from sngd_jax._src.capture.records import (
     Argnums,
     OtherArgs,
@@ -276,71 +275,6 @@ class _SharedUses:
           f"pass `fisher={{{path!r}: None}}`.", stacklevel=caller_stacklevel())
 
 
-_SWAP_LOCK = threading.Lock()
-# (class, attribute) -> [its own entry in the class dict (None: inherited), the function
-# it resolved to before the swap, how many captures use the swap]
-_SWAPPED: dict[tuple[type, str], list[Any]] = {}
-_HOOKS = threading.local()  # .stacks: (class, attribute) -> this thread's hooks, innermost last
-
-
-def _dispatcher(key: tuple[type, str], base: Callable) -> Callable:
-  """What a swapped attribute is while any capture uses it: the innermost hook of a capture
-  running on this thread, else ``base`` (a thread that is not capturing runs Equinox's own)."""
-  def swapped(self, *args, **kwargs):
-    stack = getattr(_HOOKS, "stacks", {}).get(key)
-    return (stack[-1] if stack else base)(self, *args, **kwargs)
-  return swapped
-
-
-_DISPATCH_CODE = _dispatcher((object, ""), object).__code__
-
-
-def _unswapped(cls: type, name: str) -> Any:
-  """``cls``'s attribute ``name`` as Equinox defines it (not a capture's swap)."""
-  with _SWAP_LOCK:
-    entry = _SWAPPED.get((cls, name))
-  return entry[1] if entry is not None else getattr(cls, name)
-
-
-@contextlib.contextmanager
-def _swapped(cls: type, name: str, make: Callable[[Callable], Callable]) -> Iterator[None]:
-  """Runs the body with ``cls.<name>`` replaced, on this thread only, by ``make(original)``.
-
-  The class attribute is replaced once, process-wide, by a dispatcher (reference counted, as
-  ``transforms.recording`` replaces the JAX transforms) that calls this thread's innermost
-  hook, so a capture on one thread neither records another thread's calls nor, when two
-  captures on two threads end out of order, leaves its hook installed for good (each used to
-  restore the attribute it found, which could be the other capture's wrapper: its recorder
-  then recorded every later call). On one thread, a nested capture's hook wraps the outer
-  one's, as before.
-  """
-  key = (cls, name)
-  with _SWAP_LOCK:
-    entry = _SWAPPED.get(key)
-    if entry is None:
-      own = cls.__dict__.get(name)
-      base = own if own is not None else getattr(cls, name)
-      entry = _SWAPPED[key] = [own, base, 0]
-      setattr(cls, name, functools.wraps(base)(_dispatcher(key, base)))
-    entry[2] += 1
-  stacks = _HOOKS.__dict__.setdefault("stacks", {})
-  stack = stacks.setdefault(key, [])
-  depth = len(stack)
-  try:
-    stack.append(make(stack[-1] if stack else entry[1]))
-    yield
-  finally:
-    del stack[depth:]
-    with _SWAP_LOCK:
-      entry[2] -= 1
-      if entry[2] == 0:
-        del _SWAPPED[key]
-        if entry[0] is None:
-          delattr(cls, name)
-        else:
-          setattr(cls, name, entry[0])
-
-
 class _TableReads:
   """The ``eqx.nn.Embedding`` tables of the model that the user's code reads outside their
   lookup (``self.emb.weight @ h``: a tied output layer written by hand), noted while
@@ -367,7 +301,7 @@ class _TableReads:
     """Notes a read of the table ``weight`` by the code of ``frame``."""
     if weight is None or _is_library(frame.f_globals.get("__name__", "")):
       return
-    shared_call = _unswapped(_equinox().nn.Shared, "__call__")
+    shared_call = swap.unswapped(_equinox().nn.Shared, "__call__")
     shared_code = getattr(shared_call, "__code__", None)
     f = frame
     while f is not None:
@@ -415,14 +349,14 @@ def _table_reads(reads: _TableReads, tables: frozenset[int]) -> Iterator[None]:
       out = original(self, name)
       if name == "weight":
         frame = sys._getframe(1)
-        while frame is not None and frame.f_code is _DISPATCH_CODE:
+        while frame is not None and frame.f_code is swap.DISPATCH_CODE:
           frame = frame.f_back
         if frame is not None:
           reads.note(out, frame)
       return out
     return getattribute
 
-  with _swapped(cls, "__getattribute__", make):
+  with swap.swapped(cls, "__getattribute__", make):
     yield
 
 
@@ -444,7 +378,7 @@ def _shared_calls(rec: Recorder, models: Any, shared: _SharedUses) -> Iterator[N
       return out
     return call
 
-  with _swapped(cls, "__call__", make):
+  with swap.swapped(cls, "__call__", make):
     yield
 
 
@@ -566,7 +500,7 @@ def _layer_calls(rec: Recorder, unnamed: dict[str, None], tables: frozenset[int]
   """
   with contextlib.ExitStack() as stack:
     for cls, recorder in recorders().items():
-      stack.enter_context(_swapped(cls, "__call__", functools.partial(
+      stack.enter_context(swap.swapped(cls, "__call__", functools.partial(
           lambda original, recorder: _wrap(rec, original, recorder, unnamed, tables, frozen,
                                            shared, reads), recorder=recorder)))
     yield
@@ -599,7 +533,7 @@ def _declared_calls(model: Any, calls: list[Any]) -> Iterator[None]:
 
   with contextlib.ExitStack() as stack:
     for cls in owners:
-      stack.enter_context(_swapped(cls, "__call__", wrap))
+      stack.enter_context(swap.swapped(cls, "__call__", wrap))
     yield
 
 

@@ -15,6 +15,8 @@ restored after (also on error):
   cells) for recording wrappers; guarded by ``tests/test_nnx_layers.py`` and
   ``tests/test_recurrent.py``.
 
+Each is swapped for the capturing thread only (``swap.swapped``): another thread's model
+runs Flax's own code, and a capture nested in another on one thread wraps the outer one's.
 Linen layers need no patch: ``flax.linen.intercept_methods`` is public.
 The Flax versions these patches were written against are the range admitted
 by ``pyproject.toml``, tested in CI at both ends.
@@ -24,31 +26,22 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import flax.linen.normalization as linen_norm
 import flax.nnx.nn.normalization as nnx_norm
 from flax import nnx
 
-from sngd_jax._src.capture import tables
+from sngd_jax._src.capture import swap, tables
 from sngd_jax._src.capture.records import Recorder
 
 
-@contextlib.contextmanager
-def _swapped(owner: Any, name: str, replacement: Any) -> Iterator[None]:
-  """Sets ``owner.name = replacement`` for the duration, then restores it."""
-  original = owner.__dict__[name]
-  setattr(owner, name, replacement)
-  try:
-    yield
-  finally:
-    setattr(owner, name, original)
+def linen_normalize(rec: Recorder) -> contextlib.AbstractContextManager[None]:
+  """Records ``xhat`` from linen's ``_normalize`` while a norm layer runs (this thread's)."""
+  return swap.swapped(linen_norm, "_normalize", functools.partial(_linen_normalize, rec))
 
 
-def linen_normalize(rec: Recorder):
-  """Records ``xhat`` from linen's ``_normalize`` while a norm layer runs."""
-  original = linen_norm._normalize
-
+def _linen_normalize(rec: Recorder, original: Callable) -> Callable:
   @functools.wraps(original)
   def normalize(mdl, x, mean, var, reduction_axes, feature_axes, dtype, param_dtype,
                 epsilon, use_bias, use_scale, *rest, **kwargs):
@@ -59,13 +52,15 @@ def linen_normalize(rec: Recorder):
     return original(mdl, x, mean, var, reduction_axes, feature_axes, dtype, param_dtype,
                     epsilon, use_bias, use_scale, *rest, **kwargs)
 
-  return _swapped(linen_norm, "_normalize", normalize)
+  return normalize
 
 
-def nnx_normalize(rec: Recorder):
-  """Records ``xhat`` from NNX's ``_normalize`` while a norm layer runs."""
-  original = nnx_norm._normalize
+def nnx_normalize(rec: Recorder) -> contextlib.AbstractContextManager[None]:
+  """Records ``xhat`` from NNX's ``_normalize`` while a norm layer runs (this thread's)."""
+  return swap.swapped(nnx_norm, "_normalize", functools.partial(_nnx_normalize, rec))
 
+
+def _nnx_normalize(rec: Recorder, original: Callable) -> Callable:
   @functools.wraps(original)
   def normalize(x, mean, var, scale, bias, reduction_axes, feature_axes, *rest, **kw):
     if rec.norm_slots:
@@ -73,16 +68,16 @@ def nnx_normalize(rec: Recorder):
       rec.normalized(xhat, feature_axes)
     return original(x, mean, var, scale, bias, reduction_axes, feature_axes, *rest, **kw)
 
-  return _swapped(nnx_norm, "_normalize", normalize)
+  return normalize
 
 
 @contextlib.contextmanager
 def nnx_methods(wrappers: dict[tuple[type, str], Callable[[Callable], Callable]]
                 ) -> Iterator[None]:
-  """Swaps each ``cls.name`` for ``wrap(original)`` (one context for all)."""
+  """Swaps each ``cls.name`` for ``wrap(original)`` on this thread (one context for all)."""
   with contextlib.ExitStack() as stack:
     for (cls, name), wrap in wrappers.items():
-      stack.enter_context(_swapped(cls, name, wrap(cls.__dict__[name])))
+      stack.enter_context(swap.swapped(cls, name, wrap))
     yield
 
 

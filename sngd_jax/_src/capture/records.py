@@ -32,6 +32,14 @@ runs inside the RNN's scan, its records go to that cell call's
 ``CellFrame`` and leave the scan as an extra output (``StepRecords``),
 unpacked by ``untag`` when the RNN call returns (time merged into rows).
 
+**Captures nest, one recorder per capture.** The recorders of the captures running on a
+thread are a stack (``running``, innermost last; ``transforms.recording`` pushes them): the JAX
+transforms open their frames in the innermost one, and each capture's layer hooks wrap those of
+the capture it runs in (``swap``), so every capture records its own model's calls. A call of an
+outer capture's layer inside a transform that a nested capture opened cannot reach the outer
+capture (that transform returns the nested capture's records only): ``Recorder.add`` raises,
+naming the layer (``_check_not_nested``), instead of dropping the call.
+
 **What cannot be captured is reported.** A record holding a tracer of a trace
 that has ended (a transform that does not return records: ``jax.jit``, a ``while_loop`` or
 ``fori_loop`` of traced bounds, a transform made before capture started) is dropped with a
@@ -45,6 +53,7 @@ import contextlib
 import dataclasses
 import inspect
 import sys
+import threading
 import warnings
 import weakref
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
@@ -892,6 +901,18 @@ class DiscardFrame:
 Frame = Union[RNNFrame, CellFrame, TransformFrame, DiscardFrame]
 
 
+_THREAD = threading.local()  # .recorders: this thread's running captures' recorders
+
+
+def running() -> list[Recorder]:
+  """The recorders of the captures running on this thread, innermost last (the list itself:
+  ``transforms.recording`` pushes and pops)."""
+  stack = getattr(_THREAD, "recorders", None)
+  if stack is None:
+    stack = _THREAD.recorders = []
+  return stack
+
+
 class Recorder:
   """Routes records to the output store, or to the innermost frame that returns them.
 
@@ -1018,6 +1039,7 @@ class Recorder:
     ``batch_axis``: the axis of ``inputs`` holding the call's examples (None for
     a per-example call, as Equinox layers are).
     """
+    self._check_not_nested(path)
     if roles is None:
       roles = self.trace(weight)[0]
     target = self._target()
@@ -1027,6 +1049,27 @@ class Recorder:
     target.records.setdefault(path, []).append(Pending(
         Captured(inputs=self._stop_gradient(target, inputs), outputs=outputs, kind=kind,
                  config=config, batch_axis=batch_axis), roles))
+
+  def _check_not_nested(self, path: str) -> None:
+    """Raises when this recorder's capture has a capture nested in it on this thread (a
+    captured function called inside another) whose transform frame is open: a call of layer
+    ``path`` made there holds tracers of that transform, which returns the nested capture's
+    records only, so this capture could not record it (it was dropped, or reported leaked as
+    if under a ``jax.jit``)."""
+    stack = running()
+    for i, rec in enumerate(stack):
+      if rec is self:
+        if any(inner.frames for inner in stack[i + 1:]):
+          raise ValueError(
+              f"sngd: layer {path!r} of a captured model is called inside a JAX transform "
+              "(`jax.vmap`, `jax.lax.scan`, `jax.checkpoint`, a cond, `jax.eval_shape`, an "
+              "`nnx`/`eqx` transform) run by a capture nested in its capture (a captured "
+              "function called inside another captured function): that transform returns "
+              "the nested capture's records only, so this call cannot be recorded. Call the "
+              "nested captured function outside the other one, record both models with one "
+              "capture (`argnums=(0, 1)`), or call the layer outside the nested capture's "
+              "transforms.")
+        return
 
   def add_all(self, records: Union[dict[str, list[Pending]], Shared]) -> None:
     """Adds records that left a frame (their roles were set when they were made)."""

@@ -66,6 +66,7 @@ from sngd_jax._src.capture.records import (
     _differentiating,
     batched_by,
     current_trace,
+    running,
     shown,
     times_mask,
 )
@@ -95,14 +96,13 @@ _TARGETS = ((jax.lax, "scan", "scan"), (jax.lax, "fori_loop", "fori_loop"),
             (flax_axes_scan, "scan", "axes_scan"),
             (nnx_compilation.JitWrapped, "__call__", "nnx_jit"),
             (nnx_compilation.SimpleJitWrapped, "__call__", "nnx_simple_jit"))
-_LOCAL = threading.local()
 _LOCK = threading.Lock()
 _INSTALLED = [0]
 
 
 def _active() -> Optional[Recorder]:
   """The recorder of the innermost capture running on this thread, if any."""
-  stack = getattr(_LOCAL, "recorders", None)
+  stack = running()
   return stack[-1] if stack else None
 
 
@@ -868,9 +868,7 @@ def recording(rec: Recorder) -> Iterator[None]:
       for owner, name, key in _TARGETS:
         setattr(owner, name, _WRAPPERS[key])
     _INSTALLED[0] += 1
-  stack = getattr(_LOCAL, "recorders", None)
-  if stack is None:
-    stack = _LOCAL.recorders = []
+  stack = running()
   stack.append(rec)
   try:
     yield
