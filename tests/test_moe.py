@@ -460,18 +460,87 @@ def test_per_layer_mask_on_a_layer_without_the_stack_raises_naming_it():
                            where=lambda p: p.startswith("experts"))
 
 
-def test_multisteps_refuses_per_layer_masks_naming_the_layer():
-  model = LinenMoE()
-  x, y = _batch()
-  params = model.init(jax.random.key(0), x)["params"]
-  loss = lambda p, x, y: _mse(model.apply({"params": p}, x)[0], y)
-  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x, y)
-  slots = occupied_slots(model.apply({"params": params}, x)[1])
-  acts = sngd_jax.with_row_mask(acts, slots, per_layer=True,
-                                where=lambda p: p.startswith("experts"))
-  tx = sngd_jax.MultiSteps(sngd_jax.sngd(), every_k_schedule=2)
-  with pytest.raises(ValueError, match=r"MultiSteps: layer 'experts/w[io]'.*per_layer"):
-    tx.update(grads, tx.init(params), params, activations=acts)
+def _accumulated(tx, params, model, loss, batches, state=None):
+  """The state after ``len(batches)`` jitted ``tx.update`` calls, one per micro-batch
+  ``(x, y, starved)``, each masked per expert by its occupied slots with the experts of
+  ``starved`` given no row; also the emitting call's updates and the micro-batches' gradients
+  and per-expert float64 rows (``_routed_rows`` less the starved experts')."""
+  layers = {"experts/wi": lambda t: (np.asarray(t["experts"]["wi"]["kernel"]),
+                                     np.asarray(t["experts"]["wi"]["bias"])),
+            "experts/wo": None}
+  step = jax.jit(lambda g, s, a: tx.update(g, s, params, activations=a))
+  state = tx.init(params) if state is None else state
+  rows, grads = {p: [[] for _ in range(E)] for p in layers}, []
+  for x, y, starved in batches:
+    (_, acts), g = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x, y)
+    dispatch = model.apply({"params": params}, x)[1]
+    slots = np.asarray(occupied_slots(dispatch), np.float64)
+    slots[list(starved)] = 0.0
+    acts = sngd_jax.with_row_mask(acts, slots, per_layer=True,
+                                  where=lambda p: p.startswith("experts/"))
+    updates, state = step(g, state, acts)
+    for path, per_expert in _routed_rows(layers, params, dispatch, x).items():
+      for e in range(E):
+        if e not in starved:
+          rows[path][e].append(per_expert[e])
+    grads.append(g)
+  rows = {p: [np.concatenate(r) if r else np.zeros((0, M if p.endswith("wi") else H))
+              for r in per] for p, per in rows.items()}
+  return state, updates, grads, rows
+
+
+@pytest.mark.parametrize("chain", [False, True])
+def test_multisteps_accumulates_each_experts_own_rows(chain):
+  """``sngd_jax.MultiSteps`` over micro-batches masked per expert: each expert's factor is the
+  float64 Gram sum of exactly the rows it was routed in all ``k`` micro-batches over its own
+  total count (what one batch of all of them gives, as for an ordinary mask), also for an
+  expert starved in one micro-batch (1, in the second); an expert routed none in the whole
+  cycle (3) starts, as in one step, from the row-weighted mean of its block's (the Gram of
+  every other expert's rows), and in a later cycle (0, starved throughout) keeps its factor.
+  The emitting update is the damped solve of the mean gradient with those factors. It raised
+  (MultiSteps kept one scalar count per layer); also wrapped around an ``optax.chain``."""
+  with jax.enable_x64(True):
+    model = LinenMoE()
+    x, y = _batch()
+    params = _jittered(model.init(jax.random.key(0), x)["params"])
+    loss = lambda p, x, y: _mse(model.apply({"params": p}, x)[0], y)
+    rng = np.random.default_rng(3)
+    batch = lambda: tuple(jnp.asarray(rng.normal(size=(G, S, M))) for _ in range(2))
+    inner = sngd_jax.sngd(**ref.one_step_kwargs(), factor_every=1)
+    tx = sngd_jax.MultiSteps(optax.chain(inner, optax.identity()) if chain else inner,
+                             every_k_schedule=3, accumulator_dtype=jnp.float64)
+    sngd_of = lambda s: s.inner_opt_state[0] if chain else s.inner_opt_state
+    first = [(*batch(), (3,)), (*batch(), (1, 3)), (*batch(), (3,))]
+    state, updates, grads, rows = _accumulated(tx, params, model, loss, first)
+    mean_grads = jax.tree.map(lambda *g: sum(g) / len(g), *grads)
+    for path in ("experts/wi", "experts/wo"):
+      got = ref.normalized_factor(sngd_of(state), path)
+      assert 0 < len(rows[path][1]) < sum(len(r) for r in rows[path])
+      for e in range(3):
+        np.testing.assert_allclose(got[e], ref.gram(rows[path][e]), rtol=1e-10, atol=1e-13,
+                                   err_msg=f"{path} expert {e}")
+      others = np.concatenate(rows[path][:3])
+      np.testing.assert_allclose(got[3], ref.gram(others), rtol=1e-10, atol=1e-13,
+                                 err_msg=path)
+      name = path.split("/")[1]
+      for e in range(E):
+        gk = np.asarray(mean_grads["experts"][name]["kernel"][e])
+        gb = np.asarray(mean_grads["experts"][name]["bias"][e])
+        kernel, bias = ref.dense_update(rows[path][e] if e < 3 else others, gk, gb)
+        np.testing.assert_allclose(updates["experts"][name]["kernel"][e], kernel, rtol=1e-8,
+                                   atol=1e-11, err_msg=f"{path} expert {e}")
+        np.testing.assert_allclose(updates["experts"][name]["bias"][e], bias, rtol=1e-8,
+                                   atol=1e-11, err_msg=f"{path} expert {e}")
+    before = {p: ref.normalized_factor(sngd_of(state), p) for p in ("experts/wi", "experts/wo")}
+    second = [(*batch(), (0,)), (*batch(), (0, 2)), (*batch(), (0,))]
+    state2, _, _, rows = _accumulated(tx, params, model, loss, second, state)
+    for path in ("experts/wi", "experts/wo"):
+      got = ref.normalized_factor(sngd_of(state2), path)
+      np.testing.assert_allclose(got[0], before[path][0], rtol=1e-12, atol=1e-14,
+                                 err_msg=path)
+      for e in (1, 2, 3):
+        np.testing.assert_allclose(got[e], ref.gram(rows[path][e]), rtol=1e-10, atol=1e-13,
+                                   err_msg=f"{path} expert {e}")
 
 
 def test_per_layer_masks_weigh_each_experts_rows_across_devices():
