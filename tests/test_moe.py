@@ -12,6 +12,8 @@ the float64 Gram sum over exactly the tokens routed to it, from an independent f
 (docs/training-loops.md, *Mixture of experts*).
 """
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -458,6 +460,73 @@ def test_per_layer_mask_on_a_layer_without_the_stack_raises_naming_it():
   with pytest.raises(ValueError, match=r"layer 'experts/wi'.*stack of layers of shape \(4,\)"):
     sngd_jax.with_row_mask(acts, slots[:2], per_layer=True,
                            where=lambda p: p.startswith("experts"))
+
+
+@pytest.mark.parametrize("kind", ["linen", "eqx"])
+def test_a_mask_per_expert_without_per_layer_raises_pointing_to_it(kind):
+  """An ``(E, G, C)`` slot mask given without ``per_layer=True`` cannot be one mask for every
+  expert (its leading axis is the experts', not the groups'): the error names the layer and
+  says to pass ``per_layer=True`` (it named the example axis only, and ``where=``)."""
+  model, _, dispatch_of, _, grads_acts, layers, _ = _setup(kind)
+  (_, acts), _ = grads_acts()
+  slots = occupied_slots(dispatch_of(model))
+  path = next(iter(layers))
+  with pytest.raises(ValueError, match=rf"layer '{path}'.*stack of layers.*per_layer=True"):
+    sngd_jax.with_row_mask(acts, slots, where=lambda p: p in layers)
+
+
+def test_a_shared_slot_mask_weighs_every_experts_slots_alike():
+  """A ``(G, C)`` mask without ``per_layer`` is one mask for every layer of the stack (as for
+  blocks scanned over depth): each expert's factor is the float64 Gram of its slots where the
+  shared mask is 1, tokens and padding slots alike (docs/training-loops.md, *Mixture of
+  experts*); it is no token mask of each expert's."""
+  with jax.enable_x64(True):
+    model, params, dispatch_of, _, grads_acts, layers, (x, _) = _setup("linen")
+    (_, acts), grads = grads_acts()
+    dispatch = np.asarray(dispatch_of(model), np.float64)
+    shared = np.zeros((G, CAP))
+    shared[:, 2:] = 1.0  # the last two slots of every group
+    tx = sngd_jax.sngd(**ref.ONE_STEP)
+    masked = sngd_jax.with_row_mask(acts, shared, where=lambda p: p == "experts/wi")
+    state = tx.update(grads, tx.init(params), params, activations=masked)[1]
+    slots = np.einsum("gsec,gsm->egcm", dispatch, np.asarray(x, np.float64))
+    got = ref.normalized_factor(state, "experts/wi")
+    for e in range(E):
+      np.testing.assert_allclose(got[e], ref.gram(slots[e][shared > 0]), rtol=1e-10,
+                                 atol=1e-13)
+    occupied = np.asarray(occupied_slots(dispatch))
+    assert np.any(occupied[:, shared > 0] == 0)  # padding slots among the counted rows
+
+
+class _Experts(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return StackedDense(H, name="experts")(x)
+
+
+def test_a_mask_that_fits_both_ways_warns_unless_per_layer_is_given():
+  """Experts over ``(E, B, M)`` rows with ``E == B``: an ``(E, B)`` mask reads both as a mask per
+  expert and as one ``(B, T)`` mask for all (its second axis then pooled as tokens): without
+  ``per_layer`` it is read as one for all, with a warning naming the layer (it was silent);
+  ``per_layer=False`` says so and does not warn, ``per_layer=True`` weighs each expert's rows
+  by its own row of the mask."""
+  b = E
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(E, b, M)))
+  model = _Experts()
+  params = model.init(jax.random.key(0), x)["params"]
+  loss = lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)
+  (_, acts), _ = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params)
+  mask = np.tril(np.ones((E, b)))
+  with pytest.warns(UserWarning, match=r"layer 'experts'.*both.*per_layer=True"):
+    both = sngd_jax.with_row_mask(acts, mask)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    plain = sngd_jax.with_row_mask(acts, mask, per_layer=False)
+    per_expert = sngd_jax.with_row_mask(acts, mask, per_layer=True)
+  np.testing.assert_array_equal(np.asarray(both["experts"][0].row_mask).reshape(-1, b)[0],
+                                np.asarray(plain["experts"][0].row_mask).reshape(-1, b)[0])
+  np.testing.assert_array_equal(np.asarray(per_expert["experts"][0].row_mask).reshape(E, b),
+                                mask)
 
 
 def _accumulated(tx, params, model, loss, batches, state=None):
