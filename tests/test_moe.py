@@ -488,7 +488,8 @@ def test_a_shared_slot_mask_weighs_every_experts_slots_alike():
     shared[:, 2:] = 1.0  # the last two slots of every group
     tx = sngd_jax.sngd(**ref.ONE_STEP)
     masked = sngd_jax.with_row_mask(acts, shared, where=lambda p: p == "experts/wi")
-    state = tx.update(grads, tx.init(params), params, activations=masked)[1]
+    state = jax.jit(lambda a: tx.update(grads, tx.init(params), params, activations=a)[1])(
+        masked)
     slots = np.einsum("gsec,gsm->egcm", dispatch, np.asarray(x, np.float64))
     got = ref.normalized_factor(state, "experts/wi")
     for e in range(E):
@@ -610,6 +611,32 @@ def test_multisteps_accumulates_each_experts_own_rows(chain):
       for e in (1, 2, 3):
         np.testing.assert_allclose(got[e], ref.gram(rows[path][e]), rtol=1e-10, atol=1e-13,
                                    err_msg=f"{path} expert {e}")
+
+
+def test_multisteps_resumes_a_state_with_one_count_per_stack():
+  """A ``MultiStepsState`` saved mid-cycle when a stack kept one row count (the rows of every
+  expert together) resumes: the count becomes each expert's, ``n / E``, and the cycle ends
+  with the factors of one never saved (the experts' ``acc_rows`` are ``(E,)`` now)."""
+  with jax.enable_x64(True):
+    model = LinenMoE()
+    x, y = _batch()
+    params = _jittered(model.init(jax.random.key(0), x)["params"])
+    loss = lambda p, x, y: _mse(model.apply({"params": p}, x)[0], y)
+    tx = sngd_jax.MultiSteps(sngd_jax.sngd(**ref.ONE_STEP), every_k_schedule=2)
+    step = jax.jit(lambda g, s, a: tx.update(g, s, params, activations=a)[1])
+    calls = []
+    for scale in (1.0, -0.5):
+      (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(
+          params, x * scale, y)
+      calls.append((grads, acts))
+    half = step(*calls[0][:1], tx.init(params), calls[0][1])
+    assert half.acc_rows["experts/wi"].shape == (E,)
+    old = half._replace(acc_rows={p: jnp.sum(r) for p, r in half.acc_rows.items()})
+    want, got = (step(calls[1][0], s, calls[1][1]) for s in (half, old))
+    for path in ("experts/wi", "experts/wo", "router"):
+      np.testing.assert_allclose(np.asarray(got.inner_opt_state.factors[path]),
+                                 np.asarray(want.inner_opt_state.factors[path]), rtol=1e-12,
+                                 atol=1e-15, err_msg=path)
 
 
 def test_per_layer_masks_weigh_each_experts_rows_across_devices():
