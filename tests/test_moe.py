@@ -12,6 +12,8 @@ the float64 Gram sum over exactly the tokens routed to it, from an independent f
 (docs/training-loops.md, *Mixture of experts*).
 """
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -460,18 +462,181 @@ def test_per_layer_mask_on_a_layer_without_the_stack_raises_naming_it():
                            where=lambda p: p.startswith("experts"))
 
 
-def test_multisteps_refuses_per_layer_masks_naming_the_layer():
-  model = LinenMoE()
-  x, y = _batch()
+@pytest.mark.parametrize("kind", ["linen", "eqx"])
+def test_a_mask_per_expert_without_per_layer_raises_pointing_to_it(kind):
+  """An ``(E, G, C)`` slot mask given without ``per_layer=True`` cannot be one mask for every
+  expert (its leading axis is the experts', not the groups'): the error names the layer and
+  says to pass ``per_layer=True`` (it named the example axis only, and ``where=``)."""
+  model, _, dispatch_of, _, grads_acts, layers, _ = _setup(kind)
+  (_, acts), _ = grads_acts()
+  slots = occupied_slots(dispatch_of(model))
+  path = next(iter(layers))
+  with pytest.raises(ValueError, match=rf"layer '{path}'.*stack of layers.*per_layer=True"):
+    sngd_jax.with_row_mask(acts, slots, where=lambda p: p in layers)
+
+
+def test_a_shared_slot_mask_weighs_every_experts_slots_alike():
+  """A ``(G, C)`` mask without ``per_layer`` is one mask for every layer of the stack (as for
+  blocks scanned over depth): each expert's factor is the float64 Gram of its slots where the
+  shared mask is 1, tokens and padding slots alike (docs/training-loops.md, *Mixture of
+  experts*); it is no token mask of each expert's."""
+  with jax.enable_x64(True):
+    model, params, dispatch_of, _, grads_acts, layers, (x, _) = _setup("linen")
+    (_, acts), grads = grads_acts()
+    dispatch = np.asarray(dispatch_of(model), np.float64)
+    shared = np.zeros((G, CAP))
+    shared[:, 2:] = 1.0  # the last two slots of every group
+    tx = sngd_jax.sngd(**ref.ONE_STEP)
+    masked = sngd_jax.with_row_mask(acts, shared, where=lambda p: p == "experts/wi")
+    state = jax.jit(lambda a: tx.update(grads, tx.init(params), params, activations=a)[1])(
+        masked)
+    slots = np.einsum("gsec,gsm->egcm", dispatch, np.asarray(x, np.float64))
+    got = ref.normalized_factor(state, "experts/wi")
+    for e in range(E):
+      np.testing.assert_allclose(got[e], ref.gram(slots[e][shared > 0]), rtol=1e-10,
+                                 atol=1e-13)
+    occupied = np.asarray(occupied_slots(dispatch))
+    assert np.any(occupied[:, shared > 0] == 0)  # padding slots among the counted rows
+
+
+class _Experts(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return StackedDense(H, name="experts")(x)
+
+
+def test_a_mask_that_fits_both_ways_warns_unless_per_layer_is_given():
+  """Experts over ``(E, B, M)`` rows with ``E == B``: an ``(E, B)`` mask reads both as a mask per
+  expert and as one ``(B, T)`` mask for all (its second axis then pooled as tokens): without
+  ``per_layer`` it is read as one for all, with a warning naming the layer (it was silent);
+  ``per_layer=False`` says so and does not warn, ``per_layer=True`` weighs each expert's rows
+  by its own row of the mask."""
+  b = E
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(E, b, M)))
+  model = _Experts()
   params = model.init(jax.random.key(0), x)["params"]
-  loss = lambda p, x, y: _mse(model.apply({"params": p}, x)[0], y)
-  (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x, y)
-  slots = occupied_slots(model.apply({"params": params}, x)[1])
-  acts = sngd_jax.with_row_mask(acts, slots, per_layer=True,
-                                where=lambda p: p.startswith("experts"))
-  tx = sngd_jax.MultiSteps(sngd_jax.sngd(), every_k_schedule=2)
-  with pytest.raises(ValueError, match=r"MultiSteps: layer 'experts/w[io]'.*per_layer"):
-    tx.update(grads, tx.init(params), params, activations=acts)
+  loss = lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)
+  (_, acts), _ = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params)
+  mask = np.tril(np.ones((E, b)))
+  with pytest.warns(UserWarning, match=r"layer 'experts'.*both.*per_layer=True"):
+    both = sngd_jax.with_row_mask(acts, mask)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    plain = sngd_jax.with_row_mask(acts, mask, per_layer=False)
+    per_expert = sngd_jax.with_row_mask(acts, mask, per_layer=True)
+  np.testing.assert_array_equal(np.asarray(both["experts"][0].row_mask).reshape(-1, b)[0],
+                                np.asarray(plain["experts"][0].row_mask).reshape(-1, b)[0])
+  np.testing.assert_array_equal(np.asarray(per_expert["experts"][0].row_mask).reshape(E, b),
+                                mask)
+
+
+def _accumulated(tx, params, model, loss, batches, state=None):
+  """The state after ``len(batches)`` jitted ``tx.update`` calls, one per micro-batch
+  ``(x, y, starved)``, each masked per expert by its occupied slots with the experts of
+  ``starved`` given no row; also the emitting call's updates and the micro-batches' gradients
+  and per-expert float64 rows (``_routed_rows`` less the starved experts')."""
+  layers = {"experts/wi": lambda t: (np.asarray(t["experts"]["wi"]["kernel"]),
+                                     np.asarray(t["experts"]["wi"]["bias"])),
+            "experts/wo": None}
+  step = jax.jit(lambda g, s, a: tx.update(g, s, params, activations=a))
+  state = tx.init(params) if state is None else state
+  rows, grads = {p: [[] for _ in range(E)] for p in layers}, []
+  for x, y, starved in batches:
+    (_, acts), g = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x, y)
+    dispatch = model.apply({"params": params}, x)[1]
+    slots = np.asarray(occupied_slots(dispatch), np.float64)
+    slots[list(starved)] = 0.0
+    acts = sngd_jax.with_row_mask(acts, slots, per_layer=True,
+                                  where=lambda p: p.startswith("experts/"))
+    updates, state = step(g, state, acts)
+    for path, per_expert in _routed_rows(layers, params, dispatch, x).items():
+      for e in range(E):
+        if e not in starved:
+          rows[path][e].append(per_expert[e])
+    grads.append(g)
+  rows = {p: [np.concatenate(r) if r else np.zeros((0, M if p.endswith("wi") else H))
+              for r in per] for p, per in rows.items()}
+  return state, updates, grads, rows
+
+
+@pytest.mark.parametrize("chain", [False, True])
+def test_multisteps_accumulates_each_experts_own_rows(chain):
+  """``sngd_jax.MultiSteps`` over micro-batches masked per expert: each expert's factor is the
+  float64 Gram sum of exactly the rows it was routed in all ``k`` micro-batches over its own
+  total count (what one batch of all of them gives, as for an ordinary mask), also for an
+  expert starved in one micro-batch (1, in the second); an expert routed none in the whole
+  cycle (3) starts, as in one step, from the row-weighted mean of its block's (the Gram of
+  every other expert's rows), and in a later cycle (0, starved throughout) keeps its factor.
+  The emitting update is the damped solve of the mean gradient with those factors. It raised
+  (MultiSteps kept one scalar count per layer); also wrapped around an ``optax.chain``."""
+  with jax.enable_x64(True):
+    model = LinenMoE()
+    x, y = _batch()
+    params = _jittered(model.init(jax.random.key(0), x)["params"])
+    loss = lambda p, x, y: _mse(model.apply({"params": p}, x)[0], y)
+    rng = np.random.default_rng(3)
+    batch = lambda: tuple(jnp.asarray(rng.normal(size=(G, S, M))) for _ in range(2))
+    inner = sngd_jax.sngd(**ref.one_step_kwargs(), factor_every=1)
+    tx = sngd_jax.MultiSteps(optax.chain(inner, optax.identity()) if chain else inner,
+                             every_k_schedule=3, accumulator_dtype=jnp.float64)
+    sngd_of = lambda s: s.inner_opt_state[0] if chain else s.inner_opt_state
+    first = [(*batch(), (3,)), (*batch(), (1, 3)), (*batch(), (3,))]
+    state, updates, grads, rows = _accumulated(tx, params, model, loss, first)
+    mean_grads = jax.tree.map(lambda *g: sum(g) / len(g), *grads)
+    for path in ("experts/wi", "experts/wo"):
+      got = ref.normalized_factor(sngd_of(state), path)
+      assert 0 < len(rows[path][1]) < sum(len(r) for r in rows[path])
+      for e in range(3):
+        np.testing.assert_allclose(got[e], ref.gram(rows[path][e]), rtol=1e-10, atol=1e-13,
+                                   err_msg=f"{path} expert {e}")
+      others = np.concatenate(rows[path][:3])
+      np.testing.assert_allclose(got[3], ref.gram(others), rtol=1e-10, atol=1e-13,
+                                 err_msg=path)
+      name = path.split("/")[1]
+      for e in range(E):
+        gk = np.asarray(mean_grads["experts"][name]["kernel"][e])
+        gb = np.asarray(mean_grads["experts"][name]["bias"][e])
+        kernel, bias = ref.dense_update(rows[path][e] if e < 3 else others, gk, gb)
+        np.testing.assert_allclose(updates["experts"][name]["kernel"][e], kernel, rtol=1e-8,
+                                   atol=1e-11, err_msg=f"{path} expert {e}")
+        np.testing.assert_allclose(updates["experts"][name]["bias"][e], bias, rtol=1e-8,
+                                   atol=1e-11, err_msg=f"{path} expert {e}")
+    before = {p: ref.normalized_factor(sngd_of(state), p) for p in ("experts/wi", "experts/wo")}
+    second = [(*batch(), (0,)), (*batch(), (0, 2)), (*batch(), (0,))]
+    state2, _, _, rows = _accumulated(tx, params, model, loss, second, state)
+    for path in ("experts/wi", "experts/wo"):
+      got = ref.normalized_factor(sngd_of(state2), path)
+      np.testing.assert_allclose(got[0], before[path][0], rtol=1e-12, atol=1e-14,
+                                 err_msg=path)
+      for e in (1, 2, 3):
+        np.testing.assert_allclose(got[e], ref.gram(rows[path][e]), rtol=1e-10, atol=1e-13,
+                                   err_msg=f"{path} expert {e}")
+
+
+def test_multisteps_resumes_a_state_with_one_count_per_stack():
+  """A ``MultiStepsState`` saved mid-cycle when a stack kept one row count (the rows of every
+  expert together) resumes: the count becomes each expert's, ``n / E``, and the cycle ends
+  with the factors of one never saved (the experts' ``acc_rows`` are ``(E,)`` now)."""
+  with jax.enable_x64(True):
+    model = LinenMoE()
+    x, y = _batch()
+    params = _jittered(model.init(jax.random.key(0), x)["params"])
+    loss = lambda p, x, y: _mse(model.apply({"params": p}, x)[0], y)
+    tx = sngd_jax.MultiSteps(sngd_jax.sngd(**ref.ONE_STEP), every_k_schedule=2)
+    step = jax.jit(lambda g, s, a: tx.update(g, s, params, activations=a)[1])
+    calls = []
+    for scale in (1.0, -0.5):
+      (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(
+          params, x * scale, y)
+      calls.append((grads, acts))
+    half = step(*calls[0][:1], tx.init(params), calls[0][1])
+    assert half.acc_rows["experts/wi"].shape == (E,)
+    old = half._replace(acc_rows={p: jnp.sum(r) for p, r in half.acc_rows.items()})
+    want, got = (step(calls[1][0], s, calls[1][1]) for s in (half, old))
+    for path in ("experts/wi", "experts/wo", "router"):
+      np.testing.assert_allclose(np.asarray(got.inner_opt_state.factors[path]),
+                                 np.asarray(want.inner_opt_state.factors[path]), rtol=1e-12,
+                                 atol=1e-15, err_msg=path)
 
 
 def test_per_layer_masks_weigh_each_experts_rows_across_devices():

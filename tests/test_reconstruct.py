@@ -510,3 +510,57 @@ def test_tied_table_maps_both_sides():
                                      roots, fisher=fisher)
   delta_got = jax.tree.map(lambda a, b: a - b, back, params)
   assert leaves_rel(delta_got, jax.tree.map(lambda u: -lr * u, updates)) < 1e-8
+
+
+@pytest.mark.parametrize("fisher", ["linear", "rfim"])
+def test_a_bias_left_out_of_the_factor_stays_as_it_is(fisher):
+  """``sngd`` under ``optax.masked`` with the biases masked out (and a row mask on the
+  activations): each factor has no bias row (``d = in_dim``), the bias gets its raw gradient.
+  The reconstructed network maps the kernel only, ``W' = G^{1/2} W``, and adds the bias after
+  the local Fisher layer, ``z = (G^{-1/2} x)^T W' + b``; one SGD step on it, mapped back, is
+  the masked transform's update (it raised 'factor of size 6 does not match the 7 rows')."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(20, 6)))
+  y = jnp.asarray(rng.normal(size=(20, 3)))
+  params = MLP().init(jax.random.key(0), x)["params"]
+  kernels = jax.tree_util.tree_map_with_path(lambda p, _: p[-1].key == "kernel", params)
+  tx = optax.masked(exact_sngd(fisher=fisher, damping=1e-2, inverse_every=1, decay=0.5),
+                    kernels)
+  state = tx.init(params)
+  grad_fn = jax.grad(sngd_jax.capture(loss_fn, outputs=True), has_aux=True)
+  real = jnp.arange(20) % 3 != 0
+  for i in range(2):
+    grads, acts = grad_fn(params, x + i, y)
+    acts = sngd_jax.with_row_mask(acts, real)
+    updates, state = tx.update(grads, state, params, activations=acts)
+  np.testing.assert_array_equal(updates["Dense_0"]["bias"], grads["Dense_0"]["bias"])
+  roots = sngd_jax.factor_roots(state)
+  assert roots["Dense_0"].sqrt.shape[-1] == 6  # no bias row
+  prime = sngd_jax.to_reconstructed(params, roots)
+  for i in range(len(FEATURES)):
+    p, q = params[f"Dense_{i}"], prime[f"Dense_{i}"]
+    np.testing.assert_array_equal(q["bias"], p["bias"])
+    root = np.asarray(roots[f"Dense_{i}"].sqrt)
+    kernel = np.asarray(p["kernel"])
+    want = (root @ kernel if fisher == "linear"
+            else np.einsum("jab,bj->aj", root, kernel))  # rfim: G_j^{1/2} w_j per unit
+    np.testing.assert_allclose(q["kernel"], want, rtol=1e-12, atol=1e-14)
+  assert leaves_rel(sngd_jax.from_reconstructed(prime, roots), params) < 1e-12
+
+  def reconstructed(pp, x):
+    h = x
+    for i in range(len(FEATURES)):
+      p = pp[f"Dense_{i}"]
+      h = sngd_jax.reconstructed_dense(h, p["kernel"], None, roots[f"Dense_{i}"].inv_sqrt)
+      h = h + p["bias"]
+      if i < len(FEATURES) - 1:
+        h = jnp.tanh(h)
+    return jnp.mean((h - y) ** 2)
+
+  np.testing.assert_allclose(reconstructed(prime, x + 1), loss_fn(params, x + 1, y), rtol=1e-12)
+  lr = 0.1
+  g_prime = jax.grad(reconstructed)(prime, x + 1)
+  back = sngd_jax.from_reconstructed(jax.tree.map(lambda p, g: p - lr * g, prime, g_prime),
+                                     roots)
+  delta_got = jax.tree.map(lambda a, b: a - b, back, params)
+  assert leaves_rel(delta_got, jax.tree.map(lambda u: -lr * u, updates)) < 1e-8

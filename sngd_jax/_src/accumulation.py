@@ -15,7 +15,14 @@ G^ = (sum_i n_i G^_i) / (sum_i n_i) = (1/N) sum_rows x~ x~^T,
 exactly the estimate of one batch of all ``N = sum_i n_i`` rows (the same
 holds per output unit for ``fisher="rfim"``, for token counts of embeddings,
 and for the sketch ``(G^ Omega, tr G^)`` of the Nystrom layers, which is linear
-in ``G^``: their accumulator is ``d x r``, never ``d x d``). On the emitting
+in ``G^``: their accumulator is ``d x r``, never ``d x d``). A stack of dense
+layers counts the rows of each of its layers (``(E,)``, or ``(L, E)`` for MoE
+blocks scanned over depth): under a row mask per layer
+(``with_row_mask(..., per_layer=True)``, the experts of a mixture of experts)
+expert ``e`` gets ``G^_e = sum_i n_ie G^_ie / sum_i n_ie``, the Gram of all the
+rows routed to it in the ``k`` micro-batches over their number, a micro-batch
+that routed it none adding nothing, and one routed none in the whole cycle is
+kept (or started) as in one step of ``sngd``. On the emitting
 call the inner optimizer gets the mean gradient and ``statistics=`` the
 accumulated estimates in place of ``activations=``, and folds them in exactly
 as it would fold in one big batch's (on the same factor steps, with the same
@@ -27,6 +34,7 @@ the rest of the state (one all-reduce per micro-batch of a factor step).
 from __future__ import annotations
 
 import inspect
+import math
 import typing
 from typing import Any, NamedTuple, Optional
 
@@ -53,7 +61,8 @@ class MultiStepsState(NamedTuple):
       batch estimates, in the form of the sngd state's factor (empty when the
       wrapped optimizer holds no ``sngd_jax.sngd``).
     acc_rows: per layer path, the rows accumulated, counted in the dtype of its factor (a
-      float: an int32 count wrapped past ``2**31`` rows in one cycle).
+      float: an int32 count wrapped past ``2**31`` rows in one cycle); for a stack of dense
+      layers one count per layer of the stack (the stack's shape: ``_rows_shape``).
   """
 
   mini_step: jax.Array
@@ -87,6 +96,36 @@ def _rows_dtype(factor: Any) -> Any:
   stride-1 conv on large images over many micro-batches), which made the row weights
   ``n / total`` negative; a float count only rounds, and the weights need only its ratio."""
   return jax.tree.leaves(factor)[0].dtype
+
+
+def _rows_shape(spec: Any) -> tuple[int, ...]:
+  """The shape of a layer's accumulated row count: its stack's for a stack of dense layers
+  (each layer counts its own rows: under ``with_row_mask(..., per_layer=True)``, the experts of
+  a mixture of experts, they differ), a scalar otherwise (a normalization layer's stack is
+  flattened into its channels, ``statistics._per_layer``)."""
+  return tuple(spec.stack) if spec.stack and spec.structure == "dense" else ()
+
+
+def _rows_shapes(sngd_state: SNGDState, tree: Any) -> dict[str, tuple[int, ...]]:
+  """``_rows_shape`` of each layer of the state, found in ``tree`` (the params or the
+  gradients: the whole tree also under a mask, whose ``sngd`` holds some of its layers)."""
+  specs = transform._layers_of(sngd_state.config, tree)
+  return {p: _rows_shape(specs[p]) if p in specs else () for p in sngd_state.factors}
+
+
+def _as_rows(n: Any, shape: tuple[int, ...], dtype: Any, path: str) -> jax.Array:
+  """A row count ``n`` of a layer in the accumulator's ``shape`` and ``dtype``. A scalar
+  count of a stack (no mask per layer: the rows of every layer of the stack together, on the
+  scale of ``statistics.num_rows``) becomes each layer's, ``n / prod(shape)``."""
+  n = jnp.asarray(n, dtype)
+  if n.shape == shape:
+    return n
+  if n.ndim == 0:
+    return jnp.broadcast_to(n / math.prod(shape), shape)
+  raise ValueError(
+      f"sngd: MultiSteps: layer {path!r} has a row count per layer of shape {n.shape} (a row "
+      f"mask per layer of a stack, `with_row_mask(..., per_layer=True)`), and its params a "
+      f"stack of shape {shape}: pass `stacked=` to sngd as for its update without MultiSteps")
 
 
 def _fold_gradient(acc_update, g: jax.Array, acc: jax.Array, mini_step: jax.Array) -> jax.Array:
@@ -169,8 +208,10 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
     base = super().init(params)
     sngd_state, _ = _sngd_state(base.inner_opt_state)
     acc_stats = {} if sngd_state is None else jax.tree.map(jnp.zeros_like, sngd_state.factors)
-    acc_rows = {} if sngd_state is None else {
-        p: jnp.zeros((), _rows_dtype(f)) for p, f in sngd_state.factors.items()}
+    acc_rows = {}
+    if sngd_state is not None:
+      shapes = _rows_shapes(sngd_state, params)
+      acc_rows = {p: jnp.zeros(shapes[p], _rows_dtype(f)) for p, f in sngd_state.factors.items()}
     return MultiStepsState(*typing.cast(Any, base), acc_statistics=acc_stats,
                            acc_rows=acc_rows)
 
@@ -188,16 +229,10 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
       rows = dict(rows)
       for path in list(estimates):
         n = rows[path]
-        if jnp.ndim(n) > 0:
-          raise ValueError(
-              f"sngd: MultiSteps: layer {path!r} has a row mask per layer of its stack "
-              "(`with_row_mask(..., per_layer=True)`: the experts of a mixture of experts), "
-              "whose row counts MultiSteps does not accumulate: train these layers without "
-              "MultiSteps, or leave their capacity padding in (no `per_layer` mask for "
-              "them: docs/training-loops.md, *Mixture of experts*)")
         if isinstance(n, int):  # no row mask: equal shards, plain mean
           estimates[path] = distributed.axis_mean(estimates[path], axis_name)
-        else:  # row masks: each device's estimate weighs by its real rows
+        else:  # row masks: each device's estimate weighs by its real rows (per layer of a
+          # stack with a mask per layer: each expert's by its own)
           estimates[path], rows[path] = transform.weighted_axis_mean(estimates[path], n,
                                                                      axis_name)
       if set(rows) != set(state.acc_statistics):
@@ -211,13 +246,16 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
           new_stats[path], new_rows[path] = state.acc_statistics[path], state.acc_rows[path]
           continue
         estimate = estimates[path]
-        total = state.acc_rows[path] + jnp.asarray(rows[path], state.acc_rows[path].dtype)
+        acc_rows = state.acc_rows[path]
+        n = _as_rows(rows[path], acc_rows.shape, acc_rows.dtype, path)
+        total = acc_rows + n
         new_rows[path] = total
-        # n / total, the weight in the sum's dtype; 0 while every row so far was masked
-        weight = jnp.asarray(rows[path], total.dtype) / jnp.where(total > 0, total, 1)
+        # n / total, the weight in the sum's dtype (one per layer of a stack); 0 while every
+        # row so far was masked (an expert routed no token yet adds its estimate, 0, times 0)
+        weight = n / jnp.where(total > 0, total, 1)
         new_stats[path] = jax.tree.map(
-            lambda acc, e, weight=weight: acc + (e.astype(acc.dtype) - acc) * weight.astype(
-                acc.dtype),
+            lambda acc, e, weight=weight: acc + (e.astype(acc.dtype) - acc)
+            * transform._per_layer(weight, acc).astype(acc.dtype),
             state.acc_statistics[path], estimate)
       return new_stats, new_rows
 
@@ -239,9 +277,12 @@ class MultiSteps(optax.MultiSteps, optax.GradientTransformationExtraArgs):
           "data)` with a template made by `init`, such as `TrainState.create(..., tx=tx)`)")
     activations = extra_args.pop("activations", None)
     sngd_state, masked = _sngd_state(state.inner_opt_state)
-    if sngd_state is not None:  # a state saved with int32 counts (before 2026-12-05) resumes
-      state = state._replace(acc_rows={p: jnp.asarray(r, _rows_dtype(sngd_state.factors[p]))
-                                       for p, r in state.acc_rows.items()})
+    if sngd_state is not None:  # a state saved with int32 counts (before 2026-12-05), or with
+      # one count per stack (before per-layer counts), resumes
+      shapes = _rows_shapes(sngd_state, updates)
+      state = state._replace(acc_rows={
+          p: _as_rows(r, shapes.get(p, ()), _rows_dtype(sngd_state.factors[p]), p)
+          for p, r in state.acc_rows.items()})
     if sngd_state is None and activations is not None:
       extra_args["activations"] = activations
     k_steps = self._every_k_schedule(state.gradient_step)

@@ -29,10 +29,16 @@ p = to_reconstructed(params, roots)  # W'
 
 When ``G`` changes, remap ``W' <- G_new^{1/2} G_old^{-1/2} W'``, i.e.
 ``to_reconstructed(from_reconstructed(p, old_roots), new_roots)``.
+
+A bias that the ``sngd`` does not see (masked out by ``optax.masked``, so its
+factor has no bias row, ``d = I``) takes its raw gradient: the reconstructed
+layer is ``z = (G_rho^{-1/2} x)^T W' + b`` with ``W' = G_rho^{1/2} W`` and ``b``
+as it is (``reconstructed_dense(x, k', None, inv_sqrt) + b``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional, cast
 
 import jax
@@ -226,6 +232,11 @@ def _map_layers(params: Any, roots: dict[str, Roots], power: str,
   for path, r in roots.items():
     spec = specs[path]
     m = getattr(r, power)
+    if spec.bias is not None and spec.structure != "diagonal" and m.shape[-1] == spec.in_dim:
+      # A factor without the bias row: the `sngd` did not see the bias (masked out by
+      # `optax.masked` / `multi_transform`, as `transform.seen_by_state` reads it), which
+      # takes its raw gradient: W' = G^{1/2} W, the bias left as it is.
+      spec = dataclasses.replace(spec, bias=None)
     w = precondition.augmented(spec, out, index, m.dtype)
     size = spec.in_dim if spec.structure == "diagonal" else spec.dim
     if m.shape[-1] != size or w.shape[-2] != size:
@@ -264,7 +275,10 @@ def to_reconstructed(params: Any, roots: dict[str, Roots], *,
 
   Returns:
     A params tree of the same structure and dtypes whose kernels and biases
-    hold ``W' = [W'; b'^T]``; other leaves are unchanged.
+    hold ``W' = [W'; b'^T]``; other leaves are unchanged, and so is the bias of a layer
+    whose factor has no bias row (an ``sngd`` under ``optax.masked`` that did not see it:
+    ``W' = G_rho^{1/2} W``, and the layer is ``reconstructed_dense(x, k', None,
+    inv_sqrt) + b``).
   """
   return _map_layers(params, roots, "sqrt", fisher, stacked)
 
@@ -304,7 +318,9 @@ def reconstructed_dense(x: jax.Array, kernel_prime: jax.Array, bias_prime: Optio
   Args:
     x: inputs ``(..., I)``.
     kernel_prime: ``W'`` rows for the inputs, ``(I, O)``.
-    bias_prime: the last row of ``W'``, ``(O,)``, or None for a layer without bias.
+    bias_prime: the last row of ``W'``, ``(O,)``, or None for a layer without bias (or
+      whose bias is not in its factor, which ``to_reconstructed`` leaves as it is: add it
+      to the result).
     inv_sqrt: ``G_rho^{-1/2}``, ``(d, d)`` or ``(O, d, d)``.
 
   Returns:

@@ -51,7 +51,7 @@ from sngd_jax._src.frames import caller_stacklevel
 def with_row_mask(activations: Activations, mask: Any, *more_masks: Any,
                   where: Optional[Callable[[str], bool]] = None,
                   calls: Optional[Sequence[int]] = None,
-                  per_layer: bool = False) -> Activations:
+                  per_layer: Optional[bool] = None) -> Activations:
   """The activations with a row mask: padding does not enter the local Fisher statistics.
 
   Each layer's batch estimate becomes the average over its real rows only,
@@ -105,7 +105,14 @@ def with_row_mask(activations: Activations, mask: Any, *more_masks: Any,
       each expert's factor averages over the tokens routed to it only,
       ``G_e = sum_r m_er x~_r x~_r^T / sum_r m_er``, and an expert that received none keeps
       its factor (``docs/training-loops.md``, *Mixture of experts*). Use it with ``where=``
-      naming the stacked layers; a layer without those stack axes raises.
+      naming the stacked layers; a layer without those stack axes raises. Without it (None,
+      the default, or False) a mask is one for every layer of a stack alike, the same rows
+      weighed the same in each (right for blocks scanned over depth, which read the same
+      tokens; for experts, whose slot ``(g, c)`` holds another token in each, a ``(G, C)``
+      mask weighs the slots, not the tokens). A mask whose leading axes are a stack's and
+      that cannot be one mask for all its layers raises, naming the layer and pointing
+      here; one that fits both ways (an ``(E, B)`` mask of experts over ``B == E`` rows)
+      is read as one for all and warns, unless ``per_layer=False`` says so.
 
   Returns:
     The activations, each record carrying its rows' weights (``Captured.row_mask``); pass
@@ -130,7 +137,7 @@ def with_row_mask(activations: Activations, mask: Any, *more_masks: Any,
     updates, opt_state = tx.update(grads, opt_state, params, activations=acts)
     ```
   """
-  first = _as_mask(mask, per_layer)
+  first = _as_mask(mask, bool(per_layer))
   masks = (first, *(_as_mask(m) for m in more_masks))
   if per_layer and more_masks:
     raise ValueError(
@@ -179,8 +186,8 @@ def with_row_mask(activations: Activations, mask: Any, *more_masks: Any,
           c = _masked_per_layer(path, i, c, first, n, calls is not None, where is not None,
                                 heads)
         else:
-          c = _masked(path, i, c, _pick(path, i, c, masks), n, calls is not None,
-                      where is not None, heads)
+          c = _masked_for_all(path, i, c, _pick(path, i, c, masks), n, calls is not None,
+                              where is not None, heads, per_layer is None)
       new.append(c)
     out[path] = tuple(new)
   return out
@@ -276,6 +283,57 @@ def _masked_per_layer(path: str, i: int, c: Captured, mask: jax.Array, n_calls: 
   for _ in range(k):
     fn = jax.vmap(fn)
   return times_mask(c, fn(mask))
+
+
+def _masked_for_all(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int,
+                    selected: bool, filtered: bool, heads: frozenset[tuple[int, ...]],
+                    warn: bool) -> Captured:
+  """``_masked`` (one mask for every layer of a stack), for a mask given without
+  ``per_layer=True``. When the record is a stack of layers and the mask's leading axes are
+  its stack shape with a mask that ``_masked_per_layer`` reads after them (a mask per expert
+  given without ``per_layer``): where ``_masked`` cannot read it, its error says to pass
+  ``per_layer=True``; where it can (both readings fit: the stack as long as the example axis,
+  an ``(E, B)`` mask with ``E == B``), it is read as one mask for all, with a warning
+  (``warn``: ``per_layer`` was not given; ``per_layer=False`` silences it)."""
+  try:
+    out = _masked(path, i, c, mask, n_calls, selected, filtered, heads)
+  except ValueError as err:
+    if _fits_per_layer(path, i, c, mask, n_calls, selected, filtered, heads):
+      raise ValueError(
+          f"{err}. The mask's leading axes {tuple(mask.shape[:c.stack])} are this layer's "
+          f"stack of layers (inputs of shape {tuple(c.inputs.shape)}): for a mask per layer "
+          "of the stack (the experts of a mixture of experts: its (E, G, C) slots) pass "
+          "`with_row_mask(acts, mask, per_layer=True, where=...)`; without `per_layer` a "
+          "mask is one for every layer of the stack alike") from None
+    raise
+  if warn and _fits_per_layer(path, i, c, mask, n_calls, selected, filtered, heads):
+    warnings.warn(
+        f"sngd: with_row_mask: layer {path!r} (call {i}, {c.kind}) is a stack of layers of "
+        f"shape {tuple(c.inputs.shape[:c.stack])} (inputs of shape {tuple(c.inputs.shape)}), "
+        f"and the mask of shape {tuple(mask.shape)} fits it both as one mask for every layer "
+        "of the stack (read so: its leading axis the examples') and as a mask per layer (its "
+        "leading axes the stack's). Pass `per_layer=True` for a mask per layer (the experts "
+        "of a mixture of experts), or `per_layer=False` for one mask for all (which silences "
+        "this warning).", stacklevel=caller_stacklevel())
+  return out
+
+
+def _fits_per_layer(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int,
+                    selected: bool, filtered: bool,
+                    heads: frozenset[tuple[int, ...]]) -> bool:
+  """Whether ``mask`` reads as a mask per layer of the record's stack
+  (``_masked_per_layer`` accepts it; a few elementwise ops on the mask, only for a mask whose
+  leading axes are the stack's)."""
+  k = c.stack
+  if not k or tuple(mask.shape[:k]) != tuple(c.inputs.shape[:k]):
+    return False
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      _masked_per_layer(path, i, c, mask, n_calls, selected, filtered, heads)
+  except ValueError:
+    return False
+  return True
 
 
 def _attention_heads(activations: Activations) -> frozenset[tuple[int, ...]]:
