@@ -811,3 +811,52 @@ def test_an_expert_of_a_scanned_block_without_tokens_starts_from_its_blocks_expe
       want = np.tensordot(n[0] / n[0].sum(), g[0], axes=1)
       for e in range(E):
         np.testing.assert_allclose(g[1, e], want, rtol=1e-10, atol=1e-13, err_msg=path)
+
+
+def test_multisteps_accumulates_each_expert_of_blocks_scanned_over_depth():
+  """``sngd_jax.MultiSteps`` over two micro-batches of MoE blocks under ``nn.scan`` (experts
+  stacked ``(L, E)``, one row count per block and expert), each masked by its ``(L, E, G, C)``
+  slots: every block's every expert's factor is the float64 Gram sum of the tokens routed to
+  it in both micro-batches over their number (the blocks' inputs from an unrolled numpy
+  forward pass); the count state is ``(L, E)``."""
+  with jax.enable_x64(True):
+    model = _Deep()
+    x0, y = _batch()
+    params = _jittered(model.init(jax.random.key(0), x0)["params"])
+
+    def loss(p, x, y):
+      out, dispatch = model.apply({"params": p}, x)
+      return _mse(out, y), dispatch
+
+    grad_fn = jax.value_and_grad(sngd_jax.capture(loss, has_aux=True), has_aux=True)
+    tx = sngd_jax.MultiSteps(sngd_jax.sngd(**ref.ONE_STEP), every_k_schedule=2,
+                             accumulator_dtype=jnp.float64)
+    step = jax.jit(lambda g, s, a: tx.update(g, s, params, activations=a)[1])
+    state = tx.init(params)
+    rows = {n: [[[] for _ in range(E)] for _ in range(2)] for n in ("wi", "wo")}
+    for x in (x0, 0.5 - x0[::-1]):
+      (_, (dispatch, acts)), grads = grad_fn(params, x, y)
+      slots = jnp.transpose(dispatch.sum(2), (0, 2, 1, 3)) > 0  # (L, E, G, C)
+      acts = sngd_jax.with_row_mask(acts, slots, per_layer=True, where=lambda p: "experts" in p)
+      state = step(grads, state, acts)
+      h = x
+      for depth in range(2):
+        block = jax.tree.map(lambda a, depth=depth: a[depth], params["blocks"])["moe"]
+        out, d = LinenMoE().apply({"params": block}, h)
+        get = lambda t: (np.asarray(t["experts"]["wi"]["kernel"]),
+                         np.asarray(t["experts"]["wi"]["bias"]))
+        routed = _routed_rows({"wi": get, "wo": None}, block, d, h)
+        for name in ("wi", "wo"):
+          for e in range(E):
+            rows[name][depth][e].append(routed[name][e])
+        h = h + out
+    for name in ("wi", "wo"):
+      path = f"blocks/moe/experts/{name}"
+      assert state.acc_rows[path].shape == (2, E)
+      got = ref.normalized_factor(state.inner_opt_state, path)
+      for depth in range(2):
+        for e in range(E):
+          want = np.concatenate(rows[name][depth][e])
+          assert len(want) > 0
+          np.testing.assert_allclose(got[depth, e], ref.gram(want), rtol=1e-10, atol=1e-13,
+                                     err_msg=f"{path} block {depth} expert {e}")
