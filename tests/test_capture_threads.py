@@ -10,6 +10,7 @@ thread paused inside its norm layer's ``_compute_stats``), the statistics compar
 Gram of the rows from a float64 numpy forward pass.
 """
 
+import concurrent.futures
 import threading
 import warnings
 
@@ -222,3 +223,56 @@ def test_two_captures_on_two_threads_ending_out_of_order_restore_the_originals(f
   assert fw.originals() == originals
   fw.assert_stats(acts_a, rows_a(x_a))
   fw.assert_stats(acts_c, rows_c(x_c))
+
+
+class _MidCapture(Exception):
+  pass
+
+
+@pytest.mark.parametrize("framework", ["nnx", "linen"])
+def test_an_exception_mid_capture_leaves_nothing_behind_on_a_reused_thread(framework):
+  """On one worker thread of a ``ThreadPoolExecutor`` (reused for every task): a capture whose
+  loss raises inside a ``jax.lax.scan`` body (its transform frame, the norm slot and the swaps
+  open) after the model ran, then a plain forward pass, a plain ``jax.lax.scan`` and a new
+  capture. The exception reaches the caller; after it this thread runs no capture
+  (``records.running()`` empty, no hook on the swap stacks), the swapped attributes and
+  ``jax.lax.scan`` are the originals, the plain forward pass is bitwise the one before, and
+  the new capture's activations are one call per layer with the float64 Gram."""
+  from sngd_jax._src.capture import records, swap  # noqa: PLC0415 - the private state
+
+  fw = _Framework(framework)
+  x = jax.random.normal(jax.random.key(1), (6, 3), F64)
+  model, forward, rows = fw.model(0, x)
+  originals, scan = fw.originals(), jax.lax.scan
+  want = np.asarray(forward(model, x))
+
+  def raising():
+    def body(c, _):
+      jnp.sum(forward(model, x))
+      raise _MidCapture
+    jax.lax.scan(body, 0.0, None, length=2)
+
+  def leftovers():
+    stacks = getattr(swap._HOOKS, "stacks", {})
+    return (list(records.running()), {k: v for k, v in stacks.items() if v},
+            fw.originals() == originals, jax.lax.scan is scan)
+
+  def task(fn):
+    with jax.enable_x64(True):
+      return fn()
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    with pytest.raises(_MidCapture):
+      pool.submit(task, lambda: fw.capture(forward, model, x, raising)).result(WAIT)
+    assert pool.submit(task, leftovers).result(WAIT) == ([], {}, True, True)
+    plain = pool.submit(task, lambda: np.asarray(forward(model, x))).result(WAIT)
+    np.testing.assert_array_equal(plain, want)
+    carry = pool.submit(task, lambda: jax.lax.scan(
+        lambda c, _: (c + 1.0, c), 0.0, None, length=3)[1]).result(WAIT)
+    np.testing.assert_array_equal(np.asarray(carry), [0.0, 1.0, 2.0])
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      acts = pool.submit(task, lambda: fw.capture(forward, model, x)).result(WAIT)
+    assert pool.submit(task, leftovers).result(WAIT) == ([], {}, True, True)
+  assert not [str(w.message) for w in caught if "sngd" in str(w.message)]
+  fw.assert_stats(acts, rows(x))
