@@ -276,3 +276,58 @@ def test_an_exception_mid_capture_leaves_nothing_behind_on_a_reused_thread(frame
     assert pool.submit(task, leftovers).result(WAIT) == ([], {}, True, True)
   assert not [str(w.message) for w in caught if "sngd" in str(w.message)]
   fw.assert_stats(acts, rows(x))
+
+
+def test_two_captures_on_two_threads_through_one_sharded_nnx_jit():
+  """Threads A and C capture models of their own whose first layer runs through one shared
+  ``nnx.jit`` given ``in_shardings`` (which runs as a jit: capture swaps its function for one
+  naming the layers it runs, whose records it drops, warning): A's trace of it is paused while
+  C traces it (another batch size), A's capture ends, then C's. Each capture records its own
+  LayerNorm and output layer, run after the jit (float64 Gram references), warns that it could
+  not capture its ``l1``, and the jit's function is NNX's own after. Before, the swap was an
+  assignment to the jit's function seen by every thread: C's trace opened its frame in A's
+  recorder, which A's jit then closed in place of its own, so A's ``ln`` and ``l2`` records went
+  into A's closed frame and were lost; and C restored A's wrapper, installed for good."""
+  fw = _Framework("nnx")
+  x_a = jax.random.normal(jax.random.key(1), (6, 3), F64)
+  x_c = 2.0 + jax.random.normal(jax.random.key(3), (4, 3), F64)
+  (model_a, _, rows_a), (model_c, _, rows_c) = fw.model(0, x_a), fw.model(5, x_c)
+  a_in, c_in, a_ended = threading.Event(), threading.Event(), threading.Event()
+  thread_a = []
+
+  def inside():
+    if threading.current_thread() in thread_a:
+      a_in.set()
+      _wait(c_in, "thread C inside the jit")
+    else:
+      c_in.set()
+      _wait(a_ended, "thread A's capture to end")
+
+  jitted = nnx.jit(lambda layer, h: (inside(), layer(h))[1], in_shardings=(None, None))
+  function = jitted.jitted_fn.__wrapped__.f
+  forward = lambda m, x: m.l2(m.ln(jitted(m.l1, x)))
+  acts_a, acts_c = {}, {}
+
+  def run_a():
+    thread_a.append(threading.current_thread())
+    acts_a.update(fw.capture(forward, model_a, x_a))
+    a_ended.set()
+
+  def run_c():
+    _wait(a_in, "thread A inside the jit")
+    acts_c.update(fw.capture(forward, model_c, x_c))
+
+  with warnings.catch_warnings(record=True) as caught:  # process-wide: both threads'
+    warnings.simplefilter("always")
+    _run_threads(run_a, run_c)
+  assert jitted.jitted_fn.__wrapped__.f is function
+  caught = [str(w.message) for w in caught if "sngd" in str(w.message)]
+  assert len(caught) == 2 and all("'l1'" in w for w in caught), caught
+  for name, acts, rows in (("a", acts_a, rows_a(x_a)), ("c", acts_c, rows_c(x_c))):
+    assert set(acts) == {"ln", "l2"}, (name, set(acts))
+    for layer in ("ln", "l2"):
+      assert len(acts[layer]) == 1, (name, layer)
+      got = np.asarray(acts[layer][0].inputs, np.float64).reshape(-1, 4)
+      bias = layer != "ln"
+      np.testing.assert_allclose(ref.gram(got, bias), ref.gram(rows[layer], bias),
+                                 rtol=1e-12, atol=1e-14, err_msg=f"{name} {layer}")
