@@ -860,3 +860,40 @@ def test_multisteps_accumulates_each_expert_of_blocks_scanned_over_depth():
           assert len(want) > 0
           np.testing.assert_allclose(got[depth, e], ref.gram(want), rtol=1e-10, atol=1e-13,
                                      err_msg=f"{path} block {depth} expert {e}")
+
+
+def test_multisteps_mixes_a_shared_slot_mask_and_a_mask_per_expert():
+  """``sngd_jax.MultiSteps`` over a micro-batch masked by a ``(G, C)`` slot mask shared by every
+  expert (one count for the stack, each expert's its share) and one masked per expert (one
+  count per expert): each expert's factor is the float64 Gram of its shared-mask slots of the
+  first and its routed tokens of the second, together (the counts on one scale)."""
+  with jax.enable_x64(True):
+    model = LinenMoE()
+    x1, y = _batch()
+    x2 = 0.5 - x1[:, ::-1]
+    params = _jittered(model.init(jax.random.key(0), x1)["params"])
+    loss = lambda p, x, y: _mse(model.apply({"params": p}, x)[0], y)
+    tx = sngd_jax.MultiSteps(sngd_jax.sngd(**ref.ONE_STEP), every_k_schedule=2,
+                             accumulator_dtype=jnp.float64)
+    step = jax.jit(lambda g, s, a: tx.update(g, s, params, activations=a)[1])
+    shared = np.zeros((G, CAP))
+    shared[:, 2:] = 1.0  # the last two slots of every group
+    where = lambda p: p == "experts/wi"
+    state, rows = tx.init(params), [[] for _ in range(E)]
+    for x, per_expert in ((x1, False), (x2, True)):
+      (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x, y)
+      dispatch = np.asarray(model.apply({"params": params}, x)[1], np.float64)
+      slots = np.einsum("gsec,gsm->egcm", dispatch, np.asarray(x, np.float64))
+      if per_expert:
+        mask = np.asarray(occupied_slots(dispatch), np.float64)  # (E, G, C)
+        acts = sngd_jax.with_row_mask(acts, mask, per_layer=True, where=where)
+      else:
+        mask = np.broadcast_to(shared, (E, G, CAP))
+        acts = sngd_jax.with_row_mask(acts, shared, where=where)
+      for e in range(E):
+        rows[e].append(slots[e][mask[e] > 0])
+      state = step(grads, state, acts)
+    got = ref.normalized_factor(state.inner_opt_state, "experts/wi")
+    for e in range(E):
+      np.testing.assert_allclose(got[e], ref.gram(np.concatenate(rows[e])), rtol=1e-10,
+                                 atol=1e-13, err_msg=f"expert {e}")
