@@ -897,3 +897,40 @@ def test_multisteps_mixes_a_shared_slot_mask_and_a_mask_per_expert():
     for e in range(E):
       np.testing.assert_allclose(got[e], ref.gram(np.concatenate(rows[e])), rtol=1e-10,
                                  atol=1e-13, err_msg=f"expert {e}")
+
+
+def test_multisteps_state_with_one_count_per_stack_restores_from_orbax(tmp_path):
+  """A ``MultiStepsState`` checkpointed by ``orbax`` before the counts were per layer of a stack
+  (one scalar count per layer path) does not restore into a template of ``tx.init`` (orbax
+  checks shapes: ``(E,)`` requested, ``()`` stored); it restores into that template with scalar
+  counts (docs/usage.md), and the cycle ends with the float64 factors of the state never saved."""
+  ocp = pytest.importorskip("orbax.checkpoint")
+  with jax.enable_x64(True):
+    model = LinenMoE()
+    x, y = _batch()
+    params = _jittered(model.init(jax.random.key(0), x)["params"])
+    loss = lambda p, x, y: _mse(model.apply({"params": p}, x)[0], y)
+    tx = sngd_jax.MultiSteps(sngd_jax.sngd(**ref.ONE_STEP), every_k_schedule=2)
+    step = jax.jit(lambda g, s, a: tx.update(g, s, params, activations=a)[1])
+    calls = []
+    for scale in (1.0, -0.5):
+      (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(
+          params, x * scale, y)
+      calls.append((grads, acts))
+    half = step(calls[0][0], tx.init(params), calls[0][1])
+    old = half._replace(acc_rows={p: jnp.sum(r) for p, r in half.acc_rows.items()})
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "old", old)
+    checkpointer.wait_until_finished()
+    template = tx.init(params)
+    with pytest.raises(ValueError, match="shape"):
+      checkpointer.restore(tmp_path / "old", template)
+    template = template._replace(acc_rows={p: jnp.zeros((), r.dtype)
+                                           for p, r in template.acc_rows.items()})
+    restored = checkpointer.restore(tmp_path / "old", template)
+    want, got = (step(calls[1][0], s, calls[1][1]) for s in (half, restored))
+    assert got.acc_rows["experts/wi"].shape == (E,)
+    for path in ("experts/wi", "experts/wo", "router"):
+      np.testing.assert_allclose(np.asarray(got.inner_opt_state.factors[path]),
+                                 np.asarray(want.inner_opt_state.factors[path]), rtol=1e-12,
+                                 atol=1e-15, err_msg=path)
