@@ -419,6 +419,35 @@ def test_layers_scanned_over_depth_get_the_mask_in_every_layer(batch):
                              atol=1e-12)
 
 
+def test_a_padding_mask_as_long_as_the_scanned_stack_both_ways_warns_unless_per_layer_false():
+  """``L == B == T``: a ``(B, T)`` padding mask of 2 blocks scanned over depth also reads as a
+  ``(B,)`` mask per block, so without ``per_layer`` it warns naming the layer (read as one mask
+  for all); ``per_layer=False`` is silent, and both give each block the float64 Gram of its
+  real tokens."""
+  rng = np.random.default_rng(9)
+  x = rng.normal(size=(2, 2, 4))
+  mask = np.array([[1.0, 1.0], [1.0, 0.0]])
+  model = Deep()
+  params = f64(model.init(jax.random.key(0), x)["params"])
+  (_, acts), grads = jax.value_and_grad(
+      sngd_jax.capture(lambda p: model.apply({"params": p}, jnp.asarray(x))),
+      has_aux=True)(params)
+  with pytest.warns(UserWarning, match=r"layer 'blocks/Dense_0'.*both.*per_layer=False"):
+    warned = sngd_jax.with_row_mask(acts, mask)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    silent = sngd_jax.with_row_mask(acts, mask, per_layer=False)
+  dense = params["blocks"]["Dense_0"]
+  h, want = x, []
+  for layer in range(2):
+    want.append(gram(h[mask > 0]))
+    h = np.tanh(h @ np.asarray(dense["kernel"][layer]) + np.asarray(dense["bias"][layer]))
+  for masked in (warned, silent):
+    state = factors_after_one_step(params, grads, masked)
+    np.testing.assert_allclose(state.factors["blocks/Dense_0"], np.stack(want), rtol=1e-10,
+                               atol=1e-12)
+
+
 def test_axis_name_weighs_each_devices_estimate_by_its_real_rows():
   """Two shards (``jax.vmap`` with an axis name, as ``shard_map`` would split the batch) with
   different numbers of real tokens give the factor of the whole batch's real rows."""
