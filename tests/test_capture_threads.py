@@ -10,6 +10,7 @@ thread paused inside its norm layer's ``_compute_stats``), the statistics compar
 Gram of the rows from a float64 numpy forward pass.
 """
 
+import concurrent.futures
 import threading
 import warnings
 
@@ -222,3 +223,111 @@ def test_two_captures_on_two_threads_ending_out_of_order_restore_the_originals(f
   assert fw.originals() == originals
   fw.assert_stats(acts_a, rows_a(x_a))
   fw.assert_stats(acts_c, rows_c(x_c))
+
+
+class _MidCapture(Exception):
+  pass
+
+
+@pytest.mark.parametrize("framework", ["nnx", "linen"])
+def test_an_exception_mid_capture_leaves_nothing_behind_on_a_reused_thread(framework):
+  """On one worker thread of a ``ThreadPoolExecutor`` (reused for every task): a capture whose
+  loss raises inside a ``jax.lax.scan`` body (its transform frame, the norm slot and the swaps
+  open) after the model ran, then a plain forward pass, a plain ``jax.lax.scan`` and a new
+  capture. The exception reaches the caller; after it this thread runs no capture
+  (``records.running()`` empty, no hook on the swap stacks), the swapped attributes and
+  ``jax.lax.scan`` are the originals, the plain forward pass is bitwise the one before, and
+  the new capture's activations are one call per layer with the float64 Gram."""
+  from sngd_jax._src.capture import records, swap  # noqa: PLC0415 - the private state
+
+  fw = _Framework(framework)
+  x = jax.random.normal(jax.random.key(1), (6, 3), F64)
+  model, forward, rows = fw.model(0, x)
+  originals, scan = fw.originals(), jax.lax.scan
+  want = np.asarray(forward(model, x))
+
+  def raising():
+    def body(c, _):
+      jnp.sum(forward(model, x))
+      raise _MidCapture
+    jax.lax.scan(body, 0.0, None, length=2)
+
+  def leftovers():
+    stacks = getattr(swap._HOOKS, "stacks", {})
+    return (list(records.running()), {k: v for k, v in stacks.items() if v},
+            fw.originals() == originals, jax.lax.scan is scan)
+
+  def task(fn):
+    with jax.enable_x64(True):
+      return fn()
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    with pytest.raises(_MidCapture):
+      pool.submit(task, lambda: fw.capture(forward, model, x, raising)).result(WAIT)
+    assert pool.submit(task, leftovers).result(WAIT) == ([], {}, True, True)
+    plain = pool.submit(task, lambda: np.asarray(forward(model, x))).result(WAIT)
+    np.testing.assert_array_equal(plain, want)
+    carry = pool.submit(task, lambda: jax.lax.scan(
+        lambda c, _: (c + 1.0, c), 0.0, None, length=3)[1]).result(WAIT)
+    np.testing.assert_array_equal(np.asarray(carry), [0.0, 1.0, 2.0])
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      acts = pool.submit(task, lambda: fw.capture(forward, model, x)).result(WAIT)
+    assert pool.submit(task, leftovers).result(WAIT) == ([], {}, True, True)
+  assert not [str(w.message) for w in caught if "sngd" in str(w.message)]
+  fw.assert_stats(acts, rows(x))
+
+
+def test_two_captures_on_two_threads_through_one_sharded_nnx_jit():
+  """Threads A and C capture models of their own whose first layer runs through one shared
+  ``nnx.jit`` given ``in_shardings`` (which runs as a jit: capture swaps its function for one
+  naming the layers it runs, whose records it drops, warning): A's trace of it is paused while
+  C traces it (another batch size), A's capture ends, then C's. Each capture records its own
+  LayerNorm and output layer, run after the jit (float64 Gram references), warns that it could
+  not capture its ``l1``, and the jit's function is NNX's own after. Before, the swap was an
+  assignment to the jit's function seen by every thread: C's trace opened its frame in A's
+  recorder, which A's jit then closed in place of its own, so A's ``ln`` and ``l2`` records went
+  into A's closed frame and were lost; and C restored A's wrapper, installed for good."""
+  fw = _Framework("nnx")
+  x_a = jax.random.normal(jax.random.key(1), (6, 3), F64)
+  x_c = 2.0 + jax.random.normal(jax.random.key(3), (4, 3), F64)
+  (model_a, _, rows_a), (model_c, _, rows_c) = fw.model(0, x_a), fw.model(5, x_c)
+  a_in, c_in, a_ended = threading.Event(), threading.Event(), threading.Event()
+  thread_a = []
+
+  def inside():
+    if threading.current_thread() in thread_a:
+      a_in.set()
+      _wait(c_in, "thread C inside the jit")
+    else:
+      c_in.set()
+      _wait(a_ended, "thread A's capture to end")
+
+  jitted = nnx.jit(lambda layer, h: (inside(), layer(h))[1], in_shardings=(None, None))
+  function = jitted.jitted_fn.__wrapped__.f
+  forward = lambda m, x: m.l2(m.ln(jitted(m.l1, x)))
+  acts_a, acts_c = {}, {}
+
+  def run_a():
+    thread_a.append(threading.current_thread())
+    acts_a.update(fw.capture(forward, model_a, x_a))
+    a_ended.set()
+
+  def run_c():
+    _wait(a_in, "thread A inside the jit")
+    acts_c.update(fw.capture(forward, model_c, x_c))
+
+  with warnings.catch_warnings(record=True) as caught:  # process-wide: both threads'
+    warnings.simplefilter("always")
+    _run_threads(run_a, run_c)
+  assert jitted.jitted_fn.__wrapped__.f is function
+  caught = [str(w.message) for w in caught if "sngd" in str(w.message)]
+  assert len(caught) == 2 and all("'l1'" in w for w in caught), caught
+  for name, acts, rows in (("a", acts_a, rows_a(x_a)), ("c", acts_c, rows_c(x_c))):
+    assert set(acts) == {"ln", "l2"}, (name, set(acts))
+    for layer in ("ln", "l2"):
+      assert len(acts[layer]) == 1, (name, layer)
+      got = np.asarray(acts[layer][0].inputs, np.float64).reshape(-1, 4)
+      bias = layer != "ln"
+      np.testing.assert_allclose(ref.gram(got, bias), ref.gram(rows[layer], bias),
+                                 rtol=1e-12, atol=1e-14, err_msg=f"{name} {layer}")

@@ -811,3 +811,126 @@ def test_an_expert_of_a_scanned_block_without_tokens_starts_from_its_blocks_expe
       want = np.tensordot(n[0] / n[0].sum(), g[0], axes=1)
       for e in range(E):
         np.testing.assert_allclose(g[1, e], want, rtol=1e-10, atol=1e-13, err_msg=path)
+
+
+def test_multisteps_accumulates_each_expert_of_blocks_scanned_over_depth():
+  """``sngd_jax.MultiSteps`` over two micro-batches of MoE blocks under ``nn.scan`` (experts
+  stacked ``(L, E)``, one row count per block and expert), each masked by its ``(L, E, G, C)``
+  slots: every block's every expert's factor is the float64 Gram sum of the tokens routed to
+  it in both micro-batches over their number (the blocks' inputs from an unrolled numpy
+  forward pass); the count state is ``(L, E)``."""
+  with jax.enable_x64(True):
+    model = _Deep()
+    x0, y = _batch()
+    params = _jittered(model.init(jax.random.key(0), x0)["params"])
+
+    def loss(p, x, y):
+      out, dispatch = model.apply({"params": p}, x)
+      return _mse(out, y), dispatch
+
+    grad_fn = jax.value_and_grad(sngd_jax.capture(loss, has_aux=True), has_aux=True)
+    tx = sngd_jax.MultiSteps(sngd_jax.sngd(**ref.ONE_STEP), every_k_schedule=2,
+                             accumulator_dtype=jnp.float64)
+    step = jax.jit(lambda g, s, a: tx.update(g, s, params, activations=a)[1])
+    state = tx.init(params)
+    rows = {n: [[[] for _ in range(E)] for _ in range(2)] for n in ("wi", "wo")}
+    for x in (x0, 0.5 - x0[::-1]):
+      (_, (dispatch, acts)), grads = grad_fn(params, x, y)
+      slots = jnp.transpose(dispatch.sum(2), (0, 2, 1, 3)) > 0  # (L, E, G, C)
+      acts = sngd_jax.with_row_mask(acts, slots, per_layer=True, where=lambda p: "experts" in p)
+      state = step(grads, state, acts)
+      h = x
+      for depth in range(2):
+        block = jax.tree.map(lambda a, depth=depth: a[depth], params["blocks"])["moe"]
+        out, d = LinenMoE().apply({"params": block}, h)
+        get = lambda t: (np.asarray(t["experts"]["wi"]["kernel"]),
+                         np.asarray(t["experts"]["wi"]["bias"]))
+        routed = _routed_rows({"wi": get, "wo": None}, block, d, h)
+        for name in ("wi", "wo"):
+          for e in range(E):
+            rows[name][depth][e].append(routed[name][e])
+        h = h + out
+    for name in ("wi", "wo"):
+      path = f"blocks/moe/experts/{name}"
+      assert state.acc_rows[path].shape == (2, E)
+      got = ref.normalized_factor(state.inner_opt_state, path)
+      for depth in range(2):
+        for e in range(E):
+          want = np.concatenate(rows[name][depth][e])
+          assert len(want) > 0
+          np.testing.assert_allclose(got[depth, e], ref.gram(want), rtol=1e-10, atol=1e-13,
+                                     err_msg=f"{path} block {depth} expert {e}")
+
+
+def test_multisteps_mixes_a_shared_slot_mask_and_a_mask_per_expert():
+  """``sngd_jax.MultiSteps`` over a micro-batch masked by a ``(G, C)`` slot mask shared by every
+  expert (one count for the stack, each expert's its share) and one masked per expert (one
+  count per expert): each expert's factor is the float64 Gram of its shared-mask slots of the
+  first and its routed tokens of the second, together (the counts on one scale)."""
+  with jax.enable_x64(True):
+    model = LinenMoE()
+    x1, y = _batch()
+    x2 = 0.5 - x1[:, ::-1]
+    params = _jittered(model.init(jax.random.key(0), x1)["params"])
+    loss = lambda p, x, y: _mse(model.apply({"params": p}, x)[0], y)
+    tx = sngd_jax.MultiSteps(sngd_jax.sngd(**ref.ONE_STEP), every_k_schedule=2,
+                             accumulator_dtype=jnp.float64)
+    step = jax.jit(lambda g, s, a: tx.update(g, s, params, activations=a)[1])
+    shared = np.zeros((G, CAP))
+    shared[:, 2:] = 1.0  # the last two slots of every group
+    where = lambda p: p == "experts/wi"
+    state, rows = tx.init(params), [[] for _ in range(E)]
+    for x, per_expert in ((x1, False), (x2, True)):
+      (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params, x, y)
+      dispatch = np.asarray(model.apply({"params": params}, x)[1], np.float64)
+      slots = np.einsum("gsec,gsm->egcm", dispatch, np.asarray(x, np.float64))
+      if per_expert:
+        mask = np.asarray(occupied_slots(dispatch), np.float64)  # (E, G, C)
+        acts = sngd_jax.with_row_mask(acts, mask, per_layer=True, where=where)
+      else:
+        mask = np.broadcast_to(shared, (E, G, CAP))
+        acts = sngd_jax.with_row_mask(acts, shared, where=where)
+      for e in range(E):
+        rows[e].append(slots[e][mask[e] > 0])
+      state = step(grads, state, acts)
+    got = ref.normalized_factor(state.inner_opt_state, "experts/wi")
+    for e in range(E):
+      np.testing.assert_allclose(got[e], ref.gram(np.concatenate(rows[e])), rtol=1e-10,
+                                 atol=1e-13, err_msg=f"expert {e}")
+
+
+def test_multisteps_state_with_one_count_per_stack_restores_from_orbax(tmp_path):
+  """A ``MultiStepsState`` checkpointed by ``orbax`` before the counts were per layer of a stack
+  (one scalar count per layer path) does not restore into a template of ``tx.init`` (orbax
+  checks shapes: ``(E,)`` requested, ``()`` stored); it restores into that template with scalar
+  counts (docs/usage.md), and the cycle ends with the float64 factors of the state never saved."""
+  ocp = pytest.importorskip("orbax.checkpoint")
+  with jax.enable_x64(True):
+    model = LinenMoE()
+    x, y = _batch()
+    params = _jittered(model.init(jax.random.key(0), x)["params"])
+    loss = lambda p, x, y: _mse(model.apply({"params": p}, x)[0], y)
+    tx = sngd_jax.MultiSteps(sngd_jax.sngd(**ref.ONE_STEP), every_k_schedule=2)
+    step = jax.jit(lambda g, s, a: tx.update(g, s, params, activations=a)[1])
+    calls = []
+    for scale in (1.0, -0.5):
+      (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(
+          params, x * scale, y)
+      calls.append((grads, acts))
+    half = step(calls[0][0], tx.init(params), calls[0][1])
+    old = half._replace(acc_rows={p: jnp.sum(r) for p, r in half.acc_rows.items()})
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "old", old)
+    checkpointer.wait_until_finished()
+    template = tx.init(params)
+    with pytest.raises(ValueError, match="shape"):
+      checkpointer.restore(tmp_path / "old", template)
+    template = template._replace(acc_rows={p: jnp.zeros((), r.dtype)
+                                           for p, r in template.acc_rows.items()})
+    restored = checkpointer.restore(tmp_path / "old", template)
+    want, got = (step(calls[1][0], s, calls[1][1]) for s in (half, restored))
+    assert got.acc_rows["experts/wi"].shape == (E,)
+    for path in ("experts/wi", "experts/wo", "router"):
+      np.testing.assert_allclose(np.asarray(got.inner_opt_state.factors[path]),
+                                 np.asarray(want.inner_opt_state.factors[path]), rtol=1e-12,
+                                 atol=1e-15, err_msg=path)

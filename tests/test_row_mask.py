@@ -392,16 +392,24 @@ class Deep(nn.Module):
     return stack(name="blocks")(x, None)[0].sum()
 
 
-def test_layers_scanned_over_depth_get_the_mask_in_every_layer():
+@pytest.mark.parametrize("batch", [3, 2])
+def test_layers_scanned_over_depth_get_the_mask_in_every_layer(batch):
+  """A ``(B, T)`` padding mask on blocks scanned over depth (``L = 2``) is one mask for every
+  block: each block's factor is the float64 Gram of its real tokens, without a warning also
+  when the batch is as long as the stack (``B == L``: the mask's leading axis then matches the
+  stack's, but its ``(T,)`` rest is no per-block mask of ``(B, T)`` rows)."""
   rng = np.random.default_rng(8)
-  x = rng.normal(size=(3, 5, 4))
-  mask = np.arange(5)[None] < LENGTHS[:, None]
+  x = rng.normal(size=(batch, 5, 4))
+  mask = np.arange(5)[None] < LENGTHS[:batch, None]
   model = Deep()
   params = f64(model.init(jax.random.key(0), x)["params"])
   (_, acts), grads = jax.value_and_grad(
       sngd_jax.capture(lambda p: model.apply({"params": p}, jnp.asarray(x))),
       has_aux=True)(params)
-  state = factors_after_one_step(params, grads, sngd_jax.with_row_mask(acts, mask))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    masked = sngd_jax.with_row_mask(acts, mask)
+  state = factors_after_one_step(params, grads, masked)
   dense = params["blocks"]["Dense_0"]
   h, want = x, []
   for layer in range(2):
@@ -409,6 +417,35 @@ def test_layers_scanned_over_depth_get_the_mask_in_every_layer():
     h = np.tanh(h @ np.asarray(dense["kernel"][layer]) + np.asarray(dense["bias"][layer]))
   np.testing.assert_allclose(state.factors["blocks/Dense_0"], np.stack(want), rtol=1e-10,
                              atol=1e-12)
+
+
+def test_a_padding_mask_as_long_as_the_scanned_stack_both_ways_warns_unless_per_layer_false():
+  """``L == B == T``: a ``(B, T)`` padding mask of 2 blocks scanned over depth also reads as a
+  ``(B,)`` mask per block, so without ``per_layer`` it warns naming the layer (read as one mask
+  for all); ``per_layer=False`` is silent, and both give each block the float64 Gram of its
+  real tokens."""
+  rng = np.random.default_rng(9)
+  x = rng.normal(size=(2, 2, 4))
+  mask = np.array([[1.0, 1.0], [1.0, 0.0]])
+  model = Deep()
+  params = f64(model.init(jax.random.key(0), x)["params"])
+  (_, acts), grads = jax.value_and_grad(
+      sngd_jax.capture(lambda p: model.apply({"params": p}, jnp.asarray(x))),
+      has_aux=True)(params)
+  with pytest.warns(UserWarning, match=r"layer 'blocks/Dense_0'.*both.*per_layer=False"):
+    warned = sngd_jax.with_row_mask(acts, mask)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    silent = sngd_jax.with_row_mask(acts, mask, per_layer=False)
+  dense = params["blocks"]["Dense_0"]
+  h, want = x, []
+  for layer in range(2):
+    want.append(gram(h[mask > 0]))
+    h = np.tanh(h @ np.asarray(dense["kernel"][layer]) + np.asarray(dense["bias"][layer]))
+  for masked in (warned, silent):
+    state = factors_after_one_step(params, grads, masked)
+    np.testing.assert_allclose(state.factors["blocks/Dense_0"], np.stack(want), rtol=1e-10,
+                               atol=1e-12)
 
 
 def test_axis_name_weighs_each_devices_estimate_by_its_real_rows():

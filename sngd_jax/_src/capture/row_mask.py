@@ -111,8 +111,10 @@ def with_row_mask(activations: Activations, mask: Any, *more_masks: Any,
       tokens; for experts, whose slot ``(g, c)`` holds another token in each, a ``(G, C)``
       mask weighs the slots, not the tokens). A mask whose leading axes are a stack's and
       that cannot be one mask for all its layers raises, naming the layer and pointing
-      here; one that fits both ways (an ``(E, B)`` mask of experts over ``B == E`` rows)
-      is read as one for all and warns, unless ``per_layer=False`` says so.
+      here; one that fits both ways (an ``(E, B)`` mask of experts over ``B == E`` rows, or
+      a ``(B, T)`` padding mask of ``L`` blocks scanned over depth with ``L == B == T``; not
+      with ``L == B`` alone) is read as one for all and warns, unless ``per_layer=False``
+      says so.
 
   Returns:
     The activations, each record carrying its rows' weights (``Captured.row_mask``); pass

@@ -1,11 +1,13 @@
-"""Per-thread swaps of a class's method or a module's function while a capture runs.
+"""Per-thread swaps of a class's method, a module's function or an object's while capturing.
 
 Some layers have no interceptor hook (NNX and Equinox layer classes, Flax's private
 ``_normalize``), so capture replaces the attribute that the layer's code looks up: a class's
 ``__call__`` (found on the class, by ``type(self)``) or a module-level function (found as a
 global of the module that calls it, as ``flax.linen.normalization._normalize`` is by linen's
-norm layers). ``swapped(owner, name, make)`` runs its body with ``owner.<name>`` being
-``make(original)`` on the calling thread only.
+norm layers), or an object's (the function that an ``nnx.jit`` given shardings calls, as
+``self.f``: ``transforms._nnx_jit``, so that another thread's call of the same ``nnx.jit``
+traces NNX's function, not this capture's wrapper). ``swapped(owner, name, make)`` runs its
+body with ``owner.<name>`` being ``make(original)`` on the calling thread only.
 
 The attribute is replaced once, process-wide, by a dispatcher (reference counted, as
 ``transforms.recording`` replaces the JAX transforms) that calls the calling thread's
@@ -37,7 +39,7 @@ def _dispatcher(key: tuple[Any, str], base: Callable) -> Callable:
   """What a swapped attribute is while any capture uses it: the innermost hook of a capture
   running on this thread, else ``base`` (a thread that is not capturing runs the original).
   As a class attribute it is a method (``self`` comes first in ``args``); as a module's
-  global, a plain function."""
+  global or an object's attribute, a plain function."""
   def swapped(*args, **kwargs):
     stack = getattr(_HOOKS, "stacks", {}).get(key)
     return (stack[-1] if stack else base)(*args, **kwargs)
@@ -60,8 +62,9 @@ def swapped(owner: Any, name: str, make: Callable[[Callable], Callable]) -> Iter
   """Runs the body with ``owner.<name>`` replaced, on this thread only, by ``make(original)``.
 
   Args:
-    owner: a class (its method ``name``, its own or inherited) or a module (its function
-      ``name``, looked up as a global by the module's code).
+    owner: a class (its method ``name``, its own or inherited), a module (its function
+      ``name``, looked up as a global by the module's code) or a hashable object (its
+      attribute ``name``, a function it calls as ``self.<name>(...)``).
     name: the attribute.
     make: maps the function to wrap (the original, or the hook of a capture running on this
       thread that this one is nested in) to this capture's hook.

@@ -58,6 +58,7 @@ import jax.core
 import jax.numpy as jnp
 from flax.nnx.transforms import compilation as nnx_compilation
 
+from sngd_jax._src.capture import swap
 from sngd_jax._src.capture.records import (
     DiscardFrame,
     Pending,
@@ -802,14 +803,12 @@ def _nnx_jit(key: str) -> Callable:
         and getattr(self, "out_shardings", None) is None and not getattr(self, "partial_args", ())):
       return self.fun(*args, **kwargs)
     body: Any = getattr(getattr(self, "jitted_fn", None), "__wrapped__", None)
-    f = getattr(body, "f", None)
-    if body is None or f is None:
+    if body is None or getattr(body, "f", None) is None:
       return _ORIGINAL[key](self, *args, **kwargs)
-    body.f = _jit_body(rec, f, (args, kwargs))
-    try:
+    # swapped for this thread only: another thread's call of the same nnx.jit (a trace of its
+    # own) runs NNX's function, or its own capture's wrapper, never this capture's
+    with swap.swapped(body, "f", lambda inner: _jit_body(rec, inner, (args, kwargs))):
       return _ORIGINAL[key](self, *args, **kwargs)
-    finally:
-      body.f = f
   call.__name__ = call.__qualname__ = "__call__"
   return call
 
