@@ -184,3 +184,55 @@ def test_vmap_over_noise_arrays_cannot_be_told_from_one_over_examples_and_warns(
   params, grads, acts, (w, b) = _captured("linen", loss_of, warns)
   _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
                   _draw_rows()[:2].reshape(-1, D), w, b)
+
+
+def test_flax_vmaps_over_noise_draws_take_the_first_examples_of_every_draw():
+  """``nn.vmap`` (params broadcast, the batch passed unmapped) and ``nnx.vmap`` (the module
+  unmapped, the batch closed over) over keys run through ``jax.vmap``: the same reading,
+  ``stats_batch_size=2`` takes the first 2 examples of every draw."""
+  x, rows = _x(), _draw_rows()
+
+  class Draw(nn.Module):
+    @nn.compact
+    def __call__(self, k, e):
+      return LinenMLP(name="mlp")(e + draw(k))
+
+  model = nn.vmap(Draw, variable_axes={"params": None}, split_rngs={"params": False},
+                  in_axes=(0, None))()
+  params = model.init(jax.random.key(0), KEYS, x)["params"]
+  with no_sngd_warnings():
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(lambda p: jnp.sum(jnp.sin(
+        model.apply({"params": p}, KEYS, x)))), has_aux=True)(params)
+  w, b = (ref.np64(params["mlp"]["hidden"][n]) for n in ("kernel", "bias"))
+  state = factors_after_one_step(params, grads, acts, stats_batch_size=2)
+  for path, r in (("mlp/hidden", rows[:, :2].reshape(-1, D)),
+                  ("mlp/out", np.tanh(rows[:, :2].reshape(-1, D) @ w + b))):
+    np.testing.assert_allclose(ref.normalized_factor(state, path), ref.gram(r), rtol=1e-10,
+                               atol=1e-13, err_msg=f"nn.vmap {path}")
+
+  loss_of = lambda m: jnp.sum(jnp.sin(nnx.vmap(lambda m, k: m(x + draw(k)), in_axes=(None, 0))(
+      m, KEYS)))
+  params, grads, acts, (w, b) = _captured("nnx", loss_of)
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  rows[:, :2].reshape(-1, D), w, b, "nnx.vmap")
+
+
+def test_a_lane_that_cannot_be_traced_again_is_read_as_examples_with_a_warning():
+  """The vmap's axis is decided by tracing it once more; a lane that fails there (here: one
+  that raises the second time it is traced) is read as over the examples, with a warning
+  naming ``jax.lax.scan`` for draws: ``stats_batch_size=2`` takes every example of the first
+  2 draws."""
+  x, traced = _x(), []
+
+  def lane(f, k):
+    traced.append(None)
+    if len(traced) == 2:
+      raise RuntimeError("second trace")
+    return f(x + draw(k))
+
+  loss_of = lambda f: jnp.sum(jnp.sin(jax.vmap(lambda k: lane(f, k))(KEYS)))
+  warns = lambda: pytest.warns(UserWarning, match="sngd: could not trace one lane of a "
+                               "`jax.vmap`.*RuntimeError: second trace.*jax.lax.scan")
+  params, grads, acts, (w, b) = _captured("linen", loss_of, warns)
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  _draw_rows()[:2].reshape(-1, D), w, b)
