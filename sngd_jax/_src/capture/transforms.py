@@ -12,7 +12,8 @@ the caller's, and returns the records made inside as extra outputs (``scan``
 and ``vmap`` stack them along a new leading axis, ``checkpoint`` returns them
 as they are). The records then join the enclosing frame (see ``records``
 for the roles of the new axes; ``jax.lax.map``'s axis over the batch holds the examples, as
-``vmap``'s does, its axis over steps that each see the whole batch does not, ``lax_map``). A
+``vmap``'s does, its axis over steps that each see the whole batch does not, ``lax_map``; nor
+does a ``vmap``'s over noise draws of the whole batch, ``_whole_batch_lanes``). A
 record that a ``vmap`` does not batch (every lane read the same input, as under a vmap over
 the directions of Hessian-vector products) leaves it without the new axis, once
 (``Recorder.leaving_vmap``). The transforms of Flax (``nn.scan``, ``nn.vmap``, ``nn.remat``,
@@ -182,12 +183,12 @@ def lax_map(f: Callable, xs: Any, *, batch_size: Optional[int] = None) -> Any:
   if chunks:
     chunked = jax.tree.map(lambda a: a[:cut].reshape(chunks, batch_size, *a.shape[1:]), xs)
     with rec.frame(TransformFrame("checkpoint", {})) as frame:  # collects, adds no axis
-      _, out = scan(lambda _, x: ((), vmap(f)(x)), (), chunked)
+      _, out = scan(lambda _, x: ((), _vmap(f, 0, 0, (), {}, False)(x)), (), chunked)
     ys.append(jax.tree.map(lambda a: a.reshape(cut, *a.shape[2:]), out))
     parts.append((frame.records, 2))
   if rest:
     with rec.frame(TransformFrame("checkpoint", {})) as frame:
-      ys.append(vmap(f)(jax.tree.map(lambda a: a[cut:], xs)))
+      ys.append(_vmap(f, 0, 0, (), {}, False)(jax.tree.map(lambda a: a[cut:], xs)))
     parts.append((frame.records, 1))
   rec.add_all(_over_examples(_merged(parts, depth), depth, whole))
   if len(ys) == 1:
@@ -264,10 +265,11 @@ def _whole_batch_steps(rec: Recorder, f: Callable, xs: Any, depth: int) -> dict[
   (per time step of a cell). The step *sees the whole batch* when the call's input depends, in
   the step's jaxpr, on an array the step closes over (not one of the mapped operands ``xs``)
   whose leading axis is ``b`` long and that is not differentiated (not a parameter: a tracer of
-  ``jax.grad``'s trace, or a leaf of the captured function's params): the batch the caller
-  closed over (``lax.map(lambda k: model(x + noise(k)), keys)``). Then each step's call has
-  its own examples, and the map's axis is pooled, a scan's (``stats_batch_size=k`` takes the
-  first ``k`` examples of every step, as under ``jax.lax.scan``). Otherwise (the call's rows
+  ``jax.grad``'s trace, or a leaf of the captured function's params) nor PRNG keys (``_keys``):
+  the batch the caller closed over (``lax.map(lambda k: model(x + noise(k)), keys)``). Then each
+  step's call has its own examples, and the map's axis is pooled, a scan's
+  (``stats_batch_size=k`` takes the first ``k`` examples of every step, as under
+  ``jax.lax.scan``). Otherwise (the call's rows
   come from the mapped operand alone: one example, a micro-batch; or it has no example axis)
   the map's axis holds the examples, ``'map:pool'``.
 
@@ -300,44 +302,73 @@ def _whole_batch_steps(rec: Recorder, f: Callable, xs: Any, depth: int) -> dict[
         "batch (noise draws, Monte Carlo samples), write the loop as `jax.lax.scan`, whose "
         "axis is more rows of each example.", stacklevel=caller_stacklevel())
     return {}
+  leading = lambda a, b: len(getattr(a, "shape", ())) >= 1 and a.shape[0] == b
+  return _whole_calls(
+      rec, closed, found[0] if found else [],
+      lambda b: [v for v in closed.jaxpr.invars if leading(v.aval, b)],
+      "a `jax.lax.map` reads, in each step,", "step sees",
+      "`jax.lax.scan` (its axis is more rows of each example) or map over keys and draw the "
+      "noise inside; if the map is over the examples, write it as `jax.vmap`")
+
+
+def _whole_calls(rec: Recorder, closed: Any, found: list[tuple[str, Optional[int]]],
+                 rows: Callable[[int], list[Any]], where: str, sees: str,
+                 advice: str) -> dict[str, list[bool]]:
+  """Per layer path, per call: whether the call's input (an output of ``closed``, the jaxpr of
+  one step or lane, in the order of ``found``: each call's path and examples ``b``) depends on
+  a closed-over array of ``b`` leading rows that is not differentiated nor a parameter (the
+  whole batch), and not on ``rows(b)`` (the mapped operands whose slice has ``b`` rows); where
+  it depends on both, False with a warning (``_whole_batch_steps``)."""
   wants: dict[str, list[tuple[Any, Optional[int]]]] = {}
-  for (path, b), v in zip(found[0] if found else [], closed.jaxpr.outvars, strict=True):
+  for (path, b), v in zip(found, closed.jaxpr.outvars, strict=True):
     wants.setdefault(path, []).append((v, b))
   sizes = {b for calls in wants.values() for _, b in calls}
   jaxpr = closed.jaxpr
   leading = lambda a, b: len(getattr(a, "shape", ())) >= 1 and a.shape[0] == b
   whole, ambiguous = {}, []
-  for b in sizes - {None}:
+  for b in (b for b in sizes if b is not None):
     batch = _depending(jaxpr, [v for v, c in zip(jaxpr.constvars, closed.consts, strict=True)
                                if leading(c, b) and id(c) not in rec.top
-                               and _differentiating(c) is None])
-    rows = _depending(jaxpr, [v for v in jaxpr.invars if leading(v.aval, b)])
+                               and _differentiating(c) is None and not _keys(c)])
+    mapped = _depending(jaxpr, rows(b))
     for path, calls in wants.items():
       for j, (v, vb) in enumerate(calls):
         if vb == b and not hasattr(v, "val") and v in batch:
-          if v in rows:
+          if v in mapped:
             ambiguous.append(path)
           else:
             whole[(path, j)] = True
   if ambiguous:
     warnings.warn(
-        f"sngd: layer {', '.join(map(shown, dict.fromkeys(ambiguous)))} under a `jax.lax.map` "
-        "reads, in each step, both an array the step closes over and a slice of the mapped "
-        "operand with as many rows as its own examples: a map over the batch's examples (with a "
-        "closed-over table of positions) and a map over noise draws of a closed-over batch look "
-        "alike. Its axis is read as the examples (as a `jax.vmap` over the batch); if every "
-        "step sees the whole batch (noise draws, Monte Carlo samples), write the loop as "
-        "`jax.lax.scan` (its axis is more rows of each example) or map over keys and draw the "
-        "noise inside; if the map is over the examples, write it as `jax.vmap`.",
+        f"sngd: layer {', '.join(map(shown, dict.fromkeys(ambiguous)))} under {where} "
+        "both an array it closes over and a slice of the mapped operand with as many rows as "
+        "its own examples: a map over the batch's examples (with a closed-over table of "
+        "positions) and a map over noise draws of a closed-over batch look alike. Its axis is "
+        f"read as the examples (as a `jax.vmap` over the batch); if every {sees} the whole "
+        f"batch (noise draws, Monte Carlo samples), write the loop as {advice}.",
         stacklevel=caller_stacklevel())
   return {path: [whole.get((path, j), False) for j in range(len(calls))]
           for path, calls in wants.items()}
 
 
+def _keys(a: Any) -> bool:
+  """Whether ``a`` is an array of PRNG keys (typed, or raw ``(n, 2)`` uint32 ones): never the
+  batch, but the draws of a vmap over draws inside a vmap over the examples
+  (``jax.vmap(lambda xi: jax.vmap(lambda k: model(xi + noise(k)))(keys))(x)``, ``keys``
+  closed over), whose axis is then the examples of the inner calls."""
+  dtype = getattr(a, "dtype", None)
+  if dtype is None:
+    return False
+  if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+    return True
+  return dtype == jnp.uint32 and len(a.shape) == 2 and a.shape[-1] == 2
+
+
 def _step_examples(p: Pending, depth: int) -> Optional[int]:
-  """The number of examples a record made in one step of a ``lax_map`` (its role at ``depth``)
-  holds on an axis of its own: that of the first ``vmap``/``lax.map`` over the examples inside
-  the step, else its own ``batch_axis`` (per time step); None without one."""
+  """The number of examples a record made in one step of a ``lax_map`` or lane of a ``vmap``
+  (its role at ``depth``) holds on an axis of its own: that of the first ``vmap``/``lax.map``
+  over the examples inside the step, else its own ``batch_axis`` (per time step); None without
+  one."""
   inner = p.roles[depth + 1:]
   shape = p.captured.inputs.shape
   for i, r in enumerate(inner):
@@ -678,19 +709,97 @@ def eval_shape(fun: Callable, *args, **kwargs) -> Any:
   return _ORIGINAL["eval_shape"](body, *args, **kwargs)
 
 
-def _mapped_roles(in_axes: Any, args: tuple, kwargs: dict) -> list[str]:
-  """Per argument leaf: ``'stack'`` if vmap maps it, else ``'pool'`` (as ``_leaves`` orders)."""
+def _leaf_axes(in_axes: Any, args: tuple, kwargs: dict) -> list[Optional[int]]:
+  """Per argument leaf (as ``_leaves`` orders ``(args, kwargs)``): the axis vmap maps, or
+  None (keyword arguments are mapped along 0, as ``jax.vmap`` does)."""
   if not isinstance(in_axes, (list, tuple)):
     in_axes = (in_axes,) * len(args)
   axes = jax.tree.map(lambda ax, sub: jax.tree.map(lambda _: ax, sub,
                                                    is_leaf=lambda x: x is None),
                       tuple(in_axes), args, is_leaf=lambda x: x is None)
-  roles = ["pool" if ax is None else "stack" for ax in _leaves(axes)]
-  return roles + ["stack"] * len(_leaves(kwargs))
+  return list(_leaves(axes)) + [0] * len(_leaves(kwargs))
+
+
+def _mapped_roles(in_axes: Any, args: tuple, kwargs: dict) -> list[str]:
+  """Per argument leaf: ``'stack'`` if vmap maps it, else ``'pool'`` (as ``_leaves`` orders)."""
+  return ["pool" if ax is None else "stack" for ax in _leaf_axes(in_axes, args, kwargs)]
+
+
+def _whole_batch_lanes(rec: Recorder, fun: Callable, in_axes: Any, a: tuple, kw: dict,
+                       options: tuple[tuple, dict], depth: int) -> dict[str, list[bool]]:
+  """``_whole_batch_steps`` for a ``jax.vmap`` of ``fun`` over ``(a, kw)``: per layer path, per
+  call of ``fun`` (one lane), whether the call holds the whole batch on its own example axis,
+  read from an array the lane closes over or gets unmapped (``in_axes`` None), so that the
+  vmap's axis is noise draws, Monte Carlo samples, dropout masks, not the examples
+  (``jax.vmap(lambda k: loss(model(x + s * jax.random.normal(k, x.shape))))(keys)``).
+
+  Decided as for ``jax.lax.map``, from one extra trace (``jax.make_jaxpr``) of the vmap
+  (``options``: its other arguments, an ``axis_name`` included) of the mapped arguments, the
+  unmapped ones closed over, its records kept apart (a call's examples in its lane: those of
+  a vmap over the examples inside it, as ``jax.vmap(model)(x + noise(k))`` of Equinox, else
+  its own, ``_step_examples``). A lane that cannot be traced again is read as over the
+  examples, with a warning."""
+  leaves, tree = jax.tree.flatten((a, kw), is_leaf=lambda x: x is None)
+  axes = _leaf_axes(in_axes, a, kw)
+  taken = [(i, ax) for i, (x, ax) in enumerate(zip(leaves, axes, strict=True))
+           if ax is not None and hasattr(x, "shape")]
+  roles = _mapped_roles(in_axes, a, kw)
+  found: list[list[tuple[str, Optional[int]]]] = []
+
+  def lanes(*mapped):
+    full = list(leaves)
+    for (i, _), x in zip(taken, mapped, strict=True):
+      full[i] = x
+    outer_a, outer_kw = jax.tree.unflatten(tree, full)
+
+    def lane(*inner_a, **inner_kw):
+      frame = TransformFrame("vmap", _inputs((inner_a, inner_kw), (a, kw), roles))
+      with rec.frame(frame):
+        fun(*inner_a, **inner_kw)
+      calls = [(path, p) for path, ps in frame.records.items() for p in ps]
+      found[:] = [[(path, _step_examples(p, depth)) for path, p in calls]]
+      return [p.captured.inputs for _, p in calls]
+
+    return _ORIGINAL["vmap"](lane, in_axes, 0, *options[0], **options[1])(*outer_a, **outer_kw)
+
+  try:
+    closed = jax.make_jaxpr(lanes)(*[leaves[i] for i, _ in taken])
+  except Exception as e:  # noqa: BLE001 - the vmap itself will raise what is wrong with it
+    warnings.warn(
+        "sngd: could not trace one lane of a `jax.vmap` again to tell whether its lanes are "
+        f"examples or each sees the whole batch ({type(e).__name__}: {e}); its axis is read "
+        "as the examples. If every lane sees the whole batch (noise draws, Monte Carlo "
+        "samples), write the loop as `jax.lax.scan`, whose axis is more rows of each example.",
+        stacklevel=caller_stacklevel())
+    return {}
+  lane_shapes = [tuple(d for k, d in enumerate(leaves[i].shape)
+                       if k != ax % len(leaves[i].shape)) for i, ax in taken]
+  return _whole_calls(
+      rec, closed, found[0] if found else [],
+      lambda b: [v for v, sh in zip(closed.jaxpr.invars, lane_shapes, strict=True)
+                 if sh and sh[0] == b],
+      "a `jax.vmap` reads, in each lane,", "lane sees",
+      "`jax.lax.scan` (its axis is more rows of each example) or vmap over keys and draw the "
+      "noise inside")
 
 
 def vmap(fun: Callable, in_axes: Any = 0, out_axes: Any = 0, *args, **kwargs) -> Callable:
-  """``jax.vmap`` whose function also returns its records (stacked over the mapped axis)."""
+  """``jax.vmap`` whose function also returns its records (stacked over the mapped axis).
+
+  The vmap's axis, where it pools (the weight is not mapped), holds the examples (role
+  ``'vmap:pool'``: a vmap over the batch, per-example functions), unless a call in every lane
+  holds the whole batch on an axis of its own, read from an array the lane closes over (a
+  vmap over noise draws, Monte Carlo samples, dropout masks of a closed-over batch,
+  ``_whole_batch_lanes``): then the axis is more rows of each example, as a scan's
+  (``'scan:pool'``), and ``stats_batch_size=k`` takes the first ``k`` examples of every
+  lane."""
+  return _vmap(fun, in_axes, out_axes, args, kwargs, decide=True)
+
+
+def _vmap(fun: Callable, in_axes: Any, out_axes: Any, args: tuple, kwargs: dict,
+          decide: bool) -> Callable:
+  """``vmap``; with ``decide`` False (``lax_map``'s chunks, which it decides itself) its
+  pooled axis is always the examples'."""
   plain = _ORIGINAL["vmap"](fun, in_axes, out_axes, *args, **kwargs)
 
   @functools.wraps(fun)
@@ -704,6 +813,8 @@ def vmap(fun: Callable, in_axes: Any = 0, out_axes: Any = 0, *args, **kwargs) ->
       return plain(*a, **kw)
     depth = len(rec.trace(None)[0])  # this vmap's role in the roles of records made inside
     unmapped: list[dict] = []
+    index: dict[str, list[int]] = {}  # per path, each mapped record's call of the lane
+    own = []  # whether a mapped record pools and holds examples of its own in its lane
 
     def body(*inner_a, **inner_kw):
       trace = current_trace()
@@ -712,15 +823,34 @@ def vmap(fun: Callable, in_axes: Any = 0, out_axes: Any = 0, *args, **kwargs) ->
         out = fun(*inner_a, **inner_kw)
       mapped, same = rec.leaving_vmap(frame, depth, trace)
       unmapped[:] = [same]
+      index.clear()
+      own.clear()
+      for path, ps in mapped.tree.items():
+        index[path] = [j for j, q in enumerate(frame.records[path]) if any(q is p for p in ps)]
+        own.extend(len(p.roles) > depth and p.roles[depth] == "vmap:pool"
+                   and _step_examples(p, depth) is not None for p in ps)
       return out, mapped
 
     out, records = _ORIGINAL["vmap"](body, in_axes, (out_axes, 0), *args, **kwargs)(*a, **kw)
+    if decide and any(own):
+      whole = _whole_batch_lanes(rec, fun, in_axes, a, kw, (args, kwargs), depth)
+      records = {path: [_pooled_at(p, depth) if j < len(whole.get(path, [])) and
+                        whole[path][j] else p for p, j in zip(ps, index[path], strict=True)]
+                 for path, ps in records.tree.items()}
     rec.add_all(records)
     for same in unmapped:  # the same value in every lane: one record, no vmap axis
       rec.add_all(same)
     return out
 
   return call
+
+
+def _pooled_at(p: Pending, depth: int) -> Pending:
+  """``p`` with its ``'vmap:pool'`` role at ``depth`` read as a scan's (more rows of each
+  example, not the examples: ``_whole_batch_lanes``)."""
+  if len(p.roles) <= depth or p.roles[depth] != "vmap:pool":
+    return p
+  return dataclasses.replace(p, roles=p.roles[:depth] + ("scan:pool",) + p.roles[depth + 1:])
 
 
 def _checkpoint(name: str) -> Callable:

@@ -1,0 +1,238 @@
+"""A ``jax.vmap`` over noise draws, Monte Carlo samples or dropout masks, each lane the whole
+closed-over batch (``jax.vmap(lambda k: loss(model(x + s * jax.random.normal(k, x.shape))))
+(keys)``), is a scan over the draws: the examples are each lane's own, so ``stats_batch_size=2``
+takes the first 2 examples of every draw, against float64 Gram sums of exactly those rows from
+an independent numpy forward pass. Until 2026-12-06 the draws were read as the examples
+(``num_examples`` was the number of draws, ``stats_batch_size=2`` took every example of the
+first 2 draws: 0.85 relative off the factor, linen). A vmap over the examples (per-example
+functions), also with a vmap over each example's draws inside it, is unchanged; where the
+program cannot tell (mapped noise arrays of a closed-over batch), the examples reading is
+kept, with a warning.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import np_reference as ref
+import numpy as np
+import pytest
+from exact import factors_after_one_step
+from flax import nnx
+from helpers_warnings import no_sngd_warnings
+
+import sngd_jax
+
+pytestmark = pytest.mark.usefixtures("x64")
+
+B, D, H, S = 5, 4, 3, 3  # examples, features, hidden units, draws
+
+
+class LinenMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    dense = lambda n, name: nn.Dense(n, param_dtype=jnp.float64, name=name)
+    return dense(2, "out")(jnp.tanh(dense(H, "hidden")(x)))
+
+
+class NNXMLP(nnx.Module):
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(D, H, rngs=rngs, param_dtype=jnp.float64)
+    self.out = nnx.Linear(H, 2, rngs=rngs, param_dtype=jnp.float64)
+
+  def __call__(self, x):
+    return self.out(jnp.tanh(self.hidden(x)))
+
+
+def _x():
+  return jax.random.normal(jax.random.key(1), (B, D), jnp.float64)
+
+
+KEYS = jax.random.split(jax.random.key(2), S)
+draw = lambda k: 0.1 * jax.random.normal(k, (B, D), jnp.float64)
+
+
+def _noise():
+  return jnp.stack([draw(k) for k in KEYS])  # (S, B, D), float64 under the x64 fixture
+
+
+def _captured(framework, loss_of, expect=no_sngd_warnings):
+  """``(params, grads, acts, (kernel, bias) of 'hidden' as float64)`` of one gradient of
+  ``loss_of(apply)``, ``apply`` the model on a batch of ``(n, D)`` rows, under ``expect()``."""
+  x = _x()
+  with expect():
+    if framework == "linen":
+      model = LinenMLP()
+      params = model.init(jax.random.key(0), x)["params"]
+      (_, acts), grads = jax.value_and_grad(sngd_jax.capture(lambda p: loss_of(
+          lambda e: model.apply({"params": p}, e))), has_aux=True)(params)
+      w, b = params["hidden"]["kernel"], params["hidden"]["bias"]
+    elif framework == "nnx":
+      model = NNXMLP(nnx.Rngs(0))
+      (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(lambda m: loss_of(m)),
+                                            has_aux=True)(model)
+      params = nnx.state(model, nnx.Param)
+      w, b = model.hidden.kernel[...], model.hidden.bias[...]
+    else:
+      eqx = pytest.importorskip("equinox")
+      k1, k2 = jax.random.split(jax.random.key(0))
+
+      class Mlp(eqx.Module):
+        hidden: eqx.nn.Linear
+        out: eqx.nn.Linear
+
+        def __call__(self, e):
+          return self.out(jnp.tanh(self.hidden(e)))
+
+      model = Mlp(eqx.nn.Linear(D, H, key=k1, dtype=jnp.float64),
+                  eqx.nn.Linear(H, 2, key=k2, dtype=jnp.float64))
+      (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(lambda m: loss_of(
+          lambda e: jax.vmap(m)(e))), has_aux=True)(model)  # per-example layers
+      params = eqx.filter(model, eqx.is_inexact_array)
+      w, b = model.hidden.weight.T, model.hidden.bias
+  return params, grads, acts, (ref.np64(w), ref.np64(b))
+
+
+def _assert_factors(state, rows, w, b, msg=""):
+  """The factors of 'hidden' and 'out' are the float64 Gram sums of ``rows`` (``(n, D)``
+  inputs of the MLP) and of their hidden activations, from a numpy forward pass."""
+  for path, r in (("hidden", rows), ("out", np.tanh(rows @ w + b))):
+    np.testing.assert_allclose(ref.normalized_factor(state, path), ref.gram(r), rtol=1e-10,
+                               atol=1e-13, err_msg=f"{msg} {path}")
+
+
+def _draw_rows():
+  return ref.np64(_x())[None] + ref.np64(_noise())  # (S, B, D)
+
+
+@pytest.mark.parametrize("framework", ["linen", "nnx", "equinox"])
+def test_vmap_over_noise_draws_takes_the_first_examples_of_every_draw(framework):
+  """A ``jax.vmap`` over keys, each lane drawing noise for the whole closed-over batch: the
+  lane's calls hold the ``B`` examples themselves, so the vmap's axis is more rows of each
+  example, as a scan's: ``num_examples`` is ``B`` (was ``S``), ``stats_batch_size=2`` takes the
+  first 2 examples of every draw (took every example of the first 2 draws, 0.85 relative off,
+  linen). Every row counts without it. A ``(B,)`` row mask raises, naming the layer, as for a
+  scan's axis (it raised for ``S != B``, and silently weighed the draws for ``S == B``)."""
+  x = _x()
+  loss_of = lambda f: jnp.sum(jnp.sin(jax.vmap(lambda k: f(x + draw(k)))(KEYS)))
+  params, grads, acts, (w, b) = _captured(framework, loss_of)
+  assert [c.num_examples for c in acts["hidden"]] == [B]
+  xs = _draw_rows()
+  _assert_factors(factors_after_one_step(params, grads, acts), xs.reshape(-1, D), w, b, "all")
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  xs[:, :2].reshape(-1, D), w, b, "stats_batch_size=2")
+  with pytest.raises(ValueError, match="'hidden'.*before its example axis"):
+    sngd_jax.with_row_mask(acts, np.array([True, False, True, True, False]))
+
+
+def test_vmap_over_draws_with_the_batch_passed_unmapped():
+  """The batch passed to the vmap unmapped (``in_axes=(None, 0)``) is the batch closed over:
+  ``stats_batch_size=2`` takes the first 2 examples of every draw."""
+  loss_of = lambda f: jnp.sum(jnp.sin(jax.vmap(lambda e, k: f(e + draw(k)), in_axes=(None, 0))(
+      _x(), KEYS)))
+  params, grads, acts, (w, b) = _captured("linen", loss_of)
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  _draw_rows()[:, :2].reshape(-1, D), w, b)
+
+
+@pytest.mark.parametrize("framework", ["linen", "nnx"])
+def test_vmap_over_the_examples_is_unchanged(framework):
+  """A per-example ``jax.vmap`` (each lane one ``(D,)`` example): its axis holds the examples,
+  ``stats_batch_size=2`` takes the first 2 and a ``(B,)`` row mask weighs them."""
+  x = _x()
+  loss_of = lambda f: jnp.sum(jnp.sin(jax.vmap(f)(x)))
+  params, grads, acts, (w, b) = _captured(framework, loss_of)
+  rows = ref.np64(x)
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2), rows[:2],
+                  w, b)
+  keep = np.array([True, False, True, True, False])
+  _assert_factors(factors_after_one_step(params, grads, sngd_jax.with_row_mask(acts, keep)),
+                  rows[keep], w, b, "mask")
+
+
+@pytest.mark.parametrize("keys", ["closed", "per example"])
+def test_vmap_over_draws_inside_a_vmap_over_the_examples_is_unchanged(keys):
+  """``jax.vmap`` over the examples, inside it a ``jax.vmap`` over each example's ``S`` draws
+  (keys closed over, common to all examples, or split from a per-example key): the outer axis
+  holds the examples, the inner is more rows of each: ``stats_batch_size=2`` takes every draw
+  of the first 2 examples."""
+  x = _x()
+  one = lambda k: 0.1 * jax.random.normal(k, (D,), jnp.float64)
+  if keys == "closed":
+    loss_of = lambda f: jnp.sum(jnp.sin(jax.vmap(lambda xi: jax.vmap(
+        lambda k: f(xi + one(k)))(KEYS))(x)))
+    noise = jnp.stack([jnp.stack([one(k) for k in KEYS])] * B)
+  else:
+    per = jax.random.split(jax.random.key(4), B)
+    loss_of = lambda f: jnp.sum(jnp.sin(jax.vmap(lambda xi, ki: jax.vmap(
+        lambda k: f(xi + one(k)))(jax.random.split(ki, S)))(x, per)))
+    noise = jnp.stack([jnp.stack([one(k) for k in jax.random.split(ki, S)]) for ki in per])
+  params, grads, acts, (w, b) = _captured("linen", loss_of)
+  xs = ref.np64(x)[:, None] + ref.np64(noise)  # (B, S, D)
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  xs[:2].reshape(-1, D), w, b)
+
+
+def test_vmap_over_noise_arrays_cannot_be_told_from_one_over_examples_and_warns():
+  """Vmapped over the ``(S, B, D)`` noise itself, the ``(B, D)`` batch closed over, each lane's
+  call reads a closed-over array and a mapped slice both of ``B`` rows, as ``(T, D)`` examples
+  with a closed-over ``(T, D)`` table would: the vmap's axis is read as the examples (as
+  before), with a warning naming the layers and what to write instead."""
+  x = _x()
+  loss_of = lambda f: jnp.sum(jnp.sin(jax.vmap(lambda n: f(x + n))(_noise())))
+  warns = lambda: pytest.warns(UserWarning, match="sngd: layer 'hidden', 'out' under a "
+                               "`jax.vmap`.*look alike.*vmap over keys")
+  params, grads, acts, (w, b) = _captured("linen", loss_of, warns)
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  _draw_rows()[:2].reshape(-1, D), w, b)
+
+
+def test_flax_vmaps_over_noise_draws_take_the_first_examples_of_every_draw():
+  """``nn.vmap`` (params broadcast, the batch passed unmapped) and ``nnx.vmap`` (the module
+  unmapped, the batch closed over) over keys run through ``jax.vmap``: the same reading,
+  ``stats_batch_size=2`` takes the first 2 examples of every draw."""
+  x, rows = _x(), _draw_rows()
+
+  class Draw(nn.Module):
+    @nn.compact
+    def __call__(self, k, e):
+      return LinenMLP(name="mlp")(e + draw(k))
+
+  model = nn.vmap(Draw, variable_axes={"params": None}, split_rngs={"params": False},
+                  in_axes=(0, None))()
+  params = model.init(jax.random.key(0), KEYS, x)["params"]
+  with no_sngd_warnings():
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(lambda p: jnp.sum(jnp.sin(
+        model.apply({"params": p}, KEYS, x)))), has_aux=True)(params)
+  w, b = (ref.np64(params["mlp"]["hidden"][n]) for n in ("kernel", "bias"))
+  state = factors_after_one_step(params, grads, acts, stats_batch_size=2)
+  for path, r in (("mlp/hidden", rows[:, :2].reshape(-1, D)),
+                  ("mlp/out", np.tanh(rows[:, :2].reshape(-1, D) @ w + b))):
+    np.testing.assert_allclose(ref.normalized_factor(state, path), ref.gram(r), rtol=1e-10,
+                               atol=1e-13, err_msg=f"nn.vmap {path}")
+
+  loss_of = lambda m: jnp.sum(jnp.sin(nnx.vmap(lambda m, k: m(x + draw(k)), in_axes=(None, 0))(
+      m, KEYS)))
+  params, grads, acts, (w, b) = _captured("nnx", loss_of)
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  rows[:, :2].reshape(-1, D), w, b, "nnx.vmap")
+
+
+def test_a_lane_that_cannot_be_traced_again_is_read_as_examples_with_a_warning():
+  """The vmap's axis is decided by tracing it once more; a lane that fails there (here: one
+  that raises the second time it is traced) is read as over the examples, with a warning
+  naming ``jax.lax.scan`` for draws: ``stats_batch_size=2`` takes every example of the first
+  2 draws."""
+  x, traced = _x(), []
+
+  def lane(f, k):
+    traced.append(None)
+    if len(traced) == 2:
+      raise RuntimeError("second trace")
+    return f(x + draw(k))
+
+  loss_of = lambda f: jnp.sum(jnp.sin(jax.vmap(lambda k: lane(f, k))(KEYS)))
+  warns = lambda: pytest.warns(UserWarning, match="sngd: could not trace one lane of a "
+                               "`jax.vmap`.*RuntimeError: second trace.*jax.lax.scan")
+  params, grads, acts, (w, b) = _captured("linen", loss_of, warns)
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  _draw_rows()[:2].reshape(-1, D), w, b)
