@@ -172,6 +172,26 @@ def test_vmap_over_draws_inside_a_vmap_over_the_examples_is_unchanged(keys):
                   xs[:2].reshape(-1, D), w, b)
 
 
+@pytest.mark.parametrize("where", ["in the lane", "closed over"])
+def test_per_example_sequences_with_a_numpy_table_of_positions_read_as_examples(where):
+  """A per-example ``jax.vmap`` over ``(B, T, D)`` sequences whose lane adds a NumPy ``(T, D)``
+  table of positions (computed in the lane or closed over): the table is a constant of the
+  lane's jaxpr with as many rows as the lane's examples, as a closed-over batch would be, but
+  a NumPy array is never the batch, so the vmap's axis holds the examples without the
+  ambiguity warning (it warned before the NumPy rule): ``stats_batch_size=2`` takes every
+  position of the first 2 sequences."""
+  t = 6
+  table = lambda: np.sin(np.arange(t)[:, None] * np.arange(1, D + 1)[None, :] * 0.3)
+  fixed = table()
+  pos = table if where == "in the lane" else (lambda: fixed)
+  x = jax.random.normal(jax.random.key(5), (B, t, D), jnp.float64)
+  loss_of = lambda f: jnp.sum(jnp.sin(jax.vmap(lambda xi: f(xi + pos()))(x)))
+  params, grads, acts, (w, b) = _captured("linen", loss_of)
+  rows = ref.np64(x) + fixed
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  rows[:2].reshape(-1, D), w, b)
+
+
 def test_vmap_over_noise_arrays_cannot_be_told_from_one_over_examples_and_warns():
   """Vmapped over the ``(S, B, D)`` noise itself, the ``(B, D)`` batch closed over, each lane's
   call reads a closed-over array and a mapped slice both of ``B`` rows, as ``(T, D)`` examples

@@ -57,6 +57,7 @@ import flax.core.axes_scan as flax_axes_scan
 import jax
 import jax.core
 import jax.numpy as jnp
+import numpy as np
 from flax.nnx.transforms import compilation as nnx_compilation
 
 from sngd_jax._src.capture import swap
@@ -318,7 +319,11 @@ def _whole_calls(rec: Recorder, closed: Any, found: list[tuple[str, Optional[int
   one step or lane, in the order of ``found``: each call's path and examples ``b``) depends on
   a closed-over array of ``b`` leading rows that is not differentiated nor a parameter (the
   whole batch), and not on ``rows(b)`` (the mapped operands whose slice has ``b`` rows); where
-  it depends on both, False with a warning (``_whole_batch_steps``)."""
+  it depends on both, False with a warning (``_whole_batch_steps``). A NumPy array is never
+  the batch: a table the model computes with NumPy (positions, masks), inside the step or
+  outside it, is a constant of the step's jaxpr as a closed-over batch would be, and a batch
+  under ``jit`` or ``grad`` is a JAX array (a NumPy batch closed over by a loss differentiated
+  without ``jit`` is read as the examples, as before 2026-12-06)."""
   wants: dict[str, list[tuple[Any, Optional[int]]]] = {}
   for (path, b), v in zip(found, closed.jaxpr.outvars, strict=True):
     wants.setdefault(path, []).append((v, b))
@@ -329,7 +334,8 @@ def _whole_calls(rec: Recorder, closed: Any, found: list[tuple[str, Optional[int
   for b in (b for b in sizes if b is not None):
     batch = _depending(jaxpr, [v for v, c in zip(jaxpr.constvars, closed.consts, strict=True)
                                if leading(c, b) and id(c) not in rec.top
-                               and _differentiating(c) is None and not _keys(c)])
+                               and _differentiating(c) is None and not _keys(c)
+                               and not isinstance(c, np.ndarray)])
     mapped = _depending(jaxpr, rows(b))
     for path, calls in wants.items():
       for j, (v, vb) in enumerate(calls):
