@@ -336,6 +336,45 @@ def test_map_over_draws_inside_a_vmap_over_the_examples(framework):
                        xs[:2].reshape(-1, D), ref.np64(w), ref.np64(b))
 
 
+class TrunkHead(nnx.Module):
+  """``trunk`` on the batch, then ``head`` on ``S`` noise draws of its output, in a
+  ``jax.lax.map`` over keys: each step closes over the activation ``h``, not the batch."""
+
+  def __init__(self, rngs):
+    self.trunk = nnx.Linear(D, D, rngs=rngs, param_dtype=jnp.float64)
+    self.head = nnx.Linear(D, 2, rngs=rngs, param_dtype=jnp.float64)
+
+  def __call__(self, x, keys):
+    h = self.trunk(x)
+    return jax.lax.map(
+        lambda k: self.head(h + 0.1 * jax.random.normal(k, h.shape, h.dtype)), keys)
+
+
+def test_map_over_draws_of_a_closed_over_activation_takes_the_first_examples_of_every_draw():
+  """The whole batch each step sees is an activation computed outside the map (``h =
+  trunk(x)``, Monte Carlo dropout or noise on a head), differentiated as parameters are: the
+  map's axis is the draws', ``stats_batch_size=2`` takes the first 2 examples of every draw
+  (float64 numpy). Until 2026-12-06 a differentiated array was read as a parameter, never the
+  batch: ``head``'s record held 3 "examples" (the draws) and ``stats_batch_size=2`` took every
+  example of the first 2 draws (1.46 relative off the factor)."""
+  x = _batch()[:, 0]
+  keys = jax.random.split(jax.random.key(2), S)
+  model = TrunkHead(nnx.Rngs(0))
+  with no_sngd_warnings():
+    (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(
+        lambda m: jnp.sum(jnp.sin(m(x, keys)))), has_aux=True)(model)
+  params = nnx.state(model, nnx.Param)
+  assert [c.num_examples for c in acts["head"]] == [B]
+  state = factors_after_one_step(params, grads, acts, stats_batch_size=2)
+  w, b = ref.np64(model.trunk.kernel[...]), ref.np64(model.trunk.bias[...])
+  h = ref.np64(x) @ w + b
+  hs = np.stack([h + 0.1 * ref.np64(jax.random.normal(k, h.shape, jnp.float64)) for k in keys])
+  np.testing.assert_allclose(ref.normalized_factor(state, "head"),
+                             ref.gram(hs[:, :2].reshape(-1, D)), rtol=1e-10, atol=1e-13)
+  np.testing.assert_allclose(ref.normalized_factor(state, "trunk"),
+                             ref.gram(ref.np64(x)[:2]), rtol=1e-10, atol=1e-13)
+
+
 def test_a_step_that_cannot_be_traced_again_is_read_as_examples_with_a_warning():
   """The map's axis is decided by tracing a step once more; a step that fails there (here: a
   step that raises the first time it is traced) is read as over the examples, as a

@@ -567,6 +567,8 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool = Fa
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
     rec = Recorder(outputs=outputs)
+    rec.params = frozenset(id(leaf) for k in positions if k < len(args)
+                           for leaf in jax.tree.leaves(args[k]))
     seen: dict[str, dict[int, Any]] = {}
     calls = _Calls()
     models = _Models.of(args, kwargs, positions, several)

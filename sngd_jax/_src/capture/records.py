@@ -905,6 +905,12 @@ class Recorder:
       conditional inside it, whose calls are dropped (``transforms._conditional``).
     top: ``id(leaf) -> leaf path parts`` of the captured function's params
       argument, to name layers by their weight (NNX copies, Equinox).
+    params: ``id`` of the array leaves of the captured function's model arguments where
+      ``top`` does not hold them (linen's params): with ``top`` and ``looked_up``, the arrays
+      ``transforms._whole_batch_steps`` reads as parameters, not the batch.
+    looked_up: None, or ``id(array) -> array`` of every weight a layer looked up
+      (``trace``) while it is a dict: ``transforms._whole_batch_steps`` tells a step's weights
+      (parameters, whatever their path) from the batch it closes over.
     outputs: whether records keep the layers' outputs (only ``fisher="rfim"``
       reads them).
     custom_dense: what ``sngd_jax.dense`` calls while this recorder is active,
@@ -922,6 +928,8 @@ class Recorder:
     self.unmodelled: dict[str, None] = {}
     self.top = top or {}
     self.custom_dense: Optional[Callable[..., None]] = None
+    self.params: frozenset[int] = frozenset()
+    self.looked_up: Optional[dict[int, Any]] = None
     # id(input) -> (weak reference to the input, stopped input) of the calls outside any
     # frame (a frame keeps its own, dropped with it): layers that read one array record one
     # value (``Shared``).
@@ -984,6 +992,8 @@ class Recorder:
       get (outermost first), and the leaf path of the weight in the captured
       function's params argument (None when it is not one of its leaves).
     """
+    if self.looked_up is not None and weight is not None:
+      self.looked_up[id(weight)] = weight
     roles, w, bypass = [], weight, False
     for frame in reversed(self.frames):
       if isinstance(frame, CellFrame):

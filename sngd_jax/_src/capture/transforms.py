@@ -63,7 +63,6 @@ from sngd_jax._src.capture.records import (
     Pending,
     Recorder,
     TransformFrame,
-    _differentiating,
     batched_by,
     current_trace,
     shown,
@@ -262,9 +261,12 @@ def _whole_batch_steps(rec: Recorder, f: Callable, xs: Any, depth: int) -> dict[
   over the examples inside it, else the call's own (``Captured.batch_axis``); of size ``b``
   (per time step of a cell). The step *sees the whole batch* when the call's input depends, in
   the step's jaxpr, on an array the step closes over (not one of the mapped operands ``xs``)
-  whose leading axis is ``b`` long and that is not differentiated (not a parameter: a tracer of
-  ``jax.grad``'s trace, or a leaf of the captured function's params): the batch the caller
-  closed over (``lax.map(lambda k: model(x + noise(k)), keys)``). Then each step's call has
+  whose leading axis is ``b`` long and that is not a parameter (a leaf of the captured
+  function's params, ``Recorder.top`` and ``Recorder.params``, or a weight that a layer of the
+  step reads, ``Recorder.looked_up``): the
+  batch the caller closed over (``lax.map(lambda k: model(x + noise(k)), keys)``), also as
+  activations computed from it outside the map (``h = trunk(x); lax.map(lambda k:
+  head(dropout(h, k)), keys)``), which are differentiated as parameters are. Then each step's call has
   its own examples, and the map's axis is pooled, a scan's (``stats_batch_size=k`` takes the
   first ``k`` examples of every step, as under ``jax.lax.scan``). Otherwise (the call's rows
   come from the mapped operand alone: one example, a micro-batch; or it has no example axis)
@@ -280,10 +282,18 @@ def _whole_batch_steps(rec: Recorder, f: Callable, xs: Any, depth: int) -> dict[
   be traced again."""
   found: list[list[tuple[str, Optional[int]]]] = []  # (path, step's examples) per call
 
+  weights: dict[int, Any] = {}  # the weights the step's layers read (`Recorder.looked_up`)
+
   def step(x):
     frame = TransformFrame("scan", _inputs(x, xs, ["stack"] * len(_leaves(xs))))
-    with rec.frame(frame):
-      f(x)
+    outer, rec.looked_up = rec.looked_up, weights
+    try:
+      with rec.frame(frame):
+        f(x)
+    finally:
+      rec.looked_up = outer
+      if outer is not None:  # a map inside another's step: its weights are the outer's too
+        outer.update(weights)
     calls = [(path, p) for path, ps in frame.records.items() for p in ps]
     found[:] = [[(path, _step_examples(p, depth)) for path, p in calls]]  # no tracer kept
     return [p.captured.inputs for _, p in calls]
@@ -309,7 +319,7 @@ def _whole_batch_steps(rec: Recorder, f: Callable, xs: Any, depth: int) -> dict[
   for b in sizes - {None}:
     batch = _depending(jaxpr, [v for v, c in zip(jaxpr.constvars, closed.consts, strict=True)
                                if leading(c, b) and id(c) not in rec.top
-                               and _differentiating(c) is None])
+                               and id(c) not in rec.params and id(c) not in weights])
     rows = _depending(jaxpr, [v for v in jaxpr.invars if leading(v.aval, b)])
     for path, calls in wants.items():
       for j, (v, vb) in enumerate(calls):
