@@ -263,12 +263,12 @@ def _whole_batch_steps(rec: Recorder, f: Callable, xs: Any, depth: int) -> dict[
   the step's jaxpr, on an array the step closes over (not one of the mapped operands ``xs``)
   whose leading axis is ``b`` long and that is not a parameter (a leaf of the captured
   function's params, ``Recorder.top`` and ``Recorder.params``, or a weight that a layer of the
-  step reads, ``Recorder.looked_up``): the
-  batch the caller closed over (``lax.map(lambda k: model(x + noise(k)), keys)``), also as
-  activations computed from it outside the map (``h = trunk(x); lax.map(lambda k:
-  head(dropout(h, k)), keys)``), which are differentiated as parameters are. Then each step's call has
-  its own examples, and the map's axis is pooled, a scan's (``stats_batch_size=k`` takes the
-  first ``k`` examples of every step, as under ``jax.lax.scan``). Otherwise (the call's rows
+  step reads, ``Recorder.looked_up``): the batch the caller closed over (``lax.map(lambda k:
+  model(x + noise(k)), keys)``), also as activations computed from it outside the map (``h =
+  trunk(x); lax.map(lambda k: head(dropout(h, k)), keys)``), which are differentiated as
+  parameters are. Then each step's call has its own examples, and the map's axis is pooled, a
+  scan's (``stats_batch_size=k`` takes the first ``k`` examples of every step, as under
+  ``jax.lax.scan``). Otherwise (the call's rows
   come from the mapped operand alone: one example, a micro-batch; or it has no example axis)
   the map's axis holds the examples, ``'map:pool'``.
 
