@@ -375,6 +375,28 @@ def test_map_over_draws_of_a_closed_over_activation_takes_the_first_examples_of_
                              ref.gram(ref.np64(x)[:2]), rtol=1e-10, atol=1e-13)
 
 
+def test_map_over_draws_of_a_batch_passed_before_the_params_is_the_scan_over_them():
+  """linen's ``capture(loss)(x, params)`` (the batch first, the params differentiated with
+  ``argnums=1``): the batch is an argument of the captured function, not a parameter (only its
+  differentiated arguments are), so a map over keys whose steps add noise to it is still a
+  scan over the draws: ``stats_batch_size=2`` takes the first 2 examples of every draw
+  (float64 numpy)."""
+  x = _batch()[:, 0]
+  noise, keys, draw = _noise("keys")
+  model = LinenMLP()
+  params = model.init(jax.random.key(0), x)["params"]
+  loss = lambda x, p: jnp.sum(jnp.sin(jax.lax.map(
+      lambda k: model.apply({"params": p}, x + draw(k)), keys)))
+  with no_sngd_warnings():
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), argnums=1, has_aux=True)(
+        x, params)
+  assert [c.num_examples for c in acts["hidden"]] == [B]
+  xs = ref.np64(x)[None] + ref.np64(noise)
+  w, b = ref.np64(params["hidden"]["kernel"]), ref.np64(params["hidden"]["bias"])
+  _assert_draw_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                       xs[:, :2].reshape(-1, D), w, b)
+
+
 def test_a_step_that_cannot_be_traced_again_is_read_as_examples_with_a_warning():
   """The map's axis is decided by tracing a step once more; a step that fails there (here: a
   step that raises the first time it is traced) is read as over the examples, as a

@@ -307,6 +307,13 @@ def _differentiating(leaf: Any) -> Optional[Any]:
   return trace if names & {"LinearizeTrace", "JVPTrace"} else None
 
 
+def differentiated_leaves(tree: Any) -> frozenset[int]:
+  """``id`` of the leaves of ``tree`` that are tracers of a differentiation
+  (``_differentiating``): a captured function's trained arguments."""
+  return frozenset(id(leaf) for leaf in jax.tree.leaves(tree)
+                   if _differentiating(leaf) is not None)
+
+
 def trained_with(model_leaves: Iterable[Any],
                  other_leaves: Iterable[tuple[int, Any]]) -> dict[int, int]:
   """``id(leaf) -> position`` of the ``(position, leaf)`` of ``other_leaves`` (the array
@@ -905,9 +912,10 @@ class Recorder:
       conditional inside it, whose calls are dropped (``transforms._conditional``).
     top: ``id(leaf) -> leaf path parts`` of the captured function's params
       argument, to name layers by their weight (NNX copies, Equinox).
-    params: ``id`` of the array leaves of the captured function's model arguments where
-      ``top`` does not hold them (linen's params): with ``top`` and ``looked_up``, the arrays
-      ``transforms._whole_batch_steps`` reads as parameters, not the batch.
+    params: ``id`` of the differentiated leaves of the captured function's arguments where
+      ``top`` does not hold the model's (linen: ``differentiated_leaves``): with ``top`` and
+      ``looked_up``, the arrays ``transforms._whole_batch_steps`` reads as parameters, not
+      the batch.
     looked_up: None, or ``id(array) -> array`` of every weight a layer looked up
       (``trace``) while it is a dict: ``transforms._whole_batch_steps`` tells a step's weights
       (parameters, whatever their path) from the batch it closes over.
