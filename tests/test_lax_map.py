@@ -397,6 +397,39 @@ def test_map_over_draws_of_a_batch_passed_before_the_params_is_the_scan_over_the
                        xs[:, :2].reshape(-1, D), w, b)
 
 
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+def test_a_map_that_pools_no_layer_traces_its_step_as_jax_does(batch_size):
+  """The extra trace that tells draws from examples is made only for a map with a layer call
+  that pools its axis: a map over stacked params (an ensemble, each member its own factor) and
+  a map whose step calls no layer trace their step as often as JAX's own ``lax.map`` (once,
+  twice with a remainder chunk; until 2026-12-06 once more each), with the ensemble's factors the
+  float64 Gram of its input per member."""
+  x = _batch()[:, 0]
+  model = LinenMLP()
+  stacked = jax.vmap(lambda k: model.init(k, x)["params"])(jax.random.split(jax.random.key(0), 2))
+  traced = []
+
+  def member(p):
+    traced.append("member")
+    return model.apply({"params": p}, x)
+
+  def metric(e):
+    traced.append("metric")
+    return jnp.sum(e ** 2)
+
+  loss = lambda p: jnp.sum(jnp.sin(jax.lax.map(member, p, batch_size=batch_size))) + jnp.sum(
+      jax.lax.map(metric, x, batch_size=batch_size))
+  with no_sngd_warnings():
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(stacked)
+  captured, traced[:] = list(traced), []
+  jax.value_and_grad(loss)(stacked)
+  assert captured == traced  # as many traces of each step as JAX's lax.map makes
+  state = factors_after_one_step(stacked, grads, acts)
+  for m in range(2):
+    np.testing.assert_allclose(np.asarray(ref.normalized_factor(state, "hidden"))[m],
+                               ref.gram(ref.np64(x)), rtol=1e-10, atol=1e-13)
+
+
 def test_a_step_that_cannot_be_traced_again_is_read_as_examples_with_a_warning():
   """The map's axis is decided by tracing a step once more; a step that fails there (here: a
   step that raises the first time it is traced) is read as over the examples, as a

@@ -167,11 +167,10 @@ def lax_map(f: Callable, xs: Any, *, batch_size: Optional[int] = None) -> Any:
     return _ORIGINAL["map"](f, xs, batch_size=batch_size)
   leaves = jax.tree.leaves(xs)
   depth = len(rec.trace(None)[0])  # the index of this map's role in the records' roles
-  whole = _whole_batch_steps(rec, f, xs, depth) if leaves else {}
   if batch_size is None or not leaves:
     with rec.frame(TransformFrame("checkpoint", {})) as frame:  # collects, adds no axis
       ys = scan(lambda _, x: ((), f(x)), (), xs)[1]
-    rec.add_all(_over_examples(frame.records, depth, whole))
+    rec.add_all(_over_examples(frame.records, depth, _whole(rec, f, xs, depth, frame.records)))
     return ys
   n = leaves[0].shape[0]
   chunks, rest = divmod(n, batch_size) if batch_size else (0, n)
@@ -187,10 +186,24 @@ def lax_map(f: Callable, xs: Any, *, batch_size: Optional[int] = None) -> Any:
     with rec.frame(TransformFrame("checkpoint", {})) as frame:
       ys.append(vmap(f)(jax.tree.map(lambda a: a[cut:], xs)))
     parts.append((frame.records, 1))
-  rec.add_all(_over_examples(_merged(parts, depth), depth, whole))
+  records = _merged(parts, depth)
+  rec.add_all(_over_examples(records, depth, _whole(rec, f, xs, depth, records)))
   if len(ys) == 1:
     return ys[0]
   return jax.tree.map(lambda a, b: jax.lax.concatenate([a, b], 0), *ys)
+
+
+def _whole(rec: Recorder, f: Callable, xs: Any, depth: int,
+           records: dict[str, list[Pending]]) -> dict[str, list[bool]]:
+  """``_whole_batch_steps`` of a ``lax_map`` whose records are ``records``, where one of them
+  pools the map's axis (``'scan:pool'`` at ``depth``: the only role ``_over_examples``
+  renames); else ``{}`` without tracing the step again (a map over stacked params, one whose
+  step calls no layer: one trace of the step, as JAX's own ``lax.map`` makes)."""
+  if not jax.tree.leaves(xs) or not any(
+      len(p.roles) > depth and p.roles[depth] == "scan:pool"
+      for calls in records.values() for p in calls):
+    return {}
+  return _whole_batch_steps(rec, f, xs, depth)
 
 
 def _merged(parts: list[tuple[dict[str, list[Pending]], int]],
