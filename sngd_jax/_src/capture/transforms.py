@@ -757,16 +757,24 @@ def _checkpoint(name: str) -> Callable:
       if rec is None:
         return plain(*a, **kw)
       dynamic = lambda args: tuple(x for i, x in enumerate(args) if i not in static)
+      # The recorder and the caller's arguments, held only while the checkpoint traces
+      # ``body``: with ``static_argnums`` JAX caches the function it traces
+      # (``_dyn_args_fun_cached``), which would keep the tracers they hold alive after their
+      # trace (``jax.checking_leaks``).
+      held = [(rec, (dynamic(a), kw))]
 
       def body(*inner_a, **inner_kw):
-        outer = (dynamic(a), kw)
+        rec, outer = held[0]
         frame = TransformFrame("checkpoint", _inputs(
             (dynamic(inner_a), inner_kw), outer, ["none"] * len(_leaves(outer))))
         with rec.frame(frame):
           out = fun(*inner_a, **inner_kw)
         return out, rec.leaving(frame)
 
-      out, records = _ORIGINAL[name](body, **options)(*a, **kw)
+      try:
+        out, records = _ORIGINAL[name](body, **options)(*a, **kw)
+      finally:
+        held.clear()
       rec.add_all(records)
       return out
 
