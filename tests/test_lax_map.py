@@ -432,9 +432,9 @@ def test_a_map_that_pools_no_layer_traces_its_step_as_jax_does(batch_size):
 
 def test_a_step_that_cannot_be_traced_again_is_read_as_examples_with_a_warning():
   """The map's axis is decided by tracing a step once more; a step that fails there (here: a
-  step that raises the first time it is traced) is read as over the examples, as a
-  ``jax.vmap``'s, with a warning naming ``jax.lax.scan`` for draws: ``stats_batch_size=2``
-  takes every row of the first 2 examples."""
+  step that raises the second time it is traced, after the map's own trace) is read as over
+  the examples, as a ``jax.vmap``'s, with a warning naming ``jax.lax.scan`` for draws:
+  ``stats_batch_size=2`` takes every row of the first 2 examples."""
   x = _batch()
   model = LinenMLP()
   params = model.init(jax.random.key(0), x[0])["params"]
@@ -442,13 +442,13 @@ def test_a_step_that_cannot_be_traced_again_is_read_as_examples_with_a_warning()
 
   def step(p, e):
     traced.append(None)
-    if len(traced) == 1:
-      raise RuntimeError("first trace")
+    if len(traced) == 2:
+      raise RuntimeError("second trace")
     return model.apply({"params": p}, e)
 
   loss = lambda p: jnp.sum(jnp.sin(jax.lax.map(lambda e: step(p, e), x)))
   with pytest.warns(UserWarning, match="sngd: could not trace one step of a `jax.lax.map`.*"
-                    "RuntimeError: first trace.*jax.lax.scan"):
+                    "RuntimeError: second trace.*jax.lax.scan"):
     (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params)
   w, b = ref.np64(params["hidden"]["kernel"]), ref.np64(params["hidden"]["bias"])
   _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
