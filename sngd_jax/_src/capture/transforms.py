@@ -757,14 +757,14 @@ def _checkpoint(name: str) -> Callable:
       if rec is None:
         return plain(*a, **kw)
       dynamic = lambda args: tuple(x for i, x in enumerate(args) if i not in static)
-      # The recorder and the caller's arguments, held only while the checkpoint traces
-      # ``body``: with ``static_argnums`` JAX caches the function it traces
+      # The recorder, the function and the caller's arguments, held only while the
+      # checkpoint traces ``body``: with ``static_argnums`` JAX caches the function it traces
       # (``_dyn_args_fun_cached``), which would keep the tracers they hold alive after their
-      # trace (``jax.checking_leaks``).
-      held = [(rec, (dynamic(a), kw))]
+      # trace (``jax.checking_leaks``; a linen module's function holds its scope's params).
+      held = [(rec, fun, (dynamic(a), kw))]
 
       def body(*inner_a, **inner_kw):
-        rec, outer = held[0]
+        rec, fun, outer = held[0]
         frame = TransformFrame("checkpoint", _inputs(
             (dynamic(inner_a), inner_kw), outer, ["none"] * len(_leaves(outer))))
         with rec.frame(frame):
