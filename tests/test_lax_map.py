@@ -336,11 +336,105 @@ def test_map_over_draws_inside_a_vmap_over_the_examples(framework):
                        xs[:2].reshape(-1, D), ref.np64(w), ref.np64(b))
 
 
+class TrunkHead(nnx.Module):
+  """``trunk`` on the batch, then ``head`` on ``S`` noise draws of its output, in a
+  ``jax.lax.map`` over keys: each step closes over the activation ``h``, not the batch."""
+
+  def __init__(self, rngs):
+    self.trunk = nnx.Linear(D, D, rngs=rngs, param_dtype=jnp.float64)
+    self.head = nnx.Linear(D, 2, rngs=rngs, param_dtype=jnp.float64)
+
+  def __call__(self, x, keys):
+    h = self.trunk(x)
+    return jax.lax.map(
+        lambda k: self.head(h + 0.1 * jax.random.normal(k, h.shape, h.dtype)), keys)
+
+
+def test_map_over_draws_of_a_closed_over_activation_takes_the_first_examples_of_every_draw():
+  """The whole batch each step sees is an activation computed outside the map (``h =
+  trunk(x)``, Monte Carlo dropout or noise on a head), differentiated as parameters are: the
+  map's axis is the draws', ``stats_batch_size=2`` takes the first 2 examples of every draw
+  (float64 numpy). Until 2026-12-06 a differentiated array was read as a parameter, never the
+  batch: ``head``'s record held 3 "examples" (the draws) and ``stats_batch_size=2`` took every
+  example of the first 2 draws (1.46 relative off the factor)."""
+  x = _batch()[:, 0]
+  keys = jax.random.split(jax.random.key(2), S)
+  model = TrunkHead(nnx.Rngs(0))
+  with no_sngd_warnings():
+    (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(
+        lambda m: jnp.sum(jnp.sin(m(x, keys)))), has_aux=True)(model)
+  params = nnx.state(model, nnx.Param)
+  assert [c.num_examples for c in acts["head"]] == [B]
+  state = factors_after_one_step(params, grads, acts, stats_batch_size=2)
+  w, b = ref.np64(model.trunk.kernel[...]), ref.np64(model.trunk.bias[...])
+  h = ref.np64(x) @ w + b
+  hs = np.stack([h + 0.1 * ref.np64(jax.random.normal(k, h.shape, jnp.float64)) for k in keys])
+  np.testing.assert_allclose(ref.normalized_factor(state, "head"),
+                             ref.gram(hs[:, :2].reshape(-1, D)), rtol=1e-10, atol=1e-13)
+  np.testing.assert_allclose(ref.normalized_factor(state, "trunk"),
+                             ref.gram(ref.np64(x)[:2]), rtol=1e-10, atol=1e-13)
+
+
+def test_map_over_draws_of_a_batch_passed_before_the_params_is_the_scan_over_them():
+  """linen's ``capture(loss)(x, params)`` (the batch first, the params differentiated with
+  ``argnums=1``): the batch is an argument of the captured function, not a parameter (only its
+  differentiated arguments are), so a map over keys whose steps add noise to it is still a
+  scan over the draws: ``stats_batch_size=2`` takes the first 2 examples of every draw
+  (float64 numpy)."""
+  x = _batch()[:, 0]
+  noise, keys, draw = _noise("keys")
+  model = LinenMLP()
+  params = model.init(jax.random.key(0), x)["params"]
+  loss = lambda x, p: jnp.sum(jnp.sin(jax.lax.map(
+      lambda k: model.apply({"params": p}, x + draw(k)), keys)))
+  with no_sngd_warnings():
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), argnums=1, has_aux=True)(
+        x, params)
+  assert [c.num_examples for c in acts["hidden"]] == [B]
+  xs = ref.np64(x)[None] + ref.np64(noise)
+  w, b = ref.np64(params["hidden"]["kernel"]), ref.np64(params["hidden"]["bias"])
+  _assert_draw_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                       xs[:, :2].reshape(-1, D), w, b)
+
+
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+def test_a_map_that_pools_no_layer_traces_its_step_as_jax_does(batch_size):
+  """The extra trace that tells draws from examples is made only for a map with a layer call
+  that pools its axis: a map over stacked params (an ensemble, each member its own factor) and
+  a map whose step calls no layer trace their step as often as JAX's own ``lax.map`` (once,
+  twice with a remainder chunk; until 2026-12-06 once more each), with the ensemble's factors the
+  float64 Gram of its input per member."""
+  x = _batch()[:, 0]
+  model = LinenMLP()
+  stacked = jax.vmap(lambda k: model.init(k, x)["params"])(jax.random.split(jax.random.key(0), 2))
+  traced = []
+
+  def member(p):
+    traced.append("member")
+    return model.apply({"params": p}, x)
+
+  def metric(e):
+    traced.append("metric")
+    return jnp.sum(e ** 2)
+
+  loss = lambda p: jnp.sum(jnp.sin(jax.lax.map(member, p, batch_size=batch_size))) + jnp.sum(
+      jax.lax.map(metric, x, batch_size=batch_size))
+  with no_sngd_warnings():
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(stacked)
+  captured, traced[:] = list(traced), []
+  jax.value_and_grad(loss)(stacked)
+  assert captured == traced  # as many traces of each step as JAX's lax.map makes
+  state = factors_after_one_step(stacked, grads, acts)
+  for m in range(2):
+    np.testing.assert_allclose(np.asarray(ref.normalized_factor(state, "hidden"))[m],
+                               ref.gram(ref.np64(x)), rtol=1e-10, atol=1e-13)
+
+
 def test_a_step_that_cannot_be_traced_again_is_read_as_examples_with_a_warning():
   """The map's axis is decided by tracing a step once more; a step that fails there (here: a
-  step that raises the first time it is traced) is read as over the examples, as a
-  ``jax.vmap``'s, with a warning naming ``jax.lax.scan`` for draws: ``stats_batch_size=2``
-  takes every row of the first 2 examples."""
+  step that raises the second time it is traced, after the map's own trace) is read as over
+  the examples, as a ``jax.vmap``'s, with a warning naming ``jax.lax.scan`` for draws:
+  ``stats_batch_size=2`` takes every row of the first 2 examples."""
   x = _batch()
   model = LinenMLP()
   params = model.init(jax.random.key(0), x[0])["params"]
@@ -348,13 +442,13 @@ def test_a_step_that_cannot_be_traced_again_is_read_as_examples_with_a_warning()
 
   def step(p, e):
     traced.append(None)
-    if len(traced) == 1:
-      raise RuntimeError("first trace")
+    if len(traced) == 2:
+      raise RuntimeError("second trace")
     return model.apply({"params": p}, e)
 
   loss = lambda p: jnp.sum(jnp.sin(jax.lax.map(lambda e: step(p, e), x)))
   with pytest.warns(UserWarning, match="sngd: could not trace one step of a `jax.lax.map`.*"
-                    "RuntimeError: first trace.*jax.lax.scan"):
+                    "RuntimeError: second trace.*jax.lax.scan"):
     (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params)
   w, b = ref.np64(params["hidden"]["kernel"]), ref.np64(params["hidden"]["bias"])
   _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),

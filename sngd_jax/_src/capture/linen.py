@@ -54,6 +54,7 @@ from sngd_jax._src.capture.records import (
   check_captured_function,
   check_no_trained_left_out,
   check_not_other_models,
+  differentiated_leaves,
   model_path,
   normalized_argnums,
   rnn_batched,
@@ -567,6 +568,7 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool = Fa
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
     rec = Recorder(outputs=outputs)
+    rec.params = differentiated_leaves((args, kwargs))  # the params, whatever their position
     seen: dict[str, dict[int, Any]] = {}
     calls = _Calls()
     models = _Models.of(args, kwargs, positions, several)

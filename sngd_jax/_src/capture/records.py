@@ -316,6 +316,13 @@ def _differentiating(leaf: Any) -> Optional[Any]:
   return trace if names & {"LinearizeTrace", "JVPTrace"} else None
 
 
+def differentiated_leaves(tree: Any) -> frozenset[int]:
+  """``id`` of the leaves of ``tree`` that are tracers of a differentiation
+  (``_differentiating``): a captured function's trained arguments."""
+  return frozenset(id(leaf) for leaf in jax.tree.leaves(tree)
+                   if _differentiating(leaf) is not None)
+
+
 def trained_with(model_leaves: Iterable[Any],
                  other_leaves: Iterable[tuple[int, Any]]) -> dict[int, int]:
   """``id(leaf) -> position`` of the ``(position, leaf)`` of ``other_leaves`` (the array
@@ -926,6 +933,13 @@ class Recorder:
       conditional inside it, whose calls are dropped (``transforms._conditional``).
     top: ``id(leaf) -> leaf path parts`` of the captured function's params
       argument, to name layers by their weight (NNX copies, Equinox).
+    params: ``id`` of the differentiated leaves of the captured function's arguments where
+      ``top`` does not hold the model's (linen: ``differentiated_leaves``): with ``top`` and
+      ``looked_up``, the arrays ``transforms._whole_batch_steps`` reads as parameters, not
+      the batch.
+    looked_up: None, or ``id(array) -> array`` of every weight a layer looked up
+      (``trace``) while it is a dict: ``transforms._whole_batch_steps`` tells a step's weights
+      (parameters, whatever their path) from the batch it closes over.
     outputs: whether records keep the layers' outputs (only ``fisher="rfim"``
       reads them).
     custom_dense: what ``sngd_jax.dense`` calls while this recorder is active,
@@ -943,6 +957,8 @@ class Recorder:
     self.unmodelled: dict[str, None] = {}
     self.top = top or {}
     self.custom_dense: Optional[Callable[..., None]] = None
+    self.params: frozenset[int] = frozenset()
+    self.looked_up: Optional[dict[int, Any]] = None
     # id(input) -> (weak reference to the input, stopped input) of the calls outside any
     # frame (a frame keeps its own, dropped with it): layers that read one array record one
     # value (``Shared``).
@@ -1005,6 +1021,8 @@ class Recorder:
       get (outermost first), and the leaf path of the weight in the captured
       function's params argument (None when it is not one of its leaves).
     """
+    if self.looked_up is not None and weight is not None:
+      self.looked_up[id(weight)] = weight
     roles, w, bypass = [], weight, False
     for frame in reversed(self.frames):
       if isinstance(frame, CellFrame):

@@ -66,7 +66,6 @@ from sngd_jax._src.capture.records import (
     Pending,
     Recorder,
     TransformFrame,
-    _differentiating,
     batched_by,
     current_trace,
     running,
@@ -171,11 +170,10 @@ def lax_map(f: Callable, xs: Any, *, batch_size: Optional[int] = None) -> Any:
     return _ORIGINAL["map"](f, xs, batch_size=batch_size)
   leaves = jax.tree.leaves(xs)
   depth = len(rec.trace(None)[0])  # the index of this map's role in the records' roles
-  whole = _whole_batch_steps(rec, f, xs, depth) if leaves else {}
   if batch_size is None or not leaves:
     with rec.frame(TransformFrame("checkpoint", {})) as frame:  # collects, adds no axis
       ys = scan(lambda _, x: ((), f(x)), (), xs)[1]
-    rec.add_all(_over_examples(frame.records, depth, whole))
+    rec.add_all(_over_examples(frame.records, depth, _whole(rec, f, xs, depth, frame.records)))
     return ys
   n = leaves[0].shape[0]
   chunks, rest = divmod(n, batch_size) if batch_size else (0, n)
@@ -191,10 +189,24 @@ def lax_map(f: Callable, xs: Any, *, batch_size: Optional[int] = None) -> Any:
     with rec.frame(TransformFrame("checkpoint", {})) as frame:
       ys.append(_vmap(f, 0, 0, (), {}, False)(jax.tree.map(lambda a: a[cut:], xs)))
     parts.append((frame.records, 1))
-  rec.add_all(_over_examples(_merged(parts, depth), depth, whole))
+  records = _merged(parts, depth)
+  rec.add_all(_over_examples(records, depth, _whole(rec, f, xs, depth, records)))
   if len(ys) == 1:
     return ys[0]
   return jax.tree.map(lambda a, b: jax.lax.concatenate([a, b], 0), *ys)
+
+
+def _whole(rec: Recorder, f: Callable, xs: Any, depth: int,
+           records: dict[str, list[Pending]]) -> dict[str, list[bool]]:
+  """``_whole_batch_steps`` of a ``lax_map`` whose records are ``records``, where one of them
+  pools the map's axis (``'scan:pool'`` at ``depth``: the only role ``_over_examples``
+  renames); else ``{}`` without tracing the step again (a map over stacked params, one whose
+  step calls no layer: one trace of the step, as JAX's own ``lax.map`` makes)."""
+  if not jax.tree.leaves(xs) or not any(
+      len(p.roles) > depth and p.roles[depth] == "scan:pool"
+      for calls in records.values() for p in calls):
+    return {}
+  return _whole_batch_steps(rec, f, xs, depth)
 
 
 def _merged(parts: list[tuple[dict[str, list[Pending]], int]],
@@ -265,11 +277,13 @@ def _whole_batch_steps(rec: Recorder, f: Callable, xs: Any, depth: int) -> dict[
   over the examples inside it, else the call's own (``Captured.batch_axis``); of size ``b``
   (per time step of a cell). The step *sees the whole batch* when the call's input depends, in
   the step's jaxpr, on an array the step closes over (not one of the mapped operands ``xs``)
-  whose leading axis is ``b`` long and that is not differentiated (not a parameter: a tracer of
-  ``jax.grad``'s trace, or a leaf of the captured function's params) nor PRNG keys (``_keys``):
-  the batch the caller closed over (``lax.map(lambda k: model(x + noise(k)), keys)``). Then each
-  step's call has its own examples, and the map's axis is pooled, a scan's
-  (``stats_batch_size=k`` takes the first ``k`` examples of every step, as under
+  whose leading axis is ``b`` long and that is not a parameter (a leaf of the captured
+  function's params, ``Recorder.top`` and ``Recorder.params``, or a weight that a layer of the
+  step reads, ``Recorder.looked_up``) nor PRNG keys (``_keys``): the batch the caller closed
+  over (``lax.map(lambda k: model(x + noise(k)), keys)``), also as activations computed from it outside the map (``h =
+  trunk(x); lax.map(lambda k: head(dropout(h, k)), keys)``), which are differentiated as
+  parameters are. Then each step's call has its own examples, and the map's axis is pooled, a
+  scan's (``stats_batch_size=k`` takes the first ``k`` examples of every step, as under
   ``jax.lax.scan``). Otherwise (the call's rows
   come from the mapped operand alone: one example, a micro-batch; or it has no example axis)
   the map's axis holds the examples, ``'map:pool'``.
@@ -284,10 +298,18 @@ def _whole_batch_steps(rec: Recorder, f: Callable, xs: Any, depth: int) -> dict[
   be traced again."""
   found: list[list[tuple[str, Optional[int]]]] = []  # (path, step's examples) per call
 
+  weights: dict[int, Any] = {}  # the weights the step's layers read (`Recorder.looked_up`)
+
   def step(x):
     frame = TransformFrame("scan", _inputs(x, xs, ["stack"] * len(_leaves(xs))))
-    with rec.frame(frame):
-      f(x)
+    outer, rec.looked_up = rec.looked_up, weights
+    try:
+      with rec.frame(frame):
+        f(x)
+    finally:
+      rec.looked_up = outer
+      if outer is not None:  # a map inside another's step: its weights are the outer's too
+        outer.update(weights)
     calls = [(path, p) for path, ps in frame.records.items() for p in ps]
     found[:] = [[(path, _step_examples(p, depth)) for path, p in calls]]  # no tracer kept
     return [p.captured.inputs for _, p in calls]
@@ -305,7 +327,7 @@ def _whole_batch_steps(rec: Recorder, f: Callable, xs: Any, depth: int) -> dict[
     return {}
   leading = lambda a, b: len(getattr(a, "shape", ())) >= 1 and a.shape[0] == b
   return _whole_calls(
-      rec, closed, found[0] if found else [],
+      rec, closed, found[0] if found else [], weights,
       lambda b: [v for v in closed.jaxpr.invars if leading(v.aval, b)],
       "a `jax.lax.map` reads, in each step,", "step sees",
       "`jax.lax.scan` (its axis is more rows of each example) or map over keys and draw the "
@@ -313,11 +335,12 @@ def _whole_batch_steps(rec: Recorder, f: Callable, xs: Any, depth: int) -> dict[
 
 
 def _whole_calls(rec: Recorder, closed: Any, found: list[tuple[str, Optional[int]]],
-                 rows: Callable[[int], list[Any]], where: str, sees: str,
-                 advice: str) -> dict[str, list[bool]]:
+                 weights: dict[int, Any], rows: Callable[[int], list[Any]], where: str,
+                 sees: str, advice: str) -> dict[str, list[bool]]:
   """Per layer path, per call: whether the call's input (an output of ``closed``, the jaxpr of
   one step or lane, in the order of ``found``: each call's path and examples ``b``) depends on
-  a closed-over array of ``b`` leading rows that is not differentiated nor a parameter (the
+  a closed-over array of ``b`` leading rows that is not a parameter (``Recorder.top``,
+  ``Recorder.params``, or in ``weights``: those the step's layers looked up) nor PRNG keys (the
   whole batch), and not on ``rows(b)`` (the mapped operands whose slice has ``b`` rows); where
   it depends on both, False with a warning (``_whole_batch_steps``). A NumPy array is never
   the batch: a table the model computes with NumPy (positions, masks), inside the step or
@@ -334,8 +357,8 @@ def _whole_calls(rec: Recorder, closed: Any, found: list[tuple[str, Optional[int
   for b in (b for b in sizes if b is not None):
     batch = _depending(jaxpr, [v for v, c in zip(jaxpr.constvars, closed.consts, strict=True)
                                if leading(c, b) and id(c) not in rec.top
-                               and _differentiating(c) is None and not _keys(c)
-                               and not isinstance(c, np.ndarray)])
+                               and id(c) not in rec.params and id(c) not in weights
+                               and not _keys(c) and not isinstance(c, np.ndarray)])
     mapped = _depending(jaxpr, rows(b))
     for path, calls in wants.items():
       for j, (v, vb) in enumerate(calls):
@@ -751,6 +774,7 @@ def _whole_batch_lanes(rec: Recorder, fun: Callable, in_axes: Any, a: tuple, kw:
            if ax is not None and hasattr(x, "shape")]
   roles = _mapped_roles(in_axes, a, kw)
   found: list[list[tuple[str, Optional[int]]]] = []
+  weights: dict[int, Any] = {}  # the weights the lane's layers read (`Recorder.looked_up`)
 
   def lanes(*mapped):
     full = list(leaves)
@@ -760,8 +784,14 @@ def _whole_batch_lanes(rec: Recorder, fun: Callable, in_axes: Any, a: tuple, kw:
 
     def lane(*inner_a, **inner_kw):
       frame = TransformFrame("vmap", _inputs((inner_a, inner_kw), (a, kw), roles))
-      with rec.frame(frame):
-        fun(*inner_a, **inner_kw)
+      outer, rec.looked_up = rec.looked_up, weights
+      try:
+        with rec.frame(frame):
+          fun(*inner_a, **inner_kw)
+      finally:
+        rec.looked_up = outer
+        if outer is not None:  # a vmap inside a map's step: its weights are the step's too
+          outer.update(weights)
       calls = [(path, p) for path, ps in frame.records.items() for p in ps]
       found[:] = [[(path, _step_examples(p, depth)) for path, p in calls]]
       return [p.captured.inputs for _, p in calls]
@@ -781,7 +811,7 @@ def _whole_batch_lanes(rec: Recorder, fun: Callable, in_axes: Any, a: tuple, kw:
   lane_shapes = [tuple(d for k, d in enumerate(leaves[i].shape)
                        if k != ax % len(leaves[i].shape)) for i, ax in taken]
   return _whole_calls(
-      rec, closed, found[0] if found else [],
+      rec, closed, found[0] if found else [], weights,
       lambda b: [v for v, sh in zip(closed.jaxpr.invars, lane_shapes, strict=True)
                  if sh and sh[0] == b],
       "a `jax.vmap` reads, in each lane,", "lane sees",
@@ -871,16 +901,24 @@ def _checkpoint(name: str) -> Callable:
       if rec is None:
         return plain(*a, **kw)
       dynamic = lambda args: tuple(x for i, x in enumerate(args) if i not in static)
+      # The recorder, the function and the caller's arguments, held only while the
+      # checkpoint traces ``body``: with ``static_argnums`` JAX caches the function it traces
+      # (``_dyn_args_fun_cached``), which would keep the tracers they hold alive after their
+      # trace (``jax.checking_leaks``; a linen module's function holds its scope's params).
+      held = [(rec, fun, (dynamic(a), kw))]
 
       def body(*inner_a, **inner_kw):
-        outer = (dynamic(a), kw)
+        rec, fun, outer = held[0]
         frame = TransformFrame("checkpoint", _inputs(
             (dynamic(inner_a), inner_kw), outer, ["none"] * len(_leaves(outer))))
         with rec.frame(frame):
           out = fun(*inner_a, **inner_kw)
         return out, rec.leaving(frame)
 
-      out, records = _ORIGINAL[name](body, **options)(*a, **kw)
+      try:
+        out, records = _ORIGINAL[name](body, **options)(*a, **kw)
+      finally:
+        held.clear()
       rec.add_all(records)
       return out
 
