@@ -280,13 +280,13 @@ def _whole_batch_steps(rec: Recorder, f: Callable, xs: Any, depth: int) -> dict[
   whose leading axis is ``b`` long and that is not a parameter (a leaf of the captured
   function's params, ``Recorder.top`` and ``Recorder.params``, or a weight that a layer of the
   step reads, ``Recorder.looked_up``) nor PRNG keys (``_keys``): the batch the caller closed
-  over (``lax.map(lambda k: model(x + noise(k)), keys)``), also as activations computed from it outside the map (``h =
-  trunk(x); lax.map(lambda k: head(dropout(h, k)), keys)``), which are differentiated as
-  parameters are. Then each step's call has its own examples, and the map's axis is pooled, a
-  scan's (``stats_batch_size=k`` takes the first ``k`` examples of every step, as under
-  ``jax.lax.scan``). Otherwise (the call's rows
-  come from the mapped operand alone: one example, a micro-batch; or it has no example axis)
-  the map's axis holds the examples, ``'map:pool'``.
+  over (``lax.map(lambda k: model(x + noise(k)), keys)``), also as activations computed from
+  it outside the map (``h = trunk(x); lax.map(lambda k: head(dropout(h, k)), keys)``), which
+  are differentiated as parameters are. Then each step's call has its own examples, and the
+  map's axis is pooled, a scan's (``stats_batch_size=k`` takes the first ``k`` examples of
+  every step, as under ``jax.lax.scan``). Otherwise (the call's rows come from the mapped
+  operand alone: one example, a micro-batch; or it has no example axis) the map's axis holds
+  the examples, ``'map:pool'``.
 
   Where the call also depends on a mapped operand whose step slice has ``b`` rows, the program
   does not tell: noise draws of a closed-over ``(B, D)`` batch mapped over ``(S, B, D)`` noise,
