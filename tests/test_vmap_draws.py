@@ -256,3 +256,36 @@ def test_a_lane_that_cannot_be_traced_again_is_read_as_examples_with_a_warning()
   params, grads, acts, (w, b) = _captured("linen", loss_of, warns)
   _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
                   _draw_rows()[:2].reshape(-1, D), w, b)
+
+
+@pytest.mark.parametrize("loop", ["vmap", "lax.map", "vmap in lax.map", "lax.map in vmap"])
+def test_draws_of_weights_made_in_the_lane_leak_no_tracer(loop):
+  """Each draw's layers read weights made inside the lane or step (a copy of the params,
+  ``p + 0``, as a scan over stacked params slices them): tracers of the extra trace that tells
+  draws from examples, which ``Recorder.looked_up`` held strongly past that trace until
+  2026-12-06: under ``jax.checking_leaks()`` the extra trace raised, so the draws were read as
+  the examples with a warning (``stats_batch_size=2`` took every example of the first 2
+  draws), and a map nested in a vmap raised out of the capture. Held weakly now: the closed-
+  over batch is told from the weights, ``stats_batch_size=2`` takes the first 2 examples of
+  every draw (of both nested loops' draws), against float64 numpy Gram sums."""
+  x, model = _x(), LinenMLP()
+  params = model.init(jax.random.key(0), x)["params"]
+  apply = lambda p, e: model.apply({"params": jax.tree.map(lambda a: a + 0.0, p)}, e)
+  two = jax.random.split(jax.random.key(3), 2)
+  outer = {"vmap": lambda f: jax.vmap(f),  # looked up when called: capture's own jax.vmap
+           "lax.map": lambda f: lambda ks: jax.lax.map(f, ks)}
+  if loop in outer:
+    loss = lambda p: jnp.sum(jnp.sin(outer[loop](lambda k: apply(p, x + draw(k)))(KEYS)))
+    rows = _draw_rows()[:, :2]
+  else:
+    second, first = (outer[n] for n in loop.split(" in "))
+    loss = lambda p: jnp.sum(jnp.sin(first(lambda k: second(
+        lambda k2: apply(p, x + draw(k) + draw(k2)))(two))(KEYS)))
+    noise = ref.np64(_noise())[:, None] + np.stack([ref.np64(draw(k)) for k in two])[None]
+    rows = (ref.np64(x) + noise)[:, :, :2]  # (S, 2, 2, D)
+  with no_sngd_warnings(), jax.checking_leaks():
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params)
+  assert [c.num_examples for c in acts["hidden"]] == [B]
+  w, b = (ref.np64(params["hidden"][n]) for n in ("kernel", "bias"))
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  rows.reshape(-1, D), w, b, loop)
