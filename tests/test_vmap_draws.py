@@ -35,8 +35,8 @@ class LinenMLP(nn.Module):
 
 
 class NNXMLP(nnx.Module):
-  def __init__(self, rngs):
-    self.hidden = nnx.Linear(D, H, rngs=rngs, param_dtype=jnp.float64)
+  def __init__(self, rngs, d=D):
+    self.hidden = nnx.Linear(d, H, rngs=rngs, param_dtype=jnp.float64)
     self.out = nnx.Linear(H, 2, rngs=rngs, param_dtype=jnp.float64)
 
   def __call__(self, x):
@@ -256,3 +256,106 @@ def test_a_lane_that_cannot_be_traced_again_is_read_as_examples_with_a_warning()
   params, grads, acts, (w, b) = _captured("linen", loss_of, warns)
   _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
                   _draw_rows()[:2].reshape(-1, D), w, b)
+
+
+@pytest.mark.parametrize("loop", ["vmap", "lax.map", "vmap in lax.map", "lax.map in vmap"])
+def test_draws_of_weights_made_in_the_lane_leak_no_tracer(loop):
+  """Each draw's layers read weights made inside the lane or step (a copy of the params,
+  ``p + 0``, as a scan over stacked params slices them): tracers of the extra trace that tells
+  draws from examples, which ``Recorder.looked_up`` held strongly past that trace until
+  2026-12-06: under ``jax.checking_leaks()`` the extra trace raised, so the draws were read as
+  the examples with a warning (``stats_batch_size=2`` took every example of the first 2
+  draws), and a map nested in a vmap raised out of the capture. Held weakly now: the closed-
+  over batch is told from the weights, ``stats_batch_size=2`` takes the first 2 examples of
+  every draw (of both nested loops' draws), against float64 numpy Gram sums."""
+  x, model = _x(), LinenMLP()
+  params = model.init(jax.random.key(0), x)["params"]
+  apply = lambda p, e: model.apply({"params": jax.tree.map(lambda a: a + 0.0, p)}, e)
+  two = jax.random.split(jax.random.key(3), 2)
+  outer = {"vmap": lambda f: jax.vmap(f),  # looked up when called: capture's own jax.vmap
+           "lax.map": lambda f: lambda ks: jax.lax.map(f, ks)}
+  if loop in outer:
+    loss = lambda p: jnp.sum(jnp.sin(outer[loop](lambda k: apply(p, x + draw(k)))(KEYS)))
+    rows = _draw_rows()[:, :2]
+  else:
+    second, first = (outer[n] for n in loop.split(" in "))
+    loss = lambda p: jnp.sum(jnp.sin(first(lambda k: second(
+        lambda k2: apply(p, x + draw(k) + draw(k2)))(two))(KEYS)))
+    noise = ref.np64(_noise())[:, None] + np.stack([ref.np64(draw(k)) for k in two])[None]
+    rows = (ref.np64(x) + noise)[:, :, :2]  # (S, 2, 2, D)
+  with no_sngd_warnings(), jax.checking_leaks():
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params)
+  assert [c.num_examples for c in acts["hidden"]] == [B]
+  w, b = (ref.np64(params["hidden"][n]) for n in ("kernel", "bias"))
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  rows.reshape(-1, D), w, b, loop)
+
+
+def _gram_check(state, pairs, msg):
+  for path, r in pairs:
+    np.testing.assert_allclose(ref.normalized_factor(state, path), ref.gram(r), rtol=1e-10,
+                               atol=1e-13, err_msg=f"{msg} {path}")
+
+
+@pytest.mark.parametrize("loop", ["draws", "per example"])
+def test_nnx_kernel_as_long_as_the_lane_examples_is_no_batch(loop):
+  """NNX layers whose kernel's leading dim equals the lane's examples: ``in_features == B``
+  under a ``jax.vmap`` over draws of a closed-over ``(B, B)`` batch, and ``in_features == T``
+  under a per-example vmap over ``(N, T, T)`` sequences. The kernel is a closed-over array of
+  the lane with as many rows as its examples, as the batch would be; it is a weight the lane
+  looked up, so the sequences are examples (every position of the first 2), without the
+  ambiguity warning (which the per-example case gives when the identity rule is removed), and
+  the draws are draws (``stats_batch_size=2``: the first 2 examples of every draw)."""
+  n = 5
+  model = NNXMLP(nnx.Rngs(0), d=n)
+  x = jax.random.normal(jax.random.key(1), (n, n), jnp.float64)
+  one = lambda k: 0.1 * jax.random.normal(k, (n, n), jnp.float64)
+  if loop == "draws":
+    loss = lambda m: jnp.sum(jnp.sin(jax.vmap(lambda k: m(x + one(k)))(KEYS)))
+    rows = (ref.np64(x)[None] + np.stack([ref.np64(one(k)) for k in KEYS]))[:, :2]
+  else:
+    seqs = jax.random.normal(jax.random.key(6), (4, n, n), jnp.float64)
+    loss = lambda m: jnp.sum(jnp.sin(jax.vmap(m)(seqs)))
+    rows = ref.np64(seqs)[:2]
+  with no_sngd_warnings():
+    (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(loss), has_aux=True)(model)
+  rows = rows.reshape(-1, n)
+  w, b = ref.np64(model.hidden.kernel[...]), ref.np64(model.hidden.bias[...])
+  state = factors_after_one_step(nnx.state(model, nnx.Param), grads, acts, stats_batch_size=2)
+  _gram_check(state, (("hidden", rows), ("out", np.tanh(rows @ w + b))), loop)
+
+
+def test_equinox_per_example_sequences_with_tables_of_positions_in_the_model():
+  """An Equinox model of ``(T, D)`` sequences, ``jax.vmap(model)(x)``, adding two tables of
+  ``T`` rows held as fields: an int ``(T,)`` index of positions (no parameter, not
+  differentiated) and a float ``(T, D)`` table read through ``jax.lax.stop_gradient``. Each
+  is a closed-over array of the lane with as many rows as its examples, as a batch would be,
+  but a leaf of the captured function's model (``Recorder.top``): the vmap's axis holds the
+  examples without the ambiguity warning, ``stats_batch_size=2`` takes every position of the
+  first 2 sequences."""
+  eqx = pytest.importorskip("equinox")
+  t, n = 6, 4
+
+  class Seq(eqx.Module):
+    hidden: eqx.nn.Linear
+    out: eqx.nn.Linear
+    table: jax.Array
+    index: jax.Array
+
+    def __call__(self, e):
+      e = e + jax.lax.stop_gradient(self.table) + 0.01 * self.index[:, None].astype(e.dtype)
+      return jax.vmap(lambda r: self.out(jnp.tanh(self.hidden(r))))(e)
+
+  k1, k2 = jax.random.split(jax.random.key(0))
+  table = jnp.sin(jnp.arange(t * D, dtype=jnp.float64).reshape(t, D))
+  model = Seq(eqx.nn.Linear(D, H, key=k1, dtype=jnp.float64),
+              eqx.nn.Linear(H, 2, key=k2, dtype=jnp.float64), table, jnp.arange(t))
+  x = jax.random.normal(jax.random.key(5), (n, t, D), jnp.float64)
+  with no_sngd_warnings():
+    (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(
+        lambda m: jnp.sum(jnp.sin(jax.vmap(m)(x)))), has_aux=True)(model)
+  rows = (ref.np64(x) + ref.np64(table) + 0.01 * np.arange(t)[:, None])[:2].reshape(-1, D)
+  w, b = ref.np64(model.hidden.weight.T), ref.np64(model.hidden.bias)
+  state = factors_after_one_step(eqx.filter(model, eqx.is_inexact_array), grads, acts,
+                                 stats_batch_size=2)
+  _gram_check(state, (("hidden", rows), ("out", np.tanh(rows @ w + b))), "equinox")

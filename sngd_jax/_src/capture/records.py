@@ -937,9 +937,12 @@ class Recorder:
       ``top`` does not hold the model's (linen: ``differentiated_leaves``): with ``top`` and
       ``looked_up``, the arrays ``transforms._whole_batch_steps`` reads as parameters, not
       the batch.
-    looked_up: None, or ``id(array) -> array`` of every weight a layer looked up
-      (``trace``) while it is a dict: ``transforms._whole_batch_steps`` tells a step's weights
-      (parameters, whatever their path) from the batch it closes over.
+    looked_up: None, or ``id(array) -> weak reference to the array`` of every weight a layer
+      looked up (``trace``) while it is a dict: ``transforms._whole_batch_steps`` tells a
+      step's weights (parameters, whatever their path) from the batch it closes over. Weak: a
+      weight made inside the step (a slice of stacked params under a scan) is a tracer of a
+      trace that ends before the dict does, which a strong reference would leak
+      (``jax.checking_leaks``).
     outputs: whether records keep the layers' outputs (only ``fisher="rfim"``
       reads them).
     custom_dense: what ``sngd_jax.dense`` calls while this recorder is active,
@@ -958,7 +961,7 @@ class Recorder:
     self.top = top or {}
     self.custom_dense: Optional[Callable[..., None]] = None
     self.params: frozenset[int] = frozenset()
-    self.looked_up: Optional[dict[int, Any]] = None
+    self.looked_up: Optional[dict[int, Callable[[], Any]]] = None
     # id(input) -> (weak reference to the input, stopped input) of the calls outside any
     # frame (a frame keeps its own, dropped with it): layers that read one array record one
     # value (``Shared``).
@@ -1022,7 +1025,7 @@ class Recorder:
       function's params argument (None when it is not one of its leaves).
     """
     if self.looked_up is not None and weight is not None:
-      self.looked_up[id(weight)] = weight
+      self.looked_up[id(weight)] = _weak(weight)
     roles, w, bypass = [], weight, False
     for frame in reversed(self.frames):
       if isinstance(frame, CellFrame):

@@ -298,7 +298,7 @@ def _whole_batch_steps(rec: Recorder, f: Callable, xs: Any, depth: int) -> dict[
   be traced again."""
   found: list[list[tuple[str, Optional[int]]]] = []  # (path, step's examples) per call
 
-  weights: dict[int, Any] = {}  # the weights the step's layers read (`Recorder.looked_up`)
+  weights: dict[int, Callable[[], Any]] = {}  # the step's layers' weights (`Recorder.looked_up`)
 
   def step(x):
     frame = TransformFrame("scan", _inputs(x, xs, ["stack"] * len(_leaves(xs))))
@@ -335,8 +335,8 @@ def _whole_batch_steps(rec: Recorder, f: Callable, xs: Any, depth: int) -> dict[
 
 
 def _whole_calls(rec: Recorder, closed: Any, found: list[tuple[str, Optional[int]]],
-                 weights: dict[int, Any], rows: Callable[[int], list[Any]], where: str,
-                 sees: str, advice: str) -> dict[str, list[bool]]:
+                 weights: dict[int, Callable[[], Any]], rows: Callable[[int], list[Any]],
+                 where: str, sees: str, advice: str) -> dict[str, list[bool]]:
   """Per layer path, per call: whether the call's input (an output of ``closed``, the jaxpr of
   one step or lane, in the order of ``found``: each call's path and examples ``b``) depends on
   a closed-over array of ``b`` leading rows that is not a parameter (``Recorder.top``,
@@ -357,7 +357,7 @@ def _whole_calls(rec: Recorder, closed: Any, found: list[tuple[str, Optional[int
   for b in (b for b in sizes if b is not None):
     batch = _depending(jaxpr, [v for v, c in zip(jaxpr.constvars, closed.consts, strict=True)
                                if leading(c, b) and id(c) not in rec.top
-                               and id(c) not in rec.params and id(c) not in weights
+                               and id(c) not in rec.params and not _looked_up(weights, c)
                                and not _keys(c) and not isinstance(c, np.ndarray)])
     mapped = _depending(jaxpr, rows(b))
     for path, calls in wants.items():
@@ -378,6 +378,13 @@ def _whole_calls(rec: Recorder, closed: Any, found: list[tuple[str, Optional[int
         stacklevel=caller_stacklevel())
   return {path: [whole.get((path, j), False) for j in range(len(calls))]
           for path, calls in wants.items()}
+
+
+def _looked_up(weights: dict[int, Callable[[], Any]], c: Any) -> bool:
+  """Whether ``c`` is a weight in ``weights`` (``Recorder.looked_up``'s weak references: an id
+  whose weight is gone may be ``c``'s now)."""
+  ref = weights.get(id(c))
+  return ref is not None and ref() is c
 
 
 def _keys(a: Any) -> bool:
@@ -774,7 +781,7 @@ def _whole_batch_lanes(rec: Recorder, fun: Callable, in_axes: Any, a: tuple, kw:
            if ax is not None and hasattr(x, "shape")]
   roles = _mapped_roles(in_axes, a, kw)
   found: list[list[tuple[str, Optional[int]]]] = []
-  weights: dict[int, Any] = {}  # the weights the lane's layers read (`Recorder.looked_up`)
+  weights: dict[int, Callable[[], Any]] = {}  # the lane's layers' weights (`Recorder.looked_up`)
 
   def lanes(*mapped):
     full = list(leaves)
