@@ -899,13 +899,12 @@ def test_multisteps_mixes_a_shared_slot_mask_and_a_mask_per_expert():
                                  atol=1e-13, err_msg=f"expert {e}")
 
 
-# orbax leaves a coroutine of the refused restore unawaited (its own, reported when collected)
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_multisteps_state_with_one_count_per_stack_restores_from_orbax(tmp_path):
   """A ``MultiStepsState`` checkpointed by ``orbax`` before the counts were per layer of a stack
   (one scalar count per layer path) does not restore into a template of ``tx.init`` (orbax
-  checks shapes: ``(E,)`` requested, ``()`` stored); it restores into that template with scalar
-  counts (docs/usage.md), and the cycle ends with the float64 factors of the state never saved."""
+  checks shapes: ``(E,)`` requested, ``()`` stored, read from the checkpoint's metadata); it
+  restores into that template with scalar counts (docs/usage.md), and the cycle ends with the
+  float64 factors of the state never saved."""
   ocp = pytest.importorskip("orbax.checkpoint")
   with jax.enable_x64(True):
     model = LinenMoE()
@@ -925,8 +924,13 @@ def test_multisteps_state_with_one_count_per_stack_restores_from_orbax(tmp_path)
     checkpointer.save(tmp_path / "old", old)
     checkpointer.wait_until_finished()
     template = tx.init(params)
-    with pytest.raises(ValueError, match="shape"):
-      checkpointer.restore(tmp_path / "old", template)
+    # what orbax checks on restore (a refused restore leaves orbax's reading coroutines
+    # pending, reported as unraisable exceptions in later tests): () stored, (E,) requested
+    stored = checkpointer.metadata(tmp_path / "old")
+    stored = getattr(stored, "item_metadata", None) or stored
+    stored = getattr(stored, "tree", stored)
+    assert stored["acc_rows"]["experts/wi"].shape == ()
+    assert template.acc_rows["experts/wi"].shape == (E,)
     template = template._replace(acc_rows={p: jnp.zeros((), r.dtype)
                                            for p, r in template.acc_rows.items()})
     restored = checkpointer.restore(tmp_path / "old", template)
