@@ -302,17 +302,7 @@ def _whole_batch_steps(rec: Recorder, f: Callable, xs: Any, depth: int) -> dict[
 
   def step(x):
     frame = TransformFrame("scan", _inputs(x, xs, ["stack"] * len(_leaves(xs))))
-    outer, rec.looked_up = rec.looked_up, weights
-    try:
-      with rec.frame(frame):
-        f(x)
-    finally:
-      rec.looked_up = outer
-      if outer is not None:  # a map inside another's step: its weights are the outer's too
-        outer.update(weights)
-    calls = [(path, p) for path, ps in frame.records.items() for p in ps]
-    found[:] = [[(path, _step_examples(p, depth)) for path, p in calls]]  # no tracer kept
-    return [p.captured.inputs for _, p in calls]
+    return _probed_calls(rec, frame, lambda: f(x), weights, found, depth)
 
   one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), xs)
   try:
@@ -332,6 +322,27 @@ def _whole_batch_steps(rec: Recorder, f: Callable, xs: Any, depth: int) -> dict[
       "a `jax.lax.map` reads, in each step,", "step sees",
       "`jax.lax.scan` (its axis is more rows of each example) or map over keys and draw the "
       "noise inside; if the map is over the examples, write it as `jax.vmap`")
+
+
+def _probed_calls(rec: Recorder, frame: TransformFrame, run: Callable[[], Any],
+                  weights: dict[int, Callable[[], Any]],
+                  found: list[list[tuple[str, Optional[int]]]], depth: int) -> list[Any]:
+  """One step of a ``lax.map`` or lane of a ``vmap`` traced again (``_whole_batch_steps``,
+  ``_whole_batch_lanes``): ``run()`` in ``frame``, the weights its layers look up noted in
+  ``weights`` (``Recorder.looked_up``; also in an enclosing probe's, as a map inside another's
+  step reads the outer step's weights too), each call's path and examples in ``found`` (no
+  tracer kept); returns the calls' inputs, the outputs of the traced jaxpr."""
+  outer, rec.looked_up = rec.looked_up, weights
+  try:
+    with rec.frame(frame):
+      run()
+  finally:
+    rec.looked_up = outer
+    if outer is not None:
+      outer.update(weights)
+  calls = [(path, p) for path, ps in frame.records.items() for p in ps]
+  found[:] = [[(path, _step_examples(p, depth)) for path, p in calls]]
+  return [p.captured.inputs for _, p in calls]
 
 
 def _whole_calls(rec: Recorder, closed: Any, found: list[tuple[str, Optional[int]]],
@@ -791,17 +802,7 @@ def _whole_batch_lanes(rec: Recorder, fun: Callable, in_axes: Any, a: tuple, kw:
 
     def lane(*inner_a, **inner_kw):
       frame = TransformFrame("vmap", _inputs((inner_a, inner_kw), (a, kw), roles))
-      outer, rec.looked_up = rec.looked_up, weights
-      try:
-        with rec.frame(frame):
-          fun(*inner_a, **inner_kw)
-      finally:
-        rec.looked_up = outer
-        if outer is not None:  # a vmap inside a map's step: its weights are the step's too
-          outer.update(weights)
-      calls = [(path, p) for path, ps in frame.records.items() for p in ps]
-      found[:] = [[(path, _step_examples(p, depth)) for path, p in calls]]
-      return [p.captured.inputs for _, p in calls]
+      return _probed_calls(rec, frame, lambda: fun(*inner_a, **inner_kw), weights, found, depth)
 
     return _ORIGINAL["vmap"](lane, in_axes, 0, *options[0], **options[1])(*outer_a, **outer_kw)
 
