@@ -108,3 +108,26 @@ def test_options_study_compiles_with_and_without_the_options(monkeypatch):
   with pytest.raises(Exception, match="xla_no_such_option_for_this_test"):
     compile_time.options_study(["tiny"], {"xla_no_such_option_for_this_test": 1}, rounds=1,
                                steps=7)
+
+
+def test_compile_depth_compares_one_model_written_two_ways():
+  """``compile_depth``'s unrolled LM is the scanned one with its blocks called in turn: with
+  the scanned params unstacked into ``blocks_i``, the logits agree (a renamed layer or a
+  different block would fail here, and the two forms' compile times would compare two
+  models)."""
+  import jax
+  import jax.numpy as jnp
+
+  from benchmarks import compile_depth
+  vocab, context, depth = 11, 8, 3
+  tokens = jnp.asarray(np.arange(2 * context).reshape(2, context) % vocab, jnp.int32)
+  scanned = compile_depth.ScannedLM(vocab, context, width=16, depth=depth, heads=2)
+  unrolled = compile_depth.UnrolledLM(vocab, context, width=16, depth=depth, heads=2)
+  params = scanned.init(jax.random.key(0), tokens)["params"]
+  flat = {k: v for k, v in params.items() if k != "blocks"}
+  for i in range(depth):
+    flat[f"blocks_{i}"] = jax.tree.map(lambda a, i=i: a[i], params["blocks"])
+  assert jax.tree.structure(flat) == jax.tree.structure(
+      unrolled.init(jax.random.key(0), tokens)["params"])
+  np.testing.assert_allclose(unrolled.apply({"params": flat}, tokens),
+                             scanned.apply({"params": params}, tokens), rtol=2e-5, atol=2e-5)
