@@ -26,6 +26,13 @@ weight that ``Shared``'s ``get`` computes (a transpose; its param is found from 
 ``get``), whose use is not recorded, and a call that adds another bias (or none) than the
 bias of the weight's own layer, whose rows ``[x; 1]`` count that bias.
 
+An ``eqx.nn.Embedding`` table tied to a ``Linear`` (whichever of the two holds the param) is
+one table: the ``Linear``'s calls are recorded as its output-layer use (linen's ``attend``,
+preconditioned with ``fisher="tied"``; ``_tables`` finds the weights ``Shared`` puts in an
+``Embedding``). A table that a ``Linear`` reads transposed (``get`` computes ``E^T``) is
+marked with an empty ``statistics.TRANSPOSED_USE`` record, on which ``update`` and
+``coverage`` name the table and the fix: neither ``diag(f)`` nor ``"tied"`` models that use.
+
 An ``eqx.nn.Embedding`` table read by the user's code outside its lookup
 (``self.emb.weight @ h``, a tied output layer written by hand) has a second use that no call
 records: its local Fisher ``diag(f)`` models the lookup only, and the rows of tokens absent
@@ -51,7 +58,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 
-from sngd_jax._src import layer_spec, paths
+from sngd_jax._src import layer_spec, paths, statistics
 from sngd_jax._src.capture import custom, swap, transforms
 from sngd_jax._src.capture.records import (
     Argnums,
@@ -305,7 +312,7 @@ class _TableReads:
     shared_code = getattr(shared_call, "__code__", None)
     f = frame
     while f is not None:
-      if f.f_code is shared_code:
+      if f.f_code is shared_code or f.f_code is _SharedUses.note.__code__:
         return  # the `get` of an eqx.nn.Shared: the tie to a Linear, which is recorded
       f = f.f_back
     parts = self.rec.trace(weight)[1]
@@ -412,6 +419,12 @@ def _wrap(rec: Recorder, original: Callable, recorder: Any, unnamed: dict[str, N
         if frozen.left_out_call(rec, weight, type(self).__name__):
           continue  # a leaf of another argument (eqx.partition's frozen half): not trained
         source = shared.source_of(rec, weight)
+        if source is not None and kind == "dense" and source in tables_parts(rec, tables):
+          # an Embedding's table read transposed by a Linear (`get` computes E^T): marked on
+          # the table (no ids), so that update and coverage name it and the fix
+          rec.add(paths.join(source[:-1]), jnp.zeros((0,), jnp.int32), None, "embed",
+                  statistics.TRANSPOSED_USE, roles=roles, batch_axis=None)
+          continue
         if source is not None:  # computed from a param by eqx.nn.Shared's `get`
           shared.computed_uses[source] = type(self).__name__
           continue
@@ -537,12 +550,33 @@ def _declared_calls(model: Any, calls: list[Any]) -> Iterator[None]:
     yield
 
 
+def tables_parts(rec: Recorder, tables: frozenset[int]) -> set[tuple[str, ...]]:
+  """The path parts of the ``eqx.nn.Embedding`` tables ``tables`` (their ``id``)."""
+  return {parts for i, parts in rec.top.items() if i in tables}
+
+
 def _tables(model: Any) -> frozenset[int]:
-  """``id`` of the weight of each ``eqx.nn.Embedding`` in ``model``."""
-  embedding = _equinox().nn.Embedding
-  return frozenset(
-      id(node.weight) for node in jax.tree.leaves(model, is_leaf=lambda n: isinstance(n, embedding))
-      if isinstance(node, embedding))
+  """``id`` of the weight of each ``eqx.nn.Embedding`` in ``model``, and of each weight that
+  an ``eqx.nn.Shared`` of ``model`` puts in an ``Embedding`` as its table (a ``Linear``'s:
+  the tie written with ``where`` on the table), which a ``Linear`` call then reads as the
+  table's output-layer use."""
+  eqx = _equinox()
+  embedding, shared = eqx.nn.Embedding, eqx.nn.Shared
+  is_node = lambda n: isinstance(n, (embedding, shared))
+  out = set()
+  for node in jax.tree.leaves(model, is_leaf=is_node):
+    if isinstance(node, embedding):
+      out.add(id(node.weight))
+    elif isinstance(node, shared):
+      try:
+        tied = node()
+      except Exception:  # noqa: BLE001 - a `get` that needs a transform's context (stacked
+        continue  # ties under a vmap): no tie is found, the calls are recorded as they are
+      tied_leaves = set(map(id, jax.tree.leaves(node.pytree)))
+      for inner in jax.tree.leaves(tied, is_leaf=lambda n: isinstance(n, embedding)):
+        if isinstance(inner, embedding) and id(inner.weight) in tied_leaves:
+          out.add(id(inner.weight))
+  return frozenset(out)
 
 
 def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool = False,
