@@ -467,6 +467,36 @@ def test_a_transposed_shared_table_is_an_error_that_names_it():
   np.testing.assert_array_equal(updates.shared.pytree[0].weight, grads.shared.pytree[0].weight)
 
 
+def test_a_table_that_is_a_linears_weight_transposed_pools_the_lookups_as_one_hot_rows():
+  """``eqx.nn.Shared`` putting a ``Linear(V, D)``'s weight ``W (D, V)`` transposed in an
+  ``Embedding`` (``where`` on the table, ``get`` transposing ``W``): a lookup of id ``v`` is
+  that Linear's call on the one-hot ``e_v``, so ``W``'s local Fisher pools the Linear's inputs
+  and the lookups' one-hot rows, ``G = (X^T X + E^T E) / n``, applied to the summed gradient.
+  Before: a warning, and the Linear's inputs alone (``coverage`` said 'linear/dense')."""
+  k = jax.random.split(KEYS[2], 2)
+  emb = eqx.nn.Embedding(5, 3, key=k[0], dtype=jnp.float64)
+  lin = eqx.nn.Linear(5, 3, use_bias=False, key=k[1], dtype=jnp.float64)
+  model = eqx.nn.Shared((emb, lin), where=lambda p: p[0].weight,
+                        get=lambda p: jnp.transpose(p[1].weight))
+
+  def loss(shared, tokens, x):
+    emb, lin = shared()
+    return jnp.sum(jnp.sin(jax.vmap(emb)(tokens) * jax.vmap(lin)(x)))
+
+  tokens = jnp.array([0, 3, 3, 1, 4, 3])
+  x = jax.random.normal(KEYS[3], (6, 5), jnp.float64)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # before: 'a Embedding reads a copy of param ...'
+    grads, updates, acts = _one_update(loss, model, tokens, x)
+  assert set(acts) == {"pytree/1"} and len(acts["pytree/1"]) == 2
+  rows = np.concatenate([np.eye(5)[np.asarray(tokens)], np64(x)])
+  _check_linear(rows, grads.pytree[1], updates.pytree[1], "pytree/1", bias=None)
+  params = eqx.filter(model, eqx.is_inexact_array)
+  state = factors_after_one_step(params, grads, acts)
+  np.testing.assert_allclose(np64(state.factors["pytree/1"]),
+                             ref.linear_factor(rows, bias=False), rtol=1e-12)
+
+
 class SharedLinear(eqx.Module):
   """Two Linear layers with one weight (``eqx.nn.Shared`` ties the weight alone): ``first``
   with ``bias_first`` or bias-free, ``second`` with its own bias."""

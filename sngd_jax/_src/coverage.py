@@ -167,8 +167,9 @@ def _mismatch(spec: layers_lib.LayerSpec, calls) -> Optional[str]:
     return (f"also read transposed by a Linear (`eqx.nn.Shared` whose `get` transposes the "
             f"table): its local Fisher is neither diag(f) nor 'tied'; tie the Linear "
             f"untransposed (an output layer `Linear(features, vocabulary)`) with "
-            f"fisher={{{(spec.source or spec.path)!r}: 'tied'}}, or pass "
-            f"fisher={{{(spec.source or spec.path)!r}: None}}")
+            f"fisher={{{(spec.source or spec.path)!r}: 'tied'}}, hold the param in the "
+            f"Linear (`where` on the table, `get` transposing the Linear's weight: one dense "
+            f"layer), or pass fisher={{{(spec.source or spec.path)!r}: None}}")
   if factors_lib.untied_output_use(spec, calls):
     return (f"also the output layer (`attend`, tied weights); pass "
             f"fisher={{{spec.path!r}: 'tied'}} (or None)")

@@ -372,9 +372,12 @@ def transposed_use_message(path: str) -> str:
           "untransposed). An Equinox `Linear` stores its weight `(out, in)` as the table is "
           "stored `(vocabulary, features)`, so an output layer `Linear(features, "
           "vocabulary)` ties to the table without a transpose (`get=lambda p: "
-          f"p[0].weight`) and takes `fisher={{{path!r}: 'tied'}}`. Otherwise pass "
-          f"`fisher={{{path!r}: None}}` to leave the table to the next transform, or untie "
-          "the two layers (no `eqx.nn.Shared`).")
+          f"p[0].weight`) and takes `fisher={{{path!r}: 'tied'}}`. A `Linear(V, D)` that "
+          "reads the table transposed is preconditioned exactly when it holds the param "
+          "instead (`where=lambda p: p[0].weight, get=lambda p: jnp.transpose(p[1].weight)`: "
+          "the lookups are then that Linear's calls on one-hot rows, pooled into its dense "
+          f"local Fisher). Otherwise pass `fisher={{{path!r}: None}}` to leave the table to "
+          "the next transform, or untie the two layers (no `eqx.nn.Shared`).")
 
 
 def layer_calls(spec: LayerSpec, calls: Sequence[Captured]) -> tuple[Captured, ...]:

@@ -32,6 +32,9 @@ preconditioned with ``fisher="tied"``; ``_tables`` finds the weights ``Shared`` 
 ``Embedding``). A table that a ``Linear`` reads transposed (``get`` computes ``E^T``) is
 marked with an empty ``statistics.TRANSPOSED_USE`` record, on which ``update`` and
 ``coverage`` name the table and the fix: neither ``diag(f)`` nor ``"tied"`` models that use.
+Held the other way (a ``Linear``'s weight ``W`` put transposed in an ``Embedding``), a lookup
+of id ``v`` is recorded as that ``Linear``'s call on the one-hot ``e_v``: its dense local
+Fisher pools both uses, exactly.
 
 An ``eqx.nn.Embedding`` table read by the user's code outside its lookup
 (``self.emb.weight @ h``, a tied output layer written by hand) has a second use that no call
@@ -187,6 +190,7 @@ class _SharedUses:
     computed: ``id`` of an array that ``eqx.nn.Shared``'s ``get`` computed from a param (a
       transposed weight) -> (that array, the param's path parts).
     computed_uses: the path of a param whose computed copy a layer read -> that layer's class.
+    transposed: ``id`` of the arrays of ``computed`` that are exactly their param's transpose.
     foreign_bias: the path of a layer with a bias whose weight a module with another bias
       (or none) read -> that module's bias path (None for none, ``_COMPUTED`` for a bias
       computed in the loss, not a param).
@@ -196,6 +200,7 @@ class _SharedUses:
     self.paths = paths_of_leaves
     self.computed: dict[int, tuple[Any, tuple[str, ...]]] = {}
     self.computed_uses: dict[tuple[str, ...], str] = {}
+    self.transposed: set[int] = set()
     self.foreign_bias: dict[str, Optional[str]] = {}
 
   def note(self, rec: Recorder, shared: Any, out: Any) -> None:
@@ -214,6 +219,7 @@ class _SharedUses:
 
     jaxpr = jax.make_jaxpr(get)(*leaves).jaxpr
     deps: dict[Any, set[int]] = {v: {i} for i, v in enumerate(jaxpr.invars)}
+    producer = {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
     for eqn in jaxpr.eqns:
       d = set().union(*(deps.get(v, set()) for v in eqn.invars
                         if not isinstance(v, jex_core.Literal)))
@@ -225,6 +231,11 @@ class _SharedUses:
       sources = [parts for parts in sources if parts is not None]
       if sources:
         self.computed[id(target)] = (target, sources[0])
+        eqn = producer.get(var)
+        if (eqn is not None and eqn.primitive.name == "transpose"
+            and tuple(eqn.params.get("permutation", ())) == (1, 0)
+            and eqn.invars[0] in jaxpr.invars):
+          self.transposed.add(id(target))  # exactly the param's transpose
 
   def source_of(self, rec: Recorder, weight: Any) -> Optional[tuple[str, ...]]:
     """The path parts of the param that ``weight`` was computed from by ``eqx.nn.Shared``."""
@@ -233,6 +244,11 @@ class _SharedUses:
       if entry is not None and entry[0] is w:
         return entry[1]
     return None
+
+  def is_transpose(self, rec: Recorder, weight: Any) -> bool:
+    """Whether ``weight`` is exactly the transpose of its param (``source_of``)."""
+    return any(id(w) in self.transposed and self.computed[id(w)][0] is w
+               for w in (weight, rec.outer(weight)) if id(w) in self.computed)
 
   def check_bias(self, rec: Recorder, path: str, bias_parts: tuple[str, ...],
                  bias: Any) -> None:
@@ -425,6 +441,15 @@ def _wrap(rec: Recorder, original: Callable, recorder: Any, unnamed: dict[str, N
           rec.add(paths.join(source[:-1]), jnp.zeros((0,), jnp.int32), None, "embed",
                   statistics.TRANSPOSED_USE, roles=roles, batch_axis=None)
           continue
+        if (source is not None and kind == "embed" and getattr(weight, "ndim", 0) == 2
+            and shared.is_transpose(rec, weight)):
+          # an Embedding whose table is a Linear's weight W transposed: a lookup of id v is
+          # that Linear's call on the one-hot e_v (W e_v), so its rows join the Linear's
+          layer = paths.join(source[:-1])
+          rec.add(layer, jax.nn.one_hot(x, weight.shape[0], dtype=weight.dtype), z, "dense",
+                  (), roles=roles, batch_axis=None)
+          shared.check_bias(rec, layer, source[:-1] + ("bias",), None)
+          continue
         if source is not None:  # computed from a param by eqx.nn.Shared's `get`
           shared.computed_uses[source] = type(self).__name__
           continue
@@ -562,20 +587,18 @@ def _tables(model: Any) -> frozenset[int]:
   table's output-layer use."""
   eqx = _equinox()
   embedding, shared = eqx.nn.Embedding, eqx.nn.Shared
-  is_node = lambda n: isinstance(n, (embedding, shared))
-  out = set()
-  for node in jax.tree.leaves(model, is_leaf=is_node):
-    if isinstance(node, embedding):
-      out.add(id(node.weight))
-    elif isinstance(node, shared):
-      try:
-        tied = node()
-      except Exception:  # noqa: BLE001 - a `get` that needs a transform's context (stacked
-        continue  # ties under a vmap): no tie is found, the calls are recorded as they are
-      tied_leaves = set(map(id, jax.tree.leaves(node.pytree)))
-      for inner in jax.tree.leaves(tied, is_leaf=lambda n: isinstance(n, embedding)):
-        if isinstance(inner, embedding) and id(inner.weight) in tied_leaves:
-          out.add(id(inner.weight))
+  embeddings = lambda tree: [n for n in jax.tree.leaves(
+      tree, is_leaf=lambda n: isinstance(n, embedding)) if isinstance(n, embedding)]
+  out = {id(node.weight) for node in embeddings(model)}
+  for node in jax.tree.leaves(model, is_leaf=lambda n: isinstance(n, shared)):
+    if not isinstance(node, shared) or not embeddings(node.pytree):
+      continue
+    try:
+      tied = node()
+    except Exception:  # noqa: BLE001 - a `get` that needs a transform's context (stacked
+      continue  # ties under a vmap): no tie is found, the calls are recorded as they are
+    tied_leaves = set(map(id, jax.tree.leaves(node.pytree)))
+    out.update(id(e.weight) for e in embeddings(tied) if id(e.weight) in tied_leaves)
   return frozenset(out)
 
 
