@@ -2,6 +2,7 @@
 an LSTM/GRU under the user's lax.scan, embeddings and normalization layers against float64
 numpy references; stacked layers scanned over train like the unrolled ones; coverage."""
 
+import re
 import warnings
 
 import jax
@@ -10,7 +11,7 @@ import np_reference as ref
 import numpy as np
 import optax
 import pytest
-from exact import exact_sngd
+from exact import exact_sngd, factors_after_one_step
 from np_reference import np64
 
 import sngd_jax
@@ -344,6 +345,156 @@ def test_shared_tied_table_is_preconditioned_as_both_layers():
                                                has_aux=True)(model, tokens)
   with pytest.raises(ValueError, match=r"fisher=\{'shared/pytree/0': 'tied'\}"):
     tx.update(grads, tx.init(params), params, activations=acts)
+
+
+class SharedLM(eqx.Module):
+  """Equinox's documented tie (``eqx.nn.Shared``'s example): an ``Embedding`` and a bias-free
+  output ``Linear(D, V)`` share one ``(V, D)`` table. ``on_table=False`` is the example's
+  ``where`` (the Linear's weight replaced by the table: the param is the Embedding's),
+  ``on_table=True`` the other way (the table replaced by the Linear's weight)."""
+  shared: eqx.nn.Shared
+  mid: eqx.nn.Linear
+
+  def __init__(self, key, on_table):
+    k = jax.random.split(key, 3)
+    emb = eqx.nn.Embedding(9, 3, key=k[0], dtype=jnp.float64)
+    out = eqx.nn.Linear(3, 9, use_bias=False, key=k[1], dtype=jnp.float64)
+    if on_table:
+      where, get = (lambda p: p[0].weight), (lambda p: p[1].weight)
+    else:
+      where, get = (lambda p: p[1].weight), (lambda p: p[0].weight)
+    self.shared = eqx.nn.Shared((emb, out), where=where, get=get)
+    self.mid = eqx.nn.Linear(3, 3, key=k[2], dtype=jnp.float64)
+
+  def __call__(self, tokens):  # one sequence (T,) -> next-token log-likelihoods
+    emb, out = self.shared()
+    h = jnp.tanh(jax.vmap(self.mid)(jax.vmap(emb)(tokens)))
+    logp = jax.nn.log_softmax(jax.vmap(out)(h))
+    return jnp.take_along_axis(logp[:-1], tokens[1:, None], axis=-1)
+
+
+def _lm_loss(model, tokens):
+  return -jnp.sum(jax.vmap(model)(tokens))
+
+
+@pytest.mark.filterwarnings("ignore:sngd. fisher=.tied. with max_norm=None")
+@pytest.mark.parametrize("on_table", [False, True])
+def test_shared_lm_tie_factors_and_step_against_numpy(on_table):
+  """The documented ``eqx.nn.Shared`` language model, ``fisher={path: "tied"}`` at the path of
+  the tied param (the Embedding's, or the Linear's when the tie's ``where`` is the table).
+  Factors from a numpy forward pass: the lookup's token frequencies ``f`` and the readout's
+  ``G_h = H^T H / n`` over its inputs; one step is ``(diag(f) + rho_D I)^{-1} g_E (G_h +
+  rho_G I)^{-1}`` of the summed gradient of both uses. ``on_table`` used to be refused
+  ('tied' for a Linear) and warned that the table was read outside its lookup (sngd's own
+  read of ``where``); without 'tied' ``update`` raised ``KeyError: 'embed'``."""
+  model = SharedLM(KEYS[7], on_table)
+  tokens = jnp.array([[1, 4, 4, 0, 2], [4, 1, 2, 7, 7]])
+  path = "shared/pytree/1" if on_table else "shared/pytree/0"
+  leaf = lambda t: t.shared.pytree[1 if on_table else 0].weight
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # before (on_table): sngd's own read of `where` warned
+    warnings.filterwarnings("ignore", message="sngd: fisher='tied' with max_norm=None")
+    grads, updates, acts = _one_update(_lm_loss, model, tokens, fisher={path: "tied"})
+  assert set(acts) == {path, "mid"}
+  e, ids = np64(leaf(model)), np.asarray(tokens).ravel()
+  x = e[ids]
+  h = np.tanh(x @ np64(model.mid.weight).T + np64(model.mid.bias))
+  freq = np.bincount(ids, minlength=9) / ids.size
+  g_h = np.einsum("ni,nj->ij", h, h) / h.shape[0]
+  params = eqx.filter(model, eqx.is_inexact_array)
+  state = factors_after_one_step(params, grads, acts, fisher={path: "tied"})
+  np.testing.assert_allclose(np64(state.factors[path]), freq, rtol=1e-12)
+  np.testing.assert_allclose(np64(state.factors[path + "[attend]"]), g_h, rtol=1e-10)
+  g_e = np64(leaf(grads))
+  rows = g_e / (freq + ref.DAMPING * freq.sum())[:, None]
+  expect = np.linalg.solve(g_h + ref.DAMPING * np.trace(g_h) * np.eye(3), rows.T).T
+  np.testing.assert_allclose(np64(leaf(updates)), expect, rtol=1e-9)
+  _check_linear(x, grads.mid, updates.mid, "mid")
+  report = sngd_jax.coverage(_lm_loss, model, tokens, fisher={path: "tied"})
+  row = {r.path: r for r in report.params}[path + "/weight"]
+  assert row.fisher == "tied: diagonal/embed 9 + linear/attend 3x3"
+  # without 'tied': coverage and update name the layer and the fix
+  report = sngd_jax.coverage(_lm_loss, model, tokens)
+  row = {r.path: r for r in report.params}[path + "/weight"]
+  assert row.fisher.startswith("MISSING") and f"fisher={{{path!r}: 'tied'}}" in row.fisher
+  tx = sngd_jax.sngd()
+  with pytest.raises(ValueError, match=re.escape(f"fisher={{{path!r}: 'tied'}}")):
+    tx.update(grads, tx.init(params), params, activations=acts)
+
+
+class TransposedTable(eqx.Module):
+  """An Embedding table ``E (V, D)`` tied transposed to a ``Linear(V, D)`` (``get`` returns
+  ``E^T``, as in the side note of ``eqx.nn.Shared``'s docs): the Linear's inputs index the
+  table's rows, as the lookup's ids do."""
+  shared: eqx.nn.Shared
+
+  def __init__(self, key):
+    k = jax.random.split(key, 2)
+    emb = eqx.nn.Embedding(5, 3, key=k[0], dtype=jnp.float64)
+    lin = eqx.nn.Linear(5, 3, use_bias=False, key=k[1], dtype=jnp.float64)
+    self.shared = eqx.nn.Shared((emb, lin), where=lambda p: p[1].weight,
+                                get=lambda p: jnp.transpose(p[0].weight))
+
+  def __call__(self, token):
+    emb, lin = self.shared()
+    return jnp.sum(jnp.sin(emb(token) + lin(jax.nn.one_hot(token + 1, 5) * 2.0)))
+
+
+def test_a_transposed_shared_table_is_an_error_that_names_it():
+  """``E^T`` read by a Linear: neither ``diag(f)`` nor 'tied' models that use (its factor on
+  the table's rows is not diagonal). ``update`` (tied or not) and ``coverage`` name the table
+  and the fixes; ``fisher={path: None}`` passes the gradient through. Before: a capture
+  warning only, then ``update`` applied the lookup's ``diag(f)`` to the summed gradient, and
+  coverage listed the table as 'diagonal/embed 5'."""
+  model = TransposedTable(KEYS[2])
+  tokens = jnp.array([0, 3, 3, 1])
+  loss = lambda m, t: jnp.sum(jax.vmap(m)(t))
+  path = "shared/pytree/0"
+  (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(loss), has_aux=True)(
+      model, tokens)
+  params = eqx.filter(model, eqx.is_inexact_array)
+  for fisher in ("linear", {path: "tied"}):
+    tx = sngd_jax.sngd(fisher=fisher)
+    with pytest.raises(ValueError, match=r"embedding 'shared/pytree/0' is also read "
+                       r"transposed by a Linear.*fisher=\{'shared/pytree/0': None\}"):
+      tx.update(grads, tx.init(params), params, activations=acts)
+    row = {r.path: r for r in sngd_jax.coverage(loss, model, tokens, fisher=fisher).params}[
+        path + "/weight"]
+    assert row.fisher.startswith("MISSING: also read transposed by a Linear"), row.fisher
+    assert f"fisher={{{path!r}: None}}" in row.fisher
+  tx = sngd_jax.sngd(fisher={path: None})
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  np.testing.assert_array_equal(updates.shared.pytree[0].weight, grads.shared.pytree[0].weight)
+
+
+def test_a_table_that_is_a_linears_weight_transposed_pools_the_lookups_as_one_hot_rows():
+  """``eqx.nn.Shared`` putting a ``Linear(V, D)``'s weight ``W (D, V)`` transposed in an
+  ``Embedding`` (``where`` on the table, ``get`` transposing ``W``): a lookup of id ``v`` is
+  that Linear's call on the one-hot ``e_v``, so ``W``'s local Fisher pools the Linear's inputs
+  and the lookups' one-hot rows, ``G = (X^T X + E^T E) / n``, applied to the summed gradient.
+  Before: a warning, and the Linear's inputs alone (``coverage`` said 'linear/dense')."""
+  k = jax.random.split(KEYS[2], 2)
+  emb = eqx.nn.Embedding(5, 3, key=k[0], dtype=jnp.float64)
+  lin = eqx.nn.Linear(5, 3, use_bias=False, key=k[1], dtype=jnp.float64)
+  model = eqx.nn.Shared((emb, lin), where=lambda p: p[0].weight,
+                        get=lambda p: jnp.transpose(p[1].weight))
+
+  def loss(shared, tokens, x):
+    emb, lin = shared()
+    return jnp.sum(jnp.sin(jax.vmap(emb)(tokens) * jax.vmap(lin)(x)))
+
+  tokens = jnp.array([0, 3, 3, 1, 4, 3])
+  x = jax.random.normal(KEYS[3], (6, 5), jnp.float64)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # before: 'a Embedding reads a copy of param ...'
+    grads, updates, acts = _one_update(loss, model, tokens, x)
+  assert set(acts) == {"pytree/1"} and len(acts["pytree/1"]) == 2
+  rows = np.concatenate([np.eye(5)[np.asarray(tokens)], np64(x)])
+  _check_linear(rows, grads.pytree[1], updates.pytree[1], "pytree/1", bias=None)
+  params = eqx.filter(model, eqx.is_inexact_array)
+  state = factors_after_one_step(params, grads, acts)
+  np.testing.assert_allclose(np64(state.factors["pytree/1"]),
+                             ref.linear_factor(rows, bias=False), rtol=1e-12)
 
 
 class SharedLinear(eqx.Module):

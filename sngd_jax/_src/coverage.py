@@ -163,6 +163,13 @@ def _rows_of_one_layer(call):
 
 def _mismatch(spec: layers_lib.LayerSpec, calls) -> Optional[str]:
   """Why ``update`` would reject these calls for this layer, or None."""
+  if any(c.kind == "embed" and c.config == factors_lib.TRANSPOSED_USE for c in calls):
+    return (f"also read transposed by a Linear (`eqx.nn.Shared` whose `get` transposes the "
+            f"table): its local Fisher is neither diag(f) nor 'tied'; tie the Linear "
+            f"untransposed (an output layer `Linear(features, vocabulary)`) with "
+            f"fisher={{{(spec.source or spec.path)!r}: 'tied'}}, hold the param in the "
+            f"Linear (`where` on the table, `get` transposing the Linear's weight: one dense "
+            f"layer), or pass fisher={{{(spec.source or spec.path)!r}: None}}")
   if factors_lib.untied_output_use(spec, calls):
     return (f"also the output layer (`attend`, tied weights); pass "
             f"fisher={{{spec.path!r}: 'tied'}} (or None)")

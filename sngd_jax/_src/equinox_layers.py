@@ -14,7 +14,9 @@ layer written in Flax. Leading axes beyond a type's own rank are stack axes
   transposed convolution is the convolution of the stride-dilated input.
 * ``Embedding``: a diagonal factor (token frequencies); with ``fisher="tied"``, a
   table that a ``Linear`` also reads as its weight (``eqx.nn.Shared``) is also that
-  output layer, as linen's ``attend``.
+  output layer, as linen's ``attend``. Tied the other way (the ``Embedding``'s table replaced
+  by a bias-free ``Linear``'s weight), the ``Linear`` with ``fisher="tied"`` has the same two
+  specs.
 * ``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``BatchNorm``: one ``2 x 2``
   block per channel (``1 x 1`` without a bias).
 * ``LSTMCell``, ``GRUCell``: two dense layers named by their weight,
@@ -47,7 +49,8 @@ def _kind(fisher, path: str):
     raise ValueError(
         f"sngd: fisher='tied' for Equinox layer {path!r}, which is not an `Embedding`; "
         "'tied' is for an embedding table that a `Linear` also reads as its weight "
-        "(`eqx.nn.Shared`)")
+        "(`eqx.nn.Shared`), or a bias-free `Linear` whose weight an `Embedding` reads as "
+        "its table")
   return kind
 
 
@@ -71,7 +74,21 @@ def _dense(module: Any, parts: Parts, fisher, weight: str, bias: Optional[str], 
 
 
 def linear(module: Any, parts: Parts, fisher) -> list[layers_lib.LayerSpec]:
-  return _dense(module, parts, fisher, "weight", "bias", paths.join(parts), 2, (1, 0))
+  """A dense spec; with ``fisher="tied"``, a bias-free ``Linear`` whose weight an
+  ``Embedding`` reads as its table (``eqx.nn.Shared`` with ``where`` on the table): the
+  weight ``(V, D)`` is the table, with the specs of a tied ``Embedding`` (``embedding``)."""
+  path = paths.join(parts)
+  w = getattr(module, "weight", None)
+  if layers_lib.resolve_fisher(fisher, path) == layers_lib.TIED and w is not None:
+    if getattr(module, "bias", None) is not None:
+      raise ValueError(
+          f"sngd: fisher='tied' for Equinox layer {path!r}, which is not an `Embedding` but "
+          "a `Linear` with a bias; 'tied' is for a table read both by an `Embedding` lookup "
+          "and by a bias-free `Linear` readout (`eqx.nn.Shared`), whose rows are `[h]`, not "
+          "`[h; 1]`: build the readout with `use_bias=False`, or pass another kind for this "
+          "layer")
+    return _tied_table(w, parts, path)
+  return _dense(module, parts, fisher, "weight", "bias", path, 2, (1, 0))
 
 
 def conv(module: Any, parts: Parts, fisher) -> list[layers_lib.LayerSpec]:
@@ -97,13 +114,22 @@ def embedding(module: Any, parts: Parts, fisher) -> list[layers_lib.LayerSpec]:
     return []
   if w.ndim > 2:
     raise layers_lib.stacked_table(path, parts + ("weight",), w.shape)
-  tied = kind == layers_lib.TIED
+  if kind == layers_lib.TIED:
+    return _tied_table(w, parts, path)
+  return [layers_lib.LayerSpec(path=path, kernel=parts + ("weight",), bias=None,
+                               in_dim=w.shape[0], out_dim=w.shape[1], fisher="linear",
+                               structure="diagonal")]
+
+
+def _tied_table(w: Any, parts: Parts, path: str) -> list[layers_lib.LayerSpec]:
+  """The two specs of a tied table ``w`` ``(V, D)`` (``fisher="tied"``): the lookup's
+  diagonal one at ``path`` and the output layer's ``logits = W h`` (a Linear's ``(O, I)``
+  layout, inputs ``h``) at ``tied_path(path)``."""
+  if w.ndim != 2:
+    raise layers_lib.stacked_table(path, parts + ("weight",), w.shape)
   lookup = layers_lib.LayerSpec(path=path, kernel=parts + ("weight",), bias=None,
                                 in_dim=w.shape[0], out_dim=w.shape[1], fisher="linear",
-                                structure="diagonal", tied=tied)
-  if not tied:
-    return [lookup]
-  # logits = W h with W the (V, D) table: a Linear's (O, I) layout, inputs h
+                                structure="diagonal", tied=True)
   return [lookup, layers_lib.LayerSpec(
       path=layers_lib.tied_path(path), kernel=parts + ("weight",), bias=None,
       in_dim=w.shape[1], out_dim=w.shape[0], fisher="linear", kernel_perm=(1, 0), tied=True,

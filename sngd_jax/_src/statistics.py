@@ -334,19 +334,50 @@ def is_lookup(call: Captured) -> bool:
 
 
 def untied_output_use(spec: LayerSpec, calls: Sequence[Captured]) -> bool:
-  """An embedding table without ``fisher="tied"`` that is also the output layer."""
-  return spec.structure == "diagonal" and not spec.tied and any(_is_attend(c) for c in calls)
+  """An embedding table without ``fisher="tied"`` that is also the output layer (the
+  table's spec is a ``Linear``'s when ``eqx.nn.Shared`` put the ``Linear``'s weight in the
+  ``Embedding``)."""
+  return (spec.structure in ("diagonal", "dense") and not spec.tied
+          and any(_is_attend(c) for c in calls))
 
 
 def tied_message(path: str) -> str:
   """The error for an embedding table also used as the output layer without ``'tied'``."""
   return (f"sngd: embedding {path!r} is also used as the output layer (`attend`, or a Linear "
-          "reading it through `eqx.nn.Shared`: tied "
-          "weights), so its local Fisher is not the lookup's diagonal one. Pass "
+          "and an Embedding reading one weight through `eqx.nn.Shared`: tied "
+          "weights), so its local Fisher is not the lookup's diagonal one (nor a dense "
+          "layer's). Pass "
           f"`fisher={{{path!r}: 'tied'}}` to precondition the table as both layers "
           "(the update is (D + rho I)^{-1} g_E (G_h + rho I)^{-1}, D the lookup's diagonal "
           "local Fisher, G_h the output layer's), or "
           f"`fisher={{{path!r}: None}}` to leave it to the next transform.")
+
+
+TRANSPOSED_USE = ("transposed_use",)
+"""The ``config`` of an ``embed`` record that marks a use of the table as the transposed
+weight of another layer (an ``eqx.nn.Linear`` reading ``E^T`` through ``eqx.nn.Shared``'s
+``get``): that layer's inputs index the table's rows, as the lookup's token ids do, so its
+local Fisher on the row side is not diagonal and neither ``diag(f)`` nor ``"tied"``
+models it. The record holds no ids (``inputs`` is empty): a lookup of nothing wherever it is
+read as a lookup, and ``layer_calls`` raises on it."""
+
+
+def transposed_use_message(path: str) -> str:
+  """The error for a table also read transposed by another layer (``TRANSPOSED_USE``)."""
+  return (f"sngd: embedding {path!r} is also read transposed by a Linear (`eqx.nn.Shared` "
+          "with a `get` that transposes the table, `E^T`): that layer's inputs index the "
+          "table's rows, as the lookup's token ids do, so the table's local Fisher is not "
+          "the lookup's diagonal `diag(f)`, nor the Kronecker pair of "
+          "`fisher='tied'` (which is for a readout `logits = W h` with `W = E`, the table "
+          "untransposed). An Equinox `Linear` stores its weight `(out, in)` as the table is "
+          "stored `(vocabulary, features)`, so an output layer `Linear(features, "
+          "vocabulary)` ties to the table without a transpose (`get=lambda p: "
+          f"p[0].weight`) and takes `fisher={{{path!r}: 'tied'}}`. A `Linear(V, D)` that "
+          "reads the table transposed is preconditioned exactly when it holds the param "
+          "instead (`where=lambda p: p[0].weight, get=lambda p: jnp.transpose(p[1].weight)`: "
+          "the lookups are then that Linear's calls on one-hot rows, pooled into its dense "
+          f"local Fisher). Otherwise pass `fisher={{{path!r}: None}}` to leave the table to "
+          "the next transform, or untie the two layers (no `eqx.nn.Shared`).")
 
 
 def layer_calls(spec: LayerSpec, calls: Sequence[Captured]) -> tuple[Captured, ...]:
@@ -358,8 +389,14 @@ def layer_calls(spec: LayerSpec, calls: Sequence[Captured]) -> tuple[Captured, .
   calls (inputs: the queries ``h``). Every other layer reads all of its calls.
 
   Raises:
-    ValueError: for a tied table without lookups or without ``attend`` calls.
+    ValueError: for a tied table without lookups or without ``attend`` calls; for a table
+      also read transposed (``TRANSPOSED_USE``), tied or not; for a table also used as
+      the output layer without ``fisher="tied"``.
   """
+  if any(c.kind == "embed" and c.config == TRANSPOSED_USE for c in calls):
+    raise ValueError(transposed_use_message(spec.source or spec.path))
+  if untied_output_use(spec, calls):
+    raise ValueError(tied_message(spec.path))
   if not spec.tied:
     return tuple(calls)
   if spec.tied_head:
@@ -486,14 +523,16 @@ def batch_factor(spec: LayerSpec, calls: Sequence[Captured],
     ``(d, d)``; ``(O, d, d)`` for rfim and for norm channels; ``(V,)`` for an
     embedding; each after the layer's stack shape.
   """
+  if any(c.kind == "embed" and c.config == TRANSPOSED_USE for c in calls):
+    raise ValueError(transposed_use_message(spec.source or spec.path))
+  if untied_output_use(spec, calls):
+    raise ValueError(tied_message(spec.path))
   for call in calls:
     _check_kind(spec, call)
   _needs_outputs(spec, calls)
   if spec.stack or any(c.stack for c in calls):
     return _per_layer(batch_factor, spec, calls)
   if spec.structure == "diagonal":
-    if untied_output_use(spec, calls):
-      raise ValueError(tied_message(spec.path))
     return embed_counts(spec, calls, jax.dtypes.canonicalize_dtype(jnp.float64))
   if spec.structure == "per_channel":
     xs, zs = zip(*(norm_rows(c) for c in calls), strict=True)

@@ -26,6 +26,16 @@ weight that ``Shared``'s ``get`` computes (a transpose; its param is found from 
 ``get``), whose use is not recorded, and a call that adds another bias (or none) than the
 bias of the weight's own layer, whose rows ``[x; 1]`` count that bias.
 
+An ``eqx.nn.Embedding`` table tied to a ``Linear`` (whichever of the two holds the param) is
+one table: the ``Linear``'s calls are recorded as its output-layer use (linen's ``attend``,
+preconditioned with ``fisher="tied"``; ``_tables`` finds the weights ``Shared`` puts in an
+``Embedding``). A table that a ``Linear`` reads transposed (``get`` computes ``E^T``) is
+marked with an empty ``statistics.TRANSPOSED_USE`` record, on which ``update`` and
+``coverage`` name the table and the fix: neither ``diag(f)`` nor ``"tied"`` models that use.
+Held the other way (a ``Linear``'s weight ``W`` put transposed in an ``Embedding``), a lookup
+of id ``v`` is recorded as that ``Linear``'s call on the one-hot ``e_v``: its dense local
+Fisher pools both uses, exactly.
+
 An ``eqx.nn.Embedding`` table read by the user's code outside its lookup
 (``self.emb.weight @ h``, a tied output layer written by hand) has a second use that no call
 records: its local Fisher ``diag(f)`` models the lookup only, and the rows of tokens absent
@@ -51,7 +61,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 
-from sngd_jax._src import layer_spec, paths
+from sngd_jax._src import layer_spec, paths, statistics
 from sngd_jax._src.capture import custom, swap, transforms
 from sngd_jax._src.capture.records import (
     Argnums,
@@ -180,6 +190,7 @@ class _SharedUses:
     computed: ``id`` of an array that ``eqx.nn.Shared``'s ``get`` computed from a param (a
       transposed weight) -> (that array, the param's path parts).
     computed_uses: the path of a param whose computed copy a layer read -> that layer's class.
+    transposed: ``id`` of the arrays of ``computed`` that are exactly their param's transpose.
     foreign_bias: the path of a layer with a bias whose weight a module with another bias
       (or none) read -> that module's bias path (None for none, ``_COMPUTED`` for a bias
       computed in the loss, not a param).
@@ -189,6 +200,7 @@ class _SharedUses:
     self.paths = paths_of_leaves
     self.computed: dict[int, tuple[Any, tuple[str, ...]]] = {}
     self.computed_uses: dict[tuple[str, ...], str] = {}
+    self.transposed: set[int] = set()
     self.foreign_bias: dict[str, Optional[str]] = {}
 
   def note(self, rec: Recorder, shared: Any, out: Any) -> None:
@@ -207,6 +219,7 @@ class _SharedUses:
 
     jaxpr = jax.make_jaxpr(get)(*leaves).jaxpr
     deps: dict[Any, set[int]] = {v: {i} for i, v in enumerate(jaxpr.invars)}
+    producer = {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
     for eqn in jaxpr.eqns:
       d = set().union(*(deps.get(v, set()) for v in eqn.invars
                         if not isinstance(v, jex_core.Literal)))
@@ -218,6 +231,11 @@ class _SharedUses:
       sources = [parts for parts in sources if parts is not None]
       if sources:
         self.computed[id(target)] = (target, sources[0])
+        eqn = producer.get(var)
+        if (eqn is not None and eqn.primitive.name == "transpose"
+            and tuple(eqn.params.get("permutation", ())) == (1, 0)
+            and eqn.invars[0] in jaxpr.invars):
+          self.transposed.add(id(target))  # exactly the param's transpose
 
   def source_of(self, rec: Recorder, weight: Any) -> Optional[tuple[str, ...]]:
     """The path parts of the param that ``weight`` was computed from by ``eqx.nn.Shared``."""
@@ -226,6 +244,11 @@ class _SharedUses:
       if entry is not None and entry[0] is w:
         return entry[1]
     return None
+
+  def is_transpose(self, rec: Recorder, weight: Any) -> bool:
+    """Whether ``weight`` is exactly the transpose of its param (``source_of``)."""
+    return any(id(w) in self.transposed and self.computed[id(w)][0] is w
+               for w in (weight, rec.outer(weight)) if id(w) in self.computed)
 
   def check_bias(self, rec: Recorder, path: str, bias_parts: tuple[str, ...],
                  bias: Any) -> None:
@@ -305,7 +328,7 @@ class _TableReads:
     shared_code = getattr(shared_call, "__code__", None)
     f = frame
     while f is not None:
-      if f.f_code is shared_code:
+      if f.f_code is shared_code or f.f_code is _SharedUses.note.__code__:
         return  # the `get` of an eqx.nn.Shared: the tie to a Linear, which is recorded
       f = f.f_back
     parts = self.rec.trace(weight)[1]
@@ -412,6 +435,21 @@ def _wrap(rec: Recorder, original: Callable, recorder: Any, unnamed: dict[str, N
         if frozen.left_out_call(rec, weight, type(self).__name__):
           continue  # a leaf of another argument (eqx.partition's frozen half): not trained
         source = shared.source_of(rec, weight)
+        if source is not None and kind == "dense" and source in tables_parts(rec, tables):
+          # an Embedding's table read transposed by a Linear (`get` computes E^T): marked on
+          # the table (no ids), so that update and coverage name it and the fix
+          rec.add(paths.join(source[:-1]), jnp.zeros((0,), jnp.int32), None, "embed",
+                  statistics.TRANSPOSED_USE, roles=roles, batch_axis=None)
+          continue
+        if (source is not None and kind == "embed" and getattr(weight, "ndim", 0) == 2
+            and shared.is_transpose(rec, weight)):
+          # an Embedding whose table is a Linear's weight W transposed: a lookup of id v is
+          # that Linear's call on the one-hot e_v (W e_v), so its rows join the Linear's
+          layer = paths.join(source[:-1])
+          rec.add(layer, jax.nn.one_hot(x, weight.shape[0], dtype=weight.dtype), z, "dense",
+                  (), roles=roles, batch_axis=None)
+          shared.check_bias(rec, layer, source[:-1] + ("bias",), None)
+          continue
         if source is not None:  # computed from a param by eqx.nn.Shared's `get`
           shared.computed_uses[source] = type(self).__name__
           continue
@@ -537,12 +575,31 @@ def _declared_calls(model: Any, calls: list[Any]) -> Iterator[None]:
     yield
 
 
+def tables_parts(rec: Recorder, tables: frozenset[int]) -> set[tuple[str, ...]]:
+  """The path parts of the ``eqx.nn.Embedding`` tables ``tables`` (their ``id``)."""
+  return {parts for i, parts in rec.top.items() if i in tables}
+
+
 def _tables(model: Any) -> frozenset[int]:
-  """``id`` of the weight of each ``eqx.nn.Embedding`` in ``model``."""
-  embedding = _equinox().nn.Embedding
-  return frozenset(
-      id(node.weight) for node in jax.tree.leaves(model, is_leaf=lambda n: isinstance(n, embedding))
-      if isinstance(node, embedding))
+  """``id`` of the weight of each ``eqx.nn.Embedding`` in ``model``, and of each weight that
+  an ``eqx.nn.Shared`` of ``model`` puts in an ``Embedding`` as its table (a ``Linear``'s:
+  the tie written with ``where`` on the table), which a ``Linear`` call then reads as the
+  table's output-layer use."""
+  eqx = _equinox()
+  embedding, shared = eqx.nn.Embedding, eqx.nn.Shared
+  embeddings = lambda tree: [n for n in jax.tree.leaves(
+      tree, is_leaf=lambda n: isinstance(n, embedding)) if isinstance(n, embedding)]
+  out = {id(node.weight) for node in embeddings(model)}
+  for node in jax.tree.leaves(model, is_leaf=lambda n: isinstance(n, shared)):
+    if not isinstance(node, shared) or not embeddings(node.pytree):
+      continue
+    try:
+      tied = node()
+    except Exception:  # noqa: BLE001 - a `get` that needs a transform's context (stacked
+      continue  # ties under a vmap): no tie is found, the calls are recorded as they are
+    tied_leaves = set(map(id, jax.tree.leaves(node.pytree)))
+    out.update(id(e.weight) for e in embeddings(tied) if id(e.weight) in tied_leaves)
+  return frozenset(out)
 
 
 def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool = False,
