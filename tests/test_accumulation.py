@@ -2,8 +2,12 @@
 
 The reference is the same optimizer run on the concatenated batch (the manual
 path); micro-batch and big-batch runs agree to float32 rounding, for dense,
-conv (with LayerNorm), recurrent (Embed + nn.RNN LSTM), a tied embedding and
-Nystrom-sketched layers, over several accumulation cycles with amortized statistics and refreshes.
+conv (with LayerNorm), recurrent (Embed + nn.RNN LSTM), a tied embedding,
+Nystrom-sketched layers and a model of the other layer kinds (grouped conv, GroupNorm,
+attention, RMSNorm, ConvTranspose, Einsum, DenseGeneral; some of them fisher="rfim"), over
+several accumulation cycles with amortized statistics and refreshes. Then optax.MultiSteps's
+options with sngd inside (a callable every_k_schedule, should_skip_update_fn,
+use_grad_mean=False) and optax.inject_hyperparams with a learning rate changed between calls.
 """
 
 import inspect
@@ -50,9 +54,30 @@ class TiedLSTM(nn.Module):
     return emb.attend(nn.RNN(nn.LSTMCell(5))(emb(tokens)))
 
 
+class Mixed(nn.Module):
+  """The layer kinds the other models leave out, on sequences of 5 steps of 2 features."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Conv(4, (3,), padding="SAME", feature_group_count=2)(x)  # grouped
+    h = nn.GroupNorm(num_groups=2)(h)
+    h = nn.RMSNorm()(nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=4)(h))
+    h = nn.ConvTranspose(3, (2,), strides=(2,))(nn.tanh(h))
+    return nn.DenseGeneral(3, axis=(-2, -1))(nn.Einsum((3, 2), "btc,co->bto")(h))
+
+
+# fisher="rfim" on some layers of Mixed (weighted by their outputs: captured with outputs=True)
+MIXED_RFIM = {"MultiHeadDotProductAttention_0/query": "rfim", "ConvTranspose_0": "rfim",
+              "Einsum_0": "rfim", "GroupNorm_0": "rfim"}
+
+
 def _problem(kind):
   rng = np.random.default_rng(0)
-  if kind in ("recurrent", "tied"):
+  if kind == "mixed":
+    x = jnp.asarray(rng.normal(size=(K * N, 5, 2)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, K * N), jnp.int32)
+    model = Mixed()
+  elif kind in ("recurrent", "tied"):
     x = jnp.asarray(rng.integers(0, 7, (K * N, 5)), jnp.int32)
     y = jnp.asarray(rng.integers(0, 7, (K * N, 5)), jnp.int32)
     model = LSTM() if kind == "recurrent" else TiedLSTM()
@@ -86,32 +111,34 @@ def _inner(kind):
                      mask),
         optax.sgd(0.1, momentum=0.9))
   inverse = sngd_jax.inverse.nystrom(rank=4) if kind == "sketched" else "auto"
-  fisher = {"Embed_0": "tied"} if kind == "tied" else "linear"
+  fisher = {"tied": {"Embed_0": "tied"}, "mixed": MIXED_RFIM}.get(kind, "linear")
   return optax.chain(
       sngd_jax.sngd(damping=1e-2, decay=0.7, factor_every=2, inverse_every=2, inverse=inverse,
                     fisher=fisher),
       optax.sgd(0.1, momentum=0.9))
 
 
-def _step(tx, loss_fn):
+def _step(tx, loss_fn, outputs=False):
   @jax.jit
   def step(params, state, x, y):
-    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn), has_aux=True)(
-        params, x, y)
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss_fn, outputs=outputs),
+                                          has_aux=True)(params, x, y)
     updates, state = tx.update(grads, state, params, activations=acts)
     return optax.apply_updates(params, updates), state, updates
   return step
 
 
 @pytest.mark.parametrize("kind", ["dense", "conv", "recurrent", "tied", "sketched",
-                                  "injected", "multi_transform", "masked_bias"])
+                                  "injected", "multi_transform", "masked_bias", "mixed"])
 def test_micro_batches_give_the_big_batch_update(kind):
   """Also with the ``sngd`` under a mask (``optax.multi_transform``, ``optax.masked``): the
   statistics of the layers and rows it sees (``transform.as_seen_by``)."""
-  params, x, y, loss_fn = _problem(kind if kind in ("conv", "recurrent", "tied") else "dense")
+  own_model = ("conv", "recurrent", "tied", "mixed")
+  params, x, y, loss_fn = _problem(kind if kind in own_model else "dense")
   big_tx = _inner(kind)
   ms = sngd_jax.MultiSteps(_inner(kind), every_k_schedule=K)
-  big_step, micro_step = _step(big_tx, loss_fn), _step(ms, loss_fn)
+  outputs = kind == "mixed"  # read by its fisher="rfim" layers
+  big_step, micro_step = _step(big_tx, loss_fn, outputs), _step(ms, loss_fn, outputs)
   big_p, big_s = params, big_tx.init(params)
   ms_p, ms_s = params, ms.init(params)
   for cycle in range(5):  # crosses factor and non-factor steps, refresh and no-refresh
@@ -174,6 +201,87 @@ def test_unequal_micro_batches_weigh_statistics_by_rows_and_the_gradient_per_bat
       strict=True))
 
 
+def _assert_same_run(ms_state, ms_params, big_state, big_params):
+  a, b = only_sngd_state(ms_state), only_sngd_state(big_state)
+  assert int(a.count) == int(b.count)
+  for path in b.factors:
+    jax.tree.map(lambda f, g, path=path: np.testing.assert_allclose(
+        f, g, rtol=2e-5, atol=1e-6, err_msg=path), a.factors[path], b.factors[path])
+  jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-4, atol=2e-6),
+               ms_params, big_params)
+
+
+@pytest.mark.parametrize("option", ["callable_schedule", "skip_not_finite", "sum"])
+def test_optax_multisteps_options_with_sngd_inside(option):
+  """``optax.MultiSteps``'s options, with sngd inside: ``every_k_schedule`` a callable (2
+  micro-batches of 4 rows, then 3), ``should_skip_update_fn=optax.skip_not_finite`` (a
+  micro-batch with a NaN input between the good ones: skipped, its statistics too) and
+  ``use_grad_mean=False`` (the sum of the micro-batch gradients, the statistics still the
+  row-weighted mean). Reference: the inner optimizer on the concatenated good micro-batches,
+  with ``k`` times the loss for the sum."""
+  params, x, y, loss_fn = _problem("dense")
+  n = 4 if option == "callable_schedule" else N
+  k_of = (lambda step: jnp.where(step < 1, 2, 3)) if option == "callable_schedule" else (
+      lambda step: K)
+  ms = sngd_jax.MultiSteps(
+      _inner("dense"), every_k_schedule=k_of if option == "callable_schedule" else K,
+      should_skip_update_fn=optax.skip_not_finite if option == "skip_not_finite" else None,
+      use_grad_mean=option != "sum")
+  big_tx = _inner("dense")
+  scaled = lambda p, x, y: K * loss_fn(p, x, y)
+  micro_step = _step(ms, loss_fn)
+  big_step = _step(big_tx, scaled if option == "sum" else loss_fn)
+  ms_p, ms_s, big_p, big_s = params, ms.init(params), params, big_tx.init(params)
+  bad_x = x[:N].at[3, 2].set(jnp.nan)
+  for cycle in range(3):  # factor steps 0 and 2, not 1; k = 2, 3, 3 under the schedule
+    k = int(k_of(cycle))
+    for i in range(k):
+      rows = slice(i * n, (i + 1) * n)
+      if option == "skip_not_finite" and i == cycle % k:  # the first, then the last one
+        before = ms_s
+        ms_p, ms_s, updates = micro_step(ms_p, ms_s, bad_x, y[:N])
+        assert bool(ms_s.skip_state["should_skip"]) and int(ms_s.mini_step) == i
+        assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+        jax.tree.map(np.testing.assert_array_equal, ms_s._replace(skip_state=()),
+                     before._replace(skip_state=()))
+      ms_p, ms_s, _ = micro_step(ms_p, ms_s, x[rows], y[rows])
+    big_p, big_s, _ = big_step(big_p, big_s, x[:k * n], y[:k * n])
+    assert int(ms_s.gradient_step) == cycle + 1
+    _assert_same_run(ms_s, ms_p, big_s, big_p)
+
+
+def test_inject_hyperparams_learning_rate_changed_between_calls():
+  """``optax.inject_hyperparams(sngd_jax.sngd_momentum)`` inside ``MultiSteps``, its learning
+  rate set in the state between calls (before the emitting one, or mid-cycle, a jnp scalar or a
+  Python float as in optax's docs): the update uses the rate the state holds on the emitting
+  call and keeps it, as the plain injected optimizer on the big batch with the same rates. A run
+  at the constant first rate differs (the rate is read)."""
+  params, x, y, loss_fn = _problem("dense")
+  make = lambda: optax.inject_hyperparams(sngd_jax.sngd_momentum)(
+      0.1, damping=1e-2, factor_every=2, inverse_every=2)
+  big_tx, ms = make(), sngd_jax.MultiSteps(make(), every_k_schedule=K)
+  big_step, micro_step = _step(big_tx, loss_fn), _step(ms, loss_fn)
+
+  def run(rates):
+    ms_p, ms_s, big_p, big_s = params, ms.init(params), params, big_tx.init(params)
+    for cycle, lr in enumerate(rates):
+      value = jnp.asarray(lr, jnp.float32) if cycle < 2 else lr
+      for i in range(K):
+        if i == (K - 1 if cycle % 2 == 0 else 0):
+          ms_s.inner_opt_state.hyperparams["learning_rate"] = value
+        ms_p, ms_s, _ = micro_step(ms_p, ms_s, x[i * N:(i + 1) * N], y[i * N:(i + 1) * N])
+      assert float(ms_s.inner_opt_state.hyperparams["learning_rate"]) == np.float32(lr)
+      big_s.hyperparams["learning_rate"] = value
+      big_p, big_s, _ = big_step(big_p, big_s, x, y)
+      _assert_same_run(ms_s, ms_p, big_s, big_p)
+    return ms_p
+
+  changed = run([0.1, 0.03, 0.2, 0.05])
+  constant = run([0.1] * 4)
+  assert not np.allclose(changed["Dense_0"]["kernel"], constant["Dense_0"]["kernel"],
+                         rtol=1e-3, atol=1e-5)
+
+
 def test_statistics_are_accumulated_only_for_factor_steps():
   params, x, y, loss_fn = _problem("dense")
   ms = sngd_jax.MultiSteps(_inner("dense"), every_k_schedule=K)  # factor_every=2
@@ -189,26 +297,7 @@ def test_statistics_are_accumulated_only_for_factor_steps():
   assert all(float(jnp.sum(jnp.abs(f))) == 0 for f in jax.tree.leaves(state.acc_statistics))
 
 
-def test_without_sngd_it_is_optax_multisteps():
-  params, x, y, loss_fn = _problem("dense")
-  schedule = lambda step: jnp.where(step < 1, 2, 3)
-  ours = sngd_jax.MultiSteps(optax.adam(1e-2), every_k_schedule=schedule)
-  theirs = optax.MultiSteps(optax.adam(1e-2), every_k_schedule=schedule)
-  s1, s2 = ours.init(params), theirs.init(params)
-  p1 = p2 = params
-  for i in range(7):
-    batch = slice((i % K) * N, (i % K + 1) * N)
-    g1 = jax.grad(loss_fn)(p1, x[batch], y[batch])
-    g2 = jax.grad(loss_fn)(p2, x[batch], y[batch])
-    u1, s1 = ours.update(g1, s1, p1)
-    u2, s2 = theirs.update(g2, s2, p2)
-    p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
-    assert int(s1.mini_step) == int(s2.mini_step)
-    assert bool(ours.has_updated(s1)) == bool(theirs.has_updated(s2))
-  # equal up to float32 rounding: the inner update runs under lax.cond (compiled) here
-  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
-  jax.tree.map(close, p1, p2)
-  jax.tree.map(close, s1.inner_opt_state, s2.inner_opt_state)
+# Without sngd inside: tests/test_multisteps_optax.py compares every field with optax.MultiSteps.
 
 
 def test_signature_is_optax_multisteps():
