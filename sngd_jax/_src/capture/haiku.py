@@ -45,6 +45,7 @@ from sngd_jax._src.capture.records import (
     Recorder,
     check_captured_function,
     check_no_trained_left_out,
+    derivation_of,
     leaf_paths,
     model_part,
     models_and_rest,
@@ -397,6 +398,7 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
     for m, model in enumerate(models):  # several models: each one's paths under its part
       top.update(leaf_paths(model, (model_part(m),) if several else ()))
     rec = Recorder(top, outputs)
+    rec.derivation = derivation_of((args, kwargs))
     frozen = OtherArgs.of(args, positions, models, top, rest)
     interceptor = _Interceptor(rec, frozen)
     rec.custom_dense = interceptor.custom_dense
