@@ -94,6 +94,9 @@ def test_params_passed_after_the_batch_are_still_the_models(first):
 
 
 def test_teacher_copy_closed_over_by_the_capture_warns_and_is_pooled():
+  """Captured without a differentiation (the wrapped loss called as it is), nothing tells the
+  teacher's weights from the student's: its calls are pooled, with the warning. (Differentiated,
+  as in a training step, they are left out: ``tests/test_closed_over_copies.py``.)"""
   model, params, x, y = _problem()
   teacher = model.init(jax.random.key(1), x)["params"]
   distill = _distill(model, x, y)
@@ -109,8 +112,11 @@ def test_teacher_copy_closed_over_by_the_capture_warns_and_is_pooled():
 
 def test_two_models_with_the_same_layer_paths_are_named_in_the_warning():
   """A GAN's generator step: the discriminator runs inside the captured loss, and both
-  models' first layer is 'Dense_0' (8x6 and 8x1 kernels, the same 8 inputs). Their calls
-  pool into one factor: the warning says these are two models, not a copy, and the fix."""
+  models' first layer is 'Dense_0' (8x6 and 8x1 kernels, the same 8 inputs). In the
+  generator's step (the captured loss differentiated) the discriminator's params are constants
+  of that differentiation: its calls are left out, as when it is passed as an argument. Captured
+  without a differentiation nothing tells them apart: their calls pool into one factor, and the
+  warning says these are two models, not a copy, and the fix."""
 
   class Gen(nn.Module):
     @nn.compact
@@ -127,9 +133,16 @@ def test_two_models_with_the_same_layer_paths_are_named_in_the_warning():
   pg = gen.init(jax.random.key(0), z)["params"]
   pd = disc.init(jax.random.key(1), z)["params"]
   gen_loss = lambda pg, pd: -jnp.mean(disc.apply({"params": pd}, gen.apply({"params": pg}, z)))
-  # the discriminator closed over by the captured loss: pooled, with the warning
+  # the discriminator closed over by the differentiated loss: left out, the generator's rows
   (_, acts), messages = _sngd_warnings(
       jax.grad(sngd_jax.capture(lambda pg: gen_loss(pg, pd)), has_aux=True), pg)
+  assert not messages and {k: len(v) for k, v in acts.items()} == {"Dense_0": 1, "Dense_1": 1}
+  q = jax.tree.map(lambda a: np.asarray(a, np.float64), pg)
+  np.testing.assert_allclose(np.asarray(acts["Dense_0"][0].inputs, np.float64),
+                             np.tanh(np.asarray(z, np.float64) @ q["Dense_1"]["kernel"]
+                                     + q["Dense_1"]["bias"]), rtol=1e-5, atol=1e-6)
+  # captured without a differentiation: pooled, with the warning
+  (_, acts), messages = _sngd_warnings(sngd_jax.capture(lambda pg: gen_loss(pg, pd)), pg)
   assert len(acts["Dense_0"]) == 2  # the generator's output layer and the discriminator's
   (message,) = [m for m in messages if "'Dense_0'" in m]
   assert "different shapes ((8, 1), (8, 6))" in message
@@ -230,11 +243,14 @@ class _Probe(nn.Module):
 def test_frozen_backbone_applied_in_the_capture_is_named_as_the_cause(in_features):
   """A linear probe written as two applies in one loss: a frozen pretrained backbone
   (``backbone.apply(frozen, x)``) and the trained head (``head.apply(p, h)``). Both name
-  their first layer 'Dense_0', so the backbone's first layer is captured at the head's path.
-  The capture warning names that cause (it blamed a teacher or EMA copy) and, where the
-  widths differ, so do ``update`` and ``coverage`` (they suggested
-  ``fisher={'Dense_0': ('linear', 1)}``, a wrong fix). Applying the backbone outside the
-  captured function, as they say, gives the head the float64 factor of the features."""
+  their first layer 'Dense_0'. In the training step (the captured loss differentiated) the
+  backbone's params are constants of that differentiation: its calls are left out of the
+  head's 'Dense_0', which gets the float64 factor of the features, as when the backbone is
+  applied outside the captured function; ``coverage`` (which differentiates too) finds
+  nothing missing. Captured without a differentiation, the backbone's first layer is
+  captured at the head's path: the capture warning names that cause (it blamed a teacher or
+  EMA copy) and, where the widths differ, so does ``update`` (it suggested
+  ``fisher={'Dense_0': ('linear', 1)}``, a wrong fix)."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(16, in_features)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 3, size=16))
@@ -248,27 +264,26 @@ def test_frozen_backbone_applied_in_the_capture_is_named_as_the_cause(in_feature
     return ce(probe.apply({"params": p}, backbone.apply({"params": frozen}, x)), y)
 
   tx = sngd_jax.sngd(decay=0.0, prior="none")
-  (grads, acts), messages = _sngd_warnings(
-      jax.grad(sngd_jax.capture(loss), has_aux=True), params, x, y)
+  h = np.concatenate([np.asarray(feats, np.float64), np.ones((16, 1))], axis=1)
+  head_loss = lambda p, h, y: ce(probe.apply({"params": p}, h), y)
+  # the training step, and the backbone outside the captured function with its features passed
+  # in: the head's factor is that of the features
+  for fn, args in ((loss, (x, y)), (head_loss, (feats, y))):
+    (grads, acts), messages = _sngd_warnings(
+        jax.grad(sngd_jax.capture(fn), has_aux=True), params, *args)
+    assert not messages and len(acts["Dense_0"]) == 1
+    _, state = tx.update(grads, tx.init(params), params, activations=acts)
+    np.testing.assert_allclose(np.asarray(state.factors["Dense_0"]), h.T @ h / 16, rtol=1e-5,
+                               atol=1e-6)
+  report, messages = _sngd_warnings(sngd_jax.coverage, loss, params, x, y)
+  assert not messages and report.missing == []
+  # captured without a differentiation: the backbone's first layer at the head's path
+  (_, acts), messages = _sngd_warnings(sngd_jax.capture(loss), params, x, y)
   assert any("'Dense_0'" in m and "different shapes" in m for m in messages), messages
   if in_features != 8:
     with pytest.raises(ValueError, match=r"frozen pretrained backbone") as err:
       tx.update(grads, tx.init(params), params, activations=acts)
     assert "('linear', 1)" not in str(err.value)
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore")
-      report = sngd_jax.coverage(loss, params, x, y)
-    missing = {r.path: r.fisher for r in report.params}["Dense_0/kernel"]
-    assert "frozen pretrained backbone" in missing and "('linear', 1)" not in missing
-  # the fix: the backbone outside the captured function, its features passed in
-  head_loss = lambda p, h, y: ce(probe.apply({"params": p}, h), y)
-  (grads, acts), messages = _sngd_warnings(
-      jax.grad(sngd_jax.capture(head_loss), has_aux=True), params, feats, y)
-  assert not messages
-  _, state = tx.update(grads, tx.init(params), params, activations=acts)
-  h = np.concatenate([np.asarray(feats, np.float64), np.ones((16, 1))], axis=1)
-  np.testing.assert_allclose(np.asarray(state.factors["Dense_0"]), h.T @ h / 16, rtol=1e-5,
-                             atol=1e-6)
 
 
 class _Finetuned(nn.Module):

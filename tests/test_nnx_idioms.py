@@ -6,6 +6,7 @@ the layer saw, computed by an independent numpy forward pass."""
 import ast
 import subprocess
 import sys
+import warnings
 
 import flax.linen as nn
 import jax
@@ -98,9 +99,11 @@ def test_functional_step_over_split_params(params_as):
 
 def test_functional_pure_dict_with_a_closed_over_layer_warns_of_that_layer():
   """Params as a pure dict, and a layer the loss closes over (a frozen teacher's): that layer's
-  call cannot be named, and the warning says why (another model the loss closes over), not
-  "pass the model first" (it said so, though the model's params came first and both of its
-  layers were captured); the model's layers get the float64 solves."""
+  call cannot be named. Differentiated (``jax.value_and_grad``), its weight is a constant of
+  the differentiation and it is left out without a warning (before: the warning below);
+  captured without a differentiation, the warning says why (another model the loss closes
+  over), not "pass the model first" (it said so, though the model's params came first and
+  both of its layers were captured). The model's layers get the float64 solves."""
   model = _MLP(nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(params)
@@ -108,10 +111,13 @@ def test_functional_pure_dict_with_a_closed_over_layer_warns_of_that_layer():
   x = jax.random.normal(jax.random.key(1), (7, 4), jnp.float64)
   loss_fn = lambda p, x: jnp.sum(jnp.sin(teacher(nnx.merge(graphdef, p)(x))))
   with pytest.warns(UserWarning, match="capture_nnx could not name") as record:
-    (_, acts), grads = jax.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(
-        params, x)
+    sngd_jax.capture_nnx(loss_fn)(params, x)
   text = " ".join(str(w.message) for w in record)
   assert "another model the loss closes over" in text and "Pass the model first" not in text
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)(
+        params, x)
   assert set(acts) == {"l1", "ln", "l2"}
   tx = _tx()
   updates, _ = tx.update(grads, tx.init(params), params, activations=acts)

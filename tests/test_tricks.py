@@ -88,9 +88,10 @@ def test_distillation_teacher_in_the_train_state_is_left_out(teacher):
   student's params: its layers have the student's paths (``hidden``, ``out``; the same
   class with other params, or a wider one), yet each factor is the Gram matrix of the
   student's rows only, the update the float64 damped solve, nothing warns, and the teacher is
-  neither in the optimizer state nor changed. (Closed over instead, the teacher's rows pool
-  into the student's factors, with a warning: entries of ``hidden``'s factor were then off by
-  up to 64 relative, and the wider teacher's rows made ``update`` raise.)"""
+  neither in the optimizer state nor changed. (Closed over instead, the teacher's rows pooled
+  into the student's factors until 2026-12-06, with a warning: entries of ``hidden``'s factor
+  were then off by up to 64 relative, and the wider teacher's rows made ``update`` raise; they
+  are now left out too, ``tests/test_closed_over_copies.py``.)"""
   params, x, y = _problem()
   t_model = MLP(hidden=8 if teacher == "same_class" else 16)
   t_params = t_model.init(jax.random.key(1), x)["params"]
@@ -119,12 +120,14 @@ def test_distillation_teacher_in_the_train_state_is_left_out(teacher):
     np.testing.assert_array_equal(a, b)
 
 
-def test_teacher_params_computed_on_in_the_loss_warn_with_the_cause():
+def test_teacher_params_computed_on_in_the_loss_are_left_out():
   """``jax.lax.stop_gradient(teacher_params)`` inside the jitted loss makes new arrays, which
-  capture cannot trace back to the later argument: the teacher's calls are pooled into the
-  student's factors. The warning said to pass the teacher as another argument, which the loss
-  already does; it now names the computed params as the cause and the fix (stop the gradient
-  of the teacher's output), and with that fix the calls are left out."""
+  capture cannot trace back to the later argument by identity; but no gradient of the captured
+  function's arguments reaches them, so they are constants of its differentiation and the
+  teacher's calls are left out, without a warning, as when the gradient of the teacher's
+  output is stopped; the student's rows are the float64 ones. (Until 2026-12-06 they were
+  pooled into the student's factors, with a warning.) Captured without a differentiation, the
+  warning still names the computed params as a cause it cannot tell apart, and the fix."""
   params, x, y = _problem()
   model = MLP()
   t_params = model.init(jax.random.key(1), x)["params"]
@@ -138,17 +141,23 @@ def test_teacher_params_computed_on_in_the_loss_warn_with_the_cause():
     t_logits = jax.lax.stop_gradient(model.apply({"params": t}, x))
     return ce(model.apply({"params": p}, x)) + jnp.mean(jax.nn.log_softmax(t_logits))
 
-  for loss, calls in ((on_params, 2), (on_logits, 1)):
+  for loss in (on_params, on_logits):
     with warnings.catch_warnings(record=True) as record:
       warnings.simplefilter("always")
       _, acts = jax.jit(jax.grad(sngd_jax.capture(loss), has_aux=True))(params, t_params)
-    messages = _sngd_messages(record)
-    assert {k: len(v) for k, v in acts.items()} == {"hidden": calls, "out": calls}
-    if calls == 1:
-      assert not messages
-    else:
-      assert len(messages) == 1 and "jax.lax.stop_gradient(teacher_params)" in messages[0]
-      assert "Stop the gradient of the other model's output instead" in messages[0]
+    assert not _sngd_messages(record)
+    assert {k: len(v) for k, v in acts.items()} == {"hidden": 1, "out": 1}
+    for path, r in _mlp_rows(params, x).items():
+      np.testing.assert_allclose(np.asarray(acts[path][0].inputs, np.float64), r,
+                                 rtol=1e-5, atol=1e-6)
+  with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
+    _, acts = jax.jit(sngd_jax.capture(on_params))(params, t_params)
+  messages = _sngd_messages(record)
+  assert {k: len(v) for k, v in acts.items()} == {"hidden": 2, "out": 2}
+  assert len(messages) == 1 and "jax.lax.stop_gradient(teacher_params)" in messages[0]
+  assert "without a differentiation" in messages[0]
+  assert "Stop the gradient of the other model's output" in messages[0]
 
 
 # --- parameter EMA ---------------------------------------------------------------------------

@@ -69,6 +69,7 @@ from sngd_jax._src.capture.records import (
     Recorder,
     check_captured_function,
     check_no_trained_left_out,
+    derivation_of,
     leaf_paths,
     model_part,
     models_and_rest,
@@ -668,6 +669,7 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool 
       top.update(leaf_paths(model, prefix))
       declared.update(_declared(model, prefix))
     rec = Recorder(top, outputs)
+    rec.derivation = derivation_of((args, kwargs))
     unnamed: dict[str, None] = {}
     frozen = OtherArgs.of(args, positions, models, top, rest)
     calls: list[Any] = []
@@ -701,7 +703,8 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool 
           "layers as not captured; pass `fisher={path: None}` to leave such a layer to the next "
           "transform. (Layers of a frozen half of `eqx.partition` that the loss closes over "
           "are harmless here, `update` never sees them: pass that half to the loss as an "
-          "argument, `loss(trained, frozen, x)`, and capture leaves them out silently.)",
+          "argument, `loss(trained, frozen, x)`, or differentiate the captured function "
+          "(`eqx.filter_value_and_grad`), and capture leaves them out silently.)",
           stacklevel=caller_stacklevel())
     acts = vmapped_by_caller(rec.freeze(), rest)
     if several:

@@ -45,6 +45,7 @@ from sngd_jax._src.capture.records import (
     Recorder,
     check_captured_function,
     check_no_trained_left_out,
+    derivation_of,
     leaf_paths,
     model_part,
     models_and_rest,
@@ -397,6 +398,7 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
     for m, model in enumerate(models):  # several models: each one's paths under its part
       top.update(leaf_paths(model, (model_part(m),) if several else ()))
     rec = Recorder(top, outputs)
+    rec.derivation = derivation_of((args, kwargs))
     frozen = OtherArgs.of(args, positions, models, top, rest)
     interceptor = _Interceptor(rec, frozen)
     rec.custom_dense = interceptor.custom_dense
@@ -445,7 +447,9 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
           "passed as the captured function's first argument, as when the params go through "
           "a `jax.jit` inside the captured function (jit the whole training step instead), "
           "or when the weights are computed from the params (`jax.lax.stop_gradient(params)` "
-          "too). Those calls are not captured: `update` raises naming a layer that has no "
+          "too, where the captured function is not differentiated; differentiated, calls on "
+          "weights no gradient reaches are left out without this warning). Those calls are "
+          "not captured: `update` raises naming a layer that has no "
           "other call, and a layer also called on the params themselves gets the local "
           "Fisher of those calls alone; pass `fisher={path: None}` to leave such a layer to "
           "the next transform. To run the model on params that the gradient does not go "

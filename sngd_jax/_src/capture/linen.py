@@ -54,6 +54,7 @@ from sngd_jax._src.capture.records import (
   check_captured_function,
   check_no_trained_left_out,
   check_not_other_models,
+  derivation_of,
   differentiated_leaves,
   model_path,
   normalized_argnums,
@@ -78,34 +79,53 @@ def _weight(module: nn.Module) -> Any:
   return leaves[0] if leaves else None
 
 
-def _note_weight(rec: Recorder, seen: dict[str, dict[int, Any]], path: str,
-                 weight: Any) -> None:
-  """Keeps the weight a call outside every transform read, by layer path.
+def _note_weight(rec: Recorder, seen: dict[str, dict[int, tuple[Any, str]]], path: str,
+                 weight: Any, origin: str) -> None:
+  """Keeps the weight a call outside every transform read, and its ``origin``, by layer path.
 
   Calls of one layer that read different arrays (a teacher or EMA copy of the model, the
-  model applied to other params) are pooled like shared-weight calls: ``capture`` warns.
+  model applied to other params) are pooled like shared-weight calls, with a warning, unless
+  the copy's weights are constants of the differentiation (``records.without_copies``).
   """
   if weight is not None and not rec.frames:
-    seen.setdefault(path, {})[id(weight)] = weight
+    seen.setdefault(path, {})[id(weight)] = (weight, origin)
 
 
-# Why a later argument's params computed on in the loss are not left out (the capture knows an
-# argument's arrays by identity, and under `jit` each operation makes a new tracer).
+def _add(rec: Recorder, seen: dict[str, dict[int, tuple[Any, str]]], path: str,
+         weight: Any, *recorded: Any) -> None:
+  """Records a call of layer ``path`` whose weight is ``weight`` (``Recorder.add``), with the
+  weight's origin (``Recorder.origin``), and notes the weight (``_note_weight``)."""
+  origin = rec.origin(weight)
+  _note_weight(rec, seen, path, weight, origin)
+  rec.add(path, *recorded, weight=weight, origin=origin)
+
+
+# When a copy's calls are told apart from the model's (`Recorder.origin`), and when not.
 _DERIVED_PARAMS = (
-    "params computed from it inside the loss (`jax.lax.stop_gradient(teacher_params)`, a cast "
-    "`.astype(jnp.bfloat16)`, a `jax.tree.map` over them) are new arrays, which capture cannot "
-    "trace back to the argument, so their calls are recorded and pooled (under `jit`; run "
-    "eagerly a `stop_gradient` returns the same arrays). Stop the gradient of the other "
-    "model's output instead (`jax.lax.stop_gradient(model.apply({'params': teacher_params}, "
-    "x))`), which also trains nothing of it, or cast its params before the captured function.")
+    "under a differentiation of the captured function (`jax.grad`/`jax.value_and_grad` of "
+    "it), the calls of a layer whose weights no gradient of its arguments reaches (a frozen "
+    "teacher, an EMA or target copy, closed over or passed into the jitted step; "
+    "`jax.lax.stop_gradient(teacher_params)`, a cast of them) are left out when the layer is "
+    "also called with the trained params, without a warning. Here they could not be told "
+    "apart: the captured function ran without a differentiation (eagerly, or under `jax.jit` "
+    "or `jax.eval_shape` alone), or the copy's params are computed from the trained params "
+    "without `jax.lax.stop_gradient`, or inside a transform made in the loss (a `scan` or "
+    "`checkpoint` body). Stop the gradient of the other model's output "
+    "(`jax.lax.stop_gradient(model.apply({'params': teacher_params}, x))`), or pass its "
+    "params as another argument.")
 
 
-def _warn_other_weights(seen: dict[str, dict[int, Any]]) -> None:
+def _warn_other_weights(seen: dict[str, dict[int, tuple[Any, str]]]) -> None:
   pooled: list[tuple[str, int]] = []  # layers called with several weight arrays of one shape
-  for path, weights in sorted(seen.items()):
+  for path, noted in sorted(seen.items()):
+    origins = {origin for _, origin in noted.values()}
+    # a copy whose weights are constants of the differentiation is left out, not pooled
+    # (`records.without_copies`)
+    weights = [w for w, origin in noted.values()
+               if not ("derived" in origins and origin == "constant")]
     if len(weights) < 2:
       continue
-    shapes = sorted({tuple(getattr(w, "shape", ())) for w in weights.values()})
+    shapes = sorted({tuple(getattr(w, "shape", ())) for w in weights})
     if len(shapes) > 1:
       # No copy of one model: layers of two models that have the same path (each `apply`
       # names its layers from its own root).
@@ -144,8 +164,7 @@ def _warn_other_weights(seen: dict[str, dict[int, Any]]) -> None:
       "weights. To count only the trained model's calls, pass the other copy's params to the "
       "captured function as another argument (`loss(params, target_params, x)`: capture leaves out "
       "the calls of a later argument's weights), or apply it outside the captured function "
-      "and pass its outputs in. Apply such an argument's params as they are: "
-      f"{_DERIVED_PARAMS}",
+      f"and pass its outputs in. Note: {_DERIVED_PARAMS}",
       stacklevel=caller_stacklevel())
 
 
@@ -222,7 +241,8 @@ class _Models:
           self.left_out.setdefault(self.trained[id(leaf)], paths.join(module.path))
       return False, None
     if self.owners and leaves:
-      if noted:
+      # (a copy no gradient reaches, a teacher the loss closes over, is left out silently)
+      if noted and rec.origin(_weight(module)) != "constant":
         self.unowned[paths.join(module.path)] = None
       return False, None
     return True, None
@@ -276,8 +296,7 @@ def _norm_call(rec: Recorder, seen, module, next_fun, args, kwargs, keep: bool =
     xhat, feature_axes = slot[0]
     xhat, z, config = tables.norm_record(xhat, out, feature_axes)
     path, weight = model_path(model, paths.join(prefix + module.path)), _weight(module)
-    _note_weight(rec, seen, path, weight)
-    rec.add(path, xhat, z, "norm", config, weight=weight)
+    _add(rec, seen, path, weight, xhat, z, "norm", config)
   return out
 
 
@@ -319,7 +338,7 @@ class _Calls:
 
 
 
-def _custom_dense(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
+def _custom_dense(rec: Recorder, seen: dict[str, dict[int, tuple[Any, str]]], calls: _Calls,
                   models: _Models, x, y, kernel, bias, layout: str) -> None:
   """Records a ``sngd_jax.dense`` call as the linen module running it (its ``Dense``).
 
@@ -358,14 +377,13 @@ def _custom_dense(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
   custom.check(path, "linen", custom.FLAX_DENSE, kernel_name, bias_name, layout)
   x, y = tables.one_example(x, y, 0)
   path = model_path(model, path)
-  _note_weight(rec, seen, path, kernel)
-  rec.add(path, x, y, "dense", (), weight=kernel)
+  _add(rec, seen, path, kernel, x, y, "dense", ())
   flags = calls.open_calls.get((id(module), "__call__"))
   if flags:
     flags[-1] = True
 
 
-def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
+def _interceptor(rec: Recorder, seen: dict[str, dict[int, tuple[Any, str]]], calls: _Calls,
                  models: _Models, prefix: tuple[str, ...] = ()):
   """The ``nn.intercept_methods`` hook that records supported layer calls.
 
@@ -436,8 +454,7 @@ def _interceptor(rec: Recorder, seen: dict[str, dict[int, Any]], calls: _Calls,
       recorded = recorder(module, args, kwargs, out)
     if recorded is not None:
       path, weight = model_path(model, paths.join(prefix + module.path)), _weight(module)
-      _note_weight(rec, seen, path, weight)
-      rec.add(path, *recorded, weight=weight)
+      _add(rec, seen, path, weight, *recorded)
       if flags:
         flags[-1] = True
     return out
@@ -528,8 +545,12 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool = Fa
       teacher, the critic an actor's loss runs through) when the first argument
       holds layer weights (a leaf named ``kernel``, ``embedding`` or ``scale``).
       Those are left out, as ``capture_nnx`` and ``capture_eqx`` leave out a model
-      passed as another argument. Calls with other weights that ``fn`` closes over
-      are pooled into the layer's factor, with a warning. A left-out argument that is
+      passed as another argument. Calls with other weights that ``fn`` closes over (a
+      teacher, an EMA or target copy) are left out too where the wrapped function is
+      differentiated and the layer is also called with the trained params: no gradient of
+      ``fn``'s arguments reaches those weights (``Recorder.origin``). Where that cannot be
+      told (no differentiation), they are pooled into the layer's factor, with a warning.
+      A left-out argument that is
       differentiated together with the model (one ``jax.grad(..., argnums=(0, 1))``, a
       second trained model) is an error that names it: pass ``argnums``.
     has_aux: set when ``fn`` already returns ``(value, aux)``; the wrapped
@@ -569,7 +590,8 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool = Fa
   def wrapped(*args, **kwargs):
     rec = Recorder(outputs=outputs)
     rec.params = differentiated_leaves((args, kwargs))  # the params, whatever their position
-    seen: dict[str, dict[int, Any]] = {}
+    rec.derivation = derivation_of((args, kwargs))
+    seen: dict[str, dict[int, tuple[Any, str]]] = {}
     calls = _Calls()
     models = _Models.of(args, kwargs, positions, several)
     rec.custom_dense = functools.partial(_custom_dense, rec, seen, calls, models)

@@ -164,7 +164,7 @@ class _NNXRecorder(Recorder):
       self.note_left_out(weight, self.other_paths.get(
           id(module), f"{type(module).__name__} (weight {getattr(weight, 'shape', None)})"))
     if (path is None and id(module) not in self.others
-        and id(self.outer(weight)) not in self.others):
+        and id(self.outer(weight)) not in self.others and self.origin(weight) != "constant"):
       self.unnamed[f"{type(module).__name__} (weight {getattr(weight, 'shape', None)})"] = None
     return path, roles
 
@@ -199,7 +199,8 @@ class _NNXRecorder(Recorder):
       if own is not None:
         roles, parts = self.trace(own)
     if parts is None:
-      self.unnamed[f"sngd_jax.dense (kernel {getattr(kernel, 'shape', None)})"] = None
+      if self.origin(array) != "constant":  # a copy no gradient reaches (a teacher): left out
+        self.unnamed[f"sngd_jax.dense (kernel {getattr(kernel, 'shape', None)})"] = None
       return
     path = paths.join(parts[:-1])
     bias_name = custom.bias_name(
@@ -242,9 +243,10 @@ def _warn_unnamed(unnamed: dict[str, None], capture: str, where: str = "") -> No
       "loss, a `sngd_jax.dense` given an array computed from a param (a transposed or "
       "sliced copy, or a cast made outside the `__call__` of the module holding the "
       "`kernel`: pass the `nnx.Param` or its cast there), or another "
-      "model the loss closes over (a target network, a teacher: pass it to the loss as an "
-      "argument, `loss_fn(model, target, x)`, and its calls are left out without this "
-      "warning). They are not captured, and `update` reports their layers as not "
+      "model the loss closes over (a target network, a teacher: differentiate the captured "
+      "function, `nnx.value_and_grad(sngd_jax.capture_nnx(loss_fn), has_aux=True)`, or pass "
+      "it to the loss as an argument, `loss_fn(model, target, x)`, and its calls are left out "
+      "without this warning). They are not captured, and `update` reports their layers as not "
       "captured (docs/layer-coverage.md, *Not captured*); pass `fisher={path: None}` for "
       "those layers to leave them to the next transform.", stacklevel=caller_stacklevel())
 

@@ -19,6 +19,7 @@ from sngd_jax._src.capture.records import (
   Argnums,
   check_captured_function,
   check_no_trained_left_out,
+  derivation_of,
   model_part,
   models_and_rest,
   normalized_argnums,
@@ -105,6 +106,7 @@ def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool 
         other_paths = {i: path for g in graphs.values() for i, path in g.layers.items()}
     rec = nnx_record._NNXRecorder(owner, top, outputs, others, trained, other_paths, bare)
     rec.custom_dense = rec.record_dense
+    rec.derivation = derivation_of((arrays, args, kwargs))
     with (transforms.recording(rec), flax_patches.nnx_normalize(rec),
           flax_patches.nnx_methods(nnx_record._wrappers(
               rec, tuple(cells), linen._to_nnx_call, tuple(hand_written)))):

@@ -183,11 +183,13 @@ class Pending:
   ``roles`` has one entry per leading axis that the enclosing transforms add
   (outermost first): ``'scan:stack'``, ``'scan:pool'``, ``'vmap:stack'``,
   ``'vmap:pool'`` or ``'map:pool'`` (the axis of a ``jax.lax.map`` over the batch; see the
-  module docstring).
+  module docstring). ``origin`` says where the weight of the call came from
+  (``Recorder.origin``): ``'derived'``, ``'constant'`` or ``'unknown'``.
   """
 
   captured: Captured
   roles: tuple = flax.struct.field(pytree_node=False, default=())
+  origin: str = flax.struct.field(pytree_node=False, default="unknown")
 
 
 def _is_batched(leaf: Any) -> bool:
@@ -321,6 +323,31 @@ def differentiated_leaves(tree: Any) -> frozenset[int]:
   (``_differentiating``): a captured function's trained arguments."""
   return frozenset(id(leaf) for leaf in jax.tree.leaves(tree)
                    if _differentiating(leaf) is not None)
+
+
+Derivation = tuple[frozenset[int], frozenset[int]]
+"""``(differentiation, below)``: the ``id`` of the traces that differentiate the captured
+function's arguments, and of the traces they nest in (an outer ``jax.jit``, ``jax.vmap``)."""
+
+
+def derivation_of(tree: Any) -> Optional[Derivation]:
+  """The ``Derivation`` of the captured function's arguments ``tree``; None when none of its
+  leaves is differentiated (the function runs eagerly, under a ``jax.jit`` or ``eval_shape``
+  only), where no weight can be told to come from them (``Recorder.origin``)."""
+  traces = {}
+  for leaf in jax.tree.leaves(tree):
+    trace = _differentiating(leaf)
+    if trace is not None:
+      traces[id(trace)] = trace
+  if not traces:
+    return None
+  below: set[int] = set()
+  for trace in traces.values():
+    parent = getattr(trace, "parent_trace", None)
+    while parent is not None and id(parent) not in below:
+      below.add(id(parent))
+      parent = getattr(parent, "parent_trace", None)
+  return frozenset(traces), frozenset(below - set(traces))
 
 
 def trained_with(model_leaves: Iterable[Any],
@@ -937,6 +964,8 @@ class Recorder:
       ``top`` does not hold the model's (linen: ``differentiated_leaves``): with ``top`` and
       ``looked_up``, the arrays ``transforms._whole_batch_steps`` reads as parameters, not
       the batch.
+    derivation: the ``Derivation`` of the captured function's arguments (``derivation_of``;
+      None when they are not differentiated), which ``origin`` reads.
     looked_up: None, or ``id(array) -> weak reference to the array`` of every weight a layer
       looked up (``trace``) while it is a dict: ``transforms._whole_batch_steps`` tells a
       step's weights (parameters, whatever their path) from the batch it closes over. Weak: a
@@ -962,6 +991,7 @@ class Recorder:
     self.custom_dense: Optional[Callable[..., None]] = None
     self.params: frozenset[int] = frozenset()
     self.looked_up: Optional[dict[int, Callable[[], Any]]] = None
+    self.derivation: Optional[Derivation] = None
     # id(input) -> (weak reference to the input, stopped input) of the calls outside any
     # frame (a frame keeps its own, dropped with it): layers that read one array record one
     # value (``Shared``).
@@ -1042,6 +1072,39 @@ class Recorder:
     parts = self.top.get(id(w)) if w is not None else None
     return tuple(reversed(roles)), parts
 
+  def origin(self, weight: Any) -> str:
+    """Where a layer's weight comes from, with respect to the differentiation of the captured
+    function's arguments (``derivation``), followed out through the transform frames:
+
+    * ``'derived'``: a tracer of that differentiation: a leaf of the trained arguments, or an
+      array computed from them inside the loss (a cast for mixed precision, ``nn.unbox``,
+      ``nnx.merge``, a slice of stacked params, a tied weight);
+    * ``'constant'``: no gradient reaches it from the arguments: a concrete array (a teacher,
+      an EMA or target copy closed over at module level), or a tracer of a trace the
+      differentiation nests in (such a copy passed into an outer ``jax.jit`` or ``jax.vmap``
+      and closed over by the loss; the arguments under ``jax.lax.stop_gradient``);
+    * ``'unknown'``: not differentiated, or a tracer of a transform made inside the loss that
+      cannot be followed out (a weight computed inside a ``scan``/``checkpoint`` body).
+
+    Tracers of transforms made inside the loss are unwrapped to the value they batch or
+    differentiate (a ``vmap``'s, a ``jvp``'s primal).
+    """
+    if self.derivation is None or weight is None:
+      return "unknown"
+    differentiation, below = self.derivation
+    w = self.outer(weight)
+    while isinstance(w, jax.core.Tracer):
+      trace = getattr(w, "_trace", None)
+      if id(trace) in differentiation:
+        return "derived"
+      if id(trace) in below:
+        return "constant"
+      inner = next((getattr(w, name) for name in ("val", "primal") if hasattr(w, name)), None)
+      if inner is None or inner is w:
+        return "unknown"
+      w = inner
+    return "constant" if isinstance(w, jax.Array) else "unknown"
+
   def outer(self, x: Any) -> Any:
     """The caller's array that ``x`` (an array a layer reads, such as its weight) comes from,
     followed out through the transform frames: a slice of stacked params under a scan over
@@ -1054,11 +1117,12 @@ class Recorder:
 
   def add(self, path: str, inputs, outputs, kind: str, config: tuple = (),
           weight: Any = None, roles: Optional[tuple[str, ...]] = None,
-          batch_axis: Optional[int] = 0) -> None:
+          batch_axis: Optional[int] = 0, origin: str = "unknown") -> None:
     """Records one call (gradients stopped) in the innermost frame that returns records.
 
     ``batch_axis``: the axis of ``inputs`` holding the call's examples (None for
-    a per-example call, as Equinox layers are).
+    a per-example call, as Equinox layers are). ``origin``: the weight's (``origin``), which
+    ``without_copies`` reads.
     """
     self._check_not_nested(path)
     if roles is None:
@@ -1069,7 +1133,7 @@ class Recorder:
     outputs = jax.lax.stop_gradient(outputs) if self.outputs and outputs is not None else None
     target.records.setdefault(path, []).append(Pending(
         Captured(inputs=self._stop_gradient(target, inputs), outputs=outputs, kind=kind,
-                 config=config, batch_axis=batch_axis), roles))
+                 config=config, batch_axis=batch_axis), roles, origin))
 
   def _check_not_nested(self, path: str) -> None:
     """Raises when this recorder's capture has a capture nested in it on this thread (a
@@ -1189,7 +1253,23 @@ class Recorder:
 
   def freeze(self) -> Activations:
     self.stopped.clear()
-    return freeze(self.store, self.escaped, self.unmodelled)
+    return freeze(without_copies(self.store), self.escaped, self.unmodelled)
+
+
+def without_copies(store: dict[str, list[Pending]]) -> dict[str, list[Pending]]:
+  """``store`` without the calls of another copy of the model: of each layer called with a
+  weight derived from the captured function's differentiated arguments (origin
+  ``'derived'``), the calls whose weight no gradient of those arguments reaches (``'constant'``:
+  a frozen teacher, an EMA or target copy the loss closes over) are left out. A layer called
+  with constant weights only (a part frozen with ``jax.lax.stop_gradient``, a loss that is
+  not differentiated) keeps them all, as does one with weights of unknown origin."""
+  out = {}
+  for path, calls in store.items():
+    origins = {p.origin for p in calls}
+    if "derived" in origins and "constant" in origins:
+      calls = [p for p in calls if p.origin != "constant"]
+    out[path] = calls
+  return out
 
 
 def leaf_paths(tree: Any, prefix: tuple[str, ...] = ()) -> dict[int, tuple[str, ...]]:
@@ -1226,7 +1306,9 @@ class OtherArgs:
                {i: parts for _, arg in others for i, parts in leaf_paths(arg).items()})
 
   def left_out_call(self, rec: Recorder, weight: Any, what: str) -> bool:
-    """Whether a call whose weight is not the model's is another argument's (left out)."""
+    """Whether a call whose weight is not the model's is left out: another argument's, or a
+    copy the loss closes over whose weight no gradient of the arguments reaches (a frozen
+    teacher, an EMA or target network: ``Recorder.origin`` is ``'constant'``)."""
     outer = rec.outer(weight)
     position = self.trained.get(id(outer), self.trained.get(id(weight)))
     if position is not None:
@@ -1234,7 +1316,8 @@ class OtherArgs:
       name = (paths.join(parts[:-1]) if parts is not None
               else f"{what} (weight {getattr(weight, 'shape', None)})")
       self.left_out.setdefault(position, name)
-    return id(weight) in self.frozen or id(outer) in self.frozen
+    return (id(weight) in self.frozen or id(outer) in self.frozen
+            or rec.origin(weight) == "constant")
 
 
 def rnn_time_axis(inputs: Any, time_major: bool, cell: Any) -> int:

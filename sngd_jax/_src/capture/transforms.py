@@ -224,7 +224,7 @@ def _merged(parts: list[tuple[dict[str, list[Pending]], int]],
     merge = lambda a: None if a is None else a.reshape(-1, *a.shape[k:])
     c = p.captured
     return Pending(dataclasses.replace(c, inputs=merge(c.inputs), outputs=merge(c.outputs)),
-                   p.roles[:depth] + (f"scan:{kinds.pop()}",) + p.roles[depth + k:])
+                   p.roles[:depth] + (f"scan:{kinds.pop()}",) + p.roles[depth + k:], p.origin)
 
   out: dict[str, list[Pending]] = {}
   paths = dict.fromkeys(path for records, _ in parts for path in records)
@@ -237,7 +237,7 @@ def _merged(parts: list[tuple[dict[str, list[Pending]], int]],
       continue
     out[path] = [ps[0] if len(ps) == 1 else Pending(dataclasses.replace(
         ps[0].captured, inputs=_cat([p.captured.inputs for p in ps]),
-        outputs=_cat([p.captured.outputs for p in ps])), ps[0].roles)
+        outputs=_cat([p.captured.outputs for p in ps])), ps[0].roles, ps[0].origin)
         for ps in zip(*merged, strict=True)]
   return out
 
