@@ -649,6 +649,40 @@ def test_mixed_precision_policies_capture_every_layer():
   np.testing.assert_allclose(_np(u["offset"]).ravel(), b, rtol=2e-2, atol=1e-5)
 
 
+def test_a_gru_subclass_with_its_own_call_is_not_recorded_and_is_named():
+  """A subclass of hk.GRU that computes its own ``__call__`` (here ``r`` applied after the
+  candidate's hidden product) is not recorded as hk.GRU's three products (its candidate
+  columns do not read ``r * h``): coverage lists its three layers as MISSING and ``update``
+  raises naming one. Recorded as hk.GRU, its candidate block got rows it never multiplied."""
+  class AfterReset(hk.GRU):
+    def __call__(self, inputs, state):
+      h = self.hidden_size
+      w_i = hk.get_parameter("w_i", [inputs.shape[-1], 3 * h], inputs.dtype, jnp.ones)
+      w_h = hk.get_parameter("w_h", [h, 3 * h], inputs.dtype, jnp.ones)
+      b = hk.get_parameter("b", [3 * h], inputs.dtype, jnp.zeros)
+      gates, hidden = inputs @ w_i + b, state @ w_h
+      z, r = jnp.split(jax.nn.sigmoid(gates[..., :2 * h] + hidden[..., :2 * h]), 2, axis=-1)
+      a = jnp.tanh(gates[..., 2 * h:] + r * hidden[..., 2 * h:])
+      state = (1 - z) * state + z * a
+      return state, state
+
+  def fn(xs):
+    cell = AfterReset(3, name="gru")
+    return hk.dynamic_unroll(cell, xs, cell.initial_state(2))[0]
+  model = hk.without_apply_rng(hk.transform(fn))
+  xs = jax.random.normal(KEY, (4, 2, 5))
+  params = model.init(KEY, xs)
+  loss = lambda p, xs: jnp.sum(model.apply(p, xs))
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture_hk(loss), has_aux=True)(params, xs)
+  assert acts == {}
+  report = sngd_jax.coverage(loss, params, xs)
+  assert sorted(report.missing) == ["gru/b", "gru/w_h[..., 0:6]", "gru/w_h[..., 6:9]",
+                                    "gru/w_i"]
+  tx = sngd_jax.sngd()
+  with pytest.raises(ValueError, match="gru/w_"):
+    tx.update(grads, tx.init(params), params, activations=acts)
+
+
 def test_gru_under_a_mixed_precision_policy_records_its_compute_dtype_rows():
   """An hk.GRU under a bf16-compute policy: its three layers record bf16 rows, and the
   candidate's ``r_t * h_{t-1}`` is the one the cell computed from its bf16 params (float64

@@ -243,7 +243,8 @@ class _Interceptor:
       return _input(args, kwargs, "value")  # the xhat call of a BatchNorm updates no average
     if isinstance(module, hk.GRU):
       out = next_f(*args, **kwargs)
-      self._gru(module, args, kwargs)
+      if type(module).__call__ is hk.GRU.__call__:  # not a subclass's own math: not recorded,
+        self._gru(module, args, kwargs)  # `update` names its layers as not captured
       return out
     found = _lookup(module)
     if found is None:
