@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 from exact import exact_sngd
+from helpers_warnings import no_sngd_warnings
 
 import sngd_jax
 
@@ -648,6 +649,76 @@ def test_mixed_precision_policies_capture_every_layer():
   np.testing.assert_allclose(_np(u["offset"]).ravel(), b, rtol=2e-2, atol=1e-5)
 
 
+def test_a_gru_subclass_with_its_own_call_is_not_recorded_and_is_named():
+  """A subclass of hk.GRU that computes its own ``__call__`` (here ``r`` applied after the
+  candidate's hidden product) is not recorded as hk.GRU's three products (its candidate
+  columns do not read ``r * h``): coverage lists its three layers as MISSING and ``update``
+  raises naming one. Recorded as hk.GRU, its candidate block got rows it never multiplied."""
+  class AfterReset(hk.GRU):
+    def __call__(self, inputs, state):
+      h = self.hidden_size
+      w_i = hk.get_parameter("w_i", [inputs.shape[-1], 3 * h], inputs.dtype, jnp.ones)
+      w_h = hk.get_parameter("w_h", [h, 3 * h], inputs.dtype, jnp.ones)
+      b = hk.get_parameter("b", [3 * h], inputs.dtype, jnp.zeros)
+      gates, hidden = inputs @ w_i + b, state @ w_h
+      z, r = jnp.split(jax.nn.sigmoid(gates[..., :2 * h] + hidden[..., :2 * h]), 2, axis=-1)
+      a = jnp.tanh(gates[..., 2 * h:] + r * hidden[..., 2 * h:])
+      state = (1 - z) * state + z * a
+      return state, state
+
+  def fn(xs):
+    cell = AfterReset(3, name="gru")
+    return hk.dynamic_unroll(cell, xs, cell.initial_state(2))[0]
+  model = hk.without_apply_rng(hk.transform(fn))
+  xs = jax.random.normal(KEY, (4, 2, 5))
+  params = model.init(KEY, xs)
+  loss = lambda p, xs: jnp.sum(model.apply(p, xs))
+  (_, acts), grads = jax.value_and_grad(sngd_jax.capture_hk(loss), has_aux=True)(params, xs)
+  assert acts == {}
+  report = sngd_jax.coverage(loss, params, xs)
+  assert sorted(report.missing) == ["gru/b", "gru/w_h[..., 0:6]", "gru/w_h[..., 6:9]",
+                                    "gru/w_i"]
+  tx = sngd_jax.sngd()
+  with pytest.raises(ValueError, match="gru/w_"):
+    tx.update(grads, tx.init(params), params, activations=acts)
+
+
+def test_gru_under_a_mixed_precision_policy_records_its_compute_dtype_rows():
+  """An hk.GRU under a bf16-compute policy: its three layers record bf16 rows, and the
+  candidate's ``r_t * h_{t-1}`` is the one the cell computed from its bf16 params (float64
+  forward pass of the bf16-cast params and inputs, to bf16 rounding). Recomputed from the
+  float32 params instead, ``r`` was float32 (and the rows float32)."""
+  jmp = pytest.importorskip("jmp")
+  t, b, d, h = 4, 3, 4, 3
+  policy = jmp.get_policy("params=float32,compute=bfloat16,output=float32")
+
+  def fn(xs):
+    cell = hk.GRU(h, name="gru")
+    return hk.dynamic_unroll(cell, xs, cell.initial_state(xs.shape[1]))[0]
+  with hk.mixed_precision.push_policy(hk.GRU, policy):
+    model = hk.without_apply_rng(hk.transform(fn))
+    xs = jax.random.normal(KEY, (t, b, d))
+    params = model.init(KEY, xs)
+    params["gru"]["b"] = 0.3 * jax.random.normal(jax.random.key(2), (3 * h,))
+    loss = lambda p, xs: jnp.sum(model.apply(p, xs).astype(jnp.float32))
+    with no_sngd_warnings():
+      _, acts = jax.jit(sngd_jax.capture_hk(loss))(params, xs)
+  assert {k: v[0].inputs.dtype for k, v in acts.items()} == dict.fromkeys(
+      ("gru/w_i", "gru/w_h[zr]", "gru/w_h[a]"), jnp.bfloat16)
+  bf16 = lambda a: _np(jnp.asarray(a).astype(jnp.bfloat16))
+  w_i, w_h, bias = (bf16(params["gru"][k]) for k in ("w_i", "w_h", "b"))
+  state, gated = np.zeros((b, h)), []
+  for x in bf16(xs):
+    gates = x @ w_i
+    zr = ref.sigmoid(gates[:, :2 * h] + state @ w_h[:, :2 * h] + bias[:2 * h])
+    z, r = zr[:, :h], zr[:, h:]
+    gated.append(r * state)
+    a = np.tanh(gates[:, 2 * h:] + (r * state) @ w_h[:, 2 * h:] + bias[2 * h:])
+    state = (1 - z) * state + z * a
+  np.testing.assert_allclose(_np(acts["gru/w_h[a]"][0].inputs).reshape(-1, h),
+                             np.concatenate(gated), atol=1e-2)
+
+
 # --- errors and warnings -------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs", [dict(name="up"), dict(data_format="NCHW", with_bias=False),
@@ -683,26 +754,37 @@ def test_conv_transpose_is_discovered_by_its_default_name():
   assert (named.in_dim, named.out_dim, named.kernel_perm) == (3 * 2 * 2, 5, None)
 
 
-def test_gru_is_named_as_not_modelled():
-  """hk.GRU multiplies its own w_i, w_h: capture and coverage say its params pass through,
-  naming it; the LSTM beside it is captured."""
+def test_gru_is_three_layers_and_one_column_block_can_be_left_out():
+  """hk.GRU beside an hk.LSTM: discover finds its three layers (``w_h`` as two column blocks
+  of one leaf), capture records them with no warning, and ``fisher={'gru/w_h[a]': None}``
+  leaves the candidate columns of ``w_h`` to the next transform (their update is the raw
+  gradient, coverage says so for that block) while the update/reset columns are preconditioned
+  (they differ from the gradient). Before, the GRU warned and all of its leaves passed."""
   def fn(xs):
     gru, lstm = hk.GRU(3), hk.LSTM(2)
     h, _ = hk.dynamic_unroll(gru, xs, gru.initial_state(2))
     h, _ = hk.dynamic_unroll(lstm, h, lstm.initial_state(2))
     return h
   model = hk.without_apply_rng(hk.transform(fn))
-  xs = jnp.ones((4, 2, 5))  # (T, B, I)
+  xs = jax.random.normal(KEY, (4, 2, 5))  # (T, B, I)
   params = model.init(KEY, xs)
-  loss = lambda p, xs: jnp.sum(model.apply(p, xs))
-  match = r"capture_hk does not model GRU 'gru'.*pass through unpreconditioned"
-  with pytest.warns(UserWarning, match=match):
-    _, acts = sngd_jax.capture_hk(loss)(params, xs)
-  assert set(acts) == {"lstm/linear"}
-  with pytest.warns(UserWarning, match=match):
-    report = sngd_jax.coverage(loss, params, xs)
-  assert sorted(report.pass_through) == ["gru/b", "gru/w_h", "gru/w_i"]
-  assert report.missing == [] and "lstm/linear/w" in report.preconditioned
+  specs = sngd_jax.discover(params)
+  assert {p: (s.kernel, s.bias, s.in_dim, s.out_dim, s.columns) for p, s in specs.items()
+          if p.startswith("gru")} == {
+      "gru/w_i": (("gru", "w_i"), ("gru", "b"), 5, 9, None),
+      "gru/w_h[zr]": (("gru", "w_h"), None, 3, 6, (0, 6)),
+      "gru/w_h[a]": (("gru", "w_h"), None, 3, 3, (6, 9))}
+  loss = lambda p, xs: jnp.sum(jnp.sin(model.apply(p, xs)))
+  with no_sngd_warnings():
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture_hk(loss), has_aux=True)(params, xs)
+    fisher = {"gru/w_h[a]": None}
+    report = sngd_jax.coverage(loss, params, xs, fisher=fisher)
+  assert set(acts) == {"gru/w_i", "gru/w_h[zr]", "gru/w_h[a]", "lstm/linear"}
+  assert report.pass_through == ["gru/w_h[..., 6:9]"] and report.missing == []
+  tx = sngd_jax.sngd(fisher=fisher, max_norm=None)
+  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  np.testing.assert_array_equal(updates["gru"]["w_h"][:, 6:], grads["gru"]["w_h"][:, 6:])
+  assert not np.allclose(updates["gru"]["w_h"][:, :6], grads["gru"]["w_h"][:, :6])
 
 
 def test_a_tied_embedding_table_is_named():

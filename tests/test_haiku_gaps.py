@@ -9,7 +9,7 @@ import np_reference as ref
 import numpy as np
 import optax
 import pytest
-from exact import exact_sngd
+from exact import exact_sngd, factors_after_one_step
 from helpers_mlp import reference_update
 from helpers_warnings import no_sngd_warnings
 
@@ -57,11 +57,11 @@ def _check(rows, g, u, name, bias=True):
 
 # --- hk.GRU ----------------------------------------------------------------------------
 
-def _gru_model(core, readout=True):
-  """``core`` under hk.dynamic_unroll, then an hk.Linear readout of every step's state."""
+def _gru_model(core, readout=True, unroll="dynamic_unroll"):
+  """``core`` under ``hk.<unroll>``, then an hk.Linear readout of every step's state."""
   def fn(xs):  # time major (T, B, D)
     cell = core(H, name="gru")
-    out, _ = hk.dynamic_unroll(cell, xs, cell.initial_state(xs.shape[1]))
+    out, _ = getattr(hk, unroll)(cell, xs, cell.initial_state(xs.shape[1]))
     return hk.Linear(2, name="readout")(out) if readout else out
   return hk.without_apply_rng(hk.transform(fn))
 
@@ -70,23 +70,106 @@ def _sin_loss(model):
   return lambda p, xs: jnp.sum(jnp.sin(model.apply(p, xs)))
 
 
-def test_gru_warning_says_what_happens_and_what_to_write(x64):
-  """hk.GRU is not modelled: its w_h holds two products with different inputs. The warning
-  says why, that its params pass through (the update of every GRU leaf is its gradient, and
-  ``update`` does not raise) and what to write instead."""
-  model = _gru_model(hk.GRU)
-  xs = jax.random.normal(KEY, (T, B, D), jnp.float64)
+def _gru_params(model, xs):
   params = model.init(KEY, xs)
-  match = (r"capture_hk does not model GRU 'gru'.*last third of `w_h`'s columns multiplies "
-           r"`r \* state`.*pass through unpreconditioned \(`update` does not raise.*three "
-           r"`hk.Linear` layers")
-  with pytest.warns(UserWarning, match=match):
+  params["gru"]["b"] = 0.3 * jax.random.normal(KEY, (3 * H,), jnp.float64)  # not zero
+  return params
+
+
+@pytest.mark.parametrize("unroll", ["dynamic_unroll", "static_unroll"])
+def test_hk_gru_is_three_layers_over_the_rows_each_weight_multiplied(unroll, x64):
+  """hk.GRU is three dense layers: ``gru/w_i`` (with ``b``) over x_t, ``gru/w_h[zr]``
+  (``w_h[:, :2H]``) over h_{t-1}, ``gru/w_h[a]`` (``w_h[:, 2H:]``) over r_t * h_{t-1}, each
+  pooled over every step. After one step each factor is the float64 Gram of the rows a numpy
+  forward pass of the unrolled cell multiplies by that weight, and the update of ``w_i``,
+  ``b`` and each column block of ``w_h`` is its damped solve over those rows (one training
+  step: the explicit preconditioned update). No warning. Before, capture_hk warned and the
+  GRU's leaves passed through (updates == gradients)."""
+  model = _gru_model(hk.GRU, unroll=unroll)
+  xs = jax.random.normal(KEY, (T, B, D), jnp.float64)
+  params = _gru_params(model, xs)
+  x_rows, h_rows, rh_rows, outs = _gru_rows(params, xs)
+  with no_sngd_warnings():
     grads, updates, acts = _step(_sin_loss(model), params, xs)
-  assert set(acts) == {"readout"}
-  for name in ("w_i", "w_h", "b"):  # exact_sngd has no trust region: the raw gradient
-    np.testing.assert_array_equal(updates["gru"][name], grads["gru"][name], err_msg=name)
-  _check(_gru_rows(params, xs)[3].reshape(-1, H), grads["readout"], updates["readout"],
-         "readout")
+  layers = ("gru/w_i", "gru/w_h[zr]", "gru/w_h[a]")
+  assert set(acts) == {*layers, "readout"}
+  state = factors_after_one_step(params, grads, acts)
+  for layer, rows, bias in zip(layers, (x_rows, h_rows, rh_rows), (True, False, False),
+                               strict=True):
+    np.testing.assert_allclose(_np(state.factors[layer]), ref.gram(rows, bias), rtol=1e-10,
+                               atol=1e-14, err_msg=layer)
+  g, u = grads["gru"], updates["gru"]
+  _check(x_rows, {"w": g["w_i"], "b": g["b"]}, {"w": u["w_i"], "b": u["b"]}, "w_i")
+  for rows, cols, name in ((h_rows, slice(0, 2 * H), "zr"), (rh_rows, slice(2 * H, None), "a")):
+    _check(rows, {"w": g["w_h"][:, cols]}, {"w": u["w_h"][:, cols]}, name, bias=False)
+  _check(outs.reshape(-1, H), grads["readout"], updates["readout"], "readout")
+
+
+def test_hk_gru_under_layer_stack_gets_each_layer_its_own_factors(x64):
+  """Two hk.GRU layers made by hk.layer_stack (params stacked ``(2, ...)``), each unrolled
+  over time: every one of the three layers has one factor per layer of the stack, the float64
+  Gram of the rows that layer's weights multiplied (layer 1 reads layer 0's states), and the
+  update of each layer's ``w_i``/``b`` and ``w_h`` column blocks is its damped solve."""
+  def fn(xs):
+    def one(h):
+      cell = hk.GRU(H, name="gru")
+      return hk.dynamic_unroll(cell, h, cell.initial_state(h.shape[1]))[0]
+    return hk.Linear(2, name="readout")(hk.layer_stack(2)(one)(xs))
+  model = hk.without_apply_rng(hk.transform(fn))
+  xs = jax.random.normal(KEY, (T, B, H), jnp.float64)  # the stack carries (T, B, H)
+  params = model.init(KEY, xs)
+  (module,) = [k for k in params if k.endswith("gru")]
+  params[module]["b"] = 0.3 * jax.random.normal(KEY, (2, 3 * H), jnp.float64)
+  with no_sngd_warnings():
+    grads, updates, acts = _step(_sin_loss(model), params, xs)
+  state = factors_after_one_step(params, grads, acts)
+  inputs = xs
+  for layer in range(2):
+    own = {"gru": {k: v[layer] for k, v in params[module].items()}}
+    x_rows, h_rows, rh_rows, outs = _gru_rows(own, inputs)
+    inputs = outs
+    for name, rows, bias in (("w_i", x_rows, True), ("w_h[zr]", h_rows, False),
+                             ("w_h[a]", rh_rows, False)):
+      np.testing.assert_allclose(_np(state.factors[f"{module}/{name}"][layer]),
+                                 ref.gram(rows, bias), rtol=1e-10, atol=1e-14,
+                                 err_msg=f"{name} {layer}")
+    g, u = (jax.tree.map(lambda a: a[layer], t[module]) for t in (grads, updates))  # noqa: B023
+    _check(x_rows, {"w": g["w_i"], "b": g["b"]}, {"w": u["w_i"], "b": u["b"]}, f"w_i {layer}")
+    for rows, cols in ((h_rows, slice(0, 2 * H)), (rh_rows, slice(2 * H, None))):
+      _check(rows, {"w": g["w_h"][:, cols]}, {"w": u["w_h"][:, cols]}, f"w_h {layer}",
+             bias=False)
+  _check(inputs.reshape(-1, H), grads["readout"], updates["readout"], "readout")
+
+
+@pytest.mark.parametrize("fisher", ["linear", "rfim"])
+def test_hk_gru_updates_as_its_twin_of_three_linear_layers(fisher, x64):
+  """The update of hk.GRU is, leaf by leaf, that of LinearGRU (the same function written with
+  three hk.Linear layers) on the same weights, also with fisher='rfim' (rows weighted by
+  each product's outputs, captured with outputs=True); coverage lists a row per column block
+  of ``w_h`` with its own factor."""
+  gru, linear = _gru_model(hk.GRU), _gru_model(LinearGRU)
+  xs = jax.random.normal(KEY, (T, B, D), jnp.float64)
+  params = _gru_params(gru, xs)
+  tx = exact_sngd(**ref.one_step_kwargs(), fisher=fisher)
+
+  def step(model, p):
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture_hk(_sin_loss(model), outputs=True),
+                                          has_aux=True)(p, xs)
+    return tx.update(grads, tx.init(p), p, activations=acts)[0]
+
+  with no_sngd_warnings():
+    got, want = step(gru, params), step(linear, _as_linear_gru(params))
+  for leaf, value in jax.tree_util.tree_leaves_with_path(_as_linear_gru(got)):
+    np.testing.assert_allclose(_np(value), _np(dict(jax.tree_util.tree_leaves_with_path(
+        want))[leaf]), rtol=1e-10, atol=1e-14, err_msg=jax.tree_util.keystr(leaf))
+  report = sngd_jax.coverage(_sin_loss(gru), params, xs)
+  rows = {p.path: p for p in report.params}
+  assert rows["gru/w_h[..., 0:6]"].layer == "gru/w_h[zr]"
+  assert rows["gru/w_h[..., 6:9]"].layer == "gru/w_h[a]"
+  assert rows["gru/w_h[..., 0:6]"].fisher == rows["gru/w_h[..., 6:9]"].fisher == \
+      "linear/dense 3x3"
+  assert rows["gru/w_i"].fisher == "linear/dense 5x5" and not report.missing
+  assert not report.pass_through
 
 
 class LinearGRU(hk.RNNCore):

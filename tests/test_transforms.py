@@ -3,6 +3,7 @@ unrolled model (linen and NNX), time scans and batch vmaps pool rows (float64
 references), and layers whose calls cannot leave a transform are reported, not used."""
 
 import re
+import threading
 
 import flax.linen as nn
 import helpers_jaxpr
@@ -18,7 +19,7 @@ from helpers_mlp import sngd_train_step
 from helpers_warnings import no_sngd_warnings
 
 import sngd_jax
-from sngd_jax._src.capture import transforms
+from sngd_jax._src.capture import swap
 
 L, D, H, BATCH, STEPS = 3, 4, 6, 8, 10
 # One rfim layer per block (per-unit blocks, stacked), the others linear.
@@ -392,13 +393,62 @@ def test_jax_functions_are_restored_after_capture_and_on_error():
   params = layer.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
 
   def failing(p):
-    assert jax.vmap is transforms.vmap
+    assert jax.vmap is not originals[0] and swap.unswapped(jax, "vmap") is originals[0]
     raise RuntimeError("inside")
 
   with pytest.raises(RuntimeError, match="inside"):
     sngd_jax.capture(failing, outputs=True)(params)
   sngd_jax.capture(lambda p: jnp.sum(layer.apply({"params": p}, jnp.ones((1, 3)))))(params)
   assert [getattr(owner, name) for owner, name in names] == originals
+
+
+def test_a_users_patch_made_after_import_runs_inside_a_capture_and_stays_after(monkeypatch):
+  """A user patches ``jax.vmap`` and ``jax.lax.scan`` after importing sngd_jax (a counting
+  wrapper of each). A capture of a model using both (and a capture nested in it, and a plain
+  call on another thread while the outer one runs) calls the patches, records the vmapped
+  and scanned layer's rows (float64 Gram reference), and leaves the patches in place. Before,
+  the capture called the functions seen at import (the patches never ran) and restored them
+  (the patches were gone after the first capture)."""
+  real_vmap, real_scan = jax.vmap, jax.lax.scan
+  calls = {"vmap": 0, "scan": 0, "thread": 0}
+
+  def my_vmap(*args, **kwargs):
+    calls["thread" if threading.current_thread() is not main else "vmap"] += 1
+    return real_vmap(*args, **kwargs)
+
+  def my_scan(*args, **kwargs):
+    calls["scan"] += 1
+    return real_scan(*args, **kwargs)
+
+  main = threading.current_thread()
+  monkeypatch.setattr(jax, "vmap", my_vmap)
+  monkeypatch.setattr(jax.lax, "scan", my_scan)
+  with jax.enable_x64(True):
+    layer = nn.Dense(2, param_dtype=jnp.float64)
+    xs = jax.random.normal(jax.random.key(0), (3, 4, 5), jnp.float64)  # (steps, batch, in)
+    params = layer.init(jax.random.key(1), xs[0])["params"]
+
+    def loss(p, xs):
+      per_example = lambda x: layer.apply({"params": p}, x)
+      step = lambda c, x: (c, jax.vmap(per_example)(x))
+      return jnp.sum(jax.lax.scan(step, 0.0, xs)[1] ** 2)
+
+    def outer(p, xs):
+      other = threading.Thread(target=lambda: jax.vmap(jnp.sin)(jnp.ones(2)))
+      other.start()
+      other.join()
+      nested = sngd_jax.capture(lambda q: jnp.sum(jax.vmap(jnp.sin)(q["bias"])))(p)
+      return loss(p, xs) + nested[0]
+
+    _, acts = sngd_jax.capture(outer)(params, xs)
+  assert jax.vmap is my_vmap and jax.lax.scan is my_scan
+  # each of the two vmaps (the loss's, the nested capture's) ran the patch, maybe more than
+  # once (a wrapper may also trace a plain vmap); the other thread's plain call ran it once
+  assert calls["vmap"] >= 2 and calls["scan"] >= 1 and calls["thread"] == 1
+  assert len(acts[""]) == 1
+  np.testing.assert_allclose(
+      ref.gram(np.asarray(acts[""][0].inputs, np.float64).reshape(-1, 5), True),
+      ref.gram(np.asarray(xs, np.float64).reshape(-1, 5), True), rtol=1e-12)
 
 
 @pytest.mark.parametrize("loop", ["fori_loop", "nnx.fori_loop", "scan"])

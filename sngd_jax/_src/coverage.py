@@ -248,16 +248,18 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
     state = jax.eval_shape(sngd(fisher=fisher, inverse=inverse, stacked=stacked).init, params)
   method = _method_of(state.config)
   owner: dict[tuple[str, ...], str] = {}
+  columns: dict[tuple[str, ...], list[layers_lib.LayerSpec]] = {}  # kernel -> its column layers
   for spec in all_layers.values():
     owner[spec.kernel] = spec.path
     if spec.bias is not None:
       owner[spec.bias] = spec.path
+    if spec.columns is not None:
+      columns.setdefault(spec.kernel, []).append(spec)
   for path, error in unmodelled.items():
     owner.update({leaf: path for leaf in error.leaves})
-  out = []
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    parts = paths.leaf_parts(key_path)
-    layer = owner.get(parts)
+
+  def row(parts: tuple[str, ...], layer: Optional[str], name: str,
+          shape: tuple[int, ...]) -> ParamCoverage:
     size, how = 0, ""
     if layer is None:
       desc = PASS_THROUGH
@@ -294,7 +296,19 @@ def report(params: Any, activations: dict, fisher: layers_lib.FisherSpec = "line
           how = f"{how} + {describe(method, head.dim).name}"
       else:
         desc = f"(with {paths.join(spec.kernel)})"
-    out.append(ParamCoverage(paths.join(parts), tuple(leaf.shape), layer, desc, size, how))
+    return ParamCoverage(name, shape, layer, desc, size, how)
+
+  out = []
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    parts = paths.leaf_parts(key_path)
+    if parts in columns and owner.get(parts) not in missing:
+      # a kernel whose columns are layers of their own (`LayerSpec.columns`): a row each
+      for spec in columns[parts]:
+        lo, hi = spec.columns or (0, 0)
+        out.append(row(parts, spec.path, f"{paths.join(parts)}[..., {lo}:{hi}]",
+                       tuple(leaf.shape[:-1]) + (hi - lo,)))
+      continue
+    out.append(row(parts, owner.get(parts), paths.join(parts), tuple(leaf.shape)))
   unmatched = tuple(sorted(set(activations) - set(all_layers)))
   outputs = [c.outputs for calls in activations.values() for c in calls]
   return CoverageReport(tuple(out), unmatched, _nbytes(activations), _nbytes(outputs))

@@ -57,6 +57,11 @@ class LayerSpec:
       (G_h + rho I)^{-1}`` (``sngd_jax._src.precondition``).
     source: the layer path whose captured calls this spec reads (the output-layer
       spec of a tied table reads the table's); None for its own path.
+    columns: ``(lo, hi)``: the layer is the kernel's output columns ``lo:hi`` (its last axis;
+      the bias's too), one of several layers that share the kernel leaf and read different
+      inputs (``hk.GRU``'s ``w_h``: its ``2H`` update and reset columns multiply ``h``, its
+      ``H`` candidate columns ``r * h``); None for the whole kernel. Each such layer's update
+      is written into its own columns (``precondition.split``).
   """
 
   path: str
@@ -70,6 +75,7 @@ class LayerSpec:
   kernel_perm: Optional[tuple[int, ...]] = None
   tied: bool = False
   source: Optional[str] = None
+  columns: Optional[tuple[int, int]] = None
 
   @property
   def tied_head(self) -> bool:
@@ -160,6 +166,19 @@ def haiku_conv_transpose(path: str) -> bool:
   ``discover`` reads such a kernel with its last two axes swapped, and ``capture_hk`` records
   only such transposed convs (a named one is refused by name)."""
   return _HAIKU_CONV_TRANSPOSE.fullmatch(path.rsplit("/", 1)[-1]) is not None
+
+
+HAIKU_GRU = ("w_i", "w_h", "b")
+"""The params of an ``hk.GRU``: ``w_i`` ``(I, 3H)``, ``w_h`` ``(H, 3H)``, ``b`` ``(3H,)``
+(gates ``z``, ``r``, ``a`` in that order of columns)."""
+
+
+def haiku_gru_layers(module: str) -> tuple[str, str, str]:
+  """The three layers of the ``hk.GRU`` at module path ``module``: ``'<module>/w_i'`` (with
+  ``b``) over ``x_t``, ``'<module>/w_h[zr]'`` (``w_h[:, :2H]``, the update and reset gates)
+  over ``h_{t-1}`` and ``'<module>/w_h[a]'`` (``w_h[:, 2H:]``, the candidate) over
+  ``r_t * h_{t-1}``: the paths ``discover`` gives them and ``capture_hk`` records them at."""
+  return f"{module}/w_i", f"{module}/w_h[zr]", f"{module}/w_h[a]"
 
 
 def resolve_fisher(fisher: FisherSpec, path: str) -> Optional[str]:

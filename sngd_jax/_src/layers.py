@@ -35,7 +35,10 @@ its bias, ``embeddings`` an embedding table, ``scale`` with ``offset`` a
 normalization's scale and bias. An ``hk.ConvNDTranspose``'s ``w`` is ``(*k, O, C)``, outputs
 before inputs, which its shapes do not show: a ``w`` under Haiku's default name for it
 (``conv2_d_transpose``, ``conv_nd_transpose_1``: ``layer_spec.haiku_conv_transpose``) is read
-with its last two axes swapped (``kernel_perm``). A tree is read with these names when Haiku is
+with its last two axes swapped (``kernel_perm``). An ``hk.GRU``'s ``w_i``, ``w_h``, ``b`` are
+three dense layers (``_haiku_gru``): ``w_i`` with ``b`` over ``x_t``, and ``w_h``'s ``2H``
+update/reset columns over ``h_{t-1}`` and its ``H`` candidate columns over ``r_t * h_{t-1}``,
+two layers on one leaf (``LayerSpec.columns``). A tree is read with these names when Haiku is
 imported and the tree is Haiku's (``is_haiku``): no leaf bears a linen/NNX layer
 name (``kernel``, ``embedding``, ``bias``) and some sibling group is a Haiku layer
 (``w`` of rank >= 2 with at most a ``b``; ``embeddings`` alone; ``scale`` with an
@@ -73,6 +76,7 @@ from sngd_jax._src import paths
 from sngd_jax._src.layer_spec import (  # noqa: F401 (re-exported: the layer vocabulary)
   FISHER_KINDS as FISHER_KINDS,
 )
+from sngd_jax._src.layer_spec import HAIKU_GRU, haiku_gru_layers
 from sngd_jax._src.layer_spec import (
   STRUCTURES as STRUCTURES,
 )
@@ -149,7 +153,9 @@ def discover(params: Any, fisher: FisherSpec = "linear",
   specs = {}
   for parent, leaves in groups.items():
     try:
-      if haiku:
+      if haiku and set(leaves) == set(HAIKU_GRU):
+        found = _haiku_gru(parent, leaves, fisher)
+      elif haiku:
         names = {ours: theirs for theirs, ours in HAIKU_NAMES.items() if theirs in leaves}
         found = _layer_of(parent, {ours: leaves[theirs] for ours, theirs in names.items()},
                           fisher, stacked, names)
@@ -189,7 +195,8 @@ def _haiku_layer(leaves: dict[str, Any]) -> bool:
   ``scale``/``offset``)."""
   names = set(leaves)
   return ((names in ({"w"}, {"w", "b"}) and getattr(leaves["w"], "ndim", 0) >= 2)
-          or names == {"embeddings"} or names == {"scale", "offset"})
+          or names == {"embeddings"} or names == {"scale", "offset"}
+          or (names == set(HAIKU_GRU) and getattr(leaves["w_h"], "ndim", 0) >= 2))
 
 
 def _is_haiku(groups: dict[tuple[str, ...], dict[str, Any]]) -> bool:
@@ -314,6 +321,45 @@ def _haiku_conv_transpose(path: str, kernel: Any, bias: Any, kind: str,
                    in_dim=math.prod(shape[:-2]) * shape[-1], out_dim=out, fisher=kind,
                    stack=k[:n_stack], kernel_perm=tuple(range(len(shape) - 2)) + (
                        len(shape) - 1, len(shape) - 2))
+
+
+def _haiku_gru(parent: tuple[str, ...], leaves: dict[str, Any], fisher: FisherSpec
+               ) -> list[LayerSpec]:
+  """The three dense layers of an ``hk.GRU`` (``haiku_gru_layers``): ``w_i`` with ``b`` over
+  ``x_t``; ``w_h``'s first ``2H`` columns over ``h_{t-1}`` and its last ``H`` over
+  ``r_t * h_{t-1}``, two layers on one leaf (``LayerSpec.columns``). Leading axes of all
+  three beyond ``b``'s last are stack axes (``hk.layer_stack``)."""
+  w_i, w_h, b = (leaves[name] for name in HAIKU_GRU)
+  module = paths.join(parent)
+  layer_paths = haiku_gru_layers(module)
+  n_stack = b.ndim - 1
+  stack = tuple(b.shape[:n_stack])
+  three_h = b.shape[-1] if b.ndim else 0
+  h = three_h // 3
+  if (b.ndim < 1 or three_h % 3 or w_i.ndim != n_stack + 2 or w_h.ndim != n_stack + 2
+      or tuple(w_i.shape[:n_stack]) != stack or tuple(w_h.shape[:n_stack]) != stack
+      or w_i.shape[-1] != three_h or tuple(w_h.shape[-2:]) != (h, three_h)):
+    raise UnmodelledLayer(
+        module, tuple(parent + (name,) for name in HAIKU_GRU),
+        f"params named as an `hk.GRU`'s (`w_i` {tuple(w_i.shape)}, `w_h` {tuple(w_h.shape)}, "
+        f"`b` {tuple(b.shape)}) do not have its shapes (`(I, 3H)`, `(H, 3H)`, `(3H,)`, after "
+        "the same stack axes)",
+        "leave them to the next transform with `fisher={"
+        + ", ".join(f"{p!r}: None" for p in layer_paths) + "}`")
+  specs = []
+  for path, kernel, bias, in_dim, columns in (
+      (layer_paths[0], "w_i", "b", w_i.shape[-2], None),
+      (layer_paths[1], "w_h", None, h, (0, 2 * h)),
+      (layer_paths[2], "w_h", None, h, (2 * h, three_h))):
+    kind = resolve_fisher(fisher, path)
+    if kind is None:
+      continue
+    _not_tied(kind, path)
+    specs.append(LayerSpec(
+        path=path, kernel=parent + (kernel,), bias=None if bias is None else parent + (bias,),
+        in_dim=in_dim, out_dim=three_h if columns is None else columns[1] - columns[0],
+        fisher=kind, stack=stack, columns=columns))
+  return specs
 
 
 def _layer_of(parent: tuple[str, ...], leaves: dict[str, Any], fisher: FisherSpec,

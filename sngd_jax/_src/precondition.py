@@ -59,20 +59,38 @@ def augmented(spec: LayerSpec, leaves: Sequence[Any], index: Mapping[tuple[str, 
   w = leaves[index[spec.kernel]]
   if perm := _kernel_perm(spec):
     w = jnp.transpose(w, perm)
-  w = w.reshape(spec.stack + (spec.in_dim, spec.out_dim)).astype(dtype)
+  w = _columns(spec, w.reshape(spec.stack + (spec.in_dim, -1))).astype(dtype)
   if spec.bias is not None:
-    b = leaves[index[spec.bias]].reshape(spec.stack + (1, spec.out_dim)).astype(dtype)
+    b = _columns(spec, leaves[index[spec.bias]].reshape(spec.stack + (1, -1))).astype(dtype)
     # under an explicit mesh both operands need the same sharding, the joined axis whole
     w = distributed.unshard_axis(w, -2)
     w = jnp.concatenate([w, distributed.reshard_like(b, w)], axis=-2)
   return w
 
 
+def _columns(spec: LayerSpec, w: jax.Array) -> jax.Array:
+  """The layer's own output columns of ``w`` (``(..., rows, all outputs)``): ``w`` itself
+  unless the layer is some of its kernel's columns (``LayerSpec.columns``)."""
+  return w if spec.columns is None else w[..., spec.columns[0]:spec.columns[1]]
+
+
+def _into_columns(spec: LayerSpec, part: jax.Array, leaf: Any, rows: int) -> jax.Array:
+  """``part`` (``(..., rows, O)``) as ``leaf``'s shape and dtype: ``leaf`` with the layer's own
+  columns replaced by ``part`` when the layer is some of its columns, else ``part`` itself."""
+  if spec.columns is None:
+    return part.reshape(leaf.shape).astype(leaf.dtype)
+  lo, hi = spec.columns
+  whole = jnp.asarray(leaf).reshape(spec.stack + (rows, -1))
+  return whole.at[..., lo:hi].set(part.astype(whole.dtype)).reshape(leaf.shape)
+
+
 def split(spec: LayerSpec, w: jax.Array, leaves: Sequence[Any],
           index: Mapping[tuple[str, ...], int]) -> dict[int, jax.Array]:
   """The inverse of ``augmented``: leaf position -> kernel / bias part of ``w``.
 
-  Each part takes the shape and dtype of the leaf it replaces.
+  Each part takes the shape and dtype of the leaf it replaces. A layer that is some of its
+  kernel's columns (``LayerSpec.columns``) gives the leaf of ``leaves`` with those columns
+  replaced: pass the leaves that the other layers of the same kernel wrote into.
   """
   kernel = leaves[index[spec.kernel]]
   part = w[..., :spec.in_dim, :]
@@ -80,10 +98,10 @@ def split(spec: LayerSpec, w: jax.Array, leaves: Sequence[Any],
     inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
     permuted = tuple(kernel.shape[p] for p in perm)
     part = jnp.transpose(part.reshape(permuted), inverse)
-  out = {index[spec.kernel]: part.reshape(kernel.shape).astype(kernel.dtype)}
+  out = {index[spec.kernel]: _into_columns(spec, part, kernel, spec.in_dim)}
   if spec.bias is not None:
     bias = leaves[index[spec.bias]]
-    out[index[spec.bias]] = w[..., spec.in_dim, :].reshape(bias.shape).astype(bias.dtype)
+    out[index[spec.bias]] = _into_columns(spec, w[..., spec.in_dim:, :], bias, 1)
   return out
 
 

@@ -550,7 +550,8 @@ def _write_back(inputs: _Inputs, pres: dict[str, jax.Array], scale: Optional[jax
     if path not in pres:  # the output-layer spec of a tied table: with the table's
       continue
     pre = pres[path] if scale is None else pres[path] * scale.astype(pres[path].dtype)
-    for i, part in precondition.split(spec, pre, inputs.leaves, inputs.index).items():
+    # into `out`: layers that are columns of one kernel (`LayerSpec.columns`) each write theirs
+    for i, part in precondition.split(spec, pre, out, inputs.index).items():
       out[i] = distributed.reshard_like(part, inputs.leaves[i])
       if jnp.finfo(inputs.leaves[i].dtype).bits < jnp.finfo(pre.dtype).bits:
         narrowed.append(out[i])

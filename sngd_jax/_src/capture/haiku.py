@@ -34,6 +34,7 @@ import importlib
 import warnings
 from typing import Any, Callable, Optional
 
+import jax
 import jax.numpy as jnp
 
 from sngd_jax._src import paths
@@ -55,7 +56,12 @@ from sngd_jax._src.capture.records import (
     vmapped_by_caller,
 )
 from sngd_jax._src.frames import caller_stacklevel
-from sngd_jax._src.layer_spec import DenseDeclaration, haiku_conv_transpose
+from sngd_jax._src.layer_spec import (
+    HAIKU_GRU,
+    DenseDeclaration,
+    haiku_conv_transpose,
+    haiku_gru_layers,
+)
 
 HAIKU_DENSE = DenseDeclaration(weight="w", bias="b", layout="in_out")
 """What discovery reads as a Haiku dense layer: a ``w`` ``(in, out)`` and a ``b`` (``hk.Linear``'s
@@ -156,12 +162,27 @@ def recorders() -> dict[type, Any]:
           hk.BatchNorm: ("norm", "scale"), hk.GroupNorm: ("norm", "scale")}
 
 
-@functools.lru_cache(maxsize=None)
-def unmodelled_cells() -> tuple[type, ...]:
-  """Haiku cores whose weights are read by their own matmuls, no layer capture records:
-  ``discover`` finds no layer in their params, which pass through unpreconditioned."""
+def _gru_records(module, args, kwargs, w_i, w_h, b) -> list[tuple[Any, Any, str, tuple]]:
+  """The records of an ``hk.GRU`` call's three products (``layer_spec.haiku_gru_layers``):
+  ``x_t @ w_i + b``, ``h_{t-1} @ w_h[:, :2H]`` and ``(r_t * h_{t-1}) @ w_h[:, 2H:]``, ``r_t``
+  computed as Haiku's ``GRU.__call__`` computes it (the same operations on the same arrays:
+  under a mixed precision policy, the params and inputs cast to its compute dtype, as Haiku
+  casts them for the module)."""
   hk = _haiku()
-  return (hk.GRU,)
+  x = jnp.asarray(_input(args, kwargs, "inputs"))
+  h = jnp.asarray(args[1] if len(args) > 1 else kwargs["state"])
+  policy = hk.mixed_precision.get_policy(type(module)) or hk.mixed_precision.current_policy()
+  if policy is not None:
+    x, h, w_i, w_h, b = policy.cast_to_compute((x, h, w_i, w_h, b))
+  size = module.hidden_size
+  gates_x = jnp.matmul(x, w_i)
+  zr_h = jnp.matmul(h, w_h[:, :2 * size])
+  zr = gates_x[..., :2 * size] + zr_h + jnp.broadcast_to(b[:2 * size], zr_h.shape)
+  r = jax.nn.sigmoid(zr)[..., size:]
+  gated = r * h
+  a_h = jnp.matmul(gated, w_h[:, 2 * size:])
+  return [(*tables.one_example(rows, out, 0), "dense", ())
+          for rows, out in ((x, gates_x + b), (h, zr_h), (gated, a_h))]
 
 
 def _lookup(module: Any) -> Optional[tuple[Any, str]]:
@@ -192,7 +213,6 @@ class _Interceptor:
     self.rec, self.frozen = rec, frozen
     self.unnamed: dict[str, None] = {}
     self.unsupported: dict[str, None] = {}
-    self.cells: dict[str, None] = {}
     self.tables_read: dict[str, None] = {}  # Embed tables read outside their lookup
     self.looking_up: list[Any] = []  # the recorded modules whose __call__ is running
     self.base_called: set[int] = set()  # those of them whose base class's __call__ ran too
@@ -222,10 +242,13 @@ class _Interceptor:
       return next_f(*args, **kwargs)
     if self.plain and isinstance(module, hk.ExponentialMovingAverage):
       return _input(args, kwargs, "value")  # the xhat call of a BatchNorm updates no average
+    if isinstance(module, hk.GRU):
+      out = next_f(*args, **kwargs)
+      if type(module).__call__ is hk.GRU.__call__:  # not a subclass's own math: not recorded,
+        self._gru(module, args, kwargs)  # `update` names its layers as not captured
+      return out
     found = _lookup(module)
     if found is None:
-      if isinstance(module, unmodelled_cells()):
-        self.cells[f"{type(module).__name__} {module.module_name!r}"] = None
       return next_f(*args, **kwargs)
     recorder, weight_name = found
     if any(m is module for m in self.looking_up):
@@ -264,6 +287,25 @@ class _Interceptor:
     self.rec.add(paths.join(parts[:-1]), x, z, kind, config, roles=roles)
     self.recorded[paths.join(parts[:-1])] = parts[-1]
     return out
+
+  def _gru(self, module, args, kwargs) -> None:
+    """Records an ``hk.GRU`` call as its three dense layers (``_gru_records``), named by the
+    module's params (``layer_spec.haiku_gru_layers``)."""
+    weights = [_param(module, name) for name in HAIKU_GRU]
+    if any(w is None for w in weights):
+      return
+    (roles_i, parts), (roles_h, _), _ = traced = [self.rec.trace(w) for w in weights]
+    if parts is None or any(p is None for _, p in traced):
+      if not any(self.frozen.left_out_call(self.rec, w, type(module).__name__)
+                 for w, (_, p) in zip(weights, traced, strict=True) if p is None):
+        self.unnamed[f"{type(module).__name__} {module.module_name!r}"] = None
+      return
+    records = _gru_records(module, args, kwargs, *weights)
+    for path, roles, record in zip(haiku_gru_layers(paths.join(parts[:-1])),
+                                   (roles_i, roles_h, roles_h), records, strict=True):
+      x, z, kind, config = record
+      self.rec.add(path, x, z, kind, config, roles=roles)
+      self.recorded[path] = "w"
 
   def custom_dense(self, x, y, kernel, bias, layout: str) -> None:
     """Records a ``sngd_jax.dense`` call as the dense layer whose params its kernel and bias
@@ -342,7 +384,10 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
     ```
 
   Supported: ``hk.Linear`` (hence ``hk.nets.MLP``, the projections of
-  ``hk.MultiHeadAttention``, the gates of ``hk.LSTM``), ``hk.ConvND`` (``Conv1D``-``Conv3D``),
+  ``hk.MultiHeadAttention``, the gates of ``hk.LSTM``), ``hk.GRU`` (three dense layers:
+  ``'<gru>/w_i'`` with ``b`` over ``x_t``, ``'<gru>/w_h[zr]'``, the first ``2H`` columns of
+  ``w_h``, over ``h_{t-1}``, and ``'<gru>/w_h[a]'``, its last ``H``, over ``r_t * h_{t-1}``:
+  two layers on one leaf, each with its own local Fisher), ``hk.ConvND`` (``Conv1D``-``Conv3D``),
   ``hk.DepthwiseConv1D``-``3D`` (hence ``hk.SeparableDepthwiseConv2D``), ``hk.Embed``,
   ``hk.LayerNorm``, ``hk.RMSNorm``, ``hk.BatchNorm`` (under ``hk.transform_with_state``) and
   ``hk.GroupNorm``, also under ``hk.remat``, ``hk.dynamic_unroll`` and ``hk.layer_stack``.
@@ -352,17 +397,14 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
   ``conv2_d_transpose_1``, ...): only that name tells ``init`` (which sees the params alone)
   its ``(*k, O, C)`` kernel from a conv's. Another one's calls are not recorded and capture
   warns, naming it.
-  Nor is ``hk.GRU`` (its own matmuls of ``w_i``, ``w_h``; ``w_h``'s columns read two inputs,
-  ``state`` and ``r * state``): its params pass through, and capture warns, naming it and the
-  same cell written with three ``hk.Linear`` layers, which is modelled. A Haiku module of your
-  own is recorded as an ``hk.Linear`` where it computes ``sngd_jax.dense(x, w, b)`` on its own
-  ``hk.get_parameter("w", (in, out))`` and ``"b"``. A layer under ``hk.scan`` is pooled over
-  its steps, as is one under an ``hk.fori_loop`` of static bounds (JAX runs it as a scan);
-  one under ``hk.cond`` or ``hk.switch`` gets the rows of the steps (or examples, under a
-  ``jax.vmap``) whose branch called it, the others none; one under ``hk.while_loop`` or a
-  ``fori_loop`` of traced bounds is not captured (capture warns, naming it and the
-  rewrite). A param named ``kernel``, ``bias`` or ``embedding`` beside Haiku layers makes
-  discovery read linen's names only: capture warns, naming it.
+  A Haiku module of your own is recorded as an ``hk.Linear`` where it computes
+  ``sngd_jax.dense(x, w, b)`` on its own ``hk.get_parameter("w", (in, out))`` and ``"b"``.
+  A layer under ``hk.scan`` is pooled over its steps, as is one under an ``hk.fori_loop`` of
+  static bounds (JAX runs it as a scan); one under ``hk.cond`` or ``hk.switch`` gets the rows
+  of the steps (or examples, under a ``jax.vmap``) whose branch called it, the others none;
+  one under ``hk.while_loop`` or a ``fori_loop`` of traced bounds is not captured (capture
+  warns, naming it and the rewrite). A param named ``kernel``, ``bias`` or ``embedding``
+  beside Haiku layers makes discovery read linen's names only: capture warns, naming it.
 
   Args:
     fn: a function whose first argument is the Haiku params (the dict that
@@ -415,20 +457,6 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
           "module name (`conv2_d_transpose`, `conv_nd_transpose_1`, ...: the one thing in its "
           "params that tells its `(*k, O, C)` kernel from a conv's `(*k, C, O)`)",
           stacklevel=caller_stacklevel())
-    if interceptor.cells:
-      warnings.warn(
-          f"sngd: capture_hk does not model {', '.join(interceptor.cells)}: it multiplies its "
-          "own `w_i`, `w_h` (no `hk.Linear`), and the last third of `w_h`'s columns multiplies "
-          "`r * state` where the first two thirds multiply `state`: one kernel leaf with two "
-          "inputs, which no one local Fisher over the layer's input models. Its params "
-          "(`w_i`, `w_h`, `b`) get no local Fisher and pass through unpreconditioned "
-          "(`update` does not raise; `coverage` lists them as pass-through): `sngd_momentum` "
-          "moves them by momentum SGD on the raw gradient, `sngd_adam` or "
-          "`optax.chain(sngd_jax.sngd(), optax.adam(...))` by Adam. To precondition them, "
-          "write the cell with three `hk.Linear` layers (`x @ w_i + b`, `state @ w_h[:, :2H]`, "
-          "`(r * state) @ w_h[:, 2H:]`: the same function, each product modelled exactly; "
-          "docs/layer-coverage.md, *Haiku*), or use `hk.LSTM` or `hk.VanillaRNN`, whose gates "
-          "are `hk.Linear`", stacklevel=caller_stacklevel())
     if interceptor.tables_read:
       keys = ", ".join(repr(k) for k in interceptor.tables_read)
       warnings.warn(

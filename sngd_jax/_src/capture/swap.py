@@ -9,8 +9,8 @@ norm layers), or an object's (the function that an ``nnx.jit`` given shardings c
 traces NNX's function, not this capture's wrapper). ``swapped(owner, name, make)`` runs its
 body with ``owner.<name>`` being ``make(original)`` on the calling thread only.
 
-The attribute is replaced once, process-wide, by a dispatcher (reference counted, as
-``transforms.recording`` replaces the JAX transforms) that calls the calling thread's
+The attribute is replaced once, process-wide, by a dispatcher (reference counted;
+``transforms.recording`` swaps the JAX transforms this way too) that calls the calling thread's
 innermost hook, else the original. So a capture on one thread neither records nor changes
 another thread's calls (each used to set the attribute process-wide: a thread running a model
 while another captured ran the capture's recording wrappers, which noted its calls and filled

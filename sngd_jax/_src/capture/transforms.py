@@ -21,9 +21,12 @@ the directions of Hessian-vector products) leaves it without the new axis, once
 ``filter_checkpoint``) call these functions when they run, so they are covered
 too.
 
-The replacement is process-wide while any capture runs (reference counted) and
-acts only on the thread that captures: elsewhere each wrapper calls JAX's own
-function directly. Transforms that do not go through these names (a function
+The replacement is a per-thread swap (``swap.swapped``): while any capture runs, each name
+is a dispatcher that runs the wrapper on a thread that captures and, elsewhere, the function
+that was in place when the first capture began, which the last one to end puts back. That
+function, not the one seen when sngd_jax was imported, is also what a wrapper calls: a patch a
+user or another library made later (``jax.vmap = my_vmap``) runs inside a capture and stays
+in place after it. Transforms that do not go through these names (a function
 made by ``jax.vmap`` before capture started, ``jax.jit``, ``while_loop``) keep
 their records inside, which are then detected as leaked and reported (never
 used).
@@ -49,7 +52,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import threading
 import warnings
 from typing import Any, Callable, Iterator, Optional
 
@@ -74,22 +76,7 @@ from sngd_jax._src.capture.records import (
 )
 from sngd_jax._src.frames import caller_stacklevel
 
-_ORIGINAL = {
-    "scan": jax.lax.scan,
-    "fori_loop": jax.lax.fori_loop,
-    "while_loop": jax.lax.while_loop,
-    "cond": jax.lax.cond,
-    "switch": jax.lax.switch,
-    "eval_shape": jax.eval_shape,
-    "map": jax.lax.map,
-    "vmap": jax.vmap,
-    "checkpoint": jax.checkpoint,
-    "remat": jax.remat,
-    "axes_scan": flax_axes_scan.scan,
-    "nnx_jit": nnx_compilation.JitWrapped.__call__,
-    "nnx_simple_jit": nnx_compilation.SimpleJitWrapped.__call__,
-}
-# (owner, attribute, key of the original in _ORIGINAL)
+# (owner, attribute, key of its wrapper in _WRAPPERS)
 _TARGETS = ((jax.lax, "scan", "scan"), (jax.lax, "fori_loop", "fori_loop"),
             (jax.lax, "while_loop", "while_loop"),
             (jax.lax, "cond", "cond"), (jax.lax, "switch", "switch"),
@@ -98,8 +85,20 @@ _TARGETS = ((jax.lax, "scan", "scan"), (jax.lax, "fori_loop", "fori_loop"),
             (flax_axes_scan, "scan", "axes_scan"),
             (nnx_compilation.JitWrapped, "__call__", "nnx_jit"),
             (nnx_compilation.SimpleJitWrapped, "__call__", "nnx_simple_jit"))
-_LOCK = threading.Lock()
-_INSTALLED = [0]
+_OWNERS = {key: (owner, name) for owner, name, key in _TARGETS}
+
+
+class _Originals:
+  """``_ORIGINAL[key]``: the function a wrapper runs, the one in place when the first capture
+  running began (``swap.unswapped``), not the one seen at import: a patch a user (or another
+  library) made after importing sngd_jax (``jax.vmap = my_vmap``) is what a capture's wrapper
+  calls, what another thread runs meanwhile, and what is in place after the capture."""
+
+  def __getitem__(self, key: str) -> Callable:
+    return swap.unswapped(*_OWNERS[key])
+
+
+_ORIGINAL = _Originals()
 
 
 def _active() -> Optional[Recorder]:
@@ -1043,20 +1042,17 @@ _WRAPPERS = {"scan": scan, "fori_loop": fori_loop, "while_loop": while_loop, "co
 
 @contextlib.contextmanager
 def recording(rec: Recorder) -> Iterator[None]:
-  """Makes ``rec`` this thread's active recorder and the transforms return records."""
-  with _LOCK:
-    if _INSTALLED[0] == 0:
-      for owner, name, key in _TARGETS:
-        setattr(owner, name, _WRAPPERS[key])
-    _INSTALLED[0] += 1
-  stack = running()
-  stack.append(rec)
-  try:
-    yield
-  finally:
-    stack.pop()
-    with _LOCK:
-      _INSTALLED[0] -= 1
-      if _INSTALLED[0] == 0:
-        for owner, name, key in _TARGETS:
-          setattr(owner, name, _ORIGINAL[key])
+  """Makes ``rec`` this thread's active recorder and the transforms return records.
+
+  The transforms are swapped per thread (``swap.swapped``): the wrappers run on this thread
+  only, another thread runs what was in place, and the last capture to end puts back what was
+  there when the first began (a user's own patch of ``jax.vmap`` included)."""
+  with contextlib.ExitStack() as swaps:
+    for owner, name, key in _TARGETS:
+      swaps.enter_context(swap.swapped(owner, name, lambda _, key=key: _WRAPPERS[key]))
+    stack = running()
+    stack.append(rec)
+    try:
+      yield
+    finally:
+      stack.pop()
