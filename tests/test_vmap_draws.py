@@ -359,3 +359,76 @@ def test_equinox_per_example_sequences_with_tables_of_positions_in_the_model():
   state = factors_after_one_step(eqx.filter(model, eqx.is_inexact_array), grads, acts,
                                  stats_batch_size=2)
   _gram_check(state, (("hidden", rows), ("out", np.tanh(rows @ w + b))), "equinox")
+
+
+@pytest.mark.parametrize("outer", ["vmap", "lax.map"])
+def test_vmap_over_a_closed_over_noise_array_inside_a_loop_over_the_examples(outer):
+  """A ``jax.vmap`` (or ``jax.lax.map``) over the ``(B, D)`` examples, inside it a
+  ``jax.vmap`` over a closed-over ``(S, D)`` noise array (each example plus every draw). The
+  outer lane's calls hold ``S`` rows of the inner vmap's axis and read the closed-over noise,
+  as a lane that sees a closed-over batch of ``S`` examples would: until 2026-12-06 the outer
+  axis was read as draws and the noise as the examples, silently (``stats_batch_size=2`` took
+  the first 2 draws of every example, 0.91 relative off 'hidden''s factor). The lane also reads
+  its own example ``xi``, one row of the noise's shape: the mirror of ``(D,)`` noise vectors
+  mapped around a vmap over a closed-over batch, so the examples reading is kept with a
+  warning: ``stats_batch_size=2`` takes every draw of the first 2 examples."""
+  x = _x()
+  noise = 0.1 * jax.random.normal(jax.random.key(3), (S, D), jnp.float64)
+  loops = {"vmap": lambda f, a: jax.vmap(f)(a), "lax.map": lambda f, a: jax.lax.map(f, a)}
+  loss_of = lambda f: jnp.sum(jnp.sin(loops[outer](lambda xi: jax.vmap(
+      lambda n: f(xi + n))(noise), x)))
+  warns = lambda: pytest.warns(UserWarning, match="sngd: layer 'hidden', 'out' under a .*"
+                               "one row of that array.*look alike")
+  params, grads, acts, (w, b) = _captured("linen", loss_of, warns)
+  rows = ref.np64(x)[:, None] + ref.np64(noise)[None]  # (B, S, D)
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  rows[:2].reshape(-1, D), w, b, outer)
+
+
+@pytest.mark.parametrize("loop", ["vmap", "lax.map"])
+def test_draws_of_a_numpy_batch_in_a_loss_without_jit(loop):
+  """A loss differentiated without ``jit`` that closes over a NumPy ``(B, D)`` batch and loops
+  over keys, each lane or step drawing noise for the whole batch: the batch is a NumPy constant
+  of the lane's jaxpr, not a tracer. Until 2026-12-06 a NumPy array was never the batch, so the
+  draws were read as the examples, silently (``stats_batch_size=2`` took every example of the
+  first 2 draws, 0.85 relative off 'hidden''s factor). A NumPy array is now the batch where the
+  call reads no mapped slice that could be the examples: ``stats_batch_size=2`` takes the
+  first 2 examples of every draw, as for a JAX batch or under ``jit``."""
+  x = np.asarray(_x())
+  loops = {"vmap": lambda f, a: jax.vmap(f)(a), "lax.map": lambda f, a: jax.lax.map(f, a)}
+  loss_of = lambda f: jnp.sum(jnp.sin(loops[loop](lambda k: f(x + draw(k)), KEYS)))
+  params, grads, acts, (w, b) = _captured("linen", loss_of)
+  assert [c.num_examples for c in acts["hidden"]] == [B]
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  _draw_rows()[:, :2].reshape(-1, D), w, b, loop)
+  with jax.checking_leaks():  # the same under jit, where the NumPy batch is closed over too
+    (_, acts), grads = jax.jit(jax.value_and_grad(sngd_jax.capture(lambda p: loss_of(
+        lambda e: LinenMLP().apply({"params": p}, e))), has_aux=True))(params)
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  _draw_rows()[:, :2].reshape(-1, D), w, b, f"{loop} jit")
+
+
+def test_noise_vectors_mapped_around_a_vmap_over_the_closed_over_batch_warn():
+  """The mirror of the test above: ``jax.vmap`` over ``(S, D)`` noise vectors, inside it a
+  ``jax.vmap`` over the closed-over ``(B, D)`` batch. Same shapes and data flow with the roles
+  of the two arrays swapped, so the program cannot tell them apart: it was read as draws
+  silently (right here, wrong for the mirror); it is now read as over the examples (the
+  documented default) with a warning saying to vmap over keys and draw the noise inside. Keys
+  mapped around it keep the draws reading without a warning (``stats_batch_size=2``: the first
+  2 examples of every draw)."""
+  x, vectors = _x(), 0.1 * jax.random.normal(jax.random.key(3), (S, D), jnp.float64)
+  loss_of = lambda f: jnp.sum(jnp.sin(jax.vmap(lambda n: jax.vmap(lambda xi: f(xi + n))(x))(
+      vectors)))
+  warns = lambda: pytest.warns(UserWarning, match="sngd: layer 'hidden', 'out' under a "
+                               "`jax.vmap`.*look alike.*vmap over keys")
+  params, grads, acts, (w, b) = _captured("linen", loss_of, warns)
+  rows = ref.np64(vectors)[:, None] + ref.np64(x)[None]  # (S, B, D)
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  rows[:2].reshape(-1, D), w, b, "read as examples")
+  one = lambda k: 0.1 * jax.random.normal(k, (D,), jnp.float64)
+  loss_of = lambda f: jnp.sum(jnp.sin(jax.vmap(lambda k: jax.vmap(lambda xi: f(xi + one(k)))(
+      x))(KEYS)))
+  params, grads, acts, (w, b) = _captured("linen", loss_of)
+  rows = np.stack([ref.np64(one(k)) for k in KEYS])[:, None] + ref.np64(x)[None]
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  rows[:, :2].reshape(-1, D), w, b, "keys")

@@ -288,10 +288,13 @@ def _whole_batch_steps(rec: Recorder, f: Callable, xs: Any, depth: int) -> dict[
   operand alone: one example, a micro-batch; or it has no example axis) the map's axis holds
   the examples, ``'map:pool'``.
 
-  Where the call also depends on a mapped operand whose step slice has ``b`` rows, the program
-  does not tell: noise draws of a closed-over ``(B, D)`` batch mapped over ``(S, B, D)`` noise,
-  and single ``(T, D)`` examples mapped over a ``(B, T, D)`` batch with a closed-over ``(T, D)``
-  table of positions, have the same shapes and data flow. Such a call is read as over the
+  Where the call also depends on a mapped operand whose step slice has ``b`` rows, or the shape
+  of one row of that closed-over array, the program does not tell: noise draws of a
+  closed-over ``(B, D)`` batch mapped over ``(S, B, D)`` noise, and single ``(T, D)`` examples
+  mapped over a ``(B, T, D)`` batch with a closed-over ``(T, D)`` table of positions, have the
+  same shapes and data flow; so have ``(D,)`` examples mapped around a vmap over a closed-over
+  ``(S, D)`` noise array and ``(D,)`` noise vectors mapped around a vmap over a closed-over
+  ``(B, D)`` batch (``_whole_calls``). Such a call is read as over the
   examples (the documented default, as a ``jax.vmap``'s), with a warning naming the layer and
   how to say otherwise: ``jax.lax.scan``, whose axis is never the examples, or keys mapped and
   the noise drawn inside; ``jax.vmap`` for the examples. So is every call of a step that cannot
@@ -315,10 +318,9 @@ def _whole_batch_steps(rec: Recorder, f: Callable, xs: Any, depth: int) -> dict[
         "batch (noise draws, Monte Carlo samples), write the loop as `jax.lax.scan`, whose "
         "axis is more rows of each example.", stacklevel=caller_stacklevel())
     return {}
-  leading = lambda a, b: len(getattr(a, "shape", ())) >= 1 and a.shape[0] == b
   return _whole_calls(
       rec, closed, found[0] if found else [], weights,
-      lambda b: [v for v in closed.jaxpr.invars if leading(v.aval, b)],
+      [(v, tuple(v.aval.shape)) for v in closed.jaxpr.invars if hasattr(v.aval, "shape")],
       "a `jax.lax.map` reads, in each step,", "step sees",
       "`jax.lax.scan` (its axis is more rows of each example) or map over keys and draw the "
       "noise inside; if the map is over the examples, write it as `jax.vmap`")
@@ -346,18 +348,26 @@ def _probed_calls(rec: Recorder, frame: TransformFrame, run: Callable[[], Any],
 
 
 def _whole_calls(rec: Recorder, closed: Any, found: list[tuple[str, Optional[int]]],
-                 weights: dict[int, Callable[[], Any]], rows: Callable[[int], list[Any]],
+                 weights: dict[int, Callable[[], Any]], lanes: list[tuple[Any, tuple]],
                  where: str, sees: str, advice: str) -> dict[str, list[bool]]:
   """Per layer path, per call: whether the call's input (an output of ``closed``, the jaxpr of
   one step or lane, in the order of ``found``: each call's path and examples ``b``) depends on
   a closed-over array of ``b`` leading rows that is not a parameter (``Recorder.top``,
   ``Recorder.params``, or in ``weights``: those the step's layers looked up) nor PRNG keys (the
-  whole batch), and not on ``rows(b)`` (the mapped operands whose slice has ``b`` rows); where
-  it depends on both, False with a warning (``_whole_batch_steps``). A NumPy array is never
-  the batch: a table the model computes with NumPy (positions, masks), inside the step or
-  outside it, is a constant of the step's jaxpr as a closed-over batch would be, and a batch
-  under ``jit`` or ``grad`` is a JAX array (a NumPy batch closed over by a loss differentiated
-  without ``jit`` is read as the examples, as before 2026-12-06)."""
+  whole batch), and not on a mapped operand (``lanes``: each invar of ``closed`` with its shape
+  in one step) that could be the examples: one whose slice has ``b`` rows, or has the shape of
+  one row of such a closed-over array (a single example of a batch mapped by an outer loop,
+  ``jax.vmap(lambda xi: jax.vmap(lambda n: model(xi + n))(noise))(x)``: the closed-over
+  ``(S, D)`` noise and the ``(D,)`` example ``xi`` are the mirror of ``(D,)`` noise vectors
+  mapped around a vmap over a closed-over ``(B, D)`` batch). Keys mapped are never the
+  examples. Where the call depends on both, False with a warning (``_whole_batch_steps``).
+
+  A NumPy array of ``b`` rows closed over is the batch only where the call reads no such
+  mapped operand (an eager loss over draws of a NumPy batch, not under ``jit``, where the
+  batch is not a tracer); where it does, it is a table the model computes with NumPy
+  (positions, masks, inside the step or outside it), and the examples reading is kept
+  without a warning (a map over ``(S, B, D)`` noise arrays of an eager NumPy batch is then
+  read as over the examples without one: map over keys and draw the noise inside)."""
   wants: dict[str, list[tuple[Any, Optional[int]]]] = {}
   for (path, b), v in zip(found, closed.jaxpr.outvars, strict=True):
     wants.setdefault(path, []).append((v, b))
@@ -366,24 +376,29 @@ def _whole_calls(rec: Recorder, closed: Any, found: list[tuple[str, Optional[int
   leading = lambda a, b: len(getattr(a, "shape", ())) >= 1 and a.shape[0] == b
   whole, ambiguous = {}, []
   for b in (b for b in sizes if b is not None):
-    batch = _depending(jaxpr, [v for v, c in zip(jaxpr.constvars, closed.consts, strict=True)
-                               if leading(c, b) and id(c) not in rec.top
-                               and id(c) not in rec.params and not _looked_up(weights, c)
-                               and not _keys(c) and not isinstance(c, np.ndarray)])
-    mapped = _depending(jaxpr, rows(b))
+    held = [(v, c) for v, c in zip(jaxpr.constvars, closed.consts, strict=True)
+            if leading(c, b) and id(c) not in rec.top and id(c) not in rec.params
+            and not _looked_up(weights, c) and not _keys(c)]
+    batch = _depending(jaxpr, [v for v, c in held if not isinstance(c, np.ndarray)])
+    tables = _depending(jaxpr, [v for v, c in held if isinstance(c, np.ndarray)])
+    rows = {tuple(c.shape[1:]) for _, c in held}
+    mapped = _depending(jaxpr, [v for v, sh in lanes if sh and not _keys(v.aval)
+                                and (sh[0] == b or sh in rows)])
     for path, calls in wants.items():
       for j, (v, vb) in enumerate(calls):
-        if vb == b and not hasattr(v, "val") and v in batch:
-          if v in mapped:
-            ambiguous.append(path)
-          else:
-            whole[(path, j)] = True
+        if vb != b or hasattr(v, "val") or (v not in batch and v not in tables):
+          continue
+        if v not in mapped:
+          whole[(path, j)] = True
+        elif v in batch:
+          ambiguous.append(path)
   if ambiguous:
     warnings.warn(
         f"sngd: layer {', '.join(map(shown, dict.fromkeys(ambiguous)))} under {where} "
-        "both an array it closes over and a slice of the mapped operand with as many rows as "
-        "its own examples: a map over the batch's examples (with a closed-over table of "
-        "positions) and a map over noise draws of a closed-over batch look alike. Its axis is "
+        "both an array it closes over and a slice of the mapped operand that could be its "
+        "examples (as many rows, or one row of that array): a map over the batch's examples "
+        "(with a closed-over table of positions, or a closed-over array of draws of each "
+        "example) and a map over noise draws of a closed-over batch look alike. Its axis is "
         f"read as the examples (as a `jax.vmap` over the batch); if every {sees} the whole "
         f"batch (noise draws, Monte Carlo samples), write the loop as {advice}.",
         stacklevel=caller_stacklevel())
@@ -820,8 +835,7 @@ def _whole_batch_lanes(rec: Recorder, fun: Callable, in_axes: Any, a: tuple, kw:
                        if k != ax % len(leaves[i].shape)) for i, ax in taken]
   return _whole_calls(
       rec, closed, found[0] if found else [], weights,
-      lambda b: [v for v, sh in zip(closed.jaxpr.invars, lane_shapes, strict=True)
-                 if sh and sh[0] == b],
+      list(zip(closed.jaxpr.invars, lane_shapes, strict=True)),
       "a `jax.vmap` reads, in each lane,", "lane sees",
       "`jax.lax.scan` (its axis is more rows of each example) or vmap over keys and draw the "
       "noise inside")
