@@ -18,29 +18,14 @@ import numpy as np
 import pytest
 from exact import factors_after_one_step
 from flax import nnx
+from helpers_draws import NNXMLP, D, H, LinenMLP, assert_mlp_factors, captured
 from helpers_warnings import no_sngd_warnings
 
 import sngd_jax
 
 pytestmark = pytest.mark.usefixtures("x64")
 
-B, D, H, S = 5, 4, 3, 3  # examples, features, hidden units, draws
-
-
-class LinenMLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    dense = lambda n, name: nn.Dense(n, param_dtype=jnp.float64, name=name)
-    return dense(2, "out")(jnp.tanh(dense(H, "hidden")(x)))
-
-
-class NNXMLP(nnx.Module):
-  def __init__(self, rngs, d=D):
-    self.hidden = nnx.Linear(d, H, rngs=rngs, param_dtype=jnp.float64)
-    self.out = nnx.Linear(H, 2, rngs=rngs, param_dtype=jnp.float64)
-
-  def __call__(self, x):
-    return self.out(jnp.tanh(self.hidden(x)))
+B, S = 5, 3  # examples, draws (D features, H hidden units: helpers_draws)
 
 
 def _x():
@@ -56,48 +41,11 @@ def _noise():
 
 
 def _captured(framework, loss_of, expect=no_sngd_warnings):
-  """``(params, grads, acts, (kernel, bias) of 'hidden' as float64)`` of one gradient of
-  ``loss_of(apply)``, ``apply`` the model on a batch of ``(n, D)`` rows, under ``expect()``."""
-  x = _x()
-  with expect():
-    if framework == "linen":
-      model = LinenMLP()
-      params = model.init(jax.random.key(0), x)["params"]
-      (_, acts), grads = jax.value_and_grad(sngd_jax.capture(lambda p: loss_of(
-          lambda e: model.apply({"params": p}, e))), has_aux=True)(params)
-      w, b = params["hidden"]["kernel"], params["hidden"]["bias"]
-    elif framework == "nnx":
-      model = NNXMLP(nnx.Rngs(0))
-      (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(lambda m: loss_of(m)),
-                                            has_aux=True)(model)
-      params = nnx.state(model, nnx.Param)
-      w, b = model.hidden.kernel[...], model.hidden.bias[...]
-    else:
-      eqx = pytest.importorskip("equinox")
-      k1, k2 = jax.random.split(jax.random.key(0))
-
-      class Mlp(eqx.Module):
-        hidden: eqx.nn.Linear
-        out: eqx.nn.Linear
-
-        def __call__(self, e):
-          return self.out(jnp.tanh(self.hidden(e)))
-
-      model = Mlp(eqx.nn.Linear(D, H, key=k1, dtype=jnp.float64),
-                  eqx.nn.Linear(H, 2, key=k2, dtype=jnp.float64))
-      (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(lambda m: loss_of(
-          lambda e: jax.vmap(m)(e))), has_aux=True)(model)  # per-example layers
-      params = eqx.filter(model, eqx.is_inexact_array)
-      w, b = model.hidden.weight.T, model.hidden.bias
-  return params, grads, acts, (ref.np64(w), ref.np64(b))
+  """``helpers_draws.captured`` on the ``(B, D)`` batch ``_x()``."""
+  return captured(framework, loss_of, _x(), expect)
 
 
-def _assert_factors(state, rows, w, b, msg=""):
-  """The factors of 'hidden' and 'out' are the float64 Gram sums of ``rows`` (``(n, D)``
-  inputs of the MLP) and of their hidden activations, from a numpy forward pass."""
-  for path, r in (("hidden", rows), ("out", np.tanh(rows @ w + b))):
-    np.testing.assert_allclose(ref.normalized_factor(state, path), ref.gram(r), rtol=1e-10,
-                               atol=1e-13, err_msg=f"{msg} {path}")
+_assert_factors = assert_mlp_factors
 
 
 def _draw_rows():
@@ -224,11 +172,8 @@ def test_flax_vmaps_over_noise_draws_take_the_first_examples_of_every_draw():
     (_, acts), grads = jax.value_and_grad(sngd_jax.capture(lambda p: jnp.sum(jnp.sin(
         model.apply({"params": p}, KEYS, x)))), has_aux=True)(params)
   w, b = (ref.np64(params["mlp"]["hidden"][n]) for n in ("kernel", "bias"))
-  state = factors_after_one_step(params, grads, acts, stats_batch_size=2)
-  for path, r in (("mlp/hidden", rows[:, :2].reshape(-1, D)),
-                  ("mlp/out", np.tanh(rows[:, :2].reshape(-1, D) @ w + b))):
-    np.testing.assert_allclose(ref.normalized_factor(state, path), ref.gram(r), rtol=1e-10,
-                               atol=1e-13, err_msg=f"nn.vmap {path}")
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  rows[:, :2].reshape(-1, D), w, b, "nn.vmap", prefix="mlp/")
 
   loss_of = lambda m: jnp.sum(jnp.sin(nnx.vmap(lambda m, k: m(x + draw(k)), in_axes=(None, 0))(
       m, KEYS)))
@@ -291,12 +236,6 @@ def test_draws_of_weights_made_in_the_lane_leak_no_tracer(loop):
                   rows.reshape(-1, D), w, b, loop)
 
 
-def _gram_check(state, pairs, msg):
-  for path, r in pairs:
-    np.testing.assert_allclose(ref.normalized_factor(state, path), ref.gram(r), rtol=1e-10,
-                               atol=1e-13, err_msg=f"{msg} {path}")
-
-
 @pytest.mark.parametrize("loop", ["draws", "per example"])
 def test_nnx_kernel_as_long_as_the_lane_examples_is_no_batch(loop):
   """NNX layers whose kernel's leading dim equals the lane's examples: ``in_features == B``
@@ -322,7 +261,7 @@ def test_nnx_kernel_as_long_as_the_lane_examples_is_no_batch(loop):
   rows = rows.reshape(-1, n)
   w, b = ref.np64(model.hidden.kernel[...]), ref.np64(model.hidden.bias[...])
   state = factors_after_one_step(nnx.state(model, nnx.Param), grads, acts, stats_batch_size=2)
-  _gram_check(state, (("hidden", rows), ("out", np.tanh(rows @ w + b))), loop)
+  _assert_factors(state, rows, w, b, loop)
 
 
 def test_equinox_per_example_sequences_with_tables_of_positions_in_the_model():
@@ -358,7 +297,7 @@ def test_equinox_per_example_sequences_with_tables_of_positions_in_the_model():
   w, b = ref.np64(model.hidden.weight.T), ref.np64(model.hidden.bias)
   state = factors_after_one_step(eqx.filter(model, eqx.is_inexact_array), grads, acts,
                                  stats_batch_size=2)
-  _gram_check(state, (("hidden", rows), ("out", np.tanh(rows @ w + b))), "equinox")
+  _assert_factors(state, rows, w, b, "equinox")
 
 
 @pytest.mark.parametrize("outer", ["vmap", "lax.map"])
