@@ -400,3 +400,30 @@ def test_per_example_map_with_a_closed_over_table_keeps_the_examples(kind):
   rows = ref.np64(x)[:2].reshape(-1, D) + np.tile(table, (2, 1))
   _assert_draw_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2), rows,
                        w, b)
+
+
+def test_nested_maps_over_the_batch_trace_the_innermost_step_once_more_per_level():
+  """Three ``jax.lax.map``s nested over a ``(2, 2, 2, T, D)`` batch: each map traces its step
+  once more to tell draws from examples, and in that trace the maps nested in the step replay
+  the readings they made in the map's own trace instead of tracing their steps again. The
+  innermost step is traced ``depth + 1 = 4`` times (8 until 2026-12-06: doubled at each level,
+  16 for four). The readings are those of the traces made before: the outer map's axis holds
+  the examples, ``stats_batch_size=1`` takes every row of the first (float64 numpy)."""
+  x = jax.random.normal(jax.random.key(1), (2, 2, 2, T, D), jnp.float64)
+  model = LinenMLP()
+  params = model.init(jax.random.key(0), x[0, 0, 0])["params"]
+  traced = []
+
+  def step(p, e):
+    traced.append(None)
+    return model.apply({"params": p}, e)
+
+  nest = lambda f: lambda a: jax.lax.map(f, a)
+  loss = lambda p: jnp.sum(jnp.sin(nest(nest(nest(lambda e: step(p, e))))(x)))
+  with no_sngd_warnings():
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params)
+  assert len(traced) == 4
+  assert [c.num_examples for c in acts["hidden"]] == [2]
+  w, b = ref.np64(params["hidden"]["kernel"]), ref.np64(params["hidden"]["bias"])
+  _assert_draw_factors(factors_after_one_step(params, grads, acts, stats_batch_size=1),
+                       ref.np64(x)[0].reshape(-1, D), w, b)

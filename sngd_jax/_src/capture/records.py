@@ -937,6 +937,10 @@ class Recorder:
       ``top`` does not hold the model's (linen: ``differentiated_leaves``): with ``top`` and
       ``looked_up``, the arrays ``transforms._whole_batch_steps`` reads as parameters, not
       the batch.
+    readings, replaying: the draws-or-examples readings of the loops (``lax.map``, ``vmap``)
+      nested in a loop's step, in the order a trace of the step makes them, and those that a
+      trace of the step again (the probe) replays instead of tracing each nested loop's step
+      once more (``transforms._reading``).
     looked_up: None, or ``id(array) -> weak reference to the array`` of every weight a layer
       looked up (``trace``) while it is a dict: ``transforms._whole_batch_steps`` tells a
       step's weights (parameters, whatever their path) from the batch it closes over. Weak: a
@@ -962,6 +966,10 @@ class Recorder:
     self.custom_dense: Optional[Callable[..., None]] = None
     self.params: frozenset[int] = frozenset()
     self.looked_up: Optional[dict[int, Callable[[], Any]]] = None
+    # the readings of the loops traced so far in the trace of an enclosing loop's step or lane
+    # (``transforms._reading``), and those a trace of it again replays
+    self.readings: Optional[list[tuple[Any, dict[str, list[bool]]]]] = None
+    self.replaying: Optional[list[tuple[Any, dict[str, list[bool]]]]] = None
     # id(input) -> (weak reference to the input, stopped input) of the calls outside any
     # frame (a frame keeps its own, dropped with it): layers that read one array record one
     # value (``Shared``).

@@ -171,14 +171,28 @@ def lax_map(f: Callable, xs: Any, *, batch_size: Optional[int] = None) -> Any:
   leaves = jax.tree.leaves(xs)
   depth = len(rec.trace(None)[0])  # the index of this map's role in the records' roles
   if batch_size is None or not leaves:
-    with rec.frame(TransformFrame("checkpoint", {})) as frame:  # collects, adds no axis
-      ys = scan(lambda _, x: ((), f(x)), (), xs)[1]
-    rec.add_all(_over_examples(frame.records, depth, _whole(rec, f, xs, depth, frame.records)))
+    with _nested(rec) as nested, rec.frame(TransformFrame("checkpoint", {})) as frame:
+      ys = scan(lambda _, x: ((), f(x)), (), xs)[1]  # the checkpoint frame adds no axis
+    rec.add_all(_over_examples(frame.records, depth,
+                               _whole(rec, f, xs, depth, frame.records, nested)))
     return ys
   n = leaves[0].shape[0]
   chunks, rest = divmod(n, batch_size) if batch_size else (0, n)
-  cut = chunks * batch_size
   ys, parts = [], []
+  with _nested(rec) as nested:
+    _chunked(rec, f, xs, batch_size, chunks, rest, ys, parts)
+  records = _merged(parts, depth)
+  rec.add_all(_over_examples(records, depth, _whole(rec, f, xs, depth, records, nested)))
+  if len(ys) == 1:
+    return ys[0]
+  return jax.tree.map(lambda a, b: jax.lax.concatenate([a, b], 0), *ys)
+
+
+def _chunked(rec: Recorder, f: Callable, xs: Any, batch_size: int, chunks: int, rest: int,
+             ys: list[Any], parts: list[tuple[dict[str, list[Pending]], int]]) -> None:
+  """``lax_map``'s chunks (a scan over vmaps of ``batch_size``) and remainder (a vmap): their
+  outputs appended to ``ys``, their records (with the number of axes they add) to ``parts``."""
+  cut = chunks * batch_size
   if chunks:
     chunked = jax.tree.map(lambda a: a[:cut].reshape(chunks, batch_size, *a.shape[1:]), xs)
     with rec.frame(TransformFrame("checkpoint", {})) as frame:  # collects, adds no axis
@@ -189,15 +203,10 @@ def lax_map(f: Callable, xs: Any, *, batch_size: Optional[int] = None) -> Any:
     with rec.frame(TransformFrame("checkpoint", {})) as frame:
       ys.append(_vmap(f, 0, 0, (), {}, False)(jax.tree.map(lambda a: a[cut:], xs)))
     parts.append((frame.records, 1))
-  records = _merged(parts, depth)
-  rec.add_all(_over_examples(records, depth, _whole(rec, f, xs, depth, records)))
-  if len(ys) == 1:
-    return ys[0]
-  return jax.tree.map(lambda a, b: jax.lax.concatenate([a, b], 0), *ys)
 
 
-def _whole(rec: Recorder, f: Callable, xs: Any, depth: int,
-           records: dict[str, list[Pending]]) -> dict[str, list[bool]]:
+def _whole(rec: Recorder, f: Callable, xs: Any, depth: int, records: dict[str, list[Pending]],
+           nested: list[tuple[Any, dict[str, list[bool]]]]) -> dict[str, list[bool]]:
   """``_whole_batch_steps`` of a ``lax_map`` whose records are ``records``, where one of them
   pools the map's axis (``'scan:pool'`` at ``depth``: the only role ``_over_examples``
   renames); else ``{}`` without tracing the step again (a map over stacked params, one whose
@@ -205,8 +214,64 @@ def _whole(rec: Recorder, f: Callable, xs: Any, depth: int,
   if not jax.tree.leaves(xs) or not any(
       len(p.roles) > depth and p.roles[depth] == "scan:pool"
       for calls in records.values() for p in calls):
+    _passed_on(rec, nested)
     return {}
-  return _whole_batch_steps(rec, f, xs, depth)
+  return _reading(rec, _signature_of(records, depth), nested,
+                  lambda: _whole_batch_steps(rec, f, xs, depth))
+
+
+@contextlib.contextmanager
+def _nested(rec: Recorder) -> Iterator[list[tuple[Any, dict[str, list[bool]]]]]:
+  """Collects the readings (``_reading``) of the loops nested in the trace of a loop's step or
+  lanes (as many as the trace makes, innermost first); in a trace that replays them, none."""
+  outer, log = rec.readings, []
+  rec.readings = None if rec.replaying is not None else log
+  try:
+    yield log
+  finally:
+    rec.readings = outer
+
+
+def _signature_of(records: Any, depth: int) -> tuple:
+  """What a loop's records are, from its own axis in (roles from ``depth``, inputs' shapes):
+  a reading replayed must be of a loop whose records are alike."""
+  return tuple((path, tuple((p.roles[depth:], tuple(p.captured.inputs.shape)) for p in ps))
+               for path, ps in records.items())
+
+
+def _reading(rec: Recorder, signature: tuple, nested: list[tuple[Any, dict[str, list[bool]]]],
+             probe: Callable[[], dict[str, list[bool]]]) -> dict[str, list[bool]]:
+  """A loop's reading (``_whole_batch_steps``, ``_whole_batch_lanes``): ``probe()``, a trace
+  of its step or lane again in which the loops nested in it replay the readings they made in
+  its own trace (``nested``), else each would trace its own step again too, doubling the
+  traces of the innermost step at each level of nesting (2 ** depth; depth + 1 now). In a trace
+  that replays (the probe of an enclosing loop, the same program traced again), the reading it
+  made there, where the records are alike (else ``probe()``, replaying no more). The reading is
+  logged, after those of the loops nested in it, for an enclosing loop's probe."""
+  found = None
+  if rec.replaying is not None:
+    if rec.replaying and rec.replaying[0][0] == signature:
+      found = rec.replaying.pop(0)[1]
+    else:
+      rec.replaying.clear()  # out of step: every later loop decides for itself
+  if found is None:
+    outer = rec.replaying, rec.readings
+    rec.replaying, rec.readings = list(nested), None
+    try:
+      found = probe()
+    finally:
+      rec.replaying, rec.readings = outer
+  _passed_on(rec, nested)
+  if rec.readings is not None:
+    rec.readings.append((signature, found))
+  return found
+
+
+def _passed_on(rec: Recorder, nested: list[tuple[Any, dict[str, list[bool]]]]) -> None:
+  """The readings of the loops nested in a loop's step logged for an enclosing loop's probe,
+  whose trace of that step replays them (``_reading``)."""
+  if rec.readings is not None:
+    rec.readings.extend(nested)
 
 
 def _merged(parts: list[tuple[dict[str, list[Pending]], int]],
@@ -273,20 +338,20 @@ def _whole_batch_steps(rec: Recorder, f: Callable, xs: Any, depth: int) -> dict[
   every step sees the whole batch, ``lax.map(lambda k: model(x + noise(k)), keys)``).
 
   Decided from the program, by one extra trace of a step (``jax.make_jaxpr``, its records kept
-  apart): a call's example axis within the step is the axis of a ``jax.vmap`` or ``lax.map``
-  over the examples inside it, else the call's own (``Captured.batch_axis``); of size ``b``
-  (per time step of a cell). The step *sees the whole batch* when the call's input depends, in
-  the step's jaxpr, on an array the step closes over (not one of the mapped operands ``xs``)
-  whose leading axis is ``b`` long and that is not a parameter (a leaf of the captured
-  function's params, ``Recorder.top`` and ``Recorder.params``, or a weight that a layer of the
-  step reads, ``Recorder.looked_up``) nor PRNG keys (``_keys``): the batch the caller closed
-  over (``lax.map(lambda k: model(x + noise(k)), keys)``), also as activations computed from
-  it outside the map (``h = trunk(x); lax.map(lambda k: head(dropout(h, k)), keys)``), which
-  are differentiated as parameters are. Then each step's call has its own examples, and the
-  map's axis is pooled, a scan's (``stats_batch_size=k`` takes the first ``k`` examples of
-  every step, as under ``jax.lax.scan``). Otherwise (the call's rows come from the mapped
-  operand alone: one example, a micro-batch; or it has no example axis) the map's axis holds
-  the examples, ``'map:pool'``.
+  apart; the maps and vmaps nested in the step replay there the readings they made in the map's own
+  trace, ``_reading``, so that nested loops add one trace each): a call's example axis within the
+  step is the axis of a ``jax.vmap`` or ``lax.map`` over the examples inside it, else the call's own
+  (``Captured.batch_axis``); of size ``b`` (per time step of a cell). The step *sees the whole
+  batch* when the call's input depends, in the step's jaxpr, on an array the step closes over (not
+  one of the mapped operands ``xs``) whose leading axis is ``b`` long and that is not a parameter (a
+  leaf of the captured function's params, ``Recorder.top`` and ``Recorder.params``, or a weight that
+  a layer of the step reads, ``Recorder.looked_up``) nor PRNG keys (``_keys``): the batch the caller
+  closed over (``lax.map(lambda k: model(x + noise(k)), keys)``), also as activations computed from
+  it outside the map (``h = trunk(x); lax.map(lambda k: head(dropout(h, k)), keys)``), which are
+  differentiated as parameters are. Then each step's call has its own examples, and the map's axis
+  is pooled, a scan's (``stats_batch_size=k`` takes the first ``k`` examples of every step, as under
+  ``jax.lax.scan``). Otherwise (the call's rows come from the mapped operand alone: one example, a
+  micro-batch; or it has no example axis) the map's axis holds the examples, ``'map:pool'``.
 
   Where the call also depends on a mapped operand whose step slice has ``b`` rows, or the shape
   of one row of that closed-over array, the program does not tell: noise draws of a
@@ -889,9 +954,18 @@ def _vmap(fun: Callable, in_axes: Any, out_axes: Any, args: tuple, kwargs: dict,
                    and _step_examples(p, depth) is not None for p in ps)
       return out, mapped
 
-    out, records = _ORIGINAL["vmap"](body, in_axes, (out_axes, 0), *args, **kwargs)(*a, **kw)
+    if not decide:  # a chunk of `lax_map`, whose readings are the map's
+      out, records = _ORIGINAL["vmap"](body, in_axes, (out_axes, 0), *args, **kwargs)(*a, **kw)
+    else:
+      with _nested(rec) as nested:
+        out, records = _ORIGINAL["vmap"](body, in_axes, (out_axes, 0), *args, **kwargs)(
+            *a, **kw)
+      if not any(own):
+        _passed_on(rec, nested)
     if decide and any(own):
-      whole = _whole_batch_lanes(rec, fun, in_axes, a, kw, (args, kwargs), depth)
+      whole = _reading(rec, _signature_of(records.tree, depth), nested,
+                       lambda: _whole_batch_lanes(rec, fun, in_axes, a, kw, (args, kwargs),
+                                                  depth))
       records = {path: [_pooled_at(p, depth) if j < len(whole.get(path, [])) and
                         whole[path][j] else p for p, j in zip(ps, index[path], strict=True)]
                  for path, ps in records.tree.items()}
