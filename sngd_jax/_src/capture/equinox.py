@@ -611,6 +611,7 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool 
       top.update(leaf_paths(model, prefix))
       declared.update(_declared(model, prefix))
     rec = Recorder(top, outputs)
+    rec.data = transforms.data_leaves(rest, frozenset(top))
     unnamed: dict[str, None] = {}
     frozen = OtherArgs.of(args, positions, models, top, rest)
     calls: list[Any] = []

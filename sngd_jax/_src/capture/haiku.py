@@ -397,6 +397,7 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
     for m, model in enumerate(models):  # several models: each one's paths under its part
       top.update(leaf_paths(model, (model_part(m),) if several else ()))
     rec = Recorder(top, outputs)
+    rec.data = transforms.data_leaves(rest, frozenset(top))
     frozen = OtherArgs.of(args, positions, models, top, rest)
     interceptor = _Interceptor(rec, frozen)
     rec.custom_dense = interceptor.custom_dense

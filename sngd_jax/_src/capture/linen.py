@@ -569,6 +569,8 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool = Fa
   def wrapped(*args, **kwargs):
     rec = Recorder(outputs=outputs)
     rec.params = differentiated_leaves((args, kwargs))  # the params, whatever their position
+    rec.data = transforms.data_leaves(
+        (tuple(a for k, a in enumerate(args) if k not in positions), kwargs), rec.params)
     seen: dict[str, dict[int, Any]] = {}
     calls = _Calls()
     models = _Models.of(args, kwargs, positions, several)

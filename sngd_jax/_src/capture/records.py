@@ -937,6 +937,11 @@ class Recorder:
       ``top`` does not hold the model's (linen: ``differentiated_leaves``): with ``top`` and
       ``looked_up``, the arrays ``transforms._whole_batch_steps`` reads as parameters, not
       the batch.
+    data: ``id`` of the array leaves of the captured function's other arguments (not the
+      models', not differentiated, not PRNG keys, of one axis or more: the batch the user
+      passed, ``transforms.data_leaves``): where a loop's lane reads both a closed-over array
+      and a mapped slice that could each be its examples, the one that derives from these is
+      the batch (``transforms._whole_calls``).
     readings, replaying: the draws-or-examples readings of the loops (``lax.map``, ``vmap``)
       nested in a loop's step, in the order a trace of the step makes them, and those that a
       trace of the step again (the probe) replays instead of tracing each nested loop's step
@@ -965,6 +970,7 @@ class Recorder:
     self.top = top or {}
     self.custom_dense: Optional[Callable[..., None]] = None
     self.params: frozenset[int] = frozenset()
+    self.data: frozenset[int] = frozenset()
     self.looked_up: Optional[dict[int, Callable[[], Any]]] = None
     # the readings of the loops traced so far in the trace of an enclosing loop's step or lane
     # (``transforms._reading``), and those a trace of it again replays

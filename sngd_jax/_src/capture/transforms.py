@@ -68,6 +68,7 @@ from sngd_jax._src.capture.records import (
     TransformFrame,
     batched_by,
     current_trace,
+    differentiated_leaves,
     running,
     shown,
     times_mask,
@@ -359,7 +360,8 @@ def _whole_batch_steps(rec: Recorder, f: Callable, xs: Any, depth: int) -> dict[
   mapped over a ``(B, T, D)`` batch with a closed-over ``(T, D)`` table of positions, have the
   same shapes and data flow; so have ``(D,)`` examples mapped around a vmap over a closed-over
   ``(S, D)`` noise array and ``(D,)`` noise vectors mapped around a vmap over a closed-over
-  ``(B, D)`` batch (``_whole_calls``). Such a call is read as over the
+  ``(B, D)`` batch (``_whole_calls``), unless exactly one of the two derives from the captured
+  function's arguments (the batch the user passed). Such a call is read as over the
   examples (the documented default, as a ``jax.vmap``'s), with a warning naming the layer and
   how to say otherwise: ``jax.lax.scan``, whose axis is never the examples, or keys mapped and
   the noise drawn inside; ``jax.vmap`` for the examples. So is every call of a step that cannot
@@ -383,9 +385,13 @@ def _whole_batch_steps(rec: Recorder, f: Callable, xs: Any, depth: int) -> dict[
         "batch (noise draws, Monte Carlo samples), write the loop as `jax.lax.scan`, whose "
         "axis is more rows of each example.", stacklevel=caller_stacklevel())
     return {}
+  outer = jax.tree.leaves(xs)  # the mapped arrays, one per invar of the step
+  if len(outer) != len(closed.jaxpr.invars):
+    outer = [None] * len(closed.jaxpr.invars)
   return _whole_calls(
       rec, closed, found[0] if found else [], weights,
-      [(v, tuple(v.aval.shape)) for v in closed.jaxpr.invars if hasattr(v.aval, "shape")],
+      [(v, tuple(v.aval.shape), x) for v, x in zip(closed.jaxpr.invars, outer, strict=True)
+       if hasattr(v.aval, "shape")],
       "a `jax.lax.map` reads, in each step,", "step sees",
       "`jax.lax.scan` (its axis is more rows of each example) or map over keys and draw the "
       "noise inside; if the map is over the examples, write it as `jax.vmap`")
@@ -413,7 +419,7 @@ def _probed_calls(rec: Recorder, frame: TransformFrame, run: Callable[[], Any],
 
 
 def _whole_calls(rec: Recorder, closed: Any, found: list[tuple[str, Optional[int]]],
-                 weights: dict[int, Callable[[], Any]], lanes: list[tuple[Any, tuple]],
+                 weights: dict[int, Callable[[], Any]], lanes: list[tuple[Any, tuple, Any]],
                  where: str, sees: str, advice: str) -> dict[str, list[bool]]:
   """Per layer path, per call: whether the call's input (an output of ``closed``, the jaxpr of
   one step or lane, in the order of ``found``: each call's path and examples ``b``) depends on
@@ -425,7 +431,15 @@ def _whole_calls(rec: Recorder, closed: Any, found: list[tuple[str, Optional[int
   ``jax.vmap(lambda xi: jax.vmap(lambda n: model(xi + n))(noise))(x)``: the closed-over
   ``(S, D)`` noise and the ``(D,)`` example ``xi`` are the mirror of ``(D,)`` noise vectors
   mapped around a vmap over a closed-over ``(B, D)`` batch). Keys mapped are never the
-  examples. Where the call depends on both, False with a warning (``_whole_batch_steps``).
+  examples. Where the call depends on both, the batch the user passed tells them apart
+  (``_from_data``, ``Recorder.data``: the captured function's other arguments than the
+  models): the closed-over array is the batch (True) where one that the call reads derives from
+  those arguments and no such mapped operand does, as Equinox's ``jax.vmap(lambda n:
+  jax.vmap(model)(x + n))(noise)`` over noise made in the loss; the mapped operand is (False)
+  in the mirror case, the examples ``x`` passed and the noise made in the loss. Where both
+  derive from them (the noise passed too) or neither (the batch closed over, or computed from
+  the argument outside the loop without ``jit``, where an array keeps no trail), False with a
+  warning (``_whole_batch_steps``).
 
   A NumPy array of ``b`` rows closed over is the batch only where the call reads no such
   mapped operand (an eager loss over draws of a NumPy batch, not under ``jit``, where the
@@ -447,15 +461,19 @@ def _whole_calls(rec: Recorder, closed: Any, found: list[tuple[str, Optional[int
     batch = _depending(jaxpr, [v for v, c in held if not isinstance(c, np.ndarray)])
     tables = _depending(jaxpr, [v for v, c in held if isinstance(c, np.ndarray)])
     rows = {tuple(c.shape[1:]) for _, c in held}
-    mapped = _depending(jaxpr, [v for v, sh in lanes if sh and not _keys(v.aval)
-                                and (sh[0] == b or sh in rows)])
+    could = [(v, x) for v, sh, x in lanes if sh and not _keys(v.aval)
+             and (sh[0] == b or sh in rows)]
+    mapped = _depending(jaxpr, [v for v, _ in could])
+    # which of the two could be the examples derives from the batch the user passed
+    given = _depending(jaxpr, [v for v, c in held if mapped and _from_data(rec, c)])
+    passed = _depending(jaxpr, [v for v, x in could if held and _from_data(rec, x)])
     for path, calls in wants.items():
       for j, (v, vb) in enumerate(calls):
         if vb != b or hasattr(v, "val") or (v not in batch and v not in tables):
           continue
-        if v not in mapped:
+        if v not in mapped or (v in given and v not in passed):
           whole[(path, j)] = True
-        elif v in batch:
+        elif v in batch and (v in passed) == (v in given):
           ambiguous.append(path)
   if ambiguous:
     warnings.warn(
@@ -465,7 +483,9 @@ def _whole_calls(rec: Recorder, closed: Any, found: list[tuple[str, Optional[int
         "(with a closed-over table of positions, or a closed-over array of draws of each "
         "example) and a map over noise draws of a closed-over batch look alike. Its axis is "
         f"read as the examples (as a `jax.vmap` over the batch); if every {sees} the whole "
-        f"batch (noise draws, Monte Carlo samples), write the loop as {advice}.",
+        f"batch (noise draws, Monte Carlo samples), write the loop as {advice}. Or pass the "
+        "batch to the captured function as an argument and make the noise in it (not an "
+        "argument): of the two, the array computed from the arguments is the batch.",
         stacklevel=caller_stacklevel())
   return {path: [whole.get((path, j), False) for j in range(len(calls))]
           for path, calls in wants.items()}
@@ -476,6 +496,46 @@ def _looked_up(weights: dict[int, Callable[[], Any]], c: Any) -> bool:
   whose weight is gone may be ``c``'s now)."""
   ref = weights.get(id(c))
   return ref is not None and ref() is c
+
+
+def data_leaves(rest: Any, exclude: frozenset[int] = frozenset()) -> frozenset[int]:
+  """``Recorder.data``: ``id`` of the array leaves of ``rest``, a captured function's other
+  arguments than its models (the batch the user passed, ``capture(loss)(params, x, y)``), of one
+  axis or more and not PRNG keys (typed, or raw uint32 ones of a last axis of 2, a single key
+  among them: noise drawn from a key argument is not the batch) nor in ``exclude`` (the
+  models' leaves, the differentiated ones)."""
+  exclude = exclude | differentiated_leaves(rest)
+  raw_key = lambda a: a.dtype == np.uint32 and a.shape[-1] == 2
+  return frozenset(id(a) for a in jax.tree.leaves(rest)
+                   if isinstance(a, (jax.Array, np.ndarray)) and id(a) not in exclude
+                   and len(a.shape) >= 1 and not _keys(a) and not raw_key(a))
+
+
+def _from_data(rec: Recorder, value: Any, limit: int = 20000) -> bool:
+  """Whether ``value`` (an array the loop closes over, or one it maps) is, or is computed
+  from, a leaf of ``rec.data``: followed back through the tracers it is made of (the equation
+  that made a ``jit`` trace's tracer, a ``vmap``'s batched value, a differentiation's primal),
+  ``limit`` values at most. An array computed outside any trace (a loss run without ``jit``)
+  keeps no trail: only the argument itself is found."""
+  if not rec.data:
+    return False
+  todo, seen = [value], set()
+  while todo and len(seen) < limit:
+    a = todo.pop()
+    if id(a) in seen:
+      continue
+    seen.add(id(a))
+    if id(a) in rec.data:
+      return True
+    if not isinstance(a, jax.core.Tracer):
+      continue
+    parent = getattr(a, "parent", None)  # a `jit` trace's tracer: the equation making it
+    todo.extend(getattr(parent, "in_tracers", None) or ())
+    for name in ("primal", "val"):  # differentiation, `vmap` (a `jit` tracer's is a variable)
+      inner = getattr(a, name, None)
+      if isinstance(inner, (jax.core.Tracer, jax.Array, np.ndarray)):
+        todo.append(inner)
+  return False
 
 
 def _keys(a: Any) -> bool:
@@ -900,7 +960,7 @@ def _whole_batch_lanes(rec: Recorder, fun: Callable, in_axes: Any, a: tuple, kw:
                        if k != ax % len(leaves[i].shape)) for i, ax in taken]
   return _whole_calls(
       rec, closed, found[0] if found else [], weights,
-      list(zip(closed.jaxpr.invars, lane_shapes, strict=True)),
+      list(zip(closed.jaxpr.invars, lane_shapes, [leaves[i] for i, _ in taken], strict=True)),
       "a `jax.vmap` reads, in each lane,", "lane sees",
       "`jax.lax.scan` (its axis is more rows of each example) or vmap over keys and draw the "
       "noise inside")
