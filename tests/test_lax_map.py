@@ -19,7 +19,6 @@ read as the examples). Where the program cannot tell (mapped noise arrays, a per
 with a closed-over table), the examples reading is kept, with a warning.
 """
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import np_reference as ref
@@ -27,34 +26,17 @@ import numpy as np
 import pytest
 from exact import factors_after_one_step
 from flax import nnx
+from helpers_draws import NNXMLP, D, H, LinenMLP, assert_mlp_factors, captured
 from helpers_warnings import no_sngd_warnings
 
 import sngd_jax
 
 pytestmark = pytest.mark.usefixtures("x64")
 
-B, T, D, H = 5, 3, 4, 3
+B, T = 5, 3  # examples, positions (D features, H hidden units: helpers_draws)
 # None: a scan over the 5 examples; 2: a scan over 2 vmapped chunks of 2, and a remainder of 1.
 BATCH_SIZES = [None, 2]
 FRAMEWORKS = ["linen", "nnx", "equinox", "haiku"]
-
-
-class LinenMLP(nn.Module):
-  """Two dense layers on one example, a ``(T, D)`` sequence: ``T`` rows each."""
-
-  @nn.compact
-  def __call__(self, x):
-    dense = lambda n, name: nn.Dense(n, param_dtype=jnp.float64, name=name)
-    return dense(2, "out")(jnp.tanh(dense(H, "hidden")(x)))
-
-
-class NNXMLP(nnx.Module):
-  def __init__(self, rngs):
-    self.hidden = nnx.Linear(D, H, rngs=rngs, param_dtype=jnp.float64)
-    self.out = nnx.Linear(H, 2, rngs=rngs, param_dtype=jnp.float64)
-
-  def __call__(self, x):
-    return self.out(jnp.tanh(self.hidden(x)))
 
 
 def _batch():
@@ -214,50 +196,11 @@ def _draws_captured(framework, loop="map", how="keys", batch_size=None, expect=n
                                          batch_size=batch_size)))
     return jnp.sum(jnp.sin(jax.lax.scan(lambda c, n: (c, step(x + draw(n))), None, over)[1]))
 
-  with expect():
-    if framework == "linen":
-      model = LinenMLP()
-      params = model.init(jax.random.key(0), x)["params"]
-      (_, acts), grads = jax.value_and_grad(sngd_jax.capture(lambda p: looped(
-          lambda e: model.apply({"params": p}, e))), has_aux=True)(params)
-      w, b = params["hidden"]["kernel"], params["hidden"]["bias"]
-    elif framework == "nnx":
-      model = NNXMLP(nnx.Rngs(0))
-      (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(lambda m: looped(m)),
-                                            has_aux=True)(model)
-      params = nnx.state(model, nnx.Param)
-      w, b = model.hidden.kernel[...], model.hidden.bias[...]
-    else:
-      eqx = pytest.importorskip("equinox")
-      keys = jax.random.split(jax.random.key(0))
-      model = _eqx_mlp(eqx, keys)
-      (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(lambda m: looped(
-          lambda e: jax.vmap(m)(e))), has_aux=True)(model)
-      params = eqx.filter(model, eqx.is_inexact_array)
-      w, b = model.hidden.weight.T, model.hidden.bias
-  return params, grads, acts, ref.np64(x)[None] + ref.np64(noise), (ref.np64(w), ref.np64(b))
+  params, grads, acts, (w, b) = captured(framework, looped, x, expect)
+  return params, grads, acts, ref.np64(x)[None] + ref.np64(noise), (w, b)
 
 
-def _eqx_mlp(eqx, keys):
-  """An Equinox MLP on one ``(D,)`` example (per-example layers, no example axis)."""
-
-  class Mlp(eqx.Module):
-    hidden: eqx.nn.Linear
-    out: eqx.nn.Linear
-
-    def __call__(self, x):
-      return self.out(jnp.tanh(self.hidden(x)))
-
-  return Mlp(eqx.nn.Linear(D, H, key=keys[0], dtype=jnp.float64),
-             eqx.nn.Linear(H, 2, key=keys[1], dtype=jnp.float64))
-
-
-def _assert_draw_factors(state, rows, w, b, msg=""):
-  """The factors of 'hidden' and 'out' are the float64 Gram sums of ``rows`` (``(n, D)`` inputs
-  of the MLP) and of their hidden activations, from a numpy forward pass."""
-  for path, r in (("hidden", rows), ("out", np.tanh(rows @ w + b))):
-    np.testing.assert_allclose(ref.normalized_factor(state, path), ref.gram(r), rtol=1e-10,
-                               atol=1e-13, err_msg=f"{msg} {path}")
+_assert_draw_factors = assert_mlp_factors
 
 
 @pytest.mark.parametrize("batch_size", BATCH_SIZES)
@@ -311,29 +254,10 @@ def test_map_over_draws_inside_a_vmap_over_the_examples(framework):
   noise = 0.1 * jax.random.normal(jax.random.key(3), (B, S, D), jnp.float64)
   looped = lambda step: jnp.sum(jnp.sin(jax.vmap(lambda xi, ni: jax.lax.map(
       lambda n: step(xi + n), ni))(x, noise)))
-  with no_sngd_warnings():
-    if framework == "linen":
-      model = LinenMLP()
-      params = model.init(jax.random.key(0), x)["params"]
-      (_, acts), grads = jax.value_and_grad(sngd_jax.capture(lambda p: looped(
-          lambda e: model.apply({"params": p}, e))), has_aux=True)(params)
-      w, b = params["hidden"]["kernel"], params["hidden"]["bias"]
-    elif framework == "nnx":
-      model = NNXMLP(nnx.Rngs(0))
-      (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(lambda m: looped(m)),
-                                            has_aux=True)(model)
-      params = nnx.state(model, nnx.Param)
-      w, b = model.hidden.kernel[...], model.hidden.bias[...]
-    else:
-      eqx = pytest.importorskip("equinox")
-      model = _eqx_mlp(eqx, jax.random.split(jax.random.key(0)))
-      (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(lambda m: looped(m)),
-                                                   has_aux=True)(model)
-      params = eqx.filter(model, eqx.is_inexact_array)
-      w, b = model.hidden.weight.T, model.hidden.bias
+  params, grads, acts, (w, b) = captured(framework, looped, x, eqx_batched=False)
   xs = ref.np64(x)[:, None] + ref.np64(noise)  # (B, S, D)
   _assert_draw_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
-                       xs[:2].reshape(-1, D), ref.np64(w), ref.np64(b))
+                       xs[:2].reshape(-1, D), w, b)
 
 
 class TrunkHead(nnx.Module):
@@ -476,3 +400,30 @@ def test_per_example_map_with_a_closed_over_table_keeps_the_examples(kind):
   rows = ref.np64(x)[:2].reshape(-1, D) + np.tile(table, (2, 1))
   _assert_draw_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2), rows,
                        w, b)
+
+
+def test_nested_maps_over_the_batch_trace_the_innermost_step_once_more_per_level():
+  """Three ``jax.lax.map``s nested over a ``(2, 2, 2, T, D)`` batch: each map traces its step
+  once more to tell draws from examples, and in that trace the maps nested in the step replay
+  the readings they made in the map's own trace instead of tracing their steps again. The
+  innermost step is traced ``depth + 1 = 4`` times (8 until 2026-12-06: doubled at each level,
+  16 for four). The readings are those of the traces made before: the outer map's axis holds
+  the examples, ``stats_batch_size=1`` takes every row of the first (float64 numpy)."""
+  x = jax.random.normal(jax.random.key(1), (2, 2, 2, T, D), jnp.float64)
+  model = LinenMLP()
+  params = model.init(jax.random.key(0), x[0, 0, 0])["params"]
+  traced = []
+
+  def step(p, e):
+    traced.append(None)
+    return model.apply({"params": p}, e)
+
+  nest = lambda f: lambda a: jax.lax.map(f, a)
+  loss = lambda p: jnp.sum(jnp.sin(nest(nest(nest(lambda e: step(p, e))))(x)))
+  with no_sngd_warnings():
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture(loss), has_aux=True)(params)
+  assert len(traced) == 4
+  assert [c.num_examples for c in acts["hidden"]] == [2]
+  w, b = ref.np64(params["hidden"]["kernel"]), ref.np64(params["hidden"]["bias"])
+  _assert_draw_factors(factors_after_one_step(params, grads, acts, stats_batch_size=1),
+                       ref.np64(x)[0].reshape(-1, D), w, b)

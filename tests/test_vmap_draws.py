@@ -7,7 +7,9 @@ an independent numpy forward pass. Until 2026-12-06 the draws were read as the e
 first 2 draws: 0.85 relative off the factor, linen). A vmap over the examples (per-example
 functions), also with a vmap over each example's draws inside it, is unchanged; where the
 program cannot tell (mapped noise arrays of a closed-over batch), the examples reading is
-kept, with a warning.
+kept, with a warning. Where one of the two arrays is the batch the user passed to the captured
+function (``capture(loss)(params, x)``) and the other is not, that one is the batch, without a
+warning.
 """
 
 import flax.linen as nn
@@ -18,29 +20,14 @@ import numpy as np
 import pytest
 from exact import factors_after_one_step
 from flax import nnx
+from helpers_draws import NNXMLP, D, H, LinenMLP, assert_mlp_factors, captured, eqx_mlp
 from helpers_warnings import no_sngd_warnings
 
 import sngd_jax
 
 pytestmark = pytest.mark.usefixtures("x64")
 
-B, D, H, S = 5, 4, 3, 3  # examples, features, hidden units, draws
-
-
-class LinenMLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    dense = lambda n, name: nn.Dense(n, param_dtype=jnp.float64, name=name)
-    return dense(2, "out")(jnp.tanh(dense(H, "hidden")(x)))
-
-
-class NNXMLP(nnx.Module):
-  def __init__(self, rngs, d=D):
-    self.hidden = nnx.Linear(d, H, rngs=rngs, param_dtype=jnp.float64)
-    self.out = nnx.Linear(H, 2, rngs=rngs, param_dtype=jnp.float64)
-
-  def __call__(self, x):
-    return self.out(jnp.tanh(self.hidden(x)))
+B, S = 5, 3  # examples, draws (D features, H hidden units: helpers_draws)
 
 
 def _x():
@@ -56,48 +43,11 @@ def _noise():
 
 
 def _captured(framework, loss_of, expect=no_sngd_warnings):
-  """``(params, grads, acts, (kernel, bias) of 'hidden' as float64)`` of one gradient of
-  ``loss_of(apply)``, ``apply`` the model on a batch of ``(n, D)`` rows, under ``expect()``."""
-  x = _x()
-  with expect():
-    if framework == "linen":
-      model = LinenMLP()
-      params = model.init(jax.random.key(0), x)["params"]
-      (_, acts), grads = jax.value_and_grad(sngd_jax.capture(lambda p: loss_of(
-          lambda e: model.apply({"params": p}, e))), has_aux=True)(params)
-      w, b = params["hidden"]["kernel"], params["hidden"]["bias"]
-    elif framework == "nnx":
-      model = NNXMLP(nnx.Rngs(0))
-      (_, acts), grads = nnx.value_and_grad(sngd_jax.capture_nnx(lambda m: loss_of(m)),
-                                            has_aux=True)(model)
-      params = nnx.state(model, nnx.Param)
-      w, b = model.hidden.kernel[...], model.hidden.bias[...]
-    else:
-      eqx = pytest.importorskip("equinox")
-      k1, k2 = jax.random.split(jax.random.key(0))
-
-      class Mlp(eqx.Module):
-        hidden: eqx.nn.Linear
-        out: eqx.nn.Linear
-
-        def __call__(self, e):
-          return self.out(jnp.tanh(self.hidden(e)))
-
-      model = Mlp(eqx.nn.Linear(D, H, key=k1, dtype=jnp.float64),
-                  eqx.nn.Linear(H, 2, key=k2, dtype=jnp.float64))
-      (_, acts), grads = eqx.filter_value_and_grad(sngd_jax.capture_eqx(lambda m: loss_of(
-          lambda e: jax.vmap(m)(e))), has_aux=True)(model)  # per-example layers
-      params = eqx.filter(model, eqx.is_inexact_array)
-      w, b = model.hidden.weight.T, model.hidden.bias
-  return params, grads, acts, (ref.np64(w), ref.np64(b))
+  """``helpers_draws.captured`` on the ``(B, D)`` batch ``_x()``."""
+  return captured(framework, loss_of, _x(), expect)
 
 
-def _assert_factors(state, rows, w, b, msg=""):
-  """The factors of 'hidden' and 'out' are the float64 Gram sums of ``rows`` (``(n, D)``
-  inputs of the MLP) and of their hidden activations, from a numpy forward pass."""
-  for path, r in (("hidden", rows), ("out", np.tanh(rows @ w + b))):
-    np.testing.assert_allclose(ref.normalized_factor(state, path), ref.gram(r), rtol=1e-10,
-                               atol=1e-13, err_msg=f"{msg} {path}")
+_assert_factors = assert_mlp_factors
 
 
 def _draw_rows():
@@ -224,11 +174,8 @@ def test_flax_vmaps_over_noise_draws_take_the_first_examples_of_every_draw():
     (_, acts), grads = jax.value_and_grad(sngd_jax.capture(lambda p: jnp.sum(jnp.sin(
         model.apply({"params": p}, KEYS, x)))), has_aux=True)(params)
   w, b = (ref.np64(params["mlp"]["hidden"][n]) for n in ("kernel", "bias"))
-  state = factors_after_one_step(params, grads, acts, stats_batch_size=2)
-  for path, r in (("mlp/hidden", rows[:, :2].reshape(-1, D)),
-                  ("mlp/out", np.tanh(rows[:, :2].reshape(-1, D) @ w + b))):
-    np.testing.assert_allclose(ref.normalized_factor(state, path), ref.gram(r), rtol=1e-10,
-                               atol=1e-13, err_msg=f"nn.vmap {path}")
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  rows[:, :2].reshape(-1, D), w, b, "nn.vmap", prefix="mlp/")
 
   loss_of = lambda m: jnp.sum(jnp.sin(nnx.vmap(lambda m, k: m(x + draw(k)), in_axes=(None, 0))(
       m, KEYS)))
@@ -291,12 +238,6 @@ def test_draws_of_weights_made_in_the_lane_leak_no_tracer(loop):
                   rows.reshape(-1, D), w, b, loop)
 
 
-def _gram_check(state, pairs, msg):
-  for path, r in pairs:
-    np.testing.assert_allclose(ref.normalized_factor(state, path), ref.gram(r), rtol=1e-10,
-                               atol=1e-13, err_msg=f"{msg} {path}")
-
-
 @pytest.mark.parametrize("loop", ["draws", "per example"])
 def test_nnx_kernel_as_long_as_the_lane_examples_is_no_batch(loop):
   """NNX layers whose kernel's leading dim equals the lane's examples: ``in_features == B``
@@ -322,7 +263,7 @@ def test_nnx_kernel_as_long_as_the_lane_examples_is_no_batch(loop):
   rows = rows.reshape(-1, n)
   w, b = ref.np64(model.hidden.kernel[...]), ref.np64(model.hidden.bias[...])
   state = factors_after_one_step(nnx.state(model, nnx.Param), grads, acts, stats_batch_size=2)
-  _gram_check(state, (("hidden", rows), ("out", np.tanh(rows @ w + b))), loop)
+  _assert_factors(state, rows, w, b, loop)
 
 
 def test_equinox_per_example_sequences_with_tables_of_positions_in_the_model():
@@ -358,4 +299,184 @@ def test_equinox_per_example_sequences_with_tables_of_positions_in_the_model():
   w, b = ref.np64(model.hidden.weight.T), ref.np64(model.hidden.bias)
   state = factors_after_one_step(eqx.filter(model, eqx.is_inexact_array), grads, acts,
                                  stats_batch_size=2)
-  _gram_check(state, (("hidden", rows), ("out", np.tanh(rows @ w + b))), "equinox")
+  _assert_factors(state, rows, w, b, "equinox")
+
+
+@pytest.mark.parametrize("outer", ["vmap", "lax.map"])
+def test_vmap_over_a_closed_over_noise_array_inside_a_loop_over_the_examples(outer):
+  """A ``jax.vmap`` (or ``jax.lax.map``) over the ``(B, D)`` examples, inside it a
+  ``jax.vmap`` over a closed-over ``(S, D)`` noise array (each example plus every draw). The
+  outer lane's calls hold ``S`` rows of the inner vmap's axis and read the closed-over noise,
+  as a lane that sees a closed-over batch of ``S`` examples would: until 2026-12-06 the outer
+  axis was read as draws and the noise as the examples, silently (``stats_batch_size=2`` took
+  the first 2 draws of every example, 0.91 relative off 'hidden''s factor). The lane also reads
+  its own example ``xi``, one row of the noise's shape: the mirror of ``(D,)`` noise vectors
+  mapped around a vmap over a closed-over batch. Both arrays closed over, neither is an
+  argument of the captured function that would say which is the batch, so the examples
+  reading is kept with a warning: ``stats_batch_size=2`` takes every draw of the first 2
+  examples (the batch passed as an argument: no warning, the next test)."""
+  x = _x()
+  noise = 0.1 * jax.random.normal(jax.random.key(3), (S, D), jnp.float64)
+  loops = {"vmap": lambda f, a: jax.vmap(f)(a), "lax.map": lambda f, a: jax.lax.map(f, a)}
+  loss_of = lambda f: jnp.sum(jnp.sin(loops[outer](lambda xi: jax.vmap(
+      lambda n: f(xi + n))(noise), x)))
+  warns = lambda: pytest.warns(UserWarning, match="sngd: layer 'hidden', 'out' under a .*"
+                               "one row of that array.*look alike")
+  params, grads, acts, (w, b) = _captured("linen", loss_of, warns)
+  rows = ref.np64(x)[:, None] + ref.np64(noise)[None]  # (B, S, D)
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  rows[:2].reshape(-1, D), w, b, outer)
+
+
+@pytest.mark.parametrize("loop", ["vmap", "lax.map"])
+def test_draws_of_a_numpy_batch_in_a_loss_without_jit(loop):
+  """A loss differentiated without ``jit`` that closes over a NumPy ``(B, D)`` batch and loops
+  over keys, each lane or step drawing noise for the whole batch: the batch is a NumPy constant
+  of the lane's jaxpr, not a tracer. Until 2026-12-06 a NumPy array was never the batch, so the
+  draws were read as the examples, silently (``stats_batch_size=2`` took every example of the
+  first 2 draws, 0.85 relative off 'hidden''s factor). A NumPy array is now the batch where the
+  call reads no mapped slice that could be the examples: ``stats_batch_size=2`` takes the
+  first 2 examples of every draw, as for a JAX batch or under ``jit``."""
+  x = np.asarray(_x())
+  loops = {"vmap": lambda f, a: jax.vmap(f)(a), "lax.map": lambda f, a: jax.lax.map(f, a)}
+  loss_of = lambda f: jnp.sum(jnp.sin(loops[loop](lambda k: f(x + draw(k)), KEYS)))
+  params, grads, acts, (w, b) = _captured("linen", loss_of)
+  assert [c.num_examples for c in acts["hidden"]] == [B]
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  _draw_rows()[:, :2].reshape(-1, D), w, b, loop)
+  with jax.checking_leaks():  # the same under jit, where the NumPy batch is closed over too
+    (_, acts), grads = jax.jit(jax.value_and_grad(sngd_jax.capture(lambda p: loss_of(
+        lambda e: LinenMLP().apply({"params": p}, e))), has_aux=True))(params)
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  _draw_rows()[:, :2].reshape(-1, D), w, b, f"{loop} jit")
+
+
+_LOOPS = {"vmap": lambda f, a: jax.vmap(f)(a), "lax.map": lambda f, a: jax.lax.map(f, a)}
+_LOOKALIKE = "sngd: layer 'hidden', 'out' under a .*look alike"
+
+
+def _captured_passed(framework, loss_of, noise, noise_passed, jit, expect=no_sngd_warnings):
+  """``(params, grads, acts, (kernel, bias) of 'hidden')`` of one gradient of ``loss_of(apply,
+  x, noise)``, the batch ``x = _x()`` an argument of the captured function (as
+  ``capture(loss)(params, x)``) and ``noise`` one too (``noise_passed``) or closed over; under
+  ``jit`` or not. ``apply`` is the model on its input (linen: ``(n, D)`` rows or one
+  ``(D,)`` row; Equinox: one ``(D,)`` example)."""
+  x = _x()
+  fn = ((lambda f, x, n: loss_of(f, x, n)) if noise_passed
+        else (lambda f, x: loss_of(f, x, noise)))
+  args = (x, noise) if noise_passed else (x,)
+  with expect():
+    if framework == "linen":
+      model = LinenMLP()
+      params = model.init(jax.random.key(0), x)["params"]
+      grad = jax.value_and_grad(sngd_jax.capture(lambda p, *a: fn(
+          lambda e: model.apply({"params": p}, e), *a)), has_aux=True)
+      (_, acts), grads = (jax.jit(grad) if jit else grad)(params, *args)
+      w, b = params["hidden"]["kernel"], params["hidden"]["bias"]
+    else:
+      eqx = pytest.importorskip("equinox")
+      model = eqx_mlp(eqx, jax.random.split(jax.random.key(0)))
+      grad = eqx.filter_value_and_grad(sngd_jax.capture_eqx(lambda m, *a: fn(m, *a)),
+                                       has_aux=True)
+      (_, acts), grads = (eqx.filter_jit(grad) if jit else grad)(model, *args)
+      params = eqx.filter(model, eqx.is_inexact_array)
+      w, b = model.hidden.weight.T, model.hidden.bias
+  return params, grads, acts, (ref.np64(w), ref.np64(b))
+
+
+def _vectors():
+  return 0.1 * jax.random.normal(jax.random.key(3), (S, D), jnp.float64)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("outer", ["vmap", "lax.map"])
+def test_noise_array_inside_a_loop_over_the_batch_argument(outer, jit):
+  """The test above with the batch an argument of the captured function and the ``(S, D)``
+  noise closed over: the loop's mapped operand derives from the data the user passed, the
+  closed-over array does not, so the loop is over the examples, without a warning (it warned
+  before, 2026-12-06): ``stats_batch_size=2`` takes every draw of the first 2 examples. With the
+  noise passed as an argument too, both derive from the arguments: the examples reading, with
+  the warning."""
+  loss_of = lambda f, x, n: jnp.sum(jnp.sin(_LOOPS[outer](lambda xi: jax.vmap(
+      lambda v: f(xi + v))(n), x)))
+  rows = (ref.np64(_x())[:, None] + ref.np64(_vectors())[None])[:2].reshape(-1, D)
+  for passed in (False, True):
+    expect = (lambda: pytest.warns(UserWarning, match=_LOOKALIKE)) if passed else (
+        no_sngd_warnings)
+    params, grads, acts, (w, b) = _captured_passed("linen", loss_of, _vectors(), passed, jit,
+                                                   expect)
+    _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2), rows,
+                    w, b, f"{outer} jit={jit} noise passed={passed}")
+
+
+@pytest.mark.parametrize("framework", ["linen", "equinox"])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("outer", ["vmap", "lax.map"])
+def test_noise_vectors_mapped_around_a_vmap_over_the_batch_argument(outer, jit, framework):
+  """The mirror of the tests above: a loop over ``(S, D)`` noise vectors made in the loss,
+  inside it a ``jax.vmap`` over the batch the user passed (``jax.vmap(lambda n:
+  jax.vmap(model)(x + n))(noise)``, Equinox's idiom). Same shapes as the loop over the
+  examples around a vmap over closed-over draws; the batch is the closed-over array that
+  derives from the captured function's arguments, so the outer axis is the draws, without a
+  warning: ``stats_batch_size=2`` takes the first 2 examples of every draw. Between
+  2026-12-06 and this test it warned and read the draws as the examples (the first 2 draws,
+  every example)."""
+  if framework == "linen":
+    inner = lambda f, x, v: jax.vmap(lambda xi: f(xi + v))(x)
+  else:
+    inner = lambda f, x, v: jax.vmap(f)(x + v)
+  loss_of = lambda f, x, n: jnp.sum(jnp.sin(_LOOPS[outer](lambda v: inner(f, x, v), n)))
+  params, grads, acts, (w, b) = _captured_passed(framework, loss_of, _vectors(), False, jit)
+  rows = ref.np64(_vectors())[:, None] + ref.np64(_x())[None]  # (S, B, D)
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  rows[:, :2].reshape(-1, D), w, b, f"{framework} {outer} jit={jit}")
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_a_batch_computed_from_the_argument_is_the_batch_under_jit(jit):
+  """The mirror with the batch computed from the argument in the loss before the loops (``2 * x
+  - 1``): under ``jit`` the closed-over array is a tracer made from the argument, followed back
+  to it, so the outer axis is the draws without a warning (the first 2 examples of every draw).
+  Without ``jit`` an array computed outside the loop keeps no trail to the argument: the
+  examples reading, with the warning (the first 2 draws, every example). (Computed inside the
+  outer loop's body, it is found either way: the lane's own program reads the argument.)"""
+  outer = lambda f, xs, n: jnp.sum(jnp.sin(jax.vmap(lambda v: jax.vmap(
+      lambda xi: f(xi + v))(xs))(n)))
+  loss_of = lambda f, x, n: outer(f, 2.0 * x - 1.0, n)
+  expect = no_sngd_warnings if jit else (lambda: pytest.warns(UserWarning, match=_LOOKALIKE))
+  params, grads, acts, (w, b) = _captured_passed("linen", loss_of, _vectors(), False, jit,
+                                                 expect)
+  rows = ref.np64(_vectors())[:, None] + (2.0 * ref.np64(_x()) - 1.0)[None]  # (S, B, D)
+  rows = rows[:, :2] if jit else rows[:2]
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  rows.reshape(-1, D), w, b, f"jit={jit}")
+
+
+def test_noise_vectors_around_a_vmap_over_a_batch_not_told_apart_warn():
+  """Where the arguments do not tell which array is the batch, the examples reading is kept
+  with a warning saying to vmap over keys and draw the noise inside: the batch closed over
+  (neither array derives from an argument), or the noise vectors passed as an argument too
+  (both do). Keys mapped around it keep the draws reading without a warning
+  (``stats_batch_size=2``: the first 2 examples of every draw)."""
+  x, vectors = _x(), _vectors()
+  loss_of = lambda f: jnp.sum(jnp.sin(jax.vmap(lambda n: jax.vmap(lambda xi: f(xi + n))(x))(
+      vectors)))
+  warns = lambda: pytest.warns(UserWarning, match="sngd: layer 'hidden', 'out' under a "
+                               "`jax.vmap`.*look alike.*vmap over keys")
+  params, grads, acts, (w, b) = _captured("linen", loss_of, warns)
+  rows = ref.np64(vectors)[:, None] + ref.np64(x)[None]  # (S, B, D)
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  rows[:2].reshape(-1, D), w, b, "closed over: read as examples")
+  loss_passed = lambda f, x, n: jnp.sum(jnp.sin(jax.vmap(lambda v: jax.vmap(
+      lambda xi: f(xi + v))(x))(n)))
+  params, grads, acts, (w, b) = _captured_passed("linen", loss_passed, vectors, True, False,
+                                                 warns)
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  rows[:2].reshape(-1, D), w, b, "both passed: read as examples")
+  one = lambda k: 0.1 * jax.random.normal(k, (D,), jnp.float64)
+  loss_of = lambda f: jnp.sum(jnp.sin(jax.vmap(lambda k: jax.vmap(lambda xi: f(xi + one(k)))(
+      x))(KEYS)))
+  params, grads, acts, (w, b) = _captured("linen", loss_of)
+  rows = np.stack([ref.np64(one(k)) for k in KEYS])[:, None] + ref.np64(x)[None]
+  _assert_factors(factors_after_one_step(params, grads, acts, stats_batch_size=2),
+                  rows[:, :2].reshape(-1, D), w, b, "keys")

@@ -670,6 +670,7 @@ def capture_eqx(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool 
       declared.update(_declared(model, prefix))
     rec = Recorder(top, outputs)
     rec.derivation = derivation_of((args, kwargs))
+    rec.data = transforms.data_leaves(rest, frozenset(top))
     unnamed: dict[str, None] = {}
     frozen = OtherArgs.of(args, positions, models, top, rest)
     calls: list[Any] = []

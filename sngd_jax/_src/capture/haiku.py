@@ -441,6 +441,7 @@ def capture_hk(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool =
       top.update(leaf_paths(model, (model_part(m),) if several else ()))
     rec = Recorder(top, outputs)
     rec.derivation = derivation_of((args, kwargs))
+    rec.data = transforms.data_leaves(rest, frozenset(top))
     frozen = OtherArgs.of(args, positions, models, top, rest)
     interceptor = _Interceptor(rec, frozen)
     rec.custom_dense = interceptor.custom_dense

@@ -592,6 +592,8 @@ def capture(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool = Fa
     rec.params = differentiated_leaves((args, kwargs))  # the params, whatever their position
     rec.derivation = derivation_of((args, kwargs))
     seen: dict[str, dict[int, tuple[Any, str]]] = {}
+    rec.data = transforms.data_leaves(
+        (tuple(a for k, a in enumerate(args) if k not in positions), kwargs), rec.params)
     calls = _Calls()
     models = _Models.of(args, kwargs, positions, several)
     rec.custom_dense = functools.partial(_custom_dense, rec, seen, calls, models)

@@ -107,6 +107,7 @@ def capture_nnx(fn: Callable[..., Any], *, has_aux: bool = False, outputs: bool 
     rec = nnx_record._NNXRecorder(owner, top, outputs, others, trained, other_paths, bare)
     rec.custom_dense = rec.record_dense
     rec.derivation = derivation_of((arrays, args, kwargs))
+    rec.data = transforms.data_leaves(rest, frozenset(top))
     with (transforms.recording(rec), flax_patches.nnx_normalize(rec),
           flax_patches.nnx_methods(nnx_record._wrappers(
               rec, tuple(cells), linen._to_nnx_call, tuple(hand_written)))):

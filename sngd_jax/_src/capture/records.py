@@ -966,6 +966,15 @@ class Recorder:
       the batch.
     derivation: the ``Derivation`` of the captured function's arguments (``derivation_of``;
       None when they are not differentiated), which ``origin`` reads.
+    data: ``id`` of the array leaves of the captured function's other arguments (not the
+      models', not differentiated, not PRNG keys, of one axis or more: the batch the user
+      passed, ``transforms.data_leaves``): where a loop's lane reads both a closed-over array
+      and a mapped slice that could each be its examples, the one that derives from these is
+      the batch (``transforms._whole_calls``).
+    readings, replaying: the draws-or-examples readings of the loops (``lax.map``, ``vmap``)
+      nested in a loop's step, in the order a trace of the step makes them, and those that a
+      trace of the step again (the probe) replays instead of tracing each nested loop's step
+      once more (``transforms._reading``).
     looked_up: None, or ``id(array) -> weak reference to the array`` of every weight a layer
       looked up (``trace``) while it is a dict: ``transforms._whole_batch_steps`` tells a
       step's weights (parameters, whatever their path) from the batch it closes over. Weak: a
@@ -990,8 +999,13 @@ class Recorder:
     self.top = top or {}
     self.custom_dense: Optional[Callable[..., None]] = None
     self.params: frozenset[int] = frozenset()
+    self.data: frozenset[int] = frozenset()
     self.looked_up: Optional[dict[int, Callable[[], Any]]] = None
     self.derivation: Optional[Derivation] = None
+    # the readings of the loops traced so far in the trace of an enclosing loop's step or lane
+    # (``transforms._reading``), and those a trace of it again replays
+    self.readings: Optional[list[tuple[Any, dict[str, list[bool]]]]] = None
+    self.replaying: Optional[list[tuple[Any, dict[str, list[bool]]]]] = None
     # id(input) -> (weak reference to the input, stopped input) of the calls outside any
     # frame (a frame keeps its own, dropped with it): layers that read one array record one
     # value (``Shared``).

@@ -70,6 +70,7 @@ from sngd_jax._src.capture.records import (
     TransformFrame,
     batched_by,
     current_trace,
+    differentiated_leaves,
     running,
     shown,
     times_mask,
@@ -170,14 +171,28 @@ def lax_map(f: Callable, xs: Any, *, batch_size: Optional[int] = None) -> Any:
   leaves = jax.tree.leaves(xs)
   depth = len(rec.trace(None)[0])  # the index of this map's role in the records' roles
   if batch_size is None or not leaves:
-    with rec.frame(TransformFrame("checkpoint", {})) as frame:  # collects, adds no axis
-      ys = scan(lambda _, x: ((), f(x)), (), xs)[1]
-    rec.add_all(_over_examples(frame.records, depth, _whole(rec, f, xs, depth, frame.records)))
+    with _nested(rec) as nested, rec.frame(TransformFrame("checkpoint", {})) as frame:
+      ys = scan(lambda _, x: ((), f(x)), (), xs)[1]  # the checkpoint frame adds no axis
+    rec.add_all(_over_examples(frame.records, depth,
+                               _whole(rec, f, xs, depth, frame.records, nested)))
     return ys
   n = leaves[0].shape[0]
   chunks, rest = divmod(n, batch_size) if batch_size else (0, n)
-  cut = chunks * batch_size
   ys, parts = [], []
+  with _nested(rec) as nested:
+    _chunked(rec, f, xs, batch_size, chunks, rest, ys, parts)
+  records = _merged(parts, depth)
+  rec.add_all(_over_examples(records, depth, _whole(rec, f, xs, depth, records, nested)))
+  if len(ys) == 1:
+    return ys[0]
+  return jax.tree.map(lambda a, b: jax.lax.concatenate([a, b], 0), *ys)
+
+
+def _chunked(rec: Recorder, f: Callable, xs: Any, batch_size: int, chunks: int, rest: int,
+             ys: list[Any], parts: list[tuple[dict[str, list[Pending]], int]]) -> None:
+  """``lax_map``'s chunks (a scan over vmaps of ``batch_size``) and remainder (a vmap): their
+  outputs appended to ``ys``, their records (with the number of axes they add) to ``parts``."""
+  cut = chunks * batch_size
   if chunks:
     chunked = jax.tree.map(lambda a: a[:cut].reshape(chunks, batch_size, *a.shape[1:]), xs)
     with rec.frame(TransformFrame("checkpoint", {})) as frame:  # collects, adds no axis
@@ -188,15 +203,10 @@ def lax_map(f: Callable, xs: Any, *, batch_size: Optional[int] = None) -> Any:
     with rec.frame(TransformFrame("checkpoint", {})) as frame:
       ys.append(_vmap(f, 0, 0, (), {}, False)(jax.tree.map(lambda a: a[cut:], xs)))
     parts.append((frame.records, 1))
-  records = _merged(parts, depth)
-  rec.add_all(_over_examples(records, depth, _whole(rec, f, xs, depth, records)))
-  if len(ys) == 1:
-    return ys[0]
-  return jax.tree.map(lambda a, b: jax.lax.concatenate([a, b], 0), *ys)
 
 
-def _whole(rec: Recorder, f: Callable, xs: Any, depth: int,
-           records: dict[str, list[Pending]]) -> dict[str, list[bool]]:
+def _whole(rec: Recorder, f: Callable, xs: Any, depth: int, records: dict[str, list[Pending]],
+           nested: list[tuple[Any, dict[str, list[bool]]]]) -> dict[str, list[bool]]:
   """``_whole_batch_steps`` of a ``lax_map`` whose records are ``records``, where one of them
   pools the map's axis (``'scan:pool'`` at ``depth``: the only role ``_over_examples``
   renames); else ``{}`` without tracing the step again (a map over stacked params, one whose
@@ -204,8 +214,64 @@ def _whole(rec: Recorder, f: Callable, xs: Any, depth: int,
   if not jax.tree.leaves(xs) or not any(
       len(p.roles) > depth and p.roles[depth] == "scan:pool"
       for calls in records.values() for p in calls):
+    _passed_on(rec, nested)
     return {}
-  return _whole_batch_steps(rec, f, xs, depth)
+  return _reading(rec, _signature_of(records, depth), nested,
+                  lambda: _whole_batch_steps(rec, f, xs, depth))
+
+
+@contextlib.contextmanager
+def _nested(rec: Recorder) -> Iterator[list[tuple[Any, dict[str, list[bool]]]]]:
+  """Collects the readings (``_reading``) of the loops nested in the trace of a loop's step or
+  lanes (as many as the trace makes, innermost first); in a trace that replays them, none."""
+  outer, log = rec.readings, []
+  rec.readings = None if rec.replaying is not None else log
+  try:
+    yield log
+  finally:
+    rec.readings = outer
+
+
+def _signature_of(records: Any, depth: int) -> tuple:
+  """What a loop's records are, from its own axis in (roles from ``depth``, inputs' shapes):
+  a reading replayed must be of a loop whose records are alike."""
+  return tuple((path, tuple((p.roles[depth:], tuple(p.captured.inputs.shape)) for p in ps))
+               for path, ps in records.items())
+
+
+def _reading(rec: Recorder, signature: tuple, nested: list[tuple[Any, dict[str, list[bool]]]],
+             probe: Callable[[], dict[str, list[bool]]]) -> dict[str, list[bool]]:
+  """A loop's reading (``_whole_batch_steps``, ``_whole_batch_lanes``): ``probe()``, a trace
+  of its step or lane again in which the loops nested in it replay the readings they made in
+  its own trace (``nested``), else each would trace its own step again too, doubling the
+  traces of the innermost step at each level of nesting (2 ** depth; depth + 1 now). In a trace
+  that replays (the probe of an enclosing loop, the same program traced again), the reading it
+  made there, where the records are alike (else ``probe()``, replaying no more). The reading is
+  logged, after those of the loops nested in it, for an enclosing loop's probe."""
+  found = None
+  if rec.replaying is not None:
+    if rec.replaying and rec.replaying[0][0] == signature:
+      found = rec.replaying.pop(0)[1]
+    else:
+      rec.replaying.clear()  # out of step: every later loop decides for itself
+  if found is None:
+    outer = rec.replaying, rec.readings
+    rec.replaying, rec.readings = list(nested), None
+    try:
+      found = probe()
+    finally:
+      rec.replaying, rec.readings = outer
+  _passed_on(rec, nested)
+  if rec.readings is not None:
+    rec.readings.append((signature, found))
+  return found
+
+
+def _passed_on(rec: Recorder, nested: list[tuple[Any, dict[str, list[bool]]]]) -> None:
+  """The readings of the loops nested in a loop's step logged for an enclosing loop's probe,
+  whose trace of that step replays them (``_reading``)."""
+  if rec.readings is not None:
+    rec.readings.extend(nested)
 
 
 def _merged(parts: list[tuple[dict[str, list[Pending]], int]],
@@ -272,25 +338,29 @@ def _whole_batch_steps(rec: Recorder, f: Callable, xs: Any, depth: int) -> dict[
   every step sees the whole batch, ``lax.map(lambda k: model(x + noise(k)), keys)``).
 
   Decided from the program, by one extra trace of a step (``jax.make_jaxpr``, its records kept
-  apart): a call's example axis within the step is the axis of a ``jax.vmap`` or ``lax.map``
-  over the examples inside it, else the call's own (``Captured.batch_axis``); of size ``b``
-  (per time step of a cell). The step *sees the whole batch* when the call's input depends, in
-  the step's jaxpr, on an array the step closes over (not one of the mapped operands ``xs``)
-  whose leading axis is ``b`` long and that is not a parameter (a leaf of the captured
-  function's params, ``Recorder.top`` and ``Recorder.params``, or a weight that a layer of the
-  step reads, ``Recorder.looked_up``) nor PRNG keys (``_keys``): the batch the caller closed
-  over (``lax.map(lambda k: model(x + noise(k)), keys)``), also as activations computed from
-  it outside the map (``h = trunk(x); lax.map(lambda k: head(dropout(h, k)), keys)``), which
-  are differentiated as parameters are. Then each step's call has its own examples, and the
-  map's axis is pooled, a scan's (``stats_batch_size=k`` takes the first ``k`` examples of
-  every step, as under ``jax.lax.scan``). Otherwise (the call's rows come from the mapped
-  operand alone: one example, a micro-batch; or it has no example axis) the map's axis holds
-  the examples, ``'map:pool'``.
+  apart; the maps and vmaps nested in the step replay there the readings they made in the map's own
+  trace, ``_reading``, so that nested loops add one trace each): a call's example axis within the
+  step is the axis of a ``jax.vmap`` or ``lax.map`` over the examples inside it, else the call's own
+  (``Captured.batch_axis``); of size ``b`` (per time step of a cell). The step *sees the whole
+  batch* when the call's input depends, in the step's jaxpr, on an array the step closes over (not
+  one of the mapped operands ``xs``) whose leading axis is ``b`` long and that is not a parameter (a
+  leaf of the captured function's params, ``Recorder.top`` and ``Recorder.params``, or a weight that
+  a layer of the step reads, ``Recorder.looked_up``) nor PRNG keys (``_keys``): the batch the caller
+  closed over (``lax.map(lambda k: model(x + noise(k)), keys)``), also as activations computed from
+  it outside the map (``h = trunk(x); lax.map(lambda k: head(dropout(h, k)), keys)``), which are
+  differentiated as parameters are. Then each step's call has its own examples, and the map's axis
+  is pooled, a scan's (``stats_batch_size=k`` takes the first ``k`` examples of every step, as under
+  ``jax.lax.scan``). Otherwise (the call's rows come from the mapped operand alone: one example, a
+  micro-batch; or it has no example axis) the map's axis holds the examples, ``'map:pool'``.
 
-  Where the call also depends on a mapped operand whose step slice has ``b`` rows, the program
-  does not tell: noise draws of a closed-over ``(B, D)`` batch mapped over ``(S, B, D)`` noise,
-  and single ``(T, D)`` examples mapped over a ``(B, T, D)`` batch with a closed-over ``(T, D)``
-  table of positions, have the same shapes and data flow. Such a call is read as over the
+  Where the call also depends on a mapped operand whose step slice has ``b`` rows, or the shape
+  of one row of that closed-over array, the program does not tell: noise draws of a
+  closed-over ``(B, D)`` batch mapped over ``(S, B, D)`` noise, and single ``(T, D)`` examples
+  mapped over a ``(B, T, D)`` batch with a closed-over ``(T, D)`` table of positions, have the
+  same shapes and data flow; so have ``(D,)`` examples mapped around a vmap over a closed-over
+  ``(S, D)`` noise array and ``(D,)`` noise vectors mapped around a vmap over a closed-over
+  ``(B, D)`` batch (``_whole_calls``), unless exactly one of the two derives from the captured
+  function's arguments (the batch the user passed). Such a call is read as over the
   examples (the documented default, as a ``jax.vmap``'s), with a warning naming the layer and
   how to say otherwise: ``jax.lax.scan``, whose axis is never the examples, or keys mapped and
   the noise drawn inside; ``jax.vmap`` for the examples. So is every call of a step that cannot
@@ -314,10 +384,13 @@ def _whole_batch_steps(rec: Recorder, f: Callable, xs: Any, depth: int) -> dict[
         "batch (noise draws, Monte Carlo samples), write the loop as `jax.lax.scan`, whose "
         "axis is more rows of each example.", stacklevel=caller_stacklevel())
     return {}
-  leading = lambda a, b: len(getattr(a, "shape", ())) >= 1 and a.shape[0] == b
+  outer = jax.tree.leaves(xs)  # the mapped arrays, one per invar of the step
+  if len(outer) != len(closed.jaxpr.invars):
+    outer = [None] * len(closed.jaxpr.invars)
   return _whole_calls(
       rec, closed, found[0] if found else [], weights,
-      lambda b: [v for v in closed.jaxpr.invars if leading(v.aval, b)],
+      [(v, tuple(v.aval.shape), x) for v, x in zip(closed.jaxpr.invars, outer, strict=True)
+       if hasattr(v.aval, "shape")],
       "a `jax.lax.map` reads, in each step,", "step sees",
       "`jax.lax.scan` (its axis is more rows of each example) or map over keys and draw the "
       "noise inside; if the map is over the examples, write it as `jax.vmap`")
@@ -345,18 +418,34 @@ def _probed_calls(rec: Recorder, frame: TransformFrame, run: Callable[[], Any],
 
 
 def _whole_calls(rec: Recorder, closed: Any, found: list[tuple[str, Optional[int]]],
-                 weights: dict[int, Callable[[], Any]], rows: Callable[[int], list[Any]],
+                 weights: dict[int, Callable[[], Any]], lanes: list[tuple[Any, tuple, Any]],
                  where: str, sees: str, advice: str) -> dict[str, list[bool]]:
   """Per layer path, per call: whether the call's input (an output of ``closed``, the jaxpr of
   one step or lane, in the order of ``found``: each call's path and examples ``b``) depends on
   a closed-over array of ``b`` leading rows that is not a parameter (``Recorder.top``,
   ``Recorder.params``, or in ``weights``: those the step's layers looked up) nor PRNG keys (the
-  whole batch), and not on ``rows(b)`` (the mapped operands whose slice has ``b`` rows); where
-  it depends on both, False with a warning (``_whole_batch_steps``). A NumPy array is never
-  the batch: a table the model computes with NumPy (positions, masks), inside the step or
-  outside it, is a constant of the step's jaxpr as a closed-over batch would be, and a batch
-  under ``jit`` or ``grad`` is a JAX array (a NumPy batch closed over by a loss differentiated
-  without ``jit`` is read as the examples, as before 2026-12-06)."""
+  whole batch), and not on a mapped operand (``lanes``: each invar of ``closed`` with its shape
+  in one step) that could be the examples: one whose slice has ``b`` rows, or has the shape of
+  one row of such a closed-over array (a single example of a batch mapped by an outer loop,
+  ``jax.vmap(lambda xi: jax.vmap(lambda n: model(xi + n))(noise))(x)``: the closed-over
+  ``(S, D)`` noise and the ``(D,)`` example ``xi`` are the mirror of ``(D,)`` noise vectors
+  mapped around a vmap over a closed-over ``(B, D)`` batch). Keys mapped are never the
+  examples. Where the call depends on both, the batch the user passed tells them apart
+  (``_from_data``, ``Recorder.data``: the captured function's other arguments than the
+  models): the closed-over array is the batch (True) where one that the call reads derives from
+  those arguments and no such mapped operand does, as Equinox's ``jax.vmap(lambda n:
+  jax.vmap(model)(x + n))(noise)`` over noise made in the loss; the mapped operand is (False)
+  in the mirror case, the examples ``x`` passed and the noise made in the loss. Where both
+  derive from them (the noise passed too) or neither (the batch closed over, or computed from
+  the argument outside the loop without ``jit``, where an array keeps no trail), False with a
+  warning (``_whole_batch_steps``).
+
+  A NumPy array of ``b`` rows closed over is the batch only where the call reads no such
+  mapped operand (an eager loss over draws of a NumPy batch, not under ``jit``, where the
+  batch is not a tracer); where it does, it is a table the model computes with NumPy
+  (positions, masks, inside the step or outside it), and the examples reading is kept
+  without a warning (a map over ``(S, B, D)`` noise arrays of an eager NumPy batch is then
+  read as over the examples without one: map over keys and draw the noise inside)."""
   wants: dict[str, list[tuple[Any, Optional[int]]]] = {}
   for (path, b), v in zip(found, closed.jaxpr.outvars, strict=True):
     wants.setdefault(path, []).append((v, b))
@@ -365,26 +454,37 @@ def _whole_calls(rec: Recorder, closed: Any, found: list[tuple[str, Optional[int
   leading = lambda a, b: len(getattr(a, "shape", ())) >= 1 and a.shape[0] == b
   whole, ambiguous = {}, []
   for b in (b for b in sizes if b is not None):
-    batch = _depending(jaxpr, [v for v, c in zip(jaxpr.constvars, closed.consts, strict=True)
-                               if leading(c, b) and id(c) not in rec.top
-                               and id(c) not in rec.params and not _looked_up(weights, c)
-                               and not _keys(c) and not isinstance(c, np.ndarray)])
-    mapped = _depending(jaxpr, rows(b))
+    held = [(v, c) for v, c in zip(jaxpr.constvars, closed.consts, strict=True)
+            if leading(c, b) and id(c) not in rec.top and id(c) not in rec.params
+            and not _looked_up(weights, c) and not _keys(c)]
+    batch = _depending(jaxpr, [v for v, c in held if not isinstance(c, np.ndarray)])
+    tables = _depending(jaxpr, [v for v, c in held if isinstance(c, np.ndarray)])
+    rows = {tuple(c.shape[1:]) for _, c in held}
+    could = [(v, x) for v, sh, x in lanes if sh and not _keys(v.aval)
+             and (sh[0] == b or sh in rows)]
+    mapped = _depending(jaxpr, [v for v, _ in could])
+    # which of the two could be the examples derives from the batch the user passed
+    given = _depending(jaxpr, [v for v, c in held if mapped and _from_data(rec, c)])
+    passed = _depending(jaxpr, [v for v, x in could if held and _from_data(rec, x)])
     for path, calls in wants.items():
       for j, (v, vb) in enumerate(calls):
-        if vb == b and not hasattr(v, "val") and v in batch:
-          if v in mapped:
-            ambiguous.append(path)
-          else:
-            whole[(path, j)] = True
+        if vb != b or hasattr(v, "val") or (v not in batch and v not in tables):
+          continue
+        if v not in mapped or (v in given and v not in passed):
+          whole[(path, j)] = True
+        elif v in batch and (v in passed) == (v in given):
+          ambiguous.append(path)
   if ambiguous:
     warnings.warn(
         f"sngd: layer {', '.join(map(shown, dict.fromkeys(ambiguous)))} under {where} "
-        "both an array it closes over and a slice of the mapped operand with as many rows as "
-        "its own examples: a map over the batch's examples (with a closed-over table of "
-        "positions) and a map over noise draws of a closed-over batch look alike. Its axis is "
+        "both an array it closes over and a slice of the mapped operand that could be its "
+        "examples (as many rows, or one row of that array): a map over the batch's examples "
+        "(with a closed-over table of positions, or a closed-over array of draws of each "
+        "example) and a map over noise draws of a closed-over batch look alike. Its axis is "
         f"read as the examples (as a `jax.vmap` over the batch); if every {sees} the whole "
-        f"batch (noise draws, Monte Carlo samples), write the loop as {advice}.",
+        f"batch (noise draws, Monte Carlo samples), write the loop as {advice}. Or pass the "
+        "batch to the captured function as an argument and make the noise in it (not an "
+        "argument): of the two, the array computed from the arguments is the batch.",
         stacklevel=caller_stacklevel())
   return {path: [whole.get((path, j), False) for j in range(len(calls))]
           for path, calls in wants.items()}
@@ -395,6 +495,46 @@ def _looked_up(weights: dict[int, Callable[[], Any]], c: Any) -> bool:
   whose weight is gone may be ``c``'s now)."""
   ref = weights.get(id(c))
   return ref is not None and ref() is c
+
+
+def data_leaves(rest: Any, exclude: frozenset[int] = frozenset()) -> frozenset[int]:
+  """``Recorder.data``: ``id`` of the array leaves of ``rest``, a captured function's other
+  arguments than its models (the batch the user passed, ``capture(loss)(params, x, y)``), of one
+  axis or more and not PRNG keys (typed, or raw uint32 ones of a last axis of 2, a single key
+  among them: noise drawn from a key argument is not the batch) nor in ``exclude`` (the
+  models' leaves, the differentiated ones)."""
+  exclude = exclude | differentiated_leaves(rest)
+  raw_key = lambda a: a.dtype == np.uint32 and a.shape[-1] == 2
+  return frozenset(id(a) for a in jax.tree.leaves(rest)
+                   if isinstance(a, (jax.Array, np.ndarray)) and id(a) not in exclude
+                   and len(a.shape) >= 1 and not _keys(a) and not raw_key(a))
+
+
+def _from_data(rec: Recorder, value: Any, limit: int = 20000) -> bool:
+  """Whether ``value`` (an array the loop closes over, or one it maps) is, or is computed
+  from, a leaf of ``rec.data``: followed back through the tracers it is made of (the equation
+  that made a ``jit`` trace's tracer, a ``vmap``'s batched value, a differentiation's primal),
+  ``limit`` values at most. An array computed outside any trace (a loss run without ``jit``)
+  keeps no trail: only the argument itself is found."""
+  if not rec.data:
+    return False
+  todo, seen = [value], set()
+  while todo and len(seen) < limit:
+    a = todo.pop()
+    if id(a) in seen:
+      continue
+    seen.add(id(a))
+    if id(a) in rec.data:
+      return True
+    if not isinstance(a, jax.core.Tracer):
+      continue
+    parent = getattr(a, "parent", None)  # a `jit` trace's tracer: the equation making it
+    todo.extend(getattr(parent, "in_tracers", None) or ())
+    for name in ("primal", "val"):  # differentiation, `vmap` (a `jit` tracer's is a variable)
+      inner = getattr(a, name, None)
+      if isinstance(inner, (jax.core.Tracer, jax.Array, np.ndarray)):
+        todo.append(inner)
+  return False
 
 
 def _keys(a: Any) -> bool:
@@ -819,8 +959,7 @@ def _whole_batch_lanes(rec: Recorder, fun: Callable, in_axes: Any, a: tuple, kw:
                        if k != ax % len(leaves[i].shape)) for i, ax in taken]
   return _whole_calls(
       rec, closed, found[0] if found else [], weights,
-      lambda b: [v for v, sh in zip(closed.jaxpr.invars, lane_shapes, strict=True)
-                 if sh and sh[0] == b],
+      list(zip(closed.jaxpr.invars, lane_shapes, [leaves[i] for i, _ in taken], strict=True)),
       "a `jax.vmap` reads, in each lane,", "lane sees",
       "`jax.lax.scan` (its axis is more rows of each example) or vmap over keys and draw the "
       "noise inside")
@@ -874,9 +1013,18 @@ def _vmap(fun: Callable, in_axes: Any, out_axes: Any, args: tuple, kwargs: dict,
                    and _step_examples(p, depth) is not None for p in ps)
       return out, mapped
 
-    out, records = _ORIGINAL["vmap"](body, in_axes, (out_axes, 0), *args, **kwargs)(*a, **kw)
+    if not decide:  # a chunk of `lax_map`, whose readings are the map's
+      out, records = _ORIGINAL["vmap"](body, in_axes, (out_axes, 0), *args, **kwargs)(*a, **kw)
+    else:
+      with _nested(rec) as nested:
+        out, records = _ORIGINAL["vmap"](body, in_axes, (out_axes, 0), *args, **kwargs)(
+            *a, **kw)
+      if not any(own):
+        _passed_on(rec, nested)
     if decide and any(own):
-      whole = _whole_batch_lanes(rec, fun, in_axes, a, kw, (args, kwargs), depth)
+      whole = _reading(rec, _signature_of(records.tree, depth), nested,
+                       lambda: _whole_batch_lanes(rec, fun, in_axes, a, kw, (args, kwargs),
+                                                  depth))
       records = {path: [_pooled_at(p, depth) if j < len(whole.get(path, [])) and
                         whole[path][j] else p for p, j in zip(ps, index[path], strict=True)]
                  for path, ps in records.tree.items()}
