@@ -433,3 +433,24 @@ def test_haiku_and_nnx_calls_in_a_custom_vjp_are_recorded_as_the_models():
       nnx.value_and_grad(sngd_jax.capture_nnx(loss), has_aux=True), model)
   assert not messages
   _check_two_batches(acts, model.hidden.kernel[...], model.hidden.bias[...])
+
+
+def test_without_jax_current_trace_a_copy_is_pooled_with_the_warning(monkeypatch):
+  """Where JAX does not expose its current trace (a private attribute capture reads to tell a
+  custom rule's calls from the loss's), no weight is taken for a copy's: the teacher's calls
+  are pooled with the warning, as without a differentiation, rather than a custom rule's
+  calls of the model left out silently."""
+  from sngd_jax._src.capture import records  # noqa: PLC0415
+
+  def missing():
+    raise AttributeError("trace_ctx")
+
+  monkeypatch.setattr(records, "_current_trace", missing)
+  (_, acts), messages = _sngd_warnings(
+      jax.jit(jax.grad(sngd_jax.capture(lambda p: _distill(p, _TEACHER)), has_aux=True)),
+      _PARAMS)
+  assert any("2 different weight arrays" in m for m in messages)
+  rows = np.concatenate([_np(c.inputs) for c in acts["out"]])
+  want = [_hidden(X, q["hidden"]["kernel"], q["hidden"]["bias"]) for q in (_PARAMS, _TEACHER)]
+  np.testing.assert_allclose(np.sort(rows, axis=0), np.sort(np.concatenate(want), axis=0),
+                             rtol=1e-5, atol=1e-5)

@@ -354,17 +354,24 @@ def derivation_of(tree: Any) -> Optional[Derivation]:
   return frozenset(traces), frozenset(below - set(traces)), primals
 
 
+def _current_trace() -> Any:
+  """JAX's current trace (``jax._src.core.trace_ctx.trace``: JAX exports no public one);
+  raises ImportError or AttributeError where this JAX has none there."""
+  from jax._src import core  # noqa: PLC0415
+  return core.trace_ctx.trace
+
+
 def _inside(differentiation: frozenset[int]) -> bool:
   """Whether JAX's current trace is one of the traces ``differentiation`` or nested in one (the
   captured function's body, a ``vmap``, ``scan`` or ``checkpoint`` made in it), rather than a
   trace the differentiation runs a custom rule on (a ``jax.custom_vjp``'s ``fwd``, a
-  ``jax.custom_jvp``'s rule run on the primals). True where this JAX does not expose its
-  current trace (``jax._src.core.trace_ctx``)."""
+  ``jax.custom_jvp``'s rule run on the primals). False where this JAX does not expose its
+  current trace (``_current_trace``): ``Recorder.origin`` then says no weight is a constant,
+  and a closed-over copy is pooled with a warning, as where nothing is differentiated."""
   try:
-    from jax._src import core  # noqa: PLC0415 (JAX exports no public current trace)
-    trace = core.trace_ctx.trace
+    trace = _current_trace()
   except (ImportError, AttributeError):
-    return True
+    return False
   seen: set[int] = set()
   while trace is not None and id(trace) not in seen:
     if id(trace) in differentiation:
