@@ -293,3 +293,164 @@ def test_haiku_copy_closed_over_is_left_out():
   assert {k: len(v) for k, v in acts.items()} == {"hidden": 1, "out": 1}
   _assert_rows(acts["hidden"][0], _np(X))
   _assert_rows(acts["out"][0], _hidden(X, params["hidden"]["w"], params["hidden"]["b"]))
+
+
+# --- calls a custom differentiation rule runs ------------------------------------------------
+
+
+X2 = np.random.default_rng(1).normal(size=(4, 6)).astype(np.float32)
+
+
+@jax.custom_vjp
+def _apply_custom_vjp(p, x):
+  return _apply(p, x)
+
+
+def _apply_fwd(p, x):
+  return jax.vjp(_apply, p, x)
+
+
+_apply_custom_vjp.defvjp(_apply_fwd, lambda vjp, g: vjp(g))
+
+
+@jax.custom_jvp
+def _apply_custom_jvp(p, x):
+  return _apply(p, x)
+
+
+_apply_custom_jvp.defjvp(lambda primals, tangents: jax.jvp(_apply, primals, tangents))
+
+
+@pytest.mark.parametrize("custom", [_apply_custom_vjp, _apply_custom_jvp],
+                         ids=["custom_vjp", "custom_jvp"])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_linen_calls_in_a_custom_rule_are_not_left_out(custom, jit):
+  """The model applied once directly and once through a ``jax.custom_vjp`` (its ``fwd``) or a
+  ``jax.custom_jvp`` (its rule): JAX runs the rule on the primals, concrete arrays or tracers
+  of the trace the differentiation nests in, yet the gradient reaches the params through the
+  rule. Those calls are the model's, not a copy's: both batches' rows are recorded, without a
+  warning, and a teacher the loss closes over is still left out (before: the rule's calls were
+  taken for a teacher's and left out silently, 4 of the 20 rows; before that, pooled with the
+  warning about a teacher or EMA copy)."""
+  loss = lambda p: (_distill(p, _TEACHER) + jnp.mean(custom(p, X2) ** 2))
+  step = jax.grad(sngd_jax.capture(loss), has_aux=True)
+  (_, acts), messages = _sngd_warnings(jax.jit(step) if jit else step, _PARAMS)
+  assert not messages
+  p = _PARAMS
+  for path, want in (("hidden", np.concatenate([_np(X), _np(X2)])),
+                     ("out", np.concatenate([_hidden(x, p["hidden"]["kernel"], p["hidden"]["bias"])
+                                             for x in (X, X2)]))):
+    rows = np.concatenate([_np(c.inputs) for c in acts[path]])
+    assert rows.shape == want.shape, path
+    np.testing.assert_allclose(_np(rows).T @ _np(rows), want.T @ want, rtol=1e-5, atol=1e-5)
+
+
+def test_equinox_calls_in_a_custom_vjp_are_recorded_as_the_models():
+  """An Equinox model applied once directly and once through an ``eqx.filter_custom_vjp``
+  whose ``fwd`` applies it to the primals, next to a teacher the loss closes over: the rule's
+  calls are named as the model's layers and recorded, the teacher's left out, no warning
+  (before: the rule's calls were taken for a copy's and left out silently; before that,
+  'capture_eqx could not name 2 layer call(s)')."""
+  eqx = pytest.importorskip("equinox")
+  keys = jax.random.split(jax.random.key(0), 2)
+  model = eqx.nn.MLP(6, 3, 8, 1, activation=jax.nn.relu, key=keys[0])
+  teacher = eqx.nn.MLP(6, 3, 8, 1, activation=jax.nn.relu, key=keys[1])
+
+  @eqx.filter_custom_vjp
+  def custom(m, x):
+    return jax.vmap(m)(x)
+
+  @custom.def_fwd
+  def _(perturbed, m, x):
+    return jax.vmap(m)(x), None
+
+  @custom.def_bwd
+  def _(res, g, perturbed, m, x):
+    return eqx.filter_grad(lambda m: jnp.sum(jax.vmap(m)(x) * g))(m)
+
+  x, x2 = jnp.asarray(X), jnp.asarray(X2)
+  loss = lambda m: (_kd(jax.vmap(m)(x), jax.lax.stop_gradient(jax.vmap(teacher)(x)))
+                    + jnp.mean(custom(m, x2) ** 2))
+  step = eqx.filter_value_and_grad(sngd_jax.capture_eqx(loss), has_aux=True)
+  for jit in (False, True):
+    ((_, acts), _), messages = _sngd_warnings(eqx.filter_jit(step) if jit else step, model)
+    assert not messages
+    w, b = _np(model.layers[0].weight).T, model.layers[0].bias
+    for path, want in (("layers/0", np.concatenate([_np(X), _np(X2)])),
+                       ("layers/1", np.concatenate([_hidden(a, w, b) for a in (X, X2)]))):
+      rows = np.concatenate([_np(c.inputs) for c in acts[path]])
+      assert rows.shape == want.shape, path
+      np.testing.assert_allclose(rows.T @ rows, want.T @ want, rtol=1e-5, atol=1e-5)
+
+
+def _check_two_batches(acts, kernel, bias):
+  """The rows of both batches ``X`` and ``X2``, as a numpy forward pass of the model sees them
+  (``kernel``: ``(6, 8)``), at paths 'hidden' and 'out'."""
+  for path, want in (("hidden", np.concatenate([_np(X), _np(X2)])),
+                     ("out", np.concatenate([_hidden(a, kernel, bias) for a in (X, X2)]))):
+    rows = np.concatenate([_np(c.inputs) for c in acts[path]])
+    assert rows.shape == want.shape, path
+    np.testing.assert_allclose(rows.T @ rows, want.T @ want, rtol=1e-5, atol=1e-5)
+
+
+def test_haiku_and_nnx_calls_in_a_custom_vjp_are_recorded_as_the_models():
+  """Haiku and NNX, the model applied directly and through a ``jax.custom_vjp`` whose ``fwd``
+  applies it to the primals (NNX: to the model's ``nnx.state``, merged there), a teacher closed
+  over: the rule's calls are named and recorded, the teacher's left out, no warning (before:
+  left out silently; before that, 'could not name 2 layer call(s)')."""
+  hk = pytest.importorskip("haiku")
+  from flax import nnx  # noqa: PLC0415
+
+  x, x2 = jnp.asarray(X), jnp.asarray(X2)
+  net = hk.without_apply_rng(hk.transform(
+      lambda x: hk.Linear(3, name="out")(jax.nn.relu(hk.Linear(8, name="hidden")(x)))))
+  params, teacher = net.init(jax.random.key(0), x), net.init(jax.random.key(1), x)
+  apply = jax.custom_vjp(net.apply)
+  apply.defvjp(lambda p, x: jax.vjp(net.apply, p, x), lambda vjp, g: vjp(g))
+  loss = lambda p: (_kd(net.apply(p, x), jax.lax.stop_gradient(net.apply(teacher, x)))
+                    + jnp.mean(apply(p, x2) ** 2))
+  (_, acts), messages = _sngd_warnings(
+      jax.jit(jax.grad(sngd_jax.capture_hk(loss), has_aux=True)), params)
+  assert not messages
+  _check_two_batches(acts, params["hidden"]["w"], params["hidden"]["b"])
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(6, 8, rngs=rngs)
+      self.out = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(nnx.relu(self.hidden(x)))
+
+  model, teacher_model = Net(nnx.Rngs(0)), Net(nnx.Rngs(1))
+  graphdef = nnx.graphdef(model)
+  run = lambda state, x: nnx.merge(graphdef, state)(x)
+  run_custom = jax.custom_vjp(run)
+  run_custom.defvjp(lambda s, x: jax.vjp(run, s, x), lambda vjp, g: vjp(g))
+  loss = lambda m: (_kd(m(x), jax.lax.stop_gradient(teacher_model(x)))
+                    + jnp.mean(run_custom(nnx.state(m), x2) ** 2))
+  ((_, acts), _), messages = _sngd_warnings(
+      nnx.value_and_grad(sngd_jax.capture_nnx(loss), has_aux=True), model)
+  assert not messages
+  _check_two_batches(acts, model.hidden.kernel[...], model.hidden.bias[...])
+
+
+def test_without_jax_current_trace_a_copy_is_pooled_with_the_warning(monkeypatch):
+  """Where JAX does not expose its current trace (a private attribute capture reads to tell a
+  custom rule's calls from the loss's), no weight is taken for a copy's: the teacher's calls
+  are pooled with the warning, as without a differentiation, rather than a custom rule's
+  calls of the model left out silently."""
+  from sngd_jax._src.capture import records  # noqa: PLC0415
+
+  def missing():
+    raise AttributeError("trace_ctx")
+
+  monkeypatch.setattr(records, "_current_trace", missing)
+  (_, acts), messages = _sngd_warnings(
+      jax.jit(jax.grad(sngd_jax.capture(lambda p: _distill(p, _TEACHER)), has_aux=True)),
+      _PARAMS)
+  assert any("2 different weight arrays" in m for m in messages)
+  rows = np.concatenate([_np(c.inputs) for c in acts["out"]])
+  want = [_hidden(X, q["hidden"]["kernel"], q["hidden"]["bias"]) for q in (_PARAMS, _TEACHER)]
+  np.testing.assert_allclose(np.sort(rows, axis=0), np.sort(np.concatenate(want), axis=0),
+                             rtol=1e-5, atol=1e-5)

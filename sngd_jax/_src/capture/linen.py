@@ -96,7 +96,9 @@ def _add(rec: Recorder, seen: dict[str, dict[int, tuple[Any, str]]], path: str,
   """Records a call of layer ``path`` whose weight is ``weight`` (``Recorder.add``), with the
   weight's origin (``Recorder.origin``), and notes the weight (``_note_weight``)."""
   origin = rec.origin(weight)
-  _note_weight(rec, seen, path, weight, origin)
+  # (a custom rule's read of a param's primal is that param's call: `Recorder.origin`)
+  _note_weight(rec, seen, path, rec.argument_leaf(weight) if origin == "derived" else weight,
+               origin)
   rec.add(path, *recorded, weight=weight, origin=origin)
 
 

@@ -325,20 +325,24 @@ def differentiated_leaves(tree: Any) -> frozenset[int]:
                    if _differentiating(leaf) is not None)
 
 
-Derivation = tuple[frozenset[int], frozenset[int]]
-"""``(differentiation, below)``: the ``id`` of the traces that differentiate the captured
-function's arguments, and of the traces they nest in (an outer ``jax.jit``, ``jax.vmap``)."""
+Derivation = tuple[frozenset[int], frozenset[int], dict[int, Any]]
+"""``(differentiation, below, primals)``: the ``id`` of the traces that differentiate the
+captured function's arguments, of the traces they nest in (an outer ``jax.jit``, ``jax.vmap``),
+and ``id(primal) -> leaf`` of the differentiated leaves (the values a custom rule reads)."""
 
 
 def derivation_of(tree: Any) -> Optional[Derivation]:
   """The ``Derivation`` of the captured function's arguments ``tree``; None when none of its
   leaves is differentiated (the function runs eagerly, under a ``jax.jit`` or ``eval_shape``
   only), where no weight can be told to come from them (``Recorder.origin``)."""
-  traces = {}
+  traces, primals = {}, {}
   for leaf in jax.tree.leaves(tree):
     trace = _differentiating(leaf)
     if trace is not None:
       traces[id(trace)] = trace
+      primal = getattr(leaf, "primal", None)
+      if primal is not None:
+        primals[id(primal)] = leaf
   if not traces:
     return None
   below: set[int] = set()
@@ -347,7 +351,34 @@ def derivation_of(tree: Any) -> Optional[Derivation]:
     while parent is not None and id(parent) not in below:
       below.add(id(parent))
       parent = getattr(parent, "parent_trace", None)
-  return frozenset(traces), frozenset(below - set(traces))
+  return frozenset(traces), frozenset(below - set(traces)), primals
+
+
+def _current_trace() -> Any:
+  """JAX's current trace (``jax._src.core.trace_ctx.trace``: JAX exports no public one);
+  raises ImportError or AttributeError where this JAX has none there."""
+  from jax._src import core  # noqa: PLC0415
+  return core.trace_ctx.trace
+
+
+def _inside(differentiation: frozenset[int]) -> bool:
+  """Whether JAX's current trace is one of the traces ``differentiation`` or nested in one (the
+  captured function's body, a ``vmap``, ``scan`` or ``checkpoint`` made in it), rather than a
+  trace the differentiation runs a custom rule on (a ``jax.custom_vjp``'s ``fwd``, a
+  ``jax.custom_jvp``'s rule run on the primals). False where this JAX does not expose its
+  current trace (``_current_trace``): ``Recorder.origin`` then says no weight is a constant,
+  and a closed-over copy is pooled with a warning, as where nothing is differentiated."""
+  try:
+    trace = _current_trace()
+  except (ImportError, AttributeError):
+    return False
+  seen: set[int] = set()
+  while trace is not None and id(trace) not in seen:
+    if id(trace) in differentiation:
+      return True
+    seen.add(id(trace))
+    trace = getattr(trace, "parent_trace", None)
+  return False
 
 
 def trained_with(model_leaves: Iterable[Any],
@@ -1084,6 +1115,10 @@ class Recorder:
         if frame.adds_axis and not bypass:
           roles.append(f"{frame.kind}:{'stack' if role == 'stack' else 'pool'}")
     parts = self.top.get(id(w)) if w is not None else None
+    if parts is None and w is not None and self.derivation is not None and self.derivation[2]:
+      leaf = self.argument_leaf(w)  # a param's primal, read by a custom rule (``origin``)
+      if leaf is not w and not _inside(self.derivation[0]):
+        parts = self.top.get(id(leaf))
     return tuple(reversed(roles)), parts
 
   def origin(self, weight: Any) -> str:
@@ -1092,32 +1127,55 @@ class Recorder:
 
     * ``'derived'``: a tracer of that differentiation: a leaf of the trained arguments, or an
       array computed from them inside the loss (a cast for mixed precision, ``nn.unbox``,
-      ``nnx.merge``, a slice of stacked params, a tied weight);
+      ``nnx.merge``, a slice of stacked params, a tied weight); or the primal of a leaf of the
+      trained arguments read by a custom rule (``_inside``);
     * ``'constant'``: no gradient reaches it from the arguments: a concrete array (a teacher,
       an EMA or target copy closed over at module level), or a tracer of a trace the
       differentiation nests in (such a copy passed into an outer ``jax.jit`` or ``jax.vmap``
       and closed over by the loss; the arguments under ``jax.lax.stop_gradient``);
     * ``'unknown'``: not differentiated, or a tracer of a transform made inside the loss that
-      cannot be followed out (a weight computed inside a ``scan``/``checkpoint`` body).
+      cannot be followed out (a weight computed inside a ``scan``/``checkpoint`` body), or a
+      call JAX runs outside the differentiation, on its primals (a ``jax.custom_vjp``'s
+      ``fwd``, a ``jax.custom_jvp``'s rule: ``_inside``) whose weight is not a trained leaf's
+      primal (computed there from it, or a copy's), where the gradient may reach the params.
 
     Tracers of transforms made inside the loss are unwrapped to the value they batch or
     differentiate (a ``vmap``'s, a ``jvp``'s primal).
     """
     if self.derivation is None or weight is None:
       return "unknown"
-    differentiation, below = self.derivation
+    differentiation, below, primals = self.derivation
     w = self.outer(weight)
     while isinstance(w, jax.core.Tracer):
       trace = getattr(w, "_trace", None)
       if id(trace) in differentiation:
         return "derived"
       if id(trace) in below:
-        return "constant"
+        break
       inner = next((getattr(w, name) for name in ("val", "primal") if hasattr(w, name)), None)
       if inner is None or inner is w:
         return "unknown"
       w = inner
-    return "constant" if isinstance(w, jax.Array) else "unknown"
+    if not isinstance(w, (jax.Array, jax.core.Tracer)):
+      return "unknown"
+    if not _inside(differentiation):
+      # a call that JAX runs outside the differentiation, on its primals (a `jax.custom_vjp`'s
+      # `fwd`, a `jax.custom_jvp`'s rule): the trained params read there are not tracers of
+      # it, yet the gradient reaches them through the rule
+      return "derived" if id(w) in primals else "unknown"
+    return "constant"
+
+  def argument_leaf(self, weight: Any) -> Any:
+    """The differentiated argument leaf whose primal ``weight`` is, or unwraps to as in
+    ``origin`` (the param a custom rule, run on the primals, reads), else ``weight``."""
+    primals = self.derivation[2] if self.derivation is not None else {}
+    w = self.outer(weight)
+    while id(w) not in primals:
+      inner = next((getattr(w, name) for name in ("val", "primal") if hasattr(w, name)), None)
+      if not isinstance(w, jax.core.Tracer) or inner is None or inner is w:
+        return weight
+      w = inner
+    return primals[id(w)]
 
   def outer(self, x: Any) -> Any:
     """The caller's array that ``x`` (an array a layer reads, such as its weight) comes from,
