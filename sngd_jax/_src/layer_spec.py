@@ -376,3 +376,12 @@ def declared(cls: type) -> Optional[DenseDeclaration]:
     if base in DECLARED:
       return DECLARED[base]
   return None
+
+
+TRANSPOSED_USE = ("transposed_use",)
+"""The ``config`` of an ``embed`` record that marks a use of the table as the transposed
+weight of another layer (an ``eqx.nn.Linear`` reading ``E^T`` through ``eqx.nn.Shared``'s
+``get``): that layer's inputs index the table's rows, as the lookup's token ids do, so its
+local Fisher on the row side is not diagonal and neither ``diag(f)`` nor ``"tied"``
+models it. The record holds no ids (``inputs`` is empty): a lookup of nothing wherever it is
+read as a lookup, and ``layer_calls`` raises on it."""

@@ -84,6 +84,9 @@ from sngd_jax._src.layer_spec import (
   TIED as TIED,
 )
 from sngd_jax._src.layer_spec import (
+  TRANSPOSED_USE as TRANSPOSED_USE,
+)
+from sngd_jax._src.layer_spec import (
   FisherSpec as FisherSpec,
 )
 from sngd_jax._src.layer_spec import (

@@ -49,7 +49,7 @@ from sngd_jax._src import sketch as sketch_lib
 from sngd_jax._src.capture.records import Captured, stack_shape
 from sngd_jax._src.distributed import replicated_out_sharding
 from sngd_jax._src.dtypes import compute_dtype
-from sngd_jax._src.layers import LayerSpec
+from sngd_jax._src.layers import TRANSPOSED_USE, LayerSpec
 
 PRIORS = ("scaled_identity", "identity", "none")
 """How the factor average starts.
@@ -353,13 +353,6 @@ def tied_message(path: str) -> str:
           f"`fisher={{{path!r}: None}}` to leave it to the next transform.")
 
 
-TRANSPOSED_USE = ("transposed_use",)
-"""The ``config`` of an ``embed`` record that marks a use of the table as the transposed
-weight of another layer (an ``eqx.nn.Linear`` reading ``E^T`` through ``eqx.nn.Shared``'s
-``get``): that layer's inputs index the table's rows, as the lookup's token ids do, so its
-local Fisher on the row side is not diagonal and neither ``diag(f)`` nor ``"tied"``
-models it. The record holds no ids (``inputs`` is empty): a lookup of nothing wherever it is
-read as a lookup, and ``layer_calls`` raises on it."""
 
 
 def transposed_use_message(path: str) -> str:

@@ -30,7 +30,7 @@ An ``eqx.nn.Embedding`` table tied to a ``Linear`` (whichever of the two holds t
 one table: the ``Linear``'s calls are recorded as its output-layer use (linen's ``attend``,
 preconditioned with ``fisher="tied"``; ``_tables`` finds the weights ``Shared`` puts in an
 ``Embedding``). A table that a ``Linear`` reads transposed (``get`` computes ``E^T``) is
-marked with an empty ``statistics.TRANSPOSED_USE`` record, on which ``update`` and
+marked with an empty ``layer_spec.TRANSPOSED_USE`` record, on which ``update`` and
 ``coverage`` name the table and the fix: neither ``diag(f)`` nor ``"tied"`` models that use.
 Held the other way (a ``Linear``'s weight ``W`` put transposed in an ``Embedding``), a lookup
 of id ``v`` is recorded as that ``Linear``'s call on the one-hot ``e_v``: its dense local
@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 
-from sngd_jax._src import layer_spec, paths, statistics
+from sngd_jax._src import layer_spec, paths
 from sngd_jax._src.capture import custom, swap, transforms
 from sngd_jax._src.capture.records import (
     Argnums,
@@ -440,7 +440,7 @@ def _wrap(rec: Recorder, original: Callable, recorder: Any, unnamed: dict[str, N
           # an Embedding's table read transposed by a Linear (`get` computes E^T): marked on
           # the table (no ids), so that update and coverage name it and the fix
           rec.add(paths.join(source[:-1]), jnp.zeros((0,), jnp.int32), None, "embed",
-                  statistics.TRANSPOSED_USE, roles=roles, batch_axis=None)
+                  layer_spec.TRANSPOSED_USE, roles=roles, batch_axis=None)
           continue
         if (source is not None and kind == "embed" and getattr(weight, "ndim", 0) == 2
             and shared.is_transpose(rec, weight)):
