@@ -41,6 +41,7 @@ if [ "$#" -eq 0 ]; then
     tests/test_capture.py tests/test_nnx_layers.py tests/test_sharding.py tests/test_errors.py \
     tests/test_haiku.py tests/test_haiku_gaps.py tests/test_seq2seq.py tests/test_gnn.py \
     tests/test_nnx_idioms.py tests/test_packed.py tests/test_optax_wrappers.py tests/test_cond.py \
-    tests/test_tricks.py tests/test_lax_map.py tests/test_capture_threads.py
+    tests/test_tricks.py tests/test_lax_map.py tests/test_capture_threads.py \
+    tests/test_closed_over_copies.py
 fi
 exec "$py" -m pytest -q -n auto --dist loadfile "$@"
