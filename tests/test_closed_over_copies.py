@@ -17,12 +17,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import sngd_jax
 
 X = np.random.default_rng(0).normal(size=(16, 6)).astype(np.float32)
 Y = np.arange(16) % 3
 
+
+
+class Net(nnx.Module):
+  """The NNX student and its copies: ``hidden`` 6 -> 8, relu, ``out`` 8 -> 3."""
+
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(6, 8, rngs=rngs)
+    self.out = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(nnx.relu(self.hidden(x)))
 
 def _sngd_warnings(fn, *args):
   with warnings.catch_warnings(record=True) as caught:
@@ -210,15 +222,6 @@ def test_nnx_copy_closed_over_is_left_out():
   graph with other state, closed over by the loss differentiated by ``nnx.value_and_grad``
   (eagerly and inside an ``nnx.jit`` step that is passed the teacher): left out, no warning
   (before: "could not name 2 layer call(s)")."""
-  from flax import nnx  # noqa: PLC0415
-
-  class Net(nnx.Module):
-    def __init__(self, rngs):
-      self.hidden = nnx.Linear(6, 8, rngs=rngs)
-      self.out = nnx.Linear(8, 3, rngs=rngs)
-
-    def __call__(self, x):
-      return self.out(nnx.relu(self.hidden(x)))
 
   model, teacher = Net(nnx.Rngs(0)), Net(nnx.Rngs(1))
   graphdef, ema_state = nnx.split(Net(nnx.Rngs(2)))
@@ -399,7 +402,6 @@ def test_haiku_and_nnx_calls_in_a_custom_vjp_are_recorded_as_the_models():
   over: the rule's calls are named and recorded, the teacher's left out, no warning (before:
   left out silently; before that, 'could not name 2 layer call(s)')."""
   hk = pytest.importorskip("haiku")
-  from flax import nnx  # noqa: PLC0415
 
   x, x2 = jnp.asarray(X), jnp.asarray(X2)
   net = hk.without_apply_rng(hk.transform(
@@ -413,14 +415,6 @@ def test_haiku_and_nnx_calls_in_a_custom_vjp_are_recorded_as_the_models():
       jax.jit(jax.grad(sngd_jax.capture_hk(loss), has_aux=True)), params)
   assert not messages
   _check_two_batches(acts, params["hidden"]["w"], params["hidden"]["b"])
-
-  class Net(nnx.Module):
-    def __init__(self, rngs):
-      self.hidden = nnx.Linear(6, 8, rngs=rngs)
-      self.out = nnx.Linear(8, 3, rngs=rngs)
-
-    def __call__(self, x):
-      return self.out(nnx.relu(self.hidden(x)))
 
   model, teacher_model = Net(nnx.Rngs(0)), Net(nnx.Rngs(1))
   graphdef = nnx.graphdef(model)
