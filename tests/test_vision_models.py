@@ -426,8 +426,11 @@ def test_unet_trains_with_its_ema_evaluated_in_the_jitted_step():
 
 def test_unet_ema_evaluated_inside_the_captured_loss():
   """Inside the captured loss, the EMA params passed as a later argument add no call to any
-  layer (so nothing to its factor) and warn of nothing; closed over instead, each layer gets
-  the EMA model's call too, pooled into its factor, and capture says so, in one warning."""
+  layer (so nothing to its factor) and warn of nothing; closed over instead, under the
+  differentiation the EMA model's calls are left out too (their weights are no function of the
+  differentiated params), without a warning. Captured without a differentiation, where the
+  two copies cannot be told apart, each layer gets the EMA model's call too, pooled into its
+  factor, and capture says so, in one warning."""
   model, params, (x0, key), loss_fn = _unet_problem(jnp.float32, batch=8)
   ema = jax.tree.map(lambda a: 0.5 * a, params)
   step = _ema_step(loss_fn, model, sngd_jax.sngd(), "argument")
@@ -451,9 +454,12 @@ def test_unet_ema_evaluated_inside_the_captured_loss():
   with no_sngd_warnings():
     assert calls(loss_with_ema, ema, x0, key) == dict.fromkeys(layers, 1)
   closed_over = lambda params, x0, key: loss_with_ema(params, ema, x0, key)
+  with no_sngd_warnings():
+    assert calls(closed_over, x0, key) == dict.fromkeys(layers, 1)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    assert calls(closed_over, x0, key) == dict.fromkeys(layers, 2)
+    (_, (_, acts)) = jax.eval_shape(sngd_jax.capture(closed_over, has_aux=True), params, x0, key)
+  assert {path: len(records) for path, records in acts.items()} == dict.fromkeys(layers, 2)
   # One warning naming every layer (it was one per layer: 18 here, for one EMA copy).
   (message,) = [str(w.message) for w in caught if str(w.message).startswith("sngd:")]
   assert "were called with 2 different weight arrays" in message, message
