@@ -3,13 +3,13 @@
 On a CPU backend the factors already live in host memory, and a refresh runs
 only every ``inverse_every`` steps, so its cost is not in running it but in
 compiling it: XLA:CPU compiles every fused kernel of a program on its own (an
-MLIR pipeline and LLVM, a median of 5-12 ms each by run), and the refresh's glue (stacking,
-damping, the factorization's masks and solves, the acceptance test and the
+MLIR pipeline and LLVM, a median of 3-32 ms each by profiled run), and the refresh's glue
+(stacking, damping, the factorization's masks and solves, the acceptance test and the
 per-layer selection, for every group of equal-size blocks) was 43-63% of the
-kernels SNGD adds to a training step (``benchmarks/README.md``, *Compile
-time*). Here the whole refresh of every layer is one ``jax.pure_callback``
-into NumPy and SciPy's LAPACK (the library jaxlib's own CPU kernels call): one
-instruction to compile instead of dozens.
+fusions SNGD adds to a training step at ``36df037``, 40-60% at ``beb8fdc``
+(``benchmarks/README.md``, *Compile time*). Here the whole refresh of every layer
+is one ``jax.pure_callback`` into NumPy and SciPy's LAPACK (the library jaxlib's
+own CPU kernels call): one instruction to compile instead of dozens.
 
 The twins compute what the XLA path (``refresh.refresh_inverses``) computes,
 in the factors' own precision and with the same acceptance rule, so the two
@@ -343,8 +343,10 @@ def host_refresh(method):
 
   The whole refresh of every layer becomes one ``jax.pure_callback`` into NumPy
   and SciPy's LAPACK, which compiles to one instruction instead of dozens of
-  kernels: the SNGD step compiled in 27-55% less time on the benchmark models
-  (``benchmarks/README.md``, *Compile time*). The cost: XLA:CPU runs a program
+  kernels: the SNGD step compiled in 20-52% less time on the benchmark models in
+  the two latest runs (``benchmarks/results/compile_time_72913ab.json``,
+  ``benchmarks/results/compile_time_6468097.json``; ``benchmarks/README.md``,
+  *Compile time*). The cost: XLA:CPU runs a program
   that holds a host callback synchronously, so ``jit`` returns only when the
   step has finished (no asynchronous dispatch, even on steps that do not
   refresh), which cost up to 4 ms (7%) a step on the evaluation transformer,
