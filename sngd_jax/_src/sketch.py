@@ -28,7 +28,8 @@ prior ``c I`` (``prior="identity"``, ``"scaled_identity"``), whose weight
 range is then nearly the random ``range(Omega)``, and the data's leading
 directions are lost (on the 785-wide input layer of a Fashion-MNIST MLP with
 prior weight 0.975, the preconditioned gradient was 40% off the exact one, 2%
-with the identity part kept apart: ``benchmarks/nystrom_prior.py``). So a ``Sketch``
+with the identity part kept apart: ``benchmarks/nystrom_prior.py``,
+``benchmarks/results/nystrom_prior.json``). So a ``Sketch``
 holds ``(S Omega, tr S, c)`` for the factor ``S + c I``; the EMA is linear in
 all three, and the Nystrom model of ``S`` gets ``c`` added to every eigenvalue
 and to the tail (exact for ``S`` of rank at most ``r``).
