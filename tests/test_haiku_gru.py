@@ -59,7 +59,7 @@ def _model(unroll="dynamic_unroll", time_major=True, per_example=False, cell=Non
 
 
 def _params(model, xs, key=KEY):
-  params = model.init(key, xs)
+  params = jax.jit(model.init)(key, xs)
   k1, k2 = jax.random.split(jax.random.fold_in(key, 1))
   params["gru"]["b"] = 0.3 * jax.random.normal(k1, (3 * H,), xs.dtype)  # not zero
   params["gru"]["w_h"] = params["gru"]["w_h"] + 0.3 * jax.random.normal(k2, (H, 3 * H), xs.dtype)
@@ -110,6 +110,22 @@ def _grads_acts(loss, params, xs, outputs=False):
   return grads, acts
 
 
+def _one_step(loss, params, xs, mask=None, **kwargs):
+  """Grads, the update and the state of one step of the exact one-step ``sngd`` (its factors
+  are that step's batch estimates; ``kwargs`` added), in one jitted function; ``mask``: a row
+  mask for ``with_row_mask``."""
+  tx = exact_sngd(**ref.one_step_kwargs(), **kwargs)
+
+  @jax.jit
+  def step(params, xs):
+    (_, acts), grads = jax.value_and_grad(sngd_jax.capture_hk(loss), has_aux=True)(params, xs)
+    if mask is not None:
+      acts = sngd_jax.with_row_mask(acts, mask)
+    updates, state = tx.update(grads, tx.init(params), params, activations=acts)
+    return grads, updates, state
+  return step(params, xs)
+
+
 def _check_updates(grads, updates, rows, readout_rows, err=""):
   """Every leaf of the GRU and the readout is the damped solve of its gradient over ``rows``
   (per layer of LAYERS, ``(n, d)``) and ``readout_rows``."""
@@ -144,7 +160,9 @@ def test_stats_batch_size_takes_every_step_of_the_first_sequences(case, x64):
   (8 rows), and each update is the damped solve over them; not the first 2 time-major rows of
   every step's batch read as examples, nor the first 2 steps. Under hk.dynamic_unroll (time
   major, batch major), hk.static_unroll (one call per step) and per sequence under
-  ``jax.vmap`` (an unbatched cell). No warning."""
+  ``jax.vmap`` (an unbatched cell). No warning: under hk.static_unroll it warned before
+  2026-12-07 that the example axes differ in length, comparing the cell's 4 calls of 6
+  sequences, ``(6, 6, 6, 6)``, with the readout's one call of 6."""
   unroll, time_major, per_example = SUB_BATCH_MODELS[case]
   model = _model(unroll, time_major, per_example)
   xs = _xs()
@@ -155,11 +173,7 @@ def test_stats_batch_size_takes_every_step_of_the_first_sequences(case, x64):
   first = {layer: _flat(r[:, :K]) for layer, r in rows.items()}
   readout_rows = _flat(np.swapaxes(outs, 0, 1)[:K])
   with no_sngd_warnings():
-    grads, acts = _grads_acts(loss, params, xs)
-    state = factors_after_one_step(params, grads, acts, stats_batch_size=K)
-    tx = exact_sngd(**ref.one_step_kwargs(), stats_batch_size=K)
-    updates, _ = jax.jit(lambda g, a: tx.update(g, tx.init(params), params, activations=a))(
-        grads, acts)
+    grads, updates, state = _one_step(loss, params, xs, stats_batch_size=K)
   for layer in LAYERS:
     want = ref.gram(first[layer], BIAS[layer])
     np.testing.assert_allclose(_np(state.factors[layer]), want, rtol=1e-10, atol=1e-14,
@@ -183,13 +197,13 @@ def test_stats_batch_size_on_hk_lstm_takes_the_first_sequences_as_for_hk_gru(x64
     return out
   model = hk.without_apply_rng(hk.transform(fn))
   xs = _xs()
-  params = model.init(KEY, xs)
-  outs = _np(model.apply(params, xs))  # (T, B, H): h_t
+  params = jax.jit(model.init)(KEY, xs)
+  outs = _np(jax.jit(model.apply)(params, xs))  # (T, B, H): h_t
   prev = np.concatenate([np.zeros((1, B, H)), outs[:-1]])
   rows = np.concatenate([_np(xs), prev], axis=-1)
   with no_sngd_warnings():
-    grads, acts = _grads_acts(lambda p, x: jnp.sum(jnp.sin(model.apply(p, x))), params, xs)
-    state = factors_after_one_step(params, grads, acts, stats_batch_size=K)
+    _, _, state = _one_step(lambda p, x: jnp.sum(jnp.sin(model.apply(p, x))), params, xs,
+                            stats_batch_size=K)
   want = ref.gram(_flat(rows[:, :K]))
   np.testing.assert_allclose(_np(state.factors["lstm/linear"]), want, rtol=1e-10, atol=1e-14)
   assert not np.allclose(want, ref.gram(_flat(rows)[:K * T]), atol=1e-3)
@@ -207,49 +221,39 @@ def _train_step(tx, loss):
 
 
 def test_multisteps_micro_batches_of_sequences_give_the_big_batch_update():
-  """2 micro-batches of 3 sequences each (float32) accumulate each of the GRU's three
-  factors as one batch of the 6 sequences: after one cycle under one-step settings every
-  factor is the float64 Gram of the rows of all 6 sequences (to float32 rounding), and over 4
-  cycles with amortized statistics (decay, factor_every=2, inverse_every=2, momentum) the
-  factors and params follow the big-batch run (as tests/test_accumulation.py for other
-  layers); the micro-batch calls before the last return zero updates."""
+  """2 micro-batches of 3 sequences each (float32) accumulate each of the GRU's three factors
+  as one batch of the 6 sequences: at every cycle (statistics of that cycle alone, momentum
+  in the update) each factor is the float64 Gram of the rows of all 6 sequences at the
+  cycle's params, to float32 rounding (not the last micro-batch's), and the factors and
+  params follow the run on the whole batch (as tests/test_accumulation.py for other
+  layers); the micro-batch call before the last returns zero updates."""
   model = _model()
   xs = _xs(jnp.float32)
   params = _params(model, xs)
   loss = lambda p, x: jnp.mean(jnp.sin(model.apply(p, x)))
   n = B // 2
 
-  # one cycle, one-step settings: the factors are the Gram of all the sequences' rows
-  inner = sngd_jax.sngd(**ref.one_step_kwargs(), factor_every=1)
-  ms = sngd_jax.MultiSteps(inner, every_k_schedule=2)
-  step, state = _train_step(ms, loss), ms.init(params)
-  for i in range(2):
-    _, state, updates = step(params, state, xs[:, i * n:(i + 1) * n])
-    if i == 0:
-      assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
-  rows, _ = _rows(params, xs)
-  factors = only_sngd_state(state).factors
-  for layer in LAYERS:
-    np.testing.assert_allclose(_np(factors[layer]), ref.gram(_flat(rows[layer]), BIAS[layer]),
-                               rtol=2e-5, atol=2e-6, err_msg=layer)
-    # not the last micro-batch's alone
-    assert not np.allclose(_np(factors[layer]),
-                           ref.gram(_flat(rows[layer][:, n:]), BIAS[layer]), atol=1e-3)
-
   def inner_tx():
-    return optax.chain(sngd_jax.sngd(damping=1e-2, decay=0.7, factor_every=2,
-                                     inverse_every=2),
+    return optax.chain(sngd_jax.sngd(**ref.one_step_kwargs(), factor_every=1),
                        optax.sgd(0.1, momentum=0.9))
   big_tx, ms = inner_tx(), sngd_jax.MultiSteps(inner_tx(), every_k_schedule=2)
   big_step, micro_step = _train_step(big_tx, loss), _train_step(ms, loss)
   big_p, big_s, ms_p, ms_s = params, big_tx.init(params), params, ms.init(params)
-  for cycle in range(4):
+  for cycle in range(3):
+    rows, _ = _rows(ms_p, xs)
     for i in range(2):
-      ms_p, ms_s, _ = micro_step(ms_p, ms_s, xs[:, i * n:(i + 1) * n])
+      ms_p, ms_s, updates = micro_step(ms_p, ms_s, xs[:, i * n:(i + 1) * n])
+      if i == 0:
+        assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
     big_p, big_s, _ = big_step(big_p, big_s, xs)
     a, b = only_sngd_state(ms_s), only_sngd_state(big_s)
     assert int(a.count) == int(b.count) == cycle + 1
     for layer in LAYERS:
+      want = ref.gram(_flat(rows[layer]), BIAS[layer])
+      np.testing.assert_allclose(_np(a.factors[layer]), want, rtol=2e-5, atol=2e-6,
+                                 err_msg=f"{layer} cycle {cycle}")
+      assert not np.allclose(_np(a.factors[layer]),  # not the last micro-batch's alone
+                             ref.gram(_flat(rows[layer][:, n:]), BIAS[layer]), atol=1e-3)
       np.testing.assert_allclose(a.factors[layer], b.factors[layer], rtol=2e-5, atol=1e-6,
                                  err_msg=f"{layer} cycle {cycle}")
     jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-4, atol=2e-6),
@@ -271,14 +275,11 @@ def test_ensemble_vmapped_over_stacked_params_gets_one_factor_per_member(x64):
   vmapped (each member its own optimizer state): the same updates."""
   model = _model()
   xs = _xs()
-  stacked = jax.vmap(lambda k: _params(model, xs, k))(jax.random.split(KEY, E))
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *[_params(model, xs, k)
+                                                    for k in jax.random.split(KEY, E)])
   loss = lambda p, x: jnp.sum(jnp.sin(jax.vmap(lambda q: model.apply(q, x))(p)))
   with no_sngd_warnings():
-    grads, acts = _grads_acts(loss, stacked, xs)
-    state = factors_after_one_step(stacked, grads, acts)
-    tx = exact_sngd(**ref.one_step_kwargs())
-    updates, _ = jax.jit(lambda g, a: tx.update(g, tx.init(stacked), stacked, activations=a))(
-        grads, acts)
+    grads, updates, state = _one_step(loss, stacked, xs)
   member = lambda tree, e: jax.tree.map(lambda a: a[e], tree)
   for e in range(E):
     rows, outs = _rows(member(stacked, e), xs)
@@ -292,6 +293,8 @@ def test_ensemble_vmapped_over_stacked_params_gets_one_factor_per_member(x64):
 
   # the whole step vmapped, each member alone: the same updates
   one = lambda p, x: jnp.sum(jnp.sin(model.apply(p, x)))
+
+  tx = exact_sngd(**ref.one_step_kwargs())
 
   def alone(p):
     (_, a), g = jax.value_and_grad(sngd_jax.capture_hk(one), has_aux=True)(p, xs)
@@ -337,14 +340,20 @@ def test_sgd_on_the_reconstructed_gru_is_sngd(fisher, x64):
   params = _params(model, xs)
   loss = _sin_loss(model)
   tx = exact_sngd(fisher=fisher, damping=1e-2, inverse_every=1, decay=0.5)
+  captured = sngd_jax.capture_hk(loss, outputs=fisher == "rfim")
+
+  @jax.jit
+  def step(state, xs):
+    (_, acts), grads = jax.value_and_grad(captured, has_aux=True)(params, xs)
+    return (grads, *tx.update(grads, state, params, activations=acts))
   state = tx.init(params)
   for i in range(2):  # two batches: factors that are no one batch's Gram
-    grads, acts = _grads_acts(loss, params, xs + i, outputs=fisher == "rfim")
-    updates, state = tx.update(grads, state, params, activations=acts)
-  roots = sngd_jax.factor_roots(state)
+    grads, updates, state = step(state, xs + i)
+  roots = jax.jit(sngd_jax.factor_roots)(state)
   assert set(roots) == {*LAYERS, "readout"}
-  prime = sngd_jax.to_reconstructed(params, roots)
-  back = sngd_jax.from_reconstructed(prime, roots)
+  to_prime, from_prime = jax.jit(sngd_jax.to_reconstructed), jax.jit(sngd_jax.from_reconstructed)
+  prime = to_prime(params, roots)
+  back = from_prime(prime, roots)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13),
                back, params)
   for layer, cols in COLS.items():  # each block mapped by its own root, not the other's
@@ -355,12 +364,10 @@ def test_sgd_on_the_reconstructed_gru_is_sngd(fisher, x64):
       want = (v * np.sqrt(w)) @ v.T @ _np(params["gru"]["w_h"][:, cols])
       np.testing.assert_allclose(_np(prime["gru"]["w_h"][:, cols]), want, rtol=1e-9,
                                  atol=1e-12, err_msg=layer)
-  np.testing.assert_allclose(_reconstructed_loss(prime, roots, xs + 1), loss(params, xs + 1),
-                             rtol=1e-10, atol=1e-10)
-  g_prime = jax.grad(_reconstructed_loss)(prime, roots, xs + 1)
+  value, g_prime = jax.jit(jax.value_and_grad(_reconstructed_loss))(prime, roots, xs + 1)
+  np.testing.assert_allclose(value, jax.jit(loss)(params, xs + 1), rtol=1e-10, atol=1e-10)
   lr = 0.1
-  stepped = sngd_jax.from_reconstructed(
-      jax.tree.map(lambda p, g: p - lr * g, prime, g_prime), roots)
+  stepped = from_prime(jax.tree.map(lambda p, g: p - lr * g, prime, g_prime), roots)
   jax.tree.map(lambda got, p, u: np.testing.assert_allclose(
       (got - p) / lr, -u, rtol=1e-7, atol=1e-11), stepped, params, updates)
   assert not np.allclose(updates["gru"]["w_h"], grads["gru"]["w_h"])
@@ -393,12 +400,7 @@ def test_row_mask_per_sequence_under_vmap_weighs_each_step_of_each_sequence(kind
   mask = MASKS[kind]
   rows, outs = _rows(params, xs)
   with no_sngd_warnings():
-    grads, acts = _grads_acts(_sin_loss(model, per_example=True), params, xs)
-    acts = sngd_jax.with_row_mask(acts, mask)
-    state = factors_after_one_step(params, grads, acts)
-    tx = exact_sngd(**ref.one_step_kwargs())
-    updates, _ = jax.jit(lambda g, a: tx.update(g, tx.init(params), params, activations=a))(
-        grads, acts)
+    grads, updates, state = _one_step(_sin_loss(model, per_example=True), params, xs, mask)
   real = {layer: _masked_rows(r, mask) for layer, r in rows.items()}
   for layer in LAYERS:
     np.testing.assert_allclose(_np(state.factors[layer]), ref.gram(real[layer], BIAS[layer]),
