@@ -1,5 +1,5 @@
-"""Haiku cases at the edge of capture_hk, against float64 references: hk.GRU (not modelled:
-what the warning says, and the same cell written with three hk.Linear layers, which is),
+"""Haiku cases at the edge of capture_hk, against float64 references: hk.GRU (three dense
+layers; the same cell written with three hk.Linear layers; its options: test_haiku_gru.py),
 ``sngd_jax.dense`` in a Haiku module, a params tree whose linen-named leaf keeps Haiku's names
 unread, and layers under hk.scan / hk.fori_loop (captured as a scan)."""
 

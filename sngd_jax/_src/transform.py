@@ -151,16 +151,19 @@ def _warn_if_example_axes_differ(activations: Activations, size: int) -> None:
   examples: the layers' calls have example axes of different lengths (a graph network's
   nodes, edges and graphs; rows flattened or gathered from several examples).
 
-  A layer's lengths are those of its calls in order, so a model called on two batches of
-  different sizes in every layer (a PINN's interior and boundary points) does not warn;
+  A layer's lengths are the distinct lengths of its calls, so a model called on two batches
+  of different sizes in every layer (a PINN's interior and boundary points) does not warn, nor
+  does a layer called several times on one batch beside layers called once (a cell called once
+  per step by ``hk.static_unroll`` or a Python loop, then a readout of every step; until
+  2026-12-07 its ``(B, B, ...)`` calls were compared with the readout's ``(B,)`` and warned);
   embedding lookups (counted whole), records without an example axis and calls on one
   example (a layer on one unbatched vector, a conditioning input) are not compared, and
   nothing is said when no axis is longer than ``size`` (nothing is cut).
   """
   lengths = {}
   for path, calls in activations.items():
-    n = tuple(c.num_examples for c in calls if c.num_examples is not None
-              and c.num_examples > 1 and not statistics.is_lookup(c))
+    n = tuple(sorted({c.num_examples for c in calls if c.num_examples is not None
+                      and c.num_examples > 1 and not statistics.is_lookup(c)}))
     if n:
       lengths[path] = n
   if len(set(lengths.values())) < 2 or max(max(n) for n in lengths.values()) <= size:

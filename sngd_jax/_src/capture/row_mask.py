@@ -378,7 +378,11 @@ def _masked(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int = 1,
     fail(f"axes {tuple(x.shape[c.stack:ax])} before its example axis are more rows of the "
          "layer (a scan over time or micro-batches, or a vmap, that capture pooled), which "
          "the mask does not index. Call the layer on the batch (B, T, ...), or mask each "
-         "micro-batch's activations inside the scan")
+         "micro-batch's activations inside the scan; for a recurrent cell scanned over time "
+         "on a batch (`hk.dynamic_unroll`, your own `jax.lax.scan`) apply the model to one "
+         "sequence under `jax.vmap` over the batch inside the captured function, whose axis "
+         "is the examples' (a (B,) or (B, T) mask then weighs them; `nn.RNN` and `nnx.RNN` "
+         "take the mask as they are)")
   b, steps = mask.shape[0], c.time_steps
   shape = [1] * x.ndim
   if x.shape[ax] != b * steps:
