@@ -439,6 +439,33 @@ def test_row_mask_under_static_unroll_per_step_call(x64):
                                atol=1e-14, err_msg=kind)
 
 
+def test_a_whole_token_mask_on_a_cell_called_once_per_step_warns_naming_the_per_step_mask(x64):
+  """Given whole to ``hk.static_unroll``'s cell (``T`` calls on ``(B, D)``, no token axis),
+  a ``(B, T)`` mask counts a sequence at every step where any of its steps is real, padded
+  steps included: a warning names each GRU layer and the per-step ``calls=[t]`` mask, and the
+  factors are those of that rule (the readout, one call on ``(B, T, H)``, is weighed per token
+  and not named). Float64 Gram of the rows."""
+  model = _model("static_unroll")
+  xs = _xs()
+  params = _params(model, xs)
+  rows, outs = _rows(params, xs)
+  grads, acts = _grads_acts(_sin_loss(model), params, xs)
+  tokens = MASKS["tokens"]
+  with pytest.warns(UserWarning, match=r"calls=\[t\]") as record:
+    masked = sngd_jax.with_row_mask(acts, tokens)
+  named = {m for w in record for m in re.findall(r"layer '([^']*)' has \d+ calls", str(w.message))}
+  assert named == set(LAYERS)
+  any_real = np.asarray(tokens).any(axis=1)
+  with no_sngd_warnings():
+    state = factors_after_one_step(params, grads, masked)
+  for layer in LAYERS:
+    np.testing.assert_allclose(_np(state.factors[layer]),
+                               ref.gram(_masked_rows(rows[layer], any_real), BIAS[layer]),
+                               rtol=1e-10, atol=1e-14, err_msg=layer)
+  np.testing.assert_allclose(_np(state.factors["readout"]),
+                             ref.gram(_masked_rows(outs, tokens)), rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.parametrize("kind", sorted(MASKS))
 def test_row_mask_under_a_batched_dynamic_unroll_raises_naming_the_layer_and_the_rewrite(kind,
                                                                                         x64):

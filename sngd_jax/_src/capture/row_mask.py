@@ -20,9 +20,12 @@ record's example axis (``Captured.batch_axis``) holds the ``B`` examples; a cell
 (length ``T``) when it is an axis of rows (not one the layer contracts or normalizes over):
 a 1-D conv's output positions when the output has the input's length. A record whose rows
 have no token axis (a layer after pooling over the tokens) counts an example when any of
-its tokens is real (``max`` over the tokens, for weights). A mask of shape ``(B, T, T')``
-(pairs of tokens: a dense graph's edges, pairwise features) reaches the two row axes after
-the examples. Any other layout raises, naming the layer: the mask is never silently dropped.
+its tokens is real (``max`` over the tokens, for weights); where such a layer has as many
+calls as the mask has tokens (a cell called once per step, ``hk.static_unroll``), that would
+count padded steps, and a warning names the per-step mask (``calls=[t]``). A mask of shape
+``(B, T, T')`` (pairs of tokens: a dense graph's edges, pairwise features) reaches the two row
+axes after the examples. Any other layout raises, naming the layer: the mask is never
+silently dropped.
 
 Several ``(B, T_k)`` masks of different lengths (an encoder-decoder's source and target
 masks) are matched to each call by the length of its token axis (``_pick``).
@@ -442,6 +445,17 @@ def _masked(path: str, i: int, c: Captured, mask: jax.Array, n_calls: int = 1,
          "positions are not the input's tokens (a 2-D or 3-D conv, or a 1-D conv whose "
          "output length differs): mask it by example, `(B,)`")
   # No token axis among the rows (after pooling): an example counts if any token is real.
+  if mask.ndim == 2 and n_calls == mask.shape[1] > 1 and not selected and i == 0:
+    warnings.warn(
+        f"sngd: with_row_mask: layer {path!r} has {n_calls} calls on inputs without a token "
+        f"axis (shape {tuple(x.shape)}), as many as the (B, T) mask's {mask.shape[1]} tokens: "
+        "if each call is one step of a sequence (a cell called once per step: "
+        "`hk.static_unroll`, a Python loop over the steps), the whole mask counts a sequence "
+        "at every step where any of its steps is real, padded steps included. Mask it step by "
+        "step, `with_row_mask(acts, mask[:, t], calls=[t], where=lambda p: p == "
+        f"{path!r})` for each step t; a layer after pooling called {n_calls} times on whole "
+        "sequences is weighed right (mask it with `calls=` to silence this).",
+        stacklevel=caller_stacklevel())
   shape[ax] = b
   return times_mask(c, jnp.max(mask.reshape(b, -1), axis=1).reshape(shape))
 
