@@ -875,13 +875,14 @@ def test_axis_name_is_checked_where_update_runs():
     return jax.jit(update)(put(grads, False), put(tx.init(params), False), put(acts, True))
 
   with pytest.raises(ValueError, match=r"`axis_name='batch'` names an axis that is not bound"
-                                       r".*inside a `shard_map` over the axes \('data',\)"):
+                                       r".*inside a `shard_map` or `pmap` over the axes "
+                                       r"\('data',\)"):
     run("batch")
   with pytest.raises(ValueError, match=r"outside any `shard_map`/`pmap`.*leave "
                                        r"`axis_name=None`"):
     run("data", manual=False)
-  with pytest.warns(UserWarning, match=r"inside a `shard_map` over the manual axes "
-                                       r"\('data',\), but `axis_name` is not set"):
+  with pytest.warns(UserWarning, match=r"inside a `shard_map` or `pmap` over the manual "
+                                       r"axes \('data',\), but `axis_name` is not set"):
     run(None)
   assert int(run("data")) == 1
 

@@ -505,7 +505,7 @@ def check_statistics(specs: Mapping[str, layers_lib.LayerSpec], state_factors: M
 
 def check_axis_name(axis_name: Any) -> None:
   """Requires ``axis_name`` to be bound where ``update`` is traced; warns when a step
-  inside ``shard_map`` over manual axes leaves it unset.
+  inside ``shard_map`` or ``pmap`` (both bind manual mesh axes) leaves it unset.
 
   ``axis_name`` is for a step written per device (``shard_map``, ``pmap``): each device's
   statistics are averaged over that axis. A wrong name made JAX fail later with an empty
@@ -520,8 +520,8 @@ def check_axis_name(axis_name: Any) -> None:
   if axis_name is None:
     if manual:
       warnings.warn(
-          f"sngd: `update` runs inside a `shard_map` over the manual axes {manual}, but "
-          "`axis_name` is not set: each device's local Fisher is estimated from its own "
+          f"sngd: `update` runs inside a `shard_map` or `pmap` over the manual axes {manual}, "
+          "but `axis_name` is not set: each device's local Fisher is estimated from its own "
           "shard of the batch, and the devices' states drift apart. Pass "
           f"`sngd(axis_name={manual[0]!r})` (the data axis) to average the statistics "
           "over it (docs/scale-out.md).", stacklevel=config_lib.caller_stacklevel())
@@ -530,7 +530,7 @@ def check_axis_name(axis_name: Any) -> None:
     try:
       jax.lax.axis_size(name)
     except NameError:
-      where = (f"inside a `shard_map` over the axes {manual}" if manual else
+      where = (f"inside a `shard_map` or `pmap` over the axes {manual}" if manual else
                "outside any `shard_map`/`pmap` (under `jit` with sharded arrays, leave "
                "`axis_name=None`: XLA reduces the statistics over the devices itself)")
       raise ValueError(
