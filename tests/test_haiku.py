@@ -155,8 +155,11 @@ def _assert_update_equals_linen(model, linen_model, linen_path, x):
   assert set(hk_updates) == set(params)
   for layer, leaves in hk_updates.items():
     for k, u in leaves.items():
-      np.testing.assert_allclose(u, linen_updates["params"][linen_path(layer)][names[k]],
-                                 rtol=2e-5, atol=1e-6, err_msg=f"{layer}/{k}")
+      # float32 rounding of two compiled solves, of the order of eps times the update's scale
+      # (an entry of 0.05 in a kernel's update of entries up to 4.5 was 3.1e-6 off under load)
+      want = linen_updates["params"][linen_path(layer)][names[k]]
+      np.testing.assert_allclose(u, want, rtol=2e-5, atol=2e-6 * float(np.max(np.abs(want))),
+                                 err_msg=f"{layer}/{k}")
 
 
 def test_mlp_update_equals_linen_with_the_same_weights():

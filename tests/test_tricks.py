@@ -324,8 +324,10 @@ def test_dynamic_loss_scaling_skipped_steps_leave_the_sngd_state(order):
     for a, b in zip(jax.tree.leaves(_sngd_state(state.opt_state)),
                     jax.tree.leaves(_sngd_state(ref.opt_state)), strict=True):
       np.testing.assert_array_equal(a, b)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
-                 state.params, ref.params)  # another compiled program: float32 rounding
+    # another compiled program: float32 rounding, of the order of eps times the params' scale
+    # (an entry of 2.5e-3 in a kernel of entries near 1 was 1.4e-8 off under load)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=1e-6, atol=1e-6 * float(np.max(np.abs(b)))), state.params, ref.params)
 
 
 # --- drop-path, mixup, cutmix, label smoothing -----------------------------------------------
