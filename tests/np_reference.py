@@ -283,3 +283,24 @@ def channel_update(xhat, g_scale, g_bias):
       gm = np.array([[np.mean(col * col), np.mean(col)], [np.mean(col), 1.0]])
       out_s[c], out_b[c] = damped_solve(gm, np.array([g_scale[c], g_bias[c]]))
   return out_s, (None if g_bias is None else out_b)
+
+
+def haiku_gru(w_i, w_h, b, xs):
+  """``hk.GRU`` over time in float64 (time-major ``xs (T, n, D)``, zero initial state;
+  ``w_h``'s columns ``[z, r, a]``): the rows of each of its products, ``(T, n, .)`` each:
+  ``x_t`` (``w_i``), ``h_{t-1}`` (the ``z, r`` columns of ``w_h``), ``r_t * h_{t-1}`` (the
+  candidate's), and the outputs ``h_t``."""
+  w_i, w_h, b, xs = (np64(a) for a in (w_i, w_h, b, xs))
+  hidden = w_h.shape[0]
+  h = np.zeros((xs.shape[1], hidden))
+  states, gated, outs = [], [], []
+  for x in xs:
+    gx = x @ w_i
+    zr = sigmoid(gx[:, :2 * hidden] + h @ w_h[:, :2 * hidden] + b[:2 * hidden])
+    z, r = zr[:, :hidden], zr[:, hidden:]
+    a = np.tanh(gx[:, 2 * hidden:] + (r * h) @ w_h[:, 2 * hidden:] + b[2 * hidden:])
+    states.append(h)
+    gated.append(r * h)
+    h = (1 - z) * h + z * a
+    outs.append(h)
+  return xs, np.stack(states), np.stack(gated), np.stack(outs)

@@ -209,20 +209,10 @@ def _as_linear_gru(p):
 def _gru_rows(p, xs):
   """hk.GRU over time in float64 numpy: the rows of each product (x_t; h_{t-1} for the z, r
   columns; r_t * h_{t-1} for the candidate's), every step of every sequence, and the outputs."""
-  w_i, w_h, b = (_np(p["gru"][k]) for k in ("w_i", "w_h", "b"))
-  h = np.zeros((xs.shape[1], H))
-  states, gated, outs = [], [], []
-  for x in _np(xs):
-    gx = x @ w_i
-    zr = ref.sigmoid(gx[:, :2 * H] + h @ w_h[:, :2 * H] + b[:2 * H])
-    z, r = zr[:, :H], zr[:, H:]
-    a = np.tanh(gx[:, 2 * H:] + (r * h) @ w_h[:, 2 * H:] + b[2 * H:])
-    states.append(h)
-    gated.append(r * h)
-    h = (1 - z) * h + z * a
-    outs.append(h)
-  flat = lambda rows: np.concatenate(rows)
-  return flat(list(_np(xs))), flat(states), flat(gated), np.stack(outs)
+  inputs, states, gated, outs = ref.haiku_gru(p["gru"]["w_i"], p["gru"]["w_h"], p["gru"]["b"],
+                                              xs)
+  flat = lambda rows: rows.reshape(-1, rows.shape[-1])
+  return flat(inputs), flat(states), flat(gated), outs
 
 
 def test_gru_written_with_linear_layers_is_hk_gru_and_is_modelled(x64):

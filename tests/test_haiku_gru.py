@@ -74,19 +74,9 @@ def _xs(dtype=jnp.float64, n=B, key=1):
 def _rows(p, xs):
   """hk.GRU over time in float64 numpy (time-major ``xs (T, n, D)``): per layer of LAYERS the
   rows it multiplied, ``(T, n, d)`` (step, sequence), and the states ``(T, n, H)``."""
-  w_i, w_h, b = (_np(p["gru"][k]) for k in ("w_i", "w_h", "b"))
-  h = np.zeros((xs.shape[1], H))
-  hs, gated, outs = [], [], []
-  for x in _np(xs):
-    gx = x @ w_i
-    zr = ref.sigmoid(gx[:, :2 * H] + h @ w_h[:, :2 * H] + b[:2 * H])
-    z, r = zr[:, :H], zr[:, H:]
-    a = np.tanh(gx[:, 2 * H:] + (r * h) @ w_h[:, 2 * H:] + b[2 * H:])
-    hs.append(h)
-    gated.append(r * h)
-    h = (1 - z) * h + z * a
-    outs.append(h)
-  rows = dict(zip(LAYERS, (_np(xs), np.stack(hs), np.stack(gated)), strict=True))
+  inputs, states, gated, outs = ref.haiku_gru(p["gru"]["w_i"], p["gru"]["w_h"], p["gru"]["b"],
+                                              xs)
+  rows = dict(zip(LAYERS, (inputs, states, gated), strict=True))
   return rows, np.stack(outs)
 
 
