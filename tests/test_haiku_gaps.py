@@ -27,8 +27,7 @@ def x64():
     yield
 
 
-def _np(a):
-  return np.asarray(a, np.float64)
+_np = ref.np64  # a float64 numpy array
 
 
 def _step(loss, params, *args, fisher="linear", tx=None):

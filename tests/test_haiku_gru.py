@@ -37,8 +37,7 @@ def x64():
     yield
 
 
-def _np(a):
-  return np.asarray(a, np.float64)
+_np = ref.np64  # a float64 numpy array
 
 
 def _model(unroll="dynamic_unroll", time_major=True, per_example=False, cell=None):
